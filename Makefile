@@ -1,0 +1,46 @@
+# The developer interface; CI runs exactly these targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install serve test test-db lint conformance initdb run clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Serves http://127.0.0.1:8080/dicom-web with data under ./data. Environment: DICOMWEB_HOST,
+# DICOMWEB_PORT, DICOMWEB_DATA_DIR, DATABASE_URL (none: an embedded PostgreSQL under the data dir).
+serve: install
+	$(VENV)/bin/dicomweb-server serve
+
+run: serve
+
+initdb: install
+	$(VENV)/bin/dicomweb-server initdb
+
+# The whole suite; a real PostgreSQL: DATABASE_URL when set, an embedded one otherwise.
+test: install
+	$(PY) -m pytest -q
+
+# Only the tests that touch the database (CI runs them again against a second server).
+test-db: install
+	$(PY) -m pytest -q -m db
+
+lint: install
+	$(VENV)/bin/ruff format --check dicomweb_server tests conformance benchmarks
+	$(VENV)/bin/ruff check dicomweb_server tests conformance benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# Black-box suite against a running server (DICOMWEB_URL, default: `make serve`'s address).
+conformance: install
+	$(PY) -m pytest -q conformance
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,15 @@
+"""A DICOMweb (PS3.18) archive: STOW-RS, QIDO-RS and WADO-RS."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "create_app"]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so that `import dicomweb_server.query` does not pull in Starlette and asyncpg.
+    if name == "create_app":
+        from dicomweb_server.app import create_app
+
+        return create_app
+    raise AttributeError(name)

@@ -1,0 +1,103 @@
+"""create_app(settings) -> Starlette: routes, lifespan, the error handler."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dicomweb_server.blobstore import FileSystemBlobStore
+from dicomweb_server.config import Settings
+from dicomweb_server.dicomfile import configure_pydicom
+from dicomweb_server.embedded_db import EmbeddedPostgres
+from dicomweb_server.errors import DicomWebError
+from dicomweb_server.index import Index
+from dicomweb_server.ingest import Services
+from dicomweb_server.routes import ROUTES
+
+__all__ = ["SCHEMA_PATH", "create_app", "open_services", "recover"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
+# Headers a browser-based viewer must be able to read (field notes 2).
+EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "ETag", "Warning"]
+
+
+async def recover(index: Index, blobs: FileSystemBlobStore) -> int:
+    """Roll back what crashed processes left: reserved blobs never committed, spool files."""
+    keys = await index.dead_reservations()
+    for key in keys:
+        await blobs.delete(key)
+        await index.release(key)
+    for owner in blobs.stale_tmp_owners():
+        if await index.owner_is_dead(owner):
+            blobs.remove_tmp_of(owner)
+    if keys:
+        log.warning("rolled back %d blobs of interrupted stores", len(keys))
+    return len(keys)
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Database (embedded when no URL is set), schema, blob store, recovery."""
+    configure_pydicom()
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        embedded = await anyio.to_thread.run_sync(EmbeddedPostgres, settings.pg_dir)
+        dsn = embedded.dsn
+    index = await Index.open(dsn, max_size=settings.pool_size, timeout_s=settings.query_timeout_s)
+    try:
+        await index.apply_schema(SCHEMA_PATH.read_text())
+        owner = await index.claim_owner(dsn)
+        blobs = FileSystemBlobStore(settings.blob_dir, owner)
+        await recover(index, blobs)
+        limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        yield Services(index, blobs, limiter, blobs.tmp_dir)
+    finally:
+        await index.close()
+        if embedded is not None:
+            await anyio.to_thread.run_sync(embedded.stop)
+
+
+async def _dicomweb_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, DicomWebError)
+    return JSONResponse(
+        {"status": exc.status, "message": exc.message}, status_code=exc.status, headers=exc.headers
+    )
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_services(settings) as svc:
+            app.state.services = svc
+            yield
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={DicomWebError: _dicomweb_error},
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=["*"],
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=EXPOSED_HEADERS,
+                max_age=86400,
+            )
+        ],
+    )
+    app.state.settings = settings
+    return app

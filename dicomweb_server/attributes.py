@@ -1,0 +1,166 @@
+"""Declarative tables of the attributes QIDO-RS matches on and returns.
+
+The only map from DICOM tags to index columns (STYLE.md rule 4): `sql.py` takes column names
+from here and nowhere else.
+
+Sources: PS3.18 Table 10.6.1-5 (required matching attributes) and Tables 10.6.3-3, -4 and -5
+(attributes returned for studies, series and instances).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = [
+    "ATTRIBUTES",
+    "BY_KEYWORD",
+    "BY_TAG",
+    "COMPUTED",
+    "DEFAULT_RETURN",
+    "LEVEL_TAGS",
+    "Attribute",
+    "Level",
+    "tag_hex",
+]
+
+
+class Level(Enum):
+    STUDY = "study"
+    SERIES = "series"
+    INSTANCE = "instance"
+
+
+@dataclass(frozen=True)
+class Attribute:
+    tag: int
+    keyword: str
+    vr: str
+    level: Level
+    # Index column QIDO matches on (table given by level); None for computed attributes.
+    column: str | None
+
+
+S, R, INST = Level.STUDY, Level.SERIES, Level.INSTANCE
+
+ATTRIBUTES: tuple[Attribute, ...] = (
+    # Study level (Patient and General Study modules; PS3.18 Table 10.6.1-5).
+    Attribute(0x00080020, "StudyDate", "DA", S, "study_date"),
+    Attribute(0x00080030, "StudyTime", "TM", S, "study_time"),
+    Attribute(0x00080050, "AccessionNumber", "SH", S, "accession_number"),
+    Attribute(0x00080061, "ModalitiesInStudy", "CS", S, "modalities_in_study"),
+    Attribute(0x00080090, "ReferringPhysicianName", "PN", S, "referring_physician_name"),
+    Attribute(0x00081030, "StudyDescription", "LO", S, "study_description"),
+    Attribute(0x00100010, "PatientName", "PN", S, "patient_name"),
+    Attribute(0x00100020, "PatientID", "LO", S, "patient_id"),
+    Attribute(0x00100030, "PatientBirthDate", "DA", S, "patient_birth_date"),
+    Attribute(0x00100040, "PatientSex", "CS", S, "patient_sex"),
+    Attribute(0x0020000D, "StudyInstanceUID", "UI", S, "study_instance_uid"),
+    Attribute(0x00200010, "StudyID", "SH", S, "study_id"),
+    # Series level (General Series module).
+    Attribute(0x00080060, "Modality", "CS", R, "modality"),
+    Attribute(0x0008103E, "SeriesDescription", "LO", R, "series_description"),
+    Attribute(0x00180015, "BodyPartExamined", "CS", R, "body_part_examined"),
+    Attribute(0x0020000E, "SeriesInstanceUID", "UI", R, "series_instance_uid"),
+    Attribute(0x00200011, "SeriesNumber", "IS", R, "series_number"),
+    Attribute(0x00400244, "PerformedProcedureStepStartDate", "DA", R, "pps_start_date"),
+    Attribute(0x00400245, "PerformedProcedureStepStartTime", "TM", R, "pps_start_time"),
+    # Instance level (SOP Common and General Image modules).
+    Attribute(0x00080016, "SOPClassUID", "UI", INST, "sop_class_uid"),
+    Attribute(0x00080018, "SOPInstanceUID", "UI", INST, "sop_instance_uid"),
+    Attribute(0x0008002A, "AcquisitionDateTime", "DT", INST, "acquisition_datetime"),
+    Attribute(0x00200013, "InstanceNumber", "IS", INST, "instance_number"),
+    # Computed (returned, not matched).
+    Attribute(0x00080056, "InstanceAvailability", "CS", S, None),
+    Attribute(0x00080062, "SOPClassesInStudy", "UI", S, None),
+    Attribute(0x00081190, "RetrieveURL", "UR", S, None),
+    Attribute(0x00201206, "NumberOfStudyRelatedSeries", "IS", S, None),
+    Attribute(0x00201208, "NumberOfStudyRelatedInstances", "IS", S, None),
+    Attribute(0x00201209, "NumberOfSeriesRelatedInstances", "IS", R, None),
+)
+
+BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}
+BY_TAG: dict[int, Attribute] = {a.tag: a for a in ATTRIBUTES}
+COMPUTED: frozenset[int] = frozenset(a.tag for a in ATTRIBUTES if a.column is None) | {0x00080061}
+
+# Attributes copied into study.attrs / series.attrs at ingest (from the first instance stored
+# in that study or series): what QIDO returns at those levels, `includefield=all` included.
+LEVEL_TAGS: dict[Level, frozenset[int]] = {
+    Level.STUDY: frozenset(
+        {
+            0x00080005,  # SpecificCharacterSet
+            0x00080020,  # StudyDate
+            0x00080030,  # StudyTime
+            0x00080050,  # AccessionNumber
+            0x00080051,  # IssuerOfAccessionNumberSequence
+            0x00080080,  # InstitutionName
+            0x00080090,  # ReferringPhysicianName
+            0x00080201,  # TimezoneOffsetFromUTC
+            0x00081030,  # StudyDescription
+            0x00081032,  # ProcedureCodeSequence
+            0x00081060,  # NameOfPhysiciansReadingStudy
+            0x00081080,  # AdmittingDiagnosesDescription
+            0x00100010,  # PatientName
+            0x00100020,  # PatientID
+            0x00100021,  # IssuerOfPatientID
+            0x00100030,  # PatientBirthDate
+            0x00100040,  # PatientSex
+            0x00101000,  # OtherPatientIDs
+            0x00101002,  # OtherPatientIDsSequence
+            0x00101010,  # PatientAge
+            0x00101020,  # PatientSize
+            0x00101030,  # PatientWeight
+            0x00104000,  # PatientComments
+            0x0020000D,  # StudyInstanceUID
+            0x00200010,  # StudyID
+            0x00321060,  # RequestedProcedureDescription
+        }
+    ),
+    Level.SERIES: frozenset(
+        {
+            0x00080005,  # SpecificCharacterSet
+            0x00080021,  # SeriesDate
+            0x00080031,  # SeriesTime
+            0x00080060,  # Modality
+            0x00080070,  # Manufacturer
+            0x00080201,  # TimezoneOffsetFromUTC
+            0x0008103E,  # SeriesDescription
+            0x00081010,  # StationName
+            0x00081050,  # PerformingPhysicianName
+            0x00081070,  # OperatorsName
+            0x00081090,  # ManufacturerModelName
+            0x00180015,  # BodyPartExamined
+            0x00181030,  # ProtocolName
+            0x00185100,  # PatientPosition
+            0x0020000E,  # SeriesInstanceUID
+            0x00200011,  # SeriesNumber
+            0x00200052,  # FrameOfReferenceUID
+            0x00200060,  # Laterality
+            0x00400244,  # PerformedProcedureStepStartDate
+            0x00400245,  # PerformedProcedureStepStartTime
+            0x00400275,  # RequestAttributesSequence
+        }
+    ),
+}
+
+# Returned by default, PS3.18 Tables 10.6.3-3 (study), -4 (series), -5 (instance).
+DEFAULT_RETURN: dict[Level, tuple[int, ...]] = {
+    Level.STUDY: (
+        0x00080005, 0x00080020, 0x00080030, 0x00080050, 0x00080056, 0x00080061, 0x00080090,
+        0x00080201, 0x00081030, 0x00081190, 0x00100010, 0x00100020, 0x00100030, 0x00100040,
+        0x0020000D, 0x00200010, 0x00201206, 0x00201208,
+    ),
+    Level.SERIES: (
+        0x00080005, 0x00080060, 0x00080201, 0x0008103E, 0x00081190, 0x0020000E, 0x00200011,
+        0x00201209, 0x00400244, 0x00400245, 0x00400275,
+    ),
+    Level.INSTANCE: (
+        0x00080005, 0x00080016, 0x00080018, 0x00080056, 0x00080201, 0x00081190, 0x00200013,
+        0x00280008, 0x00280010, 0x00280011, 0x00280100,
+    ),
+}  # fmt: skip
+
+
+def tag_hex(tag: int) -> str:
+    """The 8-hex-digit form used as a DICOM JSON key (PS3.18 F.2.1.1)."""
+    return f"{tag:08X}"

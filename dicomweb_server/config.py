@@ -1,0 +1,85 @@
+"""Settings: the only reader of the process environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dicomweb_server.errors import DicomWebError
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DICOMWEB_ROOT",
+    "MAX_PART_BYTES",
+    "MAX_REQUEST_BYTES",
+    "ConfigError",
+    "Settings",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_DATA_DIR = Path("data")
+# The DICOMweb root (PS3.18 8.2: the "base URI" of the origin server's services).
+DICOMWEB_ROOT = "/dicom-web"
+# Largest single instance (one part of a STOW request), in bytes. Above it: 413.
+MAX_PART_BYTES = 4 * 1024**3
+# Largest STOW request body, in bytes. Above it: 413.
+MAX_REQUEST_BYTES = 64 * 1024**3
+# asyncpg pool size.
+DEFAULT_POOL_SIZE = 10
+# Seconds a single database statement may run before the request fails with 503.
+DEFAULT_QUERY_TIMEOUT_S = 30.0
+
+
+class ConfigError(DicomWebError):
+    """An environment variable holds a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = DEFAULT_DATA_DIR
+    # None: start an embedded PostgreSQL with its cluster under data_dir/postgres.
+    database_url: str | None = None
+    max_part_bytes: int = MAX_PART_BYTES
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    pool_size: int = DEFAULT_POOL_SIZE
+    query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        s = cls()
+        if "DICOMWEB_HOST" in env:
+            s = replace(s, host=env["DICOMWEB_HOST"])
+        if "DICOMWEB_PORT" in env:
+            s = replace(s, port=_int(env, "DICOMWEB_PORT"))
+        if env.get("DICOMWEB_DATA_DIR"):
+            s = replace(s, data_dir=Path(env["DICOMWEB_DATA_DIR"]))
+        if env.get("DATABASE_URL"):
+            s = replace(s, database_url=env["DATABASE_URL"])
+        if "DICOMWEB_MAX_PART_BYTES" in env:
+            s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
+        if "DICOMWEB_MAX_REQUEST_BYTES" in env:
+            s = replace(s, max_request_bytes=_int(env, "DICOMWEB_MAX_REQUEST_BYTES"))
+        return s
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {env[name]!r}") from None

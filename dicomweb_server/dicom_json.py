@@ -1,0 +1,162 @@
+"""DICOM JSON (PS3.18 Annex F) both ways, and the JSON documents the services answer with."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+
+from dicomweb_server.attributes import tag_hex
+from dicomweb_server.errors import FailureReason, WarningReason
+
+__all__ = [
+    "BULK_DATA_THRESHOLD_BYTES",
+    "BULK_VRS",
+    "InstanceOutcome",
+    "absolutize_bulk_uris",
+    "dataset_to_json",
+    "raw_vr",
+    "stow_response",
+]
+
+# Binary values longer than this are replaced by a BulkDataURI (PS3.18 F.2.6).
+BULK_DATA_THRESHOLD_BYTES = 1024
+BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+JsonDict = dict[str, Any]
+
+
+def raw_vr(tag: int, raw: RawDataElement) -> str:
+    """The VR of a raw element: explicit in the file, else from the data dictionary."""
+    if raw.VR:
+        return str(raw.VR)
+    try:
+        vr = str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
+    if " or " in vr:  # e.g. "OB or OW": binary values are OW unless 8-bit (PS3.5 A.1)
+        return "OW" if "OW" in vr else vr.split(" or ")[0]
+    return vr
+
+
+def _is_deferred_bulk(tag: int, item: Any) -> bool:
+    return (
+        isinstance(item, RawDataElement)
+        and item.value is None
+        and item.length > 0
+        and raw_vr(tag, item) in BULK_VRS
+    )
+
+
+def dataset_to_json(
+    ds: Dataset, bulk_uri: Callable[[str], str], threshold: int = BULK_DATA_THRESHOLD_BYTES
+) -> JsonDict:
+    """DICOM JSON of `ds`; large binary values become BulkDataURIs.
+
+    `bulk_uri` maps a tag path (``"7FE00010"``, ``"54000100/0/54001010"``) to the URI. Values that
+    pydicom deferred (read with `defer_size`) are never read: they are bulk data by definition.
+    """
+    return _walk(ds, "", bulk_uri, threshold)
+
+
+def _walk(ds: Dataset, prefix: str, bulk_uri: Callable[[str], str], threshold: int) -> JsonDict:
+    out: JsonDict = {}
+    for tag in sorted(ds.keys()):
+        key = tag_hex(tag)
+        path = prefix + key
+        item = ds.get_item(tag)
+        if _is_deferred_bulk(tag, item):
+            assert isinstance(item, RawDataElement)
+            out[key] = {"vr": raw_vr(tag, item), "BulkDataURI": bulk_uri(path)}
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            items = [
+                _walk(sub, f"{path}/{i}/", bulk_uri, threshold) for i, sub in enumerate(elem.value)
+            ]
+            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+        else:
+            out[key] = elem.to_json_dict(_uri_for(bulk_uri, path), threshold)
+    return out
+
+
+def _uri_for(bulk_uri: Callable[[str], str], path: str) -> Callable[[DataElement], str]:
+    def handler(_elem: DataElement) -> str:
+        return bulk_uri(path)
+
+    return handler
+
+
+def absolutize_bulk_uris(json_text: str, base_url: str) -> str:
+    """Prefix the root-relative BulkDataURIs of stored JSON text with the public base URL.
+
+    In JSON text produced by PostgreSQL's jsonb output, the sequence ``"BulkDataURI": "`` can only
+    be a key followed by its value: quotes inside string values are escaped.
+    """
+    return json_text.replace('"BulkDataURI": "/', f'"BulkDataURI": "{base_url}/')
+
+
+@dataclass(frozen=True)
+class InstanceOutcome:
+    """What happened to one part of a STOW-RS request."""
+
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    failure: FailureReason | None = None
+    warning: WarningReason | None = None
+    retrieve_path: str | None = None  # root-relative RetrieveURL of a stored instance
+    duplicate: bool = False  # the same bytes were already stored: nothing new was written
+    reason: str = ""  # human-readable, sent as a Warning header text too
+
+
+def _sop_ref(o: InstanceOutcome) -> JsonDict:
+    item: JsonDict = {}
+    if o.sop_class_uid:
+        item["00081150"] = {"vr": "UI", "Value": [o.sop_class_uid]}
+    if o.sop_instance_uid:
+        item["00081155"] = {"vr": "UI", "Value": [o.sop_instance_uid]}
+    return item
+
+
+def stow_response(
+    outcomes: Iterable[InstanceOutcome], base_url: str, study_path: str | None
+) -> JsonDict:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-3)."""
+    referenced: list[JsonDict] = []
+    failed: list[JsonDict] = []
+    for o in outcomes:
+        item = _sop_ref(o)
+        if o.failure is not None:
+            item["00081197"] = {"vr": "US", "Value": [int(o.failure)]}
+            failed.append(item)
+            continue
+        if o.retrieve_path:
+            item["00081190"] = {"vr": "UR", "Value": [base_url + o.retrieve_path]}
+        if o.warning is not None:
+            item["00081196"] = {"vr": "US", "Value": [int(o.warning)]}
+        referenced.append(item)
+    doc: JsonDict = {}
+    if study_path:
+        doc["00081190"] = {"vr": "UR", "Value": [base_url + study_path]}
+    if failed:
+        doc["00081198"] = {"vr": "SQ", "Value": failed}
+    if referenced:
+        doc["00081199"] = {"vr": "SQ", "Value": referenced}
+    return doc
+
+
+def json_value(element: Mapping[str, Any] | None) -> Any:
+    """The first value of a DICOM JSON element, or None."""
+    if not element:
+        return None
+    values = element.get("Value")
+    return values[0] if values else None
+
+
+def dumps(doc: Any) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,362 @@
+"""Reading stored Part-10 files: header, pixel data layout and bulk data ranges.
+
+Never loads Pixel Data into memory: the header is parsed by pydicom up to Pixel Data, and the
+Pixel Data element (native or encapsulated, PS3.5 A.4) is walked item by item with seeks, so
+that frame byte ranges are known at ingest (STYLE.md rule 11).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+
+from dicomweb_server.dicom_json import (
+    BULK_DATA_THRESHOLD_BYTES,
+    JsonDict,
+    dataset_to_json,
+    raw_vr,
+)
+from dicomweb_server.errors import FailureReason
+from dicomweb_server.media import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+from dicomweb_server.record import FrameLayout
+
+__all__ = [
+    "PIXEL_DATA_TAGS",
+    "InvalidInstanceError",
+    "ParsedFile",
+    "bulk_prefix",
+    "configure_pydicom",
+    "parse_file",
+    "read_bulk_value",
+]
+
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_ITEM = (0xFFFE, 0xE000)
+_SEQ_DELIM = (0xFFFE, 0xE0DD)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
+_DATASET_TRAILING_PADDING = 0xFFFCFFFC
+
+
+class InvalidInstanceError(Exception):
+    """The part is not a DICOM instance we can store; carries the STOW failure reason."""
+
+    def __init__(self, reason: FailureReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ParsedFile:
+    uids: tuple[str, str, str, str]  # SOP Class, SOP Instance, Study, Series
+    meta: JsonDict  # DICOM JSON, bulk data as root-relative BulkDataURIs
+    transfer_syntax_uid: str
+    number_of_frames: int
+    frames: FrameLayout | None  # None: frames need a full decode (not range-readable)
+    # tag path -> [offset, length, vr, encapsulated] for range reads of bulk data
+    bulk_ranges: dict[str, list[Any]]
+
+
+def configure_pydicom() -> None:
+    """Process-wide pydicom settings, set once at start (STYLE.md rule 15).
+
+    An archive stores what it is sent: invalid element values are kept as they are, not refused
+    and not "fixed", so reading validation is off.
+    """
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+
+
+def parse_file(path: Path) -> ParsedFile:
+    """Parse and validate a Part-10 file. Runs in a worker thread."""
+    try:
+        return _parse(path)
+    except InvalidInstanceError:
+        raise
+    except InvalidDicomError as exc:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}"
+        ) from None
+    except Exception as exc:  # untrusted input: any parser failure is the client's data
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
+        ) from None
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Attributes every stored instance needs (PS3.4 B.4.1 / PS3.18 10.5.3: 0xA900 otherwise).
+_REQUIRED_UIDS = (
+    (0x00080016, "SOPClassUID"),
+    (0x00080018, "SOPInstanceUID"),
+    (0x0020000D, "StudyInstanceUID"),
+    (0x0020000E, "SeriesInstanceUID"),
+)
+
+
+def _uids(ds: Dataset) -> tuple[str, str, str, str]:
+    """The four UIDs, validated: digits and dots, at most 64 characters (PS3.5 9.1).
+
+    Leading zeros in a component are tolerated (real modalities emit them); anything else is
+    refused, which also keeps every UID safe to place in a URL path.
+    """
+    out = []
+    for tag, keyword in _REQUIRED_UIDS:
+        value = str(ds.get(tag).value if tag in ds else "").strip("\x00 ")
+        if not value:
+            raise InvalidInstanceError(
+                FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing"
+            )
+        if len(value) > 64 or not _UID.match(value):
+            raise InvalidInstanceError(
+                FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                f"{keyword} {value[:80]!r} is not a valid UID",
+            )
+        out.append(value)
+    return out[0], out[1], out[2], out[3]
+
+
+def bulk_prefix(study: str, series: str, sop: str) -> str:
+    """Root-relative BulkDataURI prefix of an instance; the tag path follows."""
+    return f"/studies/{study}/series/{series}/instances/{sop}/bulk/"
+
+
+def _parse(path: Path) -> ParsedFile:
+    size = path.stat().st_size
+    with path.open("rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
+        file_meta = getattr(ds, "file_meta", None)
+        meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
+        if not meta_ts:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                "no File Meta Information with a Transfer Syntax UID (PS3.10 7.1)",
+            )
+        ts = str(meta_ts)
+        if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            return _parse_whole(path, ts)
+        uids = _uids(ds)
+        prefix = bulk_prefix(uids[2], uids[3], uids[1])
+        layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
+        if end is not None and end < size:
+            _merge_tail(fp, ds, ts, end)
+    bulk_ranges: dict[str, list[Any]] = {}
+    if ts != EXPLICIT_VR_BIG_ENDIAN:
+        for tag in ds.keys():
+            item = ds.get_item(tag)
+            if isinstance(item, RawDataElement) and item.value is None and item.value_tell:
+                bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, raw_vr(tag, item), False]
+    meta = dataset_to_json(ds, lambda p: prefix + p)
+    if pixel_entry is not None:
+        pixel_tag, vr, entry = pixel_entry
+        meta[f"{pixel_tag:08X}"] = {"vr": vr, "BulkDataURI": f"{prefix}{pixel_tag:08X}"}
+        if entry is not None and ts != EXPLICIT_VR_BIG_ENDIAN:
+            bulk_ranges[f"{pixel_tag:08X}"] = entry
+    nframes = _number_of_frames(ds) if pixel_entry is not None else 0
+    if ts == EXPLICIT_VR_BIG_ENDIAN:
+        layout = None
+    return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges)
+
+
+def _parse_whole(path: Path, ts: str) -> ParsedFile:
+    """Deflated files cannot be range-read: parse in memory, frames decoded on demand."""
+    ds = pydicom.dcmread(path)
+    uids = _uids(ds)
+    prefix = bulk_prefix(uids[2], uids[3], uids[1])
+    pixel = [t for t in PIXEL_DATA_TAGS if t in ds]
+    entries = {t: ds[t].VR for t in pixel}
+    for t in pixel:
+        del ds[t]
+    meta = dataset_to_json(ds, lambda p: prefix + p)
+    for t, vr in entries.items():
+        meta[f"{t:08X}"] = {"vr": vr, "BulkDataURI": f"{prefix}{t:08X}"}
+    nframes = _number_of_frames(ds) if pixel else 0
+    return ParsedFile(uids, meta, ts, nframes, None, {})
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _pixel_data(
+    fp: BinaryIO, ds: Dataset, ts: str, size: int
+) -> tuple[FrameLayout | None, tuple[int, str, list[Any] | None] | None, int | None]:
+    """Frame layout, (tag, vr, bulk range) of the pixel data element, and where it ends."""
+    start = fp.tell()
+    little = ts != EXPLICIT_VR_BIG_ENDIAN
+    header = fp.read(8)
+    if len(header) < 8:
+        return None, None, None
+    group, elem = struct.unpack("<HH" if little else ">HH", header[:4])
+    tag = (group << 16) | elem
+    if tag not in PIXEL_DATA_TAGS:
+        return None, None, start
+    # An explicit VR file whose Pixel Data was written implicitly (pydicom's test file
+    # SC_rgb_jpeg.dcm does this; pydicom reads it with a warning): no VR letters at byte 4.
+    implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN or not header[4:6].isalpha()
+    if implicit:
+        (length,) = struct.unpack("<I" if little else ">I", header[4:8])
+        vr = "OB" if int(ds.get("BitsAllocated") or 16) <= 8 else "OW"
+        value_at = start + 8
+    else:
+        vr = header[4:6].decode("ascii", "replace")
+        if header[4:6] in _LONG_VRS:
+            (length,) = struct.unpack("<I" if little else ">I", fp.read(4))
+            value_at = start + 12
+        else:
+            (length,) = struct.unpack("<H" if little else ">H", header[6:8])
+            value_at = start + 8
+    if length == 0xFFFFFFFF:
+        items, end = _items(fp, value_at, size)
+        layout = _encapsulated_layout(fp, ds, items)
+        first = items[1][0] if len(items) > 1 else end
+        return layout, (tag, "OB", [first, end - 8 - first, "OB", True]), end
+    if value_at + length > size:
+        raise InvalidInstanceError(FailureReason.CANNOT_UNDERSTAND, "Pixel Data is truncated")
+    layout = _native_layout(ds, value_at, length) if little else None
+    return layout, (tag, vr, [value_at, length, vr, False]), value_at + length
+
+
+def _items(fp: BinaryIO, pos: int, size: int) -> tuple[list[tuple[int, int]], int]:
+    """(offset, length) of each item of encapsulated pixel data, and the end of the element."""
+    items: list[tuple[int, int]] = []
+    while True:
+        fp.seek(pos)
+        header = fp.read(8)
+        if len(header) < 8:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND, "encapsulated Pixel Data is truncated"
+            )
+        group, elem, length = struct.unpack("<HHI", header)
+        if (group, elem) == _SEQ_DELIM:
+            return items, pos + 8
+        if (group, elem) != _ITEM or length == 0xFFFFFFFF or pos + 8 + length > size:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"malformed item in encapsulated Pixel Data at byte {pos} (PS3.5 A.4)",
+            )
+        items.append((pos, length))
+        pos += 8 + length
+
+
+def _encapsulated_layout(
+    fp: BinaryIO, ds: Dataset, items: list[tuple[int, int]]
+) -> FrameLayout | None:
+    if not items:
+        raise InvalidInstanceError(FailureReason.CANNOT_UNDERSTAND, "no Basic Offset Table item")
+    bot_pos, bot_len = items[0]
+    frags = items[1:]
+    nframes = _number_of_frames(ds)
+    if not frags:
+        return None
+    if nframes == 1:
+        starts = [0]
+    elif len(frags) == nframes:
+        starts = list(range(nframes))
+    else:
+        offsets = _offset_table(fp, ds, bot_pos, bot_len)
+        if offsets is None or len(offsets) != nframes:
+            return None  # fragment-to-frame mapping unknown: decode path finds frames
+        base = frags[0][0]
+        by_pos = {p - base: i for i, (p, _) in enumerate(frags)}
+        if any(o not in by_pos for o in offsets):
+            return None
+        starts = [by_pos[o] for o in offsets]
+    bounds = [*starts, len(frags)]
+    offs, lens = [], []
+    for a, b in itertools.pairwise(bounds):
+        first, last = frags[a], frags[b - 1]
+        offs.append(first[0])
+        lens.append(last[0] + 8 + last[1] - first[0])
+    return FrameLayout(offs, lens, True)
+
+
+def _offset_table(fp: BinaryIO, ds: Dataset, bot_pos: int, bot_len: int) -> list[int] | None:
+    """Frame offsets from the Basic Offset Table or the Extended Offset Table (PS3.5 A.4)."""
+    if bot_len:
+        fp.seek(bot_pos + 8)
+        raw = fp.read(bot_len)
+        return list(struct.unpack(f"<{bot_len // 4}I", raw[: bot_len // 4 * 4]))
+    eot = ds.get("ExtendedOffsetTable")
+    if eot is not None and eot.value:
+        raw = bytes(eot.value)
+        return list(struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
+    return None
+
+
+def _native_layout(ds: Dataset, value_at: int, length: int) -> FrameLayout | None:
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    nframes = _number_of_frames(ds)
+    frame_bits = rows * cols * spp * bits
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        frame_bits = (
+            rows * cols * 2 * bits
+        )  # two luminance samples share Cb and Cr (PS3.3 C.7.6.3.1.2)
+    if frame_bits % 8 or frame_bits == 0:
+        return None  # bit-packed frames not on byte boundaries (e.g. 1-bit SEG)
+    frame_len = frame_bits // 8
+    if frame_len * nframes > length:
+        return None
+    offsets = [value_at + i * frame_len for i in range(nframes)]
+    return FrameLayout(offsets, [frame_len] * nframes, False)
+
+
+def _merge_tail(fp: BinaryIO, ds: Dataset, ts: str, end: int) -> None:
+    """Elements after Pixel Data (rare) join the header, Data Set Trailing Padding excepted."""
+    fp.seek(end)
+    tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    for tag in tail.keys():
+        if tag != _DATASET_TRAILING_PADDING and tag not in PIXEL_DATA_TAGS:
+            ds[tag] = tail[tag]
+
+
+def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:
+    """A bulk data value by full parse (nested, big endian or deflated files). Runs in a thread.
+
+    Values come back little endian, as PS3.18 8.7.3.4 (application/octet-stream) expects.
+    """
+    ds = pydicom.dcmread(path)
+    parts = tag_path.split("/")
+    node: Any = ds
+    try:
+        for i, part in enumerate(parts):
+            if i % 2:
+                node = node[int(part)]
+            else:
+                node = node[int(part, 16)]
+                if i < len(parts) - 1:
+                    node = node.value
+    except (KeyError, IndexError, ValueError):
+        return None
+    value = node.value
+    if isinstance(value, list | tuple):
+        return None
+    data = bytes(value) if isinstance(value, bytes | bytearray) else None
+    if data is None:
+        return None
+    if not ds.is_little_endian and node.VR in ("OW", "OF", "OL", "OD", "OV"):
+        width = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}[node.VR]
+        data = b"".join(data[i : i + width][::-1] for i in range(0, len(data), width))
+    return data, str(node.VR)

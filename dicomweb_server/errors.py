@@ -1,0 +1,98 @@
+"""Errors the server reports and the status codes of PS3.18 and PS3.4.
+
+Framework-free: `app.py` renders a `DicomWebError` as an HTTP response.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "BadRequestError",
+    "ConflictError",
+    "DicomWebError",
+    "FailureReason",
+    "NotAcceptableError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "ServiceUnavailableError",
+    "UnsupportedMediaTypeError",
+    "WarningReason",
+]
+
+
+class DicomWebError(Exception):
+    """An error with an HTTP status and a reason meant for the client."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class BadRequestError(DicomWebError):
+    status = 400
+
+
+class NotFoundError(DicomWebError):
+    status = 404
+
+
+class NotAcceptableError(DicomWebError):
+    status = 406
+
+
+class ConflictError(DicomWebError):
+    status = 409
+
+
+class PayloadTooLargeError(DicomWebError):
+    status = 413
+
+
+class UnsupportedMediaTypeError(DicomWebError):
+    status = 415
+
+
+class ServiceUnavailableError(DicomWebError):
+    status = 503
+
+
+class FailureReason(IntEnum):
+    """Failure Reason (0008,1197) values used in a STOW-RS response.
+
+    PS3.18 10.5.3 refers to the C-STORE failure statuses of PS3.4 Annex B.2.3
+    (Table B.2-1) and the general statuses of PS3.7 Annex C.
+    """
+
+    # PS3.7 C.4.2: general processing failure (e.g. an unexpected error while storing).
+    PROCESSING_FAILURE = 0x0110
+    # PS3.7 C.5.5: Duplicate SOP Instance; stored with different content (our policy: refuse).
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    # PS3.7 C.5: Referenced SOP Class not supported.
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    # PS3.4 Table B.2-1: Refused: Out of Resources (disk full, part or request too large).
+    OUT_OF_RESOURCES = 0xA700
+    # PS3.4 Table B.2-1: Error: Data Set does not match SOP Class (required UIDs missing or
+    # malformed).
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    # PS3.4 Table B.2-1: Error: Cannot understand (not a DICOM Part 10 file).
+    CANNOT_UNDERSTAND = 0xC000
+    # PS3.18 10.5.3 (Table 10.5.3-2 and CP-1749): Referenced Transfer Syntax not supported.
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+    # PS3.18 10.5.3.2: the Study Instance UID of the instance does not match the one in the
+    # target resource (POST /studies/{study}); dcm4chee and Microsoft report this as 0xA900-range.
+    STUDY_INSTANCE_UID_MISMATCH = 0xA901
+
+
+class WarningReason(IntEnum):
+    """Warning Reason (0008,1196) values, PS3.4 Table B.2-1."""
+
+    # Coercion of Data Elements: the stored instance differs from what was sent.
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    # Elements Discarded.
+    ELEMENTS_DISCARDED = 0xB006
+    # Data Set does not match SOP Class (stored anyway).
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007

@@ -1,0 +1,308 @@
+"""The index over PostgreSQL: the only asyncpg importer.
+
+Two-phase store (STYLE.md rule 11): `reserve` records a blob key before the blob is placed,
+`commit_instance` inserts the patient/study/series/instance rows and drops the reservation in
+one transaction, `release` drops a reservation whose blob was discarded. A process holds a
+session advisory lock on its owner id for its whole life, so reservations of a dead process are
+recognised and rolled back at the next start (`dead_reservations`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from dicomweb_server.errors import ServiceUnavailableError
+from dicomweb_server.record import InstanceRecord
+
+__all__ = [
+    "ADVISORY_LOCK_CLASS",
+    "CommitResult",
+    "Index",
+    "StoredInstance",
+]
+
+# First key of the two-int advisory lock space used for process liveness ('DCMW').
+ADVISORY_LOCK_CLASS = 0x44434D57
+# Seconds to wait for a pooled connection before answering 503.
+ACQUIRE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    stored: bool  # a new instance row was inserted
+    existing_sha256: bytes | None = None  # set when the SOP Instance UID was already stored
+    existing_study_uid: str | None = None
+    existing_series_uid: str | None = None
+    conflict: str | None = None  # the rows disagree with the index (e.g. series in another study)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    blob_key: str
+    transfer_syntax_uid: str
+    size_bytes: int
+    number_of_frames: int
+    frame_offsets: list[int] | None
+    frame_lengths: list[int] | None
+    encapsulated: bool
+
+
+_LOCATE = """
+SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
+       i.blob_key, i.transfer_syntax_uid, i.size_bytes, i.number_of_frames, i.frame_offsets,
+       i.frame_lengths, i.encapsulated{extra}
+FROM instance i
+JOIN series se ON se.pk = i.series_fk
+JOIN study st ON st.pk = se.study_fk
+WHERE st.study_instance_uid = $1
+  AND ($2::text IS NULL OR se.series_instance_uid = $2)
+  AND ($3::text IS NULL OR i.sop_instance_uid = $3)
+ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
+"""
+
+_INSERT_STUDY = """
+INSERT INTO study (patient_fk, study_instance_uid, study_date, study_time, accession_number,
+    study_id, study_description, referring_physician_name, patient_name, patient_id,
+    patient_birth_date, patient_sex, attrs)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)
+ON CONFLICT (study_instance_uid) DO NOTHING
+"""
+_INSERT_SERIES = """
+INSERT INTO series (study_fk, series_instance_uid, modality, series_number, series_description,
+    body_part_examined, pps_start_date, pps_start_time, attrs)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+ON CONFLICT (series_instance_uid) DO NOTHING
+"""
+_INSERT_INSTANCE = """
+INSERT INTO instance (series_fk, sop_instance_uid, sop_class_uid, instance_number,
+    acquisition_datetime, blob_key, transfer_syntax_uid, size_bytes, sha256, number_of_frames,
+    frame_offsets, frame_lengths, encapsulated, metadata, bulk_ranges)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::jsonb, $15::jsonb)
+ON CONFLICT (sop_instance_uid) DO NOTHING
+RETURNING pk
+"""
+# Aggregates are recomputed under the study row lock taken by commit_instance, so they stay
+# right under concurrent STOW to the same study.
+_UPDATE_STUDY = """
+UPDATE study SET
+    num_instances = num_instances + 1,
+    num_series = (SELECT count(*) FROM series WHERE study_fk = $1 AND num_instances > 0),
+    modalities_in_study = (
+        SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
+        FROM series WHERE study_fk = $1 AND num_instances > 0 AND modality IS NOT NULL),
+    sop_classes_in_study = CASE WHEN $2 = ANY (sop_classes_in_study) THEN sop_classes_in_study
+                                ELSE array_append(sop_classes_in_study, $2) END,
+    updated_at = now()
+WHERE pk = $1
+"""
+
+
+class Index:
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
+        self._owner_conn: asyncpg.Connection | None = None
+        self.owner = 0
+
+    @classmethod
+    async def open(cls, dsn: str, *, max_size: int, timeout_s: float) -> Index:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        return cls(pool, timeout_s)
+
+    async def close(self) -> None:
+        if self._owner_conn is not None:
+            await self._owner_conn.close()
+            self._owner_conn = None
+        await self._pool.close()
+
+    async def apply_schema(self, schema_sql: str) -> None:
+        # Serialise concurrent starts (several workers) on the DDL.
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", ADVISORY_LOCK_CLASS)
+            await conn.execute(schema_sql)
+
+    async def claim_owner(self, dsn: str) -> int:
+        """Take a fresh owner id, held by a session advisory lock until this process ends."""
+        self._owner_conn = await asyncpg.connect(dsn)
+        while True:
+            owner = secrets.randbelow(2**31 - 1) + 1
+            got = await self._owner_conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
+            )
+            if got:
+                self.owner = owner
+                return owner
+
+    async def owner_is_dead(self, owner: int) -> bool:
+        assert self._owner_conn is not None
+        got = await self._owner_conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
+        )
+        if got:
+            await self._owner_conn.execute(
+                "SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner
+            )
+        return bool(got)
+
+    async def dead_reservations(self) -> list[str]:
+        """Blob keys reserved by processes that no longer run."""
+        rows = await self._fetch("SELECT blob_key, owner FROM blob_reservation")
+        dead: dict[int, bool] = {}
+        keys = []
+        for row in rows:
+            owner = row["owner"]
+            if owner != self.owner and owner not in dead:
+                dead[owner] = await self.owner_is_dead(owner)
+            if owner != self.owner and dead[owner]:
+                keys.append(row["blob_key"])
+        return keys
+
+    async def reserve(self, blob_key: str) -> None:
+        await self._execute(
+            "INSERT INTO blob_reservation (blob_key, owner) VALUES ($1, $2)", blob_key, self.owner
+        )
+
+    async def release(self, blob_key: str) -> None:
+        await self._execute("DELETE FROM blob_reservation WHERE blob_key = $1", blob_key)
+
+    async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                result = await _commit(conn, rec)
+                if not result.stored:
+                    raise _Rollback(result)
+                return result
+        except _Rollback as rb:
+            return rb.result
+        except (OSError, asyncpg.PostgresConnectionError, TimeoutError) as exc:
+            raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+
+    async def locate(
+        self, study: str, series: str | None = None, sop: str | None = None
+    ) -> list[StoredInstance]:
+        rows = await self._fetch(_LOCATE.format(extra=""), study, series, sop)
+        return [StoredInstance(*row) for row in rows]
+
+    async def metadata_texts(
+        self, study: str, series: str | None = None, sop: str | None = None
+    ) -> list[str]:
+        rows = await self._fetch(_LOCATE.format(extra=", i.metadata::text"), study, series, sop)
+        return [row[-1] for row in rows]
+
+    async def bulk_range(self, study: str, series: str, sop: str, path: str) -> list[Any] | None:
+        rows = await self._fetch(_LOCATE.format(extra=", i.bulk_ranges -> $4"), study, series, sop,
+                                 path)  # fmt: skip
+        if not rows:
+            return None
+        value = rows[0][-1]
+        return list(json.loads(value)) if value else []
+
+    async def search(self, sql_text: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+        return await self._fetch(sql_text, *args)
+
+    async def counts(self) -> dict[str, int]:
+        row = await self._fetchrow(
+            "SELECT (SELECT count(*) FROM patient) AS patients,"
+            " (SELECT count(*) FROM study WHERE num_instances > 0) AS studies,"
+            " (SELECT count(*) FROM series WHERE num_instances > 0) AS series,"
+            " (SELECT count(*) FROM instance) AS instances"
+        )
+        assert row is not None
+        return dict(row)
+
+    async def all_blob_keys(self) -> set[str]:
+        rows = await self._fetch("SELECT blob_key FROM instance")
+        return {r[0] for r in rows}
+
+    async def _fetch(self, sql_text: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                return list(await conn.fetch(sql_text, *args, timeout=self._timeout))
+        except (OSError, asyncpg.PostgresConnectionError, TimeoutError) as exc:
+            raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+
+    async def _fetchrow(self, sql_text: str, *args: Any) -> asyncpg.Record | None:
+        rows = await self._fetch(sql_text, *args)
+        return rows[0] if rows else None
+
+    async def _execute(self, sql_text: str, *args: Any) -> None:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await conn.execute(sql_text, *args, timeout=self._timeout)
+        except (OSError, asyncpg.PostgresConnectionError, TimeoutError) as exc:
+            raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+
+
+class _Rollback(Exception):
+    def __init__(self, result: CommitResult) -> None:
+        self.result = result
+
+
+async def _commit(conn: asyncpg.Connection, rec: InstanceRecord) -> CommitResult:
+    p, st, se, i = rec.patient, rec.study, rec.series, rec.instance
+    await conn.execute(
+        "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
+        " patient_sex) VALUES ($1, $2, $3, $4, $5)"
+        " ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING",
+        p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["patient_birth_date"],
+        p["patient_sex"],
+    )  # fmt: skip
+    patient_pk = await conn.fetchval(
+        "SELECT pk FROM patient WHERE patient_id = $1 AND issuer_of_patient_id = $2",
+        p["patient_id"], p["issuer_of_patient_id"],
+    )  # fmt: skip
+    await conn.execute(
+        _INSERT_STUDY, patient_pk, st["study_instance_uid"], st["study_date"], st["study_time"],
+        st["accession_number"], st["study_id"], st["study_description"],
+        st["referring_physician_name"], st["patient_name"], st["patient_id"],
+        st["patient_birth_date"], st["patient_sex"], st["attrs"],
+    )  # fmt: skip
+    study_pk = await conn.fetchval(
+        "SELECT pk FROM study WHERE study_instance_uid = $1 FOR UPDATE", st["study_instance_uid"]
+    )
+    await conn.execute(
+        _INSERT_SERIES, study_pk, se["series_instance_uid"], se["modality"], se["series_number"],
+        se["series_description"], se["body_part_examined"], se["pps_start_date"],
+        se["pps_start_time"], se["attrs"],
+    )  # fmt: skip
+    series_row = await conn.fetchrow(
+        "SELECT pk, study_fk FROM series WHERE series_instance_uid = $1", se["series_instance_uid"]
+    )
+    if series_row["study_fk"] != study_pk:
+        return CommitResult(False, conflict="the series belongs to another study in the archive")
+    inserted = await conn.fetchval(
+        _INSERT_INSTANCE, series_row["pk"], i["sop_instance_uid"], i["sop_class_uid"],
+        i["instance_number"], i["acquisition_datetime"], i["blob_key"], i["transfer_syntax_uid"],
+        i["size_bytes"], i["sha256"], i["number_of_frames"], i["frame_offsets"],
+        i["frame_lengths"], i["encapsulated"], i["metadata"], i["bulk_ranges"],
+    )  # fmt: skip
+    if inserted is None:
+        row = await conn.fetchrow(
+            "SELECT i.sha256, se.series_instance_uid, st.study_instance_uid FROM instance i"
+            " JOIN series se ON se.pk = i.series_fk JOIN study st ON st.pk = se.study_fk"
+            " WHERE i.sop_instance_uid = $1",
+            i["sop_instance_uid"],
+        )
+        return CommitResult(
+            False,
+            existing_sha256=bytes(row["sha256"]),
+            existing_series_uid=row["series_instance_uid"],
+            existing_study_uid=row["study_instance_uid"],
+        )
+    await conn.execute(
+        "UPDATE series SET num_instances = num_instances + 1, updated_at = now() WHERE pk = $1",
+        series_row["pk"],
+    )
+    await conn.execute(_UPDATE_STUDY, study_pk, i["sop_class_uid"])
+    await conn.execute("DELETE FROM blob_reservation WHERE blob_key = $1", i["blob_key"])
+    return CommitResult(True)

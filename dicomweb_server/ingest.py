@@ -1,0 +1,191 @@
+"""The STOW pipeline: one multipart part -> one stored instance (or a failure reason).
+
+Per part: spool into the blob store's temp file (hashing as it goes) -> parse and validate the
+header in a worker thread -> reserve the blob key in the index -> fsync and place the blob ->
+commit the index rows. A failure at any step discards what was written, so a failed part leaves
+neither a row nor a file (STYLE.md rule 11).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from dicomweb_server.blobstore import BlobStore, BlobWriter
+from dicomweb_server.dicom_json import InstanceOutcome
+from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
+from dicomweb_server.errors import DicomWebError, FailureReason
+from dicomweb_server.index import Index
+from dicomweb_server.media import APPLICATION_DICOM, parse_content_type
+from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
+from dicomweb_server.record import build_record
+
+__all__ = ["Services", "instance_path", "store_file", "store_parts", "stow_status"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the STOW and WADO pipelines work with; built once by app.create_app."""
+
+    index: Index
+    blobs: BlobStore
+    limiter: anyio.CapacityLimiter  # worker threads for parsing and codecs
+    scratch_dir: Path  # temporary files of transcoded responses
+
+
+def instance_path(study: str, series: str, sop: str) -> str:
+    return f"/studies/{study}/series/{series}/instances/{sop}"
+
+
+async def store_parts(
+    events: AsyncIterator[Event], ctx: Services, expected_study: str | None
+) -> list[InstanceOutcome]:
+    """Store every part of a STOW-RS body; a stream error (400/413) discards the open part."""
+    outcomes: list[InstanceOutcome] = []
+    writer: BlobWriter | None = None
+    part_type: str | None = None
+    try:
+        async for event in events:
+            if isinstance(event, PartBegin):
+                writer = await ctx.blobs.open_writer()
+                part_type = event.headers.get("content-type")
+            elif isinstance(event, PartData):
+                assert writer is not None
+                await writer.write(event.data)
+            elif isinstance(event, PartEnd):
+                assert writer is not None
+                w, writer = writer, None
+                outcomes.append(await _finish_part(w, part_type, ctx, expected_study))
+    finally:
+        if writer is not None:
+            await ctx.blobs.discard(writer)
+    return outcomes
+
+
+def _part_type_problem(part_type: str | None) -> str | None:
+    if part_type is None:
+        return None  # PS3.18 8.6.1.2: the type parameter of the request names it
+    try:
+        essence = parse_content_type(part_type).essence
+    except DicomWebError:
+        return f"part Content-Type {part_type!r} is malformed"
+    if essence != APPLICATION_DICOM:
+        return f"part Content-Type {essence} is not application/dicom"
+    return None
+
+
+async def _finish_part(
+    writer: BlobWriter, part_type: str | None, ctx: Services, expected_study: str | None
+) -> InstanceOutcome:
+    problem = _part_type_problem(part_type)
+    if problem:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(None, None, FailureReason.CANNOT_UNDERSTAND, reason=problem)
+    return await store_file(writer, ctx, expected_study)
+
+
+async def store_file(
+    writer: BlobWriter, ctx: Services, expected_study: str | None
+) -> InstanceOutcome:
+    """Store a fully spooled file (used by STOW and by `load`). Consumes the writer."""
+    await writer.close()
+    try:
+        parsed = await anyio.to_thread.run_sync(parse_file, writer.path, limiter=ctx.limiter)
+    except InvalidInstanceError as exc:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(None, None, exc.reason, reason=exc.message)
+    sop_class, sop, study, _series = parsed.uids
+    if expected_study is not None and study != expected_study:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(
+            sop_class, sop, FailureReason.STUDY_INSTANCE_UID_MISMATCH,
+            reason=f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
+        )  # fmt: skip
+    key = ctx.blobs.new_key()
+    placed = False
+    try:
+        await ctx.index.reserve(key)
+        await ctx.blobs.commit(writer, key)
+        placed = True
+        return await _commit(parsed, writer, key, ctx)
+    except OSError as exc:
+        log.exception("storing %s failed", sop)
+        reason = (
+            FailureReason.OUT_OF_RESOURCES
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else FailureReason.PROCESSING_FAILURE
+        )
+        await _undo(ctx, writer, key, placed)
+        return InstanceOutcome(sop_class, sop, reason, reason=f"storage error: {exc.strerror}")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _undo(ctx, writer, key, placed)
+        raise
+
+
+async def _undo(ctx: Services, writer: BlobWriter, key: str, placed: bool) -> None:
+    try:
+        if placed:
+            await ctx.blobs.delete(key)
+        else:
+            await ctx.blobs.discard(writer)
+        await ctx.index.release(key)
+    except Exception:  # the reservation is rolled back at the next start
+        log.exception("could not undo blob %s", key)
+
+
+async def _commit(
+    parsed: ParsedFile, writer: BlobWriter, key: str, ctx: Services
+) -> InstanceOutcome:
+    sop_class, sop, study, series = parsed.uids
+    record = build_record(
+        parsed.meta,
+        transfer_syntax_uid=parsed.transfer_syntax_uid,
+        blob_key=key,
+        size_bytes=writer.size,
+        sha256=writer.sha256(),
+        number_of_frames=parsed.number_of_frames,
+        frames=parsed.frames,
+        bulk_ranges=parsed.bulk_ranges,
+    )
+    result = await ctx.index.commit_instance(record)
+    if result.stored:
+        return InstanceOutcome(sop_class, sop, retrieve_path=instance_path(study, series, sop))
+    await ctx.blobs.delete(key)
+    await ctx.index.release(key)
+    if result.conflict:
+        return InstanceOutcome(
+            sop_class, sop, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason=result.conflict
+        )
+    if result.existing_sha256 == writer.sha256():
+        # Same bytes again: success, one copy (PS3.18 10.5.3 leaves duplicates to the server).
+        assert result.existing_study_uid and result.existing_series_uid
+        path = instance_path(result.existing_study_uid, result.existing_series_uid, sop)
+        return InstanceOutcome(sop_class, sop, retrieve_path=path, duplicate=True)
+    return InstanceOutcome(
+        sop_class, sop, FailureReason.DUPLICATE_SOP_INSTANCE,
+        reason=f"SOPInstanceUID {sop} is already stored with different content",
+    )  # fmt: skip
+
+
+def stow_status(outcomes: list[InstanceOutcome]) -> int:
+    """HTTP status of a STOW-RS response, PS3.18 Table 10.5.3-1 / 10.5.3.1.
+
+    200: all stored (warnings allowed); 202: some stored, some failed, or stored with warnings;
+    409: none stored; 400: the request had no instance at all.
+    """
+    if not outcomes:
+        return 400
+    failed = sum(o.failure is not None for o in outcomes)
+    if failed == len(outcomes):
+        return 409
+    if failed or any(o.warning is not None for o in outcomes):
+        return 202
+    return 200

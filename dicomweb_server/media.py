@@ -1,0 +1,289 @@
+"""Media types, transfer syntaxes, Content-Type / Accept parsing and negotiation.
+
+Accept is parsed per RFC 9110 12.5.1: a comma list of media ranges, each with parameters whose
+values may be quoted (commas and semicolons inside quotes are data) and a q-value. Negotiation
+follows PS3.18 8.7 (acceptable media types and transfer syntaxes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dicomweb_server.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
+
+__all__ = [
+    "APPLICATION_DICOM",
+    "APPLICATION_DICOM_JSON",
+    "APPLICATION_JSON",
+    "APPLICATION_OCTET_STREAM",
+    "EXPLICIT_VR_LITTLE_ENDIAN",
+    "IMPLICIT_VR_LITTLE_ENDIAN",
+    "MULTIPART_RELATED",
+    "STORED",
+    "MediaRange",
+    "frame_media_type",
+    "negotiate_bulkdata",
+    "negotiate_frames",
+    "negotiate_instances",
+    "negotiate_json",
+    "parse_accept",
+    "parse_content_type",
+    "stow_boundary",
+]
+
+APPLICATION_DICOM = "application/dicom"
+APPLICATION_DICOM_JSON = "application/dicom+json"
+APPLICATION_JSON = "application/json"
+APPLICATION_OCTET_STREAM = "application/octet-stream"
+MULTIPART_RELATED = "multipart/related"
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# `transfer-syntax=*` (PS3.18 8.7.3.5.2): send the instance in the transfer syntax it is stored in.
+STORED = "*"
+
+# PS3.18 Table 8.7.3-2 (media types of compressed pixel data, i.e. single frames).
+_FRAME_MEDIA_TYPES: dict[str, str] = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.100": "video/mpeg",
+    "1.2.840.10008.1.2.4.101": "video/mpeg",
+    "1.2.840.10008.1.2.4.102": "video/mp4",
+    "1.2.840.10008.1.2.4.103": "video/mp4",
+    "1.2.840.10008.1.2.4.104": "video/mp4",
+    "1.2.840.10008.1.2.4.105": "video/mp4",
+    "1.2.840.10008.1.2.4.106": "video/mp4",
+    "1.2.840.10008.1.2.4.107": "video/H265",
+    "1.2.840.10008.1.2.4.108": "video/H265",
+}
+_NATIVE = {
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+}
+
+
+@dataclass(frozen=True)
+class MediaRange:
+    type: str
+    subtype: str
+    params: dict[str, str] = field(default_factory=dict)
+    q: float = 1.0
+
+    @property
+    def essence(self) -> str:
+        return f"{self.type}/{self.subtype}"
+
+    def matches(self, media_type: str) -> bool:
+        t, _, s = media_type.partition("/")
+        return self.type in ("*", t) and self.subtype in ("*", s)
+
+
+def frame_media_type(transfer_syntax_uid: str) -> str:
+    """The media type of one frame stored in `transfer_syntax_uid` (octet-stream if native)."""
+    if transfer_syntax_uid in _NATIVE:
+        return APPLICATION_OCTET_STREAM
+    return _FRAME_MEDIA_TYPES.get(transfer_syntax_uid, APPLICATION_OCTET_STREAM)
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            buf.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            buf.append(ch)
+        elif ch == sep and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return out
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        inner = value[1:-1]
+        out: list[str] = []
+        it = iter(inner)
+        for ch in it:
+            out.append(next(it, "") if ch == "\\" else ch)
+        return "".join(out)
+    return value
+
+
+def _parse_one(text: str) -> MediaRange | None:
+    pieces = _split_outside_quotes(text, ";")
+    essence = pieces[0].strip().lower()
+    if not essence:
+        return None
+    t, slash, s = essence.partition("/")
+    if not slash or not t or not s:
+        raise BadRequestError(f"malformed media type {essence!r}")
+    params: dict[str, str] = {}
+    q = 1.0
+    for piece in pieces[1:]:
+        name, eq, value = piece.partition("=")
+        name = name.strip().lower()
+        if not name:
+            continue
+        if not eq:
+            raise BadRequestError(f"malformed media type parameter {piece.strip()!r}")
+        if name == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                raise BadRequestError(f"malformed q-value {value.strip()!r}") from None
+            continue
+        params[name] = _unquote(value)
+    return MediaRange(t, s, params, q)
+
+
+def parse_content_type(value: str) -> MediaRange:
+    rng = _parse_one(value)
+    if rng is None:
+        raise UnsupportedMediaTypeError("missing Content-Type")
+    return rng
+
+
+def parse_accept(value: str | None) -> list[MediaRange]:
+    """Media ranges in order of preference (q descending, then as written); q=0 dropped."""
+    if value is None or not value.strip():
+        return [MediaRange("*", "*")]
+    ranges = [r for part in _split_outside_quotes(value, ",") if (r := _parse_one(part))]
+    ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
+    return [r for _, r in ordered if r.q > 0]
+
+
+def stow_boundary(content_type: str | None) -> str:
+    """The boundary of a STOW-RS request body (PS3.18 10.5.1.2), or 415/400."""
+    if not content_type:
+        raise UnsupportedMediaTypeError(
+            'STOW-RS needs Content-Type: multipart/related; type="application/dicom"'
+        )
+    rng = parse_content_type(content_type)
+    if rng.essence != MULTIPART_RELATED:
+        raise UnsupportedMediaTypeError(
+            f'STOW-RS accepts multipart/related; type="application/dicom", not {rng.essence}'
+        )
+    part_type = rng.params.get("type", APPLICATION_DICOM).lower()
+    if part_type != APPLICATION_DICOM:
+        raise UnsupportedMediaTypeError(
+            f"STOW-RS here accepts parts of type application/dicom only, not {part_type}"
+        )
+    boundary = rng.params.get("boundary")
+    if not boundary:
+        raise BadRequestError("multipart/related Content-Type has no boundary parameter")
+    return boundary
+
+
+def _related_type(rng: MediaRange, default: str) -> str | None:
+    """The part media type a range accepts, or None when the range is not multipart/related."""
+    if rng.essence in ("*/*", "multipart/*"):
+        return rng.params.get("type", default).lower()
+    if rng.essence == MULTIPART_RELATED:
+        return rng.params.get("type", default).lower()
+    return None
+
+
+def _ts_choice(requested: str | None, stored_ts: str, default_ts: str) -> str | None:
+    """The transfer syntax to send for a `transfer-syntax` parameter, or None if we cannot."""
+    if requested is None:
+        return default_ts
+    if requested in (STORED, stored_ts):
+        return STORED
+    if requested == EXPLICIT_VR_LITTLE_ENDIAN:
+        return EXPLICIT_VR_LITTLE_ENDIAN
+    return None
+
+
+def negotiate_instances(accept: str | None, stored_ts: str) -> str:
+    """Transfer syntax for study/series/instance retrieval: STORED or Explicit VR LE.
+
+    PS3.18 8.7.3.5.2: without a transfer-syntax parameter application/dicom means Explicit VR
+    Little Endian; `transfer-syntax=*` means as stored.
+    """
+    for rng in parse_accept(accept):
+        part = _related_type(rng, APPLICATION_DICOM)
+        if part not in (APPLICATION_DICOM, "*/*", "application/*"):
+            continue
+        choice = _ts_choice(rng.params.get("transfer-syntax"), stored_ts, EXPLICIT_VR_LITTLE_ENDIAN)
+        if choice is not None:
+            return choice
+    raise NotAcceptableError(
+        'acceptable: multipart/related; type="application/dicom" with transfer-syntax '
+        f"{EXPLICIT_VR_LITTLE_ENDIAN} (the default), * or {stored_ts} (as stored)"
+    )
+
+
+def negotiate_frames(accept: str | None, stored_ts: str) -> str:
+    """Transfer syntax for frames: STORED or Explicit VR LE (uncompressed, octet-stream).
+
+    PS3.18 8.7.3.3.2: the default for frames is application/octet-stream, uncompressed
+    (Explicit VR Little Endian); `transfer-syntax=*` returns the frames as stored with the
+    media type of Table 8.7.3-2.
+    """
+    stored_type = frame_media_type(stored_ts)
+    for rng in parse_accept(accept):
+        part = _related_type(rng, APPLICATION_OCTET_STREAM)
+        if part is None:
+            continue
+        ts = rng.params.get("transfer-syntax")
+        if part in ("*/*", APPLICATION_OCTET_STREAM):
+            choice = _ts_choice(ts, stored_ts, EXPLICIT_VR_LITTLE_ENDIAN)
+        elif part == stored_type or (part.endswith("/*") and stored_type.startswith(part[:-1])):
+            choice = STORED if ts in (None, STORED, stored_ts) else None
+        else:
+            choice = None
+        if choice is not None:
+            return choice
+    raise NotAcceptableError(
+        'acceptable: multipart/related; type="application/octet-stream" (uncompressed, '
+        f'{EXPLICIT_VR_LITTLE_ENDIAN}) or transfer-syntax=* / type="{stored_type}" (as stored, '
+        f"{stored_ts})"
+    )
+
+
+def negotiate_bulkdata(accept: str | None) -> None:
+    """Bulk data is sent as multipart/related; type="application/octet-stream" (PS3.18 8.7.3.4)."""
+    for rng in parse_accept(accept):
+        part = _related_type(rng, APPLICATION_OCTET_STREAM)
+        if part in ("*/*", APPLICATION_OCTET_STREAM, "application/*") and rng.params.get(
+            "transfer-syntax"
+        ) in (None, STORED, EXPLICIT_VR_LITTLE_ENDIAN):
+            return
+    raise NotAcceptableError('acceptable: multipart/related; type="application/octet-stream"')
+
+
+def negotiate_json(accept: str | None) -> str:
+    """application/dicom+json (default) or application/json for QIDO and metadata (PS3.18 8.7.5)."""
+    for rng in parse_accept(accept):
+        if rng.matches(APPLICATION_DICOM_JSON):
+            return APPLICATION_DICOM_JSON
+        if rng.matches(APPLICATION_JSON):
+            return APPLICATION_JSON
+    raise NotAcceptableError("acceptable: application/dicom+json or application/json")

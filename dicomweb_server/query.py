@@ -1,0 +1,249 @@
+"""QIDO-RS request parameters -> a typed Query (PS3.18 8.3.4, PS3.4 C.2.2.2). Pure."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pydicom.datadict import tag_for_keyword
+
+from dicomweb_server.attributes import BY_KEYWORD, BY_TAG, Attribute, Level
+from dicomweb_server.errors import BadRequestError
+from dicomweb_server.vr import parse_da, parse_dt, parse_tm
+
+__all__ = [
+    "QIDO_DEFAULT_LIMIT",
+    "QIDO_MAX_LIMIT",
+    "QIDO_MAX_OFFSET",
+    "FuzzyMatch",
+    "Include",
+    "Match",
+    "Query",
+    "RangeMatch",
+    "SingleValueMatch",
+    "UidListMatch",
+    "UniversalMatch",
+    "WildcardMatch",
+    "parse",
+]
+
+# Results per page when the client sets no limit (PS3.18 8.3.4.4).
+QIDO_DEFAULT_LIMIT = 100
+# Largest page; a larger `limit` is lowered to it and a Warning header says so.
+QIDO_MAX_LIMIT = 1000
+# Largest `offset` accepted (a bigger one is a 400: it could only be a mistake or an attack).
+QIDO_MAX_OFFSET = 10_000_000
+# Largest integer accepted in `limit`; above it the value is refused, not lowered.
+_MAX_INT_PARAM = 2**31 - 1
+# Longest matching value accepted, in characters (longer cannot match any VR we index).
+MAX_MATCH_VALUE_CHARS = 1024
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
+_LEVEL_ORDER = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
+
+
+@dataclass(frozen=True)
+class SingleValueMatch:
+    """PS3.4 C.2.2.2.1."""
+
+    attr: Attribute
+    value: str | int | dt.date | dt.time | dt.datetime
+
+
+@dataclass(frozen=True)
+class UidListMatch:
+    """PS3.4 C.2.2.2.2 (also used for multi-valued ModalitiesInStudy)."""
+
+    attr: Attribute
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class UniversalMatch:
+    """PS3.4 C.2.2.2.3: an empty value (or a lone `*`) matches everything."""
+
+    attr: Attribute
+
+
+@dataclass(frozen=True)
+class WildcardMatch:
+    """PS3.4 C.2.2.2.4: `*` any run of characters, `?` one character."""
+
+    attr: Attribute
+    pattern: str
+
+
+@dataclass(frozen=True)
+class RangeMatch:
+    """PS3.4 C.2.2.2.5: `a-b`, `a-` or `-b` on DA, TM and DT."""
+
+    attr: Attribute
+    lower: dt.date | dt.time | dt.datetime | None
+    upper: dt.date | dt.time | dt.datetime | None
+
+
+@dataclass(frozen=True)
+class FuzzyMatch:
+    """PN with `fuzzymatching=true` (PS3.18 8.3.4.2): every word of the value must match the
+    beginning of some component of the name, in any component group, case-insensitively."""
+
+    attr: Attribute
+    words: tuple[str, ...]
+
+
+Match = SingleValueMatch | UidListMatch | UniversalMatch | WildcardMatch | RangeMatch | FuzzyMatch
+
+
+@dataclass(frozen=True)
+class Include:
+    all: bool = False
+    tags: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Query:
+    level: Level
+    path_uids: Mapping[Level, str]
+    matches: tuple[Match, ...]
+    include: Include
+    limit: int
+    offset: int
+    fuzzy: bool = False
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _int_param(name: str, value: str, lo: int, hi: int) -> int:
+    if not re.fullmatch(r"[+-]?\d{1,12}", value.strip()):
+        raise BadRequestError(f"{name} must be an integer, got {value!r}")
+    n = int(value)
+    if n < lo or n > hi:
+        raise BadRequestError(f"{name} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def _resolve(key: str) -> int | None:
+    if _TAG.match(key):
+        return int(key, 16)
+    tag = tag_for_keyword(key)
+    return int(tag) if tag is not None else None
+
+
+def _matching_attribute(key: str, level: Level) -> Attribute:
+    tag = _resolve(key)
+    attr = BY_KEYWORD.get(key) or (BY_TAG.get(tag) if tag is not None else None)
+    if attr is None or attr.column is None:
+        what = "not a DICOM attribute" if tag is None else "not a supported matching key"
+        raise BadRequestError(f"unknown query parameter {key!r}: {what}")
+    if _LEVEL_ORDER[attr.level] > _LEVEL_ORDER[level]:
+        raise BadRequestError(
+            f"{attr.keyword} is a {attr.level.value}-level attribute and cannot be matched"
+            f" when searching for {level.value} resources"
+        )
+    return attr
+
+
+def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
+    if len(value) > MAX_MATCH_VALUE_CHARS:
+        raise BadRequestError(f"value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
+    if value in ("", "*"):
+        return UniversalMatch(attr)
+    if attr.vr == "UI" or attr.keyword == "ModalitiesInStudy":
+        values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
+        if attr.vr == "UI":
+            bad = [v for v in values if not _UID.match(v) or len(v) > 64]
+            if bad:
+                raise BadRequestError(f"{attr.keyword}: {bad[0]!r} is not a valid UID")
+        elif any("*" in v or "?" in v for v in values) and len(values) == 1:
+            return WildcardMatch(attr, values[0])
+        return UidListMatch(attr, values) if len(values) > 1 else SingleValueMatch(attr, values[0])
+    if attr.vr in _PARSERS:
+        return _range_or_single(attr, value)
+    if attr.vr == "IS":
+        return SingleValueMatch(attr, _int_param(attr.keyword, value, -(2**31), 2**31 - 1))
+    if attr.vr == "PN" and fuzzy:
+        words = tuple(w for w in re.split(r"[\s^=,]+", value.replace("*", "")) if w)
+        return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
+    if "*" in value or "?" in value:
+        return WildcardMatch(attr, value)
+    return SingleValueMatch(attr, value)
+
+
+def _range_or_single(attr: Attribute, value: str) -> Match:
+    parse_one = _PARSERS[attr.vr]
+    if ("-" in value and attr.vr != "DT") or (value.count("-") == 1 and attr.vr == "DT"):
+        lo_s, _, hi_s = value.partition("-")
+        lo = parse_one(lo_s) if lo_s else None
+        hi = parse_one(hi_s) if hi_s else None
+        if (lo_s and lo is None) or (hi_s and hi is None) or (lo is None and hi is None):
+            raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid {attr.vr} range")
+        return RangeMatch(attr, lo, hi)
+    one = parse_one(value)
+    if one is None:
+        raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid {attr.vr} value")
+    return SingleValueMatch(attr, one)
+
+
+def _includes(values: list[str]) -> tuple[Include, list[str]]:
+    tags: set[int] = set()
+    warnings: list[str] = []
+    for raw in values:
+        for key in (k.strip() for k in raw.split(",")):
+            if not key:
+                continue
+            if key == "all":
+                return Include(all=True), warnings
+            tag = _resolve(key)
+            if tag is None:
+                # Field notes 10: unknown includefield values are ignored with a warning.
+                warnings.append(f"includefield {key!r} is not a DICOM attribute; ignored")
+            else:
+                tags.add(tag)
+    return Include(tags=frozenset(tags)), warnings
+
+
+def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
+    """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
+    limit, offset, fuzzy = QIDO_DEFAULT_LIMIT, 0, False
+    include_values: list[str] = []
+    raw_matches: dict[str, list[str]] = {}
+    warnings: list[str] = []
+    for key, value in params:
+        if key == "limit":
+            limit = _int_param("limit", value, 0, _MAX_INT_PARAM)
+        elif key == "offset":
+            offset = _int_param("offset", value, 0, QIDO_MAX_OFFSET)
+        elif key == "fuzzymatching":
+            if value not in ("true", "false"):
+                raise BadRequestError(f"fuzzymatching must be true or false, got {value!r}")
+            fuzzy = value == "true"
+        elif key == "includefield":
+            include_values.append(value)
+        elif key == "":
+            continue  # Weasis sends `?&...` (an empty parameter); harmless
+        else:
+            raw_matches.setdefault(key, []).append(value)
+    if limit == 0 or limit > QIDO_MAX_LIMIT:
+        # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
+        warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
+        limit = QIDO_MAX_LIMIT
+    matches: list[Match] = []
+    for key, values in raw_matches.items():
+        attr = _matching_attribute(key, level)
+        if len(values) > 1 and attr.vr != "UI":
+            raise BadRequestError(f"{key} is given {len(values)} times; give it once")
+        matches.append(_match(attr, ",".join(values), fuzzy))
+    include, include_warnings = _includes(include_values)
+    return Query(
+        level=level,
+        path_uids=dict(path_uids),
+        matches=tuple(matches),
+        include=include,
+        limit=limit,
+        offset=offset,
+        fuzzy=fuzzy,
+        warnings=(*warnings, *include_warnings),
+    )

@@ -1,0 +1,237 @@
+"""The WADO-RS pipelines: which bytes answer a retrieve request, as multipart parts.
+
+Stored bytes are streamed by ranged reads of the blob (frame offsets recorded at ingest, so a
+frame read never parses the file); conversions run in worker threads (transcode.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+
+import anyio
+
+from dicomweb_server.blobstore import stream_path
+from dicomweb_server.dicom_json import absolutize_bulk_uris
+from dicomweb_server.dicomfile import read_bulk_value
+from dicomweb_server.errors import BadRequestError, NotFoundError
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services
+from dicomweb_server.media import (
+    APPLICATION_DICOM,
+    APPLICATION_OCTET_STREAM,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    STORED,
+    frame_media_type,
+    negotiate_frames,
+    negotiate_instances,
+)
+from dicomweb_server.transcode import decode_frames, stored_frames, to_explicit_little_endian
+
+__all__ = [
+    "MAX_FRAMES_PER_REQUEST",
+    "Part",
+    "bulkdata_parts",
+    "frame_parts",
+    "instance_parts",
+    "locate",
+    "metadata_json",
+    "parse_frame_list",
+]
+
+Part = tuple[dict[str, str], AsyncIterable[bytes]]
+# Most frame numbers one request may list.
+MAX_FRAMES_PER_REQUEST = 10_000
+_LE_NATIVE = {IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN}
+
+
+async def locate(
+    svc: Services, study: str, series: str | None = None, sop: str | None = None
+) -> list[StoredInstance]:
+    found = await svc.index.locate(study, series, sop)
+    if not found:
+        what = "instance" if sop else "series" if series else "study"
+        raise NotFoundError(f"no such {what} in the archive")
+    return found
+
+
+async def metadata_json(
+    svc: Services, base_url: str, study: str, series: str | None = None, sop: str | None = None
+) -> bytes:
+    """The stored DICOM JSON of the instances, as one JSON array (no blob is read)."""
+    texts = await svc.index.metadata_texts(study, series, sop)
+    if not texts:
+        what = "instance" if sop else "series" if series else "study"
+        raise NotFoundError(f"no such {what} in the archive")
+    body = "[" + ",".join(absolutize_bulk_uris(t, base_url) for t in texts) + "]"
+    return body.encode("utf-8")
+
+
+def instance_parts(
+    svc: Services, instances: list[StoredInstance], accept: str | None
+) -> AsyncIterator[Part]:
+    """Parts of a study/series/instance retrieval; 406 is raised before anything is sent."""
+    targets = [negotiate_instances(accept, inst.transfer_syntax_uid) for inst in instances]
+    return _instance_parts(svc, instances, targets)
+
+
+async def _instance_parts(
+    svc: Services, instances: list[StoredInstance], targets: list[str]
+) -> AsyncIterator[Part]:
+    for inst, target in zip(instances, targets, strict=True):
+        ts = inst.transfer_syntax_uid
+        if target == STORED or ts == EXPLICIT_VR_LITTLE_ENDIAN:
+            headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={ts}"}
+            yield headers, svc.blobs.open_range(inst.blob_key)
+        else:
+            headers = {
+                "Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+            }
+            yield headers, _transcoded(svc, inst)
+
+
+async def _transcoded(svc: Services, inst: StoredInstance) -> AsyncIterator[bytes]:
+    fd, name = tempfile.mkstemp(dir=svc.scratch_dir, suffix=".dcm")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        src = svc.blobs.local_path(inst.blob_key)
+        await anyio.to_thread.run_sync(to_explicit_little_endian, src, tmp, limiter=svc.limiter)
+        async for chunk in stream_path(tmp):
+            yield chunk
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """`1,3,5` -> [1, 3, 5] (PS3.18 8.3.1.4 frame list); 400 when malformed."""
+    if not re.fullmatch(r"\s*\d{1,9}\s*(,\s*\d{1,9}\s*)*", text):
+        raise BadRequestError(f"malformed frame list {text!r}: expected numbers like 1,3,5")
+    frames = [int(x) for x in text.split(",")]
+    if len(frames) > MAX_FRAMES_PER_REQUEST:
+        raise BadRequestError(f"at most {MAX_FRAMES_PER_REQUEST} frames per request")
+    if any(n < 1 for n in frames):
+        raise BadRequestError("frame numbers start at 1")
+    return frames
+
+
+async def frame_parts(
+    svc: Services, inst: StoredInstance, frames: list[int], accept: str | None
+) -> tuple[str, AsyncIterator[Part]]:
+    """(part media type, parts) for a frames request; 404/406 raised before anything is sent."""
+    if inst.number_of_frames == 0:
+        raise NotFoundError("the instance has no pixel data")
+    missing = [n for n in frames if n > inst.number_of_frames]
+    if missing:
+        raise NotFoundError(
+            f"frame {missing[0]} does not exist: the instance has {inst.number_of_frames}"
+        )
+    ts = inst.transfer_syntax_uid
+    target = negotiate_frames(accept, ts)
+    if (target == STORED and inst.encapsulated) or (target == STORED and ts not in _LE_NATIVE):
+        media = frame_media_type(ts)
+        if media == APPLICATION_OCTET_STREAM:  # big endian or deflated: sent decoded
+            return APPLICATION_OCTET_STREAM, await _decoded_frames(svc, inst, frames)
+        return media, _stored_frames(svc, inst, frames, f"{media}; transfer-syntax={ts}")
+    if ts in _LE_NATIVE and inst.frame_offsets is not None:
+        ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+        return APPLICATION_OCTET_STREAM, _stored_frames(svc, inst, frames, ctype)
+    return APPLICATION_OCTET_STREAM, await _decoded_frames(svc, inst, frames)
+
+
+async def _stored_frames(
+    svc: Services, inst: StoredInstance, frames: list[int], ctype: str
+) -> AsyncIterator[Part]:
+    if inst.frame_offsets is None or inst.frame_lengths is None:
+        path = svc.blobs.local_path(inst.blob_key)
+        data = await anyio.to_thread.run_sync(stored_frames, path, frames, limiter=svc.limiter)
+        for blob in data:
+            yield {"Content-Type": ctype}, _one(blob)
+        return
+    for n in frames:
+        chunks = svc.blobs.open_range(
+            inst.blob_key, inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
+        )
+        yield {"Content-Type": ctype}, strip_items(chunks) if inst.encapsulated else chunks
+
+
+async def _decoded_frames(
+    svc: Services, inst: StoredInstance, frames: list[int]
+) -> AsyncIterator[Part]:
+    """Decoded frames; the first is decoded before the response starts, so that a codec that
+    cannot decode this instance gives a 406 rather than a broken stream."""
+    path = svc.blobs.local_path(inst.blob_key)
+    first = await anyio.to_thread.run_sync(decode_frames, path, frames[:1], limiter=svc.limiter)
+    return _decoded_rest(svc, path, first[0], frames[1:])
+
+
+async def _decoded_rest(
+    svc: Services, path: Path, first: bytes, frames: list[int]
+) -> AsyncIterator[Part]:
+    ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    yield {"Content-Type": ctype}, _one(first)
+    for n in frames:
+        # One frame at a time: memory stays at one decoded frame per request.
+        (data,) = await anyio.to_thread.run_sync(decode_frames, path, [n], limiter=svc.limiter)
+        yield {"Content-Type": ctype}, _one(data)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Item values of a run of encapsulated items (PS3.5 A.4), item headers removed."""
+    header = b""
+    remaining = 0
+    async for chunk in chunks:
+        pos = 0
+        while pos < len(chunk):
+            if remaining:
+                take = min(remaining, len(chunk) - pos)
+                yield chunk[pos : pos + take]
+                pos += take
+                remaining -= take
+                continue
+            need = 8 - len(header)
+            header += chunk[pos : pos + need]
+            pos += need
+            if len(header) == 8:
+                (remaining,) = struct.unpack("<I", header[4:])
+                header = b""
+
+
+async def bulkdata_parts(
+    svc: Services, study: str, series: str, sop: str, path: str
+) -> AsyncIterator[Part]:
+    """The value of one bulk data element (PS3.18 8.4.1.3); 404 when there is none."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}(/\d{1,6}/[0-9A-Fa-f]{8})*", path):
+        raise NotFoundError(f"no bulk data at {path!r}")
+    entry = await svc.index.bulk_range(study, series, sop, path.upper())
+    if entry is None:
+        raise NotFoundError("no such instance in the archive")
+    ctype = {"Content-Type": APPLICATION_OCTET_STREAM}
+    if entry:
+        offset, length, _vr, encapsulated = entry
+        chunks = svc.blobs.open_range(_key(await locate(svc, study, series, sop)), offset, length)
+        return _single(ctype, strip_items(chunks) if encapsulated else chunks)
+    file = svc.blobs.local_path(_key(await locate(svc, study, series, sop)))
+    value = await anyio.to_thread.run_sync(read_bulk_value, file, path.upper(), limiter=svc.limiter)
+    if value is None:
+        raise NotFoundError(f"no bulk data at {path!r}")
+    return _single(ctype, _one(value[0]))
+
+
+def _key(found: list[StoredInstance]) -> str:
+    return found[0].blob_key
+
+
+async def _single(headers: dict[str, str], body: AsyncIterable[bytes]) -> AsyncIterator[Part]:
+    yield headers, body

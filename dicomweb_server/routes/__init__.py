@@ -1,0 +1,60 @@
+"""The complete PS3.18 URL table (under the DICOMweb root), readable top to bottom."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute, Mount, Route
+
+from dicomweb_server.config import DICOMWEB_ROOT
+from dicomweb_server.routes.qido import search_for_instances, search_for_series, search_for_studies
+from dicomweb_server.routes.stow import store_instances
+from dicomweb_server.routes.wado import (
+    retrieve_bulkdata,
+    retrieve_instance,
+    retrieve_instance_frames,
+    retrieve_instance_metadata,
+    retrieve_series,
+    retrieve_series_metadata,
+    retrieve_study,
+    retrieve_study_metadata,
+)
+
+__all__ = ["ROUTES"]
+
+_ST = "/studies/{study}"
+_SE = _ST + "/series/{series}"
+_IN = _SE + "/instances/{instance}"
+
+ROUTES: list[BaseRoute] = [
+    Mount(
+        DICOMWEB_ROOT,
+        routes=[
+            # STOW-RS (PS3.18 10.5)
+            Route("/studies", store_instances, methods=["POST"], name="store_instances"),
+            Route(_ST, store_instances, methods=["POST"], name="store_study_instances"),
+            # QIDO-RS (PS3.18 10.6)
+            Route("/studies", search_for_studies, methods=["GET"], name="search_for_studies"),
+            Route("/series", search_for_series, methods=["GET"], name="search_for_all_series"),
+            Route("/instances", search_for_instances, methods=["GET"],
+                  name="search_for_all_instances"),
+            Route(_ST + "/series", search_for_series, methods=["GET"], name="search_for_series"),
+            Route(_ST + "/instances", search_for_instances, methods=["GET"],
+                  name="search_for_study_instances"),
+            Route(_SE + "/instances", search_for_instances, methods=["GET"],
+                  name="search_for_instances"),
+            # WADO-RS (PS3.18 10.4)
+            Route(_ST, retrieve_study, methods=["GET"], name="retrieve_study"),
+            Route(_ST + "/metadata", retrieve_study_metadata, methods=["GET"],
+                  name="retrieve_study_metadata"),
+            Route(_SE, retrieve_series, methods=["GET"], name="retrieve_series"),
+            Route(_SE + "/metadata", retrieve_series_metadata, methods=["GET"],
+                  name="retrieve_series_metadata"),
+            Route(_IN, retrieve_instance, methods=["GET"], name="retrieve_instance"),
+            Route(_IN + "/metadata", retrieve_instance_metadata, methods=["GET"],
+                  name="retrieve_instance_metadata"),
+            Route(_IN + "/frames/{frames}", retrieve_instance_frames, methods=["GET"],
+                  name="retrieve_instance_frames"),
+            Route(_IN + "/bulk/{path:path}", retrieve_bulkdata, methods=["GET"],
+                  name="retrieve_bulkdata"),
+        ],
+    ),
+]  # fmt: skip

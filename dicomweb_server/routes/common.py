@@ -1,0 +1,74 @@
+"""Request helpers shared by the handlers: services, base URL, Accept, responses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from dicomweb_server.config import DICOMWEB_ROOT
+from dicomweb_server.dicom_json import dumps
+from dicomweb_server.errors import BadRequestError
+from dicomweb_server.ingest import Services
+from dicomweb_server.multipart import encode_parts, new_boundary
+from dicomweb_server.retrieve import Part
+
+__all__ = [
+    "accept_of",
+    "base_url",
+    "json_response",
+    "multipart_response",
+    "services",
+    "uid_param",
+    "warning_header",
+]
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def base_url(request: Request) -> str:
+    """The public URL of the DICOMweb root, used in RetrieveURL and BulkDataURI values."""
+    return str(request.base_url).rstrip("/") + DICOMWEB_ROOT
+
+
+def accept_of(request: Request) -> str | None:
+    """The `accept` query parameter overrides the Accept header (PS3.18 8.3.3.1)."""
+    return request.query_params.get("accept") or request.headers.get("accept")
+
+
+def uid_param(request: Request, name: str) -> str:
+    value: str = request.path_params[name]
+    if len(value) > 64 or not _UID.match(value):
+        raise BadRequestError(f"{name} {value[:80]!r} is not a valid UID")
+    return value
+
+
+def warning_header(texts: list[str]) -> dict[str, str]:
+    """A Warning header (RFC 7234 5.5, code 299 as PS3.18 8.3.4.4 uses it) per text."""
+    if not texts:
+        return {}
+    quoted = ", ".join('299 dicomweb-server "{}"'.format(t.replace('"', "'")) for t in texts)
+    return {"Warning": quoted}
+
+
+def json_response(
+    doc: Any, media_type: str, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    body = doc if isinstance(doc, bytes) else dumps(doc)
+    return Response(body, status_code=status, media_type=media_type, headers=headers)
+
+
+def multipart_response(parts: AsyncIterator[Part], part_type: str) -> StreamingResponse:
+    boundary = new_boundary()
+    return StreamingResponse(
+        encode_parts(parts, boundary),
+        media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
+    )

@@ -1,0 +1,42 @@
+"""STOW-RS handler (PS3.18 10.5)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dicomweb_server.dicom_json import stow_response
+from dicomweb_server.ingest import store_parts, stow_status
+from dicomweb_server.media import negotiate_json, stow_boundary
+from dicomweb_server.multipart import iter_parts
+from dicomweb_server.routes.common import (
+    base_url,
+    json_response,
+    services,
+    uid_param,
+    warning_header,
+)
+
+__all__ = ["store_instances"]
+
+# Reasons of failed parts repeated in Warning headers, at most.
+_MAX_WARNINGS = 10
+
+
+async def store_instances(request: Request) -> Response:
+    media = negotiate_json(request.headers.get("accept"))
+    boundary = stow_boundary(request.headers.get("content-type"))
+    study = uid_param(request, "study") if "study" in request.path_params else None
+    settings = request.app.state.settings
+    events = iter_parts(
+        request.stream(),
+        boundary,
+        max_part_bytes=settings.max_part_bytes,
+        max_request_bytes=settings.max_request_bytes,
+    )
+    outcomes = await store_parts(events, services(request), study)
+    studies = {o.retrieve_path.split("/")[2] for o in outcomes if o.retrieve_path}
+    study_path = f"/studies/{studies.pop()}" if len(studies) == 1 else None
+    doc = stow_response(outcomes, base_url(request), study_path)
+    reasons = [o.reason for o in outcomes if o.reason][:_MAX_WARNINGS]
+    return json_response(doc, media, stow_status(outcomes), warning_header(reasons))

@@ -1,0 +1,97 @@
+"""WADO-RS handlers (PS3.18 10.4): locate, negotiate, stream."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from dicomweb_server.media import APPLICATION_DICOM, negotiate_bulkdata, negotiate_json
+from dicomweb_server.retrieve import (
+    bulkdata_parts,
+    frame_parts,
+    instance_parts,
+    locate,
+    metadata_json,
+    parse_frame_list,
+)
+from dicomweb_server.routes.common import (
+    accept_of,
+    base_url,
+    json_response,
+    multipart_response,
+    services,
+    uid_param,
+)
+
+__all__ = [
+    "retrieve_bulkdata",
+    "retrieve_instance",
+    "retrieve_instance_frames",
+    "retrieve_instance_metadata",
+    "retrieve_series",
+    "retrieve_series_metadata",
+    "retrieve_study",
+    "retrieve_study_metadata",
+]
+
+
+def _uids(request: Request) -> tuple[str, str | None, str | None]:
+    p = request.path_params
+    return (
+        uid_param(request, "study"),
+        uid_param(request, "series") if "series" in p else None,
+        uid_param(request, "instance") if "instance" in p else None,
+    )
+
+
+async def _retrieve(request: Request) -> Response:
+    svc = services(request)
+    found = await locate(svc, *_uids(request))
+    parts = instance_parts(svc, found, accept_of(request))
+    return multipart_response(parts, APPLICATION_DICOM)
+
+
+async def _metadata(request: Request) -> Response:
+    media = negotiate_json(accept_of(request))
+    body = await metadata_json(services(request), base_url(request), *_uids(request))
+    return json_response(body, media)
+
+
+async def retrieve_study(request: Request) -> Response:
+    return await _retrieve(request)
+
+
+async def retrieve_series(request: Request) -> Response:
+    return await _retrieve(request)
+
+
+async def retrieve_instance(request: Request) -> Response:
+    return await _retrieve(request)
+
+
+async def retrieve_study_metadata(request: Request) -> Response:
+    return await _metadata(request)
+
+
+async def retrieve_series_metadata(request: Request) -> Response:
+    return await _metadata(request)
+
+
+async def retrieve_instance_metadata(request: Request) -> Response:
+    return await _metadata(request)
+
+
+async def retrieve_instance_frames(request: Request) -> Response:
+    svc = services(request)
+    frames = parse_frame_list(request.path_params["frames"])
+    (inst,) = await locate(svc, *_uids(request))
+    part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
+    return multipart_response(parts, part_type)
+
+
+async def retrieve_bulkdata(request: Request) -> Response:
+    negotiate_bulkdata(accept_of(request))
+    study, series, sop = _uids(request)
+    assert series is not None and sop is not None
+    parts = await bulkdata_parts(services(request), study, series, sop, request.path_params["path"])
+    return multipart_response(parts, "application/octet-stream")

@@ -1,0 +1,19 @@
+"""The QIDO-RS pipeline: Query -> SQL -> rows -> DICOM JSON results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dicomweb_server.index import Index
+from dicomweb_server.query import Query
+from dicomweb_server.sql import compile_search, render_row
+
+__all__ = ["search"]
+
+
+async def search(index: Index, q: Query, base_url: str) -> tuple[list[dict[str, Any]], bool]:
+    """Results of one page, and whether more results exist beyond it."""
+    sql_text, args = compile_search(q)
+    rows = await index.search(sql_text, args)
+    more = len(rows) > q.limit
+    return [render_row(q, row, base_url) for row in rows[: q.limit]], more

@@ -1,0 +1,232 @@
+"""Query -> (sql_text, args) for asyncpg, and result rows -> DICOM JSON. Pure.
+
+Every value is a `$n` parameter; column names come only from attributes.py (STYLE.md rule 4).
+LIKE patterns escape `\\`, `%` and `_` before `*` and `?` are translated (ESCAPE '\\').
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from dicomweb_server.attributes import DEFAULT_RETURN, Attribute, Level, tag_hex
+from dicomweb_server.query import (
+    FuzzyMatch,
+    Match,
+    Query,
+    RangeMatch,
+    SingleValueMatch,
+    UidListMatch,
+    UniversalMatch,
+    WildcardMatch,
+)
+
+__all__ = ["compile_search", "like_pattern", "render_row", "returned_levels"]
+
+_ALIAS = {Level.STUDY: "st", Level.SERIES: "se", Level.INSTANCE: "i"}
+_UID_COLUMN = {
+    Level.STUDY: "st.study_instance_uid",
+    Level.SERIES: "se.series_instance_uid",
+    Level.INSTANCE: "i.sop_instance_uid",
+}
+_FROM = {
+    Level.STUDY: "FROM study st",
+    Level.SERIES: "FROM series se JOIN study st ON st.pk = se.study_fk",
+    Level.INSTANCE: (
+        "FROM instance i JOIN series se ON se.pk = i.series_fk JOIN study st ON st.pk = se.study_fk"
+    ),
+}
+_VISIBLE = {
+    Level.STUDY: "st.num_instances > 0",
+    Level.SERIES: "se.num_instances > 0",
+    Level.INSTANCE: "TRUE",
+}
+
+
+def like_pattern(dicom_pattern: str) -> str:
+    """DICOM wildcard (`*`, `?`) to a LIKE pattern with `\\` as the escape character."""
+    out = []
+    for ch in dicom_pattern:
+        if ch in "\\%_":
+            out.append("\\" + ch)
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class _Args:
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def add(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def _column(attr: Attribute) -> str:
+    assert attr.column is not None
+    return f"{_ALIAS[attr.level]}.{attr.column}"
+
+
+def _condition(m: Match, args: _Args) -> str | None:
+    if isinstance(m, UniversalMatch):
+        return None
+    col = _column(m.attr)
+    pn = m.attr.vr == "PN"
+    array = pn or m.attr.keyword == "ModalitiesInStudy"
+    if isinstance(m, SingleValueMatch):
+        if pn:
+            value = str(m.value).rstrip("^ ").lower()
+            return f"{args.add(value)} = ANY ({col})"
+        if array:
+            return f"{args.add(m.value)} = ANY ({col})"
+        return f"{col} = {args.add(m.value)}"
+    if isinstance(m, UidListMatch):
+        if array:
+            return f"{col} && {args.add(list(m.values))}::text[]"
+        return f"{col} = ANY ({args.add(list(m.values))}::text[])"
+    if isinstance(m, WildcardMatch):
+        pattern = like_pattern(m.pattern.lower() if pn else m.pattern)
+        if array:
+            p = args.add(pattern)
+            return f"EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
+        return f"{col} LIKE {args.add(pattern)} ESCAPE '\\'"
+    if isinstance(m, RangeMatch):
+        parts = []
+        if m.lower is not None:
+            parts.append(f"{col} >= {args.add(m.lower)}")
+        if m.upper is not None:
+            parts.append(f"{col} <= {args.add(m.upper)}")
+        return " AND ".join(parts)
+    if isinstance(m, FuzzyMatch):
+        parts = []
+        for word in m.words:
+            p = args.add(like_pattern(word.lower()) + "%")
+            parts.append(
+                f"EXISTS (SELECT 1 FROM unnest({col}) AS g,"
+                f" regexp_split_to_table(g, '[\\^ =,.-]+') AS w WHERE w LIKE {p} ESCAPE '\\')"
+            )
+        return " AND ".join(parts)
+    raise AssertionError(m)
+
+
+def returned_levels(q: Query) -> tuple[Level, ...]:
+    """Levels whose attributes each result carries (PS3.18 10.6.3.3): a search scoped by a
+    parent UID in the path leaves that parent's attributes out."""
+    if q.level is Level.STUDY:
+        return (Level.STUDY,)
+    if q.level is Level.SERIES:
+        return (Level.SERIES,) if Level.STUDY in q.path_uids else (Level.STUDY, Level.SERIES)
+    if Level.SERIES in q.path_uids:
+        return (Level.INSTANCE,)
+    if Level.STUDY in q.path_uids:
+        return (Level.SERIES, Level.INSTANCE)
+    return (Level.STUDY, Level.SERIES, Level.INSTANCE)
+
+
+def _instance_tags(q: Query) -> list[str]:
+    tags = set(DEFAULT_RETURN[Level.INSTANCE]) | set(q.include.tags)
+    for m in q.matches:
+        tags.add(m.attr.tag)
+    return sorted(tag_hex(t) for t in tags)
+
+
+def compile_search(q: Query) -> tuple[str, list[Any]]:
+    """SELECT for a QIDO search; fetches limit + 1 rows so the caller knows if more exist."""
+    args = _Args()
+    select = [
+        "st.study_instance_uid",
+        "st.attrs::text AS study_attrs",
+        "st.modalities_in_study",
+        "st.sop_classes_in_study",
+        "st.num_series",
+        "st.num_instances AS study_num_instances",
+    ]
+    if q.level is not Level.STUDY:
+        select += [
+            "se.series_instance_uid",
+            "se.attrs::text AS series_attrs",
+            "se.num_instances AS series_num_instances",
+        ]
+    if q.level is Level.INSTANCE:
+        select.append("i.sop_instance_uid")
+        if q.include.all:
+            select.append("i.metadata::text AS instance_attrs")
+        else:
+            keys = args.add(_instance_tags(q))
+            select.append(
+                "(SELECT jsonb_object_agg(key, value) FROM jsonb_each(i.metadata)"
+                f" WHERE key = ANY ({keys}::text[]))::text AS instance_attrs"
+            )
+    where = [_VISIBLE[q.level]]
+    for level, uid in q.path_uids.items():
+        where.append(f"{_UID_COLUMN[level]} = {args.add(uid)}")
+    for m in q.matches:
+        cond = _condition(m, args)
+        if cond:
+            where.append(cond)
+    order = f"{_ALIAS[q.level]}.pk"
+    sql_text = (
+        f"SELECT {', '.join(select)} {_FROM[q.level]} WHERE {' AND '.join(where)}"
+        f" ORDER BY {order} LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
+    )
+    return sql_text, args.values
+
+
+def _wanted(q: Query, level: Level) -> set[str] | None:
+    """Hex tags to return for one level; None means all stored attributes of that level."""
+    if q.include.all:
+        return None
+    tags = set(DEFAULT_RETURN[level]) | set(q.include.tags)
+    tags |= {m.attr.tag for m in q.matches if m.attr.level is level}
+    return {tag_hex(t) for t in tags}
+
+
+def _pick(doc: Mapping[str, Any], wanted: set[str] | None) -> dict[str, Any]:
+    if wanted is None:
+        return dict(doc)
+    return {k: v for k, v in doc.items() if k in wanted}
+
+
+def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, Any]:
+    study = row["study_instance_uid"]
+    if level is Level.STUDY:
+        return {
+            "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+            "00080061": {"vr": "CS", "Value": list(row["modalities_in_study"])},
+            "00080062": {"vr": "UI", "Value": list(row["sop_classes_in_study"])},
+            "00081190": {"vr": "UR", "Value": [f"{base_url}/studies/{study}"]},
+            "00201206": {"vr": "IS", "Value": [row["num_series"]]},
+            "00201208": {"vr": "IS", "Value": [row["study_num_instances"]]},
+        }
+    series_url = f"{base_url}/studies/{study}/series/{row['series_instance_uid']}"
+    if level is Level.SERIES:
+        return {
+            "00081190": {"vr": "UR", "Value": [series_url]},
+            "00201209": {"vr": "IS", "Value": [row["series_num_instances"]]},
+        }
+    return {
+        "00080056": {"vr": "CS", "Value": ["ONLINE"]},
+        "00081190": {"vr": "UR", "Value": [f"{series_url}/instances/{row['sop_instance_uid']}"]},
+    }
+
+
+def render_row(q: Query, row: Mapping[str, Any], base_url: str) -> dict[str, Any]:
+    """One QIDO result: stored attributes of the returned levels, plus computed ones."""
+    out: dict[str, Any] = {}
+    for level in returned_levels(q):
+        wanted = _wanted(q, level)
+        stored = json.loads(row[f"{level.value}_attrs"] or "{}")
+        out.update(_pick(stored, wanted))
+        computed = _computed(row, level, base_url)
+        if wanted is not None:
+            computed = {k: v for k, v in computed.items() if k in wanted}
+        out.update(computed)
+    # RetrieveURL and the like are meaningful only for the level searched.
+    out.update({k: v for k, v in _computed(row, q.level, base_url).items() if k == "00081190"})
+    return dict(sorted(out.items()))

@@ -1,0 +1,80 @@
+"""Fixtures: a real PostgreSQL (DATABASE_URL or an embedded cluster), fresh apps, sample data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from dicomweb_server.config import Settings
+
+SAMPLES = Path(
+    os.environ.get("DICOMWEB_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "samples")
+)
+TABLES = "patient, study, series, instance, blob_reservation"
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DATABASE_URL when set, else an embedded PostgreSQL for the whole session."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from dicomweb_server.embedded_db import EmbeddedPostgres
+
+        server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "cluster")
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def clean_db(pg_dsn: str) -> AsyncIterator[str]:
+    """An empty index (schema applied, tables truncated)."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('instance') IS NOT NULL")
+        if exists:
+            await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    yield pg_dsn
+
+
+@pytest.fixture
+def settings(tmp_path: Path, clean_db: str) -> Settings:
+    return Settings(data_dir=tmp_path / "data", database_url=clean_db)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    from dicomweb_server.app import create_app
+
+    application = create_app(settings)
+    # httpx's ASGITransport does not run the lifespan: enter it here.
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def app_client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    if not (SAMPLES / "MANIFEST.tsv").exists():
+        pytest.fail(f"sample corpus not found at {SAMPLES} (set DICOMWEB_SAMPLES)")
+    return SAMPLES

@@ -1,0 +1,116 @@
+"""Building DICOM test data and multipart bodies."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+BOUNDARY = "test-boundary-1234"
+ROOT = "/dicom-web"
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+
+
+def make_instance(
+    *,
+    study: str | None = None,
+    series: str | None = None,
+    sop: str | None = None,
+    patient_id: str = "PAT-1",
+    patient_name: str = "Doe^John",
+    study_date: str = "20240115",
+    modality: str = "CT",
+    frames: int = 1,
+    rows: int = 4,
+    cols: int = 4,
+    **extra: object,
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop) if sop else generate_uid()
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = UID(study) if study else generate_uid()
+    ds.SeriesInstanceUID = UID(series) if series else generate_uid()
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.StudyDate = study_date
+    ds.StudyTime = "101500"
+    ds.Modality = modality
+    ds.AccessionNumber = "ACC1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    pixels = np.arange(frames * rows * cols, dtype=np.uint16).reshape(frames, rows, cols)
+    ds.PixelData = pixels.tobytes()
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def multipart_body(
+    parts: Iterable[bytes], boundary: str = BOUNDARY, part_type: str | None = "application/dicom"
+) -> bytes:
+    out = bytearray()
+    for part in parts:
+        out += f"--{boundary}\r\n".encode()
+        if part_type:
+            out += f"Content-Type: {part_type}\r\n".encode()
+        out += b"\r\n" + part + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out)
+
+
+def stow_headers(boundary: str = BOUNDARY) -> dict[str, str]:
+    return {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
+
+
+def split_multipart(body: bytes, content_type: str) -> list[tuple[dict[str, str], bytes]]:
+    """Parts of a multipart/related response (test-side parser, deliberately simple)."""
+    boundary = content_type.split("boundary=")[1].split(";")[0].strip().strip('"')
+    delim = b"--" + boundary.encode()
+    chunks = body.split(b"\r\n" + delim)
+    first = chunks[0]
+    assert first.startswith(delim), "body must start with the boundary"
+    chunks[0] = first[len(delim) :]
+    parts = []
+    for chunk in chunks:
+        if chunk.startswith(b"--"):
+            break
+        head, _, data = chunk.partition(b"\r\n\r\n")
+        headers = {}
+        for line in head.split(b"\r\n"):
+            if b":" in line:
+                k, _, v = line.decode().partition(":")
+                headers[k.strip().lower()] = v.strip()
+        parts.append((headers, data))
+    return parts
+
+
+def values(doc: dict[str, object], tag: str) -> Sequence[object]:
+    element = doc.get(tag)
+    assert isinstance(element, dict), f"{tag} missing in {sorted(doc)}"
+    v = element.get("Value", [])
+    assert isinstance(v, list)
+    return v

@@ -1,0 +1,311 @@
+"""STOW, QIDO and WADO through the ASGI app in-process, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pydicom
+import pytest
+
+from dicomweb_server.config import Settings
+from tests.helpers import (
+    ROOT,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+    values,
+)
+
+pytestmark = pytest.mark.db
+
+
+async def stow(
+    client: httpx.AsyncClient, *files: bytes, study: str | None = None
+) -> httpx.Response:
+    url = f"{ROOT}/studies" + (f"/{study}" if study else "")
+    return await client.post(url, content=multipart_body(files), headers=stow_headers())
+
+
+async def test_store_search_retrieve_round_trip(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance(frames=3)
+    raw = to_bytes(ds)
+    r = await stow(app_client, raw)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom+json"
+    ref = values(r.json(), "00081199")[0]
+    assert isinstance(ref, dict)
+    url = values(ref, "00081190")[0]
+    assert url == (
+        f"http://testserver{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+
+    r = await app_client.get(f"{ROOT}/studies", params={"PatientID": "PAT-1"})
+    assert r.status_code == 200
+    (study,) = r.json()
+    assert values(study, "0020000D") == [ds.StudyInstanceUID]
+    assert values(study, "00201208") == [1]
+    assert values(study, "00201206") == [1]
+    assert values(study, "00080061") == ["CT"]
+    assert values(study, "00100010") == [{"Alphabetic": "Doe^John"}]
+
+    r = await app_client.get(
+        str(url),
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == raw
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in headers["content-type"]
+
+    r = await app_client.get(f"{url}/frames/2,3")
+    assert r.status_code == 200
+    parts = split_multipart(r.content, r.headers["content-type"])
+    expected = ds.pixel_array
+    assert [p[1] for p in parts] == [expected[1].tobytes(), expected[2].tobytes()]
+
+    r = await app_client.get(f"{url}/metadata")
+    (meta,) = r.json()
+    assert values(meta, "00080018") == [ds.SOPInstanceUID]
+    bulk = meta["7FE00010"]["BulkDataURI"]
+    assert bulk.startswith("http://testserver/dicom-web/studies/")
+    r = await app_client.get(bulk)
+    assert r.status_code == 200
+    ((_, pixel_bytes),) = split_multipart(r.content, r.headers["content-type"])
+    assert pixel_bytes == ds.PixelData
+
+
+async def test_qido_matching(app_client: httpx.AsyncClient) -> None:
+    study_a = make_instance(patient_name="Müller^Anna", patient_id="MRN1", study_date="20200101")
+    study_b = make_instance(
+        patient_name="O'Brien^Mary^Ann", patient_id="MRN2", study_date="20221231", modality="MR"
+    )
+    assert (await stow(app_client, to_bytes(study_a), to_bytes(study_b))).status_code == 200
+
+    async def uids(**params: str) -> list[str]:
+        r = await app_client.get(f"{ROOT}/studies", params=params)
+        assert r.status_code == 200, r.text
+        return sorted(str(values(s, "0020000D")[0]) for s in r.json())
+
+    a, b = study_a.StudyInstanceUID, study_b.StudyInstanceUID
+    assert await uids(PatientName="müller*") == [a]  # PN is case-insensitive
+    assert await uids(PatientName="o'brien^mary^ann") == [b]
+    assert await uids(PatientName="*Mary*") == [b]
+    assert await uids(PatientName="m?ller^anna") == [a]
+    assert await uids(PatientName="ann", fuzzymatching="true") == sorted([a, b])
+    assert await uids(PatientID="MRN1") == [a]
+    assert await uids(PatientID="MRN%") == []  # % is a literal, not a LIKE wildcard
+    assert await uids(PatientID="MRN_") == []
+    assert await uids(PatientID="MRN?") == sorted([a, b])
+    assert await uids(StudyDate="20200101-20211231") == [a]
+    assert await uids(StudyDate="20210101-") == [b]
+    assert await uids(StudyDate="-20200101") == [a]
+    assert await uids(ModalitiesInStudy="MR") == [b]
+    assert await uids(ModalitiesInStudy="CT,MR") == sorted([a, b])
+    assert await uids(StudyInstanceUID=f"{a},{b}") == sorted([a, b])
+    assert await uids(**{"00100020": "MRN2"}) == [b]
+    assert await uids(StudyTime="1000-1100") == sorted([a, b])
+
+
+async def test_qido_levels_and_includefield(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance(SeriesDescription="AXIAL", StudyDescription="HEAD")
+    await stow(app_client, to_bytes(ds))
+    st, se = ds.StudyInstanceUID, ds.SeriesInstanceUID
+
+    r = await app_client.get(f"{ROOT}/studies/{st}/series")
+    (series,) = r.json()
+    assert values(series, "0008103E") == ["AXIAL"]
+    assert values(series, "00201209") == [1]
+    assert "00100010" not in series  # study attributes are not repeated under /studies/{s}
+    r = await app_client.get(f"{ROOT}/series", params={"Modality": "CT"})
+    (series,) = r.json()
+    assert values(series, "00100010") == [{"Alphabetic": "Doe^John"}]
+
+    r = await app_client.get(f"{ROOT}/studies/{st}/series/{se}/instances")
+    (inst,) = r.json()
+    assert values(inst, "00080018") == [ds.SOPInstanceUID]
+    assert values(inst, "00280010") == [4]
+    r = await app_client.get(f"{ROOT}/instances", params={"includefield": "all"})
+    (inst,) = r.json()
+    assert values(inst, "00081030") == ["HEAD"]
+    assert "7FE00010" in inst
+
+    r = await app_client.get(
+        f"{ROOT}/studies", params={"includefield": "00081030,NotAKeyword,SeriesDescription"}
+    )
+    assert r.status_code == 200
+    assert "NotAKeyword" in r.headers["warning"]
+    assert values(r.json()[0], "00081030") == ["HEAD"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"NoSuchKeyword": "x"},
+        {"Rows": "4"},  # a real attribute, but not a matching key
+        {"limit": "-1"},
+        {"limit": "99999999999999999999"},
+        {"offset": "x"},
+        {"StudyDate": "2020-01-01"},
+        {"StudyDate": "20201301"},
+        {"StudyInstanceUID": "1.2.3'; DROP TABLE study; --"},
+        {"fuzzymatching": "yes"},
+        {"SOPInstanceUID": "1.2.3"},  # instance-level key at study level
+    ],
+)
+async def test_qido_bad_parameters(app_client: httpx.AsyncClient, params: dict[str, str]) -> None:
+    r = await app_client.get(f"{ROOT}/studies", params=params)
+    assert r.status_code == 400
+    assert r.json()["message"]
+
+
+async def test_qido_limit_offset_paging(app_client: httpx.AsyncClient) -> None:
+    files = [to_bytes(make_instance(patient_id=f"P{i}")) for i in range(5)]
+    await stow(app_client, *files)
+    seen: list[object] = []
+    for offset in range(0, 6, 2):
+        r = await app_client.get(f"{ROOT}/studies", params={"limit": "2", "offset": str(offset)})
+        page = [values(s, "0020000D")[0] for s in r.json()]
+        seen += page
+        assert ("warning" in r.headers) == (offset + 2 < 5)
+    assert len(seen) == len(set(seen)) == 5
+    r = await app_client.get(f"{ROOT}/studies", params={"limit": "100000"})
+    assert r.status_code == 200 and "maximum" in r.headers["warning"]
+
+
+async def test_stow_failures_and_statuses(app_client: httpx.AsyncClient) -> None:
+    good = make_instance()
+    no_sop = make_instance()
+    del no_sop.SOPInstanceUID
+    r = await stow(app_client, to_bytes(good), b"this is not DICOM", to_bytes(no_sop))
+    assert r.status_code == 202
+    doc = r.json()
+    failed = values(doc, "00081198")
+    reasons = sorted(int(str(values(f, "00081197")[0])) for f in failed if isinstance(f, dict))
+    assert reasons == [0xA900, 0xC000]
+    assert len(values(doc, "00081199")) == 1
+
+    r = await stow(app_client, b"garbage")
+    assert r.status_code == 409
+
+    other = make_instance()
+    r = await stow(app_client, to_bytes(other), study="1.2.3.4")
+    assert r.status_code == 409
+    (f,) = values(r.json(), "00081198")
+    assert isinstance(f, dict) and values(f, "00081197") == [0xA901]
+
+
+async def test_stow_same_bytes_twice_and_conflicting_copy(
+    app_client: httpx.AsyncClient, settings: Settings, pg_dsn: str
+) -> None:
+    ds = make_instance()
+    raw = to_bytes(ds)
+    assert (await stow(app_client, raw)).status_code == 200
+    assert (await stow(app_client, raw)).status_code == 200
+    ds.PatientName = "Changed^Name"
+    r = await stow(app_client, to_bytes(ds))
+    assert r.status_code == 409
+    (f,) = values(r.json(), "00081198")
+    assert isinstance(f, dict) and values(f, "00081197") == [0x0111]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM instance") == 1
+        assert await conn.fetchval("SELECT count(*) FROM blob_reservation") == 0
+        key = await conn.fetchval("SELECT blob_key FROM instance")
+    finally:
+        await conn.close()
+    root = settings.blob_dir
+    blobs = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"]
+    assert [p.name for p in blobs] == [key]
+    assert blobs[0].read_bytes() == raw
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("application/dicom", b"x", 415),
+        ('multipart/related; type="application/dicom+xml"; boundary=b', b"x", 415),
+        ('multipart/related; type="application/dicom"', b"x", 400),  # no boundary
+        ('multipart/related; type="application/dicom"; boundary=b', b"--b\r\n\r\nabc", 400),
+        ('multipart/related; type="application/dicom"; boundary=b', b"", 400),
+    ],
+)
+async def test_stow_bad_requests(
+    app_client: httpx.AsyncClient, content_type: str, body: bytes, status: int
+) -> None:
+    r = await app_client.post(
+        f"{ROOT}/studies", content=body, headers={"Content-Type": content_type}
+    )
+    assert r.status_code == status
+    assert r.json()["message"]
+
+
+async def test_stow_part_too_large(tmp_path: Path, clean_db: str) -> None:
+    from dicomweb_server.app import create_app
+
+    raw = to_bytes(make_instance())
+    settings = Settings(data_dir=tmp_path / "d", database_url=clean_db, max_part_bytes=len(raw))
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await stow(client, raw)).status_code == 200  # exactly at the limit
+            bigger = to_bytes(make_instance(rows=8))
+            r = await stow(client, bigger)
+            assert r.status_code == 413
+            assert str(len(raw)) in r.json()["message"]
+            leftovers = [p for p in (settings.blob_dir / "tmp").rglob("*") if p.is_file()]
+            assert leftovers == []
+
+
+async def test_wado_not_found_and_not_acceptable(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance()
+    await stow(app_client, to_bytes(ds))
+    st, se, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    assert (await app_client.get(f"{ROOT}/studies/1.2.3")).status_code == 404
+    assert (await app_client.get(f"{ROOT}/studies/1.2.3/metadata")).status_code == 404
+    assert (await app_client.get(f"{ROOT}/studies/../../etc/passwd")).status_code in (400, 404)
+    assert (await app_client.get(f"{ROOT}/studies/1.2.x")).status_code == 400
+    inst = f"{ROOT}/studies/{st}/series/{se}/instances/{sop}"
+    r = await app_client.get(
+        inst,
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax='
+            + "1.2.840.10008.1.2.4.50"
+        },
+    )
+    assert r.status_code == 406
+    assert "1.2.840.10008.1.2.1" in r.json()["message"]
+    assert (await app_client.get(f"{inst}/frames/2")).status_code == 404
+    assert (await app_client.get(f"{inst}/frames/0")).status_code == 400
+    assert (await app_client.get(f"{inst}/frames/a")).status_code == 400
+    assert (await app_client.get(f"{inst}/bulk/00100010x")).status_code == 404
+    r = await app_client.get(f"{ROOT}/studies", headers={"Accept": "application/dicom+xml"})
+    assert r.status_code == 406
+
+
+async def test_retrieve_study_default_is_explicit_le(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    raw = (samples / "real/pydicom/MR_small_RLE.dcm").read_bytes()
+    ds = pydicom.dcmread(samples / "real/pydicom/MR_small_RLE.dcm")
+    assert (await stow(app_client, raw)).status_code == 200
+    r = await app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}")
+    assert r.status_code == 200
+    parts = split_multipart(r.content, r.headers["content-type"])
+    mine = [p for p in parts if ds.SOPInstanceUID.encode() in p[1]]
+    (headers, body) = mine[0]
+    assert "transfer-syntax=1.2.840.10008.1.2.1" in headers["content-type"]
+    import io
+
+    out = pydicom.dcmread(io.BytesIO(body))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert (out.pixel_array == ds.pixel_array).all()
+    meta = json.loads((await app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}/metadata")).text)
+    assert len(meta) == len(parts)

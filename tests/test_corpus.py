@@ -1,0 +1,127 @@
+"""Every file of ../shared/samples: STOW it, find it by its UIDs, retrieve it byte-identical,
+its metadata equal to pydicom's DICOM JSON, its frames equal to pydicom's decoded frames."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomweb_server.dicomfile import configure_pydicom
+from tests.helpers import ROOT, multipart_body, split_multipart, stow_headers, values
+
+pytestmark = pytest.mark.db
+
+STORED_TS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# Files per STOW request.
+BATCH = 40
+
+
+def manifest(samples: Path) -> list[dict[str, str]]:
+    with (samples / "MANIFEST.tsv").open() as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def _same_json(ours: Any, theirs: Any, where: str) -> None:
+    if isinstance(theirs, dict) and "BulkDataURI" in theirs:
+        assert "BulkDataURI" in ours, where
+        return
+    if isinstance(theirs, dict) and "InlineBinary" in theirs and "BulkDataURI" in ours:
+        return  # a value pydicom kept inline, ours deferred at the same threshold: fine
+    if isinstance(theirs, dict) and theirs.get("vr") == "SQ":
+        assert ours.get("vr") == "SQ", where
+        a, b = ours.get("Value", []), theirs.get("Value", [])
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert sorted(x) == sorted(y), f"{where}/{i}"
+            for k in y:
+                _same_json(x[k], y[k], f"{where}/{i}/{k}")
+        return
+    assert ours == theirs, where
+
+
+def _expected_frames(ds: pydicom.Dataset) -> list[bytes]:
+    """pydicom's decoded frames, colour planes separated when Planar Configuration is 1."""
+    arr = ds.pixel_array
+    nframes = int(ds.get("NumberOfFrames") or 1)
+    if nframes == 1:
+        arr = arr[np.newaxis]
+    if int(ds.get("SamplesPerPixel") or 1) > 1 and ds.get("PlanarConfiguration") == 1:
+        arr = np.moveaxis(arr, -1, -3)
+    return [np.ascontiguousarray(a).tobytes() for a in arr]
+
+
+def _frame_array(ds: pydicom.Dataset, frame: bytes) -> np.ndarray:
+    """Decode one returned native frame with the instance's own pixel description."""
+    one = copy.deepcopy(ds)
+    one.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    one.NumberOfFrames = 1
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in one:
+            setattr(one, keyword, frame)
+    return one.pixel_array
+
+
+async def test_every_sample(app_client: httpx.AsyncClient, samples: Path) -> None:
+    configure_pydicom()
+    rows = manifest(samples)
+    for start in range(0, len(rows), BATCH):
+        batch = rows[start : start + BATCH]
+        body = multipart_body((samples / r["path"]).read_bytes() for r in batch)
+        resp = await app_client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+        assert resp.status_code == 200, (batch[0]["path"], resp.headers.get("warning"))
+    problems: list[str] = []
+    for row in rows:
+        try:
+            await _check_one(app_client, samples, row)
+        except Exception as exc:  # report every file, not just the first
+            problems.append(f"{row['path']}: {exc}")
+    assert not problems, "\n".join(problems[:30])
+
+
+async def _check_one(client: httpx.AsyncClient, samples: Path, row: dict[str, str]) -> None:
+    path = samples / row["path"]
+    ds = pydicom.dcmread(path)
+    st, se, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    r = await client.get(f"{ROOT}/instances", params={"SOPInstanceUID": sop})
+    (found,) = r.json()
+    assert values(found, "0020000E") == [se], "found in the wrong series"
+    inst = f"{ROOT}/studies/{st}/series/{se}/instances/{sop}"
+    r = await client.get(inst, headers={"Accept": STORED_TS})
+    assert r.status_code == 200, r.text
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == path.read_bytes(), "retrieved bytes differ"
+
+    (meta,) = (await client.get(f"{inst}/metadata")).json()
+    theirs = ds.to_json_dict(1024, lambda _e: "bulk")
+    theirs.pop("FFFCFFFC", None)  # Data Set Trailing Padding is not part of the metadata
+    assert sorted(meta) == sorted(theirs), "metadata tags differ"
+    for key, element in theirs.items():
+        _same_json(meta[key], element, key)
+
+    if row["decodes"] != "yes":
+        return
+    nframes = int(ds.get("NumberOfFrames") or 1)
+    frame_list = ",".join(str(n) for n in range(1, nframes + 1))
+    r = await client.get(f"{inst}/frames/{frame_list}")
+    assert r.status_code == 200, r.text
+    got = [data for _, data in split_multipart(r.content, r.headers["content-type"])]
+    assert len(got) == nframes
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = _expected_frames(ds)
+        if int(ds.BitsAllocated) == 1:
+            from pydicom.pixels.utils import pack_bits
+
+            expected = [bytes(pack_bits(np.frombuffer(e, np.uint8))) for e in expected]
+        assert got == expected, "decoded frames differ from pydicom's"
+    else:
+        arr = ds.pixel_array if nframes > 1 else ds.pixel_array[np.newaxis]
+        for i, frame in enumerate(got):
+            assert np.array_equal(_frame_array(ds, frame), arr[i]), f"frame {i + 1} differs"

@@ -1,0 +1,25 @@
+"""House rules import-linter cannot express (STYLE.md section 2)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dicomweb_server"
+
+
+def _importers(pattern: str) -> set[str]:
+    rx = re.compile(pattern, re.MULTILINE)
+    return {p.name for p in PACKAGE.rglob("*.py") if rx.search(p.read_text())}
+
+
+def test_pydicom_pixels_only_in_transcode() -> None:
+    assert _importers(r"^\s*(from|import) pydicom\.pixels") == {"transcode.py"}
+
+
+def test_environment_read_only_in_config() -> None:
+    assert _importers(r"os\.environ|os\.getenv") == {"config.py"}
+
+
+def test_no_buffered_request_bodies_in_routes() -> None:
+    assert _importers(r"await request\.(body|form)\(\)") == set()
