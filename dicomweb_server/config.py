@@ -48,6 +48,8 @@ class Settings:
     database_url: str | None = None
     max_part_bytes: int = MAX_PART_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
+    # Public URL of the DICOMweb root (e.g. behind a reverse proxy); None: from the request.
+    public_url: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
 
@@ -63,6 +65,8 @@ class Settings:
             s = replace(s, data_dir=Path(env["DICOMWEB_DATA_DIR"]))
         if env.get("DATABASE_URL"):
             s = replace(s, database_url=env["DATABASE_URL"])
+        if env.get("DICOMWEB_PUBLIC_URL"):
+            s = replace(s, public_url=env["DICOMWEB_PUBLIC_URL"])
         if "DICOMWEB_MAX_PART_BYTES" in env:
             s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
         if "DICOMWEB_MAX_REQUEST_BYTES" in env:

@@ -309,3 +309,20 @@ async def test_retrieve_study_default_is_explicit_le(
     assert (out.pixel_array == ds.pixel_array).all()
     meta = json.loads((await app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}/metadata")).text)
     assert len(meta) == len(parts)
+
+
+async def test_uris_keep_the_port_when_host_has_none(app: object) -> None:
+    """dicomweb-client sends `Host: 127.0.0.1` without the port; our URIs must still work."""
+    from starlette.applications import Starlette
+
+    assert isinstance(app, Starlette)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+        ds = make_instance()
+        r = await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]),
+            headers={**stow_headers(), "Host": "127.0.0.1"},
+        )  # fmt: skip
+        ref = values(r.json(), "00081199")[0]
+        assert isinstance(ref, dict)
+        assert str(values(ref, "00081190")[0]).startswith("http://127.0.0.1:8080/dicom-web/")

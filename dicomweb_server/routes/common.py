@@ -34,9 +34,29 @@ def services(request: Request) -> Services:
     return svc
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def base_url(request: Request) -> str:
-    """The public URL of the DICOMweb root, used in RetrieveURL and BulkDataURI values."""
-    return str(request.base_url).rstrip("/") + DICOMWEB_ROOT
+    """The public URL of the DICOMweb root, used in RetrieveURL and BulkDataURI values.
+
+    The configured public URL wins (a reverse proxy in front). Otherwise the Host header, with
+    the port the request actually reached when Host has none: dicomweb-client 0.61 sends
+    `Host: <hostname>` without the port, which would make every URI we emit point at port 80.
+    """
+    public = request.app.state.settings.public_url
+    if public:
+        return str(public).rstrip("/")
+    scheme = request.url.scheme
+    host = request.headers.get("host", "")
+    server = request.scope.get("server")
+    if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1]:
+        port = int(server[1])
+        if port != _DEFAULT_PORTS.get(scheme):
+            host = f"{host}:{port}"
+    if not host:
+        return str(request.base_url).rstrip("/") + DICOMWEB_ROOT
+    return f"{scheme}://{host}{DICOMWEB_ROOT}"
 
 
 def accept_of(request: Request) -> str | None:

@@ -1,0 +1,84 @@
+"""A real server (hypercorn) in a subprocess, for streaming, memory and crash tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+# Seconds to wait for a started server to answer.
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    url: str  # the DICOMweb root
+    log: Path
+
+    def peak_rss_kib(self) -> int:
+        """Peak resident memory of the server process (VmHWM), KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def start(
+    data_dir: Path, database_url: str | None, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    env.pop("DATABASE_URL", None)
+    args = [sys.executable, "-m", "dicomweb_server", "serve", "--port", str(port)]
+    args += ["--data-dir", str(data_dir)]
+    if database_url:
+        args += ["--database-url", database_url]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"server-{port}.log"
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}/dicom-web", log)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(server.url + "/studies?limit=1", timeout=2).status_code == 200:
+                return server
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(f"server did not answer in {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running(data_dir: Path, database_url: str | None) -> Iterator[ServerProcess]:
+    server = start(data_dir, database_url)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+            try:
+                server.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()

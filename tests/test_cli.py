@@ -1,0 +1,40 @@
+"""The command line: `load` imports through the STOW ingest path and summarises."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.db
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomweb_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_load_twice_then_summary(tmp_path: Path, clean_db: str, samples: Path) -> None:
+    src = tmp_path / "in"
+    shutil.copytree(samples / "generated/coverage", src)
+    (src / "notes.txt").write_text("not a DICOM file")
+    common = ["--data-dir", str(tmp_path / "data"), "--database-url", clean_db]
+    first = run_cli("load", *common, str(src))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "stored 19, already present 0, failed 1 (of 20 files)" in first.stdout
+    assert "notes.txt: not a DICOM Part 10 file" in first.stdout
+    second = run_cli("load", *common, str(src))
+    assert "stored 0, already present 19, failed 1" in second.stdout
+
+
+def test_initdb(tmp_path: Path, clean_db: str) -> None:
+    r = run_cli("initdb", "--data-dir", str(tmp_path / "d"), "--database-url", clean_db)
+    assert r.returncode == 0 and "schema applied" in r.stdout

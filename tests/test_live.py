@@ -1,0 +1,143 @@
+"""Against a real hypercorn in a subprocess: streaming both ways, bounded memory, SIGKILL."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.helpers import BOUNDARY, make_instance, split_multipart, stow_headers, to_bytes, values
+from tests.liveserver import running, start
+
+pytestmark = pytest.mark.db
+
+LARGE = "generated/large/ect_24frames_512_explicit_le.dcm"
+# Peak server memory allowed while 20 x 12.6 MB stream in, KiB.
+STOW_PEAK_RSS_KIB = 300 * 1024
+
+
+def with_sop_uid(raw: bytes, old: str, new: str) -> bytes:
+    """The same file with another SOP Instance UID of the same length (a distinct instance)."""
+    assert len(old) == len(new)
+    return raw.replace(old.encode(), new.encode())
+
+
+def unique_copies(raw: bytes, sop: str, n: int) -> list[bytes]:
+    stem = sop[: -len(str(n)) - 1]
+    return [with_sop_uid(raw, sop, f"{stem}{i:0{len(str(n)) + 1}d}") for i in range(n)]
+
+
+def chunked_body(parts: list[bytes], chunk: int = 64 * 1024) -> Iterator[bytes]:
+    for part in parts:
+        yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        for i in range(0, len(part), chunk):
+            yield part[i : i + chunk]
+        yield b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+def test_streaming_stow_and_retrieve_large(tmp_path: Path, clean_db: str, samples: Path) -> None:
+    import pydicom
+
+    raw = (samples / LARGE).read_bytes()
+    ds = pydicom.dcmread(samples / LARGE, stop_before_pixels=True)
+    copies = unique_copies(raw, ds.SOPInstanceUID, 20)
+    with running(tmp_path / "data", clean_db) as server, httpx.Client(timeout=120) as client:
+        r = client.post(
+            f"{server.url}/studies", content=chunked_body(copies), headers=stow_headers()
+        )
+        assert r.status_code == 200, r.text
+        assert len(values(r.json(), "00081199")) == 20
+        peak = server.peak_rss_kib()
+        assert peak < STOW_PEAK_RSS_KIB, f"server peaked at {peak} KiB for a 250 MB STOW"
+
+        url = str(values(values(r.json(), "00081199")[3], "00081190")[0])  # type: ignore[arg-type]
+        accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        with client.stream("GET", url, headers={"Accept": accept}) as resp:
+            assert resp.status_code == 200
+            chunks = list(resp.iter_raw())
+            ctype = resp.headers["content-type"]
+        assert len(chunks) > 10, "the instance was not streamed"
+        ((_, body),) = split_multipart(b"".join(chunks), ctype)
+        assert body == copies[3]
+
+        r = client.get(f"{url}/frames/24")
+        ((_, frame),) = split_multipart(r.content, r.headers["content-type"])
+        assert frame == ds_frame(samples / LARGE, 24)
+
+
+def ds_frame(path: Path, n: int) -> bytes:
+    import pydicom
+
+    return bytes(pydicom.dcmread(path).pixel_array[n - 1].tobytes())
+
+
+def _slow_stow(url: str, parts: list[bytes], results: list[int]) -> None:
+    def body() -> Iterator[bytes]:
+        for chunk in chunked_body(parts, chunk=16 * 1024):
+            time.sleep(0.001)
+            yield chunk
+
+    try:
+        r = httpx.post(f"{url}/studies", content=body(), headers=stow_headers(), timeout=60)
+        results.append(r.status_code)
+    except httpx.HTTPError:
+        results.append(-1)
+
+
+async def test_sigkill_during_stow_loses_nothing_acknowledged(
+    tmp_path: Path, clean_db: str
+) -> None:
+    data = tmp_path / "data"
+    acknowledged: dict[str, bytes] = {}
+    rng = random.Random(7)
+    for round_ in range(3):
+        server = start(data, clean_db)
+        try:
+            big = [to_bytes(make_instance(rows=64, cols=64, frames=4)) for _ in range(60)]
+            results: list[int] = []
+            t = threading.Thread(target=_slow_stow, args=(server.url, big, results))
+            t.start()
+            for _ in range(3):
+                ds = make_instance(patient_id=f"ACK-{round_}")
+                raw = to_bytes(ds)
+                r = httpx.post(
+                    f"{server.url}/studies", content=chunked_body([raw]), headers=stow_headers()
+                )
+                assert r.status_code == 200
+                acknowledged[ds.SOPInstanceUID] = raw
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            server.kill()
+        t.join(timeout=60)
+    with running(data, clean_db) as server, httpx.Client(timeout=60) as client:
+        for sop, raw in acknowledged.items():
+            r = client.get(f"{server.url}/instances", params={"SOPInstanceUID": sop})
+            (found,) = r.json()
+            url = values(found, "00081190")[0]
+            r = client.get(str(url), headers={"Accept": "multipart/related; transfer-syntax=*"})
+            ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+            assert body == raw
+        conn = await asyncpg.connect(clean_db)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM blob_reservation") == 0
+            keys = {r[0] for r in await conn.fetch("SELECT blob_key FROM instance")}
+            sizes = dict(await conn.fetch("SELECT blob_key, size_bytes FROM instance"))
+        finally:
+            await conn.close()
+        blob_root = data / "blobs"
+        files = {
+            p.name: p.stat().st_size
+            for p in blob_root.rglob("*")
+            if p.is_file() and p.relative_to(blob_root).parts[0] != "tmp"
+        }
+        assert set(files) == keys, "orphan blob files or rows without a blob"
+        assert files == sizes
+        spool = [p for p in (blob_root / "tmp").rglob("*") if p.is_file()]
+        assert spool == [], "spool files of killed servers were not removed"
