@@ -30,7 +30,7 @@ test: install
 
 # Only the tests that touch the database (CI runs them again against a second server).
 test-db: install
-	$(PY) -m pytest -q -m db
+	$(PY) -m pytest -q -m "db or conformance"
 
 lint: install
 	$(VENV)/bin/ruff format --check dicomweb_server tests conformance benchmarks
@@ -39,8 +39,9 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 # Black-box suite against a running server (DICOMWEB_URL, default: `make serve`'s address).
+# `make test` runs it too, against a server it starts itself.
 conformance: install
-	$(PY) -m pytest -q conformance
+	DICOMWEB_URL=$${DICOMWEB_URL:-http://127.0.0.1:8080/dicom-web} $(PY) -m pytest -q conformance
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

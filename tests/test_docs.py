@@ -1,0 +1,48 @@
+"""The conformance statement agrees with the code's own tables (datasette's test_docs style)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from dicomweb_server import config, dicom_json, media, multipart, query, retrieve
+from dicomweb_server.attributes import ATTRIBUTES
+from dicomweb_server.errors import FailureReason
+
+STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
+
+
+def table(heading: str) -> list[list[str]]:
+    text = STATEMENT.read_text()
+    start = text.index(f"\n{heading}\n")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|") and not re.match(r"^\|[-|]+\|$", line):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows[1:]
+
+
+def test_matching_keys() -> None:
+    documented = {(k, t, vr, lvl) for k, t, vr, lvl in table("### Matching keys")}
+    code = {(a.keyword, f"{a.tag:08X}", a.vr, a.level.value) for a in ATTRIBUTES if a.column}
+    assert documented == code
+
+
+def test_failure_reasons() -> None:
+    documented = {(int(code, 16), name) for code, name, _ in table("### Failure reasons")}
+    assert documented == {(int(r), r.name) for r in FailureReason}
+
+
+def test_frame_media_types() -> None:
+    documented = dict((ts, mt) for ts, mt in table("### Frame media types"))
+    assert documented == {ts: media.frame_media_type(ts) for ts in documented}
+    assert set(documented) == set(media._FRAME_MEDIA_TYPES)
+
+
+def test_limits() -> None:
+    modules = (config, multipart, query, retrieve, dicom_json)
+    for name, value, _ in table("## Limits"):
+        actual = [getattr(m, name) for m in modules if hasattr(m, name)]
+        assert actual == [int(value)], name
