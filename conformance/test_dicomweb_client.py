@@ -33,7 +33,7 @@ def uid(doc: dict[str, Any], tag: str) -> str:
 
 @pytest.fixture(scope="module")
 def stored(client: DICOMwebClient, samples: Path) -> list[Dataset]:
-    datasets = [pydicom.dcmread(samples / f) for f in FILES]
+    datasets: list[Dataset] = [pydicom.dcmread(samples / f) for f in FILES]
     response = client.store_instances(datasets)  # the Store Instances Response, as a Dataset
     assert "FailedSOPSequence" not in response, response
     assert len(response.ReferencedSOPSequence) == len(datasets)
@@ -121,10 +121,10 @@ def test_store_into_wrong_study_fails(client: DICOMwebClient) -> None:
     ds = make_instance()
     with pytest.raises(requests.HTTPError) as exc:
         client.store_instances([ds], study_instance_uid=generate_uid())
-    assert exc.value.response.status_code == 409
+    assert exc.value.response is not None and exc.value.response.status_code == 409
 
 
 def test_unknown_uids_are_404(client: DICOMwebClient) -> None:
     with pytest.raises(requests.HTTPError) as exc:
         client.retrieve_study_metadata(generate_uid())
-    assert exc.value.response.status_code == 404
+    assert exc.value.response is not None and exc.value.response.status_code == 404
