@@ -3,6 +3,9 @@
 -- transaction that makes it visible, after its blob is durable. The pending half of the
 -- two-phase store lives in blob_reservation (status 'pending' until the row is committed).
 
+-- Trigram indexes make wildcard matching on names ("*smith*", "doe*") index-assisted.
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+
 CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY);
 INSERT INTO schema_version VALUES (1) ON CONFLICT DO NOTHING;
 
@@ -30,6 +33,9 @@ CREATE TABLE IF NOT EXISTS study (
     -- so that PN matching is case-insensitive and works on any group.
     referring_physician_name text[],
     patient_name             text[],
+    -- The same groups joined with '=': the target of the trigram index.
+    referring_physician_name_text text,
+    patient_name_text        text,
     patient_id               text,
     patient_birth_date       date,
     patient_sex              text,
@@ -49,6 +55,12 @@ CREATE INDEX IF NOT EXISTS study_date_idx ON study (study_date);
 CREATE INDEX IF NOT EXISTS study_patient_fk ON study (patient_fk);
 CREATE INDEX IF NOT EXISTS study_modalities ON study USING gin (modalities_in_study);
 CREATE INDEX IF NOT EXISTS study_patient_name ON study USING gin (patient_name);
+CREATE INDEX IF NOT EXISTS study_patient_name_trgm
+    ON study USING gin (patient_name_text gin_trgm_ops);
+CREATE INDEX IF NOT EXISTS study_referring_trgm
+    ON study USING gin (referring_physician_name_text gin_trgm_ops);
+CREATE INDEX IF NOT EXISTS study_description_trgm
+    ON study USING gin (study_description gin_trgm_ops);
 
 CREATE TABLE IF NOT EXISTS series (
     pk                     bigserial PRIMARY KEY,

@@ -73,8 +73,8 @@ ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
 _INSERT_STUDY = """
 INSERT INTO study (patient_fk, study_instance_uid, study_date, study_time, accession_number,
     study_id, study_description, referring_physician_name, patient_name, patient_id,
-    patient_birth_date, patient_sex, attrs)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb)
+    patient_birth_date, patient_sex, attrs, referring_physician_name_text, patient_name_text)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15)
 ON CONFLICT (study_instance_uid) DO NOTHING
 """
 _INSERT_SERIES = """
@@ -266,6 +266,7 @@ async def _commit(conn: asyncpg.Connection, rec: InstanceRecord) -> CommitResult
         st["accession_number"], st["study_id"], st["study_description"],
         st["referring_physician_name"], st["patient_name"], st["patient_id"],
         st["patient_birth_date"], st["patient_sex"], st["attrs"],
+        st["referring_physician_name_text"], st["patient_name_text"],
     )  # fmt: skip
     study_pk = await conn.fetchval(
         "SELECT pk FROM study WHERE study_instance_uid = $1 FOR UPDATE", st["study_instance_uid"]

@@ -118,6 +118,8 @@ def build_record(
         "study_description": _str(meta, 0x00081030),
         "referring_physician_name": pn_groups(_first(meta, 0x00080090)),
         "patient_name": pn_groups(patient_name),
+        "referring_physician_name_text": "=".join(pn_groups(_first(meta, 0x00080090))),
+        "patient_name_text": "=".join(pn_groups(patient_name)),
         "patient_id": patient["patient_id"],
         "patient_birth_date": patient["patient_birth_date"],
         "patient_sex": patient["patient_sex"],

@@ -80,9 +80,9 @@ def _condition(m: Match, args: _Args) -> str | None:
     pn = m.attr.vr == "PN"
     array = pn or m.attr.keyword == "ModalitiesInStudy"
     if isinstance(m, SingleValueMatch):
-        if pn:
+        if pn:  # containment uses the GIN index on the groups
             value = str(m.value).rstrip("^ ").lower()
-            return f"{args.add(value)} = ANY ({col})"
+            return f"{col} @> ARRAY[{args.add(value)}::text]"
         if array:
             return f"{args.add(m.value)} = ANY ({col})"
         return f"{col} = {args.add(m.value)}"
@@ -92,6 +92,15 @@ def _condition(m: Match, args: _Args) -> str | None:
         return f"{col} = ANY ({args.add(list(m.values))}::text[])"
     if isinstance(m, WildcardMatch):
         pattern = like_pattern(m.pattern.lower() if pn else m.pattern)
+        if pn:
+            # A group matching the pattern implies the joined groups contain a match: that
+            # prefilter uses the trigram index; the EXISTS keeps the whole-group semantics.
+            pre = args.add(f"%{pattern}%")
+            p = args.add(pattern)
+            return (
+                f"{col}_text LIKE {pre} ESCAPE '\\' AND"
+                f" EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
+            )
         if array:
             p = args.add(pattern)
             return f"EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"

@@ -80,10 +80,13 @@ def test_compile_golden() -> None:
     assert "FROM series se JOIN study st ON st.pk = se.study_fk" in text
     assert (
         "WHERE se.num_instances > 0 AND st.study_instance_uid = $1 AND se.modality = $2"
-        " AND EXISTS (SELECT 1 FROM unnest(st.patient_name) AS g WHERE g LIKE $3 ESCAPE '\\')"
-        " AND st.study_date >= $4 AND st.study_date <= $5 ORDER BY se.pk LIMIT $6 OFFSET $7"
+        " AND st.patient_name_text LIKE $3 ESCAPE '\\' AND"
+        " EXISTS (SELECT 1 FROM unnest(st.patient_name) AS g WHERE g LIKE $4 ESCAPE '\\')"
+        " AND st.study_date >= $5 AND st.study_date <= $6 ORDER BY se.pk LIMIT $7 OFFSET $8"
     ) in text
-    assert args == ["1.2.3", "CT", "do%", dt.date(2020, 1, 1), dt.date(2020, 12, 31), 101, 0]
+    assert args == [
+        "1.2.3", "CT", "%do%%", "do%", dt.date(2020, 1, 1), dt.date(2020, 12, 31), 101, 0,
+    ]  # fmt: skip
 
 
 def test_condition_values_are_parameters() -> None:
