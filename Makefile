@@ -33,8 +33,8 @@ test-db: install
 	$(PY) -m pytest -q -m "db or conformance"
 
 lint: install
-	$(VENV)/bin/ruff format --check dicomweb_server tests conformance benchmarks
-	$(VENV)/bin/ruff check dicomweb_server tests conformance benchmarks
+	$(VENV)/bin/ruff format --check dicomweb_server tests conformance
+	$(VENV)/bin/ruff check dicomweb_server tests conformance
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

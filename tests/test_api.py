@@ -326,3 +326,37 @@ async def test_uris_keep_the_port_when_host_has_none(app: object) -> None:
         ref = values(r.json(), "00081199")[0]
         assert isinstance(ref, dict)
         assert str(values(ref, "00081190")[0]).startswith("http://127.0.0.1:8080/dicom-web/")
+
+
+async def test_bad_input_battery_keeps_what_was_stored(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance()
+    raw = to_bytes(ds)
+    assert (await stow(app_client, raw)).status_code == 200
+    truncated = multipart_body([raw])[:-40]
+    headers = stow_headers()
+    bad = [
+        app_client.post(f"{ROOT}/studies", content=truncated, headers=headers),
+        app_client.post(f"{ROOT}/studies", content=b"\x00" * 5000, headers=headers),
+        app_client.post(f"{ROOT}/studies", content=multipart_body([raw[:200]]), headers=headers),
+        app_client.post(
+            f"{ROOT}/studies/..%2F..%2Fetc", content=multipart_body([raw]), headers=headers
+        ),
+        app_client.get(f"{ROOT}/studies", params={"StudyInstanceUID": "1'; DELETE FROM instance;"}),
+        app_client.get(f"{ROOT}/studies", params={"limit": "-5"}),
+        app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}/series/1.2/instances/1.3/frames/1"),
+    ]
+    for request in bad:
+        r = await request
+        assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    # Quotes are legal in a PatientID (and in names: O'Brien): a plain, empty result.
+    r = await app_client.get(f"{ROOT}/studies", params={"PatientID": "'; DELETE FROM instance; --"})
+    assert r.status_code == 200 and r.json() == []
+    url = (
+        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    r = await app_client.get(url, headers={"Accept": "multipart/related; transfer-syntax=*"})
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == raw
+    r = await app_client.get(f"{ROOT}/instances")
+    assert len(r.json()) == 1

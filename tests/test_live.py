@@ -141,3 +141,26 @@ async def test_sigkill_during_stow_loses_nothing_acknowledged(
         assert files == sizes
         spool = [p for p in (blob_root / "tmp").rglob("*") if p.is_file()]
         assert spool == [], "spool files of killed servers were not removed"
+
+
+def test_client_disconnect_mid_part_leaves_nothing(tmp_path: Path, clean_db: str) -> None:
+    import socket
+
+    raw = to_bytes(make_instance(rows=256, cols=256))
+    data = tmp_path / "data"
+    with running(data, clean_db) as server:
+        port = int(server.url.split(":")[2].split("/")[0])
+        head = (
+            "POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f'Content-Type: multipart/related; type="application/dicom"; boundary={BOUNDARY}\r\n'
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        first = f"--{BOUNDARY}\r\n\r\n".encode() + raw[: len(raw) // 2]
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+            time.sleep(0.5)
+        time.sleep(1.0)
+        r = httpx.get(f"{server.url}/instances")
+        assert r.status_code == 200 and r.json() == []
+        spool = [p for p in (data / "blobs" / "tmp").rglob("*") if p.is_file()]
+        assert spool == [], "the half-received part was not discarded"
