@@ -360,3 +360,22 @@ async def test_bad_input_battery_keeps_what_was_stored(app_client: httpx.AsyncCl
     assert body == raw
     r = await app_client.get(f"{ROOT}/instances")
     assert len(r.json()) == 1
+
+
+async def test_metadata_gzip_etag_and_304(app_client: httpx.AsyncClient) -> None:
+    study = make_instance().StudyInstanceUID
+    files = [to_bytes(make_instance(study=study, rows=64, cols=64)) for _ in range(5)]
+    await stow(app_client, *files)
+    url = f"{ROOT}/studies/{study}/metadata"
+    r = await app_client.get(url, headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+    assert len(r.json()) == 5  # httpx decompressed it
+    etag = r.headers["etag"]
+    r = await app_client.get(url, headers={"If-None-Match": etag})
+    assert r.status_code == 304 and r.content == b""
+    r = await app_client.get(
+        url, headers={"If-None-Match": '"stale"', "Accept-Encoding": "identity"}
+    )
+    assert (
+        r.status_code == 200 and "content-encoding" not in r.headers and r.headers["etag"] == etag
+    )

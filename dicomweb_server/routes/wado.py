@@ -17,7 +17,7 @@ from dicomweb_server.retrieve import (
 from dicomweb_server.routes.common import (
     accept_of,
     base_url,
-    json_response,
+    cached_json_response,
     multipart_response,
     services,
     uid_param,
@@ -54,7 +54,7 @@ async def _retrieve(request: Request) -> Response:
 async def _metadata(request: Request) -> Response:
     media = negotiate_json(accept_of(request))
     body = await metadata_json(services(request), base_url(request), *_uids(request))
-    return json_response(body, media)
+    return await cached_json_response(request, body, media)
 
 
 async def retrieve_study(request: Request) -> Response:
