@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicomweb_server.blobstore import FileSystemBlobStore
+from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import Settings
 from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.embedded_db import EmbeddedPostgres
@@ -63,7 +64,8 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         blobs = FileSystemBlobStore(settings.blob_dir, owner)
         await recover(index, blobs)
         limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
-        yield Services(index, blobs, limiter, blobs.tmp_dir)
+        images = ByteLRU(settings.image_cache_bytes)
+        yield Services(index, blobs, limiter, blobs.tmp_dir, images)
     finally:
         await index.close()
         if embedded is not None:

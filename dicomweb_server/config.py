@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DICOMWEB_ROOT",
+    "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
     "MAX_REQUEST_BYTES",
     "ConfigError",
@@ -29,6 +30,8 @@ DICOMWEB_ROOT = "/dicom-web"
 MAX_PART_BYTES = 4 * 1024**3
 # Largest STOW request body, in bytes. Above it: 413.
 MAX_REQUEST_BYTES = 64 * 1024**3
+# Memory for cached rendered images and thumbnails, bytes.
+IMAGE_CACHE_BYTES = 64 * 1024**2
 # asyncpg pool size.
 DEFAULT_POOL_SIZE = 10
 # Seconds a single database statement may run before the request fails with 503.
@@ -51,6 +54,7 @@ class Settings:
     # Public URL of the DICOMweb root (e.g. behind a reverse proxy); None: from the request.
     public_url: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
+    image_cache_bytes: int = IMAGE_CACHE_BYTES
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
 
     @classmethod

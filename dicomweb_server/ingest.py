@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from dicomweb_server.blobstore import BlobStore, BlobWriter
+from dicomweb_server.cache import ByteLRU
 from dicomweb_server.dicom_json import InstanceOutcome
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.errors import DicomWebError, FailureReason
@@ -38,6 +39,7 @@ class Services:
     blobs: BlobStore
     limiter: anyio.CapacityLimiter  # worker threads for parsing and codecs
     scratch_dir: Path  # temporary files of transcoded responses
+    images: ByteLRU  # rendered images and thumbnails
 
 
 def instance_path(study: str, series: str, sop: str) -> str:

@@ -19,7 +19,7 @@ import anyio
 from dicomweb_server.blobstore import stream_path
 from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.dicomfile import read_bulk_value
-from dicomweb_server.errors import BadRequestError, NotFoundError
+from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
@@ -32,7 +32,14 @@ from dicomweb_server.media import (
     negotiate_frames,
     negotiate_instances,
 )
-from dicomweb_server.transcode import decode_frames, stored_frames, to_explicit_little_endian
+from dicomweb_server.rendered import RenderParams
+from dicomweb_server.transcode import (
+    decode_frames,
+    render_frame,
+    render_icon,
+    stored_frames,
+    to_explicit_little_endian,
+)
 
 __all__ = [
     "MAX_FRAMES_PER_REQUEST",
@@ -43,6 +50,8 @@ __all__ = [
     "locate",
     "metadata_json",
     "parse_frame_list",
+    "rendered_image",
+    "representative",
 ]
 
 Part = tuple[dict[str, str], AsyncIterable[bytes]]
@@ -235,3 +244,58 @@ def _key(found: list[StoredInstance]) -> str:
 
 async def _single(headers: dict[str, str], body: AsyncIterable[bytes]) -> AsyncIterator[Part]:
     yield headers, body
+
+
+def representative(instances: list[StoredInstance]) -> StoredInstance:
+    """The image that stands for a study or series: the middle image of the first series that
+    has images (instances arrive ordered by series and instance number); else the first."""
+    images = [i for i in instances if i.number_of_frames > 0]
+    if not images:
+        return instances[0]
+    first_series = [i for i in images if i.series_uid == images[0].series_uid]
+    return first_series[len(first_series) // 2]
+
+
+async def rendered_image(
+    svc: Services,
+    inst: StoredInstance,
+    frame: int,
+    params: RenderParams,
+    media: str,
+    thumbnail: bool,
+) -> bytes:
+    """One rendered frame or thumbnail, from the cache when it was made before."""
+    key = (inst.blob_key, frame, params, media, thumbnail)
+    cached = svc.images.get(key)
+    if cached is not None:
+        return cached
+    if inst.number_of_frames == 0:
+        if not thumbnail:
+            raise NotAcceptableError("the instance has no pixel data to render as an image")
+        label = _ICON_LABELS.get(inst.sop_class_uid, "DICOM")
+        data = await anyio.to_thread.run_sync(render_icon, label, params, media)
+    else:
+        if frame > inst.number_of_frames:
+            raise NotFoundError(
+                f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
+            )
+        path = svc.blobs.local_path(inst.blob_key)
+        data = await anyio.to_thread.run_sync(
+            render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
+        )
+    svc.images.put(key, data)
+    return data
+
+
+# Icons of common non-image SOP classes (field notes 7: a thumbnail, never an error).
+_ICON_LABELS = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "CDA",
+    "1.2.840.10008.5.1.4.1.1.88.11": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.9.1.1": "ECG",
+    "1.2.840.10008.5.1.4.1.1.9.1.2": "ECG",
+}

@@ -23,3 +23,17 @@ def test_environment_read_only_in_config() -> None:
 
 def test_no_buffered_request_bodies_in_routes() -> None:
     assert _importers(r"await request\.(body|form)\(\)") == set()
+
+
+def test_every_module_is_in_the_layers_contract() -> None:
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    (layers,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    listed = {m.strip() for layer in layers["layers"] for m in re.split(r"[|:]", layer)}
+    modules = {
+        f"dicomweb_server.{p.stem}"
+        for p in PACKAGE.glob("*.py")
+        if p.stem not in ("__init__", "__main__")
+    } | {"dicomweb_server.routes"}
+    assert modules <= listed, modules - listed

@@ -6,6 +6,7 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.routes.qido import search_for_instances, search_for_series, search_for_studies
+from dicomweb_server.routes.rendered import retrieve_rendered, retrieve_thumbnail
 from dicomweb_server.routes.stow import store_instances
 from dicomweb_server.routes.wado import (
     retrieve_bulkdata,
@@ -55,6 +56,24 @@ ROUTES: list[BaseRoute] = [
                   name="retrieve_instance_frames"),
             Route(_IN + "/bulk/{path:path}", retrieve_bulkdata, methods=["GET"],
                   name="retrieve_bulkdata"),
+            # Rendered and thumbnail resources (PS3.18 10.4.1.1.3, 10.4.1.1.4); a study or
+            # series is represented by one image (retrieve.representative).
+            Route(_ST + "/rendered", retrieve_rendered, methods=["GET"],
+                  name="retrieve_rendered_study"),
+            Route(_SE + "/rendered", retrieve_rendered, methods=["GET"],
+                  name="retrieve_rendered_series"),
+            Route(_IN + "/rendered", retrieve_rendered, methods=["GET"],
+                  name="retrieve_rendered_instance"),
+            Route(_IN + "/frames/{frames}/rendered", retrieve_rendered, methods=["GET"],
+                  name="retrieve_rendered_frames"),
+            Route(_ST + "/thumbnail", retrieve_thumbnail, methods=["GET"],
+                  name="retrieve_study_thumbnail"),
+            Route(_SE + "/thumbnail", retrieve_thumbnail, methods=["GET"],
+                  name="retrieve_series_thumbnail"),
+            Route(_IN + "/thumbnail", retrieve_thumbnail, methods=["GET"],
+                  name="retrieve_instance_thumbnail"),
+            Route(_IN + "/frames/{frames}/thumbnail", retrieve_thumbnail, methods=["GET"],
+                  name="retrieve_frame_thumbnail"),
         ],
     ),
 ]  # fmt: skip
