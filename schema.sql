@@ -6,6 +6,14 @@
 -- Trigram indexes make wildcard matching on names ("*smith*", "doe*") index-assisted.
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 
+-- The first value of a US element of a DICOM JSON document, or NULL (used by the index to read
+-- the Image Pixel module without parsing files).
+CREATE OR REPLACE FUNCTION _us(doc jsonb, tag text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN jsonb_typeof(doc -> tag -> 'Value' -> 0) = 'number'
+                THEN (doc -> tag -> 'Value' ->> 0)::numeric::integer END
+$$;
+
 CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY);
 INSERT INTO schema_version VALUES (1) ON CONFLICT DO NOTHING;
 

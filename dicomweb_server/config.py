@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DICOMWEB_ROOT",
+    "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
     "MAX_REQUEST_BYTES",
@@ -32,6 +33,8 @@ MAX_PART_BYTES = 4 * 1024**3
 MAX_REQUEST_BYTES = 64 * 1024**3
 # Memory for cached rendered images and thumbnails, bytes.
 IMAGE_CACHE_BYTES = 64 * 1024**2
+# Memory for cached decoded or re-encoded frames, bytes.
+FRAME_CACHE_BYTES = 64 * 1024**2
 # asyncpg pool size.
 DEFAULT_POOL_SIZE = 10
 # Seconds a single database statement may run before the request fails with 503.
@@ -55,6 +58,7 @@ class Settings:
     public_url: str | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     image_cache_bytes: int = IMAGE_CACHE_BYTES
+    frame_cache_bytes: int = FRAME_CACHE_BYTES
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
 
     @classmethod

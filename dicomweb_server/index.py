@@ -55,12 +55,25 @@ class StoredInstance:
     frame_offsets: list[int] | None
     frame_lengths: list[int] | None
     encapsulated: bool
+    # Image Pixel module values (PS3.3 C.7.6.3), None when absent or not integers.
+    bits_allocated: int | None = None
+    bits_stored: int | None = None
+    samples_per_pixel: int | None = None
+    pixel_representation: int | None = None
+    photometric: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    is_float: bool = False
 
 
 _LOCATE = """
 SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
        i.blob_key, i.transfer_syntax_uid, i.size_bytes, i.number_of_frames, i.frame_offsets,
-       i.frame_lengths, i.encapsulated{extra}
+       i.frame_lengths, i.encapsulated,
+       _us(i.metadata, '00280100'), _us(i.metadata, '00280101'), _us(i.metadata, '00280002'),
+       _us(i.metadata, '00280103'), i.metadata #>> '{{00280004,Value,0}}',
+       _us(i.metadata, '00280010'), _us(i.metadata, '00280011'),
+       i.metadata ?| ARRAY['7FE00008', '7FE00009']{extra}
 FROM instance i
 JOIN series se ON se.pk = i.series_fk
 JOIN study st ON st.pk = se.study_fk
@@ -195,9 +208,9 @@ class Index:
 
     async def metadata_texts(
         self, study: str, series: str | None = None, sop: str | None = None
-    ) -> list[str]:
+    ) -> list[tuple[StoredInstance, str]]:
         rows = await self._fetch(_LOCATE.format(extra=", i.metadata::text"), study, series, sop)
-        return [row[-1] for row in rows]
+        return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]
 
     async def bulk_range(self, study: str, series: str, sop: str, path: str) -> list[Any] | None:
         rows = await self._fetch(_LOCATE.format(extra=", i.bulk_ranges -> $4"), study, series, sop,

@@ -40,6 +40,7 @@ class Services:
     limiter: anyio.CapacityLimiter  # worker threads for parsing and codecs
     scratch_dir: Path  # temporary files of transcoded responses
     images: ByteLRU  # rendered images and thumbnails
+    frames: ByteLRU  # decoded and re-encoded frames, keyed (blob, frame, transfer syntax)
 
 
 def instance_path(study: str, series: str, sop: str) -> str:

@@ -7,6 +7,7 @@ follows PS3.18 8.7 (acceptable media types and transfer syntaxes).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
@@ -69,6 +70,15 @@ _FRAME_MEDIA_TYPES: dict[str, str] = {
     "1.2.840.10008.1.2.4.106": "video/mp4",
     "1.2.840.10008.1.2.4.107": "video/H265",
     "1.2.840.10008.1.2.4.108": "video/H265",
+}
+# PS3.18 Table 8.7.3-2: the transfer syntax an image media type means when none is given.
+_DEFAULT_FRAME_TS: dict[str, str] = {
+    "image/jpeg": "1.2.840.10008.1.2.4.50",
+    "image/jls": "1.2.840.10008.1.2.4.80",
+    "image/jp2": "1.2.840.10008.1.2.4.90",
+    "image/jpx": "1.2.840.10008.1.2.4.92",
+    "image/jphc": "1.2.840.10008.1.2.4.201",
+    "image/dicom-rle": "1.2.840.10008.1.2.5",
 }
 _NATIVE = {
     IMPLICIT_VR_LITTLE_ENDIAN,
@@ -210,42 +220,43 @@ def _related_type(rng: MediaRange, default: str) -> str | None:
     return None
 
 
-def _ts_choice(requested: str | None, stored_ts: str, default_ts: str) -> str | None:
-    """The transfer syntax to send for a `transfer-syntax` parameter, or None if we cannot."""
-    if requested is None:
-        return default_ts
-    if requested in (STORED, stored_ts):
-        return STORED
-    if requested == EXPLICIT_VR_LITTLE_ENDIAN:
-        return EXPLICIT_VR_LITTLE_ENDIAN
-    return None
+def _options(stored_ts: str, targets: Collection[str]) -> str:
+    others = [t for t in targets if t != stored_ts]
+    converted = f"; converted: {', '.join(others)}" if others else "; no conversion available"
+    return f"as stored ({stored_ts}, transfer-syntax=*){converted}"
 
 
-def negotiate_instances(accept: str | None, stored_ts: str) -> str:
-    """Transfer syntax for study/series/instance retrieval: STORED or Explicit VR LE.
+def negotiate_instances(
+    accept: str | None, stored_ts: str, targets: Collection[str], why: str = ""
+) -> str:
+    """Transfer syntax for study/series/instance retrieval: STORED or one of `targets`.
 
     PS3.18 8.7.3.5.2: without a transfer-syntax parameter application/dicom means Explicit VR
-    Little Endian; `transfer-syntax=*` means as stored.
+    Little Endian; `transfer-syntax=*` means as stored. Ranges are tried in q-value order.
     """
     for rng in parse_accept(accept):
         part = _related_type(rng, APPLICATION_DICOM)
         if part not in (APPLICATION_DICOM, "*/*", "application/*"):
             continue
-        choice = _ts_choice(rng.params.get("transfer-syntax"), stored_ts, EXPLICIT_VR_LITTLE_ENDIAN)
-        if choice is not None:
-            return choice
+        requested = rng.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        if requested in (STORED, stored_ts):
+            return STORED
+        if requested in targets:
+            return requested
     raise NotAcceptableError(
-        'acceptable: multipart/related; type="application/dicom" with transfer-syntax '
-        f"{EXPLICIT_VR_LITTLE_ENDIAN} (the default), * or {stored_ts} (as stored)"
+        f'acceptable: multipart/related; type="application/dicom" '
+        f"{_options(stored_ts, targets)}{'; ' + why if why else ''}"
     )
 
 
-def negotiate_frames(accept: str | None, stored_ts: str) -> str:
-    """Transfer syntax for frames: STORED or Explicit VR LE (uncompressed, octet-stream).
+def negotiate_frames(
+    accept: str | None, stored_ts: str, targets: Collection[str], why: str = ""
+) -> str:
+    """Transfer syntax for frames: STORED or one of `targets`.
 
-    PS3.18 8.7.3.3.2: the default for frames is application/octet-stream, uncompressed
-    (Explicit VR Little Endian); `transfer-syntax=*` returns the frames as stored with the
-    media type of Table 8.7.3-2.
+    PS3.18 8.7.3.3.2: the default for frames is application/octet-stream, uncompressed (Explicit
+    VR Little Endian); `transfer-syntax=*` returns the frames as stored with the media type of
+    Table 8.7.3-2; an image media type without a transfer syntax means its default one.
     """
     stored_type = frame_media_type(stored_ts)
     for rng in parse_accept(accept):
@@ -253,19 +264,28 @@ def negotiate_frames(accept: str | None, stored_ts: str) -> str:
         if part is None:
             continue
         ts = rng.params.get("transfer-syntax")
-        if part in ("*/*", APPLICATION_OCTET_STREAM):
-            choice = _ts_choice(ts, stored_ts, EXPLICIT_VR_LITTLE_ENDIAN)
-        elif part == stored_type or (part.endswith("/*") and stored_type.startswith(part[:-1])):
-            choice = STORED if ts in (None, STORED, stored_ts) else None
-        else:
-            choice = None
-        if choice is not None:
-            return choice
+        if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
+            # OHIF asks octet-stream with transfer-syntax=* and expects the stored frames.
+            if ts in (STORED, stored_ts):
+                return STORED
+            if (ts or EXPLICIT_VR_LITTLE_ENDIAN) == EXPLICIT_VR_LITTLE_ENDIAN and (
+                EXPLICIT_VR_LITTLE_ENDIAN in targets
+            ):
+                return EXPLICIT_VR_LITTLE_ENDIAN
+            continue
+        if _type_matches(part, stored_type) and ts in (None, STORED, stored_ts):
+            return STORED
+        want = ts or _DEFAULT_FRAME_TS.get(part)
+        if want in targets and want is not None and _type_matches(part, frame_media_type(want)):
+            return want
     raise NotAcceptableError(
-        'acceptable: multipart/related; type="application/octet-stream" (uncompressed, '
-        f'{EXPLICIT_VR_LITTLE_ENDIAN}) or transfer-syntax=* / type="{stored_type}" (as stored, '
-        f"{stored_ts})"
+        f'acceptable: multipart/related; type="application/octet-stream" (uncompressed) or an '
+        f"image type, {_options(stored_ts, targets)}{'; ' + why if why else ''}"
     )
+
+
+def _type_matches(requested: str, media: str) -> bool:
+    return requested == media or (requested.endswith("/*") and media.startswith(requested[:-1]))
 
 
 def negotiate_bulkdata(accept: str | None) -> None:

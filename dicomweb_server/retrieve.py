@@ -7,6 +7,7 @@ frame read never parses the file); conversions run in worker threads (transcode.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import struct
@@ -32,13 +33,17 @@ from dicomweb_server.media import (
     negotiate_frames,
     negotiate_instances,
 )
+from dicomweb_server.render import render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
 from dicomweb_server.transcode import (
+    PixelInfo,
+    available_targets,
+    decodable,
     decode_frames,
-    render_frame,
-    render_icon,
+    encode_frames,
+    missing_codec,
     stored_frames,
-    to_explicit_little_endian,
+    to_transfer_syntax,
 )
 
 __all__ = [
@@ -74,20 +79,53 @@ async def metadata_json(
     svc: Services, base_url: str, study: str, series: str | None = None, sop: str | None = None
 ) -> bytes:
     """The stored DICOM JSON of the instances, as one JSON array (no blob is read)."""
-    texts = await svc.index.metadata_texts(study, series, sop)
-    if not texts:
+    found = await svc.index.metadata_texts(study, series, sop)
+    if not found:
         what = "instance" if sop else "series" if series else "study"
         raise NotFoundError(f"no such {what} in the archive")
-    body = "[" + ",".join(absolutize_bulk_uris(t, base_url) for t in texts) + "]"
-    return body.encode("utf-8")
+    docs = (_with_available_ts(absolutize_bulk_uris(t, base_url), inst) for inst, t in found)
+    return ("[" + ",".join(docs) + "]").encode("utf-8")
+
+
+def pixel_info(inst: StoredInstance) -> PixelInfo | None:
+    if inst.number_of_frames == 0 or inst.bits_allocated is None:
+        return None
+    return PixelInfo(
+        inst.bits_allocated,
+        inst.bits_stored or inst.bits_allocated,
+        inst.samples_per_pixel or 1,
+        inst.pixel_representation or 0,
+        inst.photometric or "MONOCHROME2",
+        inst.rows or 0,
+        inst.columns or 0,
+        inst.is_float,
+    )
+
+
+def targets_of(inst: StoredInstance) -> tuple[str, ...]:
+    return available_targets(inst.transfer_syntax_uid, pixel_info(inst))
+
+
+def _with_available_ts(doc: str, inst: StoredInstance) -> str:
+    """Add Available Transfer Syntax UID (0008,3002): what this instance can be sent in."""
+    uids = [
+        inst.transfer_syntax_uid,
+        *(t for t in targets_of(inst) if t != inst.transfer_syntax_uid),
+    ]
+    element = json.dumps({"vr": "UI", "Value": uids})
+    return doc[:-1] + f', "00083002": {element}}}' if doc != "{}" else doc
 
 
 def instance_parts(
     svc: Services, instances: list[StoredInstance], accept: str | None
 ) -> AsyncIterator[Part]:
     """Parts of a study/series/instance retrieval; 406 is raised before anything is sent."""
-    targets = [negotiate_instances(accept, inst.transfer_syntax_uid) for inst in instances]
-    return _instance_parts(svc, instances, targets)
+    chosen = []
+    for inst in instances:
+        ts = inst.transfer_syntax_uid
+        why = "" if decodable(ts) else missing_codec(ts)
+        chosen.append(negotiate_instances(accept, ts, targets_of(inst), why))
+    return _instance_parts(svc, instances, chosen)
 
 
 async def _instance_parts(
@@ -95,23 +133,21 @@ async def _instance_parts(
 ) -> AsyncIterator[Part]:
     for inst, target in zip(instances, targets, strict=True):
         ts = inst.transfer_syntax_uid
-        if target == STORED or ts == EXPLICIT_VR_LITTLE_ENDIAN:
+        if target in (STORED, ts):
             headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={ts}"}
             yield headers, svc.blobs.open_range(inst.blob_key)
         else:
-            headers = {
-                "Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
-            }
-            yield headers, _transcoded(svc, inst)
+            headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={target}"}
+            yield headers, _transcoded(svc, inst, target)
 
 
-async def _transcoded(svc: Services, inst: StoredInstance) -> AsyncIterator[bytes]:
+async def _transcoded(svc: Services, inst: StoredInstance, target: str) -> AsyncIterator[bytes]:
     fd, name = tempfile.mkstemp(dir=svc.scratch_dir, suffix=".dcm")
     os.close(fd)
     tmp = Path(name)
     try:
         src = svc.blobs.local_path(inst.blob_key)
-        await anyio.to_thread.run_sync(to_explicit_little_endian, src, tmp, limiter=svc.limiter)
+        await anyio.to_thread.run_sync(to_transfer_syntax, src, tmp, target, limiter=svc.limiter)
         async for chunk in stream_path(tmp):
             yield chunk
     finally:
@@ -143,16 +179,19 @@ async def frame_parts(
             f"frame {missing[0]} does not exist: the instance has {inst.number_of_frames}"
         )
     ts = inst.transfer_syntax_uid
-    target = negotiate_frames(accept, ts)
-    if (target == STORED and inst.encapsulated) or (target == STORED and ts not in _LE_NATIVE):
+    why = "" if decodable(ts) else missing_codec(ts)
+    target = negotiate_frames(accept, ts, targets_of(inst), why)
+    if target == STORED and ts not in _LE_NATIVE:
         media = frame_media_type(ts)
-        if media == APPLICATION_OCTET_STREAM:  # big endian or deflated: sent decoded
-            return APPLICATION_OCTET_STREAM, await _decoded_frames(svc, inst, frames)
-        return media, _stored_frames(svc, inst, frames, f"{media}; transfer-syntax={ts}")
-    if ts in _LE_NATIVE and inst.frame_offsets is not None:
+        if media != APPLICATION_OCTET_STREAM:
+            return media, _stored_frames(svc, inst, frames, f"{media}; transfer-syntax={ts}")
+        target = EXPLICIT_VR_LITTLE_ENDIAN  # big endian or deflated: sent decoded
+    if target in (STORED, EXPLICIT_VR_LITTLE_ENDIAN):
         ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
-        return APPLICATION_OCTET_STREAM, _stored_frames(svc, inst, frames, ctype)
-    return APPLICATION_OCTET_STREAM, await _decoded_frames(svc, inst, frames)
+        if ts in _LE_NATIVE and inst.frame_offsets is not None:
+            return APPLICATION_OCTET_STREAM, _stored_frames(svc, inst, frames, ctype)
+        return APPLICATION_OCTET_STREAM, await _converted_frames(svc, inst, frames, target)
+    return frame_media_type(target), await _converted_frames(svc, inst, frames, target)
 
 
 async def _stored_frames(
@@ -171,25 +210,45 @@ async def _stored_frames(
         yield {"Content-Type": ctype}, strip_items(chunks) if inst.encapsulated else chunks
 
 
-async def _decoded_frames(
-    svc: Services, inst: StoredInstance, frames: list[int]
-) -> AsyncIterator[Part]:
-    """Decoded frames; the first is decoded before the response starts, so that a codec that
-    cannot decode this instance gives a 406 rather than a broken stream."""
+async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: str) -> bytes:
+    """Frame n decoded (Explicit VR Little Endian) or re-encoded, through the frame cache."""
+    key = (inst.blob_key, n, target)
+    cached = svc.frames.get(key)
+    if cached is not None:
+        return cached
     path = svc.blobs.local_path(inst.blob_key)
-    first = await anyio.to_thread.run_sync(decode_frames, path, frames[:1], limiter=svc.limiter)
-    return _decoded_rest(svc, path, first[0], frames[1:])
+    if target == EXPLICIT_VR_LITTLE_ENDIAN:
+        (data,) = await anyio.to_thread.run_sync(decode_frames, path, [n], limiter=svc.limiter)
+    else:
+        (data,) = await anyio.to_thread.run_sync(
+            encode_frames, path, [n], target, limiter=svc.limiter
+        )
+    svc.frames.put(key, data)
+    return data
 
 
-async def _decoded_rest(
-    svc: Services, path: Path, first: bytes, frames: list[int]
+async def _converted_frames(
+    svc: Services, inst: StoredInstance, frames: list[int], target: str
 ) -> AsyncIterator[Part]:
-    ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    """Converted frames; the first is converted before the response starts, so that a codec
+    that fails on this instance gives a 406 rather than a broken stream."""
+    first = await _convert_frame(svc, inst, frames[0], target)
+    return _converted_rest(svc, inst, first, frames[1:], target)
+
+
+async def _converted_rest(
+    svc: Services, inst: StoredInstance, first: bytes, frames: list[int], target: str
+) -> AsyncIterator[Part]:
+    media = (
+        APPLICATION_OCTET_STREAM
+        if target == EXPLICIT_VR_LITTLE_ENDIAN
+        else frame_media_type(target)
+    )
+    ctype = f"{media}; transfer-syntax={target}"
     yield {"Content-Type": ctype}, _one(first)
     for n in frames:
-        # One frame at a time: memory stays at one decoded frame per request.
-        (data,) = await anyio.to_thread.run_sync(decode_frames, path, [n], limiter=svc.limiter)
-        yield {"Content-Type": ctype}, _one(data)
+        # One frame at a time: memory stays at one converted frame per request.
+        yield {"Content-Type": ctype}, _one(await _convert_frame(svc, inst, n, target))
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

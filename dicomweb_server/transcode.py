@@ -1,41 +1,247 @@
-"""Decoding and re-encoding pixel data: the only importer of pydicom.pixels and numpy.
+"""Decoding and re-encoding pixel data: the codec registry (STYLE.md rule 9).
 
-Codec work is CPU-bound and runs in worker threads behind the app's CapacityLimiter (STYLE.md
-rule 8); these functions are synchronous and are called through `anyio.to_thread.run_sync`.
+With render.py, the pixel layer: the only modules importing numpy, Pillow, imagecodecs and
+pydicom.pixels. Functions here are synchronous and CPU-bound; callers run them in worker threads
+behind the app's CapacityLimiter (STYLE.md rule 8).
+
+Decoding: whatever pydicom and its installed plugins decode (pylibjpeg-libjpeg, -openjpeg, -rle,
+pyjpegls). Encoding targets (ENCODERS): Explicit VR Little Endian; RLE Lossless, JPEG-LS
+Lossless and JPEG 2000 Lossless through pydicom's encoders; HTJ2K Lossless through imagecodecs
+(OpenJPH); JPEG Baseline (lossy, only when asked for by name) through imagecodecs (libjpeg-turbo).
 """
 
 from __future__ import annotations
 
-import io
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
-from pydicom.multival import MultiValue
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import pack_bits, pixel_array
 from pydicom.uid import UID
 
 from dicomweb_server.errors import NotAcceptableError
-from dicomweb_server.media import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
-from dicomweb_server.rendered import THUMBNAIL_SIZE, RenderParams
+from dicomweb_server.media import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
 
 __all__ = [
+    "ENCODERS",
+    "JPEG_BASELINE_QUALITY",
+    "Codec",
+    "PixelInfo",
     "TranscodeError",
+    "available_targets",
     "decode_frames",
-    "render_frame",
-    "render_icon",
+    "encode_frames",
+    "frame_array",
     "stored_frames",
-    "to_explicit_little_endian",
+    "to_transfer_syntax",
 ]
+
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+NATIVE = frozenset(
+    {
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_BIG_ENDIAN,
+    }
+)
+# Quality of JPEG Baseline (lossy) output, 1-100.
+JPEG_BASELINE_QUALITY = 90
 
 
 class TranscodeError(NotAcceptableError):
     """The pixel data cannot be converted as asked (a codec is missing or fails)."""
+
+
+@dataclass(frozen=True)
+class PixelInfo:
+    """What an encoder needs to know about an instance's pixels (from its metadata)."""
+
+    bits_allocated: int
+    bits_stored: int
+    samples_per_pixel: int
+    pixel_representation: int
+    photometric: str
+    rows: int = 0
+    columns: int = 0
+    is_float: bool = False  # Float or Double Float Pixel Data: no integer codec applies
+
+    @classmethod
+    def of(cls, ds: Dataset) -> PixelInfo:
+        bits = int(ds.get("BitsAllocated") or 8)
+        return cls(
+            bits,
+            int(ds.get("BitsStored") or bits),
+            int(ds.get("SamplesPerPixel") or 1),
+            int(ds.get("PixelRepresentation") or 0),
+            str(ds.get("PhotometricInterpretation") or "MONOCHROME2"),
+            int(ds.get("Rows") or 0),
+            int(ds.get("Columns") or 0),
+            "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        )
+
+
+@dataclass(frozen=True)
+class Codec:
+    transfer_syntax_uid: str
+    lossy: bool
+    library: str  # what to install when it is missing
+    accepts: Callable[[PixelInfo], bool]
+    encode: Callable[[np.ndarray, PixelInfo], bytes] | None  # None: native (uncompressed)
+    available: Callable[[], bool]
+
+
+def _pydicom_encoder_available(uid: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return bool(get_encoder(uid).is_available)
+        except (NotImplementedError, ValueError):
+            return False
+
+    return check
+
+
+def _imagecodecs_available(codec: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            import imagecodecs
+        except ImportError:
+            return False
+        return bool(getattr(imagecodecs, codec).available)
+
+    return check
+
+
+def _decoded_photometric(info: PixelInfo) -> str:
+    """Colour comes out of pydicom's decoders as RGB (YCbCr converted)."""
+    return "RGB" if info.samples_per_pixel == 3 else info.photometric
+
+
+def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
+    def encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+        opts: dict[str, Any] = {
+            "rows": arr.shape[0],
+            "columns": arr.shape[1],
+            "samples_per_pixel": info.samples_per_pixel,
+            "bits_allocated": info.bits_allocated,
+            "bits_stored": info.bits_stored,
+            "pixel_representation": info.pixel_representation,
+            "photometric_interpretation": _decoded_photometric(info),
+            "number_of_frames": 1,
+            "planar_configuration": 0,
+        }
+        return bytes(get_encoder(uid).encode(_native_order(arr), **opts))
+
+    return encode
+
+
+def _htj2k_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+    import imagecodecs
+
+    return bytes(imagecodecs.htj2k_encode(_native_order(arr), level=0))
+
+
+def _jpeg_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+    import imagecodecs
+
+    return bytes(imagecodecs.jpeg8_encode(_native_order(arr), level=JPEG_BASELINE_QUALITY))
+
+
+def _integer(min_bits: int, max_bits: int, min_side: int = 1) -> Callable[[PixelInfo], bool]:
+    def accepts(info: PixelInfo) -> bool:
+        return (
+            not info.is_float
+            and info.bits_allocated in (8, 16, 32)
+            and min_bits <= info.bits_stored <= max_bits
+            and info.samples_per_pixel in (1, 3)
+            and min(info.rows, info.columns) >= min_side
+        )
+
+    return accepts
+
+
+def _rle_accepts(info: PixelInfo) -> bool:
+    # PS3.5 G.2 allows 32-bit samples, but pydicom's RLE encoders take 8 and 16 bits only.
+    return _integer(1, 16)(info) and info.bits_allocated in (8, 16)
+
+
+def _native_order(arr: np.ndarray) -> np.ndarray:
+    """Contiguous, in the machine's byte order (decoders of big endian files return '>u2')."""
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+
+
+ENCODERS: dict[str, Codec] = {
+    EXPLICIT_VR_LITTLE_ENDIAN: Codec(
+        EXPLICIT_VR_LITTLE_ENDIAN, False, "pydicom", lambda _i: True, None, lambda: True
+    ),
+    RLE_LOSSLESS: Codec(
+        RLE_LOSSLESS, False, "pylibjpeg-rle", _rle_accepts,
+        _pydicom_encode(RLE_LOSSLESS), _pydicom_encoder_available(RLE_LOSSLESS),
+    ),
+    JPEG_LS_LOSSLESS: Codec(
+        # pyjpegls overflows its output buffer on images of a few pixels.
+        JPEG_LS_LOSSLESS, False, "pyjpegls", _integer(2, 16, min_side=8),
+        _pydicom_encode(JPEG_LS_LOSSLESS), _pydicom_encoder_available(JPEG_LS_LOSSLESS),
+    ),
+    JPEG_2000_LOSSLESS: Codec(
+        # OpenJPEG's 6 resolution levels need at least 32 pixels per side.
+        JPEG_2000_LOSSLESS, False, "pylibjpeg-openjpeg", _integer(1, 24, min_side=32),
+        _pydicom_encode(JPEG_2000_LOSSLESS), _pydicom_encoder_available(JPEG_2000_LOSSLESS),
+    ),
+    HTJ2K_LOSSLESS: Codec(
+        HTJ2K_LOSSLESS, False, "imagecodecs", _integer(1, 16),
+        _htj2k_encode, _imagecodecs_available("HTJ2K"),
+    ),
+    JPEG_BASELINE: Codec(
+        JPEG_BASELINE, True, "imagecodecs", _integer(8, 8),
+        _jpeg_encode, _imagecodecs_available("JPEG8"),
+    ),
+}  # fmt: skip
+
+
+def decodable(transfer_syntax_uid: str) -> bool:
+    if transfer_syntax_uid in NATIVE:
+        return True
+    try:
+        return bool(get_decoder(transfer_syntax_uid).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def available_targets(stored_ts: str, info: PixelInfo | None) -> tuple[str, ...]:
+    """Transfer syntaxes this instance can be sent in besides its own (PS3.18 8.7.3.5).
+
+    Instances without pixel data can always be re-encoded as Explicit VR Little Endian.
+    """
+    if info is None:
+        return (EXPLICIT_VR_LITTLE_ENDIAN,)
+    if not decodable(stored_ts):
+        return ()
+    return tuple(
+        uid for uid, codec in ENCODERS.items() if codec.accepts(info) and codec.available()
+    )
+
+
+def missing_codec(stored_ts: str) -> str:
+    """A sentence naming what cannot decode `stored_ts` (for 406 messages)."""
+    uid = UID(stored_ts)
+    return f"no installed decoder for {uid.name} ({uid}); install pylibjpeg plugins or pyjpegls"
 
 
 def _frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:
@@ -48,47 +254,64 @@ def _frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> 
     return bytes(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
 
 
-def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
-    """Frames (1-based) decoded to native little-endian bytes (Explicit VR Little Endian).
-
-    Colour data that a decoder delivers as YCbCr is converted to RGB (pydicom's default), and
-    colour samples are interleaved (Planar Configuration 0).
-    """
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    bits = int(ds.get("BitsAllocated") or 8)
-    planar = int(ds.get("SamplesPerPixel") or 1) > 1 and ds.get("PlanarConfiguration") == 1
-    deflated = ds.file_meta.TransferSyntaxUID == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-    out = []
-    for n in frames:
-        try:
-            # No random access into a deflate stream: decode the whole data set.
-            arr = _all_frames(path)[n - 1] if deflated else _one_frame(path, n)
-        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
-            uid = UID(str(ds.file_meta.TransferSyntaxUID))
-            raise TranscodeError(
-                f"cannot decode frame {n} of {uid.name} ({uid}): {exc}; ask for "
-                "transfer-syntax=* to receive the frames as stored"
-            ) from None
-        out.append(_frame_bytes(arr, bits, planar))
-    return out
-
-
-def _one_frame(path: Path, n: int) -> np.ndarray:
-    """Frame n, reading and decoding only that frame when pydicom's lazy reader can."""
+def frame_array(path: Path, ds: Dataset, n: int) -> np.ndarray:
+    """Frame n (1-based), decoded; reads only that frame when the file allows it."""
+    if ds.file_meta.TransferSyntaxUID == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        one: np.ndarray = _all_frames(path)[n - 1]  # no random access into a deflate stream
+        return one
     try:
         frame: np.ndarray = pixel_array(str(path), index=n - 1)
         return frame
     except (AttributeError, ValueError, KeyError):
         # Files pydicom reads only with repairs (e.g. Pixel Data written implicitly in an
         # explicit VR file): decode through a full read instead.
-        one: np.ndarray = _all_frames(path)[n - 1]
-        return one
+        again: np.ndarray = _all_frames(path)[n - 1]
+        return again
 
 
 def _all_frames(path: Path) -> np.ndarray:
     full = pydicom.dcmread(path)
     arr = full.pixel_array
     return arr if int(full.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
+
+
+def _cannot(path: Path | None, what: str, exc: Exception) -> TranscodeError:
+    return TranscodeError(f"cannot {what}: {exc}; ask for transfer-syntax=* for the stored bytes")
+
+
+def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
+    """Frames (1-based) decoded to native little-endian bytes (Explicit VR Little Endian).
+
+    Colour that a decoder delivers as YCbCr is converted to RGB (pydicom's default).
+    """
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = PixelInfo.of(ds)
+    planar = info.samples_per_pixel > 1 and ds.get("PlanarConfiguration") == 1
+    out = []
+    for n in frames:
+        try:
+            arr = frame_array(path, ds, n)
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+            raise _cannot(path, f"decode frame {n}", exc) from None
+        out.append(_frame_bytes(arr, info.bits_allocated, planar))
+    return out
+
+
+def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> list[bytes]:
+    """Frames decoded, then encoded in `transfer_syntax_uid` (one codestream per frame)."""
+    codec = ENCODERS[transfer_syntax_uid]
+    assert codec.encode is not None
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = PixelInfo.of(ds)
+    out = []
+    for n in frames:
+        try:
+            out.append(codec.encode(frame_array(path, ds, n), info))
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+            raise _cannot(
+                path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
+            ) from None
+    return out
 
 
 def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
@@ -100,141 +323,45 @@ def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
     return [all_frames[n - 1] for n in frames]
 
 
-def to_explicit_little_endian(src: Path, dst: Path) -> None:
-    """Write `src` to `dst` in Explicit VR Little Endian, decompressing when needed."""
+def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
+    """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS). The SOP Instance UID
+    is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5)."""
     ds = pydicom.dcmread(src)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
-        if ts.is_compressed and "PixelData" in ds:
-            # The SOP Instance UID stays: a lossless conversion is the same instance (PS3.5 8.2).
-            ds.decompress(generate_instance_uid=False)
-        elif ts != EXPLICIT_VR_LITTLE_ENDIAN and "PixelData" in ds and not ts.is_little_endian:
-            arr = ds.pixel_array
-            planar = ds.get("PlanarConfiguration") == 1
-            ds.PixelData = _frame_bytes(arr, int(ds.BitsAllocated), planar)
-            if int(ds.BitsAllocated) > 8:
-                ds["PixelData"].VR = "OW"
-        ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
+        if "PixelData" in ds and transfer_syntax_uid != ts:
+            _convert_pixels(ds, ts, transfer_syntax_uid)
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
         ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    except (NotImplementedError, RuntimeError, ValueError) as exc:
-        raise TranscodeError(
-            f"cannot convert {ts.name} ({ts}) to Explicit VR Little Endian: {exc}; ask for "
-            "transfer-syntax=* to receive the instance as stored"
-        ) from None
-
-
-# --- Rendering (PS3.18 8.3.5, 10.4.1.1.3): pixels -> a consumer image -------------------------
-
-
-def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2.1 (LINEAR, LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID), output 0..1."""
-    if function == "SIGMOID":
-        out: np.ndarray = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-        return out
-    if function == "LINEAR_EXACT" or width <= 1:
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(x)), float(np.max(x))
-    return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x - lo) / (hi - lo)
-
-
-def _first_number(value: Any) -> float:
-    """The first of a possibly multi-valued DS (Window Center and Width may have several)."""
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0]
-    return float(value)
-
-
-def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None) -> np.ndarray:
-    """Modality LUT, then VOI (the request's window, else the instance's, else min-max)."""
-    x = apply_modality_lut(arr, ds).astype(np.float64)
-    if window is not None:
-        y = _window(x, *window)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        y = _window(x, _first_number(ds.WindowCenter), _first_number(ds.WindowWidth), function)
-    elif "VOILUTSequence" in ds:
-        y = _normalise(apply_voi_lut(x, ds).astype(np.float64))
-    else:
-        y = _normalise(x)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        y = 1.0 - y  # PS3.3 C.7.6.3.1.2: minimum is white
-    return np.round(y * 255.0).astype(np.uint8)
-
-
-def _display(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None) -> np.ndarray:
-    """8-bit greyscale (H, W) or RGB (H, W, 3) ready for Pillow."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric.startswith("MONOCHROME"):
-        return _grey(arr, ds, window)
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    # Colour from pydicom is RGB (YCbCr already converted); scale >8-bit samples down.
-    if arr.dtype != np.uint8:
-        top = float(arr.max()) or 1.0
-        arr = np.round(arr.astype(np.float64) / top * 255.0).astype(np.uint8)
-    return arr
-
-
-def _encode(img: Image.Image, media: str, quality: int) -> bytes:
-    buf = io.BytesIO()
-    if media == "image/png":
-        img.save(buf, format="PNG")
-    elif media == "image/gif":
-        img.convert("P", palette=Image.Palette.ADAPTIVE).save(buf, format="GIF")
-    else:
-        img.convert("L" if img.mode == "L" else "RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _fit(img: Image.Image, params: RenderParams, thumbnail: bool) -> Image.Image:
-    if params.region is not None:
-        sx, sy, sw, sh = params.region
-        img = img.crop((min(sx, sx + sw), min(sy, sy + sh), max(sx, sx + sw), max(sy, sy + sh)))
-        if sw < 0:  # PS3.18 8.3.5.1.2: a negative source extent flips the image
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if sh < 0:
-            img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    if params.viewport is not None:
-        box = params.viewport
-    elif thumbnail:
-        box = (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-    else:
-        return img
-    scale = min(box[0] / img.width, box[1] / img.height)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS)
-
-
-def render_frame(
-    path: Path, frame: int, params: RenderParams, media: str, thumbnail: bool
-) -> bytes:
-    """Frame `frame` (1-based) as a consumer image: LUTs applied, fitted, encoded."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    deflated = ds.file_meta.TransferSyntaxUID == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-    try:
-        arr = _all_frames(path)[frame - 1] if deflated else _one_frame(path, frame)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
-        raise TranscodeError(f"cannot decode frame {frame} to render it: {exc}") from None
-    if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    pixels = _display(arr, ds, params.window)
-    img = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
-    return _encode(_fit(img, params, thumbnail), media, params.quality)
+        raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
 
 
-def render_icon(label: str, params: RenderParams, media: str) -> bytes:
-    """An icon for an instance without pixel data (SR, PDF, ...): its modality on a tile."""
-    side = THUMBNAIL_SIZE
-    img = Image.new("RGB", (side, side), (52, 58, 64))
-    draw = ImageDraw.Draw(img)
-    draw.rectangle((8, 8, side - 9, side - 9), outline=(173, 181, 189), width=3)
-    text = label[:8] or "DICOM"
-    left, top, right, bottom = draw.textbbox((0, 0), text)
-    draw.text(
-        ((side - (right - left)) / 2, (side - (bottom - top)) / 2), text, fill=(248, 249, 250)
-    )
-    return _encode(_fit(img, params, thumbnail=True), media, params.quality)
+def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
+    info = PixelInfo.of(ds)
+    codec = ENCODERS[target]
+    if codec.encode is None:  # to Explicit VR Little Endian
+        if ts.is_compressed:
+            # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
+            ds.decompress(generate_instance_uid=False)
+        elif not ts.is_little_endian:  # big endian: swap the pixel bytes
+            planar = ds.get("PlanarConfiguration") == 1
+            ds.PixelData = _frame_bytes(ds.pixel_array, info.bits_allocated, planar)
+            ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
+        # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
+        return
+    arr = ds.pixel_array
+    frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
+    ds.PixelData = encapsulate([codec.encode(f, info) for f in frames], has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    _decoded_colour(ds, info)
+    if codec.lossy:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = "ISO_10918_1"
+
+
+def _decoded_colour(ds: Dataset, info: PixelInfo) -> None:
+    if info.samples_per_pixel == 3:
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0

@@ -100,6 +100,10 @@ async def _check_one(client: httpx.AsyncClient, samples: Path, row: dict[str, st
     assert body == path.read_bytes(), "retrieved bytes differ"
 
     (meta,) = (await client.get(f"{inst}/metadata")).json()
+    available = meta.pop("00083002")["Value"]  # Available Transfer Syntax UID, added by us
+    assert available[0] == ds.file_meta.TransferSyntaxUID
+    if row["decodes"] == "yes":
+        assert "1.2.840.10008.1.2.1" in available
     theirs = ds.to_json_dict(1024, lambda _e: "bulk")
     theirs.pop("FFFCFFFC", None)  # Data Set Trailing Padding is not part of the metadata
     assert sorted(meta) == sorted(theirs), "metadata tags differ"

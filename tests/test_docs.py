@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dicomweb_server import config, dicom_json, media, multipart, query, retrieve
+from dicomweb_server import (
+    config,
+    dicom_json,
+    media,
+    multipart,
+    query,
+    rendered,
+    retrieve,
+    transcode,
+)
 from dicomweb_server.attributes import ATTRIBUTES
 from dicomweb_server.errors import FailureReason
 
@@ -42,7 +51,14 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json)
+    modules = (config, multipart, query, retrieve, dicom_json, rendered)
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name
+
+
+def test_encoders() -> None:
+    documented = {(ts, lib) for ts, _name, lib, _ in table("### Encoders")}
+    assert {ts for ts, _ in documented} == set(transcode.ENCODERS)
+    for ts, library in documented:
+        assert transcode.ENCODERS[ts].library.split("-")[-1] in library, ts

@@ -43,53 +43,73 @@ def test_parse_accept_malformed(bad: str) -> None:
         parse_accept(bad)
 
 
+JLS = "1.2.840.10008.1.2.4.80"
+HTJ2K = "1.2.840.10008.1.2.4.201"
+ALL = (EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.5", JLS, J2K, HTJ2K, JPEG)
+ONLY_LE = (EXPLICIT_VR_LITTLE_ENDIAN,)
+
+
 @pytest.mark.parametrize(
-    ("accept", "stored", "expected"),
+    ("accept", "stored", "targets", "expected"),
     [
-        (None, JPEG, EXPLICIT_VR_LITTLE_ENDIAN),
-        ("*/*", JPEG, EXPLICIT_VR_LITTLE_ENDIAN),
-        ('multipart/related; type="application/dicom"', JPEG, EXPLICIT_VR_LITTLE_ENDIAN),
-        ("multipart/related; type=application/dicom; transfer-syntax=*", JPEG, STORED),
-        (f'multipart/related; type="application/dicom"; transfer-syntax={JPEG}', JPEG, STORED),
-        ("multipart/related", J2K, EXPLICIT_VR_LITTLE_ENDIAN),
+        (None, JPEG, ALL, EXPLICIT_VR_LITTLE_ENDIAN),
+        ("*/*", JPEG, ALL, EXPLICIT_VR_LITTLE_ENDIAN),
+        ('multipart/related; type="application/dicom"', JPEG, ALL, EXPLICIT_VR_LITTLE_ENDIAN),
+        ("multipart/related; type=application/dicom; transfer-syntax=*", JPEG, ALL, STORED),
+        (f'multipart/related; type="application/dicom"; transfer-syntax={JPEG}', JPEG, (), STORED),
+        ("multipart/related", J2K, ALL, EXPLICIT_VR_LITTLE_ENDIAN),
+        (f"multipart/related; type=application/dicom; transfer-syntax={JLS}", J2K, ALL, JLS),
         (f"multipart/related; type=application/dicom; transfer-syntax={J2K}, */*;q=0.2", JPEG,
-         EXPLICIT_VR_LITTLE_ENDIAN),
+         ONLY_LE, EXPLICIT_VR_LITTLE_ENDIAN),
+        (f"multipart/related; type=application/dicom; transfer-syntax={HTJ2K};q=0.5, "
+         f"multipart/related; type=application/dicom; transfer-syntax={JLS};q=0.9", J2K, ALL, JLS),
     ],
 )  # fmt: skip
-def test_negotiate_instances(accept: str | None, stored: str, expected: str) -> None:
-    assert negotiate_instances(accept, stored) == expected
+def test_negotiate_instances(
+    accept: str | None, stored: str, targets: tuple[str, ...], expected: str
+) -> None:
+    assert negotiate_instances(accept, stored, targets) == expected
 
 
 def test_negotiate_instances_406_names_what_we_can_send() -> None:
+    accept = f"multipart/related; type=application/dicom; transfer-syntax={J2K}"
     with pytest.raises(NotAcceptableError) as exc:
-        negotiate_instances(
-            f"multipart/related; type=application/dicom; transfer-syntax={J2K}", JPEG
-        )
+        negotiate_instances(accept, JPEG, ONLY_LE, "no decoder for X")
     assert EXPLICIT_VR_LITTLE_ENDIAN in exc.value.message and JPEG in exc.value.message
+    assert "no decoder for X" in exc.value.message
     with pytest.raises(NotAcceptableError):
-        negotiate_instances("application/dicom+json", JPEG)
+        negotiate_instances("application/dicom+json", JPEG, ALL)
+    with pytest.raises(NotAcceptableError):  # the default needs a decoder we lack
+        negotiate_instances(None, JPEG, ())
 
 
 @pytest.mark.parametrize(
-    ("accept", "stored", "expected"),
+    ("accept", "stored", "targets", "expected"),
     [
-        (None, JPEG, EXPLICIT_VR_LITTLE_ENDIAN),
-        ('multipart/related; type="application/octet-stream"; transfer-syntax=*', JPEG, STORED),
-        ("multipart/related; type=application/octet-stream; transfer-syntax=*", JPEG, STORED),
-        ('multipart/related; type="image/jpeg"', JPEG, STORED),
-        ('multipart/related; type="image/*"', J2K, STORED),
-        ("multipart/related; type=application/octet-stream", J2K, EXPLICIT_VR_LITTLE_ENDIAN),
+        (None, JPEG, ALL, EXPLICIT_VR_LITTLE_ENDIAN),
+        ('multipart/related; type="application/octet-stream"; transfer-syntax=*', JPEG, (), STORED),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*", JPEG, (), STORED),
+        ('multipart/related; type="image/jpeg"', JPEG, (), STORED),
+        ('multipart/related; type="image/*"', J2K, (), STORED),
+        ("multipart/related; type=application/octet-stream", J2K, ALL, EXPLICIT_VR_LITTLE_ENDIAN),
         ('multipart/related; type="image/jls", multipart/related; type=application/octet-stream',
-         JPEG, EXPLICIT_VR_LITTLE_ENDIAN),
+         JPEG, ONLY_LE, EXPLICIT_VR_LITTLE_ENDIAN),
+        ('multipart/related; type="image/jls"', JPEG, ALL, JLS),
+        ('multipart/related; type="image/jphc"', J2K, ALL, HTJ2K),
+        (f'multipart/related; type="image/jp2"; transfer-syntax={J2K}', JLS, ALL, J2K),
     ],
 )  # fmt: skip
-def test_negotiate_frames(accept: str | None, stored: str, expected: str) -> None:
-    assert negotiate_frames(accept, stored) == expected
+def test_negotiate_frames(
+    accept: str | None, stored: str, targets: tuple[str, ...], expected: str
+) -> None:
+    assert negotiate_frames(accept, stored, targets) == expected
 
 
 def test_negotiate_frames_406() -> None:
     with pytest.raises(NotAcceptableError):
-        negotiate_frames('multipart/related; type="image/jp2"', JPEG)
+        negotiate_frames('multipart/related; type="image/jp2"', JPEG, ONLY_LE)
+    with pytest.raises(NotAcceptableError):  # image/jls cannot carry a JPEG 2000 syntax
+        negotiate_frames(f'multipart/related; type="image/jls"; transfer-syntax={J2K}', JPEG, ALL)
 
 
 def test_frame_media_types() -> None:

@@ -1,0 +1,194 @@
+"""Transcoding (issue 4): every decodable sample, frames and instances, to every lossless target
+the registry offers, decodes back to exactly pydicom's pixels; lossy within a stated error."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.pixels.decoders.base import get_decoder
+
+from dicomweb_server.transcode import ENCODERS
+from tests.helpers import (
+    ROOT,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+pytestmark = pytest.mark.db
+
+LOSSLESS = [uid for uid, c in ENCODERS.items() if not c.lossy and c.encode is not None]
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+# Largest mean absolute error allowed for JPEG Baseline at quality 90, in 8-bit levels.
+JPEG_MEAN_ABS_ERROR = 3.0
+# Frames checked per file and target (first and last), to bound the test time.
+MEDIA = {
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    JPEG_BASELINE: "image/jpeg",
+}
+
+
+def inst_url(ds: pydicom.Dataset) -> str:
+    return (
+        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+
+
+def decode(codestream: bytes, ds: pydicom.Dataset, ts: str) -> np.ndarray:
+    """Decode one returned frame with pydicom, described as our converted output is."""
+    spp = int(ds.SamplesPerPixel)
+    opts: dict[str, Any] = {
+        "rows": int(ds.Rows), "columns": int(ds.Columns), "samples_per_pixel": spp,
+        "bits_allocated": int(ds.BitsAllocated), "bits_stored": int(ds.BitsStored),
+        "pixel_representation": int(ds.PixelRepresentation), "number_of_frames": 1,
+        "photometric_interpretation": "RGB" if spp == 3 else ds.PhotometricInterpretation,
+        "planar_configuration": 0,
+    }  # fmt: skip
+    arr, _ = get_decoder(ts).as_array(encapsulate([codestream]), **opts)
+    return arr
+
+
+def frames_of(ds: pydicom.Dataset) -> np.ndarray:
+    arr = ds.pixel_array
+    return arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
+
+
+async def available(client: httpx.AsyncClient, ds: pydicom.Dataset) -> list[str]:
+    (meta,) = (await client.get(f"{inst_url(ds)}/metadata")).json()
+    return list(meta["00083002"]["Value"])
+
+
+async def test_every_decodable_sample_to_every_lossless_target(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    with (samples / "MANIFEST.tsv").open() as fh:
+        rows = [
+            r for r in csv.DictReader(fh, delimiter="\t")
+            if r["decodes"] == "yes" and not r["path"].startswith("generated/archive/")
+        ]  # fmt: skip
+    for i in range(0, len(rows), 40):
+        body = multipart_body((samples / r["path"]).read_bytes() for r in rows[i : i + 40])
+        r = await app_client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+        assert r.status_code == 200
+    problems: list[str] = []
+    checked = 0
+    for row in rows:
+        ds = pydicom.dcmread(samples / row["path"])
+        expected = frames_of(ds)
+        last = len(expected)
+        targets = await available(app_client, ds)
+        for ts in LOSSLESS:
+            if ts not in targets or ts == ds.file_meta.TransferSyntaxUID:
+                continue
+            accept = f'multipart/related; type="{MEDIA[ts]}"; transfer-syntax={ts}'
+            r = await app_client.get(f"{inst_url(ds)}/frames/1,{last}", headers={"Accept": accept})
+            try:
+                assert r.status_code == 200, r.text
+                parts = split_multipart(r.content, r.headers["content-type"])
+                assert parts[0][0]["content-type"] == f"{MEDIA[ts]}; transfer-syntax={ts}"
+                for (_, data), want in zip(parts, (expected[0], expected[-1]), strict=True):
+                    assert np.array_equal(decode(data, ds, ts), want), "pixels differ"
+                checked += 1
+            except AssertionError as exc:
+                problems.append(f"{row['path']} -> {ts}: {exc}")
+    assert not problems, "\n".join(problems[:20])
+    assert checked > 200
+
+
+@pytest.mark.parametrize("ts", LOSSLESS)
+async def test_whole_instance_in_each_lossless_syntax(
+    app_client: httpx.AsyncClient, samples: Path, ts: str
+) -> None:
+    path = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
+    ds = pydicom.dcmread(path)
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([path.read_bytes()]), headers=stow_headers()
+    )
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={ts}'
+    r = await app_client.get(inst_url(ds), headers={"Accept": accept})
+    assert r.status_code == 200
+    ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"] == f"application/dicom; transfer-syntax={ts}"
+    out = pydicom.dcmread(io.BytesIO(body))
+    assert out.file_meta.TransferSyntaxUID == ts
+    assert out.SOPInstanceUID == ds.SOPInstanceUID
+    assert np.array_equal(out.pixel_array, ds.pixel_array)
+
+
+async def test_jpeg_baseline_only_by_name_and_within_error(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    path = samples / "generated/coverage/xa_20frames_8bit.dcm"
+    ds = pydicom.dcmread(path)
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([path.read_bytes()]), headers=stow_headers()
+    )
+    r = await app_client.get(
+        f"{inst_url(ds)}/frames/3", headers={"Accept": "multipart/related; type=image/*"}
+    )
+    assert "image/jpeg" not in r.headers.get("content-type", "")  # never lossy unless named
+    accept = 'multipart/related; type="image/jpeg"'
+    r = await app_client.get(f"{inst_url(ds)}/frames/3", headers={"Accept": accept})
+    assert r.status_code == 200
+    ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"] == f"image/jpeg; transfer-syntax={JPEG_BASELINE}"
+    got = decode(data, ds, JPEG_BASELINE).astype(float)
+    err = np.abs(got - ds.pixel_array[2].astype(float)).mean()
+    assert err <= JPEG_MEAN_ABS_ERROR, err
+    r = await app_client.get(
+        inst_url(ds),
+        headers={
+            "Accept": f"multipart/related; type=application/dicom; transfer-syntax={JPEG_BASELINE}"
+        },
+    )
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    out = pydicom.dcmread(io.BytesIO(body))
+    assert out.LossyImageCompression == "01" and out.SOPInstanceUID == ds.SOPInstanceUID
+
+
+async def test_impossible_conversions_are_406(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance(rows=8, cols=8)  # 16-bit
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    for accept in (
+        'multipart/related; type="image/jpeg"',  # JPEG Baseline needs 8-bit data
+        'multipart/related; type="image/jp2"; transfer-syntax=1.2.840.10008.1.2.4.91',  # lossy
+        'multipart/related; type="video/mp4"',
+    ):
+        r = await app_client.get(f"{inst_url(ds)}/frames/1", headers={"Accept": accept})
+        assert r.status_code == 406, accept
+        assert "converted:" in r.json()["message"]
+
+
+async def test_frame_cache_serves_repeats(app: object, app_client: httpx.AsyncClient) -> None:
+    from starlette.applications import Starlette
+
+    assert isinstance(app, Starlette)
+    ds = make_instance(rows=64, cols=64, frames=3)
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    accept = 'multipart/related; type="image/jls"'
+    frames = app.state.services.frames
+    first = await app_client.get(f"{inst_url(ds)}/frames/2", headers={"Accept": accept})
+    assert len(frames) == 1
+    again = await app_client.get(f"{inst_url(ds)}/frames/2", headers={"Accept": accept})
+    assert len(frames) == 1
+    assert split_multipart(first.content, first.headers["content-type"]) == split_multipart(
+        again.content, again.headers["content-type"]
+    )
