@@ -64,6 +64,7 @@ class StoredInstance:
     rows: int | None = None
     columns: int | None = None
     is_float: bool = False
+    planar_configuration: int | None = None
 
 
 _LOCATE = """
@@ -73,7 +74,7 @@ SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_
        _us(i.metadata, '00280100'), _us(i.metadata, '00280101'), _us(i.metadata, '00280002'),
        _us(i.metadata, '00280103'), i.metadata #>> '{{00280004,Value,0}}',
        _us(i.metadata, '00280010'), _us(i.metadata, '00280011'),
-       i.metadata ?| ARRAY['7FE00008', '7FE00009']{extra}
+       i.metadata ?| ARRAY['7FE00008', '7FE00009'], _us(i.metadata, '00280006'){extra}
 FROM instance i
 JOIN series se ON se.pk = i.series_fk
 JOIN study st ON st.pk = se.study_fk

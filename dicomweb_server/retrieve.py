@@ -38,6 +38,7 @@ from dicomweb_server.rendered import RenderParams
 from dicomweb_server.transcode import (
     PixelInfo,
     available_targets,
+    convert_codestream,
     decodable,
     decode_frames,
     encode_frames,
@@ -99,6 +100,7 @@ def pixel_info(inst: StoredInstance) -> PixelInfo | None:
         inst.rows or 0,
         inst.columns or 0,
         inst.is_float,
+        inst.planar_configuration or 0,
     )
 
 
@@ -217,7 +219,18 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
     if cached is not None:
         return cached
     path = svc.blobs.local_path(inst.blob_key)
-    if target == EXPLICIT_VR_LITTLE_ENDIAN:
+    info = pixel_info(inst)
+    if inst.encapsulated and inst.frame_offsets and inst.frame_lengths and info and info.rows:
+        # Read just this frame's fragments by the offsets recorded at ingest; decode them.
+        chunks = svc.blobs.open_range(
+            inst.blob_key, inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
+        )
+        codestream = b"".join([c async for c in strip_items(chunks)])
+        data = await anyio.to_thread.run_sync(
+            convert_codestream, codestream, inst.transfer_syntax_uid, info, target,
+            limiter=svc.limiter,
+        )  # fmt: skip
+    elif target == EXPLICIT_VR_LITTLE_ENDIAN:
         (data,) = await anyio.to_thread.run_sync(decode_frames, path, [n], limiter=svc.limiter)
     else:
         (data,) = await anyio.to_thread.run_sync(

@@ -41,6 +41,7 @@ __all__ = [
     "PixelInfo",
     "TranscodeError",
     "available_targets",
+    "convert_codestream",
     "decode_frames",
     "encode_frames",
     "frame_array",
@@ -81,6 +82,7 @@ class PixelInfo:
     rows: int = 0
     columns: int = 0
     is_float: bool = False  # Float or Double Float Pixel Data: no integer codec applies
+    planar_configuration: int = 0
 
     @classmethod
     def of(cls, ds: Dataset) -> PixelInfo:
@@ -94,6 +96,7 @@ class PixelInfo:
             int(ds.get("Rows") or 0),
             int(ds.get("Columns") or 0),
             "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+            int(ds.get("PlanarConfiguration") or 0),
         )
 
 
@@ -312,6 +315,40 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
                 path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
             ) from None
     return out
+
+
+def decode_codestream(codestream: bytes, transfer_syntax_uid: str, info: PixelInfo) -> np.ndarray:
+    """One frame's compressed bytes (read by range at the offsets recorded at ingest) decoded,
+    without opening the file: the pixel description comes from the index."""
+    opts: dict[str, Any] = {
+        "rows": info.rows,
+        "columns": info.columns,
+        "samples_per_pixel": info.samples_per_pixel,
+        "bits_allocated": info.bits_allocated,
+        "bits_stored": info.bits_stored,
+        "pixel_representation": info.pixel_representation,
+        "photometric_interpretation": info.photometric,
+        "number_of_frames": 1,
+        "planar_configuration": 0,
+    }
+    try:
+        arr, _ = get_decoder(transfer_syntax_uid).as_array(encapsulate([codestream]), **opts)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+        raise _cannot(None, f"decode a {UID(transfer_syntax_uid).name} frame", exc) from None
+    return arr
+
+
+def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, target: str) -> bytes:
+    """A stored compressed frame decoded, then sent uncompressed or re-encoded as `target`."""
+    arr = decode_codestream(codestream, stored_ts, info)
+    codec = ENCODERS[target]
+    if codec.encode is None:  # same layout as decode_frames gives
+        planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
+        return _frame_bytes(arr, info.bits_allocated, planar)
+    try:
+        return codec.encode(arr, info)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise _cannot(None, f"encode a frame as {UID(target).name}", exc) from None
 
 
 def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
