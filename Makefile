@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test test-db lint conformance initdb run clean
+.PHONY: install serve test test-db lint conformance initdb run bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ test-db: install
 	$(PY) -m pytest -q -m "db or conformance"
 
 lint: install
-	$(VENV)/bin/ruff format --check dicomweb_server tests conformance
-	$(VENV)/bin/ruff check dicomweb_server tests conformance
+	$(VENV)/bin/ruff format --check dicomweb_server tests conformance benchmarks
+	$(VENV)/bin/ruff check dicomweb_server tests conformance benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -42,6 +42,10 @@ lint: install
 # `make test` runs it too, against a server it starts itself.
 conformance: install
 	DICOMWEB_URL=$${DICOMWEB_URL:-http://127.0.0.1:8080/dicom-web} $(PY) -m pytest -q conformance
+
+# Benchmarks (figures are ratios measured in the same run; see docs/benchmarks.md).
+bench: install
+	$(PY) benchmarks/frames.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

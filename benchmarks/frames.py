@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -27,7 +28,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.liveserver import start  # noqa: E402
+from tests.liveserver import start
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 LARGE = SAMPLES / "generated/large/ect_24frames_512_explicit_le.dcm"
@@ -47,10 +48,13 @@ def compressed_copy(ts: str, out: Path) -> Path:
 
 
 def stow(client: httpx.Client, url: str, files: list[bytes]) -> None:
-    body = b"".join(
-        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
-        for f in files
-    ) + f"--{BOUNDARY}--\r\n".encode()
+    body = (
+        b"".join(
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f + b"\r\n"
+            for f in files
+        )
+        + f"--{BOUNDARY}--\r\n".encode()
+    )
     ctype = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
     r = client.post(f"{url}/studies", content=body, headers={"Content-Type": ctype})
     r.raise_for_status()
@@ -80,7 +84,9 @@ def frame_ratio(client: httpx.Client, url: str, path: Path) -> dict[str, float]:
     }
 
 
-def series_peak_rss(client: httpx.Client, url: str, server_rss: callable, work: Path) -> dict[str, float]:  # type: ignore[valid-type]
+def series_peak_rss(
+    client: httpx.Client, url: str, server_rss: Callable[[], int], work: Path
+) -> dict[str, float]:
     """STOW a series of SERIES_FRAMES single-frame JPEG 2000 instances, retrieve it as Explicit
     VR Little Endian (every instance transcoded), and read the server's peak memory."""
     src = pydicom.dcmread(LARGE)
@@ -127,7 +133,10 @@ def main() -> int:
         try:
             with httpx.Client(timeout=600) as client:
                 results: dict[str, object] = {}
-                for name, ts in (("jpeg2000_lossless", JPEG2000Lossless), ("jpegls_lossless", JPEGLSLossless)):
+                for name, ts in (
+                    ("jpeg2000_lossless", JPEG2000Lossless),
+                    ("jpegls_lossless", JPEGLSLossless),
+                ):
                     path = compressed_copy(ts, work)
                     stow(client, server.url, [path.read_bytes()])
                     results[name] = frame_ratio(client, server.url, path)
