@@ -20,7 +20,10 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply
 from dicomweb_server.rendered import THUMBNAIL_SIZE, RenderParams
 from dicomweb_server.transcode import TranscodeError, frame_array
 
-__all__ = ["render_frame", "render_icon"]
+__all__ = ["MAX_ANIMATION_FRAMES", "render_animation", "render_frame", "render_icon"]
+
+# Frames of a multi-frame instance put into one animated GIF, at most.
+MAX_ANIMATION_FRAMES = 512
 
 
 def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -120,6 +123,32 @@ def render_frame(
     pixels = _display(arr, ds, params.window)
     img = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
     return _encode(_fit(img, params, thumbnail), media, params.quality)
+
+
+def render_animation(path: Path, params: RenderParams) -> bytes:
+    """Every frame of a multi-frame instance as an animated GIF (PS3.18 8.7.4: image/gif may
+    carry several frames), at the instance's Frame Time or 10 frames per second."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    nframes = min(int(ds.get("NumberOfFrames") or 1), MAX_ANIMATION_FRAMES)
+    images = []
+    for n in range(1, nframes + 1):
+        try:
+            arr = frame_array(path, ds, n)
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+            raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
+        if arr.ndim == 3 and int(ds.get("SamplesPerPixel") or 1) == 1:
+            arr = arr[..., 0]
+        pixels = _display(arr, ds, params.window)
+        img = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
+        images.append(
+            _fit(img, params, thumbnail=False).convert("P", palette=Image.Palette.ADAPTIVE)
+        )
+    frame_ms = int(float(ds.get("FrameTime") or 100))
+    buf = io.BytesIO()
+    images[0].save(
+        buf, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0
+    )
+    return buf.getvalue()
 
 
 def render_icon(label: str, params: RenderParams, media: str) -> bytes:

@@ -33,7 +33,7 @@ from dicomweb_server.media import (
     negotiate_frames,
     negotiate_instances,
 )
-from dicomweb_server.render import render_frame, render_icon
+from dicomweb_server.render import render_animation, render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
 from dicomweb_server.transcode import (
     PixelInfo,
@@ -335,9 +335,11 @@ async def rendered_image(
     params: RenderParams,
     media: str,
     thumbnail: bool,
+    animate: bool = False,
 ) -> bytes:
-    """One rendered frame or thumbnail, from the cache when it was made before."""
-    key = (inst.blob_key, frame, params, media, thumbnail)
+    """One rendered frame or thumbnail, from the cache when it was made before; with `animate`
+    (an instance-level request), a multi-frame instance asked for as GIF is animated."""
+    key = (inst.blob_key, frame, params, media, thumbnail, animate)
     cached = svc.images.get(key)
     if cached is not None:
         return cached
@@ -352,9 +354,14 @@ async def rendered_image(
                 f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
             )
         path = svc.blobs.local_path(inst.blob_key)
-        data = await anyio.to_thread.run_sync(
-            render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
-        )
+        if animate and media == "image/gif" and inst.number_of_frames > 1 and not thumbnail:
+            data = await anyio.to_thread.run_sync(
+                render_animation, path, params, limiter=svc.limiter
+            )
+        else:
+            data = await anyio.to_thread.run_sync(
+                render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
+            )
     svc.images.put(key, data)
     return data
 

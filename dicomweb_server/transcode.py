@@ -242,9 +242,13 @@ def available_targets(stored_ts: str, info: PixelInfo | None) -> tuple[str, ...]
 
 
 def missing_codec(stored_ts: str) -> str:
-    """A sentence naming what cannot decode `stored_ts` (for 406 messages)."""
+    """A sentence naming what is missing to decode `stored_ts` (for 406 messages)."""
     uid = UID(stored_ts)
-    return f"no installed decoder for {uid.name} ({uid}); install pylibjpeg plugins or pyjpegls"
+    try:
+        missing = get_decoder(stored_ts).missing_dependencies
+    except (NotImplementedError, ValueError):
+        return f"pydicom has no decoder for {uid.name} ({uid})"
+    return f"decoding {uid.name} ({uid}) needs: {'; '.join(missing) or 'a decoder plugin'}"
 
 
 def _frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:

@@ -176,3 +176,19 @@ async def test_every_decodable_sample_renders(app_client: httpx.AsyncClient, sam
         except AssertionError as exc:
             problems.append(f"{row['path']}: {exc}")
     assert not problems, "\n".join(problems)
+
+
+async def test_multiframe_gif_is_animated(app_client: httpx.AsyncClient, samples: Path) -> None:
+    path = samples / "generated/coverage/xa_20frames_8bit.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    await stow(app_client, path.read_bytes())
+    gif = image(
+        await app_client.get(f"{inst_url(ds)}/rendered", headers={"Accept": "image/gif"}),
+        "image/gif",
+    )
+    assert getattr(gif, "n_frames", 1) == 20
+    one = image(
+        await app_client.get(f"{inst_url(ds)}/frames/5/rendered", headers={"Accept": "image/gif"}),
+        "image/gif",
+    )
+    assert getattr(one, "n_frames", 1) == 1

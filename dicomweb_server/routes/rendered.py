@@ -30,7 +30,8 @@ async def _image(request: Request, thumbnail: bool) -> Response:
             raise BadRequestError("a rendered frame resource names exactly one frame")
         frame = frames[0]
     inst = found[0] if "instance" in p else representative(found)
-    data = await rendered_image(services(request), inst, frame, params, media, thumbnail)
+    animate = "instance" in p and "frames" not in p
+    data = await rendered_image(services(request), inst, frame, params, media, thumbnail, animate)
     return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
 
 
