@@ -14,10 +14,11 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.blobstore import FileSystemBlobStore
 from dicomweb_server.cache import ByteLRU
-from dicomweb_server.config import Settings
+from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError
@@ -80,6 +81,34 @@ async def _dicomweb_error(request: Request, exc: Exception) -> Response:
     )
 
 
+class _CatchAllMiddleware:
+    """An unexpected exception becomes a 500 JSON answer here, inside the CORS middleware
+    (Starlette's own 500 handler sits outside it, so browsers would see a CORS failure)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unexpected error on %s", scope.get("path"))
+            if started:
+                raise
+            response = JSONResponse({"status": 500, "message": "internal error"}, 500)
+            await response(scope, receive, send)
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -87,19 +116,25 @@ def create_app(settings: Settings) -> Starlette:
             app.state.services = svc
             yield
 
+    origins = settings.cors_origins
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={DicomWebError: _dicomweb_error},
         middleware=[
+            # Field notes 2: CORS on every response, errors included, Authorization allowed.
             Middleware(
                 CORSMiddleware,
-                allow_origins=["*"],
+                allow_origins=list(origins or []),
+                allow_origin_regex=None if origins else LOCAL_ORIGINS_REGEX,
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=["*"],
+                allow_credentials="*" not in (origins or ()),
                 expose_headers=EXPOSED_HEADERS,
-                max_age=86400,
-            )
+                max_age=CORS_MAX_AGE_S,
+            ),
+            # Inside CORS, so that even an unexpected error answers with CORS headers.
+            Middleware(_CatchAllMiddleware),
         ],
     )
     app.state.settings = settings

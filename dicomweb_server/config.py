@@ -37,6 +37,12 @@ IMAGE_CACHE_BYTES = 64 * 1024**2
 FRAME_CACHE_BYTES = 64 * 1024**2
 # asyncpg pool size.
 DEFAULT_POOL_SIZE = 10
+# The viewer `make viewer` starts.
+DEFAULT_VIEWER_URL = "http://127.0.0.1:3000"
+# Seconds browsers may cache a CORS preflight answer (Access-Control-Max-Age).
+CORS_MAX_AGE_S = 86400
+# Origins allowed when DICOMWEB_CORS_ORIGINS is unset: any port on this machine.
+LOCAL_ORIGINS_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 # Seconds a single database statement may run before the request fails with 503.
 DEFAULT_QUERY_TIMEOUT_S = 30.0
 
@@ -56,6 +62,11 @@ class Settings:
     max_request_bytes: int = MAX_REQUEST_BYTES
     # Public URL of the DICOMweb root (e.g. behind a reverse proxy); None: from the request.
     public_url: str | None = None
+    # Origins allowed by CORS: a comma list, or "*"; None: any http(s) origin on localhost or
+    # 127.0.0.1, whatever the port (a viewer served next to the archive works out of the box).
+    cors_origins: tuple[str, ...] | None = None
+    # Where the landing page sends people for a viewer (`make viewer` serves OHIF there).
+    viewer_url: str = DEFAULT_VIEWER_URL
     pool_size: int = DEFAULT_POOL_SIZE
     image_cache_bytes: int = IMAGE_CACHE_BYTES
     frame_cache_bytes: int = FRAME_CACHE_BYTES
@@ -73,6 +84,11 @@ class Settings:
             s = replace(s, data_dir=Path(env["DICOMWEB_DATA_DIR"]))
         if env.get("DATABASE_URL"):
             s = replace(s, database_url=env["DATABASE_URL"])
+        if env.get("DICOMWEB_CORS_ORIGINS"):
+            origins = tuple(o.strip() for o in env["DICOMWEB_CORS_ORIGINS"].split(",") if o.strip())
+            s = replace(s, cors_origins=origins)
+        if env.get("DICOMWEB_VIEWER_URL"):
+            s = replace(s, viewer_url=env["DICOMWEB_VIEWER_URL"])
         if env.get("DICOMWEB_PUBLIC_URL"):
             s = replace(s, public_url=env["DICOMWEB_PUBLIC_URL"])
         if "DICOMWEB_MAX_PART_BYTES" in env:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb_server.config import DICOMWEB_ROOT
+from dicomweb_server.routes.info import landing_page, service_root
 from dicomweb_server.routes.qido import search_for_instances, search_for_series, search_for_studies
 from dicomweb_server.routes.rendered import retrieve_rendered, retrieve_thumbnail
 from dicomweb_server.routes.stow import store_instances
@@ -26,6 +27,8 @@ _SE = _ST + "/series/{series}"
 _IN = _SE + "/instances/{instance}"
 
 ROUTES: list[BaseRoute] = [
+    Route("/", landing_page, methods=["GET"], name="landing_page"),
+    Route(DICOMWEB_ROOT, service_root, methods=["GET"], name="service_root"),
     Mount(
         DICOMWEB_ROOT,
         routes=[

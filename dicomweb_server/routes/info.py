@@ -1,0 +1,59 @@
+"""The landing page (`/`) and the service root (`GET /dicom-web`): what is here, how much."""
+
+from __future__ import annotations
+
+import html
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from dicomweb_server import __version__
+from dicomweb_server.config import DICOMWEB_ROOT
+from dicomweb_server.routes.common import base_url, services
+
+__all__ = ["landing_page", "service_root"]
+
+
+def _transactions(request: Request) -> list[dict[str, str]]:
+    """Every DICOMweb route of the URL table: transaction name, method, path template."""
+    out = []
+    for mount in request.app.routes:
+        if isinstance(mount, Mount) and mount.path == DICOMWEB_ROOT:
+            for route in mount.routes:
+                if isinstance(route, Route):
+                    path = DICOMWEB_ROOT + route.path
+                    for method in sorted((route.methods or set()) - {"HEAD"}):
+                        out.append({"transaction": route.name, "method": method, "path": path})
+    return out
+
+
+async def service_root(request: Request) -> Response:
+    """GET /dicom-web: the supported transactions (a discovery aid; PS3.18 defines none)."""
+    return JSONResponse(
+        {
+            "server": "dicomweb-server",
+            "version": __version__,
+            "root": base_url(request),
+            "transactions": _transactions(request),
+        }
+    )
+
+
+async def landing_page(request: Request) -> Response:
+    counts = await services(request).index.counts()
+    root = html.escape(base_url(request))
+    viewer = html.escape(request.app.state.settings.viewer_url)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in counts.items())
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dicomweb-server</title>
+<style>body{{font-family:system-ui,sans-serif;margin:3em;max-width:40em}}
+td{{padding:.2em 1em}}code{{background:#eee;padding:.1em .3em}}</style></head>
+<body><h1>dicomweb-server {html.escape(__version__)}</h1>
+<p>DICOMweb root: <a href="{root}"><code>{root}</code></a>
+(<a href="{root}">supported transactions</a>)</p>
+<table>{rows}</table>
+<p><a href="{root}/studies?limit=10">Latest studies (QIDO-RS)</a> &middot;
+<a href="{viewer}">Viewer</a> (started with <code>make viewer</code>)</p>
+</body></html>"""
+    return HTMLResponse(body)
