@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test test-db lint conformance initdb run bench clean
+.PHONY: install serve test test-db lint conformance initdb run viewer e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ test-db: install
 	$(PY) -m pytest -q -m "db or conformance"
 
 lint: install
-	$(VENV)/bin/ruff format --check dicomweb_server tests conformance benchmarks
-	$(VENV)/bin/ruff check dicomweb_server tests conformance benchmarks
+	$(VENV)/bin/ruff format --check dicomweb_server tests conformance benchmarks viewer e2e
+	$(VENV)/bin/ruff check dicomweb_server tests conformance benchmarks viewer e2e
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -42,6 +42,18 @@ lint: install
 # `make test` runs it too, against a server it starts itself.
 conformance: install
 	DICOMWEB_URL=$${DICOMWEB_URL:-http://127.0.0.1:8080/dicom-web} $(PY) -m pytest -q conformance
+
+# The OHIF viewer (npm @ohif/app, prebuilt) on http://127.0.0.1:3000, reading DICOMWEB_URL
+# (default: `make serve`'s http://127.0.0.1:8080/dicom-web).
+viewer: install
+	$(PY) viewer/viewer.py
+
+# OHIF in headless Chromium against a fresh archive loaded with sample studies; installs
+# Debian's chromium and playwright-core (npm) when missing. Results in e2e/results/.
+e2e: install
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	cd e2e && npm install --no-audit --no-fund --silent
+	$(PY) e2e/run.py
 
 # Benchmarks (figures are ratios measured in the same run; see docs/benchmarks.md).
 bench: install
