@@ -128,3 +128,19 @@ def test_unknown_uids_are_404(client: DICOMwebClient) -> None:
     with pytest.raises(requests.HTTPError) as exc:
         client.retrieve_study_metadata(generate_uid())
     assert exc.value.response is not None and exc.value.response.status_code == 404
+
+
+def test_rendered_and_thumbnails(client: DICOMwebClient, stored: list[Dataset]) -> None:
+    jls = stored[3]
+    ids = (jls.StudyInstanceUID, jls.SeriesInstanceUID, jls.SOPInstanceUID)
+    jpeg = client.retrieve_instance_rendered(*ids, media_types=("image/jpeg",))
+    assert jpeg[:2] == b"\xff\xd8"
+    png = client.retrieve_instance_frames_rendered(
+        *ids, frame_numbers=[2], media_types=("image/png",)
+    )
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    series = client.retrieve_series_rendered(jls.StudyInstanceUID, jls.SeriesInstanceUID)
+    assert series[:2] == b"\xff\xd8"
+    # dicomweb-client 0.61 has no thumbnail method: the transport it uses, with its URL.
+    thumb = client._http_get(client.base_url + "/studies/" + ids[0] + "/thumbnail")
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"

@@ -19,6 +19,7 @@ from python_multipart.multipart import MultipartParser
 from dicomweb_server.errors import BadRequestError, PayloadTooLargeError
 
 __all__ = [
+    "MAX_BOUNDARY_CHARS",
     "MAX_PARTS",
     "MAX_PART_HEADER_BYTES",
     "MAX_PREAMBLE_BYTES",
@@ -38,8 +39,9 @@ MAX_PART_HEADER_BYTES = 16 * 1024
 MAX_PARTS = 10_000
 # Bytes tolerated before the first delimiter.
 MAX_PREAMBLE_BYTES = 64 * 1024
-# RFC 2046 5.1.1: a boundary is 1 to 70 characters.
-_MAX_BOUNDARY_CHARS = 70
+# RFC 2046 5.1.1 says a boundary is 1 to 70 characters, but Orthanc 1.10's STOW-RS client
+# sends 73 (two UUIDs joined by '-'): accept up to python-multipart's own limit.
+MAX_BOUNDARY_CHARS = 256
 
 # python-multipart logs every parse error as a warning; we report them to the client instead.
 logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
@@ -67,8 +69,10 @@ class MultipartReader:
     """Feed bytes, get events; `close()` at the end of input checks the body was complete."""
 
     def __init__(self, boundary: str, *, max_part_bytes: int, max_parts: int = MAX_PARTS) -> None:
-        if not 1 <= len(boundary) <= _MAX_BOUNDARY_CHARS:
-            raise BadRequestError(f"multipart boundary must be 1 to 70 characters: {boundary!r}")
+        if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS:
+            raise BadRequestError(
+                f"multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters: {boundary[:80]!r}"
+            )
         try:
             self._boundary = boundary.encode("ascii")
         except UnicodeEncodeError:

@@ -379,3 +379,40 @@ async def test_metadata_gzip_etag_and_304(app_client: httpx.AsyncClient) -> None
     assert (
         r.status_code == 200 and "content-encoding" not in r.headers and r.headers["etag"] == etag
     )
+
+
+async def test_requests_ohif_makes(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """The exact request shapes OHIF v3 sends (issue 5), quoted and unquoted Accept alike."""
+    path = samples / "generated/coverage/us_multiframe_jpeg_baseline_ybr422.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert (await stow(app_client, path.read_bytes())).status_code == 200
+    st, se, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    fields = "00081030%2C00080060%2C00080020"
+    for extra in ("", f"&StudyInstanceUID={st}", f"&00100020={ds.PatientID}"):
+        r = await app_client.get(
+            f"{ROOT}/studies?limit=101&offset=0&fuzzymatching=false&includefield={fields}{extra}"
+        )
+        assert r.status_code == 200 and st in r.text, extra
+    r = await app_client.get(
+        f"{ROOT}/studies/{st}/series?includefield=00080021%2C00080031%2C0008103E%2C00200011"
+    )
+    assert r.status_code == 200 and se in r.text
+    r = await app_client.get(f"{ROOT}/studies/{st}/series/{se}/metadata")
+    assert r.status_code == 200 and r.json()[0]["00080018"]["Value"] == [sop]
+    frames = f"{ROOT}/studies/{st}/series/{se}/instances/{sop}/frames/1"
+    for accept in (
+        'multipart/related; type="application/octet-stream"; transfer-syntax=*',
+        "multipart/related; type=application/octet-stream; transfer-syntax=*",
+    ):
+        r = await app_client.get(frames, headers={"Accept": accept})
+        assert r.status_code == 200
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert headers["content-type"] == "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.50"
+        assert body[:2] == b"\xff\xd8"
+    for resource in ("rendered", "thumbnail"):
+        r = await app_client.get(
+            f"{ROOT}/studies/{st}/series/{se}/instances/{sop}/{resource}?accept=image/jpeg"
+        )
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        r = await app_client.get(f"{ROOT}/studies/{st}/series/{se}/{resource}?accept=image%2Fjpeg")
+        assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"

@@ -10,6 +10,7 @@ import pytest
 
 from dicomweb_server.errors import BadRequestError, PayloadTooLargeError
 from dicomweb_server.multipart import (
+    MAX_BOUNDARY_CHARS,
     MAX_PART_HEADER_BYTES,
     MAX_PREAMBLE_BYTES,
     Event,
@@ -145,10 +146,20 @@ def test_malformed_bodies(raw: bytes) -> None:
         feed_all([raw])
 
 
-@pytest.mark.parametrize("boundary", ["", "x" * 71, "naïve"])
+@pytest.mark.parametrize("boundary", ["", "x" * (MAX_BOUNDARY_CHARS + 1), "naïve"])
 def test_bad_boundaries(boundary: str) -> None:
     with pytest.raises(BadRequestError):
         MultipartReader(boundary, max_part_bytes=10)
+
+
+def test_orthanc_73_character_boundary() -> None:
+    """Orthanc 1.10 sends two UUIDs joined by '-' (73 characters, over RFC 2046's 70)."""
+    boundary = "fd095149-8a9b-441d-a1b4-adc664789ba3-fd095149-8a9b-441d-a1b4-adc664789ba3"
+    raw = f"--{boundary}\r\nContent-Length: 3\r\n\r\nabc\r\n--{boundary}--\r\n".encode()
+    reader = MultipartReader(boundary, max_part_bytes=10)
+    events = reader.feed(raw)
+    reader.close()
+    assert collect(events) == [({"content-length": "3"}, b"abc")]
 
 
 def test_random_bytes_never_raise_anything_else() -> None:
