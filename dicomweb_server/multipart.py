@@ -71,7 +71,8 @@ class MultipartReader:
     def __init__(self, boundary: str, *, max_part_bytes: int, max_parts: int = MAX_PARTS) -> None:
         if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS:
             raise BadRequestError(
-                f"multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters: {boundary[:80]!r}"
+                f"multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters:"
+                f" {boundary[:80]!r}"
             )
         try:
             self._boundary = boundary.encode("ascii")

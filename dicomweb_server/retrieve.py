@@ -71,9 +71,13 @@ async def locate(
 ) -> list[StoredInstance]:
     found = await svc.index.locate(study, series, sop)
     if not found:
-        what = "instance" if sop else "series" if series else "study"
-        raise NotFoundError(f"no such {what} in the archive")
+        raise _not_found(series, sop)
     return found
+
+
+def _not_found(series: str | None, sop: str | None) -> NotFoundError:
+    what = "instance" if sop else "series" if series else "study"
+    return NotFoundError(f"no such {what} in the archive")
 
 
 async def metadata_json(
@@ -82,8 +86,7 @@ async def metadata_json(
     """The stored DICOM JSON of the instances, as one JSON array (no blob is read)."""
     found = await svc.index.metadata_texts(study, series, sop)
     if not found:
-        what = "instance" if sop else "series" if series else "study"
-        raise NotFoundError(f"no such {what} in the archive")
+        raise _not_found(series, sop)
     docs = (_with_available_ts(absolutize_bulk_uris(t, base_url), inst) for inst, t in found)
     return ("[" + ",".join(docs) + "]").encode("utf-8")
 

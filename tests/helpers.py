@@ -114,3 +114,11 @@ def values(doc: dict[str, object], tag: str) -> Sequence[object]:
     v = element.get("Value", [])
     assert isinstance(v, list)
     return v
+
+
+def inst_url(ds: Dataset) -> str:
+    """The root-relative WADO-RS URL of an instance."""
+    return (
+        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dicomweb_server.rendered import THUMBNAIL_SIZE
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 pytestmark = pytest.mark.db
 
@@ -27,13 +27,6 @@ def image(r: httpx.Response, media: str = "image/jpeg") -> Image.Image:
 async def stow(client: httpx.AsyncClient, *files: bytes) -> None:
     r = await client.post(f"{ROOT}/studies", content=multipart_body(files), headers=stow_headers())
     assert r.status_code == 200, r.text
-
-
-def inst_url(ds: pydicom.Dataset) -> str:
-    return (
-        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-        f"/instances/{ds.SOPInstanceUID}"
-    )
 
 
 async def test_rendered_media_types_window_viewport(app_client: httpx.AsyncClient) -> None:

@@ -18,6 +18,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from dicomweb_server.transcode import ENCODERS
 from tests.helpers import (
     ROOT,
+    inst_url,
     make_instance,
     multipart_body,
     split_multipart,
@@ -39,13 +40,6 @@ MEDIA = {
     "1.2.840.10008.1.2.4.201": "image/jphc",
     JPEG_BASELINE: "image/jpeg",
 }
-
-
-def inst_url(ds: pydicom.Dataset) -> str:
-    return (
-        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-        f"/instances/{ds.SOPInstanceUID}"
-    )
 
 
 def decode(codestream: bytes, ds: pydicom.Dataset, ts: str) -> np.ndarray:
