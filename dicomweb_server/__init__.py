@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from dicomweb_server.config import VERSION as __version__
+
 __all__ = ["__version__", "create_app"]
 
 

@@ -18,10 +18,13 @@ __all__ = [
     "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
     "MAX_REQUEST_BYTES",
+    "VERSION",
     "ConfigError",
     "Settings",
 ]
 
+# The server's version (also `dicomweb_server.__version__`).
+VERSION = "0.1.0"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_DATA_DIR = Path("data")

@@ -62,3 +62,10 @@ def test_encoders() -> None:
     assert {ts for ts, _ in documented} == set(transcode.ENCODERS)
     for ts, library in documented:
         assert transcode.ENCODERS[ts].library.split("-")[-1] in library, ts
+
+
+def test_version_matches_pyproject() -> None:
+    import tomllib
+
+    project = tomllib.loads((STATEMENT.parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == config.VERSION

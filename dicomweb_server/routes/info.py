@@ -8,8 +8,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from dicomweb_server import __version__
 from dicomweb_server.config import DICOMWEB_ROOT
+from dicomweb_server.config import VERSION as __version__
 from dicomweb_server.routes.common import base_url, services
 
 __all__ = ["landing_page", "service_root"]
