@@ -31,6 +31,8 @@ __all__ = [
 ADVISORY_LOCK_CLASS = 0x44434D57
 # Seconds to wait for a pooled connection before answering 503.
 ACQUIRE_TIMEOUT_S = 10.0
+# Retry-After of a 503 answered while the database is unavailable, seconds.
+RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class Index:
         self._pool = pool
         self._timeout = timeout_s
         self._owner_conn: asyncpg.Connection | None = None
+        self._dsn = ""
         self.owner = 0
 
     @classmethod
@@ -147,6 +150,7 @@ class Index:
 
     async def claim_owner(self, dsn: str) -> int:
         """Take a fresh owner id, held by a session advisory lock until this process ends."""
+        self._dsn = dsn
         self._owner_conn = await asyncpg.connect(dsn)
         while True:
             owner = secrets.randbelow(2**31 - 1) + 1
@@ -181,7 +185,29 @@ class Index:
                 keys.append(row["blob_key"])
         return keys
 
+    async def _ensure_owner(self) -> None:
+        """Re-take our advisory lock if its connection was lost (the database restarted):
+        without it, another process starting now would roll back our reservations."""
+        if self._owner_conn is not None and not self._owner_conn.is_closed():
+            try:  # a dead socket is only noticed when used
+                await self._owner_conn.fetchval("SELECT 1", timeout=self._timeout)
+                return
+            except _UNAVAILABLE:
+                self._owner_conn.terminate()
+        try:
+            conn = await asyncpg.connect(self._dsn)
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, self.owner
+            )
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+        if not got:  # another process took our id for dead and holds it: stop storing
+            await conn.close()
+            raise ServiceUnavailableError("lost the process lock; restart this server")
+        self._owner_conn = conn
+
     async def reserve(self, blob_key: str) -> None:
+        await self._ensure_owner()
         await self._execute(
             "INSERT INTO blob_reservation (blob_key, owner) VALUES ($1, $2)", blob_key, self.owner
         )
@@ -198,8 +224,8 @@ class Index:
                 return result
         except _Rollback as rb:
             return rb.result
-        except (OSError, asyncpg.PostgresConnectionError, TimeoutError) as exc:
-            raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def locate(
         self, study: str, series: str | None = None, sop: str | None = None
@@ -242,8 +268,8 @@ class Index:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 return list(await conn.fetch(sql_text, *args, timeout=self._timeout))
-        except (OSError, asyncpg.PostgresConnectionError, TimeoutError) as exc:
-            raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def _fetchrow(self, sql_text: str, *args: Any) -> asyncpg.Record | None:
         rows = await self._fetch(sql_text, *args)
@@ -253,8 +279,25 @@ class Index:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 await conn.execute(sql_text, *args, timeout=self._timeout)
-        except (OSError, asyncpg.PostgresConnectionError, TimeoutError) as exc:
-            raise ServiceUnavailableError(f"database unavailable: {exc}") from exc
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+
+# What a lost or overloaded database raises (the pool replaces broken connections by itself).
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def _unavailable(exc: BaseException) -> ServiceUnavailableError:
+    """503 with Retry-After (RFC 9110 10.2.3): the request may succeed when repeated."""
+    return ServiceUnavailableError(
+        f"database unavailable: {exc}", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 class _Rollback(Exception):

@@ -54,22 +54,50 @@ async def store_parts(
     outcomes: list[InstanceOutcome] = []
     writer: BlobWriter | None = None
     part_type: str | None = None
+    spool_error: OSError | None = None  # the part could not be spooled: drain it, report it
     try:
         async for event in events:
             if isinstance(event, PartBegin):
-                writer = await ctx.blobs.open_writer()
-                part_type = event.headers.get("content-type")
-            elif isinstance(event, PartData):
-                assert writer is not None
-                await writer.write(event.data)
+                part_type, spool_error = event.headers.get("content-type"), None
+                try:
+                    writer = await ctx.blobs.open_writer()
+                except OSError as exc:
+                    spool_error = exc
+            elif isinstance(event, PartData) and writer is not None:
+                try:
+                    await writer.write(event.data)
+                except OSError as exc:
+                    spool_error = exc
+                    await _discard_quietly(ctx, writer)
+                    writer = None
             elif isinstance(event, PartEnd):
-                assert writer is not None
-                w, writer = writer, None
-                outcomes.append(await _finish_part(w, part_type, ctx, expected_study))
+                if spool_error is not None:
+                    outcomes.append(_spool_failure(spool_error))
+                elif writer is not None:
+                    w, writer = writer, None
+                    outcomes.append(await _finish_part(w, part_type, ctx, expected_study))
     finally:
         if writer is not None:
-            await ctx.blobs.discard(writer)
+            await _discard_quietly(ctx, writer)
     return outcomes
+
+
+def _out_of_resources(exc: OSError) -> FailureReason:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FailureReason.OUT_OF_RESOURCES
+    return FailureReason.PROCESSING_FAILURE
+
+
+def _spool_failure(exc: OSError) -> InstanceOutcome:
+    log.error("could not spool a STOW part: %s", exc)
+    return InstanceOutcome(None, None, _out_of_resources(exc), reason=f"storage: {exc.strerror}")
+
+
+async def _discard_quietly(ctx: Services, writer: BlobWriter) -> None:
+    try:
+        await ctx.blobs.discard(writer)
+    except OSError:  # e.g. the disk is full: the spool file is removed at the next start
+        log.exception("could not discard a spool file")
 
 
 def _part_type_problem(part_type: str | None) -> str | None:
@@ -98,7 +126,11 @@ async def store_file(
     writer: BlobWriter, ctx: Services, expected_study: str | None
 ) -> InstanceOutcome:
     """Store a fully spooled file (used by STOW and by `load`). Consumes the writer."""
-    await writer.close()
+    try:
+        await writer.close()  # buffered bytes reach the disk here: ENOSPC may surface now
+    except OSError as exc:
+        await _discard_quietly(ctx, writer)
+        return _spool_failure(exc)
     try:
         parsed = await anyio.to_thread.run_sync(parse_file, writer.path, limiter=ctx.limiter)
     except InvalidInstanceError as exc:
@@ -120,11 +152,7 @@ async def store_file(
         return await _commit(parsed, writer, key, ctx)
     except OSError as exc:
         log.exception("storing %s failed", sop)
-        reason = (
-            FailureReason.OUT_OF_RESOURCES
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            else FailureReason.PROCESSING_FAILURE
-        )
+        reason = _out_of_resources(exc)
         await _undo(ctx, writer, key, placed)
         return InstanceOutcome(sop_class, sop, reason, reason=f"storage error: {exc.strerror}")
     except BaseException:

@@ -1,0 +1,150 @@
+"""Faults: a full disk (a real, tiny tmpfs) and a database that goes away and comes back."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dicomweb_server.config import Settings
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+pytestmark = pytest.mark.db
+
+# Size of the blob store's filesystem in the disk-full test.
+TINY_FS = "512k"
+
+
+@pytest.fixture
+def tiny_blob_dir(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs mounted where the blob store lives (root is needed to mount)."""
+    blob_dir = tmp_path / "data" / "blobs"
+    blob_dir.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TINY_FS}", "tmpfs", str(blob_dir)], check=True
+    )
+    try:
+        yield blob_dir
+    finally:
+        subprocess.run(["umount", "-l", str(blob_dir)], check=False)
+
+
+async def test_disk_full_fails_cleanly_with_out_of_resources(
+    tiny_blob_dir: Path, tmp_path: Path, clean_db: str
+) -> None:
+    from dicomweb_server.app import create_app
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=clean_db)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            small = make_instance(rows=16, cols=16)
+            r = await client.post(
+                f"{ROOT}/studies", content=multipart_body([to_bytes(small)]), headers=stow_headers()
+            )
+            assert r.status_code == 200
+            big = [to_bytes(make_instance(rows=256, cols=256)) for _ in range(6)]  # 6 x 128 KiB
+            r = await client.post(
+                f"{ROOT}/studies", content=multipart_body(big), headers=stow_headers()
+            )
+            assert r.status_code in (202, 409), r.text
+            reasons = [f["00081197"]["Value"][0] for f in r.json()["00081198"]["Value"]]
+            assert reasons and set(reasons) == {0xA700}
+            r = await client.get(
+                inst_url(small), headers={"Accept": "multipart/related; transfer-syntax=*"}
+            )
+            ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+            assert body == to_bytes(small)  # what was stored before is intact
+            r = await client.get(f"{ROOT}/instances")
+            stored = len(r.json())
+    files = [
+        p
+        for p in tiny_blob_dir.rglob("*")
+        if p.is_file() and p.relative_to(tiny_blob_dir).parts[0] != "tmp"
+    ]
+    assert len(files) == stored, "a blob without a row, or a row without a blob"
+
+
+async def test_database_away_then_back(tmp_path: Path) -> None:
+    """Requests meanwhile get 503 with Retry-After; service resumes without a restart."""
+    from dicomweb_server.app import create_app
+    from dicomweb_server.embedded_db import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    settings = Settings(data_dir=tmp_path / "data", database_url=pg.dsn)
+    app = create_app(settings)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                ds = make_instance()
+                r = await client.post(
+                    f"{ROOT}/studies",
+                    content=multipart_body([to_bytes(ds)]),
+                    headers=stow_headers(),
+                )
+                assert r.status_code == 200
+                pg.stop()
+                for url in (f"{ROOT}/studies", inst_url(ds) + "/metadata"):
+                    r = await client.get(url)
+                    assert r.status_code == 503, (url, r.text)
+                    assert r.headers["retry-after"]
+                r = await client.post(
+                    f"{ROOT}/studies",
+                    content=multipart_body([to_bytes(make_instance())]),
+                    headers=stow_headers(),
+                )
+                assert r.status_code == 503
+                pg = EmbeddedPostgres(tmp_path / "pg")
+                r = await client.get(f"{ROOT}/studies")
+                assert r.status_code == 200 and len(r.json()) == 1
+    finally:
+        pg.stop()
+    leftovers = [p for p in (settings.blob_dir / "tmp").rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+async def test_process_lock_is_retaken_after_a_database_restart(tmp_path: Path) -> None:
+    """After the database comes back, our reservations must not look like a dead process's."""
+    from dicomweb_server.embedded_db import EmbeddedPostgres
+    from dicomweb_server.index import Index
+
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    index = await Index.open(pg.dsn, max_size=2, timeout_s=10)
+    other = None
+    try:
+        from dicomweb_server.app import SCHEMA_PATH
+
+        await index.apply_schema(SCHEMA_PATH.read_text())
+        owner = await index.claim_owner(pg.dsn)
+        pg.stop()
+        pg = EmbeddedPostgres(tmp_path / "pg")
+        from dicomweb_server.errors import ServiceUnavailableError
+
+        for _ in range(2):  # the pool may hand out one dead connection first: a 503
+            try:
+                await index.reserve("0" * 32)  # re-takes the lock before reserving
+                break
+            except ServiceUnavailableError:
+                continue
+        other = await Index.open(pg.dsn, max_size=2, timeout_s=10)
+        await other.claim_owner(pg.dsn)
+        assert not await other.owner_is_dead(owner)
+        assert await other.dead_reservations() == []
+    finally:
+        for ix in (index, other):
+            if ix is not None:
+                await ix.close()
+        pg.stop()
