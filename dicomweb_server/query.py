@@ -153,6 +153,8 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
         return UniversalMatch(attr)
     if attr.vr == "UI" or attr.keyword == "ModalitiesInStudy":
         values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
+        if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
+            return UniversalMatch(attr)
         if attr.vr == "UI":
             bad = [v for v in values if not _UID.match(v) or len(v) > 64]
             if bad:

@@ -40,6 +40,8 @@ def test_matching_types() -> None:
     assert isinstance(m, WildcardMatch)
     (m,) = q(PatientName="").matches
     assert isinstance(m, UniversalMatch)
+    (m,) = parse(Level.STUDY, [("StudyInstanceUID", ""), ("StudyInstanceUID", "")], {}).matches
+    assert isinstance(m, UniversalMatch)  # found by tests/test_fuzz.py: was an IndexError
     (m,) = q(StudyInstanceUID="1.2,1.3").matches
     assert isinstance(m, UidListMatch) and m.values == ("1.2", "1.3")
     (m,) = q(StudyDate="20200101-").matches
