@@ -53,5 +53,5 @@ async def test_qido_parameters_never_5xx(
     app_client: httpx.AsyncClient, params: list[tuple[str, str]]
 ) -> None:
     for level in ("studies", "series", "instances"):
-        r = await app_client.get(f"{ROOT}/{level}", params=httpx.QueryParams(params))
+        r = await app_client.get(f"{ROOT}/{level}", params=tuple(params))
         assert r.status_code in (200, 400), (level, params, r.status_code, r.text)
