@@ -41,6 +41,7 @@ _MAX_INT_PARAM = 2**31 - 1
 MAX_MATCH_VALUE_CHARS = 1024
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
 _LEVEL_ORDER = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
@@ -149,6 +150,10 @@ def _matching_attribute(key: str, level: Level) -> Attribute:
 def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
     if len(value) > MAX_MATCH_VALUE_CHARS:
         raise BadRequestError(f"value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
+    if _CONTROL.search(value):
+        # PS3.5 6.1.2: no control characters but ESC, LF, FF, CR and TAB in any value
+        # (PostgreSQL would also refuse a NUL in text).
+        raise BadRequestError(f"value of {attr.keyword} has a control character: {value!r}")
     if value in ("", "*"):
         return UniversalMatch(attr)
     if attr.vr == "UI" or attr.keyword == "ModalitiesInStudy":

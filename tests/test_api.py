@@ -157,6 +157,7 @@ async def test_qido_levels_and_includefield(app_client: httpx.AsyncClient) -> No
         {"StudyInstanceUID": "1.2.3'; DROP TABLE study; --"},
         {"fuzzymatching": "yes"},
         {"SOPInstanceUID": "1.2.3"},  # instance-level key at study level
+        {"PatientName": "\x00"},  # found by tests/test_fuzz.py: PostgreSQL refuses NUL
     ],
 )
 async def test_qido_bad_parameters(app_client: httpx.AsyncClient, params: dict[str, str]) -> None:
@@ -416,3 +417,11 @@ async def test_requests_ohif_makes(app_client: httpx.AsyncClient, samples: Path)
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
         r = await app_client.get(f"{ROOT}/studies/{st}/series/{se}/{resource}?accept=image%2Fjpeg")
         assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+
+
+async def test_warning_header_survives_any_reason_text(app_client: httpx.AsyncClient) -> None:
+    """Reasons with line breaks or non-Latin-1 text (found by tests/test_fuzz.py) are escaped."""
+    r = await app_client.get(f"{ROOT}/studies", params={"includefield": "Ā\r\nX-Injected: 1"})
+    assert r.status_code == 200
+    assert "x-injected" not in r.headers
+    assert "\\u0100" in r.headers["warning"]

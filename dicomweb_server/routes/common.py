@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Metadata bodies from this size on are gzip-compressed for clients that accept it, bytes.
 GZIP_MIN_BYTES = 1024
 # zlib level: 6 compresses DICOM JSON about 10x at a small CPU cost.
@@ -84,7 +85,12 @@ def warning_header(texts: list[str]) -> dict[str, str]:
     """A Warning header (RFC 7234 5.5, code 299 as PS3.18 8.3.4.4 uses it) per text."""
     if not texts:
         return {}
-    quoted = ", ".join('299 dicomweb-server "{}"'.format(t.replace('"', "'")) for t in texts)
+    # Header values are visible ASCII here (RFC 9110 5.5): escape the rest, drop line breaks.
+    safe = (
+        _CONTROL.sub(" ", t.replace('"', "'")).encode("ascii", "backslashreplace").decode("ascii")
+        for t in texts
+    )
+    quoted = ", ".join(f'299 dicomweb-server "{t}"' for t in safe)
     return {"Warning": quoted}
 
 
