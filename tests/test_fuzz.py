@@ -55,3 +55,28 @@ async def test_qido_parameters_never_5xx(
     for level in ("studies", "series", "instances"):
         r = await app_client.get(f"{ROOT}/{level}", params=tuple(params))
         assert r.status_code in (200, 400), (level, params, r.status_code, r.text)
+
+
+@pytest.mark.db
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=_bodies(),
+    ctype=st.sampled_from(
+        [
+            f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            f"multipart/related; boundary={BOUNDARY}",
+            "multipart/related; boundary=",
+            'multipart/related; type="application/dicom"; boundary="unclosed',
+            "application/dicom",
+            "text/plain; charset=utf-8",
+            ";;;",
+        ]
+    ),
+)
+async def test_stow_bodies_never_5xx(
+    app_client: httpx.AsyncClient, body: bytes, ctype: str
+) -> None:
+    r = await app_client.post(f"{ROOT}/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code in (400, 409, 413, 415), (ctype, body[:80], r.status_code, r.text)
