@@ -26,7 +26,7 @@ from dicomweb_server.index import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.routes import ROUTES
 
-__all__ = ["SCHEMA_PATH", "create_app", "open_services", "recover"]
+__all__ = ["SCHEMA_PATH", "app_from_env", "create_app", "open_services", "recover"]
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +139,9 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     return app
+
+
+def app_from_env() -> Starlette:
+    """The app of a worker process of `serve --workers N` (settings come through the
+    environment, see Settings.export)."""
+    return create_app(Settings.from_env())

@@ -15,10 +15,12 @@ from pathlib import Path
 import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.run import run as hypercorn_run
 from tqdm import tqdm
 
 from dicomweb_server.app import create_app, open_services
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
+from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.ingest import Services, store_file
 
 __all__ = ["main"]
@@ -34,8 +36,30 @@ def _settings(args: argparse.Namespace) -> Settings:
         "port": getattr(args, "port", None),
         "data_dir": getattr(args, "data_dir", None),
         "database_url": getattr(args, "database_url", None),
+        "workers": getattr(args, "workers", None),
     }
     return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _serve_workers(settings: Settings) -> int:
+    """Several processes (hypercorn workers) over one database and one blob store. Each claims
+    its own process lock, so a restart rolls back only what dead processes left."""
+    embedded = None
+    if settings.database_url is None:  # one embedded PostgreSQL for all the workers
+        embedded = EmbeddedPostgres(settings.pg_dir)
+        settings = dataclasses.replace(settings, database_url=embedded.dsn)
+    settings.export()
+    config = HypercornConfig()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.workers = settings.workers
+    config.accesslog = "-"
+    config.application_path = "dicomweb_server.app:app_from_env()"
+    print(f"DICOMweb root: http://{settings.host}:{settings.port}{DICOMWEB_ROOT}", flush=True)
+    try:
+        return int(hypercorn_run(config))
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 async def _serve(settings: Settings) -> None:
@@ -104,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "serve":
             sp.add_argument("--host", help="address to bind (127.0.0.1)")
             sp.add_argument("--port", type=int, help="port (8080)")
+            sp.add_argument("--workers", type=int, help="server processes (1)")
         if name == "load":
             sp.add_argument("dirs", nargs="+", help="directories (recursive) or files")
     return p
@@ -115,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
     if args.command == "serve":
+        if settings.workers > 1:
+            return _serve_workers(settings)
         asyncio.run(_serve(settings))
         return 0
     if args.command == "initdb":

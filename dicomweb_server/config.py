@@ -71,6 +71,8 @@ class Settings:
     # Where the landing page sends people for a viewer (`make viewer` serves OHIF there).
     viewer_url: str = DEFAULT_VIEWER_URL
     pool_size: int = DEFAULT_POOL_SIZE
+    # Server processes sharing the database and the blob store (`serve --workers N`).
+    workers: int = 1
     image_cache_bytes: int = IMAGE_CACHE_BYTES
     frame_cache_bytes: int = FRAME_CACHE_BYTES
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
@@ -94,11 +96,29 @@ class Settings:
             s = replace(s, viewer_url=env["DICOMWEB_VIEWER_URL"])
         if env.get("DICOMWEB_PUBLIC_URL"):
             s = replace(s, public_url=env["DICOMWEB_PUBLIC_URL"])
+        if "DICOMWEB_WORKERS" in env:
+            s = replace(s, workers=_int(env, "DICOMWEB_WORKERS"))
         if "DICOMWEB_MAX_PART_BYTES" in env:
             s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
         if "DICOMWEB_MAX_REQUEST_BYTES" in env:
             s = replace(s, max_request_bytes=_int(env, "DICOMWEB_MAX_REQUEST_BYTES"))
         return s
+
+    def export(self) -> None:
+        """Put these settings into this process's environment, where the worker processes
+        `serve --workers N` spawns read them back with `from_env` (hypercorn's spawn model)."""
+        values = {
+            "DICOMWEB_HOST": self.host,
+            "DICOMWEB_PORT": str(self.port),
+            "DICOMWEB_DATA_DIR": str(self.data_dir.resolve()),
+            "DATABASE_URL": self.database_url or "",
+            "DICOMWEB_PUBLIC_URL": self.public_url or "",
+            "DICOMWEB_CORS_ORIGINS": ",".join(self.cors_origins or ()),
+            "DICOMWEB_VIEWER_URL": self.viewer_url,
+            "DICOMWEB_MAX_PART_BYTES": str(self.max_part_bytes),
+            "DICOMWEB_MAX_REQUEST_BYTES": str(self.max_request_bytes),
+        }
+        os.environ.update(values)
 
     @property
     def blob_dir(self) -> Path:

@@ -44,7 +44,10 @@ class ServerProcess:
 
 
 def start(
-    data_dir: Path, database_url: str | None, extra_env: dict[str, str] | None = None
+    data_dir: Path,
+    database_url: str | None,
+    extra_env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> ServerProcess:
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
@@ -53,6 +56,7 @@ def start(
     args += ["--data-dir", str(data_dir)]
     if database_url:
         args += ["--database-url", database_url]
+    args += list(extra_args)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
     with log.open("ab") as out:  # the child keeps its own descriptor

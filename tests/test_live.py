@@ -164,3 +164,42 @@ def test_client_disconnect_mid_part_leaves_nothing(tmp_path: Path, clean_db: str
         assert r.status_code == 200 and r.json() == []
         spool = [p for p in (data / "blobs" / "tmp").rglob("*") if p.is_file()]
         assert spool == [], "the half-received part was not discarded"
+
+
+def test_two_workers_share_one_archive(tmp_path: Path, clean_db: str) -> None:
+    """`serve --workers 2`: concurrent STOW to one study through both processes stays exact."""
+    import pydicom.uid
+
+    study = pydicom.uid.generate_uid()
+    series = [pydicom.uid.generate_uid() for _ in range(4)]
+    server = start(tmp_path / "data", clean_db, extra_args=("--workers", "2"))
+    try:
+        children = (
+            Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        )
+        assert len(children) >= 2, "two worker processes"
+        results: list[int] = []
+
+        def client(i: int) -> None:
+            files = [
+                to_bytes(make_instance(study=study, series=series[(i + k) % 4], patient_id="W"))
+                for k in range(5)
+            ]
+            with httpx.Client(timeout=60) as c:  # a new connection each: spread over workers
+                r = c.post(
+                    f"{server.url}/studies", content=chunked_body(files), headers=stow_headers()
+                )
+                results.append(r.status_code)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [200] * 8
+        r = httpx.get(f"{server.url}/studies", params={"StudyInstanceUID": study})
+        (doc,) = r.json()
+        assert values(doc, "00201208") == [40] and values(doc, "00201206") == [4]
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=60)
