@@ -186,12 +186,14 @@ async def frame_parts(
     ts = inst.transfer_syntax_uid
     why = "" if decodable(ts) else missing_codec(ts)
     target = negotiate_frames(accept, ts, targets_of(inst), why)
-    if target == STORED and ts not in _LE_NATIVE:
+    if target == STORED:
         media = frame_media_type(ts)
         if media != APPLICATION_OCTET_STREAM:
             return media, _stored_frames(svc, inst, frames, f"{media}; transfer-syntax={ts}")
-        target = EXPLICIT_VR_LITTLE_ENDIAN  # big endian or deflated: sent decoded
-    if target in (STORED, EXPLICIT_VR_LITTLE_ENDIAN):
+        # Native: as stored is uncompressed, i.e. Explicit VR Little Endian frames (big
+        # endian, deflated and bit-packed frames not on byte boundaries are decoded).
+        target = EXPLICIT_VR_LITTLE_ENDIAN
+    if target == EXPLICIT_VR_LITTLE_ENDIAN:
         ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
         if ts in _LE_NATIVE and inst.frame_offsets is not None:
             return APPLICATION_OCTET_STREAM, _stored_frames(svc, inst, frames, ctype)

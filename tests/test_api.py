@@ -425,3 +425,23 @@ async def test_warning_header_survives_any_reason_text(app_client: httpx.AsyncCl
     assert r.status_code == 200
     assert "x-injected" not in r.headers
     assert "\\u0100" in r.headers["warning"]
+
+
+async def test_stored_frames_of_unaligned_native_data(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """1-bit frames not on byte boundaries have no recorded offsets: `transfer-syntax=*` must
+    still answer (decoded and re-packed), not fail in the encoder registry."""
+    path = samples / "real/pydicom-data/liver_nonbyte_aligned.dcm"
+    ds = pydicom.dcmread(path)
+    assert (await stow(app_client, path.read_bytes())).status_code == 200
+    url = (
+        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/frames/1,2"
+    )
+    for accept in ("multipart/related; type=application/octet-stream; transfer-syntax=*", None):
+        r = await app_client.get(url, headers={"Accept": accept} if accept else {})
+        assert r.status_code == 200, r.text
+        parts = split_multipart(r.content, r.headers["content-type"])
+        assert len(parts) == 2
+        assert parts[0][0]["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.1")
