@@ -9,8 +9,10 @@ recognised and rolled back at the next start (`dead_reservations`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = [
 ADVISORY_LOCK_CLASS = 0x44434D57
 # Seconds to wait for a pooled connection before answering 503.
 ACQUIRE_TIMEOUT_S = 10.0
+# Seconds between liveness probes of the connection that holds the process lock.
+OWNER_PROBE_INTERVAL_S = 1.0
 # Retry-After of a 503 answered while the database is unavailable, seconds.
 RETRY_AFTER_S = 5
 
@@ -128,6 +132,8 @@ class Index:
         self._pool = pool
         self._timeout = timeout_s
         self._owner_conn: asyncpg.Connection | None = None
+        self._owner_guard = asyncio.Lock()
+        self._owner_checked = 0.0
         self._dsn = ""
         self.owner = 0
 
@@ -162,15 +168,16 @@ class Index:
                 return owner
 
     async def owner_is_dead(self, owner: int) -> bool:
-        assert self._owner_conn is not None
-        got = await self._owner_conn.fetchval(
-            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
-        )
-        if got:
-            await self._owner_conn.execute(
-                "SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner
+        async with self._owner_guard:  # the lock connection serves one operation at a time
+            assert self._owner_conn is not None
+            got = await self._owner_conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
             )
-        return bool(got)
+            if got:
+                await self._owner_conn.execute(
+                    "SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner
+                )
+            return bool(got)
 
     async def dead_reservations(self) -> list[str]:
         """Blob keys reserved by processes that no longer run."""
@@ -187,10 +194,22 @@ class Index:
 
     async def _ensure_owner(self) -> None:
         """Re-take our advisory lock if its connection was lost (the database restarted):
-        without it, another process starting now would roll back our reservations."""
+        without it, another process starting now would roll back our reservations.
+
+        One connection serves the lock, so concurrent stores take turns here, and the
+        liveness probe (a dead socket is only noticed when used) runs at most once a second.
+        """
+        async with self._owner_guard:
+            await self._ensure_owner_locked()
+
+    async def _ensure_owner_locked(self) -> None:
+        now = time.monotonic()
         if self._owner_conn is not None and not self._owner_conn.is_closed():
-            try:  # a dead socket is only noticed when used
+            if now - self._owner_checked < OWNER_PROBE_INTERVAL_S:
+                return
+            try:
                 await self._owner_conn.fetchval("SELECT 1", timeout=self._timeout)
+                self._owner_checked = now
                 return
             except _UNAVAILABLE:
                 self._owner_conn.terminate()
@@ -205,6 +224,7 @@ class Index:
             await conn.close()
             raise ServiceUnavailableError("lost the process lock; restart this server")
         self._owner_conn = conn
+        self._owner_checked = time.monotonic()
 
     async def reserve(self, blob_key: str) -> None:
         await self._ensure_owner()
