@@ -56,8 +56,13 @@ e2e: install
 	$(PY) e2e/run.py
 
 # Benchmarks (figures are ratios measured in the same run; see docs/benchmarks.md).
+# `make bench`: frames vs pydicom, then side by side with Orthanc on a synthesized archive
+# (BENCH_INSTANCES = patients x 200; generated once under .bench/).
+BENCH_PATIENTS ?= 50
 bench: install
 	$(PY) benchmarks/frames.py
+	test -d .bench/archive-$(BENCH_PATIENTS) || $(PY) ../shared/samples/generate.py .bench/archive-$(BENCH_PATIENTS) --no-coverage --patients $(BENCH_PATIENTS) --studies 2 --series 4 --instances 25 --size 16 --uid-root 1.2.826.0.1.3680043.8.498.7777
+	$(PY) benchmarks/vs_orthanc.py --archive .bench/archive-$(BENCH_PATIENTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
