@@ -124,3 +124,95 @@ CREATE TABLE IF NOT EXISTS blob_reservation (
     owner       bigint NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- One instance committed in one round trip (index.commit_instance): patient, study (locked, so
+-- that the aggregates stay exact under concurrent stores), series, instance, aggregates, and
+-- the reservation dropped. A duplicate SOP Instance UID or a series of another study rolls
+-- back this instance's inserts (the inner block is a subtransaction) and is reported instead.
+CREATE OR REPLACE FUNCTION dicomweb_commit_instance(
+    p_patient_id text, p_issuer text, p_patient_name text, p_birth date, p_sex text,
+    s_uid text, s_date date, s_time time, s_accession text, s_id text, s_description text,
+    s_referring text[], s_patient_name text[], s_attrs jsonb, s_referring_text text,
+    s_patient_name_text text,
+    se_uid text, se_modality text, se_number integer, se_description text, se_body_part text,
+    se_pps_date date, se_pps_time time, se_attrs jsonb,
+    i_sop text, i_class text, i_number integer, i_acquisition timestamp, i_blob_key text,
+    i_ts text, i_size bigint, i_sha256 bytea, i_frames integer, i_offsets bigint[],
+    i_lengths bigint[], i_encapsulated boolean, i_metadata jsonb, i_bulk jsonb,
+    OUT outcome text, OUT existing_sha256 bytea, OUT existing_study text, OUT existing_series text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_patient bigint;
+    v_study bigint;
+    v_series bigint;
+    v_series_study bigint;
+BEGIN
+    BEGIN
+        INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
+                             patient_sex)
+        VALUES (p_patient_id, p_issuer, p_patient_name, p_birth, p_sex)
+        ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING;
+        SELECT pk INTO v_patient FROM patient
+        WHERE patient_id = p_patient_id AND issuer_of_patient_id = p_issuer;
+
+        INSERT INTO study (patient_fk, study_instance_uid, study_date, study_time, accession_number,
+            study_id, study_description, referring_physician_name, patient_name, patient_id,
+            patient_birth_date, patient_sex, attrs, referring_physician_name_text,
+            patient_name_text)
+        VALUES (v_patient, s_uid, s_date, s_time, s_accession, s_id, s_description, s_referring,
+            s_patient_name, p_patient_id, p_birth, p_sex, s_attrs, s_referring_text,
+            s_patient_name_text)
+        ON CONFLICT (study_instance_uid) DO NOTHING;
+        SELECT pk INTO v_study FROM study WHERE study_instance_uid = s_uid FOR UPDATE;
+
+        INSERT INTO series (study_fk, series_instance_uid, modality, series_number,
+            series_description, body_part_examined, pps_start_date, pps_start_time, attrs)
+        VALUES (v_study, se_uid, se_modality, se_number, se_description, se_body_part,
+            se_pps_date, se_pps_time, se_attrs)
+        ON CONFLICT (series_instance_uid) DO NOTHING;
+        SELECT pk, study_fk INTO v_series, v_series_study FROM series
+        WHERE series_instance_uid = se_uid;
+        IF v_series_study <> v_study THEN
+            RAISE EXCEPTION USING ERRCODE = 'DW001';
+        END IF;
+
+        INSERT INTO instance (series_fk, sop_instance_uid, sop_class_uid, instance_number,
+            acquisition_datetime, blob_key, transfer_syntax_uid, size_bytes, sha256,
+            number_of_frames, frame_offsets, frame_lengths, encapsulated, metadata, bulk_ranges)
+        VALUES (v_series, i_sop, i_class, i_number, i_acquisition, i_blob_key, i_ts, i_size,
+            i_sha256, i_frames, i_offsets, i_lengths, i_encapsulated, i_metadata, i_bulk)
+        ON CONFLICT (sop_instance_uid) DO NOTHING;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'DW002';
+        END IF;
+
+        UPDATE series SET num_instances = num_instances + 1, updated_at = now()
+        WHERE pk = v_series;
+        UPDATE study SET
+            num_instances = num_instances + 1,
+            num_series = (SELECT count(*) FROM series WHERE study_fk = v_study
+                          AND num_instances > 0),
+            modalities_in_study = (
+                SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
+                FROM series WHERE study_fk = v_study AND num_instances > 0
+                                  AND modality IS NOT NULL),
+            sop_classes_in_study = CASE WHEN i_class = ANY (sop_classes_in_study)
+                                        THEN sop_classes_in_study
+                                        ELSE array_append(sop_classes_in_study, i_class) END,
+            updated_at = now()
+        WHERE pk = v_study;
+        DELETE FROM blob_reservation WHERE blob_key = i_blob_key;
+        outcome := 'stored';
+    EXCEPTION
+        WHEN SQLSTATE 'DW001' THEN
+            outcome := 'series-conflict';
+        WHEN SQLSTATE 'DW002' THEN
+            outcome := 'duplicate';
+            SELECT i.sha256, st.study_instance_uid, se.series_instance_uid
+            INTO existing_sha256, existing_study, existing_series
+            FROM instance i JOIN series se ON se.pk = i.series_fk
+            JOIN study st ON st.pk = se.study_fk
+            WHERE i.sop_instance_uid = i_sop;
+    END;
+END
+$$;

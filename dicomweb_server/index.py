@@ -90,42 +90,6 @@ WHERE st.study_instance_uid = $1
 ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
 """
 
-_INSERT_STUDY = """
-INSERT INTO study (patient_fk, study_instance_uid, study_date, study_time, accession_number,
-    study_id, study_description, referring_physician_name, patient_name, patient_id,
-    patient_birth_date, patient_sex, attrs, referring_physician_name_text, patient_name_text)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15)
-ON CONFLICT (study_instance_uid) DO NOTHING
-"""
-_INSERT_SERIES = """
-INSERT INTO series (study_fk, series_instance_uid, modality, series_number, series_description,
-    body_part_examined, pps_start_date, pps_start_time, attrs)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
-ON CONFLICT (series_instance_uid) DO NOTHING
-"""
-_INSERT_INSTANCE = """
-INSERT INTO instance (series_fk, sop_instance_uid, sop_class_uid, instance_number,
-    acquisition_datetime, blob_key, transfer_syntax_uid, size_bytes, sha256, number_of_frames,
-    frame_offsets, frame_lengths, encapsulated, metadata, bulk_ranges)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::jsonb, $15::jsonb)
-ON CONFLICT (sop_instance_uid) DO NOTHING
-RETURNING pk
-"""
-# Aggregates are recomputed under the study row lock taken by commit_instance, so they stay
-# right under concurrent STOW to the same study.
-_UPDATE_STUDY = """
-UPDATE study SET
-    num_instances = num_instances + 1,
-    num_series = (SELECT count(*) FROM series WHERE study_fk = $1 AND num_instances > 0),
-    modalities_in_study = (
-        SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
-        FROM series WHERE study_fk = $1 AND num_instances > 0 AND modality IS NOT NULL),
-    sop_classes_in_study = CASE WHEN $2 = ANY (sop_classes_in_study) THEN sop_classes_in_study
-                                ELSE array_append(sop_classes_in_study, $2) END,
-    updated_at = now()
-WHERE pk = $1
-"""
-
 
 class Index:
     def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
@@ -237,13 +201,8 @@ class Index:
 
     async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-                result = await _commit(conn, rec)
-                if not result.stored:
-                    raise _Rollback(result)
-                return result
-        except _Rollback as rb:
-            return rb.result
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                return await _commit(conn, rec)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
@@ -320,67 +279,35 @@ def _unavailable(exc: BaseException) -> ServiceUnavailableError:
     )
 
 
-class _Rollback(Exception):
-    def __init__(self, result: CommitResult) -> None:
-        self.result = result
+_COMMIT = "SELECT * FROM dicomweb_commit_instance(" + ", ".join(f"${n}" for n in range(1, 39)) + ")"
 
 
 async def _commit(conn: asyncpg.Connection, rec: InstanceRecord) -> CommitResult:
+    """One round trip: schema.sql's dicomweb_commit_instance does every step."""
     p, st, se, i = rec.patient, rec.study, rec.series, rec.instance
-    await conn.execute(
-        "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,"
-        " patient_sex) VALUES ($1, $2, $3, $4, $5)"
-        " ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING",
+    row = await conn.fetchrow(
+        _COMMIT,
         p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["patient_birth_date"],
         p["patient_sex"],
-    )  # fmt: skip
-    patient_pk = await conn.fetchval(
-        "SELECT pk FROM patient WHERE patient_id = $1 AND issuer_of_patient_id = $2",
-        p["patient_id"], p["issuer_of_patient_id"],
-    )  # fmt: skip
-    await conn.execute(
-        _INSERT_STUDY, patient_pk, st["study_instance_uid"], st["study_date"], st["study_time"],
-        st["accession_number"], st["study_id"], st["study_description"],
-        st["referring_physician_name"], st["patient_name"], st["patient_id"],
-        st["patient_birth_date"], st["patient_sex"], st["attrs"],
-        st["referring_physician_name_text"], st["patient_name_text"],
-    )  # fmt: skip
-    study_pk = await conn.fetchval(
-        "SELECT pk FROM study WHERE study_instance_uid = $1 FOR UPDATE", st["study_instance_uid"]
-    )
-    await conn.execute(
-        _INSERT_SERIES, study_pk, se["series_instance_uid"], se["modality"], se["series_number"],
+        st["study_instance_uid"], st["study_date"], st["study_time"], st["accession_number"],
+        st["study_id"], st["study_description"], st["referring_physician_name"],
+        st["patient_name"], st["attrs"], st["referring_physician_name_text"],
+        st["patient_name_text"],
+        se["series_instance_uid"], se["modality"], se["series_number"],
         se["series_description"], se["body_part_examined"], se["pps_start_date"],
         se["pps_start_time"], se["attrs"],
+        i["sop_instance_uid"], i["sop_class_uid"], i["instance_number"],
+        i["acquisition_datetime"], i["blob_key"], i["transfer_syntax_uid"], i["size_bytes"],
+        i["sha256"], i["number_of_frames"], i["frame_offsets"], i["frame_lengths"],
+        i["encapsulated"], i["metadata"], i["bulk_ranges"],
     )  # fmt: skip
-    series_row = await conn.fetchrow(
-        "SELECT pk, study_fk FROM series WHERE series_instance_uid = $1", se["series_instance_uid"]
-    )
-    if series_row["study_fk"] != study_pk:
+    if row["outcome"] == "stored":
+        return CommitResult(True)
+    if row["outcome"] == "series-conflict":
         return CommitResult(False, conflict="the series belongs to another study in the archive")
-    inserted = await conn.fetchval(
-        _INSERT_INSTANCE, series_row["pk"], i["sop_instance_uid"], i["sop_class_uid"],
-        i["instance_number"], i["acquisition_datetime"], i["blob_key"], i["transfer_syntax_uid"],
-        i["size_bytes"], i["sha256"], i["number_of_frames"], i["frame_offsets"],
-        i["frame_lengths"], i["encapsulated"], i["metadata"], i["bulk_ranges"],
-    )  # fmt: skip
-    if inserted is None:
-        row = await conn.fetchrow(
-            "SELECT i.sha256, se.series_instance_uid, st.study_instance_uid FROM instance i"
-            " JOIN series se ON se.pk = i.series_fk JOIN study st ON st.pk = se.study_fk"
-            " WHERE i.sop_instance_uid = $1",
-            i["sop_instance_uid"],
-        )
-        return CommitResult(
-            False,
-            existing_sha256=bytes(row["sha256"]),
-            existing_series_uid=row["series_instance_uid"],
-            existing_study_uid=row["study_instance_uid"],
-        )
-    await conn.execute(
-        "UPDATE series SET num_instances = num_instances + 1, updated_at = now() WHERE pk = $1",
-        series_row["pk"],
+    return CommitResult(
+        False,
+        existing_sha256=bytes(row["existing_sha256"]),
+        existing_series_uid=row["existing_series"],
+        existing_study_uid=row["existing_study"],
     )
-    await conn.execute(_UPDATE_STUDY, study_pk, i["sop_class_uid"])
-    await conn.execute("DELETE FROM blob_reservation WHERE blob_key = $1", i["blob_key"])
-    return CommitResult(True)
