@@ -67,7 +67,8 @@ def start(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + "/studies?limit=1", timeout=2).status_code == 200:
+            # An empty archive answers a search with 204 (PS3.18 8.3.4.4.1).
+            if httpx.get(server.url + "/studies?limit=1", timeout=2).status_code in (200, 204):
                 return server
         time.sleep(0.2)
     server.kill()

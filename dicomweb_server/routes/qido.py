@@ -19,7 +19,8 @@ from dicomweb_server.search import search
 
 __all__ = ["search_for_instances", "search_for_series", "search_for_studies"]
 
-_MORE = "There are more results than returned; ask again with a larger offset"
+# PS3.18 8.3.4.4.1 (the count is not computed: the page is fetched with one row more).
+_MORE = "There are additional results that can be requested"
 
 
 async def _search(request: Request, level: Level) -> Response:
@@ -32,6 +33,8 @@ async def _search(request: Request, level: Level) -> Response:
     q = parse(level, request.query_params.multi_items(), path_uids)
     results, more = await search(services(request).index, q, base_url(request))
     warnings = [*q.warnings, *([_MORE] if more else [])]
+    if not results:  # PS3.18 8.3.4.4.1: no results is 204 (No Content), an empty payload
+        return Response(status_code=204, headers=warning_header(warnings))
     return json_response(results, media, headers=warning_header(warnings))
 
 
