@@ -138,7 +138,7 @@ CREATE OR REPLACE FUNCTION dicomweb_commit_instance(
     se_pps_date date, se_pps_time time, se_attrs jsonb,
     i_sop text, i_class text, i_number integer, i_acquisition timestamp, i_blob_key text,
     i_ts text, i_size bigint, i_sha256 bytea, i_frames integer, i_offsets bigint[],
-    i_lengths bigint[], i_encapsulated boolean, i_metadata jsonb, i_bulk jsonb,
+    i_lengths bigint[], i_encapsulated boolean, i_metadata jsonb, i_bulk jsonb, i_owner bigint,
     OUT outcome text, OUT existing_sha256 bytea, OUT existing_study text, OUT existing_series text)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -201,11 +201,18 @@ BEGIN
                                         ELSE array_append(sop_classes_in_study, i_class) END,
             updated_at = now()
         WHERE pk = v_study;
-        DELETE FROM blob_reservation WHERE blob_key = i_blob_key;
+        -- Our reservation must still be there: if another process took us for dead and rolled
+        -- it back (deleting the blob), this instance must not be committed.
+        DELETE FROM blob_reservation WHERE blob_key = i_blob_key AND owner = i_owner;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'DW003';
+        END IF;
         outcome := 'stored';
     EXCEPTION
         WHEN SQLSTATE 'DW001' THEN
             outcome := 'series-conflict';
+        WHEN SQLSTATE 'DW003' THEN
+            outcome := 'reservation-lost';
         WHEN SQLSTATE 'DW002' THEN
             outcome := 'duplicate';
             SELECT i.sha256, st.study_instance_uid, se.series_instance_uid

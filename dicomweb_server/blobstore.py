@@ -18,6 +18,7 @@ from typing import Protocol
 
 import aiofiles
 import aiofiles.os
+import anyio
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 __all__ = [
@@ -107,6 +108,7 @@ class FileSystemBlobStore:
         return self.root / key[:2] / key[2:4] / key
 
     async def open_writer(self) -> BlobWriter:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)  # recreated if it was removed
         path = self.tmp_dir / uuid.uuid4().hex
         fh = await aiofiles.open(path, "xb")
         return _FileWriter(path, fh)
@@ -114,7 +116,10 @@ class FileSystemBlobStore:
     async def commit(self, writer: BlobWriter, key: str) -> None:
         await writer.close()
         dest = self.local_path(key)
-        await aiofiles.os.wrap(_place)(writer.path, dest)
+        # Shielded: a cancelled request must not return while the rename may still happen in
+        # the worker thread, or the caller's view of "placed" would be wrong.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_place, writer.path, dest)
 
     async def discard(self, writer: BlobWriter) -> None:
         await writer.close()

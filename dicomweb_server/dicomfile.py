@@ -227,7 +227,7 @@ def _pixel_data(
         items, end = _items(fp, value_at, size)
         layout = _encapsulated_layout(fp, ds, items)
         first = items[1][0] if len(items) > 1 else end
-        return layout, (tag, "OB", [first, end - 8 - first, "OB", True]), end
+        return layout, (tag, "OB", [first, max(0, end - 8 - first), "OB", True]), end
     if value_at + length > size:
         raise InvalidInstanceError(FailureReason.CANNOT_UNDERSTAND, "Pixel Data is truncated")
     layout = _native_layout(ds, value_at, length) if little else None
@@ -279,6 +279,8 @@ def _encapsulated_layout(
         if any(o not in by_pos for o in offsets):
             return None
         starts = [by_pos[o] for o in offsets]
+        if starts[0] != 0 or any(b <= a for a, b in itertools.pairwise(starts)):
+            return None  # unsorted or duplicate offsets: let the decoder find the frames
     bounds = [*starts, len(frags)]
     offs, lens = [], []
     for a, b in itertools.pairwise(bounds):

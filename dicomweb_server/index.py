@@ -46,6 +46,9 @@ class CommitResult:
     existing_study_uid: str | None = None
     existing_series_uid: str | None = None
     conflict: str | None = None  # the rows disagree with the index (e.g. series in another study)
+    failed: str | None = None  # not stored for another reason (reservation lost, bad value)
+    invalid: bool = False  # `failed` because the data set holds a value the index refuses
+    reservation_lost: bool = False  # nothing references the blob and no reservation guards it
 
 
 @dataclass(frozen=True)
@@ -196,13 +199,22 @@ class Index:
             "INSERT INTO blob_reservation (blob_key, owner) VALUES ($1, $2)", blob_key, self.owner
         )
 
-    async def release(self, blob_key: str) -> None:
-        await self._execute("DELETE FROM blob_reservation WHERE blob_key = $1", blob_key)
+    async def release(self, blob_key: str) -> bool:
+        """Drop a reservation; True when it existed, i.e. no instance row was committed with
+        this blob (the commit drops the reservation in the same transaction)."""
+        rows = await self._fetch(
+            "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING blob_key", blob_key
+        )
+        return bool(rows)
 
     async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                return await _commit(conn, rec)
+                return await _commit(conn, rec, self.owner)
+        except asyncpg.DataError as exc:
+            # S3: a value PostgreSQL refuses (a NUL in text, NaN in JSON, an out-of-range
+            # number): a failure of this instance, not of the request.
+            return CommitResult(False, failed=f"the index refused a value: {exc}", invalid=True)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
@@ -279,10 +291,10 @@ def _unavailable(exc: BaseException) -> ServiceUnavailableError:
     )
 
 
-_COMMIT = "SELECT * FROM dicomweb_commit_instance(" + ", ".join(f"${n}" for n in range(1, 39)) + ")"
+_COMMIT = "SELECT * FROM dicomweb_commit_instance(" + ", ".join(f"${n}" for n in range(1, 40)) + ")"
 
 
-async def _commit(conn: asyncpg.Connection, rec: InstanceRecord) -> CommitResult:
+async def _commit(conn: asyncpg.Connection, rec: InstanceRecord, owner: int) -> CommitResult:
     """One round trip: schema.sql's dicomweb_commit_instance does every step."""
     p, st, se, i = rec.patient, rec.study, rec.series, rec.instance
     row = await conn.fetchrow(
@@ -299,10 +311,16 @@ async def _commit(conn: asyncpg.Connection, rec: InstanceRecord) -> CommitResult
         i["sop_instance_uid"], i["sop_class_uid"], i["instance_number"],
         i["acquisition_datetime"], i["blob_key"], i["transfer_syntax_uid"], i["size_bytes"],
         i["sha256"], i["number_of_frames"], i["frame_offsets"], i["frame_lengths"],
-        i["encapsulated"], i["metadata"], i["bulk_ranges"],
+        i["encapsulated"], i["metadata"], i["bulk_ranges"], owner,
     )  # fmt: skip
     if row["outcome"] == "stored":
         return CommitResult(True)
+    if row["outcome"] == "reservation-lost":
+        return CommitResult(
+            False,
+            failed="the blob reservation was rolled back by another process",
+            reservation_lost=True,
+        )
     if row["outcome"] == "series-conflict":
         return CommitResult(False, conflict="the series belongs to another study in the archive")
     return CommitResult(

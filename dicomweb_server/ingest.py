@@ -162,13 +162,15 @@ async def store_file(
 
 
 async def _undo(ctx: Services, writer: BlobWriter, key: str, placed: bool) -> None:
+    """Roll back a store that failed. A placed blob is deleted only when its reservation was
+    still there: if the commit reached the database after all (an error or a cancellation
+    after COMMIT), the reservation is gone and the blob belongs to a stored instance."""
     try:
-        if placed:
-            await ctx.blobs.delete(key)
-        else:
+        if not placed:
             await ctx.blobs.discard(writer)
-        await ctx.index.release(key)
-    except Exception:  # the reservation is rolled back at the next start
+        if await ctx.index.release(key) and placed:
+            await ctx.blobs.delete(key)
+    except Exception:  # database unreachable: blob and reservation are left to `recover`
         log.exception("could not undo blob %s", key)
 
 
@@ -189,8 +191,16 @@ async def _commit(
     result = await ctx.index.commit_instance(record)
     if result.stored:
         return InstanceOutcome(sop_class, sop, retrieve_path=instance_path(study, series, sop))
-    await ctx.blobs.delete(key)
-    await ctx.index.release(key)
+    # Not committed: the blob is ours to delete (its reservation, if still there, goes too).
+    if await ctx.index.release(key) or result.reservation_lost:
+        await ctx.blobs.delete(key)
+    if result.failed:
+        reason = (
+            FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+            if result.invalid
+            else FailureReason.PROCESSING_FAILURE
+        )
+        return InstanceOutcome(sop_class, sop, reason, reason=result.failed)
     if result.conflict:
         return InstanceOutcome(
             sop_class, sop, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason=result.conflict

@@ -273,7 +273,10 @@ def negotiate_frames(
             ):
                 return EXPLICIT_VR_LITTLE_ENDIAN
             continue
-        if _type_matches(part, stored_type) and ts in (None, STORED, stored_ts):
+        if _type_matches(part, stored_type) and (
+            ts in (STORED, stored_ts)
+            or (ts is None and _DEFAULT_FRAME_TS.get(part, stored_ts) == stored_ts)
+        ):
             return STORED
         want = ts or _DEFAULT_FRAME_TS.get(part)
         if want in targets and want is not None and _type_matches(part, frame_media_type(want)):

@@ -181,7 +181,13 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
 
 def _range_or_single(attr: Attribute, value: str) -> Match:
     parse_one = _PARSERS[attr.vr]
-    if ("-" in value and attr.vr != "DT") or (value.count("-") == 1 and attr.vr == "DT"):
+    if attr.vr == "DT":
+        single = parse_one(value)
+        if single is not None:  # e.g. 20240101120000-0500: a UTC offset, not a range
+            return SingleValueMatch(attr, single)
+        if "-" in value:
+            return _dt_range(attr, value)
+    if "-" in value:
         lo_s, _, hi_s = value.partition("-")
         lo = parse_one(lo_s) if lo_s else None
         hi = parse_one(hi_s) if hi_s else None
@@ -192,6 +198,19 @@ def _range_or_single(attr: Attribute, value: str) -> Match:
     if one is None:
         raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid {attr.vr} value")
     return SingleValueMatch(attr, one)
+
+
+def _dt_range(attr: Attribute, value: str) -> Match:
+    """A DT range whose ends may carry negative UTC offsets: the first split that parses."""
+    for i, ch in enumerate(value):
+        if ch != "-":
+            continue
+        lo_s, hi_s = value[:i], value[i + 1 :]
+        lo = parse_dt(lo_s) if lo_s else None
+        hi = parse_dt(hi_s) if hi_s else None
+        if (lo or not lo_s) and (hi or not hi_s) and (lo or hi):
+            return RangeMatch(attr, lo, hi)
+    raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid DT range")
 
 
 def _includes(values: list[str]) -> tuple[Include, list[str]]:

@@ -69,9 +69,11 @@ def _str(meta: JsonDict, tag: int) -> str | None:
 def _int(meta: JsonDict, tag: int) -> int | None:
     v = _first(meta, tag)
     try:
-        return None if v is None else int(float(v))
-    except (TypeError, ValueError):
+        n = None if v is None else int(float(v))
+    except (TypeError, ValueError, OverflowError):
         return None
+    # The index columns are 32-bit; a value outside is kept in the metadata, not indexed.
+    return n if n is not None and -(2**31) <= n < 2**31 else None
 
 
 def _date(meta: JsonDict, tag: int) -> dt.date | None:

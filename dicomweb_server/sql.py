@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dicomweb_server.attributes import DEFAULT_RETURN, Attribute, Level, tag_hex
+from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.query import (
     FuzzyMatch,
     Match,
@@ -230,7 +231,8 @@ def render_row(q: Query, row: Mapping[str, Any], base_url: str) -> dict[str, Any
     out: dict[str, Any] = {}
     for level in returned_levels(q):
         wanted = _wanted(q, level)
-        stored = json.loads(row[f"{level.value}_attrs"] or "{}")
+        text = row[f"{level.value}_attrs"] or "{}"
+        stored = json.loads(absolutize_bulk_uris(text, base_url))
         out.update(_pick(stored, wanted))
         computed = _computed(row, level, base_url)
         if wanted is not None:

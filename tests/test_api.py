@@ -446,3 +446,90 @@ async def test_stored_frames_of_unaligned_native_data(
         parts = split_multipart(r.content, r.headers["content-type"])
         assert len(parts) == 2
         assert parts[0][0]["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.1")
+
+
+async def test_index_refused_values_fail_one_instance(app_client: httpx.AsyncClient) -> None:
+    """Values PostgreSQL refuses fail that instance (not the request); 32-bit overflows are
+    stored, just not indexed (found by review)."""
+    big_number = make_instance(InstanceNumber=99999999999, SeriesNumber=3000000000)
+    nul = make_instance(PatientName="Doe\x00John")
+    r = await stow(app_client, to_bytes(big_number), to_bytes(nul))
+    assert r.status_code == 202, r.text
+    (failed,) = values(r.json(), "00081198")
+    assert isinstance(failed, dict) and values(failed, "00081197") == [0xA900]
+    r = await app_client.get(
+        f"{ROOT}/instances", params={"SOPInstanceUID": big_number.SOPInstanceUID}
+    )
+    assert r.status_code == 200
+
+
+async def test_qido_includefield_all_bulk_uris_are_absolute(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance()
+    await stow(app_client, to_bytes(ds))
+    r = await app_client.get(f"{ROOT}/instances", params={"includefield": "all"})
+    (inst,) = r.json()
+    uri = inst["7FE00010"]["BulkDataURI"]
+    assert uri.startswith("http://testserver/dicom-web/studies/")
+    assert (await app_client.get(uri)).status_code == 200
+
+
+async def test_failure_after_commit_keeps_the_blob(
+    app: object, app_client: httpx.AsyncClient
+) -> None:
+    """An error after the database committed (lost connection, cancellation) must not delete
+    the blob of the stored instance (found by review)."""
+    from starlette.applications import Starlette
+
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    assert isinstance(app, Starlette)
+    index = app.state.services.index
+    real = index.commit_instance
+
+    async def commit_then_lose_the_reply(rec: object) -> object:
+        await real(rec)
+        raise ServiceUnavailableError("connection lost after COMMIT")
+
+    index.commit_instance = commit_then_lose_the_reply
+    ds = make_instance()
+    raw = to_bytes(ds)
+    r = await stow(app_client, raw)
+    assert r.status_code == 503
+    index.commit_instance = real
+    r = await app_client.get(
+        f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}",
+        headers={"Accept": "multipart/related; transfer-syntax=*"},
+    )
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == raw
+
+
+async def test_lost_reservation_is_not_committed(
+    app: object, app_client: httpx.AsyncClient, pg_dsn: str
+) -> None:
+    """If another process rolled our reservation back (taking us for dead), the instance must
+    not be committed over a deleted blob (found by review)."""
+    from starlette.applications import Starlette
+
+    assert isinstance(app, Starlette)
+    blobs = app.state.services.blobs
+    real = blobs.commit
+
+    async def place_then_lose_reservation(writer: object, key: str) -> None:
+        await real(writer, key)
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute("DELETE FROM blob_reservation WHERE blob_key = $1", key)
+        finally:
+            await conn.close()
+
+    blobs.commit = place_then_lose_reservation
+    r = await stow(app_client, to_bytes(make_instance()))
+    blobs.commit = real
+    assert r.status_code == 409
+    (failed,) = values(r.json(), "00081198")
+    assert isinstance(failed, dict) and values(failed, "00081197") == [0x0110]
+    assert (await app_client.get(f"{ROOT}/instances")).status_code == 204
+    root = app.state.settings.blob_dir
+    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"]
+    assert files == [], "the uncommitted blob was left behind"

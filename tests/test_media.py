@@ -139,3 +139,11 @@ def test_stow_boundary() -> None:
             stow_boundary(bad)
     with pytest.raises(BadRequestError):
         stow_boundary('multipart/related; type="application/dicom"')
+
+
+def test_image_type_without_transfer_syntax_means_its_default() -> None:
+    """image/jpeg means JPEG Baseline (PS3.18 Table 8.7.3-2): JPEG Lossless stored frames are
+    converted, not sent as stored (browsers cannot decode them); found by review."""
+    lossless = "1.2.840.10008.1.2.4.70"
+    assert negotiate_frames('multipart/related; type="image/jpeg"', lossless, ALL) == JPEG
+    assert negotiate_frames('multipart/related; type="image/jpeg"', JPEG, ALL) == STORED

@@ -106,3 +106,11 @@ def test_returned_levels() -> None:
         Level.SERIES,
         Level.INSTANCE,
     )
+
+
+def test_dt_with_negative_utc_offset() -> None:
+    """A negative UTC offset is not a range separator (found by review)."""
+    (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500").matches
+    assert isinstance(m, SingleValueMatch) and m.value == dt.datetime(2024, 1, 1, 12)
+    (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500-20240102120000-0500").matches
+    assert isinstance(m, RangeMatch) and m.upper == dt.datetime(2024, 1, 2, 12)
