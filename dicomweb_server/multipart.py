@@ -1,10 +1,9 @@
 """Sans-I/O multipart/related reader and an async writer (RFC 2046 5.1, PS3.18 8.6.1.2).
 
-`MultipartReader.feed()` is synchronous and does no I/O; it drives python-multipart's streaming
-`MultipartParser` (STYLE.md rule 6) and turns its callbacks into events. Chunk boundaries may fall
-anywhere. A preamble before the first delimiter is skipped here, because python-multipart expects
-the body to start with it (RFC 2046 5.1.1 allows a preamble); the epilogue is ignored by
-python-multipart itself.
+`MultipartReader.feed()` is synchronous and does no I/O: it drives python-multipart's streaming
+`MultipartParser` (STYLE.md rule 6) and turns its callbacks into events; chunks may split anything.
+Only the preamble and the first delimiter line are read here (python-multipart wants the body to
+begin with the delimiter); the rest, epilogue included, is python-multipart's job.
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ import secrets
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser
 
-from dicomweb_server.errors import BadRequestError, PayloadTooLargeError
+from dicomweb_server.errors import BadRequestError, DicomWebError, PayloadTooLargeError
 
 __all__ = [
     "MAX_BOUNDARY_CHARS",
@@ -33,18 +33,20 @@ __all__ = [
     "new_boundary",
 ]
 
-# Total bytes of one part's header block.
+# Bytes of the header names and values of one part (the ':', the spaces after it and the line
+# ends are not counted; python-multipart bounds those per line).
 MAX_PART_HEADER_BYTES = 16 * 1024
 # Parts in one request.
 MAX_PARTS = 10_000
-# Bytes tolerated before the first delimiter.
+# Bytes before the first delimiter, plus any transport padding after it (RFC 2046 5.1.1).
 MAX_PREAMBLE_BYTES = 64 * 1024
-# RFC 2046 5.1.1 says a boundary is 1 to 70 characters, but Orthanc 1.10's STOW-RS client
-# sends 73 (two UUIDs joined by '-'): accept up to python-multipart's own limit.
+# RFC 2046 5.1.1 caps a boundary at 70 characters, but the Orthanc DICOMweb plugin's STOW-RS
+# client sends 73 (a UUID, '-', the same UUID): accept up to python-multipart's own cap.
 MAX_BOUNDARY_CHARS = 256
 
-# python-multipart logs every parse error as a warning; we report them to the client instead.
-logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
+# python-multipart logs a warning for each malformed body before it raises; the client gets the
+# reason in a 400 instead, so each parser gets a logger that drops them (no global logging setup).
+_QUIET = logging.Logger("dicomweb_server.multipart.engine", logging.CRITICAL + 1)
 
 
 @dataclass(frozen=True)
@@ -65,103 +67,143 @@ class PartEnd:
 Event = PartBegin | PartData | PartEnd
 
 
+def _check_boundary(boundary: str) -> bytes:
+    if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS:
+        raise BadRequestError(
+            f"multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters: {boundary[:80]!r}"
+        )
+    if not (boundary.isascii() and boundary.isprintable()):
+        raise BadRequestError(f"multipart boundary must be printable ASCII: {boundary[:80]!r}")
+    return boundary.encode("ascii")
+
+
 class MultipartReader:
-    """Feed bytes, get events; `close()` at the end of input checks the body was complete."""
+    """Feed bytes, get events, `close()` at the end; after an error every call raises it again."""
 
     def __init__(self, boundary: str, *, max_part_bytes: int, max_parts: int = MAX_PARTS) -> None:
-        if not 1 <= len(boundary) <= MAX_BOUNDARY_CHARS:
-            raise BadRequestError(
-                f"multipart boundary must be 1 to {MAX_BOUNDARY_CHARS} characters:"
-                f" {boundary[:80]!r}"
-            )
-        try:
-            self._boundary = boundary.encode("ascii")
-        except UnicodeEncodeError:
-            raise BadRequestError(f"multipart boundary is not ASCII: {boundary!r}") from None
-        self._delimiter = b"--" + self._boundary
+        raw = _check_boundary(boundary)
+        self._delimiter = b"--" + raw
         self._max_part_bytes = max_part_bytes
         self._max_parts = max_parts
-        self._preamble = b""
-        self._started = False
-        self._finished = False
+        self._head = b""  # undecided bytes before the first delimiter line is complete
+        self._skipped = 0  # preamble bytes already dropped
+        self._started = self._finished = False
+        self._error: DicomWebError | None = None
         self._events: list[Event] = []
-        self._parts = 0
-        self._part_bytes = 0
-        self._header_bytes = 0
-        self._field = b""
-        self._value = b""
+        self._parts = self._part_bytes = self._header_bytes = 0
+        self._field = self._value = b""
         self._headers: dict[str, str] = {}
         self._parser = MultipartParser(
-            self._boundary,
+            raw,
             callbacks={
                 "on_part_begin": self._on_part_begin,
-                "on_part_data": self._on_part_data,
-                "on_part_end": self._on_part_end,
                 "on_header_field": self._on_header_field,
                 "on_header_value": self._on_header_value,
                 "on_header_end": self._on_header_end,
                 "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
                 "on_end": self._on_end,
             },
-            max_header_size=MAX_PART_HEADER_BYTES,
+            # python-multipart's per-part defaults (8 headers, 4 KiB a line) are for HTML forms;
+            # set them so that our block limit is the one that binds (each line costs >= 1 byte).
+            max_header_count=MAX_PART_HEADER_BYTES,
+            max_header_size=2 * MAX_PART_HEADER_BYTES,
         )
+        self._parser.logger = _QUIET
 
     @property
     def finished(self) -> bool:
+        """True once the closing delimiter `--boundary--` has been read."""
         return self._finished
 
     def feed(self, data: bytes) -> list[Event]:
+        if self._error is not None:
+            raise self._error
         if self._finished or not data:
-            return []
-        if not self._started:
-            data = self._skip_preamble(data)
-            if not data:
-                return []
+            return []  # RFC 2046 5.1.1: the epilogue is ignored
         try:
-            self._parser.write(data)
-        except (BadRequestError, PayloadTooLargeError):
+            if not self._started:
+                data = self._skip_preamble(data)
+            if data:
+                self._parser.write(data)
+        except FormParserError as exc:
+            self._error = BadRequestError(f"malformed multipart body: {exc}")
+            raise self._error from exc
+        except DicomWebError as exc:  # raised by our callbacks, through python-multipart
+            self._error = exc
             raise
-        except Exception as exc:  # python-multipart's errors are the client's malformed body
-            raise BadRequestError(f"malformed multipart body: {exc}") from None
         events, self._events = self._events, []
         return events
 
     def close(self) -> None:
+        """End of input: the closing delimiter must have been seen, after at least one part."""
+        if self._error is not None:
+            raise self._error
+        if not self._started:
+            raise BadRequestError(
+                "multipart body has no boundary delimiter (empty or wrong boundary?)"
+            )
         if not self._finished:
-            if not self._started:
-                raise BadRequestError("multipart body has no boundary delimiter (empty body?)")
             raise BadRequestError("multipart body is truncated: the closing delimiter is missing")
+        if self._parts == 0:
+            raise BadRequestError("multipart body has no parts")
 
     def _skip_preamble(self, data: bytes) -> bytes:
-        """Drop bytes before the first delimiter (at the start of the body or of a line)."""
-        buf = self._preamble + data
-        at = 0 if buf.startswith(self._delimiter) else -1
+        """Bytes for python-multipart, from the first delimiter on, or b"" while undecided.
+
+        RFC 2046 5.1.1: a preamble may come first, and the first delimiter then starts a line
+        (after CRLF, or a bare LF); the body may also begin with it. Only the tail that could
+        still begin "\\n--boundary" is kept, so a preamble fed byte by byte costs O(n).
+        """
+        buf = self._head + data
+        at = self._find_delimiter(buf)
         if at < 0:
-            found = buf.find(b"\n" + self._delimiter)
-            at = found + 1 if found >= 0 else -1
-        if at < 0:
-            if len(buf) > MAX_PREAMBLE_BYTES:
-                raise BadRequestError(
-                    f"no multipart boundary delimiter in the first {MAX_PREAMBLE_BYTES} bytes"
-                )
-            self._preamble = buf
-            return b""
+            cut = max(0, len(buf) - len(self._delimiter))
+            return self._hold(buf[cut:], self._skipped + cut, used=self._skipped + cut)
+        rest = buf[at + len(self._delimiter) :]
+        padding = len(rest) - len(rest.lstrip(b" \t"))
+        if rest[padding:] in (b"", b"\r"):  # cannot tell yet: the line end is still to come
+            keep = max(at - 1, 0)  # keep the LF before the delimiter, to find it again
+            used = self._skipped + at + padding
+            return self._hold(buf[keep:], self._skipped + keep, used=used)
+        self._hold(b"", 0, used=self._skipped + at + padding)
         self._started = True
-        self._preamble = b""
-        return buf[at:]
+        # RFC 2046 5.1.1 allows transport padding after any delimiter; python-multipart allows
+        # it after later delimiters only, so the first delimiter line is rewritten without it.
+        if padding and rest[padding : padding + 2] == b"\r\n":
+            return self._delimiter + rest[padding:]
+        return buf[at:]  # python-multipart rejects anything but CRLF or "--" here
+
+    def _find_delimiter(self, buf: bytes) -> int:
+        if self._skipped == 0 and buf.startswith(self._delimiter):
+            return 0
+        at = buf.find(b"\n" + self._delimiter)
+        return at + 1 if at >= 0 else -1
+
+    def _hold(self, keep: bytes, skipped: int, *, used: int) -> bytes:
+        """Keep `keep` for the next feed; `used` bytes of preamble and padding are known so far."""
+        if used > MAX_PREAMBLE_BYTES:
+            raise BadRequestError(
+                f"no multipart boundary delimiter in the first {MAX_PREAMBLE_BYTES} bytes"
+                " (wrong boundary?)"
+            )
+        self._head, self._skipped = keep, skipped
+        return b""
 
     def _on_part_begin(self) -> None:
         self._parts += 1
         if self._parts > self._max_parts:
-            raise PayloadTooLargeError(f"more than {self._max_parts} parts in one request")
-        self._part_bytes = 0
-        self._header_bytes = 0
+            raise PayloadTooLargeError(f"more than the limit of {self._max_parts} parts")
+        self._part_bytes = self._header_bytes = 0
         self._headers = {}
 
     def _count_header(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_PART_HEADER_BYTES:
-            raise BadRequestError(f"part headers longer than {MAX_PART_HEADER_BYTES} bytes")
+            raise BadRequestError(
+                f"part headers are larger than the limit of {MAX_PART_HEADER_BYTES} bytes"
+            )
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._count_header(end - start)
@@ -172,9 +214,10 @@ class MultipartReader:
         self._value += data[start:end]
 
     def _on_header_end(self) -> None:
+        # python-multipart ends a value at CR only; a bare LF would smuggle in another header.
+        if b"\n" in self._value:
+            raise BadRequestError("a part header line ends with a bare LF, not CRLF")
         name = self._field.decode("latin-1").strip().lower()
-        if not name:
-            raise BadRequestError("a part header line has no name")
         self._headers[name] = self._value.decode("latin-1").strip()
         self._field = self._value = b""
 
@@ -187,8 +230,7 @@ class MultipartReader:
             raise PayloadTooLargeError(
                 f"a part is larger than the limit of {self._max_part_bytes} bytes"
             )
-        if end > start:
-            self._events.append(PartData(data[start:end]))
+        self._events.append(PartData(data[start:end]))  # python-multipart skips empty spans
 
     def _on_part_end(self) -> None:
         self._events.append(PartEnd())
@@ -220,20 +262,33 @@ async def iter_parts(
 
 
 def new_boundary() -> str:
-    """A fresh random boundary for each response (field notes 4)."""
+    """A fresh random boundary for each response: 32 hex digits, a valid RFC 2046 token."""
     return secrets.token_hex(16)
 
 
 async def encode_parts(
     parts: AsyncIterable[tuple[dict[str, str], AsyncIterable[bytes]]], boundary: str
 ) -> AsyncIterator[bytes]:
-    """A multipart/related body, streamed part by part (RFC 2046 5.1.1)."""
+    """A multipart/related body (RFC 2046 5.1.1, PS3.18 8.6.1.2), streamed chunk by chunk.
+
+    Each part: `--boundary` CRLF, its header lines, CRLF, the body, CRLF; then `--boundary--`
+    CRLF. Bodies are passed through as they come, never joined.
+    """
     delimiter = f"--{boundary}\r\n".encode("ascii")
     async for headers, body in parts:
-        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        yield delimiter + head.encode("latin-1") + b"\r\n"
+        yield delimiter + _header_block(headers)
         async for chunk in body:
             if chunk:
                 yield chunk
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("ascii")
+
+
+def _header_block(headers: dict[str, str]) -> bytes:
+    """Header lines and the blank line after them; a line break in a header is our own bug."""
+    lines = []
+    for name, value in headers.items():
+        if not name or any(c in name + value for c in "\r\n") or ":" in name:
+            raise ValueError(f"invalid part header {name!r}: {value!r}")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("latin-1") + b"\r\n"
