@@ -147,16 +147,6 @@ class FileSystemBlobStore:
     def remove_tmp_of(self, owner: int) -> None:
         shutil.rmtree(self.tmp_root / str(owner), ignore_errors=True)
 
-    def iter_keys(self) -> list[str]:
-        """Every committed blob key (for consistency checks; walks the whole tree)."""
-        keys: list[str] = []
-        for top in self.root.iterdir():
-            if top.name == "tmp" or not top.is_dir():
-                continue
-            for sub in top.iterdir():
-                keys.extend(p.name for p in sub.iterdir())
-        return keys
-
 
 async def stream_path(
     path: Path, offset: int = 0, length: int | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,14 +148,6 @@ def stow_response(
     if referenced:
         doc["00081199"] = {"vr": "SQ", "Value": referenced}
     return doc
-
-
-def json_value(element: Mapping[str, Any] | None) -> Any:
-    """The first value of a DICOM JSON element, or None."""
-    if not element:
-        return None
-    values = element.get("Value")
-    return values[0] if values else None
 
 
 def dumps(doc: Any) -> bytes:

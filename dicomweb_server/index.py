@@ -251,10 +251,6 @@ class Index:
         assert row is not None
         return dict(row)
 
-    async def all_blob_keys(self) -> set[str]:
-        rows = await self._fetch("SELECT blob_key FROM instance")
-        return {r[0] for r in rows}
-
     async def _fetch(self, sql_text: str, *args: Any) -> list[asyncpg.Record]:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
