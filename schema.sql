@@ -223,3 +223,42 @@ BEGIN
     END;
 END
 $$;
+
+-- API keys (`dicomweb-server apikey create`): only the SHA-256 of the secret is kept.
+CREATE TABLE IF NOT EXISTS api_key (
+    key_id      text PRIMARY KEY,
+    secret_sha256 bytea NOT NULL,
+    role        text NOT NULL CHECK (role IN ('read', 'write', 'admin')),
+    name        text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
+);
+
+-- The audit trail: append-only, each row chained to the one before by SHA-256 (audit.py).
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq        bigserial PRIMARY KEY,
+    at         timestamptz NOT NULL,
+    caller     text NOT NULL,
+    client     text NOT NULL,
+    action     text NOT NULL,
+    uids       text[] NOT NULL,
+    outcome    integer NOT NULL,
+    bytes      bigint NOT NULL,
+    detail     text NOT NULL,
+    prev_hash  bytea NOT NULL,
+    hash       bytea NOT NULL
+);
+
+-- Updates, deletes and truncation are refused. An owner of the database can still disable
+-- this trigger: the hash chain is what makes such tampering visible (`audit verify`).
+CREATE OR REPLACE FUNCTION dicomweb_audit_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only (% refused)', TG_OP;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
+CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();

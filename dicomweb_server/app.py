@@ -16,15 +16,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dicomweb_server.auditlog import running_audit_log
+from dicomweb_server.auth import authenticator_for, describe
 from dicomweb_server.blobstore import FileSystemBlobStore
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError
+from dicomweb_server.guard import Guard
 from dicomweb_server.index import Index
 from dicomweb_server.ingest import Services
-from dicomweb_server.routes import ROUTES
+from dicomweb_server.routes import ROUTE_ROLES, ROUTES
+from dicomweb_server.routes.common import error_response
 
 __all__ = ["SCHEMA_PATH", "app_from_env", "create_app", "open_services", "recover"]
 
@@ -76,9 +80,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
 
 async def _dicomweb_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DicomWebError)
-    return JSONResponse(
-        {"status": exc.status, "message": exc.message}, status_code=exc.status, headers=exc.headers
-    )
+    return error_response(exc)
 
 
 class _CatchAllMiddleware:
@@ -112,8 +114,14 @@ class _CatchAllMiddleware:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_services(settings) as svc:
+        async with contextlib.AsyncExitStack() as stack:
+            svc = await stack.enter_async_context(open_services(settings))
             app.state.services = svc
+            app.state.authenticator = authenticator_for(settings, svc.index)
+            app.state.audit = None
+            if settings.audit:
+                app.state.audit = await stack.enter_async_context(running_audit_log(svc.index))
+            log.info("authentication: %s", describe(settings))
             yield
 
     origins = settings.cors_origins
@@ -127,12 +135,14 @@ def create_app(settings: Settings) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(origins or []),
                 allow_origin_regex=None if origins else LOCAL_ORIGINS_REGEX,
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],
                 allow_credentials="*" not in (origins or ()),
                 expose_headers=EXPOSED_HEADERS,
                 max_age=CORS_MAX_AGE_S,
             ),
+            # Inside CORS, so that a 401 or 403 carries CORS headers too (field notes 2).
+            Middleware(Guard, routes=ROUTES, roles=ROUTE_ROLES),
             # Inside CORS, so that even an unexpected error answers with CORS headers.
             Middleware(_CatchAllMiddleware),
         ],

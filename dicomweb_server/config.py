@@ -10,6 +10,7 @@ from pathlib import Path
 from dicomweb_server.errors import DicomWebError
 
 __all__ = [
+    "AUTH_MODES",
     "DEFAULT_DATA_DIR",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -50,6 +51,13 @@ LOCAL_ORIGINS_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 DEFAULT_QUERY_TIMEOUT_S = 30.0
 
 
+# `--auth` values: no authentication (loopback only), API keys, OpenID Connect bearer JWTs.
+AUTH_MODES = ("none", "apikey", "oidc")
+# The OIDC claim that carries roles, and the prefix that marks ours ("scope": "dicomweb.read").
+DEFAULT_OIDC_ROLES_CLAIM = "scope"
+DEFAULT_OIDC_ROLE_PREFIX = "dicomweb."
+
+
 class ConfigError(DicomWebError):
     """An environment variable holds a value we cannot use."""
 
@@ -76,6 +84,37 @@ class Settings:
     image_cache_bytes: int = IMAGE_CACHE_BYTES
     frame_cache_bytes: int = FRAME_CACHE_BYTES
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
+    # Authentication (AUTH_MODES); "none" serves only loopback addresses unless `insecure`.
+    auth: str = "none"
+    insecure: bool = False
+    # OIDC: the issuer and audience tokens must carry, the JWKS (an https URL or a file), and
+    # where roles are read from (a claim, dotted for nested ones: "realm_access.roles").
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks: str | None = None
+    oidc_roles_claim: str = DEFAULT_OIDC_ROLES_CLAIM
+    oidc_role_prefix: str = DEFAULT_OIDC_ROLE_PREFIX
+    # TLS: PEM certificate chain and private key served by hypercorn; None: plain HTTP.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    # The audit trail (on by default; off only for measurements).
+    audit: bool = True
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}")
+        if self.auth == "oidc":
+            missing = [n for n, v in (("DICOMWEB_OIDC_ISSUER", self.oidc_issuer),
+                                      ("DICOMWEB_OIDC_AUDIENCE", self.oidc_audience),
+                                      ("DICOMWEB_OIDC_JWKS", self.oidc_jwks)) if not v]  # fmt: skip
+            if missing:
+                raise ConfigError(f"auth oidc needs {', '.join(missing)}")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("TLS needs both a certificate file and a key file")
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.certfile is None else "https"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -102,7 +141,7 @@ class Settings:
             s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
         if "DICOMWEB_MAX_REQUEST_BYTES" in env:
             s = replace(s, max_request_bytes=_int(env, "DICOMWEB_MAX_REQUEST_BYTES"))
-        return s
+        return _security_from_env(s, env)
 
     def export(self) -> None:
         """Put these settings into this process's environment, where the worker processes
@@ -117,6 +156,16 @@ class Settings:
             "DICOMWEB_VIEWER_URL": self.viewer_url,
             "DICOMWEB_MAX_PART_BYTES": str(self.max_part_bytes),
             "DICOMWEB_MAX_REQUEST_BYTES": str(self.max_request_bytes),
+            "DICOMWEB_AUTH": self.auth,
+            "DICOMWEB_INSECURE": "1" if self.insecure else "",
+            "DICOMWEB_OIDC_ISSUER": self.oidc_issuer or "",
+            "DICOMWEB_OIDC_AUDIENCE": self.oidc_audience or "",
+            "DICOMWEB_OIDC_JWKS": self.oidc_jwks or "",
+            "DICOMWEB_OIDC_ROLES_CLAIM": self.oidc_roles_claim,
+            "DICOMWEB_OIDC_ROLE_PREFIX": self.oidc_role_prefix,
+            "DICOMWEB_CERTFILE": str(self.certfile.resolve()) if self.certfile else "",
+            "DICOMWEB_KEYFILE": str(self.keyfile.resolve()) if self.keyfile else "",
+            "DICOMWEB_AUDIT": "1" if self.audit else "0",
         }
         os.environ.update(values)
 
@@ -127,6 +176,37 @@ class Settings:
     @property
     def pg_dir(self) -> Path:
         return self.data_dir / "postgres"
+
+
+def _security_from_env(s: Settings, env: Mapping[str, str]) -> Settings:
+    """Authentication, TLS and audit settings (DICOMWEB_AUTH, DICOMWEB_OIDC_*, …)."""
+    texts = {
+        "auth": "DICOMWEB_AUTH",
+        "oidc_issuer": "DICOMWEB_OIDC_ISSUER",
+        "oidc_audience": "DICOMWEB_OIDC_AUDIENCE",
+        "oidc_jwks": "DICOMWEB_OIDC_JWKS",
+        "oidc_roles_claim": "DICOMWEB_OIDC_ROLES_CLAIM",
+    }
+    values: dict[str, object] = {k: env[n] for k, n in texts.items() if env.get(n)}
+    if "DICOMWEB_OIDC_ROLE_PREFIX" in env:  # may be empty: roles named plainly
+        values["oidc_role_prefix"] = env["DICOMWEB_OIDC_ROLE_PREFIX"]
+    for key, name in (("certfile", "DICOMWEB_CERTFILE"), ("keyfile", "DICOMWEB_KEYFILE")):
+        if env.get(name):
+            values[key] = Path(env[name])
+    if env.get("DICOMWEB_INSECURE"):
+        values["insecure"] = _bool(env, "DICOMWEB_INSECURE")
+    if env.get("DICOMWEB_AUDIT"):
+        values["audit"] = _bool(env, "DICOMWEB_AUDIT")
+    return replace(s, **values)  # type: ignore[arg-type]
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    value = env[name].strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {env[name]!r}")
 
 
 def _int(env: Mapping[str, str], name: str) -> int:

@@ -12,10 +12,12 @@ __all__ = [
     "ConflictError",
     "DicomWebError",
     "FailureReason",
+    "ForbiddenError",
     "NotAcceptableError",
     "NotFoundError",
     "PayloadTooLargeError",
     "ServiceUnavailableError",
+    "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "WarningReason",
 ]
@@ -34,6 +36,18 @@ class DicomWebError(Exception):
 
 class BadRequestError(DicomWebError):
     status = 400
+
+
+class UnauthorizedError(DicomWebError):
+    """No credentials, or credentials that do not hold (sent with WWW-Authenticate)."""
+
+    status = 401
+
+
+class ForbiddenError(DicomWebError):
+    """A known caller without the role the request needs."""
+
+    status = 403
 
 
 class NotFoundError(DicomWebError):

@@ -13,17 +13,20 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, chain
 from dicomweb_server.errors import ServiceUnavailableError
 from dicomweb_server.record import InstanceRecord
 
 __all__ = [
     "ADVISORY_LOCK_CLASS",
+    "ApiKey",
     "CommitResult",
     "Index",
     "StoredInstance",
@@ -31,6 +34,11 @@ __all__ = [
 
 # First key of the two-int advisory lock space used for process liveness ('DCMW').
 ADVISORY_LOCK_CLASS = 0x44434D57
+# Second key of the advisory lock that serialises appends to the audit chain (owners are > 0
+# and the schema lock is 0).
+AUDIT_LOCK_KEY = -1
+# Audit rows fetched per round trip while walking the chain.
+AUDIT_FETCH_ROWS = 1000
 # Seconds to wait for a pooled connection before answering 503.
 ACQUIRE_TIMEOUT_S = 10.0
 # Seconds between liveness probes of the connection that holds the process lock.
@@ -49,6 +57,16 @@ class CommitResult:
     failed: str | None = None  # not stored for another reason (reservation lost, bad value)
     invalid: bool = False  # `failed` because the data set holds a value the index refuses
     reservation_lost: bool = False  # nothing references the blob and no reservation guards it
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    secret_sha256: bytes
+    role: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -241,6 +259,9 @@ class Index:
     async def search(self, sql_text: str, args: Sequence[Any]) -> list[asyncpg.Record]:
         return await self._fetch(sql_text, *args)
 
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
     async def counts(self) -> dict[str, int]:
         row = await self._fetchrow(
             "SELECT (SELECT count(*) FROM patient) AS patients,"
@@ -250,6 +271,72 @@ class Index:
         )
         assert row is not None
         return dict(row)
+
+    # API keys
+
+    async def add_api_key(self, key_id: str, secret_sha256: bytes, role: str, name: str) -> None:
+        await self._execute(
+            "INSERT INTO api_key (key_id, secret_sha256, role, name) VALUES ($1, $2, $3, $4)",
+            key_id, secret_sha256, role, name,
+        )  # fmt: skip
+
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        row = await self._fetchrow("SELECT * FROM api_key WHERE key_id = $1", key_id)
+        return None if row is None else ApiKey(**dict(row))
+
+    async def api_keys(self) -> list[ApiKey]:
+        return [
+            ApiKey(**dict(r))
+            for r in await self._fetch("SELECT * FROM api_key ORDER BY created_at")
+        ]
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        rows = await self._fetch(
+            "UPDATE api_key SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL"
+            " RETURNING key_id",
+            key_id,
+        )
+        return bool(rows)
+
+    # The audit trail
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Append events to the chain: under a transaction-scoped advisory lock, so that
+        processes sharing the database take turns and each row links to the true last one."""
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)", ADVISORY_LOCK_CLASS, AUDIT_LOCK_KEY
+                )
+                last = await conn.fetchval("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                links = chain(GENESIS if last is None else bytes(last), events)
+                await conn.executemany(
+                    "INSERT INTO audit_log (at, caller, client, action, uids, outcome, bytes,"
+                    " detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    [(e.time, e.caller, e.client, e.action, list(e.uids), e.outcome, e.nbytes,
+                      e.detail, prev, digest)
+                     for e, (prev, digest) in zip(events, links, strict=True)],
+                    timeout=self._timeout,
+                )  # fmt: skip
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        """Every audit row after `after_seq`, in chain order, a page at a time."""
+        while True:
+            rows = await self._fetch(
+                "SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                after_seq, AUDIT_FETCH_ROWS,
+            )  # fmt: skip
+            for r in rows:
+                event = AuditEvent(
+                    r["at"], r["caller"], r["client"], r["action"], tuple(r["uids"]),
+                    r["outcome"], r["bytes"], r["detail"],
+                )  # fmt: skip
+                yield AuditRow(r["seq"], event, bytes(r["prev_hash"]), bytes(r["hash"]))
+            if len(rows) < AUDIT_FETCH_ROWS:
+                return
+            after_seq = rows[-1]["seq"]
 
     async def _fetch(self, sql_text: str, *args: Any) -> list[asyncpg.Record]:
         try:

@@ -17,7 +17,7 @@ from dicomweb_server.config import Settings
 SAMPLES = Path(
     os.environ.get("DICOMWEB_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "samples")
 )
-TABLES = "patient, study, series, instance, blob_reservation"
+TABLES = "patient, study, series, instance, blob_reservation, api_key"
 
 
 @pytest.fixture(scope="session")

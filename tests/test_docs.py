@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from dicomweb_server import (
+    auditlog,
     config,
     dicom_json,
     media,
@@ -17,6 +18,7 @@ from dicomweb_server import (
 )
 from dicomweb_server.attributes import ATTRIBUTES
 from dicomweb_server.errors import FailureReason
+from dicomweb_server.routes import admin
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
 
@@ -51,7 +53,7 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered)
+    modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog)
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name

@@ -11,11 +11,11 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.dicom_json import dumps
-from dicomweb_server.errors import BadRequestError
+from dicomweb_server.errors import BadRequestError, DicomWebError
 from dicomweb_server.ingest import Services
 from dicomweb_server.multipart import encode_parts, new_boundary
 from dicomweb_server.retrieve import Part
@@ -24,6 +24,7 @@ __all__ = [
     "accept_of",
     "base_url",
     "cached_json_response",
+    "error_response",
     "json_response",
     "multipart_response",
     "services",
@@ -67,6 +68,12 @@ def base_url(request: Request) -> str:
     if not host:
         return str(request.base_url).rstrip("/") + DICOMWEB_ROOT
     return f"{scheme}://{host}{DICOMWEB_ROOT}"
+
+
+def error_response(exc: DicomWebError) -> Response:
+    """A DicomWebError as JSON with its status and headers."""
+    body = {"status": exc.status, "message": exc.message}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 def accept_of(request: Request) -> str | None:

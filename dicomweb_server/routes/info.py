@@ -12,7 +12,7 @@ from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.config import VERSION as __version__
 from dicomweb_server.routes.common import base_url, services
 
-__all__ = ["landing_page", "service_root"]
+__all__ = ["health", "landing_page", "service_root"]
 
 
 def _transactions(request: Request) -> list[dict[str, str]]:
@@ -26,6 +26,12 @@ def _transactions(request: Request) -> list[dict[str, str]]:
                     for method in sorted((route.methods or set()) - {"HEAD"}):
                         out.append({"transaction": route.name, "method": method, "path": path})
     return out
+
+
+async def health(request: Request) -> Response:
+    """GET /health: 200 when the database answers, else 503 (open: no credentials needed)."""
+    await services(request).index.ping()
+    return JSONResponse({"status": "ok", "version": __version__})
 
 
 async def service_root(request: Request) -> Response:

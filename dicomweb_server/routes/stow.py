@@ -35,6 +35,10 @@ async def store_instances(request: Request) -> Response:
         max_request_bytes=settings.max_request_bytes,
     )
     outcomes = await store_parts(events, services(request), study)
+    # The audit trail names each stored instance as study/series/instance.
+    request.state.audit_uids = [
+        "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
+    ]
     studies = {o.retrieve_path.split("/")[2] for o in outcomes if o.retrieve_path}
     study_path = f"/studies/{studies.pop()}" if len(studies) == 1 else None
     doc = stow_response(outcomes, base_url(request), study_path)

@@ -1,0 +1,245 @@
+"""The audit trail's records, its hash chain, and their DICOM audit messages (pure).
+
+Every row carries SHA-256(previous row's hash || canonical bytes of its own content), the first
+row chaining from 32 zero bytes. An altered row no longer matches its hash; a deleted, inserted
+or reordered row breaks the link of the row after it. A rewrite of the whole chain from some row
+on is only caught against an anchor kept elsewhere (`audit head` prints one, `audit verify
+--anchor` checks it): a hash chain without a secret cannot tell a consistent forgery apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "GENESIS",
+    "AuditEvent",
+    "AuditRow",
+    "ChainVerifier",
+    "chain",
+    "dicom_audit_message",
+    "parse_anchor",
+]
+
+# The "previous hash" of the first row.
+GENESIS = bytes(32)
+# Version of the canonical encoding, hashed with each row.
+_CANONICAL_VERSION = "dicomweb-audit-1"
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audited action (the content of an audit row)."""
+
+    time: datetime  # UTC, microsecond precision (what PostgreSQL keeps)
+    caller: str  # "apikey:<id>", "oidc:<subject>", "anonymous", "cli:<user>"; "-": unknown
+    client: str  # the client's network address, or "local" for the command line
+    action: str  # the PS3.18 transaction name (store_instances, …) or an admin action
+    # The objects touched, each as "study[/series[/instance]]" UIDs: the path of a WADO or
+    # STOW request, and each instance a STOW stored.
+    uids: tuple[str, ...] = ()
+    outcome: int = 200  # the HTTP status answered
+    nbytes: int = 0  # body bytes received (STOW) or sent (everything else)
+    detail: str = ""  # the query string of a search, the role of a new key, …
+
+    def canonical(self) -> bytes:
+        """The bytes that are hashed: a JSON array in a fixed order, UTF-8, no whitespace."""
+        items: list[Any] = [
+            _CANONICAL_VERSION,
+            self.time.astimezone(UTC).isoformat(timespec="microseconds"),
+            self.caller,
+            self.client,
+            self.action,
+            list(self.uids),
+            self.outcome,
+            self.nbytes,
+            self.detail,
+        ]
+        return json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    event: AuditEvent
+    prev_hash: bytes
+    hash: bytes
+
+
+def chain(prev_hash: bytes, events: Sequence[AuditEvent]) -> list[tuple[bytes, bytes]]:
+    """(prev_hash, hash) of each event appended after a row whose hash is `prev_hash`."""
+    out = []
+    for event in events:
+        digest = hashlib.sha256(prev_hash + event.canonical()).digest()
+        out.append((prev_hash, digest))
+        prev_hash = digest
+    return out
+
+
+@dataclass
+class ChainVerifier:
+    """Walks rows in `seq` order and remembers the first one that does not fit the chain."""
+
+    anchors: dict[int, bytes] = field(default_factory=dict)  # seq -> hash recorded elsewhere
+    count: int = 0
+    head: tuple[int, bytes] = (0, GENESIS)
+    problem: str | None = None
+
+    def feed(self, row: AuditRow) -> bool:
+        """False (and `problem` set) at the first row that breaks the chain."""
+        if self.problem is not None:
+            return False
+        prev = self.head[1]
+        if row.prev_hash != prev:
+            self.problem = (
+                f"row {row.seq}: its link to the previous row is broken"
+                " (a row before it was deleted, inserted or reordered)"
+            )
+        elif hashlib.sha256(prev + row.event.canonical()).digest() != row.hash:
+            self.problem = f"row {row.seq}: its content does not match its hash (altered)"
+        elif row.seq in self.anchors and self.anchors.pop(row.seq) != row.hash:
+            self.problem = f"row {row.seq}: its hash differs from the anchor (chain rewritten)"
+        if self.problem is not None:
+            return False
+        self.count += 1
+        self.head = (row.seq, row.hash)
+        return True
+
+    def finish(self) -> str | None:
+        """The first problem, or an anchor that was never reached (rows deleted at the end)."""
+        if self.problem is None and self.anchors:
+            seq = min(self.anchors)
+            self.problem = f"row {seq}: anchored but missing (rows deleted at the end of the chain)"
+        return self.problem
+
+
+def parse_anchor(text: str) -> tuple[int, bytes]:
+    """`SEQ:HEX` as printed by `audit head`."""
+    seq, _, digest = text.partition(":")
+    try:
+        value = (int(seq), bytes.fromhex(digest))
+    except ValueError:
+        raise ValueError(f"anchor {text!r} is not SEQ:HEX") from None
+    if len(value[1]) != 32:
+        raise ValueError(f"anchor {text!r}: the hash must be 64 hex digits")
+    return value
+
+
+# PS3.16 DCM codes of the events (PS3.15 A.5.3) and object types used below.
+_QUERY = ("110112", "Query")
+_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+_SECURITY_ALERT = ("110113", "Security Alert")
+_USER_AUTHENTICATION = ("110114", "User Authentication")
+_USER_SECURITY_CHANGED = ("110137", "User Security Attributes Changed")
+_LOGIN = ("110122", "Login")
+_SOURCE_ROLE = ("110153", "Source Role ID")
+_DESTINATION_ROLE = ("110152", "Destination Role ID")
+_STUDY_UID = ("110180", "Study Instance UID")
+# The SOP Class UID that PS3.15 A.5.3.10 puts in ParticipantObjectID of a query: for QIDO-RS,
+# Study Root Query/Retrieve Information Model - FIND (the model QIDO-RS answers from).
+_STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def _code(code: tuple[str, str]) -> dict[str, str]:
+    return {"csd-code": code[0], "codeSystemName": "DCM", "originalText": code[1]}
+
+
+def _outcome_indicator(status: int) -> int:
+    """PS3.15 A.5.1 EventOutcomeIndicator: 0 success, 4 minor failure (the request was
+    refused), 8 serious failure (the server failed)."""
+    if status < 400:
+        return 0
+    return 4 if status < 500 else 8
+
+
+def _event_of(event: AuditEvent) -> tuple[tuple[str, str], str, list[tuple[str, str]]]:
+    """(EventID, EventActionCode, EventTypeCodes) of an action."""
+    if event.outcome in (401, 403):
+        return _USER_AUTHENTICATION if event.outcome == 401 else _SECURITY_ALERT, "E", [_LOGIN]
+    if event.action.startswith("search_for_"):
+        return _QUERY, "E", []
+    if event.action == "store_instances" or event.action == "store_study_instances":
+        return _TRANSFERRED, "C", []
+    if event.action.startswith("apikey_"):
+        return _SECURITY_ALERT, "E", [_USER_SECURITY_CHANGED]
+    return _TRANSFERRED, "R", []
+
+
+def _studies(paths: Sequence[str]) -> dict[str, tuple[set[str], list[str]]]:
+    """study UID -> (series UIDs, SOP instance UIDs) of "study[/series[/instance]]" paths."""
+    out: dict[str, tuple[set[str], list[str]]] = {}
+    for path in paths:
+        study, *rest = path.split("/")
+        series, instances = out.setdefault(study, (set(), []))
+        if rest:
+            series.add(rest[0])
+        if len(rest) > 1:
+            instances.append(rest[1])
+    return out
+
+
+def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
+    """The row as a DICOM audit message (PS3.15 A.5.1), in JSON: the XML schema's elements
+    become keys and its attributes nested keys; `seq` and `hash` tie it back to the chain."""
+    ev = row.event
+    event_id, action_code, type_codes = _event_of(ev)
+    receiving = action_code == "C"
+    ident: dict[str, Any] = {
+        "EventActionCode": action_code,
+        "EventDateTime": ev.time.astimezone(UTC).isoformat(timespec="microseconds"),
+        "EventOutcomeIndicator": _outcome_indicator(ev.outcome),
+        "EventID": _code(event_id),
+    }
+    if type_codes:
+        ident["EventTypeCode"] = [_code(c) for c in type_codes]
+    # PS3.15 A.5.3: the side data (or a query) flows from is the source.
+    caller_is_source = receiving or event_id == _QUERY
+    caller = {
+        "UserID": ev.caller,
+        "UserIsRequestor": True,
+        "RoleIDCode": _code(_SOURCE_ROLE if caller_is_source else _DESTINATION_ROLE),
+        "NetworkAccessPointID": ev.client,
+        "NetworkAccessPointTypeCode": 2,  # an IP address
+    }
+    server = {
+        "UserID": source_id,
+        "UserIsRequestor": False,
+        "RoleIDCode": _code(_DESTINATION_ROLE if caller_is_source else _SOURCE_ROLE),
+    }
+    objects: list[dict[str, Any]] = []
+    if event_id == _QUERY:
+        objects.append({
+            "ParticipantObjectID": _STUDY_ROOT_FIND,
+            "ParticipantObjectTypeCode": 2,  # system object
+            "ParticipantObjectTypeCodeRole": 3,  # report
+            "ParticipantObjectIDTypeCode": {"csd-code": "110181", "codeSystemName": "DCM",
+                                            "originalText": "SOP Class UID"},
+            "ParticipantObjectQuery": base64.b64encode(ev.detail.encode("utf-8")).decode("ascii"),
+        })  # fmt: skip
+    for study, (series, instances) in _studies(ev.uids).items():
+        obj: dict[str, Any] = {
+            "ParticipantObjectID": study,
+            "ParticipantObjectTypeCode": 2,
+            "ParticipantObjectTypeCodeRole": 3,
+            "ParticipantObjectIDTypeCode": _code(_STUDY_UID),
+        }
+        if series or instances:  # PS3.15 A.5.2.7: what of the study was touched
+            obj["ParticipantObjectDescription"] = {
+                "Series": sorted(series), "NumberOfInstances": len(instances),
+                "Instance": [{"UID": uid} for uid in instances],
+            }  # fmt: skip
+        objects.append(obj)
+    message: dict[str, Any] = {
+        "EventIdentification": ident,
+        "ActiveParticipant": [caller, server],
+        "AuditSourceIdentification": {"AuditSourceID": source_id, "AuditSourceTypeCode": 4},
+        "ParticipantObjectIdentification": objects,
+    }
+    return {"seq": row.seq, "hash": row.hash.hex(), "action": ev.action, "bytes": ev.nbytes,
+            "status": ev.outcome, "AuditMessage": message}  # fmt: skip

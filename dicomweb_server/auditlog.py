@@ -1,0 +1,86 @@
+"""Appending to the audit trail without slowing requests down.
+
+A request hands its event to a bounded queue and goes on; one task per process appends what
+has queued up, in batches, to the hash chain (`Index.append_audit`). While the database is
+away, events wait in the queue (and a full queue makes requests wait: nothing is dropped).
+Events still queued when a process is killed are lost; those of a clean shutdown are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from dicomweb_server.audit import AuditEvent
+from dicomweb_server.errors import ServiceUnavailableError
+from dicomweb_server.index import Index
+
+__all__ = ["AUDIT_BATCH_MAX", "AUDIT_QUEUE_MAX", "AuditLog", "running_audit_log"]
+
+log = logging.getLogger(__name__)
+
+# Events waiting to be written, at most; past it, requests wait for the writer.
+AUDIT_QUEUE_MAX = 10_000
+# Events appended in one transaction, at most.
+AUDIT_BATCH_MAX = 500
+# Seconds between attempts while the database is unavailable.
+AUDIT_RETRY_S = 1.0
+# Seconds a clean shutdown waits for queued events to be written.
+AUDIT_DRAIN_S = 10.0
+
+
+class AuditLog:
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(AUDIT_QUEUE_MAX)
+        self.written = 0
+
+    async def record(self, event: AuditEvent) -> None:
+        await self._queue.put(event)
+
+    async def flush(self) -> None:
+        """Wait until every event recorded so far is in the database."""
+        await self._queue.join()
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < AUDIT_BATCH_MAX and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._append(batch)
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _append(self, batch: list[AuditEvent]) -> None:
+        while True:
+            try:
+                await self._index.append_audit(batch)
+                self.written += len(batch)
+                return
+            except ServiceUnavailableError as exc:
+                log.warning("audit trail: %d events wait for the database (%s)", len(batch), exc)
+                await asyncio.sleep(AUDIT_RETRY_S)
+            except Exception:  # a value the database refuses: never block every request on it
+                log.exception("audit trail: could not append; the events go to this log instead")
+                for event in batch:
+                    log.error("unwritten audit event: %r", event)
+                return
+
+
+@contextlib.asynccontextmanager
+async def running_audit_log(index: Index) -> AsyncIterator[AuditLog]:
+    """An AuditLog with its writer task; on exit, queued events are written (bounded wait)."""
+    audit = AuditLog(index)
+    task = asyncio.create_task(audit.run(), name="audit-writer")
+    try:
+        yield audit
+    finally:
+        try:
+            await asyncio.wait_for(audit.flush(), AUDIT_DRAIN_S)
+        except TimeoutError:
+            log.error("audit trail: shutdown with %d events unwritten", audit._queue.qsize())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

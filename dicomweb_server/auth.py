@@ -1,0 +1,213 @@
+"""Who is asking, and with which roles: API keys or OpenID Connect bearer JWTs.
+
+Roles: `read` (QIDO-RS, WADO-RS), `write` (STOW-RS), `admin` (everything, key management).
+Credentials travel as `Authorization: Bearer <token>` (RFC 6750); missing or bad ones are a 401
+with a `WWW-Authenticate` challenge, a caller without the role a 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import jwt
+
+from dicomweb_server.config import Settings
+from dicomweb_server.errors import ForbiddenError, ServiceUnavailableError, UnauthorizedError
+from dicomweb_server.index import Index
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "ROLES",
+    "Authenticator",
+    "Principal",
+    "authenticator_for",
+    "create_api_key",
+    "describe",
+    "require",
+]
+
+ROLES = ("read", "write", "admin")
+# API keys read `dwk_<key id>_<secret>`; the id finds the row, the secret is compared hashed.
+API_KEY_PREFIX = "dwk_"
+API_KEY_ID_BYTES = 6
+API_KEY_SECRET_BYTES = 32
+# Signature algorithms accepted on OIDC tokens: asymmetric only (a shared-secret HS256 token
+# signed with a public key is the classic JWT confusion attack).
+OIDC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA"]  # fmt: skip
+# Clock skew tolerated on exp/nbf/iat, seconds.
+OIDC_LEEWAY_S = 30
+# Seconds a JWKS fetched from a URL is kept before it is fetched again.
+JWKS_CACHE_S = 300
+# Seconds to wait for the issuer's JWKS endpoint.
+JWKS_TIMEOUT_S = 10
+_REALM = 'Bearer realm="dicomweb"'
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str  # as written to the audit trail
+    roles: frozenset[str]
+
+    def may(self, role: str) -> bool:
+        return "admin" in self.roles or role in self.roles
+
+
+def require(principal: Principal, role: str) -> None:
+    """403 (RFC 6750 3.1 insufficient_scope) unless the caller holds the role."""
+    if not principal.may(role):
+        raise ForbiddenError(
+            f"{principal.name} lacks the {role} role",
+            headers={"WWW-Authenticate": f'{_REALM}, error="insufficient_scope", scope="{role}"'},
+        )
+
+
+def _challenge(why: str | None) -> UnauthorizedError:
+    if why is None:
+        return UnauthorizedError("credentials required", headers={"WWW-Authenticate": _REALM})
+    safe = why.replace("\\", "").replace('"', "'")
+    header = f'{_REALM}, error="invalid_token", error_description="{safe}"'
+    return UnauthorizedError(f"invalid credentials: {why}", headers={"WWW-Authenticate": header})
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of `Authorization: Bearer <token>` (scheme case-insensitive), else a 401."""
+    if not authorization:
+        raise _challenge(None)
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _challenge("the Authorization header must be 'Bearer <token>'")
+    return token
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, authorization: str | None) -> Principal: ...
+
+
+class NoAuth:
+    """`--auth none`: everyone is an anonymous administrator (served on loopback only)."""
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        return Principal("anonymous", frozenset({"admin"}))
+
+
+def _digest(secret: str) -> bytes:
+    # The secret has 256 random bits: one SHA-256 is enough (no password stretching needed).
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+async def create_api_key(index: Index, role: str, name: str = "") -> tuple[str, str]:
+    """(key id, token) of a new key; the token is shown once and only its hash is kept."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    key_id = secrets.token_hex(API_KEY_ID_BYTES)
+    secret = secrets.token_urlsafe(API_KEY_SECRET_BYTES)
+    await index.add_api_key(key_id, _digest(secret), role, name)
+    return key_id, f"{API_KEY_PREFIX}{key_id}_{secret}"
+
+
+class ApiKeyAuth:
+    def __init__(self, index: Index) -> None:
+        self._index = index
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        key_id, _, secret = token.removeprefix(API_KEY_PREFIX).partition("_")
+        key = await self._index.api_key(key_id) if token.startswith(API_KEY_PREFIX) else None
+        expected = key.secret_sha256 if key is not None else bytes(32)
+        # Constant time whatever the key: an unknown id costs the same comparison.
+        if not hmac.compare_digest(_digest(secret), expected) or key is None:
+            raise _challenge("unknown API key")
+        if key.revoked_at is not None:
+            raise _challenge("revoked API key")
+        return Principal(f"apikey:{key.key_id}", frozenset({key.role}))
+
+
+class OidcAuth:
+    """Bearer JWTs of an OpenID Connect issuer, checked against its JWKS with PyJWT: signature,
+    `iss`, `aud`, `exp` (required), `nbf` and `iat` when present."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.oidc_jwks and settings.oidc_issuer and settings.oidc_audience
+        self._issuer = settings.oidc_issuer
+        self._audience = settings.oidc_audience
+        self._claim = settings.oidc_roles_claim
+        self._prefix = settings.oidc_role_prefix
+        source = settings.oidc_jwks
+        self._client: jwt.PyJWKClient | None = None
+        self._keys: jwt.PyJWKSet | None = None
+        if source.startswith(("https://", "http://")):
+            self._client = jwt.PyJWKClient(
+                source, cache_jwk_set=True, lifespan=JWKS_CACHE_S, timeout=JWKS_TIMEOUT_S
+            )
+        else:
+            self._keys = jwt.PyJWKSet.from_json(Path(source).read_text())
+
+    async def _key(self, token: str) -> jwt.PyJWK:
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.InvalidTokenError as exc:
+            raise _challenge(f"malformed token ({exc})") from None
+        if self._client is not None:
+            try:
+                return await anyio.to_thread.run_sync(self._client.get_signing_key_from_jwt, token)
+            except jwt.PyJWKClientConnectionError as exc:
+                raise ServiceUnavailableError(f"the issuer's JWKS is unreachable: {exc}",
+                                              headers={"Retry-After": "5"}) from None  # fmt: skip
+            except jwt.PyJWKClientError as exc:
+                raise _challenge(f"no signing key for this token ({exc})") from None
+        assert self._keys is not None
+        keys = self._keys.keys
+        for key in keys:
+            if key.key_id == kid or (kid is None and len(keys) == 1):
+                return key
+        raise _challenge("no signing key for this token")
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        token = bearer_token(authorization)
+        key = await self._key(token)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token, key=key.key, algorithms=OIDC_ALGORITHMS, audience=self._audience,
+                issuer=self._issuer, leeway=OIDC_LEEWAY_S,
+                options={"require": ["exp", "iss", "aud"]},
+            )  # fmt: skip
+        except jwt.InvalidTokenError as exc:
+            raise _challenge(str(exc)) from None
+        subject = claims.get("sub") or claims.get("client_id") or claims.get("azp") or "?"
+        return Principal(f"oidc:{subject}", _roles(claims, self._claim, self._prefix))
+
+
+def _roles(claims: Mapping[str, Any], claim: str, prefix: str) -> frozenset[str]:
+    """Roles named in a claim (dotted path): a space-separated string (OAuth `scope`) or a list
+    (`roles`, `groups`), each value our role name after `prefix`."""
+    value: Any = claims
+    for part in claim.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    items = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+    names = {item[len(prefix):] for item in items if isinstance(item, str)
+             and item.startswith(prefix)}  # fmt: skip
+    return frozenset(names & set(ROLES))
+
+
+def authenticator_for(settings: Settings, index: Index) -> Authenticator:
+    if settings.auth == "apikey":
+        return ApiKeyAuth(index)
+    if settings.auth == "oidc":
+        return OidcAuth(settings)
+    return NoAuth()
+
+
+def describe(settings: Settings) -> str:
+    """One line for the log: how callers are authenticated."""
+    if settings.auth == "oidc":
+        return f"OIDC bearer tokens of {settings.oidc_issuer} for {settings.oidc_audience}"
+    return {"apikey": "API keys", "none": "none (loopback only)"}[settings.auth]

@@ -1,0 +1,153 @@
+"""ASGI middleware in front of every route: authenticate the caller, check the route's role,
+and append one event per request to the audit trail.
+
+The role of a request is the role of the route it matches (routes.ROUTE_ROLES); paths that
+match no route need `read`, so that probing for URLs without credentials answers 401, not 404.
+CORS preflights are answered by the CORS middleware outside this one and stay open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.routing import BaseRoute, Match, Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dicomweb_server.audit import AuditEvent
+from dicomweb_server.auditlog import AuditLog
+from dicomweb_server.auth import Authenticator, require
+from dicomweb_server.errors import DicomWebError
+from dicomweb_server.routes.common import error_response
+
+__all__ = ["Guard", "match_route"]
+
+# Characters of an unmatched path kept as the audited action.
+_MAX_ACTION_CHARS = 200
+
+
+def match_route(routes: Sequence[BaseRoute], scope: Scope) -> tuple[str | None, dict[str, Any]]:
+    """Name and path parameters of the route a request reaches (a full match first, else a
+    path-only match, which routing answers with 405), through mounts."""
+    partial: tuple[str | None, dict[str, Any]] = (None, {})
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            found = match_route(route.routes, {**scope, **child})
+            if found[0] is not None:
+                return found
+            continue
+        name = getattr(route, "name", None)
+        if match == Match.FULL:
+            return name, child.get("path_params", {})
+        if partial[0] is None:
+            partial = (name, child.get("path_params", {}))
+    return partial
+
+
+class Guard:
+    def __init__(
+        self, app: ASGIApp, routes: Sequence[BaseRoute], roles: Mapping[str, str | None]
+    ) -> None:
+        self.app = app
+        self.routes = routes
+        self.roles = roles
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        name, params = match_route(self.routes, scope)
+        role = self.roles.get(name, "read") if name else "read"
+        if role is None:  # open: the health check
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        tally = _Tally(receive, send)
+        event = _Event(datetime.now(UTC), scope, name, params)
+        try:
+            authenticator: Authenticator = state.authenticator
+            principal = await authenticator.authenticate(_header(scope, b"authorization"))
+            event.caller = principal.name
+            require(principal, role)
+        except DicomWebError as exc:
+            tally.status = exc.status
+            await error_response(exc)(scope, receive, tally.send)
+            await _record(state, event, tally)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        try:
+            await self.app(scope, tally.receive, tally.send)
+        finally:
+            await _record(state, event, tally)
+
+
+class _Tally:
+    """Counts the body bytes a request brings and its response carries, and the status."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive, self._send = receive, send
+        self.status = 500  # until a response starts
+        self.received = self.sent = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif message["type"] == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
+
+
+class _Event:
+    def __init__(self, at: datetime, scope: Scope, name: str | None, params: dict[str, Any]):
+        self.at, self.scope, self.params = at, scope, params
+        self.action = name or f"{scope['method']} {scope['path']}"[:_MAX_ACTION_CHARS]
+        self.caller = "-"
+
+    def build(self, tally: _Tally) -> AuditEvent:
+        scope = self.scope
+        path = "/".join(str(self.params[k]) for k in ("study", "series", "instance")
+                        if k in self.params)  # fmt: skip
+        extra: list[str] = list(scope.get("state", {}).get("audit_uids", ()))
+        client = scope.get("client")
+        received = scope["method"] == "POST"
+        return AuditEvent(
+            time=self.at,
+            caller=_clean(self.caller),
+            client=client[0] if client else "-",
+            action=_clean(self.action),
+            uids=tuple(_clean(u) for u in ([path] if path else []) + extra),
+            outcome=tally.status,
+            nbytes=tally.received if received else tally.sent,
+            detail=_clean(
+                scope.get("state", {}).get("audit_detail")
+                or scope.get("query_string", b"").decode("latin-1")
+            ),
+        )
+
+
+async def _record(state: Any, event: _Event, tally: _Tally) -> None:
+    audit: AuditLog | None = getattr(state, "audit", None)
+    if audit is not None:
+        await audit.record(event.build(tally))
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _clean(text: str) -> str:
+    """PostgreSQL text holds no NUL character."""
+    return text.replace("\x00", "\\0")

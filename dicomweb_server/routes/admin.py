@@ -1,0 +1,54 @@
+"""Administration over HTTP (role admin): API keys. The same as `dicomweb-server apikey`."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dicomweb_server.auth import ROLES, create_api_key
+from dicomweb_server.errors import BadRequestError, NotFoundError, PayloadTooLargeError
+from dicomweb_server.routes.common import services
+
+__all__ = ["create_key", "list_keys", "revoke_key"]
+
+# Largest request body of a key creation, bytes.
+MAX_ADMIN_BODY_BYTES = 4096
+
+
+async def list_keys(request: Request) -> Response:
+    keys = await services(request).index.api_keys()
+    return JSONResponse([
+        {"key_id": k.key_id, "role": k.role, "name": k.name,
+         "created": k.created_at.isoformat(),
+         "revoked": k.revoked_at.isoformat() if k.revoked_at else None}
+        for k in keys
+    ])  # fmt: skip
+
+
+async def create_key(request: Request) -> Response:
+    """POST {"role": "read|write|admin", "name": "..."}: 201 with the token, shown only here."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_ADMIN_BODY_BYTES:
+            raise PayloadTooLargeError(f"a key request is at most {MAX_ADMIN_BODY_BYTES} bytes")
+    try:
+        doc = json.loads(body)
+        role, name = doc["role"], str(doc.get("name", ""))
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadRequestError(f'expected {{"role": ..., "name": ...}}: {exc}') from None
+    key_id, token = await create_api_key(services(request).index, role, name)
+    request.state.audit_detail = f"role={role} key={key_id}"
+    return JSONResponse({"key_id": key_id, "token": token, "role": role, "name": name}, 201)
+
+
+async def revoke_key(request: Request) -> Response:
+    key_id = request.path_params["key_id"]
+    request.state.audit_detail = f"key={key_id}"
+    if not await services(request).index.revoke_api_key(key_id):
+        raise NotFoundError(f"no active API key {key_id!r}")
+    return Response(status_code=204)

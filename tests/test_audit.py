@@ -1,0 +1,254 @@
+"""The audit trail (issue 7): one chained row per request, tampering detected, DICOM export."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from dicomweb_server.app import create_app
+from dicomweb_server.audit import AuditEvent, ChainVerifier, chain, dicom_audit_message
+from dicomweb_server.auth import create_api_key
+from dicomweb_server.cli import main
+from dicomweb_server.config import Settings
+from dicomweb_server.index import Index
+from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+async def empty_audit(clean_db: str) -> AsyncIterator[str]:
+    """An empty audit_log; the append-only triggers are bypassed the way a database owner
+    could (session_replication_role), before and after the test."""
+
+    async def truncate() -> None:
+        conn = await asyncpg.connect(clean_db)
+        try:
+            if await conn.fetchval("SELECT to_regclass('audit_log') IS NOT NULL"):
+                await _as_owner(conn, "TRUNCATE audit_log RESTART IDENTITY")
+        finally:
+            await conn.close()
+
+    await truncate()
+    yield clean_db
+    await truncate()
+
+
+async def _as_owner(conn: asyncpg.Connection, *statements: str) -> None:
+    """Run statements with triggers off, as someone who owns the database could."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        for sql in statements:
+            await conn.execute(sql)
+
+
+@pytest.fixture
+async def audited(
+    settings: Settings, empty_audit: str
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    app = create_app(dataclasses.replace(settings, auth="apikey"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=("192.0.2.7", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield app, client
+
+
+async def _rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch("SELECT * FROM audit_log ORDER BY seq"))
+    finally:
+        await conn.close()
+
+
+async def _verify(index: Index, anchors: dict[int, bytes] | None = None) -> str | None:
+    verifier = ChainVerifier(dict(anchors or {}))
+    async for row in index.audit_rows():
+        if not verifier.feed(row):
+            break
+    return verifier.finish()
+
+
+async def test_each_request_appends_one_row(
+    audited: tuple[Starlette, httpx.AsyncClient], empty_audit: str
+) -> None:
+    app, client = audited
+    key_id, token = await create_api_key(app.state.services.index, "admin")
+    creds = {"Authorization": f"Bearer {token}"}
+    ds = make_instance()
+    body = multipart_body([to_bytes(ds)])
+    assert (await client.post(f"{ROOT}/studies", content=body,
+                              headers=stow_headers() | creds)).status_code == 200  # fmt: skip
+    assert (await client.get(f"{ROOT}/studies?PatientID=PAT-1", headers=creds)).status_code == 200
+    meta = await client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}/metadata", headers=creds)
+    assert (await client.get(f"{ROOT}/studies")).status_code == 401
+    await app.state.audit.flush()
+    rows = await _rows(empty_audit)
+    assert [(r["action"], r["outcome"]) for r in rows] == [
+        ("store_instances", 200), ("search_for_studies", 200),
+        ("retrieve_study_metadata", 200), ("search_for_studies", 401),
+    ]  # fmt: skip
+    stow, qido, wado, denied = rows
+    assert stow["caller"] == f"apikey:{key_id}" and stow["client"] == "192.0.2.7"
+    assert stow["uids"] == [f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"]
+    assert stow["bytes"] == len(body)
+    assert qido["detail"] == "PatientID=PAT-1"
+    assert (
+        wado["uids"] == [str(ds.StudyInstanceUID)] and wado["bytes"] == meta.num_bytes_downloaded
+    )  # on the wire (gzip)
+    assert denied["caller"] == "-"
+    assert await _verify(app.state.services.index) is None
+
+
+async def test_tampering_is_detected(
+    audited: tuple[Starlette, httpx.AsyncClient], empty_audit: str
+) -> None:
+    app, client = audited
+    index: Index = app.state.services.index
+    for n in range(6):
+        await client.get(f"{ROOT}/studies?n={n}")  # six 401 rows
+    await app.state.audit.flush()
+    assert await _verify(index) is None
+    conn = await asyncpg.connect(empty_audit)
+    try:
+        # The table refuses changes outright ...
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await conn.execute("UPDATE audit_log SET outcome = 200 WHERE seq = 3")
+        with pytest.raises(asyncpg.RaiseError, match="append-only"):
+            await conn.execute("DELETE FROM audit_log WHERE seq = 3")
+        # ... and what an owner does anyway is found by walking the chain.
+        original = await conn.fetch("SELECT * FROM audit_log ORDER BY seq")
+        swap = ("UPDATE audit_log SET seq = -2 WHERE seq = 2",
+                "UPDATE audit_log SET seq = 2 WHERE seq = 4",
+                "UPDATE audit_log SET seq = 4 WHERE seq = -2")  # fmt: skip
+        insert = (
+            "UPDATE audit_log SET seq = seq * 10",  # a copy slotted between 3 and 4
+            "INSERT INTO audit_log SELECT 35, at, 'mallory', client, action, uids,"
+            " outcome, bytes, detail, prev_hash, hash FROM audit_log WHERE seq = 30",
+        )
+        cases = {
+            "altered": (("UPDATE audit_log SET outcome = 0 WHERE seq = 3",), "row 3: its content"),
+            "deleted": (("DELETE FROM audit_log WHERE seq = 3",), "row 4: its link"),
+            "reordered": (swap, "row 2: its link"),
+            "inserted": (insert, "row 35: its link"),
+        }  # fmt: skip
+        for why, (statements, expected) in cases.items():
+            await _as_owner(conn, *statements)
+            problem = await _verify(index)
+            assert problem is not None and problem.startswith(expected), (why, problem)
+            await _restore(conn, original)
+            assert await _verify(index) is None
+        # Rows cut from the end leave a consistent chain: only an anchor kept elsewhere tells.
+        head = (original[-1]["seq"], bytes(original[-1]["hash"]))
+        await _as_owner(conn, "DELETE FROM audit_log WHERE seq >= 5")
+        assert await _verify(index) is None
+        problem = await _verify(index, dict([head]))
+        assert problem is not None and "missing" in problem
+    finally:
+        await conn.close()
+
+
+async def _restore(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> None:
+    await _as_owner(conn, "DELETE FROM audit_log")
+    async with conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.executemany(
+            "INSERT INTO audit_log VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            [tuple(r.values()) for r in rows],
+        )
+
+
+async def test_concurrent_writers_keep_one_chain(empty_audit: str) -> None:
+    """Two processes (two pools) appending at once: every row links to the one before."""
+    indexes = [await Index.open(empty_audit, max_size=4, timeout_s=30) for _ in range(2)]
+
+    async def writer(index: Index, name: str) -> None:
+        for n in range(20):
+            event = AuditEvent(datetime.now(UTC), name, "local", "test", (), 200, n, "")
+            await index.append_audit([event, dataclasses.replace(event, detail="second")])
+
+    try:
+        await asyncio.gather(*(writer(ix, f"w{i}") for i, ix in enumerate(indexes)))
+        assert len(await _rows(empty_audit)) == 80
+        assert await _verify(indexes[0]) is None
+    finally:
+        for ix in indexes:
+            await ix.close()
+
+
+def test_canonical_encoding_is_stable() -> None:
+    event = AuditEvent(datetime(2026, 1, 2, 3, 4, 5, 6, UTC), "c", "h", "a", ("1.2",), 200, 5,
+                       "PatientName=Ä*")  # fmt: skip
+    assert (
+        event.canonical()
+        == (
+            '["dicomweb-audit-1","2026-01-02T03:04:05.000006+00:00","c","h","a",["1.2"],200,5,'
+            '"PatientName=Ä*"]'
+        ).encode()
+    )
+    (prev, digest), (prev2, _) = chain(bytes(32), [event, event])
+    assert prev == bytes(32) and prev2 == digest
+
+
+async def test_cli_keys_verify_and_export(
+    empty_audit: str, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = ["--database-url", empty_audit]
+    assert await asyncio.to_thread(main, ["apikey", "create", "--role", "write", *db]) == 0
+    token = capsys.readouterr().out.split()[-1]
+    key_id = token.split("_")[1]
+    assert await asyncio.to_thread(main, ["apikey", "list", *db]) == 0
+    assert key_id in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["apikey", "revoke", key_id, *db]) == 0
+    assert await asyncio.to_thread(main, ["apikey", "revoke", key_id, *db]) == 1
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["audit", "verify", *db]) == 0
+    assert "intact: 3 rows" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["audit", "head", *db]) == 0
+    head = capsys.readouterr().out.strip()
+    assert await asyncio.to_thread(main, ["audit", "export", *db]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [m["action"] for m in lines] == ["apikey_create", "apikey_revoke", "apikey_revoke"]
+    ident = lines[0]["AuditMessage"]["EventIdentification"]
+    assert ident["EventID"]["csd-code"] == "110113"  # Security Alert (PS3.15 A.5.3.11)
+    assert ident["EventTypeCode"][0]["csd-code"] == "110137"
+    assert lines[2]["AuditMessage"]["EventIdentification"]["EventOutcomeIndicator"] == 4
+    conn = await asyncpg.connect(empty_audit)
+    try:
+        await _as_owner(conn, "UPDATE audit_log SET detail = 'role=read' WHERE seq = 1")
+    finally:
+        await conn.close()
+    assert await asyncio.to_thread(main, ["audit", "verify", *db]) == 1
+    assert "TAMPERED: row 1" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["audit", "verify", "--anchor", head, *db]) == 1
+
+
+def test_dicom_audit_messages() -> None:
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    stow = AuditEvent(at, "apikey:1", "10.0.0.9", "store_instances", ("1.2/1.3/1.4", "1.2/1.3/1.5"),
+                      200, 100)  # fmt: skip
+    qido = AuditEvent(at, "oidc:bob", "10.0.0.9", "search_for_studies", (), 200, 9, "PatientID=7")
+    from dicomweb_server.audit import AuditRow
+
+    msg = dicom_audit_message(AuditRow(1, stow, bytes(32), bytes(32)), "src")["AuditMessage"]
+    assert msg["EventIdentification"]["EventID"]["csd-code"] == "110104"
+    assert msg["EventIdentification"]["EventActionCode"] == "C"
+    (study,) = msg["ParticipantObjectIdentification"]
+    assert study["ParticipantObjectID"] == "1.2"
+    assert study["ParticipantObjectIDTypeCode"]["csd-code"] == "110180"
+    assert study["ParticipantObjectDescription"]["NumberOfInstances"] == 2
+    caller, server = msg["ActiveParticipant"]
+    assert caller["RoleIDCode"]["csd-code"] == "110153" and caller["UserIsRequestor"]
+    assert server["RoleIDCode"]["csd-code"] == "110152"
+    msg = dicom_audit_message(AuditRow(2, qido, bytes(32), bytes(32)), "src")["AuditMessage"]
+    assert msg["EventIdentification"]["EventID"]["csd-code"] == "110112"
+    (query,) = msg["ParticipantObjectIdentification"]
+    assert query["ParticipantObjectQuery"] == "UGF0aWVudElEPTc="  # base64 of the query

@@ -1,0 +1,344 @@
+"""Authentication and roles (issue 7): API keys, OIDC bearer JWTs, 401/403, open endpoints."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import http.server
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+
+from dicomweb_server.app import create_app
+from dicomweb_server.auth import _roles, create_api_key
+from dicomweb_server.cli import is_loopback, main, unsafe_serving
+from dicomweb_server.config import ConfigError, Settings
+from dicomweb_server.routes import ROUTE_ROLES, ROUTES
+from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+
+pytestmark = pytest.mark.db
+
+VIEWER = "http://localhost:3000"
+ISSUER = "https://idp.example.org/realms/radiology"
+AUDIENCE = "dicomweb"
+_UID_PARAMS = {"study": "1.2.3", "series": "1.2.3.4", "instance": "1.2.3.4.5", "frames": "1",
+               "path": "7FE00010", "key_id": "abc"}  # fmt: skip
+
+
+def _all_routes() -> Iterator[tuple[str, str, str]]:
+    """(route name, method, concrete path) of every route of the URL table."""
+    for top in ROUTES:
+        inner = top.routes if isinstance(top, Mount) else [top]
+        prefix = top.path if isinstance(top, Mount) else ""
+        for route in inner:
+            assert isinstance(route, Route)
+            path = prefix + route.path
+            for key, value in _UID_PARAMS.items():
+                path = path.replace("{" + key + "}", value).replace("{" + key + ":path}", value)
+            for method in sorted((route.methods or set()) - {"HEAD"}):
+                yield route.name, method, path
+
+
+@contextlib.asynccontextmanager
+async def _client(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield app, client
+
+
+@pytest.fixture
+async def apikey_app(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    async with _client(dataclasses.replace(settings, auth="apikey")) as pair:
+        yield pair
+
+
+async def _key(app: Starlette, role: str) -> dict[str, str]:
+    _, token = await create_api_key(app.state.services.index, role, f"test {role}")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_every_route_has_a_role() -> None:
+    names = {name for name, _, _ in _all_routes()}
+    assert names == set(ROUTE_ROLES), names ^ set(ROUTE_ROLES)
+    assert [n for n, role in ROUTE_ROLES.items() if role is None] == ["health"]
+
+
+async def test_every_route_without_credentials_is_401(
+    apikey_app: tuple[Starlette, httpx.AsyncClient],
+) -> None:
+    _, client = apikey_app
+    checked = 0
+    for name, method, path in _all_routes():
+        r = await client.request(method, path, headers={"Origin": VIEWER})
+        if name == "health":
+            assert r.status_code == 200, path
+            continue
+        assert r.status_code == 401, (name, method, path, r.status_code)
+        assert r.headers["www-authenticate"] == 'Bearer realm="dicomweb"'
+        assert r.headers["access-control-allow-origin"] == VIEWER  # field notes 2
+        checked += 1
+    assert checked == len(ROUTE_ROLES) - 1
+    # A path no route serves needs credentials too: probing answers 401, not 404.
+    r = await client.get(f"{ROOT}/no-such-thing")
+    assert r.status_code == 401
+
+
+async def test_preflight_stays_open(apikey_app: tuple[Starlette, httpx.AsyncClient]) -> None:
+    _, client = apikey_app
+    r = await client.options(
+        f"{ROOT}/studies",
+        headers={"Origin": VIEWER, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"},
+    )  # fmt: skip
+    assert r.status_code == 200
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+
+
+async def test_each_role_gets_exactly_what_it_may(
+    apikey_app: tuple[Starlette, httpx.AsyncClient],
+) -> None:
+    app, client = apikey_app
+    ds = make_instance()
+    body, headers = multipart_body([to_bytes(ds)]), stow_headers()
+    expected = {  # role -> (QIDO, WADO metadata, STOW, admin)
+        "read": (200, 200, 403, 403),
+        "write": (403, 403, 200, 403),
+        "admin": (200, 200, 200, 200),
+    }
+    admin = await _key(app, "admin")
+    r = await client.post(f"{ROOT}/studies", content=body, headers=headers | admin)
+    assert r.status_code == 200
+    meta = f"{ROOT}/studies/{ds.StudyInstanceUID}/metadata"
+    for role, (qido, wado, stow, adm) in expected.items():
+        creds = await _key(app, role)
+        assert (await client.get(f"{ROOT}/studies", headers=creds)).status_code == qido, role
+        assert (await client.get(meta, headers=creds)).status_code == wado, role
+        r = await client.post(f"{ROOT}/studies", content=body, headers=headers | creds)
+        assert r.status_code == stow, role
+        if stow == 403:
+            assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
+        assert (await client.get("/admin/apikeys", headers=creds)).status_code == adm, role
+
+
+async def test_bad_and_revoked_keys_are_401(
+    apikey_app: tuple[Starlette, httpx.AsyncClient],
+) -> None:
+    app, client = apikey_app
+    good = await _key(app, "read")
+    token = good["Authorization"].removeprefix("Bearer ")
+    key_id = token.split("_")[1]
+    for header in (
+        f"Bearer {token[:-1]}x",  # wrong secret
+        f"Bearer dwk_000000000000_{token.split('_', 2)[2]}",  # unknown id, real secret
+        "Bearer not-a-key",
+        f"Basic {token}",  # wrong scheme
+        "Bearer ",
+    ):
+        r = await client.get(f"{ROOT}/studies", headers={"Authorization": header})
+        assert r.status_code == 401, header
+        assert r.headers["www-authenticate"].startswith('Bearer realm="dicomweb"')
+    assert (await client.get(f"{ROOT}/studies", headers=good)).status_code == 204
+    # Revoked over HTTP by an admin: refused at once.
+    admin = await _key(app, "admin")
+    assert (await client.delete(f"/admin/apikeys/{key_id}", headers=admin)).status_code == 204
+    assert (await client.delete(f"/admin/apikeys/{key_id}", headers=admin)).status_code == 404
+    r = await client.get(f"{ROOT}/studies", headers=good)
+    assert r.status_code == 401 and "revoked" in r.json()["message"]
+
+
+async def test_admin_creates_keys_over_http(
+    apikey_app: tuple[Starlette, httpx.AsyncClient],
+) -> None:
+    app, client = apikey_app
+    admin = await _key(app, "admin")
+    r = await client.post("/admin/apikeys", json={"role": "write", "name": "CT1"}, headers=admin)
+    assert r.status_code == 201
+    new = {"Authorization": f"Bearer {r.json()['token']}"}
+    assert (await client.get(f"{ROOT}/studies", headers=new)).status_code == 403
+    listing = (await client.get("/admin/apikeys", headers=admin)).json()
+    assert {"role": "write", "name": "CT1"}.items() <= next(
+        k for k in listing if k["key_id"] == r.json()["key_id"]
+    ).items()
+    assert all("token" not in k and "secret" not in json.dumps(k) for k in listing)
+    for bad in ({"role": "root"}, {"name": "x"}, [1]):
+        r = await client.post("/admin/apikeys", json=bad, headers=admin)
+        assert r.status_code == 400, bad
+    r = await client.post("/admin/apikeys", content=b"{" + b" " * 5000, headers=admin)
+    assert r.status_code == 413
+
+
+async def test_keys_are_stored_hashed(apikey_app: tuple[Starlette, httpx.AsyncClient]) -> None:
+    app, _ = apikey_app
+    token = (await _key(app, "read"))["Authorization"].removeprefix("Bearer ")
+    secret = token.split("_", 2)[2]
+    (key,) = await app.state.services.index.api_keys()
+    assert secret.encode() not in key.secret_sha256 and len(key.secret_sha256) == 32
+
+
+# OIDC
+
+
+@dataclasses.dataclass
+class Issuer:
+    key: rsa.RSAPrivateKey
+    kid: str
+    jwks: dict[str, Any]
+
+    def token(self, *, key: rsa.RSAPrivateKey | None = None, **claims: Any) -> str:
+        now = int(time.time())
+        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "iat": now,
+                   "exp": now + 300, "scope": "openid dicomweb.read"} | claims  # fmt: skip
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return jwt.encode(payload, key or self.key, algorithm="RS256", headers={"kid": self.kid})
+
+
+def _new_issuer(kid: str = "k1") -> Issuer:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk |= {"kid": kid, "use": "sig", "alg": "RS256"}
+    return Issuer(key, kid, {"keys": [jwk]})
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Issuer:
+    return _new_issuer()
+
+
+@pytest.fixture
+async def oidc_app(
+    settings: Settings, issuer: Issuer, tmp_path: Path
+) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks))
+    oidc = dataclasses.replace(settings, auth="oidc", oidc_issuer=ISSUER,
+                               oidc_audience=AUDIENCE, oidc_jwks=str(jwks))  # fmt: skip
+    async with _client(oidc) as pair:
+        yield pair
+
+
+async def test_oidc_tokens(oidc_app: tuple[Starlette, httpx.AsyncClient], issuer: Issuer) -> None:
+    _, client = oidc_app
+
+    async def status(token: str, path: str = f"{ROOT}/studies") -> int:
+        r = await client.get(path, headers={"Authorization": f"Bearer {token}"})
+        return r.status_code
+
+    now = int(time.time())
+    assert await status(issuer.token()) == 204
+    assert await status(issuer.token(scope="openid")) == 403  # no role
+    assert await status(issuer.token(scope="dicomweb.admin"), "/admin/apikeys") == 200
+    refused = {
+        "expired": issuer.token(exp=now - 3600),
+        "not yet valid": issuer.token(nbf=now + 3600),
+        "no expiry": issuer.token(exp=None),
+        "other audience": issuer.token(aud="another-service"),
+        "other issuer": issuer.token(iss="https://evil.example"),
+        "wrong signature": issuer.token(key=_new_issuer().key),  # same kid, another key
+        "unknown kid": jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "exp": now + 60},
+                                  issuer.key, algorithm="RS256", headers={"kid": "k9"}),
+        "HS256 with the public key": jwt.encode(
+            {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 60, "scope": "dicomweb.admin"},
+            "x" * 32, algorithm="HS256", headers={"kid": issuer.kid}),
+        "alg none": _unsigned({"alg": "none", "kid": issuer.kid},
+                              {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 60}),
+        "garbage": "abc.def.ghi",
+    }  # fmt: skip
+    for why, token in refused.items():
+        r = await client.get(f"{ROOT}/studies", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, why
+        assert 'error="invalid_token"' in r.headers["www-authenticate"], why
+
+
+def _unsigned(header: dict[str, Any], payload: dict[str, Any]) -> str:
+    def b64(doc: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+    return f"{b64(header)}.{b64(payload)}."
+
+
+def test_roles_from_claims() -> None:
+    assert _roles({"scope": "openid dicomweb.read dicomweb.write"}, "scope", "dicomweb.") == {
+        "read", "write"}  # fmt: skip
+    keycloak = {"realm_access": {"roles": ["offline_access", "admin"]}}
+    assert _roles(keycloak, "realm_access.roles", "") == {"admin"}
+    assert _roles({"scope": "dicomweb.root read"}, "scope", "dicomweb.") == frozenset()
+    assert _roles({"roles": 7}, "roles", "") == frozenset()
+
+
+class _JwksHandler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_oidc_jwks_from_a_url(settings: Settings, issuer: Issuer) -> None:
+    _JwksHandler.body = json.dumps(issuer.jwks).encode()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/certs"
+    oidc = dataclasses.replace(settings, auth="oidc", oidc_issuer=ISSUER,
+                               oidc_audience=AUDIENCE, oidc_jwks=url)  # fmt: skip
+    try:
+        async with _client(oidc) as (_, client):
+            ok = {"Authorization": f"Bearer {issuer.token()}"}
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            server.shutdown()
+            server.server_close()
+            # Keys are cached: the issuer going away does not fail known tokens.
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+        dead = dataclasses.replace(oidc, oidc_jwks=url + "-gone")
+        async with _client(dead) as (_, client):
+            r = await client.get(f"{ROOT}/studies", headers=ok)
+            assert r.status_code == 503 and "Retry-After" in r.headers
+    finally:
+        server.server_close()
+
+
+def test_oidc_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="DICOMWEB_OIDC_ISSUER"):
+        Settings(auth="oidc", oidc_audience="a", oidc_jwks="f")
+    with pytest.raises(ConfigError, match="auth must be"):
+        Settings.from_env({"DICOMWEB_AUTH": "ldap"})
+    s = Settings.from_env({"DICOMWEB_AUTH": "oidc", "DICOMWEB_OIDC_ISSUER": ISSUER,
+                           "DICOMWEB_OIDC_AUDIENCE": AUDIENCE, "DICOMWEB_OIDC_JWKS": "/k.json",
+                           "DICOMWEB_OIDC_ROLE_PREFIX": ""})  # fmt: skip
+    assert (s.auth, s.oidc_role_prefix, s.oidc_roles_claim) == ("oidc", "", "scope")
+
+
+# Serving without authentication
+
+
+def test_no_auth_only_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    assert unsafe_serving(Settings()) is None
+    assert unsafe_serving(Settings(host="0.0.0.0", insecure=True)) is None
+    assert unsafe_serving(Settings(host="0.0.0.0", auth="apikey")) is None
+    refusal = unsafe_serving(Settings(host="0.0.0.0"))
+    assert refusal and "--insecure" in refusal
+    # The command refuses before it binds anything.
+    assert main(["serve", "--host", "0.0.0.0", "--port", "9"]) == 2
+    assert "without authentication" in capsys.readouterr().err
+    assert main(["serve", "--auth", "oidc"]) == 2
+    assert "DICOMWEB_OIDC_ISSUER" in capsys.readouterr().err
