@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
+from dicomweb_server import auth
 from dicomweb_server.app import create_app
 from dicomweb_server.auth import _roles, create_api_key
 from dicomweb_server.cli import is_loopback, main, unsafe_serving
@@ -157,6 +159,22 @@ async def test_bad_and_revoked_keys_are_401(
     assert (await client.delete(f"/admin/apikeys/{key_id}", headers=admin)).status_code == 404
     r = await client.get(f"{ROOT}/studies", headers=good)
     assert r.status_code == 401 and "revoked" in r.json()["message"]
+
+
+async def test_keys_revoked_elsewhere_are_refused_within_the_cache_time(
+    apikey_app: tuple[Starlette, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth, "API_KEY_CACHE_S", 0.5)
+    app, client = apikey_app
+    good = await _key(app, "read")
+    assert (await client.get(f"{ROOT}/studies", headers=good)).status_code == 204
+    key_id = good["Authorization"].split("_")[1]
+    # Revoked by another process (the command line): this process still has it cached ...
+    assert await app.state.services.index.revoke_api_key(key_id)
+    assert (await client.get(f"{ROOT}/studies", headers=good)).status_code == 204
+    await asyncio.sleep(0.6)
+    # ... for at most API_KEY_CACHE_S.
+    assert (await client.get(f"{ROOT}/studies", headers=good)).status_code == 401
 
 
 async def test_admin_creates_keys_over_http(

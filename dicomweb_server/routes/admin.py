@@ -49,6 +49,8 @@ async def create_key(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
     request.state.audit_detail = f"key={key_id}"
-    if not await services(request).index.revoke_api_key(key_id):
+    revoked = await services(request).index.revoke_api_key(key_id)
+    request.app.state.authenticator.forget(key_id)  # refused from the next request on
+    if not revoked:
         raise NotFoundError(f"no active API key {key_id!r}")
     return Response(status_code=204)
