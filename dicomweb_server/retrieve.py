@@ -121,43 +121,80 @@ def _with_available_ts(doc: str, inst: StoredInstance) -> str:
     return doc[:-1] + f', "00083002": {element}}}' if doc != "{}" else doc
 
 
-def instance_parts(
+async def instance_parts(
     svc: Services, instances: list[StoredInstance], accept: str | None
 ) -> AsyncIterator[Part]:
-    """Parts of a study/series/instance retrieval; 406 is raised before anything is sent."""
+    """Parts of a study/series/instance retrieval. Raised before anything is sent: 406 when
+    no acceptable transfer syntax exists, and when the first instance that must be converted
+    cannot be (W1: it is converted up front, as frames are, so that a codec failing on this
+    data is a 406 rather than a 200 whose stream breaks off)."""
     chosen = []
     for inst in instances:
         ts = inst.transfer_syntax_uid
         why = "" if decodable(ts) else missing_codec(ts)
         chosen.append(negotiate_instances(accept, ts, targets_of(inst), why))
-    return _instance_parts(svc, instances, chosen)
+    first = next((i for i, (inst, target) in enumerate(zip(instances, chosen, strict=True))
+                  if target not in (STORED, inst.transfer_syntax_uid)), None)  # fmt: skip
+    prepared = None
+    if first is not None:
+        prepared = await _transcode_to_file(svc, instances[first], chosen[first])
+    return _instance_parts(svc, instances, chosen, first, prepared)
 
 
 async def _instance_parts(
-    svc: Services, instances: list[StoredInstance], targets: list[str]
+    svc: Services,
+    instances: list[StoredInstance],
+    targets: list[str],
+    first: int | None,
+    prepared: Path | None,
 ) -> AsyncIterator[Part]:
-    for inst, target in zip(instances, targets, strict=True):
-        ts = inst.transfer_syntax_uid
-        if target in (STORED, ts):
-            headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={ts}"}
-            yield headers, svc.blobs.open_range(inst.blob_key)
-        else:
+    try:
+        for i, (inst, target) in enumerate(zip(instances, targets, strict=True)):
+            ts = inst.transfer_syntax_uid
+            if target in (STORED, ts):
+                headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={ts}"}
+                yield headers, svc.blobs.open_range(inst.blob_key)
+                continue
             headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={target}"}
-            yield headers, _transcoded(svc, inst, target)
+            if i == first and prepared is not None:
+                path, prepared = prepared, None
+                yield headers, _stream_and_remove(path)
+            else:
+                yield headers, _transcoded(svc, inst, target)
+    finally:
+        if prepared is not None:  # the response ended before its turn
+            with contextlib.suppress(OSError):
+                prepared.unlink()
 
 
-async def _transcoded(svc: Services, inst: StoredInstance, target: str) -> AsyncIterator[bytes]:
+async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -> Path:
+    """The instance converted into a scratch file (removed again if the conversion fails)."""
     fd, name = tempfile.mkstemp(dir=svc.scratch_dir, suffix=".dcm")
     os.close(fd)
     tmp = Path(name)
     try:
         src = svc.blobs.local_path(inst.blob_key)
         await anyio.to_thread.run_sync(to_transfer_syntax, src, tmp, target, limiter=svc.limiter)
-        async for chunk in stream_path(tmp):
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+async def _stream_and_remove(path: Path) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream_path(path):
             yield chunk
     finally:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            path.unlink()
+
+
+async def _transcoded(svc: Services, inst: StoredInstance, target: str) -> AsyncIterator[bytes]:
+    tmp = await _transcode_to_file(svc, inst, target)
+    async for chunk in _stream_and_remove(tmp):
+        yield chunk
 
 
 def parse_frame_list(text: str) -> list[int]:

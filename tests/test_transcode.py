@@ -186,3 +186,32 @@ async def test_frame_cache_serves_repeats(app: object, app_client: httpx.AsyncCl
     assert split_multipart(first.content, first.headers["content-type"]) == split_multipart(
         again.content, again.headers["content-type"]
     )
+
+
+async def test_instance_conversion_failure_is_406_not_a_broken_stream(
+    app: object, app_client: httpx.AsyncClient
+) -> None:
+    """W1: the first instance that must be converted is converted before the response starts."""
+    from starlette.applications import Starlette
+
+    assert isinstance(app, Starlette)
+    good = make_instance(rows=8, cols=8)
+    bad = make_instance(rows=8, cols=8, study=good.StudyInstanceUID)
+    bad.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Lossless
+    bad.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # not a codestream
+    bad["PixelData"].VR = "OB"
+    r = await app_client.post(
+        f"{ROOT}/studies",
+        content=multipart_body([to_bytes(good), to_bytes(bad)]),
+        headers=stow_headers(),
+    )
+    assert r.status_code == 200
+    explicit = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+    for url in (inst_url(bad), f"{ROOT}/studies/{good.StudyInstanceUID}"):
+        r = await app_client.get(url, headers={"Accept": explicit})
+        assert r.status_code == 406, url
+        assert "convert" in r.json()["message"]
+    r = await app_client.get(inst_url(good), headers={"Accept": explicit})
+    assert r.status_code == 200
+    scratch = app.state.services.scratch_dir
+    assert [p for p in scratch.iterdir() if p.suffix == ".dcm"] == []

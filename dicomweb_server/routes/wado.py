@@ -47,7 +47,7 @@ def _uids(request: Request) -> tuple[str, str | None, str | None]:
 async def _retrieve(request: Request) -> Response:
     svc = services(request)
     found = await locate(svc, *_uids(request))
-    parts = instance_parts(svc, found, accept_of(request))
+    parts = await instance_parts(svc, found, accept_of(request))
     return multipart_response(parts, APPLICATION_DICOM)
 
 
