@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
 
 from dicomweb_server.transcode import ENCODERS
 from tests.helpers import (
@@ -197,7 +198,7 @@ async def test_instance_conversion_failure_is_406_not_a_broken_stream(
     assert isinstance(app, Starlette)
     good = make_instance(rows=8, cols=8)
     bad = make_instance(rows=8, cols=8, study=good.StudyInstanceUID)
-    bad.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Lossless
+    bad.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.90")  # JPEG 2000 Lossless
     bad.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # not a codestream
     bad["PixelData"].VR = "OB"
     r = await app_client.post(
