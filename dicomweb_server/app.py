@@ -27,6 +27,7 @@ from dicomweb_server.errors import DicomWebError
 from dicomweb_server.guard import Guard
 from dicomweb_server.index import Index
 from dicomweb_server.ingest import Services
+from dicomweb_server.proxy import ProxyHeaders, parse_networks
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
 from dicomweb_server.routes.common import error_response
 
@@ -130,6 +131,9 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={DicomWebError: _dicomweb_error},
         middleware=[
+            # Outermost: everything after sees the client, scheme and host a trusted reverse
+            # proxy forwarded (field notes 13).
+            Middleware(ProxyHeaders, networks=parse_networks(settings.trusted_proxies)),
             # Field notes 2: CORS on every response, errors included, Authorization allowed.
             Middleware(
                 CORSMiddleware,

@@ -51,6 +51,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "oidc_issuer": getattr(args, "oidc_issuer", None),
         "oidc_audience": getattr(args, "oidc_audience", None),
         "oidc_jwks": getattr(args, "oidc_jwks", None),
+        "trusted_proxies": getattr(args, "trusted_proxies", None),
     }
     return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -259,6 +260,9 @@ def _serve_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--oidc-issuer", help="issuer (iss) of accepted tokens")
     sp.add_argument("--oidc-audience", help="audience (aud) accepted tokens must name")
     sp.add_argument("--oidc-jwks", help="the issuer's JWKS: an https URL or a file")
+    sp.add_argument("--trusted-proxies", type=lambda t: tuple(x.strip() for x in t.split(",")),
+                    help="reverse proxies whose X-Forwarded-*/Forwarded headers are believed:"
+                    " addresses or CIDR blocks, comma-separated")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:

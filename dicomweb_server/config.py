@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -99,6 +100,9 @@ class Settings:
     keyfile: Path | None = None
     # The audit trail (on by default; off only for measurements).
     audit: bool = True
+    # Reverse proxies (addresses or CIDR blocks) whose Forwarded / X-Forwarded-* headers are
+    # believed: the client address, scheme and host of requests that come through them.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -111,6 +115,13 @@ class Settings:
                 raise ConfigError(f"auth oidc needs {', '.join(missing)}")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("TLS needs both a certificate file and a key file")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"trusted proxy {entry!r} is not an address or a CIDR block"
+                ) from None
 
     @property
     def scheme(self) -> str:
@@ -166,6 +177,7 @@ class Settings:
             "DICOMWEB_CERTFILE": str(self.certfile.resolve()) if self.certfile else "",
             "DICOMWEB_KEYFILE": str(self.keyfile.resolve()) if self.keyfile else "",
             "DICOMWEB_AUDIT": "1" if self.audit else "0",
+            "DICOMWEB_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
         }
         os.environ.update(values)
 
@@ -197,7 +209,13 @@ def _security_from_env(s: Settings, env: Mapping[str, str]) -> Settings:
         values["insecure"] = _bool(env, "DICOMWEB_INSECURE")
     if env.get("DICOMWEB_AUDIT"):
         values["audit"] = _bool(env, "DICOMWEB_AUDIT")
+    if env.get("DICOMWEB_TRUSTED_PROXIES"):
+        values["trusted_proxies"] = _list(env["DICOMWEB_TRUSTED_PROXIES"])
     return replace(s, **values)  # type: ignore[arg-type]
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _bool(env: Mapping[str, str], name: str) -> bool:

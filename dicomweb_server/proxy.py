@@ -1,0 +1,131 @@
+"""Requests that came through a trusted reverse proxy (field notes 13): the client's address,
+the scheme and the host it asked for, from `Forwarded` (RFC 7239) or `X-Forwarded-For/-Proto/
+-Host/-Port`. Only when the direct peer is in DICOMWEB_TRUSTED_PROXIES; from anyone else these
+headers are ignored, since a client could claim any address with them.
+
+Pure ASGI: the scope is rewritten before anything else sees it, so that emitted URLs
+(RetrieveURL, BulkDataURI) and the audit trail's client address are the real ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["ProxyHeaders", "parse_networks"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_networks(entries: Sequence[str]) -> tuple[Network, ...]:
+    """Addresses or CIDR blocks; ValueError names a bad one."""
+    out = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"trusted proxy {entry!r} is not an address or a CIDR block") from None
+    return tuple(out)
+
+
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def _forwarded(value: str) -> list[dict[str, str]]:
+    """RFC 7239 elements, in order: `for=1.2.3.4;proto=https, for="[::1]"`."""
+    elements = []
+    for element in value.split(","):
+        pairs = {}
+        for pair in element.split(";"):
+            key, _, val = pair.partition("=")
+            if key.strip():
+                pairs[key.strip().lower()] = val.strip().strip('"')
+        elements.append(pairs)
+    return elements
+
+
+class ProxyHeaders:
+    def __init__(self, app: ASGIApp, networks: Sequence[Network]) -> None:
+        self.app = app
+        self.networks = tuple(networks)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if (
+            scope["type"] == "http"
+            and self.networks
+            and client
+            and _trusted(client[0], self.networks)
+        ):
+            scope = self._rewrite(scope)
+        await self.app(scope, receive, send)
+
+    def _rewrite(self, scope: Scope) -> Scope:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        hops: list[str]
+        if "forwarded" in headers:
+            elements = _forwarded(headers["forwarded"])
+            hops = [e.get("for", "") for e in elements]
+            nearest = elements[-1]
+            proto, host, port = nearest.get("proto"), nearest.get("host"), None
+        else:
+            hops = [h.strip() for h in headers.get("x-forwarded-for", "").split(",") if h.strip()]
+            proto = _last(headers.get("x-forwarded-proto"))
+            host = _last(headers.get("x-forwarded-host"))
+            port = _last(headers.get("x-forwarded-port"))
+        scope = dict(scope)
+        # The client is the nearest hop that is not one of our proxies (X-Forwarded-For is
+        # appended to by each proxy; anything left of an untrusted hop could be made up).
+        for i in range(len(hops) - 1, -1, -1):
+            address = _host_of(hops[i])
+            if i == 0 or not _trusted(address, self.networks):
+                scope["client"] = (address, 0)
+                break
+        if proto in _DEFAULT_PORTS:
+            scope["scheme"] = proto
+        if host:
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"host"]
+            scope["headers"].append((b"host", host.encode("latin-1")))
+        if proto or host or port:
+            # The port the client reached: named, else in the host, else the scheme's own.
+            name, host_port = _split_host(host) if host else (None, None)
+            port = port or host_port
+            server = scope.get("server") or ("", 0)
+            scope["server"] = (name or server[0],
+                               int(port) if port and port.isdigit()
+                               else _DEFAULT_PORTS[scope["scheme"]])  # fmt: skip
+        return scope
+
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """`example.org:8443` -> (example.org, 8443); `[::1]:80` -> ([::1], 80)."""
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest.removeprefix(":") or None
+    name, _, port = host.partition(":")
+    return name, port or None
+
+
+def _last(value: str | None) -> str | None:
+    """The value the nearest proxy set (the last of a comma list)."""
+    if not value:
+        return None
+    return value.split(",")[-1].strip() or None
+
+
+def _host_of(hop: str) -> str:
+    """`1.2.3.4:5678` / `[::1]:80` / `::1` -> the address alone."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        return hop[1:].partition("]")[0]
+    if hop.count(":") == 1:
+        return hop.partition(":")[0]
+    return hop

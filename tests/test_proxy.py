@@ -1,0 +1,95 @@
+"""Behind a trusted reverse proxy (field notes 13): client address, scheme and host forwarded."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from dicomweb_server.app import create_app
+from dicomweb_server.config import ConfigError, Settings
+from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+async def proxied(settings: Settings) -> AsyncIterator[Starlette]:
+    app = create_app(dataclasses.replace(settings, trusted_proxies=("10.0.0.0/8",)))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def _client(app: Starlette, peer: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://archive.internal:8080")
+
+
+async def _retrieve_url(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    r = await client.get(f"{ROOT}/studies", headers=headers)
+    assert r.status_code == 200
+    return str(r.json()[0]["00081190"]["Value"][0])
+
+
+async def test_forwarded_headers_from_a_trusted_proxy(proxied: Starlette) -> None:
+    ds = make_instance()
+    async with _client(proxied, "10.1.2.3") as client:
+        r = await client.post(f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]),
+                              headers=stow_headers())  # fmt: skip
+        assert r.status_code == 200
+        study = f"/dicom-web/studies/{ds.StudyInstanceUID}"
+        cases = {
+            "x-forwarded": ({"X-Forwarded-For": "203.0.113.9, 10.9.9.9",
+                             "X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org"},
+                            f"https://pacs.example.org{study}"),
+            "x-forwarded with port": ({"X-Forwarded-Proto": "https",
+                                       "X-Forwarded-Host": "pacs.example.org",
+                                       "X-Forwarded-Port": "8443"},
+                                      f"https://pacs.example.org:8443{study}"),
+            "proto only, Host kept by the proxy": ({"X-Forwarded-Proto": "https",
+                                                    "Host": "pacs.example.org"},
+                                                   f"https://pacs.example.org{study}"),
+            "rfc 7239": ({"Forwarded": 'for="[2001:db8::7]";proto=https;host=img.example.org'},
+                         f"https://img.example.org{study}"),
+            "nothing forwarded": ({}, f"http://archive.internal:8080{study}"),
+        }  # fmt: skip
+        for why, (headers, expected) in cases.items():
+            assert await _retrieve_url(client, headers) == expected, why
+    await proxied.state.audit.flush()
+    rows = await proxied.state.services.index._fetch(
+        "SELECT client FROM audit_log ORDER BY seq DESC LIMIT 6"
+    )
+    clients = [r["client"] for r in reversed(rows)]
+    # STOW from the proxy itself, then the forwarded clients (the rightmost untrusted hop).
+    assert clients == ["10.1.2.3", "203.0.113.9", "10.1.2.3", "10.1.2.3", "2001:db8::7",
+                       "10.1.2.3"]  # fmt: skip
+
+
+async def test_untrusted_peers_cannot_forge_forwarded_headers(proxied: Starlette) -> None:
+    ds = make_instance()
+    async with _client(proxied, "198.51.100.20") as client:
+        await client.post(f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]),
+                          headers=stow_headers())  # fmt: skip
+        forged = {
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Forwarded-Host": "evil.example",
+            "X-Forwarded-Proto": "https",
+            "Forwarded": "for=10.0.0.1;host=evil.example",
+        }
+        url = await _retrieve_url(client, forged)
+        assert url.startswith("http://archive.internal:8080/")
+    await proxied.state.audit.flush()
+    (row,) = await proxied.state.services.index._fetch(
+        "SELECT client FROM audit_log ORDER BY seq DESC LIMIT 1"
+    )
+    assert row["client"] == "198.51.100.20"
+
+
+def test_trusted_proxies_setting() -> None:
+    s = Settings.from_env({"DICOMWEB_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1,::1"})
+    assert s.trusted_proxies == ("10.0.0.0/8", "192.0.2.1", "::1")
+    with pytest.raises(ConfigError, match="not an address"):
+        Settings(trusted_proxies=("proxy.example",))
