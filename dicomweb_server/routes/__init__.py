@@ -6,9 +6,10 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.routes.admin import create_key, list_keys, revoke_key
-from dicomweb_server.routes.info import health, landing_page, service_root
+from dicomweb_server.routes.info import health, landing_page, openapi_json, service_root
 from dicomweb_server.routes.qido import search_for_instances, search_for_series, search_for_studies
 from dicomweb_server.routes.rendered import retrieve_rendered, retrieve_thumbnail
+from dicomweb_server.routes.roles import ROUTE_ROLES
 from dicomweb_server.routes.stow import store_instances
 from dicomweb_server.routes.wado import (
     retrieve_bulkdata,
@@ -30,6 +31,7 @@ _IN = _SE + "/instances/{instance}"
 ROUTES: list[BaseRoute] = [
     Route("/", landing_page, methods=["GET"], name="landing_page"),
     Route("/health", health, methods=["GET"], name="health"),
+    Route("/openapi.json", openapi_json, methods=["GET"], name="openapi"),
     Route("/admin/apikeys", list_keys, methods=["GET"], name="apikey_list"),
     Route("/admin/apikeys", create_key, methods=["POST"], name="apikey_create"),
     Route("/admin/apikeys/{key_id}", revoke_key, methods=["DELETE"], name="apikey_revoke"),
@@ -85,28 +87,3 @@ ROUTES: list[BaseRoute] = [
         ],
     ),
 ]  # fmt: skip
-
-# The role each route needs (auth.py); None: open to anyone. tests/test_auth.py checks that
-# every route is listed.
-ROUTE_ROLES: dict[str, str | None] = {
-    "health": None,
-    "apikey_list": "admin",
-    "apikey_create": "admin",
-    "apikey_revoke": "admin",
-    "store_instances": "write",
-    "store_study_instances": "write",
-    **{
-        name: "read"
-        for name in (
-            "landing_page", "service_root",
-            "search_for_studies", "search_for_all_series", "search_for_all_instances",
-            "search_for_series", "search_for_study_instances", "search_for_instances",
-            "retrieve_study", "retrieve_study_metadata", "retrieve_series",
-            "retrieve_series_metadata", "retrieve_instance", "retrieve_instance_metadata",
-            "retrieve_instance_frames", "retrieve_bulkdata",
-            "retrieve_rendered_study", "retrieve_rendered_series", "retrieve_rendered_instance",
-            "retrieve_rendered_frames", "retrieve_study_thumbnail", "retrieve_series_thumbnail",
-            "retrieve_instance_thumbnail", "retrieve_frame_thumbnail",
-        )
-    },
-}  # fmt: skip

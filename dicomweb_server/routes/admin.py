@@ -15,6 +15,8 @@ __all__ = ["create_key", "list_keys", "revoke_key"]
 
 # Largest request body of a key creation, bytes.
 MAX_ADMIN_BODY_BYTES = 4096
+# Longest key name, characters.
+MAX_KEY_NAME_CHARS = 200
 
 
 async def list_keys(request: Request) -> Response:
@@ -36,9 +38,14 @@ async def create_key(request: Request) -> Response:
             raise PayloadTooLargeError(f"a key request is at most {MAX_ADMIN_BODY_BYTES} bytes")
     try:
         doc = json.loads(body)
-        role, name = doc["role"], str(doc.get("name", ""))
+        role, name = doc["role"], doc.get("name", "")
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        if not isinstance(name, str) or len(name) > MAX_KEY_NAME_CHARS or not name.isprintable():
+            raise ValueError(
+                f"name must be printable text of at most {MAX_KEY_NAME_CHARS} characters"
+            )
+        name.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
     except (ValueError, KeyError, TypeError) as exc:
         raise BadRequestError(f'expected {{"role": ..., "name": ...}}: {exc}') from None
     key_id, token = await create_api_key(services(request).index, role, name)

@@ -6,13 +6,15 @@ import html
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.config import VERSION as __version__
+from dicomweb_server.openapi import openapi_document
 from dicomweb_server.routes.common import base_url, services
+from dicomweb_server.routes.roles import ROUTE_ROLES
 
-__all__ = ["health", "landing_page", "service_root"]
+__all__ = ["health", "landing_page", "openapi_json", "service_root"]
 
 
 def _transactions(request: Request) -> list[dict[str, str]]:
@@ -26,6 +28,23 @@ def _transactions(request: Request) -> list[dict[str, str]]:
                     for method in sorted((route.methods or set()) - {"HEAD"}):
                         out.append({"transaction": route.name, "method": method, "path": path})
     return out
+
+
+def route_rows(routes: list[BaseRoute]) -> list[tuple[str, str, str, str | None]]:
+    """(name, method, path template, role) of every route, through mounts."""
+    rows = []
+    for top in routes:
+        inner, prefix = (top.routes, top.path) if isinstance(top, Mount) else ([top], "")
+        for route in inner:
+            if isinstance(route, Route):
+                for method in sorted((route.methods or set()) - {"HEAD"}):
+                    rows.append((route.name, method, prefix + route.path, ROUTE_ROLES[route.name]))
+    return rows
+
+
+async def openapi_json(request: Request) -> Response:
+    """GET /openapi.json: an OpenAPI 3.0 description built from the URL table (open)."""
+    return JSONResponse(openapi_document(route_rows(request.app.routes)))
 
 
 async def health(request: Request) -> Response:
