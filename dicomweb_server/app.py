@@ -20,6 +20,7 @@ from dicomweb_server.blobstore import FileSystemBlobStore
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
+from dicomweb_server.dimse import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError
 from dicomweb_server.index import Index
@@ -112,8 +113,9 @@ class _CatchAllMiddleware:
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with open_services(settings) as svc:
+        async with open_services(settings) as svc, serve_dimse(settings, svc) as dimse:
             app.state.services = svc
+            app.state.dimse = dimse  # None unless a DIMSE port is configured
             yield
 
     origins = settings.cors_origins
