@@ -591,3 +591,33 @@ async def test_association_limit(settings: Settings) -> None:
     assert first_ok
     assert second_refused
     assert third_ok
+
+
+# -- The command line -----------------------------------------------------------------------
+
+
+async def test_serve_with_dimse_port(settings: Settings, tmp_path: Path) -> None:
+    """`dicomweb-server serve --dimse-port N --ae-title T` in a real process: C-STORE with
+    storescu, then QIDO-RS over HTTP finds the instance."""
+    from tests import liveserver
+
+    port = liveserver.free_port()
+    ds = make_instance(patient_id="LIVE-1")
+    path = tmp_path / "one.dcm"
+    path.write_bytes(to_bytes(ds))
+    server = await in_thread(
+        liveserver.start, tmp_path / "live", settings.database_url,
+        extra_args=("--dimse-port", str(port), "--ae-title", "LIVEARCHIVE"),
+    )  # fmt: skip
+    try:
+        echo = await dcmtk("echoscu", "-aec", "LIVEARCHIVE", "127.0.0.1", str(port))
+        assert echo.returncode == 0, echo.stderr
+        store = await dcmtk("storescu", "-v", "127.0.0.1", str(port), str(path))
+        assert "Received Store Response (Success)" in store.stdout + store.stderr
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as http:
+            r = await http.get(f"{server.url}/studies", params={"PatientID": "LIVE-1"})
+        assert r.status_code == 200
+        assert r.json()[0]["0020000D"]["Value"] == [ds.StudyInstanceUID]
+    finally:
+        server.proc.terminate()
+        await in_thread(server.proc.wait, timeout=30)
