@@ -16,6 +16,7 @@ from dicomweb_server import (
     transcode,
 )
 from dicomweb_server.attributes import ATTRIBUTES
+from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.errors import FailureReason
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
@@ -51,7 +52,7 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered)
+    modules = (config, multipart, query, retrieve, dicom_json, rendered, handlers, identifier)
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name

@@ -19,7 +19,8 @@ from pydicom.multival import MultiValue
 
 from dicomweb_server.attributes import BY_TAG, PATIENT_MATCHING_TAGS, Level, tag_hex
 from dicomweb_server.errors import BadRequestError
-from dicomweb_server.query import QIDO_MAX_LIMIT, Query, parse
+from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
+from dicomweb_server.query import Query, parse
 
 __all__ = [
     "FIND_PAGE_ROWS",
@@ -35,7 +36,7 @@ __all__ = [
 
 # Rows fetched per database round trip while answering one C-FIND (it pages through every
 # match: DIMSE has no result limit).
-FIND_PAGE_ROWS = QIDO_MAX_LIMIT
+FIND_PAGE_ROWS = _QIDO_MAX_LIMIT
 # PS3.4 C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE), C.4.3.1.4 (C-GET): Failure, Identifier does not
 # match SOP Class: a Query/Retrieve Level the model lacks, a key outside the level, a missing
 # unique key.
