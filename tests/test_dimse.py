@@ -34,6 +34,7 @@ from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -341,6 +342,34 @@ async def test_corrupt_data_set_fails_c000_and_leaves_nothing(
     assert _blobs(archive) == []
 
 
+async def test_data_set_not_matching_the_request_fails_a900(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import _config
+
+    ds = make_instance()
+    sop = str(ds.SOPInstanceUID)
+    other = sop[:-1] + ("1" if sop[-1] != "1" else "2")
+    # The File Meta header (first occurrence) names another instance: the request will too.
+    path = tmp_path / "mismatch.dcm"
+    path.write_bytes(to_bytes(ds).replace(sop.encode(), other.encode(), 1))
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+
+    rsp = await in_thread(send)
+    assert rsp.Status == 0xA900
+    assert "SOPInstanceUID" in rsp.ErrorComment
+    assert await instance_count(archive) == 0
+
+
 def _blobs(archive: Archive) -> list[Path]:
     """Placed blobs and leftover spool files (the spool directory itself may remain)."""
     root = archive.settings.blob_dir
@@ -507,6 +536,50 @@ async def test_pynetdicom_move_counts_and_unknown_destination(archive: Archive, 
     missing_key = _identifier("SERIES", StudyInstanceUID=a.StudyInstanceUID)
     statuses = await in_thread(_move, archive, PEER, missing_key)
     assert int(statuses[-1].Status) == 0xA900
+
+
+async def test_move_compressed_multiframe_as_stored(
+    archive: Archive, peer: Peer, samples: Path
+) -> None:
+    path = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
+    body = multipart_body([path.read_bytes()])
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    ds = dcmread(path, stop_before_pixels=True)
+    ident = _identifier(
+        "IMAGE",
+        StudyInstanceUID=ds.StudyInstanceUID,
+        SeriesInstanceUID=ds.SeriesInstanceUID,
+        SOPInstanceUID=ds.SOPInstanceUID,
+    )
+    statuses = await in_thread(_move, archive, PEER, ident)
+    assert statuses[-1].Status == 0x0000
+    assert peer.received[ds.SOPInstanceUID] == dataset_bytes(path)
+
+
+async def test_get_with_a_lost_blob_counts_a_failure(archive: Archive) -> None:
+    kept, lost = make_instance(patient_id="GET-3"), make_instance(patient_id="GET-3")
+    await stow(archive, kept, lost)
+    (inst,) = await archive.services.index.locate(lost.StudyInstanceUID)
+    archive.services.blobs.local_path(inst.blob_key).unlink()
+
+    def get() -> list[Dataset]:
+        model = PatientRootQueryRetrieveInformationModelGet
+        ae = scu(model)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        role = build_role(CTImageStorage, scp_role=True)
+        on_store = (evt.EVT_C_STORE, lambda event: 0x0000)
+        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[on_store])
+        try:
+            ident = _identifier("PATIENT", PatientID="GET-3")
+            return [st for st, _ in assoc.send_c_get(ident, model)]
+        finally:
+            assoc.release()
+
+    statuses = await in_thread(get)
+    assert statuses[-1].NumberOfCompletedSuboperations == 1
+    assert statuses[-1].NumberOfFailedSuboperations == 1
+    assert statuses[-1].Status == 0xB000  # PS3.4 C.4.3.1.4: sub-operations complete, failures
 
 
 async def test_getscu(archive: Archive, tmp_path: Path) -> None:

@@ -13,13 +13,15 @@ import logging
 import re
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import StoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -79,6 +81,8 @@ _CANNOT_COUNT = 0xA701
 _TOO_MANY = 0xA702
 # PS3.7 C.4.2: Processing failure (an unexpected error while storing).
 _PROCESSING_FAILURE = 0x0110
+# PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
+_DATA_SET_DOES_NOT_MATCH = 0xA900
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Yielded as the data set of a sub-operation whose blob cannot be read: pynetdicom counts a
 # pending result whose data set is not a Dataset as a failed sub-operation.
@@ -138,6 +142,9 @@ class Handlers:
         """C-STORE: the very STOW ingest path. pynetdicom spooled the data set as received,
         behind a File Meta header of its own (STORE_RECV_CHUNKED_DATASET); the statuses are
         the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
+        mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
+        if mismatch:
+            return status(_DATA_SET_DOES_NOT_MATCH, mismatch)
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
@@ -240,6 +247,23 @@ class Handlers:
         if len(found) > MAX_RETRIEVE_INSTANCES:
             return status(_TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
         return found
+
+
+def _command_mismatch(path: Path, request: C_STORE) -> str | None:
+    """Why the data set's SOP Class/Instance UIDs differ from the C-STORE request's Affected
+    ones (PS3.7 9.1.1.1), or None. The stored file's meta header is built from the request,
+    so a mismatch would make an inconsistent Part-10 file. Unreadable headers are left to the
+    ingest, which reports them."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[0x00080016, 0x00080018])
+        sent = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+    except Exception:
+        return None
+    expected = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+    for name, got, want in zip(("SOPClassUID", "SOPInstanceUID"), sent, expected, strict=True):
+        if got and got != want:
+            return f"{name} {got} is not the Affected {name} of the request ({want})"
+    return None
 
 
 async def _locate(svc: Services, q: Query) -> list[StoredInstance]:
