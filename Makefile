@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install serve test test-db lint conformance initdb run viewer e2e bench clean
+.PHONY: install dcmtk serve test test-db lint conformance initdb run viewer e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's dcmtk (storescu, findscu, movescu, getscu, echoscu): the DIMSE tests drive the
+# archive with it. Installed when missing.
+dcmtk:
+	command -v storescu >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dcmtk)
 
 # Serves http://127.0.0.1:8080/dicom-web with data under ./data. Environment: DICOMWEB_HOST,
 # DICOMWEB_PORT, DICOMWEB_DATA_DIR, DATABASE_URL (none: an embedded PostgreSQL under the data dir).
@@ -25,11 +30,11 @@ initdb: install
 	$(VENV)/bin/dicomweb-server initdb
 
 # The whole suite; a real PostgreSQL: DATABASE_URL when set, an embedded one otherwise.
-test: install
+test: install dcmtk
 	$(PY) -m pytest -q
 
 # Only the tests that touch the database (CI runs them again against a second server).
-test-db: install
+test-db: install dcmtk
 	$(PY) -m pytest -q -m "db or conformance"
 
 lint: install

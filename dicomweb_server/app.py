@@ -22,6 +22,7 @@ from dicomweb_server.blobstore import FileSystemBlobStore
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
+from dicomweb_server.dimse import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError
 from dicomweb_server.guard import Guard
@@ -118,6 +119,8 @@ def create_app(settings: Settings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             svc = await stack.enter_async_context(open_services(settings))
             app.state.services = svc
+            # None unless a DIMSE port is configured.
+            app.state.dimse = await stack.enter_async_context(serve_dimse(settings, svc))
             app.state.authenticator = authenticator_for(settings, svc.index)
             app.state.audit = None
             if settings.audit:

@@ -19,6 +19,7 @@ __all__ = [
     "COMPUTED",
     "DEFAULT_RETURN",
     "LEVEL_TAGS",
+    "PATIENT_MATCHING_TAGS",
     "Attribute",
     "Level",
     "tag_hex",
@@ -26,6 +27,10 @@ __all__ = [
 
 
 class Level(Enum):
+    # DIMSE C-FIND/C-MOVE/C-GET only (Patient Root, PS3.4 C.6.1.1.2); QIDO-RS has no patient
+    # resource. Patient attributes are matched on the study columns (the patient of a study
+    # as stored), and a patient is listed when one of its studies matches.
+    PATIENT = "patient"
     STUDY = "study"
     SERIES = "series"
     INSTANCE = "instance"
@@ -77,7 +82,13 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(0x00201206, "NumberOfStudyRelatedSeries", "IS", S, None),
     Attribute(0x00201208, "NumberOfStudyRelatedInstances", "IS", S, None),
     Attribute(0x00201209, "NumberOfSeriesRelatedInstances", "IS", R, None),
+    Attribute(0x00201200, "NumberOfPatientRelatedStudies", "IS", Level.PATIENT, None),
+    Attribute(0x00201202, "NumberOfPatientRelatedSeries", "IS", Level.PATIENT, None),
+    Attribute(0x00201204, "NumberOfPatientRelatedInstances", "IS", Level.PATIENT, None),
 )
+
+# Matching keys of a patient-level search (PS3.4 Table C.6-1: the Patient IE keys we index).
+PATIENT_MATCHING_TAGS: frozenset[int] = frozenset({0x00100010, 0x00100020, 0x00100030, 0x00100040})
 
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}
 BY_TAG: dict[int, Attribute] = {a.tag: a for a in ATTRIBUTES}
@@ -86,6 +97,20 @@ COMPUTED: frozenset[int] = frozenset(a.tag for a in ATTRIBUTES if a.column is No
 # Attributes copied into study.attrs / series.attrs at ingest (from the first instance stored
 # in that study or series): what QIDO returns at those levels, `includefield=all` included.
 LEVEL_TAGS: dict[Level, frozenset[int]] = {
+    # Patient-level results are the Patient module attributes of the patient's first study.
+    Level.PATIENT: frozenset(
+        {
+            0x00080005,  # SpecificCharacterSet
+            0x00100010,  # PatientName
+            0x00100020,  # PatientID
+            0x00100021,  # IssuerOfPatientID
+            0x00100030,  # PatientBirthDate
+            0x00100040,  # PatientSex
+            0x00101000,  # OtherPatientIDs
+            0x00101002,  # OtherPatientIDsSequence
+            0x00104000,  # PatientComments
+        }
+    ),
     Level.STUDY: frozenset(
         {
             0x00080005,  # SpecificCharacterSet
@@ -145,6 +170,8 @@ LEVEL_TAGS: dict[Level, frozenset[int]] = {
 
 # Returned by default, PS3.18 Tables 10.6.3-3 (study), -4 (series), -5 (instance).
 DEFAULT_RETURN: dict[Level, tuple[int, ...]] = {
+    # PS3.4 Table C.6-1 required keys, and the patient-level counts.
+    Level.PATIENT: (0x00080005, 0x00100010, 0x00100020, 0x00201200, 0x00201202, 0x00201204),
     Level.STUDY: (
         0x00080005, 0x00080020, 0x00080030, 0x00080050, 0x00080056, 0x00080061, 0x00080090,
         0x00080201, 0x00081030, 0x00081190, 0x00100010, 0x00100020, 0x00100030, 0x00100040,

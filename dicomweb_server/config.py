@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,10 +13,12 @@ from dicomweb_server.errors import DicomWebError
 
 __all__ = [
     "AUTH_MODES",
+    "DEFAULT_AE_TITLE",
     "DEFAULT_DATA_DIR",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "DICOMWEB_ROOT",
+    "DIMSE_MAX_ASSOCIATIONS",
     "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
@@ -23,6 +26,8 @@ __all__ = [
     "VERSION",
     "ConfigError",
     "Settings",
+    "ae_title_list",
+    "check_ae_title",
 ]
 
 # The server's version (also `dicomweb_server.__version__`).
@@ -50,6 +55,13 @@ CORS_MAX_AGE_S = 86400
 LOCAL_ORIGINS_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"
 # Seconds a single database statement may run before the request fails with 503.
 DEFAULT_QUERY_TIMEOUT_S = 30.0
+# The DIMSE Application Entity title when none is configured (PS3.8 9.3.2: 1 to 16 characters
+# of the default character repertoire, no backslash, not all spaces).
+DEFAULT_AE_TITLE = "DICOMWEB"
+# Simultaneous DIMSE associations accepted; one more is rejected (A-ASSOCIATE-RJ, transient,
+# local limit exceeded; PS3.8 Table 9-21).
+DIMSE_MAX_ASSOCIATIONS = 10
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 # `--auth` values: no authentication (loopback only), API keys, OpenID Connect bearer JWTs.
@@ -127,6 +139,15 @@ class Settings:
     def scheme(self) -> str:
         return "http" if self.certfile is None else "https"
 
+    # DIMSE front door (`serve --dimse-port`): None = off.
+    dimse_port: int | None = None
+    ae_title: str = DEFAULT_AE_TITLE
+    # JSON file of C-MOVE destinations: {"AE_TITLE": {"host": "...", "port": 104}, ...}.
+    dimse_peers: Path | None = None
+    # Calling AE titles accepted; None = any.
+    dimse_allowed_aes: tuple[str, ...] | None = None
+    dimse_max_associations: int = DIMSE_MAX_ASSOCIATIONS
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -152,7 +173,33 @@ class Settings:
             s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
         if "DICOMWEB_MAX_REQUEST_BYTES" in env:
             s = replace(s, max_request_bytes=_int(env, "DICOMWEB_MAX_REQUEST_BYTES"))
-        return _security_from_env(s, env)
+        return _security_from_env(s, env)._dimse_from_env(env)
+
+    def _dimse_from_env(self, env: Mapping[str, str]) -> Settings:
+        s = self
+        if env.get("DICOMWEB_DIMSE_PORT"):
+            s = replace(s, dimse_port=_int(env, "DICOMWEB_DIMSE_PORT"))
+        if env.get("DICOMWEB_AE_TITLE"):
+            s = replace(s, ae_title=env["DICOMWEB_AE_TITLE"])
+        if env.get("DICOMWEB_DIMSE_PEERS"):
+            s = replace(s, dimse_peers=Path(env["DICOMWEB_DIMSE_PEERS"]))
+        if env.get("DICOMWEB_DIMSE_ALLOWED_AES"):
+            s = replace(s, dimse_allowed_aes=ae_title_list(env["DICOMWEB_DIMSE_ALLOWED_AES"]))
+        if "DICOMWEB_DIMSE_MAX_ASSOCIATIONS" in env:
+            n = _int(env, "DICOMWEB_DIMSE_MAX_ASSOCIATIONS")
+            s = replace(s, dimse_max_associations=n)
+        return s.checked()
+
+    def checked(self) -> Settings:
+        """These settings, or ConfigError naming the first value that cannot work."""
+        check_ae_title(self.ae_title)
+        for title in self.dimse_allowed_aes or ():
+            check_ae_title(title)
+        if self.dimse_port is not None and not 0 <= self.dimse_port <= 65535:
+            raise ConfigError(f"the DIMSE port must be 0 to 65535, got {self.dimse_port}")
+        if self.dimse_max_associations < 1:
+            raise ConfigError("the DIMSE association limit must be at least 1")
+        return self
 
     def export(self) -> None:
         """Put these settings into this process's environment, where the worker processes
@@ -225,6 +272,18 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be 1 or 0, got {env[name]!r}")
+
+
+def check_ae_title(title: str) -> str:
+    """`title`, or ConfigError when it is not a valid AE title (PS3.5 Table 6.2-1, AE)."""
+    if not _AE_TITLE.match(title) or not title.strip():
+        raise ConfigError(f"{title!r} is not an AE title (1 to 16 characters, no backslash)")
+    return title
+
+
+def ae_title_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of AE titles (spaces around each are not part of it)."""
+    return tuple(check_ae_title(t.strip()) for t in text.split(",") if t.strip())
 
 
 def _int(env: Mapping[str, str], name: str) -> int:

@@ -26,9 +26,20 @@ from dicomweb_server.media import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import build_record
 
-__all__ = ["Services", "instance_path", "store_file", "store_parts", "stow_status"]
+__all__ = [
+    "COPY_CHUNK_BYTES",
+    "Services",
+    "instance_path",
+    "store_file",
+    "store_parts",
+    "store_path",
+    "stow_status",
+]
 
 log = logging.getLogger(__name__)
+
+# Bytes per read when a local file (`load`, a DIMSE C-STORE) is copied into the blob store.
+COPY_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,24 @@ async def store_file(
         with anyio.CancelScope(shield=True):
             await _undo(ctx, writer, key, placed)
         raise
+
+
+async def store_path(ctx: Services, path: Path) -> InstanceOutcome:
+    """Store a Part-10 file found on local disk (`load`, DIMSE C-STORE): it is copied into a
+    blob spool file, then stored exactly as a STOW part is (store_file)."""
+    writer = await ctx.blobs.open_writer()
+    try:
+        async with await anyio.open_file(path, "rb") as fh:
+            while chunk := await fh.read(COPY_CHUNK_BYTES):
+                await writer.write(chunk)
+    except OSError as exc:
+        await _discard_quietly(ctx, writer)
+        return _spool_failure(exc)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _discard_quietly(ctx, writer)
+        raise
+    return await store_file(writer, ctx, None)
 
 
 async def _undo(ctx: Services, writer: BlobWriter, key: str, placed: bool) -> None:

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 
 from pydicom.datadict import tag_for_keyword
 
-from dicomweb_server.attributes import BY_KEYWORD, BY_TAG, Attribute, Level
+from dicomweb_server.attributes import (
+    BY_KEYWORD,
+    BY_TAG,
+    PATIENT_MATCHING_TAGS,
+    Attribute,
+    Level,
+)
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.vr import parse_da, parse_dt, parse_tm
 
@@ -44,7 +50,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
-_LEVEL_ORDER = {Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
+_LEVEL_ORDER = {Level.PATIENT: -1, Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,10 @@ def _matching_attribute(key: str, level: Level) -> Attribute:
     if attr is None or attr.column is None:
         what = "not a DICOM attribute" if tag is None else "not a supported matching key"
         raise BadRequestError(f"unknown query parameter {key!r}: {what}")
-    if _LEVEL_ORDER[attr.level] > _LEVEL_ORDER[level]:
+    if level is Level.PATIENT:
+        if attr.tag not in PATIENT_MATCHING_TAGS:
+            raise BadRequestError(f"{attr.keyword} cannot be matched in a patient-level search")
+    elif _LEVEL_ORDER[attr.level] > _LEVEL_ORDER[level]:
         raise BadRequestError(
             f"{attr.keyword} is a {attr.level.value}-level attribute and cannot be matched"
             f" when searching for {level.value} resources"

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from dicomweb_server.attributes import DEFAULT_RETURN, Attribute, Level, tag_hex
+from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
 from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.query import (
     FuzzyMatch,
@@ -25,7 +25,7 @@ from dicomweb_server.query import (
 
 __all__ = ["compile_search", "like_pattern", "render_row", "returned_levels"]
 
-_ALIAS = {Level.STUDY: "st", Level.SERIES: "se", Level.INSTANCE: "i"}
+_ALIAS = {Level.PATIENT: "st", Level.STUDY: "st", Level.SERIES: "se", Level.INSTANCE: "i"}
 _UID_COLUMN = {
     Level.STUDY: "st.study_instance_uid",
     Level.SERIES: "se.series_instance_uid",
@@ -128,8 +128,8 @@ def _condition(m: Match, args: _Args) -> str | None:
 def returned_levels(q: Query) -> tuple[Level, ...]:
     """Levels whose attributes each result carries (PS3.18 10.6.3.3): a search scoped by a
     parent UID in the path leaves that parent's attributes out."""
-    if q.level is Level.STUDY:
-        return (Level.STUDY,)
+    if q.level in (Level.PATIENT, Level.STUDY):
+        return (q.level,)
     if q.level is Level.SERIES:
         return (Level.SERIES,) if Level.STUDY in q.path_uids else (Level.STUDY, Level.SERIES)
     if Level.SERIES in q.path_uids:
@@ -146,8 +146,38 @@ def _instance_tags(q: Query) -> list[str]:
     return sorted(tag_hex(t) for t in tags)
 
 
+def _where(q: Query, args: _Args) -> str:
+    where = [_VISIBLE[Level.STUDY if q.level is Level.PATIENT else q.level]]
+    for level, uid in q.path_uids.items():
+        where.append(f"{_UID_COLUMN[level]} = {args.add(uid)}")
+    for m in q.matches:
+        cond = _condition(m, args)
+        if cond:
+            where.append(cond)
+    return " AND ".join(where)
+
+
+def _compile_patients(q: Query) -> tuple[str, list[Any]]:
+    """A patient-level search (DIMSE C-FIND): the patients that have a matching study, each
+    once, with the Patient module of its first study and its counts (PS3.4 C.6.1.1.2)."""
+    args = _Args()
+    where = _where(q, args)
+    sql_text = (
+        "SELECT DISTINCT ON (st.patient_fk) st.patient_fk, st.attrs::text AS patient_attrs,"
+        " n.num_studies, n.num_series, n.num_instances FROM study st"
+        " CROSS JOIN LATERAL (SELECT count(*)::int AS num_studies,"
+        " sum(s2.num_series)::int AS num_series, sum(s2.num_instances)::int AS num_instances"
+        " FROM study s2 WHERE s2.patient_fk = st.patient_fk AND s2.num_instances > 0) n"
+        f" WHERE {where} ORDER BY st.patient_fk, st.pk"
+        f" LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
+    )
+    return sql_text, args.values
+
+
 def compile_search(q: Query) -> tuple[str, list[Any]]:
     """SELECT for a QIDO search; fetches limit + 1 rows so the caller knows if more exist."""
+    if q.level is Level.PATIENT:
+        return _compile_patients(q)
     args = _Args()
     select = [
         "st.study_instance_uid",
@@ -173,16 +203,10 @@ def compile_search(q: Query) -> tuple[str, list[Any]]:
                 "(SELECT jsonb_object_agg(key, value) FROM jsonb_each(i.metadata)"
                 f" WHERE key = ANY ({keys}::text[]))::text AS instance_attrs"
             )
-    where = [_VISIBLE[q.level]]
-    for level, uid in q.path_uids.items():
-        where.append(f"{_UID_COLUMN[level]} = {args.add(uid)}")
-    for m in q.matches:
-        cond = _condition(m, args)
-        if cond:
-            where.append(cond)
+    where = _where(q, args)
     order = f"{_ALIAS[q.level]}.pk"
     sql_text = (
-        f"SELECT {', '.join(select)} {_FROM[q.level]} WHERE {' AND '.join(where)}"
+        f"SELECT {', '.join(select)} {_FROM[q.level]} WHERE {where}"
         f" ORDER BY {order} LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
     )
     return sql_text, args.values
@@ -193,7 +217,7 @@ def _wanted(q: Query, level: Level) -> set[str] | None:
     if q.include.all:
         return None
     tags = set(DEFAULT_RETURN[level]) | set(q.include.tags)
-    tags |= {m.attr.tag for m in q.matches if m.attr.level is level}
+    tags |= {m.attr.tag for m in q.matches if m.attr.level is level or level is Level.PATIENT}
     return {tag_hex(t) for t in tags}
 
 
@@ -204,6 +228,12 @@ def _pick(doc: Mapping[str, Any], wanted: set[str] | None) -> dict[str, Any]:
 
 
 def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, Any]:
+    if level is Level.PATIENT:
+        return {
+            "00201200": {"vr": "IS", "Value": [row["num_studies"]]},
+            "00201202": {"vr": "IS", "Value": [row["num_series"]]},
+            "00201204": {"vr": "IS", "Value": [row["num_instances"]]},
+        }
     study = row["study_instance_uid"]
     if level is Level.STUDY:
         return {
@@ -233,6 +263,9 @@ def render_row(q: Query, row: Mapping[str, Any], base_url: str) -> dict[str, Any
         wanted = _wanted(q, level)
         text = row[f"{level.value}_attrs"] or "{}"
         stored = json.loads(absolutize_bulk_uris(text, base_url))
+        if level is Level.PATIENT:  # the study's own attributes are not the patient's
+            keep = {tag_hex(t) for t in LEVEL_TAGS[Level.PATIENT]}
+            stored = {k: v for k, v in stored.items() if k in keep}
         out.update(_pick(stored, wanted))
         computed = _computed(row, level, base_url)
         if wanted is not None:

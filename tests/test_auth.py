@@ -356,6 +356,11 @@ def test_no_auth_only_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:
     assert unsafe_serving(Settings(host="0.0.0.0", auth="apikey")) is None
     refusal = unsafe_serving(Settings(host="0.0.0.0"))
     assert refusal and "--insecure" in refusal
+    # DIMSE has no credentials: off loopback, only with an AE allow-list (or --insecure).
+    dimse = Settings(host="0.0.0.0", auth="apikey", dimse_port=11112)
+    assert "--dimse-allowed-aes" in (unsafe_serving(dimse) or "")
+    assert unsafe_serving(dataclasses.replace(dimse, dimse_allowed_aes=("CT1",))) is None
+    assert unsafe_serving(dataclasses.replace(dimse, insecure=True)) is None
     # The command refuses before it binds anything.
     assert main(["serve", "--host", "0.0.0.0", "--port", "9"]) == 2
     assert "without authentication" in capsys.readouterr().err

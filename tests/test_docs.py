@@ -17,6 +17,7 @@ from dicomweb_server import (
     transcode,
 )
 from dicomweb_server.attributes import ATTRIBUTES
+from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.routes import admin
 
@@ -53,7 +54,8 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog)
+    modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
+               handlers, identifier)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name

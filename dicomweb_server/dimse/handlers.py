@@ -1,0 +1,298 @@
+"""pynetdicom event handlers: the DIMSE services over the archive's own pipelines.
+
+pynetdicom calls each handler in the thread of its association. The archive's services are
+async (the asyncpg pool belongs to the server's event loop), so a handler hands each piece of
+work to that loop with `run_coroutine_threadsafe(...).result(timeout)` and waits. Reading a
+blob to send it (C-MOVE, C-GET) stays in the association thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import StoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicomweb_server.dimse.identifier import (
+    UNABLE_TO_PROCESS,
+    IdentifierError,
+    Model,
+    find_response,
+    parse_find,
+    parse_retrieve,
+)
+from dicomweb_server.dimse.peers import Peer
+from dicomweb_server.errors import DicomWebError
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services, store_path
+from dicomweb_server.query import Query
+from dicomweb_server.search import search
+from dicomweb_server.sql import compile_search
+
+__all__ = [
+    "DIMSE_QUERY_TIMEOUT_S",
+    "DIMSE_STORE_TIMEOUT_S",
+    "MAX_RETRIEVE_INSTANCES",
+    "Handlers",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Seconds one C-STORE may take to be ingested (copy, parse, fsync, commit) before it fails.
+DIMSE_STORE_TIMEOUT_S = 600
+# Seconds one page of C-FIND matches, or the matching of a C-MOVE/C-GET, may take.
+DIMSE_QUERY_TIMEOUT_S = 120
+# Instances one C-MOVE/C-GET may send: the sub-operation counts are US (PS3.7 Table 9.1-4).
+MAX_RETRIEVE_INSTANCES = 65535
+# Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
+_MAX_CONTEXTS = 128
+# Values longer than this are read from the blob only when the data set is encoded to send.
+_DEFER_BYTES = 1024
+
+# PS3.4 Table C.4-1..3: the C-FIND/C-MOVE/C-GET statuses this module answers with.
+_PENDING = 0xFF00
+_CANCEL = 0xFE00
+# PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
+_OUT_OF_RESOURCES = 0xA700
+# PS3.4 C.4.2.1.5 / C.4.3.1.4: Refused: Out of Resources - Unable to calculate number of
+# matches / Unable to perform sub-operations.
+_CANNOT_COUNT = 0xA701
+_TOO_MANY = 0xA702
+# PS3.7 C.4.2: Processing failure (an unexpected error while storing).
+_PROCESSING_FAILURE = 0x0110
+# PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
+_DATA_SET_DOES_NOT_MATCH = 0xA900
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Yielded as the data set of a sub-operation whose blob cannot be read: pynetdicom counts a
+# pending result whose data set is not a Dataset as a failed sub-operation.
+_UNREADABLE = "unreadable blob"
+
+_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
+}
+QUERY_RETRIEVE_SOP_CLASSES = tuple(_MODELS)
+
+FindResult = tuple[int | Dataset, Dataset | None]
+
+
+def status(code: int, comment: str = "") -> Dataset:
+    """A status data set; Error Comment (0000,0902) is LO: 64 characters, no backslash."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = re.sub(r"[^\x20-\x5b\x5d-\x7e]", "?", comment)[:64]
+    return ds
+
+
+@dataclass
+class Handlers:
+    services: Services
+    loop: asyncio.AbstractEventLoop
+    ae_title: str
+    peers: dict[str, Peer]
+    base_url: str  # of RetrieveURL, when a C-FIND asks for it
+
+    def bindings(self) -> list[EventHandlerType]:
+        return [
+            (evt.EVT_C_ECHO, self.echo),
+            (evt.EVT_C_STORE, self.store),
+            (evt.EVT_C_FIND, self.find),
+            (evt.EVT_C_MOVE, self.move),
+            (evt.EVT_C_GET, self.get),
+        ]
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()  # a store rolls itself back when cancelled (ingest.store_file)
+            raise
+
+    def echo(self, event: Event) -> int:
+        return 0x0000  # PS3.4 A.4: Success
+
+    def store(self, event: Event) -> int | Dataset:
+        """C-STORE: the very STOW ingest path. pynetdicom spooled the data set as received,
+        behind a File Meta header of its own (STORE_RECV_CHUNKED_DATASET); the statuses are
+        the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
+        mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
+        if mismatch:
+            return status(_DATA_SET_DOES_NOT_MATCH, mismatch)
+        try:
+            outcome = self._run(
+                store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
+            )
+        except DicomWebError as exc:  # the database is unreachable: B.2-1 Out of Resources
+            return status(_OUT_OF_RESOURCES, exc.message)
+        except TimeoutError:
+            return status(_OUT_OF_RESOURCES, "the archive did not store it in time")
+        except Exception:
+            log.exception("C-STORE failed")
+            return status(_PROCESSING_FAILURE, "processing failure")
+        if outcome.failure is not None:
+            log.info("C-STORE of %s refused: %s", outcome.sop_instance_uid, outcome.reason)
+            return status(int(outcome.failure), outcome.reason)
+        return 0x0000  # a duplicate of the same bytes is a success too (as with STOW)
+
+    def find(self, event: Event) -> Iterator[FindResult]:
+        """C-FIND: pages through the QIDO search of the identifier; one pending response per
+        match (0xFF00), 0xFE00 after a C-CANCEL, then pynetdicom's final Success."""
+        try:
+            req = parse_find(event.identifier, _MODELS[event.request.AffectedSOPClassUID])
+        except IdentifierError as exc:
+            yield status(exc.status, exc.message), None
+            return
+        except Exception as exc:  # an identifier pydicom cannot decode
+            yield status(UNABLE_TO_PROCESS, f"cannot decode the identifier: {exc}"), None
+            return
+        offset = 0
+        while True:
+            if event.is_cancelled:
+                yield _CANCEL, None
+                return
+            page_query = replace(req.query, offset=offset)
+            try:
+                page, more = self._run(
+                    search(self.services.index, page_query, self.base_url), DIMSE_QUERY_TIMEOUT_S
+                )
+            except (DicomWebError, TimeoutError) as exc:
+                yield status(_OUT_OF_RESOURCES, f"search failed: {exc}"), None
+                return
+            for result in page:
+                if event.is_cancelled:
+                    yield _CANCEL, None
+                    return
+                yield _PENDING, find_response(req, result, self.ae_title)
+            if not more:
+                return
+            offset += len(page)
+
+    def move(self, event: Event) -> Iterator[Any]:
+        """C-MOVE to a configured peer over a sub-association proposing the stored
+        (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5)."""
+        peer = self.peers.get((event.move_destination or "").strip())
+        if peer is None:
+            yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
+            return
+        found = self._matching_instances(event)
+        # pynetdicom associates with the destination before it lets us report a failure or
+        # zero matches: then propose the common storage contexts, which any SCP accepts.
+        contexts = _contexts(found) if isinstance(found, list) else []
+        yield peer.host, peer.port, {"contexts": contexts or StoragePresentationContexts}
+        yield from self._send(event, found)
+
+    def get(self, event: Event) -> Iterator[Any]:
+        """C-GET: C-STORE sub-operations on the same association, over the storage contexts
+        the requestor proposed with the SCP role (PS3.4 C.4.3)."""
+        yield from self._send(event, self._matching_instances(event))
+
+    def _send(self, event: Event, found: list[StoredInstance] | Dataset) -> Iterator[Any]:
+        if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
+            yield 1
+            yield found, None
+            return
+        yield len(found)
+        for inst in found:
+            if event.is_cancelled:
+                yield _CANCEL, None
+                return
+            path = self.services.blobs.local_path(inst.blob_key)
+            try:
+                ds = dcmread(path, defer_size=_DEFER_BYTES)
+            except (OSError, InvalidDicomError) as exc:
+                log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
+                yield _PENDING, _UNREADABLE
+                continue
+            yield _PENDING, ds
+
+    def _matching_instances(self, event: Event) -> list[StoredInstance] | Dataset:
+        """The instances a C-MOVE/C-GET identifier names, or the failure status to answer."""
+        try:
+            q = parse_retrieve(event.identifier, _MODELS[event.request.AffectedSOPClassUID])
+        except IdentifierError as exc:
+            return status(exc.status, exc.message)
+        except Exception as exc:
+            return status(UNABLE_TO_PROCESS, f"cannot decode the identifier: {exc}")
+        try:
+            found = self._run(_locate(self.services, q), DIMSE_QUERY_TIMEOUT_S)
+        except (DicomWebError, TimeoutError) as exc:
+            return status(_CANNOT_COUNT, f"matching failed: {exc}")
+        if len(found) > MAX_RETRIEVE_INSTANCES:
+            return status(_TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
+        return found
+
+
+def _command_mismatch(path: Path, request: C_STORE) -> str | None:
+    """Why the data set's SOP Class/Instance UIDs differ from the C-STORE request's Affected
+    ones (PS3.7 9.1.1.1), or None. The stored file's meta header is built from the request,
+    so a mismatch would make an inconsistent Part-10 file. Unreadable headers are left to the
+    ingest, which reports them."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[0x00080016, 0x00080018])
+        sent = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+    except Exception:
+        return None
+    expected = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+    for name, got, want in zip(("SOPClassUID", "SOPInstanceUID"), sent, expected, strict=True):
+        if got and got != want:
+            return f"{name} {got} is not the Affected {name} of the request ({want})"
+    return None
+
+
+async def _locate(svc: Services, q: Query) -> list[StoredInstance]:
+    """The stored instances an instance-level Query matches (same compiler as QIDO)."""
+    by_study: dict[str, set[str]] = {}
+    offset, count = 0, 0
+    while count <= MAX_RETRIEVE_INSTANCES:
+        sql_text, args = compile_search(replace(q, offset=offset))
+        rows = await svc.index.search(sql_text, args)
+        for row in rows[: q.limit]:
+            by_study.setdefault(row["study_instance_uid"], set()).add(row["sop_instance_uid"])
+        count += min(len(rows), q.limit)
+        if len(rows) <= q.limit:
+            break
+        offset += q.limit
+    found: list[StoredInstance] = []
+    for study, sops in by_study.items():
+        found += [i for i in await svc.index.locate(study) if i.sop_instance_uid in sops]
+    return found
+
+
+def _contexts(found: list[StoredInstance]) -> list[PresentationContext]:
+    """One context per stored (SOP Class, transfer syntax), so that each instance can go as
+    stored whatever the destination prefers (pynetdicom picks an exact match first); for
+    uncompressed data, a second context with the other little endian syntax as a fallback
+    (pynetdicom converts). Compressed data goes only as stored."""
+    contexts = []
+    for sop_class, ts in dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found):
+        contexts.append(build_context(sop_class, [ts]))
+        if ts in _UNCOMPRESSED:
+            contexts.append(build_context(sop_class, [s for s in _UNCOMPRESSED if s != ts]))
+    return contexts[:_MAX_CONTEXTS]

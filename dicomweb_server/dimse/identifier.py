@@ -1,0 +1,227 @@
+"""C-FIND and C-MOVE/C-GET identifiers <-> the QIDO query model (PS3.4 C.4.1, C.4.2, C.6).
+
+No second query engine: an identifier becomes the same `(keyword, value)` parameters a QIDO-RS
+request has, and `query.parse` turns them into a `Query` that `sql.compile_search` compiles.
+Pure: datasets in, a Query or a response dataset out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from dicomweb_server.attributes import BY_TAG, PATIENT_MATCHING_TAGS, Level, tag_hex
+from dicomweb_server.errors import BadRequestError
+from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
+from dicomweb_server.query import Query, parse
+
+__all__ = [
+    "FIND_PAGE_ROWS",
+    "IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS",
+    "UNABLE_TO_PROCESS",
+    "FindRequest",
+    "IdentifierError",
+    "Model",
+    "find_response",
+    "parse_find",
+    "parse_retrieve",
+]
+
+# Rows fetched per database round trip while answering one C-FIND (it pages through every
+# match: DIMSE has no result limit).
+FIND_PAGE_ROWS = _QIDO_MAX_LIMIT
+# PS3.4 C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE), C.4.3.1.4 (C-GET): Failure, Identifier does not
+# match SOP Class: a Query/Retrieve Level the model lacks, a key outside the level, a missing
+# unique key.
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# Same tables: Failure, Unable to process: a value we cannot match on (malformed date,
+# sequence matching, an attribute that is not a matching key).
+UNABLE_TO_PROCESS = 0xC000
+
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_RETRIEVE_AE_TITLE = 0x00080054
+_LEVELS = {
+    "PATIENT": Level.PATIENT,
+    "STUDY": Level.STUDY,
+    "SERIES": Level.SERIES,
+    "IMAGE": Level.INSTANCE,
+}
+# Unique key of each level (PS3.4 C.6.1.1.2-5 and C.6.2.1.2-4).
+_UNIQUE_KEY = {
+    Level.PATIENT: 0x00100020,  # PatientID
+    Level.STUDY: 0x0020000D,  # StudyInstanceUID
+    Level.SERIES: 0x0020000E,  # SeriesInstanceUID
+    Level.INSTANCE: 0x00080018,  # SOPInstanceUID
+}
+_ORDER = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.INSTANCE)
+
+
+class Model(Enum):
+    """The Query/Retrieve information model of the SOP Class used (PS3.4 C.6)."""
+
+    PATIENT_ROOT = "patient root"
+    STUDY_ROOT = "study root"
+
+
+class IdentifierError(Exception):
+    """An identifier we refuse, with the DIMSE failure status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FindRequest:
+    query: Query
+    level_name: str  # Query/Retrieve Level as sent: PATIENT, STUDY, SERIES or IMAGE
+    # Every key of the identifier (matching and return keys) with its VR, in tag order: what
+    # each response carries (PS3.4 C.4.1.1.3.2), plus the unique key of the level.
+    keys: tuple[tuple[int, str], ...]
+
+
+def _level(ds: Dataset, model: Model) -> tuple[Level, str]:
+    name = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
+    level = _LEVELS.get(name)
+    if level is None:
+        raise IdentifierError(
+            IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            f"Query/Retrieve Level {name!r} is not PATIENT, STUDY, SERIES or IMAGE",
+        )
+    if level is Level.PATIENT and model is Model.STUDY_ROOT:
+        raise IdentifierError(
+            IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "the Study Root model has no PATIENT level"
+        )
+    return level, name
+
+
+def _name(tag: int) -> str:
+    return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _text(elem: DataElement) -> str:
+    """A string value as sent; several values joined with a backslash (PS3.5 6.4)."""
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        raise IdentifierError(UNABLE_TO_PROCESS, f"cannot match on binary {_name(elem.tag)}")
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _allowed(tag: int, level: Level) -> bool:
+    attr = BY_TAG[tag]
+    if level is Level.PATIENT:
+        return tag in PATIENT_MATCHING_TAGS
+    return _ORDER.index(attr.level) <= _ORDER.index(level)
+
+
+def _has_values(seq: Iterable[Dataset]) -> bool:
+    return any(e.value not in (None, "", b"") for item in seq for e in item)
+
+
+def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
+    params = []
+    for elem in ds:
+        tag = int(elem.tag)
+        if tag in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET, _RETRIEVE_AE_TITLE):
+            continue
+        if elem.VR == "SQ":
+            if _has_values(elem.value):  # PS3.4 C.2.2.2.6 sequence matching: not supported
+                raise IdentifierError(
+                    UNABLE_TO_PROCESS, f"sequence matching on {_name(tag)} is not supported"
+                )
+            continue
+        value = _text(elem)
+        if value in ("", "*"):  # a return key (universal matching, PS3.4 C.2.2.2.3)
+            continue
+        attr = BY_TAG.get(tag)
+        if attr is None or attr.column is None:
+            raise IdentifierError(UNABLE_TO_PROCESS, f"{_name(tag)} is not a matching key")
+        if not _allowed(tag, level):
+            raise IdentifierError(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                f"{attr.keyword} cannot be matched at the {level.value} level",
+            )
+        params.append((attr.keyword, value))
+    return params
+
+
+def _parse(level: Level, params: list[tuple[str, str]]) -> Query:
+    try:
+        return parse(level, [("limit", str(FIND_PAGE_ROWS)), *params], {})
+    except BadRequestError as exc:
+        raise IdentifierError(UNABLE_TO_PROCESS, exc.message) from None
+
+
+def parse_find(ds: Dataset, model: Model) -> FindRequest:
+    """A C-FIND identifier -> the Query of its level and the keys to return, or
+    IdentifierError. Keys above the level may be matched too (relational-style); keys below
+    it may only be return keys (they come back empty)."""
+    level, name = _level(ds, model)
+    params = _matching_params(ds, level)
+    keys = {
+        int(e.tag): str(e.VR)
+        for e in ds
+        if int(e.tag) not in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET)
+    }
+    keys.setdefault(_UNIQUE_KEY[level], "LO" if level is Level.PATIENT else "UI")
+    include = ",".join(tag_hex(t) for t in sorted(keys))
+    query = _parse(level, [*params, ("includefield", include)])
+    return FindRequest(query, name, tuple(sorted(keys.items())))
+
+
+def parse_retrieve(ds: Dataset, model: Model) -> Query:
+    """A C-MOVE/C-GET identifier -> an instance-level Query over the unique keys it gives
+    (PS3.4 C.4.2.2.1: the unique key of the level, single value or UID list; unique keys of
+    levels above it narrow the match when present)."""
+    level, _ = _level(ds, model)
+    top = Level.PATIENT if model is Model.PATIENT_ROOT else Level.STUDY
+    params = []
+    for lvl in _ORDER[_ORDER.index(top) : _ORDER.index(level) + 1]:
+        tag = _UNIQUE_KEY[lvl]
+        value = _text(ds[tag]).strip() if tag in ds else ""
+        if any(c in value for c in "*?"):
+            raise IdentifierError(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{_name(tag)} must not hold a wildcard"
+            )
+        if value:
+            params.append((_name(tag), value))
+        elif lvl is level:
+            raise IdentifierError(
+                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                f"{_name(tag)}, the unique key of the {level.value} level, is required",
+            )
+    return _parse(Level.INSTANCE, params)
+
+
+def find_response(req: FindRequest, result: Mapping[str, Any], ae_title: str) -> Dataset:
+    """One C-FIND match (a QIDO result in DICOM JSON) as the response identifier: exactly
+    the keys asked for, empty when the archive has no value (PS3.4 C.4.1.1.3.2), plus the
+    Query/Retrieve Level and the Specific Character Set of the values."""
+    doc: dict[str, Any] = {}
+    for tag, vr in req.keys:
+        key = tag_hex(tag)
+        found = result.get(key)
+        if tag == _RETRIEVE_AE_TITLE:
+            doc[key] = {"vr": "AE", "Value": [ae_title]}
+        elif found is not None and "BulkDataURI" not in found:
+            doc[key] = found
+        else:
+            doc[key] = {"vr": found["vr"] if found else vr}
+    charset = result.get(tag_hex(_SPECIFIC_CHARACTER_SET))
+    if charset is not None:
+        doc[tag_hex(_SPECIFIC_CHARACTER_SET)] = charset
+    doc[tag_hex(_QUERY_RETRIEVE_LEVEL)] = {"vr": "CS", "Value": [req.level_name]}
+    return Dataset.from_json(doc)

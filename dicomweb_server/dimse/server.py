@@ -1,0 +1,118 @@
+"""The Application Entity: its presentation contexts, limits and lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomweb_server.config import DICOMWEB_ROOT, Settings
+from dicomweb_server.dimse.handlers import QUERY_RETRIEVE_SOP_CLASSES, Handlers
+from dicomweb_server.dimse.peers import load_peers
+from dicomweb_server.ingest import Services
+
+__all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "DIMSE_DIMSE_TIMEOUT_S",
+    "DIMSE_NETWORK_TIMEOUT_S",
+    "DimseServer",
+    "serve_dimse",
+]
+
+log = logging.getLogger(__name__)
+
+# Seconds without any traffic after which an association is aborted (ARTIM / idle peer).
+DIMSE_NETWORK_TIMEOUT_S = 60
+# Seconds to wait for a DIMSE message (e.g. the C-STORE-RSP of a move destination).
+DIMSE_DIMSE_TIMEOUT_S = 120
+# Seconds to wait for an A-ASSOCIATE/A-RELEASE answer.
+DIMSE_ACSE_TIMEOUT_S = 30
+
+
+# Transfer syntaxes accepted for storage, in order of preference: pynetdicom, as acceptor, picks
+# the first of this list that the requestor proposed in a presentation context (PS3.8 9.3.3.2
+# leaves the choice to the acceptor). Explicit VR first, then lossless compression (kept as
+# received, never decoded), then the rest of what pynetdicom knows (implicit VR, deflated,
+# big endian, lossy and video syntaxes), so that a context offering several gets the data
+# the most faithfully and nothing is refused for its transfer syntax.
+PREFERRED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+)
+ACCEPTED_TRANSFER_SYNTAXES = tuple(
+    dict.fromkeys((*PREFERRED_TRANSFER_SYNTAXES, *ALL_TRANSFER_SYNTAXES))
+)
+
+
+@dataclass(frozen=True)
+class DimseServer:
+    ae: AE
+    port: int  # the port bound (useful when 0 asked for any free one)
+
+
+def build_ae(settings: Settings) -> AE:
+    # Received data sets are spooled to a file as they arrive, never decoded (set once per
+    # process, like pydicom's config): C-STORE stores the bytes as received, and a large
+    # instance never sits in memory.
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.dimse_max_associations
+    ae.require_calling_aet = list(settings.dimse_allowed_aes or ())
+    # Called AE title not checked: SCUs often send a default (dcmtk "ANY-SCP").
+    ae.require_called_aet = False
+    ae.network_timeout = DIMSE_NETWORK_TIMEOUT_S
+    ae.dimse_timeout = DIMSE_DIMSE_TIMEOUT_S
+    ae.acse_timeout = DIMSE_ACSE_TIMEOUT_S
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        # Both roles: a C-GET requestor proposes the SCP role for the storage contexts it
+        # receives on (PS3.4 C.4.3; PS3.7 D.3.3.4 role selection).
+        assert cx.abstract_syntax is not None
+        ae.add_supported_context(
+            cx.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
+        )
+    for uid in QUERY_RETRIEVE_SOP_CLASSES:
+        ae.add_supported_context(uid)
+    return ae
+
+
+@contextlib.asynccontextmanager
+async def serve_dimse(settings: Settings, services: Services) -> AsyncIterator[DimseServer | None]:
+    """Run the AE while the block runs (None when no DIMSE port is configured). Handlers
+    run in pynetdicom's threads and hand their work to the running event loop."""
+    if settings.dimse_port is None:
+        yield None
+        return
+    peers = load_peers(settings.dimse_peers)
+    base_url = settings.public_url or f"http://{settings.host}:{settings.port}{DICOMWEB_ROOT}"
+    handlers = Handlers(services, asyncio.get_running_loop(), settings.ae_title, peers, base_url)
+    ae = build_ae(settings)
+    server = ae.start_server(
+        (settings.host, settings.dimse_port), block=False, evt_handlers=handlers.bindings()
+    )
+    assert server is not None
+    port = int(server.server_address[1])
+    log.info("DIMSE: AE %s on %s:%d, %d peers", settings.ae_title, settings.host, port, len(peers))
+    try:
+        yield DimseServer(ae, port)
+    finally:
+        # In a thread: handlers still running wait on this loop, which must keep turning.
+        await anyio.to_thread.run_sync(ae.shutdown)

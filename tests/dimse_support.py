@@ -1,0 +1,185 @@
+"""Shared by the DIMSE tests: the archive with its AE on a free port, a peer Storage SCP,
+and the clients (dcmtk in subprocesses, pynetdicom SCUs in worker threads, so that the event
+loop keeps serving the archive's handlers). Every client call is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import anyio
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.events import Event
+
+from dicomweb_server.app import create_app
+from dicomweb_server.config import Settings
+from dicomweb_server.ingest import Services
+from tests.helpers import (
+    ROOT,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+T = TypeVar("T")
+# Seconds any one client run may take: a hang fails the test instead of the suite.
+CLIENT_TIMEOUT_S = 60
+SCU = "TESTSCU"
+PEER = "PEERSCP"
+
+
+@dataclass
+class Peer:
+    """A pynetdicom Storage SCP: the C-MOVE destination the archive is configured with."""
+
+    port: int
+    received: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> data set
+
+
+@dataclass
+class Archive:
+    port: int
+    http: httpx.AsyncClient
+    services: Services
+    settings: Settings
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def dataset_bytes(part10: bytes | Path) -> bytes:
+    """The data set of a Part-10 file: the bytes after its File Meta Information."""
+    if isinstance(part10, bytes):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "part10.dcm"
+            path.write_bytes(part10)
+            return dataset_bytes(path)
+    _meta, offset = split_dataset(part10)
+    return part10.read_bytes()[offset:]
+
+
+def received_data_set(event: Event) -> bytes:
+    # The archive sets pynetdicom's STORE_RECV_CHUNKED_DATASET for this process.
+    try:
+        return dataset_bytes(event.dataset_path)
+    except AttributeError:
+        return event.encoded_dataset(include_meta=False)
+
+
+@contextlib.contextmanager
+def running_peer() -> Iterator[Peer]:
+    ae = AE(ae_title=PEER)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CLIENT_TIMEOUT_S
+    for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    found = Peer(0)
+
+    def on_store(event: Event) -> int:
+        request = cast(C_STORE, event.request)
+        found.received[str(request.AffectedSOPInstanceUID)] = received_data_set(event)
+        return 0x0000
+
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    assert server is not None
+    found.port = int(server.server_address[1])
+    try:
+        yield found
+    finally:
+        ae.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def running_archive(settings: Settings, **overrides: Any) -> AsyncIterator[Archive]:
+    s = replace(settings, host="127.0.0.1", dimse_port=0, **overrides)
+    app = create_app(s)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            yield Archive(app.state.dimse.port, http, app.state.services, s)
+
+
+@contextlib.asynccontextmanager
+async def archive_with_peer(
+    settings: Settings, peer: Peer, tmp_path: Path
+) -> AsyncIterator[Archive]:
+    """The archive, with `peer` configured as the C-MOVE destination PEERSCP."""
+    peers = tmp_path / "peers.json"
+    peers.write_text(json.dumps({PEER: {"host": "127.0.0.1", "port": peer.port}}))
+    async with running_archive(settings, dimse_peers=peers) as a:
+        yield a
+
+
+async def dcmtk(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    if shutil.which(args[0]) is None:
+        pytest.fail(f"{args[0]} not found: `make test` installs Debian's dcmtk")
+    return await in_thread(
+        subprocess.run, list(args), capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S,
+        cwd=cwd,
+    )  # fmt: skip
+
+
+def scu(*contexts: str) -> AE:
+    ae = AE(ae_title=SCU)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CLIENT_TIMEOUT_S
+    for uid in contexts:
+        ae.add_requested_context(uid)
+    return ae
+
+
+def associate(ae: AE, archive: Archive, **kwargs: Any) -> Association:
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title="DICOMWEB", **kwargs)
+    assert assoc.is_established, "association refused"
+    return assoc
+
+
+async def stow(archive: Archive, *datasets: Dataset) -> None:
+    body = multipart_body(to_bytes(ds) for ds in datasets)
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+
+
+async def wado_instance(archive: Archive, study: str, series: str, sop: str) -> bytes:
+    url = f"{ROOT}/studies/{study}/series/{series}/instances/{sop}"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    r = await archive.http.get(url, headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    ((_headers, part),) = split_multipart(r.content, r.headers["content-type"])
+    return part
+
+
+async def instance_count(archive: Archive) -> int:
+    return (await archive.services.index.counts())["instances"]
+
+
+def blobs(archive: Archive) -> list[Path]:
+    """Placed blobs and leftover spool files (the spool directory itself may remain)."""
+    root = archive.settings.blob_dir
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def identifier(level: str, **keys: Any) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds

@@ -1,0 +1,303 @@
+"""The DIMSE front door, Verification and Storage, driven by real clients: dcmtk's echoscu
+and storescu (Debian's dcmtk; `make test` installs it) and pynetdicom SCUs; the association
+limits; `serve --dimse-port` in a real process. Query/Retrieve: test_dimse_qr.py.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    Verification,
+)
+
+from dicomweb_server.config import Settings
+from tests.dimse_support import (
+    CLIENT_TIMEOUT_S,
+    SCU,
+    Archive,
+    Peer,
+    archive_with_peer,
+    associate,
+    blobs,
+    dataset_bytes,
+    dcmtk,
+    in_thread,
+    instance_count,
+    running_archive,
+    running_peer,
+    scu,
+    wado_instance,
+)
+from tests.helpers import ROOT, make_instance, to_bytes
+
+pytestmark = pytest.mark.db
+
+# syntax (as a modality configured for it would): native (explicit, implicit), RLE, JPEG 2000,
+# JPEG-LS multi-frame (15 frames), JPEG baseline, JPEG lossless.
+CORPUS = (
+    ("generated/archive/03782081/01/01/0001.dcm", "-xe"),
+    ("generated/archive/08334413/03/03/0001.dcm", "-xi"),
+    ("generated/archive/H4750355X/01/01/0001.dcm", "-xr"),
+    ("generated/coverage/ct_j2k_lossless_signed.dcm", "-xv"),
+    ("generated/coverage/ect_15frames_jpegls_lossless.dcm", "-xt"),
+    ("generated/coverage/mg_jpeg_baseline_gray8.dcm", "-xy"),
+    ("real/pydicom-data/JPEG-LL.dcm", "-xs"),
+)
+# dcmtk re-encodes what it sends: this file's undefined-length sequence items go out with
+# explicit lengths, so the archive holds dcmtk's encoding of it (compared value by value).
+REENCODED_BY_DCMTK = {"real/pydicom-data/JPEG-LL.dcm"}
+# Sent by pynetdicom as raw bytes (its chunked send never decodes): the archive must return
+# exactly these data sets, deflated and big endian ones included.
+RAW_CORPUS = (
+    *(name for name, _ in CORPUS),
+    "generated/coverage/dx_deflated.dcm",
+    "generated/coverage/cr_mono1_explicit_be.dcm",
+    "real/pydicom-data/HTJ2KLossless_08_RGB.dcm",
+)
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    with running_peer() as p:
+        yield p
+
+
+@pytest.fixture
+async def archive(settings: Settings, peer: Peer, tmp_path: Path) -> AsyncIterator[Archive]:
+    async with archive_with_peer(settings, peer, tmp_path) as a:
+        yield a
+
+
+# -- Verification ---------------------------------------------------------------------------
+
+
+async def test_echoscu(archive: Archive) -> None:
+    done = await dcmtk("echoscu", "-aet", SCU, "-aec", "DICOMWEB", "127.0.0.1", str(archive.port))
+    assert done.returncode == 0, done.stderr
+
+
+# -- Storage --------------------------------------------------------------------------------
+
+
+async def test_storescu_then_qido_and_wado_byte_identical(archive: Archive, samples: Path) -> None:
+    for name, option in CORPUS:
+        done = await dcmtk(
+            "storescu", "-v", "-R", option, "-aet", SCU, "-aec", "DICOMWEB",
+            "127.0.0.1", str(archive.port), str(samples / name),
+        )  # fmt: skip
+        assert done.returncode == 0, (name, done.stdout + done.stderr)
+        assert "Received Store Response (Success)" in done.stdout + done.stderr, name
+    for name, _ in CORPUS:
+        path = samples / name
+        ds = dcmread(path, stop_before_pixels=True)
+        r = await archive.http.get(
+            f"{ROOT}/instances", params={"SOPInstanceUID": ds.SOPInstanceUID}
+        )
+        assert r.status_code == 200, (path, r.status_code)
+        (found,) = r.json()
+        assert found["0020000D"]["Value"] == [ds.StudyInstanceUID]
+        got = await wado_instance(
+            archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
+        # What storescu sent is the data set of the file (the File Meta Information is not
+        # transmitted): the archive keeps it byte for byte, in the file's transfer syntax.
+        if name in REENCODED_BY_DCMTK:
+            assert dcmread(io.BytesIO(got)) == dcmread(path), name
+        else:
+            assert dataset_bytes(got) == dataset_bytes(path), name
+        stored = dcmread(io.BytesIO(got), stop_before_pixels=True)
+        assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+
+
+async def test_store_raw_bytes_come_back_identical(
+    archive: Archive, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    files = [samples / name for name in RAW_CORPUS]
+    metas = [dcmread(p, stop_before_pixels=True) for p in files]
+    ae = scu()
+    for ds in metas:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+
+    def send() -> list[int]:
+        assoc = associate(ae, archive)
+        try:
+            return [int(assoc.send_c_store(p).Status) for p in files]
+        finally:
+            assoc.release()
+
+    assert await in_thread(send) == [0x0000] * len(files)
+    for path, ds in zip(files, metas, strict=True):
+        got = await wado_instance(
+            archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
+        assert dataset_bytes(got) == dataset_bytes(path), path
+
+
+async def test_store_duplicate_is_success_and_one_copy(archive: Archive) -> None:
+    ds = make_instance()
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send_twice() -> list[int]:
+        assoc = associate(ae, archive)
+        try:
+            return [int(assoc.send_c_store(ds).Status) for _ in range(2)]
+        finally:
+            assoc.release()
+
+    assert await in_thread(send_twice) == [0x0000, 0x0000]
+    assert await instance_count(archive) == 1
+
+
+async def test_store_without_study_uid_fails_a900_and_stores_nothing(archive: Archive) -> None:
+    ds = make_instance()
+    del ds.StudyInstanceUID
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+
+    rsp = await in_thread(send)
+    assert rsp.Status == 0xA900
+    assert "StudyInstanceUID" in rsp.ErrorComment
+    assert await instance_count(archive) == 0
+    assert blobs(archive) == []
+
+
+async def test_corrupt_data_set_fails_c000_and_leaves_nothing(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes that are not a data set, sent raw (pynetdicom's chunked send does not decode)."""
+    from pynetdicom import _config
+
+    good = make_instance()
+    path = tmp_path / "corrupt.dcm"
+    whole = to_bytes(good)
+    offset = len(whole) - len(dataset_bytes(whole))
+    # (0008,0016) announced as a sequence whose item runs past the end of the data.
+    truncated = b"\x08\x00\x16\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00abc"
+    path.write_bytes(whole[:offset] + truncated)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+
+    rsp = await in_thread(send)
+    assert rsp.Status == 0xC000, hex(rsp.Status)
+    assert await instance_count(archive) == 0
+    assert blobs(archive) == []
+
+
+async def test_data_set_not_matching_the_request_fails_a900(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pynetdicom import _config
+
+    ds = make_instance()
+    sop = str(ds.SOPInstanceUID)
+    other = sop[:-1] + ("1" if sop[-1] != "1" else "2")
+    # The File Meta header (first occurrence) names another instance: the request will too.
+    path = tmp_path / "mismatch.dcm"
+    path.write_bytes(to_bytes(ds).replace(sop.encode(), other.encode(), 1))
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+
+    rsp = await in_thread(send)
+    assert rsp.Status == 0xA900
+    assert "SOPInstanceUID" in rsp.ErrorComment
+    assert await instance_count(archive) == 0
+
+
+# -- Limits ---------------------------------------------------------------------------------
+
+
+async def test_unknown_calling_ae_refused(settings: Settings) -> None:
+    async with running_archive(settings, dimse_allowed_aes=("GOODSCU",)) as archive:
+        port = str(archive.port)
+        bad = await dcmtk("echoscu", "-aet", "BADSCU", "-aec", "DICOMWEB", "127.0.0.1", port)
+        good = await dcmtk("echoscu", "-aet", "GOODSCU", "-aec", "DICOMWEB", "127.0.0.1", port)
+    assert bad.returncode != 0
+    assert "Rejected" in bad.stdout + bad.stderr
+    assert good.returncode == 0, good.stderr
+
+
+async def test_association_limit(settings: Settings) -> None:
+    async with running_archive(settings, dimse_max_associations=1) as archive:
+
+        def attempt() -> tuple[bool, bool, bool]:
+            ae = scu(Verification)
+            first = ae.associate("127.0.0.1", archive.port)
+            held = first.is_established
+            second = ae.associate("127.0.0.1", archive.port)
+            refused = second.is_rejected
+            first.release()
+            third = ae.associate("127.0.0.1", archive.port)
+            ok = third.is_established
+            third.release()
+            return held, refused, ok
+
+        first_ok, second_refused, third_ok = await in_thread(attempt)
+    assert first_ok
+    assert second_refused
+    assert third_ok
+
+
+# -- The command line -----------------------------------------------------------------------
+
+
+async def test_serve_with_dimse_port(settings: Settings, tmp_path: Path) -> None:
+    """`dicomweb-server serve --dimse-port N --ae-title T` in a real process: C-STORE with
+    storescu, then QIDO-RS over HTTP finds the instance."""
+    from tests import liveserver
+
+    port = liveserver.free_port()
+    ds = make_instance(patient_id="LIVE-1")
+    path = tmp_path / "one.dcm"
+    path.write_bytes(to_bytes(ds))
+    server = await in_thread(
+        liveserver.start, tmp_path / "live", settings.database_url,
+        extra_args=("--dimse-port", str(port), "--ae-title", "LIVEARCHIVE"),
+    )  # fmt: skip
+    try:
+        echo = await dcmtk("echoscu", "-aec", "LIVEARCHIVE", "127.0.0.1", str(port))
+        assert echo.returncode == 0, echo.stderr
+        store = await dcmtk("storescu", "-v", "127.0.0.1", str(port), str(path))
+        assert "Received Store Response (Success)" in store.stdout + store.stderr
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as http:
+            r = await http.get(f"{server.url}/studies", params={"PatientID": "LIVE-1"})
+        assert r.status_code == 200
+        assert r.json()[0]["0020000D"]["Value"] == [ds.StudyInstanceUID]
+    finally:
+        server.proc.terminate()
+        await in_thread(server.proc.wait, timeout=30)

@@ -1,0 +1,196 @@
+"""DIMSE identifiers -> the QIDO query model, peers, settings and the command line (no I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomweb_server import cli
+from dicomweb_server.attributes import Level
+from dicomweb_server.config import ConfigError, Settings
+from dicomweb_server.dimse.handlers import Handlers
+from dicomweb_server.dimse.identifier import (
+    IdentifierError,
+    Model,
+    find_response,
+    parse_find,
+    parse_retrieve,
+)
+from dicomweb_server.dimse.peers import Peer, parse_peers
+from dicomweb_server.ingest import Services
+from dicomweb_server.query import RangeMatch, SingleValueMatch, UidListMatch, WildcardMatch
+from dicomweb_server.sql import compile_search
+
+
+def ident(level: str, **keys: Any) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_find_keys_become_qido_matches() -> None:
+    req = parse_find(
+        ident("STUDY", PatientName="DOE*", StudyDate="20240101-20241231", StudyInstanceUID="",
+              AccessionNumber="A1", InstitutionName=""),
+        Model.STUDY_ROOT,
+    )  # fmt: skip
+    q = req.query
+    assert q.level is Level.STUDY
+    kinds = {m.attr.keyword: type(m) for m in q.matches}
+    assert kinds == {
+        "PatientName": WildcardMatch,
+        "StudyDate": RangeMatch,
+        "AccessionNumber": SingleValueMatch,
+    }
+    assert [t for t, _ in req.keys] == [0x00080020, 0x00080050, 0x00080080, 0x00100010, 0x0020000D]
+    assert {0x00080080, 0x0020000D} <= q.include.tags
+
+
+def test_image_level_uid_list_and_unique_key_added() -> None:
+    req = parse_find(ident("IMAGE", SOPInstanceUID="1.2.3\\1.2.4"), Model.PATIENT_ROOT)
+    (m,) = req.query.matches
+    assert isinstance(m, UidListMatch) and m.values == ("1.2.3", "1.2.4")
+    req = parse_find(ident("SERIES", Modality="CT"), Model.STUDY_ROOT)
+    assert (0x0020000E, "UI") in req.keys  # the unique key of the level is always returned
+
+
+@pytest.mark.parametrize(
+    ("model", "identifier", "status"),
+    [
+        (Model.STUDY_ROOT, ident("PATIENT"), 0xA900),
+        (Model.PATIENT_ROOT, ident("WARD"), 0xA900),
+        (Model.PATIENT_ROOT, Dataset(), 0xA900),
+        (Model.PATIENT_ROOT, ident("PATIENT", StudyDate="20240101"), 0xA900),
+        (Model.STUDY_ROOT, ident("SERIES", SOPInstanceUID="1.2"), 0xA900),
+        (Model.STUDY_ROOT, ident("STUDY", StudyDate="yesterday"), 0xC000),
+        (Model.STUDY_ROOT, ident("STUDY", InstitutionName="X"), 0xC000),
+        (Model.STUDY_ROOT, ident("STUDY", StudyInstanceUID="1.2.x"), 0xC000),
+    ],
+)
+def test_find_refusals(model: Model, identifier: Dataset, status: int) -> None:
+    with pytest.raises(IdentifierError) as info:
+        parse_find(identifier, model)
+    assert info.value.status == status
+
+
+def test_sequence_return_key_accepted_matching_refused() -> None:
+    seq_item = Dataset()
+    seq_item.CodeValue = ""
+    parse_find(ident("STUDY", ProcedureCodeSequence=[seq_item]), Model.STUDY_ROOT)
+    seq_item.CodeValue = "X1"
+    with pytest.raises(IdentifierError) as info:
+        parse_find(ident("STUDY", ProcedureCodeSequence=[seq_item]), Model.STUDY_ROOT)
+    assert info.value.status == 0xC000
+
+
+def test_patient_level_compiles_to_one_row_per_patient() -> None:
+    req = parse_find(ident("PATIENT", PatientID="P1", PatientName=""), Model.PATIENT_ROOT)
+    sql_text, args = compile_search(req.query)
+    assert "DISTINCT ON (st.patient_fk)" in sql_text
+    assert "st.patient_id = $1" in sql_text
+    assert args[0] == "P1"
+
+
+def test_retrieve_identifier() -> None:
+    q = parse_retrieve(
+        ident("SERIES", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3\\1.2.4"),
+        Model.STUDY_ROOT,
+    )
+    assert q.level is Level.INSTANCE
+    assert {m.attr.keyword for m in q.matches} == {"StudyInstanceUID", "SeriesInstanceUID"}
+    for bad in (ident("SERIES", StudyInstanceUID="1.2"), ident("STUDY", StudyInstanceUID="1.*")):
+        with pytest.raises(IdentifierError) as info:
+            parse_retrieve(bad, Model.STUDY_ROOT)
+        assert info.value.status == 0xA900
+
+
+def test_find_response_has_exactly_the_keys_asked() -> None:
+    req = parse_find(
+        ident("STUDY", StudyInstanceUID="", PatientName="", StudyDescription=""), Model.STUDY_ROOT
+    )
+    result = {
+        "00080005": {"vr": "CS", "Value": ["ISO_IR 192"]},
+        "0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Anna"}]},
+        "00100020": {"vr": "LO", "Value": ["not asked"]},
+    }
+    rsp = find_response(req, result, "DICOMWEB")
+    assert rsp.QueryRetrieveLevel == "STUDY"
+    assert rsp.StudyInstanceUID == "1.2.3"
+    assert rsp.PatientName == "Müller^Anna"
+    assert rsp.SpecificCharacterSet == "ISO_IR 192"
+    assert rsp.StudyDescription in ("", None)  # asked, no value: empty
+    assert "PatientID" not in rsp
+
+
+def test_peers() -> None:
+    peers = parse_peers('{"WS1": {"host": "10.0.0.7", "port": 104}}')
+    assert peers == {"WS1": Peer("WS1", "10.0.0.7", 104)}
+    bad_peers = (
+        "[]",
+        "{",
+        '{"WS1": {"host": "h"}}',
+        '{"WS1": {"host": "h", "port": 0}}',
+        '{"A\\\\B": {"host": "h", "port": 1}}',
+        '{"WAY-TOO-LONG-AE-TITLE": {"host": "h", "port": 1}}',
+    )
+    for bad in bad_peers:
+        with pytest.raises(ConfigError):
+            parse_peers(bad)
+
+
+def test_settings_from_env() -> None:
+    s = Settings.from_env(
+        {
+            "DICOMWEB_DIMSE_PORT": "11112",
+            "DICOMWEB_AE_TITLE": "ARCHIVE",
+            "DICOMWEB_DIMSE_ALLOWED_AES": "CT1, WS2",
+            "DICOMWEB_DIMSE_MAX_ASSOCIATIONS": "3",
+            "DICOMWEB_DIMSE_PEERS": "/etc/peers.json",
+        }
+    )
+    assert (s.dimse_port, s.ae_title, s.dimse_max_associations) == (11112, "ARCHIVE", 3)
+    assert s.dimse_allowed_aes == ("CT1", "WS2")
+    assert s.dimse_peers == Path("/etc/peers.json")
+    assert Settings.from_env({}).dimse_port is None  # off by default
+    for env in ({"DICOMWEB_AE_TITLE": "A" * 17}, {"DICOMWEB_DIMSE_MAX_ASSOCIATIONS": "0"}):
+        with pytest.raises(ConfigError):
+            Settings.from_env(env)
+
+
+def test_cli_refuses_dimse_with_several_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", "--workers", "2", "--dimse-port", "11112"]) == 2
+    assert "--workers 1" in capsys.readouterr().err
+    assert cli.main(["serve", "--ae-title", "THIS-IS-TOO-LONG-A-TITLE"]) == 2
+
+
+class _CancelledEvent:
+    """What Handlers.find reads of a pynetdicom Event, with a C-CANCEL already received."""
+
+    is_cancelled = True
+
+    def __init__(self) -> None:
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            StudyRootQueryRetrieveInformationModelFind,
+        )
+
+        self.identifier = ident("STUDY", StudyInstanceUID="")
+        self.request = Dataset()
+        self.request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+
+
+def test_find_honours_c_cancel() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        handlers = Handlers(cast(Services, None), loop, "DICOMWEB", {}, "http://x")
+        results: Iterator[Any] = handlers.find(cast(Any, _CancelledEvent()))
+        assert list(results) == [(0xFE00, None)]  # PS3.4 C.4.1.2.3: Cancel, no more matches
+    finally:
+        loop.close()

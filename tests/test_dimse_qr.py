@@ -1,0 +1,306 @@
+"""The DIMSE front door, Query/Retrieve: C-FIND, C-MOVE and C-GET driven by dcmtk's findscu,
+movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicomweb_server.config import Settings
+from tests.dimse_support import (
+    PEER,
+    SCU,
+    Archive,
+    Peer,
+    archive_with_peer,
+    associate,
+    dataset_bytes,
+    dcmtk,
+    identifier,
+    in_thread,
+    received_data_set,
+    running_peer,
+    scu,
+    stow,
+    wado_instance,
+)
+from tests.helpers import ROOT, make_instance, multipart_body, stow_headers
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    with running_peer() as p:
+        yield p
+
+
+@pytest.fixture
+async def archive(settings: Settings, peer: Peer, tmp_path: Path) -> AsyncIterator[Archive]:
+    async with archive_with_peer(settings, peer, tmp_path) as a:
+        yield a
+
+
+# -- Query ----------------------------------------------------------------------------------
+
+
+def _find(archive: Archive, model: str, ident: Dataset) -> list[tuple[int, Dataset | None]]:
+    ae = scu(model)
+    assoc = associate(ae, archive)
+    try:
+        return [(int(st.Status), found) for st, found in assoc.send_c_find(ident, model)]
+    finally:
+        assoc.release()
+
+
+async def test_find_stowed_instance_at_every_level(archive: Archive) -> None:
+    ds = make_instance(patient_id="FIND-1", patient_name="Find^Me", modality="MR")
+    other = make_instance(patient_id="OTHER", patient_name="Other^One")
+    await stow(archive, ds, other)
+    patient_root = PatientRootQueryRetrieveInformationModelFind
+    study_root = StudyRootQueryRetrieveInformationModelFind
+
+    got = await in_thread(
+        _find, archive, patient_root,
+        identifier("PATIENT", PatientID="FIND-1", PatientName="", PatientSex="",
+                    NumberOfPatientRelatedStudies=""),
+    )  # fmt: skip
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
+    match = got[0][1]
+    assert match is not None
+    assert match.PatientName == "Find^Me"
+    assert match.NumberOfPatientRelatedStudies == 1
+    assert match.QueryRetrieveLevel == "PATIENT"
+    assert "StudyInstanceUID" not in match  # only what was asked for
+
+    for model in (patient_root, study_root):
+        got = await in_thread(
+            _find, archive, model,
+            identifier("STUDY", PatientID="FIND-1", StudyInstanceUID="", StudyDate="",
+                        ModalitiesInStudy=""),
+        )  # fmt: skip
+        assert [s for s, _ in got] == [0xFF00, 0x0000]
+        match = got[0][1]
+        assert match is not None
+        assert match.StudyInstanceUID == ds.StudyInstanceUID
+        assert match.StudyDate == "20240115"
+        assert match.ModalitiesInStudy == "MR"
+
+    got = await in_thread(
+        _find, archive, study_root,
+        identifier("SERIES", StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID="",
+                    Modality="MR", NumberOfSeriesRelatedInstances=""),
+    )  # fmt: skip
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
+    assert got[0][1] is not None and got[0][1].SeriesInstanceUID == ds.SeriesInstanceUID
+
+    got = await in_thread(
+        _find, archive, patient_root,
+        identifier("IMAGE", PatientID="FIND-1", StudyInstanceUID=ds.StudyInstanceUID,
+                    SeriesInstanceUID=ds.SeriesInstanceUID, SOPInstanceUID="",
+                    InstanceNumber="", Rows=""),
+    )  # fmt: skip
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
+    match = got[0][1]
+    assert match is not None
+    assert match.SOPInstanceUID == ds.SOPInstanceUID
+    assert match.Rows == 4
+    assert match.InstanceNumber == 1
+
+    # Wildcard on a PN, nothing else matching: only the patient asked for.
+    got = await in_thread(
+        _find, archive, study_root, identifier("STUDY", PatientName="find*", PatientID="")
+    )
+    assert [m.PatientID for s, m in got if m is not None and s == 0xFF00] == ["FIND-1"]
+
+
+async def test_findscu_study_root(archive: Archive, tmp_path: Path) -> None:
+    ds = make_instance(patient_id="DCMTK-1", study_date="20230301")
+    await stow(archive, ds, make_instance(patient_id="DCMTK-2", study_date="20220101"))
+    done = await dcmtk(
+        "findscu", "-S", "-aet", SCU, "-aec", "DICOMWEB", "-X", "-od", str(tmp_path),
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyDate=20230101-20231231",
+        "-k", "StudyInstanceUID", "-k", "PatientID", "-k", "NumberOfStudyRelatedInstances",
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    responses = sorted(tmp_path.glob("rsp*.dcm"))
+    assert len(responses) == 1, done.stderr
+    rsp = dcmread(responses[0])
+    assert rsp.PatientID == "DCMTK-1"
+    assert rsp.StudyInstanceUID == ds.StudyInstanceUID
+    assert rsp.NumberOfStudyRelatedInstances == 1
+
+
+async def test_find_refusals(archive: Archive) -> None:
+    study_root = StudyRootQueryRetrieveInformationModelFind
+    got = await in_thread(_find, archive, study_root, identifier("PATIENT", PatientID=""))
+    assert [s for s, _ in got] == [0xA900]
+    got = await in_thread(_find, archive, study_root, identifier("STUDY", StudyDate="2024x"))
+    assert [s for s, _ in got] == [0xC000]
+    got = await in_thread(_find, archive, study_root, identifier("STUDY", SOPInstanceUID="1.2.3"))
+    assert [s for s, _ in got] == [0xA900]
+    got = await in_thread(
+        _find, archive, study_root, identifier("STUDY", InstitutionName="Somewhere")
+    )
+    assert [s for s, _ in got] == [0xC000]
+
+
+# -- Retrieve -------------------------------------------------------------------------------
+
+
+async def test_movescu_to_a_configured_peer(archive: Archive, peer: Peer) -> None:
+    ds = make_instance(patient_id="MOVE-1")
+    await stow(archive, ds, make_instance(patient_id="NOT-MOVED"))
+    done = await dcmtk(
+        "movescu", "-S", "-aet", SCU, "-aec", "DICOMWEB", "-aem", PEER,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert list(peer.received) == [ds.SOPInstanceUID]
+    sent = await wado_instance(
+        archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    assert peer.received[ds.SOPInstanceUID] == dataset_bytes(sent)
+
+
+def _move(archive: Archive, destination: str, ident: Dataset) -> list[Dataset]:
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = associate(scu(model), archive)
+    try:
+        return [st for st, _ in assoc.send_c_move(ident, destination, model)]
+    finally:
+        assoc.release()
+
+
+async def test_pynetdicom_move_counts_and_unknown_destination(archive: Archive, peer: Peer) -> None:
+    series = "1.2.826.0.1.3680043.8.498.99.1"
+    a = make_instance(series=series, study="1.2.826.0.1.3680043.8.498.99")
+    b = make_instance(series=series, study="1.2.826.0.1.3680043.8.498.99")
+    await stow(archive, a, b)
+    ident = identifier("SERIES", StudyInstanceUID=a.StudyInstanceUID, SeriesInstanceUID=series)
+    statuses = await in_thread(_move, archive, PEER, ident)
+    final = statuses[-1]
+    assert final.Status == 0x0000
+    assert final.NumberOfCompletedSuboperations == 2
+    assert final.NumberOfFailedSuboperations == 0
+    assert set(peer.received) == {a.SOPInstanceUID, b.SOPInstanceUID}
+
+    statuses = await in_thread(_move, archive, "NOBODY", ident)
+    assert [int(s.Status) for s in statuses] == [0xA801]
+
+    missing_key = identifier("SERIES", StudyInstanceUID=a.StudyInstanceUID)
+    statuses = await in_thread(_move, archive, PEER, missing_key)
+    assert int(statuses[-1].Status) == 0xA900
+
+
+async def test_move_compressed_multiframe_as_stored(
+    archive: Archive, peer: Peer, samples: Path
+) -> None:
+    path = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
+    body = multipart_body([path.read_bytes()])
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    ds = dcmread(path, stop_before_pixels=True)
+    ident = identifier(
+        "IMAGE",
+        StudyInstanceUID=ds.StudyInstanceUID,
+        SeriesInstanceUID=ds.SeriesInstanceUID,
+        SOPInstanceUID=ds.SOPInstanceUID,
+    )
+    statuses = await in_thread(_move, archive, PEER, ident)
+    assert statuses[-1].Status == 0x0000
+    assert peer.received[ds.SOPInstanceUID] == dataset_bytes(path)
+
+
+async def test_get_with_a_lost_blob_counts_a_failure(archive: Archive) -> None:
+    kept, lost = make_instance(patient_id="GET-3"), make_instance(patient_id="GET-3")
+    await stow(archive, kept, lost)
+    (inst,) = await archive.services.index.locate(lost.StudyInstanceUID)
+    archive.services.blobs.local_path(inst.blob_key).unlink()
+
+    def get() -> list[Dataset]:
+        model = PatientRootQueryRetrieveInformationModelGet
+        ae = scu(model)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        role = build_role(CTImageStorage, scp_role=True)
+        on_store = (evt.EVT_C_STORE, lambda event: 0x0000)
+        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[on_store])
+        try:
+            ident = identifier("PATIENT", PatientID="GET-3")
+            return [st for st, _ in assoc.send_c_get(ident, model)]
+        finally:
+            assoc.release()
+
+    statuses = await in_thread(get)
+    assert statuses[-1].NumberOfCompletedSuboperations == 1
+    assert statuses[-1].NumberOfFailedSuboperations == 1
+    assert statuses[-1].Status == 0xB000  # PS3.4 C.4.3.1.4: sub-operations complete, failures
+
+
+async def test_getscu(archive: Archive, tmp_path: Path) -> None:
+    ds = make_instance(patient_id="GET-1")
+    await stow(archive, ds)
+    out = tmp_path / "got"
+    out.mkdir()
+    done = await dcmtk(
+        "getscu", "-S", "-aet", SCU, "-aec", "DICOMWEB", "-od", str(out),
+        "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+        "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+        "-k", f"SOPInstanceUID={ds.SOPInstanceUID}",
+        "127.0.0.1", str(archive.port),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (got,) = list(out.iterdir())
+    sent = await wado_instance(
+        archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    assert dataset_bytes(got) == dataset_bytes(sent)
+
+
+async def test_pynetdicom_get(archive: Archive) -> None:
+    ds = make_instance(patient_id="GET-2")
+    await stow(archive, ds)
+    received: list[bytes] = []
+
+    def on_store(event: Event) -> int:
+        received.append(received_data_set(event))
+        return 0x0000
+
+    def get() -> list[Dataset]:
+        model = StudyRootQueryRetrieveInformationModelGet
+        ae = scu(model)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        role = build_role(CTImageStorage, scp_role=True)
+        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            ident = identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+            return [st for st, _ in assoc.send_c_get(ident, model)]
+        finally:
+            assoc.release()
+
+    statuses = await in_thread(get)
+    assert statuses[-1].Status == 0x0000
+    assert statuses[-1].NumberOfCompletedSuboperations == 1
+    sent = await wado_instance(
+        archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    assert received == [dataset_bytes(sent)]
