@@ -119,12 +119,14 @@ def create_app(settings: Settings) -> Starlette:
         async with contextlib.AsyncExitStack() as stack:
             svc = await stack.enter_async_context(open_services(settings))
             app.state.services = svc
-            # None unless a DIMSE port is configured.
-            app.state.dimse = await stack.enter_async_context(serve_dimse(settings, svc))
             app.state.authenticator = authenticator_for(settings, svc.index)
             app.state.audit = None
             if settings.audit:
                 app.state.audit = await stack.enter_async_context(running_audit_log(svc.index))
+            # None unless a DIMSE port is configured.
+            app.state.dimse = await stack.enter_async_context(
+                serve_dimse(settings, svc, app.state.audit)
+            )
             log.info("authentication: %s", describe(settings))
             yield
 

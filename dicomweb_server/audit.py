@@ -40,11 +40,13 @@ class AuditEvent:
     time: datetime  # UTC, microsecond precision (what PostgreSQL keeps)
     caller: str  # "apikey:<id>", "oidc:<subject>", "anonymous", "cli:<user>"; "-": unknown
     client: str  # the client's network address, or "local" for the command line
-    action: str  # the PS3.18 transaction name (store_instances, …) or an admin action
+    # The PS3.18 transaction name (store_instances, …), an admin action, or a DIMSE operation
+    # (dimse_store, dimse_find, dimse_move, dimse_get).
+    action: str
     # The objects touched, each as "study[/series[/instance]]" UIDs: the path of a WADO or
     # STOW request, and each instance a STOW stored.
     uids: tuple[str, ...] = ()
-    outcome: int = 200  # the HTTP status answered
+    outcome: int = 200  # the HTTP status answered (a DIMSE status for `dimse_*` actions)
     nbytes: int = 0  # body bytes received (STOW) or sent (everything else)
     detail: str = ""  # the query string of a search, the role of a new key, …
 
@@ -150,9 +152,18 @@ def _code(code: tuple[str, str]) -> dict[str, str]:
     return {"csd-code": code[0], "codeSystemName": "DCM", "originalText": code[1]}
 
 
-def _outcome_indicator(status: int) -> int:
+# DIMSE statuses of a failure of the archive rather than of the request (PS3.7 C.4).
+_DIMSE_SERIOUS = frozenset({0x0110, 0xA700, 0xA701, 0xA702})
+
+
+def _outcome_indicator(event: AuditEvent) -> int:
     """PS3.15 A.5.1 EventOutcomeIndicator: 0 success, 4 minor failure (the request was
-    refused), 8 serious failure (the server failed)."""
+    refused), 8 serious failure (the server failed). HTTP statuses, or DIMSE ones."""
+    status = event.outcome
+    if event.action.startswith("dimse_"):
+        if status == 0x0000:
+            return 0
+        return 8 if status in _DIMSE_SERIOUS else 4
     if status < 400:
         return 0
     return 4 if status < 500 else 8
@@ -160,6 +171,12 @@ def _outcome_indicator(status: int) -> int:
 
 def _event_of(event: AuditEvent) -> tuple[tuple[str, str], str, list[tuple[str, str]]]:
     """(EventID, EventActionCode, EventTypeCodes) of an action."""
+    if event.action == "dimse_find":
+        return _QUERY, "E", []
+    if event.action == "dimse_store":
+        return _TRANSFERRED, "C", []
+    if event.action.startswith("dimse_"):
+        return _TRANSFERRED, "R", []
     if event.outcome in (401, 403):
         return _USER_AUTHENTICATION if event.outcome == 401 else _SECURITY_ALERT, "E", [_LOGIN]
     if event.action.startswith("search_for_"):
@@ -193,7 +210,7 @@ def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
     ident: dict[str, Any] = {
         "EventActionCode": action_code,
         "EventDateTime": ev.time.astimezone(UTC).isoformat(timespec="microseconds"),
-        "EventOutcomeIndicator": _outcome_indicator(ev.outcome),
+        "EventOutcomeIndicator": _outcome_indicator(ev),
         "EventID": _code(event_id),
     }
     if type_codes:

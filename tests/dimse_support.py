@@ -27,6 +27,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
 
 from dicomweb_server.app import create_app
+from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import Settings
 from dicomweb_server.ingest import Services
 from tests.helpers import (
@@ -58,6 +59,7 @@ class Archive:
     http: httpx.AsyncClient
     services: Services
     settings: Settings
+    audit: AuditLog | None = None
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -115,7 +117,7 @@ async def running_archive(settings: Settings, **overrides: Any) -> AsyncIterator
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            yield Archive(app.state.dimse.port, http, app.state.services, s)
+            yield Archive(app.state.dimse.port, http, app.state.services, s, app.state.audit)
 
 
 @contextlib.asynccontextmanager

@@ -252,3 +252,16 @@ def test_dicom_audit_messages() -> None:
     assert msg["EventIdentification"]["EventID"]["csd-code"] == "110112"
     (query,) = msg["ParticipantObjectIdentification"]
     assert query["ParticipantObjectQuery"] == "UGF0aWVudElEPTc="  # base64 of the query
+    for action, code, event_id, action_code, indicator in (
+        ("dimse_store", 0x0000, "110104", "C", 0),
+        ("dimse_store", 0xA700, "110104", "C", 8),  # out of resources: the archive failed
+        ("dimse_store", 0xA900, "110104", "C", 4),  # refused data set
+        ("dimse_find", 0x0000, "110112", "E", 0),
+        ("dimse_move", 0x0000, "110104", "R", 0),
+    ):
+        event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code)
+        ident = dicom_audit_message(AuditRow(3, event, bytes(32), bytes(32)), "src")[
+            "AuditMessage"
+        ]["EventIdentification"]
+        assert (ident["EventID"]["csd-code"], ident["EventActionCode"]) == (event_id, action_code)
+        assert ident["EventOutcomeIndicator"] == indicator, (action, hex(code))

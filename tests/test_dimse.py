@@ -301,3 +301,46 @@ async def test_serve_with_dimse_port(settings: Settings, tmp_path: Path) -> None
     finally:
         server.proc.terminate()
         await in_thread(server.proc.wait, timeout=30)
+
+
+# -- Audit trail (issue 7) ------------------------------------------------------------------
+
+
+async def test_dimse_operations_are_audited(archive: Archive) -> None:
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    ds = make_instance(patient_id="AUDIT-1")
+    bad = make_instance()
+    del bad.StudyInstanceUID
+    ae = scu(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def talk() -> list[int]:
+        assoc = associate(ae, archive)
+        try:
+            codes = [int(assoc.send_c_store(x).Status) for x in (ds, bad)]
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.PatientID = "AUDIT-1"
+            query.StudyInstanceUID = ""
+            found = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
+            codes.append(int(found[-1][0].Status))
+            return codes
+        finally:
+            assoc.release()
+
+    assert await in_thread(talk) == [0x0000, 0xA900, 0x0000]
+    assert archive.audit is not None
+    await archive.audit.flush()
+    rows = await archive.services.index._fetch(
+        "SELECT caller, client, action, uids, outcome, detail FROM audit_log"
+        " WHERE action LIKE 'dimse_%' ORDER BY seq DESC LIMIT 3"
+    )
+    stored, refused, find = [dict(r) for r in reversed(rows)]
+    assert stored["caller"] == f"ae:{SCU}" and stored["client"] == "127.0.0.1"
+    assert stored["uids"] == [f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"]
+    assert (stored["outcome"], refused["outcome"], refused["uids"]) == (0, 0xA900, [])
+    assert find["action"] == "dimse_find" and "PatientID=AUDIT-1" in find["detail"]
+    assert "matches=1" in find["detail"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -33,6 +34,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicomweb_server.audit import AuditEvent
+from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.dimse.identifier import (
     UNABLE_TO_PROCESS,
     IdentifierError,
@@ -117,6 +120,22 @@ class Handlers:
     ae_title: str
     peers: dict[str, Peer]
     base_url: str  # of RetrieveURL, when a C-FIND asks for it
+    audit: AuditLog | None = None  # the audit trail (issue 7): one event per operation
+
+    def _audit(self, event: Event, action: str, code: int, uids: Sequence[str] = (),
+               nbytes: int = 0, detail: str = "") -> None:  # fmt: skip
+        """Append an event for a DIMSE operation: the caller is the requestor's AE title."""
+        if self.audit is None:
+            return
+        requestor = event.assoc.requestor
+        record = AuditEvent(
+            datetime.now(UTC), f"ae:{requestor.ae_title.strip()}", str(requestor.address),
+            action, tuple(uids), code, nbytes, detail.replace("\x00", ""),
+        )  # fmt: skip
+        try:
+            self._run(self.audit.record(record), DIMSE_QUERY_TIMEOUT_S)
+        except TimeoutError:
+            log.error("audit trail: could not queue %r", record)
 
     def bindings(self) -> list[EventHandlerType]:
         return [
@@ -142,26 +161,53 @@ class Handlers:
         """C-STORE: the very STOW ingest path. pynetdicom spooled the data set as received,
         behind a File Meta header of its own (STORE_RECV_CHUNKED_DATASET); the statuses are
         the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
+        answer, touched = self._store(event)
+        code = answer if isinstance(answer, int) else int(answer.Status)
+        try:
+            size = event.dataset_path.stat().st_size
+        except OSError:
+            size = 0
+        sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
+        self._audit(event, "dimse_store", code, [touched] if touched else [], size, f"sop={sop}")
+        return answer
+
+    def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
+        """(status, study/series/instance stored or None)."""
         mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
         if mismatch:
-            return status(_DATA_SET_DOES_NOT_MATCH, mismatch)
+            return status(_DATA_SET_DOES_NOT_MATCH, mismatch), None
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
             )
         except DicomWebError as exc:  # the database is unreachable: B.2-1 Out of Resources
-            return status(_OUT_OF_RESOURCES, exc.message)
+            return status(_OUT_OF_RESOURCES, exc.message), None
         except TimeoutError:
-            return status(_OUT_OF_RESOURCES, "the archive did not store it in time")
+            return status(_OUT_OF_RESOURCES, "the archive did not store it in time"), None
         except Exception:
             log.exception("C-STORE failed")
-            return status(_PROCESSING_FAILURE, "processing failure")
+            return status(_PROCESSING_FAILURE, "processing failure"), None
         if outcome.failure is not None:
             log.info("C-STORE of %s refused: %s", outcome.sop_instance_uid, outcome.reason)
-            return status(int(outcome.failure), outcome.reason)
-        return 0x0000  # a duplicate of the same bytes is a success too (as with STOW)
+            return status(int(outcome.failure), outcome.reason), None
+        # A duplicate of the same bytes is a success too (as with STOW).
+        path = outcome.retrieve_path
+        return 0x0000, "/".join(path.split("/")[2::2]) if path else None
 
     def find(self, event: Event) -> Iterator[FindResult]:
+        matches, final = 0, 0x0000
+        try:
+            for answer, identifier in self._find(event):
+                if identifier is not None:
+                    matches += 1
+                elif isinstance(answer, Dataset):
+                    final = int(answer.Status)
+                yield answer, identifier
+        finally:
+            detail = f"{_identifier_text(event)} matches={matches}"
+            self._audit(event, "dimse_find", final, detail=detail)
+
+    def _find(self, event: Event) -> Iterator[FindResult]:
         """C-FIND: pages through the QIDO search of the identifier; one pending response per
         match (0xFF00), 0xFE00 after a C-CANCEL, then pynetdicom's final Success."""
         try:
@@ -206,18 +252,28 @@ class Handlers:
         # zero matches: then propose the common storage contexts, which any SCP accepts.
         contexts = _contexts(found) if isinstance(found, list) else []
         yield peer.host, peer.port, {"contexts": contexts or StoragePresentationContexts}
-        yield from self._send(event, found)
+        yield from self._send(event, found, "dimse_move", f"destination={event.move_destination}")
 
     def get(self, event: Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association, over the storage contexts
         the requestor proposed with the SCP role (PS3.4 C.4.3)."""
-        yield from self._send(event, self._matching_instances(event))
+        yield from self._send(event, self._matching_instances(event), "dimse_get", "")
 
-    def _send(self, event: Event, found: list[StoredInstance] | Dataset) -> Iterator[Any]:
+    def _send(
+        self, event: Event, found: list[StoredInstance] | Dataset, action: str, detail: str
+    ) -> Iterator[Any]:
         if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
+            self._audit(event, action, int(found.Status), detail=detail)
             yield 1
             yield found, None
             return
+        uids = [f"{i.study_uid}/{i.series_uid}/{i.sop_instance_uid}" for i in found]
+        try:
+            yield from self._sub_operations(event, found)
+        finally:  # the sub-operations' outcomes are pynetdicom's to count and report
+            self._audit(event, action, 0x0000, uids, detail=f"{detail} instances={len(found)}")
+
+    def _sub_operations(self, event: Event, found: list[StoredInstance]) -> Iterator[Any]:
         yield len(found)
         for inst in found:
             if event.is_cancelled:
@@ -247,6 +303,15 @@ class Handlers:
         if len(found) > MAX_RETRIEVE_INSTANCES:
             return status(_TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
         return found
+
+
+def _identifier_text(event: Event) -> str:
+    """The identifier's non-empty keys, for the audit trail."""
+    try:
+        ds = event.identifier
+        return " ".join(f"{e.keyword}={e.value}" for e in ds if e.VR != "SQ" and e.value)[:1000]
+    except Exception:  # an identifier that does not decode: its failure is audited anyway
+        return ""
 
 
 def _command_mismatch(path: Path, request: C_STORE) -> str | None:

@@ -17,6 +17,7 @@ from pynetdicom import (
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
 from dicomweb_server.dimse.handlers import QUERY_RETRIEVE_SOP_CLASSES, Handlers
 from dicomweb_server.dimse.peers import load_peers
@@ -95,7 +96,9 @@ def build_ae(settings: Settings) -> AE:
 
 
 @contextlib.asynccontextmanager
-async def serve_dimse(settings: Settings, services: Services) -> AsyncIterator[DimseServer | None]:
+async def serve_dimse(
+    settings: Settings, services: Services, audit: AuditLog | None = None
+) -> AsyncIterator[DimseServer | None]:
     """Run the AE while the block runs (None when no DIMSE port is configured). Handlers
     run in pynetdicom's threads and hand their work to the running event loop."""
     if settings.dimse_port is None:
@@ -103,7 +106,9 @@ async def serve_dimse(settings: Settings, services: Services) -> AsyncIterator[D
         return
     peers = load_peers(settings.dimse_peers)
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}{DICOMWEB_ROOT}"
-    handlers = Handlers(services, asyncio.get_running_loop(), settings.ae_title, peers, base_url)
+    handlers = Handlers(
+        services, asyncio.get_running_loop(), settings.ae_title, peers, base_url, audit
+    )
     ae = build_ae(settings)
     server = ae.start_server(
         (settings.host, settings.dimse_port), block=False, evt_handlers=handlers.bindings()
