@@ -48,6 +48,7 @@ def start(
     database_url: str | None,
     extra_env: dict[str, str] | None = None,
     extra_args: tuple[str, ...] = (),
+    cwd: Path | None = None,
 ) -> ServerProcess:
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
@@ -60,7 +61,7 @@ def start(
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"server-{port}.log"
     with log.open("ab") as out:  # the child keeps its own descriptor
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}/dicom-web", log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
