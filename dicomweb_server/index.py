@@ -114,7 +114,7 @@ class Index:
 
     @classmethod
     async def open(cls, dsn: str, *, max_size: int, timeout_s: float) -> Index:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
         return cls(pool, timeout_s)
 
     async def close(self) -> None:
@@ -322,6 +322,12 @@ _UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
 )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (one round trip per use): pooled connections
+    never carry session state (no SET, LISTEN, cursors or session advisory locks: the process
+    lock has its own connection). asyncpg still rolls back a transaction left open."""
 
 
 def _unavailable(exc: BaseException) -> ServiceUnavailableError:
