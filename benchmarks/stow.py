@@ -73,10 +73,11 @@ def stow_rate(url: str, files: list[bytes], batch: int, concurrency: int) -> flo
         return len(files) / (time.perf_counter() - t)
 
 
-def start_ours(data: Path, db: str, src: Path | None) -> ServerProcess:
+def start_ours(data: Path, db: str, src: Path | None, workers: int = 1) -> ServerProcess:
     """Our server from this tree, or from the source tree `src` (baseline)."""
     env = {"PYTHONPATH": str(src)} if src else {}
-    return start(data, fresh_database(db), extra_env=env, cwd=src or ROOT)
+    args = ("--workers", str(workers)) if workers > 1 else ()
+    return start(data, fresh_database(db), extra_env=env, extra_args=args, cwd=src or ROOT)
 
 
 def start_orthanc(state: Path) -> tuple[str, dict[str, str]]:
@@ -101,6 +102,7 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="source tree of the version to compare")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument("--workers", type=int, default=0, help="also measure `serve --workers N`")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     paths = sorted(args.archive.rglob("*.dcm"))
@@ -114,6 +116,10 @@ def main() -> int:
         ours = start_ours(Path(tmp) / "ours", "dicomweb_bench_stow", None)
         stack.callback(_stop, ours)
         servers["ours"] = ours.url
+        if args.workers > 1:
+            w = start_ours(Path(tmp) / "w", "dicomweb_bench_stow_w", None, args.workers)
+            stack.callback(_stop, w)
+            servers[f"ours_w{args.workers}"] = w.url
         if args.baseline:
             base = start_ours(Path(tmp) / "base", "dicomweb_bench_stow_base", args.baseline)
             stack.callback(_stop, base)

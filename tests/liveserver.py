@@ -71,7 +71,7 @@ def start(
             # An empty archive answers a search with 204 (PS3.18 8.3.4.4.1).
             if httpx.get(server.url + "/studies?limit=1", timeout=2).status_code in (200, 204):
                 return server
-        time.sleep(0.2)
+        time.sleep(0.05)
     server.kill()
     raise RuntimeError(f"server did not answer in {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
