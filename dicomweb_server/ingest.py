@@ -182,22 +182,15 @@ async def store_file(
 ) -> InstanceOutcome:
     """Store a fully spooled file (used by STOW and by `load`). Consumes the writer."""
     try:
-        await writer.close()  # buffered bytes reach the disk here: ENOSPC may surface now
-    except OSError as exc:
-        await _discard_quietly(ctx, writer)
-        return _spool_failure(exc)
-    try:
-        parsed = await anyio.to_thread.run_sync(parse_file, writer.path, limiter=ctx.limiter)
-    except InvalidInstanceError as exc:
-        await ctx.blobs.discard(writer)
-        return InstanceOutcome(None, None, exc.reason, reason=exc.message)
-    sop_class, sop, study, _series = parsed.uids
-    if expected_study is not None and study != expected_study:
-        await ctx.blobs.discard(writer)
-        return InstanceOutcome(
-            sop_class, sop, FailureReason.STUDY_INSTANCE_UID_MISMATCH,
-            reason=f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
-        )  # fmt: skip
+        prepared = await _prepare(writer, ctx, expected_study)
+    except BaseException:  # cancelled while closing or parsing: the spool file must not leak
+        with anyio.CancelScope(shield=True):
+            await _discard_quietly(ctx, writer)
+        raise
+    if isinstance(prepared, InstanceOutcome):
+        return prepared
+    parsed = prepared
+    sop_class, sop, _study, _series = parsed.uids
     key: str | None = None
     placed = False
     try:
@@ -214,6 +207,30 @@ async def store_file(
         with anyio.CancelScope(shield=True):
             await _undo(ctx, writer, key, placed)
         raise
+
+
+async def _prepare(
+    writer: BlobWriter, ctx: Services, expected_study: str | None
+) -> ParsedFile | InstanceOutcome:
+    """Close and parse the spool file; a file that cannot be stored is discarded here."""
+    try:
+        await writer.close()  # buffered bytes reach the disk here: ENOSPC may surface now
+    except OSError as exc:
+        await _discard_quietly(ctx, writer)
+        return _spool_failure(exc)
+    try:
+        parsed = await anyio.to_thread.run_sync(parse_file, writer.path, limiter=ctx.limiter)
+    except InvalidInstanceError as exc:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(None, None, exc.reason, reason=exc.message)
+    sop_class, sop, study, _series = parsed.uids
+    if expected_study is not None and study != expected_study:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(
+            sop_class, sop, FailureReason.STUDY_INSTANCE_UID_MISMATCH,
+            reason=f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
+        )  # fmt: skip
+    return parsed
 
 
 async def _undo(ctx: Services, writer: BlobWriter, key: str | None, placed: bool) -> None:
