@@ -49,6 +49,8 @@ class BlobWriter(Protocol):
     def sha256(self) -> bytes: ...
     async def write(self, data: bytes) -> None: ...
     async def close(self) -> None: ...
+    def close_blocking(self) -> None:
+        """`close` for a caller already in a worker thread (saves a thread hop)."""
 
 
 class BlobStore(Protocol):
@@ -99,10 +101,14 @@ class _FileWriter:
         """Write out and close the spool file (idempotent); its bytes are then at `path`.
         Shielded: a cancelled caller must not leave the worker thread writing behind it."""
         if not self.closed:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.close_blocking)
+
+    def close_blocking(self) -> None:
+        if not self.closed:
             self.closed = True
             chunk, self._buf = bytes(self._buf), bytearray()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._write_out, chunk, True)
+            self._write_out(chunk, True)
 
     async def abandon(self) -> None:
         """Close without writing out the buffer and remove the spool file (idempotent)."""

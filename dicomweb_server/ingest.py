@@ -209,17 +209,31 @@ async def store_file(
         raise
 
 
+class _SpoolError(Exception):
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _close_and_parse(writer: BlobWriter) -> ParsedFile:
+    """In one worker thread: close the spool file (its buffered bytes reach the disk here, so
+    ENOSPC may surface now), then parse it."""
+    try:
+        writer.close_blocking()
+    except OSError as exc:
+        raise _SpoolError(exc) from exc
+    return parse_file(writer.path)
+
+
 async def _prepare(
     writer: BlobWriter, ctx: Services, expected_study: str | None
 ) -> ParsedFile | InstanceOutcome:
     """Close and parse the spool file; a file that cannot be stored is discarded here."""
     try:
-        await writer.close()  # buffered bytes reach the disk here: ENOSPC may surface now
-    except OSError as exc:
+        parsed = await anyio.to_thread.run_sync(_close_and_parse, writer, limiter=ctx.limiter)
+    except _SpoolError as exc:
         await _discard_quietly(ctx, writer)
-        return _spool_failure(exc)
-    try:
-        parsed = await anyio.to_thread.run_sync(parse_file, writer.path, limiter=ctx.limiter)
+        return _spool_failure(exc.error)
     except InvalidInstanceError as exc:
         await ctx.blobs.discard(writer)
         return InstanceOutcome(None, None, exc.reason, reason=exc.message)
