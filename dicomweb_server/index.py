@@ -120,7 +120,7 @@ class Index:
     async def close(self) -> None:
         spare, self._spare = self._spare, []
         if spare:
-            with contextlib.suppress(Exception):  # else rolled back at the next start
+            with contextlib.suppress(ServiceUnavailableError):  # else rolled back at next start
                 await self._execute(
                     "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
                 )
@@ -204,11 +204,16 @@ class Index:
         if not got:  # another process took our id for dead and holds it: stop storing
             await conn.close()
             raise ServiceUnavailableError("lost the process lock; restart this server")
-        # While the lock was not held, another process may have rolled back our reservations:
-        # reserve afresh (the old spare rows, if still there, go at the next start).
-        self._spare = []
         self._owner_conn = conn
         self._owner_checked = time.monotonic()
+        # While the lock was not held, another process may have rolled back our reservations:
+        # the spare keys are dropped (their rows too, if still there) and reserved afresh.
+        spare, self._spare = self._spare, []
+        if spare:
+            with contextlib.suppress(ServiceUnavailableError):  # else at our next start
+                await self._execute(
+                    "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
+                )
 
     async def reserve(self, blob_key: str) -> None:
         await self._ensure_owner()
