@@ -68,6 +68,7 @@ bench: install
 	$(PY) benchmarks/frames.py
 	test -d .bench/archive-$(BENCH_PATIENTS) || $(PY) ../shared/samples/generate.py .bench/archive-$(BENCH_PATIENTS) --no-coverage --patients $(BENCH_PATIENTS) --studies 2 --series 4 --instances 25 --size 16 --uid-root 1.2.826.0.1.3680043.8.498.7777
 	$(PY) benchmarks/vs_orthanc.py --archive .bench/archive-$(BENCH_PATIENTS)
+	$(PY) benchmarks/stow.py --archive .bench/archive-$(BENCH_PATIENTS) --workers 2
 
 # Ten minutes of mixed load on a real server; no 5xx, memory bounded (benchmarks/soak.py).
 # `make test` runs a shorter one (tests/test_soak.py).

@@ -8,18 +8,18 @@ either absent or complete after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import aiofiles
 import aiofiles.os
 import anyio
-from aiofiles.threadpool.binary import AsyncBufferedIOBase
 
 __all__ = [
     "READ_CHUNK_BYTES",
@@ -31,6 +31,12 @@ __all__ = [
 
 # Size of the chunks blobs are streamed in.
 READ_CHUNK_BYTES = 256 * 1024
+# Bytes a spool file buffers in memory before a worker thread writes them out.
+SPOOL_BUFFER_BYTES = 256 * 1024
+# Consecutive keys of a process share their directory (`ab/cd/`) for this many keys, so that
+# creating a directory (a mkdir and two directory fsyncs) is paid once per run of keys, not once
+# per blob while the store is young. Each run's directory is random, so blobs stay spread.
+KEYS_PER_DIRECTORY_RUN = 32
 
 
 class BlobWriter(Protocol):
@@ -43,6 +49,8 @@ class BlobWriter(Protocol):
     def sha256(self) -> bytes: ...
     async def write(self, data: bytes) -> None: ...
     async def close(self) -> None: ...
+    def close_blocking(self) -> None:
+        """`close` for a caller already in a worker thread (saves a thread hop)."""
 
 
 class BlobStore(Protocol):
@@ -59,9 +67,13 @@ class BlobStore(Protocol):
 
 
 class _FileWriter:
-    def __init__(self, path: Path, fh: AsyncBufferedIOBase) -> None:
+    """A spool file written in worker threads: bytes are buffered up to SPOOL_BUFFER_BYTES, so a
+    small part costs one thread hop (create, write and close at `close`), not one per call."""
+
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._fh = fh
+        self._fh: BinaryIO | None = None
+        self._buf = bytearray()
         self._size = 0
         self._hash = hashlib.sha256()
         self.closed = False
@@ -80,13 +92,46 @@ class _FileWriter:
     async def write(self, data: bytes) -> None:
         self._hash.update(data)
         self._size += len(data)
-        await self._fh.write(data)
+        self._buf += data
+        if len(self._buf) >= SPOOL_BUFFER_BYTES:
+            chunk, self._buf = bytes(self._buf), bytearray()
+            await anyio.to_thread.run_sync(self._write_out, chunk, False)
 
     async def close(self) -> None:
-        """Flush and close the spool file (idempotent); its bytes are then readable at `path`."""
+        """Write out and close the spool file (idempotent); its bytes are then at `path`.
+        Shielded: a cancelled caller must not leave the worker thread writing behind it."""
+        if not self.closed:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.close_blocking)
+
+    def close_blocking(self) -> None:
         if not self.closed:
             self.closed = True
-            await self._fh.close()
+            chunk, self._buf = bytes(self._buf), bytearray()
+            self._write_out(chunk, True)
+
+    async def abandon(self) -> None:
+        """Close without writing out the buffer and remove the spool file (idempotent)."""
+        self.closed = True
+        self._buf = bytearray()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._remove)
+
+    def _remove(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # e.g. ENOSPC flushing: the file goes anyway
+                self._fh.close()
+        _unlink(self._path)
+
+    def _write_out(self, chunk: bytes, last: bool) -> None:
+        if self._fh is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)  # recreated if removed
+            self._fh = self._path.open("xb")
+        try:
+            self._fh.write(chunk)
+        finally:
+            if last:
+                self._fh.close()
 
 
 class FileSystemBlobStore:
@@ -98,9 +143,15 @@ class FileSystemBlobStore:
         self.tmp_root = root / "tmp"
         self.tmp_dir = self.tmp_root / str(owner)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._run_prefix = ""
+        self._run_left = 0
 
     def new_key(self) -> str:
-        return uuid.uuid4().hex
+        """32 hex digits: a random UUID whose first four share a directory with the run."""
+        if self._run_left == 0:
+            self._run_prefix, self._run_left = uuid.uuid4().hex[:4], KEYS_PER_DIRECTORY_RUN
+        self._run_left -= 1
+        return self._run_prefix + uuid.uuid4().hex[4:]
 
     def local_path(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
@@ -108,10 +159,7 @@ class FileSystemBlobStore:
         return self.root / key[:2] / key[2:4] / key
 
     async def open_writer(self) -> BlobWriter:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)  # recreated if it was removed
-        path = self.tmp_dir / uuid.uuid4().hex
-        fh = await aiofiles.open(path, "xb")
-        return _FileWriter(path, fh)
+        return _FileWriter(self.tmp_dir / uuid.uuid4().hex)  # the file is created by a write
 
     async def commit(self, writer: BlobWriter, key: str) -> None:
         await writer.close()
@@ -122,8 +170,13 @@ class FileSystemBlobStore:
             await anyio.to_thread.run_sync(_place, writer.path, dest)
 
     async def discard(self, writer: BlobWriter) -> None:
-        await writer.close()
-        await aiofiles.os.wrap(_unlink)(writer.path)
+        if isinstance(writer, _FileWriter):
+            await writer.abandon()
+            return
+        try:
+            await writer.close()
+        finally:
+            await aiofiles.os.wrap(_unlink)(writer.path)
 
     def open_range(
         self, key: str, offset: int = 0, length: int | None = None

@@ -1,6 +1,7 @@
 """The index over PostgreSQL: the only asyncpg importer.
 
-Two-phase store (STYLE.md rule 11): `reserve` records a blob key before the blob is placed,
+Two-phase store (STYLE.md rule 11): `reserve_key` hands out a blob key whose reservation row is
+committed before the blob is placed (keys are reserved RESERVE_BATCH at a time),
 `commit_instance` inserts the patient/study/series/instance rows and drops the reservation in
 one transaction, `release` drops a reservation whose blob was discarded. A process holds a
 session advisory lock on its owner id for its whole life, so reservations of a dead process are
@@ -10,14 +11,16 @@ recognised and rolled back at the next start (`dead_reservations`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import anyio
 import asyncpg
 
 from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, chain
@@ -43,6 +46,9 @@ AUDIT_FETCH_ROWS = 1000
 ACQUIRE_TIMEOUT_S = 10.0
 # Seconds between liveness probes of the connection that holds the process lock.
 OWNER_PROBE_INTERVAL_S = 1.0
+# Blob keys reserved in one statement (one round trip, one WAL flush) by `reserve_key`; the
+# unused ones are released at close, or rolled back with the process's other reservations.
+RESERVE_BATCH = 32
 # Retry-After of a 503 answered while the database is unavailable, seconds.
 RETRY_AFTER_S = 5
 
@@ -120,14 +126,22 @@ class Index:
         self._owner_guard = asyncio.Lock()
         self._owner_checked = 0.0
         self._dsn = ""
+        self._spare: list[str] = []  # reserved keys not handed out yet
+        self._spare_guard = asyncio.Lock()
         self.owner = 0
 
     @classmethod
     async def open(cls, dsn: str, *, max_size: int, timeout_s: float) -> Index:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
         return cls(pool, timeout_s)
 
     async def close(self) -> None:
+        spare, self._spare = self._spare, []
+        if spare:
+            with contextlib.suppress(ServiceUnavailableError):  # else rolled back at next start
+                await self._execute(
+                    "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
+                )
         if self._owner_conn is not None:
             await self._owner_conn.close()
             self._owner_conn = None
@@ -210,12 +224,47 @@ class Index:
             raise ServiceUnavailableError("lost the process lock; restart this server")
         self._owner_conn = conn
         self._owner_checked = time.monotonic()
+        # While the lock was not held, another process may have rolled back our reservations:
+        # the spare keys are dropped (their rows too, if still there) and reserved afresh.
+        spare, self._spare = self._spare, []
+        if spare:
+            with contextlib.suppress(ServiceUnavailableError):  # else at our next start
+                await self._execute(
+                    "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
+                )
 
     async def reserve(self, blob_key: str) -> None:
         await self._ensure_owner()
         await self._execute(
             "INSERT INTO blob_reservation (blob_key, owner) VALUES ($1, $2)", blob_key, self.owner
         )
+
+    @property
+    def spare_keys(self) -> tuple[str, ...]:
+        """Keys reserved and not handed out yet: rows of blob_reservation with no blob."""
+        return tuple(self._spare)
+
+    async def reserve_key(self, new_key: Callable[[], str]) -> str:
+        """A blob key whose reservation row is committed: a blob may be placed under it.
+
+        Keys are reserved RESERVE_BATCH at a time and handed out one by one, so a store costs
+        a fraction of a round trip here. Nothing is awaited after a key is taken from the
+        spares: a cancelled caller has either no key or one it will release.
+        """
+        await self._ensure_owner()
+        async with self._spare_guard:
+            if not self._spare:
+                keys = [new_key() for _ in range(RESERVE_BATCH)]
+                # Shielded: the rows and the spare list stay in step if the caller is cancelled.
+                with anyio.CancelScope(shield=True):
+                    await self._execute(
+                        "INSERT INTO blob_reservation (blob_key, owner)"
+                        " SELECT k, $2 FROM unnest($1::text[]) AS k",
+                        keys,
+                        self.owner,
+                    )
+                self._spare = keys
+            return self._spare.pop()
 
     async def release(self, blob_key: str) -> bool:
         """Drop a reservation; True when it existed, i.e. no instance row was committed with
@@ -365,6 +414,12 @@ _UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
 )
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (one round trip per use): pooled connections
+    never carry session state (no SET, LISTEN, cursors or session advisory locks: the process
+    lock has its own connection). asyncpg still rolls back a transaction left open."""
 
 
 def _unavailable(exc: BaseException) -> ServiceUnavailableError:

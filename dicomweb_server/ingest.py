@@ -1,16 +1,17 @@
 """The STOW pipeline: one multipart part -> one stored instance (or a failure reason).
 
 Per part: spool into the blob store's temp file (hashing as it goes) -> parse and validate the
-header in a worker thread -> reserve the blob key in the index -> fsync and place the blob ->
-commit the index rows. A failure at any step discards what was written, so a failed part leaves
-neither a row nor a file (STYLE.md rule 11).
+header in a worker thread -> take a reserved blob key from the index -> fsync and place the blob
+-> commit the index rows. A failure at any step discards what was written, so a failed part
+leaves neither a row nor a file (STYLE.md rule 11). The parts of one request are stored
+concurrently (a few at a time), their outcomes reported in request order.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # Bytes per read when a local file (`load`, a DIMSE C-STORE) is copied into the blob store.
 COPY_CHUNK_BYTES = 1024 * 1024
+# Parts of one STOW request stored concurrently. Each holds a spool file (on disk) and its
+# parsed header, so memory stays bounded; more than a few only queue for the worker threads.
+PARTS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,56 @@ def instance_path(study: str, series: str, sop: str) -> str:
 async def store_parts(
     events: AsyncIterator[Event], ctx: Services, expected_study: str | None
 ) -> list[InstanceOutcome]:
-    """Store every part of a STOW-RS body; a stream error (400/413) discards the open part."""
-    outcomes: list[InstanceOutcome] = []
+    """Store every part of a STOW-RS body; outcomes come back in the order of the parts.
+
+    A part is spooled as it arrives, then stored in its own task while the next parts are
+    spooled: up to PARTS_IN_FLIGHT parts at once, so that one part's parse (a worker thread),
+    fsync and index round trips overlap with the others'. Each part's store is independent and
+    complete in itself (store_file), so a failure of one never fails another. A stream error
+    (400/413) discards the open part, lets the parts already received finish, and is raised.
+    """
+    outcomes: dict[int, InstanceOutcome] = {}
+    errors: dict[int, Exception] = {}
+    slots = anyio.Semaphore(PARTS_IN_FLIGHT)
+
+    async def finish(n: int, writer: BlobWriter, part_type: str | None) -> None:
+        try:
+            outcomes[n] = await _finish_part(writer, part_type, ctx, expected_study)
+        except Exception as exc:  # e.g. 503: raised for the request after the others finish
+            errors[n] = exc
+        finally:
+            slots.release()
+
+    async def start(n: int, writer: BlobWriter, part_type: str | None) -> None:
+        try:
+            await slots.acquire()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _discard_quietly(ctx, writer)
+            raise
+        tg.start_soon(finish, n, writer, part_type)
+
+    stream_error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        try:
+            count = await _spool_parts(events, ctx, outcomes, start)
+        except Exception as exc:  # raised once the parts in flight are done
+            stream_error = exc
+    if stream_error is not None:
+        raise stream_error
+    if errors:
+        raise errors[min(errors)]
+    return [outcomes[n] for n in range(count)]
+
+
+async def _spool_parts(
+    events: AsyncIterator[Event],
+    ctx: Services,
+    outcomes: dict[int, InstanceOutcome],
+    start: Callable[[int, BlobWriter, str | None], Awaitable[None]],
+) -> int:
+    """Spool each part into a blob writer and hand it to `start`; returns the part count."""
+    count = 0
     writer: BlobWriter | None = None
     part_type: str | None = None
     spool_error: OSError | None = None  # the part could not be spooled: drain it, report it
@@ -83,14 +135,16 @@ async def store_parts(
                     writer = None
             elif isinstance(event, PartEnd):
                 if spool_error is not None:
-                    outcomes.append(_spool_failure(spool_error))
+                    outcomes[count] = _spool_failure(spool_error)
                 elif writer is not None:
                     w, writer = writer, None
-                    outcomes.append(await _finish_part(w, part_type, ctx, expected_study))
+                    await start(count, w, part_type)
+                count += 1
     finally:
         if writer is not None:
-            await _discard_quietly(ctx, writer)
-    return outcomes
+            with anyio.CancelScope(shield=True):
+                await _discard_quietly(ctx, writer)
+    return count
 
 
 def _out_of_resources(exc: OSError) -> FailureReason:
@@ -138,26 +192,19 @@ async def store_file(
 ) -> InstanceOutcome:
     """Store a fully spooled file (used by STOW and by `load`). Consumes the writer."""
     try:
-        await writer.close()  # buffered bytes reach the disk here: ENOSPC may surface now
-    except OSError as exc:
-        await _discard_quietly(ctx, writer)
-        return _spool_failure(exc)
-    try:
-        parsed = await anyio.to_thread.run_sync(parse_file, writer.path, limiter=ctx.limiter)
-    except InvalidInstanceError as exc:
-        await ctx.blobs.discard(writer)
-        return InstanceOutcome(None, None, exc.reason, reason=exc.message)
-    sop_class, sop, study, _series = parsed.uids
-    if expected_study is not None and study != expected_study:
-        await ctx.blobs.discard(writer)
-        return InstanceOutcome(
-            sop_class, sop, FailureReason.STUDY_INSTANCE_UID_MISMATCH,
-            reason=f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
-        )  # fmt: skip
-    key = ctx.blobs.new_key()
+        prepared = await _prepare(writer, ctx, expected_study)
+    except BaseException:  # cancelled while closing or parsing: the spool file must not leak
+        with anyio.CancelScope(shield=True):
+            await _discard_quietly(ctx, writer)
+        raise
+    if isinstance(prepared, InstanceOutcome):
+        return prepared
+    parsed = prepared
+    sop_class, sop, _study, _series = parsed.uids
+    key: str | None = None
     placed = False
     try:
-        await ctx.index.reserve(key)
+        key = await ctx.index.reserve_key(ctx.blobs.new_key)
         await ctx.blobs.commit(writer, key)
         placed = True
         return await _commit(parsed, writer, key, ctx)
@@ -190,14 +237,52 @@ async def store_path(ctx: Services, path: Path) -> InstanceOutcome:
     return await store_file(writer, ctx, None)
 
 
-async def _undo(ctx: Services, writer: BlobWriter, key: str, placed: bool) -> None:
+class _SpoolError(Exception):
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _close_and_parse(writer: BlobWriter) -> ParsedFile:
+    """In one worker thread: close the spool file (its buffered bytes reach the disk here, so
+    ENOSPC may surface now), then parse it."""
+    try:
+        writer.close_blocking()
+    except OSError as exc:
+        raise _SpoolError(exc) from exc
+    return parse_file(writer.path)
+
+
+async def _prepare(
+    writer: BlobWriter, ctx: Services, expected_study: str | None
+) -> ParsedFile | InstanceOutcome:
+    """Close and parse the spool file; a file that cannot be stored is discarded here."""
+    try:
+        parsed = await anyio.to_thread.run_sync(_close_and_parse, writer, limiter=ctx.limiter)
+    except _SpoolError as exc:
+        await _discard_quietly(ctx, writer)
+        return _spool_failure(exc.error)
+    except InvalidInstanceError as exc:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(None, None, exc.reason, reason=exc.message)
+    sop_class, sop, study, _series = parsed.uids
+    if expected_study is not None and study != expected_study:
+        await ctx.blobs.discard(writer)
+        return InstanceOutcome(
+            sop_class, sop, FailureReason.STUDY_INSTANCE_UID_MISMATCH,
+            reason=f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
+        )  # fmt: skip
+    return parsed
+
+
+async def _undo(ctx: Services, writer: BlobWriter, key: str | None, placed: bool) -> None:
     """Roll back a store that failed. A placed blob is deleted only when its reservation was
     still there: if the commit reached the database after all (an error or a cancellation
     after COMMIT), the reservation is gone and the blob belongs to a stored instance."""
     try:
         if not placed:
             await ctx.blobs.discard(writer)
-        if await ctx.index.release(key) and placed:
+        if key is not None and await ctx.index.release(key) and placed:
             await ctx.blobs.delete(key)
     except Exception:  # database unreachable: blob and reservation are left to `recover`
         log.exception("could not undo blob %s", key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -114,6 +115,15 @@ def values(doc: dict[str, object], tag: str) -> Sequence[object]:
     v = element.get("Value", [])
     assert isinstance(v, list)
     return v
+
+
+async def pending_reservations(conn: Any, index: Any) -> int:
+    """Reservation rows other than the index's spare keys (none once every store finished)."""
+    n = await conn.fetchval(
+        "SELECT count(*) FROM blob_reservation WHERE NOT blob_key = ANY($1::text[])",
+        list(index.spare_keys),
+    )
+    return int(n)
 
 
 def inst_url(ds: Dataset) -> str:

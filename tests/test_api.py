@@ -9,12 +9,14 @@ import asyncpg
 import httpx
 import pydicom
 import pytest
+from starlette.applications import Starlette
 
 from dicomweb_server.config import Settings
 from tests.helpers import (
     ROOT,
     make_instance,
     multipart_body,
+    pending_reservations,
     split_multipart,
     stow_headers,
     to_bytes,
@@ -204,7 +206,7 @@ async def test_stow_failures_and_statuses(app_client: httpx.AsyncClient) -> None
 
 
 async def test_stow_same_bytes_twice_and_conflicting_copy(
-    app_client: httpx.AsyncClient, settings: Settings, pg_dsn: str
+    app: Starlette, app_client: httpx.AsyncClient, settings: Settings, pg_dsn: str
 ) -> None:
     ds = make_instance()
     raw = to_bytes(ds)
@@ -218,7 +220,7 @@ async def test_stow_same_bytes_twice_and_conflicting_copy(
     conn = await asyncpg.connect(pg_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM instance") == 1
-        assert await conn.fetchval("SELECT count(*) FROM blob_reservation") == 0
+        assert await pending_reservations(conn, app.state.services.index) == 0
         key = await conn.fetchval("SELECT blob_key FROM instance")
     finally:
         await conn.close()

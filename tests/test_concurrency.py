@@ -8,14 +8,23 @@ import asyncpg
 import httpx
 import pytest
 from pydicom.uid import generate_uid
+from starlette.applications import Starlette
 
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes, values
+from tests.helpers import (
+    ROOT,
+    make_instance,
+    multipart_body,
+    pending_reservations,
+    stow_headers,
+    to_bytes,
+    values,
+)
 
 pytestmark = pytest.mark.db
 
 
 async def test_same_instances_from_eight_clients(
-    app_client: httpx.AsyncClient, pg_dsn: str
+    app: Starlette, app_client: httpx.AsyncClient, pg_dsn: str
 ) -> None:
     files = [to_bytes(make_instance()) for _ in range(20)]
 
@@ -30,7 +39,7 @@ async def test_same_instances_from_eight_clients(
     conn = await asyncpg.connect(pg_dsn)
     try:
         assert await conn.fetchval("SELECT count(*) FROM instance") == 20
-        assert await conn.fetchval("SELECT count(*) FROM blob_reservation") == 0
+        assert await pending_reservations(conn, app.state.services.index) == 0
     finally:
         await conn.close()
 

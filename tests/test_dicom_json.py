@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -64,3 +65,42 @@ def test_stow_response_document() -> None:
     failed = doc["00081198"]["Value"]
     assert [f["00081197"]["Value"] for f in failed] == [[0x0111], [0xC000]]
     assert "00081155" not in failed[1]
+
+
+def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) -> None:
+    """`_simple_json` renders common elements from raw bytes; on every file of the corpus
+    (character sets, transfer syntaxes, big endian, sequences, odd values) the document must
+    be exactly pydicom's."""
+    from pathlib import Path
+
+    import pydicom
+
+    from dicomweb_server import dicom_json
+
+    assert isinstance(samples, Path)
+    hits = 0
+    real = dicom_json._simple_json
+
+    def counting(raw: Any, little: bool) -> Any:
+        nonlocal hits
+        out = real(raw, little)
+        hits += out is not None
+        return out
+
+    dicom_json._simple_json = counting
+    try:
+        files = sorted(samples.rglob("*.dcm"))
+        assert len(files) > 100
+        for path in files:
+            docs = [
+                dataset_to_json(
+                    pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024, force=True),
+                    lambda p: "/bulk/" + p,
+                    fast=fast,
+                )
+                for fast in (True, False)
+            ]
+            assert json.dumps(docs[0], sort_keys=True) == json.dumps(docs[1], sort_keys=True), path
+    finally:
+        dicom_json._simple_json = real
+    assert hits > 10_000, "the fast path was not exercised"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 
 from dicomweb_server.config import Settings
 from tests.helpers import (
@@ -148,3 +150,42 @@ async def test_process_lock_is_retaken_after_a_database_restart(tmp_path: Path) 
             if ix is not None:
                 await ix.close()
         pg.stop()
+
+
+@pytest.mark.parametrize("stage", ["close", "parse"])
+async def test_store_cancelled_while_closing_or_parsing_leaves_no_spool_file(
+    app: Starlette, stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S4: a STOW cancelled (client gone) while its spool file is closed or parsed in a worker
+    thread must remove that file, not leave it until the next start."""
+    import threading
+    import time
+
+    import anyio
+
+    from dicomweb_server import blobstore, dicomfile, ingest
+
+    svc = app.state.services
+    entered = threading.Event()
+
+    def slow(real: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            entered.set()
+            time.sleep(0.3)  # the cancellation arrives meanwhile
+            return real(*args)
+
+        return wrapper
+
+    if stage == "parse":
+        monkeypatch.setattr(ingest, "parse_file", slow(dicomfile.parse_file))
+    else:
+        monkeypatch.setattr(
+            blobstore._FileWriter, "_write_out", slow(blobstore._FileWriter._write_out)
+        )
+    writer = await svc.blobs.open_writer()
+    await writer.write(to_bytes(make_instance()))
+    with anyio.move_on_after(0.05) as scope:
+        await ingest.store_file(writer, svc, None)
+    assert scope.cancelled_caught and entered.is_set()
+    assert not writer.path.exists(), "the spool file of the cancelled store leaked"
+    assert [p for p in svc.blobs.tmp_dir.iterdir()] == []
