@@ -138,7 +138,11 @@ def create_app(settings: Settings) -> Starlette:
         middleware=[
             # Outermost: everything after sees the client, scheme and host a trusted reverse
             # proxy forwarded (field notes 13).
-            Middleware(ProxyHeaders, networks=parse_networks(settings.trusted_proxies)),
+            Middleware(
+                ProxyHeaders,
+                networks=parse_networks(settings.trusted_proxies),
+                family=settings.proxy_headers,
+            ),
             # Field notes 2: CORS on every response, errors included, Authorization allowed.
             Middleware(
                 CORSMiddleware,

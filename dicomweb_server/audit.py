@@ -50,6 +50,13 @@ class AuditEvent:
     nbytes: int = 0  # body bytes received (STOW) or sent (everything else)
     detail: str = ""  # the query string of a search, the role of a new key, …
 
+    def __post_init__(self) -> None:
+        # Text that PostgreSQL and UTF-8 can hold, whoever made the event (a token's `sub`
+        # may carry a lone surrogate, a query a NUL): the row and its hash agree.
+        for name in ("caller", "client", "action", "detail"):
+            object.__setattr__(self, name, _storable(getattr(self, name)))
+        object.__setattr__(self, "uids", tuple(_storable(u) for u in self.uids))
+
     def canonical(self) -> bytes:
         """The bytes that are hashed: a JSON array in a fixed order, UTF-8, no whitespace."""
         items: list[Any] = [
@@ -64,6 +71,10 @@ class AuditEvent:
             self.detail,
         ]
         return json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _storable(text: str) -> str:
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,7 @@ _SECURITY_ALERT = ("110113", "Security Alert")
 _USER_AUTHENTICATION = ("110114", "User Authentication")
 _USER_SECURITY_CHANGED = ("110137", "User Security Attributes Changed")
 _LOGIN = ("110122", "Login")
+_RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
 _SOURCE_ROLE = ("110153", "Source Role ID")
 _DESTINATION_ROLE = ("110152", "Destination Role ID")
 _STUDY_UID = ("110180", "Study Instance UID")
@@ -164,6 +176,8 @@ def _outcome_indicator(event: AuditEvent) -> int:
         if status == 0x0000:
             return 0
         return 8 if status in _DIMSE_SERIOUS else 4
+    if status == 202:  # STOW: some instances failed (PS3.18 Table 10.5.3-1)
+        return 4
     if status < 400:
         return 0
     return 4 if status < 500 else 8
@@ -177,12 +191,16 @@ def _event_of(event: AuditEvent) -> tuple[tuple[str, str], str, list[tuple[str, 
         return _TRANSFERRED, "C", []
     if event.action.startswith("dimse_"):
         return _TRANSFERRED, "R", []
-    if event.outcome in (401, 403):
-        return _USER_AUTHENTICATION if event.outcome == 401 else _SECURITY_ALERT, "E", [_LOGIN]
+    if event.outcome == 401:
+        return _USER_AUTHENTICATION, "E", [_LOGIN]
+    if event.outcome == 403:
+        return _SECURITY_ALERT, "E", [_RESTRICTED_FUNCTION]
     if event.action.startswith("search_for_"):
         return _QUERY, "E", []
     if event.action == "store_instances" or event.action == "store_study_instances":
         return _TRANSFERRED, "C", []
+    if event.action == "apikey_list":  # reading the keys' descriptions, not changing them
+        return _QUERY, "E", []
     if event.action.startswith("apikey_"):
         return _SECURITY_ALERT, "E", [_USER_SECURITY_CHANGED]
     return _TRANSFERRED, "R", []

@@ -14,7 +14,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from dicomweb_server.audit import AuditEvent
-from dicomweb_server.errors import ServiceUnavailableError
 from dicomweb_server.index import Index
 
 __all__ = ["AUDIT_BATCH_MAX", "AUDIT_QUEUE_MAX", "AuditLog", "running_audit_log"]
@@ -59,14 +58,16 @@ class AuditLog:
                 await self._index.append_audit(batch)
                 self.written += len(batch)
                 return
-            except ServiceUnavailableError as exc:
+            except ValueError:  # a value the database refuses: find it, write the others
+                if len(batch) > 1:
+                    for event in batch:
+                        await self._append([event])
+                    return
+                log.error("audit trail: the database refused this event: %r", batch[0])
+                return
+            except Exception as exc:  # the database is away or failing: keep them, retry
                 log.warning("audit trail: %d events wait for the database (%s)", len(batch), exc)
                 await asyncio.sleep(AUDIT_RETRY_S)
-            except Exception:  # a value the database refuses: never block every request on it
-                log.exception("audit trail: could not append; the events go to this log instead")
-                for event in batch:
-                    log.error("unwritten audit event: %r", event)
-                return
 
 
 @contextlib.asynccontextmanager

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -19,7 +22,7 @@ from typing import Any, Protocol
 import anyio
 import jwt
 
-from dicomweb_server.config import Settings
+from dicomweb_server.config import ConfigError, Settings
 from dicomweb_server.errors import ForbiddenError, ServiceUnavailableError, UnauthorizedError
 from dicomweb_server.index import ApiKey, Index
 
@@ -34,11 +37,14 @@ __all__ = [
     "require",
 ]
 
+log = logging.getLogger(__name__)
+
 ROLES = ("read", "write", "admin")
 # API keys read `dwk_<key id>_<secret>`; the id finds the row, the secret is compared hashed.
 API_KEY_PREFIX = "dwk_"
 API_KEY_ID_BYTES = 6
 API_KEY_SECRET_BYTES = 32
+_KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 # Seconds a looked-up API key is trusted before it is read again: a key revoked by another
 # process is refused within this time (by this process's own /admin at once). Saves a database
 # round trip on most requests (about 1 ms, docs/benchmarks.md).
@@ -76,11 +82,14 @@ def require(principal: Principal, role: str) -> None:
         )
 
 
-def _challenge(why: str | None) -> UnauthorizedError:
+def _challenge(why: str | None, detail: str = "") -> UnauthorizedError:
+    """401 with an RFC 6750 challenge. `why` is one of our fixed phrases (it goes into the
+    header); `detail`, which may echo what the caller sent, is only logged."""
     if why is None:
         return UnauthorizedError("credentials required", headers={"WWW-Authenticate": _REALM})
-    safe = why.replace("\\", "").replace('"', "'")
-    header = f'{_REALM}, error="invalid_token", error_description="{safe}"'
+    if detail:
+        log.info("refused credentials: %s (%r)", why, detail[:200])
+    header = f'{_REALM}, error="invalid_token", error_description="{why}"'
     return UnauthorizedError(f"invalid credentials: {why}", headers={"WWW-Authenticate": header})
 
 
@@ -114,7 +123,17 @@ class NoAuth:
 
 def _digest(secret: str) -> bytes:
     # The secret has 256 random bits: one SHA-256 is enough (no password stretching needed).
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def _loopback_url(url: str) -> bool:
+    host = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def create_api_key(index: Index, role: str, name: str = "") -> tuple[str, str]:
@@ -131,17 +150,23 @@ class ApiKeyAuth:
     def __init__(self, index: Index) -> None:
         self._index = index
         self._cache: dict[str, tuple[float, ApiKey]] = {}
+        # Bumped by forget(): a lookup that was in flight across a revocation is not cached.
+        self._generation = 0
 
     def forget(self, key_id: str) -> None:
         self._cache.pop(key_id, None)
+        self._generation += 1
 
     async def _lookup(self, key_id: str) -> ApiKey | None:
+        if not _KEY_ID.match(key_id):
+            return None
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and now - hit[0] < API_KEY_CACHE_S:
             return hit[1]
+        generation = self._generation
         key = await self._index.api_key(key_id)
-        if key is not None:
+        if key is not None and generation == self._generation:
             if len(self._cache) >= API_KEY_CACHE_MAX:
                 self._cache.pop(next(iter(self._cache)))  # the oldest entry
             self._cache.pop(key_id, None)
@@ -174,6 +199,8 @@ class OidcAuth:
         source = settings.oidc_jwks
         self._client: jwt.PyJWKClient | None = None
         self._keys: jwt.PyJWKSet | None = None
+        if source.startswith("http://") and not _loopback_url(source):
+            raise ConfigError("the JWKS URL must be https:// (http:// only on this machine)")
         if source.startswith(("https://", "http://")):
             self._client = jwt.PyJWKClient(
                 source, cache_jwk_set=True, lifespan=JWKS_CACHE_S, timeout=JWKS_TIMEOUT_S
@@ -184,39 +211,50 @@ class OidcAuth:
     async def _key(self, token: str) -> jwt.PyJWK:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.InvalidTokenError as exc:
-            raise _challenge(f"malformed token ({exc})") from None
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            raise _challenge("malformed token", str(exc)) from None
         if self._client is not None:
             try:
                 return await anyio.to_thread.run_sync(self._client.get_signing_key_from_jwt, token)
             except jwt.PyJWKClientConnectionError as exc:
                 raise ServiceUnavailableError(f"the issuer's JWKS is unreachable: {exc}",
                                               headers={"Retry-After": "5"}) from None  # fmt: skip
-            except jwt.PyJWKClientError as exc:
-                raise _challenge(f"no signing key for this token ({exc})") from None
+            except (jwt.PyJWTError, TypeError, ValueError) as exc:
+                raise _challenge("no signing key for this token", str(exc)) from None
         assert self._keys is not None
         keys = self._keys.keys
         for key in keys:
             if key.key_id == kid or (kid is None and len(keys) == 1):
                 return key
-        raise _challenge("no signing key for this token")
+        raise _challenge("no signing key for this token", str(kid))
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = bearer_token(authorization)
         key = await self._key(token)
+        algorithms = _algorithms_for(key)
         try:
             claims: dict[str, Any] = jwt.decode(
-                token, key=key.key, algorithms=OIDC_ALGORITHMS, audience=self._audience,
+                token, key=key.key, algorithms=algorithms, audience=self._audience,
                 issuer=self._issuer, leeway=OIDC_LEEWAY_S,
                 options={"require": ["exp", "iss", "aud"]},
             )  # fmt: skip
-        except jwt.InvalidTokenError as exc:
-            raise _challenge(str(exc)) from None
-        subject = claims.get("sub") or claims.get("client_id") or claims.get("azp") or "?"
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            raise _challenge("invalid token", str(exc)) from None
+        subject = str(claims.get("sub") or claims.get("client_id") or claims.get("azp") or "?")
         return Principal(f"oidc:{subject}", _roles(claims, self._claim, self._prefix))
 
     def forget(self, key_id: str) -> None:
         pass
+
+
+def _algorithms_for(key: jwt.PyJWK) -> list[str]:
+    """The algorithms a token verified with this key may name: the key's own `alg` when the
+    JWK declares one, else every algorithm of its type (RSA: RS*/PS*; EC: the ES* of its curve;
+    OKP: EdDSA). A token naming another is refused before verification: no algorithm
+    confusion, and no key-type errors inside PyJWT."""
+    if key.key_type == "RSA" and key.algorithm_name == "RS256":  # "RS256" may be a default
+        return [a for a in OIDC_ALGORITHMS if a[:2] in ("RS", "PS")]
+    return [a for a in OIDC_ALGORITHMS if a == key.algorithm_name]
 
 
 def _roles(claims: Mapping[str, Any], claim: str, prefix: str) -> frozenset[str]:

@@ -113,7 +113,15 @@ def is_loopback(host: str) -> bool:
 def unsafe_serving(settings: Settings) -> str | None:
     """Why serving these settings is refused, or None: without authentication, only this
     machine may connect unless --insecure says otherwise (patient data must not leak)."""
-    if settings.insecure or is_loopback(settings.host):
+    if settings.insecure:
+        return None
+    if settings.auth == "none" and settings.trusted_proxies:
+        return (
+            "refusing to serve behind a reverse proxy (--trusted-proxies) without"
+            " authentication: the proxy would open the archive to whoever reaches it. Use"
+            " --auth apikey or --auth oidc, or pass --insecure if the proxy authenticates."
+        )
+    if is_loopback(settings.host):
         return None
     if settings.auth == "none":
         return (

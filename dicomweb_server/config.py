@@ -115,6 +115,12 @@ class Settings:
     # Reverse proxies (addresses or CIDR blocks) whose Forwarded / X-Forwarded-* headers are
     # believed: the client address, scheme and host of requests that come through them.
     trusted_proxies: tuple[str, ...] = ()
+    # Which headers the trusted proxies write: "x-forwarded" (X-Forwarded-For/-Proto/-Host/
+    # -Port, nginx's and most proxies' way) or "forwarded" (RFC 7239). The other family is
+    # ignored: a proxy passes through what a client sent in the headers it does not write.
+    proxy_headers: str = "x-forwarded"
+    # Host names (besides localhost ones and the public URL's) that `--auth none` answers.
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
@@ -127,6 +133,10 @@ class Settings:
                 raise ConfigError(f"auth oidc needs {', '.join(missing)}")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("TLS needs both a certificate file and a key file")
+        if self.proxy_headers not in ("x-forwarded", "forwarded"):
+            raise ConfigError(
+                f"proxy headers must be x-forwarded or forwarded, got {self.proxy_headers!r}"
+            )
         for entry in self.trusted_proxies:
             try:
                 ipaddress.ip_network(entry, strict=False)
@@ -225,6 +235,8 @@ class Settings:
             "DICOMWEB_KEYFILE": str(self.keyfile.resolve()) if self.keyfile else "",
             "DICOMWEB_AUDIT": "1" if self.audit else "0",
             "DICOMWEB_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
+            "DICOMWEB_PROXY_HEADERS": self.proxy_headers,
+            "DICOMWEB_ALLOWED_HOSTS": ",".join(self.allowed_hosts),
         }
         os.environ.update(values)
 
@@ -258,6 +270,10 @@ def _security_from_env(s: Settings, env: Mapping[str, str]) -> Settings:
         values["audit"] = _bool(env, "DICOMWEB_AUDIT")
     if env.get("DICOMWEB_TRUSTED_PROXIES"):
         values["trusted_proxies"] = _list(env["DICOMWEB_TRUSTED_PROXIES"])
+    if env.get("DICOMWEB_PROXY_HEADERS"):
+        values["proxy_headers"] = env["DICOMWEB_PROXY_HEADERS"].strip().lower()
+    if env.get("DICOMWEB_ALLOWED_HOSTS"):
+        values["allowed_hosts"] = tuple(h.lower() for h in _list(env["DICOMWEB_ALLOWED_HOSTS"]))
     return replace(s, **values)  # type: ignore[arg-type]
 
 

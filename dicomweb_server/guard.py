@@ -3,26 +3,33 @@ and append one event per request to the audit trail.
 
 The role of a request is the role of the route it matches (routes.ROUTE_ROLES); paths that
 match no route need `read`, so that probing for URLs without credentials answers 401, not 404.
-CORS preflights are answered by the CORS middleware outside this one and stay open.
+CORS preflights are answered by the CORS middleware outside this one and stay open. With
+`--auth none`, requests must name this machine in their Host header (DNS rebinding).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.auditlog import AuditLog
-from dicomweb_server.auth import Authenticator, require
-from dicomweb_server.errors import DicomWebError
+from dicomweb_server.auth import Authenticator, Principal, require
+from dicomweb_server.config import Settings
+from dicomweb_server.errors import DicomWebError, ForbiddenError, UnauthorizedError
 from dicomweb_server.routes.common import error_response
 
 __all__ = ["Guard", "match_route"]
 
+log = logging.getLogger(__name__)
+
+_REALM = 'Bearer realm="dicomweb"'
 # Characters of an unmatched path kept as the audited action.
 _MAX_ACTION_CHARS = 200
 
@@ -57,32 +64,69 @@ class Guard:
         self.roles = roles
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        # Every method is checked, OPTIONS included: CORS preflights are answered outside
+        # (CORSMiddleware) and never get here; any other request must not probe for free.
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         name, params = match_route(self.routes, scope)
         role = self.roles.get(name, "read") if name else "read"
-        if role is None:  # open: the health check
+        if role is None:  # open: the health check, the OpenAPI description
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
         tally = _Tally(receive, send)
         event = _Event(datetime.now(UTC), scope, name, params)
         try:
-            authenticator: Authenticator = state.authenticator
-            principal = await authenticator.authenticate(_header(scope, b"authorization"))
-            event.caller = principal.name
-            require(principal, role)
-        except DicomWebError as exc:
-            tally.status = exc.status
-            await error_response(exc)(scope, receive, tally.send)
-            await _record(state, event, tally)
-            return
-        scope.setdefault("state", {})["principal"] = principal
-        try:
+            try:
+                principal = await _authenticate(state, scope)
+                event.caller = principal.name
+                require(principal, role)
+            except DicomWebError as exc:
+                tally.status = exc.status
+                await error_response(exc)(scope, receive, tally.send)
+                return
+            scope.setdefault("state", {})["principal"] = principal
             await self.app(scope, tally.receive, tally.send)
-        finally:
+        finally:  # allowed or refused, completed or not: one audit event
             await _record(state, event, tally)
+
+
+async def _authenticate(state: Any, scope: Scope) -> Principal:
+    settings: Settings = state.settings
+    if settings.auth == "none":
+        refusal = _foreign_host(settings, _header(scope, b"host"))
+        if refusal:
+            raise ForbiddenError(refusal)
+    authenticator: Authenticator = state.authenticator
+    try:
+        return await authenticator.authenticate(_header(scope, b"authorization"))
+    except DicomWebError:
+        raise
+    except Exception:  # a bug in a credential check must refuse, not answer 500
+        log.exception("authentication failed unexpectedly")
+        raise UnauthorizedError(
+            "credentials could not be checked", headers={"WWW-Authenticate": _REALM}
+        ) from None
+
+
+def _foreign_host(settings: Settings, host: str | None) -> str | None:
+    """Without authentication, only requests addressed to this machine by name are served: a
+    web page whose DNS name was re-pointed at 127.0.0.1 (DNS rebinding) must not reach it."""
+    if host is None:
+        return None
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    allowed = {"localhost", "127.0.0.1", "::1", *settings.allowed_hosts}
+    if settings.public_url:
+        allowed.add((urlsplit(settings.public_url).hostname or "").lower())
+    if name in allowed or name.endswith(".localhost"):
+        return None
+    return (
+        f"Host {host!r} is not this server's name; without authentication only localhost"
+        " names are served (set DICOMWEB_ALLOWED_HOSTS or DICOMWEB_PUBLIC_URL, or turn"
+        " authentication on)"
+    )
 
 
 class _Tally:

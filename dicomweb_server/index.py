@@ -367,7 +367,9 @@ class Index:
                      for e, (prev, digest) in zip(events, links, strict=True)],
                     timeout=self._timeout,
                 )  # fmt: skip
-        except _UNAVAILABLE as exc:
+        except asyncpg.DataError as exc:  # a value PostgreSQL refuses: not worth a retry
+            raise ValueError(f"the audit trail refused a value: {exc}") from exc
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:  # away, restarting, full, ...
             raise _unavailable(exc) from exc
 
     async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:

@@ -1,7 +1,9 @@
 """Requests that came through a trusted reverse proxy (field notes 13): the client's address,
 the scheme and the host it asked for, from `Forwarded` (RFC 7239) or `X-Forwarded-For/-Proto/
 -Host/-Port`. Only when the direct peer is in DICOMWEB_TRUSTED_PROXIES; from anyone else these
-headers are ignored, since a client could claim any address with them.
+headers are ignored, since a client could claim any address with them. Only the family of
+headers the proxies write is read (DICOMWEB_PROXY_HEADERS): a proxy that writes X-Forwarded-*
+passes a client's own `Forwarded` header through, and the other way round.
 
 Pure ASGI: the scope is rewritten before anything else sees it, so that emitted URLs
 (RetrieveURL, BulkDataURI) and the audit trail's client address are the real ones.
@@ -36,7 +38,9 @@ def _trusted(address: str, networks: Sequence[Network]) -> bool:
         ip = ipaddress.ip_address(address.strip().strip("[]"))
     except ValueError:
         return False
-    return any(ip in net for net in networks)
+    # A dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d.
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return any(ip in net or (mapped is not None and mapped in net) for net in networks)
 
 
 def _forwarded(value: str) -> list[dict[str, str]]:
@@ -48,14 +52,18 @@ def _forwarded(value: str) -> list[dict[str, str]]:
             key, _, val = pair.partition("=")
             if key.strip():
                 pairs[key.strip().lower()] = val.strip().strip('"')
-        elements.append(pairs)
+        if pairs:
+            elements.append(pairs)
     return elements
 
 
 class ProxyHeaders:
-    def __init__(self, app: ASGIApp, networks: Sequence[Network]) -> None:
+    def __init__(
+        self, app: ASGIApp, networks: Sequence[Network], family: str = "x-forwarded"
+    ) -> None:
         self.app = app
         self.networks = tuple(networks)
+        self.family = family  # the headers our proxies write; the other family is ignored
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
@@ -71,10 +79,10 @@ class ProxyHeaders:
     def _rewrite(self, scope: Scope) -> Scope:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         hops: list[str]
-        if "forwarded" in headers:
-            elements = _forwarded(headers["forwarded"])
-            hops = [e.get("for", "") for e in elements]
-            nearest = elements[-1]
+        if self.family == "forwarded":
+            elements = _forwarded(headers.get("forwarded", ""))
+            hops = [e["for"] for e in elements if e.get("for")]
+            nearest = elements[-1] if elements else {}
             proto, host, port = nearest.get("proto"), nearest.get("host"), None
         else:
             hops = [h.strip() for h in headers.get("x-forwarded-for", "").split(",") if h.strip()]
@@ -99,9 +107,7 @@ class ProxyHeaders:
             name, host_port = _split_host(host) if host else (None, None)
             port = port or host_port
             server = scope.get("server") or ("", 0)
-            scope["server"] = (name or server[0],
-                               int(port) if port and port.isdigit()
-                               else _DEFAULT_PORTS[scope["scheme"]])  # fmt: skip
+            scope["server"] = (name or server[0], _port(port) or _DEFAULT_PORTS[scope["scheme"]])
         return scope
 
 
@@ -112,6 +118,13 @@ def _split_host(host: str) -> tuple[str, str | None]:
         return name + "]", rest.removeprefix(":") or None
     name, _, port = host.partition(":")
     return name, port or None
+
+
+def _port(text: str | None) -> int | None:
+    """A TCP port, or None for anything else ("²" is a digit to str.isdigit, not to int)."""
+    if text and text.isascii() and text.isdigit() and 0 < int(text) < 65536:
+        return int(text)
+    return None
 
 
 def _last(value: str | None) -> str | None:

@@ -13,6 +13,7 @@ import pytest
 from starlette.applications import Starlette
 
 from dicomweb_server.config import Settings
+from tests.helpers import TEST_HOSTS
 
 SAMPLES = Path(
     os.environ.get("DICOMWEB_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "samples")
@@ -53,7 +54,7 @@ async def clean_db(pg_dsn: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def settings(tmp_path: Path, clean_db: str) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=clean_db)
+    return Settings(data_dir=tmp_path / "data", database_url=clean_db, allowed_hosts=TEST_HOSTS)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 BOUNDARY = "test-boundary-1234"
+# Host names the in-process test clients use; `--auth none` answers only names it is told of.
+TEST_HOSTS = ("testserver", "t", "archive.internal")
 ROOT = "/dicom-web"
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 

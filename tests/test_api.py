@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from dicomweb_server.config import Settings
 from tests.helpers import (
     ROOT,
+    TEST_HOSTS,
     make_instance,
     multipart_body,
     pending_reservations,
@@ -254,7 +255,12 @@ async def test_stow_part_too_large(tmp_path: Path, clean_db: str) -> None:
     from dicomweb_server.app import create_app
 
     raw = to_bytes(make_instance())
-    settings = Settings(data_dir=tmp_path / "d", database_url=clean_db, max_part_bytes=len(raw))
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        database_url=clean_db,
+        max_part_bytes=len(raw),
+        allowed_hosts=TEST_HOSTS,
+    )
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)

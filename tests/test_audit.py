@@ -253,6 +253,9 @@ def test_dicom_audit_messages() -> None:
     (query,) = msg["ParticipantObjectIdentification"]
     assert query["ParticipantObjectQuery"] == "UGF0aWVudElEPTc="  # base64 of the query
     for action, code, event_id, action_code, indicator in (
+        ("search_for_studies", 403, "110113", "E", 4),
+        ("apikey_list", 200, "110112", "E", 0),
+        ("store_instances", 202, "110104", "C", 4),  # some instances failed
         ("dimse_store", 0x0000, "110104", "C", 0),
         ("dimse_store", 0xA700, "110104", "C", 8),  # out of resources: the archive failed
         ("dimse_store", 0xA900, "110104", "C", 4),  # refused data set
@@ -265,3 +268,23 @@ def test_dicom_audit_messages() -> None:
         ]["EventIdentification"]
         assert (ident["EventID"]["csd-code"], ident["EventActionCode"]) == (event_id, action_code)
         assert ident["EventOutcomeIndicator"] == indicator, (action, hex(code))
+
+
+async def test_one_odd_event_does_not_cost_the_others(empty_audit: str) -> None:
+    """A lone surrogate (a token's `sub`) or a NUL is stored escaped; the batch is written
+    whole and the chain holds (found by review: the batch used to be dropped)."""
+    from dicomweb_server.auditlog import running_audit_log
+
+    index = await Index.open(empty_audit, max_size=2, timeout_s=30)
+    try:
+        async with running_audit_log(index) as audit:
+            for n in range(10):
+                caller = "oidc:\ud800" if n == 5 else f"oidc:user{n}"
+                await audit.record(AuditEvent(datetime.now(UTC), caller, "h", "a", ("1\x002",)))
+            await audit.flush()
+        rows = await _rows(empty_audit)
+        assert len(rows) == 10 and rows[5]["caller"] == "oidc:\\ud800"
+        assert rows[0]["uids"] == ["1\\02"]
+        assert await _verify(index) is None
+    finally:
+        await index.close()

@@ -26,6 +26,7 @@ from dicomweb_server.app import create_app
 from dicomweb_server.auth import _roles, create_api_key
 from dicomweb_server.cli import is_loopback, main, unsafe_serving
 from dicomweb_server.config import ConfigError, Settings
+from dicomweb_server.errors import UnauthorizedError
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
 
@@ -366,3 +367,97 @@ def test_no_auth_only_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:
     assert "without authentication" in capsys.readouterr().err
     assert main(["serve", "--auth", "oidc"]) == 2
     assert "DICOMWEB_OIDC_ISSUER" in capsys.readouterr().err
+
+
+# Found by review: none of these may be a 500, and none may echo the caller's text in headers.
+
+
+async def test_tokens_for_another_key_type_or_with_hostile_fields_are_401(
+    oidc_app: tuple[Starlette, httpx.AsyncClient], issuer: Issuer
+) -> None:
+    _, client = oidc_app
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "exp": now + 60}
+    hostile = {
+        "ES256 named for an RSA key": _unsigned({"alg": "ES256", "kid": issuer.kid}, claims),
+        "EdDSA named for an RSA key": _unsigned({"alg": "EdDSA", "kid": issuer.kid}, claims),
+        "CRLF in crit": _unsigned(
+            {"alg": "RS256", "kid": issuer.kid, "crit": ["x\r\nSet-Cookie: a=b"]}, claims
+        ),
+        "non-ASCII kid": _unsigned({"alg": "RS256", "kid": "€"}, claims),
+        "non-ASCII crit": _unsigned({"alg": "RS256", "kid": issuer.kid, "crit": ["€"]}, claims),
+    }
+    for why, token in hostile.items():
+        r = await client.get(f"{ROOT}/studies", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 401, why
+        challenge = r.headers["www-authenticate"]
+        assert "\r" not in challenge and "\n" not in challenge and "Set-Cookie" not in challenge
+        assert all(32 <= ord(c) < 127 for c in challenge), why
+
+
+def test_jwks_over_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    from dicomweb_server.auth import OidcAuth
+
+    s = Settings(auth="oidc", oidc_issuer=ISSUER, oidc_audience=AUDIENCE,
+                 oidc_jwks="http://idp.example.org/certs")  # fmt: skip
+    with pytest.raises(ConfigError, match="https"):
+        OidcAuth(s)
+    OidcAuth(dataclasses.replace(s, oidc_jwks="http://127.0.0.1:9/certs"))
+
+
+async def test_revocation_during_a_lookup_is_not_cached(settings: Settings) -> None:
+    from dicomweb_server.auth import ApiKeyAuth
+    from dicomweb_server.index import Index
+
+    index = await Index.open(settings.database_url or "", max_size=2, timeout_s=30)
+    try:
+        await index.apply_schema((Path(__file__).parents[1] / "schema.sql").read_text())
+        key_id, token = await create_api_key(index, "read")
+        authenticator = ApiKeyAuth(index)
+        real_lookup = index.api_key
+        gate = asyncio.Event()
+
+        async def slow_lookup(kid: str) -> Any:
+            found = await real_lookup(kid)  # read before the revocation ...
+            await gate.wait()  # ... and answered after it
+            return found
+
+        index.api_key = slow_lookup  # type: ignore[method-assign,assignment]
+        pending = asyncio.create_task(authenticator.authenticate(f"Bearer {token}"))
+        await asyncio.sleep(0.05)
+        await real_lookup(key_id)
+        assert await index.revoke_api_key(key_id)
+        authenticator.forget(key_id)
+        gate.set()
+        await pending  # that request was in flight before the revocation: it passes
+        index.api_key = real_lookup  # type: ignore[method-assign]
+        with pytest.raises(UnauthorizedError, match="revoked"):
+            await authenticator.authenticate(f"Bearer {token}")
+    finally:
+        await index.close()
+
+
+async def test_no_auth_answers_only_local_host_names(settings: Settings) -> None:
+    async with _client(dataclasses.replace(settings, allowed_hosts=())) as (_, client):
+        for host, status in (("localhost:8080", 204), ("127.0.0.1", 204), ("[::1]:80", 204),
+                             ("viewer.localhost", 204), ("evil.example", 403),
+                             ("127.0.0.1.nip.io", 403)):  # fmt: skip
+            r = await client.get(f"{ROOT}/studies", headers={"Host": host})
+            assert r.status_code == status, host
+        assert "DNS" not in r.text and "not this server's name" in r.json()["message"]
+        assert (await client.get("/health", headers={"Host": "evil.example"})).status_code == 200
+    assert "--trusted-proxies" in (unsafe_serving(Settings(trusted_proxies=("10.0.0.1",))) or "")
+
+
+async def test_options_and_bad_admin_input_are_not_free(
+    apikey_app: tuple[Starlette, httpx.AsyncClient],
+) -> None:
+    app, client = apikey_app
+    # A plain OPTIONS (not a CORS preflight) needs credentials like any other method.
+    assert (await client.options("/admin/apikeys")).status_code == 401
+    assert (await client.options(f"{ROOT}/no/such")).status_code == 401
+    admin = await _key(app, "admin")
+    assert (await client.delete("/admin/apikeys/%00", headers=admin)).status_code == 404
+    deep = b"[" * 3000
+    r = await client.post("/admin/apikeys", content=deep, headers=admin)
+    assert r.status_code == 400

@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from dicomweb_server.config import Settings
 from tests.helpers import (
     ROOT,
+    TEST_HOSTS,
     inst_url,
     make_instance,
     multipart_body,
@@ -47,7 +48,7 @@ async def test_disk_full_fails_cleanly_with_out_of_resources(
 ) -> None:
     from dicomweb_server.app import create_app
 
-    settings = Settings(data_dir=tmp_path / "data", database_url=clean_db)
+    settings = Settings(data_dir=tmp_path / "data", database_url=clean_db, allowed_hosts=TEST_HOSTS)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -85,7 +86,7 @@ async def test_database_away_then_back(tmp_path: Path) -> None:
     from dicomweb_server.embedded_db import EmbeddedPostgres
 
     pg = EmbeddedPostgres(tmp_path / "pg")
-    settings = Settings(data_dir=tmp_path / "data", database_url=pg.dsn)
+    settings = Settings(data_dir=tmp_path / "data", database_url=pg.dsn, allowed_hosts=TEST_HOSTS)
     app = create_app(settings)
     try:
         async with app.router.lifespan_context(app):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +16,7 @@ __all__ = ["create_key", "list_keys", "revoke_key"]
 
 # Largest request body of a key creation, bytes.
 MAX_ADMIN_BODY_BYTES = 4096
+_KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 # Longest key name, characters.
 MAX_KEY_NAME_CHARS = 200
 
@@ -46,7 +48,7 @@ async def create_key(request: Request) -> Response:
                 f"name must be printable text of at most {MAX_KEY_NAME_CHARS} characters"
             )
         name.encode("utf-8")  # a lone surrogate raises UnicodeEncodeError, a ValueError
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BadRequestError(f'expected {{"role": ..., "name": ...}}: {exc}') from None
     key_id, token = await create_api_key(services(request).index, role, name)
     request.state.audit_detail = f"role={role} key={key_id}"
@@ -56,8 +58,9 @@ async def create_key(request: Request) -> Response:
 async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
     request.state.audit_detail = f"key={key_id}"
-    revoked = await services(request).index.revoke_api_key(key_id)
+    # Key ids are 12 hex digits (auth.create_api_key); anything else names no key.
+    revoked = bool(_KEY_ID.match(key_id)) and await services(request).index.revoke_api_key(key_id)
     request.app.state.authenticator.forget(key_id)  # refused from the next request on
     if not revoked:
-        raise NotFoundError(f"no active API key {key_id!r}")
+        raise NotFoundError(f"no active API key {key_id[:40]!r}")
     return Response(status_code=204)
