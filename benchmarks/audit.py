@@ -28,7 +28,8 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vs_orthanc import PG, pct, stow, timed_get
+from benchmarks.common import fresh_database
+from benchmarks.vs_orthanc import pct, stow, timed_get
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.index import Index
 from tests.liveserver import ServerProcess, start
@@ -40,12 +41,6 @@ ROUNDS = 300
 # Events appended when measuring the writer's capacity, and per batch.
 WRITER_EVENTS = 20_000
 WRITER_BATCH = 500
-
-
-def fresh_database() -> str:
-    for sql in (f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", f"CREATE DATABASE {BENCH_DB}"):
-        subprocess.run(["psql", f"{PG}/postgres", "-qc", sql], check=True, capture_output=True)
-    return f"{PG}/{BENCH_DB}"
 
 
 def small_files(n: int) -> list[Path]:
@@ -131,7 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    dsn = fresh_database()
+    dsn = fresh_database(BENCH_DB)
     files = small_files(40)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vs_orthanc import PG, pct
+from benchmarks.common import fresh_database
+from benchmarks.vs_orthanc import pct
 from dicomweb_server.attributes import Level
 from dicomweb_server.query import parse
 from dicomweb_server.sql import compile_search
@@ -114,12 +114,6 @@ JOIN (SELECT i.*, s1.series_number AS template_series FROM instance i
       WHERE s0.study_instance_uid = $3) ti ON ti.template_series = se.series_number
 WHERE st.pk BETWEEN $1 AND $2
 """
-
-
-def fresh_database() -> str:
-    for sql in (f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", f"CREATE DATABASE {BENCH_DB}"):
-        subprocess.run(["psql", f"{PG}/postgres", "-qc", sql], check=True, capture_output=True)
-    return f"{PG}/{BENCH_DB}"
 
 
 def seed(url: str) -> None:
@@ -222,7 +216,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    dsn = fresh_database()
+    dsn = fresh_database(BENCH_DB)
     results: dict[str, Any] = {}
     rng = random.Random(5)
     with tempfile.TemporaryDirectory() as tmp, running(Path(tmp) / "data", dsn) as server:

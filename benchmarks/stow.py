@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import signal
 import statistics
@@ -34,11 +33,10 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.liveserver import ServerProcess, free_port, start
+from benchmarks.common import PEERS, fresh_database, start_orthanc
+from tests.liveserver import ServerProcess, start
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT.parent / "shared" / "peers" / "orthanc"
-PG = "postgresql://postgres@127.0.0.1:5432"
 BOUNDARY = "bench-boundary"
 CTYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 # (name, instances per request, concurrent clients, instances per round)
@@ -80,22 +78,6 @@ def start_ours(data: Path, db: str, src: Path | None, workers: int = 1) -> Serve
     return start(data, fresh_database(db), extra_env=env, extra_args=args, cwd=src or ROOT)
 
 
-def start_orthanc(state: Path) -> tuple[str, dict[str, str]]:
-    port, dicom_port = free_port(), free_port()
-    env = {**os.environ, "PORT": str(port), "DICOM_PORT": str(dicom_port), "PG": "1",
-           "PG_DB": "orthanc_bench_stow", "ORTHANC_STATE_DIR": str(state)}  # fmt: skip
-    subprocess.run(
-        ["bash", str(PEERS / "start.sh")], env=env, check=True, timeout=900, capture_output=True
-    )
-    return f"http://127.0.0.1:{port}/dicom-web", env
-
-
-def fresh_database(name: str) -> str:
-    for sql in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
-        subprocess.run(["psql", f"{PG}/postgres", "-qc", sql], check=True, capture_output=True)
-    return f"{PG}/{name}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--archive", type=Path, required=True)
@@ -125,7 +107,7 @@ def main() -> int:
             stack.callback(_stop, base)
             servers["before"] = base.url
         if not args.no_orthanc:
-            url, env = start_orthanc(Path(tmp) / "orthanc")
+            url, env = start_orthanc(Path(tmp) / "orthanc", "orthanc_bench_stow")
             stack.callback(
                 subprocess.run, ["bash", str(PEERS / "stop.sh")], env=env, capture_output=True
             )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -30,14 +29,13 @@ import httpx
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.liveserver import free_port, start
+from benchmarks.common import PEERS, fresh_database, start_orthanc
+from tests.liveserver import start
 
-PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers" / "orthanc"
 LARGE = (
     Path(__file__).resolve().parents[2]
     / "shared/samples/generated/large/ect_24frames_512_explicit_le.dcm"
 )
-PG = "postgresql://postgres@127.0.0.1:5432"
 BENCH_DB = "dicomweb_bench"
 BOUNDARY = "bench-boundary"
 ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -110,22 +108,6 @@ RETRIEVES: dict[str, tuple[Callable[[pydicom.Dataset], str], str]] = {
 }
 
 
-def start_orthanc(state: Path) -> tuple[str, dict[str, str]]:
-    port, dicom_port = free_port(), free_port()
-    env = {**os.environ, "PORT": str(port), "DICOM_PORT": str(dicom_port), "PG": "1",
-           "PG_DB": "orthanc_bench_vs", "ORTHANC_STATE_DIR": str(state)}  # fmt: skip
-    subprocess.run(
-        ["bash", str(PEERS / "start.sh")], env=env, check=True, timeout=900, capture_output=True
-    )
-    return f"http://127.0.0.1:{port}/dicom-web", env
-
-
-def fresh_database() -> str:
-    for sql in (f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", f"CREATE DATABASE {BENCH_DB}"):
-        subprocess.run(["psql", f"{PG}/postgres", "-qc", sql], check=True, capture_output=True)
-    return f"{PG}/{BENCH_DB}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--archive", type=Path, required=True)
@@ -135,8 +117,8 @@ def main() -> int:
     random.Random(1).shuffle(files)
     results: dict[str, Any] = {"instances": len(files)}
     with tempfile.TemporaryDirectory() as tmp:
-        ours = start(Path(tmp) / "data", fresh_database())
-        orthanc_url, orthanc_env = start_orthanc(Path(tmp) / "orthanc")
+        ours = start(Path(tmp) / "data", fresh_database(BENCH_DB))
+        orthanc_url, orthanc_env = start_orthanc(Path(tmp) / "orthanc", "orthanc_bench_vs")
         servers = {"ours": ours.url, "orthanc": orthanc_url}
         try:
             results.update(run_all(servers, files, Path(tmp) / "data"))
