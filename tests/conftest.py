@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -79,3 +80,23 @@ def samples() -> Path:
     if not (SAMPLES / "MANIFEST.tsv").exists():
         pytest.fail(f"sample corpus not found at {SAMPLES} (set DICOMWEB_SAMPLES)")
     return SAMPLES
+
+
+# The DIMSE front door's tests (test_dimse*.py): a storage SCP to move to, and the archive
+# with it configured as a C-MOVE destination.
+
+
+@pytest.fixture
+def peer() -> Iterator[Any]:
+    from tests.dimse_support import running_peer
+
+    with running_peer() as p:
+        yield p
+
+
+@pytest.fixture
+async def archive(settings: Settings, peer: Any, tmp_path: Path) -> AsyncIterator[Any]:
+    from tests.dimse_support import archive_with_peer
+
+    async with archive_with_peer(settings, peer, tmp_path) as a:
+        yield a

@@ -6,7 +6,6 @@ limits; `serve --dimse-port` in a real process. Query/Retrieve: test_dimse_qr.py
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -24,8 +23,6 @@ from tests.dimse_support import (
     CLIENT_TIMEOUT_S,
     SCU,
     Archive,
-    Peer,
-    archive_with_peer,
     associate,
     blobs,
     dataset_bytes,
@@ -33,7 +30,6 @@ from tests.dimse_support import (
     in_thread,
     instance_count,
     running_archive,
-    running_peer,
     scu,
     wado_instance,
 )
@@ -63,18 +59,6 @@ RAW_CORPUS = (
     "generated/coverage/cr_mono1_explicit_be.dcm",
     "real/pydicom-data/HTJ2KLossless_08_RGB.dcm",
 )
-
-
-@pytest.fixture
-def peer() -> Iterator[Peer]:
-    with running_peer() as p:
-        yield p
-
-
-@pytest.fixture
-async def archive(settings: Settings, peer: Peer, tmp_path: Path) -> AsyncIterator[Archive]:
-    async with archive_with_peer(settings, peer, tmp_path) as a:
-        yield a
 
 
 # -- Verification ---------------------------------------------------------------------------

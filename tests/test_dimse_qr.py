@@ -4,7 +4,6 @@ movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,20 +22,17 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomweb_server.config import Settings
 from tests.dimse_support import (
     PEER,
     SCU,
     Archive,
     Peer,
-    archive_with_peer,
     associate,
     dataset_bytes,
     dcmtk,
     identifier,
     in_thread,
     received_data_set,
-    running_peer,
     scu,
     stow,
     wado_instance,
@@ -44,18 +40,6 @@ from tests.dimse_support import (
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture
-def peer() -> Iterator[Peer]:
-    with running_peer() as p:
-        yield p
-
-
-@pytest.fixture
-async def archive(settings: Settings, peer: Peer, tmp_path: Path) -> AsyncIterator[Archive]:
-    async with archive_with_peer(settings, peer, tmp_path) as a:
-        yield a
 
 
 # -- Query ----------------------------------------------------------------------------------
