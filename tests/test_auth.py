@@ -446,6 +446,10 @@ async def test_no_auth_answers_only_local_host_names(settings: Settings) -> None
             assert r.status_code == status, host
         assert "DNS" not in r.text and "not this server's name" in r.json()["message"]
         assert (await client.get("/health", headers={"Host": "evil.example"})).status_code == 200
+    for opened in ({"insecure": True}, {"allowed_hosts": ("*",)}):
+        async with _client(dataclasses.replace(settings, **opened)) as (_, client):
+            r = await client.get(f"{ROOT}/studies", headers={"Host": "192.0.2.8:8080"})
+            assert r.status_code == 204, opened
     assert "--trusted-proxies" in (unsafe_serving(Settings(trusted_proxies=("10.0.0.1",))) or "")
 
 
