@@ -154,6 +154,24 @@ def associate(ae: AE, archive: Archive, **kwargs: Any) -> Association:
     return assoc
 
 
+async def store_one(archive: Archive, data: Dataset | Path) -> Dataset:
+    """One CT C-STORE (explicit little endian) over its own association; the response."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(data)
+        finally:
+            assoc.release()
+
+    return await in_thread(send)
+
+
 async def stow(archive: Archive, *datasets: Dataset) -> None:
     body = multipart_body(to_bytes(ds) for ds in datasets)
     r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())

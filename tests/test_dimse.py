@@ -31,6 +31,7 @@ from tests.dimse_support import (
     instance_count,
     running_archive,
     scu,
+    store_one,
     wado_instance,
 )
 from tests.helpers import ROOT, make_instance, to_bytes
@@ -148,17 +149,7 @@ async def test_store_duplicate_is_success_and_one_copy(archive: Archive) -> None
 async def test_store_without_study_uid_fails_a900_and_stores_nothing(archive: Archive) -> None:
     ds = make_instance()
     del ds.StudyInstanceUID
-    ae = scu()
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-
-    def send() -> Dataset:
-        assoc = associate(ae, archive)
-        try:
-            return assoc.send_c_store(ds)
-        finally:
-            assoc.release()
-
-    rsp = await in_thread(send)
+    rsp = await store_one(archive, ds)
     assert rsp.Status == 0xA900
     assert "StudyInstanceUID" in rsp.ErrorComment
     assert await instance_count(archive) == 0
@@ -179,17 +170,7 @@ async def test_corrupt_data_set_fails_c000_and_leaves_nothing(
     truncated = b"\x08\x00\x16\x00SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00abc"
     path.write_bytes(whole[:offset] + truncated)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    ae = scu()
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-
-    def send() -> Dataset:
-        assoc = associate(ae, archive)
-        try:
-            return assoc.send_c_store(path)
-        finally:
-            assoc.release()
-
-    rsp = await in_thread(send)
+    rsp = await store_one(archive, path)
     assert rsp.Status == 0xC000, hex(rsp.Status)
     assert await instance_count(archive) == 0
     assert blobs(archive) == []
@@ -207,17 +188,7 @@ async def test_data_set_not_matching_the_request_fails_a900(
     path = tmp_path / "mismatch.dcm"
     path.write_bytes(to_bytes(ds).replace(sop.encode(), other.encode(), 1))
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    ae = scu()
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-
-    def send() -> Dataset:
-        assoc = associate(ae, archive)
-        try:
-            return assoc.send_c_store(path)
-        finally:
-            assoc.release()
-
-    rsp = await in_thread(send)
+    rsp = await store_one(archive, path)
     assert rsp.Status == 0xA900
     assert "SOPInstanceUID" in rsp.ErrorComment
     assert await instance_count(archive) == 0
