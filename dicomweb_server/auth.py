@@ -34,6 +34,8 @@ __all__ = [
     "authenticator_for",
     "create_api_key",
     "describe",
+    "is_key_id",
+    "is_loopback",
     "require",
 ]
 
@@ -126,14 +128,23 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
-def _loopback_url(url: str) -> bool:
-    host = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+def is_key_id(text: str) -> bool:
+    """The form of the key ids create_api_key makes (12 hex digits)."""
+    return bool(_KEY_ID.match(text))
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost`, or a loopback address (brackets allowed around IPv6)."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _loopback_url(url: str) -> bool:
+    return is_loopback(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0])
 
 
 async def create_api_key(index: Index, role: str, name: str = "") -> tuple[str, str]:
@@ -158,7 +169,7 @@ class ApiKeyAuth:
         self._generation += 1
 
     async def _lookup(self, key_id: str) -> ApiKey | None:
-        if not _KEY_ID.match(key_id):
+        if not is_key_id(key_id):
             return None
         now = time.monotonic()
         hit = self._cache.get(key_id)

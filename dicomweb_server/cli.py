@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
-import ipaddress
 import json
 import logging
 import signal
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from dicomweb_server.app import create_app, open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
-from dicomweb_server.auth import ROLES, create_api_key
+from dicomweb_server.auth import ROLES, create_api_key, is_loopback
 from dicomweb_server.config import (
     AUTH_MODES,
     DEFAULT_AE_TITLE,
@@ -99,15 +98,6 @@ def _hypercorn_config(settings: Settings) -> HypercornConfig:
 def _root(settings: Settings) -> str:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     return f"{settings.scheme}://{host}:{settings.port}{DICOMWEB_ROOT}"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def unsafe_serving(settings: Settings) -> str | None:

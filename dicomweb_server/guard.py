@@ -166,16 +166,14 @@ class _Event:
         received = scope["method"] == "POST"
         return AuditEvent(
             time=self.at,
-            caller=_clean(self.caller),
+            caller=self.caller,
             client=client[0] if client else "-",
-            action=_clean(self.action),
-            uids=tuple(_clean(u) for u in ([path] if path else []) + extra),
+            action=self.action,
+            uids=tuple(([path] if path else []) + extra),
             outcome=tally.status,
             nbytes=tally.received if received else tally.sent,
-            detail=_clean(
-                scope.get("state", {}).get("audit_detail")
-                or scope.get("query_string", b"").decode("latin-1")
-            ),
+            detail=scope.get("state", {}).get("audit_detail")
+            or scope.get("query_string", b"").decode("latin-1"),
         )
 
 
@@ -190,8 +188,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-def _clean(text: str) -> str:
-    """PostgreSQL text holds no NUL character."""
-    return text.replace("\x00", "\\0")

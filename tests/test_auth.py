@@ -23,8 +23,8 @@ from starlette.routing import Mount, Route
 
 from dicomweb_server import auth
 from dicomweb_server.app import create_app
-from dicomweb_server.auth import _roles, create_api_key
-from dicomweb_server.cli import is_loopback, main, unsafe_serving
+from dicomweb_server.auth import _roles, create_api_key, is_loopback
+from dicomweb_server.cli import main, unsafe_serving
 from dicomweb_server.config import ConfigError, Settings
 from dicomweb_server.errors import UnauthorizedError
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES

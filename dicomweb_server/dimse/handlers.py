@@ -130,7 +130,7 @@ class Handlers:
         requestor = event.assoc.requestor
         record = AuditEvent(
             datetime.now(UTC), f"ae:{requestor.ae_title.strip()}", str(requestor.address),
-            action, tuple(uids), code, nbytes, detail.replace("\x00", ""),
+            action, tuple(uids), code, nbytes, detail,
         )  # fmt: skip
         try:
             self._run(self.audit.record(record), DIMSE_QUERY_TIMEOUT_S)
