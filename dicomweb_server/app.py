@@ -38,7 +38,15 @@ log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
 # Headers a browser-based viewer must be able to read (field notes 2).
-EXPOSED_HEADERS = ["Content-Type", "Content-Location", "Content-Length", "ETag", "Warning"]
+EXPOSED_HEADERS = [
+    "Content-Type",
+    "Content-Location",
+    "Content-Length",
+    "ETag",
+    "Warning",
+    "Content-Range",
+    "Accept-Ranges",
+]
 
 
 async def recover(index: Index, blobs: FileSystemBlobStore) -> int:

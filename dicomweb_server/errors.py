@@ -16,6 +16,7 @@ __all__ = [
     "NotAcceptableError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "RangeNotSatisfiableError",
     "ServiceUnavailableError",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
@@ -68,6 +69,12 @@ class PayloadTooLargeError(DicomWebError):
 
 class UnsupportedMediaTypeError(DicomWebError):
     status = 415
+
+
+class RangeNotSatisfiableError(DicomWebError):
+    """A Range none of whose bytes exist (RFC 9110 15.5.17); sent with `Content-Range: */n`."""
+
+    status = 416
 
 
 class ServiceUnavailableError(DicomWebError):

@@ -7,10 +7,16 @@ follows PS3.18 8.7 (acceptable media types and transfer syntaxes).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from dicomweb_server.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
+from dicomweb_server.errors import (
+    BadRequestError,
+    NotAcceptableError,
+    RangeNotSatisfiableError,
+    UnsupportedMediaTypeError,
+)
 
 __all__ = [
     "APPLICATION_DICOM",
@@ -22,6 +28,7 @@ __all__ = [
     "MULTIPART_RELATED",
     "STORED",
     "MediaRange",
+    "byte_range",
     "frame_media_type",
     "negotiate_bulkdata",
     "negotiate_frames",
@@ -310,3 +317,41 @@ def negotiate_json(accept: str | None) -> str:
         if rng.matches(APPLICATION_JSON):
             return APPLICATION_JSON
     raise NotAcceptableError("acceptable: application/dicom+json or application/json")
+
+
+# One byte-range-spec of RFC 9110 14.1.1: `first-last`, `first-` or `-suffix`.
+_BYTE_RANGE = re.compile(r"\s*bytes\s*=\s*(?:(\d{1,18})-(\d{1,18})?|-(\d{1,18}))\s*", re.I)
+
+
+def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
+    """The bytes [start, stop) of a value of `length` bytes that a Range header asks for.
+
+    None means "send the whole value" (RFC 9110 14.2: a server may ignore Range): no header, a
+    unit other than bytes, a malformed or backwards range, or several ranges (only one is
+    served, as a multipart/byteranges body inside a multipart/related one would help nobody).
+    A range that starts past the end is refused with 416 and `Content-Range: bytes */length`.
+    """
+    if header is None:
+        return None
+    m = _BYTE_RANGE.fullmatch(header)
+    if m is None:
+        return None
+    first, last, suffix = m.groups()
+    if suffix is not None:
+        if int(suffix) == 0 or length == 0:
+            raise _unsatisfiable(header, length)
+        return max(0, length - int(suffix)), length
+    start = int(first)
+    if last is not None and int(last) < start:
+        return None
+    if start >= length:
+        raise _unsatisfiable(header, length)
+    stop = length if last is None else min(int(last) + 1, length)
+    return start, stop
+
+
+def _unsatisfiable(header: str, length: int) -> RangeNotSatisfiableError:
+    return RangeNotSatisfiableError(
+        f"{header.strip()[:60]!r} asks for no byte of a {length}-byte value",
+        headers={"Content-Range": f"bytes */{length}"},
+    )

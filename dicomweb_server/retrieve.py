@@ -12,7 +12,8 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -50,14 +51,17 @@ from dicomweb_server.transcode import (
 __all__ = [
     "MAX_FRAMES_PER_REQUEST",
     "Part",
-    "bulkdata_parts",
+    "Sized",
+    "bulk_value",
     "frame_parts",
+    "frame_value",
     "instance_parts",
     "locate",
     "metadata_json",
     "parse_frame_list",
     "rendered_image",
     "representative",
+    "slice_stream",
 ]
 
 Part = tuple[dict[str, str], AsyncIterable[bytes]]
@@ -209,10 +213,7 @@ def parse_frame_list(text: str) -> list[int]:
     return frames
 
 
-async def frame_parts(
-    svc: Services, inst: StoredInstance, frames: list[int], accept: str | None
-) -> tuple[str, AsyncIterator[Part]]:
-    """(part media type, parts) for a frames request; 404/406 raised before anything is sent."""
+def _check_frames(inst: StoredInstance, frames: list[int]) -> None:
     if inst.number_of_frames == 0:
         raise NotFoundError("the instance has no pixel data")
     missing = [n for n in frames if n > inst.number_of_frames]
@@ -220,22 +221,123 @@ async def frame_parts(
         raise NotFoundError(
             f"frame {missing[0]} does not exist: the instance has {inst.number_of_frames}"
         )
+
+
+def _frame_plan(inst: StoredInstance, accept: str | None) -> tuple[str, str, str]:
+    """(part media type, part Content-Type, target) of a frames request; target STORED means
+    the stored bytes are sent as they are. 406 raised here, before anything is sent."""
     ts = inst.transfer_syntax_uid
     why = "" if decodable(ts) else missing_codec(ts)
     target = negotiate_frames(accept, ts, targets_of(inst), why)
     if target == STORED:
         media = frame_media_type(ts)
         if media != APPLICATION_OCTET_STREAM:
-            return media, _stored_frames(svc, inst, frames, f"{media}; transfer-syntax={ts}")
+            return media, f"{media}; transfer-syntax={ts}", STORED
         # Native: as stored is uncompressed, i.e. Explicit VR Little Endian frames (big
         # endian, deflated and bit-packed frames not on byte boundaries are decoded).
         target = EXPLICIT_VR_LITTLE_ENDIAN
     if target == EXPLICIT_VR_LITTLE_ENDIAN:
         ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
         if ts in _LE_NATIVE and inst.frame_offsets is not None:
-            return APPLICATION_OCTET_STREAM, _stored_frames(svc, inst, frames, ctype)
-        return APPLICATION_OCTET_STREAM, await _converted_frames(svc, inst, frames, target)
-    return frame_media_type(target), await _converted_frames(svc, inst, frames, target)
+            return APPLICATION_OCTET_STREAM, ctype, STORED
+        return APPLICATION_OCTET_STREAM, ctype, target
+    media = frame_media_type(target)
+    return media, f"{media}; transfer-syntax={target}", target
+
+
+async def frame_parts(
+    svc: Services, inst: StoredInstance, frames: list[int], accept: str | None
+) -> tuple[str, AsyncIterator[Part]]:
+    """(part media type, parts) for a frames request; 404/406 raised before anything is sent."""
+    _check_frames(inst, frames)
+    media, ctype, target = _frame_plan(inst, accept)
+    if target == STORED:
+        return media, _stored_frames(svc, inst, frames, ctype)
+    return media, await _converted_frames(svc, inst, frames, target, ctype)
+
+
+@dataclass(frozen=True)
+class Sized:
+    """One frame or bulk data value whose length is known before it is sent, readable by byte
+    range (HTTP Range on frame and bulk data URLs, field notes 6)."""
+
+    headers: dict[str, str]
+    length: int
+    read: Callable[[int, int], AsyncIterator[bytes]]  # bytes [start, stop)
+
+
+async def frame_value(
+    svc: Services, inst: StoredInstance, n: int, accept: str | None
+) -> tuple[str, Sized]:
+    """(part media type, value) of frame n as the client accepts it; 404/406 raised here."""
+    _check_frames(inst, [n])
+    media, ctype, target = _frame_plan(inst, accept)
+    headers = {"Content-Type": ctype}
+    if target != STORED:
+        return media, _sized_bytes(headers, await _convert_frame(svc, inst, n, target))
+    if inst.frame_offsets is None or inst.frame_lengths is None:
+        path = svc.blobs.local_path(inst.blob_key)
+        (data,) = await anyio.to_thread.run_sync(stored_frames, path, [n], limiter=svc.limiter)
+        return media, _sized_bytes(headers, data)
+    offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
+    return media, await _sized_range(svc, inst.blob_key, offset, length, inst.encapsulated, headers)
+
+
+def _sized_bytes(headers: dict[str, str], data: bytes) -> Sized:
+    return Sized(headers, len(data), lambda start, stop: _one(data[start:stop]))
+
+
+async def _sized_range(
+    svc: Services, key: str, offset: int, length: int, encapsulated: bool, headers: dict[str, str]
+) -> Sized:
+    """The value stored at [offset, offset + length) of a blob; of encapsulated items, the
+    concatenated item values (their length is summed from the item headers, values unread)."""
+    if not encapsulated:
+        return Sized(
+            headers,
+            length,
+            lambda start, stop: svc.blobs.open_range(key, offset + start, stop - start),
+        )
+    path = svc.blobs.local_path(key)
+    total = await anyio.to_thread.run_sync(
+        _item_values_length, path, offset, length, limiter=svc.limiter
+    )
+    return Sized(
+        headers,
+        total,
+        lambda start, stop: slice_stream(
+            strip_items(svc.blobs.open_range(key, offset, length)), start, stop
+        ),
+    )
+
+
+def _item_values_length(path: Path, offset: int, length: int) -> int:
+    """Sum of the item value lengths of the encapsulated items at [offset, offset + length)."""
+    total = 0
+    end = offset + length
+    with path.open("rb") as fh:
+        pos = offset
+        while pos < end:
+            fh.seek(pos)
+            header = fh.read(8)
+            if len(header) < 8:
+                raise OSError(f"{path.name} is shorter than the recorded range")
+            (n,) = struct.unpack("<I", header[4:])
+            total += n
+            pos += 8 + n
+    return total
+
+
+async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> AsyncIterator[bytes]:
+    """Bytes [start, stop) of a stream of chunks; reading stops once `stop` is reached."""
+    pos = 0
+    async for chunk in chunks:
+        end = pos + len(chunk)
+        if end > start:
+            yield chunk[max(0, start - pos) : min(len(chunk), stop - pos)]
+        pos = end
+        if pos >= stop:
+            break
 
 
 async def _stored_frames(
@@ -283,23 +385,22 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
 
 
 async def _converted_frames(
-    svc: Services, inst: StoredInstance, frames: list[int], target: str
+    svc: Services, inst: StoredInstance, frames: list[int], target: str, ctype: str
 ) -> AsyncIterator[Part]:
     """Converted frames; the first is converted before the response starts, so that a codec
     that fails on this instance gives a 406 rather than a broken stream."""
     first = await _convert_frame(svc, inst, frames[0], target)
-    return _converted_rest(svc, inst, first, frames[1:], target)
+    return _converted_rest(svc, inst, first, frames[1:], target, ctype)
 
 
 async def _converted_rest(
-    svc: Services, inst: StoredInstance, first: bytes, frames: list[int], target: str
+    svc: Services,
+    inst: StoredInstance,
+    first: bytes,
+    frames: list[int],
+    target: str,
+    ctype: str,
 ) -> AsyncIterator[Part]:
-    media = (
-        APPLICATION_OCTET_STREAM
-        if target == EXPLICIT_VR_LITTLE_ENDIAN
-        else frame_media_type(target)
-    )
-    ctype = f"{media}; transfer-syntax={target}"
     yield {"Content-Type": ctype}, _one(first)
     for n in frames:
         # One frame at a time: memory stays at one converted frame per request.
@@ -331,33 +432,23 @@ async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
                 header = b""
 
 
-async def bulkdata_parts(
-    svc: Services, study: str, series: str, sop: str, path: str
-) -> AsyncIterator[Part]:
+async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:
     """The value of one bulk data element (PS3.18 8.4.1.3); 404 when there is none."""
     if not re.fullmatch(r"[0-9A-Fa-f]{8}(/\d{1,6}/[0-9A-Fa-f]{8})*", path):
         raise NotFoundError(f"no bulk data at {path!r}")
     entry = await svc.index.bulk_range(study, series, sop, path.upper())
     if entry is None:
         raise NotFoundError("no such instance in the archive")
-    ctype = {"Content-Type": APPLICATION_OCTET_STREAM}
+    headers = {"Content-Type": APPLICATION_OCTET_STREAM}
+    (inst,) = await locate(svc, study, series, sop)
     if entry:
         offset, length, _vr, encapsulated = entry
-        chunks = svc.blobs.open_range(_key(await locate(svc, study, series, sop)), offset, length)
-        return _single(ctype, strip_items(chunks) if encapsulated else chunks)
-    file = svc.blobs.local_path(_key(await locate(svc, study, series, sop)))
+        return await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
+    file = svc.blobs.local_path(inst.blob_key)
     value = await anyio.to_thread.run_sync(read_bulk_value, file, path.upper(), limiter=svc.limiter)
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}")
-    return _single(ctype, _one(value[0]))
-
-
-def _key(found: list[StoredInstance]) -> str:
-    return found[0].blob_key
-
-
-async def _single(headers: dict[str, str], body: AsyncIterable[bytes]) -> AsyncIterator[Part]:
-    yield headers, body
+    return _sized_bytes(headers, value[0])
 
 
 def representative(instances: list[StoredInstance]) -> StoredInstance:

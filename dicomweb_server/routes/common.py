@@ -17,8 +17,9 @@ from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.dicom_json import dumps
 from dicomweb_server.errors import BadRequestError, DicomWebError
 from dicomweb_server.ingest import Services
+from dicomweb_server.media import byte_range
 from dicomweb_server.multipart import encode_parts, new_boundary
-from dicomweb_server.retrieve import Part
+from dicomweb_server.retrieve import Part, Sized
 
 __all__ = [
     "accept_of",
@@ -27,6 +28,7 @@ __all__ = [
     "error_response",
     "json_response",
     "multipart_response",
+    "ranged_response",
     "services",
     "uid_param",
     "warning_header",
@@ -129,3 +131,32 @@ def multipart_response(parts: AsyncIterator[Part], part_type: str) -> StreamingR
         encode_parts(parts, boundary),
         media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
     )
+
+
+def ranged_response(request: Request, value: Sized, part_type: str) -> StreamingResponse:
+    """One frame or bulk data value as a one-part multipart/related response, cut to the bytes
+    a Range header asks for.
+
+    PS3.18 (2016b 6.5.5.2.1, kept since for bulk data and frames): "if the Range header is
+    specified in the request, the server shall return only the specified bytes of the bulk
+    data object" (RFC 9110 14): the range counts bytes of the value, not of the multipart
+    body, whose boundary is new in every response. The answer is 206 with Content-Range on
+    the response and on its part. Frames and bulk data carry no validator, so a request with
+    If-Range gets the whole value (RFC 9110 13.1.5).
+    """
+    header = None if "if-range" in request.headers else request.headers.get("range")
+    span = byte_range(header, value.length)
+    start, stop = span or (0, value.length)
+    headers = dict(value.headers)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{value.length}"
+    response = multipart_response(_one_part(headers, value.read(start, stop)), part_type)
+    response.headers["Accept-Ranges"] = "bytes"
+    if span is not None:
+        response.status_code = 206
+        response.headers["Content-Range"] = headers["Content-Range"]
+    return response
+
+
+async def _one_part(headers: dict[str, str], body: AsyncIterator[bytes]) -> AsyncIterator[Part]:
+    yield headers, body

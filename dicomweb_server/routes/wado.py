@@ -5,10 +5,16 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from dicomweb_server.media import APPLICATION_DICOM, negotiate_bulkdata, negotiate_json
+from dicomweb_server.media import (
+    APPLICATION_DICOM,
+    APPLICATION_OCTET_STREAM,
+    negotiate_bulkdata,
+    negotiate_json,
+)
 from dicomweb_server.retrieve import (
-    bulkdata_parts,
+    bulk_value,
     frame_parts,
+    frame_value,
     instance_parts,
     locate,
     metadata_json,
@@ -19,6 +25,7 @@ from dicomweb_server.routes.common import (
     base_url,
     cached_json_response,
     multipart_response,
+    ranged_response,
     services,
     uid_param,
 )
@@ -85,6 +92,10 @@ async def retrieve_instance_frames(request: Request) -> Response:
     svc = services(request)
     frames = parse_frame_list(request.path_params["frames"])
     (inst,) = await locate(svc, *_uids(request))
+    if len(frames) == 1 and "range" in request.headers:
+        # One frame is one value, so a Range header can apply to it (field notes 6).
+        part_type, value = await frame_value(svc, inst, frames[0], accept_of(request))
+        return ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
     return multipart_response(parts, part_type)
 
@@ -93,5 +104,5 @@ async def retrieve_bulkdata(request: Request) -> Response:
     negotiate_bulkdata(accept_of(request))
     study, series, sop = _uids(request)
     assert series is not None and sop is not None
-    parts = await bulkdata_parts(services(request), study, series, sop, request.path_params["path"])
-    return multipart_response(parts, "application/octet-stream")
+    value = await bulk_value(services(request), study, series, sop, request.path_params["path"])
+    return ranged_response(request, value, APPLICATION_OCTET_STREAM)

@@ -1,0 +1,178 @@
+"""HTTP Range on frame and bulk data URLs (field notes 6; PS3.18 2016b 6.5.5.2.1, RFC 9110 14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID
+
+from dicomweb_server.errors import RangeNotSatisfiableError
+from dicomweb_server.media import byte_range
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+AS_STORED = "multipart/related; type=application/octet-stream; transfer-syntax=*"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+
+
+@pytest.mark.parametrize(
+    ("header", "length", "expected"),
+    [
+        ("bytes=0-9", 100, (0, 10)),
+        ("bytes=10-", 100, (10, 100)),
+        ("bytes=-10", 100, (90, 100)),
+        ("bytes=-1000", 100, (0, 100)),  # a suffix longer than the value is all of it
+        ("bytes=90-1000", 100, (90, 100)),  # the last byte is clipped to the end
+        ("bytes=99-99", 100, (99, 100)),  # the last byte alone
+        ("Bytes = 5-6 ", 100, (5, 7)),  # unit case-insensitive, whitespace tolerated
+        ("bytes=0-", 1, (0, 1)),
+        (None, 100, None),
+        ("bytes=9-3", 100, None),  # backwards: invalid, so ignored
+        ("bytes=0-1,5-6", 100, None),  # several ranges: the whole value
+        ("items=0-1", 100, None),  # another unit
+        ("bytes=abc", 100, None),
+        ("bytes=", 100, None),
+        ("bytes=1" + "0" * 20 + "-", 100, None),  # longer than any offset: malformed
+    ],
+)
+def test_byte_range(header: str | None, length: int, expected: tuple[int, int] | None) -> None:
+    assert byte_range(header, length) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "length"),
+    [("bytes=100-", 100), ("bytes=100-200", 100), ("bytes=-0", 100), ("bytes=0-", 0)],
+)
+def test_unsatisfiable_range(header: str, length: int) -> None:
+    with pytest.raises(RangeNotSatisfiableError) as caught:
+        byte_range(header, length)
+    assert caught.value.status == 416
+    assert caught.value.headers == {"Content-Range": f"bytes */{length}"}
+
+
+async def _store(client: httpx.AsyncClient, data: bytes) -> None:
+    r = await client.post(f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers())
+    assert r.status_code == 200, r.text
+
+
+def _one_part(r: httpx.Response) -> tuple[dict[str, str], bytes]:
+    ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+    return headers, body
+
+
+@pytest.mark.db
+async def test_range_of_a_native_frame(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance(frames=3, rows=4, cols=4)  # 32 bytes per frame
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/frames/2"
+    frame = bytes(ds.PixelData)[32:64]
+
+    r = await app_client.get(url, headers={"Range": "bytes=2-9"})
+    assert r.status_code == 206, r.text
+    assert r.headers["content-range"] == "bytes 2-9/32"
+    assert r.headers["accept-ranges"] == "bytes"
+    headers, body = _one_part(r)
+    assert body == frame[2:10]
+    assert headers["content-range"] == "bytes 2-9/32"
+
+    r = await app_client.get(url, headers={"Range": "bytes=-5"})
+    assert r.status_code == 206 and _one_part(r)[1] == frame[-5:]
+    assert r.headers["content-range"] == "bytes 27-31/32"
+
+    # The last byte is the edge of what can be asked; one past it is a 416.
+    r = await app_client.get(url, headers={"Range": "bytes=31-"})
+    assert r.status_code == 206 and _one_part(r)[1] == frame[31:]
+    r = await app_client.get(url, headers={"Range": "bytes=32-"})
+    assert r.status_code == 416
+    assert r.headers["content-range"] == "bytes */32"
+    assert "32-byte value" in r.json()["message"]
+
+    # Ignored: a malformed range, If-Range (no validator to match), several frames.
+    for extra in ({"Range": "bytes=9-2"}, {"Range": "bytes=0-3", "If-Range": '"x"'}):
+        r = await app_client.get(url, headers=extra)
+        assert r.status_code == 200 and _one_part(r)[1] == frame, extra
+    r = await app_client.get(f"{inst_url(ds)}/frames/1,2", headers={"Range": "bytes=0-3"})
+    assert r.status_code == 200
+    assert [b for _, b in split_multipart(r.content, r.headers["content-type"])] == [
+        bytes(ds.PixelData)[:32],
+        frame,
+    ]
+
+
+@pytest.mark.db
+async def test_range_of_an_encapsulated_frame_of_several_fragments(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """The range counts bytes of the frame's codestream (its fragments' values joined), not
+    of the stored items."""
+    ds = make_instance(frames=2, rows=4, cols=4)
+    ds.file_meta.TransferSyntaxUID = UID(JPEG_LS_LOSSLESS)
+    streams = [bytes(range(i, i + 61)) + b"\xff\xd9" for i in (0, 100)]  # 63 bytes each
+    ds.PixelData = encapsulate(streams, fragments_per_frame=3, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/frames/2"
+
+    whole = await app_client.get(url, headers={"Accept": AS_STORED})
+    assert whole.status_code == 200
+    _, stored = _one_part(whole)
+    assert stored.startswith(streams[1][:20])  # fragments joined, item headers removed
+    for header, expected in (("bytes=5-30", stored[5:31]), ("bytes=-7", stored[-7:])):
+        r = await app_client.get(url, headers={"Accept": AS_STORED, "Range": header})
+        assert r.status_code == 206, r.text
+        headers, body = _one_part(r)
+        assert body == expected
+        assert headers["content-type"] == f"image/jls; transfer-syntax={JPEG_LS_LOSSLESS}"
+        assert r.headers["content-range"].endswith(f"/{len(stored)}")
+    r = await app_client.get(url, headers={"Accept": AS_STORED, "Range": f"bytes={len(stored)}-"})
+    assert r.status_code == 416
+
+
+@pytest.mark.db
+async def test_range_of_a_transcoded_frame(app_client: httpx.AsyncClient, samples: Path) -> None:
+    path = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    await _store(app_client, path.read_bytes())
+    url = f"{inst_url(ds)}/frames/3"  # default: uncompressed, decoded on the server
+
+    whole = await app_client.get(url)
+    assert whole.status_code == 200
+    _, decoded = _one_part(whole)
+    assert len(decoded) == ds.Rows * ds.Columns * ds.BitsAllocated // 8
+    r = await app_client.get(url, headers={"Range": "bytes=100-1123"})
+    assert r.status_code == 206
+    assert _one_part(r)[1] == decoded[100:1124]
+    assert r.headers["content-range"] == f"bytes 100-1123/{len(decoded)}"
+
+
+@pytest.mark.db
+async def test_range_of_bulk_data(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance(frames=1, rows=64, cols=64)  # 8 KiB of pixel data: sent as bulk data
+    await _store(app_client, to_bytes(ds))
+    r = await app_client.get(f"{inst_url(ds)}/metadata")
+    uri = r.json()[0]["7FE00010"]["BulkDataURI"]
+    pixels = bytes(ds.PixelData)
+
+    r = await app_client.get(uri)
+    assert r.status_code == 200 and r.headers["accept-ranges"] == "bytes"
+    assert _one_part(r)[1] == pixels
+    r = await app_client.get(uri, headers={"Range": "bytes=4096-"})
+    assert r.status_code == 206
+    assert _one_part(r)[1] == pixels[4096:]
+    assert r.headers["content-range"] == f"bytes 4096-{len(pixels) - 1}/{len(pixels)}"
+    # A browser viewer reads Content-Range across origins, on the 416 too (field notes 2).
+    origin = {"Origin": "http://viewer.example"}
+    r = await app_client.get(uri, headers={"Range": f"bytes={len(pixels)}-", **origin})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(pixels)}"
+    assert "Content-Range" in r.headers["access-control-expose-headers"]
