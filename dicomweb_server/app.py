@@ -81,7 +81,8 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
         images = ByteLRU(settings.image_cache_bytes)
         frames = ByteLRU(settings.frame_cache_bytes)
-        yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames)
+        metadata = ByteLRU(settings.metadata_cache_bytes)
+        yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
     finally:
         await index.close()
         if embedded is not None:

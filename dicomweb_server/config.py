@@ -23,6 +23,7 @@ __all__ = [
     "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
     "MAX_REQUEST_BYTES",
+    "METADATA_CACHE_BYTES",
     "VERSION",
     "ConfigError",
     "Settings",
@@ -45,6 +46,8 @@ MAX_REQUEST_BYTES = 64 * 1024**3
 IMAGE_CACHE_BYTES = 64 * 1024**2
 # Memory for cached decoded or re-encoded frames, bytes.
 FRAME_CACHE_BYTES = 64 * 1024**2
+# Memory for cached series metadata (DICOM JSON) and its gzip-compressed responses, bytes.
+METADATA_CACHE_BYTES = 32 * 1024**2
 # asyncpg pool size.
 DEFAULT_POOL_SIZE = 10
 # The viewer `make viewer` starts.
@@ -96,6 +99,7 @@ class Settings:
     workers: int = 1
     image_cache_bytes: int = IMAGE_CACHE_BYTES
     frame_cache_bytes: int = FRAME_CACHE_BYTES
+    metadata_cache_bytes: int = METADATA_CACHE_BYTES
     query_timeout_s: float = DEFAULT_QUERY_TIMEOUT_S
     # Authentication (AUTH_MODES); "none" serves only loopback addresses unless `insecure`.
     auth: str = "none"

@@ -21,6 +21,7 @@ __all__ = [
     "BULK_VRS",
     "InstanceOutcome",
     "absolutize_bulk_uris",
+    "absolutize_bulk_uris_bytes",
     "dataset_to_json",
     "raw_vr",
     "stow_response",
@@ -173,7 +174,16 @@ def absolutize_bulk_uris(json_text: str, base_url: str) -> str:
     In JSON text produced by PostgreSQL's jsonb output, the sequence ``"BulkDataURI": "`` can only
     be a key followed by its value: quotes inside string values are escaped.
     """
-    return json_text.replace('"BulkDataURI": "/', f'"BulkDataURI": "{base_url}/')
+    return json_text.replace(f"{_BULK_URI_KEY}/", f"{_BULK_URI_KEY}{base_url}/")
+
+
+def absolutize_bulk_uris_bytes(json_bytes: bytes, base_url: str) -> bytes:
+    """`absolutize_bulk_uris` of UTF-8 JSON bytes."""
+    key = _BULK_URI_KEY.encode("ascii")
+    return json_bytes.replace(key + b"/", key + base_url.encode("utf-8") + b"/")
+
+
+_BULK_URI_KEY = '"BulkDataURI": "'
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,16 @@ WHERE st.study_instance_uid = $1
 ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
 """
 
+_SERIES_VERSIONS = """
+SELECT se.pk, se.series_instance_uid, se.num_instances
+FROM series se
+JOIN study st ON st.pk = se.study_fk
+WHERE st.study_instance_uid = $1
+  AND ($2::text IS NULL OR se.series_instance_uid = $2)
+  AND se.num_instances > 0
+ORDER BY se.series_number NULLS LAST, se.pk
+"""
+
 
 class Index:
     def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
@@ -296,6 +306,13 @@ class Index:
     ) -> list[tuple[StoredInstance, str]]:
         rows = await self._fetch(_LOCATE.format(extra=", i.metadata::text"), study, series, sop)
         return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]
+
+    async def series_versions(self, study: str, series: str | None) -> list[tuple[int, str, int]]:
+        """(pk, Series Instance UID, instances in it) of a study's series that hold instances,
+        in the order metadata lists them. Instances are only ever added to a series (by the
+        commit that also counts them), so the pair (pk, count) names one state of a series."""
+        rows = await self._fetch(_SERIES_VERSIONS, study, series)
+        return [(row[0], row[1], row[2]) for row in rows]
 
     async def bulk_range(self, study: str, series: str, sop: str, path: str) -> list[Any] | None:
         rows = await self._fetch(_LOCATE.format(extra=", i.bulk_ranges -> $4"), study, series, sop,

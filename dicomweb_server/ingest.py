@@ -56,6 +56,9 @@ class Services:
     scratch_dir: Path  # temporary files of transcoded responses
     images: ByteLRU  # rendered images and thumbnails
     frames: ByteLRU  # decoded and re-encoded frames, keyed (blob, frame, transfer syntax)
+    # Series metadata keyed ("series", series pk, instances in it) and gzip-compressed
+    # metadata responses keyed ("gzip", ETag).
+    metadata: ByteLRU
 
 
 def instance_path(study: str, series: str, sop: str) -> str:

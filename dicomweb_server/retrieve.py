@@ -7,6 +7,7 @@ frame read never parses the file); conversions run in worker threads (transcode.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import anyio
 
 from dicomweb_server.blobstore import stream_path
-from dicomweb_server.dicom_json import absolutize_bulk_uris
+from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.dicomfile import read_bulk_value
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
@@ -87,12 +88,40 @@ def _not_found(series: str | None, sop: str | None) -> NotFoundError:
 async def metadata_json(
     svc: Services, base_url: str, study: str, series: str | None = None, sop: str | None = None
 ) -> bytes:
-    """The stored DICOM JSON of the instances, as one JSON array (no blob is read)."""
-    found = await svc.index.metadata_texts(study, series, sop)
-    if not found:
-        raise _not_found(series, sop)
-    docs = (_with_available_ts(absolutize_bulk_uris(t, base_url), inst) for inst, t in found)
-    return ("[" + ",".join(docs) + "]").encode("utf-8")
+    """The stored DICOM JSON of the instances, as one JSON array (no blob is read).
+
+    Study and series metadata are assembled per series, and a series' part is kept in
+    `svc.metadata` under its (pk, instance count): a series only ever gains instances, so a
+    count read in the same request tells a current part from a stale one, in every process.
+    """
+    if sop is not None:
+        found = await svc.index.metadata_texts(study, series, sop)
+        if not found:
+            raise _not_found(series, sop)
+        return _json_array([_series_part(found)], base_url)
+    versions = await svc.index.series_versions(study, series)
+    if not versions:
+        raise _not_found(series, None)
+    parts = []
+    for pk, uid, count in versions:
+        key = ("series", pk, count)
+        part = svc.metadata.get(key)
+        if part is None:
+            found = await svc.index.metadata_texts(study, uid, None)
+            part = _series_part(found)
+            if len(found) == count:  # else a store committed in between: not this state
+                svc.metadata.put(key, part)
+        parts.append(part)
+    return _json_array(parts, base_url)
+
+
+def _series_part(found: list[tuple[StoredInstance, str]]) -> bytes:
+    """The instances' DICOM JSON objects, comma-separated, BulkDataURIs still root-relative."""
+    return ",".join(_with_available_ts(t, inst) for inst, t in found).encode("utf-8")
+
+
+def _json_array(parts: list[bytes], base_url: str) -> bytes:
+    return absolutize_bulk_uris_bytes(b"[" + b",".join(p for p in parts if p) + b"]", base_url)
 
 
 def pixel_info(inst: StoredInstance) -> PixelInfo | None:
@@ -117,12 +146,17 @@ def targets_of(inst: StoredInstance) -> tuple[str, ...]:
 
 def _with_available_ts(doc: str, inst: StoredInstance) -> str:
     """Add Available Transfer Syntax UID (0008,3002): what this instance can be sent in."""
-    uids = [
-        inst.transfer_syntax_uid,
-        *(t for t in targets_of(inst) if t != inst.transfer_syntax_uid),
-    ]
-    element = json.dumps({"vr": "UI", "Value": uids})
-    return doc[:-1] + f', "00083002": {element}}}' if doc != "{}" else doc
+    if doc == "{}":
+        return doc
+    return doc[:-1] + _available_ts_element(inst.transfer_syntax_uid, pixel_info(inst))
+
+
+@functools.lru_cache(maxsize=1024)
+def _available_ts_element(stored_ts: str, info: PixelInfo | None) -> str:
+    """`, "00083002": {...}}` for instances of this transfer syntax and pixel layout: a series
+    shares one, so its metadata asks the codec registry once, not once per instance."""
+    uids = [stored_ts, *(t for t in available_targets(stored_ts, info) if t != stored_ts)]
+    return f', "00083002": {json.dumps({"vr": "UI", "Value": uids})}}}'
 
 
 async def instance_parts(

@@ -391,6 +391,42 @@ async def test_metadata_gzip_etag_and_304(app_client: httpx.AsyncClient) -> None
     )
 
 
+async def test_cached_series_metadata_follows_new_instances(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Series metadata is cached per series state: an instance stored after a cached answer
+    is in the next one, at series and study level, in series then instance number order."""
+    first = make_instance(SeriesNumber=2, InstanceNumber=2)
+    study, series = first.StudyInstanceUID, first.SeriesInstanceUID
+    await stow(app_client, to_bytes(first))
+    series_url = f"{ROOT}/studies/{study}/series/{series}/metadata"
+    study_url = f"{ROOT}/studies/{study}/metadata"
+    for _ in range(2):  # the second answer comes from the cache
+        r = await app_client.get(series_url, headers={"Accept-Encoding": "gzip"})
+        assert [values(d, "00080018") for d in r.json()] == [[first.SOPInstanceUID]]
+    etag = r.headers["etag"]
+    assert len((await app_client.get(study_url)).json()) == 1
+
+    later = make_instance(study=study, series=series, SeriesNumber=2, InstanceNumber=1)
+    other = make_instance(study=study, SeriesNumber=1)
+    await stow(app_client, to_bytes(later), to_bytes(other))
+    r = await app_client.get(series_url, headers={"Accept-Encoding": "gzip"})
+    assert [values(d, "00080018")[0] for d in r.json()] == [
+        later.SOPInstanceUID,
+        first.SOPInstanceUID,
+    ]
+    assert r.headers["etag"] != etag
+    r = await app_client.get(study_url)
+    assert [values(d, "00080018")[0] for d in r.json()] == [
+        other.SOPInstanceUID,
+        later.SOPInstanceUID,
+        first.SOPInstanceUID,
+    ]
+    assert r.json()[1]["7FE00010"]["BulkDataURI"].startswith("http")
+    r = await app_client.get(f"{ROOT}/studies/{study}/series/1.2.3.999/metadata")
+    assert r.status_code == 404 and "series" in r.json()["message"]
+
+
 async def test_requests_ohif_makes(app_client: httpx.AsyncClient, samples: Path) -> None:
     """The exact request shapes OHIF v3 sends (issue 5), quoted and unquoted Accept alike."""
     path = samples / "generated/coverage/us_multiframe_jpeg_baseline_ybr422.dcm"

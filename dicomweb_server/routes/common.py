@@ -119,8 +119,16 @@ async def cached_json_response(request: Request, body: bytes, media_type: str) -
     if etag in {t.strip() for t in match.split(",")} or match.strip() == "*":
         return Response(status_code=304, headers=headers)
     if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
-        # Off the event loop: a large study's metadata takes tens of milliseconds to compress.
-        body = await anyio.to_thread.run_sync(functools.partial(gzip.compress, body, GZIP_LEVEL))
+        # The same body compresses to the same bytes: kept by ETag (a hash of the body).
+        cache = services(request).metadata
+        packed = cache.get(("gzip", etag))
+        if packed is None:
+            # Off the event loop: a large study's metadata takes tens of milliseconds.
+            packed = await anyio.to_thread.run_sync(
+                functools.partial(gzip.compress, body, GZIP_LEVEL)
+            )
+            cache.put(("gzip", etag), packed)
+        body = packed
         headers["Content-Encoding"] = "gzip"
     return Response(body, media_type=media_type, headers=headers)
 
