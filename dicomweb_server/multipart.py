@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
@@ -29,6 +29,7 @@ __all__ = [
     "PartData",
     "PartEnd",
     "encode_parts",
+    "encoded_length",
     "iter_parts",
     "new_boundary",
 ]
@@ -282,6 +283,14 @@ async def encode_parts(
                 yield chunk
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("ascii")
+
+
+def encoded_length(parts: Iterable[tuple[dict[str, str], int]], boundary: str) -> int:
+    """Length of what `encode_parts` sends for parts of these headers and body lengths: the
+    Content-Length of a response whose bodies are known before it starts."""
+    delimiter = len(f"--{boundary}\r\n")
+    body = sum(delimiter + len(_header_block(headers)) + n + 2 for headers, n in parts)
+    return body + len(f"--{boundary}--\r\n")
 
 
 def _header_block(headers: dict[str, str]) -> bytes:

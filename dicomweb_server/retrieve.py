@@ -52,6 +52,7 @@ from dicomweb_server.transcode import (
 __all__ = [
     "MAX_FRAMES_PER_REQUEST",
     "Part",
+    "PartLength",
     "Sized",
     "bulk_value",
     "frame_parts",
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 Part = tuple[dict[str, str], AsyncIterable[bytes]]
+# A part's headers and the length of its body, when known before the response starts.
+PartLength = tuple[dict[str, str], int]
 # Most frame numbers one request may list.
 MAX_FRAMES_PER_REQUEST = 10_000
 _LE_NATIVE = {IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN}
@@ -161,11 +164,12 @@ def _available_ts_element(stored_ts: str, info: PixelInfo | None) -> str:
 
 async def instance_parts(
     svc: Services, instances: list[StoredInstance], accept: str | None
-) -> AsyncIterator[Part]:
-    """Parts of a study/series/instance retrieval. Raised before anything is sent: 406 when
-    no acceptable transfer syntax exists, and when the first instance that must be converted
-    cannot be (W1: it is converted up front, as frames are, so that a codec failing on this
-    data is a 406 rather than a 200 whose stream breaks off)."""
+) -> tuple[AsyncIterator[Part], list[PartLength] | None]:
+    """Parts of a study/series/instance retrieval, and their lengths when every instance is
+    sent as stored. Raised before anything is sent: 406 when no acceptable transfer syntax
+    exists, and when the first instance that must be converted cannot be (W1: it is converted
+    up front, as frames are, so that a codec failing on this data is a 406 rather than a 200
+    whose stream breaks off)."""
     chosen = []
     for inst in instances:
         ts = inst.transfer_syntax_uid
@@ -173,10 +177,16 @@ async def instance_parts(
         chosen.append(negotiate_instances(accept, ts, targets_of(inst), why))
     first = next((i for i, (inst, target) in enumerate(zip(instances, chosen, strict=True))
                   if target not in (STORED, inst.transfer_syntax_uid)), None)  # fmt: skip
-    prepared = None
-    if first is not None:
-        prepared = await _transcode_to_file(svc, instances[first], chosen[first])
-    return _instance_parts(svc, instances, chosen, first, prepared)
+    if first is None:
+        lengths = [({"Content-Type": _dicom_type(i.transfer_syntax_uid)}, i.size_bytes)
+                   for i in instances]  # fmt: skip
+        return _instance_parts(svc, instances, chosen, None, None), lengths
+    prepared = await _transcode_to_file(svc, instances[first], chosen[first])
+    return _instance_parts(svc, instances, chosen, first, prepared), None
+
+
+def _dicom_type(ts: str) -> str:
+    return f"{APPLICATION_DICOM}; transfer-syntax={ts}"
 
 
 async def _instance_parts(
@@ -190,10 +200,9 @@ async def _instance_parts(
         for i, (inst, target) in enumerate(zip(instances, targets, strict=True)):
             ts = inst.transfer_syntax_uid
             if target in (STORED, ts):
-                headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={ts}"}
-                yield headers, svc.blobs.open_range(inst.blob_key)
+                yield {"Content-Type": _dicom_type(ts)}, svc.blobs.open_range(inst.blob_key)
                 continue
-            headers = {"Content-Type": f"{APPLICATION_DICOM}; transfer-syntax={target}"}
+            headers = {"Content-Type": _dicom_type(target)}
             if i == first and prepared is not None:
                 path, prepared = prepared, None
                 yield headers, _stream_and_remove(path)

@@ -308,6 +308,13 @@ async def test_retrieve_study_default_is_explicit_le(
     assert (await stow(app_client, raw)).status_code == 200
     r = await app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}")
     assert r.status_code == 200
+    assert "content-length" not in r.headers  # converted: its length is unknown up front
+    stored = await app_client.get(
+        f"{ROOT}/studies/{ds.StudyInstanceUID}",
+        headers={"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"},
+    )
+    assert int(stored.headers["content-length"]) == len(stored.content)
+    assert raw in stored.content
     parts = split_multipart(r.content, r.headers["content-type"])
     mine = [p for p in parts if ds.SOPInstanceUID.encode() in p[1]]
     (headers, body) = mine[0]

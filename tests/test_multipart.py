@@ -21,6 +21,7 @@ from dicomweb_server.multipart import (
     PartData,
     PartEnd,
     encode_parts,
+    encoded_length,
     iter_parts,
     new_boundary,
 )
@@ -489,6 +490,19 @@ async def test_encode_parts_exact_bytes() -> None:
         b"\r\n",
         b"--BND--\r\n",
     ]
+
+
+@pytest.mark.parametrize("boundary", ["BND", "x" * 70])
+async def test_encoded_length_is_what_encode_parts_sends(boundary: str) -> None:
+    parts = [
+        ({"Content-Type": "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"}, (b"ab", b"c")),
+        ({}, ()),
+        ({"Content-Type": "a/b", "Content-Range": "bytes 0-9/10"}, (b"0123456789",)),
+    ]
+    sent = b"".join([c async for c in encode_parts(_parts(parts), boundary)])
+    lengths = [(h, sum(len(c) for c in chunks)) for h, chunks in parts]
+    assert encoded_length(lengths, boundary) == len(sent)
+    assert encoded_length([], boundary) == len(f"--{boundary}--\r\n")
 
 
 async def test_encode_parts_passes_chunks_through_without_joining() -> None:

@@ -80,6 +80,7 @@ async def test_range_of_a_native_frame(app_client: httpx.AsyncClient) -> None:
 
     r = await app_client.get(url, headers={"Range": "bytes=2-9"})
     assert r.status_code == 206, r.text
+    assert int(r.headers["content-length"]) == len(r.content)
     assert r.headers["content-range"] == "bytes 2-9/32"
     assert r.headers["accept-ranges"] == "bytes"
     headers, body = _one_part(r)

@@ -54,8 +54,8 @@ def _uids(request: Request) -> tuple[str, str | None, str | None]:
 async def _retrieve(request: Request) -> Response:
     svc = services(request)
     found = await locate(svc, *_uids(request))
-    parts = await instance_parts(svc, found, accept_of(request))
-    return multipart_response(parts, APPLICATION_DICOM)
+    parts, lengths = await instance_parts(svc, found, accept_of(request))
+    return multipart_response(parts, APPLICATION_DICOM, lengths)
 
 
 async def _metadata(request: Request) -> Response:
