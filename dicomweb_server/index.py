@@ -32,6 +32,7 @@ __all__ = [
     "ApiKey",
     "CommitResult",
     "Index",
+    "MetadataRow",
     "StoredInstance",
 ]
 
@@ -118,14 +119,32 @@ ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
 """
 
 _SERIES_VERSIONS = """
-SELECT se.pk, se.series_instance_uid, se.num_instances
+SELECT se.series_instance_uid, se.num_instances
 FROM series se
 JOIN study st ON st.pk = se.study_fk
-WHERE st.study_instance_uid = $1
-  AND ($2::text IS NULL OR se.series_instance_uid = $2)
-  AND se.num_instances > 0
+WHERE st.study_instance_uid = $1 AND se.num_instances > 0
 ORDER BY se.series_number NULLS LAST, se.pk
 """
+
+# Reads only plain columns and the metadata text: every `->` on a compressed jsonb value
+# decompresses it, and the nine lookups of _LOCATE cost more than the rest of this statement.
+_SERIES_METADATA = """
+SELECT se.num_instances, i.transfer_syntax_uid, i.number_of_frames, i.metadata::text
+FROM series se
+JOIN study st ON st.pk = se.study_fk
+LEFT JOIN instance i ON i.series_fk = se.pk AND se.num_instances <> $3
+WHERE st.study_instance_uid = $1 AND se.series_instance_uid = $2
+ORDER BY i.instance_number NULLS LAST, i.pk
+"""
+
+
+@dataclass(frozen=True)
+class MetadataRow:
+    """What series metadata needs of an instance."""
+
+    transfer_syntax_uid: str
+    number_of_frames: int
+    metadata: str  # DICOM JSON text, BulkDataURIs root-relative
 
 
 class Index:
@@ -307,12 +326,26 @@ class Index:
         rows = await self._fetch(_LOCATE.format(extra=", i.metadata::text"), study, series, sop)
         return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]
 
-    async def series_versions(self, study: str, series: str | None) -> list[tuple[int, str, int]]:
-        """(pk, Series Instance UID, instances in it) of a study's series that hold instances,
-        in the order metadata lists them. Instances are only ever added to a series (by the
-        commit that also counts them), so the pair (pk, count) names one state of a series."""
-        rows = await self._fetch(_SERIES_VERSIONS, study, series)
-        return [(row[0], row[1], row[2]) for row in rows]
+    async def series_versions(self, study: str) -> list[tuple[str, int]]:
+        """(Series Instance UID, instances in it) of a study's series that hold instances, in
+        the order metadata lists them. Instances are only ever added to a series (by the
+        commit that also counts them), so the count names one state of a series."""
+        rows = await self._fetch(_SERIES_VERSIONS, study)
+        return [(row[0], row[1]) for row in rows]
+
+    async def series_metadata(
+        self, study: str, series: str, known_count: int
+    ) -> tuple[int, list[MetadataRow]] | None:
+        """(instances in the series, and, unless that is `known_count`, each instance's
+        transfer syntax, number of frames and DICOM JSON text in metadata order), from one
+        statement, so the count and the rows are of one snapshot; None: no such series."""
+        rows = await self._fetch(_SERIES_METADATA, study, series, known_count)
+        if not rows or rows[0][0] == 0:
+            return None
+        count = rows[0][0]
+        if count == known_count:
+            return count, []
+        return count, [MetadataRow(row[1], row[2], row[3]) for row in rows]
 
     async def bulk_range(self, study: str, series: str, sop: str, path: str) -> list[Any] | None:
         rows = await self._fetch(_LOCATE.format(extra=", i.bulk_ranges -> $4"), study, series, sop,

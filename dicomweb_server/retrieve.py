@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -23,7 +24,7 @@ from dicomweb_server.blobstore import stream_path
 from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.dicomfile import read_bulk_value
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index import MetadataRow, StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM,
@@ -94,37 +95,90 @@ async def metadata_json(
     """The stored DICOM JSON of the instances, as one JSON array (no blob is read).
 
     Study and series metadata are assembled per series, and a series' part is kept in
-    `svc.metadata` under its (pk, instance count): a series only ever gains instances, so a
-    count read in the same request tells a current part from a stale one, in every process.
+    `svc.metadata` with the series' instance count: a series only ever gains instances, so
+    the count read in the same request tells a current part from a stale one, in every
+    process. Series metadata is one statement whether the part is cached or not.
     """
     if sop is not None:
         found = await svc.index.metadata_texts(study, series, sop)
         if not found:
             raise _not_found(series, sop)
-        return _json_array([_series_part(found)], base_url)
-    versions = await svc.index.series_versions(study, series)
-    if not versions:
-        raise _not_found(series, None)
-    parts = []
-    for pk, uid, count in versions:
-        key = ("series", pk, count)
-        part = svc.metadata.get(key)
+        doc = ",".join(_with_available_ts(t, inst) for inst, t in found)
+        return _json_array([doc.encode("utf-8")], base_url)
+    if series is not None:
+        part = await _series_part(svc, study, series)
         if part is None:
-            found = await svc.index.metadata_texts(study, uid, None)
-            part = _series_part(found)
-            if len(found) == count:  # else a store committed in between: not this state
-                svc.metadata.put(key, part)
-        parts.append(part)
+            raise _not_found(series, None)
+        return _json_array([part], base_url)
+    versions = await svc.index.series_versions(study)
+    if not versions:
+        raise _not_found(None, None)
+    parts = []
+    for uid, count in versions:
+        part = _cached_part(svc, uid, count)
+        if part is None:
+            part = await _series_part(svc, study, uid)
+        parts.append(part or b"")
     return _json_array(parts, base_url)
 
 
-def _series_part(found: list[tuple[StoredInstance, str]]) -> bytes:
-    """The instances' DICOM JSON objects, comma-separated, BulkDataURIs still root-relative."""
-    return ",".join(_with_available_ts(t, inst) for inst, t in found).encode("utf-8")
+def _cached_part(svc: Services, series: str, count: int) -> bytes | None:
+    entry = svc.metadata.get(("series", series))
+    if entry is None or int.from_bytes(entry[:8], "little") != count:
+        return None
+    return entry[8:]
+
+
+async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
+    """A series' instances' DICOM JSON objects, comma-separated, BulkDataURIs root-relative;
+    None when the study has no such series."""
+    entry = svc.metadata.get(("series", series))
+    known = -1 if entry is None else int.from_bytes(entry[:8], "little")
+    found = await svc.index.series_metadata(study, series, known)
+    if found is None:
+        return None
+    count, rows = found
+    if entry is not None and count == known:
+        return entry[8:]
+    part = ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
+    svc.metadata.put(("series", series), count.to_bytes(8, "little") + part)
+    return part
 
 
 def _json_array(parts: list[bytes], base_url: str) -> bytes:
     return absolutize_bulk_uris_bytes(b"[" + b",".join(p for p in parts if p) + b"]", base_url)
+
+
+def _row_with_available_ts(row: MetadataRow) -> str:
+    info = None
+    if row.number_of_frames > 0:
+        info = _pixel_info_of_json(json.loads(row.metadata))
+    return _add_available_ts(row.metadata, row.transfer_syntax_uid, info)
+
+
+def _pixel_info_of_json(doc: dict[str, Any]) -> PixelInfo | None:
+    """`pixel_info` from an instance's DICOM JSON (the values _LOCATE reads in SQL)."""
+
+    def first_number(tag: str) -> int | None:
+        values = doc.get(tag, {}).get("Value") or [None]
+        v = values[0]
+        return round(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    bits_allocated = first_number("00280100")
+    if bits_allocated is None:
+        return None
+    photometric = (doc.get("00280004", {}).get("Value") or [None])[0]
+    return PixelInfo(
+        bits_allocated,
+        first_number("00280101") or bits_allocated,
+        first_number("00280002") or 1,
+        first_number("00280103") or 0,
+        str(photometric) if photometric is not None else "MONOCHROME2",
+        first_number("00280010") or 0,
+        first_number("00280011") or 0,
+        "7FE00008" in doc or "7FE00009" in doc,
+        first_number("00280006") or 0,
+    )
 
 
 def pixel_info(inst: StoredInstance) -> PixelInfo | None:
@@ -148,10 +202,14 @@ def targets_of(inst: StoredInstance) -> tuple[str, ...]:
 
 
 def _with_available_ts(doc: str, inst: StoredInstance) -> str:
+    return _add_available_ts(doc, inst.transfer_syntax_uid, pixel_info(inst))
+
+
+def _add_available_ts(doc: str, stored_ts: str, info: PixelInfo | None) -> str:
     """Add Available Transfer Syntax UID (0008,3002): what this instance can be sent in."""
     if doc == "{}":
         return doc
-    return doc[:-1] + _available_ts_element(inst.transfer_syntax_uid, pixel_info(inst))
+    return doc[:-1] + _available_ts_element(stored_ts, info)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -100,6 +100,10 @@ async def _check_one(client: httpx.AsyncClient, samples: Path, row: dict[str, st
     assert body == path.read_bytes(), "retrieved bytes differ"
 
     (meta,) = (await client.get(f"{inst}/metadata")).json()
+    # Series metadata reads its rows another way (pixel attributes from the JSON text, not
+    # SQL); each of its objects must be the instance's own, Available Transfer Syntaxes too.
+    in_series = (await client.get(f"{ROOT}/studies/{st}/series/{se}/metadata")).json()
+    assert [m for m in in_series if values(m, "00080018") == [sop]] == [meta]
     available = meta.pop("00083002")["Value"]  # Available Transfer Syntax UID, added by us
     assert available[0] == ds.file_meta.TransferSyntaxUID
     if row["decodes"] == "yes":
