@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -43,7 +45,7 @@ async def test_stream_path_stopped_early_waits_for_its_read_ahead(
 ) -> None:
     """A client that goes away mid-stream: the generator closes while a read is in flight."""
     path, data = blob
-    stream = stream_path(path)
+    stream = cast(AsyncGenerator[bytes, None], stream_path(path))  # an async generator
     first = await stream.__anext__()
     assert first == data[:READ_CHUNK_BYTES]
     await stream.aclose()  # neither raises nor leaves the read behind
