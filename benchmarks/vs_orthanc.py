@@ -13,6 +13,7 @@ DIR is an archive made by ../shared/samples/generate.py (e.g. 10,000 instances:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from typing import Any
 
 import httpx
 import pydicom
+from pydicom.uid import JPEGLSLossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import PEERS, fresh_database, start_orthanc
@@ -40,6 +42,9 @@ LARGE = (
 BENCH_DB = "dicomweb_bench"
 BOUNDARY = "bench-boundary"
 ACCEPT_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+JSON = "application/dicom+json"
+# Frames as uncompressed bytes (both servers' default for frames).
+ACCEPT_FRAME = 'multipart/related; type="application/octet-stream"'
 # Repetitions of each QIDO query per server.
 QIDO_REPEATS = 40
 
@@ -106,9 +111,13 @@ QUERIES: dict[str, Callable[[pydicom.Dataset], tuple[str, dict[str, str]]]] = {
 # Each is requested once per sampled instance (distinct series, mostly), then, for the
 # `_warm` figure, the same requests again: a viewer opening a study the first and the next time.
 RETRIEVES: dict[str, tuple[Callable[[pydicom.Dataset], str], str]] = {
-    "series_metadata": (lambda d: "/metadata", "application/dicom+json"),
-    "instance_retrieve": (lambda d: f"/instances/{d.SOPInstanceUID}", ACCEPT_STORED),
+    "study_metadata": (lambda d: f"/studies/{d.StudyInstanceUID}/metadata", JSON),
+    "series_metadata": (lambda d: f"{_series(d)}/metadata", JSON),
+    "instance_retrieve": (lambda d: f"{_series(d)}/instances/{d.SOPInstanceUID}", ACCEPT_STORED),
+    "series_retrieve": (_series, ACCEPT_STORED),
 }
+# Copies of the large instance (new UIDs) stored one request each, for STOW MB/s.
+LARGE_STOW_COPIES = 6
 # Timed reads of the large instance per server, warm and cold.
 LARGE_REPEATS = 8
 
@@ -171,10 +180,13 @@ def run_all(
                 times = {s: [] for s in servers}
                 for d in sample:
                     for s, u in servers.items():
-                        url = f"{u}{_series(d)}{suffix(d)}"
+                        url = f"{u}{suffix(d)}"
                         times[s].append(timed_get(client, url, headers={"Accept": accept}))
                 res[figure] = summary(times)
                 print(figure, res[figure], flush=True)
+        res.update(large_stow(client, servers))
+        print("large_stow", res["large_stow_mb_s"], flush=True)
+        res.update(frames_and_rendered(client, servers))
         for cold in (False, True):
             key = "large_retrieve_cold_mb_s" if cold else "large_retrieve_mb_s"
             res[key] = large_retrieve(client, servers, data_dir, orthanc_dir, cold)
@@ -217,6 +229,69 @@ def large_retrieve(
     return {s: statistics.median(v) for s, v in out.items()}
 
 
+def _copies(ts: str | None, n: int) -> list[bytes]:
+    """n copies of the large 24-frame CT, each with new UIDs, compressed to `ts` if given."""
+    out = []
+    for _ in range(n):
+        ds = pydicom.dcmread(LARGE)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if ts is not None:
+            ds.compress(ts, generate_instance_uid=False)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def _stow_bytes(client: httpx.Client, url: str, data: bytes) -> None:
+    body = (
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    ctype = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+    r = client.post(f"{url}/studies", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, (url, r.status_code, r.text[:300])
+
+
+def large_stow(client: httpx.Client, servers: dict[str, str]) -> dict[str, Any]:
+    """STOW of 12.6 MB multi-frame instances, one per request, alternately: MB/s."""
+    copies = _copies(None, LARGE_STOW_COPIES)
+    rates: dict[str, list[float]] = {s: [] for s in servers}
+    for data in copies:
+        for s, u in servers.items():
+            t = time.perf_counter()
+            _stow_bytes(client, u, data)
+            rates[s].append(len(data) / 1e6 / (time.perf_counter() - t))
+    return {"large_stow_mb_s": {s: statistics.median(v) for s, v in rates.items()}}
+
+
+def frames_and_rendered(client: httpx.Client, servers: dict[str, str]) -> dict[str, Any]:
+    """Each of the 24 frames of the large CT once per server (no server has it cached): as
+    stored (Explicit VR Little Endian), decoded from a JPEG-LS Lossless copy, and rendered
+    as JPEG from that copy."""
+    native, jls = _copies(None, 1)[0], _copies(JPEGLSLossless, 1)[0]
+    res: dict[str, Any] = {}
+    for name, data, suffix, accept in (
+        ("frame_stored", native, "", ACCEPT_FRAME),
+        ("frame_transcoded", jls, "", ACCEPT_FRAME),
+        ("frame_rendered", jls, "/rendered", "image/jpeg"),
+    ):
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        for u in servers.values():
+            _stow_bytes(client, u, data)
+        inst = f"{_series(ds)}/instances/{ds.SOPInstanceUID}"
+        times: dict[str, list[float]] = {s: [] for s in servers}
+        for k in range(1, int(ds.NumberOfFrames) + 1):
+            for s, u in servers.items():
+                url = f"{u}{inst}/frames/{k}{suffix}"
+                times[s].append(timed_get(client, url, headers={"Accept": accept}))
+        res[name] = summary(times)
+        print(name, res[name], flush=True)
+    return res
+
+
 def _largest(root: Path) -> Path:
     return max((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -248,6 +323,11 @@ def markdown(r: dict[str, Any]) -> str:
         elif isinstance(v, dict) and isinstance(v.get("ours"), dict):
             for p in ("p50_ms", "p95_ms"):
                 lines.append(_row(f"{key} {p} (lower is better)", v["ours"][p], v["orthanc"][p]))
+    ls = r.get("large_stow_mb_s")
+    if ls:
+        lines.append(
+            _row("12.6 MB STOW, MB/s (higher is better)", ls["ours"], ls["orthanc"], ".0f")
+        )
     for key, label in (("large_retrieve_mb_s", "page cache"), ("large_retrieve_cold_mb_s", "cold")):
         lr = r.get(key)
         if lr:

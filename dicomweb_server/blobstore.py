@@ -208,39 +208,65 @@ async def stream_path(
 ) -> AsyncIterator[bytes]:
     """Read `length` bytes of a file from `offset` (to the end when None) in chunks.
 
-    One chunk is read ahead while the previous one is being sent, so the disk and the socket
-    work at the same time; memory stays at two chunks per stream.
+    The file is opened and its first chunk read in one worker-thread call (closed there too
+    when that chunk is all of it: a small instance costs one thread hop). After that, one
+    chunk is read ahead while the previous one is being sent, so the disk and the socket work
+    at the same time; memory stays at two chunks per stream.
     """
     remaining = length
-    async with aiofiles.open(path, "rb") as fh:
-        await fh.seek(offset)
-
-        def ask() -> asyncio.Future[bytes] | None:
-            if remaining is not None and remaining <= 0:
-                return None
-            n = READ_CHUNK_BYTES if remaining is None else min(READ_CHUNK_BYTES, remaining)
-            return asyncio.ensure_future(fh.read(n))
-
-        pending = ask()
-        try:
-            while pending is not None:
-                chunk = await pending
-                pending = None
-                if not chunk:
-                    break
-                if remaining is not None:
-                    remaining -= len(chunk)
-                pending = ask()
+    n = _chunk(remaining)
+    if n == 0:
+        return
+    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, n == remaining)
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if remaining is not None:
+                remaining -= len(chunk)
+            if fh is not None and len(chunk) == n and remaining != 0:
+                n = _chunk(remaining)
+                pending = asyncio.ensure_future(anyio.to_thread.run_sync(_read, fh, n))
+            if chunk:
                 yield chunk
-        finally:
-            if pending is not None:
-                # The reader stopped early: let the read in flight finish before the file
-                # closes under it (a worker-thread read cannot be interrupted).
-                await asyncio.wait([pending])
-                if not pending.cancelled():
-                    pending.exception()  # retrieved, so asyncio does not log it
+            if pending is None:
+                break
+            chunk = await pending
+            pending = None
+    finally:
+        if pending is not None:
+            # The reader stopped early: let the read in flight finish before the file
+            # closes under it (a worker-thread read cannot be interrupted).
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()  # retrieved, so asyncio does not log it
+        if fh is not None:
+            fh.close()
     if remaining:
         raise OSError(f"{path.name} is shorter than the recorded range")
+
+
+def _chunk(remaining: int | None) -> int:
+    return READ_CHUNK_BYTES if remaining is None else min(READ_CHUNK_BYTES, remaining)
+
+
+def _open_and_read(path: Path, offset: int, n: int, last: bool) -> tuple[BinaryIO | None, bytes]:
+    """The file opened at `offset` and its first `n` bytes; the file is closed (None) when
+    those are the last bytes wanted or the file ended."""
+    fh = path.open("rb")
+    try:
+        fh.seek(offset)
+        chunk = fh.read(n)
+    except BaseException:
+        fh.close()
+        raise
+    if last or len(chunk) < n:
+        fh.close()
+        return None, chunk
+    return fh, chunk
+
+
+def _read(fh: BinaryIO, n: int) -> bytes:
+    return fh.read(n)
 
 
 def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
