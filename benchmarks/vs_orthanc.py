@@ -32,7 +32,7 @@ import pydicom
 from pydicom.uid import JPEGLSLossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PEERS, fresh_database, start_orthanc
+from benchmarks.common import PEERS, fresh_database, query_url, start_orthanc
 from tests.liveserver import start
 
 LARGE = (
@@ -172,7 +172,7 @@ def run_all(
             for i in range(QIDO_REPEATS):
                 path, params = make(sample[i % len(sample)])
                 for s, u in servers.items():
-                    times[s].append(timed_get(client, u + path, params=params))
+                    times[s].append(timed_get(client, query_url(u, path, params)))
             res[name] = summary(times)
             print(name, res[name], flush=True)
         for name, (suffix, accept) in RETRIEVES.items():
