@@ -6,7 +6,7 @@ from typing import Any
 
 from dicomweb_server.index import Index
 from dicomweb_server.query import Query
-from dicomweb_server.sql import compile_search, render_row
+from dicomweb_server.sql import compile_search, render_rows
 
 __all__ = ["search"]
 
@@ -16,4 +16,4 @@ async def search(index: Index, q: Query, base_url: str) -> tuple[list[dict[str, 
     sql_text, args = compile_search(q)
     rows = await index.search(sql_text, args)
     more = len(rows) > q.limit
-    return [render_row(q, row, base_url) for row in rows[: q.limit]], more
+    return render_rows(q, rows[: q.limit], base_url), more

@@ -7,7 +7,7 @@ LIKE patterns escape `\\`, `%` and `_` before `*` and `?` are translated (ESCAPE
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
@@ -23,7 +23,7 @@ from dicomweb_server.query import (
     WildcardMatch,
 )
 
-__all__ = ["compile_search", "like_pattern", "render_row", "returned_levels"]
+__all__ = ["compile_search", "like_pattern", "render_rows", "returned_levels"]
 
 _ALIAS = {Level.PATIENT: "st", Level.STUDY: "st", Level.SERIES: "se", Level.INSTANCE: "i"}
 _UID_COLUMN = {
@@ -256,21 +256,33 @@ def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, 
     }
 
 
-def render_row(q: Query, row: Mapping[str, Any], base_url: str) -> dict[str, Any]:
-    """One QIDO result: stored attributes of the returned levels, plus computed ones."""
-    out: dict[str, Any] = {}
-    for level in returned_levels(q):
-        wanted = _wanted(q, level)
-        text = row[f"{level.value}_attrs"] or "{}"
-        stored = json.loads(absolutize_bulk_uris(text, base_url))
-        if level is Level.PATIENT:  # the study's own attributes are not the patient's
-            keep = {tag_hex(t) for t in LEVEL_TAGS[Level.PATIENT]}
-            stored = {k: v for k, v in stored.items() if k in keep}
-        out.update(_pick(stored, wanted))
-        computed = _computed(row, level, base_url)
-        if wanted is not None:
-            computed = {k: v for k, v in computed.items() if k in wanted}
-        out.update(computed)
-    # RetrieveURL and the like are meaningful only for the level searched.
-    out.update({k: v for k, v in _computed(row, q.level, base_url).items() if k == "00081190"})
-    return dict(sorted(out.items()))
+def render_rows(q: Query, rows: Iterable[Mapping[str, Any]], base_url: str) -> list[dict[str, Any]]:
+    """QIDO results: per row, the stored attributes of the returned levels plus computed ones.
+    What depends only on the query (the tags wanted per level) is worked out once."""
+    levels = [(level, _wanted(q, level)) for level in returned_levels(q)]
+    out = []
+    for row in rows:
+        result: dict[str, Any] = {}
+        retrieve_url = None
+        for level, wanted in levels:
+            text = row[f"{level.value}_attrs"] or "{}"
+            stored = json.loads(absolutize_bulk_uris(text, base_url))
+            if level is Level.PATIENT:  # the study's own attributes are not the patient's
+                stored = {k: v for k, v in stored.items() if k in _PATIENT_KEYS}
+            result.update(_pick(stored, wanted))
+            computed = _computed(row, level, base_url)
+            if level is q.level:
+                retrieve_url = computed.get("00081190")
+            if wanted is not None:
+                computed = {k: v for k, v in computed.items() if k in wanted}
+            result.update(computed)
+        if q.level not in (level for level, _ in levels):
+            retrieve_url = _computed(row, q.level, base_url).get("00081190")
+        if retrieve_url is not None:
+            # RetrieveURL is meaningful only for the level searched: always that level's.
+            result["00081190"] = retrieve_url
+        out.append(dict(sorted(result.items())))
+    return out
+
+
+_PATIENT_KEYS = frozenset(tag_hex(t) for t in LEVEL_TAGS[Level.PATIENT])

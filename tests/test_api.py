@@ -584,3 +584,21 @@ async def test_lost_reservation_is_not_committed(
     root = app.state.settings.blob_dir
     files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"]
     assert files == [], "the uncommitted blob was left behind"
+
+
+async def test_qido_retrieve_url_is_the_searched_level(app_client: httpx.AsyncClient) -> None:
+    """RetrieveURL (0008,1190) names what was searched for, whatever levels the fields add."""
+    ds = make_instance()
+    await stow(app_client, to_bytes(ds))
+    st, se, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    for path, params, expected in (
+        ("/studies", {"includefield": "all"}, f"/studies/{st}"),
+        ("/series", {"includefield": "all"}, f"/studies/{st}/series/{se}"),
+        (f"/studies/{st}/series", {"includefield": "00081190"}, f"/studies/{st}/series/{se}"),
+        ("/instances", {"includefield": "all"}, f"/studies/{st}/series/{se}/instances/{sop}"),
+        (f"/studies/{st}/instances", {}, f"/studies/{st}/series/{se}/instances/{sop}"),
+    ):
+        r = await app_client.get(f"{ROOT}{path}", params={**params, "StudyInstanceUID": st})
+        (found,) = r.json()
+        assert str(values(found, "00081190")[0]).endswith(f"/dicom-web{expected}"), path
+        assert list(found) == sorted(found)
