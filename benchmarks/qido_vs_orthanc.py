@@ -13,7 +13,8 @@ DIR is an archive made by ../shared/samples/generate.py, e.g. 100,000 instances:
 --no-coverage --large-mb 0 --patients 500 --studies 2 --series 4 --instances 25 --size 16.
 Loading Orthanc takes a quarter of an hour or more on the 2-core machine, so with --state the
 servers' data (our blob store and database, Orthanc's state directory and database) is kept
-there, loading resumes where it stopped, and a second run measures without loading again.
+there, loading resumes where it stopped, and a second run measures without loading again. The
+two databases have fixed names (OURS_DB, ORTHANC_DB): one state directory at a time.
 --instances N loads (and measures on) only the first N files of DIR.
 """
 
