@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import fresh_database
+from benchmarks.common import fresh_database, write_results
 from benchmarks.vs_orthanc import pct, stow, timed_get
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.index import Index
@@ -153,11 +152,7 @@ def main() -> int:
     rows = subprocess.run(["psql", dsn, "-tAc", "SELECT count(*) FROM audit_log"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     result["audit_rows"] = int(rows.stdout.strip())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "audit.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (args.out / "audit.md").write_text(table)
-    print(table)
+    write_results(args.out, "audit", result, markdown(result))
     return 0
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -22,6 +23,7 @@ __all__ = [
     "resume_orthanc",
     "start_orthanc",
     "stop_orthanc",
+    "write_results",
 ]
 
 PG = "postgresql://postgres@127.0.0.1:5432"
@@ -90,3 +92,11 @@ def query_url(root: str, path: str, params: dict[str, str]) -> str:
     `^` and other punctuation literal, only what must be (space, non-ASCII, `&`) escaped."""
     query = "&".join(f"{quote(k)}={quote(v, safe=QUERY_SAFE)}" for k, v in params.items())
     return f"{root}{path}?{query}" if query else f"{root}{path}"
+
+
+def write_results(out: Path, name: str, results: dict[str, Any], table: str) -> None:
+    """`out/name.json` (the figures) and `out/name.md` (their table), and the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{name}.md").write_text(table)
+    print(table)

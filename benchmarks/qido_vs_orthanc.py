@@ -45,8 +45,9 @@ from benchmarks.common import (
     resume_orthanc,
     start_orthanc,
     stop_orthanc,
+    write_results,
 )
-from benchmarks.vs_orthanc import QUERIES, pct, stow_rate, timed_get
+from benchmarks.vs_orthanc import QUERIES, stow_rate, summary, timed_get
 from tests.liveserver import running
 
 OURS_DB = "dicomweb_bench_qido_vs"
@@ -87,11 +88,7 @@ def main() -> int:
         ]
         results["counts"] = check_counts(servers, sample)
         results["latency"] = time_queries(servers, sample, results["counts"], args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qido_vs_orthanc.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / "qido_vs_orthanc.md").write_text(table)
-    print(table)
+    write_results(args.out, "qido_vs_orthanc", results, markdown(results))
     return 0
 
 
@@ -186,7 +183,7 @@ def time_queries(
                 for s in order if i % 2 == 0 else order[::-1]:
                     url = query_url(servers[s], *paths[i % len(paths)])
                     times[s].append(timed_get(client, url))
-            out[name] = {s: {"p50_ms": pct(t, 50), "p95_ms": pct(t, 95)} for s, t in times.items()}
+            out[name] = summary(times)
             print(name, out[name], flush=True)
     return out
 

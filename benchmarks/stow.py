@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import signal
 import statistics
@@ -33,7 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PEERS, fresh_database, start_orthanc
+from benchmarks.common import PEERS, fresh_database, start_orthanc, write_results
 from tests.liveserver import ServerProcess, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,11 +112,7 @@ def main() -> int:
             )
             servers["orthanc"] = url
         results = run(servers, files, args.rounds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stow.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / "stow.md").write_text(table)
-    print(table)
+    write_results(args.out, "stow", results, markdown(results))
     return 0
 
 

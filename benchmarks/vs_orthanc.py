@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import statistics
@@ -32,7 +31,7 @@ import pydicom
 from pydicom.uid import JPEGLSLossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import PEERS, fresh_database, query_url, start_orthanc
+from benchmarks.common import PEERS, fresh_database, query_url, start_orthanc, write_results
 from tests.liveserver import start
 
 LARGE = (
@@ -142,11 +141,7 @@ def main() -> int:
             subprocess.run(
                 ["bash", str(PEERS / "stop.sh")], env=orthanc_env, check=False, capture_output=True
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vs_orthanc.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (args.out / "vs_orthanc.md").write_text(table)
-    print(table)
+    write_results(args.out, "vs_orthanc", results, markdown(results))
     return 0
 
 
