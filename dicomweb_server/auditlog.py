@@ -51,7 +51,8 @@ class AuditLog:
     async def run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            await asyncio.sleep(AUDIT_LINGER_S)
+            if self._queue.qsize() < AUDIT_BATCH_MAX - 1:  # else a full batch is waiting
+                await asyncio.sleep(AUDIT_LINGER_S)
             while len(batch) < AUDIT_BATCH_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._append(batch)

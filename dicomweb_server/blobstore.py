@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -230,19 +231,28 @@ async def stream_path(
                 yield chunk
             if pending is None:
                 break
-            chunk = await pending
+            # Shielded: a cancelled reader (a client gone) must not cancel the read-ahead
+            # task while its worker thread still reads the file.
+            chunk = await asyncio.shield(pending)
             pending = None
     finally:
-        if pending is not None:
-            # The reader stopped early: let the read in flight finish before the file
-            # closes under it (a worker-thread read cannot be interrupted).
-            await asyncio.wait([pending])
-            if not pending.cancelled():
-                pending.exception()  # retrieved, so asyncio does not log it
         if fh is not None:
-            fh.close()
+            if pending is not None and not pending.done():
+                # The reader stopped while a read is in flight (a worker-thread read cannot
+                # be interrupted): the file is closed when that read ends, not under it.
+                pending.add_done_callback(functools.partial(_close_after, fh))
+            elif pending is not None:
+                _close_after(fh, pending)
+            else:
+                fh.close()
     if remaining:
         raise OSError(f"{path.name} is shorter than the recorded range")
+
+
+def _close_after(fh: BinaryIO, read: asyncio.Future[bytes]) -> None:
+    if not read.cancelled():
+        read.exception()  # retrieved, so asyncio does not log it
+    fh.close()
 
 
 def _chunk(remaining: int | None) -> int:

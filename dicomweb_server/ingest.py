@@ -56,8 +56,8 @@ class Services:
     scratch_dir: Path  # temporary files of transcoded responses
     images: ByteLRU  # rendered images and thumbnails
     frames: ByteLRU  # decoded and re-encoded frames, keyed (blob, frame, transfer syntax)
-    # Series metadata keyed ("series", series pk, instances in it) and gzip-compressed
-    # metadata responses keyed ("gzip", ETag).
+    # Series metadata keyed ("series", Series Instance UID), its instance count in the first
+    # 8 bytes of the value, and gzip-compressed metadata responses keyed ("gzip", ETag).
     metadata: ByteLRU
 
 

@@ -173,7 +173,7 @@ def _pixel_info_of_json(doc: dict[str, Any]) -> PixelInfo | None:
         first_number("00280101") or bits_allocated,
         first_number("00280002") or 1,
         first_number("00280103") or 0,
-        str(photometric) if photometric is not None else "MONOCHROME2",
+        str(photometric) if photometric else "MONOCHROME2",
         first_number("00280010") or 0,
         first_number("00280011") or 0,
         "7FE00008" in doc or "7FE00009" in doc,
@@ -258,7 +258,10 @@ async def _instance_parts(
         for i, (inst, target) in enumerate(zip(instances, targets, strict=True)):
             ts = inst.transfer_syntax_uid
             if target in (STORED, ts):
-                yield {"Content-Type": _dicom_type(ts)}, svc.blobs.open_range(inst.blob_key)
+                # Bounded by the recorded size, which the Content-Length promised: a blob
+                # that is shorter fails with a clear error rather than a short body.
+                body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
+                yield {"Content-Type": _dicom_type(ts)}, body
                 continue
             headers = {"Content-Type": _dicom_type(target)}
             if i == first and prepared is not None:
@@ -424,21 +427,25 @@ def _item_values_length(path: Path, offset: int, length: int) -> int:
             if len(header) < 8:
                 raise OSError(f"{path.name} is shorter than the recorded range")
             (n,) = struct.unpack("<I", header[4:])
-            total += n
+            total += max(0, min(n, end - pos - 8))  # as strip_items: it stops at the end
             pos += 8 + n
     return total
 
 
 async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> AsyncIterator[bytes]:
-    """Bytes [start, stop) of a stream of chunks; reading stops once `stop` is reached."""
+    """Bytes [start, stop) of a stream of chunks; reading stops once `stop` is reached, and
+    the stream is closed then (its file with it), not when it is garbage-collected."""
     pos = 0
-    async for chunk in chunks:
-        end = pos + len(chunk)
-        if end > start:
-            yield chunk[max(0, start - pos) : min(len(chunk), stop - pos)]
-        pos = end
-        if pos >= stop:
-            break
+    try:
+        async for chunk in chunks:
+            end = pos + len(chunk)
+            if end > start:
+                yield chunk[max(0, start - pos) : min(len(chunk), stop - pos)]
+            pos = end
+            if pos >= stop:
+                break
+    finally:
+        await _aclose(chunks)
 
 
 async def _stored_frames(
@@ -516,21 +523,31 @@ async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     """Item values of a run of encapsulated items (PS3.5 A.4), item headers removed."""
     header = b""
     remaining = 0
-    async for chunk in chunks:
-        pos = 0
-        while pos < len(chunk):
-            if remaining:
-                take = min(remaining, len(chunk) - pos)
-                yield chunk[pos : pos + take]
-                pos += take
-                remaining -= take
-                continue
-            need = 8 - len(header)
-            header += chunk[pos : pos + need]
-            pos += need
-            if len(header) == 8:
-                (remaining,) = struct.unpack("<I", header[4:])
-                header = b""
+    try:
+        async for chunk in chunks:
+            pos = 0
+            while pos < len(chunk):
+                if remaining:
+                    take = min(remaining, len(chunk) - pos)
+                    yield chunk[pos : pos + take]
+                    pos += take
+                    remaining -= take
+                    continue
+                need = 8 - len(header)
+                header += chunk[pos : pos + need]
+                pos += need
+                if len(header) == 8:
+                    (remaining,) = struct.unpack("<I", header[4:])
+                    header = b""
+    finally:
+        await _aclose(chunks)
+
+
+async def _aclose(chunks: AsyncIterable[bytes]) -> None:
+    """Close an async generator that is stopped early (a no-op for one that has ended)."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:

@@ -16,7 +16,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
@@ -283,13 +283,31 @@ def decoding_plugin(transfer_syntax_uid: str) -> str:
     return plugin if plugin in available else ""
 
 
+_DECODE_ERRORS = (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError)
+_T = TypeVar("_T")
+
+
+def _decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
+    """`decode(plugin)` with the preferred plugin; if that one fails, again with pydicom's own
+    choice among all installed (naming a plugin makes pydicom try that one only)."""
+    plugin = decoding_plugin(transfer_syntax_uid)
+    if plugin:
+        try:
+            return decode(plugin)
+        except _DECODE_ERRORS:
+            pass
+    return decode("")
+
+
 def _pixels(ds: Dataset) -> np.ndarray:
     """`ds.pixel_array`, decoded with the preferred plugin."""
-    plugin = decoding_plugin(str(ds.file_meta.TransferSyntaxUID))
-    if plugin:
+
+    def decode(plugin: str) -> np.ndarray:
         ds.pixel_array_options(decoding_plugin=plugin)
-    arr: np.ndarray = ds.pixel_array
-    return arr
+        arr: np.ndarray = ds.pixel_array
+        return arr
+
+    return _decoded(str(ds.file_meta.TransferSyntaxUID), decode)
 
 
 def frame_array(path: Path, ds: Dataset, n: int) -> np.ndarray:
@@ -298,8 +316,10 @@ def frame_array(path: Path, ds: Dataset, n: int) -> np.ndarray:
         one: np.ndarray = _all_frames(path)[n - 1]  # no random access into a deflate stream
         return one
     try:
-        plugin = decoding_plugin(str(ds.file_meta.TransferSyntaxUID))
-        frame: np.ndarray = pixel_array(str(path), index=n - 1, decoding_plugin=plugin)
+        frame: np.ndarray = _decoded(
+            str(ds.file_meta.TransferSyntaxUID),
+            lambda plugin: pixel_array(str(path), index=n - 1, decoding_plugin=plugin),
+        )
         return frame
     except (AttributeError, ValueError, KeyError):
         # Files pydicom reads only with repairs (e.g. Pixel Data written implicitly in an
@@ -368,10 +388,13 @@ def decode_codestream(codestream: bytes, transfer_syntax_uid: str, info: PixelIn
         "planar_configuration": 0,
     }
     try:
-        arr, _ = get_decoder(transfer_syntax_uid).as_array(
-            encapsulate([codestream]), **opts, decoding_plugin=decoding_plugin(transfer_syntax_uid)
+        arr, _ = _decoded(
+            transfer_syntax_uid,
+            lambda plugin: get_decoder(transfer_syntax_uid).as_array(
+                encapsulate([codestream]), **opts, decoding_plugin=plugin
+            ),
         )
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError) as exc:
+    except _DECODE_ERRORS as exc:
         raise _cannot(None, f"decode a {UID(transfer_syntax_uid).name} frame", exc) from None
     return arr
 
@@ -418,7 +441,10 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
     if codec.encode is None:  # to Explicit VR Little Endian
         if ts.is_compressed:
             # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
-            ds.decompress(generate_instance_uid=False, decoding_plugin=decoding_plugin(ts))
+            _decoded(
+                ts,
+                lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
+            )
         elif not ts.is_little_endian:  # big endian: swap the pixel bytes
             planar = ds.get("PlanarConfiguration") == 1
             ds.PixelData = _frame_bytes(_pixels(ds), info.bits_allocated, planar)

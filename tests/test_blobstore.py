@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 
 import pytest
 
+from dicomweb_server import blobstore
 from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
 
 
@@ -40,15 +44,62 @@ async def test_stream_path_ranges(
     assert all(0 < len(c) <= READ_CHUNK_BYTES for c in chunks)
 
 
-async def test_stream_path_stopped_early_waits_for_its_read_ahead(
-    blob: tuple[Path, bytes],
-) -> None:
-    """A client that goes away mid-stream: the generator closes while a read is in flight."""
+def _open_fds(path: Path) -> int:
+    """How many of this process's file descriptors are open on `path`."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd) == str(path)
+    return count
+
+
+async def test_stream_path_stopped_early_closes_the_file(blob: tuple[Path, bytes]) -> None:
+    """A client that goes away mid-stream: the generator is closed at a yield."""
     path, data = blob
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))  # an async generator
     first = await stream.__anext__()
     assert first == data[:READ_CHUNK_BYTES]
-    await stream.aclose()  # neither raises nor leaves the read behind
+    await stream.aclose()
+    for _ in range(50):  # the read-ahead in flight ends, then the file is closed
+        if _open_fds(path) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert _open_fds(path) == 0
+
+
+async def test_stream_path_cancelled_during_a_read_closes_after_it(
+    blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the read-ahead is in a worker thread (a slow disk): the read is not
+    cut short and the file is closed once it has ended, not under it."""
+    path, data = blob
+    reads: list[int] = []
+
+    def slow_read(fh: BinaryIO, n: int) -> bytes:
+        time.sleep(0.2)
+        chunk = fh.read(n)  # raises if the file was closed under it
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(blobstore, "_read", slow_read)
+    got: list[bytes] = []
+
+    async def consume() -> None:
+        async for chunk in stream_path(path):
+            got.append(chunk)
+
+    task = asyncio.create_task(consume())
+    while not got:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the second read is in flight now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.4)
+    assert reads == [READ_CHUNK_BYTES]  # the read in flight finished, on an open file
+    assert _open_fds(path) == 0
+    assert got == [data[:READ_CHUNK_BYTES]]
 
 
 async def test_stream_path_short_file_is_an_error(blob: tuple[Path, bytes]) -> None:

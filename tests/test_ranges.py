@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -12,6 +14,7 @@ from pydicom.uid import UID
 
 from dicomweb_server.errors import RangeNotSatisfiableError
 from dicomweb_server.media import byte_range
+from dicomweb_server.retrieve import _item_values_length, slice_stream
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -177,3 +180,34 @@ async def test_range_of_bulk_data(app_client: httpx.AsyncClient) -> None:
     r = await app_client.get(uri, headers={"Range": f"bytes={len(pixels)}-", **origin})
     assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(pixels)}"
     assert "Content-Range" in r.headers["access-control-expose-headers"]
+
+
+async def _chunks(parts: list[bytes], closed: list[bool]) -> AsyncIterator[bytes]:
+    try:
+        for p in parts:
+            yield p
+    finally:
+        closed.append(True)
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, 9), (2, 5), (3, 7), (8, 9), (0, 1), (4, 4 + 3)])
+async def test_slice_stream(start: int, stop: int) -> None:
+    parts = [b"abc", b"defg", b"hi"]
+    closed: list[bool] = []
+    got = b"".join([c async for c in slice_stream(_chunks(parts, closed), start, stop)])
+    assert got == b"abcdefghi"[start:stop]
+    assert closed == [True]  # the source is closed when the slice ends, even early
+
+
+def test_item_values_length(tmp_path: Path) -> None:
+    """Encapsulated items (FFFE,E000): their values' lengths summed; an item that runs past
+    the recorded range counts only up to it, as strip_items yields."""
+    items = b"".join(
+        b"\xfe\xff\x00\xe0" + struct.pack("<I", len(v)) + v for v in (b"1234", b"abcdef")
+    )
+    path = tmp_path / "items"
+    path.write_bytes(b"PREFIX" + items)
+    assert _item_values_length(path, 6, len(items)) == 10
+    assert _item_values_length(path, 6, 12) == 4  # the first item only
+    assert _item_values_length(path, 6, 12 + 8 + 2) == 6  # two bytes into the second value
+    assert _item_values_length(path, 6, 12 + 5) == 4  # a partial second header adds nothing

@@ -12,10 +12,11 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
+from dicomweb_server import transcode
 from dicomweb_server.transcode import ENCODERS
 from tests.helpers import (
     ROOT,
@@ -216,3 +217,20 @@ async def test_instance_conversion_failure_is_406_not_a_broken_stream(
     assert r.status_code == 200
     scratch = app.state.services.scratch_dir
     assert [p for p in scratch.iterdir() if p.suffix == ".dcm"] == []
+
+
+@pytest.mark.parametrize("plugin", ["pyjpegls", "no-such-plugin"])
+def test_jpeg_ls_decoded_by_the_preferred_plugin_or_any(
+    samples: Path, monkeypatch: pytest.MonkeyPatch, plugin: str
+) -> None:
+    """JPEG-LS frames decode with pyjpegls (transcode.PREFERRED_DECODERS), to the same pixels
+    as pydicom's own choice; a preferred plugin that fails falls back to any other."""
+    ds = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assert transcode.decoding_plugin(ts) == "pyjpegls"
+    monkeypatch.setattr(transcode, "decoding_plugin", lambda _ts: plugin)
+    info = transcode.PixelInfo.of(ds)
+    codestreams = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    for k in (0, 7):
+        got = transcode.decode_codestream(codestreams[k], ts, info)
+        assert np.array_equal(got, ds.pixel_array[k])

@@ -174,6 +174,9 @@ def ranged_response(request: Request, value: Sized, part_type: str) -> Streaming
     if span is not None:
         response.status_code = 206
         response.headers["Content-Range"] = headers["Content-Range"]
+        # Content-Range counts bytes of the value, not of this multipart body: no cache
+        # may store it as a piece of the body (RFC 9110 14.3 would have it combine pieces).
+        response.headers["Cache-Control"] = "no-store"
     return response
 
 
