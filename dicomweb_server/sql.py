@@ -258,7 +258,8 @@ def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, 
 
 def render_rows(q: Query, rows: Iterable[Mapping[str, Any]], base_url: str) -> list[dict[str, Any]]:
     """QIDO results: per row, the stored attributes of the returned levels plus computed ones.
-    What depends only on the query (the tags wanted per level) is worked out once."""
+    What depends only on the query (the tags wanted per level) is worked out once; the
+    searched level is always among the returned ones, so its RetrieveURL is at hand."""
     levels = [(level, _wanted(q, level)) for level in returned_levels(q)]
     out = []
     for row in rows:
@@ -276,8 +277,6 @@ def render_rows(q: Query, rows: Iterable[Mapping[str, Any]], base_url: str) -> l
             if wanted is not None:
                 computed = {k: v for k, v in computed.items() if k in wanted}
             result.update(computed)
-        if q.level not in (level for level, _ in levels):
-            retrieve_url = _computed(row, q.level, base_url).get("00081190")
         if retrieve_url is not None:
             # RetrieveURL is meaningful only for the level searched: always that level's.
             result["00081190"] = retrieve_url
