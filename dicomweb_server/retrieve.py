@@ -113,27 +113,20 @@ async def metadata_json(
     versions = await svc.index.series_versions(study)
     if not versions:
         raise _not_found(None, None)
-    parts = []
-    for uid, count in versions:
-        part = _cached_part(svc, uid, count)
-        if part is None:
-            part = await _series_part(svc, study, uid)
-        parts.append(part or b"")
+    parts = [await _series_part(svc, study, uid, count) or b"" for uid, count in versions]
     return _json_array(parts, base_url)
 
 
-def _cached_part(svc: Services, series: str, count: int) -> bytes | None:
-    entry = svc.metadata.get(("series", series))
-    if entry is None or int.from_bytes(entry[:8], "little") != count:
-        return None
-    return entry[8:]
-
-
-async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
+async def _series_part(
+    svc: Services, study: str, series: str, count: int | None = None
+) -> bytes | None:
     """A series' instances' DICOM JSON objects, comma-separated, BulkDataURIs root-relative;
-    None when the study has no such series."""
+    None when the study has no such series. With the series' `count` already read (study
+    metadata), a cached part of that count is used without asking the index."""
     entry = svc.metadata.get(("series", series))
     known = -1 if entry is None else int.from_bytes(entry[:8], "little")
+    if entry is not None and known == count:
+        return entry[8:]
     found = await svc.index.series_metadata(study, series, known)
     if found is None:
         return None
