@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.auditlog import running_audit_log
 from dicomweb_server.auth import authenticator_for, describe
-from dicomweb_server.blobstore import FileSystemBlobStore
+from dicomweb_server.blobstore import FileSystemBlobStore, tune_allocator
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
@@ -176,4 +176,5 @@ def create_app(settings: Settings) -> Starlette:
 def app_from_env() -> Starlette:
     """The app of a worker process of `serve --workers N` (settings come through the
     environment, see Settings.export)."""
+    tune_allocator()
     return create_app(Settings.from_env())

@@ -9,7 +9,9 @@ either absent or complete after a crash.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
@@ -29,11 +31,22 @@ __all__ = [
     "BlobWriter",
     "FileSystemBlobStore",
     "stream_path",
+    "tune_allocator",
 ]
 
 # Size of the chunks blobs are streamed in (fewer, larger writes: 1 MiB chunks retrieve a
 # 12.6 MB instance about 40% faster than 256 KiB chunks over loopback).
 READ_CHUNK_BYTES = 1024 * 1024
+# Later chunks double in size up to this, and a stream reads ahead of its sender until this
+# many bytes wait to be sent (see _ReadAhead; measured in docs/benchmarks.md, 2026-12-03).
+READ_CHUNK_MAX_BYTES = 4 * 1024 * 1024
+READ_AHEAD_BYTES = 8 * 1024 * 1024
+# glibc malloc: blocks up to this size come from the heap, not from a fresh mmap each (whose
+# pages the kernel faults in and zeroes again for every chunk read, then unmaps: a fifth of a
+# large retrieve's CPU), and up to TRIM bytes of freed heap are kept for the next chunks.
+# Without it, the 4 MiB chunks retrieve slower than 1 MiB ones. See tune_allocator.
+MALLOC_MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 # Bytes a spool file buffers in memory before a worker thread writes them out.
 SPOOL_BUFFER_BYTES = 256 * 1024
 # Consecutive keys of a process share their directory (`ab/cd/`) for this many keys, so that
@@ -210,53 +223,117 @@ async def stream_path(
     """Read `length` bytes of a file from `offset` (to the end when None) in chunks.
 
     The file is opened and its first chunk read in one worker-thread call (closed there too
-    when that chunk is all of it: a small instance costs one thread hop). After that, one
-    chunk is read ahead while the previous one is being sent, so the disk and the socket work
-    at the same time; memory stays at two chunks per stream.
+    when that chunk is all of it: a small instance costs one thread hop). After that the
+    reads run ahead of the sender (see _ReadAhead), so the disk and the socket work at the
+    same time; memory stays bounded by READ_AHEAD_BYTES plus the chunk being sent.
     """
-    remaining = length
-    n = _chunk(remaining)
+    n = READ_CHUNK_BYTES if length is None else min(READ_CHUNK_BYTES, length)
     if n == 0:
         return
-    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, n == remaining)
-    pending: asyncio.Future[bytes] | None = None
-    try:
-        while True:
-            if remaining is not None:
-                remaining -= len(chunk)
-            if fh is not None and len(chunk) == n and remaining != 0:
-                n = _chunk(remaining)
-                pending = asyncio.ensure_future(anyio.to_thread.run_sync(_read, fh, n))
-            if chunk:
-                yield chunk
-            if pending is None:
-                break
-            # Shielded: a cancelled reader (a client gone) must not cancel the read-ahead
-            # task while its worker thread still reads the file.
-            chunk = await asyncio.shield(pending)
-            pending = None
-    finally:
-        if fh is not None:
-            if pending is not None and not pending.done():
-                # The reader stopped while a read is in flight (a worker-thread read cannot
-                # be interrupted): the file is closed when that read ends, not under it.
-                pending.add_done_callback(functools.partial(_close_after, fh))
-            elif pending is not None:
-                _close_after(fh, pending)
-            else:
-                fh.close()
+    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, n == length)
+    remaining = None if length is None else length - len(chunk)
+    if fh is None:
+        if chunk:
+            yield chunk
+    else:
+        reader = _ReadAhead(fh, remaining, len(chunk) == n)
+        try:
+            yield chunk
+            while (more := await reader.next()) is not None:
+                yield more
+        finally:
+            reader.close()
+        remaining = reader.remaining
     if remaining:
         raise OSError(f"{path.name} is shorter than the recorded range")
 
 
-def _close_after(fh: BinaryIO, read: asyncio.Future[bytes]) -> None:
-    if not read.cancelled():
-        read.exception()  # retrieved, so asyncio does not log it
-    fh.close()
+class _ReadAhead:
+    """The chunks after the first, read one at a time in a worker thread but without waiting
+    for the sender to ask: a read starts as soon as the previous one ends, until
+    READ_AHEAD_BYTES are waiting to be sent. Read sequentially, so the kernel's read-ahead
+    sees one stream; the thread is held for a read only, never while the client is slow.
+    Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
+    and socket writes for large files, a small first read for small ones)."""
+
+    def __init__(self, fh: BinaryIO, remaining: int | None, more: bool) -> None:
+        self._fh = fh
+        self.remaining = remaining  # bytes still to read, None: to the end of the file
+        self._size = READ_CHUNK_BYTES
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._reading = False
+        self._ended = not more or remaining == 0
+        self._error: BaseException | None = None
+        self._wakeup: asyncio.Future[None] | None = None
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        if self._reading or self._ended or self._closed or self._buffered >= READ_AHEAD_BYTES:
+            return
+        self._size = min(2 * self._size, READ_CHUNK_MAX_BYTES)
+        n = self._size if self.remaining is None else min(self._size, self.remaining)
+        self._reading = True
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(_read, self._fh, n))
+        task.add_done_callback(functools.partial(self._read_done, n))
+
+    def _read_done(self, n: int, task: asyncio.Future[bytes]) -> None:
+        self._reading = False
+        error = OSError("read cancelled") if task.cancelled() else task.exception()
+        if self._closed:  # the sender stopped during this read: close the file after it
+            self._fh.close()
+            return
+        if error is not None:
+            self._error, self._ended = error, True
+        else:
+            chunk = task.result()
+            if chunk:
+                self._chunks.append(chunk)
+                self._buffered += len(chunk)
+            if self.remaining is not None:
+                self.remaining -= len(chunk)
+            self._ended = len(chunk) < n or self.remaining == 0
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        self._start()
+
+    async def next(self) -> bytes | None:
+        """The next chunk, None at the end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        self._start()
+        return chunk
+
+    def close(self) -> None:
+        """Stop reading; the file is closed now, or when the read in flight ends (a
+        worker-thread read cannot be interrupted, and must not see its file closed)."""
+        self._closed = True
+        self._chunks.clear()
+        if not self._reading:
+            self._fh.close()
 
 
-def _chunk(remaining: int | None) -> int:
-    return READ_CHUNK_BYTES if remaining is None else min(READ_CHUNK_BYTES, remaining)
+def tune_allocator() -> bool:
+    """Set MALLOC_MMAP_THRESHOLD_BYTES and MALLOC_TRIM_THRESHOLD_BYTES in this process (a
+    serving process calls it once). False where the C library is not glibc: nothing is set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(
+        mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD_BYTES)
+        and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD_BYTES)
+    )
 
 
 def _open_and_read(path: Path, offset: int, n: int, last: bool) -> tuple[BinaryIO | None, bytes]:

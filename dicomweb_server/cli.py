@@ -11,10 +11,12 @@ import json
 import logging
 import signal
 import sys
+import types
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from dicomweb_server.app import create_app, open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
 from dicomweb_server.auth import ROLES, create_api_key, is_loopback
+from dicomweb_server.blobstore import tune_allocator
 from dicomweb_server.config import (
     AUTH_MODES,
     DEFAULT_AE_TITLE,
@@ -35,6 +38,12 @@ from dicomweb_server.config import (
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.ingest import Services, store_path
+
+uvloop: types.ModuleType | None
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - Windows: asyncio's loop
+    uvloop = None
 
 __all__ = ["main"]
 
@@ -76,12 +85,23 @@ def _serve_workers(settings: Settings) -> int:
     config = _hypercorn_config(settings)
     config.workers = settings.workers
     config.application_path = "dicomweb_server.app:app_from_env()"
+    if uvloop is not None:
+        config.worker_class = "uvloop"
     print(f"DICOMweb root: {_root(settings)}", flush=True)
     try:
         return int(hypercorn_run(config))
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Serve on uvloop where it is installed (a dependency on Linux and macOS): its C
+    transports send a large retrieve about 15% faster than asyncio's (docs/benchmarks.md)."""
+    if uvloop is None:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def _hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -345,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if settings.workers > 1:
             return _serve_workers(settings)
-        asyncio.run(_serve(settings))
+        tune_allocator()
+        _run_loop(_serve(settings))
         return 0
     if args.command == "initdb":
         asyncio.run(_initdb(settings))

@@ -13,7 +13,12 @@ from typing import BinaryIO, cast
 import pytest
 
 from dicomweb_server import blobstore
-from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
+from dicomweb_server.blobstore import (
+    READ_CHUNK_BYTES,
+    READ_CHUNK_MAX_BYTES,
+    stream_path,
+    tune_allocator,
+)
 
 
 @pytest.fixture
@@ -41,7 +46,9 @@ async def test_stream_path_ranges(
     chunks = [c async for c in stream_path(path, offset, length)]
     end = len(data) if length is None else offset + length
     assert b"".join(chunks) == data[offset:end]
-    assert all(0 < len(c) <= READ_CHUNK_BYTES for c in chunks)
+    assert all(0 < len(c) <= READ_CHUNK_MAX_BYTES for c in chunks)
+    if chunks:
+        assert len(chunks[0]) == min(READ_CHUNK_BYTES, end - offset)  # a small first read
 
 
 def _open_fds(path: Path) -> int:
@@ -97,7 +104,7 @@ async def test_stream_path_cancelled_during_a_read_closes_after_it(
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.4)
-    assert reads == [READ_CHUNK_BYTES]  # the read in flight finished, on an open file
+    assert reads == [2 * READ_CHUNK_BYTES]  # the read in flight finished, on an open file
     assert _open_fds(path) == 0
     assert got == [data[:READ_CHUNK_BYTES]]
 
@@ -107,3 +114,52 @@ async def test_stream_path_short_file_is_an_error(blob: tuple[Path, bytes]) -> N
     with pytest.raises(OSError, match="shorter than the recorded range"):
         async for _ in stream_path(path, 0, len(data) + 1):
             pass
+
+
+async def test_stream_path_reads_ahead_of_a_slow_sender_up_to_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads go on while the sender is busy, chunk sizes double up to the maximum, and no
+    more than READ_AHEAD_BYTES wait to be sent."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
+    data = os.urandom(50_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    reads: list[int] = []
+
+    def counting_read(fh: BinaryIO, n: int) -> bytes:
+        reads.append(n)
+        return fh.read(n)
+
+    monkeypatch.setattr(blobstore, "_read", counting_read)
+    stream = cast(AsyncGenerator[bytes, None], stream_path(path))
+    got = [await stream.__anext__()]
+    await asyncio.sleep(0.3)  # a slow sender: the reader has run ahead meanwhile
+    assert reads == [2000, 4000, 4000]  # 10,000 read ahead: it stopped past 8,000
+    got += [c async for c in stream]
+    assert b"".join(got) == data
+    assert [len(c) for c in got[:4]] == [1000, 2000, 4000, 4000]
+    assert _open_fds(path) == 0
+
+
+async def test_stream_path_read_error_reaches_the_sender(
+    blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = blob
+
+    def failing_read(fh: BinaryIO, n: int) -> bytes:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(blobstore, "_read", failing_read)
+    got: list[bytes] = []
+    with pytest.raises(OSError, match="disk gone"):
+        async for chunk in stream_path(path):
+            got.append(chunk)
+    assert got == [data[:READ_CHUNK_BYTES]]
+    assert _open_fds(path) == 0
+
+
+def test_tune_allocator_sets_glibc_thresholds() -> None:
+    assert tune_allocator()  # these machines run glibc: mallopt accepted both settings
