@@ -137,6 +137,17 @@ WHERE st.study_instance_uid = $1 AND se.series_instance_uid = $2
 ORDER BY i.instance_number NULLS LAST, i.pk
 """
 
+# Study metadata: the instances of the study's series that are not cached, in one statement.
+_SERIES_METADATA_MANY = """
+SELECT se.series_instance_uid, se.num_instances, i.transfer_syntax_uid, i.number_of_frames,
+       i.metadata::text
+FROM series se
+JOIN study st ON st.pk = se.study_fk
+JOIN instance i ON i.series_fk = se.pk
+WHERE st.study_instance_uid = $1 AND se.series_instance_uid = ANY($2::text[])
+ORDER BY se.pk, i.instance_number NULLS LAST, i.pk
+"""
+
 
 @dataclass(frozen=True)
 class MetadataRow:
@@ -346,6 +357,18 @@ class Index:
         if count == known_count:
             return count, []
         return count, [MetadataRow(row[1], row[2], row[3]) for row in rows]
+
+    async def series_metadata_many(
+        self, study: str, series: Sequence[str]
+    ) -> dict[str, tuple[int, list[MetadataRow]]]:
+        """series_metadata of several series of a study in one statement (a study of many
+        series costs two statements on first access, not one per series): per Series
+        Instance UID found, its instance count and rows, read in one snapshot."""
+        rows = await self._fetch(_SERIES_METADATA_MANY, study, list(series))
+        out: dict[str, tuple[int, list[MetadataRow]]] = {}
+        for row in rows:
+            out.setdefault(row[0], (row[1], []))[1].append(MetadataRow(row[2], row[3], row[4]))
+        return out
 
     async def bulk_range(self, study: str, series: str, sop: str, path: str) -> list[Any] | None:
         rows = await self._fetch(_LOCATE.format(extra=", i.bulk_ranges -> $4"), study, series, sop,

@@ -97,7 +97,9 @@ async def metadata_json(
     Study and series metadata are assembled per series, and a series' part is kept in
     `svc.metadata` with the series' instance count: a series only ever gains instances, so
     the count read in the same request tells a current part from a stale one, in every
-    process. Series metadata is one statement whether the part is cached or not.
+    process. Series metadata is one statement whether the part is cached or not; study
+    metadata is two (its series and their counts, then every uncached series at once), one
+    when all its series are cached.
     """
     if sop is not None:
         found = await svc.index.metadata_texts(study, series, sop)
@@ -113,26 +115,34 @@ async def metadata_json(
     versions = await svc.index.series_versions(study)
     if not versions:
         raise _not_found(None, None)
-    parts = [await _series_part(svc, study, uid, count) or b"" for uid, count in versions]
-    return _json_array(parts, base_url)
+    parts: dict[str, bytes] = {}
+    for uid, count in versions:
+        entry = svc.metadata.get(("series", uid))
+        if entry is not None and int.from_bytes(entry[:8], "little") == count:
+            parts[uid] = entry[8:]
+    stale = [uid for uid, _ in versions if uid not in parts]
+    if stale:
+        for uid, (count, rows) in (await svc.index.series_metadata_many(study, stale)).items():
+            parts[uid] = _cache_part(svc, uid, count, rows)
+    return _json_array([parts.get(uid, b"") for uid, _ in versions], base_url)
 
 
-async def _series_part(
-    svc: Services, study: str, series: str, count: int | None = None
-) -> bytes | None:
+async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
     """A series' instances' DICOM JSON objects, comma-separated, BulkDataURIs root-relative;
-    None when the study has no such series. With the series' `count` already read (study
-    metadata), a cached part of that count is used without asking the index."""
+    None when the study has no such series."""
     entry = svc.metadata.get(("series", series))
     known = -1 if entry is None else int.from_bytes(entry[:8], "little")
-    if entry is not None and known == count:
-        return entry[8:]
     found = await svc.index.series_metadata(study, series, known)
     if found is None:
         return None
     count, rows = found
     if entry is not None and count == known:
         return entry[8:]
+    return _cache_part(svc, series, count, rows)
+
+
+def _cache_part(svc: Services, series: str, count: int, rows: list[MetadataRow]) -> bytes:
+    """The part of a series of `count` instances from its rows, kept in svc.metadata."""
     part = ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
     svc.metadata.put(("series", series), count.to_bytes(8, "little") + part)
     return part

@@ -434,6 +434,37 @@ async def test_cached_series_metadata_follows_new_instances(
     assert r.status_code == 404 and "series" in r.json()["message"]
 
 
+async def test_study_metadata_of_many_series_is_two_statements(
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study of many one-image series (CR, DX, SEG-heavy studies): the first study
+    metadata request reads every uncached series in one statement, not one per series, and
+    the answer is in series number order; with every series cached, one statement."""
+    study = make_instance().StudyInstanceUID
+    insts = [make_instance(study=study, SeriesNumber=n) for n in (3, 1, 2, 5, 4)]
+    await stow(app_client, *(to_bytes(d) for d in insts))
+    index = app.state.services.index
+    statements: list[str] = []
+    fetch = index._fetch
+
+    async def counting_fetch(sql: str, *args: object) -> object:
+        statements.append(sql)
+        return await fetch(sql, *args)
+
+    monkeypatch.setattr(index, "_fetch", counting_fetch)
+    url = f"{ROOT}/studies/{study}/metadata"
+    # One series cached first (series metadata), so the study request mixes both kinds.
+    assert (await app_client.get(f"{url.removesuffix('/metadata')}/series/"
+                                 f"{insts[0].SeriesInstanceUID}/metadata")).status_code == 200  # fmt: skip
+    statements.clear()
+    order = [d.SOPInstanceUID for d in sorted(insts, key=lambda d: int(d.SeriesNumber))]
+    for expected_statements in (2, 1):
+        r = await app_client.get(url)
+        assert [values(d, "00080018")[0] for d in r.json()] == order
+        assert len(statements) == expected_statements, statements
+        statements.clear()
+
+
 async def test_requests_ohif_makes(app_client: httpx.AsyncClient, samples: Path) -> None:
     """The exact request shapes OHIF v3 sends (issue 5), quoted and unquoted Accept alike."""
     path = samples / "generated/coverage/us_multiframe_jpeg_baseline_ybr422.dcm"
