@@ -108,10 +108,14 @@ async def test_range_of_a_native_frame(app_client: httpx.AsyncClient) -> None:
         assert r.status_code == 200 and _one_part(r)[1] == frame, extra
     r = await app_client.get(f"{inst_url(ds)}/frames/1,2", headers={"Range": "bytes=0-3"})
     assert r.status_code == 200
+    assert "accept-ranges" not in r.headers  # several frames: no one value to cut
     assert [b for _, b in split_multipart(r.content, r.headers["content-type"])] == [
         bytes(ds.PixelData)[:32],
         frame,
     ]
+    # Advertised on a one-frame URL without a Range too, so a client knows it may ask.
+    r = await app_client.get(url)
+    assert r.status_code == 200 and r.headers["accept-ranges"] == "bytes"
 
 
 @pytest.mark.db

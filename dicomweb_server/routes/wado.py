@@ -97,7 +97,10 @@ async def retrieve_instance_frames(request: Request) -> Response:
         part_type, value = await frame_value(svc, inst, frames[0], accept_of(request))
         return ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
-    return multipart_response(parts, part_type)
+    response = multipart_response(parts, part_type)
+    if len(frames) == 1:  # this URL takes a Range (RFC 9110 14.3: a client may use it)
+        response.headers["Accept-Ranges"] = "bytes"
+    return response
 
 
 async def retrieve_bulkdata(request: Request) -> Response:
