@@ -6,8 +6,10 @@ frame read never parses the file); conversions run in worker threads (transcode.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -398,7 +400,9 @@ async def _sized_range(
     svc: Services, key: str, offset: int, length: int, encapsulated: bool, headers: dict[str, str]
 ) -> Sized:
     """The value stored at [offset, offset + length) of a blob; of encapsulated items, the
-    concatenated item values (their length is summed from the item headers, values unread)."""
+    concatenated item values (their lengths read from the item headers, values unread). A
+    range of those starts reading at the item that holds its first byte, so a suffix range
+    of a large multi-fragment value does not read the value from its start."""
     if not encapsulated:
         return Sized(
             headers,
@@ -406,21 +410,25 @@ async def _sized_range(
             lambda start, stop: svc.blobs.open_range(key, offset + start, stop - start),
         )
     path = svc.blobs.local_path(key)
-    total = await anyio.to_thread.run_sync(
-        _item_values_length, path, offset, length, limiter=svc.limiter
-    )
-    return Sized(
-        headers,
-        total,
-        lambda start, stop: slice_stream(
-            strip_items(svc.blobs.open_range(key, offset, length)), start, stop
-        ),
-    )
+    items = await anyio.to_thread.run_sync(_item_map, path, offset, length, limiter=svc.limiter)
+    ends = list(itertools.accumulate(n for _, n in items))  # value bytes up to each item's end
+    end = offset + length
+
+    def read(start: int, stop: int) -> AsyncIterator[bytes]:
+        i = bisect.bisect_right(ends, start)  # the item holding value byte `start`
+        before = ends[i - 1] if i else 0
+        pos = items[i][0] if i < len(items) else end
+        chunks = strip_items(svc.blobs.open_range(key, pos, end - pos))
+        return slice_stream(chunks, start - before, stop - before)
+
+    return Sized(headers, ends[-1] if ends else 0, read)
 
 
-def _item_values_length(path: Path, offset: int, length: int) -> int:
-    """Sum of the item value lengths of the encapsulated items at [offset, offset + length)."""
-    total = 0
+def _item_map(path: Path, offset: int, length: int) -> list[tuple[int, int]]:
+    """(file position of its header, value bytes counted) of each encapsulated item at
+    [offset, offset + length); a value running past the end counts up to it, as strip_items
+    stops there."""
+    items = []
     end = offset + length
     with path.open("rb") as fh:
         pos = offset
@@ -430,9 +438,9 @@ def _item_values_length(path: Path, offset: int, length: int) -> int:
             if len(header) < 8:
                 raise OSError(f"{path.name} is shorter than the recorded range")
             (n,) = struct.unpack("<I", header[4:])
-            total += max(0, min(n, end - pos - 8))  # as strip_items: it stops at the end
+            items.append((pos, max(0, min(n, end - pos - 8))))
             pos += 8 + n
-    return total
+    return items
 
 
 async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> AsyncIterator[bytes]:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
+from starlette.applications import Starlette
 
 from dicomweb_server.errors import RangeNotSatisfiableError
 from dicomweb_server.media import byte_range
-from dicomweb_server.retrieve import _item_values_length, slice_stream
+from dicomweb_server.retrieve import _item_map, slice_stream
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -203,15 +205,46 @@ async def test_slice_stream(start: int, stop: int) -> None:
     assert closed == [True]  # the source is closed when the slice ends, even early
 
 
-def test_item_values_length(tmp_path: Path) -> None:
-    """Encapsulated items (FFFE,E000): their values' lengths summed; an item that runs past
-    the recorded range counts only up to it, as strip_items yields."""
+def test_item_map(tmp_path: Path) -> None:
+    """Encapsulated items (FFFE,E000): each one's header position and value length; an item
+    that runs past the recorded range counts only up to it, as strip_items yields."""
     items = b"".join(
         b"\xfe\xff\x00\xe0" + struct.pack("<I", len(v)) + v for v in (b"1234", b"abcdef")
     )
     path = tmp_path / "items"
     path.write_bytes(b"PREFIX" + items)
-    assert _item_values_length(path, 6, len(items)) == 10
-    assert _item_values_length(path, 6, 12) == 4  # the first item only
-    assert _item_values_length(path, 6, 12 + 8 + 2) == 6  # two bytes into the second value
-    assert _item_values_length(path, 6, 12 + 5) == 4  # a partial second header adds nothing
+    assert _item_map(path, 6, len(items)) == [(6, 4), (18, 6)]
+    assert _item_map(path, 6, 12) == [(6, 4)]  # the first item only
+    assert _item_map(path, 6, 12 + 8 + 2) == [(6, 4), (18, 2)]  # two bytes into the 2nd value
+    assert _item_map(path, 6, 12 + 5) == [(6, 4), (18, 0)]  # a partial second header: nothing
+
+
+@pytest.mark.db
+async def test_suffix_range_of_many_fragments_reads_from_the_last(
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range of an encapsulated value starts reading at the item holding its first byte:
+    the end of a value of many fragments is not read from the value's start."""
+    ds = make_instance(frames=1, rows=4, cols=4)
+    ds.file_meta.TransferSyntaxUID = UID(JPEG_LS_LOSSLESS)
+    stream = bytes(range(200)) + b"\xff\xd9"  # 202 bytes, in 10 fragments
+    ds.PixelData = encapsulate([stream], fragments_per_frame=10, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    await _store(app_client, to_bytes(ds))
+    blobs = app.state.services.blobs
+    opened: list[tuple[int, int | None]] = []
+    open_range = blobs.open_range
+
+    def recording(key: str, offset: int = 0, length: int | None = None) -> Any:
+        opened.append((offset, length))
+        return open_range(key, offset, length)
+
+    monkeypatch.setattr(blobs, "open_range", recording)
+    url = f"{inst_url(ds)}/frames/1"
+    whole = await app_client.get(url, headers={"Accept": AS_STORED})
+    assert _one_part(whole)[1] == stream
+    r = await app_client.get(url, headers={"Accept": AS_STORED, "Range": "bytes=-3"})
+    assert r.status_code == 206 and _one_part(r)[1] == stream[-3:]
+    (whole_start, whole_len), (tail_start, tail_len) = opened
+    assert tail_start > whole_start and tail_len is not None and whole_len is not None
+    assert tail_len < whole_len / 5  # the last fragment or so, not all ten
