@@ -63,6 +63,9 @@ OIDC_LEEWAY_S = 30
 JWKS_CACHE_S = 300
 # Seconds to wait for the issuer's JWKS endpoint.
 JWKS_TIMEOUT_S = 10
+# Seconds after its last successful fetch that a JWKS is still used while the endpoint cannot
+# be reached (an issuer outage must not lock out tokens already issued); past it, 503.
+JWKS_STALE_MAX_S = 3600
 _REALM = 'Bearer realm="dicomweb"'
 
 
@@ -197,6 +200,32 @@ class ApiKeyAuth:
         return Principal(f"apikey:{key.key_id}", frozenset({key.role}))
 
 
+class _LastGoodJWKClient(jwt.PyJWKClient):
+    """A PyJWKClient that, when a refresh cannot reach the endpoint, goes on with the key set
+    of its last successful fetch for up to JWKS_STALE_MAX_S after it (and tries again when
+    that copy's JWKS_CACHE_S run out). A key the issuer removed meanwhile stays usable that
+    long at most; a token signed by a key not in that set is refused as before."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_good: tuple[float, Any] | None = None
+
+    def fetch_data(self) -> Any:
+        try:
+            data = super().fetch_data()
+        except jwt.PyJWKClientConnectionError as exc:
+            if self._last_good is None:
+                raise
+            age = time.monotonic() - self._last_good[0]
+            if age > JWKS_STALE_MAX_S:
+                raise
+            log.warning("the issuer's JWKS is unreachable (%s): using the key set fetched"
+                        " %.0f s ago", exc, age)  # fmt: skip
+            return self._last_good[1]
+        self._last_good = (time.monotonic(), data)
+        return data
+
+
 class OidcAuth:
     """Bearer JWTs of an OpenID Connect issuer, checked against its JWKS with PyJWT: signature,
     `iss`, `aud`, `exp` (required), `nbf` and `iat` when present."""
@@ -213,7 +242,7 @@ class OidcAuth:
         if source.startswith("http://") and not _loopback_url(source):
             raise ConfigError("the JWKS URL must be https:// (http:// only on this machine)")
         if source.startswith(("https://", "http://")):
-            self._client = jwt.PyJWKClient(
+            self._client = _LastGoodJWKClient(
                 source, cache_jwk_set=True, lifespan=JWKS_CACHE_S, timeout=JWKS_TIMEOUT_S
             )
         else:

@@ -335,6 +335,35 @@ async def test_oidc_jwks_from_a_url(settings: Settings, issuer: Issuer) -> None:
         server.server_close()
 
 
+async def test_oidc_jwks_unreachable_after_expiry_uses_the_last_good_set(
+    settings: Settings, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached set expires while the issuer is away: known tokens still pass with the set
+    of the last successful fetch, until JWKS_STALE_MAX_S after it; then 503."""
+    monkeypatch.setattr(auth, "JWKS_CACHE_S", 0.05)
+    _JwksHandler.body = json.dumps(issuer.jwks).encode()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/certs"
+    oidc = dataclasses.replace(settings, auth="oidc", oidc_issuer=ISSUER,
+                               oidc_audience=AUDIENCE, oidc_jwks=url)  # fmt: skip
+    ok = {"Authorization": f"Bearer {issuer.token()}"}
+    try:
+        async with _client(oidc) as (_, client):
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            server.shutdown()
+            server.server_close()
+            await asyncio.sleep(0.1)  # the cached copy has expired: the refresh fails
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            monkeypatch.setattr(auth, "JWKS_STALE_MAX_S", 0.1)
+            await asyncio.sleep(0.15)  # too old now to stand in for the issuer
+            r = await client.get(f"{ROOT}/studies", headers=ok)
+            assert r.status_code == 503 and "Retry-After" in r.headers
+    finally:
+        server.server_close()
+
+
 def test_oidc_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="DICOMWEB_OIDC_ISSUER"):
         Settings(auth="oidc", oidc_audience="a", oidc_jwks="f")
