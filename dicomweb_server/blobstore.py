@@ -18,6 +18,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -41,6 +42,10 @@ READ_CHUNK_BYTES = 1024 * 1024
 # many bytes wait to be sent (see _ReadAhead; measured in docs/benchmarks.md, 2026-12-03).
 READ_CHUNK_MAX_BYTES = 4 * 1024 * 1024
 READ_AHEAD_BYTES = 8 * 1024 * 1024
+# Bytes read ahead (waiting to be sent, or being read) over all the streams of a process, at
+# most: past it a stream reads its next chunk only when its sender asks for it, so memory stays
+# bounded however many clients download at once.
+READ_AHEAD_TOTAL_BYTES = 64 * 1024 * 1024
 # glibc malloc: blocks up to this size come from the heap, not from a fresh mmap each (whose
 # pages the kernel faults in and zeroes again for every chunk read, then unmaps: a fifth of a
 # large retrieve's CPU), and up to TRIM bytes of freed heap are kept for the next chunks.
@@ -248,10 +253,21 @@ async def stream_path(
         raise OSError(f"{path.name} is shorter than the recorded range")
 
 
+@dataclass
+class _Budget:
+    """Bytes read ahead by all the streams of this process (READ_AHEAD_TOTAL_BYTES)."""
+
+    used: int = 0
+
+
+_READ_AHEAD = _Budget()
+
+
 class _ReadAhead:
     """The chunks after the first, read one at a time in a worker thread but without waiting
     for the sender to ask: a read starts as soon as the previous one ends, until
-    READ_AHEAD_BYTES are waiting to be sent. Read sequentially, so the kernel's read-ahead
+    READ_AHEAD_BYTES wait to be sent (or the process's READ_AHEAD_TOTAL_BYTES are taken;
+    then a read starts when the sender asks). Read sequentially, so the kernel's read-ahead
     sees one stream; the thread is held for a read only, never while the client is slow.
     Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
     and socket writes for large files, a small first read for small ones)."""
@@ -269,17 +285,22 @@ class _ReadAhead:
         self._closed = False
         self._start()
 
-    def _start(self) -> None:
-        if self._reading or self._ended or self._closed or self._buffered >= READ_AHEAD_BYTES:
+    def _start(self, asked: bool = False) -> None:
+        if self._reading or self._ended or self._closed:
+            return
+        full = self._buffered >= READ_AHEAD_BYTES or _READ_AHEAD.used >= READ_AHEAD_TOTAL_BYTES
+        if full and not asked:
             return
         self._size = min(2 * self._size, READ_CHUNK_MAX_BYTES)
         n = self._size if self.remaining is None else min(self._size, self.remaining)
         self._reading = True
+        _READ_AHEAD.used += n
         task = asyncio.ensure_future(anyio.to_thread.run_sync(_read, self._fh, n))
         task.add_done_callback(functools.partial(self._read_done, n))
 
     def _read_done(self, n: int, task: asyncio.Future[bytes]) -> None:
         self._reading = False
+        _READ_AHEAD.used -= n
         error = OSError("read cancelled") if task.cancelled() else task.exception()
         if self._closed:  # the sender stopped during this read: close the file after it
             self._fh.close()
@@ -291,6 +312,7 @@ class _ReadAhead:
             if chunk:
                 self._chunks.append(chunk)
                 self._buffered += len(chunk)
+                _READ_AHEAD.used += len(chunk)
             if self.remaining is not None:
                 self.remaining -= len(chunk)
             self._ended = len(chunk) < n or self.remaining == 0
@@ -305,10 +327,12 @@ class _ReadAhead:
                 raise self._error
             if self._ended:
                 return None
+            self._start(asked=True)
             self._wakeup = asyncio.get_running_loop().create_future()
             await self._wakeup
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
+        _READ_AHEAD.used -= len(chunk)
         self._start()
         return chunk
 
@@ -317,6 +341,8 @@ class _ReadAhead:
         worker-thread read cannot be interrupted, and must not see its file closed)."""
         self._closed = True
         self._chunks.clear()
+        _READ_AHEAD.used -= self._buffered
+        self._buffered = 0
         if not self._reading:
             self._fh.close()
 

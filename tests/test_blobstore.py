@@ -90,6 +90,7 @@ async def test_stream_path_cancelled_during_a_read_closes_after_it(
         return chunk
 
     monkeypatch.setattr(blobstore, "_read", slow_read)
+    budget_before = blobstore._READ_AHEAD.used
     got: list[bytes] = []
 
     async def consume() -> None:
@@ -106,6 +107,7 @@ async def test_stream_path_cancelled_during_a_read_closes_after_it(
     await asyncio.sleep(0.4)
     assert reads == [2 * READ_CHUNK_BYTES]  # the read in flight finished, on an open file
     assert _open_fds(path) == 0
+    assert blobstore._READ_AHEAD.used == budget_before  # its read-ahead budget given back
     assert got == [data[:READ_CHUNK_BYTES]]
 
 
@@ -163,3 +165,39 @@ async def test_stream_path_read_error_reaches_the_sender(
 
 def test_tune_allocator_sets_glibc_thresholds() -> None:
     assert tune_allocator()  # these machines run glibc: mallopt accepted both settings
+
+
+async def test_read_ahead_is_bounded_over_all_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past READ_AHEAD_TOTAL_BYTES (over every stream of the process) a stream reads only
+    when its sender asks, and still delivers every byte; the budget is given back."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_TOTAL_BYTES", 3000)
+    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
+    data = {name: os.urandom(20_000) for name in ("a", "b")}
+    for name, content in data.items():
+        (tmp_path / name).write_bytes(content)
+    reads: dict[str, list[int]] = {"a": [], "b": []}
+
+    def counting_read(fh: BinaryIO, n: int) -> bytes:
+        reads[Path(str(fh.name)).name].append(n)
+        return fh.read(n)
+
+    monkeypatch.setattr(blobstore, "_read", counting_read)
+    a = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "a"))
+    b = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "b"))
+    got = {"a": [await a.__anext__()], "b": []}
+    await asyncio.sleep(0.2)
+    assert reads["a"] == [2000, 4000]  # it stopped once 3,000 were taken
+    got["b"].append(await b.__anext__())
+    await asyncio.sleep(0.2)
+    assert reads["b"] == []  # over budget: nothing read ahead
+    got["b"].append(await b.__anext__())  # asked: read then
+    assert reads["b"] == [2000]
+    got["a"] += [c async for c in a]
+    got["b"] += [c async for c in b]
+    assert {name: b"".join(chunks) for name, chunks in got.items()} == data
+    assert blobstore._READ_AHEAD.used == 0
