@@ -7,7 +7,8 @@ times on these 2-core machines are noisy; the ratio is the figure.
     .venv/bin/python benchmarks/vs_orthanc.py --archive DIR [--out benchmarks/results]
 
 DIR is an archive made by ../shared/samples/generate.py (e.g. 10,000 instances:
---no-coverage --patients 50 --studies 2 --series 4 --instances 25 --size 16).
+--no-coverage --patients 50 --studies 2 --series 4 --instances 25 --size 16). Large retrieves
+are fetched with curl, which must be on the PATH.
 """
 
 from __future__ import annotations
