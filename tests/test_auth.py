@@ -311,14 +311,22 @@ class _JwksHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-async def test_oidc_jwks_from_a_url(settings: Settings, issuer: Issuer) -> None:
+def _jwks_server(issuer: Issuer) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """A local JWKS endpoint serving the issuer's keys, and its URL (close it when done)."""
     _JwksHandler.body = json.dumps(issuer.jwks).encode()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/certs"
-    oidc = dataclasses.replace(settings, auth="oidc", oidc_issuer=ISSUER,
-                               oidc_audience=AUDIENCE, oidc_jwks=url)  # fmt: skip
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/certs"
+
+
+def _oidc_with(settings: Settings, jwks: str) -> Settings:
+    return dataclasses.replace(settings, auth="oidc", oidc_issuer=ISSUER,
+                               oidc_audience=AUDIENCE, oidc_jwks=jwks)  # fmt: skip
+
+
+async def test_oidc_jwks_from_a_url(settings: Settings, issuer: Issuer) -> None:
+    server, url = _jwks_server(issuer)
+    oidc = _oidc_with(settings, url)
     try:
         async with _client(oidc) as (_, client):
             ok = {"Authorization": f"Bearer {issuer.token()}"}
@@ -341,13 +349,8 @@ async def test_oidc_jwks_unreachable_after_expiry_uses_the_last_good_set(
     """The cached set expires while the issuer is away: known tokens still pass with the set
     of the last successful fetch, until JWKS_STALE_MAX_S after it; then 503."""
     monkeypatch.setattr(auth, "JWKS_CACHE_S", 0.05)
-    _JwksHandler.body = json.dumps(issuer.jwks).encode()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _JwksHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/certs"
-    oidc = dataclasses.replace(settings, auth="oidc", oidc_issuer=ISSUER,
-                               oidc_audience=AUDIENCE, oidc_jwks=url)  # fmt: skip
+    server, url = _jwks_server(issuer)
+    oidc = _oidc_with(settings, url)
     ok = {"Authorization": f"Bearer {issuer.token()}"}
     try:
         async with _client(oidc) as (_, client):
