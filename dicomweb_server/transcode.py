@@ -43,6 +43,8 @@ __all__ = [
     "TranscodeError",
     "available_targets",
     "convert_codestream",
+    "converted_dataset",
+    "decodable",
     "decode_frames",
     "encode_frames",
     "frame_array",
@@ -424,15 +426,26 @@ def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
 def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS). The SOP Instance UID
     is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5)."""
+    ds = converted_dataset(src, transfer_syntax_uid)
+    try:
+        ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise _cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
+
+
+def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
+    """`src` read and converted to `transfer_syntax_uid` (a key of ENCODERS), in memory: the
+    data set of a WADO conversion, or of a DIMSE C-STORE sub-operation to a peer that did not
+    accept the stored syntax. The SOP Instance UID is kept."""
     ds = pydicom.dcmread(src)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
         if "PixelData" in ds and transfer_syntax_uid != ts:
             _convert_pixels(ds, ts, transfer_syntax_uid)
-        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-        ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
         raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    return ds
 
 
 def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:

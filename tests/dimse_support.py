@@ -51,6 +51,7 @@ class Peer:
 
     port: int
     received: dict[str, bytes] = field(default_factory=dict)  # SOP Instance UID -> data set
+    syntaxes: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> as sent
 
 
 @dataclass
@@ -86,17 +87,19 @@ def received_data_set(event: Event) -> bytes:
 
 
 @contextlib.contextmanager
-def running_peer() -> Iterator[Peer]:
+def running_peer(transfer_syntaxes: list[str] = ALL_TRANSFER_SYNTAXES) -> Iterator[Peer]:
+    """A Storage SCP for every storage SOP Class in `transfer_syntaxes`."""
     ae = AE(ae_title=PEER)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CLIENT_TIMEOUT_S
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cx.abstract_syntax, transfer_syntaxes)
     found = Peer(0)
 
     def on_store(event: Event) -> int:
-        request = cast(C_STORE, event.request)
-        found.received[str(request.AffectedSOPInstanceUID)] = received_data_set(event)
+        uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
+        found.received[uid] = received_data_set(event)
+        found.syntaxes[uid] = str(event.context.transfer_syntax)
         return 0x0000
 
     server = ae.start_server(

@@ -4,12 +4,15 @@ movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_role
@@ -22,17 +25,20 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicomweb_server.config import Settings
 from tests.dimse_support import (
     PEER,
     SCU,
     Archive,
     Peer,
+    archive_with_peer,
     associate,
     dataset_bytes,
     dcmtk,
     identifier,
     in_thread,
     received_data_set,
+    running_peer,
     scu,
     stow,
     wado_instance,
@@ -213,6 +219,78 @@ async def test_move_compressed_multiframe_as_stored(
     statuses = await in_thread(_move, archive, PEER, ident)
     assert statuses[-1].Status == 0x0000
     assert peer.received[ds.SOPInstanceUID] == dataset_bytes(path)
+
+
+def _as_part10(data_set: bytes, transfer_syntax: str) -> Dataset:
+    """A data set received over DIMSE, decoded in the transfer syntax it was sent in."""
+    ts = UID(transfer_syntax)
+    ds = read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["generated/coverage/ect_15frames_jpegls_lossless.dcm",
+     "generated/coverage/ct_j2k_lossless_signed.dcm"],
+)  # fmt: skip
+async def test_move_decodes_for_a_peer_taking_only_uncompressed(
+    settings: Settings, samples: Path, tmp_path: Path, name: str
+) -> None:
+    """The destination accepts the SOP Class in little endian syntaxes only: the instance is
+    decoded and sent uncompressed (PS3.4 C.4.2.3.1), its pixels those of the stored data."""
+    path = samples / name
+    ds = dcmread(path)
+    with running_peer([ImplicitVRLittleEndian, ExplicitVRLittleEndian]) as only_native:
+        async with archive_with_peer(settings, only_native, tmp_path) as archive:
+            body = multipart_body([path.read_bytes()])
+            r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+            assert r.status_code == 200, r.text
+            ident = identifier("IMAGE", StudyInstanceUID=ds.StudyInstanceUID,
+                               SeriesInstanceUID=ds.SeriesInstanceUID,
+                               SOPInstanceUID=ds.SOPInstanceUID)  # fmt: skip
+            statuses = await in_thread(_move, archive, PEER, ident)
+    assert statuses[-1].Status == 0x0000, statuses[-1]
+    assert statuses[-1].NumberOfCompletedSuboperations == 1
+    sent_as = only_native.syntaxes[ds.SOPInstanceUID]
+    assert sent_as in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+    got = _as_part10(only_native.received[ds.SOPInstanceUID], sent_as)
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+
+
+async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
+    archive: Archive, samples: Path
+) -> None:
+    path = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
+    ds = dcmread(path)
+    body = multipart_body([path.read_bytes()])
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    received: list[tuple[bytes, str]] = []
+
+    def on_store(event: Event) -> int:
+        received.append((received_data_set(event), str(event.context.transfer_syntax)))
+        return 0x0000
+
+    def get() -> list[Dataset]:
+        model = StudyRootQueryRetrieveInformationModelGet
+        ae = scu(model)
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        role = build_role(ds.SOPClassUID, scp_role=True)
+        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            ident = identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+            return [st for st, _ in assoc.send_c_get(ident, model)]
+        finally:
+            assoc.release()
+
+    statuses = await in_thread(get)
+    assert statuses[-1].Status == 0x0000 and statuses[-1].NumberOfCompletedSuboperations == 1
+    ((data_set, syntax),) = received
+    assert syntax == ExplicitVRLittleEndian
+    assert np.array_equal(_as_part10(data_set, syntax).pixel_array, ds.pixel_array)
 
 
 async def test_get_with_a_lost_blob_counts_a_failure(archive: Archive) -> None:

@@ -51,6 +51,7 @@ from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.query import Query
 from dicomweb_server.search import search
 from dicomweb_server.sql import compile_search
+from dicomweb_server.transcode import TranscodeError, converted_dataset, decodable
 
 __all__ = [
     "DIMSE_QUERY_TIMEOUT_S",
@@ -90,6 +91,8 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # Yielded as the data set of a sub-operation whose blob cannot be read: pynetdicom counts a
 # pending result whose data set is not a Dataset as a failed sub-operation.
 _UNREADABLE = "unreadable blob"
+# Likewise for an instance the peer takes only uncompressed and that cannot be decoded here.
+_UNCONVERTIBLE = "cannot be decoded for the destination"
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -251,16 +254,32 @@ class Handlers:
         # pynetdicom associates with the destination before it lets us report a failure or
         # zero matches: then propose the common storage contexts, which any SCP accepts.
         contexts = _contexts(found) if isinstance(found, list) else []
-        yield peer.host, peer.port, {"contexts": contexts or StoragePresentationContexts}
-        yield from self._send(event, found, "dimse_move", f"destination={event.move_destination}")
+        accepted: set[tuple[str, str]] = set()
+
+        def on_accepted(sub: Event) -> None:  # the sub-association, in this thread
+            accepted.update(_pairs(sub.assoc.accepted_contexts))
+
+        kwargs = {
+            "contexts": contexts or StoragePresentationContexts,
+            "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)],
+        }
+        yield peer.host, peer.port, kwargs
+        detail = f"destination={event.move_destination}"
+        yield from self._send(event, found, "dimse_move", detail, accepted)
 
     def get(self, event: Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association, over the storage contexts
         the requestor proposed with the SCP role (PS3.4 C.4.3)."""
-        yield from self._send(event, self._matching_instances(event), "dimse_get", "")
+        accepted = _pairs(event.assoc.accepted_contexts)
+        yield from self._send(event, self._matching_instances(event), "dimse_get", "", accepted)
 
     def _send(
-        self, event: Event, found: list[StoredInstance] | Dataset, action: str, detail: str
+        self,
+        event: Event,
+        found: list[StoredInstance] | Dataset,
+        action: str,
+        detail: str,
+        accepted: set[tuple[str, str]],
     ) -> Iterator[Any]:
         if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
             self._audit(event, action, int(found.Status), detail=detail)
@@ -269,22 +288,38 @@ class Handlers:
             return
         uids = [f"{i.study_uid}/{i.series_uid}/{i.sop_instance_uid}" for i in found]
         try:
-            yield from self._sub_operations(event, found)
+            yield from self._sub_operations(event, found, accepted)
         finally:  # the sub-operations' outcomes are pynetdicom's to count and report
             self._audit(event, action, 0x0000, uids, detail=f"{detail} instances={len(found)}")
 
-    def _sub_operations(self, event: Event, found: list[StoredInstance]) -> Iterator[Any]:
+    def _sub_operations(
+        self, event: Event, found: list[StoredInstance], accepted: set[tuple[str, str]]
+    ) -> Iterator[Any]:
+        """One C-STORE per instance, as stored when the peer accepted its transfer syntax (or,
+        uncompressed, any little endian one: pynetdicom converts those); decoded to Explicit VR
+        Little Endian when the peer takes its SOP Class only uncompressed (PS3.4 C.4.2.3.1:
+        the SCP may convert to a syntax the destination accepted). `accepted` is read when
+        each instance is sent: a C-MOVE fills it once its sub-association is up."""
         yield len(found)
         for inst in found:
             if event.is_cancelled:
                 yield _CANCEL, None
                 return
             path = self.services.blobs.local_path(inst.blob_key)
+            target = _target_syntax(inst, accepted)
+            ds: Dataset
             try:
-                ds = dcmread(path, defer_size=_DEFER_BYTES)
+                if target is None:
+                    ds = dcmread(path, defer_size=_DEFER_BYTES)
+                else:
+                    ds = converted_dataset(path, target)
             except (OSError, InvalidDicomError) as exc:
                 log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
                 yield _PENDING, _UNREADABLE
+                continue
+            except TranscodeError as exc:
+                log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
+                yield _PENDING, _UNCONVERTIBLE
                 continue
             yield _PENDING, ds
 
@@ -352,12 +387,37 @@ async def _locate(svc: Services, q: Query) -> list[StoredInstance]:
 
 def _contexts(found: list[StoredInstance]) -> list[PresentationContext]:
     """One context per stored (SOP Class, transfer syntax), so that each instance can go as
-    stored whatever the destination prefers (pynetdicom picks an exact match first); for
-    uncompressed data, a second context with the other little endian syntax as a fallback
-    (pynetdicom converts). Compressed data goes only as stored."""
+    stored whatever the destination prefers (pynetdicom picks an exact match first), and a
+    second one as a fallback: for uncompressed data the other little endian syntax
+    (pynetdicom converts), for data we can decode both little endian syntaxes (we decode,
+    see _target_syntax). Data we cannot decode goes only as stored."""
     contexts = []
     for sop_class, ts in dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found):
         contexts.append(build_context(sop_class, [ts]))
         if ts in _UNCOMPRESSED:
             contexts.append(build_context(sop_class, [s for s in _UNCOMPRESSED if s != ts]))
+        elif decodable(ts):
+            contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     return contexts[:_MAX_CONTEXTS]
+
+
+def _pairs(contexts: Sequence[PresentationContext]) -> set[tuple[str, str]]:
+    """(SOP Class, transfer syntax) of accepted presentation contexts."""
+    return {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in contexts
+        if cx.abstract_syntax is not None and cx.transfer_syntax
+    }
+
+
+def _target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:
+    """None: send the instance as stored (its syntax accepted, or uncompressed with a little
+    endian syntax accepted, or nothing of its SOP Class accepted: that sub-operation fails).
+    Explicit VR Little Endian: the peer takes its SOP Class only uncompressed, and the stored
+    syntax can be decoded here."""
+    syntaxes = {ts for sop_class, ts in accepted if sop_class == inst.sop_class_uid}
+    stored = inst.transfer_syntax_uid
+    little_endian = syntaxes.intersection(_UNCOMPRESSED)
+    if stored in syntaxes or not little_endian or stored in _UNCOMPRESSED:
+        return None
+    return ExplicitVRLittleEndian if decodable(stored) else None
