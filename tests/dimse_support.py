@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -87,8 +88,11 @@ def received_data_set(event: Event) -> bytes:
 
 
 @contextlib.contextmanager
-def running_peer(transfer_syntaxes: list[str] = ALL_TRANSFER_SYNTAXES) -> Iterator[Peer]:
-    """A Storage SCP for every storage SOP Class in `transfer_syntaxes`."""
+def running_peer(
+    transfer_syntaxes: list[str] = ALL_TRANSFER_SYNTAXES, store_delay_s: float = 0.0
+) -> Iterator[Peer]:
+    """A Storage SCP for every storage SOP Class in `transfer_syntaxes`, taking
+    `store_delay_s` over each C-STORE (a slow destination)."""
     ae = AE(ae_title=PEER)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CLIENT_TIMEOUT_S
     for cx in AllStoragePresentationContexts:
@@ -97,6 +101,7 @@ def running_peer(transfer_syntaxes: list[str] = ALL_TRANSFER_SYNTAXES) -> Iterat
     found = Peer(0)
 
     def on_store(event: Event) -> int:
+        time.sleep(store_delay_s)
         uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         found.received[uid] = received_data_set(event)
         found.syntaxes[uid] = str(event.context.transfer_syntax)

@@ -5,7 +5,10 @@ movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -291,6 +296,70 @@ async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
     ((data_set, syntax),) = received
     assert syntax == ExplicitVRLittleEndian
     assert np.array_equal(_as_part10(data_set, syntax).pixel_array, ds.pixel_array)
+
+
+def _cancelled_after(
+    responses: Iterator[tuple[Dataset, Dataset | None]], assoc: Association, model: str, n: int
+) -> list[Dataset]:
+    """The statuses of a C-MOVE/C-GET, with a C-CANCEL (PS3.7 9.3.2.3) sent after `n` pending
+    responses."""
+    (cx,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == model]
+    statuses = []
+    for status, _ in responses:
+        statuses.append(status)
+        if len(statuses) == n:
+            assoc.send_c_cancel(1, cx.context_id)
+    return statuses
+
+
+async def test_move_and_get_stop_at_c_cancel(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C-CANCEL during a C-MOVE to a slow destination, and during a C-GET whose requestor is
+    slow to store: the sub-operations stop, the final status is Cancel (0xFE00, PS3.4
+    C.4.2.1.5 / C.4.3.1.4) with the remaining count, and fewer instances were sent."""
+    study = "1.2.826.0.1.3680043.8.498.77"
+    instances = [make_instance(study=study, patient_id="CANCEL-1") for _ in range(20)]
+    with running_peer(store_delay_s=0.1) as slow:
+        async with archive_with_peer(settings, slow, tmp_path) as archive:
+            await stow(archive, *instances)
+            ident = identifier("STUDY", StudyInstanceUID=study)
+
+            def move() -> list[Dataset]:
+                model = StudyRootQueryRetrieveInformationModelMove
+                assoc = associate(scu(model), archive)
+                try:
+                    return _cancelled_after(assoc.send_c_move(ident, PEER, model), assoc, model, 2)
+                finally:
+                    assoc.release()
+
+            got: list[str] = []
+
+            def on_store(event: Event) -> int:
+                time.sleep(0.1)
+                got.append(str(cast(C_STORE, event.request).AffectedSOPInstanceUID))
+                return 0x0000
+
+            def get() -> list[Dataset]:
+                model = StudyRootQueryRetrieveInformationModelGet
+                ae = scu(model)
+                ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+                role = build_role(CTImageStorage, scp_role=True)
+                handlers = [(evt.EVT_C_STORE, on_store)]
+                assoc = associate(ae, archive, ext_neg=[role], evt_handlers=handlers)
+                try:
+                    return _cancelled_after(assoc.send_c_get(ident, model), assoc, model, 2)
+                finally:
+                    assoc.release()
+
+            for run, sent in ((move, slow.received), (get, got)):
+                statuses = await in_thread(run)
+                final = statuses[-1]
+                assert final.Status == 0xFE00, (run.__name__, final)
+                done = final.NumberOfCompletedSuboperations
+                assert 2 <= done < len(instances), (run.__name__, final)
+                assert final.NumberOfRemainingSuboperations == len(instances) - done
+                assert len(sent) == done
 
 
 async def test_get_with_a_lost_blob_counts_a_failure(archive: Archive) -> None:
