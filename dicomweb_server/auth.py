@@ -201,28 +201,38 @@ class ApiKeyAuth:
 
 
 class _LastGoodJWKClient(jwt.PyJWKClient):
-    """A PyJWKClient that, when a refresh cannot reach the endpoint, goes on with the key set
-    of its last successful fetch for up to JWKS_STALE_MAX_S after it (and tries again when
-    that copy's JWKS_CACHE_S run out). A key the issuer removed meanwhile stays usable that
-    long at most; a token signed by a key not in that set is refused as before."""
+    """A PyJWKClient that, when a refresh fails (the endpoint unreachable or reset, or its
+    answer not a key set), goes on with the key set of its last successful fetch for up to
+    JWKS_STALE_MAX_S after that fetch, trying again each time its cached copy expires. A key
+    the issuer removed meanwhile stays usable that long at most; a token signed by a key not
+    in that set is refused as before. With no such set, or an older one, the failure is a
+    PyJWKClientConnectionError (503). Runs under the client's lock (get_signing_key)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_good: tuple[float, Any] | None = None
+        self._stale = False  # the cached set is the last good one, kept over a failure
+
+    def _age(self) -> float:
+        assert self._last_good is not None
+        return time.monotonic() - self._last_good[0]
+
+    def get_jwk_set(self, refresh: bool = False) -> jwt.PyJWKSet:
+        if self._stale and self._age() > JWKS_STALE_MAX_S:
+            refresh = True  # the stale copy's cache lifetime must not carry it past the limit
+        return super().get_jwk_set(refresh)
 
     def fetch_data(self) -> Any:
         try:
             data = super().fetch_data()
-        except jwt.PyJWKClientConnectionError as exc:
-            if self._last_good is None:
-                raise
-            age = time.monotonic() - self._last_good[0]
-            if age > JWKS_STALE_MAX_S:
-                raise
-            log.warning("the issuer's JWKS is unreachable (%s): using the key set fetched"
-                        " %.0f s ago", exc, age)  # fmt: skip
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, OSError, ValueError) as exc:
+            if self._last_good is None or self._age() > JWKS_STALE_MAX_S:
+                raise jwt.PyJWKClientConnectionError(f"the JWKS endpoint failed: {exc}") from exc
+            self._stale = True
+            log.warning("the issuer's JWKS endpoint failed (%s): using the key set fetched"
+                        " %.0f s ago", exc, self._age())  # fmt: skip
             return self._last_good[1]
-        self._last_good = (time.monotonic(), data)
+        self._last_good, self._stale = (time.monotonic(), data), False
         return data
 
 

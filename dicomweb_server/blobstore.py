@@ -42,9 +42,9 @@ READ_CHUNK_BYTES = 1024 * 1024
 # many bytes wait to be sent (see _ReadAhead; measured in docs/benchmarks.md, 2026-12-03).
 READ_CHUNK_MAX_BYTES = 4 * 1024 * 1024
 READ_AHEAD_BYTES = 8 * 1024 * 1024
-# Bytes read ahead (waiting to be sent, or being read) over all the streams of a process, at
-# most: past it a stream reads its next chunk only when its sender asks for it, so memory stays
-# bounded however many clients download at once.
+# Bytes read ahead (waiting to be sent, or being read) over all the streams of a process: no
+# read ahead goes past it; a stream then reads its next chunk only when its sender asks for it,
+# so memory stays bounded however many clients download at once (see _ReadAhead).
 READ_AHEAD_TOTAL_BYTES = 64 * 1024 * 1024
 # glibc malloc: blocks up to this size come from the heap, not from a fresh mmap each (whose
 # pages the kernel faults in and zeroes again for every chunk read, then unmaps: a fifth of a
@@ -265,9 +265,13 @@ _READ_AHEAD = _Budget()
 
 class _ReadAhead:
     """The chunks after the first, read one at a time in a worker thread but without waiting
-    for the sender to ask: a read starts as soon as the previous one ends, until
-    READ_AHEAD_BYTES wait to be sent (or the process's READ_AHEAD_TOTAL_BYTES are taken;
-    then a read starts when the sender asks). Read sequentially, so the kernel's read-ahead
+    for the sender to ask: a read starts as soon as the previous one ends, as long as the
+    stream's waiting chunks stay within READ_AHEAD_BYTES and the process's read-ahead within
+    READ_AHEAD_TOTAL_BYTES. Past either, a read starts only when the sender asks for a chunk
+    (one chunk, whatever the budget: a stream never stalls), so memory is at most the
+    budget plus one chunk per stream, plus the chunk each sender is sending. A client that
+    stops reading keeps what was read for it until it goes: with enough of them the others
+    read only when asked, as before read-ahead. Read sequentially, so the kernel's read-ahead
     sees one stream; the thread is held for a read only, never while the client is slow.
     Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
     and socket writes for large files, a small first read for small ones)."""
@@ -288,11 +292,14 @@ class _ReadAhead:
     def _start(self, asked: bool = False) -> None:
         if self._reading or self._ended or self._closed:
             return
-        full = self._buffered >= READ_AHEAD_BYTES or _READ_AHEAD.used >= READ_AHEAD_TOTAL_BYTES
-        if full and not asked:
+        size = min(2 * self._size, READ_CHUNK_MAX_BYTES)
+        n = size if self.remaining is None else min(size, self.remaining)
+        over = (
+            self._buffered + n > READ_AHEAD_BYTES or _READ_AHEAD.used + n > READ_AHEAD_TOTAL_BYTES
+        )
+        if over and not asked:
             return
-        self._size = min(2 * self._size, READ_CHUNK_MAX_BYTES)
-        n = self._size if self.remaining is None else min(self._size, self.remaining)
+        self._size = size
         self._reading = True
         _READ_AHEAD.used += n
         task = asyncio.ensure_future(anyio.to_thread.run_sync(_read, self._fh, n))

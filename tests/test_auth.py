@@ -10,12 +10,16 @@ import http.server
 import json
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import jwt.api_jwk
+import jwt.jwk_set_cache
+import jwt.jwks_client
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
@@ -343,27 +347,53 @@ async def test_oidc_jwks_from_a_url(settings: Settings, issuer: Issuer) -> None:
         server.server_close()
 
 
-async def test_oidc_jwks_unreachable_after_expiry_uses_the_last_good_set(
-    settings: Settings, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+class _Clock:
+    """time.monotonic for the modules that keep JWKS times (auth and PyJWT's cache)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        fake = types.SimpleNamespace(monotonic=lambda: self.now)
+        for module in (auth, jwt.api_jwk, jwt.jwk_set_cache, jwt.jwks_client):
+            monkeypatch.setattr(module, "time", fake)
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "not a key set"])
+async def test_oidc_jwks_failing_after_expiry_uses_the_last_good_set(
+    settings: Settings, issuer: Issuer, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
-    """The cached set expires while the issuer is away: known tokens still pass with the set
-    of the last successful fetch, until JWKS_STALE_MAX_S after it; then 503."""
-    monkeypatch.setattr(auth, "JWKS_CACHE_S", 0.05)
+    """The cached set expires while the issuer fails: known tokens still pass with the set
+    of the last successful fetch until JWKS_STALE_MAX_S after it, even while that stale
+    copy is itself cached; then 503."""
+    clock = _Clock(monkeypatch)
     server, url = _jwks_server(issuer)
-    oidc = _oidc_with(settings, url)
     ok = {"Authorization": f"Bearer {issuer.token()}"}
     try:
-        async with _client(oidc) as (_, client):
+        async with _client(_oidc_with(settings, url)) as (_, client):
             assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
-            server.shutdown()
-            server.server_close()
-            await asyncio.sleep(0.1)  # the cached copy has expired: the refresh fails
+            if failure == "unreachable":
+                server.shutdown()
+                server.server_close()
+            else:  # a maintenance page answered with 200
+                _JwksHandler.body = b"<html>down for maintenance</html>"
+            clock.now += auth.JWKS_STALE_MAX_S - 1  # the cached copy expired long ago
             assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
-            monkeypatch.setattr(auth, "JWKS_STALE_MAX_S", 0.1)
-            await asyncio.sleep(0.15)  # too old now to stand in for the issuer
+            clock.now += 2  # past the limit, though the stale copy was cached a second ago
             r = await client.get(f"{ROOT}/studies", headers=ok)
             assert r.status_code == 503 and "Retry-After" in r.headers
     finally:
+        server.server_close()
+
+
+async def test_oidc_jwks_not_a_key_set_at_first_is_503(settings: Settings, issuer: Issuer) -> None:
+    server, url = _jwks_server(issuer)
+    _JwksHandler.body = b"<html>down for maintenance</html>"
+    try:
+        async with _client(_oidc_with(settings, url)) as (_, client):
+            r = await client.get(f"{ROOT}/studies",
+                                 headers={"Authorization": f"Bearer {issuer.token()}"})  # fmt: skip
+            assert r.status_code == 503 and "Retry-After" in r.headers  # the token may be fine
+    finally:
+        server.shutdown()
         server.server_close()
 
 

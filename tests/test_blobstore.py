@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -49,6 +49,17 @@ async def test_stream_path_ranges(
     assert all(0 < len(c) <= READ_CHUNK_MAX_BYTES for c in chunks)
     if chunks:
         assert len(chunks[0]) == min(READ_CHUNK_BYTES, end - offset)  # a small first read
+
+
+async def _settled(condition: Callable[[], bool]) -> None:
+    """Wait until `condition` holds (5 s at most), then a little longer: reads that should
+    not happen would have started by then."""
+    for _ in range(500):
+        if condition():
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert condition()
 
 
 def _open_fds(path: Path) -> int:
@@ -138,8 +149,9 @@ async def test_stream_path_reads_ahead_of_a_slow_sender_up_to_the_bound(
     monkeypatch.setattr(blobstore, "_read", counting_read)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))
     got = [await stream.__anext__()]
-    await asyncio.sleep(0.3)  # a slow sender: the reader has run ahead meanwhile
-    assert reads == [2000, 4000, 4000]  # 10,000 read ahead: it stopped past 8,000
+    # A slow sender: the reader runs ahead meanwhile, then stops.
+    await _settled(lambda: len(reads) == 2)
+    assert reads == [2000, 4000]  # another 4,000 would pass the 8,000 of READ_AHEAD_BYTES
     got += [c async for c in stream]
     assert b"".join(got) == data
     assert [len(c) for c in got[:4]] == [1000, 2000, 4000, 4000]
@@ -190,10 +202,10 @@ async def test_read_ahead_is_bounded_over_all_streams(
     a = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "a"))
     b = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "b"))
     got = {"a": [await a.__anext__()], "b": []}
-    await asyncio.sleep(0.2)
-    assert reads["a"] == [2000, 4000]  # it stopped once 3,000 were taken
+    await _settled(lambda: blobstore._READ_AHEAD.used == 2000)
+    assert reads["a"] == [2000]  # another 4,000 would pass the 3,000 of the process
     got["b"].append(await b.__anext__())
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.1)
     assert reads["b"] == []  # over budget: nothing read ahead
     got["b"].append(await b.__anext__())  # asked: read then
     assert reads["b"] == [2000]
