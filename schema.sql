@@ -87,6 +87,12 @@ CREATE TABLE IF NOT EXISTS series (
 );
 CREATE INDEX IF NOT EXISTS series_study_fk ON series (study_fk);
 CREATE INDEX IF NOT EXISTS series_modality ON series (modality);
+-- QIDO matching inside RequestAttributesSequence (ScheduledProcedureStepID,
+-- RequestedProcedureID; PS3.18 Table 10.6.1-5): single values are a containment test on the
+-- sequence's DICOM JSON (sql.py), which this index answers. Only the sequence is indexed, not
+-- the whole attrs document. Wildcards are matched per item and are not index-assisted.
+CREATE INDEX IF NOT EXISTS series_request_attributes
+    ON series USING gin ((attrs -> '00400275') jsonb_path_ops);
 
 CREATE TABLE IF NOT EXISTS instance (
     pk                   bigserial PRIMARY KEY,

@@ -18,7 +18,9 @@ __all__ = [
     "BY_TAG",
     "COMPUTED",
     "DEFAULT_RETURN",
+    "ITEM_KEYS",
     "LEVEL_TAGS",
+    "MATCHING_PATHS",
     "PATIENT_MATCHING_TAGS",
     "Attribute",
     "Level",
@@ -42,8 +44,13 @@ class Attribute:
     keyword: str
     vr: str
     level: Level
-    # Index column QIDO matches on (table given by level); None for computed attributes.
+    # Index column QIDO matches on (table given by level); None for computed attributes. For a
+    # sequence, the jsonb column holding its DICOM JSON under its tag (the level's `attrs`).
     column: str | None
+    # For a sequence: the keys matched inside its items (PS3.4 C.2.2.2.6), named by the
+    # attribute path `Sequence.Key` (PS3.18 8.3.4.1). Their `column` is None: they are matched
+    # only through the sequence.
+    items: tuple[Attribute, ...] = ()
 
 
 S, R, INST = Level.STUDY, Level.SERIES, Level.INSTANCE
@@ -70,6 +77,20 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute(0x00200011, "SeriesNumber", "IS", R, "series_number"),
     Attribute(0x00400244, "PerformedProcedureStepStartDate", "DA", R, "pps_start_date"),
     Attribute(0x00400245, "PerformedProcedureStepStartTime", "TM", R, "pps_start_time"),
+    # PS3.18 Table 10.6.1-5: Request Attributes Sequence > Scheduled Procedure Step ID and
+    # > Requested Procedure ID. The sequence is matched in series.attrs (copied from the first
+    # instance stored in the series, like the other series attributes).
+    Attribute(
+        0x00400275,
+        "RequestAttributesSequence",
+        "SQ",
+        R,
+        "attrs",
+        items=(
+            Attribute(0x00400009, "ScheduledProcedureStepID", "SH", R, None),
+            Attribute(0x00401001, "RequestedProcedureID", "SH", R, None),
+        ),
+    ),
     # Instance level (SOP Common and General Image modules).
     Attribute(0x00080016, "SOPClassUID", "UI", INST, "sop_class_uid"),
     Attribute(0x00080018, "SOPInstanceUID", "UI", INST, "sop_instance_uid"),
@@ -93,6 +114,18 @@ PATIENT_MATCHING_TAGS: frozenset[int] = frozenset({0x00100010, 0x00100020, 0x001
 BY_KEYWORD: dict[str, Attribute] = {a.keyword: a for a in ATTRIBUTES}
 BY_TAG: dict[int, Attribute] = {a.tag: a for a in ATTRIBUTES}
 COMPUTED: frozenset[int] = frozenset(a.tag for a in ATTRIBUTES if a.column is None) | {0x00080061}
+# Keys inside a sequence, by (sequence tag, item key tag).
+ITEM_KEYS: dict[tuple[int, int], Attribute] = {
+    (a.tag, i.tag): i for a in ATTRIBUTES for i in a.items
+}
+# Every QIDO matching key as its attribute path (PS3.18 8.3.4.1): (attribute,) for a top-level
+# key, (sequence, item key) for a key inside a sequence.
+MATCHING_PATHS: tuple[tuple[Attribute, ...], ...] = tuple(
+    path
+    for a in ATTRIBUTES
+    if a.column is not None
+    for path in ([(a, i) for i in a.items] if a.items else [(a,)])
+)
 
 # Attributes copied into study.attrs / series.attrs at ingest (from the first instance stored
 # in that study or series): what QIDO returns at those levels, `includefield=all` included.

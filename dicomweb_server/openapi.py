@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from dicomweb_server.attributes import ATTRIBUTES, Level
+from dicomweb_server.attributes import MATCHING_PATHS, Level
 from dicomweb_server.config import VERSION
 from dicomweb_server.query import QIDO_MAX_OFFSET
 
@@ -62,9 +62,9 @@ def _query_params(name: str) -> list[dict[str, Any]]:
             param("fuzzymatching", {"type": "string", "enum": ["true", "false"]}),
             param("includefield", {"type": "string"}),
         ]
-        for attr in ATTRIBUTES:
-            if attr.column is not None and _ORDER[attr.level] <= _ORDER[level]:
-                params.append(param(attr.keyword, {"type": "string"}))
+        for path in MATCHING_PATHS:  # `Keyword`, or `Sequence.Keyword` (PS3.18 8.3.4.1)
+            if _ORDER[path[0].level] <= _ORDER[level]:
+                params.append(param(".".join(a.keyword for a in path), {"type": "string"}))
         return params
     if "rendered" in name or "thumbnail" in name:
         return [param(k, v) for k, v in _RENDER_PARAMS.items()]

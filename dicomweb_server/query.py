@@ -12,6 +12,7 @@ from pydicom.datadict import tag_for_keyword
 from dicomweb_server.attributes import (
     BY_KEYWORD,
     BY_TAG,
+    ITEM_KEYS,
     PATIENT_MATCHING_TAGS,
     Attribute,
     Level,
@@ -25,9 +26,11 @@ __all__ = [
     "QIDO_MAX_OFFSET",
     "FuzzyMatch",
     "Include",
+    "ItemMatch",
     "Match",
     "Query",
     "RangeMatch",
+    "SequenceMatch",
     "SingleValueMatch",
     "UidListMatch",
     "UniversalMatch",
@@ -102,7 +105,30 @@ class FuzzyMatch:
     words: tuple[str, ...]
 
 
-Match = SingleValueMatch | UidListMatch | UniversalMatch | WildcardMatch | RangeMatch | FuzzyMatch
+# What a key inside a sequence item can be: the keys there are SH (attributes.py).
+ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch
+
+
+@dataclass(frozen=True)
+class SequenceMatch:
+    """PS3.4 C.2.2.2.6: keys inside a sequence, given as attribute paths `Sequence.Key`
+    (PS3.18 8.3.4.1), all taken as keys of one item: a resource matches when some item of its
+    sequence matches every one of them. `attr` is the sequence; each item match's `attr` is
+    the key inside it."""
+
+    attr: Attribute
+    items: tuple[ItemMatch, ...]
+
+
+Match = (
+    SingleValueMatch
+    | UidListMatch
+    | UniversalMatch
+    | WildcardMatch
+    | RangeMatch
+    | FuzzyMatch
+    | SequenceMatch
+)
 
 
 @dataclass(frozen=True)
@@ -154,6 +180,54 @@ def _matching_attribute(key: str, level: Level) -> Attribute:
             f" when searching for {level.value} resources"
         )
     return attr
+
+
+def _matching_path(key: str, level: Level) -> tuple[Attribute | None, Attribute]:
+    """A parameter name -> (None, attribute) for a top-level key, or (sequence, key inside it)
+    for an attribute path `Sequence.Key` (PS3.18 8.3.4.1, keywords or tags); 400 otherwise."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        attr = _matching_attribute(key, level)
+        if attr.items:
+            raise BadRequestError(
+                f"{attr.keyword} is a sequence: match on a key inside it ({_item_paths(attr)})"
+            )
+        return None, attr
+    if "" in parts:
+        raise BadRequestError(f"malformed attribute path {key!r}: an empty attribute name")
+    if len(parts) > 2:
+        raise BadRequestError(
+            f"attribute path {key!r} is not supported: matching goes one sequence deep"
+            " (Sequence.Key)"
+        )
+    seq_tag = _resolve(parts[0])
+    seq = BY_TAG.get(seq_tag) if seq_tag is not None else None
+    if seq is None or not seq.items:
+        supported = ", ".join(_item_paths(a) for a in BY_TAG.values() if a.items)
+        raise BadRequestError(
+            f"attribute path {key!r}: {parts[0]!r} is not a sequence with matching keys"
+            f" (supported: {supported})"
+        )
+    _matching_attribute(seq.keyword, level)  # the level check
+    tag = _resolve(parts[1])
+    item = ITEM_KEYS.get((seq.tag, tag)) if tag is not None else None
+    if item is None:
+        raise BadRequestError(
+            f"attribute path {key!r}: {parts[1]!r} is not a matching key inside"
+            f" {seq.keyword} (supported: {_item_paths(seq)})"
+        )
+    return seq, item
+
+
+def _item_paths(seq: Attribute) -> str:
+    return ", ".join(f"{seq.keyword}.{i.keyword}" for i in seq.items)
+
+
+def _item_match(attr: Attribute, value: str) -> ItemMatch:
+    m = _match(attr, value, fuzzy=False)
+    if not isinstance(m, SingleValueMatch | WildcardMatch | UniversalMatch):
+        raise AssertionError(f"{attr.keyword}: no item matching for {type(m).__name__}")
+    return m
 
 
 def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
@@ -240,6 +314,24 @@ def _includes(values: list[str]) -> tuple[Include, list[str]]:
     return Include(tags=frozenset(tags)), warnings
 
 
+def _matches(raw: Mapping[str, list[str]], level: Level, fuzzy: bool) -> tuple[Match, ...]:
+    matches: list[Match] = []
+    items: dict[Attribute, dict[Attribute, ItemMatch]] = {}  # by sequence, then key
+    for key, values in raw.items():
+        seq, attr = _matching_path(key, level)
+        if len(values) > 1 and attr.vr != "UI":
+            raise BadRequestError(f"{key} is given {len(values)} times; give it once")
+        if seq is None:
+            matches.append(_match(attr, ",".join(values), fuzzy))
+            continue
+        keys = items.setdefault(seq, {})
+        if attr in keys:  # the same key by keyword and by tag
+            raise BadRequestError(f"{seq.keyword}.{attr.keyword} is given twice; give it once")
+        keys[attr] = _item_match(attr, values[0])
+    matches += [SequenceMatch(seq, tuple(keys.values())) for seq, keys in items.items()]
+    return tuple(matches)
+
+
 def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
     """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
     limit, offset, fuzzy = QIDO_DEFAULT_LIMIT, 0, False
@@ -265,17 +357,12 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
-    matches: list[Match] = []
-    for key, values in raw_matches.items():
-        attr = _matching_attribute(key, level)
-        if len(values) > 1 and attr.vr != "UI":
-            raise BadRequestError(f"{key} is given {len(values)} times; give it once")
-        matches.append(_match(attr, ",".join(values), fuzzy))
+    matches = _matches(raw_matches, level, fuzzy)
     include, include_warnings = _includes(include_values)
     return Query(
         level=level,
         path_uids=dict(path_uids),
-        matches=tuple(matches),
+        matches=matches,
         include=include,
         limit=limit,
         offset=offset,

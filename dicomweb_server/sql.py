@@ -2,6 +2,8 @@
 
 Every value is a `$n` parameter; column names come only from attributes.py (STYLE.md rule 4).
 LIKE patterns escape `\\`, `%` and `_` before `*` and `?` are translated (ESCAPE '\\').
+Keys inside a sequence are matched in the level's `attrs` jsonb: single values by containment
+(the GIN index on the sequence), wildcards by LIKE over the values of each item.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dicomweb_server.query import (
     Match,
     Query,
     RangeMatch,
+    SequenceMatch,
     SingleValueMatch,
     UidListMatch,
     UniversalMatch,
@@ -74,9 +77,45 @@ def _column(attr: Attribute) -> str:
     return f"{_ALIAS[attr.level]}.{attr.column}"
 
 
+def _sequence_condition(m: SequenceMatch, args: _Args) -> str | None:
+    """PS3.4 C.2.2.2.6: some item of the sequence matches every key. Single values are one
+    containment test on the sequence (`{"Value": [{key: {"Value": [v]}, ...}]}`: an item with
+    all of them), which the GIN index answers; wildcards add a LIKE on the values of that
+    same item. Tags come from attributes.py (8 hex digits), values are parameters."""
+    singles = {
+        tag_hex(i.attr.tag): {"Value": [i.value]}
+        for i in m.items
+        if isinstance(i, SingleValueMatch)
+    }
+    wildcards = [i for i in m.items if isinstance(i, WildcardMatch)]
+    if not singles and not wildcards:
+        return None  # universal matching: no key restricts the items
+    seq = f"{_column(m.attr)} -> '{tag_hex(m.attr.tag)}'"
+    parts = []
+    if singles:
+        parts.append(f"{seq} @> {args.add(json.dumps({'Value': [singles]}))}::jsonb")
+    if not wildcards:
+        return parts[0]
+    conds = [f"item @> {args.add(json.dumps(singles))}::jsonb"] if singles else []
+    for w in wildcards:
+        p = args.add(like_pattern(w.pattern))
+        conds.append(
+            f"EXISTS (SELECT 1 FROM jsonb_path_query(item, '$.\"{tag_hex(w.attr.tag)}\".Value[*]')"
+            f" AS v WHERE v #>> '{{}}' LIKE {p} ESCAPE '\\')"
+        )
+    # Lax jsonpath: a missing or malformed sequence yields no items rather than an error.
+    parts.append(
+        f"EXISTS (SELECT 1 FROM jsonb_path_query({seq}, '$.Value[*]') AS item"
+        f" WHERE {' AND '.join(conds)})"
+    )
+    return " AND ".join(parts)
+
+
 def _condition(m: Match, args: _Args) -> str | None:
     if isinstance(m, UniversalMatch):
         return None
+    if isinstance(m, SequenceMatch):
+        return _sequence_condition(m, args)
     col = _column(m.attr)
     pn = m.attr.vr == "PN"
     array = pn or m.attr.keyword == "ModalitiesInStudy"

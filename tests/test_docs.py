@@ -16,7 +16,7 @@ from dicomweb_server import (
     retrieve,
     transcode,
 )
-from dicomweb_server.attributes import ATTRIBUTES
+from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.routes import admin
@@ -38,7 +38,11 @@ def table(heading: str) -> list[list[str]]:
 
 def test_matching_keys() -> None:
     documented = {(k, t, vr, lvl) for k, t, vr, lvl in table("### Matching keys")}
-    code = {(a.keyword, f"{a.tag:08X}", a.vr, a.level.value) for a in ATTRIBUTES if a.column}
+    code = {
+        (".".join(a.keyword for a in p), ".".join(f"{a.tag:08X}" for a in p), p[-1].vr,
+         p[0].level.value)
+        for p in MATCHING_PATHS
+    }  # fmt: skip
     assert documented == code
 
 

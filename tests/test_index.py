@@ -7,6 +7,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from pydicom.dataset import Dataset
 
 from dicomweb_server.attributes import Level
 from dicomweb_server.blobstore import FileSystemBlobStore
@@ -47,6 +48,30 @@ async def test_common_keys_can_use_an_index(
     finally:
         await conn.close()
     assert index_name in plan, plan
+
+
+async def test_request_attributes_single_value_can_use_its_index(
+    app_client: httpx.AsyncClient, pg_dsn: str
+) -> None:
+    """The containment test sql.py writes for a key inside RequestAttributesSequence is the
+    expression schema.sql indexes (series_request_attributes)."""
+    item = Dataset()
+    item.ScheduledProcedureStepID = "SPS1"
+    ds = make_instance(RequestAttributesSequence=[item])
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    params = [("RequestAttributesSequence.ScheduledProcedureStepID", "SPS1")]
+    text, args = compile_search(parse(Level.SERIES, params, {}))
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        await conn.execute("SET enable_indexscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {text}", *args))
+        assert len(await conn.fetch(text, *args)) == 1
+    finally:
+        await conn.close()
+    assert "series_request_attributes" in plan, plan
 
 
 async def test_start_rolls_back_reservations_of_dead_processes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -15,6 +16,7 @@ from dicomweb_server.query import (
     FuzzyMatch,
     Query,
     RangeMatch,
+    SequenceMatch,
     SingleValueMatch,
     UidListMatch,
     UniversalMatch,
@@ -114,3 +116,75 @@ def test_dt_with_negative_utc_offset() -> None:
     assert isinstance(m, SingleValueMatch) and m.value == dt.datetime(2024, 1, 1, 12)
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500-20240102120000-0500").matches
     assert isinstance(m, RangeMatch) and m.upper == dt.datetime(2024, 1, 2, 12)
+
+
+SPS = "RequestAttributesSequence.ScheduledProcedureStepID"
+RP = "RequestAttributesSequence.RequestedProcedureID"
+
+
+def test_sequence_paths_parse_to_one_sequence_match() -> None:
+    """PS3.18 8.3.4.1 attribute paths, keywords and tags mixed; PS3.4 C.2.2.2.6: the keys
+    given are keys of one item."""
+    forms = [
+        (SPS, RP),
+        ("00400275.00400009", "00400275.00401001"),
+        ("RequestAttributesSequence.00400009", "00400275.RequestedProcedureID"),
+    ]
+    for sps, rp in forms:
+        (m,) = parse(Level.SERIES, [(sps, "SPS1"), ("Modality", "CT"), (rp, "RP*")], {}).matches[1:]
+        assert isinstance(m, SequenceMatch) and m.attr.keyword == "RequestAttributesSequence"
+        first, second = m.items
+        assert isinstance(first, SingleValueMatch) and first.value == "SPS1"
+        assert first.attr.keyword == "ScheduledProcedureStepID" and first.attr.vr == "SH"
+        assert isinstance(second, WildcardMatch) and second.pattern == "RP*"
+        assert second.attr.keyword == "RequestedProcedureID"
+    (m,) = q(Level.INSTANCE, **{SPS: ""}).matches
+    assert isinstance(m, SequenceMatch) and isinstance(m.items[0], UniversalMatch)
+
+
+@pytest.mark.parametrize(
+    ("level", "params", "reason"),
+    [
+        (
+            Level.SERIES,
+            [("RequestAttributesSequence.PatientName", "x")],
+            "not a matching key inside",
+        ),
+        (Level.SERIES, [(f"{SPS}.CodeValue", "x")], "one sequence deep"),
+        (Level.SERIES, [("RequestAttributesSequence..x", "x")], "malformed attribute path"),
+        (Level.SERIES, [("StudyDate.x", "x")], "not a sequence with matching keys"),
+        (Level.SERIES, [("RequestAttributesSequence", "")], "is a sequence"),
+        (Level.SERIES, [(SPS, "a"), ("00400275.00400009", "b")], "given twice"),
+        (Level.STUDY, [(SPS, "a")], "series-level"),
+        (Level.PATIENT, [(SPS, "a")], "patient-level"),
+        (Level.SERIES, [(RP, "\x01")], "control character"),
+    ],
+)
+def test_sequence_paths_refused(level: Level, params: list[tuple[str, str]], reason: str) -> None:
+    with pytest.raises(BadRequestError, match=reason):
+        parse(level, params, {})
+
+
+def _sequence_sql(params: list[tuple[str, str]]) -> tuple[str | None, list[object]]:
+    (m,) = parse(Level.SERIES, params, {}).matches
+    args = _Args()
+    return _condition(m, args), args.values
+
+
+def test_sequence_compile_golden() -> None:
+    assert _sequence_sql([(SPS, ""), (RP, "*")]) == (None, [])
+    text, args = _sequence_sql([(SPS, "S'1"), (RP, "R1")])
+    assert text == "se.attrs -> '00400275' @> $1::jsonb"
+    assert [json.loads(str(a)) for a in args] == [
+        {"Value": [{"00400009": {"Value": ["S'1"]}, "00401001": {"Value": ["R1"]}}]}
+    ]
+    text, args = _sequence_sql([(SPS, "S1"), (RP, "R_%\\?*")])
+    assert text == (
+        "se.attrs -> '00400275' @> $1::jsonb AND EXISTS (SELECT 1 FROM"
+        " jsonb_path_query(se.attrs -> '00400275', '$.Value[*]') AS item WHERE item @> $2::jsonb"
+        " AND EXISTS (SELECT 1 FROM jsonb_path_query(item, '$.\"00401001\".Value[*]') AS v"
+        " WHERE v #>> '{}' LIKE $3 ESCAPE '\\'))"
+    )
+    assert args[1:] == [json.dumps({"00400009": {"Value": ["S1"]}}), "R\\_\\%\\\\_%"]
+    text, args = _sequence_sql([(SPS, "S*")])
+    assert text is not None and "@>" not in text and args == ["S%"]
