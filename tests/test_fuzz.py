@@ -16,7 +16,9 @@ BOUNDARY = "fuzz"
 TEMPLATE = b"--fuzz\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--fuzz--\r\n"
 KEYS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "StudyInstanceUID", "limit",
         "offset", "includefield", "fuzzymatching", "ModalitiesInStudy", "00100020", "SeriesNumber",
-        "AcquisitionDateTime", "Rows", "x", ""]  # fmt: skip
+        "AcquisitionDateTime", "Rows", "x", "",
+        "RequestAttributesSequence.ScheduledProcedureStepID", "00400275.00401001",
+        "RequestAttributesSequence.PatientName", "00400275..x"]  # fmt: skip
 
 
 def _bodies() -> st.SearchStrategy[bytes]:
