@@ -222,10 +222,22 @@ class _LastGoodJWKClient(jwt.PyJWKClient):
             refresh = True  # the stale copy's cache lifetime must not carry it past the limit
         return super().get_jwk_set(refresh)
 
+    def get_signing_key(self, kid: str) -> jwt.PyJWK:
+        try:
+            return super().get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError:
+            raise
+        except jwt.PyJWKClientError as exc:
+            if self._stale:  # maybe a new key, which the failing endpoint could not give
+                raise jwt.PyJWKClientConnectionError(f"{exc}; the JWKS endpoint fails") from exc
+            raise
+
     def fetch_data(self) -> Any:
         try:
             data = super().fetch_data()
-        except (jwt.PyJWKClientError, jwt.PyJWKSetError, OSError, ValueError) as exc:
+        except (
+            jwt.PyJWKClientError, jwt.PyJWKSetError, OSError, ValueError, RecursionError
+        ) as exc:  # fmt: skip
             if self._last_good is None or self._age() > JWKS_STALE_MAX_S:
                 raise jwt.PyJWKClientConnectionError(f"the JWKS endpoint failed: {exc}") from exc
             self._stale = True

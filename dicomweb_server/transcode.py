@@ -433,6 +433,11 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
         raise _cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
 
 
+# Stored syntaxes whose pixels were certainly compressed with loss, and their PS3.3
+# C.7.6.1.1.5 method: a decoded copy says so even when the original did not.
+_ALWAYS_LOSSY = {JPEG_BASELINE: "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1"}
+
+
 def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     """`src` read and converted to `transfer_syntax_uid` (a key of ENCODERS), in memory: the
     data set of a WADO conversion, or of a DIMSE C-STORE sub-operation to a peer that did not
@@ -442,6 +447,10 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     try:
         if "PixelData" in ds and transfer_syntax_uid != ts:
             _convert_pixels(ds, ts, transfer_syntax_uid)
+            method = _ALWAYS_LOSSY.get(ts)
+            if method and "LossyImageCompression" not in ds:  # PS3.3 C.7.6.1.1.5
+                ds.LossyImageCompression = "01"
+                ds.LossyImageCompressionMethod = method
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
         raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)

@@ -384,6 +384,30 @@ async def test_oidc_jwks_failing_after_expiry_uses_the_last_good_set(
         server.server_close()
 
 
+async def test_oidc_unknown_key_while_the_issuer_fails_is_503(
+    settings: Settings, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token signed by a key the last good set lacks, while the endpoint fails: perhaps a
+    rotated key the endpoint could not give, so 503 (retry), not 401 (log in again)."""
+    clock = _Clock(monkeypatch)
+    server, url = _jwks_server(issuer)
+    rotated = _new_issuer("k2")
+    try:
+        async with _client(_oidc_with(settings, url)) as (_, client):
+            ok = {"Authorization": f"Bearer {issuer.token()}"}
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            _JwksHandler.body = b"<html>down for maintenance</html>"
+            clock.now += auth.JWKS_CACHE_S + 1
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            clock.now += 60  # past PyJWT's cooldown between refreshes for unknown keys
+            new = {"Authorization": f"Bearer {rotated.token()}"}
+            r = await client.get(f"{ROOT}/studies", headers=new)
+            assert r.status_code == 503 and "Retry-After" in r.headers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 async def test_oidc_jwks_not_a_key_set_at_first_is_503(settings: Settings, issuer: Issuer) -> None:
     server, url = _jwks_server(issuer)
     _JwksHandler.body = b"<html>down for maintenance</html>"

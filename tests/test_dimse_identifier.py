@@ -9,11 +9,14 @@ from typing import Any, cast
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.presentation import build_context
 
 from dicomweb_server import cli
 from dicomweb_server.attributes import Level
 from dicomweb_server.config import ConfigError, Settings
-from dicomweb_server.dimse.handlers import Handlers
+from dicomweb_server.dimse import handlers
+from dicomweb_server.dimse.handlers import Handlers, _contexts, _pairs
 from dicomweb_server.dimse.identifier import (
     IdentifierError,
     Model,
@@ -22,9 +25,11 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer, parse_peers
+from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.query import RangeMatch, SingleValueMatch, UidListMatch, WildcardMatch
 from dicomweb_server.sql import compile_search
+from dicomweb_server.transcode import TranscodeError
 
 
 def ident(level: str, **keys: Any) -> Dataset:
@@ -194,3 +199,57 @@ def test_find_honours_c_cancel() -> None:
         assert list(results) == [(0xFE00, None)]  # PS3.4 C.4.1.2.3: Cancel, no more matches
     finally:
         loop.close()
+
+
+def _stored(sop_class: str, ts: str, **pixels: Any) -> StoredInstance:
+    return StoredInstance("1.2", "1.2.3", "1.2.3.4", sop_class, "0" * 32, ts, 100, 1, None,
+                          None, False, **pixels)  # fmt: skip
+
+
+def test_contexts_as_stored_first_then_one_fallback_each() -> None:
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    jls, j2k, rle = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+    found = [
+        _stored(ct, ts)
+        for ts in (
+            jls,
+            j2k,
+            rle,
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+        )
+    ]
+    found.append(_stored(mr, jls))
+    got = [(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in _contexts(found)]
+    native = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    # Fallbacks that repeat an as-stored context (the other native syntax here) are left
+    # out; big endian gets none (it is not converted).
+    assert got == [
+        (ct, (jls,)), (ct, (j2k,)), (ct, (rle,)), (ct, (ExplicitVRLittleEndian,)),
+        (ct, (ImplicitVRLittleEndian,)), (ct, (ExplicitVRBigEndian,)), (mr, (jls,)),
+        (ct, native), (mr, native),
+    ]  # fmt: skip
+
+
+def test_pairs_are_the_contexts_we_may_send_on() -> None:
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    ours = build_context(ct, [ExplicitVRLittleEndian])
+    ours.context_id, ours.result = 1, 0x00
+    ours._as_scu, ours._as_scp = True, False
+    theirs = build_context(ct, [ImplicitVRLittleEndian])
+    theirs.context_id, theirs.result = 3, 0x00
+    theirs._as_scu, theirs._as_scp = False, True
+    assert _pairs([ours, theirs]) == {(ct, ExplicitVRLittleEndian)}
+
+
+def test_decode_for_a_peer_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    jls = "1.2.840.10008.1.2.4.80"
+    big = _stored("1.2.840.10008.5.1.4.1.1.2", jls, rows=512, columns=512, samples_per_pixel=1,
+                  bits_allocated=16)  # fmt: skip
+    monkeypatch.setattr(handlers, "DIMSE_DECODE_MAX_BYTES", 512 * 512 * 2 - 1)
+    with pytest.raises(TranscodeError, match="at most 524287"):
+        handlers._decoded_for_peer(big, tmp_path / "unread", ExplicitVRLittleEndian)
+    unknown = _stored("1.2.840.10008.5.1.4.1.1.2", jls)  # no Image Pixel values indexed
+    with pytest.raises(TranscodeError, match="unknown size"):
+        handlers._decoded_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian)

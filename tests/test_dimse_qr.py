@@ -265,6 +265,45 @@ async def test_move_decodes_for_a_peer_taking_only_uncompressed(
     assert np.array_equal(got.pixel_array, ds.pixel_array)
 
 
+async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
+    settings: Settings, samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error no codec foresaw while decoding one instance for the destination: that
+    sub-operation fails (0xB000 at the end), the others are still sent."""
+    from dicomweb_server.dimse import handlers
+
+    names = ["generated/coverage/ect_15frames_jpegls_lossless.dcm",
+             "generated/coverage/ct_j2k_lossless_signed.dcm"]  # fmt: skip
+    metas = [dcmread(samples / n, stop_before_pixels=True) for n in names]
+    from dicomweb_server.transcode import converted_dataset as convert
+
+    def flaky(path: Path, target: str) -> Dataset:
+        ds = convert(path, target)
+        if ds.SOPInstanceUID == metas[0].SOPInstanceUID:
+            raise TypeError("a value no codec expected")
+        return ds
+
+    monkeypatch.setattr(handlers, "converted_dataset", flaky)
+    with running_peer([ImplicitVRLittleEndian, ExplicitVRLittleEndian]) as only_native:
+        async with archive_with_peer(settings, only_native, tmp_path) as archive:
+            for n, ds in zip(names, metas, strict=True):
+                body = multipart_body([(samples / n).read_bytes()])
+                r = await archive.http.post(f"{ROOT}/studies", content=body,
+                                            headers=stow_headers())  # fmt: skip
+                assert r.status_code == 200, r.text
+                ident = identifier("IMAGE", StudyInstanceUID=ds.StudyInstanceUID,
+                                   SeriesInstanceUID=ds.SeriesInstanceUID,
+                                   SOPInstanceUID=ds.SOPInstanceUID)  # fmt: skip
+                statuses = await in_thread(_move, archive, PEER, ident)
+                final = statuses[-1]
+                if ds is metas[0]:  # PS3.4 C.4.2.1.5: all sub-operations failed
+                    assert final.Status == 0xA702, final
+                    assert final.NumberOfFailedSuboperations == 1
+                else:
+                    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 1
+    assert list(only_native.received) == [metas[1].SOPInstanceUID]
+
+
 async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
     archive: Archive, samples: Path
 ) -> None:

@@ -14,10 +14,10 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomweb_server import transcode
-from dicomweb_server.transcode import ENCODERS
+from dicomweb_server.transcode import ENCODERS, converted_dataset
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -234,3 +234,18 @@ def test_jpeg_ls_decoded_by_the_preferred_plugin_or_any(
     for k in (0, 7):
         got = transcode.decode_codestream(codestreams[k], ts, info)
         assert np.array_equal(got, ds.pixel_array[k])
+
+
+def test_decoded_copy_of_jpeg_baseline_says_lossy(samples: Path, tmp_path: Path) -> None:
+    """PS3.3 C.7.6.1.1.5: a copy decoded from a certainly lossy syntax is marked so, even when
+    the original did not say it."""
+    ds = pydicom.dcmread(samples / "generated/coverage/mg_jpeg_baseline_gray8.dcm")
+    for kw in ("LossyImageCompression", "LossyImageCompressionMethod"):
+        if kw in ds:
+            delattr(ds, kw)
+    src = tmp_path / "unmarked.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    got = converted_dataset(src, ExplicitVRLittleEndian)
+    assert got.LossyImageCompression == "01"
+    assert got.LossyImageCompressionMethod == "ISO_10918_1"
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import Any, TypeVar, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -69,6 +70,11 @@ DIMSE_STORE_TIMEOUT_S = 600
 DIMSE_QUERY_TIMEOUT_S = 120
 # Instances one C-MOVE/C-GET may send: the sub-operation counts are US (PS3.7 Table 9.1-4).
 MAX_RETRIEVE_INSTANCES = 65535
+# Pixel bytes, decoded, of the largest instance decoded for a C-MOVE/C-GET peer that takes
+# its SOP Class only uncompressed; a larger one is a failed sub-operation. One decode runs at a
+# time in a process (_DECODING): memory stays near three times this.
+DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
+_DECODING = threading.Lock()
 # Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
 _MAX_CONTEXTS = 128
 # Values longer than this are read from the blob only when the data set is encoded to send.
@@ -312,7 +318,7 @@ class Handlers:
                 if target is None:
                     ds = dcmread(path, defer_size=_DEFER_BYTES)
                 else:
-                    ds = converted_dataset(path, target)
+                    ds = _decoded_for_peer(inst, path, target)
             except (OSError, InvalidDicomError) as exc:
                 log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
                 yield _PENDING, _UNREADABLE
@@ -320,6 +326,10 @@ class Handlers:
             except TranscodeError as exc:
                 log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
                 yield _PENDING, _UNCONVERTIBLE
+                continue
+            except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
+                log.exception("cannot send %s", inst.sop_instance_uid)
+                yield _PENDING, _UNCONVERTIBLE if target else _UNREADABLE
                 continue
             yield _PENDING, ds
 
@@ -387,27 +397,61 @@ async def _locate(svc: Services, q: Query) -> list[StoredInstance]:
 
 def _contexts(found: list[StoredInstance]) -> list[PresentationContext]:
     """One context per stored (SOP Class, transfer syntax), so that each instance can go as
-    stored whatever the destination prefers (pynetdicom picks an exact match first), and a
-    second one as a fallback: for uncompressed data the other little endian syntax
-    (pynetdicom converts), for data we can decode both little endian syntaxes (we decode,
-    see _target_syntax). Data we cannot decode goes only as stored."""
-    contexts = []
-    for sop_class, ts in dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found):
-        contexts.append(build_context(sop_class, [ts]))
+    stored whatever the destination prefers (pynetdicom picks an exact match first); after
+    those, one fallback per SOP Class and kind: for uncompressed data the other little endian
+    syntax (pynetdicom converts), for data we can decode both little endian syntaxes (we
+    decode, see _target_syntax). Data we cannot decode goes only as stored."""
+    pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
+    as_stored = [(sop_class, (ts,)) for sop_class, ts in pairs]
+    fallbacks: list[tuple[str, tuple[str, ...]]] = []
+    for sop_class, ts in pairs:
         if ts in _UNCOMPRESSED:
-            contexts.append(build_context(sop_class, [s for s in _UNCOMPRESSED if s != ts]))
-        elif decodable(ts):
-            contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
-    return contexts[:_MAX_CONTEXTS]
+            fallbacks.append((sop_class, tuple(s for s in _UNCOMPRESSED if s != ts)))
+        elif _convertible(ts):
+            fallbacks.append((sop_class, _UNCOMPRESSED))
+    wanted = dict.fromkeys([*as_stored, *fallbacks])  # in order, without duplicates
+    return [build_context(sop_class, list(ts)) for sop_class, ts in wanted][:_MAX_CONTEXTS]
+
+
+def _convertible(transfer_syntax_uid: str) -> bool:
+    """Decodable here to Explicit VR Little Endian for a C-STORE sub-operation. Not big
+    endian: pydicom keeps a data set read as big endian encoding that way when it is sent."""
+    return transfer_syntax_uid != ExplicitVRBigEndian and decodable(transfer_syntax_uid)
 
 
 def _pairs(contexts: Sequence[PresentationContext]) -> set[tuple[str, str]]:
-    """(SOP Class, transfer syntax) of accepted presentation contexts."""
+    """(SOP Class, transfer syntax) of the accepted presentation contexts over which we may
+    send a C-STORE (we are their SCU: on a C-GET association, the storage contexts the
+    requestor proposed with the SCP role for itself)."""
     return {
         (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
         for cx in contexts
-        if cx.abstract_syntax is not None and cx.transfer_syntax
+        if cx.abstract_syntax is not None and cx.transfer_syntax and cx.as_scu
     }
+
+
+def _decoded_size(inst: StoredInstance) -> int | None:
+    """Bytes of the instance's pixels decoded, from the Image Pixel attributes; None when
+    they are not all known."""
+    dims = (inst.rows, inst.columns, inst.samples_per_pixel, inst.bits_allocated)
+    if any(d is None for d in dims):
+        return None
+    rows, columns, samples, bits = cast(tuple[int, int, int, int], dims)
+    return rows * columns * samples * max(1, inst.number_of_frames) * -(-bits // 8)
+
+
+def _decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
+    """The instance decoded to `target` for a peer, one decode at a time in the process and
+    only up to DIMSE_DECODE_MAX_BYTES of pixels (it is held whole in memory, about three
+    times over while pynetdicom encodes it)."""
+    size = _decoded_size(inst)
+    if size is None or size > DIMSE_DECODE_MAX_BYTES:
+        raise TranscodeError(
+            f"its pixels decoded would be {size if size is not None else 'of unknown size'}"
+            f" bytes; at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
+        )
+    with _DECODING:
+        return converted_dataset(path, target)
 
 
 def _target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:
@@ -420,4 +464,4 @@ def _target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str 
     little_endian = syntaxes.intersection(_UNCOMPRESSED)
     if stored in syntaxes or not little_endian or stored in _UNCOMPRESSED:
         return None
-    return ExplicitVRLittleEndian if decodable(stored) else None
+    return ExplicitVRLittleEndian if _convertible(stored) else None
