@@ -428,7 +428,13 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5)."""
     ds = converted_dataset(src, transfer_syntax_uid)
     try:
-        ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        if ds.original_encoding[1] is False:
+            # Read as big endian: pydicom re-encodes every element only when forced (its
+            # pixels were swapped by the conversion; group lengths are left out).
+            ds.preamble = ds.preamble or b"\0" * 128
+            pydicom.dcmwrite(dst, ds, implicit_vr=False, little_endian=True, force_encoding=True)
+        else:
+            ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
         raise _cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
 

@@ -249,3 +249,22 @@ def test_decoded_copy_of_jpeg_baseline_says_lossy(samples: Path, tmp_path: Path)
     assert got.LossyImageCompression == "01"
     assert got.LossyImageCompressionMethod == "ISO_10918_1"
     assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["generated/coverage/cr_mono1_explicit_be.dcm", "real/pydicom/SC_rgb_small_odd_big_endian.dcm",
+     "real/pydicom-data/gdcm-US-ALOKA-16_big.dcm"],
+)  # fmt: skip
+def test_big_endian_to_explicit_little_endian(samples: Path, tmp_path: Path, name: str) -> None:
+    """A big endian instance asked for in Explicit VR Little Endian: every element re-encoded,
+    the pixels swapped (pydicom's save_as refuses to change endianness)."""
+    src = samples / name
+    dst = tmp_path / "le.dcm"
+    transcode.to_transfer_syntax(src, dst, ExplicitVRLittleEndian)
+    got, original = pydicom.dcmread(dst), pydicom.dcmread(src)
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, original.pixel_array)
+    for elem in original:
+        if elem.tag.element != 0 and elem.tag != 0x7FE00010:  # group lengths are dropped
+            assert got[elem.tag].value == elem.value, elem
