@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -304,6 +304,23 @@ async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
     assert list(only_native.received) == [metas[1].SOPInstanceUID]
 
 
+def _get_study(
+    archive: Archive, study: str, sop_class: str, on_store: Callable[[Event], int]
+) -> list[Dataset]:
+    """C-GET of a study by a requestor taking `sop_class` in Explicit VR Little Endian only."""
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae = scu(model)
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    role = build_role(sop_class, scp_role=True)
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        return [
+            st for st, _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study), model)
+        ]
+    finally:
+        assoc.release()
+
+
 async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
     archive: Archive, samples: Path
 ) -> None:
@@ -318,19 +335,7 @@ async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
         received.append((received_data_set(event), str(event.context.transfer_syntax)))
         return 0x0000
 
-    def get() -> list[Dataset]:
-        model = StudyRootQueryRetrieveInformationModelGet
-        ae = scu(model)
-        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-        role = build_role(ds.SOPClassUID, scp_role=True)
-        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        try:
-            ident = identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
-            return [st for st, _ in assoc.send_c_get(ident, model)]
-        finally:
-            assoc.release()
-
-    statuses = await in_thread(get)
+    statuses = await in_thread(_get_study, archive, ds.StudyInstanceUID, ds.SOPClassUID, on_store)
     assert statuses[-1].Status == 0x0000 and statuses[-1].NumberOfCompletedSuboperations == 1
     ((data_set, syntax),) = received
     assert syntax == ExplicitVRLittleEndian
@@ -455,19 +460,7 @@ async def test_pynetdicom_get(archive: Archive) -> None:
         received.append(received_data_set(event))
         return 0x0000
 
-    def get() -> list[Dataset]:
-        model = StudyRootQueryRetrieveInformationModelGet
-        ae = scu(model)
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        role = build_role(CTImageStorage, scp_role=True)
-        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        try:
-            ident = identifier("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
-            return [st for st, _ in assoc.send_c_get(ident, model)]
-        finally:
-            assoc.release()
-
-    statuses = await in_thread(get)
+    statuses = await in_thread(_get_study, archive, ds.StudyInstanceUID, CTImageStorage, on_store)
     assert statuses[-1].Status == 0x0000
     assert statuses[-1].NumberOfCompletedSuboperations == 1
     sent = await wado_instance(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -38,16 +39,22 @@ async def test_common_keys_can_use_an_index(
         headers=stow_headers(),
     )  # fmt: skip
     text, args = compile_search(parse(Level.STUDY, params, {}))
+    plan, _ = await _plan(pg_dsn, text, args)
+    assert index_name in plan, plan
+
+
+async def _plan(pg_dsn: str, text: str, args: list[Any]) -> tuple[str, int]:
+    """EXPLAIN of a search with only index-based scans allowed, and its row count. Tiny
+    tables make any plan cheap: forbid the scans that need no index (a sequential scan, or
+    walking the primary key for ORDER BY pk) and see which index is usable."""
     conn = await asyncpg.connect(pg_dsn)
     try:
-        # Tiny tables make any plan cheap: forbid the scans that need no index (a sequential
-        # scan, or walking the primary key for ORDER BY pk) and see which index is usable.
         await conn.execute("SET enable_seqscan = off")
         await conn.execute("SET enable_indexscan = off")
         plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {text}", *args))
+        return plan, len(await conn.fetch(text, *args))
     finally:
         await conn.close()
-    assert index_name in plan, plan
 
 
 async def test_request_attributes_single_value_can_use_its_index(
@@ -63,14 +70,8 @@ async def test_request_attributes_single_value_can_use_its_index(
     )
     params = [("RequestAttributesSequence.ScheduledProcedureStepID", "SPS1")]
     text, args = compile_search(parse(Level.SERIES, params, {}))
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.execute("SET enable_seqscan = off")
-        await conn.execute("SET enable_indexscan = off")
-        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {text}", *args))
-        assert len(await conn.fetch(text, *args)) == 1
-    finally:
-        await conn.close()
+    plan, rows = await _plan(pg_dsn, text, args)
+    assert rows == 1
     assert "series_request_attributes" in plan, plan
 
 
