@@ -38,3 +38,21 @@ def test_load_twice_then_summary(tmp_path: Path, clean_db: str, samples: Path) -
 def test_initdb(tmp_path: Path, clean_db: str) -> None:
     r = run_cli("initdb", "--data-dir", str(tmp_path / "d"), "--database-url", clean_db)
     assert r.returncode == 0 and "schema applied" in r.stdout
+
+
+def test_serving_runs_on_uvloop() -> None:
+    """`serve` runs its event loop with uvloop (a dependency on Linux)."""
+    import asyncio
+
+    import uvloop
+
+    from dicomweb_server import cli
+
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def record() -> None:
+        loops.append(asyncio.get_running_loop())
+
+    cli._run_loop(record())
+    assert isinstance(loops[0], uvloop.Loop)
+    assert cli.uvloop is uvloop
