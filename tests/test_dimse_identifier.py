@@ -27,7 +27,13 @@ from dicomweb_server.dimse.identifier import (
 from dicomweb_server.dimse.peers import Peer, parse_peers
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.query import RangeMatch, SingleValueMatch, UidListMatch, WildcardMatch
+from dicomweb_server.query import (
+    RangeMatch,
+    SequenceMatch,
+    SingleValueMatch,
+    UidListMatch,
+    WildcardMatch,
+)
 from dicomweb_server.sql import compile_search
 from dicomweb_server.transcode import TranscodeError
 
@@ -83,6 +89,32 @@ def test_find_refusals(model: Model, identifier: Dataset, status: int) -> None:
     with pytest.raises(IdentifierError) as info:
         parse_find(identifier, model)
     assert info.value.status == status
+
+
+def test_request_attributes_sequence_keys_match() -> None:
+    """PS3.4 C.2.2.2.6: the keys of the query sequence's one item, matched as QIDO's
+    `RequestAttributesSequence.Key` paths; empty keys in it are return keys."""
+    item = Dataset()
+    item.ScheduledProcedureStepID = "SPS*"
+    item.RequestedProcedureID = ""
+    req = parse_find(ident("SERIES", StudyInstanceUID="1.2.3", RequestAttributesSequence=[item]),
+                     Model.STUDY_ROOT)  # fmt: skip
+    (m,) = [m for m in req.query.matches if isinstance(m, SequenceMatch)]
+    assert m.attr.keyword == "RequestAttributesSequence"
+    assert [(i.attr.keyword, type(i)) for i in m.items] == [
+        ("ScheduledProcedureStepID", WildcardMatch)
+    ]
+    refusals = [
+        (ident("SERIES", RequestAttributesSequence=[item, item]), 0xC000),  # two items
+        (ident("STUDY", RequestAttributesSequence=[item]), 0xA900),  # below the level
+    ]
+    other = Dataset()
+    other.AccessionNumber = "A1"  # not a matching key inside this sequence
+    refusals.append((ident("SERIES", RequestAttributesSequence=[other]), 0xC000))
+    for identifier, status in refusals:
+        with pytest.raises(IdentifierError) as info:
+            parse_find(identifier, Model.STUDY_ROOT)
+        assert info.value.status == status, identifier
 
 
 def test_sequence_return_key_accepted_matching_refused() -> None:

@@ -126,6 +126,24 @@ async def test_find_stowed_instance_at_every_level(archive: Archive) -> None:
     assert [m.PatientID for s, m in got if m is not None and s == 0xFF00] == ["FIND-1"]
 
 
+async def test_find_series_by_request_attributes(archive: Archive) -> None:
+    """C-FIND at the series level on a key inside RequestAttributesSequence (PS3.4
+    C.2.2.2.6), through the same matching as QIDO: an item other than the first matches."""
+    first, second = Dataset(), Dataset()
+    first.ScheduledProcedureStepID, second.ScheduledProcedureStepID = "SPS-1", "SPS-77"
+    ds = make_instance(patient_id="FIND-SEQ", RequestAttributesSequence=[first, second])
+    await stow(archive, ds, make_instance(patient_id="FIND-SEQ"))
+    query = Dataset()
+    query.ScheduledProcedureStepID = "SPS-77"
+    got = await in_thread(
+        _find, archive, StudyRootQueryRetrieveInformationModelFind,
+        identifier("SERIES", StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID="",
+                   RequestAttributesSequence=[query]),
+    )  # fmt: skip
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
+    assert got[0][1] is not None and got[0][1].SeriesInstanceUID == ds.SeriesInstanceUID
+
+
 async def test_findscu_study_root(archive: Archive, tmp_path: Path) -> None:
     ds = make_instance(patient_id="DCMTK-1", study_date="20230301")
     await stow(archive, ds, make_instance(patient_id="DCMTK-2", study_date="20220101"))

@@ -7,7 +7,7 @@ Pure: datasets in, a Query or a response dataset out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -17,7 +17,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicomweb_server.attributes import BY_TAG, PATIENT_MATCHING_TAGS, Level, tag_hex
+from dicomweb_server.attributes import BY_TAG, ITEM_KEYS, PATIENT_MATCHING_TAGS, Level, tag_hex
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
 from dicomweb_server.query import Query, parse
@@ -42,7 +42,8 @@ FIND_PAGE_ROWS = _QIDO_MAX_LIMIT
 # unique key.
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 # Same tables: Failure, Unable to process: a value we cannot match on (malformed date,
-# sequence matching, an attribute that is not a matching key).
+# sequence matching beyond the keys attributes.py lists, an attribute that is not a matching
+# key).
 UNABLE_TO_PROCESS = 0xC000
 
 _QUERY_RETRIEVE_LEVEL = 0x00080052
@@ -138,10 +139,8 @@ def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
         if tag in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET, _RETRIEVE_AE_TITLE):
             continue
         if elem.VR == "SQ":
-            if _has_values(elem.value):  # PS3.4 C.2.2.2.6 sequence matching: not supported
-                raise IdentifierError(
-                    UNABLE_TO_PROCESS, f"sequence matching on {_name(tag)} is not supported"
-                )
+            if _has_values(elem.value):  # PS3.4 C.2.2.2.6 sequence matching
+                params += _sequence_params(tag, elem.value, level)
             continue
         value = _text(elem)
         if value in ("", "*"):  # a return key (universal matching, PS3.4 C.2.2.2.3)
@@ -155,6 +154,37 @@ def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
                 f"{attr.keyword} cannot be matched at the {level.value} level",
             )
         params.append((attr.keyword, value))
+    return params
+
+
+def _sequence_params(tag: int, items: Sequence[Dataset], level: Level) -> list[tuple[str, str]]:
+    """The keys of a sequence's one item as QIDO attribute paths `Sequence.Key` (query.py
+    matches them as keys of one item). Only the sequences and keys attributes.py lists."""
+    seq = BY_TAG.get(tag)
+    if seq is None or not seq.items:
+        raise IdentifierError(
+            UNABLE_TO_PROCESS, f"sequence matching on {_name(tag)} is not supported"
+        )
+    if len(items) != 1:  # PS3.4 C.2.2.2.6: a query sequence holds a single item
+        raise IdentifierError(
+            UNABLE_TO_PROCESS, f"{seq.keyword} must hold one item to match on, not {len(items)}"
+        )
+    if not _allowed(tag, level):
+        raise IdentifierError(
+            IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            f"{seq.keyword} cannot be matched at the {level.value} level",
+        )
+    params = []
+    for elem in items[0]:
+        value = _text(elem)
+        if value in ("", "*"):  # a return key inside the item
+            continue
+        key = ITEM_KEYS.get((tag, int(elem.tag)))
+        if key is None:
+            raise IdentifierError(
+                UNABLE_TO_PROCESS, f"{_name(int(elem.tag))} is not a matching key in {seq.keyword}"
+            )
+        params.append((f"{seq.keyword}.{key.keyword}", value))
     return params
 
 
