@@ -63,6 +63,9 @@ OIDC_LEEWAY_S = 30
 JWKS_CACHE_S = 300
 # Seconds to wait for the issuer's JWKS endpoint.
 JWKS_TIMEOUT_S = 10
+# Seconds after a failed JWKS fetch before the endpoint is tried again (meanwhile: the last good
+# set, or 503 with a Retry-After of as many seconds).
+JWKS_RETRY_S = 5
 # Seconds after its last successful fetch that a JWKS is still used while the endpoint cannot
 # be reached (an issuer outage must not lock out tokens already issued); past it, 503.
 JWKS_STALE_MAX_S = 3600
@@ -212,6 +215,7 @@ class _LastGoodJWKClient(jwt.PyJWKClient):
         super().__init__(*args, **kwargs)
         self._last_good: tuple[float, Any] | None = None
         self._stale = False  # the cached set is the last good one, kept over a failure
+        self._failed_at: float | None = None  # the last failed fetch, if none succeeded since
 
     def _age(self) -> float:
         assert self._last_good is not None
@@ -233,19 +237,28 @@ class _LastGoodJWKClient(jwt.PyJWKClient):
             raise
 
     def fetch_data(self) -> Any:
+        if self._failed_at is not None and time.monotonic() - self._failed_at < JWKS_RETRY_S:
+            # Not again so soon: requests would queue under the client's lock, each waiting
+            # up to JWKS_TIMEOUT_S for an endpoint that just failed.
+            return self._instead(jwt.PyJWKClientConnectionError("it failed moments ago"))
         try:
             data = super().fetch_data()
         except (
             jwt.PyJWKClientError, jwt.PyJWKSetError, OSError, ValueError, RecursionError
         ) as exc:  # fmt: skip
-            if self._last_good is None or self._age() > JWKS_STALE_MAX_S:
-                raise jwt.PyJWKClientConnectionError(f"the JWKS endpoint failed: {exc}") from exc
-            self._stale = True
-            log.warning("the issuer's JWKS endpoint failed (%s): using the key set fetched"
-                        " %.0f s ago", exc, self._age())  # fmt: skip
-            return self._last_good[1]
-        self._last_good, self._stale = (time.monotonic(), data), False
+            self._failed_at = time.monotonic()
+            return self._instead(exc)
+        self._last_good, self._stale, self._failed_at = (time.monotonic(), data), False, None
         return data
+
+    def _instead(self, exc: Exception) -> Any:
+        """What a failed fetch gives: the last good set while it is young enough, else 503."""
+        if self._last_good is None or self._age() > JWKS_STALE_MAX_S:
+            raise jwt.PyJWKClientConnectionError(f"the JWKS endpoint failed: {exc}") from exc
+        self._stale = True
+        log.warning("the issuer's JWKS endpoint failed (%s): using the key set fetched"
+                    " %.0f s ago", exc, self._age())  # fmt: skip
+        return self._last_good[1]
 
 
 class OidcAuth:
@@ -279,8 +292,10 @@ class OidcAuth:
             try:
                 return await anyio.to_thread.run_sync(self._client.get_signing_key_from_jwt, token)
             except jwt.PyJWKClientConnectionError as exc:
-                raise ServiceUnavailableError(f"the issuer's JWKS is unreachable: {exc}",
-                                              headers={"Retry-After": "5"}) from None  # fmt: skip
+                raise ServiceUnavailableError(
+                    f"the issuer's JWKS is unreachable: {exc}",
+                    headers={"Retry-After": str(JWKS_RETRY_S)},
+                ) from None
             except (jwt.PyJWTError, TypeError, ValueError) as exc:
                 raise _challenge("no signing key for this token", str(exc)) from None
         assert self._keys is not None

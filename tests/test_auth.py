@@ -304,8 +304,10 @@ def test_roles_from_claims() -> None:
 
 class _JwksHandler(http.server.BaseHTTPRequestHandler):
     body = b""
+    gets = 0  # requests served, over all servers
 
     def do_GET(self) -> None:
+        type(self).gets += 1
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -403,6 +405,34 @@ async def test_oidc_unknown_key_while_the_issuer_fails_is_503(
             new = {"Authorization": f"Bearer {rotated.token()}"}
             r = await client.get(f"{ROOT}/studies", headers=new)
             assert r.status_code == 503 and "Retry-After" in r.headers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_oidc_failed_jwks_endpoint_is_not_asked_again_at_once(
+    settings: Settings, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the stale limit, a failed fetch is not repeated for JWKS_RETRY_S: requests get 503
+    at once instead of queueing for a failing endpoint; once it works again, so do tokens."""
+    clock = _Clock(monkeypatch)
+    server, url = _jwks_server(issuer)
+    good = _JwksHandler.body
+    ok = {"Authorization": f"Bearer {issuer.token()}"}
+    try:
+        async with _client(_oidc_with(settings, url)) as (_, client):
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            _JwksHandler.body = b"<html>down for maintenance</html>"
+            clock.now += auth.JWKS_STALE_MAX_S + 1
+            asked = _JwksHandler.gets
+            for _ in range(3):
+                r = await client.get(f"{ROOT}/studies", headers=ok)
+                assert r.status_code == 503 and r.headers["Retry-After"] == str(auth.JWKS_RETRY_S)
+            assert _JwksHandler.gets == asked + 1  # one attempt for the three requests
+            _JwksHandler.body = good
+            clock.now += auth.JWKS_RETRY_S
+            assert (await client.get(f"{ROOT}/studies", headers=ok)).status_code == 204
+            assert _JwksHandler.gets == asked + 2
     finally:
         server.shutdown()
         server.server_close()
