@@ -119,9 +119,9 @@ async def metadata_json(
         raise _not_found(None, None)
     parts: dict[str, bytes] = {}
     for uid, count in versions:
-        entry = svc.metadata.get(("series", uid))
-        if entry is not None and int.from_bytes(entry[:8], "little") == count:
-            parts[uid] = entry[8:]
+        cached = _cached_part(svc, uid)
+        if cached is not None and cached[0] == count:
+            parts[uid] = cached[1]
     stale = [uid for uid, _ in versions if uid not in parts]
     if stale:
         for uid, (count, rows) in (await svc.index.series_metadata_many(study, stale)).items():
@@ -132,19 +132,28 @@ async def metadata_json(
 async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
     """A series' instances' DICOM JSON objects, comma-separated, BulkDataURIs root-relative;
     None when the study has no such series."""
-    entry = svc.metadata.get(("series", series))
-    known = -1 if entry is None else int.from_bytes(entry[:8], "little")
+    cached = _cached_part(svc, series)
+    known = -1 if cached is None else cached[0]
     found = await svc.index.series_metadata(study, series, known)
     if found is None:
         return None
     count, rows = found
-    if entry is not None and count == known:
-        return entry[8:]
+    if cached is not None and count == known:
+        return cached[1]
     return _cache_part(svc, series, count, rows)
 
 
+def _cached_part(svc: Services, series: str) -> tuple[int, bytes] | None:
+    """(instance count, part) of a series as _cache_part kept it, or None."""
+    entry = svc.metadata.get(("series", series))
+    if entry is None:
+        return None
+    return int.from_bytes(entry[:8], "little"), entry[8:]
+
+
 def _cache_part(svc: Services, series: str, count: int, rows: list[MetadataRow]) -> bytes:
-    """The part of a series of `count` instances from its rows, kept in svc.metadata."""
+    """The part of a series of `count` instances from its rows, kept in svc.metadata (the
+    count as 8 bytes before it; _cached_part reads it back)."""
     part = ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
     svc.metadata.put(("series", series), count.to_bytes(8, "little") + part)
     return part
