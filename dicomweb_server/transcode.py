@@ -25,7 +25,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import pack_bits, pixel_array
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGExtended12Bit
 
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.media import (
@@ -441,7 +441,7 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
 
 # Stored syntaxes whose pixels were certainly compressed with loss, and their PS3.3
 # C.7.6.1.1.5 method: a decoded copy says so even when the original did not.
-_ALWAYS_LOSSY = {JPEG_BASELINE: "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1"}
+_ALWAYS_LOSSY = {JPEG_BASELINE: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 
 
 def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
