@@ -256,11 +256,7 @@ def _huge() -> bytes:
     ds = pydicom.dcmread(LARGE)
     ds.PixelData = ds.PixelData * HUGE_FRAME_FACTOR
     ds.NumberOfFrames = int(ds.NumberOfFrames) * HUGE_FRAME_FACTOR
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return _as_new_instance(ds)
 
 
 def _copies(ts: str | None, n: int) -> list[bytes]:
@@ -268,14 +264,19 @@ def _copies(ts: str | None, n: int) -> list[bytes]:
     out = []
     for _ in range(n):
         ds = pydicom.dcmread(LARGE)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         if ts is not None:
             ds.compress(ts, generate_instance_uid=False)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out.append(buf.getvalue())
+        out.append(_as_new_instance(ds))
     return out
+
+
+def _as_new_instance(ds: pydicom.Dataset) -> bytes:
+    """`ds` with new Study, Series and SOP Instance UIDs, as a Part-10 file."""
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def _stow_bytes(client: httpx.Client, url: str, data: bytes) -> None:
