@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,3 +57,33 @@ def test_serving_runs_on_uvloop() -> None:
     cli._run_loop(record())
     assert isinstance(loops[0], uvloop.Loop)
     assert cli.uvloop is uvloop
+
+
+def test_access_line_is_hypercorns_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access line computed directly equals the one hypercorn builds from all its atoms."""
+    import time
+
+    from hypercorn.config import Config
+    from hypercorn.logging import AccessLogAtoms
+
+    from dicomweb_server import cli
+
+    monkeypatch.setattr(time, "strftime", lambda fmt: "[03/Dec/2026:15:00:00 +0000]")
+    fmt = Config.access_log_format
+    request: dict[str, Any] = {
+        "type": "http", "method": "GET", "path": "/dicom-web/studies", "http_version": "1.1",
+        "query_string": b"PatientID=X", "scheme": "http", "client": ("127.0.0.1", 51234),
+        "headers": [(b"Host", b"h"), (b"User-Agent", b"curl/8"), (b"Referer", b"http://v/")],
+    }  # fmt: skip
+    for response in (
+        {"status": 200, "headers": [(b"content-length", b"42")]},
+        {"status": 204, "headers": []},
+        None,
+    ):
+        for client in (("127.0.0.1", 51234), ("/run/sock",), None):
+            no_headers: list[tuple[bytes, bytes]] = []
+            for headers in (request["headers"], no_headers):
+                r = {**request, "client": client, "headers": headers}
+                ours = fmt % cli._AccessLog(Config()).atoms(r, response, 0.01)  # type: ignore[arg-type]
+                theirs = fmt % AccessLogAtoms(r, response, 0.01)  # type: ignore[arg-type]
+                assert ours == theirs.replace("None", "-")

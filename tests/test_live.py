@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import io
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -287,3 +288,9 @@ def test_two_workers_share_one_archive(tmp_path: Path, clean_db: str) -> None:
     finally:
         server.proc.terminate()
         server.proc.wait(timeout=60)
+    # Each worker wrote its access lines (the logger class reaches the worker processes).
+    stows = re.findall(
+        r'127\.0\.0\.1:\d+ - - \[[^]]+\] "POST /dicom-web/studies 1\.1" 200 \d+ "-" "python-httpx/',
+        server.log.read_text(),
+    )
+    assert len(stows) == 8
