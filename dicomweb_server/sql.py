@@ -260,6 +260,22 @@ def _wanted(q: Query, level: Level) -> set[str] | None:
     return {tag_hex(t) for t in tags}
 
 
+def _parents_matched(q: Query) -> list[tuple[Level, set[str] | None]]:
+    """A search scoped by a parent UID leaves the parent's attributes out, except those it
+    matched on: every matched attribute is returned (PS3.18 10.6.3.3), e.g. Modality in
+    `/studies/{study}/series/{series}/instances?Modality=CT`."""
+    returned = returned_levels(q)
+    out: list[tuple[Level, set[str] | None]] = []
+    for level in _PARENTS.get(q.level, ()):
+        matched = {tag_hex(m.attr.tag) for m in q.matches if m.attr.level is level}
+        if level not in returned and matched:
+            out.append((level, matched))
+    return out
+
+
+_PARENTS = {Level.SERIES: (Level.STUDY,), Level.INSTANCE: (Level.STUDY, Level.SERIES)}
+
+
 def _pick(doc: Mapping[str, Any], wanted: set[str] | None) -> dict[str, Any]:
     if wanted is None:
         return dict(doc)
@@ -299,7 +315,7 @@ def render_rows(q: Query, rows: Iterable[Mapping[str, Any]], base_url: str) -> l
     """QIDO results: per row, the stored attributes of the returned levels plus computed ones.
     What depends only on the query (the tags wanted per level) is worked out once; the
     searched level is always among the returned ones, so its RetrieveURL is at hand."""
-    levels = [(level, _wanted(q, level)) for level in returned_levels(q)]
+    levels = _parents_matched(q) + [(level, _wanted(q, level)) for level in returned_levels(q)]
     out = []
     for row in rows:
         result: dict[str, Any] = {}

@@ -148,6 +148,39 @@ async def test_qido_levels_and_includefield(app_client: httpx.AsyncClient) -> No
     assert values(r.json()[0], "00081030") == ["HEAD"]
 
 
+async def test_qido_scoped_search_returns_the_parent_keys_it_matched(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """A search under /studies/{study}[/series/{series}] leaves the parent's attributes out,
+    but not those it matched on (PS3.18 10.6.3.3: every matched attribute is returned)."""
+    ds = make_instance(SeriesDescription="AXIAL", StudyDescription="HEAD")
+    await stow(app_client, to_bytes(ds))
+    st, se = ds.StudyInstanceUID, ds.SeriesInstanceUID
+
+    r = await app_client.get(f"{ROOT}/studies/{st}/series", params={"PatientID": "PAT-1"})
+    (series,) = r.json()
+    assert values(series, "00100020") == ["PAT-1"]
+    assert "00100010" not in series and "00081030" not in series  # not matched: left out
+    assert values(series, "0008103E") == ["AXIAL"]
+
+    url = f"{ROOT}/studies/{st}/series/{se}/instances"
+    r = await app_client.get(url, params={"Modality": "CT", "PatientName": "Doe*"})
+    (inst,) = r.json()
+    assert values(inst, "00080060") == ["CT"]
+    assert values(inst, "00100010") == [{"Alphabetic": "Doe^John"}]
+    assert "0008103E" not in inst and "00081030" not in inst and "00100020" not in inst
+    assert values(inst, "00081190")[0].endswith(f"/instances/{ds.SOPInstanceUID}")
+
+    r = await app_client.get(f"{ROOT}/studies/{st}/instances", params={"StudyDate": "20240115"})
+    (inst,) = r.json()
+    assert values(inst, "00080020") == ["20240115"]
+    assert "00100010" not in inst
+    assert values(inst, "0008103E") == ["AXIAL"]  # the series level is returned here anyway
+
+    r = await app_client.get(url, params={"Modality": "MR"})
+    assert r.status_code == 204
+
+
 @pytest.mark.parametrize(
     "params",
     [
