@@ -78,6 +78,10 @@ class BlobStore(Protocol):
     def new_key(self) -> str: ...
     async def open_writer(self) -> BlobWriter: ...
     async def commit(self, writer: BlobWriter, key: str) -> None: ...
+    def place_blocking(self, writer: BlobWriter, key: str) -> None:
+        """`commit` from a worker thread (the writer closed there too): durable on return."""
+        ...
+
     async def discard(self, writer: BlobWriter) -> None: ...
     def open_range(
         self, key: str, offset: int = 0, length: int | None = None
@@ -183,12 +187,14 @@ class FileSystemBlobStore:
         return _FileWriter(self.tmp_dir / uuid.uuid4().hex)  # the file is created by a write
 
     async def commit(self, writer: BlobWriter, key: str) -> None:
-        await writer.close()
-        dest = self.local_path(key)
         # Shielded: a cancelled request must not return while the rename may still happen in
         # the worker thread, or the caller's view of "placed" would be wrong.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_place, writer.path, dest)
+            await anyio.to_thread.run_sync(self.place_blocking, writer, key)
+
+    def place_blocking(self, writer: BlobWriter, key: str) -> None:
+        writer.close_blocking()
+        _place(writer.path, self.local_path(key))
 
     async def discard(self, writer: BlobWriter) -> None:
         if isinstance(writer, _FileWriter):

@@ -55,10 +55,18 @@ _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 class InvalidInstanceError(Exception):
     """The part is not a DICOM instance we can store; carries the STOW failure reason."""
 
-    def __init__(self, reason: FailureReason, message: str) -> None:
+    def __init__(
+        self,
+        reason: FailureReason,
+        message: str,
+        *,
+        sop_class: str | None = None,
+        sop: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.sop_class, self.sop = sop_class, sop  # when known, for the FailedSOPSequence
 
 
 @dataclass(frozen=True)

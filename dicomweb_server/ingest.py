@@ -193,30 +193,43 @@ async def _finish_part(
 async def store_file(
     writer: BlobWriter, ctx: Services, expected_study: str | None
 ) -> InstanceOutcome:
-    """Store a fully spooled file (used by STOW and by `load`). Consumes the writer."""
-    try:
-        prepared = await _prepare(writer, ctx, expected_study)
-    except BaseException:  # cancelled while closing or parsing: the spool file must not leak
-        with anyio.CancelScope(shield=True):
-            await _discard_quietly(ctx, writer)
-        raise
-    if isinstance(prepared, InstanceOutcome):
-        return prepared
-    parsed = prepared
-    sop_class, sop, _study, _series = parsed.uids
+    """Store a fully spooled file (used by STOW and by `load`). Consumes the writer.
+
+    A blob key is reserved first (from the process's spares: no round trip as a rule), then
+    one worker-thread call closes, parses, checks and places the file (_parse_and_place): one
+    thread hop per instance, not one to parse and another to place. A file refused before
+    it was placed gives its key back to the spares.
+    """
     key: str | None = None
     placed = False
+    uids: tuple[str | None, str | None] = (None, None)
     try:
         key = await ctx.index.reserve_key(ctx.blobs.new_key)
-        await ctx.blobs.commit(writer, key)
+        try:
+            parsed = await anyio.to_thread.run_sync(
+                _parse_and_place, writer, ctx.blobs, key, expected_study, limiter=ctx.limiter
+            )
+        except (_SpoolError, InvalidInstanceError) as exc:
+            ctx.index.return_key(key)  # nothing was placed under it
+            key = None
+            await _discard_quietly(ctx, writer)
+            if isinstance(exc, _SpoolError):
+                return _spool_failure(exc.error)
+            return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
+        except _PlaceError as exc:
+            # Placed or not (an fsync may fail after the rename): both copies go, in _undo.
+            await _discard_quietly(ctx, writer)
+            placed, uids = True, (exc.sop_class, exc.sop)
+            raise exc.error from None
         placed = True
+        uids = (parsed.uids[0], parsed.uids[1])
         return await _commit(parsed, writer, key, ctx)
     except OSError as exc:
-        log.exception("storing %s failed", sop)
-        reason = _out_of_resources(exc)
+        log.exception("storing %s failed", uids[1] or writer.path.name)
         await _undo(ctx, writer, key, placed)
-        return InstanceOutcome(sop_class, sop, reason, reason=f"storage error: {exc.strerror}")
-    except BaseException:
+        reason = _out_of_resources(exc)
+        return InstanceOutcome(*uids, reason, reason=f"storage error: {exc.strerror}")
+    except BaseException:  # cancelled, or the index unavailable (503): nothing may leak
         with anyio.CancelScope(shield=True):
             await _undo(ctx, writer, key, placed)
         raise
@@ -246,35 +259,37 @@ class _SpoolError(Exception):
         self.error = error
 
 
-def _close_and_parse(writer: BlobWriter) -> ParsedFile:
+class _PlaceError(Exception):
+    """Placing a parsed file failed (e.g. ENOSPC on an fsync): a storage error of that SOP."""
+
+    def __init__(self, error: OSError, sop_class: str, sop: str) -> None:
+        super().__init__(str(error))
+        self.error, self.sop_class, self.sop = error, sop_class, sop
+
+
+def _parse_and_place(
+    writer: BlobWriter, blobs: BlobStore, key: str, expected_study: str | None
+) -> ParsedFile:
     """In one worker thread: close the spool file (its buffered bytes reach the disk here, so
-    ENOSPC may surface now), then parse it."""
+    ENOSPC may surface now), parse it, check its study, and place it under `key` (durable
+    once this returns). A file that cannot be stored raises before it is placed."""
     try:
         writer.close_blocking()
     except OSError as exc:
         raise _SpoolError(exc) from exc
-    return parse_file(writer.path)
-
-
-async def _prepare(
-    writer: BlobWriter, ctx: Services, expected_study: str | None
-) -> ParsedFile | InstanceOutcome:
-    """Close and parse the spool file; a file that cannot be stored is discarded here."""
-    try:
-        parsed = await anyio.to_thread.run_sync(_close_and_parse, writer, limiter=ctx.limiter)
-    except _SpoolError as exc:
-        await _discard_quietly(ctx, writer)
-        return _spool_failure(exc.error)
-    except InvalidInstanceError as exc:
-        await ctx.blobs.discard(writer)
-        return InstanceOutcome(None, None, exc.reason, reason=exc.message)
+    parsed = parse_file(writer.path)
     sop_class, sop, study, _series = parsed.uids
     if expected_study is not None and study != expected_study:
-        await ctx.blobs.discard(writer)
-        return InstanceOutcome(
-            sop_class, sop, FailureReason.STUDY_INSTANCE_UID_MISMATCH,
-            reason=f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
-        )  # fmt: skip
+        raise InvalidInstanceError(
+            FailureReason.STUDY_INSTANCE_UID_MISMATCH,
+            f"StudyInstanceUID {study} is not the study of the request ({expected_study})",
+            sop_class=sop_class,
+            sop=sop,
+        )
+    try:
+        blobs.place_blocking(writer, key)
+    except OSError as exc:
+        raise _PlaceError(exc, sop_class, sop) from exc
     return parsed
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -169,7 +170,7 @@ async def test_qido_scoped_search_returns_the_parent_keys_it_matched(
     assert values(inst, "00080060") == ["CT"]
     assert values(inst, "00100010") == [{"Alphabetic": "Doe^John"}]
     assert "0008103E" not in inst and "00081030" not in inst and "00100020" not in inst
-    assert values(inst, "00081190")[0].endswith(f"/instances/{ds.SOPInstanceUID}")
+    assert str(values(inst, "00081190")[0]).endswith(f"/instances/{ds.SOPInstanceUID}")
 
     r = await app_client.get(f"{ROOT}/studies/{st}/instances", params={"StudyDate": "20240115"})
     (inst,) = r.json()
@@ -627,20 +628,23 @@ async def test_lost_reservation_is_not_committed(
     from starlette.applications import Starlette
 
     assert isinstance(app, Starlette)
-    blobs = app.state.services.blobs
-    real = blobs.commit
+    index = app.state.services.index
+    real = index.commit_instance
 
-    async def place_then_lose_reservation(writer: object, key: str) -> None:
-        await real(writer, key)
+    async def lose_reservation_then_commit(rec: Any) -> Any:
+        # The blob is placed by now: the reservation goes before the commit can take it.
         conn = await asyncpg.connect(pg_dsn)
         try:
-            await conn.execute("DELETE FROM blob_reservation WHERE blob_key = $1", key)
+            await conn.execute(
+                "DELETE FROM blob_reservation WHERE blob_key = $1", rec.instance["blob_key"]
+            )
         finally:
             await conn.close()
+        return await real(rec)
 
-    blobs.commit = place_then_lose_reservation
+    index.commit_instance = lose_reservation_then_commit
     r = await stow(app_client, to_bytes(make_instance()))
-    blobs.commit = real
+    index.commit_instance = real
     assert r.status_code == 409
     (failed,) = values(r.json(), "00081198")
     assert isinstance(failed, dict) and values(failed, "00081197") == [0x0110]

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -190,3 +191,51 @@ async def test_store_cancelled_while_closing_or_parsing_leaves_no_spool_file(
     assert scope.cancelled_caught and entered.is_set()
     assert not writer.path.exists(), "the spool file of the cancelled store leaked"
     assert [p for p in svc.blobs.tmp_dir.iterdir()] == []
+    root = svc.blobs.root  # placed in the same worker-thread call, then removed by the undo
+    assert [p for p in root.rglob("*") if p.is_file() and p.parts[len(root.parts)] != "tmp"] == []
+    assert (await app_get_instances(app)) == 204
+
+
+async def app_get_instances(app: Starlette) -> int:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return (await client.get(f"{ROOT}/instances")).status_code
+
+
+@pytest.mark.parametrize("errno_", [28, 5])  # ENOSPC, EIO
+async def test_failed_place_leaves_neither_copy(
+    app: Starlette, errno_: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placing a blob fails after its rename (a directory fsync error): the STOW fails for
+    that instance with the storage error, and neither the blob nor the spool file remains."""
+    import os
+
+    from dicomweb_server import blobstore
+
+    real = blobstore._place
+
+    def rename_then_fail(src: Path, dest: Path) -> None:
+        real(src, dest)
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(blobstore, "_place", rename_then_fail)
+    ds = make_instance()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+        )
+        assert r.status_code == 409, r.text
+        (failed,) = r.json()["00081198"]["Value"]
+        assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
+        assert failed["00081197"]["Value"] == [0xA700 if errno_ == 28 else 0x0110]
+        assert (await client.get(f"{ROOT}/instances")).status_code == 204
+    svc = app.state.services
+    root = svc.blobs.root
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+    conn = await asyncpg.connect(app.state.settings.database_url)
+    try:
+        reserved = {r[0] for r in await conn.fetch("SELECT blob_key FROM blob_reservation")}
+    finally:
+        await conn.close()
+    assert reserved == set(svc.index.spare_keys), "the failed blob's reservation remains"
