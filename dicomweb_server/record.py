@@ -87,8 +87,11 @@ def _time(meta: JsonDict, tag: int) -> dt.time | None:
 
 
 def level_attrs(meta: JsonDict, level: Level) -> JsonDict:
-    keep = {tag_hex(t) for t in LEVEL_TAGS[level]}
+    keep = _LEVEL_KEYS[level]
     return {k: v for k, v in meta.items() if k in keep}
+
+
+_LEVEL_KEYS = {level: frozenset(tag_hex(t) for t in tags) for level, tags in LEVEL_TAGS.items()}
 
 
 def build_record(
