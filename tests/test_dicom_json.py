@@ -104,3 +104,14 @@ def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) 
     finally:
         dicom_json._simple_json = real
     assert hits > 10_000, "the fast path was not exercised"
+
+
+def test_tag_hex_cache_is_bounded() -> None:
+    """Files may carry any number of distinct private tags: the key cache stays bounded."""
+    from dicomweb_server.attributes import TAG_HEX_CACHE_SIZE, tag_hex
+
+    tag_hex.cache_clear()
+    for t in range(0x00090010, 0x00090010 + TAG_HEX_CACHE_SIZE + 100):
+        assert tag_hex(t) == f"{t:08X}"
+    assert tag_hex.cache_info().currsize == TAG_HEX_CACHE_SIZE
+    assert tag_hex(0x7FE00010) == "7FE00010"
