@@ -34,6 +34,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import PEERS, fresh_database, query_url, start_orthanc, write_results
+from benchmarks.sendfile_server import sendfile_server
 from tests.liveserver import start
 
 LARGE = (
@@ -199,7 +200,8 @@ def large_retrieve(
 ) -> dict[str, dict[str, float]]:
     """Retrieve as stored (MB/s) of the 12.6 MB instance and of a 201 MB one (its frames 16
     times over: a size where a request's fixed cost no longer hides the streaming rate), and
-    the same bytes read from disk.
+    the same bytes read from disk, and sent by a bare sendfile server (the most any HTTP
+    server can send over loopback here: `sendfile_server.py`).
 
     The client is curl (`time_total`, process start-up excluded): a Python client parses
     HTTP slower than either server sends it (httpx tops out near 450 MB/s here), which would
@@ -219,19 +221,20 @@ def large_retrieve(
             _stow_bytes(client, u, data)
         files = {"ours": _stored_copy(data_dir / "blobs", data),
                  "orthanc": _stored_copy(orthanc_dir, data)}  # fmt: skip
-        rates: dict[str, list[float]] = {s: [] for s in [*servers, "disk"]}
-        for _ in range(repeats):
-            for s, u in servers.items():
+        rates: dict[str, list[float]] = {s: [] for s in [*servers, "sendfile", "disk"]}
+        with sendfile_server(files["ours"]) as bare:
+            for _ in range(repeats):
+                for s, u in [*servers.items(), ("sendfile", bare)]:
+                    if cold:
+                        _evict(files.get(s, files["ours"]))
+                    rates[s].append(_curl_mb_s(u if s == "sendfile" else u + url))
                 if cold:
-                    _evict(files[s])
-                rates[s].append(_curl_mb_s(u + url))
-            if cold:
-                _evict(files["ours"])
-            t = time.perf_counter()
-            with files["ours"].open("rb") as fh:
-                while fh.read(1 << 20):
-                    pass
-            rates["disk"].append(size / (time.perf_counter() - t))
+                    _evict(files["ours"])
+                t = time.perf_counter()
+                with files["ours"].open("rb") as fh:
+                    while fh.read(1 << 20):
+                        pass
+                rates["disk"].append(size / (time.perf_counter() - t))
         out[label] = {s: statistics.median(v) for s, v in rates.items()}
         print("large retrieve", label, "cold" if cold else "warm", out[label], flush=True)
     return out
@@ -383,6 +386,11 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| same bytes read from disk, {label}, MB/s | {lr['disk']:.0f} | |"
                 f" ours / disk {lr['ours'] / lr['disk']:.2f} |"
             )
+            if "sendfile" in lr:
+                lines.append(
+                    f"| same bytes from a bare sendfile server, {label}, MB/s (curl) |"
+                    f" {lr['sendfile']:.0f} | | ours / sendfile {lr['ours'] / lr['sendfile']:.2f} |"
+                )
     lines.append(f"\nServer peak memory (ours): {r.get('ours_peak_rss_mb', 0):.0f} MB")
     return "\n".join(lines) + "\n"
 
