@@ -13,6 +13,7 @@ Lossless and JPEG 2000 Lossless through pydicom's encoders; HTJ2K Lossless throu
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,17 @@ from typing import Any, TypeVar
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import pack_bits, pixel_array
-from pydicom.uid import UID, JPEGExtended12Bit
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.media import (
@@ -48,6 +55,7 @@ __all__ = [
     "decode_frames",
     "encode_frames",
     "frame_array",
+    "lossy_method",
     "stored_frames",
     "to_transfer_syntax",
 ]
@@ -444,6 +452,72 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
 _ALWAYS_LOSSY = {JPEG_BASELINE: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 
 
+def lossy_method(ts: str, pixel_data: bytes) -> str | None:
+    """The PS3.3 C.7.6.1.1.5.1 method when encapsulated pixel data were compressed with loss,
+    else None. Certain for JPEG baseline and extended; read from the first frame's codestream
+    for the syntaxes that may be either (PS3.5 8.2.3, 8.2.4, 8.2.14):
+    - JPEG-LS Near-Lossless: lossy when the scan's NEAR parameter is not 0 (ISO 14495-1 C.2.3);
+    - JPEG 2000 and HTJ2K (not their lossless-only syntaxes): lossy when the coding style (COD)
+      names the irreversible 9-7 wavelet (ISO 15444-1 A.6.1). The reversible 5-3 wavelet may
+      still have been truncated; such data say nothing here, and only the original's own Lossy
+      Image Compression attribute can tell.
+    """
+    method = _ALWAYS_LOSSY.get(ts)
+    if method is not None or ts not in (JPEGLSNearLossless, JPEG2000, HTJ2K):
+        return method
+    try:
+        fragments = generate_fragments(pixel_data)
+        next(fragments)  # the Basic Offset Table
+        first = next(fragments)
+    except (StopIteration, ValueError):
+        return None
+    if ts == JPEGLSNearLossless:
+        near = _jpeg_ls_near(first)
+        return "ISO_14495_1" if near else None
+    if _j2k_wavelet(first) == 0:
+        return "ISO_15444_15" if ts == HTJ2K else "ISO_15444_1"
+    return None
+
+
+def _jpeg_ls_near(codestream: bytes) -> int | None:
+    """NEAR of the first scan of a JPEG-LS codestream (SOS: Ls, Ns, Ns x (Ci, Tmi), NEAR)."""
+    if codestream[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
+        marker = codestream[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:
+            ns = codestream[pos + 4]
+            at = pos + 5 + 2 * ns
+            return codestream[at] if at < len(codestream) else None
+        (length,) = struct.unpack_from(">H", codestream, pos + 2)
+        pos += 2 + length
+    return None
+
+
+def _j2k_wavelet(codestream: bytes) -> int | None:
+    """The wavelet of a JPEG 2000 main header's COD segment: 0 irreversible 9-7, 1 reversible
+    5-3 (Lcod, Scod, SGcod (4 bytes), then decomposition levels, code-block width, height and
+    style, then the transformation). The codestream may sit in a JP2 box: found by SOC+SIZ."""
+    pos = codestream.find(b"\xff\x4f\xff\x51")
+    if pos < 0:
+        return None
+    pos += 2
+    while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
+        marker = codestream[pos + 1]
+        if marker in (0x90, 0x93):  # SOT, SOD: the main header ended without a COD
+            return None
+        if marker == 0x52:
+            at = pos + 13
+            return codestream[at] if at < len(codestream) else None
+        (length,) = struct.unpack_from(">H", codestream, pos + 2)
+        pos += 2 + length
+    return None
+
+
 def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     """`src` read and converted to `transfer_syntax_uid` (a key of ENCODERS), in memory: the
     data set of a WADO conversion, or of a DIMSE C-STORE sub-operation to a peer that did not
@@ -452,8 +526,8 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
         if "PixelData" in ds and transfer_syntax_uid != ts:
+            method = lossy_method(ts, ds.PixelData) if ts.is_compressed else None
             _convert_pixels(ds, ts, transfer_syntax_uid)
-            method = _ALWAYS_LOSSY.get(ts)
             if method and "LossyImageCompression" not in ds:  # PS3.3 C.7.6.1.1.5
                 ds.LossyImageCompression = "01"
                 ds.LossyImageCompressionMethod = method

@@ -252,6 +252,67 @@ def test_decoded_copy_of_jpeg_baseline_says_lossy(samples: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("generated/coverage/mr_jpegls_near_lossless.dcm", "ISO_14495_1"),  # NEAR 3
+        ("real/pydicom/JPEGLSNearLossless_16.dcm", "ISO_14495_1"),  # NEAR 2
+        ("real/pydicom/SC_rgb_jls_lossy_line.dcm", "ISO_14495_1"),
+        ("generated/coverage/ect_15frames_jpegls_lossless.dcm", None),
+        ("generated/coverage/mr_j2k_lossy.dcm", "ISO_15444_1"),  # 9-7 wavelet
+        ("real/pydicom-data/MR2_J2KI.dcm", "ISO_15444_1"),
+        ("real/pydicom/SC_rgb_gdcm_KY.dcm", None),  # JPEG 2000 with the 5-3 wavelet
+        ("generated/coverage/ct_j2k_lossless_signed.dcm", None),
+        ("real/pydicom-data/HTJ2KLossless_08_RGB.dcm", None),
+        ("generated/coverage/mg_jpeg_baseline_gray8.dcm", "ISO_10918_1"),
+    ],
+)
+def test_lossy_method_read_from_the_codestream(
+    samples: Path, name: str, method: str | None
+) -> None:
+    """Near-lossless JPEG-LS (NEAR > 0) and irreversible JPEG 2000 are lossy whatever the
+    data set says; the corpus's near-lossless files do not say it."""
+    ds = pydicom.dcmread(samples / name)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assert transcode.lossy_method(ts, ds.PixelData) == method
+
+
+def test_lossy_method_of_htj2k_and_of_damaged_codestreams(samples: Path) -> None:
+    from pydicom.encaps import generate_fragments
+    from pydicom.uid import HTJ2K, JPEG2000, JPEGLSNearLossless
+
+    ds = pydicom.dcmread(samples / "generated/coverage/mr_j2k_lossy.dcm")
+    # HTJ2K's main header codes its wavelet in the same COD segment (ISO 15444-15).
+    assert transcode.lossy_method(HTJ2K, ds.PixelData) == "ISO_15444_15"
+    boxed = pydicom.dcmread(samples / "real/pydicom/GDCMJ2K_TextGBR.dcm")
+    first = list(generate_fragments(boxed.PixelData))[1]
+    assert first[4:8] == b"jP  " and transcode._j2k_wavelet(first) == 1  # inside a JP2 box
+    for ts, stream in [
+        (JPEGLSNearLossless, b"\xff\xd8\xff"),
+        (JPEGLSNearLossless, b"\xff\xd8\xff\xf7\xff\xff"),  # a length past the end
+        (JPEGLSNearLossless, b"\xff\xd8\xff\xda\x00\x08\x05"),  # NEAR past the end
+        (JPEG2000, b"\xff\x4f\xff\x51\x00"),
+        (JPEG2000, b"\xff\x4f\xff\x51\x00\x04\xff\x90\x00\x0a"),  # no COD before SOT
+        (JPEG2000, b"not a codestream"),
+    ]:
+        assert transcode.lossy_method(ts, encapsulate([stream])) is None
+    assert transcode.lossy_method(JPEG2000, b"\xfe\xff\x00\xe0") is None  # no fragment
+
+
+def test_decoded_copy_of_near_lossless_jpeg_ls_says_lossy(samples: Path, tmp_path: Path) -> None:
+    """The corpus's near-lossless JPEG-LS file does not say it is lossy: its decoded copy does;
+    a copy of a lossless JPEG 2000 file is not marked."""
+    src = samples / "generated/coverage/mr_jpegls_near_lossless.dcm"
+    assert "LossyImageCompression" not in pydicom.dcmread(src, stop_before_pixels=True)
+    got = converted_dataset(src, ExplicitVRLittleEndian)
+    assert got.LossyImageCompression == "01"
+    assert got.LossyImageCompressionMethod == "ISO_14495_1"
+    plain = converted_dataset(
+        samples / "generated/coverage/ct_j2k_lossless_signed.dcm", ExplicitVRLittleEndian
+    )
+    assert "LossyImageCompression" not in plain
+
+
+@pytest.mark.parametrize(
     "name",
     ["generated/coverage/cr_mono1_explicit_be.dcm", "real/pydicom/SC_rgb_small_odd_big_endian.dcm",
      "real/pydicom-data/gdcm-US-ALOKA-16_big.dcm"],
