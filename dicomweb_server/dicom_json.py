@@ -24,6 +24,7 @@ __all__ = [
     "absolutize_bulk_uris_bytes",
     "dataset_to_json",
     "raw_vr",
+    "simple_json",
     "stow_response",
 ]
 
@@ -68,7 +69,7 @@ def dataset_to_json(
     `bulk_uri` maps a tag path (``"7FE00010"``, ``"54000100/0/54001010"``) to the URI. Values that
     pydicom deferred (read with `defer_size`) are never read: they are bulk data by definition.
     With `fast`, common elements not yet converted by pydicom are rendered from their raw bytes
-    (`_simple_json`); without, pydicom renders every element (the reference the tests use).
+    (`simple_json`); without, pydicom renders every element (the reference the tests use).
     """
     return _walk(ds, "", bulk_uri, threshold, fast)
 
@@ -83,7 +84,7 @@ def _walk(
         path = prefix + key
         item = ds.get_item(tag)
         if fast and isinstance(item, RawDataElement) and item.value is not None:
-            simple = _simple_json(item, little)
+            simple = simple_json(item, little)
             if simple is not None:
                 out[key] = simple
                 continue
@@ -103,7 +104,7 @@ def _walk(
     return out
 
 
-# The VRs `_simple_json` renders straight from the raw bytes, and how (see there).
+# The VRs `simple_json` renders straight from the raw bytes, and how (see there).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
 _BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
@@ -111,7 +112,7 @@ _INTEGER = re.compile(r"[+-]?[0-9]{1,10}")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
-def _simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
+def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
     """The DICOM JSON of a common element read from its raw bytes, or None to let pydicom do it.
 
     pydicom converts each element to a DataElement and then to JSON; for the dozens of short

@@ -68,7 +68,7 @@ def test_stow_response_document() -> None:
 
 
 def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) -> None:
-    """`_simple_json` renders common elements from raw bytes; on every file of the corpus
+    """`simple_json` renders common elements from raw bytes; on every file of the corpus
     (character sets, transfer syntaxes, big endian, sequences, odd values) the document must
     be exactly pydicom's."""
     from pathlib import Path
@@ -79,7 +79,7 @@ def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) 
 
     assert isinstance(samples, Path)
     hits = 0
-    real = dicom_json._simple_json
+    real = dicom_json.simple_json
 
     def counting(raw: Any, little: bool) -> Any:
         nonlocal hits
@@ -87,7 +87,7 @@ def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) 
         hits += out is not None
         return out
 
-    dicom_json._simple_json = counting
+    dicom_json.simple_json = counting
     try:
         files = sorted(samples.rglob("*.dcm"))
         assert len(files) > 100
@@ -102,7 +102,7 @@ def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) 
             ]
             assert json.dumps(docs[0], sort_keys=True) == json.dumps(docs[1], sort_keys=True), path
     finally:
-        dicom_json._simple_json = real
+        dicom_json.simple_json = real
     assert hits > 10_000, "the fast path was not exercised"
 
 
@@ -115,3 +115,33 @@ def test_tag_hex_cache_is_bounded() -> None:
         assert tag_hex(t) == f"{t:08X}"
     assert tag_hex.cache_info().currsize == TAG_HEX_CACHE_SIZE
     assert tag_hex(0x7FE00010) == "7FE00010"
+
+
+def test_values_read_raw_at_ingest_are_pydicoms(samples: object) -> None:
+    """The UIDs and pixel attributes the ingest reads from raw bytes (dicomfile._value) equal
+    pydicom's values on every file of the corpus."""
+    from pathlib import Path
+
+    import pydicom
+
+    from dicomweb_server.dicomfile import _value
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, list | pydicom.multival.MultiValue):
+            return [norm(x) for x in v]
+        return "" if v is None else str(v)
+
+    assert isinstance(samples, Path)
+    tags = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E, 0x00280002, 0x00280004,
+            0x00280008, 0x00280010, 0x00280011, 0x00280100)  # fmt: skip
+    compared = 0
+    for path in sorted(samples.rglob("*.dcm")):
+        ours = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024, force=True)
+        ref = pydicom.dcmread(path, stop_before_pixels=True, defer_size=1024, force=True)
+        for tag in tags:
+            if tag in ref:
+                assert norm(_value(ours, tag)) == norm(ref[tag].value), (path, hex(tag))
+                compared += 1
+            else:
+                assert _value(ours, tag) is None
+    assert compared > 1000
