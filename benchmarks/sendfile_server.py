@@ -9,8 +9,8 @@ Prints "ready" once it listens on 127.0.0.1:PORT; answers every request with the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,32 +19,30 @@ from pathlib import Path
 from tests.liveserver import free_port
 
 
-async def _serve(path: Path, port: int) -> None:
+def _serve(path: Path, port: int) -> None:
+    """One connection at a time, blocking: read the request head, send the response head,
+    then the file with socket.sendfile (os.sendfile until done: no event loop, no copy)."""
     size = path.stat().st_size
     head = (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size
     )
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(head)
-            with path.open("rb") as fh:
-                await asyncio.get_running_loop().sendfile(writer.transport, fh)
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", port)
+    listener = socket.create_server(("127.0.0.1", port))
     print("ready", flush=True)
-    async with server:
-        await server.serve_forever()
+    while True:
+        conn, _ = listener.accept()
+        with conn, path.open("rb") as fh:
+            request = b""
+            while b"\r\n\r\n" not in request and (data := conn.recv(65536)):
+                request += data
+            conn.sendall(head)
+            conn.sendfile(fh)
 
 
 @contextlib.contextmanager
 def sendfile_server(path: Path) -> Iterator[str]:
     """The URL of a bare sendfile server for `path`, in its own process (not this one's GIL),
-    stopped on exit. asyncio's own loop: uvloop has no sendfile."""
+    stopped on exit."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.sendfile_server", str(path), str(port)],
@@ -61,4 +59,4 @@ def sendfile_server(path: Path) -> Iterator[str]:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(Path(sys.argv[1]), int(sys.argv[2])))
+    _serve(Path(sys.argv[1]), int(sys.argv[2]))
