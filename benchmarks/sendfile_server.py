@@ -31,7 +31,7 @@ def _serve(path: Path, port: int) -> None:
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
-        with conn, path.open("rb") as fh:
+        with conn, path.open("rb") as fh, contextlib.suppress(OSError):  # a client gone
             request = b""
             while b"\r\n\r\n" not in request and (data := conn.recv(65536)):
                 request += data

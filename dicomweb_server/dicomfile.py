@@ -20,6 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 
 from dicomweb_server.dicom_json import (
     BULK_DATA_THRESHOLD_BYTES,
@@ -126,9 +127,8 @@ def _uids(ds: Dataset) -> tuple[str, str, str, str]:
     out = []
     for tag, keyword in _REQUIRED_UIDS:
         got = _value(ds, tag)
-        value = ("\\".join(map(str, got)) if isinstance(got, list) else str(got or "")).strip(
-            "\x00 "
-        )
+        several = isinstance(got, list | MultiValue)
+        value = ("\\".join(map(str, got)) if several else str(got or "")).strip("\x00 ")
         if not value:
             raise InvalidInstanceError(
                 FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing"

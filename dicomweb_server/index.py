@@ -284,10 +284,6 @@ class Index:
         """Keys reserved and not handed out yet: rows of blob_reservation with no blob."""
         return tuple(self._spare)
 
-    def return_key(self, blob_key: str) -> None:
-        """A key from reserve_key under which nothing was placed, back among the spares."""
-        self._spare.append(blob_key)
-
     async def reserve_key(self, new_key: Callable[[], str]) -> str:
         """A blob key whose reservation row is committed: a blob may be placed under it.
 

@@ -198,7 +198,7 @@ async def store_file(
     A blob key is reserved first (from the process's spares: no round trip as a rule), then
     one worker-thread call closes, parses, checks and places the file (_parse_and_place): one
     thread hop per instance, not one to parse and another to place. A file refused before
-    it was placed gives its key back to the spares.
+    it was placed releases its reservation.
     """
     key: str | None = None
     placed = False
@@ -210,16 +210,17 @@ async def store_file(
                 _parse_and_place, writer, ctx.blobs, key, expected_study, limiter=ctx.limiter
             )
         except (_SpoolError, InvalidInstanceError) as exc:
-            ctx.index.return_key(key)  # nothing was placed under it
-            key = None
-            await _discard_quietly(ctx, writer)
+            # Nothing was placed under the key: the writer goes and the reservation with it
+            # (a refused file costs a round trip; its key could not safely rejoin the spares,
+            # which a database restart may have dropped meanwhile).
+            await _undo(ctx, writer, key, placed)
             if isinstance(exc, _SpoolError):
                 return _spool_failure(exc.error)
             return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
         except _PlaceError as exc:
             # Placed or not (an fsync may fail after the rename): both copies go, in _undo.
-            await _discard_quietly(ctx, writer)
             placed, uids = True, (exc.sop_class, exc.sop)
+            await _discard_quietly(ctx, writer)
             raise exc.error from None
         placed = True
         uids = (parsed.uids[0], parsed.uids[1])

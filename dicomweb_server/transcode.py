@@ -469,13 +469,12 @@ def lossy_method(ts: str, pixel_data: bytes) -> str | None:
         fragments = generate_fragments(pixel_data)
         next(fragments)  # the Basic Offset Table
         first = next(fragments)
-    except (StopIteration, ValueError):
+        if ts == JPEGLSNearLossless:
+            return "ISO_14495_1" if _jpeg_ls_near(first) else None
+        if _j2k_wavelet(first) == 0:
+            return "ISO_15444_15" if ts == HTJ2K else "ISO_15444_1"
+    except (StopIteration, ValueError, IndexError, struct.error):  # damaged: says nothing
         return None
-    if ts == JPEGLSNearLossless:
-        near = _jpeg_ls_near(first)
-        return "ISO_14495_1" if near else None
-    if _j2k_wavelet(first) == 0:
-        return "ISO_15444_15" if ts == HTJ2K else "ISO_15444_1"
     return None
 
 
@@ -490,8 +489,9 @@ def _jpeg_ls_near(codestream: bytes) -> int | None:
             pos += 1
             continue
         if marker == 0xDA:
-            ns = codestream[pos + 4]
-            at = pos + 5 + 2 * ns
+            if pos + 5 > len(codestream):
+                return None
+            at = pos + 5 + 2 * codestream[pos + 4]
             return codestream[at] if at < len(codestream) else None
         (length,) = struct.unpack_from(">H", codestream, pos + 2)
         pos += 2 + length

@@ -239,3 +239,31 @@ async def test_failed_place_leaves_neither_copy(
     finally:
         await conn.close()
     assert reserved == set(svc.index.spare_keys), "the failed blob's reservation remains"
+
+
+async def test_refused_parts_leave_no_reservation(app: Starlette) -> None:
+    """A part refused after its blob key was reserved (not DICOM, or of another study) leaves
+    neither a spool file nor a reservation: blob_reservation holds the spare keys only."""
+    ds = make_instance()
+    other = make_instance()
+    parts = [b"not DICOM at all", to_bytes(other), to_bytes(ds)]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post(
+            f"{ROOT}/studies/{ds.StudyInstanceUID}",
+            content=multipart_body(parts),
+            headers=stow_headers(),
+        )
+        assert r.status_code == 202, r.text
+        failed = [f["00081197"]["Value"][0] for f in r.json()["00081198"]["Value"]]
+        assert sorted(failed) == [0xA901, 0xC000]  # another study; not understood
+    svc = app.state.services
+    conn = await asyncpg.connect(app.state.settings.database_url)
+    try:
+        reserved = {r[0] for r in await conn.fetch("SELECT blob_key FROM blob_reservation")}
+        stored = await conn.fetchval("SELECT count(*) FROM instance")
+    finally:
+        await conn.close()
+    assert stored == 1
+    assert reserved == set(svc.index.spare_keys)
+    assert list(svc.blobs.tmp_dir.iterdir()) == []

@@ -290,6 +290,7 @@ def test_lossy_method_of_htj2k_and_of_damaged_codestreams(samples: Path) -> None
         (JPEGLSNearLossless, b"\xff\xd8\xff"),
         (JPEGLSNearLossless, b"\xff\xd8\xff\xf7\xff\xff"),  # a length past the end
         (JPEGLSNearLossless, b"\xff\xd8\xff\xda\x00\x08\x05"),  # NEAR past the end
+        (JPEGLSNearLossless, b"\xff\xd8\xff\xda\x00\x08"),  # Ns past the end (review)
         (JPEG2000, b"\xff\x4f\xff\x51\x00"),
         (JPEG2000, b"\xff\x4f\xff\x51\x00\x04\xff\x90\x00\x0a"),  # no COD before SOT
         (JPEG2000, b"not a codestream"),
