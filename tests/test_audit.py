@@ -199,8 +199,12 @@ def test_canonical_encoding_is_stable() -> None:
 
 
 async def test_cli_keys_verify_and_export(
-    empty_audit: str, tmp_path: object, capsys: pytest.CaptureFixture[str]
+    empty_audit: str,
+    tmp_path: object,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(str(tmp_path))  # the commands open the archive's default ./data
     db = ["--database-url", empty_audit]
     assert await asyncio.to_thread(main, ["apikey", "create", "--role", "write", *db]) == 0
     token = capsys.readouterr().out.split()[-1]
