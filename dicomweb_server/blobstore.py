@@ -27,6 +27,7 @@ import aiofiles.os
 import anyio
 
 __all__ = [
+    "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
     "BlobStore",
     "BlobWriter",
@@ -46,6 +47,10 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # read ahead goes past it; a stream then reads its next chunk only when its sender asks for it,
 # so memory stays bounded however many clients download at once (see _ReadAhead).
 READ_AHEAD_TOTAL_BYTES = 64 * 1024 * 1024
+# A stream whose sender takes no chunk for this long gives its read-ahead back (the file is
+# read again from there when the sender asks): a client that stops reading does not keep
+# budget from the others.
+READ_AHEAD_IDLE_S = 5.0
 # glibc malloc: blocks up to this size come from the heap, not from a fresh mmap each (whose
 # pages the kernel faults in and zeroes again for every chunk read, then unmaps: a fifth of a
 # large retrieve's CPU), and up to TRIM bytes of freed heap are kept for the next chunks.
@@ -275,9 +280,10 @@ class _ReadAhead:
     stream's waiting chunks stay within READ_AHEAD_BYTES and the process's read-ahead within
     READ_AHEAD_TOTAL_BYTES. Past either, a read starts only when the sender asks for a chunk
     (one chunk, whatever the budget: a stream never stalls), so memory is at most the
-    budget plus one chunk per stream, plus the chunk each sender is sending. A client that
-    stops reading keeps what was read for it until it goes: with enough of them the others
-    read only when asked, as before read-ahead. Read sequentially, so the kernel's read-ahead
+    budget plus one chunk per stream, plus the chunk each sender is sending. A stream whose
+    sender takes nothing for READ_AHEAD_IDLE_S (a client that stopped reading) drops what it
+    read ahead and rewinds its file, and reads again only when asked, so stalled clients do
+    not hold the budget. Read sequentially, so the kernel's read-ahead
     sees one stream; the thread is held for a read only, never while the client is slow.
     Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
     and socket writes for large files, a small first read for small ones)."""
@@ -293,10 +299,12 @@ class _ReadAhead:
         self._error: BaseException | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
+        self._parked = False  # idle: read only when asked, until the sender takes a chunk
+        self._idle: asyncio.TimerHandle | None = None
         self._start()
 
     def _start(self, asked: bool = False) -> None:
-        if self._reading or self._ended or self._closed:
+        if self._reading or self._ended or self._closed or (self._parked and not asked):
             return
         size = min(2 * self._size, READ_CHUNK_MAX_BYTES)
         n = size if self.remaining is None else min(size, self.remaining)
@@ -326,6 +334,7 @@ class _ReadAhead:
                 self._chunks.append(chunk)
                 self._buffered += len(chunk)
                 _READ_AHEAD.used += len(chunk)
+                self._watch_idle()
             if self.remaining is not None:
                 self.remaining -= len(chunk)
             self._ended = len(chunk) < n or self.remaining == 0
@@ -346,12 +355,47 @@ class _ReadAhead:
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         _READ_AHEAD.used -= len(chunk)
+        self._parked = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self._watch_idle()
         self._start()
         return chunk
+
+    def _watch_idle(self) -> None:
+        if self._idle is None and self._chunks:
+            loop = asyncio.get_running_loop()
+            self._idle = loop.call_later(READ_AHEAD_IDLE_S, self._on_idle)
+
+    def _on_idle(self) -> None:
+        """The sender took nothing for READ_AHEAD_IDLE_S: give the chunks waiting for it back
+        and rewind the file to the first of them (not while a read runs: the file is in the
+        worker thread's hands, and this runs again once that read has ended)."""
+        self._idle = None
+        if self._closed or self._error is not None or not self._chunks:
+            return
+        if self._reading:
+            self._watch_idle()
+            return
+        try:
+            self._fh.seek(-self._buffered, os.SEEK_CUR)
+        except OSError:  # cannot rewind: keep the chunks (the budget holds them, as before)
+            return
+        if self.remaining is not None:
+            self.remaining += self._buffered
+        _READ_AHEAD.used -= self._buffered
+        self._buffered = 0
+        self._chunks.clear()
+        self._ended = False
+        self._parked = True
 
     def close(self) -> None:
         """Stop reading; the file is closed now, or when the read in flight ends (a
         worker-thread read cannot be interrupted, and must not see its file closed)."""
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         self._closed = True
         self._chunks.clear()
         _READ_AHEAD.used -= self._buffered

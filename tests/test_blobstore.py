@@ -213,3 +213,64 @@ async def test_read_ahead_is_bounded_over_all_streams(
     got["b"] += [c async for c in b]
     assert {name: b"".join(chunks) for name, chunks in got.items()} == data
     assert blobstore._READ_AHEAD.used == 0
+
+
+async def test_idle_stream_gives_its_read_ahead_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that takes nothing for READ_AHEAD_IDLE_S (its client stopped reading): the
+    chunks read ahead for it go back to the budget, and when it asks again the file is read
+    from where it left off, every byte once, in order."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.6)
+    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
+    data = os.urandom(50_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    reads: list[int] = []
+
+    def counting_read(fh: BinaryIO, n: int) -> bytes:
+        reads.append(n)
+        return fh.read(n)
+
+    monkeypatch.setattr(blobstore, "_read", counting_read)
+    stream = cast(AsyncGenerator[bytes, None], stream_path(path))
+    got = [await stream.__anext__()]
+    await _settled(lambda: blobstore._READ_AHEAD.used == 6000)  # 2,000 + 4,000 read ahead
+    await _settled(lambda: blobstore._READ_AHEAD.used == 0)  # idle: given back
+    await asyncio.sleep(0.3)
+    assert reads == [2000, 4000]  # and nothing read ahead while idle
+    got.append(await stream.__anext__())  # asked again: read then, from the first dropped byte
+    assert got[1] == data[1000:5000] and reads[2] == 4000
+    got += [c async for c in stream]
+    assert b"".join(got) == data
+    assert blobstore._READ_AHEAD.used == 0
+    assert _open_fds(path) == 0
+
+
+async def test_idle_stream_of_a_range_rewinds_within_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a byte range of the file, read ahead to its end before the sender went
+    idle: what was given back is read again, and the stream still ends at the range's end."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.3)
+    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
+    data = os.urandom(30_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    stream = cast(AsyncGenerator[bytes, None], stream_path(path, 500, 9000))
+    got = [await stream.__anext__()]
+    for _ in range(500):  # all the rest of the range read ahead: 2,000 + 4,000 + 2,000
+        if blobstore._READ_AHEAD.used == 8000:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("nothing was read ahead")
+    await _settled(lambda: blobstore._READ_AHEAD.used == 0)
+    got += [c async for c in stream]
+    assert b"".join(got) == data[500:9500]
+    assert _open_fds(path) == 0
