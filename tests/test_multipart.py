@@ -481,15 +481,28 @@ async def _parts(
 async def test_encode_parts_exact_bytes() -> None:
     parts = [({"Content-Type": "application/dicom"}, (b"ab", b"", b"c")), ({}, ())]
     out = [c async for c in encode_parts(_parts(parts), "BND")]
-    assert out == [
-        b"--BND\r\nContent-Type: application/dicom\r\n\r\n",
-        b"ab",
-        b"c",
-        b"\r\n",
-        b"--BND\r\n\r\n",
-        b"\r\n",
+    assert out == [  # small pieces joined: one message per part, then the closing delimiter
+        b"--BND\r\nContent-Type: application/dicom\r\n\r\nabc\r\n",
+        b"--BND\r\n\r\n\r\n",
         b"--BND--\r\n",
     ]
+
+
+async def test_encode_parts_joins_small_pieces_up_to_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small chunks are joined until COALESCE_BYTES, then sent: memory stays bounded; a chunk
+    of at least that size goes as it is, after what was pending."""
+    from dicomweb_server import multipart
+
+    monkeypatch.setattr(multipart, "COALESCE_BYTES", 4000)
+    small = [bytes([i]) * 1000 for i in range(10)]
+    big = b"B" * 4000
+    parts: list[tuple[dict[str, str], tuple[bytes, ...]]] = [({}, (*small, big, b"tail"))]
+    out = [c async for c in encode_parts(_parts(parts), "BND")]
+    assert b"".join(out) == b"--BND\r\n\r\n" + b"".join(small) + big + b"tail\r\n--BND--\r\n"
+    assert [len(c) for c in out] == [4009, 4000, 2000, 4000, 6, 9]
+    assert any(c is big for c in out)
 
 
 @pytest.mark.parametrize("boundary", ["BND", "x" * 70])
