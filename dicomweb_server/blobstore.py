@@ -17,7 +17,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -29,6 +29,7 @@ import anyio
 __all__ = [
     "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
+    "READ_CHUNK_MAX_BYTES",
     "BlobStore",
     "BlobWriter",
     "FileSystemBlobStore",
@@ -91,6 +92,11 @@ class BlobStore(Protocol):
     def open_range(
         self, key: str, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]: ...
+    async def read_whole(self, blobs: Sequence[tuple[str, int]]) -> list[bytes]:
+        """Each (key, recorded size) blob read whole, all in one worker-thread call; OSError
+        when one is shorter than its size."""
+        ...
+
     def local_path(self, key: str) -> Path: ...
     async def exists(self, key: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
@@ -214,6 +220,10 @@ class FileSystemBlobStore:
         self, key: str, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
         return stream_path(self.local_path(key), offset, length)
+
+    async def read_whole(self, blobs: Sequence[tuple[str, int]]) -> list[bytes]:
+        paths = [(self.local_path(key), size) for key, size in blobs]
+        return await anyio.to_thread.run_sync(_read_files, paths)
 
     async def exists(self, key: str) -> bool:
         return await aiofiles.os.path.exists(self.local_path(key))
@@ -433,6 +443,17 @@ def _open_and_read(path: Path, offset: int, n: int, last: bool) -> tuple[BinaryI
         fh.close()
         return None, chunk
     return fh, chunk
+
+
+def _read_files(paths: Sequence[tuple[Path, int]]) -> list[bytes]:
+    out = []
+    for path, size in paths:
+        with path.open("rb") as fh:
+            data = fh.read(size)
+        if len(data) < size:
+            raise OSError(f"{path.name} is shorter than the recorded range")
+        out.append(data)
+    return out
 
 
 def _read(fh: BinaryIO, n: int) -> bytes:

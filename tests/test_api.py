@@ -670,3 +670,36 @@ async def test_qido_retrieve_url_is_the_searched_level(app_client: httpx.AsyncCl
         (found,) = r.json()
         assert str(values(found, "00081190")[0]).endswith(f"/dicom-web{expected}"), path
         assert list(found) == sorted(found)
+
+
+async def test_series_of_small_instances_is_read_in_runs(
+    app: Any, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instances sent as stored are read SMALL_RUN_BYTES at a time, one worker-thread call per
+    run; an instance that has no run partner is streamed; every byte arrives in order."""
+    from dicomweb_server import retrieve
+
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = [
+        to_bytes(make_instance(study=study, series=series, InstanceNumber=n)) for n in range(5)
+    ]
+    for f in files:
+        assert (await stow(app_client, f)).status_code == 200
+    size = max(len(f) for f in files)
+    monkeypatch.setattr(retrieve, "SMALL_RUN_BYTES", 2 * size)  # two per run at most
+    blobs = app.state.services.blobs
+    real = blobs.read_whole
+    runs: list[int] = []
+
+    async def counting(items: Any) -> Any:
+        runs.append(len(items))
+        return await real(items)
+
+    monkeypatch.setattr(blobs, "read_whole", counting)
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    r = await app_client.get(f"{ROOT}/studies/{study}/series/{series}", headers=accept)
+    assert r.status_code == 200
+    assert int(r.headers["content-length"]) == len(r.content)
+    got = sorted(body for _, body in split_multipart(r.content, r.headers["content-type"]))
+    assert got == sorted(files)
+    assert runs == [2, 2]  # the fifth instance alone: streamed

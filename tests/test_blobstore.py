@@ -16,6 +16,7 @@ from dicomweb_server import blobstore
 from dicomweb_server.blobstore import (
     READ_CHUNK_BYTES,
     READ_CHUNK_MAX_BYTES,
+    FileSystemBlobStore,
     stream_path,
     tune_allocator,
 )
@@ -274,3 +275,15 @@ async def test_idle_stream_of_a_range_rewinds_within_it(
     got += [c async for c in stream]
     assert b"".join(got) == data[500:9500]
     assert _open_fds(path) == 0
+
+
+async def test_read_whole_reads_each_blob_and_refuses_a_short_one(tmp_path: Path) -> None:
+    store = FileSystemBlobStore(tmp_path / "blobs", owner=1)
+    keys = [store.new_key() for _ in range(3)]
+    for n, key in enumerate(keys):
+        store.local_path(key).parent.mkdir(parents=True, exist_ok=True)
+        store.local_path(key).write_bytes(bytes([n]) * (100 + n))
+    got = await store.read_whole([(k, 100 + n) for n, k in enumerate(keys)])
+    assert got == [bytes([n]) * (100 + n) for n in range(3)]
+    with pytest.raises(OSError, match="shorter than the recorded range"):
+        await store.read_whole([(keys[0], 100), (keys[1], 102)])
