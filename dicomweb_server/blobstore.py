@@ -48,9 +48,9 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # read ahead goes past it; a stream then reads its next chunk only when its sender asks for it,
 # so memory stays bounded however many clients download at once (see _ReadAhead).
 READ_AHEAD_TOTAL_BYTES = 64 * 1024 * 1024
-# A stream whose sender takes no chunk for this long gives its read-ahead back (the file is
-# read again from there when the sender asks): a client that stops reading does not keep
-# budget from the others.
+# A stream whose sender takes no chunk for this long gives its read-ahead back when the
+# process's budget is short (the file is read again from there when the sender asks): a
+# client that stops reading does not keep budget from the others.
 READ_AHEAD_IDLE_S = 5.0
 # glibc malloc: blocks up to this size come from the heap, not from a fresh mmap each (whose
 # pages the kernel faults in and zeroes again for every chunk read, then unmaps: a fifth of a
@@ -291,9 +291,10 @@ class _ReadAhead:
     READ_AHEAD_TOTAL_BYTES. Past either, a read starts only when the sender asks for a chunk
     (one chunk, whatever the budget: a stream never stalls), so memory is at most the
     budget plus one chunk per stream, plus the chunk each sender is sending. A stream whose
-    sender takes nothing for READ_AHEAD_IDLE_S (a client that stopped reading) drops what it
-    read ahead and rewinds its file, and reads again only when asked, so stalled clients do
-    not hold the budget. Read sequentially, so the kernel's read-ahead
+    sender takes nothing for READ_AHEAD_IDLE_S (a client that stopped reading) while the
+    budget is short drops what it read ahead and rewinds its file, and reads again only when
+    asked, so stalled clients do not hold the budget from the others (a slow client with the
+    budget to spare keeps its read-ahead). Read sequentially, so the kernel's read-ahead
     sees one stream; the thread is held for a read only, never while the client is slow.
     Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
     and socket writes for large files, a small first read for small ones)."""
@@ -379,13 +380,16 @@ class _ReadAhead:
             self._idle = loop.call_later(READ_AHEAD_IDLE_S, self._on_idle)
 
     def _on_idle(self) -> None:
-        """The sender took nothing for READ_AHEAD_IDLE_S: give the chunks waiting for it back
-        and rewind the file to the first of them (not while a read runs: the file is in the
-        worker thread's hands, and this runs again once that read has ended)."""
+        """The sender took nothing for READ_AHEAD_IDLE_S: if the budget is short (another
+        stream could not read a largest chunk ahead), give the chunks waiting for it back and
+        rewind the file to the first of them. Not while a read runs (the file is in the
+        worker thread's hands): then, and while the budget is not short, look again after
+        another READ_AHEAD_IDLE_S."""
         self._idle = None
         if self._closed or self._error is not None or not self._chunks:
             return
-        if self._reading:
+        short = _READ_AHEAD.used + READ_CHUNK_MAX_BYTES > READ_AHEAD_TOTAL_BYTES
+        if self._reading or not short:
             self._watch_idle()
             return
         try:

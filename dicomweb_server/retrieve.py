@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from dicomweb_server.blobstore import READ_CHUNK_MAX_BYTES, stream_path
+from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.dicomfile import read_bulk_value
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
@@ -77,9 +77,9 @@ PartLength = tuple[dict[str, str], int]
 MAX_FRAMES_PER_REQUEST = 10_000
 # Consecutive instances sent as stored whose blobs hold at most this many bytes between them
 # are read in one worker-thread call, not one call each (see _small_run). As large as the
-# largest chunk a stream sends (READ_CHUNK_MAX_BYTES), so a response holds no more memory
-# than a large instance's stream does.
-SMALL_RUN_BYTES = READ_CHUNK_MAX_BYTES
+# first chunk of a stream (READ_CHUNK_BYTES), which is outside the read-ahead budget too: a
+# response holds no more memory unaccounted than one streaming a single instance.
+SMALL_RUN_BYTES = READ_CHUNK_BYTES
 _LE_NATIVE = {IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN}
 
 
@@ -284,7 +284,8 @@ async def _instance_parts(
             run = _small_run(instances, targets, i)
             if len(run) > 1:
                 datas = await svc.blobs.read_whole([(r.blob_key, r.size_bytes) for r in run])
-                for r, data in zip(run, datas, strict=True):
+                for k, r in enumerate(run):
+                    data, datas[k] = datas[k], b""  # what was sent is not kept
                     yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, _once(data)
                 sent_ahead = len(run) - 1
                 continue
@@ -312,7 +313,8 @@ def _small_run(instances: list[StoredInstance], targets: list[str], i: int) -> l
     much CPU as sending a small instance). Empty when instance i alone is over the bound."""
     run: list[StoredInstance] = []
     total = 0
-    for inst, target in zip(instances[i:], targets[i:], strict=True):
+    for k in range(i, len(instances)):
+        inst, target = instances[k], targets[k]
         total += inst.size_bytes
         if target not in (STORED, inst.transfer_syntax_uid) or total > SMALL_RUN_BYTES:
             break

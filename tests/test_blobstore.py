@@ -219,13 +219,14 @@ async def test_read_ahead_is_bounded_over_all_streams(
 async def test_idle_stream_gives_its_read_ahead_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sender that takes nothing for READ_AHEAD_IDLE_S (its client stopped reading): the
-    chunks read ahead for it go back to the budget, and when it asks again the file is read
-    from where it left off, every byte once, in order."""
+    """A sender that takes nothing for READ_AHEAD_IDLE_S (its client stopped reading) while
+    the budget is short: the chunks read ahead for it go back to the budget, and when it asks
+    again the file is read from where it left off, every byte once, in order."""
     monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
     monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
     monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
     monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.6)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_TOTAL_BYTES", 8000)  # short once 6,000 wait
     monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
     data = os.urandom(50_000)
     path = tmp_path / "blob"
@@ -259,6 +260,7 @@ async def test_idle_stream_of_a_range_rewinds_within_it(
     monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
     monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
     monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.3)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_TOTAL_BYTES", 9000)  # short once 8,000 wait
     monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
     data = os.urandom(30_000)
     path = tmp_path / "blob"
@@ -287,3 +289,35 @@ async def test_read_whole_reads_each_blob_and_refuses_a_short_one(tmp_path: Path
     assert got == [bytes([n]) * (100 + n) for n in range(3)]
     with pytest.raises(OSError, match="shorter than the recorded range"):
         await store.read_whole([(keys[0], 100), (keys[1], 102)])
+
+
+async def test_idle_stream_keeps_its_read_ahead_while_the_budget_is_not_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow client (idle past READ_AHEAD_IDLE_S) with the budget to spare keeps what was
+    read for it: nothing is read twice."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
+    monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.1)
+    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())  # 64 MiB: plenty
+    data = os.urandom(50_000)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    reads: list[int] = []
+
+    def counting_read(fh: BinaryIO, n: int) -> bytes:
+        chunk = fh.read(n)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(blobstore, "_read", counting_read)
+    stream = cast(AsyncGenerator[bytes, None], stream_path(path))
+    got = [await stream.__anext__()]
+    await _settled(lambda: blobstore._READ_AHEAD.used == 6000)
+    await asyncio.sleep(0.5)  # idle five times over
+    assert blobstore._READ_AHEAD.used == 6000 and reads == [2000, 4000]
+    got += [c async for c in stream]
+    assert b"".join(got) == data
+    assert sum(reads) == len(data) - 1000  # every byte read once
+    assert blobstore._READ_AHEAD.used == 0
