@@ -63,6 +63,34 @@ async def _settled(condition: Callable[[], bool]) -> None:
     assert condition()
 
 
+def _small_chunks(monkeypatch: pytest.MonkeyPatch, **more: float) -> None:
+    """Chunks of 1,000 bytes doubling to 4,000, at most 8,000 read ahead per stream, a fresh
+    process budget; `more` sets other constants of blobstore."""
+    sizes = {"READ_CHUNK_BYTES": 1000, "READ_CHUNK_MAX_BYTES": 4000, "READ_AHEAD_BYTES": 8000}
+    for name, value in {**sizes, **more}.items():
+        monkeypatch.setattr(blobstore, name, value)
+    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
+
+
+def _counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bytes each read after the first returns, in order."""
+    reads: list[int] = []
+
+    def counting_read(fh: BinaryIO, n: int) -> bytes:
+        chunk = fh.read(n)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(blobstore, "_read", counting_read)
+    return reads
+
+
+def _random_file(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
 def _open_fds(path: Path) -> int:
     """How many of this process's file descriptors are open on `path`."""
     fds = Path("/proc/self/fd")
@@ -135,19 +163,10 @@ async def test_stream_path_reads_ahead_of_a_slow_sender_up_to_the_bound(
 ) -> None:
     """Reads go on while the sender is busy, chunk sizes double up to the maximum, and no
     more than READ_AHEAD_BYTES wait to be sent."""
-    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
-    data = os.urandom(50_000)
+    _small_chunks(monkeypatch)
     path = tmp_path / "blob"
-    path.write_bytes(data)
-    reads: list[int] = []
-
-    def counting_read(fh: BinaryIO, n: int) -> bytes:
-        reads.append(n)
-        return fh.read(n)
-
-    monkeypatch.setattr(blobstore, "_read", counting_read)
+    data = _random_file(path, 50_000)
+    reads = _counted_reads(monkeypatch)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))
     got = [await stream.__anext__()]
     # A slow sender: the reader runs ahead meanwhile, then stops.
@@ -185,11 +204,7 @@ async def test_read_ahead_is_bounded_over_all_streams(
 ) -> None:
     """Past READ_AHEAD_TOTAL_BYTES (over every stream of the process) a stream reads only
     when its sender asks, and still delivers every byte; the budget is given back."""
-    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_TOTAL_BYTES", 3000)
-    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
+    _small_chunks(monkeypatch, READ_AHEAD_TOTAL_BYTES=3000)
     data = {name: os.urandom(20_000) for name in ("a", "b")}
     for name, content in data.items():
         (tmp_path / name).write_bytes(content)
@@ -222,22 +237,11 @@ async def test_idle_stream_gives_its_read_ahead_back(
     """A sender that takes nothing for READ_AHEAD_IDLE_S (its client stopped reading) while
     the budget is short: the chunks read ahead for it go back to the budget, and when it asks
     again the file is read from where it left off, every byte once, in order."""
-    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.6)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_TOTAL_BYTES", 8000)  # short once 6,000 wait
-    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
-    data = os.urandom(50_000)
+    # The budget is short once 6,000 bytes wait.
+    _small_chunks(monkeypatch, READ_AHEAD_IDLE_S=0.6, READ_AHEAD_TOTAL_BYTES=8000)
     path = tmp_path / "blob"
-    path.write_bytes(data)
-    reads: list[int] = []
-
-    def counting_read(fh: BinaryIO, n: int) -> bytes:
-        reads.append(n)
-        return fh.read(n)
-
-    monkeypatch.setattr(blobstore, "_read", counting_read)
+    data = _random_file(path, 50_000)
+    reads = _counted_reads(monkeypatch)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))
     got = [await stream.__anext__()]
     await _settled(lambda: blobstore._READ_AHEAD.used == 6000)  # 2,000 + 4,000 read ahead
@@ -257,14 +261,10 @@ async def test_idle_stream_of_a_range_rewinds_within_it(
 ) -> None:
     """The same for a byte range of the file, read ahead to its end before the sender went
     idle: what was given back is read again, and the stream still ends at the range's end."""
-    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.3)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_TOTAL_BYTES", 9000)  # short once 8,000 wait
-    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
-    data = os.urandom(30_000)
+    # The budget is short once 8,000 bytes wait.
+    _small_chunks(monkeypatch, READ_AHEAD_IDLE_S=0.3, READ_AHEAD_TOTAL_BYTES=9000)
     path = tmp_path / "blob"
-    path.write_bytes(data)
+    data = _random_file(path, 30_000)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path, 500, 9000))
     got = [await stream.__anext__()]
     for _ in range(500):  # all the rest of the range read ahead: 2,000 + 4,000 + 2,000
@@ -296,22 +296,10 @@ async def test_idle_stream_keeps_its_read_ahead_while_the_budget_is_not_short(
 ) -> None:
     """A slow client (idle past READ_AHEAD_IDLE_S) with the budget to spare keeps what was
     read for it: nothing is read twice."""
-    monkeypatch.setattr(blobstore, "READ_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(blobstore, "READ_CHUNK_MAX_BYTES", 4000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_BYTES", 8000)
-    monkeypatch.setattr(blobstore, "READ_AHEAD_IDLE_S", 0.1)
-    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())  # 64 MiB: plenty
-    data = os.urandom(50_000)
+    _small_chunks(monkeypatch, READ_AHEAD_IDLE_S=0.1)  # a budget of 64 MiB: plenty
     path = tmp_path / "blob"
-    path.write_bytes(data)
-    reads: list[int] = []
-
-    def counting_read(fh: BinaryIO, n: int) -> bytes:
-        chunk = fh.read(n)
-        reads.append(len(chunk))
-        return chunk
-
-    monkeypatch.setattr(blobstore, "_read", counting_read)
+    data = _random_file(path, 50_000)
+    reads = _counted_reads(monkeypatch)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))
     got = [await stream.__anext__()]
     await _settled(lambda: blobstore._READ_AHEAD.used == 6000)
