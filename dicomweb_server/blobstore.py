@@ -367,12 +367,21 @@ class _ReadAhead:
         self._buffered -= len(chunk)
         _READ_AHEAD.used -= len(chunk)
         self._parked = False
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._unwatch_idle()
         self._watch_idle()
         self._start()
         return chunk
+
+    def _drop_chunks(self) -> None:
+        """The chunks waiting to be sent go, and their bytes back to the process budget."""
+        self._chunks.clear()
+        _READ_AHEAD.used -= self._buffered
+        self._buffered = 0
+
+    def _unwatch_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
 
     def _watch_idle(self) -> None:
         if self._idle is None and self._chunks:
@@ -398,22 +407,16 @@ class _ReadAhead:
             return
         if self.remaining is not None:
             self.remaining += self._buffered
-        _READ_AHEAD.used -= self._buffered
-        self._buffered = 0
-        self._chunks.clear()
+        self._drop_chunks()
         self._ended = False
         self._parked = True
 
     def close(self) -> None:
         """Stop reading; the file is closed now, or when the read in flight ends (a
         worker-thread read cannot be interrupted, and must not see its file closed)."""
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        self._unwatch_idle()
         self._closed = True
-        self._chunks.clear()
-        _READ_AHEAD.used -= self._buffered
-        self._buffered = 0
+        self._drop_chunks()
         if not self._reading:
             self._fh.close()
 

@@ -256,8 +256,15 @@ def _wanted(q: Query, level: Level) -> set[str] | None:
     if q.include.all:
         return None
     tags = set(DEFAULT_RETURN[level]) | set(q.include.tags)
-    tags |= {m.attr.tag for m in q.matches if m.attr.level is level or level is Level.PATIENT}
-    return {tag_hex(t) for t in tags}
+    return {tag_hex(t) for t in tags} | _matched(q, level)
+
+
+def _matched(q: Query, level: Level) -> set[str]:
+    """Hex tags of the attributes of `level` the query matches on (at the patient level, all:
+    a patient's attributes are its study's)."""
+    return {
+        tag_hex(m.attr.tag) for m in q.matches if m.attr.level is level or level is Level.PATIENT
+    }
 
 
 def _parents_matched(q: Query) -> list[tuple[Level, set[str] | None]]:
@@ -267,7 +274,7 @@ def _parents_matched(q: Query) -> list[tuple[Level, set[str] | None]]:
     returned = returned_levels(q)
     out: list[tuple[Level, set[str] | None]] = []
     for level in _PARENTS.get(q.level, ()):
-        matched = {tag_hex(m.attr.tag) for m in q.matches if m.attr.level is level}
+        matched = _matched(q, level)
         if level not in returned and matched:
             out.append((level, matched))
     return out

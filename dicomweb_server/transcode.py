@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -482,19 +482,12 @@ def _jpeg_ls_near(codestream: bytes) -> int | None:
     """NEAR of the first scan of a JPEG-LS codestream (SOS: Ls, Ns, Ns x (Ci, Tmi), NEAR)."""
     if codestream[:2] != b"\xff\xd8":
         return None
-    pos = 2
-    while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
-        marker = codestream[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
+    for marker, pos in _segments(codestream, 2):
         if marker == 0xDA:
             if pos + 5 > len(codestream):
                 return None
             at = pos + 5 + 2 * codestream[pos + 4]
             return codestream[at] if at < len(codestream) else None
-        (length,) = struct.unpack_from(">H", codestream, pos + 2)
-        pos += 2 + length
     return None
 
 
@@ -502,20 +495,29 @@ def _j2k_wavelet(codestream: bytes) -> int | None:
     """The wavelet of a JPEG 2000 main header's COD segment: 0 irreversible 9-7, 1 reversible
     5-3 (Lcod, Scod, SGcod (4 bytes), then decomposition levels, code-block width, height and
     style, then the transformation). The codestream may sit in a JP2 box: found by SOC+SIZ."""
-    pos = codestream.find(b"\xff\x4f\xff\x51")
-    if pos < 0:
+    start = codestream.find(b"\xff\x4f\xff\x51")
+    if start < 0:
         return None
-    pos += 2
-    while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
-        marker = codestream[pos + 1]
+    for marker, pos in _segments(codestream, start + 2):
         if marker in (0x90, 0x93):  # SOT, SOD: the main header ended without a COD
             return None
         if marker == 0x52:
             at = pos + 13
             return codestream[at] if at < len(codestream) else None
+    return None
+
+
+def _segments(codestream: bytes, pos: int) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of each marker segment from `pos` (0xFF, the marker, a 2-byte
+    length counting itself), as long as the bytes read so; fill bytes (0xFF 0xFF) skipped."""
+    while pos + 4 <= len(codestream) and codestream[pos] == 0xFF:
+        marker = codestream[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        yield marker, pos
         (length,) = struct.unpack_from(">H", codestream, pos + 2)
         pos += 2 + length
-    return None
 
 
 def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
