@@ -25,7 +25,7 @@ from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.dimse import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError
-from dicomweb_server.guard import Guard
+from dicomweb_server.guard import Guard, MatchedRouter
 from dicomweb_server.index import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.proxy import ProxyHeaders, parse_networks
@@ -169,6 +169,8 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(_CatchAllMiddleware),
         ],
     )
+    # The Guard matches every request's route already; the router takes its match.
+    app.router = MatchedRouter(ROUTES, lifespan=lifespan)
     app.state.settings = settings
     return app
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from starlette.routing import BaseRoute, Match, Mount
+from starlette.routing import BaseRoute, Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.audit import AuditEvent
@@ -25,7 +26,7 @@ from dicomweb_server.config import Settings
 from dicomweb_server.errors import DicomWebError, ForbiddenError, UnauthorizedError
 from dicomweb_server.routes.common import error_response
 
-__all__ = ["Guard", "match_route"]
+__all__ = ["Guard", "MatchedRouter", "RouteMatch", "match_route"]
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +35,62 @@ _REALM = 'Bearer realm="dicomweb"'
 _MAX_ACTION_CHARS = 200
 
 
-def match_route(routes: Sequence[BaseRoute], scope: Scope) -> tuple[str | None, dict[str, Any]]:
-    """Name and path parameters of the route a request reaches (a full match first, else a
-    path-only match, which routing answers with 405), through mounts."""
-    partial: tuple[str | None, dict[str, Any]] = (None, {})
+# Scope key under which the Guard hands its full match to MatchedRouter.
+_MATCH_KEY = "dicomweb.route_match"
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """The route a request reaches: its name and path parameters; for a full match also the
+    route itself and the scope updates routing would make on the way to it (through mounts),
+    so that MatchedRouter need not match the path again."""
+
+    name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    route: BaseRoute | None = None  # set for a full match only
+    updates: dict[str, Any] = field(default_factory=dict)
+
+
+def match_route(routes: Sequence[BaseRoute], scope: Scope) -> RouteMatch:
+    """The route a request reaches (a full match first, else a path-only match, which routing
+    answers with 405), through mounts: Starlette's Router.app order, so both find the same."""
+    partial = RouteMatch()
     for route in routes:
         match, child = route.matches(scope)
         if match == Match.NONE:
             continue
         if isinstance(route, Mount):
             found = match_route(route.routes, {**scope, **child})
-            if found[0] is not None:
+            if found.route is not None:
+                return RouteMatch(found.name, found.params, found.route, {**child, **found.updates})
+            if found.name is not None:
                 return found
             continue
         name = getattr(route, "name", None)
         if match == Match.FULL:
-            return name, child.get("path_params", {})
-        if partial[0] is None:
-            partial = (name, child.get("path_params", {}))
+            return RouteMatch(name, child.get("path_params", {}), route, dict(child))
+        if partial.name is None:
+            partial = RouteMatch(name, child.get("path_params", {}))
     return partial
+
+
+class MatchedRouter(Router):
+    """Starlette's Router, except that a request the Guard matched in full goes straight to
+    that route with the scope routing would have given it (Router.app, then Mount.handle and
+    the mount's own Router.app): the path is matched once per request, not twice (route
+    matching was 13% of the event loop's time on a small retrieve). Anything else (a path
+    matching no route or only by path, 405, a lifespan) is routed as Starlette does."""
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found: RouteMatch | None = scope.pop(_MATCH_KEY, None)
+        if found is None or found.route is None:
+            await super().app(scope, receive, send)
+            return
+        if "router" not in scope:
+            scope["router"] = self
+        scope["route"] = found.route
+        scope.update(found.updates)
+        await found.route.handle(scope, receive, send)
 
 
 class Guard:
@@ -69,14 +107,17 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        name, params = match_route(self.routes, scope)
+        found = match_route(self.routes, scope)
+        if found.route is not None:
+            scope[_MATCH_KEY] = found  # for MatchedRouter
+        name = found.name
         role = self.roles.get(name, "read") if name else "read"
         if role is None:  # open: the health check, the OpenAPI description
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
         tally = _Tally(receive, send)
-        event = _Event(datetime.now(UTC), scope, name, params)
+        event = _Event(datetime.now(UTC), scope, name, found.params)
         try:
             try:
                 principal = await _authenticate(state, scope)
