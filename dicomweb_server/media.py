@@ -7,9 +7,11 @@ follows PS3.18 8.7 (acceptable media types and transfer syntaxes).
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from dicomweb_server.errors import (
     BadRequestError,
@@ -19,6 +21,7 @@ from dicomweb_server.errors import (
 )
 
 __all__ = [
+    "ACCEPT_CACHE_SIZE",
     "APPLICATION_DICOM",
     "APPLICATION_DICOM_JSON",
     "APPLICATION_JSON",
@@ -51,6 +54,11 @@ DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # `transfer-syntax=*` (PS3.18 8.7.3.5.2): send the instance in the transfer syntax it is stored in.
 STORED = "*"
+
+# Accept headers kept parsed (parse_accept): a client sends the same one or two with every
+# request, and parsing one walks it character by character. Bounded: h11 keeps a request's
+# header block under 16 KiB, so the kept headers stay under 2 MiB.
+ACCEPT_CACHE_SIZE = 128
 
 # PS3.18 Table 8.7.3-2 (media types of compressed pixel data, i.e. single frames).
 _FRAME_MEDIA_TYPES: dict[str, str] = {
@@ -99,7 +107,7 @@ _NATIVE = {
 class MediaRange:
     type: str
     subtype: str
-    params: dict[str, str] = field(default_factory=dict)
+    params: Mapping[str, str] = field(default_factory=dict)  # read-only: ranges are shared
     q: float = 1.0
 
     @property
@@ -177,7 +185,7 @@ def _parse_one(text: str) -> MediaRange | None:
                 raise BadRequestError(f"malformed q-value {value.strip()!r}") from None
             continue
         params[name] = _unquote(value)
-    return MediaRange(t, s, params, q)
+    return MediaRange(t, s, MappingProxyType(params), q)
 
 
 def parse_content_type(value: str) -> MediaRange:
@@ -187,13 +195,15 @@ def parse_content_type(value: str) -> MediaRange:
     return rng
 
 
-def parse_accept(value: str | None) -> list[MediaRange]:
-    """Media ranges in order of preference (q descending, then as written); q=0 dropped."""
+@functools.lru_cache(maxsize=ACCEPT_CACHE_SIZE)
+def parse_accept(value: str | None) -> tuple[MediaRange, ...]:
+    """Media ranges in order of preference (q descending, then as written); q=0 dropped.
+    Kept for the next request with the same header (a malformed one raises every time)."""
     if value is None or not value.strip():
-        return [MediaRange("*", "*")]
+        return (MediaRange("*", "*"),)
     ranges = [r for part in _split_outside_quotes(value, ",") if (r := _parse_one(part))]
     ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
-    return [r for _, r in ordered if r.q > 0]
+    return tuple(r for _, r in ordered if r.q > 0)
 
 
 def stow_boundary(content_type: str | None) -> str:

@@ -6,6 +6,7 @@ import pytest
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
 from dicomweb_server.media import (
+    ACCEPT_CACHE_SIZE,
     EXPLICIT_VR_LITTLE_ENDIAN,
     STORED,
     frame_media_type,
@@ -41,6 +42,25 @@ def test_parse_accept_comma_inside_quotes() -> None:
 def test_parse_accept_malformed(bad: str) -> None:
     with pytest.raises(BadRequestError):
         parse_accept(bad)
+
+
+def test_parsed_accept_headers_are_kept_and_bounded() -> None:
+    """The same header is parsed once; distinct headers past ACCEPT_CACHE_SIZE push the
+    oldest out; a malformed one is refused every time; kept ranges cannot be changed."""
+    parse_accept.cache_clear()
+    header = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    first = parse_accept(header)
+    assert parse_accept(header) is first and parse_accept.cache_info().hits == 1
+    for n in range(ACCEPT_CACHE_SIZE + 10):
+        assert parse_accept(f"application/x-{n}")[0].subtype == f"x-{n}"
+    assert parse_accept.cache_info().currsize == ACCEPT_CACHE_SIZE
+    assert parse_accept(header) is not first  # pushed out, parsed again: equal ranges
+    assert parse_accept(header) == first
+    for _ in range(2):
+        with pytest.raises(BadRequestError):
+            parse_accept("noslash")
+    with pytest.raises(TypeError):
+        first[0].params["type"] = "text/html"  # type: ignore[index]
 
 
 JLS = "1.2.840.10008.1.2.4.80"
