@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from starlette.routing import BaseRoute, Match, Mount, Router
+from starlette.routing import BaseRoute, Match, Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.audit import AuditEvent
@@ -26,7 +26,7 @@ from dicomweb_server.config import Settings
 from dicomweb_server.errors import DicomWebError, ForbiddenError, UnauthorizedError
 from dicomweb_server.routes.common import error_response
 
-__all__ = ["Guard", "MatchedRouter", "RouteMatch", "match_route"]
+__all__ = ["ROUTE_DEPTH_CACHE", "Guard", "MatchedRouter", "RouteMatch", "RouteTable"]
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +51,69 @@ class RouteMatch:
     updates: dict[str, Any] = field(default_factory=dict)
 
 
-def match_route(routes: Sequence[BaseRoute], scope: Scope) -> RouteMatch:
-    """The route a request reaches (a full match first, else a path-only match, which routing
-    answers with 405), through mounts: Starlette's Router.app order, so both find the same."""
-    partial = RouteMatch()
-    for route in routes:
-        match, child = route.matches(scope)
-        if match == Match.NONE:
-            continue
-        if isinstance(route, Mount):
-            found = match_route(route.routes, {**scope, **child})
-            if found.route is not None:
-                return RouteMatch(found.name, found.params, found.route, {**child, **found.updates})
-            if found.name is not None:
-                return found
-            continue
-        name = getattr(route, "name", None)
-        if match == Match.FULL:
-            return RouteMatch(name, child.get("path_params", {}), route, dict(child))
-        if partial.name is None:
-            partial = RouteMatch(name, child.get("path_params", {}))
-    return partial
+# Path depths (number of "/") whose candidate routes a RouteTable keeps; deeper paths, which
+# no route has, are filtered on each request instead (the table stays bounded).
+ROUTE_DEPTH_CACHE = 32
+
+
+class RouteTable:
+    """Routes (and mounts, through their own tables) matched in Starlette's Router.app order,
+    trying only the routes that could match: a route whose path parameters take no "/" fits
+    only paths with as many "/" as its template (a mount, or a route with a `path` parameter,
+    fits any). A retrieve path is tried against 2 routes instead of 20."""
+
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        self._entries: list[tuple[BaseRoute, RouteTable | None, int | None]] = []
+        for route in routes:
+            if isinstance(route, Mount):
+                self._entries.append((route, RouteTable(route.routes), None))
+                continue
+            depth = None  # any: a mount, or a parameter that may take a "/"
+            if isinstance(route, Route) and all(
+                c.regex == "[^/]+" for c in route.param_convertors.values()
+            ):
+                depth = route.path.count("/")
+            self._entries.append((route, None, depth))
+        self._by_depth: dict[int, list[tuple[BaseRoute, RouteTable | None, int | None]]] = {}
+
+    def _candidates(self, depth: int) -> list[tuple[BaseRoute, RouteTable | None, int | None]]:
+        found = self._by_depth.get(depth)
+        if found is None:
+            found = [e for e in self._entries if e[2] is None or e[2] == depth]
+            if depth <= ROUTE_DEPTH_CACHE:
+                self._by_depth[depth] = found
+        return found
+
+    def match(self, scope: Scope) -> RouteMatch:
+        """The route a request reaches (a full match first, else a path-only match, which
+        routing answers with 405), through mounts: the route Starlette's routing finds."""
+        partial = RouteMatch()
+        for route, table, _ in self._candidates(_depth(scope)):
+            match, child = route.matches(scope)
+            if match == Match.NONE:
+                continue
+            if table is not None:
+                found = table.match({**scope, **child})
+                if found.route is not None:
+                    updates = {**child, **found.updates}
+                    return RouteMatch(found.name, found.params, found.route, updates)
+                if found.name is not None:
+                    return found
+                continue
+            name = getattr(route, "name", None)
+            if match == Match.FULL:
+                return RouteMatch(name, child.get("path_params", {}), route, dict(child))
+            if partial.name is None:
+                partial = RouteMatch(name, child.get("path_params", {}))
+        return partial
+
+
+def _depth(scope: Scope) -> int:
+    """Number of "/" in the path routes at this level match (below the mount's root_path)."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.count("/")
 
 
 class MatchedRouter(Router):
@@ -98,7 +140,7 @@ class Guard:
         self, app: ASGIApp, routes: Sequence[BaseRoute], roles: Mapping[str, str | None]
     ) -> None:
         self.app = app
-        self.routes = routes
+        self.routes = RouteTable(routes)
         self.roles = roles
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,7 +149,7 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        found = match_route(self.routes, scope)
+        found = self.routes.match(scope)
         if found.route is not None:
             scope[_MATCH_KEY] = found  # for MatchedRouter
         name = found.name

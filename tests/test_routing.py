@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import Message, Scope
 
-from dicomweb_server.guard import MatchedRouter, match_route
+from dicomweb_server.guard import ROUTE_DEPTH_CACHE, MatchedRouter, RouteTable
 from dicomweb_server.routes import ROUTES
 
 # What routing puts in the scope for an endpoint.
@@ -65,7 +65,7 @@ async def _route(
     scope: Scope = {"type": "http", "method": method, "path": path, "root_path": "",
                     "query_string": b"", "headers": []}  # fmt: skip
     if hint:  # as the Guard does
-        found = match_route(routes, scope)
+        found = RouteTable(routes).match(scope)
         if found.route is not None:
             scope["dicomweb.route_match"] = found
     status: list[int] = []
@@ -98,7 +98,8 @@ async def test_matched_routing_gives_the_scope_starlette_gives(method: str, path
 
 
 async def test_a_matched_request_is_matched_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the Guard's match, the router matches no route again."""
+    """The Guard's table tries only the routes of the path's depth, and with its match the
+    router matches no route again."""
     calls = {"n": 0}
     original = Route.matches
 
@@ -110,7 +111,22 @@ async def test_a_matched_request_is_matched_once(monkeypatch: pytest.MonkeyPatch
     seen: list[Scope] = []
     routes = _capturing(list(ROUTES), seen)
     path = "/dicom-web/studies/1.2/series/1.3/instances/1.4"
-    assert (await _route(MatchedRouter(), routes, seen, "GET", path, hint=False))[1]
-    routed, calls["n"] = calls["n"], 0
+    assert (await _route(Router(), routes, seen, "GET", path, hint=False))[1]
+    starlette, calls["n"] = calls["n"], 0
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": ""}
+    assert RouteTable(routes).match(scope).name == "retrieve_instance"
+    table, calls["n"] = calls["n"], 0
     assert (await _route(MatchedRouter(), routes, seen, "GET", path, hint=True))[1]
-    assert routed > 0 and calls["n"] == routed  # the Guard's pass only, none in the router
+    assert calls["n"] == table  # the table's pass only, none in the router
+    assert table <= 3 < starlette
+
+
+def test_route_table_keeps_candidates_of_bounded_depths() -> None:
+    table = RouteTable(ROUTES)
+    for depth in range(ROUTE_DEPTH_CACHE + 20):
+        found = table.match({"type": "http", "method": "GET", "path": "/a" * depth})
+        assert found.route is None
+    assert len(table._by_depth) == ROUTE_DEPTH_CACHE + 1  # depths 0 to ROUTE_DEPTH_CACHE
+    deep = "/dicom-web/studies/1.2/series/1.3/instances/1.4/bulk" + "/x" * 40
+    found = table.match({"type": "http", "method": "GET", "path": deep, "root_path": ""})
+    assert found.name == "retrieve_bulkdata" and found.params["path"] == "x" + "/x" * 39
