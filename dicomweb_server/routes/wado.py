@@ -55,7 +55,7 @@ async def _retrieve(request: Request) -> Response:
     svc = services(request)
     found = await locate(svc, *_uids(request))
     parts, lengths = await instance_parts(svc, found, accept_of(request))
-    return multipart_response(parts, APPLICATION_DICOM, lengths)
+    return await multipart_response(parts, APPLICATION_DICOM, lengths)
 
 
 async def _metadata(request: Request) -> Response:
@@ -95,9 +95,9 @@ async def retrieve_instance_frames(request: Request) -> Response:
     if len(frames) == 1 and "range" in request.headers:
         # One frame is one value, so a Range header can apply to it (field notes 6).
         part_type, value = await frame_value(svc, inst, frames[0], accept_of(request))
-        return ranged_response(request, value, part_type)
+        return await ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
-    response = multipart_response(parts, part_type)
+    response = await multipart_response(parts, part_type)
     if len(frames) == 1:  # this URL takes a Range (RFC 9110 14.3: a client may use it)
         response.headers["Accept-Ranges"] = "bytes"
     return response
@@ -108,4 +108,4 @@ async def retrieve_bulkdata(request: Request) -> Response:
     study, series, sop = _uids(request)
     assert series is not None and sop is not None
     value = await bulk_value(services(request), study, series, sop, request.path_params["path"])
-    return ranged_response(request, value, APPLICATION_OCTET_STREAM)
+    return await ranged_response(request, value, APPLICATION_OCTET_STREAM)

@@ -1,0 +1,97 @@
+"""Multipart responses: built whole up to INLINE_RESPONSE_BYTES, streamed past it, the same
+bytes either way; a stored blob found short is an error before anything is sent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response, StreamingResponse
+
+from dicomweb_server.multipart import encode_parts, encoded_length
+from dicomweb_server.retrieve import Part
+from dicomweb_server.routes import common
+from dicomweb_server.routes.common import INLINE_RESPONSE_BYTES, multipart_response
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+BOUNDARY = "b" * 32
+HEADERS = {"Content-Type": "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"}
+
+
+async def _parts(bodies: list[bytes]) -> AsyncIterator[Part]:
+    for body in bodies:
+        yield dict(HEADERS), _chunks(body)
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    half = len(body) // 2
+    yield body[:half]
+    yield body[half:]
+
+
+async def _streamed(response: StreamingResponse) -> bytes:
+    return b"".join([bytes(c) async for c in response.body_iterator])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("over", [0, 1])
+async def test_inline_up_to_the_limit_streamed_past_it(
+    monkeypatch: pytest.MonkeyPatch, over: int
+) -> None:
+    monkeypatch.setattr(common, "new_boundary", lambda: BOUNDARY)
+    framing = encoded_length([(HEADERS, 0), (HEADERS, 0)], BOUNDARY)
+    n = INLINE_RESPONSE_BYTES - framing + over  # two bodies of n // 2 and n - n // 2
+    bodies = [b"\x01" * (n // 2), b"\x02" * (n - n // 2)]
+    lengths = [(HEADERS, len(b)) for b in bodies]
+    response = await multipart_response(_parts(bodies), "application/dicom", lengths)
+    expected = await _streamed(StreamingResponse(encode_parts(_parts(bodies), BOUNDARY)))
+    assert len(expected) == INLINE_RESPONSE_BYTES + over
+    if over:
+        assert isinstance(response, StreamingResponse)
+        assert await _streamed(response) == expected
+    else:
+        assert type(response) is Response and response.body == expected
+    assert response.headers["content-length"] == str(len(expected))
+    assert (
+        response.media_type == f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+    )
+
+
+async def test_unknown_lengths_stream() -> None:
+    response = await multipart_response(_parts([b"x"]), "application/octet-stream")
+    assert isinstance(response, StreamingResponse)
+    assert "content-length" not in response.headers
+
+
+@pytest.mark.db
+async def test_short_blob_is_an_error_before_the_response(
+    app: Starlette, app_client: httpx.AsyncClient
+) -> None:
+    """A stored file shorter than its recorded size (damaged storage) fails the request with
+    a 500 before any byte is sent, rather than a 200 whose body breaks off."""
+    ds = make_instance()
+    data = to_bytes(ds)
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    accept = {"Accept": "multipart/related; type=application/dicom; transfer-syntax=*"}
+    r = await app_client.get(inst_url(ds), headers=accept)
+    assert r.status_code == 200 and r.headers["content-length"] == str(len(r.content))
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == data
+    svc = app.state.services
+    (found,) = await svc.index.locate(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path = svc.blobs.local_path(found.blob_key)
+    path.write_bytes(path.read_bytes()[:-10])
+    r = await app_client.get(inst_url(ds), headers=accept)
+    assert r.status_code == 500 and r.json()["status"] == 500
