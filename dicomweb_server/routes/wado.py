@@ -92,15 +92,15 @@ async def retrieve_instance_frames(request: Request) -> Response:
     svc = services(request)
     frames = parse_frame_list(request.path_params["frames"])
     (inst,) = await locate(svc, *_uids(request))
-    if len(frames) == 1 and "range" in request.headers:
-        # One frame is one value, so a Range header can apply to it (field notes 6).
+    if len(frames) == 1:
+        # One frame is one value, so a Range header can apply to it (field notes 6), and the
+        # answer says so either way (RFC 9110 14.3). Its length is known before it is sent:
+        # a Content-Length, and a small frame goes as one plain response (viewers ask for
+        # frames one at a time).
         part_type, value = await frame_value(svc, inst, frames[0], accept_of(request))
         return await ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
-    response = await multipart_response(parts, part_type)
-    if len(frames) == 1:  # this URL takes a Range (RFC 9110 14.3: a client may use it)
-        response.headers["Accept-Ranges"] = "bytes"
-    return response
+    return await multipart_response(parts, part_type)
 
 
 async def retrieve_bulkdata(request: Request) -> Response:
