@@ -66,6 +66,10 @@ class RouteTable:
         self._entries: list[tuple[BaseRoute, RouteTable | None, int | None]] = []
         for route in routes:
             if isinstance(route, Mount):
+                if not isinstance(route.app, Router):
+                    # MatchedRouter goes straight to a mount's routes, past anything the mount
+                    # itself would run first (its middleware, a body limit): refused here.
+                    raise ValueError(f"mount {route.path!r} runs its own middleware")
                 self._entries.append((route, RouteTable(route.routes), None))
                 continue
             depth = None  # any: a mount, or a parameter that may take a "/"
@@ -109,9 +113,10 @@ class RouteTable:
 
 
 def _depth(scope: Scope) -> int:
-    """Number of "/" in the path routes at this level match (below the mount's root_path)."""
+    """Number of "/" in the path routes at this level match: below the root_path only where
+    the path continues with a "/" after it (or is it), as Starlette's routes read it."""
     path, root = str(scope["path"]), str(scope.get("root_path", ""))
-    if root and path.startswith(root):
+    if root and path.startswith(root) and (path == root or path[len(root)] == "/"):
         path = path[len(root) :]
     return path.count("/")
 

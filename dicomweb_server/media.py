@@ -21,6 +21,7 @@ from dicomweb_server.errors import (
 )
 
 __all__ = [
+    "ACCEPT_CACHE_MAX_CHARS",
     "ACCEPT_CACHE_SIZE",
     "APPLICATION_DICOM",
     "APPLICATION_DICOM_JSON",
@@ -56,9 +57,11 @@ EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 STORED = "*"
 
 # Accept headers kept parsed (parse_accept): a client sends the same one or two with every
-# request, and parsing one walks it character by character. Bounded: h11 keeps a request's
-# header block under 16 KiB, so the kept headers stay under 2 MiB.
+# request, and parsing one walks it character by character. Only headers up to
+# ACCEPT_CACHE_MAX_CHARS are kept (a viewer's are a few hundred at most): a parsed header
+# takes about 55 bytes per character, so the cache stays under 4 MiB whatever clients send.
 ACCEPT_CACHE_SIZE = 128
+ACCEPT_CACHE_MAX_CHARS = 512
 
 # PS3.18 Table 8.7.3-2 (media types of compressed pixel data, i.e. single frames).
 _FRAME_MEDIA_TYPES: dict[str, str] = {
@@ -195,10 +198,21 @@ def parse_content_type(value: str) -> MediaRange:
     return rng
 
 
-@functools.lru_cache(maxsize=ACCEPT_CACHE_SIZE)
 def parse_accept(value: str | None) -> tuple[MediaRange, ...]:
     """Media ranges in order of preference (q descending, then as written); q=0 dropped.
-    Kept for the next request with the same header (a malformed one raises every time)."""
+    Kept for the next request with the same header when it is short enough (a malformed
+    one raises every time)."""
+    if value is not None and len(value) > ACCEPT_CACHE_MAX_CHARS:
+        return _parse_accept(value)
+    return _parse_accept_kept(value)
+
+
+@functools.lru_cache(maxsize=ACCEPT_CACHE_SIZE)
+def _parse_accept_kept(value: str | None) -> tuple[MediaRange, ...]:
+    return _parse_accept(value)
+
+
+def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
     if value is None or not value.strip():
         return (MediaRange("*", "*"),)
     ranges = [r for part in _split_outside_quotes(value, ",") if (r := _parse_one(part))]

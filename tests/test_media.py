@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from dicomweb_server import media
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
 from dicomweb_server.media import (
+    ACCEPT_CACHE_MAX_CHARS,
     ACCEPT_CACHE_SIZE,
     EXPLICIT_VR_LITTLE_ENDIAN,
     STORED,
@@ -46,16 +48,24 @@ def test_parse_accept_malformed(bad: str) -> None:
 
 def test_parsed_accept_headers_are_kept_and_bounded() -> None:
     """The same header is parsed once; distinct headers past ACCEPT_CACHE_SIZE push the
-    oldest out; a malformed one is refused every time; kept ranges cannot be changed."""
-    parse_accept.cache_clear()
+    oldest out; headers over ACCEPT_CACHE_MAX_CHARS are not kept; a malformed one is refused
+    every time; kept ranges cannot be changed."""
+    kept = media._parse_accept_kept
+    kept.cache_clear()
     header = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     first = parse_accept(header)
-    assert parse_accept(header) is first and parse_accept.cache_info().hits == 1
+    assert parse_accept(header) is first and kept.cache_info().hits == 1
     for n in range(ACCEPT_CACHE_SIZE + 10):
         assert parse_accept(f"application/x-{n}")[0].subtype == f"x-{n}"
-    assert parse_accept.cache_info().currsize == ACCEPT_CACHE_SIZE
+    assert kept.cache_info().currsize == ACCEPT_CACHE_SIZE
     assert parse_accept(header) is not first  # pushed out, parsed again: equal ranges
     assert parse_accept(header) == first
+    longest = "a/b," * (ACCEPT_CACHE_MAX_CHARS // 4 - 1) + "a/bc"
+    assert len(longest) == ACCEPT_CACHE_MAX_CHARS
+    assert parse_accept(longest) is parse_accept(longest)
+    too_long = longest + "d"
+    assert parse_accept(too_long) is not parse_accept(too_long)
+    assert parse_accept(too_long) == parse_accept(too_long)
     for _ in range(2):
         with pytest.raises(BadRequestError):
             parse_accept("noslash")

@@ -150,6 +150,41 @@ async def test_range_of_an_encapsulated_frame_of_several_fragments(
 
 
 @pytest.mark.db
+async def test_one_encapsulated_frame_whole_in_one_read(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stored encapsulated frame asked for without a Range: its fragments' values
+    joined, as in a request for several frames, with a Content-Length, read in one
+    worker-thread call (no item map first)."""
+    import anyio.to_thread
+
+    ds = make_instance(frames=2, rows=4, cols=4)
+    ds.file_meta.TransferSyntaxUID = UID(JPEG_LS_LOSSLESS)
+    streams = [bytes(range(i, i + 61)) + b"\xff\xd9" for i in (0, 100)]
+    ds.PixelData = encapsulate(streams, fragments_per_frame=3, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    await _store(app_client, to_bytes(ds))
+    both = await app_client.get(f"{inst_url(ds)}/frames/1,2", headers={"Accept": AS_STORED})
+    expected = [body for _, body in split_multipart(both.content, both.headers["content-type"])]
+    calls = []
+    original = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(func.__name__)
+        return await original(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    for n in (1, 2):
+        calls.clear()
+        r = await app_client.get(f"{inst_url(ds)}/frames/{n}", headers={"Accept": AS_STORED})
+        assert r.status_code == 200 and r.headers["accept-ranges"] == "bytes"
+        assert r.headers["content-length"] == str(len(r.content))
+        assert _one_part(r)[1] == expected[n - 1]
+        assert expected[n - 1].startswith(streams[n - 1])  # its fragments joined (even-padded)
+        assert calls == ["_open_and_read"]
+
+
+@pytest.mark.db
 async def test_range_of_a_transcoded_frame(app_client: httpx.AsyncClient, samples: Path) -> None:
     path = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
     ds = pydicom.dcmread(path, stop_before_pixels=True)

@@ -130,3 +130,27 @@ def test_route_table_keeps_candidates_of_bounded_depths() -> None:
     deep = "/dicom-web/studies/1.2/series/1.3/instances/1.4/bulk" + "/x" * 40
     found = table.match({"type": "http", "method": "GET", "path": deep, "root_path": ""})
     assert found.name == "retrieve_bulkdata" and found.params["path"] == "x" + "/x" * 39
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path", "name"),
+    [("/h", "/health", "health"), ("/openapi", "/openapi.json", "openapi"),
+     ("/dicom", "/dicom-web", "service_root"), ("/pacs", "/pacs/health", "health")],
+)  # fmt: skip
+def test_a_root_path_is_stripped_only_before_a_slash(root_path: str, path: str, name: str) -> None:
+    """As Starlette reads paths: a root_path that is only a prefix of the first segment
+    stays, so the route (and its role) is the one routing finds."""
+    scope = {"type": "http", "method": "GET", "path": path, "root_path": root_path}
+    assert RouteTable(ROUTES).match(scope).name == name
+
+
+def test_a_mount_with_its_own_middleware_is_refused() -> None:
+    """MatchedRouter would go past a mount's own middleware: such a table is refused."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
+
+    mount = Mount(
+        "/m", routes=[Route("/x", PlainTextResponse("x"))], middleware=[Middleware(GZipMiddleware)]
+    )
+    with pytest.raises(ValueError, match="own middleware"):
+        RouteTable([mount])

@@ -97,7 +97,8 @@ async def retrieve_instance_frames(request: Request) -> Response:
         # answer says so either way (RFC 9110 14.3). Its length is known before it is sent:
         # a Content-Length, and a small frame goes as one plain response (viewers ask for
         # frames one at a time).
-        part_type, value = await frame_value(svc, inst, frames[0], accept_of(request))
+        whole = "range" not in request.headers
+        part_type, value = await frame_value(svc, inst, frames[0], accept_of(request), whole)
         return await ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
     return await multipart_response(parts, part_type)
