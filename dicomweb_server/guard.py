@@ -72,7 +72,7 @@ class RouteTable:
                     raise ValueError(f"mount {route.path!r} runs its own middleware")
                 self._entries.append((route, RouteTable(route.routes), None))
                 continue
-            depth = None  # any: a mount, or a parameter that may take a "/"
+            depth = None  # any: a parameter of this route may take a "/"
             if isinstance(route, Route) and all(
                 c.regex == "[^/]+" for c in route.param_convertors.values()
             ):

@@ -439,8 +439,7 @@ async def frame_value(
         return media, _sized_bytes(headers, data)
     offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
     if whole and inst.encapsulated and length <= SMALL_RUN_BYTES:
-        chunks = svc.blobs.open_range(inst.blob_key, offset, length)
-        return media, _sized_bytes(headers, b"".join([c async for c in strip_items(chunks)]))
+        return media, _sized_bytes(headers, await _stored_codestream(svc, inst, n))
     return media, await _sized_range(svc, inst.blob_key, offset, length, inst.encapsulated, headers)
 
 
@@ -537,10 +536,7 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
     info = pixel_info(inst)
     if inst.encapsulated and inst.frame_offsets and inst.frame_lengths and info and info.rows:
         # Read just this frame's fragments by the offsets recorded at ingest; decode them.
-        chunks = svc.blobs.open_range(
-            inst.blob_key, inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
-        )
-        codestream = b"".join([c async for c in strip_items(chunks)])
+        codestream = await _stored_codestream(svc, inst, n)
         data = await anyio.to_thread.run_sync(
             convert_codestream, codestream, inst.transfer_syntax_uid, info, target,
             limiter=svc.limiter,
@@ -553,6 +549,15 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
         )
     svc.frames.put(key, data)
     return data
+
+
+async def _stored_codestream(svc: Services, inst: StoredInstance, n: int) -> bytes:
+    """Frame n of an encapsulated instance as stored: its fragments, read by the offsets
+    recorded at ingest, their values joined (item headers stripped)."""
+    assert inst.frame_offsets is not None and inst.frame_lengths is not None
+    offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
+    chunks = svc.blobs.open_range(inst.blob_key, offset, length)
+    return b"".join([c async for c in strip_items(chunks)])
 
 
 async def _converted_frames(
