@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -309,3 +310,69 @@ async def test_idle_stream_keeps_its_read_ahead_while_the_budget_is_not_short(
     assert b"".join(got) == data
     assert sum(reads) == len(data) - 1000  # every byte read once
     assert blobstore._READ_AHEAD.used == 0
+
+
+def _entered_reads(monkeypatch: pytest.MonkeyPatch, release: threading.Event) -> list[int]:
+    """The sizes of the reads after the first, in the order their threads entered them; each
+    read waits for `release` once entered."""
+    entered: list[int] = []
+
+    def gated_read(fh: BinaryIO, n: int) -> bytes:
+        entered.append(n)
+        release.wait(5)
+        return fh.read(n)
+
+    monkeypatch.setattr(blobstore, "_read", gated_read)
+    return entered
+
+
+async def test_next_read_is_under_way_before_the_sender_gets_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader thread is inside the next read before the sender has the chunk to write: the
+    loop keeps the GIL through a socket write, so a read merely scheduled would start only
+    after it (reads and writes taking turns)."""
+    _small_chunks(monkeypatch)
+    path = tmp_path / "blob"
+    data = _random_file(path, 30_000)
+    release = threading.Event()
+    entered = _entered_reads(monkeypatch, release)
+    stream = cast(AsyncGenerator[bytes, None], stream_path(path))
+    got = [await stream.__anext__()]
+    assert entered == [2000]  # before the first chunk reached the sender
+    release.set()
+    got.append(await stream.__anext__())
+    await _settled(lambda: len(entered) == 3)
+    got += [c async for c in stream]
+    assert b"".join(got) == data
+    assert blobstore._READERS.busy == 0
+
+
+async def test_read_start_does_not_wait_while_every_reader_thread_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every reader thread in a read, a new read queues: the loop does not wait for it
+    to start (that would stall every other request for READ_START_WAIT_S)."""
+    _small_chunks(monkeypatch, READ_AHEAD_THREADS=1)
+    monkeypatch.setattr(blobstore, "_READERS", blobstore._Readers())
+    waits: list[bool] = []
+    real_wait = blobstore._wait_started
+
+    def counted_wait(started: threading.Event) -> None:
+        real_wait(started)
+        waits.append(started.is_set())
+
+    monkeypatch.setattr(blobstore, "_wait_started", counted_wait)
+    release = threading.Event()
+    entered = _entered_reads(monkeypatch, release)
+    data = {name: _random_file(tmp_path / name, 9000) for name in ("a", "b")}
+    a = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "a"))
+    b = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "b"))
+    got = {"a": [await a.__anext__()], "b": [await b.__anext__()]}
+    assert waits == [True]  # a's read started in the one thread; b's queued behind it
+    assert entered == [2000] and blobstore._READERS.busy == 2
+    release.set()
+    got["a"] += [c async for c in a]
+    got["b"] += [c async for c in b]
+    assert {name: b"".join(chunks) for name, chunks in got.items()} == data
+    assert blobstore._READERS.busy == 0
