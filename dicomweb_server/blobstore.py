@@ -260,14 +260,17 @@ async def stream_path(
     """Read `length` bytes of a file from `offset` (to the end when None) in chunks.
 
     The file is opened and its first chunk read in one worker-thread call (closed there too
-    when that chunk is all of it: a small instance costs one thread hop). After that the
-    reads run ahead of the sender (see _ReadAhead), so the disk and the socket work at the
-    same time; memory stays bounded by READ_AHEAD_BYTES plus the chunk being sent.
+    when that chunk is all of it: a small instance costs one thread hop). A file shorter than
+    the range fails there, before the first chunk: a damaged blob is an error before the
+    response starts, not a body that breaks off. After that the reads run ahead of the sender
+    (see _ReadAhead), so the disk and the socket work at the same time; memory stays bounded
+    by READ_AHEAD_BYTES plus the chunk being sent.
     """
     n = READ_CHUNK_BYTES if length is None else min(READ_CHUNK_BYTES, length)
     if n == 0:
         return
-    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, n == length)
+    end = None if length is None else offset + length
+    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, end)
     remaining = None if length is None else length - len(chunk)
     if fh is None:
         if chunk:
@@ -487,17 +490,22 @@ def tune_allocator() -> bool:
     )
 
 
-def _open_and_read(path: Path, offset: int, n: int, last: bool) -> tuple[BinaryIO | None, bytes]:
+def _open_and_read(
+    path: Path, offset: int, n: int, end: int | None
+) -> tuple[BinaryIO | None, bytes]:
     """The file opened at `offset` and its first `n` bytes; the file is closed (None) when
-    those are the last bytes wanted or the file ended."""
+    those are the last bytes wanted (up to `end`, None: the file's end) or the file ended.
+    A file shorter than `end` raises OSError."""
     fh = path.open("rb")
     try:
+        if end is not None and os.fstat(fh.fileno()).st_size < end:
+            raise OSError(f"{path.name} is shorter than the recorded range")
         fh.seek(offset)
         chunk = fh.read(n)
     except BaseException:
         fh.close()
         raise
-    if last or len(chunk) < n:
+    if offset + n == end or len(chunk) < n:
         fh.close()
         return None, chunk
     return fh, chunk

@@ -152,11 +152,19 @@ async def test_stream_path_cancelled_during_a_read_closes_after_it(
     assert got == [data[:READ_CHUNK_BYTES]]
 
 
-async def test_stream_path_short_file_is_an_error(blob: tuple[Path, bytes]) -> None:
+@pytest.mark.parametrize("offset", [0, 2 * READ_CHUNK_BYTES])
+async def test_stream_path_short_file_is_an_error_before_the_first_chunk(
+    blob: tuple[Path, bytes], offset: int
+) -> None:
+    """Found when the file is opened (its size), not once the stream has run dry: a
+    response can still answer an error status."""
     path, data = blob
+    got = []
     with pytest.raises(OSError, match="shorter than the recorded range"):
-        async for _ in stream_path(path, 0, len(data) + 1):
-            pass
+        async for chunk in stream_path(path, offset, len(data) - offset + 1):
+            got.append(chunk)
+    assert got == []
+    assert _open_fds(path) == 0
 
 
 async def test_stream_path_reads_ahead_of_a_slow_sender_up_to_the_bound(

@@ -1,5 +1,6 @@
 """Multipart responses: built whole up to INLINE_RESPONSE_BYTES, streamed past it, the same
-bytes either way; a stored blob found short is an error before anything is sent."""
+bytes either way; a stored blob found short or missing is an error before anything is sent,
+built whole or streamed."""
 
 from __future__ import annotations
 
@@ -72,13 +73,36 @@ async def test_unknown_lengths_stream() -> None:
     assert "content-length" not in response.headers
 
 
+async def test_a_stream_that_fails_at_once_fails_before_the_response() -> None:
+    """Past INLINE_RESPONSE_BYTES the first piece is still made before the response exists:
+    a blob that cannot be read is an error status, not a 200 that breaks off."""
+
+    async def unreadable() -> AsyncIterator[bytes]:
+        raise OSError("blob shorter than the recorded range")
+        yield b""  # pragma: no cover - an async generator
+
+    async def parts() -> AsyncIterator[Part]:
+        yield dict(HEADERS), unreadable()
+
+    lengths = [(HEADERS, 2 * INLINE_RESPONSE_BYTES)]
+    with pytest.raises(OSError, match="shorter"):
+        await multipart_response(parts(), "application/dicom", lengths)
+    with pytest.raises(OSError, match="shorter"):
+        await multipart_response(parts(), "application/dicom")  # chunked alike
+
+
 @pytest.mark.db
+@pytest.mark.parametrize(
+    ("side", "damage"),
+    [(4, "short"), (1024, "short"), (1024, "missing")],  # inline; streamed (2 MiB of pixels)
+)
 async def test_short_blob_is_an_error_before_the_response(
-    app: Starlette, app_client: httpx.AsyncClient
+    app: Starlette, app_client: httpx.AsyncClient, side: int, damage: str
 ) -> None:
-    """A stored file shorter than its recorded size (damaged storage) fails the request with
-    a 500 before any byte is sent, rather than a 200 whose body breaks off."""
-    ds = make_instance()
+    """A stored file shorter than its recorded size (damaged storage), or gone, fails the
+    request with a 500 before any byte is sent, rather than a 200 whose body breaks off,
+    whether the response is built whole or streamed."""
+    ds = make_instance(rows=side, cols=side)
     data = to_bytes(ds)
     r = await app_client.post(
         f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
@@ -92,6 +116,9 @@ async def test_short_blob_is_an_error_before_the_response(
     svc = app.state.services
     (found,) = await svc.index.locate(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     path = svc.blobs.local_path(found.blob_key)
-    path.write_bytes(path.read_bytes()[:-10])
+    if damage == "short":
+        path.write_bytes(path.read_bytes()[:-10])
+    else:
+        path.unlink()
     r = await app_client.get(inst_url(ds), headers=accept)
     assert r.status_code == 500 and r.json()["status"] == 500

@@ -145,7 +145,9 @@ async def multipart_response(
     Content-Length rather than chunked framing (clients see progress, and hypercorn sends
     large bodies about 30% faster without chunk framing), and up to INLINE_RESPONSE_BYTES it
     is built whole before it starts (so a blob found short is an error, not a cut body).
-    Otherwise it streams."""
+    Otherwise it streams, from its first piece on: that piece is made before the response
+    starts, so a first blob that is missing or short (blobstore.stream_path checks its size
+    when it opens it), or a first conversion that fails, is an error status too."""
     boundary = new_boundary()
     media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
     headers = None
@@ -155,7 +157,22 @@ async def multipart_response(
             body = b"".join([chunk async for chunk in encode_parts(parts, boundary)])
             return Response(body, media_type=media_type)
         headers = {"Content-Length": str(length)}
-    return StreamingResponse(encode_parts(parts, boundary), media_type=media_type, headers=headers)
+    body_iterator = await _started(encode_parts(parts, boundary))
+    return StreamingResponse(body_iterator, media_type=media_type, headers=headers)
+
+
+async def _started(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`chunks` with its first item already made (raising here if it cannot be)."""
+    first = await anext(chunks, None)
+
+    async def rest() -> AsyncIterator[bytes]:
+        if first is None:
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return rest()
 
 
 async def ranged_response(request: Request, value: Sized, part_type: str) -> Response:
