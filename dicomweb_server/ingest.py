@@ -10,6 +10,7 @@ concurrently (a few at a time), their outcomes reported in request order.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -73,20 +74,28 @@ async def store_parts(
     A part is spooled as it arrives, then stored in its own task while the next parts are
     spooled: up to PARTS_IN_FLIGHT parts at once, so that one part's parse (a worker thread),
     fsync and index round trips overlap with the others'. Each part's store is independent and
-    complete in itself (store_file), so a failure of one never fails another. A stream error
-    (400/413) discards the open part, lets the parts already received finish, and is raised.
+    complete in itself (store_file), so a failure of one never fails another; parts with the
+    same SOP Instance UID commit in request order (_CommitOrder). A stream error (400/413)
+    discards the open part, lets the parts already received finish, and is raised.
     """
     outcomes: dict[int, InstanceOutcome] = {}
     errors: dict[int, Exception] = {}
     slots = anyio.Semaphore(PARTS_IN_FLIGHT)
+    order = _CommitOrder()
 
     async def finish(n: int, writer: BlobWriter, part_type: str | None) -> None:
         try:
-            outcomes[n] = await _finish_part(writer, part_type, ctx, expected_study)
+            turn = functools.partial(order.turn, n)
+            outcomes[n] = await _finish_part(writer, part_type, ctx, expected_study, turn)
         except Exception as exc:  # e.g. 503: raised for the request after the others finish
             errors[n] = exc
         finally:
+            order.over(n)
             slots.release()
+
+    def failed(n: int, outcome: InstanceOutcome) -> None:
+        outcomes[n] = outcome
+        order.over(n)
 
     async def start(n: int, writer: BlobWriter, part_type: str | None) -> None:
         try:
@@ -100,7 +109,7 @@ async def store_parts(
     stream_error: Exception | None = None
     async with anyio.create_task_group() as tg:
         try:
-            count = await _spool_parts(events, ctx, outcomes, start)
+            count = await _spool_parts(events, ctx, failed, start)
         except Exception as exc:  # raised once the parts in flight are done
             stream_error = exc
     if stream_error is not None:
@@ -113,10 +122,11 @@ async def store_parts(
 async def _spool_parts(
     events: AsyncIterator[Event],
     ctx: Services,
-    outcomes: dict[int, InstanceOutcome],
+    failed: Callable[[int, InstanceOutcome], None],
     start: Callable[[int, BlobWriter, str | None], Awaitable[None]],
 ) -> int:
-    """Spool each part into a blob writer and hand it to `start`; returns the part count."""
+    """Spool each part into a blob writer and hand it to `start` (or its failure to `failed`);
+    returns the part count."""
     count = 0
     writer: BlobWriter | None = None
     part_type: str | None = None
@@ -138,7 +148,7 @@ async def _spool_parts(
                     writer = None
             elif isinstance(event, PartEnd):
                 if spool_error is not None:
-                    outcomes[count] = _spool_failure(spool_error)
+                    failed(count, _spool_failure(spool_error))
                 elif writer is not None:
                     w, writer = writer, None
                     await start(count, w, part_type)
@@ -181,24 +191,77 @@ def _part_type_problem(part_type: str | None) -> str | None:
 
 
 async def _finish_part(
-    writer: BlobWriter, part_type: str | None, ctx: Services, expected_study: str | None
+    writer: BlobWriter,
+    part_type: str | None,
+    ctx: Services,
+    expected_study: str | None,
+    turn: Callable[[str], Awaitable[None]],
 ) -> InstanceOutcome:
     problem = _part_type_problem(part_type)
     if problem:
         await ctx.blobs.discard(writer)
         return InstanceOutcome(None, None, FailureReason.CANNOT_UNDERSTAND, reason=problem)
-    return await store_file(writer, ctx, expected_study)
+    return await store_file(writer, ctx, expected_study, turn)
+
+
+class _CommitOrder:
+    """Parts of one request that carry the same SOP Instance UID commit in request order: the
+    first is stored and a later one is its duplicate (the same bytes: a success, one copy;
+    other bytes: 0x0111), as when they come in requests one after another, and as Orthanc and
+    dcm4chee, which store a request's parts one by one, answer. A part commits once every
+    earlier part's UID is known (parsed, or the part is over) and the earlier parts with its
+    UID are over; parts with other UIDs still commit concurrently. Every part must reach
+    `over`, whatever becomes of it, or the later ones would wait for it."""
+
+    def __init__(self) -> None:
+        self._sops: dict[int, str | None] = {}  # part -> its SOP Instance UID, None: none
+        self._parts_of: dict[str, list[int]] = {}
+        self._over: dict[int, anyio.Event] = {}
+        self._known = 0  # parts 0 .. _known - 1 are all in _sops
+        self._changed = anyio.Event()
+
+    def _learn(self, n: int, sop: str | None) -> None:
+        if n in self._sops:
+            return
+        self._sops[n] = sop
+        if sop is not None:
+            self._parts_of.setdefault(sop, []).append(n)
+        while self._known in self._sops:
+            self._known += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _over_event(self, n: int) -> anyio.Event:
+        return self._over.setdefault(n, anyio.Event())
+
+    async def turn(self, n: int, sop: str) -> None:
+        """Wait until part `n` (parsed: its UID is `sop`) may commit."""
+        self._learn(n, sop)
+        while self._known < n:
+            await self._changed.wait()
+        for m in self._parts_of[sop]:
+            if m < n:
+                await self._over_event(m).wait()
+
+    def over(self, n: int) -> None:
+        """Part `n` is stored, failed or gone."""
+        self._learn(n, None)
+        self._over_event(n).set()
 
 
 async def store_file(
-    writer: BlobWriter, ctx: Services, expected_study: str | None
+    writer: BlobWriter,
+    ctx: Services,
+    expected_study: str | None,
+    turn: Callable[[str], Awaitable[None]] | None = None,
 ) -> InstanceOutcome:
     """Store a fully spooled file (used by STOW and by `load`). Consumes the writer.
 
     A blob key is reserved first (from the process's spares: no round trip as a rule), then
     one worker-thread call closes, parses, checks and places the file (_parse_and_place): one
     thread hop per instance, not one to parse and another to place. A file refused before
-    it was placed releases its reservation.
+    it was placed releases its reservation. `turn`, given the SOP Instance UID, returns when
+    the instance may commit (a STOW request's _CommitOrder).
     """
     key: str | None = None
     placed = False
@@ -224,6 +287,8 @@ async def store_file(
             raise exc.error from None
         placed = True
         uids = (parsed.uids[0], parsed.uids[1])
+        if turn is not None:
+            await turn(parsed.uids[1])
         return await _commit(parsed, writer, key, ctx)
     except OSError as exc:
         log.exception("storing %s failed", uids[1] or writer.path.name)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import pydicom
 import pytest
 from starlette.applications import Starlette
 
+from dicomweb_server import blobstore, ingest
 from dicomweb_server.config import Settings
+from dicomweb_server.dicomfile import ParsedFile, parse_file
 from tests.helpers import (
     ROOT,
     TEST_HOSTS,
@@ -263,6 +268,84 @@ async def test_stow_same_bytes_twice_and_conflicting_copy(
     blobs = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"]
     assert [p.name for p in blobs] == [key]
     assert blobs[0].read_bytes() == raw
+
+
+def _blob_contents(settings: Settings) -> list[bytes]:
+    root = settings.blob_dir
+    return [
+        p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).parts[0] != "tmp"
+    ]
+
+
+@pytest.mark.parametrize("garbage_first", [False, True])
+async def test_stow_same_sop_twice_in_one_request_first_part_wins(
+    app_client: httpx.AsyncClient,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    garbage_first: bool,
+) -> None:
+    """Two parts of one request with the same SOP Instance UID and different bytes: the first
+    in request order is stored, the later one fails with 0x0111, even when the first is parsed
+    last (parts are stored concurrently). A part that fails before its UID is known (not
+    DICOM) holds nothing up."""
+    ds = make_instance(rows=32, cols=32)
+    first = to_bytes(ds)
+    ds.PatientName = "Other^Copy"
+    second = to_bytes(ds)
+    real_parse = parse_file
+
+    def first_parsed_last(path: Path) -> ParsedFile:
+        parsed = real_parse(path)
+        if path.read_bytes() == first:
+            time.sleep(0.3)  # in a worker thread: the second part's parse finishes meanwhile
+        return parsed
+
+    monkeypatch.setattr(ingest, "parse_file", first_parsed_last)
+    parts = [b"not dicom"] * garbage_first + [first, second]
+    r = await stow(app_client, *parts)
+    assert r.status_code == 202, r.text
+    (stored,) = values(r.json(), "00081199")
+    assert isinstance(stored, dict) and values(stored, "00081155") == [ds.SOPInstanceUID]
+    failures = values(r.json(), "00081198")
+    codes = [values(f, "00081197")[0] for f in failures if isinstance(f, dict)]
+    assert codes == [0xC000] * garbage_first + [0x0111]
+    assert _blob_contents(settings) == [first]
+
+
+async def test_stow_part_failing_to_spool_holds_no_later_part_up(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part that fails while it is spooled (never parsed: its UID is never known) must not
+    keep the later parts waiting for their commit turn."""
+    bad = to_bytes(make_instance(rows=512, cols=512))  # past SPOOL_BUFFER_BYTES: written early
+    good = make_instance()
+    real_write_out = blobstore._FileWriter._write_out
+
+    def full_disk(writer: blobstore._FileWriter, chunk: bytes, last: bool) -> None:
+        if not last:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_out(writer, chunk, last)
+
+    monkeypatch.setattr(blobstore._FileWriter, "_write_out", full_disk)
+    with anyio.fail_after(30):
+        r = await stow(app_client, bad, to_bytes(good))
+    assert r.status_code == 202, r.text
+    (failed,) = values(r.json(), "00081198")
+    assert isinstance(failed, dict) and values(failed, "00081197") == [0xA700]
+    (stored,) = values(r.json(), "00081199")
+    assert isinstance(stored, dict) and values(stored, "00081155") == [good.SOPInstanceUID]
+
+
+async def test_stow_same_bytes_twice_in_one_request(
+    app_client: httpx.AsyncClient, settings: Settings
+) -> None:
+    raw = to_bytes(make_instance())
+    r = await stow(app_client, raw, raw)
+    assert r.status_code == 200, r.text
+    assert len(values(r.json(), "00081199")) == 2
+    assert _blob_contents(settings) == [raw]
 
 
 @pytest.mark.parametrize(
