@@ -216,9 +216,11 @@ class _CommitOrder:
     def __init__(self) -> None:
         self._sops: dict[int, str | None] = {}  # part -> its SOP Instance UID, None: none
         self._parts_of: dict[str, list[int]] = {}
-        self._over: dict[int, anyio.Event] = {}
+        self._over: set[int] = set()
+        # Events are made only for a part that waits (rarely): a request of one part makes none.
+        self._waits: dict[int, anyio.Event] = {}  # part -> set when it is over
+        self._changed: anyio.Event | None = None  # set when a part's UID becomes known
         self._known = 0  # parts 0 .. _known - 1 are all in _sops
-        self._changed = anyio.Event()
 
     def _learn(self, n: int, sop: str | None) -> None:
         if n in self._sops:
@@ -228,25 +230,27 @@ class _CommitOrder:
             self._parts_of.setdefault(sop, []).append(n)
         while self._known in self._sops:
             self._known += 1
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def _over_event(self, n: int) -> anyio.Event:
-        return self._over.setdefault(n, anyio.Event())
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def turn(self, n: int, sop: str) -> None:
         """Wait until part `n` (parsed: its UID is `sop`) may commit."""
         self._learn(n, sop)
         while self._known < n:
+            if self._changed is None:
+                self._changed = anyio.Event()
             await self._changed.wait()
         for m in self._parts_of[sop]:
-            if m < n:
-                await self._over_event(m).wait()
+            if m < n and m not in self._over:
+                await self._waits.setdefault(m, anyio.Event()).wait()
 
     def over(self, n: int) -> None:
         """Part `n` is stored, failed or gone."""
         self._learn(n, None)
-        self._over_event(n).set()
+        self._over.add(n)
+        if (event := self._waits.pop(n, None)) is not None:
+            event.set()
 
 
 async def store_file(
