@@ -54,14 +54,19 @@ READ_AHEAD_TOTAL_BYTES = 64 * 1024 * 1024
 # process's budget is short (the file is read again from there when the sender asks): a
 # client that stops reading does not keep budget from the others.
 READ_AHEAD_IDLE_S = 5.0
-# Threads that read chunks ahead of the senders (_ReadAhead), and how long the event loop waits
-# for one to be inside its read before it goes on. A thread needs the GIL to start its read,
-# and the loop keeps the GIL through a sender's socket write (uvloop writes without releasing
-# it), so without the wait the next read started only once the write was done: reads and
-# writes took turns instead of overlapping. With it, a 201 MB retrieve takes 10-12% less time,
-# warm or cold (docs/benchmarks.md, 2026-12-03d). The loop never waits while every thread is
-# busy (the read would queue, not start).
-READ_AHEAD_THREADS = 8
+# Threads that read chunks ahead of the senders (_ReadAhead; as many as anyio's default pool,
+# which did these reads before: a few reads stuck on failing storage do not hold up the
+# others), and how long the event loop waits for one to be inside its read before it goes on.
+# A thread needs the GIL to start its read, and the loop keeps the GIL through a sender's
+# socket write (uvloop writes without releasing it), so without the wait the next read
+# started only once the write was done: reads and writes took turns instead of overlapping.
+# With it, a 201 MB retrieve takes 8-14% less time, warm or cold, and 18% less while STOW
+# requests are being parsed, at the same STOW rate (docs/benchmarks.md, 2026-12-03d). The
+# loop never waits while every thread is busy (the read would queue, not start). The wait
+# gives the GIL away: when another thread is running Python, the loop can take up to the
+# interpreter's switch interval (5 ms) to get it back, so the stall is bounded by that, not
+# by READ_START_WAIT_S.
+READ_AHEAD_THREADS = 40
 READ_START_WAIT_S = 0.001
 # glibc malloc: blocks up to this size come from the heap, not from a fresh mmap each (whose
 # pages the kernel faults in and zeroes again for every chunk read, then unmaps: a fifth of a
@@ -276,7 +281,11 @@ async def stream_path(
         if chunk:
             yield chunk
     else:
-        reader = _ReadAhead(fh, remaining, len(chunk) == n)
+        try:
+            reader = _ReadAhead(fh, remaining, len(chunk) == n)
+        except BaseException:
+            fh.close()
+            raise
         try:
             yield chunk
             while (more := await reader.next()) is not None:
@@ -338,10 +347,14 @@ class _ReadAhead:
         )
         if over and not asked:
             return
+        try:
+            task = _READERS.start(self._fh, n)
+        except Exception as exc:  # no thread to read in (e.g. none can be started)
+            self._error, self._ended = exc, True  # the sender gets it at its next chunk
+            return
         self._size = size
         self._reading = True
         _READ_AHEAD.used += n
-        task = _READERS.start(self._fh, n)
         task.add_done_callback(functools.partial(self._read_done, n))
 
     def _read_done(self, n: int, task: asyncio.Future[bytes]) -> None:
@@ -375,8 +388,9 @@ class _ReadAhead:
             if self._ended:
                 return None
             self._start(asked=True)
-            self._wakeup = asyncio.get_running_loop().create_future()
-            await self._wakeup
+            if self._reading:  # else the read could not start: _error says why
+                self._wakeup = asyncio.get_running_loop().create_future()
+                await self._wakeup
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         _READ_AHEAD.used -= len(chunk)
@@ -449,9 +463,9 @@ class _Readers:
             self._pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "blob-read")
         started = threading.Event()
         wait = self.busy < READ_AHEAD_THREADS
-        self.busy += 1
         loop = asyncio.get_running_loop()
         task = loop.run_in_executor(self._pool, _read_started, fh, n, started)
+        self.busy += 1
         task.add_done_callback(self._done)
         if wait:
             _wait_started(started)

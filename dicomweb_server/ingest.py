@@ -9,6 +9,7 @@ concurrently (a few at a time), their outcomes reported in request order.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -215,7 +216,7 @@ class _CommitOrder:
 
     def __init__(self) -> None:
         self._sops: dict[int, str | None] = {}  # part -> its SOP Instance UID, None: none
-        self._parts_of: dict[str, list[int]] = {}
+        self._parts_of: dict[str, list[int]] = {}  # UID -> its parts, in request order
         self._over: set[int] = set()
         # Events are made only for a part that waits (rarely): a request of one part makes none.
         self._waits: dict[int, anyio.Event] = {}  # part -> set when it is over
@@ -227,7 +228,7 @@ class _CommitOrder:
             return
         self._sops[n] = sop
         if sop is not None:
-            self._parts_of.setdefault(sop, []).append(n)
+            bisect.insort(self._parts_of.setdefault(sop, []), n)
         while self._known in self._sops:
             self._known += 1
         if self._changed is not None:
@@ -241,9 +242,12 @@ class _CommitOrder:
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
-        for m in self._parts_of[sop]:
-            if m < n and m not in self._over:
-                await self._waits.setdefault(m, anyio.Event()).wait()
+        # The latest earlier part with this UID (all are known by now): it commits only once
+        # the one before it is over, and so on, so waiting for it is waiting for them all.
+        parts = self._parts_of[sop]
+        i = bisect.bisect_left(parts, n)
+        if i and (m := parts[i - 1]) not in self._over:
+            await self._waits.setdefault(m, anyio.Event()).wait()
 
     def over(self, n: int) -> None:
         """Part `n` is stored, failed or gone."""

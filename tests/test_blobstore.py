@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
+import anyio
 import pytest
 
 from dicomweb_server import blobstore
@@ -384,3 +386,70 @@ async def test_read_start_does_not_wait_while_every_reader_thread_is_busy(
     got["b"] += [c async for c in b]
     assert {name: b"".join(chunks) for name, chunks in got.items()} == data
     assert blobstore._READERS.busy == 0
+
+
+class _NoThreadAfterTheFirst(concurrent.futures.ThreadPoolExecutor):
+    """A pool that cannot start another thread after its first read (a process or container
+    at its thread limit)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.submits = 0
+
+    def submit(self, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        self.submits += 1
+        if self.submits > 1:
+            raise RuntimeError("can't start new thread")
+        return super().submit(*args, **kwargs)
+
+
+async def test_read_that_cannot_be_handed_over_fails_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread to read in: the stream fails (the response breaks off, or never starts),
+    rather than hanging with its file open and its bytes held in the budget."""
+    _small_chunks(monkeypatch)
+    readers = blobstore._Readers()
+    readers._pool = _NoThreadAfterTheFirst()
+    monkeypatch.setattr(blobstore, "_READERS", readers)
+    path = tmp_path / "blob"
+    _random_file(path, 30_000)
+    got = []
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="can't start new thread"):
+        async for chunk in stream_path(path):
+            got.append(chunk)
+    assert [len(c) for c in got] == [1000, 2000]  # the first chunk, and the one read ahead
+    assert _open_fds(path) == 0
+    assert blobstore._READ_AHEAD.used == 0 and readers.busy == 0
+
+
+async def test_reads_stuck_on_failing_storage_do_not_hold_up_another_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight streams whose reads hang (a failing disk, a hung network mount): another stream
+    of a healthy file still gets every chunk."""
+    _small_chunks(monkeypatch)
+    monkeypatch.setattr(blobstore, "_READERS", blobstore._Readers())
+    release = threading.Event()
+
+    def read(fh: BinaryIO, n: int) -> bytes:
+        if Path(str(fh.name)).name.startswith("stuck"):
+            release.wait(10)
+        return fh.read(n)
+
+    monkeypatch.setattr(blobstore, "_read", read)
+    stuck = []
+    try:
+        for i in range(8):
+            _random_file(tmp_path / f"stuck{i}", 30_000)
+            stream = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / f"stuck{i}"))
+            await stream.__anext__()  # its read-ahead now holds a reader thread
+            stuck.append(stream)
+        data = _random_file(tmp_path / "healthy", 30_000)
+        with anyio.fail_after(5):
+            got = [c async for c in stream_path(tmp_path / "healthy")]
+        assert b"".join(got) == data
+    finally:
+        release.set()
+        for stream in stuck:
+            await stream.aclose()
