@@ -1,6 +1,8 @@
-"""A bare HTTP/1.1 responder that sends one file with sendfile(2): the reference for what any
-server can send over loopback on this machine (`vs_orthanc.py`, large retrieve). It reads no
-index, checks nothing and copies nothing in user space; whatever a real server adds, it does not.
+"""A bare HTTP/1.1 responder that sends one file with sendfile(2): the reference for what a
+server with no user-space copy sends over loopback on this machine (`vs_orthanc.py`, large
+retrieve). It reads no index, checks nothing and copies nothing in user space. It is not a
+ceiling: at 201 MB our server, which reads ahead in threads while it sends, has matched or
+beaten it (docs/benchmarks.md, 2026-12-03d).
 
     python -m benchmarks.sendfile_server FILE PORT
 

@@ -206,8 +206,8 @@ def large_retrieve(
 ) -> dict[str, dict[str, float]]:
     """Retrieve as stored (MB/s) of the 12.6 MB instance and of a 201 MB one (its frames 16
     times over: a size where a request's fixed cost no longer hides the streaming rate), and
-    the same bytes read from disk, and sent by a bare sendfile server (the most any HTTP
-    server can send over loopback here: `sendfile_server.py`).
+    the same bytes read from disk, and sent by a bare sendfile server (no user-space copy:
+    `sendfile_server.py`).
 
     The client is common.raw_get (a socket read per MiB, nothing parsed past the status line):
     httpx tops out near 450 MB/s here and curl near 1.6 GB/s, below what the servers send, which
