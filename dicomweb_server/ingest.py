@@ -215,21 +215,21 @@ class _CommitOrder:
     `over`, whatever becomes of it, or the later ones would wait for it."""
 
     def __init__(self) -> None:
-        self._sops: dict[int, str | None] = {}  # part -> its SOP Instance UID, None: none
+        self._learned: set[int] = set()  # parts whose UID is known, or that are over
         self._parts_of: dict[str, list[int]] = {}  # UID -> its parts, in request order
         self._over: set[int] = set()
         # Events are made only for a part that waits (rarely): a request of one part makes none.
         self._waits: dict[int, anyio.Event] = {}  # part -> set when it is over
         self._changed: anyio.Event | None = None  # set when a part's UID becomes known
-        self._known = 0  # parts 0 .. _known - 1 are all in _sops
+        self._known = 0  # parts 0 .. _known - 1 are all learned
 
     def _learn(self, n: int, sop: str | None) -> None:
-        if n in self._sops:
+        if n in self._learned:
             return
-        self._sops[n] = sop
+        self._learned.add(n)
         if sop is not None:
             bisect.insort(self._parts_of.setdefault(sop, []), n)
-        while self._known in self._sops:
+        while self._known in self._learned:
             self._known += 1
         if self._changed is not None:
             self._changed.set()
