@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -19,6 +20,7 @@ from dicomweb_server.errors import FailureReason, WarningReason
 __all__ = [
     "BULK_DATA_THRESHOLD_BYTES",
     "BULK_VRS",
+    "IMPLICIT_VR_CACHE_SIZE",
     "InstanceOutcome",
     "absolutize_bulk_uris",
     "absolutize_bulk_uris_bytes",
@@ -107,6 +109,26 @@ def _walk(
 # The VRs `simple_json` renders straight from the raw bytes, and how (see there).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
 _BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+_SIMPLE_VRS = _TEXT_VRS | {"IS", "DS", "PN"} | _BINARY_FORMATS.keys()
+# Tags whose implicit VR `_implicit_vr` remembers: a file may carry any number of distinct tags.
+IMPLICIT_VR_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=IMPLICIT_VR_CACHE_SIZE)
+def _implicit_vr(tag: int) -> str | None:
+    """The VR an element of an implicit VR data set takes from the data dictionary, as pydicom
+    gives it (PS3.5 7.1.3), when that is one VR `simple_json` renders; None leaves the element to
+    pydicom: private tags, group lengths, unknown tags and ambiguous VRs ("US or SS", whose
+    choice depends on other elements)."""
+    if (tag >> 16) % 2 or not tag & 0xFFFF:
+        return None
+    try:
+        vr = str(dictionary_VR(tag))
+    except KeyError:
+        return None
+    return vr if vr in _SIMPLE_VRS else None
+
+
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
 _INTEGER = re.compile(r"[+-]?[0-9]{1,10}")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
@@ -117,13 +139,14 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
 
     pydicom converts each element to a DataElement and then to JSON; for the dozens of short
     text and number elements of a typical header that is most of the cost of a STOW's parse.
-    Only the plain cases are handled here: an explicit VR from the table above, a value of
+    Only the plain cases are handled here: a VR from the table above, a value of
     printable ASCII (the same characters in every DICOM character set, PS3.5 6.1), no empty
     value in a multi-value and no leading or trailing spaces inside one, numbers that Python
     reads exactly as pydicom does. Anything else goes through pydicom (tests/test_dicom_json.py
-    checks both give the same JSON on the sample corpus).
+    checks both give the same JSON on the sample corpus). An element of an implicit VR data set
+    (no VR in the file) takes its VR from the data dictionary when that is unambiguous.
     """
-    vr = raw.VR
+    vr = raw.VR or _implicit_vr(raw.tag)
     value = raw.value
     if vr is None or not isinstance(value, bytes):
         return None

@@ -78,13 +78,14 @@ def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) 
     from dicomweb_server import dicom_json
 
     assert isinstance(samples, Path)
-    hits = 0
+    hits = implicit_hits = 0
     real = dicom_json.simple_json
 
     def counting(raw: Any, little: bool) -> Any:
-        nonlocal hits
+        nonlocal hits, implicit_hits
         out = real(raw, little)
         hits += out is not None
+        implicit_hits += out is not None and raw.VR is None
         return out
 
     dicom_json.simple_json = counting
@@ -104,6 +105,8 @@ def test_raw_fast_path_gives_pydicom_json_on_the_sample_corpus(samples: object) 
     finally:
         dicom_json.simple_json = real
     assert hits > 10_000, "the fast path was not exercised"
+    # Elements of implicit VR files take the fast path too, their VR from the dictionary.
+    assert implicit_hits > 1_000, implicit_hits
 
 
 def test_tag_hex_cache_is_bounded() -> None:
@@ -145,3 +148,36 @@ def test_values_read_raw_at_ingest_are_pydicoms(samples: object) -> None:
             else:
                 assert _value(ours, tag) is None
     assert compared > 1000
+
+
+def test_implicit_vr_elements_take_their_vr_from_the_dictionary() -> None:
+    """An implicit VR element is rendered raw only when the dictionary names one plain VR;
+    private tags, group lengths, unknown tags and ambiguous VRs are left to pydicom."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    from dicomweb_server.dicom_json import simple_json
+
+    def raw(tag: int, value: bytes) -> RawDataElement:
+        return RawDataElement(Tag(tag), None, len(value), value, 0, True, True)
+
+    assert simple_json(raw(0x00100020, b"PID-1 "), True) == {"vr": "LO", "Value": ["PID-1"]}
+    assert simple_json(raw(0x00280010, b"\x00\x02"), True) == {"vr": "US", "Value": [512]}
+    assert simple_json(raw(0x00200013, b"12"), True) == {"vr": "IS", "Value": [12]}
+    assert simple_json(raw(0x00100010, b"DOE^JOHN"), True) == {
+        "vr": "PN", "Value": [{"Alphabetic": "DOE^JOHN"}]
+    }  # fmt: skip
+    for tag in (0x00090010, 0x00191001, 0x00080000, 0x00281101, 0x7FE00010, 0x00420099):
+        # private creator, private, group length, "US or SS", "OB or OW", unknown
+        assert simple_json(raw(tag, b"\x00\x01\x00\x02\x00\x03"), True) is None, hex(tag)
+
+
+def test_implicit_vr_cache_is_bounded() -> None:
+    """Files may carry any number of distinct (unknown) tags: the VR cache stays bounded."""
+    from dicomweb_server.dicom_json import IMPLICIT_VR_CACHE_SIZE, _implicit_vr
+
+    _implicit_vr.cache_clear()
+    for t in range(0x00420100, 0x00420100 + IMPLICIT_VR_CACHE_SIZE + 100):
+        assert _implicit_vr(t) is None
+    assert _implicit_vr.cache_info().currsize == IMPLICIT_VR_CACHE_SIZE
+    assert _implicit_vr(0x00100020) == "LO"
