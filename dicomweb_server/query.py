@@ -7,12 +7,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
 from dicomweb_server.attributes import (
     BY_KEYWORD,
     BY_TAG,
     ITEM_KEYS,
+    LEVEL_TAGS,
     PATIENT_MATCHING_TAGS,
     Attribute,
     Level,
@@ -54,6 +55,17 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
 _LEVEL_ORDER = {Level.PATIENT: -1, Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
+# What a result carries besides the attributes stored for its level (attributes.LEVEL_TAGS):
+# the values sql.render_rows computes from the index, per level (sql._computed). Instance
+# results carry any attribute of the instance's own DICOM JSON. tests/test_query_sql.py
+# checks the includefield warnings against what render_rows returns.
+_COMPUTED_TAGS: dict[Level, frozenset[int]] = {
+    Level.PATIENT: frozenset({0x00201200, 0x00201202, 0x00201204}),
+    Level.STUDY: frozenset(
+        {0x00080056, 0x00080061, 0x00080062, 0x00081190, 0x00201206, 0x00201208}
+    ),
+    Level.SERIES: frozenset({0x00081190, 0x00201209}),
+}
 
 
 @dataclass(frozen=True)
@@ -296,8 +308,15 @@ def _dt_range(attr: Attribute, value: str) -> Match:
     raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid DT range")
 
 
-def _includes(values: list[str]) -> tuple[Include, list[str]]:
+def _includes(
+    values: list[str], level: Level, path_uids: Mapping[Level, str], matches: tuple[Match, ...]
+) -> tuple[Include, list[str]]:
+    """`includefield` values (PS3.18 8.3.4.3) -> Include, and a warning for each one that will
+    not be returned: unknown names, and attributes the level's results never carry (PS3.18
+    10.6.3.3 returns those "supported by the origin server"; at series level, never instance
+    attributes). Field notes 10: ignored with a Warning, never a failed query."""
     tags: set[int] = set()
+    unknown: set[str] = set()
     warnings: list[str] = []
     for raw in values:
         for key in (k.strip() for k in raw.split(",")):
@@ -306,12 +325,35 @@ def _includes(values: list[str]) -> tuple[Include, list[str]]:
             if key == "all":
                 return Include(all=True), warnings
             tag = _resolve(key)
-            if tag is None:
-                # Field notes 10: unknown includefield values are ignored with a warning.
+            if tag is None and key not in unknown:
+                unknown.add(key)
                 warnings.append(f"includefield {key!r} is not a DICOM attribute; ignored")
-            else:
+            elif tag is not None and tag not in tags:
                 tags.add(tag)
+                if not _returned(tag, level, path_uids, matches):
+                    warnings.append(_not_returned(key, tag, level, path_uids))
     return Include(tags=frozenset(tags)), warnings
+
+
+def _returned(
+    tag: int, level: Level, path_uids: Mapping[Level, str], matches: tuple[Match, ...]
+) -> bool:
+    """Whether results at `level` can carry `tag` (sql.render_rows). Instance results carry
+    any attribute stored with the instance, and every result its matched attributes (PS3.18
+    10.6.3.3). Series results carry the study's attributes unless scoped by the study's UID."""
+    if level is Level.INSTANCE or any(m.attr.tag == tag for m in matches):
+        return True
+    levels = [level]
+    if level is Level.SERIES and Level.STUDY not in path_uids:
+        levels.append(Level.STUDY)
+    return any(tag in LEVEL_TAGS[lvl] or tag in _COMPUTED_TAGS[lvl] for lvl in levels)
+
+
+def _not_returned(key: str, tag: int, level: Level, path_uids: Mapping[Level, str]) -> str:
+    keyword = keyword_for_tag(tag)
+    name = repr(key) + (f" ({keyword})" if keyword and keyword != key else "")
+    scope = " within a study" if path_uids else ""
+    return f"includefield {name} is not returned by {level.value} searches{scope}; ignored"
 
 
 def _matches(raw: Mapping[str, list[str]], level: Level, fuzzy: bool) -> tuple[Match, ...]:
@@ -358,7 +400,7 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
     matches = _matches(raw_matches, level, fuzzy)
-    include, include_warnings = _includes(include_values)
+    include, include_warnings = _includes(include_values, level, path_uids, matches)
     return Query(
         level=level,
         path_uids=dict(path_uids),

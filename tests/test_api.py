@@ -151,7 +151,9 @@ async def test_qido_levels_and_includefield(app_client: httpx.AsyncClient) -> No
     )
     assert r.status_code == 200
     assert "NotAKeyword" in r.headers["warning"]
-    assert values(r.json()[0], "00081030") == ["HEAD"]
+    # A series attribute has no place in study results: named too (field notes 10).
+    assert "'SeriesDescription' is not returned" in r.headers["warning"]
+    assert values(r.json()[0], "00081030") == ["HEAD"] and "0008103E" not in r.json()[0]
 
 
 async def test_qido_scoped_search_returns_the_parent_keys_it_matched(

@@ -19,7 +19,7 @@ from dicomweb_server import (
 from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.errors import FailureReason
-from dicomweb_server.routes import admin
+from dicomweb_server.routes import admin, common
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
 
@@ -59,7 +59,7 @@ def test_frame_media_types() -> None:
 
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
-               handlers, identifier)  # fmt: skip
+               handlers, identifier, common)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name

@@ -11,10 +11,12 @@ from dicomweb_server.media import (
     ACCEPT_CACHE_SIZE,
     EXPLICIT_VR_LITTLE_ENDIAN,
     STORED,
+    accepts_gzip,
     frame_media_type,
     negotiate_frames,
     negotiate_instances,
     negotiate_json,
+    none_match,
     parse_accept,
     stow_boundary,
 )
@@ -177,3 +179,73 @@ def test_image_type_without_transfer_syntax_means_its_default() -> None:
     lossless = "1.2.840.10008.1.2.4.70"
     assert negotiate_frames('multipart/related; type="image/jpeg"', lossless, ALL) == JPEG
     assert negotiate_frames('multipart/related; type="image/jpeg"', JPEG, ALL) == STORED
+
+
+ETAG = '"0123abcd"'
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        (ETAG, True),
+        (f"W/{ETAG}", True),  # weak comparison (RFC 9110 13.1.2): nginx gzip weakens ETags
+        (f'"other", {ETAG}', True),  # a list, the match second
+        (f'W/"other",W/{ETAG}', True),
+        (f'"a,b", {ETAG}', True),  # a comma inside an entity tag is data
+        (f" ,, {ETAG} ,", True),  # empty list elements (RFC 9110 5.6.1)
+        ("*", True),
+        (" * ", True),
+        ('"other", W/"second"', False),
+        ('"0123abc"', False),
+        ("garbage", False),  # not a list of entity tags: ignored
+        (ETAG.strip('"'), False),  # unquoted
+        (f"w/{ETAG}", False),  # the weak indicator is case-sensitive
+        (f"{ETAG} garbage", False),
+        (f"garbage, {ETAG}", False),
+        (f"*, {ETAG}", False),  # "*" stands alone
+        (ETAG[:-1] + '\\"', False),  # another tag, ending in a backslash (etagc)
+        ('"\x00"', False),  # a control character is not etagc
+    ],
+)
+def test_none_match(header: str | None, expected: bool) -> None:
+    assert none_match(header, ETAG) is expected
+    assert none_match(header, f"W/{ETAG}") is expected  # our side weak: the same comparison
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),  # no header: not compressed (a client that never asked)
+        ("", False),
+        ("gzip", True),
+        ("GZIP", True),  # codings are case-insensitive (RFC 9110 8.4.1)
+        ("x-gzip", True),  # RFC 9110 8.4.1.3
+        ("gzip, deflate, br", True),
+        ("deflate, gzip;q=1.0, *;q=0.5", True),
+        ("gzip ; Q=0.5", True),
+        ("gzip;q=0.001", True),
+        ("gzip;q=0, identity", False),
+        ("gzip;q=0.000", False),
+        ("GZIP;q=0", False),
+        ("identity", False),
+        ("deflate, br", False),
+        ("*", True),  # `*` covers gzip
+        ("*;q=0.5", True),
+        ("*, gzip;q=0", False),  # gzip listed with q=0 wins over `*`
+        ("gzip;q=0, *", False),
+        ("*;q=0", False),
+        ("gzip;q=0.5, identity", False),  # identity preferred
+        ("gzip;q=0.5, identity;q=0.5", True),  # a tie: the smaller body
+        ("br;q=1.0, gzip;q=0.8, *;q=0.1", True),
+        ("gzip;q=abc", False),  # a bad q-value: the element is skipped
+        ("gzip;q=2", False),
+        ("gzip;q=1.5", False),
+        ("gzip;q=, identity", False),
+        ("gzip-not, notgzip", False),  # not a substring test
+        (",,gzip,,", True),
+    ],
+)
+def test_accepts_gzip(header: str | None, expected: bool) -> None:
+    assert accepts_gzip(header) is expected

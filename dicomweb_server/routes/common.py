@@ -17,7 +17,7 @@ from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.dicom_json import dumps
 from dicomweb_server.errors import BadRequestError, DicomWebError
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import byte_range
+from dicomweb_server.media import accepts_gzip, byte_range, none_match
 from dicomweb_server.multipart import encode_parts, encoded_length, new_boundary
 from dicomweb_server.retrieve import Part, PartLength, Sized
 
@@ -40,6 +40,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 GZIP_MIN_BYTES = 1024
 # zlib level: 6 compresses DICOM JSON about 10x at a small CPU cost.
 GZIP_LEVEL = 6
+# Longest Warning header sent, bytes. All response headers must fit a reverse proxy's buffer
+# (nginx proxy_buffer_size is 4 KiB by default on most platforms; past it the client gets a
+# 502 "upstream sent too big header") and clients' limits (httpx fails with "Receive buffer
+# too long"). Warnings past it are summed up as one "... and N more".
+WARNING_HEADER_MAX_BYTES = 2048
+_WARN_AGENT = "dicomweb-server"
 # A multipart response whose length is known up front and at most this many bytes is built
 # whole, then sent as one plain response: streaming costs a task group and a disconnect
 # listener per response, a quarter of a small retrieve's instructions. Memory per response
@@ -96,16 +102,42 @@ def uid_param(request: Request, name: str) -> str:
 
 
 def warning_header(texts: list[str]) -> dict[str, str]:
-    """A Warning header (RFC 7234 5.5, code 299 as PS3.18 8.3.4.4 uses it) per text."""
+    """A Warning header (RFC 9111 5.5, code 299 as PS3.18 8.3.4.4 uses it) per text, in order,
+    at most WARNING_HEADER_MAX_BYTES long: put the warnings that matter most first."""
     if not texts:
         return {}
-    # Header values are visible ASCII here (RFC 9110 5.5): escape the rest, drop line breaks.
-    safe = (
-        _CONTROL.sub(" ", t.replace('"', "'")).encode("ascii", "backslashreplace").decode("ascii")
-        for t in texts
-    )
-    quoted = ", ".join(f'299 dicomweb-server "{t}"' for t in safe)
-    return {"Warning": quoted}
+    values = [_warning_value(_warn_text(t)) for t in texts]
+    joined = ", ".join(values)
+    return {"Warning": joined if len(joined) <= WARNING_HEADER_MAX_BYTES else _capped(values)}
+
+
+def _warn_text(text: str) -> str:
+    """`text` as the inside of a quoted-string (RFC 9110 5.6.4) of visible ASCII (5.5): line
+    breaks dropped, other characters escaped, `"` made `'`, and `\\` doubled so that no
+    backslash escapes the closing quote."""
+    ascii_text = _CONTROL.sub(" ", text.replace('"', "'")).encode("ascii", "backslashreplace")
+    return ascii_text.decode().replace("\\", "\\\\")
+
+
+def _warning_value(text: str) -> str:
+    return f'299 {_WARN_AGENT} "{text}"'
+
+
+def _capped(values: list[str]) -> str:
+    """The leading `values` that fit WARNING_HEADER_MAX_BYTES with a count of the others
+    (a first value too long on its own is cut)."""
+    room = WARNING_HEADER_MAX_BYTES - len(", " + _warning_value(f"... and {len(values)} more"))
+    kept: list[str] = []
+    size = -2  # no separator before the first value
+    for value in values:
+        size += 2 + len(value)
+        if size > room:
+            break
+        kept.append(value)
+    if not kept:
+        kept = [values[0][: room - len('..."')] + '..."']
+    rest = len(values) - len(kept)
+    return ", ".join([*kept, *([_warning_value(f"... and {rest} more")] if rest else [])])
 
 
 def json_response(
@@ -117,13 +149,16 @@ def json_response(
 
 async def cached_json_response(request: Request, body: bytes, media_type: str) -> Response:
     """Metadata responses (field notes 1): a strong ETag over the body, 304 when the client
-    already has it, gzip when the client accepts it (RFC 9110 8.8.3, 13.1.2)."""
+    already has it, gzip when the client accepts it (RFC 9110 8.8.3, 13.1.2, 12.5.3).
+
+    If-None-Match uses the weak comparison (RFC 9110 13.1.2), so the ETag a compressing proxy
+    weakened (`W/"..."`) still gives 304. The identity and gzip bodies share the ETag; Vary
+    tells caches that Accept-Encoding picks between them, on 304 too (RFC 9110 15.4.5)."""
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Vary": "Accept-Encoding"}
-    match = request.headers.get("if-none-match", "")
-    if etag in {t.strip() for t in match.split(",")} or match.strip() == "*":
+    if none_match(_field(request, "if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(_field(request, "accept-encoding")):
         # The same body compresses to the same bytes: kept by ETag (a hash of the body).
         cache = services(request).metadata
         packed = cache.get(("gzip", etag))
@@ -136,6 +171,12 @@ async def cached_json_response(request: Request, body: bytes, media_type: str) -
         body = packed
         headers["Content-Encoding"] = "gzip"
     return Response(body, media_type=media_type, headers=headers)
+
+
+def _field(request: Request, name: str) -> str | None:
+    """A list-valued request field, its lines joined (RFC 9110 5.3); None when absent."""
+    lines = request.headers.getlist(name)
+    return ", ".join(lines) if lines else None
 
 
 async def multipart_response(

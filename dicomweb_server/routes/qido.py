@@ -32,7 +32,9 @@ async def _search(request: Request, level: Level) -> Response:
     }
     q = parse(level, request.query_params.multi_items(), path_uids)
     results, more = await search(services(request).index, q, base_url(request))
-    warnings = [*q.warnings, *([_MORE] if more else [])]
+    # The paging warning first: the Warning header is capped (WARNING_HEADER_MAX_BYTES), and
+    # a client must learn that results were cut even when it asked for 1000 unknown fields.
+    warnings = [*([_MORE] if more else []), *q.warnings]
     if not results:  # PS3.18 8.3.4.4.1: no results is 204 (No Content), an empty payload
         return Response(status_code=204, headers=warning_header(warnings))
     return json_response(results, media, headers=warning_header(warnings))
