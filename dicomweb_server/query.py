@@ -340,12 +340,11 @@ def _returned(
 ) -> bool:
     """Whether results at `level` can carry `tag` (sql.render_rows). Instance results carry
     any attribute stored with the instance, and every result its matched attributes (PS3.18
-    10.6.3.3). Series results carry the study's attributes unless scoped by the study's UID."""
+    10.6.3.3). Series results carry the study's attributes asked for, scoped by the study's
+    UID or not (PS3.18 10.6.3.3.2: "Series or Study Level Attributes passed as includefield")."""
     if level is Level.INSTANCE or any(m.attr.tag == tag for m in matches):
         return True
-    levels = [level]
-    if level is Level.SERIES and Level.STUDY not in path_uids:
-        levels.append(Level.STUDY)
+    levels = [level, Level.STUDY] if level is Level.SERIES else [level]
     return any(tag in LEVEL_TAGS[lvl] or tag in _COMPUTED_TAGS[lvl] for lvl in levels)
 
 

@@ -268,15 +268,17 @@ def _matched(q: Query, level: Level) -> set[str]:
 
 
 def _parents_matched(q: Query) -> list[tuple[Level, set[str] | None]]:
-    """A search scoped by a parent UID leaves the parent's attributes out, except those it
-    matched on: every matched attribute is returned (PS3.18 10.6.3.3), e.g. Modality in
-    `/studies/{study}/series/{series}/instances?Modality=CT`."""
+    """A search scoped by a parent UID leaves the parent's default attributes out, but not
+    those it matched on or asked for by includefield (PS3.18 10.6.3.3: every matched
+    attribute; 10.6.3.3.2 and .3: "Study Level Attributes passed as includefield"), e.g.
+    Modality in `/studies/{study}/series/{series}/instances?Modality=CT`, StudyDate in
+    `/studies/{study}/series?includefield=StudyDate`."""
     returned = returned_levels(q)
     out: list[tuple[Level, set[str] | None]] = []
     for level in _PARENTS.get(q.level, ()):
-        matched = _matched(q, level)
-        if level not in returned and matched:
-            out.append((level, matched))
+        wanted = _matched(q, level) | {tag_hex(t) for t in q.include.tags}
+        if level not in returned and wanted:
+            out.append((level, wanted))
     return out
 
 

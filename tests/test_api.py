@@ -133,6 +133,16 @@ async def test_qido_levels_and_includefield(app_client: httpx.AsyncClient) -> No
     assert values(series, "0008103E") == ["AXIAL"]
     assert values(series, "00201209") == [1]
     assert "00100010" not in series  # study attributes are not repeated under /studies/{s}
+    # ... unless asked for (PS3.18 10.6.3.3.2), computed ones included.
+    r = await app_client.get(
+        f"{ROOT}/studies/{st}/series",
+        params={"includefield": "PatientName,StudyDescription,NumberOfStudyRelatedInstances"},
+    )
+    (series,) = r.json()
+    assert values(series, "00100010") == [{"Alphabetic": "Doe^John"}]
+    assert values(series, "00081030") == ["HEAD"]
+    assert values(series, "00201208") == [1]
+    assert "warning" not in r.headers
     r = await app_client.get(f"{ROOT}/series", params={"Modality": "CT"})
     (series,) = r.json()
     assert values(series, "00100010") == [{"Alphabetic": "Doe^John"}]

@@ -220,11 +220,12 @@ def test_includefield_not_returned_at_the_level_warns() -> None:
     assert q(Level.SERIES, includefield="PatientAge,NumberOfSeriesRelatedInstances").warnings == ()
     scoped = parse(
         Level.SERIES,
-        [("includefield", "PatientName,StudyDate"), ("StudyDate", "20200101")],
+        [("includefield", "PatientName,StudyDate,SOPInstanceUID"), ("StudyDate", "20200101")],
         {Level.STUDY: "1.2"},
     )
-    assert _warned(scoped, "PatientName") and "within a study" in scoped.warnings[0]
-    assert not _warned(scoped, "StudyDate")  # matched, so returned (PS3.18 10.6.3.3)
+    # Study attributes asked for come back in a study's series too (PS3.18 10.6.3.3.2).
+    assert not _warned(scoped, "PatientName") and not _warned(scoped, "StudyDate")
+    assert _warned(scoped, "SOPInstanceUID") and "within a study" in scoped.warnings[0]
     assert q(includefield="all,PixelData").warnings == ()
 
 
