@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_deferred_data_element
+from pydicom.multival import MultiValue
 
 from dicomweb_server.attributes import tag_hex
 from dicomweb_server.errors import FailureReason, WarningReason
@@ -21,10 +25,15 @@ __all__ = [
     "BULK_DATA_THRESHOLD_BYTES",
     "BULK_VRS",
     "IMPLICIT_VR_CACHE_SIZE",
+    "IS_MAX",
+    "IS_MIN",
+    "JSON_EXACT_INTEGER",
+    "NUMBER_STRING_VRS",
     "InstanceOutcome",
     "absolutize_bulk_uris",
     "absolutize_bulk_uris_bytes",
     "dataset_to_json",
+    "number_string_json",
     "raw_vr",
     "simple_json",
     "stow_response",
@@ -68,10 +77,11 @@ def dataset_to_json(
 ) -> JsonDict:
     """DICOM JSON of `ds`; large binary values become BulkDataURIs.
 
-    `bulk_uri` maps a tag path (``"7FE00010"``, ``"54000100/0/54001010"``) to the URI. Values that
-    pydicom deferred (read with `defer_size`) are never read: they are bulk data by definition.
+    `bulk_uri` maps a tag path (``"7FE00010"``, ``"54000100/0/54001010"``) to the URI. Binary
+    values that pydicom deferred (read with `defer_size`) are never read: they are bulk data.
     With `fast`, common elements not yet converted by pydicom are rendered from their raw bytes
-    (`simple_json`); without, pydicom renders every element (the reference the tests use).
+    (`simple_json`); without, pydicom renders every element (the reference the tests use) but
+    DS and IS, which are always ours (`number_string_json`).
     """
     return _walk(ds, "", bulk_uri, threshold, fast)
 
@@ -84,7 +94,8 @@ def _walk(
     for tag in sorted(ds.keys()):
         key = tag_hex(tag)
         path = prefix + key
-        item = ds.get_item(tag)
+        # A deferred value stays unread here: bulk data is never read to be described.
+        item = ds.get_item(tag, keep_deferred=True)
         if fast and isinstance(item, RawDataElement) and item.value is not None:
             simple = simple_json(item, little)
             if simple is not None:
@@ -94,7 +105,18 @@ def _walk(
             assert isinstance(item, RawDataElement)
             out[key] = {"vr": raw_vr(tag, item), "BulkDataURI": bulk_uri(path)}
             continue
+        if isinstance(item, RawDataElement) and raw_vr(tag, item) in NUMBER_STRING_VRS:
+            # Ours on either path, not pydicom's, which refuses values it cannot convert.
+            if item.value is None and item.length:  # deferred: a long multi-valued DS
+                item = read_deferred_data_element(
+                    ds.fileobj_type, ds.filename or ds.buffer, ds.timestamp, item
+                )
+            out[key] = number_string_json(raw_vr(tag, item), item.value or b"")
+            continue
         elem = ds[tag]
+        if elem.VR in NUMBER_STRING_VRS:
+            out[key] = _number_string_element(elem)
+            continue
         if elem.VR == "SQ":
             items = [
                 _walk(sub, f"{path}/{i}/", bulk_uri, threshold, fast)
@@ -108,8 +130,23 @@ def _walk(
 
 # The VRs `simple_json` renders straight from the raw bytes, and how (see there).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
-_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
-_SIMPLE_VRS = _TEXT_VRS | {"IS", "DS", "PN"} | _BINARY_FORMATS.keys()
+_BINARY_FORMATS = {
+    "US": "H",
+    "SS": "h",
+    "UL": "I",
+    "SL": "i",
+    "FL": "f",
+    "FD": "d",
+    "SV": "q",
+    "UV": "Q",
+}
+# DS and IS: JSON Numbers when valid and exact, else strings (number_string_json).
+NUMBER_STRING_VRS = frozenset({"DS", "IS"})
+# The range of an IS value (PS3.5 6.2); a value outside is invalid and kept as a string.
+IS_MIN, IS_MAX = -(2**31), 2**31 - 1
+# Integers that a JSON reader holding numbers as IEEE 754 doubles keeps exactly (SV, UV).
+JSON_EXACT_INTEGER = 2**53
+_SIMPLE_VRS = _TEXT_VRS | NUMBER_STRING_VRS | {"PN"} | _BINARY_FORMATS.keys()
 # Tags whose implicit VR `_implicit_vr` remembers: a file may carry any number of distinct tags.
 IMPLICIT_VR_CACHE_SIZE = 4096
 
@@ -130,7 +167,7 @@ def _implicit_vr(tag: int) -> str | None:
 
 
 _PRINTABLE = re.compile(rb"[\x20-\x7e]*")
-_INTEGER = re.compile(r"[+-]?[0-9]{1,10}")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,12}")  # IS: 12 bytes at most (PS3.5 6.2)
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
@@ -141,15 +178,18 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
     text and number elements of a typical header that is most of the cost of a STOW's parse.
     Only the plain cases are handled here: a VR from the table above, a value of
     printable ASCII (the same characters in every DICOM character set, PS3.5 6.1), no empty
-    value in a multi-value and no leading or trailing spaces inside one, numbers that Python
-    reads exactly as pydicom does. Anything else goes through pydicom (tests/test_dicom_json.py
-    checks both give the same JSON on the sample corpus). An element of an implicit VR data set
-    (no VR in the file) takes its VR from the data dictionary when that is unambiguous.
+    value in a multi-value and no leading or trailing spaces inside one. Anything else goes
+    through pydicom (tests/test_dicom_json.py checks both give the same JSON on the sample
+    corpus). DS and IS are always rendered here (number_string_json), binary numbers that JSON
+    cannot hold exactly as strings (_float_json, _integer_json). An element of an implicit VR
+    data set (no VR in the file) takes its VR from the data dictionary when that is unambiguous.
     """
     vr = raw.VR or _implicit_vr(raw.tag)
     value = raw.value
     if vr is None or not isinstance(value, bytes):
         return None
+    if vr in NUMBER_STRING_VRS:
+        return number_string_json(vr, value)
     fmt = _BINARY_FORMATS.get(vr)
     if fmt is not None:
         size = struct.calcsize(fmt)
@@ -158,8 +198,12 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
         if not value:
             return {"vr": vr}
         numbers = struct.unpack(f"<{len(value) // size}{fmt}", value)
-        return {"vr": vr, "Value": [float(n) for n in numbers] if fmt in "fd" else list(numbers)}
-    if vr not in _TEXT_VRS and vr not in ("IS", "DS", "PN"):
+        if fmt in "fd":
+            return {"vr": vr, "Value": [_float_json(n) for n in numbers]}
+        if fmt in "qQ":
+            return {"vr": vr, "Value": [_integer_json(n) for n in numbers]}
+        return {"vr": vr, "Value": list(numbers)}
+    if vr not in _TEXT_VRS and vr != "PN":
         return None
     value = value.rstrip(b"\x00 ")
     if not _PRINTABLE.fullmatch(value):
@@ -172,17 +216,71 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
         return None
     if vr in _TEXT_VRS:
         return {"vr": vr, "Value": items}
-    if vr == "PN":
-        if "=" in text:
-            return None
-        return {"vr": vr, "Value": [{"Alphabetic": v} for v in items]}
-    if vr == "IS":
-        if not all(_INTEGER.fullmatch(v) for v in items):
-            return None
-        return {"vr": vr, "Value": [int(v) for v in items]}
-    if not all(_DECIMAL.fullmatch(v) for v in items):
+    if "=" in text:
         return None
-    return {"vr": vr, "Value": [float(v) for v in items]}
+    return {"vr": vr, "Value": [{"Alphabetic": v} for v in items]}
+
+
+def number_string_json(vr: str, value: bytes) -> JsonDict:
+    """The DICOM JSON of a DS or IS element from its raw bytes: each value a JSON Number when
+    it is valid and the number says exactly what the string does, else the string as it came
+    (PS3.18 F.2.3: "a JSON String representation can be used to preserve the original format
+    ... or if needed to avoid losing precision"; field notes 12). An archive keeps what it is
+    sent: `1,5`, `NaN` or `abc` in a DS is stored and shown, never a reason to refuse the
+    instance. An empty value among several is null (PS3.18 F.2.5)."""
+    # The default repertoire only (PS3.5 6.2); a stray byte is shown as U+FFFD.
+    text = value.decode("ascii", "replace").rstrip("\x00 ")
+    if not text:
+        return {"vr": vr}
+    return {"vr": vr, "Value": [_number_string_value(vr, v) for v in text.split("\\")]}
+
+
+def _number_string_value(vr: str, text: str) -> int | float | str | None:
+    v = text.strip(" ")  # leading and trailing spaces are padding (PS3.5 6.2)
+    if not v:
+        return None
+    if vr == "IS":
+        if _INTEGER.fullmatch(v) and IS_MIN <= (n := int(v)) <= IS_MAX:
+            return n
+        return text  # out of range or not an integer string ("12.0"): as sent
+    if _DECIMAL.fullmatch(v):
+        f = float(v)
+        if math.isfinite(f) and _exact(v, f):
+            return f
+    return text
+
+
+def _exact(v: str, f: float) -> bool:
+    """Whether the JSON number written for `f` (its shortest repr) is the decimal `v`: any
+    decimal of at most 15 significant digits is (IEEE 754 binary64); longer ones are checked."""
+    if "e" not in v and "E" not in v and len(v.lstrip("+-0.").replace(".", "")) <= 15:
+        return True
+    return Decimal(v) == Decimal(repr(f))
+
+
+def _number_string_element(elem: DataElement) -> JsonDict:
+    """number_string_json of a DS or IS element pydicom already converted (or built): its
+    values as they were written (pydicom keeps the original string), else as pydicom has them."""
+    value = elem.value
+    values = list(value) if isinstance(value, list | MultiValue) else [value]
+    texts = ["" if v is None else str(getattr(v, "original_string", None) or v) for v in values]
+    if texts == [""]:
+        return {"vr": elem.VR}
+    return {"vr": elem.VR, "Value": [_number_string_value(elem.VR, t) for t in texts]}
+
+
+def _float_json(n: float) -> float | str:
+    """An FL or FD value: JSON has no NaN or infinity (RFC 8259 6), and PostgreSQL refuses
+    them in jsonb; they are written as the strings "NaN", "Infinity" and "-Infinity"."""
+    if math.isfinite(n):
+        return float(n)
+    return "NaN" if math.isnan(n) else ("Infinity" if n > 0 else "-Infinity")
+
+
+def _integer_json(n: int) -> int | str:
+    """An SV or UV value: a JSON Number when a reader holding numbers as IEEE 754 doubles
+    (JavaScript) keeps it exactly, else its decimal string (PS3.18 F.2.3)."""
+    return n if -JSON_EXACT_INTEGER <= n <= JSON_EXACT_INTEGER else str(n)
 
 
 def _uri_for(bulk_uri: Callable[[str], str], path: str) -> Callable[[DataElement], str]:

@@ -24,6 +24,7 @@ from pydicom.multival import MultiValue
 
 from dicomweb_server.dicom_json import (
     BULK_DATA_THRESHOLD_BYTES,
+    BULK_VRS,
     JsonDict,
     dataset_to_json,
     raw_vr,
@@ -169,9 +170,16 @@ def _parse(path: Path) -> ParsedFile:
     bulk_ranges: dict[str, list[Any]] = {}
     if ts != EXPLICIT_VR_BIG_ENDIAN:
         for tag in ds.keys():
-            item = ds.get_item(tag)
-            if isinstance(item, RawDataElement) and item.value is None and item.value_tell:
-                bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, raw_vr(tag, item), False]
+            # Deferred values stay unread (get_item would read them): large binary values
+            # before Pixel Data (overlays, palettes, private blobs) are served by range.
+            item = ds.get_item(tag, keep_deferred=True)
+            if (
+                isinstance(item, RawDataElement)
+                and item.value is None
+                and item.value_tell
+                and (vr := raw_vr(tag, item)) in BULK_VRS
+            ):
+                bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, vr, False]
     meta = dataset_to_json(ds, lambda p: prefix + p)
     if pixel_entry is not None:
         pixel_tag, vr, entry = pixel_entry
@@ -365,28 +373,29 @@ def _merge_tail(fp: BinaryIO, ds: Dataset, ts: str, end: int) -> None:
 def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:
     """A bulk data value by full parse (nested, big endian or deflated files). Runs in a thread.
 
-    Values come back little endian, as PS3.18 8.7.3.4 (application/octet-stream) expects.
+    `tag_path` is a tag, then `/item/tag` for each sequence entered (items from 0, as in the
+    BulkDataURIs of dicom_json). None unless it names a binary value: a malformed path, a step
+    into an element that is not a sequence or an item it does not have, a missing element, a
+    sequence or a value that is not bytes. Values come back little endian, as PS3.18 8.7.3.4
+    (application/octet-stream) expects.
     """
-    ds = pydicom.dcmread(path)
     parts = tag_path.split("/")
-    node: Any = ds
-    try:
-        for i, part in enumerate(parts):
-            if i % 2:
-                node = node[int(part)]
-            else:
-                node = node[int(part, 16)]
-                if i < len(parts) - 1:
-                    node = node.value
-    except (KeyError, IndexError, ValueError):
+    patterns = itertools.cycle((r"[0-9A-Fa-f]{8}", r"\d{1,9}"))
+    if len(parts) % 2 == 0 or not all(map(re.fullmatch, patterns, parts)):
         return None
-    value = node.value
-    if isinstance(value, list | tuple):
+    ds = pydicom.dcmread(path)
+    node: Dataset = ds
+    for tag, item in zip(parts[:-1:2], parts[1::2], strict=True):
+        element = node.get(int(tag, 16))
+        if element is None or element.VR != "SQ" or int(item) >= len(element.value):
+            return None
+        node = element.value[int(item)]
+    element = node.get(int(parts[-1], 16))
+    if element is None or not isinstance(element.value, bytes | bytearray):
         return None
-    data = bytes(value) if isinstance(value, bytes | bytearray) else None
-    if data is None:
-        return None
-    if not ds.is_little_endian and node.VR in ("OW", "OF", "OL", "OD", "OV"):
-        width = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}[node.VR]
+    data, vr = bytes(element.value), str(element.VR)
+    widths = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}  # swapped in big endian files
+    if not ds.is_little_endian and vr in widths:
+        width = widths[vr]
         data = b"".join(data[i : i + width][::-1] for i in range(0, len(data), width))
-    return data, str(node.VR)
+    return data, vr

@@ -7,8 +7,9 @@ pydicom.pixels. Synchronous; called in worker threads behind the app's limiter.
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -17,7 +18,13 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from dicomweb_server.rendered import THUMBNAIL_SIZE, RenderParams
+from dicomweb_server.rendered import (
+    THUMBNAIL_SIZE,
+    RenderParams,
+    check_animation,
+    check_region,
+    output_size,
+)
 from dicomweb_server.transcode import TranscodeError, frame_array
 
 __all__ = ["MAX_ANIMATION_FRAMES", "render_animation", "render_frame", "render_icon"]
@@ -41,22 +48,36 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x - lo) / (hi - lo)
 
 
-def _first_number(value: Any) -> float:
-    """The first of a possibly multi-valued DS (Window Center and Width may have several)."""
-    if isinstance(value, MultiValue | list | tuple):
-        value = value[0]
-    return float(value)
+def _first_number(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a possibly multi-valued DS (Window Center and Width may have
+    several); None when absent or not a finite number. The archive keeps invalid values as
+    they were sent (`1,5`, `NaN`): rendering then does without them."""
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, MultiValue | list | tuple):
+            value = value[0]
+        number = None if value is None or value == "" else float(value)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None) -> np.ndarray:
-    """Modality LUT, then VOI (the request's window, else the instance's, else min-max)."""
-    x = apply_modality_lut(arr, ds).astype(np.float64)
+    """Modality LUT, then VOI (the request's window, else the instance's, else min-max). An
+    invalid Rescale Slope or Intercept leaves the values unscaled, and then only the request's
+    window or min-max applies: the instance's window is in rescaled units."""
+    try:
+        x = apply_modality_lut(arr, ds).astype(np.float64)
+        scaled = True
+    except (ValueError, TypeError, OverflowError):
+        x, scaled = arr.astype(np.float64), False
+    center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
     if window is not None:
         y = _window(x, *window)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
+    elif scaled and center is not None and width is not None and width > 0:
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        y = _window(x, _first_number(ds.WindowCenter), _first_number(ds.WindowWidth), function)
-    elif "VOILUTSequence" in ds:
+        y = _window(x, center, width, function)
+    elif scaled and "VOILUTSequence" in ds:
         y = _normalise(apply_voi_lut(x, ds).astype(np.float64))
     else:
         y = _normalise(x)
@@ -90,23 +111,52 @@ def _encode(img: Image.Image, media: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _region(pixels: np.ndarray, params: RenderParams) -> np.ndarray:
+    """The viewport's source region of a displayable frame (PS3.18 8.3.5.1.3), 400 unless it
+    lies inside the frame. Cut from the array (a copy of the region only), not by Pillow's
+    crop: that pads a region past the image's edges, allocating it whatever the image, and
+    its decompression-bomb check, meant for files of unknown size, refuses (500) or warns of
+    large regions of images already decoded."""
+    if params.region is None:
+        return pixels
+    sx, sy, sw, sh = params.region
+    check_region(params.region, pixels.shape[1], pixels.shape[0])
+    x0, x1 = sorted((sx, sx + sw))
+    y0, y1 = sorted((sy, sy + sh))
+    out = pixels[y0:y1, x0:x1]
+    if sw < 0:  # PS3.18 8.3.5.1.3: a negative source extent flips the image
+        out = out[:, ::-1]
+    if sh < 0:
+        out = out[::-1]
+    return np.ascontiguousarray(out)
+
+
+def _image(pixels: np.ndarray, params: RenderParams) -> Image.Image:
+    pixels = _region(pixels, params)
+    return Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
+
+
+def _fit_size(img: Image.Image, params: RenderParams, thumbnail: bool) -> tuple[int, int]:
+    """Size of the image (its source region already cut) fitted inside the viewport."""
+    return output_size(img.width, img.height, replace(params, region=None), thumbnail)
+
+
 def _fit(img: Image.Image, params: RenderParams, thumbnail: bool) -> Image.Image:
-    if params.region is not None:
-        sx, sy, sw, sh = params.region
-        img = img.crop((min(sx, sx + sw), min(sy, sy + sh), max(sx, sx + sw), max(sy, sy + sh)))
-        if sw < 0:  # PS3.18 8.3.5.1.2: a negative source extent flips the image
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if sh < 0:
-            img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    if params.viewport is not None:
-        box = params.viewport
-    elif thumbnail:
-        box = (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
-    else:
-        return img
-    scale = min(box[0] / img.width, box[1] / img.height)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.LANCZOS)
+    size = _fit_size(img, params, thumbnail)
+    return img if size == img.size else img.resize(size, Image.Resampling.LANCZOS)
+
+
+def _frame_pixels(
+    path: Path, ds: Dataset, n: int, window: tuple[float, float, str] | None
+) -> np.ndarray:
+    """Frame n decoded, LUTs applied: 8-bit greyscale (H, W) or RGB (H, W, 3)."""
+    try:
+        arr = frame_array(path, ds, n)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
+    if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return _display(arr, ds, window)
 
 
 def render_frame(
@@ -114,35 +164,23 @@ def render_frame(
 ) -> bytes:
     """Frame `frame` (1-based) as a consumer image: LUTs applied, fitted, encoded."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    try:
-        arr = frame_array(path, ds, frame)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
-        raise TranscodeError(f"cannot decode frame {frame} to render it: {exc}") from None
-    if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    pixels = _display(arr, ds, params.window)
-    img = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
+    img = _image(_frame_pixels(path, ds, frame, params.window), params)
     return _encode(_fit(img, params, thumbnail), media, params.quality)
 
 
 def render_animation(path: Path, params: RenderParams) -> bytes:
     """Every frame of a multi-frame instance as an animated GIF (PS3.18 8.7.4: image/gif may
-    carry several frames), at the instance's Frame Time or 10 frames per second."""
+    carry several frames), at the instance's Frame Time or 10 frames per second. 400 when
+    frames x output pixels exceed MAX_ANIMATION_PIXELS, found from the first frame (all
+    frames share its size), before any other is decoded."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     nframes = min(int(ds.get("NumberOfFrames") or 1), MAX_ANIMATION_FRAMES)
     images = []
     for n in range(1, nframes + 1):
-        try:
-            arr = frame_array(path, ds, n)
-        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
-            raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
-        if arr.ndim == 3 and int(ds.get("SamplesPerPixel") or 1) == 1:
-            arr = arr[..., 0]
-        pixels = _display(arr, ds, params.window)
-        img = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
-        images.append(
-            _fit(img, params, thumbnail=False).convert("P", palette=Image.Palette.ADAPTIVE)
-        )
+        img = _image(_frame_pixels(path, ds, n, params.window), params)
+        if n == 1:
+            check_animation(nframes, _fit_size(img, params, thumbnail=False))
+        images.append(_fit(img, params, False).convert("P", palette=Image.Palette.ADAPTIVE))
     frame_ms = int(float(ds.get("FrameTime") or 100))
     buf = io.BytesIO()
     images[0].save(
@@ -152,7 +190,8 @@ def render_animation(path: Path, params: RenderParams) -> bytes:
 
 
 def render_icon(label: str, params: RenderParams, media: str) -> bytes:
-    """An icon for an instance without pixel data (SR, PDF, ...): its modality on a tile."""
+    """An icon for an instance without pixel data (SR, PDF, ...), or with pixel data that
+    cannot be rendered as a thumbnail (video, an undecodable frame): its kind on a tile."""
     side = THUMBNAIL_SIZE
     img = Image.new("RGB", (side, side), (52, 58, 64))
     draw = ImageDraw.Draw(img)
@@ -162,4 +201,6 @@ def render_icon(label: str, params: RenderParams, media: str) -> bytes:
     draw.text(
         ((side - (right - left)) / 2, (side - (bottom - top)) / 2), text, fill=(248, 249, 250)
     )
+    # The icon is not the image: a source region does not apply to it (_fit fits the whole
+    # tile inside the viewport).
     return _encode(_fit(img, params, thumbnail=True), media, params.quality)

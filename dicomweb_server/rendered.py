@@ -11,11 +11,16 @@ from dicomweb_server.media import parse_accept
 
 __all__ = [
     "DEFAULT_QUALITY",
+    "MAX_ANIMATION_PIXELS",
+    "MAX_REGION_EDGE",
     "MAX_VIEWPORT_PIXELS",
     "RENDERED_MEDIA_TYPES",
     "THUMBNAIL_SIZE",
     "RenderParams",
+    "check_animation",
+    "check_region",
     "negotiate_rendered",
+    "output_size",
     "parse_render_params",
 ]
 
@@ -23,8 +28,22 @@ __all__ = [
 RENDERED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif")
 # JPEG quality when the request gives none (PS3.18 8.3.5.1.3 leaves it to the server).
 DEFAULT_QUALITY = 90
-# Largest viewport edge, pixels (a bigger one is a 400: it could only exhaust memory).
+# Largest viewport edge, pixels (a bigger one is a 400: it could only exhaust memory). The
+# output of one rendered frame is at most this square (64 Mi pixels, 192 MiB as RGB), more than
+# any display shows.
 MAX_VIEWPORT_PIXELS = 8192
+# Farthest edge of a viewport's source region (sx + sw, sy + sh), pixels. PS3.18 8.3.5.1.3
+# gives the region in the pixel coordinates of the image, and Rows and Columns are US (PS3.3
+# C.7.6.3.1, PS3.5 Table 6.2-1): no image reaches past 65535, so a region that does is refused
+# as malformed before any pixel is read. The region must also lie inside the image it is cut
+# from (check_region): it selects pixels that exist, never more memory than the decoded frame.
+MAX_REGION_EDGE = 65535
+# Pixels of an animated GIF, summed over its frames (frames x output width x height): 64 Mi,
+# e.g. 256 frames of 512 x 512 (an XA run), 400 beyond. Pillow's GIF encoder holds every frame
+# until the end, so time and memory grow with this product: at the limit, 256 frames of
+# 512 x 512 noise took 7.6 s, 222 MB more at peak and an 88 MiB body; the audited request
+# that had no bound (every frame at 8192 x 8192) took 109 s and 3.5 GB.
+MAX_ANIMATION_PIXELS = 64 * 1024 * 1024
 # Longest edge of a thumbnail when the request gives no viewport, pixels.
 THUMBNAIL_SIZE = 128
 _FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
@@ -64,8 +83,15 @@ def _window(value: str) -> tuple[float, float, str]:
 
 def _viewport(value: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
     items = _numbers("viewport", value, (2, 6))
-    if not all(re.fullmatch(r"\d{1,6}", v) for v in items):
-        raise BadRequestError(f"viewport values must be non-negative integers: {value!r}")
+    # sw and sh may be negative: the region is then flipped (PS3.18 8.3.5.1.3).
+    signed = (False, False, False, False, True, True)
+    if not all(
+        re.fullmatch(r"-?\d{1,6}" if neg else r"\d{1,6}", v)
+        for v, neg in zip(items, signed, strict=False)
+    ):
+        raise BadRequestError(
+            f"viewport values must be integers, non-negative but for sw and sh: {value!r}"
+        )
     vw, vh = int(items[0]), int(items[1])
     if not (1 <= vw <= MAX_VIEWPORT_PIXELS and 1 <= vh <= MAX_VIEWPORT_PIXELS):
         raise BadRequestError(f"viewport width and height must be 1 to {MAX_VIEWPORT_PIXELS}")
@@ -74,7 +100,58 @@ def _viewport(value: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | 
     sx, sy, sw, sh = (int(v) for v in items[2:])
     if sw == 0 or sh == 0:
         raise BadRequestError("viewport source width and height must not be 0")
+    if max(sx, sx + sw) > MAX_REGION_EDGE or max(sy, sy + sh) > MAX_REGION_EDGE:
+        raise BadRequestError(
+            f"viewport source region {sx},{sy},{sw},{sh} reaches past {MAX_REGION_EDGE}, the "
+            "largest image edge (Rows and Columns are US, PS3.3 C.7.6.3.1)"
+        )
     return (vw, vh), (sx, sy, sw, sh)
+
+
+def check_region(region: tuple[int, int, int, int], width: int, height: int) -> None:
+    """400 unless the source region (sx, sy, sw, sh) lies inside the width x height image.
+
+    PS3.18 8.3.5.1.3 selects the region from the image, in its pixel coordinates; pixels past
+    its edges do not exist, and painting them would cost memory in proportion to the request
+    rather than to the image (a 20000 x 20000 region of a 512 x 512 image was 400 Mi pixels).
+    Refused rather than clipped (STYLE.md rule 5): a clipped region would silently change the
+    output's shape. A negative extent (a flip) spans the sw pixels before sx.
+    """
+    sx, sy, sw, sh = region
+    left, right = sorted((sx, sx + sw))
+    top, bottom = sorted((sy, sy + sh))
+    if left < 0 or top < 0 or right > width or bottom > height:
+        raise BadRequestError(
+            f"viewport source region {sx},{sy},{sw},{sh} is not inside the image, which is "
+            f"{width} x {height} pixels (PS3.18 8.3.5.1.3)"
+        )
+
+
+def output_size(width: int, height: int, params: RenderParams, thumbnail: bool) -> tuple[int, int]:
+    """(width, height) of the rendering of a width x height image: its source region fitted
+    inside the viewport (a thumbnail's: THUMBNAIL_SIZE square), aspect kept."""
+    if params.region is not None:
+        width, height = abs(params.region[2]), abs(params.region[3])
+    if params.viewport is not None:
+        box = params.viewport
+    elif thumbnail:
+        box = (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+    else:
+        return width, height
+    scale = min(box[0] / width, box[1] / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def check_animation(frames: int, size: tuple[int, int]) -> None:
+    """400 when `frames` frames of `size` (output pixels) exceed MAX_ANIMATION_PIXELS;
+    render_animation asks once it knows the size, before it decodes a second frame."""
+    total = frames * size[0] * size[1]
+    if total > MAX_ANIMATION_PIXELS:
+        raise BadRequestError(
+            f"an animated GIF of {frames} frames of {size[0]} x {size[1]} pixels would hold "
+            f"{total} pixels, more than {MAX_ANIMATION_PIXELS}: ask for a smaller viewport, "
+            "or for single frames (.../frames/{n}/rendered)"
+        )
 
 
 def parse_render_params(params: Mapping[str, str]) -> RenderParams:

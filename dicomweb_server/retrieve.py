@@ -42,6 +42,7 @@ from dicomweb_server.render import render_animation, render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
 from dicomweb_server.transcode import (
     PixelInfo,
+    TranscodeError,
     available_targets,
     convert_codestream,
     decodable,
@@ -619,9 +620,14 @@ async def _aclose(chunks: AsyncIterable[bytes]) -> None:
 
 
 async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:
-    """The value of one bulk data element (PS3.18 8.4.1.3); 404 when there is none."""
+    """The value of one bulk data element (PS3.18 8.4.1.3); 404 when there is none: a path
+    that is malformed, walks into an element that is not a sequence or an item that does not
+    exist, or ends at an element whose value is not bulk data (read_bulk_value)."""
     if not re.fullmatch(r"[0-9A-Fa-f]{8}(/\d{1,6}/[0-9A-Fa-f]{8})*", path):
-        raise NotFoundError(f"no bulk data at {path!r}")
+        raise NotFoundError(
+            f"no bulk data at {path!r}: a bulk data path is a tag (8 hex digits), then "
+            "/item/tag for each sequence it enters"
+        )
     entry = await svc.index.bulk_range(study, series, sop, path.upper())
     if entry is None:
         raise NotFoundError("no such instance in the archive")
@@ -633,7 +639,7 @@ async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str
     file = svc.blobs.local_path(inst.blob_key)
     value = await anyio.to_thread.run_sync(read_bulk_value, file, path.upper(), limiter=svc.limiter)
     if value is None:
-        raise NotFoundError(f"no bulk data at {path!r}")
+        raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
     return _sized_bytes(headers, value[0])
 
 
@@ -657,35 +663,64 @@ async def rendered_image(
     animate: bool = False,
 ) -> bytes:
     """One rendered frame or thumbnail, from the cache when it was made before; with `animate`
-    (an instance-level request), a multi-frame instance asked for as GIF is animated."""
+    (an instance-level request), a multi-frame instance asked for as GIF is animated.
+
+    A thumbnail is never an error (field notes 7): an instance without pixel data, a video
+    and pixel data this server cannot decode get an icon naming their kind. Their rendered
+    resource stays a 406: it promises an image of the content."""
     key = (inst.blob_key, frame, params, media, thumbnail, animate)
     cached = svc.images.get(key)
     if cached is not None:
         return cached
-    if inst.number_of_frames == 0:
-        if not thumbnail:
-            raise NotAcceptableError("the instance has no pixel data to render as an image")
-        label = _ICON_LABELS.get(inst.sop_class_uid, "DICOM")
-        data = await anyio.to_thread.run_sync(render_icon, label, params, media)
+    if inst.number_of_frames == 0 and not thumbnail:
+        raise NotAcceptableError("the instance has no pixel data to render as an image")
+    if inst.number_of_frames and frame > inst.number_of_frames:
+        raise NotFoundError(
+            f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
+        )
+    ts = inst.transfer_syntax_uid
+    if inst.number_of_frames and not decodable(ts) and not thumbnail:
+        raise TranscodeError(f"cannot decode the pixel data to render it: {missing_codec(ts)}")
+    if inst.number_of_frames == 0 or not decodable(ts):
+        data = await _icon(inst, params, media)
     else:
-        if frame > inst.number_of_frames:
-            raise NotFoundError(
-                f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
-            )
-        path = svc.blobs.local_path(inst.blob_key)
-        if animate and media == "image/gif" and inst.number_of_frames > 1 and not thumbnail:
-            data = await anyio.to_thread.run_sync(
-                render_animation, path, params, limiter=svc.limiter
-            )
-        else:
-            data = await anyio.to_thread.run_sync(
-                render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
-            )
+        try:
+            data = await _render(svc, inst, frame, params, media, thumbnail, animate)
+        except TranscodeError:
+            if not thumbnail:
+                raise
+            data = await _icon(inst, params, media)
     svc.images.put(key, data)
     return data
 
 
-# Icons of common non-image SOP classes (field notes 7: a thumbnail, never an error).
+async def _render(
+    svc: Services,
+    inst: StoredInstance,
+    frame: int,
+    params: RenderParams,
+    media: str,
+    thumbnail: bool,
+    animate: bool,
+) -> bytes:
+    path = svc.blobs.local_path(inst.blob_key)
+    if animate and media == "image/gif" and inst.number_of_frames > 1 and not thumbnail:
+        return await anyio.to_thread.run_sync(render_animation, path, params, limiter=svc.limiter)
+    return await anyio.to_thread.run_sync(
+        render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
+    )
+
+
+async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:
+    label = _ICON_LABELS.get(inst.sop_class_uid)
+    if label is None:
+        label = "VIDEO" if inst.transfer_syntax_uid in _VIDEO_TRANSFER_SYNTAXES else "DICOM"
+    return await anyio.to_thread.run_sync(render_icon, label, params, media)
+
+
+# Icons of common non-image SOP classes (field notes 7: a thumbnail, never an error), and of
+# video (PS3.4 Table B.5-1: Video Endoscopic, Microscopic and Photographic Image Storage),
+# shown when a frame of it cannot be rendered (MPEG and HEVC streams are not decoded here).
 _ICON_LABELS = {
     "1.2.840.10008.5.1.4.1.1.104.1": "PDF",
     "1.2.840.10008.5.1.4.1.1.104.2": "CDA",
@@ -696,4 +731,13 @@ _ICON_LABELS = {
     "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
     "1.2.840.10008.5.1.4.1.1.9.1.1": "ECG",
     "1.2.840.10008.5.1.4.1.1.9.1.2": "ECG",
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1": "VIDEO",
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1": "VIDEO",
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1": "VIDEO",
 }
+# MPEG2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes, fragmentable ones (.1) too
+# (PS3.6 Table A-1): whatever the SOP class, the pixel data is a video stream.
+_VIDEO_TRANSFER_SYNTAXES = frozenset(
+    [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
+    + [f"1.2.840.10008.1.2.4.{n}.1" for n in range(100, 107)]
+)
