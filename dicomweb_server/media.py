@@ -255,6 +255,15 @@ def _related_type(rng: MediaRange, default: str) -> str | None:
     return None
 
 
+def _names_no_type(rng: MediaRange, part: str, default: str) -> bool:
+    """Whether a range leaves the part type open: a wildcard part type (`type=*/*`,
+    `type=application/*`), or `*/*` or `multipart/*` with no type parameter (the part type
+    then defaults to `default`, which the client did not name)."""
+    if part in ("*/*", "application/*"):
+        return True
+    return part == default and rng.essence in ("*/*", "multipart/*") and "type" not in rng.params
+
+
 def _options(stored_ts: str, targets: Collection[str]) -> str:
     others = [t for t in targets if t != stored_ts]
     converted = f"; converted: {', '.join(others)}" if others else "; no conversion available"
@@ -268,11 +277,19 @@ def negotiate_instances(
 
     PS3.18 8.7.3.5.2: without a transfer-syntax parameter application/dicom means Explicit VR
     Little Endian; `transfer-syntax=*` means as stored. Ranges are tried in q-value order.
+    `*/*` (or no Accept at all) names no media type, let alone a transfer syntax: Explicit VR
+    Little Endian when it can be made, else the instance as stored, which such a client
+    accepts too (RFC 9110 12.5.1; field notes 3: 406 only when nothing acceptable can be made).
+    A study of instances some of which cannot be decoded is then sent, not refused.
     """
     for rng in parse_accept(accept):
         part = _related_type(rng, APPLICATION_DICOM)
         if part not in (APPLICATION_DICOM, "*/*", "application/*"):
             continue
+        if "transfer-syntax" not in rng.params and _names_no_type(rng, part, APPLICATION_DICOM):
+            if stored_ts != EXPLICIT_VR_LITTLE_ENDIAN and EXPLICIT_VR_LITTLE_ENDIAN in targets:
+                return EXPLICIT_VR_LITTLE_ENDIAN
+            return STORED
         requested = rng.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
         if requested in (STORED, stored_ts):
             return STORED
@@ -292,6 +309,8 @@ def negotiate_frames(
     PS3.18 8.7.3.3.2: the default for frames is application/octet-stream, uncompressed (Explicit
     VR Little Endian); `transfer-syntax=*` returns the frames as stored with the media type of
     Table 8.7.3-2; an image media type without a transfer syntax means its default one.
+    `*/*` (or no Accept at all) names no part type: uncompressed when that can be made, else
+    the frames as stored (as negotiate_instances).
     """
     stored_type = frame_media_type(stored_ts)
     for rng in parse_accept(accept):
@@ -299,6 +318,8 @@ def negotiate_frames(
         if part is None:
             continue
         ts = rng.params.get("transfer-syntax")
+        if ts is None and _names_no_type(rng, part, APPLICATION_OCTET_STREAM):
+            return EXPLICIT_VR_LITTLE_ENDIAN if EXPLICIT_VR_LITTLE_ENDIAN in targets else STORED
         if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
             # OHIF asks octet-stream with transfer-syntax=* and expects the stored frames.
             if ts in (STORED, stored_ts):

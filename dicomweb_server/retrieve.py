@@ -387,7 +387,10 @@ def _frame_plan(inst: StoredInstance, accept: str | None) -> tuple[str, str, str
     target = negotiate_frames(accept, ts, targets_of(inst), why)
     if target == STORED:
         media = frame_media_type(ts)
-        if media != APPLICATION_OCTET_STREAM:
+        # Encapsulated frames with no image type of their own (Deflated Image Frame
+        # Compression, a private syntax) are sent as they are, octet-stream with their
+        # transfer syntax: "as stored" must never need a decoder (field notes 3).
+        if media != APPLICATION_OCTET_STREAM or (inst.encapsulated and inst.frame_offsets):
             return media, f"{media}; transfer-syntax={ts}", STORED
         # Native: as stored is uncompressed, i.e. Explicit VR Little Endian frames (big
         # endian, deflated and bit-packed frames not on byte boundaries are decoded).

@@ -111,8 +111,21 @@ def test_negotiate_instances_406_names_what_we_can_send() -> None:
     assert "no decoder for X" in exc.value.message
     with pytest.raises(NotAcceptableError):
         negotiate_instances("application/dicom+json", JPEG, ALL)
-    with pytest.raises(NotAcceptableError):  # the default needs a decoder we lack
-        negotiate_instances(None, JPEG, ())
+    with pytest.raises(NotAcceptableError):  # application/dicom means Explicit VR LE
+        negotiate_instances("multipart/related; type=application/dicom", JPEG, ())
+    with pytest.raises(NotAcceptableError):  # no type: application/dicom too
+        negotiate_instances("multipart/related", JPEG, ())
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "multipart/*", "multipart/related; type=*/*"])
+def test_negotiate_instances_without_a_named_type_falls_back_to_as_stored(
+    accept: str | None,
+) -> None:
+    """A client that names no part type accepts the instance as stored when it cannot be
+    decoded (field notes 3); Explicit VR Little Endian stays the choice when it can be made."""
+    assert negotiate_instances(accept, JPEG, ()) == STORED
+    assert negotiate_instances(accept, JPEG, ONLY_LE) == EXPLICIT_VR_LITTLE_ENDIAN
+    assert negotiate_instances(accept, EXPLICIT_VR_LITTLE_ENDIAN, ONLY_LE) == STORED
 
 
 @pytest.mark.parametrize(
@@ -249,3 +262,11 @@ def test_none_match(header: str | None, expected: bool) -> None:
 )
 def test_accepts_gzip(header: str | None, expected: bool) -> None:
     assert accepts_gzip(header) is expected
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "multipart/*", "multipart/related; type=*/*"])
+def test_negotiate_frames_without_a_named_type_falls_back_to_as_stored(accept: str | None) -> None:
+    assert negotiate_frames(accept, JPEG, ()) == STORED
+    assert negotiate_frames(accept, JPEG, ONLY_LE) == EXPLICIT_VR_LITTLE_ENDIAN
+    with pytest.raises(NotAcceptableError):  # octet-stream named: uncompressed only
+        negotiate_frames('multipart/related; type="application/octet-stream"', JPEG, ())

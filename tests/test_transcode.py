@@ -330,3 +330,36 @@ def test_big_endian_to_explicit_little_endian(samples: Path, tmp_path: Path, nam
     for elem in original:
         if elem.tag.element != 0 and elem.tag != 0x7FE00010:  # group lengths are dropped
             assert got[elem.tag].value == elem.value, elem
+
+
+async def test_undecodable_instances_as_stored_when_the_client_names_no_type(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A SEG in Deflated Image Frame Compression (no decoder here): its frames as stored are
+    octet-stream with their transfer syntax, never a 406 (field notes 3), and a retrieve with
+    no Accept sends the instance as stored instead of refusing it."""
+    path = samples / "real/pydicom-data/liver_deflate.dcm"
+    data = path.read_bytes()
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200
+    ds = pydicom.dcmread(path)
+    ts = "1.2.840.10008.1.2.8.1"
+    stored = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    r = await app_client.get(f"{inst_url(ds)}/frames/2", headers={"Accept": stored})
+    assert r.status_code == 200, r.text
+    ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"] == f"application/octet-stream; transfer-syntax={ts}"
+    assert body == list(generate_frames(ds.PixelData, number_of_frames=3))[1]
+    for accept in ({}, {"Accept": "*/*"}):
+        r = await app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}", headers=accept)
+        assert r.status_code == 200, (accept, r.text)
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert headers["content-type"] == f"application/dicom; transfer-syntax={ts}"
+        assert body == data
+    # Named application/dicom means Explicit VR Little Endian (PS3.18 8.7.3.5.2): 406, why.
+    r = await app_client.get(
+        inst_url(ds), headers={"Accept": 'multipart/related; type="application/dicom"'}
+    )
+    assert r.status_code == 406 and ts in r.json()["message"]
