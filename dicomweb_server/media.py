@@ -102,6 +102,13 @@ _DEFAULT_FRAME_TS: dict[str, str] = {
     "image/jphc": "1.2.840.10008.1.2.4.201",
     "image/dicom-rle": "1.2.840.10008.1.2.5",
 }
+# What `image/*` gets for frames that must be encoded, in order of preference: lossless only.
+_WILDCARD_FRAME_TS = (
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless: fast and compact
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
 _NATIVE = {
     IMPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -337,6 +344,12 @@ def negotiate_frames(
         want = ts or _DEFAULT_FRAME_TS.get(part)
         if want in targets and want is not None and _type_matches(part, frame_media_type(want)):
             return want
+        if want is None and part.endswith("/*"):
+            # `image/*` names no syntax: the first lossless one that can be made, never a
+            # lossy one (field notes 3: 406 only when nothing acceptable can be made).
+            for choice in _WILDCARD_FRAME_TS:
+                if choice in targets and _type_matches(part, frame_media_type(choice)):
+                    return choice
     raise NotAcceptableError(
         f'acceptable: multipart/related; type="application/octet-stream" (uncompressed) or an '
         f"image type, {_options(stored_ts, targets)}{'; ' + why if why else ''}"

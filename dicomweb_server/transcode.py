@@ -6,13 +6,15 @@ behind the app's CapacityLimiter (STYLE.md rule 8).
 
 Decoding: whatever pydicom and its installed plugins decode (pylibjpeg-libjpeg, -openjpeg, -rle,
 pyjpegls). Encoding targets (ENCODERS): Explicit VR Little Endian; RLE Lossless, JPEG-LS
-Lossless and JPEG 2000 Lossless through pydicom's encoders; HTJ2K Lossless through imagecodecs
-(OpenJPH); JPEG Baseline (lossy, only when asked for by name) through imagecodecs (libjpeg-turbo).
+Lossless and JPEG 2000 Lossless through pydicom's encoders; HTJ2K Lossless, HTJ2K Lossless
+RPCL and HTJ2K (reversible) through imagecodecs (OpenJPH); JPEG Baseline (lossy, only when
+asked for by name) through imagecodecs (libjpeg-turbo).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from dicomweb_server.media import (
 
 __all__ = [
     "ENCODERS",
+    "HTJ2K_DECOMPOSITIONS",
+    "HTJ2K_RPCL_BASE_PIXELS",
     "JPEG_BASELINE_QUALITY",
     "Codec",
     "PixelInfo",
@@ -65,6 +69,13 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+HTJ2K_LOSSLESS_RPCL = "1.2.840.10008.1.2.4.202"
+HTJ2K_ANY = "1.2.840.10008.1.2.4.203"  # lossless or lossy: ours is reversible, i.e. lossless
+# PS3.5 10.18: RPCL codestreams have enough decompositions for their lowest resolution to be at
+# most this many pixels on a side (a thumbnail read from the first bytes).
+HTJ2K_RPCL_BASE_PIXELS = 64
+# Wavelet decompositions of our HTJ2K codestreams at least (OpenJPH's default).
+HTJ2K_DECOMPOSITIONS = 5
 NATIVE = frozenset(
     {
         IMPLICIT_VR_LITTLE_ENDIAN,
@@ -171,6 +182,24 @@ def _htj2k_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
     return bytes(imagecodecs.htj2k_encode(_native_order(arr), level=0))
 
 
+def _htj2k_rpcl_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+    """HTJ2K Lossless RPCL (PS3.5 10.18, the syntax of progressive loading): RPCL progression
+    order (OpenJPH's own), Tile Length Markers with a tile-part per resolution (the breakpoints
+    a streaming client reads up to), and enough decompositions for the lowest resolution to be
+    at most HTJ2K_RPCL_BASE_PIXELS on a side."""
+    import imagecodecs
+
+    side = max(arr.shape[0], arr.shape[1])
+    needed = (
+        math.ceil(math.log2(side / HTJ2K_RPCL_BASE_PIXELS)) if side > HTJ2K_RPCL_BASE_PIXELS else 0
+    )
+    codestream = imagecodecs.htj2k_encode(
+        _native_order(arr), level=0, tlm=True, tilepart=True,
+        resolutions=max(HTJ2K_DECOMPOSITIONS, needed),
+    )  # fmt: skip
+    return bytes(codestream)
+
+
 def _jpeg_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
     import imagecodecs
 
@@ -220,6 +249,14 @@ ENCODERS: dict[str, Codec] = {
     ),
     HTJ2K_LOSSLESS: Codec(
         HTJ2K_LOSSLESS, False, "imagecodecs", _integer(1, 16),
+        _htj2k_encode, _imagecodecs_available("HTJ2K"),
+    ),
+    HTJ2K_LOSSLESS_RPCL: Codec(
+        HTJ2K_LOSSLESS_RPCL, False, "imagecodecs", _integer(1, 16),
+        _htj2k_rpcl_encode, _imagecodecs_available("HTJ2K"),
+    ),
+    HTJ2K_ANY: Codec(
+        HTJ2K_ANY, False, "imagecodecs", _integer(1, 16),
         _htj2k_encode, _imagecodecs_available("HTJ2K"),
     ),
     JPEG_BASELINE: Codec(

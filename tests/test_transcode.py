@@ -40,6 +40,8 @@ MEDIA = {
     "1.2.840.10008.1.2.4.80": "image/jls",
     "1.2.840.10008.1.2.4.90": "image/jp2",
     "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
     JPEG_BASELINE: "image/jpeg",
 }
 
@@ -363,3 +365,58 @@ async def test_undecodable_instances_as_stored_when_the_client_names_no_type(
         inst_url(ds), headers={"Accept": 'multipart/related; type="application/dicom"'}
     )
     assert r.status_code == 406 and ts in r.json()["message"]
+
+
+def _cod(codestream: bytes) -> tuple[int, int]:
+    """(progression order, decomposition levels) of a JPEG 2000 codestream's COD segment."""
+    at = codestream.index(b"\xff\x52")  # ISO/IEC 15444-1 A.6.1: Lcod, Scod, SGcod, SPcod
+    return codestream[at + 5], codestream[at + 9]
+
+
+@pytest.mark.parametrize(("rows", "cols", "decompositions"), [(8, 8, 5), (2, 4100, 7)])
+async def test_htj2k_rpcl_for_progressive_loading(
+    app_client: httpx.AsyncClient, rows: int, cols: int, decompositions: int
+) -> None:
+    """HTJ2K Lossless RPCL (PS3.5 10.18, field notes 6): RPCL order, Tile Length Markers, a
+    tile-part per resolution, the lowest resolution at most 64 pixels a side; lossless."""
+    import imagecodecs
+
+    from dicomweb_server.transcode import HTJ2K_DECOMPOSITIONS, HTJ2K_RPCL_BASE_PIXELS
+
+    ds = make_instance(rows=rows, cols=cols)
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    rpcl = "1.2.840.10008.1.2.4.202"
+    accept = f'multipart/related; type="image/jphc"; transfer-syntax={rpcl}'
+    r = await app_client.get(f"{inst_url(ds)}/frames/1", headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    ((headers, codestream),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"] == f"image/jphc; transfer-syntax={rpcl}"
+    order, levels = _cod(codestream)
+    assert order == 2  # RPCL (ISO/IEC 15444-1 Table A.16)
+    assert levels == decompositions == max(HTJ2K_DECOMPOSITIONS, levels)
+    assert max(rows, cols) / 2**levels <= HTJ2K_RPCL_BASE_PIXELS
+    assert codestream.count(b"\xff\x55") >= 1  # TLM
+    assert codestream.count(b"\xff\x90") == levels + 1  # a tile-part (SOT) per resolution
+    assert np.array_equal(imagecodecs.htj2k_decode(codestream), ds.pixel_array)
+    any_htj2k = 'multipart/related; type="image/jphc"; transfer-syntax=1.2.840.10008.1.2.4.203'
+    r = await app_client.get(f"{inst_url(ds)}/frames/1", headers={"Accept": any_htj2k})
+    ((_, codestream),) = split_multipart(r.content, r.headers["content-type"])
+    assert np.array_equal(imagecodecs.htj2k_decode(codestream), ds.pixel_array)
+
+
+async def test_image_wildcard_gets_a_lossless_image_type(app_client: httpx.AsyncClient) -> None:
+    """`type=image/*` on native frames names no syntax: a lossless image type is made (it was
+    a 406), never JPEG Baseline."""
+    ds = make_instance(rows=16, cols=16)
+    await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    r = await app_client.get(
+        f"{inst_url(ds)}/frames/1", headers={"Accept": 'multipart/related; type="image/*"'}
+    )
+    assert r.status_code == 200, r.text
+    ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+    assert np.array_equal(decode(data, ds, "1.2.840.10008.1.2.4.80"), ds.pixel_array)
