@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DICOMWEB_ROOT",
     "DIMSE_MAX_ASSOCIATIONS",
+    "FORWARDED_PREFIX_SCOPE_KEY",
     "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
@@ -38,6 +39,9 @@ DEFAULT_PORT = 8080
 DEFAULT_DATA_DIR = Path("data")
 # The DICOMweb root (PS3.18 8.2: the "base URI" of the origin server's services).
 DICOMWEB_ROOT = "/dicom-web"
+# The scope key under which proxy.ProxyHeaders leaves a trusted proxy's X-Forwarded-Prefix (the
+# path the proxy serves the archive under), read by routes.common.base_url.
+FORWARDED_PREFIX_SCOPE_KEY = "dicomweb.forwarded_prefix"
 # Largest single instance (one part of a STOW request), in bytes. Above it: 413.
 MAX_PART_BYTES = 4 * 1024**3
 # Largest STOW request body, in bytes. Above it: 413.

@@ -1,7 +1,7 @@
 """Requests that came through a trusted reverse proxy (field notes 13): the client's address,
 the scheme and the host it asked for, from `Forwarded` (RFC 7239) or `X-Forwarded-For/-Proto/
--Host/-Port`. Only when the direct peer is in DICOMWEB_TRUSTED_PROXIES; from anyone else these
-headers are ignored, since a client could claim any address with them. Only the family of
+-Host/-Port/-Prefix`. Only when the direct peer is in DICOMWEB_TRUSTED_PROXIES; from anyone else
+these headers are ignored, since a client could claim any address with them. Only the family of
 headers the proxies write is read (DICOMWEB_PROXY_HEADERS): a proxy that writes X-Forwarded-*
 passes a client's own `Forwarded` header through, and the other way round.
 
@@ -12,11 +12,17 @@ Pure ASGI: the scope is rewritten before anything else sees it, so that emitted 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dicomweb_server.config import FORWARDED_PREFIX_SCOPE_KEY
+
 __all__ = ["ProxyHeaders", "parse_networks"]
+
+# An absolute path of RFC 3986 segments (pchar), no query or fragment: what a prefix may be.
+_PATH_PREFIX = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -83,13 +89,18 @@ class ProxyHeaders:
             elements = _forwarded(headers.get("forwarded", ""))
             hops = [e["for"] for e in elements if e.get("for")]
             nearest = elements[-1] if elements else {}
-            proto, host, port = nearest.get("proto"), nearest.get("host"), None
+            proto, host, port, prefix = nearest.get("proto"), nearest.get("host"), None, None
         else:
             hops = [h.strip() for h in headers.get("x-forwarded-for", "").split(",") if h.strip()]
             proto = _last(headers.get("x-forwarded-proto"))
             host = _last(headers.get("x-forwarded-host"))
             port = _last(headers.get("x-forwarded-port"))
+            prefix = _last(headers.get("x-forwarded-prefix"))
         scope = dict(scope)
+        if prefix and _PATH_PREFIX.fullmatch(prefix):
+            # The path the proxy serves us under (`location /pacs/` -> `X-Forwarded-Prefix:
+            # /pacs`): emitted URLs carry it. RFC 7239 has no such parameter.
+            scope[FORWARDED_PREFIX_SCOPE_KEY] = prefix.rstrip("/")
         # The client is the nearest hop that is not one of our proxies (X-Forwarded-For is
         # appended to by each proxy; anything left of an untrusted hop could be made up).
         for i in range(len(hops) - 1, -1, -1):

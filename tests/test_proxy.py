@@ -142,3 +142,36 @@ def test_ipv4_mapped_peers_are_matched() -> None:
 
     nets = parse_networks(["10.0.0.0/8"])
     assert _trusted("::ffff:10.0.0.5", nets) and not _trusted("::ffff:11.0.0.5", nets)
+
+
+async def test_forwarded_prefix_from_a_trusted_proxy(proxied: Starlette) -> None:
+    """A proxy serving the archive under a path (`location /pacs/`) says so with
+    X-Forwarded-Prefix: every URL emitted carries it, and each one is served through the
+    proxy (field notes 13). Not from an untrusted peer; not when it is not a plain path."""
+    ds = make_instance()
+    study = f"/dicom-web/studies/{ds.StudyInstanceUID}"
+    https = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org"}
+    async with _client(proxied, "10.1.2.3") as client:
+        prefixed = {**stow_headers(), **https, "X-Forwarded-Prefix": "/pacs"}
+        r = await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=prefixed
+        )
+        assert r.json()["00081190"]["Value"] == [f"https://pacs.example.org/pacs{study}"]
+        cases = {
+            "/pacs": f"https://pacs.example.org/pacs{study}",
+            "/hospital/pacs/": f"https://pacs.example.org/hospital/pacs{study}",
+            "/a, /pacs": f"https://pacs.example.org/pacs{study}",  # the nearest proxy's
+            "pacs": f"https://pacs.example.org{study}",  # not a path: ignored
+            "/pacs?x=1": f"https://pacs.example.org{study}",
+            "//evil.example/x": f"https://pacs.example.org{study}",
+        }
+        for prefix, expected in cases.items():
+            headers = {**https, "X-Forwarded-Prefix": prefix}
+            assert await _retrieve_url(client, headers) == expected, prefix
+        r = await client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}/metadata",
+                             headers={**https, "X-Forwarded-Prefix": "/pacs"})  # fmt: skip
+        bulk = r.json()[0]["7FE00010"]["BulkDataURI"]
+        assert bulk.startswith(f"https://pacs.example.org/pacs{study}/series/")
+    async with _client(proxied, "198.51.100.20") as client:
+        url = await _retrieve_url(client, {"X-Forwarded-Prefix": "/evil"})
+        assert url == f"http://archive.internal:8080{study}"

@@ -13,7 +13,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from dicomweb_server.config import DICOMWEB_ROOT
+from dicomweb_server.config import DICOMWEB_ROOT, FORWARDED_PREFIX_SCOPE_KEY
 from dicomweb_server.dicom_json import dumps
 from dicomweb_server.errors import BadRequestError, DicomWebError
 from dicomweb_server.ingest import Services
@@ -78,9 +78,10 @@ def base_url(request: Request) -> str:
         port = int(server[1])
         if port != _DEFAULT_PORTS.get(scheme):
             host = f"{host}:{port}"
+    prefix = str(request.scope.get(FORWARDED_PREFIX_SCOPE_KEY, ""))  # X-Forwarded-Prefix
     if not host:
-        return str(request.base_url).rstrip("/") + DICOMWEB_ROOT
-    return f"{scheme}://{host}{DICOMWEB_ROOT}"
+        return str(request.base_url).rstrip("/") + prefix + DICOMWEB_ROOT
+    return f"{scheme}://{host}{prefix}{DICOMWEB_ROOT}"
 
 
 def error_response(exc: DicomWebError) -> Response:
