@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import functools
 import itertools
-import json
 import os
 import re
 import struct
@@ -18,15 +16,13 @@ import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 
 from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
-from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.dicomfile import read_bulk_value
-from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
-from dicomweb_server.index import MetadataRow, StoredInstance
+from dicomweb_server.errors import BadRequestError, NotFoundError
+from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM,
@@ -38,12 +34,8 @@ from dicomweb_server.media import (
     negotiate_frames,
     negotiate_instances,
 )
-from dicomweb_server.render import render_animation, render_frame, render_icon
-from dicomweb_server.rendered import RenderParams
+from dicomweb_server.metadata import not_found, pixel_info, targets_of
 from dicomweb_server.transcode import (
-    PixelInfo,
-    TranscodeError,
-    available_targets,
     convert_codestream,
     decodable,
     decode_frames,
@@ -64,10 +56,7 @@ __all__ = [
     "frame_value",
     "instance_parts",
     "locate",
-    "metadata_json",
     "parse_frame_list",
-    "rendered_image",
-    "representative",
     "slice_stream",
 ]
 
@@ -89,156 +78,8 @@ async def locate(
 ) -> list[StoredInstance]:
     found = await svc.index.locate(study, series, sop)
     if not found:
-        raise _not_found(series, sop)
+        raise not_found(series, sop)
     return found
-
-
-def _not_found(series: str | None, sop: str | None) -> NotFoundError:
-    what = "instance" if sop else "series" if series else "study"
-    return NotFoundError(f"no such {what} in the archive")
-
-
-async def metadata_json(
-    svc: Services, base_url: str, study: str, series: str | None = None, sop: str | None = None
-) -> bytes:
-    """The stored DICOM JSON of the instances, as one JSON array (no blob is read).
-
-    Study and series metadata are assembled per series, and a series' part is kept in
-    `svc.metadata` with the series' instance count: a series only ever gains instances, so
-    the count read in the same request tells a current part from a stale one, in every
-    process. Series metadata is one statement whether the part is cached or not; study
-    metadata is two (its series and their counts, then every uncached series at once), one
-    when all its series are cached.
-    """
-    if sop is not None:
-        found = await svc.index.metadata_texts(study, series, sop)
-        if not found:
-            raise _not_found(series, sop)
-        doc = ",".join(_with_available_ts(t, inst) for inst, t in found)
-        return _json_array([doc.encode("utf-8")], base_url)
-    if series is not None:
-        part = await _series_part(svc, study, series)
-        if part is None:
-            raise _not_found(series, None)
-        return _json_array([part], base_url)
-    versions = await svc.index.series_versions(study)
-    if not versions:
-        raise _not_found(None, None)
-    parts: dict[str, bytes] = {}
-    for uid, count in versions:
-        cached = _cached_part(svc, uid)
-        if cached is not None and cached[0] == count:
-            parts[uid] = cached[1]
-    stale = [uid for uid, _ in versions if uid not in parts]
-    if stale:
-        for uid, (count, rows) in (await svc.index.series_metadata_many(study, stale)).items():
-            parts[uid] = _cache_part(svc, uid, count, rows)
-    return _json_array([parts.get(uid, b"") for uid, _ in versions], base_url)
-
-
-async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
-    """A series' instances' DICOM JSON objects, comma-separated, BulkDataURIs root-relative;
-    None when the study has no such series."""
-    cached = _cached_part(svc, series)
-    known = -1 if cached is None else cached[0]
-    found = await svc.index.series_metadata(study, series, known)
-    if found is None:
-        return None
-    count, rows = found
-    if cached is not None and count == known:
-        return cached[1]
-    return _cache_part(svc, series, count, rows)
-
-
-def _cached_part(svc: Services, series: str) -> tuple[int, bytes] | None:
-    """(instance count, part) of a series as _cache_part kept it, or None."""
-    entry = svc.metadata.get(("series", series))
-    if entry is None:
-        return None
-    return int.from_bytes(entry[:8], "little"), entry[8:]
-
-
-def _cache_part(svc: Services, series: str, count: int, rows: list[MetadataRow]) -> bytes:
-    """The part of a series of `count` instances from its rows, kept in svc.metadata (the
-    count as 8 bytes before it; _cached_part reads it back)."""
-    part = ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
-    svc.metadata.put(("series", series), count.to_bytes(8, "little") + part)
-    return part
-
-
-def _json_array(parts: list[bytes], base_url: str) -> bytes:
-    return absolutize_bulk_uris_bytes(b"[" + b",".join(p for p in parts if p) + b"]", base_url)
-
-
-def _row_with_available_ts(row: MetadataRow) -> str:
-    info = None
-    if row.number_of_frames > 0:
-        info = _pixel_info_of_json(json.loads(row.metadata))
-    return _add_available_ts(row.metadata, row.transfer_syntax_uid, info)
-
-
-def _pixel_info_of_json(doc: dict[str, Any]) -> PixelInfo | None:
-    """`pixel_info` from an instance's DICOM JSON (the values _LOCATE reads in SQL)."""
-
-    def first_number(tag: str) -> int | None:
-        values = doc.get(tag, {}).get("Value") or [None]
-        v = values[0]
-        return round(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-    bits_allocated = first_number("00280100")
-    if bits_allocated is None:
-        return None
-    photometric = (doc.get("00280004", {}).get("Value") or [None])[0]
-    return PixelInfo(
-        bits_allocated,
-        first_number("00280101") or bits_allocated,
-        first_number("00280002") or 1,
-        first_number("00280103") or 0,
-        str(photometric) if photometric else "MONOCHROME2",
-        first_number("00280010") or 0,
-        first_number("00280011") or 0,
-        "7FE00008" in doc or "7FE00009" in doc,
-        first_number("00280006") or 0,
-    )
-
-
-def pixel_info(inst: StoredInstance) -> PixelInfo | None:
-    if inst.number_of_frames == 0 or inst.bits_allocated is None:
-        return None
-    return PixelInfo(
-        inst.bits_allocated,
-        inst.bits_stored or inst.bits_allocated,
-        inst.samples_per_pixel or 1,
-        inst.pixel_representation or 0,
-        inst.photometric or "MONOCHROME2",
-        inst.rows or 0,
-        inst.columns or 0,
-        inst.is_float,
-        inst.planar_configuration or 0,
-    )
-
-
-def targets_of(inst: StoredInstance) -> tuple[str, ...]:
-    return available_targets(inst.transfer_syntax_uid, pixel_info(inst))
-
-
-def _with_available_ts(doc: str, inst: StoredInstance) -> str:
-    return _add_available_ts(doc, inst.transfer_syntax_uid, pixel_info(inst))
-
-
-def _add_available_ts(doc: str, stored_ts: str, info: PixelInfo | None) -> str:
-    """Add Available Transfer Syntax UID (0008,3002): what this instance can be sent in."""
-    if doc == "{}":
-        return doc
-    return doc[:-1] + _available_ts_element(stored_ts, info)
-
-
-@functools.lru_cache(maxsize=1024)
-def _available_ts_element(stored_ts: str, info: PixelInfo | None) -> str:
-    """`, "00083002": {...}}` for instances of this transfer syntax and pixel layout: a series
-    shares one, so its metadata asks the codec registry once, not once per instance."""
-    uids = [stored_ts, *(t for t in available_targets(stored_ts, info) if t != stored_ts)]
-    return f', "00083002": {json.dumps({"vr": "UI", "Value": uids})}}}'
 
 
 async def instance_parts(
@@ -644,103 +485,3 @@ async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
     return _sized_bytes(headers, value[0])
-
-
-def representative(instances: list[StoredInstance]) -> StoredInstance:
-    """The image that stands for a study or series: the middle image of the first series that
-    has images (instances arrive ordered by series and instance number); else the first."""
-    images = [i for i in instances if i.number_of_frames > 0]
-    if not images:
-        return instances[0]
-    first_series = [i for i in images if i.series_uid == images[0].series_uid]
-    return first_series[len(first_series) // 2]
-
-
-async def rendered_image(
-    svc: Services,
-    inst: StoredInstance,
-    frame: int,
-    params: RenderParams,
-    media: str,
-    thumbnail: bool,
-    animate: bool = False,
-) -> bytes:
-    """One rendered frame or thumbnail, from the cache when it was made before; with `animate`
-    (an instance-level request), a multi-frame instance asked for as GIF is animated.
-
-    A thumbnail is never an error (field notes 7): an instance without pixel data, a video
-    and pixel data this server cannot decode get an icon naming their kind. Their rendered
-    resource stays a 406: it promises an image of the content."""
-    key = (inst.blob_key, frame, params, media, thumbnail, animate)
-    cached = svc.images.get(key)
-    if cached is not None:
-        return cached
-    if inst.number_of_frames == 0 and not thumbnail:
-        raise NotAcceptableError("the instance has no pixel data to render as an image")
-    if inst.number_of_frames and frame > inst.number_of_frames:
-        raise NotFoundError(
-            f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
-        )
-    ts = inst.transfer_syntax_uid
-    if inst.number_of_frames and not decodable(ts) and not thumbnail:
-        raise TranscodeError(f"cannot decode the pixel data to render it: {missing_codec(ts)}")
-    if inst.number_of_frames == 0 or not decodable(ts):
-        data = await _icon(inst, params, media)
-    else:
-        try:
-            data = await _render(svc, inst, frame, params, media, thumbnail, animate)
-        except TranscodeError:
-            if not thumbnail:
-                raise
-            data = await _icon(inst, params, media)
-    svc.images.put(key, data)
-    return data
-
-
-async def _render(
-    svc: Services,
-    inst: StoredInstance,
-    frame: int,
-    params: RenderParams,
-    media: str,
-    thumbnail: bool,
-    animate: bool,
-) -> bytes:
-    path = svc.blobs.local_path(inst.blob_key)
-    if animate and media == "image/gif" and inst.number_of_frames > 1 and not thumbnail:
-        return await anyio.to_thread.run_sync(render_animation, path, params, limiter=svc.limiter)
-    return await anyio.to_thread.run_sync(
-        render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
-    )
-
-
-async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:
-    label = _ICON_LABELS.get(inst.sop_class_uid)
-    if label is None:
-        label = "VIDEO" if inst.transfer_syntax_uid in _VIDEO_TRANSFER_SYNTAXES else "DICOM"
-    return await anyio.to_thread.run_sync(render_icon, label, params, media)
-
-
-# Icons of common non-image SOP classes (field notes 7: a thumbnail, never an error), and of
-# video (PS3.4 Table B.5-1: Video Endoscopic, Microscopic and Photographic Image Storage),
-# shown when a frame of it cannot be rendered (MPEG and HEVC streams are not decoded here).
-_ICON_LABELS = {
-    "1.2.840.10008.5.1.4.1.1.104.1": "PDF",
-    "1.2.840.10008.5.1.4.1.1.104.2": "CDA",
-    "1.2.840.10008.5.1.4.1.1.88.11": "SR",
-    "1.2.840.10008.5.1.4.1.1.88.22": "SR",
-    "1.2.840.10008.5.1.4.1.1.88.33": "SR",
-    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
-    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
-    "1.2.840.10008.5.1.4.1.1.9.1.1": "ECG",
-    "1.2.840.10008.5.1.4.1.1.9.1.2": "ECG",
-    "1.2.840.10008.5.1.4.1.1.77.1.1.1": "VIDEO",
-    "1.2.840.10008.5.1.4.1.1.77.1.2.1": "VIDEO",
-    "1.2.840.10008.5.1.4.1.1.77.1.4.1": "VIDEO",
-}
-# MPEG2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes, fragmentable ones (.1) too
-# (PS3.6 Table A-1): whatever the SOP class, the pixel data is a video stream.
-_VIDEO_TRANSFER_SYNTAXES = frozenset(
-    [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
-    + [f"1.2.840.10008.1.2.4.{n}.1" for n in range(100, 107)]
-)

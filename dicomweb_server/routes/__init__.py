@@ -67,7 +67,7 @@ ROUTES: list[BaseRoute] = [
             Route(_IN + "/bulk/{path:path}", retrieve_bulkdata, methods=["GET"],
                   name="retrieve_bulkdata"),
             # Rendered and thumbnail resources (PS3.18 10.4.1.1.3, 10.4.1.1.4); a study or
-            # series is represented by one image (retrieve.representative).
+            # series is represented by one image (rendering.representative).
             Route(_ST + "/rendered", retrieve_rendered, methods=["GET"],
                   name="retrieve_rendered_study"),
             Route(_SE + "/rendered", retrieve_rendered, methods=["GET"],

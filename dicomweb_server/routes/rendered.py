@@ -7,7 +7,8 @@ from starlette.responses import Response
 
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.rendered import negotiate_rendered, parse_render_params
-from dicomweb_server.retrieve import locate, parse_frame_list, rendered_image, representative
+from dicomweb_server.rendering import rendered_image, representative
+from dicomweb_server.retrieve import locate, parse_frame_list
 from dicomweb_server.routes.common import accept_of, services, uid_param
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]

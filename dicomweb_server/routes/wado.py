@@ -11,13 +11,13 @@ from dicomweb_server.media import (
     negotiate_bulkdata,
     negotiate_json,
 )
+from dicomweb_server.metadata import metadata_json
 from dicomweb_server.retrieve import (
     bulk_value,
     frame_parts,
     frame_value,
     instance_parts,
     locate,
-    metadata_json,
     parse_frame_list,
 )
 from dicomweb_server.routes.common import (

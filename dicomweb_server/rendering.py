@@ -1,0 +1,116 @@
+"""The rendered and thumbnail resources (PS3.18 8.3.5, 10.4.1.1.3): which instance stands for
+a study or series, one rendered frame or animation (cached), and the icons that stand for what
+cannot be rendered (field notes 7). Rendering itself is render.py's, in a worker thread."""
+
+from __future__ import annotations
+
+import anyio
+
+from dicomweb_server.errors import NotAcceptableError, NotFoundError
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services
+from dicomweb_server.render import render_animation, render_frame, render_icon
+from dicomweb_server.rendered import RenderParams
+from dicomweb_server.transcode import TranscodeError, decodable, missing_codec
+
+__all__ = ["rendered_image", "representative"]
+
+
+def representative(instances: list[StoredInstance]) -> StoredInstance:
+    """The image that stands for a study or series: the middle image of the first series that
+    has images (instances arrive ordered by series and instance number); else the first."""
+    images = [i for i in instances if i.number_of_frames > 0]
+    if not images:
+        return instances[0]
+    first_series = [i for i in images if i.series_uid == images[0].series_uid]
+    return first_series[len(first_series) // 2]
+
+
+async def rendered_image(
+    svc: Services,
+    inst: StoredInstance,
+    frame: int,
+    params: RenderParams,
+    media: str,
+    thumbnail: bool,
+    animate: bool = False,
+) -> bytes:
+    """One rendered frame or thumbnail, from the cache when it was made before; with `animate`
+    (an instance-level request), a multi-frame instance asked for as GIF is animated.
+
+    A thumbnail is never an error (field notes 7): an instance without pixel data, a video
+    and pixel data this server cannot decode get an icon naming their kind. Their rendered
+    resource stays a 406: it promises an image of the content."""
+    key = (inst.blob_key, frame, params, media, thumbnail, animate)
+    cached = svc.images.get(key)
+    if cached is not None:
+        return cached
+    if inst.number_of_frames == 0 and not thumbnail:
+        raise NotAcceptableError("the instance has no pixel data to render as an image")
+    if inst.number_of_frames and frame > inst.number_of_frames:
+        raise NotFoundError(
+            f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
+        )
+    ts = inst.transfer_syntax_uid
+    if inst.number_of_frames and not decodable(ts) and not thumbnail:
+        raise TranscodeError(f"cannot decode the pixel data to render it: {missing_codec(ts)}")
+    if inst.number_of_frames == 0 or not decodable(ts):
+        data = await _icon(inst, params, media)
+    else:
+        try:
+            data = await _render(svc, inst, frame, params, media, thumbnail, animate)
+        except TranscodeError:
+            if not thumbnail:
+                raise
+            data = await _icon(inst, params, media)
+    svc.images.put(key, data)
+    return data
+
+
+async def _render(
+    svc: Services,
+    inst: StoredInstance,
+    frame: int,
+    params: RenderParams,
+    media: str,
+    thumbnail: bool,
+    animate: bool,
+) -> bytes:
+    path = svc.blobs.local_path(inst.blob_key)
+    if animate and media == "image/gif" and inst.number_of_frames > 1 and not thumbnail:
+        return await anyio.to_thread.run_sync(render_animation, path, params, limiter=svc.limiter)
+    return await anyio.to_thread.run_sync(
+        render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
+    )
+
+
+async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:
+    label = _ICON_LABELS.get(inst.sop_class_uid)
+    if label is None:
+        label = "VIDEO" if inst.transfer_syntax_uid in _VIDEO_TRANSFER_SYNTAXES else "DICOM"
+    return await anyio.to_thread.run_sync(render_icon, label, params, media)
+
+
+# Icons of common non-image SOP classes (field notes 7: a thumbnail, never an error), and of
+# video (PS3.4 Table B.5-1: Video Endoscopic, Microscopic and Photographic Image Storage),
+# shown when a frame of it cannot be rendered (MPEG and HEVC streams are not decoded here).
+_ICON_LABELS = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "CDA",
+    "1.2.840.10008.5.1.4.1.1.88.11": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RTPLAN",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.9.1.1": "ECG",
+    "1.2.840.10008.5.1.4.1.1.9.1.2": "ECG",
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1": "VIDEO",
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1": "VIDEO",
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1": "VIDEO",
+}
+# MPEG2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes, fragmentable ones (.1) too
+# (PS3.6 Table A-1): whatever the SOP class, the pixel data is a video stream.
+_VIDEO_TRANSFER_SYNTAXES = frozenset(
+    [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
+    + [f"1.2.840.10008.1.2.4.{n}.1" for n in range(100, 107)]
+)
