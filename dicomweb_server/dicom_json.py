@@ -17,6 +17,8 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 
 from dicomweb_server.attributes import tag_hex
 from dicomweb_server.errors import FailureReason, WarningReason
@@ -32,7 +34,9 @@ __all__ = [
     "InstanceOutcome",
     "absolutize_bulk_uris",
     "absolutize_bulk_uris_bytes",
+    "dataset_from_json",
     "dataset_to_json",
+    "number_string_element",
     "number_string_json",
     "raw_vr",
     "simple_json",
@@ -359,3 +363,46 @@ def stow_response(
 
 def dumps(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def number_string_element(tag: int, entry: JsonDict) -> RawDataElement | None:
+    """The element of a DS or IS attribute whose DICOM JSON keeps a value as a string (as
+    number_string_json writes, or as a client sends: PS3.18 F.2.3 allows both), written as its
+    values' text; None when every value is a number (pydicom converts those). pydicom would
+    refuse to convert an invalid string (`1,5`); the archive keeps it as it came."""
+    values = entry.get("Value") or []
+    if entry.get("vr") not in NUMBER_STRING_VRS or not any(isinstance(v, str) for v in values):
+        return None
+    texts = ("" if v is None else v if isinstance(v, str) else repr(v) for v in values)
+    value = "\\".join(texts).encode("ascii", "replace")
+    value += b" " * (len(value) % 2)  # even length, space padded (PS3.5 7.1.1, 6.2)
+    return RawDataElement(BaseTag(tag), entry["vr"], len(value), value, 0, False, True)
+
+
+def dataset_from_json(
+    doc: JsonDict, bulk: Callable[[str, str, str], bytes | None] | None = None
+) -> Dataset:
+    """A data set from DICOM JSON, numbers given as numbers or strings (PS3.18 F.2.3, field
+    notes 12: accept both), at any depth; `bulk(tag, vr, uri)` gives a BulkDataURI's value.
+    ValueError (or pydicom's own errors) when the document is not DICOM JSON."""
+    if not isinstance(doc, dict):
+        raise ValueError("a DICOM JSON data set must be an object")
+    plain: JsonDict = {}
+    sequences: dict[int, list[Dataset]] = {}
+    texts: dict[int, RawDataElement] = {}
+    for key, entry in doc.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"attribute {key!r} is not an object")
+        tag = int(key, 16)
+        if entry.get("vr") == "SQ":
+            sequences[tag] = [dataset_from_json(item, bulk) for item in entry.get("Value") or []]
+        elif (raw := number_string_element(tag, entry)) is not None:
+            texts[tag] = raw
+        else:
+            plain[key] = entry
+    ds = Dataset.from_json(plain, bulk) if bulk else Dataset.from_json(plain)
+    for tag, items in sequences.items():
+        ds[tag] = DataElement(tag, "SQ", Sequence(items))
+    for tag, raw in texts.items():
+        ds._dict[BaseTag(tag)] = raw
+    return ds

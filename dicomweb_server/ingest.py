@@ -309,9 +309,12 @@ async def store_file(
         raise
 
 
-async def store_path(ctx: Services, path: Path) -> InstanceOutcome:
-    """Store a Part-10 file found on local disk (`load`, DIMSE C-STORE): it is copied into a
-    blob spool file, then stored exactly as a STOW part is (store_file)."""
+async def store_path(
+    ctx: Services, path: Path, expected_study: str | None = None
+) -> InstanceOutcome:
+    """Store a Part-10 file found on local disk (`load`, DIMSE C-STORE, a STOW-RS instance
+    assembled from metadata and bulk data): it is copied into a blob spool file, then stored
+    exactly as a STOW part is (store_file)."""
     writer = await ctx.blobs.open_writer()
     try:
         async with await anyio.open_file(path, "rb") as fh:
@@ -324,7 +327,7 @@ async def store_path(ctx: Services, path: Path) -> InstanceOutcome:
         with anyio.CancelScope(shield=True):
             await _discard_quietly(ctx, writer)
         raise
-    return await store_file(writer, ctx, None)
+    return await store_file(writer, ctx, expected_study)
 
 
 class _SpoolError(Exception):

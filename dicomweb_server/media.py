@@ -37,6 +37,7 @@ __all__ = [
     "accepts_gzip",
     "byte_range",
     "frame_media_type",
+    "frame_syntax",
     "negotiate_bulkdata",
     "negotiate_frames",
     "negotiate_instances",
@@ -131,6 +132,19 @@ class MediaRange:
     def matches(self, media_type: str) -> bool:
         t, _, s = media_type.partition("/")
         return self.type in ("*", t) and self.subtype in ("*", s)
+
+
+def frame_syntax(media_type: str) -> str | None:
+    """The transfer syntax a frame of this media type is in, as a STOW-RS bulk data part
+    says it (`image/jls; transfer-syntax=...`), or by the media type's default (PS3.18 Table
+    8.7.3-2); octet-stream is native little endian; None for anything else."""
+    rng = parse_content_type(media_type)
+    named = rng.params.get("transfer-syntax")
+    if rng.essence == APPLICATION_OCTET_STREAM:
+        return named or EXPLICIT_VR_LITTLE_ENDIAN
+    if named and frame_media_type(named) == rng.essence:
+        return named
+    return None if named else _DEFAULT_FRAME_TS.get(rng.essence)
 
 
 def frame_media_type(transfer_syntax_uid: str) -> str:
@@ -231,8 +245,10 @@ def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
     return tuple(r for _, r in ordered if r.q > 0)
 
 
-def stow_boundary(content_type: str | None) -> str:
-    """The boundary of a STOW-RS request body (PS3.18 10.5.1.2), or 415/400."""
+def stow_boundary(content_type: str | None) -> tuple[str, str]:
+    """(boundary, part type) of a STOW-RS request body (PS3.18 10.5.1.4), or 415/400: parts
+    of `application/dicom` (Part-10 instances), or `application/dicom+json` metadata with its
+    bulk data in the other parts."""
     if not content_type:
         raise UnsupportedMediaTypeError(
             'STOW-RS needs Content-Type: multipart/related; type="application/dicom"'
@@ -243,14 +259,15 @@ def stow_boundary(content_type: str | None) -> str:
             f'STOW-RS accepts multipart/related; type="application/dicom", not {rng.essence}'
         )
     part_type = rng.params.get("type", APPLICATION_DICOM).lower()
-    if part_type != APPLICATION_DICOM:
+    if part_type not in (APPLICATION_DICOM, APPLICATION_DICOM_JSON):
         raise UnsupportedMediaTypeError(
-            f"STOW-RS here accepts parts of type application/dicom only, not {part_type}"
+            "STOW-RS here accepts parts of type application/dicom, or application/dicom+json "
+            f"metadata with bulk data; not {part_type}"
         )
     boundary = rng.params.get("boundary")
     if not boundary:
         raise BadRequestError("multipart/related Content-Type has no boundary parameter")
-    return boundary
+    return boundary, part_type
 
 
 def _related_type(rng: MediaRange, default: str) -> str | None:

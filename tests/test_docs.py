@@ -14,6 +14,7 @@ from dicomweb_server import (
     query,
     rendered,
     retrieve,
+    stow_json,
     transcode,
 )
 from dicomweb_server.attributes import MATCHING_PATHS
@@ -59,7 +60,7 @@ def test_frame_media_types() -> None:
 
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
-               handlers, identifier, common)  # fmt: skip
+               handlers, identifier, common, stow_json)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name

@@ -173,12 +173,17 @@ def test_negotiate_json() -> None:
 
 
 def test_stow_boundary() -> None:
-    assert stow_boundary('multipart/related; type="application/dicom"; boundary="a b:c"') == "a b:c"
-    assert stow_boundary("multipart/related; boundary=xyz") == "xyz"
+    assert stow_boundary('multipart/related; type="application/dicom"; boundary="a b:c"') == (
+        "a b:c", "application/dicom"
+    )  # fmt: skip
+    assert stow_boundary("multipart/related; boundary=xyz") == ("xyz", "application/dicom")
+    assert stow_boundary('multipart/related; type="application/dicom+json"; boundary=x') == (
+        "x", "application/dicom+json"
+    )  # fmt: skip
     for bad in (
         None,
         "application/dicom",
-        'multipart/related; type="application/dicom+json"; boundary=x',
+        'multipart/related; type="application/dicom+xml"; boundary=x',
     ):
         with pytest.raises(UnsupportedMediaTypeError):
             stow_boundary(bad)

@@ -13,13 +13,12 @@ from enum import Enum
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
 
 from dicomweb_server.attributes import BY_TAG, ITEM_KEYS, PATIENT_MATCHING_TAGS, Level, tag_hex
-from dicomweb_server.dicom_json import NUMBER_STRING_VRS
+from dicomweb_server.dicom_json import number_string_element
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
 from dicomweb_server.query import Query, parse
@@ -256,25 +255,8 @@ def find_response(req: FindRequest, result: Mapping[str, Any], ae_title: str) ->
     if charset is not None:
         doc[tag_hex(_SPECIFIC_CHARACTER_SET)] = charset
     doc[tag_hex(_QUERY_RETRIEVE_LEVEL)] = {"vr": "CS", "Value": [req.level_name]}
-    kept = {key: entry for key, entry in doc.items() if _as_stored(entry)}
-    ds = Dataset.from_json({key: entry for key, entry in doc.items() if key not in kept})
-    for key, entry in kept.items():
-        ds[int(key, 16)] = _raw_number_string(int(key, 16), entry)
+    texts = {k: r for k, e in doc.items() if (r := number_string_element(int(k, 16), e))}
+    ds = Dataset.from_json({key: entry for key, entry in doc.items() if key not in texts})
+    for key, raw in texts.items():
+        ds[int(key, 16)] = raw  # a DS or IS kept as a string is sent as its text
     return ds
-
-
-def _as_stored(entry: Mapping[str, Any]) -> bool:
-    """A DS or IS attribute whose DICOM JSON keeps a value as a string (invalid, or a number
-    JSON cannot hold exactly: dicom_json.number_string_json): pydicom would refuse to convert
-    it, so it is sent as its text."""
-    return entry.get("vr") in NUMBER_STRING_VRS and any(
-        isinstance(v, str) for v in entry.get("Value") or ()
-    )
-
-
-def _raw_number_string(tag: int, entry: Mapping[str, Any]) -> RawDataElement:
-    """The element of a DS or IS attribute written as its values' text, not converted."""
-    texts = ("" if v is None else v if isinstance(v, str) else repr(v) for v in entry["Value"])
-    value = "\\".join(texts).encode("ascii", "replace")
-    value += b" " * (len(value) % 2)  # even length, space padded (PS3.5 7.1.1, 6.2)
-    return RawDataElement(BaseTag(tag), entry["vr"], len(value), value, 0, False, True)

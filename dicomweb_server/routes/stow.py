@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from dicomweb_server.dicom_json import stow_response
 from dicomweb_server.ingest import store_parts, stow_status
-from dicomweb_server.media import negotiate_json, stow_boundary
+from dicomweb_server.media import APPLICATION_DICOM_JSON, negotiate_json, stow_boundary
 from dicomweb_server.multipart import iter_parts
 from dicomweb_server.routes.common import (
     base_url,
@@ -16,6 +16,7 @@ from dicomweb_server.routes.common import (
     uid_param,
     warning_header,
 )
+from dicomweb_server.stow_json import store_json_parts
 
 __all__ = ["store_instances"]
 
@@ -25,7 +26,7 @@ _MAX_WARNINGS = 10
 
 async def store_instances(request: Request) -> Response:
     media = negotiate_json(request.headers.get("accept"))
-    boundary = stow_boundary(request.headers.get("content-type"))
+    boundary, part_type = stow_boundary(request.headers.get("content-type"))
     study = uid_param(request, "study") if "study" in request.path_params else None
     settings = request.app.state.settings
     events = iter_parts(
@@ -34,7 +35,10 @@ async def store_instances(request: Request) -> Response:
         max_part_bytes=settings.max_part_bytes,
         max_request_bytes=settings.max_request_bytes,
     )
-    outcomes = await store_parts(events, services(request), study)
+    if part_type == APPLICATION_DICOM_JSON:  # metadata and bulk data (PS3.18 10.5.1.4)
+        outcomes = await store_json_parts(events, services(request), study)
+    else:
+        outcomes = await store_parts(events, services(request), study)
     # The audit trail names each stored instance as study/series/instance.
     request.state.audit_uids = [
         "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path

@@ -1,0 +1,189 @@
+"""STOW-RS of metadata and bulk data (PS3.18 10.5.1.4): a DICOM JSON array and the values its
+BulkDataURIs name, each instance stored as if it had come as a Part-10 file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import generate_frames
+
+from dicomweb_server import stow_json
+from dicomweb_server.errors import FailureReason
+from tests.helpers import ROOT, inst_url, make_instance, split_multipart, values
+
+pytestmark = pytest.mark.db
+
+BOUNDARY = "json-boundary"
+JSON_STOW = f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}'
+STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _body(metadata: Any, *bulk: tuple[str, str, bytes]) -> bytes:
+    """The metadata part (a JSON value, or raw bytes), then (Content-Location, Content-Type,
+    value) bulk data parts."""
+    text = metadata if isinstance(metadata, bytes) else json.dumps(metadata).encode()
+    out = bytearray(f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n".encode())
+    out += text + b"\r\n"
+    for location, ctype, value in bulk:
+        head = f"--{BOUNDARY}\r\nContent-Type: {ctype}\r\nContent-Location: {location}\r\n\r\n"
+        out += head.encode() + value + b"\r\n"
+    return bytes(out + f"--{BOUNDARY}--\r\n".encode())
+
+
+def _metadata(ds: pydicom.Dataset, pixel_uri: str) -> dict[str, Any]:
+    doc = ds.to_json_dict(bulk_data_threshold=1 << 30)
+    doc.pop("7FE00010", None)
+    doc["7FE00010"] = {"vr": "OB", "BulkDataURI": pixel_uri}
+    return doc
+
+
+def _seq(doc: Any, tag: str) -> list[dict[str, object]]:
+    """The items of a sequence of a DICOM JSON document."""
+    items = values(doc, tag)
+    assert all(isinstance(i, dict) for i in items)
+    return [i for i in items if isinstance(i, dict)]
+
+
+async def _post(client: httpx.AsyncClient, body: bytes, path: str = "/studies") -> httpx.Response:
+    headers = {"Content-Type": JSON_STOW, "Accept": "application/dicom+json"}
+    return await client.post(f"{ROOT}{path}", content=body, headers=headers)
+
+
+async def test_native_instance_from_metadata_and_bulk_data(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance(rows=8, cols=6, frames=2, PixelSpacing=[0.5, 0.5])
+    doc = _metadata(ds, "urn:pixels:1")
+    doc["00281050"] = {"vr": "DS", "Value": ["40,5"]}  # a string, as PS3.18 F.2.3 allows
+    doc["00200013"] = {"vr": "IS", "Value": ["7"]}
+    r = await _post(app_client, _body([doc], ("urn:pixels:1", "application/octet-stream",
+                                              ds.PixelData)))  # fmt: skip
+    assert r.status_code == 200, r.text
+    (ok,) = _seq(r.json(), "00081199")
+    assert values(ok, "00081155") == [ds.SOPInstanceUID]
+    r = await app_client.get(inst_url(ds), headers={"Accept": STORED})
+    ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.1")
+    stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    assert np.array_equal(stored.pixel_array, ds.pixel_array)
+    assert stored.PatientName == ds.PatientName and stored.PixelSpacing == [0.5, 0.5]
+    meta = (await app_client.get(f"{inst_url(ds)}/metadata")).json()[0]
+    assert meta["00281050"]["Value"] == ["40,5"] and meta["00200013"]["Value"] == [7]
+
+
+async def test_compressed_frames_one_part_each(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    src = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
+    ts = str(src.file_meta.TransferSyntaxUID)
+    frames = list(generate_frames(src.PixelData, number_of_frames=int(src.NumberOfFrames)))
+    doc = _metadata(src, "/frames-of/1")
+    parts = [("/frames-of/1", f"image/jls; transfer-syntax={ts}", f) for f in frames]
+    r = await _post(app_client, _body([doc], *parts))
+    assert r.status_code == 200, r.text
+    r = await app_client.get(
+        f"{inst_url(src)}/frames/3",
+        headers={"Accept": 'multipart/related; type="image/jls"; transfer-syntax=*'},
+    )
+    ((_, frame),) = split_multipart(r.content, r.headers["content-type"])
+    assert frame == frames[2]
+    r = await app_client.get(inst_url(src), headers={"Accept": STORED})
+    ((_, data),) = split_multipart(r.content, r.headers["content-type"])
+    stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    assert stored.file_meta.TransferSyntaxUID == ts
+    assert np.array_equal(stored.pixel_array, src.pixel_array)
+
+
+async def test_per_instance_failures(app_client: httpx.AsyncClient) -> None:
+    good = make_instance()
+    missing = make_instance()
+    no_pixels_info = make_instance()
+    docs = [_metadata(good, "u:good"), _metadata(missing, "u:nowhere")]
+    compressed = _metadata(no_pixels_info, "u:jpeg")
+    for key in ("00280010", "00280011"):  # Rows, Columns: this server does not read codestreams
+        compressed.pop(key)
+    docs.append(compressed)
+    body = _body(docs, ("u:good", "application/octet-stream", good.PixelData),
+                 ("u:jpeg", "image/jpeg", b"\xff\xd8\xff\xd9"))  # fmt: skip
+    r = await _post(app_client, body)
+    assert r.status_code == 202, r.text
+    (ok,) = _seq(r.json(), "00081199")
+    assert values(ok, "00081155") == [good.SOPInstanceUID]
+    failed = {values(f, "00081155")[0]: values(f, "00081197")[0] for f in
+              _seq(r.json(), "00081198")}  # fmt: skip
+    assert failed == {missing.SOPInstanceUID: 0xC000, no_pixels_info.SOPInstanceUID: 0xA900}
+    assert "no bulk data part for 'u:nowhere'" in r.headers["warning"]
+
+
+_NO_LOCATION = (
+    f"--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\nx\r\n--{BOUNDARY}--\r\n"
+)
+_NO_METADATA = (
+    f"--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\nContent-Location: a\r\n"
+    f"\r\nx\r\n--{BOUNDARY}--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "why"),
+    [
+        (_body("not an array"), 400, "JSON array"),
+        (_body(b"{not json"), 400, "not JSON"),
+        (_NO_LOCATION.encode(), 400, "Content-Location"),
+        (_NO_METADATA.encode(), 400, "no application/dicom+json part"),
+        (_body([]), 400, "JSON array"),
+    ],
+)
+async def test_bad_requests(
+    app_client: httpx.AsyncClient, body: bytes, status: int, why: str
+) -> None:
+    r = await _post(app_client, body)
+    assert r.status_code == status and why in r.json()["message"], r.text
+
+
+async def test_metadata_part_limit_at_the_edge(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_instance()
+    text = json.dumps([_metadata(ds, "u:1")]).encode()
+    bulk = ("u:1", "application/octet-stream", ds.PixelData)
+    monkeypatch.setattr(stow_json, "MAX_JSON_METADATA_BYTES", len(text))
+    assert (await _post(app_client, _body(text, bulk))).status_code == 200
+    monkeypatch.setattr(stow_json, "MAX_JSON_METADATA_BYTES", len(text) - 1)
+    r = await _post(app_client, _body(text, bulk))
+    assert r.status_code == 413 and "metadata part" in r.json()["message"]
+
+
+async def test_bulk_value_limit_at_the_edge(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-pixel bulk data value (here an encapsulated document) is read into the data set:
+    at most MAX_JSON_BULK_VALUE_BYTES, else that instance fails (0xA700)."""
+    pdf = b"%PDF-1.4 " + b"x" * 991
+    docs = []
+    for _ in range(2):
+        ds = make_instance()
+        del ds.PixelData
+        doc = ds.to_json_dict()
+        doc["00420011"] = {"vr": "OB", "BulkDataURI": "u:pdf"}
+        docs.append(doc)
+    monkeypatch.setattr(stow_json, "MAX_JSON_BULK_VALUE_BYTES", len(pdf))
+    r = await _post(app_client, _body(docs[:1], ("u:pdf", "application/pdf", pdf)))
+    assert r.status_code == 200, r.text
+    monkeypatch.setattr(stow_json, "MAX_JSON_BULK_VALUE_BYTES", len(pdf) - 1)
+    r = await _post(app_client, _body(docs[1:], ("u:pdf", "application/pdf", pdf)))
+    assert r.status_code == 409
+    assert values(_seq(r.json(), "00081198")[0], "00081197") == [0xA700]
+
+
+async def test_study_of_the_url_is_checked(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance()
+    body = _body([_metadata(ds, "u:1")], ("u:1", "application/octet-stream", ds.PixelData))
+    r = await _post(app_client, body, "/studies/1.2.3.4")
+    assert r.status_code == 409
+    failure = values(_seq(r.json(), "00081198")[0], "00081197")
+    assert failure == [FailureReason.STUDY_INSTANCE_UID_MISMATCH]
