@@ -128,8 +128,19 @@ def _walk(
             ]
             out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
         else:
-            out[key] = elem.to_json_dict(_uri_for(bulk_uri, path), threshold)
+            out[key] = _json_numbers(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
     return out
+
+
+def _json_numbers(entry: JsonDict) -> JsonDict:
+    """pydicom's JSON of an element with the binary numbers JSON cannot hold made strings, as
+    on the raw path (big endian files, long deferred values, elements after Pixel Data)."""
+    vr, values = entry.get("vr"), entry.get("Value")
+    if values and vr in ("FL", "FD"):
+        entry["Value"] = [v if v is None else _float_json(v) for v in values]
+    elif values and vr in ("SV", "UV"):
+        entry["Value"] = [v if v is None else _integer_json(v) for v in values]
+    return entry
 
 
 # The VRs `simple_json` renders straight from the raw bytes, and how (see there).

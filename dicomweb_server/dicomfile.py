@@ -8,6 +8,7 @@ that frame byte ranges are known at ingest (STYLE.md rule 11).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -225,10 +226,13 @@ def _value(ds: Dataset, tag: int) -> Any:
 
 
 def _number_of_frames(ds: Dataset) -> int:
+    """Number of Frames, 1 when absent or not a count. A whole number written with a decimal
+    point (`3.0`, an invalid IS that the metadata keeps as a string) counts, as pydicom reads it."""
     try:
-        return max(1, int(_value(ds, 0x00280008) or 1))
+        n = float(_value(ds, 0x00280008) or 1)
     except (TypeError, ValueError):
         return 1
+    return max(1, int(n)) if math.isfinite(n) and n == int(n) else 1
 
 
 def _pixel_data(

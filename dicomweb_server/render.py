@@ -181,7 +181,8 @@ def render_animation(path: Path, params: RenderParams) -> bytes:
         if n == 1:
             check_animation(nframes, _fit_size(img, params, thumbnail=False))
         images.append(_fit(img, params, False).convert("P", palette=Image.Palette.ADAPTIVE))
-    frame_ms = int(float(ds.get("FrameTime") or 100))
+    frame_time = _first_number(ds, "FrameTime")  # None when absent or invalid (`33,3`)
+    frame_ms = int(frame_time) if frame_time is not None and 1 <= frame_time < 60_000 else 100
     buf = io.BytesIO()
     images[0].save(
         buf, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0

@@ -213,3 +213,65 @@ def test_dimse_find_response_sends_number_strings_as_text() -> None:
     assert b"\x04\x00\x00\x0012.0" in written and b"\x08\x00\x00\x001,5\\\\2.5" in written
     assert ds[SLICE_THICKNESS].value == 1.25
     assert ds.QueryRetrieveLevel == "SERIES"
+
+
+@pytest.mark.db
+async def test_values_pydicom_renders_and_counts_written_oddly(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by review: a Number of Frames written `3.0` still counts 3 frames; FL/FD NaN in
+    an element pydicom renders (a value longer than the bulk data threshold) is a string, not
+    a JSON token PostgreSQL refuses; an animated GIF of an instance whose Frame Time is `33,3`
+    is made at the default pace, not a 500."""
+    ds = make_instance(frames=3, rows=4, cols=4)
+    _set_raw(ds, 0x00280008, "IS", b"3.0")
+    _set_raw(ds, 0x00181063, "DS", b"33,3")  # Frame Time
+    doubles = [float("nan"), float("inf"), *range(198)]
+    _set_raw(ds, 0x00189089, "FD", struct.pack(f"<{len(doubles)}d", *doubles))  # 1,600 bytes
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    meta = (await app_client.get(f"{inst_url(ds)}/metadata")).json()[0]
+    assert meta["00280008"]["Value"] == ["3.0"]
+    assert "BulkDataURI" in meta["00189089"] or meta["00189089"]["Value"][:2] == [
+        "NaN", "Infinity"
+    ]  # fmt: skip
+    stored = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    for n in (1, 2, 3):
+        r = await app_client.get(f"{inst_url(ds)}/frames/{n}", headers={"Accept": stored})
+        assert r.status_code == 200, (n, r.text)
+    r = await app_client.get(f"{inst_url(ds)}/rendered", headers={"Accept": "image/gif"})
+    assert r.status_code == 200, r.text
+
+
+def test_float_values_pydicom_renders_are_json_strings() -> None:
+    """The slow path (pydicom's rendering: big endian here) writes FL/FD NaN and infinities
+    and SV beyond 2^53 as strings too."""
+    from dicomweb_server.dicom_json import dataset_to_json
+
+    ds = Dataset()
+    ds.set_original_encoding(False, False)  # explicit VR big endian
+    ds._dict[Tag(0x00189087)] = RawDataElement(
+        Tag(0x00189087), "FD", 16, struct.pack(">2d", float("nan"), 1.5), 0, False, False
+    )
+    ds._dict[Tag(0x00720082)] = RawDataElement(
+        Tag(0x00720082), "SV", 8, struct.pack(">q", 2**60), 0, False, False
+    )
+    doc = dataset_to_json(ds, lambda p: p)
+    assert doc["00189087"]["Value"] == ["NaN", 1.5]
+    assert doc["00720082"]["Value"] == [str(2**60)]
+    json.dumps(doc, allow_nan=False)
+
+
+def test_dimse_find_response_number_strings_inside_a_sequence() -> None:
+    from dicomweb_server.attributes import Level
+    from dicomweb_server.dimse.identifier import FindRequest, find_response
+    from dicomweb_server.query import parse
+
+    req = FindRequest(parse(Level.INSTANCE, [], {}), "IMAGE", ((0x52009229, "SQ"),))
+    item = {"00180050": {"vr": "DS", "Value": ["1,5"]}, "00200013": {"vr": "IS", "Value": [4]}}
+    ds = find_response(req, {"52009229": {"vr": "SQ", "Value": [item]}}, "ARCHIVE")
+    (got,) = ds[0x52009229].value
+    raw = got.get_item(0x00180050)
+    assert raw is not None and raw.value == b"1,5 " and got.InstanceNumber == 4

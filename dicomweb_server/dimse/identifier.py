@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from dicomweb_server.attributes import BY_TAG, ITEM_KEYS, PATIENT_MATCHING_TAGS, Level, tag_hex
-from dicomweb_server.dicom_json import number_string_element
+from dicomweb_server.dicom_json import dataset_from_json
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
 from dicomweb_server.query import Query, parse
@@ -255,8 +255,4 @@ def find_response(req: FindRequest, result: Mapping[str, Any], ae_title: str) ->
     if charset is not None:
         doc[tag_hex(_SPECIFIC_CHARACTER_SET)] = charset
     doc[tag_hex(_QUERY_RETRIEVE_LEVEL)] = {"vr": "CS", "Value": [req.level_name]}
-    texts = {k: r for k, e in doc.items() if (r := number_string_element(int(k, 16), e))}
-    ds = Dataset.from_json({key: entry for key, entry in doc.items() if key not in texts})
-    for key, raw in texts.items():
-        ds[int(key, 16)] = raw  # a DS or IS kept as a string is sent as its text
-    return ds
+    return dataset_from_json(doc)  # a DS or IS kept as a string is sent as its text
