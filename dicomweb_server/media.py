@@ -140,8 +140,8 @@ def frame_syntax(media_type: str) -> str | None:
     8.7.3-2); octet-stream is native little endian; None for anything else."""
     rng = parse_content_type(media_type)
     named = rng.params.get("transfer-syntax")
-    if rng.essence == APPLICATION_OCTET_STREAM:
-        return named or EXPLICIT_VR_LITTLE_ENDIAN
+    if rng.essence == APPLICATION_OCTET_STREAM:  # native: little endian (PS3.18 10.5.1.4)
+        return EXPLICIT_VR_LITTLE_ENDIAN if named in (None, EXPLICIT_VR_LITTLE_ENDIAN) else None
     if named and frame_media_type(named) == rng.essence:
         return named
     return None if named else _DEFAULT_FRAME_TS.get(rng.essence)

@@ -16,6 +16,7 @@ MAX_JSON_BULK_VALUE_BYTES each), never the pixel data.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import uuid
@@ -29,6 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicomweb_server.blobstore import BlobWriter
@@ -43,17 +45,28 @@ from dicomweb_server.media import (
 )
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 
-__all__ = ["MAX_JSON_BULK_VALUE_BYTES", "MAX_JSON_METADATA_BYTES", "store_json_parts"]
+__all__ = [
+    "MAX_JSON_BULK_VALUE_BYTES",
+    "MAX_JSON_DATASETS",
+    "MAX_JSON_METADATA_BYTES",
+    "store_json_parts",
+]
 
 # Largest metadata part: it is parsed whole, in memory. Above it: 413.
 MAX_JSON_METADATA_BYTES = 16 * 1024 * 1024
-# Largest bulk data value other than Pixel Data (an encapsulated document, an overlay): it is
-# put into the data set in memory. Above it: that instance fails (0xA700, out of resources).
+# Bulk data of one data set other than Pixel Data (an encapsulated document, an overlay), all
+# values together: it is put into the data set in memory. Above: that instance fails (0xA700).
 MAX_JSON_BULK_VALUE_BYTES = 64 * 1024 * 1024
+# Longest value of an explicit-length element (PS3.5 7.1.1: 0xFFFFFFFF means undefined).
+_MAX_LENGTH = 0xFFFFFFFE
+# Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
+MAX_JSON_DATASETS = 10_000
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"
 _ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
+# MPEG2, MPEG-4 and HEVC (PS3.5 8.2.5-8.2.8): the whole stream in fragments, not one per frame.
+_VIDEO = re.compile(r"1\.2\.840\.10008\.1\.2\.4\.10[0-8](\.1)?")
 
 
 @dataclass(frozen=True)
@@ -133,17 +146,31 @@ def _part_kind(headers: dict[str, str]) -> tuple[str, str] | None:
 
 
 def _documents(metadata: bytes) -> list[JsonDict]:
+    """The data sets of the metadata part, checked before any is stored: a JSON array of at
+    most MAX_JSON_DATASETS objects (400 / 413)."""
     try:
         docs = json.loads(metadata)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"the metadata part is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequestError(f"the metadata part is not JSON: {_first_line(exc)}") from None
     if not isinstance(docs, list) or not docs:
         raise BadRequestError("the metadata part must be a JSON array of DICOM JSON data sets")
+    if len(docs) > MAX_JSON_DATASETS:
+        raise PayloadTooLargeError(
+            f"{len(docs)} data sets in one request; at most {MAX_JSON_DATASETS}"
+        )
+    if not all(isinstance(doc, dict) for doc in docs):
+        raise BadRequestError("every element of the metadata array must be a JSON object")
     return docs
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message as a failure reason: its first line, not a traceback."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 async def _store_one(
-    doc: Any, bulk: dict[str, list[_Bulk]], ctx: Services, expected_study: str | None
+    doc: JsonDict, bulk: dict[str, list[_Bulk]], ctx: Services, expected_study: str | None
 ) -> InstanceOutcome:
     out = ctx.scratch_dir / f"stow-json-{uuid.uuid4().hex}.dcm"
     try:
@@ -153,58 +180,68 @@ async def _store_one(
         return InstanceOutcome(*exc.uids, exc.reason, reason=exc.message)
     except OSError as exc:
         reason = FailureReason.OUT_OF_RESOURCES
-        return InstanceOutcome(None, None, reason, reason=f"storage: {exc.strerror}")
+        return InstanceOutcome(None, None, reason, reason=f"storage: {exc.strerror or exc}")
     finally:
         await anyio.to_thread.run_sync(lambda: out.unlink(missing_ok=True))
 
 
-def _assemble(doc: Any, bulk: dict[str, list[_Bulk]], out: Path) -> None:
-    """Write the Part-10 file of one data set (a worker thread): the data set but its Pixel
-    Data through pydicom, then the Pixel Data element copied from its bulk data parts."""
-    if not isinstance(doc, dict):
-        raise _Refused(FailureReason.CANNOT_UNDERSTAND, "a data set must be a JSON object")
+def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
+    """Write the Part-10 file of one data set (a worker thread): everything but a bulk data
+    Pixel Data encoded by pydicom (in memory: the metadata and the non-pixel bulk values,
+    both bounded), then the Pixel Data element copied from its parts, then anything after it.
+    What the client sent wrong is a _Refused; OSError is the disk's."""
     pixel = doc.get(_PIXEL_DATA)
-    rest = {k: v for k, v in doc.items() if k != _PIXEL_DATA}
+    ds: Dataset | None = None
     try:
-        ds = dataset_from_json(rest, _bulk_reader(bulk))
+        ds = dataset_from_json(
+            {k: v for k, v in doc.items() if k != _PIXEL_DATA}, _bulk_reader(bulk)
+        )
+        parts = _pixel_parts(pixel, bulk, ds)
+        if pixel is not None and not parts:  # inline, or no value: pydicom encodes it
+            ds[0x7FE00010] = dataset_from_json({_PIXEL_DATA: pixel})[0x7FE00010]
+        ts = _syntax_of(parts, ds) if parts else EXPLICIT_VR_LITTLE_ENDIAN
+        head = Dataset({t: e for t, e in ds.items() if not parts or t < 0x7FE00010})
+        tail = Dataset({t: e for t, e in ds.items() if parts and t > 0x7FE00010})
+        head.file_meta = FileMetaDataset()
+        head.file_meta.TransferSyntaxUID = UID(ts)
+        head.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
+        head.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+        encoded = DicomBytesIO()
+        pydicom.dcmwrite(encoded, head, enforce_file_format=True)
+        pixel_header = _pixel_header(parts, ts, ds) if parts else b""
+        after = DicomBytesIO()
+        after.is_little_endian, after.is_implicit_VR = True, False
+        write_dataset(after, tail)
     except _Refused:
         raise
-    except Exception as exc:  # untrusted input: any conversion failure is the client's data
-        raise _Refused(FailureReason.CANNOT_UNDERSTAND, f"not DICOM JSON: {exc}") from None
-    parts = _pixel_parts(pixel, bulk, ds)
-    ts = _syntax_of(parts, ds) if parts else EXPLICIT_VR_LITTLE_ENDIAN
-    inline = pixel.get("InlineBinary") if isinstance(pixel, dict) else None
-    if inline is not None:
-        ds.PixelData = dataset_from_json({_PIXEL_DATA: pixel}).PixelData
-    head = Dataset({t: e for t, e in ds.items() if t < 0x7FE00010 or inline is not None})
-    tail = Dataset({t: e for t, e in ds.items() if t > 0x7FE00010 and inline is None})
-    head.file_meta = FileMetaDataset()
-    head.file_meta.TransferSyntaxUID = UID(ts)
-    head.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
-    head.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    except Exception as exc:  # untrusted input: any failure to encode is the client's data
+        raise _Refused(
+            FailureReason.CANNOT_UNDERSTAND, f"cannot encode the data set: {_first_line(exc)}", ds
+        ) from None
     with out.open("wb") as fh:
-        try:
-            pydicom.dcmwrite(fh, head, enforce_file_format=True)
-        except Exception as exc:
-            raise _Refused(FailureReason.CANNOT_UNDERSTAND, f"cannot encode: {exc}", ds) from None
+        fh.write(encoded.getvalue())
         if parts:
-            _write_pixel_data(fh, parts, ts, ds)
-        if len(tail):
-            buf = DicomBytesIO()
-            buf.is_little_endian, buf.is_implicit_VR = True, False
-            write_dataset(buf, tail)
-            fh.write(buf.getvalue())
+            fh.write(pixel_header)
+            _write_pixel_values(fh, parts, ts)
+        fh.write(after.getvalue())
 
 
 def _bulk_reader(bulk: dict[str, list[_Bulk]]) -> Any:
+    """BulkDataURI -> value, for pydicom's from_json: what one data set reads in all is at
+    most MAX_JSON_BULK_VALUE_BYTES (a URI named many times counts each time)."""
+    read_so_far = 0
+
     def read(_tag: str, _vr: str, uri: str) -> bytes:
+        nonlocal read_so_far
         found = bulk.get(uri)
         if not found:
             raise _Refused(FailureReason.CANNOT_UNDERSTAND, f"no bulk data part for {uri!r}")
-        if sum(b.size for b in found) > MAX_JSON_BULK_VALUE_BYTES:
+        read_so_far += sum(b.size for b in found)
+        if read_so_far > MAX_JSON_BULK_VALUE_BYTES:
             raise _Refused(
                 FailureReason.OUT_OF_RESOURCES,
-                f"bulk data {uri!r} is over {MAX_JSON_BULK_VALUE_BYTES} bytes",
+                f"the bulk data of one data set is over {MAX_JSON_BULK_VALUE_BYTES} bytes "
+                "(Pixel Data aside)",
             )
         return b"".join(b.path.read_bytes() for b in found)
 
@@ -212,7 +249,22 @@ def _bulk_reader(bulk: dict[str, list[_Bulk]]) -> Any:
 
 
 def _pixel_parts(pixel: Any, bulk: dict[str, list[_Bulk]], ds: Dataset) -> list[_Bulk]:
-    if not isinstance(pixel, dict) or "BulkDataURI" not in pixel:
+    """The bulk data parts of Pixel Data given by BulkDataURI; [] when it is inline or absent.
+    Pixel Data has one value: a BulkDataURI or an InlineBinary, not both, not a "Value"."""
+    if pixel is None:
+        return []
+    given = [
+        k
+        for k in ("BulkDataURI", "InlineBinary", "Value")
+        if isinstance(pixel, dict) and k in pixel
+    ]
+    if not isinstance(pixel, dict) or len(given) > 1 or given == ["Value"]:
+        raise _Refused(
+            FailureReason.CANNOT_UNDERSTAND,
+            "Pixel Data (7FE00010) must be a BulkDataURI or an InlineBinary (PS3.18 F.2.6, F.2.7)",
+            ds,
+        )
+    if given != ["BulkDataURI"]:
         return []
     uri = pixel["BulkDataURI"]
     parts = bulk.get(uri) if isinstance(uri, str) else None
@@ -227,35 +279,68 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
     if len(syntaxes) != 1 or None in syntaxes:
         raise _Refused(
             FailureReason.CANNOT_UNDERSTAND,
-            "the Pixel Data parts must share one media type naming a transfer syntax: "
+            "the Pixel Data parts must share one media type naming a transfer syntax "
+            "(application/octet-stream is native little endian only): "
             + ", ".join(sorted({p.content_type for p in parts})),
             ds,
         )
     (ts,) = syntaxes
     assert ts is not None
-    if ts != EXPLICIT_VR_LITTLE_ENDIAN and "Rows" not in ds:
+    if ts == EXPLICIT_VR_LITTLE_ENDIAN:
+        return ts
+    if "Rows" not in ds:
         raise _Refused(
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             "compressed Pixel Data needs the Image Pixel attributes (Rows, Columns, ...) in the "
             "metadata: this server does not read them from the codestream",
             ds,
         )
+    frames = _integer(ds, "NumberOfFrames") or 1
+    if len(parts) != frames and not _VIDEO.match(ts):
+        raise _Refused(
+            FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+            f"{len(parts)} compressed frame parts for Number of Frames {frames}: one part "
+            "per frame",
+            ds,
+        )
     return ts
 
 
-def _write_pixel_data(fh: BinaryIO, parts: list[_Bulk], ts: str, ds: Dataset) -> None:
-    """Pixel Data (7FE0,0010), explicit VR little endian: native from one octet-stream part,
-    else encapsulated, one fragment per part after an empty Basic Offset Table (PS3.5 A.4)."""
+def _integer(ds: Dataset, keyword: str) -> int | None:
+    """The first value of an integer attribute, None when absent or not an integer."""
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, list | tuple | MultiValue):
+            value = value[0]
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _pixel_header(parts: list[_Bulk], ts: str, ds: Dataset) -> bytes:
+    """The Pixel Data (7FE0,0010) element header, explicit VR little endian: native with its
+    length, else encapsulated (undefined length) with an empty Basic Offset Table (PS3.5 A.4).
+    A value too long for a 32-bit length is refused."""
     tag = struct.pack("<HH", 0x7FE0, 0x0010)
+    if ts != EXPLICIT_VR_LITTLE_ENDIAN:
+        if any(p.size + p.size % 2 > _MAX_LENGTH for p in parts):
+            raise _Refused(FailureReason.CANNOT_UNDERSTAND, "a frame is 4 GiB or more", ds)
+        return tag + b"OB\x00\x00" + b"\xff\xff\xff\xff" + _ITEM + b"\x00\x00\x00\x00"
+    size = sum(p.size for p in parts)
+    if size + size % 2 > _MAX_LENGTH:
+        raise _Refused(FailureReason.CANNOT_UNDERSTAND, "native Pixel Data of 4 GiB or more", ds)
+    vr = b"OW" if (_integer(ds, "BitsAllocated") or 16) > 8 else b"OB"
+    return tag + vr + b"\x00\x00" + struct.pack("<I", size + size % 2)
+
+
+def _write_pixel_values(fh: BinaryIO, parts: list[_Bulk], ts: str) -> None:
+    """The value after _pixel_header: the native bytes (padded to even length), or one
+    fragment per part and the sequence delimiter."""
     if ts == EXPLICIT_VR_LITTLE_ENDIAN:
-        size = sum(p.size for p in parts)
-        vr = b"OW" if int(ds.get("BitsAllocated") or 16) > 8 else b"OB"
-        fh.write(tag + vr + b"\x00\x00" + struct.pack("<I", size + size % 2))
         for p in parts:
             _copy(p.path, fh)
-        fh.write(b"\x00" * (size % 2))
+        fh.write(b"\x00" * (sum(p.size for p in parts) % 2))
         return
-    fh.write(tag + b"OB\x00\x00" + b"\xff\xff\xff\xff" + _ITEM + b"\x00\x00\x00\x00")
     for p in parts:
         fh.write(_ITEM + struct.pack("<I", p.size + p.size % 2))
         _copy(p.path, fh)

@@ -36,7 +36,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from dicomweb_server.errors import NotAcceptableError
+from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.media import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -464,7 +464,14 @@ def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
     could not be recorded at ingest (no offset table and fragments != frames)."""
     ds = pydicom.dcmread(path)
     nframes = int(ds.get("NumberOfFrames") or 1)
-    all_frames = list(generate_frames(ds.PixelData, number_of_frames=nframes))
+    try:
+        all_frames = list(generate_frames(ds.PixelData, number_of_frames=nframes))
+    except ValueError as exc:  # fewer fragments than frames: the stored data says no more
+        raise NotFoundError(
+            f"the stored pixel data does not hold the frames asked for: {exc}"
+        ) from None
+    if max(frames) > len(all_frames):
+        raise NotFoundError(f"the stored pixel data holds {len(all_frames)} frames")
     return [all_frames[n - 1] for n in frames]
 
 

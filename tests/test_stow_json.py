@@ -187,3 +187,120 @@ async def test_study_of_the_url_is_checked(app_client: httpx.AsyncClient) -> Non
     assert r.status_code == 409
     failure = values(_seq(r.json(), "00081198")[0], "00081197")
     assert failure == [FailureReason.STUDY_INSTANCE_UID_MISMATCH]
+
+
+async def test_pixel_data_given_wrongly_is_refused_per_instance(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by review: Pixel Data that is both inline and a BulkDataURI, a "Value", not an
+    object, bad base64, or octet-stream naming another transfer syntax fails that instance
+    (0xC000, a one-line reason), never a 200 without pixels and never a 500; an inline one
+    is stored."""
+    cases: list[Any] = [
+        {"vr": "OW", "InlineBinary": "AAAA", "BulkDataURI": "u:px"},
+        {"vr": "OW", "Value": [1, 2, 3]},
+        "garbage",
+        {"vr": "OW", "InlineBinary": "!!!notbase64"},
+        {"vr": "OW", "BulkDataURI": "u:deflated"},
+    ]
+    docs = []
+    for pixel in cases:
+        doc = _metadata(make_instance(), "u:px")
+        doc["7FE00010"] = pixel
+        docs.append(doc)
+    bad_vr = _metadata(make_instance(), "u:px")
+    bad_vr["00101010"] = {"vr": "ZZ", "Value": ["x"]}
+    docs.append(bad_vr)
+    after = _metadata(make_instance(), "u:px")
+    after["7FE10010"] = {"vr": "US", "Value": [70000]}  # after Pixel Data, out of range
+    docs.append(after)
+    inline = make_instance(rows=2, cols=2)
+    inline_doc = inline.to_json_dict()
+    docs.append(inline_doc)
+    ds = make_instance()
+    body = _body(
+        docs,
+        ("u:px", "application/octet-stream", ds.PixelData),
+        ("u:deflated", "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1.99",
+         ds.PixelData),
+    )  # fmt: skip
+    r = await _post(app_client, body)
+    assert r.status_code == 202, r.text
+    (ok,) = _seq(r.json(), "00081199")
+    assert values(ok, "00081155") == [inline.SOPInstanceUID]
+    failed = _seq(r.json(), "00081198")
+    assert [values(f, "00081197") for f in failed] == [[0xC000]] * 7
+    assert "Traceback" not in r.headers["warning"]
+    r = await app_client.get(f"{inst_url(inline)}/frames/1")
+    ((_, frame),) = split_multipart(r.content, r.headers["content-type"])
+    assert frame == inline.PixelData
+
+
+async def test_data_sets_are_checked_before_any_is_stored(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_JSON_DATASETS data sets (413), every one an object (400), nesting JSON
+    cannot hold (400): refused before anything is stored."""
+    docs = [_metadata(make_instance(), "u:px") for _ in range(3)]
+    px = ("u:px", "application/octet-stream", make_instance().PixelData)
+    monkeypatch.setattr(stow_json, "MAX_JSON_DATASETS", 2)
+    r = await _post(app_client, _body(docs, px))
+    assert r.status_code == 413 and "at most 2" in r.json()["message"]
+    r = await _post(app_client, _body([docs[0], 1], px))
+    assert r.status_code == 400 and "object" in r.json()["message"]
+    r = await _post(app_client, _body(b"[" * 100_000 + b"]" * 100_000))
+    assert r.status_code == 400
+    uid = str(values(docs[0], "00080018")[0])
+    assert (
+        await app_client.get(f"{ROOT}/instances", params={"SOPInstanceUID": uid})
+    ).status_code == 204
+    r = await _post(app_client, _body(docs[:2], px))
+    assert r.status_code == 200, r.text
+
+
+async def test_bulk_budget_counts_every_value_of_a_data_set(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_instance()
+    del ds.PixelData
+    doc = ds.to_json_dict()
+    blob = b"x" * 100
+    doc["00091010"] = {"vr": "OB", "BulkDataURI": "u:blob"}
+    doc["00091011"] = {"vr": "OB", "BulkDataURI": "u:blob"}
+    doc["00090010"] = {"vr": "LO", "Value": ["TEST"]}
+    monkeypatch.setattr(stow_json, "MAX_JSON_BULK_VALUE_BYTES", 2 * len(blob) - 1)
+    r = await _post(app_client, _body([doc], ("u:blob", "application/octet-stream", blob)))
+    assert r.status_code == 409
+    assert values(_seq(r.json(), "00081198")[0], "00081197") == [0xA700]
+
+
+async def test_one_part_per_frame(app_client: httpx.AsyncClient, samples: Path) -> None:
+    src = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
+    ts = str(src.file_meta.TransferSyntaxUID)
+    frames = list(generate_frames(src.PixelData, number_of_frames=int(src.NumberOfFrames)))
+    parts = [("/f", f"image/jls; transfer-syntax={ts}", f) for f in frames[:14]]
+    r = await _post(app_client, _body([_metadata(src, "/f")], *parts))
+    assert r.status_code == 409
+    assert "14 compressed frame parts for Number of Frames 15" in r.headers["warning"]
+
+
+async def test_stored_data_with_fewer_fragments_than_frames_is_404_not_500(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A Part-10 instance whose encapsulated Pixel Data holds fewer fragments than Number of
+    Frames: the frames it lacks are 404 (found by review: a 500)."""
+    from pydicom.encaps import encapsulate
+
+    from tests.helpers import multipart_body, stow_headers, to_bytes
+
+    ds = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15))
+    ds.PixelData = encapsulate(frames[:14])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    assert r.status_code == 200
+    stored = 'multipart/related; type="image/jls"; transfer-syntax=*'
+    r = await app_client.get(f"{inst_url(ds)}/frames/15", headers={"Accept": stored})
+    assert r.status_code == 404, r.text
