@@ -12,7 +12,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,6 +114,14 @@ class _CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:
+            # The client went away mid-request (a STOW body cut off): nobody to answer, and not
+            # a server error. 499 as nginx counts it, for the audit trail and the access log.
+            log.info("client disconnected during %s", scope.get("path"))
+            if not started:
+                await JSONResponse({"status": 499, "message": "client disconnected"}, 499)(
+                    scope, receive, send
+                )
         except Exception:
             log.exception("unexpected error on %s", scope.get("path"))
             if started:

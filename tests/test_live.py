@@ -249,6 +249,10 @@ def test_client_disconnect_mid_part_leaves_nothing(tmp_path: Path, clean_db: str
         assert r.status_code == 204, "nothing stored"
         spool = [p for p in (data / "blobs" / "tmp").rglob("*") if p.is_file()]
         assert spool == [], "the half-received part was not discarded"
+        # Not a server error: no traceback logged, the access log says 499 (found by review).
+        log = server.log.read_text()
+        assert "unexpected error" not in log and "Traceback" not in log, log[-2000:]
+        assert '/dicom-web/studies HTTP/1.1" 499' in log or " 499 " in log, log[-2000:]
 
 
 def test_two_workers_share_one_archive(tmp_path: Path, clean_db: str) -> None:
