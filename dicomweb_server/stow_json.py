@@ -182,7 +182,8 @@ async def _store_one(
         reason = FailureReason.OUT_OF_RESOURCES
         return InstanceOutcome(None, None, reason, reason=f"storage: {exc.strerror or exc}")
     finally:
-        await anyio.to_thread.run_sync(lambda: out.unlink(missing_ok=True))
+        with anyio.CancelScope(shield=True):  # also when the client went away meanwhile
+            await anyio.to_thread.run_sync(lambda: out.unlink(missing_ok=True))
 
 
 def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
