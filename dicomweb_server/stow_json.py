@@ -35,6 +35,7 @@ from pydicom.uid import UID
 
 from dicomweb_server.blobstore import BlobWriter
 from dicomweb_server.dicom_json import InstanceOutcome, JsonDict, dataset_from_json
+from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.media import (
@@ -76,17 +77,18 @@ class _Bulk:
     content_type: str
 
 
-class _Refused(Exception):
-    """One data set that cannot become an instance: its STOW failure."""
+def _refused(
+    reason: FailureReason, message: str, ds: Dataset | None = None
+) -> InvalidInstanceError:
+    """One data set that cannot become an instance: the STOW failure a Part-10 part that
+    cannot be stored raises too, with the data set's UIDs when known."""
 
-    def __init__(self, reason: FailureReason, message: str, ds: Dataset | None = None) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
-        self.uids = (
-            (str(ds.get("SOPClassUID", "")) or None, str(ds.get("SOPInstanceUID", "")) or None)
-            if ds is not None
-            else (None, None)
-        )
+    def uid(keyword: str) -> str | None:
+        return str(ds.get(keyword, "")) or None if ds is not None else None
+
+    return InvalidInstanceError(
+        reason, message, sop_class=uid("SOPClassUID"), sop=uid("SOPInstanceUID")
+    )
 
 
 async def store_json_parts(
@@ -176,8 +178,8 @@ async def _store_one(
     try:
         await anyio.to_thread.run_sync(_assemble, doc, bulk, out, limiter=ctx.limiter)
         return await store_path(ctx, out, expected_study)
-    except _Refused as exc:
-        return InstanceOutcome(*exc.uids, exc.reason, reason=exc.message)
+    except InvalidInstanceError as exc:
+        return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
     except OSError as exc:
         reason = FailureReason.OUT_OF_RESOURCES
         return InstanceOutcome(None, None, reason, reason=f"storage: {exc.strerror or exc}")
@@ -190,7 +192,7 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
     """Write the Part-10 file of one data set (a worker thread): everything but a bulk data
     Pixel Data encoded by pydicom (in memory: the metadata and the non-pixel bulk values,
     both bounded), then the Pixel Data element copied from its parts, then anything after it.
-    What the client sent wrong is a _Refused; OSError is the disk's."""
+    What the client sent wrong is an InvalidInstanceError; OSError is the disk's."""
     pixel = doc.get(_PIXEL_DATA)
     ds: Dataset | None = None
     try:
@@ -213,10 +215,10 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
         after = DicomBytesIO()
         after.is_little_endian, after.is_implicit_VR = True, False
         write_dataset(after, tail)
-    except _Refused:
+    except InvalidInstanceError:
         raise
     except Exception as exc:  # untrusted input: any failure to encode is the client's data
-        raise _Refused(
+        raise _refused(
             FailureReason.CANNOT_UNDERSTAND, f"cannot encode the data set: {_first_line(exc)}", ds
         ) from None
     with out.open("wb") as fh:
@@ -236,10 +238,10 @@ def _bulk_reader(bulk: dict[str, list[_Bulk]]) -> Any:
         nonlocal read_so_far
         found = bulk.get(uri)
         if not found:
-            raise _Refused(FailureReason.CANNOT_UNDERSTAND, f"no bulk data part for {uri!r}")
+            raise _refused(FailureReason.CANNOT_UNDERSTAND, f"no bulk data part for {uri!r}")
         read_so_far += sum(b.size for b in found)
         if read_so_far > MAX_JSON_BULK_VALUE_BYTES:
-            raise _Refused(
+            raise _refused(
                 FailureReason.OUT_OF_RESOURCES,
                 f"the bulk data of one data set is over {MAX_JSON_BULK_VALUE_BYTES} bytes "
                 "(Pixel Data aside)",
@@ -260,7 +262,7 @@ def _pixel_parts(pixel: Any, bulk: dict[str, list[_Bulk]], ds: Dataset) -> list[
         if isinstance(pixel, dict) and k in pixel
     ]
     if not isinstance(pixel, dict) or len(given) > 1 or given == ["Value"]:
-        raise _Refused(
+        raise _refused(
             FailureReason.CANNOT_UNDERSTAND,
             "Pixel Data (7FE00010) must be a BulkDataURI or an InlineBinary (PS3.18 F.2.6, F.2.7)",
             ds,
@@ -270,7 +272,7 @@ def _pixel_parts(pixel: Any, bulk: dict[str, list[_Bulk]], ds: Dataset) -> list[
     uri = pixel["BulkDataURI"]
     parts = bulk.get(uri) if isinstance(uri, str) else None
     if not parts:
-        raise _Refused(FailureReason.CANNOT_UNDERSTAND, f"no bulk data part for {uri!r}", ds)
+        raise _refused(FailureReason.CANNOT_UNDERSTAND, f"no bulk data part for {uri!r}", ds)
     return parts
 
 
@@ -278,7 +280,7 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
     """The transfer syntax of the pixel data parts, which must agree."""
     syntaxes = {frame_syntax(p.content_type) for p in parts}
     if len(syntaxes) != 1 or None in syntaxes:
-        raise _Refused(
+        raise _refused(
             FailureReason.CANNOT_UNDERSTAND,
             "the Pixel Data parts must share one media type naming a transfer syntax "
             "(application/octet-stream is native little endian only): "
@@ -290,7 +292,7 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
     if ts == EXPLICIT_VR_LITTLE_ENDIAN:
         return ts
     if "Rows" not in ds:
-        raise _Refused(
+        raise _refused(
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             "compressed Pixel Data needs the Image Pixel attributes (Rows, Columns, ...) in the "
             "metadata: this server does not read them from the codestream",
@@ -298,7 +300,7 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
         )
     frames = _integer(ds, "NumberOfFrames") or 1
     if len(parts) != frames and not _VIDEO.match(ts):
-        raise _Refused(
+        raise _refused(
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             f"{len(parts)} compressed frame parts for Number of Frames {frames}: one part "
             "per frame",
@@ -325,11 +327,11 @@ def _pixel_header(parts: list[_Bulk], ts: str, ds: Dataset) -> bytes:
     tag = struct.pack("<HH", 0x7FE0, 0x0010)
     if ts != EXPLICIT_VR_LITTLE_ENDIAN:
         if any(p.size + p.size % 2 > _MAX_LENGTH for p in parts):
-            raise _Refused(FailureReason.CANNOT_UNDERSTAND, "a frame is 4 GiB or more", ds)
+            raise _refused(FailureReason.CANNOT_UNDERSTAND, "a frame is 4 GiB or more", ds)
         return tag + b"OB\x00\x00" + b"\xff\xff\xff\xff" + _ITEM + b"\x00\x00\x00\x00"
     size = sum(p.size for p in parts)
     if size + size % 2 > _MAX_LENGTH:
-        raise _Refused(FailureReason.CANNOT_UNDERSTAND, "native Pixel Data of 4 GiB or more", ds)
+        raise _refused(FailureReason.CANNOT_UNDERSTAND, "native Pixel Data of 4 GiB or more", ds)
     vr = b"OW" if (_integer(ds, "BitsAllocated") or 16) > 8 else b"OB"
     return tag + vr + b"\x00\x00" + struct.pack("<I", size + size % 2)
 
