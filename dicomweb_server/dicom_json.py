@@ -36,6 +36,7 @@ __all__ = [
     "absolutize_bulk_uris_bytes",
     "dataset_from_json",
     "dataset_to_json",
+    "first_number",
     "number_string_element",
     "number_string_json",
     "raw_vr",
@@ -417,3 +418,17 @@ def dataset_from_json(
     for tag, raw in texts.items():
         ds._dict[BaseTag(tag)] = raw
     return ds
+
+
+def first_number(ds: Dataset, keyword: str) -> float | None:
+    """The first value of a possibly multi-valued numeric attribute (Window Center and Width
+    may have several); None when absent or not a finite number. The archive keeps invalid
+    values as they were sent (`1,5`, `NaN`): whoever reads them does without them."""
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, MultiValue | list | tuple):
+            value = value[0]
+        number = None if value is None or value == "" else float(value)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    return number if number is not None and math.isfinite(number) else None

@@ -7,7 +7,6 @@ pydicom.pixels. Synchronous; called in worker threads behind the app's limiter.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+from dicomweb_server.dicom_json import first_number
 from dicomweb_server.rendered import (
     THUMBNAIL_SIZE,
     RenderParams,
@@ -48,20 +47,6 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x - lo) / (hi - lo)
 
 
-def _first_number(ds: Dataset, keyword: str) -> float | None:
-    """The first value of a possibly multi-valued DS (Window Center and Width may have
-    several); None when absent or not a finite number. The archive keeps invalid values as
-    they were sent (`1,5`, `NaN`): rendering then does without them."""
-    try:
-        value = ds.get(keyword)
-        if isinstance(value, MultiValue | list | tuple):
-            value = value[0]
-        number = None if value is None or value == "" else float(value)
-    except (ValueError, TypeError, IndexError, OverflowError):
-        return None
-    return number if number is not None and math.isfinite(number) else None
-
-
 def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None) -> np.ndarray:
     """Modality LUT, then VOI (the request's window, else the instance's, else min-max). An
     invalid Rescale Slope or Intercept leaves the values unscaled, and then only the request's
@@ -71,7 +56,7 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
         scaled = True
     except (ValueError, TypeError, OverflowError):
         x, scaled = arr.astype(np.float64), False
-    center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
+    center, width = first_number(ds, "WindowCenter"), first_number(ds, "WindowWidth")
     if window is not None:
         y = _window(x, *window)
     elif scaled and center is not None and width is not None and width > 0:
@@ -181,7 +166,7 @@ def render_animation(path: Path, params: RenderParams) -> bytes:
         if n == 1:
             check_animation(nframes, _fit_size(img, params, thumbnail=False))
         images.append(_fit(img, params, False).convert("P", palette=Image.Palette.ADAPTIVE))
-    frame_time = _first_number(ds, "FrameTime")  # None when absent or invalid (`33,3`)
+    frame_time = first_number(ds, "FrameTime")  # None when absent or invalid (`33,3`)
     frame_ms = int(frame_time) if frame_time is not None and 1 <= frame_time < 60_000 else 100
     buf = io.BytesIO()
     images[0].save(

@@ -30,11 +30,15 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicomweb_server.blobstore import BlobWriter
-from dicomweb_server.dicom_json import InstanceOutcome, JsonDict, dataset_from_json
+from dicomweb_server.dicom_json import (
+    InstanceOutcome,
+    JsonDict,
+    dataset_from_json,
+    first_number,
+)
 from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
 from dicomweb_server.ingest import Services, store_path
@@ -310,14 +314,9 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
-    """The first value of an integer attribute, None when absent or not an integer."""
-    try:
-        value = ds.get(keyword)
-        if isinstance(value, list | tuple | MultiValue):
-            value = value[0]
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
+    """The first value of an integer attribute, None when absent or not a whole number."""
+    n = first_number(ds, keyword)
+    return int(n) if n is not None and n == int(n) else None
 
 
 def _pixel_header(parts: list[_Bulk], ts: str, ds: Dataset) -> bytes:
