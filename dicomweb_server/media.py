@@ -27,6 +27,7 @@ __all__ = [
     "ACCEPT_CACHE_SIZE",
     "APPLICATION_DICOM",
     "APPLICATION_DICOM_JSON",
+    "APPLICATION_DICOM_XML",
     "APPLICATION_JSON",
     "APPLICATION_OCTET_STREAM",
     "EXPLICIT_VR_LITTLE_ENDIAN",
@@ -39,6 +40,7 @@ __all__ = [
     "frame_media_type",
     "frame_syntax",
     "negotiate_bulkdata",
+    "negotiate_dicom_model",
     "negotiate_frames",
     "negotiate_instances",
     "negotiate_json",
@@ -50,6 +52,7 @@ __all__ = [
 
 APPLICATION_DICOM = "application/dicom"
 APPLICATION_DICOM_JSON = "application/dicom+json"
+APPLICATION_DICOM_XML = "application/dicom+xml"
 APPLICATION_JSON = "application/json"
 APPLICATION_OCTET_STREAM = "application/octet-stream"
 MULTIPART_RELATED = "multipart/related"
@@ -247,8 +250,8 @@ def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
 
 def stow_boundary(content_type: str | None) -> tuple[str, str]:
     """(boundary, part type) of a STOW-RS request body (PS3.18 10.5.1.4), or 415/400: parts
-    of `application/dicom` (Part-10 instances), or `application/dicom+json` metadata with its
-    bulk data in the other parts."""
+    of `application/dicom` (Part-10 instances), or `application/dicom+json` or
+    `application/dicom+xml` metadata with its bulk data in the other parts."""
     if not content_type:
         raise UnsupportedMediaTypeError(
             'STOW-RS needs Content-Type: multipart/related; type="application/dicom"'
@@ -259,10 +262,10 @@ def stow_boundary(content_type: str | None) -> tuple[str, str]:
             f'STOW-RS accepts multipart/related; type="application/dicom", not {rng.essence}'
         )
     part_type = rng.params.get("type", APPLICATION_DICOM).lower()
-    if part_type not in (APPLICATION_DICOM, APPLICATION_DICOM_JSON):
+    if part_type not in (APPLICATION_DICOM, APPLICATION_DICOM_JSON, APPLICATION_DICOM_XML):
         raise UnsupportedMediaTypeError(
             "STOW-RS here accepts parts of type application/dicom, or application/dicom+json "
-            f"metadata with bulk data; not {part_type}"
+            f"or application/dicom+xml metadata with bulk data; not {part_type}"
         )
     boundary = rng.params.get("boundary")
     if not boundary:
@@ -389,13 +392,37 @@ def negotiate_bulkdata(accept: str | None) -> None:
 
 
 def negotiate_json(accept: str | None) -> str:
-    """application/dicom+json (default) or application/json for QIDO and metadata (PS3.18 8.7.5)."""
+    """application/dicom+json (default) or application/json (PS3.18 8.7.5)."""
+    return negotiate_dicom_model(accept, multipart=False, single=False)
+
+
+def negotiate_dicom_model(accept: str | None, *, multipart: bool, single: bool) -> str:
+    """APPLICATION_DICOM_JSON (the default), APPLICATION_JSON, or DICOM XML (PS3.19 A.1):
+    MULTIPART_RELATED when `multipart` allows each data set as its own `application/dicom+xml`
+    part (metadata and QIDO: PS3.18 Table 10.4.4-1 requires it), APPLICATION_DICOM_XML when
+    `single` allows one bare document (the STOW response, an instance's metadata: "a single
+    part Media Type is permitted for resources which are a single response item", 10.4.4).
+
+    `*/*` and `application/*` get JSON; `multipart/related` with no type gets XML parts; a
+    bare `application/dicom+xml` where several data sets answer is ignored (10.4.4, note).
+    """
     for rng in parse_accept(accept):
         if rng.matches(APPLICATION_DICOM_JSON):
             return APPLICATION_DICOM_JSON
         if rng.matches(APPLICATION_JSON):
             return APPLICATION_JSON
-    raise NotAcceptableError("acceptable: application/dicom+json or application/json")
+        if single and rng.essence == APPLICATION_DICOM_XML:
+            return APPLICATION_DICOM_XML
+        part = _related_type(rng, APPLICATION_DICOM_XML)
+        if multipart and part in (APPLICATION_DICOM_XML, "*/*", "application/*"):
+            return MULTIPART_RELATED
+    xml = [
+        *(['multipart/related; type="application/dicom+xml"'] if multipart else []),
+        *([APPLICATION_DICOM_XML] if single else []),
+    ]
+    raise NotAcceptableError(
+        "acceptable: " + ", ".join([APPLICATION_DICOM_JSON, APPLICATION_JSON, *xml])
+    )
 
 
 # One byte-range-spec of RFC 9110 14.1.1: `first-last`, `first-` or `-suffix`.

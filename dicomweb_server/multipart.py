@@ -29,6 +29,7 @@ __all__ = [
     "PartBegin",
     "PartData",
     "PartEnd",
+    "encode_body",
     "encode_parts",
     "encoded_length",
     "iter_parts",
@@ -302,6 +303,13 @@ async def encode_parts(
         yield b"".join(pending)  # this part's bytes go now: the next may take a while
         pending, size = [], 0
     yield f"--{boundary}--\r\n".encode("ascii")
+
+
+def encode_body(parts: Iterable[tuple[dict[str, str], bytes]], boundary: str) -> bytes:
+    """What `encode_parts` sends for parts already in memory, as one body."""
+    delimiter = f"--{boundary}\r\n".encode("ascii")
+    pieces = [delimiter + _header_block(headers) + body + b"\r\n" for headers, body in parts]
+    return b"".join(pieces) + f"--{boundary}--\r\n".encode("ascii")
 
 
 def encoded_length(parts: Iterable[tuple[dict[str, str], int]], boundary: str) -> int:

@@ -39,6 +39,7 @@ from dicomweb_server.dicom_json import (
     dataset_from_json,
     first_number,
 )
+from dicomweb_server.dicom_xml import dataset_from_xml
 from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
 from dicomweb_server.ingest import Services, store_path
@@ -96,40 +97,53 @@ def _refused(
 
 
 async def store_json_parts(
-    events: AsyncIterator[Event], ctx: Services, expected_study: str | None
+    events: AsyncIterator[Event],
+    ctx: Services,
+    expected_study: str | None,
+    metadata_type: str = APPLICATION_DICOM_JSON,
 ) -> list[InstanceOutcome]:
-    """Store the data sets of a metadata-and-bulk-data STOW body, outcomes in array order."""
-    metadata: bytearray | None = None
+    """Store the data sets of a metadata-and-bulk-data STOW body, outcomes in the order of
+    the metadata: one `application/dicom+json` part holding an array of data sets, or
+    (`metadata_type` APPLICATION_DICOM_XML) one `application/dicom+xml` part per data set,
+    each a NativeDicomModel (PS3.18 10.5.1.4, PS3.19 A.1). MAX_JSON_METADATA_BYTES bounds
+    the metadata parts together."""
+    metadata: list[bytearray] = []
+    size = 0
     bulk: dict[str, list[_Bulk]] = {}
     writers: list[BlobWriter] = []
     current: tuple[str, str] | None = None  # the bulk data part being spooled
     try:
         async for event in events:
             if isinstance(event, PartBegin):
-                current = _part_kind(event.headers)
+                current = _part_kind(event.headers, metadata_type)
                 if current is None:
-                    if metadata is not None:
+                    if metadata and metadata_type == APPLICATION_DICOM_JSON:
                         raise BadRequestError("more than one application/dicom+json part")
-                    metadata = bytearray()
+                    metadata.append(bytearray())
                 else:
                     writers.append(await ctx.blobs.open_writer())
             elif isinstance(event, PartData):
                 if current is not None:
                     await writers[-1].write(event.data)
-                elif metadata is not None:
-                    metadata += event.data
-                    if len(metadata) > MAX_JSON_METADATA_BYTES:
+                elif metadata:
+                    metadata[-1] += event.data
+                    size += len(event.data)
+                    if size > MAX_JSON_METADATA_BYTES:
+                        what = "part is" if len(metadata) == 1 else "parts are"
                         raise PayloadTooLargeError(
-                            f"the metadata part is over {MAX_JSON_METADATA_BYTES} bytes"
+                            f"the metadata {what} over {MAX_JSON_METADATA_BYTES} bytes"
                         )
             elif isinstance(event, PartEnd) and current is not None:
                 writer = writers[-1]
                 await writer.close()
                 location, ctype = current
                 bulk.setdefault(location, []).append(_Bulk(writer.path, writer.size, ctype))
-        if metadata is None:
-            raise BadRequestError("no application/dicom+json part: no metadata to store")
-        docs = _documents(bytes(metadata))
+        if not metadata:
+            raise BadRequestError(f"no {metadata_type} part: no metadata to store")
+        if metadata_type == APPLICATION_DICOM_JSON:
+            docs = _documents(bytes(metadata[0]))
+        else:
+            docs = await anyio.to_thread.run_sync(_xml_documents, metadata, limiter=ctx.limiter)
         return [await _store_one(doc, bulk, ctx, expected_study) for doc in docs]
     finally:
         with anyio.CancelScope(shield=True):
@@ -137,10 +151,20 @@ async def store_json_parts(
                 await ctx.blobs.discard(writer)
 
 
-def _part_kind(headers: dict[str, str]) -> tuple[str, str] | None:
-    """None for the metadata part; (Content-Location, Content-Type) for a bulk data part."""
+def _xml_documents(parts: list[bytearray]) -> list[JsonDict]:
+    """The data sets of the XML metadata parts, all read before any is stored (400 when one
+    is not a NativeDicomModel)."""
+    if len(parts) > MAX_JSON_DATASETS:
+        raise PayloadTooLargeError(
+            f"{len(parts)} data sets in one request; at most {MAX_JSON_DATASETS}"
+        )
+    return [dataset_from_xml(bytes(part)) for part in parts]
+
+
+def _part_kind(headers: dict[str, str], metadata_type: str) -> tuple[str, str] | None:
+    """None for a metadata part; (Content-Location, Content-Type) for a bulk data part."""
     ctype = headers.get("content-type", "")
-    if ctype and parse_content_type(ctype).essence == APPLICATION_DICOM_JSON:
+    if ctype and parse_content_type(ctype).essence == metadata_type:
         return None
     location = headers.get("content-location")
     if not location:

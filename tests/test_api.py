@@ -364,7 +364,7 @@ async def test_stow_same_bytes_twice_in_one_request(
     ("content_type", "body", "status"),
     [
         ("application/dicom", b"x", 415),
-        ('multipart/related; type="application/dicom+xml"; boundary=b', b"x", 415),
+        ('multipart/related; type="application/pdf"; boundary=b', b"x", 415),
         ('multipart/related; type="application/dicom"', b"x", 400),  # no boundary
         ('multipart/related; type="application/dicom"; boundary=b', b"--b\r\n\r\nabc", 400),
         ('multipart/related; type="application/dicom"; boundary=b', b"", 400),

@@ -9,6 +9,7 @@ from dicomweb_server import (
     auditlog,
     config,
     dicom_json,
+    dicom_xml,
     media,
     multipart,
     query,
@@ -60,7 +61,7 @@ def test_frame_media_types() -> None:
 
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
-               handlers, identifier, common, stow_json)  # fmt: skip
+               handlers, identifier, common, stow_json, dicom_xml)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual == [int(value)], name

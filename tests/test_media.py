@@ -13,6 +13,7 @@ from dicomweb_server.media import (
     STORED,
     accepts_gzip,
     frame_media_type,
+    negotiate_dicom_model,
     negotiate_frames,
     negotiate_instances,
     negotiate_json,
@@ -172,6 +173,39 @@ def test_negotiate_json() -> None:
         negotiate_json("application/dicom+xml")
 
 
+@pytest.mark.parametrize(
+    ("accept", "multipart", "single", "expected"),
+    [
+        (None, True, True, "application/dicom+json"),
+        ("*/*", True, True, "application/dicom+json"),
+        ('multipart/related; type="application/dicom+xml"', True, False, "multipart/related"),
+        ("multipart/related", True, False, "multipart/related"),
+        ("multipart/*", True, False, "multipart/related"),
+        ('multipart/related; type="application/dicom"', True, False, None),
+        ('multipart/related; type="application/dicom+xml"', False, True, None),
+        ("application/dicom+xml", True, False, None),  # one document: not for several
+        ("application/dicom+xml", True, True, "application/dicom+xml"),
+        ("application/dicom+xml, application/json;q=0.1", True, False, "application/json"),
+        (
+            'application/json;q=0.5, multipart/related; type="application/dicom+xml"',
+            True,
+            False,
+            "multipart/related",
+        ),
+    ],
+)
+def test_negotiate_dicom_model(
+    accept: str | None, multipart: bool, single: bool, expected: str | None
+) -> None:
+    """PS3.18 10.4.4: DICOM XML as multipart/related parts where several data sets answer,
+    a bare application/dicom+xml only for one; JSON by default."""
+    if expected is None:
+        with pytest.raises(NotAcceptableError, match="application/dicom\\+json"):
+            negotiate_dicom_model(accept, multipart=multipart, single=single)
+    else:
+        assert negotiate_dicom_model(accept, multipart=multipart, single=single) == expected
+
+
 def test_stow_boundary() -> None:
     assert stow_boundary('multipart/related; type="application/dicom"; boundary="a b:c"') == (
         "a b:c", "application/dicom"
@@ -180,10 +214,13 @@ def test_stow_boundary() -> None:
     assert stow_boundary('multipart/related; type="application/dicom+json"; boundary=x') == (
         "x", "application/dicom+json"
     )  # fmt: skip
+    assert stow_boundary('multipart/related; type="application/dicom+xml"; boundary=x') == (
+        "x", "application/dicom+xml"
+    )  # fmt: skip
     for bad in (
         None,
         "application/dicom",
-        'multipart/related; type="application/dicom+xml"; boundary=x',
+        'multipart/related; type="application/pdf"; boundary=x',
     ):
         with pytest.raises(UnsupportedMediaTypeError):
             stow_boundary(bad)

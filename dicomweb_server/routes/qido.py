@@ -6,11 +6,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dicomweb_server.attributes import Level
-from dicomweb_server.media import negotiate_json
+from dicomweb_server.media import negotiate_dicom_model
 from dicomweb_server.query import parse
 from dicomweb_server.routes.common import (
     base_url,
-    json_response,
+    model_response,
     services,
     uid_param,
     warning_header,
@@ -24,7 +24,7 @@ _MORE = "There are additional results that can be requested"
 
 
 async def _search(request: Request, level: Level) -> Response:
-    media = negotiate_json(request.headers.get("accept"))
+    media = negotiate_dicom_model(request.headers.get("accept"), multipart=True, single=False)
     path_uids = {
         lvl: uid_param(request, name)
         for lvl, name in ((Level.STUDY, "study"), (Level.SERIES, "series"))
@@ -37,7 +37,7 @@ async def _search(request: Request, level: Level) -> Response:
     warnings = [*([_MORE] if more else []), *q.warnings]
     if not results:  # PS3.18 8.3.4.4.1: no results is 204 (No Content), an empty payload
         return Response(status_code=204, headers=warning_header(warnings))
-    return json_response(results, media, headers=warning_header(warnings))
+    return await model_response(results, media, headers=warning_header(warnings))
 
 
 async def search_for_studies(request: Request) -> Response:

@@ -7,11 +7,11 @@ from starlette.responses import Response
 
 from dicomweb_server.dicom_json import stow_response
 from dicomweb_server.ingest import store_parts, stow_status
-from dicomweb_server.media import APPLICATION_DICOM_JSON, negotiate_json, stow_boundary
+from dicomweb_server.media import APPLICATION_DICOM, negotiate_dicom_model, stow_boundary
 from dicomweb_server.multipart import iter_parts
 from dicomweb_server.routes.common import (
     base_url,
-    json_response,
+    model_response,
     services,
     uid_param,
     warning_header,
@@ -25,7 +25,8 @@ _MAX_WARNINGS = 10
 
 
 async def store_instances(request: Request) -> Response:
-    media = negotiate_json(request.headers.get("accept"))
+    # The Store Instances Response Module, in JSON or XML (PS3.18 10.5.3, Annex I)
+    media = negotiate_dicom_model(request.headers.get("accept"), multipart=False, single=True)
     boundary, part_type = stow_boundary(request.headers.get("content-type"))
     study = uid_param(request, "study") if "study" in request.path_params else None
     settings = request.app.state.settings
@@ -35,8 +36,8 @@ async def store_instances(request: Request) -> Response:
         max_part_bytes=settings.max_part_bytes,
         max_request_bytes=settings.max_request_bytes,
     )
-    if part_type == APPLICATION_DICOM_JSON:  # metadata and bulk data (PS3.18 10.5.1.4)
-        outcomes = await store_json_parts(events, services(request), study)
+    if part_type != APPLICATION_DICOM:  # metadata and bulk data (PS3.18 10.5.1.4)
+        outcomes = await store_json_parts(events, services(request), study, part_type)
     else:
         outcomes = await store_parts(events, services(request), study)
     # The audit trail names each stored instance as study/series/instance.
@@ -47,4 +48,4 @@ async def store_instances(request: Request) -> Response:
     study_path = f"/studies/{studies.pop()}" if len(studies) == 1 else None
     doc = stow_response(outcomes, base_url(request), study_path)
     reasons = [o.reason for o in outcomes if o.reason][:_MAX_WARNINGS]
-    return json_response(doc, media, stow_status(outcomes), warning_header(reasons))
+    return await model_response(doc, media, stow_status(outcomes), warning_header(reasons))

@@ -9,7 +9,7 @@ from dicomweb_server.media import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
     negotiate_bulkdata,
-    negotiate_json,
+    negotiate_dicom_model,
 )
 from dicomweb_server.metadata import metadata_json
 from dicomweb_server.retrieve import (
@@ -59,8 +59,9 @@ async def _retrieve(request: Request) -> Response:
 
 
 async def _metadata(request: Request) -> Response:
-    media = negotiate_json(accept_of(request))
-    body = await metadata_json(services(request), base_url(request), *_uids(request))
+    uids = _uids(request)
+    media = negotiate_dicom_model(accept_of(request), multipart=True, single=uids[2] is not None)
+    body = await metadata_json(services(request), base_url(request), *uids)
     return await cached_json_response(request, body, media)
 
 
