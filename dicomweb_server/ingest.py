@@ -33,6 +33,7 @@ __all__ = [
     "COPY_CHUNK_BYTES",
     "Services",
     "instance_path",
+    "storage_failure",
     "store_file",
     "store_parts",
     "store_path",
@@ -149,7 +150,7 @@ async def _spool_parts(
                     writer = None
             elif isinstance(event, PartEnd):
                 if spool_error is not None:
-                    failed(count, _spool_failure(spool_error))
+                    failed(count, storage_failure(spool_error))
                 elif writer is not None:
                     w, writer = writer, None
                     await start(count, w, part_type)
@@ -167,8 +168,10 @@ def _out_of_resources(exc: OSError) -> FailureReason:
     return FailureReason.PROCESSING_FAILURE
 
 
-def _spool_failure(exc: OSError) -> InstanceOutcome:
-    log.error("could not spool a STOW part: %s", exc)
+def storage_failure(exc: OSError, doing: str = "could not spool a STOW part") -> InstanceOutcome:
+    """The outcome of a part whose bytes could not be written: 0xA700 (out of resources) for
+    a full disk or quota, 0x0110 (processing failure) for any other I/O error."""
+    log.error("%s: %s", doing, exc)
     return InstanceOutcome(None, None, _out_of_resources(exc), reason=f"storage: {exc.strerror}")
 
 
@@ -286,7 +289,7 @@ async def store_file(
             # which a database restart may have dropped meanwhile).
             await _undo(ctx, writer, key, placed)
             if isinstance(exc, _SpoolError):
-                return _spool_failure(exc.error)
+                return storage_failure(exc.error)
             return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
         except _PlaceError as exc:
             # Placed or not (an fsync may fail after the rename): both copies go, in _undo.
@@ -322,7 +325,7 @@ async def store_path(
                 await writer.write(chunk)
     except OSError as exc:
         await _discard_quietly(ctx, writer)
-        return _spool_failure(exc)
+        return storage_failure(exc)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await _discard_quietly(ctx, writer)

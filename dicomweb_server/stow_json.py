@@ -42,7 +42,7 @@ from dicomweb_server.dicom_json import (
 from dicomweb_server.dicom_xml import dataset_from_xml
 from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
-from dicomweb_server.ingest import Services, store_path
+from dicomweb_server.ingest import Services, storage_failure, store_path
 from dicomweb_server.media import (
     APPLICATION_DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -208,9 +208,8 @@ async def _store_one(
         return await store_path(ctx, out, expected_study)
     except InvalidInstanceError as exc:
         return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
-    except OSError as exc:
-        reason = FailureReason.OUT_OF_RESOURCES
-        return InstanceOutcome(None, None, reason, reason=f"storage: {exc.strerror or exc}")
+    except OSError as exc:  # the same rule as for a Part-10 part's bytes
+        return storage_failure(exc, "could not assemble a STOW-RS instance from its metadata")
     finally:
         with anyio.CancelScope(shield=True):  # also when the client went away meanwhile
             await anyio.to_thread.run_sync(lambda: out.unlink(missing_ok=True))

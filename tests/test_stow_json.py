@@ -3,7 +3,9 @@ BulkDataURIs name, each instance stored as if it had come as a Part-10 file."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +306,22 @@ async def test_stored_data_with_fewer_fragments_than_frames_is_404_not_500(
     stored = 'multipart/related; type="image/jls"; transfer-syntax=*'
     r = await app_client.get(f"{inst_url(ds)}/frames/15", headers={"Accept": stored})
     assert r.status_code == 404, r.text
+
+
+@pytest.mark.parametrize(("error", "reason"), [(errno.ENOSPC, 0xA700), (errno.EIO, 0x0110)])
+async def test_assembly_io_errors_follow_the_part10_rule(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, error: int, reason: int
+) -> None:
+    """Writing the assembled file fails as a Part-10 part's spooling does: a full disk is
+    0xA700 (out of resources), any other I/O error 0x0110 (processing failure)."""
+
+    def failing(*_: object) -> None:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(stow_json, "_assemble", failing)
+    ds = make_instance()
+    r = await _post(app_client, _body([_metadata(ds, "u:1")], ("u:1", "application/octet-stream",
+                                                                 ds.PixelData)))  # fmt: skip
+    assert r.status_code == 409
+    assert values(_seq(r.json(), "00081198")[0], "00081197") == [reason]
+    assert os.strerror(error) in r.headers["warning"]
