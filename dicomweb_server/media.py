@@ -97,15 +97,20 @@ _FRAME_MEDIA_TYPES: dict[str, str] = {
     "1.2.840.10008.1.2.4.107": "video/H265",
     "1.2.840.10008.1.2.4.108": "video/H265",
 }
-# PS3.18 Table 8.7.3-2: the transfer syntax an image media type means when none is given.
+# PS3.18 Table 8.7.3-5 (RESTful column, "D"): the transfer syntax an image media type means
+# when none is given. image/jpeg is JPEG Lossless SV1, not Baseline: lossless data is never
+# made lossy unless a client names a lossy syntax.
 _DEFAULT_FRAME_TS: dict[str, str] = {
-    "image/jpeg": "1.2.840.10008.1.2.4.50",
+    "image/jpeg": "1.2.840.10008.1.2.4.70",
     "image/jls": "1.2.840.10008.1.2.4.80",
     "image/jp2": "1.2.840.10008.1.2.4.90",
     "image/jpx": "1.2.840.10008.1.2.4.92",
     "image/jphc": "1.2.840.10008.1.2.4.201",
     "image/dicom-rle": "1.2.840.10008.1.2.5",
 }
+# Lossy JPEG: frames stored so are sent as stored for image/jpeg without a transfer syntax,
+# since the archive "has only access to the pixel data in lossy compressed form" (PS3.18 8.7.3).
+_LOSSY_JPEG = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 # What `image/*` gets for frames that must be encoded, in order of preference: lossless only.
 _WILDCARD_FRAME_TS = (
     "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless: fast and compact
@@ -359,6 +364,7 @@ def negotiate_frames(
         if _type_matches(part, stored_type) and (
             ts in (STORED, stored_ts)
             or (ts is None and _DEFAULT_FRAME_TS.get(part, stored_ts) == stored_ts)
+            or (ts is None and stored_ts in _LOSSY_JPEG)
         ):
             return STORED
         want = ts or _DEFAULT_FRAME_TS.get(part)

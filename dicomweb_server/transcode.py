@@ -66,6 +66,7 @@ __all__ = [
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JPEG_2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
@@ -206,6 +207,27 @@ def _jpeg_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
     return bytes(imagecodecs.jpeg8_encode(_native_order(arr), level=JPEG_BASELINE_QUALITY))
 
 
+def _jpeg_lossless_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+    """JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14, Selection Value 1;
+    PS3.5 A.4.1), by libjpeg-turbo's lossless mode: predictor 1, no point transform, the
+    sample precision of Bits Stored. Signed samples are coded as their Bits Stored low bits
+    (two's complement), as DICOM decoders read them back; colour stays RGB (no transform)."""
+    import imagecodecs
+
+    data = _native_order(arr)
+    if info.pixel_representation == 1:
+        unsigned = data.view(np.uint8 if data.dtype.itemsize == 1 else np.uint16)
+        data = np.bitwise_and(unsigned, (1 << info.bits_stored) - 1, dtype=unsigned.dtype)
+    colour: dict[str, Any] = {}
+    if info.samples_per_pixel == 3:
+        colour = {"colorspace": "RGB", "outcolorspace": "RGB"}
+    return bytes(
+        imagecodecs.jpeg8_encode(
+            data, lossless=True, predictor=1, bitspersample=info.bits_stored, **colour
+        )
+    )
+
+
 def _integer(min_bits: int, max_bits: int, min_side: int = 1) -> Callable[[PixelInfo], bool]:
     def accepts(info: PixelInfo) -> bool:
         return (
@@ -222,6 +244,11 @@ def _integer(min_bits: int, max_bits: int, min_side: int = 1) -> Callable[[Pixel
 def _rle_accepts(info: PixelInfo) -> bool:
     # PS3.5 G.2 allows 32-bit samples, but pydicom's RLE encoders take 8 and 16 bits only.
     return _integer(1, 16)(info) and info.bits_allocated in (8, 16)
+
+
+def _jpeg_lossless_accepts(info: PixelInfo) -> bool:
+    # libjpeg-turbo codes 2 to 16 bits per sample, in 8 or 16-bit words.
+    return _integer(2, 16)(info) and info.bits_allocated in (8, 16)
 
 
 def _native_order(arr: np.ndarray) -> np.ndarray:
@@ -258,6 +285,11 @@ ENCODERS: dict[str, Codec] = {
     HTJ2K_ANY: Codec(
         HTJ2K_ANY, False, "imagecodecs", _integer(1, 16),
         _htj2k_encode, _imagecodecs_available("HTJ2K"),
+    ),
+    JPEG_LOSSLESS_SV1: Codec(
+        # the default syntax of image/jpeg (PS3.18 Table 8.7.3-5)
+        JPEG_LOSSLESS_SV1, False, "imagecodecs", _jpeg_lossless_accepts,
+        _jpeg_lossless_encode, _imagecodecs_available("JPEG8"),
     ),
     JPEG_BASELINE: Codec(
         JPEG_BASELINE, True, "imagecodecs", _integer(8, 8),

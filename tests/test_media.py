@@ -229,11 +229,20 @@ def test_stow_boundary() -> None:
 
 
 def test_image_type_without_transfer_syntax_means_its_default() -> None:
-    """image/jpeg means JPEG Baseline (PS3.18 Table 8.7.3-2): JPEG Lossless stored frames are
-    converted, not sent as stored (browsers cannot decode them); found by review."""
-    lossless = "1.2.840.10008.1.2.4.70"
-    assert negotiate_frames('multipart/related; type="image/jpeg"', lossless, ALL) == JPEG
-    assert negotiate_frames('multipart/related; type="image/jpeg"', JPEG, ALL) == STORED
+    """image/jpeg means JPEG Lossless SV1 (PS3.18 Table 8.7.3-5, RESTful column "D"), never
+    lossy Baseline unless named; frames stored lossy (Baseline, Extended) are sent as stored,
+    the archive having "only access to the pixel data in lossy compressed form" (8.7.3)."""
+    sv1 = "1.2.840.10008.1.2.4.70"
+    jpeg = 'multipart/related; type="image/jpeg"'
+    with_sv1 = (*ALL, sv1)
+    assert negotiate_frames(jpeg, sv1, ALL) == STORED
+    assert negotiate_frames(jpeg, EXPLICIT_VR_LITTLE_ENDIAN, with_sv1) == sv1
+    assert negotiate_frames(jpeg, J2K, with_sv1) == sv1
+    assert negotiate_frames(jpeg, JPEG, with_sv1) == STORED
+    assert negotiate_frames(jpeg, "1.2.840.10008.1.2.4.51", with_sv1) == STORED
+    assert negotiate_frames(f"{jpeg}; transfer-syntax={JPEG}", J2K, with_sv1) == JPEG
+    with pytest.raises(NotAcceptableError):  # Baseline is there, but not asked for
+        negotiate_frames(jpeg, J2K, ALL)
 
 
 ETAG = '"0123abcd"'

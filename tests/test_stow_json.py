@@ -100,6 +100,19 @@ async def test_compressed_frames_one_part_each(
     assert np.array_equal(stored.pixel_array, src.pixel_array)
 
 
+# A JPEG Baseline codestream of an 8 x 8 grey image (SOI, APP0, DQT, SOF0, DHT, SOS, EOI).
+_BASELINE_8X8 = bytes.fromhex(
+    "ffd8ffe000104a46494600010100000100010000ffdb004300080606070605080707070909080a0c140d0c0b"
+    "0b0c1912130f141d1a1f1e1d1a1c1c20242e2720222c231c1c2837292c30313434341f27393d38323c2e3334"
+    "32ffc0000b080008000801011100ffc4001f0000010501010101010100000000000000000102030405060708"
+    "090a0bffc400b5100002010303020403050504040000017d01020300041105122131410613516107227114"
+    "328191a1082342b1c11552d1f02433627282090a161718191a25262728292a3435363738393a434445464748"
+    "494a535455565758595a636465666768696a737475767778797a838485868788898a92939495969798999aa2"
+    "a3a4a5a6a7a8a9aab2b3b4b5b6b7b8b9bac2c3c4c5c6c7c8c9cad2d3d4d5d6d7d8d9dae1e2e3e4e5e6e7e8e9"
+    "eaf1f2f3f4f5f6f7f8f9faffda0008010100003f00fbfcffd9"
+)
+
+
 async def test_per_instance_failures(app_client: httpx.AsyncClient) -> None:
     good = make_instance()
     missing = make_instance()
@@ -110,7 +123,7 @@ async def test_per_instance_failures(app_client: httpx.AsyncClient) -> None:
         compressed.pop(key)
     docs.append(compressed)
     body = _body(docs, ("u:good", "application/octet-stream", good.PixelData),
-                 ("u:jpeg", "image/jpeg", b"\xff\xd8\xff\xd9"))  # fmt: skip
+                 ("u:jpeg", "image/jpeg", _BASELINE_8X8))  # fmt: skip
     r = await _post(app_client, body)
     assert r.status_code == 202, r.text
     (ok,) = _seq(r.json(), "00081199")
@@ -325,3 +338,38 @@ async def test_assembly_io_errors_follow_the_part10_rule(
     assert r.status_code == 409
     assert values(_seq(r.json(), "00081198")[0], "00081197") == [reason]
     assert os.strerror(error) in r.headers["warning"]
+
+
+@pytest.mark.parametrize(
+    ("bits", "options", "expected"),
+    [
+        (8, {"level": 90}, "1.2.840.10008.1.2.4.50"),
+        (16, {"lossless": True, "predictor": 1, "bitspersample": 16}, "1.2.840.10008.1.2.4.70"),
+        (16, {"lossless": True, "predictor": 6, "bitspersample": 16}, "1.2.840.10008.1.2.4.57"),
+    ],
+)
+async def test_image_jpeg_parts_without_a_syntax_are_read_from_the_codestream(
+    app_client: httpx.AsyncClient, bits: int, options: dict[str, Any], expected: str
+) -> None:
+    """`image/jpeg` with no transfer-syntax: the frame header says which JPEG process it is
+    (camera JPEG is Baseline; the RESTful default, Lossless SV1, is not assumed)."""
+    import imagecodecs
+
+    ds = make_instance(rows=16, cols=16)
+    pixels: np.ndarray
+    if bits == 8:
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        pixels = (np.arange(256, dtype=np.uint8)).reshape(16, 16)
+    else:
+        pixels = (np.arange(256, dtype=np.uint16) * 255).reshape(16, 16)
+    ds.PixelData = pixels.tobytes()
+    frame = bytes(imagecodecs.jpeg8_encode(pixels, **options))
+    r = await _post(app_client, _body([_metadata(ds, "u:f")], ("u:f", "image/jpeg", frame)))
+    assert r.status_code == 200, r.text
+    r = await app_client.get(inst_url(ds), headers={"Accept": STORED})
+    ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"].endswith(f"transfer-syntax={expected}")
+    stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    got = next(generate_frames(stored.PixelData, number_of_frames=1))
+    assert got == frame + b"\x00" * (len(frame) % 2)  # fragments have even length

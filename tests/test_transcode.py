@@ -42,6 +42,7 @@ MEDIA = {
     "1.2.840.10008.1.2.4.201": "image/jphc",
     "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
     JPEG_BASELINE: "image/jpeg",
 }
 
@@ -139,7 +140,14 @@ async def test_jpeg_baseline_only_by_name_and_within_error(
         f"{inst_url(ds)}/frames/3", headers={"Accept": "multipart/related; type=image/*"}
     )
     assert "image/jpeg" not in r.headers.get("content-type", "")  # never lossy unless named
-    accept = 'multipart/related; type="image/jpeg"'
+    # image/jpeg alone is JPEG Lossless SV1, its default (PS3.18 Table 8.7.3-5): exact pixels
+    r = await app_client.get(
+        f"{inst_url(ds)}/frames/3", headers={"Accept": 'multipart/related; type="image/jpeg"'}
+    )
+    ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"] == "image/jpeg; transfer-syntax=1.2.840.10008.1.2.4.70"
+    assert np.array_equal(decode(data, ds, "1.2.840.10008.1.2.4.70"), ds.pixel_array[2])
+    accept = f'multipart/related; type="image/jpeg"; transfer-syntax={JPEG_BASELINE}'
     r = await app_client.get(f"{inst_url(ds)}/frames/3", headers={"Accept": accept})
     assert r.status_code == 200
     ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
@@ -164,7 +172,8 @@ async def test_impossible_conversions_are_406(app_client: httpx.AsyncClient) -> 
         f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
     )
     for accept in (
-        'multipart/related; type="image/jpeg"',  # JPEG Baseline needs 8-bit data
+        # JPEG Baseline needs 8-bit data
+        f'multipart/related; type="image/jpeg"; transfer-syntax={JPEG_BASELINE}',
         'multipart/related; type="image/jp2"; transfer-syntax=1.2.840.10008.1.2.4.91',  # lossy
         'multipart/related; type="video/mp4"',
     ):
