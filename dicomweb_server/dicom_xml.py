@@ -29,6 +29,7 @@ from typing import Any
 from xml.parsers import expat
 
 from pydicom.datadict import keyword_for_tag
+from pydicom.valuerep import format_number_as_ds
 
 from dicomweb_server.errors import BadRequestError
 
@@ -51,6 +52,7 @@ _HEAD = (
     ' xml:space="preserve">\n'
 )
 _TAIL = "</NativeDicomModel>\n"
+_DS_MAX_CHARS = 16
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 _PN_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
 # Characters XML 1.0 cannot carry (2.2 Char), and those its parsers would not keep as sent.
@@ -149,15 +151,18 @@ def _attribute_body(vr: str, entry: JsonDict) -> str | list[tuple[int, JsonDict]
         return [(n, item if isinstance(item, dict) else {}) for n, item in enumerate(values, 1)]
     if vr == "PN":
         return "".join(_person_name(n, v) for n, v in enumerate(values, 1))
-    return "".join(_value(n, v) for n, v in enumerate(values, 1))
+    return "".join(_value(n, v, vr) for n, v in enumerate(values, 1))
 
 
-def _value(number: int, value: Any) -> str:
+def _value(number: int, value: Any, vr: str) -> str:
     if value is None:
         return f'<Value number="{number}"/>\n'
     if isinstance(value, bool):  # not DICOM JSON, but never "True"
         value = int(value)
-    return f'<Value number="{number}">{_text(str(value))}</Value>\n'
+    text = str(value)
+    if vr == "DS" and isinstance(value, float) and len(text) > _DS_MAX_CHARS:
+        text = format_number_as_ds(value)  # a DS value is at most 16 characters (PS3.5 6.2)
+    return f'<Value number="{number}">{_text(text)}</Value>\n'
 
 
 def _person_name(number: int, value: Any) -> str:
@@ -226,16 +231,29 @@ class _Reader:
                 )
             entry: JsonDict = {"vr": vr}
             number, creator = int(tag, 16), attrs.get("privateCreator")
-            if creator and (number >> 16) % 2 and number & 0xFF00 == 0:
-                # gggg00ee of a private block: placed when its data set ends
+            if creator and (number >> 16) % 2:
+                # a private data element (gggg00ee, or a full tag to be checked against its
+                # creator; creator elements carry no privateCreator): placed when its data
+                # set ends
                 self.private.setdefault(id(parent[1]), []).append((number, creator, entry))
             else:
                 parent[1][tag.upper()] = entry
             self.stack.append((local, entry))
         elif local in ("Value", "PersonName", "Item") and parent[0] == "DicomAttribute":
+            entry = parent[1]
+            allowed = {"SQ": "Item", "PN": "PersonName"}.get(entry["vr"], "Value")
+            if local != allowed:  # PS3.19 Table A.1.5-2: Item only in SQ, PersonName in PN
+                raise BadRequestError(
+                    f"{local} in a DicomAttribute of VR {entry['vr']}: expected {allowed}"
+                )
             number = _number(attrs)
-            values = parent[1].setdefault("Value", [])
-            values.extend([None] * (number - len(values)))
+            values = entry.setdefault("Value", [])
+            if number != len(values) + 1:  # "monotonically increasing starting from 1 by 1"
+                raise BadRequestError(
+                    f"{local} number {number} after {len(values)}: numbers run 1, 2, 3, ..."
+                    " (PS3.19 A.1.5)"
+                )
+            values.append(None)
             if local == "Value":  # its text is converted when it ends
                 self.stack.append((local, (parent[1], number)))
             else:  # an item's data set, or a name's groups
@@ -280,43 +298,67 @@ class _Reader:
 
 
 def _place_private(doc: JsonDict, private: list[tuple[int, str, JsonDict]]) -> None:
-    """Put private attributes written gggg00ee under their creator's block (gggg,xxee): the
-    block whose creator element (gggg,00xx) holds that name, or the first free block, whose
-    creator element is then added (PS3.5 7.8.1)."""
+    """Put private attributes under their creator's block (gggg,xxee): one written with its
+    full tag stays there if (gggg,00xx) holds its privateCreator; otherwise, as for one
+    written gggg00ee, the first block whose creator element holds that name and whose element
+    ee is free, else the first free block, whose creator element is then added (PS3.5 7.8.1).
+    A creator reserving several blocks (as real data sometimes has) keeps all its elements."""
+    if not private:
+        return
+    creators: dict[int, dict[int, Any]] = {}  # group -> block -> creator, read once
+    for key, entry in doc.items():
+        group, element = int(key[:4], 16), int(key[4:], 16)
+        if group % 2 and 0x10 <= element <= 0xFF:
+            creators.setdefault(group, {})[element] = (entry.get("Value") or [None])[0]
     for number, creator, entry in private:
-        group = number >> 16
-        blocks = {
-            int(k[4:], 16): (v.get("Value") or [None])[0]
-            for k, v in doc.items()
-            if k.startswith(f"{group:04X}00") and 0x10 <= int(k[4:], 16) <= 0xFF
-        }
-        block = next((b for b, name in blocks.items() if name == creator), None)
+        group, low, hint = number >> 16, number & 0xFF, (number >> 8) & 0xFF
+        blocks = creators.setdefault(group, {})
+        block = next(
+            (b for b, name in blocks.items() if name == creator and _free(doc, group, b, low)),
+            None,
+        )
+        if hint and blocks.get(hint) == creator and _free(doc, group, hint, low):
+            block = hint  # a full tag (gggg,xxee) in a block its creator does reserve
         if block is None:
             block = next((b for b in range(0x10, 0x100) if b not in blocks), None)
             if block is None:
                 raise BadRequestError(f"no free private block in group {group:04X}")
             doc[f"{group:04X}{block:04X}"] = {"vr": "LO", "Value": [creator]}
-        doc[f"{group:04X}{block:02X}{number & 0xFF:02X}"] = entry
+            blocks[block] = creator
+        doc[f"{group:04X}{block:02X}{low:02X}"] = entry
+
+
+def _free(doc: JsonDict, group: int, block: int, low: int) -> bool:
+    return f"{group:04X}{block:02X}{low:02X}" not in doc
+
+
+_NUMBER = re.compile(r"[1-9][0-9]{0,4}")
+_INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,20}\s*")
+_FLOAT_TEXT = re.compile(
+    r"\s*[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?|NaN|-?Infinity|inf|nan)\s*"
+)
 
 
 def _number(attrs: dict[str, str]) -> int:
     raw = attrs.get("number", "")
-    if not raw.isdigit() or not 1 <= int(raw) <= 65536 or len(raw) > 5:
-        raise BadRequestError(f"number must be 1 to 65536, not {raw!r} (PS3.19 A.1.5)")
+    if not _NUMBER.fullmatch(raw):
+        raise BadRequestError(f"number must be a positive integer, not {raw[:20]!r} (PS3.19 A.1.5)")
     return int(raw)
 
 
 def _json_value(vr: str, text: str) -> Any:
-    """The DICOM JSON value of one Value element's text (None when empty)."""
+    """The DICOM JSON value of one Value element's text (None when empty): ASCII digits only
+    for the binary number VRs (no `1_0`, no other scripts' digits)."""
     if text == "":
         return None
-    try:
-        if vr in _INTEGER_VRS:
-            return int(text.strip())
-        if vr in _FLOAT_VRS:
-            return float(text.strip())
-    except ValueError:
-        raise BadRequestError(f"{text[:40]!r} is not a value of VR {vr}") from None
+    if vr in _INTEGER_VRS:
+        if not _INTEGER_TEXT.fullmatch(text):
+            raise BadRequestError(f"{text[:40]!r} is not a value of VR {vr}")
+        return int(text)
+    if vr in _FLOAT_VRS:
+        if not _FLOAT_TEXT.fullmatch(text):
+            raise BadRequestError(f"{text[:40]!r} is not a value of VR {vr}")
+        return float(text)
     return text
 
 
@@ -337,6 +379,8 @@ def dataset_from_xml(data: bytes) -> JsonDict:
         parser.Parse(data, True)
     except expat.ExpatError as exc:
         raise BadRequestError(f"the XML metadata part is not well-formed XML: {exc}") from None
+    except (LookupError, ValueError) as exc:  # an encoding expat cannot read (shift_jis)
+        raise BadRequestError(f"the XML metadata part's encoding is not supported: {exc}") from None
     if reader.root is None:
         raise BadRequestError("the XML metadata part holds no NativeDicomModel")
     return reader.root

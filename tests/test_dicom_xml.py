@@ -261,6 +261,40 @@ def test_reader_places_private_attributes_in_their_block_or_a_new_one() -> None:
     assert doc["00290011"]["Value"] == ["B"] and doc["00291120"]["Value"] == ["b"]
 
 
+def test_private_blocks_of_one_creator_and_full_tags() -> None:
+    """A creator reserving two blocks keeps both blocks' elements; a full private tag stays in
+    its block when that block's creator is its privateCreator, and moves otherwise."""
+    two_blocks = {
+        "00090010": {"vr": "LO", "Value": ["A"]},
+        "00090011": {"vr": "LO", "Value": ["A"]},
+        "00091001": {"vr": "LO", "Value": ["x"]},
+        "00091101": {"vr": "LO", "Value": ["y"]},
+    }
+    assert dataset_from_xml(dataset_xml(two_blocks)) == two_blocks
+    creator_a = (
+        "<DicomAttribute tag='00090010' vr='LO'><Value number='1'>A</Value></DicomAttribute>"
+    )
+    for creator, where in (("A", "00091001"), ("B", "00091101")):
+        xml = (
+            f"<NativeDicomModel>{creator_a}<DicomAttribute tag='00091001' vr='LO' "
+            f"privateCreator='{creator}'><Value number='1'>v</Value></DicomAttribute>"
+            "</NativeDicomModel>"
+        ).encode()
+        doc = dataset_from_xml(xml)
+        assert doc[where]["Value"] == ["v"], creator
+        assert doc[f"0009{where[4:6]}"[:4] + "00" + where[4:6]]["Value"] == [creator]
+
+
+def test_long_ds_values_are_written_in_16_characters() -> None:
+    """A DS value is at most 16 characters (PS3.5 6.2); Python's shortest float text is not."""
+    values = [123456789012345.0, 1.23456789012e-05, 0.1, 40]
+    (attr,) = _attrs(dataset_xml({"00281050": {"vr": "DS", "Value": values}}))
+    texts = [v.text or "" for v in attr]
+    assert all(len(t) <= 16 for t in texts), texts
+    assert [float(t) for t in texts] == pytest.approx(values, rel=1e-9)
+    assert texts[2:] == ["0.1", "40"]
+
+
 # -- what the reader refuses -------------------------------------------------------------
 
 
@@ -279,6 +313,33 @@ def test_reader_places_private_attributes_in_their_block_or_a_new_one() -> None:
         b"<Value number='1'>x</Value></DicomAttribute></NativeDicomModel>",
         b"<NativeDicomModel><Value number='1'>x</Value></NativeDicomModel>",
         b"",
+        # numbers run 1, 2, 3 (one `number="65536"` would otherwise allocate 65536 values)
+        b"<NativeDicomModel><DicomAttribute tag='00080008' vr='CS'>"
+        b"<Value number='65536'>x</Value></DicomAttribute></NativeDicomModel>",
+        b"<NativeDicomModel><DicomAttribute tag='00080008' vr='CS'><Value number='1'>a</Value>"
+        b"<Value number='1'>b</Value></DicomAttribute></NativeDicomModel>",
+        "<NativeDicomModel><DicomAttribute tag='00080008' vr='CS'>"
+        "<Value number='\u00b2'>x</Value></DicomAttribute></NativeDicomModel>".encode(),
+        b"<NativeDicomModel><DicomAttribute tag='00080008' vr='CS'>"
+        b"<Value number='" + b"1" * 4400 + b"'>x</Value></DicomAttribute></NativeDicomModel>",
+        b"<?xml version='1.0' encoding='shift_jis'?><NativeDicomModel/>",
+        b"<?xml version='1.0' encoding='x-no-such'?><NativeDicomModel/>",
+        # the content each VR allows (PS3.19 Table A.1.5-2)
+        b"<NativeDicomModel><DicomAttribute tag='00080060' vr='CS'><Item number='1'/>"
+        b"</DicomAttribute></NativeDicomModel>",
+        b"<NativeDicomModel><DicomAttribute tag='00081140' vr='SQ'><Value number='1'>x</Value>"
+        b"</DicomAttribute></NativeDicomModel>",
+        b"<NativeDicomModel><DicomAttribute tag='00100020' vr='LO'><PersonName number='1'/>"
+        b"</DicomAttribute></NativeDicomModel>",
+        b"<NativeDicomModel><DicomAttribute tag='00100010' vr='PN'><Value number='1'>x</Value>"
+        b"</DicomAttribute></NativeDicomModel>",
+        # binary number VRs: ASCII digits only
+        b"<NativeDicomModel><DicomAttribute tag='00280010' vr='US'>"
+        b"<Value number='1'>1_0</Value></DicomAttribute></NativeDicomModel>",
+        "<NativeDicomModel><DicomAttribute tag='00280010' vr='US'>"
+        "<Value number='1'>\u0661</Value></DicomAttribute></NativeDicomModel>".encode(),
+        b"<NativeDicomModel><DicomAttribute tag='00181063' vr='FD'>"
+        b"<Value number='1'>1_0.5</Value></DicomAttribute></NativeDicomModel>",
     ],
 )
 def test_reader_refuses_what_is_not_a_native_dicom_model(xml: bytes) -> None:

@@ -127,6 +127,8 @@ async def test_xml_metadata_is_cached_with_a_stable_etag_and_gzip(
     r = await app_client.get(url, headers={"Accept": XML_PARTS, "Accept-Encoding": "gzip"})
     assert r.headers["content-encoding"] == "gzip" and r.content == first.content  # httpx decodes
     assert r.headers["etag"] == first.headers["etag"]
+    # the same URL answers JSON or XML: caches must key on Accept as well
+    assert {"Accept", "Accept-Encoding"} <= {v.strip() for v in r.headers["vary"].split(",")}
 
 
 async def test_qido_results_in_xml(app_client: httpx.AsyncClient) -> None:
@@ -161,6 +163,12 @@ async def test_stow_response_in_xml(app_client: httpx.AsyncClient) -> None:
     assert ok["00081155"]["Value"] == [ds.SOPInstanceUID]
     (failed,) = doc["00081198"]["Value"]
     assert failed["00081197"]["Value"] == [0xC000]
+    # asked as multipart/related (PS3.18 Example B.23): the same document, as one part
+    headers["Accept"] = XML_PARTS
+    r = await app_client.post(f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]),
+                              headers=headers)  # fmt: skip
+    (doc,) = _xml_parts(r)
+    assert doc["00081199"]["Value"][0]["00081155"]["Value"] == [ds.SOPInstanceUID]
 
 
 def _xml_stow_body(*parts: tuple[str, str | None, bytes]) -> bytes:

@@ -202,11 +202,13 @@ async def cached_json_response(request: Request, body: bytes, media_type: str) -
 
     If-None-Match uses the weak comparison (RFC 9110 13.1.2), so the ETag a compressing proxy
     weakened (`W/"..."`) still gives 304. The identity and gzip bodies share the ETag; Vary
-    tells caches that Accept-Encoding picks between them, on 304 too (RFC 9110 15.4.5)."""
+    tells caches that Accept and Accept-Encoding pick between them, on 304 too (RFC 9110
+    15.4.5)."""
     if media_type in (MULTIPART_RELATED, APPLICATION_DICOM_XML):
         body, media_type = await _cached_xml(request, body, media_type)
     etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-    headers = {"ETag": etag, "Vary": "Accept-Encoding"}
+    # The same URL answers JSON or XML (Accept) and identity or gzip (Accept-Encoding).
+    headers = {"ETag": etag, "Vary": "Accept, Accept-Encoding"}
     if none_match(_field(request, "if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     if len(body) >= GZIP_MIN_BYTES and accepts_gzip(_field(request, "accept-encoding")):

@@ -25,8 +25,9 @@ _MAX_WARNINGS = 10
 
 
 async def store_instances(request: Request) -> Response:
-    # The Store Instances Response Module, in JSON or XML (PS3.18 10.5.3, Annex I)
-    media = negotiate_dicom_model(request.headers.get("accept"), multipart=False, single=True)
+    # The Store Instances Response Module, in JSON or XML (PS3.18 10.5.3, Annex I): one
+    # document, or one part when XML is asked as multipart/related (as Example B.23 shows)
+    media = negotiate_dicom_model(request.headers.get("accept"), multipart=True, single=True)
     boundary, part_type = stow_boundary(request.headers.get("content-type"))
     study = uid_param(request, "study") if "study" in request.path_params else None
     settings = request.app.state.settings
