@@ -363,7 +363,9 @@ def stow_response(
         if o.warning is not None:
             item["00081196"] = {"vr": "US", "Value": [int(o.warning)]}
         referenced.append(item)
-    doc: JsonDict = {}
+    # Retrieve URL is Type 2 (PS3.18 Table I.1-1): present, empty when the stored instances
+    # are not all of one study (or none was stored).
+    doc: JsonDict = {"00081190": {"vr": "UR"}}
     if study_path:
         doc["00081190"] = {"vr": "UR", "Value": [base_url + study_path]}
     if failed:

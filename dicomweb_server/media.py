@@ -25,6 +25,7 @@ from dicomweb_server.errors import (
 __all__ = [
     "ACCEPT_CACHE_MAX_CHARS",
     "ACCEPT_CACHE_SIZE",
+    "ACCEPT_FALLBACK",
     "APPLICATION_DICOM",
     "APPLICATION_DICOM_JSON",
     "APPLICATION_DICOM_XML",
@@ -33,10 +34,13 @@ __all__ = [
     "EXPLICIT_VR_LITTLE_ENDIAN",
     "IMPLICIT_VR_LITTLE_ENDIAN",
     "MULTIPART_RELATED",
+    "NOT_FOR_WEB",
     "STORED",
     "MediaRange",
+    "accept_then",
     "accepts_gzip",
     "byte_range",
+    "check_charset",
     "frame_media_type",
     "frame_syntax",
     "negotiate_bulkdata",
@@ -61,6 +65,10 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# "The Implicit VR Little Endian (1.2.840.10008.1.2), and Explicit VR Big Endian
+# (1.2.840.10008.1.2.2 - Retired) Transfer Syntaxes shall not be used with Web Services"
+# (PS3.18 8.7.3): instances stored so are sent in Explicit VR Little Endian, even as stored.
+NOT_FOR_WEB = frozenset({IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN})
 # `transfer-syntax=*` (PS3.18 8.7.3.5.2): send the instance in the transfer syntax it is stored in.
 STORED = "*"
 
@@ -232,9 +240,9 @@ def parse_content_type(value: str) -> MediaRange:
 
 
 def parse_accept(value: str | None) -> tuple[MediaRange, ...]:
-    """Media ranges in order of preference (q descending, then as written); q=0 dropped.
-    Kept for the next request with the same header when it is short enough (a malformed
-    one raises every time)."""
+    """Media ranges in order of preference (q descending, then as written); q=0 dropped, and
+    malformed ranges too. Kept for the next request with the same header when it is short
+    enough."""
     if value is not None and len(value) > ACCEPT_CACHE_MAX_CHARS:
         return _parse_accept(value)
     return _parse_accept_kept(value)
@@ -245,12 +253,64 @@ def _parse_accept_kept(value: str | None) -> tuple[MediaRange, ...]:
     return _parse_accept(value)
 
 
+# Joins the `accept` query parameter and the Accept header (accept_then): every range of the
+# first ranks before every range of the second, whatever their q-values (PS3.18 8.7.8.1).
+ACCEPT_FALLBACK = "\n"
+
+
+def accept_then(query: str | None, header: str | None) -> str | None:
+    """The Accept value for a request with an `accept` query parameter: its media types first,
+    then the header's, tried only when none of the parameter's is supported (PS3.18 8.7.8.1,
+    steps 2 and 3)."""
+    if not query:
+        return header
+    return query if header is None else f"{query}{ACCEPT_FALLBACK}{header}"
+
+
+# What the `charset` query parameter may name: every response here is UTF-8 (PS3.18 8.8).
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "iso_ir 192", "*"})
+
+
+def check_charset(value: str | None) -> None:
+    """The `charset` query parameter (PS3.18 8.3.3.2): a list of character sets, each with an
+    optional q-value; "if this parameter has a value that is not a valid or supported
+    character set, the origin server shall return a 400". Every answer here is UTF-8, so the
+    list must allow it."""
+    if value is None:
+        return
+    allowed = []
+    for item in value.split(","):
+        name, _, params = item.partition(";")
+        q = params.strip().lower().removeprefix("q=") if params.strip() else "1"
+        try:
+            weight = float(q)
+        except ValueError:
+            raise BadRequestError(f"malformed charset {item.strip()!r}") from None
+        if name.strip() and weight > 0:
+            allowed.append(name.strip().lower())
+    if not allowed or not any(name in _UTF8_NAMES for name in allowed):
+        raise BadRequestError(f"charset {value!r}: every response is UTF-8 (charset=utf-8)")
+
+
 def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
     if value is None or not value.strip():
         return (MediaRange("*", "*"),)
-    ranges = [r for part in _split_outside_quotes(value, ",") if (r := _parse_one(part))]
-    ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
-    return tuple(r for _, r in ordered if r.q > 0)
+    out: list[MediaRange] = []
+    for block in value.split(ACCEPT_FALLBACK):
+        ranges = [r for part in _split_outside_quotes(block, ",") if (r := _parse_valid(part))]
+        ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
+        out += [r for _, r in ordered if r.q > 0]
+    return tuple(out)
+
+
+def _parse_valid(text: str) -> MediaRange | None:
+    """A media range of an Accept value, or None: "Accept Header Field values, including Media
+    Type parameters, that are not valid or not supported shall be ignored" (PS3.18 8.7.7)."""
+    try:
+        rng = _parse_one(text)
+    except BadRequestError:
+        return None
+    return rng if rng is None or 0 <= rng.q <= 1 else None
 
 
 def stow_boundary(content_type: str | None) -> tuple[str, str]:
@@ -323,7 +383,11 @@ def negotiate_instances(
                 return EXPLICIT_VR_LITTLE_ENDIAN
             return STORED
         requested = rng.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
+        if requested in NOT_FOR_WEB:
+            continue  # "shall not be used with Web Services" (PS3.18 8.7.3)
         if requested in (STORED, stored_ts):
+            if stored_ts in NOT_FOR_WEB and EXPLICIT_VR_LITTLE_ENDIAN in targets:
+                return EXPLICIT_VR_LITTLE_ENDIAN  # what "as stored" may be on the web
             return STORED
         if requested in targets:
             return requested

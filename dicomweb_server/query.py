@@ -177,12 +177,17 @@ def _resolve(key: str) -> int | None:
     return int(tag) if tag is not None else None
 
 
+class _Unsupported(BadRequestError):
+    """A query parameter this server does not support: ignored, with a Warning (PS3.18 8.3.1:
+    "The origin server shall ignore any unsupported Query Parameters")."""
+
+
 def _matching_attribute(key: str, level: Level) -> Attribute:
     tag = _resolve(key)
     attr = BY_KEYWORD.get(key) or (BY_TAG.get(tag) if tag is not None else None)
     if attr is None or attr.column is None:
         what = "not a DICOM attribute" if tag is None else "not a supported matching key"
-        raise BadRequestError(f"unknown query parameter {key!r}: {what}")
+        raise _Unsupported(f"unsupported query parameter {key!r} ignored: {what}")
     if level is Level.PATIENT:
         if attr.tag not in PATIENT_MATCHING_TAGS:
             raise BadRequestError(f"{attr.keyword} cannot be matched in a patient-level search")
@@ -208,25 +213,25 @@ def _matching_path(key: str, level: Level) -> tuple[Attribute | None, Attribute]
     if "" in parts:
         raise BadRequestError(f"malformed attribute path {key!r}: an empty attribute name")
     if len(parts) > 2:
-        raise BadRequestError(
-            f"attribute path {key!r} is not supported: matching goes one sequence deep"
+        raise _Unsupported(
+            f"unsupported attribute path {key!r} ignored: matching goes one sequence deep"
             " (Sequence.Key)"
         )
     seq_tag = _resolve(parts[0])
     seq = BY_TAG.get(seq_tag) if seq_tag is not None else None
     if seq is None or not seq.items:
         supported = ", ".join(_item_paths(a) for a in BY_TAG.values() if a.items)
-        raise BadRequestError(
-            f"attribute path {key!r}: {parts[0]!r} is not a sequence with matching keys"
-            f" (supported: {supported})"
+        raise _Unsupported(
+            f"unsupported attribute path {key!r} ignored: {parts[0]!r} is not a sequence with"
+            f" matching keys (supported: {supported})"
         )
     _matching_attribute(seq.keyword, level)  # the level check
     tag = _resolve(parts[1])
     item = ITEM_KEYS.get((seq.tag, tag)) if tag is not None else None
     if item is None:
-        raise BadRequestError(
-            f"attribute path {key!r}: {parts[1]!r} is not a matching key inside"
-            f" {seq.keyword} (supported: {_item_paths(seq)})"
+        raise _Unsupported(
+            f"unsupported attribute path {key!r} ignored: {parts[1]!r} is not a matching key"
+            f" inside {seq.keyword} (supported: {_item_paths(seq)})"
         )
     return seq, item
 
@@ -355,11 +360,17 @@ def _not_returned(key: str, tag: int, level: Level, path_uids: Mapping[Level, st
     return f"includefield {name} is not returned by {level.value} searches{scope}; ignored"
 
 
-def _matches(raw: Mapping[str, list[str]], level: Level, fuzzy: bool) -> tuple[Match, ...]:
+def _matches(
+    raw: Mapping[str, list[str]], level: Level, fuzzy: bool, warnings: list[str]
+) -> tuple[Match, ...]:
     matches: list[Match] = []
     items: dict[Attribute, dict[Attribute, ItemMatch]] = {}  # by sequence, then key
     for key, values in raw.items():
-        seq, attr = _matching_path(key, level)
+        try:
+            seq, attr = _matching_path(key, level)
+        except _Unsupported as exc:
+            warnings.append(exc.message)
+            continue
         if len(values) > 1 and attr.vr != "UI":
             raise BadRequestError(f"{key} is given {len(values)} times; give it once")
         if seq is None:
@@ -371,6 +382,16 @@ def _matches(raw: Mapping[str, list[str]], level: Level, fuzzy: bool) -> tuple[M
         keys[attr] = _item_match(attr, values[0])
     matches += [SequenceMatch(seq, tuple(keys.values())) for seq, keys in items.items()]
     return tuple(matches)
+
+
+# Search parameters of PS3.18 Table 8.3.4-1 this server does not implement: "true" searches
+# as if they were absent, with the Warning text 8.3.4.5 and 8.3.4.6 prescribe.
+_OPTIONAL_MATCHING = {
+    "emptyvaluematching": "The emptyvaluematching parameter is not supported. Empty Value "
+    "Matching has not been performed.",
+    "multiplevaluematching": "The multiplevaluematching parameter is not supported. Multiple "
+    "Value Matching has not been performed.",
+}
 
 
 def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
@@ -390,15 +411,22 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
             fuzzy = value == "true"
         elif key == "includefield":
             include_values.append(value)
-        elif key == "":
-            continue  # Weasis sends `?&...` (an empty parameter); harmless
+        elif key in _OPTIONAL_MATCHING:
+            if value not in ("true", "false"):
+                raise BadRequestError(f"{key} must be true or false, got {value!r}")
+            if value == "true":
+                warnings.append(_OPTIONAL_MATCHING[key])
+        elif key in ("", "accept", "charset"):
+            # Weasis sends `?&...` (an empty parameter); `accept` and `charset` are the
+            # content negotiation parameters, read by the route (PS3.18 8.3.3)
+            continue
         else:
             raw_matches.setdefault(key, []).append(value)
     if limit == 0 or limit > QIDO_MAX_LIMIT:
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
-    matches = _matches(raw_matches, level, fuzzy)
+    matches = _matches(raw_matches, level, fuzzy, warnings)
     include, include_warnings = _includes(include_values, level, path_uids, matches)
     return Query(
         level=level,

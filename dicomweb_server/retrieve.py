@@ -29,13 +29,16 @@ from dicomweb_server.media import (
     APPLICATION_OCTET_STREAM,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    MULTIPART_RELATED,
     STORED,
     frame_media_type,
     negotiate_frames,
     negotiate_instances,
+    parse_accept,
 )
 from dicomweb_server.metadata import not_found, pixel_info, targets_of
 from dicomweb_server.transcode import (
+    TranscodeError,
     convert_codestream,
     decodable,
     decode_frames,
@@ -52,11 +55,13 @@ __all__ = [
     "PartLength",
     "Sized",
     "bulk_value",
+    "decoded_pixel_data",
     "frame_parts",
     "frame_value",
     "instance_parts",
     "locate",
     "parse_frame_list",
+    "pixel_data_plan",
     "slice_stream",
 ]
 
@@ -461,6 +466,57 @@ async def _aclose(chunks: AsyncIterable[bytes]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+_UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
+
+
+def pixel_data_plan(inst: StoredInstance, accept: str | None) -> bool:
+    """Whether the Pixel Data bulk value of an encapsulated instance goes uncompressed (True:
+    decoded, the octet-stream value PS3.18 8.7.3.3.1 describes) or as its frames (False: the
+    client asked for them as stored, `transfer-syntax=*`, or in an image type)."""
+    for rng in parse_accept(accept):
+        part = rng.params.get("type", APPLICATION_OCTET_STREAM).lower()
+        if rng.essence in ("*/*", "multipart/*", MULTIPART_RELATED) and part in (
+            "*/*", "application/*", APPLICATION_OCTET_STREAM,
+        ):  # fmt: skip
+            ts = rng.params.get("transfer-syntax")
+            if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN) and decodable(inst.transfer_syntax_uid):
+                return True
+            if ts is None and rng.essence != "*/*" and part == APPLICATION_OCTET_STREAM:
+                raise TranscodeError(
+                    f"the Pixel Data cannot be decoded: {missing_codec(inst.transfer_syntax_uid)};"
+                    " ask for transfer-syntax=* for the stored frames"
+                )
+            return False
+        if rng.essence == MULTIPART_RELATED:
+            return False  # an image type: the frames, converted as the frames resource does
+    return False
+
+
+async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
+    """The Pixel Data of an encapsulated instance as its uncompressed value, Explicit VR
+    Little Endian (PS3.18 8.7.3.3: without a transfer syntax, bulk data is uncompressed),
+    decoded frame by frame as it is sent (through the frame cache), so a range of it decodes
+    only the frames it covers and memory holds one frame at a time."""
+    info = pixel_info(inst)
+    if info is None or info.bits_allocated % 8:
+        raise TranscodeError(
+            "this Pixel Data has no byte-aligned uncompressed form; ask for transfer-syntax=*"
+        )
+    size = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+    total = size * inst.number_of_frames
+
+    async def read(start: int, stop: int) -> AsyncIterator[bytes]:
+        for k in range(start // size, (stop - 1) // size + 1 if stop > start else 0):
+            _, frame = await frame_value(svc, inst, k + 1, _UNCOMPRESSED, whole=True)
+            data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
+            if len(data) != size:
+                raise TranscodeError(f"frame {k + 1} decoded to {len(data)} bytes, not {size}")
+            yield data[max(start - k * size, 0) : min(stop - k * size, size)]
+
+    ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    return Sized({"Content-Type": ctype}, total, read)
 
 
 async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:

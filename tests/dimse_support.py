@@ -195,6 +195,13 @@ async def wado_instance(archive: Archive, study: str, series: str, sop: str) -> 
     return part
 
 
+async def stored_file(archive: Archive, study: str, series: str, sop: str) -> bytes:
+    """The file the archive keeps for an instance, read from its blob: what was received, byte
+    for byte (WADO-RS sends Implicit VR and Big Endian instances converted, PS3.18 8.7.3)."""
+    (inst,) = await archive.services.index.locate(study, series, sop)
+    return archive.services.blobs.local_path(inst.blob_key).read_bytes()
+
+
 async def instance_count(archive: Archive) -> int:
     return (await archive.services.index.counts())["instances"]
 

@@ -19,6 +19,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
+from dicomweb_server.media import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
+from dicomweb_server.media import NOT_FOR_WEB
 from tests.dimse_support import (
     CLIENT_TIMEOUT_S,
     SCU,
@@ -32,6 +34,7 @@ from tests.dimse_support import (
     running_archive,
     scu,
     store_one,
+    stored_file,
     wado_instance,
 )
 from tests.helpers import ROOT, make_instance, to_bytes
@@ -90,7 +93,7 @@ async def test_storescu_then_qido_and_wado_byte_identical(archive: Archive, samp
         assert r.status_code == 200, (path, r.status_code)
         (found,) = r.json()
         assert found["0020000D"]["Value"] == [ds.StudyInstanceUID]
-        got = await wado_instance(
+        got = await stored_file(
             archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
         )
         # What storescu sent is the data set of the file (the File Meta Information is not
@@ -124,10 +127,13 @@ async def test_store_raw_bytes_come_back_identical(
 
     assert await in_thread(send) == [0x0000] * len(files)
     for path, ds in zip(files, metas, strict=True):
-        got = await wado_instance(
-            archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-        )
-        assert dataset_bytes(got) == dataset_bytes(path), path
+        uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        assert dataset_bytes(await stored_file(archive, *uids)) == dataset_bytes(path), path
+        sent = await wado_instance(archive, *uids)  # as stored, but never Implicit or Big Endian
+        if ds.file_meta.TransferSyntaxUID in NOT_FOR_WEB:
+            assert dcmread(io.BytesIO(sent)).file_meta.TransferSyntaxUID == EXPLICIT_LE
+        else:
+            assert dataset_bytes(sent) == dataset_bytes(path), path
 
 
 async def test_store_duplicate_is_success_and_one_copy(archive: Archive) -> None:

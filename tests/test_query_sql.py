@@ -153,14 +153,7 @@ def test_sequence_paths_parse_to_one_sequence_match() -> None:
 @pytest.mark.parametrize(
     ("level", "params", "reason"),
     [
-        (
-            Level.SERIES,
-            [("RequestAttributesSequence.PatientName", "x")],
-            "not a matching key inside",
-        ),
-        (Level.SERIES, [(f"{SPS}.CodeValue", "x")], "one sequence deep"),
         (Level.SERIES, [("RequestAttributesSequence..x", "x")], "malformed attribute path"),
-        (Level.SERIES, [("StudyDate.x", "x")], "not a sequence with matching keys"),
         (Level.SERIES, [("RequestAttributesSequence", "")], "is a sequence"),
         (Level.SERIES, [(SPS, "a"), ("00400275.00400009", "b")], "given twice"),
         (Level.STUDY, [(SPS, "a")], "series-level"),
@@ -171,6 +164,26 @@ def test_sequence_paths_parse_to_one_sequence_match() -> None:
 def test_sequence_paths_refused(level: Level, params: list[tuple[str, str]], reason: str) -> None:
     with pytest.raises(BadRequestError, match=reason):
         parse(level, params, {})
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("RequestAttributesSequence.PatientName", "not a matching key inside"),
+        (f"{SPS}.CodeValue", "one sequence deep"),
+        ("StudyDate.x", "not a sequence with matching keys"),
+        ("NoSuchKeyword", "not a DICOM attribute"),
+        ("Rows", "not a supported matching key"),
+    ],
+)
+def test_unsupported_parameters_ignored_with_a_warning(key: str, reason: str) -> None:
+    """PS3.18 8.3.1: unsupported query parameters are ignored; a warning names each."""
+    query = parse(Level.SERIES, [(key, "x"), ("Modality", "CT")], {})
+    assert [m.attr.keyword for m in query.matches if isinstance(m, SingleValueMatch)] == [
+        "Modality"
+    ]
+    (warning,) = query.warnings
+    assert key in warning and reason in warning and "ignored" in warning
 
 
 def _sequence_sql(params: list[tuple[str, str]]) -> tuple[str | None, list[object]]:

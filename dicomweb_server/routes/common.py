@@ -22,8 +22,10 @@ from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM_XML,
     MULTIPART_RELATED,
+    accept_then,
     accepts_gzip,
     byte_range,
+    check_charset,
     none_match,
 )
 from dicomweb_server.multipart import encode_body, encode_parts, encoded_length, new_boundary
@@ -105,8 +107,11 @@ def error_response(exc: DicomWebError) -> Response:
 
 
 def accept_of(request: Request) -> str | None:
-    """The `accept` query parameter overrides the Accept header (PS3.18 8.3.3.1)."""
-    return request.query_params.get("accept") or request.headers.get("accept")
+    """What a request accepts: the media types of the `accept` query parameter (PS3.18
+    8.3.3.1), then, when none of those is supported, the Accept header's (8.7.8.1). The
+    `charset` query parameter is checked on the way (8.3.3.2: 400 unless UTF-8 is allowed)."""
+    check_charset(request.query_params.get("charset"))
+    return accept_then(request.query_params.get("accept"), request.headers.get("accept"))
 
 
 def uid_param(request: Request, name: str) -> str:

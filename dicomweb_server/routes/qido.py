@@ -9,6 +9,7 @@ from dicomweb_server.attributes import Level
 from dicomweb_server.media import negotiate_dicom_model
 from dicomweb_server.query import parse
 from dicomweb_server.routes.common import (
+    accept_of,
     base_url,
     model_response,
     services,
@@ -24,7 +25,7 @@ _MORE = "There are additional results that can be requested"
 
 
 async def _search(request: Request, level: Level) -> Response:
-    media = negotiate_dicom_model(request.headers.get("accept"), multipart=True, single=False)
+    media = negotiate_dicom_model(accept_of(request), multipart=True, single=False)
     path_uids = {
         lvl: uid_param(request, name)
         for lvl, name in ((Level.STUDY, "study"), (Level.SERIES, "series"))

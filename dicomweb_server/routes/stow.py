@@ -10,6 +10,7 @@ from dicomweb_server.ingest import store_parts, stow_status
 from dicomweb_server.media import APPLICATION_DICOM, negotiate_dicom_model, stow_boundary
 from dicomweb_server.multipart import iter_parts
 from dicomweb_server.routes.common import (
+    accept_of,
     base_url,
     model_response,
     services,
@@ -27,7 +28,7 @@ _MAX_WARNINGS = 10
 async def store_instances(request: Request) -> Response:
     # The Store Instances Response Module, in JSON or XML (PS3.18 10.5.3, Annex I): one
     # document, or one part when XML is asked as multipart/related (as Example B.23 shows)
-    media = negotiate_dicom_model(request.headers.get("accept"), multipart=True, single=True)
+    media = negotiate_dicom_model(accept_of(request), multipart=True, single=True)
     boundary, part_type = stow_boundary(request.headers.get("content-type"))
     study = uid_param(request, "study") if "study" in request.path_params else None
     settings = request.app.state.settings

@@ -13,12 +13,15 @@ from dicomweb_server.media import (
 )
 from dicomweb_server.metadata import metadata_json
 from dicomweb_server.retrieve import (
+    Sized,
     bulk_value,
+    decoded_pixel_data,
     frame_parts,
     frame_value,
     instance_parts,
     locate,
     parse_frame_list,
+    pixel_data_plan,
 )
 from dicomweb_server.routes.common import (
     accept_of,
@@ -40,6 +43,8 @@ __all__ = [
     "retrieve_study",
     "retrieve_study_metadata",
 ]
+
+_PIXEL_DATA = "7FE00010"
 
 
 def _uids(request: Request) -> tuple[str, str | None, str | None]:
@@ -106,8 +111,28 @@ async def retrieve_instance_frames(request: Request) -> Response:
 
 
 async def retrieve_bulkdata(request: Request) -> Response:
-    negotiate_bulkdata(accept_of(request))
     study, series, sop = _uids(request)
     assert series is not None and sop is not None
-    value = await bulk_value(services(request), study, series, sop, request.path_params["path"])
+    path = request.path_params["path"]
+    svc, accept = services(request), accept_of(request)
+    value: Sized | None = None
+    if path.upper() == _PIXEL_DATA:
+        # Encapsulated Pixel Data by its BulkDataURI: uncompressed, as octet-stream bulk data
+        # is (PS3.18 8.7.3.3.1); its frames as stored or in an image type when asked so.
+        (inst,) = await locate(svc, study, series, sop)
+        if inst.encapsulated and inst.number_of_frames > 0:
+            if not pixel_data_plan(inst, accept):
+                frames = list(range(1, inst.number_of_frames + 1))
+                part_type, parts = await frame_parts(svc, inst, frames, accept)
+                return await multipart_response(parts, part_type)
+            value = await decoded_pixel_data(svc, inst)
+    if value is None:
+        negotiate_bulkdata(accept)
+        value = await bulk_value(svc, study, series, sop, path)
+    # "Bulkdata in a multipart response shall have a Content-Location header field that
+    # corresponds to the URI contained in the corresponding Element in the Metadata"
+    # (PS3.18 10.4.3.3.5): the BulkDataURI the metadata gives, absolute as it is there.
+    value.headers["Content-Location"] = (
+        f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}/bulk/{path}"
+    )
     return await ranged_response(request, value, APPLICATION_OCTET_STREAM)

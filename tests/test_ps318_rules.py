@@ -1,0 +1,244 @@
+"""PS3.18 rules a conformance audit found unmet: content negotiation (8.3.3, 8.7.7, 8.7.8),
+unsupported query parameters (8.3.1, 8.3.4), web-only transfer syntaxes (8.7.3), bulk data
+Content-Location (10.4.3.3.5) and the STOW response's Retrieve URL (Annex I)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from dicomweb_server.errors import BadRequestError
+from dicomweb_server.media import accept_then, check_charset, parse_accept
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+XML_PARTS = 'multipart/related; type="application/dicom+xml"'
+DICOM = 'multipart/related; type="application/dicom"'
+OCTETS = 'multipart/related; type="application/octet-stream"'
+
+
+def test_malformed_accept_ranges_are_ignored() -> None:
+    """PS3.18 8.7.7: "Any Accept Header Field values ... that are not valid or not supported
+    shall be ignored"."""
+    assert [r.essence for r in parse_accept("foo, application/dicom+json")] == [
+        "application/dicom+json"
+    ]
+    assert [r.essence for r in parse_accept("a/b; q=abc, c/d;x, e/f; q=2, g/h")] == ["g/h"]
+    assert parse_accept("foo") == ()
+
+
+def test_accept_parameter_ranks_before_the_header() -> None:
+    """PS3.18 8.7.8.1: the accept query parameter's types first, whatever the q-values, then
+    the header's."""
+    joined = accept_then("image/png;q=0.1", "application/dicom+json")
+    assert [r.essence for r in parse_accept(joined)] == ["image/png", "application/dicom+json"]
+    assert accept_then(None, "a/b") == "a/b" and accept_then("a/b", None) == "a/b"
+
+
+@pytest.mark.parametrize("good", ["utf-8", "UTF-8", "iso-8859-1;q=0.5, utf-8", "*", "ISO_IR 192"])
+def test_charset_parameter_allows_utf8(good: str) -> None:
+    check_charset(good)
+
+
+@pytest.mark.parametrize("bad", ["latin1", "FOO", "utf-8;q=0", "", "utf-8;q=x"])
+def test_charset_parameter_without_utf8_is_400(bad: str) -> None:
+    """PS3.18 8.3.3.2: a charset that is not valid or supported is a 400; every answer here
+    is UTF-8."""
+    with pytest.raises(BadRequestError):
+        check_charset(bad)
+
+
+async def _store(client: httpx.AsyncClient, *raws: bytes) -> httpx.Response:
+    r = await client.post(f"{ROOT}/studies", content=multipart_body(raws), headers=stow_headers())
+    assert r.status_code == 200, r.text
+    return r
+
+
+@pytest.mark.db
+async def test_negotiation_falls_back_from_the_parameter_to_the_header(
+    app_client: httpx.AsyncClient,
+) -> None:
+    ds = make_instance()
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/metadata"
+    r = await app_client.get(
+        url, params={"accept": "image/png"}, headers={"Accept": "application/dicom+json"}
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+json"
+    r = await app_client.get(url, headers={"Accept": "text, application/dicom+json"})
+    assert r.status_code == 200
+    r = await app_client.get(url, headers={"Accept": "text"})
+    assert r.status_code == 406  # nothing valid left to accept
+    # QIDO and STOW read the parameter too
+    r = await app_client.get(
+        f"{ROOT}/studies", params={"PatientID": ds.PatientID, "accept": XML_PARTS}
+    )
+    assert r.status_code == 200 and r.headers["content-type"].startswith(XML_PARTS)
+    r = await app_client.post(
+        f"{ROOT}/studies",
+        params={"accept": "application/dicom+xml"},
+        content=multipart_body([to_bytes(make_instance())]),
+        headers=stow_headers(),
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+xml"
+
+
+@pytest.mark.db
+async def test_charset_parameter_on_search_and_retrieve(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance()
+    await _store(app_client, to_bytes(ds))
+    for url in (f"{ROOT}/studies", f"{inst_url(ds)}/metadata"):
+        assert (await app_client.get(url, params={"charset": "utf-8"})).status_code == 200
+        r = await app_client.get(url, params={"charset": "FOO-NOT-A-CHARSET"})
+        assert r.status_code == 400 and "UTF-8" in r.text
+
+
+@pytest.mark.db
+async def test_unsupported_query_parameters_are_ignored_with_a_warning(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """PS3.18 8.3.1: "The origin server shall ignore any unsupported Query Parameters" (a
+    Warning says which); 8.3.4.5/8.3.4.6 give the Warning of emptyvaluematching and
+    multiplevaluematching when they are not performed."""
+    ds = make_instance(patient_id="IGNORED-1")
+    await _store(app_client, to_bytes(ds))
+    base = {"PatientID": "IGNORED-1"}
+    for extra, said in (
+        ({"_": "1733270000"}, "'_'"),
+        ({"foo": "bar"}, "'foo'"),
+        ({"StationName": "X"}, "StationName"),
+        ({"ReferencedStudySequence.ReferencedSOPInstanceUID": "1.2"}, "ReferencedStudySequence"),
+        ({"emptyvaluematching": "true"}, "Empty Value Matching has not been performed"),
+        ({"multiplevaluematching": "true"}, "Multiple Value Matching has not been performed"),
+    ):
+        r = await app_client.get(f"{ROOT}/studies", params={**base, **extra})
+        assert r.status_code == 200, (extra, r.text)
+        assert [s["0020000D"]["Value"] for s in r.json()] == [[ds.StudyInstanceUID]]
+        assert said in r.headers["warning"], extra
+    r = await app_client.get(f"{ROOT}/studies", params={**base, "emptyvaluematching": "false"})
+    assert r.status_code == 200 and "warning" not in r.headers
+    # supported parameters used wrongly are still a 400
+    for bad in ({"emptyvaluematching": "yes"}, {"SOPInstanceUID": "1.2"}, {"limit": "x"}):
+        r = await app_client.get(f"{ROOT}/studies", params={**base, **bad})
+        assert r.status_code == 400, bad
+
+
+@pytest.mark.db
+async def test_implicit_and_big_endian_are_not_sent_even_as_stored(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """PS3.18 8.7.3: Implicit VR Little Endian and Explicit VR Big Endian "shall not be used
+    with Web Services": `transfer-syntax=*` sends such instances in Explicit VR Little Endian;
+    naming them is not acceptable."""
+    coverage = samples / "generated" / "coverage"
+    for name in ("mr_implicit_le_unsigned_oddpn.dcm", "cr_mono1_explicit_be.dcm"):
+        raw = (coverage / name).read_bytes()
+        original = pydicom.dcmread(io.BytesIO(raw))
+        stored_ts = str(original.file_meta.TransferSyntaxUID)
+        await _store(app_client, raw)
+        url = inst_url(original)
+        r = await app_client.get(
+            url,
+            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+        )
+        assert r.status_code == 200, r.text
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert headers["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.1"), name
+        sent = pydicom.dcmread(io.BytesIO(body))
+        assert sent.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        assert (sent.pixel_array == original.pixel_array).all()
+        assert sent.SOPInstanceUID == original.SOPInstanceUID
+        r = await app_client.get(url, headers={"Accept": f"{DICOM}; transfer-syntax={stored_ts}"})
+        assert r.status_code == 406, name
+
+
+@pytest.mark.db
+async def test_bulk_data_part_names_its_bulk_data_uri(app_client: httpx.AsyncClient) -> None:
+    ds = make_instance()
+    await _store(app_client, to_bytes(ds))
+    meta = (await app_client.get(f"{inst_url(ds)}/metadata")).json()[0]
+    uri = meta["7FE00010"]["BulkDataURI"]
+    r = await app_client.get(uri)
+    ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-location"] == uri and body == ds.PixelData
+
+
+@pytest.mark.db
+async def test_stow_response_retrieve_url_is_type_2(app_client: httpx.AsyncClient) -> None:
+    """Annex I, Table I.1-1: Retrieve URL (0008,1190) is Type 2: present, empty when the
+    instances stored are of several studies."""
+    r = await _store(app_client, to_bytes(make_instance()), to_bytes(make_instance()))
+    assert r.json()["00081190"] == {"vr": "UR"}
+    ds = make_instance()
+    r = await _store(app_client, to_bytes(ds))
+    assert r.json()["00081190"]["Value"] == [
+        f"http://testserver{ROOT}/studies/{ds.StudyInstanceUID}"
+    ]
+
+
+@pytest.mark.db
+async def test_encapsulated_pixel_data_bulk_value_is_uncompressed(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """PS3.18 8.7.3.3: without a transfer syntax, bulk data is uncompressed, Explicit VR
+    Little Endian; a compressed instance's Pixel Data BulkDataURI gave its RLE codestream
+    labelled application/octet-stream. Ranges count bytes of the uncompressed value; the
+    frames as stored, or in an image type, when asked so."""
+    path = samples / "generated" / "coverage" / "nm_10frames_rle.dcm"
+    ds = pydicom.dcmread(path)
+    await _store(app_client, path.read_bytes())
+    uri = (await app_client.get(f"{inst_url(ds)}/metadata")).json()[0]["7FE00010"]["BulkDataURI"]
+    pixels = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder("<")).tobytes()
+    for accept in (None, OCTETS, "*/*"):
+        r = await app_client.get(uri, headers={"Accept": accept} if accept else {})
+        assert r.status_code == 200, (accept, r.text)
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert headers["content-type"] == (
+            "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+        )
+        assert body == pixels, accept
+    frame = len(pixels) // int(ds.NumberOfFrames)
+    r = await app_client.get(uri, headers={"Range": f"bytes={frame + 10}-{3 * frame - 1}"})
+    assert r.status_code == 206
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == pixels[frame + 10 : 3 * frame]
+    stored = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    r = await app_client.get(uri, headers={"Accept": stored})
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert len(parts) == int(ds.NumberOfFrames)
+    assert {h["content-type"] for h, _ in parts} == {
+        "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"
+    }
+    r = await app_client.get(uri, headers={"Accept": 'multipart/related; type="image/jls"'})
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert len(parts) == int(ds.NumberOfFrames)
+    assert parts[0][0]["content-type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+
+
+@pytest.mark.db
+async def test_undecodable_pixel_data_bulk_value_is_406_unless_asked_as_stored(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    path = samples / "real" / "pydicom-data" / "liver_deflate.dcm"  # no decoder installed
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    await _store(app_client, path.read_bytes())
+    uri = f"http://testserver{inst_url(ds)}/bulk/7FE00010"
+    r = await app_client.get(
+        uri, headers={"Accept": 'multipart/related; type="application/octet-stream"'}
+    )
+    assert r.status_code == 406 and "transfer-syntax=*" in r.text
+    stored = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    r = await app_client.get(uri, headers={"Accept": stored})
+    assert r.status_code == 200
+    assert len(split_multipart(r.content, r.headers["content-type"])) == int(ds.NumberOfFrames)
