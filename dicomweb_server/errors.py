@@ -13,6 +13,7 @@ __all__ = [
     "DicomWebError",
     "FailureReason",
     "ForbiddenError",
+    "MethodNotAllowedError",
     "NotAcceptableError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -53,6 +54,10 @@ class ForbiddenError(DicomWebError):
 
 class NotFoundError(DicomWebError):
     status = 404
+
+
+class MethodNotAllowedError(DicomWebError):
+    status = 405
 
 
 class NotAcceptableError(DicomWebError):

@@ -23,7 +23,12 @@ from dicomweb_server.audit import AuditEvent
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.auth import Authenticator, Principal, require
 from dicomweb_server.config import Settings
-from dicomweb_server.errors import DicomWebError, ForbiddenError, UnauthorizedError
+from dicomweb_server.errors import (
+    DicomWebError,
+    ForbiddenError,
+    MethodNotAllowedError,
+    UnauthorizedError,
+)
 from dicomweb_server.routes.common import error_response
 
 __all__ = ["ROUTE_DEPTH_CACHE", "Guard", "MatchedRouter", "RouteMatch", "RouteTable"]
@@ -131,6 +136,17 @@ class MatchedRouter(Router):
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         found: RouteMatch | None = scope.pop(_MATCH_KEY, None)
         if found is None or found.route is None:
+            allowed = allowed_methods(self.routes, scope) if scope["type"] == "http" else set()
+            if allowed and scope["method"] not in allowed:
+                # Every method the path takes, not only the first route's (Starlette's): POST
+                # and GET /studies are two routes. RFC 9110 15.5.6 wants the full list.
+                allow = ", ".join(sorted(allowed))
+                error = MethodNotAllowedError(
+                    f"{scope['method']} is not allowed here; allowed: {allow}",
+                    headers={"Allow": allow},
+                )
+                await error_response(error)(scope, receive, send)
+                return
             await super().app(scope, receive, send)
             return
         if "router" not in scope:
@@ -138,6 +154,21 @@ class MatchedRouter(Router):
         scope["route"] = found.route
         scope.update(found.updates)
         await found.route.handle(scope, receive, send)
+
+
+def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> set[str]:
+    """The methods of every route whose path matches the request's (through mounts); GET
+    brings HEAD, as Starlette's routes take it."""
+    allowed: set[str] = set()
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            allowed |= allowed_methods(route.routes, {**scope, **child})
+        elif isinstance(route, Route) and route.methods:
+            allowed |= set(route.methods)
+    return allowed
 
 
 class Guard:

@@ -242,3 +242,25 @@ async def test_undecodable_pixel_data_bulk_value_is_406_unless_asked_as_stored(
     r = await app_client.get(uri, headers={"Accept": stored})
     assert r.status_code == 200
     assert len(split_multipart(r.content, r.headers["content-type"])) == int(ds.NumberOfFrames)
+
+
+@pytest.mark.db
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("DELETE", "/studies", "GET, HEAD, POST"),
+        ("PUT", "/studies/1.2.3", "GET, HEAD, POST"),
+        ("OPTIONS", "/studies", "GET, HEAD, POST"),
+        ("POST", "/studies/1.2/series/3.4/metadata", "GET, HEAD"),
+        ("DELETE", "/instances", "GET, HEAD"),
+    ],
+)
+async def test_405_allow_lists_every_method_of_the_path(
+    app_client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    """RFC 9110 15.5.6: a 405's Allow lists the target's methods; POST and GET /studies are
+    two routes, and Starlette listed the first one's only (POST)."""
+    r = await app_client.request(method, f"{ROOT}{path}")
+    assert r.status_code == 405
+    assert r.headers["allow"] == allow
+    assert allow in r.json()["message"]
