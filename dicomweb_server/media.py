@@ -264,7 +264,8 @@ def accept_then(query: str | None, header: str | None) -> str | None:
     steps 2 and 3)."""
     if not query:
         return header
-    return query if header is None else f"{query}{ACCEPT_FALLBACK}{header}"
+    # no Accept header is taken as */* (the statement's choice), after the parameter's types
+    return f"{query}{ACCEPT_FALLBACK}{'*/*' if header is None else header}"
 
 
 # What the `charset` query parameter may name: every response here is UTF-8 (PS3.18 8.8).
@@ -276,16 +277,19 @@ def check_charset(value: str | None) -> None:
     optional q-value; "if this parameter has a value that is not a valid or supported
     character set, the origin server shall return a 400". Every answer here is UTF-8, so the
     list must allow it."""
-    if value is None:
-        return
+    if value is None or not value.strip():
+        return  # an empty parameter asks for nothing
     allowed = []
     for item in value.split(","):
-        name, _, params = item.partition(";")
-        q = params.strip().lower().removeprefix("q=") if params.strip() else "1"
-        try:
-            weight = float(q)
-        except ValueError:
-            raise BadRequestError(f"malformed charset {item.strip()!r}") from None
+        name, *params = item.split(";")
+        weight = 1.0
+        for param in params:
+            key, _, q = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(q)
+                except ValueError:
+                    raise BadRequestError(f"malformed charset {item.strip()!r}") from None
         if name.strip() and weight > 0:
             allowed.append(name.strip().lower())
     if not allowed or not any(name in _UTF8_NAMES for name in allowed):
@@ -359,6 +363,8 @@ def _names_no_type(rng: MediaRange, part: str, default: str) -> bool:
 def _options(stored_ts: str, targets: Collection[str]) -> str:
     others = [t for t in targets if t != stored_ts]
     converted = f"; converted: {', '.join(others)}" if others else "; no conversion available"
+    if stored_ts in NOT_FOR_WEB:  # "as stored" is Explicit VR Little Endian (PS3.18 8.7.3)
+        return f"stored {stored_ts}, sent as {EXPLICIT_VR_LITTLE_ENDIAN}{converted}"
     return f"as stored ({stored_ts}, transfer-syntax=*){converted}"
 
 

@@ -13,6 +13,7 @@ from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index import MetadataRow, StoredInstance
 from dicomweb_server.ingest import Services
+from dicomweb_server.media import NOT_FOR_WEB
 from dicomweb_server.transcode import PixelInfo, available_targets
 
 __all__ = ["metadata_json", "not_found", "pixel_info", "targets_of"]
@@ -162,5 +163,8 @@ def _add_available_ts(doc: str, stored_ts: str, info: PixelInfo | None) -> str:
 def _available_ts_element(stored_ts: str, info: PixelInfo | None) -> str:
     """`, "00083002": {...}}` for instances of this transfer syntax and pixel layout: a series
     shares one, so its metadata asks the codec registry once, not once per instance."""
-    uids = [stored_ts, *(t for t in available_targets(stored_ts, info) if t != stored_ts)]
+    # Implicit VR and Big Endian are never sent (PS3.18 8.7.3): such an instance's first
+    # syntax is what it is sent as, Explicit VR Little Endian.
+    first = [] if stored_ts in NOT_FOR_WEB else [stored_ts]
+    uids = [*first, *(t for t in available_targets(stored_ts, info) if t != stored_ts)]
     return f', "00083002": {json.dumps({"vr": "UI", "Value": uids})}}}'

@@ -49,8 +49,11 @@ from dicomweb_server.transcode import (
 )
 
 __all__ = [
+    "AS_FRAMES",
+    "DECODED",
     "MAX_FRAMES_PER_REQUEST",
     "SMALL_RUN_BYTES",
+    "STORED_FRAMES",
     "Part",
     "PartLength",
     "Sized",
@@ -469,29 +472,54 @@ async def _aclose(chunks: AsyncIterable[bytes]) -> None:
 
 
 _UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
+# What the Pixel Data of an encapsulated instance may be sent as, by pixel_data_plan.
+DECODED = "decoded"  # its uncompressed value (decoded_pixel_data)
+STORED_FRAMES = f"{_UNCOMPRESSED}; transfer-syntax=*"  # its frames as stored, one part each
+AS_FRAMES = "frames"  # its frames as the frames resource negotiates the request's Accept
 
 
-def pixel_data_plan(inst: StoredInstance, accept: str | None) -> bool:
-    """Whether the Pixel Data bulk value of an encapsulated instance goes uncompressed (True:
-    decoded, the octet-stream value PS3.18 8.7.3.3.1 describes) or as its frames (False: the
-    client asked for them as stored, `transfer-syntax=*`, or in an image type)."""
+def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
+    """What the Pixel Data bulk value of an encapsulated instance can be sent as, in the
+    order the client prefers (each tried in turn: a decoder may still fail on the first
+    frame), or a 406. Octet-stream without a transfer syntax, or naming Explicit VR Little
+    Endian, is its uncompressed value (PS3.18 8.7.3.3); `transfer-syntax=*` its frames as
+    stored; an image type its frames in that type. A range naming no type (`*/*`) takes the
+    uncompressed value when it can be made, else the frames as stored (field notes 3)."""
+    info = pixel_info(inst)
+    can_decode = (
+        decodable(inst.transfer_syntax_uid) and info is not None and info.bits_allocated % 8 == 0
+    )
+    plans: list[str] = []
+    why = ""
     for rng in parse_accept(accept):
+        if rng.essence not in ("*/*", "multipart/*", MULTIPART_RELATED):
+            continue
         part = rng.params.get("type", APPLICATION_OCTET_STREAM).lower()
-        if rng.essence in ("*/*", "multipart/*", MULTIPART_RELATED) and part in (
-            "*/*", "application/*", APPLICATION_OCTET_STREAM,
-        ):  # fmt: skip
-            ts = rng.params.get("transfer-syntax")
-            if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN) and decodable(inst.transfer_syntax_uid):
-                return True
-            if ts is None and rng.essence != "*/*" and part == APPLICATION_OCTET_STREAM:
-                raise TranscodeError(
-                    f"the Pixel Data cannot be decoded: {missing_codec(inst.transfer_syntax_uid)};"
-                    " ask for transfer-syntax=* for the stored frames"
+        ts = rng.params.get("transfer-syntax")
+        if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
+            open_type = rng.essence == "*/*" or part != APPLICATION_OCTET_STREAM
+            if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN) and can_decode:
+                plans.append(DECODED)
+            elif ts in (STORED, inst.transfer_syntax_uid) or (ts is None and open_type):
+                plans.append(STORED_FRAMES)
+            elif ts in (None, EXPLICIT_VR_LITTLE_ENDIAN):
+                why = (
+                    missing_codec(inst.transfer_syntax_uid)
+                    if not decodable(inst.transfer_syntax_uid)
+                    else "1-bit Pixel Data has no byte-aligned uncompressed form"
                 )
-            return False
-        if rng.essence == MULTIPART_RELATED:
-            return False  # an image type: the frames, converted as the frames resource does
-    return False
+            if open_type and ts is None:
+                plans.append(STORED_FRAMES)
+        elif rng.essence == MULTIPART_RELATED:
+            plans.append(AS_FRAMES)  # an image type: the frames resource's negotiation
+    plans = list(dict.fromkeys(plans))
+    if not plans:
+        raise TranscodeError(
+            'acceptable: multipart/related; type="application/octet-stream" (the Pixel Data '
+            "uncompressed), with transfer-syntax=* (its frames as stored), or an image type"
+            + (f"; the Pixel Data cannot be decoded: {why}" if why else "")
+        )
+    return plans
 
 
 async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:

@@ -43,15 +43,19 @@ def test_accept_parameter_ranks_before_the_header() -> None:
     the header's."""
     joined = accept_then("image/png;q=0.1", "application/dicom+json")
     assert [r.essence for r in parse_accept(joined)] == ["image/png", "application/dicom+json"]
-    assert accept_then(None, "a/b") == "a/b" and accept_then("a/b", None) == "a/b"
+    assert accept_then(None, "a/b") == "a/b"
+    # no header is */* (the statement's choice), tried after the parameter's types
+    assert [r.essence for r in parse_accept(accept_then("a/b", None))] == ["a/b", "*/*"]
 
 
-@pytest.mark.parametrize("good", ["utf-8", "UTF-8", "iso-8859-1;q=0.5, utf-8", "*", "ISO_IR 192"])
+@pytest.mark.parametrize(
+    "good", ["utf-8", "UTF-8", "iso-8859-1;q=0.5, utf-8", "*", "ISO_IR 192", "", "utf-8;x=y"]
+)
 def test_charset_parameter_allows_utf8(good: str) -> None:
     check_charset(good)
 
 
-@pytest.mark.parametrize("bad", ["latin1", "FOO", "utf-8;q=0", "", "utf-8;q=x"])
+@pytest.mark.parametrize("bad", ["latin1", "FOO", "utf-8;q=0", ",", "utf-8;q=x"])
 def test_charset_parameter_without_utf8_is_400(bad: str) -> None:
     """PS3.18 8.3.3.2: a charset that is not valid or supported is a 400; every answer here
     is UTF-8."""
@@ -80,6 +84,8 @@ async def test_negotiation_falls_back_from_the_parameter_to_the_header(
     assert r.status_code == 200
     r = await app_client.get(url, headers={"Accept": "text"})
     assert r.status_code == 406  # nothing valid left to accept
+    r = await app_client.get(url, params={"accept": "image/png"})  # no header: */*
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+json"
     # QIDO and STOW read the parameter too
     r = await app_client.get(
         f"{ROOT}/studies", params={"PatientID": ds.PatientID, "accept": XML_PARTS}
@@ -159,6 +165,9 @@ async def test_implicit_and_big_endian_are_not_sent_even_as_stored(
         assert sent.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
         assert (sent.pixel_array == original.pixel_array).all()
         assert sent.SOPInstanceUID == original.SOPInstanceUID
+        meta = (await app_client.get(f"{url}/metadata")).json()[0]
+        assert meta["00083002"]["Value"][0] == "1.2.840.10008.1.2.1"  # what it is sent as
+        assert stored_ts not in meta["00083002"]["Value"]
         r = await app_client.get(url, headers={"Accept": f"{DICOM}; transfer-syntax={stored_ts}"})
         assert r.status_code == 406, name
 
@@ -234,14 +243,15 @@ async def test_undecodable_pixel_data_bulk_value_is_406_unless_asked_as_stored(
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     await _store(app_client, path.read_bytes())
     uri = f"http://testserver{inst_url(ds)}/bulk/7FE00010"
-    r = await app_client.get(
-        uri, headers={"Accept": 'multipart/related; type="application/octet-stream"'}
-    )
+    r = await app_client.get(uri, headers={"Accept": OCTETS})
     assert r.status_code == 406 and "transfer-syntax=*" in r.text
-    stored = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
-    r = await app_client.get(uri, headers={"Accept": stored})
-    assert r.status_code == 200
-    assert len(split_multipart(r.content, r.headers["content-type"])) == int(ds.NumberOfFrames)
+    stored = f"{OCTETS}; transfer-syntax=*"
+    # each range is tried in turn; */* takes the frames as stored when they cannot be decoded
+    for accept in (stored, f"{OCTETS}, {stored}", "*/*", None):
+        r = await app_client.get(uri, headers={"Accept": accept} if accept else {})
+        assert r.status_code == 200, accept
+        parts = split_multipart(r.content, r.headers["content-type"])
+        assert len(parts) == int(ds.NumberOfFrames), accept
 
 
 @pytest.mark.db
@@ -264,3 +274,24 @@ async def test_405_allow_lists_every_method_of_the_path(
     assert r.status_code == 405
     assert r.headers["allow"] == allow
     assert allow in r.json()["message"]
+
+
+@pytest.mark.db
+async def test_head_of_decoded_pixel_data_decodes_nothing(
+    app: object, app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """HEAD gives the headers GET would, Content-Length included, without decoding a frame."""
+    from starlette.applications import Starlette
+
+    assert isinstance(app, Starlette)
+    path = samples / "generated" / "coverage" / "ect_15frames_jpegls_lossless.dcm"
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    await _store(app_client, path.read_bytes())
+    uri = f"{inst_url(ds)}/bulk/7FE00010"
+    frames = app.state.services.frames
+    cached = len(frames)
+    head = await app_client.head(uri)
+    assert head.status_code == 200 and len(frames) == cached
+    get = await app_client.get(uri)
+    assert int(head.headers["content-length"]) == len(get.content)
+    assert head.headers["content-type"].split(";")[0] == "multipart/related"

@@ -304,9 +304,17 @@ async def ranged_response(request: Request, value: Sized, part_type: str) -> Res
     headers = dict(value.headers)
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{value.length}"
-    response = await multipart_response(
-        _one_part(headers, value.read(start, stop)), part_type, [(headers, stop - start)]
-    )
+    if request.method == "HEAD":  # the headers a GET would have, nothing read or decoded
+        boundary = new_boundary()
+        length = encoded_length([(headers, stop - start)], boundary)
+        response: Response = Response(
+            media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
+            headers={"Content-Length": str(length)},
+        )
+    else:
+        response = await multipart_response(
+            _one_part(headers, value.read(start, stop)), part_type, [(headers, stop - start)]
+        )
     response.headers["Accept-Ranges"] = "bytes"
     if span is not None:
         response.status_code = 206

@@ -5,6 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
@@ -13,7 +15,8 @@ from dicomweb_server.media import (
 )
 from dicomweb_server.metadata import metadata_json
 from dicomweb_server.retrieve import (
-    Sized,
+    DECODED,
+    STORED_FRAMES,
     bulk_value,
     decoded_pixel_data,
     frame_parts,
@@ -32,6 +35,7 @@ from dicomweb_server.routes.common import (
     services,
     uid_param,
 )
+from dicomweb_server.transcode import TranscodeError
 
 __all__ = [
     "retrieve_bulkdata",
@@ -110,29 +114,44 @@ async def retrieve_instance_frames(request: Request) -> Response:
     return await multipart_response(parts, part_type)
 
 
+async def _pixel_data(
+    request: Request, svc: Services, inst: StoredInstance, accept: str | None, location: str
+) -> Response:
+    """The plans of retrieve.pixel_data_plan, tried in turn: a decoder that fails on the first
+    frame (before anything is sent) passes to the next plan, if the client accepts one."""
+    failure: TranscodeError | None = None
+    for plan in pixel_data_plan(inst, accept):
+        try:
+            if plan == DECODED:
+                value = await decoded_pixel_data(svc, inst)
+                value.headers["Content-Location"] = location
+                return await ranged_response(request, value, APPLICATION_OCTET_STREAM)
+            frames = list(range(1, inst.number_of_frames + 1))
+            asked = STORED_FRAMES if plan == STORED_FRAMES else accept
+            part_type, parts = await frame_parts(svc, inst, frames, asked)
+            return await multipart_response(parts, part_type)
+        except TranscodeError as exc:
+            failure = exc
+    assert failure is not None
+    raise failure
+
+
 async def retrieve_bulkdata(request: Request) -> Response:
     study, series, sop = _uids(request)
     assert series is not None and sop is not None
     path = request.path_params["path"]
     svc, accept = services(request), accept_of(request)
-    value: Sized | None = None
+    # "Bulkdata in a multipart response shall have a Content-Location header field that
+    # corresponds to the URI contained in the corresponding Element in the Metadata"
+    # (PS3.18 10.4.3.3.5): the BulkDataURI the metadata gives, absolute as it is there.
+    location = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}/bulk/{path}"
     if path.upper() == _PIXEL_DATA:
         # Encapsulated Pixel Data by its BulkDataURI: uncompressed, as octet-stream bulk data
         # is (PS3.18 8.7.3.3.1); its frames as stored or in an image type when asked so.
         (inst,) = await locate(svc, study, series, sop)
         if inst.encapsulated and inst.number_of_frames > 0:
-            if not pixel_data_plan(inst, accept):
-                frames = list(range(1, inst.number_of_frames + 1))
-                part_type, parts = await frame_parts(svc, inst, frames, accept)
-                return await multipart_response(parts, part_type)
-            value = await decoded_pixel_data(svc, inst)
-    if value is None:
-        negotiate_bulkdata(accept)
-        value = await bulk_value(svc, study, series, sop, path)
-    # "Bulkdata in a multipart response shall have a Content-Location header field that
-    # corresponds to the URI contained in the corresponding Element in the Metadata"
-    # (PS3.18 10.4.3.3.5): the BulkDataURI the metadata gives, absolute as it is there.
-    value.headers["Content-Location"] = (
-        f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}/bulk/{path}"
-    )
+            return await _pixel_data(request, svc, inst, accept, location)
+    negotiate_bulkdata(accept)
+    value = await bulk_value(svc, study, series, sop, path)
+    value.headers["Content-Location"] = location
     return await ranged_response(request, value, APPLICATION_OCTET_STREAM)
