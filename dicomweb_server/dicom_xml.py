@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
 from typing import Any
 from xml.parsers import expat
 
@@ -105,10 +104,11 @@ def _dataset(doc: JsonDict, out: list[str]) -> None:
             continue
         entry = doc[tag]
         vr = str(entry.get("vr", "UN"))
-        creator = _private_creator(tag, doc) if _is_tag(tag) else None
+        valid = _is_tag(tag)
+        creator = _private_creator(tag, doc) if valid else None
         if creator is None:
             head = f'<DicomAttribute tag="{_attr(tag.upper())}" vr="{_attr(vr)}"'
-            keyword = _keyword(tag) if _is_tag(tag) else ""
+            keyword = _keyword(tag) if valid else ""
             if keyword:
                 head += f' keyword="{keyword}"'
         else:  # (gggg,xxee) of the block `creator` reserved is written gggg00ee
@@ -183,11 +183,6 @@ def _person_name(number: int, value: Any) -> str:
     if not groups:
         return f'<PersonName number="{number}"/>\n'
     return f'<PersonName number="{number}">' + "".join(groups) + "</PersonName>\n"
-
-
-def documents_xml(docs: Iterable[JsonDict]) -> list[bytes]:
-    """Each data set as its own document: the parts of a multipart/related response."""
-    return [dataset_xml(doc) for doc in docs]
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ __all__ = [
     "negotiate_dicom_model",
     "negotiate_frames",
     "negotiate_instances",
-    "negotiate_json",
     "none_match",
     "parse_accept",
     "parse_content_type",
@@ -465,11 +464,6 @@ def negotiate_bulkdata(accept: str | None) -> None:
         ) in (None, STORED, EXPLICIT_VR_LITTLE_ENDIAN):
             return
     raise NotAcceptableError('acceptable: multipart/related; type="application/octet-stream"')
-
-
-def negotiate_json(accept: str | None) -> str:
-    """application/dicom+json (default) or application/json (PS3.18 8.7.5)."""
-    return negotiate_dicom_model(accept, multipart=False, single=False)
 
 
 def negotiate_dicom_model(accept: str | None, *, multipart: bool, single: bool) -> str:

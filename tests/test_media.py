@@ -16,7 +16,6 @@ from dicomweb_server.media import (
     negotiate_dicom_model,
     negotiate_frames,
     negotiate_instances,
-    negotiate_json,
     none_match,
     parse_accept,
     stow_boundary,
@@ -164,6 +163,9 @@ def test_frame_media_types() -> None:
 
 
 def test_negotiate_json() -> None:
+    def negotiate_json(accept: str | None) -> str:
+        return negotiate_dicom_model(accept, multipart=False, single=False)
+
     assert negotiate_json(None) == "application/dicom+json"
     assert negotiate_json("application/json") == "application/json"
     assert negotiate_json("application/xml, application/json;q=0.3") == "application/json"
