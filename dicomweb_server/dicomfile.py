@@ -387,7 +387,9 @@ def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:
     patterns = itertools.cycle((r"[0-9A-Fa-f]{8}", r"\d{1,9}"))
     if len(parts) % 2 == 0 or not all(map(re.fullmatch, patterns, parts)):
         return None
-    ds = pydicom.dcmread(path)
+    # Values above the threshold stay unread until the one asked for is reached: a nested
+    # value of a large multi-frame file reads that value, not the file's Pixel Data too.
+    ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD_BYTES)
     node: Dataset = ds
     for tag, item in zip(parts[:-1:2], parts[1::2], strict=True):
         element = node.get(int(tag, 16))

@@ -118,6 +118,20 @@ WHERE st.study_instance_uid = $1
 ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
 """
 
+# The BulkDataURIs of an instance's metadata, at any depth (strict mode: lax `**` unwraps
+# arrays and would give nested values twice), and its bulk byte ranges.
+_BULK_LISTING = (
+    ", ARRAY(SELECT jsonb_path_query(i.metadata, 'strict $.**.BulkDataURI') #>> '{}'),"
+    " i.bulk_ranges::text"
+)
+
+
+def _tag_path_order(path: str) -> tuple[int, ...]:
+    """`54000100/1/54001010` -> (0x54000100, 1, 0x54001010): tags and item numbers compared
+    as numbers, so values come in the order of the data set."""
+    return tuple(int(p, 16) if i % 2 == 0 else int(p) for i, p in enumerate(path.split("/")))
+
+
 _SERIES_VERSIONS = """
 SELECT se.series_instance_uid, se.num_instances
 FROM series se
@@ -377,6 +391,19 @@ class Index:
             return None
         value = rows[0][-1]
         return list(json.loads(value)) if value else []
+
+    async def bulk_listing(
+        self, study: str, series: str | None = None, sop: str | None = None
+    ) -> list[tuple[StoredInstance, list[str], dict[str, list[Any]]]]:
+        """Per instance, in retrieve order: the instance, the tag paths of every BulkDataURI its
+        metadata holds (nested ones too, in DICOM order), and its recorded bulk byte ranges."""
+        rows = await self._fetch(_LOCATE.format(extra=_BULK_LISTING), study, series, sop)
+        out = []
+        for row in rows:
+            paths = [uri.rpartition("/bulk/")[2] for uri in row[-2]]
+            paths.sort(key=_tag_path_order)
+            out.append((StoredInstance(*row[:-2]), paths, json.loads(row[-1])))
+        return out
 
     async def search(self, sql_text: str, args: Sequence[Any]) -> list[asyncpg.Record]:
         return await self._fetch(sql_text, *args)

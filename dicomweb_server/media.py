@@ -31,6 +31,7 @@ __all__ = [
     "APPLICATION_DICOM_XML",
     "APPLICATION_JSON",
     "APPLICATION_OCTET_STREAM",
+    "BULKDATA_ACCEPTABLE",
     "EXPLICIT_VR_LITTLE_ENDIAN",
     "IMPLICIT_VR_LITTLE_ENDIAN",
     "MULTIPART_RELATED",
@@ -38,6 +39,7 @@ __all__ = [
     "STORED",
     "MediaRange",
     "accept_then",
+    "accepts_bulkdata",
     "accepts_gzip",
     "byte_range",
     "check_charset",
@@ -51,6 +53,7 @@ __all__ = [
     "parse_accept",
     "parse_content_type",
     "stow_boundary",
+    "wants_bulkdata",
 ]
 
 APPLICATION_DICOM = "application/dicom"
@@ -455,15 +458,41 @@ def _type_matches(requested: str, media: str) -> bool:
     return requested == media or (requested.endswith("/*") and media.startswith(requested[:-1]))
 
 
-def negotiate_bulkdata(accept: str | None) -> None:
-    """Bulk data is sent as multipart/related; type="application/octet-stream" (PS3.18 8.7.3.4)."""
+BULKDATA_ACCEPTABLE = 'acceptable: multipart/related; type="application/octet-stream"'
+
+
+def accepts_bulkdata(accept: str | None) -> bool:
+    """Whether bulk data, sent as multipart/related; type="application/octet-stream" (PS3.18
+    8.7.3.4), is acceptable."""
     for rng in parse_accept(accept):
         part = _related_type(rng, APPLICATION_OCTET_STREAM)
         if part in ("*/*", APPLICATION_OCTET_STREAM, "application/*") and rng.params.get(
             "transfer-syntax"
         ) in (None, STORED, EXPLICIT_VR_LITTLE_ENDIAN):
-            return
-    raise NotAcceptableError('acceptable: multipart/related; type="application/octet-stream"')
+            return True
+    return False
+
+
+def negotiate_bulkdata(accept: str | None) -> None:
+    """406 unless bulk data is acceptable (accepts_bulkdata)."""
+    if not accepts_bulkdata(accept):
+        raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+
+
+def wants_bulkdata(accept: str | None) -> bool:
+    """Whether a Study, Series or Instance resource is asked for as bulk data rather than as
+    DICOM instances: the first range (in q-value order) that names either is multipart/related
+    with an octet-stream, image or video part (PS3.18 10.4.1.1.1, B.10 "Retrieve Instance as
+    Bulk Data"). `*/*`, `multipart/*` and `type=application/*` mean instances."""
+    for rng in parse_accept(accept):
+        part = _related_type(rng, APPLICATION_DICOM)
+        if part is None:
+            continue
+        if part in (APPLICATION_DICOM, "*/*", "application/*"):
+            return False
+        if part == APPLICATION_OCTET_STREAM or part.startswith(("image/", "video/")):
+            return True
+    return False
 
 
 def negotiate_dicom_model(accept: str | None, *, multipart: bool, single: bool) -> str:

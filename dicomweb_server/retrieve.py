@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -59,6 +60,7 @@ __all__ = [
     "Sized",
     "bulk_value",
     "decoded_pixel_data",
+    "frame_media",
     "frame_parts",
     "frame_value",
     "instance_parts",
@@ -66,6 +68,7 @@ __all__ = [
     "parse_frame_list",
     "pixel_data_plan",
     "slice_stream",
+    "stored_bulk_value",
 ]
 
 Part = tuple[dict[str, str], AsyncIterable[bytes]]
@@ -251,6 +254,12 @@ def _frame_plan(inst: StoredInstance, accept: str | None) -> tuple[str, str, str
         return APPLICATION_OCTET_STREAM, ctype, target
     media = frame_media_type(target)
     return media, f"{media}; transfer-syntax={target}", target
+
+
+def frame_media(inst: StoredInstance, accept: str | None) -> str:
+    """The media type frames of the instance are sent in for this Accept; 404/406 raised."""
+    _check_frames(inst, [1])
+    return _frame_plan(inst, accept)[0]
 
 
 async def frame_parts(
@@ -559,13 +568,22 @@ async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str
     entry = await svc.index.bulk_range(study, series, sop, path.upper())
     if entry is None:
         raise NotFoundError("no such instance in the archive")
-    headers = {"Content-Type": APPLICATION_OCTET_STREAM}
     (inst,) = await locate(svc, study, series, sop)
+    return await stored_bulk_value(svc, inst, path.upper(), entry)
+
+
+async def stored_bulk_value(
+    svc: Services, inst: StoredInstance, path: str, entry: list[Any] | None
+) -> Sized:
+    """The value at tag path `path` (upper case) of an instance: by the byte range recorded at
+    ingest (`entry`: offset, length, VR, encapsulated), else by parsing the file (values in
+    sequences, big endian and deflated files); 404 when the path names no bulk data value."""
+    headers = {"Content-Type": APPLICATION_OCTET_STREAM}
     if entry:
         offset, length, _vr, encapsulated = entry
         return await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
     file = svc.blobs.local_path(inst.blob_key)
-    value = await anyio.to_thread.run_sync(read_bulk_value, file, path.upper(), limiter=svc.limiter)
+    value = await anyio.to_thread.run_sync(read_bulk_value, file, path, limiter=svc.limiter)
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
     return _sized_bytes(headers, value[0])

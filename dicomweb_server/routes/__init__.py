@@ -13,9 +13,11 @@ from dicomweb_server.routes.roles import ROUTE_ROLES
 from dicomweb_server.routes.stow import store_instances
 from dicomweb_server.routes.wado import (
     retrieve_bulkdata,
+    retrieve_bulkdata_resource,
     retrieve_instance,
     retrieve_instance_frames,
     retrieve_instance_metadata,
+    retrieve_pixeldata,
     retrieve_series,
     retrieve_series_metadata,
     retrieve_study,
@@ -66,6 +68,19 @@ ROUTES: list[BaseRoute] = [
                   name="retrieve_instance_frames"),
             Route(_IN + "/bulk/{path:path}", retrieve_bulkdata, methods=["GET"],
                   name="retrieve_bulkdata"),
+            # Bulkdata and Pixel Data resources (PS3.18 10.4.1.1.5, 10.4.1.1.6).
+            Route(_ST + "/bulkdata", retrieve_bulkdata_resource, methods=["GET"],
+                  name="retrieve_study_bulkdata"),
+            Route(_SE + "/bulkdata", retrieve_bulkdata_resource, methods=["GET"],
+                  name="retrieve_series_bulkdata"),
+            Route(_IN + "/bulkdata", retrieve_bulkdata_resource, methods=["GET"],
+                  name="retrieve_instance_bulkdata"),
+            Route(_ST + "/pixeldata", retrieve_pixeldata, methods=["GET"],
+                  name="retrieve_study_pixeldata"),
+            Route(_SE + "/pixeldata", retrieve_pixeldata, methods=["GET"],
+                  name="retrieve_series_pixeldata"),
+            Route(_IN + "/pixeldata", retrieve_pixeldata, methods=["GET"],
+                  name="retrieve_instance_pixeldata"),
             # Rendered and thumbnail resources (PS3.18 10.4.1.1.3, 10.4.1.1.4); a study or
             # series is represented by one image (rendering.representative).
             Route(_ST + "/rendered", retrieve_rendered, methods=["GET"],

@@ -23,6 +23,8 @@ ROUTE_ROLES: dict[str, str | None] = {
             "retrieve_study", "retrieve_study_metadata", "retrieve_series",
             "retrieve_series_metadata", "retrieve_instance", "retrieve_instance_metadata",
             "retrieve_instance_frames", "retrieve_bulkdata",
+            "retrieve_study_bulkdata", "retrieve_series_bulkdata", "retrieve_instance_bulkdata",
+            "retrieve_study_pixeldata", "retrieve_series_pixeldata", "retrieve_instance_pixeldata",
             "retrieve_rendered_study", "retrieve_rendered_series", "retrieve_rendered_instance",
             "retrieve_rendered_frames", "retrieve_study_thumbnail", "retrieve_series_thumbnail",
             "retrieve_instance_thumbnail", "retrieve_frame_thumbnail",

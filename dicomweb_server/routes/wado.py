@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dicomweb_server.bulkdata import bulk_payload, located_frames
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
@@ -12,11 +15,13 @@ from dicomweb_server.media import (
     APPLICATION_OCTET_STREAM,
     negotiate_bulkdata,
     negotiate_dicom_model,
+    wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
 from dicomweb_server.retrieve import (
     DECODED,
     STORED_FRAMES,
+    Part,
     bulk_value,
     decoded_pixel_data,
     frame_parts,
@@ -34,14 +39,17 @@ from dicomweb_server.routes.common import (
     ranged_response,
     services,
     uid_param,
+    warning_header,
 )
 from dicomweb_server.transcode import TranscodeError
 
 __all__ = [
     "retrieve_bulkdata",
+    "retrieve_bulkdata_resource",
     "retrieve_instance",
     "retrieve_instance_frames",
     "retrieve_instance_metadata",
+    "retrieve_pixeldata",
     "retrieve_series",
     "retrieve_series_metadata",
     "retrieve_study",
@@ -61,10 +69,49 @@ def _uids(request: Request) -> tuple[str, str | None, str | None]:
 
 
 async def _retrieve(request: Request) -> Response:
+    accept = accept_of(request)
+    if wants_bulkdata(accept):
+        # A Study, Series or Instance resource asked for as bulk data (PS3.18 B.10).
+        return await _bulk(request, pixel_only=False)
     svc = services(request)
     found = await locate(svc, *_uids(request))
-    parts, lengths = await instance_parts(svc, found, accept_of(request))
+    parts, lengths = await instance_parts(svc, found, accept)
     return await multipart_response(parts, APPLICATION_DICOM, lengths)
+
+
+async def _bulk(request: Request, *, pixel_only: bool) -> Response:
+    """Every bulk data value (or Pixel Data) of the resource, one part each; 204 when it has
+    none, a Warning naming what could not be sent as the client accepts."""
+    payload = await bulk_payload(
+        services(request), base_url(request), accept_of(request), *_uids(request),
+        pixel_only=pixel_only,
+    )  # fmt: skip
+    warning = warning_header(payload.skipped)
+    if payload.parts is None:
+        return Response(status_code=204, headers=warning)
+    # The first part is made before the response starts (a failure is an error status), and
+    # names the multipart type: octet-stream, or the image type the frames are sent in.
+    first = await anext(payload.parts)
+    part_type = first[0]["Content-Type"].partition(";")[0].strip()
+    response = await multipart_response(_chain(first, payload.parts), part_type)
+    response.headers.update(warning)
+    return response
+
+
+async def _chain(first: Part, rest: AsyncIterator[Part]) -> AsyncIterator[Part]:
+    yield first
+    async for part in rest:
+        yield part
+
+
+async def retrieve_bulkdata_resource(request: Request) -> Response:
+    """Study, Series and Instance Bulkdata resources (PS3.18 10.4.1.1.5)."""
+    return await _bulk(request, pixel_only=False)
+
+
+async def retrieve_pixeldata(request: Request) -> Response:
+    """Study, Series and Instance Pixel Data resources (PS3.18 10.4.1.1.6)."""
+    return await _bulk(request, pixel_only=True)
 
 
 async def _metadata(request: Request) -> Response:
@@ -99,8 +146,12 @@ async def retrieve_instance_metadata(request: Request) -> Response:
 
 
 async def retrieve_instance_frames(request: Request) -> Response:
+    return await _frames(request, request.path_params["frames"])
+
+
+async def _frames(request: Request, frame_list: str) -> Response:
     svc = services(request)
-    frames = parse_frame_list(request.path_params["frames"])
+    frames = parse_frame_list(frame_list)
     (inst,) = await locate(svc, *_uids(request))
     if len(frames) == 1:
         # One frame is one value, so a Range header can apply to it (field notes 6), and the
@@ -129,7 +180,7 @@ async def _pixel_data(
             frames = list(range(1, inst.number_of_frames + 1))
             asked = STORED_FRAMES if plan == STORED_FRAMES else accept
             part_type, parts = await frame_parts(svc, inst, frames, asked)
-            return await multipart_response(parts, part_type)
+            return await multipart_response(located_frames(parts, location, frames), part_type)
         except TranscodeError as exc:
             failure = exc
     assert failure is not None
@@ -141,6 +192,11 @@ async def retrieve_bulkdata(request: Request) -> Response:
     assert series is not None and sop is not None
     path = request.path_params["path"]
     svc, accept = services(request), accept_of(request)
+    pixel_path, _, frame_list = path.partition("/frames/")
+    if frame_list and pixel_path.upper() == _PIXEL_DATA:
+        # `{BulkDataURI}/frames/{n}`, where the frames of Pixel Data sent as bulk data are
+        # located (bulkdata.located_frames): the instance's frames resource.
+        return await _frames(request, frame_list)
     # "Bulkdata in a multipart response shall have a Content-Location header field that
     # corresponds to the URI contained in the corresponding Element in the Metadata"
     # (PS3.18 10.4.3.3.5): the BulkDataURI the metadata gives, absolute as it is there.

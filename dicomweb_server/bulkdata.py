@@ -1,0 +1,169 @@
+"""Bulkdata and Pixel Data resources of a study, series or instance (PS3.18 10.4.1.1.5 and
+10.4.1.1.6; payloads 10.4.3.3.5 and 10.4.3.3.6), and a Study, Series or Instance resource asked
+for as bulk data (B.10): every value the metadata gives a BulkDataURI, one part each, in
+retrieve order, each part's Content-Location the BulkDataURI of the metadata.
+
+The Pixel Data of an encapsulated instance goes as its single BulkDataURI does
+(retrieve.pixel_data_plan): uncompressed for octet-stream, its frames for `transfer-syntax=*`
+or an image type, one part each, located at `{BulkDataURI}/frames/{n}` (the frame's URL
+under its bulk data, as PS3.18 has long named compressed frames in bulk data payloads).
+Native Pixel Data is its value, or its frames in an image type when only that is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_prefix
+from dicomweb_server.errors import NotAcceptableError
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services
+from dicomweb_server.media import BULKDATA_ACCEPTABLE, accepts_bulkdata
+from dicomweb_server.metadata import not_found
+from dicomweb_server.retrieve import (
+    AS_FRAMES,
+    DECODED,
+    STORED_FRAMES,
+    Part,
+    decoded_pixel_data,
+    frame_media,
+    frame_parts,
+    pixel_data_plan,
+    stored_bulk_value,
+)
+from dicomweb_server.transcode import TranscodeError
+
+__all__ = ["PIXEL_DATA_PATHS", "BulkPayload", "bulk_payload", "located_frames"]
+
+# Top-level Pixel Data, Float Pixel Data and Double Float Pixel Data (PS3.18 10.4.3.3.6: not
+# the Pixel Data of an Icon Image Sequence, nor a private element).
+PIXEL_DATA_PATHS = frozenset(f"{tag:08X}" for tag in PIXEL_DATA_TAGS)
+_PIXEL_DATA = "7FE00010"  # the one with frames that can be converted
+
+
+@dataclass(frozen=True)
+class _Value:
+    inst: StoredInstance
+    path: str  # tag path, upper case: "7FE00010", "54000100/0/54001010"
+    entry: list[Any] | None  # recorded byte range, when there is one
+    plans: list[str] | None  # encapsulated Pixel Data: what it may be sent as, in order
+
+
+@dataclass(frozen=True)
+class BulkPayload:
+    """What a bulk data request answers with: its parts (None when the resource holds no bulk
+    data at all), and why some values are left out (a Warning), when they are."""
+
+    parts: AsyncIterator[Part] | None
+    skipped: list[str]
+
+
+async def bulk_payload(
+    svc: Services,
+    base_url: str,
+    accept: str | None,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    *,
+    pixel_only: bool = False,
+) -> BulkPayload:
+    """The bulk data (`pixel_only`: the Pixel Data) of the instances of a study, series or
+    instance. Negotiated before anything is sent: a value that cannot be sent as any type the
+    client accepts is left out ("all bulk data ... that can be converted to one of the requested
+    media types"), and 406 when that leaves nothing of a resource that has bulk data."""
+    listing = await svc.index.bulk_listing(study, series, sop)
+    if not listing:
+        raise not_found(series, sop)
+    plain_ok = accepts_bulkdata(accept)
+    values: list[_Value] = []
+    reasons: dict[str, None] = {}  # why values are left out, each reason once, in order
+    skipped = 0
+    for inst, paths, ranges in listing:
+        for path in paths:
+            if pixel_only and path not in PIXEL_DATA_PATHS:
+                continue
+            plans = None
+            try:
+                if path == _PIXEL_DATA and inst.encapsulated and inst.number_of_frames > 0:
+                    plans = pixel_data_plan(inst, accept)
+                elif path == _PIXEL_DATA and inst.number_of_frames > 0 and not plain_ok:
+                    frame_media(inst, accept)  # 406 unless the frames go in a type accepted
+                    plans = [AS_FRAMES]
+                elif not plain_ok:
+                    raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+            except NotAcceptableError as exc:  # TranscodeError included
+                reasons[exc.message] = None
+                skipped += 1
+                continue
+            values.append(_Value(inst, path, ranges.get(path), plans))
+    if not values and reasons:
+        raise NotAcceptableError("; ".join(reasons))
+    if not values:
+        return BulkPayload(None, [])
+    why = [f"{skipped} bulk data value(s) not sent: {'; '.join(reasons)}"] if skipped else []
+    return BulkPayload(_parts(svc, base_url, values, accept), why)
+
+
+async def _parts(
+    svc: Services, base_url: str, values: list[_Value], accept: str | None
+) -> AsyncIterator[Part]:
+    for v in values:
+        inst = v.inst
+        location = base_url + bulk_prefix(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
+        location += v.path
+        if v.plans is None:
+            value = await stored_bulk_value(svc, inst, v.path, v.entry)
+            yield {**value.headers, "Content-Location": location}, value.read(0, value.length)
+            continue
+        async for part in _pixel_data_parts(svc, inst, v.plans, accept, location):
+            yield part
+
+
+async def _pixel_data_parts(
+    svc: Services, inst: StoredInstance, plans: list[str], accept: str | None, location: str
+) -> AsyncIterator[Part]:
+    """Encapsulated Pixel Data by the first of its plans whose first frame can be made: a
+    decoder failing there passes to the next plan, before this value's first part is sent."""
+    failure: TranscodeError | None = None
+    for plan in plans:
+        try:
+            if plan == DECODED:
+                value = await decoded_pixel_data(svc, inst)
+                chunks = value.read(0, value.length)
+                first = await anext(chunks, b"")  # the first frame decoded, or the failure
+                headers = {**value.headers, "Content-Location": location}
+                yield headers, _prefixed(first, chunks)
+                return
+            frames = list(range(1, inst.number_of_frames + 1))
+            asked = STORED_FRAMES if plan == STORED_FRAMES else accept
+            _, parts = await frame_parts(svc, inst, frames, asked)
+        except TranscodeError as exc:
+            failure = exc
+            continue
+        async for part in located_frames(parts, location, frames):
+            yield part
+        return
+    assert failure is not None
+    raise failure
+
+
+async def located_frames(
+    parts: AsyncIterator[Part], location: str, frames: list[int]
+) -> AsyncIterator[Part]:
+    """Frame parts of Pixel Data at `location`, each located at `{location}/frames/{n}`."""
+    for n in frames:
+        part = await anext(parts, None)
+        if part is None:
+            return
+        headers, body = part
+        yield {**headers, "Content-Location": f"{location}/frames/{n}"}, body
+
+
+async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk

@@ -1,0 +1,249 @@
+"""Bulkdata and Pixel Data resources of a study, series or instance (PS3.18 10.4.1.1.5-6,
+payloads 10.4.3.3.5-6), and Study/Series/Instance resources asked for as bulk data (B.10)."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from dicomweb_server.dicomfile import read_bulk_value
+from dicomweb_server.media import wants_bulkdata
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+OCTETS = 'multipart/related; type="application/octet-stream"'
+STORED = f"{OCTETS}; transfer-syntax=*"
+
+
+async def _store(client: httpx.AsyncClient, *raws: bytes) -> None:
+    r = await client.post(f"{ROOT}/studies", content=multipart_body(raws), headers=stow_headers())
+    assert r.status_code == 200, r.text
+
+
+def _with_bulk_values(**kw: Any) -> Dataset:
+    """An instance with bulk data before, inside a sequence and at Pixel Data: an overlay,
+    an icon (its own Pixel Data, nested) and the image."""
+    ds = make_instance(rows=32, cols=32, **kw)  # 2 KiB of Pixel Data: above the threshold
+    ds.add_new(0x60003000, "OW", bytes(range(256)) * 8)  # Overlay Data, 2 KiB
+    ds.add_new(0x60000010, "US", 32)
+    ds.add_new(0x60000011, "US", 32)
+    icon = Dataset()
+    icon.Rows = icon.Columns = 32
+    icon.SamplesPerPixel, icon.BitsAllocated, icon.BitsStored, icon.HighBit = 1, 8, 8, 7
+    icon.PhotometricInterpretation, icon.PixelRepresentation = "MONOCHROME2", 0
+    icon.add_new(0x7FE00010, "OB", bytes(range(256)) * 4)
+    ds.IconImageSequence = Sequence([icon])
+    return ds
+
+
+def _uris(doc: object) -> list[str]:
+    """Every BulkDataURI of a DICOM JSON document, in document order (nested ones in place)."""
+    if isinstance(doc, dict):
+        if "BulkDataURI" in doc:
+            return [doc["BulkDataURI"]]
+        return [u for key in sorted(doc) for u in _uris(doc[key])]
+    if isinstance(doc, list):
+        return [u for item in doc for u in _uris(item)]
+    return []
+
+
+async def _parts(
+    client: httpx.AsyncClient, url: str, accept: str | None = OCTETS
+) -> list[tuple[dict[str, str], bytes]]:
+    r = await client.get(url, headers={"Accept": accept} if accept else {})
+    assert r.status_code == 200, r.text
+    return split_multipart(r.content, r.headers["content-type"])
+
+
+@pytest.mark.db
+async def test_instance_bulkdata_has_every_bulk_value_located_as_the_metadata_says(
+    app_client: httpx.AsyncClient,
+) -> None:
+    ds = _with_bulk_values()
+    await _store(app_client, to_bytes(ds))
+    meta = (await app_client.get(f"{inst_url(ds)}/metadata")).json()[0]
+    uris = _uris(meta)
+    assert len(uris) == 3  # the icon's Pixel Data, the overlay, the Pixel Data (tag order)
+    parts = await _parts(app_client, f"{inst_url(ds)}/bulkdata")
+    assert [h["content-location"] for h, _ in parts] == uris
+    assert [body for _, body in parts] == [
+        ds.IconImageSequence[0].PixelData,
+        ds[0x60003000].value,
+        ds.PixelData,
+    ]
+    assert {h["content-type"] for h, _ in parts} == {"application/octet-stream"}
+    # B.10: the instance resource asked for as octet-stream is its bulk data
+    same = await _parts(app_client, inst_url(ds))
+    assert [(h["content-location"], b) for h, b in same] == [
+        (h["content-location"], b) for h, b in parts
+    ]
+
+
+@pytest.mark.db
+async def test_pixeldata_resources_hold_only_top_level_pixel_data(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """10.4.3.3.6: Pixel Data of the top level data set; not an Icon Image Sequence's."""
+    first = _with_bulk_values()
+    second = _with_bulk_values(
+        study=first.StudyInstanceUID, series=first.SeriesInstanceUID, InstanceNumber=2
+    )
+    other = make_instance(study=first.StudyInstanceUID)  # another series
+    await _store(app_client, to_bytes(first), to_bytes(second), to_bytes(other))
+    study = f"{ROOT}/studies/{first.StudyInstanceUID}"
+    series = f"{study}/series/{first.SeriesInstanceUID}"
+    for url, want in (
+        (f"{inst_url(first)}/pixeldata", [first]),
+        (f"{series}/pixeldata", [first, second]),
+        (f"{study}/pixeldata", [first, second, other]),
+    ):
+        parts = await _parts(app_client, url)
+        # in retrieve order (series by Series Number, then as stored): compared as sets
+        assert sorted((h["content-location"], body) for h, body in parts) == sorted(
+            (f"http://testserver{inst_url(d)}/bulk/7FE00010", d.PixelData) for d in want
+        ), url
+    parts = await _parts(app_client, f"{series}/bulkdata")
+    assert len(parts) == 6
+    parts = await _parts(app_client, study)  # the study resource asked for as bulk data
+    assert len(parts) == 7
+
+
+@pytest.mark.db
+async def test_compressed_pixel_data_as_bulk_data(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Encapsulated Pixel Data is sent as its BulkDataURI sends it: uncompressed for
+    octet-stream, its frames as stored for transfer-syntax=*, each located at
+    {BulkDataURI}/frames/{n}, which answers that frame."""
+    path = samples / "generated" / "coverage" / "nm_10frames_rle.dcm"
+    ds = pydicom.dcmread(path)
+    await _store(app_client, path.read_bytes())
+    url = f"{inst_url(ds)}/pixeldata"
+    pixels = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder("<")).tobytes()
+    ((headers, body),) = await _parts(app_client, url)
+    assert headers["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.1")
+    assert body == pixels
+    uri = f"http://testserver{inst_url(ds)}/bulk/7FE00010"
+    assert headers["content-location"] == uri
+    frames = await _parts(app_client, url, STORED)
+    assert [h["content-location"] for h, _ in frames] == [f"{uri}/frames/{n}" for n in range(1, 11)]
+    assert frames[0][0]["content-type"] == "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"
+    ((_, third),) = await _parts(app_client, frames[2][0]["content-location"], STORED)
+    assert third == frames[2][1]
+    r = await app_client.get(f"{uri}/frames/1,2", headers={"Accept": STORED})
+    assert len(split_multipart(r.content, r.headers["content-type"])) == 2
+    # the frames of the bulk data URI itself are located the same way
+    single = await _parts(app_client, uri, STORED)
+    assert [h["content-location"] for h, _ in single] == [h["content-location"] for h, _ in frames]
+
+
+@pytest.mark.db
+async def test_values_that_cannot_be_sent_as_accepted_are_left_out_with_a_warning(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """All bulk data "that can be converted to one of the requested media types": asked for
+    in image/jls only, the overlay is left out (a Warning says so) and the Pixel Data comes
+    as JPEG-LS frames, native and RLE alike; nothing that can be sent is a 406."""
+    path = samples / "generated" / "coverage" / "nm_10frames_rle.dcm"
+    rle = pydicom.dcmread(path)
+    native = _with_bulk_values(study=rle.StudyInstanceUID)
+    del native.IconImageSequence
+    await _store(app_client, path.read_bytes(), to_bytes(native))
+    jls = 'multipart/related; type="image/jls"'
+    r = await app_client.get(f"{ROOT}/studies/{rle.StudyInstanceUID}/bulkdata",
+                             headers={"Accept": jls})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith('multipart/related; type="image/jls"')
+    assert "1 bulk data value(s) not sent" in r.headers["warning"]
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert len(parts) == int(rle.NumberOfFrames) + 1
+    assert {h["content-type"] for h, _ in parts} == {
+        "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+    }
+    decoded = {h["content-location"].split("/instances/")[1].split("/")[0]: b for h, b in parts}
+    got = _jls_instance(native, decoded[native.SOPInstanceUID]).pixel_array
+    assert got.astype("<u2").tobytes() == native.PixelData
+    # only the overlay of an instance: nothing acceptable is a 406
+    r = await app_client.get(f"{inst_url(native)}/bulkdata", headers={"Accept": "image/png"})
+    assert r.status_code == 406
+
+
+def _jls_instance(like: Dataset, frame: bytes) -> Dataset:
+    """A one-frame JPEG-LS instance holding `frame`, to decode it as pydicom would."""
+    ds = make_instance(rows=like.Rows, cols=like.Columns)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
+    ds.PixelData = pydicom.encaps.encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+@pytest.mark.db
+async def test_bulkdata_of_a_resource_without_any_is_204_and_unknown_is_404(
+    app_client: httpx.AsyncClient,
+) -> None:
+    ds = make_instance()
+    del ds.PixelData  # nothing else above the bulk data threshold
+    await _store(app_client, to_bytes(ds))
+    r = await app_client.get(f"{inst_url(ds)}/bulkdata", headers={"Accept": OCTETS})
+    assert r.status_code == 204 and r.content == b""
+    r = await app_client.get(f"{inst_url(ds)}/pixeldata", headers={"Accept": OCTETS})
+    assert r.status_code == 204
+    r = await app_client.get(f"{ROOT}/studies/1.2.3/bulkdata", headers={"Accept": OCTETS})
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("accept", "bulk"),
+    [
+        (OCTETS, True),
+        (STORED, True),
+        ('multipart/related; type="image/jpeg"', True),
+        ('multipart/related; type="application/dicom"', False),
+        (f'multipart/related; type="application/dicom", {OCTETS}', False),
+        (f'{OCTETS}; q=0.5, multipart/related; type="application/dicom"', False),
+        ("*/*", False),
+        ("multipart/*", False),
+        (None, False),
+        (f"application/dicom+json, {OCTETS}", True),
+        ("application/octet-stream", False),  # not multipart: not bulk data of an instance
+    ],
+)
+def test_which_instance_requests_are_for_bulk_data(accept: str | None, bulk: bool) -> None:
+    assert wants_bulkdata(accept) is bulk
+
+
+def test_a_nested_bulk_value_is_read_without_the_pixel_data(tmp_path: Path) -> None:
+    """A value inside a sequence is read by parsing the file (no byte range is recorded for
+    it); the parse leaves the other large values unread: the icon of a 20 MB multi-frame
+    instance costs kilobytes, not the file (/bulkdata reads every nested value this way)."""
+    ds = make_instance(rows=512, cols=512, frames=40)
+    icon = Dataset()
+    icon.add_new(0x7FE00010, "OB", b"\x01" * 4096)
+    ds.IconImageSequence = Sequence([icon])
+    path = tmp_path / "big.dcm"
+    path.write_bytes(to_bytes(ds))
+    tracemalloc.start()
+    try:
+        value = read_bulk_value(path, "00880200/0/7FE00010")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert value == (b"\x01" * 4096, "OB")
+    assert peak < 1_000_000, peak
