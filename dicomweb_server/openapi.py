@@ -1,10 +1,13 @@
-"""An OpenAPI 3.0 description of the server, built from the URL table and the QIDO attribute
-table, so that it cannot drift from them (served at `GET /openapi.json`; fuzzed by
-tests/test_schemathesis.py). Pure: routes come in as (name, method, path, role) rows."""
+"""Descriptions of the server built from the URL table and the QIDO attribute table, so that
+they cannot drift from them: an OpenAPI 3.0 document (served at `GET /openapi.json`; fuzzed by
+tests/test_schemathesis.py) and the WADL Capabilities Description of PS3.18 Annex H (the
+Retrieve Capabilities transaction, `OPTIONS` on the DICOMweb root, 8.9). Pure: routes come in
+as (name, method, path, role) rows."""
 
 from __future__ import annotations
 
 import re
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +15,7 @@ from dicomweb_server.attributes import MATCHING_PATHS, Level
 from dicomweb_server.config import VERSION
 from dicomweb_server.query import QIDO_MAX_OFFSET
 
-__all__ = ["openapi_document"]
+__all__ = ["WADL_MEDIA_TYPE", "openapi_document", "wadl_document"]
 
 _UID_SCHEMA = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)*$", "maxLength": 64}
 _PATH_PARAMS: dict[str, dict[str, Any]] = {
@@ -114,3 +117,85 @@ def openapi_document(routes: Iterable[tuple[str, str, str, str | None]]) -> dict
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
     }
+
+
+WADL_MEDIA_TYPE = "application/vnd.sun.wadl+xml"
+_WADL_NS = "http://wadl.dev.java.net/2009/02"
+_XML_PARTS = 'multipart/related; type="application/dicom+xml"'
+_OCTETS = 'multipart/related; type="application/octet-stream"'
+_IMAGES = [
+    f'multipart/related; type="image/{t}"' for t in ("jpeg", "jls", "jp2", "jphc", "dicom-rle")
+]
+_INSTANCES = 'multipart/related; type="application/dicom"'
+_MODEL = ["application/dicom+json", "application/json", _XML_PARTS]
+_RENDERED = ["image/jpeg", "image/png", "image/gif"]
+
+
+def _representations(name: str) -> tuple[list[str], list[str]]:
+    """(request media types, response media types) of a route, defaults first (the statement
+    gives the details: transfer syntaxes, parameters)."""
+    if name.startswith("store_"):
+        types = [_INSTANCES, 'multipart/related; type="application/dicom+json"', _XML_PARTS]
+        return types, ["application/dicom+json", "application/dicom+xml"]
+    if name.startswith("search_for") or name.endswith("_metadata"):
+        return [], _MODEL
+    if "rendered" in name or "thumbnail" in name:
+        return [], _RENDERED
+    if name in ("retrieve_study", "retrieve_series", "retrieve_instance"):
+        return [], [_INSTANCES, f"{_INSTANCES}; transfer-syntax=*", _OCTETS, *_IMAGES]
+    if name == "retrieve_instance_frames" or name.endswith(("_bulkdata", "_pixeldata")):
+        return [], [_OCTETS, f"{_OCTETS}; transfer-syntax=*", *_IMAGES]
+    return [], [_OCTETS]
+
+
+def _method_id(name: str) -> str:
+    """`retrieve_study_metadata` -> `RetrieveStudyMetadata` (the transaction names of PS3.18
+    Table H-1 where they differ only in spelling)."""
+    return "".join(word.capitalize() for word in name.split("_"))
+
+
+def wadl_document(routes: Iterable[tuple[str, str, str, str | None]], root: str, base: str) -> str:
+    """The Capabilities Description (PS3.18 Annex H): one `application` with one `resources`
+    whose base is the service's base URL, and a `resource` per path segment under the DICOMweb
+    root `root`, each with its methods and child resources."""
+    ET.register_namespace("", _WADL_NS)
+    application = ET.Element(f"{{{_WADL_NS}}}application")
+    application.set("xmlns:xsd", "http://www.w3.org/2001/XMLSchema")  # the params' types
+    resources = ET.SubElement(application, f"{{{_WADL_NS}}}resources", base=base.rstrip("/") + "/")
+    nodes: dict[str, ET.Element] = {"": resources}
+    for name, method, path, _role in routes:
+        if not path.startswith(root + "/") or method == "OPTIONS":
+            continue
+        parent = ""
+        for segment in re.sub(r"{(\w+):\w+}", r"{\1}", path[len(root) + 1 :]).split("/"):
+            key = f"{parent}/{segment}"
+            if key not in nodes:
+                node = ET.SubElement(nodes[parent], f"{{{_WADL_NS}}}resource", path=segment)
+                if segment.startswith("{"):
+                    ET.SubElement(node, f"{{{_WADL_NS}}}param", name=segment.strip("{}"),
+                                  style="template", type="xsd:string", required="true")  # fmt: skip
+                nodes[key] = node
+            parent = key
+        _wadl_method(nodes[parent], name, method)
+    ET.indent(application)
+    return ET.tostring(application, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _wadl_method(resource: ET.Element, name: str, method: str) -> None:
+    requests, responses = _representations(name)
+    node = ET.SubElement(resource, f"{{{_WADL_NS}}}method", name=method, id=_method_id(name))
+    request = ET.SubElement(node, f"{{{_WADL_NS}}}request")
+    if responses:
+        accept = ET.SubElement(request, f"{{{_WADL_NS}}}param", name="Accept", style="header",
+                               type="xsd:string", default=responses[0])  # fmt: skip
+        for media in responses:
+            ET.SubElement(accept, f"{{{_WADL_NS}}}option", value=media)
+    for query in _query_params(name):
+        if query["name"] != "accept":
+            ET.SubElement(request, f"{{{_WADL_NS}}}param", name=query["name"], style="query",
+                          type="xsd:string")  # fmt: skip
+    for media in requests:
+        ET.SubElement(request, f"{{{_WADL_NS}}}representation", mediaType=media)
+    response = ET.SubElement(node, f"{{{_WADL_NS}}}response", status="200")
+    for media in responses:
+        ET.SubElement(response, f"{{{_WADL_NS}}}representation", mediaType=media)

@@ -6,7 +6,13 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.routes.admin import create_key, list_keys, revoke_key
-from dicomweb_server.routes.info import health, landing_page, openapi_json, service_root
+from dicomweb_server.routes.info import (
+    capabilities,
+    health,
+    landing_page,
+    openapi_json,
+    service_root,
+)
 from dicomweb_server.routes.qido import search_for_instances, search_for_series, search_for_studies
 from dicomweb_server.routes.rendered import retrieve_rendered, retrieve_thumbnail
 from dicomweb_server.routes.roles import ROUTE_ROLES
@@ -38,6 +44,10 @@ ROUTES: list[BaseRoute] = [
     Route("/admin/apikeys", create_key, methods=["POST"], name="apikey_create"),
     Route("/admin/apikeys/{key_id}", revoke_key, methods=["DELETE"], name="apikey_revoke"),
     Route(DICOMWEB_ROOT, service_root, methods=["GET"], name="service_root"),
+    # Retrieve Capabilities (PS3.18 8.9): OPTIONS on the service's base URI, with or without
+    # its trailing slash.
+    Route(DICOMWEB_ROOT, capabilities, methods=["OPTIONS"], name="retrieve_capabilities"),
+    Route(DICOMWEB_ROOT + "/", capabilities, methods=["OPTIONS"], name="retrieve_capabilities"),
     Mount(
         DICOMWEB_ROOT,
         routes=[

@@ -10,11 +10,13 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.config import VERSION as __version__
-from dicomweb_server.openapi import openapi_document
-from dicomweb_server.routes.common import base_url, services
+from dicomweb_server.errors import NotAcceptableError
+from dicomweb_server.media import parse_accept
+from dicomweb_server.openapi import WADL_MEDIA_TYPE, openapi_document, wadl_document
+from dicomweb_server.routes.common import accept_of, base_url, services
 from dicomweb_server.routes.roles import ROUTE_ROLES
 
-__all__ = ["health", "landing_page", "openapi_json", "service_root"]
+__all__ = ["capabilities", "health", "landing_page", "openapi_json", "service_root"]
 
 
 def _transactions(request: Request) -> list[dict[str, str]]:
@@ -45,6 +47,20 @@ def route_rows(routes: list[BaseRoute]) -> list[tuple[str, str, str, str | None]
 async def openapi_json(request: Request) -> Response:
     """GET /openapi.json: an OpenAPI 3.0 description built from the URL table (open)."""
     return JSONResponse(openapi_document(route_rows(request.app.routes)))
+
+
+async def capabilities(request: Request) -> Response:
+    """OPTIONS on the DICOMweb root: the Retrieve Capabilities transaction (PS3.18 8.9), a
+    WADL Capabilities Description of every resource and method (Annex H), open as the OpenAPI
+    description is. `application/vnd.sun.wadl+xml`, also for `application/xml`, `text/xml`
+    and wildcards; anything else is a 406."""
+    for rng in parse_accept(accept_of(request)):
+        if any(rng.matches(t) for t in (WADL_MEDIA_TYPE, "application/xml", "text/xml")):
+            rows = route_rows(request.app.routes)
+            body = wadl_document(rows, DICOMWEB_ROOT, base_url(request))
+            allow = "GET, HEAD, OPTIONS"
+            return Response(body, media_type=WADL_MEDIA_TYPE, headers={"Allow": allow})
+    raise NotAcceptableError(f"acceptable: {WADL_MEDIA_TYPE}, application/xml")
 
 
 async def health(request: Request) -> Response:

@@ -9,6 +9,7 @@ __all__ = ["ROUTE_ROLES"]
 ROUTE_ROLES: dict[str, str | None] = {
     "health": None,
     "openapi": None,
+    "retrieve_capabilities": None,
     "apikey_list": "admin",
     "apikey_create": "admin",
     "apikey_revoke": "admin",
