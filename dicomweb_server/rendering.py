@@ -11,9 +11,13 @@ from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.render import render_animation, render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
+from dicomweb_server.report import render_report
 from dicomweb_server.transcode import TranscodeError, decodable, missing_codec
 
-__all__ = ["rendered_image", "representative"]
+__all__ = ["REPORT_CLASS_PREFIX", "rendered_image", "rendered_report", "representative"]
+
+# Structured Report Storage SOP classes (PS3.4 Table B.5-1: 1.2.840.10008.5.1.4.1.1.88.x).
+REPORT_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 def representative(instances: list[StoredInstance]) -> StoredInstance:
@@ -63,6 +67,18 @@ async def rendered_image(
             if not thumbnail:
                 raise
             data = await _icon(inst, params, media)
+    svc.images.put(key, data)
+    return data
+
+
+async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> bytes:
+    """A Structured Report rendered as text (report.render_report), cached as images are."""
+    key = (inst.blob_key, 0, None, media, False, False)
+    cached = svc.images.get(key)
+    if cached is not None:
+        return cached
+    path = svc.blobs.local_path(inst.blob_key)
+    data = await anyio.to_thread.run_sync(render_report, path, media, limiter=svc.limiter)
     svc.images.put(key, data)
     return data
 

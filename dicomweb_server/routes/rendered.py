@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import json
+
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from dicomweb_server.errors import BadRequestError
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services
+from dicomweb_server.media import parse_accept
 from dicomweb_server.rendered import negotiate_rendered, parse_render_params
-from dicomweb_server.rendering import rendered_image, representative
-from dicomweb_server.retrieve import locate, parse_frame_list
+from dicomweb_server.rendering import (
+    REPORT_CLASS_PREFIX,
+    rendered_image,
+    rendered_report,
+    representative,
+)
+from dicomweb_server.report import REPORT_MEDIA_TYPES
+from dicomweb_server.retrieve import bulk_value, locate, parse_frame_list
 from dicomweb_server.routes.common import accept_of, services, uid_param
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]
 
 
 async def _image(request: Request, thumbnail: bool) -> Response:
-    media = negotiate_rendered(accept_of(request))
+    accept = accept_of(request)
     params = parse_render_params(request.query_params)
     p = request.path_params
+    svc = services(request)
     found = await locate(
-        services(request),
+        svc,
         uid_param(request, "study"),
         uid_param(request, "series") if "series" in p else None,
         uid_param(request, "instance") if "instance" in p else None,
@@ -31,9 +43,48 @@ async def _image(request: Request, thumbnail: bool) -> Response:
             raise BadRequestError("a rendered frame resource names exactly one frame")
         frame = frames[0]
     inst = found[0] if "instance" in p else representative(found)
+    if not thumbnail and "instance" in p and "frames" not in p and inst.number_of_frames == 0:
+        document = await _document(svc, inst, accept)
+        if document is not None:
+            return document
+    media = negotiate_rendered(accept)
     animate = "instance" in p and "frames" not in p
-    data = await rendered_image(services(request), inst, frame, params, media, thumbnail, animate)
-    return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=3600"})
+    data = await rendered_image(svc, inst, frame, params, media, thumbnail, animate)
+    return Response(data, media_type=media, headers=_PRIVATE)
+
+
+# Encapsulated documents rendered as the document they hold (PS3.18 Table 8.7.4-1).
+_DOCUMENT_TYPES = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "application/pdf",  # Encapsulated PDF Storage
+    "1.2.840.10008.5.1.4.1.1.104.2": "text/xml",  # Encapsulated CDA Storage
+}
+_ENCAPSULATED_DOCUMENT = "00420011"
+_PRIVATE = {"Cache-Control": "private, max-age=3600"}
+
+
+async def _document(svc: Services, inst: StoredInstance, accept: str | None) -> Response | None:
+    """A rendered instance that is a document, not an image: a Structured Report as text
+    (text/html by default, or text/plain), an encapsulated PDF or CDA as the document it holds
+    (its Encapsulated Document, cut to Encapsulated Document Length when given: the value is
+    padded to even length). None when the client accepts none of these (the image rules then
+    answer, with their 406)."""
+    ranges = parse_accept(accept)
+    if inst.sop_class_uid.startswith(REPORT_CLASS_PREFIX):
+        media = next((m for r in ranges for m in REPORT_MEDIA_TYPES if r.matches(m)), None)
+        if media is None:
+            return None
+        data = await rendered_report(svc, inst, media)
+        return Response(data, media_type=f"{media}; charset=utf-8", headers=_PRIVATE)
+    media = _DOCUMENT_TYPES.get(inst.sop_class_uid)
+    if media is None or not any(r.matches(media) for r in ranges):
+        return None
+    uids = (inst.study_uid, inst.series_uid, inst.sop_instance_uid)
+    value = await bulk_value(svc, *uids, _ENCAPSULATED_DOCUMENT)
+    ((_, text),) = await svc.index.metadata_texts(*uids)
+    stated = json.loads(text).get("00420015", {}).get("Value", [None])[0]
+    length = stated if isinstance(stated, int) and 0 <= stated <= value.length else value.length
+    headers = {**_PRIVATE, "Content-Length": str(length)}
+    return StreamingResponse(value.read(0, length), media_type=media, headers=headers)
 
 
 async def retrieve_rendered(request: Request) -> Response:
