@@ -529,9 +529,9 @@ _BYTE_RANGE = re.compile(r"\s*bytes\s*=\s*(?:(\d{1,18})-(\d{1,18})?|-(\d{1,18}))
 
 
 def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
-    """The bytes [start, stop) of a value of `length` bytes that a Range header asks for.
+    """The bytes [start, stop) of a body of `length` bytes that a Range header asks for.
 
-    None means "send the whole value" (RFC 9110 14.2: a server may ignore Range): no header, a
+    None means "send the whole body" (RFC 9110 14.2: a server may ignore Range): no header, a
     unit other than bytes, a malformed or backwards range, or several ranges (only one is
     served, as a multipart/byteranges body inside a multipart/related one would help nobody).
     A range that starts past the end is refused with 416 and `Content-Range: bytes */length`.
@@ -557,7 +557,7 @@ def byte_range(header: str | None, length: int) -> tuple[int, int] | None:
 
 def _unsatisfiable(header: str, length: int) -> RangeNotSatisfiableError:
     return RangeNotSatisfiableError(
-        f"{header.strip()[:60]!r} asks for no byte of a {length}-byte value",
+        f"{header.strip()[:60]!r} asks for no byte of a {length}-byte body",
         headers={"Content-Range": f"bytes */{length}"},
     )
 

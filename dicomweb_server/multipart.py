@@ -8,6 +8,7 @@ begin with the delimiter); the rest, epilogue included, is python-multipart's jo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -34,6 +35,8 @@ __all__ = [
     "encoded_length",
     "iter_parts",
     "new_boundary",
+    "one_part_frame",
+    "stable_boundary",
 ]
 
 # Bytes of the header names and values of one part (the ':', the spaces after it and the line
@@ -310,6 +313,22 @@ def encode_body(parts: Iterable[tuple[dict[str, str], bytes]], boundary: str) ->
     delimiter = f"--{boundary}\r\n".encode("ascii")
     pieces = [delimiter + _header_block(headers) + body + b"\r\n" for headers, body in parts]
     return b"".join(pieces) + f"--{boundary}--\r\n".encode("ascii")
+
+
+def stable_boundary(*keys: str) -> str:
+    """A boundary that is the same for the same keys (32 hex digits of their SHA-256): a body
+    that must be byte-identical from one request to the next, so that byte ranges of it taken
+    in several requests join up (RFC 9110 14)."""
+    digest = hashlib.sha256("\x00".join(keys).encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:32]
+
+
+def one_part_frame(headers: dict[str, str], boundary: str) -> tuple[bytes, bytes]:
+    """(what comes before, what comes after) the body of a one-part multipart/related body, as
+    `encode_parts` writes it."""
+    return f"--{boundary}\r\n".encode("ascii") + _header_block(headers), (
+        f"\r\n--{boundary}--\r\n".encode("ascii")
+    )
 
 
 def encoded_length(parts: Iterable[tuple[dict[str, str], int]], boundary: str) -> int:

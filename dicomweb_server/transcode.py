@@ -17,7 +17,7 @@ import functools
 import math
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -221,11 +221,32 @@ def _jpeg_lossless_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
     colour: dict[str, Any] = {}
     if info.samples_per_pixel == 3:
         colour = {"colorspace": "RGB", "outcolorspace": "RGB"}
-    return bytes(
+    codestream = bytes(
         imagecodecs.jpeg8_encode(
             data, lossless=True, predictor=1, bitspersample=info.bits_stored, **colour
         )
     )
+    return _unlabelled_colour(codestream) if keeps_ybr(info) else codestream
+
+
+def _unlabelled_colour(codestream: bytes) -> bytes:
+    """A JPEG whose samples are YCbCr (frames kept YBR_FULL, keeps_ybr), coded untransformed:
+    the Adobe APP14 segment that names them RGB is dropped and the components numbered 1, 2,
+    3, the JFIF convention for YCbCr, so a decoder that reads markers (pydicom's) converts
+    them as the Photometric Interpretation says, like one that does not (Cornerstone's)."""
+    out = bytearray(codestream)
+    for marker, pos in _segments(codestream, 2):
+        if marker == 0xC3:  # SOF3: Lf, P, Y, X, Nf, then Nf x (Ci, HiVi, Tqi)
+            for k in range(codestream[pos + 9]):
+                out[pos + 10 + 3 * k] = k + 1
+        elif marker == 0xDA:  # SOS: Ls, Ns, then Ns x (Csj, TdjTaj)
+            for k in range(codestream[pos + 4]):
+                out[pos + 5 + 2 * k] = k + 1
+    app14 = [(pos, 2 + int.from_bytes(codestream[pos + 2 : pos + 4], "big"))
+             for marker, pos in _segments(codestream, 2) if marker == 0xEE]  # fmt: skip
+    for pos, length in reversed(app14):
+        del out[pos : pos + length]
+    return bytes(out)
 
 
 def _integer(min_bits: int, max_bits: int, min_side: int = 1) -> Callable[[PixelInfo], bool]:
@@ -378,38 +399,52 @@ def _decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
     return decode("")
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
+def keeps_ybr(info: PixelInfo) -> bool:
+    """Whether frames served on their own (frames, Pixel Data bulk data) are decoded without
+    converting colour: YBR_FULL stays YBR_FULL (PS3.5 8.2.2 note 4 permits leaving it so),
+    which is what the instance's metadata, the only description a client has of a frame,
+    says. Converted to RGB, Cornerstone and pydicom, reading the metadata, converted it a
+    second time. YBR_FULL_422 is sent as RGB (its subsampled layout is not remade; Cornerstone
+    recognises RGB by the frame's length), and YBR_ICT and YBR_RCT come out of the JPEG 2000
+    decoder as RGB, which clients take them as."""
+    return info.samples_per_pixel == 3 and info.photometric.strip() == "YBR_FULL"
+
+
+def _pixels(ds: Dataset, as_rgb: bool = True) -> np.ndarray:
     """`ds.pixel_array`, decoded with the preferred plugin."""
 
     def decode(plugin: str) -> np.ndarray:
-        ds.pixel_array_options(decoding_plugin=plugin)
+        ds.pixel_array_options(decoding_plugin=plugin, as_rgb=as_rgb)
         arr: np.ndarray = ds.pixel_array
         return arr
 
     return _decoded(str(ds.file_meta.TransferSyntaxUID), decode)
 
 
-def frame_array(path: Path, ds: Dataset, n: int) -> np.ndarray:
-    """Frame n (1-based), decoded; reads only that frame when the file allows it."""
+def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndarray:
+    """Frame n (1-based), decoded; reads only that frame when the file allows it. `as_rgb`:
+    YCbCr converted to RGB (pydicom's default), else left as it is (keeps_ybr)."""
     if ds.file_meta.TransferSyntaxUID == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        one: np.ndarray = _all_frames(path)[n - 1]  # no random access into a deflate stream
+        one: np.ndarray = _all_frames(path, as_rgb)[n - 1]  # no random access into deflate
         return one
     try:
         frame: np.ndarray = _decoded(
             str(ds.file_meta.TransferSyntaxUID),
-            lambda plugin: pixel_array(str(path), index=n - 1, decoding_plugin=plugin),
+            lambda plugin: pixel_array(
+                str(path), index=n - 1, decoding_plugin=plugin, as_rgb=as_rgb
+            ),
         )
         return frame
     except (AttributeError, ValueError, KeyError):
         # Files pydicom reads only with repairs (e.g. Pixel Data written implicitly in an
         # explicit VR file): decode through a full read instead.
-        again: np.ndarray = _all_frames(path)[n - 1]
+        again: np.ndarray = _all_frames(path, as_rgb)[n - 1]
         return again
 
 
-def _all_frames(path: Path) -> np.ndarray:
+def _all_frames(path: Path, as_rgb: bool = True) -> np.ndarray:
     full = pydicom.dcmread(path)
-    arr = _pixels(full)
+    arr = _pixels(full, as_rgb)
     return arr if int(full.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
 
 
@@ -420,7 +455,8 @@ def _cannot(path: Path | None, what: str, exc: Exception) -> TranscodeError:
 def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     """Frames (1-based) decoded to native little-endian bytes (Explicit VR Little Endian).
 
-    Colour that a decoder delivers as YCbCr is converted to RGB (pydicom's default).
+    Colour that a decoder delivers as YCbCr is converted to RGB (pydicom's default), except
+    YBR_FULL, which stays so (keeps_ybr).
     """
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     info = PixelInfo.of(ds)
@@ -428,7 +464,7 @@ def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     out = []
     for n in frames:
         try:
-            arr = frame_array(path, ds, n)
+            arr = frame_array(path, ds, n, as_rgb=not keeps_ybr(info))
         except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
             raise _cannot(path, f"decode frame {n}", exc) from None
         out.append(_frame_bytes(arr, info.bits_allocated, planar))
@@ -444,7 +480,7 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
     out = []
     for n in frames:
         try:
-            out.append(codec.encode(frame_array(path, ds, n), info))
+            out.append(codec.encode(frame_array(path, ds, n, not keeps_ybr(info)), info))
         except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
             raise _cannot(
                 path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
@@ -452,10 +488,14 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
     return out
 
 
-def decode_codestream(codestream: bytes, transfer_syntax_uid: str, info: PixelInfo) -> np.ndarray:
+def decode_codestream(
+    codestream: bytes, transfer_syntax_uid: str, info: PixelInfo, as_rgb: bool = True
+) -> np.ndarray:
     """One frame's compressed bytes (read by range at the offsets recorded at ingest) decoded,
-    without opening the file: the pixel description comes from the index."""
+    without opening the file: the pixel description comes from the index. `as_rgb` as for
+    frame_array."""
     opts: dict[str, Any] = {
+        "as_rgb": as_rgb,
         "rows": info.rows,
         "columns": info.columns,
         "samples_per_pixel": info.samples_per_pixel,
@@ -479,8 +519,9 @@ def decode_codestream(codestream: bytes, transfer_syntax_uid: str, info: PixelIn
 
 
 def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, target: str) -> bytes:
-    """A stored compressed frame decoded, then sent uncompressed or re-encoded as `target`."""
-    arr = decode_codestream(codestream, stored_ts, info)
+    """A stored compressed frame decoded, then sent uncompressed or re-encoded as `target`;
+    in the colour space the metadata gives (keeps_ybr), for it is all a client knows."""
+    arr = decode_codestream(codestream, stored_ts, info, as_rgb=not keeps_ybr(info))
     codec = ENCODERS[target]
     if codec.encode is None:  # same layout as decode_frames gives
         planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
@@ -631,7 +672,9 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
             ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
         # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
         return
-    arr = _pixels(ds)
+    arr = _pixels(ds)  # colour converted to RGB, as _decoded_colour then says
+    if info.samples_per_pixel == 3:
+        info = replace(info, photometric="RGB")
     frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
     ds.PixelData = encapsulate([codec.encode(f, info) for f in frames], has_bot=True)
     ds["PixelData"].VR = "OB"

@@ -50,7 +50,10 @@ def _same_json(ours: Any, theirs: Any, where: str) -> None:
 
 
 def _expected_frames(ds: pydicom.Dataset) -> list[bytes]:
-    """pydicom's decoded frames, colour planes separated when Planar Configuration is 1."""
+    """pydicom's decoded frames, colour planes separated when Planar Configuration is 1, and
+    YBR_FULL left so (the server sends frames in the colour space the metadata gives)."""
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    ds.pixel_array_options(as_rgb=not (samples == 3 and ds.PhotometricInterpretation == "YBR_FULL"))
     arr = ds.pixel_array
     nframes = int(ds.get("NumberOfFrames") or 1)
     if nframes == 1:

@@ -1,4 +1,6 @@
-"""HTTP Range on frame and bulk data URLs (field notes 6; PS3.18 2016b 6.5.5.2.1, RFC 9110 14)."""
+"""HTTP Range on frame and bulk data URLs (field notes 6; RFC 9110 14): ranges of the response
+body, which is byte-identical from request to request, so that pieces join (Cornerstone's
+progressive HTJ2K loading appends the raw bodies of its range requests)."""
 
 from __future__ import annotations
 
@@ -76,38 +78,55 @@ def _one_part(r: httpx.Response) -> tuple[dict[str, str], bytes]:
     return headers, body
 
 
+def _head(body: bytes) -> int:
+    """Where the one part's value starts in a one-part multipart body."""
+    return body.index(b"\r\n\r\n") + 4
+
+
 @pytest.mark.db
 async def test_range_of_a_native_frame(app_client: httpx.AsyncClient) -> None:
     ds = make_instance(frames=3, rows=4, cols=4)  # 32 bytes per frame
     await _store(app_client, to_bytes(ds))
     url = f"{inst_url(ds)}/frames/2"
     frame = bytes(ds.PixelData)[32:64]
+    whole = await app_client.get(url)
+    assert whole.status_code == 200 and _one_part(whole)[1] == frame
+    body, head = whole.content, _head(whole.content)
+    assert (await app_client.get(url)).content == body  # the same bytes every time
 
     r = await app_client.get(url, headers={"Range": "bytes=2-9"})
     assert r.status_code == 206, r.text
-    assert int(r.headers["content-length"]) == len(r.content)
-    assert r.headers["content-range"] == "bytes 2-9/32"
+    assert r.content == body[2:10] and r.headers["content-length"] == "8"
+    assert r.headers["content-range"] == f"bytes 2-9/{len(body)}"
     assert r.headers["accept-ranges"] == "bytes"
-    headers, body = _one_part(r)
-    assert body == frame[2:10]
-    assert headers["content-range"] == "bytes 2-9/32"
+    assert r.headers["content-type"] == whole.headers["content-type"]
+    r = await app_client.get(url, headers={"Range": f"bytes={head + 2}-{head + 9}"})
+    assert r.status_code == 206 and r.content == frame[2:10]  # value bytes, by their offset
+
+    # Pieces join into the body: the first 50 bytes, then the rest (Cornerstone's way).
+    first = await app_client.get(url, headers={"Range": "bytes=0-49"})
+    rest = await app_client.get(url, headers={"Range": "bytes=50-"})
+    assert first.content + rest.content == body
+    assert rest.headers["content-range"] == f"bytes 50-{len(body) - 1}/{len(body)}"
 
     r = await app_client.get(url, headers={"Range": "bytes=-5"})
-    assert r.status_code == 206 and _one_part(r)[1] == frame[-5:]
-    assert r.headers["content-range"] == "bytes 27-31/32"
-
+    assert r.status_code == 206 and r.content == body[-5:]
     # The last byte is the edge of what can be asked; one past it is a 416.
-    r = await app_client.get(url, headers={"Range": "bytes=31-"})
-    assert r.status_code == 206 and _one_part(r)[1] == frame[31:]
-    r = await app_client.get(url, headers={"Range": "bytes=32-"})
+    r = await app_client.get(url, headers={"Range": f"bytes={len(body) - 1}-"})
+    assert r.status_code == 206 and r.content == body[-1:]
+    r = await app_client.get(url, headers={"Range": f"bytes={len(body)}-"})
     assert r.status_code == 416
-    assert r.headers["content-range"] == "bytes */32"
-    assert "32-byte value" in r.json()["message"]
+    assert r.headers["content-range"] == f"bytes */{len(body)}"
+    assert f"{len(body)}-byte body" in r.json()["message"]
+    # A HEAD gives the headers of the same request with GET, nothing read.
+    r = await app_client.head(url, headers={"Range": "bytes=0-9"})
+    assert r.status_code == 206 and r.headers["content-range"] == f"bytes 0-9/{len(body)}"
+    assert (await app_client.head(url)).headers["content-length"] == str(len(body))
 
     # Ignored: a malformed range, If-Range (no validator to match), several frames.
     for extra in ({"Range": "bytes=9-2"}, {"Range": "bytes=0-3", "If-Range": '"x"'}):
         r = await app_client.get(url, headers=extra)
-        assert r.status_code == 200 and _one_part(r)[1] == frame, extra
+        assert r.status_code == 200 and r.content == body, extra
     r = await app_client.get(f"{inst_url(ds)}/frames/1,2", headers={"Range": "bytes=0-3"})
     assert r.status_code == 200
     assert "accept-ranges" not in r.headers  # several frames: no one value to cut
@@ -136,16 +155,21 @@ async def test_range_of_an_encapsulated_frame_of_several_fragments(
 
     whole = await app_client.get(url, headers={"Accept": AS_STORED})
     assert whole.status_code == 200
-    _, stored = _one_part(whole)
+    headers, stored = _one_part(whole)
+    assert headers["content-type"] == f"image/jls; transfer-syntax={JPEG_LS_LOSSLESS}"
     assert stored.startswith(streams[1][:20])  # fragments joined, item headers removed
-    for header, expected in (("bytes=5-30", stored[5:31]), ("bytes=-7", stored[-7:])):
+    head, end = _head(whole.content), _head(whole.content) + len(stored)
+    for header, expected in (
+        (f"bytes={head + 5}-{head + 30}", stored[5:31]),
+        (f"bytes={end - 7}-{end - 1}", stored[-7:]),
+    ):
         r = await app_client.get(url, headers={"Accept": AS_STORED, "Range": header})
         assert r.status_code == 206, r.text
-        headers, body = _one_part(r)
-        assert body == expected
-        assert headers["content-type"] == f"image/jls; transfer-syntax={JPEG_LS_LOSSLESS}"
-        assert r.headers["content-range"].endswith(f"/{len(stored)}")
-    r = await app_client.get(url, headers={"Accept": AS_STORED, "Range": f"bytes={len(stored)}-"})
+        assert r.content == expected
+        assert r.headers["content-range"].endswith(f"/{len(whole.content)}")
+    r = await app_client.get(
+        url, headers={"Accept": AS_STORED, "Range": f"bytes={len(whole.content)}-"}
+    )
     assert r.status_code == 416
 
 
@@ -195,10 +219,12 @@ async def test_range_of_a_transcoded_frame(app_client: httpx.AsyncClient, sample
     assert whole.status_code == 200
     _, decoded = _one_part(whole)
     assert len(decoded) == ds.Rows * ds.Columns * ds.BitsAllocated // 8
-    r = await app_client.get(url, headers={"Range": "bytes=100-1123"})
+    head = _head(whole.content)
+    r = await app_client.get(url, headers={"Range": f"bytes={head + 100}-{head + 1123}"})
     assert r.status_code == 206
-    assert _one_part(r)[1] == decoded[100:1124]
-    assert r.headers["content-range"] == f"bytes 100-1123/{len(decoded)}"
+    assert r.content == decoded[100:1124]
+    total = len(whole.content)
+    assert r.headers["content-range"] == f"bytes {head + 100}-{head + 1123}/{total}"
 
 
 @pytest.mark.db
@@ -209,17 +235,18 @@ async def test_range_of_bulk_data(app_client: httpx.AsyncClient) -> None:
     uri = r.json()[0]["7FE00010"]["BulkDataURI"]
     pixels = bytes(ds.PixelData)
 
-    r = await app_client.get(uri)
-    assert r.status_code == 200 and r.headers["accept-ranges"] == "bytes"
-    assert _one_part(r)[1] == pixels
-    r = await app_client.get(uri, headers={"Range": "bytes=4096-"})
+    whole = await app_client.get(uri)
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    assert _one_part(whole)[1] == pixels
+    body, head = whole.content, _head(whole.content)
+    r = await app_client.get(uri, headers={"Range": f"bytes={head + 4096}-"})
     assert r.status_code == 206
-    assert _one_part(r)[1] == pixels[4096:]
-    assert r.headers["content-range"] == f"bytes 4096-{len(pixels) - 1}/{len(pixels)}"
+    assert r.content == body[head + 4096 :] and r.content.startswith(pixels[4096:])
+    assert r.headers["content-range"] == f"bytes {head + 4096}-{len(body) - 1}/{len(body)}"
     # A browser viewer reads Content-Range across origins, on the 416 too (field notes 2).
     origin = {"Origin": "http://viewer.example"}
-    r = await app_client.get(uri, headers={"Range": f"bytes={len(pixels)}-", **origin})
-    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(pixels)}"
+    r = await app_client.get(uri, headers={"Range": f"bytes={len(body)}-", **origin})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(body)}"
     assert "Content-Range" in r.headers["access-control-expose-headers"]
 
 
@@ -278,8 +305,33 @@ async def test_suffix_range_of_many_fragments_reads_from_the_last(
     url = f"{inst_url(ds)}/frames/1"
     whole = await app_client.get(url, headers={"Accept": AS_STORED})
     assert _one_part(whole)[1] == stream
-    r = await app_client.get(url, headers={"Accept": AS_STORED, "Range": "bytes=-3"})
-    assert r.status_code == 206 and _one_part(r)[1] == stream[-3:]
+    end = _head(whole.content) + len(stream)
+    r = await app_client.get(
+        url, headers={"Accept": AS_STORED, "Range": f"bytes={end - 3}-{end - 1}"}
+    )
+    assert r.status_code == 206 and r.content == stream[-3:]
     (whole_start, whole_len), (tail_start, tail_len) = opened
     assert tail_start > whole_start and tail_len is not None and whole_len is not None
     assert tail_len < whole_len / 5  # the last fragment or so, not all ten
+
+
+@pytest.mark.db
+async def test_pieces_of_a_large_frame_join_into_its_body(app_client: httpx.AsyncClient) -> None:
+    """Cornerstone's way with a frame larger than INLINE_RESPONSE_BYTES (streamed): the first
+    64 KiB, then the rest, appended raw, make the body a plain GET gets, and it parses."""
+    from dicomweb_server.routes.common import INLINE_RESPONSE_BYTES
+
+    ds = make_instance(frames=1, rows=1024, cols=1024)  # 2 MiB
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/frames/1"
+    accept = {"Accept": AS_STORED}
+    whole = await app_client.get(url, headers=accept)
+    assert len(whole.content) > INLINE_RESPONSE_BYTES
+    first = await app_client.get(url, headers={**accept, "Range": "bytes=0-65535"})
+    rest = await app_client.get(url, headers={**accept, "Range": "bytes=65536-"})
+    assert first.status_code == rest.status_code == 206
+    assert rest.headers["content-length"] == str(len(whole.content) - 65536)
+    joined = first.content + rest.content
+    assert joined == whole.content
+    ((_, frame),) = split_multipart(joined, first.headers["content-type"])
+    assert frame == bytes(ds.PixelData)

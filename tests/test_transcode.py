@@ -48,13 +48,17 @@ MEDIA = {
 
 
 def decode(codestream: bytes, ds: pydicom.Dataset, ts: str) -> np.ndarray:
-    """Decode one returned frame with pydicom, described as our converted output is."""
+    """Decode one returned frame with pydicom, described as our converted output is: as the
+    metadata says (YBR_FULL stays YBR_FULL, converted to RGB here as a client would), colour
+    otherwise RGB."""
     spp = int(ds.SamplesPerPixel)
+    ybr_full = spp == 3 and ds.PhotometricInterpretation == "YBR_FULL"
     opts: dict[str, Any] = {
         "rows": int(ds.Rows), "columns": int(ds.Columns), "samples_per_pixel": spp,
         "bits_allocated": int(ds.BitsAllocated), "bits_stored": int(ds.BitsStored),
         "pixel_representation": int(ds.PixelRepresentation), "number_of_frames": 1,
-        "photometric_interpretation": "RGB" if spp == 3 else ds.PhotometricInterpretation,
+        "photometric_interpretation": "RGB" if spp == 3 and not ybr_full
+        else ds.PhotometricInterpretation,
         "planar_configuration": 0,
     }  # fmt: skip
     arr, _ = get_decoder(ts).as_array(encapsulate([codestream]), **opts)

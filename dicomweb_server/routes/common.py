@@ -28,7 +28,14 @@ from dicomweb_server.media import (
     check_charset,
     none_match,
 )
-from dicomweb_server.multipart import encode_body, encode_parts, encoded_length, new_boundary
+from dicomweb_server.multipart import (
+    encode_body,
+    encode_parts,
+    encoded_length,
+    new_boundary,
+    one_part_frame,
+    stable_boundary,
+)
 from dicomweb_server.retrieve import Part, PartLength, Sized
 
 __all__ = [
@@ -291,39 +298,51 @@ async def ranged_response(request: Request, value: Sized, part_type: str) -> Res
     """One frame or bulk data value as a one-part multipart/related response, cut to the bytes
     a Range header asks for.
 
-    PS3.18 (2016b 6.5.5.2.1, kept since for bulk data and frames): "if the Range header is
-    specified in the request, the server shall return only the specified bytes of the bulk
-    data object" (RFC 9110 14): the range counts bytes of the value, not of the multipart
-    body, whose boundary is new in every response. The answer is 206 with Content-Range on
-    the response and on its part. Frames and bulk data carry no validator, so a request with
-    If-Range gets the whole value (RFC 9110 13.1.5).
+    The range counts bytes of the response body, the representation a GET without Range
+    gives (RFC 9110 14.1), and that body is byte-identical from one request to the next: its
+    boundary is derived from the URL, the part's headers and the value's length. So ranges
+    taken in several requests join into the whole body, which is what a progressive loader
+    does (Cornerstone's HTJ2K range loading asks `bytes=0-65535`, then the rest, appends the
+    raw bodies and parses the multipart message they make). The answer is 206 with
+    `Content-Range` counting bytes of that body, whose total is the Content-Length of the
+    whole response and of a HEAD. Frames and bulk data carry no validator, so a request with
+    If-Range gets the whole body (RFC 9110 13.1.5).
     """
+    url = request.url
+    parts = [f"{name}: {text}" for name, text in value.headers.items()]
+    boundary = stable_boundary(url.path, url.query, *parts, str(value.length))
+    head, tail = one_part_frame(value.headers, boundary)
+    total = len(head) + value.length + len(tail)
     header = None if "if-range" in request.headers else request.headers.get("range")
-    span = byte_range(header, value.length)
-    start, stop = span or (0, value.length)
-    headers = dict(value.headers)
+    span = byte_range(header, total)
+    start, stop = span or (0, total)
+    media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(stop - start)}
     if span is not None:
-        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{value.length}"
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+    status = 206 if span is not None else 200
     if request.method == "HEAD":  # the headers a GET would have, nothing read or decoded
-        boundary = new_boundary()
-        length = encoded_length([(headers, stop - start)], boundary)
-        response: Response = Response(
-            media_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
-            headers={"Content-Length": str(length)},
-        )
-    else:
-        response = await multipart_response(
-            _one_part(headers, value.read(start, stop)), part_type, [(headers, stop - start)]
-        )
-    response.headers["Accept-Ranges"] = "bytes"
-    if span is not None:
-        response.status_code = 206
-        response.headers["Content-Range"] = headers["Content-Range"]
-        # Content-Range counts bytes of the value, not of this multipart body: no cache
-        # may store it as a piece of the body (RFC 9110 14.3 would have it combine pieces).
-        response.headers["Cache-Control"] = "no-store"
-    return response
+        return Response(media_type=media_type, headers=headers, status_code=status)
+    chunks = _body_slice(head, value, tail, start, stop)
+    if stop - start <= INLINE_RESPONSE_BYTES:
+        body = b"".join([chunk async for chunk in chunks])
+        return Response(body, status_code=status, media_type=media_type, headers=headers)
+    return StreamingResponse(
+        await _started(chunks), status_code=status, media_type=media_type, headers=headers
+    )
 
 
-async def _one_part(headers: dict[str, str], body: AsyncIterator[bytes]) -> AsyncIterator[Part]:
-    yield headers, body
+async def _body_slice(
+    head: bytes, value: Sized, tail: bytes, start: int, stop: int
+) -> AsyncIterator[bytes]:
+    """Bytes [start, stop) of `head`, the value, `tail`; only the value bytes in the range are
+    read (or decoded)."""
+    if start < len(head):
+        yield head[start : min(stop, len(head))]
+    first, last = max(start - len(head), 0), min(stop - len(head), value.length)
+    if last > first:
+        async for chunk in value.read(first, last):
+            yield chunk
+    after = len(head) + value.length
+    if stop > after:
+        yield tail[max(start - after, 0) : stop - after]
