@@ -13,7 +13,7 @@ Native Pixel Data is its value, or its frames in an image type when only that is
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_prefix
@@ -27,6 +27,7 @@ from dicomweb_server.retrieve import (
     DECODED,
     STORED_FRAMES,
     Part,
+    aclose,
     decoded_pixel_data,
     frame_media,
     frame_parts,
@@ -51,13 +52,25 @@ class _Value:
     plans: list[str] | None  # encapsulated Pixel Data: what it may be sent as, in order
 
 
-@dataclass(frozen=True)
+@dataclass
 class BulkPayload:
     """What a bulk data request answers with: its parts (None when the resource holds no bulk
-    data at all), and why some values are left out (a Warning), when they are."""
+    data at all), and the values left out and why (a Warning). Values found unsendable while
+    the parts are made (a decoder failing on a value's first frame) are added as they are
+    found: those found before the response starts can still be named in its headers."""
 
     parts: AsyncIterator[Part] | None
-    skipped: list[str]
+    reasons: dict[str, None] = field(default_factory=dict)  # each reason once, in order
+    skipped: int = 0
+
+    def leave_out(self, reason: str) -> None:
+        self.reasons[reason] = None
+        self.skipped += 1
+
+    def warnings(self) -> list[str]:
+        if not self.skipped:
+            return []
+        return [f"{self.skipped} bulk data value(s) not sent: {'; '.join(self.reasons)}"]
 
 
 async def bulk_payload(
@@ -79,8 +92,7 @@ async def bulk_payload(
         raise not_found(series, sop)
     plain_ok = accepts_bulkdata(accept)
     values: list[_Value] = []
-    reasons: dict[str, None] = {}  # why values are left out, each reason once, in order
-    skipped = 0
+    payload = BulkPayload(None)
     for inst, paths, ranges in listing:
         for path in paths:
             if pixel_only and path not in PIXEL_DATA_PATHS:
@@ -95,31 +107,40 @@ async def bulk_payload(
                 elif not plain_ok:
                     raise NotAcceptableError(BULKDATA_ACCEPTABLE)
             except NotAcceptableError as exc:  # TranscodeError included
-                reasons[exc.message] = None
-                skipped += 1
+                payload.leave_out(exc.message)
                 continue
             values.append(_Value(inst, path, ranges.get(path), plans))
-    if not values and reasons:
-        raise NotAcceptableError("; ".join(reasons))
-    if not values:
-        return BulkPayload(None, [])
-    why = [f"{skipped} bulk data value(s) not sent: {'; '.join(reasons)}"] if skipped else []
-    return BulkPayload(_parts(svc, base_url, values, accept), why)
+    if not values and payload.skipped:
+        raise NotAcceptableError("; ".join(payload.reasons))
+    if values:
+        payload.parts = _parts(svc, base_url, values, accept, payload)
+    return payload
 
 
 async def _parts(
-    svc: Services, base_url: str, values: list[_Value], accept: str | None
+    svc: Services, base_url: str, values: list[_Value], accept: str | None, payload: BulkPayload
 ) -> AsyncIterator[Part]:
+    """The values' parts in turn. A value that fails before its first part is sent (a decoder
+    failing on its first frame, nested compressed pixels that cannot be decoded) is left out
+    (payload.leave_out); one that fails after is a failure of the response."""
     for v in values:
         inst = v.inst
         location = base_url + bulk_prefix(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
         location += v.path
-        if v.plans is None:
-            value = await stored_bulk_value(svc, inst, v.path, v.entry)
-            yield {**value.headers, "Content-Location": location}, value.read(0, value.length)
-            continue
-        async for part in _pixel_data_parts(svc, inst, v.plans, accept, location):
-            yield part
+        started = False
+        try:
+            if v.plans is None:
+                value = await stored_bulk_value(svc, inst, v.path, v.entry)
+                started = True
+                yield {**value.headers, "Content-Location": location}, value.read(0, value.length)
+                continue
+            async for part in _pixel_data_parts(svc, inst, v.plans, accept, location):
+                started = True
+                yield part
+        except TranscodeError as exc:
+            if started:
+                raise
+            payload.leave_out(f"{location}: {exc.message}")
 
 
 async def _pixel_data_parts(
@@ -153,17 +174,24 @@ async def _pixel_data_parts(
 async def located_frames(
     parts: AsyncIterator[Part], location: str, frames: list[int]
 ) -> AsyncIterator[Part]:
-    """Frame parts of Pixel Data at `location`, each located at `{location}/frames/{n}`."""
-    for n in frames:
-        part = await anext(parts, None)
-        if part is None:
-            return
-        headers, body = part
-        yield {**headers, "Content-Location": f"{location}/frames/{n}"}, body
+    """Frame parts of Pixel Data at `location`, each located at `{location}/frames/{n}`; the
+    parts are closed when this is (a client gone mid-response leaves no read open)."""
+    try:
+        for n in frames:
+            part = await anext(parts, None)
+            if part is None:
+                return
+            headers, body = part
+            yield {**headers, "Content-Location": f"{location}/frames/{n}"}, body
+    finally:
+        await aclose(parts)
 
 
 async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    async for chunk in rest:
-        yield chunk
+    try:
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await aclose(rest)

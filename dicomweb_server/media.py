@@ -45,6 +45,7 @@ __all__ = [
     "check_charset",
     "frame_media_type",
     "frame_syntax",
+    "names_instances",
     "negotiate_bulkdata",
     "negotiate_dicom_model",
     "negotiate_frames",
@@ -477,6 +478,15 @@ def negotiate_bulkdata(accept: str | None) -> None:
     """406 unless bulk data is acceptable (accepts_bulkdata)."""
     if not accepts_bulkdata(accept):
         raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+
+
+def names_instances(accept: str | None) -> bool:
+    """Whether some range of the Accept takes DICOM instances (application/dicom parts, or
+    any part type)."""
+    return any(
+        _related_type(rng, APPLICATION_DICOM) in (APPLICATION_DICOM, "*/*", "application/*")
+        for rng in parse_accept(accept)
+    )
 
 
 def wants_bulkdata(accept: str | None) -> bool:

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from pydicom.uid import UID
 
 from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
-from dicomweb_server.dicomfile import read_bulk_value
+from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
 from dicomweb_server.errors import BadRequestError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
@@ -43,6 +44,7 @@ from dicomweb_server.transcode import (
     convert_codestream,
     decodable,
     decode_frames,
+    decode_item_pixels,
     encode_frames,
     missing_codec,
     stored_frames,
@@ -58,6 +60,7 @@ __all__ = [
     "Part",
     "PartLength",
     "Sized",
+    "aclose",
     "bulk_value",
     "decoded_pixel_data",
     "frame_media",
@@ -369,7 +372,7 @@ async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> A
             if pos >= stop:
                 break
     finally:
-        await _aclose(chunks)
+        await aclose(chunks)
 
 
 async def _stored_frames(
@@ -470,14 +473,14 @@ async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
                     (remaining,) = struct.unpack("<I", header[4:])
                     header = b""
     finally:
-        await _aclose(chunks)
+        await aclose(chunks)
 
 
-async def _aclose(chunks: AsyncIterable[bytes]) -> None:
+async def aclose(chunks: AsyncIterable[Any]) -> None:
     """Close an async generator that is stopped early (a no-op for one that has ended)."""
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 _UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
@@ -583,7 +586,23 @@ async def stored_bulk_value(
         offset, length, _vr, encapsulated = entry
         return await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
     file = svc.blobs.local_path(inst.blob_key)
-    value = await anyio.to_thread.run_sync(read_bulk_value, file, path, limiter=svc.limiter)
+    value = await anyio.to_thread.run_sync(_parsed_bulk_value, file, path, limiter=svc.limiter)
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
-    return _sized_bytes(headers, value[0])
+    return _sized_bytes(headers, value)
+
+
+def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:
+    """A value found by parsing the file (dicomfile.read_bulk_value), little endian; nested
+    encapsulated Pixel Data (a compressed icon) decoded, as octet-stream bulk data is sent
+    uncompressed (PS3.18 8.7.3.3). Runs in a worker thread."""
+    found = bulk_element(path, tag_path)
+    if found is None:
+        return None
+    ds, node, tag = found
+    element = node[tag]
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if tag in PIXEL_DATA_TAGS and element.is_undefined_length and ts.is_compressed:
+        return decode_item_pixels(node, ts)
+    value = element_value(ds, element)
+    return None if value is None else value[0]

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
@@ -57,6 +57,7 @@ __all__ = [
     "converted_dataset",
     "decodable",
     "decode_frames",
+    "decode_item_pixels",
     "encode_frames",
     "frame_array",
     "lossy_method",
@@ -530,6 +531,22 @@ def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, targe
         return codec.encode(arr, info)
     except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
         raise _cannot(None, f"encode a frame as {UID(target).name}", exc) from None
+
+
+def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
+    """Encapsulated Pixel Data nested in an item (an Icon Image Sequence's), decoded to its
+    uncompressed value, every frame, little endian (octet-stream bulk data is uncompressed,
+    PS3.18 8.7.3.3), colour as frames are (keeps_ybr). The item describes its own pixels."""
+    ds = Dataset(item)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    info = PixelInfo.of(ds)
+    try:
+        arr = _pixels(ds, as_rgb=not keeps_ybr(info))
+    except _DECODE_ERRORS as exc:
+        raise _cannot(None, "decode the nested Pixel Data", exc) from None
+    planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
+    return _frame_bytes(arr, info.bits_allocated, planar)
 
 
 def stored_frames(path: Path, frames: list[int]) -> list[bytes]:

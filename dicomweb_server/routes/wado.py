@@ -8,11 +8,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dicomweb_server.bulkdata import bulk_payload, located_frames
+from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
+    names_instances,
     negotiate_bulkdata,
     negotiate_dicom_model,
     wants_bulkdata,
@@ -71,8 +73,13 @@ def _uids(request: Request) -> tuple[str, str | None, str | None]:
 async def _retrieve(request: Request) -> Response:
     accept = accept_of(request)
     if wants_bulkdata(accept):
-        # A Study, Series or Instance resource asked for as bulk data (PS3.18 B.10).
-        return await _bulk(request, pixel_only=False)
+        # A Study, Series or Instance resource asked for as bulk data (PS3.18 B.10); when
+        # none can be sent so, a later range naming DICOM instances is tried (8.7.8.1).
+        try:
+            return await _bulk(request, pixel_only=False)
+        except NotAcceptableError:
+            if not names_instances(accept):
+                raise
     svc = services(request)
     found = await locate(svc, *_uids(request))
     parts, lengths = await instance_parts(svc, found, accept)
@@ -81,20 +88,26 @@ async def _retrieve(request: Request) -> Response:
 
 async def _bulk(request: Request, *, pixel_only: bool) -> Response:
     """Every bulk data value (or Pixel Data) of the resource, one part each; 204 when it has
-    none, a Warning naming what could not be sent as the client accepts."""
+    none, a Warning naming what could not be sent as the client accepts. A HEAD is answered
+    once negotiated, nothing read or decoded."""
     payload = await bulk_payload(
         services(request), base_url(request), accept_of(request), *_uids(request),
         pixel_only=pixel_only,
     )  # fmt: skip
-    warning = warning_header(payload.skipped)
     if payload.parts is None:
-        return Response(status_code=204, headers=warning)
-    # The first part is made before the response starts (a failure is an error status), and
-    # names the multipart type: octet-stream, or the image type the frames are sent in.
-    first = await anext(payload.parts)
+        return Response(status_code=204, headers=warning_header(payload.warnings()))
+    if request.method == "HEAD":
+        media = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
+        return Response(media_type=media, headers=warning_header(payload.warnings()))
+    # The first part is made before the response starts (values failing before it are left
+    # out and named in the Warning; 406 when none is left), and names the multipart type:
+    # octet-stream, or the image type the frames are sent in.
+    first = await anext(payload.parts, None)
+    if first is None:
+        raise NotAcceptableError("; ".join(payload.reasons))
     part_type = first[0]["Content-Type"].partition(";")[0].strip()
     response = await multipart_response(_chain(first, payload.parts), part_type)
-    response.headers.update(warning)
+    response.headers.update(warning_header(payload.warnings()))
     return response
 
 
