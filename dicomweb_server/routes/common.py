@@ -213,18 +213,21 @@ async def cached_json_response(request: Request, body: bytes, media_type: str) -
     from that hash: the same metadata is the same XML body, so its ETag holds too.
 
     If-None-Match uses the weak comparison (RFC 9110 13.1.2), so the ETag a compressing proxy
-    weakened (`W/"..."`) still gives 304. The identity and gzip bodies share the ETag; Vary
-    tells caches that Accept and Accept-Encoding pick between them, on 304 too (RFC 9110
-    15.4.5)."""
+    weakened (`W/"..."`) still gives 304. The gzip body has an ETag of its own (the identity
+    one with `-gzip`): a strong validator names one sequence of bytes, content coding
+    included (RFC 9110 8.8.3.3), so a cache never takes one body for the other. Vary tells
+    caches that Accept and Accept-Encoding pick between them, on 304 too (RFC 9110 15.4.5)."""
     if media_type in (MULTIPART_RELATED, APPLICATION_DICOM_XML):
         body, media_type = await _cached_xml(request, body, media_type)
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    gzipped = len(body) >= GZIP_MIN_BYTES and accepts_gzip(_field(request, "accept-encoding"))
+    etag = f'"{digest}-gzip"' if gzipped else f'"{digest}"'
     # The same URL answers JSON or XML (Accept) and identity or gzip (Accept-Encoding).
     headers = {"ETag": etag, "Vary": "Accept, Accept-Encoding"}
     if none_match(_field(request, "if-none-match"), etag):
         return Response(status_code=304, headers=headers)
-    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(_field(request, "accept-encoding")):
-        # The same body compresses to the same bytes: kept by ETag (a hash of the body).
+    if gzipped:
+        # The same body compresses to the same bytes: kept by its ETag.
         cache = services(request).metadata
         packed = cache.get(("gzip", etag))
         if packed is None:
