@@ -288,24 +288,33 @@ async def encode_parts(
     delimiter = f"--{boundary}\r\n".encode("ascii")
     pending: list[bytes] = []
     size = 0
-    async for headers, body in parts:
-        pending.append(delimiter + _header_block(headers))
-        async for chunk in body:
-            if len(chunk) >= COALESCE_BYTES:
-                if pending:
-                    yield b"".join(pending)
-                    pending, size = [], 0
-                yield chunk
-            elif chunk:
-                pending.append(chunk)
-                size += len(chunk)
-                if size >= COALESCE_BYTES:
-                    yield b"".join(pending)
-                    pending, size = [], 0
-        pending.append(b"\r\n")
-        yield b"".join(pending)  # this part's bytes go now: the next may take a while
-        pending, size = [], 0
-    yield f"--{boundary}--\r\n".encode("ascii")
+    body: AsyncIterable[bytes] | None = None
+    try:
+        async for headers, body in parts:
+            pending.append(delimiter + _header_block(headers))
+            async for chunk in body:
+                if len(chunk) >= COALESCE_BYTES:
+                    if pending:
+                        yield b"".join(pending)
+                        pending, size = [], 0
+                    yield chunk
+                elif chunk:
+                    pending.append(chunk)
+                    size += len(chunk)
+                    if size >= COALESCE_BYTES:
+                        yield b"".join(pending)
+                        pending, size = [], 0
+            pending.append(b"\r\n")
+            yield b"".join(pending)  # this part's bytes go now: the next may take a while
+            pending, size = [], 0
+        yield f"--{boundary}--\r\n".encode("ascii")
+    finally:
+        # Closed early (a client gone, a HEAD): what is open (a blob read, a scratch file)
+        # closes now, not when the garbage collector finds it.
+        for source in (body, parts):
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def encode_body(parts: Iterable[tuple[dict[str, str], bytes]], boundary: str) -> bytes:

@@ -5,6 +5,7 @@ built whole or streamed."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -122,3 +123,46 @@ async def test_short_blob_is_an_error_before_the_response(
         path.unlink()
     r = await app_client.get(inst_url(ds), headers=accept)
     assert r.status_code == 500 and r.json()["status"] == 500
+
+
+@pytest.mark.db
+async def test_head_of_a_study_converts_and_reads_nothing_more(
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HEAD gets the headers a GET would, its body closed unread: Starlette's streaming
+    response iterated the whole body for a HEAD, converting every instance that needed it.
+    Only the first piece is made (before any response starts), and its scratch file goes."""
+    import io
+
+    import pydicom
+
+    from dicomweb_server import retrieve
+
+    study = make_instance().StudyInstanceUID
+    raws = []
+    for k in range(3):
+        ds = make_instance(study=study, rows=64, cols=64, InstanceNumber=k + 1)
+        ds.compress(pydicom.uid.RLELossless, generate_instance_uid=False)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        raws.append(buf.getvalue())
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body(raws), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    calls: list[str] = []
+    real = retrieve.to_transfer_syntax  # type: ignore[attr-defined]
+
+    def counted(*args: Any) -> None:
+        calls.append(str(args[2]))
+        real(*args)
+
+    monkeypatch.setattr(retrieve, "to_transfer_syntax", counted)
+    url = f"{ROOT}/studies/{study}"
+    r = await app_client.head(url)  # Explicit VR Little Endian: each instance decoded
+    assert r.status_code == 200 and r.content == b""
+    assert r.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    assert len(calls) == 1
+    assert list(app.state.services.scratch_dir.iterdir()) == []
+    r = await app_client.get(url)
+    assert r.status_code == 200 and len(calls) == 4

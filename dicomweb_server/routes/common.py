@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from dicomweb_server.config import DICOMWEB_ROOT, FORWARDED_PREFIX_SCOPE_KEY
 from dicomweb_server.dicom_json import dumps
@@ -39,6 +40,7 @@ from dicomweb_server.multipart import (
 from dicomweb_server.retrieve import Part, PartLength, Sized
 
 __all__ = [
+    "StreamedResponse",
     "accept_of",
     "base_url",
     "cached_json_response",
@@ -280,21 +282,50 @@ async def multipart_response(
             return Response(body, media_type=media_type)
         headers = {"Content-Length": str(length)}
     body_iterator = await _started(encode_parts(parts, boundary))
-    return StreamingResponse(body_iterator, media_type=media_type, headers=headers)
+    return StreamedResponse(body_iterator, media_type=media_type, headers=headers)
+
+
+class StreamedResponse(StreamingResponse):
+    """A streamed response that answers HEAD with its headers and closes its body unread.
+    Starlette's iterates the whole body and drops it: a HEAD of a study read every blob and
+    converted every instance that needed it."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") != "HEAD":
+            await super().__call__(scope, receive, send)
+            return
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        close = getattr(self.body_iterator, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class _Started:
+    """An async iterator whose first item is already made; closing it closes its source."""
+
+    def __init__(self, first: bytes | None, rest: AsyncIterator[bytes]) -> None:
+        self._first, self._rest = first, rest
+
+    def __aiter__(self) -> _Started:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        close = getattr(self._rest, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _started(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`chunks` with its first item already made (raising here if it cannot be)."""
-    first = await anext(chunks, None)
-
-    async def rest() -> AsyncIterator[bytes]:
-        if first is None:
-            return
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
-    return rest()
+    return _Started(await anext(chunks, None), chunks)
 
 
 async def ranged_response(request: Request, value: Sized, part_type: str) -> Response:
@@ -330,7 +361,7 @@ async def ranged_response(request: Request, value: Sized, part_type: str) -> Res
     if stop - start <= INLINE_RESPONSE_BYTES:
         body = b"".join([chunk async for chunk in chunks])
         return Response(body, status_code=status, media_type=media_type, headers=headers)
-    return StreamingResponse(
+    return StreamedResponse(
         await _started(chunks), status_code=status, media_type=media_type, headers=headers
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.index import StoredInstance
@@ -20,7 +20,7 @@ from dicomweb_server.rendering import (
 )
 from dicomweb_server.report import REPORT_MEDIA_TYPES
 from dicomweb_server.retrieve import bulk_value, locate, parse_frame_list
-from dicomweb_server.routes.common import accept_of, services, uid_param
+from dicomweb_server.routes.common import StreamedResponse, accept_of, services, uid_param
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]
 
@@ -84,7 +84,7 @@ async def _document(svc: Services, inst: StoredInstance, accept: str | None) -> 
     stated = json.loads(text).get("00420015", {}).get("Value", [None])[0]
     length = stated if isinstance(stated, int) and 0 <= stated <= value.length else value.length
     headers = {**_PRIVATE, "Content-Length": str(length)}
-    return StreamingResponse(value.read(0, length), media_type=media, headers=headers)
+    return StreamedResponse(value.read(0, length), media_type=media, headers=headers)
 
 
 async def retrieve_rendered(request: Request) -> Response:
