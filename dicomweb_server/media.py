@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -53,6 +53,7 @@ __all__ = [
     "none_match",
     "parse_accept",
     "parse_content_type",
+    "single_part",
     "stow_boundary",
     "wants_bulkdata",
 ]
@@ -478,6 +479,23 @@ def negotiate_bulkdata(accept: str | None) -> None:
     """406 unless bulk data is acceptable (accepts_bulkdata)."""
     if not accepts_bulkdata(accept):
         raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+
+
+def single_part(accept: str | None, allowed: Callable[[str], bool]) -> str | None:
+    """When the client's most preferred range names a single part media type the resource
+    may be sent as (`allowed(essence)`; PS3.18 10.4.4: "a single part Media Type is permitted
+    for resources which are a single response item"), that range as the equivalent
+    multipart/related one, its transfer-syntax kept, to negotiate the one part with; else
+    None (a multipart range, `*/*` or `multipart/*` comes first: a multipart response)."""
+    for rng in parse_accept(accept):
+        if rng.type in ("*", "multipart"):
+            return None
+        if allowed(rng.essence):
+            ts = rng.params.get("transfer-syntax")
+            return f'{MULTIPART_RELATED}; type="{rng.essence}"' + (
+                f"; transfer-syntax={ts}" if ts else ""
+            )
+    return None
 
 
 def names_instances(accept: str | None) -> bool:

@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import anyio
@@ -50,6 +50,7 @@ __all__ = [
     "multipart_response",
     "ranged_response",
     "services",
+    "single_part_response",
     "uid_param",
     "warning_header",
 ]
@@ -285,6 +286,36 @@ async def multipart_response(
     return StreamedResponse(body_iterator, media_type=media_type, headers=headers)
 
 
+async def single_part_response(
+    parts: AsyncIterator[Part], lengths: list[PartLength] | None
+) -> Response:
+    """The one part of `parts` as a single part response (PS3.18 10.4.4: "a single part Media
+    Type is permitted for resources which are a single response item"): its Content-Type the
+    response's, its body the response's, with a Content-Length when known."""
+    part = await anext(parts)
+    headers, body = part
+    sized = {"Content-Length": str(lengths[0][1])} if lengths else {}
+    return StreamedResponse(
+        await _started(_then_close(body, parts)),
+        media_type=headers["Content-Type"],
+        headers={**{k: v for k, v in headers.items() if k != "Content-Type"}, **sized},
+    )
+
+
+async def _then_close(
+    body: AsyncIterable[bytes], parts: AsyncIterator[Part]
+) -> AsyncIterator[bytes]:
+    """`body`, then `parts` closed (what it holds open, a scratch file, goes)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        for source in (body, parts):
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
+
+
 class StreamedResponse(StreamingResponse):
     """A streamed response that answers HEAD with its headers and closes its body unread.
     Starlette's iterates the whole body and drops it: a HEAD of a study read every blob and
@@ -328,9 +359,10 @@ async def _started(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     return _Started(await anext(chunks, None), chunks)
 
 
-async def ranged_response(request: Request, value: Sized, part_type: str) -> Response:
-    """One frame or bulk data value as a one-part multipart/related response, cut to the bytes
-    a Range header asks for.
+async def ranged_response(request: Request, value: Sized, part_type: str | None) -> Response:
+    """One frame or bulk data value as a one-part multipart/related response (`part_type`
+    None: as a single part response, the value itself the body, PS3.18 10.4.4), cut to the
+    bytes a Range header asks for.
 
     The range counts bytes of the response body, the representation a GET without Range
     gives (RFC 9110 14.1), and that body is byte-identical from one request to the next: its
@@ -342,16 +374,22 @@ async def ranged_response(request: Request, value: Sized, part_type: str) -> Res
     whole response and of a HEAD. Frames and bulk data carry no validator, so a request with
     If-Range gets the whole body (RFC 9110 13.1.5).
     """
-    url = request.url
-    parts = [f"{name}: {text}" for name, text in value.headers.items()]
-    boundary = stable_boundary(url.path, url.query, *parts, str(value.length))
-    head, tail = one_part_frame(value.headers, boundary)
+    headers = {"Accept-Ranges": "bytes"}
+    if part_type is None:  # single part: the value's headers are the response's
+        head, tail = b"", b""
+        media_type = value.headers["Content-Type"]
+        headers.update((k, v) for k, v in value.headers.items() if k != "Content-Type")
+    else:
+        url = request.url
+        parts = [f"{name}: {text}" for name, text in value.headers.items()]
+        boundary = stable_boundary(url.path, url.query, *parts, str(value.length))
+        head, tail = one_part_frame(value.headers, boundary)
+        media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
     total = len(head) + value.length + len(tail)
     header = None if "if-range" in request.headers else request.headers.get("range")
     span = byte_range(header, total)
     start, stop = span or (0, total)
-    media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
-    headers = {"Accept-Ranges": "bytes", "Content-Length": str(stop - start)}
+    headers["Content-Length"] = str(stop - start)
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
     status = 206 if span is not None else 200

@@ -14,9 +14,11 @@ from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     names_instances,
     negotiate_bulkdata,
     negotiate_dicom_model,
+    single_part,
     wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
@@ -40,6 +42,7 @@ from dicomweb_server.routes.common import (
     multipart_response,
     ranged_response,
     services,
+    single_part_response,
     uid_param,
     warning_header,
 )
@@ -81,9 +84,26 @@ async def _retrieve(request: Request) -> Response:
             if not names_instances(accept):
                 raise
     svc = services(request)
-    found = await locate(svc, *_uids(request))
+    uids = _uids(request)
+    found = await locate(svc, *uids)
+    single = single_part(accept, _is_dicom) if uids[2] is not None else None
+    if single is not None:  # `application/dicom`: the Part-10 file as the body
+        return await single_part_response(*await instance_parts(svc, found, single))
     parts, lengths = await instance_parts(svc, found, accept)
     return await multipart_response(parts, APPLICATION_DICOM, lengths)
+
+
+def _is_dicom(essence: str) -> bool:
+    return essence == APPLICATION_DICOM
+
+
+def _is_frame_type(essence: str) -> bool:
+    """Single part media types of a frame: octet-stream, an image or a video type."""
+    return essence == APPLICATION_OCTET_STREAM or essence.startswith(("image/", "video/"))
+
+
+def _is_octet_stream(essence: str) -> bool:
+    return essence == APPLICATION_OCTET_STREAM
 
 
 async def _bulk(request: Request, *, pixel_only: bool) -> Response:
@@ -172,24 +192,34 @@ async def _frames(request: Request, frame_list: str) -> Response:
         # a Content-Length, and a small frame goes as one plain response (viewers ask for
         # frames one at a time).
         whole = "range" not in request.headers
-        part_type, value = await frame_value(svc, inst, frames[0], accept_of(request), whole)
-        return await ranged_response(request, value, part_type)
+        accept = accept_of(request)
+        single = single_part(accept, _is_frame_type)
+        part_type, value = await frame_value(svc, inst, frames[0], single or accept, whole)
+        return await ranged_response(request, value, None if single else part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
     return await multipart_response(parts, part_type)
 
 
 async def _pixel_data(
-    request: Request, svc: Services, inst: StoredInstance, accept: str | None, location: str
+    request: Request,
+    svc: Services,
+    inst: StoredInstance,
+    accept: str | None,
+    location: str,
+    single: bool = False,
 ) -> Response:
     """The plans of retrieve.pixel_data_plan, tried in turn: a decoder that fails on the first
-    frame (before anything is sent) passes to the next plan, if the client accepts one."""
+    frame (before anything is sent) passes to the next plan, if the client accepts one.
+    `single`: a single part response, the uncompressed value its body (accept names only
+    that)."""
     failure: TranscodeError | None = None
     for plan in pixel_data_plan(inst, accept):
         try:
             if plan == DECODED:
                 value = await decoded_pixel_data(svc, inst)
                 value.headers["Content-Location"] = location
-                return await ranged_response(request, value, APPLICATION_OCTET_STREAM)
+                part_type = None if single else APPLICATION_OCTET_STREAM
+                return await ranged_response(request, value, part_type)
             frames = list(range(1, inst.number_of_frames + 1))
             asked = STORED_FRAMES if plan == STORED_FRAMES else accept
             part_type, parts = await frame_parts(svc, inst, frames, asked)
@@ -214,13 +244,17 @@ async def retrieve_bulkdata(request: Request) -> Response:
     # corresponds to the URI contained in the corresponding Element in the Metadata"
     # (PS3.18 10.4.3.3.5): the BulkDataURI the metadata gives, absolute as it is there.
     location = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}/bulk/{path}"
+    single = single_part(accept, _is_octet_stream)  # the value as the body: uncompressed
+    if single is not None:
+        accept = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"; transfer-syntax='
+        accept += EXPLICIT_VR_LITTLE_ENDIAN
     if path.upper() == _PIXEL_DATA:
         # Encapsulated Pixel Data by its BulkDataURI: uncompressed, as octet-stream bulk data
         # is (PS3.18 8.7.3.3.1); its frames as stored or in an image type when asked so.
         (inst,) = await locate(svc, study, series, sop)
         if inst.encapsulated and inst.number_of_frames > 0:
-            return await _pixel_data(request, svc, inst, accept, location)
+            return await _pixel_data(request, svc, inst, accept, location, single is not None)
     negotiate_bulkdata(accept)
     value = await bulk_value(svc, study, series, sop, path)
     value.headers["Content-Location"] = location
-    return await ranged_response(request, value, APPLICATION_OCTET_STREAM)
+    return await ranged_response(request, value, None if single else APPLICATION_OCTET_STREAM)

@@ -1,0 +1,134 @@
+"""Single part responses (PS3.18 10.4.4: "a single part Media Type is permitted for resources
+which are a single response item"): an instance as `application/dicom`, one frame as
+`application/octet-stream` or an image type, a bulk data value as `application/octet-stream`.
+The body is the item itself, so a Range counts bytes of the value."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from starlette.applications import Starlette
+
+from dicomweb_server.media import single_part
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
+
+ELE = "1.2.840.10008.1.2.1"
+RLE = Path("generated") / "coverage" / "nm_10frames_rle.dcm"
+
+
+async def _store(client: httpx.AsyncClient, raw: bytes) -> pydicom.Dataset:
+    r = await client.post(f"{ROOT}/studies", content=multipart_body([raw]), headers=stow_headers())
+    assert r.status_code == 200, r.text
+    return pydicom.dcmread(io.BytesIO(raw))
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("application/dicom", 'multipart/related; type="application/dicom"'),
+        ("application/dicom; transfer-syntax=*",
+         'multipart/related; type="application/dicom"; transfer-syntax=*'),
+        ('application/dicom, multipart/related; type="application/dicom"',
+         'multipart/related; type="application/dicom"'),
+        ('multipart/related; type="application/dicom", application/dicom', None),
+        ("*/*, application/dicom", None),
+        ("application/json, application/dicom", 'multipart/related; type="application/dicom"'),
+        (None, None),
+    ],
+)  # fmt: skip
+def test_single_part_is_the_first_range_naming_one(
+    accept: str | None, expected: str | None
+) -> None:
+    assert single_part(accept, lambda e: e == "application/dicom") == expected
+
+
+@pytest.mark.db
+async def test_instance_as_application_dicom(
+    app: Starlette, app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    raw = (samples / RLE).read_bytes()
+    ds = await _store(app_client, raw)
+    url = inst_url(ds)
+    r = await app_client.get(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+    assert r.status_code == 200, r.text
+    assert (
+        r.headers["content-type"]
+        == f"application/dicom; transfer-syntax={ds.file_meta.TransferSyntaxUID}"
+    )
+    assert r.content == raw and r.headers["content-length"] == str(len(raw))
+    r = await app_client.get(url, headers={"Accept": "application/dicom"})  # decoded
+    assert r.status_code == 200 and r.headers["content-type"].endswith(ELE)
+    sent = pydicom.dcmread(io.BytesIO(r.content))
+    assert (sent.pixel_array == ds.pixel_array).all()
+    assert list(app.state.services.scratch_dir.iterdir()) == []  # the converted copy is gone
+    r = await app_client.head(url, headers={"Accept": "application/dicom; transfer-syntax=*"})
+    assert r.status_code == 200 and r.content == b""
+    assert r.headers["content-length"] == str(len(raw))
+    # a study is several items: no single part response for it
+    r = await app_client.get(f"{ROOT}/studies/{ds.StudyInstanceUID}",
+                             headers={"Accept": "application/dicom"})  # fmt: skip
+    assert r.status_code == 406
+
+
+@pytest.mark.db
+async def test_one_frame_as_a_single_part(app_client: httpx.AsyncClient, samples: Path) -> None:
+    ds = make_instance(frames=3, rows=4, cols=4)  # 32 bytes a frame
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/frames/2"
+    frame = bytes(ds.PixelData)[32:64]
+    r = await app_client.get(url, headers={"Accept": "application/octet-stream"})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
+    assert r.content == frame and r.headers["accept-ranges"] == "bytes"
+    r = await app_client.get(
+        url, headers={"Accept": "application/octet-stream", "Range": "bytes=2-9"}
+    )
+    assert r.status_code == 206 and r.content == frame[2:10]
+    assert r.headers["content-range"] == "bytes 2-9/32"
+    rle = await _store(app_client, (samples / RLE).read_bytes())
+    url = f"{inst_url(rle)}/frames/1"
+    r = await app_client.get(url, headers={"Accept": "image/dicom-rle; transfer-syntax=*"})
+    assert r.headers["content-type"] == "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"
+    parts = await app_client.get(
+        url, headers={"Accept": 'multipart/related; type="image/dicom-rle"'}
+    )
+    ((_, stored),) = split_multipart(parts.content, parts.headers["content-type"])
+    assert r.content == stored
+    r = await app_client.get(url, headers={"Accept": "image/jls"})
+    assert r.status_code == 200 and r.content.startswith(b"\xff\xd8")
+    assert r.headers["content-type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
+
+
+@pytest.mark.db
+async def test_bulk_data_value_as_a_single_part(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    ds = make_instance(rows=64, cols=64)
+    await _store(app_client, to_bytes(ds))
+    uri = f"http://testserver{inst_url(ds)}/bulk/7FE00010"
+    r = await app_client.get(uri, headers={"Accept": "application/octet-stream"})
+    assert r.status_code == 200 and r.content == ds.PixelData
+    assert r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-location"] == uri
+    r = await app_client.get(
+        uri, headers={"Accept": "application/octet-stream", "Range": "bytes=-4"}
+    )
+    assert r.status_code == 206 and r.content == ds.PixelData[-4:]
+    rle = await _store(app_client, (samples / RLE).read_bytes())
+    r = await app_client.get(f"{inst_url(rle)}/bulk/7FE00010",
+                             headers={"Accept": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == 200
+    assert r.headers["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
+    assert r.content == rle.pixel_array.astype("<u2").tobytes()
