@@ -230,6 +230,16 @@ def test_which_instance_requests_are_for_bulk_data(accept: str | None, bulk: boo
     assert wants_bulkdata(accept) is bulk
 
 
+def _read_with_peak(path: Path, tag_path: str) -> tuple[tuple[bytes, str] | None, int]:
+    """read_bulk_value's answer and the most memory Python held while it ran."""
+    tracemalloc.start()
+    try:
+        value = read_bulk_value(path, tag_path)
+        return value, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_nested_bulk_value_is_read_without_the_pixel_data(tmp_path: Path) -> None:
     """A value inside a sequence is read by parsing the file (no byte range is recorded for
     it); the parse leaves the other large values unread: the icon of a 20 MB multi-frame
@@ -240,12 +250,7 @@ def test_a_nested_bulk_value_is_read_without_the_pixel_data(tmp_path: Path) -> N
     ds.IconImageSequence = Sequence([icon])
     path = tmp_path / "big.dcm"
     path.write_bytes(to_bytes(ds))
-    tracemalloc.start()
-    try:
-        value = read_bulk_value(path, "00880200/0/7FE00010")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    value, peak = _read_with_peak(path, "00880200/0/7FE00010")
     assert value == (b"\x01" * 4096, "OB")
     assert peak < 1_000_000, peak
 
@@ -334,12 +339,7 @@ def test_big_endian_value_is_swapped_without_a_word_per_object(tmp_path: Path) -
     ds["PixelData"].VR = "OW"
     path = tmp_path / "be.dcm"
     ds.save_as(path, implicit_vr=False, little_endian=False, enforce_file_format=True)
-    tracemalloc.start()
-    try:
-        value = read_bulk_value(path, "7FE00010")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    value, peak = _read_with_peak(path, "7FE00010")
     assert value == (little, "OW")
     assert peak < 4 * len(little), peak
 
