@@ -32,6 +32,7 @@ from dicomweb_server.record import build_record
 __all__ = [
     "COPY_CHUNK_BYTES",
     "Services",
+    "StoreInterruptedError",
     "instance_path",
     "storage_failure",
     "store_file",
@@ -47,6 +48,17 @@ COPY_CHUNK_BYTES = 1024 * 1024
 # Parts of one STOW request stored concurrently. Each holds a spool file (on disk) and its
 # parsed header, so memory stays bounded; more than a few only queue for the worker threads.
 PARTS_IN_FLIGHT = 4
+
+
+class StoreInterruptedError(DicomWebError):
+    """A STOW-RS body that broke off (malformed: 400; too large: 413) after parts before it
+    were stored: the error's status and reason, and the outcomes of those parts, so that the
+    response can say what was stored (a client told only "413" would think nothing was)."""
+
+    def __init__(self, cause: DicomWebError, outcomes: list[InstanceOutcome]) -> None:
+        super().__init__(cause.message, headers=cause.headers)
+        self.status = cause.status
+        self.outcomes = outcomes
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,9 @@ async def store_parts(
         except Exception as exc:  # raised once the parts in flight are done
             stream_error = exc
     if stream_error is not None:
+        done = [outcomes[n] for n in sorted(outcomes)]
+        if isinstance(stream_error, DicomWebError) and any(o.retrieve_path for o in done):
+            raise StoreInterruptedError(stream_error, done) from stream_error
         raise stream_error
     if errors:
         raise errors[min(errors)]

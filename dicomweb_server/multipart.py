@@ -137,11 +137,14 @@ class MultipartReader:
                 self._parser.write(data)
         except FormParserError as exc:
             self._error = BadRequestError(f"malformed multipart body: {exc}")
-            raise self._error from exc
+            self._error.__cause__ = exc
         except DicomWebError as exc:  # raised by our callbacks, through python-multipart
             self._error = exc
-            raise
+        # The events before an error are given first (a part that ended before the one too
+        # large is stored, and reported); the error comes with the next feed or close.
         events, self._events = self._events, []
+        if self._error is not None and not events:
+            raise self._error
         return events
 
     def close(self) -> None:

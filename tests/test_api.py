@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import time
 from pathlib import Path
@@ -400,6 +401,16 @@ async def test_stow_part_too_large(tmp_path: Path, clean_db: str) -> None:
             assert str(len(raw)) in r.json()["message"]
             leftovers = [p for p in (settings.blob_dir / "tmp").rglob("*") if p.is_file()]
             assert leftovers == []
+            # Parts stored before the one too large are reported: still the 413, with the
+            # Store Instances Response of what was stored and the reason in the Warning.
+            first = pydicom.dcmread(io.BytesIO(raw))  # at the limit (stored again: the same)
+            r = await stow(client, raw, bigger)
+            assert r.status_code == 413
+            assert str(len(raw)) in r.headers["warning"]
+            (stored,) = r.json()["00081199"]["Value"]
+            assert stored["00081155"]["Value"] == [first.SOPInstanceUID]
+            url = f"{ROOT}/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+            assert (await client.get(f"{url}/instances/{first.SOPInstanceUID}")).status_code == 200
 
 
 async def test_wado_not_found_and_not_acceptable(app_client: httpx.AsyncClient) -> None:

@@ -159,8 +159,14 @@ def test_default_part_count_limit_at_the_edge() -> None:
     reader = MultipartReader(B, max_part_bytes=10)
     assert len(collect(reader.feed(body([({}, b"")] * MAX_PARTS)))) == MAX_PARTS
     reader.close()
+    # One too many: the parts before it are given, then the error (at the next feed or close).
+    reader = MultipartReader(B, max_part_bytes=10)
+    events = reader.feed(body([({}, b"")] * (MAX_PARTS + 1)))
+    assert sum(isinstance(e, PartEnd) for e in events) == MAX_PARTS
     with pytest.raises(PayloadTooLargeError, match=f"limit of {MAX_PARTS} parts"):
-        MultipartReader(B, max_part_bytes=10).feed(body([({}, b"")] * (MAX_PARTS + 1)))
+        reader.close()
+    with pytest.raises(PayloadTooLargeError, match=f"limit of {MAX_PARTS} parts"):
+        reader.feed(b"more")
 
 
 @pytest.mark.parametrize("lines", [1, 7])

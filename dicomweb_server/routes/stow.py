@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from dicomweb_server.dicom_json import stow_response
-from dicomweb_server.ingest import store_parts, stow_status
+from dicomweb_server.dicom_json import InstanceOutcome, stow_response
+from dicomweb_server.ingest import StoreInterruptedError, store_parts, stow_status
 from dicomweb_server.media import APPLICATION_DICOM, negotiate_dicom_model, stow_boundary
 from dicomweb_server.multipart import iter_parts
 from dicomweb_server.routes.common import (
@@ -38,10 +38,21 @@ async def store_instances(request: Request) -> Response:
         max_part_bytes=settings.max_part_bytes,
         max_request_bytes=settings.max_request_bytes,
     )
-    if part_type != APPLICATION_DICOM:  # metadata and bulk data (PS3.18 10.5.1.4)
-        outcomes = await store_json_parts(events, services(request), study, part_type)
-    else:
-        outcomes = await store_parts(events, services(request), study)
+    try:
+        if part_type != APPLICATION_DICOM:  # metadata and bulk data (PS3.18 10.5.1.4)
+            outcomes = await store_json_parts(events, services(request), study, part_type)
+        else:
+            outcomes = await store_parts(events, services(request), study)
+    except StoreInterruptedError as exc:
+        # The body broke off after instances were stored: its status (400, 413), and the
+        # Store Instances Response of what was stored, the reason first in the Warning.
+        return await _response(request, media, exc.outcomes, exc.status, [exc.message])
+    return await _response(request, media, outcomes, stow_status(outcomes), [])
+
+
+async def _response(
+    request: Request, media: str, outcomes: list[InstanceOutcome], status: int, notes: list[str]
+) -> Response:
     # The audit trail names each stored instance as study/series/instance.
     request.state.audit_uids = [
         "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
@@ -49,5 +60,5 @@ async def store_instances(request: Request) -> Response:
     studies = {o.retrieve_path.split("/")[2] for o in outcomes if o.retrieve_path}
     study_path = f"/studies/{studies.pop()}" if len(studies) == 1 else None
     doc = stow_response(outcomes, base_url(request), study_path)
-    reasons = [o.reason for o in outcomes if o.reason][:_MAX_WARNINGS]
-    return await model_response(doc, media, stow_status(outcomes), warning_header(reasons))
+    reasons = notes + [o.reason for o in outcomes if o.reason][:_MAX_WARNINGS]
+    return await model_response(doc, media, status, warning_header(reasons))
