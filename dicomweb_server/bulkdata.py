@@ -29,6 +29,7 @@ from dicomweb_server.retrieve import (
     Part,
     aclose,
     decoded_pixel_data,
+    encapsulated_pixels,
     frame_media,
     frame_parts,
     pixel_data_plan,
@@ -99,7 +100,7 @@ async def bulk_payload(
                 continue
             plans = None
             try:
-                if path == _PIXEL_DATA and inst.encapsulated and inst.number_of_frames > 0:
+                if path == _PIXEL_DATA and encapsulated_pixels(inst):
                     plans = pixel_data_plan(inst, accept)
                 elif path == _PIXEL_DATA and inst.number_of_frames > 0 and not plain_ok:
                     frame_media(inst, accept)  # 406 unless the frames go in a type accepted

@@ -139,6 +139,8 @@ def _representations(name: str) -> tuple[list[str], list[str]]:
         return types, ["application/dicom+json", "application/dicom+xml"]
     if name.startswith("search_for") or name.endswith("_metadata"):
         return [], _MODEL
+    if name == "retrieve_rendered_instance":  # documents too (PS3.18 Table 8.7.4-1)
+        return [], [*_RENDERED, "text/html", "text/plain", "application/pdf", "text/xml"]
     if "rendered" in name or "thumbnail" in name:
         return [], _RENDERED
     if name in ("retrieve_study", "retrieve_series", "retrieve_instance"):

@@ -23,27 +23,41 @@ MAX_REPORT_DEPTH = 50
 MAX_REPORT_ITEMS = 20_000
 
 
+def _first(seq: object) -> Dataset | None:
+    """The first item of a sequence; None when absent, empty or not a sequence (a malformed
+    report may hold a number where a sequence belongs)."""
+    if isinstance(seq, list | pydicom.Sequence) and len(seq) > 0 and isinstance(seq[0], Dataset):
+        return seq[0]
+    return None
+
+
 def _meaning(seq: object) -> str:
     """CodeMeaning of the first item of a code sequence, '' when absent."""
-    if isinstance(seq, list | pydicom.Sequence) and len(seq) > 0:
-        return str(getattr(seq[0], "CodeMeaning", "") or "")
-    return ""
+    item = _first(seq)
+    return "" if item is None else str(getattr(item, "CodeMeaning", "") or "")
 
 
 def _value(item: Dataset) -> str:
-    """The value of a content item as text, by its Value Type (PS3.3 C.17.3.2.1)."""
+    """The value of a content item as text, by its Value Type (PS3.3 C.17.3.2.1); a value
+    that is not what its type calls for (a malformed report) is shown as unreadable."""
+    try:
+        return _typed_value(item)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        return "(unreadable value)"
+
+
+def _typed_value(item: Dataset) -> str:
     kind = str(getattr(item, "ValueType", ""))
     if kind == "TEXT":
         return str(getattr(item, "TextValue", "")).replace("\r\n", "\n").replace("\r", "\n")
     if kind == "CODE":
         return _meaning(getattr(item, "ConceptCodeSequence", None))
     if kind == "NUM":
-        measured = getattr(item, "MeasuredValueSequence", None)
-        if not measured:
+        value = _first(getattr(item, "MeasuredValueSequence", None))
+        if value is None:
             return "(no value)"
-        value = measured[0]
-        units = getattr(value, "MeasurementUnitsCodeSequence", None)
-        unit = str(getattr(units[0], "CodeValue", "")) if units else ""
+        units = _first(getattr(value, "MeasurementUnitsCodeSequence", None))
+        unit = "" if units is None else str(getattr(units, "CodeValue", ""))
         return f"{getattr(value, 'NumericValue', '')} {unit}".strip()
     if kind in ("DATE", "TIME", "DATETIME"):
         return str(getattr(item, {"DATE": "Date", "TIME": "Time"}.get(kind, "DateTime"), ""))
@@ -52,17 +66,17 @@ def _value(item: Dataset) -> str:
     if kind == "UIDREF":
         return str(getattr(item, "UID", ""))
     if kind in ("IMAGE", "COMPOSITE", "WAVEFORM"):
-        refs = getattr(item, "ReferencedSOPSequence", None)
-        if not refs:
+        ref = _first(getattr(item, "ReferencedSOPSequence", None))
+        if ref is None:
             return "(no reference)"
-        ref = refs[0]
         frames = getattr(ref, "ReferencedFrameNumber", None)
         shown = f", frames {frames}" if frames is not None else ""
         return f"{kind.lower()} {getattr(ref, 'ReferencedSOPInstanceUID', '')}{shown}"
     if kind in ("SCOORD", "SCOORD3D"):
-        points = getattr(item, "GraphicData", None) or []
+        points = getattr(item, "GraphicData", None)
+        count = len(points) if isinstance(points, list | tuple | pydicom.multival.MultiValue) else 1
         dims = 2 if kind == "SCOORD" else 3
-        return f"{getattr(item, 'GraphicType', '')} ({len(points) // dims} points)"
+        return f"{getattr(item, 'GraphicType', '')} ({count // dims} points)"
     if kind == "TCOORD":
         return str(getattr(item, "TemporalRangeType", ""))
     return ""

@@ -14,7 +14,7 @@ import re
 import struct
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from dicomweb_server.media import (
 )
 from dicomweb_server.metadata import not_found, pixel_info, targets_of
 from dicomweb_server.transcode import (
+    NATIVE,
     TranscodeError,
     convert_codestream,
     decodable,
@@ -63,6 +64,7 @@ __all__ = [
     "aclose",
     "bulk_value",
     "decoded_pixel_data",
+    "encapsulated_pixels",
     "frame_media",
     "frame_parts",
     "frame_value",
@@ -284,10 +286,21 @@ class Sized:
     headers: dict[str, str]
     length: int
     read: Callable[[int, int], AsyncIterator[bytes]]  # bytes [start, stop)
+    # What only the server knows of the value (the blob's key, drawn at random when it was
+    # stored): it goes into the boundary a response derives from the value, which an
+    # uploader, who chose the value's bytes, therefore cannot put into them.
+    secret: str = ""
 
 
 async def frame_value(
     svc: Services, inst: StoredInstance, n: int, accept: str | None, whole: bool = False
+) -> tuple[str, Sized]:
+    media, value = await _frame_value(svc, inst, n, accept, whole)
+    return media, replace(value, secret=inst.blob_key)
+
+
+async def _frame_value(
+    svc: Services, inst: StoredInstance, n: int, accept: str | None, whole: bool
 ) -> tuple[str, Sized]:
     """(part media type, value) of frame n as the client accepts it; 404/406 raised here.
     `whole`: no byte range will be asked of it, so a stored encapsulated frame of at most
@@ -490,6 +503,15 @@ STORED_FRAMES = f"{_UNCOMPRESSED}; transfer-syntax=*"  # its frames as stored, o
 AS_FRAMES = "frames"  # its frames as the frames resource negotiates the request's Accept
 
 
+def encapsulated_pixels(inst: StoredInstance) -> bool:
+    """Whether the instance has Pixel Data in encapsulated (compressed) frames: recorded at
+    ingest when its frames could be mapped, else told by its transfer syntax (frames without
+    an offset table in more fragments than frames are not mapped, and still compressed)."""
+    if inst.number_of_frames == 0:
+        return False
+    return inst.encapsulated or inst.transfer_syntax_uid not in NATIVE
+
+
 def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     """What the Pixel Data bulk value of an encapsulated instance can be sent as, in the
     order the client prefers (each tried in turn: a decoder may still fail on the first
@@ -556,7 +578,7 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
             yield data[max(start - k * size, 0) : min(stop - k * size, size)]
 
     ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
-    return Sized({"Content-Type": ctype}, total, read)
+    return Sized({"Content-Type": ctype}, total, read, inst.blob_key)
 
 
 async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:
@@ -584,12 +606,13 @@ async def stored_bulk_value(
     headers = {"Content-Type": APPLICATION_OCTET_STREAM}
     if entry:
         offset, length, _vr, encapsulated = entry
-        return await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
+        sized = await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
+        return replace(sized, secret=inst.blob_key)
     file = svc.blobs.local_path(inst.blob_key)
     value = await anyio.to_thread.run_sync(_parsed_bulk_value, file, path, limiter=svc.limiter)
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
-    return _sized_bytes(headers, value)
+    return replace(_sized_bytes(headers, value), secret=inst.blob_key)
 
 
 def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:

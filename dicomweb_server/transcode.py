@@ -60,6 +60,7 @@ __all__ = [
     "decode_item_pixels",
     "encode_frames",
     "frame_array",
+    "keeps_ybr",
     "lossy_method",
     "stored_frames",
     "to_transfer_syntax",
@@ -227,7 +228,7 @@ def _jpeg_lossless_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
             data, lossless=True, predictor=1, bitspersample=info.bits_stored, **colour
         )
     )
-    return _unlabelled_colour(codestream) if keeps_ybr(info) else codestream
+    return _unlabelled_colour(codestream) if keeps_ybr(info, JPEG_LOSSLESS_SV1) else codestream
 
 
 def _unlabelled_colour(codestream: bytes) -> bytes:
@@ -400,15 +401,24 @@ def _decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
     return decode("")
 
 
-def keeps_ybr(info: PixelInfo) -> bool:
-    """Whether frames served on their own (frames, Pixel Data bulk data) are decoded without
-    converting colour: YBR_FULL stays YBR_FULL (PS3.5 8.2.2 note 4 permits leaving it so),
-    which is what the instance's metadata, the only description a client has of a frame,
-    says. Converted to RGB, Cornerstone and pydicom, reading the metadata, converted it a
-    second time. YBR_FULL_422 is sent as RGB (its subsampled layout is not remade; Cornerstone
-    recognises RGB by the frame's length), and YBR_ICT and YBR_RCT come out of the JPEG 2000
-    decoder as RGB, which clients take them as."""
-    return info.samples_per_pixel == 3 and info.photometric.strip() == "YBR_FULL"
+def keeps_ybr(info: PixelInfo, target: str) -> bool:
+    """Whether frames served on their own (frames, Pixel Data bulk data) in `target` are
+    decoded without converting colour, so that their samples are in the colour space the
+    instance's metadata, the only description a client has of a frame, gives: converted to
+    RGB under YBR metadata, Cornerstone and pydicom converted them a second time.
+
+    - YBR_FULL stays YBR_FULL, uncompressed or re-encoded (PS3.5 8.2.2 note 4 permits leaving
+      it so).
+    - YBR_FULL_422 re-encoded (JPEG-LS, JPEG 2000, HTJ2K, RLE, JPEG Lossless) holds its YCbCr
+      samples, upsampled; uncompressed it is sent as RGB (its subsampled layout is not
+      remade; Cornerstone recognises RGB by the frame's length, as from Orthanc and dcm4chee).
+    - JPEG Baseline is made from RGB: its encoder converts to YCbCr itself and decoders back.
+    - YBR_ICT and YBR_RCT come out of the JPEG 2000 decoder as RGB, which clients take them as.
+    """
+    if info.samples_per_pixel != 3 or target == JPEG_BASELINE:
+        return False
+    space = info.photometric.strip()
+    return space == "YBR_FULL" or (space == "YBR_FULL_422" and target != EXPLICIT_VR_LITTLE_ENDIAN)
 
 
 def _pixels(ds: Dataset, as_rgb: bool = True) -> np.ndarray:
@@ -465,7 +475,7 @@ def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     out = []
     for n in frames:
         try:
-            arr = frame_array(path, ds, n, as_rgb=not keeps_ybr(info))
+            arr = frame_array(path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
         except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
             raise _cannot(path, f"decode frame {n}", exc) from None
         out.append(_frame_bytes(arr, info.bits_allocated, planar))
@@ -481,7 +491,8 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
     out = []
     for n in frames:
         try:
-            out.append(codec.encode(frame_array(path, ds, n, not keeps_ybr(info)), info))
+            arr = frame_array(path, ds, n, not keeps_ybr(info, transfer_syntax_uid))
+            out.append(codec.encode(arr, info))
         except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
             raise _cannot(
                 path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
@@ -522,7 +533,7 @@ def decode_codestream(
 def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, target: str) -> bytes:
     """A stored compressed frame decoded, then sent uncompressed or re-encoded as `target`;
     in the colour space the metadata gives (keeps_ybr), for it is all a client knows."""
-    arr = decode_codestream(codestream, stored_ts, info, as_rgb=not keeps_ybr(info))
+    arr = decode_codestream(codestream, stored_ts, info, not keeps_ybr(info, target))
     codec = ENCODERS[target]
     if codec.encode is None:  # same layout as decode_frames gives
         planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
@@ -542,7 +553,7 @@ def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     info = PixelInfo.of(ds)
     try:
-        arr = _pixels(ds, as_rgb=not keeps_ybr(info))
+        arr = _pixels(ds, as_rgb=not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
     except _DECODE_ERRORS as exc:
         raise _cannot(None, "decode the nested Pixel Data", exc) from None
     planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
@@ -683,9 +694,10 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
                 ts,
                 lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
             )
-        elif not ts.is_little_endian:  # big endian: swap the pixel bytes
+        elif not ts.is_little_endian:  # big endian: swap the pixel bytes, colour untouched
             planar = ds.get("PlanarConfiguration") == 1
-            ds.PixelData = _frame_bytes(_pixels(ds), info.bits_allocated, planar)
+            arr = _pixels(ds, as_rgb=False)
+            ds.PixelData = _frame_bytes(arr, info.bits_allocated, planar)
             ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
         # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
         return

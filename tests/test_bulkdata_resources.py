@@ -376,3 +376,33 @@ async def test_nested_compressed_pixel_data_is_sent_uncompressed(
     assert body == pixels.tobytes()
     parts = await _parts(app_client, f"{inst_url(ds)}/bulkdata")
     assert {h["content-location"]: b for h, b in parts}[uri] == pixels.tobytes()
+
+
+@pytest.mark.db
+async def test_compressed_pixel_data_without_a_frame_map_is_decoded(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Frames in more fragments than frames, with no offset table, are not mapped at ingest;
+    their Pixel Data was sent as its compressed bytes labelled uncompressed octet-stream."""
+    from pydicom.pixels.encoders.base import get_encoder
+
+    ds = make_instance(frames=2, rows=16, cols=16)
+    pixels = np.frombuffer(ds.PixelData, "<u2").reshape(2, 16, 16)
+    opts: dict[str, Any] = {
+        "rows": 16, "columns": 16, "samples_per_pixel": 1, "bits_allocated": 16,
+        "bits_stored": 16, "pixel_representation": 0, "number_of_frames": 1,
+        "photometric_interpretation": "MONOCHROME2",
+    }  # fmt: skip
+    encoder = get_encoder(pydicom.uid.JPEGLSLossless)
+    frames = [encoder.encode(f, **opts) for f in pixels]
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
+    ds.PixelData = pydicom.encaps.encapsulate(frames, fragments_per_frame=2, has_bot=False)
+    ds["PixelData"].VR = "OB"
+    await _store(app_client, to_bytes(ds))
+    r = await app_client.get(f"{inst_url(ds)}/bulk/7FE00010", headers={"Accept": OCTETS})
+    assert r.status_code == 200, r.text
+    ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"].endswith("transfer-syntax=1.2.840.10008.1.2.1")
+    assert body == pixels.tobytes()
+    ((_, again),) = await _parts(app_client, f"{inst_url(ds)}/pixeldata")
+    assert again == body

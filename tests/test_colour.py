@@ -5,6 +5,7 @@ under YBR_FULL metadata was converted twice. YBR_FULL_422 and YBR_ICT come as RG
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pydicom.uid import RLELossless
 
 from tests.helpers import ROOT, inst_url, multipart_body, split_multipart, stow_headers
 
+ELE_UID = "1.2.840.10008.1.2.1"
 JLS = 'multipart/related; type="image/jls"'
 
 
@@ -84,3 +86,50 @@ async def test_ybr_full_422_and_ict_frames_are_rgb(
         ds = await _store(app_client, path.read_bytes())
         frame = await _frame(app_client, ds)
         assert frame == pixel_array(ds).tobytes(), path.name  # RGB, 3 bytes a pixel
+
+
+def _decode_as_metadata_says(ds: pydicom.Dataset, ts: str, frame: bytes) -> np.ndarray:
+    """A one-frame codestream decoded as a client does: by the instance's metadata."""
+    one = copy.deepcopy(ds)
+    one.file_meta.TransferSyntaxUID = pydicom.uid.UID(ts)
+    one.NumberOfFrames = 1
+    one.PixelData = pydicom.encaps.encapsulate([frame])
+    one["PixelData"].VR = "OB"
+    return pixel_array(one)
+
+
+@pytest.mark.db
+async def test_ybr_frames_re_encoded_decode_to_the_same_colours(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Re-encoded frames under YBR metadata: JPEG-LS of YBR_FULL_422 holds YCbCr samples (as
+    RGB, pydicom converted them twice: errors up to 255); JPEG Baseline is made from RGB (its
+    encoder converts to YCbCr itself), so its error is the loss of quality 90 only."""
+    ybr422 = await _store(
+        app_client, (samples / "real" / "pydicom" / "SC_rgb_dcmtk_+eb+cy+np.dcm").read_bytes()
+    )
+    jls = await _frame(app_client, ybr422, JLS)
+    got = _decode_as_metadata_says(ybr422, "1.2.840.10008.1.2.4.80", jls)
+    assert np.array_equal(got, pixel_array(ybr422))
+    ybr = await _store(app_client, _rle_ybr_full(samples))
+    baseline = 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    jpeg = await _frame(app_client, ybr, baseline)
+    got = _decode_as_metadata_says(ybr, "1.2.840.10008.1.2.4.50", jpeg).astype(int)
+    assert np.abs(got - pixel_array(ybr).astype(int)).mean() < 3.0
+
+
+@pytest.mark.db
+async def test_big_endian_ybr_full_instance_converted_keeps_its_colours(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Explicit VR Big Endian re-encoded as Explicit VR Little Endian: the pixel bytes are
+    swapped, colour untouched (its samples were made RGB under a YBR_FULL label)."""
+    ds = pydicom.dcmread(samples / "real" / "pydicom-data" / "SC_ybr_full_uncompressed.dcm")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+    await _store(app_client, buf.getvalue())
+    r = await app_client.get(inst_url(ds), headers={"Accept": "application/dicom"})
+    sent = pydicom.dcmread(io.BytesIO(r.content))
+    assert sent.file_meta.TransferSyntaxUID == ELE_UID
+    assert np.array_equal(pixel_array(sent), pixel_array(ds))

@@ -335,3 +335,22 @@ async def test_pieces_of_a_large_frame_join_into_its_body(app_client: httpx.Asyn
     assert joined == whole.content
     ((_, frame),) = split_multipart(joined, first.headers["content-type"])
     assert frame == bytes(ds.PixelData)
+
+
+@pytest.mark.db
+async def test_the_boundary_cannot_be_worked_out_by_the_uploader(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """The stable boundary is drawn from the blob's key too (random, the server's): from the
+    URL, the part headers and the length alone, which an uploader knows before uploading, a
+    value could be made to hold its own boundary and forge parts."""
+    from dicomweb_server.multipart import stable_boundary
+
+    ds = make_instance(frames=1, rows=4, cols=4)
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/frames/1"
+    r = await app_client.get(url)
+    served = r.headers["content-type"].split("boundary=")[1]
+    ctype = "Content-Type: application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+    assert served != stable_boundary(url, "", ctype, "32")
+    assert (await app_client.get(url)).headers["content-type"].endswith(served)  # still stable

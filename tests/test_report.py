@@ -120,3 +120,52 @@ async def test_rendered_encapsulated_pdf_is_the_pdf(
         assert r.content == ds.EncapsulatedDocument[:length] and r.content.startswith(b"%PDF")
     r = await app_client.get(url, headers={"Accept": "text/html"})
     assert r.status_code == 406
+
+
+def test_malformed_content_items_render_without_failing(samples: Path, tmp_path: Path) -> None:
+    """Values that are not what their Value Type calls for (a number where a sequence
+    belongs, one coordinate) are shown as such; they were a 500."""
+    ds = pydicom.dcmread(samples / TEST_SR)
+    num, image, scoord = Dataset(), Dataset(), Dataset()
+    num.ValueType, image.ValueType, scoord.ValueType = "NUM", "IMAGE", "SCOORD"
+    num.add_new(0x0040A300, "US", 5)  # Measured Value Sequence as a number
+    image.add_new(0x00081199, "US", 7)  # Referenced SOP Sequence as a number
+    scoord.add_new(0x00700022, "FL", 1.5)  # Graphic Data: one value
+    scoord.GraphicType = "POINT"
+    ds.ContentSequence = Sequence([num, image, scoord])
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path)
+    for media in report.REPORT_MEDIA_TYPES:
+        text = render_report(path, media).decode()
+        assert "(no value)" in text and "(no reference)" in text and "POINT (0 points)" in text
+
+
+@pytest.mark.db
+async def test_documents_are_shown_never_run(
+    app_client: httpx.AsyncClient, samples: Path, tmp_path: Path
+) -> None:
+    """A CDA (or any document) that holds script must not run in the archive's origin when a
+    browser opens its rendered URL: a sandboxing Content-Security-Policy and nosniff; the
+    CDA's own Content-Type, no charset added (it declares its encoding itself)."""
+    ds = pydicom.dcmread(samples / "generated" / "coverage" / "encapsulated_pdf.dcm")
+    cda = b'<?xml version="1.0" encoding="ISO-8859-1"?><html><script>alert(1)</script></html>'
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.UID(
+        "1.2.840.10008.5.1.4.1.1.104.2"
+    )
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.MIMETypeOfEncapsulatedDocument = "text/xml"
+    ds.EncapsulatedDocument = cda + b" " * (len(cda) % 2)
+    ds.EncapsulatedDocumentLength = len(cda)
+    path = tmp_path / "cda.dcm"
+    ds.save_as(path)
+    await _store(app_client, path)
+    r = await app_client.get(f"{inst_url(ds)}/rendered")
+    assert r.status_code == 200 and r.content == cda
+    assert r.headers["content-type"] == "text/xml"
+    assert r.headers["content-security-policy"].startswith("sandbox")
+    assert r.headers["x-content-type-options"] == "nosniff"
+    r = await app_client.get(f"{inst_url(ds)}/rendered", headers={"Accept": "text/html"})
+    assert r.status_code == 406 and "text/xml" in r.json()["message"]
+    sr = await _store(app_client, samples / "generated" / "coverage" / "sr_basic_text.dcm")
+    r = await app_client.get(f"{inst_url(sr)}/rendered")
+    assert r.headers["content-security-policy"].startswith("sandbox")

@@ -17,7 +17,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomweb_server import transcode
-from dicomweb_server.transcode import ENCODERS, converted_dataset
+from dicomweb_server.transcode import ENCODERS, PixelInfo, converted_dataset, keeps_ybr
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -52,7 +52,7 @@ def decode(codestream: bytes, ds: pydicom.Dataset, ts: str) -> np.ndarray:
     metadata says (YBR_FULL stays YBR_FULL, converted to RGB here as a client would), colour
     otherwise RGB."""
     spp = int(ds.SamplesPerPixel)
-    ybr_full = spp == 3 and ds.PhotometricInterpretation == "YBR_FULL"
+    ybr_full = keeps_ybr(PixelInfo.of(ds), ts)  # samples as the metadata says
     opts: dict[str, Any] = {
         "rows": int(ds.Rows), "columns": int(ds.Columns), "samples_per_pixel": spp,
         "bits_allocated": int(ds.BitsAllocated), "bits_stored": int(ds.BitsStored),

@@ -382,7 +382,7 @@ async def ranged_response(request: Request, value: Sized, part_type: str | None)
     else:
         url = request.url
         parts = [f"{name}: {text}" for name, text in value.headers.items()]
-        boundary = stable_boundary(url.path, url.query, *parts, str(value.length))
+        boundary = stable_boundary(value.secret, url.path, url.query, *parts, str(value.length))
         head, tail = one_part_frame(value.headers, boundary)
         media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
     total = len(head) + value.length + len(tail)

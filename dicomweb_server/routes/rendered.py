@@ -7,10 +7,10 @@ import json
 from starlette.requests import Request
 from starlette.responses import Response
 
-from dicomweb_server.errors import BadRequestError
+from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import parse_accept
+from dicomweb_server.media import MediaRange, parse_accept
 from dicomweb_server.rendered import negotiate_rendered, parse_render_params
 from dicomweb_server.rendering import (
     REPORT_CLASS_PREFIX,
@@ -72,19 +72,39 @@ async def _document(svc: Services, inst: StoredInstance, accept: str | None) -> 
     if inst.sop_class_uid.startswith(REPORT_CLASS_PREFIX):
         media = next((m for r in ranges for m in REPORT_MEDIA_TYPES if r.matches(m)), None)
         if media is None:
-            return None
+            raise _not_acceptable(ranges, REPORT_MEDIA_TYPES)
         data = await rendered_report(svc, inst, media)
-        return Response(data, media_type=f"{media}; charset=utf-8", headers=_PRIVATE)
+        return Response(data, media_type=f"{media}; charset=utf-8", headers=_DOCUMENT_HEADERS)
     media = _DOCUMENT_TYPES.get(inst.sop_class_uid)
-    if media is None or not any(r.matches(media) for r in ranges):
+    if media is None:
         return None
+    if not any(r.matches(media) for r in ranges):
+        raise _not_acceptable(ranges, (media,))
     uids = (inst.study_uid, inst.series_uid, inst.sop_instance_uid)
     value = await bulk_value(svc, *uids, _ENCAPSULATED_DOCUMENT)
     ((_, text),) = await svc.index.metadata_texts(*uids)
     stated = json.loads(text).get("00420015", {}).get("Value", [None])[0]
     length = stated if isinstance(stated, int) and 0 <= stated <= value.length else value.length
-    headers = {**_PRIVATE, "Content-Length": str(length)}
-    return StreamedResponse(value.read(0, length), media_type=media, headers=headers)
+    # The document's own Content-Type, no charset added: a CDA declares its encoding itself.
+    headers = {**_DOCUMENT_HEADERS, "Content-Length": str(length), "Content-Type": media}
+    return StreamedResponse(value.read(0, length), headers=headers)
+
+
+# A document from the archive is shown, never run: one that holds script (a CDA in XHTML, a
+# crafted report) must not act in the archive's origin when a browser opens its URL.
+_DOCUMENT_HEADERS = {
+    **_PRIVATE,
+    "Content-Security-Policy": "sandbox; default-src 'none'; style-src 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _not_acceptable(ranges: tuple[MediaRange, ...], types: tuple[str, ...]) -> NotAcceptableError:
+    """406 for a document asked for in a type it is not rendered in; an image type gets the
+    image rules' answer (this instance has no pixel data to render)."""
+    if any(r.type == "image" for r in ranges):
+        return NotAcceptableError("the instance has no pixel data to render as an image")
+    return NotAcceptableError(f"the document is rendered as {', '.join(types)}")
 
 
 async def retrieve_rendered(request: Request) -> Response:

@@ -28,6 +28,7 @@ from dicomweb_server.retrieve import (
     Part,
     bulk_value,
     decoded_pixel_data,
+    encapsulated_pixels,
     frame_parts,
     frame_value,
     instance_parts,
@@ -252,7 +253,7 @@ async def retrieve_bulkdata(request: Request) -> Response:
         # Encapsulated Pixel Data by its BulkDataURI: uncompressed, as octet-stream bulk data
         # is (PS3.18 8.7.3.3.1); its frames as stored or in an image type when asked so.
         (inst,) = await locate(svc, study, series, sop)
-        if inst.encapsulated and inst.number_of_frames > 0:
+        if encapsulated_pixels(inst):
             return await _pixel_data(request, svc, inst, accept, location, single is not None)
     negotiate_bulkdata(accept)
     value = await bulk_value(svc, study, series, sop, path)
