@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from dicomweb_server.errors import (
@@ -144,6 +144,9 @@ class MediaRange:
     subtype: str
     params: Mapping[str, str] = field(default_factory=dict)  # read-only: ranges are shared
     q: float = 1.0
+    # Types a more specific range of the same Accept gives q=0: not acceptable through this
+    # wildcard (RFC 9110 12.5.1: `text/html;q=0, */*` accepts anything but text/html).
+    excludes: tuple[str, ...] = ()
 
     @property
     def essence(self) -> str:
@@ -151,7 +154,14 @@ class MediaRange:
 
     def matches(self, media_type: str) -> bool:
         t, _, s = media_type.partition("/")
-        return self.type in ("*", t) and self.subtype in ("*", s)
+        if not (self.type in ("*", t) and self.subtype in ("*", s)):
+            return False
+        return not any(_covers(excluded, t, s) for excluded in self.excludes)
+
+
+def _covers(essence: str, t: str, s: str) -> bool:
+    et, _, es = essence.partition("/")
+    return et in ("*", t) and es in ("*", s)
 
 
 def frame_syntax(media_type: str) -> str | None:
@@ -307,8 +317,25 @@ def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
     for block in value.split(ACCEPT_FALLBACK):
         ranges = [r for part in _split_outside_quotes(block, ",") if (r := _parse_valid(part))]
         ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
-        out += [r for _, r in ordered if r.q > 0]
+        refused = [r for r in ranges if r.q == 0 and not r.params]
+        out += [_without(r, refused) for _, r in ordered if r.q > 0]
     return tuple(out)
+
+
+def _without(rng: MediaRange, refused: list[MediaRange]) -> MediaRange:
+    """`rng` with the q=0 ranges more specific than it as exclusions (RFC 9110 12.5.1: the
+    most specific range gives a type its quality)."""
+    if "*" not in (rng.type, rng.subtype):
+        return rng
+    narrower = tuple(
+        r.essence for r in refused
+        if rng.matches(r.essence.replace("*", "x")) and _specificity(r) > _specificity(rng)
+    )  # fmt: skip
+    return replace(rng, excludes=narrower) if narrower else rng
+
+
+def _specificity(rng: MediaRange) -> int:
+    return (rng.type != "*") + (rng.subtype != "*")
 
 
 def _parse_valid(text: str) -> MediaRange | None:

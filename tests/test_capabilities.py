@@ -77,6 +77,10 @@ async def test_capabilities_negotiation_and_other_options(app_client: httpx.Asyn
         assert r.status_code == 200, accept
     r = await app_client.options(ROOT, headers={"Accept": "application/dicom+json"})
     assert r.status_code == 406 and "application/vnd.sun.wadl+xml" in r.text
+    # a type refused with q=0 is not given through a wildcard (RFC 9110 12.5.1)
+    refused = "application/vnd.sun.wadl+xml;q=0, application/*;q=0.1"
+    r = await app_client.options(ROOT, headers={"Accept": refused})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
     # other resources keep answering OPTIONS with 405 and their methods
     r = await app_client.options(f"{ROOT}/studies")
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"

@@ -321,3 +321,22 @@ def test_negotiate_frames_without_a_named_type_falls_back_to_as_stored(accept: s
     assert negotiate_frames(accept, JPEG, ONLY_LE) == EXPLICIT_VR_LITTLE_ENDIAN
     with pytest.raises(NotAcceptableError):  # octet-stream named: uncompressed only
         negotiate_frames('multipart/related; type="application/octet-stream"', JPEG, ())
+
+
+@pytest.mark.parametrize(
+    ("accept", "media", "accepted"),
+    [
+        ("text/html;q=0, */*", "text/html", False),
+        ("text/html;q=0, */*", "text/plain", True),
+        ("image/*;q=0, */*;q=0.5", "image/png", False),
+        ("image/*;q=0, */*;q=0.5", "application/pdf", True),
+        ("image/png;q=0, image/*", "image/jpeg", True),
+        ("image/png;q=0, image/*", "image/png", False),
+        ("*/*;q=0, text/html", "text/html", True),
+    ],
+)
+def test_a_refused_type_is_not_accepted_through_a_wildcard(
+    accept: str, media: str, accepted: bool
+) -> None:
+    """RFC 9110 12.5.1: the most specific range gives a type its quality; q=0 refuses it."""
+    assert any(r.matches(media) for r in parse_accept(accept)) is accepted

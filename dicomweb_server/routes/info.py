@@ -55,11 +55,12 @@ async def capabilities(request: Request) -> Response:
     description is. `application/vnd.sun.wadl+xml`, also for `application/xml`, `text/xml`
     and wildcards; anything else is a 406."""
     for rng in parse_accept(accept_of(request)):
-        if any(rng.matches(t) for t in (WADL_MEDIA_TYPE, "application/xml", "text/xml")):
-            rows = route_rows(request.app.routes)
-            body = wadl_document(rows, DICOMWEB_ROOT, base_url(request))
-            allow = "GET, HEAD, OPTIONS"
-            return Response(body, media_type=WADL_MEDIA_TYPE, headers={"Allow": allow})
+        for media in (WADL_MEDIA_TYPE, "application/xml", "text/xml"):
+            if rng.matches(media):
+                rows = route_rows(request.app.routes)
+                body = wadl_document(rows, DICOMWEB_ROOT, base_url(request))
+                allow = "GET, HEAD, OPTIONS"
+                return Response(body, media_type=media, headers={"Allow": allow})
     raise NotAcceptableError(f"acceptable: {WADL_MEDIA_TYPE}, application/xml")
 
 
