@@ -22,12 +22,12 @@ from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import BULKDATA_ACCEPTABLE, accepts_bulkdata
 from dicomweb_server.metadata import not_found
+from dicomweb_server.multipart import close_all
 from dicomweb_server.retrieve import (
     AS_FRAMES,
     DECODED,
     STORED_FRAMES,
     Part,
-    aclose,
     decoded_pixel_data,
     encapsulated_pixels,
     frame_media,
@@ -185,7 +185,7 @@ async def located_frames(
             headers, body = part
             yield {**headers, "Content-Location": f"{location}/frames/{n}"}, body
     finally:
-        await aclose(parts)
+        await close_all(parts)
 
 
 async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -195,4 +195,4 @@ async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[b
         async for chunk in rest:
             yield chunk
     finally:
-        await aclose(rest)
+        await close_all(rest)

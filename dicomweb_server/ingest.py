@@ -126,13 +126,13 @@ async def store_parts(
             count = await _spool_parts(events, ctx, failed, start)
         except Exception as exc:  # raised once the parts in flight are done
             stream_error = exc
+    if errors:  # a server error (503: the database went away) first: the client retries
+        raise errors[min(errors)]
     if stream_error is not None:
         done = [outcomes[n] for n in sorted(outcomes)]
         if isinstance(stream_error, DicomWebError) and any(o.retrieve_path for o in done):
             raise StoreInterruptedError(stream_error, done) from stream_error
         raise stream_error
-    if errors:
-        raise errors[min(errors)]
     return [outcomes[n] for n in range(count)]
 
 

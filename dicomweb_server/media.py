@@ -44,6 +44,7 @@ __all__ = [
     "byte_range",
     "check_charset",
     "frame_media_type",
+    "frame_part_type",
     "frame_syntax",
     "names_instances",
     "negotiate_bulkdata",
@@ -53,7 +54,7 @@ __all__ = [
     "none_match",
     "parse_accept",
     "parse_content_type",
-    "single_part",
+    "single_parts",
     "stow_boundary",
     "wants_bulkdata",
 ]
@@ -374,8 +375,11 @@ def stow_boundary(content_type: str | None) -> tuple[str, str]:
 
 
 def _related_type(rng: MediaRange, default: str) -> str | None:
-    """The part media type a range accepts, or None when the range is not multipart/related."""
+    """The part media type a range accepts, or None when the range is not multipart/related
+    (a wildcard whose header refuses multipart/related with q=0 is not)."""
     if rng.essence in ("*/*", "multipart/*"):
+        if not rng.matches(MULTIPART_RELATED):
+            return None
         return rng.params.get("type", default).lower()
     if rng.essence == MULTIPART_RELATED:
         return rng.params.get("type", default).lower()
@@ -508,21 +512,30 @@ def negotiate_bulkdata(accept: str | None) -> None:
         raise NotAcceptableError(BULKDATA_ACCEPTABLE)
 
 
-def single_part(accept: str | None, allowed: Callable[[str], bool]) -> str | None:
-    """When the client's most preferred range names a single part media type the resource
-    may be sent as (`allowed(essence)`; PS3.18 10.4.4: "a single part Media Type is permitted
-    for resources which are a single response item"), that range as the equivalent
-    multipart/related one, its transfer-syntax kept, to negotiate the one part with; else
-    None (a multipart range, `*/*` or `multipart/*` comes first: a multipart response)."""
+def single_parts(
+    accept: str | None, allowed: Callable[[str], bool]
+) -> list[tuple[str, str | None, str]]:
+    """The ranges of the Accept, in order of preference, that name a single part media type
+    the resource may be sent as (`allowed(essence)`, concrete types only; PS3.18 10.4.4: "a
+    single part Media Type is permitted for resources which are a single response item"), as
+    (media type, transfer-syntax, the equivalent multipart/related range to negotiate the one
+    part with); up to the first range that takes a multipart response (`*/*`, `multipart/*`,
+    multipart/related). Each is tried in turn, then the multipart negotiation with the whole
+    Accept (8.7.8.1: a range that cannot be met passes to the next)."""
+    out = []
     for rng in parse_accept(accept):
-        if rng.type in ("*", "multipart"):
-            return None
-        if allowed(rng.essence):
+        if rng.type == "multipart" or (rng.type == "*" and rng.matches(MULTIPART_RELATED)):
+            break
+        if "*" not in (rng.type, rng.subtype) and allowed(rng.essence):
             ts = rng.params.get("transfer-syntax")
-            return f'{MULTIPART_RELATED}; type="{rng.essence}"' + (
-                f"; transfer-syntax={ts}" if ts else ""
-            )
-    return None
+            as_part = f'{MULTIPART_RELATED}; type="{rng.essence}"'
+            out.append((rng.essence, ts, as_part + (f"; transfer-syntax={ts}" if ts else "")))
+    return out
+
+
+def frame_part_type(essence: str) -> bool:
+    """Whether `essence` is a media type one frame can be sent in as a single part."""
+    return essence == APPLICATION_OCTET_STREAM or essence in _FRAME_MEDIA_TYPES.values()
 
 
 def names_instances(accept: str | None) -> bool:

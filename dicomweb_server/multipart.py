@@ -30,6 +30,7 @@ __all__ = [
     "PartBegin",
     "PartData",
     "PartEnd",
+    "close_all",
     "encode_body",
     "encode_parts",
     "encoded_length",
@@ -146,6 +147,12 @@ class MultipartReader:
         if self._error is not None and not events:
             raise self._error
         return events
+
+    def check(self) -> None:
+        """Raise the error the input fed so far holds, if any (feed gives the events before
+        it first)."""
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         """End of input: the closing delimiter must have been seen, after at least one part."""
@@ -269,6 +276,7 @@ async def iter_parts(
             )
         for event in reader.feed(chunk):
             yield event
+        reader.check()  # an error found in this chunk, before reading the next
     reader.close()
 
 
@@ -314,10 +322,23 @@ async def encode_parts(
     finally:
         # Closed early (a client gone, a HEAD): what is open (a blob read, a scratch file)
         # closes now, not when the garbage collector finds it.
-        for source in (body, parts):
-            close = getattr(source, "aclose", None)
-            if close is not None:
-                await close()
+        await close_all(body, parts)
+
+
+async def close_all(*sources: object) -> None:
+    """Close each async iterator given (those that have aclose), every one even when one
+    fails; the first failure is raised after."""
+    failure: BaseException | None = None
+    for source in sources:
+        close = getattr(source, "aclose", None)
+        if close is None:
+            continue
+        try:
+            await close()
+        except BaseException as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def encode_body(parts: Iterable[tuple[dict[str, str], bytes]], boundary: str) -> bytes:

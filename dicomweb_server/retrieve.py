@@ -39,6 +39,7 @@ from dicomweb_server.media import (
     parse_accept,
 )
 from dicomweb_server.metadata import not_found, pixel_info, targets_of
+from dicomweb_server.multipart import close_all
 from dicomweb_server.transcode import (
     NATIVE,
     TranscodeError,
@@ -61,7 +62,6 @@ __all__ = [
     "Part",
     "PartLength",
     "Sized",
-    "aclose",
     "bulk_value",
     "decoded_pixel_data",
     "encapsulated_pixels",
@@ -385,7 +385,7 @@ async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> A
             if pos >= stop:
                 break
     finally:
-        await aclose(chunks)
+        await close_all(chunks)
 
 
 async def _stored_frames(
@@ -486,14 +486,7 @@ async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
                     (remaining,) = struct.unpack("<I", header[4:])
                     header = b""
     finally:
-        await aclose(chunks)
-
-
-async def aclose(chunks: AsyncIterable[Any]) -> None:
-    """Close an async generator that is stopped early (a no-op for one that has ended)."""
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        await close()
+        await close_all(chunks)
 
 
 _UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
@@ -527,6 +520,8 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     why = ""
     for rng in parse_accept(accept):
         if rng.essence not in ("*/*", "multipart/*", MULTIPART_RELATED):
+            continue
+        if not rng.matches(MULTIPART_RELATED):  # a wildcard of a header refusing multipart
             continue
         part = rng.params.get("type", APPLICATION_OCTET_STREAM).lower()
         ts = rng.params.get("transfer-syntax")

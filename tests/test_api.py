@@ -810,3 +810,29 @@ async def test_series_of_small_instances_is_read_in_runs(
     got = sorted(body for _, body in split_multipart(r.content, r.headers["content-type"]))
     assert got == sorted(files)
     assert runs == [2, 2]  # the fifth instance alone: streamed
+
+
+async def test_a_server_error_of_a_part_outranks_a_body_that_breaks_off(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part that met a server error (503: retry) and a body that then broke off (400): the
+    503 is answered, as before the report of stored parts; that report left the part out of
+    both its sequences and turned a retryable error into the client's."""
+    from dicomweb_server import ingest
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    real = ingest._finish_part
+    calls: list[int] = []
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ServiceUnavailableError("database away")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "_finish_part", flaky)
+    one, two = to_bytes(make_instance()), to_bytes(make_instance())
+    body = multipart_body([one, two])[: -len("--test-boundary-1234--\r\n")]
+    body += b"--test-boundary-1234\r\nContent-Type: application/dicom\r\n\r\npartial"
+    r = await app_client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 503, r.text

@@ -557,3 +557,22 @@ async def test_encode_parts_refuses_header_injection(headers: dict[str, str]) ->
     with pytest.raises(ValueError, match="invalid part header"):
         async for _ in encode_parts(_parts([(headers, (b"x",))]), "BND"):
             pass
+
+
+async def test_an_error_found_in_a_chunk_is_raised_before_the_next_is_read() -> None:
+    """The events before an error come first, then the error itself, not a later one (a
+    413 for the request's size used to replace the 400 of a malformed header)."""
+    first = b"--B\r\nContent-Type: a/b\r\n\r\nxx\r\n--B\r\nBadHeader\n\r\n"
+    read: list[int] = []
+
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in (first, b"y" * 1000):
+            read.append(len(chunk))
+            yield chunk
+
+    events = []
+    with pytest.raises(BadRequestError, match="malformed"):
+        async for event in iter_parts(stream(), "B", max_part_bytes=100, max_request_bytes=200):
+            events.append(event)
+    assert [type(e) for e in events] == [PartBegin, PartData, PartEnd]
+    assert read == [len(first)]  # the next chunk was not read

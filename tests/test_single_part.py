@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from starlette.applications import Starlette
 
-from dicomweb_server.media import single_part
+from dicomweb_server.media import single_parts
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -37,21 +37,61 @@ async def _store(client: httpx.AsyncClient, raw: bytes) -> pydicom.Dataset:
 @pytest.mark.parametrize(
     ("accept", "expected"),
     [
-        ("application/dicom", 'multipart/related; type="application/dicom"'),
+        ("application/dicom", ['multipart/related; type="application/dicom"']),
         ("application/dicom; transfer-syntax=*",
-         'multipart/related; type="application/dicom"; transfer-syntax=*'),
+         ['multipart/related; type="application/dicom"; transfer-syntax=*']),
         ('application/dicom, multipart/related; type="application/dicom"',
-         'multipart/related; type="application/dicom"'),
-        ('multipart/related; type="application/dicom", application/dicom', None),
-        ("*/*, application/dicom", None),
-        ("application/json, application/dicom", 'multipart/related; type="application/dicom"'),
-        (None, None),
+         ['multipart/related; type="application/dicom"']),
+        ('multipart/related; type="application/dicom", application/dicom', []),
+        ("*/*, application/dicom", []),
+        ("application/json, application/dicom", ['multipart/related; type="application/dicom"']),
+        ("application/*", []),  # wildcards take the multipart answer
+        ("multipart/related;q=0, */*, application/dicom;q=0.5",  # */* refuses multipart
+         ['multipart/related; type="application/dicom"']),
+        (None, []),
     ],
 )  # fmt: skip
-def test_single_part_is_the_first_range_naming_one(
-    accept: str | None, expected: str | None
+def test_single_part_ranges_before_any_multipart_one(
+    accept: str | None, expected: list[str]
 ) -> None:
-    assert single_part(accept, lambda e: e == "application/dicom") == expected
+    got = single_parts(accept, lambda e: e == "application/dicom")
+    assert [as_part for _, _, as_part in got] == expected
+
+
+@pytest.mark.db
+@pytest.mark.parametrize(
+    "accept",
+    [
+        # Chrome's <img> and navigation Accept: no type it names is made, */* is multipart
+        "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8",
+        "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8",
+        'image/webp, multipart/related; type="application/octet-stream"',
+        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.50, */*",
+    ],
+)
+async def test_a_single_part_range_that_cannot_be_met_passes_to_the_next(
+    app_client: httpx.AsyncClient, accept: str
+) -> None:
+    """PS3.18 8.7.8.1: a range that cannot be met passes to the next; single part ranges
+    made every later range unreachable (406 for a browser's Accept)."""
+    ds = make_instance(frames=2, rows=4, cols=4)
+    await _store(app_client, to_bytes(ds))
+    r = await app_client.get(f"{inst_url(ds)}/frames/1", headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("multipart/related")
+    for accept in (
+        "application/dicom; transfer-syntax=1.2.840.10008.1.2.4.50, "
+        'multipart/related; type="application/dicom"',
+        "application/dicom; transfer-syntax=1.2.840.10008.1.2, */*",
+    ):
+        r = await app_client.get(inst_url(ds), headers={"Accept": accept})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/related")
+    r = await app_client.get(
+        inst_url(ds),
+        params={"accept": "application/dicom;transfer-syntax=1.2.840.10008.1.2.4.50"},
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+    )
+    assert r.status_code == 200
 
 
 @pytest.mark.db
@@ -132,3 +172,25 @@ async def test_bulk_data_value_as_a_single_part(
     assert r.status_code == 200
     assert r.headers["content-type"] == f"application/octet-stream; transfer-syntax={ELE}"
     assert r.content == rle.pixel_array.astype("<u2").tobytes()
+
+
+@pytest.mark.db
+async def test_refused_multipart_and_refused_types_are_not_sent(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """RFC 9110 12.5.1 in the multipart negotiations too: `*/*` of a header that refuses
+    multipart/related with q=0 does not take a multipart answer, and a type refused with q=0
+    is not sent as a single part through `image/*`."""
+    ds = make_instance()
+    await _store(app_client, to_bytes(ds))
+    r = await app_client.get(
+        f"{ROOT}/studies/{ds.StudyInstanceUID}", headers={"Accept": "multipart/related;q=0, */*"}
+    )
+    assert r.status_code == 406
+    jpeg = await _store(
+        app_client, (samples / "generated" / "coverage" / "mg_jpeg_baseline_gray8.dcm").read_bytes()
+    )
+    r = await app_client.get(
+        f"{inst_url(jpeg)}/frames/1", headers={"Accept": "image/jpeg;q=0, image/*"}
+    )
+    assert not r.headers.get("content-type", "").startswith("image/jpeg")

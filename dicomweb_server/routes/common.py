@@ -30,6 +30,7 @@ from dicomweb_server.media import (
     none_match,
 )
 from dicomweb_server.multipart import (
+    close_all,
     encode_body,
     encode_parts,
     encoded_length,
@@ -310,10 +311,7 @@ async def _then_close(
         async for chunk in body:
             yield chunk
     finally:
-        for source in (body, parts):
-            close = getattr(source, "aclose", None)
-            if close is not None:
-                await close()
+        await close_all(body, parts)
 
 
 class StreamedResponse(StreamingResponse):
@@ -325,12 +323,12 @@ class StreamedResponse(StreamingResponse):
         if scope.get("method") != "HEAD":
             await super().__call__(scope, receive, send)
             return
-        start = {"type": "http.response.start", "status": self.status_code}
-        await send({**start, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-        close = getattr(self.body_iterator, "aclose", None)
-        if close is not None:
-            await close()
+        try:
+            start = {"type": "http.response.start", "status": self.status_code}
+            await send({**start, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await close_all(self.body_iterator)
 
 
 class _Started:
@@ -349,9 +347,7 @@ class _Started:
         return await anext(self._rest)
 
     async def aclose(self) -> None:
-        close = getattr(self._rest, "aclose", None)
-        if close is not None:
-            await close()
+        await close_all(self._rest)
 
 
 async def _started(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

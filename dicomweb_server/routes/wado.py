@@ -15,10 +15,11 @@ from dicomweb_server.media import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
     EXPLICIT_VR_LITTLE_ENDIAN,
+    frame_part_type,
     names_instances,
     negotiate_bulkdata,
     negotiate_dicom_model,
-    single_part,
+    single_parts,
     wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
@@ -87,20 +88,18 @@ async def _retrieve(request: Request) -> Response:
     svc = services(request)
     uids = _uids(request)
     found = await locate(svc, *uids)
-    single = single_part(accept, _is_dicom) if uids[2] is not None else None
-    if single is not None:  # `application/dicom`: the Part-10 file as the body
-        return await single_part_response(*await instance_parts(svc, found, single))
+    for _, _, single in single_parts(accept, _is_dicom) if uids[2] is not None else []:
+        # `application/dicom`: the Part-10 file as the body
+        try:
+            return await single_part_response(*await instance_parts(svc, found, single))
+        except NotAcceptableError:
+            continue  # the next range (PS3.18 8.7.8.1)
     parts, lengths = await instance_parts(svc, found, accept)
     return await multipart_response(parts, APPLICATION_DICOM, lengths)
 
 
 def _is_dicom(essence: str) -> bool:
     return essence == APPLICATION_DICOM
-
-
-def _is_frame_type(essence: str) -> bool:
-    """Single part media types of a frame: octet-stream, an image or a video type."""
-    return essence == APPLICATION_OCTET_STREAM or essence.startswith(("image/", "video/"))
 
 
 def _is_octet_stream(essence: str) -> bool:
@@ -194,9 +193,17 @@ async def _frames(request: Request, frame_list: str) -> Response:
         # frames one at a time).
         whole = "range" not in request.headers
         accept = accept_of(request)
-        single = single_part(accept, _is_frame_type)
-        part_type, value = await frame_value(svc, inst, frames[0], single or accept, whole)
-        return await ranged_response(request, value, None if single else part_type)
+        for essence, _, single in single_parts(accept, frame_part_type):
+            try:
+                _, value = await frame_value(svc, inst, frames[0], single, whole)
+            except NotAcceptableError:
+                continue  # the next range (PS3.18 8.7.8.1)
+            # The frame's own type must be the one accepted (as stored, a JPEG-LS frame
+            # asked for as octet-stream is image/jls): else the next range.
+            if value.headers["Content-Type"].partition(";")[0] == essence:
+                return await ranged_response(request, value, None)
+        part_type, value = await frame_value(svc, inst, frames[0], accept, whole)
+        return await ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
     return await multipart_response(parts, part_type)
 
@@ -235,7 +242,7 @@ async def retrieve_bulkdata(request: Request) -> Response:
     study, series, sop = _uids(request)
     assert series is not None and sop is not None
     path = request.path_params["path"]
-    svc, accept = services(request), accept_of(request)
+    accept = accept_of(request)
     pixel_path, _, frame_list = path.partition("/frames/")
     if frame_list and pixel_path.upper() == _PIXEL_DATA:
         # `{BulkDataURI}/frames/{n}`, where the frames of Pixel Data sent as bulk data are
@@ -245,16 +252,35 @@ async def retrieve_bulkdata(request: Request) -> Response:
     # corresponds to the URI contained in the corresponding Element in the Metadata"
     # (PS3.18 10.4.3.3.5): the BulkDataURI the metadata gives, absolute as it is there.
     location = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}/bulk/{path}"
-    single = single_part(accept, _is_octet_stream)  # the value as the body: uncompressed
-    if single is not None:
-        accept = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"; transfer-syntax='
-        accept += EXPLICIT_VR_LITTLE_ENDIAN
+    # A single part answer is the value itself, uncompressed: asked for as octet-stream with
+    # no transfer syntax, or Explicit VR Little Endian; else the next range (8.7.8.1).
+    singles = [
+        ts for _, ts, _ in single_parts(accept, _is_octet_stream)
+        if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN)
+    ]  # fmt: skip
+    if singles:
+        uncompressed = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"; transfer-syntax='
+        try:
+            return await _bulk_value(request, location, uncompressed + EXPLICIT_VR_LITTLE_ENDIAN,
+                                     single=True)  # fmt: skip
+        except NotAcceptableError:
+            pass
+    return await _bulk_value(request, location, accept, single=False)
+
+
+async def _bulk_value(
+    request: Request, location: str, accept: str | None, single: bool
+) -> Response:
+    study, series, sop = _uids(request)
+    assert series is not None and sop is not None
+    path = request.path_params["path"]
+    svc = services(request)
     if path.upper() == _PIXEL_DATA:
         # Encapsulated Pixel Data by its BulkDataURI: uncompressed, as octet-stream bulk data
         # is (PS3.18 8.7.3.3.1); its frames as stored or in an image type when asked so.
         (inst,) = await locate(svc, study, series, sop)
         if encapsulated_pixels(inst):
-            return await _pixel_data(request, svc, inst, accept, location, single is not None)
+            return await _pixel_data(request, svc, inst, accept, location, single)
     negotiate_bulkdata(accept)
     value = await bulk_value(svc, study, series, sop, path)
     value.headers["Content-Location"] = location
