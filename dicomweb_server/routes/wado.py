@@ -23,6 +23,7 @@ from dicomweb_server.media import (
     wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
+from dicomweb_server.multipart import close_all
 from dicomweb_server.retrieve import (
     DECODED,
     STORED_FRAMES,
@@ -132,9 +133,12 @@ async def _bulk(request: Request, *, pixel_only: bool) -> Response:
 
 
 async def _chain(first: Part, rest: AsyncIterator[Part]) -> AsyncIterator[Part]:
-    yield first
-    async for part in rest:
-        yield part
+    try:
+        yield first
+        async for part in rest:
+            yield part
+    finally:
+        await close_all(rest)
 
 
 async def retrieve_bulkdata_resource(request: Request) -> Response:
