@@ -22,7 +22,7 @@ from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import BULKDATA_ACCEPTABLE, accepts_bulkdata
 from dicomweb_server.metadata import not_found
-from dicomweb_server.multipart import close_all
+from dicomweb_server.multipart import Prefixed, close_all
 from dicomweb_server.retrieve import (
     AS_FRAMES,
     DECODED,
@@ -157,7 +157,7 @@ async def _pixel_data_parts(
                 chunks = value.read(0, value.length)
                 first = await anext(chunks, b"")  # the first frame decoded, or the failure
                 headers = {**value.headers, "Content-Location": location}
-                yield headers, _prefixed(first, chunks)
+                yield headers, Prefixed([first] if first else [], chunks)
                 return
             frames = list(range(1, inst.number_of_frames + 1))
             asked = STORED_FRAMES if plan == STORED_FRAMES else accept
@@ -186,13 +186,3 @@ async def located_frames(
             yield {**headers, "Content-Location": f"{location}/frames/{n}"}, body
     finally:
         await close_all(parts)
-
-
-async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        if first:
-            yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await close_all(rest)

@@ -154,14 +154,16 @@ class MediaRange:
         return f"{self.type}/{self.subtype}"
 
     def matches(self, media_type: str) -> bool:
-        t, _, s = media_type.partition("/")
-        if not (self.type in ("*", t) and self.subtype in ("*", s)):
-            return False
-        return not any(_covers(excluded, t, s) for excluded in self.excludes)
+        return _covers(self.essence, media_type) and not any(
+            _covers(excluded, media_type) for excluded in self.excludes
+        )
 
 
-def _covers(essence: str, t: str, s: str) -> bool:
+def _covers(essence: str, media_type: str) -> bool:
+    """Whether the range `essence` (`*/*`, `image/*`, `image/png`) takes `media_type`, a
+    range too when it is one (`image/*` takes `image/*`)."""
     et, _, es = essence.partition("/")
+    t, _, s = media_type.partition("/")
     return et in ("*", t) and es in ("*", s)
 
 
@@ -330,7 +332,7 @@ def _without(rng: MediaRange, refused: list[MediaRange]) -> MediaRange:
         return rng
     narrower = tuple(
         r.essence for r in refused
-        if rng.matches(r.essence.replace("*", "x")) and _specificity(r) > _specificity(rng)
+        if _covers(rng.essence, r.essence) and _specificity(r) > _specificity(rng)
     )  # fmt: skip
     return replace(rng, excludes=narrower) if narrower else rng
 
@@ -372,6 +374,10 @@ def stow_boundary(content_type: str | None) -> tuple[str, str]:
     if not boundary:
         raise BadRequestError("multipart/related Content-Type has no boundary parameter")
     return boundary, part_type
+
+
+# Part types of a multipart/related range that take DICOM instances.
+_INSTANCE_PARTS = (APPLICATION_DICOM, "*/*", "application/*")
 
 
 def _related_type(rng: MediaRange, default: str) -> str | None:
@@ -417,7 +423,7 @@ def negotiate_instances(
     """
     for rng in parse_accept(accept):
         part = _related_type(rng, APPLICATION_DICOM)
-        if part not in (APPLICATION_DICOM, "*/*", "application/*"):
+        if part not in _INSTANCE_PARTS:
             continue
         if "transfer-syntax" not in rng.params and _names_no_type(rng, part, APPLICATION_DICOM):
             if stored_ts != EXPLICIT_VR_LITTLE_ENDIAN and EXPLICIT_VR_LITTLE_ENDIAN in targets:
@@ -542,8 +548,7 @@ def names_instances(accept: str | None) -> bool:
     """Whether some range of the Accept takes DICOM instances (application/dicom parts, or
     any part type)."""
     return any(
-        _related_type(rng, APPLICATION_DICOM) in (APPLICATION_DICOM, "*/*", "application/*")
-        for rng in parse_accept(accept)
+        _related_type(rng, APPLICATION_DICOM) in _INSTANCE_PARTS for rng in parse_accept(accept)
     )
 
 
@@ -556,7 +561,7 @@ def wants_bulkdata(accept: str | None) -> bool:
         part = _related_type(rng, APPLICATION_DICOM)
         if part is None:
             continue
-        if part in (APPLICATION_DICOM, "*/*", "application/*"):
+        if part in _INSTANCE_PARTS:
             return False
         if part == APPLICATION_OCTET_STREAM or part.startswith(("image/", "video/")):
             return True

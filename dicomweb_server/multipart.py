@@ -13,11 +13,14 @@ import logging
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser
 
 from dicomweb_server.errors import BadRequestError, DicomWebError, PayloadTooLargeError
+
+_T = TypeVar("_T")
 
 __all__ = [
     "COALESCE_BYTES",
@@ -30,6 +33,7 @@ __all__ = [
     "PartBegin",
     "PartData",
     "PartEnd",
+    "Prefixed",
     "close_all",
     "encode_body",
     "encode_parts",
@@ -323,6 +327,26 @@ async def encode_parts(
         # Closed early (a client gone, a HEAD): what is open (a blob read, a scratch file)
         # closes now, not when the garbage collector finds it.
         await close_all(body, parts)
+
+
+class Prefixed(Generic[_T]):
+    """`rest` with `made` (items already taken from it) before it; closing this closes
+    `rest`. A response's first piece is made before the response starts, so that its
+    failure is an error status; the rest follows as it comes."""
+
+    def __init__(self, made: list[_T], rest: AsyncIterator[_T]) -> None:
+        self._made, self._rest = made, rest
+
+    def __aiter__(self) -> Prefixed[_T]:
+        return self
+
+    async def __anext__(self) -> _T:
+        if self._made:
+            return self._made.pop(0)
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        await close_all(self._rest)
 
 
 async def close_all(*sources: object) -> None:

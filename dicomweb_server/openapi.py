@@ -99,11 +99,16 @@ def _operation(name: str, method: str, path: str, role: str | None) -> dict[str,
     return op
 
 
+def _template(path: str) -> str:
+    """A route path as a URI template: `{path:path}` -> `{path}`."""
+    return re.sub(r"{(\w+):\w+}", r"{\1}", path)
+
+
 def openapi_document(routes: Iterable[tuple[str, str, str, str | None]]) -> dict[str, Any]:
     """The document for routes given as (name, method, path template, role)."""
     paths: dict[str, dict[str, Any]] = {}
     for name, method, path, role in routes:
-        template = re.sub(r"{(\w+):\w+}", r"{\1}", path)
+        template = _template(path)
         paths.setdefault(template, {})[method.lower()] = _operation(name, method, path, role)
     return {
         "openapi": "3.0.3",
@@ -169,7 +174,7 @@ def wadl_document(routes: Iterable[tuple[str, str, str, str | None]], root: str,
         if not path.startswith(root + "/") or method == "OPTIONS":
             continue
         parent = ""
-        for segment in re.sub(r"{(\w+):\w+}", r"{\1}", path[len(root) + 1 :]).split("/"):
+        for segment in _template(path[len(root) + 1 :]).split("/"):
             key = f"{parent}/{segment}"
             if key not in nodes:
                 node = ET.SubElement(nodes[parent], f"{{{_WADL_NS}}}resource", path=segment)

@@ -14,7 +14,7 @@ import re
 import struct
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -289,18 +289,11 @@ class Sized:
     # What only the server knows of the value (the blob's key, drawn at random when it was
     # stored): it goes into the boundary a response derives from the value, which an
     # uploader, who chose the value's bytes, therefore cannot put into them.
-    secret: str = ""
+    secret: str
 
 
 async def frame_value(
     svc: Services, inst: StoredInstance, n: int, accept: str | None, whole: bool = False
-) -> tuple[str, Sized]:
-    media, value = await _frame_value(svc, inst, n, accept, whole)
-    return media, replace(value, secret=inst.blob_key)
-
-
-async def _frame_value(
-    svc: Services, inst: StoredInstance, n: int, accept: str | None, whole: bool
 ) -> tuple[str, Sized]:
     """(part media type, value) of frame n as the client accepts it; 404/406 raised here.
     `whole`: no byte range will be asked of it, so a stored encapsulated frame of at most
@@ -309,20 +302,22 @@ async def _frame_value(
     _check_frames(inst, [n])
     media, ctype, target = _frame_plan(inst, accept)
     headers = {"Content-Type": ctype}
+    key = inst.blob_key
     if target != STORED:
-        return media, _sized_bytes(headers, await _convert_frame(svc, inst, n, target))
+        return media, _sized_bytes(headers, await _convert_frame(svc, inst, n, target), key)
     if inst.frame_offsets is None or inst.frame_lengths is None:
-        path = svc.blobs.local_path(inst.blob_key)
+        path = svc.blobs.local_path(key)
         (data,) = await anyio.to_thread.run_sync(stored_frames, path, [n], limiter=svc.limiter)
-        return media, _sized_bytes(headers, data)
+        return media, _sized_bytes(headers, data, key)
     offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
     if whole and inst.encapsulated and length <= SMALL_RUN_BYTES:
-        return media, _sized_bytes(headers, await _stored_codestream(svc, inst, n))
+        return media, _sized_bytes(headers, await _stored_codestream(svc, inst, n), key)
     return media, await _sized_range(svc, inst.blob_key, offset, length, inst.encapsulated, headers)
 
 
-def _sized_bytes(headers: dict[str, str], data: bytes) -> Sized:
-    return Sized(headers, len(data), lambda start, stop: _one(data[start:stop]))
+def _sized_bytes(headers: dict[str, str], data: bytes, key: str) -> Sized:
+    """`data`, a value of the blob `key` (its secret)."""
+    return Sized(headers, len(data), lambda start, stop: _one(data[start:stop]), key)
 
 
 async def _sized_range(
@@ -337,6 +332,7 @@ async def _sized_range(
             headers,
             length,
             lambda start, stop: svc.blobs.open_range(key, offset + start, stop - start),
+            key,
         )
     path = svc.blobs.local_path(key)
     items = await anyio.to_thread.run_sync(_item_map, path, offset, length, limiter=svc.limiter)
@@ -350,7 +346,7 @@ async def _sized_range(
         chunks = strip_items(svc.blobs.open_range(key, pos, end - pos))
         return slice_stream(chunks, start - before, stop - before)
 
-    return Sized(headers, ends[-1] if ends else 0, read)
+    return Sized(headers, ends[-1] if ends else 0, read, key)
 
 
 def _item_map(path: Path, offset: int, length: int) -> list[tuple[int, int]]:
@@ -601,13 +597,12 @@ async def stored_bulk_value(
     headers = {"Content-Type": APPLICATION_OCTET_STREAM}
     if entry:
         offset, length, _vr, encapsulated = entry
-        sized = await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
-        return replace(sized, secret=inst.blob_key)
+        return await _sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
     file = svc.blobs.local_path(inst.blob_key)
     value = await anyio.to_thread.run_sync(_parsed_bulk_value, file, path, limiter=svc.limiter)
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
-    return replace(_sized_bytes(headers, value), secret=inst.blob_key)
+    return _sized_bytes(headers, value, inst.blob_key)
 
 
 def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:

@@ -237,6 +237,7 @@ def _unlabelled_colour(codestream: bytes) -> bytes:
     3, the JFIF convention for YCbCr, so a decoder that reads markers (pydicom's) converts
     them as the Photometric Interpretation says, like one that does not (Cornerstone's)."""
     out = bytearray(codestream)
+    app14 = []
     for marker, pos in _segments(codestream, 2):
         if marker == 0xC3:  # SOF3: Lf, P, Y, X, Nf, then Nf x (Ci, HiVi, Tqi)
             for k in range(codestream[pos + 9]):
@@ -244,8 +245,8 @@ def _unlabelled_colour(codestream: bytes) -> bytes:
         elif marker == 0xDA:  # SOS: Ls, Ns, then Ns x (Csj, TdjTaj)
             for k in range(codestream[pos + 4]):
                 out[pos + 5 + 2 * k] = k + 1
-    app14 = [(pos, 2 + int.from_bytes(codestream[pos + 2 : pos + 4], "big"))
-             for marker, pos in _segments(codestream, 2) if marker == 0xEE]  # fmt: skip
+        elif marker == 0xEE:  # APP14 (Adobe): dropped below, from the end
+            app14.append((pos, 2 + int.from_bytes(codestream[pos + 2 : pos + 4], "big")))
     for pos, length in reversed(app14):
         del out[pos : pos + length]
     return bytes(out)

@@ -30,6 +30,7 @@ from dicomweb_server.media import (
     none_match,
 )
 from dicomweb_server.multipart import (
+    Prefixed,
     close_all,
     encode_body,
     encode_parts,
@@ -331,28 +332,10 @@ class StreamedResponse(StreamingResponse):
             await close_all(self.body_iterator)
 
 
-class _Started:
-    """An async iterator whose first item is already made; closing it closes its source."""
-
-    def __init__(self, first: bytes | None, rest: AsyncIterator[bytes]) -> None:
-        self._first, self._rest = first, rest
-
-    def __aiter__(self) -> _Started:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        return await anext(self._rest)
-
-    async def aclose(self) -> None:
-        await close_all(self._rest)
-
-
 async def _started(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`chunks` with its first item already made (raising here if it cannot be)."""
-    return _Started(await anext(chunks, None), chunks)
+    first = await anext(chunks, None)
+    return Prefixed([] if first is None else [first], chunks)
 
 
 async def ranged_response(request: Request, value: Sized, part_type: str | None) -> Response:

@@ -19,7 +19,7 @@ from dicomweb_server.rendering import (
     representative,
 )
 from dicomweb_server.report import REPORT_MEDIA_TYPES
-from dicomweb_server.retrieve import bulk_value, locate, parse_frame_list
+from dicomweb_server.retrieve import locate, parse_frame_list, stored_bulk_value
 from dicomweb_server.routes.common import StreamedResponse, accept_of, services, uid_param
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]
@@ -81,7 +81,8 @@ async def _document(svc: Services, inst: StoredInstance, accept: str | None) -> 
     if not any(r.matches(media) for r in ranges):
         raise _not_acceptable(ranges, (media,))
     uids = (inst.study_uid, inst.series_uid, inst.sop_instance_uid)
-    value = await bulk_value(svc, *uids, _ENCAPSULATED_DOCUMENT)
+    entry = await svc.index.bulk_range(*uids, _ENCAPSULATED_DOCUMENT)
+    value = await stored_bulk_value(svc, inst, _ENCAPSULATED_DOCUMENT, entry)
     ((_, text),) = await svc.index.metadata_texts(*uids)
     stated = json.loads(text).get("00420015", {}).get("Value", [None])[0]
     length = stated if isinstance(stated, int) and 0 <= stated <= value.length else value.length

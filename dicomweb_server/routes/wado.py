@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,11 +21,10 @@ from dicomweb_server.media import (
     wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
-from dicomweb_server.multipart import close_all
+from dicomweb_server.multipart import Prefixed
 from dicomweb_server.retrieve import (
     DECODED,
     STORED_FRAMES,
-    Part,
     bulk_value,
     decoded_pixel_data,
     encapsulated_pixels,
@@ -127,18 +124,9 @@ async def _bulk(request: Request, *, pixel_only: bool) -> Response:
     if first is None:
         raise NotAcceptableError("; ".join(payload.reasons))
     part_type = first[0]["Content-Type"].partition(";")[0].strip()
-    response = await multipart_response(_chain(first, payload.parts), part_type)
+    response = await multipart_response(Prefixed([first], payload.parts), part_type)
     response.headers.update(warning_header(payload.warnings()))
     return response
-
-
-async def _chain(first: Part, rest: AsyncIterator[Part]) -> AsyncIterator[Part]:
-    try:
-        yield first
-        async for part in rest:
-            yield part
-    finally:
-        await close_all(rest)
 
 
 async def retrieve_bulkdata_resource(request: Request) -> Response:
