@@ -241,6 +241,46 @@ async def test_failed_place_leaves_neither_copy(
     assert reserved == set(svc.index.spare_keys), "the failed blob's reservation remains"
 
 
+@pytest.mark.parametrize("errno_", [28, 5])  # ENOSPC, EIO
+async def test_failed_spool_fsync_stores_nothing(
+    app: Starlette, errno_: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool file's fsync fails (before its rename into place): the instance fails with
+    the storage error, and no blob, spool file or reservation remains."""
+    import os
+
+    from dicomweb_server import blobstore
+
+    svc = app.state.services
+    real = blobstore._fsync_path
+
+    def fail_for_spool_files(path: Path, flags: int = os.O_RDONLY) -> None:
+        if svc.blobs.tmp_dir in path.parents:
+            raise OSError(errno_, os.strerror(errno_))
+        real(path, flags)
+
+    monkeypatch.setattr(blobstore, "_fsync_path", fail_for_spool_files)
+    ds = make_instance()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+        )
+        assert r.status_code == 409, r.text
+        (failed,) = r.json()["00081198"]["Value"]
+        assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
+        assert failed["00081197"]["Value"] == [0xA700 if errno_ == 28 else 0x0110]
+        assert (await client.get(f"{ROOT}/instances")).status_code == 204
+    root = svc.blobs.root
+    assert [p for p in root.rglob("*") if p.is_file()] == []
+    conn = await asyncpg.connect(app.state.settings.database_url)
+    try:
+        reserved = {r[0] for r in await conn.fetch("SELECT blob_key FROM blob_reservation")}
+    finally:
+        await conn.close()
+    assert reserved == set(svc.index.spare_keys), "the failed blob's reservation remains"
+
+
 async def test_refused_parts_leave_no_reservation(app: Starlette) -> None:
     """A part refused after its blob key was reserved (not DICOM, or of another study) leaves
     neither a spool file nor a reservation: blob_reservation holds the spare keys only."""
