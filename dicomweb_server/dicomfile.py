@@ -12,6 +12,8 @@ import itertools
 import math
 import re
 import struct
+import threading
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,6 +43,7 @@ from dicomweb_server.media import (
 from dicomweb_server.record import FrameLayout
 
 __all__ = [
+    "MAX_INFLATED_BYTES",
     "PIXEL_DATA_TAGS",
     "InvalidInstanceError",
     "ParsedFile",
@@ -57,6 +60,15 @@ _ITEM = (0xFFFE, 0xE000)
 _SEQ_DELIM = (0xFFFE, 0xE0DD)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
 _DATASET_TRAILING_PADDING = 0xFFFCFFFC
+# A Deflated Explicit VR Little Endian data set (PS3.5 A.5) cannot be range-read: pydicom
+# inflates the whole of it in memory. Above this many bytes inflated it is refused (0xA700)
+# before pydicom sees it, so that a small upload cannot inflate to gigabytes (a zip bomb), and
+# one file is inflated at a time per process (_INFLATE_LOCK): at most this (and pydicom's
+# copies of it, about three times as much) in memory for STOW.
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
+_INFLATE_LOCK = threading.Lock()
+_INFLATE_READ_BYTES = 64 * 1024
+_META_GROUP = 0x0002
 
 
 class InvalidInstanceError(Exception):
@@ -155,6 +167,12 @@ def bulk_prefix(study: str, series: str, sop: str) -> str:
 def _parse(path: Path) -> ParsedFile:
     size = path.stat().st_size
     with path.open("rb") as fp:
+        deflated_at = _deflated_body_at(fp)
+        if deflated_at is not None:
+            with _INFLATE_LOCK:
+                _check_inflated_size(fp, deflated_at)
+                return _parse_whole(path, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
+        fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
         file_meta = getattr(ds, "file_meta", None)
         meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
@@ -165,12 +183,14 @@ def _parse(path: Path) -> ParsedFile:
             )
         ts = str(meta_ts)
         if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-            return _parse_whole(path, ts)
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND, "a Deflated data set that does not inflate"
+            )  # _deflated_body_at found no deflated body where pydicom did
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
         if end is not None and end < size:
-            _merge_tail(fp, ds, ts, end)
+            _merge_tail(fp, ds, ts, end, pixel_entry[0] if pixel_entry else None)
     bulk_ranges: dict[str, list[Any]] = {}
     if ts != EXPLICIT_VR_BIG_ENDIAN:
         for tag in ds.keys():
@@ -183,6 +203,12 @@ def _parse(path: Path) -> ParsedFile:
                 and item.value_tell
                 and (vr := raw_vr(tag, item)) in BULK_VRS
             ):
+                if item.value_tell + item.length > size:  # pydicom seeks past a deferred value
+                    raise InvalidInstanceError(
+                        FailureReason.CANNOT_UNDERSTAND,
+                        f"the value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end"
+                        " of the file: it is truncated",
+                    )
                 bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, vr, False]
     meta = dataset_to_json(ds, lambda p: prefix + p)
     if pixel_entry is not None:
@@ -194,6 +220,57 @@ def _parse(path: Path) -> ParsedFile:
     if ts == EXPLICIT_VR_BIG_ENDIAN:
         layout = None
     return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges)
+
+
+def _deflated_body_at(fp: BinaryIO) -> int | None:
+    """Where the deflated data set begins, when the file's meta information (read here by
+    hand, explicit VR little endian, PS3.10 7.1) names the Deflated transfer syntax; None for
+    any other file, or one without a preamble and meta information (pydicom decides)."""
+    fp.seek(0)
+    if fp.read(132)[128:] != b"DICM":
+        return None
+    ts = b""
+    while len(header := fp.read(8)) == 8:
+        group, elem = struct.unpack("<HH", header[:4])
+        if group != _META_GROUP:
+            break
+        if header[4:6] in _LONG_VRS:
+            (length,) = struct.unpack("<I", fp.read(4))
+        else:
+            (length,) = struct.unpack("<H", header[6:8])
+        if elem == 0x0010:
+            ts = fp.read(length)
+        else:
+            fp.seek(length, 1)
+    else:
+        return None
+    if ts.rstrip(b"\0 ").decode("ascii", "replace") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return None
+    return fp.tell() - 8
+
+
+def _check_inflated_size(fp: BinaryIO, at: int) -> None:
+    """Inflate the data set from `at` without keeping it: refused (0xA700) once it passes
+    MAX_INFLATED_BYTES, or (0xC000) when it is not a deflate stream."""
+    fp.seek(at)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        # Bytes after the end of the stream (padding) may stay in unconsumed_tail: stop at eof.
+        while not inflater.eof and (chunk := fp.read(_INFLATE_READ_BYTES)):
+            while chunk and not inflater.eof:
+                total += len(inflater.decompress(chunk, _INFLATE_READ_BYTES))
+                chunk = inflater.unconsumed_tail
+                if total > MAX_INFLATED_BYTES:
+                    raise InvalidInstanceError(
+                        FailureReason.OUT_OF_RESOURCES,
+                        f"the Deflated data set inflates to more than {MAX_INFLATED_BYTES}"
+                        " bytes, the most this archive inflates",
+                    )
+    except zlib.error as exc:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND, f"the Deflated data set does not inflate: {exc}"
+        ) from None
 
 
 def _parse_whole(path: Path, ts: str) -> ParsedFile:
@@ -309,6 +386,13 @@ def _encapsulated_layout(
     nframes = _number_of_frames(ds)
     if not frags:
         return None
+    if nframes > len(frags):
+        # PS3.5 A.4: a frame is one fragment or more, a fragment holds at most one frame.
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"Number of Frames is {nframes} but the encapsulated Pixel Data has {len(frags)}"
+            " fragments (PS3.5 A.4: each frame is in one fragment or more)",
+        )
     if nframes == 1:
         starts = [0]
     elif len(frags) == nframes:
@@ -368,12 +452,22 @@ def _native_layout(ds: Dataset, value_at: int, length: int) -> FrameLayout | Non
     return FrameLayout(offsets, [frame_len] * nframes, False)
 
 
-def _merge_tail(fp: BinaryIO, ds: Dataset, ts: str, end: int) -> None:
-    """Elements after Pixel Data (rare) join the header, Data Set Trailing Padding excepted."""
+def _merge_tail(fp: BinaryIO, ds: Dataset, ts: str, end: int, pixel_tag: int | None) -> None:
+    """Elements after Pixel Data (rare: a Digital Signatures Sequence) join the header, Data
+    Set Trailing Padding excepted. Their tags must follow the Pixel Data's (PS3.5 7.1: data
+    elements in increasing tag order, each once): one that does not would replace a value
+    already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
     for tag in tail.keys():
-        if tag != _DATASET_TRAILING_PADDING and tag not in PIXEL_DATA_TAGS:
+        if tag <= after or tag in ds:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"({tag >> 16:04X},{tag & 0xFFFF:04X}) after the Pixel Data is out of tag order"
+                " or repeated (PS3.5 7.1)",
+            )
+        if tag != _DATASET_TRAILING_PADDING:
             ds[tag] = tail[tag]
 
 

@@ -24,7 +24,7 @@ from dicomweb_server.rendered import (
     check_region,
     output_size,
 )
-from dicomweb_server.transcode import TranscodeError, frame_array
+from dicomweb_server.transcode import DECODE_ERRORS, TranscodeError, frame_array
 
 __all__ = ["MAX_ANIMATION_FRAMES", "render_animation", "render_frame", "render_icon"]
 
@@ -137,11 +137,11 @@ def _frame_pixels(
     """Frame n decoded, LUTs applied: 8-bit greyscale (H, W) or RGB (H, W, 3)."""
     try:
         arr = frame_array(path, ds, n)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        return _display(arr, ds, window)  # a palette without its tables raises here
+    except DECODE_ERRORS as exc:
         raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
-    if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return _display(arr, ds, window)
 
 
 def render_frame(

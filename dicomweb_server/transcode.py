@@ -45,6 +45,7 @@ from dicomweb_server.media import (
 )
 
 __all__ = [
+    "DECODE_ERRORS",
     "ENCODERS",
     "HTJ2K_DECOMPOSITIONS",
     "HTJ2K_RPCL_BASE_PIXELS",
@@ -386,7 +387,24 @@ def decoding_plugin(transfer_syntax_uid: str) -> str:
     return plugin if plugin in available else ""
 
 
-_DECODE_ERRORS = (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError)
+# What decoding, converting or encoding the pixels of a stored file may raise when the file is
+# malformed (pydicom and the codecs assume well-formed input: a damaged offset table raises
+# StopIteration, an absurd Number of Frames a MemoryError from numpy's allocation): the
+# instance cannot be converted, a 4xx or an icon, never a 500.
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    NotImplementedError,
+    RuntimeError,
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    StopIteration,
+    MemoryError,
+    OverflowError,
+    EOFError,
+    struct.error,
+)
 _T = TypeVar("_T")
 
 
@@ -397,7 +415,7 @@ def _decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
     if plugin:
         try:
             return decode(plugin)
-        except _DECODE_ERRORS:
+        except DECODE_ERRORS:
             pass
     return decode("")
 
@@ -477,7 +495,7 @@ def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     for n in frames:
         try:
             arr = frame_array(path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
-        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        except DECODE_ERRORS as exc:
             raise _cannot(path, f"decode frame {n}", exc) from None
         out.append(_frame_bytes(arr, info.bits_allocated, planar))
     return out
@@ -494,7 +512,7 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
         try:
             arr = frame_array(path, ds, n, not keeps_ybr(info, transfer_syntax_uid))
             out.append(codec.encode(arr, info))
-        except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        except DECODE_ERRORS as exc:
             raise _cannot(
                 path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
             ) from None
@@ -526,7 +544,7 @@ def decode_codestream(
                 encapsulate([codestream]), **opts, decoding_plugin=plugin
             ),
         )
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise _cannot(None, f"decode a {UID(transfer_syntax_uid).name} frame", exc) from None
     return arr
 
@@ -541,7 +559,7 @@ def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, targe
         return _frame_bytes(arr, info.bits_allocated, planar)
     try:
         return codec.encode(arr, info)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+    except DECODE_ERRORS as exc:
         raise _cannot(None, f"encode a frame as {UID(target).name}", exc) from None
 
 
@@ -555,7 +573,7 @@ def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
     info = PixelInfo.of(ds)
     try:
         arr = _pixels(ds, as_rgb=not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise _cannot(None, "decode the nested Pixel Data", exc) from None
     planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
     return _frame_bytes(arr, info.bits_allocated, planar)
@@ -568,7 +586,7 @@ def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
     nframes = int(ds.get("NumberOfFrames") or 1)
     try:
         all_frames = list(generate_frames(ds.PixelData, number_of_frames=nframes))
-    except ValueError as exc:  # fewer fragments than frames: the stored data says no more
+    except DECODE_ERRORS as exc:  # fewer fragments than frames, a damaged offset table
         raise NotFoundError(
             f"the stored pixel data does not hold the frames asked for: {exc}"
         ) from None
@@ -589,7 +607,7 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
             pydicom.dcmwrite(dst, ds, implicit_vr=False, little_endian=True, force_encoding=True)
         else:
             ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+    except DECODE_ERRORS as exc:
         raise _cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
 
 
@@ -679,7 +697,7 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
             if method and "LossyImageCompression" not in ds:  # PS3.3 C.7.6.1.1.5
                 ds.LossyImageCompression = "01"
                 ds.LossyImageCompressionMethod = method
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+    except DECODE_ERRORS as exc:
         raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     return ds
