@@ -18,6 +18,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "RangeNotSatisfiableError",
+    "RequestTimeoutError",
     "ServiceUnavailableError",
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
@@ -62,6 +63,12 @@ class MethodNotAllowedError(DicomWebError):
 
 class NotAcceptableError(DicomWebError):
     status = 406
+
+
+class RequestTimeoutError(DicomWebError):
+    """A request body that stopped coming (RFC 9110 15.5.9); the connection is closed."""
+
+    status = 408
 
 
 class ConflictError(DicomWebError):

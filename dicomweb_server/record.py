@@ -94,6 +94,19 @@ def level_attrs(meta: JsonDict, level: Level) -> JsonDict:
 _LEVEL_KEYS = {level: frozenset(tag_hex(t) for t in tags) for level, tags in LEVEL_TAGS.items()}
 
 
+def _without_nul(node: Any) -> Any:
+    """The DICOM JSON with every NUL character of its strings replaced by U+FFFD. PS3.5 6.2
+    allows no NUL inside a text value, but files carry them; PostgreSQL's text and jsonb
+    cannot hold one, and the instance is stored all the same (its file keeps the bytes)."""
+    if isinstance(node, str):
+        return node.replace("\0", "\ufffd")
+    if isinstance(node, list):
+        return [_without_nul(v) for v in node]
+    if isinstance(node, dict):
+        return {k: _without_nul(v) for k, v in node.items()}
+    return node
+
+
 def build_record(
     meta: JsonDict,
     *,
@@ -106,6 +119,10 @@ def build_record(
     bulk_ranges: dict[str, list[Any]],
 ) -> InstanceRecord:
     """Column values of the patient, study, series and instance rows of one instance."""
+    meta_text = json.dumps(meta)
+    if "\\u0000" in meta_text:  # rare: the walk is paid only then
+        meta = _without_nul(meta)
+        meta_text = json.dumps(meta)
     patient_name = _first(meta, 0x00100010)
     patient = {
         "patient_id": _str(meta, 0x00100020) or "",
@@ -154,7 +171,7 @@ def build_record(
         "frame_offsets": frames.offsets if frames else None,
         "frame_lengths": frames.lengths if frames else None,
         "encapsulated": bool(frames and frames.encapsulated),
-        "metadata": json.dumps(meta),
+        "metadata": meta_text,
         "bulk_ranges": json.dumps(bulk_ranges),
     }
     return InstanceRecord(patient, study, series, instance)

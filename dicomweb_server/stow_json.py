@@ -52,6 +52,7 @@ from dicomweb_server.media import (
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 
 __all__ = [
+    "MAX_JSON_BULK_REUSE_BYTES",
     "MAX_JSON_BULK_VALUE_BYTES",
     "MAX_JSON_DATASETS",
     "MAX_JSON_METADATA_BYTES",
@@ -63,6 +64,10 @@ MAX_JSON_METADATA_BYTES = 16 * 1024 * 1024
 # Bulk data of one data set other than Pixel Data (an encapsulated document, an overlay), all
 # values together: it is put into the data set in memory. Above: that instance fails (0xA700).
 MAX_JSON_BULK_VALUE_BYTES = 64 * 1024 * 1024
+# Bulk data bytes the data sets of one request may copy beyond what the request sent: a part
+# named by several data sets is copied into each, and without a bound one 4 MiB part named
+# by 10,000 data sets wrote 40 GB. Above it: the data set that passes it fails (0xA700).
+MAX_JSON_BULK_REUSE_BYTES = 64 * 1024 * 1024
 # Longest value of an explicit-length element (PS3.5 7.1.1: 0xFFFFFFFF means undefined).
 _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
@@ -80,6 +85,49 @@ class _Bulk:
     path: Path
     size: int
     content_type: str
+
+
+class _Budget:
+    """Bulk data bytes the data sets of one request may still copy into their instances:
+    what the request sent, plus MAX_JSON_BULK_REUSE_BYTES."""
+
+    def __init__(self, bulk: dict[str, list[_Bulk]]) -> None:
+        self.left = sum(b.size for parts in bulk.values() for b in parts)
+        self.left += MAX_JSON_BULK_REUSE_BYTES
+
+    def take(self, n: int, ds: Dataset | None = None) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise _refused(
+                FailureReason.OUT_OF_RESOURCES,
+                "the data sets of this request name its bulk data more than once, over"
+                f" {MAX_JSON_BULK_REUSE_BYTES} bytes more than it sent",
+                ds,
+            )
+
+
+# Base64 (RFC 4648 4), as InlineBinary holds it (PS3.18 F.2.7); white space is ignored, as
+# XML's base64Binary allows.
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
+def _check_inline_binary(node: JsonDict) -> None:
+    """Every InlineBinary of a data set (nested ones too) is base64: pydicom decodes what it
+    can of anything else and drops the rest, so `QUJD!!` was stored as `ABC`."""
+    for tag, element in node.items():
+        if not isinstance(element, dict):
+            continue
+        inline = element.get("InlineBinary")
+        if inline is not None and not (
+            isinstance(inline, str) and _BASE64.fullmatch("".join(inline.split()))
+        ):
+            raise _refused(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"the InlineBinary of {tag} is not base64 (PS3.18 F.2.7)",
+            )
+        for item in element.get("Value") or []:
+            if element.get("vr") == "SQ" and isinstance(item, dict):
+                _check_inline_binary(item)
 
 
 def _refused(
@@ -144,7 +192,8 @@ async def store_json_parts(
             docs = _documents(bytes(metadata[0]))
         else:
             docs = await anyio.to_thread.run_sync(_xml_documents, metadata, limiter=ctx.limiter)
-        return [await _store_one(doc, bulk, ctx, expected_study) for doc in docs]
+        budget = _Budget(bulk)
+        return [await _store_one(doc, bulk, budget, ctx, expected_study) for doc in docs]
     finally:
         with anyio.CancelScope(shield=True):
             for writer in writers:
@@ -200,11 +249,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 async def _store_one(
-    doc: JsonDict, bulk: dict[str, list[_Bulk]], ctx: Services, expected_study: str | None
+    doc: JsonDict,
+    bulk: dict[str, list[_Bulk]],
+    budget: _Budget,
+    ctx: Services,
+    expected_study: str | None,
 ) -> InstanceOutcome:
     out = ctx.scratch_dir / f"stow-json-{uuid.uuid4().hex}.dcm"
     try:
-        await anyio.to_thread.run_sync(_assemble, doc, bulk, out, limiter=ctx.limiter)
+        await anyio.to_thread.run_sync(_assemble, doc, bulk, budget, out, limiter=ctx.limiter)
         return await store_path(ctx, out, expected_study)
     except InvalidInstanceError as exc:
         return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
@@ -215,7 +268,7 @@ async def _store_one(
             await anyio.to_thread.run_sync(lambda: out.unlink(missing_ok=True))
 
 
-def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
+def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out: Path) -> None:
     """Write the Part-10 file of one data set (a worker thread): everything but a bulk data
     Pixel Data encoded by pydicom (in memory: the metadata and the non-pixel bulk values,
     both bounded), then the Pixel Data element copied from its parts, then anything after it.
@@ -223,10 +276,12 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
     pixel = doc.get(_PIXEL_DATA)
     ds: Dataset | None = None
     try:
+        _check_inline_binary(doc)
         ds = dataset_from_json(
-            {k: v for k, v in doc.items() if k != _PIXEL_DATA}, _bulk_reader(bulk)
+            {k: v for k, v in doc.items() if k != _PIXEL_DATA}, _bulk_reader(bulk, budget)
         )
         parts = _pixel_parts(pixel, bulk, ds)
+        budget.take(sum(p.size for p in parts), ds)
         if pixel is not None and not parts:  # inline, or no value: pydicom encodes it
             ds[0x7FE00010] = dataset_from_json({_PIXEL_DATA: pixel})[0x7FE00010]
         ts = _syntax_of(parts, ds) if parts else EXPLICIT_VR_LITTLE_ENDIAN
@@ -256,9 +311,10 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], out: Path) -> None:
         fh.write(after.getvalue())
 
 
-def _bulk_reader(bulk: dict[str, list[_Bulk]]) -> Any:
+def _bulk_reader(bulk: dict[str, list[_Bulk]], budget: _Budget) -> Any:
     """BulkDataURI -> value, for pydicom's from_json: what one data set reads in all is at
-    most MAX_JSON_BULK_VALUE_BYTES (a URI named many times counts each time)."""
+    most MAX_JSON_BULK_VALUE_BYTES (a URI named many times counts each time), and what the
+    request's data sets read comes out of its budget."""
     read_so_far = 0
 
     def read(_tag: str, _vr: str, uri: str) -> bytes:
@@ -266,6 +322,7 @@ def _bulk_reader(bulk: dict[str, list[_Bulk]]) -> Any:
         found = bulk.get(uri)
         if not found:
             raise _refused(FailureReason.CANNOT_UNDERSTAND, f"no bulk data part for {uri!r}")
+        budget.take(sum(b.size for b in found))
         read_so_far += sum(b.size for b in found)
         if read_so_far > MAX_JSON_BULK_VALUE_BYTES:
             raise _refused(

@@ -258,3 +258,23 @@ def test_bytes_after_the_deflate_stream_end(tmp_path: Path) -> None:
     ds = make_instance()
     data, _ = _deflated(ds, 10)
     assert parse_file(_write(tmp_path, data + b"\0" * 8)).uids[1] == ds.SOPInstanceUID
+
+
+async def test_nul_inside_text_values_is_stored(app_client: httpx.AsyncClient) -> None:
+    """A NUL inside a text value (PS3.5 6.2 allows none): the instance is stored (it was
+    refused, 0xA900, because PostgreSQL cannot hold U+0000), the metadata and QIDO give the
+    NUL as U+FFFD, and the stored file keeps the bytes sent."""
+    ds = make_instance(patient_id="P\0Q", ImageComments="first line\0second")
+    data = to_bytes(ds)
+    doc = await _stow(app_client, data)
+    assert "00081198" not in doc, doc
+    (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
+    assert meta["00204000"]["Value"] == ["first line\ufffdsecond"]
+    assert meta["00100020"]["Value"] == ["P\ufffdQ"]
+    r = await app_client.get(f"{ROOT}/studies", params={"PatientID": "P\ufffdQ"})
+    assert r.status_code == 200 and len(r.json()) == 1
+    r = await app_client.get(
+        inst_url(ds), headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                         "transfer-syntax=*"}
+    )  # fmt: skip
+    assert r.status_code == 200 and data in r.content

@@ -299,11 +299,13 @@ async def test_one_part_per_frame(app_client: httpx.AsyncClient, samples: Path) 
     assert "14 compressed frame parts for Number of Frames 15" in r.headers["warning"]
 
 
-async def test_stored_data_with_fewer_fragments_than_frames_is_404_not_500(
+async def test_fewer_fragments_than_frames_is_refused(
     app_client: httpx.AsyncClient, samples: Path
 ) -> None:
     """A Part-10 instance whose encapsulated Pixel Data holds fewer fragments than Number of
-    Frames: the frames it lacks are 404 (found by review: a 500)."""
+    Frames (PS3.5 A.4: each frame is one fragment or more): refused with the reason (0xC000).
+    It was stored, its missing frames a 404, until an absurd Number of Frames showed what
+    that lets through (a 128 GiB allocation, a Content-Length of 137 GB)."""
     from pydicom.encaps import encapsulate
 
     from tests.helpers import multipart_body, stow_headers, to_bytes
@@ -315,10 +317,9 @@ async def test_stored_data_with_fewer_fragments_than_frames_is_404_not_500(
     r = await app_client.post(
         f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
     )
-    assert r.status_code == 200
-    stored = 'multipart/related; type="image/jls"; transfer-syntax=*'
-    r = await app_client.get(f"{inst_url(ds)}/frames/15", headers={"Accept": stored})
-    assert r.status_code == 404, r.text
+    assert r.status_code == 409
+    assert values(_seq(r.json(), "00081198")[0], "00081197") == [0xC000]
+    assert "14 fragments" in r.headers["Warning"]
 
 
 @pytest.mark.parametrize(("error", "reason"), [(errno.ENOSPC, 0xA700), (errno.EIO, 0x0110)])
@@ -373,3 +374,57 @@ async def test_image_jpeg_parts_without_a_syntax_are_read_from_the_codestream(
     stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
     got = next(generate_frames(stored.PixelData, number_of_frames=1))
     assert got == frame + b"\x00" * (len(frame) % 2)  # fragments have even length
+
+
+async def test_bulk_reuse_limit_at_the_edge(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data sets naming the same bulk data part copy it each: a request copies at most what
+    it sent plus MAX_JSON_BULK_REUSE_BYTES (one 4 MiB part named by 50 data sets wrote 201
+    MiB). Three data sets of one part of P bytes need 2P more: with exactly that all are
+    stored, with a byte less the third fails (0xA700)."""
+    pixels = make_instance().PixelData
+
+    def docs() -> list[dict[str, Any]]:
+        return [_metadata(make_instance(), "u:px") for _ in range(3)]
+
+    monkeypatch.setattr(stow_json, "MAX_JSON_BULK_REUSE_BYTES", 2 * len(pixels))
+    r = await _post(app_client, _body(docs(), ("u:px", "application/octet-stream", pixels)))
+    assert r.status_code == 200, r.text
+    monkeypatch.setattr(stow_json, "MAX_JSON_BULK_REUSE_BYTES", 2 * len(pixels) - 1)
+    sent = docs()
+    r = await _post(app_client, _body(sent, ("u:px", "application/octet-stream", pixels)))
+    assert r.status_code == 202, r.text
+    (failed,) = _seq(r.json(), "00081198")
+    assert values(failed, "00081197") == [0xA700]
+    assert values(failed, "00081155") == sent[2]["00080018"]["Value"]
+
+
+@pytest.mark.parametrize("inline", ["QUJD!!", "QUJDRA==xyz", "!!!", "QUJDR", 7])
+async def test_inline_binary_that_is_not_base64_is_refused(
+    app_client: httpx.AsyncClient, inline: object
+) -> None:
+    """PS3.18 F.2.7: InlineBinary is base64. pydicom decodes what it can of anything else and
+    drops the rest (`QUJD!!` was stored as `ABC`): the data set is refused (0xC000)."""
+    ds = make_instance()
+    doc = _metadata(ds, "u:1")
+    doc["00091010"] = {"vr": "OB", "InlineBinary": inline}
+    doc["00090010"] = {"vr": "LO", "Value": ["TEST"]}
+    r = await _post(app_client, _body([doc], ("u:1", "application/octet-stream", ds.PixelData)))
+    assert r.status_code == 409, r.text
+    assert values(_seq(r.json(), "00081198")[0], "00081197") == [0xC000]
+    assert "base64" in r.headers["Warning"]
+
+
+async def test_inline_binary_may_be_wrapped(app_client: httpx.AsyncClient) -> None:
+    """White space inside InlineBinary (line-wrapped base64, as XML allows) is ignored, in a
+    sequence item too."""
+    ds = make_instance()
+    doc = _metadata(ds, "u:1")
+    item = {"00091010": {"vr": "OB", "InlineBinary": "QUJD\r\nRA=="}}
+    doc["00091001"] = {"vr": "SQ", "Value": [item]}
+    doc["00090010"] = {"vr": "LO", "Value": ["TEST"]}
+    r = await _post(app_client, _body([doc], ("u:1", "application/octet-stream", ds.PixelData)))
+    assert r.status_code == 200, r.text
+    (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
+    assert meta["00091001"]["Value"][0]["00091010"]["InlineBinary"] == "QUJDRA=="
