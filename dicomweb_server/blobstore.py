@@ -28,13 +28,17 @@ import aiofiles
 import aiofiles.os
 import anyio
 
+from dicomweb_server.media import FILE_META_MAX_BYTES, file_meta_end
+
 __all__ = [
     "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
     "READ_CHUNK_MAX_BYTES",
     "BlobStore",
     "BlobWriter",
+    "DataSetHash",
     "FileSystemBlobStore",
+    "data_set_sha256",
     "stream_path",
     "tune_allocator",
 ]
@@ -89,7 +93,10 @@ class BlobWriter(Protocol):
     def path(self) -> Path: ...
     @property
     def size(self) -> int: ...
-    def sha256(self) -> bytes: ...
+    def sha256(self) -> bytes:
+        """SHA-256 of the data set: the bytes after the File Meta Information (DataSetHash)."""
+        ...
+
     async def write(self, data: bytes) -> None: ...
     async def close(self) -> None: ...
     def close_blocking(self) -> None:
@@ -118,6 +125,50 @@ class BlobStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
 
+class DataSetHash:
+    """SHA-256 of a Part-10 file's data set, fed the whole file in pieces: the File Meta
+    Information (media.file_meta_end) is left out, for it describes the file, not the
+    instance (PS3.10 7.1). The same instance sent by STOW-RS and by DIMSE (whose meta
+    information pynetdicom writes), or by two tools, is then known as the same. A file
+    without a meta information header that ends within FILE_META_MAX_BYTES is hashed whole."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._head: bytearray | None = bytearray()  # until the meta's end is known
+        self._skip = 0  # bytes of meta information still to leave out
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self._head is not None:
+            self._head += data
+            found = file_meta_end(self._head)
+            if found is None and len(self._head) <= FILE_META_MAX_BYTES:
+                return
+            data, self._head = self._head, None
+            self._skip = found[0] if found else 0
+        if self._skip:
+            view = memoryview(data)
+            n = min(self._skip, len(view))
+            self._skip -= n
+            data = view[n:]
+        if data:
+            self._hash.update(data)
+
+    def digest(self) -> bytes:
+        if self._head is not None:  # the file ended inside its meta information: all of it
+            self._hash.update(self._head)
+            self._head = None
+        return self._hash.digest()
+
+
+def data_set_sha256(path: Path) -> bytes:
+    """DataSetHash of a file on disk (a worker thread)."""
+    digest = DataSetHash()
+    with path.open("rb") as fh:
+        while chunk := fh.read(READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.digest()
+
+
 class _FileWriter:
     """A spool file written in worker threads: bytes are buffered up to SPOOL_BUFFER_BYTES, so a
     small part costs one thread hop (create, write and close at `close`), not one per call."""
@@ -127,7 +178,7 @@ class _FileWriter:
         self._fh: BinaryIO | None = None
         self._buf = bytearray()
         self._size = 0
-        self._hash = hashlib.sha256()
+        self._hash = DataSetHash()
         self.closed = False
 
     @property

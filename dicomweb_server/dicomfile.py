@@ -38,7 +38,9 @@ from dicomweb_server.errors import FailureReason
 from dicomweb_server.media import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
+    FILE_META_MAX_BYTES,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    file_meta_end,
 )
 from dicomweb_server.record import FrameLayout
 
@@ -68,7 +70,6 @@ _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
 _INFLATE_READ_BYTES = 64 * 1024
-_META_GROUP = 0x0002
 
 
 class InvalidInstanceError(Exception):
@@ -223,30 +224,16 @@ def _parse(path: Path) -> ParsedFile:
 
 
 def _deflated_body_at(fp: BinaryIO) -> int | None:
-    """Where the deflated data set begins, when the file's meta information (read here by
-    hand, explicit VR little endian, PS3.10 7.1) names the Deflated transfer syntax; None for
-    any other file, or one without a preamble and meta information (pydicom decides)."""
+    """Where the deflated data set begins, when the file's meta information names the
+    Deflated transfer syntax; None for any other file (pydicom decides)."""
     fp.seek(0)
-    if fp.read(132)[128:] != b"DICM":
+    found = file_meta_end(fp.read(FILE_META_MAX_BYTES))
+    if not found or not found[0]:
         return None
-    ts = b""
-    while len(header := fp.read(8)) == 8:
-        group, elem = struct.unpack("<HH", header[:4])
-        if group != _META_GROUP:
-            break
-        if header[4:6] in _LONG_VRS:
-            (length,) = struct.unpack("<I", fp.read(4))
-        else:
-            (length,) = struct.unpack("<H", header[6:8])
-        if elem == 0x0010:
-            ts = fp.read(length)
-        else:
-            fp.seek(length, 1)
-    else:
+    end, syntax = found
+    if syntax.rstrip(b"\0 ").decode("ascii", "replace") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return None
-    if ts.rstrip(b"\0 ").decode("ascii", "replace") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        return None
-    return fp.tell() - 8
+    return end
 
 
 def _check_inflated_size(fp: BinaryIO, at: int) -> None:

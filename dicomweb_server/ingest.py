@@ -19,7 +19,7 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore import BlobStore, BlobWriter
+from dicomweb_server.blobstore import BlobStore, BlobWriter, data_set_sha256
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.dicom_json import InstanceOutcome
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
@@ -432,8 +432,9 @@ async def _commit(
         return InstanceOutcome(
             sop_class, sop, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason=result.conflict
         )
-    if result.existing_sha256 == writer.sha256():
-        # Same bytes again: success, one copy (PS3.18 10.5.3 leaves duplicates to the server).
+    if result.existing_sha256 == writer.sha256() or await _same_data_set(ctx, parsed, writer):
+        # The same data set again: success, one copy (PS3.18 10.5.3 leaves duplicates to the
+        # server). Its File Meta Information may differ (blobstore.DataSetHash).
         assert result.existing_study_uid and result.existing_series_uid
         path = instance_path(result.existing_study_uid, result.existing_series_uid, sop)
         return InstanceOutcome(sop_class, sop, retrieve_path=path, duplicate=True)
@@ -441,6 +442,22 @@ async def _commit(
         sop_class, sop, FailureReason.DUPLICATE_SOP_INSTANCE,
         reason=f"SOPInstanceUID {sop} is already stored with different content",
     )  # fmt: skip
+
+
+async def _same_data_set(ctx: Services, parsed: ParsedFile, writer: BlobWriter) -> bool:
+    """Whether the stored copy of a SOP Instance UID whose recorded hash differs holds the
+    same data set after all: instances stored before the hash left the File Meta
+    Information out have a hash of their whole file. Read only when the hashes differ."""
+    _sop_class, sop, study, series = parsed.uids
+    stored = await ctx.index.locate(study, series, sop)
+    if len(stored) != 1:
+        return False
+    path = ctx.blobs.local_path(stored[0].blob_key)
+    try:
+        digest = await anyio.to_thread.run_sync(data_set_sha256, path, limiter=ctx.limiter)
+    except OSError:
+        return False
+    return digest == writer.sha256()
 
 
 def stow_status(outcomes: list[InstanceOutcome]) -> int:

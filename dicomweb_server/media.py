@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import struct
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -33,6 +34,7 @@ __all__ = [
     "APPLICATION_OCTET_STREAM",
     "BULKDATA_ACCEPTABLE",
     "EXPLICIT_VR_LITTLE_ENDIAN",
+    "FILE_META_MAX_BYTES",
     "IMPLICIT_VR_LITTLE_ENDIAN",
     "MULTIPART_RELATED",
     "NOT_FOR_WEB",
@@ -43,6 +45,7 @@ __all__ = [
     "accepts_gzip",
     "byte_range",
     "check_charset",
+    "file_meta_end",
     "frame_media_type",
     "frame_part_type",
     "frame_syntax",
@@ -713,3 +716,48 @@ def _coding_weights(header: str) -> dict[str, float]:
         if q is not None:
             weights.setdefault(_CODING_ALIASES.get(coding, coding), q)
     return weights
+
+
+# PS3.10 7.1: a Part-10 file is a 128-byte preamble, "DICM", then the File Meta Information,
+# group 0002 in explicit VR little endian. Real meta information is a few hundred bytes; one
+# that does not end within this many is not looked into (FileMeta gives up).
+FILE_META_MAX_BYTES = 64 * 1024
+_META_AT = 132
+_META_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+)
+
+
+def file_meta_end(head: bytes | bytearray) -> tuple[int, bytes] | None:
+    """Where the File Meta Information of a Part-10 file beginning with `head` ends, walked
+    element by element (its group length is not trusted), and its Transfer Syntax UID value
+    as written. None when `head` is too short to tell; (0, b"") when it is not a Part-10
+    header or its meta information is malformed or longer than FILE_META_MAX_BYTES."""
+    if len(head) < _META_AT:
+        return None
+    if head[128:_META_AT] != b"DICM":
+        return 0, b""
+    pos, syntax = _META_AT, b""
+    while pos <= FILE_META_MAX_BYTES:
+        if len(head) < pos + 8:
+            return None
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            return pos, syntax
+        vr = bytes(head[pos + 4 : pos + 6])
+        if not vr.isalpha():
+            return 0, b""
+        if vr in _META_LONG_VRS:
+            if len(head) < pos + 12:
+                return None
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            value_at = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            value_at = pos + 8
+        if elem == 0x0010:
+            if len(head) < value_at + length:
+                return None
+            syntax = bytes(head[value_at : value_at + length])
+        pos = value_at + length
+    return 0, b""

@@ -282,6 +282,63 @@ async def test_stow_same_bytes_twice_and_conflicting_copy(
     assert blobs[0].read_bytes() == raw
 
 
+async def test_same_data_set_under_other_file_meta_is_the_same_instance(
+    app_client: httpx.AsyncClient, settings: Settings, pg_dsn: str
+) -> None:
+    """The File Meta Information describes the file, not the instance (PS3.10 7.1): the same
+    data set again under other meta information (as DIMSE, whose pynetdicom writes its own,
+    and another tool send it) is a success with one copy, not 0x0111; a different data set
+    is still 0x0111. An instance stored before the hash left the meta information out (its
+    row holds the whole file's hash) is compared by its file."""
+    import hashlib
+
+    ds = make_instance()
+    raw = to_bytes(ds)
+    assert (await stow(app_client, raw)).status_code == 200
+    ds.file_meta.ImplementationClassUID = pydicom.uid.UID("1.2.826.0.1.3680043.9.3811.2.1.0")
+    ds.file_meta.ImplementationVersionName = "PYNETDICOM_210"
+    other_meta = to_bytes(ds)
+    assert other_meta != raw
+    r = await stow(app_client, other_meta)
+    assert r.status_code == 200, r.text
+    assert _blob_contents(settings) == [raw]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE instance SET sha256 = $1", hashlib.sha256(raw).digest())
+    finally:
+        await conn.close()
+    assert (await stow(app_client, other_meta)).status_code == 200
+    ds.PatientName = "Changed^Name"
+    r = await stow(app_client, to_bytes(ds))
+    assert r.status_code == 409
+    (f,) = values(r.json(), "00081198")
+    assert isinstance(f, dict) and values(f, "00081197") == [0x0111]
+
+
+@pytest.mark.parametrize("piece", [1, 7, 131, 133, 4096])
+def test_data_set_hash_leaves_the_file_meta_out_however_the_file_comes(piece: int) -> None:
+    from dicomweb_server.blobstore import DataSetHash
+
+    ds = make_instance()
+    raw = to_bytes(ds)
+    ds.file_meta.ImplementationVersionName = "OTHER_TOOL"
+    other = to_bytes(ds)
+
+    def digest(data: bytes) -> bytes:
+        h = DataSetHash()
+        for i in range(0, len(data), piece):
+            h.update(data[i : i + piece])
+        return h.digest()
+
+    assert digest(raw) == digest(other)
+    import hashlib
+
+    body_at = len(raw) - len(ds.PixelData) - 200
+    assert digest(raw) != digest(raw[:body_at] + b"x" + raw[body_at + 1 :])
+    assert digest(b"not DICOM" * 100) == hashlib.sha256(b"not DICOM" * 100).digest()
+    assert digest(raw[:140]) == hashlib.sha256(raw[:140]).digest()  # ends inside the meta
+
+
 def _blob_contents(settings: Settings) -> list[bytes]:
     root = settings.blob_dir
     return [
