@@ -69,6 +69,8 @@ _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # copies of it, about three times as much) in memory for STOW.
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
+# MPEG-2, MPEG-4 AVC and HEVC transfer syntaxes (1.2.840.10008.1.2.4.100-108).
+_VIDEO_SYNTAXES = "1.2.840.10008.1.2.4.10"
 _INFLATE_READ_BYTES = 64 * 1024
 
 
@@ -332,7 +334,7 @@ def _pixel_data(
             value_at = start + 8
     if length == 0xFFFFFFFF:
         items, end = _items(fp, value_at, size)
-        layout = _encapsulated_layout(fp, ds, items)
+        layout = _encapsulated_layout(fp, ds, items, ts)
         first = items[1][0] if len(items) > 1 else end
         return layout, (tag, "OB", [first, max(0, end - 8 - first), "OB", True]), end
     if value_at + length > size:
@@ -364,7 +366,7 @@ def _items(fp: BinaryIO, pos: int, size: int) -> tuple[list[tuple[int, int]], in
 
 
 def _encapsulated_layout(
-    fp: BinaryIO, ds: Dataset, items: list[tuple[int, int]]
+    fp: BinaryIO, ds: Dataset, items: list[tuple[int, int]], ts: str
 ) -> FrameLayout | None:
     if not items:
         raise InvalidInstanceError(FailureReason.CANNOT_UNDERSTAND, "no Basic Offset Table item")
@@ -373,8 +375,9 @@ def _encapsulated_layout(
     nframes = _number_of_frames(ds)
     if not frags:
         return None
-    if nframes > len(frags):
-        # PS3.5 A.4: a frame is one fragment or more, a fragment holds at most one frame.
+    if nframes > len(frags) and not ts.startswith(_VIDEO_SYNTAXES):
+        # PS3.5 A.4: a frame is one fragment or more, a fragment holds at most one frame
+        # (a video stream, PS3.5 8.2.5-8.2.8, is the whole stream in any number of fragments).
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND,
             f"Number of Frames is {nframes} but the encapsulated Pixel Data has {len(frags)}"
