@@ -13,6 +13,7 @@ asked for by name) through imagecodecs (libjpeg-turbo).
 
 from __future__ import annotations
 
+import array
 import functools
 import math
 import struct
@@ -26,8 +27,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.decoders.rle import _rle_decode_segment
 from pydicom.pixels.encoders.base import get_encoder
-from pydicom.pixels.utils import pack_bits, pixel_array
+from pydicom.pixels.utils import pack_bits, pixel_array, unpack_bits
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -442,20 +444,48 @@ def keeps_ybr(info: PixelInfo, target: str) -> bool:
 
 def _pixels(ds: Dataset, as_rgb: bool = True) -> np.ndarray:
     """`ds.pixel_array`, decoded with the preferred plugin."""
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    if ts == RLE_LOSSLESS and int(ds.get("BitsAllocated") or 0) == 1:
+        nframes = int(ds.get("NumberOfFrames") or 1)
+        frames = [
+            _rle_one_bit(f, int(ds.Rows), int(ds.Columns))
+            for f in generate_frames(ds.PixelData, number_of_frames=nframes)
+        ]
+        return np.stack(frames) if nframes > 1 else frames[0]
 
     def decode(plugin: str) -> np.ndarray:
         ds.pixel_array_options(decoding_plugin=plugin, as_rgb=as_rgb)
         arr: np.ndarray = ds.pixel_array
         return arr
 
-    return _decoded(str(ds.file_meta.TransferSyntaxUID), decode)
+    return _decoded(ts, decode)
+
+
+def _rle_one_bit(codestream: bytes, rows: int, columns: int) -> np.ndarray:
+    """One frame of 1-bit RLE Lossless, which pydicom's decoders refuse: a single segment
+    (PS3.5 G.3.1 header: the segment count, then 15 offsets) of the frame's bit-packed bytes
+    (PS3.5 8.1.1; each frame is encoded on its own, A.4, so it starts on a byte), PackBits
+    coded (G.3.1, decoded by pydicom's own segment decoder). Returns 0/1 pixels, rows x
+    columns."""
+    (count, offset) = struct.unpack_from("<2I", codestream)
+    if count != 1 or not 64 <= offset < len(codestream):
+        raise ValueError(f"1-bit RLE frame with {count} segments at offset {offset}, not 1")
+    packed = _rle_decode_segment(codestream[offset:])
+    pixels = rows * columns
+    if len(packed) * 8 < pixels:
+        raise ValueError(f"1-bit RLE segment of {len(packed)} bytes for {pixels} pixels")
+    return np.asarray(unpack_bits(bytes(packed))[:pixels], dtype=np.uint8).reshape(rows, columns)
 
 
 def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndarray:
     """Frame n (1-based), decoded; reads only that frame when the file allows it. `as_rgb`:
     YCbCr converted to RGB (pydicom's default), else left as it is (keeps_ybr)."""
-    if ds.file_meta.TransferSyntaxUID == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        one: np.ndarray = _all_frames(path, as_rgb)[n - 1]  # no random access into deflate
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or (
+        ts == RLE_LOSSLESS and ds.get("BitsAllocated") == 1
+    ):
+        # no random access into deflate; 1-bit RLE is decoded by _pixels, not by pydicom
+        one: np.ndarray = _all_frames(path, as_rgb)[n - 1]
         return one
     try:
         frame: np.ndarray = _decoded(
@@ -538,6 +568,8 @@ def decode_codestream(
         "planar_configuration": 0,
     }
     try:
+        if transfer_syntax_uid == RLE_LOSSLESS and info.bits_allocated == 1:
+            return _rle_one_bit(codestream, info.rows, info.columns)
         arr, _ = _decoded(
             transfer_syntax_uid,
             lambda plugin: get_decoder(transfer_syntax_uid).as_array(
@@ -691,6 +723,8 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     ds = pydicom.dcmread(src)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
+        if not ts.is_little_endian:  # every target is little endian
+            _swap_binary_values(ds, top=True)
         if "PixelData" in ds and transfer_syntax_uid != ts:
             method = lossy_method(ts, ds.PixelData) if ts.is_compressed else None
             _convert_pixels(ds, ts, transfer_syntax_uid)
@@ -703,11 +737,49 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     return ds
 
 
+# Binary VRs whose values pydicom keeps as the bytes read, and the width of their words, which
+# follow the transfer syntax's byte order (PS3.5 7.3); pydicom reads US, FL, AT... as numbers
+# and writes them again in the order asked for.
+_SWAP_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_binary_values(ds: Dataset, top: bool = False) -> None:
+    """The OW, OF, OL, OD and OV values of a data set read as big endian, nested items
+    included, swapped to little endian in place (pydicom writes them as they were read: a
+    palette's [0 256 ...] became [0 1 ...]). The top level's Pixel Data is left to
+    _convert_pixels, which swaps it by Bits Allocated."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _swap_binary_values(item)
+            continue
+        width = _SWAP_WIDTHS.get(str(elem.VR))
+        if not width or not isinstance(elem.value, bytes | bytearray):
+            continue
+        if top and elem.tag == 0x7FE00010:
+            continue
+        # by `array`, as dicomfile.element_value: slicing a large value took seconds
+        words = array.array({2: "H", 4: "I", 8: "Q"}[width])
+        data = bytes(elem.value)
+        whole = len(data) - len(data) % width
+        words.frombytes(data[:whole])
+        words.byteswap()
+        elem.value = words.tobytes() + data[whole:]
+
+
 def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
     info = PixelInfo.of(ds)
     codec = ENCODERS[target]
+    if not codec.accepts(info):  # e.g. 1-bit or float data to a codec (available_targets)
+        raise ValueError(f"{UID(target).name} does not take these pixels")
     if codec.encode is None:  # to Explicit VR Little Endian
-        if ts.is_compressed:
+        if ts.is_compressed and info.bits_allocated == 1:
+            # PS3.5 8.1.1: 1-bit Pixel Data is bit-packed, frames following each other with
+            # no padding between them; pydicom's decompress() leaves a byte per pixel.
+            ds.PixelData = _frame_bytes(_pixels(ds), 1)
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = False
+        elif ts.is_compressed:
             # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
             _decoded(
                 ts,
