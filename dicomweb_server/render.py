@@ -15,6 +15,7 @@ import pydicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.sequence import Sequence
 
 from dicomweb_server.dicom_json import first_number
 from dicomweb_server.rendered import (
@@ -47,6 +48,68 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x - lo) / (hi - lo)
 
 
+# The functional groups that hold an enhanced multi-frame image's Modality LUT (Pixel Value
+# Transformation, PS3.3 C.7.6.16.2.9) and VOI LUT (Frame VOI LUT, C.7.6.16.2.10), and the
+# attributes of each, which stand in for the top-level ones of the same names.
+_FRAME_LUT_GROUPS = {
+    "PixelValueTransformationSequence": (
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "ModalityLUTSequence",
+    ),
+    "FrameVOILUTSequence": (
+        "WindowCenter",
+        "WindowWidth",
+        "VOILUTFunction",
+        "WindowCenterWidthExplanation",
+        "VOILUTSequence",
+    ),
+}
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    """The first item of sequence `keyword` of ds; None when absent, empty or not a sequence."""
+    value = ds.get(keyword)
+    return value[0] if isinstance(value, Sequence) and len(value) else None
+
+
+def _frame_luts(ds: Dataset, n: int) -> Dataset:
+    """The data set whose LUT attributes are frame n's (1-based). An enhanced multi-frame
+    image keeps them in functional groups (PS3.3 C.7.6.16), the frame's own (item n of the
+    Per-Frame Functional Groups Sequence) or those shared by every frame: the frame's group
+    first, then the shared one, then the top-level attributes (PS3.4 N.2: the Modality and
+    VOI LUTs of the frame shown). ds itself when no group gives them (every other image)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    sources = [_first_item(ds, "SharedFunctionalGroupsSequence")]
+    if isinstance(per_frame, Sequence) and len(per_frame) >= n:
+        sources.insert(0, per_frame[n - 1])
+    groups: dict[str, Dataset] = {}
+    for group in _FRAME_LUT_GROUPS:
+        for source in sources:
+            item = None if source is None else _first_item(source, group)
+            if item is not None:
+                groups[group] = item
+                break
+    if not groups:
+        return ds
+    frame = Dataset()  # a new data set: ds is not changed, its next frame may differ
+    implicit, little = ds.original_encoding
+    frame.set_original_encoding(implicit, little, ds.original_character_set)
+    if hasattr(ds, "file_meta"):  # pydicom reads OW LUT Data by its transfer syntax
+        frame.file_meta = ds.file_meta
+    for elem in ds:
+        frame.add(elem)
+    for group, item in groups.items():
+        for keyword in _FRAME_LUT_GROUPS[group]:
+            if keyword in frame:  # the group replaces the top-level set as a whole
+                del frame[keyword]
+            value = item.data_element(keyword) if keyword in item else None
+            if value is not None:
+                frame.add(value)
+    return frame
+
+
 def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None) -> np.ndarray:
     """Modality LUT, then VOI (the request's window, else the instance's, else min-max). An
     invalid Rescale Slope or Intercept leaves the values unscaled, and then only the request's
@@ -71,18 +134,33 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
     return np.round(y * 255.0).astype(np.uint8)
 
 
-def _display(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None) -> np.ndarray:
-    """8-bit greyscale (H, W) or RGB (H, W, 3) ready for Pillow."""
+def _display(
+    arr: np.ndarray, ds: Dataset, n: int, window: tuple[float, float, str] | None
+) -> np.ndarray:
+    """Frame n, 8-bit greyscale (H, W) or RGB (H, W, 3) ready for Pillow."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric.startswith("MONOCHROME"):
-        return _grey(arr, ds, window)
+        return _grey(arr, _frame_luts(ds, n), window)
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
     # Colour from pydicom is RGB (YCbCr already converted); scale >8-bit samples down.
     if arr.dtype != np.uint8:
-        top = float(arr.max()) or 1.0
-        arr = np.round(arr.astype(np.float64) / top * 255.0).astype(np.uint8)
+        top = _colour_top(arr, ds, photometric)
+        arr = np.round(np.clip(arr.astype(np.float64), 0.0, top) / top * 255.0).astype(np.uint8)
     return arr
+
+
+def _colour_top(arr: np.ndarray, ds: Dataset, photometric: str) -> float:
+    """The largest value colour samples can hold: 2**Bits Stored - 1 (PS3.3 C.7.6.3.1); for
+    a palette, the largest its entries hold (8 or 16 bits, C.7.6.3.1.5: their data type's).
+    Not the frame's own largest value: a dark frame stays dark, and frames of one instance
+    compare."""
+    if arr.dtype.kind not in "ui":
+        return float(arr.max()) or 1.0  # not integer samples: no range to scale by
+    bits = ds.get("BitsStored")
+    if photometric == "PALETTE COLOR" or not isinstance(bits, int):
+        return float(np.iinfo(arr.dtype).max)
+    return float(2 ** min(max(bits, 1), 8 * arr.dtype.itemsize) - 1)
 
 
 def _encode(img: Image.Image, media: str, quality: int) -> bytes:
@@ -139,7 +217,7 @@ def _frame_pixels(
         arr = frame_array(path, ds, n)
         if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
-        return _display(arr, ds, window)  # a palette without its tables raises here
+        return _display(arr, ds, n, window)  # a palette without its tables raises here
     except DECODE_ERRORS as exc:
         raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
 

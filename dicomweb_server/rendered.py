@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ MAX_ANIMATION_PIXELS = 64 * 1024 * 1024
 # Longest edge of a thumbnail when the request gives no viewport, pixels.
 THUMBNAIL_SIZE = 128
 _FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
-_NUMBER = r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?"
+# Numbers are ASCII digits: Python's `\d`, int() and float() also take the digits of other
+# scripts (U+0661, Arabic-Indic one; U+FF11, fullwidth one) and surrounding whitespace.
+_NUMBER = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class RenderParams:
 
 
 def _numbers(name: str, value: str, count: tuple[int, ...]) -> list[str]:
-    items = [v.strip() for v in value.split(",")]
+    items = value.split(",")
     if len(items) not in count:
         raise BadRequestError(f"{name} needs {' or '.join(map(str, count))} values, got {value!r}")
     return items
@@ -73,8 +76,11 @@ def _window(value: str) -> tuple[float, float, str]:
     if not all(re.fullmatch(_NUMBER, v) for v in items[:2]):
         raise BadRequestError(f"window center and width must be numbers: {value!r}")
     center, width = float(items[0]), float(items[1])
+    if not (math.isfinite(center) and math.isfinite(width)):  # `1e309` is inf to float()
+        raise BadRequestError(f"window center and width must be finite numbers: {value!r}")
     function = items[2].upper() if len(items) == 3 else "LINEAR"
-    if function not in _FUNCTIONS:
+    # str.upper() maps some letters of other scripts into ASCII (U+0131, dotless i, is I).
+    if function not in _FUNCTIONS or not items[-1].isascii():
         raise BadRequestError(f"window function must be one of {', '.join(_FUNCTIONS)}")
     if (width < 1 and function != "LINEAR_EXACT") or width <= 0:
         raise BadRequestError("window width must be at least 1 (PS3.3 C.11.2.1.2)")
@@ -86,7 +92,7 @@ def _viewport(value: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | 
     # sw and sh may be negative: the region is then flipped (PS3.18 8.3.5.1.3).
     signed = (False, False, False, False, True, True)
     if not all(
-        re.fullmatch(r"-?\d{1,6}" if neg else r"\d{1,6}", v)
+        re.fullmatch(r"-?[0-9]{1,6}" if neg else r"[0-9]{1,6}", v)
         for v, neg in zip(items, signed, strict=False)
     ):
         raise BadRequestError(
@@ -161,7 +167,7 @@ def parse_render_params(params: Mapping[str, str]) -> RenderParams:
     quality = DEFAULT_QUALITY
     if params.get("quality"):
         q = params["quality"]
-        if not re.fullmatch(r"\d{1,3}", q) or not 1 <= int(q) <= 100:
+        if not re.fullmatch(r"[0-9]{1,3}", q) or not 1 <= int(q) <= 100:
             raise BadRequestError(f"quality must be an integer from 1 to 100, got {q!r}")
         quality = int(q)
     return RenderParams(window, viewport, region, quality)

@@ -215,8 +215,11 @@ async def _transcoded(svc: Services, inst: StoredInstance, target: str) -> Async
 
 
 def parse_frame_list(text: str) -> list[int]:
-    """`1,3,5` -> [1, 3, 5] (PS3.18 8.3.1.4 frame list); 400 when malformed."""
-    if not re.fullmatch(r"\s*\d{1,9}\s*(,\s*\d{1,9}\s*)*", text):
+    """`1,3,5` -> [1, 3, 5] (PS3.18 8.3.1.4 frame list); 400 when malformed.
+
+    ASCII digits only, nothing around them: Python's `\\d` and int() also take the digits of
+    other scripts (U+0661, Arabic-Indic one, is 1) and whitespace, other spellings of a frame."""
+    if not re.fullmatch(r"[0-9]{1,9}(,[0-9]{1,9})*", text):
         raise BadRequestError(f"malformed frame list {text!r}: expected numbers like 1,3,5")
     frames = [int(x) for x in text.split(",")]
     if len(frames) > MAX_FRAMES_PER_REQUEST:

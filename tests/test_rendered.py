@@ -11,8 +11,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
+from dicomweb_server.errors import BadRequestError
 from dicomweb_server.rendered import THUMBNAIL_SIZE
+from dicomweb_server.retrieve import parse_frame_list
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 pytestmark = pytest.mark.db
@@ -118,7 +122,14 @@ async def test_thumbnails_at_every_level_and_icons(
     "params",
     [{"window": "abc,1"}, {"window": "40"}, {"window": "40,0"}, {"window": "40,400,CUBIC"},
      {"viewport": "0,10"}, {"viewport": "99999,10"}, {"viewport": "10,10,0,0,0,5"},
-     {"quality": "0"}, {"quality": "101"}, {"quality": "high"}],
+     {"quality": "0"}, {"quality": "101"}, {"quality": "high"},
+     # finite numbers only: float() makes 1e309 infinite
+     {"window": "1e309,10"}, {"window": "-1e309,1e309,SIGMOID"}, {"window": "40,1e999"},
+     # ASCII digits only, nothing around them: int() and float() take other scripts' digits
+     # (U+0661 Arabic-Indic one, U+FF11 fullwidth one) and whitespace
+     {"quality": "\u0661"}, {"quality": "\uff19\uff10"}, {"viewport": "\uff11,1"},
+     {"viewport": "8,8,0,0,\u0664,4"}, {"window": "\u0661,10"}, {"window": "40, 400"},
+     {"window": "40,400,L\u0131NEAR"}, {"viewport": " 8,8"}],
 )  # fmt: skip
 async def test_bad_render_parameters(app_client: httpx.AsyncClient, params: dict[str, str]) -> None:
     ds = make_instance()
@@ -188,3 +199,142 @@ async def test_multiframe_gif_is_animated(app_client: httpx.AsyncClient, samples
         "image/gif",
     )
     assert getattr(one, "n_frames", 1) == 1
+
+
+@pytest.mark.parametrize("frames", ["%D9%A1", "%EF%BC%91", "%201", "1%20", "1,%202", "%E2%80%A91"])
+async def test_frame_numbers_are_ascii_digits(app_client: httpx.AsyncClient, frames: str) -> None:
+    """`\\d` and int() take other scripts' digits and whitespace: `frames/\u0661` was frame 1."""
+    ds = make_instance(frames=2)
+    await stow(app_client, to_bytes(ds))
+    for resource in ("", "/rendered", "/thumbnail"):
+        r = await app_client.get(f"{inst_url(ds)}/frames/{frames}{resource}")
+        assert r.status_code == 400 and "frame list" in r.json()["message"], (resource, r.text)
+    assert parse_frame_list("1,2") == [1, 2]
+    for text in ("\u0661", "\uff11", " 1", "1 ", "1, 2", "1\n"):
+        with pytest.raises(BadRequestError):
+            parse_frame_list(text)
+
+
+def functional_groups(
+    rescale: tuple[float, float] | None = None, window: tuple[float, float] | None = None
+) -> Dataset:
+    """A functional groups item: Pixel Value Transformation and Frame VOI LUT (PS3.3
+    C.7.6.16.2.9-10), a Frame Content Sequence always (as every per-frame item has)."""
+    item = Dataset()
+    item.FrameContentSequence = Sequence([Dataset()])
+    if rescale is not None:
+        pvt = Dataset()
+        pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = rescale[0], rescale[1], "US"
+        item.PixelValueTransformationSequence = Sequence([pvt])
+    if window is not None:
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = window
+        item.FrameVOILUTSequence = Sequence([voi])
+    return item
+
+
+def windowed(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 LINEAR to 0..255."""
+    return np.round(np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255)
+
+
+async def test_enhanced_frames_use_their_functional_groups(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """An enhanced multi-frame image keeps each frame's rescale and window in functional
+    groups (PS3.3 C.7.6.16, PS3.4 N.2): the frame's own item first, then the shared one."""
+    path = samples / "real/pydicom-data/eCT_Supplemental.dcm"  # shared groups only
+    ect = pydicom.dcmread(path)
+    ds = make_instance(rows=8, cols=8, frames=3)  # frame n holds 64 (n - 1) .. 64 n - 1
+    ds.SharedFunctionalGroupsSequence = Sequence([functional_groups((2, -100), (100, 200))])
+    ds.PerFrameFunctionalGroupsSequence = Sequence(
+        [functional_groups(), functional_groups(window=(100, 50)), functional_groups((1, 0))]
+    )
+    ds.WindowCenter, ds.WindowWidth = 5000, 10  # top level: applies to no frame
+    await stow(app_client, path.read_bytes(), to_bytes(ds))
+    shared = ect.SharedFunctionalGroupsSequence[0]
+    voi, pvt = shared.FrameVOILUTSequence[0], shared.PixelValueTransformationSequence[0]
+    stored = ds.pixel_array.astype(np.float64)
+    expected = [
+        (
+            ect,
+            1,
+            windowed(
+                ect.pixel_array[0] * float(pvt.RescaleSlope) + float(pvt.RescaleIntercept),
+                float(voi.WindowCenter),
+                float(voi.WindowWidth),
+            ),
+        ),
+        (ds, 1, windowed(stored[0] * 2 - 100, 100, 200)),  # shared rescale and window
+        (ds, 2, windowed(stored[1] * 2 - 100, 100, 50)),  # its own window
+        (ds, 3, windowed(stored[2], 100, 200)),  # its own rescale, the shared window
+    ]
+    for inst, n, want in expected:
+        r = await app_client.get(
+            f"{inst_url(inst)}/frames/{n}/rendered", headers={"Accept": "image/png"}
+        )
+        got = np.asarray(image(r, "image/png")).astype(np.float64)
+        assert np.abs(got - want).max() <= 1, (inst.SOPInstanceUID, n)
+
+
+async def test_colour_above_8_bits_scaled_by_bits_stored(app_client: httpx.AsyncClient) -> None:
+    """Samples are scaled by 2**Bits Stored - 1, not by the frame's own largest value: a
+    dark frame stays dark."""
+    ds = make_instance(rows=4, cols=4, frames=2, SamplesPerPixel=3, PlanarConfiguration=0)
+    ds.PhotometricInterpretation, ds.BitsStored, ds.HighBit = "RGB", 12, 11
+    pixels = np.full((2, 4, 4, 3), 1000, np.uint16)
+    pixels[0, 0, 0] = 2000
+    pixels[1] = 4095
+    ds.PixelData = pixels.tobytes()
+    await stow(app_client, to_bytes(ds))
+    for n, want in ((1, round(1000 / 4095 * 255)), (2, 255)):
+        r = await app_client.get(
+            f"{inst_url(ds)}/frames/{n}/rendered", headers={"Accept": "image/png"}
+        )
+        assert np.asarray(image(r, "image/png"))[2, 2].tolist() == [want] * 3
+
+
+def vary(r: httpx.Response) -> list[str]:
+    return [v.strip() for v in r.headers.get("vary", "").split(",")]
+
+
+async def test_rendered_cache_headers(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """Accept chooses the type of every rendered response: Vary says so, merged with the
+    Origin the CORS middleware adds (RFC 9110 12.5.5). A study's or series' image changes as
+    instances arrive: never fresh without asking (no-cache); an instance's or frame's never
+    changes (an hour)."""
+    first = make_instance(rows=8, cols=8, InstanceNumber=1)
+    await stow(app_client, to_bytes(first))
+    study = f"{ROOT}/studies/{first.StudyInstanceUID}"
+    series = f"{study}/series/{first.SeriesInstanceUID}"
+    origin = {"Origin": "http://localhost:3000"}
+    for url, cache in (
+        (study, "private, no-cache"),
+        (series, "private, no-cache"),
+        (inst_url(first), "private, max-age=3600"),
+        (f"{inst_url(first)}/frames/1", "private, max-age=3600"),
+    ):
+        for resource in ("rendered", "thumbnail"):
+            for accept in ("image/png", "image/gif"):
+                r = await app_client.get(f"{url}/{resource}", headers={"Accept": accept})
+                assert r.status_code == 200 and r.headers["content-type"] == accept
+                assert r.headers["cache-control"] == cache, (url, resource)
+                assert vary(r) == ["Accept", "Origin"], (url, resource)
+            r = await app_client.get(f"{url}/{resource}", headers=origin)
+            assert r.headers["access-control-allow-origin"] == origin["Origin"]
+            assert vary(r) == ["Accept", "Origin"]
+    before = (await app_client.get(f"{study}/rendered", headers={"Accept": "image/png"})).content
+    later = make_instance(
+        study=first.StudyInstanceUID, series=first.SeriesInstanceUID, rows=8, cols=4
+    )
+    later.InstanceNumber = 2
+    await stow(app_client, to_bytes(later))
+    after = (await app_client.get(f"{study}/rendered", headers={"Accept": "image/png"})).content
+    assert after != before  # the representative is now the second instance: why no-cache
+    sr = pydicom.dcmread(samples / "generated/coverage/sr_basic_text.dcm", stop_before_pixels=True)
+    await stow(app_client, (samples / "generated/coverage/sr_basic_text.dcm").read_bytes())
+    for accept in ("text/html", "text/plain"):
+        r = await app_client.get(f"{inst_url(sr)}/rendered", headers={"Accept": accept})
+        assert r.status_code == 200 and r.headers["content-type"].startswith(accept)
+        assert vary(r) == ["Accept", "Origin"]
+        assert r.headers["cache-control"] == "private, max-age=3600"

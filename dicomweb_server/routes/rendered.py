@@ -50,7 +50,7 @@ async def _image(request: Request, thumbnail: bool) -> Response:
     media = negotiate_rendered(accept)
     animate = "instance" in p and "frames" not in p
     data = await rendered_image(svc, inst, frame, params, media, thumbnail, animate)
-    return Response(data, media_type=media, headers=_PRIVATE)
+    return Response(data, media_type=media, headers=_PRIVATE if "instance" in p else _CHANGING)
 
 
 # Encapsulated documents rendered as the document they hold (PS3.18 Table 8.7.4-1).
@@ -59,7 +59,14 @@ _DOCUMENT_TYPES = {
     "1.2.840.10008.5.1.4.1.1.104.2": "text/xml",  # Encapsulated CDA Storage
 }
 _ENCAPSULATED_DOCUMENT = "00420011"
-_PRIVATE = {"Cache-Control": "private, max-age=3600"}
+# Every rendered response's type is chosen by Accept (or by the `accept` query parameter,
+# part of the URL): Vary says so, so that a cache keeps one per type (RFC 9110 12.5.5). The
+# CORS middleware adds Origin to it. An instance's or frame's image never changes (an instance
+# is stored once): kept an hour. A study's or series' image is its representative instance's,
+# chosen from what is stored when asked, and changes as instances arrive; with no validator
+# to check it by, a cache must ask again before each use (no-cache, RFC 9111 5.2.2.4).
+_PRIVATE = {"Cache-Control": "private, max-age=3600", "Vary": "Accept"}
+_CHANGING = {"Cache-Control": "private, no-cache", "Vary": "Accept"}
 
 
 async def _document(svc: Services, inst: StoredInstance, accept: str | None) -> Response | None:
