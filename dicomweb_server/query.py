@@ -19,12 +19,15 @@ from dicomweb_server.attributes import (
     Level,
 )
 from dicomweb_server.errors import BadRequestError
-from dicomweb_server.vr import parse_da, parse_dt, parse_tm
+from dicomweb_server.vr import dt_as_utc, parse_da, parse_dt, parse_tm
 
 __all__ = [
+    "MAX_MATCH_LIST_ITEMS",
+    "MAX_MATCH_VALUE_CHARS",
     "QIDO_DEFAULT_LIMIT",
     "QIDO_MAX_LIMIT",
     "QIDO_MAX_OFFSET",
+    "ComponentGroupMatch",
     "FuzzyMatch",
     "Include",
     "ItemMatch",
@@ -45,14 +48,20 @@ QIDO_DEFAULT_LIMIT = 100
 QIDO_MAX_LIMIT = 1000
 # Largest `offset` accepted (a bigger one is a 400: it could only be a mistake or an attack).
 QIDO_MAX_OFFSET = 10_000_000
-# Largest integer accepted in `limit`; above it the value is refused, not lowered.
-_MAX_INT_PARAM = 2**31 - 1
-# Longest matching value accepted, in characters (longer cannot match any VR we index).
+# Longest matching value accepted, in characters (longer cannot match any VR we index); in
+# a list (UIDs, ModalitiesInStudy) the longest item: PS3.4 C.2.2.2 lets a list key exceed
+# the VR's length.
 MAX_MATCH_VALUE_CHARS = 1024
+# Most items in a list (List of UID matching, PS3.4 C.2.2.2.2, and ModalitiesInStudy).
+MAX_MATCH_LIST_ITEMS = 1000
+# Digits an integer parameter is read to; a longer one is beyond every bound checked.
+_MAX_INT_DIGITS = 18
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+# PS3.5 6.2.1: a person name has at most three component groups.
+_PN_GROUPS = 3
 _PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
 _LEVEL_ORDER = {Level.PATIENT: -1, Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
 # What a result carries besides the attributes stored for its level (attributes.LEVEL_TAGS):
@@ -117,6 +126,18 @@ class FuzzyMatch:
     words: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ComponentGroupMatch:
+    """A PN value with component groups (`Yamada^Tarou=山田^太郎=やまだ^たろう`, PS3.5 6.2.1):
+    each non-empty group of the value must match the stored name's group at the same
+    position (PS3.4 C.2.2.2.1, or C.2.2.2.4 when the group has `*` or `?`), case-insensitively
+    and with trailing `^` ignored like other PN matching; an empty group matches any. `groups`
+    holds the value's groups so prepared, "" for an empty one."""
+
+    attr: Attribute
+    groups: tuple[str, ...]
+
+
 # What a key inside a sequence item can be: the keys there are SH (attributes.py).
 ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch
 
@@ -139,6 +160,7 @@ Match = (
     | WildcardMatch
     | RangeMatch
     | FuzzyMatch
+    | ComponentGroupMatch
     | SequenceMatch
 )
 
@@ -161,12 +183,16 @@ class Query:
     warnings: tuple[str, ...] = field(default=())
 
 
-def _int_param(name: str, value: str, lo: int, hi: int) -> int:
-    if not re.fullmatch(r"[+-]?\d{1,12}", value.strip()):
+def _int_param(name: str, value: str, lo: int, hi: int | None) -> int:
+    """An integer parameter within lo..hi (no upper bound when hi is None), else 400."""
+    s = value.strip()
+    if not re.fullmatch(r"[+-]?\d+", s):
         raise BadRequestError(f"{name} must be an integer, got {value!r}")
-    n = int(value)
-    if n < lo or n > hi:
-        raise BadRequestError(f"{name} must be between {lo} and {hi}, got {n}")
+    digits = s.lstrip("+-").lstrip("0") or "0"
+    n = int(s) if len(digits) <= _MAX_INT_DIGITS else int(s[0] + "1" + "0" * _MAX_INT_DIGITS)
+    if n < lo or (hi is not None and n > hi):
+        upper = "" if hi is None else f" and {hi}"
+        raise BadRequestError(f"{name} must be between {lo}{upper}, got {s}")
     return n
 
 
@@ -248,7 +274,8 @@ def _item_match(attr: Attribute, value: str) -> ItemMatch:
 
 
 def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
-    if len(value) > MAX_MATCH_VALUE_CHARS:
+    listed = attr.vr == "UI" or attr.keyword == "ModalitiesInStudy"
+    if len(value) > MAX_MATCH_VALUE_CHARS and not listed:
         raise BadRequestError(f"value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
     if _CONTROL.search(value):
         # PS3.5 6.1.2: no control characters but ESC, LF, FF, CR and TAB in any value
@@ -256,10 +283,18 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
         raise BadRequestError(f"value of {attr.keyword} has a control character: {value!r}")
     if value in ("", "*"):
         return UniversalMatch(attr)
-    if attr.vr == "UI" or attr.keyword == "ModalitiesInStudy":
+    if listed:
         values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
         if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
             return UniversalMatch(attr)
+        if len(values) > MAX_MATCH_LIST_ITEMS:
+            raise BadRequestError(
+                f"{attr.keyword} lists {len(values)} values, more than {MAX_MATCH_LIST_ITEMS}"
+            )
+        if any(len(v) > MAX_MATCH_VALUE_CHARS for v in values):
+            raise BadRequestError(
+                f"a value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}"
+            )
         if attr.vr == "UI":
             bad = [v for v in values if not _UID.match(v) or len(v) > 64]
             if bad:
@@ -274,19 +309,24 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
     if attr.vr == "PN" and fuzzy:
         words = tuple(w for w in re.split(r"[\s^=,]+", value.replace("*", "")) if w)
         return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
+    if attr.vr == "PN" and "=" in value:
+        groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))
+        if len(groups) > _PN_GROUPS:
+            raise BadRequestError(
+                f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
+            )
+        if all(g in ("", "*") for g in groups):
+            return UniversalMatch(attr)
+        return ComponentGroupMatch(attr, groups)
     if "*" in value or "?" in value:
         return WildcardMatch(attr, value)
     return SingleValueMatch(attr, value)
 
 
 def _range_or_single(attr: Attribute, value: str) -> Match:
-    parse_one = _PARSERS[attr.vr]
     if attr.vr == "DT":
-        single = parse_one(value)
-        if single is not None:  # e.g. 20240101120000-0500: a UTC offset, not a range
-            return SingleValueMatch(attr, single)
-        if "-" in value:
-            return _dt_range(attr, value)
+        return _dt_match(attr, value)
+    parse_one = _PARSERS[attr.vr]
     if "-" in value:
         lo_s, _, hi_s = value.partition("-")
         lo = parse_one(lo_s) if lo_s else None
@@ -300,17 +340,37 @@ def _range_or_single(attr: Attribute, value: str) -> Match:
     return SingleValueMatch(attr, one)
 
 
-def _dt_range(attr: Attribute, value: str) -> Match:
-    """A DT range whose ends may carry negative UTC offsets: the first split that parses."""
+def _dt(value: str) -> dt.datetime | None:
+    """A DT query value as the naive UTC datetime the index holds (vr.dt_as_utc)."""
+    parsed = parse_dt(value)
+    return dt_as_utc(parsed) if parsed is not None else None
+
+
+def _dt_match(attr: Attribute, value: str) -> Match:
+    """A DT value or range. `-` both separates a range and signs a UTC offset, so a value can
+    read either way: `20240105-20240106`, `2023-1000` (the year 2023 at UTC-10:00, or the
+    years 2023 to 1000). A range whose ends parse and are in order wins (PS3.4 C.2.2.2.5:
+    "<datetime1> is less or equal to <datetime2>"); else a single value with an offset
+    (within -1200..+1400, PS3.5 6.2, so `2023-2025` is a range); else a range in reverse
+    order, which matches nothing."""
+    ranges = []
     for i, ch in enumerate(value):
         if ch != "-":
             continue
         lo_s, hi_s = value[:i], value[i + 1 :]
-        lo = parse_dt(lo_s) if lo_s else None
-        hi = parse_dt(hi_s) if hi_s else None
+        lo = _dt(lo_s) if lo_s else None
+        hi = _dt(hi_s) if hi_s else None
         if (lo or not lo_s) and (hi or not hi_s) and (lo or hi):
-            return RangeMatch(attr, lo, hi)
-    raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid DT range")
+            if lo is None or hi is None or lo <= hi:
+                return RangeMatch(attr, lo, hi)
+            ranges.append(RangeMatch(attr, lo, hi))
+    single = _dt(value)
+    if single is not None:
+        return SingleValueMatch(attr, single)
+    if ranges:
+        return ranges[0]
+    what = "range" if "-" in value else "value"
+    raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid DT {what}")
 
 
 def _includes(
@@ -402,7 +462,8 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
     warnings: list[str] = []
     for key, value in params:
         if key == "limit":
-            limit = _int_param("limit", value, 0, _MAX_INT_PARAM)
+            # Any size: above QIDO_MAX_LIMIT it is lowered, below (PS3.18 8.3.4.4).
+            limit = _int_param("limit", value, 0, None)
         elif key == "offset":
             offset = _int_param("offset", value, 0, QIDO_MAX_OFFSET)
         elif key == "fuzzymatching":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicomweb_server.attributes import LEVEL_TAGS, Level, tag_hex
-from dicomweb_server.vr import parse_da, parse_dt, parse_tm
+from dicomweb_server.vr import dt_as_utc, parse_da, parse_dt, parse_tm, parse_utc_offset
 
 __all__ = [
     "FrameLayout",
@@ -21,7 +21,9 @@ JsonDict = dict[str, Any]
 
 
 def pn_groups(value: Any) -> list[str]:
-    """Lower-cased component groups of a PN JSON value, trailing '^' removed (PS3.5 6.2.1)."""
+    """Lower-cased component groups of a PN JSON value, trailing '^' removed (PS3.5 6.2.1),
+    each at its position (alphabetic, ideographic, phonetic; an empty group is "", trailing
+    empty groups are dropped): a query with several groups matches them group by group."""
     groups: list[Any]
     if isinstance(value, dict):
         groups = [value.get(k) for k in ("Alphabetic", "Ideographic", "Phonetic")]
@@ -29,7 +31,10 @@ def pn_groups(value: Any) -> list[str]:
         groups = list(value.split("="))
     else:
         return []
-    return [g.rstrip("^ ").lower() for g in groups if isinstance(g, str) and g.rstrip("^ ")]
+    out = [g.rstrip("^ ").lower() if isinstance(g, str) else "" for g in groups]
+    while out and not out[-1]:
+        out.pop()
+    return out
 
 
 def pn_text(value: Any) -> str | None:
@@ -84,6 +89,19 @@ def _date(meta: JsonDict, tag: int) -> dt.date | None:
 def _time(meta: JsonDict, tag: int) -> dt.time | None:
     v = _str(meta, tag)
     return parse_tm(v) if v else None
+
+
+def _datetime(meta: JsonDict, tag: int) -> dt.datetime | None:
+    """A DT as the naive UTC datetime the index compares (vr.dt_as_utc); without an offset
+    of its own the value is in the instance's Timezone Offset From UTC (0008,0201), which
+    covers "all DT Attributes ... that do not contain an explicitly encoded timezone
+    offset" (PS3.3 C.12.1.1.8)."""
+    v = _str(meta, tag)
+    parsed = parse_dt(v) if v else None
+    if parsed is None:
+        return None
+    tz = _str(meta, 0x00080201)
+    return dt_as_utc(parsed, parse_utc_offset(tz) if tz else None)
 
 
 def level_attrs(meta: JsonDict, level: Level) -> JsonDict:
@@ -157,12 +175,11 @@ def build_record(
         "pps_start_time": _time(meta, 0x00400245),
         "attrs": json.dumps(level_attrs(meta, Level.SERIES)),
     }
-    acq = _str(meta, 0x0008002A)
     instance = {
         "sop_instance_uid": _str(meta, 0x00080018),
         "sop_class_uid": _str(meta, 0x00080016),
         "instance_number": _int(meta, 0x00200013),
-        "acquisition_datetime": parse_dt(acq) if acq else None,
+        "acquisition_datetime": _datetime(meta, 0x0008002A),
         "blob_key": blob_key,
         "transfer_syntax_uid": transfer_syntax_uid,
         "size_bytes": size_bytes,

@@ -15,6 +15,7 @@ from typing import Any
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
 from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.query import (
+    ComponentGroupMatch,
     FuzzyMatch,
     Match,
     Query,
@@ -111,11 +112,30 @@ def _sequence_condition(m: SequenceMatch, args: _Args) -> str | None:
     return " AND ".join(parts)
 
 
+def _groups_condition(m: ComponentGroupMatch, args: _Args) -> str:
+    """Each non-empty group of the value against the stored group at its position (the
+    column holds the groups in order, record.pn_groups; PostgreSQL arrays count from 1).
+    The exact groups are also one containment test, which the GIN index answers."""
+    col = _column(m.attr)
+    exact = [g for g in m.groups if g and "*" not in g and "?" not in g]
+    parts = [f"{col} @> {args.add(exact)}::text[]"] if exact else []
+    for i, group in enumerate(m.groups, start=1):
+        if group in ("", "*"):
+            continue
+        if group in exact:
+            parts.append(f"{col}[{i}] = {args.add(group)}")
+        else:
+            parts.append(f"{col}[{i}] LIKE {args.add(like_pattern(group))} ESCAPE '\\'")
+    return " AND ".join(parts)
+
+
 def _condition(m: Match, args: _Args) -> str | None:
     if isinstance(m, UniversalMatch):
         return None
     if isinstance(m, SequenceMatch):
         return _sequence_condition(m, args)
+    if isinstance(m, ComponentGroupMatch):
+        return _groups_condition(m, args)
     col = _column(m.attr)
     pn = m.attr.vr == "PN"
     array = pn or m.attr.keyword == "ModalitiesInStudy"
@@ -291,6 +311,13 @@ def _pick(doc: Mapping[str, Any], wanted: set[str] | None) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k in wanted}
 
 
+def _element(vr: str, values: Iterable[Any] | None) -> dict[str, Any]:
+    """A DICOM JSON element; without values it has no "Value" key (PS3.18 F.2.5), e.g. the
+    ModalitiesInStudy of a study whose instances have no Modality."""
+    present = [v for v in values or () if v is not None and v != ""]
+    return {"vr": vr, "Value": present} if present else {"vr": vr}
+
+
 def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, Any]:
     if level is Level.PATIENT:
         return {
@@ -302,8 +329,8 @@ def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, 
     if level is Level.STUDY:
         return {
             "00080056": {"vr": "CS", "Value": ["ONLINE"]},
-            "00080061": {"vr": "CS", "Value": list(row["modalities_in_study"])},
-            "00080062": {"vr": "UI", "Value": list(row["sop_classes_in_study"])},
+            "00080061": _element("CS", row["modalities_in_study"]),
+            "00080062": _element("UI", row["sop_classes_in_study"]),
             "00081190": {"vr": "UR", "Value": [f"{base_url}/studies/{study}"]},
             "00201206": {"vr": "IS", "Value": [row["num_series"]]},
             "00201208": {"vr": "IS", "Value": [row["study_num_instances"]]},

@@ -5,11 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-__all__ = ["parse_da", "parse_dt", "parse_tm"]
+__all__ = ["dt_as_utc", "parse_da", "parse_dt", "parse_tm", "parse_utc_offset"]
 
 _DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
 _DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
+_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+# PS3.5 6.2 (DT): a UTC offset lies within -1200..+1400; here in minutes.
+_MIN_OFFSET_MINUTES = -12 * 60
+_MAX_OFFSET_MINUTES = 14 * 60
 
 
 def parse_da(value: str) -> dt.date | None:
@@ -35,16 +39,48 @@ def parse_tm(value: str) -> dt.time | None:
         return None
 
 
+def parse_utc_offset(value: str) -> dt.timezone | None:
+    """A UTC offset `&ZZXX` (the DT suffix, or Timezone Offset From UTC (0008,0201)) to a
+    timezone; None unless it is within -1200..+1400 with minutes below 60 (PS3.5 6.2)."""
+    m = _OFFSET.match(value.strip())
+    if not m or int(m[3]) >= 60:
+        return None
+    minutes = (int(m[2]) * 60 + int(m[3])) * (-1 if m[1] == "-" else 1)
+    if not _MIN_OFFSET_MINUTES <= minutes <= _MAX_OFFSET_MINUTES:
+        return None
+    return dt.timezone(dt.timedelta(minutes=minutes))
+
+
 def parse_dt(value: str) -> dt.datetime | None:
-    """DT to a naive datetime (the UTC offset suffix is ignored)."""
+    """DT to a datetime: aware when the value has a UTC offset suffix, naive otherwise; None
+    when the value is not a valid DT (an offset outside -1200..+1400 included)."""
     m = _DT.match(value.strip())
     if not m:
+        return None
+    tz = parse_utc_offset(m[8]) if m[8] else None
+    if m[8] and tz is None:
         return None
     try:
         frac = int((m[7] or "0").ljust(6, "0"))
         return dt.datetime(
             int(m[1]), int(m[2] or 1), int(m[3] or 1), int(m[4] or 0), int(m[5] or 0),
-            min(int(m[6] or 0), 59), frac,
+            min(int(m[6] or 0), 59), frac, tzinfo=tz,
         )  # fmt: skip
     except ValueError:
+        return None
+
+
+def dt_as_utc(value: dt.datetime, default: dt.timezone | None = None) -> dt.datetime | None:
+    """A parsed DT as the naive UTC datetime the index stores and compares (PS3.4 C.2.2.2.5:
+    the UTC offset "shall be taken into account"). A value without an offset is in `default`
+    when given (an instance's Timezone Offset From UTC, PS3.3 C.12.1.1.8), else taken as UTC:
+    this server's local time zone, for DICOM purposes, is UTC. None when the conversion
+    leaves the years datetime can hold (e.g. 00010101000000+0100)."""
+    if value.tzinfo is None:
+        if default is None:
+            return value
+        value = value.replace(tzinfo=default)
+    try:
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+    except OverflowError:
         return None

@@ -205,7 +205,8 @@ async def test_qido_scoped_search_returns_the_parent_keys_it_matched(
     [
         # unknown names and unsupported keys are ignored (PS3.18 8.3.1): test_ps318_rules
         {"limit": "-1"},
-        {"limit": "99999999999999999999"},
+        {"limit": "1e9"},
+        {"offset": "99999999999999999999"},
         {"offset": "x"},
         {"StudyDate": "2020-01-01"},
         {"StudyDate": "20201301"},
@@ -233,6 +234,78 @@ async def test_qido_limit_offset_paging(app_client: httpx.AsyncClient) -> None:
     assert len(seen) == len(set(seen)) == 5
     r = await app_client.get(f"{ROOT}/studies", params={"limit": "100000"})
     assert r.status_code == 200 and "maximum" in r.headers["warning"]
+
+
+async def test_qido_matching_found_by_review(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """DT values compared in UTC (PS3.4 C.2.2.2.5), PN component groups matched group by
+    group (PS3.4 C.2.2.2.1), a UID list longer than one value's cap (C.2.2.2.2), a huge
+    limit lowered (PS3.18 8.3.4.4), no empty "Value" (F.2.5)."""
+    offset = make_instance(AcquisitionDateTime="20240105120000+0500")
+    local = make_instance(AcquisitionDateTime="20240105120000", TimezoneOffsetFromUTC="-0300")
+    naive = make_instance(AcquisitionDateTime="20240105120000")
+    no_modality = make_instance()
+    del no_modality.Modality
+    chr_h31 = (samples / "real/pydicom/charset_files/chrH31.dcm").read_bytes()
+    files = [to_bytes(d) for d in (offset, local, naive, no_modality)] + [chr_h31]
+    assert (await stow(app_client, *files)).status_code == 200
+
+    async def found(level: str, **params: str) -> list[dict[str, Any]]:
+        r = await app_client.get(f"{ROOT}/{level}", params=params)
+        assert r.status_code in (200, 204), r.text
+        return r.json() if r.status_code == 200 else []
+
+    async def sops(value: str) -> list[str]:
+        found_ = await found("instances", AcquisitionDateTime=value)
+        return sorted(str(values(i, "00080018")[0]) for i in found_)
+
+    a, b, c = (str(d.SOPInstanceUID) for d in (offset, local, naive))
+    assert await sops("2023-2025") == sorted([a, b, c])
+    assert await sops("20230101-20251231") == sorted([a, b, c])
+    assert await sops("20240105070000+0000") == [a]  # 12:00 at UTC+05:00
+    assert await sops("20240105020000-0500") == [a]
+    assert await sops("20240105060000+0000-20240105080000+0000") == [a]
+    assert await sops("20240105120000+0500") == [a]
+    assert await sops("20240105150000+0000") == [b]  # 12:00 at its TimezoneOffsetFromUTC
+    assert await sops("20240105120000") == [c]  # no offset anywhere: taken as UTC
+    assert await sops("20240105120000+0000") == [c]
+    # the stored value as it reads, in the instance's JSON
+    (inst,) = await found("instances", SOPInstanceUID=a, includefield="AcquisitionDateTime")
+    assert values(inst, "0008002A") == ["20240105120000+0500"]
+
+    async def names(value: str) -> int:
+        return len(await found("studies", PatientName=value))
+
+    assert await names("Yamada^Tarou=山田^太郎=やまだ^たろう") == 1
+    assert await names("yamada^tarou=山田^太郎=やまだ^たろう") == 1
+    assert await names("Yamada^Tarou=山田^太郎") == 1
+    assert await names("=山田^太郎") == 1
+    assert await names("==やまだ^*") == 1
+    assert await names("Yamada^*=山田^太郎=") == 1
+    assert await names("Yamada^Tarou") == 1 and await names("山田^太郎") == 1
+    assert await names("山田^太郎=Yamada^Tarou") == 0  # groups in the wrong places
+    assert await names("Yamada^Tarou=山田^花子") == 0
+    assert await names("Doe^John=山田^太郎") == 0
+
+    uid = str(no_modality.StudyInstanceUID)
+    (study,) = await found("studies", StudyInstanceUID=uid, includefield="SOPClassesInStudy")
+    assert study["00080061"] == {"vr": "CS"}
+    assert study["00080062"]["Value"] == [str(no_modality.SOPClassUID)]
+
+    stored = [str(d.StudyInstanceUID) for d in (offset, local, naive, no_modality)]
+    many = stored + [f"1.2.826.0.1.3680043.8.498.{10**15 + i}.{10**13 + i}" for i in range(20)]
+    assert len(",".join(many)) > 1024
+    for params in (
+        {"StudyInstanceUID": ",".join(many)},
+        {"StudyInstanceUID": "\\".join(many)},
+    ):
+        assert len(await found("studies", **params)) == len(stored)
+    repeated = httpx.QueryParams([("StudyInstanceUID", u) for u in many])
+    r = await app_client.get(f"{ROOT}/studies", params=repeated)
+    assert r.status_code == 200 and len(r.json()) == len(stored)
+
+    r = await app_client.get(f"{ROOT}/studies", params={"limit": "9999999999"})
+    assert r.status_code == 200 and len(r.json()) == 5
+    assert "limit lowered to the maximum" in r.headers["warning"]
 
 
 async def test_stow_failures_and_statuses(app_client: httpx.AsyncClient) -> None:

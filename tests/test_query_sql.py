@@ -11,9 +11,12 @@ import pytest
 from dicomweb_server.attributes import ATTRIBUTES, DEFAULT_RETURN, LEVEL_TAGS, Level, tag_hex
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.query import (
+    MAX_MATCH_LIST_ITEMS,
+    MAX_MATCH_VALUE_CHARS,
     QIDO_DEFAULT_LIMIT,
     QIDO_MAX_LIMIT,
     QIDO_MAX_OFFSET,
+    ComponentGroupMatch,
     FuzzyMatch,
     Query,
     RangeMatch,
@@ -24,8 +27,10 @@ from dicomweb_server.query import (
     WildcardMatch,
     parse,
 )
+from dicomweb_server.record import pn_groups
 from dicomweb_server.sql import (
     _Args,
+    _computed,
     _condition,
     compile_search,
     like_pattern,
@@ -77,6 +82,56 @@ def test_limits_at_the_edge() -> None:
         q(limit="-1")
 
 
+@pytest.mark.parametrize("limit", ["2147483648", "9999999999", "9" * 40, "+0001000000000000"])
+def test_a_huge_limit_is_lowered(limit: str) -> None:
+    """PS3.18 8.3.4.4 and the statement: a limit above the maximum is lowered to it with a
+    Warning, however large (found by review: above 2**31-1 it was a 400)."""
+    query = q(limit=limit)
+    assert query.limit == QIDO_MAX_LIMIT
+    assert query.warnings == (f"limit lowered to the maximum of {QIDO_MAX_LIMIT}",)
+
+
+@pytest.mark.parametrize("offset", ["9999999999", "9" * 40, "-1", "1e3"])
+def test_an_absurd_offset_is_refused(offset: str) -> None:
+    with pytest.raises(BadRequestError, match="offset must be"):
+        q(offset=offset)
+
+
+def _uids(n: int) -> list[str]:
+    """n UIDs of 57 characters each."""
+    return [f"1.2.826.0.1.3680043.8.498.{10**15 + i}.{10**13 + i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("sep", [",", "\\", None])
+def test_uid_list_is_capped_per_item_and_in_items(sep: str | None) -> None:
+    """PS3.4 C.2.2.2.2: a list of UIDs may exceed the length of one value (found by review:
+    about 18 UIDs were a 400 "longer than 1024"); the number of items is capped instead."""
+
+    def uid_params(uids: list[str]) -> list[tuple[str, str]]:
+        if sep is None:  # repeated parameter
+            return [("StudyInstanceUID", u) for u in uids]
+        return [("StudyInstanceUID", sep.join(uids))]
+
+    uids = _uids(MAX_MATCH_LIST_ITEMS)
+    assert len(",".join(uids[:20])) > MAX_MATCH_VALUE_CHARS
+    (m,) = parse(Level.STUDY, uid_params(uids), {}).matches
+    assert isinstance(m, UidListMatch) and m.values == tuple(uids)
+    with pytest.raises(BadRequestError, match=f"more than {MAX_MATCH_LIST_ITEMS}"):
+        parse(Level.STUDY, uid_params(_uids(MAX_MATCH_LIST_ITEMS + 1)), {})
+
+
+def test_list_items_longer_than_the_cap_are_refused() -> None:
+    edge = "C" * MAX_MATCH_VALUE_CHARS
+    (m,) = q(ModalitiesInStudy=f"CT,{edge}").matches
+    assert isinstance(m, UidListMatch) and m.values == ("CT", edge)
+    with pytest.raises(BadRequestError, match="longer than"):
+        q(ModalitiesInStudy=f"CT,{edge}C")
+    with pytest.raises(BadRequestError, match="longer than"):
+        q(PatientID="P" * (MAX_MATCH_VALUE_CHARS + 1))
+    (m,) = q(PatientID="P" * MAX_MATCH_VALUE_CHARS).matches
+    assert isinstance(m, SingleValueMatch)
+
+
 def test_like_escaping() -> None:
     assert like_pattern("a%b_c\\d*e?") == "a\\%b\\_c\\\\d%e_"
 
@@ -119,11 +174,119 @@ def test_returned_levels() -> None:
 
 
 def test_dt_with_negative_utc_offset() -> None:
-    """A negative UTC offset is not a range separator (found by review)."""
+    """A negative UTC offset is not a range separator (found by review), and is taken into
+    account: values are compared in UTC (PS3.4 C.2.2.2.5)."""
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500").matches
-    assert isinstance(m, SingleValueMatch) and m.value == dt.datetime(2024, 1, 1, 12)
+    assert isinstance(m, SingleValueMatch) and m.value == dt.datetime(2024, 1, 1, 17)
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500-20240102120000-0500").matches
-    assert isinstance(m, RangeMatch) and m.upper == dt.datetime(2024, 1, 2, 12)
+    assert isinstance(m, RangeMatch) and m.upper == dt.datetime(2024, 1, 2, 17)
+
+
+UTC = dt.datetime
+
+
+@pytest.mark.parametrize(
+    ("value", "lower", "upper"),
+    [
+        # -1200..+1400 are the only offsets (PS3.5 6.2): -2025 is not one, so a range
+        ("2023-2025", UTC(2023, 1, 1), UTC(2025, 1, 1)),
+        ("20240105-20240106", UTC(2024, 1, 5), UTC(2024, 1, 6)),
+        ("20240105120000+0000-", UTC(2024, 1, 5, 12), None),
+        ("-20240105120000-0500", None, UTC(2024, 1, 5, 17)),
+        ("20240105120000-0500-", UTC(2024, 1, 5, 17), None),
+        ("20240105060000+0000-20240105080000+0000", UTC(2024, 1, 5, 6), UTC(2024, 1, 5, 8)),
+        ("20240105120000+0500-20240105120000-0500", UTC(2024, 1, 5, 7), UTC(2024, 1, 5, 17)),
+        ("20240105120000+1400-20240105120000-1200", UTC(2024, 1, 4, 22), UTC(2024, 1, 6, 0)),
+        # a range in order wins over a single value with an offset (2023 at UTC-10:00)
+        ("1000-2023", UTC(1000, 1, 1), UTC(2023, 1, 1)),
+        # both ends parse but in reverse and no single value reads it: matches nothing
+        ("20240106-20240105", UTC(2024, 1, 6), UTC(2024, 1, 5)),
+    ],
+)
+def test_dt_ranges(value: str, lower: dt.datetime | None, upper: dt.datetime | None) -> None:
+    (m,) = q(Level.INSTANCE, AcquisitionDateTime=value).matches
+    assert isinstance(m, RangeMatch) and (m.lower, m.upper) == (lower, upper)
+
+
+@pytest.mark.parametrize(
+    ("value", "single"),
+    [
+        ("20240105120000+0500", UTC(2024, 1, 5, 7)),
+        ("20240105070000+0000", UTC(2024, 1, 5, 7)),
+        ("20240105120000", UTC(2024, 1, 5, 12)),  # no offset: taken as UTC
+        ("20240105120000+1400", UTC(2024, 1, 4, 22)),  # the offsets at the edge
+        ("20240105120000-1200", UTC(2024, 1, 6, 0)),
+        # read as a range it would be in reverse (2023 to 1000): the year 2023 at UTC-10:00
+        ("2023-1000", UTC(2023, 1, 1, 10)),
+    ],
+)
+def test_dt_single_values_in_utc(value: str, single: dt.datetime) -> None:
+    (m,) = q(Level.INSTANCE, AcquisitionDateTime=value).matches
+    assert isinstance(m, SingleValueMatch) and m.value == single
+
+
+@pytest.mark.parametrize("value", ["20240105120000+1401", "20240105120000+0160", "2024+2025"])
+def test_dt_offsets_beyond_the_standard_are_refused(value: str) -> None:
+    with pytest.raises(BadRequestError, match="not a valid DT"):
+        q(Level.INSTANCE, AcquisitionDateTime=value)
+
+
+def test_dt_negative_offset_beyond_the_standard_is_a_range() -> None:
+    """-1201 is no offset (PS3.5 6.2): the value reads as the years 2024.. to 1201, a range
+    in reverse that matches nothing, never as 12:00 at UTC-12:01."""
+    (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240105120000-1201").matches
+    assert isinstance(m, RangeMatch)
+    assert (m.lower, m.upper) == (UTC(2024, 1, 5, 12), UTC(1201, 1, 1))
+
+
+def test_pn_with_component_groups_matches_group_by_group() -> None:
+    """PS3.5 6.2.1 groups, each matched at its position (found by review: a value with `=`
+    never matched, not even the stored name)."""
+    (m,) = q(PatientName="Yamada^Tarou^=山田^太郎=やまだ^たろう").matches
+    assert isinstance(m, ComponentGroupMatch)
+    assert m.groups == ("yamada^tarou", "山田^太郎", "やまだ^たろう")
+    args = _Args()
+    assert _condition(m, args) == (
+        "st.patient_name @> $1::text[] AND st.patient_name[1] = $2"
+        " AND st.patient_name[2] = $3 AND st.patient_name[3] = $4"
+    )
+    assert args.values == [list(m.groups), *m.groups]
+    (m,) = q(PatientName="=山田*=").matches
+    assert isinstance(m, ComponentGroupMatch) and m.groups == ("", "山田*", "")
+    args = _Args()
+    assert _condition(m, args) == "st.patient_name[2] LIKE $1 ESCAPE '\\'"
+    assert args.values == ["山田%"]
+    (m,) = q(PatientName="*==").matches
+    assert isinstance(m, UniversalMatch)
+    with pytest.raises(BadRequestError, match="more than 3 component groups"):
+        q(PatientName="a=b=c=d")
+
+
+def test_pn_groups_are_stored_at_their_position() -> None:
+    assert pn_groups("Yamada^Tarou=山田^太郎=やまだ^たろう") == [
+        "yamada^tarou", "山田^太郎", "やまだ^たろう",
+    ]  # fmt: skip
+    assert pn_groups({"Alphabetic": "", "Ideographic": "山田^太郎"}) == ["", "山田^太郎"]
+    assert pn_groups("=山田^太郎") == ["", "山田^太郎"]
+    assert pn_groups("Doe^John^^=") == ["doe^john"]
+    assert pn_groups("") == [] and pn_groups(None) == []
+
+
+def test_computed_attributes_without_values_have_no_value_key() -> None:
+    """PS3.18 F.2.5 (found by review: a study whose instances have no Modality returned
+    `"ModalitiesInStudy": {"vr": "CS", "Value": []}`)."""
+    row = {
+        "study_instance_uid": "1.2",
+        "modalities_in_study": [],
+        "sop_classes_in_study": ["1.2.3"],
+        "num_series": 1,
+        "study_num_instances": 1,
+    }
+    computed = _computed(row, Level.STUDY, "http://x")
+    assert computed["00080061"] == {"vr": "CS"}
+    assert computed["00080062"] == {"vr": "UI", "Value": ["1.2.3"]}
+    computed = _computed({**row, "sop_classes_in_study": [None]}, Level.STUDY, "http://x")
+    assert computed["00080062"] == {"vr": "UI"}
 
 
 SPS = "RequestAttributesSequence.ScheduledProcedureStepID"
