@@ -548,3 +548,33 @@ async def test_image_wildcard_gets_a_lossless_image_type(app_client: httpx.Async
     ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
     assert headers["content-type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
     assert np.array_equal(decode(data, ds, "1.2.840.10008.1.2.4.80"), ds.pixel_array)
+
+
+def test_frames_of_a_deflated_file_decode_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Deflated file cannot be read by frame: its frames, one after another (a frame list,
+    an animation), decode the file once, not once per frame (256 frames took 33 s)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_instance(frames=16, rows=8, cols=8)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    reads = 0
+    real = pydicom.dcmread
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transcode.pydicom, "dcmread", counting)
+    header = real(path, stop_before_pixels=True)
+    expected = ds.pixel_array
+    for n in range(1, 17):
+        frame = transcode.frame_array(path, header, n)
+        assert np.array_equal(frame, expected[n - 1])
+        frame[...] = 0  # a copy: the decoded file is not changed for the next caller
+    assert reads == 1
+    assert np.array_equal(transcode.frame_array(path, header, 3), expected[2])
