@@ -203,63 +203,33 @@ async def app_get_instances(app: Starlette) -> int:
 
 
 @pytest.mark.parametrize("errno_", [28, 5])  # ENOSPC, EIO
+@pytest.mark.parametrize("where", ["spool fsync", "after the rename"])
 async def test_failed_place_leaves_neither_copy(
-    app: Starlette, errno_: int, monkeypatch: pytest.MonkeyPatch
+    app: Starlette, errno_: int, where: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Placing a blob fails after its rename (a directory fsync error): the STOW fails for
-    that instance with the storage error, and neither the blob nor the spool file remains."""
+    """Placing a blob fails, at the spool file's fsync (before its rename into place) or
+    after its rename (a directory fsync error): the STOW fails for that instance with the
+    storage error, and no blob, spool file or reservation remains."""
     import os
 
     from dicomweb_server import blobstore
 
-    real = blobstore._place
+    svc = app.state.services
+    real_place, real_fsync = blobstore._place, blobstore._fsync_path
 
     def rename_then_fail(src: Path, dest: Path) -> None:
-        real(src, dest)
+        real_place(src, dest)
         raise OSError(errno_, os.strerror(errno_))
-
-    monkeypatch.setattr(blobstore, "_place", rename_then_fail)
-    ds = make_instance()
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        r = await client.post(
-            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
-        )
-        assert r.status_code == 409, r.text
-        (failed,) = r.json()["00081198"]["Value"]
-        assert failed["00081155"]["Value"] == [ds.SOPInstanceUID]
-        assert failed["00081197"]["Value"] == [0xA700 if errno_ == 28 else 0x0110]
-        assert (await client.get(f"{ROOT}/instances")).status_code == 204
-    svc = app.state.services
-    root = svc.blobs.root
-    assert [p for p in root.rglob("*") if p.is_file()] == []
-    conn = await asyncpg.connect(app.state.settings.database_url)
-    try:
-        reserved = {r[0] for r in await conn.fetch("SELECT blob_key FROM blob_reservation")}
-    finally:
-        await conn.close()
-    assert reserved == set(svc.index.spare_keys), "the failed blob's reservation remains"
-
-
-@pytest.mark.parametrize("errno_", [28, 5])  # ENOSPC, EIO
-async def test_failed_spool_fsync_stores_nothing(
-    app: Starlette, errno_: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The spool file's fsync fails (before its rename into place): the instance fails with
-    the storage error, and no blob, spool file or reservation remains."""
-    import os
-
-    from dicomweb_server import blobstore
-
-    svc = app.state.services
-    real = blobstore._fsync_path
 
     def fail_for_spool_files(path: Path, flags: int = os.O_RDONLY) -> None:
         if svc.blobs.tmp_dir in path.parents:
             raise OSError(errno_, os.strerror(errno_))
-        real(path, flags)
+        real_fsync(path, flags)
 
-    monkeypatch.setattr(blobstore, "_fsync_path", fail_for_spool_files)
+    if where == "spool fsync":
+        monkeypatch.setattr(blobstore, "_fsync_path", fail_for_spool_files)
+    else:
+        monkeypatch.setattr(blobstore, "_place", rename_then_fail)
     ds = make_instance()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
