@@ -31,6 +31,7 @@ import anyio
 from dicomweb_server.media import FILE_META_MAX_BYTES, file_meta_end
 
 __all__ = [
+    "DATA_SET_HASH_VERSION",
     "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
     "READ_CHUNK_MAX_BYTES",
@@ -94,7 +95,12 @@ class BlobWriter(Protocol):
     @property
     def size(self) -> int: ...
     def sha256(self) -> bytes:
-        """SHA-256 of the data set: the bytes after the File Meta Information (DataSetHash)."""
+        """Digest of the data set and its transfer syntax (DataSetHash), once written."""
+        ...
+
+    @property
+    def data_set_at(self) -> int:
+        """Where the hash found the data set to begin (DataSetHash), 0 when hashed whole."""
         ...
 
     async def write(self, data: bytes) -> None: ...
@@ -125,26 +131,38 @@ class BlobStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
 
+# The first byte of a DataSetHash digest: instances stored before it hold a plain SHA-256 of
+# their whole file (32 bytes), compared by reading their file (ingest._same_data_set).
+DATA_SET_HASH_VERSION = b"\x01"
+# Bytes gathered before the File Meta Information is first walked; a walk that needs more
+# waits until twice as many have come (the walk starts over each time).
+_FIRST_WALK_BYTES = 1024
+
+
 class DataSetHash:
-    """SHA-256 of a Part-10 file's data set, fed the whole file in pieces: the File Meta
-    Information (media.file_meta_end) is left out, for it describes the file, not the
+    """Digest of a Part-10 file's transfer syntax and data set, fed the whole file in pieces:
+    the rest of the File Meta Information is left out, for it describes the file, not the
     instance (PS3.10 7.1). The same instance sent by STOW-RS and by DIMSE (whose meta
-    information pynetdicom writes), or by two tools, is then known as the same. A file
-    without a meta information header that ends within FILE_META_MAX_BYTES is hashed whole."""
+    information pynetdicom writes), or by two tools, is then known as the same. Where the meta
+    information ends is decided by media.file_meta_end on the first FILE_META_MAX_BYTES
+    alone, so that it does not depend on how the file is cut into pieces; a file it cannot
+    walk is hashed whole. `data_set_at` is that end (0: hashed whole): a parse that finds
+    the data set elsewhere must refuse the file (ingest), or two different data sets could
+    hash alike."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
         self._head: bytearray | None = bytearray()  # until the meta's end is known
+        self._walk_at = _FIRST_WALK_BYTES
         self._skip = 0  # bytes of meta information still to leave out
+        self.data_set_at = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         if self._head is not None:
             self._head += data
-            found = file_meta_end(self._head)
-            if found is None and len(self._head) <= FILE_META_MAX_BYTES:
+            if len(self._head) < self._walk_at or not self._decide(final=False):
                 return
             data, self._head = self._head, None
-            self._skip = found[0] if found else 0
         if self._skip:
             view = memoryview(data)
             n = min(self._skip, len(view))
@@ -153,11 +171,26 @@ class DataSetHash:
         if data:
             self._hash.update(data)
 
+    def _decide(self, final: bool) -> bool:
+        """Whether the meta's end is known now (set up what to leave out); False: more bytes
+        are needed and may come."""
+        assert self._head is not None
+        found = file_meta_end(self._head[:FILE_META_MAX_BYTES])
+        if found is None and not final and len(self._head) < FILE_META_MAX_BYTES:
+            self._walk_at = 2 * len(self._head)
+            return False
+        end, syntax = found or (0, b"")
+        if end:
+            self._hash.update(syntax.rstrip(b"\0 ") + b"\0")
+        self._skip = self.data_set_at = end
+        return True
+
     def digest(self) -> bytes:
-        if self._head is not None:  # the file ended inside its meta information: all of it
-            self._hash.update(self._head)
-            self._head = None
-        return self._hash.digest()
+        if self._head is not None:  # the file ended before the walk was decided
+            self._decide(final=True)
+            head, self._head = self._head, None
+            self.update(head)
+        return DATA_SET_HASH_VERSION + self._hash.digest()
 
 
 def data_set_sha256(path: Path) -> bytes:
@@ -191,6 +224,10 @@ class _FileWriter:
 
     def sha256(self) -> bytes:
         return self._hash.digest()
+
+    @property
+    def data_set_at(self) -> int:
+        return self._hash.data_set_at
 
     async def write(self, data: bytes) -> None:
         self._hash.update(data)

@@ -23,7 +23,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.multival import MultiValue
 
 from dicomweb_server.dicom_json import (
@@ -38,9 +38,7 @@ from dicomweb_server.errors import FailureReason
 from dicomweb_server.media import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
-    FILE_META_MAX_BYTES,
     IMPLICIT_VR_LITTLE_ENDIAN,
-    file_meta_end,
 )
 from dicomweb_server.record import FrameLayout
 
@@ -100,6 +98,7 @@ class ParsedFile:
     frames: FrameLayout | None  # None: frames need a full decode (not range-readable)
     # tag path -> [offset, length, vr, encapsulated] for range reads of bulk data
     bulk_ranges: dict[str, list[Any]]
+    data_set_at: int  # where the data set begins, after the File Meta Information
 
 
 def configure_pydicom() -> None:
@@ -170,11 +169,11 @@ def bulk_prefix(study: str, series: str, sop: str) -> str:
 def _parse(path: Path) -> ParsedFile:
     size = path.stat().st_size
     with path.open("rb") as fp:
-        deflated_at = _deflated_body_at(fp)
-        if deflated_at is not None:
+        syntax, data_set_at = _file_meta(fp)
+        if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
             with _INFLATE_LOCK:
-                _check_inflated_size(fp, deflated_at)
-                return _parse_whole(path, DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN)
+                _check_inflated_size(fp, data_set_at)
+                return _parse_whole(path, syntax, data_set_at)
         fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
         file_meta = getattr(ds, "file_meta", None)
@@ -185,10 +184,10 @@ def _parse(path: Path) -> ParsedFile:
                 "no File Meta Information with a Transfer Syntax UID (PS3.10 7.1)",
             )
         ts = str(meta_ts)
-        if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:  # cannot be: _file_meta read the same
             raise InvalidInstanceError(
                 FailureReason.CANNOT_UNDERSTAND, "a Deflated data set that does not inflate"
-            )  # _deflated_body_at found no deflated body where pydicom did
+            )
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
@@ -222,20 +221,19 @@ def _parse(path: Path) -> ParsedFile:
     nframes = _number_of_frames(ds) if pixel_entry is not None else 0
     if ts == EXPLICIT_VR_BIG_ENDIAN:
         layout = None
-    return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges)
+    return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges, data_set_at)
 
 
-def _deflated_body_at(fp: BinaryIO) -> int | None:
-    """Where the deflated data set begins, when the file's meta information names the
-    Deflated transfer syntax; None for any other file (pydicom decides)."""
+def _file_meta(fp: BinaryIO) -> tuple[str, int]:
+    """The Transfer Syntax UID of the File Meta Information and where the data set begins,
+    as pydicom reads them (it inflates nothing here): a Deflated data set is measured from
+    there before pydicom reads it, and the STOW hash (blobstore.DataSetHash) must have found
+    the data set at the same place. No preamble: InvalidDicomError, as from dcmread."""
     fp.seek(0)
-    found = file_meta_end(fp.read(FILE_META_MAX_BYTES))
-    if not found or not found[0]:
-        return None
-    end, syntax = found
-    if syntax.rstrip(b"\0 ").decode("ascii", "replace") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        return None
-    return end
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)  # pydicom's own, which dcmread calls
+    ts = str(meta.get("TransferSyntaxUID", "")).rstrip("\0 ")
+    return ts, fp.tell()
 
 
 def _check_inflated_size(fp: BinaryIO, at: int) -> None:
@@ -262,7 +260,7 @@ def _check_inflated_size(fp: BinaryIO, at: int) -> None:
         ) from None
 
 
-def _parse_whole(path: Path, ts: str) -> ParsedFile:
+def _parse_whole(path: Path, ts: str, data_set_at: int) -> ParsedFile:
     """Deflated files cannot be range-read: parse in memory, frames decoded on demand."""
     ds = pydicom.dcmread(path)
     uids = _uids(ds)
@@ -275,7 +273,7 @@ def _parse_whole(path: Path, ts: str) -> ParsedFile:
     for t, vr in entries.items():
         meta[f"{t:08X}"] = {"vr": vr, "BulkDataURI": f"{prefix}{t:08X}"}
     nframes = _number_of_frames(ds) if pixel else 0
-    return ParsedFile(uids, meta, ts, nframes, None, {})
+    return ParsedFile(uids, meta, ts, nframes, None, {}, data_set_at)
 
 
 def _value(ds: Dataset, tag: int) -> Any:

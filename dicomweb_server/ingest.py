@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -374,6 +375,15 @@ def _parse_and_place(
         raise _SpoolError(exc) from exc
     parsed = parse_file(writer.path)
     sop_class, sop, study, _series = parsed.uids
+    if writer.data_set_at and writer.data_set_at != parsed.data_set_at:
+        # The hash left out what it took for the File Meta Information, pydicom read the data
+        # set from elsewhere: stored, a different instance could pass for this one.
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            "the File Meta Information cannot be read one way only (PS3.10 7.1)",
+            sop_class=sop_class,
+            sop=sop,
+        )
     if expected_study is not None and study != expected_study:
         raise InvalidInstanceError(
             FailureReason.STUDY_INSTANCE_UID_MISMATCH,
@@ -432,7 +442,9 @@ async def _commit(
         return InstanceOutcome(
             sop_class, sop, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason=result.conflict
         )
-    if result.existing_sha256 == writer.sha256() or await _same_data_set(ctx, parsed, writer):
+    if result.existing_sha256 == writer.sha256() or await _same_data_set(
+        ctx, parsed, writer, result.existing_sha256
+    ):
         # The same data set again: success, one copy (PS3.18 10.5.3 leaves duplicates to the
         # server). Its File Meta Information may differ (blobstore.DataSetHash).
         assert result.existing_study_uid and result.existing_series_uid
@@ -444,10 +456,15 @@ async def _commit(
     )  # fmt: skip
 
 
-async def _same_data_set(ctx: Services, parsed: ParsedFile, writer: BlobWriter) -> bool:
+async def _same_data_set(
+    ctx: Services, parsed: ParsedFile, writer: BlobWriter, existing: bytes | None
+) -> bool:
     """Whether the stored copy of a SOP Instance UID whose recorded hash differs holds the
     same data set after all: instances stored before the hash left the File Meta
-    Information out have a hash of their whole file. Read only when the hashes differ."""
+    Information out have a plain SHA-256 of their whole file (32 bytes, no
+    DATA_SET_HASH_VERSION), and only theirs are read to tell."""
+    if existing is None or len(existing) != hashlib.sha256().digest_size:
+        return False
     _sop_class, sop, study, series = parsed.uids
     stored = await ctx.index.locate(study, series, sop)
     if len(stored) != 1:

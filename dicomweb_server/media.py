@@ -723,8 +723,9 @@ def _coding_weights(header: str) -> dict[str, float]:
 # that does not end within this many is not looked into (FileMeta gives up).
 FILE_META_MAX_BYTES = 64 * 1024
 _META_AT = 132
+# PS3.5 7.1.2: the VRs whose explicit length is 4 bytes after 2 reserved ones.
 _META_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 
 

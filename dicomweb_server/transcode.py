@@ -508,6 +508,9 @@ def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndar
 # (a Deflated one inflates to at most dicomfile.MAX_INFLATED_BYTES). Blobs never change
 # under their key; the file's size and time are part of the key all the same.
 _WHOLE_LOCK = threading.Lock()
+# A file decoded whole into more than this is not kept (1-bit RLE and the files pydicom reads
+# only whole have no inflated-size bound).
+WHOLE_FILE_KEEP_MAX_BYTES = 64 * 1024 * 1024
 _whole: tuple[tuple[str, int, int, bool], np.ndarray] | None = None
 
 
@@ -522,8 +525,9 @@ def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
         full = pydicom.dcmread(path)
         arr = _pixels(full, as_rgb)
         cached = arr if int(full.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
-        with _WHOLE_LOCK:
-            _whole = (key, cached)
+        if cached.nbytes <= WHOLE_FILE_KEEP_MAX_BYTES:
+            with _WHOLE_LOCK:
+                _whole = (key, cached)
     frame: np.ndarray = cached[n - 1].copy()
     return frame
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -406,10 +407,69 @@ def test_data_set_hash_leaves_the_file_meta_out_however_the_file_comes(piece: in
     assert digest(raw) == digest(other)
     import hashlib
 
+    from dicomweb_server.blobstore import DATA_SET_HASH_VERSION as V
+
     body_at = len(raw) - len(ds.PixelData) - 200
     assert digest(raw) != digest(raw[:body_at] + b"x" + raw[body_at + 1 :])
-    assert digest(b"not DICOM" * 100) == hashlib.sha256(b"not DICOM" * 100).digest()
-    assert digest(raw[:140]) == hashlib.sha256(raw[:140]).digest()  # ends inside the meta
+    assert digest(b"not DICOM" * 100) == V + hashlib.sha256(b"not DICOM" * 100).digest()
+    assert digest(raw[:140]) == V + hashlib.sha256(raw[:140]).digest()  # ends in the meta
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    relabelled = bytearray(other)  # the same bytes after the meta, another syntax named
+    at = relabelled.index(b"1.2.840.10008.1.2.1\0")
+    relabelled[at : at + 20] = b"1.2.840.10008.1.2\0\0\0"
+    assert digest(bytes(relabelled)) != digest(raw)
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes, reserved: int = 0) -> bytes:
+    if vr in (b"OB", b"UV"):
+        return struct.pack("<HH2sHI", 2, tag, vr, reserved, len(value)) + value
+    return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
+
+
+def test_data_set_hash_reads_the_meta_as_pydicom_does(tmp_path: Path) -> None:
+    """Found by review: the walk of the File Meta Information took a UV element (4-byte
+    length after 2 reserved bytes, PS3.5 7.1.2) for a 2-byte length, so it skipped part of
+    the data set that pydicom then read: two instances differing only there hashed alike,
+    and the second was dropped as a duplicate."""
+    from dicomweb_server.blobstore import data_set_sha256
+
+    def part10(name: str) -> bytes:
+        ds = make_instance(sop="1.2.3.4.5.6.7", patient_name=name)
+        body = to_bytes(ds)
+        body = body[body.index(b"\x08\x00") :]  # the data set (its first group is 0008)
+        rest = b"".join(
+            [
+                _meta_element(0x01, b"OB", b"\0\1"),
+                _meta_element(0x02, b"UI", str(ds.SOPClassUID).encode() + b"\0"),
+                _meta_element(0x03, b"UI", b"1.2.3.4.5.6.7\0"),
+                _meta_element(0x10, b"UI", b"1.2.840.10008.1.2.1\0"),
+                _meta_element(0x12, b"UI", b"1.2.3.4\0"),
+                _meta_element(0x100, b"UV", b"", reserved=200),
+            ]
+        )
+        meta = _meta_element(0x00, b"UL", struct.pack("<I", len(rest))) + rest
+        return b"\0" * 128 + b"DICM" + meta + body
+
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    a.write_bytes(part10("Alice^A"))
+    b.write_bytes(part10("Mallory^M"))
+    assert parse_file(a).data_set_at == parse_file(b).data_set_at
+    assert data_set_sha256(a) != data_set_sha256(b)
+
+
+def test_data_set_hash_in_small_pieces_is_linear() -> None:
+    """Found by review: until the meta's end was known, every piece walked the whole head
+    again; 64 KiB of meta elements in 16-byte pieces took 8 s of the event loop."""
+    from dicomweb_server.blobstore import DataSetHash
+
+    head = b"\0" * 128 + b"DICM"
+    head += b"".join(_meta_element(0x100 + i % 0xFF00, b"UI", b"") for i in range(8200))
+    h = DataSetHash()
+    started = time.perf_counter()
+    for i in range(0, len(head), 16):
+        h.update(head[i : i + 16])
+    h.digest()
+    assert time.perf_counter() - started < 0.5
 
 
 def _blob_contents(settings: Settings) -> list[bytes]:

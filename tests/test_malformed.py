@@ -18,7 +18,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels.encoders.base import get_encoder
-from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 
 from dicomweb_server import dicomfile
 from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
@@ -243,6 +243,27 @@ def test_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
     assert exc.reason == FailureReason.OUT_OF_RESOURCES
     assert peak < 4 * 1024 * 1024, peak
     assert elapsed < 10
+
+
+def test_deflate_bomb_behind_a_long_meta_is_refused_without_inflating_it(
+    tmp_path: Path,
+) -> None:
+    """Found by review: File Meta Information longer than the walk looks into (a 70 KB
+    Private Information element) hid the Deflated syntax, and pydicom inflated the bomb.
+    The syntax and the data set's place are now pydicom's own reading of the meta."""
+    ds = make_instance()
+    ds.file_meta.PrivateInformationCreatorUID = UID("1.2.3.4")
+    ds.file_meta.PrivateInformation = b"x" * 70_000
+    data, _ = _deflated(ds, 2 * dicomfile.MAX_INFLATED_BYTES)
+    path = _write(tmp_path, data)
+    tracemalloc.start()
+    try:
+        exc = _refused(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert exc.reason == FailureReason.OUT_OF_RESOURCES
+    assert peak < 4 * 1024 * 1024, peak
 
 
 def test_garbage_after_a_deflated_meta_is_refused(tmp_path: Path) -> None:

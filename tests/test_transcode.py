@@ -569,7 +569,7 @@ def test_frames_of_a_deflated_file_decode_it_once(
         reads += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(transcode.pydicom, "dcmread", counting)
+    monkeypatch.setattr(pydicom, "dcmread", counting)
     header = real(path, stop_before_pixels=True)
     expected = ds.pixel_array
     for n in range(1, 17):
@@ -578,3 +578,12 @@ def test_frames_of_a_deflated_file_decode_it_once(
         frame[...] = 0  # a copy: the decoded file is not changed for the next caller
     assert reads == 1
     assert np.array_equal(transcode.frame_array(path, header, 3), expected[2])
+    # WHOLE_FILE_KEEP_MAX_BYTES at its edge: the 2048 decoded bytes are kept at 2048, not
+    # at a byte less (each frame then decodes the file again).
+    for limit, decodes in ((expected.nbytes, 1), (expected.nbytes - 1, 16)):
+        monkeypatch.setattr(transcode, "_whole", None)
+        monkeypatch.setattr(transcode, "WHOLE_FILE_KEEP_MAX_BYTES", limit)
+        reads = 0
+        for n in range(1, 17):
+            transcode.frame_array(path, header, n)
+        assert reads == decodes, limit
