@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+import base64
 import functools
 import json
 import math
@@ -97,6 +99,9 @@ def _walk(
     out: JsonDict = {}
     little = ds.original_encoding[1] is True  # unknown: numbers go through pydicom
     for tag in sorted(ds.keys()):
+        if not tag & 0xFFFF:
+            # "Group Length (gggg,0000) attributes shall not be included" (PS3.18 F.2.2).
+            continue
         key = tag_hex(tag)
         path = prefix + key
         # A deferred value stays unread here: bulk data is never read to be described.
@@ -128,24 +133,72 @@ def _walk(
                 for i, sub in enumerate(elem.value)
             ]
             out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+        elif elem.VR == "PN":
+            out[key] = _person_name_element(elem)
         else:
-            out[key] = _json_numbers(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
+            entry = _json_values(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
+            if ds.original_encoding[1] is False and "InlineBinary" in entry:
+                entry["InlineBinary"] = _little_endian_base64(elem)
+            out[key] = entry
     return out
 
 
-def _json_numbers(entry: JsonDict) -> JsonDict:
-    """pydicom's JSON of an element with the binary numbers JSON cannot hold made strings, as
-    on the raw path (big endian files, long deferred values, elements after Pixel Data)."""
+def _json_values(entry: JsonDict) -> JsonDict:
+    """pydicom's JSON of an element made as on the raw path: the binary numbers JSON cannot
+    hold as strings (big endian files, long deferred values, elements after Pixel Data), and
+    an empty string value among several as null: "If a multi-valued attribute has one or
+    more empty values these are represented as 'null' array elements" (PS3.18 F.2.5)."""
     vr, values = entry.get("vr"), entry.get("Value")
     if values and vr in ("FL", "FD"):
         entry["Value"] = [v if v is None else _float_json(v) for v in values]
     elif values and vr in ("SV", "UV"):
         entry["Value"] = [v if v is None else _integer_json(v) for v in values]
+    elif values and vr in _MULTI_TEXT_VRS and "" in values:
+        entry["Value"] = [v or None for v in values]
     return entry
+
+
+def _person_name_element(elem: DataElement) -> JsonDict:
+    """The JSON of a PN element pydicom converted: each value an object of its non-empty
+    component groups only ("Alphabetic", "Ideographic", "Phonetic", PS3.18 F.2.2: `=山田^太郎`
+    has no "Alphabetic"); an empty value among several is null (F.2.5), and so is one of
+    delimiters only (`==`), which names no one. pydicom's own to_json_dict writes empty
+    groups, and fails on an empty value among several."""
+    value = elem.value
+    values = list(value) if isinstance(value, list | MultiValue) else [value]
+    out = []
+    for v in values:
+        groups = zip(_PN_GROUPS, v.components, strict=False) if v else ()
+        out.append({g: c for g, c in groups if c} or None)
+    if out == [None]:
+        return {"vr": "PN"}
+    return {"vr": "PN", "Value": out}
+
+
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+# Width of the words of binary VRs whose byte order is the transfer syntax's (PS3.5 7.3).
+_WORD_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _little_endian_base64(elem: DataElement) -> str:
+    """The InlineBinary of an element of a big endian data set: DICOM JSON carries binary
+    values little endian (PS3.18 F.2.7 encodes the value as Explicit VR Little Endian does), so
+    the words of OW, OF, OL, OD and OV values are swapped (OB and UN are bytes: as they are)."""
+    data = bytes(elem.value)
+    width = _WORD_WIDTHS.get(str(elem.VR))
+    if width:
+        words = array.array({2: "H", 4: "I", 8: "Q"}[width])
+        whole = len(data) - len(data) % width
+        words.frombytes(data[:whole])
+        words.byteswap()
+        data = words.tobytes() + data[whole:]
+    return base64.b64encode(data).decode("ascii")
 
 
 # The VRs `simple_json` renders straight from the raw bytes, and how (see there).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
+# String VRs that may hold several values (PS3.5 6.4): an empty one among them is null.
+_MULTI_TEXT_VRS = _TEXT_VRS | {"UC"}
 _BINARY_FORMATS = {
     "US": "H",
     "SS": "h",
@@ -193,8 +246,9 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
     pydicom converts each element to a DataElement and then to JSON; for the dozens of short
     text and number elements of a typical header that is most of the cost of a STOW's parse.
     Only the plain cases are handled here: a VR from the table above, a value of
-    printable ASCII (the same characters in every DICOM character set, PS3.5 6.1), no empty
-    value in a multi-value and no leading or trailing spaces inside one. Anything else goes
+    printable ASCII (the same characters in every DICOM character set, PS3.5 6.1) and no
+    leading or trailing spaces inside a multi-value; an empty value among several is null
+    (PS3.18 F.2.5). Anything else goes
     through pydicom (tests/test_dicom_json.py checks both give the same JSON on the sample
     corpus). DS and IS are always rendered here (number_string_json), binary numbers that JSON
     cannot hold exactly as strings (_float_json, _integer_json). An element of an implicit VR
@@ -228,13 +282,17 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
     if not text:
         return {"vr": vr}
     items = text.split("\\")
-    if any(not v or v != v.strip() for v in items):
+    if any(v != v.strip() for v in items):
         return None
+    if "" in items:  # an empty value among several (PS3.18 F.2.5)
+        values: list[Any] = [v or None for v in items]
+    else:
+        values = items
     if vr in _TEXT_VRS:
-        return {"vr": vr, "Value": items}
+        return {"vr": vr, "Value": values}
     if "=" in text:
         return None
-    return {"vr": vr, "Value": [{"Alphabetic": v} for v in items]}
+    return {"vr": vr, "Value": [{"Alphabetic": v} if v else None for v in values]}
 
 
 def number_string_json(vr: str, value: bytes) -> JsonDict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
@@ -153,18 +154,68 @@ def _with_available_ts(doc: str, inst: StoredInstance) -> str:
 
 
 def _add_available_ts(doc: str, stored_ts: str, info: PixelInfo | None) -> str:
-    """Add Available Transfer Syntax UID (0008,3002): what this instance can be sent in."""
+    """Add Available Transfer Syntax UID (0008,3002), what this instance can be sent in, to
+    the stored JSON text of an instance, in its place: "Attribute objects within a DICOM JSON
+    Model object shall be ordered by their property name in ascending lexicographic
+    (alphabetic) order" (PS3.18 F.2.2). The text is PostgreSQL's jsonb output, whose keys
+    (all 8 characters) are in that order. A value (0008,3002) stored with the instance (a
+    client sent one) is replaced: what the archive can send is the archive's to say."""
     if doc == "{}":
         return doc
-    return doc[:-1] + _available_ts_element(stored_ts, info)
+    element = _available_ts_element(stored_ts, info)
+    at = _top_level_key_from(doc)
+    if at is None:
+        return doc[:-1] + ", " + element + "}"
+    if doc.startswith(_AVAILABLE_TS_KEY, at):
+        _, end = _DECODER.raw_decode(doc, doc.index("{", at + len(_AVAILABLE_TS_KEY)))
+        return doc[:at] + element + doc[end:]
+    return doc[:at] + element + ", " + doc[at:]
+
+
+_AVAILABLE_TS_KEY = '"00083002"'
+# Attribute keys, `"ggggeeee": {`, of the tags from (0008,3002) on: those of groups below
+# 1000 (the ones instances have; the literal `"0` makes the search fast), and the others.
+# Nothing else in DICOM JSON text is an 8-digit hexadecimal key with an object for its value
+# (a quote inside a string value is escaped).
+_KEY_LOW = re.compile(
+    r'"0(?:0(?:0(?:8(?:3(?:00[2-9A-F]|0[1-9A-F][0-9A-F]|[1-9A-F][0-9A-F]{2})'
+    r"|[4-9A-F][0-9A-F]{3})|[9A-F][0-9A-F]{4})|[1-9A-F][0-9A-F]{5})|[1-9A-F][0-9A-F]{6})"
+    r'": \{'
+)
+_KEY_HIGH = re.compile(r'"[1-9A-F][0-9A-F]{7}": \{')
+# The start of a sequence item that holds attributes (the data set's own "{" is at 0).
+_ITEM = re.compile(r'\{"[0-9A-F]{8}"')
+_DECODER = json.JSONDecoder()
+
+
+def _top_level_key_from(doc: str) -> int | None:
+    """Where the first attribute of `doc` (DICOM JSON text, keys in order) whose tag is
+    (0008,3002) or greater begins; None when there is none. Such keys may also be nested, in
+    the items of an earlier sequence: a key met before any item is the data set's own, and a
+    sequence met first is skipped whole (read by the C JSON decoder)."""
+    at = 1
+    while True:
+        low = _KEY_LOW.search(doc, at)
+        item = _ITEM.search(doc, at, len(doc) if low is None else low.end())
+        if item is None:
+            if low is not None:
+                return low.start()
+            high = _KEY_HIGH.search(doc, at)
+            return None if high is None else high.start()
+        high = _KEY_HIGH.search(doc, at, item.start())
+        if high is not None:
+            return high.start()
+        # The item is of a sequence of this data set: the last key before it is the
+        # sequence's ("vr", "Value" and empty items hold none).
+        _, at = _DECODER.raw_decode(doc, doc.rfind('": {', at, item.start()) + 3)
 
 
 @functools.lru_cache(maxsize=1024)
 def _available_ts_element(stored_ts: str, info: PixelInfo | None) -> str:
-    """`, "00083002": {...}}` for instances of this transfer syntax and pixel layout: a series
+    """`"00083002": {...}` for instances of this transfer syntax and pixel layout: a series
     shares one, so its metadata asks the codec registry once, not once per instance."""
     # Implicit VR and Big Endian are never sent (PS3.18 8.7.3): such an instance's first
     # syntax is what it is sent as, Explicit VR Little Endian.
     first = [] if stored_ts in NOT_FOR_WEB else [stored_ts]
     uids = [*first, *(t for t in available_targets(stored_ts, info) if t != stored_ts)]
-    return f', "00083002": {json.dumps({"vr": "UI", "Value": uids})}}}'
+    return f"{_AVAILABLE_TS_KEY}: {json.dumps({'vr': 'UI', 'Value': uids})}"

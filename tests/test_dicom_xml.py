@@ -216,6 +216,26 @@ def test_values_names_items_and_binary() -> None:
     assert len(attrs["00100020"]) == 0
 
 
+def test_names_and_empty_values_of_a_data_set_as_the_json_has_them() -> None:
+    """The XML of a data set follows its DICOM JSON: a name without an alphabetic group has
+    no Alphabetic element (PS3.19 A.1.5: the groups present; the JSON has no empty ones), an
+    empty value among several is an empty Value, a group length is not written."""
+    ds = pydicom.Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "=山田^太郎"
+    ds.add_new(0x00080008, "CS", ["DERIVED", "", "MPR"])
+    ds.add_new(0x00100000, "UL", 8)
+    attrs = {a.get("tag"): a for a in _attrs(dataset_xml(dataset_to_json(ds, lambda p: p)))}
+    assert "00100000" not in attrs
+    (name,) = attrs["00100010"].findall(NS + "PersonName")
+    assert [g.tag[len(NS) :] for g in name] == ["Ideographic"]
+    assert [(v.get("number"), v.text) for v in attrs["00080008"]] == [
+        ("1", "DERIVED"),
+        ("2", None),
+        ("3", "MPR"),
+    ]
+
+
 def test_text_is_escaped_and_what_xml_cannot_carry_is_replaced() -> None:
     doc = {"00081030": {"vr": "LO", "Value": ['A&B <C> "d" \r\n\x01\x1b end']}}
     xml = dataset_xml(doc)
