@@ -147,7 +147,7 @@ def _uids(ds: Dataset) -> tuple[str, str, str, str]:
     for tag, keyword in _REQUIRED_UIDS:
         got = _value(ds, tag)
         several = isinstance(got, list | MultiValue)
-        value = ("\\".join(map(str, got)) if several else str(got or "")).strip("\x00 ")
+        value = ("\\".join(str(v or "") for v in got) if several else str(got or "")).strip("\x00 ")
         if not value:
             raise InvalidInstanceError(
                 FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is missing"
