@@ -35,6 +35,7 @@ __all__ = [
     "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
     "READ_CHUNK_MAX_BYTES",
+    "WHOLE_FILE_HASH_VERSION",
     "BlobStore",
     "BlobWriter",
     "DataSetHash",
@@ -131,9 +132,13 @@ class BlobStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
 
-# The first byte of a DataSetHash digest: instances stored before it hold a plain SHA-256 of
-# their whole file (32 bytes), compared by reading their file (ingest._same_data_set).
+# The first byte of a DataSetHash digest: a data set's (with its transfer syntax), or a whole
+# file's when its meta information could not be walked. Separate, so that no file hashed whole
+# can pass for a data set whose bytes are that file's (found by review). Instances stored
+# before hold a plain SHA-256 of their whole file (32 bytes, no first byte), compared by
+# reading their file (ingest._same_data_set).
 DATA_SET_HASH_VERSION = b"\x01"
+WHOLE_FILE_HASH_VERSION = b"\x02"
 # Bytes gathered before the File Meta Information is first walked; a walk that needs more
 # waits until twice as many have come (the walk starts over each time).
 _FIRST_WALK_BYTES = 1024
@@ -190,7 +195,8 @@ class DataSetHash:
             self._decide(final=True)
             head, self._head = self._head, None
             self.update(head)
-        return DATA_SET_HASH_VERSION + self._hash.digest()
+        kind = DATA_SET_HASH_VERSION if self.data_set_at else WHOLE_FILE_HASH_VERSION
+        return kind + self._hash.digest()
 
 
 def data_set_sha256(path: Path) -> bytes:

@@ -407,17 +407,50 @@ def test_data_set_hash_leaves_the_file_meta_out_however_the_file_comes(piece: in
     assert digest(raw) == digest(other)
     import hashlib
 
-    from dicomweb_server.blobstore import DATA_SET_HASH_VERSION as V
+    from dicomweb_server.blobstore import WHOLE_FILE_HASH_VERSION as W
 
     body_at = len(raw) - len(ds.PixelData) - 200
     assert digest(raw) != digest(raw[:body_at] + b"x" + raw[body_at + 1 :])
-    assert digest(b"not DICOM" * 100) == V + hashlib.sha256(b"not DICOM" * 100).digest()
-    assert digest(raw[:140]) == V + hashlib.sha256(raw[:140]).digest()  # ends in the meta
+    assert digest(b"not DICOM" * 100) == W + hashlib.sha256(b"not DICOM" * 100).digest()
+    assert digest(raw[:140]) == W + hashlib.sha256(raw[:140]).digest()  # ends in the meta
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
     relabelled = bytearray(other)  # the same bytes after the meta, another syntax named
     at = relabelled.index(b"1.2.840.10008.1.2.1\0")
     relabelled[at : at + 20] = b"1.2.840.10008.1.2\0\0\0"
     assert digest(bytes(relabelled)) != digest(raw)
+
+
+def test_a_file_hashed_whole_never_passes_for_a_data_set() -> None:
+    """Found by review: file A, whose meta information is too long to walk, is hashed whole;
+    file B's data set is A's bytes after the 20 that a data set hash starts with (B's syntax
+    and a NUL), so both came to the same SHA-256, and B was dropped as A's duplicate. The
+    two kinds of hash now differ in their first byte."""
+    from dicomweb_server.blobstore import DataSetHash
+
+    def digest(data: bytes) -> bytes:
+        h = DataSetHash()
+        h.update(data)
+        return h.digest()
+
+    syntax = b"1.2.840.10008.1.2.1"
+    ds = make_instance()
+    raw = to_bytes(ds)
+    data_set = raw[raw.index(b"\x08\x00") :]
+    elements = [
+        _meta_element(0x01, b"OB", b"\0\1"),
+        _meta_element(0x10, b"UI", syntax + b"\0"),
+        _meta_element(0x102, b"OB", b"p" * 70_000),
+    ]
+    rest = b"".join(elements)
+    a_meta = _meta_element(0x00, b"UL", struct.pack("<I", len(rest))) + rest
+    head = syntax + b"\0"
+    header = struct.pack("<HH2sHI", 8, 1, b"UN", 0, 128 - len(head) - 12 + 4 + len(a_meta))
+    a = head + header + b"\0" * (128 - len(head) - len(header)) + b"DICM" + a_meta + data_set
+    b_rest = _meta_element(0x10, b"UI", syntax + b"\0")
+    b_meta = _meta_element(0x00, b"UL", struct.pack("<I", len(b_rest))) + b_rest
+    b = b"\0" * 128 + b"DICM" + b_meta + a[len(head) :]
+    assert digest(a)[1:] == digest(b)[1:]  # the same SHA-256 ...
+    assert digest(a) != digest(b)  # ... of two kinds
 
 
 def _meta_element(tag: int, vr: bytes, value: bytes, reserved: int = 0) -> bytes:

@@ -21,7 +21,7 @@ from dicomweb_server.media import (
     wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
-from dicomweb_server.multipart import Prefixed
+from dicomweb_server.multipart import Prefixed, close_all
 from dicomweb_server.retrieve import (
     DECODED,
     STORED_FRAMES,
@@ -106,17 +106,15 @@ def _is_octet_stream(essence: str) -> bool:
 
 async def _bulk(request: Request, *, pixel_only: bool) -> Response:
     """Every bulk data value (or Pixel Data) of the resource, one part each; 204 when it has
-    none, a Warning naming what could not be sent as the client accepts. A HEAD is answered
-    once negotiated, nothing read or decoded."""
+    none, a Warning naming what could not be sent as the client accepts. A HEAD starts the
+    first part, as a GET does, for the headers it decides (the multipart type, the Warning),
+    and reads none of it."""
     payload = await bulk_payload(
         services(request), base_url(request), accept_of(request), *_uids(request),
         pixel_only=pixel_only,
     )  # fmt: skip
     if payload.parts is None:
         return Response(status_code=204, headers=warning_header(payload.warnings()))
-    if request.method == "HEAD":
-        media = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
-        return Response(media_type=media, headers=warning_header(payload.warnings()))
     # The first part is made before the response starts (values failing before it are left
     # out and named in the Warning; 406 when none is left), and names the multipart type:
     # octet-stream, or the image type the frames are sent in.
@@ -124,6 +122,14 @@ async def _bulk(request: Request, *, pixel_only: bool) -> Response:
     if first is None:
         raise NotAcceptableError("; ".join(payload.reasons))
     part_type = first[0]["Content-Type"].partition(";")[0].strip()
+    if request.method == "HEAD":
+        # The headers a GET sends (its multipart type is its first part's), no body read:
+        # no Content-Length either, which a GET's streamed body does not have.
+        await close_all(first[1], payload.parts)
+        media = f'multipart/related; type="{part_type}"'
+        head = Response(media_type=media, headers=warning_header(payload.warnings()))
+        del head.headers["content-length"]
+        return head
     response = await multipart_response(Prefixed([first], payload.parts), part_type)
     response.headers.update(warning_header(payload.warnings()))
     return response
