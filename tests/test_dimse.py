@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -305,3 +306,52 @@ async def test_dimse_operations_are_audited(archive: Archive) -> None:
     assert (stored["outcome"], refused["outcome"], refused["uids"]) == (0, 0xA900, [])
     assert find["action"] == "dimse_find" and "PatientID=AUDIT-1" in find["detail"]
     assert "matches=1" in find["detail"]
+
+
+def test_associations_send_without_nagle_delay() -> None:
+    """Found by review: a C-STORE sub-operation is two PDUs, and with Nagle's algorithm the
+    second waited for the peer's delayed ACK (C-GET and C-MOVE sent about 20 instances a
+    second). Every association the archive accepts, and each it opens for a C-MOVE, sets
+    TCP_NODELAY (handlers.no_delay, bound to EVT_CONN_OPEN)."""
+    import socket
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomweb_server.dimse import handlers
+    from tests.liveserver import free_port
+
+    bound = handlers.Handlers.bindings(object.__new__(handlers.Handlers))
+    assert (evt.EVT_CONN_OPEN, handlers.no_delay) in bound
+    scp = AE(ae_title="NODELAY")
+    scp.add_supported_context(Verification)
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, handlers.no_delay)]
+    )
+    assert server is not None
+
+    def nodelay(assoc: Any) -> int:
+        return int(assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        opened: list[int] = []
+
+        def outgoing(event: evt.Event) -> None:
+            handlers.no_delay(event)
+            opened.append(nodelay(event.assoc))
+
+        assoc = scu.associate(
+            "127.0.0.1", port, ae_title="NODELAY", evt_handlers=[(evt.EVT_CONN_OPEN, outgoing)]
+        )
+        try:
+            assert assoc.is_established
+            (accepted,) = server.active_associations
+            assert nodelay(accepted)
+            assert opened and opened[0]
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()

@@ -9,8 +9,10 @@ blob to send it (C-MOVE, C-GET) stays in the association thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -59,6 +61,7 @@ __all__ = [
     "DIMSE_STORE_TIMEOUT_S",
     "MAX_RETRIEVE_INSTANCES",
     "Handlers",
+    "no_delay",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,17 @@ def status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+def no_delay(event: Event) -> None:
+    """TCP_NODELAY on an association's socket. A C-STORE sub-operation is a command PDU then a
+    data set PDU; with Nagle's algorithm the second waited for the peer's delayed ACK, so
+    C-GET and C-MOVE sent about 20 instances a second whatever their size (found by review:
+    100 small instances took 4.9 s; 0.7 s without the delay)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):  # not TCP (a test's socket pair), or gone
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @dataclass
 class Handlers:
     services: Services
@@ -148,6 +162,7 @@ class Handlers:
 
     def bindings(self) -> list[EventHandlerType]:
         return [
+            (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_C_ECHO, self.echo),
             (evt.EVT_C_STORE, self.store),
             (evt.EVT_C_FIND, self.find),
@@ -267,7 +282,7 @@ class Handlers:
 
         kwargs = {
             "contexts": contexts or StoragePresentationContexts,
-            "evt_handlers": [(evt.EVT_ACCEPTED, on_accepted)],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted)],
         }
         yield peer.host, peer.port, kwargs
         detail = f"destination={event.move_destination}"
