@@ -32,6 +32,7 @@ from dicomweb_server.media import FILE_META_MAX_BYTES, file_meta_end
 
 __all__ = [
     "DATA_SET_HASH_VERSION",
+    "PADDING_HASH_WINDOW_BYTES",
     "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
     "READ_CHUNK_MAX_BYTES",
@@ -95,8 +96,9 @@ class BlobWriter(Protocol):
     def path(self) -> Path: ...
     @property
     def size(self) -> int: ...
-    def sha256(self) -> bytes:
-        """Digest of the data set and its transfer syntax (DataSetHash), once written."""
+    def sha256(self, ends_at: int | None = None) -> bytes:
+        """Digest of the data set and its transfer syntax (DataSetHash), once written;
+        `ends_at`: where its trailing padding starts, if it has some."""
         ...
 
     @property
@@ -139,6 +141,9 @@ class BlobStore(Protocol):
 # reading their file (ingest._same_data_set).
 DATA_SET_HASH_VERSION = b"\x01"
 WHOLE_FILE_HASH_VERSION = b"\x02"
+# The last bytes of a file whose hashing waits for the parse: trailing padding that starts
+# within them is left out of the hash (DataSetHash.digest); longer padding is hashed.
+PADDING_HASH_WINDOW_BYTES = 64 * 1024
 # Bytes gathered before the File Meta Information is first walked; a walk that needs more
 # waits until twice as many have come (the walk starts over each time).
 _FIRST_WALK_BYTES = 1024
@@ -160,9 +165,12 @@ class DataSetHash:
         self._head: bytearray | None = bytearray()  # until the meta's end is known
         self._walk_at = _FIRST_WALK_BYTES
         self._skip = 0  # bytes of meta information still to leave out
+        self._tail = bytearray()  # the last bytes fed, not hashed yet (trailing padding)
+        self._size = 0  # bytes fed
         self.data_set_at = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._size += len(data)
         if self._head is not None:
             self._head += data
             if len(self._head) < self._walk_at or not self._decide(final=False):
@@ -174,7 +182,11 @@ class DataSetHash:
             self._skip -= n
             data = view[n:]
         if data:
-            self._hash.update(data)
+            self._tail += data
+            if len(self._tail) > 2 * PADDING_HASH_WINDOW_BYTES:
+                cut = len(self._tail) - PADDING_HASH_WINDOW_BYTES
+                self._hash.update(memoryview(self._tail)[:cut])
+                del self._tail[:cut]
 
     def _decide(self, final: bool) -> bool:
         """Whether the meta's end is known now (set up what to leave out); False: more bytes
@@ -190,22 +202,33 @@ class DataSetHash:
         self._skip = self.data_set_at = end
         return True
 
-    def digest(self) -> bytes:
+    def digest(self, ends_at: int | None = None) -> bytes:
+        """The digest; `ends_at`: where the data set's trailing padding starts, when the
+        parse found some (PS3.10 7.2: it has no meaning, and tools drop it or add it: dcmtk's
+        storescu sends without it). Left out when it lies in the last
+        PADDING_HASH_WINDOW_BYTES, the bytes still unhashed."""
         if self._head is not None:  # the file ended before the walk was decided
             self._decide(final=True)
             head, self._head = self._head, None
+            self._size -= len(head)
             self.update(head)
+        digest = self._hash.copy()
+        tail_at = self._size - len(self._tail)
+        keep = len(self._tail)
+        if ends_at is not None and self.data_set_at and tail_at <= ends_at <= self._size:
+            keep = ends_at - tail_at
+        digest.update(memoryview(self._tail)[:keep])
         kind = DATA_SET_HASH_VERSION if self.data_set_at else WHOLE_FILE_HASH_VERSION
-        return kind + self._hash.digest()
+        return kind + digest.digest()
 
 
-def data_set_sha256(path: Path) -> bytes:
+def data_set_sha256(path: Path, ends_at: int | None = None) -> bytes:
     """DataSetHash of a file on disk (a worker thread)."""
     digest = DataSetHash()
     with path.open("rb") as fh:
         while chunk := fh.read(READ_CHUNK_BYTES):
             digest.update(chunk)
-    return digest.digest()
+    return digest.digest(ends_at)
 
 
 class _FileWriter:
@@ -228,8 +251,8 @@ class _FileWriter:
     def size(self) -> int:
         return self._size
 
-    def sha256(self) -> bytes:
-        return self._hash.digest()
+    def sha256(self, ends_at: int | None = None) -> bytes:
+        return self._hash.digest(ends_at)
 
     @property
     def data_set_at(self) -> int:

@@ -99,6 +99,8 @@ class ParsedFile:
     # tag path -> [offset, length, vr, encapsulated] for range reads of bulk data
     bulk_ranges: dict[str, list[Any]]
     data_set_at: int  # where the data set begins, after the File Meta Information
+    # where its Data Set Trailing Padding (FFFC,FFFC) begins, when it ends the file
+    data_set_end: int | None = None
 
 
 def configure_pydicom() -> None:
@@ -191,8 +193,10 @@ def _parse(path: Path) -> ParsedFile:
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
+        padding: object = ds.get_item(_DATASET_TRAILING_PADDING, keep_deferred=True)
         if end is not None and end < size:
-            _merge_tail(fp, ds, ts, end, pixel_entry[0] if pixel_entry else None)
+            padding = _merge_tail(fp, ds, ts, end, pixel_entry[0] if pixel_entry else None)
+        data_set_end = _padding_at(padding, ts, size)
     bulk_ranges: dict[str, list[Any]] = {}
     if ts != EXPLICIT_VR_BIG_ENDIAN:
         for tag in ds.keys():
@@ -221,7 +225,7 @@ def _parse(path: Path) -> ParsedFile:
     nframes = _number_of_frames(ds) if pixel_entry is not None else 0
     if ts == EXPLICIT_VR_BIG_ENDIAN:
         layout = None
-    return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges, data_set_at)
+    return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges, data_set_at, data_set_end)
 
 
 def _file_meta(fp: BinaryIO) -> tuple[str, int]:
@@ -440,11 +444,22 @@ def _native_layout(ds: Dataset, value_at: int, length: int) -> FrameLayout | Non
     return FrameLayout(offsets, [frame_len] * nframes, False)
 
 
-def _merge_tail(fp: BinaryIO, ds: Dataset, ts: str, end: int, pixel_tag: int | None) -> None:
+def _padding_at(element: object, ts: str, size: int) -> int | None:
+    """Where a Data Set Trailing Padding element read raw begins, when it ends the file."""
+    if not isinstance(element, RawDataElement) or not element.value_tell:
+        return None
+    if element.value_tell + element.length != size:
+        return None
+    return element.value_tell - (8 if ts == IMPLICIT_VR_LITTLE_ENDIAN else 12)
+
+
+def _merge_tail(
+    fp: BinaryIO, ds: Dataset, ts: str, end: int, pixel_tag: int | None
+) -> RawDataElement | None:
     """Elements after Pixel Data (rare: a Digital Signatures Sequence) join the header, Data
-    Set Trailing Padding excepted. Their tags must follow the Pixel Data's (PS3.5 7.1: data
-    elements in increasing tag order, each once): one that does not would replace a value
-    already checked (a UID, the number of frames) and is refused."""
+    Set Trailing Padding excepted (returned, read raw). Their tags must follow the Pixel
+    Data's (PS3.5 7.1: data elements in increasing tag order, each once): one that does not
+    would replace a value already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
     after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
@@ -457,6 +472,8 @@ def _merge_tail(fp: BinaryIO, ds: Dataset, ts: str, end: int, pixel_tag: int | N
             )
         if tag != _DATASET_TRAILING_PADDING:
             ds[tag] = tail[tag]
+    padding = tail.get_item(_DATASET_TRAILING_PADDING, keep_deferred=True)
+    return padding if isinstance(padding, RawDataElement) else None
 
 
 def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:

@@ -420,7 +420,7 @@ async def _commit(
         transfer_syntax_uid=parsed.transfer_syntax_uid,
         blob_key=key,
         size_bytes=writer.size,
-        sha256=writer.sha256(),
+        sha256=writer.sha256(parsed.data_set_end),
         number_of_frames=parsed.number_of_frames,
         frames=parsed.frames,
         bulk_ranges=parsed.bulk_ranges,
@@ -442,7 +442,7 @@ async def _commit(
         return InstanceOutcome(
             sop_class, sop, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason=result.conflict
         )
-    if result.existing_sha256 == writer.sha256() or await _same_data_set(
+    if result.existing_sha256 == writer.sha256(parsed.data_set_end) or await _same_data_set(
         ctx, parsed, writer, result.existing_sha256
     ):
         # The same data set again: success, one copy (PS3.18 10.5.3 leaves duplicates to the
@@ -471,10 +471,15 @@ async def _same_data_set(
         return False
     path = ctx.blobs.local_path(stored[0].blob_key)
     try:
-        digest = await anyio.to_thread.run_sync(data_set_sha256, path, limiter=ctx.limiter)
-    except OSError:
+        digest = await anyio.to_thread.run_sync(_stored_digest, path, limiter=ctx.limiter)
+    except (OSError, InvalidInstanceError):
         return False
-    return digest == writer.sha256()
+    return digest == writer.sha256(parsed.data_set_end)
+
+
+def _stored_digest(path: Path) -> bytes:
+    """DataSetHash of a stored file, its trailing padding left out as at STOW."""
+    return data_set_sha256(path, parse_file(path).data_set_end)
 
 
 def stow_status(outcomes: list[InstanceOutcome]) -> int:

@@ -1097,3 +1097,44 @@ async def test_stow_body_that_stops_coming_is_a_408(
     assert stored["00081155"]["Value"] == [first.SOPInstanceUID]
     r = await app_client.get(f"{ROOT}/instances", params={"SOPInstanceUID": second.SOPInstanceUID})
     assert r.status_code == 204
+
+
+def _padded(raw: bytes, value_bytes: int) -> bytes:
+    """A Part-10 file with Data Set Trailing Padding (FFFC,FFFC) of `value_bytes` at its end."""
+    return raw + struct.pack("<HH2sHI", 0xFFFC, 0xFFFC, b"OB", 0, value_bytes) + b"\0" * value_bytes
+
+
+@pytest.mark.parametrize("padded_first", [True, False])
+async def test_trailing_padding_is_not_part_of_the_instance(
+    app_client: httpx.AsyncClient, settings: Settings, padded_first: bool
+) -> None:
+    """Found by review: dcmtk's storescu sends a file without its Data Set Trailing Padding,
+    which has no meaning (PS3.10 7.2), so STOW-RS then storescu of the same file was 0x0111.
+    With the padding or without, it is one instance; the first copy is kept."""
+    ds = make_instance()
+    raw = to_bytes(ds)
+    first, second = (_padded(raw, 100), raw) if padded_first else (raw, _padded(raw, 100))
+    assert (await stow(app_client, first)).status_code == 200
+    r = await stow(app_client, second)
+    assert r.status_code == 200, r.text
+    assert _blob_contents(settings) == [first]
+    ds.PatientName = "Changed^Name"
+    r = await stow(app_client, _padded(to_bytes(ds), 100))
+    assert r.status_code == 409
+
+
+def test_padding_hash_window_at_its_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PADDING_HASH_WINDOW_BYTES: padding (its 12-byte header and value) that fits in the
+    window is left out of the hash; a longer one is hashed."""
+    from dicomweb_server import blobstore
+
+    monkeypatch.setattr(blobstore, "PADDING_HASH_WINDOW_BYTES", 64)
+    raw = to_bytes(make_instance(rows=16, cols=16))
+
+    def digest(data: bytes) -> bytes:
+        h = blobstore.DataSetHash()
+        h.update(data)
+        return h.digest(len(raw) if len(data) > len(raw) else None)
+
+    assert digest(_padded(raw, 64 - 12)) == digest(raw)
+    assert digest(_padded(raw, 64 - 10)) != digest(raw)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dicomweb_server import (
     auditlog,
+    blobstore,
     config,
     dicom_json,
     dicom_xml,
@@ -63,7 +64,7 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
                handlers, identifier, common, stow_json, dicom_xml, dicomfile, stow,
-               transcode)  # fmt: skip
+               transcode, blobstore)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's
