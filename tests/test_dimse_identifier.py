@@ -285,3 +285,17 @@ def test_decode_for_a_peer_is_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     unknown = _stored("1.2.840.10008.5.1.4.1.1.2", jls)  # no Image Pixel values indexed
     with pytest.raises(TranscodeError, match="unknown size"):
         handlers._decoded_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian)
+
+
+def test_private_return_key_with_its_creator() -> None:
+    """Found by review: a private return key comes with its Private Creator element, which
+    always has a value, and that value was taken for a matching key the archive does not
+    have (0xC000): no private attribute could be asked for."""
+    ds = ident("STUDY", StudyInstanceUID="")
+    ds.add_new(0x00090010, "LO", "ACME 1.0")
+    ds.add_new(0x00091001, "LO", "")
+    req = parse_find(ds, Model.STUDY_ROOT)
+    assert req.query.matches == ()
+    ds.add_new(0x00091002, "LO", "a value")  # matching on a private key is still refused
+    with pytest.raises(IdentifierError):
+        parse_find(ds, Model.STUDY_ROOT)

@@ -139,6 +139,8 @@ def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
         tag = int(elem.tag)
         if tag in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET, _RETRIEVE_AE_TITLE):
             continue
+        if elem.tag.is_private_creator:  # names the block of a private key, always has a value
+            continue
         if elem.VR == "SQ":
             if _has_values(elem.value):  # PS3.4 C.2.2.2.6 sequence matching
                 params += _sequence_params(tag, elem.value, level)
