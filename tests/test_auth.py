@@ -203,6 +203,10 @@ async def test_admin_creates_keys_over_http(
                 {"role": "read", "name": 7}, {"role": "read", "name": "n" * 201}):  # fmt: skip
         r = await client.post("/admin/apikeys", json=bad, headers=admin)
         assert r.status_code == 400, bad
+    not_objects: list[object] = [[], "read", 7]  # found by review: Python's text was the reason
+    for not_object in not_objects:
+        r = await client.post("/admin/apikeys", json=not_object, headers=admin)
+        assert r.status_code == 400 and "not a JSON object" in r.text, not_object
     r = await client.post("/admin/apikeys", content=b"{" + b" " * 5000, headers=admin)
     assert r.status_code == 413
 

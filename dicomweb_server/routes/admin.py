@@ -38,6 +38,8 @@ async def create_key(request: Request) -> Response:
             raise PayloadTooLargeError(f"a key request is at most {MAX_ADMIN_BODY_BYTES} bytes")
     try:
         doc = json.loads(body)
+        if not isinstance(doc, dict):  # not Python's own words for `[]["role"]`
+            raise ValueError("the body is not a JSON object")
         role, name = doc["role"], doc.get("name", "")
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
