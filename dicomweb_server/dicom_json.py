@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import base64
 import functools
 import json
@@ -24,6 +23,7 @@ from pydicom.tag import BaseTag
 
 from dicomweb_server.attributes import tag_hex
 from dicomweb_server.errors import FailureReason, WarningReason
+from dicomweb_server.vr import swapped_words
 
 __all__ = [
     "BULK_DATA_THRESHOLD_BYTES",
@@ -176,23 +176,13 @@ def _person_name_element(elem: DataElement) -> JsonDict:
 
 
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
-# Width of the words of binary VRs whose byte order is the transfer syntax's (PS3.5 7.3).
-_WORD_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 
 def _little_endian_base64(elem: DataElement) -> str:
     """The InlineBinary of an element of a big endian data set: DICOM JSON carries binary
     values little endian (PS3.18 F.2.7 encodes the value as Explicit VR Little Endian does), so
     the words of OW, OF, OL, OD and OV values are swapped (OB and UN are bytes: as they are)."""
-    data = bytes(elem.value)
-    width = _WORD_WIDTHS.get(str(elem.VR))
-    if width:
-        words = array.array({2: "H", 4: "I", 8: "Q"}[width])
-        whole = len(data) - len(data) % width
-        words.frombytes(data[:whole])
-        words.byteswap()
-        data = words.tobytes() + data[whole:]
-    return base64.b64encode(data).decode("ascii")
+    return base64.b64encode(swapped_words(bytes(elem.value), str(elem.VR))).decode("ascii")
 
 
 # The VRs `simple_json` renders straight from the raw bytes, and how (see there).

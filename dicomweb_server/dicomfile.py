@@ -7,7 +7,6 @@ that frame byte ranges are known at ingest (STYLE.md rule 11).
 
 from __future__ import annotations
 
-import array
 import itertools
 import math
 import re
@@ -41,6 +40,7 @@ from dicomweb_server.media import (
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from dicomweb_server.record import FrameLayout
+from dicomweb_server.vr import swapped_words
 
 __all__ = [
     "MAX_INFLATED_BYTES",
@@ -509,23 +509,10 @@ def bulk_element(path: Path, tag_path: str) -> tuple[Dataset, Dataset, int] | No
     return (ds, node, last) if last in node else None
 
 
-# Value widths swapped when a big endian file's value is sent little endian.
-_SWAP_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-
-
 def element_value(ds: Dataset, element: DataElement) -> tuple[bytes, str] | None:
-    """An element's binary value, little endian (swapped in place of a big endian file's, by
-    `array`: a 10 MB value took 11 s and 670 MB as 2-byte slices), and its VR; None when the
-    value is not bytes."""
+    """An element's binary value, little endian (a big endian file's swapped, vr.swapped_words),
+    and its VR; None when the value is not bytes."""
     if not isinstance(element.value, bytes | bytearray):
         return None
     data, vr = bytes(element.value), str(element.VR)
-    width = _SWAP_WIDTHS.get(vr)
-    if not ds.is_little_endian and width:
-        words = array.array({2: "H", 4: "I", 8: "Q"}[width])
-        assert words.itemsize == width
-        whole = len(data) - len(data) % width
-        words.frombytes(data[:whole])
-        words.byteswap()
-        data = words.tobytes() + data[whole:]
-    return data, vr
+    return (data if ds.is_little_endian else swapped_words(data, vr)), vr

@@ -13,7 +13,6 @@ asked for by name) through imagecodecs (libjpeg-turbo).
 
 from __future__ import annotations
 
-import array
 import functools
 import math
 import struct
@@ -46,6 +45,7 @@ from dicomweb_server.media import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
+from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
 __all__ = [
     "DECODE_ERRORS",
@@ -761,12 +761,6 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     return ds
 
 
-# Binary VRs whose values pydicom keeps as the bytes read, and the width of their words, which
-# follow the transfer syntax's byte order (PS3.5 7.3); pydicom reads US, FL, AT... as numbers
-# and writes them again in the order asked for.
-_SWAP_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-
-
 def _swap_binary_values(ds: Dataset, top: bool = False) -> None:
     """The OW, OF, OL, OD and OV values of a data set read as big endian, nested items
     included, swapped to little endian in place (pydicom writes them as they were read: a
@@ -777,18 +771,11 @@ def _swap_binary_values(ds: Dataset, top: bool = False) -> None:
             for item in elem.value:
                 _swap_binary_values(item)
             continue
-        width = _SWAP_WIDTHS.get(str(elem.VR))
-        if not width or not isinstance(elem.value, bytes | bytearray):
+        if str(elem.VR) not in WORD_WIDTHS or not isinstance(elem.value, bytes | bytearray):
             continue
         if top and elem.tag == 0x7FE00010:
             continue
-        # by `array`, as dicomfile.element_value: slicing a large value took seconds
-        words = array.array({2: "H", 4: "I", 8: "Q"}[width])
-        data = bytes(elem.value)
-        whole = len(data) - len(data) % width
-        words.frombytes(data[:whole])
-        words.byteswap()
-        elem.value = words.tobytes() + data[whole:]
+        elem.value = swapped_words(bytes(elem.value), str(elem.VR))
 
 
 def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:

@@ -1,11 +1,25 @@
-"""Parsing of DICOM date and time value representations (PS3.5 6.2). Pure."""
+"""Parsing of DICOM date and time value representations (PS3.5 6.2), and the byte order of
+binary values (PS3.5 7.3). Pure."""
 
 from __future__ import annotations
 
+import array
 import datetime as dt
 import re
 
-__all__ = ["dt_as_utc", "parse_da", "parse_dt", "parse_tm", "parse_utc_offset"]
+__all__ = [
+    "WORD_WIDTHS",
+    "dt_as_utc",
+    "parse_da",
+    "parse_dt",
+    "parse_tm",
+    "parse_utc_offset",
+    "swapped_words",
+]
+
+# Binary VRs whose values are words in the transfer syntax's byte order (PS3.5 7.3), and the
+# width of the words; OB and UN are bytes, and pydicom reads US, FL, AT... as numbers.
+WORD_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 _DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
@@ -84,3 +98,17 @@ def dt_as_utc(value: dt.datetime, default: dt.timezone | None = None) -> dt.date
         return value.astimezone(dt.UTC).replace(tzinfo=None)
     except OverflowError:
         return None
+
+
+def swapped_words(data: bytes, vr: str) -> bytes:
+    """A binary value of a big endian data set in little endian order (or the reverse): the
+    words of an OW, OF, OL, OD or OV value swapped, an odd tail kept; other VRs as they are.
+    By `array`: as 2-byte slices a 10 MB value took 11 s and 670 MB."""
+    width = WORD_WIDTHS.get(vr)
+    if not width:
+        return data
+    words = array.array({2: "H", 4: "I", 8: "Q"}[width])
+    whole = len(data) - len(data) % width
+    words.frombytes(data[:whole])
+    words.byteswap()
+    return words.tobytes() + data[whole:]
