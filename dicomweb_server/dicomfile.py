@@ -38,6 +38,8 @@ from dicomweb_server.media import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    LONG_LENGTH_VRS,
+    VIDEO_TRANSFER_SYNTAXES,
 )
 from dicomweb_server.record import FrameLayout
 from dicomweb_server.vr import swapped_words
@@ -58,7 +60,6 @@ __all__ = [
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM = (0xFFFE, 0xE000)
 _SEQ_DELIM = (0xFFFE, 0xE0DD)
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
 _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # A Deflated Explicit VR Little Endian data set (PS3.5 A.5) cannot be range-read: pydicom
 # inflates the whole of it in memory. Above this many bytes inflated it is refused (0xA700)
@@ -67,8 +68,6 @@ _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # copies of it, about three times as much) in memory for STOW.
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
-# MPEG-2, MPEG-4 AVC and HEVC transfer syntaxes (1.2.840.10008.1.2.4.100-108).
-_VIDEO_SYNTAXES = "1.2.840.10008.1.2.4.10"
 _INFLATE_READ_BYTES = 64 * 1024
 
 
@@ -186,10 +185,6 @@ def _parse(path: Path) -> ParsedFile:
                 "no File Meta Information with a Transfer Syntax UID (PS3.10 7.1)",
             )
         ts = str(meta_ts)
-        if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:  # cannot be: _file_meta read the same
-            raise InvalidInstanceError(
-                FailureReason.CANNOT_UNDERSTAND, "a Deflated data set that does not inflate"
-            )
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
@@ -328,7 +323,7 @@ def _pixel_data(
         value_at = start + 8
     else:
         vr = header[4:6].decode("ascii", "replace")
-        if header[4:6] in _LONG_VRS:
+        if header[4:6] in LONG_LENGTH_VRS:
             (length,) = struct.unpack("<I" if little else ">I", fp.read(4))
             value_at = start + 12
         else:
@@ -377,7 +372,7 @@ def _encapsulated_layout(
     nframes = _number_of_frames(ds)
     if not frags:
         return None
-    if nframes > len(frags) and not ts.startswith(_VIDEO_SYNTAXES):
+    if nframes > len(frags) and ts not in VIDEO_TRANSFER_SYNTAXES:
         # PS3.5 A.4: a frame is one fragment or more, a fragment holds at most one frame
         # (a video stream, PS3.5 8.2.5-8.2.8, is the whole stream in any number of fragments).
         raise InvalidInstanceError(

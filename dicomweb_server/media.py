@@ -36,9 +36,11 @@ __all__ = [
     "EXPLICIT_VR_LITTLE_ENDIAN",
     "FILE_META_MAX_BYTES",
     "IMPLICIT_VR_LITTLE_ENDIAN",
+    "LONG_LENGTH_VRS",
     "MULTIPART_RELATED",
     "NOT_FOR_WEB",
     "STORED",
+    "VIDEO_TRANSFER_SYNTAXES",
     "MediaRange",
     "accept_then",
     "accepts_bulkdata",
@@ -113,6 +115,17 @@ _FRAME_MEDIA_TYPES: dict[str, str] = {
     "1.2.840.10008.1.2.4.107": "video/H265",
     "1.2.840.10008.1.2.4.108": "video/H265",
 }
+# MPEG2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes, fragmentable ones (.1) too
+# (PS3.6 Table A-1): whatever the SOP class, the pixel data is a video stream, in any number of
+# fragments (PS3.5 8.2.5-8.2.8), not one frame or more per fragment.
+VIDEO_TRANSFER_SYNTAXES = frozenset(
+    [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
+    + [f"1.2.840.10008.1.2.4.{n}.1" for n in range(100, 107)]
+)
+# PS3.5 7.1.2: the VRs whose explicit length is 4 bytes after 2 reserved ones.
+LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 # PS3.18 Table 8.7.3-5 (RESTful column, "D"): the transfer syntax an image media type means
 # when none is given. image/jpeg is JPEG Lossless SV1, not Baseline: lossless data is never
 # made lossy unless a client names a lossy syntax.
@@ -723,10 +736,6 @@ def _coding_weights(header: str) -> dict[str, float]:
 # that does not end within this many is not looked into (FileMeta gives up).
 FILE_META_MAX_BYTES = 64 * 1024
 _META_AT = 132
-# PS3.5 7.1.2: the VRs whose explicit length is 4 bytes after 2 reserved ones.
-_META_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 
 
 def file_meta_end(head: bytes | bytearray) -> tuple[int, bytes] | None:
@@ -748,7 +757,7 @@ def file_meta_end(head: bytes | bytearray) -> tuple[int, bytes] | None:
         vr = bytes(head[pos + 4 : pos + 6])
         if not vr.isalpha():
             return 0, b""
-        if vr in _META_LONG_VRS:
+        if vr in LONG_LENGTH_VRS:
             if len(head) < pos + 12:
                 return None
             (length,) = struct.unpack_from("<I", head, pos + 8)

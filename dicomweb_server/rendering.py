@@ -9,6 +9,7 @@ import anyio
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
+from dicomweb_server.media import VIDEO_TRANSFER_SYNTAXES
 from dicomweb_server.render import render_animation, render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
 from dicomweb_server.report import render_report
@@ -103,7 +104,7 @@ async def _render(
 async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:
     label = _ICON_LABELS.get(inst.sop_class_uid)
     if label is None:
-        label = "VIDEO" if inst.transfer_syntax_uid in _VIDEO_TRANSFER_SYNTAXES else "DICOM"
+        label = "VIDEO" if inst.transfer_syntax_uid in VIDEO_TRANSFER_SYNTAXES else "DICOM"
     return await anyio.to_thread.run_sync(render_icon, label, params, media)
 
 
@@ -124,9 +125,3 @@ _ICON_LABELS = {
     "1.2.840.10008.5.1.4.1.1.77.1.2.1": "VIDEO",
     "1.2.840.10008.5.1.4.1.1.77.1.4.1": "VIDEO",
 }
-# MPEG2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes, fragmentable ones (.1) too
-# (PS3.6 Table A-1): whatever the SOP class, the pixel data is a video stream.
-_VIDEO_TRANSFER_SYNTAXES = frozenset(
-    [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
-    + [f"1.2.840.10008.1.2.4.{n}.1" for n in range(100, 107)]
-)

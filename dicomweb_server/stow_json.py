@@ -46,6 +46,7 @@ from dicomweb_server.ingest import Services, storage_failure, store_path
 from dicomweb_server.media import (
     APPLICATION_DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
+    VIDEO_TRANSFER_SYNTAXES,
     frame_syntax,
     parse_content_type,
 )
@@ -76,8 +77,6 @@ MAX_JSON_DATASETS = 10_000
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"
 _ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
-# MPEG2, MPEG-4 and HEVC (PS3.5 8.2.5-8.2.8): the whole stream in fragments, not one per frame.
-_VIDEO = re.compile(r"1\.2\.840\.10008\.1\.2\.4\.10[0-8](\.1)?")
 
 
 @dataclass(frozen=True)
@@ -383,7 +382,7 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
             ds,
         )
     frames = _integer(ds, "NumberOfFrames") or 1
-    if len(parts) != frames and not _VIDEO.match(ts):
+    if len(parts) != frames and ts not in VIDEO_TRANSFER_SYNTAXES:
         raise _refused(
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             f"{len(parts)} compressed frame parts for Number of Frames {frames}: one part "
