@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from dicomweb_server.media import LONG_LENGTH_VRS
 
 BOUNDARY = "test-boundary-1234"
 # Host names the in-process test clients use; `--auth none` answers only names it is told of.
@@ -61,6 +64,16 @@ def make_instance(
     for key, value in extra.items():
         setattr(ds, key, value)
     return ds
+
+
+def element_bytes(tag: int, vr: bytes, value: bytes, reserved: int = 0) -> bytes:
+    """One data element in explicit VR little endian, written by hand (for malformed files):
+    an odd value padded, a long-length VR's 2 reserved bytes holding `reserved`."""
+    if len(value) % 2:
+        value += b"\0"
+    if vr in LONG_LENGTH_VRS:
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, reserved, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
 
 def to_bytes(ds: Dataset) -> bytes:

@@ -23,6 +23,7 @@ from dicomweb_server.dicomfile import ParsedFile, parse_file
 from tests.helpers import (
     ROOT,
     TEST_HOSTS,
+    element_bytes,
     make_instance,
     multipart_body,
     pending_reservations,
@@ -437,26 +438,20 @@ def test_a_file_hashed_whole_never_passes_for_a_data_set() -> None:
     raw = to_bytes(ds)
     data_set = raw[raw.index(b"\x08\x00") :]
     elements = [
-        _meta_element(0x01, b"OB", b"\0\1"),
-        _meta_element(0x10, b"UI", syntax + b"\0"),
-        _meta_element(0x102, b"OB", b"p" * 70_000),
+        element_bytes(0x00020001, b"OB", b"\0\1"),
+        element_bytes(0x00020010, b"UI", syntax + b"\0"),
+        element_bytes(0x00020102, b"OB", b"p" * 70_000),
     ]
     rest = b"".join(elements)
-    a_meta = _meta_element(0x00, b"UL", struct.pack("<I", len(rest))) + rest
+    a_meta = element_bytes(0x00020000, b"UL", struct.pack("<I", len(rest))) + rest
     head = syntax + b"\0"
     header = struct.pack("<HH2sHI", 8, 1, b"UN", 0, 128 - len(head) - 12 + 4 + len(a_meta))
     a = head + header + b"\0" * (128 - len(head) - len(header)) + b"DICM" + a_meta + data_set
-    b_rest = _meta_element(0x10, b"UI", syntax + b"\0")
-    b_meta = _meta_element(0x00, b"UL", struct.pack("<I", len(b_rest))) + b_rest
+    b_rest = element_bytes(0x00020010, b"UI", syntax + b"\0")
+    b_meta = element_bytes(0x00020000, b"UL", struct.pack("<I", len(b_rest))) + b_rest
     b = b"\0" * 128 + b"DICM" + b_meta + a[len(head) :]
     assert digest(a)[1:] == digest(b)[1:]  # the same SHA-256 ...
     assert digest(a) != digest(b)  # ... of two kinds
-
-
-def _meta_element(tag: int, vr: bytes, value: bytes, reserved: int = 0) -> bytes:
-    if vr in (b"OB", b"UV"):
-        return struct.pack("<HH2sHI", 2, tag, vr, reserved, len(value)) + value
-    return struct.pack("<HH2sH", 2, tag, vr, len(value)) + value
 
 
 def test_data_set_hash_reads_the_meta_as_pydicom_does(tmp_path: Path) -> None:
@@ -472,15 +467,15 @@ def test_data_set_hash_reads_the_meta_as_pydicom_does(tmp_path: Path) -> None:
         body = body[body.index(b"\x08\x00") :]  # the data set (its first group is 0008)
         rest = b"".join(
             [
-                _meta_element(0x01, b"OB", b"\0\1"),
-                _meta_element(0x02, b"UI", str(ds.SOPClassUID).encode() + b"\0"),
-                _meta_element(0x03, b"UI", b"1.2.3.4.5.6.7\0"),
-                _meta_element(0x10, b"UI", b"1.2.840.10008.1.2.1\0"),
-                _meta_element(0x12, b"UI", b"1.2.3.4\0"),
-                _meta_element(0x100, b"UV", b"", reserved=200),
+                element_bytes(0x00020001, b"OB", b"\0\1"),
+                element_bytes(0x00020002, b"UI", str(ds.SOPClassUID).encode() + b"\0"),
+                element_bytes(0x00020003, b"UI", b"1.2.3.4.5.6.7\0"),
+                element_bytes(0x00020010, b"UI", b"1.2.840.10008.1.2.1\0"),
+                element_bytes(0x00020012, b"UI", b"1.2.3.4\0"),
+                element_bytes(0x00020100, b"UV", b"", reserved=200),
             ]
         )
-        meta = _meta_element(0x00, b"UL", struct.pack("<I", len(rest))) + rest
+        meta = element_bytes(0x00020000, b"UL", struct.pack("<I", len(rest))) + rest
         return b"\0" * 128 + b"DICM" + meta + body
 
     a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
@@ -496,7 +491,9 @@ def test_data_set_hash_in_small_pieces_is_linear() -> None:
     from dicomweb_server.blobstore import DataSetHash
 
     head = b"\0" * 128 + b"DICM"
-    head += b"".join(_meta_element(0x100 + i % 0xFF00, b"UI", b"") for i in range(8200))
+    head += b"".join(
+        element_bytes(0x00020000 | (0x100 + i % 0xFF00), b"UI", b"") for i in range(8200)
+    )
     h = DataSetHash()
     started = time.perf_counter()
     for i in range(0, len(head), 16):

@@ -23,15 +23,15 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 from dicomweb_server import dicomfile
 from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
 from dicomweb_server.errors import FailureReason
-from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
-
-
-def _element(tag: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+from tests.helpers import (
+    ROOT,
+    element_bytes,
+    inst_url,
+    make_instance,
+    multipart_body,
+    stow_headers,
+    to_bytes,
+)
 
 
 def _write(tmp_path: Path, data: bytes) -> Path:
@@ -80,7 +80,7 @@ async def test_element_after_pixel_data_out_of_order_is_refused(
     lower tag replaced a value already validated (the study of a RetrieveURL, a UID placed in
     URLs, the number of frames): the instance is now refused, nothing stored."""
     ds = make_instance()
-    data = to_bytes(ds) + _element(tag, vr, value)
+    data = to_bytes(ds) + element_bytes(tag, vr, value)
     doc = await _stow(app_client, data, f"{ROOT}/studies/{ds.StudyInstanceUID}")
     assert _failure(doc) == FailureReason.CANNOT_UNDERSTAND
     assert "PS3.5 7.1" in doc["warning"]
@@ -90,7 +90,7 @@ async def test_element_after_pixel_data_out_of_order_is_refused(
 async def test_elements_after_pixel_data_in_order_are_kept(app_client: httpx.AsyncClient) -> None:
     """A private block after Pixel Data (tags above it) is stored and in the metadata."""
     ds = make_instance()
-    tail = _element(0x7FE10010, b"LO", b"ACME") + _element(0x7FE11001, b"LO", b"after")
+    tail = element_bytes(0x7FE10010, b"LO", b"ACME") + element_bytes(0x7FE11001, b"LO", b"after")
     doc = await _stow(app_client, to_bytes(ds) + tail)
     assert "00081198" not in doc
     r = await app_client.get(f"{inst_url(ds)}/metadata")
@@ -108,7 +108,7 @@ def test_value_running_past_the_end_of_the_file_is_refused(tmp_path: Path) -> No
     del ds.PixelData
     data = (
         to_bytes(ds)
-        + _element(0x00290010, b"LO", b"X")
+        + element_bytes(0x00290010, b"LO", b"X")
         + struct.pack("<HH2sHI", 0x0029, 0x1000, b"OB", 0, 0x7FFFFFF0)
         + b"\1" * 4000
     )
@@ -200,7 +200,7 @@ def _deflated(ds: Dataset, zeros: int) -> tuple[bytes, int]:
     write_dataset(body, ds)
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     out = [b"\0" * 128, b"DICM", meta.getvalue(), deflater.compress(body.getvalue())]
-    tail = _element(0x7FE10010, b"LO", b"ACME") + struct.pack(
+    tail = element_bytes(0x7FE10010, b"LO", b"ACME") + struct.pack(
         "<HH2sHI", 0x7FE1, 0x1000, b"OB", 0, zeros
     )
     out.append(deflater.compress(tail))
