@@ -51,7 +51,16 @@ def _same_json(ours: Any, theirs: Any, where: str) -> None:
 
 
 # Binary VRs pydicom keeps as the bytes read, whose words follow the byte order (PS3.5 7.3).
-_WORDS = {"OW": "u2", "OF": "u4", "OL": "u4", "OD": "u8", "OV": "u8"}
+_WORD_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI"})
+
+
+def _little(data: bytes, vr: str) -> bytes:
+    """A big endian OW, OF, OL, OD or OV value as little endian (numpy: not the code tested)."""
+    dtype = np.dtype(f">u{_WORD_WIDTHS[vr]}")
+    whole = len(data) - len(data) % dtype.itemsize
+    swapped = np.frombuffer(data[:whole], dtype).astype(dtype.newbyteorder("<"))
+    return swapped.tobytes() + data[whole:]
 
 
 def _words_little_endian(ds: pydicom.Dataset) -> None:
@@ -61,13 +70,8 @@ def _words_little_endian(ds: pydicom.Dataset) -> None:
         if elem.VR == "SQ":
             for item in elem.value:
                 _words_little_endian(item)
-        elif elem.VR in _WORDS and isinstance(elem.value, bytes):  # Pixel Data is not compared
-            words = np.frombuffer(elem.value, ">" + _WORDS[elem.VR])
-            elem.value = words.astype("<" + _WORDS[elem.VR]).tobytes()
-
-
-_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI"})
-_WORD_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+        elif elem.VR in _WORD_WIDTHS and isinstance(elem.value, bytes):  # not Pixel Data
+            elem.value = _little(elem.value, elem.VR)
 
 
 def _annex_f(doc: dict[str, Any], big_endian: bool) -> dict[str, Any]:
@@ -87,11 +91,8 @@ def _annex_f(doc: dict[str, Any], big_endian: bool) -> dict[str, Any]:
         elif vr == "PN" and found:
             entry["Value"] = [{g: c for g, c in v.items() if c} or None for v in found]
         elif big_endian and vr in _WORD_WIDTHS and "InlineBinary" in entry:
-            data = base64.b64decode(entry["InlineBinary"])
-            dtype = np.dtype(f">u{_WORD_WIDTHS[vr]}")
-            whole = len(data) - len(data) % dtype.itemsize
-            swapped = np.frombuffer(data[:whole], dtype).astype(dtype.newbyteorder("<"))
-            entry["InlineBinary"] = base64.b64encode(swapped.tobytes() + data[whole:]).decode()
+            data = _little(base64.b64decode(entry["InlineBinary"]), vr)
+            entry["InlineBinary"] = base64.b64encode(data).decode()
         out[key] = entry
     return out
 
