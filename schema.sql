@@ -85,6 +85,9 @@ CREATE TABLE IF NOT EXISTS series (
     created_at             timestamptz NOT NULL DEFAULT now(),
     updated_at             timestamptz NOT NULL DEFAULT now()
 );
+-- Bumped when `reindex` rewrites an instance of the series: num_instances + revision names one
+-- state of the series' metadata (metadata caches compare it, in every process).
+ALTER TABLE series ADD COLUMN IF NOT EXISTS revision integer NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS series_study_fk ON series (study_fk);
 CREATE INDEX IF NOT EXISTS series_modality ON series (modality);
 -- QIDO matching inside RequestAttributesSequence (ScheduledProcedureStepID,
@@ -227,6 +230,114 @@ BEGIN
             JOIN study st ON st.pk = se.study_fk
             WHERE i.sop_instance_uid = i_sop;
     END;
+END
+$$;
+
+-- One instance's rows rewritten from its stored file, parsed again (`dicomweb-server reindex`):
+-- the same parameters as dicomweb_commit_instance. The instance row is found by SOP Instance
+-- UID, blob key, series and study, all unchanged; its series row and study row are rewritten
+-- only from their first instance (the one whose commit made them). Rows are written only where
+-- a value differs; then the series' revision is bumped (metadata caches) and the study's
+-- aggregates recomputed. outcome: 'updated', 'unchanged', or 'missing' (no such row: deleted,
+-- or the file now names another series or study, which reindex does not move).
+CREATE OR REPLACE FUNCTION dicomweb_reindex_instance(
+    p_patient_id text, p_issuer text, p_patient_name text, p_birth date, p_sex text,
+    s_uid text, s_date date, s_time time, s_accession text, s_id text, s_description text,
+    s_referring text[], s_patient_name text[], s_attrs jsonb, s_referring_text text,
+    s_patient_name_text text,
+    se_uid text, se_modality text, se_number integer, se_description text, se_body_part text,
+    se_pps_date date, se_pps_time time, se_attrs jsonb,
+    i_sop text, i_class text, i_number integer, i_acquisition timestamp, i_blob_key text,
+    i_ts text, i_size bigint, i_sha256 bytea, i_frames integer, i_offsets bigint[],
+    i_lengths bigint[], i_encapsulated boolean, i_metadata jsonb, i_bulk jsonb,
+    OUT outcome text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_instance bigint;
+    v_series bigint;
+    v_study bigint;
+    v_patient bigint;
+    v_changed boolean := false;
+BEGIN
+    SELECT st.pk INTO v_study FROM study st WHERE st.study_instance_uid = s_uid FOR UPDATE;
+    SELECT i.pk, i.series_fk INTO v_instance, v_series
+    FROM instance i JOIN series se ON se.pk = i.series_fk
+    WHERE i.sop_instance_uid = i_sop AND i.blob_key = i_blob_key
+      AND se.series_instance_uid = se_uid AND se.study_fk = v_study;
+    IF v_instance IS NULL THEN
+        outcome := 'missing';
+        RETURN;
+    END IF;
+
+    UPDATE instance SET sop_class_uid = i_class, instance_number = i_number,
+        acquisition_datetime = i_acquisition, transfer_syntax_uid = i_ts, size_bytes = i_size,
+        sha256 = i_sha256, number_of_frames = i_frames, frame_offsets = i_offsets,
+        frame_lengths = i_lengths, encapsulated = i_encapsulated, metadata = i_metadata,
+        bulk_ranges = i_bulk
+    WHERE pk = v_instance
+      AND (sop_class_uid, instance_number, acquisition_datetime, transfer_syntax_uid,
+           size_bytes, sha256, number_of_frames, frame_offsets, frame_lengths, encapsulated,
+           metadata, bulk_ranges)
+          IS DISTINCT FROM
+          (i_class, i_number, i_acquisition, i_ts, i_size, i_sha256, i_frames, i_offsets,
+           i_lengths, i_encapsulated, i_metadata, i_bulk);
+    v_changed := FOUND;
+
+    IF v_instance = (SELECT min(pk) FROM instance WHERE series_fk = v_series) THEN
+        UPDATE series SET modality = se_modality, series_number = se_number,
+            series_description = se_description, body_part_examined = se_body_part,
+            pps_start_date = se_pps_date, pps_start_time = se_pps_time, attrs = se_attrs
+        WHERE pk = v_series
+          AND (modality, series_number, series_description, body_part_examined,
+               pps_start_date, pps_start_time, attrs)
+              IS DISTINCT FROM
+              (se_modality, se_number, se_description, se_body_part, se_pps_date,
+               se_pps_time, se_attrs);
+        v_changed := v_changed OR FOUND;
+    END IF;
+
+    IF v_instance = (SELECT min(i.pk) FROM instance i JOIN series se ON se.pk = i.series_fk
+                     WHERE se.study_fk = v_study) THEN
+        INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
+                             patient_sex)
+        VALUES (p_patient_id, p_issuer, p_patient_name, p_birth, p_sex)
+        ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING;
+        SELECT pk INTO v_patient FROM patient
+        WHERE patient_id = p_patient_id AND issuer_of_patient_id = p_issuer;
+        UPDATE study SET patient_fk = v_patient, study_date = s_date, study_time = s_time,
+            accession_number = s_accession, study_id = s_id, study_description = s_description,
+            referring_physician_name = s_referring, patient_name = s_patient_name,
+            patient_id = p_patient_id, patient_birth_date = p_birth, patient_sex = p_sex,
+            attrs = s_attrs, referring_physician_name_text = s_referring_text,
+            patient_name_text = s_patient_name_text
+        WHERE pk = v_study
+          AND (patient_fk, study_date, study_time, accession_number, study_id,
+               study_description, referring_physician_name, patient_name, patient_id,
+               patient_birth_date, patient_sex, attrs, referring_physician_name_text,
+               patient_name_text)
+              IS DISTINCT FROM
+              (v_patient, s_date, s_time, s_accession, s_id, s_description, s_referring,
+               s_patient_name, p_patient_id, p_birth, p_sex, s_attrs, s_referring_text,
+               s_patient_name_text);
+        v_changed := v_changed OR FOUND;
+    END IF;
+
+    IF NOT v_changed THEN
+        outcome := 'unchanged';
+        RETURN;
+    END IF;
+    UPDATE series SET revision = revision + 1, updated_at = now() WHERE pk = v_series;
+    UPDATE study SET
+        modalities_in_study = (
+            SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
+            FROM series WHERE study_fk = v_study AND num_instances > 0
+                              AND modality IS NOT NULL),
+        sop_classes_in_study = (
+            SELECT coalesce(array_agg(DISTINCT i.sop_class_uid ORDER BY i.sop_class_uid), '{}')
+            FROM instance i JOIN series se ON se.pk = i.series_fk WHERE se.study_fk = v_study),
+        updated_at = now()
+    WHERE pk = v_study;
+    outcome := 'updated';
 END
 $$;
 

@@ -147,6 +147,7 @@ def parse_anchor(text: str) -> tuple[int, bytes]:
 # PS3.16 DCM codes of the events (PS3.15 A.5.3) and object types used below.
 _QUERY = ("110112", "Query")
 _TRANSFERRED = ("110104", "DICOM Instances Transferred")
+_ACCESSED = ("110103", "DICOM Instances Accessed")
 _SECURITY_ALERT = ("110113", "Security Alert")
 _USER_AUTHENTICATION = ("110114", "User Authentication")
 _USER_SECURITY_CHANGED = ("110137", "User Security Attributes Changed")
@@ -203,6 +204,8 @@ def _event_of(event: AuditEvent) -> tuple[tuple[str, str], str, list[tuple[str, 
         return _QUERY, "E", []
     if event.action.startswith("apikey_"):
         return _SECURITY_ALERT, "E", [_USER_SECURITY_CHANGED]
+    if event.action == "reindex":  # every stored instance read, the index's copy updated
+        return _ACCESSED, "U", []
     return _TRANSFERRED, "R", []
 
 

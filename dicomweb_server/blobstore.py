@@ -42,6 +42,7 @@ __all__ = [
     "DataSetHash",
     "FileSystemBlobStore",
     "data_set_sha256",
+    "hash_file",
     "stream_path",
     "tune_allocator",
 ]
@@ -222,13 +223,18 @@ class DataSetHash:
         return kind + digest.digest()
 
 
-def data_set_sha256(path: Path, ends_at: int | None = None) -> bytes:
-    """DataSetHash of a file on disk (a worker thread)."""
+def hash_file(path: Path) -> DataSetHash:
+    """A DataSetHash fed a whole file on disk (a worker thread)."""
     digest = DataSetHash()
     with path.open("rb") as fh:
         while chunk := fh.read(READ_CHUNK_BYTES):
             digest.update(chunk)
-    return digest.digest(ends_at)
+    return digest
+
+
+def data_set_sha256(path: Path, ends_at: int | None = None) -> bytes:
+    """DataSetHash of a file on disk (a worker thread)."""
+    return hash_file(path).digest(ends_at)
 
 
 class _FileWriter:

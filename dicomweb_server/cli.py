@@ -1,4 +1,4 @@
-"""Command line: `serve`, `initdb`, `load DIR...`, `apikey ...`, `audit ...`."""
+"""Command line: `serve`, `initdb`, `load DIR...`, `reindex`, `apikey ...`, `audit ...`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from dicomweb_server.config import (
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.ingest import Services, store_path
+from dicomweb_server.reindex import reindex
 
 uvloop: types.ModuleType | None
 try:
@@ -231,6 +232,23 @@ async def _load(settings: Settings, dirs: Sequence[str]) -> int:
     return 1 if counts["failed"] and not (counts["stored"] or counts["already present"]) else 0
 
 
+async def _reindex(settings: Settings, studies: Sequence[str] | None) -> int:
+    """`reindex [--study UID ...]`: audited; exit status 1 when an instance could not be."""
+    async with open_services(settings) as svc:
+        total = (await svc.index.counts())["instances"] if studies is None else None
+        with tqdm(total=total, unit="instance", desc="reindex") as bar:
+            report = await reindex(svc, studies, bar.update)
+        failed = len(report.failed)
+        detail = f"updated={report.updated} unchanged={report.unchanged} failed={failed}"
+        if studies is not None:
+            detail += " studies=" + ",".join(studies)
+        await svc.index.append_audit([_cli_event("reindex", 202 if failed else 200, detail)])
+    print(f"updated {report.updated}, unchanged {report.unchanged}, failed {failed}")
+    for line in report.failed:
+        print(f"  failed: {line}")
+    return 1 if failed else 0
+
+
 def _cli_event(action: str, outcome: int, detail: str) -> AuditEvent:
     caller = f"cli:{getpass.getuser()}"
     return AuditEvent(datetime.now(UTC), caller, "local", action, (), outcome, 0, detail)
@@ -364,6 +382,7 @@ def _parser() -> argparse.ArgumentParser:
         ("serve", "run the DICOMweb server"),
         ("initdb", "create or update the index schema"),
         ("load", "import DICOM Part-10 files through the STOW ingest path"),
+        ("reindex", "parse every stored file again and rewrite its index rows"),
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--data-dir", type=Path, help="blobs and embedded PostgreSQL (./data)")
@@ -373,6 +392,10 @@ def _parser() -> argparse.ArgumentParser:
             _dimse_arguments(sp)
         if name == "load":
             sp.add_argument("dirs", nargs="+", help="directories (recursive) or files")
+        if name == "reindex":
+            sp.add_argument(
+                "--study", action="append", metavar="UID", help="only this study (repeatable)"
+            )
     _admin_parsers(sub)
     return p
 
@@ -414,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_apikey(settings, args))
     if args.command == "audit":
         return asyncio.run(_audit(settings, args))
+    if args.command == "reindex":
+        return asyncio.run(_reindex(settings, args.study))
     return asyncio.run(_load(settings, args.dirs))
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "CommitResult",
     "Index",
     "MetadataRow",
+    "StoredBlob",
     "StoredInstance",
 ]
 
@@ -101,6 +102,18 @@ class StoredInstance:
     planar_configuration: int | None = None
 
 
+@dataclass(frozen=True)
+class StoredBlob:
+    """An instance row as `reindex` walks them."""
+
+    pk: int
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    blob_key: str
+    sha256: bytes
+
+
 _LOCATE = """
 SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_class_uid,
        i.blob_key, i.transfer_syntax_uid, i.size_bytes, i.number_of_frames, i.frame_offsets,
@@ -118,6 +131,19 @@ WHERE st.study_instance_uid = $1
 ORDER BY se.series_number NULLS LAST, se.pk, i.instance_number NULLS LAST, i.pk
 """
 
+# Stored instances in row-key order, from a key on (keyset pagination), optionally of some
+# studies only.
+_STORED_INSTANCES = """
+SELECT i.pk, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.blob_key,
+       i.sha256
+FROM instance i
+JOIN series se ON se.pk = i.series_fk
+JOIN study st ON st.pk = se.study_fk
+WHERE i.pk > $1 AND ($3::text[] IS NULL OR st.study_instance_uid = ANY($3::text[]))
+ORDER BY i.pk
+LIMIT $2
+"""
+
 # The BulkDataURIs of an instance's metadata, at any depth (strict mode: lax `**` unwraps
 # arrays and would give nested values twice), and its bulk byte ranges.
 _BULK_LISTING = (
@@ -132,8 +158,10 @@ def _tag_path_order(path: str) -> tuple[int, ...]:
     return tuple(int(p, 16) if i % 2 == 0 else int(p) for i, p in enumerate(path.split("/")))
 
 
+# A series' version: its instance count plus its revision (bumped by `reindex`). Both only
+# grow, so a version names one state of a series' metadata.
 _SERIES_VERSIONS = """
-SELECT se.series_instance_uid, se.num_instances
+SELECT se.series_instance_uid, se.num_instances + se.revision
 FROM series se
 JOIN study st ON st.pk = se.study_fk
 WHERE st.study_instance_uid = $1 AND se.num_instances > 0
@@ -143,18 +171,19 @@ ORDER BY se.series_number NULLS LAST, se.pk
 # Reads only plain columns and the metadata text: every `->` on a compressed jsonb value
 # decompresses it, and the nine lookups of _LOCATE cost more than the rest of this statement.
 _SERIES_METADATA = """
-SELECT se.num_instances, i.transfer_syntax_uid, i.number_of_frames, i.metadata::text
+SELECT se.num_instances + se.revision, i.transfer_syntax_uid, i.number_of_frames,
+       i.metadata::text
 FROM series se
 JOIN study st ON st.pk = se.study_fk
-LEFT JOIN instance i ON i.series_fk = se.pk AND se.num_instances <> $3
-WHERE st.study_instance_uid = $1 AND se.series_instance_uid = $2
+LEFT JOIN instance i ON i.series_fk = se.pk AND se.num_instances + se.revision <> $3
+WHERE st.study_instance_uid = $1 AND se.series_instance_uid = $2 AND se.num_instances > 0
 ORDER BY i.instance_number NULLS LAST, i.pk
 """
 
 # Study metadata: the instances of the study's series that are not cached, in one statement.
 _SERIES_METADATA_MANY = """
-SELECT se.series_instance_uid, se.num_instances, i.transfer_syntax_uid, i.number_of_frames,
-       i.metadata::text
+SELECT se.series_instance_uid, se.num_instances + se.revision, i.transfer_syntax_uid,
+       i.number_of_frames, i.metadata::text
 FROM series se
 JOIN study st ON st.pk = se.study_fk
 JOIN instance i ON i.series_fk = se.pk
@@ -339,6 +368,26 @@ class Index:
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
+    async def stored_instances(
+        self, after_pk: int, limit: int, studies: Sequence[str] | None = None
+    ) -> list[StoredBlob]:
+        """Up to `limit` stored instances with a row key above `after_pk`, in key order (the
+        walk of `reindex`), of the given studies only when `studies` is not None."""
+        rows = await self._fetch(_STORED_INSTANCES, after_pk, limit, studies)
+        return [StoredBlob(*row) for row in rows]
+
+    async def reindex_instance(self, rec: InstanceRecord) -> str:
+        """Rewrite an instance's rows from its file parsed again (schema.sql's
+        dicomweb_reindex_instance): 'updated', 'unchanged', 'missing', or why the index
+        refused a value."""
+        try:
+            row = await self._fetchrow(_REINDEX, *_record_args(rec))
+        except asyncpg.DataError as exc:  # as in commit_instance
+            return f"the index refused a value: {exc}"
+        assert row is not None
+        outcome: str = row[0]
+        return outcome
+
     async def locate(
         self, study: str, series: str | None = None, sop: str | None = None
     ) -> list[StoredInstance]:
@@ -352,32 +401,31 @@ class Index:
         return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]
 
     async def series_versions(self, study: str) -> list[tuple[str, int]]:
-        """(Series Instance UID, instances in it) of a study's series that hold instances, in
-        the order metadata lists them. Instances are only ever added to a series (by the
-        commit that also counts them), so the count names one state of a series."""
+        """(Series Instance UID, version) of a study's series that hold instances, in the order
+        metadata lists them. A version (_SERIES_VERSIONS) names one state of a series."""
         rows = await self._fetch(_SERIES_VERSIONS, study)
         return [(row[0], row[1]) for row in rows]
 
     async def series_metadata(
-        self, study: str, series: str, known_count: int
+        self, study: str, series: str, known_version: int
     ) -> tuple[int, list[MetadataRow]] | None:
-        """(instances in the series, and, unless that is `known_count`, each instance's
-        transfer syntax, number of frames and DICOM JSON text in metadata order), from one
-        statement, so the count and the rows are of one snapshot; None: no such series."""
-        rows = await self._fetch(_SERIES_METADATA, study, series, known_count)
-        if not rows or rows[0][0] == 0:
+        """(the series' version, and, unless that is `known_version`, each instance's transfer
+        syntax, number of frames and DICOM JSON text in metadata order), from one statement,
+        so the version and the rows are of one snapshot; None: no such series."""
+        rows = await self._fetch(_SERIES_METADATA, study, series, known_version)
+        if not rows:
             return None
-        count = rows[0][0]
-        if count == known_count:
-            return count, []
-        return count, [MetadataRow(row[1], row[2], row[3]) for row in rows]
+        version = rows[0][0]
+        if version == known_version:
+            return version, []
+        return version, [MetadataRow(row[1], row[2], row[3]) for row in rows]
 
     async def series_metadata_many(
         self, study: str, series: Sequence[str]
     ) -> dict[str, tuple[int, list[MetadataRow]]]:
         """series_metadata of several series of a study in one statement (a study of many
         series costs two statements on first access, not one per series): per Series
-        Instance UID found, its instance count and rows, read in one snapshot."""
+        Instance UID found, its version and rows, read in one snapshot."""
         rows = await self._fetch(_SERIES_METADATA_MANY, study, list(series))
         out: dict[str, tuple[int, list[MetadataRow]]] = {}
         for row in rows:
@@ -532,13 +580,14 @@ def _unavailable(exc: BaseException) -> ServiceUnavailableError:
 
 
 _COMMIT = "SELECT * FROM dicomweb_commit_instance(" + ", ".join(f"${n}" for n in range(1, 40)) + ")"
+_REINDEX = "SELECT dicomweb_reindex_instance(" + ", ".join(f"${n}" for n in range(1, 39)) + ")"
 
 
-async def _commit(conn: asyncpg.Connection, rec: InstanceRecord, owner: int) -> CommitResult:
-    """One round trip: schema.sql's dicomweb_commit_instance does every step."""
+def _record_args(rec: InstanceRecord) -> tuple[Any, ...]:
+    """The 38 row values of an instance, in the parameter order of schema.sql's
+    dicomweb_commit_instance and dicomweb_reindex_instance."""
     p, st, se, i = rec.patient, rec.study, rec.series, rec.instance
-    row = await conn.fetchrow(
-        _COMMIT,
+    return (
         p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["patient_birth_date"],
         p["patient_sex"],
         st["study_instance_uid"], st["study_date"], st["study_time"], st["accession_number"],
@@ -551,8 +600,13 @@ async def _commit(conn: asyncpg.Connection, rec: InstanceRecord, owner: int) -> 
         i["sop_instance_uid"], i["sop_class_uid"], i["instance_number"],
         i["acquisition_datetime"], i["blob_key"], i["transfer_syntax_uid"], i["size_bytes"],
         i["sha256"], i["number_of_frames"], i["frame_offsets"], i["frame_lengths"],
-        i["encapsulated"], i["metadata"], i["bulk_ranges"], owner,
+        i["encapsulated"], i["metadata"], i["bulk_ranges"],
     )  # fmt: skip
+
+
+async def _commit(conn: asyncpg.Connection, rec: InstanceRecord, owner: int) -> CommitResult:
+    """One round trip: schema.sql's dicomweb_commit_instance does every step."""
+    row = await conn.fetchrow(_COMMIT, *_record_args(rec), owner)
     if row["outcome"] == "stored":
         return CommitResult(True)
     if row["outcome"] == "reservation-lost":

@@ -1,6 +1,6 @@
 """Metadata resources (PS3.18 10.4.1.1.2): the stored DICOM JSON of a study, series or
 instance, served from the index, never from the files (field notes 1), with Available Transfer
-Syntax UID added; study and series metadata assembled per series and cached by instance count.
+Syntax UID added; study and series metadata assembled per series and cached by series version.
 Also what an instance can be converted to (pixel_info, targets_of), shared with retrieve.py."""
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ async def metadata_json(
     """The stored DICOM JSON of the instances, as one JSON array (no blob is read).
 
     Study and series metadata are assembled per series, and a series' part is kept in
-    `svc.metadata` with the series' instance count: a series only ever gains instances, so
-    the count read in the same request tells a current part from a stale one, in every
-    process. Series metadata is one statement whether the part is cached or not; study
-    metadata is two (its series and their counts, then every uncached series at once), one
-    when all its series are cached.
+    `svc.metadata` with the series' version (its instance count plus its revision, which
+    `reindex` bumps; both only grow), so the version read in the same request tells a current
+    part from a stale one, in every process. Series metadata is one statement whether the
+    part is cached or not; study metadata is two (its series and their versions, then every
+    uncached series at once), one when all its series are cached.
     """
     if sop is not None:
         found = await svc.index.metadata_texts(study, series, sop)
@@ -52,14 +52,14 @@ async def metadata_json(
     if not versions:
         raise not_found(None, None)
     parts: dict[str, bytes] = {}
-    for uid, count in versions:
+    for uid, version in versions:
         cached = _cached_part(svc, uid)
-        if cached is not None and cached[0] == count:
+        if cached is not None and cached[0] == version:
             parts[uid] = cached[1]
     stale = [uid for uid, _ in versions if uid not in parts]
     if stale:
-        for uid, (count, rows) in (await svc.index.series_metadata_many(study, stale)).items():
-            parts[uid] = _cache_part(svc, uid, count, rows)
+        for uid, (version, rows) in (await svc.index.series_metadata_many(study, stale)).items():
+            parts[uid] = _cache_part(svc, uid, version, rows)
     return _json_array([parts.get(uid, b"") for uid, _ in versions], base_url)
 
 
@@ -71,25 +71,25 @@ async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
     found = await svc.index.series_metadata(study, series, known)
     if found is None:
         return None
-    count, rows = found
-    if cached is not None and count == known:
+    version, rows = found
+    if cached is not None and version == known:
         return cached[1]
-    return _cache_part(svc, series, count, rows)
+    return _cache_part(svc, series, version, rows)
 
 
 def _cached_part(svc: Services, series: str) -> tuple[int, bytes] | None:
-    """(instance count, part) of a series as _cache_part kept it, or None."""
+    """(version, part) of a series as _cache_part kept it, or None."""
     entry = svc.metadata.get(("series", series))
     if entry is None:
         return None
     return int.from_bytes(entry[:8], "little"), entry[8:]
 
 
-def _cache_part(svc: Services, series: str, count: int, rows: list[MetadataRow]) -> bytes:
-    """The part of a series of `count` instances from its rows, kept in svc.metadata (the
-    count as 8 bytes before it; _cached_part reads it back)."""
+def _cache_part(svc: Services, series: str, version: int, rows: list[MetadataRow]) -> bytes:
+    """The part of a series at `version` from its rows, kept in svc.metadata (the version as
+    8 bytes before it; _cached_part reads it back)."""
     part = ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
-    svc.metadata.put(("series", series), count.to_bytes(8, "little") + part)
+    svc.metadata.put(("series", series), version.to_bytes(8, "little") + part)
     return part
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -146,4 +148,15 @@ def inst_url(ds: Dataset) -> str:
     return (
         f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
         f"/instances/{ds.SOPInstanceUID}"
+    )
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m dicomweb_server ARGS` in a child process, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicomweb_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )

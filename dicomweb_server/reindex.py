@@ -1,0 +1,135 @@
+"""`dicomweb-server reindex`: each stored instance's index rows rebuilt from its file.
+
+What the index holds of an instance (its searchable columns, its DICOM JSON, its frame and
+bulk data layout) is derived from the file when the instance is stored. A release that derives
+something better (a value read right where it was read wrong, JSON closer to PS3.18 Annex F)
+changes new instances only; `reindex` parses every stored file again, as STOW would, and
+rewrites the rows that come out different. The files are never touched.
+
+- An instance's series and study rows are rewritten from the instance whose commit made them
+  (its first), as at STOW; the study's aggregates are recomputed.
+- An instance whose file the parser now refuses, or which now names another study or
+  series, keeps its rows, and is reported: reindex never moves or removes an instance.
+- The duplicate-check hash of instances stored before it covered only the data set (a
+  whole-file SHA-256) is recomputed, so that their duplicates no longer need a file read.
+- It can run beside a serving server: each instance is rewritten in one transaction under
+  its study's row lock, as a commit is, and a rewritten series gets a new version
+  (schema.sql's `series.revision`), which every process's metadata cache compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from dicomweb_server.blobstore import hash_file
+from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
+from dicomweb_server.index import StoredBlob
+from dicomweb_server.ingest import Services
+from dicomweb_server.record import InstanceRecord, build_record
+
+__all__ = ["REINDEX_IN_FLIGHT", "REINDEX_PAGE_ROWS", "ReindexReport", "reindex"]
+
+# Instance rows listed per round trip of the walk (keyset pagination on the row key).
+REINDEX_PAGE_ROWS = 500
+# Instances parsed and rewritten at once: the parse runs in worker threads (svc.limiter), so a
+# few in flight keep the threads and the database busy without holding many headers.
+REINDEX_IN_FLIGHT = 4
+
+
+@dataclass
+class ReindexReport:
+    updated: int = 0
+    unchanged: int = 0
+    failed: list[str] = field(default_factory=list)  # "SOP Instance UID: why"
+
+
+async def reindex(
+    svc: Services,
+    studies: Sequence[str] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> ReindexReport:
+    """Re-derive the index rows of every stored instance (of `studies` only, when given) from
+    its file. `progress` is told how many instances each page held once they are done."""
+    report = ReindexReport()
+    slots = anyio.Semaphore(REINDEX_IN_FLIGHT)
+
+    async def one(row: StoredBlob) -> None:
+        async with slots:
+            outcome = await _reindex_one(svc, row)
+        if outcome == "updated":
+            report.updated += 1
+        elif outcome == "unchanged":
+            report.unchanged += 1
+        else:
+            report.failed.append(f"{row.sop_instance_uid}: {outcome}")
+
+    after = 0
+    while rows := await svc.index.stored_instances(after, REINDEX_PAGE_ROWS, studies):
+        after = rows[-1].pk
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                tg.start_soon(one, row)
+        if progress is not None:
+            progress(len(rows))
+    return report
+
+
+async def _reindex_one(svc: Services, row: StoredBlob) -> str:
+    """'updated', 'unchanged', or why the instance's rows were left as they were."""
+    path = svc.blobs.local_path(row.blob_key)
+    try:
+        rec = await anyio.to_thread.run_sync(_record_of, path, row, limiter=svc.limiter)
+    except OSError as exc:
+        return f"its file cannot be read ({exc.strerror}); rows left as they were"
+    except InvalidInstanceError as exc:
+        return f"its file is refused now ({exc.message}); rows left as they were"
+    except _MovedError as exc:
+        return f"{exc}; rows left as they were (reindex does not move instances)"
+    outcome = await svc.index.reindex_instance(rec)
+    if outcome == "missing":
+        return "deleted, or moved to another series, while being reindexed"
+    return outcome
+
+
+class _MovedError(Exception):
+    """The file now names another study or series than the rows it has."""
+
+
+def _record_of(path: Path, row: StoredBlob) -> InstanceRecord:
+    """The index rows of a stored file, parsed as STOW parses it (a worker thread)."""
+    size = path.stat().st_size  # a missing file is an OSError, not a refused one
+    parsed = parse_file(path)
+    _sop_class, sop, study, series = parsed.uids
+    if (sop, study, series) != (row.sop_instance_uid, row.study_uid, row.series_uid):
+        raise _MovedError(
+            f"its file names SOP Instance {sop}, study {study}, series {series},"
+            f" not the {row.sop_instance_uid}, {row.study_uid}, {row.series_uid} of its rows"
+        )
+    sha256 = row.sha256
+    if len(sha256) == hashlib.sha256().digest_size:  # a whole-file hash of an older release
+        sha256 = _data_set_hash(path, parsed.data_set_at, parsed.data_set_end) or sha256
+    return build_record(
+        parsed.meta,
+        transfer_syntax_uid=parsed.transfer_syntax_uid,
+        blob_key=row.blob_key,
+        size_bytes=size,
+        sha256=sha256,
+        number_of_frames=parsed.number_of_frames,
+        frames=parsed.frames,
+        bulk_ranges=parsed.bulk_ranges,
+    )
+
+
+def _data_set_hash(path: Path, data_set_at: int, data_set_end: int | None) -> bytes | None:
+    """The file's DataSetHash as STOW computes it, or None where STOW would refuse the file
+    because the hash and the parse disagree on where the data set starts (ingest)."""
+    digest = hash_file(path)
+    value = digest.digest(data_set_end)  # decides data_set_at for a small file
+    if digest.data_set_at and digest.data_set_at != data_set_at:
+        return None
+    return value

@@ -1,0 +1,244 @@
+"""`reindex`: index rows rebuilt from the stored files, as STOW derives them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+from starlette.applications import Starlette
+
+from dicomweb_server.blobstore import DATA_SET_HASH_VERSION
+from dicomweb_server.reindex import REINDEX_PAGE_ROWS, reindex
+from tests.helpers import ROOT, make_instance, multipart_body, run_cli, stow_headers, to_bytes
+
+pytestmark = pytest.mark.db
+
+STUDY_A, STUDY_B = "1.2.826.0.1.3680043.8.498.7001", "1.2.826.0.1.3680043.8.498.7002"
+SERIES_A, SERIES_B = f"{STUDY_A}.1", f"{STUDY_B}.1"
+
+# Every column that reindex derives (not keys, timestamps or counters).
+_INSTANCE_COLS = (
+    "sop_instance_uid, sop_class_uid, instance_number, acquisition_datetime, blob_key,"
+    " transfer_syntax_uid, size_bytes, sha256, number_of_frames, frame_offsets, frame_lengths,"
+    " encapsulated, metadata, bulk_ranges"
+)
+_SERIES_COLS = (
+    "series_instance_uid, modality, series_number, series_description, body_part_examined,"
+    " pps_start_date, pps_start_time, num_instances, attrs"
+)
+_STUDY_COLS = (
+    "study_instance_uid, patient_fk, study_date, study_time, accession_number, study_id,"
+    " study_description, referring_physician_name, patient_name, patient_id,"
+    " patient_birth_date, patient_sex, attrs, referring_physician_name_text, patient_name_text,"
+    " modalities_in_study, sop_classes_in_study, num_series, num_instances"
+)
+
+
+def _instances() -> list[Dataset]:
+    out = []
+    for study, series, n in ((STUDY_A, SERIES_A, 3), (STUDY_B, SERIES_B, 2)):
+        for i in range(n):
+            out.append(
+                make_instance(
+                    study=study,
+                    series=series,
+                    sop=f"{series}.{i + 1}",
+                    InstanceNumber=i + 1,
+                    StudyDescription="Chest",
+                    SpecificCharacterSet="ISO_IR 192",
+                    PatientName="Doe^John=ドウ^ジョン",
+                    AcquisitionDateTime="20240115101500+0200",
+                )
+            )
+    return out
+
+
+async def _store(client: httpx.AsyncClient, datasets: list[Dataset], batch: int = 1) -> None:
+    """Stored `batch` to a request: one by one, the row keys follow the list."""
+    for start in range(0, len(datasets), batch):
+        body = multipart_body([to_bytes(ds) for ds in datasets[start : start + batch]])
+        r = await client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+        assert r.status_code == 200, r.text
+
+
+async def _snapshot(conn: asyncpg.Connection) -> dict[str, list[Any]]:
+    return {
+        table: [tuple(r) for r in await conn.fetch(f"SELECT {cols} FROM {table} ORDER BY pk")]
+        for table, cols in (
+            ("instance", _INSTANCE_COLS),
+            ("series", _SERIES_COLS),
+            ("study", _STUDY_COLS),
+        )
+    }
+
+
+async def _age(conn: asyncpg.Connection, app: Starlette) -> None:
+    """Rows as an older release would have left them: values read differently, a group
+    length in the JSON, a whole-file hash."""
+    await conn.execute(
+        "UPDATE instance SET acquisition_datetime = '2024-01-15 10:15:00',"
+        ' metadata = metadata || \'{"00080000": {"vr": "UL", "Value": [0]}}\''
+        " WHERE sop_instance_uid = $1",
+        f"{SERIES_A}.2",
+    )
+    key = await conn.fetchval(
+        "SELECT blob_key FROM instance WHERE sop_instance_uid = $1", f"{SERIES_B}.1"
+    )
+    whole = hashlib.sha256(_blob(app, key).read_bytes()).digest()
+    await conn.execute("UPDATE instance SET sha256 = $1 WHERE blob_key = $2", whole, key)
+    await conn.execute(
+        "UPDATE study SET patient_name = '{doe^john}', patient_name_text = 'doe^john',"
+        " study_description = NULL, modalities_in_study = '{}' WHERE study_instance_uid = $1",
+        STUDY_A,
+    )
+    await conn.execute("UPDATE series SET modality = 'OT' WHERE series_instance_uid = $1", SERIES_B)
+
+
+def _blob(app: Starlette, key: str) -> Path:
+    path: Path = app.state.services.blobs.local_path(key)
+    return path
+
+
+async def test_reindex_rewrites_what_an_older_release_derived(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    await _store(app_client, _instances())
+    svc = app.state.services
+    conn = await asyncpg.connect(clean_db)
+    try:
+        fresh = await _snapshot(conn)
+        await _age(conn, app)
+        aged = await _snapshot(conn)
+        assert aged != fresh
+        seen: list[int] = []
+        report = await reindex(svc, progress=seen.append)
+        # Instances A.2 and B.1 themselves, and A.1 and B.1 as the first of their study or
+        # series (the study and series rows are theirs).
+        assert (report.updated, report.unchanged, report.failed) == (3, 2, [])
+        assert seen == [5]
+        again = await _snapshot(conn)
+        sha = {r[0]: r[7] for r in again["instance"]}
+        assert sha[f"{SERIES_B}.1"][:1] == DATA_SET_HASH_VERSION
+        fresh_sha = {r[0]: r[7] for r in fresh["instance"]}
+        assert sha[f"{SERIES_B}.1"] == fresh_sha[f"{SERIES_B}.1"]  # what STOW computed
+        assert again == fresh
+        report = await reindex(svc)
+        assert (report.updated, report.unchanged, report.failed) == (0, 5, [])
+        revisions = await conn.fetch("SELECT revision FROM series ORDER BY pk")
+        assert [r[0] for r in revisions] == [2, 1]  # one per instance rewritten
+    finally:
+        await conn.close()
+
+
+async def test_reindexed_metadata_is_served_by_a_process_that_cached_it(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    """A series' metadata cached before reindex is not served after it: the series' version
+    changed (its revision), as another process running reindex would leave it."""
+    await _store(app_client, _instances())
+    conn = await asyncpg.connect(clean_db)
+    try:
+        await _age(conn, app)
+    finally:
+        await conn.close()
+    url = f"{ROOT}/studies/{STUDY_A}/series/{SERIES_A}/metadata"
+    for path in (url, f"{ROOT}/studies/{STUDY_A}/metadata"):
+        before = (await app_client.get(path)).json()
+        assert any("00080000" in doc for doc in before)  # the aged row, now cached
+    await reindex(app.state.services)
+    for path in (url, f"{ROOT}/studies/{STUDY_A}/metadata"):
+        after = (await app_client.get(path)).json()
+        assert len(after) == 3 and not any("00080000" in doc for doc in after)
+    r = await app_client.get(f"{ROOT}/studies", params={"StudyDescription": "Chest"})
+    assert sorted(d["0020000D"]["Value"][0] for d in r.json()) == [STUDY_A, STUDY_B]
+
+
+async def test_reindex_leaves_and_reports_what_it_cannot_rebuild(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    """A missing file, and rows whose study is not the one the file names: reported, and
+    their rows left as they were (reindex neither moves nor removes an instance)."""
+    await _store(app_client, _instances())
+    conn = await asyncpg.connect(clean_db)
+    try:
+        key = await conn.fetchval(
+            "SELECT blob_key FROM instance WHERE sop_instance_uid = $1", f"{SERIES_A}.3"
+        )
+        _blob(app, key).unlink()
+        await conn.execute(
+            "UPDATE study SET study_instance_uid = '1.2.3.4' WHERE study_instance_uid = $1",
+            STUDY_B,
+        )
+        await conn.execute(
+            "UPDATE instance SET instance_number = 99 WHERE sop_instance_uid = $1",
+            f"{SERIES_B}.2",
+        )
+        before = await _snapshot(conn)
+        report = await reindex(app.state.services)
+        assert report.updated == 0 and report.unchanged == 2
+        failed = sorted(report.failed)
+        assert len(failed) == 3
+        assert failed[0].startswith(f"{SERIES_A}.3: its file cannot be read")
+        assert f"names SOP Instance {SERIES_B}.1, study {STUDY_B}" in failed[1]
+        assert "reindex does not move instances" in failed[2]
+        assert await _snapshot(conn) == before
+    finally:
+        await conn.close()
+
+
+async def test_reindex_of_some_studies_only(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    await _store(app_client, _instances())
+    conn = await asyncpg.connect(clean_db)
+    try:
+        await _age(conn, app)
+        report = await reindex(app.state.services, [STUDY_B])
+        assert (report.updated, report.unchanged) == (1, 1)
+        description = await conn.fetchval(
+            "SELECT study_description FROM study WHERE study_instance_uid = $1", STUDY_A
+        )
+        assert description is None  # study A was not reindexed
+    finally:
+        await conn.close()
+
+
+async def test_reindex_walks_page_after_page(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    n = REINDEX_PAGE_ROWS + 1
+    datasets = [
+        make_instance(study=STUDY_A, series=SERIES_A, sop=f"{SERIES_A}.{i + 1}", rows=1, cols=1)
+        for i in range(n)
+    ]
+    await _store(app_client, datasets, batch=100)
+    seen: list[int] = []
+    report = await reindex(app.state.services, progress=seen.append)
+    assert seen == [REINDEX_PAGE_ROWS, 1]
+    assert report.unchanged == n and report.updated == 0
+
+
+def test_reindex_command(tmp_path: Path, clean_db: str, samples: Path) -> None:
+    """The command reindexes what `load` stored, says so, and audits it; exit status 1 when
+    an instance could not be reindexed."""
+    common = ["--data-dir", str(tmp_path / "data"), "--database-url", clean_db]
+    src = samples / "generated/coverage"
+    assert run_cli("load", *common, str(src)).returncode == 0
+    r = run_cli("reindex", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "updated 0, unchanged 19, failed 0" in r.stdout
+    blob = next(p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file())
+    blob.write_bytes(b"not DICOM any more")
+    r = run_cli("reindex", *common)
+    assert r.returncode == 1
+    assert "updated 0, unchanged 18, failed 1" in r.stdout
+    assert "its file is refused now (not a DICOM Part 10 file" in r.stdout
+    export = run_cli("audit", "export", *common)
+    actions = [json.loads(line)["action"] for line in export.stdout.splitlines()]
+    assert actions.count("reindex") == 2
