@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS study (
     created_at               timestamptz NOT NULL DEFAULT now(),
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
+-- Columns added after the first schema (an index created by it is brought up to date here).
+ALTER TABLE study ADD COLUMN IF NOT EXISTS referring_physician_name_text text;
+ALTER TABLE study ADD COLUMN IF NOT EXISTS patient_name_text text;
 CREATE INDEX IF NOT EXISTS study_patient_id ON study (patient_id);
 CREATE INDEX IF NOT EXISTS study_accession ON study (accession_number);
 CREATE INDEX IF NOT EXISTS study_date_idx ON study (study_date);
@@ -138,6 +141,11 @@ CREATE TABLE IF NOT EXISTS blob_reservation (
 -- that the aggregates stay exact under concurrent stores), series, instance, aggregates, and
 -- the reservation dropped. A duplicate SOP Instance UID or a series of another study rolls
 -- back this instance's inserts (the inner block is a subtransaction) and is reported instead.
+-- An earlier signature of it (without i_owner), dropped so that only one remains.
+DROP FUNCTION IF EXISTS dicomweb_commit_instance(
+    text, text, text, date, text, text, date, time, text, text, text, text[], text[], jsonb,
+    text, text, text, text, integer, text, text, date, time, jsonb, text, text, integer,
+    timestamp, text, text, bigint, bytea, integer, bigint[], bigint[], boolean, jsonb, jsonb);
 CREATE OR REPLACE FUNCTION dicomweb_commit_instance(
     p_patient_id text, p_issuer text, p_patient_name text, p_birth date, p_sex text,
     s_uid text, s_date date, s_time time, s_accession text, s_id text, s_description text,

@@ -1,0 +1,95 @@
+"""schema.sql, applied at every start, brings an index made by an earlier schema up to date:
+the same tables, columns, indexes and functions as a new index, and a server that works on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from dicomweb_server.app import create_app
+from dicomweb_server.config import Settings
+from tests.helpers import ROOT, TEST_HOSTS, make_instance, multipart_body, stow_headers, to_bytes
+
+pytestmark = pytest.mark.db
+
+SCHEMA = Path(__file__).parents[1] / "schema.sql"
+EARLIER = sorted((Path(__file__).parent / "schemas").glob("*.sql"))
+
+_SHAPE = {
+    "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default"
+    " FROM information_schema.columns WHERE table_schema = 'public'",
+    "indexes": "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'",
+    # Ours only: not those of an extension (pg_trgm's).
+    "functions": "SELECT p.oid::regprocedure::text FROM pg_proc p"
+    " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'"
+    " AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')",
+}
+
+
+def _dsn_of(dsn: str, database: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
+
+
+async def _database(pg_dsn: str, name: str) -> AsyncIterator[str]:
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield _dsn_of(pg_dsn, name)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+async def _shape(dsn: str) -> dict[str, list[tuple[object, ...]]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {k: sorted(tuple(r) for r in await conn.fetch(q)) for k, q in _SHAPE.items()}
+    finally:
+        await conn.close()
+
+
+async def _apply(dsn: str, *schemas: Path) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for schema in schemas:
+            await conn.execute(schema.read_text())
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def fresh_shape(pg_dsn: str) -> AsyncIterator[dict[str, list[tuple[object, ...]]]]:
+    async for dsn in _database(pg_dsn, "dicomweb_schema_fresh"):
+        await _apply(dsn, SCHEMA)
+        yield await _shape(dsn)
+
+
+@pytest.mark.parametrize("earlier", EARLIER, ids=lambda p: p.stem)
+async def test_an_index_of_an_earlier_schema_is_brought_up_to_date(
+    pg_dsn: str,
+    fresh_shape: dict[str, list[tuple[object, ...]]],
+    earlier: Path,
+    tmp_path: Path,
+) -> None:
+    async for dsn in _database(pg_dsn, "dicomweb_schema_upgrade"):
+        await _apply(dsn, earlier)
+        assert await _shape(dsn) != fresh_shape
+        await _apply(dsn, SCHEMA)
+        assert await _shape(dsn) == fresh_shape
+        # And the server works on it: store, then find by a name (a column added later).
+        settings = Settings(data_dir=tmp_path / "d", database_url=dsn, allowed_hosts=TEST_HOSTS)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                body = multipart_body([to_bytes(make_instance(patient_name="Upgrade^Ann"))])
+                r = await client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+                assert r.status_code == 200, r.text
+                r = await client.get(f"{ROOT}/studies", params={"PatientName": "upgr*"})
+                assert r.status_code == 200 and len(r.json()) == 1
