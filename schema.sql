@@ -265,17 +265,33 @@ DECLARE
     v_series bigint;
     v_study bigint;
     v_patient bigint;
+    v_study_first boolean;
     v_changed boolean := false;
 BEGIN
-    SELECT st.pk INTO v_study FROM study st WHERE st.study_instance_uid = s_uid FOR UPDATE;
-    SELECT i.pk, i.series_fk INTO v_instance, v_series
+    SELECT i.pk, i.series_fk, se.study_fk INTO v_instance, v_series, v_study
     FROM instance i JOIN series se ON se.pk = i.series_fk
+    JOIN study st ON st.pk = se.study_fk
     WHERE i.sop_instance_uid = i_sop AND i.blob_key = i_blob_key
-      AND se.series_instance_uid = se_uid AND se.study_fk = v_study;
+      AND se.series_instance_uid = se_uid AND st.study_instance_uid = s_uid;
     IF v_instance IS NULL THEN
         outcome := 'missing';
         RETURN;
     END IF;
+    -- Instance rows are only ever added, with greater keys: whether this one is its study's
+    -- first holds without a lock. Its patient row is made before the study row is locked,
+    -- in the order a commit takes them (a commit making the same patient cannot deadlock).
+    v_study_first := v_instance = (SELECT min(i.pk) FROM instance i
+                                   JOIN series se ON se.pk = i.series_fk
+                                   WHERE se.study_fk = v_study);
+    IF v_study_first THEN
+        INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
+                             patient_sex)
+        VALUES (p_patient_id, p_issuer, p_patient_name, p_birth, p_sex)
+        ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING;
+        SELECT pk INTO v_patient FROM patient
+        WHERE patient_id = p_patient_id AND issuer_of_patient_id = p_issuer;
+    END IF;
+    PERFORM 1 FROM study WHERE pk = v_study FOR UPDATE;
 
     UPDATE instance SET sop_class_uid = i_class, instance_number = i_number,
         acquisition_datetime = i_acquisition, transfer_syntax_uid = i_ts, size_bytes = i_size,
@@ -304,14 +320,7 @@ BEGIN
         v_changed := v_changed OR FOUND;
     END IF;
 
-    IF v_instance = (SELECT min(i.pk) FROM instance i JOIN series se ON se.pk = i.series_fk
-                     WHERE se.study_fk = v_study) THEN
-        INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
-                             patient_sex)
-        VALUES (p_patient_id, p_issuer, p_patient_name, p_birth, p_sex)
-        ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING;
-        SELECT pk INTO v_patient FROM patient
-        WHERE patient_id = p_patient_id AND issuer_of_patient_id = p_issuer;
+    IF v_study_first THEN
         UPDATE study SET patient_fk = v_patient, study_date = s_date, study_time = s_time,
             accession_number = s_accession, study_id = s_id, study_description = s_description,
             referring_physician_name = s_referring, patient_name = s_patient_name,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import pytest
@@ -98,6 +99,14 @@ async def _age(conn: asyncpg.Connection, app: Starlette) -> None:
         STUDY_A,
     )
     await conn.execute("UPDATE series SET modality = 'OT' WHERE series_instance_uid = $1", SERIES_B)
+    other = await conn.fetchval(
+        "INSERT INTO patient (patient_id, patient_name) VALUES ('OLD', 'x') RETURNING pk"
+    )
+    await conn.execute(
+        "UPDATE study SET patient_fk = $1, patient_id = 'OLD' WHERE study_instance_uid = $2",
+        other,
+        STUDY_B,
+    )
 
 
 def _blob(app: Starlette, key: str) -> Path:
@@ -222,6 +231,40 @@ async def test_reindex_walks_page_after_page(
     report = await reindex(app.state.services, progress=seen.append)
     assert seen == [REINDEX_PAGE_ROWS, 1]
     assert report.unchanged == n and report.updated == 0
+
+
+async def test_reindex_beside_concurrent_stores(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    """Reindex of a study while instances are stored into it (the same study and series row
+    locks): every store succeeds, nothing fails, and the counts are exact."""
+    await _store(app_client, _instances())
+    more = [
+        make_instance(study=STUDY_A, series=SERIES_A, sop=f"{SERIES_A}.{100 + i}", rows=1, cols=1)
+        for i in range(40)
+    ]
+    conn = await asyncpg.connect(clean_db)
+    try:
+        await _age(conn, app)
+        reports = []
+
+        async def store(chunk: list[Dataset]) -> None:
+            await _store(app_client, chunk)
+
+        async with anyio.create_task_group() as tg:
+            for k in range(4):
+                tg.start_soon(store, more[k::4])
+            for _ in range(3):
+                reports.append(await reindex(app.state.services))
+        assert all(not r.failed for r in reports)
+        counts = await conn.fetchrow(
+            "SELECT num_instances, num_series FROM study WHERE study_instance_uid = $1", STUDY_A
+        )
+        assert tuple(counts) == (43, 1)
+        final = await reindex(app.state.services)
+        assert (final.updated, final.unchanged, final.failed) == (0, 45, [])
+    finally:
+        await conn.close()
 
 
 def test_reindex_command(tmp_path: Path, clean_db: str, samples: Path) -> None:
