@@ -167,6 +167,16 @@ def _decoded_photometric(info: PixelInfo) -> str:
 
 def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
     def encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+        # JPEG-LS colour of an instance whose metadata says Planar Configuration 1: encoded
+        # with ILV 0 (component by component, PS3.5 8.2.3 / ITU-T T.87), which decoders give
+        # back colour-by-plane, so that a client that reads the frame by the metadata's
+        # value (OHIF's loader does, for every syntax but JPEG Lossless) reads it right;
+        # pydicom takes the layout from the ILV. The array is pixel-interleaved either way.
+        planar = int(
+            uid == JPEG_LS_LOSSLESS
+            and info.samples_per_pixel == 3
+            and info.planar_configuration == 1
+        )
         opts: dict[str, Any] = {
             "rows": arr.shape[0],
             "columns": arr.shape[1],
@@ -176,7 +186,7 @@ def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
             "pixel_representation": info.pixel_representation,
             "photometric_interpretation": _decoded_photometric(info),
             "number_of_frames": 1,
-            "planar_configuration": 0,
+            "planar_configuration": planar,
         }
         return bytes(get_encoder(uid).encode(_native_order(arr), **opts))
 
@@ -804,8 +814,8 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
         # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
         return
     arr = _pixels(ds)  # colour converted to RGB, as _decoded_colour then says
-    if info.samples_per_pixel == 3:
-        info = replace(info, photometric="RGB")
+    if info.samples_per_pixel == 3:  # and pixel-interleaved, Planar Configuration 0
+        info = replace(info, photometric="RGB", planar_configuration=0)
     frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
     ds.PixelData = encapsulate([codec.encode(f, info) for f in frames], has_bot=True)
     ds["PixelData"].VR = "OB"

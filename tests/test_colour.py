@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 
 import httpx
+import jpeg_ls
 import numpy as np
 import pydicom
 import pytest
@@ -17,9 +18,18 @@ from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import RLELossless
 
-from tests.helpers import ROOT, inst_url, multipart_body, split_multipart, stow_headers
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
 
 ELE_UID = "1.2.840.10008.1.2.1"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 JLS = 'multipart/related; type="image/jls"'
 
 
@@ -133,3 +143,46 @@ async def test_big_endian_ybr_full_instance_converted_keeps_its_colours(
     sent = pydicom.dcmread(io.BytesIO(r.content))
     assert sent.file_meta.TransferSyntaxUID == ELE_UID
     assert np.array_equal(pixel_array(sent), pixel_array(ds))
+
+
+def _rgb_planar_instance() -> bytes:
+    """An 8-bit RGB instance stored colour-by-plane (Planar Configuration 1)."""
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+    rgb[..., 0] = np.arange(16, dtype=np.uint8)[:, None] * 16  # red: rows
+    rgb[..., 1] = np.arange(16, dtype=np.uint8)[None, :] * 16  # green: columns
+    rgb[..., 2] = 200
+    ds = make_instance(rows=16, cols=16)
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 1
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = rgb.transpose(2, 0, 1).tobytes()
+    return to_bytes(ds)
+
+
+@pytest.mark.db
+async def test_jpeg_ls_frames_of_a_planar_instance_decode_planar(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """JPEG-LS frames of an instance whose metadata says Planar Configuration 1 are encoded
+    with ILV 0 (component by component): CharLS, which OHIF's loader uses, then gives the
+    samples colour-by-plane, as the loader reads them by the metadata. With ILV 2 (pixel
+    interleaved) it gave them interleaved, and the loader garbled the colours."""
+    ds = await _store(app_client, _rgb_planar_instance())
+    want = pixel_array(ds)
+    codestream = await _frame(app_client, ds, JLS)
+    buffer, info = jpeg_ls.decode_pixel_data(codestream)
+    assert info["interleave_mode"] == 0
+    as_client_reads = np.frombuffer(buffer, np.uint8).reshape(3, 16, 16).transpose(1, 2, 0)
+    assert np.array_equal(as_client_reads, want)
+    assert np.array_equal(_decode_as_metadata_says(ds, JPEG_LS_LOSSLESS, codestream), want)
+    # The instance converted whole says Planar Configuration 0, as its codestreams are.
+    r = await app_client.get(
+        inst_url(ds), headers={"Accept": f"application/dicom; transfer-syntax={JPEG_LS_LOSSLESS}"}
+    )
+    sent = pydicom.dcmread(io.BytesIO(r.content))
+    assert sent.PlanarConfiguration == 0
+    frame = next(pydicom.encaps.generate_fragmented_frames(sent.PixelData))
+    assert jpeg_ls.decode_pixel_data(b"".join(frame))[1]["interleave_mode"] == 2
+    assert np.array_equal(pixel_array(sent), want)
