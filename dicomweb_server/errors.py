@@ -62,7 +62,15 @@ class MethodNotAllowedError(DicomWebError):
 
 
 class NotAcceptableError(DicomWebError):
+    """No representation the request accepts (RFC 9110 15.5.7). The answer depended on
+    Accept, so it says so with `Vary: Accept` (RFC 9110 12.5.5), merged into any Vary given:
+    a cache must not serve this 406 to a request that accepts something else."""
+
     status = 406
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
+        _add_vary(self.headers, "Accept")
 
 
 class RequestTimeoutError(DicomWebError):
@@ -91,6 +99,15 @@ class RangeNotSatisfiableError(DicomWebError):
 
 class ServiceUnavailableError(DicomWebError):
     status = 503
+
+
+def _add_vary(headers: dict[str, str], field: str) -> None:
+    """Add `field` to the Vary of `headers` (names matched without case, once each)."""
+    key = next((k for k in headers if k.lower() == "vary"), "Vary")
+    names = [n.strip() for n in headers.get(key, "").split(",") if n.strip()]
+    if field.lower() not in {n.lower() for n in names} and "*" not in names:
+        names.append(field)
+    headers[key] = ", ".join(names)
 
 
 class FailureReason(IntEnum):

@@ -6,8 +6,17 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.routes.common import WARNING_HEADER_MAX_BYTES, warning_header
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes, values
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    stow_headers,
+    to_bytes,
+    values,
+)
 
 MORE = "There are additional results that can be requested"
 # One warning value around a text: 299 dicomweb-server "<text>".
@@ -179,3 +188,50 @@ async def test_includefield_not_returned_at_the_level_is_named(
     (instance,) = r.json()
     assert values(instance, "0008103E") == ["AXIAL"] and "BulkDataURI" in instance["7FE00010"]
     assert "warning" not in r.headers
+
+
+def _vary(r: httpx.Response) -> list[str]:
+    return [v.strip() for v in r.headers.get("vary", "").split(",") if v.strip()]
+
+
+@pytest.mark.db
+async def test_not_acceptable_varies_on_accept(app_client: httpx.AsyncClient) -> None:
+    """A 406 depends on Accept, so it says so (RFC 9110 12.5.5, 15.5.7): a cache must not
+    answer a request that accepts something else with it. The Origin the CORS middleware
+    adds (with or without an Origin in the request) is merged in: one Vary, each field once."""
+    ds = make_instance()
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    inst = inst_url(ds)
+    jpeg = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
+    cases = [
+        ("GET", inst, jpeg),
+        ("GET", f"{inst}/metadata", "text/plain"),
+        ("GET", f"{inst}/frames/1", "application/json"),
+        ("GET", f"{inst}/rendered", "application/json"),
+        ("GET", f"{inst}/bulkdata", "application/json"),
+        ("GET", f"{ROOT}/studies", "application/dicom+xml"),
+        ("OPTIONS", ROOT, "text/html"),
+    ]
+    for method, url, accept in cases:
+        r = await app_client.request(method, url, headers={"Accept": accept})
+        assert r.status_code == 406, (url, accept, r.text)
+        assert _vary(r) == ["Accept", "Origin"], (url, accept)
+        assert len(r.headers.get_list("vary")) == 1
+        r = await app_client.request(
+            method, url, headers={"Accept": accept, "Origin": "http://localhost:3000"}
+        )
+        assert r.status_code == 406 and _vary(r) == ["Accept", "Origin"], (url, accept)
+        assert len(r.headers.get_list("vary")) == 1
+
+
+def test_not_acceptable_merges_vary() -> None:
+    """A Vary given to a 406 keeps its fields and gains Accept once, whatever the case."""
+    assert NotAcceptableError("x").headers == {"Vary": "Accept"}
+    assert NotAcceptableError("x", headers={"vary": "Origin"}).headers == {"vary": "Origin, Accept"}
+    assert NotAcceptableError("x", headers={"Vary": "accept, Origin"}).headers == {
+        "Vary": "accept, Origin"
+    }
+    assert NotAcceptableError("x", headers={"Vary": "*"}).headers == {"Vary": "*"}
