@@ -31,21 +31,42 @@ __all__ = ["MAX_ANIMATION_FRAMES", "render_animation", "render_frame", "render_i
 
 # Frames of a multi-frame instance put into one animated GIF, at most.
 MAX_ANIMATION_FRAMES = 512
+_FLOAT64_MAX = float(np.finfo(np.float64).max)
 
 
 def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """PS3.3 C.11.2.1.2.1 (LINEAR, LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID), output 0..1."""
-    if function == "SIGMOID":
-        out: np.ndarray = 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    """PS3.3 C.11.2.1.2.1 (LINEAR, LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID), output 0..1.
+
+    Center and width are finite and width > 0 (rendered.py and first_number see to it), but
+    either may be huge (`window=1e300,1`), the width tiny (a Window Width of 1e-300), or the
+    values huge (a rescaled value): see _ratio. SIGMOID is computed as 1/2 (1 + tanh(2 t)),
+    t = (x - c) / w, the same function as the standard's 1 / (1 + exp(-4 t)), whose exp
+    overflows for a value only some hundred widths below the center."""
+    with np.errstate(over="ignore"):
+        if function == "SIGMOID":
+            out: np.ndarray = 0.5 * (1.0 + np.tanh(2.0 * _ratio(x, center, width)))
+            return out
+        if function == "LINEAR_EXACT" or width <= 1:
+            return np.clip(_ratio(x, center, width) + 0.5, 0.0, 1.0)
+        return np.clip(_ratio(x, center - 0.5, width - 1) + 0.5, 0.0, 1.0)
+
+
+def _ratio(x: np.ndarray, origin: float, scale: float) -> np.ndarray:
+    """(x - origin) / scale, the difference taken of halves (halving is exact): the
+    difference of two finite float64 values may not be one (1e308 - -1e308), and an overflow
+    there would saturate a value that lies inside the window. Only a quotient past float64
+    overflows, to +-inf, which the caller's clip or tanh saturates as the function does in
+    the limit; no NaN comes of finite values and a scale > 0."""
+    with np.errstate(over="ignore"):
+        out: np.ndarray = (x * 0.5 - origin * 0.5) / (scale * 0.5)
         return out
-    if function == "LINEAR_EXACT" or width <= 1:
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(np.min(x)), float(np.max(x))
-    return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x - lo) / (hi - lo)
+    """Min-max to 0..1. Halved first: the range of two finite float64 values may not be one
+    (-1e308 to 1e308), and halving is exact."""
+    lo, hi = float(np.min(x)) / 2, float(np.max(x)) / 2
+    return np.zeros_like(x, dtype=np.float64) if hi <= lo else (x / 2 - lo) / (hi - lo)
 
 
 # The functional groups that hold an enhanced multi-frame image's Modality LUT (Pixel Value
@@ -115,7 +136,11 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
     invalid Rescale Slope or Intercept leaves the values unscaled, and then only the request's
     window or min-max applies: the instance's window is in rescaled units."""
     try:
-        x = apply_modality_lut(arr, ds).astype(np.float64)
+        with np.errstate(over="ignore"):
+            x = apply_modality_lut(arr, ds).astype(np.float64)
+        # A Rescale Slope as large as DS allows (1e308) overflows float64: such values
+        # saturate at the largest float, so the VOI below only sees finite ones.
+        x = np.clip(x, -_FLOAT64_MAX, _FLOAT64_MAX)
         scaled = True
     except (ValueError, TypeError, OverflowError):
         x, scaled = arr.astype(np.float64), False

@@ -338,3 +338,64 @@ async def test_rendered_cache_headers(app_client: httpx.AsyncClient, samples: Pa
         assert r.status_code == 200 and r.headers["content-type"].startswith(accept)
         assert vary(r) == ["Accept", "Origin"]
         assert r.headers["cache-control"] == "private, max-age=3600"
+
+
+# (center, width, function) -> the grey of pixels 0..15 (make_instance's 4 x 4 ramp): far
+# off windows and extreme widths saturate as PS3.3 C.11.2.1.2.1 and C.11.2.1.3.1 do in the
+# limit, where float64 arithmetic on them overflows.
+EXTREME_WINDOWS = [
+    (("1e300", "1", "SIGMOID"), [0] * 16),
+    (("-1e300", "1", "SIGMOID"), [255] * 16),
+    (("40", "1e300", "SIGMOID"), [128] * 16),  # the middle of an endless window
+    (("1.7e308", "1e300", "SIGMOID"), [0] * 16),
+    (("-1.7e308", "1.7e308", "SIGMOID"), [250] * 16),  # one width above: 1 / (1 + exp(-4))
+    (("200", "1", "SIGMOID"), [0] * 16),  # an everyday window: exp(-4 * (0 - 200)) overflowed
+    (("-1.7e308", "2", "LINEAR"), [255] * 16),
+    (("1.7e308", "1.7e308", "LINEAR"), [0] * 16),
+    (("-1.7e308", "1.7e308", "LINEAR_EXACT"), [255] * 16),
+]
+
+
+@pytest.mark.parametrize(("window", "grey"), EXTREME_WINDOWS)
+async def test_extreme_windows_saturate_without_overflow(
+    app_client: httpx.AsyncClient, window: tuple[str, str, str], grey: list[int]
+) -> None:
+    """A finite window (the request's, or the instance's Window Center and Width with its
+    VOI LUT Function) far off the values, or of a huge width, renders black, white or mid
+    grey without a numpy overflow (warnings are errors in tests). It used to warn, and a
+    narrow SIGMOID window overflowed exp() for values a few hundred widths off."""
+    ds = make_instance()
+    own = make_instance(WindowCenter=window[0], WindowWidth=window[1], VOILUTFunction=window[2])
+    await stow(app_client, to_bytes(ds), to_bytes(own))
+    for url, params in ((inst_url(ds), {"window": ",".join(window)}), (inst_url(own), {})):
+        r = await app_client.get(f"{url}/rendered", params={**params, "accept": "image/png"})
+        assert np.asarray(image(r, "image/png")).ravel().tolist() == grey, (url, params)
+
+
+async def test_rescale_beyond_float64_saturates(app_client: httpx.AsyncClient) -> None:
+    """A Rescale Slope of 1e308 (a valid DS) takes pixels 2..15 past float64: they saturate
+    at its largest value, and the instance's window, the request's or min-max apply to
+    finite values (it was a numpy overflow, a 500 here where warnings are errors)."""
+    ds = make_instance(
+        RescaleSlope="1e308", RescaleIntercept="-1e308", WindowCenter="0", WindowWidth="100"
+    )
+    await stow(app_client, to_bytes(ds))
+    for params, grey in (
+        ({}, [0, 129] + [255] * 14),  # -1e308, 0, then past the window
+        ({"window": "-1.7e308,2"}, [255] * 16),
+        # 0 is 1.7e308 below the center, one width: 1 / (1 + exp(4)) of the way, 5 / 255;
+        # the others 0.057 widths above.
+        ({"window": "1.7e308,1.7e308,SIGMOID"}, [0, 5] + [142] * 14),
+    ):
+        r = await app_client.get(
+            f"{inst_url(ds)}/rendered", params={**params, "accept": "image/png"}
+        )
+        assert np.asarray(image(r, "image/png")).ravel().tolist() == grey, params
+
+
+def test_min_max_of_the_widest_float_range() -> None:
+    """Min-max over values whose range is no float64 (-1.7e308 to 1.7e308): 0 to 255."""
+    from dicomweb_server.render import _normalise
+
+    x = np.array([-1.7e308, 0.0, 1.7e308])
+    assert _normalise(x).tolist() == [0.0, 0.5, 1.0]
