@@ -34,6 +34,8 @@ from dicomweb_server.errors import UnauthorizedError
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
 
+JSON = {"Content-Type": "application/json"}
+
 pytestmark = pytest.mark.db
 
 VIEWER = "http://localhost:3000"
@@ -207,8 +209,33 @@ async def test_admin_creates_keys_over_http(
     for not_object in not_objects:
         r = await client.post("/admin/apikeys", json=not_object, headers=admin)
         assert r.status_code == 400 and "not a JSON object" in r.text, not_object
-    r = await client.post("/admin/apikeys", content=b"{" + b" " * 5000, headers=admin)
+    r = await client.post("/admin/apikeys", content=b"{" + b" " * 5000, headers={**admin, **JSON})
     assert r.status_code == 413
+
+
+async def test_key_creation_needs_a_json_body(
+    apikey_app: tuple[Starlette, httpx.AsyncClient],
+) -> None:
+    """POST /admin/apikeys takes application/json only (parameters allowed): any other
+    Content-Type, or none, is a 415 that says what is needed (RFC 9110 15.5.16), and no key is
+    made. It used to take the JSON of a text/plain body, or of one with no type."""
+    app, client = apikey_app
+    admin = await _key(app, "admin")
+    body = json.dumps({"role": "read", "name": "typed"}).encode()
+    before = len(await app.state.services.index.api_keys())
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded",
+                         "application/jsonx", "application/json-seq", "application/*",
+                         "multipart/form-data; boundary=x", "json", "; charset=utf-8"):  # fmt: skip
+        headers = dict(admin) if content_type is None else {**admin, "Content-Type": content_type}
+        r = await client.post("/admin/apikeys", content=body, headers=headers)
+        assert r.status_code == 415, content_type
+        assert "Content-Type: application/json" in r.json()["message"], content_type
+    assert len(await app.state.services.index.api_keys()) == before
+    for content_type in ("application/json", "Application/JSON", "application/json; charset=utf-8",
+                         'application/json;charset="UTF-8"'):  # fmt: skip
+        headers = {**admin, "Content-Type": content_type}
+        r = await client.post("/admin/apikeys", content=body, headers=headers)
+        assert r.status_code == 201, content_type
 
 
 async def test_keys_are_stored_hashed(apikey_app: tuple[Starlette, httpx.AsyncClient]) -> None:
@@ -586,5 +613,5 @@ async def test_options_and_bad_admin_input_are_not_free(
     admin = await _key(app, "admin")
     assert (await client.delete("/admin/apikeys/%00", headers=admin)).status_code == 404
     deep = b"[" * 3000
-    r = await client.post("/admin/apikeys", content=deep, headers=admin)
+    r = await client.post("/admin/apikeys", content=deep, headers={**admin, **JSON})
     assert r.status_code == 400

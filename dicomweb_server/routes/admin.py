@@ -8,7 +8,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dicomweb_server.auth import ROLES, create_api_key, is_key_id
-from dicomweb_server.errors import BadRequestError, NotFoundError, PayloadTooLargeError
+from dicomweb_server.errors import (
+    BadRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from dicomweb_server.media import APPLICATION_JSON, parse_content_type
 from dicomweb_server.routes.common import services
 
 __all__ = ["create_key", "list_keys", "revoke_key"]
@@ -31,6 +37,7 @@ async def list_keys(request: Request) -> Response:
 
 async def create_key(request: Request) -> Response:
     """POST {"role": "read|write|admin", "name": "..."}: 201 with the token, shown only here."""
+    _require_json(request.headers.get("content-type"))
     body = b""
     async for chunk in request.stream():
         body += chunk
@@ -53,6 +60,21 @@ async def create_key(request: Request) -> Response:
     key_id, token = await create_api_key(services(request).index, role, name)
     request.state.audit_detail = f"role={role} key={key_id}"
     return JSONResponse({"key_id": key_id, "token": token, "role": role, "name": name}, 201)
+
+
+def _require_json(content_type: str | None) -> None:
+    """415 unless the body is declared `application/json` (RFC 9110 15.5.16), before it is
+    read. Parameters such as `charset=utf-8` are allowed (RFC 8259 11 defines none, and JSON
+    text is UTF-8 anyway)."""
+    want = f"Content-Type: {APPLICATION_JSON}"
+    try:
+        essence = parse_content_type(content_type or "").essence
+    except BadRequestError:  # malformed: not application/json either
+        essence = repr((content_type or "")[:80])
+    except UnsupportedMediaTypeError:  # none, or only parameters
+        raise UnsupportedMediaTypeError(f"a key request needs {want}") from None
+    if essence != APPLICATION_JSON:
+        raise UnsupportedMediaTypeError(f"a key request needs {want}, not {essence}")
 
 
 async def revoke_key(request: Request) -> Response:
