@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import build_context
 
@@ -18,6 +22,7 @@ from dicomweb_server.config import ConfigError, Settings
 from dicomweb_server.dimse import handlers
 from dicomweb_server.dimse.handlers import Handlers, _contexts, _pairs
 from dicomweb_server.dimse.identifier import (
+    ERROR_COMMENT_MAX_CHARS,
     IdentifierError,
     Model,
     find_response,
@@ -89,6 +94,44 @@ def test_find_refusals(model: Model, identifier: Dataset, status: int) -> None:
     with pytest.raises(IdentifierError) as info:
         parse_find(identifier, model)
     assert info.value.status == status
+
+
+def _read(*elements: tuple[int, str]) -> Dataset:
+    """An identifier as pynetdicom reads one off the wire (Implicit VR Little Endian), values
+    as sent, however long."""
+    raw = b""
+    for tag, text in elements:
+        value = text.encode() + b" " * (len(text) % 2)
+        raw += struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+    return read_dataset(io.BytesIO(raw), is_implicit_VR=True, is_little_endian=True)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "level", "value", "quoted"),
+    [
+        ("SeriesNumber", "SERIES", "99999999999", "'99999999999'"),
+        ("SeriesNumber", "SERIES", "-2147483649", "'-2147483649'"),
+        ("InstanceNumber", "IMAGE", "123456789012", "'123456789012'"),  # IS's longest (12)
+        ("InstanceNumber", "IMAGE", "1234567890123456", "'1234567890123456'"),  # the most that fits
+        ("InstanceNumber", "IMAGE", "12345678901234567", "'1234567890123...'"),
+        ("SeriesNumber", "SERIES", "9" * 1000, "'" + "9" * 15 + "...'"),
+    ],
+)
+def test_integer_key_refusal_quotes_the_value(
+    keyword: str, level: str, value: str, quoted: str
+) -> None:
+    """An integer matching key that is none (or out of IS's range) is refused with a reason
+    that fits the error comment (LO, ERROR_COMMENT_MAX_CHARS) and quotes the value as sent:
+    whole when it fits, else its start and `...`. It used to end in the first three digits."""
+    tag = {"SeriesNumber": 0x00200011, "InstanceNumber": 0x00200013}[keyword]
+    with warnings.catch_warnings():  # pydicom warns of an IS past 12 characters, or not
+        warnings.simplefilter("ignore", UserWarning)  # (its validation mode is global)
+        ds = _read((0x00080052, level), (tag, value))
+        with pytest.raises(IdentifierError) as info:
+            parse_find(ds, Model.STUDY_ROOT)
+    comment = handlers.status(info.value.status, info.value.message).ErrorComment
+    assert comment == f"{keyword} {quoted} is no integer in -2^31..2^31-1"
+    assert len(comment) <= ERROR_COMMENT_MAX_CHARS and info.value.status == 0xC000
 
 
 def test_request_attributes_sequence_keys_match() -> None:

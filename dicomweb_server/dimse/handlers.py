@@ -40,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.dimse.identifier import (
+    ERROR_COMMENT_MAX_CHARS,
     UNABLE_TO_PROCESS,
     IdentifierError,
     Model,
@@ -121,7 +122,8 @@ def status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
     if comment:
-        ds.ErrorComment = re.sub(r"[^\x20-\x5b\x5d-\x7e]", "?", comment)[:64]
+        text = re.sub(r"[^\x20-\x5b\x5d-\x7e]", "?", comment)
+        ds.ErrorComment = text[:ERROR_COMMENT_MAX_CHARS]
     return ds
 
 

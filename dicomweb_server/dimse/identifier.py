@@ -24,6 +24,7 @@ from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
 from dicomweb_server.query import Query, parse
 
 __all__ = [
+    "ERROR_COMMENT_MAX_CHARS",
     "FIND_PAGE_ROWS",
     "IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS",
     "UNABLE_TO_PROCESS",
@@ -46,6 +47,10 @@ IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 # sequence matching beyond the keys attributes.py lists, an attribute that is not a matching
 # key).
 UNABLE_TO_PROCESS = 0xC000
+# Error Comment (0000,0902) is LO (PS3.7 Annex C; PS3.5 Table 6.2-1): 64 characters at most.
+ERROR_COMMENT_MAX_CHARS = 64
+# What stands for the part of a value an error comment has no room for.
+_ELLIPSIS = "..."
 
 _QUERY_RETRIEVE_LEVEL = 0x00080052
 _SPECIFIC_CHARACTER_SET = 0x00080005
@@ -111,15 +116,42 @@ def _name(tag: int) -> str:
 
 
 def _text(elem: DataElement) -> str:
-    """A string value as sent; several values joined with a backslash (PS3.5 6.4)."""
+    """A string value as sent; several values joined with a backslash (PS3.5 6.4). pydicom's
+    IS and DS keep the text they were read from (`original_string`; an IS of 100 nines is
+    otherwise the float `1e+100`)."""
     value = elem.value
     if value is None:
         return ""
     if isinstance(value, bytes):
         raise IdentifierError(UNABLE_TO_PROCESS, f"cannot match on binary {_name(elem.tag)}")
     if isinstance(value, MultiValue | list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
+        return "\\".join(_as_sent(v) for v in value)
+    return _as_sent(value)
+
+
+def _as_sent(value: object) -> str:
+    original = getattr(value, "original_string", None)  # a PersonName's is bytes
+    return original if isinstance(original, str) else str(value)
+
+
+def _comment_quoting(before: str, value: str, after: str) -> str:
+    """`before 'value' after` in at most ERROR_COMMENT_MAX_CHARS characters: the value whole
+    when it fits, else its start and `...` (the text around it is kept)."""
+    room = ERROR_COMMENT_MAX_CHARS - len(before) - len(after) - 2
+    if len(value) > room:
+        value = value[: max(room - len(_ELLIPSIS), 0)] + _ELLIPSIS
+    return f"{before}'{value}'{after}"
+
+
+def _check_integer(level: Level, keyword: str, value: str) -> None:
+    """An IS matching key as query.parse takes it (PS3.5 Table 6.2-1: an integer in
+    -2^31..2^31-1), else IdentifierError with a reason that fits an error comment and quotes
+    the value: query.parse's own reason, made for a QIDO 400, left room for three digits."""
+    try:
+        parse(level, [(keyword, value)], {})
+    except BadRequestError:
+        reason = _comment_quoting(f"{keyword} ", value.strip(), " is no integer in -2^31..2^31-1")
+        raise IdentifierError(UNABLE_TO_PROCESS, reason) from None
 
 
 def _allowed(tag: int, level: Level) -> bool:
@@ -156,6 +188,8 @@ def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
                 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                 f"{attr.keyword} cannot be matched at the {level.value} level",
             )
+        if attr.vr == "IS":
+            _check_integer(level, attr.keyword, value)
         params.append((attr.keyword, value))
     return params
 
