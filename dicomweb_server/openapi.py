@@ -107,9 +107,16 @@ def _template(path: str) -> str:
 def openapi_document(routes: Iterable[tuple[str, str, str, str | None]]) -> dict[str, Any]:
     """The document for routes given as (name, method, path template, role)."""
     paths: dict[str, dict[str, Any]] = {}
+    seen: dict[str, int] = {}
     for name, method, path, role in routes:
         template = _template(path)
-        paths.setdefault(template, {})[method.lower()] = _operation(name, method, path, role)
+        op = _operation(name, method, path, role)
+        # operationId is unique in a document (OpenAPI 3.0.3 4.7.10): a route served at two
+        # paths (the DICOMweb root with and without its slash) is numbered the second time.
+        seen[op["operationId"]] = seen.get(op["operationId"], 0) + 1
+        if seen[op["operationId"]] > 1:
+            op["operationId"] += f"_{seen[op['operationId']]}"
+        paths.setdefault(template, {})[method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {
@@ -171,7 +178,9 @@ def wadl_document(routes: Iterable[tuple[str, str, str, str | None]], root: str,
     resources = ET.SubElement(application, f"{{{_WADL_NS}}}resources", base=base.rstrip("/") + "/")
     nodes: dict[str, ET.Element] = {"": resources}
     for name, method, path, _role in routes:
-        if not path.startswith(root + "/") or method == "OPTIONS":
+        # Resources under the root only: not the root itself (`/dicom-web/`, the service
+        # root's and this description's other spelling).
+        if not path.startswith(root + "/") or path == root + "/" or method == "OPTIONS":
             continue
         parent = ""
         for segment in _template(path[len(root) + 1 :]).split("/"):

@@ -26,6 +26,20 @@ async def test_landing_page_and_service_root(app_client: httpx.AsyncClient) -> N
     ]
 
 
+async def test_service_root_with_a_trailing_slash(app_client: httpx.AsyncClient) -> None:
+    """`/dicom-web/` is the service root as `/dicom-web` is (it was a 405: only the Retrieve
+    Capabilities OPTIONS took the slash). Other methods stay refused there, with the Allow
+    of both spellings."""
+    bare = await app_client.get(ROOT)
+    slash = await app_client.get(f"{ROOT}/")
+    assert slash.status_code == 200 and slash.json() == bare.json()
+    assert (await app_client.head(f"{ROOT}/")).status_code == 200
+    for method in ("POST", "DELETE"):
+        for url in (ROOT, f"{ROOT}/"):
+            r = await app_client.request(method, url)
+            assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, OPTIONS", url
+
+
 async def test_cors_on_success_error_and_preflight(app_client: httpx.AsyncClient) -> None:
     r = await app_client.get(f"{ROOT}/studies", headers={"Origin": VIEWER})
     assert r.headers["access-control-allow-origin"] == VIEWER

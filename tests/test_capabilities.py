@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import httpx
 import pytest
 
-from dicomweb_server.openapi import wadl_document
+from dicomweb_server.openapi import openapi_document, wadl_document
 from tests.helpers import ROOT
 
 W = "{http://wadl.dev.java.net/2009/02}"
@@ -58,9 +58,12 @@ async def test_options_on_the_base_uri_is_a_wadl_of_every_resource(
     routed = {
         (path[len(DICOMWEB_ROOT) :].replace("{path:path}", "{path}"), method)
         for _, method, path, _ in route_rows(ROUTES)
-        if path.startswith(DICOMWEB_ROOT + "/") and method != "OPTIONS"
+        if path.startswith(DICOMWEB_ROOT + "/")
+        and method != "OPTIONS"
+        # the root itself (`/dicom-web/`, the service root) is the base, no resource
+        and path != DICOMWEB_ROOT + "/"
     }
-    assert described == routed
+    assert described == routed and "/" not in tree
     # QIDO methods name their query parameters; retrieve methods the media types they send
     studies = root.find(f".//{W}resource[@path='studies']")
     assert studies is not None
@@ -107,3 +110,16 @@ def test_wadl_is_built_from_the_rows_it_is_given() -> None:
     }
     assert b'base="http://h/r/"' in body
     assert b'name="study" style="template"' in body
+
+
+def test_openapi_operation_ids_are_unique() -> None:
+    """OpenAPI 3.0.3 4.7.10: operationId is unique; a route served at two paths (the DICOMweb
+    root with and without its slash) is numbered the second time."""
+    from dicomweb_server.routes import ROUTES
+    from dicomweb_server.routes.info import route_rows
+
+    doc = openapi_document(route_rows(ROUTES))
+    ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    assert doc["paths"][ROOT]["get"]["operationId"] == "service_root"
+    assert doc["paths"][ROOT + "/"]["get"]["operationId"] == "service_root_2"

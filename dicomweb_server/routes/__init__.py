@@ -43,7 +43,10 @@ ROUTES: list[BaseRoute] = [
     Route("/admin/apikeys", list_keys, methods=["GET"], name="apikey_list"),
     Route("/admin/apikeys", create_key, methods=["POST"], name="apikey_create"),
     Route("/admin/apikeys/{key_id}", revoke_key, methods=["DELETE"], name="apikey_revoke"),
+    # The service root, with or without its trailing slash (only GET: a POST to the bare root
+    # is no STOW, which is POST .../studies).
     Route(DICOMWEB_ROOT, service_root, methods=["GET"], name="service_root"),
+    Route(DICOMWEB_ROOT + "/", service_root, methods=["GET"], name="service_root"),
     # Retrieve Capabilities (PS3.18 8.9): OPTIONS on the service's base URI, with or without
     # its trailing slash.
     Route(DICOMWEB_ROOT, capabilities, methods=["OPTIONS"], name="retrieve_capabilities"),
