@@ -42,6 +42,7 @@ from dicomweb_server.metadata import not_found, pixel_info, targets_of
 from dicomweb_server.multipart import close_all
 from dicomweb_server.transcode import (
     NATIVE,
+    PixelInfo,
     TranscodeError,
     convert_codestream,
     decodable,
@@ -49,6 +50,7 @@ from dicomweb_server.transcode import (
     decode_item_pixels,
     encode_frames,
     missing_codec,
+    one_bit_pixel_data,
     stored_frames,
     to_transfer_syntax,
 )
@@ -512,9 +514,8 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     stored; an image type its frames in that type. A range naming no type (`*/*`) takes the
     uncompressed value when it can be made, else the frames as stored (field notes 3)."""
     info = pixel_info(inst)
-    can_decode = (
-        decodable(inst.transfer_syntax_uid) and info is not None and info.bits_allocated % 8 == 0
-    )
+    aligned = info is not None and (info.bits_allocated % 8 == 0 or info.bits_allocated == 1)
+    can_decode = decodable(inst.transfer_syntax_uid) and aligned
     plans: list[str] = []
     why = ""
     for rng in parse_accept(accept):
@@ -534,7 +535,7 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
                 why = (
                     missing_codec(inst.transfer_syntax_uid)
                     if not decodable(inst.transfer_syntax_uid)
-                    else "1-bit Pixel Data has no byte-aligned uncompressed form"
+                    else "Bits Allocated is neither 1 nor a multiple of 8"
                 )
             if open_type and ts is None:
                 plans.append(STORED_FRAMES)
@@ -554,8 +555,11 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
     """The Pixel Data of an encapsulated instance as its uncompressed value, Explicit VR
     Little Endian (PS3.18 8.7.3.3: without a transfer syntax, bulk data is uncompressed),
     decoded frame by frame as it is sent (through the frame cache), so a range of it decodes
-    only the frames it covers and memory holds one frame at a time."""
+    only the frames it covers and memory holds one frame at a time. 1-bit Pixel Data is made
+    whole (_one_bit_pixel_data)."""
     info = pixel_info(inst)
+    if info is not None and info.bits_allocated == 1:
+        return await _one_bit_pixel_data(svc, inst, info)
     if info is None or info.bits_allocated % 8:
         raise TranscodeError(
             "this Pixel Data has no byte-aligned uncompressed form; ask for transfer-syntax=*"
@@ -570,6 +574,29 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
             if len(data) != size:
                 raise TranscodeError(f"frame {k + 1} decoded to {len(data)} bytes, not {size}")
             yield data[max(start - k * size, 0) : min(stop - k * size, size)]
+
+    ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    return Sized({"Content-Type": ctype}, total, read, inst.blob_key)
+
+
+async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelInfo) -> Sized:
+    """The uncompressed value of 1-bit Pixel Data stored compressed: its frames are one
+    bit-packed run (PS3.5 8.1.1), so a frame need not start on a byte and the value cannot be
+    made frame by frame; it is decoded whole in a worker thread (as the conversion of the
+    instance to Explicit VR Little Endian is) when the first bytes are read, which is before
+    anything is sent. Its length is known without decoding (a HEAD decodes nothing): a bit
+    per sample, padded to an even length (PS3.5 7.1.1)."""
+    bits = info.rows * info.columns * info.samples_per_pixel * inst.number_of_frames
+    total = (bits + 15) // 16 * 2
+    path = svc.blobs.local_path(inst.blob_key)
+
+    async def read(start: int, stop: int) -> AsyncIterator[bytes]:
+        if stop <= start:
+            return
+        data = await anyio.to_thread.run_sync(one_bit_pixel_data, path, limiter=svc.limiter)
+        if len(data) != total:
+            raise TranscodeError(f"1-bit Pixel Data decoded to {len(data)} bytes, not {total}")
+        yield data[start:stop]
 
     ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
     return Sized({"Content-Type": ctype}, total, read, inst.blob_key)

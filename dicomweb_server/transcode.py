@@ -66,6 +66,7 @@ __all__ = [
     "frame_array",
     "keeps_ybr",
     "lossy_method",
+    "one_bit_pixel_data",
     "stored_frames",
     "to_transfer_syntax",
 ]
@@ -748,6 +749,20 @@ def _segments(codestream: bytes, pos: int) -> Iterator[tuple[int, int]]:
         yield marker, pos
         (length,) = struct.unpack_from(">H", codestream, pos + 2)
         pos += 2 + length
+
+
+def one_bit_pixel_data(src: Path) -> bytes:
+    """The Pixel Data of a 1-bit instance stored compressed (or deflated) as its uncompressed
+    value, as Explicit VR Little Endian holds it and the conversion to it makes it
+    (_convert_pixels): every frame decoded, then bit-packed as one run (PS3.5 8.1.1: the
+    frames follow each other with no padding, so a frame need not start on a byte), padded
+    to an even length (PS3.5 7.1.1). Runs in a worker thread."""
+    ds = pydicom.dcmread(src)
+    try:
+        data = _frame_bytes(_pixels(ds), 1)
+    except DECODE_ERRORS as exc:
+        raise _cannot(src, "decode the 1-bit Pixel Data", exc) from None
+    return data + b"\0" if len(data) % 2 else data
 
 
 def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:

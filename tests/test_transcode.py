@@ -17,7 +17,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import unpack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from dicomweb_server import transcode
+from dicomweb_server import retrieve, transcode
 from dicomweb_server.transcode import ENCODERS, PixelInfo, converted_dataset, keeps_ybr
 from tests.helpers import (
     ROOT,
@@ -460,6 +460,57 @@ async def test_one_bit_rle_retrieved_as_its_metadata_offers(
     ((_, frame),) = split_multipart(r.content, r.headers["content-type"])
     pixels = int(ds.Rows) * int(ds.Columns)
     assert np.array_equal(unpack_bits(frame)[:pixels], native.pixel_array[2].ravel())
+
+
+@pytest.mark.parametrize(
+    "name", [*ONE_BIT, "liver.dcm", "liver_nonbyte_aligned.dcm", "liver_expb.dcm"]
+)
+async def test_one_bit_pixel_data_bulk_value_is_its_uncompressed_value(
+    app_client: httpx.AsyncClient, samples: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PS3.18 8.7.3.3: the uncompressed bulk value of Pixel Data is the element's value in
+    Explicit VR Little Endian, for 1-bit data the frames bit-packed as one run (PS3.5 8.1.1,
+    510 x 510 frames not starting on a byte): what the same image stored uncompressed holds.
+    It was a 406 ("no byte-aligned uncompressed form") for 1-bit data stored compressed;
+    stored uncompressed it is the stored value (byte-swapped from big endian: OB, none)."""
+    pydicom_data = samples / "real/pydicom-data"
+    path = pydicom_data / name
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    native = pydicom.dcmread(pydicom_data / ONE_BIT.get(name, name.replace("_expb", "")))
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([path.read_bytes()]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    value = f"{inst_url(ds)}/bulk/7FE00010"
+    with monkeypatch.context() as m:  # a HEAD decodes nothing
+        m.setattr(retrieve, "one_bit_pixel_data", None)
+        r = await app_client.head(value, headers={"Accept": "application/octet-stream"})
+    assert r.status_code == 200 and r.headers["content-length"] == str(len(native.PixelData))
+    r = await app_client.get(value, headers={"Accept": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert r.content == native.PixelData
+    r = await app_client.get(
+        value, headers={"Accept": "application/octet-stream", "Range": "bytes=40000-40009"}
+    )
+    assert r.status_code == 206 and r.content == native.PixelData[40000:40010]
+    for url in (value, f"{inst_url(ds)}/pixeldata", f"{inst_url(ds)}/bulkdata"):
+        r = await app_client.get(
+            url, headers={"Accept": 'multipart/related; type="application/octet-stream"'}
+        )
+        assert r.status_code == 200, (url, r.text)
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert body == native.PixelData, url
+        assert headers["content-location"].endswith(f"{ds.SOPInstanceUID}/bulk/7FE00010"), url
+
+
+def test_one_bit_pixel_data_made_whole(samples: Path) -> None:
+    """one_bit_pixel_data: the frames decoded and bit-packed as one run, padded to an even
+    length (510 x 510 x 3 bits are 97537.5 bytes: 97538)."""
+    pydicom_data = samples / "real/pydicom-data"
+    for name, stored in ONE_BIT.items():
+        data = transcode.one_bit_pixel_data(pydicom_data / name)
+        assert data == pydicom.dcmread(pydicom_data / stored).PixelData, name
+        assert len(data) % 2 == 0
 
 
 async def test_undecodable_instances_as_stored_when_the_client_names_no_type(
