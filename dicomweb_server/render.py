@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
 from pydicom.sequence import Sequence
 
 from dicomweb_server.dicom_json import first_number
@@ -26,6 +26,7 @@ from dicomweb_server.rendered import (
     output_size,
 )
 from dicomweb_server.transcode import DECODE_ERRORS, TranscodeError, frame_array
+from dicomweb_server.vr import swapped_words
 
 __all__ = ["MAX_ANIMATION_FRAMES", "render_animation", "render_frame", "render_icon"]
 
@@ -46,8 +47,10 @@ def _window(x: np.ndarray, center: float, width: float, function: str) -> np.nda
         if function == "SIGMOID":
             out: np.ndarray = 0.5 * (1.0 + np.tanh(2.0 * _ratio(x, center, width)))
             return out
-        if function == "LINEAR_EXACT" or width <= 1:
+        if function == "LINEAR_EXACT":
             return np.clip(_ratio(x, center, width) + 0.5, 0.0, 1.0)
+        if width <= 1:  # LINEAR of width 1 is a threshold: x <= c - 1/2 is the minimum
+            return (x > center - 0.5).astype(np.float64)
         return np.clip(_ratio(x, center - 0.5, width - 1) + 0.5, 0.0, 1.0)
 
 
@@ -60,6 +63,44 @@ def _ratio(x: np.ndarray, origin: float, scale: float) -> np.ndarray:
     with np.errstate(over="ignore"):
         out: np.ndarray = (x * 0.5 - origin * 0.5) / (scale * 0.5)
         return out
+
+
+def _voi_lut(x: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The first item of the VOI LUT Sequence applied (PS3.3 C.11.2.1.1), output 0..1: the
+    LUT's entries over 2^n - 1, n its Descriptor's third value (the range of its output), not
+    the frame's own minimum and maximum. Values below the first mapped one take the first
+    entry, above the last the last. Entries of 8 bits come two to a word of OW data, or one
+    to a word (US, or OW words as many as entries: written so often that dcmtk reads it so).
+    None when the item cannot be read. pydicom's apply_voi_lut is not used: it indexes an
+    8-bit LUT of more than 256 entries with 8-bit integers, which wrap."""
+    item = _first_item(ds, "VOILUTSequence")
+    descriptor = None if item is None else item.get("LUTDescriptor")
+    if item is None or "LUTData" not in item or not isinstance(descriptor, list | tuple):
+        return None
+    if len(descriptor) != 3 or not all(isinstance(v, int) for v in descriptor):
+        return None
+    entries, first, bits = int(descriptor[0]) or 65536, int(descriptor[1]), int(descriptor[2])
+    if not 1 <= bits <= 16:
+        return None
+    if first >= 32768 and ds.get("PixelRepresentation") == 1:
+        first -= 65536  # the second value is SS for signed data, read here as US
+    value = item["LUTData"].value
+    if isinstance(value, bytes | bytearray):
+        if ds.original_encoding[1] is False:  # OW of a big endian data set
+            value = swapped_words(bytes(value), "OW")
+        if bits <= 8 and len(value) < 2 * entries:
+            data = np.frombuffer(value, np.uint8)
+        else:
+            data = np.frombuffer(value[: len(value) - len(value) % 2], "<u2")
+    elif isinstance(value, int):
+        data = np.asarray([value])
+    else:
+        data = np.asarray(list(value))
+    if data.size < entries or data.dtype.kind not in "ui":
+        return None
+    index = np.clip(np.round(np.clip(x, -1e18, 1e18)) - first, 0, entries - 1).astype(np.intp)
+    out: np.ndarray = np.clip(data[:entries][index] / float(2**bits - 1), 0.0, 1.0)
+    return out
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -144,18 +185,32 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
         scaled = True
     except (ValueError, TypeError, OverflowError):
         x, scaled = arr.astype(np.float64), False
+    nan = np.isnan(x)  # float pixel data may hold NaN: shown black, left out of min-max
+    if nan.any():
+        x = np.where(nan, 0.0 if nan.all() else float(np.nanmin(x)), x)
     center, width = first_number(ds, "WindowCenter"), first_number(ds, "WindowWidth")
+    if window is None and scaled and center is not None and width is not None and width > 0:
+        window = (center, width, str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper())
+    y: np.ndarray | None = None
     if window is not None:
-        y = _window(x, *window)
-    elif scaled and center is not None and width is not None and width > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        center, width, function = window
+        if function == "LINEAR" and width <= 1 and arr.dtype.kind == "f":
+            # LINEAR's half-unit terms place integer values in bins; of width 1 it is a
+            # threshold. Float pixel data (a parametric map) windowed 0.5/1 means 0..1
+            # mapped exactly, as LINEAR_EXACT does: as a threshold, a blank image.
+            function = "LINEAR_EXACT"
         y = _window(x, center, width, function)
     elif scaled and "VOILUTSequence" in ds:
-        y = _normalise(apply_voi_lut(x, ds).astype(np.float64))
-    else:
+        y = _voi_lut(x, ds)
+    if y is None:
         y = _normalise(x)
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        y = 1.0 - y  # PS3.3 C.7.6.3.1.2: minimum is white
+    y[nan] = 0.0
+    # PS3.3 C.7.6.3.1.2: MONOCHROME1's minimum is white; C.11.6.1.2: a Presentation LUT
+    # Shape of INVERSE inverts the output of the VOI (for MONOCHROME1 it is the same
+    # inversion, done once).
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")) == "INVERSE":
+        y = 1.0 - y
     return np.round(y * 255.0).astype(np.uint8)
 
 
@@ -167,12 +222,50 @@ def _display(
     if photometric.startswith("MONOCHROME"):
         return _grey(arr, _frame_luts(ds, n), window)
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        arr = apply_color_lut(arr, _little_endian_palette(ds))
     # Colour from pydicom is RGB (YCbCr already converted); scale >8-bit samples down.
     if arr.dtype != np.uint8:
         top = _colour_top(arr, ds, photometric)
         arr = np.round(np.clip(arr.astype(np.float64), 0.0, top) / top * 255.0).astype(np.uint8)
     return arr
+
+
+_PALETTE_DATA = tuple(f"{c}PaletteColorLookupTableData" for c in ("Red", "Green", "Blue", "Alpha"))
+
+
+def _little_endian_palette(ds: Dataset) -> Dataset:
+    """ds, its palette tables in little endian order: pydicom reads a non-segmented table's
+    OW words in the machine's order, and a big endian file's came out byte-swapped (a
+    palette of [0 256 512 ...] as [0 1 2 ...]: a black image). A copy; ds is kept as read,
+    for the next frame."""
+    if ds.original_encoding[1] is not False or not any(k in ds for k in _PALETTE_DATA):
+        return ds
+    out = Dataset()
+    for elem in ds:
+        out.add(elem)
+    for keyword in _PALETTE_DATA:
+        if keyword in ds and isinstance(ds[keyword].value, bytes | bytearray):
+            setattr(out, keyword, swapped_words(bytes(ds[keyword].value), "OW"))
+    return out
+
+
+def _bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Integer samples cut to Bits Stored: the bits above High Bit are not part of the value
+    (PS3.5 8.1.1) and some decoders (JPEG-LS of a 16-bit precision) keep them; signed
+    values sign-extended from Bits Stored."""
+    bits = ds.get("BitsStored")
+    if arr.dtype.kind not in "ui" or not isinstance(bits, int):
+        return arr
+    width = 8 * arr.dtype.itemsize
+    if not 1 <= bits < width:
+        return arr
+    mask = (1 << bits) - 1
+    v = arr.astype(np.int64) & mask
+    if arr.dtype.kind == "i":
+        sign = 1 << (bits - 1)
+        v = (v ^ sign) - sign
+    out: np.ndarray = v.astype(arr.dtype)
+    return out
 
 
 def _colour_top(arr: np.ndarray, ds: Dataset, photometric: str) -> float:
@@ -242,6 +335,8 @@ def _frame_pixels(
         arr = frame_array(path, ds, n)
         if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
+        if int(ds.get("SamplesPerPixel") or 1) == 1:  # YCbCr converted: not samples any more
+            arr = _bits_stored(arr, ds)
         return _display(arr, ds, n, window)  # a palette without its tables raises here
     except DECODE_ERRORS as exc:
         raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
