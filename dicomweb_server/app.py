@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -94,6 +95,74 @@ async def _dicomweb_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+# Seconds a request waits, once answered, for the unread part of its body that the server had
+# already queued to be drained (_UnreadBody). hypercorn ends that queue at once.
+UNREAD_BODY_DRAIN_S = 5.0
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            return True
+    return False
+
+
+class _UnreadBody:
+    """A request answered before its body was read (a 401 or 415 to a STOW, a 413 part-way)
+    is answered with `Connection: close`, and the part of its body already queued for the app
+    is drained while the answer goes out.
+
+    hypercorn (0.18) queues at most `max_app_queue_size` (10) body messages for the app, and
+    once the answer is sent it queues `http.disconnect` for it, waiting for room inside the
+    app's last `send`. With the queue full of a body nobody reads, that wait never ended: the
+    request never finished, its socket and memory stayed, and its audit row was never written
+    (found by review: an unknown key id and a 2 MB body left half the requests so). Closing
+    the connection stops the rest of the body (RFC 9112 9.6: a server that does not read the
+    body closes the connection)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        read = False  # the whole body, or the disconnect, reached the app
+        drain: asyncio.Task[None] | None = None
+
+        async def tracked() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                read = True
+            return message
+
+        async def drained() -> None:
+            while not read:
+                await tracked()
+
+        async def answer(message: Message) -> None:
+            nonlocal drain
+            if message["type"] == "http.response.start" and not read:
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+                and not read
+                and drain is None
+            ):
+                drain = asyncio.ensure_future(drained())
+            await send(message)
+
+        try:
+            await self.app(scope, tracked, answer)
+        finally:
+            if drain is not None:
+                with contextlib.suppress(TimeoutError, Exception):
+                    await asyncio.wait_for(drain, UNREAD_BODY_DRAIN_S)
+
+
 class _CatchAllMiddleware:
     """An unexpected exception becomes a 500 JSON answer here, inside the CORS middleware
     (Starlette's own 500 handler sits outside it, so browsers would see a CORS failure)."""
@@ -153,7 +222,9 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={DicomWebError: _dicomweb_error},
         middleware=[
-            # Outermost: everything after sees the client, scheme and host a trusted reverse
+            # Outermost: no request stays unfinished for a body it was answered without.
+            Middleware(_UnreadBody),
+            # Then: everything after sees the client, scheme and host a trusted reverse
             # proxy forwarded (field notes 13).
             Middleware(
                 ProxyHeaders,
