@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from dicomweb_server import (
+    app,
     auditlog,
     blobstore,
     config,
@@ -64,7 +65,7 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
                handlers, identifier, common, stow_json, dicom_xml, dicomfile, stow,
-               transcode, blobstore)  # fmt: skip
+               transcode, blobstore, app)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's
