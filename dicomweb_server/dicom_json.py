@@ -360,13 +360,18 @@ def absolutize_bulk_uris(json_text: str, base_url: str) -> str:
     In JSON text produced by PostgreSQL's jsonb output, the sequence ``"BulkDataURI": "`` can only
     be a key followed by its value: quotes inside string values are escaped.
     """
-    return json_text.replace(f"{_BULK_URI_KEY}/", f"{_BULK_URI_KEY}{base_url}/")
+    return json_text.replace(f"{_BULK_URI_KEY}/", f"{_BULK_URI_KEY}{_json_inner(base_url)}/")
 
 
 def absolutize_bulk_uris_bytes(json_bytes: bytes, base_url: str) -> bytes:
     """`absolutize_bulk_uris` of UTF-8 JSON bytes."""
     key = _BULK_URI_KEY.encode("ascii")
-    return json_bytes.replace(key + b"/", key + base_url.encode("utf-8") + b"/")
+    return json_bytes.replace(key + b"/", key + _json_inner(base_url).encode("ascii") + b"/")
+
+
+def _json_inner(text: str) -> str:
+    """`text` as the inside of a JSON string (escaped: the base URL comes from the request)."""
+    return json.dumps(text)[1:-1]
 
 
 _BULK_URI_KEY = '"BulkDataURI": "'

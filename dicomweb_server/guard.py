@@ -10,6 +10,7 @@ CORS preflights are answered by the CORS middleware outside this one and stay op
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -273,7 +274,7 @@ class _Tally:
 class _Event:
     def __init__(self, at: datetime, scope: Scope, name: str | None, params: dict[str, Any]):
         self.at, self.scope, self.params = at, scope, params
-        self.action = name or f"{scope['method']} {scope['path']}"[:_MAX_ACTION_CHARS]
+        self.action = name or f"{scope['method']} {_as_sent(scope)}"[:_MAX_ACTION_CHARS]
         self.caller = "-"
 
     def build(self, tally: _Tally) -> AuditEvent:
@@ -294,6 +295,18 @@ class _Event:
             detail=scope.get("state", {}).get("audit_detail")
             or scope.get("query_string", b"").decode("latin-1"),
         )
+
+
+def _as_sent(scope: Scope) -> str:
+    """The path of a request no route serves, as sent (percent-encoded: `%0D%0A` decoded
+    would put line breaks into the audit trail, found by review), control characters of a
+    decoded path escaped."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if isinstance(raw, bytes) else str(scope["path"])
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 async def _record(state: Any, event: _Event, tally: _Tally) -> None:

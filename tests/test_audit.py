@@ -292,3 +292,16 @@ async def test_one_odd_event_does_not_cost_the_others(empty_audit: str) -> None:
         assert await _verify(index) is None
     finally:
         await index.close()
+
+
+async def test_an_unrouted_path_is_recorded_as_sent(
+    audited: tuple[Starlette, httpx.AsyncClient], empty_audit: str
+) -> None:
+    """A path no route serves is the action as sent, percent-encoded: decoded, `%0D%0A` put
+    line breaks into the audit trail (found by review)."""
+    app, client = audited
+    r = await client.get("/x%0D%0Aforged%20row")
+    assert r.status_code in (401, 404)
+    await app.state.audit.flush()
+    (row,) = await _rows(empty_audit)
+    assert row["action"] == "GET /x%0D%0Aforged%20row"

@@ -30,9 +30,10 @@ from dicomweb_server.app import create_app
 from dicomweb_server.auth import _roles, create_api_key, is_loopback
 from dicomweb_server.cli import main, unsafe_serving
 from dicomweb_server.config import ConfigError, Settings
+from dicomweb_server.dicom_json import absolutize_bulk_uris, absolutize_bulk_uris_bytes
 from dicomweb_server.errors import UnauthorizedError
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 JSON = {"Content-Type": "application/json"}
 
@@ -615,3 +616,44 @@ async def test_options_and_bad_admin_input_are_not_free(
     deep = b"[" * 3000
     r = await client.post("/admin/apikeys", content=deep, headers={**admin, **JSON})
     assert r.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "host", ['x","BulkDataURI":"http://evil/","y":"', 'a"b', "a\\b", "a b", "a<b>", "h:99999x"]
+)
+async def test_a_host_header_that_is_no_host_is_a_400(
+    apikey_app: tuple[Starlette, httpx.AsyncClient], host: str
+) -> None:
+    """With API keys any Host is served (no allow-list), and it is copied into the URIs of
+    response bodies: one holding a quote rewrote the metadata's JSON, and made the XML
+    metadata a 500 (found by review). RFC 9110 7.2: Host is uri-host [":" port]."""
+    app, client = apikey_app
+    headers = await _key(app, "write")
+    ds = make_instance(rows=64, cols=64)  # Pixel Data over the bulk data threshold
+    r = await client.post(
+        f"{ROOT}/studies",
+        content=multipart_body([to_bytes(ds)]),
+        headers=stow_headers() | headers,
+    )
+    assert r.status_code == 200, r.text
+    read = await _key(app, "read")
+    url = f"{inst_url(ds).removesuffix('/instances/' + ds.SOPInstanceUID)}/metadata"
+    for accept in ("application/dicom+json", 'multipart/related; type="application/dicom+xml"'):
+        r = await client.get(url, headers=read | {"Host": host, "Accept": accept})
+        assert r.status_code == 400, (accept, r.status_code, r.text[:300])
+        assert "Host header" in r.json()["message"]
+    r = await client.get(url, headers=read | {"Host": "[::1]:8080"})
+    assert r.status_code == 200
+    uri = r.json()[0]["7FE00010"]["BulkDataURI"]
+    assert uri.startswith("http://[::1]:8080/dicom-web/studies/")
+
+
+def test_bulk_uris_made_absolute_stay_json() -> None:
+    """The base URL is escaped as JSON text where it is put into stored JSON (a second line
+    of defence behind the Host check)."""
+    text = '{"7FE00010": {"vr": "OW", "BulkDataURI": "/studies/1/bulk/7FE00010"}}'
+    base = 'http://a"b\\c/dicom-web'
+    doc = json.loads(absolutize_bulk_uris(text, base))
+    assert doc["7FE00010"]["BulkDataURI"] == base + "/studies/1/bulk/7FE00010"
+    raw = absolutize_bulk_uris_bytes(text.encode(), base)
+    assert json.loads(raw)["7FE00010"]["BulkDataURI"] == base + "/studies/1/bulk/7FE00010"

@@ -89,6 +89,12 @@ def services(request: Request) -> Services:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+# A Host header value (RFC 3986 3.2.2-3.2.3): a registered name or IPv4 address of the
+# characters names use (no sub-delimiters: hosts do not have them), or an IPv6 literal; then
+# an optional port.
+_URI_HOST = re.compile(r"(?:[A-Za-z0-9._~%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+
+
 def base_url(request: Request) -> str:
     """The public URL of the DICOMweb root, used in RetrieveURL and BulkDataURI values.
 
@@ -101,6 +107,11 @@ def base_url(request: Request) -> str:
         return str(public).rstrip("/")
     scheme = request.url.scheme
     host = request.headers.get("host", "")
+    if host and not _URI_HOST.fullmatch(host):
+        # RFC 9110 7.2: Host is uri-host [ ":" port ]. Anything else would be copied into
+        # the URIs the body holds (a quote in Host made the metadata's JSON say what the
+        # client wanted: found by review), and with a trusted proxy X-Forwarded-Host too.
+        raise BadRequestError(f"the Host header {host[:100]!r} is not a host and port")
     server = request.scope.get("server")
     if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1]:
         port = int(server[1])
