@@ -57,9 +57,19 @@ CREATE TABLE IF NOT EXISTS study (
     created_at               timestamptz NOT NULL DEFAULT now(),
     updated_at               timestamptz NOT NULL DEFAULT now()
 );
--- Columns added after the first schema (an index created by it is brought up to date here).
-ALTER TABLE study ADD COLUMN IF NOT EXISTS referring_physician_name_text text;
-ALTER TABLE study ADD COLUMN IF NOT EXISTS patient_name_text text;
+-- Columns added after the first schema (an index created by it is brought up to date here),
+-- and series.revision (below). Added only when missing: ALTER TABLE takes an ACCESS EXCLUSIVE
+-- lock before it looks, and queued behind a long read it would stop every query of a serving
+-- server at each start of a command or worker (found by review).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'study' AND column_name = 'patient_name_text') THEN
+        ALTER TABLE study ADD COLUMN IF NOT EXISTS referring_physician_name_text text;
+        ALTER TABLE study ADD COLUMN IF NOT EXISTS patient_name_text text;
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS study_patient_id ON study (patient_id);
 CREATE INDEX IF NOT EXISTS study_accession ON study (accession_number);
 CREATE INDEX IF NOT EXISTS study_date_idx ON study (study_date);
@@ -90,7 +100,14 @@ CREATE TABLE IF NOT EXISTS series (
 );
 -- Bumped when `reindex` rewrites an instance of the series: num_instances + revision names one
 -- state of the series' metadata (metadata caches compare it, in every process).
-ALTER TABLE series ADD COLUMN IF NOT EXISTS revision integer NOT NULL DEFAULT 0;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+                   AND table_name = 'series' AND column_name = 'revision') THEN
+        ALTER TABLE series ADD COLUMN revision integer NOT NULL DEFAULT 0;
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS series_study_fk ON series (study_fk);
 CREATE INDEX IF NOT EXISTS series_modality ON series (modality);
 -- QIDO matching inside RequestAttributesSequence (ScheduledProcedureStepID,

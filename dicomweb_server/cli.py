@@ -236,8 +236,13 @@ async def _reindex(settings: Settings, studies: Sequence[str] | None) -> int:
     """`reindex [--study UID ...]`: audited; exit status 1 when an instance could not be."""
     async with open_services(settings) as svc:
         total = (await svc.index.counts())["instances"] if studies is None else None
-        with tqdm(total=total, unit="instance", desc="reindex") as bar:
-            report = await reindex(svc, studies, bar.update)
+        try:
+            with tqdm(total=total, unit="instance", desc="reindex") as bar:
+                report = await reindex(svc, studies, bar.update)
+        except Exception as exc:  # e.g. the database went away: the run is audited still
+            with contextlib.suppress(Exception):
+                await svc.index.append_audit([_cli_event("reindex", 500, f"stopped: {exc}")])
+            raise
         failed = len(report.failed)
         detail = f"updated={report.updated} unchanged={report.unchanged} failed={failed}"
         if studies is not None:

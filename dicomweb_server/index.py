@@ -461,7 +461,8 @@ class Index:
 
     async def counts(self) -> dict[str, int]:
         row = await self._fetchrow(
-            "SELECT (SELECT count(*) FROM patient) AS patients,"
+            "SELECT (SELECT count(DISTINCT patient_fk) FROM study WHERE num_instances > 0)"
+            " AS patients,"
             " (SELECT count(*) FROM study WHERE num_instances > 0) AS studies,"
             " (SELECT count(*) FROM series WHERE num_instances > 0) AS series,"
             " (SELECT count(*) FROM instance) AS instances"

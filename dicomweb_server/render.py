@@ -7,6 +7,7 @@ pydicom.pixels. Synchronous; called in worker threads behind the app's limiter.
 from __future__ import annotations
 
 import io
+from collections import abc
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,15 +76,19 @@ def _voi_lut(x: np.ndarray, ds: Dataset) -> np.ndarray | None:
     8-bit LUT of more than 256 entries with 8-bit integers, which wrap."""
     item = _first_item(ds, "VOILUTSequence")
     descriptor = None if item is None else item.get("LUTDescriptor")
-    if item is None or "LUTData" not in item or not isinstance(descriptor, list | tuple):
+    # A list, or pydicom's MultiValue (Implicit VR: the US or SS resolved after reading).
+    if item is None or "LUTData" not in item or not isinstance(descriptor, abc.Sequence):
         return None
     if len(descriptor) != 3 or not all(isinstance(v, int) for v in descriptor):
         return None
-    entries, first, bits = int(descriptor[0]) or 65536, int(descriptor[1]), int(descriptor[2])
+    # Read as SS (signed data), an entry count of 40000 comes as -25536: the first and third
+    # values are unsigned whatever the VR, the second signed for signed data (C.11.2.1.1).
+    entries, bits = (int(descriptor[0]) & 0xFFFF) or 65536, int(descriptor[2]) & 0xFFFF
+    first = int(descriptor[1]) & 0xFFFF
     if not 1 <= bits <= 16:
         return None
     if first >= 32768 and ds.get("PixelRepresentation") == 1:
-        first -= 65536  # the second value is SS for signed data, read here as US
+        first -= 65536
     value = item["LUTData"].value
     if isinstance(value, bytes | bytearray):
         if ds.original_encoding[1] is False:  # OW of a big endian data set
@@ -204,13 +209,13 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
         y = _voi_lut(x, ds)
     if y is None:
         y = _normalise(x)
-    y[nan] = 0.0
     # PS3.3 C.7.6.3.1.2: MONOCHROME1's minimum is white; C.11.6.1.2: a Presentation LUT
     # Shape of INVERSE inverts the output of the VOI (for MONOCHROME1 it is the same
     # inversion, done once).
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")) == "INVERSE":
         y = 1.0 - y
+    y[nan] = 0.0  # black on screen, whatever the inversion
     return np.round(y * 255.0).astype(np.uint8)
 
 

@@ -642,6 +642,16 @@ async def test_a_host_header_that_is_no_host_is_a_400(
         r = await client.get(url, headers=read | {"Host": host, "Accept": accept})
         assert r.status_code == 400, (accept, r.status_code, r.text[:300])
         assert "Host header" in r.json()["message"]
+    # A STOW is refused before anything is stored (it was stored, then answered 400).
+    other = make_instance()
+    r = await client.post(
+        f"{ROOT}/studies",
+        content=multipart_body([to_bytes(other)]),
+        headers=stow_headers() | headers | {"Host": host},
+    )
+    assert r.status_code == 400
+    r = await client.get(f"{ROOT}/studies/{other.StudyInstanceUID}/metadata", headers=read)
+    assert r.status_code == 404
     r = await client.get(url, headers=read | {"Host": "[::1]:8080"})
     assert r.status_code == 200
     uri = r.json()[0]["7FE00010"]["BulkDataURI"]

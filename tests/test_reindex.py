@@ -137,6 +137,8 @@ async def test_reindex_rewrites_what_an_older_release_derived(
         fresh_sha = {r[0]: r[7] for r in fresh["instance"]}
         assert sha[f"{SERIES_B}.1"] == fresh_sha[f"{SERIES_B}.1"]  # what STOW computed
         assert again == fresh
+        # Study B's old patient row is left, unreferenced: not counted.
+        assert (await svc.index.counts())["patients"] == 1
         report = await reindex(svc)
         assert (report.updated, report.unchanged, report.failed) == (0, 5, [])
         revisions = await conn.fetch("SELECT revision FROM series ORDER BY pk")

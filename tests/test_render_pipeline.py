@@ -171,3 +171,29 @@ def _float_instance(values: np.ndarray) -> Dataset:
     ds.BitsAllocated = 32
     ds.FloatPixelData = values.tobytes()
     return ds
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+async def test_voi_lut_of_signed_data_in_either_vr_encoding(
+    app_client: httpx.AsyncClient, implicit: bool
+) -> None:
+    """A VOI LUT of 40000 entries on signed pixels, first mapped value -100: read from an
+    Implicit VR file its LUT Descriptor is SS (pydicom resolves "US or SS" by Pixel
+    Representation), 40000 read as -25536; and a MultiValue, not a list. The LUT was skipped
+    (min-max shown instead), and would then have failed to index (found by review)."""
+    values = np.arange(-200, 200, dtype=np.int16)
+    lut = (np.arange(40000) % 4096).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [40000, 65536 - 100, 12]
+    item["LUTDescriptor"].VR = "US"
+    item.add_new(0x00283006, "OW", lut.tobytes())
+    ds = make_instance(rows=1, cols=values.size, VOILUTSequence=Sequence([item]))
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 16, 15
+    ds.PixelData = values.tobytes()
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=implicit)
+    px = await _png(app_client, buf.getvalue())
+    want = np.round(lut[np.clip(values.astype(int) + 100, 0, 39999)] / 4095 * 255)
+    assert np.abs(px[0].astype(int) - want.astype(int)).max() <= 1

@@ -93,3 +93,21 @@ async def test_an_index_of_an_earlier_schema_is_brought_up_to_date(
                 assert r.status_code == 200, r.text
                 r = await client.get(f"{ROOT}/studies", params={"PatientName": "upgr*"})
                 assert r.status_code == 200 and len(r.json()) == 1
+
+
+async def test_applying_the_schema_again_waits_for_no_reader(pg_dsn: str) -> None:
+    """schema.sql is applied at every start of every command and worker: on an index that
+    has every column it must not queue an ACCESS EXCLUSIVE lock behind a long read (every
+    query after it would wait too; found by review)."""
+    async for dsn in _database(pg_dsn, "dicomweb_schema_again"):
+        await _apply(dsn, SCHEMA)
+        reader = await asyncpg.connect(dsn)
+        again = await asyncpg.connect(dsn)
+        try:
+            async with reader.transaction():
+                await reader.fetch("SELECT count(*) FROM study, series")
+                await again.execute("SET lock_timeout = '2s'")
+                await again.execute(SCHEMA.read_text())  # would time out waiting
+        finally:
+            await reader.close()
+            await again.close()

@@ -41,6 +41,7 @@ async def store_instances(request: Request) -> Response:
     media = negotiate_dicom_model(accept_of(request), multipart=True, single=True)
     boundary, part_type = stow_boundary(request.headers.get("content-type"))
     study = uid_param(request, "study") if "study" in request.path_params else None
+    base_url(request)  # a Host that is no host is a 400 before anything is stored (review)
     settings = request.app.state.settings
     events = iter_parts(
         _paced(request.stream()),
