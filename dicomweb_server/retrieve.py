@@ -565,18 +565,23 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
             "this Pixel Data has no byte-aligned uncompressed form; ask for transfer-syntax=*"
         )
     size = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
-    total = size * inst.number_of_frames
+    frames = size * inst.number_of_frames
 
     async def read(start: int, stop: int) -> AsyncIterator[bytes]:
-        for k in range(start // size, (stop - 1) // size + 1 if stop > start else 0):
+        end = min(stop, frames)
+        for k in range(start // size, (end - 1) // size + 1 if end > start else 0):
             _, frame = await frame_value(svc, inst, k + 1, _UNCOMPRESSED, whole=True)
             data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
             if len(data) != size:
                 raise TranscodeError(f"frame {k + 1} decoded to {len(data)} bytes, not {size}")
-            yield data[max(start - k * size, 0) : min(stop - k * size, size)]
+            yield data[max(start - k * size, 0) : min(end - k * size, size)]
+        if stop > frames >= start:
+            yield b"\0"  # the padding byte of an odd length
 
     ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
-    return Sized({"Content-Type": ctype}, total, read, inst.blob_key)
+    # PS3.5 7.1.1: a value has an even length, an odd one padded (as the instance converted
+    # to Explicit VR Little Endian holds it).
+    return Sized({"Content-Type": ctype}, frames + frames % 2, read, inst.blob_key)
 
 
 async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelInfo) -> Sized:

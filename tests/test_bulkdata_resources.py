@@ -414,3 +414,27 @@ async def test_compressed_pixel_data_without_a_frame_map_is_decoded(
     assert body == pixels.tobytes()
     ((_, again),) = await _parts(app_client, f"{inst_url(ds)}/pixeldata")
     assert again == body
+
+
+@pytest.mark.db
+async def test_uncompressed_value_of_odd_length_is_padded(app_client: httpx.AsyncClient) -> None:
+    """RLE Pixel Data of 3 x 3 8-bit pixels sent as its uncompressed value: 9 bytes and a
+    padding byte (PS3.5 7.1.1), as in the instance converted to Explicit VR Little Endian; a
+    range over the end gets the pad, one before it none."""
+    ds = make_instance(rows=3, cols=3)
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    pixels = np.arange(9, dtype=np.uint8).reshape(3, 3) + 1
+    ds.PixelData = pixels.tobytes() + b"\0"
+    ds.compress(pydicom.uid.RLELossless, generate_instance_uid=False)
+    await _store(app_client, to_bytes(ds))
+    uri = f"{inst_url(ds)}/bulk/7FE00010"
+    octets = {"Accept": "application/octet-stream"}
+    r = await app_client.get(uri, headers=octets)
+    assert r.status_code == 200 and r.content == pixels.tobytes() + b"\0"
+    whole = await app_client.get(inst_url(ds), headers={"Accept": "application/dicom"})
+    assert pydicom.dcmread(io.BytesIO(whole.content)).PixelData == r.content
+    r = await app_client.get(uri, headers=octets | {"Range": "bytes=8-"})
+    assert r.status_code == 206 and r.content == b"\x09\0"
+    r = await app_client.get(uri, headers=octets | {"Range": "bytes=0-8"})
+    assert r.content == pixels.tobytes()
