@@ -10,8 +10,9 @@ rewrites the rows that come out different. The files are never touched.
   (its first), as at STOW; the study's aggregates are recomputed.
 - An instance whose file the parser now refuses, or which now names another study or
   series, keeps its rows, and is reported: reindex never moves or removes an instance.
-- The duplicate-check hash of instances stored before it covered only the data set (a
-  whole-file SHA-256) is recomputed, so that their duplicates no longer need a file read.
+- The duplicate-check hash of instances stored before that hash left the File Meta
+  Information out (theirs is a SHA-256 of the whole file) is recomputed, so that their
+  duplicates no longer need a file read.
 - It can run beside a serving server: each instance is rewritten in one transaction under
   its study's row lock, as a commit is, and a rewritten series gets a new version
   (schema.sql's `series.revision`), which every process's metadata cache compares.
