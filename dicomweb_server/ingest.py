@@ -28,13 +28,15 @@ from dicomweb_server.errors import DicomWebError, FailureReason
 from dicomweb_server.index import Index
 from dicomweb_server.media import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
-from dicomweb_server.record import build_record
+from dicomweb_server.record import InstanceRecord, build_record
 
 __all__ = [
     "COPY_CHUNK_BYTES",
     "Services",
     "StoreInterruptedError",
+    "hashed_as_parsed",
     "instance_path",
+    "record_of",
     "storage_failure",
     "store_file",
     "store_parts",
@@ -375,9 +377,7 @@ def _parse_and_place(
         raise _SpoolError(exc) from exc
     parsed = parse_file(writer.path)
     sop_class, sop, study, _series = parsed.uids
-    if writer.data_set_at and writer.data_set_at != parsed.data_set_at:
-        # The hash left out what it took for the File Meta Information, pydicom read the data
-        # set from elsewhere: stored, a different instance could pass for this one.
+    if not hashed_as_parsed(writer.data_set_at, parsed):
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND,
             "the File Meta Information cannot be read one way only (PS3.10 7.1)",
@@ -398,6 +398,28 @@ def _parse_and_place(
     return parsed
 
 
+def record_of(parsed: ParsedFile, blob_key: str, size_bytes: int, sha256: bytes) -> InstanceRecord:
+    """The index rows of a parsed file stored under `blob_key` (STOW, and `reindex`)."""
+    return build_record(
+        parsed.meta,
+        transfer_syntax_uid=parsed.transfer_syntax_uid,
+        blob_key=blob_key,
+        size_bytes=size_bytes,
+        sha256=sha256,
+        number_of_frames=parsed.number_of_frames,
+        frames=parsed.frames,
+        bulk_ranges=parsed.bulk_ranges,
+    )
+
+
+def hashed_as_parsed(hashed_at: int, parsed: ParsedFile) -> bool:
+    """Whether the duplicate-check hash (blobstore.DataSetHash), which left out what it took
+    for the File Meta Information up to `hashed_at` (0: hashed whole), found the data set where
+    pydicom did. If not, a different instance could pass for this one: STOW refuses such a
+    file, and `reindex` keeps its older hash."""
+    return not hashed_at or hashed_at == parsed.data_set_at
+
+
 async def _undo(ctx: Services, writer: BlobWriter, key: str | None, placed: bool) -> None:
     """Roll back a store that failed. A placed blob is deleted only when its reservation was
     still there: if the commit reached the database after all (an error or a cancellation
@@ -415,16 +437,7 @@ async def _commit(
     parsed: ParsedFile, writer: BlobWriter, key: str, ctx: Services
 ) -> InstanceOutcome:
     sop_class, sop, study, series = parsed.uids
-    record = build_record(
-        parsed.meta,
-        transfer_syntax_uid=parsed.transfer_syntax_uid,
-        blob_key=key,
-        size_bytes=writer.size,
-        sha256=writer.sha256(parsed.data_set_end),
-        number_of_frames=parsed.number_of_frames,
-        frames=parsed.frames,
-        bulk_ranges=parsed.bulk_ranges,
-    )
+    record = record_of(parsed, key, writer.size, writer.sha256(parsed.data_set_end))
     result = await ctx.index.commit_instance(record)
     if result.stored:
         return InstanceOutcome(sop_class, sop, retrieve_path=instance_path(study, series, sop))

@@ -30,8 +30,8 @@ import anyio
 from dicomweb_server.blobstore import hash_file
 from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
 from dicomweb_server.index import StoredBlob
-from dicomweb_server.ingest import Services
-from dicomweb_server.record import InstanceRecord, build_record
+from dicomweb_server.ingest import Services, hashed_as_parsed, record_of
+from dicomweb_server.record import InstanceRecord
 
 __all__ = ["REINDEX_IN_FLIGHT", "REINDEX_PAGE_ROWS", "ReindexReport", "reindex"]
 
@@ -113,24 +113,8 @@ def _record_of(path: Path, row: StoredBlob) -> InstanceRecord:
         )
     sha256 = row.sha256
     if len(sha256) == hashlib.sha256().digest_size:  # a whole-file hash of an older release
-        sha256 = _data_set_hash(path, parsed.data_set_at, parsed.data_set_end) or sha256
-    return build_record(
-        parsed.meta,
-        transfer_syntax_uid=parsed.transfer_syntax_uid,
-        blob_key=row.blob_key,
-        size_bytes=size,
-        sha256=sha256,
-        number_of_frames=parsed.number_of_frames,
-        frames=parsed.frames,
-        bulk_ranges=parsed.bulk_ranges,
-    )
-
-
-def _data_set_hash(path: Path, data_set_at: int, data_set_end: int | None) -> bytes | None:
-    """The file's DataSetHash as STOW computes it, or None where STOW would refuse the file
-    because the hash and the parse disagree on where the data set starts (ingest)."""
-    digest = hash_file(path)
-    value = digest.digest(data_set_end)  # decides data_set_at for a small file
-    if digest.data_set_at and digest.data_set_at != data_set_at:
-        return None
-    return value
+        digest = hash_file(path)
+        value = digest.digest(parsed.data_set_end)  # decides data_set_at for a small file
+        if hashed_as_parsed(digest.data_set_at, parsed):
+            sha256 = value
+    return record_of(parsed, row.blob_key, size, sha256)
