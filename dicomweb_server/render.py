@@ -141,6 +141,19 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
     return value[0] if isinstance(value, Sequence) and len(value) else None
 
 
+def _copy(ds: Dataset) -> Dataset:
+    """A new data set of ds's elements (shared, not copied), read as ds was: its encoding and
+    its File Meta Information, by which pydicom reads OW LUT and segmented palette data."""
+    out = Dataset()
+    implicit, little = ds.original_encoding
+    out.set_original_encoding(implicit, little, ds.original_character_set)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for elem in ds:
+        out.add(elem)
+    return out
+
+
 def _frame_luts(ds: Dataset, n: int) -> Dataset:
     """The data set whose LUT attributes are frame n's (1-based). An enhanced multi-frame
     image keeps them in functional groups (PS3.3 C.7.6.16), the frame's own (item n of the
@@ -160,13 +173,7 @@ def _frame_luts(ds: Dataset, n: int) -> Dataset:
                 break
     if not groups:
         return ds
-    frame = Dataset()  # a new data set: ds is not changed, its next frame may differ
-    implicit, little = ds.original_encoding
-    frame.set_original_encoding(implicit, little, ds.original_character_set)
-    if hasattr(ds, "file_meta"):  # pydicom reads OW LUT Data by its transfer syntax
-        frame.file_meta = ds.file_meta
-    for elem in ds:
-        frame.add(elem)
+    frame = _copy(ds)  # ds is not changed: its next frame may differ
     for group, item in groups.items():
         for keyword in _FRAME_LUT_GROUPS[group]:
             if keyword in frame:  # the group replaces the top-level set as a whole
@@ -245,9 +252,7 @@ def _little_endian_palette(ds: Dataset) -> Dataset:
     for the next frame."""
     if ds.original_encoding[1] is not False or not any(k in ds for k in _PALETTE_DATA):
         return ds
-    out = Dataset()
-    for elem in ds:
-        out.add(elem)
+    out = _copy(ds)
     for keyword in _PALETTE_DATA:
         if keyword in ds and isinstance(ds[keyword].value, bytes | bytearray):
             setattr(out, keyword, swapped_words(bytes(ds[keyword].value), "OW"))
