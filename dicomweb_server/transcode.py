@@ -667,13 +667,7 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5)."""
     ds = converted_dataset(src, transfer_syntax_uid)
     try:
-        if ds.original_encoding[1] is False:
-            # Read as big endian: pydicom re-encodes every element only when forced (its
-            # pixels were swapped by the conversion; group lengths are left out).
-            ds.preamble = ds.preamble or b"\0" * 128
-            pydicom.dcmwrite(dst, ds, implicit_vr=False, little_endian=True, force_encoding=True)
-        else:
-            ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
     except DECODE_ERRORS as exc:
         raise _cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
 
@@ -773,6 +767,8 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
         if not ts.is_little_endian:  # every target is little endian
+            # Visits every element, nested ones included, so that none is left raw (as
+            # read, in big endian bytes): below, the data set is marked little endian.
             _swap_binary_values(ds, top=True)
         if "PixelData" in ds and transfer_syntax_uid != ts:
             method = lossy_method(ts, ds.PixelData) if ts.is_compressed else None
@@ -783,6 +779,11 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     except DECODE_ERRORS as exc:
         raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    if not ts.is_little_endian:
+        # Every element is decoded now and its binary values swapped: the data set is little
+        # endian. Otherwise pydicom refuses to save it little endian without forcing, and
+        # pynetdicom sends a data set read as big endian only as big endian.
+        ds.set_original_encoding(False, True, ds.original_character_set)
     return ds
 
 

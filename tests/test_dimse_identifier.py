@@ -296,14 +296,16 @@ def test_contexts_as_stored_first_then_one_fallback_each() -> None:
         )
     ]
     found.append(_stored(mr, jls))
+    us = "1.2.840.10008.5.1.4.1.1.6.1"
+    found.append(_stored(us, ExplicitVRBigEndian))
     got = [(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in _contexts(found)]
     native = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     # Fallbacks that repeat an as-stored context (the other native syntax here) are left
-    # out; big endian gets none (it is not converted).
+    # out; big endian is converted, so it has the same fallback as the other syntaxes.
     assert got == [
         (ct, (jls,)), (ct, (j2k,)), (ct, (rle,)), (ct, (ExplicitVRLittleEndian,)),
         (ct, (ImplicitVRLittleEndian,)), (ct, (ExplicitVRBigEndian,)), (mr, (jls,)),
-        (ct, native), (mr, native),
+        (us, (ExplicitVRBigEndian,)), (ct, native), (mr, native), (us, native),
     ]  # fmt: skip
 
 

@@ -256,7 +256,10 @@ def _as_part10(data_set: bytes, transfer_syntax: str) -> Dataset:
 @pytest.mark.parametrize(
     "name",
     ["generated/coverage/ect_15frames_jpegls_lossless.dcm",
-     "generated/coverage/ct_j2k_lossless_signed.dcm"],
+     "generated/coverage/ct_j2k_lossless_signed.dcm",
+     # Explicit VR Big Endian (retired, PS3.5 A.3): a palette's OW tables and 16-bit RGB.
+     "real/pydicom-data/OBXXXX1A_expb.dcm",
+     "real/pydicom-data/SC_rgb_expb_16bit_2frame.dcm"],
 )  # fmt: skip
 async def test_move_decodes_for_a_peer_taking_only_uncompressed(
     settings: Settings, samples: Path, tmp_path: Path, name: str
@@ -281,6 +284,14 @@ async def test_move_decodes_for_a_peer_taking_only_uncompressed(
     got = _as_part10(only_native.received[ds.SOPInstanceUID], sent_as)
     assert got.SOPInstanceUID == ds.SOPInstanceUID
     assert np.array_equal(got.pixel_array, ds.pixel_array)
+    if not ds.file_meta.TransferSyntaxUID.is_little_endian:  # every value re-encoded
+        assert got.Rows == ds.Rows and got.BitsAllocated == ds.BitsAllocated
+        for kw in ("RedPaletteColorLookupTableData", "RedPaletteColorLookupTableDescriptor"):
+            if kw in ds:
+                assert np.array_equal(
+                    np.frombuffer(got[kw].value, "<u2") if got[kw].VR == "OW" else got[kw].value,
+                    np.frombuffer(ds[kw].value, ">u2") if ds[kw].VR == "OW" else ds[kw].value,
+                )
 
 
 async def test_a_failed_decode_fails_one_sub_operation_not_the_move(

@@ -431,9 +431,9 @@ def _contexts(found: list[StoredInstance]) -> list[PresentationContext]:
 
 
 def _convertible(transfer_syntax_uid: str) -> bool:
-    """Decodable here to Explicit VR Little Endian for a C-STORE sub-operation. Not big
-    endian: pydicom keeps a data set read as big endian encoding that way when it is sent."""
-    return transfer_syntax_uid != ExplicitVRBigEndian and decodable(transfer_syntax_uid)
+    """Decodable here to Explicit VR Little Endian for a C-STORE sub-operation (big endian
+    included: converted_dataset re-encodes every element)."""
+    return decodable(transfer_syntax_uid)
 
 
 def _pairs(contexts: Sequence[PresentationContext]) -> set[tuple[str, str]]:
@@ -459,13 +459,17 @@ def _decoded_size(inst: StoredInstance) -> int | None:
 
 def _decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
     """The instance decoded to `target` for a peer, one decode at a time in the process and
-    only up to DIMSE_DECODE_MAX_BYTES of pixels (it is held whole in memory, about three
-    times over while pynetdicom encodes it)."""
-    size = _decoded_size(inst)
+    only up to DIMSE_DECODE_MAX_BYTES of pixels, or of the file for big endian (it is held
+    whole in memory, about three times over while pynetdicom encodes it)."""
+    size: int | None
+    if inst.transfer_syntax_uid == ExplicitVRBigEndian:
+        size = inst.size_bytes  # uncompressed, swapped whole; it may hold no pixels at all
+    else:
+        size = _decoded_size(inst)
     if size is None or size > DIMSE_DECODE_MAX_BYTES:
         raise TranscodeError(
-            f"its pixels decoded would be {size if size is not None else 'of unknown size'}"
-            f" bytes; at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
+            f"it would be {size if size is not None else 'of unknown size'} bytes decoded;"
+            f" at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
         )
     with _DECODING:
         return converted_dataset(path, target)
