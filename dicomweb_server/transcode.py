@@ -14,22 +14,27 @@ asked for by name) through imagecodecs (libjpeg-turbo).
 from __future__ import annotations
 
 import functools
+import io
+import itertools
 import math
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.decoders.rle import _rle_decode_segment
 from pydicom.pixels.encoders.base import get_encoder
-from pydicom.pixels.utils import pack_bits, pixel_array, unpack_bits
+from pydicom.pixels.utils import as_pixel_options, pack_bits, pixel_array, unpack_bits
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -48,7 +53,9 @@ from dicomweb_server.media import (
 from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
 __all__ = [
+    "CONVERT_COPY_BYTES",
     "DECODE_ERRORS",
+    "DECODE_MAX_BYTES",
     "ENCODERS",
     "HTJ2K_DECOMPOSITIONS",
     "HTJ2K_RPCL_BASE_PIXELS",
@@ -456,6 +463,7 @@ def keeps_ybr(info: PixelInfo, target: str) -> bool:
 
 def _pixels(ds: Dataset, as_rgb: bool = True) -> np.ndarray:
     """`ds.pixel_array`, decoded with the preferred plugin."""
+    _check_dataset_size(ds, int(ds.get("NumberOfFrames") or 1))
     ts = str(ds.file_meta.TransferSyntaxUID)
     if ts == RLE_LOSSLESS and int(ds.get("BitsAllocated") or 0) == 1:
         nframes = int(ds.get("NumberOfFrames") or 1)
@@ -489,9 +497,38 @@ def _rle_one_bit(codestream: bytes, rows: int, columns: int) -> np.ndarray:
     return np.asarray(unpack_bits(bytes(packed))[:pixels], dtype=np.uint8).reshape(rows, columns)
 
 
+# The most bytes one decode makes: a frame, or an instance decoded whole (_pixels). Decoders
+# size their output by the Image Pixel attributes, and a file of a few bytes can claim
+# 65535 x 65535 x 3 16-bit pixels (25 GB, allocated and filled). At most one decode per core
+# runs at a time (the app's CapacityLimiter).
+DECODE_MAX_BYTES = 1024**3
+
+
+def _check_decoded_size(rows: int, columns: int, samples: int, bits: int, frames: int) -> None:
+    """ValueError (a 406 with its reason) when pixels so described would decode to more than
+    DECODE_MAX_BYTES (a byte per sample at least: decoders unpack 1-bit data)."""
+    size = rows * columns * samples * max(1, -(-bits // 8)) * max(1, frames)
+    if size > DECODE_MAX_BYTES:
+        raise ValueError(
+            f"its pixels would decode to {size} bytes; at most {DECODE_MAX_BYTES} are decoded"
+            " at once"
+        )
+
+
+def _check_dataset_size(ds: Dataset, frames: int) -> None:
+    _check_decoded_size(
+        int(ds.get("Rows") or 0),
+        int(ds.get("Columns") or 0),
+        int(ds.get("SamplesPerPixel") or 1),
+        int(ds.get("BitsAllocated") or 8),
+        frames,
+    )
+
+
 def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndarray:
     """Frame n (1-based), decoded; reads only that frame when the file allows it. `as_rgb`:
     YCbCr converted to RGB (pydicom's default), else left as it is (keeps_ybr)."""
+    _check_dataset_size(ds, 1)
     ts = ds.file_meta.TransferSyntaxUID
     if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or (
         ts == RLE_LOSSLESS and ds.get("BitsAllocated") == 1
@@ -603,6 +640,7 @@ def decode_codestream(
         "planar_configuration": 0,
     }
     try:
+        _check_decoded_size(info.rows, info.columns, info.samples_per_pixel, info.bits_allocated, 1)
         if transfer_syntax_uid == RLE_LOSSLESS and info.bits_allocated == 1:
             return _rle_one_bit(codestream, info.rows, info.columns)
         arr, _ = _decoded(
@@ -664,12 +702,198 @@ def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
 
 def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS). The SOP Instance UID
-    is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5)."""
-    ds = converted_dataset(src, transfer_syntax_uid)
+    is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5).
+
+    Written as it is made (_write_streamed): the header, then the Pixel Data frame by frame,
+    so that memory holds a frame, not the instance. Deflated files (inflated whole, at most
+    dicomfile.MAX_INFLATED_BYTES), 1-bit Pixel Data (its frames share bytes) and instances
+    without Pixel Data are converted in memory (converted_dataset), the same bytes."""
+    what = f"write {UID(transfer_syntax_uid).name}"
     try:
+        head = pydicom.dcmread(src, stop_before_pixels=True)
+        ts = UID(str(head.file_meta.TransferSyntaxUID))
+        what = f"convert {ts.name} to {UID(transfer_syntax_uid).name}"
+        whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or head.get("BitsAllocated") == 1
+        if not whole and _decoded(
+            ts, lambda plugin: _write_streamed(src, dst, transfer_syntax_uid, plugin)
+        ):
+            return
+        ds = converted_dataset(src, transfer_syntax_uid)
         ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
     except DECODE_ERRORS as exc:
-        raise _cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
+        raise _cannot(src, what, exc) from None
+
+
+_PIXEL_DATA = 0x7FE00010
+# Values longer than this are left in the file when a header is read for a conversion (the
+# Pixel Data above all); each is read when it is written.
+_CONVERT_DEFER_BYTES = 64 * 1024
+# Native Pixel Data is copied (or swapped, from big endian) in reads of this size.
+CONVERT_COPY_BYTES = 1024 * 1024
+
+
+def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
+    """`src` converted to `target` into `dst` as converted_dataset and dcmwrite would write
+    it, byte for byte (test_convert_stream checks so on the corpus), with one frame in memory at
+    a time; False when `src` has no top-level Pixel Data (nothing written). Decoding uses
+    `plugin` (see _decoded)."""
+    ds = pydicom.dcmread(src, defer_size=_CONVERT_DEFER_BYTES)
+    if _PIXEL_DATA not in ds:
+        return False
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    info = PixelInfo.of(ds)
+    codec = ENCODERS[target]
+    if not codec.accepts(info):  # e.g. float data to a codec (available_targets)
+        raise ValueError(f"{UID(target).name} does not take these pixels")
+    if ts.is_compressed or codec.encode is not None:  # decoded a frame at a time
+        _check_dataset_size(ds, 1)
+    pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    # What pydicom's own reading of a file for its frames gives the decoder (iter_pixels).
+    options = as_pixel_options(ds)
+    options["transfer_syntax_uid"] = ts
+    options["pixel_keyword"] = "PixelData"
+    if not ts.is_implicit_VR:
+        options["pixel_vr"] = str(pixels.VR)
+    kept: bytes | None = pixels.value  # None: left in the file, at value_tell
+    offset = 0 if kept is not None else int(cast(RawDataElement, pixels).value_tell)
+    # As the file states it: pydicom reads a value cut short by the end of the file as
+    # what there is, which is not the instance's Pixel Data.
+    length = int(pixels.length) if isinstance(pixels, RawDataElement) else len(kept or b"")
+    # Read now, before the header is cut short at the Pixel Data; written after it.
+    tail = Dataset()
+    for tag in [t for t in ds.keys() if t > _PIXEL_DATA]:
+        tail.add(ds[tag])
+        del ds[tag]
+    del ds[_PIXEL_DATA]
+    if not ts.is_little_endian:  # reads every element: none is left raw, in big endian
+        _swap_binary_values(ds)
+        _swap_binary_values(tail)
+        ds.set_original_encoding(False, True, ds.original_character_set)
+    nframes = int(ds.get("NumberOfFrames") or 1)
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        value: BinaryIO = f if kept is None else io.BytesIO(kept)
+        value.seek(offset)
+        method = lossy_method(ts, value) if ts.is_compressed else None
+        value.seek(offset)
+        if method and "LossyImageCompression" not in ds:  # PS3.3 C.7.6.1.1.5
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionMethod = method
+        ds.file_meta.TransferSyntaxUID = UID(target)
+        decoder = get_decoder(ts)
+
+        def frames() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+            yield from decoder.iter_array(value, decoding_plugin=plugin, as_rgb=True, **options)
+
+        def header() -> None:
+            ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+
+        if codec.encode is not None:
+            if info.samples_per_pixel == 3:  # decoded as RGB, pixel-interleaved
+                info = replace(info, photometric="RGB", planar_configuration=0)
+            _decoded_colour(ds, info)
+            if codec.lossy:
+                ds.LossyImageCompression = "01"
+                ds.LossyImageCompressionMethod = "ISO_10918_1"
+            header()
+            encode = codec.encode
+            _write_encapsulated(out, (encode(arr, info) for arr, _ in frames()), nframes)
+        elif ts.is_compressed:
+            decoded = frames()
+            first, props = next(decoded)
+            ds.PhotometricInterpretation = props["photometric_interpretation"]
+            if info.samples_per_pixel > 1:
+                ds.PlanarConfiguration = props["planar_configuration"]
+            if "NumberOfFrames" in ds or nframes > 1:
+                ds.NumberOfFrames = nframes
+            header()
+            data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
+            _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
+        else:  # native: the bytes as they are, swapped from big endian
+            header()
+            # PS3.5 A.3: big endian OW is swapped by 16-bit words, 8-bit pixels too.
+            width = 1 if ts.is_little_endian else info.bits_allocated // 8
+            width = 2 if width == 1 and not ts.is_little_endian and pixels.VR == "OW" else width
+            chunks = _copied(value, length, width)
+            # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
+            wide = ts.is_implicit_VR or info.bits_allocated > 8
+            _write_native(out, "OW" if wide else "OB", chunks, None, length)
+        if len(tail):
+            fp = DicomFileLike(out)
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_dataset(fp, tail)
+    return True
+
+
+def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytes]:
+    """`length` bytes of `f` in chunks of CONVERT_COPY_BYTES, each `width`-byte word
+    byte-swapped when `width` is over 1 (big endian to little)."""
+    left = length
+    while left > 0:
+        chunk = f.read(min(CONVERT_COPY_BYTES, left))
+        if not chunk:
+            raise EOFError(f"the Pixel Data ends {left} bytes early")
+        left -= len(chunk)
+        if width > 1:
+            chunk = np.frombuffer(chunk, f">u{width}").astype(f"<u{width}").tobytes()
+        yield chunk
+
+
+def _write_native(
+    out: BinaryIO, vr: str, chunks: Iterator[bytes], frames: int | None, length: int = 0
+) -> None:
+    """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
+    given, or `frames` frames of the first one's length; its length is written once known."""
+    start = out.tell()
+    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
+    written, count, size = 0, 0, None
+    for chunk in chunks:
+        if frames is not None:
+            size = len(chunk) if size is None else size
+            if len(chunk) != size:
+                raise ValueError(f"frame {count + 1} decoded to {len(chunk)} bytes, not {size}")
+            count += 1
+        out.write(chunk)
+        written += len(chunk)
+    if frames is not None and count != frames:
+        raise ValueError(f"{count} frames decoded, not the {frames} of Number of Frames")
+    if frames is None and written != length:
+        raise EOFError(f"the Pixel Data ends {length - written} bytes early")
+    if written >= 2**32 - 1:  # PS3.5 8.1.1: a 32-bit length
+        raise ValueError(f"the uncompressed Pixel Data would be {written} bytes")
+    if written % 2:
+        out.write(b"\0")
+    end = out.tell()
+    out.seek(start + 8)
+    out.write(struct.pack("<I", written + written % 2))
+    out.seek(end)
+
+
+def _write_encapsulated(out: BinaryIO, codestreams: Iterator[bytes], frames: int) -> None:
+    """Encapsulated Pixel Data (PS3.5 A.4): one fragment per frame, padded to even, and a
+    Basic Offset Table, filled in once the fragments are written (as pydicom's encapsulate
+    with has_bot=True makes it)."""
+    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+    table = out.tell() + 8
+    out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 4 * frames) + b"\0" * (4 * frames))
+    offsets: list[int] = []
+    position = 0
+    for data in codestreams:
+        if len(offsets) == frames:
+            raise ValueError(f"more frames than the {frames} of Number of Frames")
+        data = data + b"\0" if len(data) % 2 else data
+        offsets.append(position)
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
+        out.write(data)
+        position += 8 + len(data)
+        if position > 0xFFFFFFFF:
+            raise ValueError("the frames are too long for a Basic Offset Table")
+    if len(offsets) != frames:
+        raise ValueError(f"{len(offsets)} frames decoded, not the {frames} of Number of Frames")
+    out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    end = out.tell()
+    out.seek(table)
+    out.write(struct.pack(f"<{frames}I", *offsets))
+    out.seek(end)
 
 
 # Stored syntaxes whose pixels were certainly compressed with loss, and their PS3.3
@@ -677,7 +901,7 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
 _ALWAYS_LOSSY = {JPEG_BASELINE: "ISO_10918_1", JPEGExtended12Bit: "ISO_10918_1"}
 
 
-def lossy_method(ts: str, pixel_data: bytes) -> str | None:
+def lossy_method(ts: str, pixel_data: bytes | BinaryIO) -> str | None:
     """The PS3.3 C.7.6.1.1.5.1 method when encapsulated pixel data were compressed with loss,
     else None. Certain for JPEG baseline and extended; read from the first frame's codestream
     for the syntaxes that may be either (PS3.5 8.2.3, 8.2.4, 8.2.14):

@@ -1,0 +1,242 @@
+"""Whole instances converted to another transfer syntax (WADO-RS instance retrieve) are written
+as they are made, a frame at a time: the same bytes as the conversion in memory, in a fraction
+of the memory. And no decode makes more than DECODE_MAX_BYTES, whatever the file claims."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicomweb_server import transcode
+from dicomweb_server.transcode import (
+    CONVERT_COPY_BYTES,
+    DECODE_MAX_BYTES,
+    TranscodeError,
+    converted_dataset,
+    decode_frames,
+    one_bit_pixel_data,
+    to_transfer_syntax,
+)
+
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+# One sample of each kind the conversion treats apart: native little endian (implicit VR),
+# big endian (16-bit, 8-bit OW words, odd length, palette, multi-frame RGB), and compressed
+# (JPEG-LS, JPEG 2000, RLE, JPEG Baseline in YBR_FULL_422, multi-frame).
+SAMPLES = [
+    "real/pydicom/MR_small_implicit.dcm",
+    "real/pydicom/SC_rgb_jpeg_dcmd.dcm",
+    "generated/coverage/cr_mono1_explicit_be.dcm",
+    "real/pydicom/SC_rgb_small_odd_big_endian.dcm",
+    "real/pydicom-data/OBXXXX1A_expb_2frame.dcm",
+    "real/pydicom-data/SC_rgb_expb_16bit_2frame.dcm",
+    "generated/coverage/ect_15frames_jpegls_lossless.dcm",
+    "generated/coverage/ct_j2k_lossless_signed.dcm",
+    "generated/coverage/mr_jpegls_near_lossless.dcm",
+    "real/pydicom/SC_rgb_rle_2frame.dcm",
+    "real/pydicom/SC_rgb_dcmtk_+eb+cy+n2.dcm",
+    "generated/coverage/us_multiframe_jpeg_baseline_ybr422.dcm",
+]
+
+
+def _in_memory(src: Path, dst: Path, target: str) -> None:
+    """The conversion as it was made before it was streamed: the whole data set in memory."""
+    converted_dataset(src, target).save_as(
+        dst, implicit_vr=False, little_endian=True, enforce_file_format=True
+    )
+
+
+def _streamed(src: Path, dst: Path, target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """to_transfer_syntax with the in-memory conversion out of reach, so that the streamed
+    one is what is measured."""
+
+    def refused(*_: object) -> Dataset:
+        raise AssertionError("converted in memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(transcode, "converted_dataset", refused)
+        to_transfer_syntax(src, dst, target)
+
+
+@pytest.mark.parametrize("target", [ExplicitVRLittleEndian, JPEGLSLossless, RLELossless])
+@pytest.mark.parametrize("name", SAMPLES)
+def test_streamed_conversion_is_the_in_memory_one(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, target: str
+) -> None:
+    src = samples / name
+    if pydicom.dcmread(src, stop_before_pixels=True).file_meta.TransferSyntaxUID == target:
+        pytest.skip("stored in the target syntax: sent as stored, never converted")
+    try:
+        _in_memory(src, tmp_path / "whole.dcm", target)
+    except TranscodeError:  # pixels the codec does not take (odd sizes for JPEG-LS, say)
+        with pytest.raises(TranscodeError):
+            _streamed(src, tmp_path / "streamed.dcm", target, monkeypatch)
+        return
+    _streamed(src, tmp_path / "streamed.dcm", target, monkeypatch)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+
+
+@pytest.mark.parametrize("target", [HTJ2K_LOSSLESS, JPEG_BASELINE])
+def test_streamed_to_htj2k_and_jpeg_baseline(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    src = samples / "real/pydicom-data/SC_rgb_expb_2frame.dcm"
+    _in_memory(src, tmp_path / "whole.dcm", target)
+    _streamed(src, tmp_path / "streamed.dcm", target, monkeypatch)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "name", ["real/pydicom/MR_small_implicit.dcm", "real/pydicom/MR_small_bigendian.dcm"]
+)
+def test_elements_after_the_pixel_data_follow_it(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Data Set Trailing Padding (FFFC,FFFC) and a private element after the Pixel Data are
+    written after it, re-encoded as the rest of the data set."""
+    ds = pydicom.dcmread(samples / name)
+    ds.add_new(0x7FE10010, "LO", "CREATOR")
+    ds.add_new(0x7FE11001, "US", [1, 513])
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 6)
+    src = tmp_path / "trailing.dcm"
+    ds.save_as(src)  # in its own transfer syntax
+    _in_memory(src, tmp_path / "whole.dcm", ExplicitVRLittleEndian)
+    _streamed(src, tmp_path / "streamed.dcm", ExplicitVRLittleEndian, monkeypatch)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+    got = pydicom.dcmread(tmp_path / "streamed.dcm")
+    assert list(got.keys())[-3:] == [0x7FE10010, 0x7FE11001, 0xFFFCFFFC]
+    # Implicit VR: an unknown private element is UN (its bytes); big endian: its numbers.
+    assert got[0x7FE11001].value in ([1, 513], b"\x01\x00\x01\x02")
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(src).pixel_array)
+
+
+def _multiframe(path: Path, syntax: str, frames: int, rows: int, columns: int) -> None:
+    """A 16-bit monochrome instance of `frames` gradient frames in `syntax`."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ramp = (np.arange(rows * columns, dtype=np.uint32) % 4096).astype("<u2")
+    pixels = np.stack([np.roll(ramp, k).reshape(rows, columns) for k in range(frames)])
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    if syntax == ImplicitVRLittleEndian:
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.compress(syntax, generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, JPEGLSLossless])
+def test_memory_holds_a_frame_not_the_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syntax: str
+) -> None:
+    """32 frames of 1024 x 1024 16-bit pixels (64 MiB decoded) to Explicit VR Little Endian:
+    the conversion's peak allocation stays within a few frames (2 MiB each), where the
+    conversion in memory held the instance, and again its copy."""
+    src = tmp_path / "big.dcm"
+    _multiframe(src, syntax, 32, 1024, 1024)
+    frame = 1024 * 1024 * 2
+    # A frame decoded, its bytes, the decoder's own buffers; copy buffers for native data.
+    bound = 8 * max(frame, CONVERT_COPY_BYTES)
+    tracemalloc.start()
+    try:
+        _streamed(src, tmp_path / "streamed.dcm", ExplicitVRLittleEndian, monkeypatch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < bound, f"peak {peak} bytes"
+    got = pydicom.dcmread(tmp_path / "streamed.dcm")
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(src).pixel_array)
+    # The bound above would not have held for the conversion in memory.
+    tracemalloc.start()
+    try:
+        _in_memory(src, tmp_path / "whole.dcm", ExplicitVRLittleEndian)
+        _, whole_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert whole_peak > 32 * frame
+
+
+def test_a_short_pixel_data_is_refused_not_padded(tmp_path: Path) -> None:
+    """Native Pixel Data whose file ends before its stated length: a TranscodeError (406 with
+    a reason), and no half-made file is taken for the instance."""
+    src = tmp_path / "short.dcm"
+    _multiframe(src, ImplicitVRLittleEndian, 4, 64, 64)
+    data = src.read_bytes()
+    src.write_bytes(data[:-100])
+    with pytest.raises(TranscodeError):
+        to_transfer_syntax(src, tmp_path / "out.dcm", ExplicitVRLittleEndian)
+
+
+def test_decode_size_bound_at_its_edge() -> None:
+    side = int(DECODE_MAX_BYTES**0.5)
+    assert side * side == DECODE_MAX_BYTES
+    transcode._check_decoded_size(side, side, 1, 8, 1)  # exactly the bound: decoded
+    with pytest.raises(ValueError, match="at most"):
+        transcode._check_decoded_size(side, side + 1, 1, 8, 1)
+    with pytest.raises(ValueError, match="at most"):  # 1-bit pixels decode to a byte each
+        transcode._check_decoded_size(side, side, 1, 1, 2)
+
+
+def _claiming(src: Path, dst: Path, rows: int, columns: int) -> Path:
+    """`src` with Rows and Columns rewritten: its Pixel Data as small as it was."""
+    ds = pydicom.dcmread(src)
+    ds.Rows, ds.Columns = rows, columns
+    ds.save_as(dst)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["real/pydicom/MR_small_RLE.dcm", "generated/coverage/ect_15frames_jpegls_lossless.dcm"],
+)
+def test_a_small_file_claiming_huge_frames_is_not_decoded(
+    samples: Path, tmp_path: Path, name: str
+) -> None:
+    """RLE frames are decoded into a buffer sized by Rows x Columns before the codestream is
+    read: 40000 x 40000 16-bit pixels (3.2 GB) from a file of kilobytes. Refused, 406 with
+    its reason, before anything is allocated."""
+    src = _claiming(samples / name, tmp_path / "huge.dcm", 40000, 40000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TranscodeError, match="at most"):
+            decode_frames(src, [1])
+        with pytest.raises(TranscodeError, match="at most"):
+            to_transfer_syntax(src, tmp_path / "out.dcm", ExplicitVRLittleEndian)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 * 1024
+
+
+def test_one_bit_pixel_data_decoded_whole_is_bounded(samples: Path, tmp_path: Path) -> None:
+    """1-bit Pixel Data stored compressed is decoded whole (its frames share bytes): a byte
+    per pixel, so 40000 x 40000 is refused."""
+    name = next(
+        r.split("\t")[0]
+        for r in (samples / "MANIFEST.tsv").read_text().splitlines()[1:]
+        if r.split("\t")[11] == "1" and r.split("\t")[6] == RLELossless
+    )
+    src = _claiming(samples / name, tmp_path / "huge.dcm", 40000, 40000)
+    with pytest.raises(TranscodeError, match="at most"):
+        one_bit_pixel_data(src)
