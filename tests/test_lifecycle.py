@@ -1,0 +1,215 @@
+"""`serve` as an operator meets it: start, stop, kill, restart, and the one-line refusals.
+
+Tests that start processes bound each wait and end what they started by its PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from dicomweb_server.config import ConfigError, Settings
+from dicomweb_server.embedded_db import EmbeddedPostgres
+from tests.liveserver import free_port, start
+
+# Seconds a process is given to end, or a refused command to answer.
+END_TIMEOUT_S = 30.0
+
+
+def _postmaster_pid(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+
+
+def _gone(pid: int, timeout_s: float = END_TIMEOUT_S) -> bool:
+    """Whether `pid` ends (or is a zombie) within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@contextlib.contextmanager
+def _ending(*pids: int) -> Iterator[list[int]]:
+    """PIDs (more may be appended) sent SIGKILL on the way out if still running."""
+    mine = list(pids)
+    try:
+        yield mine
+    finally:
+        for pid in mine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _stop_cluster(pgdata: Path) -> None:
+    """End the postmaster under `pgdata` if one was left (a failing test's leftover)."""
+    with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+        os.kill(_postmaster_pid(pgdata), signal.SIGTERM)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "dicomweb_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=END_TIMEOUT_S,
+        check=False,
+        env=env,
+    )
+
+
+def _one_line_refusal(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dicomweb-server: "), r.stderr[-2000:]
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+def test_killed_server_leaves_no_postgres_after_next_stop(tmp_path: Path) -> None:
+    """A SIGKILLed `serve` leaves its embedded PostgreSQL running; the next `serve` takes it
+    over and stops it when it stops (the dead PID no longer counts as a user)."""
+    data = tmp_path / "data"
+    pgdata = data / "postgres"
+    try:
+        first = start(data, None)
+        with _ending(first.proc.pid):
+            postmaster = _postmaster_pid(pgdata)
+            first.kill()
+        assert not _gone(postmaster, 0.5)  # nobody left to stop it
+        second = start(data, None)
+        with _ending(second.proc.pid):
+            assert _postmaster_pid(pgdata) == postmaster  # taken over, not started again
+            second.proc.send_signal(signal.SIGTERM)
+            assert second.proc.wait(timeout=END_TIMEOUT_S) == 0
+        assert _gone(postmaster), "the embedded PostgreSQL outlived the server"
+    finally:
+        _stop_cluster(pgdata)
+
+
+def test_stale_postmaster_pid_naming_another_process(tmp_path: Path) -> None:
+    """postmaster.pid names a PID that another process now has (the server was killed, the
+    PID reused): the cluster starts, and that process is left alone (it was sent SIGTERM and
+    SIGKILL before)."""
+    pgdata = tmp_path / "pg"
+    server = EmbeddedPostgres(pgdata)
+    lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    server.stop()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (pgdata / "postmaster.pid").write_text("\n".join([str(other.pid), *lines[1:]]) + "\n")
+        server = EmbeddedPostgres(pgdata)
+        try:
+            assert _postmaster_pid(pgdata) != other.pid
+            assert _answers(server.dsn)
+        finally:
+            server.stop()
+        assert other.poll() is None, "an unrelated process was killed"
+    finally:
+        other.kill()
+        other.wait(timeout=END_TIMEOUT_S)
+
+
+def _answers(dsn: str) -> bool:
+    async def one() -> int:
+        conn = await asyncpg.connect(dsn, timeout=END_TIMEOUT_S)
+        try:
+            return int(await conn.fetchval("SELECT 1"))
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    return asyncio.run(one()) == 1
+
+
+def test_data_dir_with_spaces(tmp_path: Path) -> None:
+    """The package passes the socket directory to postgres unquoted; a path with spaces
+    stopped it from starting ("invalid argument")."""
+    pgdata = tmp_path / "PACS data" / "my archive" / "postgres"
+    server = EmbeddedPostgres(pgdata)
+    try:
+        assert _answers(server.dsn)
+    finally:
+        server.stop()
+
+
+def test_http_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = _cli("serve", "--port", str(port), "--data-dir", str(tmp_path / "data"))
+    _one_line_refusal(r, f"port {port}", "already in use", "--port")
+    assert not (tmp_path / "data" / "postgres").exists()  # refused before starting PostgreSQL
+
+
+def test_data_dir_not_writable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    data = tmp_path / "file" / "data"
+    r = _cli("serve", "--port", str(free_port()), "--data-dir", str(data))
+    _one_line_refusal(r, str(data), "--data-dir")
+
+
+def test_database_down() -> None:
+    url = f"postgresql://someone:secret@127.0.0.1:{free_port()}/archive"
+    r = _cli("serve", "--port", str(free_port()), "--database-url", url)
+    line = _one_line_refusal(r, "cannot connect to the database", "DATABASE_URL")
+    assert "secret" not in line and "someone:***@127.0.0.1" in line
+
+
+@pytest.mark.db
+def test_database_missing(pg_dsn: str) -> None:
+    parts = urlsplit(pg_dsn)
+    url = urlunsplit(parts._replace(path="/no_such_database_here"))
+    for command in ("serve", "initdb"):
+        args = ["--port", str(free_port())] if command == "serve" else []
+        r = _cli(command, *args, "--database-url", url)
+        _one_line_refusal(r, 'database "no_such_database_here" does not exist')
+
+
+def test_port_and_workers_ranges() -> None:
+    assert Settings(port=65535).checked().port == 65535
+    assert Settings(port=1, workers=1).checked().workers == 1
+    for bad in (Settings(port=0), Settings(port=65536), Settings(workers=0)):
+        with pytest.raises(ConfigError):
+            bad.checked()
+
+
+def test_workers_end_with_a_killed_server(tmp_path: Path) -> None:
+    """`serve --workers 2` SIGKILLed: its workers stop (they served on, holding the port),
+    and the next start takes the PostgreSQL over and stops it."""
+    data = tmp_path / "data"
+    pgdata = data / "postgres"
+    try:
+        server = start(data, None, extra_args=("--workers", "2"))
+        children = [p.pid for p in psutil.Process(server.proc.pid).children()]
+        with _ending(server.proc.pid, *children):
+            postmaster = _postmaster_pid(pgdata)
+            server.kill()
+            for pid in children:
+                assert _gone(pid), f"process {pid} outlived the killed server"
+        again = start(data, None, extra_args=("--workers", "2"))
+        with _ending(again.proc.pid):
+            again.proc.send_signal(signal.SIGTERM)
+            assert again.proc.wait(timeout=END_TIMEOUT_S) == 0
+        assert _gone(postmaster)
+    finally:
+        _stop_cluster(pgdata)
