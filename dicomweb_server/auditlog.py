@@ -39,7 +39,14 @@ class AuditLog:
     def __init__(self, index: Index) -> None:
         self._index = index
         self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(AUDIT_QUEUE_MAX)
+        self._in_batch = 0  # taken from the queue, being appended
         self.written = 0
+
+    @property
+    def unwritten(self) -> int:
+        """Events recorded and not yet in the database: queued, or in the batch being
+        appended (a batch waiting for the database has left the queue)."""
+        return self._queue.qsize() + self._in_batch
 
     async def record(self, event: AuditEvent) -> None:
         await self._queue.put(event)
@@ -55,7 +62,9 @@ class AuditLog:
                 await asyncio.sleep(AUDIT_LINGER_S)
             while len(batch) < AUDIT_BATCH_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._in_batch = len(batch)
             await self._append(batch)
+            self._in_batch = 0
             for _ in batch:
                 self._queue.task_done()
 
@@ -88,7 +97,7 @@ async def running_audit_log(index: Index) -> AsyncIterator[AuditLog]:
         try:
             await asyncio.wait_for(audit.flush(), AUDIT_DRAIN_S)
         except TimeoutError:
-            log.error("audit trail: shutdown with %d events unwritten", audit._queue.qsize())
+            log.error("audit trail: shutdown with %d events unwritten", audit.unwritten)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

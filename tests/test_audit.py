@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -292,6 +293,27 @@ async def test_one_odd_event_does_not_cost_the_others(empty_audit: str) -> None:
         assert await _verify(index) is None
     finally:
         await index.close()
+
+
+async def test_shutdown_counts_the_events_it_could_not_write(
+    empty_audit: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database gone at shutdown: the events of the batch waiting for it are counted as
+    unwritten with those still queued (found by review: it said 0 with 2 lost)."""
+    from dicomweb_server import auditlog
+
+    monkeypatch.setattr(auditlog, "AUDIT_DRAIN_S", 0.5)
+    monkeypatch.setattr(auditlog, "AUDIT_RETRY_S", 0.05)
+    index = await Index.open(empty_audit, max_size=2, timeout_s=30)
+    await index.close()  # the database is away: every append fails and is retried
+    caplog.set_level(logging.ERROR, logger="dicomweb_server.auditlog")
+    async with auditlog.running_audit_log(index) as audit:
+        for n in range(2):
+            await audit.record(AuditEvent(datetime.now(UTC), f"u{n}", "h", "a", ()))
+        await asyncio.sleep(0.3)  # the writer has taken both into a batch
+        assert audit.unwritten == 2
+    assert "shutdown with 2 events unwritten" in caplog.text
+    assert await _rows(empty_audit) == []
 
 
 async def test_an_unrouted_path_is_recorded_as_sent(
