@@ -73,7 +73,14 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     if dsn is None:
         embedded = await anyio.to_thread.run_sync(EmbeddedPostgres, settings.pg_dir)
         dsn = embedded.dsn
-    index = await Index.open(dsn, max_size=settings.pool_size, timeout_s=settings.query_timeout_s)
+    try:
+        index = await Index.open(
+            dsn, max_size=settings.pool_size, timeout_s=settings.query_timeout_s
+        )
+    except BaseException:  # the cluster started here is stopped here, not left running
+        if embedded is not None:
+            await anyio.to_thread.run_sync(embedded.stop)
+        raise
     try:
         await index.apply_schema(SCHEMA_PATH.read_text())
         owner = await index.claim_owner(dsn)

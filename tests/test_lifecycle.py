@@ -257,3 +257,19 @@ def test_embedded_postgres_killed_under_the_server_is_started_again(tmp_path: Pa
         assert not (pgdata / "postmaster.pid").exists() or _gone(_postmaster_pid(pgdata))
     finally:
         _stop_cluster(pgdata)
+
+
+async def test_a_pool_that_cannot_open_stops_the_cluster_it_started(tmp_path: Path) -> None:
+    """open_services (initdb, load, reindex) stops the embedded PostgreSQL it started when the
+    connection pool then fails to open, instead of leaving it to the process's exit."""
+    from dicomweb_server.app import open_services
+
+    settings = Settings(data_dir=tmp_path / "data", pool_size=0)  # asyncpg refuses a size 0
+    try:
+        with pytest.raises(ValueError):
+            async with open_services(settings):
+                raise AssertionError("opened")
+        assert (settings.pg_dir / "PG_VERSION").exists()  # it was started
+        assert not (settings.pg_dir / "postmaster.pid").exists()  # and stopped again
+    finally:
+        _stop_cluster(settings.pg_dir)
