@@ -49,7 +49,7 @@ from dicomweb_server.config import (
     ae_title_list,
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
-from dicomweb_server.index import Index
+from dicomweb_server.index import Index, not_up_yet
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
 
@@ -63,6 +63,8 @@ __all__ = ["main", "worker_app"]
 
 # Seconds `serve` (and the other commands) wait for the database to answer before giving up.
 DB_CONNECT_TIMEOUT_S = 10.0
+# Seconds between attempts meanwhile, while nothing listens at its address yet.
+DB_RETRY_S = 0.5
 # Seconds between checks that the embedded PostgreSQL `serve` started is still running.
 EMBEDDED_WATCH_S = 2.0
 
@@ -138,12 +140,22 @@ def _redacted(dsn: str) -> str:
 
 
 async def _check_database(dsn: str, embedded: bool) -> None:
-    """StartupError unless the database answers within DB_CONNECT_TIMEOUT_S (no retry: a
-    service manager restarts the server, and a wrong URL should not look like a hang)."""
+    """StartupError unless the database answers within DB_CONNECT_TIMEOUT_S. Only a database
+    not up yet is asked again (every DB_RETRY_S) until then; a wrong URL, role or database
+    name is said at once, not after a wait that would look like a hang."""
+    deadline = time.monotonic() + DB_CONNECT_TIMEOUT_S
     try:
-        index = await asyncio.wait_for(
-            Index.open(dsn, max_size=1, timeout_s=DB_CONNECT_TIMEOUT_S), DB_CONNECT_TIMEOUT_S
-        )
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                index = await asyncio.wait_for(
+                    Index.open(dsn, max_size=1, timeout_s=DB_CONNECT_TIMEOUT_S), left
+                )
+                break
+            except Exception as exc:
+                if not not_up_yet(exc) or time.monotonic() + DB_RETRY_S > deadline:
+                    raise
+                await asyncio.sleep(DB_RETRY_S)
     except Exception as exc:
         why = f"no answer in {DB_CONNECT_TIMEOUT_S:g}s" if isinstance(exc, TimeoutError) else exc
         if embedded:

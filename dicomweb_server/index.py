@@ -35,6 +35,7 @@ __all__ = [
     "MetadataRow",
     "StoredBlob",
     "StoredInstance",
+    "not_up_yet",
 ]
 
 # First key of the two-int advisory lock space used for process liveness ('DCMW').
@@ -565,6 +566,13 @@ _UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
 )
+
+
+def not_up_yet(exc: BaseException) -> bool:
+    """Whether opening the index failed for a database that may answer in a moment: nothing
+    listens at its address yet (a service started beside ours), or PostgreSQL is starting up
+    or recovering."""
+    return isinstance(exc, ConnectionRefusedError | asyncpg.CannotConnectNowError)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -4,12 +4,14 @@ Tests that start processes bound each wait and end what they started by its PID.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +187,78 @@ def test_database_missing(pg_dsn: str) -> None:
         args = ["--port", str(free_port())] if command == "serve" else []
         r = _cli(command, *args, "--database-url", url)
         _one_line_refusal(r, 'database "no_such_database_here" does not exist')
+
+
+@contextlib.contextmanager
+def _listening_later(target_dsn: str, delay_s: float) -> Iterator[int]:
+    """A TCP port on which nothing listens for `delay_s`, then a relay to the PostgreSQL of
+    `target_dsn` (TCP, or the Unix socket of an embedded one): a database server that comes
+    up after the archive was started."""
+    parts = urlsplit(target_dsn)
+    query = dict(q.split("=", 1) for q in parts.query.split("&") if "=" in q)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if parts.hostname:
+            up = await asyncio.open_connection(parts.hostname, parts.port or 5432)
+        else:
+            sock = f"{query['host']}/.s.PGSQL.{query.get('port', '5432')}"
+            up = await asyncio.open_unix_connection(sock)
+        writers.extend((writer, up[1]))
+        await asyncio.gather(pipe(reader, up[1]), pipe(up[0], writer))
+
+    async def serve() -> None:
+        await asyncio.sleep(delay_s)
+        server = await asyncio.start_server(relay, "127.0.0.1", port)
+        async with server:
+            await asyncio.Event().wait()
+
+    async def shut() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    task = loop.create_task(serve())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(shut(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.db
+def test_database_coming_up_after_the_server_is_waited_for(pg_dsn: str, tmp_path: Path) -> None:
+    """DATABASE_URL names a server that starts listening 2 s after `serve` (compose, systemd
+    units started together): `serve` asks again until DB_CONNECT_TIMEOUT_S, then serves."""
+    parts = urlsplit(pg_dsn)
+    user = parts.username or "postgres"
+    with _listening_later(pg_dsn, 2.0) as port:
+        url = f"postgresql://{user}@127.0.0.1:{port}{parts.path or '/postgres'}"
+        began = time.monotonic()
+        server = start(tmp_path / "data", url)
+        with _ending(server.proc.pid):
+            assert time.monotonic() - began >= 2.0
+            r = httpx.get(f"{server.url}/studies?limit=1", timeout=10)
+            assert r.status_code in (200, 204), r.text  # a query answered by the database
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=END_TIMEOUT_S) == 0
 
 
 def test_port_and_workers_ranges() -> None:
