@@ -328,6 +328,9 @@ async def test_head_of_bulk_resources_decodes_nothing(
             assert "content-length" not in r.headers, (url, accept)
             expected = "image/jls" if "jls" in accept else "application/octet-stream"
             assert r.headers["content-type"].startswith(f'multipart/related; type="{expected}"')
+            # A multipart type without its boundary (found by interop review: curl -I of
+            # /bulkdata said `multipart/related; type="application/octet-stream"`).
+            assert "; boundary=" in r.headers["content-type"], (url, accept)
     # The image/jls HEADs of /pixeldata and /bulkdata start at most their first frame (the
     # part type is the first part's); a decoded value is not read, nor any other frame.
     assert len(calls) <= 2
