@@ -243,7 +243,9 @@ def create_app(settings: Settings) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(origins or []),
                 allow_origin_regex=None if origins else LOCAL_ORIGINS_REGEX,
-                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                # HEAD too: a browser's HEAD with Authorization is preflighted, and a
+                # preflight naming a method not listed is a 400, which fails the fetch.
+                allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],
                 allow_credentials="*" not in (origins or ()),
                 expose_headers=EXPOSED_HEADERS,

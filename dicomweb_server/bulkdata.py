@@ -35,7 +35,6 @@ from dicomweb_server.retrieve import (
     pixel_data_plan,
     stored_bulk_value,
 )
-from dicomweb_server.transcode import TranscodeError
 
 __all__ = ["PIXEL_DATA_PATHS", "BulkPayload", "bulk_payload", "located_frames"]
 
@@ -123,7 +122,10 @@ async def _parts(
 ) -> AsyncIterator[Part]:
     """The values' parts in turn. A value that fails before its first part is sent (a decoder
     failing on its first frame, nested compressed pixels that cannot be decoded) is left out
-    (payload.leave_out); one that fails after is a failure of the response."""
+    (payload.leave_out), and so is one whose frames cannot be made in the image type asked
+    (encapsulated frames of a syntax the encoder does not take, known only once its frames
+    are negotiated: the response broke off there); one that fails after is a failure of the
+    response."""
     for v in values:
         inst = v.inst
         location = base_url + bulk_prefix(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
@@ -138,7 +140,7 @@ async def _parts(
             async for part in _pixel_data_parts(svc, inst, v.plans, accept, location):
                 started = True
                 yield part
-        except TranscodeError as exc:
+        except NotAcceptableError as exc:  # TranscodeError included
             if started:
                 raise
             payload.leave_out(f"{location}: {exc.message}")
@@ -149,7 +151,7 @@ async def _pixel_data_parts(
 ) -> AsyncIterator[Part]:
     """Encapsulated Pixel Data by the first of its plans whose first frame can be made: a
     decoder failing there passes to the next plan, before this value's first part is sent."""
-    failure: TranscodeError | None = None
+    failure: NotAcceptableError | None = None
     for plan in plans:
         try:
             if plan == DECODED:
@@ -162,7 +164,7 @@ async def _pixel_data_parts(
             frames = list(range(1, inst.number_of_frames + 1))
             asked = STORED_FRAMES if plan == STORED_FRAMES else accept
             _, parts = await frame_parts(svc, inst, frames, asked)
-        except TranscodeError as exc:
+        except NotAcceptableError as exc:  # TranscodeError included
             failure = exc
             continue
         async for part in located_frames(parts, location, frames):

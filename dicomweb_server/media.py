@@ -291,12 +291,20 @@ def _parse_accept_kept(value: str | None) -> tuple[MediaRange, ...]:
 ACCEPT_FALLBACK = "\n"
 
 
+# A space between two token characters of the `accept` query parameter. White space in a
+# media range stands only around `;`, `,` and `=` (RFC 9110 5.6.3, 12.5.1), so this one was
+# a `+` written into the URL (`?accept=application/dicom+json`: a literal in an RFC 3986
+# query, PS3.18 8.3), which form decoding had read as a space.
+_PLUS_READ_AS_SPACE = re.compile(r"(?<=[-!#$%&'*+.^_`|~0-9A-Za-z]) (?=[-!#$%&'*+.^_`|~0-9A-Za-z])")
+
+
 def accept_then(query: str | None, header: str | None) -> str | None:
     """The Accept value for a request with an `accept` query parameter: its media types first,
     then the header's, tried only when none of the parameter's is supported (PS3.18 8.7.8.1,
     steps 2 and 3)."""
     if not query:
         return header
+    query = _PLUS_READ_AS_SPACE.sub("+", query)
     # no Accept header is taken as */* (the statement's choice), after the parameter's types
     return f"{query}{ACCEPT_FALLBACK}{'*/*' if header is None else header}"
 

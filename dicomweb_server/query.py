@@ -340,6 +340,9 @@ def _range_or_single(attr: Attribute, value: str) -> Match:
     return SingleValueMatch(attr, one)
 
 
+_DT_PLUS_READ_AS_SPACE = re.compile(r"(?<=[0-9]) (?=[0-9]{4}(?:-|$))")
+
+
 def _dt(value: str) -> dt.datetime | None:
     """A DT query value as the naive UTC datetime the index holds (vr.dt_as_utc)."""
     parsed = parse_dt(value)
@@ -352,7 +355,10 @@ def _dt_match(attr: Attribute, value: str) -> Match:
     years 2023 to 1000). A range whose ends parse and are in order wins (PS3.4 C.2.2.2.5:
     "<datetime1> is less or equal to <datetime2>"); else a single value with an offset
     (within -1200..+1400, PS3.5 6.2, so `2023-2025` is a range); else a range in reverse
-    order, which matches nothing."""
+    order, which matches nothing. A space before an offset's four digits was its `+`,
+    written into the URL (a literal in an RFC 3986 query, PS3.18 8.3) and read as a
+    space by form decoding: a DT holds no space (PS3.5 6.2)."""
+    value = _DT_PLUS_READ_AS_SPACE.sub("+", value)
     ranges = []
     for i, ch in enumerate(value):
         if ch != "-":

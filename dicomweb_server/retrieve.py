@@ -23,7 +23,7 @@ from pydicom.uid import UID
 
 from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
-from dicomweb_server.errors import BadRequestError, NotFoundError
+from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
@@ -113,14 +113,39 @@ async def instance_parts(
         ts = inst.transfer_syntax_uid
         why = "" if decodable(ts) else missing_codec(ts)
         chosen.append(negotiate_instances(accept, ts, targets_of(inst), why))
-    first = next((i for i, (inst, target) in enumerate(zip(instances, chosen, strict=True))
-                  if target not in (STORED, inst.transfer_syntax_uid)), None)  # fmt: skip
-    if first is None:
-        lengths = [({"Content-Type": _dicom_type(i.transfer_syntax_uid)}, i.size_bytes)
-                   for i in instances]  # fmt: skip
-        return _instance_parts(svc, instances, chosen, None, None), lengths
-    prepared = await _transcode_to_file(svc, instances[first], chosen[first])
-    return _instance_parts(svc, instances, chosen, first, prepared), None
+    for first, inst in enumerate(instances):
+        if chosen[first] in (STORED, inst.transfer_syntax_uid):
+            continue
+        chosen[first], prepared = await _converted(svc, inst, chosen[first], accept)
+        if prepared is not None:
+            return _instance_parts(svc, instances, chosen, first, prepared, accept), None
+    lengths = [({"Content-Type": _dicom_type(i.transfer_syntax_uid)}, i.size_bytes)
+               for i in instances]  # fmt: skip
+    return _instance_parts(svc, instances, chosen, None, None, accept), lengths
+
+
+async def _converted(
+    svc: Services, inst: StoredInstance, target: str, accept: str | None
+) -> tuple[str, Path | None]:
+    """(target, scratch file of the instance converted to it). A decoder may still fail on
+    this data although its transfer syntax has one (a 12-bit JPEG Extended that libjpeg
+    refuses): the Accept is then negotiated again without that target, and a request that
+    names no type (none, `*/*`) gets the instance as stored, (STORED, None), as it does when
+    no decoder exists (field notes 3: 406 only when nothing acceptable can be made). The
+    conversion's error is raised when nothing else is acceptable."""
+    failed: set[str] = set()
+    while True:
+        try:
+            return target, await _transcode_to_file(svc, inst, target)
+        except TranscodeError as exc:
+            failed.add(target)
+            others = [t for t in targets_of(inst) if t not in failed]
+            try:
+                target = negotiate_instances(accept, inst.transfer_syntax_uid, others, str(exc))
+            except NotAcceptableError:
+                raise exc from None
+            if target in (STORED, inst.transfer_syntax_uid):
+                return STORED, None
 
 
 def _dicom_type(ts: str) -> str:
@@ -133,6 +158,7 @@ async def _instance_parts(
     targets: list[str],
     first: int | None,
     prepared: Path | None,
+    accept: str | None,
 ) -> AsyncIterator[Part]:
     try:
         sent_ahead = 0  # instances after this one already sent with it, read in one go
@@ -155,12 +181,19 @@ async def _instance_parts(
                 body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
                 yield {"Content-Type": _dicom_type(ts)}, body
                 continue
-            headers = {"Content-Type": _dicom_type(target)}
             if i == first and prepared is not None:
                 path, prepared = prepared, None
-                yield headers, _stream_and_remove(path)
+                yield {"Content-Type": _dicom_type(target)}, _stream_and_remove(path)
+                continue
+            # Converted before its part starts, so that a decoder failing on it can still
+            # send it as the client accepts otherwise (as stored for `*/*`): the stream
+            # broke off there (found by interop review: curl of a study with no Accept).
+            target, made = await _converted(svc, inst, target, accept)
+            if made is None:
+                body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
+                yield {"Content-Type": _dicom_type(ts)}, body
             else:
-                yield headers, _transcoded(svc, inst, target)
+                yield {"Content-Type": _dicom_type(target)}, _stream_and_remove(made)
     finally:
         if prepared is not None:  # the response ended before its turn
             with contextlib.suppress(OSError):
@@ -210,12 +243,6 @@ async def _stream_and_remove(path: Path) -> AsyncIterator[bytes]:
             path.unlink()
 
 
-async def _transcoded(svc: Services, inst: StoredInstance, target: str) -> AsyncIterator[bytes]:
-    tmp = await _transcode_to_file(svc, inst, target)
-    async for chunk in _stream_and_remove(tmp):
-        yield chunk
-
-
 def parse_frame_list(text: str) -> list[int]:
     """`1,3,5` -> [1, 3, 5] (PS3.18 8.3.1.4 frame list); 400 when malformed.
 
@@ -241,12 +268,16 @@ def _check_frames(inst: StoredInstance, frames: list[int]) -> None:
         )
 
 
-def _frame_plan(inst: StoredInstance, accept: str | None) -> tuple[str, str, str]:
+def _frame_plan(
+    inst: StoredInstance, accept: str | None, failed: frozenset[str] = frozenset()
+) -> tuple[str, str, str]:
     """(part media type, part Content-Type, target) of a frames request; target STORED means
-    the stored bytes are sent as they are. 406 raised here, before anything is sent."""
+    the stored bytes are sent as they are. 406 raised here, before anything is sent.
+    `failed`: targets a decoder or encoder already failed on for this instance."""
     ts = inst.transfer_syntax_uid
     why = "" if decodable(ts) else missing_codec(ts)
-    target = negotiate_frames(accept, ts, targets_of(inst), why)
+    targets = [t for t in targets_of(inst) if t not in failed]
+    target = negotiate_frames(accept, ts, targets, why)
     if target == STORED:
         media = frame_media_type(ts)
         # Encapsulated frames with no image type of their own (Deflated Image Frame
@@ -277,10 +308,39 @@ async def frame_parts(
 ) -> tuple[str, AsyncIterator[Part]]:
     """(part media type, parts) for a frames request; 404/406 raised before anything is sent."""
     _check_frames(inst, frames)
-    media, ctype, target = _frame_plan(inst, accept)
-    if target == STORED:
+    media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept)
+    if first is None:
         return media, _stored_frames(svc, inst, frames, ctype)
-    return media, await _converted_frames(svc, inst, frames, target, ctype)
+    return media, _converted_rest(svc, inst, first, frames[1:], target, ctype)
+
+
+async def _first_frame(
+    svc: Services, inst: StoredInstance, n: int, accept: str | None
+) -> tuple[str, str, str, bytes | None]:
+    """_frame_plan, and frame n converted as it says (None: sent as stored), before the
+    response starts, so that a codec failing on this instance is a 406 rather than a broken
+    stream. A decoder may fail on data its transfer syntax promised it (a 12-bit JPEG
+    Extended that libjpeg refuses): the Accept is then negotiated again without that target,
+    and a request naming no type (none, `*/*`) gets the frames as stored (field notes 3), as
+    it does when no decoder exists. The conversion's error when nothing else is acceptable."""
+    failed: frozenset[str] = frozenset()
+    error: TranscodeError | None = None
+    while True:
+        try:
+            media, ctype, target = _frame_plan(inst, accept, failed)
+        except NotAcceptableError:
+            if error is None:
+                raise
+            raise error from None
+        if target == STORED:
+            return media, ctype, target, None
+        if target in failed:  # native frames are decoded even "as stored"
+            assert error is not None
+            raise error
+        try:
+            return media, ctype, target, await _convert_frame(svc, inst, n, target)
+        except TranscodeError as exc:
+            error, failed = exc, failed | {target}
 
 
 @dataclass(frozen=True)
@@ -305,11 +365,11 @@ async def frame_value(
     SMALL_RUN_BYTES is read in one worker-thread call, item headers stripped, rather than
     mapped item by item first (a thread call more)."""
     _check_frames(inst, [n])
-    media, ctype, target = _frame_plan(inst, accept)
+    media, ctype, _, converted = await _first_frame(svc, inst, n, accept)
     headers = {"Content-Type": ctype}
     key = inst.blob_key
-    if target != STORED:
-        return media, _sized_bytes(headers, await _convert_frame(svc, inst, n, target), key)
+    if converted is not None:
+        return media, _sized_bytes(headers, converted, key)
     if inst.frame_offsets is None or inst.frame_lengths is None:
         path = svc.blobs.local_path(key)
         (data,) = await anyio.to_thread.run_sync(stored_frames, path, [n], limiter=svc.limiter)
@@ -437,15 +497,6 @@ async def _stored_codestream(svc: Services, inst: StoredInstance, n: int) -> byt
     offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
     chunks = svc.blobs.open_range(inst.blob_key, offset, length)
     return b"".join([c async for c in strip_items(chunks)])
-
-
-async def _converted_frames(
-    svc: Services, inst: StoredInstance, frames: list[int], target: str, ctype: str
-) -> AsyncIterator[Part]:
-    """Converted frames; the first is converted before the response starts, so that a codec
-    that fails on this instance gives a 406 rather than a broken stream."""
-    first = await _convert_frame(svc, inst, frames[0], target)
-    return _converted_rest(svc, inst, first, frames[1:], target, ctype)
 
 
 async def _converted_rest(

@@ -61,6 +61,21 @@ async def test_cors_on_success_error_and_preflight(app_client: httpx.AsyncClient
     assert "access-control-allow-origin" not in r.headers
 
 
+async def test_preflight_of_head(app_client: httpx.AsyncClient) -> None:
+    """A browser preflights a HEAD that carries Authorization; the preflight was a 400
+    "Disallowed CORS method" (found by interop review), so the HEAD failed in the browser."""
+    r = await app_client.options(
+        f"{ROOT}/studies/1.2/series/1.3/instances/1.4/frames/1",
+        headers={
+            "Origin": VIEWER,
+            "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == VIEWER
+    assert "HEAD" in r.headers["access-control-allow-methods"]
+
+
 async def test_unexpected_error_is_500_with_cors(
     app: Starlette, app_client: httpx.AsyncClient
 ) -> None:

@@ -303,6 +303,30 @@ async def test_a_value_that_cannot_be_decoded_is_left_out(
 
 
 @pytest.mark.db
+async def test_a_later_value_not_made_in_the_image_type_asked_is_left_out(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A study's Pixel Data as image/jls: an RLE instance of 32-bit samples after one that
+    JPEG-LS takes cannot be made so (JPEG-LS stops at 16 bits); found by interop review, the
+    response broke off at it (curl exit 18, "incomplete chunked read"), the negotiation's
+    406 raised once the 200 was sent. It is left out as a value the client cannot take is."""
+    pydicom_data = samples / "real" / "pydicom-data"
+    native = pydicom.dcmread(pydicom_data / "SC_rgb.dcm")
+    rle32 = samples / "real" / "pydicom" / "SC_rgb_rle_32bit.dcm"
+    assert pydicom.dcmread(rle32).StudyInstanceUID == native.StudyInstanceUID
+    await _store(app_client, (pydicom_data / "SC_rgb.dcm").read_bytes())
+    await _store(app_client, rle32.read_bytes())  # stored second: sent second
+    jls = 'multipart/related; type="image/jls"'
+    for resource in ("pixeldata", "bulkdata"):
+        url = f"{ROOT}/studies/{native.StudyInstanceUID}/{resource}"
+        r = await app_client.get(url, headers={"Accept": jls})
+        assert r.status_code == 200 and r.content.endswith(b"--\r\n"), resource  # whole
+        parts = split_multipart(r.content, r.headers["content-type"])
+        assert [h["content-type"].partition(";")[0] for h, _ in parts] == ["image/jls"]
+        assert native.SOPInstanceUID in parts[0][0]["content-location"]
+
+
+@pytest.mark.db
 async def test_head_of_bulk_resources_decodes_nothing(
     app_client: httpx.AsyncClient, samples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -328,6 +352,9 @@ async def test_head_of_bulk_resources_decodes_nothing(
             assert "content-length" not in r.headers, (url, accept)
             expected = "image/jls" if "jls" in accept else "application/octet-stream"
             assert r.headers["content-type"].startswith(f'multipart/related; type="{expected}"')
+            # A multipart type without its boundary (found by interop review: curl -I of
+            # /bulkdata said `multipart/related; type="application/octet-stream"`).
+            assert "; boundary=" in r.headers["content-type"], (url, accept)
     # The image/jls HEADs of /pixeldata and /bulkdata start at most their first frame (the
     # part type is the first part's); a decoded value is not read, nor any other frame.
     assert len(calls) <= 2

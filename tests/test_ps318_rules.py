@@ -298,3 +298,27 @@ async def test_head_of_decoded_pixel_data_decodes_nothing(
     get = await app_client.get(uri)
     assert int(head.headers["content-length"]) == len(get.content)
     assert head.headers["content-type"].split(";")[0] == "multipart/related"
+
+
+@pytest.mark.db
+async def test_a_plus_written_into_the_url_is_a_plus(app_client: httpx.AsyncClient) -> None:
+    """`+` is a literal in an RFC 3986 query (PS3.18 8.3), as curl, wget and a browser's
+    address bar send it; form decoding reads it as a space. Found by interop review:
+    `?accept=application/dicom+xml` got JSON, `AcquisitionDateTime=20240105120000+0500` was
+    a 400 ("'20240105120000 0500' is not a valid DT value"). Where a space cannot stand (inside
+    a media type, before a DT offset) it is read back as the `+`; a form-encoded space
+    (`%3B+type` from Python's urlencode) stays one."""
+    ds = make_instance(AcquisitionDateTime="20240105120000+0500")
+    await _store(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/metadata"
+    for query in ("accept=application/dicom+xml", "accept=application/dicom%2Bxml"):
+        r = await app_client.get(f"{url}?{query}")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/dicom+xml"
+    r = await app_client.get(
+        f"{url}?accept=multipart%2Frelated%3B+type%3Dapplication%2Fdicom%2Bxml"
+    )
+    assert r.headers["content-type"].startswith(XML_PARTS)
+    for value in ("20240105120000+0500", "20240105070000+0000-20240105070000+0000"):
+        r = await app_client.get(f"{ROOT}/instances?AcquisitionDateTime={value}")
+        assert r.status_code == 200, (value, r.text)
+        assert r.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]

@@ -546,6 +546,55 @@ async def test_undecodable_instances_as_stored_when_the_client_names_no_type(
     assert r.status_code == 406 and ts in r.json()["message"]
 
 
+async def test_instances_a_decoder_fails_on_go_as_stored_when_the_client_names_no_type(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A 12-bit JPEG Extended instance that the installed decoders refuse, although its
+    transfer syntax has decoders (found by interop review: `curl {study}` broke off mid-body
+    at it, curl exit 18, and its instance and frame URLs were 406). With no Accept or `*/*`
+    it is sent as stored, as when no decoder exists (field notes 3); the other instances of
+    the study still converted. Named Explicit VR Little Endian stays a 406 for it."""
+    path = samples / "real" / "pydicom" / "JPEG-lossy.dcm"  # no decoder here takes it
+    lossy = pydicom.dcmread(path)
+    stored_ts = lossy.file_meta.TransferSyntaxUID
+    # Before it in the study (Instance Number 1 < 5), one that converts: the failure comes
+    # after the response has started.
+    before = make_instance(
+        study=lossy.StudyInstanceUID, series=lossy.SeriesInstanceUID, rows=8, cols=8
+    )
+    before.compress(pydicom.uid.RLELossless)
+    r = await app_client.post(
+        f"{ROOT}/studies",
+        content=multipart_body([to_bytes(before), path.read_bytes()]),
+        headers=stow_headers(),
+    )
+    assert r.status_code == 200, r.text
+    for accept in ({}, {"Accept": "*/*"}):
+        r = await app_client.get(f"{ROOT}/studies/{lossy.StudyInstanceUID}", headers=accept)
+        assert r.status_code == 200 and r.content.endswith(b"--\r\n"), accept  # whole
+        parts = split_multipart(r.content, r.headers["content-type"])
+        assert [h["content-type"] for h, _ in parts] == [
+            f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}",
+            f"application/dicom; transfer-syntax={stored_ts}",
+        ], accept
+        assert parts[1][1] == path.read_bytes()
+        r = await app_client.get(inst_url(lossy), headers=accept)
+        assert r.status_code == 200, (accept, r.text)
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert headers["content-type"] == f"application/dicom; transfer-syntax={stored_ts}"
+        r = await app_client.get(f"{inst_url(lossy)}/frames/1", headers=accept)
+        assert r.status_code == 200, (accept, r.text)
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert headers["content-type"] == f"image/jpeg; transfer-syntax={stored_ts}"
+        assert body == next(generate_frames(lossy.PixelData, number_of_frames=1))
+    for url, accept_ in (
+        (inst_url(lossy), 'multipart/related; type="application/dicom"'),
+        (f"{inst_url(lossy)}/frames/1", 'multipart/related; type="application/octet-stream"'),
+    ):
+        r = await app_client.get(url, headers={"Accept": accept_})
+        assert r.status_code == 406 and "cannot" in r.json()["message"], url
+
+
 def _cod(codestream: bytes) -> tuple[int, int]:
     """(progression order, decomposition levels) of a JPEG 2000 codestream's COD segment."""
     at = codestream.index(b"\xff\x52")  # ISO/IEC 15444-1 A.6.1: Lcod, Scod, SGcod, SPcod

@@ -21,7 +21,7 @@ from dicomweb_server.media import (
     wants_bulkdata,
 )
 from dicomweb_server.metadata import metadata_json
-from dicomweb_server.multipart import Prefixed, close_all
+from dicomweb_server.multipart import Prefixed, close_all, new_boundary
 from dicomweb_server.retrieve import (
     DECODED,
     STORED_FRAMES,
@@ -124,9 +124,10 @@ async def _bulk(request: Request, *, pixel_only: bool) -> Response:
     part_type = first[0]["Content-Type"].partition(";")[0].strip()
     if request.method == "HEAD":
         # The headers a GET sends (its multipart type is its first part's), no body read:
-        # no Content-Length either, which a GET's streamed body does not have.
+        # no Content-Length either, which a GET's streamed body does not have. The boundary
+        # parameter is required of a multipart type (RFC 2046 5.1.1); a GET's is random too.
         await close_all(first[1], payload.parts)
-        media = f'multipart/related; type="{part_type}"'
+        media = f'multipart/related; type="{part_type}"; boundary={new_boundary()}'
         head = Response(media_type=media, headers=warning_header(payload.warnings()))
         del head.headers["content-length"]
         return head
