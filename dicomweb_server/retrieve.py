@@ -183,7 +183,7 @@ async def _instance_parts(
                 continue
             if i == first and prepared is not None:
                 path, prepared = prepared, None
-                yield {"Content-Type": _dicom_type(target)}, _stream_and_remove(path)
+                yield {"Content-Type": _dicom_type(target)}, _StreamAndRemove(path)
                 continue
             # Converted before its part starts, so that a decoder failing on it can still
             # send it as the client accepts otherwise (as stored for `*/*`): the stream
@@ -193,7 +193,7 @@ async def _instance_parts(
                 body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
                 yield {"Content-Type": _dicom_type(ts)}, body
             else:
-                yield {"Content-Type": _dicom_type(target)}, _stream_and_remove(made)
+                yield {"Content-Type": _dicom_type(target)}, _StreamAndRemove(made)
     finally:
         if prepared is not None:  # the response ended before its turn
             with contextlib.suppress(OSError):
@@ -234,13 +234,32 @@ async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -
     return tmp
 
 
-async def _stream_and_remove(path: Path) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in stream_path(path):
-            yield chunk
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+class _StreamAndRemove:
+    """The chunks of a scratch file, which is removed once they are all read or the stream
+    is closed, even before its first chunk: an async generator closed before it started
+    runs no cleanup, and a part whose body is closed unread (a response cut after the
+    part's headers, a range that skips it) left its file behind."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._chunks = stream_path(path)
+
+    def __aiter__(self) -> _StreamAndRemove:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await close_all(self._chunks)
+        finally:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
 
 
 def parse_frame_list(text: str) -> list[int]:

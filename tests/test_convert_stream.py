@@ -248,3 +248,17 @@ def test_one_bit_pixel_data_decoded_whole_is_bounded(samples: Path, tmp_path: Pa
     src = _claiming(samples / name, tmp_path / "huge.dcm", 40000, 40000)
     with pytest.raises(TranscodeError, match="at most"):
         one_bit_pixel_data(src)
+
+
+async def test_a_converted_part_closed_unread_removes_its_scratch_file(tmp_path: Path) -> None:
+    """A part's body closed before its first chunk (a response cut after the part's headers,
+    a range that skips the part) removes the scratch file all the same; read to its end, too."""
+    from dicomweb_server.retrieve import _StreamAndRemove
+
+    unread, read = tmp_path / "unread.dcm", tmp_path / "read.dcm"
+    unread.write_bytes(b"x" * 10)
+    read.write_bytes(b"y" * 10)
+    await _StreamAndRemove(unread).aclose()
+    assert not unread.exists()
+    assert b"".join([c async for c in _StreamAndRemove(read)]) == b"y" * 10
+    assert not read.exists()
