@@ -186,7 +186,8 @@ class Query:
 def _int_param(name: str, value: str, lo: int, hi: int | None) -> int:
     """An integer parameter within lo..hi (no upper bound when hi is None), else 400."""
     s = value.strip()
-    if not re.fullmatch(r"[+-]?\d+", s):
+    # ASCII digits only: \d and int() also take other scripts' digits (U+0663 is 3).
+    if not re.fullmatch(r"[+-]?[0-9]+", s):
         raise BadRequestError(f"{name} must be an integer, got {value!r}")
     digits = s.lstrip("+-").lstrip("0") or "0"
     n = int(s) if len(digits) <= _MAX_INT_DIGITS else int(s[0] + "1" + "0" * _MAX_INT_DIGITS)

@@ -475,3 +475,12 @@ def test_includefield_warned_exactly_when_not_returned(
         query = parse(level, [*params, ("includefield", key)], path_uids)
         (result,) = render_rows(query, [_full_row()], "http://h")
         assert (key in result) is not _warned(query, key), (level, path_uids, params, key)
+
+
+@pytest.mark.parametrize("value", ["\u0663", "1\u0660", "\uff15"])
+def test_limit_and_offset_take_ascii_digits_only(value: str) -> None:
+    """Arabic-Indic and full-width digits are digits to Python's \\d and int(), not in a URL's
+    number (found by interop review: limit=\u0663 was taken as 3)."""
+    for key in ("limit", "offset"):
+        with pytest.raises(BadRequestError, match="integer"):
+            parse(Level.STUDY, [(key, value)], {})
