@@ -235,3 +235,30 @@ def test_not_acceptable_merges_vary() -> None:
         "Vary": "accept, Origin"
     }
     assert NotAcceptableError("x", headers={"Vary": "*"}).headers == {"Vary": "*"}
+
+
+@pytest.mark.db
+async def test_search_results_gzipped_when_accepted(app_client: httpx.AsyncClient) -> None:
+    """QIDO-RS results of GZIP_MIN_BYTES or more are gzip-compressed under the same rules as
+    metadata (found by interop review: 1000 matches, 546 KB, went uncompressed); JSON and XML
+    alike, Vary: Accept, Accept-Encoding on every answer; small results go as they are."""
+    from dicomweb_server.routes.common import GZIP_MIN_BYTES
+
+    url = f"{ROOT}/studies/{(await _metadata_url(app_client)).split('/')[-2]}/instances"
+    xml = 'multipart/related; type="application/dicom+xml"'
+    for accept in ("application/dicom+json", xml):
+        plain = await app_client.get(url, headers={"Accept": accept, "Accept-Encoding": "identity"})
+        assert plain.status_code == 200 and len(plain.content) >= GZIP_MIN_BYTES
+        assert "content-encoding" not in plain.headers and _varies_on_encoding(plain)
+        for header, compressed in GZIP_CASES:
+            r = await app_client.get(url, headers={"Accept": accept, "Accept-Encoding": header})
+            assert (r.headers.get("content-encoding") == "gzip") is compressed, header
+            assert "accept" in {v.strip().lower() for v in r.headers["vary"].split(",")}
+            if accept == xml:  # a fresh boundary each time: the parts are what must agree
+                assert len(r.content) == len(plain.content), header
+            else:
+                assert r.json() == plain.json(), header  # httpx decoded the gzip body
+    one = await app_client.get(
+        f"{url}?limit=1&includefield=00080018", headers={"Accept-Encoding": "gzip"}
+    )
+    assert len(one.content) < GZIP_MIN_BYTES and "content-encoding" not in one.headers

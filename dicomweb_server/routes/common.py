@@ -47,6 +47,7 @@ __all__ = [
     "base_url",
     "cached_json_response",
     "error_response",
+    "gzipped",
     "json_response",
     "model_response",
     "multipart_response",
@@ -63,6 +64,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 GZIP_MIN_BYTES = 1024
 # zlib level: 6 compresses DICOM JSON about 10x at a small CPU cost.
 GZIP_LEVEL = 6
+# zlib level of search results, compressed anew for each request (not cached): 1 made 546 KB
+# of 1000 study matches 41 KB in 1.4 ms, where 6 made 31 KB in 3.6 ms.
+GZIP_SEARCH_LEVEL = 1
+# Bodies up to this size are compressed on the event loop; larger ones in a worker thread.
+GZIP_INLINE_MAX_BYTES = 64 * 1024
 # Longest Warning header sent, bytes. All response headers must fit a reverse proxy's buffer
 # (nginx proxy_buffer_size is 4 KiB by default on most platforms; past it the client gets a
 # 502 "upstream sent too big header") and clients' limits (httpx fails with "Receive buffer
@@ -218,6 +224,25 @@ def _xml_body(docs: list[Any], media: str, boundary: str | None = None) -> tuple
         boundary = new_boundary()
     body = encode_body((({"Content-Type": APPLICATION_DICOM_XML}, p) for p in parts), boundary)
     return body, f'multipart/related; type="{APPLICATION_DICOM_XML}"; boundary={boundary}'
+
+
+async def gzipped(request: Request, response: Response) -> Response:
+    """`response` gzip-compressed (GZIP_SEARCH_LEVEL) when its body is GZIP_MIN_BYTES or more
+    and the client accepts gzip (RFC 9110 12.5.3); search results, which a phone on a slow
+    link pays for (1000 matches: 546 KB, 41 KB compressed). Vary names what chose the
+    representation: Accept (JSON or XML) and Accept-Encoding."""
+    response.headers["Vary"] = "Accept, Accept-Encoding"
+    body = bytes(response.body)
+    if len(body) < GZIP_MIN_BYTES or not accepts_gzip(_field(request, "accept-encoding")):
+        return response
+    pack = functools.partial(gzip.compress, body, GZIP_SEARCH_LEVEL)
+    if len(body) > GZIP_INLINE_MAX_BYTES:
+        packed = await anyio.to_thread.run_sync(pack)
+    else:
+        packed = pack()
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    headers["Content-Encoding"] = "gzip"
+    return Response(packed, status_code=response.status_code, headers=headers)
 
 
 async def cached_json_response(request: Request, body: bytes, media_type: str) -> Response:

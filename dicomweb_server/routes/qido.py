@@ -11,6 +11,7 @@ from dicomweb_server.query import parse
 from dicomweb_server.routes.common import (
     accept_of,
     base_url,
+    gzipped,
     model_response,
     services,
     uid_param,
@@ -38,7 +39,8 @@ async def _search(request: Request, level: Level) -> Response:
     warnings = [*([_MORE] if more else []), *q.warnings]
     if not results:  # PS3.18 8.3.4.4.1: no results is 204 (No Content), an empty payload
         return Response(status_code=204, headers=warning_header(warnings))
-    return await model_response(results, media, headers=warning_header(warnings))
+    response = await model_response(results, media, headers=warning_header(warnings))
+    return await gzipped(request, response)
 
 
 async def search_for_studies(request: Request) -> Response:
