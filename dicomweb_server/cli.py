@@ -242,7 +242,15 @@ class _AccessLog(HypercornLogger):
     """hypercorn's logger, with the fields of its default access line (the one this server
     writes) computed directly. hypercorn computes every field any format could name for each
     request, a copy of the process environment among them: about a tenth of the CPU of a
-    small request (docs/benchmarks.md, 2026-12-03b). The line is the same."""
+    small request (docs/benchmarks.md, 2026-12-03b). The line is the same.
+
+    Its error logger writes with a handler of its own: it no longer also passes its lines to
+    the root logger's, which printed each of them twice."""
+
+    def __init__(self, config: HypercornConfig) -> None:
+        super().__init__(config)
+        if self.error_logger is not None:
+            self.error_logger.propagate = False
 
     def atoms(
         self, request: WWWScope, response: ResponseSummary | None, request_time: float

@@ -347,3 +347,21 @@ async def test_a_pool_that_cannot_open_stops_the_cluster_it_started(tmp_path: Pa
         assert not (settings.pg_dir / "postmaster.pid").exists()  # and stopped again
     finally:
         _stop_cluster(settings.pg_dir)
+
+
+def test_each_server_log_line_is_written_once(tmp_path: Path) -> None:
+    """hypercorn's start-up lines went both to its own handler and to the root logger's, so
+    each was printed twice; access lines once."""
+    data = tmp_path / "data"
+    try:
+        server = start(data, None)
+        with _ending(server.proc.pid):
+            marker = f"/dicom-web/no-such-resource-{os.getpid()}"
+            assert httpx.get(server.url.removesuffix("/dicom-web") + marker).status_code == 404
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=END_TIMEOUT_S) == 0
+        log = server.log.read_text()
+        assert log.count("Running on http://127.0.0.1") == 1, log[-2000:]
+        assert log.count(marker) == 1, log[-2000:]
+    finally:
+        _stop_cluster(data / "postgres")
