@@ -4,6 +4,9 @@ cannot be rendered (field notes 7). Rendering itself is render.py's, in a worker
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import anyio
 
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
@@ -47,9 +50,54 @@ async def rendered_image(
     and pixel data this server cannot decode get an icon naming their kind. Their rendered
     resource stays a 406: it promises an image of the content."""
     key = (inst.blob_key, frame, params, media, thumbnail, animate)
-    cached = svc.images.get(key)
-    if cached is not None:
-        return cached
+    while True:
+        cached = svc.images.get(key)
+        if cached is not None:
+            return cached
+        making = _MAKING.get((id(svc.images), key))
+        if making is None:
+            break
+        with contextlib.suppress(_Abandoned):  # its request went away: make it here
+            return await asyncio.shield(making)
+    flight = (id(svc.images), key)
+    making = _MAKING[flight] = asyncio.get_running_loop().create_future()
+    try:
+        data = await _rendered(svc, inst, frame, params, media, thumbnail, animate)
+    except BaseException as exc:
+        fault = _Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
+        making.set_exception(fault)
+        making.exception()  # retrieved: no "never retrieved" warning when nobody waited
+        raise
+    else:
+        making.set_result(data)
+        return data
+    finally:
+        del _MAKING[flight]
+
+
+class _Abandoned(Exception):
+    """The request making a rendering was cancelled (its client went away): a request that
+    waited for it makes it itself."""
+
+
+# Renderings under way, by cache and key: a request for one already being made waits for it
+# rather than decoding the same frame again (twelve identical requests for a 1760 x 1760
+# JPEG 2000 at once took 2.2 s, each decoding it: a viewer's panels, a class opening one
+# teaching case).
+_MAKING: dict[tuple[int, tuple[object, ...]], asyncio.Future[bytes]] = {}
+
+
+async def _rendered(
+    svc: Services,
+    inst: StoredInstance,
+    frame: int,
+    params: RenderParams,
+    media: str,
+    thumbnail: bool,
+    animate: bool,
+) -> bytes:
+    """rendered_image, made (not in the cache, and not being made by another request)."""
+    key = (inst.blob_key, frame, params, media, thumbnail, animate)
     if inst.number_of_frames == 0 and not thumbnail:
         raise NotAcceptableError("the instance has no pixel data to render as an image")
     if inst.number_of_frames and frame > inst.number_of_frames:

@@ -399,3 +399,44 @@ def test_min_max_of_the_widest_float_range() -> None:
 
     x = np.array([-1.7e308, 0.0, 1.7e308])
     assert _normalise(x).tolist() == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.db
+async def test_identical_renderings_at_once_are_made_once(
+    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six identical rendered requests at once: one decode and render, six equal images; a
+    rendering whose request is cancelled is made by a request that waited for it."""
+    import asyncio
+    import time
+
+    from dicomweb_server import rendering
+    from dicomweb_server.render import render_frame as real
+
+    made: list[int] = []
+
+    def counted(*args: object) -> bytes:
+        made.append(1)
+        time.sleep(0.3)  # long enough for the others to arrive
+        return real(*args)  # type: ignore[arg-type]  # render_frame's own arguments
+
+    monkeypatch.setattr(rendering, "render_frame", counted)
+    ds = make_instance(rows=64, cols=64)
+    await stow(app_client, to_bytes(ds))
+    url = f"{inst_url(ds)}/rendered"
+    rs = await asyncio.gather(*(app_client.get(url) for _ in range(6)))
+    assert [r.status_code for r in rs] == [200] * 6
+    assert len({r.content for r in rs}) == 1 and len(made) == 1
+    assert rendering._MAKING == {}
+
+    other = f"{url}?viewport=32,32"
+    first = asyncio.ensure_future(app_client.get(other))
+    while not made[1:]:  # the first request is rendering
+        await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(app_client.get(other))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    r = await second
+    assert r.status_code == 200 and image(r).size == (32, 32)
+    assert len(made) == 3  # the cancelled one's, then the second's own
+    assert rendering._MAKING == {}
