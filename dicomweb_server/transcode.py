@@ -810,6 +810,11 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
             data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
             _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
         else:  # native: the bytes as they are, swapped from big endian
+            if length == 0xFFFFFFFF:  # read to its delimiter: item tags, not pixels
+                raise ValueError(
+                    f"its Pixel Data has an undefined length, which {ts.name} does not allow"
+                    " (PS3.5 A.4: only encapsulated Pixel Data has one)"
+                )
             header()
             # PS3.5 A.3: big endian OW is swapped by 16-bit words, 8-bit pixels too.
             width = 1 if ts.is_little_endian else info.bits_allocated // 8

@@ -293,3 +293,27 @@ def test_the_stored_extended_offset_table_is_not_kept(
     got = pydicom.dcmread(tmp_path / "streamed.dcm")
     assert "ExtendedOffsetTable" not in got and "ExtendedOffsetTableLengths" not in got
     assert np.array_equal(got.pixel_array, expected)
+
+
+def test_native_pixel_data_of_undefined_length_is_refused_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """Implicit VR Pixel Data of undefined length (items and a delimiter, as if encapsulated):
+    a 406 saying so; it said the Pixel Data ended 4294966767 bytes early."""
+    import struct
+
+    src = tmp_path / "undefined.dcm"
+    _multiframe(src, ImplicitVRLittleEndian, 1, 16, 16)
+    raw = src.read_bytes()
+    at = raw.rfind(struct.pack("<HHI", 0x7FE0, 0x0010, 16 * 16 * 2))
+    value = raw[at + 8 :]
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(value)) + value
+    src.write_bytes(
+        raw[:at]
+        + struct.pack("<HHI", 0x7FE0, 0x0010, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        + item
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
+    with pytest.raises(TranscodeError, match="undefined length"):
+        to_transfer_syntax(src, tmp_path / "out.dcm", ExplicitVRLittleEndian)
