@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import subprocess
 import threading
@@ -158,15 +159,20 @@ class EmbeddedPostgres:
             state = "gone"
             with contextlib.suppress(OSError, ValueError, IndexError):
                 state = _postmaster_state(int(pid_file.read_text().splitlines()[0]), pgdata)
-            if state == "ours":
-                return False
             if state == "other":
                 pid_file.unlink(missing_ok=True)
             try:
+                # Running: only its postmaster.pid is read. Another process may have started
+                # it meanwhile (`reindex`, joining while it was down), and the postmaster
+                # recorded here is the dead one: stop() would not stop the new one.
                 self._server.ensure_postgres_running()
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
                 raise StartupError(f"the embedded PostgreSQL did not start again ({exc})") from exc
-        return True
+            # A process that joined while it was down dropped this one from the users
+            # (_forget_the_dead): listed again, else that process stops the cluster when it
+            # leaves, and this one's stop() leaves running the cluster it started again.
+            self._server.global_process_id_list.get_and_add(os.getpid())
+        return state != "ours"
 
     def watch(self, every_s: float) -> Callable[[], None]:
         """Revive the cluster every `every_s` while the server runs (a thread); returns the

@@ -754,6 +754,7 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
     options["pixel_keyword"] = "PixelData"
     if not ts.is_implicit_VR:
         options["pixel_vr"] = str(pixels.VR)
+    _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
     kept: bytes | None = pixels.value  # None: left in the file, at value_tell
     offset = 0 if kept is not None else int(cast(RawDataElement, pixels).value_tell)
     # As the file states it: pydicom reads a value cut short by the end of the file as
@@ -809,6 +810,11 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
             data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
             _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
         else:  # native: the bytes as they are, swapped from big endian
+            if length == 0xFFFFFFFF:  # read to its delimiter: item tags, not pixels
+                raise ValueError(
+                    f"its Pixel Data has an undefined length, which {ts.name} does not allow"
+                    " (PS3.5 A.4: only encapsulated Pixel Data has one)"
+                )
             header()
             # PS3.5 A.3: big endian OW is swapped by 16-bit words, 8-bit pixels too.
             width = 1 if ts.is_little_endian else info.bits_allocated // 8
@@ -1003,12 +1009,28 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     except DECODE_ERRORS as exc:
         raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    if "PixelData" in ds and transfer_syntax_uid != ts:
+        _drop_extended_offsets(ds)
     if not ts.is_little_endian:
         # Every element is decoded now and its binary values swapped: the data set is little
         # endian. Otherwise pydicom refuses to save it little endian without forcing, and
         # pynetdicom sends a data set read as big endian only as big endian.
         ds.set_original_encoding(False, True, ds.original_character_set)
     return ds
+
+
+# Extended Offset Table and its Lengths (PS3.3 C.7.6.3.1.8): offsets of the stored fragments.
+_EXTENDED_OFFSETS = (0x7FE00001, 0x7FE00002)
+
+
+def _drop_extended_offsets(ds: Dataset) -> None:
+    """The Extended Offset Table of converted Pixel Data removed: it gives the offsets and
+    lengths of the stored fragments, not of the frames made (a decoder that reads it, as
+    pydicom's does, takes the wrong bytes for every frame), and it may be present only with
+    encapsulated Pixel Data of one fragment per frame (PS3.3 C.7.6.3.1.8, PS3.5 A.4)."""
+    for tag in _EXTENDED_OFFSETS:
+        if tag in ds:
+            del ds[tag]
 
 
 def _swap_binary_values(ds: Dataset, top: bool = False) -> None:

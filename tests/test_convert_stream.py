@@ -262,3 +262,58 @@ async def test_a_converted_part_closed_unread_removes_its_scratch_file(tmp_path:
     assert not unread.exists()
     assert b"".join([c async for c in _StreamAndRemove(read)]) == b"y" * 10
     assert not read.exists()
+
+
+@pytest.mark.parametrize("target", [ExplicitVRLittleEndian, JPEGLSLossless])
+def test_the_stored_extended_offset_table_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """An Extended Offset Table (PS3.3 C.7.6.3.1.8) gives the stored fragments' offsets: kept
+    in a converted instance, it described fragments that are no longer there, and pydicom,
+    which reads frames by it, could not decode the JPEG-LS made (native Pixel Data may not
+    have one at all)."""
+    from pydicom.encaps import encapsulate_extended
+
+    src = tmp_path / "eot.dcm"
+    _multiframe(src, ImplicitVRLittleEndian, 3, 16, 16)
+    ds = pydicom.dcmread(src)
+    expected = ds.pixel_array
+    info = transcode.PixelInfo.of(ds)
+    encode = transcode.ENCODERS[RLELossless].encode
+    assert encode is not None
+    ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
+        [encode(frame, info) for frame in expected]
+    )
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(src, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    _in_memory(src, tmp_path / "whole.dcm", target)
+    _streamed(src, tmp_path / "streamed.dcm", target, monkeypatch)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+    got = pydicom.dcmread(tmp_path / "streamed.dcm")
+    assert "ExtendedOffsetTable" not in got and "ExtendedOffsetTableLengths" not in got
+    assert np.array_equal(got.pixel_array, expected)
+
+
+def test_native_pixel_data_of_undefined_length_is_refused_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """Implicit VR Pixel Data of undefined length (items and a delimiter, as if encapsulated):
+    a 406 saying so; it said the Pixel Data ended 4294966767 bytes early."""
+    import struct
+
+    src = tmp_path / "undefined.dcm"
+    _multiframe(src, ImplicitVRLittleEndian, 1, 16, 16)
+    raw = src.read_bytes()
+    at = raw.rfind(struct.pack("<HHI", 0x7FE0, 0x0010, 16 * 16 * 2))
+    value = raw[at + 8 :]
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(value)) + value
+    src.write_bytes(
+        raw[:at]
+        + struct.pack("<HHI", 0x7FE0, 0x0010, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        + item
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
+    with pytest.raises(TranscodeError, match="undefined length"):
+        to_transfer_syntax(src, tmp_path / "out.dcm", ExplicitVRLittleEndian)

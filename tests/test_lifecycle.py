@@ -325,6 +325,10 @@ def test_embedded_postgres_killed_under_the_server_is_started_again(tmp_path: Pa
             assert _postmaster_pid(pgdata) != postmaster
             r = httpx.get(f"{server.url}/studies/{ds.StudyInstanceUID}/instances", timeout=30)
             assert r.status_code == 200 and len(r.json()) == 1
+            # Logged once the watchdog's start returns: the pool may reconnect a moment before.
+            deadline = time.monotonic() + END_TIMEOUT_S
+            while "started again" not in server.log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert "started again" in server.log.read_text()
             server.proc.send_signal(signal.SIGTERM)
             assert server.proc.wait(timeout=END_TIMEOUT_S) == 0
