@@ -570,9 +570,11 @@ _UNAVAILABLE = (
 
 def not_up_yet(exc: BaseException) -> bool:
     """Whether opening the index failed for a database that may answer in a moment: nothing
-    listens at its address yet (a service started beside ours), or PostgreSQL is starting up
-    or recovering."""
-    return isinstance(exc, ConnectionRefusedError | asyncpg.CannotConnectNowError)
+    listens at its address yet (a service started beside ours; on a Unix socket, the socket
+    file is not there yet), or PostgreSQL is starting up or recovering."""
+    return isinstance(
+        exc, ConnectionRefusedError | FileNotFoundError | asyncpg.CannotConnectNowError
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -369,3 +369,16 @@ def test_each_server_log_line_is_written_once(tmp_path: Path) -> None:
         assert log.count(marker) == 1, log[-2000:]
     finally:
         _stop_cluster(data / "postgres")
+
+
+def test_what_counts_as_a_database_not_up_yet() -> None:
+    """Asked again until DB_CONNECT_TIMEOUT_S: nothing listening (TCP), no socket file yet
+    (a Unix socket), PostgreSQL starting up. Said at once: anything else."""
+    from dicomweb_server.index import not_up_yet
+
+    assert not_up_yet(ConnectionRefusedError(111, "refused"))
+    assert not_up_yet(FileNotFoundError(2, "no such file", "/run/postgresql/.s.PGSQL.5432"))
+    assert not_up_yet(asyncpg.CannotConnectNowError("the database system is starting up"))
+    assert not not_up_yet(asyncpg.InvalidCatalogNameError('database "x" does not exist'))
+    assert not not_up_yet(asyncpg.InvalidAuthorizationSpecificationError("no such role"))
+    assert not not_up_yet(OSError(113, "no route to host"))
