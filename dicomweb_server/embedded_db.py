@@ -68,11 +68,11 @@ def _is_alive(pid: int) -> bool:
         return False
 
 
-def _forget_the_dead(pgdata: Path) -> None:
-    """Drop what killed processes left under `pgdata` (module docstring). Call it holding the
-    package's inter-process lock, so that no other process starts or joins meanwhile."""
+def _postmaster_checked(pgdata: Path) -> str:
+    """_postmaster_state of the PID in `pgdata`'s postmaster.pid ("gone" without one); the
+    file is removed when that PID is "other" (module docstring). Call it holding the
+    package's inter-process lock."""
     pid_file = pgdata / POSTMASTER_PID_FILE
-    handles = pgdata / HANDLE_PIDS_FILE
     state = "gone"
     with contextlib.suppress(OSError, ValueError, IndexError):
         pid = int(pid_file.read_text().splitlines()[0])
@@ -80,6 +80,14 @@ def _forget_the_dead(pgdata: Path) -> None:
         if state == "other":
             log.warning("removing %s: PID %d is no longer its PostgreSQL", pid_file, pid)
             pid_file.unlink()
+    return state
+
+
+def _forget_the_dead(pgdata: Path) -> None:
+    """Drop what killed processes left under `pgdata` (module docstring). Call it holding the
+    package's inter-process lock, so that no other process starts or joins meanwhile."""
+    handles = pgdata / HANDLE_PIDS_FILE
+    state = _postmaster_checked(pgdata)
     try:
         pids = json.loads(handles.read_text()) if handles.exists() else []
     except ValueError:
@@ -155,12 +163,7 @@ class EmbeddedPostgres:
 
         pgdata: Path = self._server.pgdata
         with PostgresServer._lock:
-            pid_file = pgdata / POSTMASTER_PID_FILE
-            state = "gone"
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                state = _postmaster_state(int(pid_file.read_text().splitlines()[0]), pgdata)
-            if state == "other":
-                pid_file.unlink(missing_ok=True)
+            state = _postmaster_checked(pgdata)
             try:
                 # Running: only its postmaster.pid is read. Another process may have started
                 # it meanwhile (`reindex`, joining while it was down), and the postmaster
