@@ -62,7 +62,7 @@ async def rendered_image(
     flight = (id(svc.images), key)
     making = _MAKING[flight] = asyncio.get_running_loop().create_future()
     try:
-        data = await _rendered(svc, inst, frame, params, media, thumbnail, animate)
+        data = await _rendered(svc, inst, key, frame, params, media, thumbnail, animate)
     except BaseException as exc:
         fault = _Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
         making.set_exception(fault)
@@ -90,14 +90,15 @@ _MAKING: dict[tuple[int, tuple[object, ...]], asyncio.Future[bytes]] = {}
 async def _rendered(
     svc: Services,
     inst: StoredInstance,
+    key: tuple[object, ...],
     frame: int,
     params: RenderParams,
     media: str,
     thumbnail: bool,
     animate: bool,
 ) -> bytes:
-    """rendered_image, made (not in the cache, and not being made by another request)."""
-    key = (inst.blob_key, frame, params, media, thumbnail, animate)
+    """rendered_image, made (not in the cache under `key`, and not being made by another
+    request), then put in the cache."""
     if inst.number_of_frames == 0 and not thumbnail:
         raise NotAcceptableError("the instance has no pixel data to render as an image")
     if inst.number_of_frames and frame > inst.number_of_frames:
