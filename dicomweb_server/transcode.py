@@ -69,6 +69,7 @@ __all__ = [
     "decodable",
     "decode_frames",
     "decode_item_pixels",
+    "decoded_bytes",
     "encode_frames",
     "frame_array",
     "keeps_ybr",
@@ -504,10 +505,16 @@ def _rle_one_bit(codestream: bytes, rows: int, columns: int) -> np.ndarray:
 DECODE_MAX_BYTES = 1024**3
 
 
+def decoded_bytes(rows: int, columns: int, samples: int, bits: int, frames: int) -> int:
+    """Bytes of pixels so described, decoded: a byte per sample at least (decoders unpack
+    1-bit data), whole bytes per sample otherwise, one frame at least."""
+    return rows * columns * samples * max(1, -(-bits // 8)) * max(1, frames)
+
+
 def _check_decoded_size(rows: int, columns: int, samples: int, bits: int, frames: int) -> None:
     """ValueError (a 406 with its reason) when pixels so described would decode to more than
-    DECODE_MAX_BYTES (a byte per sample at least: decoders unpack 1-bit data)."""
-    size = rows * columns * samples * max(1, -(-bits // 8)) * max(1, frames)
+    DECODE_MAX_BYTES."""
+    size = decoded_bytes(rows, columns, samples, bits, frames)
     if size > DECODE_MAX_BYTES:
         raise ValueError(
             f"its pixels would decode to {size} bytes; at most {DECODE_MAX_BYTES} are decoded"

@@ -55,7 +55,12 @@ from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.query import Query
 from dicomweb_server.search import search
 from dicomweb_server.sql import compile_search
-from dicomweb_server.transcode import TranscodeError, converted_dataset, decodable
+from dicomweb_server.transcode import (
+    TranscodeError,
+    converted_dataset,
+    decodable,
+    decoded_bytes,
+)
 
 __all__ = [
     "DIMSE_QUERY_TIMEOUT_S",
@@ -454,7 +459,7 @@ def _decoded_size(inst: StoredInstance) -> int | None:
     if any(d is None for d in dims):
         return None
     rows, columns, samples, bits = cast(tuple[int, int, int, int], dims)
-    return rows * columns * samples * max(1, inst.number_of_frames) * -(-bits // 8)
+    return decoded_bytes(rows, columns, samples, bits, inst.number_of_frames)
 
 
 def _decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
