@@ -17,9 +17,11 @@ import functools
 import io
 import itertools
 import math
+import shutil
 import struct
+import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
@@ -31,6 +33,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.decoders.rle import _rle_decode_segment
 from pydicom.pixels.encoders.base import get_encoder
@@ -100,6 +103,8 @@ NATIVE = frozenset(
         EXPLICIT_VR_BIG_ENDIAN,
     }
 )
+# PS3.3 C.7.6.1.1.5.1 method of the one lossy encoding made here (JPEG Baseline).
+_LOSSY_ENCODE_METHOD = "ISO_10918_1"
 # Quality of JPEG Baseline (lossy) output, 1-100.
 JPEG_BASELINE_QUALITY = 90
 
@@ -783,9 +788,6 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
         value.seek(offset)
         method = lossy_method(ts, value) if ts.is_compressed else None
         value.seek(offset)
-        if method and "LossyImageCompression" not in ds:  # PS3.3 C.7.6.1.1.5
-            ds.LossyImageCompression = "01"
-            ds.LossyImageCompressionMethod = method
         ds.file_meta.TransferSyntaxUID = UID(target)
         decoder = get_decoder(ts)
 
@@ -799,12 +801,23 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
             if info.samples_per_pixel == 3:  # decoded as RGB, pixel-interleaved
                 info = replace(info, photometric="RGB", planar_configuration=0)
             _decoded_colour(ds, info)
-            if codec.lossy:
-                ds.LossyImageCompression = "01"
-                ds.LossyImageCompressionMethod = "ISO_10918_1"
-            header()
             encode = codec.encode
-            _write_encapsulated(out, (encode(arr, info) for arr, _ in frames()), nframes)
+            if not codec.lossy:
+                _mark_lossy(ds, method)
+                header()
+                _write_encapsulated(out, (encode(arr, info) for arr, _ in frames()), nframes)
+            else:
+                # The ratio goes in the header, before the Pixel Data, and is known once every
+                # frame is encoded: the fragments wait in a scratch file (lossy, so small).
+                sizes = _Sizes()
+                with tempfile.TemporaryFile(dir=dst.parent) as encoded:
+                    _write_encapsulated(
+                        encoded, sizes.of(encode, info, (a for a, _ in frames())), nframes
+                    )
+                    _mark_lossy(ds, method, sizes.ratio())
+                    header()
+                    encoded.seek(0)
+                    shutil.copyfileobj(encoded, out, CONVERT_COPY_BYTES)
         elif ts.is_compressed:
             decoded = frames()
             first, props = next(decoded)
@@ -813,6 +826,7 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
                 ds.PlanarConfiguration = props["planar_configuration"]
             if "NumberOfFrames" in ds or nframes > 1:
                 ds.NumberOfFrames = nframes
+            _mark_lossy(ds, method)
             header()
             data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
             _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
@@ -1009,10 +1023,7 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
             _swap_binary_values(ds, top=True)
         if "PixelData" in ds and transfer_syntax_uid != ts:
             method = lossy_method(ts, ds.PixelData) if ts.is_compressed else None
-            _convert_pixels(ds, ts, transfer_syntax_uid)
-            if method and "LossyImageCompression" not in ds:  # PS3.3 C.7.6.1.1.5
-                ds.LossyImageCompression = "01"
-                ds.LossyImageCompressionMethod = method
+            _mark_lossy(ds, method, _convert_pixels(ds, ts, transfer_syntax_uid))
     except DECODE_ERRORS as exc:
         raise _cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
@@ -1057,7 +1068,8 @@ def _swap_binary_values(ds: Dataset, top: bool = False) -> None:
         elem.value = swapped_words(bytes(elem.value), str(elem.VR))
 
 
-def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
+def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
+    """The Pixel Data of `ds` in `target`; the compression ratio when `target` is lossy."""
     info = PixelInfo.of(ds)
     codec = ENCODERS[target]
     if not codec.accepts(info):  # e.g. 1-bit or float data to a codec (available_targets)
@@ -1081,18 +1093,67 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> None:
             ds.PixelData = _frame_bytes(arr, info.bits_allocated, planar)
             ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
         # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
-        return
+        return None
     arr = _pixels(ds)  # colour converted to RGB, as _decoded_colour then says
     if info.samples_per_pixel == 3:  # and pixel-interleaved, Planar Configuration 0
         info = replace(info, photometric="RGB", planar_configuration=0)
     frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
-    ds.PixelData = encapsulate([codec.encode(f, info) for f in frames], has_bot=True)
+    sizes = _Sizes()
+    ds.PixelData = encapsulate(list(sizes.of(codec.encode, info, frames)), has_bot=True)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     _decoded_colour(ds, info)
-    if codec.lossy:
+    return sizes.ratio() if codec.lossy else None
+
+
+class _Sizes:
+    """Bytes of frames before and after they are encoded: the compression ratio."""
+
+    def __init__(self) -> None:
+        self.decoded = self.encoded = 0
+
+    def of(
+        self,
+        encode: Callable[[np.ndarray, PixelInfo], bytes],
+        info: PixelInfo,
+        frames: Iterable[np.ndarray],
+    ) -> Iterator[bytes]:
+        for arr in frames:
+            data = encode(arr, info)
+            self.decoded += arr.nbytes
+            self.encoded += len(data)
+            yield data
+
+    def ratio(self) -> float:
+        return self.decoded / max(1, self.encoded)
+
+
+def _mark_lossy(ds: Dataset, stored: str | None, ratio: float | None = None) -> None:
+    """Lossy Image Compression of a converted copy (PS3.3 C.7.6.1.1.5): `stored`, the method
+    of a lossy stored syntax (lossy_method), counts when the data set does not say either way;
+    `ratio`, a lossy encoding of the copy (JPEG Baseline), is one more step. C.7.6.1.1.5.1-2:
+    the methods and ratios of successive lossy steps are values in the order applied, one
+    ratio per method; a ratio is added only where every earlier step has its own."""
+    said = "LossyImageCompression" in ds
+    if not said and stored:
         ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionMethod = "ISO_10918_1"
+        ds.LossyImageCompressionMethod = stored
+    if ratio is None:
+        return
+    lossy = ds.get("LossyImageCompression") == "01"
+    methods = _values(ds, "LossyImageCompressionMethod") if lossy else []
+    ratios = _values(ds, "LossyImageCompressionRatio") if lossy else []
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = [*methods, _LOSSY_ENCODE_METHOD]
+    if len(ratios) == len(methods):
+        ds.LossyImageCompressionRatio = [*ratios, f"{ratio:.2f}"]
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return [str(v) for v in (value if isinstance(value, MultiValue) else [value])]
 
 
 def _decoded_colour(ds: Dataset, info: PixelInfo) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import unpack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -327,6 +328,83 @@ def test_decoded_copy_of_near_lossless_jpeg_ls_says_lossy(samples: Path, tmp_pat
         samples / "generated/coverage/ct_j2k_lossless_signed.dcm", ExplicitVRLittleEndian
     )
     assert "LossyImageCompression" not in plain
+
+
+def _ratio_of(ds: pydicom.Dataset) -> float:
+    """Bytes of the decoded frames over bytes of their JPEG Baseline codestreams."""
+    frames = generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1)))
+    return float(ds.pixel_array.nbytes) / sum(len(f) for f in frames)
+
+
+def _values(ds: pydicom.Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, MultiValue) else [str(value)]
+
+
+LOSSY_JPEG_LS = "real/pydicom/SC_rgb_jls_lossy_line.dcm"  # 8-bit RGB, NEAR > 0, unmarked
+
+
+@pytest.mark.parametrize(
+    ("name", "earlier", "methods", "ratios"),
+    [
+        # Lossless before (RLE, 2 frames): one step, with its ratio.
+        ("real/pydicom/SC_rgb_rle_2frame.dcm", {}, ["ISO_10918_1"], 1),
+        # Near-lossless JPEG-LS that does not say so: its step has no ratio, so none is given.
+        (LOSSY_JPEG_LS, {}, ["ISO_14495_1", "ISO_10918_1"], 0),
+        # A data set that names its earlier step and its ratio: one more of each.
+        (
+            LOSSY_JPEG_LS,
+            {"LossyImageCompressionMethod": "ISO_14495_1", "LossyImageCompressionRatio": "2.5"},
+            ["ISO_14495_1", "ISO_10918_1"],
+            2,
+        ),
+        # Two earlier steps, one ratio: the ratios cannot be kept in step, none is added.
+        (
+            LOSSY_JPEG_LS,
+            {
+                "LossyImageCompressionMethod": ["ISO_15444_1", "ISO_14495_1"],
+                "LossyImageCompressionRatio": "2.5",
+            },
+            ["ISO_15444_1", "ISO_14495_1", "ISO_10918_1"],
+            1,
+        ),
+    ],
+)
+def test_jpeg_baseline_copy_adds_its_lossy_step(
+    samples: Path,
+    tmp_path: Path,
+    name: str,
+    earlier: dict[str, Any],
+    methods: list[str],
+    ratios: int,
+) -> None:
+    """PS3.3 C.7.6.1.1.5: a lossy re-encoding is one more value of Lossy Image Compression
+    Method, after the earlier steps', with its Lossy Image Compression Ratio (it replaced the
+    earlier method and gave no ratio). In memory and streamed, the same bytes."""
+    ds = pydicom.dcmread(samples / name)
+    if earlier:
+        ds.LossyImageCompression = "01"
+        for keyword, value in earlier.items():
+            setattr(ds, keyword, value)
+    src = tmp_path / "src.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    whole, streamed = tmp_path / "whole.dcm", tmp_path / "streamed.dcm"
+    converted_dataset(src, JPEG_BASELINE).save_as(
+        whole, implicit_vr=False, little_endian=True, enforce_file_format=True
+    )
+    transcode.to_transfer_syntax(src, streamed, JPEG_BASELINE)
+    assert streamed.read_bytes() == whole.read_bytes()
+    got = pydicom.dcmread(streamed)
+    assert got.LossyImageCompression == "01"
+    assert _values(got, "LossyImageCompressionMethod") == methods
+    stated = _values(got, "LossyImageCompressionRatio")
+    assert len(stated) == ratios
+    if ratios == len(methods):  # this step's ratio is the last value
+        assert float(stated[-1]) == pytest.approx(_ratio_of(got), abs=0.01)
+        assert float(stated[-1]) > 1
+        assert stated[:-1] == _values(ds, "LossyImageCompressionRatio")
 
 
 @pytest.mark.parametrize(
