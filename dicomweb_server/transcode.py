@@ -837,9 +837,7 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
                     " (PS3.5 A.4: only encapsulated Pixel Data has one)"
                 )
             header()
-            # PS3.5 A.3: big endian OW is swapped by 16-bit words, 8-bit pixels too.
-            width = 1 if ts.is_little_endian else info.bits_allocated // 8
-            width = 2 if width == 1 and not ts.is_little_endian and pixels.VR == "OW" else width
+            width = 1 if ts.is_little_endian else _word_width(info, str(pixels.VR))
             chunks = _copied(value, length, width)
             # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
             wide = ts.is_implicit_VR or info.bits_allocated > 8
@@ -849,6 +847,13 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
             fp.is_little_endian, fp.is_implicit_VR = True, False
             write_dataset(fp, tail)
     return True
+
+
+def _word_width(info: PixelInfo, vr: str) -> int:
+    """The width of the words by which big endian Pixel Data is swapped (PS3.5 A.3): Bits
+    Allocated, and 16 bits for OW, 8-bit pixels too."""
+    width = info.bits_allocated // 8
+    return 2 if width <= 1 and vr == "OW" else max(1, width)
 
 
 def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytes]:
@@ -1087,11 +1092,16 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
                 ts,
                 lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
             )
-        elif not ts.is_little_endian:  # big endian: swap the pixel bytes, colour untouched
-            planar = ds.get("PlanarConfiguration") == 1
-            arr = _pixels(ds, as_rgb=False)
-            ds.PixelData = _frame_bytes(arr, info.bits_allocated, planar)
+        elif not ts.is_little_endian and info.bits_allocated > 1:
+            # Big endian: the words swapped, as they are streamed (_write_streamed), bytes
+            # past the pixels included; colour untouched.
+            value = bytes(ds.PixelData)
+            width = _word_width(info, str(ds["PixelData"].VR))
+            ds.PixelData = b"".join(_copied(io.BytesIO(value), len(value), width))
             ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
+        elif not ts.is_little_endian:  # 1-bit big endian: bits in 16-bit words, unpacked
+            ds.PixelData = _frame_bytes(_pixels(ds, as_rgb=False), 1)
+            ds["PixelData"].VR = "OB"
         # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
         return None
     arr = _pixels(ds)  # colour converted to RGB, as _decoded_colour then says

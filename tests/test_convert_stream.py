@@ -130,6 +130,24 @@ def test_elements_after_the_pixel_data_follow_it(
     assert np.array_equal(got.pixel_array, pydicom.dcmread(src).pixel_array)
 
 
+def test_big_endian_bytes_past_the_pixels_are_swapped_both_ways(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big endian Pixel Data longer than its pixels: its words swapped whole, in memory (DIMSE)
+    as streamed (WADO-RS); the in-memory conversion decoded the pixels and dropped the rest."""
+    ds = pydicom.dcmread(samples / "real/pydicom/MR_small_bigendian.dcm")
+    pixels = ds.pixel_array
+    ds.PixelData = bytes(ds.PixelData) + b"\x12\x34\x56\x78"
+    src = tmp_path / "longer.dcm"
+    ds.save_as(src)
+    _in_memory(src, tmp_path / "whole.dcm", ExplicitVRLittleEndian)
+    _streamed(src, tmp_path / "streamed.dcm", ExplicitVRLittleEndian, monkeypatch)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+    got = pydicom.dcmread(tmp_path / "streamed.dcm")
+    assert bytes(got.PixelData)[-4:] == b"\x34\x12\x78\x56"
+    assert np.array_equal(got.pixel_array, pixels)
+
+
 def _multiframe(path: Path, syntax: str, frames: int, rows: int, columns: int) -> None:
     """A 16-bit monochrome instance of `frames` gradient frames in `syntax`."""
     ds = Dataset()
