@@ -358,6 +358,32 @@ class Index:
         )
         return bool(rows)
 
+    @contextlib.asynccontextmanager
+    async def releasing(self, blob_key: str) -> AsyncIterator[bool]:
+        """Drop a reservation in a transaction held open through the block, which is told
+        whether it existed (then the blob is the block's to delete). A commit of an instance
+        with this blob waits meanwhile, then finds the reservation gone and stores nothing;
+        if the block raises, the reservation stays, so the blob is never left unreferenced
+        and unreserved (a blob deleted first, then released, was stored by a commit in
+        between: app.recover)."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            conn = await stack.enter_async_context(self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S))
+            await stack.enter_async_context(conn.transaction())
+            gone = await conn.fetchval(
+                "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
+                blob_key,
+                timeout=self._timeout,
+            )
+        except _UNAVAILABLE as exc:
+            await stack.aclose()
+            raise _unavailable(exc) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        async with stack:  # COMMIT when the block ends, ROLLBACK when it raises
+            yield bool(gone)
+
     async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:

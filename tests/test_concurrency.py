@@ -1,15 +1,22 @@
-"""Concurrent STOW against one app and one PostgreSQL: one copy per instance, exact aggregates."""
+"""Concurrent STOW against one PostgreSQL: one copy per instance, exact aggregates; processes
+sharing the database and blob store (`serve --workers N`, `reindex` beside `serve`)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import anyio
 import asyncpg
 import httpx
 import pytest
 from pydicom.uid import generate_uid
 from starlette.applications import Starlette
 
+from dicomweb_server.app import open_services, recover
+from dicomweb_server.blobstore import FileSystemBlobStore
+from dicomweb_server.config import Settings
+from dicomweb_server.index import ADVISORY_LOCK_CLASS, Index
+from dicomweb_server.ingest import store_file
 from tests.helpers import (
     ROOT,
     make_instance,
@@ -67,3 +74,83 @@ async def test_aggregates_under_concurrent_stow_to_one_study(app_client: httpx.A
     assert values(doc, "00080061") == sorted(modalities)
     r = await app_client.get(f"{ROOT}/studies/{study}/series")
     assert sorted(values(s, "00201209")[0] for s in r.json()) == [10, 10, 10, 10]  # type: ignore[type-var]
+
+
+async def _free_lock_of(conn: asyncpg.Connection, owner: int) -> None:
+    """The connection holding `owner`'s process lock dropped, as a database restart, an idle
+    timeout or an administrator drops it; returns once the lock is free."""
+    held = (
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2"
+    )
+    (pid,) = [r[0] for r in await conn.fetch(held, ADVISORY_LOCK_CLASS, owner)]
+    assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+    while await conn.fetch(held, ADVISORY_LOCK_CLASS, owner):  # until its backend is gone
+        await anyio.sleep(0.01)
+
+
+async def _ended_or_waiting(conn: asyncpg.Connection, ended: anyio.Event) -> None:
+    """Returns once `ended` is set or another session waits for a lock held here."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND datname = current_database()"
+    )
+    while not ended.is_set() and not await conn.fetchval(waiting):
+        await anyio.sleep(0.01)
+
+
+async def test_recovery_by_another_process_never_deletes_a_committed_blob(
+    settings: Settings, clean_db: str
+) -> None:
+    """A process whose lock connection dropped looks dead to a process starting meanwhile
+    (another worker of `serve --workers N`, `reindex`, `load`), which rolls back its
+    reservations. A store of the first process that commits in the middle of that roll-back
+    must end either stored with its blob, or refused without one: the blob was deleted
+    before the reservation was released, so the commit, still finding its reservation, stored
+    a row whose file was gone (a 5xx on every retrieve of it)."""
+    async with open_services(settings) as first:
+        ds = make_instance()
+        writer = await first.blobs.open_writer()
+        await writer.write(to_bytes(ds))
+        deleted, committed = anyio.Event(), anyio.Event()
+
+        class Observed(FileSystemBlobStore):
+            async def delete(self, key: str) -> None:
+                placed = self.local_path(key).exists()  # not a spare key's
+                await super().delete(key)
+                if placed:
+                    deleted.set()
+                    await _ended_or_waiting(watch, committed)  # the first process commits
+
+        conn = await asyncpg.connect(clean_db)
+        watch = await asyncpg.connect(clean_db)
+        second = await Index.open(clean_db, max_size=2, timeout_s=10)
+        try:
+            await second.claim_owner(clean_db)
+            async with anyio.create_task_group() as tg:
+
+                async def turn(sop: str) -> None:  # placed, reserved, not committed yet
+                    await _free_lock_of(conn, first.index.owner)
+                    blobs = Observed(settings.blob_dir, second.owner)
+                    tg.start_soon(recover, second, blobs)
+                    await deleted.wait()
+
+                outcome = await store_file(writer, first, None, turn)
+                committed.set()
+            rows = await conn.fetch(
+                "SELECT blob_key FROM instance WHERE sop_instance_uid = $1", ds.SOPInstanceUID
+            )
+            files = [
+                p for p in settings.blob_dir.rglob("*") if p.is_file() and "tmp" not in p.parts
+            ]
+            if outcome.failure is None:
+                assert [first.blobs.local_path(r[0]) for r in rows] == files
+            else:
+                assert rows == [] and files == []
+                assert outcome.reason == "the blob reservation was rolled back by another process"
+            assert await conn.fetchval("SELECT count(*) FROM blob_reservation WHERE owner <> $1",
+                                       first.index.owner) == 0  # fmt: skip
+        finally:
+            await second.close()
+            await watch.close()
+            await conn.close()
