@@ -101,6 +101,11 @@ class StoredInstance:
     columns: int | None = None
     is_float: bool = False
     planar_configuration: int | None = None
+    # Its series' revision, which `reindex` bumps when it rewrites a row of the series: the
+    # blob key names the file, the blob key and revision this row's values. What is made of
+    # both (frames decoded by the Image Pixel values above, renderings) is cached under both,
+    # so no process serves what it made before a reindex.
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_
        _us(i.metadata, '00280100'), _us(i.metadata, '00280101'), _us(i.metadata, '00280002'),
        _us(i.metadata, '00280103'), i.metadata #>> '{{00280004,Value,0}}',
        _us(i.metadata, '00280010'), _us(i.metadata, '00280011'),
-       i.metadata ?| ARRAY['7FE00008', '7FE00009'], _us(i.metadata, '00280006'){extra}
+       i.metadata ?| ARRAY['7FE00008', '7FE00009'], _us(i.metadata, '00280006'),
+       se.revision{extra}
 FROM instance i
 JOIN series se ON se.pk = i.series_fk
 JOIN study st ON st.pk = se.study_fk

@@ -485,8 +485,9 @@ async def _stored_frames(
 
 
 async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: str) -> bytes:
-    """Frame n decoded (Explicit VR Little Endian) or re-encoded, through the frame cache."""
-    key = (inst.blob_key, n, target)
+    """Frame n decoded (Explicit VR Little Endian) or re-encoded, through the frame cache
+    (keyed by the row's revision too: decoded by the row's pixel description)."""
+    key = (inst.blob_key, inst.revision, n, target)
     cached = svc.frames.get(key)
     if cached is not None:
         return cached
