@@ -4,6 +4,7 @@ sharing the database and blob store (`serve --workers N`, `reindex` beside `serv
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -15,8 +16,9 @@ from starlette.applications import Starlette
 from dicomweb_server.app import open_services, recover
 from dicomweb_server.blobstore import FileSystemBlobStore
 from dicomweb_server.config import Settings
+from dicomweb_server.errors import FailureReason
 from dicomweb_server.index import ADVISORY_LOCK_CLASS, Index
-from dicomweb_server.ingest import store_file
+from dicomweb_server.ingest import Services, store_file
 from tests.helpers import (
     ROOT,
     make_instance,
@@ -74,6 +76,12 @@ async def test_aggregates_under_concurrent_stow_to_one_study(app_client: httpx.A
     assert values(doc, "00080061") == sorted(modalities)
     r = await app_client.get(f"{ROOT}/studies/{study}/series")
     assert sorted(values(s, "00201209")[0] for s in r.json()) == [10, 10, 10, 10]  # type: ignore[type-var]
+
+
+def _blobs(settings: Settings) -> list[Path]:
+    """The blob files of the store (spool and scratch files left out)."""
+    root = settings.blob_dir
+    return [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"]
 
 
 async def _free_lock_of(conn: asyncpg.Connection, owner: int) -> None:
@@ -140,9 +148,7 @@ async def test_recovery_by_another_process_never_deletes_a_committed_blob(
             rows = await conn.fetch(
                 "SELECT blob_key FROM instance WHERE sop_instance_uid = $1", ds.SOPInstanceUID
             )
-            files = [
-                p for p in settings.blob_dir.rglob("*") if p.is_file() and "tmp" not in p.parts
-            ]
+            files = _blobs(settings)
             if outcome.failure is None:
                 assert [first.blobs.local_path(r[0]) for r in rows] == files
             else:
@@ -153,4 +159,63 @@ async def test_recovery_by_another_process_never_deletes_a_committed_blob(
         finally:
             await second.close()
             await watch.close()
+            await conn.close()
+
+
+@pytest.mark.parametrize("same_study", [True, False])
+async def test_one_instance_stored_by_two_processes_at_once(
+    settings: Settings, clean_db: str, same_study: bool
+) -> None:
+    """Two processes storing one SOP Instance UID with different content (in the same study,
+    or in two) commit at the same moment, both blobs placed: one is stored, the other is
+    0x0111 and leaves no blob, no reservation, and no study or series row of its own."""
+    sop, study = generate_uid(), generate_uid()
+    datasets = [
+        make_instance(sop=sop, study=study if same_study else None, PatientName=name)
+        for name in ("First^Copy", "Second^Copy")
+    ]
+    placed = 0
+    both_placed = anyio.Event()
+
+    async def turn(_sop: str) -> None:
+        nonlocal placed
+        placed += 1
+        if placed == 2:
+            both_placed.set()
+        await both_placed.wait()
+
+    async with open_services(settings) as one, open_services(settings) as two:
+        outcomes = {}
+
+        async def store(n: int, svc: Services) -> None:
+            writer = await svc.blobs.open_writer()
+            await writer.write(to_bytes(datasets[n]))
+            outcomes[n] = await store_file(writer, svc, None, turn)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store, 0, one)
+            tg.start_soon(store, 1, two)
+        stored = [n for n, o in outcomes.items() if o.failure is None]
+        assert len(stored) == 1, outcomes
+        (lost,) = {0, 1} - set(stored)
+        assert outcomes[lost].failure == FailureReason.DUPLICATE_SOP_INSTANCE
+        conn = await asyncpg.connect(clean_db)
+        try:
+            (key,) = [r[0] for r in await conn.fetch("SELECT blob_key FROM instance")]
+            files = _blobs(settings)
+            assert files == [one.blobs.local_path(key)]
+            winner = datasets[stored[0]]
+            rows = await conn.fetch(
+                "SELECT study_instance_uid, num_instances, num_series FROM study"
+            )
+            assert [tuple(r) for r in rows] == [(winner.StudyInstanceUID, 1, 1)]
+            series = await conn.fetch("SELECT series_instance_uid FROM series")
+            assert [r[0] for r in series] == [winner.SeriesInstanceUID]
+            spares = [*one.index.spare_keys, *two.index.spare_keys]
+            left = await conn.fetchval(
+                "SELECT count(*) FROM blob_reservation WHERE NOT blob_key = ANY($1::text[])",
+                spares,
+            )
+            assert left == 0
+        finally:
             await conn.close()
