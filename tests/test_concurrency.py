@@ -4,13 +4,16 @@ sharing the database and blob store (`serve --workers N`, `reindex` beside `serv
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from pathlib import Path
 
 import anyio
 import asyncpg
 import httpx
+import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 from starlette.applications import Starlette
 
 from dicomweb_server.app import open_services, recover
@@ -21,9 +24,12 @@ from dicomweb_server.index import ADVISORY_LOCK_CLASS, Index
 from dicomweb_server.ingest import Services, store_file
 from tests.helpers import (
     ROOT,
+    app_process,
+    inst_url,
     make_instance,
     multipart_body,
     pending_reservations,
+    split_multipart,
     stow_headers,
     to_bytes,
     values,
@@ -219,3 +225,38 @@ async def test_one_instance_stored_by_two_processes_at_once(
             assert left == 0
         finally:
             await conn.close()
+
+
+async def test_conversions_go_on_after_another_process_took_this_one_for_dead(
+    settings: Settings, clean_db: str
+) -> None:
+    """A process starting while a server's lock connection is down (a database restart)
+    takes the server for dead and removes its spool directory (app.recover), where the
+    server makes the files of converted instances and of STOW-RS from JSON: each of those
+    failed after that (500, 0x0110) until the server was restarted."""
+    ds = make_instance()
+    rle = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5'
+    async with app_process(settings) as (app, client):
+        r = await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+        )
+        assert r.status_code == 200, r.text
+        conn = await asyncpg.connect(clean_db)
+        try:
+            await _free_lock_of(conn, app.state.services.index.owner)
+        finally:
+            await conn.close()
+        async with app_process(settings):
+            assert not app.state.services.scratch_dir.exists()  # taken for dead
+        r = await client.get(inst_url(ds), headers={"Accept": rle})
+        assert r.status_code == 200, r.text
+        ((headers, body),) = split_multipart(r.content, r.headers["content-type"])
+        assert pydicom.dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID == RLELossless
+        async with app_process(settings):  # its lock is still free: taken for dead again
+            assert not app.state.services.scratch_dir.exists()
+        doc = make_instance(study=ds.StudyInstanceUID).to_json_dict()
+        body = multipart_body([json.dumps([doc]).encode()], part_type="application/dicom+json")
+        headers = stow_headers()
+        headers["Content-Type"] = headers["Content-Type"].replace("dicom", "dicom+json")
+        r = await client.post(f"{ROOT}/studies", content=body, headers=headers)
+        assert r.status_code == 200, r.text

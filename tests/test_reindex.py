@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +17,12 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 from starlette.applications import Starlette
 
-from dicomweb_server.app import create_app
 from dicomweb_server.blobstore import DATA_SET_HASH_VERSION
 from dicomweb_server.config import Settings
 from dicomweb_server.reindex import REINDEX_PAGE_ROWS, reindex
 from tests.helpers import (
     ROOT,
+    app_process,
     inst_url,
     make_instance,
     multipart_body,
@@ -124,16 +122,6 @@ async def _age(conn: asyncpg.Connection, app: Starlette) -> None:
         other,
         STUDY_B,
     )
-
-
-@contextlib.asynccontextmanager
-async def _app(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    """An app of its own (a process of `serve --workers N`) and its client."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield app, c
 
 
 def _blob(app: Starlette, key: str) -> Path:
@@ -327,7 +315,7 @@ async def test_reindexed_frames_and_thumbnails_are_not_served_from_a_cache(
     ds = pydicom.dcmread(io.BytesIO(raw))
     url = inst_url(ds)
     decoded = f'multipart/related; type="application/octet-stream"; transfer-syntax={ELE_UID}'
-    async with _app(settings) as (_, serving), _app(settings) as (other_app, other):
+    async with app_process(settings) as (_, serving), app_process(settings) as (other_app, other):
 
         async def frame(client: httpx.AsyncClient) -> bytes:
             r = await client.get(f"{url}/frames/1", headers={"Accept": decoded})
