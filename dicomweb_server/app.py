@@ -92,13 +92,14 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     try:
         await index.apply_schema(SCHEMA_PATH.read_text())
         owner = await index.claim_owner(dsn)
-        blobs = FileSystemBlobStore(settings.blob_dir, owner)
-        await recover(index, blobs)
-        limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
-        images = ByteLRU(settings.image_cache_bytes)
-        frames = ByteLRU(settings.frame_cache_bytes)
-        metadata = ByteLRU(settings.metadata_cache_bytes)
-        yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
+        async with index.keeping_owner():
+            blobs = FileSystemBlobStore(settings.blob_dir, owner)
+            await recover(index, blobs)
+            limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+            images = ByteLRU(settings.image_cache_bytes)
+            frames = ByteLRU(settings.frame_cache_bytes)
+            metadata = ByteLRU(settings.metadata_cache_bytes)
+            yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
     finally:
         await index.close()
         if embedded is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +30,7 @@ from dicomweb_server.record import InstanceRecord
 
 __all__ = [
     "ADVISORY_LOCK_CLASS",
+    "OWNER_PROBE_INTERVAL_S",
     "ApiKey",
     "CommitResult",
     "Index",
@@ -37,6 +39,8 @@ __all__ = [
     "StoredInstance",
     "not_up_yet",
 ]
+
+log = logging.getLogger(__name__)
 
 # First key of the two-int advisory lock space used for process liveness ('DCMW').
 ADVISORY_LOCK_CLASS = 0x44434D57
@@ -280,6 +284,35 @@ class Index:
             if owner != self.owner and dead[owner]:
                 keys.append(row["blob_key"])
         return keys
+
+    @contextlib.asynccontextmanager
+    async def keeping_owner(self) -> AsyncIterator[None]:
+        """Our process lock probed every OWNER_PROBE_INTERVAL_S while the block runs, and
+        taken again as soon as it was lost, whether anything is stored or not. Taken again
+        only by the next store, an idle process whose lock connection had dropped (a
+        database restart, an idle-session timeout) looked dead to every process starting
+        meanwhile, which rolled back its reservations and removed its spool files
+        (app.recover). The probe also keeps that connection from being idle."""
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(OWNER_PROBE_INTERVAL_S)
+                try:
+                    await self._ensure_owner()
+                except ServiceUnavailableError:
+                    # The database is away, or another process asking whether we are alive
+                    # holds our lock at this moment: the next probe tries again.
+                    pass
+                except Exception:  # the keeper goes on, whatever one probe met
+                    log.exception("probing the process lock failed")
+
+        task = asyncio.create_task(keep(), name="process-lock-keeper")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _ensure_owner(self) -> None:
         """Re-take our advisory lock if its connection was lost (the database restarted):

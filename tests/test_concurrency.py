@@ -16,11 +16,12 @@ import pytest
 from pydicom.uid import RLELossless, generate_uid
 from starlette.applications import Starlette
 
+from dicomweb_server import index as index_module
 from dicomweb_server.app import open_services, recover
 from dicomweb_server.blobstore import FileSystemBlobStore
 from dicomweb_server.config import Settings
 from dicomweb_server.errors import FailureReason
-from dicomweb_server.index import ADVISORY_LOCK_CLASS, Index
+from dicomweb_server.index import ADVISORY_LOCK_CLASS, OWNER_PROBE_INTERVAL_S, Index
 from dicomweb_server.ingest import Services, store_file
 from tests.helpers import (
     ROOT,
@@ -90,16 +91,23 @@ def _blobs(settings: Settings) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"]
 
 
+# The backend holding a process lock (index.claim_owner), looked at without taking it.
+_LOCK_HOLDER = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2"
+)
+
+
+async def _lock_held(conn: asyncpg.Connection, owner: int) -> bool:
+    return bool(await conn.fetch(_LOCK_HOLDER, ADVISORY_LOCK_CLASS, owner))
+
+
 async def _free_lock_of(conn: asyncpg.Connection, owner: int) -> None:
     """The connection holding `owner`'s process lock dropped, as a database restart, an idle
     timeout or an administrator drops it; returns once the lock is free."""
-    held = (
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND objsubid = 2"
-    )
-    (pid,) = [r[0] for r in await conn.fetch(held, ADVISORY_LOCK_CLASS, owner)]
+    (pid,) = [r[0] for r in await conn.fetch(_LOCK_HOLDER, ADVISORY_LOCK_CLASS, owner)]
     assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
-    while await conn.fetch(held, ADVISORY_LOCK_CLASS, owner):  # until its backend is gone
+    while await _lock_held(conn, owner):  # until its backend is gone
         await anyio.sleep(0.01)
 
 
@@ -113,6 +121,15 @@ async def _ended_or_waiting(conn: asyncpg.Connection, ended: anyio.Event) -> Non
         await anyio.sleep(0.01)
 
 
+@pytest.fixture
+def lock_not_retaken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes started now do not probe their lock, so one whose lock connection a test
+    drops stays taken for dead (Index.keeping_owner takes it again within a probe interval:
+    a process starting in that interval is what these tests are about)."""
+    monkeypatch.setattr(index_module, "OWNER_PROBE_INTERVAL_S", 3600.0)
+
+
+@pytest.mark.usefixtures("lock_not_retaken")
 async def test_recovery_by_another_process_never_deletes_a_committed_blob(
     settings: Settings, clean_db: str
 ) -> None:
@@ -227,6 +244,7 @@ async def test_one_instance_stored_by_two_processes_at_once(
             await conn.close()
 
 
+@pytest.mark.usefixtures("lock_not_retaken")
 async def test_conversions_go_on_after_another_process_took_this_one_for_dead(
     settings: Settings, clean_db: str
 ) -> None:
@@ -260,3 +278,21 @@ async def test_conversions_go_on_after_another_process_took_this_one_for_dead(
         headers["Content-Type"] = headers["Content-Type"].replace("dicom", "dicom+json")
         r = await client.post(f"{ROOT}/studies", content=body, headers=headers)
         assert r.status_code == 200, r.text
+
+
+async def test_an_idle_process_takes_its_lock_again(settings: Settings, clean_db: str) -> None:
+    """A process whose lock connection dropped (a database restart, an idle-session
+    timeout) takes its lock again within a probe interval or two, storing or not: it was
+    taken again only by its next store, so an idle server looked dead to every process
+    starting meanwhile, which rolled back its reservations and removed its spool files."""
+    async with app_process(settings) as (app, _):
+        owner = app.state.services.index.owner
+        conn = await asyncpg.connect(clean_db)
+        try:
+            await _free_lock_of(conn, owner)
+            deadline = anyio.current_time() + 5 * OWNER_PROBE_INTERVAL_S
+            while not await _lock_held(conn, owner):
+                assert anyio.current_time() < deadline, "the process lock was not taken again"
+                await anyio.sleep(0.05)
+        finally:
+            await conn.close()
