@@ -99,7 +99,8 @@ CREATE TABLE IF NOT EXISTS series (
     updated_at             timestamptz NOT NULL DEFAULT now()
 );
 -- Bumped when `reindex` rewrites an instance of the series: num_instances + revision names one
--- state of the series' metadata (metadata caches compare it, in every process).
+-- state of the series' metadata (metadata caches compare it, in every process), and the
+-- revision with a blob key one state of an instance's row (frame and rendering caches).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()

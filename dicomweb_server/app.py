@@ -51,11 +51,19 @@ EXPOSED_HEADERS = [
 
 
 async def recover(index: Index, blobs: FileSystemBlobStore) -> int:
-    """Roll back what crashed processes left: reserved blobs never committed, spool files."""
-    keys = await index.dead_reservations()
-    for key in keys:
-        await blobs.delete(key)
-        await index.release(key)
+    """Roll back what crashed processes left: reserved blobs never committed, spool files.
+
+    A process may only look dead: its lock is free, and a live process whose lock
+    connection dropped (a database restart) has not taken it again yet. Its commit stores
+    nothing once its reservation is gone (schema.sql, DW003), so each blob is deleted while
+    its reservation is being dropped (Index.releasing): deleted first and released after, a
+    commit in between found its reservation and stored a row whose file was gone."""
+    keys = []
+    for key in await index.dead_reservations():
+        async with index.releasing(key) as ours:
+            if ours:
+                await blobs.delete(key)
+                keys.append(key)
     for owner in blobs.stale_tmp_owners():
         if await index.owner_is_dead(owner):
             blobs.remove_tmp_of(owner)
@@ -84,13 +92,14 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     try:
         await index.apply_schema(SCHEMA_PATH.read_text())
         owner = await index.claim_owner(dsn)
-        blobs = FileSystemBlobStore(settings.blob_dir, owner)
-        await recover(index, blobs)
-        limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
-        images = ByteLRU(settings.image_cache_bytes)
-        frames = ByteLRU(settings.frame_cache_bytes)
-        metadata = ByteLRU(settings.metadata_cache_bytes)
-        yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
+        async with index.keeping_owner():
+            blobs = FileSystemBlobStore(settings.blob_dir, owner)
+            await recover(index, blobs)
+            limiter = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+            images = ByteLRU(settings.image_cache_bytes)
+            frames = ByteLRU(settings.frame_cache_bytes)
+            metadata = ByteLRU(settings.metadata_cache_bytes)
+            yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
     finally:
         await index.close()
         if embedded is not None:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -43,6 +44,7 @@ __all__ = [
     "FileSystemBlobStore",
     "data_set_sha256",
     "hash_file",
+    "scratch_file",
     "stream_path",
     "tune_allocator",
 ]
@@ -380,6 +382,17 @@ class FileSystemBlobStore:
 
     def remove_tmp_of(self, owner: int) -> None:
         shutil.rmtree(self.tmp_root / str(owner), ignore_errors=True)
+
+
+def scratch_file(directory: Path, suffix: str) -> Path:
+    """A new empty file in this process's spool directory (a converted instance, a STOW-RS
+    instance assembled from JSON), the directory made again when it is gone: a process
+    starting while this one's lock connection is down (a database restart) takes it for
+    dead and removes it (app.recover), and every conversion failed from then on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, suffix=suffix)
+    os.close(fd)
+    return Path(name)
 
 
 async def stream_path(

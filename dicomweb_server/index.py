@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,6 +30,7 @@ from dicomweb_server.record import InstanceRecord
 
 __all__ = [
     "ADVISORY_LOCK_CLASS",
+    "OWNER_PROBE_INTERVAL_S",
     "ApiKey",
     "CommitResult",
     "Index",
@@ -37,6 +39,8 @@ __all__ = [
     "StoredInstance",
     "not_up_yet",
 ]
+
+log = logging.getLogger(__name__)
 
 # First key of the two-int advisory lock space used for process liveness ('DCMW').
 ADVISORY_LOCK_CLASS = 0x44434D57
@@ -101,6 +105,11 @@ class StoredInstance:
     columns: int | None = None
     is_float: bool = False
     planar_configuration: int | None = None
+    # Its series' revision, which `reindex` bumps when it rewrites a row of the series: the
+    # blob key names the file, the blob key and revision this row's values. What is made of
+    # both (frames decoded by the Image Pixel values above, renderings) is cached under both,
+    # so no process serves what it made before a reindex.
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,8 @@ SELECT st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.sop_
        _us(i.metadata, '00280100'), _us(i.metadata, '00280101'), _us(i.metadata, '00280002'),
        _us(i.metadata, '00280103'), i.metadata #>> '{{00280004,Value,0}}',
        _us(i.metadata, '00280010'), _us(i.metadata, '00280011'),
-       i.metadata ?| ARRAY['7FE00008', '7FE00009'], _us(i.metadata, '00280006'){extra}
+       i.metadata ?| ARRAY['7FE00008', '7FE00009'], _us(i.metadata, '00280006'),
+       se.revision{extra}
 FROM instance i
 JOIN series se ON se.pk = i.series_fk
 JOIN study st ON st.pk = se.study_fk
@@ -275,6 +285,35 @@ class Index:
                 keys.append(row["blob_key"])
         return keys
 
+    @contextlib.asynccontextmanager
+    async def keeping_owner(self) -> AsyncIterator[None]:
+        """Our process lock probed every OWNER_PROBE_INTERVAL_S while the block runs, and
+        taken again as soon as it was lost, whether anything is stored or not. Taken again
+        only by the next store, an idle process whose lock connection had dropped (a
+        database restart, an idle-session timeout) looked dead to every process starting
+        meanwhile, which rolled back its reservations and removed its spool files
+        (app.recover). The probe also keeps that connection from being idle."""
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(OWNER_PROBE_INTERVAL_S)
+                try:
+                    await self._ensure_owner()
+                except ServiceUnavailableError:
+                    # The database is away, or another process asking whether we are alive
+                    # holds our lock at this moment: the next probe tries again.
+                    pass
+                except Exception:  # the keeper goes on, whatever one probe met
+                    log.exception("probing the process lock failed")
+
+        task = asyncio.create_task(keep(), name="process-lock-keeper")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def _ensure_owner(self) -> None:
         """Re-take our advisory lock if its connection was lost (the database restarted):
         without it, another process starting now would roll back our reservations.
@@ -357,6 +396,32 @@ class Index:
             "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING blob_key", blob_key
         )
         return bool(rows)
+
+    @contextlib.asynccontextmanager
+    async def releasing(self, blob_key: str) -> AsyncIterator[bool]:
+        """Drop a reservation in a transaction held open through the block, which is told
+        whether it existed (then the blob is the block's to delete). A commit of an instance
+        with this blob waits meanwhile, then finds the reservation gone and stores nothing;
+        if the block raises, the reservation stays, so the blob is never left unreferenced
+        and unreserved (a blob deleted first, then released, was stored by a commit in
+        between: app.recover)."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            conn = await stack.enter_async_context(self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S))
+            await stack.enter_async_context(conn.transaction())
+            gone = await conn.fetchval(
+                "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
+                blob_key,
+                timeout=self._timeout,
+            )
+        except _UNAVAILABLE as exc:
+            await stack.aclose()
+            raise _unavailable(exc) from exc
+        except BaseException:
+            await stack.aclose()
+            raise
+        async with stack:  # COMMIT when the block ends, ROLLBACK when it raises
+            yield bool(gone)
 
     async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
         try:

@@ -73,7 +73,7 @@ class Services:
     limiter: anyio.CapacityLimiter  # worker threads for parsing and codecs
     scratch_dir: Path  # temporary files of transcoded responses
     images: ByteLRU  # rendered images and thumbnails
-    frames: ByteLRU  # decoded and re-encoded frames, keyed (blob, frame, transfer syntax)
+    frames: ByteLRU  # decoded and re-encoded frames, keyed (blob, revision, frame, syntax)
     # Series metadata keyed ("series", Series Instance UID), its version in the first
     # 8 bytes of the value, and gzip-compressed metadata responses keyed ("gzip", ETag).
     metadata: ByteLRU

@@ -15,7 +15,8 @@ rewrites the rows that come out different. The files are never touched.
   duplicates no longer need a file read.
 - It can run beside a serving server: each instance is rewritten in one transaction under
   its study's row lock, as a commit is, and a rewritten series gets a new version
-  (schema.sql's `series.revision`), which every process's metadata cache compares.
+  (schema.sql's `series.revision`), which every process's metadata cache compares and its
+  frame and rendering caches are keyed by.
 """
 
 from __future__ import annotations

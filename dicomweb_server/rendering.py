@@ -48,8 +48,11 @@ async def rendered_image(
 
     A thumbnail is never an error (field notes 7): an instance without pixel data, a video
     and pixel data this server cannot decode get an icon naming their kind. Their rendered
-    resource stays a 406: it promises an image of the content."""
-    key = (inst.blob_key, frame, params, media, thumbnail, animate)
+    resource stays a 406: it promises an image of the content.
+
+    Cached by blob key and the row's revision (StoredInstance.revision): whether there is an
+    image or an icon is the row's to say."""
+    key = (inst.blob_key, inst.revision, frame, params, media, thumbnail, animate)
     while True:
         cached = svc.images.get(key)
         if cached is not None:
@@ -123,7 +126,7 @@ async def _rendered(
 
 async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> bytes:
     """A Structured Report rendered as text (report.render_report), cached as images are."""
-    key = (inst.blob_key, 0, None, media, False, False)
+    key = (inst.blob_key, inst.revision, 0, None, media, False, False)
     cached = svc.images.get(key)
     if cached is not None:
         return cached

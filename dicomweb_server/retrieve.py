@@ -9,10 +9,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-import os
 import re
 import struct
-import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import anyio
 from pydicom.uid import UID
 
-from dicomweb_server.blobstore import READ_CHUNK_BYTES, stream_path
+from dicomweb_server.blobstore import READ_CHUNK_BYTES, scratch_file, stream_path
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
@@ -221,9 +219,7 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -> Path:
     """The instance converted into a scratch file (removed again if the conversion fails)."""
-    fd, name = tempfile.mkstemp(dir=svc.scratch_dir, suffix=".dcm")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = scratch_file(svc.scratch_dir, ".dcm")
     try:
         src = svc.blobs.local_path(inst.blob_key)
         await anyio.to_thread.run_sync(to_transfer_syntax, src, tmp, target, limiter=svc.limiter)
@@ -485,8 +481,9 @@ async def _stored_frames(
 
 
 async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: str) -> bytes:
-    """Frame n decoded (Explicit VR Little Endian) or re-encoded, through the frame cache."""
-    key = (inst.blob_key, n, target)
+    """Frame n decoded (Explicit VR Little Endian) or re-encoded, through the frame cache
+    (keyed by the row's revision too: decoded by the row's pixel description)."""
+    key = (inst.blob_key, inst.revision, n, target)
     cached = svc.frames.get(key)
     if cached is not None:
         return cached

@@ -15,11 +15,11 @@ MAX_JSON_BULK_VALUE_BYTES each), never the pixel data.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 import struct
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
-from dicomweb_server.blobstore import BlobWriter
+from dicomweb_server.blobstore import BlobWriter, scratch_file
 from dicomweb_server.dicom_json import (
     InstanceOutcome,
     JsonDict,
@@ -254,8 +254,9 @@ async def _store_one(
     ctx: Services,
     expected_study: str | None,
 ) -> InstanceOutcome:
-    out = ctx.scratch_dir / f"stow-json-{uuid.uuid4().hex}.dcm"
+    out: Path | None = None
     try:
+        out = scratch_file(ctx.scratch_dir, ".dcm")
         await anyio.to_thread.run_sync(_assemble, doc, bulk, budget, out, limiter=ctx.limiter)
         return await store_path(ctx, out, expected_study)
     except InvalidInstanceError as exc:
@@ -263,8 +264,9 @@ async def _store_one(
     except OSError as exc:  # the same rule as for a Part-10 part's bytes
         return storage_failure(exc, "could not assemble a STOW-RS instance from its metadata")
     finally:
-        with anyio.CancelScope(shield=True):  # also when the client went away meanwhile
-            await anyio.to_thread.run_sync(lambda: out.unlink(missing_ok=True))
+        if out is not None:
+            with anyio.CancelScope(shield=True):  # also when the client went away meanwhile
+                await anyio.to_thread.run_sync(functools.partial(out.unlink, missing_ok=True))
 
 
 def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out: Path) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
+import httpx
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from starlette.applications import Starlette
 
+from dicomweb_server.config import Settings
 from dicomweb_server.media import LONG_LENGTH_VRS
 
 BOUNDARY = "test-boundary-1234"
@@ -160,3 +164,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+@contextlib.asynccontextmanager
+async def app_process(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """An app with services of its own, as a process of `serve --workers N` has (a database
+    pool, a process lock, caches), and an in-process client of it. Several over the same
+    settings share the database and the blob store as such processes do."""
+    from dicomweb_server.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            yield app, c

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -10,18 +11,32 @@ from typing import Any
 import anyio
 import asyncpg
 import httpx
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.pixels.utils import pixel_array
 from starlette.applications import Starlette
 
 from dicomweb_server.blobstore import DATA_SET_HASH_VERSION
+from dicomweb_server.config import Settings
 from dicomweb_server.reindex import REINDEX_PAGE_ROWS, reindex
-from tests.helpers import ROOT, make_instance, multipart_body, run_cli, stow_headers, to_bytes
+from tests.helpers import (
+    ROOT,
+    app_process,
+    inst_url,
+    make_instance,
+    multipart_body,
+    run_cli,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
 
 pytestmark = pytest.mark.db
 
 STUDY_A, STUDY_B = "1.2.826.0.1.3680043.8.498.7001", "1.2.826.0.1.3680043.8.498.7002"
 SERIES_A, SERIES_B = f"{STUDY_A}.1", f"{STUDY_B}.1"
+ELE_UID = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
 
 # Every column that reindex derives (not keys, timestamps or counters).
 _INSTANCE_COLS = (
@@ -287,3 +302,58 @@ def test_reindex_command(tmp_path: Path, clean_db: str, samples: Path) -> None:
     export = run_cli("audit", "export", *common)
     actions = [json.loads(line)["action"] for line in export.stdout.splitlines()]
     assert actions.count("reindex") == 2
+
+
+async def test_reindexed_frames_and_thumbnails_are_not_served_from_a_cache(
+    settings: Settings, clean_db: str, samples: Path
+) -> None:
+    """What a process cached of an instance (decoded frames, renderings) before `reindex`,
+    run by another process, rewrote the instance's rows is not served after it: frames are
+    decoded by the pixel description of the row, and whether there is an image to render by
+    its number of frames. They were cached by blob key alone, which reindex keeps."""
+    raw = (samples / "real" / "pydicom" / "SC_rgb_rle_2frame.dcm").read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    url = inst_url(ds)
+    decoded = f'multipart/related; type="application/octet-stream"; transfer-syntax={ELE_UID}'
+    async with app_process(settings) as (_, serving), app_process(settings) as (other_app, other):
+
+        async def frame(client: httpx.AsyncClient) -> bytes:
+            r = await client.get(f"{url}/frames/1", headers={"Accept": decoded})
+            assert r.status_code == 200, r.text
+            ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+            return body
+
+        async def thumbnail(client: httpx.AsyncClient) -> bytes:
+            r = await client.get(f"{url}/thumbnail", headers={"Accept": "image/png"})
+            assert r.status_code == 200, r.text
+            return r.content
+
+        r = await serving.post(f"{ROOT}/studies", content=multipart_body([raw]),
+                               headers=stow_headers())  # fmt: skip
+        assert r.status_code == 200, r.text
+        conn = await asyncpg.connect(clean_db)
+        try:
+            # As an older release derived them: Planar Configuration 1 (colour by plane),
+            # then no frames at all.
+            sop = ds.SOPInstanceUID
+            await conn.execute(
+                "UPDATE instance SET metadata = jsonb_set(metadata, '{00280006,Value}', '[1]')"
+                " WHERE sop_instance_uid = $1",
+                sop,
+            )
+            aged_frame = await frame(serving)
+            await conn.execute(
+                "UPDATE instance SET number_of_frames = 0 WHERE sop_instance_uid = $1", sop
+            )
+            icon = await thumbnail(serving)
+        finally:
+            await conn.close()
+        report = await reindex(other_app.state.services)  # as `reindex` in a process of its own
+        assert (report.updated, report.failed) == (1, [])
+        expected = pixel_array(ds, index=0).tobytes()
+        assert aged_frame != expected
+        assert await frame(other) == expected
+        assert await frame(serving) == expected
+        fresh = await thumbnail(other)
+        assert fresh != icon
+        assert await thumbnail(serving) == fresh
