@@ -3,9 +3,9 @@
 Two-phase store (STYLE.md rule 11): `reserve_key` hands out a blob key whose reservation row is
 committed before the blob is placed (keys are reserved RESERVE_BATCH at a time),
 `commit_instance` inserts the patient/study/series/instance rows and drops the reservation in
-one transaction, `release` drops a reservation whose blob was discarded. A process holds a
-session advisory lock on its owner id for its whole life, so reservations of a dead process are
-recognised and rolled back at the next start (`dead_reservations`).
+one transaction, `releasing` drops a reservation while its discarded blob is deleted. A
+process holds a session advisory lock on its owner id for its whole life, so reservations of a
+dead process are recognised and rolled back at the next start (`dead_reservations`).
 """
 
 from __future__ import annotations
@@ -389,14 +389,6 @@ class Index:
                 self._spare = keys
             return self._spare.pop()
 
-    async def release(self, blob_key: str) -> bool:
-        """Drop a reservation; True when it existed, i.e. no instance row was committed with
-        this blob (the commit drops the reservation in the same transaction)."""
-        rows = await self._fetch(
-            "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING blob_key", blob_key
-        )
-        return bool(rows)
-
     @contextlib.asynccontextmanager
     async def releasing(self, blob_key: str) -> AsyncIterator[bool]:
         """Drop a reservation in a transaction held open through the block, which is told
@@ -405,23 +397,30 @@ class Index:
         if the block raises, the reservation stays, so the blob is never left unreferenced
         and unreserved (a blob deleted first, then released, was stored by a commit in
         between: app.recover)."""
-        stack = contextlib.AsyncExitStack()
-        try:
-            conn = await stack.enter_async_context(self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S))
-            await stack.enter_async_context(conn.transaction())
-            gone = await conn.fetchval(
-                "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
-                blob_key,
-                timeout=self._timeout,
-            )
-        except _UNAVAILABLE as exc:
-            await stack.aclose()
-            raise _unavailable(exc) from exc
-        except BaseException:
-            await stack.aclose()
-            raise
-        async with stack:  # COMMIT when the block ends, ROLLBACK when it raises
-            yield bool(gone)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(
+                    self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S)
+                )
+                tx = conn.transaction()
+                await tx.start()
+                gone = await conn.fetchval(
+                    "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
+                    blob_key,
+                    timeout=self._timeout,
+                )
+            except _UNAVAILABLE as exc:
+                raise _unavailable(exc) from exc
+            try:
+                yield bool(gone)
+            except BaseException:
+                with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
+                    await tx.rollback()
+                raise
+            try:  # the block's own errors (a blob delete's OSError) are not the database's
+                await tx.commit()
+            except _UNAVAILABLE as exc:
+                raise _unavailable(exc) from exc
 
     async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
         try:

@@ -423,12 +423,16 @@ def hashed_as_parsed(hashed_at: int, parsed: ParsedFile) -> bool:
 async def _undo(ctx: Services, writer: BlobWriter, key: str | None, placed: bool) -> None:
     """Roll back a store that failed. A placed blob is deleted only when its reservation was
     still there: if the commit reached the database after all (an error or a cancellation
-    after COMMIT), the reservation is gone and the blob belongs to a stored instance."""
+    after COMMIT), the reservation is gone and the blob belongs to a stored instance. Deleted
+    while the reservation is being dropped (Index.releasing): should the delete fail or the
+    process die, the reservation stays and `recover` finds the blob, never left unowned."""
     try:
         if not placed:
             await ctx.blobs.discard(writer)
-        if key is not None and await ctx.index.release(key) and placed:
-            await ctx.blobs.delete(key)
+        if key is not None:
+            async with ctx.index.releasing(key) as ours:
+                if ours and placed:
+                    await ctx.blobs.delete(key)
     except Exception:  # database unreachable: blob and reservation are left to `recover`
         log.exception("could not undo blob %s", key)
 
@@ -441,9 +445,11 @@ async def _commit(
     result = await ctx.index.commit_instance(record)
     if result.stored:
         return InstanceOutcome(sop_class, sop, retrieve_path=instance_path(study, series, sop))
-    # Not committed: the blob is ours to delete (its reservation, if still there, goes too).
-    if await ctx.index.release(key) or result.reservation_lost:
-        await ctx.blobs.delete(key)
+    # Not committed: the blob is ours to delete, and its reservation, if still there, goes
+    # when it is deleted (as in _undo).
+    async with ctx.index.releasing(key) as ours:
+        if ours or result.reservation_lost:
+            await ctx.blobs.delete(key)
     if result.failed:
         reason = (
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS

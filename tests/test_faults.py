@@ -277,3 +277,54 @@ async def test_refused_parts_leave_no_reservation(app: Starlette) -> None:
     assert stored == 1
     assert reserved == set(svc.index.spare_keys)
     assert list(svc.blobs.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["duplicate", "refused commit"])
+async def test_a_blob_whose_delete_fails_keeps_its_reservation(
+    app: Starlette, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A store that does not commit deletes its blob while its reservation is dropped
+    (Index.releasing): when the delete fails (or the process dies there), the reservation
+    stays for `recover`. Released first, the blob was left with neither row nor reservation,
+    an orphan no recovery finds. Paths: a second copy of a stored instance (its blob is
+    discarded) and a commit the database refused (the same SOP Instance UID, other content)."""
+    from dicomweb_server.blobstore import FileSystemBlobStore
+
+    svc = app.state.services
+    ds = make_instance()
+    again = (
+        ds
+        if path == "duplicate"
+        else make_instance(
+            sop=ds.SOPInstanceUID,
+            study=ds.StudyInstanceUID,
+            series=ds.SeriesInstanceUID,
+            patient_name="Other^Content",
+        )
+    )
+    failed: list[str] = []
+
+    async def refuse(self: FileSystemBlobStore, key: str) -> None:
+        failed.append(key)
+        raise OSError(5, "Input/output error")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+        )
+        assert r.status_code == 200, r.text
+        monkeypatch.setattr(FileSystemBlobStore, "delete", refuse)
+        await client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(again)]), headers=stow_headers()
+        )
+    (key,) = set(failed)  # _commit tried, then _undo
+    assert svc.blobs.local_path(key).is_file()
+    conn = await asyncpg.connect(app.state.settings.database_url)
+    try:
+        reserved = {r[0] for r in await conn.fetch("SELECT blob_key FROM blob_reservation")}
+        stored = {r[0] for r in await conn.fetch("SELECT blob_key FROM instance")}
+    finally:
+        await conn.close()
+    assert key not in stored
+    assert key in reserved, "the undeleted blob has neither row nor reservation"
