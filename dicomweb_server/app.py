@@ -257,7 +257,13 @@ class _CatchAllMiddleware:
         async def watch(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            try:
+                await send(message)
+            except OSError as exc:
+                # The connection is gone: hypercorn passes on what its write met, other than
+                # a ConnectionError (ETIMEDOUT: SEND_STALL_TIMEOUT_S dropped a client that
+                # stopped reading). The client's doing, not a server error.
+                raise ClientDisconnect from exc
 
         try:
             await self.app(scope, receive, watch)

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_PORT",
     "MAX_REQUEST_BYTES",
     "METADATA_CACHE_BYTES",
+    "SEND_STALL_TIMEOUT_S",
     "VERSION",
     "ConfigError",
     "Settings",
@@ -59,6 +60,13 @@ MAX_REQUEST_BYTES = 64 * 1024**3
 # take. hypercorn's own read_timeout cannot do this: it also ends downloads, during which the
 # client sends nothing.
 BODY_IDLE_TIMEOUT_S = 60.0
+# Seconds the kernel keeps trying to send response bytes that the client does not take (its
+# receive window stays shut, or nothing is acknowledged) before it drops the connection
+# (TCP_USER_TIMEOUT, RFC 5482, set on the listening sockets by `serve`). A client that stops
+# reading a download would otherwise hold its request, its open file and its buffers
+# forever. nginx's send_timeout is the same 60 s; a download that keeps being read is never
+# cut, however slow.
+SEND_STALL_TIMEOUT_S = 60.0
 # Memory for cached rendered images and thumbnails, bytes.
 IMAGE_CACHE_BYTES = 64 * 1024**2
 # Memory for cached decoded or re-encoded frames, bytes.
@@ -111,6 +119,7 @@ class Settings:
     max_part_bytes: int = MAX_PART_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
     body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S
+    send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
     # Public URL of the DICOMweb root (e.g. behind a reverse proxy); None: from the request.
     public_url: str | None = None
     # Origins allowed by CORS: a comma list, or "*"; None: any http(s) origin on localhost or
@@ -213,6 +222,8 @@ class Settings:
             s = replace(s, max_request_bytes=_int(env, "DICOMWEB_MAX_REQUEST_BYTES"))
         if "DICOMWEB_BODY_IDLE_TIMEOUT_S" in env:
             s = replace(s, body_idle_timeout_s=_seconds(env, "DICOMWEB_BODY_IDLE_TIMEOUT_S"))
+        if "DICOMWEB_SEND_STALL_TIMEOUT_S" in env:
+            s = replace(s, send_stall_timeout_s=_seconds(env, "DICOMWEB_SEND_STALL_TIMEOUT_S"))
         return _security_from_env(s, env)._dimse_from_env(env)
 
     def _dimse_from_env(self, env: Mapping[str, str]) -> Settings:
@@ -259,6 +270,7 @@ class Settings:
             "DICOMWEB_MAX_PART_BYTES": str(self.max_part_bytes),
             "DICOMWEB_MAX_REQUEST_BYTES": str(self.max_request_bytes),
             "DICOMWEB_BODY_IDLE_TIMEOUT_S": str(self.body_idle_timeout_s),
+            "DICOMWEB_SEND_STALL_TIMEOUT_S": str(self.send_stall_timeout_s),
             "DICOMWEB_AUTH": self.auth,
             "DICOMWEB_INSECURE": "1" if self.insecure else "",
             "DICOMWEB_OIDC_ISSUER": self.oidc_issuer or "",

@@ -1,6 +1,7 @@
 """Slow and hostile clients against a real server (hypercorn in a subprocess, real sockets):
-bodies that stop or trickle (BODY_IDLE_TIMEOUT_S). The limits are lowered through the
-settings' environment so that each test takes seconds."""
+bodies that stop or trickle (BODY_IDLE_TIMEOUT_S), downloads nobody reads
+(SEND_STALL_TIMEOUT_S), request heads that trickle and idle connections (KEEP_ALIVE_TIMEOUT_S).
+The limits are lowered through the settings' environment so that each test takes seconds."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
+from dicomweb_server.cli import KEEP_ALIVE_TIMEOUT_S
 from tests.helpers import BOUNDARY, make_instance, multipart_body, stow_headers, to_bytes
 from tests.liveserver import ServerProcess, start
 
@@ -196,3 +198,136 @@ def test_slow_stow_that_keeps_coming_is_not_cut(tmp_path: Path, clean_db: str) -
         assert r.status_code == 200, r.text
         assert time.monotonic() - started > 6 * 0.5
         clean_log(server)
+
+
+def _server_side_open(server_port: int, client_port: int) -> bool:
+    """Whether the kernel still has the server's end of a connection (Linux /proc/net/tcp)."""
+    local, remote = f":{server_port:04X}", f":{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(local) and fields[2].endswith(remote):
+            return True
+    return False
+
+
+def _blob_fds(server: ServerProcess, data: Path) -> list[str]:
+    """The server's open descriptors on files of its blob store."""
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    targets = [str(fd.readlink()) for fd in fds.iterdir() if fd.is_symlink()]
+    return [t for t in targets if t.startswith(str((data / "blobs").resolve()))]
+
+
+def test_download_nobody_reads_is_dropped_one_read_slowly_is_not(
+    tmp_path: Path, clean_db: str
+) -> None:
+    """SEND_STALL_TIMEOUT_S (1 s): a client that asks for a 12.6 MB instance and reads
+    nothing is dropped by the kernel once its window stayed shut that long, and its request
+    ends, its blob closed, without a traceback. It held the request, its open blob and a
+    chunk of buffers for as long as it kept the connection open. A client that reads a 2 MB
+    instance in 64 KiB gulps ten times a second (its window shut between them), for over
+    three times the timeout, gets all of it. Neither these nor a client that goes away
+    part-way leave a blob open (they did until the garbage collector ran)."""
+    big, small = (
+        to_bytes(make_instance(rows=2048, cols=3072)),
+        to_bytes(make_instance(rows=1024, cols=1024)),
+    )
+    data = tmp_path / "data"
+    with serving(tmp_path, clean_db, DICOMWEB_SEND_STALL_TIMEOUT_S="1") as server:
+        port = port_of(server)
+        paths = []
+        for raw in (big, small):
+            body = multipart_body([raw])
+            r = httpx.post(
+                f"{server.url}/studies", content=body, headers=stow_headers(), timeout=60
+            )
+            assert r.status_code == 200, r.text
+            paths.append(
+                r.json()["00081199"]["Value"][0]["00081190"]["Value"][0].split(f":{port}", 1)[1]
+            )
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        gone = socket.socket()
+        with stalled, slow:
+            for sock, path in ((stalled, paths[0]), (slow, paths[1]), (gone, paths[0])):
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: multipart/related;"
+                    ' type="application/dicom"; transfer-syntax=*\r\n\r\n'.encode()
+                )
+            with gone:  # a client that goes away part-way: its blob is closed too
+                assert len(gone.recv(65536)) > 0
+            began = time.monotonic()
+            slow.settimeout(10)
+            received = b""
+            while not received.endswith(b"--\r\n"):  # the closing delimiter
+                time.sleep(0.1)
+                chunk = slow.recv(64 * 1024)
+                assert chunk, f"the slow reader was cut after {len(received)} bytes"
+                received += chunk
+            took = time.monotonic() - began
+            assert small in received and took > 3, took
+            client = stalled.getsockname()[1]
+            deadline = time.monotonic() + 10
+            while _blob_fds(server, data) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _blob_fds(server, data) == [], "a download's blob is still open"
+            assert not _server_side_open(port, client), "the stalled download is still open"
+        time.sleep(0.5)  # the access log line of the dropped request
+        log = server.log.read_text()
+        assert f"127.0.0.1:{client} - - " in log and f"GET {paths[0]} 1.1" in log, log[-3000:]
+        clean_log(server)
+
+
+def test_trickled_request_heads_and_idle_connections_are_closed(
+    tmp_path: Path, clean_db: str
+) -> None:
+    """KEEP_ALIVE_TIMEOUT_S (5 s): request heads trickled a byte every 0.25 s (slowloris),
+    connections that send nothing, and kept-alive connections after a request are all closed
+    by the server within it, while a normal request meanwhile is answered at once."""
+    head = b"GET /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 100
+    closed_after: dict[str, list[float]] = {"trickled": [], "silent": [], "kept-alive": []}
+    lock = threading.Lock()
+
+    def client(kind: str, port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            began = time.monotonic()
+            if kind == "kept-alive":
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                began = time.monotonic()
+            sock.settimeout(0.25)
+            for i in range(200):  # 50 s: far longer than the timeout
+                if kind == "trickled" and i < len(head):
+                    with contextlib.suppress(OSError):
+                        sock.send(head[i : i + 1])
+                try:
+                    if sock.recv(65536) == b"":
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+            with lock:
+                closed_after[kind].append(time.monotonic() - began)
+
+    with serving(tmp_path, clean_db) as server:
+        port = port_of(server)
+        threads = [
+            threading.Thread(target=client, args=(kind, port))
+            for kind in closed_after
+            for _ in range(10)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        started = time.monotonic()
+        assert httpx.get(f"{server.url}/studies", timeout=5).status_code == 204
+        assert time.monotonic() - started < 1
+        for t in threads:
+            t.join(timeout=60)
+        clean_log(server)
+    for kind, times in closed_after.items():
+        assert len(times) == 10, kind
+        assert max(times) < KEEP_ALIVE_TIMEOUT_S + 1.5, (kind, times)
