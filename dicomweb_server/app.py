@@ -25,7 +25,7 @@ from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.dimse import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
-from dicomweb_server.errors import DicomWebError
+from dicomweb_server.errors import DicomWebError, RequestTimeoutError
 from dicomweb_server.guard import Guard, MatchedRouter
 from dicomweb_server.index import Index
 from dicomweb_server.ingest import Services
@@ -111,9 +111,10 @@ async def _dicomweb_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-# Seconds a request waits, once answered, for the unread part of its body that the server had
-# already queued to be drained (_UnreadBody). hypercorn ends that queue at once.
-UNREAD_BODY_DRAIN_S = 5.0
+# Bytes a second a request body must bring, on average over each BODY_IDLE_TIMEOUT_S (config)
+# of waiting for it: a body trickled slower is as idle as one that stopped (Apache's
+# mod_reqtimeout asks 500 by default; a GPRS link carries about ten times that).
+BODY_MIN_BYTES_PER_S = 512
 
 
 def _has_body(scope: Scope) -> bool:
@@ -123,10 +124,70 @@ def _has_body(scope: Scope) -> bool:
     return False
 
 
-class _UnreadBody:
-    """A request answered before its body was read (a 401 or 415 to a STOW, a 413 part-way)
-    is answered with `Connection: close`, and the part of its body already queued for the app
-    is drained while the answer goes out.
+class _Body:
+    """One request's body as the app reads it (receive), and whether all of it was read.
+
+    While the response has not started, the body is idle once the server has waited
+    `idle_s` for it (waiting counts, not the time the app spends on what came) and it
+    brought fewer than `idle_s * BODY_MIN_BYTES_PER_S` bytes meanwhile: receive raises
+    RequestTimeoutError (408, RFC 9110 15.5.9), then and at every later call. The reader
+    above (a STOW's multipart parser, ingest) discards the part it was spooling and keeps the
+    parts it completed, as when the client goes away. A body that keeps coming, however
+    slowly overall, is never cut: each quota it brings starts the clock again. Found by
+    review: a client that stopped part-way, that sent `Expect: 100-continue` and then
+    nothing, or that trickled a byte every few seconds held the request, its spool file and
+    its connection forever (a STOW after 60 s of silence was the only one answered)."""
+
+    def __init__(self, receive: Receive, idle_s: float) -> None:
+        self._receive = receive
+        self._idle_s = idle_s
+        self._quota = max(1, int(idle_s * BODY_MIN_BYTES_PER_S))
+        self.read = False  # the whole body, or the disconnect, reached the app
+        self.answered = False  # the response has started: no clock any more
+        self._waited = 0.0  # seconds waited since the body last brought its quota
+        self._brought = 0  # bytes it brought meanwhile
+        self._timeout: RequestTimeoutError | None = None
+
+    async def receive(self) -> Message:
+        if self.read or self.answered:
+            return await self.next()
+        if self._timeout is None and self._waited < self._idle_s:
+            started = anyio.current_time()
+            with anyio.move_on_after(self._idle_s - self._waited):
+                message = await self.next()
+                self._count(message, anyio.current_time() - started)
+                return message
+        if self._timeout is None:
+            self._timeout = RequestTimeoutError(self._why(), headers={"Connection": "close"})
+            log.info("request body idle: %s", self._timeout.message)
+        raise self._timeout
+
+    async def next(self) -> Message:
+        """The next message, without the clock (the drain after the answer)."""
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.read = True
+        return message
+
+    def _count(self, message: Message, waited_s: float) -> None:
+        self._waited += waited_s
+        self._brought += len(message.get("body", b""))
+        if self._brought >= self._quota:
+            self._waited, self._brought = 0.0, 0
+
+    def _why(self) -> str:
+        if not self._brought:
+            return f"the request body stopped: nothing came for {self._idle_s:g} seconds"
+        return (
+            f"the request body came too slowly: {self._brought} of the {self._quota} bytes"
+            f" it must bring in {self._idle_s:g} seconds ({BODY_MIN_BYTES_PER_S} a second)"
+        )
+
+
+class _RequestBody:
+    """Requests with a body: an idle body ends in 408 (_Body), and a request answered before
+    its body was read (a 401 or 415 to a STOW, a 413 or 408 part-way) is answered with
+    `Connection: close`, while the part of its body already queued for the app is drained.
 
     hypercorn (0.18) queues at most `max_app_queue_size` (10) body messages for the app, and
     once the answer is sent it queues `http.disconnect` for it, waiting for room inside the
@@ -134,49 +195,59 @@ class _UnreadBody:
     request never finished, its socket and memory stayed, and its audit row was never written
     (found by review: an unknown key id and a 2 MB body left half the requests so). Closing
     the connection stops the rest of the body (RFC 9112 9.6: a server that does not read the
-    body closes the connection)."""
+    body closes the connection). The drain runs only while that last `send` does: it takes
+    what is queued, never waits for the client after the answer (a stalled one would keep
+    the request open), and its clock is off."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, idle_s: float) -> None:
         self.app = app
+        self.idle_s = idle_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _has_body(scope):
             await self.app(scope, receive, send)
             return
-        read = False  # the whole body, or the disconnect, reached the app
-        drain: asyncio.Task[None] | None = None
-
-        async def tracked() -> Message:
-            nonlocal read
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                read = True
-            return message
+        body = _Body(receive, self.idle_s)
 
         async def drained() -> None:
-            while not read:
-                await tracked()
+            with contextlib.suppress(Exception):
+                while not body.read:
+                    await body.next()
 
         async def answer(message: Message) -> None:
-            nonlocal drain
-            if message["type"] == "http.response.start" and not read:
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            if message["type"] == "http.response.start":
+                body.answered = True
+                if not body.read:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             elif (
                 message["type"] == "http.response.body"
                 and not message.get("more_body", False)
-                and not read
-                and drain is None
+                and not body.read
             ):
                 drain = asyncio.ensure_future(drained())
+                try:
+                    await send(message)
+                finally:
+                    drain.cancel()
+                    await asyncio.wait([drain])
+                return
             await send(message)
 
-        try:
-            await self.app(scope, tracked, answer)
-        finally:
-            if drain is not None:
-                with contextlib.suppress(TimeoutError, Exception):
-                    await asyncio.wait_for(drain, UNREAD_BODY_DRAIN_S)
+        await self.app(scope, body.receive, answer)
+
+
+def _client_error(exc: Exception) -> DicomWebError | None:
+    """The DicomWebError an exception group holds, when it holds nothing else: a task group
+    wraps what its tasks raise (an idle body's 408 raised where a task reads the body), and
+    the client's error is still the client's error, not a 500."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return None
+    errors, rest = exc.split(DicomWebError)
+    leaf: BaseException | None = errors
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf if rest is None and isinstance(leaf, DicomWebError) else None
 
 
 class _CatchAllMiddleware:
@@ -195,7 +266,13 @@ class _CatchAllMiddleware:
         async def watch(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            try:
+                await send(message)
+            except OSError as exc:
+                # The connection is gone: hypercorn passes on what its write met, other than
+                # a ConnectionError (ETIMEDOUT: SEND_STALL_TIMEOUT_S dropped a client that
+                # stopped reading). The client's doing, not a server error.
+                raise ClientDisconnect from exc
 
         try:
             await self.app(scope, receive, watch)
@@ -207,7 +284,11 @@ class _CatchAllMiddleware:
                 await JSONResponse({"status": 499, "message": "client disconnected"}, 499)(
                     scope, receive, send
                 )
-        except Exception:
+        except Exception as exc:
+            error = _client_error(exc)
+            if error is not None and not started:
+                await error_response(error)(scope, receive, send)
+                return
             log.exception("unexpected error on %s", scope.get("path"))
             if started:
                 raise
@@ -238,8 +319,9 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={DicomWebError: _dicomweb_error},
         middleware=[
-            # Outermost: no request stays unfinished for a body it was answered without.
-            Middleware(_UnreadBody),
+            # Outermost: an idle request body ends in 408, and no request stays unfinished
+            # for a body it was answered without.
+            Middleware(_RequestBody, idle_s=settings.body_idle_timeout_s),
             # Then: everything after sees the client, scheme and host a trusted reverse
             # proxy forwarded (field notes 13).
             Middleware(

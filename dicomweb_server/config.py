@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from dicomweb_server.errors import DicomWebError
 
 __all__ = [
     "AUTH_MODES",
+    "BODY_IDLE_TIMEOUT_S",
     "DEFAULT_AE_TITLE",
     "DEFAULT_DATA_DIR",
     "DEFAULT_HOST",
@@ -26,6 +28,7 @@ __all__ = [
     "MAX_PORT",
     "MAX_REQUEST_BYTES",
     "METADATA_CACHE_BYTES",
+    "SEND_STALL_TIMEOUT_S",
     "VERSION",
     "ConfigError",
     "Settings",
@@ -50,6 +53,20 @@ FORWARDED_PREFIX_SCOPE_KEY = "dicomweb.forwarded_prefix"
 MAX_PART_BYTES = 4 * 1024**3
 # Largest STOW request body, in bytes. Above it: 413.
 MAX_REQUEST_BYTES = 64 * 1024**3
+# Seconds of waiting for a request body (the time the server waits for it, not the time it
+# spends on what came) in which the body must bring at least app.BODY_MIN_BYTES_PER_S times
+# as many bytes: a body that stops, or trickles slower, is answered 408 with `Connection:
+# close` (app._RequestBody). Slow bodies that keep coming are never cut, however long they
+# take. hypercorn's own read_timeout cannot do this: it also ends downloads, during which the
+# client sends nothing.
+BODY_IDLE_TIMEOUT_S = 60.0
+# Seconds the kernel keeps trying to send response bytes that the client does not take (its
+# receive window stays shut, or nothing is acknowledged) before it drops the connection
+# (TCP_USER_TIMEOUT, RFC 5482, set on the listening sockets by `serve`). A client that stops
+# reading a download would otherwise hold its request, its open file and its buffers
+# forever. nginx's send_timeout is the same 60 s; a download that keeps being read is never
+# cut, however slow.
+SEND_STALL_TIMEOUT_S = 60.0
 # Memory for cached rendered images and thumbnails, bytes.
 IMAGE_CACHE_BYTES = 64 * 1024**2
 # Memory for cached decoded or re-encoded frames, bytes.
@@ -101,6 +118,8 @@ class Settings:
     database_url: str | None = None
     max_part_bytes: int = MAX_PART_BYTES
     max_request_bytes: int = MAX_REQUEST_BYTES
+    body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S
+    send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
     # Public URL of the DICOMweb root (e.g. behind a reverse proxy); None: from the request.
     public_url: str | None = None
     # Origins allowed by CORS: a comma list, or "*"; None: any http(s) origin on localhost or
@@ -201,6 +220,10 @@ class Settings:
             s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
         if "DICOMWEB_MAX_REQUEST_BYTES" in env:
             s = replace(s, max_request_bytes=_int(env, "DICOMWEB_MAX_REQUEST_BYTES"))
+        if "DICOMWEB_BODY_IDLE_TIMEOUT_S" in env:
+            s = replace(s, body_idle_timeout_s=_seconds(env, "DICOMWEB_BODY_IDLE_TIMEOUT_S"))
+        if "DICOMWEB_SEND_STALL_TIMEOUT_S" in env:
+            s = replace(s, send_stall_timeout_s=_seconds(env, "DICOMWEB_SEND_STALL_TIMEOUT_S"))
         return _security_from_env(s, env)._dimse_from_env(env)
 
     def _dimse_from_env(self, env: Mapping[str, str]) -> Settings:
@@ -246,6 +269,8 @@ class Settings:
             "DICOMWEB_VIEWER_URL": self.viewer_url,
             "DICOMWEB_MAX_PART_BYTES": str(self.max_part_bytes),
             "DICOMWEB_MAX_REQUEST_BYTES": str(self.max_request_bytes),
+            "DICOMWEB_BODY_IDLE_TIMEOUT_S": str(self.body_idle_timeout_s),
+            "DICOMWEB_SEND_STALL_TIMEOUT_S": str(self.send_stall_timeout_s),
             "DICOMWEB_AUTH": self.auth,
             "DICOMWEB_INSECURE": "1" if self.insecure else "",
             "DICOMWEB_OIDC_ISSUER": self.oidc_issuer or "",
@@ -329,3 +354,14 @@ def _int(env: Mapping[str, str], name: str) -> int:
         return int(env[name])
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {env[name]!r}") from None
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(env[name])
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {env[name]!r}")
+    return value

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
 
-from tests.helpers import ROOT
+from dicomweb_server.config import Settings
+from tests.helpers import ROOT, TEST_HOSTS
 
 pytestmark = pytest.mark.db
 
@@ -86,3 +93,81 @@ async def test_unexpected_error_is_500_with_cors(
     r = await app_client.get("/", headers={"Origin": VIEWER})
     assert r.status_code == 500 and r.json()["message"] == "internal error"
     assert r.headers["access-control-allow-origin"] == VIEWER
+
+
+def _paced(*steps: bytes | float) -> AsyncIterator[bytes]:
+    """A request body: each bytes item sent, each float a pause in seconds."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for step in steps:
+            if isinstance(step, float):
+                await anyio.sleep(step)
+            else:
+                yield step
+
+    return chunks()
+
+
+async def test_body_must_bring_its_quota_in_each_idle_timeout(
+    tmp_path: Path, clean_db: str
+) -> None:
+    """BODY_IDLE_TIMEOUT_S and BODY_MIN_BYTES_PER_S at their edge (0.5 s: 256 bytes): a body
+    that brings its 256th byte within 0.5 s of waiting starts the clock again, and is read
+    to the end, over pauses that add up to more; one that brings 255 is idle at 0.5 s. A
+    body trickled a byte every few seconds held its request forever."""
+    from dicomweb_server.app import BODY_MIN_BYTES_PER_S, create_app
+
+    assert BODY_MIN_BYTES_PER_S == 512
+    doc = b'{"role": "read", "name": "edge"}'.ljust(600)
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        database_url=clean_db,
+        allowed_hosts=TEST_HOSTS,
+        body_idle_timeout_s=0.5,
+    )
+    application = create_app(settings)
+    transport = httpx.ASGITransport(app=application)
+    headers = {"Content-Type": "application/json"}
+    async with (
+        application.router.lifespan_context(application),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        body = _paced(doc[:255], 0.3, doc[255:256], 0.3, doc[256:])
+        r = await client.post("/admin/apikeys", content=body, headers=headers)
+        assert r.status_code == 201, r.text
+        body = _paced(doc[:254], 0.3, doc[254:255], 0.3, doc[255:])
+        r = await client.post("/admin/apikeys", content=body, headers=headers)
+        assert r.status_code == 408, r.text
+        assert r.headers["connection"] == "close"
+        assert r.json()["message"] == (
+            "the request body came too slowly: 255 of the 256 bytes it must bring in 0.5"
+            " seconds (512 a second)"
+        )
+
+
+async def test_idle_body_read_inside_a_task_group_is_a_408() -> None:
+    """A body read by a task of a task group: its 408 arrives wrapped in an ExceptionGroup,
+    and is still a 408 (it was a 500, logged as a server error). The answer does not wait
+    for the stalled client again (its drain did, for what came next)."""
+    from dicomweb_server.app import _CatchAllMiddleware, _RequestBody
+
+    async def reader(scope: Scope, receive: Receive, send: Send) -> None:
+        async def read_all() -> None:
+            while (await receive()).get("more_body"):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_all)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"read"})
+
+    app = _RequestBody(_CatchAllMiddleware(reader), idle_s=0.3)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.post("/", content=_paced(b"x" * 200, 0.1, b"y"))).text == "read"
+        started = time.monotonic()
+        r = await client.post("/", content=_paced(b"x" * 200, 3.0, b"y"))
+        assert time.monotonic() - started < 1.5
+    assert r.status_code == 408
+    assert r.headers["connection"] == "close"
+    assert r.json()["message"] == "the request body stopped: nothing came for 0.3 seconds"

@@ -77,3 +77,51 @@ def test_access_line_is_hypercorns_default(monkeypatch: pytest.MonkeyPatch) -> N
                 ours = fmt % cli._AccessLog(Config()).atoms(r, response, 0.01)  # type: ignore[arg-type]
                 theirs = fmt % AccessLogAtoms(r, response, 0.01)  # type: ignore[arg-type]
                 assert ours == theirs.replace("None", "-")
+
+
+@pytest.mark.parametrize(("seconds", "millis"), [(60.0, 60_000), (2.5, 2500), (0.0001, 1)])
+def test_listening_sockets_carry_the_send_stall_timeout(seconds: float, millis: int) -> None:
+    """SEND_STALL_TIMEOUT_S becomes TCP_USER_TIMEOUT (milliseconds, at least 1: 0 would turn
+    it off) on the listening sockets `serve` creates; accepted connections inherit it."""
+    import socket
+
+    from dicomweb_server import cli
+    from dicomweb_server.config import SEND_STALL_TIMEOUT_S, Settings
+    from tests.liveserver import free_port
+
+    assert SEND_STALL_TIMEOUT_S == 60.0
+    settings = Settings(port=free_port(), send_stall_timeout_s=seconds)
+    config = cli._hypercorn_config(settings)
+    assert config.keep_alive_timeout == cli.KEEP_ALIVE_TIMEOUT_S == 5.0
+    (listener,) = config.create_sockets().insecure_sockets
+    with listener:
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == millis
+        listener.listen()
+        with socket.create_connection(listener.getsockname()):
+            listener.setblocking(True)
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == millis
+
+
+def test_a_dropped_connection_is_logged_as_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The ETIMEDOUT hypercorn lets out of closing a connection the kernel dropped is one
+    INFO line, not an asyncio ERROR with a traceback; other asyncio errors are untouched."""
+    import logging
+
+    from dicomweb_server import cli
+
+    cli._quiet_dropped_connections()
+    cli._quiet_dropped_connections()  # once is enough: not two filters
+    logger = logging.getLogger("asyncio")
+    assert sum(isinstance(f, cli._DroppedConnections) for f in logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger="asyncio"):
+        for exc in (TimeoutError(110, "Connection timed out"), RuntimeError("a bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Unhandled exception in client_connected_cb", exc_info=True)
+    dropped, bug = caplog.records
+    assert (dropped.levelname, dropped.exc_info) == ("INFO", None)
+    assert dropped.getMessage() == "connection dropped: [Errno 110] Connection timed out"
+    assert bug.levelname == "ERROR" and bug.exc_info is not None

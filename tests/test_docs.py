@@ -9,6 +9,7 @@ from dicomweb_server import (
     app,
     auditlog,
     blobstore,
+    cli,
     config,
     dicom_json,
     dicom_xml,
@@ -65,7 +66,7 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
                handlers, identifier, common, stow_json, dicom_xml, dicomfile, stow,
-               transcode, blobstore, app)  # fmt: skip
+               transcode, blobstore, app, cli)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

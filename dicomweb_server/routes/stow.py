@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from dicomweb_server.dicom_json import InstanceOutcome, stow_response
-from dicomweb_server.errors import RequestTimeoutError
 from dicomweb_server.ingest import StoreInterruptedError, store_parts, stow_status
 from dicomweb_server.media import APPLICATION_DICOM, negotiate_dicom_model, stow_boundary
 from dicomweb_server.multipart import iter_parts
@@ -27,12 +23,6 @@ __all__ = ["store_instances"]
 
 # Reasons of failed parts repeated in Warning headers, at most.
 _MAX_WARNINGS = 10
-# Seconds a STOW request body may pause between two reads of it. A client that stops sending
-# part-way (gone without closing, or holding connections open on purpose) gets a 408 and its
-# connection closed, with what it stored so far; before, the request waited forever (the
-# HTTP server's read timeout cannot be used: it would also cut long downloads, during which
-# a client sends nothing).
-STOW_IDLE_TIMEOUT_S = 60.0
 
 
 async def store_instances(request: Request) -> Response:
@@ -44,7 +34,7 @@ async def store_instances(request: Request) -> Response:
     base_url(request)  # a Host that is no host is a 400 before anything is stored (review)
     settings = request.app.state.settings
     events = iter_parts(
-        _paced(request.stream()),
+        request.stream(),
         boundary,
         max_part_bytes=settings.max_part_bytes,
         max_request_bytes=settings.max_request_bytes,
@@ -55,30 +45,12 @@ async def store_instances(request: Request) -> Response:
         else:
             outcomes = await store_parts(events, services(request), study)
     except StoreInterruptedError as exc:
-        # The body broke off after instances were stored: its status (400, 413), and the
+        # The body broke off after instances were stored: its status (400, 408, 413), and the
         # Store Instances Response of what was stored, the reason first in the Warning.
         response = await _response(request, media, exc.outcomes, exc.status, [exc.message])
         response.headers.update(exc.headers)  # e.g. a 408's Connection: close
         return response
     return await _response(request, media, outcomes, stow_status(outcomes), [])
-
-
-async def _paced(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The request body, a RequestTimeoutError once it pauses over STOW_IDLE_TIMEOUT_S."""
-    chunks = body.__aiter__()
-    while True:
-        chunk: bytes | None = None
-        with anyio.move_on_after(STOW_IDLE_TIMEOUT_S):  # not around the yield
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-        if chunk is None:
-            raise RequestTimeoutError(
-                f"the request body paused for over {STOW_IDLE_TIMEOUT_S:g} seconds",
-                headers={"Connection": "close"},
-            )
-        yield chunk
 
 
 async def _response(

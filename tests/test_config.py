@@ -1,0 +1,34 @@
+"""Settings from the environment: the timeouts of slow clients."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dicomweb_server.config import (
+    BODY_IDLE_TIMEOUT_S,
+    SEND_STALL_TIMEOUT_S,
+    ConfigError,
+    Settings,
+)
+
+
+def test_timeouts_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DICOMWEB_BODY_IDLE_TIMEOUT_S and DICOMWEB_SEND_STALL_TIMEOUT_S: positive, finite
+    seconds (a fraction too); anything else is refused, naming the variable. `export`
+    hands them to the worker processes of `serve --workers N`."""
+    defaults = Settings.from_env({})
+    assert (defaults.body_idle_timeout_s, defaults.send_stall_timeout_s) == (60.0, 60.0)
+    assert (BODY_IDLE_TIMEOUT_S, SEND_STALL_TIMEOUT_S) == (60.0, 60.0)
+    env = {"DICOMWEB_BODY_IDLE_TIMEOUT_S": "2.5", "DICOMWEB_SEND_STALL_TIMEOUT_S": "90"}
+    s = Settings.from_env(env)
+    assert (s.body_idle_timeout_s, s.send_stall_timeout_s) == (2.5, 90.0)
+    for name in env:
+        for bad in ("0", "-1", "nan", "inf", "soon", ""):
+            with pytest.raises(ConfigError, match=f"{name} must be a positive number of sec"):
+                Settings.from_env({name: bad})
+    monkeypatch.setattr(os, "environ", {})
+    s.export()
+    assert Settings.from_env().body_idle_timeout_s == 2.5
+    assert Settings.from_env().send_stall_timeout_s == 90.0
