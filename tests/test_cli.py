@@ -56,7 +56,7 @@ def test_access_line_is_hypercorns_default(monkeypatch: pytest.MonkeyPatch) -> N
     from hypercorn.config import Config
     from hypercorn.logging import AccessLogAtoms
 
-    from dicomweb_server import cli
+    from dicomweb_server import httpd
 
     monkeypatch.setattr(time, "strftime", lambda fmt: "[03/Dec/2026:15:00:00 +0000]")
     fmt = Config.access_log_format
@@ -74,7 +74,7 @@ def test_access_line_is_hypercorns_default(monkeypatch: pytest.MonkeyPatch) -> N
             no_headers: list[tuple[bytes, bytes]] = []
             for headers in (request["headers"], no_headers):
                 r = {**request, "client": client, "headers": headers}
-                ours = fmt % cli._AccessLog(Config()).atoms(r, response, 0.01)  # type: ignore[arg-type]
+                ours = fmt % httpd.AccessLog(Config()).atoms(r, response, 0.01)  # type: ignore[arg-type]
                 theirs = fmt % AccessLogAtoms(r, response, 0.01)  # type: ignore[arg-type]
                 assert ours == theirs.replace("None", "-")
 
@@ -85,14 +85,14 @@ def test_listening_sockets_carry_the_send_stall_timeout(seconds: float, millis: 
     it off) on the listening sockets `serve` creates; accepted connections inherit it."""
     import socket
 
-    from dicomweb_server import cli
+    from dicomweb_server import httpd
     from dicomweb_server.config import SEND_STALL_TIMEOUT_S, Settings
     from tests.liveserver import free_port
 
     assert SEND_STALL_TIMEOUT_S == 60.0
     settings = Settings(port=free_port(), send_stall_timeout_s=seconds)
-    config = cli._hypercorn_config(settings)
-    assert config.keep_alive_timeout == cli.KEEP_ALIVE_TIMEOUT_S == 5.0
+    config = httpd.hypercorn_config(settings)
+    assert config.keep_alive_timeout == httpd.KEEP_ALIVE_TIMEOUT_S == 5.0
     (listener,) = config.create_sockets().insecure_sockets
     with listener:
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == millis
@@ -109,12 +109,12 @@ def test_a_dropped_connection_is_logged_as_one_line(caplog: pytest.LogCaptureFix
     INFO line, not an asyncio ERROR with a traceback; other asyncio errors are untouched."""
     import logging
 
-    from dicomweb_server import cli
+    from dicomweb_server import httpd
 
-    cli._quiet_dropped_connections()
-    cli._quiet_dropped_connections()  # once is enough: not two filters
+    httpd.quiet_dropped_connections()
+    httpd.quiet_dropped_connections()  # once is enough: not two filters
     logger = logging.getLogger("asyncio")
-    assert sum(isinstance(f, cli._DroppedConnections) for f in logger.filters) == 1
+    assert sum(isinstance(f, httpd.DroppedConnections) for f in logger.filters) == 1
     with caplog.at_level(logging.INFO, logger="asyncio"):
         for exc in (TimeoutError(110, "Connection timed out"), RuntimeError("a bug")):
             try:

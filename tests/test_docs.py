@@ -14,6 +14,7 @@ from dicomweb_server import (
     dicom_json,
     dicom_xml,
     dicomfile,
+    httpd,
     media,
     multipart,
     query,
@@ -66,7 +67,7 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
                handlers, identifier, common, stow_json, dicom_xml, dicomfile, stow,
-               transcode, blobstore, app, cli)  # fmt: skip
+               transcode, blobstore, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from dicomweb_server.cli import KEEP_ALIVE_TIMEOUT_S
+from dicomweb_server.httpd import KEEP_ALIVE_TIMEOUT_S
 from tests.helpers import BOUNDARY, make_instance, multipart_body, stow_headers, to_bytes
 from tests.liveserver import ServerProcess, start
 
