@@ -118,10 +118,20 @@ BODY_MIN_BYTES_PER_S = 512
 
 
 def _has_body(scope: Scope) -> bool:
+    """Whether the request may carry a body. HTTP/1.1 announces one by Content-Length or
+    Transfer-Encoding (RFC 9112 6.3); HTTP/2 frames it by the stream, with or without a
+    Content-Length (RFC 9113 8.1), so a request over it with none may have one. Found by
+    review: an HTTP/2 STOW streamed without a Content-Length that stopped was waited for
+    forever."""
+    length = None
     for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+        if name == b"transfer-encoding":
             return True
-    return False
+        if name == b"content-length":
+            length = value
+    if length is not None:
+        return bool(length.strip(b"0 "))
+    return scope.get("http_version") in ("2", "3")
 
 
 class _Body:

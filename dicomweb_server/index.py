@@ -402,20 +402,26 @@ class Index:
                 conn = await stack.enter_async_context(
                     self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S)
                 )
-                tx = conn.transaction()
-                await tx.start()
-                gone = await conn.fetchval(
-                    "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
-                    blob_key,
-                    timeout=self._timeout,
-                )
             except _UNAVAILABLE as exc:
                 raise _unavailable(exc) from exc
+            tx = conn.transaction()
             try:
+                try:
+                    await tx.start()
+                    gone = await conn.fetchval(
+                        "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
+                        blob_key,
+                        timeout=self._timeout,
+                    )
+                except _UNAVAILABLE as exc:
+                    raise _unavailable(exc) from exc
                 yield bool(gone)
             except BaseException:
-                with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
-                    await tx.rollback()
+                # Shielded (a cancellation reaches the rollback too), within the query timeout.
+                deadline = anyio.current_time() + self._timeout
+                with anyio.CancelScope(deadline=deadline, shield=True):
+                    with contextlib.suppress(*_UNAVAILABLE, asyncpg.PostgresError):
+                        await tx.rollback()
                 raise
             try:  # the block's own errors (a blob delete's OSError) are not the database's
                 await tx.commit()

@@ -109,3 +109,61 @@ async def test_start_rolls_back_reservations_of_dead_processes(
             await conn.close()
     finally:
         await live.close()
+
+
+async def test_releasing_rolls_back_whatever_ends_it(
+    clean_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Index.releasing ended early keeps the reservation and hands its connection back
+    rolled back, quietly: its DELETE timed out waiting for the row (another process's
+    commit or recovery holds it) and was a 503; it was cancelled waiting there, or in its
+    block (a blob delete). Rolled back only for an error of the block, and not under a
+    cancellation (which reaches the rollback too), the connection went back to the pool
+    inside its transaction, and asyncpg logged an asyncio ERROR for each."""
+    import logging
+
+    import anyio
+
+    from dicomweb_server.app import SCHEMA_PATH
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    index = await Index.open(clean_db, max_size=2, timeout_s=0.3)
+    await index.apply_schema(SCHEMA_PATH.read_text())
+    await index.claim_owner(clean_db)
+    other = await asyncpg.connect(clean_db)
+    try:
+        for way in ("timeout", "cancelled waiting", "cancelled in the block"):
+            key = f"key-{way.replace(' ', '-')}"
+            await index.reserve(key)
+            async with other.transaction():
+                if way != "cancelled in the block":
+                    await other.execute(
+                        "SELECT 1 FROM blob_reservation WHERE blob_key = $1 FOR UPDATE", key
+                    )
+                with caplog.at_level(logging.ERROR, logger="asyncio"):
+                    if way == "timeout":
+                        with pytest.raises(ServiceUnavailableError):
+                            async with index.releasing(key):
+                                raise AssertionError("not reached")
+                    else:
+                        with anyio.move_on_after(0.2):
+                            async with index.releasing(key) as ours:
+                                assert ours
+                                await anyio.sleep(5)
+            await anyio.sleep(0.2)  # the pool's release of a connection runs on its own
+            assert [r.getMessage() for r in caplog.records] == [], way
+            assert (
+                await other.fetchval(
+                    "SELECT count(*) FROM blob_reservation WHERE blob_key = $1", key
+                )
+                == 1
+            ), way
+            assert (
+                await other.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
+                )
+                == 0
+            ), way
+    finally:
+        await other.close()
+        await index.close()

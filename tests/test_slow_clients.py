@@ -14,6 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 
@@ -178,6 +181,73 @@ async def test_bodies_that_never_come_or_trickle_are_408(tmp_path: Path, clean_d
         assert headers["connection"] == "close" and why in text, (name, data)
         assert 0.9 < took < 4, (name, took)
     assert await counts(clean_db) == (0, 0)
+    assert leftovers(tmp_path / "data") == []
+
+
+def _h2_stow_that_stops(port: int, sent: bytes) -> tuple[dict[bytes, bytes], bytes, float]:
+    """An HTTP/2 STOW (the client opens with the HTTP/2 preface, as hypercorn serves it in
+    clear text too, and over TLS to any client that offers h2) with no Content-Length: `sent`,
+    then nothing. Its response's headers and body, and when they ended."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    head = [
+        (":method", "POST"),
+        (":path", "/dicom-web/studies"),
+        (":scheme", "http"),
+        (":authority", "127.0.0.1"),
+        *((k.lower(), v) for k, v in stow_headers().items()),
+    ]
+    conn.send_headers(1, head)
+    conn.send_data(1, sent)
+    headers: dict[bytes, bytes] = {}
+    body = b""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(conn.data_to_send())
+        began = time.monotonic()
+        sock.settimeout(0.25)
+        while time.monotonic() - began < 10:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            assert data, "the server closed the connection without an answer"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                elif isinstance(event, h2.events.StreamEnded):
+                    return headers, body, time.monotonic() - began
+            sock.sendall(conn.data_to_send())
+    raise AssertionError("no answer in 10 s")
+
+
+async def test_http2_body_without_length_that_stops_is_a_408(tmp_path: Path, clean_db: str) -> None:
+    """HTTP/2 frames a request body by its stream: a STOW over it need not carry a
+    Content-Length (browsers and httpx send none for a streamed body). One that stops after
+    its first instance is a 408 after BODY_IDLE_TIMEOUT_S, naming the instance it stored, as
+    over HTTP/1.1; nothing of the second is left. Only bodies with a Content-Length or a
+    Transfer-Encoding were timed: this one was waited for forever (the STOW-only timeout it
+    replaced cut it after 60 s). HTTP/2 requests without a body are served as before."""
+    first, second = make_instance(), make_instance()
+    body = multipart_body([to_bytes(first), to_bytes(second)])
+    sent = body[: body.index(to_bytes(second)) + 100]
+    with serving(tmp_path, clean_db, DICOMWEB_BODY_IDLE_TIMEOUT_S="1") as server:
+        headers, text, took = _h2_stow_that_stops(port_of(server), sent)
+        assert headers[b":status"] == b"408", (headers, text)
+        assert 0.9 < took < 4, took
+        assert b"nothing came for 1 seconds" in headers[b"warning"]
+        (stored,) = json.loads(text)["00081199"]["Value"]
+        assert stored["00081155"]["Value"] == [first.SOPInstanceUID]
+        with httpx.Client(http1=False, http2=True, timeout=10) as client:
+            r = client.get(
+                f"{server.url}/studies", params={"StudyInstanceUID": first.StudyInstanceUID}
+            )
+            assert (r.http_version, r.status_code) == ("HTTP/2", 200), r.text
+            r = client.post(f"{server.url}/studies", content=iter([body]), headers=stow_headers())
+            assert (r.http_version, r.status_code) == ("HTTP/2", 200), r.text
+        clean_log(server)
+    assert await counts(clean_db) == (2, 0)
     assert leftovers(tmp_path / "data") == []
 
 
