@@ -335,12 +335,15 @@ class Index:
                 return
             except _UNAVAILABLE:
                 self._owner_conn.terminate()
+        conn = None
         try:
             conn = await asyncpg.connect(self._dsn)
             got = await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, self.owner
             )
         except _UNAVAILABLE as exc:
+            if conn is not None:  # connected, then the query failed: not kept open
+                conn.terminate()
             raise _unavailable(exc) from exc
         if not got:  # another process took our id for dead and holds it: stop storing
             await conn.close()
