@@ -61,7 +61,9 @@ async def recover(index: Index, blobs: FileSystemBlobStore) -> int:
     keys = []
     for key in await index.dead_reservations():
         async with index.releasing(key) as ours:
-            if ours:
+            if ours and not blobs.is_key(key):  # not made here: no blob to look for
+                log.warning("dropped the reservation of %r, which is not a blob key", key)
+            elif ours:
                 await blobs.delete(key)
                 keys.append(key)
     for owner in blobs.stale_tmp_owners():

@@ -330,8 +330,13 @@ class FileSystemBlobStore:
         self._run_left -= 1
         return self._run_prefix + uuid.uuid4().hex[4:]
 
+    @staticmethod
+    def is_key(key: str) -> bool:
+        """Whether `key` is one new_key could have made (32 lower-case hex digits)."""
+        return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+
     def local_path(self, key: str) -> Path:
-        if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
+        if not self.is_key(key):
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key[:2] / key[2:4] / key
 
