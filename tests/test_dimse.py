@@ -183,6 +183,31 @@ async def test_corrupt_data_set_fails_c000_and_leaves_nothing(
     assert blobs(archive) == []
 
 
+@pytest.mark.parametrize("cut", [3, 30])
+async def test_truncated_data_set_fails_c000_and_leaves_nothing(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    """Found by review: a data set cut short inside its last value (here a sequence of defined
+    length, as an SR or a presentation state ends) was stored as complete, 0x0000. PS3.4
+    B.2.3: 0xC000, Cannot understand; nothing stored."""
+    from pynetdicom import _config
+
+    ds = make_instance()
+    del ds.PixelData
+    item = Dataset()
+    item.CodeValue = "12345"
+    item.CodeMeaning = "a meaning long enough to be cut"
+    ds.PerformedProtocolCodeSequence = [item]
+    path = tmp_path / "truncated.dcm"
+    path.write_bytes(to_bytes(ds)[:-cut])
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    rsp = await store_one(archive, path)
+    assert rsp.Status == 0xC000, hex(rsp.Status)
+    assert "truncated" in rsp.ErrorComment
+    assert await instance_count(archive) == 0
+    assert blobs(archive) == []
+
+
 async def test_data_set_not_matching_the_request_fails_a900(
     archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
