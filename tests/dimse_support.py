@@ -180,6 +180,21 @@ async def store_one(archive: Archive, data: Dataset | Path) -> Dataset:
     return await in_thread(send)
 
 
+async def store_one_file(archive: Archive, path: Path, sop_class: str, syntax: str) -> Dataset:
+    """One C-STORE of a Part-10 file, in the presentation context its meta header names."""
+    ae = scu()
+    ae.add_requested_context(sop_class, syntax)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+
+    return await in_thread(send)
+
+
 async def stow(archive: Archive, *datasets: Dataset) -> None:
     body = multipart_body(to_bytes(ds) for ds in datasets)
     r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -35,6 +35,7 @@ from tests.dimse_support import (
     running_archive,
     scu,
     store_one,
+    store_one_file,
     stored_file,
     wado_instance,
 )
@@ -224,6 +225,118 @@ async def test_data_set_not_matching_the_request_fails_a900(
     assert rsp.Status == 0xA900
     assert "SOPInstanceUID" in rsp.ErrorComment
     assert await instance_count(archive) == 0
+
+
+LARGE_MULTIFRAME = "generated/large/ect_24frames_512_explicit_le.dcm"  # 12.5 MB, 24 frames
+# Seconds to wait for the archive to notice an association that ended.
+ENDED_WAIT_S = 10.0
+
+
+def _spool_files(spool: Path) -> list[Path]:
+    return sorted(spool.glob("*.dcm"))
+
+
+def _wait_for(check: Any, timeout_s: float = ENDED_WAIT_S) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())
+
+
+@pytest.mark.parametrize("how", ["a-abort", "tcp-cut"])
+async def test_association_ended_mid_c_store_leaves_nothing(
+    archive: Archive, samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Found by review: pynetdicom receives a C-STORE data set into a temporary file
+    (STORE_RECV_CHUNKED_DATASET) that only its C-STORE service deletes, after the handler
+    ran. An association aborted (A-ABORT) or cut (TCP closed) in the middle of a large
+    multi-frame data set left that file in the temporary directory for good, 1.7 MB here
+    each time. Now nothing remains (no spool file, row, reservation or blob) and the archive
+    keeps serving: the same file stored afterwards is a success."""
+    import contextlib
+    import socket
+    import tempfile
+
+    from pynetdicom import _config, evt
+
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))  # where pynetdicom's files go
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    path = samples / LARGE_MULTIFRAME
+    meta = dcmread(path, stop_before_pixels=True)
+    ae = scu()
+    ae.dimse_timeout = 5  # the C-STORE-RSP that will never come
+    ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+    spooled: list[bool] = []
+
+    def end_it_midway() -> None:
+        sent = 0
+
+        def on_pdu(event: evt.Event) -> None:
+            nonlocal sent
+            sent += 1
+            if sent != 40:  # about 640 KB of the 12.5 MB sent
+                return
+            spooled.append(_wait_for(lambda: bool(_spool_files(spool))))
+            # Between two PDUs, in the thread that sends them: an A-ABORT PDU (PS3.8 9.3.8,
+            # source service user) and the end of the connection, or the end alone.
+            sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+            assert sock is not None
+            if how == "a-abort":
+                sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+            sock.shutdown(socket.SHUT_RDWR)
+
+        assoc = associate(ae, archive, evt_handlers=[(evt.EVT_PDU_SENT, on_pdu)])
+        with contextlib.suppress(Exception):  # the association is gone: that is the point
+            assoc.send_c_store(path)
+
+    await in_thread(end_it_midway)
+    assert spooled == [True], "the archive never started receiving"
+    assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
+    assert await instance_count(archive) == 0
+    assert blobs(archive) == []
+    rsp = await store_one_file(archive, path, meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+    assert rsp.Status == 0x0000
+    assert await instance_count(archive) == 1
+
+
+async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C-STOREs received whole but not yet served when the association ends (the requestor
+    sent several before an A-ABORT) are never served: their spool files are deleted too."""
+    import tempfile
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    instances = [make_instance(rows=64, cols=64) for _ in range(6)]
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send_all_then_abort() -> None:
+        assoc = associate(ae, archive)
+        (cx,) = assoc.accepted_contexts
+        for n, ds in enumerate(instances, 1):
+            req = C_STORE()
+            req.MessageID, req.Priority = n, 2
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+            req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+            assoc.dimse.send_msg(req, cast(int, cx.context_id))
+        assoc.abort()
+
+    await in_thread(send_all_then_abort)
+    assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
+    # Those served before the archive saw the abort are stored whole, the others not at all.
+    assert len(blobs(archive)) == await instance_count(archive) < len(instances)
 
 
 # -- Limits ---------------------------------------------------------------------------------
