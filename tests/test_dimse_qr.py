@@ -496,3 +496,77 @@ async def test_pynetdicom_get(archive: Archive) -> None:
         archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
     )
     assert received == [dataset_bytes(sent)]
+
+
+def _counts_add_up(statuses: list[Dataset], total: int) -> None:
+    """Every pending response counts each sub-operation once (PS3.4 C.4.2.1.6-9)."""
+    for st in statuses[:-1]:
+        assert st.Status == 0xFF00, st
+        done = sum(
+            int(st.get(k, 0))
+            for k in ("NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+                      "NumberOfWarningSuboperations")
+        )  # fmt: skip
+        assert done + int(st.NumberOfRemainingSuboperations) == total, st
+
+
+async def test_a_sub_operation_failed_here_is_listed_and_counted(
+    archive: Archive, peer: Peer
+) -> None:
+    """Found by review: an instance the archive could not send (its blob lost) was reported
+    to pynetdicom as a non-Dataset, which pynetdicom counts as failed without counting it
+    done: every later response said one more remaining (the final C-GET one too, 1), and the
+    Failed SOP Instance UID List held an empty string instead of its UID (PS3.4 C.4.2.1.4.2,
+    C.4.3.1.3.2). C-MOVE and C-GET, all at once and with a C-CANCEL after the lost one."""
+    study = "1.2.826.0.1.3680043.8.498.78"
+    lost = make_instance(study=study, patient_id="LOST-1")
+    kept = [make_instance(study=study, patient_id="LOST-1") for _ in range(3)]
+    await stow(archive, lost, *kept)
+    (inst,) = await archive.services.index.locate(study, lost.SeriesInstanceUID)
+    archive.services.blobs.local_path(inst.blob_key).unlink()
+    ident = identifier("STUDY", StudyInstanceUID=study)
+
+    def retrieve(kind: str, cancel_after: int | None) -> list[tuple[Dataset, Dataset | None]]:
+        model = (StudyRootQueryRetrieveInformationModelGet if kind == "get"
+                 else StudyRootQueryRetrieveInformationModelMove)  # fmt: skip
+        ae = scu(model)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        on_store = (evt.EVT_C_STORE, lambda event: 0x0000)
+        role = build_role(CTImageStorage, scp_role=True)
+        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[on_store])
+        (cx,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == model]
+        try:
+            sent = (assoc.send_c_get(ident, model, msg_id=9) if kind == "get"
+                    else assoc.send_c_move(ident, PEER, model, msg_id=9))  # fmt: skip
+            out = []
+            for st, found in sent:
+                out.append((st, found))
+                if cancel_after is not None and len(out) == cancel_after:
+                    assoc.send_c_cancel(9, cx.context_id)
+            return out
+        finally:
+            assoc.release()
+
+    for kind in ("get", "move"):
+        got = await in_thread(retrieve, kind, None)
+        statuses = [st for st, _ in got]
+        _counts_add_up(statuses, 4)
+        final, failed = got[-1]
+        assert final.Status == 0xB000, (kind, final)
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 1)
+        assert "NumberOfRemainingSuboperations" not in final or (
+            final.NumberOfRemainingSuboperations == 0
+        ), (kind, final)
+        assert failed is not None and failed.FailedSOPInstanceUIDList == lost.SOPInstanceUID
+
+    # The lost instance is the first sent (stored first); cancelled after the second.
+    for kind in ("get", "move"):
+        got = await in_thread(retrieve, kind, 2)
+        statuses = [st for st, _ in got]
+        _counts_add_up(statuses, 4)
+        final, failed = got[-1]
+        assert final.Status == 0xFE00, (kind, final)
+        done = final.NumberOfCompletedSuboperations + final.NumberOfFailedSuboperations
+        assert final.NumberOfFailedSuboperations == 1
+        assert done + final.NumberOfRemainingSuboperations == 4, (kind, final)
+        assert failed is not None and failed.FailedSOPInstanceUIDList == lost.SOPInstanceUID

@@ -105,11 +105,6 @@ _PROCESSING_FAILURE = 0x0110
 # PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
 _DATA_SET_DOES_NOT_MATCH = 0xA900
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-# Yielded as the data set of a sub-operation whose blob cannot be read: pynetdicom counts a
-# pending result whose data set is not a Dataset as a failed sub-operation.
-_UNREADABLE = "unreadable blob"
-# Likewise for an instance the peer takes only uncompressed and that cannot be decoded here.
-_UNCONVERTIBLE = "cannot be decoded for the destination"
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -373,27 +368,26 @@ class Handlers:
             if event.is_cancelled:
                 yield _CANCEL, None
                 return
-            path = self.services.blobs.local_path(inst.blob_key)
-            target = _target_syntax(inst, accepted)
-            ds: Dataset
-            try:
-                if target is None:
-                    ds = dcmread(path, defer_size=_DEFER_BYTES)
-                else:
-                    ds = _decoded_for_peer(inst, path, target)
-            except (OSError, InvalidDicomError) as exc:
-                log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
-                yield _PENDING, _UNREADABLE
-                continue
-            except TranscodeError as exc:
-                log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
-                yield _PENDING, _UNCONVERTIBLE
-                continue
-            except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
-                log.exception("cannot send %s", inst.sop_instance_uid)
-                yield _PENDING, _UNCONVERTIBLE if target else _UNREADABLE
-                continue
-            yield _PENDING, ds
+            yield _PENDING, self._to_send(inst, accepted)
+
+    def _to_send(self, inst: StoredInstance, accepted: set[tuple[str, str]]) -> Dataset:
+        """The data set of one C-STORE sub-operation, or _failed(inst) when it cannot be sent."""
+        if not any(sop_class == inst.sop_class_uid for sop_class, _ in accepted):
+            log.info("no context for %s of %s", inst.sop_class_uid, inst.sop_instance_uid)
+            return _failed(inst)  # pynetdicom would find no context either; nothing read
+        path = self.services.blobs.local_path(inst.blob_key)
+        target = _target_syntax(inst, accepted)
+        try:
+            if target is None:
+                return dcmread(path, defer_size=_DEFER_BYTES)
+            return _decoded_for_peer(inst, path, target)
+        except (OSError, InvalidDicomError) as exc:
+            log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
+        except TranscodeError as exc:
+            log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
+        except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
+            log.exception("cannot send %s", inst.sop_instance_uid)
+        return _failed(inst)
 
     def _matching_instances(self, event: Event) -> list[StoredInstance] | Dataset:
         """The instances a C-MOVE/C-GET identifier names, or the failure status to answer."""
@@ -410,6 +404,20 @@ class Handlers:
         if len(found) > MAX_RETRIEVE_INSTANCES:
             return status(_TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
         return found
+
+
+def _failed(inst: StoredInstance) -> Dataset:
+    """What a sub-operation that cannot be sent yields: the instance's UIDs and no File Meta
+    Information, which pynetdicom's send_c_store refuses before sending anything (no
+    Transfer Syntax UID to choose a context by). pynetdicom then counts a failed
+    sub-operation done, and lists its SOP Instance UID as failed (PS3.4 C.4.2.1.4.2,
+    C.4.3.1.3.2). Found by review: a result that is not a Dataset, yielded before, was
+    counted failed but not done (every later response had one more remaining, the final one
+    too), and listed as an empty UID."""
+    ds = Dataset()
+    ds.SOPClassUID = inst.sop_class_uid
+    ds.SOPInstanceUID = inst.sop_instance_uid
+    return ds
 
 
 def _identifier_text(event: Event) -> str:
