@@ -43,6 +43,7 @@ from tests.dimse_support import (
     identifier,
     in_thread,
     received_data_set,
+    running_archive,
     running_peer,
     scu,
     stow,
@@ -570,3 +571,66 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
         assert final.NumberOfFailedSuboperations == 1
         assert done + final.NumberOfRemainingSuboperations == 4, (kind, final)
         assert failed is not None and failed.FailedSOPInstanceUIDList == lost.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    "destination",
+    ["REFUSES", "NOSTORAGE",
+     # pynetdicom drops the socket of a refused connection unclosed (AssociationSocket.connect:
+     # its shutdown raises, so close is skipped); it is closed when collected.
+     pytest.param("DOWN", marks=pytest.mark.filterwarnings("ignore::ResourceWarning"))],
+)  # fmt: skip
+async def test_move_to_a_destination_that_cannot_be_reached(
+    settings: Settings, tmp_path: Path, destination: str
+) -> None:
+    """Found by review: a configured destination that rejects the association (REFUSES), that
+    accepts none of its presentation contexts (NOSTORAGE) or where nothing listens (DOWN) was
+    answered 0xA801, Move Destination Unknown, with no counts; an identifier the archive
+    refuses was answered so too, before it was read. PS3.4 C.4.2.1.5: the destination is
+    known, the sub-operations could not be performed: 0xA702 with every one counted failed
+    and listed in the Failed SOP Instance UID List, as dcmtk's dcmqrscp answers. A refused
+    identifier gets its own status."""
+    import json
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from tests.liveserver import free_port
+
+    refuses = AE(ae_title="REFUSES")
+    refuses.add_supported_context(CTImageStorage)
+    refuses.require_calling_aet = ["SOMEONEELSE"]
+    no_storage = AE(ae_title="NOSTORAGE")
+    no_storage.add_supported_context(Verification)
+    servers = [ae.start_server(("127.0.0.1", 0), block=False) for ae in (refuses, no_storage)]
+    assert servers[0] is not None and servers[1] is not None
+    ports = {"REFUSES": servers[0].server_address[1], "NOSTORAGE": servers[1].server_address[1]}
+    peers = {t: {"host": "127.0.0.1", "port": int(port)} for t, port in ports.items()}
+    peers["DOWN"] = {"host": "127.0.0.1", "port": free_port()}
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    study = "1.2.826.0.1.3680043.8.498.79"
+    instances = [make_instance(study=study, patient_id="AWAY-1") for _ in range(3)]
+    try:
+        async with running_archive(settings, dimse_peers=tmp_path / "peers.json") as archive:
+            await stow(archive, *instances)
+            model = StudyRootQueryRetrieveInformationModelMove
+
+            def move(ident: Dataset) -> list[tuple[Dataset, Dataset | None]]:
+                assoc = associate(scu(model), archive)
+                try:
+                    return list(assoc.send_c_move(ident, destination, model))
+                finally:
+                    assoc.release()
+
+            got = await in_thread(move, identifier("STUDY", StudyInstanceUID=study))
+            refused = await in_thread(move, identifier("SERIES", StudyInstanceUID=study))
+    finally:
+        servers[0].shutdown()
+        servers[1].shutdown()
+    final, failed = got[-1]
+    assert final.Status == 0xA702, final
+    assert final.NumberOfFailedSuboperations == 3
+    assert final.NumberOfCompletedSuboperations == 0
+    assert failed is not None
+    assert sorted(failed.FailedSOPInstanceUIDList) == sorted(i.SOPInstanceUID for i in instances)
+    assert [int(st.Status) for st, _ in refused] == [0xA900]

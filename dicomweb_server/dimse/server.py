@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import anyio
 from pynetdicom import (
@@ -15,6 +16,7 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     _config,
 )
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomweb_server.auditlog import AuditLog
@@ -28,6 +30,7 @@ __all__ = [
     "DIMSE_DIMSE_TIMEOUT_S",
     "DIMSE_NETWORK_TIMEOUT_S",
     "DimseServer",
+    "UnreachableDestination",
     "serve_dimse",
 ]
 
@@ -63,6 +66,52 @@ ACCEPTED_TRANSFER_SYNTAXES = tuple(
 )
 
 
+class _ArchiveAE(AE):
+    """The archive's Application Entity. Its only outgoing associations are C-MOVE
+    sub-associations, which pynetdicom's Move SCP opens with this method."""
+
+    def associate(self, *args: Any, **kwargs: Any) -> Any:
+        assoc = super().associate(*args, **kwargs)
+        return assoc if assoc.is_established else UnreachableDestination(assoc)
+
+
+class UnreachableDestination:
+    """Stands in for a C-MOVE sub-association that could not be established: the destination
+    rejected it, accepted none of its presentation contexts, or could not be reached.
+
+    pynetdicom's Move SCP answers any of these 0xA801, Move Destination Unknown, with no
+    counts, and before the identifier was even read (a refused one got 0xA801 too). The
+    destination is known, though: handed this stand-in, pynetdicom goes on, every C-STORE
+    sub-operation fails here before sending anything, and the answer is 0xA702 (Unable to
+    perform sub-operations, PS3.4 C.4.2.1.5) with each one counted failed and listed in the
+    Failed SOP Instance UID List, which is what dcmtk's dcmqrscp answers. Found by review."""
+
+    is_established = True  # to pynetdicom, which then sends each sub-operation here
+
+    def __init__(self, failed: Association) -> None:
+        self._failed = failed
+        if failed.is_rejected:
+            self.reason = "rejected the association"
+        elif failed.rejected_contexts and not failed.accepted_contexts:
+            self.reason = "accepted none of the presentation contexts"  # pynetdicom aborted
+        else:
+            self.reason = "could not be reached"
+
+    def send_c_store(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise ConnectionError(f"the C-MOVE destination {self.reason}")
+
+    def release(self) -> None:
+        """What pynetdicom does with an association that failed (closing its socket), and
+        closing it also when it never connected, which AssociationSocket.close skips."""
+        sock = self._failed.dul.socket
+        raw = getattr(sock, "socket", None)
+        with contextlib.suppress(OSError):
+            if sock is not None:
+                sock.close()
+            if raw is not None:
+                raw.close()
+
+
 @dataclass(frozen=True)
 class DimseServer:
     ae: AE
@@ -74,7 +123,7 @@ def build_ae(settings: Settings) -> AE:
     # process, like pydicom's config): C-STORE stores the bytes as received, and a large
     # instance never sits in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    ae = AE(ae_title=settings.ae_title)
+    ae = _ArchiveAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.dimse_max_associations
     ae.require_calling_aet = list(settings.dimse_allowed_aes or ())
     # Called AE title not checked: SCUs often send a default (dcmtk "ANY-SCP").
