@@ -233,3 +233,25 @@ def identifier(level: str, **keys: Any) -> Dataset:
     for k, v in keys.items():
         setattr(ds, k, v)
     return ds
+
+
+async def audit_seq(archive: Archive) -> int:
+    """The last row of the audit trail (which no test truncates: its triggers refuse it)."""
+    assert archive.audit is not None
+    await archive.audit.flush()
+    rows = await archive.services.index._fetch("SELECT coalesce(max(seq), 0) AS s FROM audit_log")
+    return int(rows[0]["s"])
+
+
+async def audit_rows(archive: Archive, action: str, after: int) -> list[dict[str, Any]]:
+    """The audit trail's rows of `action` after row `after`, oldest first, once every event
+    queued is written."""
+    assert archive.audit is not None
+    await archive.audit.flush()
+    rows = await archive.services.index._fetch(
+        "SELECT caller, client, action, uids, outcome, detail FROM audit_log"
+        " WHERE action = $1 AND seq > $2 ORDER BY seq",
+        action,
+        after,
+    )
+    return [dict(r) for r in rows]

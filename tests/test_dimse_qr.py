@@ -38,6 +38,8 @@ from tests.dimse_support import (
     Peer,
     archive_with_peer,
     associate,
+    audit_rows,
+    audit_seq,
     dataset_bytes,
     dcmtk,
     identifier,
@@ -526,6 +528,7 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
     (inst,) = await archive.services.index.locate(study, lost.SeriesInstanceUID)
     archive.services.blobs.local_path(inst.blob_key).unlink()
     ident = identifier("STUDY", StudyInstanceUID=study)
+    start = await audit_seq(archive)
 
     def retrieve(kind: str, cancel_after: int | None) -> list[tuple[Dataset, Dataset | None]]:
         model = (StudyRootQueryRetrieveInformationModelGet if kind == "get"
@@ -559,6 +562,13 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
             final.NumberOfRemainingSuboperations == 0
         ), (kind, final)
         assert failed is not None and failed.FailedSOPInstanceUIDList == lost.SOPInstanceUID
+        # The audit trail has the status answered and the instances the peer stored.
+        (row,) = (await audit_rows(archive, f"dimse_{kind}", start))[-1:]
+        assert row["outcome"] == 0xB000
+        assert sorted(row["uids"]) == sorted(
+            f"{study}/{i.SeriesInstanceUID}/{i.SOPInstanceUID}" for i in kept
+        )
+        assert "matched=4 completed=3 warning=0 failed=1" in row["detail"]
 
     # The lost instance is the first sent (stored first); cancelled after the second.
     for kind in ("get", "move"):
@@ -571,6 +581,10 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
         assert final.NumberOfFailedSuboperations == 1
         assert done + final.NumberOfRemainingSuboperations == 4, (kind, final)
         assert failed is not None and failed.FailedSOPInstanceUIDList == lost.SOPInstanceUID
+        (row,) = (await audit_rows(archive, f"dimse_{kind}", start))[-1:]
+        assert row["outcome"] == 0xFE00
+        assert len(row["uids"]) == final.NumberOfCompletedSuboperations
+        assert f"completed={final.NumberOfCompletedSuboperations}" in row["detail"]
 
 
 @pytest.mark.parametrize(
@@ -622,8 +636,10 @@ async def test_move_to_a_destination_that_cannot_be_reached(
                 finally:
                     assoc.release()
 
+            start = await audit_seq(archive)
             got = await in_thread(move, identifier("STUDY", StudyInstanceUID=study))
             refused = await in_thread(move, identifier("SERIES", StudyInstanceUID=study))
+            moved, refusal = await audit_rows(archive, "dimse_move", start)
     finally:
         servers[0].shutdown()
         servers[1].shutdown()
@@ -634,3 +650,56 @@ async def test_move_to_a_destination_that_cannot_be_reached(
     assert failed is not None
     assert sorted(failed.FailedSOPInstanceUIDList) == sorted(i.SOPInstanceUID for i in instances)
     assert [int(st.Status) for st, _ in refused] == [0xA900]
+    assert (moved["outcome"], moved["uids"]) == (0xA702, [])
+    assert "failed=3 destination not reached" in moved["detail"]
+    assert refusal["outcome"] == 0xA900
+
+
+async def test_find_cancel_unknown_destination_and_get_without_role_are_audited(
+    archive: Archive,
+) -> None:
+    """Found by review: the audit trail recorded a C-FIND stopped by C-CANCEL, and every
+    C-MOVE/C-GET, as successes (0x0000) with every matched instance as sent, and a C-MOVE to
+    an unknown destination not at all. The outcome is now the status answered: 0xFE00,
+    0xA801, 0xA702 for a C-GET whose requestor took no SOP class of the study in the SCP
+    role (every sub-operation failed, nothing sent)."""
+    study = "1.2.826.0.1.3680043.8.498.80"
+    instances = [make_instance(study=study, patient_id="AUDIT-2") for _ in range(300)]
+    await stow(archive, *instances)
+    find_model = StudyRootQueryRetrieveInformationModelFind
+    start = await audit_seq(archive)
+
+    def find_then_cancel() -> list[int]:
+        assoc = associate(scu(find_model), archive)
+        try:
+            query = identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID="")
+            found = assoc.send_c_find(query, find_model)
+            return [int(st.Status) for st in _cancelled_after(found, assoc, find_model, 2)]
+        finally:
+            assoc.release()
+
+    statuses = await in_thread(find_then_cancel)
+    assert statuses[-1] == 0xFE00
+    (row,) = await audit_rows(archive, "dimse_find", start)
+    assert row["outcome"] == 0xFE00 and f"matches={len(statuses) - 1}" in row["detail"]
+
+    ident = identifier("STUDY", StudyInstanceUID=study)
+    assert [int(s.Status) for s in await in_thread(_move, archive, "NOBODY", ident)] == [0xA801]
+    (row,) = await audit_rows(archive, "dimse_move", start)
+    assert row["outcome"] == 0xA801 and "destination=NOBODY" in row["detail"]
+
+    def get_without_role() -> list[Dataset]:
+        model = StudyRootQueryRetrieveInformationModelGet
+        ae = scu(model)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # no SCP role asked
+        assoc = associate(ae, archive)
+        try:
+            return [st for st, _ in assoc.send_c_get(ident, model)]
+        finally:
+            assoc.release()
+
+    final = (await in_thread(get_without_role))[-1]
+    assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 300
+    (row,) = await audit_rows(archive, "dimse_get", start)
+    assert (row["outcome"], row["uids"]) == (0xA702, [])
+    assert "matched=300 completed=0 warning=0 failed=300" in row["detail"]

@@ -50,6 +50,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer
+from dicomweb_server.dimse.retrieval import UNFINISHED, Retrieval
 from dicomweb_server.errors import DicomWebError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services, store_path
@@ -94,6 +95,7 @@ _DEFER_BYTES = 1024
 # PS3.4 Table C.4-1..3: the C-FIND/C-MOVE/C-GET statuses this module answers with.
 _PENDING = 0xFF00
 _CANCEL = 0xFE00
+_DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.5: Refused: Move Destination unknown
 # PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
 _OUT_OF_RESOURCES = 0xA700
 # PS3.4 C.4.2.1.5 / C.4.3.1.4: Refused: Out of Resources - Unable to calculate number of
@@ -261,14 +263,19 @@ class Handlers:
         return 0x0000, "/".join(path.split("/")[2::2]) if path else None
 
     def find(self, event: Event) -> Iterator[FindResult]:
-        matches, final = 0, 0x0000
+        """_find, audited with the status answered: pynetdicom's Success when the matches
+        ran out, the failure or Cancel answered instead, UNFINISHED when the association
+        ended first (found by review: a cancelled C-FIND was recorded as a success)."""
+        matches, final = 0, UNFINISHED
         try:
             for answer, identifier in self._find(event):
                 if identifier is not None:
                     matches += 1
-                elif isinstance(answer, Dataset):
-                    final = int(answer.Status)
+                else:
+                    final = answer if isinstance(answer, int) else int(answer.Status)
                 yield answer, identifier
+            if final == UNFINISHED:
+                final = 0x0000
         finally:
             detail = f"{_identifier_text(event)} matches={matches}"
             self._audit(event, "dimse_find", final, detail=detail)
@@ -309,66 +316,77 @@ class Handlers:
     def move(self, event: Event) -> Iterator[Any]:
         """C-MOVE to a configured peer over a sub-association proposing the stored
         (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5)."""
+        detail = f"destination={(event.move_destination or '').strip()}"
         peer = self.peers.get((event.move_destination or "").strip())
         if peer is None:
+            self._audit(event, "dimse_move", _DESTINATION_UNKNOWN, detail=detail)
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         found = self._matching_instances(event)
         # pynetdicom associates with the destination before it lets us report a failure or
         # zero matches: then propose the common storage contexts, which any SCP accepts.
         contexts = _contexts(found) if isinstance(found, list) else []
-        accepted: set[tuple[str, str]] = set()
+        retrieval = Retrieval()
 
         def on_accepted(sub: Event) -> None:  # the sub-association, in this thread
-            accepted.update(_pairs(sub.assoc.accepted_contexts))
+            retrieval.accepted.update(_pairs(sub.assoc.accepted_contexts))
+            retrieval.reached = bool(sub.assoc.accepted_contexts)  # else pynetdicom aborts
 
-        kwargs = {
-            "contexts": contexts or StoragePresentationContexts,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted)],
-        }
+        handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted),
+                    (evt.EVT_DIMSE_RECV, retrieval.on_response)]  # fmt: skip
+        kwargs = {"contexts": contexts or StoragePresentationContexts, "evt_handlers": handlers}
         yield peer.host, peer.port, kwargs
-        detail = f"destination={event.move_destination}"
-        yield from self._send(event, found, "dimse_move", detail, accepted)
+        yield from self._send(event, found, "dimse_move", detail, retrieval)
 
     def get(self, event: Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association, over the storage contexts
-        the requestor proposed with the SCP role (PS3.4 C.4.3)."""
-        accepted = _pairs(event.assoc.accepted_contexts)
-        yield from self._send(event, self._matching_instances(event), "dimse_get", "", accepted)
+        the requestor proposed with the SCP role (PS3.4 C.4.3); their responses arrive on it."""
+        retrieval = Retrieval(_pairs(event.assoc.accepted_contexts), reached=True)
+        event.assoc.bind(evt.EVT_DIMSE_RECV, retrieval.on_response)
+        try:
+            yield from self._send(event, self._matching_instances(event), "dimse_get", "",
+                                  retrieval)  # fmt: skip
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, retrieval.on_response)
 
-    def _send(
-        self,
-        event: Event,
-        found: list[StoredInstance] | Dataset,
-        action: str,
-        detail: str,
-        accepted: set[tuple[str, str]],
-    ) -> Iterator[Any]:
+    def _send(self, event: Event, found: list[StoredInstance] | Dataset, action: str,
+              detail: str, retrieval: Retrieval) -> Iterator[Any]:  # fmt: skip
+        """The sub-operations, audited with the status answered (retrieval.py), the counts
+        and the instances the peer stored (found by review: every C-MOVE/C-GET was recorded
+        as a success with every matched instance, whatever was answered)."""
         if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
             self._audit(event, action, int(found.Status), detail=detail)
             yield 1
             yield found, None
             return
-        uids = [f"{i.study_uid}/{i.series_uid}/{i.sop_instance_uid}" for i in found]
         try:
-            yield from self._sub_operations(event, found, accepted)
-        finally:  # the sub-operations' outcomes are pynetdicom's to count and report
-            self._audit(event, action, 0x0000, uids, detail=f"{detail} instances={len(found)}")
+            yield from self._sub_operations(event, found, retrieval)
+        finally:
+            outcome, summary = retrieval.outcome(len(found)), retrieval.summary(len(found))
+            detail = f"{detail} {summary}".strip()
+            self._audit(event, action, outcome, retrieval.sent, detail=detail)
 
     def _sub_operations(
-        self, event: Event, found: list[StoredInstance], accepted: set[tuple[str, str]]
+        self, event: Event, found: list[StoredInstance], retrieval: Retrieval
     ) -> Iterator[Any]:
         """One C-STORE per instance, as stored when the peer accepted its transfer syntax (or,
         uncompressed, any little endian one: pynetdicom converts those); decoded to Explicit VR
         Little Endian when the peer takes its SOP Class only uncompressed (PS3.4 C.4.2.3.1:
-        the SCP may convert to a syntax the destination accepted). `accepted` is read when
-        each instance is sent: a C-MOVE fills it once its sub-association is up."""
+        the SCP may convert to a syntax the destination accepted). The accepted contexts are
+        read when each instance is sent: a C-MOVE has them once its sub-association is up.
+        pynetdicom resumes this after each sub-operation, its C-STORE-RSP received."""
+        retrieval.finished = not found  # pynetdicom answers no match without resuming this
         yield len(found)
         for inst in found:
             if event.is_cancelled:
+                retrieval.cancel()
                 yield _CANCEL, None
                 return
-            yield _PENDING, self._to_send(inst, accepted)
+            before = len(retrieval.responses)
+            yield _PENDING, self._to_send(inst, retrieval.accepted)
+            path = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_instance_uid}"
+            retrieval.count(path, retrieval.responses[before:])
+        retrieval.finished = True
 
     def _to_send(self, inst: StoredInstance, accepted: set[tuple[str, str]]) -> Dataset:
         """The data set of one C-STORE sub-operation, or _failed(inst) when it cannot be sent."""
