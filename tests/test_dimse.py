@@ -27,6 +27,8 @@ from tests.dimse_support import (
     SCU,
     Archive,
     associate,
+    audit_rows,
+    audit_seq,
     blobs,
     dataset_bytes,
     dcmtk,
@@ -340,6 +342,55 @@ async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
 
 
 # -- Limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["size", "size - 1", "1 MiB"])
+async def test_c_store_data_set_size_limit_at_its_edge(
+    settings: Settings, samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """Found by review: MAX_PART_BYTES (DICOMWEB_MAX_PART_BYTES) bounded a STOW-RS instance
+    only; a C-STORE data set of any size was received (into the temporary directory) and
+    stored. A data set of exactly the limit is stored; one byte more and the association is
+    aborted as soon as the data set passes it (DIMSE has no status to answer before the data
+    set is complete), nothing stored or left behind, and the abort audited (0xA700)."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    path = samples / LARGE_MULTIFRAME
+    meta = dcmread(path, stop_before_pixels=True)
+    size = len(dataset_bytes(path))
+    most = {"size": size, "size - 1": size - 1, "1 MiB": 1024 * 1024}[limit]
+    async with running_archive(settings, max_part_bytes=most) as archive:
+
+        def send() -> Dataset | None:
+            ae = scu()
+            ae.dimse_timeout = 10
+            ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+            assoc = associate(ae, archive)
+            try:
+                rsp = assoc.send_c_store(path)
+                return rsp if "Status" in rsp else None
+            finally:
+                assoc.release()
+
+        start = await audit_seq(archive)
+        rsp = await in_thread(send)
+        stored = await instance_count(archive)
+        assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
+        rows = await audit_rows(archive, "dimse_store", start)
+    if most < size:
+        assert rsp is None  # aborted
+        assert stored == 0
+        (row,) = rows
+        assert row["outcome"] == 0xA700 and f"more than {most} bytes" in row["detail"]
+    else:
+        assert rsp is not None and rsp.Status == 0x0000
+        assert stored == 1
 
 
 async def test_unknown_calling_ae_refused(settings: Settings) -> None:

@@ -16,10 +16,11 @@ import re
 import socket
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -28,6 +29,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -40,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.auditlog import AuditLog
+from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse.identifier import (
     ERROR_COMMENT_MAX_CHARS,
     UNABLE_TO_PROCESS,
@@ -96,6 +99,7 @@ _DEFER_BYTES = 1024
 _PENDING = 0xFF00
 _CANCEL = 0xFE00
 _DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.5: Refused: Move Destination unknown
+_ABORTED = -1  # Handlers._receiving: the association was aborted for a data set too large
 # PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
 _OUT_OF_RESOURCES = 0xA700
 # PS3.4 C.4.2.1.5 / C.4.3.1.4: Refused: Out of Resources - Unable to calculate number of
@@ -185,6 +189,12 @@ class Handlers:
     peers: dict[str, Peer]
     base_url: str  # of RetrieveURL, when a C-FIND asks for it
     audit: AuditLog | None = None  # the audit trail (issue 7): one event per operation
+    # The largest data set received (a C-STORE's): the STOW part limit, DICOMWEB_MAX_PART_BYTES.
+    max_data_set_bytes: int = MAX_PART_BYTES
+    # Bytes of the data set each association is receiving; _ABORTED once it was too large.
+    _receiving: WeakKeyDictionary[Any, int] = field(
+        default_factory=WeakKeyDictionary, init=False, repr=False
+    )
 
     def _audit(self, event: Event, action: str, code: int, uids: Sequence[str] = (),
                nbytes: int = 0, detail: str = "") -> None:  # fmt: skip
@@ -204,6 +214,7 @@ class Handlers:
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
+            (evt.EVT_PDU_RECV, self.limit_data_set),
             (evt.EVT_CONN_CLOSE, discard_unserved_stores),
             (evt.EVT_ABORTED, discard_unserved_stores),
             (evt.EVT_RELEASED, discard_unserved_stores),
@@ -213,6 +224,40 @@ class Handlers:
             (evt.EVT_C_MOVE, self.move),
             (evt.EVT_C_GET, self.get),
         ]
+
+    def limit_data_set(self, event: Event) -> None:
+        """EVT_PDU_RECV, in the thread that receives, before the PDU is written out: abort
+        the association once the data set it is receiving passes max_data_set_bytes (found
+        by review: the limit bounded STOW-RS only, and a C-STORE of any size was received
+        into the temporary directory and stored). DIMSE has no status to answer before a
+        data set is whole, hence A-ABORT; discard_unserved_stores deletes what was received.
+        Counted from the P-DATA values, data set fragments only (PS3.8 E.2: bit 0 of the
+        message control header is set for a command fragment, bit 1 for the last one)."""
+        pdu = event.pdu
+        size = self._receiving.get(event.assoc, 0)
+        if not isinstance(pdu, P_DATA_TF) or size == _ABORTED:
+            return
+        for pdv in pdu.presentation_data_value_items:
+            value = pdv.presentation_data_value or b"\x00"
+            if value[0] & 1:  # a command: a message begins (or goes on)
+                size = 0
+                continue
+            size += len(value) - 1
+            if size > self.max_data_set_bytes:
+                self._receiving[event.assoc] = _ABORTED
+                self._abort_too_large(event)
+                return
+            if value[0] & 2:
+                size = 0
+        self._receiving[event.assoc] = size
+
+    def _abort_too_large(self, event: Event) -> None:
+        limit = self.max_data_set_bytes
+        log.warning("DIMSE: a data set of more than %d bytes: association aborted", limit)
+        detail = f"data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES): aborted"
+        self._audit(event, "dimse_store", _OUT_OF_RESOURCES, detail=detail)
+        # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
+        threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -229,6 +274,10 @@ class Handlers:
         """C-STORE: the very STOW ingest path. pynetdicom spooled the data set as received,
         behind a File Meta header of its own (STORE_RECV_CHUNKED_DATASET); the statuses are
         the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
+        if self._receiving.get(event.assoc) == _ABORTED:
+            # Its last PDU passed the limit and was still read in: the association is being
+            # aborted for it (limit_data_set, audited there), so it is not stored.
+            return status(_OUT_OF_RESOURCES, "data set too large")
         answer, touched = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:

@@ -156,8 +156,9 @@ async def serve_dimse(
     peers = load_peers(settings.dimse_peers)
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}{DICOMWEB_ROOT}"
     handlers = Handlers(
-        services, asyncio.get_running_loop(), settings.ae_title, peers, base_url, audit
-    )
+        services, asyncio.get_running_loop(), settings.ae_title, peers, base_url, audit,
+        max_data_set_bytes=settings.max_part_bytes,
+    )  # fmt: skip
     ae = build_ae(settings)
     server = ae.start_server(
         (settings.host, settings.dimse_port), block=False, evt_handlers=handlers.bindings()
