@@ -302,6 +302,9 @@ async def test_association_ended_mid_c_store_leaves_nothing(
     assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
     assert await instance_count(archive) == 0
     assert blobs(archive) == []
+    index = archive.services.index
+    reserved = {r["blob_key"] for r in await index._fetch("SELECT blob_key FROM blob_reservation")}
+    assert reserved <= set(index.spare_keys)  # keys reserved ahead are not a store's
     rsp = await store_one_file(archive, path, meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
     assert rsp.Status == 0x0000
     assert await instance_count(archive) == 1
