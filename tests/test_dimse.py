@@ -396,6 +396,40 @@ async def test_c_store_data_set_size_limit_at_its_edge(
         assert stored == 1
 
 
+@pytest.mark.parametrize("over", [0, 1])
+async def test_pdu_length_limit_at_its_edge(archive: Archive, over: int) -> None:
+    """Found by review: pynetdicom reads a whole PDU into memory, whatever length its header
+    announces, before anything else is checked (the calling AE title included): a peer that
+    announced an A-ASSOCIATE-RQ of 2 GiB and sent 300 MiB grew the server by 310 MB, and a few
+    such connections could exhaust its memory. A PDU longer than DIMSE_MAX_PDU_BYTES now
+    closes the connection before its body is read; one of exactly that length is read (and
+    this one, not an A-ASSOCIATE-RQ, refused with an A-ABORT)."""
+    import socket
+    import struct
+
+    from dicomweb_server.dimse.server import DIMSE_MAX_PDU_BYTES
+
+    length = DIMSE_MAX_PDU_BYTES + over
+
+    def send() -> bytes:
+        with socket.create_connection(("127.0.0.1", archive.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBI", 0x01, 0, length))
+            try:
+                if not over:
+                    sock.sendall(b"\xff" * length)
+                return sock.recv(16)
+            except ConnectionResetError:
+                return b""
+
+    answer = await in_thread(send)
+    if over:
+        assert answer == b""  # closed, nothing read or answered
+    else:
+        assert answer[:1] == b"\x07"  # A-ABORT: the PDU was read, and refused
+    echo = await dcmtk("echoscu", "-aet", SCU, "-aec", "DICOMWEB", "127.0.0.1", str(archive.port))
+    assert echo.returncode == 0, echo.stderr
+
+
 async def test_unknown_calling_ae_refused(settings: Settings) -> None:
     async with running_archive(settings, dimse_allowed_aes=("GOODSCU",)) as archive:
         port = str(archive.port)

@@ -15,9 +15,12 @@ from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
+    evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
@@ -28,9 +31,12 @@ from dicomweb_server.ingest import Services
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "DIMSE_DIMSE_TIMEOUT_S",
+    "DIMSE_MAX_PDU_BYTES",
     "DIMSE_NETWORK_TIMEOUT_S",
+    "BoundedSocket",
     "DimseServer",
     "UnreachableDestination",
+    "bound_pdu_length",
     "serve_dimse",
 ]
 
@@ -42,6 +48,11 @@ DIMSE_NETWORK_TIMEOUT_S = 60
 DIMSE_DIMSE_TIMEOUT_S = 120
 # Seconds to wait for an A-ASSOCIATE/A-RELEASE answer.
 DIMSE_ACSE_TIMEOUT_S = 30
+# Bytes of the longest PDU read: a longer one closes the connection before its body is read.
+# pynetdicom reads a PDU whole into memory, whatever length its header announces; ours is
+# far above what peers send (the archive announces a Maximum Length of 16382 bytes, PS3.8
+# D.1; dcmtk's largest is 131072), so that a peer that ignores it is still served.
+DIMSE_MAX_PDU_BYTES = 4 * 1024 * 1024
 
 
 # Transfer syntaxes accepted for storage, in order of preference: pynetdicom, as acceptor, picks
@@ -64,6 +75,29 @@ PREFERRED_TRANSFER_SYNTAXES = (
 ACCEPTED_TRANSFER_SYNTAXES = tuple(
     dict.fromkeys((*PREFERRED_TRANSFER_SYNTAXES, *ALL_TRANSFER_SYNTAXES))
 )
+
+
+class BoundedSocket(AssociationSocket):
+    """An acceptor's socket that refuses to read a PDU longer than DIMSE_MAX_PDU_BYTES.
+
+    pynetdicom's DUL reads a PDU's 6-byte header, then `recv(length)` of the length it
+    announces, into one buffer. Found by review: a peer announcing an A-ASSOCIATE-RQ of 2 GiB
+    and sending 300 MiB grew the server by 310 MB, before the calling AE title was even read.
+    The error makes the DUL treat the connection as closed (PS3.8 Evt17)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > DIMSE_MAX_PDU_BYTES:
+            log.warning("DIMSE: a PDU of %d bytes announced; connection closed", nr_bytes)
+            raise OSError(f"a PDU of {nr_bytes} bytes, more than {DIMSE_MAX_PDU_BYTES}")
+        return super().recv(nr_bytes)
+
+
+def bound_pdu_length(event: Event) -> None:
+    """EVT_CONN_OPEN of an accepted connection, before the first PDU is read: its socket
+    becomes a BoundedSocket (the same object, only recv guarded)."""
+    sock = event.assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = BoundedSocket
 
 
 class _ArchiveAE(AE):
@@ -160,9 +194,9 @@ async def serve_dimse(
         max_data_set_bytes=settings.max_part_bytes,
     )  # fmt: skip
     ae = build_ae(settings)
-    server = ae.start_server(
-        (settings.host, settings.dimse_port), block=False, evt_handlers=handlers.bindings()
-    )
+    bindings = [*handlers.bindings(), (evt.EVT_CONN_OPEN, bound_pdu_length)]
+    server = ae.start_server((settings.host, settings.dimse_port), block=False,
+                             evt_handlers=bindings)  # fmt: skip
     assert server is not None
     port = int(server.server_address[1])
     log.info("DIMSE: AE %s on %s:%d, %d peers", settings.ae_title, settings.host, port, len(peers))
