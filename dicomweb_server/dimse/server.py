@@ -135,8 +135,9 @@ class UnreachableDestination:
         raise ConnectionError(f"the C-MOVE destination {self.reason}")
 
     def release(self) -> None:
-        """What pynetdicom does with an association that failed (closing its socket), and
-        closing it also when it never connected, which AssociationSocket.close skips."""
+        """What pynetdicom does with an association that failed: close its socket (the raw
+        one too, which AssociationSocket.close leaves open when it never connected; after a
+        refused connection pynetdicom has already dropped it, unclosed)."""
         sock = self._failed.dul.socket
         raw = getattr(sock, "socket", None)
         with contextlib.suppress(OSError):
