@@ -177,6 +177,7 @@ def _parse(path: Path) -> ParsedFile:
                 return _parse_whole(path, syntax, data_set_at)
         fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
+        _check_whole(ds, fp.tell(), size)
         file_meta = getattr(ds, "file_meta", None)
         meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
         if not meta_ts:
@@ -190,7 +191,7 @@ def _parse(path: Path) -> ParsedFile:
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
         padding: object = ds.get_item(_DATASET_TRAILING_PADDING, keep_deferred=True)
         if end is not None and end < size:
-            padding = _merge_tail(fp, ds, ts, end, pixel_entry[0] if pixel_entry else None)
+            padding = _merge_tail(fp, ds, ts, end, size, pixel_entry[0] if pixel_entry else None)
         data_set_end = _padding_at(padding, ts, size)
     bulk_ranges: dict[str, list[Any]] = {}
     if ts != EXPLICIT_VR_BIG_ENDIAN:
@@ -221,6 +222,32 @@ def _parse(path: Path) -> ParsedFile:
     if ts == EXPLICIT_VR_BIG_ENDIAN:
         layout = None
     return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges, data_set_at, data_set_end)
+
+
+def _check_whole(data: Dataset, pos: int, size: int) -> None:
+    """Refuse (0xC000) a data set that ends inside an element (PS3.5 7.1: a data set is a
+    sequence of whole data elements). pydicom reads a value the file ends inside of as the
+    bytes there are, and stops silently at an element header cut short; `pos` is where it
+    stopped reading, `data` what it read (the last element read is the last inserted). A last
+    element of undefined length is a sequence whose delimiter pydicom found, or it raised."""
+    tags = list(data.keys())
+    if not tags:
+        return
+    last = data.get_item(tags[-1], keep_deferred=True)
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return
+    name = f"({tags[-1] >> 16:04X},{tags[-1] & 0xFFFF:04X})"
+    end = last.value_tell + last.length
+    if end > size:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: value of {name} lacks {end - size} bytes",
+        )
+    if pos > end:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {pos - end} bytes after {name}, no whole element",
+        )
 
 
 def _file_meta(fp: BinaryIO) -> tuple[str, int]:
@@ -449,7 +476,7 @@ def _padding_at(element: object, ts: str, size: int) -> int | None:
 
 
 def _merge_tail(
-    fp: BinaryIO, ds: Dataset, ts: str, end: int, pixel_tag: int | None
+    fp: BinaryIO, ds: Dataset, ts: str, end: int, size: int, pixel_tag: int | None
 ) -> RawDataElement | None:
     """Elements after Pixel Data (rare: a Digital Signatures Sequence) join the header, Data
     Set Trailing Padding excepted (returned, read raw). Their tags must follow the Pixel
@@ -457,6 +484,7 @@ def _merge_tail(
     would replace a value already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    _check_whole(tail, fp.tell(), size)
     after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
     for tag in tail.keys():
         if tag <= after or tag in ds:

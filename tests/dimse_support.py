@@ -180,6 +180,21 @@ async def store_one(archive: Archive, data: Dataset | Path) -> Dataset:
     return await in_thread(send)
 
 
+async def store_one_file(archive: Archive, path: Path, sop_class: str, syntax: str) -> Dataset:
+    """One C-STORE of a Part-10 file, in the presentation context its meta header names."""
+    ae = scu()
+    ae.add_requested_context(sop_class, syntax)
+
+    def send() -> Dataset:
+        assoc = associate(ae, archive)
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            assoc.release()
+
+    return await in_thread(send)
+
+
 async def stow(archive: Archive, *datasets: Dataset) -> None:
     body = multipart_body(to_bytes(ds) for ds in datasets)
     r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
@@ -218,3 +233,25 @@ def identifier(level: str, **keys: Any) -> Dataset:
     for k, v in keys.items():
         setattr(ds, k, v)
     return ds
+
+
+async def audit_seq(archive: Archive) -> int:
+    """The last row of the audit trail (which no test truncates: its triggers refuse it)."""
+    assert archive.audit is not None
+    await archive.audit.flush()
+    rows = await archive.services.index._fetch("SELECT coalesce(max(seq), 0) AS s FROM audit_log")
+    return int(rows[0]["s"])
+
+
+async def audit_rows(archive: Archive, action: str, after: int) -> list[dict[str, Any]]:
+    """The audit trail's rows of `action` after row `after`, oldest first, once every event
+    queued is written."""
+    assert archive.audit is not None
+    await archive.audit.flush()
+    rows = await archive.services.index._fetch(
+        "SELECT caller, client, action, uids, outcome, detail FROM audit_log"
+        " WHERE action = $1 AND seq > $2 ORDER BY seq",
+        action,
+        after,
+    )
+    return [dict(r) for r in rows]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -27,6 +27,8 @@ from tests.dimse_support import (
     SCU,
     Archive,
     associate,
+    audit_rows,
+    audit_seq,
     blobs,
     dataset_bytes,
     dcmtk,
@@ -35,6 +37,7 @@ from tests.dimse_support import (
     running_archive,
     scu,
     store_one,
+    store_one_file,
     stored_file,
     wado_instance,
 )
@@ -183,6 +186,31 @@ async def test_corrupt_data_set_fails_c000_and_leaves_nothing(
     assert blobs(archive) == []
 
 
+@pytest.mark.parametrize("cut", [3, 30])
+async def test_truncated_data_set_fails_c000_and_leaves_nothing(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    """Found by review: a data set cut short inside its last value (here a sequence of defined
+    length, as an SR or a presentation state ends) was stored as complete, 0x0000. PS3.4
+    B.2.3: 0xC000, Cannot understand; nothing stored."""
+    from pynetdicom import _config
+
+    ds = make_instance()
+    del ds.PixelData
+    item = Dataset()
+    item.CodeValue = "12345"
+    item.CodeMeaning = "a meaning long enough to be cut"
+    ds.PerformedProtocolCodeSequence = [item]
+    path = tmp_path / "truncated.dcm"
+    path.write_bytes(to_bytes(ds)[:-cut])
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    rsp = await store_one(archive, path)
+    assert rsp.Status == 0xC000, hex(rsp.Status)
+    assert "truncated" in rsp.ErrorComment
+    assert await instance_count(archive) == 0
+    assert blobs(archive) == []
+
+
 async def test_data_set_not_matching_the_request_fails_a900(
     archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,7 +229,205 @@ async def test_data_set_not_matching_the_request_fails_a900(
     assert await instance_count(archive) == 0
 
 
+LARGE_MULTIFRAME = "generated/large/ect_24frames_512_explicit_le.dcm"  # 12.5 MB, 24 frames
+# Seconds to wait for the archive to notice an association that ended.
+ENDED_WAIT_S = 10.0
+
+
+def _spool_files(spool: Path) -> list[Path]:
+    return sorted(spool.glob("*.dcm"))
+
+
+def _wait_for(check: Any, timeout_s: float = ENDED_WAIT_S) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return bool(check())
+
+
+@pytest.mark.parametrize("how", ["a-abort", "tcp-cut"])
+async def test_association_ended_mid_c_store_leaves_nothing(
+    archive: Archive, samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Found by review: pynetdicom receives a C-STORE data set into a temporary file
+    (STORE_RECV_CHUNKED_DATASET) that only its C-STORE service deletes, after the handler
+    ran. An association aborted (A-ABORT) or cut (TCP closed) in the middle of a large
+    multi-frame data set left that file in the temporary directory for good, 1.7 MB here
+    each time. Now nothing remains (no spool file, row, reservation or blob) and the archive
+    keeps serving: the same file stored afterwards is a success."""
+    import contextlib
+    import socket
+    import tempfile
+
+    from pynetdicom import _config, evt
+
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))  # where pynetdicom's files go
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    path = samples / LARGE_MULTIFRAME
+    meta = dcmread(path, stop_before_pixels=True)
+    ae = scu()
+    ae.dimse_timeout = 5  # the C-STORE-RSP that will never come
+    ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+    spooled: list[bool] = []
+
+    def end_it_midway() -> None:
+        sent = 0
+
+        def on_pdu(event: evt.Event) -> None:
+            nonlocal sent
+            sent += 1
+            if sent != 40:  # about 640 KB of the 12.5 MB sent
+                return
+            spooled.append(_wait_for(lambda: bool(_spool_files(spool))))
+            # Between two PDUs, in the thread that sends them: an A-ABORT PDU (PS3.8 9.3.8,
+            # source service user) and the end of the connection, or the end alone.
+            sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+            assert sock is not None
+            if how == "a-abort":
+                sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+            sock.shutdown(socket.SHUT_RDWR)
+
+        assoc = associate(ae, archive, evt_handlers=[(evt.EVT_PDU_SENT, on_pdu)])
+        with contextlib.suppress(Exception):  # the association is gone: that is the point
+            assoc.send_c_store(path)
+
+    await in_thread(end_it_midway)
+    assert spooled == [True], "the archive never started receiving"
+    assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
+    assert await instance_count(archive) == 0
+    assert blobs(archive) == []
+    index = archive.services.index
+    reserved = {r["blob_key"] for r in await index._fetch("SELECT blob_key FROM blob_reservation")}
+    assert reserved <= set(index.spare_keys)  # keys reserved ahead are not a store's
+    rsp = await store_one_file(archive, path, meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+    assert rsp.Status == 0x0000
+    assert await instance_count(archive) == 1
+
+
+async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C-STOREs received whole but not yet served when the association ends (the requestor
+    sent several before an A-ABORT) are never served: their spool files are deleted too."""
+    import tempfile
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    instances = [make_instance(rows=64, cols=64) for _ in range(6)]
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def send_all_then_abort() -> None:
+        assoc = associate(ae, archive)
+        (cx,) = assoc.accepted_contexts
+        for n, ds in enumerate(instances, 1):
+            req = C_STORE()
+            req.MessageID, req.Priority = n, 2
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+            req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+            assoc.dimse.send_msg(req, cast(int, cx.context_id))
+        assoc.abort()
+
+    await in_thread(send_all_then_abort)
+    assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
+    # Those served before the archive saw the abort are stored whole, the others not at all.
+    assert len(blobs(archive)) == await instance_count(archive) < len(instances)
+
+
 # -- Limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["size", "size - 1", "1 MiB"])
+async def test_c_store_data_set_size_limit_at_its_edge(
+    settings: Settings, samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> None:
+    """Found by review: MAX_PART_BYTES (DICOMWEB_MAX_PART_BYTES) bounded a STOW-RS instance
+    only; a C-STORE data set of any size was received (into the temporary directory) and
+    stored. A data set of exactly the limit is stored; one byte more and the association is
+    aborted as soon as the data set passes it (DIMSE has no status to answer before the data
+    set is complete), nothing stored or left behind, and the abort audited (0xA700)."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    path = samples / LARGE_MULTIFRAME
+    meta = dcmread(path, stop_before_pixels=True)
+    size = len(dataset_bytes(path))
+    most = {"size": size, "size - 1": size - 1, "1 MiB": 1024 * 1024}[limit]
+    async with running_archive(settings, max_part_bytes=most) as archive:
+
+        def send() -> Dataset | None:
+            ae = scu()
+            ae.dimse_timeout = 10
+            ae.add_requested_context(meta.SOPClassUID, meta.file_meta.TransferSyntaxUID)
+            assoc = associate(ae, archive)
+            try:
+                rsp = assoc.send_c_store(path)
+                return rsp if "Status" in rsp else None
+            finally:
+                assoc.release()
+
+        start = await audit_seq(archive)
+        rsp = await in_thread(send)
+        stored = await instance_count(archive)
+        assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
+        rows = await audit_rows(archive, "dimse_store", start)
+    if most < size:
+        assert rsp is None  # aborted
+        assert stored == 0
+        (row,) = rows
+        assert row["outcome"] == 0xA700 and f"more than {most} bytes" in row["detail"]
+    else:
+        assert rsp is not None and rsp.Status == 0x0000
+        assert stored == 1
+
+
+@pytest.mark.parametrize("over", [0, 1])
+async def test_pdu_length_limit_at_its_edge(archive: Archive, over: int) -> None:
+    """Found by review: pynetdicom reads a whole PDU into memory, whatever length its header
+    announces, before anything else is checked (the calling AE title included): a peer that
+    announced an A-ASSOCIATE-RQ of 2 GiB and sent 300 MiB grew the server by 310 MB, and a few
+    such connections could exhaust its memory. A PDU longer than DIMSE_MAX_PDU_BYTES now
+    closes the connection before its body is read; one of exactly that length is read (and
+    this one, not an A-ASSOCIATE-RQ, refused with an A-ABORT)."""
+    import socket
+    import struct
+
+    from dicomweb_server.dimse.server import DIMSE_MAX_PDU_BYTES
+
+    length = DIMSE_MAX_PDU_BYTES + over
+
+    def send() -> bytes:
+        with socket.create_connection(("127.0.0.1", archive.port), timeout=10) as sock:
+            sock.sendall(struct.pack(">BBI", 0x01, 0, length))
+            try:
+                if not over:
+                    sock.sendall(b"\xff" * length)
+                return sock.recv(16)
+            except ConnectionResetError:
+                return b""
+
+    answer = await in_thread(send)
+    if over:
+        assert answer == b""  # closed, nothing read or answered
+    else:
+        assert answer[:1] == b"\x07"  # A-ABORT: the PDU was read, and refused
+    echo = await dcmtk("echoscu", "-aet", SCU, "-aec", "DICOMWEB", "127.0.0.1", str(archive.port))
+    assert echo.returncode == 0, echo.stderr
 
 
 async def test_unknown_calling_ae_refused(settings: Settings) -> None:

@@ -25,6 +25,7 @@ from dicomweb_server import (
 )
 from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.dimse import handlers, identifier
+from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.routes import admin, common, stow
 
@@ -66,7 +67,7 @@ def test_frame_media_types() -> None:
 
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
-               handlers, identifier, common, stow_json, dicom_xml, dicomfile, stow,
+               handlers, identifier, dimse_server, common, stow_json, dicom_xml, dicomfile, stow,
                transcode, blobstore, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]

@@ -5,6 +5,7 @@ C-FIND, C-MOVE, C-GET) SCP. The only importer of pynetdicom.
     identifier.py  C-FIND / C-MOVE / C-GET identifiers <-> query.Query (pure)
     peers.py       C-MOVE destinations from a JSON file
     handlers.py    the event handlers, bridged onto the server's event loop
+    retrieval.py   one C-MOVE/C-GET's sub-operation outcomes and final status (audit)
     server.py      the AE: contexts, limits, start and stop
 """
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import socket
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -27,6 +29,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -39,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.auditlog import AuditLog
+from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse.identifier import (
     ERROR_COMMENT_MAX_CHARS,
     UNABLE_TO_PROCESS,
@@ -49,6 +53,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer
+from dicomweb_server.dimse.retrieval import UNFINISHED, Retrieval
 from dicomweb_server.errors import DicomWebError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services, store_path
@@ -67,6 +72,7 @@ __all__ = [
     "DIMSE_STORE_TIMEOUT_S",
     "MAX_RETRIEVE_INSTANCES",
     "Handlers",
+    "discard_unserved_stores",
     "no_delay",
 ]
 
@@ -92,6 +98,8 @@ _DEFER_BYTES = 1024
 # PS3.4 Table C.4-1..3: the C-FIND/C-MOVE/C-GET statuses this module answers with.
 _PENDING = 0xFF00
 _CANCEL = 0xFE00
+_DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.5: Refused: Move Destination unknown
+_ABORTED = -1  # Handlers._receiving: the association was aborted for a data set too large
 # PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
 _OUT_OF_RESOURCES = 0xA700
 # PS3.4 C.4.2.1.5 / C.4.3.1.4: Refused: Out of Resources - Unable to calculate number of
@@ -103,11 +111,6 @@ _PROCESSING_FAILURE = 0x0110
 # PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
 _DATA_SET_DOES_NOT_MATCH = 0xA900
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-# Yielded as the data set of a sub-operation whose blob cannot be read: pynetdicom counts a
-# pending result whose data set is not a Dataset as a failed sub-operation.
-_UNREADABLE = "unreadable blob"
-# Likewise for an instance the peer takes only uncompressed and that cannot be decoded here.
-_UNCONVERTIBLE = "cannot be decoded for the destination"
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -143,6 +146,41 @@ def no_delay(event: Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def discard_unserved_stores(event: Event) -> None:
+    """Delete the spool files of C-STOREs an association ended before they were served.
+
+    pynetdicom receives a C-STORE data set into a temporary file of its own
+    (STORE_RECV_CHUNKED_DATASET) and deletes it only in its C-STORE service, after our
+    handler ran. A data set still arriving when the association was aborted or its
+    connection cut, and any received whole but still queued when it ended, are never served:
+    their files stayed in the temporary directory for good (found by review: 1.7 MB left by
+    each A-ABORT in the middle of a large multi-frame C-STORE). Bound to EVT_CONN_CLOSE,
+    which pynetdicom triggers in the thread that writes the files, after the last byte was
+    read: the one being received is closed and deleted there. Bound to EVT_ABORTED and
+    EVT_RELEASED, after which the association serves nothing more: the queued ones too, and
+    the one being received is only unlinked (a local abort, at shutdown, may come while it
+    is written to; the file is freed when pynetdicom drops it). pynetdicom keeps them in
+    private attributes (DIMSEServiceProvider.message, msg_queue; pynetdicom 3.0)."""
+    dimse = getattr(event.assoc, "dimse", None)
+    if dimse is None:
+        return
+    receiving = getattr(dimse.message, "_data_set_file", None)
+    closing = event.event == evt.EVT_CONN_CLOSE
+    _discard(receiving, close=closing)
+    if not closing:
+        for _context_id, primitive in list(dimse.msg_queue.queue):
+            _discard(getattr(primitive, "_dataset_file", None), close=True)
+
+
+def _discard(spool: Any, close: bool) -> None:
+    if spool is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if close:
+            spool.close()
+        os.unlink(spool.name)
+
+
 @dataclass
 class Handlers:
     services: Services
@@ -151,6 +189,12 @@ class Handlers:
     peers: dict[str, Peer]
     base_url: str  # of RetrieveURL, when a C-FIND asks for it
     audit: AuditLog | None = None  # the audit trail (issue 7): one event per operation
+    # The largest data set received (a C-STORE's): the STOW part limit, DICOMWEB_MAX_PART_BYTES.
+    max_data_set_bytes: int = MAX_PART_BYTES
+    # Bytes of the data set each association is receiving; _ABORTED once it was too large.
+    _receiving: WeakKeyDictionary[Any, int] = field(
+        default_factory=WeakKeyDictionary, init=False, repr=False
+    )
 
     def _audit(self, event: Event, action: str, code: int, uids: Sequence[str] = (),
                nbytes: int = 0, detail: str = "") -> None:  # fmt: skip
@@ -170,12 +214,50 @@ class Handlers:
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
+            (evt.EVT_PDU_RECV, self.limit_data_set),
+            (evt.EVT_CONN_CLOSE, discard_unserved_stores),
+            (evt.EVT_ABORTED, discard_unserved_stores),
+            (evt.EVT_RELEASED, discard_unserved_stores),
             (evt.EVT_C_ECHO, self.echo),
             (evt.EVT_C_STORE, self.store),
             (evt.EVT_C_FIND, self.find),
             (evt.EVT_C_MOVE, self.move),
             (evt.EVT_C_GET, self.get),
         ]
+
+    def limit_data_set(self, event: Event) -> None:
+        """EVT_PDU_RECV, in the thread that receives, before the PDU is written out: abort
+        the association once the data set it is receiving passes max_data_set_bytes (found
+        by review: the limit bounded STOW-RS only, and a C-STORE of any size was received
+        into the temporary directory and stored). DIMSE has no status to answer before a
+        data set is whole, hence A-ABORT; discard_unserved_stores deletes what was received.
+        Counted from the P-DATA values, data set fragments only (PS3.8 E.2: bit 0 of the
+        message control header is set for a command fragment, bit 1 for the last one)."""
+        pdu = event.pdu
+        size = self._receiving.get(event.assoc, 0)
+        if not isinstance(pdu, P_DATA_TF) or size == _ABORTED:
+            return
+        for pdv in pdu.presentation_data_value_items:
+            value = pdv.presentation_data_value or b"\x00"
+            if value[0] & 1:  # a command: a message begins (or goes on)
+                size = 0
+                continue
+            size += len(value) - 1
+            if size > self.max_data_set_bytes:
+                self._receiving[event.assoc] = _ABORTED
+                self._abort_too_large(event)
+                return
+            if value[0] & 2:
+                size = 0
+        self._receiving[event.assoc] = size
+
+    def _abort_too_large(self, event: Event) -> None:
+        limit = self.max_data_set_bytes
+        log.warning("DIMSE: a data set of more than %d bytes: association aborted", limit)
+        detail = f"data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES): aborted"
+        self._audit(event, "dimse_store", _OUT_OF_RESOURCES, detail=detail)
+        # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
+        threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -192,6 +274,10 @@ class Handlers:
         """C-STORE: the very STOW ingest path. pynetdicom spooled the data set as received,
         behind a File Meta header of its own (STORE_RECV_CHUNKED_DATASET); the statuses are
         the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
+        if self._receiving.get(event.assoc) == _ABORTED:
+            # Its last PDU passed the limit and was still read in: the association is being
+            # aborted for it (limit_data_set, audited there), so it is not stored.
+            return status(_OUT_OF_RESOURCES, "data set too large")
         answer, touched = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:
@@ -226,14 +312,19 @@ class Handlers:
         return 0x0000, "/".join(path.split("/")[2::2]) if path else None
 
     def find(self, event: Event) -> Iterator[FindResult]:
-        matches, final = 0, 0x0000
+        """_find, audited with the status answered: pynetdicom's Success when the matches
+        ran out, the failure or Cancel answered instead, UNFINISHED when the association
+        ended first (found by review: a cancelled C-FIND was recorded as a success)."""
+        matches, final = 0, UNFINISHED
         try:
             for answer, identifier in self._find(event):
                 if identifier is not None:
                     matches += 1
-                elif isinstance(answer, Dataset):
-                    final = int(answer.Status)
+                else:
+                    final = answer if isinstance(answer, int) else int(answer.Status)
                 yield answer, identifier
+            if final == UNFINISHED:
+                final = 0x0000
         finally:
             detail = f"{_identifier_text(event)} matches={matches}"
             self._audit(event, "dimse_find", final, detail=detail)
@@ -274,86 +365,96 @@ class Handlers:
     def move(self, event: Event) -> Iterator[Any]:
         """C-MOVE to a configured peer over a sub-association proposing the stored
         (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5)."""
+        detail = f"destination={(event.move_destination or '').strip()}"
         peer = self.peers.get((event.move_destination or "").strip())
         if peer is None:
+            self._audit(event, "dimse_move", _DESTINATION_UNKNOWN, detail=detail)
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         found = self._matching_instances(event)
         # pynetdicom associates with the destination before it lets us report a failure or
         # zero matches: then propose the common storage contexts, which any SCP accepts.
         contexts = _contexts(found) if isinstance(found, list) else []
-        accepted: set[tuple[str, str]] = set()
+        retrieval = Retrieval()
 
         def on_accepted(sub: Event) -> None:  # the sub-association, in this thread
-            accepted.update(_pairs(sub.assoc.accepted_contexts))
+            retrieval.accepted.update(_pairs(sub.assoc.accepted_contexts))
+            retrieval.reached = bool(sub.assoc.accepted_contexts)  # else pynetdicom aborts
 
-        kwargs = {
-            "contexts": contexts or StoragePresentationContexts,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted)],
-        }
+        handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted),
+                    (evt.EVT_DIMSE_RECV, retrieval.on_response)]  # fmt: skip
+        kwargs = {"contexts": contexts or StoragePresentationContexts, "evt_handlers": handlers}
         yield peer.host, peer.port, kwargs
-        detail = f"destination={event.move_destination}"
-        yield from self._send(event, found, "dimse_move", detail, accepted)
+        yield from self._send(event, found, "dimse_move", detail, retrieval)
 
     def get(self, event: Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association, over the storage contexts
-        the requestor proposed with the SCP role (PS3.4 C.4.3)."""
-        accepted = _pairs(event.assoc.accepted_contexts)
-        yield from self._send(event, self._matching_instances(event), "dimse_get", "", accepted)
+        the requestor proposed with the SCP role (PS3.4 C.4.3); their responses arrive on it."""
+        retrieval = Retrieval(_pairs(event.assoc.accepted_contexts), reached=True)
+        event.assoc.bind(evt.EVT_DIMSE_RECV, retrieval.on_response)
+        try:
+            yield from self._send(event, self._matching_instances(event), "dimse_get", "",
+                                  retrieval)  # fmt: skip
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, retrieval.on_response)
 
-    def _send(
-        self,
-        event: Event,
-        found: list[StoredInstance] | Dataset,
-        action: str,
-        detail: str,
-        accepted: set[tuple[str, str]],
-    ) -> Iterator[Any]:
+    def _send(self, event: Event, found: list[StoredInstance] | Dataset, action: str,
+              detail: str, retrieval: Retrieval) -> Iterator[Any]:  # fmt: skip
+        """The sub-operations, audited with the status answered (retrieval.py), the counts
+        and the instances the peer stored (found by review: every C-MOVE/C-GET was recorded
+        as a success with every matched instance, whatever was answered)."""
         if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
             self._audit(event, action, int(found.Status), detail=detail)
             yield 1
             yield found, None
             return
-        uids = [f"{i.study_uid}/{i.series_uid}/{i.sop_instance_uid}" for i in found]
         try:
-            yield from self._sub_operations(event, found, accepted)
-        finally:  # the sub-operations' outcomes are pynetdicom's to count and report
-            self._audit(event, action, 0x0000, uids, detail=f"{detail} instances={len(found)}")
+            yield from self._sub_operations(event, found, retrieval)
+        finally:
+            outcome, summary = retrieval.outcome(len(found)), retrieval.summary(len(found))
+            detail = f"{detail} {summary}".strip()
+            self._audit(event, action, outcome, retrieval.sent, detail=detail)
 
     def _sub_operations(
-        self, event: Event, found: list[StoredInstance], accepted: set[tuple[str, str]]
+        self, event: Event, found: list[StoredInstance], retrieval: Retrieval
     ) -> Iterator[Any]:
         """One C-STORE per instance, as stored when the peer accepted its transfer syntax (or,
         uncompressed, any little endian one: pynetdicom converts those); decoded to Explicit VR
         Little Endian when the peer takes its SOP Class only uncompressed (PS3.4 C.4.2.3.1:
-        the SCP may convert to a syntax the destination accepted). `accepted` is read when
-        each instance is sent: a C-MOVE fills it once its sub-association is up."""
+        the SCP may convert to a syntax the destination accepted). The accepted contexts are
+        read when each instance is sent: a C-MOVE has them once its sub-association is up.
+        pynetdicom resumes this after each sub-operation, its C-STORE-RSP received."""
+        retrieval.finished = not found  # pynetdicom answers no match without resuming this
         yield len(found)
         for inst in found:
             if event.is_cancelled:
+                retrieval.cancel()
                 yield _CANCEL, None
                 return
-            path = self.services.blobs.local_path(inst.blob_key)
-            target = _target_syntax(inst, accepted)
-            ds: Dataset
-            try:
-                if target is None:
-                    ds = dcmread(path, defer_size=_DEFER_BYTES)
-                else:
-                    ds = _decoded_for_peer(inst, path, target)
-            except (OSError, InvalidDicomError) as exc:
-                log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
-                yield _PENDING, _UNREADABLE
-                continue
-            except TranscodeError as exc:
-                log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
-                yield _PENDING, _UNCONVERTIBLE
-                continue
-            except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
-                log.exception("cannot send %s", inst.sop_instance_uid)
-                yield _PENDING, _UNCONVERTIBLE if target else _UNREADABLE
-                continue
-            yield _PENDING, ds
+            before = len(retrieval.responses)
+            yield _PENDING, self._to_send(inst, retrieval.accepted)
+            path = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_instance_uid}"
+            retrieval.count(path, retrieval.responses[before:])
+        retrieval.finished = True
+
+    def _to_send(self, inst: StoredInstance, accepted: set[tuple[str, str]]) -> Dataset:
+        """The data set of one C-STORE sub-operation, or _failed(inst) when it cannot be sent."""
+        if not any(sop_class == inst.sop_class_uid for sop_class, _ in accepted):
+            log.info("no context for %s of %s", inst.sop_class_uid, inst.sop_instance_uid)
+            return _failed(inst)  # pynetdicom would find no context either; nothing read
+        path = self.services.blobs.local_path(inst.blob_key)
+        target = _target_syntax(inst, accepted)
+        try:
+            if target is None:
+                return dcmread(path, defer_size=_DEFER_BYTES)
+            return _decoded_for_peer(inst, path, target)
+        except (OSError, InvalidDicomError) as exc:
+            log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
+        except TranscodeError as exc:
+            log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
+        except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
+            log.exception("cannot send %s", inst.sop_instance_uid)
+        return _failed(inst)
 
     def _matching_instances(self, event: Event) -> list[StoredInstance] | Dataset:
         """The instances a C-MOVE/C-GET identifier names, or the failure status to answer."""
@@ -370,6 +471,20 @@ class Handlers:
         if len(found) > MAX_RETRIEVE_INSTANCES:
             return status(_TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
         return found
+
+
+def _failed(inst: StoredInstance) -> Dataset:
+    """What a sub-operation that cannot be sent yields: the instance's UIDs and no File Meta
+    Information, which pynetdicom's send_c_store refuses before sending anything (no
+    Transfer Syntax UID to choose a context by). pynetdicom then counts a failed
+    sub-operation done, and lists its SOP Instance UID as failed (PS3.4 C.4.2.1.4.2,
+    C.4.3.1.3.2). Found by review: a result that is not a Dataset, yielded before, was
+    counted failed but not done (every later response had one more remaining, the final one
+    too), and listed as an empty UID."""
+    ds = Dataset()
+    ds.SOPClassUID = inst.sop_class_uid
+    ds.SOPInstanceUID = inst.sop_instance_uid
+    return ds
 
 
 def _identifier_text(event: Event) -> str:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import anyio
 from pynetdicom import (
@@ -14,8 +15,12 @@ from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
+    evt,
 )
+from pynetdicom.association import Association
+from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket
 
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
@@ -26,8 +31,12 @@ from dicomweb_server.ingest import Services
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "DIMSE_DIMSE_TIMEOUT_S",
+    "DIMSE_MAX_PDU_BYTES",
     "DIMSE_NETWORK_TIMEOUT_S",
+    "BoundedSocket",
     "DimseServer",
+    "UnreachableDestination",
+    "bound_pdu_length",
     "serve_dimse",
 ]
 
@@ -39,6 +48,11 @@ DIMSE_NETWORK_TIMEOUT_S = 60
 DIMSE_DIMSE_TIMEOUT_S = 120
 # Seconds to wait for an A-ASSOCIATE/A-RELEASE answer.
 DIMSE_ACSE_TIMEOUT_S = 30
+# Bytes of the longest PDU read: a longer one closes the connection before its body is read.
+# pynetdicom reads a PDU whole into memory, whatever length its header announces; ours is
+# far above what peers send (the archive announces a Maximum Length of 16382 bytes, PS3.8
+# D.1; dcmtk's largest is 131072), so that a peer that ignores it is still served.
+DIMSE_MAX_PDU_BYTES = 4 * 1024 * 1024
 
 
 # Transfer syntaxes accepted for storage, in order of preference: pynetdicom, as acceptor, picks
@@ -63,6 +77,76 @@ ACCEPTED_TRANSFER_SYNTAXES = tuple(
 )
 
 
+class BoundedSocket(AssociationSocket):
+    """An acceptor's socket that refuses to read a PDU longer than DIMSE_MAX_PDU_BYTES.
+
+    pynetdicom's DUL reads a PDU's 6-byte header, then `recv(length)` of the length it
+    announces, into one buffer. Found by review: a peer announcing an A-ASSOCIATE-RQ of 2 GiB
+    and sending 300 MiB grew the server by 310 MB, before the calling AE title was even read.
+    The error makes the DUL treat the connection as closed (PS3.8 Evt17)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > DIMSE_MAX_PDU_BYTES:
+            log.warning("DIMSE: a PDU of %d bytes announced; connection closed", nr_bytes)
+            raise OSError(f"a PDU of {nr_bytes} bytes, more than {DIMSE_MAX_PDU_BYTES}")
+        return super().recv(nr_bytes)
+
+
+def bound_pdu_length(event: Event) -> None:
+    """EVT_CONN_OPEN of an accepted connection, before the first PDU is read: its socket
+    becomes a BoundedSocket (the same object, only recv guarded)."""
+    sock = event.assoc.dul.socket
+    if type(sock) is AssociationSocket:
+        sock.__class__ = BoundedSocket
+
+
+class _ArchiveAE(AE):
+    """The archive's Application Entity. Its only outgoing associations are C-MOVE
+    sub-associations, which pynetdicom's Move SCP opens with this method."""
+
+    def associate(self, *args: Any, **kwargs: Any) -> Any:
+        assoc = super().associate(*args, **kwargs)
+        return assoc if assoc.is_established else UnreachableDestination(assoc)
+
+
+class UnreachableDestination:
+    """Stands in for a C-MOVE sub-association that could not be established: the destination
+    rejected it, accepted none of its presentation contexts, or could not be reached.
+
+    pynetdicom's Move SCP answers any of these 0xA801, Move Destination Unknown, with no
+    counts, and before the identifier was even read (a refused one got 0xA801 too). The
+    destination is known, though: handed this stand-in, pynetdicom goes on, every C-STORE
+    sub-operation fails here before sending anything, and the answer is 0xA702 (Unable to
+    perform sub-operations, PS3.4 C.4.2.1.5) with each one counted failed and listed in the
+    Failed SOP Instance UID List, which is what dcmtk's dcmqrscp answers. Found by review."""
+
+    is_established = True  # to pynetdicom, which then sends each sub-operation here
+
+    def __init__(self, failed: Association) -> None:
+        self._failed = failed
+        if failed.is_rejected:
+            self.reason = "rejected the association"
+        elif failed.rejected_contexts and not failed.accepted_contexts:
+            self.reason = "accepted none of the presentation contexts"  # pynetdicom aborted
+        else:
+            self.reason = "could not be reached"
+
+    def send_c_store(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise ConnectionError(f"the C-MOVE destination {self.reason}")
+
+    def release(self) -> None:
+        """What pynetdicom does with an association that failed: close its socket (the raw
+        one too, which AssociationSocket.close leaves open when it never connected; after a
+        refused connection pynetdicom has already dropped it, unclosed)."""
+        sock = self._failed.dul.socket
+        raw = getattr(sock, "socket", None)
+        with contextlib.suppress(OSError):
+            if sock is not None:
+                sock.close()
+            if raw is not None:
+                raw.close()
+
+
 @dataclass(frozen=True)
 class DimseServer:
     ae: AE
@@ -74,7 +158,7 @@ def build_ae(settings: Settings) -> AE:
     # process, like pydicom's config): C-STORE stores the bytes as received, and a large
     # instance never sits in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
-    ae = AE(ae_title=settings.ae_title)
+    ae = _ArchiveAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.dimse_max_associations
     ae.require_calling_aet = list(settings.dimse_allowed_aes or ())
     # Called AE title not checked: SCUs often send a default (dcmtk "ANY-SCP").
@@ -107,12 +191,13 @@ async def serve_dimse(
     peers = load_peers(settings.dimse_peers)
     base_url = settings.public_url or f"http://{settings.host}:{settings.port}{DICOMWEB_ROOT}"
     handlers = Handlers(
-        services, asyncio.get_running_loop(), settings.ae_title, peers, base_url, audit
-    )
+        services, asyncio.get_running_loop(), settings.ae_title, peers, base_url, audit,
+        max_data_set_bytes=settings.max_part_bytes,
+    )  # fmt: skip
     ae = build_ae(settings)
-    server = ae.start_server(
-        (settings.host, settings.dimse_port), block=False, evt_handlers=handlers.bindings()
-    )
+    bindings = [*handlers.bindings(), (evt.EVT_CONN_OPEN, bound_pdu_length)]
+    server = ae.start_server((settings.host, settings.dimse_port), block=False,
+                             evt_handlers=bindings)  # fmt: skip
     assert server is not None
     port = int(server.server_address[1])
     log.info("DIMSE: AE %s on %s:%d, %d peers", settings.ae_title, settings.host, port, len(peers))

@@ -1,0 +1,77 @@
+"""One C-MOVE or C-GET as it goes: what the peer accepted and answered to each C-STORE
+sub-operation, and so the final status, for the audit trail.
+
+pynetdicom sends the sub-operations and the responses itself; it tells the handler neither
+what each C-STORE-RSP said nor what it answered at the end. This tally listens to the
+C-STORE-RSPs (EVT_DIMSE_RECV on the association they arrive on: the C-MOVE sub-association,
+or the C-GET association itself) and reaches the final status as pynetdicom's Query/Retrieve
+SCP does (PS3.4 C.4.2.1.5, C.4.3.1.4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.events import Event
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
+
+__all__ = ["UNFINISHED", "Retrieval"]
+
+# The outcome recorded for a C-MOVE/C-GET (or C-FIND) whose association ended before a final
+# response: Pending (PS3.7 C.4), the last status it had.
+UNFINISHED = 0xFF00
+_CANCEL = 0xFE00
+_SUB_OPERATIONS_FAILED = 0xA702  # PS3.4 C.4.2.1.5 / C.4.3.1.4: every sub-operation failed
+_SOME_FAILED = 0xB000  # ... some failed or had a warning
+
+
+@dataclass
+class Retrieval:
+    accepted: set[tuple[str, str]] = field(default_factory=set)  # (SOP Class, syntax) to send
+    reached: bool = False  # a C-MOVE sub-association was established (a C-GET's always is)
+    responses: list[int] = field(default_factory=list)  # C-STORE-RSP statuses, in order
+    sent: list[str] = field(default_factory=list)  # study/series/instance stored by the peer
+    completed: int = 0
+    warning: int = 0
+    failed: int = 0
+    final: int | None = None  # a final status the handler answered itself (failure, cancel)
+    finished: bool = False  # every sub-operation done
+
+    def on_response(self, event: Event) -> None:
+        """EVT_DIMSE_RECV (in the thread that receives; each C-STORE-RSP before pynetdicom's
+        send_c_store returns it)."""
+        if isinstance(event.message, C_STORE_RSP):
+            self.responses.append(int(event.message.command_set.Status))
+
+    def count(self, path: str, answered: list[int]) -> None:
+        """One sub-operation done: `answered` holds the C-STORE-RSP received for it, none when
+        it failed before it was sent. Statuses as pynetdicom classes them (PS3.4 B.2.3)."""
+        kind = STORAGE_SERVICE_CLASS_STATUS.get(answered[-1], ("",))[0] if answered else ""
+        if kind == STATUS_SUCCESS:
+            self.completed += 1
+            self.sent.append(path)
+        elif kind == STATUS_WARNING:
+            self.warning += 1
+            self.sent.append(path)
+        else:
+            self.failed += 1
+
+    def cancel(self) -> None:
+        self.final = _CANCEL
+
+    def outcome(self, total: int) -> int:
+        if self.final is not None:
+            return self.final
+        if not self.finished:
+            return UNFINISHED
+        if not self.failed and not self.warning:
+            return 0x0000
+        return _SUB_OPERATIONS_FAILED if self.failed == total else _SOME_FAILED
+
+    def summary(self, total: int) -> str:
+        text = (
+            f"matched={total} completed={self.completed} warning={self.warning}"
+            f" failed={self.failed}"
+        )
+        return text if self.reached or not total else f"{text} destination not reached"
