@@ -61,6 +61,7 @@ __all__ = [
     "HTJ2K_RPCL_BASE_PIXELS",
     "JPEG_BASELINE_QUALITY",
     "Codec",
+    "CodecPanicError",
     "PixelInfo",
     "TranscodeError",
     "available_targets",
@@ -197,7 +198,8 @@ def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
             "number_of_frames": 1,
             "planar_configuration": planar,
         }
-        return bytes(get_encoder(uid).encode(_native_order(arr), **opts))
+        encoder = get_encoder(uid)  # pylibjpeg-rle's RLE encoder is Rust: _unpanicked
+        return bytes(_unpanicked(lambda: encoder.encode(_native_order(arr), **opts)))
 
     return encode
 
@@ -430,16 +432,38 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
 _T = TypeVar("_T")
 
 
+class CodecPanicError(RuntimeError):
+    """A codec written in Rust panicked (one of DECODE_ERRORS, as RuntimeError)."""
+
+
+def _unpanicked(call: Callable[[], _T]) -> _T:
+    """`call()`, a Rust codec's panic raised as CodecPanicError. pylibjpeg-rle's decoder
+    panics on RLE segments longer than Rows x Columns says (an index out of bounds), and pyo3
+    raises a panic as `pyo3_runtime.PanicException`, which derives from BaseException, not
+    Exception: it passed every `except` for decoder errors, and the server's own 500 handler,
+    and reached hypercorn, which answered a bare 500. Each pyo3 extension makes its own
+    PanicException class, none importable: it is known by its name."""
+    try:
+        return call()
+    except Exception:
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit, GeneratorExit, cancellation
+        raise CodecPanicError(f"the codec failed on this data ({exc})") from None
+
+
 def _decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
     """`decode(plugin)` with the preferred plugin; if that one fails, again with pydicom's own
-    choice among all installed (naming a plugin makes pydicom try that one only)."""
+    choice among all installed (naming a plugin makes pydicom try that one only). A codec's
+    panic is a CodecPanicError (_unpanicked)."""
     plugin = decoding_plugin(transfer_syntax_uid)
     if plugin:
         try:
-            return decode(plugin)
+            return _unpanicked(lambda: decode(plugin))
         except DECODE_ERRORS:
             pass
-    return decode("")
+    return _unpanicked(lambda: decode(""))
 
 
 def keeps_ybr(info: PixelInfo, target: str) -> bool:

@@ -1,0 +1,86 @@
+"""Damaged files that STOW accepts, retrieved: every pixel resource answers with a 4xx (or an
+icon, or the stored bytes a client accepts) before its body starts, never a 500, a body cut
+off mid-way, or memory in proportion to what the file claims. Each case is a corpus file with
+one attribute or a few bytes changed, as a mutation fuzz of the retrieve routes found them
+(see test_malformed.py for the files refused at STOW)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicomweb_server.transcode import TranscodeError, decode_frames
+from tests.helpers import ROOT, inst_url, multipart_body, stow_headers, to_bytes
+
+_MR_RLE = "real/pydicom/MR_small_RLE.dcm"  # 64 x 64, 16-bit, RLE Lossless
+_JPEG_GREY = "generated/coverage/mg_jpeg_baseline_gray8.dcm"  # 8-bit, JPEG Baseline
+_CT = "real/pydicom/CT_small.dcm"  # 128 x 128, 16-bit, Explicit VR Little Endian
+_DEFLATED = "real/pydicom/image_dfl.dcm"  # 512 x 512, 8-bit, Deflated Explicit VR LE
+_ONE_BIT = "real/pydicom/liver_1frame.dcm"  # 512 x 512, 1-bit SEG
+_ONE_BIT_RLE = "real/pydicom-data/liver_rle.dcm"  # 3 frames of the same, RLE Lossless
+_MULTIPART = "multipart/related; type="
+_AS_JLS = {"Accept": f'{_MULTIPART}"image/jls"'}
+
+
+def _mutant(samples: Path, name: str, **attributes: Any) -> Dataset:
+    """A corpus file with fresh UIDs and `attributes` set (its pixels as they were)."""
+    ds = pydicom.dcmread(samples / name)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+async def _stored(client: httpx.AsyncClient, ds: Dataset) -> str:
+    """STOW `ds` (which must be accepted); its instance URL."""
+    r = await client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    assert r.status_code == 200 and "00081198" not in r.json(), r.text
+    return inst_url(ds)
+
+
+async def _get(client: httpx.AsyncClient, url: str, accept: str | None = None) -> httpx.Response:
+    """A GET that must be answered whole (a body cut off raises in the in-process client)
+    and never with a 5xx."""
+    r = await client.get(url, headers={"Accept": accept} if accept else {})
+    assert r.status_code < 500, (url, accept, r.status_code, r.text)
+    return r
+
+
+async def test_a_codec_panic_is_a_406_not_a_500(
+    app_client: httpx.AsyncClient, samples: Path, tmp_path: Path
+) -> None:
+    """RLE frames whose Columns was halved: pylibjpeg-rle's decoder (Rust) panics on segments
+    longer than Rows x Columns, and pyo3's PanicException derives from BaseException. It
+    passed every decoder `except`, and the server's own 500 handler: hypercorn answered a bare
+    500, and the in-process client raised it. Now a decoder failure like any other."""
+    ds = _mutant(samples, _MR_RLE, Columns=32)
+    src = tmp_path / "x.dcm"
+    src.write_bytes(to_bytes(ds))
+    with pytest.raises(TranscodeError, match="codec failed"):
+        decode_frames(src, [1])
+    url = await _stored(app_client, ds)
+    # Asked for uncompressed (no Accept): the conversion fails, so it goes as stored.
+    r = await _get(app_client, url)
+    assert r.status_code == 200 and b"transfer-syntax=1.2.840.10008.1.2.5" in r.content[:300]
+    explicit = f'{_MULTIPART}"application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+    r = await _get(app_client, url, explicit)
+    assert r.status_code == 406 and "codec failed" in r.json()["message"]
+    r = await _get(app_client, url + "/frames/1")  # as stored, too
+    assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["content-type"]
+    r = await _get(app_client, url + "/frames/1", f'{_MULTIPART}"application/octet-stream"')
+    assert r.status_code == 406 and "codec failed" in r.json()["message"]
+    assert (await _get(app_client, url + "/rendered", "image/png")).status_code == 406
+    r = await _get(app_client, url + "/thumbnail", "image/png")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")  # an icon
+    for path in ("/pixeldata", "/bulkdata", "/bulk/7FE00010"):
+        r = await _get(app_client, url + path)  # its frames as stored
+        assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["content-type"]
