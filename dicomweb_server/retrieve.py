@@ -584,8 +584,7 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     stored; an image type its frames in that type. A range naming no type (`*/*`) takes the
     uncompressed value when it can be made, else the frames as stored (field notes 3)."""
     info = pixel_info(inst)
-    aligned = info is not None and (info.bits_allocated % 8 == 0 or info.bits_allocated == 1)
-    can_decode = decodable(inst.transfer_syntax_uid) and aligned
+    can_decode = decodable(inst.transfer_syntax_uid) and _uncompressed_form(info) is None
     plans: list[str] = []
     why = ""
     for rng in parse_accept(accept):
@@ -605,7 +604,7 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
                 why = (
                     missing_codec(inst.transfer_syntax_uid)
                     if not decodable(inst.transfer_syntax_uid)
-                    else "Bits Allocated is neither 1 nor a multiple of 8"
+                    else str(_uncompressed_form(info))
                 )
             if open_type and ts is None:
                 plans.append(STORED_FRAMES)
@@ -621,6 +620,20 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     return plans
 
 
+def _uncompressed_form(info: PixelInfo | None) -> str | None:
+    """Why encapsulated Pixel Data so described has no uncompressed value to send frame by
+    frame, or None when it has one: its frames must be of whole bytes (1-bit Pixel Data is
+    made whole instead), and not empty (a Rows, Columns, Samples per Pixel or Bits Allocated
+    of 0 made frames of 0 bytes, and the frame arithmetic divided by that: a 500)."""
+    if info is None:
+        return "the Image Pixel attributes are missing"
+    if info.bits_allocated % 8 and info.bits_allocated != 1:
+        return "Bits Allocated is neither 1 nor a multiple of 8"
+    if min(info.rows, info.columns, info.samples_per_pixel, info.bits_allocated) <= 0:
+        return "Rows, Columns, Samples per Pixel or Bits Allocated is 0"
+    return None
+
+
 async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
     """The Pixel Data of an encapsulated instance as its uncompressed value, Explicit VR
     Little Endian (PS3.18 8.7.3.3: without a transfer syntax, bulk data is uncompressed),
@@ -628,12 +641,11 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
     only the frames it covers and memory holds one frame at a time. 1-bit Pixel Data is made
     whole (_one_bit_pixel_data)."""
     info = pixel_info(inst)
-    if info is not None and info.bits_allocated == 1:
+    why = _uncompressed_form(info)
+    if why is not None or info is None:
+        raise TranscodeError(f"{why}: ask for transfer-syntax=* for its frames as stored")
+    if info.bits_allocated == 1:
         return await _one_bit_pixel_data(svc, inst, info)
-    if info is None or info.bits_allocated % 8:
-        raise TranscodeError(
-            "this Pixel Data has no byte-aligned uncompressed form; ask for transfer-syntax=*"
-        )
     size = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
     frames = size * inst.number_of_frames
 

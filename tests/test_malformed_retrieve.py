@@ -84,3 +84,20 @@ async def test_a_codec_panic_is_a_406_not_a_500(
     for path in ("/pixeldata", "/bulkdata", "/bulk/7FE00010"):
         r = await _get(app_client, url + path)  # its frames as stored
         assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["content-type"]
+
+
+@pytest.mark.parametrize("attribute", ["BitsAllocated", "Rows", "Columns"])
+async def test_encapsulated_pixels_described_as_empty(
+    app_client: httpx.AsyncClient, samples: Path, attribute: str
+) -> None:
+    """Compressed frames whose Rows, Columns or Bits Allocated is 0: their uncompressed value,
+    made frame by frame, divided by a frame size of 0 (a 500 on /pixeldata, /bulkdata and the
+    Pixel Data's BulkDataURI). They have no uncompressed form: the frames go as stored when
+    the client accepts that, else a 406 with the reason."""
+    url = await _stored(app_client, _mutant(samples, _MR_RLE, **{attribute: 0}))
+    for path in ("/pixeldata", "/bulkdata", "/bulk/7FE00010"):
+        r = await _get(app_client, url + path)
+        assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["content-type"]
+    uncompressed = f'{_MULTIPART}"application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'
+    r = await _get(app_client, url + "/bulk/7FE00010", uncompressed)
+    assert r.status_code == 406 and "is 0" in r.json()["message"]
