@@ -19,7 +19,7 @@ import itertools
 import math
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
@@ -628,9 +628,11 @@ def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     for n in frames:
         try:
             arr = frame_array(path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
+            # Bit-packing refuses samples other than 0 and 1 (a JPEG frame's, under a Bits
+            # Allocated of 1) with a ValueError: inside the `except`, not a 500.
+            out.append(_frame_bytes(arr, info.bits_allocated, planar))
         except DECODE_ERRORS as exc:
             raise _cannot(path, f"decode frame {n}", exc) from None
-        out.append(_frame_bytes(arr, info.bits_allocated, planar))
     return out
 
 
@@ -690,10 +692,10 @@ def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, targe
     in the colour space the metadata gives (keeps_ybr), for it is all a client knows."""
     arr = decode_codestream(codestream, stored_ts, info, not keeps_ybr(info, target))
     codec = ENCODERS[target]
-    if codec.encode is None:  # same layout as decode_frames gives
-        planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
-        return _frame_bytes(arr, info.bits_allocated, planar)
     try:
+        if codec.encode is None:  # same layout as decode_frames gives
+            planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
+            return _frame_bytes(arr, info.bits_allocated, planar)
         return codec.encode(arr, info)
     except DECODE_ERRORS as exc:
         raise _cannot(None, f"encode a frame as {UID(target).name}", exc) from None
@@ -707,15 +709,15 @@ def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     info = PixelInfo.of(ds)
+    planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
     try:
         arr = _pixels(ds, as_rgb=not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
+        return _frame_bytes(arr, info.bits_allocated, planar)
     except DECODE_ERRORS as exc:
         raise _cannot(None, "decode the nested Pixel Data", exc) from None
-    planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
-    return _frame_bytes(arr, info.bits_allocated, planar)
 
 
-def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
+def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
     """Frames of encapsulated pixel data as stored, for files whose fragment-to-frame mapping
     could not be recorded at ingest (no offset table and fragments != frames)."""
     ds = pydicom.dcmread(path)

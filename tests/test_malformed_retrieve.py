@@ -101,3 +101,17 @@ async def test_encapsulated_pixels_described_as_empty(
     uncompressed = f'{_MULTIPART}"application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'
     r = await _get(app_client, url + "/bulk/7FE00010", uncompressed)
     assert r.status_code == 406 and "is 0" in r.json()["message"]
+
+
+async def test_compressed_frames_claiming_one_bit(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """JPEG frames of 8 bits under a Bits Allocated and Stored of 1: the decoder gives their
+    samples, bit-packing refuses them with a ValueError, and that was outside the decoder's
+    `except` (a 500 for the frame as octet-stream). A 406; the frame as stored for a request
+    that takes it."""
+    ds = _mutant(samples, _JPEG_GREY, BitsAllocated=1, BitsStored=1, HighBit=0)
+    url = await _stored(app_client, ds)
+    r = await _get(app_client, url + "/frames/1", f'{_MULTIPART}"application/octet-stream"')
+    assert r.status_code == 406
+    assert (await _get(app_client, url + "/frames/1")).status_code == 200  # as stored
