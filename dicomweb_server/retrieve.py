@@ -13,7 +13,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,13 +277,20 @@ def parse_frame_list(text: str) -> list[int]:
     return frames
 
 
-def _check_frames(inst: StoredInstance, frames: list[int]) -> None:
+def _farthest(frames: Sequence[int]) -> int:
+    """The highest frame number of `frames`: of a range (every frame of an instance, in
+    order), its last, without counting through it as max() does."""
+    return frames[-1] if isinstance(frames, range) else max(frames)
+
+
+def _check_frames(inst: StoredInstance, frames: Sequence[int]) -> None:
+    """404 for an instance without frames, or a frame past its last."""
     if inst.number_of_frames == 0:
         raise NotFoundError("the instance has no pixel data")
-    missing = [n for n in frames if n > inst.number_of_frames]
-    if missing:
+    if _farthest(frames) > inst.number_of_frames:
+        missing = next(n for n in frames if n > inst.number_of_frames)
         raise NotFoundError(
-            f"frame {missing[0]} does not exist: the instance has {inst.number_of_frames}"
+            f"frame {missing} does not exist: the instance has {inst.number_of_frames}"
         )
 
 
@@ -323,25 +330,37 @@ def frame_media(inst: StoredInstance, accept: str | None) -> str:
 
 
 async def frame_parts(
-    svc: Services, inst: StoredInstance, frames: list[int], accept: str | None
+    svc: Services, inst: StoredInstance, frames: Sequence[int], accept: str | None
 ) -> tuple[str, AsyncIterator[Part]]:
-    """(part media type, parts) for a frames request; 404/406 raised before anything is sent."""
+    """(part media type, parts) for a frames request (`frames` a list, or a range for every
+    frame of the instance: a list of them all would hold one int per frame, and Number of
+    Frames may say 2^31 - 1); 404/406 raised before anything is sent."""
     _check_frames(inst, frames)
-    media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept)
+    # Frames whose places ingest recorded are all in the file; others may not be (_first_frame).
+    last = _farthest(frames) if inst.frame_offsets is None else None
+    media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept, last)
     if first is None:
         return media, _stored_frames(svc, inst, frames, ctype)
     return media, _converted_rest(svc, inst, first, frames[1:], target, ctype)
 
 
 async def _first_frame(
-    svc: Services, inst: StoredInstance, n: int, accept: str | None
+    svc: Services, inst: StoredInstance, n: int, accept: str | None, last: int | None = None
 ) -> tuple[str, str, str, bytes | None]:
     """_frame_plan, and frame n converted as it says (None: sent as stored), before the
     response starts, so that a codec failing on this instance is a 406 rather than a broken
     stream. A decoder may fail on data its transfer syntax promised it (a 12-bit JPEG
     Extended that libjpeg refuses): the Accept is then negotiated again without that target,
     and a request naming no type (none, `*/*`) gets the frames as stored (field notes 3), as
-    it does when no decoder exists. The conversion's error when nothing else is acceptable."""
+    it does when no decoder exists. The conversion's error when nothing else is acceptable.
+
+    `last`, the farthest frame the response will hold, is converted up front too (into the
+    frame cache, where its turn finds it), for frames whose places ingest could not record:
+    Pixel Data that holds fewer frames than Number of Frames says (a native value cut short,
+    a Number of Frames of 2^31 - 1 over one frame) lacks its last frames, and a request for
+    several frames broke off mid-body there, after its first ones were sent. A decoder
+    failing on a frame in between (a damaged codestream) is only found when that frame's
+    turn comes, and ends the response there."""
     failed: frozenset[str] = frozenset()
     error: TranscodeError | None = None
     while True:
@@ -357,7 +376,10 @@ async def _first_frame(
             assert error is not None
             raise error
         try:
-            return media, ctype, target, await _convert_frame(svc, inst, n, target)
+            made = await _convert_frame(svc, inst, n, target)
+            if last is not None and last != n:
+                await _convert_frame(svc, inst, last, target)
+            return media, ctype, target, made
         except TranscodeError as exc:
             error, failed = exc, failed | {target}
 
@@ -469,7 +491,7 @@ async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> A
 
 
 async def _stored_frames(
-    svc: Services, inst: StoredInstance, frames: list[int], ctype: str
+    svc: Services, inst: StoredInstance, frames: Sequence[int], ctype: str
 ) -> AsyncIterator[Part]:
     if inst.frame_offsets is None or inst.frame_lengths is None:
         path = svc.blobs.local_path(inst.blob_key)
@@ -522,7 +544,7 @@ async def _converted_rest(
     svc: Services,
     inst: StoredInstance,
     first: bytes,
-    frames: list[int],
+    frames: Sequence[int],
     target: str,
     ctype: str,
 ) -> AsyncIterator[Part]:

@@ -6,6 +6,7 @@ one attribute or a few bytes changed, as a mutation fuzz of the retrieve routes 
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,47 @@ async def test_encapsulated_pixels_described_as_empty(
     uncompressed = f'{_MULTIPART}"application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1'
     r = await _get(app_client, url + "/bulk/7FE00010", uncompressed)
     assert r.status_code == 406 and "is 0" in r.json()["message"]
+
+
+async def test_native_pixel_data_short_of_its_number_of_frames(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Native Pixel Data of one frame under a Number of Frames of 2: frame 1 converted, sent,
+    then frame 2 failed, and the response broke off mid-body (frames/1,2; Pixel Data asked
+    for in an image type). The farthest frame asked for is converted before anything is
+    sent: a 406 with its reason (the Pixel Data as stored, octet-stream, is still sent)."""
+    url = await _stored(app_client, _mutant(samples, _CT, NumberOfFrames=2))
+    assert (await _get(app_client, url + "/frames/1")).status_code == 200
+    for path, accept in [
+        ("/frames/2", None),
+        ("/frames/1,2", None),
+        ("/frames/1,2", f'{_MULTIPART}"image/jls"'),
+        ("/pixeldata", f'{_MULTIPART}"image/jls"'),
+        ("", f'{_MULTIPART}"image/jls"'),  # the instance asked for as bulk data
+    ]:
+        r = await _get(app_client, url + path, accept)
+        assert r.status_code == 406 and "frame 2" in r.json()["message"], (path, r.text)
+    assert (await _get(app_client, url + "/pixeldata")).status_code == 200  # as stored
+
+
+async def test_a_number_of_frames_far_past_the_pixel_data(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Number of Frames 2^24 over one native frame: every frame of the Pixel Data asked for
+    in an image type made a list of 2^24 frame numbers (of 2^31 - 1, 80 GB: the process was
+    killed), and frame 2^24 is the one that fails. A 406, in bounded memory."""
+    url = await _stored(app_client, _mutant(samples, _CT, NumberOfFrames=2**24))
+    tracemalloc.start()
+    try:
+        for path in ("/pixeldata", "/bulkdata", ""):
+            r = await _get(app_client, url + path, _AS_JLS["Accept"])
+            assert r.status_code == 406, (path, r.text)
+        r = await _get(app_client, f"{url}/frames/1,{2**24}")
+        assert r.status_code == 406 and f"frame {2**24}" in r.json()["message"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024 * 1024, peak
 
 
 async def test_compressed_frames_claiming_one_bit(
