@@ -566,6 +566,8 @@ def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndar
     ):
         # no random access into deflate; 1-bit RLE is decoded by _pixels, not by pydicom
         return _whole_file_frame(path, n, as_rgb)
+    if not UID(str(ts)).is_compressed:
+        _check_native_frame(path, ds, n)
     try:
         frame: np.ndarray = _decoded(
             str(ds.file_meta.TransferSyntaxUID),
@@ -578,6 +580,58 @@ def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndar
         # Files pydicom reads only with repairs (e.g. Pixel Data written implicitly in an
         # explicit VR file): decode through a full read instead.
         return _whole_file_frame(path, n, as_rgb)
+
+
+def _check_native_frame(path: Path, ds: Dataset, n: int) -> None:
+    """ValueError unless frame n (1-based) of native Pixel Data lies inside the value the
+    file holds. pydicom reads a frame of a file by its offset alone, trusting Number of
+    Frames: past the value it reads the elements after it, or nothing, and 1-bit frames are
+    unpacked with numpy's unpackbits, which for an empty read returns its output
+    uninitialised (numpy 2.4): frame 2 of a 1-bit SEG of one frame, rendered, drew the
+    server's freed memory. A frame far past the value (Number of Frames 2^31 - 1) made
+    pydicom seek past the largest offset of the file system, an OSError (a 500)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return  # pydicom refuses the frame itself
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # two luminance samples share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
+    held = _native_value_bytes(path)
+    end = -(-n * rows * columns * samples * bits // 8)  # PS3.5 8.1.1: frames follow, packed
+    if held is not None and end > held:
+        frame = -(-rows * columns * samples * bits // 8)
+        raise ValueError(
+            f"frame {n} lies past the end of the Pixel Data: its {held} bytes hold"
+            f" {held // frame if frame else 0} frame(s) of {frame} bytes"
+        )
+
+
+def _native_value_bytes(path: Path) -> int | None:
+    """Bytes of the top-level (Float, Double Float) Pixel Data value of a native file that
+    the file holds: its stated length (PS3.5 7.1), cut at the end of the file; None when
+    there is none."""
+    size = path.stat().st_size
+    with path.open("rb") as fp:
+        head = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        start = fp.tell()
+        header = fp.read(12)
+    ts = UID(str(head.file_meta.TransferSyntaxUID))
+    order = "<" if ts.is_little_endian else ">"
+    if len(header) < 8 or struct.unpack(f"{order}HH", header[:4])[0] != 0x7FE0:
+        return None
+    if ts.is_implicit_VR or not header[4:6].isalpha():  # Pixel Data written implicitly
+        (length,), at = struct.unpack(f"{order}I", header[4:8]), start + 8
+    elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):  # PS3.5 7.1.2: 4-byte length
+        (length,), at = struct.unpack(f"{order}I", header[8:12]), start + 12
+    else:
+        (length,), at = struct.unpack(f"{order}H", header[6:8]), start + 8
+    if length == 0xFFFFFFFF:
+        raise ValueError(
+            "its Pixel Data has an undefined length, which a native transfer syntax does not"
+            " allow (PS3.5 A.4: only encapsulated Pixel Data has one)"
+        )
+    return max(0, min(int(length), size - at))
 
 
 # The frames of the last file decoded whole (Deflated, 1-bit RLE, files pydicom reads only

@@ -16,6 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicomweb_server import transcode
 from dicomweb_server.transcode import TranscodeError, decode_frames
 from tests.helpers import ROOT, inst_url, multipart_body, stow_headers, to_bytes
 
@@ -143,6 +144,51 @@ async def test_a_number_of_frames_far_past_the_pixel_data(
     finally:
         tracemalloc.stop()
     assert peak < 64 * 1024 * 1024, peak
+
+
+async def test_a_frame_past_the_largest_file_offset(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Frame 999999999 (the largest a frame list spells) of 32 KiB frames starts 30 TiB in:
+    past the largest offset ext4 takes, so pydicom's seek to it raised OSError (EINVAL),
+    which no decoder `except` named: a 500 for the frame and for its rendering. The frame
+    is now known to lie past the value before it is read, on any file system."""
+    last = 999_999_999
+    url = await _stored(app_client, _mutant(samples, _CT, NumberOfFrames=2**31 - 1))
+    assert (await _get(app_client, f"{url}/frames/{last}")).status_code == 406
+    r = await _get(app_client, f"{url}/frames/{last}/rendered", "image/png")
+    assert r.status_code == 406
+    r = await _get(app_client, f"{url}/frames/{last}/thumbnail", "image/png")
+    assert r.status_code == 200  # an icon
+
+
+def test_a_one_bit_frame_past_the_pixel_data_is_not_memory(samples: Path, tmp_path: Path) -> None:
+    """pydicom reads frame n of a file at its offset, trusting Number of Frames, and unpacks
+    1-bit frames with numpy's unpackbits, which returns uninitialised memory when the read
+    is empty: frame 2 of a 1-bit SEG of one frame was the process's freed memory (text of
+    earlier allocations showed in it). A frame past the value is an error now."""
+    src = tmp_path / "x.dcm"
+    src.write_bytes(to_bytes(_mutant(samples, _ONE_BIT, NumberOfFrames=2)))
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    assert transcode.frame_array(src, ds, 1).shape == (512, 512)
+    with pytest.raises(ValueError, match="frame 2 lies past the end of the Pixel Data"):
+        transcode.frame_array(src, ds, 2)
+
+
+async def test_a_one_bit_frame_past_the_pixel_data(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """The same through the routes: frame 2 rendered drew that memory (a 200), and sent as
+    octet-stream, bit-packing its bytes failed (a ValueError outside the decoder's `except`,
+    a 500); empty 1-bit Pixel Data did the same for frame 1. A 406 with the reason."""
+    url = await _stored(app_client, _mutant(samples, _ONE_BIT, NumberOfFrames=2))
+    assert (await _get(app_client, url + "/frames/1")).status_code == 200
+    for path, accept in [("/frames/2", None), ("/frames/2/rendered", "image/png")]:
+        r = await _get(app_client, url + path, accept)
+        assert r.status_code == 406 and "past the end" in r.json()["message"], path
+    url = await _stored(app_client, _mutant(samples, _ONE_BIT, PixelData=b""))
+    for path, accept in [("/frames/1", None), ("/rendered", "image/png")]:
+        assert (await _get(app_client, url + path, accept)).status_code == 406, path
 
 
 async def test_compressed_frames_claiming_one_bit(
