@@ -657,7 +657,11 @@ def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
     if cached is None:
         full = pydicom.dcmread(path)
         arr = _pixels(full, as_rgb)
-        cached = arr if int(full.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
+        # Frames by the array's shape, not by Number of Frames: pydicom counts the frames a
+        # value holds when the attribute is absent (a Deflated file whose Columns was halved
+        # came out as two frames, and frame 1 was both, a 3-D "frame" Pillow refused: a 500).
+        one = 2 if int(full.get("SamplesPerPixel") or 1) == 1 else 3  # a frame's dimensions
+        cached = arr if arr.ndim > one else arr[np.newaxis]
         if cached.nbytes <= WHOLE_FILE_KEEP_MAX_BYTES:
             with _WHOLE_LOCK:
                 _whole = (key, cached)

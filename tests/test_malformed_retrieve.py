@@ -17,8 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicomweb_server import transcode
+from dicomweb_server.render import JPEG_MAX_EDGE
 from dicomweb_server.transcode import TranscodeError, decode_frames
-from tests.helpers import ROOT, inst_url, multipart_body, stow_headers, to_bytes
+from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 _MR_RLE = "real/pydicom/MR_small_RLE.dcm"  # 64 x 64, 16-bit, RLE Lossless
 _JPEG_GREY = "generated/coverage/mg_jpeg_baseline_gray8.dcm"  # 8-bit, JPEG Baseline
@@ -203,3 +204,47 @@ async def test_compressed_frames_claiming_one_bit(
     r = await _get(app_client, url + "/frames/1", f'{_MULTIPART}"application/octet-stream"')
     assert r.status_code == 406
     assert (await _get(app_client, url + "/frames/1")).status_code == 200  # as stored
+
+
+async def test_a_deflated_frame_is_one_frame_whatever_pydicom_counts(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A Deflated file (decoded whole: no random access) whose Columns was halved, without a
+    Number of Frames: pydicom counts the frames its value holds, two, and the whole array
+    was taken for frame 1; rendering it, Pillow refused a 3-D image (a 500). Frame 1 is the
+    array's first frame."""
+    url = await _stored(app_client, _mutant(samples, _DEFLATED, Columns=256))
+    for path in ("/rendered", "/frames/1/rendered", "/thumbnail"):
+        r = await _get(app_client, url + path, "image/png")
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG"), path
+    r = await _get(app_client, url + "/rendered", "image/png")
+    assert r.content[16:24] == (256).to_bytes(4, "big") + (512).to_bytes(4, "big")  # IHDR
+
+
+async def test_an_empty_frame_is_not_rendered(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """1-bit RLE frames under a Rows of 0 decode to no pixels. Windowed (the min-max of no
+    values failed earlier, a 406), they reached the PNG writer, which refused an empty image
+    with a ValueError outside the decoder's `except`: a 500. A 406; the thumbnail an icon."""
+    url = await _stored(app_client, _mutant(samples, _ONE_BIT_RLE, Rows=0))
+    r = await _get(app_client, url + "/rendered?window=100,200", "image/png")
+    assert r.status_code == 406 and "not an image" in r.json()["message"]
+    assert (await _get(app_client, url + "/thumbnail", "image/png")).status_code == 200
+
+
+@pytest.mark.parametrize("columns", [JPEG_MAX_EDGE, JPEG_MAX_EDGE + 1])
+async def test_jpeg_rendering_edge_at_its_limit(
+    app_client: httpx.AsyncClient, columns: int
+) -> None:
+    """JPEG_MAX_EDGE: Rows and Columns reach 65535, a JPEG 65500 (libjpeg); Pillow's writer
+    failed mid-save with an OSError, a 500. A wider rendering as JPEG is a 406 naming the
+    limit; as PNG, and as a thumbnail (fitted), it is made."""
+    ds = make_instance(rows=1, cols=columns, BitsAllocated=8, BitsStored=8, HighBit=7)
+    ds.PixelData = bytes(range(256)) * (columns // 256) + bytes(columns % 256)
+    url = await _stored(app_client, ds)
+    r = await _get(app_client, url + "/rendered", "image/jpeg")
+    if columns <= JPEG_MAX_EDGE:
+        assert r.status_code == 200 and r.content.startswith(b"\xff\xd8")
+    else:
+        assert r.status_code == 406 and str(JPEG_MAX_EDGE) in r.json()["message"]
+    assert (await _get(app_client, url + "/rendered", "image/png")).status_code == 200
+    assert (await _get(app_client, url + "/thumbnail", "image/jpeg")).status_code == 200
