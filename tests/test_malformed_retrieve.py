@@ -248,3 +248,18 @@ async def test_jpeg_rendering_edge_at_its_limit(
         assert r.status_code == 406 and str(JPEG_MAX_EDGE) in r.json()["message"]
     assert (await _get(app_client, url + "/rendered", "image/png")).status_code == 200
     assert (await _get(app_client, url + "/thumbnail", "image/jpeg")).status_code == 200
+
+
+async def test_a_decoded_value_that_fails_is_refused_before_its_part_starts(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """RLE Pixel Data whose Rows says 65535: its uncompressed value (8 MiB, so streamed) sent
+    the multipart part's headers, then the first frame failed to decode and the body broke
+    off. The first frame is decoded before anything is sent: the frames go as stored for a
+    request that accepts them, a 406 for one that takes only the uncompressed value."""
+    url = await _stored(app_client, _mutant(samples, _MR_RLE, Rows=65535))
+    r = await _get(app_client, url + "/bulk/7FE00010")
+    assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["content-type"]
+    r = await _get(app_client, url + "/bulk/7FE00010", "application/octet-stream")
+    assert r.status_code == 406
+    assert transcode.DECODE_MAX_BYTES > 65535 * 64 * 2  # the decode was tried, not refused
