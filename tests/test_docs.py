@@ -16,6 +16,7 @@ from dicomweb_server import (
     media,
     multipart,
     query,
+    render,
     rendered,
     retrieve,
     stow_json,
@@ -63,7 +64,7 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
+    modules = (config, multipart, query, retrieve, dicom_json, rendered, render, admin, auditlog,
                handlers, identifier, common, stow_json, dicom_xml, dicomfile, stow,
                transcode, blobstore, app)  # fmt: skip
     for name, value, _ in table("## Limits"):
