@@ -777,18 +777,42 @@ def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
 
 def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
     """Frames of encapsulated pixel data as stored, for files whose fragment-to-frame mapping
-    could not be recorded at ingest (no offset table and fragments != frames)."""
-    ds = pydicom.dcmread(path)
-    nframes = int(ds.get("NumberOfFrames") or 1)
+    could not be recorded at ingest (no offset table and fragments != frames). pydicom splits
+    them (by JPEG markers) reading the open file, up to the farthest frame asked for; memory
+    holds the frames asked for, not the Pixel Data (the file was read whole, and every frame
+    of it kept, for each request: 19 MB for one 15 KB frame of a 9 MB value)."""
+    wanted, last = set(frames), max(frames)
+    found: dict[int, bytes] = {}
+    count = 0
+    with path.open("rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        nframes = _frame_count(ds)
+        # The element's header: tag, VR, 2 reserved bytes, the length (PS3.5 7.1.2); or tag
+        # and length when written implicitly in an explicit file (pydicom reads that too).
+        if fp.read(8)[4:6].isalpha():
+            fp.read(4)
+        try:
+            for count, frame in enumerate(generate_frames(fp, number_of_frames=nframes), 1):
+                if count in wanted:
+                    found[count] = frame
+                if count >= last:
+                    break
+        except DECODE_ERRORS as exc:  # fewer fragments than frames, a damaged offset table
+            raise NotFoundError(
+                f"the stored pixel data does not hold the frames asked for: {exc}"
+            ) from None
+    if last > count:
+        raise NotFoundError(f"the stored pixel data holds {count} frames")
+    return [found[n] for n in frames]
+
+
+def _frame_count(ds: Dataset) -> int:
+    """Number of Frames, 1 when absent or not a whole number (dicomfile reads it so)."""
     try:
-        all_frames = list(generate_frames(ds.PixelData, number_of_frames=nframes))
-    except DECODE_ERRORS as exc:  # fewer fragments than frames, a damaged offset table
-        raise NotFoundError(
-            f"the stored pixel data does not hold the frames asked for: {exc}"
-        ) from None
-    if max(frames) > len(all_frames):
-        raise NotFoundError(f"the stored pixel data holds {len(all_frames)} frames")
-    return [all_frames[n - 1] for n in frames]
+        n = float(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return max(1, int(n)) if math.isfinite(n) and n == int(n) else 1
 
 
 def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:

@@ -14,15 +14,25 @@ import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
 from dicomweb_server import transcode
 from dicomweb_server.render import JPEG_MAX_EDGE
 from dicomweb_server.transcode import TranscodeError, decode_frames
-from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+    to_bytes,
+)
 
 _MR_RLE = "real/pydicom/MR_small_RLE.dcm"  # 64 x 64, 16-bit, RLE Lossless
 _JPEG_GREY = "generated/coverage/mg_jpeg_baseline_gray8.dcm"  # 8-bit, JPEG Baseline
+_JPEG_LS_15 = "generated/coverage/ect_15frames_jpegls_lossless.dcm"  # 15 frames, JPEG-LS
 _CT = "real/pydicom/CT_small.dcm"  # 128 x 128, 16-bit, Explicit VR Little Endian
 _DEFLATED = "real/pydicom/image_dfl.dcm"  # 512 x 512, 8-bit, Deflated Explicit VR LE
 _ONE_BIT = "real/pydicom/liver_1frame.dcm"  # 512 x 512, 1-bit SEG
@@ -263,3 +273,31 @@ async def test_a_decoded_value_that_fails_is_refused_before_its_part_starts(
     r = await _get(app_client, url + "/bulk/7FE00010", "application/octet-stream")
     assert r.status_code == 406
     assert transcode.DECODE_MAX_BYTES > 65535 * 64 * 2  # the decode was tried, not refused
+
+
+async def test_unmapped_frames_are_read_one_by_one(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Frames of two fragments each and no offset table (valid: PS3.5 A.4; pydicom finds each
+    frame's end by its JPEG EOI marker) are not mapped at ingest. Each frame request read the
+    whole file into memory and split all of its frames, however large the file (up to
+    MAX_PART_BYTES, 4 GiB); now the frames are read from the file up to the one asked for."""
+    ds = _mutant(samples, _JPEG_LS_15)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15)) * 40
+    ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=False)
+    ds.NumberOfFrames = len(frames)
+    url = await _stored(app_client, ds)
+    stored = f'{_MULTIPART}"image/jls"; transfer-syntax=*'
+    tracemalloc.start()
+    try:
+        r = await _get(app_client, url + "/frames/2", stored)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200 and frames[1] in r.content
+    assert len(ds.PixelData) > 8 * 1024 * 1024 > 4 * peak, peak
+    r = await _get(app_client, f"{url}/frames/{len(frames)},3", stored)
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert [body for _, body in parts] == [frames[-1], frames[2]]
+    r = await _get(app_client, f"{url}/frames/{len(frames)}", stored)
+    assert r.status_code == 200
