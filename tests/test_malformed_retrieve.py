@@ -33,6 +33,7 @@ from tests.helpers import (
 _MR_RLE = "real/pydicom/MR_small_RLE.dcm"  # 64 x 64, 16-bit, RLE Lossless
 _JPEG_GREY = "generated/coverage/mg_jpeg_baseline_gray8.dcm"  # 8-bit, JPEG Baseline
 _JPEG_LS_15 = "generated/coverage/ect_15frames_jpegls_lossless.dcm"  # 15 frames, JPEG-LS
+_BIG_ENDIAN_PALETTE = "real/pydicom-data/OBXXXX1A_expb_2frame.dcm"  # palette, Explicit VR BE
 _CT = "real/pydicom/CT_small.dcm"  # 128 x 128, 16-bit, Explicit VR Little Endian
 _DEFLATED = "real/pydicom/image_dfl.dcm"  # 512 x 512, 8-bit, Deflated Explicit VR LE
 _ONE_BIT = "real/pydicom/liver_1frame.dcm"  # 512 x 512, 1-bit SEG
@@ -301,3 +302,22 @@ async def test_unmapped_frames_are_read_one_by_one(
     assert [body for _, body in parts] == [frames[-1], frames[2]]
     r = await _get(app_client, f"{url}/frames/{len(frames)}", stored)
     assert r.status_code == 200
+
+
+async def test_empty_big_endian_pixel_data_is_an_empty_value(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Empty Pixel Data of a big endian file (its bulk data found by parsing the file, not by
+    a recorded range): pydicom reads an empty OW value as None, taken for "no bulk data
+    here", so the BulkDataURI the metadata gives was a 404, and /bulkdata, which sent the
+    palette's tables first, broke off at it. An empty value is b"", as a recorded one is."""
+    url = await _stored(app_client, _mutant(samples, _BIG_ENDIAN_PALETTE, PixelData=b""))
+    (meta,) = (await _get(app_client, url + "/metadata")).json()
+    assert "BulkDataURI" in meta["7FE00010"]
+    r = await _get(app_client, url + "/bulk/7FE00010")
+    assert r.status_code == 200, r.text
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert [body for _, body in parts] == [b""]
+    r = await _get(app_client, url + "/bulkdata")
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert r.status_code == 200 and parts[-1][1] == b"" and len(parts) > 1
