@@ -671,13 +671,23 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
     size = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
     frames = size * inst.number_of_frames
 
+    async def decoded(n: int) -> bytes:
+        _, frame = await frame_value(svc, inst, n, _UNCOMPRESSED, whole=True)
+        data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
+        if len(data) != size:
+            raise TranscodeError(f"frame {n} decoded to {len(data)} bytes, not {size}")
+        return data
+
     async def read(start: int, stop: int) -> AsyncIterator[bytes]:
         end = min(stop, frames)
-        for k in range(start // size, (end - 1) // size + 1 if end > start else 0):
-            _, frame = await frame_value(svc, inst, k + 1, _UNCOMPRESSED, whole=True)
-            data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
-            if len(data) != size:
-                raise TranscodeError(f"frame {k + 1} decoded to {len(data)} bytes, not {size}")
+        covered = range(start // size, (end - 1) // size + 1 if end > start else 0)
+        if inst.frame_offsets is None and len(covered) > 1:
+            # Frames whose places ingest could not record may not all be there (as in
+            # frame_parts): the last one read is decoded (into the frame cache) first, so
+            # that its failure comes before the first bytes, and the response, start.
+            await decoded(covered[-1] + 1)
+        for k in covered:
+            data = await decoded(k + 1)
             yield data[max(start - k * size, 0) : min(end - k * size, size)]
         if stop > frames >= start:
             yield b"\0"  # the padding byte of an odd length

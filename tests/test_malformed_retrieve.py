@@ -14,7 +14,7 @@ import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.uid import generate_uid
 
 from dicomweb_server import transcode
@@ -34,6 +34,7 @@ _MR_RLE = "real/pydicom/MR_small_RLE.dcm"  # 64 x 64, 16-bit, RLE Lossless
 _JPEG_GREY = "generated/coverage/mg_jpeg_baseline_gray8.dcm"  # 8-bit, JPEG Baseline
 _JPEG_LS_15 = "generated/coverage/ect_15frames_jpegls_lossless.dcm"  # 15 frames, JPEG-LS
 _BIG_ENDIAN_PALETTE = "real/pydicom-data/OBXXXX1A_expb_2frame.dcm"  # palette, Explicit VR BE
+_J2K = "real/pydicom-data/MR2_J2KR.dcm"  # 1024 x 1024, 16-bit, JPEG 2000 Lossless
 _CT = "real/pydicom/CT_small.dcm"  # 128 x 128, 16-bit, Explicit VR Little Endian
 _DEFLATED = "real/pydicom/image_dfl.dcm"  # 512 x 512, 8-bit, Deflated Explicit VR LE
 _ONE_BIT = "real/pydicom/liver_1frame.dcm"  # 512 x 512, 1-bit SEG
@@ -321,3 +322,27 @@ async def test_empty_big_endian_pixel_data_is_an_empty_value(
     r = await _get(app_client, url + "/bulkdata")
     parts = split_multipart(r.content, r.headers["content-type"])
     assert r.status_code == 200 and parts[-1][1] == b"" and len(parts) > 1
+
+
+async def test_a_decoded_value_short_of_its_frames_is_refused_up_front(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """One JPEG 2000 frame in three fragments, no offset table, under a Number of Frames of
+    2 (stored: a frame may take several fragments). Its uncompressed value (4 MiB, so
+    streamed), decoded frame by frame as it is sent, sent frame 1, then broke off at frame 2.
+    Frames no offset table maps may not all be there: the last one a read covers is decoded
+    before the first is sent."""
+    ds = _mutant(samples, _J2K, NumberOfFrames=2)
+    (frame,) = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.PixelData = encapsulate([frame], fragments_per_frame=3, has_bot=False)
+    assert len(list(generate_fragments(ds.PixelData))) == 4  # the (empty) BOT and three
+    url = await _stored(app_client, ds)
+    for path, accept in [
+        ("/pixeldata", None),
+        ("/bulk/7FE00010", None),
+        ("/bulk/7FE00010", "application/octet-stream"),
+        ("/frames/1,2", None),
+    ]:
+        r = await _get(app_client, url + path, accept)
+        assert r.status_code in (404, 406), (path, accept, r.status_code)
+    assert (await _get(app_client, url + "/frames/1")).status_code == 200
