@@ -12,7 +12,7 @@ Native Pixel Data is its value, or its frames in an image type when only that is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +161,7 @@ async def _pixel_data_parts(
                 headers = {**value.headers, "Content-Location": location}
                 yield headers, Prefixed([first] if first else [], chunks)
                 return
-            frames = list(range(1, inst.number_of_frames + 1))
+            frames = range(1, inst.number_of_frames + 1)  # not a list: see frame_parts
             asked = STORED_FRAMES if plan == STORED_FRAMES else accept
             _, parts = await frame_parts(svc, inst, frames, asked)
         except NotAcceptableError as exc:  # TranscodeError included
@@ -175,7 +175,7 @@ async def _pixel_data_parts(
 
 
 async def located_frames(
-    parts: AsyncIterator[Part], location: str, frames: list[int]
+    parts: AsyncIterator[Part], location: str, frames: Sequence[int]
 ) -> AsyncIterator[Part]:
     """Frame parts of Pixel Data at `location`, each located at `{location}/frames/{n}`; the
     parts are closed when this is (a client gone mid-response leaves no read open)."""

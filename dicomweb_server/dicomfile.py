@@ -534,8 +534,13 @@ def bulk_element(path: Path, tag_path: str) -> tuple[Dataset, Dataset, int] | No
 
 def element_value(ds: Dataset, element: DataElement) -> tuple[bytes, str] | None:
     """An element's binary value, little endian (a big endian file's swapped, vr.swapped_words),
-    and its VR; None when the value is not bytes."""
-    if not isinstance(element.value, bytes | bytearray):
+    and its VR; None when the value is not bytes. An empty binary value, which pydicom reads
+    as None, is b"": the metadata gives empty Pixel Data a BulkDataURI too, and that of a big
+    endian or Deflated file (read by parsing) was a 404, or a bulk data response cut off."""
+    value = element.value
+    if value is None and str(element.VR) in BULK_VRS:
+        value = b""
+    if not isinstance(value, bytes | bytearray):
         return None
-    data, vr = bytes(element.value), str(element.VR)
+    data, vr = bytes(value), str(element.VR)
     return (data if ds.is_little_endian else swapped_words(data, vr)), vr

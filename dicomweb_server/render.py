@@ -29,10 +29,18 @@ from dicomweb_server.rendered import (
 from dicomweb_server.transcode import DECODE_ERRORS, TranscodeError, frame_array
 from dicomweb_server.vr import swapped_words
 
-__all__ = ["MAX_ANIMATION_FRAMES", "render_animation", "render_frame", "render_icon"]
+__all__ = [
+    "JPEG_MAX_EDGE",
+    "MAX_ANIMATION_FRAMES",
+    "render_animation",
+    "render_frame",
+    "render_icon",
+]
 
 # Frames of a multi-frame instance put into one animated GIF, at most.
 MAX_ANIMATION_FRAMES = 512
+# Longest edge of a JPEG image, pixels: libjpeg's JPEG_MAX_DIMENSION (ITU-T T.81 allows 65535).
+JPEG_MAX_EDGE = 65500
 _FLOAT64_MAX = float(np.finfo(np.float64).max)
 
 
@@ -292,6 +300,13 @@ def _colour_top(arr: np.ndarray, ds: Dataset, photometric: str) -> float:
 
 
 def _encode(img: Image.Image, media: str, quality: int) -> bytes:
+    if media == "image/jpeg" and max(img.size) > JPEG_MAX_EDGE:
+        # Pillow's JPEG writer failed with an OSError mid-save (a 500); Rows and Columns
+        # reach 65535 (US), a viewport asks for less.
+        raise TranscodeError(
+            f"a JPEG image has at most {JPEG_MAX_EDGE} pixels a side and this rendering is "
+            f"{img.width} x {img.height}: ask for image/png, or for a smaller viewport"
+        )
     buf = io.BytesIO()
     if media == "image/png":
         img.save(buf, format="PNG")
@@ -347,9 +362,14 @@ def _frame_pixels(
             arr = arr[..., 0]
         if int(ds.get("SamplesPerPixel") or 1) == 1:  # YCbCr converted: not samples any more
             arr = _bits_stored(arr, ds)
-        return _display(arr, ds, n, window)  # a palette without its tables raises here
+        out = _display(arr, ds, n, window)  # a palette without its tables raises here
     except DECODE_ERRORS as exc:
         raise TranscodeError(f"cannot decode frame {n} to render it: {exc}") from None
+    # What Pillow makes an image of: (H, W) or (H, W, 3), not empty (a Rows of 0 windowed
+    # reached the PNG writer, which refused it: a 500).
+    if out.size == 0 or not (out.ndim == 2 or (out.ndim == 3 and out.shape[-1] == 3)):
+        raise TranscodeError(f"frame {n} decoded to pixels of shape {out.shape}, not an image")
+    return out
 
 
 def render_frame(

@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import re
 import struct
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,13 +273,20 @@ def parse_frame_list(text: str) -> list[int]:
     return frames
 
 
-def _check_frames(inst: StoredInstance, frames: list[int]) -> None:
+def _farthest(frames: Sequence[int]) -> int:
+    """The highest frame number of `frames`: of a range (every frame of an instance, in
+    order), its last, without counting through it as max() does."""
+    return frames[-1] if isinstance(frames, range) else max(frames)
+
+
+def _check_frames(inst: StoredInstance, frames: Sequence[int]) -> None:
+    """404 for an instance without frames, or a frame past its last."""
     if inst.number_of_frames == 0:
         raise NotFoundError("the instance has no pixel data")
-    missing = [n for n in frames if n > inst.number_of_frames]
-    if missing:
+    if _farthest(frames) > inst.number_of_frames:
+        missing = next(n for n in frames if n > inst.number_of_frames)
         raise NotFoundError(
-            f"frame {missing[0]} does not exist: the instance has {inst.number_of_frames}"
+            f"frame {missing} does not exist: the instance has {inst.number_of_frames}"
         )
 
 
@@ -319,25 +326,37 @@ def frame_media(inst: StoredInstance, accept: str | None) -> str:
 
 
 async def frame_parts(
-    svc: Services, inst: StoredInstance, frames: list[int], accept: str | None
+    svc: Services, inst: StoredInstance, frames: Sequence[int], accept: str | None
 ) -> tuple[str, AsyncIterator[Part]]:
-    """(part media type, parts) for a frames request; 404/406 raised before anything is sent."""
+    """(part media type, parts) for a frames request (`frames` a list, or a range for every
+    frame of the instance: a list of them all would hold one int per frame, and Number of
+    Frames may say 2^31 - 1); 404/406 raised before anything is sent."""
     _check_frames(inst, frames)
-    media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept)
+    # Frames whose places ingest recorded are all in the file; others may not be (_first_frame).
+    last = _farthest(frames) if inst.frame_offsets is None else None
+    media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept, last)
     if first is None:
         return media, _stored_frames(svc, inst, frames, ctype)
     return media, _converted_rest(svc, inst, first, frames[1:], target, ctype)
 
 
 async def _first_frame(
-    svc: Services, inst: StoredInstance, n: int, accept: str | None
+    svc: Services, inst: StoredInstance, n: int, accept: str | None, last: int | None = None
 ) -> tuple[str, str, str, bytes | None]:
     """_frame_plan, and frame n converted as it says (None: sent as stored), before the
     response starts, so that a codec failing on this instance is a 406 rather than a broken
     stream. A decoder may fail on data its transfer syntax promised it (a 12-bit JPEG
     Extended that libjpeg refuses): the Accept is then negotiated again without that target,
     and a request naming no type (none, `*/*`) gets the frames as stored (field notes 3), as
-    it does when no decoder exists. The conversion's error when nothing else is acceptable."""
+    it does when no decoder exists. The conversion's error when nothing else is acceptable.
+
+    `last`, the farthest frame the response will hold, is converted up front too (into the
+    frame cache, where its turn finds it), for frames whose places ingest could not record:
+    Pixel Data that holds fewer frames than Number of Frames says (a native value cut short,
+    a Number of Frames of 2^31 - 1 over one frame) lacks its last frames, and a request for
+    several frames broke off mid-body there, after its first ones were sent. A decoder
+    failing on a frame in between (a damaged codestream) is only found when that frame's
+    turn comes, and ends the response there."""
     failed: frozenset[str] = frozenset()
     error: TranscodeError | None = None
     while True:
@@ -353,7 +372,10 @@ async def _first_frame(
             assert error is not None
             raise error
         try:
-            return media, ctype, target, await _convert_frame(svc, inst, n, target)
+            made = await _convert_frame(svc, inst, n, target)
+            if last is not None and last != n:
+                await _convert_frame(svc, inst, last, target)
+            return media, ctype, target, made
         except TranscodeError as exc:
             error, failed = exc, failed | {target}
 
@@ -465,7 +487,7 @@ async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> A
 
 
 async def _stored_frames(
-    svc: Services, inst: StoredInstance, frames: list[int], ctype: str
+    svc: Services, inst: StoredInstance, frames: Sequence[int], ctype: str
 ) -> AsyncIterator[Part]:
     if inst.frame_offsets is None or inst.frame_lengths is None:
         path = svc.blobs.local_path(inst.blob_key)
@@ -519,7 +541,7 @@ async def _converted_rest(
     svc: Services,
     inst: StoredInstance,
     first: bytes,
-    frames: list[int],
+    frames: Sequence[int],
     target: str,
     ctype: str,
 ) -> AsyncIterator[Part]:
@@ -581,8 +603,7 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     stored; an image type its frames in that type. A range naming no type (`*/*`) takes the
     uncompressed value when it can be made, else the frames as stored (field notes 3)."""
     info = pixel_info(inst)
-    aligned = info is not None and (info.bits_allocated % 8 == 0 or info.bits_allocated == 1)
-    can_decode = decodable(inst.transfer_syntax_uid) and aligned
+    can_decode = decodable(inst.transfer_syntax_uid) and _uncompressed_form(info) is None
     plans: list[str] = []
     why = ""
     for rng in parse_accept(accept):
@@ -602,7 +623,7 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
                 why = (
                     missing_codec(inst.transfer_syntax_uid)
                     if not decodable(inst.transfer_syntax_uid)
-                    else "Bits Allocated is neither 1 nor a multiple of 8"
+                    else str(_uncompressed_form(info))
                 )
             if open_type and ts is None:
                 plans.append(STORED_FRAMES)
@@ -618,6 +639,20 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     return plans
 
 
+def _uncompressed_form(info: PixelInfo | None) -> str | None:
+    """Why encapsulated Pixel Data so described has no uncompressed value to send frame by
+    frame, or None when it has one: its frames must be of whole bytes (1-bit Pixel Data is
+    made whole instead), and not empty (a Rows, Columns, Samples per Pixel or Bits Allocated
+    of 0 made frames of 0 bytes, and the frame arithmetic divided by that: a 500)."""
+    if info is None:
+        return "the Image Pixel attributes are missing"
+    if info.bits_allocated % 8 and info.bits_allocated != 1:
+        return "Bits Allocated is neither 1 nor a multiple of 8"
+    if min(info.rows, info.columns, info.samples_per_pixel, info.bits_allocated) <= 0:
+        return "Rows, Columns, Samples per Pixel or Bits Allocated is 0"
+    return None
+
+
 async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
     """The Pixel Data of an encapsulated instance as its uncompressed value, Explicit VR
     Little Endian (PS3.18 8.7.3.3: without a transfer syntax, bulk data is uncompressed),
@@ -625,22 +660,31 @@ async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
     only the frames it covers and memory holds one frame at a time. 1-bit Pixel Data is made
     whole (_one_bit_pixel_data)."""
     info = pixel_info(inst)
-    if info is not None and info.bits_allocated == 1:
+    why = _uncompressed_form(info)
+    if why is not None or info is None:
+        raise TranscodeError(f"{why}: ask for transfer-syntax=* for its frames as stored")
+    if info.bits_allocated == 1:
         return await _one_bit_pixel_data(svc, inst, info)
-    if info is None or info.bits_allocated % 8:
-        raise TranscodeError(
-            "this Pixel Data has no byte-aligned uncompressed form; ask for transfer-syntax=*"
-        )
     size = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
     frames = size * inst.number_of_frames
 
+    async def decoded(n: int) -> bytes:
+        _, frame = await frame_value(svc, inst, n, _UNCOMPRESSED, whole=True)
+        data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
+        if len(data) != size:
+            raise TranscodeError(f"frame {n} decoded to {len(data)} bytes, not {size}")
+        return data
+
     async def read(start: int, stop: int) -> AsyncIterator[bytes]:
         end = min(stop, frames)
-        for k in range(start // size, (end - 1) // size + 1 if end > start else 0):
-            _, frame = await frame_value(svc, inst, k + 1, _UNCOMPRESSED, whole=True)
-            data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
-            if len(data) != size:
-                raise TranscodeError(f"frame {k + 1} decoded to {len(data)} bytes, not {size}")
+        covered = range(start // size, (end - 1) // size + 1 if end > start else 0)
+        if inst.frame_offsets is None and len(covered) > 1:
+            # Frames whose places ingest could not record may not all be there (as in
+            # frame_parts): the last one read is decoded (into the frame cache) first, so
+            # that its failure comes before the first bytes, and the response, start.
+            await decoded(covered[-1] + 1)
+        for k in covered:
+            data = await decoded(k + 1)
             yield data[max(start - k * size, 0) : min(end - k * size, size)]
         if stop > frames >= start:
             yield b"\0"  # the padding byte of an odd length

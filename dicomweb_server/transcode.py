@@ -21,7 +21,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
@@ -64,6 +64,7 @@ __all__ = [
     "HTJ2K_RPCL_BASE_PIXELS",
     "JPEG_BASELINE_QUALITY",
     "Codec",
+    "CodecPanicError",
     "PixelInfo",
     "TranscodeError",
     "available_targets",
@@ -202,7 +203,8 @@ def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
             "number_of_frames": 1,
             "planar_configuration": planar,
         }
-        return bytes(get_encoder(uid).encode(_native_order(arr), **opts))
+        encoder = get_encoder(uid)  # pylibjpeg-rle's RLE encoder is Rust: _unpanicked
+        return bytes(_unpanicked(lambda: encoder.encode(_native_order(arr), **opts)))
 
     return encode
 
@@ -435,16 +437,38 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
 _T = TypeVar("_T")
 
 
+class CodecPanicError(RuntimeError):
+    """A codec written in Rust panicked (one of DECODE_ERRORS, as RuntimeError)."""
+
+
+def _unpanicked(call: Callable[[], _T]) -> _T:
+    """`call()`, a Rust codec's panic raised as CodecPanicError. pylibjpeg-rle's decoder
+    panics on RLE segments longer than Rows x Columns says (an index out of bounds), and pyo3
+    raises a panic as `pyo3_runtime.PanicException`, which derives from BaseException, not
+    Exception: it passed every `except` for decoder errors, and the server's own 500 handler,
+    and reached hypercorn, which answered a bare 500. Each pyo3 extension makes its own
+    PanicException class, none importable: it is known by its name."""
+    try:
+        return call()
+    except Exception:
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit, GeneratorExit, cancellation
+        raise CodecPanicError(f"the codec failed on this data ({exc})") from None
+
+
 def _decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
     """`decode(plugin)` with the preferred plugin; if that one fails, again with pydicom's own
-    choice among all installed (naming a plugin makes pydicom try that one only)."""
+    choice among all installed (naming a plugin makes pydicom try that one only). A codec's
+    panic is a CodecPanicError (_unpanicked)."""
     plugin = decoding_plugin(transfer_syntax_uid)
     if plugin:
         try:
-            return decode(plugin)
+            return _unpanicked(lambda: decode(plugin))
         except DECODE_ERRORS:
             pass
-    return decode("")
+    return _unpanicked(lambda: decode(""))
 
 
 def keeps_ybr(info: PixelInfo, target: str) -> bool:
@@ -547,6 +571,8 @@ def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndar
     ):
         # no random access into deflate; 1-bit RLE is decoded by _pixels, not by pydicom
         return _whole_file_frame(path, n, as_rgb)
+    if not UID(str(ts)).is_compressed:
+        _check_native_frame(path, ds, n)
     try:
         frame: np.ndarray = _decoded(
             str(ds.file_meta.TransferSyntaxUID),
@@ -559,6 +585,65 @@ def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndar
         # Files pydicom reads only with repairs (e.g. Pixel Data written implicitly in an
         # explicit VR file): decode through a full read instead.
         return _whole_file_frame(path, n, as_rgb)
+
+
+def _check_native_frame(path: Path, ds: Dataset, n: int) -> None:
+    """ValueError unless frame n (1-based) of native Pixel Data lies inside the value the
+    file holds. pydicom reads a frame of a file by its offset alone, trusting Number of
+    Frames: past the value it reads the elements after it, or nothing, and 1-bit frames are
+    unpacked with numpy's unpackbits, which for an empty read returns its output
+    uninitialised (numpy 2.4): frame 2 of a 1-bit SEG of one frame, rendered, drew the
+    server's freed memory. A frame far past the value (Number of Frames 2^31 - 1) made
+    pydicom seek past the largest offset of the file system, an OSError (a 500)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return  # pydicom refuses the frame itself
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # two luminance samples share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
+    held = _native_value_bytes(path)
+    end = -(-n * rows * columns * samples * bits // 8)  # PS3.5 8.1.1: frames follow, packed
+    if held is not None and end > held:
+        frame = -(-rows * columns * samples * bits // 8)
+        raise ValueError(
+            f"frame {n} lies past the end of the Pixel Data: its {held} bytes hold"
+            f" {held // frame if frame else 0} frame(s) of {frame} bytes"
+        )
+
+
+def _native_value_bytes(path: Path) -> int | None:
+    """Bytes of the top-level (Float, Double Float) Pixel Data value of a native file that
+    the file holds: its stated length (PS3.5 7.1), cut at the end of the file; None when
+    there is none. Kept per file (a stat, not a parse, for its next frame: the parse costs
+    0.3 to 0.9 ms, a third of decoding a frame); blobs never change under their key, and the
+    file's size and time are part of the key all the same."""
+    st = path.stat()
+    return _value_bytes_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _value_bytes_of(name: str, size: int, _mtime_ns: int) -> int | None:
+    with open(name, "rb") as fp:
+        head = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        start = fp.tell()
+        header = fp.read(12)
+    ts = UID(str(head.file_meta.TransferSyntaxUID))
+    order = "<" if ts.is_little_endian else ">"
+    if len(header) < 8 or struct.unpack(f"{order}HH", header[:4])[0] != 0x7FE0:
+        return None
+    if ts.is_implicit_VR or not header[4:6].isalpha():  # Pixel Data written implicitly
+        (length,), at = struct.unpack(f"{order}I", header[4:8]), start + 8
+    elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):  # PS3.5 7.1.2: 4-byte length
+        (length,), at = struct.unpack(f"{order}I", header[8:12]), start + 12
+    else:
+        (length,), at = struct.unpack(f"{order}H", header[6:8]), start + 8
+    if length == 0xFFFFFFFF:
+        raise ValueError(
+            "its Pixel Data has an undefined length, which a native transfer syntax does not"
+            " allow (PS3.5 A.4: only encapsulated Pixel Data has one)"
+        )
+    return max(0, min(int(length), size - at))
 
 
 # The frames of the last file decoded whole (Deflated, 1-bit RLE, files pydicom reads only
@@ -584,7 +669,11 @@ def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
     if cached is None:
         full = pydicom.dcmread(path)
         arr = _pixels(full, as_rgb)
-        cached = arr if int(full.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
+        # Frames by the array's shape, not by Number of Frames: pydicom counts the frames a
+        # value holds when the attribute is absent (a Deflated file whose Columns was halved
+        # came out as two frames, and frame 1 was both, a 3-D "frame" Pillow refused: a 500).
+        one = 2 if int(full.get("SamplesPerPixel") or 1) == 1 else 3  # a frame's dimensions
+        cached = arr if arr.ndim > one else arr[np.newaxis]
         if cached.nbytes <= WHOLE_FILE_KEEP_MAX_BYTES:
             with _WHOLE_LOCK:
                 _whole = (key, cached)
@@ -609,9 +698,11 @@ def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     for n in frames:
         try:
             arr = frame_array(path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
+            # Bit-packing refuses samples other than 0 and 1 (a JPEG frame's, under a Bits
+            # Allocated of 1) with a ValueError: inside the `except`, not a 500.
+            out.append(_frame_bytes(arr, info.bits_allocated, planar))
         except DECODE_ERRORS as exc:
             raise _cannot(path, f"decode frame {n}", exc) from None
-        out.append(_frame_bytes(arr, info.bits_allocated, planar))
     return out
 
 
@@ -671,10 +762,10 @@ def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, targe
     in the colour space the metadata gives (keeps_ybr), for it is all a client knows."""
     arr = decode_codestream(codestream, stored_ts, info, not keeps_ybr(info, target))
     codec = ENCODERS[target]
-    if codec.encode is None:  # same layout as decode_frames gives
-        planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
-        return _frame_bytes(arr, info.bits_allocated, planar)
     try:
+        if codec.encode is None:  # same layout as decode_frames gives
+            planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
+            return _frame_bytes(arr, info.bits_allocated, planar)
         return codec.encode(arr, info)
     except DECODE_ERRORS as exc:
         raise _cannot(None, f"encode a frame as {UID(target).name}", exc) from None
@@ -688,28 +779,52 @@ def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     info = PixelInfo.of(ds)
+    planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
     try:
         arr = _pixels(ds, as_rgb=not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
+        return _frame_bytes(arr, info.bits_allocated, planar)
     except DECODE_ERRORS as exc:
         raise _cannot(None, "decode the nested Pixel Data", exc) from None
-    planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
-    return _frame_bytes(arr, info.bits_allocated, planar)
 
 
-def stored_frames(path: Path, frames: list[int]) -> list[bytes]:
+def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
     """Frames of encapsulated pixel data as stored, for files whose fragment-to-frame mapping
-    could not be recorded at ingest (no offset table and fragments != frames)."""
-    ds = pydicom.dcmread(path)
-    nframes = int(ds.get("NumberOfFrames") or 1)
+    could not be recorded at ingest (no offset table and fragments != frames). pydicom splits
+    them (by JPEG markers) reading the open file, up to the farthest frame asked for; memory
+    holds the frames asked for, not the Pixel Data (the file was read whole, and every frame
+    of it kept, for each request: 19 MB for one 15 KB frame of a 9 MB value)."""
+    wanted, last = set(frames), max(frames)
+    found: dict[int, bytes] = {}
+    count = 0
+    with path.open("rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        nframes = _frame_count(ds)
+        # The element's header: tag, VR, 2 reserved bytes, the length (PS3.5 7.1.2); or tag
+        # and length when written implicitly in an explicit file (pydicom reads that too).
+        if fp.read(8)[4:6].isalpha():
+            fp.read(4)
+        try:
+            for count, frame in enumerate(generate_frames(fp, number_of_frames=nframes), 1):
+                if count in wanted:
+                    found[count] = frame
+                if count >= last:
+                    break
+        except DECODE_ERRORS as exc:  # fewer fragments than frames, a damaged offset table
+            raise NotFoundError(
+                f"the stored pixel data does not hold the frames asked for: {exc}"
+            ) from None
+    if last > count:
+        raise NotFoundError(f"the stored pixel data holds {count} frames")
+    return [found[n] for n in frames]
+
+
+def _frame_count(ds: Dataset) -> int:
+    """Number of Frames, 1 when absent or not a whole number (dicomfile reads it so)."""
     try:
-        all_frames = list(generate_frames(ds.PixelData, number_of_frames=nframes))
-    except DECODE_ERRORS as exc:  # fewer fragments than frames, a damaged offset table
-        raise NotFoundError(
-            f"the stored pixel data does not hold the frames asked for: {exc}"
-        ) from None
-    if max(frames) > len(all_frames):
-        raise NotFoundError(f"the stored pixel data holds {len(all_frames)} frames")
-    return [all_frames[n - 1] for n in frames]
+        n = float(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return max(1, int(n)) if math.isfinite(n) and n == int(n) else 1
 
 
 def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:

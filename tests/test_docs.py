@@ -18,6 +18,7 @@ from dicomweb_server import (
     media,
     multipart,
     query,
+    render,
     rendered,
     retrieve,
     stow_json,
@@ -66,7 +67,7 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered, admin, auditlog,
+    modules = (config, multipart, query, retrieve, dicom_json, rendered, render, admin, auditlog,
                handlers, identifier, dimse_server, common, stow_json, dicom_xml, dicomfile, stow,
                transcode, blobstore, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):

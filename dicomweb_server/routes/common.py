@@ -431,13 +431,22 @@ async def _body_slice(
     head: bytes, value: Sized, tail: bytes, start: int, stop: int
 ) -> AsyncIterator[bytes]:
     """Bytes [start, stop) of `head`, the value, `tail`; only the value bytes in the range are
-    read (or decoded)."""
-    if start < len(head):
-        yield head[start : min(stop, len(head))]
+    read (or decoded). The value's first chunk is made before `head` is given out: a
+    streamed response starts once its first chunk is made (_started), and a value that
+    cannot be made (a frame the decoder fails on, Pixel Data decoded as it is sent) is then
+    still an error status, not a body cut off after the part's headers."""
     first, last = max(start - len(head), 0), min(stop - len(head), value.length)
-    if last > first:
-        async for chunk in value.read(first, last):
-            yield chunk
+    chunks = value.read(first, last) if last > first else None
+    try:
+        made = None if chunks is None else await anext(chunks, None)
+        if start < len(head):
+            yield head[start : min(stop, len(head))]
+        if made is not None and chunks is not None:
+            yield made
+            async for chunk in chunks:
+                yield chunk
+    finally:
+        await close_all(chunks)  # a response cut short leaves no read open
     after = len(head) + value.length
     if stop > after:
         yield tail[max(start - after, 0) : stop - after]

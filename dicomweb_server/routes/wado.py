@@ -227,7 +227,7 @@ async def _pixel_data(
                 value.headers["Content-Location"] = location
                 part_type = None if single else APPLICATION_OCTET_STREAM
                 return await ranged_response(request, value, part_type)
-            frames = list(range(1, inst.number_of_frames + 1))
+            frames = range(1, inst.number_of_frames + 1)  # not a list: see frame_parts
             asked = STORED_FRAMES if plan == STORED_FRAMES else accept
             part_type, parts = await frame_parts(svc, inst, frames, asked)
             return await multipart_response(located_frames(parts, location, frames), part_type)
