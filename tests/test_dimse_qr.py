@@ -8,7 +8,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse import handlers
 from tests.dimse_support import (
     PEER,
     SCU,
@@ -302,7 +303,6 @@ async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
 ) -> None:
     """An error no codec foresaw while decoding one instance for the destination: that
     sub-operation fails (0xB000 at the end), the others are still sent."""
-    from dicomweb_server.dimse import handlers
 
     names = ["generated/coverage/ect_15frames_jpegls_lossless.dcm",
              "generated/coverage/ct_j2k_lossless_signed.dcm"]  # fmt: skip
@@ -656,7 +656,7 @@ async def test_move_to_a_destination_that_cannot_be_reached(
 
 
 async def test_find_cancel_unknown_destination_and_get_without_role_are_audited(
-    archive: Archive,
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by review: the audit trail recorded a C-FIND stopped by C-CANCEL, and every
     C-MOVE/C-GET, as successes (0x0000) with every matched instance as sent, and a C-MOVE to
@@ -668,6 +668,16 @@ async def test_find_cancel_unknown_destination_and_get_without_role_are_audited(
     await stow(archive, *instances)
     find_model = StudyRootQueryRetrieveInformationModelFind
     start = await audit_seq(archive)
+    # Each match a little slower to answer, so that the C-CANCEL sent after two comes before
+    # the 300th: without it, a busy machine's client could read two only after the last was
+    # sent, and the C-FIND ended in Success (seen in the full suite).
+    made = handlers.find_response  # type: ignore[attr-defined]
+
+    def slower(*args: Any) -> Dataset:
+        time.sleep(0.005)
+        return made(*args)
+
+    monkeypatch.setattr(handlers, "find_response", slower)
 
     def find_then_cancel() -> list[int]:
         assoc = associate(scu(find_model), archive)
