@@ -167,21 +167,14 @@ async def store_one(archive: Archive, data: Dataset | Path) -> Dataset:
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-    ae = scu()
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-
-    def send() -> Dataset:
-        assoc = associate(ae, archive)
-        try:
-            return assoc.send_c_store(data)
-        finally:
-            assoc.release()
-
-    return await in_thread(send)
+    return await store_one_file(archive, data, CTImageStorage, ExplicitVRLittleEndian)
 
 
-async def store_one_file(archive: Archive, path: Path, sop_class: str, syntax: str) -> Dataset:
-    """One C-STORE of a Part-10 file, in the presentation context its meta header names."""
+async def store_one_file(
+    archive: Archive, path: Dataset | Path, sop_class: str, syntax: str
+) -> Dataset:
+    """One C-STORE (of a Part-10 file, or a data set) in the presentation context of
+    `sop_class` and `syntax`, over its own association; the response."""
     ae = scu()
     ae.add_requested_context(sop_class, syntax)
 

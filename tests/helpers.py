@@ -88,6 +88,18 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+def ending_in_a_sequence() -> bytes:
+    """A data set with no Pixel Data whose last element is a sequence of defined length (as
+    pydicom writes it): an SR or a presentation state ends like this."""
+    ds = make_instance()
+    del ds.PixelData
+    item = Dataset()
+    item.CodeValue = "12345"
+    item.CodeMeaning = "a meaning long enough to be cut"
+    ds.PerformedProtocolCodeSequence = [item]
+    return to_bytes(ds)
+
+
 def multipart_body(
     parts: Iterable[bytes], boundary: str = BOUNDARY, part_type: str | None = "application/dicom"
 ) -> bytes:

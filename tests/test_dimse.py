@@ -41,7 +41,7 @@ from tests.dimse_support import (
     stored_file,
     wado_instance,
 )
-from tests.helpers import ROOT, make_instance, to_bytes
+from tests.helpers import ROOT, ending_in_a_sequence, make_instance, to_bytes
 
 pytestmark = pytest.mark.db
 
@@ -195,14 +195,8 @@ async def test_truncated_data_set_fails_c000_and_leaves_nothing(
     B.2.3: 0xC000, Cannot understand; nothing stored."""
     from pynetdicom import _config
 
-    ds = make_instance()
-    del ds.PixelData
-    item = Dataset()
-    item.CodeValue = "12345"
-    item.CodeMeaning = "a meaning long enough to be cut"
-    ds.PerformedProtocolCodeSequence = [item]
     path = tmp_path / "truncated.dcm"
-    path.write_bytes(to_bytes(ds)[:-cut])
+    path.write_bytes(ending_in_a_sequence()[:-cut])
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     rsp = await store_one(archive, path)
     assert rsp.Status == 0xC000, hex(rsp.Status)

@@ -26,6 +26,7 @@ from dicomweb_server.errors import FailureReason
 from tests.helpers import (
     ROOT,
     element_bytes,
+    ending_in_a_sequence,
     inst_url,
     make_instance,
     multipart_body,
@@ -116,24 +117,12 @@ def test_value_running_past_the_end_of_the_file_is_refused(tmp_path: Path) -> No
     assert exc.reason == FailureReason.CANNOT_UNDERSTAND and "(0029,1000)" in exc.message
 
 
-def _without_pixels_ending_in_a_sequence() -> bytes:
-    """A data set with no Pixel Data whose last element is a sequence of defined length (as
-    pydicom writes it): an SR or a presentation state ends like this."""
-    ds = make_instance()
-    del ds.PixelData
-    item = Dataset()
-    item.CodeValue = "12345"
-    item.CodeMeaning = "a meaning long enough to be cut"
-    ds.PerformedProtocolCodeSequence = [item]
-    return to_bytes(ds)
-
-
 @pytest.mark.parametrize("cut", [1, 4, 9, 20, 40])
 def test_data_set_cut_inside_its_last_value_is_refused(tmp_path: Path, cut: int) -> None:
     """Found by review (a C-STORE whose data set was cut short): pydicom reads a value the file
     ends inside of as the bytes there are, so a sequence or text cut anywhere in its value
     was stored as complete (0x0000). dcmtk refuses such a file ("premature end of stream")."""
-    data = _without_pixels_ending_in_a_sequence()
+    data = ending_in_a_sequence()
     exc = _refused(_write(tmp_path, data[:-cut]))
     assert exc.reason == FailureReason.CANNOT_UNDERSTAND
     assert "(0040,0260)" in exc.message and "truncated" in exc.message
@@ -143,7 +132,7 @@ def test_data_set_cut_inside_its_last_value_is_refused(tmp_path: Path, cut: int)
 def test_partial_element_header_at_the_end_is_refused(tmp_path: Path, stray: bytes) -> None:
     """Fewer than 8 bytes after the last element (an element header cut short): pydicom stops
     there silently; the data set is truncated."""
-    data = _without_pixels_ending_in_a_sequence() + stray
+    data = ending_in_a_sequence() + stray
     exc = _refused(_write(tmp_path, data))
     assert exc.reason == FailureReason.CANNOT_UNDERSTAND
     assert f"{len(stray)} bytes" in exc.message
@@ -158,7 +147,7 @@ def test_element_after_pixel_data_cut_short_is_refused(tmp_path: Path) -> None:
 
 def test_whole_data_sets_still_parse(tmp_path: Path) -> None:
     """The edges of the check above: nothing cut, and an element after Pixel Data whole."""
-    parse_file(_write(tmp_path, _without_pixels_ending_in_a_sequence()))
+    parse_file(_write(tmp_path, ending_in_a_sequence()))
     tail = element_bytes(0x7FE10010, b"LO", b"ACME CORPORATION")
     parse_file(_write(tmp_path, to_bytes(make_instance()) + tail))
 
