@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_prefix
-from dicomweb_server.errors import NotAcceptableError
+from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import BULKDATA_ACCEPTABLE, accepts_bulkdata
@@ -140,7 +140,9 @@ async def _parts(
             async for part in _pixel_data_parts(svc, inst, v.plans, accept, location):
                 started = True
                 yield part
-        except NotAcceptableError as exc:  # TranscodeError included
+        # TranscodeError included; NotFoundError: frames no offset table maps, found fewer
+        # than Number of Frames says when they are split (a later value broke off there).
+        except (NotAcceptableError, NotFoundError) as exc:
             if started:
                 raise
             payload.leave_out(f"{location}: {exc.message}")
