@@ -8,7 +8,6 @@ that frame byte ranges are known at ingest (STYLE.md rule 11).
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import struct
 import threading
@@ -42,7 +41,7 @@ from dicomweb_server.media import (
     VIDEO_TRANSFER_SYNTAXES,
 )
 from dicomweb_server.record import FrameLayout
-from dicomweb_server.vr import swapped_words
+from dicomweb_server.vr import frame_count, swapped_words
 
 __all__ = [
     "MAX_INFLATED_BYTES",
@@ -319,13 +318,8 @@ def _value(ds: Dataset, tag: int) -> Any:
 
 
 def _number_of_frames(ds: Dataset) -> int:
-    """Number of Frames, 1 when absent or not a count. A whole number written with a decimal
-    point (`3.0`, an invalid IS that the metadata keeps as a string) counts, as pydicom reads it."""
-    try:
-        n = float(_value(ds, 0x00280008) or 1)
-    except (TypeError, ValueError):
-        return 1
-    return max(1, int(n)) if math.isfinite(n) and n == int(n) else 1
+    """Number of Frames read raw (vr.frame_count)."""
+    return frame_count(_value(ds, 0x00280008))
 
 
 def _pixel_data(

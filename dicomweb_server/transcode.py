@@ -53,7 +53,7 @@ from dicomweb_server.media import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
-from dicomweb_server.vr import WORD_WIDTHS, swapped_words
+from dicomweb_server.vr import WORD_WIDTHS, frame_count, swapped_words
 
 __all__ = [
     "CONVERT_COPY_BYTES",
@@ -798,7 +798,7 @@ def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
     count = 0
     with path.open("rb") as fp:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
-        nframes = _frame_count(ds)
+        nframes = frame_count(ds.get("NumberOfFrames"))
         # The element's header: tag, VR, 2 reserved bytes, the length (PS3.5 7.1.2); or tag
         # and length when written implicitly in an explicit file (pydicom reads that too).
         if fp.read(8)[4:6].isalpha():
@@ -816,15 +816,6 @@ def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
     if last > count:
         raise NotFoundError(f"the stored pixel data holds {count} frames")
     return [found[n] for n in frames]
-
-
-def _frame_count(ds: Dataset) -> int:
-    """Number of Frames, 1 when absent or not a whole number (dicomfile reads it so)."""
-    try:
-        n = float(ds.get("NumberOfFrames") or 1)
-    except (TypeError, ValueError):
-        return 1
-    return max(1, int(n)) if math.isfinite(n) and n == int(n) else 1
 
 
 def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:

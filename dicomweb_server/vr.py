@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import array
 import datetime as dt
+import math
 import re
 
 __all__ = [
     "WORD_WIDTHS",
     "dt_as_utc",
+    "frame_count",
     "parse_da",
     "parse_dt",
     "parse_tm",
@@ -112,3 +114,14 @@ def swapped_words(data: bytes, vr: str) -> bytes:
     words.frombytes(data[:whole])
     words.byteswap()
     return words.tobytes() + data[whole:]
+
+
+def frame_count(value: object) -> int:
+    """A Number of Frames value as a count: 1 when absent or not a whole positive number. A
+    whole number written with a decimal point (`3.0`, an invalid IS that the metadata keeps
+    as a string) counts, as pydicom reads it."""
+    try:
+        n = float(value or 1)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 1
+    return max(1, int(n)) if math.isfinite(n) and n == int(n) else 1
