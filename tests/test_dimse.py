@@ -286,10 +286,14 @@ async def test_association_ended_mid_c_store_leaves_nothing(
             if how == "a-abort":
                 sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
             sock.shutdown(socket.SHUT_RDWR)
+            cut.append(sock)
 
+        cut: list[socket.socket] = []
         assoc = associate(ae, archive, evt_handlers=[(evt.EVT_PDU_SENT, on_pdu)])
         with contextlib.suppress(Exception):  # the association is gone: that is the point
             assoc.send_c_store(path)
+        for sock in cut:  # pynetdicom may leave it open: closed here, not by the collector
+            sock.close()
 
     await in_thread(end_it_midway)
     assert spooled == [True], "the archive never started receiving"
