@@ -58,6 +58,7 @@ class AuditLog:
     async def run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            self._in_batch = 1  # held through the linger
             if self._queue.qsize() < AUDIT_BATCH_MAX - 1:  # else a full batch is waiting
                 await asyncio.sleep(AUDIT_LINGER_S)
             while len(batch) < AUDIT_BATCH_MAX and not self._queue.empty():

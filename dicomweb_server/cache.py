@@ -23,11 +23,11 @@ class ByteLRU:
         return value
 
     def put(self, key: Hashable, value: bytes) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:  # a value put again replaces the old one, even when not kept
+            self.size -= len(old)
         if len(value) > self.max_bytes:
             return  # would evict everything and still not fit
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.size -= len(old)
         self._items[key] = value
         self.size += len(value)
         while self.size > self.max_bytes:

@@ -43,11 +43,15 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 async def clean_db(pg_dsn: str) -> AsyncIterator[str]:
     """An empty index (schema applied, tables truncated)."""
+    from dicomweb_server.app import SCHEMA_PATH
+
     conn = await asyncpg.connect(pg_dsn)
     try:
         exists = await conn.fetchval("SELECT to_regclass('instance') IS NOT NULL")
         if exists:
             await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+        else:  # a test run first in its process: the app has not applied it yet
+            await conn.execute(SCHEMA_PATH.read_text())
     finally:
         await conn.close()
     yield pg_dsn

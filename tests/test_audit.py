@@ -316,6 +316,27 @@ async def test_shutdown_counts_the_events_it_could_not_write(
     assert await _rows(empty_audit) == []
 
 
+async def test_an_event_held_through_the_linger_is_counted_unwritten(
+    empty_audit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer holds the first event of a batch while later ones gather: it is neither
+    queued nor being appended, and used to be left out of `unwritten`."""
+    from dicomweb_server import auditlog
+
+    monkeypatch.setattr(auditlog, "AUDIT_LINGER_S", 1.0)
+    index = await Index.open(empty_audit, max_size=2, timeout_s=30)
+    try:
+        async with auditlog.running_audit_log(index) as audit:
+            await audit.record(AuditEvent(datetime.now(UTC), "u", "h", "a", ()))
+            await asyncio.sleep(0.2)  # the writer has taken it and lingers
+            assert audit.unwritten == 1
+            await asyncio.wait_for(audit.flush(), 10)
+            assert audit.unwritten == 0
+        assert len(await _rows(empty_audit)) == 1
+    finally:
+        await index.close()
+
+
 async def test_an_unrouted_path_is_recorded_as_sent(
     audited: tuple[Starlette, httpx.AsyncClient], empty_audit: str
 ) -> None:
