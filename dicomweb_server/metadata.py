@@ -15,7 +15,7 @@ from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index import MetadataRow, StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import NOT_FOR_WEB
-from dicomweb_server.transcode import PixelInfo, available_targets
+from dicomweb_server.transcode.codecs import PixelInfo, available_targets
 
 __all__ = ["metadata_json", "not_found", "pixel_info", "targets_of"]
 

@@ -1,6 +1,6 @@
 """Rendering pixel data as consumer images (PS3.18 8.3.5, 10.4.1.1.3): LUTs, fit, encode.
 
-With transcode.py, the pixel layer: the only modules importing numpy, Pillow and
+With transcode/, the pixel layer: the only modules importing numpy, Pillow and
 pydicom.pixels. Synchronous; called in worker threads behind the app's limiter.
 """
 
@@ -26,7 +26,9 @@ from dicomweb_server.rendered import (
     check_region,
     output_size,
 )
-from dicomweb_server.transcode import DECODE_ERRORS, TranscodeError, frame_array
+from dicomweb_server.transcode.codecs import TranscodeError
+from dicomweb_server.transcode.frames import frame_array
+from dicomweb_server.transcode.plugins import DECODE_ERRORS
 from dicomweb_server.vr import swapped_words
 
 __all__ = [

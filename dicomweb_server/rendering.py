@@ -16,7 +16,7 @@ from dicomweb_server.media import VIDEO_TRANSFER_SYNTAXES
 from dicomweb_server.render import render_animation, render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
 from dicomweb_server.report import render_report
-from dicomweb_server.transcode import TranscodeError, decodable, missing_codec
+from dicomweb_server.transcode.codecs import TranscodeError, decodable, missing_codec
 
 __all__ = ["REPORT_CLASS_PREFIX", "rendered_image", "rendered_report", "representative"]
 

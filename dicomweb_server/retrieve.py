@@ -38,19 +38,20 @@ from dicomweb_server.media import (
 )
 from dicomweb_server.metadata import not_found, pixel_info, targets_of
 from dicomweb_server.multipart import close_all
-from dicomweb_server.transcode import (
+from dicomweb_server.transcode.codecs import (
     NATIVE,
     PixelInfo,
     TranscodeError,
-    convert_codestream,
     decodable,
+    missing_codec,
+)
+from dicomweb_server.transcode.convert import one_bit_pixel_data, to_transfer_syntax
+from dicomweb_server.transcode.frames import (
+    convert_codestream,
     decode_frames,
     decode_item_pixels,
     encode_frames,
-    missing_codec,
-    one_bit_pixel_data,
     stored_frames,
-    to_transfer_syntax,
 )
 
 __all__ = [

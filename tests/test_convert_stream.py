@@ -19,16 +19,15 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomweb_server import transcode
-from dicomweb_server.transcode import (
+from dicomweb_server.transcode import convert
+from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, TranscodeError
+from dicomweb_server.transcode.convert import (
     CONVERT_COPY_BYTES,
-    DECODE_MAX_BYTES,
-    TranscodeError,
     converted_dataset,
-    decode_frames,
     one_bit_pixel_data,
     to_transfer_syntax,
 )
+from dicomweb_server.transcode.frames import DECODE_MAX_BYTES, _check_decoded_size, decode_frames
 
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -74,7 +73,7 @@ def _streamed(src: Path, dst: Path, target: str, monkeypatch: pytest.MonkeyPatch
         raise AssertionError("converted in memory")
 
     with monkeypatch.context() as m:
-        m.setattr(transcode, "converted_dataset", refused)
+        m.setattr(convert, "converted_dataset", refused)
         to_transfer_syntax(src, dst, target)
 
 
@@ -217,11 +216,11 @@ def test_a_short_pixel_data_is_refused_not_padded(tmp_path: Path) -> None:
 def test_decode_size_bound_at_its_edge() -> None:
     side = int(DECODE_MAX_BYTES**0.5)
     assert side * side == DECODE_MAX_BYTES
-    transcode._check_decoded_size(side, side, 1, 8, 1)  # exactly the bound: decoded
+    _check_decoded_size(side, side, 1, 8, 1)  # exactly the bound: decoded
     with pytest.raises(ValueError, match="at most"):
-        transcode._check_decoded_size(side, side + 1, 1, 8, 1)
+        _check_decoded_size(side, side + 1, 1, 8, 1)
     with pytest.raises(ValueError, match="at most"):  # 1-bit pixels decode to a byte each
-        transcode._check_decoded_size(side, side, 1, 1, 2)
+        _check_decoded_size(side, side, 1, 1, 2)
 
 
 def _claiming(src: Path, dst: Path, rows: int, columns: int) -> Path:
@@ -296,8 +295,8 @@ def test_the_stored_extended_offset_table_is_not_kept(
     _multiframe(src, ImplicitVRLittleEndian, 3, 16, 16)
     ds = pydicom.dcmread(src)
     expected = ds.pixel_array
-    info = transcode.PixelInfo.of(ds)
-    encode = transcode.ENCODERS[RLELossless].encode
+    info = PixelInfo.of(ds)
+    encode = ENCODERS[RLELossless].encode
     assert encode is not None
     ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
         [encode(frame, info) for frame in expected]

@@ -40,7 +40,7 @@ from dicomweb_server.query import (
     WildcardMatch,
 )
 from dicomweb_server.sql import compile_search
-from dicomweb_server.transcode import TranscodeError
+from dicomweb_server.transcode.codecs import TranscodeError
 
 
 def ident(level: str, **keys: Any) -> Dataset:

@@ -307,7 +307,7 @@ async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
     names = ["generated/coverage/ect_15frames_jpegls_lossless.dcm",
              "generated/coverage/ct_j2k_lossless_signed.dcm"]  # fmt: skip
     metas = [dcmread(samples / n, stop_before_pixels=True) for n in names]
-    from dicomweb_server.transcode import converted_dataset as convert
+    from dicomweb_server.transcode.convert import converted_dataset as convert
 
     def flaky(path: Path, target: str) -> Dataset:
         ds = convert(path, target)

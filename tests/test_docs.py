@@ -22,13 +22,13 @@ from dicomweb_server import (
     rendered,
     retrieve,
     stow_json,
-    transcode,
 )
 from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.routes import admin, common, stow
+from dicomweb_server.transcode import codecs, convert, frames
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
 
@@ -69,7 +69,7 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve, dicom_json, rendered, render, admin, auditlog,
                handlers, identifier, dimse_server, common, stow_json, dicom_xml, dicomfile, stow,
-               transcode, blobstore, app, cli, httpd)  # fmt: skip
+               frames, convert, blobstore, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's
@@ -77,9 +77,9 @@ def test_limits() -> None:
 
 def test_encoders() -> None:
     documented = {(ts, lib) for ts, _name, lib, _ in table("### Encoders")}
-    assert {ts for ts, _ in documented} == set(transcode.ENCODERS)
+    assert {ts for ts, _ in documented} == set(codecs.ENCODERS)
     for ts, library in documented:
-        assert transcode.ENCODERS[ts].library.split("-")[-1] in library, ts
+        assert codecs.ENCODERS[ts].library.split("-")[-1] in library, ts
 
 
 def test_version_matches_pyproject() -> None:

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.uid import generate_uid
 
-from dicomweb_server import transcode
 from dicomweb_server.render import JPEG_MAX_EDGE
-from dicomweb_server.transcode import TranscodeError, decode_frames
+from dicomweb_server.transcode.codecs import TranscodeError
+from dicomweb_server.transcode.frames import DECODE_MAX_BYTES, decode_frames, frame_array
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -185,9 +185,9 @@ def test_a_one_bit_frame_past_the_pixel_data_is_not_memory(samples: Path, tmp_pa
     src = tmp_path / "x.dcm"
     src.write_bytes(to_bytes(_mutant(samples, _ONE_BIT, NumberOfFrames=2)))
     ds = pydicom.dcmread(src, stop_before_pixels=True)
-    assert transcode.frame_array(src, ds, 1).shape == (512, 512)
+    assert frame_array(src, ds, 1).shape == (512, 512)
     with pytest.raises(ValueError, match="frame 2 lies past the end of the Pixel Data"):
-        transcode.frame_array(src, ds, 2)
+        frame_array(src, ds, 2)
 
 
 async def test_a_one_bit_frame_past_the_pixel_data(
@@ -276,7 +276,7 @@ async def test_a_decoded_value_that_fails_is_refused_before_its_part_starts(
     assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["content-type"]
     r = await _get(app_client, url + "/bulk/7FE00010", "application/octet-stream")
     assert r.status_code == 406
-    assert transcode.DECODE_MAX_BYTES > 65535 * 64 * 2  # the decode was tried, not refused
+    assert DECODE_MAX_BYTES > 65535 * 64 * 2  # the decode was tried, not refused
 
 
 async def test_unmapped_frames_are_read_one_by_one(

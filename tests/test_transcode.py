@@ -18,8 +18,18 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import unpack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from dicomweb_server import retrieve, transcode
-from dicomweb_server.transcode import ENCODERS, PixelInfo, converted_dataset, keeps_ybr
+from dicomweb_server import retrieve
+from dicomweb_server.transcode import frames as transcode_frames
+from dicomweb_server.transcode import plugins as transcode_plugins
+from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr
+from dicomweb_server.transcode.convert import (
+    converted_dataset,
+    one_bit_pixel_data,
+    to_transfer_syntax,
+)
+from dicomweb_server.transcode.frames import decode_codestream, frame_array
+from dicomweb_server.transcode.lossy import _j2k_wavelet, lossy_method
+from dicomweb_server.transcode.plugins import decoding_plugin
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -240,16 +250,16 @@ async def test_instance_conversion_failure_is_406_not_a_broken_stream(
 def test_jpeg_ls_decoded_by_the_preferred_plugin_or_any(
     samples: Path, monkeypatch: pytest.MonkeyPatch, plugin: str
 ) -> None:
-    """JPEG-LS frames decode with pyjpegls (transcode.PREFERRED_DECODERS), to the same pixels
-    as pydicom's own choice; a preferred plugin that fails falls back to any other."""
+    """JPEG-LS frames decode with pyjpegls (transcode.plugins.PREFERRED_DECODERS), to the same
+    pixels as pydicom's own choice; a preferred plugin that fails falls back to any other."""
     ds = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
     ts = str(ds.file_meta.TransferSyntaxUID)
-    assert transcode.decoding_plugin(ts) == "pyjpegls"
-    monkeypatch.setattr(transcode, "decoding_plugin", lambda _ts: plugin)
-    info = transcode.PixelInfo.of(ds)
+    assert decoding_plugin(ts) == "pyjpegls"
+    monkeypatch.setattr(transcode_plugins, "decoding_plugin", lambda _ts: plugin)
+    info = PixelInfo.of(ds)
     codestreams = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
     for k in (0, 7):
-        got = transcode.decode_codestream(codestreams[k], ts, info)
+        got = decode_codestream(codestreams[k], ts, info)
         assert np.array_equal(got, ds.pixel_array[k])
 
 
@@ -290,7 +300,7 @@ def test_lossy_method_read_from_the_codestream(
     data set says; the corpus's near-lossless files do not say it."""
     ds = pydicom.dcmread(samples / name)
     ts = str(ds.file_meta.TransferSyntaxUID)
-    assert transcode.lossy_method(ts, ds.PixelData) == method
+    assert lossy_method(ts, ds.PixelData) == method
 
 
 def test_lossy_method_of_htj2k_and_of_damaged_codestreams(samples: Path) -> None:
@@ -299,10 +309,10 @@ def test_lossy_method_of_htj2k_and_of_damaged_codestreams(samples: Path) -> None
 
     ds = pydicom.dcmread(samples / "generated/coverage/mr_j2k_lossy.dcm")
     # HTJ2K's main header codes its wavelet in the same COD segment (ISO 15444-15).
-    assert transcode.lossy_method(HTJ2K, ds.PixelData) == "ISO_15444_15"
+    assert lossy_method(HTJ2K, ds.PixelData) == "ISO_15444_15"
     boxed = pydicom.dcmread(samples / "real/pydicom/GDCMJ2K_TextGBR.dcm")
     first = list(generate_fragments(boxed.PixelData))[1]
-    assert first[4:8] == b"jP  " and transcode._j2k_wavelet(first) == 1  # inside a JP2 box
+    assert first[4:8] == b"jP  " and _j2k_wavelet(first) == 1  # inside a JP2 box
     for ts, stream in [
         (JPEGLSNearLossless, b"\xff\xd8\xff"),
         (JPEGLSNearLossless, b"\xff\xd8\xff\xf7\xff\xff"),  # a length past the end
@@ -312,8 +322,8 @@ def test_lossy_method_of_htj2k_and_of_damaged_codestreams(samples: Path) -> None
         (JPEG2000, b"\xff\x4f\xff\x51\x00\x04\xff\x90\x00\x0a"),  # no COD before SOT
         (JPEG2000, b"not a codestream"),
     ]:
-        assert transcode.lossy_method(ts, encapsulate([stream])) is None
-    assert transcode.lossy_method(JPEG2000, b"\xfe\xff\x00\xe0") is None  # no fragment
+        assert lossy_method(ts, encapsulate([stream])) is None
+    assert lossy_method(JPEG2000, b"\xfe\xff\x00\xe0") is None  # no fragment
 
 
 def test_decoded_copy_of_near_lossless_jpeg_ls_says_lossy(samples: Path, tmp_path: Path) -> None:
@@ -394,7 +404,7 @@ def test_jpeg_baseline_copy_adds_its_lossy_step(
     converted_dataset(src, JPEG_BASELINE).save_as(
         whole, implicit_vr=False, little_endian=True, enforce_file_format=True
     )
-    transcode.to_transfer_syntax(src, streamed, JPEG_BASELINE)
+    to_transfer_syntax(src, streamed, JPEG_BASELINE)
     assert streamed.read_bytes() == whole.read_bytes()
     got = pydicom.dcmread(streamed)
     assert got.LossyImageCompression == "01"
@@ -417,7 +427,7 @@ def test_big_endian_to_explicit_little_endian(samples: Path, tmp_path: Path, nam
     the pixels swapped (pydicom's save_as refuses to change endianness)."""
     src = samples / name
     dst = tmp_path / "le.dcm"
-    transcode.to_transfer_syntax(src, dst, ExplicitVRLittleEndian)
+    to_transfer_syntax(src, dst, ExplicitVRLittleEndian)
     got, original = pydicom.dcmread(dst), pydicom.dcmread(src)
     assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(got.pixel_array, original.pixel_array)
@@ -452,7 +462,7 @@ def test_big_endian_binary_values_swapped(samples: Path, tmp_path: Path) -> None
     [0 1 1]); the result equals the same image stored little endian."""
     dst = tmp_path / "le.dcm"
     pydicom_data = samples / "real/pydicom-data"
-    transcode.to_transfer_syntax(pydicom_data / "OBXXXX1A_expb.dcm", dst, ExplicitVRLittleEndian)
+    to_transfer_syntax(pydicom_data / "OBXXXX1A_expb.dcm", dst, ExplicitVRLittleEndian)
     got, stored_le = pydicom.dcmread(dst), pydicom.dcmread(pydicom_data / "OBXXXX1A.dcm")
     assert np.frombuffer(got.RedPaletteColorLookupTableData, "<u2")[:3].tolist() == [0, 256, 256]
     for elem in stored_le:
@@ -475,7 +485,7 @@ def test_big_endian_binary_values_swapped(samples: Path, tmp_path: Path) -> None
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
     ds.PixelData = np.frombuffer(ds.PixelData, "<u2").astype(">u2").tobytes()
     pydicom.dcmwrite(src, ds, implicit_vr=False, little_endian=False, enforce_file_format=True)
-    transcode.to_transfer_syntax(src, dst, ExplicitVRLittleEndian)
+    to_transfer_syntax(src, dst, ExplicitVRLittleEndian)
     out = pydicom.dcmread(dst)
     (nested,) = out[0x00081115].value
     for tag, (_, arr) in values.items():
@@ -506,7 +516,7 @@ def test_one_bit_compressed_decoded_bit_packed(samples: Path, name: str) -> None
     assert got.PixelData == native.PixelData
     assert np.array_equal(got.pixel_array, native.pixel_array)
     header = pydicom.dcmread(pydicom_data / name, stop_before_pixels=True)
-    frame = transcode.frame_array(pydicom_data / name, header, 2)  # rendered, frames
+    frame = frame_array(pydicom_data / name, header, 2)  # rendered, frames
     assert np.array_equal(frame, native.pixel_array[1])
 
 
@@ -586,7 +596,7 @@ def test_one_bit_pixel_data_made_whole(samples: Path) -> None:
     length (510 x 510 x 3 bits are 97537.5 bytes: 97538)."""
     pydicom_data = samples / "real/pydicom-data"
     for name, stored in ONE_BIT.items():
-        data = transcode.one_bit_pixel_data(pydicom_data / name)
+        data = one_bit_pixel_data(pydicom_data / name)
         assert data == pydicom.dcmread(pydicom_data / stored).PixelData, name
         assert len(data) % 2 == 0
 
@@ -687,7 +697,7 @@ async def test_htj2k_rpcl_for_progressive_loading(
     tile-part per resolution, the lowest resolution at most 64 pixels a side; lossless."""
     import imagecodecs
 
-    from dicomweb_server.transcode import HTJ2K_DECOMPOSITIONS, HTJ2K_RPCL_BASE_PIXELS
+    from dicomweb_server.transcode.codecs import HTJ2K_DECOMPOSITIONS, HTJ2K_RPCL_BASE_PIXELS
 
     ds = make_instance(rows=rows, cols=cols)
     await app_client.post(
@@ -751,17 +761,17 @@ def test_frames_of_a_deflated_file_decode_it_once(
     header = real(path, stop_before_pixels=True)
     expected = ds.pixel_array
     for n in range(1, 17):
-        frame = transcode.frame_array(path, header, n)
+        frame = frame_array(path, header, n)
         assert np.array_equal(frame, expected[n - 1])
         frame[...] = 0  # a copy: the decoded file is not changed for the next caller
     assert reads == 1
-    assert np.array_equal(transcode.frame_array(path, header, 3), expected[2])
+    assert np.array_equal(frame_array(path, header, 3), expected[2])
     # WHOLE_FILE_KEEP_MAX_BYTES at its edge: the 2048 decoded bytes are kept at 2048, not
     # at a byte less (each frame then decodes the file again).
     for limit, decodes in ((expected.nbytes, 1), (expected.nbytes - 1, 16)):
-        monkeypatch.setattr(transcode, "_whole", None)
-        monkeypatch.setattr(transcode, "WHOLE_FILE_KEEP_MAX_BYTES", limit)
+        monkeypatch.setattr(transcode_frames, "_whole", None)
+        monkeypatch.setattr(transcode_frames, "WHOLE_FILE_KEEP_MAX_BYTES", limit)
         reads = 0
         for n in range(1, 17):
-            transcode.frame_array(path, header, n)
+            frame_array(path, header, n)
         assert reads == decodes, limit

@@ -60,12 +60,9 @@ from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.query import Query
 from dicomweb_server.search import search
 from dicomweb_server.sql import compile_search
-from dicomweb_server.transcode import (
-    TranscodeError,
-    converted_dataset,
-    decodable,
-    decoded_bytes,
-)
+from dicomweb_server.transcode.codecs import TranscodeError, decodable
+from dicomweb_server.transcode.convert import converted_dataset
+from dicomweb_server.transcode.frames import decoded_bytes
 
 __all__ = [
     "DIMSE_QUERY_TIMEOUT_S",

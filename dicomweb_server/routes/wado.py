@@ -46,7 +46,7 @@ from dicomweb_server.routes.common import (
     uid_param,
     warning_header,
 )
-from dicomweb_server.transcode import TranscodeError
+from dicomweb_server.transcode.codecs import TranscodeError
 
 __all__ = [
     "retrieve_bulkdata",

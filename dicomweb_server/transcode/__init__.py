@@ -1,0 +1,18 @@
+"""Decoding and re-encoding pixel data: the codec registry (STYLE.md rule 9).
+
+With render.py, the pixel layer: the only modules importing numpy, Pillow, imagecodecs and
+pydicom.pixels. Functions here are synchronous and CPU-bound; callers run them in worker threads
+behind the app's CapacityLimiter (STYLE.md rule 8).
+
+    codecs.py   transfer syntax constants, PixelInfo, the encoders (ENCODERS), what decodes
+                (decodable, available_targets, missing_codec), keeps_ybr; TranscodeError
+    plugins.py  pydicom's decoders called: the preferred plugin, then any (decoded); what a codec
+                may raise (DECODE_ERRORS), a Rust codec's panic included (CodecPanicError)
+    frames.py   frames decoded or re-encoded one at a time (frame_array, decode_frames,
+                encode_frames, decode_codestream, convert_codestream), the decode size bound
+                (DECODE_MAX_BYTES), the whole-file frame cache; stored_frames
+    lossy.py    Lossy Image Compression: read from a stored codestream (lossy_method), written
+                on a converted copy (mark_lossy)
+    convert.py  whole instances converted: to_transfer_syntax (streamed to a file),
+                converted_dataset (in memory), one_bit_pixel_data
+"""

@@ -1,0 +1,377 @@
+"""Whole instances converted to another transfer syntax: written to a file as they are made,
+a frame at a time (to_transfer_syntax), or in memory (converted_dataset); and the uncompressed
+Pixel Data of a 1-bit instance stored compressed (one_bit_pixel_data)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.uid import UID
+
+from dicomweb_server.media import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo
+from dicomweb_server.transcode.frames import cannot, check_dataset_size, frame_bytes, pixels
+from dicomweb_server.transcode.lossy import Sizes, lossy_method, mark_lossy
+from dicomweb_server.transcode.plugins import DECODE_ERRORS, decoded
+from dicomweb_server.vr import WORD_WIDTHS, swapped_words
+
+__all__ = [
+    "CONVERT_COPY_BYTES",
+    "converted_dataset",
+    "one_bit_pixel_data",
+    "to_transfer_syntax",
+]
+
+
+def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
+    """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS). The SOP Instance UID
+    is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5).
+
+    Written as it is made (_write_streamed): the header, then the Pixel Data frame by frame,
+    so that memory holds a frame, not the instance. Deflated files (inflated whole, at most
+    dicomfile.MAX_INFLATED_BYTES), 1-bit Pixel Data (its frames share bytes) and instances
+    without Pixel Data are converted in memory (converted_dataset), the same bytes."""
+    what = f"write {UID(transfer_syntax_uid).name}"
+    try:
+        head = pydicom.dcmread(src, stop_before_pixels=True)
+        ts = UID(str(head.file_meta.TransferSyntaxUID))
+        what = f"convert {ts.name} to {UID(transfer_syntax_uid).name}"
+        whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or head.get("BitsAllocated") == 1
+        if not whole and decoded(
+            ts, lambda plugin: _write_streamed(src, dst, transfer_syntax_uid, plugin)
+        ):
+            return
+        ds = converted_dataset(src, transfer_syntax_uid)
+        ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    except DECODE_ERRORS as exc:
+        raise cannot(src, what, exc) from None
+
+
+_PIXEL_DATA = 0x7FE00010
+# Values longer than this are left in the file when a header is read for a conversion (the
+# Pixel Data above all); each is read when it is written.
+_CONVERT_DEFER_BYTES = 64 * 1024
+# Native Pixel Data is copied (or swapped, from big endian) in reads of this size.
+CONVERT_COPY_BYTES = 1024 * 1024
+
+
+def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
+    """`src` converted to `target` into `dst` as converted_dataset and dcmwrite would write
+    it, byte for byte (test_convert_stream checks so on the corpus), with one frame in memory at
+    a time; False when `src` has no top-level Pixel Data (nothing written). Decoding uses
+    `plugin` (see decoded)."""
+    ds = pydicom.dcmread(src, defer_size=_CONVERT_DEFER_BYTES)
+    if _PIXEL_DATA not in ds:
+        return False
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    info = PixelInfo.of(ds)
+    codec = ENCODERS[target]
+    if not codec.accepts(info):  # e.g. float data to a codec (available_targets)
+        raise ValueError(f"{UID(target).name} does not take these pixels")
+    if ts.is_compressed or codec.encode is not None:  # decoded a frame at a time
+        check_dataset_size(ds, 1)
+    pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    # What pydicom's own reading of a file for its frames gives the decoder (iter_pixels).
+    options = as_pixel_options(ds)
+    options["transfer_syntax_uid"] = ts
+    options["pixel_keyword"] = "PixelData"
+    if not ts.is_implicit_VR:
+        options["pixel_vr"] = str(pixels.VR)
+    _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
+    kept: bytes | None = pixels.value  # None: left in the file, at value_tell
+    offset = 0 if kept is not None else int(cast(RawDataElement, pixels).value_tell)
+    # As the file states it: pydicom reads a value cut short by the end of the file as
+    # what there is, which is not the instance's Pixel Data.
+    length = int(pixels.length) if isinstance(pixels, RawDataElement) else len(kept or b"")
+    # Read now, before the header is cut short at the Pixel Data; written after it.
+    tail = Dataset()
+    for tag in [t for t in ds.keys() if t > _PIXEL_DATA]:
+        tail.add(ds[tag])
+        del ds[tag]
+    del ds[_PIXEL_DATA]
+    if not ts.is_little_endian:  # reads every element: none is left raw, in big endian
+        _swap_binary_values(ds)
+        _swap_binary_values(tail)
+        ds.set_original_encoding(False, True, ds.original_character_set)
+    nframes = int(ds.get("NumberOfFrames") or 1)
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        value: BinaryIO = f if kept is None else io.BytesIO(kept)
+        value.seek(offset)
+        method = lossy_method(ts, value) if ts.is_compressed else None
+        value.seek(offset)
+        ds.file_meta.TransferSyntaxUID = UID(target)
+        decoder = get_decoder(ts)
+
+        def frames() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+            yield from decoder.iter_array(value, decoding_plugin=plugin, as_rgb=True, **options)
+
+        def header() -> None:
+            ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+
+        if codec.encode is not None:
+            if info.samples_per_pixel == 3:  # decoded as RGB, pixel-interleaved
+                info = replace(info, photometric="RGB", planar_configuration=0)
+            _decoded_colour(ds, info)
+            encode = codec.encode
+            if not codec.lossy:
+                mark_lossy(ds, method)
+                header()
+                _write_encapsulated(out, (encode(arr, info) for arr, _ in frames()), nframes)
+            else:
+                # The ratio goes in the header, before the Pixel Data, and is known once every
+                # frame is encoded: the fragments wait in a scratch file (lossy, so small).
+                sizes = Sizes()
+                with tempfile.TemporaryFile(dir=dst.parent) as encoded:
+                    _write_encapsulated(
+                        encoded, sizes.of(encode, info, (a for a, _ in frames())), nframes
+                    )
+                    mark_lossy(ds, method, sizes.ratio())
+                    header()
+                    encoded.seek(0)
+                    shutil.copyfileobj(encoded, out, CONVERT_COPY_BYTES)
+        elif ts.is_compressed:
+            decoded = frames()
+            first, props = next(decoded)
+            ds.PhotometricInterpretation = props["photometric_interpretation"]
+            if info.samples_per_pixel > 1:
+                ds.PlanarConfiguration = props["planar_configuration"]
+            if "NumberOfFrames" in ds or nframes > 1:
+                ds.NumberOfFrames = nframes
+            mark_lossy(ds, method)
+            header()
+            data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
+            _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
+        else:  # native: the bytes as they are, swapped from big endian
+            if length == 0xFFFFFFFF:  # read to its delimiter: item tags, not pixels
+                raise ValueError(
+                    f"its Pixel Data has an undefined length, which {ts.name} does not allow"
+                    " (PS3.5 A.4: only encapsulated Pixel Data has one)"
+                )
+            header()
+            width = 1 if ts.is_little_endian else _word_width(info, str(pixels.VR))
+            chunks = _copied(value, length, width)
+            # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
+            wide = ts.is_implicit_VR or info.bits_allocated > 8
+            _write_native(out, "OW" if wide else "OB", chunks, None, length)
+        if len(tail):
+            fp = DicomFileLike(out)
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_dataset(fp, tail)
+    return True
+
+
+def _word_width(info: PixelInfo, vr: str) -> int:
+    """The width of the words by which big endian Pixel Data is swapped (PS3.5 A.3): Bits
+    Allocated, and 16 bits for OW, 8-bit pixels too."""
+    width = info.bits_allocated // 8
+    return 2 if width <= 1 and vr == "OW" else max(1, width)
+
+
+def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytes]:
+    """`length` bytes of `f` in chunks of CONVERT_COPY_BYTES, each `width`-byte word
+    byte-swapped when `width` is over 1 (big endian to little)."""
+    left = length
+    while left > 0:
+        chunk = f.read(min(CONVERT_COPY_BYTES, left))
+        if not chunk:
+            raise EOFError(f"the Pixel Data ends {left} bytes early")
+        left -= len(chunk)
+        if width > 1:
+            chunk = np.frombuffer(chunk, f">u{width}").astype(f"<u{width}").tobytes()
+        yield chunk
+
+
+def _write_native(
+    out: BinaryIO, vr: str, chunks: Iterator[bytes], frames: int | None, length: int = 0
+) -> None:
+    """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
+    given, or `frames` frames of the first one's length; its length is written once known."""
+    start = out.tell()
+    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
+    written, count, size = 0, 0, None
+    for chunk in chunks:
+        if frames is not None:
+            size = len(chunk) if size is None else size
+            if len(chunk) != size:
+                raise ValueError(f"frame {count + 1} decoded to {len(chunk)} bytes, not {size}")
+            count += 1
+        out.write(chunk)
+        written += len(chunk)
+    if frames is not None and count != frames:
+        raise ValueError(f"{count} frames decoded, not the {frames} of Number of Frames")
+    if frames is None and written != length:
+        raise EOFError(f"the Pixel Data ends {length - written} bytes early")
+    if written >= 2**32 - 1:  # PS3.5 8.1.1: a 32-bit length
+        raise ValueError(f"the uncompressed Pixel Data would be {written} bytes")
+    if written % 2:
+        out.write(b"\0")
+    end = out.tell()
+    out.seek(start + 8)
+    out.write(struct.pack("<I", written + written % 2))
+    out.seek(end)
+
+
+def _write_encapsulated(out: BinaryIO, codestreams: Iterator[bytes], frames: int) -> None:
+    """Encapsulated Pixel Data (PS3.5 A.4): one fragment per frame, padded to even, and a
+    Basic Offset Table, filled in once the fragments are written (as pydicom's encapsulate
+    with has_bot=True makes it)."""
+    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+    table = out.tell() + 8
+    out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 4 * frames) + b"\0" * (4 * frames))
+    offsets: list[int] = []
+    position = 0
+    for data in codestreams:
+        if len(offsets) == frames:
+            raise ValueError(f"more frames than the {frames} of Number of Frames")
+        data = data + b"\0" if len(data) % 2 else data
+        offsets.append(position)
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
+        out.write(data)
+        position += 8 + len(data)
+        if position > 0xFFFFFFFF:
+            raise ValueError("the frames are too long for a Basic Offset Table")
+    if len(offsets) != frames:
+        raise ValueError(f"{len(offsets)} frames decoded, not the {frames} of Number of Frames")
+    out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    end = out.tell()
+    out.seek(table)
+    out.write(struct.pack(f"<{frames}I", *offsets))
+    out.seek(end)
+
+
+def one_bit_pixel_data(src: Path) -> bytes:
+    """The Pixel Data of a 1-bit instance stored compressed (or deflated) as its uncompressed
+    value, as Explicit VR Little Endian holds it and the conversion to it makes it
+    (_convert_pixels): every frame decoded, then bit-packed as one run (PS3.5 8.1.1: the
+    frames follow each other with no padding, so a frame need not start on a byte), padded
+    to an even length (PS3.5 7.1.1). Runs in a worker thread."""
+    ds = pydicom.dcmread(src)
+    try:
+        data = frame_bytes(pixels(ds), 1)
+    except DECODE_ERRORS as exc:
+        raise cannot(src, "decode the 1-bit Pixel Data", exc) from None
+    return data + b"\0" if len(data) % 2 else data
+
+
+def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
+    """`src` read and converted to `transfer_syntax_uid` (a key of ENCODERS), in memory: the
+    data set of a WADO conversion, or of a DIMSE C-STORE sub-operation to a peer that did not
+    accept the stored syntax. The SOP Instance UID is kept."""
+    ds = pydicom.dcmread(src)
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    try:
+        if not ts.is_little_endian:  # every target is little endian
+            # Visits every element, nested ones included, so that none is left raw (as
+            # read, in big endian bytes): below, the data set is marked little endian.
+            _swap_binary_values(ds, top=True)
+        if "PixelData" in ds and transfer_syntax_uid != ts:
+            method = lossy_method(ts, ds.PixelData) if ts.is_compressed else None
+            mark_lossy(ds, method, _convert_pixels(ds, ts, transfer_syntax_uid))
+    except DECODE_ERRORS as exc:
+        raise cannot(src, f"convert {ts.name} to {UID(transfer_syntax_uid).name}", exc) from None
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    if "PixelData" in ds and transfer_syntax_uid != ts:
+        _drop_extended_offsets(ds)
+    if not ts.is_little_endian:
+        # Every element is decoded now and its binary values swapped: the data set is little
+        # endian. Otherwise pydicom refuses to save it little endian without forcing, and
+        # pynetdicom sends a data set read as big endian only as big endian.
+        ds.set_original_encoding(False, True, ds.original_character_set)
+    return ds
+
+
+# Extended Offset Table and its Lengths (PS3.3 C.7.6.3.1.8): offsets of the stored fragments.
+_EXTENDED_OFFSETS = (0x7FE00001, 0x7FE00002)
+
+
+def _drop_extended_offsets(ds: Dataset) -> None:
+    """The Extended Offset Table of converted Pixel Data removed: it gives the offsets and
+    lengths of the stored fragments, not of the frames made (a decoder that reads it, as
+    pydicom's does, takes the wrong bytes for every frame), and it may be present only with
+    encapsulated Pixel Data of one fragment per frame (PS3.3 C.7.6.3.1.8, PS3.5 A.4)."""
+    for tag in _EXTENDED_OFFSETS:
+        if tag in ds:
+            del ds[tag]
+
+
+def _swap_binary_values(ds: Dataset, top: bool = False) -> None:
+    """The OW, OF, OL, OD and OV values of a data set read as big endian, nested items
+    included, swapped to little endian in place (pydicom writes them as they were read: a
+    palette's [0 256 ...] became [0 1 ...]). The top level's Pixel Data is left to
+    _convert_pixels, which swaps it by Bits Allocated."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _swap_binary_values(item)
+            continue
+        if str(elem.VR) not in WORD_WIDTHS or not isinstance(elem.value, bytes | bytearray):
+            continue
+        if top and elem.tag == 0x7FE00010:
+            continue
+        elem.value = swapped_words(bytes(elem.value), str(elem.VR))
+
+
+def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
+    """The Pixel Data of `ds` in `target`; the compression ratio when `target` is lossy."""
+    info = PixelInfo.of(ds)
+    codec = ENCODERS[target]
+    if not codec.accepts(info):  # e.g. 1-bit or float data to a codec (available_targets)
+        raise ValueError(f"{UID(target).name} does not take these pixels")
+    if codec.encode is None:  # to Explicit VR Little Endian
+        if ts.is_compressed and info.bits_allocated == 1:
+            # PS3.5 8.1.1: 1-bit Pixel Data is bit-packed, frames following each other with
+            # no padding between them; pydicom's decompress() leaves a byte per pixel.
+            ds.PixelData = frame_bytes(pixels(ds), 1)
+            ds["PixelData"].VR = "OB"
+            ds["PixelData"].is_undefined_length = False
+        elif ts.is_compressed:
+            # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
+            decoded(
+                ts,
+                lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
+            )
+        elif not ts.is_little_endian and info.bits_allocated > 1:
+            # Big endian: the words swapped, as they are streamed (_write_streamed), bytes
+            # past the pixels included; colour untouched.
+            value = bytes(ds.PixelData)
+            width = _word_width(info, str(ds["PixelData"].VR))
+            ds.PixelData = b"".join(_copied(io.BytesIO(value), len(value), width))
+            ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
+        elif not ts.is_little_endian:  # 1-bit big endian: bits in 16-bit words, unpacked
+            ds.PixelData = frame_bytes(pixels(ds, as_rgb=False), 1)
+            ds["PixelData"].VR = "OB"
+        # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
+        return None
+    arr = pixels(ds)  # colour converted to RGB, as _decoded_colour then says
+    if info.samples_per_pixel == 3:  # and pixel-interleaved, Planar Configuration 0
+        info = replace(info, photometric="RGB", planar_configuration=0)
+    frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
+    sizes = Sizes()
+    ds.PixelData = encapsulate(list(sizes.of(codec.encode, info, frames)), has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    _decoded_colour(ds, info)
+    return sizes.ratio() if codec.lossy else None
+
+
+def _decoded_colour(ds: Dataset, info: PixelInfo) -> None:
+    if info.samples_per_pixel == 3:
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0

@@ -1,0 +1,389 @@
+"""Frames decoded, or decoded and re-encoded, one at a time: from a stored file (frame_array,
+decode_frames, encode_frames), from a frame's codestream alone (decode_codestream,
+convert_codestream) or from an item's nested Pixel Data (decode_item_pixels); the bound on what
+one decode makes (DECODE_MAX_BYTES); the last file decoded whole, kept for its next frame; the
+frames of encapsulated Pixel Data as stored (stored_frames)."""
+
+from __future__ import annotations
+
+import functools
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.decoders.rle import _rle_decode_segment
+from pydicom.pixels.utils import pack_bits, pixel_array, unpack_bits
+from pydicom.uid import UID
+
+from dicomweb_server.errors import NotFoundError
+from dicomweb_server.media import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
+from dicomweb_server.transcode.codecs import (
+    ENCODERS,
+    RLE_LOSSLESS,
+    PixelInfo,
+    TranscodeError,
+    keeps_ybr,
+)
+from dicomweb_server.transcode.plugins import DECODE_ERRORS, decoded
+from dicomweb_server.vr import frame_count
+
+__all__ = [
+    "DECODE_MAX_BYTES",
+    "WHOLE_FILE_KEEP_MAX_BYTES",
+    "cannot",
+    "check_dataset_size",
+    "convert_codestream",
+    "decode_codestream",
+    "decode_frames",
+    "decode_item_pixels",
+    "decoded_bytes",
+    "encode_frames",
+    "frame_array",
+    "frame_bytes",
+    "pixels",
+    "stored_frames",
+]
+
+
+def frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:
+    """Native bytes of decoded pixels: little endian, bit-packed when 1-bit, colour planes
+    separated when the instance says Planar Configuration 1 (PS3.3 C.7.6.3.1.3)."""
+    if bits_allocated == 1:
+        return bytes(pack_bits(arr))
+    if planar and arr.ndim >= 3:
+        arr = np.moveaxis(arr, -1, -3)
+    return bytes(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+
+
+def pixels(ds: Dataset, as_rgb: bool = True) -> np.ndarray:
+    """`ds.pixel_array`, decoded with the preferred plugin."""
+    check_dataset_size(ds, int(ds.get("NumberOfFrames") or 1))
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    if ts == RLE_LOSSLESS and int(ds.get("BitsAllocated") or 0) == 1:
+        nframes = int(ds.get("NumberOfFrames") or 1)
+        frames = [
+            _rle_one_bit(f, int(ds.Rows), int(ds.Columns))
+            for f in generate_frames(ds.PixelData, number_of_frames=nframes)
+        ]
+        return np.stack(frames) if nframes > 1 else frames[0]
+
+    def decode(plugin: str) -> np.ndarray:
+        ds.pixel_array_options(decoding_plugin=plugin, as_rgb=as_rgb)
+        arr: np.ndarray = ds.pixel_array
+        return arr
+
+    return decoded(ts, decode)
+
+
+def _rle_one_bit(codestream: bytes, rows: int, columns: int) -> np.ndarray:
+    """One frame of 1-bit RLE Lossless, which pydicom's decoders refuse: a single segment
+    (PS3.5 G.3.1 header: the segment count, then 15 offsets) of the frame's bit-packed bytes
+    (PS3.5 8.1.1; each frame is encoded on its own, A.4, so it starts on a byte), PackBits
+    coded (G.3.1, decoded by pydicom's own segment decoder). Returns 0/1 pixels, rows x
+    columns."""
+    (count, offset) = struct.unpack_from("<2I", codestream)
+    if count != 1 or not 64 <= offset < len(codestream):
+        raise ValueError(f"1-bit RLE frame with {count} segments at offset {offset}, not 1")
+    packed = _rle_decode_segment(codestream[offset:])
+    pixels = rows * columns
+    if len(packed) * 8 < pixels:
+        raise ValueError(f"1-bit RLE segment of {len(packed)} bytes for {pixels} pixels")
+    return np.asarray(unpack_bits(bytes(packed))[:pixels], dtype=np.uint8).reshape(rows, columns)
+
+
+# The most bytes one decode makes: a frame, or an instance decoded whole (pixels). Decoders
+# size their output by the Image Pixel attributes, and a file of a few bytes can claim
+# 65535 x 65535 x 3 16-bit pixels (25 GB, allocated and filled). At most one decode per core
+# runs at a time (the app's CapacityLimiter).
+DECODE_MAX_BYTES = 1024**3
+
+
+def decoded_bytes(rows: int, columns: int, samples: int, bits: int, frames: int) -> int:
+    """Bytes of pixels so described, decoded: a byte per sample at least (decoders unpack
+    1-bit data), whole bytes per sample otherwise, one frame at least."""
+    return rows * columns * samples * max(1, -(-bits // 8)) * max(1, frames)
+
+
+def _check_decoded_size(rows: int, columns: int, samples: int, bits: int, frames: int) -> None:
+    """ValueError (a 406 with its reason) when pixels so described would decode to more than
+    DECODE_MAX_BYTES."""
+    size = decoded_bytes(rows, columns, samples, bits, frames)
+    if size > DECODE_MAX_BYTES:
+        raise ValueError(
+            f"its pixels would decode to {size} bytes; at most {DECODE_MAX_BYTES} are decoded"
+            " at once"
+        )
+
+
+def check_dataset_size(ds: Dataset, frames: int) -> None:
+    _check_decoded_size(
+        int(ds.get("Rows") or 0),
+        int(ds.get("Columns") or 0),
+        int(ds.get("SamplesPerPixel") or 1),
+        int(ds.get("BitsAllocated") or 8),
+        frames,
+    )
+
+
+def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndarray:
+    """Frame n (1-based), decoded; reads only that frame when the file allows it. `as_rgb`:
+    YCbCr converted to RGB (pydicom's default), else left as it is (keeps_ybr)."""
+    check_dataset_size(ds, 1)
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or (
+        ts == RLE_LOSSLESS and ds.get("BitsAllocated") == 1
+    ):
+        # no random access into deflate; 1-bit RLE is decoded by pixels, not by pydicom
+        return _whole_file_frame(path, n, as_rgb)
+    if not UID(str(ts)).is_compressed:
+        _check_native_frame(path, ds, n)
+    try:
+        frame: np.ndarray = decoded(
+            str(ds.file_meta.TransferSyntaxUID),
+            lambda plugin: pixel_array(
+                str(path), index=n - 1, decoding_plugin=plugin, as_rgb=as_rgb
+            ),
+        )
+        return frame
+    except (AttributeError, ValueError, KeyError):
+        # Files pydicom reads only with repairs (e.g. Pixel Data written implicitly in an
+        # explicit VR file): decode through a full read instead.
+        return _whole_file_frame(path, n, as_rgb)
+
+
+def _check_native_frame(path: Path, ds: Dataset, n: int) -> None:
+    """ValueError unless frame n (1-based) of native Pixel Data lies inside the value the
+    file holds. pydicom reads a frame of a file by its offset alone, trusting Number of
+    Frames: past the value it reads the elements after it, or nothing, and 1-bit frames are
+    unpacked with numpy's unpackbits, which for an empty read returns its output
+    uninitialised (numpy 2.4): frame 2 of a 1-bit SEG of one frame, rendered, drew the
+    server's freed memory. A frame far past the value (Number of Frames 2^31 - 1) made
+    pydicom seek past the largest offset of the file system, an OSError (a 500)."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return  # pydicom refuses the frame itself
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # two luminance samples share one Cb and one Cr (PS3.3 C.7.6.3.1.2)
+    held = _native_value_bytes(path)
+    end = -(-n * rows * columns * samples * bits // 8)  # PS3.5 8.1.1: frames follow, packed
+    if held is not None and end > held:
+        frame = -(-rows * columns * samples * bits // 8)
+        raise ValueError(
+            f"frame {n} lies past the end of the Pixel Data: its {held} bytes hold"
+            f" {held // frame if frame else 0} frame(s) of {frame} bytes"
+        )
+
+
+def _native_value_bytes(path: Path) -> int | None:
+    """Bytes of the top-level (Float, Double Float) Pixel Data value of a native file that
+    the file holds: its stated length (PS3.5 7.1), cut at the end of the file; None when
+    there is none. Kept per file (a stat, not a parse, for its next frame: the parse costs
+    0.3 to 0.9 ms, a third of decoding a frame); blobs never change under their key, and the
+    file's size and time are part of the key all the same."""
+    st = path.stat()
+    return _value_bytes_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _value_bytes_of(name: str, size: int, _mtime_ns: int) -> int | None:
+    with open(name, "rb") as fp:
+        head = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        start = fp.tell()
+        header = fp.read(12)
+    ts = UID(str(head.file_meta.TransferSyntaxUID))
+    order = "<" if ts.is_little_endian else ">"
+    if len(header) < 8 or struct.unpack(f"{order}HH", header[:4])[0] != 0x7FE0:
+        return None
+    if ts.is_implicit_VR or not header[4:6].isalpha():  # Pixel Data written implicitly
+        (length,), at = struct.unpack(f"{order}I", header[4:8]), start + 8
+    elif header[4:6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):  # PS3.5 7.1.2: 4-byte length
+        (length,), at = struct.unpack(f"{order}I", header[8:12]), start + 12
+    else:
+        (length,), at = struct.unpack(f"{order}H", header[6:8]), start + 8
+    if length == 0xFFFFFFFF:
+        raise ValueError(
+            "its Pixel Data has an undefined length, which a native transfer syntax does not"
+            " allow (PS3.5 A.4: only encapsulated Pixel Data has one)"
+        )
+    return max(0, min(int(length), size - at))
+
+
+# The frames of the last file decoded whole (Deflated, 1-bit RLE, files pydicom reads only
+# whole), kept for its next frame: every frame of a 256-frame Deflated instance, asked one by
+# one or drawn as an animation, decoded the whole file 256 times (33 s, against 0.7 s for the
+# same frames uncompressed). One file per process, so memory stays at one decoded instance
+# (a Deflated one inflates to at most dicomfile.MAX_INFLATED_BYTES). Blobs never change
+# under their key; the file's size and time are part of the key all the same.
+_WHOLE_LOCK = threading.Lock()
+# A file decoded whole into more than this is not kept (1-bit RLE and the files pydicom reads
+# only whole have no inflated-size bound).
+WHOLE_FILE_KEEP_MAX_BYTES = 64 * 1024 * 1024
+_whole: tuple[tuple[str, int, int, bool], np.ndarray] | None = None
+
+
+def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
+    """Frame n (1-based) of a file decoded whole, a copy (the decoded file is shared)."""
+    global _whole
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size, as_rgb)
+    with _WHOLE_LOCK:
+        cached = _whole[1] if _whole is not None and _whole[0] == key else None
+    if cached is None:
+        full = pydicom.dcmread(path)
+        arr = pixels(full, as_rgb)
+        # Frames by the array's shape, not by Number of Frames: pydicom counts the frames a
+        # value holds when the attribute is absent (a Deflated file whose Columns was halved
+        # came out as two frames, and frame 1 was both, a 3-D "frame" Pillow refused: a 500).
+        one = 2 if int(full.get("SamplesPerPixel") or 1) == 1 else 3  # a frame's dimensions
+        cached = arr if arr.ndim > one else arr[np.newaxis]
+        if cached.nbytes <= WHOLE_FILE_KEEP_MAX_BYTES:
+            with _WHOLE_LOCK:
+                _whole = (key, cached)
+    frame: np.ndarray = cached[n - 1].copy()
+    return frame
+
+
+def cannot(path: Path | None, what: str, exc: Exception) -> TranscodeError:
+    return TranscodeError(f"cannot {what}: {exc}; ask for transfer-syntax=* for the stored bytes")
+
+
+def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
+    """Frames (1-based) decoded to native little-endian bytes (Explicit VR Little Endian).
+
+    Colour that a decoder delivers as YCbCr is converted to RGB (pydicom's default), except
+    YBR_FULL, which stays so (keeps_ybr).
+    """
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = PixelInfo.of(ds)
+    planar = info.samples_per_pixel > 1 and ds.get("PlanarConfiguration") == 1
+    out = []
+    for n in frames:
+        try:
+            arr = frame_array(path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
+            # Bit-packing refuses samples other than 0 and 1 (a JPEG frame's, under a Bits
+            # Allocated of 1) with a ValueError: inside the `except`, not a 500.
+            out.append(frame_bytes(arr, info.bits_allocated, planar))
+        except DECODE_ERRORS as exc:
+            raise cannot(path, f"decode frame {n}", exc) from None
+    return out
+
+
+def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> list[bytes]:
+    """Frames decoded, then encoded in `transfer_syntax_uid` (one codestream per frame)."""
+    codec = ENCODERS[transfer_syntax_uid]
+    assert codec.encode is not None
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = PixelInfo.of(ds)
+    out = []
+    for n in frames:
+        try:
+            arr = frame_array(path, ds, n, not keeps_ybr(info, transfer_syntax_uid))
+            out.append(codec.encode(arr, info))
+        except DECODE_ERRORS as exc:
+            raise cannot(
+                path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
+            ) from None
+    return out
+
+
+def decode_codestream(
+    codestream: bytes, transfer_syntax_uid: str, info: PixelInfo, as_rgb: bool = True
+) -> np.ndarray:
+    """One frame's compressed bytes (read by range at the offsets recorded at ingest) decoded,
+    without opening the file: the pixel description comes from the index. `as_rgb` as for
+    frame_array."""
+    opts: dict[str, Any] = {
+        "as_rgb": as_rgb,
+        "rows": info.rows,
+        "columns": info.columns,
+        "samples_per_pixel": info.samples_per_pixel,
+        "bits_allocated": info.bits_allocated,
+        "bits_stored": info.bits_stored,
+        "pixel_representation": info.pixel_representation,
+        "photometric_interpretation": info.photometric,
+        "number_of_frames": 1,
+        "planar_configuration": 0,
+    }
+    try:
+        _check_decoded_size(info.rows, info.columns, info.samples_per_pixel, info.bits_allocated, 1)
+        if transfer_syntax_uid == RLE_LOSSLESS and info.bits_allocated == 1:
+            return _rle_one_bit(codestream, info.rows, info.columns)
+        arr, _ = decoded(
+            transfer_syntax_uid,
+            lambda plugin: get_decoder(transfer_syntax_uid).as_array(
+                encapsulate([codestream]), **opts, decoding_plugin=plugin
+            ),
+        )
+    except DECODE_ERRORS as exc:
+        raise cannot(None, f"decode a {UID(transfer_syntax_uid).name} frame", exc) from None
+    return arr
+
+
+def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, target: str) -> bytes:
+    """A stored compressed frame decoded, then sent uncompressed or re-encoded as `target`;
+    in the colour space the metadata gives (keeps_ybr), for it is all a client knows."""
+    arr = decode_codestream(codestream, stored_ts, info, not keeps_ybr(info, target))
+    codec = ENCODERS[target]
+    try:
+        if codec.encode is None:  # same layout as decode_frames gives
+            planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
+            return frame_bytes(arr, info.bits_allocated, planar)
+        return codec.encode(arr, info)
+    except DECODE_ERRORS as exc:
+        raise cannot(None, f"encode a frame as {UID(target).name}", exc) from None
+
+
+def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
+    """Encapsulated Pixel Data nested in an item (an Icon Image Sequence's), decoded to its
+    uncompressed value, every frame, little endian (octet-stream bulk data is uncompressed,
+    PS3.18 8.7.3.3), colour as frames are (keeps_ybr). The item describes its own pixels."""
+    ds = Dataset(item)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    info = PixelInfo.of(ds)
+    planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
+    try:
+        arr = pixels(ds, as_rgb=not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
+        return frame_bytes(arr, info.bits_allocated, planar)
+    except DECODE_ERRORS as exc:
+        raise cannot(None, "decode the nested Pixel Data", exc) from None
+
+
+def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
+    """Frames of encapsulated pixel data as stored, for files whose fragment-to-frame mapping
+    could not be recorded at ingest (no offset table and fragments != frames). pydicom splits
+    them (by JPEG markers) reading the open file, up to the farthest frame asked for; memory
+    holds the frames asked for, not the Pixel Data (the file was read whole, and every frame
+    of it kept, for each request: 19 MB for one 15 KB frame of a 9 MB value)."""
+    wanted, last = set(frames), max(frames)
+    found: dict[int, bytes] = {}
+    count = 0
+    with path.open("rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        nframes = frame_count(ds.get("NumberOfFrames"))
+        # The element's header: tag, VR, 2 reserved bytes, the length (PS3.5 7.1.2); or tag
+        # and length when written implicitly in an explicit file (pydicom reads that too).
+        if fp.read(8)[4:6].isalpha():
+            fp.read(4)
+        try:
+            for count, frame in enumerate(generate_frames(fp, number_of_frames=nframes), 1):
+                if count in wanted:
+                    found[count] = frame
+                if count >= last:
+                    break
+        except DECODE_ERRORS as exc:  # fewer fragments than frames, a damaged offset table
+            raise NotFoundError(
+                f"the stored pixel data does not hold the frames asked for: {exc}"
+            ) from None
+    if last > count:
+        raise NotFoundError(f"the stored pixel data holds {count} frames")
+    return [found[n] for n in frames]
