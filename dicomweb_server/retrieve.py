@@ -24,18 +24,16 @@ from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_val
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     MULTIPART_RELATED,
     STORED,
-    frame_media_type,
-    negotiate_frames,
-    negotiate_instances,
     parse_accept,
 )
+from dicomweb_server.media.negotiate import frame_media_type, negotiate_frames, negotiate_instances
 from dicomweb_server.metadata import not_found, pixel_info, targets_of
 from dicomweb_server.multipart import close_all
 from dicomweb_server.transcode import (

@@ -47,7 +47,7 @@ from pydicom.uid import (
 )
 
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,

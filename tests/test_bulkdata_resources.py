@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicomweb_server.dicomfile import read_bulk_value
-from dicomweb_server.media import wants_bulkdata
+from dicomweb_server.media.negotiate import wants_bulkdata
 from tests.helpers import (
     ROOT,
     inst_url,

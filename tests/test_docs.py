@@ -15,7 +15,6 @@ from dicomweb_server import (
     dicom_xml,
     dicomfile,
     httpd,
-    media,
     multipart,
     query,
     render,
@@ -28,6 +27,7 @@ from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
+from dicomweb_server.media import negotiate
 from dicomweb_server.routes import admin, common, stow
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
@@ -62,8 +62,8 @@ def test_failure_reasons() -> None:
 
 def test_frame_media_types() -> None:
     documented = dict((ts, mt) for ts, mt in table("### Frame media types"))
-    assert documented == {ts: media.frame_media_type(ts) for ts in documented}
-    assert set(documented) == set(media._FRAME_MEDIA_TYPES)
+    assert documented == {ts: negotiate.frame_media_type(ts) for ts in documented}
+    assert set(documented) == set(negotiate._FRAME_MEDIA_TYPES)
 
 
 def test_limits() -> None:

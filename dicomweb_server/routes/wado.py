@@ -9,10 +9,12 @@ from dicomweb_server.bulkdata import bulk_payload, located_frames
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
     EXPLICIT_VR_LITTLE_ENDIAN,
+)
+from dicomweb_server.media.negotiate import (
     frame_part_type,
     names_instances,
     negotiate_bulkdata,
