@@ -1,7 +1,7 @@
 """Metadata resources (PS3.18 10.4.1.1.2): the stored DICOM JSON of a study, series or
 instance, served from the index, never from the files (field notes 1), with Available Transfer
 Syntax UID added; study and series metadata assembled per series and cached by series version.
-Also what an instance can be converted to (pixel_info, targets_of), shared with retrieve.py."""
+Also what an instance can be converted to (pixel_info, targets_of), shared with retrieve/."""
 
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ from dicomweb_server import (
     query,
     render,
     rendered,
-    retrieve,
     stow_json,
     transcode,
 )
@@ -28,6 +27,7 @@ from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media import negotiate
+from dicomweb_server.retrieve import frames as retrieve_frames
 from dicomweb_server.routes import admin, common, stow
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
@@ -67,9 +67,9 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered, render, admin, auditlog,
-               handlers, identifier, dimse_server, common, stow_json, dicom_xml, dicomfile, stow,
-               transcode, blobstore, app, cli, httpd)  # fmt: skip
+    modules = (config, multipart, query, retrieve_frames, dicom_json, rendered, render, admin,
+               auditlog, handlers, identifier, dimse_server, common, stow_json, dicom_xml,
+               dicomfile, stow, transcode, blobstore, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -37,7 +37,8 @@ from dicomweb_server.multipart import (
     one_part_frame,
     stable_boundary,
 )
-from dicomweb_server.retrieve import Part, PartLength, Sized
+from dicomweb_server.retrieve.frames import Sized
+from dicomweb_server.retrieve.instances import Part, PartLength
 
 __all__ = [
     "StreamedResponse",
@@ -77,7 +78,7 @@ _WARN_AGENT = "dicomweb-server"
 # A multipart response whose length is known up front and at most this many bytes is built
 # whole, then sent as one plain response: streaming costs a task group and a disconnect
 # listener per response, a quarter of a small retrieve's instructions. Memory per response
-# stays within the small-instance read (retrieve.SMALL_RUN_BYTES) and its joined copy.
+# stays within the small-instance read (retrieve.instances.SMALL_RUN_BYTES) and its joined copy.
 INLINE_RESPONSE_BYTES = 1024 * 1024
 
 
