@@ -29,7 +29,7 @@ import aiofiles
 import aiofiles.os
 import anyio
 
-from dicomweb_server.media import FILE_META_MAX_BYTES, file_meta_end
+from dicomweb_server.media.part10 import FILE_META_MAX_BYTES, file_meta_end
 
 __all__ = [
     "DATA_SET_HASH_VERSION",

@@ -4,9 +4,10 @@ for as bulk data (B.10): every value the metadata gives a BulkDataURI, one part 
 retrieve order, each part's Content-Location the BulkDataURI of the metadata.
 
 The Pixel Data of an encapsulated instance goes as its single BulkDataURI does
-(retrieve.pixel_data_plan): uncompressed for octet-stream, its frames for `transfer-syntax=*`
-or an image type, one part each, located at `{BulkDataURI}/frames/{n}` (the frame's URL
-under its bulk data, as PS3.18 has long named compressed frames in bulk data payloads).
+(retrieve.pixeldata.pixel_data_plan): uncompressed for octet-stream, its frames for
+`transfer-syntax=*` or an image type, one part each, located at `{BulkDataURI}/frames/{n}`
+(the frame's URL under its bulk data, as PS3.18 has long named compressed frames in bulk data
+payloads).
 Native Pixel Data is its value, or its frames in an image type when only that is accepted.
 """
 
@@ -20,18 +21,17 @@ from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_prefix
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import BULKDATA_ACCEPTABLE, accepts_bulkdata
+from dicomweb_server.media.negotiate import BULKDATA_ACCEPTABLE, accepts_bulkdata
 from dicomweb_server.metadata import not_found
 from dicomweb_server.multipart import Prefixed, close_all
-from dicomweb_server.retrieve import (
+from dicomweb_server.retrieve.frames import frame_media, frame_parts
+from dicomweb_server.retrieve.instances import Part
+from dicomweb_server.retrieve.pixeldata import (
     AS_FRAMES,
     DECODED,
     STORED_FRAMES,
-    Part,
     decoded_pixel_data,
     encapsulated_pixels,
-    frame_media,
-    frame_parts,
     pixel_data_plan,
     stored_bulk_value,
 )

@@ -33,13 +33,13 @@ from dicomweb_server.dicom_json import (
     simple_json,
 )
 from dicomweb_server.errors import FailureReason
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
-    LONG_LENGTH_VRS,
     VIDEO_TRANSFER_SYNTAXES,
 )
+from dicomweb_server.media.part10 import LONG_LENGTH_VRS
 from dicomweb_server.record import FrameLayout
 from dicomweb_server.vr import frame_count, swapped_words
 

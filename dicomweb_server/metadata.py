@@ -1,7 +1,7 @@
 """Metadata resources (PS3.18 10.4.1.1.2): the stored DICOM JSON of a study, series or
 instance, served from the index, never from the files (field notes 1), with Available Transfer
 Syntax UID added; study and series metadata assembled per series and cached by series version.
-Also what an instance can be converted to (pixel_info, targets_of), shared with retrieve.py."""
+Also what an instance can be converted to (pixel_info, targets_of), shared with retrieve/."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index import MetadataRow, StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import NOT_FOR_WEB
+from dicomweb_server.media.mediatypes import NOT_FOR_WEB
 from dicomweb_server.transcode.codecs import PixelInfo, available_targets
 
 __all__ = ["metadata_json", "not_found", "pixel_info", "targets_of"]

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
-from dicomweb_server.media import parse_accept
+from dicomweb_server.media.mediatypes import parse_accept
 
 __all__ = [
     "DEFAULT_QUALITY",

@@ -12,7 +12,7 @@ import anyio
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import VIDEO_TRANSFER_SYNTAXES
+from dicomweb_server.media.mediatypes import VIDEO_TRANSFER_SYNTAXES
 from dicomweb_server.render import render_animation, render_frame, render_icon
 from dicomweb_server.rendered import RenderParams
 from dicomweb_server.report import render_report

@@ -43,13 +43,13 @@ from dicomweb_server.dicom_xml import dataset_from_xml
 from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
 from dicomweb_server.ingest import Services, storage_failure, store_path
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
     VIDEO_TRANSFER_SYNTAXES,
-    frame_syntax,
     parse_content_type,
 )
+from dicomweb_server.media.negotiate import frame_syntax
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 
 __all__ = [

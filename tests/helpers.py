@@ -17,7 +17,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from starlette.applications import Starlette
 
 from dicomweb_server.config import Settings
-from dicomweb_server.media import LONG_LENGTH_VRS
+from dicomweb_server.media.part10 import LONG_LENGTH_VRS
 
 BOUNDARY = "test-boundary-1234"
 # Host names the in-process test clients use; `--auth none` answers only names it is told of.

@@ -1002,7 +1002,7 @@ async def test_series_of_small_instances_is_read_in_runs(
 ) -> None:
     """Instances sent as stored are read SMALL_RUN_BYTES at a time, one worker-thread call per
     run; an instance that has no run partner is streamed; every byte arrives in order."""
-    from dicomweb_server import retrieve
+    from dicomweb_server.retrieve import instances
 
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     files = [
@@ -1011,7 +1011,7 @@ async def test_series_of_small_instances_is_read_in_runs(
     for f in files:
         assert (await stow(app_client, f)).status_code == 200
     size = max(len(f) for f in files)
-    monkeypatch.setattr(retrieve, "SMALL_RUN_BYTES", 2 * size)  # two per run at most
+    monkeypatch.setattr(instances, "SMALL_RUN_BYTES", 2 * size)  # two per run at most
     blobs = app.state.services.blobs
     real = blobs.read_whole
     runs: list[int] = []

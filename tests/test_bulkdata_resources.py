@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicomweb_server.dicomfile import read_bulk_value
-from dicomweb_server.media import wants_bulkdata
+from dicomweb_server.media.negotiate import wants_bulkdata
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -330,19 +330,19 @@ async def test_a_later_value_not_made_in_the_image_type_asked_is_left_out(
 async def test_head_of_bulk_resources_decodes_nothing(
     app_client: httpx.AsyncClient, samples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dicomweb_server import retrieve
+    from dicomweb_server.retrieve import frames
 
     path = samples / "generated" / "coverage" / "nm_10frames_rle.dcm"
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     await _store(app_client, path.read_bytes())
     calls: list[int] = []
-    real = retrieve.convert_codestream  # type: ignore[attr-defined]
+    real = frames.convert_codestream  # type: ignore[attr-defined]
 
     def counted(*args: Any, **kwargs: Any) -> bytes:
         calls.append(1)
         return bytes(real(*args, **kwargs))
 
-    monkeypatch.setattr(retrieve, "convert_codestream", counted)
+    monkeypatch.setattr(frames, "convert_codestream", counted)
     for url in (f"{inst_url(ds)}/pixeldata", f"{inst_url(ds)}/bulkdata", inst_url(ds)):
         for accept in (OCTETS, 'multipart/related; type="image/jls"'):
             r = await app_client.head(url, headers={"Accept": accept})

@@ -270,7 +270,7 @@ def test_one_bit_pixel_data_decoded_whole_is_bounded(samples: Path, tmp_path: Pa
 async def test_a_converted_part_closed_unread_removes_its_scratch_file(tmp_path: Path) -> None:
     """A part's body closed before its first chunk (a response cut after the part's headers,
     a range that skips the part) removes the scratch file all the same; read to its end, too."""
-    from dicomweb_server.retrieve import _StreamAndRemove
+    from dicomweb_server.retrieve.instances import _StreamAndRemove
 
     unread, read = tmp_path / "unread.dcm", tmp_path / "read.dcm"
     unread.write_bytes(b"x" * 10)

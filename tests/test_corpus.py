@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomweb_server.dicomfile import configure_pydicom
-from dicomweb_server.media import NOT_FOR_WEB
+from dicomweb_server.media.mediatypes import NOT_FOR_WEB
 from tests.helpers import ROOT, multipart_body, split_multipart, stow_headers, values
 
 pytestmark = pytest.mark.db

@@ -20,8 +20,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
-from dicomweb_server.media import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
-from dicomweb_server.media import NOT_FOR_WEB
+from dicomweb_server.media.mediatypes import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
+from dicomweb_server.media.mediatypes import NOT_FOR_WEB
 from tests.dimse_support import (
     CLIENT_TIMEOUT_S,
     SCU,

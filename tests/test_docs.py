@@ -15,18 +15,18 @@ from dicomweb_server import (
     dicom_xml,
     dicomfile,
     httpd,
-    media,
     multipart,
     query,
     render,
     rendered,
-    retrieve,
     stow_json,
 )
 from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
+from dicomweb_server.media import negotiate
+from dicomweb_server.retrieve import frames as retrieve_frames
 from dicomweb_server.routes import admin, common, stow
 from dicomweb_server.transcode import codecs, convert, frames
 
@@ -62,14 +62,14 @@ def test_failure_reasons() -> None:
 
 def test_frame_media_types() -> None:
     documented = dict((ts, mt) for ts, mt in table("### Frame media types"))
-    assert documented == {ts: media.frame_media_type(ts) for ts in documented}
-    assert set(documented) == set(media._FRAME_MEDIA_TYPES)
+    assert documented == {ts: negotiate.frame_media_type(ts) for ts in documented}
+    assert set(documented) == set(negotiate._FRAME_MEDIA_TYPES)
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve, dicom_json, rendered, render, admin, auditlog,
-               handlers, identifier, dimse_server, common, stow_json, dicom_xml, dicomfile, stow,
-               frames, convert, blobstore, app, cli, httpd)  # fmt: skip
+    modules = (config, multipart, query, retrieve_frames, dicom_json, rendered, render, admin,
+               auditlog, handlers, identifier, dimse_server, common, stow_json, dicom_xml,
+               dicomfile, stow, frames, convert, blobstore, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

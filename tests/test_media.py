@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from dicomweb_server import media
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, UnsupportedMediaTypeError
-from dicomweb_server.media import (
+from dicomweb_server.media import mediatypes
+from dicomweb_server.media.headers import accepts_gzip, none_match
+from dicomweb_server.media.mediatypes import (
     ACCEPT_CACHE_MAX_CHARS,
     ACCEPT_CACHE_SIZE,
     EXPLICIT_VR_LITTLE_ENDIAN,
     STORED,
-    accepts_gzip,
+    parse_accept,
+    stow_boundary,
+)
+from dicomweb_server.media.negotiate import (
     frame_media_type,
     negotiate_dicom_model,
     negotiate_frames,
     negotiate_instances,
-    none_match,
-    parse_accept,
-    stow_boundary,
 )
 
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -53,7 +54,7 @@ def test_parsed_accept_headers_are_kept_and_bounded() -> None:
     """The same header is parsed once; distinct headers past ACCEPT_CACHE_SIZE push the
     oldest out; headers over ACCEPT_CACHE_MAX_CHARS are not kept; kept ranges cannot be
     changed."""
-    kept = media._parse_accept_kept
+    kept = mediatypes._parse_accept_kept
     kept.cache_clear()
     header = 'multipart/related; type="application/dicom"; transfer-syntax=*'
     first = parse_accept(header)

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from dicomweb_server.errors import BadRequestError
-from dicomweb_server.media import accept_then, check_charset, parse_accept
+from dicomweb_server.media.mediatypes import accept_then, check_charset, parse_accept
 from tests.helpers import (
     ROOT,
     inst_url,

@@ -17,8 +17,8 @@ from pydicom.uid import UID
 from starlette.applications import Starlette
 
 from dicomweb_server.errors import RangeNotSatisfiableError
-from dicomweb_server.media import byte_range
-from dicomweb_server.retrieve import _item_map, slice_stream
+from dicomweb_server.media.headers import byte_range
+from dicomweb_server.retrieve.frames import _item_map, slice_stream
 from tests.helpers import (
     ROOT,
     inst_url,

@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence
 
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.rendered import THUMBNAIL_SIZE
-from dicomweb_server.retrieve import parse_frame_list
+from dicomweb_server.retrieve.frames import parse_frame_list
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 pytestmark = pytest.mark.db

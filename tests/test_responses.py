@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response, StreamingResponse
 
 from dicomweb_server.multipart import encode_parts, encoded_length
-from dicomweb_server.retrieve import Part
+from dicomweb_server.retrieve.instances import Part
 from dicomweb_server.routes import common
 from dicomweb_server.routes.common import INLINE_RESPONSE_BYTES, multipart_response
 from tests.helpers import (
@@ -136,7 +136,7 @@ async def test_head_of_a_study_converts_and_reads_nothing_more(
 
     import pydicom
 
-    from dicomweb_server import retrieve
+    from dicomweb_server.retrieve import instances
 
     study = make_instance().StudyInstanceUID
     raws = []
@@ -151,13 +151,13 @@ async def test_head_of_a_study_converts_and_reads_nothing_more(
     )
     assert r.status_code == 200, r.text
     calls: list[str] = []
-    real = retrieve.to_transfer_syntax  # type: ignore[attr-defined]
+    real = instances.to_transfer_syntax  # type: ignore[attr-defined]
 
     def counted(*args: Any) -> None:
         calls.append(str(args[2]))
         real(*args)
 
-    monkeypatch.setattr(retrieve, "to_transfer_syntax", counted)
+    monkeypatch.setattr(instances, "to_transfer_syntax", counted)
     url = f"{ROOT}/studies/{study}"
     r = await app_client.head(url)  # Explicit VR Little Endian: each instance decoded
     assert r.status_code == 200 and r.content == b""

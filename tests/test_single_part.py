@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from starlette.applications import Starlette
 
-from dicomweb_server.media import single_parts
+from dicomweb_server.media.negotiate import single_parts
 from tests.helpers import (
     ROOT,
     inst_url,

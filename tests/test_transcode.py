@@ -18,7 +18,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import unpack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from dicomweb_server import retrieve
+from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.transcode import frames as transcode_frames
 from dicomweb_server.transcode import plugins as transcode_plugins
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr
@@ -571,7 +571,7 @@ async def test_one_bit_pixel_data_bulk_value_is_its_uncompressed_value(
     assert r.status_code == 200, r.text
     value = f"{inst_url(ds)}/bulk/7FE00010"
     with monkeypatch.context() as m:  # a HEAD decodes nothing
-        m.setattr(retrieve, "one_bit_pixel_data", None)
+        m.setattr(pixeldata, "one_bit_pixel_data", None)
         r = await app_client.head(value, headers={"Accept": "application/octet-stream"})
     assert r.status_code == 200 and r.headers["content-length"] == str(len(native.PixelData))
     r = await app_client.get(value, headers={"Accept": "application/octet-stream"})

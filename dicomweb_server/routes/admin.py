@@ -14,7 +14,7 @@ from dicomweb_server.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from dicomweb_server.media import APPLICATION_JSON, parse_content_type
+from dicomweb_server.media.mediatypes import APPLICATION_JSON, parse_content_type
 from dicomweb_server.routes.common import services
 
 __all__ = ["create_key", "list_keys", "revoke_key"]

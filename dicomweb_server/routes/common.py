@@ -20,14 +20,12 @@ from dicomweb_server.dicom_json import dumps
 from dicomweb_server.dicom_xml import dataset_xml
 from dicomweb_server.errors import BadRequestError, DicomWebError
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import (
+from dicomweb_server.media.headers import accepts_gzip, byte_range, none_match
+from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM_XML,
     MULTIPART_RELATED,
     accept_then,
-    accepts_gzip,
-    byte_range,
     check_charset,
-    none_match,
 )
 from dicomweb_server.multipart import (
     Prefixed,
@@ -39,7 +37,8 @@ from dicomweb_server.multipart import (
     one_part_frame,
     stable_boundary,
 )
-from dicomweb_server.retrieve import Part, PartLength, Sized
+from dicomweb_server.retrieve.frames import Sized
+from dicomweb_server.retrieve.instances import Part, PartLength
 
 __all__ = [
     "StreamedResponse",
@@ -79,7 +78,7 @@ _WARN_AGENT = "dicomweb-server"
 # A multipart response whose length is known up front and at most this many bytes is built
 # whole, then sent as one plain response: streaming costs a task group and a disconnect
 # listener per response, a quarter of a small retrieve's instructions. Memory per response
-# stays within the small-instance read (retrieve.SMALL_RUN_BYTES) and its joined copy.
+# stays within the small-instance read (retrieve.instances.SMALL_RUN_BYTES) and its joined copy.
 INLINE_RESPONSE_BYTES = 1024 * 1024
 
 
@@ -201,7 +200,7 @@ async def model_response(
     docs: Any, media: str, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     """DICOM JSON data sets (one object, or a list) in the representation negotiated by
-    media.negotiate_dicom_model: JSON as they are, or DICOM XML (PS3.19 A.1), made in a
+    media.negotiate.negotiate_dicom_model: JSON as they are, or DICOM XML (PS3.19 A.1), made in a
     worker thread when there are more than XML_INLINE_DOCS data sets (1000 QIDO matches
     take about 40 ms)."""
     if media not in (MULTIPART_RELATED, APPLICATION_DICOM_XML):

@@ -11,7 +11,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.config import VERSION as __version__
 from dicomweb_server.errors import NotAcceptableError
-from dicomweb_server.media import parse_accept
+from dicomweb_server.media.mediatypes import parse_accept
 from dicomweb_server.openapi import WADL_MEDIA_TYPE, openapi_document, wadl_document
 from dicomweb_server.routes.common import accept_of, base_url, services
 from dicomweb_server.routes.roles import ROUTE_ROLES

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dicomweb_server.attributes import Level
-from dicomweb_server.media import negotiate_dicom_model
+from dicomweb_server.media.negotiate import negotiate_dicom_model
 from dicomweb_server.query import parse
 from dicomweb_server.routes.common import (
     accept_of,

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import MediaRange, parse_accept
+from dicomweb_server.media.mediatypes import MediaRange, parse_accept
 from dicomweb_server.rendered import negotiate_rendered, parse_render_params
 from dicomweb_server.rendering import (
     REPORT_CLASS_PREFIX,
@@ -19,7 +19,9 @@ from dicomweb_server.rendering import (
     representative,
 )
 from dicomweb_server.report import REPORT_MEDIA_TYPES
-from dicomweb_server.retrieve import locate, parse_frame_list, stored_bulk_value
+from dicomweb_server.retrieve.frames import parse_frame_list
+from dicomweb_server.retrieve.instances import locate
+from dicomweb_server.retrieve.pixeldata import stored_bulk_value
 from dicomweb_server.routes.common import StreamedResponse, accept_of, services, uid_param
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]

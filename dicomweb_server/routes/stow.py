@@ -7,7 +7,8 @@ from starlette.responses import Response
 
 from dicomweb_server.dicom_json import InstanceOutcome, stow_response
 from dicomweb_server.ingest import StoreInterruptedError, store_parts, stow_status
-from dicomweb_server.media import APPLICATION_DICOM, negotiate_dicom_model, stow_boundary
+from dicomweb_server.media.mediatypes import APPLICATION_DICOM, stow_boundary
+from dicomweb_server.media.negotiate import negotiate_dicom_model
 from dicomweb_server.multipart import iter_parts
 from dicomweb_server.routes.common import (
     accept_of,

@@ -9,10 +9,12 @@ from dicomweb_server.bulkdata import bulk_payload, located_frames
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.index import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM,
     APPLICATION_OCTET_STREAM,
     EXPLICIT_VR_LITTLE_ENDIAN,
+)
+from dicomweb_server.media.negotiate import (
     frame_part_type,
     names_instances,
     negotiate_bulkdata,
@@ -22,17 +24,14 @@ from dicomweb_server.media import (
 )
 from dicomweb_server.metadata import metadata_json
 from dicomweb_server.multipart import Prefixed, close_all, new_boundary
-from dicomweb_server.retrieve import (
+from dicomweb_server.retrieve.frames import frame_parts, frame_value, parse_frame_list
+from dicomweb_server.retrieve.instances import instance_parts, locate
+from dicomweb_server.retrieve.pixeldata import (
     DECODED,
     STORED_FRAMES,
     bulk_value,
     decoded_pixel_data,
     encapsulated_pixels,
-    frame_parts,
-    frame_value,
-    instance_parts,
-    locate,
-    parse_frame_list,
     pixel_data_plan,
 )
 from dicomweb_server.routes.common import (
@@ -215,8 +214,9 @@ async def _pixel_data(
     location: str,
     single: bool = False,
 ) -> Response:
-    """The plans of retrieve.pixel_data_plan, tried in turn: a decoder that fails on the first
-    frame (before anything is sent) passes to the next plan, if the client accepts one.
+    """The plans of retrieve.pixeldata.pixel_data_plan, tried in turn: a decoder that fails on
+    the first frame (before anything is sent) passes to the next plan, if the client accepts
+    one.
     `single`: a single part response, the uncompressed value its body (accept names only
     that)."""
     failure: TranscodeError | None = None

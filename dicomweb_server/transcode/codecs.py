@@ -25,7 +25,7 @@ from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import UID
 
 from dicomweb_server.errors import NotAcceptableError
-from dicomweb_server.media import (
+from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,

@@ -25,7 +25,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID
 
-from dicomweb_server.media import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+from dicomweb_server.media.mediatypes import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo
 from dicomweb_server.transcode.frames import cannot, check_dataset_size, frame_bytes, pixels
 from dicomweb_server.transcode.lossy import Sizes, lossy_method, mark_lossy

@@ -23,7 +23,10 @@ from pydicom.pixels.utils import pack_bits, pixel_array, unpack_bits
 from pydicom.uid import UID
 
 from dicomweb_server.errors import NotFoundError
-from dicomweb_server.media import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN
+from dicomweb_server.media.mediatypes import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+)
 from dicomweb_server.transcode.codecs import (
     ENCODERS,
     RLE_LOSSLESS,

@@ -1,0 +1,298 @@
+"""Media-type and transfer-syntax constants; Content-Type and Accept parsing.
+
+Accept is parsed per RFC 9110 12.5.1: a comma list of media ranges, each with parameters whose
+values may be quoted (commas and semicolons inside quotes are data) and a q-value.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from dicomweb_server.errors import BadRequestError, UnsupportedMediaTypeError
+
+__all__ = [
+    "ACCEPT_CACHE_MAX_CHARS",
+    "ACCEPT_CACHE_SIZE",
+    "ACCEPT_FALLBACK",
+    "APPLICATION_DICOM",
+    "APPLICATION_DICOM_JSON",
+    "APPLICATION_DICOM_XML",
+    "APPLICATION_JSON",
+    "APPLICATION_OCTET_STREAM",
+    "DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN",
+    "EXPLICIT_VR_BIG_ENDIAN",
+    "EXPLICIT_VR_LITTLE_ENDIAN",
+    "IMPLICIT_VR_LITTLE_ENDIAN",
+    "MULTIPART_RELATED",
+    "NOT_FOR_WEB",
+    "STORED",
+    "VIDEO_TRANSFER_SYNTAXES",
+    "MediaRange",
+    "accept_then",
+    "check_charset",
+    "parse_accept",
+    "parse_content_type",
+    "stow_boundary",
+]
+
+APPLICATION_DICOM = "application/dicom"
+APPLICATION_DICOM_JSON = "application/dicom+json"
+APPLICATION_DICOM_XML = "application/dicom+xml"
+APPLICATION_JSON = "application/json"
+APPLICATION_OCTET_STREAM = "application/octet-stream"
+MULTIPART_RELATED = "multipart/related"
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# "The Implicit VR Little Endian (1.2.840.10008.1.2), and Explicit VR Big Endian
+# (1.2.840.10008.1.2.2 - Retired) Transfer Syntaxes shall not be used with Web Services"
+# (PS3.18 8.7.3): instances stored so are sent in Explicit VR Little Endian, even as stored.
+NOT_FOR_WEB = frozenset({IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN})
+# `transfer-syntax=*` (PS3.18 8.7.3.5.2): send the instance in the transfer syntax it is stored in.
+STORED = "*"
+
+# Accept headers kept parsed (parse_accept): a client sends the same one or two with every
+# request, and parsing one walks it character by character. Only headers up to
+# ACCEPT_CACHE_MAX_CHARS are kept (a viewer's are a few hundred at most): a parsed header
+# takes about 55 bytes per character, so the cache stays under 4 MiB whatever clients send.
+ACCEPT_CACHE_SIZE = 128
+ACCEPT_CACHE_MAX_CHARS = 512
+
+# MPEG2, MPEG-4 AVC/H.264 and HEVC/H.265 transfer syntaxes, fragmentable ones (.1) too
+# (PS3.6 Table A-1): whatever the SOP class, the pixel data is a video stream, in any number of
+# fragments (PS3.5 8.2.5-8.2.8), not one frame or more per fragment.
+VIDEO_TRANSFER_SYNTAXES = frozenset(
+    [f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)]
+    + [f"1.2.840.10008.1.2.4.{n}.1" for n in range(100, 107)]
+)
+
+
+@dataclass(frozen=True)
+class MediaRange:
+    type: str
+    subtype: str
+    params: Mapping[str, str] = field(default_factory=dict)  # read-only: ranges are shared
+    q: float = 1.0
+    # Types a more specific range of the same Accept gives q=0: not acceptable through this
+    # wildcard (RFC 9110 12.5.1: `text/html;q=0, */*` accepts anything but text/html).
+    excludes: tuple[str, ...] = ()
+
+    @property
+    def essence(self) -> str:
+        return f"{self.type}/{self.subtype}"
+
+    def matches(self, media_type: str) -> bool:
+        return _covers(self.essence, media_type) and not any(
+            _covers(excluded, media_type) for excluded in self.excludes
+        )
+
+
+def _covers(essence: str, media_type: str) -> bool:
+    """Whether the range `essence` (`*/*`, `image/*`, `image/png`) takes `media_type`, a
+    range too when it is one (`image/*` takes `image/*`)."""
+    et, _, es = essence.partition("/")
+    t, _, s = media_type.partition("/")
+    return et in ("*", t) and es in ("*", s)
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = escaped = False
+    for ch in text:
+        if escaped:
+            buf.append(ch)
+            escaped = False
+        elif ch == "\\" and quoted:
+            buf.append(ch)
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+            buf.append(ch)
+        elif ch == sep and not quoted:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    out.append("".join(buf))
+    return out
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        inner = value[1:-1]
+        out: list[str] = []
+        it = iter(inner)
+        for ch in it:
+            out.append(next(it, "") if ch == "\\" else ch)
+        return "".join(out)
+    return value
+
+
+def _parse_one(text: str) -> MediaRange | None:
+    pieces = _split_outside_quotes(text, ";")
+    essence = pieces[0].strip().lower()
+    if not essence:
+        return None
+    t, slash, s = essence.partition("/")
+    if not slash or not t or not s:
+        raise BadRequestError(f"malformed media type {essence!r}")
+    params: dict[str, str] = {}
+    q = 1.0
+    for piece in pieces[1:]:
+        name, eq, value = piece.partition("=")
+        name = name.strip().lower()
+        if not name:
+            continue
+        if not eq:
+            raise BadRequestError(f"malformed media type parameter {piece.strip()!r}")
+        if name == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                raise BadRequestError(f"malformed q-value {value.strip()!r}") from None
+            continue
+        params[name] = _unquote(value)
+    return MediaRange(t, s, MappingProxyType(params), q)
+
+
+def parse_content_type(value: str) -> MediaRange:
+    rng = _parse_one(value)
+    if rng is None:
+        raise UnsupportedMediaTypeError("missing Content-Type")
+    return rng
+
+
+def parse_accept(value: str | None) -> tuple[MediaRange, ...]:
+    """Media ranges in order of preference (q descending, then as written); q=0 dropped, and
+    malformed ranges too. Kept for the next request with the same header when it is short
+    enough."""
+    if value is not None and len(value) > ACCEPT_CACHE_MAX_CHARS:
+        return _parse_accept(value)
+    return _parse_accept_kept(value)
+
+
+@functools.lru_cache(maxsize=ACCEPT_CACHE_SIZE)
+def _parse_accept_kept(value: str | None) -> tuple[MediaRange, ...]:
+    return _parse_accept(value)
+
+
+# Joins the `accept` query parameter and the Accept header (accept_then): every range of the
+# first ranks before every range of the second, whatever their q-values (PS3.18 8.7.8.1).
+ACCEPT_FALLBACK = "\n"
+
+
+# A space between two token characters of the `accept` query parameter. White space in a
+# media range stands only around `;`, `,` and `=` (RFC 9110 5.6.3, 12.5.1), so this one was
+# a `+` written into the URL (`?accept=application/dicom+json`: a literal in an RFC 3986
+# query, PS3.18 8.3), which form decoding had read as a space.
+_PLUS_READ_AS_SPACE = re.compile(r"(?<=[-!#$%&'*+.^_`|~0-9A-Za-z]) (?=[-!#$%&'*+.^_`|~0-9A-Za-z])")
+
+
+def accept_then(query: str | None, header: str | None) -> str | None:
+    """The Accept value for a request with an `accept` query parameter: its media types first,
+    then the header's, tried only when none of the parameter's is supported (PS3.18 8.7.8.1,
+    steps 2 and 3)."""
+    if not query:
+        return header
+    query = _PLUS_READ_AS_SPACE.sub("+", query)
+    # no Accept header is taken as */* (the statement's choice), after the parameter's types
+    return f"{query}{ACCEPT_FALLBACK}{'*/*' if header is None else header}"
+
+
+# What the `charset` query parameter may name: every response here is UTF-8 (PS3.18 8.8).
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "iso_ir 192", "*"})
+
+
+def check_charset(value: str | None) -> None:
+    """The `charset` query parameter (PS3.18 8.3.3.2): a list of character sets, each with an
+    optional q-value; "if this parameter has a value that is not a valid or supported
+    character set, the origin server shall return a 400". Every answer here is UTF-8, so the
+    list must allow it."""
+    if value is None or not value.strip():
+        return  # an empty parameter asks for nothing
+    allowed = []
+    for item in value.split(","):
+        name, *params = item.split(";")
+        weight = 1.0
+        for param in params:
+            key, _, q = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(q)
+                except ValueError:
+                    raise BadRequestError(f"malformed charset {item.strip()!r}") from None
+        if name.strip() and weight > 0:
+            allowed.append(name.strip().lower())
+    if not allowed or not any(name in _UTF8_NAMES for name in allowed):
+        raise BadRequestError(f"charset {value!r}: every response is UTF-8 (charset=utf-8)")
+
+
+def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
+    if value is None or not value.strip():
+        return (MediaRange("*", "*"),)
+    out: list[MediaRange] = []
+    for block in value.split(ACCEPT_FALLBACK):
+        ranges = [r for part in _split_outside_quotes(block, ",") if (r := _parse_valid(part))]
+        ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
+        refused = [r for r in ranges if r.q == 0 and not r.params]
+        out += [_without(r, refused) for _, r in ordered if r.q > 0]
+    return tuple(out)
+
+
+def _without(rng: MediaRange, refused: list[MediaRange]) -> MediaRange:
+    """`rng` with the q=0 ranges more specific than it as exclusions (RFC 9110 12.5.1: the
+    most specific range gives a type its quality)."""
+    if "*" not in (rng.type, rng.subtype):
+        return rng
+    narrower = tuple(
+        r.essence for r in refused
+        if _covers(rng.essence, r.essence) and _specificity(r) > _specificity(rng)
+    )  # fmt: skip
+    return replace(rng, excludes=narrower) if narrower else rng
+
+
+def _specificity(rng: MediaRange) -> int:
+    return (rng.type != "*") + (rng.subtype != "*")
+
+
+def _parse_valid(text: str) -> MediaRange | None:
+    """A media range of an Accept value, or None: "Accept Header Field values, including Media
+    Type parameters, that are not valid or not supported shall be ignored" (PS3.18 8.7.7)."""
+    try:
+        rng = _parse_one(text)
+    except BadRequestError:
+        return None
+    return rng if rng is None or 0 <= rng.q <= 1 else None
+
+
+def stow_boundary(content_type: str | None) -> tuple[str, str]:
+    """(boundary, part type) of a STOW-RS request body (PS3.18 10.5.1.4), or 415/400: parts
+    of `application/dicom` (Part-10 instances), or `application/dicom+json` or
+    `application/dicom+xml` metadata with its bulk data in the other parts."""
+    if not content_type:
+        raise UnsupportedMediaTypeError(
+            'STOW-RS needs Content-Type: multipart/related; type="application/dicom"'
+        )
+    rng = parse_content_type(content_type)
+    if rng.essence != MULTIPART_RELATED:
+        raise UnsupportedMediaTypeError(
+            f'STOW-RS accepts multipart/related; type="application/dicom", not {rng.essence}'
+        )
+    part_type = rng.params.get("type", APPLICATION_DICOM).lower()
+    if part_type not in (APPLICATION_DICOM, APPLICATION_DICOM_JSON, APPLICATION_DICOM_XML):
+        raise UnsupportedMediaTypeError(
+            "STOW-RS here accepts parts of type application/dicom, or application/dicom+json "
+            f"or application/dicom+xml metadata with bulk data; not {part_type}"
+        )
+    boundary = rng.params.get("boundary")
+    if not boundary:
+        raise BadRequestError("multipart/related Content-Type has no boundary parameter")
+    return boundary, part_type

@@ -1,0 +1,236 @@
+"""Bulk data values (WADO-RS): the Pixel Data of an encapsulated instance, as its
+uncompressed value (decoded frame by frame as it is sent) or its frames, and the value of
+one bulk data element, by the byte range recorded at ingest or by parsing the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydicom.uid import UID
+
+from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
+from dicomweb_server.errors import NotFoundError
+from dicomweb_server.index import StoredInstance
+from dicomweb_server.ingest import Services
+from dicomweb_server.media.mediatypes import (
+    APPLICATION_OCTET_STREAM,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    MULTIPART_RELATED,
+    STORED,
+    parse_accept,
+)
+from dicomweb_server.metadata import pixel_info
+from dicomweb_server.retrieve.frames import Sized, frame_value, sized_bytes, sized_range
+from dicomweb_server.retrieve.instances import locate
+from dicomweb_server.transcode.codecs import (
+    NATIVE,
+    PixelInfo,
+    TranscodeError,
+    decodable,
+    missing_codec,
+)
+from dicomweb_server.transcode.convert import one_bit_pixel_data
+from dicomweb_server.transcode.frames import decode_item_pixels
+
+__all__ = [
+    "AS_FRAMES",
+    "DECODED",
+    "STORED_FRAMES",
+    "bulk_value",
+    "decoded_pixel_data",
+    "encapsulated_pixels",
+    "pixel_data_plan",
+    "stored_bulk_value",
+]
+
+_UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
+# What the Pixel Data of an encapsulated instance may be sent as, by pixel_data_plan.
+DECODED = "decoded"  # its uncompressed value (decoded_pixel_data)
+STORED_FRAMES = f"{_UNCOMPRESSED}; transfer-syntax=*"  # its frames as stored, one part each
+AS_FRAMES = "frames"  # its frames as the frames resource negotiates the request's Accept
+
+
+def encapsulated_pixels(inst: StoredInstance) -> bool:
+    """Whether the instance has Pixel Data in encapsulated (compressed) frames: recorded at
+    ingest when its frames could be mapped, else told by its transfer syntax (frames without
+    an offset table in more fragments than frames are not mapped, and still compressed)."""
+    if inst.number_of_frames == 0:
+        return False
+    return inst.encapsulated or inst.transfer_syntax_uid not in NATIVE
+
+
+def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
+    """What the Pixel Data bulk value of an encapsulated instance can be sent as, in the
+    order the client prefers (each tried in turn: a decoder may still fail on the first
+    frame), or a 406. Octet-stream without a transfer syntax, or naming Explicit VR Little
+    Endian, is its uncompressed value (PS3.18 8.7.3.3); `transfer-syntax=*` its frames as
+    stored; an image type its frames in that type. A range naming no type (`*/*`) takes the
+    uncompressed value when it can be made, else the frames as stored (field notes 3)."""
+    info = pixel_info(inst)
+    can_decode = decodable(inst.transfer_syntax_uid) and _uncompressed_form(info) is None
+    plans: list[str] = []
+    why = ""
+    for rng in parse_accept(accept):
+        if rng.essence not in ("*/*", "multipart/*", MULTIPART_RELATED):
+            continue
+        if not rng.matches(MULTIPART_RELATED):  # a wildcard of a header refusing multipart
+            continue
+        part = rng.params.get("type", APPLICATION_OCTET_STREAM).lower()
+        ts = rng.params.get("transfer-syntax")
+        if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
+            open_type = rng.essence == "*/*" or part != APPLICATION_OCTET_STREAM
+            if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN) and can_decode:
+                plans.append(DECODED)
+            elif ts in (STORED, inst.transfer_syntax_uid) or (ts is None and open_type):
+                plans.append(STORED_FRAMES)
+            elif ts in (None, EXPLICIT_VR_LITTLE_ENDIAN):
+                why = (
+                    missing_codec(inst.transfer_syntax_uid)
+                    if not decodable(inst.transfer_syntax_uid)
+                    else str(_uncompressed_form(info))
+                )
+            if open_type and ts is None:
+                plans.append(STORED_FRAMES)
+        elif rng.essence == MULTIPART_RELATED:
+            plans.append(AS_FRAMES)  # an image type: the frames resource's negotiation
+    plans = list(dict.fromkeys(plans))
+    if not plans:
+        raise TranscodeError(
+            'acceptable: multipart/related; type="application/octet-stream" (the Pixel Data '
+            "uncompressed), with transfer-syntax=* (its frames as stored), or an image type"
+            + (f"; the Pixel Data cannot be decoded: {why}" if why else "")
+        )
+    return plans
+
+
+def _uncompressed_form(info: PixelInfo | None) -> str | None:
+    """Why encapsulated Pixel Data so described has no uncompressed value to send frame by
+    frame, or None when it has one: its frames must be of whole bytes (1-bit Pixel Data is
+    made whole instead), and not empty (a Rows, Columns, Samples per Pixel or Bits Allocated
+    of 0 made frames of 0 bytes, and the frame arithmetic divided by that: a 500)."""
+    if info is None:
+        return "the Image Pixel attributes are missing"
+    if info.bits_allocated % 8 and info.bits_allocated != 1:
+        return "Bits Allocated is neither 1 nor a multiple of 8"
+    if min(info.rows, info.columns, info.samples_per_pixel, info.bits_allocated) <= 0:
+        return "Rows, Columns, Samples per Pixel or Bits Allocated is 0"
+    return None
+
+
+async def decoded_pixel_data(svc: Services, inst: StoredInstance) -> Sized:
+    """The Pixel Data of an encapsulated instance as its uncompressed value, Explicit VR
+    Little Endian (PS3.18 8.7.3.3: without a transfer syntax, bulk data is uncompressed),
+    decoded frame by frame as it is sent (through the frame cache), so a range of it decodes
+    only the frames it covers and memory holds one frame at a time. 1-bit Pixel Data is made
+    whole (_one_bit_pixel_data)."""
+    info = pixel_info(inst)
+    why = _uncompressed_form(info)
+    if why is not None or info is None:
+        raise TranscodeError(f"{why}: ask for transfer-syntax=* for its frames as stored")
+    if info.bits_allocated == 1:
+        return await _one_bit_pixel_data(svc, inst, info)
+    size = info.rows * info.columns * info.samples_per_pixel * info.bits_allocated // 8
+    frames = size * inst.number_of_frames
+
+    async def decoded(n: int) -> bytes:
+        _, frame = await frame_value(svc, inst, n, _UNCOMPRESSED, whole=True)
+        data = b"".join([chunk async for chunk in frame.read(0, frame.length)])
+        if len(data) != size:
+            raise TranscodeError(f"frame {n} decoded to {len(data)} bytes, not {size}")
+        return data
+
+    async def read(start: int, stop: int) -> AsyncIterator[bytes]:
+        end = min(stop, frames)
+        covered = range(start // size, (end - 1) // size + 1 if end > start else 0)
+        if inst.frame_offsets is None and len(covered) > 1:
+            # Frames whose places ingest could not record may not all be there (as in
+            # frame_parts): the last one read is decoded (into the frame cache) first, so
+            # that its failure comes before the first bytes, and the response, start.
+            await decoded(covered[-1] + 1)
+        for k in covered:
+            data = await decoded(k + 1)
+            yield data[max(start - k * size, 0) : min(end - k * size, size)]
+        if stop > frames >= start:
+            yield b"\0"  # the padding byte of an odd length
+
+    ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    # PS3.5 7.1.1: a value has an even length, an odd one padded (as the instance converted
+    # to Explicit VR Little Endian holds it).
+    return Sized({"Content-Type": ctype}, frames + frames % 2, read, inst.blob_key)
+
+
+async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelInfo) -> Sized:
+    """The uncompressed value of 1-bit Pixel Data stored compressed: its frames are one
+    bit-packed run (PS3.5 8.1.1), so a frame need not start on a byte and the value cannot be
+    made frame by frame; it is decoded whole in a worker thread (as the conversion of the
+    instance to Explicit VR Little Endian is) when the first bytes are read, which is before
+    anything is sent. Its length is known without decoding (a HEAD decodes nothing): a bit
+    per sample, padded to an even length (PS3.5 7.1.1)."""
+    bits = info.rows * info.columns * info.samples_per_pixel * inst.number_of_frames
+    total = (bits + 15) // 16 * 2
+    path = svc.blobs.local_path(inst.blob_key)
+
+    async def read(start: int, stop: int) -> AsyncIterator[bytes]:
+        if stop <= start:
+            return
+        data = await anyio.to_thread.run_sync(one_bit_pixel_data, path, limiter=svc.limiter)
+        if len(data) != total:
+            raise TranscodeError(f"1-bit Pixel Data decoded to {len(data)} bytes, not {total}")
+        yield data[start:stop]
+
+    ctype = f"{APPLICATION_OCTET_STREAM}; transfer-syntax={EXPLICIT_VR_LITTLE_ENDIAN}"
+    return Sized({"Content-Type": ctype}, total, read, inst.blob_key)
+
+
+async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:
+    """The value of one bulk data element (PS3.18 8.4.1.3); 404 when there is none: a path
+    that is malformed, walks into an element that is not a sequence or an item that does not
+    exist, or ends at an element whose value is not bulk data (read_bulk_value)."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}(/\d{1,6}/[0-9A-Fa-f]{8})*", path):
+        raise NotFoundError(
+            f"no bulk data at {path!r}: a bulk data path is a tag (8 hex digits), then "
+            "/item/tag for each sequence it enters"
+        )
+    entry = await svc.index.bulk_range(study, series, sop, path.upper())
+    if entry is None:
+        raise NotFoundError("no such instance in the archive")
+    (inst,) = await locate(svc, study, series, sop)
+    return await stored_bulk_value(svc, inst, path.upper(), entry)
+
+
+async def stored_bulk_value(
+    svc: Services, inst: StoredInstance, path: str, entry: list[Any] | None
+) -> Sized:
+    """The value at tag path `path` (upper case) of an instance: by the byte range recorded at
+    ingest (`entry`: offset, length, VR, encapsulated), else by parsing the file (values in
+    sequences, big endian and deflated files); 404 when the path names no bulk data value."""
+    headers = {"Content-Type": APPLICATION_OCTET_STREAM}
+    if entry:
+        offset, length, _vr, encapsulated = entry
+        return await sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
+    file = svc.blobs.local_path(inst.blob_key)
+    value = await anyio.to_thread.run_sync(_parsed_bulk_value, file, path, limiter=svc.limiter)
+    if value is None:
+        raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
+    return sized_bytes(headers, value, inst.blob_key)
+
+
+def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:
+    """A value found by parsing the file (dicomfile.read_bulk_value), little endian; nested
+    encapsulated Pixel Data (a compressed icon) decoded, as octet-stream bulk data is sent
+    uncompressed (PS3.18 8.7.3.3). Runs in a worker thread."""
+    found = bulk_element(path, tag_path)
+    if found is None:
+        return None
+    ds, node, tag = found
+    element = node[tag]
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if tag in PIXEL_DATA_TAGS and element.is_undefined_length and ts.is_compressed:
+        return decode_item_pixels(node, ts)
+    value = element_value(ds, element)
+    return None if value is None else value[0]
