@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.auditlog import running_audit_log
 from dicomweb_server.auth import authenticator_for, describe
-from dicomweb_server.blobstore import FileSystemBlobStore, tune_allocator
+from dicomweb_server.blobstore.files import FileSystemBlobStore
+from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dicomweb_server.app import app_from_env, create_app, open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
 from dicomweb_server.auth import ROLES, create_api_key, is_loopback
-from dicomweb_server.blobstore import tune_allocator
+from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.config import (
     AUTH_MODES,
     DEFAULT_AE_TITLE,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore import hash_file
+from dicomweb_server.blobstore.hashing import hash_file
 from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
 from dicomweb_server.index import StoredBlob
 from dicomweb_server.ingest import Services, hashed_as_parsed, record_of

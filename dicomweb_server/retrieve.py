@@ -19,7 +19,8 @@ from typing import Any
 import anyio
 from pydicom.uid import UID
 
-from dicomweb_server.blobstore import READ_CHUNK_BYTES, scratch_file, stream_path
+from dicomweb_server.blobstore.files import scratch_file
+from dicomweb_server.blobstore.reading import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index import StoredInstance

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 
 from dicomweb_server import index as index_module
 from dicomweb_server.app import open_services, recover
-from dicomweb_server.blobstore import FileSystemBlobStore
+from dicomweb_server.blobstore.files import FileSystemBlobStore
 from dicomweb_server.config import Settings
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.index import ADVISORY_LOCK_CLASS, OWNER_PROBE_INTERVAL_S, Index
