@@ -28,7 +28,7 @@ from dicomweb_server.dimse import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError, RequestTimeoutError
 from dicomweb_server.guard import Guard, MatchedRouter
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.proxy import ProxyHeaders, parse_networks
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES

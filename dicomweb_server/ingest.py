@@ -26,7 +26,7 @@ from dicomweb_server.cache import ByteLRU
 from dicomweb_server.dicom_json import InstanceOutcome
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.errors import DicomWebError, FailureReason
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from dicomweb_server.media import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import InstanceRecord, build_record

@@ -23,7 +23,7 @@ from dicomweb_server.blobstore.files import scratch_file
 from dicomweb_server.blobstore.reading import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media import (
     APPLICATION_DICOM,

@@ -30,7 +30,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer, parse_peers
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.query import (
     RangeMatch,

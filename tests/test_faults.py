@@ -123,7 +123,7 @@ async def test_database_away_then_back(tmp_path: Path) -> None:
 async def test_process_lock_is_retaken_after_a_database_restart(tmp_path: Path) -> None:
     """After the database comes back, our reservations must not look like a dead process's."""
     from dicomweb_server.embedded_db import EmbeddedPostgres
-    from dicomweb_server.index import Index
+    from dicomweb_server.index.database import Index
 
     pg = EmbeddedPostgres(tmp_path / "pg")
     index = await Index.open(pg.dsn, max_size=2, timeout_s=10)

@@ -55,7 +55,7 @@ from dicomweb_server.dimse.identifier import (
 from dicomweb_server.dimse.peers import Peer
 from dicomweb_server.dimse.retrieval import UNFINISHED, Retrieval
 from dicomweb_server.errors import DicomWebError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.query import Query
 from dicomweb_server.search import search
