@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import fresh_database, write_results
 from benchmarks.vs_orthanc import pct, stow, timed_get
 from dicomweb_server.audit import AuditEvent
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from tests.liveserver import ServerProcess, start
 
 BENCH_DB = "dicomweb_bench_audit"

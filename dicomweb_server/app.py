@@ -19,7 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomweb_server.auditlog import running_audit_log
 from dicomweb_server.auth import authenticator_for, describe
-from dicomweb_server.blobstore import FileSystemBlobStore, tune_allocator
+from dicomweb_server.blobstore.files import FileSystemBlobStore
+from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
@@ -27,7 +28,7 @@ from dicomweb_server.dimse import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError, RequestTimeoutError
 from dicomweb_server.guard import Guard, MatchedRouter
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.proxy import ProxyHeaders, parse_networks
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from dicomweb_server.audit import AuditEvent
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 
 __all__ = ["AUDIT_BATCH_MAX", "AUDIT_QUEUE_MAX", "AuditLog", "running_audit_log"]
 

@@ -24,7 +24,8 @@ import jwt
 
 from dicomweb_server.config import ConfigError, Settings
 from dicomweb_server.errors import ForbiddenError, ServiceUnavailableError, UnauthorizedError
-from dicomweb_server.index import ApiKey, Index
+from dicomweb_server.index.database import Index
+from dicomweb_server.index.rows import ApiKey
 
 __all__ = [
     "API_KEY_PREFIX",

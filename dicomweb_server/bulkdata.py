@@ -19,7 +19,7 @@ from typing import Any
 
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_prefix
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.negotiate import BULKDATA_ACCEPTABLE, accepts_bulkdata
 from dicomweb_server.metadata import not_found

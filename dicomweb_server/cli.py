@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dicomweb_server.app import app_from_env, create_app, open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
 from dicomweb_server.auth import ROLES, create_api_key, is_loopback
-from dicomweb_server.blobstore import tune_allocator
+from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.config import (
     AUTH_MODES,
     DEFAULT_AE_TITLE,
@@ -47,7 +47,7 @@ from dicomweb_server.config import (
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.httpd import hypercorn_config, prepare_process
-from dicomweb_server.index import Index, not_up_yet
+from dicomweb_server.index.database import Index, not_up_yet
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
 

@@ -252,8 +252,8 @@ def _check_whole(data: Dataset, pos: int, size: int) -> None:
 def _file_meta(fp: BinaryIO) -> tuple[str, int]:
     """The Transfer Syntax UID of the File Meta Information and where the data set begins,
     as pydicom reads them (it inflates nothing here): a Deflated data set is measured from
-    there before pydicom reads it, and the STOW hash (blobstore.DataSetHash) must have found
-    the data set at the same place. No preamble: InvalidDicomError, as from dcmread."""
+    there before pydicom reads it, and the STOW hash (blobstore.hashing.DataSetHash) must have
+    found the data set at the same place. No preamble: InvalidDicomError, as from dcmread."""
     fp.seek(0)
     read_preamble(fp, False)
     meta = _read_file_meta_info(fp)  # pydicom's own, which dcmread calls

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore import BlobStore, BlobWriter, data_set_sha256
+from dicomweb_server.blobstore.files import BlobStore, BlobWriter
+from dicomweb_server.blobstore.hashing import data_set_sha256
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.dicom_json import InstanceOutcome
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.errors import DicomWebError, FailureReason
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import InstanceRecord, build_record
@@ -413,10 +414,10 @@ def record_of(parsed: ParsedFile, blob_key: str, size_bytes: int, sha256: bytes)
 
 
 def hashed_as_parsed(hashed_at: int, parsed: ParsedFile) -> bool:
-    """Whether the duplicate-check hash (blobstore.DataSetHash), which left out what it took
-    for the File Meta Information up to `hashed_at` (0: hashed whole), found the data set where
-    pydicom did. If not, a different instance could pass for this one: STOW refuses such a
-    file, and `reindex` keeps its older hash."""
+    """Whether the duplicate-check hash (blobstore.hashing.DataSetHash), which left out what it
+    took for the File Meta Information up to `hashed_at` (0: hashed whole), found the data set
+    where pydicom did. If not, a different instance could pass for this one: STOW refuses such
+    a file, and `reindex` keeps its older hash."""
     return not hashed_at or hashed_at == parsed.data_set_at
 
 
@@ -465,7 +466,7 @@ async def _commit(
         ctx, parsed, writer, result.existing_sha256
     ):
         # The same data set again: success, one copy (PS3.18 10.5.3 leaves duplicates to the
-        # server). Its File Meta Information may differ (blobstore.DataSetHash).
+        # server). Its File Meta Information may differ (blobstore.hashing.DataSetHash).
         assert result.existing_study_uid and result.existing_series_uid
         path = instance_path(result.existing_study_uid, result.existing_series_uid, sop)
         return InstanceOutcome(sop_class, sop, retrieve_path=path, duplicate=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.errors import NotFoundError
-from dicomweb_server.index import MetadataRow, StoredInstance
+from dicomweb_server.index.rows import MetadataRow, StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import NOT_FOR_WEB
 from dicomweb_server.transcode.codecs import PixelInfo, available_targets

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore import hash_file
+from dicomweb_server.blobstore.hashing import hash_file
 from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
-from dicomweb_server.index import StoredBlob
+from dicomweb_server.index.rows import StoredBlob
 from dicomweb_server.ingest import Services, hashed_as_parsed, record_of
 from dicomweb_server.record import InstanceRecord
 

@@ -10,7 +10,7 @@ import contextlib
 import anyio
 
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import VIDEO_TRANSFER_SYNTAXES
 from dicomweb_server.render import render_animation, render_frame, render_icon

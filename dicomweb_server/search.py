@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from dicomweb_server.query import Query
 from dicomweb_server.sql import compile_search, render_rows
 

@@ -32,7 +32,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
-from dicomweb_server.blobstore import BlobWriter, scratch_file
+from dicomweb_server.blobstore.files import BlobWriter, scratch_file
 from dicomweb_server.dicom_json import (
     InstanceOutcome,
     JsonDict,

@@ -17,7 +17,8 @@ import pydicom
 import pytest
 from starlette.applications import Starlette
 
-from dicomweb_server import blobstore, ingest
+from dicomweb_server import ingest
+from dicomweb_server.blobstore.files import _FileWriter
 from dicomweb_server.config import Settings
 from dicomweb_server.dicomfile import ParsedFile, parse_file
 from tests.helpers import (
@@ -392,7 +393,7 @@ async def test_same_data_set_under_other_file_meta_is_the_same_instance(
 
 @pytest.mark.parametrize("piece", [1, 7, 131, 133, 4096])
 def test_data_set_hash_leaves_the_file_meta_out_however_the_file_comes(piece: int) -> None:
-    from dicomweb_server.blobstore import DataSetHash
+    from dicomweb_server.blobstore.hashing import DataSetHash
 
     ds = make_instance()
     raw = to_bytes(ds)
@@ -408,7 +409,7 @@ def test_data_set_hash_leaves_the_file_meta_out_however_the_file_comes(piece: in
     assert digest(raw) == digest(other)
     import hashlib
 
-    from dicomweb_server.blobstore import WHOLE_FILE_HASH_VERSION as W
+    from dicomweb_server.blobstore.hashing import WHOLE_FILE_HASH_VERSION as W
 
     body_at = len(raw) - len(ds.PixelData) - 200
     assert digest(raw) != digest(raw[:body_at] + b"x" + raw[body_at + 1 :])
@@ -426,7 +427,7 @@ def test_a_file_hashed_whole_never_passes_for_a_data_set() -> None:
     file B's data set is A's bytes after the 20 that a data set hash starts with (B's syntax
     and a NUL), so both came to the same SHA-256, and B was dropped as A's duplicate. The
     two kinds of hash now differ in their first byte."""
-    from dicomweb_server.blobstore import DataSetHash
+    from dicomweb_server.blobstore.hashing import DataSetHash
 
     def digest(data: bytes) -> bytes:
         h = DataSetHash()
@@ -459,7 +460,7 @@ def test_data_set_hash_reads_the_meta_as_pydicom_does(tmp_path: Path) -> None:
     length after 2 reserved bytes, PS3.5 7.1.2) for a 2-byte length, so it skipped part of
     the data set that pydicom then read: two instances differing only there hashed alike,
     and the second was dropped as a duplicate."""
-    from dicomweb_server.blobstore import data_set_sha256
+    from dicomweb_server.blobstore.hashing import data_set_sha256
 
     def part10(name: str) -> bytes:
         ds = make_instance(sop="1.2.3.4.5.6.7", patient_name=name)
@@ -488,7 +489,7 @@ def test_data_set_hash_reads_the_meta_as_pydicom_does(tmp_path: Path) -> None:
 def test_data_set_hash_in_small_pieces_is_linear() -> None:
     """Found by review: until the meta's end was known, every piece walked the whole head
     again; 64 KiB of meta elements in 16-byte pieces took 8 s of the event loop."""
-    from dicomweb_server.blobstore import DataSetHash
+    from dicomweb_server.blobstore.hashing import DataSetHash
 
     head = b"\0" * 128 + b"DICM"
     head += b"".join(
@@ -553,14 +554,14 @@ async def test_stow_part_failing_to_spool_holds_no_later_part_up(
     keep the later parts waiting for their commit turn."""
     bad = to_bytes(make_instance(rows=512, cols=512))  # past SPOOL_BUFFER_BYTES: written early
     good = make_instance()
-    real_write_out = blobstore._FileWriter._write_out
+    real_write_out = _FileWriter._write_out
 
-    def full_disk(writer: blobstore._FileWriter, chunk: bytes, last: bool) -> None:
+    def full_disk(writer: _FileWriter, chunk: bytes, last: bool) -> None:
         if not last:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_out(writer, chunk, last)
 
-    monkeypatch.setattr(blobstore._FileWriter, "_write_out", full_disk)
+    monkeypatch.setattr(_FileWriter, "_write_out", full_disk)
     with anyio.fail_after(30):
         r = await stow(app_client, bad, to_bytes(good))
     assert r.status_code == 202, r.text
@@ -1137,13 +1138,13 @@ async def test_trailing_padding_is_not_part_of_the_instance(
 def test_padding_hash_window_at_its_edge(monkeypatch: pytest.MonkeyPatch) -> None:
     """PADDING_HASH_WINDOW_BYTES: padding (its 12-byte header and value) that fits in the
     window is left out of the hash; a longer one is hashed."""
-    from dicomweb_server import blobstore
+    from dicomweb_server.blobstore import hashing
 
-    monkeypatch.setattr(blobstore, "PADDING_HASH_WINDOW_BYTES", 64)
+    monkeypatch.setattr(hashing, "PADDING_HASH_WINDOW_BYTES", 64)
     raw = to_bytes(make_instance(rows=16, cols=16))
 
     def digest(data: bytes) -> bytes:
-        h = blobstore.DataSetHash()
+        h = hashing.DataSetHash()
         h.update(data)
         return h.digest(len(raw) if len(data) > len(raw) else None)
 

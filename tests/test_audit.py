@@ -19,7 +19,7 @@ from dicomweb_server.audit import AuditEvent, ChainVerifier, chain, dicom_audit_
 from dicomweb_server.auth import create_api_key
 from dicomweb_server.cli import main
 from dicomweb_server.config import Settings
-from dicomweb_server.index import Index
+from dicomweb_server.index.database import Index
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
 
 pytestmark = pytest.mark.db

@@ -558,7 +558,7 @@ def test_jwks_over_plain_http_only_on_loopback(tmp_path: Path) -> None:
 
 async def test_revocation_during_a_lookup_is_not_cached(settings: Settings) -> None:
     from dicomweb_server.auth import ApiKeyAuth
-    from dicomweb_server.index import Index
+    from dicomweb_server.index.database import Index
 
     index = await Index.open(settings.database_url or "", max_size=2, timeout_s=30)
     try:

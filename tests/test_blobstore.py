@@ -1,4 +1,4 @@
-"""Reading blobs back: ranged, read-ahead streaming (blobstore.stream_path)."""
+"""Reading blobs back: ranged, read-ahead streaming (blobstore.reading.stream_path)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import Any, BinaryIO, cast
 import anyio
 import pytest
 
-from dicomweb_server import blobstore
-from dicomweb_server.blobstore import (
+from dicomweb_server.blobstore import reading
+from dicomweb_server.blobstore.files import FileSystemBlobStore
+from dicomweb_server.blobstore.reading import (
     READ_CHUNK_BYTES,
     READ_CHUNK_MAX_BYTES,
-    FileSystemBlobStore,
     stream_path,
     tune_allocator,
 )
@@ -68,11 +68,11 @@ async def _settled(condition: Callable[[], bool]) -> None:
 
 def _small_chunks(monkeypatch: pytest.MonkeyPatch, **more: float) -> None:
     """Chunks of 1,000 bytes doubling to 4,000, at most 8,000 read ahead per stream, a fresh
-    process budget; `more` sets other constants of blobstore."""
+    process budget; `more` sets other constants of blobstore.reading."""
     sizes = {"READ_CHUNK_BYTES": 1000, "READ_CHUNK_MAX_BYTES": 4000, "READ_AHEAD_BYTES": 8000}
     for name, value in {**sizes, **more}.items():
-        monkeypatch.setattr(blobstore, name, value)
-    monkeypatch.setattr(blobstore, "_READ_AHEAD", blobstore._Budget())
+        monkeypatch.setattr(reading, name, value)
+    monkeypatch.setattr(reading, "_READ_AHEAD", reading._Budget())
 
 
 def _counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -84,7 +84,7 @@ def _counted_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         reads.append(len(chunk))
         return chunk
 
-    monkeypatch.setattr(blobstore, "_read", counting_read)
+    monkeypatch.setattr(reading, "_read", counting_read)
     return reads
 
 
@@ -132,8 +132,8 @@ async def test_stream_path_cancelled_during_a_read_closes_after_it(
         reads.append(len(chunk))
         return chunk
 
-    monkeypatch.setattr(blobstore, "_read", slow_read)
-    budget_before = blobstore._READ_AHEAD.used
+    monkeypatch.setattr(reading, "_read", slow_read)
+    budget_before = reading._READ_AHEAD.used
     got: list[bytes] = []
 
     async def consume() -> None:
@@ -150,7 +150,7 @@ async def test_stream_path_cancelled_during_a_read_closes_after_it(
     await asyncio.sleep(0.4)
     assert reads == [2 * READ_CHUNK_BYTES]  # the read in flight finished, on an open file
     assert _open_fds(path) == 0
-    assert blobstore._READ_AHEAD.used == budget_before  # its read-ahead budget given back
+    assert reading._READ_AHEAD.used == budget_before  # its read-ahead budget given back
     assert got == [data[:READ_CHUNK_BYTES]]
 
 
@@ -197,7 +197,7 @@ async def test_stream_path_read_error_reaches_the_sender(
     def failing_read(fh: BinaryIO, n: int) -> bytes:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(blobstore, "_read", failing_read)
+    monkeypatch.setattr(reading, "_read", failing_read)
     got: list[bytes] = []
     with pytest.raises(OSError, match="disk gone"):
         async for chunk in stream_path(path):
@@ -225,11 +225,11 @@ async def test_read_ahead_is_bounded_over_all_streams(
         reads[Path(str(fh.name)).name].append(n)
         return fh.read(n)
 
-    monkeypatch.setattr(blobstore, "_read", counting_read)
+    monkeypatch.setattr(reading, "_read", counting_read)
     a = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "a"))
     b = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "b"))
     got = {"a": [await a.__anext__()], "b": []}
-    await _settled(lambda: blobstore._READ_AHEAD.used == 2000)
+    await _settled(lambda: reading._READ_AHEAD.used == 2000)
     assert reads["a"] == [2000]  # another 4,000 would pass the 3,000 of the process
     got["b"].append(await b.__anext__())
     await asyncio.sleep(0.1)
@@ -239,7 +239,7 @@ async def test_read_ahead_is_bounded_over_all_streams(
     got["a"] += [c async for c in a]
     got["b"] += [c async for c in b]
     assert {name: b"".join(chunks) for name, chunks in got.items()} == data
-    assert blobstore._READ_AHEAD.used == 0
+    assert reading._READ_AHEAD.used == 0
 
 
 async def test_idle_stream_gives_its_read_ahead_back(
@@ -255,15 +255,15 @@ async def test_idle_stream_gives_its_read_ahead_back(
     reads = _counted_reads(monkeypatch)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))
     got = [await stream.__anext__()]
-    await _settled(lambda: blobstore._READ_AHEAD.used == 6000)  # 2,000 + 4,000 read ahead
-    await _settled(lambda: blobstore._READ_AHEAD.used == 0)  # idle: given back
+    await _settled(lambda: reading._READ_AHEAD.used == 6000)  # 2,000 + 4,000 read ahead
+    await _settled(lambda: reading._READ_AHEAD.used == 0)  # idle: given back
     await asyncio.sleep(0.3)
     assert reads == [2000, 4000]  # and nothing read ahead while idle
     got.append(await stream.__anext__())  # asked again: read then, from the first dropped byte
     assert got[1] == data[1000:5000] and reads[2] == 4000
     got += [c async for c in stream]
     assert b"".join(got) == data
-    assert blobstore._READ_AHEAD.used == 0
+    assert reading._READ_AHEAD.used == 0
     assert _open_fds(path) == 0
 
 
@@ -279,12 +279,12 @@ async def test_idle_stream_of_a_range_rewinds_within_it(
     stream = cast(AsyncGenerator[bytes, None], stream_path(path, 500, 9000))
     got = [await stream.__anext__()]
     for _ in range(500):  # all the rest of the range read ahead: 2,000 + 4,000 + 2,000
-        if blobstore._READ_AHEAD.used == 8000:
+        if reading._READ_AHEAD.used == 8000:
             break
         await asyncio.sleep(0.01)
     else:
         raise AssertionError("nothing was read ahead")
-    await _settled(lambda: blobstore._READ_AHEAD.used == 0)
+    await _settled(lambda: reading._READ_AHEAD.used == 0)
     got += [c async for c in stream]
     assert b"".join(got) == data[500:9500]
     assert _open_fds(path) == 0
@@ -313,13 +313,13 @@ async def test_idle_stream_keeps_its_read_ahead_while_the_budget_is_not_short(
     reads = _counted_reads(monkeypatch)
     stream = cast(AsyncGenerator[bytes, None], stream_path(path))
     got = [await stream.__anext__()]
-    await _settled(lambda: blobstore._READ_AHEAD.used == 6000)
+    await _settled(lambda: reading._READ_AHEAD.used == 6000)
     await asyncio.sleep(0.5)  # idle five times over
-    assert blobstore._READ_AHEAD.used == 6000 and reads == [2000, 4000]
+    assert reading._READ_AHEAD.used == 6000 and reads == [2000, 4000]
     got += [c async for c in stream]
     assert b"".join(got) == data
     assert sum(reads) == len(data) - 1000  # every byte read once
-    assert blobstore._READ_AHEAD.used == 0
+    assert reading._READ_AHEAD.used == 0
 
 
 def _entered_reads(monkeypatch: pytest.MonkeyPatch, release: threading.Event) -> list[int]:
@@ -332,7 +332,7 @@ def _entered_reads(monkeypatch: pytest.MonkeyPatch, release: threading.Event) ->
         release.wait(5)
         return fh.read(n)
 
-    monkeypatch.setattr(blobstore, "_read", gated_read)
+    monkeypatch.setattr(reading, "_read", gated_read)
     return entered
 
 
@@ -355,7 +355,7 @@ async def test_next_read_is_under_way_before_the_sender_gets_a_chunk(
     await _settled(lambda: len(entered) == 3)
     got += [c async for c in stream]
     assert b"".join(got) == data
-    assert blobstore._READERS.busy == 0
+    assert reading._READERS.busy == 0
 
 
 async def test_read_start_does_not_wait_while_every_reader_thread_is_busy(
@@ -364,15 +364,15 @@ async def test_read_start_does_not_wait_while_every_reader_thread_is_busy(
     """With every reader thread in a read, a new read queues: the loop does not wait for it
     to start (that would stall every other request for READ_START_WAIT_S)."""
     _small_chunks(monkeypatch, READ_AHEAD_THREADS=1)
-    monkeypatch.setattr(blobstore, "_READERS", blobstore._Readers())
+    monkeypatch.setattr(reading, "_READERS", reading._Readers())
     waits: list[bool] = []
-    real_wait = blobstore._wait_started
+    real_wait = reading._wait_started
 
     def counted_wait(started: threading.Event) -> None:
         real_wait(started)
         waits.append(started.is_set())
 
-    monkeypatch.setattr(blobstore, "_wait_started", counted_wait)
+    monkeypatch.setattr(reading, "_wait_started", counted_wait)
     release = threading.Event()
     entered = _entered_reads(monkeypatch, release)
     data = {name: _random_file(tmp_path / name, 9000) for name in ("a", "b")}
@@ -380,12 +380,12 @@ async def test_read_start_does_not_wait_while_every_reader_thread_is_busy(
     b = cast(AsyncGenerator[bytes, None], stream_path(tmp_path / "b"))
     got = {"a": [await a.__anext__()], "b": [await b.__anext__()]}
     assert waits == [True]  # a's read started in the one thread; b's queued behind it
-    assert entered == [2000] and blobstore._READERS.busy == 2
+    assert entered == [2000] and reading._READERS.busy == 2
     release.set()
     got["a"] += [c async for c in a]
     got["b"] += [c async for c in b]
     assert {name: b"".join(chunks) for name, chunks in got.items()} == data
-    assert blobstore._READERS.busy == 0
+    assert reading._READERS.busy == 0
 
 
 class _NoThreadAfterTheFirst(concurrent.futures.ThreadPoolExecutor):
@@ -409,9 +409,9 @@ async def test_read_that_cannot_be_handed_over_fails_the_stream(
     """No thread to read in: the stream fails (the response breaks off, or never starts),
     rather than hanging with its file open and its bytes held in the budget."""
     _small_chunks(monkeypatch)
-    readers = blobstore._Readers()
+    readers = reading._Readers()
     readers._pool = _NoThreadAfterTheFirst()
-    monkeypatch.setattr(blobstore, "_READERS", readers)
+    monkeypatch.setattr(reading, "_READERS", readers)
     path = tmp_path / "blob"
     _random_file(path, 30_000)
     got = []
@@ -420,7 +420,7 @@ async def test_read_that_cannot_be_handed_over_fails_the_stream(
             got.append(chunk)
     assert [len(c) for c in got] == [1000, 2000]  # the first chunk, and the one read ahead
     assert _open_fds(path) == 0
-    assert blobstore._READ_AHEAD.used == 0 and readers.busy == 0
+    assert reading._READ_AHEAD.used == 0 and readers.busy == 0
 
 
 async def test_reads_stuck_on_failing_storage_do_not_hold_up_another_stream(
@@ -429,7 +429,7 @@ async def test_reads_stuck_on_failing_storage_do_not_hold_up_another_stream(
     """Eight streams whose reads hang (a failing disk, a hung network mount): another stream
     of a healthy file still gets every chunk."""
     _small_chunks(monkeypatch)
-    monkeypatch.setattr(blobstore, "_READERS", blobstore._Readers())
+    monkeypatch.setattr(reading, "_READERS", reading._Readers())
     release = threading.Event()
 
     def read(fh: BinaryIO, n: int) -> bytes:
@@ -437,7 +437,7 @@ async def test_reads_stuck_on_failing_storage_do_not_hold_up_another_stream(
             release.wait(10)
         return fh.read(n)
 
-    monkeypatch.setattr(blobstore, "_read", read)
+    monkeypatch.setattr(reading, "_read", read)
     stuck = []
     try:
         for i in range(8):

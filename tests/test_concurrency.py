@@ -16,12 +16,13 @@ import pytest
 from pydicom.uid import RLELossless, generate_uid
 from starlette.applications import Starlette
 
-from dicomweb_server import index as index_module
 from dicomweb_server.app import open_services, recover
-from dicomweb_server.blobstore import FileSystemBlobStore
+from dicomweb_server.blobstore.files import FileSystemBlobStore
 from dicomweb_server.config import Settings
 from dicomweb_server.errors import FailureReason
-from dicomweb_server.index import ADVISORY_LOCK_CLASS, OWNER_PROBE_INTERVAL_S, Index
+from dicomweb_server.index import store as index_store
+from dicomweb_server.index.database import Index
+from dicomweb_server.index.store import ADVISORY_LOCK_CLASS, OWNER_PROBE_INTERVAL_S
 from dicomweb_server.ingest import Services, store_file
 from tests.helpers import (
     ROOT,
@@ -126,7 +127,7 @@ def lock_not_retaken(monkeypatch: pytest.MonkeyPatch) -> None:
     """Processes started now do not probe their lock, so one whose lock connection a test
     drops stays taken for dead (Index.keeping_owner takes it again within a probe interval:
     a process starting in that interval is what these tests are about)."""
-    monkeypatch.setattr(index_module, "OWNER_PROBE_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(index_store, "OWNER_PROBE_INTERVAL_S", 3600.0)
 
 
 @pytest.mark.usefixtures("lock_not_retaken")

@@ -536,22 +536,22 @@ def test_associations_send_without_nagle_delay() -> None:
     """Found by review: a C-STORE sub-operation is two PDUs, and with Nagle's algorithm the
     second waited for the peer's delayed ACK (C-GET and C-MOVE sent about 20 instances a
     second). Every association the archive accepts, and each it opens for a C-MOVE, sets
-    TCP_NODELAY (handlers.no_delay, bound to EVT_CONN_OPEN)."""
+    TCP_NODELAY (association.no_delay, bound to EVT_CONN_OPEN)."""
     import socket
 
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from dicomweb_server.dimse import handlers
+    from dicomweb_server.dimse import association, handlers
     from tests.liveserver import free_port
 
     bound = handlers.Handlers.bindings(object.__new__(handlers.Handlers))
-    assert (evt.EVT_CONN_OPEN, handlers.no_delay) in bound
+    assert (evt.EVT_CONN_OPEN, association.no_delay) in bound
     scp = AE(ae_title="NODELAY")
     scp.add_supported_context(Verification)
     port = free_port()
     server = scp.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, handlers.no_delay)]
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_CONN_OPEN, association.no_delay)]
     )
     assert server is not None
 
@@ -564,7 +564,7 @@ def test_associations_send_without_nagle_delay() -> None:
         opened: list[int] = []
 
         def outgoing(event: evt.Event) -> None:
-            handlers.no_delay(event)
+            association.no_delay(event)
             opened.append(nodelay(event.assoc))
 
         assoc = scu.associate(

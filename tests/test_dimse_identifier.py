@@ -19,8 +19,8 @@ from pynetdicom.presentation import build_context
 from dicomweb_server import cli
 from dicomweb_server.attributes import Level
 from dicomweb_server.config import ConfigError, Settings
-from dicomweb_server.dimse import handlers
-from dicomweb_server.dimse.handlers import Handlers, _contexts, _pairs
+from dicomweb_server.dimse import conversion, statuses
+from dicomweb_server.dimse.handlers import Handlers, _pairs
 from dicomweb_server.dimse.identifier import (
     ERROR_COMMENT_MAX_CHARS,
     IdentifierError,
@@ -30,7 +30,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer, parse_peers
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.query import (
     RangeMatch,
@@ -129,7 +129,7 @@ def test_integer_key_refusal_quotes_the_value(
         ds = _read((0x00080052, level), (tag, value))
         with pytest.raises(IdentifierError) as info:
             parse_find(ds, Model.STUDY_ROOT)
-    comment = handlers.status(info.value.status, info.value.message).ErrorComment
+    comment = statuses.status(info.value.status, info.value.message).ErrorComment
     assert comment == f"{keyword} {quoted} is no integer in -2^31..2^31-1"
     assert len(comment) <= ERROR_COMMENT_MAX_CHARS and info.value.status == 0xC000
 
@@ -298,7 +298,7 @@ def test_contexts_as_stored_first_then_one_fallback_each() -> None:
     found.append(_stored(mr, jls))
     us = "1.2.840.10008.5.1.4.1.1.6.1"
     found.append(_stored(us, ExplicitVRBigEndian))
-    got = [(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in _contexts(found)]
+    got = [(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in conversion.contexts(found)]
     native = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     # Fallbacks that repeat an as-stored context (the other native syntax here) are left
     # out; big endian is converted, so it has the same fallback as the other syntaxes.
@@ -324,12 +324,12 @@ def test_decode_for_a_peer_is_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     jls = "1.2.840.10008.1.2.4.80"
     big = _stored("1.2.840.10008.5.1.4.1.1.2", jls, rows=512, columns=512, samples_per_pixel=1,
                   bits_allocated=16)  # fmt: skip
-    monkeypatch.setattr(handlers, "DIMSE_DECODE_MAX_BYTES", 512 * 512 * 2 - 1)
+    monkeypatch.setattr(conversion, "DIMSE_DECODE_MAX_BYTES", 512 * 512 * 2 - 1)
     with pytest.raises(TranscodeError, match="at most 524287"):
-        handlers._decoded_for_peer(big, tmp_path / "unread", ExplicitVRLittleEndian)
+        conversion.decoded_for_peer(big, tmp_path / "unread", ExplicitVRLittleEndian)
     unknown = _stored("1.2.840.10008.5.1.4.1.1.2", jls)  # no Image Pixel values indexed
     with pytest.raises(TranscodeError, match="unknown size"):
-        handlers._decoded_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian)
+        conversion.decoded_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian)
 
 
 def test_private_return_key_with_its_creator() -> None:

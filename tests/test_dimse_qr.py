@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
-from dicomweb_server.dimse import handlers
+from dicomweb_server.dimse import conversion, handlers
 from tests.dimse_support import (
     PEER,
     SCU,
@@ -315,7 +315,7 @@ async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
             raise TypeError("a value no codec expected")
         return ds
 
-    monkeypatch.setattr(handlers, "converted_dataset", flaky)
+    monkeypatch.setattr(conversion, "converted_dataset", flaky)
     with running_peer([ImplicitVRLittleEndian, ExplicitVRLittleEndian]) as only_native:
         async with archive_with_peer(settings, only_native, tmp_path) as archive:
             for n, ds in zip(names, metas, strict=True):

@@ -8,7 +8,6 @@ from pathlib import Path
 from dicomweb_server import (
     app,
     auditlog,
-    blobstore,
     cli,
     config,
     dicom_json,
@@ -22,6 +21,7 @@ from dicomweb_server import (
     stow_json,
 )
 from dicomweb_server.attributes import MATCHING_PATHS
+from dicomweb_server.blobstore import hashing
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
@@ -69,7 +69,7 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, retrieve_frames, dicom_json, rendered, render, admin,
                auditlog, handlers, identifier, dimse_server, common, stow_json, dicom_xml,
-               dicomfile, stow, frames, convert, blobstore, app, cli, httpd)  # fmt: skip
+               dicomfile, stow, frames, convert, hashing, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -123,7 +123,7 @@ async def test_database_away_then_back(tmp_path: Path) -> None:
 async def test_process_lock_is_retaken_after_a_database_restart(tmp_path: Path) -> None:
     """After the database comes back, our reservations must not look like a dead process's."""
     from dicomweb_server.embedded_db import EmbeddedPostgres
-    from dicomweb_server.index import Index
+    from dicomweb_server.index.database import Index
 
     pg = EmbeddedPostgres(tmp_path / "pg")
     index = await Index.open(pg.dsn, max_size=2, timeout_s=10)
@@ -165,7 +165,8 @@ async def test_store_cancelled_while_closing_or_parsing_leaves_no_spool_file(
 
     import anyio
 
-    from dicomweb_server import blobstore, dicomfile, ingest
+    from dicomweb_server import dicomfile, ingest
+    from dicomweb_server.blobstore import files
 
     svc = app.state.services
     entered = threading.Event()
@@ -181,9 +182,7 @@ async def test_store_cancelled_while_closing_or_parsing_leaves_no_spool_file(
     if stage == "parse":
         monkeypatch.setattr(ingest, "parse_file", slow(dicomfile.parse_file))
     else:
-        monkeypatch.setattr(
-            blobstore._FileWriter, "_write_out", slow(blobstore._FileWriter._write_out)
-        )
+        monkeypatch.setattr(files._FileWriter, "_write_out", slow(files._FileWriter._write_out))
     writer = await svc.blobs.open_writer()
     await writer.write(to_bytes(make_instance()))
     with anyio.move_on_after(0.05) as scope:
@@ -212,10 +211,10 @@ async def test_failed_place_leaves_neither_copy(
     storage error, and no blob, spool file or reservation remains."""
     import os
 
-    from dicomweb_server import blobstore
+    from dicomweb_server.blobstore import files
 
     svc = app.state.services
-    real_place, real_fsync = blobstore._place, blobstore._fsync_path
+    real_place, real_fsync = files._place, files._fsync_path
 
     def rename_then_fail(src: Path, dest: Path) -> None:
         real_place(src, dest)
@@ -227,9 +226,9 @@ async def test_failed_place_leaves_neither_copy(
         real_fsync(path, flags)
 
     if where == "spool fsync":
-        monkeypatch.setattr(blobstore, "_fsync_path", fail_for_spool_files)
+        monkeypatch.setattr(files, "_fsync_path", fail_for_spool_files)
     else:
-        monkeypatch.setattr(blobstore, "_place", rename_then_fail)
+        monkeypatch.setattr(files, "_place", rename_then_fail)
     ds = make_instance()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -288,7 +287,7 @@ async def test_a_blob_whose_delete_fails_keeps_its_reservation(
     stays for `recover`. Released first, the blob was left with neither row nor reservation,
     an orphan no recovery finds. Paths: a second copy of a stored instance (its blob is
     discarded) and a commit the database refused (the same SOP Instance UID, other content)."""
-    from dicomweb_server.blobstore import FileSystemBlobStore
+    from dicomweb_server.blobstore.files import FileSystemBlobStore
 
     svc = app.state.services
     ds = make_instance()

@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicomweb_server.attributes import Level
-from dicomweb_server.blobstore import FileSystemBlobStore
-from dicomweb_server.index import Index
+from dicomweb_server.blobstore.files import FileSystemBlobStore
+from dicomweb_server.index.database import Index
 from dicomweb_server.query import parse
 from dicomweb_server.sql import compile_search
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes

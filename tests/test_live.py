@@ -18,7 +18,7 @@ import httpx
 import pydicom
 import pytest
 
-from dicomweb_server.blobstore import data_set_sha256
+from dicomweb_server.blobstore.hashing import data_set_sha256
 from tests.helpers import BOUNDARY, make_instance, split_multipart, stow_headers, to_bytes, values
 from tests.liveserver import running, start
 

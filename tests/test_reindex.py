@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 from starlette.applications import Starlette
 
-from dicomweb_server.blobstore import DATA_SET_HASH_VERSION
+from dicomweb_server.blobstore.hashing import DATA_SET_HASH_VERSION
 from dicomweb_server.config import Settings
 from dicomweb_server.reindex import REINDEX_PAGE_ROWS, reindex
 from tests.helpers import (

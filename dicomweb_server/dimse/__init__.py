@@ -2,11 +2,14 @@
 and blob store as DICOMweb. Verification, Storage, and Query/Retrieve (Patient and Study Root:
 C-FIND, C-MOVE, C-GET) SCP. The only importer of pynetdicom.
 
-    identifier.py  C-FIND / C-MOVE / C-GET identifiers <-> query.Query (pure)
-    peers.py       C-MOVE destinations from a JSON file
-    handlers.py    the event handlers, bridged onto the server's event loop
-    retrieval.py   one C-MOVE/C-GET's sub-operation outcomes and final status (audit)
-    server.py      the AE: contexts, limits, start and stop
+    identifier.py   C-FIND / C-MOVE / C-GET identifiers <-> query.Query (pure)
+    peers.py        C-MOVE destinations from a JSON file
+    handlers.py     the event handlers, bridged onto the server's event loop
+    statuses.py     the C-STORE/C-FIND/C-MOVE/C-GET statuses answered, status() data sets
+    conversion.py   C-MOVE/C-GET sub-operations: contexts proposed, syntax sent in, decode
+    association.py  TCP_NODELAY, and spool files of C-STOREs an association left unserved
+    retrieval.py    one C-MOVE/C-GET's sub-operation outcomes and final status (audit)
+    server.py       the AE: contexts, limits, start and stop
 """
 
 from __future__ import annotations

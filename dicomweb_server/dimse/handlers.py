@@ -9,11 +9,7 @@ blob to send it (C-MOVE, C-GET) stays in the association thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import re
-import socket
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,12 +21,11 @@ from weakref import WeakKeyDictionary
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -43,8 +38,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomweb_server.audit import AuditEvent
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
+from dicomweb_server.dimse import conversion
+from dicomweb_server.dimse.association import discard_unserved_stores, no_delay
 from dicomweb_server.dimse.identifier import (
-    ERROR_COMMENT_MAX_CHARS,
     UNABLE_TO_PROCESS,
     IdentifierError,
     Model,
@@ -54,15 +50,24 @@ from dicomweb_server.dimse.identifier import (
 )
 from dicomweb_server.dimse.peers import Peer
 from dicomweb_server.dimse.retrieval import UNFINISHED, Retrieval
+from dicomweb_server.dimse.statuses import (
+    CANCEL,
+    CANNOT_COUNT,
+    DATA_SET_DOES_NOT_MATCH,
+    DESTINATION_UNKNOWN,
+    OUT_OF_RESOURCES,
+    PENDING,
+    PROCESSING_FAILURE,
+    TOO_MANY,
+    status,
+)
 from dicomweb_server.errors import DicomWebError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.query import Query
 from dicomweb_server.search import search
 from dicomweb_server.sql import compile_search
-from dicomweb_server.transcode.codecs import TranscodeError, decodable
-from dicomweb_server.transcode.convert import converted_dataset
-from dicomweb_server.transcode.frames import decoded_bytes
+from dicomweb_server.transcode.codecs import TranscodeError
 
 __all__ = [
     "DIMSE_QUERY_TIMEOUT_S",
@@ -82,32 +87,9 @@ DIMSE_STORE_TIMEOUT_S = 600
 DIMSE_QUERY_TIMEOUT_S = 120
 # Instances one C-MOVE/C-GET may send: the sub-operation counts are US (PS3.7 Table 9.1-4).
 MAX_RETRIEVE_INSTANCES = 65535
-# Pixel bytes, decoded, of the largest instance decoded for a C-MOVE/C-GET peer that takes
-# its SOP Class only uncompressed; a larger one is a failed sub-operation. One decode runs at a
-# time in a process (_DECODING): memory stays near three times this.
-DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
-_DECODING = threading.Lock()
-# Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
-_MAX_CONTEXTS = 128
 # Values longer than this are read from the blob only when the data set is encoded to send.
 _DEFER_BYTES = 1024
-
-# PS3.4 Table C.4-1..3: the C-FIND/C-MOVE/C-GET statuses this module answers with.
-_PENDING = 0xFF00
-_CANCEL = 0xFE00
-_DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.5: Refused: Move Destination unknown
 _ABORTED = -1  # Handlers._receiving: the association was aborted for a data set too large
-# PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
-_OUT_OF_RESOURCES = 0xA700
-# PS3.4 C.4.2.1.5 / C.4.3.1.4: Refused: Out of Resources - Unable to calculate number of
-# matches / Unable to perform sub-operations.
-_CANNOT_COUNT = 0xA701
-_TOO_MANY = 0xA702
-# PS3.7 C.4.2: Processing failure (an unexpected error while storing).
-_PROCESSING_FAILURE = 0x0110
-# PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
-_DATA_SET_DOES_NOT_MATCH = 0xA900
-_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -120,62 +102,6 @@ _MODELS = {
 QUERY_RETRIEVE_SOP_CLASSES = tuple(_MODELS)
 
 FindResult = tuple[int | Dataset, Dataset | None]
-
-
-def status(code: int, comment: str = "") -> Dataset:
-    """A status data set; Error Comment (0000,0902) is LO: 64 characters, no backslash."""
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        text = re.sub(r"[^\x20-\x5b\x5d-\x7e]", "?", comment)
-        ds.ErrorComment = text[:ERROR_COMMENT_MAX_CHARS]
-    return ds
-
-
-def no_delay(event: Event) -> None:
-    """TCP_NODELAY on an association's socket. A C-STORE sub-operation is a command PDU then a
-    data set PDU; with Nagle's algorithm the second waited for the peer's delayed ACK, so
-    C-GET and C-MOVE sent about 20 instances a second whatever their size (found by review:
-    100 small instances took 4.9 s; 0.7 s without the delay)."""
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):  # not TCP (a test's socket pair), or gone
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def discard_unserved_stores(event: Event) -> None:
-    """Delete the spool files of C-STOREs an association ended before they were served.
-
-    pynetdicom receives a C-STORE data set into a temporary file of its own
-    (STORE_RECV_CHUNKED_DATASET) and deletes it only in its C-STORE service, after our
-    handler ran. A data set still arriving when the association was aborted or its
-    connection cut, and any received whole but still queued when it ended, are never served:
-    their files stayed in the temporary directory for good (found by review: 1.7 MB left by
-    each A-ABORT in the middle of a large multi-frame C-STORE). Bound to EVT_CONN_CLOSE,
-    which pynetdicom triggers in the thread that writes the files, after the last byte was
-    read: the one being received is closed and deleted there. Bound to EVT_ABORTED and
-    EVT_RELEASED, after which the association serves nothing more: the queued ones too, and
-    the one being received is only unlinked (a local abort, at shutdown, may come while it
-    is written to; the file is freed when pynetdicom drops it). pynetdicom keeps them in
-    private attributes (DIMSEServiceProvider.message, msg_queue; pynetdicom 3.0)."""
-    dimse = getattr(event.assoc, "dimse", None)
-    if dimse is None:
-        return
-    receiving = getattr(dimse.message, "_data_set_file", None)
-    closing = event.event == evt.EVT_CONN_CLOSE
-    _discard(receiving, close=closing)
-    if not closing:
-        for _context_id, primitive in list(dimse.msg_queue.queue):
-            _discard(getattr(primitive, "_dataset_file", None), close=True)
-
-
-def _discard(spool: Any, close: bool) -> None:
-    if spool is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        if close:
-            spool.close()
-        os.unlink(spool.name)
 
 
 @dataclass
@@ -252,7 +178,7 @@ class Handlers:
         limit = self.max_data_set_bytes
         log.warning("DIMSE: a data set of more than %d bytes: association aborted", limit)
         detail = f"data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES): aborted"
-        self._audit(event, "dimse_store", _OUT_OF_RESOURCES, detail=detail)
+        self._audit(event, "dimse_store", OUT_OF_RESOURCES, detail=detail)
         # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
         threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
@@ -274,7 +200,7 @@ class Handlers:
         if self._receiving.get(event.assoc) == _ABORTED:
             # Its last PDU passed the limit and was still read in: the association is being
             # aborted for it (limit_data_set, audited there), so it is not stored.
-            return status(_OUT_OF_RESOURCES, "data set too large")
+            return status(OUT_OF_RESOURCES, "data set too large")
         answer, touched = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:
@@ -289,18 +215,18 @@ class Handlers:
         """(status, study/series/instance stored or None)."""
         mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
         if mismatch:
-            return status(_DATA_SET_DOES_NOT_MATCH, mismatch), None
+            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
             )
         except DicomWebError as exc:  # the database is unreachable: B.2-1 Out of Resources
-            return status(_OUT_OF_RESOURCES, exc.message), None
+            return status(OUT_OF_RESOURCES, exc.message), None
         except TimeoutError:
-            return status(_OUT_OF_RESOURCES, "the archive did not store it in time"), None
+            return status(OUT_OF_RESOURCES, "the archive did not store it in time"), None
         except Exception:
             log.exception("C-STORE failed")
-            return status(_PROCESSING_FAILURE, "processing failure"), None
+            return status(PROCESSING_FAILURE, "processing failure"), None
         if outcome.failure is not None:
             log.info("C-STORE of %s refused: %s", outcome.sop_instance_uid, outcome.reason)
             return status(int(outcome.failure), outcome.reason), None
@@ -340,7 +266,7 @@ class Handlers:
         offset = 0
         while True:
             if event.is_cancelled:
-                yield _CANCEL, None
+                yield CANCEL, None
                 return
             page_query = replace(req.query, offset=offset)
             try:
@@ -348,13 +274,13 @@ class Handlers:
                     search(self.services.index, page_query, self.base_url), DIMSE_QUERY_TIMEOUT_S
                 )
             except (DicomWebError, TimeoutError) as exc:
-                yield status(_OUT_OF_RESOURCES, f"search failed: {exc}"), None
+                yield status(OUT_OF_RESOURCES, f"search failed: {exc}"), None
                 return
             for result in page:
                 if event.is_cancelled:
-                    yield _CANCEL, None
+                    yield CANCEL, None
                     return
-                yield _PENDING, find_response(req, result, self.ae_title)
+                yield PENDING, find_response(req, result, self.ae_title)
             if not more:
                 return
             offset += len(page)
@@ -365,13 +291,13 @@ class Handlers:
         detail = f"destination={(event.move_destination or '').strip()}"
         peer = self.peers.get((event.move_destination or "").strip())
         if peer is None:
-            self._audit(event, "dimse_move", _DESTINATION_UNKNOWN, detail=detail)
+            self._audit(event, "dimse_move", DESTINATION_UNKNOWN, detail=detail)
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         found = self._matching_instances(event)
         # pynetdicom associates with the destination before it lets us report a failure or
         # zero matches: then propose the common storage contexts, which any SCP accepts.
-        contexts = _contexts(found) if isinstance(found, list) else []
+        contexts = conversion.contexts(found) if isinstance(found, list) else []
         retrieval = Retrieval()
 
         def on_accepted(sub: Event) -> None:  # the sub-association, in this thread
@@ -426,10 +352,10 @@ class Handlers:
         for inst in found:
             if event.is_cancelled:
                 retrieval.cancel()
-                yield _CANCEL, None
+                yield CANCEL, None
                 return
             before = len(retrieval.responses)
-            yield _PENDING, self._to_send(inst, retrieval.accepted)
+            yield PENDING, self._to_send(inst, retrieval.accepted)
             path = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_instance_uid}"
             retrieval.count(path, retrieval.responses[before:])
         retrieval.finished = True
@@ -440,11 +366,11 @@ class Handlers:
             log.info("no context for %s of %s", inst.sop_class_uid, inst.sop_instance_uid)
             return _failed(inst)  # pynetdicom would find no context either; nothing read
         path = self.services.blobs.local_path(inst.blob_key)
-        target = _target_syntax(inst, accepted)
+        target = conversion.target_syntax(inst, accepted)
         try:
             if target is None:
                 return dcmread(path, defer_size=_DEFER_BYTES)
-            return _decoded_for_peer(inst, path, target)
+            return conversion.decoded_for_peer(inst, path, target)
         except (OSError, InvalidDicomError) as exc:
             log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
         except TranscodeError as exc:
@@ -464,9 +390,9 @@ class Handlers:
         try:
             found = self._run(_locate(self.services, q), DIMSE_QUERY_TIMEOUT_S)
         except (DicomWebError, TimeoutError) as exc:
-            return status(_CANNOT_COUNT, f"matching failed: {exc}")
+            return status(CANNOT_COUNT, f"matching failed: {exc}")
         if len(found) > MAX_RETRIEVE_INSTANCES:
-            return status(_TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
+            return status(TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
         return found
 
 
@@ -529,30 +455,6 @@ async def _locate(svc: Services, q: Query) -> list[StoredInstance]:
     return found
 
 
-def _contexts(found: list[StoredInstance]) -> list[PresentationContext]:
-    """One context per stored (SOP Class, transfer syntax), so that each instance can go as
-    stored whatever the destination prefers (pynetdicom picks an exact match first); after
-    those, one fallback per SOP Class and kind: for uncompressed data the other little endian
-    syntax (pynetdicom converts), for data we can decode both little endian syntaxes (we
-    decode, see _target_syntax). Data we cannot decode goes only as stored."""
-    pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
-    as_stored = [(sop_class, (ts,)) for sop_class, ts in pairs]
-    fallbacks: list[tuple[str, tuple[str, ...]]] = []
-    for sop_class, ts in pairs:
-        if ts in _UNCOMPRESSED:
-            fallbacks.append((sop_class, tuple(s for s in _UNCOMPRESSED if s != ts)))
-        elif _convertible(ts):
-            fallbacks.append((sop_class, _UNCOMPRESSED))
-    wanted = dict.fromkeys([*as_stored, *fallbacks])  # in order, without duplicates
-    return [build_context(sop_class, list(ts)) for sop_class, ts in wanted][:_MAX_CONTEXTS]
-
-
-def _convertible(transfer_syntax_uid: str) -> bool:
-    """Decodable here to Explicit VR Little Endian for a C-STORE sub-operation (big endian
-    included: converted_dataset re-encodes every element)."""
-    return decodable(transfer_syntax_uid)
-
-
 def _pairs(contexts: Sequence[PresentationContext]) -> set[tuple[str, str]]:
     """(SOP Class, transfer syntax) of the accepted presentation contexts over which we may
     send a C-STORE (we are their SCU: on a C-GET association, the storage contexts the
@@ -562,44 +464,3 @@ def _pairs(contexts: Sequence[PresentationContext]) -> set[tuple[str, str]]:
         for cx in contexts
         if cx.abstract_syntax is not None and cx.transfer_syntax and cx.as_scu
     }
-
-
-def _decoded_size(inst: StoredInstance) -> int | None:
-    """Bytes of the instance's pixels decoded, from the Image Pixel attributes; None when
-    they are not all known."""
-    dims = (inst.rows, inst.columns, inst.samples_per_pixel, inst.bits_allocated)
-    if any(d is None for d in dims):
-        return None
-    rows, columns, samples, bits = cast(tuple[int, int, int, int], dims)
-    return decoded_bytes(rows, columns, samples, bits, inst.number_of_frames)
-
-
-def _decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
-    """The instance decoded to `target` for a peer, one decode at a time in the process and
-    only up to DIMSE_DECODE_MAX_BYTES of pixels, or of the file for big endian (it is held
-    whole in memory, about three times over while pynetdicom encodes it)."""
-    size: int | None
-    if inst.transfer_syntax_uid == ExplicitVRBigEndian:
-        size = inst.size_bytes  # uncompressed, swapped whole; it may hold no pixels at all
-    else:
-        size = _decoded_size(inst)
-    if size is None or size > DIMSE_DECODE_MAX_BYTES:
-        raise TranscodeError(
-            f"it would be {size if size is not None else 'of unknown size'} bytes decoded;"
-            f" at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
-        )
-    with _DECODING:
-        return converted_dataset(path, target)
-
-
-def _target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:
-    """None: send the instance as stored (its syntax accepted, or uncompressed with a little
-    endian syntax accepted, or nothing of its SOP Class accepted: that sub-operation fails).
-    Explicit VR Little Endian: the peer takes its SOP Class only uncompressed, and the stored
-    syntax can be decoded here."""
-    syntaxes = {ts for sop_class, ts in accepted if sop_class == inst.sop_class_uid}
-    stored = inst.transfer_syntax_uid
-    little_endian = syntaxes.intersection(_UNCOMPRESSED)
-    if stored in syntaxes or not little_endian or stored in _UNCOMPRESSED:
-        return None
-    return ExplicitVRLittleEndian if _convertible(stored) else None

@@ -17,7 +17,7 @@ from pathlib import Path
 import anyio
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import (
     APPLICATION_OCTET_STREAM,

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore import READ_CHUNK_BYTES, scratch_file, stream_path
+from dicomweb_server.blobstore.files import scratch_file
+from dicomweb_server.blobstore.reading import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.errors import NotAcceptableError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, STORED
 from dicomweb_server.media.negotiate import negotiate_instances

@@ -15,7 +15,7 @@ from pydicom.uid import UID
 
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
 from dicomweb_server.errors import NotFoundError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import (
     APPLICATION_OCTET_STREAM,

@@ -309,8 +309,8 @@ async def multipart_response(
     large bodies about 30% faster without chunk framing), and up to INLINE_RESPONSE_BYTES it
     is built whole before it starts (so a blob found short is an error, not a cut body).
     Otherwise it streams, from its first piece on: that piece is made before the response
-    starts, so a first blob that is missing or short (blobstore.stream_path checks its size
-    when it opens it), or a first conversion that fails, is an error status too."""
+    starts, so a first blob that is missing or short (blobstore.reading.stream_path checks its
+    size when it opens it), or a first conversion that fails, is an error status too."""
     boundary = new_boundary()
     media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
     headers = None

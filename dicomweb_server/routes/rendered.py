@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import MediaRange, parse_accept
 from dicomweb_server.rendered import negotiate_rendered, parse_render_params

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from dicomweb_server.bulkdata import bulk_payload, located_frames
 from dicomweb_server.errors import NotAcceptableError
-from dicomweb_server.index import StoredInstance
+from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM,

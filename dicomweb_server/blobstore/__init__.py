@@ -1,0 +1,11 @@
+"""Blob storage: the instances' files, written, hashed and read back. The only importer of
+aiofiles.
+
+    files.py    BlobStore and BlobWriter Protocols and their filesystem implementation
+                (FileSystemBlobStore): server-generated keys, spool files written in worker
+                threads, fsync + rename into place; scratch_file
+    hashing.py  DataSetHash: the duplicate check's digest of a data set (meta information and
+                trailing padding left out); hash_file, data_set_sha256
+    reading.py  stream_path: a blob streamed in chunks, read ahead of its sender within a
+                process-wide budget; tune_allocator (glibc malloc thresholds for those chunks)
+"""

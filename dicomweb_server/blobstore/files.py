@@ -1,0 +1,279 @@
+"""Blob storage behind a small Protocol, and its filesystem implementation.
+
+Keys are generated here (never derived from a client's UIDs: no path injection, and storing an
+instance again never overwrites the file a reader may be streaming). Every write goes to a
+temporary file, is fsynced, then renamed into place and the directory fsynced, so a blob is
+either absent or complete after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import aiofiles
+import aiofiles.os
+import anyio
+
+from dicomweb_server.blobstore.hashing import DataSetHash
+from dicomweb_server.blobstore.reading import stream_path
+
+__all__ = [
+    "BlobStore",
+    "BlobWriter",
+    "FileSystemBlobStore",
+    "scratch_file",
+]
+
+# Bytes a spool file buffers in memory before a worker thread writes them out.
+SPOOL_BUFFER_BYTES = 256 * 1024
+# Consecutive keys of a process share their directory (`ab/cd/`) for this many keys, so that
+# creating a directory (a mkdir and two directory fsyncs) is paid once per run of keys, not once
+# per blob while the store is young. Each run's directory is random, so blobs stay spread.
+KEYS_PER_DIRECTORY_RUN = 32
+
+
+class BlobWriter(Protocol):
+    """A blob being written: a local spool file, hashed as it grows."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def size(self) -> int: ...
+    def sha256(self, ends_at: int | None = None) -> bytes:
+        """Digest of the data set and its transfer syntax (DataSetHash), once written;
+        `ends_at`: where its trailing padding starts, if it has some."""
+        ...
+
+    @property
+    def data_set_at(self) -> int:
+        """Where the hash found the data set to begin (DataSetHash), 0 when hashed whole."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+    async def close(self) -> None: ...
+    def close_blocking(self) -> None:
+        """`close` for a caller already in a worker thread (saves a thread hop)."""
+
+
+class BlobStore(Protocol):
+    def new_key(self) -> str: ...
+    async def open_writer(self) -> BlobWriter: ...
+    async def commit(self, writer: BlobWriter, key: str) -> None: ...
+    def place_blocking(self, writer: BlobWriter, key: str) -> None:
+        """`commit` from a worker thread (the writer closed there too): durable on return."""
+        ...
+
+    async def discard(self, writer: BlobWriter) -> None: ...
+    def open_range(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]: ...
+    async def read_whole(self, blobs: Sequence[tuple[str, int]]) -> list[bytes]:
+        """Each (key, recorded size) blob read whole, all in one worker-thread call; OSError
+        when one is shorter than its size."""
+        ...
+
+    def local_path(self, key: str) -> Path: ...
+    async def exists(self, key: str) -> bool: ...
+    async def delete(self, key: str) -> None: ...
+
+
+class _FileWriter:
+    """A spool file written in worker threads: bytes are buffered up to SPOOL_BUFFER_BYTES, so a
+    small part costs one thread hop (create, write and close at `close`), not one per call."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fh: BinaryIO | None = None
+        self._buf = bytearray()
+        self._size = 0
+        self._hash = DataSetHash()
+        self.closed = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def sha256(self, ends_at: int | None = None) -> bytes:
+        return self._hash.digest(ends_at)
+
+    @property
+    def data_set_at(self) -> int:
+        return self._hash.data_set_at
+
+    async def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._size += len(data)
+        self._buf += data
+        if len(self._buf) >= SPOOL_BUFFER_BYTES:
+            chunk, self._buf = bytes(self._buf), bytearray()
+            await anyio.to_thread.run_sync(self._write_out, chunk, False)
+
+    async def close(self) -> None:
+        """Write out and close the spool file (idempotent); its bytes are then at `path`.
+        Shielded: a cancelled caller must not leave the worker thread writing behind it."""
+        if not self.closed:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.close_blocking)
+
+    def close_blocking(self) -> None:
+        if not self.closed:
+            self.closed = True
+            chunk, self._buf = bytes(self._buf), bytearray()
+            self._write_out(chunk, True)
+
+    async def abandon(self) -> None:
+        """Close without writing out the buffer and remove the spool file (idempotent)."""
+        self.closed = True
+        self._buf = bytearray()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._remove)
+
+    def _remove(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # e.g. ENOSPC flushing: the file goes anyway
+                self._fh.close()
+        _unlink(self._path)
+
+    def _write_out(self, chunk: bytes, last: bool) -> None:
+        if self._fh is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)  # recreated if removed
+            self._fh = self._path.open("xb")
+        try:
+            self._fh.write(chunk)
+        finally:
+            if last:
+                self._fh.close()
+
+
+class FileSystemBlobStore:
+    """Blobs as files under `root/ab/cd/<key>`; spool files under `root/tmp/<owner>/`."""
+
+    def __init__(self, root: Path, owner: int) -> None:
+        self.root = root
+        self.owner = owner
+        self.tmp_root = root / "tmp"
+        self.tmp_dir = self.tmp_root / str(owner)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._run_prefix = ""
+        self._run_left = 0
+
+    def new_key(self) -> str:
+        """32 hex digits: a random UUID whose first four share a directory with the run."""
+        if self._run_left == 0:
+            self._run_prefix, self._run_left = uuid.uuid4().hex[:4], KEYS_PER_DIRECTORY_RUN
+        self._run_left -= 1
+        return self._run_prefix + uuid.uuid4().hex[4:]
+
+    @staticmethod
+    def is_key(key: str) -> bool:
+        """Whether `key` is one new_key could have made (32 lower-case hex digits)."""
+        return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+
+    def local_path(self, key: str) -> Path:
+        if not self.is_key(key):
+            raise ValueError(f"not a blob key: {key!r}")
+        return self.root / key[:2] / key[2:4] / key
+
+    async def open_writer(self) -> BlobWriter:
+        return _FileWriter(self.tmp_dir / uuid.uuid4().hex)  # the file is created by a write
+
+    async def commit(self, writer: BlobWriter, key: str) -> None:
+        # Shielded: a cancelled request must not return while the rename may still happen in
+        # the worker thread, or the caller's view of "placed" would be wrong.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.place_blocking, writer, key)
+
+    def place_blocking(self, writer: BlobWriter, key: str) -> None:
+        writer.close_blocking()
+        _place(writer.path, self.local_path(key))
+
+    async def discard(self, writer: BlobWriter) -> None:
+        if isinstance(writer, _FileWriter):
+            await writer.abandon()
+            return
+        try:
+            await writer.close()
+        finally:
+            await aiofiles.os.wrap(_unlink)(writer.path)
+
+    def open_range(
+        self, key: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        return stream_path(self.local_path(key), offset, length)
+
+    async def read_whole(self, blobs: Sequence[tuple[str, int]]) -> list[bytes]:
+        paths = [(self.local_path(key), size) for key, size in blobs]
+        return await anyio.to_thread.run_sync(_read_files, paths)
+
+    async def exists(self, key: str) -> bool:
+        return await aiofiles.os.path.exists(self.local_path(key))
+
+    async def delete(self, key: str) -> None:
+        await aiofiles.os.wrap(_unlink)(self.local_path(key))
+
+    def stale_tmp_owners(self) -> list[int]:
+        """Owners (process boot ids) that have spool directories, other than us."""
+        owners = []
+        for entry in self.tmp_root.iterdir():
+            if entry.is_dir() and entry.name.isdigit() and int(entry.name) != self.owner:
+                owners.append(int(entry.name))
+        return owners
+
+    def remove_tmp_of(self, owner: int) -> None:
+        shutil.rmtree(self.tmp_root / str(owner), ignore_errors=True)
+
+
+def scratch_file(directory: Path, suffix: str) -> Path:
+    """A new empty file in this process's spool directory (a converted instance, a STOW-RS
+    instance assembled from JSON), the directory made again when it is gone: a process
+    starting while this one's lock connection is down (a database restart) takes it for
+    dead and removes it (app.recover), and every conversion failed from then on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def _read_files(paths: Sequence[tuple[Path, int]]) -> list[bytes]:
+    out = []
+    for path, size in paths:
+        with path.open("rb") as fh:
+            data = fh.read(size)
+        if len(data) < size:
+            raise OSError(f"{path.name} is shorter than the recorded range")
+        out.append(data)
+    return out
+
+
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _place(src: Path, dest: Path) -> None:
+    """fsync the file, rename it into place, fsync the directory: durable once this returns."""
+    _fsync_path(src)
+    if not dest.parent.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_path(dest.parent.parent)
+        _fsync_path(dest.parent.parent.parent)
+    os.replace(src, dest)
+    _fsync_path(dest.parent)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)

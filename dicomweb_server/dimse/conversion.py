@@ -1,0 +1,95 @@
+"""The transfer syntaxes of C-MOVE/C-GET sub-operations: the presentation contexts a C-MOVE
+sub-association proposes, the syntax each instance is sent in, and the instance decoded to
+Explicit VR Little Endian for a peer that takes its SOP Class only uncompressed (one decode
+at a time, bounded)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.presentation import PresentationContext, build_context
+
+from dicomweb_server.index.rows import StoredInstance
+from dicomweb_server.transcode.codecs import TranscodeError, decodable
+from dicomweb_server.transcode.convert import converted_dataset
+from dicomweb_server.transcode.frames import decoded_bytes
+
+__all__ = ["DIMSE_DECODE_MAX_BYTES", "contexts", "decoded_for_peer", "target_syntax"]
+
+# Pixel bytes, decoded, of the largest instance decoded for a C-MOVE/C-GET peer that takes
+# its SOP Class only uncompressed; a larger one is a failed sub-operation. One decode runs at a
+# time in a process (_DECODING): memory stays near three times this.
+DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
+_DECODING = threading.Lock()
+# Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
+_MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def contexts(found: list[StoredInstance]) -> list[PresentationContext]:
+    """One context per stored (SOP Class, transfer syntax), so that each instance can go as
+    stored whatever the destination prefers (pynetdicom picks an exact match first); after
+    those, one fallback per SOP Class and kind: for uncompressed data the other little endian
+    syntax (pynetdicom converts), for data we can decode both little endian syntaxes (we
+    decode, see target_syntax). Data we cannot decode goes only as stored."""
+    pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
+    as_stored = [(sop_class, (ts,)) for sop_class, ts in pairs]
+    fallbacks: list[tuple[str, tuple[str, ...]]] = []
+    for sop_class, ts in pairs:
+        if ts in _UNCOMPRESSED:
+            fallbacks.append((sop_class, tuple(s for s in _UNCOMPRESSED if s != ts)))
+        elif _convertible(ts):
+            fallbacks.append((sop_class, _UNCOMPRESSED))
+    wanted = dict.fromkeys([*as_stored, *fallbacks])  # in order, without duplicates
+    return [build_context(sop_class, list(ts)) for sop_class, ts in wanted][:_MAX_CONTEXTS]
+
+
+def _convertible(transfer_syntax_uid: str) -> bool:
+    """Decodable here to Explicit VR Little Endian for a C-STORE sub-operation (big endian
+    included: converted_dataset re-encodes every element)."""
+    return decodable(transfer_syntax_uid)
+
+
+def _decoded_size(inst: StoredInstance) -> int | None:
+    """Bytes of the instance's pixels decoded, from the Image Pixel attributes; None when
+    they are not all known."""
+    dims = (inst.rows, inst.columns, inst.samples_per_pixel, inst.bits_allocated)
+    if any(d is None for d in dims):
+        return None
+    rows, columns, samples, bits = cast(tuple[int, int, int, int], dims)
+    return decoded_bytes(rows, columns, samples, bits, inst.number_of_frames)
+
+
+def decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
+    """The instance decoded to `target` for a peer, one decode at a time in the process and
+    only up to DIMSE_DECODE_MAX_BYTES of pixels, or of the file for big endian (it is held
+    whole in memory, about three times over while pynetdicom encodes it)."""
+    size: int | None
+    if inst.transfer_syntax_uid == ExplicitVRBigEndian:
+        size = inst.size_bytes  # uncompressed, swapped whole; it may hold no pixels at all
+    else:
+        size = _decoded_size(inst)
+    if size is None or size > DIMSE_DECODE_MAX_BYTES:
+        raise TranscodeError(
+            f"it would be {size if size is not None else 'of unknown size'} bytes decoded;"
+            f" at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
+        )
+    with _DECODING:
+        return converted_dataset(path, target)
+
+
+def target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:
+    """None: send the instance as stored (its syntax accepted, or uncompressed with a little
+    endian syntax accepted, or nothing of its SOP Class accepted: that sub-operation fails).
+    Explicit VR Little Endian: the peer takes its SOP Class only uncompressed, and the stored
+    syntax can be decoded here."""
+    syntaxes = {ts for sop_class, ts in accepted if sop_class == inst.sop_class_uid}
+    stored = inst.transfer_syntax_uid
+    little_endian = syntaxes.intersection(_UNCOMPRESSED)
+    if stored in syntaxes or not little_endian or stored in _UNCOMPRESSED:
+        return None
+    return ExplicitVRLittleEndian if _convertible(stored) else None

@@ -1,0 +1,12 @@
+"""The index over PostgreSQL: the only asyncpg importer. Callers hold one `Index`
+(database.py), whose methods come from one submodule per concern:
+
+    database.py  Index (open, apply_schema, ping, close) made of the classes below; not_up_yet
+    pool.py      Pooled: the pool, the per-query timeout, _fetch/_fetchrow/_execute, and the
+                 503 an unavailable database becomes
+    store.py     Store: the two-phase store: the process's owner lock, blob key reservations,
+                 commit_instance, and the walk and rewrite of `reindex`
+    reads.py     Reads: locate, metadata texts and series versions, bulk data, search, counts
+    security.py  Security: API keys and the audit trail
+    rows.py      the dataclasses the methods return (StoredInstance, CommitResult, ...)
+"""

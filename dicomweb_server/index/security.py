@@ -1,0 +1,93 @@
+"""The security tables: API keys, and the hash-chained audit trail appended to under an
+advisory lock and walked a page at a time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+
+from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, chain
+from dicomweb_server.index.pool import ACQUIRE_TIMEOUT_S, UNAVAILABLE, Pooled, unavailable
+from dicomweb_server.index.rows import ApiKey
+from dicomweb_server.index.store import ADVISORY_LOCK_CLASS
+
+__all__ = ["Security"]
+
+# Second key of the advisory lock that serialises appends to the audit chain (owners are > 0
+# and the schema lock is 0).
+AUDIT_LOCK_KEY = -1
+# Audit rows fetched per round trip while walking the chain.
+AUDIT_FETCH_ROWS = 1000
+
+
+class Security(Pooled):
+    """API keys and audit rows."""
+
+    # API keys
+
+    async def add_api_key(self, key_id: str, secret_sha256: bytes, role: str, name: str) -> None:
+        await self._execute(
+            "INSERT INTO api_key (key_id, secret_sha256, role, name) VALUES ($1, $2, $3, $4)",
+            key_id, secret_sha256, role, name,
+        )  # fmt: skip
+
+    async def api_key(self, key_id: str) -> ApiKey | None:
+        row = await self._fetchrow("SELECT * FROM api_key WHERE key_id = $1", key_id)
+        return None if row is None else ApiKey(**dict(row))
+
+    async def api_keys(self) -> list[ApiKey]:
+        return [
+            ApiKey(**dict(r))
+            for r in await self._fetch("SELECT * FROM api_key ORDER BY created_at")
+        ]
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        rows = await self._fetch(
+            "UPDATE api_key SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL"
+            " RETURNING key_id",
+            key_id,
+        )
+        return bool(rows)
+
+    # The audit trail
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Append events to the chain: under a transaction-scoped advisory lock, so that
+        processes sharing the database take turns and each row links to the true last one."""
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)", ADVISORY_LOCK_CLASS, AUDIT_LOCK_KEY
+                )
+                last = await conn.fetchval("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+                links = chain(GENESIS if last is None else bytes(last), events)
+                await conn.executemany(
+                    "INSERT INTO audit_log (at, caller, client, action, uids, outcome, bytes,"
+                    " detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    [(e.time, e.caller, e.client, e.action, list(e.uids), e.outcome, e.nbytes,
+                      e.detail, prev, digest)
+                     for e, (prev, digest) in zip(events, links, strict=True)],
+                    timeout=self._timeout,
+                )  # fmt: skip
+        except asyncpg.DataError as exc:  # a value PostgreSQL refuses: not worth a retry
+            raise ValueError(f"the audit trail refused a value: {exc}") from exc
+        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:  # away, restarting, full, ...
+            raise unavailable(exc) from exc
+
+    async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:
+        """Every audit row after `after_seq`, in chain order, a page at a time."""
+        while True:
+            rows = await self._fetch(
+                "SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                after_seq, AUDIT_FETCH_ROWS,
+            )  # fmt: skip
+            for r in rows:
+                event = AuditEvent(
+                    r["at"], r["caller"], r["client"], r["action"], tuple(r["uids"]),
+                    r["outcome"], r["bytes"], r["detail"],
+                )  # fmt: skip
+                yield AuditRow(r["seq"], event, bytes(r["prev_hash"]), bytes(r["hash"]))
+            if len(rows) < AUDIT_FETCH_ROWS:
+                return
+            after_seq = rows[-1]["seq"]

@@ -1,0 +1,328 @@
+"""The two-phase store, and the process lock that makes it safe.
+
+Two-phase store (STYLE.md rule 11): `reserve_key` hands out a blob key whose reservation row is
+committed before the blob is placed (keys are reserved RESERVE_BATCH at a time),
+`commit_instance` inserts the patient/study/series/instance rows and drops the reservation in
+one transaction, `releasing` drops a reservation while its discarded blob is deleted. A
+process holds a session advisory lock on its owner id for its whole life, so reservations of a
+dead process are recognised and rolled back at the next start (`dead_reservations`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import anyio
+import asyncpg
+
+from dicomweb_server.errors import ServiceUnavailableError
+from dicomweb_server.index.pool import ACQUIRE_TIMEOUT_S, UNAVAILABLE, Pooled, unavailable
+from dicomweb_server.index.rows import CommitResult, StoredBlob
+from dicomweb_server.record import InstanceRecord
+
+__all__ = ["ADVISORY_LOCK_CLASS", "OWNER_PROBE_INTERVAL_S", "Store"]
+
+log = logging.getLogger(__name__)
+
+# First key of the two-int advisory lock space used for process liveness ('DCMW').
+ADVISORY_LOCK_CLASS = 0x44434D57
+# Seconds between liveness probes of the connection that holds the process lock.
+OWNER_PROBE_INTERVAL_S = 1.0
+# Blob keys reserved in one statement (one round trip, one WAL flush) by `reserve_key`; the
+# unused ones are released at close, or rolled back with the process's other reservations.
+RESERVE_BATCH = 32
+
+# Stored instances in row-key order, from a key on (keyset pagination), optionally of some
+# studies only.
+_STORED_INSTANCES = """
+SELECT i.pk, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.blob_key,
+       i.sha256
+FROM instance i
+JOIN series se ON se.pk = i.series_fk
+JOIN study st ON st.pk = se.study_fk
+WHERE i.pk > $1 AND ($3::text[] IS NULL OR st.study_instance_uid = ANY($3::text[]))
+ORDER BY i.pk
+LIMIT $2
+"""
+
+
+class Store(Pooled):
+    """The two-phase store: the process's owner lock, blob key reservations, and the instance
+    rows committed (and rewritten by `reindex`)."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
+        super().__init__(pool, timeout_s)
+        self._owner_conn: asyncpg.Connection | None = None
+        self._owner_guard = asyncio.Lock()
+        self._owner_checked = 0.0
+        self._dsn = ""
+        self._spare: list[str] = []  # reserved keys not handed out yet
+        self._spare_guard = asyncio.Lock()
+        self.owner = 0
+
+    async def claim_owner(self, dsn: str) -> int:
+        """Take a fresh owner id, held by a session advisory lock until this process ends."""
+        self._dsn = dsn
+        self._owner_conn = await asyncpg.connect(dsn)
+        while True:
+            owner = secrets.randbelow(2**31 - 1) + 1
+            got = await self._owner_conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
+            )
+            if got:
+                self.owner = owner
+                return owner
+
+    async def owner_is_dead(self, owner: int) -> bool:
+        async with self._owner_guard:  # the lock connection serves one operation at a time
+            assert self._owner_conn is not None
+            got = await self._owner_conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
+            )
+            if got:
+                await self._owner_conn.execute(
+                    "SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner
+                )
+            return bool(got)
+
+    async def dead_reservations(self) -> list[str]:
+        """Blob keys reserved by processes that no longer run."""
+        rows = await self._fetch("SELECT blob_key, owner FROM blob_reservation")
+        dead: dict[int, bool] = {}
+        keys = []
+        for row in rows:
+            owner = row["owner"]
+            if owner != self.owner and owner not in dead:
+                dead[owner] = await self.owner_is_dead(owner)
+            if owner != self.owner and dead[owner]:
+                keys.append(row["blob_key"])
+        return keys
+
+    @contextlib.asynccontextmanager
+    async def keeping_owner(self) -> AsyncIterator[None]:
+        """Our process lock probed every OWNER_PROBE_INTERVAL_S while the block runs, and
+        taken again as soon as it was lost, whether anything is stored or not. Taken again
+        only by the next store, an idle process whose lock connection had dropped (a
+        database restart, an idle-session timeout) looked dead to every process starting
+        meanwhile, which rolled back its reservations and removed its spool files
+        (app.recover). The probe also keeps that connection from being idle."""
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(OWNER_PROBE_INTERVAL_S)
+                try:
+                    await self._ensure_owner()
+                except ServiceUnavailableError:
+                    # The database is away, or another process asking whether we are alive
+                    # holds our lock at this moment: the next probe tries again.
+                    pass
+                except Exception:  # the keeper goes on, whatever one probe met
+                    log.exception("probing the process lock failed")
+
+        task = asyncio.create_task(keep(), name="process-lock-keeper")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _ensure_owner(self) -> None:
+        """Re-take our advisory lock if its connection was lost (the database restarted):
+        without it, another process starting now would roll back our reservations.
+
+        One connection serves the lock, so concurrent stores take turns here, and the
+        liveness probe (a dead socket is only noticed when used) runs at most once a second.
+        """
+        async with self._owner_guard:
+            await self._ensure_owner_locked()
+
+    async def _ensure_owner_locked(self) -> None:
+        now = time.monotonic()
+        if self._owner_conn is not None and not self._owner_conn.is_closed():
+            if now - self._owner_checked < OWNER_PROBE_INTERVAL_S:
+                return
+            try:
+                await self._owner_conn.fetchval("SELECT 1", timeout=self._timeout)
+                self._owner_checked = now
+                return
+            except UNAVAILABLE:
+                self._owner_conn.terminate()
+        conn = None
+        try:
+            conn = await asyncpg.connect(self._dsn)
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, self.owner
+            )
+        except UNAVAILABLE as exc:
+            if conn is not None:  # connected, then the query failed: not kept open
+                conn.terminate()
+            raise unavailable(exc) from exc
+        if not got:  # another process took our id for dead and holds it: stop storing
+            await conn.close()
+            raise ServiceUnavailableError("lost the process lock; restart this server")
+        self._owner_conn = conn
+        self._owner_checked = time.monotonic()
+        # While the lock was not held, another process may have rolled back our reservations:
+        # the spare keys are dropped (their rows too, if still there) and reserved afresh.
+        spare, self._spare = self._spare, []
+        if spare:
+            with contextlib.suppress(ServiceUnavailableError):  # else at our next start
+                await self._execute(
+                    "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
+                )
+
+    async def reserve(self, blob_key: str) -> None:
+        await self._ensure_owner()
+        await self._execute(
+            "INSERT INTO blob_reservation (blob_key, owner) VALUES ($1, $2)", blob_key, self.owner
+        )
+
+    @property
+    def spare_keys(self) -> tuple[str, ...]:
+        """Keys reserved and not handed out yet: rows of blob_reservation with no blob."""
+        return tuple(self._spare)
+
+    async def reserve_key(self, new_key: Callable[[], str]) -> str:
+        """A blob key whose reservation row is committed: a blob may be placed under it.
+
+        Keys are reserved RESERVE_BATCH at a time and handed out one by one, so a store costs
+        a fraction of a round trip here. Nothing is awaited after a key is taken from the
+        spares: a cancelled caller has either no key or one it will release.
+        """
+        await self._ensure_owner()
+        async with self._spare_guard:
+            if not self._spare:
+                keys = [new_key() for _ in range(RESERVE_BATCH)]
+                # Shielded: the rows and the spare list stay in step if the caller is cancelled.
+                with anyio.CancelScope(shield=True):
+                    await self._execute(
+                        "INSERT INTO blob_reservation (blob_key, owner)"
+                        " SELECT k, $2 FROM unnest($1::text[]) AS k",
+                        keys,
+                        self.owner,
+                    )
+                self._spare = keys
+            return self._spare.pop()
+
+    @contextlib.asynccontextmanager
+    async def releasing(self, blob_key: str) -> AsyncIterator[bool]:
+        """Drop a reservation in a transaction held open through the block, which is told
+        whether it existed (then the blob is the block's to delete). A commit of an instance
+        with this blob waits meanwhile, then finds the reservation gone and stores nothing;
+        if the block raises, the reservation stays, so the blob is never left unreferenced
+        and unreserved (a blob deleted first, then released, was stored by a commit in
+        between: app.recover)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conn = await stack.enter_async_context(
+                    self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S)
+                )
+            except UNAVAILABLE as exc:
+                raise unavailable(exc) from exc
+            tx = conn.transaction()
+            try:
+                try:
+                    await tx.start()
+                    gone = await conn.fetchval(
+                        "DELETE FROM blob_reservation WHERE blob_key = $1 RETURNING true",
+                        blob_key,
+                        timeout=self._timeout,
+                    )
+                except UNAVAILABLE as exc:
+                    raise unavailable(exc) from exc
+                yield bool(gone)
+            except BaseException:
+                # Shielded (a cancellation reaches the rollback too), within the query timeout.
+                deadline = anyio.current_time() + self._timeout
+                with anyio.CancelScope(deadline=deadline, shield=True):
+                    with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
+                        await tx.rollback()
+                raise
+            try:  # the block's own errors (a blob delete's OSError) are not the database's
+                await tx.commit()
+            except UNAVAILABLE as exc:
+                raise unavailable(exc) from exc
+
+    async def commit_instance(self, rec: InstanceRecord) -> CommitResult:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                return await _commit(conn, rec, self.owner)
+        except asyncpg.DataError as exc:
+            # S3: a value PostgreSQL refuses (a NUL in text, NaN in JSON, an out-of-range
+            # number): a failure of this instance, not of the request.
+            return CommitResult(False, failed=f"the index refused a value: {exc}", invalid=True)
+        except UNAVAILABLE as exc:
+            raise unavailable(exc) from exc
+
+    async def stored_instances(
+        self, after_pk: int, limit: int, studies: Sequence[str] | None = None
+    ) -> list[StoredBlob]:
+        """Up to `limit` stored instances with a row key above `after_pk`, in key order (the
+        walk of `reindex`), of the given studies only when `studies` is not None."""
+        rows = await self._fetch(_STORED_INSTANCES, after_pk, limit, studies)
+        return [StoredBlob(*row) for row in rows]
+
+    async def reindex_instance(self, rec: InstanceRecord) -> str:
+        """Rewrite an instance's rows from its file parsed again (schema.sql's
+        dicomweb_reindex_instance): 'updated', 'unchanged', 'missing', or why the index
+        refused a value."""
+        try:
+            row = await self._fetchrow(_REINDEX, *_record_args(rec))
+        except asyncpg.DataError as exc:  # as in commit_instance
+            return f"the index refused a value: {exc}"
+        assert row is not None
+        outcome: str = row[0]
+        return outcome
+
+
+_COMMIT = "SELECT * FROM dicomweb_commit_instance(" + ", ".join(f"${n}" for n in range(1, 40)) + ")"
+_REINDEX = "SELECT dicomweb_reindex_instance(" + ", ".join(f"${n}" for n in range(1, 39)) + ")"
+
+
+def _record_args(rec: InstanceRecord) -> tuple[Any, ...]:
+    """The 38 row values of an instance, in the parameter order of schema.sql's
+    dicomweb_commit_instance and dicomweb_reindex_instance."""
+    p, st, se, i = rec.patient, rec.study, rec.series, rec.instance
+    return (
+        p["patient_id"], p["issuer_of_patient_id"], p["patient_name"], p["patient_birth_date"],
+        p["patient_sex"],
+        st["study_instance_uid"], st["study_date"], st["study_time"], st["accession_number"],
+        st["study_id"], st["study_description"], st["referring_physician_name"],
+        st["patient_name"], st["attrs"], st["referring_physician_name_text"],
+        st["patient_name_text"],
+        se["series_instance_uid"], se["modality"], se["series_number"],
+        se["series_description"], se["body_part_examined"], se["pps_start_date"],
+        se["pps_start_time"], se["attrs"],
+        i["sop_instance_uid"], i["sop_class_uid"], i["instance_number"],
+        i["acquisition_datetime"], i["blob_key"], i["transfer_syntax_uid"], i["size_bytes"],
+        i["sha256"], i["number_of_frames"], i["frame_offsets"], i["frame_lengths"],
+        i["encapsulated"], i["metadata"], i["bulk_ranges"],
+    )  # fmt: skip
+
+
+async def _commit(conn: asyncpg.Connection, rec: InstanceRecord, owner: int) -> CommitResult:
+    """One round trip: schema.sql's dicomweb_commit_instance does every step."""
+    row = await conn.fetchrow(_COMMIT, *_record_args(rec), owner)
+    if row["outcome"] == "stored":
+        return CommitResult(True)
+    if row["outcome"] == "reservation-lost":
+        return CommitResult(
+            False,
+            failed="the blob reservation was rolled back by another process",
+            reservation_lost=True,
+        )
+    if row["outcome"] == "series-conflict":
+        return CommitResult(False, conflict="the series belongs to another study in the archive")
+    return CommitResult(
+        False,
+        existing_sha256=bytes(row["existing_sha256"]),
+        existing_series_uid=row["existing_series"],
+        existing_study_uid=row["existing_study"],
+    )
