@@ -87,3 +87,23 @@ def test_version_matches_pyproject() -> None:
 
     project = tomllib.loads((STATEMENT.parents[1] / "pyproject.toml").read_text())["project"]
     assert project["version"] == config.VERSION
+
+
+def test_style_lists_every_module() -> None:
+    """docs/STYLE.md section 1 names each module of the package, and nothing that is gone."""
+    style = (STATEMENT.parents[1] / "docs" / "STYLE.md").read_text()
+    block = style.split("## 1 Package layout", 1)[1].split("```")[1]
+    listed: set[str] = set()
+    package = ""
+    for line in block.splitlines():
+        if m := re.match(r"  (\w+)/\s", line):
+            package = m[1] + "/"
+        elif m := re.match(r"  ((?:\w+/)?\w+\.py)\s", line):
+            listed.add(m[1])
+            package = ""
+        elif (m := re.match(r"    (\w+\.py)\s", line)) and package:
+            listed.add(package + m[1])
+    root = STATEMENT.parents[1] / "dicomweb_server"
+    actual = {str(p.relative_to(root)) for p in root.rglob("*.py")}
+    packages_described_by_their_init = {p for p in actual if p.endswith("/__init__.py")}
+    assert listed == actual - packages_described_by_their_init | {"routes/__init__.py"}

@@ -28,7 +28,7 @@ from dicomweb_server.media.mediatypes import (
 from dicomweb_server.media.negotiate import frame_media_type, negotiate_frames
 from dicomweb_server.metadata import pixel_info, targets_of
 from dicomweb_server.multipart import close_all
-from dicomweb_server.retrieve.instances import SMALL_RUN_BYTES, Part
+from dicomweb_server.retrieve.instances import SMALL_RUN_BYTES, Part, once
 from dicomweb_server.transcode.codecs import TranscodeError, decodable, missing_codec
 from dicomweb_server.transcode.frames import (
     convert_codestream,
@@ -216,7 +216,7 @@ async def frame_value(
 
 def sized_bytes(headers: dict[str, str], data: bytes, key: str) -> Sized:
     """`data`, a value of the blob `key` (its secret)."""
-    return Sized(headers, len(data), lambda start, stop: _one(data[start:stop]), key)
+    return Sized(headers, len(data), lambda start, stop: once(data[start:stop]), key)
 
 
 async def sized_range(
@@ -290,7 +290,7 @@ async def _stored_frames(
         path = svc.blobs.local_path(inst.blob_key)
         data = await anyio.to_thread.run_sync(stored_frames, path, frames, limiter=svc.limiter)
         for blob in data:
-            yield {"Content-Type": ctype}, _one(blob)
+            yield {"Content-Type": ctype}, once(blob)
         return
     for n in frames:
         chunks = svc.blobs.open_range(
@@ -342,14 +342,10 @@ async def _converted_rest(
     target: str,
     ctype: str,
 ) -> AsyncIterator[Part]:
-    yield {"Content-Type": ctype}, _one(first)
+    yield {"Content-Type": ctype}, once(first)
     for n in frames:
         # One frame at a time: memory stays at one converted frame per request.
-        yield {"Content-Type": ctype}, _one(await _convert_frame(svc, inst, n, target))
-
-
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+        yield {"Content-Type": ctype}, once(await _convert_frame(svc, inst, n, target))
 
 
 async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

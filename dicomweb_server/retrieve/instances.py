@@ -29,6 +29,7 @@ __all__ = [
     "PartLength",
     "instance_parts",
     "locate",
+    "once",
 ]
 
 Part = tuple[dict[str, str], AsyncIterable[bytes]]
@@ -122,7 +123,7 @@ async def _instance_parts(
                 datas = await svc.blobs.read_whole([(r.blob_key, r.size_bytes) for r in run])
                 for k, r in enumerate(run):
                     data, datas[k] = datas[k], b""  # what was sent is not kept
-                    yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, _once(data)
+                    yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, once(data)
                 sent_ahead = len(run) - 1
                 continue
             if target in (STORED, ts):
@@ -165,7 +166,8 @@ def _small_run(instances: list[StoredInstance], targets: list[str], i: int) -> l
     return run
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
+async def once(data: bytes) -> AsyncIterator[bytes]:
+    """A body of one chunk."""
     yield data
 
 
