@@ -326,45 +326,50 @@ def create_app(settings: Settings) -> Starlette:
             log.info("authentication: %s", describe(settings))
             yield
 
-    origins = settings.cors_origins
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
         exception_handlers={DicomWebError: _dicomweb_error},
-        middleware=[
-            # Outermost: an idle request body ends in 408, and no request stays unfinished
-            # for a body it was answered without.
-            Middleware(_RequestBody, idle_s=settings.body_idle_timeout_s),
-            # Then: everything after sees the client, scheme and host a trusted reverse
-            # proxy forwarded (field notes 13).
-            Middleware(
-                ProxyHeaders,
-                networks=parse_networks(settings.trusted_proxies),
-                family=settings.proxy_headers,
-            ),
-            # Field notes 2: CORS on every response, errors included, Authorization allowed.
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(origins or []),
-                allow_origin_regex=None if origins else LOCAL_ORIGINS_REGEX,
-                # HEAD too: a browser's HEAD with Authorization is preflighted, and a
-                # preflight naming a method not listed is a 400, which fails the fetch.
-                allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"],
-                allow_headers=["*"],
-                allow_credentials="*" not in (origins or ()),
-                expose_headers=EXPOSED_HEADERS,
-                max_age=CORS_MAX_AGE_S,
-            ),
-            # Inside CORS, so that a 401 or 403 carries CORS headers too (field notes 2).
-            Middleware(Guard, routes=ROUTES, roles=ROUTE_ROLES),
-            # Inside CORS, so that even an unexpected error answers with CORS headers.
-            Middleware(_CatchAllMiddleware),
-        ],
+        middleware=_middleware(settings),
     )
     # The Guard matches every request's route already; the router takes its match.
     app.router = MatchedRouter(ROUTES, lifespan=lifespan)
     app.state.settings = settings
     return app
+
+
+def _middleware(settings: Settings) -> list[Middleware]:
+    """The app's middleware, outermost first."""
+    origins = settings.cors_origins
+    return [
+        # Outermost: an idle request body ends in 408, and no request stays unfinished
+        # for a body it was answered without.
+        Middleware(_RequestBody, idle_s=settings.body_idle_timeout_s),
+        # Then: everything after sees the client, scheme and host a trusted reverse
+        # proxy forwarded (field notes 13).
+        Middleware(
+            ProxyHeaders,
+            networks=parse_networks(settings.trusted_proxies),
+            family=settings.proxy_headers,
+        ),
+        # Field notes 2: CORS on every response, errors included, Authorization allowed.
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(origins or []),
+            allow_origin_regex=None if origins else LOCAL_ORIGINS_REGEX,
+            # HEAD too: a browser's HEAD with Authorization is preflighted, and a
+            # preflight naming a method not listed is a 400, which fails the fetch.
+            allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials="*" not in (origins or ()),
+            expose_headers=EXPOSED_HEADERS,
+            max_age=CORS_MAX_AGE_S,
+        ),
+        # Inside CORS, so that a 401 or 403 carries CORS headers too (field notes 2).
+        Middleware(Guard, routes=ROUTES, roles=ROUTE_ROLES),
+        # Inside CORS, so that even an unexpected error answers with CORS headers.
+        Middleware(_CatchAllMiddleware),
+    ]
 
 
 def app_from_env() -> Starlette:

@@ -238,6 +238,18 @@ def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
         ident["EventTypeCode"] = [_code(c) for c in type_codes]
     # PS3.15 A.5.3: the side data (or a query) flows from is the source.
     caller_is_source = receiving or event_id == _QUERY
+    message: dict[str, Any] = {
+        "EventIdentification": ident,
+        "ActiveParticipant": _participants(ev, source_id, caller_is_source),
+        "AuditSourceIdentification": {"AuditSourceID": source_id, "AuditSourceTypeCode": 4},
+        "ParticipantObjectIdentification": _objects(ev, event_id),
+    }
+    return {"seq": row.seq, "hash": row.hash.hex(), "action": ev.action, "bytes": ev.nbytes,
+            "status": ev.outcome, "AuditMessage": message}  # fmt: skip
+
+
+def _participants(ev: AuditEvent, source_id: str, caller_is_source: bool) -> list[dict[str, Any]]:
+    """ActiveParticipant: the caller (the requestor), then this server."""
     caller = {
         "UserID": ev.caller,
         "UserIsRequestor": True,
@@ -250,6 +262,11 @@ def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
         "UserIsRequestor": False,
         "RoleIDCode": _code(_DESTINATION_ROLE if caller_is_source else _SOURCE_ROLE),
     }
+    return [caller, server]
+
+
+def _objects(ev: AuditEvent, event_id: tuple[str, str]) -> list[dict[str, Any]]:
+    """ParticipantObjectIdentification: the query of a Query event, then each study touched."""
     objects: list[dict[str, Any]] = []
     if event_id == _QUERY:
         objects.append({
@@ -273,11 +290,4 @@ def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
                 "Instance": [{"UID": uid} for uid in instances],
             }  # fmt: skip
         objects.append(obj)
-    message: dict[str, Any] = {
-        "EventIdentification": ident,
-        "ActiveParticipant": [caller, server],
-        "AuditSourceIdentification": {"AuditSourceID": source_id, "AuditSourceTypeCode": 4},
-        "ParticipantObjectIdentification": objects,
-    }
-    return {"seq": row.seq, "hash": row.hash.hex(), "action": ev.action, "bytes": ev.nbytes,
-            "status": ev.outcome, "AuditMessage": message}  # fmt: skip
+    return objects

@@ -219,41 +219,9 @@ class _Reader:
             self.root = {}
             self.stack.append((local, self.root))
         elif local == "DicomAttribute" and parent[0] in ("NativeDicomModel", "Item"):
-            tag, vr = attrs.get("tag", ""), attrs.get("vr", "")
-            if not _TAG.fullmatch(tag) or not _VR.fullmatch(vr):
-                raise BadRequestError(
-                    f"DicomAttribute needs tag (8 hex digits) and vr: {tag!r}, {vr!r}"
-                )
-            entry: JsonDict = {"vr": vr}
-            number, creator = int(tag, 16), attrs.get("privateCreator")
-            if creator and (number >> 16) % 2:
-                # a private data element (gggg00ee, or a full tag to be checked against its
-                # creator; creator elements carry no privateCreator): placed when its data
-                # set ends
-                self.private.setdefault(id(parent[1]), []).append((number, creator, entry))
-            else:
-                parent[1][tag.upper()] = entry
-            self.stack.append((local, entry))
+            self._start_attribute(parent[1], attrs)
         elif local in ("Value", "PersonName", "Item") and parent[0] == "DicomAttribute":
-            entry = parent[1]
-            allowed = {"SQ": "Item", "PN": "PersonName"}.get(entry["vr"], "Value")
-            if local != allowed:  # PS3.19 Table A.1.5-2: Item only in SQ, PersonName in PN
-                raise BadRequestError(
-                    f"{local} in a DicomAttribute of VR {entry['vr']}: expected {allowed}"
-                )
-            number = _number(attrs)
-            values = entry.setdefault("Value", [])
-            if number != len(values) + 1:  # "monotonically increasing starting from 1 by 1"
-                raise BadRequestError(
-                    f"{local} number {number} after {len(values)}: numbers run 1, 2, 3, ..."
-                    " (PS3.19 A.1.5)"
-                )
-            values.append(None)
-            if local == "Value":  # its text is converted when it ends
-                self.stack.append((local, (parent[1], number)))
-            else:  # an item's data set, or a name's groups
-                values[number - 1] = {}
-                self.stack.append((local, values[number - 1]))
+            self._start_value(local, parent[1], attrs)
         elif local == "BulkData" and parent[0] == "DicomAttribute":
             uri = attrs.get("uri") or attrs.get("uuid")
             if not uri:
@@ -269,6 +237,45 @@ class _Reader:
         else:
             where = parent[0]
             raise BadRequestError(f"unexpected XML element {local} in {where} (PS3.19 A.1)")
+
+    def _start_attribute(self, doc: JsonDict, attrs: dict[str, str]) -> None:
+        """A DicomAttribute of the data set `doc` (the document's, or an item's)."""
+        tag, vr = attrs.get("tag", ""), attrs.get("vr", "")
+        if not _TAG.fullmatch(tag) or not _VR.fullmatch(vr):
+            raise BadRequestError(
+                f"DicomAttribute needs tag (8 hex digits) and vr: {tag!r}, {vr!r}"
+            )
+        entry: JsonDict = {"vr": vr}
+        number, creator = int(tag, 16), attrs.get("privateCreator")
+        if creator and (number >> 16) % 2:
+            # a private data element (gggg00ee, or a full tag to be checked against its
+            # creator; creator elements carry no privateCreator): placed when its data
+            # set ends
+            self.private.setdefault(id(doc), []).append((number, creator, entry))
+        else:
+            doc[tag.upper()] = entry
+        self.stack.append(("DicomAttribute", entry))
+
+    def _start_value(self, local: str, entry: JsonDict, attrs: dict[str, str]) -> None:
+        """A Value, PersonName or Item of the DicomAttribute `entry`, numbered in turn."""
+        allowed = {"SQ": "Item", "PN": "PersonName"}.get(entry["vr"], "Value")
+        if local != allowed:  # PS3.19 Table A.1.5-2: Item only in SQ, PersonName in PN
+            raise BadRequestError(
+                f"{local} in a DicomAttribute of VR {entry['vr']}: expected {allowed}"
+            )
+        number = _number(attrs)
+        values = entry.setdefault("Value", [])
+        if number != len(values) + 1:  # "monotonically increasing starting from 1 by 1"
+            raise BadRequestError(
+                f"{local} number {number} after {len(values)}: numbers run 1, 2, 3, ..."
+                " (PS3.19 A.1.5)"
+            )
+        values.append(None)
+        if local == "Value":  # its text is converted when it ends
+            self.stack.append((local, (entry, number)))
+        else:  # an item's data set, or a name's groups
+            values[number - 1] = {}
+            self.stack.append((local, values[number - 1]))
 
     def end(self, name: str) -> None:
         local, built = self.stack.pop()

@@ -174,17 +174,7 @@ def _parse(path: Path) -> ParsedFile:
             with _INFLATE_LOCK:
                 _check_inflated_size(fp, data_set_at)
                 return _parse_whole(path, syntax, data_set_at)
-        fp.seek(0)
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
-        _check_whole(ds, fp.tell(), size)
-        file_meta = getattr(ds, "file_meta", None)
-        meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
-        if not meta_ts:
-            raise InvalidInstanceError(
-                FailureReason.CANNOT_UNDERSTAND,
-                "no File Meta Information with a Transfer Syntax UID (PS3.10 7.1)",
-            )
-        ts = str(meta_ts)
+        ds, ts = _header(fp, size)
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
@@ -192,25 +182,7 @@ def _parse(path: Path) -> ParsedFile:
         if end is not None and end < size:
             padding = _merge_tail(fp, ds, ts, end, size, pixel_entry[0] if pixel_entry else None)
         data_set_end = _padding_at(padding, ts, size)
-    bulk_ranges: dict[str, list[Any]] = {}
-    if ts != EXPLICIT_VR_BIG_ENDIAN:
-        for tag in ds.keys():
-            # Deferred values stay unread (get_item would read them): large binary values
-            # before Pixel Data (overlays, palettes, private blobs) are served by range.
-            item = ds.get_item(tag, keep_deferred=True)
-            if (
-                isinstance(item, RawDataElement)
-                and item.value is None
-                and item.value_tell
-                and (vr := raw_vr(tag, item)) in BULK_VRS
-            ):
-                if item.value_tell + item.length > size:  # pydicom seeks past a deferred value
-                    raise InvalidInstanceError(
-                        FailureReason.CANNOT_UNDERSTAND,
-                        f"the value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end"
-                        " of the file: it is truncated",
-                    )
-                bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, vr, False]
+    bulk_ranges = _deferred_ranges(ds, size) if ts != EXPLICIT_VR_BIG_ENDIAN else {}
     meta = dataset_to_json(ds, lambda p: prefix + p)
     if pixel_entry is not None:
         pixel_tag, vr, entry = pixel_entry
@@ -221,6 +193,46 @@ def _parse(path: Path) -> ParsedFile:
     if ts == EXPLICIT_VR_BIG_ENDIAN:
         layout = None
     return ParsedFile(uids, meta, ts, nframes, layout, bulk_ranges, data_set_at, data_set_end)
+
+
+def _header(fp: BinaryIO, size: int) -> tuple[Dataset, str]:
+    """The data set up to Pixel Data as pydicom reads it (values over the bulk data threshold
+    left unread), and the Transfer Syntax UID of its File Meta Information; refused (0xC000)
+    when the data set is cut short or no transfer syntax is given."""
+    fp.seek(0)
+    ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
+    _check_whole(ds, fp.tell(), size)
+    file_meta = getattr(ds, "file_meta", None)
+    meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
+    if not meta_ts:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            "no File Meta Information with a Transfer Syntax UID (PS3.10 7.1)",
+        )
+    return ds, str(meta_ts)
+
+
+def _deferred_ranges(ds: Dataset, size: int) -> dict[str, list[Any]]:
+    """tag -> [offset, length, vr, False] of the binary values pydicom left unread."""
+    bulk_ranges: dict[str, list[Any]] = {}
+    for tag in ds.keys():
+        # Deferred values stay unread (get_item would read them): large binary values
+        # before Pixel Data (overlays, palettes, private blobs) are served by range.
+        item = ds.get_item(tag, keep_deferred=True)
+        if (
+            isinstance(item, RawDataElement)
+            and item.value is None
+            and item.value_tell
+            and (vr := raw_vr(tag, item)) in BULK_VRS
+        ):
+            if item.value_tell + item.length > size:  # pydicom seeks past a deferred value
+                raise InvalidInstanceError(
+                    FailureReason.CANNOT_UNDERSTAND,
+                    f"the value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end"
+                    " of the file: it is truncated",
+                )
+            bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, vr, False]
+    return bulk_ranges
 
 
 def _check_whole(data: Dataset, pos: int, size: int) -> None:

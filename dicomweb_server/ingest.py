@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskGroup
 
 from dicomweb_server.blobstore.files import BlobStore, BlobWriter
 from dicomweb_server.blobstore.hashing import data_set_sha256
@@ -96,48 +97,61 @@ async def store_parts(
     same SOP Instance UID commit in request order (_CommitOrder). A stream error (400/413)
     discards the open part, lets the parts already received finish, and is raised.
     """
-    outcomes: dict[int, InstanceOutcome] = {}
-    errors: dict[int, Exception] = {}
-    slots = anyio.Semaphore(PARTS_IN_FLIGHT)
-    order = _CommitOrder()
-
-    async def finish(n: int, writer: BlobWriter, part_type: str | None) -> None:
-        try:
-            turn = functools.partial(order.turn, n)
-            outcomes[n] = await _finish_part(writer, part_type, ctx, expected_study, turn)
-        except Exception as exc:  # e.g. 503: raised for the request after the others finish
-            errors[n] = exc
-        finally:
-            order.over(n)
-            slots.release()
-
-    def failed(n: int, outcome: InstanceOutcome) -> None:
-        outcomes[n] = outcome
-        order.over(n)
-
-    async def start(n: int, writer: BlobWriter, part_type: str | None) -> None:
-        try:
-            await slots.acquire()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _discard_quietly(ctx, writer)
-            raise
-        tg.start_soon(finish, n, writer, part_type)
-
     stream_error: Exception | None = None
     async with anyio.create_task_group() as tg:
+        parts = _PartsInFlight(tg, ctx, expected_study)
         try:
-            count = await _spool_parts(events, ctx, failed, start)
+            count = await _spool_parts(events, ctx, parts.failed, parts.start)
         except Exception as exc:  # raised once the parts in flight are done
             stream_error = exc
-    if errors:  # a server error (503: the database went away) first: the client retries
-        raise errors[min(errors)]
+    if parts.errors:  # a server error (503: the database went away) first: the client retries
+        raise parts.errors[min(parts.errors)]
     if stream_error is not None:
-        done = [outcomes[n] for n in sorted(outcomes)]
+        done = [parts.outcomes[n] for n in sorted(parts.outcomes)]
         if isinstance(stream_error, DicomWebError) and any(o.retrieve_path for o in done):
             raise StoreInterruptedError(stream_error, done) from stream_error
         raise stream_error
-    return [outcomes[n] for n in range(count)]
+    return [parts.outcomes[n] for n in range(count)]
+
+
+class _PartsInFlight:
+    """The parts of one STOW request being stored: each in a task of `tg` of its own once one
+    of PARTS_IN_FLIGHT slots is free, committing in _CommitOrder. Holds their outcomes, and
+    the errors some met instead, by part number."""
+
+    def __init__(self, tg: TaskGroup, ctx: Services, expected_study: str | None) -> None:
+        self.outcomes: dict[int, InstanceOutcome] = {}
+        self.errors: dict[int, Exception] = {}
+        self._slots = anyio.Semaphore(PARTS_IN_FLIGHT)
+        self._order = _CommitOrder()
+        self._tg, self._ctx, self._expected_study = tg, ctx, expected_study
+
+    async def start(self, n: int, writer: BlobWriter, part_type: str | None) -> None:
+        """Store spooled part `n` in a task of its own, once a slot is free."""
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _discard_quietly(self._ctx, writer)
+            raise
+        self._tg.start_soon(self._finish, n, writer, part_type)
+
+    def failed(self, n: int, outcome: InstanceOutcome) -> None:
+        """Part `n` could not be spooled: `outcome` says why."""
+        self.outcomes[n] = outcome
+        self._order.over(n)
+
+    async def _finish(self, n: int, writer: BlobWriter, part_type: str | None) -> None:
+        try:
+            turn = functools.partial(self._order.turn, n)
+            self.outcomes[n] = await _finish_part(
+                writer, part_type, self._ctx, self._expected_study, turn
+            )
+        except Exception as exc:  # e.g. 503: raised for the request after the others finish
+            self.errors[n] = exc
+        finally:
+            self._order.over(n)
+            self._slots.release()
 
 
 async def _spool_parts(
@@ -303,13 +317,7 @@ async def store_file(
                 _parse_and_place, writer, ctx.blobs, key, expected_study, limiter=ctx.limiter
             )
         except (_SpoolError, InvalidInstanceError) as exc:
-            # Nothing was placed under the key: the writer goes and the reservation with it
-            # (a refused file costs a round trip; its key could not safely rejoin the spares,
-            # which a database restart may have dropped meanwhile).
-            await _undo(ctx, writer, key, placed)
-            if isinstance(exc, _SpoolError):
-                return storage_failure(exc.error)
-            return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
+            return await _refused_outcome(ctx, writer, key, exc)
         except _PlaceError as exc:
             # Placed or not (an fsync may fail after the rename): both copies go, in _undo.
             placed, uids = True, (exc.sop_class, exc.sop)
@@ -329,6 +337,18 @@ async def store_file(
         with anyio.CancelScope(shield=True):
             await _undo(ctx, writer, key, placed)
         raise
+
+
+async def _refused_outcome(
+    ctx: Services, writer: BlobWriter, key: str, exc: _SpoolError | InvalidInstanceError
+) -> InstanceOutcome:
+    """The outcome of a file refused before it was placed. Nothing was placed under the key:
+    the writer goes and the reservation with it (a refused file costs a round trip; its key
+    could not safely rejoin the spares, which a database restart may have dropped meanwhile)."""
+    await _undo(ctx, writer, key, False)
+    if isinstance(exc, _SpoolError):
+        return storage_failure(exc.error)
+    return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
 
 
 async def store_path(

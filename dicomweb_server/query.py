@@ -285,24 +285,7 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
     if value in ("", "*"):
         return UniversalMatch(attr)
     if listed:
-        values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
-        if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
-            return UniversalMatch(attr)
-        if len(values) > MAX_MATCH_LIST_ITEMS:
-            raise BadRequestError(
-                f"{attr.keyword} lists {len(values)} values, more than {MAX_MATCH_LIST_ITEMS}"
-            )
-        if any(len(v) > MAX_MATCH_VALUE_CHARS for v in values):
-            raise BadRequestError(
-                f"a value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}"
-            )
-        if attr.vr == "UI":
-            bad = [v for v in values if not _UID.match(v) or len(v) > 64]
-            if bad:
-                raise BadRequestError(f"{attr.keyword}: {bad[0]!r} is not a valid UID")
-        elif any("*" in v or "?" in v for v in values) and len(values) == 1:
-            return WildcardMatch(attr, values[0])
-        return UidListMatch(attr, values) if len(values) > 1 else SingleValueMatch(attr, values[0])
+        return _list_match(attr, value)
     if attr.vr in _PARSERS:
         return _range_or_single(attr, value)
     if attr.vr == "IS":
@@ -311,17 +294,42 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
         words = tuple(w for w in re.split(r"[\s^=,]+", value.replace("*", "")) if w)
         return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
     if attr.vr == "PN" and "=" in value:
-        groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))
-        if len(groups) > _PN_GROUPS:
-            raise BadRequestError(
-                f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
-            )
-        if all(g in ("", "*") for g in groups):
-            return UniversalMatch(attr)
-        return ComponentGroupMatch(attr, groups)
+        return _groups_match(attr, value)
     if "*" in value or "?" in value:
         return WildcardMatch(attr, value)
     return SingleValueMatch(attr, value)
+
+
+def _list_match(attr: Attribute, value: str) -> Match:
+    """A key whose value is a list (a UID, Modalities in Study): values separated by `,` or `\\`."""
+    values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
+    if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
+        return UniversalMatch(attr)
+    if len(values) > MAX_MATCH_LIST_ITEMS:
+        raise BadRequestError(
+            f"{attr.keyword} lists {len(values)} values, more than {MAX_MATCH_LIST_ITEMS}"
+        )
+    if any(len(v) > MAX_MATCH_VALUE_CHARS for v in values):
+        raise BadRequestError(f"a value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
+    if attr.vr == "UI":
+        bad = [v for v in values if not _UID.match(v) or len(v) > 64]
+        if bad:
+            raise BadRequestError(f"{attr.keyword}: {bad[0]!r} is not a valid UID")
+    elif any("*" in v or "?" in v for v in values) and len(values) == 1:
+        return WildcardMatch(attr, values[0])
+    return UidListMatch(attr, values) if len(values) > 1 else SingleValueMatch(attr, values[0])
+
+
+def _groups_match(attr: Attribute, value: str) -> Match:
+    """A PN value with component groups (`=`), each matched at its position."""
+    groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))
+    if len(groups) > _PN_GROUPS:
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
+        )
+    if all(g in ("", "*") for g in groups):
+        return UniversalMatch(attr)
+    return ComponentGroupMatch(attr, groups)
 
 
 def _range_or_single(attr: Attribute, value: str) -> Match:

@@ -142,39 +142,9 @@ def build_record(
         meta = _without_nul(meta)
         meta_text = json.dumps(meta)
     patient_name = _first(meta, 0x00100010)
-    patient = {
-        "patient_id": _str(meta, 0x00100020) or "",
-        "issuer_of_patient_id": _str(meta, 0x00100021) or "",
-        "patient_name": pn_text(patient_name),
-        "patient_birth_date": _date(meta, 0x00100030),
-        "patient_sex": _str(meta, 0x00100040),
-    }
-    study = {
-        "study_instance_uid": _str(meta, 0x0020000D),
-        "study_date": _date(meta, 0x00080020),
-        "study_time": _time(meta, 0x00080030),
-        "accession_number": _str(meta, 0x00080050),
-        "study_id": _str(meta, 0x00200010),
-        "study_description": _str(meta, 0x00081030),
-        "referring_physician_name": pn_groups(_first(meta, 0x00080090)),
-        "patient_name": pn_groups(patient_name),
-        "referring_physician_name_text": "=".join(pn_groups(_first(meta, 0x00080090))),
-        "patient_name_text": "=".join(pn_groups(patient_name)),
-        "patient_id": patient["patient_id"],
-        "patient_birth_date": patient["patient_birth_date"],
-        "patient_sex": patient["patient_sex"],
-        "attrs": json.dumps(level_attrs(meta, Level.STUDY)),
-    }
-    series = {
-        "series_instance_uid": _str(meta, 0x0020000E),
-        "modality": _str(meta, 0x00080060),
-        "series_number": _int(meta, 0x00200011),
-        "series_description": _str(meta, 0x0008103E),
-        "body_part_examined": _str(meta, 0x00180015),
-        "pps_start_date": _date(meta, 0x00400244),
-        "pps_start_time": _time(meta, 0x00400245),
-        "attrs": json.dumps(level_attrs(meta, Level.SERIES)),
-    }
+    patient = _patient_row(meta, patient_name)
+    study = _study_row(meta, patient_name, patient)
+    series = _series_row(meta)
     instance = {
         "sop_instance_uid": _str(meta, 0x00080018),
         "sop_class_uid": _str(meta, 0x00080016),
@@ -192,3 +162,46 @@ def build_record(
         "bulk_ranges": json.dumps(bulk_ranges),
     }
     return InstanceRecord(patient, study, series, instance)
+
+
+def _patient_row(meta: JsonDict, patient_name: Any) -> dict[str, Any]:
+    return {
+        "patient_id": _str(meta, 0x00100020) or "",
+        "issuer_of_patient_id": _str(meta, 0x00100021) or "",
+        "patient_name": pn_text(patient_name),
+        "patient_birth_date": _date(meta, 0x00100030),
+        "patient_sex": _str(meta, 0x00100040),
+    }
+
+
+def _study_row(meta: JsonDict, patient_name: Any, patient: dict[str, Any]) -> dict[str, Any]:
+    """The study row; the patient's attributes are repeated in it (from `patient`)."""
+    return {
+        "study_instance_uid": _str(meta, 0x0020000D),
+        "study_date": _date(meta, 0x00080020),
+        "study_time": _time(meta, 0x00080030),
+        "accession_number": _str(meta, 0x00080050),
+        "study_id": _str(meta, 0x00200010),
+        "study_description": _str(meta, 0x00081030),
+        "referring_physician_name": pn_groups(_first(meta, 0x00080090)),
+        "patient_name": pn_groups(patient_name),
+        "referring_physician_name_text": "=".join(pn_groups(_first(meta, 0x00080090))),
+        "patient_name_text": "=".join(pn_groups(patient_name)),
+        "patient_id": patient["patient_id"],
+        "patient_birth_date": patient["patient_birth_date"],
+        "patient_sex": patient["patient_sex"],
+        "attrs": json.dumps(level_attrs(meta, Level.STUDY)),
+    }
+
+
+def _series_row(meta: JsonDict) -> dict[str, Any]:
+    return {
+        "series_instance_uid": _str(meta, 0x0020000E),
+        "modality": _str(meta, 0x00080060),
+        "series_number": _int(meta, 0x00200011),
+        "series_description": _str(meta, 0x0008103E),
+        "body_part_examined": _str(meta, 0x00180015),
+        "pps_start_date": _date(meta, 0x00400244),
+        "pps_start_time": _time(meta, 0x00400245),
+        "attrs": json.dumps(level_attrs(meta, Level.SERIES)),
+    }

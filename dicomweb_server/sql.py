@@ -151,37 +151,52 @@ def _condition(m: Match, args: _Args) -> str | None:
             return f"{col} && {args.add(list(m.values))}::text[]"
         return f"{col} = ANY ({args.add(list(m.values))}::text[])"
     if isinstance(m, WildcardMatch):
-        pattern = like_pattern(m.pattern.lower() if pn else m.pattern)
-        if pn:
-            # A group matching the pattern implies the joined groups contain a match: that
-            # prefilter uses the trigram index; the EXISTS keeps the whole-group semantics.
-            pre = args.add(f"%{pattern}%")
-            p = args.add(pattern)
-            return (
-                f"{col}_text LIKE {pre} ESCAPE '\\' AND"
-                f" EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
-            )
-        if array:
-            p = args.add(pattern)
-            return f"EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
-        return f"{col} LIKE {args.add(pattern)} ESCAPE '\\'"
+        return _wildcard_condition(m, col, pn, array, args)
     if isinstance(m, RangeMatch):
-        parts = []
-        if m.lower is not None:
-            parts.append(f"{col} >= {args.add(m.lower)}")
-        if m.upper is not None:
-            parts.append(f"{col} <= {args.add(m.upper)}")
-        return " AND ".join(parts)
+        return _range_condition(m, col, args)
     if isinstance(m, FuzzyMatch):
-        parts = []
-        for word in m.words:
-            p = args.add(like_pattern(word.lower()) + "%")
-            parts.append(
-                f"EXISTS (SELECT 1 FROM unnest({col}) AS g,"
-                f" regexp_split_to_table(g, '[\\^ =,.-]+') AS w WHERE w LIKE {p} ESCAPE '\\')"
-            )
-        return " AND ".join(parts)
+        return _fuzzy_condition(m, col, args)
     raise AssertionError(m)
+
+
+def _wildcard_condition(m: WildcardMatch, col: str, pn: bool, array: bool, args: _Args) -> str:
+    """LIKE on the column: on any of its values for an array column, on any component group
+    of a PN (lower-cased, as the groups are stored)."""
+    pattern = like_pattern(m.pattern.lower() if pn else m.pattern)
+    if pn:
+        # A group matching the pattern implies the joined groups contain a match: that
+        # prefilter uses the trigram index; the EXISTS keeps the whole-group semantics.
+        pre = args.add(f"%{pattern}%")
+        p = args.add(pattern)
+        return (
+            f"{col}_text LIKE {pre} ESCAPE '\\' AND"
+            f" EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
+        )
+    if array:
+        p = args.add(pattern)
+        return f"EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
+    return f"{col} LIKE {args.add(pattern)} ESCAPE '\\'"
+
+
+def _range_condition(m: RangeMatch, col: str, args: _Args) -> str:
+    parts = []
+    if m.lower is not None:
+        parts.append(f"{col} >= {args.add(m.lower)}")
+    if m.upper is not None:
+        parts.append(f"{col} <= {args.add(m.upper)}")
+    return " AND ".join(parts)
+
+
+def _fuzzy_condition(m: FuzzyMatch, col: str, args: _Args) -> str:
+    """Each word as the start of some word of some component group (PN fuzzy matching)."""
+    parts = []
+    for word in m.words:
+        p = args.add(like_pattern(word.lower()) + "%")
+        parts.append(
+            f"EXISTS (SELECT 1 FROM unnest({col}) AS g,"
+            f" regexp_split_to_table(g, '[\\^ =,.-]+') AS w WHERE w LIKE {p} ESCAPE '\\')"
+        )
+    return " AND ".join(parts)
 
 
 def returned_levels(q: Query) -> tuple[Level, ...]:

@@ -155,36 +155,10 @@ async def store_json_parts(
     each a NativeDicomModel (PS3.18 10.5.1.4, PS3.19 A.1). MAX_JSON_METADATA_BYTES bounds
     the metadata parts together."""
     metadata: list[bytearray] = []
-    size = 0
     bulk: dict[str, list[_Bulk]] = {}
     writers: list[BlobWriter] = []
-    current: tuple[str, str] | None = None  # the bulk data part being spooled
     try:
-        async for event in events:
-            if isinstance(event, PartBegin):
-                current = _part_kind(event.headers, metadata_type)
-                if current is None:
-                    if metadata and metadata_type == APPLICATION_DICOM_JSON:
-                        raise BadRequestError("more than one application/dicom+json part")
-                    metadata.append(bytearray())
-                else:
-                    writers.append(await ctx.blobs.open_writer())
-            elif isinstance(event, PartData):
-                if current is not None:
-                    await writers[-1].write(event.data)
-                elif metadata:
-                    metadata[-1] += event.data
-                    size += len(event.data)
-                    if size > MAX_JSON_METADATA_BYTES:
-                        what = "part is" if len(metadata) == 1 else "parts are"
-                        raise PayloadTooLargeError(
-                            f"the metadata {what} over {MAX_JSON_METADATA_BYTES} bytes"
-                        )
-            elif isinstance(event, PartEnd) and current is not None:
-                writer = writers[-1]
-                await writer.close()
-                location, ctype = current
-                bulk.setdefault(location, []).append(_Bulk(writer.path, writer.size, ctype))
+        await _receive(events, ctx, metadata_type, metadata, bulk, writers)
         if not metadata:
             raise BadRequestError(f"no {metadata_type} part: no metadata to store")
         if metadata_type == APPLICATION_DICOM_JSON:
@@ -197,6 +171,46 @@ async def store_json_parts(
         with anyio.CancelScope(shield=True):
             for writer in writers:
                 await ctx.blobs.discard(writer)
+
+
+async def _receive(
+    events: AsyncIterator[Event],
+    ctx: Services,
+    metadata_type: str,
+    metadata: list[bytearray],
+    bulk: dict[str, list[_Bulk]],
+    writers: list[BlobWriter],
+) -> None:
+    """Read the body: each metadata part into `metadata`, each bulk data part spooled into
+    a blob writer (added to `writers` as it opens: the caller discards them all) and listed
+    in `bulk` under its Content-Location."""
+    size = 0
+    current: tuple[str, str] | None = None  # the bulk data part being spooled
+    async for event in events:
+        if isinstance(event, PartBegin):
+            current = _part_kind(event.headers, metadata_type)
+            if current is None:
+                if metadata and metadata_type == APPLICATION_DICOM_JSON:
+                    raise BadRequestError("more than one application/dicom+json part")
+                metadata.append(bytearray())
+            else:
+                writers.append(await ctx.blobs.open_writer())
+        elif isinstance(event, PartData):
+            if current is not None:
+                await writers[-1].write(event.data)
+            elif metadata:
+                metadata[-1] += event.data
+                size += len(event.data)
+                if size > MAX_JSON_METADATA_BYTES:
+                    what = "part is" if len(metadata) == 1 else "parts are"
+                    raise PayloadTooLargeError(
+                        f"the metadata {what} over {MAX_JSON_METADATA_BYTES} bytes"
+                    )
+        elif isinstance(event, PartEnd) and current is not None:
+            writer = writers[-1]
+            await writer.close()
+            location, ctype = current
+            bulk.setdefault(location, []).append(_Bulk(writer.path, writer.size, ctype))
 
 
 def _xml_documents(parts: list[bytearray]) -> list[JsonDict]:

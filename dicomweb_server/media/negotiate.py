@@ -206,33 +206,51 @@ def negotiate_frames(
         if ts is None and _names_no_type(rng, part, APPLICATION_OCTET_STREAM):
             return EXPLICIT_VR_LITTLE_ENDIAN if EXPLICIT_VR_LITTLE_ENDIAN in targets else STORED
         if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
-            # OHIF asks octet-stream with transfer-syntax=* and expects the stored frames.
-            if ts in (STORED, stored_ts):
-                return STORED
-            if (ts or EXPLICIT_VR_LITTLE_ENDIAN) == EXPLICIT_VR_LITTLE_ENDIAN and (
-                EXPLICIT_VR_LITTLE_ENDIAN in targets
-            ):
-                return EXPLICIT_VR_LITTLE_ENDIAN
-            continue
-        if _type_matches(part, stored_type) and (
-            ts in (STORED, stored_ts)
-            or (ts is None and _DEFAULT_FRAME_TS.get(part, stored_ts) == stored_ts)
-            or (ts is None and stored_ts in _LOSSY_JPEG)
-        ):
-            return STORED
-        want = ts or _DEFAULT_FRAME_TS.get(part)
-        if want in targets and want is not None and _type_matches(part, frame_media_type(want)):
-            return want
-        if want is None and part.endswith("/*"):
-            # `image/*` names no syntax: the first lossless one that can be made, never a
-            # lossy one (field notes 3: 406 only when nothing acceptable can be made).
-            for choice in _WILDCARD_FRAME_TS:
-                if choice in targets and _type_matches(part, frame_media_type(choice)):
-                    return choice
+            choice = _uncompressed_frames(ts, stored_ts, targets)
+        else:
+            choice = _image_frames(part, ts, stored_ts, stored_type, targets)
+        if choice is not None:
+            return choice
     raise NotAcceptableError(
         f'acceptable: multipart/related; type="application/octet-stream" (uncompressed) or an '
         f"image type, {_options(stored_ts, targets)}{'; ' + why if why else ''}"
     )
+
+
+def _uncompressed_frames(ts: str | None, stored_ts: str, targets: Collection[str]) -> str | None:
+    """What an octet-stream part type (or `*/*`, `application/*`) with transfer syntax `ts`
+    takes: the frames as stored, or uncompressed; None when neither is acceptable."""
+    # OHIF asks octet-stream with transfer-syntax=* and expects the stored frames.
+    if ts in (STORED, stored_ts):
+        return STORED
+    if (ts or EXPLICIT_VR_LITTLE_ENDIAN) == EXPLICIT_VR_LITTLE_ENDIAN and (
+        EXPLICIT_VR_LITTLE_ENDIAN in targets
+    ):
+        return EXPLICIT_VR_LITTLE_ENDIAN
+    return None
+
+
+def _image_frames(
+    part: str, ts: str | None, stored_ts: str, stored_type: str, targets: Collection[str]
+) -> str | None:
+    """What an image or video part type (`image/jls`, `image/*`, ...) with transfer syntax
+    `ts` takes: the frames as stored, or one of `targets`; None when none is acceptable."""
+    if _type_matches(part, stored_type) and (
+        ts in (STORED, stored_ts)
+        or (ts is None and _DEFAULT_FRAME_TS.get(part, stored_ts) == stored_ts)
+        or (ts is None and stored_ts in _LOSSY_JPEG)
+    ):
+        return STORED
+    want = ts or _DEFAULT_FRAME_TS.get(part)
+    if want in targets and want is not None and _type_matches(part, frame_media_type(want)):
+        return want
+    if want is None and part.endswith("/*"):
+        # `image/*` names no syntax: the first lossless one that can be made, never a
+        # lossy one (field notes 3: 406 only when nothing acceptable can be made).
+        for choice in _WILDCARD_FRAME_TS:
+            if choice in targets and _type_matches(part, frame_media_type(choice)):
+                return choice
+    return None
 
 
 def _type_matches(requested: str, media: str) -> bool:

@@ -117,7 +117,6 @@ async def _instance_parts(
             if sent_ahead:
                 sent_ahead -= 1
                 continue
-            ts = inst.transfer_syntax_uid
             run = _small_run(instances, targets, i)
             if len(run) > 1:
                 datas = await svc.blobs.read_whole([(r.blob_key, r.size_bytes) for r in run])
@@ -126,29 +125,39 @@ async def _instance_parts(
                     yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, once(data)
                 sent_ahead = len(run) - 1
                 continue
-            if target in (STORED, ts):
-                # Bounded by the recorded size, which the Content-Length promised: a blob
-                # that is shorter fails with a clear error rather than a short body.
-                body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
-                yield {"Content-Type": _dicom_type(ts)}, body
+            if target in (STORED, inst.transfer_syntax_uid):
+                yield _as_stored(svc, inst)
                 continue
             if i == first and prepared is not None:
                 path, prepared = prepared, None
                 yield {"Content-Type": _dicom_type(target)}, _StreamAndRemove(path)
                 continue
-            # Converted before its part starts, so that a decoder failing on it can still
-            # send it as the client accepts otherwise (as stored for `*/*`): the stream
-            # broke off there (found by interop review: curl of a study with no Accept).
-            target, made = await _converted(svc, inst, target, accept)
-            if made is None:
-                body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
-                yield {"Content-Type": _dicom_type(ts)}, body
-            else:
-                yield {"Content-Type": _dicom_type(target)}, _StreamAndRemove(made)
+            yield await _converted_part(svc, inst, target, accept)
     finally:
         if prepared is not None:  # the response ended before its turn
             with contextlib.suppress(OSError):
                 prepared.unlink()
+
+
+def _as_stored(svc: Services, inst: StoredInstance) -> Part:
+    """The instance as stored. Bounded by the recorded size, which the Content-Length
+    promised: a blob that is shorter fails with a clear error rather than a short body."""
+    body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
+    return {"Content-Type": _dicom_type(inst.transfer_syntax_uid)}, body
+
+
+async def _converted_part(
+    svc: Services, inst: StoredInstance, target: str, accept: str | None
+) -> Part:
+    """The instance converted to `target`, or as stored when it cannot be and the Accept
+    allows that (_converted)."""
+    # Converted before its part starts, so that a decoder failing on it can still
+    # send it as the client accepts otherwise (as stored for `*/*`): the stream
+    # broke off there (found by interop review: curl of a study with no Accept).
+    target, made = await _converted(svc, inst, target, accept)
+    if made is None:
+        return _as_stored(svc, inst)
+    return {"Content-Type": _dicom_type(target)}, _StreamAndRemove(made)
 
 
 def _small_run(instances: list[StoredInstance], targets: list[str], i: int) -> list[StoredInstance]:
