@@ -40,13 +40,16 @@ class AuditEvent:
     time: datetime  # UTC, microsecond precision (what PostgreSQL keeps)
     caller: str  # "apikey:<id>", "oidc:<subject>", "anonymous", "cli:<user>"; "-": unknown
     client: str  # the client's network address, or "local" for the command line
-    # The PS3.18 transaction name (store_instances, …), an admin action, or a DIMSE operation
-    # (dimse_store, dimse_find, dimse_move, dimse_get).
+    # The PS3.18 transaction name (store_instances, …), an admin action, a DIMSE operation
+    # (dimse_store, dimse_find, dimse_move, dimse_get), or an association refused or ended
+    # without release (dimse_associate, dimse_abort).
     action: str
     # The objects touched, each as "study[/series[/instance]]" UIDs: the path of a WADO or
     # STOW request, and each instance a STOW stored.
     uids: tuple[str, ...] = ()
-    outcome: int = 200  # the HTTP status answered (a DIMSE status for `dimse_*` actions)
+    # The HTTP status answered; a DIMSE status for `dimse_*` actions, and for dimse_associate
+    # and dimse_abort the PDU that refused or ended the association (dimse/connections.py).
+    outcome: int = 200
     nbytes: int = 0  # body bytes received (STOW) or sent (everything else)
     detail: str = ""  # the query string of a search, the role of a new key, …
 
@@ -152,6 +155,7 @@ _SECURITY_ALERT = ("110113", "Security Alert")
 _USER_AUTHENTICATION = ("110114", "User Authentication")
 _USER_SECURITY_CHANGED = ("110137", "User Security Attributes Changed")
 _LOGIN = ("110122", "Login")
+_LOGOUT = ("110123", "Logout")
 _RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
 _SOURCE_ROLE = ("110153", "Source Role ID")
 _DESTINATION_ROLE = ("110152", "Destination Role ID")
@@ -186,6 +190,16 @@ def _outcome_indicator(event: AuditEvent) -> int:
 
 def _event_of(event: AuditEvent) -> tuple[tuple[str, str], str, list[tuple[str, str]]]:
     """(EventID, EventActionCode, EventTypeCodes) of an action."""
+    # An association is a DIMSE peer's session, its calling AE title the only identity it
+    # gives (PS3.15 A.5.3.12: a log on or log off, "whether successful or not"): a request
+    # refused is a failed Login, as a 401 is; an association ended without A-RELEASE, a
+    # Logout that failed. Not a Security Alert (A.5.3.11 is about securing the channel, and
+    # an association limit reached is no attack), nor Network Entry (A.5.3.9: a node joining
+    # or leaving the network).
+    if event.action == "dimse_associate":
+        return _USER_AUTHENTICATION, "E", [_LOGIN]
+    if event.action == "dimse_abort":
+        return _USER_AUTHENTICATION, "E", [_LOGOUT]
     if event.action == "dimse_find":
         return _QUERY, "E", []
     if event.action == "dimse_store":

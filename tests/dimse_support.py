@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -30,6 +31,7 @@ from pynetdicom.events import Event
 from dicomweb_server.app import create_app
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse.server import DimseServer
 from dicomweb_server.ingest import Services
 from tests.helpers import (
     ROOT,
@@ -62,6 +64,7 @@ class Archive:
     services: Services
     settings: Settings
     audit: AuditLog | None = None
+    dimse: DimseServer | None = None
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -125,7 +128,8 @@ async def running_archive(settings: Settings, **overrides: Any) -> AsyncIterator
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            yield Archive(app.state.dimse.port, http, app.state.services, s, app.state.audit)
+            yield Archive(app.state.dimse.port, http, app.state.services, s, app.state.audit,
+                          app.state.dimse)  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -236,15 +240,45 @@ async def audit_seq(archive: Archive) -> int:
     return int(rows[0]["s"])
 
 
-async def audit_rows(archive: Archive, action: str, after: int) -> list[dict[str, Any]]:
-    """The audit trail's rows of `action` after row `after`, oldest first, once every event
-    queued is written."""
+async def audit_rows(
+    archive: Archive, action: str | tuple[str, ...], after: int
+) -> list[dict[str, Any]]:
+    """The audit trail's rows of `action` (or of any of them) after row `after`, oldest
+    first, once every event queued is written."""
     assert archive.audit is not None
     await archive.audit.flush()
     rows = await archive.services.index._fetch(
-        "SELECT caller, client, action, uids, outcome, detail FROM audit_log"
-        " WHERE action = $1 AND seq > $2 ORDER BY seq",
-        action,
+        "SELECT caller, client, action, uids, outcome, bytes, detail FROM audit_log"
+        " WHERE action = ANY($1::text[]) AND seq > $2 ORDER BY seq",
+        [action] if isinstance(action, str) else list(action),
         after,
     )
     return [dict(r) for r in rows]
+
+
+class Closes:
+    """Counts the connections the archive has finished with. Bound to EVT_CONN_CLOSE (or
+    `event`) after the archive's own handlers, it runs once they have handled it and queued
+    their audit events (dimse/connections.py), so that `wait` then `audit_rows` reads them."""
+
+    def __init__(self, archive: Archive, event: Any = evt.EVT_CONN_CLOSE) -> None:
+        assert archive.dimse is not None
+        self._server = archive.dimse.server
+        self._event = event
+        self._closed = threading.Semaphore(0)
+
+    def __enter__(self) -> Closes:
+        self._server.bind(self._event, self._on_close)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.unbind(self._event, self._on_close)
+
+    def _on_close(self, event: Event) -> None:
+        self._closed.release()
+
+    async def wait(self, count: int = 1) -> None:
+        """Until `count` more connections have closed."""
+        for _ in range(count):
+            closed = await in_thread(self._closed.acquire, timeout=CLIENT_TIMEOUT_S)
+            assert closed, "the archive never closed the connection"

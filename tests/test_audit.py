@@ -266,6 +266,10 @@ def test_dicom_audit_messages() -> None:
         ("dimse_store", 0xA900, "110104", "C", 4),  # refused data set
         ("dimse_find", 0x0000, "110112", "E", 0),
         ("dimse_move", 0x0000, "110104", "R", 0),
+        ("dimse_associate", 0x03010103, "110114", "E", 4),  # rejected: a failed Login
+        ("dimse_associate", 0x02000003, "110114", "E", 4),  # no presentation context
+        ("dimse_abort", 0x07000000, "110114", "E", 4),  # ended without release: Logout
+        ("dimse_store", 0xFF00, "110104", "C", 4),  # the association ended first
     ):
         event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code)
         ident = dicom_audit_message(AuditRow(3, event, bytes(32), bytes(32)), "src")[

@@ -26,6 +26,7 @@ from tests.dimse_support import (
     CLIENT_TIMEOUT_S,
     SCU,
     Archive,
+    Closes,
     associate,
     audit_rows,
     audit_seq,
@@ -252,7 +253,9 @@ async def test_association_ended_mid_c_store_leaves_nothing(
     ran. An association aborted (A-ABORT) or cut (TCP closed) in the middle of a large
     multi-frame data set left that file in the temporary directory for good, 1.7 MB here
     each time. Now nothing remains (no spool file, row, reservation or blob) and the archive
-    keeps serving: the same file stored afterwards is a success."""
+    keeps serving: the same file stored afterwards is a success. Found by review too:
+    neither the unfinished C-STORE nor the association's end was audited; now each is,
+    once (dimse_store 0xFF00 with the bytes received, then dimse_abort)."""
     import contextlib
     import socket
     import tempfile
@@ -295,8 +298,20 @@ async def test_association_ended_mid_c_store_leaves_nothing(
         for sock in cut:  # pynetdicom may leave it open: closed here, not by the collector
             sock.close()
 
-    await in_thread(end_it_midway)
+    start = await audit_seq(archive)
+    with Closes(archive) as closes:
+        await in_thread(end_it_midway)
+        await closes.wait()
+    store, end = await audit_rows(archive, ("dimse_store", "dimse_abort"), start)
     assert spooled == [True], "the archive never started receiving"
+    assert (store["action"], store["caller"], store["outcome"]) == ("dimse_store", f"ae:{SCU}",
+                                                                    0xFF00)  # fmt: skip
+    assert store["uids"] == [] and 0 < store["bytes"] < len(dataset_bytes(path))
+    assert store["detail"].startswith(f"sop={meta.SOPInstanceUID} data set incomplete")
+    ended = {"a-abort": "aborted by the peer (A-ABORT, service user)",
+             "tcp-cut": "connection closed without A-RELEASE or A-ABORT"}[how]  # fmt: skip
+    assert store["detail"].endswith(f"; not served, the association ended: {ended}")
+    assert (end["action"], end["caller"], end["detail"]) == ("dimse_abort", f"ae:{SCU}", ended)
     assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
     assert await instance_count(archive) == 0
     assert blobs(archive) == []
@@ -315,6 +330,7 @@ async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
     sent several before an A-ABORT) are never served: their spool files are deleted too."""
     import tempfile
 
+    from pynetdicom import evt
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
@@ -336,10 +352,31 @@ async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
             assoc.dimse.send_msg(req, cast(int, cx.context_id))
         assoc.abort()
 
-    await in_thread(send_all_then_abort)
+    start = await audit_seq(archive)
+    with Closes(archive, evt.EVT_ABORTED) as aborts:  # queued ones are counted then
+        await in_thread(send_all_then_abort)
+        await aborts.wait()
     assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
     # Those served before the archive saw the abort are stored whole, the others not at all.
     assert len(blobs(archive)) == await instance_count(archive) < len(instances)
+    # And each is audited once, stored (the first ones) or unserved (0xFF00), and the
+    # association's end once. Found by review: the unserved ones left no trace.
+    rows = await audit_rows(archive, ("dimse_store", "dimse_abort"), start)
+    ends = [r["detail"] for r in rows if r["action"] == "dimse_abort"]
+    assert ends == ["aborted by the peer (A-ABORT, service user)"]
+    stores = [r for r in rows if r["action"] == "dimse_store"]
+    outcomes = {r["detail"].split()[0]: r["outcome"] for r in stores}
+    assert len(rows) == len(instances) + 1  # none twice
+    assert all(
+        r["detail"].endswith("received whole; not served, the association ended: aborted by"
+                             " the peer (A-ABORT, service user)")
+        for r in stores if r["outcome"] == 0xFF00
+    )  # fmt: skip
+    served = await instance_count(archive)
+    assert outcomes == {
+        f"sop={ds.SOPInstanceUID}": 0x0000 if n < served else 0xFF00
+        for n, ds in enumerate(instances)
+    }
 
 
 # -- Limits ---------------------------------------------------------------------------------
@@ -380,18 +417,29 @@ async def test_c_store_data_set_size_limit_at_its_edge(
                 assoc.release()
 
         start = await audit_seq(archive)
-        rsp = await in_thread(send)
+        with Closes(archive) as closes:
+            rsp = await in_thread(send)
+            await closes.wait()
         stored = await instance_count(archive)
         assert await in_thread(_wait_for, lambda: not _spool_files(spool)), _spool_files(spool)
-        rows = await audit_rows(archive, "dimse_store", start)
+        rows = await audit_rows(archive, ("dimse_store", "dimse_abort"), start)
     if most < size:
         assert rsp is None  # aborted
         assert stored == 0
-        (row,) = rows
+        # Audited once as a C-STORE (not again as unfinished), and the archive's abort.
+        row, end = rows
+        assert row["action"] == "dimse_store" and row["detail"].startswith(
+            f"sop={meta.SOPInstanceUID}"
+        )
         assert row["outcome"] == 0xA700 and f"more than {most} bytes" in row["detail"]
+        assert end["action"] == "dimse_abort" and end["detail"] == (
+            f"aborted by the archive: a data set of more than {most} bytes"
+            " (DICOMWEB_MAX_PART_BYTES)"
+        )
     else:
         assert rsp is not None and rsp.Status == 0x0000
         assert stored == 1
+        assert [(r["action"], r["outcome"]) for r in rows] == [("dimse_store", 0x0000)]
 
 
 @pytest.mark.parametrize("over", [0, 1])
@@ -545,7 +593,7 @@ def test_associations_send_without_nagle_delay() -> None:
     from dicomweb_server.dimse import association, handlers
     from tests.liveserver import free_port
 
-    bound = handlers.Handlers.bindings(object.__new__(handlers.Handlers))
+    bound = handlers.Handlers(cast(Any, None), cast(Any, None), "AE", {}, "").bindings()
     assert (evt.EVT_CONN_OPEN, association.no_delay) in bound
     scp = AE(ae_title="NODELAY")
     scp.add_supported_context(Verification)

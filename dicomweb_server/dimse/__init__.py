@@ -8,6 +8,8 @@ C-FIND, C-MOVE, C-GET) SCP. The only importer of pynetdicom.
     statuses.py     the C-STORE/C-FIND/C-MOVE/C-GET statuses answered, status() data sets
     conversion.py   C-MOVE/C-GET sub-operations: contexts proposed, syntax sent in, decode
     association.py  TCP_NODELAY, and spool files of C-STOREs an association left unserved
+    connections.py  each connection: the data set size limit, and the audit events of an
+                    association refused or ended without release, and of its unserved C-STOREs
     retrieval.py    one C-MOVE/C-GET's sub-operation outcomes and final status (audit)
     server.py       the AE: contexts, limits, start and stop
 """

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from weakref import WeakKeyDictionary
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -24,7 +22,6 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import StoragePresentationContexts, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -40,6 +37,7 @@ from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse import conversion
 from dicomweb_server.dimse.association import discard_unserved_stores, no_delay
+from dicomweb_server.dimse.connections import Connections
 from dicomweb_server.dimse.identifier import (
     UNABLE_TO_PROCESS,
     IdentifierError,
@@ -89,7 +87,6 @@ DIMSE_QUERY_TIMEOUT_S = 120
 MAX_RETRIEVE_INSTANCES = 65535
 # Values longer than this are read from the blob only when the data set is encoded to send.
 _DEFER_BYTES = 1024
-_ABORTED = -1  # Handlers._receiving: the association was aborted for a data set too large
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -114,10 +111,11 @@ class Handlers:
     audit: AuditLog | None = None  # the audit trail (issue 7): one event per operation
     # The largest data set received (a C-STORE's): the STOW part limit, DICOMWEB_MAX_PART_BYTES.
     max_data_set_bytes: int = MAX_PART_BYTES
-    # Bytes of the data set each association is receiving; _ABORTED once it was too large.
-    _receiving: WeakKeyDictionary[Any, int] = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False
-    )
+    # Each connection: its data set size limit, how it ended, the C-STOREs it left unserved.
+    connections: Connections = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.connections = Connections(self._record, self.max_data_set_bytes)
 
     def _audit(self, event: Event, action: str, code: int, uids: Sequence[str] = (),
                nbytes: int = 0, detail: str = "") -> None:  # fmt: skip
@@ -125,10 +123,16 @@ class Handlers:
         if self.audit is None:
             return
         requestor = event.assoc.requestor
-        record = AuditEvent(
+        self._record(AuditEvent(
             datetime.now(UTC), f"ae:{requestor.ae_title.strip()}", str(requestor.address),
             action, tuple(uids), code, nbytes, detail,
-        )  # fmt: skip
+        ))  # fmt: skip
+
+    def _record(self, record: AuditEvent) -> None:
+        """Queue an event on the audit trail, from any of pynetdicom's threads: immediate
+        unless the queue is full (the database away), when it waits as requests do."""
+        if self.audit is None:
+            return
         try:
             self._run(self.audit.record(record), DIMSE_QUERY_TIMEOUT_S)
         except TimeoutError:
@@ -137,7 +141,7 @@ class Handlers:
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
-            (evt.EVT_PDU_RECV, self.limit_data_set),
+            *self.connections.bindings(),
             (evt.EVT_CONN_CLOSE, discard_unserved_stores),
             (evt.EVT_ABORTED, discard_unserved_stores),
             (evt.EVT_RELEASED, discard_unserved_stores),
@@ -147,40 +151,6 @@ class Handlers:
             (evt.EVT_C_MOVE, self.move),
             (evt.EVT_C_GET, self.get),
         ]
-
-    def limit_data_set(self, event: Event) -> None:
-        """EVT_PDU_RECV, in the thread that receives, before the PDU is written out: abort
-        the association once the data set it is receiving passes max_data_set_bytes (found
-        by review: the limit bounded STOW-RS only, and a C-STORE of any size was received
-        into the temporary directory and stored). DIMSE has no status to answer before a
-        data set is whole, hence A-ABORT; discard_unserved_stores deletes what was received.
-        Counted from the P-DATA values, data set fragments only (PS3.8 E.2: bit 0 of the
-        message control header is set for a command fragment, bit 1 for the last one)."""
-        pdu = event.pdu
-        size = self._receiving.get(event.assoc, 0)
-        if not isinstance(pdu, P_DATA_TF) or size == _ABORTED:
-            return
-        for pdv in pdu.presentation_data_value_items:
-            value = pdv.presentation_data_value or b"\x00"
-            if value[0] & 1:  # a command: a message begins (or goes on)
-                size = 0
-                continue
-            size += len(value) - 1
-            if size > self.max_data_set_bytes:
-                self._receiving[event.assoc] = _ABORTED
-                self._abort_too_large(event)
-                return
-            if value[0] & 2:
-                size = 0
-        self._receiving[event.assoc] = size
-
-    def _abort_too_large(self, event: Event) -> None:
-        limit = self.max_data_set_bytes
-        log.warning("DIMSE: a data set of more than %d bytes: association aborted", limit)
-        detail = f"data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES): aborted"
-        self._audit(event, "dimse_store", OUT_OF_RESOURCES, detail=detail)
-        # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
-        threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -197,10 +167,11 @@ class Handlers:
         """C-STORE: the very STOW ingest path. pynetdicom spooled the data set as received,
         behind a File Meta header of its own (STORE_RECV_CHUNKED_DATASET); the statuses are
         the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
-        if self._receiving.get(event.assoc) == _ABORTED:
-            # Its last PDU passed the limit and was still read in: the association is being
-            # aborted for it (limit_data_set, audited there), so it is not stored.
-            return status(OUT_OF_RESOURCES, "data set too large")
+        unserved = self.connections.claim(event)
+        if unserved is not None:
+            # Its association has ended, or is being aborted (for this data set's size,
+            # perhaps): not stored, and audited as such (connections.py).
+            return status(OUT_OF_RESOURCES, unserved)
         answer, touched = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:

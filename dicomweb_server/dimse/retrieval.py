@@ -16,12 +16,13 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
+from dicomweb_server.dimse.statuses import CANCEL
+
 __all__ = ["UNFINISHED", "Retrieval"]
 
 # The outcome recorded for a C-MOVE/C-GET (or C-FIND) whose association ended before a final
 # response: Pending (PS3.7 C.4), the last status it had.
 UNFINISHED = 0xFF00
-_CANCEL = 0xFE00
 _SUB_OPERATIONS_FAILED = 0xA702  # PS3.4 C.4.2.1.5 / C.4.3.1.4: every sub-operation failed
 _SOME_FAILED = 0xB000  # ... some failed or had a warning
 
@@ -58,7 +59,7 @@ class Retrieval:
             self.failed += 1
 
     def cancel(self) -> None:
-        self.final = _CANCEL
+        self.final = CANCEL
 
     def outcome(self, total: int) -> int:
         if self.final is not None:

@@ -20,7 +20,7 @@ from pynetdicom import (
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationServer, AssociationSocket
 
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
@@ -83,12 +83,19 @@ class BoundedSocket(AssociationSocket):
     pynetdicom's DUL reads a PDU's 6-byte header, then `recv(length)` of the length it
     announces, into one buffer. Found by review: a peer announcing an A-ASSOCIATE-RQ of 2 GiB
     and sending 300 MiB grew the server by 310 MB, before the calling AE title was even read.
-    The error makes the DUL treat the connection as closed (PS3.8 Evt17)."""
+    The error makes the DUL treat the connection as closed (PS3.8 Evt17); `refused` says why,
+    for the audit trail (connections.py)."""
+
+    refused: str | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > DIMSE_MAX_PDU_BYTES:
             log.warning("DIMSE: a PDU of %d bytes announced; connection closed", nr_bytes)
-            raise OSError(f"a PDU of {nr_bytes} bytes, more than {DIMSE_MAX_PDU_BYTES}")
+            self.refused = (
+                f"a PDU of {nr_bytes} bytes announced, more than DIMSE_MAX_PDU_BYTES"
+                f" ({DIMSE_MAX_PDU_BYTES})"
+            )
+            raise OSError(self.refused)
         return super().recv(nr_bytes)
 
 
@@ -151,6 +158,7 @@ class UnreachableDestination:
 class DimseServer:
     ae: AE
     port: int  # the port bound (useful when 0 asked for any free one)
+    server: AssociationServer  # the listener: its bind() reaches every association it accepts
 
 
 def build_ae(settings: Settings) -> AE:
@@ -202,7 +210,8 @@ async def serve_dimse(
     port = int(server.server_address[1])
     log.info("DIMSE: AE %s on %s:%d, %d peers", settings.ae_title, settings.host, port, len(peers))
     try:
-        yield DimseServer(ae, port)
+        yield DimseServer(ae, port, server)
     finally:
+        handlers.connections.stopping = True  # the A-ABORTs to come are audited as that
         # In a thread: handlers still running wait on this loop, which must keep turning.
         await anyio.to_thread.run_sync(ae.shutdown)
