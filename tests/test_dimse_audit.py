@@ -7,20 +7,32 @@ size limits and the queued C-STOREs are in test_dimse.py.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import socket
 import struct
+import tempfile
 import threading
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
     ModalityWorklistInformationFind,
     Verification,
 )
 
 from dicomweb_server.audit import AuditEvent, AuditRow, dicom_audit_message
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse import handlers as dimse_handlers
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.index.database import Index
 from tests.dimse_support import (
@@ -36,6 +48,7 @@ from tests.dimse_support import (
     running_archive,
     scu,
 )
+from tests.helpers import make_instance
 
 pytestmark = pytest.mark.db
 
@@ -314,3 +327,175 @@ async def test_released_association_is_not_audited(archive: Archive) -> None:
         await in_thread(echo_then_release)
         await closes.wait()
     assert await audit_rows(archive, (*ASSOCIATION, "dimse_store"), start) == []
+
+
+# -- Messages pynetdicom cannot take, data sets over the limit (found by review) -------------
+
+
+def _p_data_tf(*pdvs: tuple[int, bytes]) -> bytes:
+    """A P-DATA-TF PDU of these (context ID, message control header + fragment) values
+    (PS3.8 9.3.5, E.2), as a peer may send it: several PDVs in one PDU."""
+    items = b"".join(struct.pack(">IB", len(value) + 1, cx) + value for cx, value in pdvs)
+    return struct.pack(">BBI", 0x04, 0, len(items)) + items
+
+
+def _c_store_values(ds: Dataset, message_id: int = 1) -> tuple[bytes, bytes]:
+    """A C-STORE-RQ of `ds` (explicit VR little endian) as two last fragments: its command,
+    its data set."""
+    req = C_STORE()
+    req.MessageID, req.Priority = message_id, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+    req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    command = cast(bytes, encode(msg.command_set, True, True))
+    return b"\x03" + command, b"\x02" + req.DataSet.getvalue()
+
+
+def _send_then_wait_for_the_end(archive: Archive, pdu: bytes) -> None:
+    """Over a CT association, send `pdu` raw, then read until the archive closes."""
+    ae = scu()
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = associate(ae, archive)
+    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert sock is not None
+    sock.sendall(pdu)
+    sock.settimeout(CLIENT_TIMEOUT_S)
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    assoc.kill()
+    sock.close()  # in case pynetdicom left it open
+
+
+@pytest.mark.parametrize("message", ["unknown command field", "context never accepted"])
+async def test_message_pynetdicom_cannot_decode_is_aborted_and_audited(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    """Found by review: a command pynetdicom could not decode raised out of its state
+    machine and ended the connection's DUL thread, with no A-ABORT and no EVT_CONN_CLOSE:
+    the association left no audit row, and a C-STORE's spool file stayed behind. Now it is
+    an invalid PDU (PS3.8 9.2 Evt19): the archive's A-ABORT, audited as any other."""
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    ds = make_instance(rows=8, cols=8)
+    if message == "unknown command field":
+        req = C_ECHO()
+        req.MessageID, req.AffectedSOPClassUID = 1, Verification
+        echo = C_ECHO_RQ()
+        echo.primitive_to_message(req)
+        echo.command_set.CommandField = 0x1234  # no DIMSE message (PS3.7 Table E.1-1)
+        pdu = _p_data_tf((1, b"\x03" + cast(bytes, encode(echo.command_set, True, True))))
+    else:
+        command, _data_set = _c_store_values(ds)
+        pdu = _p_data_tf((99, command))  # the SCU proposed context 1 only
+    start = await audit_seq(archive)
+    with Closes(archive) as closes:
+        await in_thread(_send_then_wait_for_the_end, archive, pdu)
+        await closes.wait()
+    rows = await audit_rows(archive, (*ASSOCIATION, "dimse_store"), start)
+    why = "aborted by the archive: a PDU or message it could not accept, or no answer in time"
+    expected = [("dimse_abort", 0x07000200, why)]  # A-ABORT, service provider (AA-8)
+    if message == "context never accepted":  # its command decoded, its data set not sent
+        expected.insert(0, ("dimse_store", 0xFF00, f"sop={ds.SOPInstanceUID} data set"
+                            f" incomplete (0 bytes received); not served, the association"
+                            f" ended: {why}"))  # fmt: skip
+    assert [(r["action"], r["outcome"], r["detail"]) for r in rows] == expected
+    assert list(spool.glob("*.dcm")) == []
+
+
+async def test_too_large_data_set_sent_with_its_command_is_audited_once(
+    settings: Settings,
+) -> None:
+    """A peer may send a command and its data set in one P-DATA-TF. Found by review: when
+    the data set passed the limit in that PDU, the archive did not know the C-STORE yet and
+    audited it twice: 0xA700 with no SOP Instance UID, then 0xFF00 as received whole."""
+    ds = make_instance(rows=64, cols=64)
+    command, data_set = _c_store_values(ds)
+    async with running_archive(settings, max_part_bytes=1000) as archive:
+        start = await audit_seq(archive)
+        with Closes(archive) as closes:
+            await in_thread(_send_then_wait_for_the_end, archive,
+                            _p_data_tf((1, command), (1, data_set)))  # fmt: skip
+            await closes.wait()
+        rows = await audit_rows(archive, (*ASSOCIATION, "dimse_store"), start)
+    limit = "more than 1000 bytes (DICOMWEB_MAX_PART_BYTES)"
+    assert [(r["action"], r["outcome"], r["detail"]) for r in rows] == [
+        ("dimse_store", 0xA700, f"sop={ds.SOPInstanceUID} data set of {limit}: aborted"),
+        ("dimse_abort", A_ABORT_BY_USER, f"aborted by the archive: a data set of {limit}"),
+    ]
+
+
+async def test_c_store_queued_before_a_too_large_one_with_its_message_id_is_audited(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Message IDs need only be unique among a peer's outstanding requests, and some peers
+    reuse one. Found by review: the C-STORE aborted for its size was told from those queued
+    by its Message ID, so one queued with the same ID was neither served nor audited. Here
+    the first C-STORE is slow to store, the second waits, whole, and the third is too large:
+    the first is stored, the second audited unserved, the third audited 0xA700."""
+    store = dimse_handlers.Handlers._store
+
+    def slow_store(handlers: Any, event: Any) -> Any:
+        time.sleep(1.0)
+        return store(handlers, event)
+
+    monkeypatch.setattr(dimse_handlers.Handlers, "_store", slow_store)
+    first, second = make_instance(rows=8, cols=8), make_instance(rows=8, cols=8)
+    too_large = make_instance(rows=256, cols=256)
+    async with running_archive(settings, max_part_bytes=20_000) as archive:
+        start = await audit_seq(archive)
+
+        def send() -> None:
+            ae = scu()
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = associate(ae, archive, evt_handlers=[(evt.EVT_ABORTED, lambda _e: done.set())])
+            (cx,) = assoc.accepted_contexts
+            for ds in (first, second, too_large):
+                req = C_STORE()
+                req.MessageID, req.Priority = 1, 2  # the same Message ID each time
+                req.AffectedSOPClassUID = CTImageStorage
+                req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+                req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+                assoc.dimse.send_msg(req, cast(int, cx.context_id))
+            assert done.wait(CLIENT_TIMEOUT_S), "the archive never aborted"
+            assoc.kill()
+
+        done = threading.Event()
+        with Closes(archive) as closes:
+            await in_thread(send)
+            await closes.wait()
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while len(rows := await audit_rows(archive, "dimse_store", start)) < 3:
+            assert time.monotonic() < deadline, rows  # the first one is still being stored
+            await asyncio.sleep(0.1)
+    outcomes = {r["detail"].split()[0]: r["outcome"] for r in rows}
+    assert len(rows) == 3 and outcomes == {
+        f"sop={first.SOPInstanceUID}": 0x0000,
+        f"sop={second.SOPInstanceUID}": 0xFF00,
+        f"sop={too_large.SOPInstanceUID}": 0xA700,
+    }
+
+
+def test_audit_event_once_the_server_loop_stopped_neither_waits_nor_raises() -> None:
+    """Found by review: an event recorded from pynetdicom's threads once the server's loop
+    had stopped (a connection still open after shutdown) waited DIMSE_QUERY_TIMEOUT_S, in a
+    DUL thread that keeps the process alive, and raised once the loop was closed, which
+    made pynetdicom skip the event's later handlers (discard_unserved_stores)."""
+    from datetime import UTC, datetime
+
+    class Trail:
+        async def record(self, event: AuditEvent) -> None:
+            raise AssertionError("never run")
+
+    loop = asyncio.new_event_loop()
+    handlers = dimse_handlers.Handlers(cast(Any, None), loop, "AE", {}, "", cast(Any, Trail()))
+    event = AuditEvent(datetime.now(UTC), "ae:X", "127.0.0.1", "dimse_abort", (), LOST)
+    began = time.monotonic()
+    handlers._record(event)  # stopped
+    loop.close()
+    handlers._record(event)  # closed
+    assert time.monotonic() - began < 1

@@ -121,7 +121,9 @@ class Link:
     end: tuple[int, str] | None = None  # the first A-ABORT received or sent: outcome, how
     why: str = ""  # why the archive aborts it, said before its A-ABORT is sent
     receiving: int = 0  # bytes of the data set being received
-    too_large: int | None = None  # Message ID of the C-STORE aborted for its size
+    # The data set being received passed max_data_set_bytes: the association is aborted for
+    # it, and it never completes (what the peer sends on is dropped, limit_data_set).
+    too_large: bool = False
     closed: bool = False  # its connection closed
     ending: bool = False  # C-STOREs not yet begun will not be served
     unserved: list[Any] = field(default_factory=list)  # C-STORE requests audited unserved
@@ -185,15 +187,28 @@ class Connections:
         into the temporary directory and stored). DIMSE has no status to answer before a
         data set is whole, hence A-ABORT; discard_unserved_stores deletes what was received.
         Counted from the P-DATA values, data set fragments only (PS3.8 E.2: bit 0 of the
-        message control header is set for a command fragment, bit 1 for the last one)."""
+        message control header is set for a command fragment, bit 1 for the last one).
+
+        The PDU is decoded (DT-2) after this handler, and PDUs go on arriving until the
+        A-ABORT is sent: the values from the one that passes the limit on are dropped from
+        them, so that the data set never completes and is never served, and the spool file
+        grows no further. Found by review: it could complete (its last PDU passing the
+        limit), and was then told from the C-STOREs queued before it by its Message ID,
+        which a peer may reuse (a C-STORE queued with the same one was neither served nor
+        audited), and which was unknown when the command came in the same PDU (audited
+        twice, 0xA700 without its SOP Instance UID, then 0xFF00)."""
         pdu = event.pdu
         if not isinstance(pdu, P_DATA_TF):
             return
         link = self.link(event.assoc)
+        items = pdu.presentation_data_value_items
+        if link.too_large:
+            del items[:]
+            return
         if link.ending:
             return
         size = link.receiving
-        for pdv in pdu.presentation_data_value_items:
+        for n, pdv in enumerate(items):
             value = pdv.presentation_data_value or b"\x00"
             if value[0] & 1:  # a command: a message begins (or goes on)
                 size = 0
@@ -201,6 +216,7 @@ class Connections:
             size += len(value) - 1
             if size > self.max_data_set_bytes:
                 link.receiving = size
+                del items[n:]
                 self._abort_too_large(event, link)
                 return
             if value[0] & 2:
@@ -208,17 +224,13 @@ class Connections:
         link.receiving = size
 
     def _abort_too_large(self, event: Event, link: Link) -> None:
+        """Audited (0xA700) when the connection closes, the message's command decoded."""
         limit = self.max_data_set_bytes
         log.warning("DIMSE: a data set of more than %d bytes: association aborted", limit)
-        # The message's command came whole before its data set: pynetdicom holds it.
-        command = getattr(event.assoc.dimse.message, "command_set", None)
-        sop = str(getattr(command, "AffectedSOPInstanceUID", ""))
         with link.lock:
             link.ending = True
-            link.too_large = getattr(command, "MessageID", None)
+            link.too_large = True
         link.why = f"a data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES)"
-        detail = f"sop={sop} data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES): aborted"
-        self._event(link, "dimse_store", OUT_OF_RESOURCES, link.receiving, detail)
         # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
         threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
@@ -288,12 +300,15 @@ class Connections:
             link.closed = True
         # The message being received: pynetdicom's DIMSEServiceProvider.message (3.0).
         message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        if isinstance(message, C_STORE_RQ):
-            command = message.command_set
-            if command.get("MessageID") != link.too_large:
-                sop = str(command.get("AffectedSOPInstanceUID", ""))
-                received = f"data set incomplete ({link.receiving} bytes received)"
-                self._unserved(link, sop, received, link.receiving)
+        command = getattr(message, "command_set", None)
+        sop = str(getattr(command, "AffectedSOPInstanceUID", ""))
+        if link.too_large:  # the data set being received, as it never completes
+            limit = f"more than {self.max_data_set_bytes} bytes (DICOMWEB_MAX_PART_BYTES)"
+            self._event(link, "dimse_store", OUT_OF_RESOURCES, link.receiving,
+                        f"sop={sop} data set of {limit}: aborted")  # fmt: skip
+        elif isinstance(message, C_STORE_RQ):
+            received = f"data set incomplete ({link.receiving} bytes received)"
+            self._unserved(link, sop, received, link.receiving)
         if link.ending:
             self._queued(event, link)
         ending = _ending(link)
@@ -316,7 +331,7 @@ class Connections:
         pynetdicom 3.0), each once."""
         dimse = getattr(event.assoc, "dimse", None)
         for _context_id, request in list(dimse.msg_queue.queue) if dimse else []:
-            if not isinstance(request, C_STORE) or request.MessageID == link.too_large:
+            if not isinstance(request, C_STORE):
                 continue
             with link.lock:
                 if any(request is done for done in link.unserved):
@@ -332,16 +347,13 @@ class Connections:
         """In the C-STORE handler, before it serves a C-STORE: None to serve it, else why
         not. Once the association is ending (the archive aborting it; the peer's end stops
         the association's thread first), one not yet served is not, and is audited unless
-        it was (queued when the end came, or the data set aborted for its size). Found by
-        review: a C-STORE the association ended before it was served was stored by no one
-        and audited by no one."""
+        it was (queued when the end came). Found by review: a C-STORE the association
+        ended before it was served was stored by no one and audited by no one."""
         link = self.link(event.assoc)
         request = cast(C_STORE, event.request)
         with link.lock:
             if not link.ending:
                 return None
-            if request.MessageID == link.too_large:
-                return "data set too large"
             if any(request is done for done in link.unserved):
                 return "the association ended"
             link.unserved.append(request)

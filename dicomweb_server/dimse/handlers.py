@@ -130,17 +130,30 @@ class Handlers:
 
     def _record(self, record: AuditEvent) -> None:
         """Queue an event on the audit trail, from any of pynetdicom's threads: immediate
-        unless the queue is full (the database away), when it waits as requests do."""
+        unless the queue is full (the database away), when it waits as requests do.
+
+        Never raises: pynetdicom calls a notification event's handlers in one loop, and the
+        first to raise skips the others (discard_unserved_stores among them). Found by
+        review: an event recorded once the server's loop had stopped (a connection still
+        open after shutdown) waited DIMSE_QUERY_TIMEOUT_S for a loop that never ran it, in a
+        DUL thread that keeps the process alive; once the loop was closed, it raised."""
         if self.audit is None:
+            return
+        if not self.loop.is_running():
+            log.error("audit trail: the server has stopped, not recorded: %r", record)
             return
         try:
             self._run(self.audit.record(record), DIMSE_QUERY_TIMEOUT_S)
         except TimeoutError:
             log.error("audit trail: could not queue %r", record)
+        except Exception:  # the loop closed meanwhile, or the task was cancelled with it
+            log.exception("audit trail: could not queue %r", record)
 
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
+            # Before discard_unserved_stores: EVT_ABORTED's handler marks the association
+            # ending (no C-STORE taken up later is served) before the spool files go.
             *self.connections.bindings(),
             (evt.EVT_CONN_CLOSE, discard_unserved_stores),
             (evt.EVT_ABORTED, discard_unserved_stores),
@@ -169,8 +182,8 @@ class Handlers:
         the STOW failure reasons, which are PS3.4 Table B.2-1 / PS3.7 C.4 codes already."""
         unserved = self.connections.claim(event)
         if unserved is not None:
-            # Its association has ended, or is being aborted (for this data set's size,
-            # perhaps): not stored, and audited as such (connections.py).
+            # Its association has ended, or is being aborted: not stored, and audited as
+            # such (connections.py).
             return status(OUT_OF_RESOURCES, unserved)
         answer, touched = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)

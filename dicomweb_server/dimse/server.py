@@ -36,6 +36,7 @@ __all__ = [
     "BoundedSocket",
     "DimseServer",
     "UnreachableDestination",
+    "abort_undecodable",
     "bound_pdu_length",
     "serve_dimse",
 ]
@@ -105,6 +106,36 @@ def bound_pdu_length(event: Event) -> None:
     sock = event.assoc.dul.socket
     if type(sock) is AssociationSocket:
         sock.__class__ = BoundedSocket
+
+
+def abort_undecodable(event: Event) -> None:
+    """EVT_CONN_OPEN of an accepted connection: a P-DATA-TF whose message pynetdicom cannot
+    decode is an invalid PDU (PS3.8 9.2, Evt19: A-ABORT, AA-8), as for one it cannot parse.
+
+    pynetdicom decodes a message's command as its fragments arrive, in the state machine's
+    action for a P-DATA-TF (DT-2). A command it cannot take (a Command Field it does not
+    know, a C-STORE on a presentation context ID never accepted) raised out of that action
+    and ended the DUL thread: no A-ABORT, no EVT_CONN_CLOSE, the connection closed by the
+    association's thread. Found by review: such an association left no audit row
+    (connections.py writes it on EVT_CONN_CLOSE) and its C-STORE's spool file stayed in the
+    temporary directory. Now the DUL goes on as for Evt19, and the association ends as any
+    other the archive aborts."""
+    dul = event.assoc.dul
+    machine = dul.state_machine
+    act = machine.do_action
+
+    def do_action(fsm_event: str) -> None:
+        try:
+            act(fsm_event)
+        except Exception:
+            if fsm_event != "Evt10":  # only DT-2 decodes what the peer sent
+                raise
+            log.warning("DIMSE: a P-DATA-TF it could not decode: association aborted",
+                        exc_info=True)  # fmt: skip
+            dul._kill_thread = False  # do_action stopped the reactor before re-raising
+            act("Evt19")
+
+    machine.do_action = do_action  # type: ignore[method-assign,assignment]
 
 
 class _ArchiveAE(AE):
@@ -203,7 +234,11 @@ async def serve_dimse(
         max_data_set_bytes=settings.max_part_bytes,
     )  # fmt: skip
     ae = build_ae(settings)
-    bindings = [*handlers.bindings(), (evt.EVT_CONN_OPEN, bound_pdu_length)]
+    bindings = [
+        *handlers.bindings(),
+        (evt.EVT_CONN_OPEN, bound_pdu_length),
+        (evt.EVT_CONN_OPEN, abort_undecodable),
+    ]
     server = ae.start_server((settings.host, settings.dimse_port), block=False,
                              evt_handlers=bindings)  # fmt: skip
     assert server is not None
