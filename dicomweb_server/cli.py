@@ -47,7 +47,8 @@ from dicomweb_server.config import (
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.httpd import hypercorn_config, prepare_process
-from dicomweb_server.index.database import Index, not_up_yet
+from dicomweb_server.index.database import Index
+from dicomweb_server.index.pool import not_up_yet
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
 

@@ -20,6 +20,11 @@ def test_pydicom_pixels_only_in_the_pixel_layer() -> None:
     assert {p for p in importers if not p.startswith("transcode/")} <= {"render.py"}
 
 
+def test_asyncpg_only_in_the_index_pool() -> None:
+    # STYLE.md section 2: one module is the door to asyncpg; the rest of index/ uses its exports.
+    assert _importers(r"^\s*(from|import) asyncpg\b") == {"index/pool.py"}
+
+
 def test_environment_read_only_in_config() -> None:
     assert _importers(r"os\.environ|os\.getenv") == {"config.py"}
 

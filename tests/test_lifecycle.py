@@ -374,7 +374,7 @@ def test_each_server_log_line_is_written_once(tmp_path: Path) -> None:
 def test_what_counts_as_a_database_not_up_yet() -> None:
     """Asked again until DB_CONNECT_TIMEOUT_S: nothing listening (TCP), no socket file yet
     (a Unix socket), PostgreSQL starting up. Said at once: anything else."""
-    from dicomweb_server.index.database import not_up_yet
+    from dicomweb_server.index.pool import not_up_yet
 
     assert not_up_yet(ConnectionRefusedError(111, "refused"))
     assert not_up_yet(FileNotFoundError(2, "no such file", "/run/postgresql/.s.PGSQL.5432"))

@@ -1,9 +1,10 @@
-"""The index over PostgreSQL: the only asyncpg importer. Callers hold one `Index`
+"""The index over PostgreSQL. Callers hold one `Index`
 (database.py), whose methods come from one submodule per concern:
 
-    database.py  Index (open, apply_schema, ping, close) made of the classes below; not_up_yet
-    pool.py      Pooled: the pool, the per-query timeout, _fetch/_fetchrow/_execute, and the
-                 503 an unavailable database becomes
+    database.py  Index (open, apply_schema, ping, close) made of the classes below
+    pool.py      the only asyncpg importer: Pooled (the pool, the per-query timeout,
+                 _fetch/_fetchrow/_execute, and the 503 an unavailable database becomes),
+                 create_pool, connect, the error classes the others catch, not_up_yet
     store.py     Store: the two-phase store: the process's owner lock, blob key reservations,
                  commit_instance, and the walk and rewrite of `reindex`
     reads.py     Reads: locate, metadata texts and series versions, bulk data, search, counts

@@ -1,16 +1,36 @@
-"""What every part of the index shares: the asyncpg pool and the per-query timeout
-(`Pooled`), the three ways a statement runs through them, and the 503 a lost or overloaded
-database becomes."""
+"""What every part of the index shares, and the package's one door to asyncpg (STYLE: asyncpg
+is imported here and nowhere else): the pool and the per-query timeout (`Pooled`), the three
+ways a statement runs through them, opening pools and lone connections, the errors the other
+modules tell apart, and the 503 a lost or overloaded database becomes."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import asyncpg
+from asyncpg import Connection, Pool, Record  # for annotations elsewhere in the package
 
 from dicomweb_server.errors import ServiceUnavailableError
 
-__all__ = ["UNAVAILABLE", "Pooled", "unavailable"]
+__all__ = [
+    "DATABASE_ERROR",
+    "REFUSED_VALUE",
+    "UNAVAILABLE",
+    "Connection",
+    "Pool",
+    "Pooled",
+    "Record",
+    "connect",
+    "create_pool",
+    "not_up_yet",
+    "unavailable",
+]
+
+# Any error PostgreSQL reports for a statement (a lost connection is UNAVAILABLE below).
+DATABASE_ERROR = asyncpg.PostgresError
+# A value PostgreSQL refuses (a NUL in text, NaN in JSON, an out-of-range number): a failure
+# of the value, not worth a retry.
+REFUSED_VALUE = asyncpg.DataError
 
 # Seconds to wait for a pooled connection before answering 503.
 ACQUIRE_TIMEOUT_S = 10.0
@@ -21,18 +41,18 @@ RETRY_AFTER_S = 5
 class Pooled:
     """The pool and the timeout each concern of Index queries through."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
+    def __init__(self, pool: Pool, timeout_s: float) -> None:
         self._pool = pool
         self._timeout = timeout_s
 
-    async def _fetch(self, sql_text: str, *args: Any) -> list[asyncpg.Record]:
+    async def _fetch(self, sql_text: str, *args: Any) -> list[Record]:
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 return list(await conn.fetch(sql_text, *args, timeout=self._timeout))
         except UNAVAILABLE as exc:
             raise unavailable(exc) from exc
 
-    async def _fetchrow(self, sql_text: str, *args: Any) -> asyncpg.Record | None:
+    async def _fetchrow(self, sql_text: str, *args: Any) -> Record | None:
         rows = await self._fetch(sql_text, *args)
         return rows[0] if rows else None
 
@@ -58,4 +78,28 @@ def unavailable(exc: BaseException) -> ServiceUnavailableError:
     """503 with Retry-After (RFC 9110 10.2.3): the request may succeed when repeated."""
     return ServiceUnavailableError(
         f"database unavailable: {exc}", headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+async def create_pool(dsn: str, *, max_size: int) -> Pool:
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
+
+
+async def _keep_session(conn: Connection) -> None:
+    """Pool release without asyncpg's reset query (one round trip per use): pooled connections
+    never carry session state (no SET, LISTEN, cursors or session advisory locks: the process
+    lock has its own connection). asyncpg still rolls back a transaction left open."""
+
+
+async def connect(dsn: str) -> Connection:
+    """A connection of its own, outside the pool (the process lock's)."""
+    return await asyncpg.connect(dsn)
+
+
+def not_up_yet(exc: BaseException) -> bool:
+    """Whether opening the index failed for a database that may answer in a moment: nothing
+    listens at its address yet (a service started beside ours; on a Unix socket, the socket
+    file is not there yet), or PostgreSQL is starting up or recovering."""
+    return isinstance(
+        exc, ConnectionRefusedError | FileNotFoundError | asyncpg.CannotConnectNowError
     )

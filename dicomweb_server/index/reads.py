@@ -8,9 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
-
-from dicomweb_server.index.pool import Pooled
+from dicomweb_server.index.pool import Pooled, Record
 from dicomweb_server.index.rows import MetadataRow, StoredInstance
 
 __all__ = ["Reads"]
@@ -149,7 +147,7 @@ class Reads(Pooled):
             out.append((StoredInstance(*row[:-2]), paths, json.loads(row[-1])))
         return out
 
-    async def search(self, sql_text: str, args: Sequence[Any]) -> list[asyncpg.Record]:
+    async def search(self, sql_text: str, args: Sequence[Any]) -> list[Record]:
         return await self._fetch(sql_text, *args)
 
     async def counts(self) -> dict[str, int]:

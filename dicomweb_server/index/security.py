@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-import asyncpg
-
 from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, chain
-from dicomweb_server.index.pool import ACQUIRE_TIMEOUT_S, UNAVAILABLE, Pooled, unavailable
+from dicomweb_server.index.pool import (
+    ACQUIRE_TIMEOUT_S,
+    DATABASE_ERROR,
+    REFUSED_VALUE,
+    UNAVAILABLE,
+    Pooled,
+    unavailable,
+)
 from dicomweb_server.index.rows import ApiKey
 from dicomweb_server.index.store import ADVISORY_LOCK_CLASS
 
@@ -70,9 +75,9 @@ class Security(Pooled):
                      for e, (prev, digest) in zip(events, links, strict=True)],
                     timeout=self._timeout,
                 )  # fmt: skip
-        except asyncpg.DataError as exc:  # a value PostgreSQL refuses: not worth a retry
+        except REFUSED_VALUE as exc:
             raise ValueError(f"the audit trail refused a value: {exc}") from exc
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:  # away, restarting, full, ...
+        except (*UNAVAILABLE, DATABASE_ERROR) as exc:  # away, restarting, full, ...
             raise unavailable(exc) from exc
 
     async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:

@@ -19,10 +19,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
-import asyncpg
 
 from dicomweb_server.errors import ServiceUnavailableError
-from dicomweb_server.index.pool import ACQUIRE_TIMEOUT_S, UNAVAILABLE, Pooled, unavailable
+from dicomweb_server.index.pool import (
+    ACQUIRE_TIMEOUT_S,
+    DATABASE_ERROR,
+    REFUSED_VALUE,
+    UNAVAILABLE,
+    Connection,
+    Pool,
+    Pooled,
+    connect,
+    unavailable,
+)
 from dicomweb_server.index.rows import CommitResult, StoredBlob
 from dicomweb_server.record import InstanceRecord
 
@@ -56,9 +65,9 @@ class Store(Pooled):
     """The two-phase store: the process's owner lock, blob key reservations, and the instance
     rows committed (and rewritten by `reindex`)."""
 
-    def __init__(self, pool: asyncpg.Pool, timeout_s: float) -> None:
+    def __init__(self, pool: Pool, timeout_s: float) -> None:
         super().__init__(pool, timeout_s)
-        self._owner_conn: asyncpg.Connection | None = None
+        self._owner_conn: Connection | None = None
         self._owner_guard = asyncio.Lock()
         self._owner_checked = 0.0
         self._dsn = ""
@@ -69,7 +78,7 @@ class Store(Pooled):
     async def claim_owner(self, dsn: str) -> int:
         """Take a fresh owner id, held by a session advisory lock until this process ends."""
         self._dsn = dsn
-        self._owner_conn = await asyncpg.connect(dsn)
+        self._owner_conn = await connect(dsn)
         while True:
             owner = secrets.randbelow(2**31 - 1) + 1
             got = await self._owner_conn.fetchval(
@@ -156,7 +165,7 @@ class Store(Pooled):
                 self._owner_conn.terminate()
         conn = None
         try:
-            conn = await asyncpg.connect(self._dsn)
+            conn = await connect(self._dsn)
             got = await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, self.owner
             )
@@ -242,7 +251,7 @@ class Store(Pooled):
                 # Shielded (a cancellation reaches the rollback too), within the query timeout.
                 deadline = anyio.current_time() + self._timeout
                 with anyio.CancelScope(deadline=deadline, shield=True):
-                    with contextlib.suppress(*UNAVAILABLE, asyncpg.PostgresError):
+                    with contextlib.suppress(*UNAVAILABLE, DATABASE_ERROR):
                         await tx.rollback()
                 raise
             try:  # the block's own errors (a blob delete's OSError) are not the database's
@@ -254,7 +263,7 @@ class Store(Pooled):
         try:
             async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 return await _commit(conn, rec, self.owner)
-        except asyncpg.DataError as exc:
+        except REFUSED_VALUE as exc:
             # S3: a value PostgreSQL refuses (a NUL in text, NaN in JSON, an out-of-range
             # number): a failure of this instance, not of the request.
             return CommitResult(False, failed=f"the index refused a value: {exc}", invalid=True)
@@ -275,7 +284,7 @@ class Store(Pooled):
         refused a value."""
         try:
             row = await self._fetchrow(_REINDEX, *_record_args(rec))
-        except asyncpg.DataError as exc:  # as in commit_instance
+        except REFUSED_VALUE as exc:  # as in commit_instance
             return f"the index refused a value: {exc}"
         assert row is not None
         outcome: str = row[0]
@@ -307,7 +316,7 @@ def _record_args(rec: InstanceRecord) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-async def _commit(conn: asyncpg.Connection, rec: InstanceRecord, owner: int) -> CommitResult:
+async def _commit(conn: Connection, rec: InstanceRecord, owner: int) -> CommitResult:
     """One round trip: schema.sql's dicomweb_commit_instance does every step."""
     row = await conn.fetchrow(_COMMIT, *_record_args(rec), owner)
     if row["outcome"] == "stored":
