@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 
 import anyio
 
@@ -52,7 +53,8 @@ async def rendered_image(
 
     Cached by blob key and the row's revision (StoredInstance.revision): whether there is an
     image or an icon is the row's to say."""
-    key = (inst.blob_key, inst.revision, frame, params, media, thumbnail, animate)
+    job = _Job(inst, frame, params, media, thumbnail, animate)
+    key = job.key
     while True:
         cached = svc.images.get(key)
         if cached is not None:
@@ -65,7 +67,7 @@ async def rendered_image(
     flight = (id(svc.images), key)
     making = _MAKING[flight] = asyncio.get_running_loop().create_future()
     try:
-        data = await _rendered(svc, inst, key, frame, params, media, thumbnail, animate)
+        data = await _rendered(svc, job)
     except BaseException as exc:
         fault = _Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
         making.set_exception(fault)
@@ -76,6 +78,25 @@ async def rendered_image(
         return data
     finally:
         del _MAKING[flight]
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One rendering asked for: what rendered_image was given."""
+
+    inst: StoredInstance
+    frame: int
+    params: RenderParams
+    media: str
+    thumbnail: bool
+    animate: bool
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """The cache key: by blob and revision, not by the whole row."""
+        inst = self.inst
+        return (inst.blob_key, inst.revision, self.frame, self.params, self.media,
+                self.thumbnail, self.animate)  # fmt: skip
 
 
 class _Abandoned(Exception):
@@ -90,37 +111,29 @@ class _Abandoned(Exception):
 _MAKING: dict[tuple[int, tuple[object, ...]], asyncio.Future[bytes]] = {}
 
 
-async def _rendered(
-    svc: Services,
-    inst: StoredInstance,
-    key: tuple[object, ...],
-    frame: int,
-    params: RenderParams,
-    media: str,
-    thumbnail: bool,
-    animate: bool,
-) -> bytes:
-    """rendered_image, made (not in the cache under `key`, and not being made by another
+async def _rendered(svc: Services, job: _Job) -> bytes:
+    """rendered_image, made (not in the cache under `job.key`, and not being made by another
     request), then put in the cache."""
+    inst, thumbnail = job.inst, job.thumbnail
     if inst.number_of_frames == 0 and not thumbnail:
         raise NotAcceptableError("the instance has no pixel data to render as an image")
-    if inst.number_of_frames and frame > inst.number_of_frames:
+    if inst.number_of_frames and job.frame > inst.number_of_frames:
         raise NotFoundError(
-            f"frame {frame} does not exist: the instance has {inst.number_of_frames}"
+            f"frame {job.frame} does not exist: the instance has {inst.number_of_frames}"
         )
     ts = inst.transfer_syntax_uid
     if inst.number_of_frames and not decodable(ts) and not thumbnail:
         raise TranscodeError(f"cannot decode the pixel data to render it: {missing_codec(ts)}")
     if inst.number_of_frames == 0 or not decodable(ts):
-        data = await _icon(inst, params, media)
+        data = await _icon(inst, job.params, job.media)
     else:
         try:
-            data = await _render(svc, inst, frame, params, media, thumbnail, animate)
+            data = await _render(svc, job)
         except TranscodeError:
             if not thumbnail:
                 raise
-            data = await _icon(inst, params, media)
-    svc.images.put(key, data)
+            data = await _icon(inst, job.params, job.media)
+    svc.images.put(job.key, data)
     return data
 
 
@@ -136,20 +149,19 @@ async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> by
     return data
 
 
-async def _render(
-    svc: Services,
-    inst: StoredInstance,
-    frame: int,
-    params: RenderParams,
-    media: str,
-    thumbnail: bool,
-    animate: bool,
-) -> bytes:
-    path = svc.blobs.local_path(inst.blob_key)
-    if animate and media == "image/gif" and inst.number_of_frames > 1 and not thumbnail:
-        return await anyio.to_thread.run_sync(render_animation, path, params, limiter=svc.limiter)
+async def _render(svc: Services, job: _Job) -> bytes:
+    path = svc.blobs.local_path(job.inst.blob_key)
+    if (
+        job.animate
+        and job.media == "image/gif"
+        and job.inst.number_of_frames > 1
+        and not job.thumbnail
+    ):
+        return await anyio.to_thread.run_sync(
+            render_animation, path, job.params, limiter=svc.limiter
+        )
     return await anyio.to_thread.run_sync(
-        render_frame, path, frame, params, media, thumbnail, limiter=svc.limiter
+        render_frame, path, job.frame, job.params, job.media, job.thumbnail, limiter=svc.limiter
     )
 
 
