@@ -60,8 +60,7 @@ from pynetdicom.pdu import (
 )
 
 from dicomweb_server.audit import AuditEvent
-from dicomweb_server.dimse.retrieval import UNFINISHED
-from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES
+from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES, UNFINISHED
 
 __all__ = ["LOST", "Connections", "Link"]
 
@@ -231,7 +230,13 @@ class Connections:
             link.ending = True
             link.too_large = True
         link.why = f"a data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES)"
-        # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
+        # Inside a notification handler, assoc.abort is pynetdicom's non-blocking abort
+        # (events.trigger sets it to _abort_nonblocking while the handlers run; pynetdicom
+        # 3.0): it queues the A-ABORT for this DUL thread to send, triggers EVT_ABORTED and
+        # returns, without waiting for the connection to close. It runs in a thread of its own
+        # so that EVT_ABORTED's handlers (ended, which audits the queued C-STOREs and may wait
+        # while the audit queue is full, and discard_unserved_stores) do not hold up this
+        # thread, which sends the A-ABORT and reads on until the connection closes.
         threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
     # -- what the peer asked and the archive answered ---------------------------------------
