@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomweb_server.audit import AuditEvent, AuditRow, dicom_audit_message
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse import connections as dimse_connections
 from dicomweb_server.dimse import handlers as dimse_handlers
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.index.database import Index
@@ -47,6 +48,7 @@ from tests.dimse_support import (
     in_thread,
     running_archive,
     scu,
+    store_one,
 )
 from tests.helpers import make_instance
 
@@ -499,3 +501,62 @@ def test_audit_event_once_the_server_loop_stopped_neither_waits_nor_raises() -> 
     loop.close()
     handlers._record(event)  # closed
     assert time.monotonic() - began < 1
+
+
+async def test_a_connections_handler_that_raises_skips_no_later_handler(
+    archive: Archive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pynetdicom calls an event's handlers in one loop, and the first to raise skips the
+    rest. Found by review: an error in a Connections handler skipped the handlers bound after
+    it, discard_unserved_stores among them. Here the step that audits the queued C-STOREs
+    fails (on EVT_ABORTED, and on EVT_CONN_CLOSE): the error is logged, the spool files of
+    the C-STOREs left queued still go, the later handlers (Closes) still run, and the
+    archive serves the next association."""
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    store = dimse_handlers.Handlers._store
+
+    def slow_store(handlers: Any, event: Any) -> Any:  # the others queue meanwhile
+        time.sleep(1.0)
+        return store(handlers, event)
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("an internal step failed")
+
+    monkeypatch.setattr(dimse_handlers.Handlers, "_store", slow_store)
+    monkeypatch.setattr(dimse_connections.Connections, "_queued", broken)
+    instances = [make_instance(rows=64, cols=64) for _ in range(4)]
+
+    def send_all_then_abort() -> None:
+        ae = scu()
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = associate(ae, archive)
+        (cx,) = assoc.accepted_contexts
+        for n, ds in enumerate(instances, 1):
+            req = C_STORE()
+            req.MessageID, req.Priority = n, 2
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+            req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+            assoc.dimse.send_msg(req, cast(int, cx.context_id))
+        time.sleep(0.3)  # all of them received, the first being stored
+        assoc.abort()
+
+    def spool_emptied() -> bool:
+        deadline = time.monotonic() + 10
+        while list(spool.glob("*.dcm")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not list(spool.glob("*.dcm"))
+
+    with Closes(archive, evt.EVT_ABORTED) as aborts, Closes(archive) as closes:
+        await in_thread(send_all_then_abort)
+        assert await in_thread(spool_emptied), list(spool.glob("*.dcm"))
+        await aborts.wait()  # bound after Connections.ended: they ran
+        await closes.wait()  # bound after Connections.closed
+    logged = {r.getMessage(): r.exc_info for r in caplog.records}
+    assert "an internal step failed" in str(logged["DIMSE: ended failed on EVT_ABORTED"])
+    monkeypatch.undo()
+    assert (await store_one(archive, make_instance(rows=8, cols=8))).Status == 0x0000

@@ -38,6 +38,7 @@ provider, reason not specified. Never 0, so never a success.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -156,7 +157,8 @@ class Connections:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bindings(self) -> list[EventHandlerType]:
-        return [
+        """Each handler guarded (_guarded): none of them raises into pynetdicom."""
+        handlers: list[tuple[Any, Callable[[Event], None]]] = [
             (evt.EVT_PDU_RECV, self.limit_data_set),
             (evt.EVT_PDU_RECV, self.received),
             (evt.EVT_PDU_SENT, self.sent),
@@ -164,6 +166,7 @@ class Connections:
             (evt.EVT_ABORTED, self.ended),
             (evt.EVT_RELEASED, self.ended),
         ]
+        return [(event, _guarded(handler)) for event, handler in handlers]
 
     def link(self, assoc: Any) -> Link:
         with self._lock:
@@ -364,6 +367,24 @@ class Connections:
             link.unserved.append(request)
         self._unserved(link, str(request.AffectedSOPInstanceUID), "received whole", 0)
         return "the association ended"
+
+
+def _guarded(handler: Callable[[Event], None]) -> Callable[[Event], None]:
+    """`handler`, an exception in it logged rather than raised. pynetdicom calls a
+    notification event's handlers in one loop (events.trigger, pynetdicom 3.0), and the first
+    to raise skips the rest: the later ones bound to it, discard_unserved_stores among them
+    (found by review: an error in one of these, other than the recording, which never raises,
+    left the spool files of the C-STOREs an association left unserved). The association
+    goes on, or ends, as it would have: pynetdicom only logs the exception either way."""
+
+    @functools.wraps(handler)
+    def guarded(event: Event) -> None:
+        try:
+            handler(event)
+        except Exception:
+            log.exception("DIMSE: %s failed on %s", handler.__name__, event.event.name)
+
+    return guarded
 
 
 def _abort_text(source: int, reason: int) -> str:
