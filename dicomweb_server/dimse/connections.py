@@ -60,7 +60,7 @@ from pynetdicom.pdu import (
     P_DATA_TF,
 )
 
-from dicomweb_server.audit import AuditEvent
+from dicomweb_server.audit import OVER_LIMIT, AuditEvent
 from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES, UNFINISHED
 
 __all__ = ["LOST", "Connections", "Link"]
@@ -311,9 +311,10 @@ class Connections:
         command = getattr(message, "command_set", None)
         sop = str(getattr(command, "AffectedSOPInstanceUID", ""))
         if link.too_large:  # the data set being received, as it never completes
+            # OVER_LIMIT first: the export makes it a refused request, not the archive failing.
             limit = f"more than {self.max_data_set_bytes} bytes (DICOMWEB_MAX_PART_BYTES)"
             self._event(link, "dimse_store", OUT_OF_RESOURCES, link.receiving,
-                        f"sop={sop} data set of {limit}: aborted")  # fmt: skip
+                        f"{OVER_LIMIT}a data set of {limit}, aborted; sop={sop}")  # fmt: skip
         elif isinstance(message, C_STORE_RQ):
             received = f"data set incomplete ({link.receiving} bytes received)"
             self._unserved(link, sop, received, link.receiving)
