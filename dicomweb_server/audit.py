@@ -19,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "GENESIS",
+    "OVER_LIMIT",
     "AuditEvent",
     "AuditRow",
     "ChainVerifier",
@@ -169,8 +170,22 @@ def _code(code: tuple[str, str]) -> dict[str, str]:
     return {"csd-code": code[0], "codeSystemName": "DCM", "originalText": code[1]}
 
 
-# DIMSE statuses of a failure of the archive rather than of the request (PS3.7 C.4).
-_DIMSE_SERIOUS = frozenset({0x0110, 0xA700, 0xA701, 0xA702})
+# DIMSE statuses of a failure of the archive rather than of the request (PS3.7 C.4, PS3.4
+# B.2.3, C.4.2.1.5): Processing Failure; Out of Resources, the database, the disk or the
+# time allowed having failed it (0xA700), the matching (0xA701). Not 0xA702, Unable to
+# perform sub-operations: more than MAX_RETRIEVE_INSTANCES matched, or every sub-operation
+# failed (the destination refusing them or not reached), the request's doing or the
+# peer's, as a 4xx is.
+_DIMSE_SERIOUS = frozenset({0x0110, 0xA700, 0xA701})
+# The detail of a DIMSE row failed for what the peer sent beyond a limit of the archive
+# begins with this: a C-STORE data set over DICOMWEB_MAX_PART_BYTES, audited 0xA700
+# (dimse/connections.py). A refused request (4), as STOW's 413 for the same limit is, not
+# the archive failing. At the start of the detail, where no text of the peer's (a SOP
+# Instance UID) can put it.
+OVER_LIMIT = "over the limit: "
+# Actions whose detail says how they ended (the others' is a query string, or what an
+# admin action changed): exported as the EventOutcomeDescription of a failure.
+_DETAIL_IS_OUTCOME = ("dimse_", "reindex")
 
 
 def _outcome_indicator(event: AuditEvent) -> int:
@@ -180,7 +195,8 @@ def _outcome_indicator(event: AuditEvent) -> int:
     if event.action.startswith("dimse_"):
         if status == 0x0000:
             return 0
-        return 8 if status in _DIMSE_SERIOUS else 4
+        serious = status in _DIMSE_SERIOUS and not event.detail.startswith(OVER_LIMIT)
+        return 8 if serious else 4
     if status == 202:  # STOW: some instances failed (PS3.18 Table 10.5.3-1)
         return 4
     if status < 400:
@@ -242,14 +258,20 @@ def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
     ev = row.event
     event_id, action_code, type_codes = _event_of(ev)
     receiving = action_code == "C"
+    indicator = _outcome_indicator(ev)
     ident: dict[str, Any] = {
         "EventActionCode": action_code,
         "EventDateTime": ev.time.astimezone(UTC).isoformat(timespec="microseconds"),
-        "EventOutcomeIndicator": _outcome_indicator(ev),
+        "EventOutcomeIndicator": indicator,
         "EventID": _code(event_id),
     }
     if type_codes:
         ident["EventTypeCode"] = [_code(c) for c in type_codes]
+    # Why a failure failed (why an association was refused or ended, a C-STORE not served,
+    # a C-MOVE's counts): EventOutcomeDescription, optional free text in the A.5.1 schema's
+    # EventIdentification. Not for a query: its detail is the query (ParticipantObjectQuery).
+    if indicator and ev.detail and event_id != _QUERY and ev.action.startswith(_DETAIL_IS_OUTCOME):
+        ident["EventOutcomeDescription"] = ev.detail
     # PS3.15 A.5.3: the side data (or a query) flows from is the source.
     caller_is_source = receiving or event_id == _QUERY
     message: dict[str, Any] = {

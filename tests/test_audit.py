@@ -270,6 +270,9 @@ def test_dicom_audit_messages() -> None:
         ("dimse_associate", 0x02000003, "110114", "E", 4),  # no presentation context
         ("dimse_abort", 0x07000000, "110114", "E", 4),  # ended without release: Logout
         ("dimse_store", 0xFF00, "110104", "C", 4),  # the association ended first
+        ("dimse_move", 0xA701, "110104", "R", 8),  # the matching failed
+        ("dimse_move", 0xA702, "110104", "R", 4),  # too many matches, or every one refused
+        ("dimse_get", 0xA702, "110104", "R", 4),
     ):
         event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code)
         ident = dicom_audit_message(AuditRow(3, event, bytes(32), bytes(32)), "src")[
@@ -277,6 +280,60 @@ def test_dicom_audit_messages() -> None:
         ]["EventIdentification"]
         assert (ident["EventID"]["csd-code"], ident["EventActionCode"]) == (event_id, action_code)
         assert ident["EventOutcomeIndicator"] == indicator, (action, hex(code))
+
+
+def test_a_data_set_over_the_limit_is_a_refused_request_on_both_paths() -> None:
+    """Found by review: a C-STORE data set over DICOMWEB_MAX_PART_BYTES (audited 0xA700)
+    was exported as a serious failure (8), STOW's 413 for the same limit as a minor one (4).
+    Both are now 4; a 0xA700 of the archive's own (its database, its disk) stays 8, even
+    when the peer's SOP Instance UID says otherwise."""
+    from dicomweb_server.audit import OVER_LIMIT, AuditRow
+
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    over = f"{OVER_LIMIT}a data set of more than 9 bytes (DICOMWEB_MAX_PART_BYTES), aborted; sop=1"
+    for action, code, detail, indicator in (
+        ("store_instances", 413, "", 4),
+        ("dimse_store", 0xA700, over, 4),
+        ("dimse_store", 0xA700, "sop=1.2", 8),  # the database did not answer
+        ("dimse_store", 0xA700, f"sop={OVER_LIMIT}", 8),
+    ):
+        event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 10, detail)
+        ident = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")[
+            "AuditMessage"
+        ]["EventIdentification"]
+        assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
+
+
+def test_why_a_failure_failed_is_exported() -> None:
+    """Found by review: the detail of a row (why an association was refused, why a C-STORE
+    was not served) was in the table but not in the export. PS3.15 A.5.1's schema has an
+    optional EventOutcomeDescription in EventIdentification: a failure's detail goes there,
+    where the detail says how the action ended (not a query string, nor a key's role)."""
+    from dicomweb_server.audit import AuditRow
+
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    refused = "rejected (A-ASSOCIATE-RJ, permanent): calling AE title not recognised"
+    for action, code, detail, description in (
+        ("dimse_associate", 0x03010103, refused, refused),
+        ("dimse_abort", 0x07000000, "aborted by the peer (A-ABORT, service user)",
+         "aborted by the peer (A-ABORT, service user)"),
+        ("dimse_store", 0xFF00, "sop=1.2 received whole; not served", "sop=1.2 received whole;"
+         " not served"),
+        ("dimse_move", 0xA702, "destination=PEER matched=2 failed=2", "destination=PEER"
+         " matched=2 failed=2"),
+        ("reindex", 202, "updated=1 unchanged=0 failed=1", "updated=1 unchanged=0 failed=1"),
+        ("dimse_store", 0x0000, "sop=1.2", None),  # a success
+        ("dimse_find", 0xA900, "PatientID=7 matches=0", None),  # a query: the query
+        ("search_for_studies", 400, "PatientID=7", None),
+        ("search_for_studies", 403, "PatientID=7", None),  # a query string, not why
+        ("apikey_revoke", 404, "key=7", None),
+        ("dimse_abort", 0x07000200, "", None),
+    ):  # fmt: skip
+        event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 0, detail)
+        ident = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")[
+            "AuditMessage"
+        ]["EventIdentification"]
+        assert ident.get("EventOutcomeDescription") == description, (action, hex(code))
 
 
 async def test_one_odd_event_does_not_cost_the_others(empty_audit: str) -> None:

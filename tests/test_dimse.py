@@ -428,8 +428,8 @@ async def test_c_store_data_set_size_limit_at_its_edge(
         assert stored == 0
         # Audited once as a C-STORE (not again as unfinished), and the archive's abort.
         row, end = rows
-        assert row["action"] == "dimse_store" and row["detail"].startswith(
-            f"sop={meta.SOPInstanceUID}"
+        assert row["action"] == "dimse_store" and row["detail"].endswith(
+            f"; sop={meta.SOPInstanceUID}"
         )
         assert row["outcome"] == 0xA700 and f"more than {most} bytes" in row["detail"]
         assert end["action"] == "dimse_abort" and end["detail"] == (

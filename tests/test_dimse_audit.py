@@ -32,6 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomweb_server.audit import AuditEvent, AuditRow, dicom_audit_message
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse import connections as dimse_connections
 from dicomweb_server.dimse import handlers as dimse_handlers
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.index.database import Index
@@ -47,6 +48,7 @@ from tests.dimse_support import (
     in_thread,
     running_archive,
     scu,
+    store_one,
 )
 from tests.helpers import make_instance
 
@@ -56,6 +58,11 @@ ASSOCIATION = ("dimse_associate", "dimse_abort")
 # Outcomes: the PDU type, then the PDU's result, source and reason bytes (PS3.8 9.3).
 A_ABORT_BY_USER = 0x07000000  # A-ABORT, source 0 (service user), reason 0 (Table 9-26)
 LOST = 0x07000200  # no PDU: A-P-ABORT, source 2 (service provider), reason not specified
+
+
+def _sop(detail: str) -> str:
+    """The `sop=UID` of a dimse_store row's detail."""
+    return next(word.rstrip(";") for word in detail.split() if word.startswith("sop="))
 
 
 def _export(row: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +98,7 @@ async def test_unknown_calling_ae_rejection_is_audited_once(settings: Settings) 
     assert ident["EventID"]["csd-code"] == "110114"  # User Authentication
     assert ident["EventTypeCode"][0]["csd-code"] == "110122"  # Login
     assert ident["EventOutcomeIndicator"] == 4
+    assert ident["EventOutcomeDescription"] == row["detail"]  # why it was refused
 
 
 async def test_association_limit_rejection_is_audited(settings: Settings) -> None:
@@ -423,10 +431,20 @@ async def test_too_large_data_set_sent_with_its_command_is_audited_once(
             await closes.wait()
         rows = await audit_rows(archive, (*ASSOCIATION, "dimse_store"), start)
     limit = "more than 1000 bytes (DICOMWEB_MAX_PART_BYTES)"
+    store = f"over the limit: a data set of {limit}, aborted; sop={ds.SOPInstanceUID}"
+    end = f"aborted by the archive: a data set of {limit}"
     assert [(r["action"], r["outcome"], r["detail"]) for r in rows] == [
-        ("dimse_store", 0xA700, f"sop={ds.SOPInstanceUID} data set of {limit}: aborted"),
-        ("dimse_abort", A_ABORT_BY_USER, f"aborted by the archive: a data set of {limit}"),
+        ("dimse_store", 0xA700, store),
+        ("dimse_abort", A_ABORT_BY_USER, end),
     ]
+    # Exported as a refused request, as STOW's 413 for the same limit (found by review: 8,
+    # a serious failure), each with why (found by review: the detail was not exported).
+    for row, why in zip(rows, (store, end), strict=True):
+        exported = _export(row)
+        assert (exported["EventOutcomeIndicator"], exported["EventOutcomeDescription"]) == (
+            4,
+            why,
+        )
 
 
 async def test_c_store_queued_before_a_too_large_one_with_its_message_id_is_audited(
@@ -472,7 +490,7 @@ async def test_c_store_queued_before_a_too_large_one_with_its_message_id_is_audi
         while len(rows := await audit_rows(archive, "dimse_store", start)) < 3:
             assert time.monotonic() < deadline, rows  # the first one is still being stored
             await asyncio.sleep(0.1)
-    outcomes = {r["detail"].split()[0]: r["outcome"] for r in rows}
+    outcomes = {_sop(r["detail"]): r["outcome"] for r in rows}
     assert len(rows) == 3 and outcomes == {
         f"sop={first.SOPInstanceUID}": 0x0000,
         f"sop={second.SOPInstanceUID}": 0xFF00,
@@ -499,3 +517,62 @@ def test_audit_event_once_the_server_loop_stopped_neither_waits_nor_raises() -> 
     loop.close()
     handlers._record(event)  # closed
     assert time.monotonic() - began < 1
+
+
+async def test_a_connections_handler_that_raises_skips_no_later_handler(
+    archive: Archive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """pynetdicom calls an event's handlers in one loop, and the first to raise skips the
+    rest. Found by review: an error in a Connections handler skipped the handlers bound after
+    it, discard_unserved_stores among them. Here the step that audits the queued C-STOREs
+    fails (on EVT_ABORTED, and on EVT_CONN_CLOSE): the error is logged, the spool files of
+    the C-STOREs left queued still go, the later handlers (Closes) still run, and the
+    archive serves the next association."""
+    spool = tmp_path / "pynetdicom-spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    store = dimse_handlers.Handlers._store
+
+    def slow_store(handlers: Any, event: Any) -> Any:  # the others queue meanwhile
+        time.sleep(1.0)
+        return store(handlers, event)
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("an internal step failed")
+
+    monkeypatch.setattr(dimse_handlers.Handlers, "_store", slow_store)
+    monkeypatch.setattr(dimse_connections.Connections, "_queued", broken)
+    instances = [make_instance(rows=64, cols=64) for _ in range(4)]
+
+    def send_all_then_abort() -> None:
+        ae = scu()
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = associate(ae, archive)
+        (cx,) = assoc.accepted_contexts
+        for n, ds in enumerate(instances, 1):
+            req = C_STORE()
+            req.MessageID, req.Priority = n, 2
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+            req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+            assoc.dimse.send_msg(req, cast(int, cx.context_id))
+        time.sleep(0.3)  # all of them received, the first being stored
+        assoc.abort()
+
+    def spool_emptied() -> bool:
+        deadline = time.monotonic() + 10
+        while list(spool.glob("*.dcm")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not list(spool.glob("*.dcm"))
+
+    with Closes(archive, evt.EVT_ABORTED) as aborts, Closes(archive) as closes:
+        await in_thread(send_all_then_abort)
+        assert await in_thread(spool_emptied), list(spool.glob("*.dcm"))
+        await aborts.wait()  # bound after Connections.ended: they ran
+        await closes.wait()  # bound after Connections.closed
+    logged = {r.getMessage(): r.exc_info for r in caplog.records}
+    assert "an internal step failed" in str(logged["DIMSE: ended failed on EVT_ABORTED"])
+    monkeypatch.undo()
+    assert (await store_one(archive, make_instance(rows=8, cols=8))).Status == 0x0000

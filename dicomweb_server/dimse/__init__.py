@@ -5,7 +5,8 @@ C-FIND, C-MOVE, C-GET) SCP. The only importer of pynetdicom.
     identifier.py   C-FIND / C-MOVE / C-GET identifiers <-> query.Query (pure)
     peers.py        C-MOVE destinations from a JSON file
     handlers.py     the event handlers, bridged onto the server's event loop
-    statuses.py     the C-STORE/C-FIND/C-MOVE/C-GET statuses answered, status() data sets
+    statuses.py     the C-STORE/C-FIND/C-MOVE/C-GET statuses answered or audited, status()
+                    data sets
     conversion.py   C-MOVE/C-GET sub-operations: contexts proposed, syntax sent in, decode
     association.py  TCP_NODELAY, and spool files of C-STOREs an association left unserved
     connections.py  each connection: the data set size limit, and the audit events of an

@@ -38,6 +38,7 @@ provider, reason not specified. Never 0, so never a success.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -59,9 +60,8 @@ from pynetdicom.pdu import (
     P_DATA_TF,
 )
 
-from dicomweb_server.audit import AuditEvent
-from dicomweb_server.dimse.retrieval import UNFINISHED
-from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES
+from dicomweb_server.audit import OVER_LIMIT, AuditEvent
+from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES, UNFINISHED
 
 __all__ = ["LOST", "Connections", "Link"]
 
@@ -157,7 +157,8 @@ class Connections:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bindings(self) -> list[EventHandlerType]:
-        return [
+        """Each handler guarded (_guarded): none of them raises into pynetdicom."""
+        handlers: list[tuple[Any, Callable[[Event], None]]] = [
             (evt.EVT_PDU_RECV, self.limit_data_set),
             (evt.EVT_PDU_RECV, self.received),
             (evt.EVT_PDU_SENT, self.sent),
@@ -165,6 +166,7 @@ class Connections:
             (evt.EVT_ABORTED, self.ended),
             (evt.EVT_RELEASED, self.ended),
         ]
+        return [(event, _guarded(handler)) for event, handler in handlers]
 
     def link(self, assoc: Any) -> Link:
         with self._lock:
@@ -231,7 +233,13 @@ class Connections:
             link.ending = True
             link.too_large = True
         link.why = f"a data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES)"
-        # In a thread of its own: abort() waits for the receiving thread, this one, to stop.
+        # Inside a notification handler, assoc.abort is pynetdicom's non-blocking abort
+        # (events.trigger sets it to _abort_nonblocking while the handlers run; pynetdicom
+        # 3.0): it queues the A-ABORT for this DUL thread to send, triggers EVT_ABORTED and
+        # returns, without waiting for the connection to close. It runs in a thread of its own
+        # so that EVT_ABORTED's handlers (ended, which audits the queued C-STOREs and may wait
+        # while the audit queue is full, and discard_unserved_stores) do not hold up this
+        # thread, which sends the A-ABORT and reads on until the connection closes.
         threading.Thread(target=event.assoc.abort, name="dimse-abort", daemon=True).start()
 
     # -- what the peer asked and the archive answered ---------------------------------------
@@ -303,9 +311,10 @@ class Connections:
         command = getattr(message, "command_set", None)
         sop = str(getattr(command, "AffectedSOPInstanceUID", ""))
         if link.too_large:  # the data set being received, as it never completes
+            # OVER_LIMIT first: the export makes it a refused request, not the archive failing.
             limit = f"more than {self.max_data_set_bytes} bytes (DICOMWEB_MAX_PART_BYTES)"
             self._event(link, "dimse_store", OUT_OF_RESOURCES, link.receiving,
-                        f"sop={sop} data set of {limit}: aborted")  # fmt: skip
+                        f"{OVER_LIMIT}a data set of {limit}, aborted; sop={sop}")  # fmt: skip
         elif isinstance(message, C_STORE_RQ):
             received = f"data set incomplete ({link.receiving} bytes received)"
             self._unserved(link, sop, received, link.receiving)
@@ -359,6 +368,24 @@ class Connections:
             link.unserved.append(request)
         self._unserved(link, str(request.AffectedSOPInstanceUID), "received whole", 0)
         return "the association ended"
+
+
+def _guarded(handler: Callable[[Event], None]) -> Callable[[Event], None]:
+    """`handler`, an exception in it logged rather than raised. pynetdicom calls a
+    notification event's handlers in one loop (events.trigger, pynetdicom 3.0), and the first
+    to raise skips the rest: the later ones bound to it, discard_unserved_stores among them
+    (found by review: an error in one of these, other than the recording, which never raises,
+    left the spool files of the C-STOREs an association left unserved). The association
+    goes on, or ends, as it would have: pynetdicom only logs the exception either way."""
+
+    @functools.wraps(handler)
+    def guarded(event: Event) -> None:
+        try:
+            handler(event)
+        except Exception:
+            log.exception("DIMSE: %s failed on %s", handler.__name__, event.event.name)
+
+    return guarded
 
 
 def _abort_text(source: int, reason: int) -> str:

@@ -47,16 +47,17 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer
-from dicomweb_server.dimse.retrieval import UNFINISHED, Retrieval
+from dicomweb_server.dimse.retrieval import Retrieval
 from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
+    CANNOT_PERFORM,
     DATA_SET_DOES_NOT_MATCH,
     DESTINATION_UNKNOWN,
     OUT_OF_RESOURCES,
     PENDING,
     PROCESSING_FAILURE,
-    TOO_MANY,
+    UNFINISHED,
     status,
 )
 from dicomweb_server.errors import DicomWebError
@@ -376,7 +377,8 @@ class Handlers:
         except (DicomWebError, TimeoutError) as exc:
             return status(CANNOT_COUNT, f"matching failed: {exc}")
         if len(found) > MAX_RETRIEVE_INSTANCES:
-            return status(TOO_MANY, f"{len(found)} instances match; at most 65535 per request")
+            too_many = f"{len(found)} instances match; at most 65535 per request"
+            return status(CANNOT_PERFORM, too_many)
         return found
 
 

@@ -16,15 +16,9 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
-from dicomweb_server.dimse.statuses import CANCEL
+from dicomweb_server.dimse.statuses import CANCEL, CANNOT_PERFORM, SOME_FAILED, UNFINISHED
 
-__all__ = ["UNFINISHED", "Retrieval"]
-
-# The outcome recorded for a C-MOVE/C-GET (or C-FIND) whose association ended before a final
-# response: Pending (PS3.7 C.4), the last status it had.
-UNFINISHED = 0xFF00
-_SUB_OPERATIONS_FAILED = 0xA702  # PS3.4 C.4.2.1.5 / C.4.3.1.4: every sub-operation failed
-_SOME_FAILED = 0xB000  # ... some failed or had a warning
+__all__ = ["Retrieval"]
 
 
 @dataclass
@@ -68,7 +62,8 @@ class Retrieval:
             return UNFINISHED
         if not self.failed and not self.warning:
             return 0x0000
-        return _SUB_OPERATIONS_FAILED if self.failed == total else _SOME_FAILED
+        # PS3.4 C.4.2.1.5 / C.4.3.1.4: every sub-operation failed, else some failed or warned.
+        return CANNOT_PERFORM if self.failed == total else SOME_FAILED
 
     def summary(self, total: int) -> str:
         text = (

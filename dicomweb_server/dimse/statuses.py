@@ -1,5 +1,5 @@
-"""The DIMSE statuses the handlers answer with, and the status data set that carries one
-with its Error Comment."""
+"""The DIMSE statuses the handlers answer with or record in the audit trail, and the status
+data set that carries one with its Error Comment."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from dicomweb_server.dimse.identifier import ERROR_COMMENT_MAX_CHARS
 __all__ = [
     "CANCEL",
     "CANNOT_COUNT",
+    "CANNOT_PERFORM",
     "DATA_SET_DOES_NOT_MATCH",
     "DESTINATION_UNKNOWN",
     "OUT_OF_RESOURCES",
     "PENDING",
     "PROCESSING_FAILURE",
-    "TOO_MANY",
+    "SOME_FAILED",
+    "UNFINISHED",
     "status",
 ]
 
@@ -28,9 +30,16 @@ DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.5: Refused: Move Destination unkno
 # PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
 OUT_OF_RESOURCES = 0xA700
 # PS3.4 C.4.2.1.5 / C.4.3.1.4: Refused: Out of Resources - Unable to calculate number of
-# matches / Unable to perform sub-operations.
+# matches / Unable to perform sub-operations (more than MAX_RETRIEVE_INSTANCES match, or every
+# sub-operation failed).
 CANNOT_COUNT = 0xA701
-TOO_MANY = 0xA702
+CANNOT_PERFORM = 0xA702
+# PS3.4 C.4.2.1.5 / C.4.3.1.4: Warning: Sub-operations Complete - One or more Failures or
+# Warnings.
+SOME_FAILED = 0xB000
+# The outcome recorded for an operation whose association ended before its final response
+# (a C-FIND, C-MOVE or C-GET, or a C-STORE never served): Pending, the last status it had.
+UNFINISHED = PENDING
 # PS3.7 C.4.2: Processing failure (an unexpected error while storing).
 PROCESSING_FAILURE = 0x0110
 # PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
