@@ -63,6 +63,9 @@ def _query_params(name: str) -> list[dict[str, Any]]:
             param("limit", {"type": "integer", "minimum": 0}),
             param("offset", {"type": "integer", "minimum": 0, "maximum": QIDO_MAX_OFFSET}),
             param("fuzzymatching", {"type": "string", "enum": ["true", "false"]}),
+            # PS3.18 8.3.4.6: supported, so listed in the Retrieve Capabilities response too
+            # (emptyvaluematching, 8.3.4.5, is accepted but not performed: not listed).
+            param("multiplevaluematching", {"type": "string", "enum": ["true", "false"]}),
             param("includefield", {"type": "string"}),
         ]
         for path in MATCHING_PATHS:  # `Keyword`, or `Sequence.Keyword` (PS3.18 8.3.4.1)

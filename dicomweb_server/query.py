@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VM, keyword_for_tag, tag_for_keyword
 
 from dicomweb_server.attributes import (
     BY_KEYWORD,
@@ -32,6 +32,7 @@ __all__ = [
     "Include",
     "ItemMatch",
     "Match",
+    "MultipleValueMatch",
     "Query",
     "RangeMatch",
     "SequenceMatch",
@@ -138,6 +139,16 @@ class ComponentGroupMatch:
     groups: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class MultipleValueMatch:
+    """PS3.4 C.2.2.2.8, asked for by `multiplevaluematching=true` (PS3.18 8.3.4.6): a key with
+    several values matches "only if each and every value in the Key Attribute matches a value
+    in the corresponding Attribute in the entity", in any order (a logical AND)."""
+
+    attr: Attribute
+    values: tuple[str, ...]
+
+
 # What a key inside a sequence item can be: the keys there are SH (attributes.py).
 ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch
 
@@ -162,6 +173,7 @@ Match = (
     | FuzzyMatch
     | ComponentGroupMatch
     | SequenceMatch
+    | MultipleValueMatch
 )
 
 
@@ -268,13 +280,13 @@ def _item_paths(seq: Attribute) -> str:
 
 
 def _item_match(attr: Attribute, value: str) -> ItemMatch:
-    m = _match(attr, value, fuzzy=False)
+    m = _match(attr, value, fuzzy=False, multiple=False)
     if not isinstance(m, SingleValueMatch | WildcardMatch | UniversalMatch):
         raise AssertionError(f"{attr.keyword}: no item matching for {type(m).__name__}")
     return m
 
 
-def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
+def _match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Match:
     listed = attr.vr == "UI" or attr.keyword == "ModalitiesInStudy"
     if len(value) > MAX_MATCH_VALUE_CHARS and not listed:
         raise BadRequestError(f"value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
@@ -284,6 +296,8 @@ def _match(attr: Attribute, value: str, fuzzy: bool) -> Match:
         raise BadRequestError(f"value of {attr.keyword} has a control character: {value!r}")
     if value in ("", "*"):
         return UniversalMatch(attr)
+    if multiple and "\\" in value and _multi_valued(attr):
+        return _multiple_value_match(attr, value)
     if listed:
         return _list_match(attr, value)
     if attr.vr in _PARSERS:
@@ -305,12 +319,7 @@ def _list_match(attr: Attribute, value: str) -> Match:
     values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
     if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
         return UniversalMatch(attr)
-    if len(values) > MAX_MATCH_LIST_ITEMS:
-        raise BadRequestError(
-            f"{attr.keyword} lists {len(values)} values, more than {MAX_MATCH_LIST_ITEMS}"
-        )
-    if any(len(v) > MAX_MATCH_VALUE_CHARS for v in values):
-        raise BadRequestError(f"a value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
+    _check_list(attr, values)
     if attr.vr == "UI":
         bad = [v for v in values if not _UID.match(v) or len(v) > 64]
         if bad:
@@ -318,6 +327,49 @@ def _list_match(attr: Attribute, value: str) -> Match:
     elif any("*" in v or "?" in v for v in values) and len(values) == 1:
         return WildcardMatch(attr, values[0])
     return UidListMatch(attr, values) if len(values) > 1 else SingleValueMatch(attr, values[0])
+
+
+def _check_list(attr: Attribute, values: tuple[str, ...]) -> None:
+    if len(values) > MAX_MATCH_LIST_ITEMS:
+        raise BadRequestError(
+            f"{attr.keyword} lists {len(values)} values, more than {MAX_MATCH_LIST_ITEMS}"
+        )
+    if any(len(v) > MAX_MATCH_VALUE_CHARS for v in values):
+        raise BadRequestError(f"a value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
+
+
+# PS3.4 C.2.2.2.8: Multiple Value Matching is "for Attributes with VR of AE, AS, AT, CS, LO, PN,
+# SH, or UC and a defined VM greater than 1" (the VM from pydicom's copy of PS3.6). Of the
+# matching keys in attributes.py only ModalitiesInStudy (CS, 1-n) is one (a test checks).
+_MULTIPLE_VALUE_VRS = frozenset({"AE", "AS", "AT", "CS", "LO", "PN", "SH", "UC"})
+
+
+def _multi_valued(attr: Attribute) -> bool:
+    return attr.vr in _MULTIPLE_VALUE_VRS and dictionary_VM(attr.tag) not in ("", "1")
+
+
+def _multiple_value_match(attr: Attribute, value: str) -> Match:
+    """`multiplevaluematching=true` and values separated by `\\` (the VM delimiter, PS3.5 6.4):
+    every value must be held (PS3.4 C.2.2.2.8). "Key Attribute Values shall not include wild
+    cards": a `*` or `?` is a 400, and so is a `,` (this server's any-value list, which cannot
+    be told apart from an all-values one in the same key)."""
+    if "," in value:
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} mixes values separated by `\\` (all must match, as"
+            " multiplevaluematching=true asks) with `,` (any may match); use one separator"
+        )
+    values = tuple(dict.fromkeys(v.strip() for v in value.split("\\") if v.strip()))
+    if not values:  # only separators: nothing to match on
+        return UniversalMatch(attr)
+    _check_list(attr, values)
+    if any("*" in v or "?" in v for v in values):
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} has a wildcard; with multiplevaluematching=true the"
+            " values shall not include wild cards (PS3.4 C.2.2.2.8)"
+        )
+    if len(values) == 1:
+        return SingleValueMatch(attr, values[0])
+    return MultipleValueMatch(attr, values)
 
 
 def _groups_match(attr: Attribute, value: str) -> Match:
@@ -436,7 +488,7 @@ def _not_returned(key: str, tag: int, level: Level, path_uids: Mapping[Level, st
 
 
 def _matches(
-    raw: Mapping[str, list[str]], level: Level, fuzzy: bool, warnings: list[str]
+    raw: Mapping[str, list[str]], level: Level, fuzzy: bool, multiple: bool, warnings: list[str]
 ) -> tuple[Match, ...]:
     matches: list[Match] = []
     items: dict[Attribute, dict[Attribute, ItemMatch]] = {}  # by sequence, then key
@@ -449,7 +501,7 @@ def _matches(
         if len(values) > 1 and attr.vr != "UI":
             raise BadRequestError(f"{key} is given {len(values)} times; give it once")
         if seq is None:
-            matches.append(_match(attr, ",".join(values), fuzzy))
+            matches.append(_match(attr, ",".join(values), fuzzy, multiple))
             continue
         keys = items.setdefault(seq, {})
         if attr in keys:  # the same key by keyword and by tag
@@ -460,18 +512,17 @@ def _matches(
 
 
 # Search parameters of PS3.18 Table 8.3.4-1 this server does not implement: "true" searches
-# as if they were absent, with the Warning text 8.3.4.5 and 8.3.4.6 prescribe.
+# as if they were absent, with the Warning text 8.3.4.5 prescribes. (multiplevaluematching,
+# 8.3.4.6, is performed: PS3.4 C.2.2.2.8, MultipleValueMatch.)
 _OPTIONAL_MATCHING = {
     "emptyvaluematching": "The emptyvaluematching parameter is not supported. Empty Value "
     "Matching has not been performed.",
-    "multiplevaluematching": "The multiplevaluematching parameter is not supported. Multiple "
-    "Value Matching has not been performed.",
 }
 
 
 def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
     """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
-    limit, offset, fuzzy = QIDO_DEFAULT_LIMIT, 0, False
+    limit, offset, fuzzy, multiple = QIDO_DEFAULT_LIMIT, 0, False, False
     include_values: list[str] = []
     raw_matches: dict[str, list[str]] = {}
     warnings: list[str] = []
@@ -481,10 +532,13 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
             limit = _int_param("limit", value, 0, None)
         elif key == "offset":
             offset = _int_param("offset", value, 0, QIDO_MAX_OFFSET)
-        elif key == "fuzzymatching":
+        elif key in ("fuzzymatching", "multiplevaluematching"):
             if value not in ("true", "false"):
-                raise BadRequestError(f"fuzzymatching must be true or false, got {value!r}")
-            fuzzy = value == "true"
+                raise BadRequestError(f"{key} must be true or false, got {value!r}")
+            if key == "fuzzymatching":
+                fuzzy = value == "true"
+            else:  # PS3.18 8.3.4.6
+                multiple = value == "true"
         elif key == "includefield":
             include_values.append(value)
         elif key in _OPTIONAL_MATCHING:
@@ -502,7 +556,7 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
-    matches = _matches(raw_matches, level, fuzzy, warnings)
+    matches = _matches(raw_matches, level, fuzzy, multiple, warnings)
     include, include_warnings = _includes(include_values, level, path_uids, matches)
     return Query(
         level=level,

@@ -18,6 +18,7 @@ from dicomweb_server.query import (
     ComponentGroupMatch,
     FuzzyMatch,
     Match,
+    MultipleValueMatch,
     Query,
     RangeMatch,
     SequenceMatch,
@@ -150,6 +151,12 @@ def _condition(m: Match, args: _Args) -> str | None:
         if array:
             return f"{col} && {args.add(list(m.values))}::text[]"
         return f"{col} = ANY ({args.add(list(m.values))}::text[])"
+    if isinstance(m, MultipleValueMatch):
+        # PS3.4 C.2.2.2.8: the column holds every value of the key (array containment, which
+        # the GIN index answers). A PN column holds one name's groups, not several names.
+        if not array or pn:
+            raise AssertionError(f"{m.attr.keyword}: no multiple value matching on {col}")
+        return f"{col} @> {args.add(list(m.values))}::text[]"
     if isinstance(m, WildcardMatch):
         return _wildcard_condition(m, col, pn, array, args)
     if isinstance(m, RangeMatch):

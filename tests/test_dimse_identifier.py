@@ -77,6 +77,16 @@ def test_image_level_uid_list_and_unique_key_added() -> None:
     assert (0x0020000E, "UI") in req.keys  # the unique key of the level is always returned
 
 
+def test_find_multiple_values_stay_any_value() -> None:
+    """C-FIND negotiates no Multiple Value Matching (the SCP sends no SOP Class Extended
+    Negotiation), so `CT\\PT` keeps its list meaning, any value (PS3.4 C.2.2.2.8 Note 4: the
+    semantics are then undefined); QIDO's multiplevaluematching=true does not reach it."""
+    req = parse_find(ident("STUDY", ModalitiesInStudy=["CT", "PT"]), Model.STUDY_ROOT)
+    (m,) = req.query.matches
+    assert isinstance(m, UidListMatch) and m.values == ("CT", "PT")
+    assert req.query.warnings == ()
+
+
 @pytest.mark.parametrize(
     ("model", "identifier", "status"),
     [

@@ -115,8 +115,8 @@ async def test_unsupported_query_parameters_are_ignored_with_a_warning(
     app_client: httpx.AsyncClient,
 ) -> None:
     """PS3.18 8.3.1: "The origin server shall ignore any unsupported Query Parameters" (a
-    Warning says which); 8.3.4.5/8.3.4.6 give the Warning of emptyvaluematching and
-    multiplevaluematching when they are not performed."""
+    Warning says which); 8.3.4.5 gives the Warning of emptyvaluematching, not performed
+    (multiplevaluematching is: test_multiplevaluematching_matches_every_value)."""
     ds = make_instance(patient_id="IGNORED-1")
     await _store(app_client, to_bytes(ds))
     base = {"PatientID": "IGNORED-1"}
@@ -126,7 +126,6 @@ async def test_unsupported_query_parameters_are_ignored_with_a_warning(
         ({"StationName": "X"}, "StationName"),
         ({"ReferencedStudySequence.ReferencedSOPInstanceUID": "1.2"}, "ReferencedStudySequence"),
         ({"emptyvaluematching": "true"}, "Empty Value Matching has not been performed"),
-        ({"multiplevaluematching": "true"}, "Multiple Value Matching has not been performed"),
     ):
         r = await app_client.get(f"{ROOT}/studies", params={**base, **extra})
         assert r.status_code == 200, (extra, r.text)
@@ -135,9 +134,59 @@ async def test_unsupported_query_parameters_are_ignored_with_a_warning(
     r = await app_client.get(f"{ROOT}/studies", params={**base, "emptyvaluematching": "false"})
     assert r.status_code == 200 and "warning" not in r.headers
     # supported parameters used wrongly are still a 400
-    for bad in ({"emptyvaluematching": "yes"}, {"SOPInstanceUID": "1.2"}, {"limit": "x"}):
+    for bad in (
+        {"emptyvaluematching": "yes"},
+        {"multiplevaluematching": "1"},
+        {"SOPInstanceUID": "1.2"},
+        {"limit": "x"},
+    ):
         r = await app_client.get(f"{ROOT}/studies", params={**base, **bad})
         assert r.status_code == 400, bad
+
+
+@pytest.mark.db
+async def test_multiplevaluematching_matches_every_value(app_client: httpx.AsyncClient) -> None:
+    """PS3.18 8.3.4.6 / PS3.4 C.2.2.2.8: with multiplevaluematching=true, ModalitiesInStudy
+    `CT\\PT` matches "only Studies that include both a CT Series and a PT Series", values in
+    any order, with no Warning; without it (or false) a list still matches any value. Wild
+    cards are a 400 ("Key Attribute Values shall not include wild cards")."""
+    both, ct, pt_mr = (make_instance(patient_id="MVM-1") for _ in range(3))
+    extra = [
+        make_instance(patient_id="MVM-1", study=str(both.StudyInstanceUID), modality="PT"),
+        make_instance(patient_id="MVM-1", study=str(pt_mr.StudyInstanceUID), modality="MR"),
+    ]
+    pt_mr.Modality = "PT"
+    await _store(app_client, *(to_bytes(d) for d in (both, ct, pt_mr, *extra)))
+    a, b, c = (str(d.StudyInstanceUID) for d in (both, ct, pt_mr))
+
+    async def studies(**params: str) -> list[str]:
+        r = await app_client.get(f"{ROOT}/studies", params={"PatientID": "MVM-1", **params})
+        assert r.status_code in (200, 204), r.text
+        assert "warning" not in r.headers, r.headers["warning"]
+        return sorted(s["0020000D"]["Value"][0] for s in (r.json() if r.content else []))
+
+    on = {"multiplevaluematching": "true"}
+    assert await studies(ModalitiesInStudy="CT\\PT", **on) == [a]
+    assert await studies(ModalitiesInStudy="PT\\CT", **on) == [a]
+    assert await studies(ModalitiesInStudy="PT\\MR", **on) == [c]
+    assert await studies(ModalitiesInStudy="CT\\MR", **on) == []
+    assert await studies(ModalitiesInStudy="CT", **on) == sorted([a, b])
+    assert await studies(ModalitiesInStudy="CT\\PT") == sorted([a, b, c])
+    assert await studies(ModalitiesInStudy="CT\\PT", multiplevaluematching="false") == sorted(
+        [a, b, c]
+    )
+    assert await studies(ModalitiesInStudy="CT,PT", **on) == sorted([a, b, c])
+    # a study-level key on a series search: the series of the studies holding both
+    r = await app_client.get(
+        f"{ROOT}/series", params={"ModalitiesInStudy": "CT\\PT", **on, "PatientID": "MVM-1"}
+    )
+    assert r.status_code == 200 and "warning" not in r.headers
+    assert sorted(s["00080060"]["Value"][0] for s in r.json()) == ["CT", "PT"]
+    for value in ("CT\\P*", "CT\\PT,MR"):
+        r = await app_client.get(f"{ROOT}/studies", params={"ModalitiesInStudy": value, **on})
+        assert r.status_code == 400, value
+    r = await app_client.get(f"{ROOT}/studies", params={"ModalitiesInStudy": "CT\\P?", **on})
+    assert "shall not include wild cards" in r.text
 
 
 @pytest.mark.db
