@@ -24,7 +24,7 @@ from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
 from dicomweb_server.dicomfile import configure_pydicom
-from dicomweb_server.dimse import serve_dimse
+from dicomweb_server.dimse.server import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError, RequestTimeoutError
 from dicomweb_server.guard import Guard, MatchedRouter

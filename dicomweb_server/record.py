@@ -176,6 +176,8 @@ def _patient_row(meta: JsonDict, patient_name: Any) -> dict[str, Any]:
 
 def _study_row(meta: JsonDict, patient_name: Any, patient: dict[str, Any]) -> dict[str, Any]:
     """The study row; the patient's attributes are repeated in it (from `patient`)."""
+    referring = pn_groups(_first(meta, 0x00080090))
+    patient_groups = pn_groups(patient_name)
     return {
         "study_instance_uid": _str(meta, 0x0020000D),
         "study_date": _date(meta, 0x00080020),
@@ -183,10 +185,10 @@ def _study_row(meta: JsonDict, patient_name: Any, patient: dict[str, Any]) -> di
         "accession_number": _str(meta, 0x00080050),
         "study_id": _str(meta, 0x00200010),
         "study_description": _str(meta, 0x00081030),
-        "referring_physician_name": pn_groups(_first(meta, 0x00080090)),
-        "patient_name": pn_groups(patient_name),
-        "referring_physician_name_text": "=".join(pn_groups(_first(meta, 0x00080090))),
-        "patient_name_text": "=".join(pn_groups(patient_name)),
+        "referring_physician_name": referring,
+        "patient_name": patient_groups,
+        "referring_physician_name_text": "=".join(referring),
+        "patient_name_text": "=".join(patient_groups),
         "patient_id": patient["patient_id"],
         "patient_birth_date": patient["patient_birth_date"],
         "patient_sex": patient["patient_sex"],

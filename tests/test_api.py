@@ -1031,6 +1031,35 @@ async def test_series_of_small_instances_is_read_in_runs(
     assert runs == [2, 2]  # the fifth instance alone: streamed
 
 
+async def test_one_frame_reads_the_small_run_limit_of_instances(
+    app_client: httpx.AsyncClient, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored encapsulated frame asked for whole is read in one call when it is at most
+    SMALL_RUN_BYTES: the limit has one binding (retrieve.instances), which frames reads."""
+    from dicomweb_server.retrieve import frames, instances
+
+    path = samples / "real/pydicom/MR_small_RLE.dcm"
+    ds = pydicom.dcmread(path)
+    assert (await stow(app_client, path.read_bytes())).status_code == 200
+    real = frames._stored_codestream
+    calls: list[int] = []
+
+    async def counted(svc: Any, inst: Any, n: int) -> bytes:
+        calls.append(n)
+        return await real(svc, inst, n)
+
+    monkeypatch.setattr(frames, "_stored_codestream", counted)
+    url = f"{ROOT}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    url += f"/instances/{ds.SOPInstanceUID}/frames/1"
+    accept = {"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'}
+    whole = await app_client.get(url, headers=accept)
+    assert whole.status_code == 200 and calls == [1]
+    monkeypatch.setattr(instances, "SMALL_RUN_BYTES", 0)
+    mapped = await app_client.get(url, headers=accept)
+    assert mapped.status_code == 200 and calls == [1]  # item by item: not read whole
+    assert mapped.content == whole.content
+
+
 async def test_a_server_error_of_a_part_outranks_a_body_that_breaks_off(
     app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -170,5 +171,67 @@ async def test_releasing_rolls_back_whatever_ends_it(
             ), way
     finally:
         await other.execute("DELETE FROM blob_reservation")  # the dead owner's, left for recover
+        await other.close()
+        await index.close()
+
+
+async def test_a_lock_connection_whose_lock_query_fails_is_not_left_open(
+    clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the process lock again (Store._ensure_owner_locked, after the lock connection
+    dropped) connects, then asks for the lock; when that query fails with an error that
+    means "database unavailable" (503), the new connection is closed, not left open: the
+    keeper retries every OWNER_PROBE_INTERVAL_S, so each failure would leak one connection
+    until max_connections. The failure is injected without mocking the database: the real
+    connection asyncpg.connect made is handed over busy with a query of its own, so the
+    lock query meets asyncpg's InterfaceError ("another operation is in progress")."""
+    import asyncio
+
+    import anyio
+
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    tag = f"lock-leak-{uuid.uuid4().hex[:12]}"
+    tagged = f"{clean_db}{'&' if '?' in clean_db else '?'}application_name={tag}"
+    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    index = await Index.open(clean_db, max_size=1, timeout_s=10)
+    other = await asyncpg.connect(clean_db)
+    busy: list[asyncio.Task[str]] = []
+    real_connect = asyncpg.connect
+
+    async def connect_busy(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        conn = await real_connect(*args, **kwargs)
+        busy.append(asyncio.create_task(conn.execute("SELECT pg_sleep(0.5)")))
+        await asyncio.sleep(0)  # the sleep is sent: the connection is busy with it
+        return conn
+
+    async def gone() -> None:
+        """Until no backend of ours is left (a backend exits on its own, after its client)."""
+        with anyio.move_on_after(5):
+            while await other.fetchval(count, tag):
+                await anyio.sleep(0.05)
+
+    try:
+        await index.claim_owner(tagged)
+        assert await other.fetchval(count, tag) == 1  # the lock connection
+        # The lock connection drops (its backend ended: an idle-session timeout, an admin),
+        # and the client has seen it end, so the next store takes the lock again.
+        await other.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            tag,
+        )
+        await gone()
+        await anyio.sleep(0.1)
+        monkeypatch.setattr(asyncpg, "connect", connect_busy)
+        with pytest.raises(ServiceUnavailableError):
+            await index.reserve(uuid.uuid4().hex)
+        assert len(busy) == 1  # one connection was made, and its lock query failed
+        await gone()  # (the failed attempt's connection is held by the traceback, if leaked)
+        assert await other.fetchval(count, tag) == 0, "the lock connection was left open"
+    finally:
+        monkeypatch.undo()
+        for task in busy:  # ended by the connection's close (or finished, if it leaked)
+            with contextlib.suppress(Exception):
+                await task
         await other.close()
         await index.close()

@@ -2,6 +2,8 @@
 and blob store as DICOMweb. Verification, Storage, and Query/Retrieve (Patient and Study Root:
 C-FIND, C-MOVE, C-GET) SCP. The only importer of pynetdicom.
 
+Submodules (import from the one that defines a name; nothing is re-exported here):
+
     identifier.py   C-FIND / C-MOVE / C-GET identifiers <-> query.Query (pure)
     peers.py        C-MOVE destinations from a JSON file
     handlers.py     the event handlers, bridged onto the server's event loop
@@ -14,10 +16,3 @@ C-FIND, C-MOVE, C-GET) SCP. The only importer of pynetdicom.
     retrieval.py    one C-MOVE/C-GET's sub-operation outcomes and final status (audit)
     server.py       the AE: contexts, limits, start and stop
 """
-
-from __future__ import annotations
-
-from dicomweb_server.dimse.peers import Peer, load_peers, parse_peers
-from dicomweb_server.dimse.server import DimseServer, serve_dimse
-
-__all__ = ["DimseServer", "Peer", "load_peers", "parse_peers", "serve_dimse"]

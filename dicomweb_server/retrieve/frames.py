@@ -28,7 +28,8 @@ from dicomweb_server.media.mediatypes import (
 from dicomweb_server.media.negotiate import frame_media_type, negotiate_frames
 from dicomweb_server.metadata import pixel_info, targets_of
 from dicomweb_server.multipart import close_all
-from dicomweb_server.retrieve.instances import SMALL_RUN_BYTES, Part, once
+from dicomweb_server.retrieve import instances
+from dicomweb_server.retrieve.instances import Part, once
 from dicomweb_server.transcode.codecs import TranscodeError, decodable, missing_codec
 from dicomweb_server.transcode.frames import (
     convert_codestream,
@@ -196,8 +197,9 @@ async def frame_value(
 ) -> tuple[str, Sized]:
     """(part media type, value) of frame n as the client accepts it; 404/406 raised here.
     `whole`: no byte range will be asked of it, so a stored encapsulated frame of at most
-    SMALL_RUN_BYTES is read in one worker-thread call, item headers stripped, rather than
-    mapped item by item first (a thread call more)."""
+    instances.SMALL_RUN_BYTES is read in one worker-thread call, item headers stripped, rather
+    than mapped item by item first (a thread call more). The limit is read from `instances` at
+    call time, its one binding, so that patching it there changes it here too."""
     _check_frames(inst, [n])
     media, ctype, _, converted = await _first_frame(svc, inst, n, accept)
     headers = {"Content-Type": ctype}
@@ -209,7 +211,7 @@ async def frame_value(
         (data,) = await anyio.to_thread.run_sync(stored_frames, path, [n], limiter=svc.limiter)
         return media, sized_bytes(headers, data, key)
     offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
-    if whole and inst.encapsulated and length <= SMALL_RUN_BYTES:
+    if whole and inst.encapsulated and length <= instances.SMALL_RUN_BYTES:
         return media, sized_bytes(headers, await _stored_codestream(svc, inst, n), key)
     return media, await sized_range(svc, inst.blob_key, offset, length, inst.encapsulated, headers)
 

@@ -9,7 +9,7 @@ import itertools
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -80,101 +80,148 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
     ds = pydicom.dcmread(src, defer_size=_CONVERT_DEFER_BYTES)
     if _PIXEL_DATA not in ds:
         return False
-    ts = UID(str(ds.file_meta.TransferSyntaxUID))
-    info = PixelInfo.of(ds)
-    codec = ENCODERS[target]
-    if not codec.accepts(info):  # e.g. float data to a codec (available_targets)
-        raise ValueError(f"{UID(target).name} does not take these pixels")
-    if ts.is_compressed or codec.encode is not None:  # decoded a frame at a time
-        check_dataset_size(ds, 1)
-    pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-    # What pydicom's own reading of a file for its frames gives the decoder (iter_pixels).
-    options = as_pixel_options(ds)
-    options["transfer_syntax_uid"] = ts
-    options["pixel_keyword"] = "PixelData"
-    if not ts.is_implicit_VR:
-        options["pixel_vr"] = str(pixels.VR)
-    _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
-    kept: bytes | None = pixels.value  # None: left in the file, at value_tell
-    offset = 0 if kept is not None else int(cast(RawDataElement, pixels).value_tell)
-    # As the file states it: pydicom reads a value cut short by the end of the file as
-    # what there is, which is not the instance's Pixel Data.
-    length = int(pixels.length) if isinstance(pixels, RawDataElement) else len(kept or b"")
-    # Read now, before the header is cut short at the Pixel Data; written after it.
-    tail = Dataset()
-    for tag in [t for t in ds.keys() if t > _PIXEL_DATA]:
-        tail.add(ds[tag])
-        del ds[tag]
-    del ds[_PIXEL_DATA]
-    if not ts.is_little_endian:  # reads every element: none is left raw, in big endian
-        _swap_binary_values(ds)
-        _swap_binary_values(tail)
-        ds.set_original_encoding(False, True, ds.original_character_set)
-    nframes = int(ds.get("NumberOfFrames") or 1)
+    conversion = _Streamed(ds, target, plugin)  # checked and split before `dst` is opened
     with open(src, "rb") as f, open(dst, "wb") as out:
-        value: BinaryIO = f if kept is None else io.BytesIO(kept)
-        value.seek(offset)
-        method = lossy_method(ts, value) if ts.is_compressed else None
-        value.seek(offset)
-        ds.file_meta.TransferSyntaxUID = UID(target)
-        decoder = get_decoder(ts)
+        conversion.write(f, out, dst.parent)
+    return True
+
+
+# The decoded frames of a conversion, each an array and what it was decoded to, on demand.
+_Frames = Callable[[], Iterator[tuple[np.ndarray, dict[str, Any]]]]
+
+
+class _Streamed:
+    """One instance's streamed conversion (_write_streamed): its header (the data set before
+    the Pixel Data), where its Pixel Data is, the elements after it, and how to decode it."""
+
+    def __init__(self, ds: Dataset, target: str, plugin: str) -> None:
+        self.ds, self.target, self.plugin = ds, target, plugin
+        self.ts = ts = UID(str(ds.file_meta.TransferSyntaxUID))
+        self.info = PixelInfo.of(ds)
+        self.codec = ENCODERS[target]
+        if not self.codec.accepts(self.info):  # e.g. float data to a codec (available_targets)
+            raise ValueError(f"{UID(target).name} does not take these pixels")
+        if ts.is_compressed or self.codec.encode is not None:  # decoded a frame at a time
+            check_dataset_size(ds, 1)
+        pixels = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+        self.vr = str(pixels.VR)
+        # What pydicom's own reading of a file for its frames gives the decoder (iter_pixels).
+        self.options = as_pixel_options(ds)
+        self.options["transfer_syntax_uid"] = ts
+        self.options["pixel_keyword"] = "PixelData"
+        if not ts.is_implicit_VR:
+            self.options["pixel_vr"] = self.vr
+        _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
+        self.kept: bytes | None = pixels.value  # None: left in the file, at value_tell
+        self.offset = 0 if self.kept is not None else int(cast(RawDataElement, pixels).value_tell)
+        # As the file states it: pydicom reads a value cut short by the end of the file as
+        # what there is, which is not the instance's Pixel Data.
+        length = int(pixels.length) if isinstance(pixels, RawDataElement) else len(self.kept or b"")
+        self.length = length
+        self.tail = self._split_tail()
+        self.nframes = int(ds.get("NumberOfFrames") or 1)
+
+    def _split_tail(self) -> Dataset:
+        """The elements after the Pixel Data, read now (before the header is cut short at the
+        Pixel Data) and written after it; the header, in little endian from here on."""
+        ds, tail = self.ds, Dataset()
+        for tag in [t for t in ds.keys() if t > _PIXEL_DATA]:
+            tail.add(ds[tag])
+            del ds[tag]
+        del ds[_PIXEL_DATA]
+        if not self.ts.is_little_endian:  # reads every element: none is left raw, in big endian
+            _swap_binary_values(ds)
+            _swap_binary_values(tail)
+            ds.set_original_encoding(False, True, ds.original_character_set)
+        return tail
+
+    def write(self, f: BinaryIO, out: BinaryIO, scratch: Path) -> None:
+        """The converted instance into `out`, its stored Pixel Data read from `f` (the source
+        file); lossy fragments wait in a scratch file in the directory `scratch`."""
+        value: BinaryIO = f if self.kept is None else io.BytesIO(self.kept)
+        value.seek(self.offset)
+        method = lossy_method(self.ts, value) if self.ts.is_compressed else None
+        value.seek(self.offset)
+        self.ds.file_meta.TransferSyntaxUID = UID(self.target)
+        decoder = get_decoder(self.ts)
 
         def frames() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-            yield from decoder.iter_array(value, decoding_plugin=plugin, as_rgb=True, **options)
+            yield from decoder.iter_array(
+                value, decoding_plugin=self.plugin, as_rgb=True, **self.options
+            )
 
-        def header() -> None:
-            ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
-
-        if codec.encode is not None:
-            if info.samples_per_pixel == 3:  # decoded as RGB, pixel-interleaved
-                info = replace(info, photometric="RGB", planar_configuration=0)
-            _decoded_colour(ds, info)
-            encode = codec.encode
-            if not codec.lossy:
-                mark_lossy(ds, method)
-                header()
-                _write_encapsulated(out, (encode(arr, info) for arr, _ in frames()), nframes)
-            else:
-                # The ratio goes in the header, before the Pixel Data, and is known once every
-                # frame is encoded: the fragments wait in a scratch file (lossy, so small).
-                sizes = Sizes()
-                with tempfile.TemporaryFile(dir=dst.parent) as encoded:
-                    _write_encapsulated(
-                        encoded, sizes.of(encode, info, (a for a, _ in frames())), nframes
-                    )
-                    mark_lossy(ds, method, sizes.ratio())
-                    header()
-                    encoded.seek(0)
-                    shutil.copyfileobj(encoded, out, CONVERT_COPY_BYTES)
-        elif ts.is_compressed:
-            decoded = frames()
-            first, props = next(decoded)
-            ds.PhotometricInterpretation = props["photometric_interpretation"]
-            if info.samples_per_pixel > 1:
-                ds.PlanarConfiguration = props["planar_configuration"]
-            if "NumberOfFrames" in ds or nframes > 1:
-                ds.NumberOfFrames = nframes
-            mark_lossy(ds, method)
-            header()
-            data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
-            _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
-        else:  # native: the bytes as they are, swapped from big endian
-            if length == 0xFFFFFFFF:  # read to its delimiter: item tags, not pixels
-                raise ValueError(
-                    f"its Pixel Data has an undefined length, which {ts.name} does not allow"
-                    " (PS3.5 A.4: only encapsulated Pixel Data has one)"
-                )
-            header()
-            width = 1 if ts.is_little_endian else _word_width(info, str(pixels.VR))
-            chunks = _copied(value, length, width)
-            # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
-            wide = ts.is_implicit_VR or info.bits_allocated > 8
-            _write_native(out, "OW" if wide else "OB", chunks, None, length)
-        if len(tail):
+        if self.codec.encode is not None:
+            self._write_encoded(out, frames, method, self.codec.encode, scratch)
+        elif self.ts.is_compressed:
+            self._write_decoded(out, frames, method)
+        else:
+            self._write_copied(out, value)
+        if len(self.tail):
             fp = DicomFileLike(out)
             fp.is_little_endian, fp.is_implicit_VR = True, False
-            write_dataset(fp, tail)
-    return True
+            write_dataset(fp, self.tail)
+
+    def _header(self, out: BinaryIO) -> None:
+        self.ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+
+    def _write_encoded(
+        self,
+        out: BinaryIO,
+        frames: _Frames,
+        method: str | None,
+        encode: Callable[[np.ndarray, PixelInfo], bytes],
+        scratch: Path,
+    ) -> None:
+        """Encapsulated in the target syntax: each frame decoded, then encoded."""
+        info = self.info
+        if info.samples_per_pixel == 3:  # decoded as RGB, pixel-interleaved
+            info = replace(info, photometric="RGB", planar_configuration=0)
+        _decoded_colour(self.ds, info)
+        if not self.codec.lossy:
+            mark_lossy(self.ds, method)
+            self._header(out)
+            codestreams = (encode(arr, info) for arr, _ in frames())
+            _write_encapsulated(out, codestreams, self.nframes)
+            return
+        # The ratio goes in the header, before the Pixel Data, and is known once every frame
+        # is encoded: the fragments wait in a scratch file (lossy, so small).
+        sizes = Sizes()
+        with tempfile.TemporaryFile(dir=scratch) as encoded:
+            arrays = (a for a, _ in frames())
+            _write_encapsulated(encoded, sizes.of(encode, info, arrays), self.nframes)
+            mark_lossy(self.ds, method, sizes.ratio())
+            self._header(out)
+            encoded.seek(0)
+            shutil.copyfileobj(encoded, out, CONVERT_COPY_BYTES)
+
+    def _write_decoded(self, out: BinaryIO, frames: _Frames, method: str | None) -> None:
+        """Compressed to native: the frames decoded; the header says what they decoded to."""
+        ds, info, nframes = self.ds, self.info, self.nframes
+        decoded = frames()
+        first, props = next(decoded)
+        ds.PhotometricInterpretation = props["photometric_interpretation"]
+        if info.samples_per_pixel > 1:
+            ds.PlanarConfiguration = props["planar_configuration"]
+        if "NumberOfFrames" in ds or nframes > 1:
+            ds.NumberOfFrames = nframes
+        mark_lossy(ds, method)
+        self._header(out)
+        data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
+        _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
+
+    def _write_copied(self, out: BinaryIO, value: BinaryIO) -> None:
+        """Native to native: the bytes as they are, swapped from big endian."""
+        if self.length == 0xFFFFFFFF:  # read to its delimiter: item tags, not pixels
+            raise ValueError(
+                f"its Pixel Data has an undefined length, which {self.ts.name} does not allow"
+                " (PS3.5 A.4: only encapsulated Pixel Data has one)"
+            )
+        self._header(out)
+        width = 1 if self.ts.is_little_endian else _word_width(self.info, self.vr)
+        chunks = _copied(value, self.length, width)
+        # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
+        wide = self.ts.is_implicit_VR or self.info.bits_allocated > 8
+        _write_native(out, "OW" if wide else "OB", chunks, None, self.length)
 
 
 def _word_width(info: PixelInfo, vr: str) -> int:
