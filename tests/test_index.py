@@ -235,3 +235,95 @@ async def test_a_lock_connection_whose_lock_query_fails_is_not_left_open(
                 await task
         await other.close()
         await index.close()
+
+
+async def _aborted(conn: asyncpg.Connection) -> None:
+    """`conn` left in a failed transaction: every later query on it is refused
+    (InFailedSQLTransactionError), a database error that is not a lost connection."""
+    await conn.execute("BEGIN")
+    with contextlib.suppress(asyncpg.DivisionByZeroError):
+        await conn.execute("SELECT 1/0")
+
+
+async def test_a_lock_connection_whose_lock_query_is_refused_is_closed(
+    clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the process lock again, the new connection's lock query meets a database error
+    other than "unavailable" (here: its transaction failed): a 503, and the connection is
+    closed (was: the error escaped as a 500 and the connection stayed open)."""
+    import anyio
+
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    tag = f"lock-refused-{uuid.uuid4().hex[:12]}"
+    tagged = f"{clean_db}{'&' if '?' in clean_db else '?'}application_name={tag}"
+    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    index = await Index.open(clean_db, max_size=1, timeout_s=10)
+    other = await asyncpg.connect(clean_db)
+    made: list[asyncpg.Connection] = []
+    real_connect = asyncpg.connect
+
+    async def connect_aborted(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        conn = await real_connect(*args, **kwargs)
+        made.append(conn)
+        await _aborted(conn)
+        return conn
+
+    try:
+        await index.claim_owner(tagged)
+        await other.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            tag,
+        )
+        with anyio.move_on_after(5):
+            while await other.fetchval(count, tag):
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.1)
+        monkeypatch.setattr(asyncpg, "connect", connect_aborted)
+        with pytest.raises(ServiceUnavailableError):
+            await index.reserve(uuid.uuid4().hex)
+        assert len(made) == 1
+        assert made[0].is_closed(), "the lock connection was left open"
+    finally:
+        monkeypatch.undo()
+        for conn in made:
+            conn.terminate()
+        await other.close()
+        await index.close()
+
+
+async def test_a_lock_connection_that_fails_its_probe_is_replaced(clean_db: str) -> None:
+    """The once-a-second probe of the lock connection fails with an error that is not a lost
+    connection (here a failed transaction; asyncpg's InternalClientError is another): the
+    connection is replaced and the lock taken again, and meanwhile stores get 503s, never
+    another error (was: the error escaped every store until restart)."""
+    import anyio
+
+    from dicomweb_server.errors import ServiceUnavailableError
+    from dicomweb_server.index.store import OWNER_PROBE_INTERVAL_S
+
+    index = await Index.open(clean_db, max_size=2, timeout_s=10)
+    try:
+        owner = await index.claim_owner(clean_db)
+        assert index._owner_conn is not None
+        first = index._owner_conn
+        await _aborted(first)
+        await anyio.sleep(OWNER_PROBE_INTERVAL_S + 0.05)  # the next store probes
+        stored = False
+        with anyio.move_on_after(10):
+            while not stored:
+                try:
+                    await index.reserve(uuid.uuid4().hex)
+                    stored = True
+                except ServiceUnavailableError:  # the old backend still holds the lock
+                    await anyio.sleep(0.1)
+        assert stored
+        assert first.is_closed()
+        assert index._owner_conn is not first
+        held = await index._fetch(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted",
+            owner,
+        )
+        assert len(held) == 1
+    finally:
+        await index.close()

@@ -161,7 +161,10 @@ class Store(Pooled):
                 await self._owner_conn.fetchval("SELECT 1", timeout=self._timeout)
                 self._owner_checked = now
                 return
-            except UNAVAILABLE:
+            except Exception:
+                # Not only UNAVAILABLE: a probe meeting the connection's end can also get
+                # asyncpg's InternalClientError ("cannot switch to state ..."). A connection
+                # that cannot answer SELECT 1 is not trusted with the lock: taken again below.
                 self._owner_conn.terminate()
         conn = None
         try:
@@ -169,10 +172,14 @@ class Store(Pooled):
             got = await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, self.owner
             )
-        except UNAVAILABLE as exc:
-            if conn is not None:  # connected, then the query failed: not kept open
+        except BaseException as exc:
+            # Connected, then the query failed or was cancelled (the keeper at shutdown, a
+            # STOW whose client left): the connection is not kept open, whatever ended it.
+            if conn is not None:
                 conn.terminate()
-            raise unavailable(exc) from exc
+            if isinstance(exc, (*UNAVAILABLE, DATABASE_ERROR)):
+                raise unavailable(exc) from exc
+            raise
         if not got:  # another process took our id for dead and holds it: stop storing
             await conn.close()
             raise ServiceUnavailableError("lost the process lock; restart this server")
