@@ -193,7 +193,8 @@ class Handlers:
         except OSError:
             size = 0
         sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
-        self._audit(event, "dimse_store", code, [touched] if touched else [], size, f"sop={sop}")
+        detail = _with_comment(f"sop={sop}", answer)
+        self._audit(event, "dimse_store", code, [touched] if touched else [], size, detail)
         return answer
 
     def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
@@ -312,7 +313,7 @@ class Handlers:
         and the instances the peer stored (found by review: every C-MOVE/C-GET was recorded
         as a success with every matched instance, whatever was answered)."""
         if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
-            self._audit(event, action, int(found.Status), detail=detail)
+            self._audit(event, action, int(found.Status), detail=_with_comment(detail, found))
             yield 1
             yield found, None
             return
@@ -400,6 +401,15 @@ def _failed(inst: StoredInstance) -> Dataset:
     ds.SOPClassUID = inst.sop_class_uid
     ds.SOPInstanceUID = inst.sop_instance_uid
     return ds
+
+
+def _with_comment(detail: str, answer: int | Dataset) -> str:
+    """The audit detail of an operation answered `answer`, with why when it was refused: the
+    Error Comment the peer was told, after the archive's own text (found by review: the
+    export's EventOutcomeDescription of a refused C-STORE, C-MOVE or C-GET said only which
+    instance or destination, not why)."""
+    comment = str(answer.get("ErrorComment", "")) if isinstance(answer, Dataset) else ""
+    return f"{detail}; {comment}" if detail and comment else detail or comment
 
 
 def _identifier_text(event: Event) -> str:
