@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "ARCHIVE_FAULT",
     "GENESIS",
     "OVER_LIMIT",
     "AuditEvent",
@@ -175,8 +176,15 @@ def _code(code: tuple[str, str]) -> dict[str, str]:
 # time allowed having failed it (0xA700), the matching (0xA701). Not 0xA702, Unable to
 # perform sub-operations: more than MAX_RETRIEVE_INSTANCES matched, or every sub-operation
 # failed (the destination refusing them or not reached), the request's doing or the
-# peer's, as a 4xx is.
+# peer's, as a 4xx is; unless a sub-operation failed for the archive (ARCHIVE_FAULT).
 _DIMSE_SERIOUS = frozenset({0x0110, 0xA700, 0xA701})
+_CANNOT_PERFORM = 0xA702
+# The detail of a C-MOVE/C-GET row some of whose sub-operations failed for the archive
+# (an instance it could not read or convert: its disk, its codecs) begins with this: an
+# 0xA702 so is the archive failing (8), as a 5xx is, not the peer refusing (found by review:
+# every 0xA702 became a refused request, an archive that lost its files too). At the start
+# of the detail, where no text of the peer's (a destination AE title) can put it.
+ARCHIVE_FAULT = "archive fault: "
 # The detail of a DIMSE row failed for what the peer sent beyond a limit of the archive
 # begins with this: a C-STORE data set over DICOMWEB_MAX_PART_BYTES, audited 0xA700
 # (dimse/connections.py). A refused request (4), as STOW's 413 for the same limit is, not
@@ -195,6 +203,8 @@ def _outcome_indicator(event: AuditEvent) -> int:
     if event.action.startswith("dimse_"):
         if status == 0x0000:
             return 0
+        if status == _CANNOT_PERFORM and event.detail.startswith(ARCHIVE_FAULT):
+            return 8
         serious = status in _DIMSE_SERIOUS and not event.detail.startswith(OVER_LIMIT)
         return 8 if serious else 4
     if status == 202:  # STOW: some instances failed (PS3.18 Table 10.5.3-1)

@@ -304,6 +304,32 @@ def test_a_data_set_over_the_limit_is_a_refused_request_on_both_paths() -> None:
         assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
 
 
+def test_sub_operations_the_archive_could_not_send_are_its_failure() -> None:
+    """Found by review: 0xA702 (every C-MOVE/C-GET sub-operation failed) became a refused
+    request (4) whatever failed them, so an archive that lost or could not decode the files
+    it was asked for exported as the peer's doing, where a 5xx is a serious failure (8). A
+    row whose detail begins ARCHIVE_FAULT (dimse/handlers.py: a sub-operation the archive
+    could not read or convert) stays 8; the peer's doing, or the same text from a peer (its
+    destination AE title), stays 4, as does a partial success (0xB000)."""
+    from dicomweb_server.audit import ARCHIVE_FAULT, AuditRow
+
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    counts = "matched=2 completed=0 warning=0 failed=2"
+    for action, code, detail, indicator in (
+        ("dimse_get", 0xA702, f"{ARCHIVE_FAULT}2 not read or converted; {counts}", 8),
+        ("dimse_move", 0xA702, f"{ARCHIVE_FAULT}1 not read or converted; destination=P", 8),
+        ("dimse_get", 0xA702, counts, 4),  # the requestor took no SCP role for them
+        ("dimse_move", 0xA702, f"destination={ARCHIVE_FAULT}x {counts}", 4),
+        ("dimse_get", 0xB000, f"{ARCHIVE_FAULT}1 not read or converted; {counts}", 4),
+    ):
+        event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 0, detail)
+        ident = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")[
+            "AuditMessage"
+        ]["EventIdentification"]
+        assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
+        assert ident["EventOutcomeDescription"] == detail
+
+
 def test_why_a_failure_failed_is_exported() -> None:
     """Found by review: the detail of a row (why an association was refused, why a C-STORE
     was not served) was in the table but not in the export. PS3.15 A.5.1's schema has an

@@ -576,6 +576,10 @@ async def test_dimse_operations_are_audited(archive: Archive) -> None:
     assert stored["caller"] == f"ae:{SCU}" and stored["client"] == "127.0.0.1"
     assert stored["uids"] == [f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"]
     assert (stored["outcome"], refused["outcome"], refused["uids"]) == (0, 0xA900, [])
+    # Why it was refused, as the peer was told (found by review: only which instance).
+    assert stored["detail"] == f"sop={ds.SOPInstanceUID}"
+    assert refused["detail"].startswith(f"sop={bad.SOPInstanceUID}; ")
+    assert "StudyInstanceUID" in refused["detail"]
     assert find["action"] == "dimse_find" and "PatientID=AUDIT-1" in find["detail"]
     assert "matches=1" in find["detail"]
 

@@ -24,13 +24,15 @@ from pynetdicom import evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
+from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     ModalityWorklistInformationFind,
+    StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 
-from dicomweb_server.audit import AuditEvent, AuditRow, dicom_audit_message
+from dicomweb_server.audit import ARCHIVE_FAULT, AuditEvent, AuditRow, dicom_audit_message
 from dicomweb_server.config import Settings
 from dicomweb_server.dimse import connections as dimse_connections
 from dicomweb_server.dimse import handlers as dimse_handlers
@@ -45,10 +47,12 @@ from tests.dimse_support import (
     audit_rows,
     audit_seq,
     dcmtk,
+    identifier,
     in_thread,
     running_archive,
     scu,
     store_one,
+    stow,
 )
 from tests.helpers import make_instance
 
@@ -576,3 +580,39 @@ async def test_a_connections_handler_that_raises_skips_no_later_handler(
     assert "an internal step failed" in str(logged["DIMSE: ended failed on EVT_ABORTED"])
     monkeypatch.undo()
     assert (await store_one(archive, make_instance(rows=8, cols=8))).Status == 0x0000
+
+
+async def test_a_retrieve_the_archive_could_not_send_is_its_failure(archive: Archive) -> None:
+    """Found by review: every 0xA702 (every sub-operation failed) was exported as a refused
+    request (4), so was a C-GET whose instances the archive could not read (its files lost):
+    the archive failing, as a 5xx, a serious failure (8). Its detail says so first; the
+    same C-GET with the files there but no SCP role taken (the requestor's doing) stays 4."""
+    study = "1.2.826.0.1.3680043.8.498.81"
+    instances = [make_instance(study=study, patient_id="LOST-ALL") for _ in range(2)]
+    await stow(archive, *instances)
+    model = StudyRootQueryRetrieveInformationModelGet
+
+    def get(role: bool) -> Dataset:
+        ae = scu(model)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ext_neg = [build_role(CTImageStorage, scp_role=True)] if role else []
+        on_store = (evt.EVT_C_STORE, lambda _event: 0x0000)
+        assoc = associate(ae, archive, ext_neg=ext_neg, evt_handlers=[on_store])
+        try:
+            ident = identifier("STUDY", StudyInstanceUID=study)
+            return [st for st, _ in assoc.send_c_get(ident, model)][-1]
+        finally:
+            assoc.release()
+
+    start = await audit_seq(archive)
+    assert (await in_thread(get, False)).Status == 0xA702
+    for inst in await archive.services.index.locate(study):
+        archive.services.blobs.local_path(inst.blob_key).unlink()
+    assert (await in_thread(get, True)).Status == 0xA702
+    refused, lost = await audit_rows(archive, "dimse_get", start)
+    assert (refused["outcome"], lost["outcome"]) == (0xA702, 0xA702)
+    assert not refused["detail"].startswith(ARCHIVE_FAULT)
+    assert lost["detail"] == (
+        f"{ARCHIVE_FAULT}2 not read or converted; matched=2 completed=0 warning=0 failed=2"
+    )
+    assert [_export(row)["EventOutcomeIndicator"] for row in (refused, lost)] == [4, 8]

@@ -653,6 +653,9 @@ async def test_move_to_a_destination_that_cannot_be_reached(
     assert (moved["outcome"], moved["uids"]) == (0xA702, [])
     assert "failed=3 destination not reached" in moved["detail"]
     assert refusal["outcome"] == 0xA900
+    # Why, as the peer was told (found by review: the destination only).
+    assert refusal["detail"].startswith(f"destination={destination}; ")
+    assert "SeriesInstanceUID" in refusal["detail"], refusal["detail"]
 
 
 async def test_find_cancel_unknown_destination_and_get_without_role_are_audited(

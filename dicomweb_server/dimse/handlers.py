@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomweb_server.audit import AuditEvent
+from dicomweb_server.audit import ARCHIVE_FAULT, AuditEvent
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse import conversion
@@ -193,7 +193,8 @@ class Handlers:
         except OSError:
             size = 0
         sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
-        self._audit(event, "dimse_store", code, [touched] if touched else [], size, f"sop={sop}")
+        detail = _with_comment(f"sop={sop}", answer)
+        self._audit(event, "dimse_store", code, [touched] if touched else [], size, detail)
         return answer
 
     def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
@@ -312,7 +313,7 @@ class Handlers:
         and the instances the peer stored (found by review: every C-MOVE/C-GET was recorded
         as a success with every matched instance, whatever was answered)."""
         if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
-            self._audit(event, action, int(found.Status), detail=detail)
+            self._audit(event, action, int(found.Status), detail=_with_comment(detail, found))
             yield 1
             yield found, None
             return
@@ -321,6 +322,8 @@ class Handlers:
         finally:
             outcome, summary = retrieval.outcome(len(found)), retrieval.summary(len(found))
             detail = f"{detail} {summary}".strip()
+            if retrieval.unsent:  # first, where no text of the peer's can put it
+                detail = f"{ARCHIVE_FAULT}{retrieval.unsent} not read or converted; {detail}"
             self._audit(event, action, outcome, retrieval.sent, detail=detail)
 
     def _sub_operations(
@@ -340,13 +343,16 @@ class Handlers:
                 yield CANCEL, None
                 return
             before = len(retrieval.responses)
-            yield PENDING, self._to_send(inst, retrieval.accepted)
+            yield PENDING, self._to_send(inst, retrieval)
             path = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_instance_uid}"
             retrieval.count(path, retrieval.responses[before:])
         retrieval.finished = True
 
-    def _to_send(self, inst: StoredInstance, accepted: set[tuple[str, str]]) -> Dataset:
-        """The data set of one C-STORE sub-operation, or _failed(inst) when it cannot be sent."""
+    def _to_send(self, inst: StoredInstance, retrieval: Retrieval) -> Dataset:
+        """The data set of one C-STORE sub-operation, or _failed(inst) when it cannot be sent:
+        the peer took no context for it, or the archive could not read or convert it
+        (counted in retrieval.unsent, the archive's own failure)."""
+        accepted = retrieval.accepted
         if not any(sop_class == inst.sop_class_uid for sop_class, _ in accepted):
             log.info("no context for %s of %s", inst.sop_class_uid, inst.sop_instance_uid)
             return _failed(inst)  # pynetdicom would find no context either; nothing read
@@ -362,6 +368,7 @@ class Handlers:
             log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
         except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
             log.exception("cannot send %s", inst.sop_instance_uid)
+        retrieval.unsent += 1
         return _failed(inst)
 
     def _matching_instances(self, event: Event) -> list[StoredInstance] | Dataset:
@@ -394,6 +401,15 @@ def _failed(inst: StoredInstance) -> Dataset:
     ds.SOPClassUID = inst.sop_class_uid
     ds.SOPInstanceUID = inst.sop_instance_uid
     return ds
+
+
+def _with_comment(detail: str, answer: int | Dataset) -> str:
+    """The audit detail of an operation answered `answer`, with why when it was refused: the
+    Error Comment the peer was told, after the archive's own text (found by review: the
+    export's EventOutcomeDescription of a refused C-STORE, C-MOVE or C-GET said only which
+    instance or destination, not why)."""
+    comment = str(answer.get("ErrorComment", "")) if isinstance(answer, Dataset) else ""
+    return f"{detail}; {comment}" if detail and comment else detail or comment
 
 
 def _identifier_text(event: Event) -> str:

@@ -30,6 +30,8 @@ class Retrieval:
     completed: int = 0
     warning: int = 0
     failed: int = 0
+    # Of those failed, the ones the archive could not read or convert (not the peer's doing).
+    unsent: int = 0
     final: int | None = None  # a final status the handler answered itself (failure, cancel)
     finished: bool = False  # every sub-operation done
 
