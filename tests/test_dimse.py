@@ -6,6 +6,9 @@ limits; `serve --dimse-port` in a real process. Query/Retrieve: test_dimse_qr.py
 from __future__ import annotations
 
 import io
+import socket
+import struct
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,6 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse.server import DIMSE_MAX_PDU_BYTES
 from dicomweb_server.media.mediatypes import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
 from dicomweb_server.media.mediatypes import NOT_FOR_WEB
 from tests.dimse_support import (
@@ -505,6 +509,69 @@ async def test_association_limit(settings: Settings) -> None:
     assert first_ok
     assert second_refused
     assert third_ok
+
+
+_PDU_OVER_THE_LIMIT = struct.pack(">BBI", 0x01, 0, DIMSE_MAX_PDU_BYTES + 1)  # its header only
+
+
+def _association_request(protocol_version: int) -> bytes:
+    """An A-ASSOCIATE-RQ PDU with only its application context (PS3.8 9.3.2)."""
+    app = b"1.2.840.10008.3.1.1.1"
+    body = (struct.pack(">HH", protocol_version, 0) + b"DICOMWEB".ljust(16) + b"PROBE".ljust(16)
+            + bytes(32) + struct.pack(">BBH", 0x10, 0, len(app)) + app)  # fmt: skip
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("first", "audited"),
+    [
+        pytest.param(_PDU_OVER_THE_LIMIT, ["dimse_associate"], id="pdu-over-the-limit"),
+        pytest.param(b"\x04\x00\x00\x00\x00\x00", ["dimse_associate"], id="no-request"),
+        pytest.param(_association_request(2), ["dimse_associate"], id="protocol-version-2"),
+        pytest.param(b"", [], id="no-pdu"),
+    ],
+)
+async def test_connection_closed_before_the_request_frees_its_association_slot(
+    settings: Settings, first: bytes, audited: list[str]
+) -> None:
+    """Found by review: a connection that closed before its association request was taken up
+    held one of DIMSE_MAX_ASSOCIATIONS for the 30 s of the ACSE timeout: closed by the
+    archive for a first PDU over DIMSE_MAX_PDU_BYTES, after an A-ABORT for a first PDU that
+    is no A-ASSOCIATE-RQ, or an A-ASSOCIATE-RJ for an unsupported protocol version, or by the
+    peer before sending anything (a port probe). With the limit at 1, one such peer locked
+    every modality out for 30 s. Now the slot is free within a second of the close, and a
+    real association right after succeeds; the audit trail is as before (one row, none for
+    a probe)."""
+
+    def send() -> None:
+        with socket.create_connection(("127.0.0.1", archive.port), timeout=10) as sock:
+            sock.sendall(first)
+            if not first:
+                return
+            try:
+                while sock.recv(65536):  # until the archive closes it
+                    pass
+            except ConnectionResetError:
+                pass
+
+    async with running_archive(settings, dimse_max_associations=1) as archive:
+        assert archive.dimse is not None
+        ae = archive.dimse.ae
+        start = await audit_seq(archive)
+        with Closes(archive) as closes:
+            await in_thread(send)
+            await closes.wait()
+        closed = time.monotonic()
+        while [a for a in ae.active_associations if a.is_acceptor]:
+            assert time.monotonic() - closed < 2, "the association slot is still taken"
+            await in_thread(time.sleep, 0.02)
+        freed = time.monotonic() - closed
+        port = str(archive.port)
+        echo = await dcmtk("echoscu", "-aet", SCU, "-aec", "DICOMWEB", "127.0.0.1", port)
+        rows = await audit_rows(archive, ("dimse_associate", "dimse_abort"), start)
+    assert freed < 1
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    assert [r["action"] for r in rows] == audited, rows
 
 
 # -- The command line -----------------------------------------------------------------------

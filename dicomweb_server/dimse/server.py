@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -38,6 +39,7 @@ __all__ = [
     "UnreachableDestination",
     "abort_undecodable",
     "bound_pdu_length",
+    "end_with_the_connection",
     "serve_dimse",
 ]
 
@@ -54,6 +56,9 @@ DIMSE_ACSE_TIMEOUT_S = 30
 # far above what peers send (the archive announces a Maximum Length of 16382 bytes, PS3.8
 # D.1; dcmtk's largest is 131072), so that a peer that ignores it is still served.
 DIMSE_MAX_PDU_BYTES = 4 * 1024 * 1024
+# Seconds between two looks at whether an association's DUL thread still runs, while the
+# association's own thread waits for the association request (end_with_the_connection).
+DUL_ENDED_POLL_S = 0.05
 
 
 # Transfer syntaxes accepted for storage, in order of preference: pynetdicom, as acceptor, picks
@@ -136,6 +141,46 @@ def abort_undecodable(event: Event) -> None:
             act("Evt19")
 
     machine.do_action = do_action  # type: ignore[method-assign,assignment]
+
+
+def end_with_the_connection(event: Event) -> None:
+    """EVT_CONN_OPEN of an accepted connection, before its association's thread starts: that
+    thread stops waiting for the association request once the connection has closed.
+
+    The association's thread waits for the A-ASSOCIATE indication up to the ACSE timeout
+    (30 s; Association.run_reactor, pynetdicom 3.0), and only the DUL thread, which reads the
+    connection, can give it one. When the connection closes first, the DUL ends without a
+    word to it: a close awaiting the request (PS3.8 Sta2 + Evt17, AA-5: a first PDU over
+    DIMSE_MAX_PDU_BYTES, a port probe), an A-ABORT received or an unreadable first PDU
+    answered with one (AA-2, AA-1 then AR-5), a request refused by the DUL itself (AE-6, an
+    unsupported protocol version). The thread still counts as an association, and so held
+    one of DIMSE_MAX_ASSOCIATIONS for 30 s after the connection was gone (found by review:
+    two peers each sending a PDU header over the limit kept a modality out for 30 s with a
+    limit of 2). Here the wait ends as the ACSE timeout would, with nothing received, as
+    soon as the DUL thread has ended with nothing queued for it: nothing can come after.
+    That path (kill, the socket shut) audits nothing; the connection was audited when it
+    closed (connections.py). The wait is taken in slices of DUL_ENDED_POLL_S; the ACSE
+    timeout still bounds it (a connection open and silent is closed at 30 s)."""
+    dul = event.assoc.dul
+    receive = dul.receive_pdu
+
+    def receive_pdu(wait: bool = False, timeout: float | None = None) -> Any:
+        if not wait:
+            return receive(wait=False)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            # Read before the queue: what the DUL queued before it ended is then there.
+            ended = dul.ident is not None and not dul.is_alive()
+            left = DUL_ENDED_POLL_S
+            if deadline is not None:
+                left = min(left, deadline - time.monotonic())
+            if ended or left <= 0:
+                return receive(wait=False)
+            primitive = receive(wait=True, timeout=left)
+            if primitive is not None:
+                return primitive
+
+    dul.receive_pdu = receive_pdu  # type: ignore[method-assign]
 
 
 class _ArchiveAE(AE):
@@ -238,6 +283,7 @@ async def serve_dimse(
         *handlers.bindings(),
         (evt.EVT_CONN_OPEN, bound_pdu_length),
         (evt.EVT_CONN_OPEN, abort_undecodable),
+        (evt.EVT_CONN_OPEN, end_with_the_connection),
     ]
     server = ae.start_server((settings.host, settings.dimse_port), block=False,
                              evt_handlers=bindings)  # fmt: skip
