@@ -520,9 +520,24 @@ _OPTIONAL_MATCHING = {
 }
 
 
+# The boolean search parameters of PS3.18 Table 8.3.4-1 (8.3.4.2, 8.3.4.5, 8.3.4.6).
+_FLAGS = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
+
+
+def _flag(flags: dict[str, bool], key: str, value: str) -> None:
+    """A boolean parameter into `flags`, else 400. Given twice it must say the same: with
+    `multiplevaluematching=true&multiplevaluematching=false` either reading drops one of
+    them silently, and the looser one returns more than the client meant (STYLE rule 5)."""
+    if value not in ("true", "false"):
+        raise BadRequestError(f"{key} must be true or false, got {value!r}")
+    if flags.setdefault(key, value == "true") != (value == "true"):
+        raise BadRequestError(f"{key} is given both true and false; give it once")
+
+
 def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
     """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
-    limit, offset, fuzzy, multiple = QIDO_DEFAULT_LIMIT, 0, False, False
+    limit, offset = QIDO_DEFAULT_LIMIT, 0
+    flags: dict[str, bool] = {}
     include_values: list[str] = []
     raw_matches: dict[str, list[str]] = {}
     warnings: list[str] = []
@@ -532,30 +547,24 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
             limit = _int_param("limit", value, 0, None)
         elif key == "offset":
             offset = _int_param("offset", value, 0, QIDO_MAX_OFFSET)
-        elif key in ("fuzzymatching", "multiplevaluematching"):
-            if value not in ("true", "false"):
-                raise BadRequestError(f"{key} must be true or false, got {value!r}")
-            if key == "fuzzymatching":
-                fuzzy = value == "true"
-            else:  # PS3.18 8.3.4.6
-                multiple = value == "true"
+        elif key in _FLAGS:
+            _flag(flags, key, value)
         elif key == "includefield":
             include_values.append(value)
-        elif key in _OPTIONAL_MATCHING:
-            if value not in ("true", "false"):
-                raise BadRequestError(f"{key} must be true or false, got {value!r}")
-            if value == "true":
-                warnings.append(_OPTIONAL_MATCHING[key])
         elif key in ("", "accept", "charset"):
             # Weasis sends `?&...` (an empty parameter); `accept` and `charset` are the
             # content negotiation parameters, read by the route (PS3.18 8.3.3)
             continue
         else:
             raw_matches.setdefault(key, []).append(value)
+    if flags.get("emptyvaluematching"):
+        warnings.append(_OPTIONAL_MATCHING["emptyvaluematching"])
     if limit == 0 or limit > QIDO_MAX_LIMIT:
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
+    fuzzy = flags.get("fuzzymatching", False)
+    multiple = flags.get("multiplevaluematching", False)  # PS3.18 8.3.4.6
     matches = _matches(raw_matches, level, fuzzy, multiple, warnings)
     include, include_warnings = _includes(include_values, level, path_uids, matches)
     return Query(

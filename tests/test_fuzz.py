@@ -23,7 +23,7 @@ BOUNDARY = "fuzz"
 TEMPLATE = b"--fuzz\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--fuzz--\r\n"
 KEYS = ["PatientName", "PatientID", "StudyDate", "StudyTime", "StudyInstanceUID", "limit",
         "offset", "includefield", "fuzzymatching", "ModalitiesInStudy", "00100020", "SeriesNumber",
-        "AcquisitionDateTime", "Rows", "x", "",
+        "AcquisitionDateTime", "Rows", "x", "", "multiplevaluematching", "emptyvaluematching",
         "RequestAttributesSequence.ScheduledProcedureStepID", "00400275.00401001",
         "RequestAttributesSequence.PatientName", "00400275..x"]  # fmt: skip
 
@@ -53,11 +53,20 @@ def test_multipart_reader_only_raises_client_errors(body: bytes, cuts: list[int]
         pass
 
 
+# Values: any text, the flags' own values (else the flags are never on), and lists with the
+# separators and wild cards (`\` is Multiple Value Matching's, PS3.4 C.2.2.2.8).
+VALUES = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["true", "false"]),
+    st.text(alphabet="CTPMR1.\\,*? ", max_size=12),
+)
+
+
 @pytest.mark.db
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(params=st.lists(st.tuples(st.sampled_from(KEYS), st.text(max_size=30)), max_size=5))
+@given(params=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), max_size=5))
 async def test_qido_parameters_never_5xx(
     app_client: httpx.AsyncClient, params: list[tuple[str, str]]
 ) -> None:

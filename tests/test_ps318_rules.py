@@ -187,6 +187,14 @@ async def test_multiplevaluematching_matches_every_value(app_client: httpx.Async
         assert r.status_code == 400, value
     r = await app_client.get(f"{ROOT}/studies", params={"ModalitiesInStudy": "CT\\P?", **on})
     assert "shall not include wild cards" in r.text
+    # both true and false: the last one won, an any-value search with no Warning
+    conflicting = (
+        ("ModalitiesInStudy", "CT\\PT"),
+        ("multiplevaluematching", "true"),
+        ("multiplevaluematching", "false"),
+    )
+    r = await app_client.get(f"{ROOT}/studies", params=conflicting)
+    assert r.status_code == 400 and "given both true and false" in r.text, r.text
 
 
 @pytest.mark.db

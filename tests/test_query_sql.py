@@ -231,6 +231,21 @@ def test_matching_parameters_must_be_booleans_and_empty_value_matching_still_war
     assert parse(Level.STUDY, [MULTIPLE], {}).warnings == ()
 
 
+@pytest.mark.parametrize("key", ["multiplevaluematching", "fuzzymatching", "emptyvaluematching"])
+def test_a_matching_flag_given_both_true_and_false_is_refused(key: str) -> None:
+    """`multiplevaluematching=true&multiplevaluematching=false`: whichever one is read, the
+    other is dropped silently (STYLE rule 5), and reading the last one ran an any-value search
+    for a client that asked for all values, with no Warning. 400; the same value twice is
+    fine (and warns once)."""
+    for values in (("true", "false"), ("false", "true")):
+        with pytest.raises(BadRequestError, match=f"{key} is given both true and false"):
+            parse(Level.STUDY, [("ModalitiesInStudy", "CT\\PT"), *((key, v) for v in values)], {})
+    query = parse(Level.STUDY, [("ModalitiesInStudy", "CT\\PT"), (key, "true"), (key, "true")], {})
+    (m,) = query.matches
+    assert isinstance(m, MultipleValueMatch if key == "multiplevaluematching" else UidListMatch)
+    assert len(query.warnings) == (key == "emptyvaluematching")
+
+
 def test_like_escaping() -> None:
     assert like_pattern("a%b_c\\d*e?") == "a\\%b\\_c\\\\d%e_"
 
