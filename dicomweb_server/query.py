@@ -534,6 +534,14 @@ def _flag(flags: dict[str, bool], key: str, value: str) -> None:
         raise BadRequestError(f"{key} is given both true and false; give it once")
 
 
+def _once(given: dict[str, int], key: str, value: int) -> int:
+    """`limit` or `offset`, which given twice must say the same, as a flag must (_flag):
+    either reading would drop the other silently, and a page be skipped or repeated."""
+    if given.setdefault(key, value) != value:
+        raise BadRequestError(f"{key} is given twice with different values; give it once")
+    return value
+
+
 def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
     """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
     limit, offset = QIDO_DEFAULT_LIMIT, 0
@@ -541,12 +549,13 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
     include_values: list[str] = []
     raw_matches: dict[str, list[str]] = {}
     warnings: list[str] = []
+    paging: dict[str, int] = {}
     for key, value in params:
         if key == "limit":
             # Any size: above QIDO_MAX_LIMIT it is lowered, below (PS3.18 8.3.4.4).
-            limit = _int_param("limit", value, 0, None)
+            limit = _once(paging, key, _int_param("limit", value, 0, None))
         elif key == "offset":
-            offset = _int_param("offset", value, 0, QIDO_MAX_OFFSET)
+            offset = _once(paging, key, _int_param("offset", value, 0, QIDO_MAX_OFFSET))
         elif key in _FLAGS:
             _flag(flags, key, value)
         elif key == "includefield":

@@ -246,6 +246,17 @@ def test_a_matching_flag_given_both_true_and_false_is_refused(key: str) -> None:
     assert len(query.warnings) == (key == "emptyvaluematching")
 
 
+@pytest.mark.parametrize("key", ["limit", "offset"])
+def test_paging_given_twice_must_agree(key: str) -> None:
+    """`offset=0&offset=100`: taking either drops the other silently, and the client gets a
+    page it did not ask for (a page skipped or repeated while paging). 400; the same value
+    twice is taken."""
+    with pytest.raises(BadRequestError, match=f"{key} is given twice with different values"):
+        parse(Level.STUDY, [(key, "10"), (key, "20")], {})
+    query = parse(Level.STUDY, [(key, "10"), (key, "10")], {})
+    assert getattr(query, key) == 10
+
+
 def test_like_escaping() -> None:
     assert like_pattern("a%b_c\\d*e?") == "a\\%b\\_c\\\\d%e_"
 
