@@ -327,3 +327,55 @@ async def test_a_lock_connection_that_fails_its_probe_is_replaced(clean_db: str)
         assert len(held) == 1
     finally:
         await index.close()
+
+
+async def test_a_lock_connection_whose_lock_query_is_cancelled_is_closed(
+    clean_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the process lock again, the store asking for it is cancelled (a STOW whose
+    client left, the keeper at shutdown) while the new connection's lock query runs: the
+    cancellation goes on, not turned into a 503, and the connection is closed (was: left
+    open, holding the lock if the query had got it). The cancellation is delivered at the
+    first await after the real connection is made: the lock query."""
+    import asyncio
+
+    import anyio
+
+    tag = f"lock-cancelled-{uuid.uuid4().hex[:12]}"
+    tagged = f"{clean_db}{'&' if '?' in clean_db else '?'}application_name={tag}"
+    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+    index = await Index.open(clean_db, max_size=1, timeout_s=10)
+    other = await asyncpg.connect(clean_db)
+    made: list[asyncpg.Connection] = []
+    real_connect = asyncpg.connect
+
+    async def connect_then_cancel(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        conn = await real_connect(*args, **kwargs)
+        made.append(conn)
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)
+        return conn
+
+    try:
+        await index.claim_owner(tagged)
+        await other.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            tag,
+        )
+        with anyio.move_on_after(5):
+            while await other.fetchval(count, tag):
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.1)
+        monkeypatch.setattr(asyncpg, "connect", connect_then_cancel)
+        store = asyncio.create_task(index.reserve(uuid.uuid4().hex))
+        with pytest.raises(asyncio.CancelledError):
+            await store
+        assert len(made) == 1
+        assert made[0].is_closed(), "the lock connection was left open"
+    finally:
+        monkeypatch.undo()
+        for conn in made:
+            conn.terminate()
+        await other.close()
+        await index.close()
