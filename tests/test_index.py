@@ -379,3 +379,33 @@ async def test_a_lock_connection_whose_lock_query_is_cancelled_is_closed(
             conn.terminate()
         await other.close()
         await index.close()
+
+
+async def test_a_process_lock_held_elsewhere_for_a_moment_is_a_retry(clean_db: str) -> None:
+    """The lock connection dropped, and while it is taken again another session holds our
+    owner id's lock (a process starting asks whether we live; our old backend not yet
+    ended): a 503 saying to try again, with Retry-After, not "restart this server"; once it
+    is let go, the next store takes the lock and goes on."""
+    from dicomweb_server.errors import ServiceUnavailableError
+    from dicomweb_server.index.store import ADVISORY_LOCK_CLASS
+
+    index = await Index.open(clean_db, max_size=2, timeout_s=10)
+    other = await asyncpg.connect(clean_db)
+    try:
+        owner = await index.claim_owner(clean_db)
+        assert index._owner_conn is not None
+        await index._owner_conn.close()  # our lock is let go (the connection dropped)
+        assert await other.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
+        )
+        with pytest.raises(ServiceUnavailableError, match="try again") as caught:
+            await index.reserve(uuid.uuid4().hex)
+        assert caught.value.headers == {"Retry-After": "1"}
+        await other.execute("SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner)
+        await index.reserve(uuid.uuid4().hex)
+        assert not await other.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
+        )  # ours again
+    finally:
+        await other.close()
+        await index.close()

@@ -180,9 +180,15 @@ class Store(Pooled):
             if isinstance(exc, (*UNAVAILABLE, DATABASE_ERROR)):
                 raise unavailable(exc) from exc
             raise
-        if not got:  # another process took our id for dead and holds it: stop storing
+        if not got:
+            # Held elsewhere for the moment: by our old connection's backend, not yet ended,
+            # or by a process starting that asks whether we live (owner_is_dead lets go at
+            # once). The next store, or the keeper within a second, tries again.
             await conn.close()
-            raise ServiceUnavailableError("lost the process lock; restart this server")
+            raise ServiceUnavailableError(
+                "the process lock is held elsewhere for the moment; try again",
+                headers={"Retry-After": "1"},
+            )
         self._owner_conn = conn
         self._owner_checked = time.monotonic()
         # While the lock was not held, another process may have rolled back our reservations:
