@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import shutil
 import subprocess
@@ -25,8 +26,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import split_dataset
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.events import Event
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomweb_server.app import create_app
 from dicomweb_server.auditlog import AuditLog
@@ -69,6 +71,23 @@ class Archive:
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def store_request(ds: Dataset, message_id: int) -> C_STORE:
+    """A C-STORE-RQ primitive of `ds` (CT Image Storage, explicit VR little endian)."""
+    req = C_STORE()
+    req.MessageID, req.Priority = message_id, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+    req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+    return req
+
+
+def send_stores(assoc: Association, instances: list[Dataset]) -> None:
+    """A C-STORE-RQ of each of `instances` sent on the association's one accepted context,
+    without waiting for any answer (Message IDs 1, 2, ...)."""
+    (cx,) = assoc.accepted_contexts
+    for n, ds in enumerate(instances, 1):
+        assoc.dimse.send_msg(store_request(ds, n), cast(int, cx.context_id))
 
 
 def dataset_bytes(part10: bytes | Path) -> bytes:

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import httpx
@@ -287,7 +288,7 @@ def test_a_data_set_over_the_limit_is_a_refused_request_on_both_paths() -> None:
     was exported as a serious failure (8), STOW's 413 for the same limit as a minor one (4).
     Both are now 4; a 0xA700 of the archive's own (its database, its disk) stays 8, even
     when the peer's SOP Instance UID says otherwise."""
-    from dicomweb_server.audit import OVER_LIMIT, AuditRow
+    from dicomweb_server.audit import OVER_LIMIT
 
     at = datetime(2026, 1, 2, tzinfo=UTC)
     over = f"{OVER_LIMIT}a data set of more than 9 bytes (DICOMWEB_MAX_PART_BYTES), aborted; sop=1"
@@ -297,11 +298,17 @@ def test_a_data_set_over_the_limit_is_a_refused_request_on_both_paths() -> None:
         ("dimse_store", 0xA700, "sop=1.2", 8),  # the database did not answer
         ("dimse_store", 0xA700, f"sop={OVER_LIMIT}", 8),
     ):
-        event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 10, detail)
-        ident = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")[
-            "AuditMessage"
-        ]["EventIdentification"]
+        ident = _identification(AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 10, detail))
         assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
+
+
+def _identification(event: AuditEvent) -> dict[str, Any]:
+    """The EventIdentification of the PS3.15 message `event` exports as."""
+    from dicomweb_server.audit import AuditRow
+
+    message = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")
+    ident: dict[str, Any] = message["AuditMessage"]["EventIdentification"]
+    return ident
 
 
 def test_sub_operations_the_archive_could_not_send_are_its_failure() -> None:
@@ -311,7 +318,7 @@ def test_sub_operations_the_archive_could_not_send_are_its_failure() -> None:
     row whose detail begins ARCHIVE_FAULT (dimse/handlers.py: a sub-operation the archive
     could not read or convert) stays 8; the peer's doing, or the same text from a peer (its
     destination AE title), stays 4, as does a partial success (0xB000)."""
-    from dicomweb_server.audit import ARCHIVE_FAULT, AuditRow
+    from dicomweb_server.audit import ARCHIVE_FAULT
 
     at = datetime(2026, 1, 2, tzinfo=UTC)
     counts = "matched=2 completed=0 warning=0 failed=2"
@@ -322,10 +329,7 @@ def test_sub_operations_the_archive_could_not_send_are_its_failure() -> None:
         ("dimse_move", 0xA702, f"destination={ARCHIVE_FAULT}x {counts}", 4),
         ("dimse_get", 0xB000, f"{ARCHIVE_FAULT}1 not read or converted; {counts}", 4),
     ):
-        event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 0, detail)
-        ident = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")[
-            "AuditMessage"
-        ]["EventIdentification"]
+        ident = _identification(AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 0, detail))
         assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
         assert ident["EventOutcomeDescription"] == detail
 

@@ -41,6 +41,7 @@ from tests.dimse_support import (
     instance_count,
     running_archive,
     scu,
+    send_stores,
     store_one,
     store_one_file,
     stored_file,
@@ -335,8 +336,6 @@ async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
     import tempfile
 
     from pynetdicom import evt
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.dsutils import encode
 
     spool = tmp_path / "pynetdicom-spool"
     spool.mkdir()
@@ -347,13 +346,7 @@ async def test_c_stores_queued_when_the_association_ends_leave_no_spool_file(
 
     def send_all_then_abort() -> None:
         assoc = associate(ae, archive)
-        (cx,) = assoc.accepted_contexts
-        for n, ds in enumerate(instances, 1):
-            req = C_STORE()
-            req.MessageID, req.Priority = n, 2
-            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
-            req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
-            assoc.dimse.send_msg(req, cast(int, cx.context_id))
+        send_stores(assoc, instances)
         assoc.abort()
 
     start = await audit_seq(archive)

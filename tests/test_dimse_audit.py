@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -51,7 +51,9 @@ from tests.dimse_support import (
     in_thread,
     running_archive,
     scu,
+    send_stores,
     store_one,
+    store_request,
     stow,
 )
 from tests.helpers import make_instance
@@ -354,14 +356,11 @@ def _p_data_tf(*pdvs: tuple[int, bytes]) -> bytes:
 def _c_store_values(ds: Dataset, message_id: int = 1) -> tuple[bytes, bytes]:
     """A C-STORE-RQ of `ds` (explicit VR little endian) as two last fragments: its command,
     its data set."""
-    req = C_STORE()
-    req.MessageID, req.Priority = message_id, 2
-    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
-    req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
+    req = store_request(ds, message_id)
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     command = cast(bytes, encode(msg.command_set, True, True))
-    return b"\x03" + command, b"\x02" + req.DataSet.getvalue()
+    return b"\x03" + command, b"\x02" + cast(io.BytesIO, req.DataSet).getvalue()
 
 
 def _send_then_wait_for_the_end(archive: Archive, pdu: bytes) -> None:
@@ -476,13 +475,8 @@ async def test_c_store_queued_before_a_too_large_one_with_its_message_id_is_audi
             ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
             assoc = associate(ae, archive, evt_handlers=[(evt.EVT_ABORTED, lambda _e: done.set())])
             (cx,) = assoc.accepted_contexts
-            for ds in (first, second, too_large):
-                req = C_STORE()
-                req.MessageID, req.Priority = 1, 2  # the same Message ID each time
-                req.AffectedSOPClassUID = CTImageStorage
-                req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-                req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
-                assoc.dimse.send_msg(req, cast(int, cx.context_id))
+            for ds in (first, second, too_large):  # the same Message ID each time
+                assoc.dimse.send_msg(store_request(ds, 1), cast(int, cx.context_id))
             assert done.wait(CLIENT_TIMEOUT_S), "the archive never aborted"
             assoc.kill()
 
@@ -555,13 +549,7 @@ async def test_a_connections_handler_that_raises_skips_no_later_handler(
         ae = scu()
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         assoc = associate(ae, archive)
-        (cx,) = assoc.accepted_contexts
-        for n, ds in enumerate(instances, 1):
-            req = C_STORE()
-            req.MessageID, req.Priority = n, 2
-            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
-            req.DataSet = io.BytesIO(cast(bytes, encode(ds, False, True)))
-            assoc.dimse.send_msg(req, cast(int, cx.context_id))
+        send_stores(assoc, instances)
         time.sleep(0.3)  # all of them received, the first being stored
         assoc.abort()
 

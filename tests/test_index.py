@@ -237,6 +237,24 @@ async def test_a_lock_connection_whose_lock_query_fails_is_not_left_open(
         await index.close()
 
 
+async def _drop_lock_connection(index: Index, other: asyncpg.Connection, dsn: str) -> None:
+    """`index` takes its process lock, then the lock connection drops (its backend ended, as
+    by an idle-session timeout) and the client has seen it end: the next store takes the
+    lock again on a new connection."""
+    import anyio
+
+    tag = f"lock-{uuid.uuid4().hex[:12]}"
+    await index.claim_owner(f"{dsn}{'&' if '?' in dsn else '?'}application_name={tag}")
+    await other.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", tag
+    )
+    with anyio.move_on_after(5):
+        count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        while await other.fetchval(count, tag):
+            await anyio.sleep(0.05)
+    await anyio.sleep(0.1)
+
+
 async def _aborted(conn: asyncpg.Connection) -> None:
     """`conn` left in a failed transaction: every later query on it is refused
     (InFailedSQLTransactionError), a database error that is not a lost connection."""
@@ -251,13 +269,9 @@ async def test_a_lock_connection_whose_lock_query_is_refused_is_closed(
     """Taking the process lock again, the new connection's lock query meets a database error
     other than "unavailable" (here: its transaction failed): a 503, and the connection is
     closed (was: the error escaped as a 500 and the connection stayed open)."""
-    import anyio
 
     from dicomweb_server.errors import ServiceUnavailableError
 
-    tag = f"lock-refused-{uuid.uuid4().hex[:12]}"
-    tagged = f"{clean_db}{'&' if '?' in clean_db else '?'}application_name={tag}"
-    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
     index = await Index.open(clean_db, max_size=1, timeout_s=10)
     other = await asyncpg.connect(clean_db)
     made: list[asyncpg.Connection] = []
@@ -270,15 +284,7 @@ async def test_a_lock_connection_whose_lock_query_is_refused_is_closed(
         return conn
 
     try:
-        await index.claim_owner(tagged)
-        await other.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-            tag,
-        )
-        with anyio.move_on_after(5):
-            while await other.fetchval(count, tag):
-                await anyio.sleep(0.05)
-        await anyio.sleep(0.1)
+        await _drop_lock_connection(index, other, clean_db)
         monkeypatch.setattr(asyncpg, "connect", connect_aborted)
         with pytest.raises(ServiceUnavailableError):
             await index.reserve(uuid.uuid4().hex)
@@ -339,11 +345,6 @@ async def test_a_lock_connection_whose_lock_query_is_cancelled_is_closed(
     first await after the real connection is made: the lock query."""
     import asyncio
 
-    import anyio
-
-    tag = f"lock-cancelled-{uuid.uuid4().hex[:12]}"
-    tagged = f"{clean_db}{'&' if '?' in clean_db else '?'}application_name={tag}"
-    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
     index = await Index.open(clean_db, max_size=1, timeout_s=10)
     other = await asyncpg.connect(clean_db)
     made: list[asyncpg.Connection] = []
@@ -358,15 +359,7 @@ async def test_a_lock_connection_whose_lock_query_is_cancelled_is_closed(
         return conn
 
     try:
-        await index.claim_owner(tagged)
-        await other.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-            tag,
-        )
-        with anyio.move_on_after(5):
-            while await other.fetchval(count, tag):
-                await anyio.sleep(0.05)
-        await anyio.sleep(0.1)
+        await _drop_lock_connection(index, other, clean_db)
         monkeypatch.setattr(asyncpg, "connect", connect_then_cancel)
         store = asyncio.create_task(index.reserve(uuid.uuid4().hex))
         with pytest.raises(asyncio.CancelledError):
