@@ -402,3 +402,28 @@ async def test_a_process_lock_held_elsewhere_for_a_moment_is_a_retry(clean_db: s
     finally:
         await other.close()
         await index.close()
+
+
+async def test_whether_an_owner_is_dead_is_asked_after_the_lock_connection_dropped(
+    clean_db: str,
+) -> None:
+    """Start-up recovery asks whether other processes live on the lock connection. When that
+    connection has dropped, it is taken again first, our own lock with it (was: the question
+    went to the closed connection, and recovery failed with InterfaceError)."""
+    from dicomweb_server.index.store import ADVISORY_LOCK_CLASS
+
+    index = await Index.open(clean_db, max_size=1, timeout_s=10)
+    other = await asyncpg.connect(clean_db)
+    try:
+        await _drop_lock_connection(index, other, clean_db)
+        gone_owner = index.owner % (2**31 - 2) + 1  # not ours, and held by nobody
+        assert await index.owner_is_dead(gone_owner)
+        assert not await other.fetchval(  # ours again
+            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, index.owner
+        )
+        assert await other.fetchval(  # and the one asked about let go
+            "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, gone_owner
+        )
+    finally:
+        await other.close()
+        await index.close()

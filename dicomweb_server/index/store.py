@@ -90,14 +90,22 @@ class Store(Pooled):
 
     async def owner_is_dead(self, owner: int) -> bool:
         async with self._owner_guard:  # the lock connection serves one operation at a time
-            assert self._owner_conn is not None
-            got = await self._owner_conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
-            )
-            if got:
-                await self._owner_conn.execute(
-                    "SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner
+            # On the lock connection as it is now: one that dropped (or that the keeper
+            # replaced) is taken again first, our own lock with it (found by review: start-up
+            # recovery asked on a closed connection and failed with InterfaceError).
+            await self._ensure_owner_locked()
+            conn = self._owner_conn
+            assert conn is not None
+            try:
+                got = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1, $2)", ADVISORY_LOCK_CLASS, owner
                 )
+                if got:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock($1, $2)", ADVISORY_LOCK_CLASS, owner
+                    )
+            except UNAVAILABLE as exc:
+                raise unavailable(exc) from exc
             return bool(got)
 
     async def dead_reservations(self) -> list[str]:
