@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -83,6 +84,37 @@ ACCEPTED_TRANSFER_SYNTAXES = tuple(
 )
 
 
+class PduRefused(OSError):
+    """A PDU longer than DIMSE_MAX_PDU_BYTES announced: BoundedSocket read no further."""
+
+
+class _QuietRefusals(logging.Filter):
+    """pynetdicom's DUL logs a recv that raised as an ERROR ("Connection closed before the
+    entire PDU was received") and then its traceback. For a PDU the archive refused that said
+    nothing BoundedSocket's one WARNING had not, in 8 lines per connection, so a peer could
+    fill the log with them. Those two records are dropped: the message only when the DUL's
+    thread has just been refused (a TCP cut mid-PDU still logs it), the traceback when its
+    exception is PduRefused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._refused = threading.local()
+
+    def refusing(self) -> None:
+        self._refused.now = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(self._refused, "now", False):
+            return True
+        if record.exc_info is not None and isinstance(record.exc_info[1], PduRefused):
+            self._refused.now = False
+            return False
+        return record.getMessage() != "Connection closed before the entire PDU was received"
+
+
+_QUIET = _QuietRefusals()
+
+
 class BoundedSocket(AssociationSocket):
     """An acceptor's socket that refuses to read a PDU longer than DIMSE_MAX_PDU_BYTES.
 
@@ -101,7 +133,8 @@ class BoundedSocket(AssociationSocket):
                 f"a PDU of {nr_bytes} bytes announced, more than DIMSE_MAX_PDU_BYTES"
                 f" ({DIMSE_MAX_PDU_BYTES})"
             )
-            raise OSError(self.refused)
+            _QUIET.refusing()
+            raise PduRefused(self.refused)
         return super().recv(nr_bytes)
 
 
@@ -279,6 +312,9 @@ async def serve_dimse(
         max_data_set_bytes=settings.max_part_bytes,
     )  # fmt: skip
     ae = build_ae(settings)
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if _QUIET not in dul_log.filters:
+        dul_log.addFilter(_QUIET)
     bindings = [
         *handlers.bindings(),
         (evt.EVT_CONN_OPEN, bound_pdu_length),
