@@ -524,40 +524,40 @@ _OPTIONAL_MATCHING = {
 _FLAGS = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
 
 
-def _flag(flags: dict[str, bool], key: str, value: str) -> None:
-    """A boolean parameter into `flags`, else 400. Given twice it must say the same: with
-    `multiplevaluematching=true&multiplevaluematching=false` either reading drops one of
-    them silently, and the looser one returns more than the client meant (STYLE rule 5)."""
+def _once(
+    given: dict[str, int], key: str, value: int, differ: str = "twice with different values"
+) -> int:
+    """A parameter into `given`, which given twice must say the same: either reading drops the
+    other silently (STYLE rule 5). `multiplevaluematching=true&multiplevaluematching=false`
+    read as the last ran a search for any of the values for a client that asked for all of
+    them; `offset` given twice skips or repeats a page."""
+    if given.setdefault(key, value) != value:
+        raise BadRequestError(f"{key} is given {differ}; give it once")
+    return value
+
+
+def _flag(given: dict[str, int], key: str, value: str) -> None:
+    """A boolean parameter into `given` (_once), else 400."""
     if value not in ("true", "false"):
         raise BadRequestError(f"{key} must be true or false, got {value!r}")
-    if flags.setdefault(key, value == "true") != (value == "true"):
-        raise BadRequestError(f"{key} is given both true and false; give it once")
-
-
-def _once(given: dict[str, int], key: str, value: int) -> int:
-    """`limit` or `offset`, which given twice must say the same, as a flag must (_flag):
-    either reading would drop the other silently, and a page be skipped or repeated."""
-    if given.setdefault(key, value) != value:
-        raise BadRequestError(f"{key} is given twice with different values; give it once")
-    return value
+    _once(given, key, value == "true", "both true and false")
 
 
 def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
     """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
     limit, offset = QIDO_DEFAULT_LIMIT, 0
-    flags: dict[str, bool] = {}
+    given: dict[str, int] = {}  # paging and flags, each taken once
     include_values: list[str] = []
     raw_matches: dict[str, list[str]] = {}
     warnings: list[str] = []
-    paging: dict[str, int] = {}
     for key, value in params:
         if key == "limit":
             # Any size: above QIDO_MAX_LIMIT it is lowered, below (PS3.18 8.3.4.4).
-            limit = _once(paging, key, _int_param("limit", value, 0, None))
+            limit = _once(given, key, _int_param("limit", value, 0, None))
         elif key == "offset":
-            offset = _once(paging, key, _int_param("offset", value, 0, QIDO_MAX_OFFSET))
+            offset = _once(given, key, _int_param("offset", value, 0, QIDO_MAX_OFFSET))
         elif key in _FLAGS:
-            _flag(flags, key, value)
+            _flag(given, key, value)
         elif key == "includefield":
             include_values.append(value)
         elif key in ("", "accept", "charset"):
@@ -566,14 +566,14 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
             continue
         else:
             raw_matches.setdefault(key, []).append(value)
-    if flags.get("emptyvaluematching"):
+    if given.get("emptyvaluematching"):
         warnings.append(_OPTIONAL_MATCHING["emptyvaluematching"])
     if limit == 0 or limit > QIDO_MAX_LIMIT:
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
-    fuzzy = flags.get("fuzzymatching", False)
-    multiple = flags.get("multiplevaluematching", False)  # PS3.18 8.3.4.6
+    fuzzy = bool(given.get("fuzzymatching"))
+    multiple = bool(given.get("multiplevaluematching"))  # PS3.18 8.3.4.6
     matches = _matches(raw_matches, level, fuzzy, multiple, warnings)
     include, include_warnings = _includes(include_values, level, path_uids, matches)
     return Query(
