@@ -58,6 +58,28 @@ def test_search_at_every_level(client: DICOMwebClient, stored: list[Dataset]) ->
         assert ct.SOPInstanceUID in {uid(i, "00080018") for i in found}
 
 
+def test_search_with_a_list_of_values(client: DICOMwebClient, stored: list[Dataset]) -> None:
+    """dicomweb-client sends a list in search_filters as the key repeated
+    (`ModalitiesInStudy=CT&ModalitiesInStudy=MR`): any of the values matches, as `CT,MR` does.
+    It was a 400 ("given 2 times") for every key but a UID."""
+    ct, mr = stored[0], stored[1]
+    by_patient = {"PatientID": [ct.PatientID, mr.PatientID]}
+    assert ct.PatientID != mr.PatientID
+    for modality, wanted in (("CT", [ct]), ("MR", [mr]), (["CT", "MR"], [ct, mr])):
+        hits = client.search_for_studies(
+            search_filters={
+                "ModalitiesInStudy": modality,
+                "StudyInstanceUID": [ct.StudyInstanceUID, mr.StudyInstanceUID],
+            }
+        )
+        assert {uid(s, "0020000D") for s in hits} == {d.StudyInstanceUID for d in wanted}
+    with pytest.raises(requests.HTTPError) as info:  # one value would be dropped silently
+        client.search_for_studies(search_filters=by_patient)
+    response = info.value.response
+    assert response is not None and response.status_code == 400
+    assert "PatientID is given 2 times" in response.json()["message"]
+
+
 def test_search_fuzzy_wildcard_and_fields(client: DICOMwebClient, stored: list[Dataset]) -> None:
     japanese = stored[5]
     family = str(japanese.PatientName).split("^")[0]

@@ -101,7 +101,7 @@ async def test_qido_matching(app_client: httpx.AsyncClient) -> None:
     )
     assert (await stow(app_client, to_bytes(study_a), to_bytes(study_b))).status_code == 200
 
-    async def uids(**params: str) -> list[str]:
+    async def uids(**params: str | list[str]) -> list[str]:
         r = await app_client.get(f"{ROOT}/studies", params=params)
         assert r.status_code in (200, 204), r.text
         found = r.json() if r.status_code == 200 else []
@@ -122,6 +122,8 @@ async def test_qido_matching(app_client: httpx.AsyncClient) -> None:
     assert await uids(StudyDate="-20200101") == [a]
     assert await uids(ModalitiesInStudy="MR") == [b]
     assert await uids(ModalitiesInStudy="CT,MR") == sorted([a, b])
+    assert await uids(ModalitiesInStudy=["CT", "MR"]) == sorted([a, b])  # the key repeated
+    assert await uids(ModalitiesInStudy=["MR", ""]) == [b]
     assert await uids(StudyInstanceUID=f"{a},{b}") == sorted([a, b])
     assert await uids(**{"00100020": "MRN2"}) == [b]
     assert await uids(StudyTime="1000-1100") == sorted([a, b])

@@ -10,6 +10,7 @@ import pytest
 
 from dicomweb_server.attributes import ATTRIBUTES, DEFAULT_RETURN, LEVEL_TAGS, Level, tag_hex
 from dicomweb_server.errors import BadRequestError
+from dicomweb_server.matching import multi_valued
 from dicomweb_server.query import (
     MAX_MATCH_LIST_ITEMS,
     MAX_MATCH_VALUE_CHARS,
@@ -26,7 +27,6 @@ from dicomweb_server.query import (
     UidListMatch,
     UniversalMatch,
     WildcardMatch,
-    _multi_valued,
     parse,
 )
 from dicomweb_server.record import pn_groups
@@ -194,7 +194,7 @@ def test_multiple_value_matching_applies_to_multi_valued_keys_only() -> None:
     our matching keys only ModalitiesInStudy (a new one qualifying needs its SQL checked: sql
     compiles it as array containment). Other keys match as without the parameter; a comma
     list without `\\` stays any-value; a single wildcard stays wildcard matching."""
-    assert [a.keyword for a in ATTRIBUTES if a.column and _multi_valued(a)] == ["ModalitiesInStudy"]
+    assert [a.keyword for a in ATTRIBUTES if a.column and multi_valued(a)] == ["ModalitiesInStudy"]
     for key, value, kind in (
         ("PatientName", "Doe\\Roe", SingleValueMatch),
         ("AccessionNumber", "A\\B", SingleValueMatch),
