@@ -276,31 +276,38 @@ def _flag(given: dict[str, int], key: str, value: str) -> None:
     _once(given, key, value == "true", "both true and false")
 
 
-def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
-    """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
-    limit, offset = QIDO_DEFAULT_LIMIT, 0
-    given: dict[str, int] = {}  # paging and flags, each taken once
+def _sorted(
+    params: Sequence[tuple[str, str]], given: dict[str, int]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The parameters in turn: paging and flags into `given` (each taken once), and the
+    includefield values and the matching keys' values returned."""
     include_values: list[str] = []
     raw_matches: dict[str, list[str]] = {}
-    warnings: list[str] = []
     for key, value in params:
         if key == "limit":
             # Any size: above QIDO_MAX_LIMIT it is lowered, below (PS3.18 8.3.4.4).
-            limit = _once(given, key, int_param("limit", value, 0, None))
+            _once(given, key, int_param("limit", value, 0, None))
         elif key == "offset":
-            offset = _once(given, key, int_param("offset", value, 0, QIDO_MAX_OFFSET))
+            _once(given, key, int_param("offset", value, 0, QIDO_MAX_OFFSET))
         elif key in _FLAGS:
             _flag(given, key, value)
         elif key == "includefield":
             include_values.append(value)
-        elif key in ("", "accept", "charset"):
-            # Weasis sends `?&...` (an empty parameter); `accept` and `charset` are the
-            # content negotiation parameters, read by the route (PS3.18 8.3.3)
-            continue
-        else:
+        elif key not in ("", "accept", "charset"):
+            # A matching key: not the empty parameter Weasis sends (`?&...`), nor `accept`
+            # and `charset`, the content negotiation parameters the route reads (PS3.18 8.3.3)
             raw_matches.setdefault(key, []).append(value)
+    return include_values, raw_matches
+
+
+def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Level, str]) -> Query:
+    """Parse QIDO-RS query parameters (already percent-decoded) into a Query, or raise 400."""
+    given: dict[str, int] = {}  # paging and flags, each taken once
+    include_values, raw_matches = _sorted(params, given)
+    warnings: list[str] = []
     if given.get("emptyvaluematching"):
         warnings.append(_OPTIONAL_MATCHING["emptyvaluematching"])
+    limit = given.get("limit", QIDO_DEFAULT_LIMIT)
     if limit == 0 or limit > QIDO_MAX_LIMIT:
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
@@ -315,7 +322,7 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
         matches=matches,
         include=include,
         limit=limit,
-        offset=offset,
+        offset=given.get("offset", 0),
         fuzzy=fuzzy,
         warnings=(*warnings, *include_warnings),
     )
