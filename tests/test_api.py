@@ -502,7 +502,7 @@ def test_data_set_hash_in_small_pieces_is_linear() -> None:
     for i in range(0, len(head), 16):
         h.update(head[i : i + 16])
     h.digest()
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2  # 0.03 s here; 8 s before the fix
 
 
 def _blob_contents(settings: Settings) -> list[bytes]:

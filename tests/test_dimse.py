@@ -566,13 +566,13 @@ async def test_connection_closed_before_the_request_frees_its_association_slot(
             await closes.wait()
         closed = time.monotonic()
         while [a for a in ae.active_associations if a.is_acceptor]:
-            assert time.monotonic() - closed < 2, "the association slot is still taken"
+            assert time.monotonic() - closed < 10, "the association slot is still taken"
             await in_thread(time.sleep, 0.02)
         freed = time.monotonic() - closed
         port = str(archive.port)
         echo = await dcmtk("echoscu", "-aet", SCU, "-aec", "DICOMWEB", "127.0.0.1", port)
         rows = await audit_rows(archive, ("dimse_associate", "dimse_abort"), start)
-    assert freed < 1
+    assert freed < 5  # about 0.05 s; 30 s (the ACSE timeout) before the fix
     assert echo.returncode == 0, echo.stdout + echo.stderr
     assert [r["action"] for r in rows] == audited, rows
 

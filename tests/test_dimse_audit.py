@@ -514,7 +514,7 @@ def test_audit_event_once_the_server_loop_stopped_neither_waits_nor_raises() -> 
     handlers._record(event)  # stopped
     loop.close()
     handlers._record(event)  # closed
-    assert time.monotonic() - began < 1
+    assert time.monotonic() - began < 5  # DIMSE_QUERY_TIMEOUT_S before the fix
 
 
 async def test_a_connections_handler_that_raises_skips_no_later_handler(
