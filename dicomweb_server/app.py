@@ -55,20 +55,25 @@ async def recover(index: Index, blobs: FileSystemBlobStore) -> int:
     """Roll back what crashed processes left: reserved blobs never committed, spool files.
 
     A process may only look dead: its lock is free, and a live process whose lock
-    connection dropped (a database restart) has not taken it again yet. Its commit stores
-    nothing once its reservation is gone (schema.sql, DW003), so each blob is deleted while
-    its reservation is being dropped (Index.releasing): deleted first and released after, a
-    commit in between found its reservation and stored a row whose file was gone."""
+    connection dropped (a database restart) has not taken it again yet. It is given
+    RECOVERY_GRACE_S to (Index.dead_owners). Should it be taken for dead all the same (its
+    lock not taken again by then), its commit stores nothing once its reservation is gone
+    (schema.sql, DW003), so each blob is deleted while its reservation is being dropped
+    (Index.releasing): deleted first and released after, a commit in between found its
+    reservation and stored a row whose file was gone."""
     keys = []
-    for key in await index.dead_reservations():
+    reservations = await index.reservations()
+    spooled = blobs.stale_tmp_owners()
+    dead = await index.dead_owners([owner for _, owner in reservations] + spooled)
+    for key in (key for key, owner in reservations if owner in dead):
         async with index.releasing(key) as ours:
             if ours and not blobs.is_key(key):  # not made here: no blob to look for
                 log.warning("dropped the reservation of %r, which is not a blob key", key)
             elif ours:
                 await blobs.delete(key)
                 keys.append(key)
-    for owner in blobs.stale_tmp_owners():
-        if await index.owner_is_dead(owner):
+    for owner in spooled:
+        if owner in dead:
             blobs.remove_tmp_of(owner)
     if keys:
         log.warning("rolled back %d blobs of interrupted stores", len(keys))

@@ -126,8 +126,10 @@ async def _ended_or_waiting(conn: asyncpg.Connection, ended: anyio.Event) -> Non
 def lock_not_retaken(monkeypatch: pytest.MonkeyPatch) -> None:
     """Processes started now do not probe their lock, so one whose lock connection a test
     drops stays taken for dead (Index.keeping_owner takes it again within a probe interval:
-    a process starting in that interval is what these tests are about)."""
+    a process starting in that interval is what these tests are about). The grace a process
+    starting gives one that looks dead (Index.dead_owners) would only slow them down."""
     monkeypatch.setattr(index_store, "OWNER_PROBE_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(index_store, "RECOVERY_GRACE_S", 0.05)
 
 
 @pytest.mark.usefixtures("lock_not_retaken")
@@ -296,4 +298,33 @@ async def test_an_idle_process_takes_its_lock_again(settings: Settings, clean_db
                 assert anyio.current_time() < deadline, "the process lock was not taken again"
                 await anyio.sleep(0.05)
         finally:
+            await conn.close()
+
+
+async def test_a_process_starting_while_a_live_one_has_no_lock_gives_it_time(
+    settings: Settings, clean_db: str
+) -> None:
+    """A live process whose lock connection just dropped (a database restart) has not taken
+    its lock again for up to a probe interval. A process starting in that second took it for
+    dead: it rolled back its reservations and removed its spool files, failing its stores in
+    flight. The lock free once is no longer enough: it must still be free RECOVERY_GRACE_S
+    later (Index.dead_owners), and the live process takes it back before."""
+    async with app_process(settings) as (app, _):
+        services = app.state.services
+        key = await services.index.reserve_key(services.blobs.new_key)
+        spool = await services.blobs.open_writer()
+        await spool.write(b"in flight")
+        await spool.close()  # written out (a spool file is made by its first write out)
+        conn = await asyncpg.connect(clean_db)
+        second = await Index.open(clean_db, max_size=2, timeout_s=10)
+        try:
+            await second.claim_owner(clean_db)
+            await _free_lock_of(conn, services.index.owner)  # and the process starts now
+            assert await recover(second, FileSystemBlobStore(settings.blob_dir, second.owner)) == 0
+            assert await _lock_held(conn, services.index.owner)
+            reserved = "SELECT count(*) FROM blob_reservation WHERE blob_key = $1"
+            assert await conn.fetchval(reserved, key) == 1, "the live process's store was undone"
+            assert spool.path.exists(), "the live process's spool file was removed"
+        finally:
+            await second.close()
             await conn.close()

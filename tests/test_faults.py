@@ -146,7 +146,7 @@ async def test_process_lock_is_retaken_after_a_database_restart(tmp_path: Path) 
         other = await Index.open(pg.dsn, max_size=2, timeout_s=10)
         await other.claim_owner(pg.dsn)
         assert not await other.owner_is_dead(owner)
-        assert await other.dead_reservations() == []
+        assert await other.dead_owners([owner]) == set()
     finally:
         for ix in (index, other):
             if ix is not None:

@@ -5,7 +5,7 @@ committed before the blob is placed (keys are reserved RESERVE_BATCH at a time),
 `commit_instance` inserts the patient/study/series/instance rows and drops the reservation in
 one transaction, `releasing` drops a reservation while its discarded blob is deleted. A
 process holds a session advisory lock on its owner id for its whole life, so reservations of a
-dead process are recognised and rolled back at the next start (`dead_reservations`).
+dead process are recognised and rolled back at the next start (`reservations`, `dead_owners`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -35,7 +35,7 @@ from dicomweb_server.index.pool import (
 from dicomweb_server.index.rows import CommitResult, StoredBlob
 from dicomweb_server.record import InstanceRecord
 
-__all__ = ["ADVISORY_LOCK_CLASS", "OWNER_PROBE_INTERVAL_S", "Store"]
+__all__ = ["ADVISORY_LOCK_CLASS", "OWNER_PROBE_INTERVAL_S", "RECOVERY_GRACE_S", "Store"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_CLASS = 0x44434D57
 # Seconds between liveness probes of the connection that holds the process lock.
 OWNER_PROBE_INTERVAL_S = 1.0
+# Seconds a process whose lock is free is given to take it again before it is taken for dead
+# (`dead_owners`): a live one whose lock connection dropped (a database restart, an
+# idle-session timeout) takes it again within a probe interval (`keeping_owner`), and one
+# taken for dead meanwhile lost its in-flight stores and spool files to the recovery.
+RECOVERY_GRACE_S = 3 * OWNER_PROBE_INTERVAL_S
 # Blob keys reserved in one statement (one round trip, one WAL flush) by `reserve_key`; the
 # unused ones are released at close, or rolled back with the process's other reservations.
 RESERVE_BATCH = 32
@@ -108,18 +113,22 @@ class Store(Pooled):
                 raise unavailable(exc) from exc
             return bool(got)
 
-    async def dead_reservations(self) -> list[str]:
-        """Blob keys reserved by processes that no longer run."""
+    async def reservations(self) -> list[tuple[str, int]]:
+        """Every blob reservation: (blob key, owner)."""
         rows = await self._fetch("SELECT blob_key, owner FROM blob_reservation")
-        dead: dict[int, bool] = {}
-        keys = []
-        for row in rows:
-            owner = row["owner"]
-            if owner != self.owner and owner not in dead:
-                dead[owner] = await self.owner_is_dead(owner)
-            if owner != self.owner and dead[owner]:
-                keys.append(row["blob_key"])
-        return keys
+        return [(row["blob_key"], row["owner"]) for row in rows]
+
+    async def dead_owners(self, owners: Iterable[int]) -> set[int]:
+        """Of `owners`, those other than us whose process lock is free now and still free
+        RECOVERY_GRACE_S later. Free once is not dead: within about a second of the database
+        coming back, a live process has not taken its lock again yet, and a process starting
+        then took it for dead and rolled back its stores in flight. The wait is only paid when
+        some owner looks dead (after a crash)."""
+        looks_dead = [o for o in set(owners) if o != self.owner and await self.owner_is_dead(o)]
+        if not looks_dead:
+            return set()
+        await asyncio.sleep(RECOVERY_GRACE_S)
+        return {o for o in looks_dead if await self.owner_is_dead(o)}
 
     @contextlib.asynccontextmanager
     async def keeping_owner(self) -> AsyncIterator[None]:
