@@ -182,15 +182,21 @@ _CANNOT_PERFORM = 0xA702
 # The detail of a C-MOVE/C-GET row some of whose sub-operations failed for the archive
 # (an instance it could not read or convert: its disk, its codecs) begins with this: an
 # 0xA702 so is the archive failing (8), as a 5xx is, not the peer refusing (found by review:
-# every 0xA702 became a refused request, an archive that lost its files too). At the start
-# of the detail, where no text of the peer's (a destination AE title) can put it.
+# every 0xA702 became a refused request, an archive that lost its files too). So does that
+# of a STOW-RS answered 409 one of whose instances failed for the archive (routes/stow.py:
+# 0xA700 of a full disk or quota, 0x0110), which is then 8 as a C-STORE with that status
+# is. At the start of the detail, where no text of the peer's (a destination AE title, a
+# query string) can put it.
 ARCHIVE_FAULT = "archive fault: "
 # The detail of a DIMSE row failed for what the peer sent beyond a limit of the archive
 # begins with this: a C-STORE data set over DICOMWEB_MAX_PART_BYTES, audited 0xA700
-# (dimse/connections.py). A refused request (4), as STOW's 413 for the same limit is, not
-# the archive failing. At the start of the detail, where no text of the peer's (a SOP
+# (dimse/connections.py), or a Deflated one inflating past dicomfile.MAX_INFLATED_BYTES
+# (dimse/handlers.py). A refused request (4), as STOW's 413 or 409 for the same limit is,
+# not the archive failing. At the start of the detail, where no text of the peer's (a SOP
 # Instance UID) can put it.
 OVER_LIMIT = "over the limit: "
+# The STOW-RS transactions (PS3.18 10.5), whose 409 may be the archive's failure.
+_STOW_ACTIONS = ("store_instances", "store_study_instances")
 # Actions whose detail says how they ended (the others' is a query string, or what an
 # admin action changed): exported as the EventOutcomeDescription of a failure.
 _DETAIL_IS_OUTCOME = ("dimse_", "reindex")
@@ -198,7 +204,14 @@ _DETAIL_IS_OUTCOME = ("dimse_", "reindex")
 
 def _outcome_indicator(event: AuditEvent) -> int:
     """PS3.15 A.5.1 EventOutcomeIndicator: 0 success, 4 minor failure (the request was
-    refused), 8 serious failure (the server failed). HTTP statuses, or DIMSE ones."""
+    refused), 8 serious failure (the server failed). HTTP statuses, or DIMSE ones.
+
+    Whose failure it is decides, the same on both front doors: a limit the peer passed (an
+    oversize data set, a Deflate bomb) is its request refused, 4, as any 4xx; the archive
+    unable to do what it was asked for want of its own resources (a full disk or quota:
+    0xA700 of a C-STORE, or of a STOW-RS instance, which PS3.18 Table 10.5.3-1 answers 409)
+    is the archive failing, 8, as a 5xx. Found by review: a full disk was 8 over DIMSE and 4
+    over STOW-RS, a Deflate bomb 4 over STOW-RS and 8 over DIMSE."""
     status = event.outcome
     if event.action.startswith("dimse_"):
         if status == 0x0000:
@@ -207,6 +220,8 @@ def _outcome_indicator(event: AuditEvent) -> int:
             return 8
         serious = status in _DIMSE_SERIOUS and not event.detail.startswith(OVER_LIMIT)
         return 8 if serious else 4
+    if status == 409 and event.action in _STOW_ACTIONS and event.detail.startswith(ARCHIVE_FAULT):
+        return 8  # nothing stored, some of it for the archive's own failure (as 0xA702)
     if status == 202:  # STOW: some instances failed (PS3.18 Table 10.5.3-1)
         return 4
     if status < 400:

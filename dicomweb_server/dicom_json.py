@@ -388,6 +388,20 @@ class InstanceOutcome:
     retrieve_path: str | None = None  # root-relative RetrieveURL of a stored instance
     duplicate: bool = False  # the same bytes were already stored: nothing new was written
     reason: str = ""  # human-readable, sent as a Warning header text too
+    # Refused (0xA700) for a limit of the archive's that the sender passed (a Deflated data
+    # set inflating past MAX_INFLATED_BYTES, JSON bulk data over its bounds): a refused
+    # request in the audit trail, not the archive out of resources (its disk, its quota).
+    over_limit: bool = False
+
+    @property
+    def archive_failed(self) -> bool:
+        """Whether it failed for the archive's own doing, not the request's: a processing
+        failure (0x0110), or out of resources (0xA700: a full disk or quota) unless for a
+        limit the request passed. The statuses the audit export counts serious failures of
+        a C-STORE (audit._DIMSE_SERIOUS)."""
+        if self.failure == FailureReason.PROCESSING_FAILURE:
+            return True
+        return self.failure == FailureReason.OUT_OF_RESOURCES and not self.over_limit
 
 
 def _sop_ref(o: InstanceOutcome) -> JsonDict:

@@ -80,11 +80,15 @@ class InvalidInstanceError(Exception):
         *,
         sop_class: str | None = None,
         sop: str | None = None,
+        over_limit: bool = False,
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.sop_class, self.sop = sop_class, sop  # when known, for the FailedSOPSequence
+        # Refused (0xA700) for a limit of the archive the sender passed: the sender's doing,
+        # not the archive out of resources (InstanceOutcome.over_limit).
+        self.over_limit = over_limit
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,7 @@ def _check_inflated_size(fp: BinaryIO, at: int) -> None:
                         FailureReason.OUT_OF_RESOURCES,
                         f"the Deflated data set inflates to more than {MAX_INFLATED_BYTES}"
                         " bytes, the most this archive inflates",
+                        over_limit=True,
                     )
     except zlib.error as exc:
         raise InvalidInstanceError(

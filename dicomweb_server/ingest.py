@@ -39,6 +39,7 @@ __all__ = [
     "hashed_as_parsed",
     "instance_path",
     "record_of",
+    "refusal",
     "storage_failure",
     "store_file",
     "store_parts",
@@ -348,7 +349,14 @@ async def _refused_outcome(
     await _undo(ctx, writer, key, False)
     if isinstance(exc, _SpoolError):
         return storage_failure(exc.error)
-    return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
+    return refusal(exc)
+
+
+def refusal(exc: InvalidInstanceError) -> InstanceOutcome:
+    """The outcome of a file the archive refuses (its content, or a limit it passed)."""
+    return InstanceOutcome(
+        exc.sop_class, exc.sop, exc.reason, reason=exc.message, over_limit=exc.over_limit
+    )
 
 
 async def store_path(

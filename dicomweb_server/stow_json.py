@@ -42,7 +42,7 @@ from dicomweb_server.dicom_json import (
 from dicomweb_server.dicom_xml import dataset_from_xml
 from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
-from dicomweb_server.ingest import Services, storage_failure, store_path
+from dicomweb_server.ingest import Services, refusal, storage_failure, store_path
 from dicomweb_server.media.mediatypes import (
     APPLICATION_DICOM_JSON,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -102,6 +102,7 @@ class _Budget:
                 "the data sets of this request name its bulk data more than once, over"
                 f" {MAX_JSON_BULK_REUSE_BYTES} bytes more than it sent",
                 ds,
+                over_limit=True,
             )
 
 
@@ -130,17 +131,19 @@ def _check_inline_binary(node: JsonDict) -> None:
 
 
 def _refused(
-    reason: FailureReason, message: str, ds: Dataset | None = None
+    reason: FailureReason, message: str, ds: Dataset | None = None, *, over_limit: bool = False
 ) -> InvalidInstanceError:
     """One data set that cannot become an instance: the STOW failure a Part-10 part that
-    cannot be stored raises too, with the data set's UIDs when known."""
+    cannot be stored raises too, with the data set's UIDs when known; `over_limit` when it
+    is a limit of the archive's that the request passed."""
 
     def uid(keyword: str) -> str | None:
         return str(ds.get(keyword, "")) or None if ds is not None else None
 
     return InvalidInstanceError(
-        reason, message, sop_class=uid("SOPClassUID"), sop=uid("SOPInstanceUID")
-    )
+        reason, message, sop_class=uid("SOPClassUID"), sop=uid("SOPInstanceUID"),
+        over_limit=over_limit,
+    )  # fmt: skip
 
 
 async def store_json_parts(
@@ -274,7 +277,7 @@ async def _store_one(
         await anyio.to_thread.run_sync(_assemble, doc, bulk, budget, out, limiter=ctx.limiter)
         return await store_path(ctx, out, expected_study)
     except InvalidInstanceError as exc:
-        return InstanceOutcome(exc.sop_class, exc.sop, exc.reason, reason=exc.message)
+        return refusal(exc)
     except OSError as exc:  # the same rule as for a Part-10 part's bytes
         return storage_failure(exc, "could not assemble a STOW-RS instance from its metadata")
     finally:
@@ -344,6 +347,7 @@ def _bulk_reader(bulk: dict[str, list[_Bulk]], budget: _Budget) -> Any:
                 FailureReason.OUT_OF_RESOURCES,
                 f"the bulk data of one data set is over {MAX_JSON_BULK_VALUE_BYTES} bytes "
                 "(Pixel Data aside)",
+                over_limit=True,
             )
         return b"".join(b.path.read_bytes() for b in found)
 

@@ -302,6 +302,29 @@ def test_a_data_set_over_the_limit_is_a_refused_request_on_both_paths() -> None:
         assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
 
 
+def test_whose_failure_it_is_decides_on_both_paths() -> None:
+    """Found by review: a full disk was a serious failure (8) over DIMSE (0xA700) and a
+    refused request (4) over STOW-RS (409), a Deflate bomb the other way round. The archive
+    out of its own resources is 8 on both (a 409 whose detail begins ARCHIVE_FAULT, which
+    routes/stow.py writes first, where no query string can put it); a limit the peer
+    passed (OVER_LIMIT) is 4 on both. Partly stored (202) stays 4, as 0xB000 does."""
+    from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT
+
+    at = datetime(2026, 1, 2, tzinfo=UTC)
+    fault = f"{ARCHIVE_FAULT}1 not stored; stored=0 failed=1"
+    for action, code, detail, indicator in (
+        ("store_instances", 409, fault, 8),
+        ("store_study_instances", 409, fault, 8),
+        ("dimse_store", 0xA700, "sop=1.2; storage error: No space left on device", 8),
+        ("store_instances", 409, "stored=0 failed=1", 4),  # its content, or a limit passed
+        ("store_instances", 202, f"{ARCHIVE_FAULT}1 not stored; stored=1 failed=1", 4),
+        ("search_for_studies", 409, fault, 4),  # a query string: not the archive's text
+        ("dimse_store", 0xA700, f"{OVER_LIMIT}sop=1.2; the Deflated data set inflates", 4),
+    ):
+        ident = _identification(AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 10, detail))
+        assert ident["EventOutcomeIndicator"] == indicator, (action, detail)
+
+
 def _identification(event: AuditEvent) -> dict[str, Any]:
     """The EventIdentification of the PS3.15 message `event` exports as."""
     from dicomweb_server.audit import AuditRow

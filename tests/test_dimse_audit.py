@@ -604,3 +604,130 @@ async def test_a_retrieve_the_archive_could_not_send_is_its_failure(archive: Arc
         f"{ARCHIVE_FAULT}2 not read or converted; matched=2 completed=0 warning=0 failed=2"
     )
     assert [_export(row)["EventOutcomeIndicator"] for row in (refused, lost)] == [4, 8]
+
+
+def _full_disk(archive: Archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every spool file's fsync fails with ENOSPC, as a full disk fails it (test_faults.py)."""
+    import errno
+    import os
+
+    from dicomweb_server.blobstore import files
+
+    real_fsync, tmp_dir = files._fsync_path, archive.services.blobs.tmp_dir  # type: ignore[attr-defined]
+
+    def full(path: Path, flags: int = os.O_RDONLY) -> None:
+        if tmp_dir in path.parents:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(path, flags)
+
+    monkeypatch.setattr(files, "_fsync_path", full)
+
+
+async def _stow_refused(archive: Archive, part10: bytes) -> dict[str, Any]:
+    """STOW-RS of one instance the archive does not store: its audit row."""
+    from tests.helpers import ROOT, multipart_body, stow_headers
+
+    start = await audit_seq(archive)
+    r = await archive.http.post(
+        f"{ROOT}/studies", content=multipart_body([part10]), headers=stow_headers()
+    )
+    assert r.status_code == 409, r.text
+    (row,) = await audit_rows(archive, "store_instances", start)
+    return row
+
+
+async def test_a_full_disk_is_the_archives_failure_on_both_paths(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a full disk exported as a serious failure (8) over DIMSE (0xA700)
+    and as a refused request (4) over STOW-RS (409: nothing stored). The archive could not
+    do what it was asked for want of its own resources: 8 on both. The STOW row's detail
+    says so first (ARCHIVE_FAULT); a STOW refused for its content stays 4."""
+    from tests.helpers import to_bytes
+
+    _full_disk(archive, monkeypatch)
+    start = await audit_seq(archive)
+    assert (await store_one(archive, make_instance())).Status == 0xA700
+    (dimse,) = await audit_rows(archive, "dimse_store", start)
+    stow_row = await _stow_refused(archive, to_bytes(make_instance()))
+    assert dimse["outcome"] == 0xA700 and "No space left" in dimse["detail"]
+    assert stow_row["outcome"] == 409
+    assert stow_row["detail"] == f"{ARCHIVE_FAULT}1 not stored; stored=0 failed=1"
+    assert [_export(row)["EventOutcomeIndicator"] for row in (dimse, stow_row)] == [8, 8]
+    monkeypatch.undo()
+    refused = await _stow_refused(archive, b"not DICOM")
+    assert refused["detail"] == "stored=0 failed=1"
+    assert _export(refused)["EventOutcomeIndicator"] == 4
+
+
+async def test_a_deflate_bomb_is_a_refused_request_on_both_paths(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a Deflated C-STORE data set inflating past MAX_INFLATED_BYTES
+    (0xA700) exported as a serious failure (8), STOW-RS's refusal of the same (409) as a
+    refused request (4). A limit the peer passed: 4 on both, its DIMSE detail beginning
+    OVER_LIMIT as that of a data set over MAX_PART_BYTES does."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from dicomweb_server import dicomfile
+    from dicomweb_server.audit import OVER_LIMIT
+    from tests.dimse_support import store_one_file
+
+    ds = make_instance(rows=64, cols=64)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    monkeypatch.setattr(dicomfile, "MAX_INFLATED_BYTES", 4096)  # Pixel Data alone is 8 KiB
+    start = await audit_seq(archive)
+    rsp = await store_one_file(archive, path, CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assert rsp.Status == 0xA700 and "inflates" in rsp.ErrorComment
+    (dimse,) = await audit_rows(archive, "dimse_store", start)
+    stow_row = await _stow_refused(archive, path.read_bytes())
+    assert dimse["detail"] == f"{OVER_LIMIT}sop={ds.SOPInstanceUID}; {rsp.ErrorComment}"
+    assert stow_row["detail"] == "stored=0 failed=1"
+    assert [_export(row)["EventOutcomeIndicator"] for row in (dimse, stow_row)] == [4, 4]
+
+
+async def test_why_a_c_find_failed_is_audited(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: a failed C-FIND's row held its query only, not why it failed. Its
+    detail now ends with the Error Comment answered, as a refused C-STORE's does. A C-FIND
+    that fails unexpectedly is answered 0x0110 (processing failure: pynetdicom answered
+    0xC311 with no comment) and audited so, a serious failure (8), not 0xFF00 (the
+    association ended first) without a reason."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    model = StudyRootQueryRetrieveInformationModelFind
+
+    def find(ident: Dataset) -> Dataset:
+        assoc = associate(scu(model), archive)
+        try:
+            return [st for st, _ in assoc.send_c_find(ident, model)][-1]
+        finally:
+            assoc.release()
+
+    await stow(archive, make_instance(patient_id="FIND-FAILS"))
+    start = await audit_seq(archive)
+    refused = await in_thread(find, identifier("STUDY", StudyDate="2024x"))
+    assert refused.Status == 0xC000 and refused.ErrorComment
+    (row,) = await audit_rows(archive, "dimse_find", start)
+    assert (row["outcome"], row["detail"]) == (
+        0xC000, f"StudyDate=2024x QueryRetrieveLevel=STUDY matches=0; {refused.ErrorComment}"
+    )  # fmt: skip
+    assert _export(row)["EventOutcomeIndicator"] == 4
+
+    def broken(*_: object) -> Dataset:
+        raise RuntimeError("an internal step failed")
+
+    monkeypatch.setattr(dimse_handlers, "find_response", broken)
+    start = await audit_seq(archive)
+    failed = await in_thread(find, identifier("STUDY", PatientID="FIND-FAILS"))
+    assert (failed.Status, failed.ErrorComment) == (0x0110, "processing failure")
+    (row,) = await audit_rows(archive, "dimse_find", start)
+    assert (row["outcome"], row["detail"]) == (
+        0x0110, "QueryRetrieveLevel=STUDY PatientID=FIND-FAILS matches=0; processing failure"
+    )  # fmt: skip
+    assert _export(row)["EventOutcomeIndicator"] == 8

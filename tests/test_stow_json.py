@@ -14,8 +14,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import generate_frames
+from starlette.applications import Starlette
 
 from dicomweb_server import stow_json
+from dicomweb_server.audit import ARCHIVE_FAULT
 from dicomweb_server.errors import FailureReason
 from tests.helpers import ROOT, inst_url, make_instance, split_multipart, values
 
@@ -174,10 +176,11 @@ async def test_metadata_part_limit_at_the_edge(
 
 
 async def test_bulk_value_limit_at_the_edge(
-    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A non-pixel bulk data value (here an encapsulated document) is read into the data set:
-    at most MAX_JSON_BULK_VALUE_BYTES, else that instance fails (0xA700)."""
+    at most MAX_JSON_BULK_VALUE_BYTES, else that instance fails (0xA700), a limit the
+    request passed: audited as a refused request, not the archive out of resources."""
     pdf = b"%PDF-1.4 " + b"x" * 991
     docs = []
     for _ in range(2):
@@ -193,6 +196,11 @@ async def test_bulk_value_limit_at_the_edge(
     r = await _post(app_client, _body(docs[1:], ("u:pdf", "application/pdf", pdf)))
     assert r.status_code == 409
     assert values(_seq(r.json(), "00081198")[0], "00081197") == [0xA700]
+    await app.state.audit.flush()
+    rows = await app.state.services.index._fetch(
+        "SELECT detail FROM audit_log WHERE action = 'store_instances' ORDER BY seq DESC LIMIT 1"
+    )
+    assert rows[0]["detail"] == "stored=0 failed=1"  # not ARCHIVE_FAULT: exported 4
 
 
 async def test_study_of_the_url_is_checked(app_client: httpx.AsyncClient) -> None:
@@ -324,10 +332,15 @@ async def test_fewer_fragments_than_frames_is_refused(
 
 @pytest.mark.parametrize(("error", "reason"), [(errno.ENOSPC, 0xA700), (errno.EIO, 0x0110)])
 async def test_assembly_io_errors_follow_the_part10_rule(
-    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, error: int, reason: int
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    error: int,
+    reason: int,
 ) -> None:
     """Writing the assembled file fails as a Part-10 part's spooling does: a full disk is
-    0xA700 (out of resources), any other I/O error 0x0110 (processing failure)."""
+    0xA700 (out of resources), any other I/O error 0x0110 (processing failure); both the
+    archive's failure in the audit trail (ARCHIVE_FAULT: exported 8, as over DIMSE)."""
 
     def failing(*_: object) -> None:
         raise OSError(error, os.strerror(error))
@@ -339,6 +352,11 @@ async def test_assembly_io_errors_follow_the_part10_rule(
     assert r.status_code == 409
     assert values(_seq(r.json(), "00081198")[0], "00081197") == [reason]
     assert os.strerror(error) in r.headers["warning"]
+    await app.state.audit.flush()
+    rows = await app.state.services.index._fetch(
+        "SELECT detail FROM audit_log WHERE action = 'store_instances' ORDER BY seq DESC LIMIT 1"
+    )
+    assert rows[0]["detail"] == f"{ARCHIVE_FAULT}1 not stored; stored=0 failed=1"
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomweb_server.audit import ARCHIVE_FAULT, AuditEvent
+from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse import conversion
@@ -186,7 +186,7 @@ class Handlers:
             # Its association has ended, or is being aborted: not stored, and audited as
             # such (connections.py).
             return status(OUT_OF_RESOURCES, unserved)
-        answer, touched = self._store(event)
+        answer, touched, over_limit = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:
             size = event.dataset_path.stat().st_size
@@ -194,49 +194,67 @@ class Handlers:
             size = 0
         sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         detail = _with_comment(f"sop={sop}", answer)
+        if over_limit:  # first, where no text of the peer's can put it (audit.OVER_LIMIT)
+            detail = f"{OVER_LIMIT}{detail}"
         self._audit(event, "dimse_store", code, [touched] if touched else [], size, detail)
         return answer
 
-    def _store(self, event: Event) -> tuple[int | Dataset, str | None]:
-        """(status, study/series/instance stored or None)."""
+    def _store(self, event: Event) -> tuple[int | Dataset, str | None, bool]:
+        """(status, study/series/instance stored or None, whether refused for a limit the
+        data set passed: a Deflated one inflating past MAX_INFLATED_BYTES, 0xA700 as STOW
+        answers it, the peer's doing and not the archive out of resources)."""
         mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
         if mismatch:
-            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None
+            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None, False
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
             )
         except DicomWebError as exc:  # the database is unreachable: B.2-1 Out of Resources
-            return status(OUT_OF_RESOURCES, exc.message), None
+            return status(OUT_OF_RESOURCES, exc.message), None, False
         except TimeoutError:
-            return status(OUT_OF_RESOURCES, "the archive did not store it in time"), None
+            return status(OUT_OF_RESOURCES, "the archive did not store it in time"), None, False
         except Exception:
             log.exception("C-STORE failed")
-            return status(PROCESSING_FAILURE, "processing failure"), None
+            return status(PROCESSING_FAILURE, "processing failure"), None, False
         if outcome.failure is not None:
             log.info("C-STORE of %s refused: %s", outcome.sop_instance_uid, outcome.reason)
-            return status(int(outcome.failure), outcome.reason), None
+            return status(int(outcome.failure), outcome.reason), None, outcome.over_limit
         # A duplicate of the same bytes is a success too (as with STOW).
         path = outcome.retrieve_path
-        return 0x0000, "/".join(path.split("/")[2::2]) if path else None
+        return 0x0000, "/".join(path.split("/")[2::2]) if path else None, False
 
     def find(self, event: Event) -> Iterator[FindResult]:
         """_find, audited with the status answered: pynetdicom's Success when the matches
         ran out, the failure or Cancel answered instead, UNFINISHED when the association
-        ended first (found by review: a cancelled C-FIND was recorded as a success)."""
-        matches, final = 0, UNFINISHED
+        ended first (found by review: a cancelled C-FIND was recorded as a success). The
+        detail is the query and the match count, then, as a refused C-STORE's, the Error
+        Comment of a failure (found by review: a failed C-FIND said only what was asked)."""
+        matches, last = 0, cast(int | Dataset, UNFINISHED)
         try:
-            for answer, identifier in self._find(event):
+            for answer, identifier in self._find_or_fail(event):
                 if identifier is not None:
                     matches += 1
                 else:
-                    final = answer if isinstance(answer, int) else int(answer.Status)
+                    last = answer
                 yield answer, identifier
-            if final == UNFINISHED:
-                final = 0x0000
+            if isinstance(last, int) and last == UNFINISHED:
+                last = 0x0000
         finally:
-            detail = f"{_identifier_text(event)} matches={matches}"
+            final = last if isinstance(last, int) else int(last.Status)
+            detail = _with_comment(f"{_identifier_text(event)} matches={matches}", last)
             self._audit(event, "dimse_find", final, detail=detail)
+
+    def _find_or_fail(self, event: Event) -> Iterator[FindResult]:
+        """_find, or 0x0110 Processing Failure (PS3.7 C.4.2) once it fails unexpectedly, as
+        a C-STORE does. Found by review: the error reached pynetdicom, which answered 0xC311
+        with no Error Comment, and the audit trail recorded 0xFF00 (the association ended
+        first) and no reason, a refused request (4) where the archive had failed (8)."""
+        try:
+            yield from self._find(event)
+        except Exception:
+            log.exception("C-FIND failed")
+            yield status(PROCESSING_FAILURE, "processing failure"), None
 
     def _find(self, event: Event) -> Iterator[FindResult]:
         """C-FIND: pages through the QIDO search of the identifier; one pending response per

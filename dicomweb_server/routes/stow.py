@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dicomweb_server.audit import ARCHIVE_FAULT
 from dicomweb_server.dicom_json import InstanceOutcome, stow_response
 from dicomweb_server.ingest import StoreInterruptedError, store_parts, stow_status
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, stow_boundary
@@ -61,8 +62,23 @@ async def _response(
     request.state.audit_uids = [
         "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
     ]
+    request.state.audit_detail = _audit_detail(outcomes)
     studies = {o.retrieve_path.split("/")[2] for o in outcomes if o.retrieve_path}
     study_path = f"/studies/{studies.pop()}" if len(studies) == 1 else None
     doc = stow_response(outcomes, base_url(request), study_path)
     reasons = notes + [o.reason for o in outcomes if o.reason][:_MAX_WARNINGS]
     return await model_response(doc, media, status, warning_header(reasons))
+
+
+def _audit_detail(outcomes: list[InstanceOutcome]) -> str:
+    """The audit detail of a STOW some of whose instances failed (else none: the query
+    string's): the counts, and first, where no text of the client's (a query string) can
+    put it, how many failed for the archive's own doing, ARCHIVE_FAULT (a full disk, a
+    processing failure): a 409 so is the archive failing (audit._outcome_indicator), as the
+    same failure of a C-STORE is."""
+    failed = sum(o.failure is not None for o in outcomes)
+    if not failed:
+        return ""
+    counts = f"stored={len(outcomes) - failed} failed={failed}"
+    faults = sum(o.archive_failed for o in outcomes)
+    return f"{ARCHIVE_FAULT}{faults} not stored; {counts}" if faults else counts
