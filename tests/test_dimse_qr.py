@@ -5,6 +5,7 @@ movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -514,7 +515,7 @@ def _counts_add_up(statuses: list[Dataset], total: int) -> None:
 
 
 async def test_a_sub_operation_failed_here_is_listed_and_counted(
-    archive: Archive, peer: Peer
+    archive: Archive, peer: Peer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by review: an instance the archive could not send (its blob lost) was reported
     to pynetdicom as a non-Dataset, which pynetdicom counts as failed without counting it
@@ -550,6 +551,7 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
                 out.append((st, found))
                 if cancel_after is not None and len(out) == cancel_after:
                     assoc.send_c_cancel(9, cx.context_id)
+                    cancel_sent.set()
             return out
         finally:
             assoc.release()
@@ -573,8 +575,22 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
         )
         assert "matched=4 completed=3 warning=0 failed=1" in row["detail"]
 
-    # The lost instance is the first sent (stored first); cancelled after the second.
+    # The lost instance is the first sent (stored first); cancelled after the second. The
+    # third waits until the C-CANCEL is on its way: on a loaded machine the archive sent all
+    # four before it came (a 0xB000, failed once in CI).
+    cancel_sent, sends = threading.Event(), [0]
+    to_send = handlers.Handlers._to_send
+
+    def to_send_third_after_the_cancel(self: Any, inst: Any, retrieval: Any) -> Dataset:
+        sends[0] += 1
+        if sends[0] == 3:
+            cancel_sent.wait(10)
+        return to_send(self, inst, retrieval)
+
+    monkeypatch.setattr(handlers.Handlers, "_to_send", to_send_third_after_the_cancel)
     for kind in ("get", "move"):
+        cancel_sent.clear()
+        sends[0] = 0
         got = await in_thread(retrieve, kind, 2)
         statuses = [st for st, _ in got]
         _counts_add_up(statuses, 4)
