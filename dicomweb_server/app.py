@@ -107,7 +107,13 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             images = ByteLRU(settings.image_cache_bytes)
             frames = ByteLRU(settings.frame_cache_bytes)
             metadata = ByteLRU(settings.metadata_cache_bytes)
-            yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
+            try:
+                yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
+            finally:
+                # Our spool directory goes while our lock is held: left behind, it made every
+                # later start take us for an owner that looks dead and wait RECOVERY_GRACE_S
+                # (Index.dead_owners), though nothing was left to recover.
+                blobs.remove_tmp_of(owner)
     finally:
         await index.close()
         if embedded is not None:

@@ -328,3 +328,21 @@ async def test_a_process_starting_while_a_live_one_has_no_lock_gives_it_time(
         finally:
             await second.close()
             await conn.close()
+
+
+async def test_a_start_after_a_clean_stop_does_not_wait(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stopped cleanly leaves nothing for the next start to recover: that start
+    does not wait RECOVERY_GRACE_S (Index.dead_owners) for it. Its spool directory was
+    left behind (`tmp/<owner>`, made by FileSystemBlobStore whether used or not), so every
+    start, and every CLI command (`apikey`, `audit`, `load`, `reindex`), took the last
+    process for one that looks dead and waited the grace."""
+    monkeypatch.setattr(index_store, "RECOVERY_GRACE_S", 3600.0)
+    async with open_services(settings) as first:
+        assert first.scratch_dir.is_dir()
+    with anyio.fail_after(60):  # far below the grace: the start waited for no one
+        async with open_services(settings) as second:
+            assert [p.name for p in second.scratch_dir.parent.iterdir()] == [
+                str(second.index.owner)
+            ]
