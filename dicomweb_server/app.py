@@ -56,11 +56,11 @@ async def recover(index: Index, blobs: FileSystemBlobStore) -> int:
 
     A process may only look dead: its lock is free, and a live process whose lock
     connection dropped (a database restart) has not taken it again yet. It is given
-    RECOVERY_GRACE_S to (Index.dead_owners). Should it be taken for dead all the same (its
-    lock not taken again by then), its commit stores nothing once its reservation is gone
-    (schema.sql, DW003), so each blob is deleted while its reservation is being dropped
-    (Index.releasing): deleted first and released after, a commit in between found its
-    reservation and stored a row whose file was gone."""
+    RECOVERY_GRACE_S to take it again (Index.dead_owners). Should it be taken for dead all
+    the same (its lock not taken again by then), its commit stores nothing once its
+    reservation is gone (schema.sql, DW003), so each blob is deleted while its reservation is
+    being dropped (Index.releasing): deleted first and released after, a commit in between
+    found its reservation and stored a row whose file was gone."""
     keys = []
     reservations = await index.reservations()
     spooled = blobs.stale_tmp_owners()

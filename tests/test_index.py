@@ -427,3 +427,49 @@ async def test_whether_an_owner_is_dead_is_asked_after_the_lock_connection_dropp
     finally:
         await other.close()
         await index.close()
+
+
+async def test_a_lock_connection_gone_silent_is_replaced_within_seconds(clean_db: str) -> None:
+    """Found by review: the probe of the lock connection waited the whole query timeout
+    (30 s) for an answer. A connection gone silent (a database failover, a network cut: no
+    reset, no answer) kept the lock lost that long, longer than RECOVERY_GRACE_S, so a
+    process starting meanwhile took this live one for dead. Silence is made here by stopping
+    the connection's backend (SIGSTOP): the probe gives up after OWNER_PROBE_TIMEOUT_S and
+    the connection is replaced; once the old backend has ended, the lock is ours again."""
+    import os
+    import signal
+
+    import anyio
+
+    from dicomweb_server.index.store import ADVISORY_LOCK_CLASS, OWNER_PROBE_TIMEOUT_S
+
+    index = await Index.open(clean_db, max_size=2, timeout_s=30)
+    other = await asyncpg.connect(clean_db)
+    pid = 0
+    try:
+        owner = await index.claim_owner(clean_db)
+        first = index._owner_conn
+        assert first is not None
+        backend = pid = first.get_server_pid()
+        if not Path(f"/proc/{pid}").exists():
+            pytest.skip("the database server is not on this machine: its backend cannot be stopped")
+        async with index.keeping_owner():
+            os.kill(pid, signal.SIGSTOP)
+            with anyio.fail_after(3 + OWNER_PROBE_TIMEOUT_S):  # 30 s before the fix
+                while not first.is_closed():
+                    await anyio.sleep(0.05)
+            os.kill(pid, signal.SIGCONT)
+            pid = 0
+            held = (
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1"
+                " AND objid = $2 AND granted AND pid <> $3"
+            )
+            with anyio.fail_after(10):
+                while not await other.fetchval(held, ADVISORY_LOCK_CLASS, owner, backend):
+                    await anyio.sleep(0.05)
+            assert index._owner_conn is not first
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        await other.close()
+        await index.close()

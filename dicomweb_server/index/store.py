@@ -35,7 +35,13 @@ from dicomweb_server.index.pool import (
 from dicomweb_server.index.rows import CommitResult, StoredBlob
 from dicomweb_server.record import InstanceRecord
 
-__all__ = ["ADVISORY_LOCK_CLASS", "OWNER_PROBE_INTERVAL_S", "RECOVERY_GRACE_S", "Store"]
+__all__ = [
+    "ADVISORY_LOCK_CLASS",
+    "OWNER_PROBE_INTERVAL_S",
+    "OWNER_PROBE_TIMEOUT_S",
+    "RECOVERY_GRACE_S",
+    "Store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,11 @@ log = logging.getLogger(__name__)
 ADVISORY_LOCK_CLASS = 0x44434D57
 # Seconds between liveness probes of the connection that holds the process lock.
 OWNER_PROBE_INTERVAL_S = 1.0
+# Seconds a probe (SELECT 1) may take before its connection is taken for dead and replaced:
+# one gone silent (a database failover, a network cut) did not answer for the whole query
+# timeout, 30 s, which the lock stayed lost for. With this, a live process takes its lock
+# again within about two seconds of its connection's end, inside RECOVERY_GRACE_S.
+OWNER_PROBE_TIMEOUT_S = OWNER_PROBE_INTERVAL_S
 # Seconds a process whose lock is free is given to take it again before it is taken for dead
 # (`dead_owners`): a live one whose lock connection dropped (a database restart, an
 # idle-session timeout) takes it again within a probe interval (`keeping_owner`), and one
@@ -175,7 +186,7 @@ class Store(Pooled):
             if now - self._owner_checked < OWNER_PROBE_INTERVAL_S:
                 return
             try:
-                await self._owner_conn.fetchval("SELECT 1", timeout=self._timeout)
+                await self._owner_conn.fetchval("SELECT 1", timeout=OWNER_PROBE_TIMEOUT_S)
                 self._owner_checked = now
                 return
             except Exception:
