@@ -247,7 +247,8 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     if "," in value:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} mixes values separated by `\\` (all must match, as"
-            " multiplevaluematching=true asks) with `,` (any may match); use one separator"
+            " multiplevaluematching=true asks) with `,` or the key given again (any may"
+            " match); use one of the two"
         )
     values = tuple(dict.fromkeys(v.strip() for v in value.split("\\") if v.strip()))
     if not values:  # only separators: nothing to match on

@@ -220,7 +220,7 @@ def _not_returned(key: str, tag: int, level: Level, path_uids: Mapping[Level, st
 def _matches(
     raw: Mapping[str, list[str]], level: Level, fuzzy: bool, multiple: bool, warnings: list[str]
 ) -> tuple[Match, ...]:
-    matches: list[Match] = []
+    tops: dict[Attribute, list[str]] = {}  # values by key, named by keyword or by tag
     items: dict[Attribute, dict[Attribute, ItemMatch]] = {}  # by sequence, then key
     for key, values in raw.items():
         try:
@@ -228,18 +228,22 @@ def _matches(
         except _Unsupported as exc:
             warnings.append(exc.message)
             continue
+        if seq is None:
+            tops.setdefault(attr, []).extend(values)
+            continue
+        keys = items.setdefault(seq, {})
+        if len(values) > 1 or attr in keys:  # again, or by keyword and by tag
+            raise BadRequestError(f"{seq.keyword}.{attr.keyword} is given twice; give it once")
+        keys[attr] = item_match(attr, values[0])
+    for attr, values in tops.items():
         # A list key given again adds to its list: dicomweb-client sends a Python list in
         # search_filters as the key repeated (`ModalitiesInStudy=CT&ModalitiesInStudy=MR`).
         # Any other key given twice would drop one of its values silently.
         if len(values) > 1 and not is_listed(attr):
-            raise BadRequestError(f"{key} is given {len(values)} times; give it once")
-        if seq is None:
-            matches.append(value_match(attr, ",".join(values), fuzzy, multiple))
-            continue
-        keys = items.setdefault(seq, {})
-        if attr in keys:  # the same key by keyword and by tag
-            raise BadRequestError(f"{seq.keyword}.{attr.keyword} is given twice; give it once")
-        keys[attr] = item_match(attr, values[0])
+            raise BadRequestError(f"{attr.keyword} is given {len(values)} times; give it once")
+    matches: list[Match] = [
+        value_match(attr, ",".join(values), fuzzy, multiple) for attr, values in tops.items()
+    ]
     matches += [SequenceMatch(seq, tuple(keys.values())) for seq, keys in items.items()]
     return tuple(matches)
 

@@ -189,7 +189,7 @@ async def test_instance_search_across_series(archive: Archive) -> None:
         ("/series", {"RequestAttributesSequence": "x"}, "is a sequence"),
         ("/series", {"RequestAttributesSequence": ""}, "is a sequence"),
         ("/series", [(SPS, "A"), ("00400275.00400009", "B")], "given twice"),
-        ("/series", [(SPS, "A"), (SPS, "B")], "given 2 times"),
+        ("/series", [(SPS, "A"), (SPS, "B")], "given twice"),
         ("/studies", {SPS: "x"}, "series-level"),
         ("/studies", {SPS: ""}, "series-level"),
         ("/series", {SPS: "x" * 2000}, "longer than"),

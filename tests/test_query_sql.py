@@ -179,7 +179,7 @@ def test_without_multiple_value_matching_a_list_is_any_value(flag: list[tuple[st
         ("CT\\P*", "shall not include wild cards"),
         ("C?\\PT", "shall not include wild cards"),
         ("CT\\*", "shall not include wild cards"),
-        ("CT\\PT,MR", "use one separator"),
+        ("CT\\PT,MR", "or the key given again"),
     ],
 )
 def test_multiple_value_matching_refuses_wildcards_and_mixed_lists(value: str, reason: str) -> None:
@@ -255,6 +255,21 @@ def test_paging_given_twice_must_agree(key: str) -> None:
         parse(Level.STUDY, [(key, "10"), (key, "20")], {})
     query = parse(Level.STUDY, [(key, "10"), (key, "10")], {})
     assert getattr(query, key) == 10
+
+
+def test_a_key_given_by_keyword_and_by_tag_is_one_key() -> None:
+    """Found by review: a key named once by keyword and once by tag made two matches, both
+    to hold: a 400 was what the same keyword given twice got, and a list key's values were
+    ANDed where repeating it ORs them. Now one key: a list key's values join its list, any
+    other key given twice is a 400 whichever way it is named."""
+    (m,) = parse(Level.STUDY, [("ModalitiesInStudy", "CT"), ("00080061", "MR")], {}).matches
+    assert m == UidListMatch(m.attr, ("CT", "MR"))
+    uids = [("StudyInstanceUID", "1.2"), ("0020000D", "1.3")]
+    (m,) = parse(Level.STUDY, uids, {}).matches
+    assert m == UidListMatch(m.attr, ("1.2", "1.3"))
+    for params in ([("PatientID", "A"), ("00100020", "B")], [("00100020", "A"), ("00100020", "B")]):
+        with pytest.raises(BadRequestError, match="PatientID is given 2 times; give it once"):
+            parse(Level.STUDY, params, {})
 
 
 def test_like_escaping() -> None:
