@@ -103,7 +103,6 @@ def _walk(
             # "Group Length (gggg,0000) attributes shall not be included" (PS3.18 F.2.2).
             continue
         key = tag_hex(tag)
-        path = prefix + key
         # A deferred value stays unread here: bulk data is never read to be described.
         item = ds.get_item(tag, keep_deferred=True)
         if fast and isinstance(item, RawDataElement) and item.value is not None:
@@ -111,36 +110,46 @@ def _walk(
             if simple is not None:
                 out[key] = simple
                 continue
-        if _is_deferred_bulk(tag, item):
-            assert isinstance(item, RawDataElement)
-            out[key] = {"vr": raw_vr(tag, item), "BulkDataURI": bulk_uri(path)}
-            continue
-        if isinstance(item, RawDataElement) and raw_vr(tag, item) in NUMBER_STRING_VRS:
-            # Ours on either path, not pydicom's, which refuses values it cannot convert.
-            if item.value is None and item.length:  # deferred: a long multi-valued DS
-                item = read_deferred_data_element(
-                    ds.fileobj_type, ds.filename or ds.buffer, ds.timestamp, item
-                )
-            out[key] = number_string_json(raw_vr(tag, item), item.value or b"")
-            continue
-        elem = ds[tag]
-        if elem.VR in NUMBER_STRING_VRS:
-            out[key] = _number_string_element(elem)
-            continue
-        if elem.VR == "SQ":
-            items = [
-                _walk(sub, f"{path}/{i}/", bulk_uri, threshold, fast)
-                for i, sub in enumerate(elem.value)
-            ]
-            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-        elif elem.VR == "PN":
-            out[key] = _person_name_element(elem)
-        else:
-            entry = _json_values(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
-            if ds.original_encoding[1] is False and "InlineBinary" in entry:
-                entry["InlineBinary"] = _little_endian_base64(elem)
-            out[key] = entry
+        out[key] = _element_json(ds, tag, item, prefix + key, bulk_uri, threshold, fast)
     return out
+
+
+def _element_json(
+    ds: Dataset,
+    tag: int,
+    item: DataElement | RawDataElement,
+    path: str,
+    bulk_uri: Callable[[str], str],
+    threshold: int,
+    fast: bool,
+) -> JsonDict:
+    """The DICOM JSON of an element of `ds` that _walk's fast path (simple_json) left: bulk
+    data, DS and IS, sequences (walked, at `path`), person names, and pydicom's for the rest."""
+    if _is_deferred_bulk(tag, item):
+        assert isinstance(item, RawDataElement)
+        return {"vr": raw_vr(tag, item), "BulkDataURI": bulk_uri(path)}
+    if isinstance(item, RawDataElement) and raw_vr(tag, item) in NUMBER_STRING_VRS:
+        # Ours on either path, not pydicom's, which refuses values it cannot convert.
+        if item.value is None and item.length:  # deferred: a long multi-valued DS
+            item = read_deferred_data_element(
+                ds.fileobj_type, ds.filename or ds.buffer, ds.timestamp, item
+            )
+        return number_string_json(raw_vr(tag, item), item.value or b"")
+    elem = ds[tag]
+    if elem.VR in NUMBER_STRING_VRS:
+        return _number_string_element(elem)
+    if elem.VR == "SQ":
+        items = [
+            _walk(sub, f"{path}/{i}/", bulk_uri, threshold, fast)
+            for i, sub in enumerate(elem.value)
+        ]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    if elem.VR == "PN":
+        return _person_name_element(elem)
+    entry = _json_values(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
+    if ds.original_encoding[1] is False and "InlineBinary" in entry:
+        entry["InlineBinary"] = _little_endian_base64(elem)
+    return entry
 
 
 def _json_values(entry: JsonDict) -> JsonDict:
