@@ -267,10 +267,8 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
         if not value:
             return {"vr": vr}
         numbers = struct.unpack(f"<{len(value) // size}{fmt}", value)
-        if fmt in "fd":
-            return {"vr": vr, "Value": [_float_json(n) for n in numbers]}
-        if fmt in "qQ":
-            return {"vr": vr, "Value": [_integer_json(n) for n in numbers]}
+        if fmt in "fdqQ":  # FL, FD, SV, UV: JSON cannot hold every value as it is
+            return {"vr": vr, "Value": list(map(_WIDE_NUMBER_JSON[vr], numbers))}
         return {"vr": vr, "Value": list(numbers)}
     if vr not in _TEXT_VRS and vr != "PN":
         return None
@@ -283,10 +281,7 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
     items = text.split("\\")
     if any(v != v.strip() for v in items):
         return None
-    if "" in items:  # an empty value among several (PS3.18 F.2.5)
-        values: list[Any] = [v or None for v in items]
-    else:
-        values = items
+    values: list[Any] = [v or None for v in items] if "" in items else items  # PS3.18 F.2.5
     if vr in _TEXT_VRS:
         return {"vr": vr, "Value": values}
     if "=" in text:
@@ -354,6 +349,15 @@ def _integer_json(n: int) -> int | str:
     """An SV or UV value: a JSON Number when a reader holding numbers as IEEE 754 doubles
     (JavaScript) keeps it exactly, else its decimal string (PS3.18 F.2.3)."""
     return n if -JSON_EXACT_INTEGER <= n <= JSON_EXACT_INTEGER else str(n)
+
+
+# The binary numbers JSON cannot hold exactly as they are (simple_json).
+_WIDE_NUMBER_JSON: dict[str, Callable[[Any], float | int | str]] = {
+    "FL": _float_json,
+    "FD": _float_json,
+    "SV": _integer_json,
+    "UV": _integer_json,
+}
 
 
 def _uri_for(bulk_uri: Callable[[str], str], path: str) -> Callable[[DataElement], str]:
