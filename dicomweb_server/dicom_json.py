@@ -194,7 +194,13 @@ def _little_endian_base64(elem: DataElement) -> str:
     return base64.b64encode(swapped_words(bytes(elem.value), str(elem.VR))).decode("ascii")
 
 
-# The VRs `simple_json` renders straight from the raw bytes, and how (see there).
+# The VRs `simple_json` renders straight from the raw bytes, the fast path of the DICOM JSON
+# walk: pydicom converts each element to a DataElement and then to JSON; for the dozens of
+# short text and number elements of a typical header that is most of the cost of a STOW's
+# parse. Only the plain cases are: a VR from these tables, a value of printable ASCII (the same
+# characters in every DICOM character set, PS3.5 6.1) and no leading or trailing spaces inside
+# a multi-value. Anything else goes through pydicom (tests/test_dicom_json.py checks both give
+# the same JSON on the sample corpus).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
 # String VRs that may hold several values (PS3.5 6.4): an empty one among them is null.
 _MULTI_TEXT_VRS = _TEXT_VRS | {"UC"}
@@ -240,19 +246,11 @@ _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
-    """The DICOM JSON of a common element read from its raw bytes, or None to let pydicom do it.
-
-    pydicom converts each element to a DataElement and then to JSON; for the dozens of short
-    text and number elements of a typical header that is most of the cost of a STOW's parse.
-    Only the plain cases are handled here: a VR from the table above, a value of
-    printable ASCII (the same characters in every DICOM character set, PS3.5 6.1) and no
-    leading or trailing spaces inside a multi-value; an empty value among several is null
-    (PS3.18 F.2.5). Anything else goes
-    through pydicom (tests/test_dicom_json.py checks both give the same JSON on the sample
-    corpus). DS and IS are always rendered here (number_string_json), binary numbers that JSON
-    cannot hold exactly as strings (_float_json, _integer_json). An element of an implicit VR
-    data set (no VR in the file) takes its VR from the data dictionary when that is unambiguous.
-    """
+    """The DICOM JSON of a common element read from its raw bytes, or None to let pydicom do it
+    (the plain cases only: see the comment at _TEXT_VRS). An empty value among several is null
+    (PS3.18 F.2.5); DS and IS are always rendered here (number_string_json), binary numbers
+    that JSON cannot hold exactly as strings (_float_json, _integer_json). In an implicit VR
+    data set, an element takes its VR from the data dictionary when unambiguous (_implicit_vr)."""
     vr = raw.VR or _implicit_vr(raw.tag)
     value = raw.value
     if vr is None or not isinstance(value, bytes):
