@@ -97,15 +97,8 @@ async def bulk_payload(
         for path in paths:
             if pixel_only and path not in PIXEL_DATA_PATHS:
                 continue
-            plans = None
             try:
-                if path == _PIXEL_DATA and encapsulated_pixels(inst):
-                    plans = pixel_data_plan(inst, accept)
-                elif path == _PIXEL_DATA and inst.number_of_frames > 0 and not plain_ok:
-                    frame_media(inst, accept)  # 406 unless the frames go in a type accepted
-                    plans = [AS_FRAMES]
-                elif not plain_ok:
-                    raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+                plans = _plans(inst, path, accept, plain_ok)
             except NotAcceptableError as exc:  # TranscodeError included
                 payload.leave_out(exc.message)
                 continue
@@ -115,6 +108,19 @@ async def bulk_payload(
     if values:
         payload.parts = _parts(svc, base_url, values, accept, payload)
     return payload
+
+
+def _plans(inst: StoredInstance, path: str, accept: str | None, plain_ok: bool) -> list[str] | None:
+    """How the value at `path` can be sent as a type the client accepts (bulk_payload): the
+    Pixel Data's plans, None for the value as stored; NotAcceptableError when it cannot be."""
+    if path == _PIXEL_DATA and encapsulated_pixels(inst):
+        return pixel_data_plan(inst, accept)
+    if path == _PIXEL_DATA and inst.number_of_frames > 0 and not plain_ok:
+        frame_media(inst, accept)  # 406 unless the frames go in a type accepted
+        return [AS_FRAMES]
+    if not plain_ok:
+        raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+    return None
 
 
 async def _parts(

@@ -103,7 +103,6 @@ def _walk(
             # "Group Length (gggg,0000) attributes shall not be included" (PS3.18 F.2.2).
             continue
         key = tag_hex(tag)
-        path = prefix + key
         # A deferred value stays unread here: bulk data is never read to be described.
         item = ds.get_item(tag, keep_deferred=True)
         if fast and isinstance(item, RawDataElement) and item.value is not None:
@@ -111,36 +110,46 @@ def _walk(
             if simple is not None:
                 out[key] = simple
                 continue
-        if _is_deferred_bulk(tag, item):
-            assert isinstance(item, RawDataElement)
-            out[key] = {"vr": raw_vr(tag, item), "BulkDataURI": bulk_uri(path)}
-            continue
-        if isinstance(item, RawDataElement) and raw_vr(tag, item) in NUMBER_STRING_VRS:
-            # Ours on either path, not pydicom's, which refuses values it cannot convert.
-            if item.value is None and item.length:  # deferred: a long multi-valued DS
-                item = read_deferred_data_element(
-                    ds.fileobj_type, ds.filename or ds.buffer, ds.timestamp, item
-                )
-            out[key] = number_string_json(raw_vr(tag, item), item.value or b"")
-            continue
-        elem = ds[tag]
-        if elem.VR in NUMBER_STRING_VRS:
-            out[key] = _number_string_element(elem)
-            continue
-        if elem.VR == "SQ":
-            items = [
-                _walk(sub, f"{path}/{i}/", bulk_uri, threshold, fast)
-                for i, sub in enumerate(elem.value)
-            ]
-            out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-        elif elem.VR == "PN":
-            out[key] = _person_name_element(elem)
-        else:
-            entry = _json_values(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
-            if ds.original_encoding[1] is False and "InlineBinary" in entry:
-                entry["InlineBinary"] = _little_endian_base64(elem)
-            out[key] = entry
+        out[key] = _element_json(ds, tag, item, prefix + key, bulk_uri, threshold, fast)
     return out
+
+
+def _element_json(
+    ds: Dataset,
+    tag: int,
+    item: DataElement | RawDataElement,
+    path: str,
+    bulk_uri: Callable[[str], str],
+    threshold: int,
+    fast: bool,
+) -> JsonDict:
+    """The DICOM JSON of an element of `ds` that _walk's fast path (simple_json) left: bulk
+    data, DS and IS, sequences (walked, at `path`), person names, and pydicom's for the rest."""
+    if _is_deferred_bulk(tag, item):
+        assert isinstance(item, RawDataElement)
+        return {"vr": raw_vr(tag, item), "BulkDataURI": bulk_uri(path)}
+    if isinstance(item, RawDataElement) and raw_vr(tag, item) in NUMBER_STRING_VRS:
+        # Ours on either path, not pydicom's, which refuses values it cannot convert.
+        if item.value is None and item.length:  # deferred: a long multi-valued DS
+            item = read_deferred_data_element(
+                ds.fileobj_type, ds.filename or ds.buffer, ds.timestamp, item
+            )
+        return number_string_json(raw_vr(tag, item), item.value or b"")
+    elem = ds[tag]
+    if elem.VR in NUMBER_STRING_VRS:
+        return _number_string_element(elem)
+    if elem.VR == "SQ":
+        items = [
+            _walk(sub, f"{path}/{i}/", bulk_uri, threshold, fast)
+            for i, sub in enumerate(elem.value)
+        ]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    if elem.VR == "PN":
+        return _person_name_element(elem)
+    entry = _json_values(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
+    if ds.original_encoding[1] is False and "InlineBinary" in entry:
+        entry["InlineBinary"] = _little_endian_base64(elem)
+    return entry
 
 
 def _json_values(entry: JsonDict) -> JsonDict:
@@ -185,7 +194,13 @@ def _little_endian_base64(elem: DataElement) -> str:
     return base64.b64encode(swapped_words(bytes(elem.value), str(elem.VR))).decode("ascii")
 
 
-# The VRs `simple_json` renders straight from the raw bytes, and how (see there).
+# The VRs `simple_json` renders straight from the raw bytes, the fast path of the DICOM JSON
+# walk: pydicom converts each element to a DataElement and then to JSON; for the dozens of
+# short text and number elements of a typical header that is most of the cost of a STOW's
+# parse. Only the plain cases are: a VR from these tables, a value of printable ASCII (the same
+# characters in every DICOM character set, PS3.5 6.1) and no leading or trailing spaces inside
+# a multi-value. Anything else goes through pydicom (tests/test_dicom_json.py checks both give
+# the same JSON on the sample corpus).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
 # String VRs that may hold several values (PS3.5 6.4): an empty one among them is null.
 _MULTI_TEXT_VRS = _TEXT_VRS | {"UC"}
@@ -231,19 +246,11 @@ _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
-    """The DICOM JSON of a common element read from its raw bytes, or None to let pydicom do it.
-
-    pydicom converts each element to a DataElement and then to JSON; for the dozens of short
-    text and number elements of a typical header that is most of the cost of a STOW's parse.
-    Only the plain cases are handled here: a VR from the table above, a value of
-    printable ASCII (the same characters in every DICOM character set, PS3.5 6.1) and no
-    leading or trailing spaces inside a multi-value; an empty value among several is null
-    (PS3.18 F.2.5). Anything else goes
-    through pydicom (tests/test_dicom_json.py checks both give the same JSON on the sample
-    corpus). DS and IS are always rendered here (number_string_json), binary numbers that JSON
-    cannot hold exactly as strings (_float_json, _integer_json). An element of an implicit VR
-    data set (no VR in the file) takes its VR from the data dictionary when that is unambiguous.
-    """
+    """The DICOM JSON of a common element read from its raw bytes, or None to let pydicom do it
+    (the plain cases only: see the comment at _TEXT_VRS). An empty value among several is null
+    (PS3.18 F.2.5); DS and IS are always rendered here (number_string_json), binary numbers
+    that JSON cannot hold exactly as strings (_float_json, _integer_json). In an implicit VR
+    data set, an element takes its VR from the data dictionary when unambiguous (_implicit_vr)."""
     vr = raw.VR or _implicit_vr(raw.tag)
     value = raw.value
     if vr is None or not isinstance(value, bytes):
@@ -258,10 +265,8 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
         if not value:
             return {"vr": vr}
         numbers = struct.unpack(f"<{len(value) // size}{fmt}", value)
-        if fmt in "fd":
-            return {"vr": vr, "Value": [_float_json(n) for n in numbers]}
-        if fmt in "qQ":
-            return {"vr": vr, "Value": [_integer_json(n) for n in numbers]}
+        if fmt in "fdqQ":  # FL, FD, SV, UV: JSON cannot hold every value as it is
+            return {"vr": vr, "Value": list(map(_WIDE_NUMBER_JSON[vr], numbers))}
         return {"vr": vr, "Value": list(numbers)}
     if vr not in _TEXT_VRS and vr != "PN":
         return None
@@ -274,10 +279,7 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
     items = text.split("\\")
     if any(v != v.strip() for v in items):
         return None
-    if "" in items:  # an empty value among several (PS3.18 F.2.5)
-        values: list[Any] = [v or None for v in items]
-    else:
-        values = items
+    values: list[Any] = [v or None for v in items] if "" in items else items  # PS3.18 F.2.5
     if vr in _TEXT_VRS:
         return {"vr": vr, "Value": values}
     if "=" in text:
@@ -345,6 +347,15 @@ def _integer_json(n: int) -> int | str:
     """An SV or UV value: a JSON Number when a reader holding numbers as IEEE 754 doubles
     (JavaScript) keeps it exactly, else its decimal string (PS3.18 F.2.3)."""
     return n if -JSON_EXACT_INTEGER <= n <= JSON_EXACT_INTEGER else str(n)
+
+
+# The binary numbers JSON cannot hold exactly as they are (simple_json).
+_WIDE_NUMBER_JSON: dict[str, Callable[[Any], float | int | str]] = {
+    "FL": _float_json,
+    "FD": _float_json,
+    "SV": _integer_json,
+    "UV": _integer_json,
+}
 
 
 def _uri_for(bulk_uri: Callable[[str], str], path: str) -> Callable[[DataElement], str]:

@@ -324,20 +324,32 @@ async def store_file(
             placed, uids = True, (exc.sop_class, exc.sop)
             await _discard_quietly(ctx, writer)
             raise exc.error from None
-        placed = True
-        uids = (parsed.uids[0], parsed.uids[1])
+        placed, uids = True, (parsed.uids[0], parsed.uids[1])
         if turn is not None:
             await turn(parsed.uids[1])
         return await _commit(parsed, writer, key, ctx)
     except OSError as exc:
-        log.exception("storing %s failed", uids[1] or writer.path.name)
-        await _undo(ctx, writer, key, placed)
-        reason = _out_of_resources(exc)
-        return InstanceOutcome(*uids, reason, reason=f"storage error: {exc.strerror}")
+        return await _storage_error(ctx, writer, key, placed, uids, exc)
     except BaseException:  # cancelled, or the index unavailable (503): nothing may leak
         with anyio.CancelScope(shield=True):
             await _undo(ctx, writer, key, placed)
         raise
+
+
+async def _storage_error(
+    ctx: Services,
+    writer: BlobWriter,
+    key: str | None,
+    placed: bool,
+    uids: tuple[str | None, str | None],
+    exc: OSError,
+) -> InstanceOutcome:
+    """The outcome of a store that met an I/O error (store_file, in its `except`: logged with
+    the traceback), rolled back: 0xA700 for a full disk or quota, else 0x0110."""
+    log.exception("storing %s failed", uids[1] or writer.path.name)
+    await _undo(ctx, writer, key, placed)
+    reason = _out_of_resources(exc)
+    return InstanceOutcome(*uids, reason, reason=f"storage error: {exc.strerror}")
 
 
 async def _refused_outcome(

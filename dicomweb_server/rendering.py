@@ -64,6 +64,13 @@ async def rendered_image(
             break
         with contextlib.suppress(_Abandoned):  # its request went away: make it here
             return await asyncio.shield(making)
+    return await _made_here(svc, job, key)
+
+
+async def _made_here(svc: Services, job: _Job, key: tuple[object, ...]) -> bytes:
+    """rendered_image when neither the cache nor a request making it has the image: made
+    here, its future in _MAKING for the requests asking meanwhile. Called with nothing
+    awaited since the cache was looked up, so none can have begun making it meanwhile."""
     flight = (id(svc.images), key)
     making = _MAKING[flight] = asyncio.get_running_loop().create_future()
     try:

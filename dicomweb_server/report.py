@@ -130,20 +130,36 @@ def render_report(path: Path, media: str) -> bytes:
     if budget[0] <= 0:
         lines.append((0, "", "(more content items, not shown)"))
     if media == "text/plain":
-        out = [title, "=" * len(title)]
-        out += [f"{k}: {v}" for k, v in _header(ds)]
-        out.append("")
-        for depth, name, value in lines:
-            text = f"{name}: {value}" if name and value else name or value
-            # continuation lines of a multi-line TEXT value indented as their item
-            out.append("  " * depth + text.replace("\n", "\n" + "  " * (depth + 1)))
-        return ("\n".join(out) + "\n").encode("utf-8")
+        return _plain_report(title, _header(ds), lines)
+    return _html_report(title, _header(ds), lines)
+
+
+def _plain_report(
+    title: str, header: list[tuple[str, str]], lines: list[tuple[int, str, str]]
+) -> bytes:
+    """render_report as text/plain: the title underlined, the header, the content items
+    indented by depth."""
+    out = [title, "=" * len(title)]
+    out += [f"{k}: {v}" for k, v in header]
+    out.append("")
+    for depth, name, value in lines:
+        text = f"{name}: {value}" if name and value else name or value
+        # continuation lines of a multi-line TEXT value indented as their item
+        out.append("  " * depth + text.replace("\n", "\n" + "  " * (depth + 1)))
+    return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def _html_report(
+    title: str, header: list[tuple[str, str]], lines: list[tuple[int, str, str]]
+) -> bytes:
+    """render_report as text/html: the header a definition list, the content items nested
+    lists."""
     esc = html.escape
     parts = [
         '<!doctype html>\n<html><head><meta charset="utf-8">',
         f"<title>{esc(title)}</title></head><body>",
         f"<h1>{esc(title)}</h1><dl>",
-        *(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in _header(ds)),
+        *(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in header),
         "</dl>",
     ]
     level = 0

@@ -305,10 +305,7 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out:
         ts = _syntax_of(parts, ds) if parts else EXPLICIT_VR_LITTLE_ENDIAN
         head = Dataset({t: e for t, e in ds.items() if not parts or t < 0x7FE00010})
         tail = Dataset({t: e for t, e in ds.items() if parts and t > 0x7FE00010})
-        head.file_meta = FileMetaDataset()
-        head.file_meta.TransferSyntaxUID = UID(ts)
-        head.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
-        head.file_meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+        head.file_meta = _file_meta(ts, ds)
         encoded = DicomBytesIO()
         pydicom.dcmwrite(encoded, head, enforce_file_format=True)
         pixel_header = _pixel_header(parts, ts, ds) if parts else b""
@@ -327,6 +324,16 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out:
             fh.write(pixel_header)
             _write_pixel_values(fh, parts, ts)
         fh.write(after.getvalue())
+
+
+def _file_meta(ts: str, ds: Dataset) -> FileMetaDataset:
+    """The File Meta Information _assemble writes: the transfer syntax, and the SOP Class and
+    Instance UIDs of the data set (empty when it has none)."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = UID(ts)
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    return meta
 
 
 def _bulk_reader(bulk: dict[str, list[_Bulk]], budget: _Budget) -> Any:

@@ -59,6 +59,7 @@ from pynetdicom.pdu import (
     A_RELEASE_RQ,
     P_DATA_TF,
 )
+from pynetdicom.pdu_items import PresentationDataValueItem
 
 from dicomweb_server.audit import OVER_LIMIT, AuditEvent
 from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES, UNFINISHED
@@ -207,8 +208,14 @@ class Connections:
         if link.too_large:
             del items[:]
             return
-        if link.ending:
-            return
+        if not link.ending:
+            self._count_data_set(event, link, items)
+
+    def _count_data_set(
+        self, event: Event, link: Link, items: list[PresentationDataValueItem]
+    ) -> None:
+        """limit_data_set's count of the data set bytes of one P-DATA-TF's values; the values
+        from the one that passes the limit on are dropped, and the association aborted."""
         size = link.receiving
         for n, pdv in enumerate(items):
             value = pdv.presentation_data_value or b"\x00"

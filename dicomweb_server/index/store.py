@@ -181,19 +181,41 @@ class Store(Pooled):
             await self._ensure_owner_locked()
 
     async def _ensure_owner_locked(self) -> None:
+        if await self._owner_alive():
+            return
+        conn = await self._lock_connection()
+        self._owner_conn = conn
+        self._owner_checked = time.monotonic()
+        # While the lock was not held, another process may have rolled back our reservations:
+        # the spare keys are dropped (their rows too, if still there) and reserved afresh.
+        spare, self._spare = self._spare, []
+        if spare:
+            with contextlib.suppress(ServiceUnavailableError):  # else at our next start
+                await self._execute(
+                    "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
+                )
+
+    async def _owner_alive(self) -> bool:
+        """Whether the lock connection is open and answered within OWNER_PROBE_INTERVAL_S
+        (asked now if not). One that does not answer is terminated: its lock is taken again."""
         now = time.monotonic()
-        if self._owner_conn is not None and not self._owner_conn.is_closed():
-            if now - self._owner_checked < OWNER_PROBE_INTERVAL_S:
-                return
-            try:
-                await self._owner_conn.fetchval("SELECT 1", timeout=OWNER_PROBE_TIMEOUT_S)
-                self._owner_checked = now
-                return
-            except Exception:
-                # Not only UNAVAILABLE: a probe meeting the connection's end can also get
-                # asyncpg's InternalClientError ("cannot switch to state ..."). A connection
-                # that cannot answer SELECT 1 is not trusted with the lock: taken again below.
-                self._owner_conn.terminate()
+        if self._owner_conn is None or self._owner_conn.is_closed():
+            return False
+        if now - self._owner_checked < OWNER_PROBE_INTERVAL_S:
+            return True
+        try:
+            await self._owner_conn.fetchval("SELECT 1", timeout=OWNER_PROBE_TIMEOUT_S)
+            self._owner_checked = now
+            return True
+        except Exception:
+            # Not only UNAVAILABLE: a probe meeting the connection's end can also get
+            # asyncpg's InternalClientError ("cannot switch to state ..."). A connection
+            # that cannot answer SELECT 1 is not trusted with the lock: taken again.
+            self._owner_conn.terminate()
+        return False
+
+    async def _lock_connection(self) -> Connection:
+        """A new connection holding our process lock (_ensure_owner_locked), or 503."""
         conn = None
         try:
             conn = await connect(self._dsn)
@@ -217,16 +239,7 @@ class Store(Pooled):
                 "the process lock is held elsewhere for the moment; try again",
                 headers={"Retry-After": "1"},
             )
-        self._owner_conn = conn
-        self._owner_checked = time.monotonic()
-        # While the lock was not held, another process may have rolled back our reservations:
-        # the spare keys are dropped (their rows too, if still there) and reserved afresh.
-        spare, self._spare = self._spare, []
-        if spare:
-            with contextlib.suppress(ServiceUnavailableError):  # else at our next start
-                await self._execute(
-                    "DELETE FROM blob_reservation WHERE blob_key = ANY($1::text[])", spare
-                )
+        return conn
 
     async def reserve(self, blob_key: str) -> None:
         await self._ensure_owner()

@@ -100,12 +100,18 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
             plans.append(AS_FRAMES)  # an image type: the frames resource's negotiation
     plans = list(dict.fromkeys(plans))
     if not plans:
-        raise TranscodeError(
-            'acceptable: multipart/related; type="application/octet-stream" (the Pixel Data '
-            "uncompressed), with transfer-syntax=* (its frames as stored), or an image type"
-            + (f"; the Pixel Data cannot be decoded: {why}" if why else "")
-        )
+        raise _no_plan(why)
     return plans
+
+
+def _no_plan(why: str) -> TranscodeError:
+    """The 406 of pixel_data_plan: what is acceptable, and why the Pixel Data could not be
+    decoded when that left out its uncompressed value."""
+    return TranscodeError(
+        'acceptable: multipart/related; type="application/octet-stream" (the Pixel Data '
+        "uncompressed), with transfer-syntax=* (its frames as stored), or an image type"
+        + (f"; the Pixel Data cannot be decoded: {why}" if why else "")
+    )
 
 
 def _uncompressed_form(info: PixelInfo | None) -> str | None:

@@ -396,17 +396,7 @@ async def ranged_response(request: Request, value: Sized, part_type: str | None)
     whole response and of a HEAD. Frames and bulk data carry no validator, so a request with
     If-Range gets the whole body (RFC 9110 13.1.5).
     """
-    headers = {"Accept-Ranges": "bytes"}
-    if part_type is None:  # single part: the value's headers are the response's
-        head, tail = b"", b""
-        media_type = value.headers["Content-Type"]
-        headers.update((k, v) for k, v in value.headers.items() if k != "Content-Type")
-    else:
-        url = request.url
-        parts = [f"{name}: {text}" for name, text in value.headers.items()]
-        boundary = stable_boundary(value.secret, url.path, url.query, *parts, str(value.length))
-        head, tail = one_part_frame(value.headers, boundary)
-        media_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    head, tail, media_type, headers = _framing(request, value, part_type)
     total = len(head) + value.length + len(tail)
     header = None if "if-range" in request.headers else request.headers.get("range")
     span = byte_range(header, total)
@@ -424,6 +414,23 @@ async def ranged_response(request: Request, value: Sized, part_type: str | None)
     return StreamedResponse(
         await _started(chunks), status_code=status, media_type=media_type, headers=headers
     )
+
+
+def _framing(
+    request: Request, value: Sized, part_type: str | None
+) -> tuple[bytes, bytes, str, dict[str, str]]:
+    """What comes before and after the value in the body of ranged_response, its media type,
+    and the headers that go with it (Accept-Ranges first)."""
+    headers = {"Accept-Ranges": "bytes"}
+    if part_type is None:  # single part: the value's headers are the response's
+        media_type = value.headers["Content-Type"]
+        headers.update((k, v) for k, v in value.headers.items() if k != "Content-Type")
+        return b"", b"", media_type, headers
+    url = request.url
+    parts = [f"{name}: {text}" for name, text in value.headers.items()]
+    boundary = stable_boundary(value.secret, url.path, url.query, *parts, str(value.length))
+    head, tail = one_part_frame(value.headers, boundary)
+    return head, tail, f'multipart/related; type="{part_type}"; boundary={boundary}', headers
 
 
 async def _body_slice(

@@ -382,29 +382,7 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
     if not codec.accepts(info):  # e.g. 1-bit or float data to a codec (available_targets)
         raise ValueError(f"{UID(target).name} does not take these pixels")
     if codec.encode is None:  # to Explicit VR Little Endian
-        if ts.is_compressed and info.bits_allocated == 1:
-            # PS3.5 8.1.1: 1-bit Pixel Data is bit-packed, frames following each other with
-            # no padding between them; pydicom's decompress() leaves a byte per pixel.
-            ds.PixelData = frame_bytes(pixels(ds), 1)
-            ds["PixelData"].VR = "OB"
-            ds["PixelData"].is_undefined_length = False
-        elif ts.is_compressed:
-            # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
-            decoded(
-                ts,
-                lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
-            )
-        elif not ts.is_little_endian and info.bits_allocated > 1:
-            # Big endian: the words swapped, as they are streamed (_write_streamed), bytes
-            # past the pixels included; colour untouched.
-            value = bytes(ds.PixelData)
-            width = _word_width(info, str(ds["PixelData"].VR))
-            ds.PixelData = b"".join(_copied(io.BytesIO(value), len(value), width))
-            ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
-        elif not ts.is_little_endian:  # 1-bit big endian: bits in 16-bit words, unpacked
-            ds.PixelData = frame_bytes(pixels(ds, as_rgb=False), 1)
-            ds["PixelData"].VR = "OB"
-        # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
+        _to_explicit_little(ds, ts, info)
         return None
     arr = pixels(ds)  # colour converted to RGB, as _decoded_colour then says
     if info.samples_per_pixel == 3:  # and pixel-interleaved, Planar Configuration 0
@@ -416,6 +394,34 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
     ds["PixelData"].is_undefined_length = True
     _decoded_colour(ds, info)
     return sizes.ratio() if codec.lossy else None
+
+
+def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
+    """_convert_pixels to Explicit VR Little Endian: the Pixel Data of `ds` decoded, or its
+    words swapped from big endian, in place."""
+    if ts.is_compressed and info.bits_allocated == 1:
+        # PS3.5 8.1.1: 1-bit Pixel Data is bit-packed, frames following each other with
+        # no padding between them; pydicom's decompress() leaves a byte per pixel.
+        ds.PixelData = frame_bytes(pixels(ds), 1)
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = False
+    elif ts.is_compressed:
+        # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
+        decoded(
+            ts,
+            lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
+        )
+    elif not ts.is_little_endian and info.bits_allocated > 1:
+        # Big endian: the words swapped, as they are streamed (_write_streamed), bytes
+        # past the pixels included; colour untouched.
+        value = bytes(ds.PixelData)
+        width = _word_width(info, str(ds["PixelData"].VR))
+        ds.PixelData = b"".join(_copied(io.BytesIO(value), len(value), width))
+        ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
+    elif not ts.is_little_endian:  # 1-bit big endian: bits in 16-bit words, unpacked
+        ds.PixelData = frame_bytes(pixels(ds, as_rgb=False), 1)
+        ds["PixelData"].VR = "OB"
+    # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
 
 
 def _decoded_colour(ds: Dataset, info: PixelInfo) -> None:
