@@ -138,6 +138,12 @@ class Store(Pooled):
         looks_dead = [o for o in set(owners) if o != self.owner and await self.owner_is_dead(o)]
         if not looks_dead:
             return set()
+        log.info(
+            "%d other processes look dead (their lock is free): asking again in %s s before"
+            " rolling back what they left",
+            len(looks_dead),
+            RECOVERY_GRACE_S,
+        )
         await asyncio.sleep(RECOVERY_GRACE_S)
         return {o for o in looks_dead if await self.owner_is_dead(o)}
 
