@@ -230,6 +230,77 @@ async def test_data_set_not_matching_the_request_fails_a900(
     assert await instance_count(archive) == 0
 
 
+def _deflated(path: Path, ds: Dataset, zeros: int = 0) -> Path:
+    """`ds` as a Deflated Part-10 file (PS3.5 A.5), followed in its data set by a private OB
+    value of `zeros` zero bytes (a Deflate bomb: 1000 times smaller deflated)."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    body, meta = DicomBytesIO(), DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    write_file_meta_info(meta, ds.file_meta)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = bytearray(b"\0" * 128 + b"DICM" + meta.getvalue())
+    out += deflater.compress(body.getvalue())
+    if zeros:
+        out += deflater.compress(struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, zeros))
+        for _ in range(zeros // 2**20):
+            out += deflater.compress(bytes(2**20))
+    path.write_bytes(out + deflater.flush())
+    return path
+
+
+def test_the_request_check_does_not_inflate_a_deflate_bomb(tmp_path: Path) -> None:
+    """Found by review: the check that a C-STORE data set names the request's SOP Instance
+    (_command_mismatch) read it with dcmread, which inflates a Deflated data set whole in
+    memory before the ingest's MAX_INFLATED_BYTES check: a data set of 130 KB took 280 MB
+    (one of a few MB, gigabytes). The UIDs come from its start now."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from dicomweb_server.dimse.handlers import _command_mismatch
+
+    ds = make_instance()
+    path = _deflated(tmp_path / "bomb.dcm", ds, zeros=128 * 2**20)
+    assert path.stat().st_size < 2**20
+    request = SimpleNamespace(
+        AffectedSOPClassUID=ds.SOPClassUID, AffectedSOPInstanceUID=ds.SOPInstanceUID
+    )
+    other = SimpleNamespace(AffectedSOPClassUID=ds.SOPClassUID, AffectedSOPInstanceUID="1.2.3")
+    tracemalloc.start()
+    try:
+        assert _command_mismatch(path, cast(Any, request)) is None
+        assert "SOPInstanceUID" in str(_command_mismatch(path, cast(Any, other)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak  # 1 MiB inflated at most, and pydicom's copies
+
+
+async def test_deflated_data_set_not_matching_the_request_fails_a900(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check still reads a Deflated data set's UIDs (from its start, inflated)."""
+    from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+    from pynetdicom import _config
+
+    ds = make_instance()
+    sop = str(ds.SOPInstanceUID)
+    # The File Meta header, whence the request's UIDs come, names another instance.
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop[:-1] + ("1" if sop[-1] != "1" else "2"))
+    path = _deflated(tmp_path / "mismatch.dcm", ds)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    rsp = await store_one_file(archive, path, CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assert rsp.Status == 0xA900
+    assert "SOPInstanceUID" in rsp.ErrorComment
+    assert await instance_count(archive) == 0
+
+
 LARGE_MULTIFRAME = "generated/large/ect_24frames_512_explicit_le.dcm"  # 12.5 MB, 24 frames
 # Seconds to wait for the archive to notice an association that ended.
 ENDED_WAIT_S = 10.0
