@@ -19,19 +19,9 @@ from dicomweb_server.attributes import (
 )
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.matching import (
-    MAX_MATCH_LIST_ITEMS,
-    MAX_MATCH_VALUE_CHARS,
-    ComponentGroupMatch,
-    FuzzyMatch,
     ItemMatch,
     Match,
-    MultipleValueMatch,
-    RangeMatch,
     SequenceMatch,
-    SingleValueMatch,
-    UidListMatch,
-    UniversalMatch,
-    WildcardMatch,
     int_param,
     is_listed,
     item_match,
@@ -39,24 +29,11 @@ from dicomweb_server.matching import (
 )
 
 __all__ = [
-    "MAX_MATCH_LIST_ITEMS",
-    "MAX_MATCH_VALUE_CHARS",
     "QIDO_DEFAULT_LIMIT",
     "QIDO_MAX_LIMIT",
     "QIDO_MAX_OFFSET",
-    "ComponentGroupMatch",
-    "FuzzyMatch",
     "Include",
-    "ItemMatch",
-    "Match",
-    "MultipleValueMatch",
     "Query",
-    "RangeMatch",
-    "SequenceMatch",
-    "SingleValueMatch",
-    "UidListMatch",
-    "UniversalMatch",
-    "WildcardMatch",
     "parse",
 ]
 

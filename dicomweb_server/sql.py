@@ -14,12 +14,11 @@ from typing import Any
 
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
 from dicomweb_server.dicom_json import absolutize_bulk_uris
-from dicomweb_server.query import (
+from dicomweb_server.matching import (
     ComponentGroupMatch,
     FuzzyMatch,
     Match,
     MultipleValueMatch,
-    Query,
     RangeMatch,
     SequenceMatch,
     SingleValueMatch,
@@ -27,6 +26,7 @@ from dicomweb_server.query import (
     UniversalMatch,
     WildcardMatch,
 )
+from dicomweb_server.query import Query
 
 __all__ = ["compile_search", "like_pattern", "render_rows", "returned_levels"]
 

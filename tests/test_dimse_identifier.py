@@ -32,7 +32,7 @@ from dicomweb_server.dimse.identifier import (
 from dicomweb_server.dimse.peers import Peer, parse_peers
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.query import (
+from dicomweb_server.matching import (
     RangeMatch,
     SequenceMatch,
     SingleValueMatch,

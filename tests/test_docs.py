@@ -14,6 +14,7 @@ from dicomweb_server import (
     dicom_xml,
     dicomfile,
     httpd,
+    matching,
     multipart,
     query,
     render,
@@ -67,9 +68,9 @@ def test_frame_media_types() -> None:
 
 
 def test_limits() -> None:
-    modules = (config, multipart, query, retrieve_frames, dicom_json, rendered, render, admin,
-               auditlog, handlers, identifier, dimse_server, common, stow_json, dicom_xml,
-               dicomfile, stow, frames, convert, hashing, app, cli, httpd)  # fmt: skip
+    modules = (config, multipart, query, matching, retrieve_frames, dicom_json, rendered,
+               render, admin, auditlog, handlers, identifier, dimse_server, common, stow_json,
+               dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli, httpd)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -10,23 +10,25 @@ import pytest
 
 from dicomweb_server.attributes import ATTRIBUTES, DEFAULT_RETURN, LEVEL_TAGS, Level, tag_hex
 from dicomweb_server.errors import BadRequestError
-from dicomweb_server.matching import multi_valued
-from dicomweb_server.query import (
+from dicomweb_server.matching import (
     MAX_MATCH_LIST_ITEMS,
     MAX_MATCH_VALUE_CHARS,
-    QIDO_DEFAULT_LIMIT,
-    QIDO_MAX_LIMIT,
-    QIDO_MAX_OFFSET,
     ComponentGroupMatch,
     FuzzyMatch,
     MultipleValueMatch,
-    Query,
     RangeMatch,
     SequenceMatch,
     SingleValueMatch,
     UidListMatch,
     UniversalMatch,
     WildcardMatch,
+    multi_valued,
+)
+from dicomweb_server.query import (
+    QIDO_DEFAULT_LIMIT,
+    QIDO_MAX_LIMIT,
+    QIDO_MAX_OFFSET,
+    Query,
     parse,
 )
 from dicomweb_server.record import pn_groups
