@@ -666,7 +666,10 @@ async def test_a_full_disk_is_the_archives_failure_on_both_paths(
 
 
 async def test_a_deflate_bomb_is_a_refused_request_on_both_paths(
-    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    archive: Archive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Found by review: a Deflated C-STORE data set inflating past MAX_INFLATED_BYTES
     (0xA700) exported as a serious failure (8), STOW-RS's refusal of the same (409) as a
@@ -683,9 +686,13 @@ async def test_a_deflate_bomb_is_a_refused_request_on_both_paths(
     path = tmp_path / "deflated.dcm"
     ds.save_as(path, enforce_file_format=True)
     monkeypatch.setattr(dicomfile, "MAX_INFLATED_BYTES", 4096)  # Pixel Data alone is 8 KiB
+    caplog.set_level("INFO", logger="dicomweb_server.dimse.handlers")
     start = await audit_seq(archive)
     rsp = await store_one_file(archive, path, CTImageStorage, DeflatedExplicitVRLittleEndian)
     assert rsp.Status == 0xA700 and "inflates" in rsp.ErrorComment
+    # The log names the instance the request named (the refused file's own UIDs unread): it
+    # said "C-STORE of None refused".
+    assert f"C-STORE of {ds.SOPInstanceUID} refused" in caplog.text
     (dimse,) = await audit_rows(archive, "dimse_store", start)
     stow_row = await _stow_refused(archive, path.read_bytes())
     assert dimse["detail"] == f"{OVER_LIMIT}sop={ds.SOPInstanceUID}; {rsp.ErrorComment}"

@@ -395,12 +395,13 @@ async def test_image_jpeg_parts_without_a_syntax_are_read_from_the_codestream(
 
 
 async def test_bulk_reuse_limit_at_the_edge(
-    app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Data sets naming the same bulk data part copy it each: a request copies at most what
     it sent plus MAX_JSON_BULK_REUSE_BYTES (one 4 MiB part named by 50 data sets wrote 201
     MiB). Three data sets of one part of P bytes need 2P more: with exactly that all are
-    stored, with a byte less the third fails (0xA700)."""
+    stored, with a byte less the third fails (0xA700), a limit the request passed: not
+    counted as the archive's failure in the audit trail (no ARCHIVE_FAULT)."""
     pixels = make_instance().PixelData
 
     def docs() -> list[dict[str, Any]]:
@@ -416,6 +417,11 @@ async def test_bulk_reuse_limit_at_the_edge(
     (failed,) = _seq(r.json(), "00081198")
     assert values(failed, "00081197") == [0xA700]
     assert values(failed, "00081155") == sent[2]["00080018"]["Value"]
+    await app.state.audit.flush()
+    rows = await app.state.services.index._fetch(
+        "SELECT detail FROM audit_log WHERE action = 'store_instances' ORDER BY seq DESC LIMIT 1"
+    )
+    assert rows[0]["detail"] == "stored=2 failed=1"
 
 
 @pytest.mark.parametrize("inline", ["QUJD!!", "QUJDRA==xyz", "!!!", "QUJDR", 7])

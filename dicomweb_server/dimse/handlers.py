@@ -219,7 +219,8 @@ class Handlers:
             log.exception("C-STORE failed")
             return status(PROCESSING_FAILURE, "processing failure"), None, False
         if outcome.failure is not None:
-            log.info("C-STORE of %s refused: %s", outcome.sop_instance_uid, outcome.reason)
+            sop = outcome.sop_instance_uid or cast(C_STORE, event.request).AffectedSOPInstanceUID
+            log.info("C-STORE of %s refused: %s", sop, outcome.reason)
             return status(int(outcome.failure), outcome.reason), None, outcome.over_limit
         # A duplicate of the same bytes is a success too (as with STOW).
         path = outcome.retrieve_path
