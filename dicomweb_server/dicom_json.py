@@ -265,8 +265,8 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
         if not value:
             return {"vr": vr}
         numbers = struct.unpack(f"<{len(value) // size}{fmt}", value)
-        if fmt in "fdqQ":  # FL, FD, SV, UV: JSON cannot hold every value as it is
-            return {"vr": vr, "Value": list(map(_WIDE_NUMBER_JSON[vr], numbers))}
+        if (wide := _WIDE_NUMBER_JSON.get(vr)) is not None:  # FL, FD, SV, UV: not every value fits
+            return {"vr": vr, "Value": list(map(wide, numbers))}
         return {"vr": vr, "Value": list(numbers)}
     if vr not in _TEXT_VRS and vr != "PN":
         return None
