@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +264,35 @@ async def _aborted(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT 1/0")
 
 
+@contextlib.asynccontextmanager
+async def _lock_taken_again_with(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, then: Callable[[asyncpg.Connection], Awaitable[None]]
+) -> AsyncIterator[tuple[Index, list[asyncpg.Connection]]]:
+    """An index whose lock connection dropped, and the connections it makes to take its lock
+    again: each new one goes through `then` before the lock query runs on it."""
+    index = await Index.open(dsn, max_size=1, timeout_s=10)
+    other = await asyncpg.connect(dsn)
+    made: list[asyncpg.Connection] = []
+    real_connect = asyncpg.connect
+
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        conn = await real_connect(*args, **kwargs)
+        made.append(conn)
+        await then(conn)
+        return conn
+
+    try:
+        await _drop_lock_connection(index, other, dsn)
+        monkeypatch.setattr(asyncpg, "connect", connect)
+        yield index, made
+    finally:
+        monkeypatch.undo()
+        for conn in made:
+            conn.terminate()
+        await other.close()
+        await index.close()
+
+
 async def test_a_lock_connection_whose_lock_query_is_refused_is_closed(
     clean_db: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,30 +302,11 @@ async def test_a_lock_connection_whose_lock_query_is_refused_is_closed(
 
     from dicomweb_server.errors import ServiceUnavailableError
 
-    index = await Index.open(clean_db, max_size=1, timeout_s=10)
-    other = await asyncpg.connect(clean_db)
-    made: list[asyncpg.Connection] = []
-    real_connect = asyncpg.connect
-
-    async def connect_aborted(*args: Any, **kwargs: Any) -> asyncpg.Connection:
-        conn = await real_connect(*args, **kwargs)
-        made.append(conn)
-        await _aborted(conn)
-        return conn
-
-    try:
-        await _drop_lock_connection(index, other, clean_db)
-        monkeypatch.setattr(asyncpg, "connect", connect_aborted)
+    async with _lock_taken_again_with(clean_db, monkeypatch, _aborted) as (index, made):
         with pytest.raises(ServiceUnavailableError):
             await index.reserve(uuid.uuid4().hex)
         assert len(made) == 1
         assert made[0].is_closed(), "the lock connection was left open"
-    finally:
-        monkeypatch.undo()
-        for conn in made:
-            conn.terminate()
-        await other.close()
-        await index.close()
 
 
 async def test_a_lock_connection_that_fails_its_probe_is_replaced(clean_db: str) -> None:
@@ -345,33 +356,17 @@ async def test_a_lock_connection_whose_lock_query_is_cancelled_is_closed(
     first await after the real connection is made: the lock query."""
     import asyncio
 
-    index = await Index.open(clean_db, max_size=1, timeout_s=10)
-    other = await asyncpg.connect(clean_db)
-    made: list[asyncpg.Connection] = []
-    real_connect = asyncpg.connect
-
-    async def connect_then_cancel(*args: Any, **kwargs: Any) -> asyncpg.Connection:
-        conn = await real_connect(*args, **kwargs)
-        made.append(conn)
+    async def cancel_soon(_conn: asyncpg.Connection) -> None:
         task = asyncio.current_task()
         assert task is not None
         asyncio.get_running_loop().call_soon(task.cancel)
-        return conn
 
-    try:
-        await _drop_lock_connection(index, other, clean_db)
-        monkeypatch.setattr(asyncpg, "connect", connect_then_cancel)
+    async with _lock_taken_again_with(clean_db, monkeypatch, cancel_soon) as (index, made):
         store = asyncio.create_task(index.reserve(uuid.uuid4().hex))
         with pytest.raises(asyncio.CancelledError):
             await store
         assert len(made) == 1
         assert made[0].is_closed(), "the lock connection was left open"
-    finally:
-        monkeypatch.undo()
-        for conn in made:
-            conn.terminate()
-        await other.close()
-        await index.close()
 
 
 async def test_a_process_lock_held_elsewhere_for_a_moment_is_a_retry(clean_db: str) -> None:
