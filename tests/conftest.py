@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -104,3 +106,23 @@ async def archive(settings: Settings, peer: Any, tmp_path: Path) -> AsyncIterato
 
     async with archive_with_peer(settings, peer, tmp_path) as a:
         yield a
+
+
+# How long a test's spool files may take to go after it ended (pynetdicom's threads delete them).
+SPOOL_CLEANUP_WAIT_S = 2.0
+
+
+@pytest.fixture
+def no_spool_left_behind() -> Iterator[None]:
+    """Fails a test that leaves a file pynetdicom received a data set into (tmp*.dcm in
+    the temporary directory), the archive's or a test client's."""
+
+    def spooled() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("tmp*.dcm"))
+
+    before = spooled()
+    yield
+    deadline = time.monotonic() + SPOOL_CLEANUP_WAIT_S  # a thread may still be deleting
+    while (left := spooled() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"spool files left behind: {sorted(left)}"

@@ -101,6 +101,23 @@ def dataset_bytes(part10: bytes | Path) -> bytes:
     return part10.read_bytes()[offset:]
 
 
+def requestor_store(handler: Callable[[Event], int]) -> tuple[Any, Callable[[Event], int]]:
+    """The EVT_C_STORE binding of a C-GET requestor: `handler`, then the file the data set
+    was received into deleted. The archive turns pynetdicom's STORE_RECV_CHUNKED_DATASET on
+    for the whole process, and pynetdicom deletes those files in its Storage SCP service
+    only, not on a requestor's side (Association._c_store_scp, pynetdicom 3.0): every
+    instance a test's C-GET received stayed in TMPDIR."""
+
+    def served(event: Event) -> int:
+        try:
+            return handler(event)
+        finally:
+            with contextlib.suppress(AttributeError):  # not spooled: nothing to delete
+                event.dataset_path.unlink(missing_ok=True)
+
+    return (evt.EVT_C_STORE, served)
+
+
 def received_data_set(event: Event) -> bytes:
     # The archive sets pynetdicom's STORE_RECV_CHUNKED_DATASET for this process.
     try:

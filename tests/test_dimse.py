@@ -50,7 +50,7 @@ from tests.dimse_support import (
 )
 from tests.helpers import ROOT, ending_in_a_sequence, make_instance, to_bytes
 
-pytestmark = pytest.mark.db
+pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 # syntax (as a modality configured for it would): native (explicit, implicit), RLE, JPEG 2000,
 # JPEG-LS multi-frame (15 frames), JPEG baseline, JPEG lossless.

@@ -49,6 +49,7 @@ from tests.dimse_support import (
     dcmtk,
     identifier,
     in_thread,
+    requestor_store,
     running_archive,
     scu,
     send_stores,
@@ -58,7 +59,7 @@ from tests.dimse_support import (
 )
 from tests.helpers import make_instance
 
-pytestmark = pytest.mark.db
+pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 ASSOCIATION = ("dimse_associate", "dimse_abort")
 # Outcomes: the PDU type, then the PDU's result, source and reason bytes (PS3.8 9.3).
@@ -589,7 +590,7 @@ async def test_a_retrieve_the_archive_could_not_send_is_its_failure(archive: Arc
         ae = scu(model)
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         ext_neg = [build_role(CTImageStorage, scp_role=True)] if role else []
-        on_store = (evt.EVT_C_STORE, lambda _event: 0x0000)
+        on_store = requestor_store(lambda _event: 0x0000)
         assoc = associate(ae, archive, ext_neg=ext_neg, evt_handlers=[on_store])
         try:
             ident = identifier("STUDY", StudyInstanceUID=study)

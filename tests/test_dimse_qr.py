@@ -17,7 +17,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -47,6 +46,7 @@ from tests.dimse_support import (
     identifier,
     in_thread,
     received_data_set,
+    requestor_store,
     running_archive,
     running_peer,
     scu,
@@ -55,7 +55,7 @@ from tests.dimse_support import (
 )
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers
 
-pytestmark = pytest.mark.db
+pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 
 # -- Query ----------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def _get_study(
     ae = scu(model)
     ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     role = build_role(sop_class, scp_role=True)
-    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
     try:
         return [
             st for st, _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study), model)
@@ -422,7 +422,7 @@ async def test_move_and_get_stop_at_c_cancel(
                 ae = scu(model)
                 ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
                 role = build_role(CTImageStorage, scp_role=True)
-                handlers = [(evt.EVT_C_STORE, on_store)]
+                handlers = [requestor_store(on_store)]
                 assoc = associate(ae, archive, ext_neg=[role], evt_handlers=handlers)
                 try:
                     return _cancelled_after(assoc.send_c_get(ident, model), assoc, model, 2)
@@ -450,7 +450,7 @@ async def test_get_with_a_lost_blob_counts_a_failure(archive: Archive) -> None:
         ae = scu(model)
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         role = build_role(CTImageStorage, scp_role=True)
-        on_store = (evt.EVT_C_STORE, lambda event: 0x0000)
+        on_store = requestor_store(lambda event: 0x0000)
         assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[on_store])
         try:
             ident = identifier("PATIENT", PatientID="GET-3")
@@ -539,7 +539,7 @@ async def test_a_sub_operation_failed_here_is_listed_and_counted(
                  else StudyRootQueryRetrieveInformationModelMove)  # fmt: skip
         ae = scu(model)
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        on_store = (evt.EVT_C_STORE, lambda event: 0x0000)
+        on_store = requestor_store(lambda event: 0x0000)
         role = build_role(CTImageStorage, scp_role=True)
         assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[on_store])
         (cx,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == model]
