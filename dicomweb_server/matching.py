@@ -15,6 +15,7 @@ from dicomweb_server.errors import BadRequestError
 from dicomweb_server.vr import dt_as_utc, parse_da, parse_dt, parse_tm
 
 __all__ = [
+    "FUZZY_WORD_SEPARATORS",
     "MAX_MATCH_LIST_ITEMS",
     "MAX_MATCH_VALUE_CHARS",
     "ComponentGroupMatch",
@@ -49,6 +50,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 # PS3.5 6.2.1: a person name has at most three component groups.
 _PN_GROUPS = 3
 _PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
+# Where a person name splits into words for fuzzy matching, in the value and in the stored
+# name alike (sql._fuzzy_condition splits the stored components at the same characters): a
+# value word keeping a `.` or `-` ("Dr.", "CQ500-CT-310") could never be the start of a
+# stored word, and fuzzymatching=true lost the names literal matching finds.
+FUZZY_WORD_SEPARATORS = r"\s^=,.-"
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,8 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
     if attr.vr == "IS":
         return SingleValueMatch(attr, int_param(attr.keyword, value, -(2**31), 2**31 - 1))
     if attr.vr == "PN" and fuzzy:
-        words = tuple(w for w in re.split(r"[\s^=,]+", value.replace("*", "")) if w)
+        split = f"[{FUZZY_WORD_SEPARATORS}]+"
+        words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
         return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
     if attr.vr == "PN" and "=" in value:
         return _groups_match(attr, value)

@@ -15,6 +15,7 @@ from typing import Any
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
 from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.matching import (
+    FUZZY_WORD_SEPARATORS,
     ComponentGroupMatch,
     FuzzyMatch,
     Match,
@@ -126,8 +127,28 @@ def _groups_condition(m: ComponentGroupMatch, args: _Args) -> str:
         if group in exact:
             parts.append(f"{col}[{i}] = {args.add(group)}")
         else:
-            parts.append(f"{col}[{i}] LIKE {args.add(like_pattern(group))} ESCAPE '\\'")
+            parts.append(_pn_group_like(f"{col}[{i}]", group, args))
     return " AND ".join(parts)
+
+
+# PS3.5 6.2.1: a component group has five components (family, given, middle, prefix, suffix).
+_PN_COMPONENTS = 5
+
+
+def _pn_group_like(group: str, dicom_pattern: str, args: _Args) -> str:
+    """A stored PN group (lower-cased, trailing `^` removed: record.pn_groups) against a
+    wildcard pattern (PS3.4 C.2.2.2.4). A pattern with a `^` is also tried on the group with
+    its empty trailing components written out (`smith^john` as `smith^john^^^`): the index
+    drops them, so `Smith^John^^^*`, or `*.^` for `Carter^John^T^Dr.^`, matched nothing,
+    not even the name as stored. PN wildcard matching is implementation dependent (PS3.4
+    C.2.2.2.4); conformance/STATEMENT.md says this one."""
+    p = args.add(like_pattern(dicom_pattern.lower()))
+    plain = f"{group} LIKE {p} ESCAPE '\\'"
+    if "^" not in dicom_pattern:
+        return plain
+    delimiters = f"length({group}) - length(replace({group}, '^', ''))"
+    padded = f"{group} || repeat('^', {_PN_COMPONENTS - 1} - ({delimiters}))"
+    return f"({plain} OR {padded} LIKE {p} ESCAPE '\\')"
 
 
 def _condition(m: Match, args: _Args) -> str | None:
@@ -171,13 +192,17 @@ def _wildcard_condition(m: WildcardMatch, col: str, pn: bool, array: bool, args:
     of a PN (lower-cased, as the groups are stored)."""
     pattern = like_pattern(m.pattern.lower() if pn else m.pattern)
     if pn:
-        # A group matching the pattern implies the joined groups contain a match: that
-        # prefilter uses the trigram index; the EXISTS keeps the whole-group semantics.
-        pre = args.add(f"%{pattern}%")
-        p = args.add(pattern)
+        # A group matching the pattern implies the joined groups contain a match (of the
+        # pattern less the `^`, `*` and `?` it ends with, which may match the components
+        # _pn_group_like writes out): that prefilter uses the trigram index; the EXISTS
+        # keeps the whole-group semantics.
+        core = m.pattern.lower()
+        core = core.rstrip("^*?") if "^" in core else core
+        pre = args.add(f"%{like_pattern(core)}%")
+        group = _pn_group_like("g", m.pattern, args)
         return (
             f"{col}_text LIKE {pre} ESCAPE '\\' AND"
-            f" EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE g LIKE {p} ESCAPE '\\')"
+            f" EXISTS (SELECT 1 FROM unnest({col}) AS g WHERE {group})"
         )
     if array:
         p = args.add(pattern)
@@ -201,7 +226,8 @@ def _fuzzy_condition(m: FuzzyMatch, col: str, args: _Args) -> str:
         p = args.add(like_pattern(word.lower()) + "%")
         parts.append(
             f"EXISTS (SELECT 1 FROM unnest({col}) AS g,"
-            f" regexp_split_to_table(g, '[\\^ =,.-]+') AS w WHERE w LIKE {p} ESCAPE '\\')"
+            f" regexp_split_to_table(g, '[{FUZZY_WORD_SEPARATORS}]+') AS w"
+            f" WHERE w LIKE {p} ESCAPE '\\')"
         )
     return " AND ".join(parts)
 

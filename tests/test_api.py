@@ -129,6 +129,58 @@ async def test_qido_matching(app_client: httpx.AsyncClient) -> None:
     assert await uids(StudyTime="1000-1100") == sorted([a, b])
 
 
+_ODD_NAMES = {
+    "cq": "CQ500-CT-310",
+    "carter": "Carter^John^T^Dr.^",
+    "smith": "Smith^John^^^",
+    "johnny": "Smith^Johnny",
+    "yamada": "Yamada^Tarou^^^=山田^太郎",
+}
+
+
+async def _patients_found_by(client: httpx.AsyncClient) -> Any:
+    """Stores one study per name of _ODD_NAMES; returns a search giving the names' keys."""
+    made = {
+        k: make_instance(patient_name=v, patient_id=k, SpecificCharacterSet="ISO_IR 192")
+        for k, v in _ODD_NAMES.items()
+    }
+    r = await stow(client, *(to_bytes(ds) for ds in made.values()))
+    assert r.status_code == 200, r.text
+    by_uid = {ds.StudyInstanceUID: k for k, ds in made.items()}
+
+    async def found(**params: str) -> list[str]:
+        r = await client.get(f"{ROOT}/studies", params=params)
+        assert r.status_code in (200, 204), r.text
+        return sorted(
+            by_uid[str(values(s, "0020000D")[0])] for s in (r.json() if r.content else [])
+        )
+
+    return found
+
+
+async def test_qido_pn_wildcard_over_trailing_delimiters(app_client: httpx.AsyncClient) -> None:
+    """Found by comparing QIDO results with Orthanc's: a PN wildcard naming trailing `^`
+    matched nothing, not even the name as stored (the index drops empty trailing components)."""
+    found = await _patients_found_by(app_client)
+    assert await found(PatientName="Smith^John^^^*") == ["smith"]
+    assert await found(PatientName="smith^john^^^") == ["smith"]  # single value, as before
+    assert await found(PatientName="*.^") == ["carter"]
+    assert await found(PatientName="C?rter^John^T^Dr.^") == ["carter"]
+    assert await found(PatientName="Smith^John*") == ["johnny", "smith"]
+    assert await found(PatientName="Yamada^Tarou^^^*=山田*") == ["yamada"]
+
+
+async def test_qido_fuzzy_words_split_as_stored_names(app_client: httpx.AsyncClient) -> None:
+    """Found against Orthanc: fuzzymatching=true lost names literal matching finds, as the
+    value's words kept the `.` and `-` at which the stored names are split into words."""
+    found = await _patients_found_by(app_client)
+    assert await found(PatientName="CQ500-CT-310") == ["cq"]
+    assert await found(PatientName="CQ500-CT-310", fuzzymatching="true") == ["cq"]
+    assert await found(PatientName="cq500-ct", fuzzymatching="true") == ["cq"]
+    assert await found(PatientName="Carter^John^T^Dr.^", fuzzymatching="true") == ["carter"]
+    assert await found(PatientName="Smith^Jo", fuzzymatching="true") == ["johnny", "smith"]
+
+
 async def test_qido_levels_and_includefield(app_client: httpx.AsyncClient) -> None:
     ds = make_instance(SeriesDescription="AXIAL", StudyDescription="HEAD")
     await stow(app_client, to_bytes(ds))

@@ -71,6 +71,10 @@ def test_matching_types() -> None:
     assert isinstance(m, RangeMatch) and m.lower == dt.datetime(2020, 1, 1, 12)
     (m,) = parse(Level.STUDY, [("PatientName", "doe jo"), ("fuzzymatching", "true")], {}).matches
     assert isinstance(m, FuzzyMatch) and m.words == ("doe", "jo")
+    # Split where the stored names are (sql._fuzzy_condition): found against Orthanc.
+    fuzzy = [("PatientName", "CQ500-CT-310^Dr.*"), ("fuzzymatching", "true")]
+    (m,) = parse(Level.STUDY, fuzzy, {}).matches
+    assert isinstance(m, FuzzyMatch) and m.words == ("CQ500", "CT", "310", "Dr")
     (m,) = parse(Level.STUDY, [("00100020", "X")], {}).matches
     assert m.attr.keyword == "PatientID"
 
