@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VM
@@ -49,7 +50,9 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 # PS3.5 6.2.1: a person name has at most three component groups.
 _PN_GROUPS = 3
-_PARSERS = {"DA": parse_da, "TM": parse_tm, "DT": parse_dt}
+_PARSERS: dict[str, Callable[[str], dt.date | dt.time | None]] = {
+    "DA": parse_da, "TM": parse_tm, "DT": parse_dt,
+}  # fmt: skip
 # Where a person name splits into words for fuzzy matching, in the value and in the stored
 # name alike (sql._fuzzy_condition splits the stored components at the same characters): a
 # value word keeping a `.` or `-` ("Dr.", "CQ500-CT-310") could never be the start of a
@@ -290,7 +293,7 @@ def _range_or_single(attr: Attribute, value: str) -> Match:
     if "-" in value:
         lo_s, _, hi_s = value.partition("-")
         lo = parse_one(lo_s) if lo_s else None
-        hi = parse_one(hi_s) if hi_s else None
+        hi = _upper(attr.vr, hi_s) if hi_s else None
         if (lo_s and lo is None) or (hi_s and hi is None) or (lo is None and hi is None):
             raise BadRequestError(f"{attr.keyword}: {value!r} is not a valid {attr.vr} range")
         return RangeMatch(attr, lo, hi)
@@ -303,10 +306,24 @@ def _range_or_single(attr: Attribute, value: str) -> Match:
 _DT_PLUS_READ_AS_SPACE = re.compile(r"(?<=[0-9]) (?=[0-9]{4}(?:-|$))")
 
 
-def _dt(value: str) -> dt.datetime | None:
-    """A DT query value as the naive UTC datetime the index holds (vr.dt_as_utc)."""
-    parsed = parse_dt(value)
-    return dt_as_utc(parsed) if parsed is not None else None
+def _upper(vr: str, value: str) -> dt.date | dt.time | None:
+    """The upper end of a DA or TM range. A TM not precise to the microsecond names a span
+    of time (PS3.5 6.2, trailing null components), and as the end of a range it stands for
+    all of it: `StudyTime=07-07` is the hour from 07:00 to 07:59:59.999999, as dcm4che and
+    dicom-rs read range ends; it was the first moment, so a study at 07:30 was outside."""
+    return parse_tm(value, latest=True) if vr == "TM" else parse_da(value)
+
+
+def _dt(value: str, *, latest: bool = False) -> dt.datetime | None:
+    """A DT query value as the naive UTC datetime the index holds (vr.dt_as_utc); with
+    `latest`, the last moment a value not precise to the microsecond names, as the upper end
+    of a range (`2025` is all of 2025, as in _upper), where a conversion past the last
+    datetime is that datetime."""
+    parsed = parse_dt(value, latest=latest)
+    if parsed is None:
+        return None
+    utc = dt_as_utc(parsed)
+    return dt.datetime.max if utc is None and latest else utc
 
 
 def _dt_match(attr: Attribute, value: str) -> Match:
@@ -325,7 +342,7 @@ def _dt_match(attr: Attribute, value: str) -> Match:
             continue
         lo_s, hi_s = value[:i], value[i + 1 :]
         lo = _dt(lo_s) if lo_s else None
-        hi = _dt(hi_s) if hi_s else None
+        hi = _dt(hi_s, latest=True) if hi_s else None
         if (lo or not lo_s) and (hi or not hi_s) and (lo or hi):
             if lo is None or hi is None or lo <= hi:
                 return RangeMatch(attr, lo, hi)

@@ -4,6 +4,7 @@ binary values (PS3.5 7.3). Pure."""
 from __future__ import annotations
 
 import array
+import calendar
 import datetime as dt
 import math
 import re
@@ -43,14 +44,19 @@ def parse_da(value: str) -> dt.date | None:
         return None
 
 
-def parse_tm(value: str) -> dt.time | None:
-    """TM to a time (HH, HHMM, HHMMSS, HHMMSS.FFFFFF; colons tolerated)."""
+def parse_tm(value: str, *, latest: bool = False) -> dt.time | None:
+    """TM to a time (HH, HHMM, HHMMSS, HHMMSS.FFFFFF; colons tolerated). A value not precise
+    to the microsecond names a span of time (PS3.5 6.2: trailing null components are a lack
+    of precision): its first moment, or with `latest` its last (`07` 07:59:59.999999)."""
     m = _TM.match(value.strip())
     if not m:
         return None
+    unset, fill = ("59", "9") if latest else ("0", "0")
     try:
-        frac = int((m[4] or "0").ljust(6, "0"))
-        return dt.time(int(m[1]), int(m[2] or 0), min(int(m[3] or 0), 59), frac)
+        return dt.time(
+            int(m[1]), int(m[2] or unset), min(int(m[3] or unset), 59),
+            int((m[4] or "").ljust(6, fill)),
+        )  # fmt: skip
     except ValueError:
         return None
 
@@ -67,22 +73,26 @@ def parse_utc_offset(value: str) -> dt.timezone | None:
     return dt.timezone(dt.timedelta(minutes=minutes))
 
 
-def parse_dt(value: str) -> dt.datetime | None:
+def parse_dt(value: str, *, latest: bool = False) -> dt.datetime | None:
     """DT to a datetime: aware when the value has a UTC offset suffix, naive otherwise; None
-    when the value is not a valid DT (an offset outside -1200..+1400 included)."""
+    when the value is not a valid DT (an offset outside -1200..+1400 included). A value not
+    precise to the microsecond is its first moment, or with `latest` its last (`2025`
+    2025-12-31 23:59:59.999999), as parse_tm."""
     m = _DT.match(value.strip())
     if not m:
         return None
     tz = parse_utc_offset(m[8]) if m[8] else None
     if m[8] and tz is None:
         return None
+    unset, fill = ("59", "9") if latest else ("0", "0")
     try:
-        frac = int((m[7] or "0").ljust(6, "0"))
+        year, month = int(m[1]), int(m[2] or (12 if latest else 1))
+        day = int(m[3] or (calendar.monthrange(year, month)[1] if latest else 1))
         return dt.datetime(
-            int(m[1]), int(m[2] or 1), int(m[3] or 1), int(m[4] or 0), int(m[5] or 0),
-            min(int(m[6] or 0), 59), frac, tzinfo=tz,
+            year, month, day, int(m[4] or (23 if latest else 0)), int(m[5] or unset),
+            min(int(m[6] or unset), 59), int((m[7] or "").ljust(6, fill)), tzinfo=tz,
         )  # fmt: skip
-    except ValueError:
+    except ValueError:  # calendar.IllegalMonthError is one
         return None
 
 

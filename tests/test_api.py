@@ -127,6 +127,11 @@ async def test_qido_matching(app_client: httpx.AsyncClient) -> None:
     assert await uids(StudyInstanceUID=f"{a},{b}") == sorted([a, b])
     assert await uids(**{"00100020": "MRN2"}) == [b]
     assert await uids(StudyTime="1000-1100") == sorted([a, b])
+    # A range's upper end is all of the span it names (found against Orthanc): both studies
+    # are at 10:15:00, within the hour 10 and the minute 10:15 but after their first moment.
+    assert await uids(StudyTime="10-10") == sorted([a, b])
+    assert await uids(StudyTime="-1015") == sorted([a, b])
+    assert await uids(StudyTime="-1014") == []
 
 
 _ODD_NAMES = {

@@ -65,8 +65,13 @@ def test_matching_types() -> None:
     assert isinstance(m, UidListMatch) and m.values == ("1.2", "1.3")
     (m,) = q(StudyDate="20200101-").matches
     assert isinstance(m, RangeMatch) and m.lower == dt.date(2020, 1, 1) and m.upper is None
-    (m,) = q(StudyTime="-1030").matches
-    assert isinstance(m, RangeMatch) and m.upper == dt.time(10, 30)
+    (m,) = q(StudyTime="-1030").matches  # the minute 10:30 ends the range, all of it
+    assert isinstance(m, RangeMatch) and m.upper == dt.time(10, 30, 59, 999999)
+    (m,) = q(StudyTime="07-07").matches  # found against Orthanc: 07:30 was outside
+    assert isinstance(m, RangeMatch)
+    assert (m.lower, m.upper) == (dt.time(7), dt.time(7, 59, 59, 999999))
+    (m,) = q(StudyTime="070000.5-070000.25").matches  # as precise as the fraction is
+    assert isinstance(m, RangeMatch) and m.upper == dt.time(7, 0, 0, 259999)
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20200101120000-20200102").matches
     assert isinstance(m, RangeMatch) and m.lower == dt.datetime(2020, 1, 1, 12)
     (m,) = parse(Level.STUDY, [("PatientName", "doe jo"), ("fuzzymatching", "true")], {}).matches
@@ -325,7 +330,7 @@ def test_dt_with_negative_utc_offset() -> None:
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500").matches
     assert isinstance(m, SingleValueMatch) and m.value == dt.datetime(2024, 1, 1, 17)
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240101120000-0500-20240102120000-0500").matches
-    assert isinstance(m, RangeMatch) and m.upper == dt.datetime(2024, 1, 2, 17)
+    assert isinstance(m, RangeMatch) and m.upper == dt.datetime(2024, 1, 2, 17, 0, 0, 999999)
 
 
 UTC = dt.datetime
@@ -335,18 +340,21 @@ UTC = dt.datetime
     ("value", "lower", "upper"),
     [
         # -1200..+1400 are the only offsets (PS3.5 6.2): -2025 is not one, so a range
-        ("2023-2025", UTC(2023, 1, 1), UTC(2025, 1, 1)),
-        ("20240105-20240106", UTC(2024, 1, 5), UTC(2024, 1, 6)),
+        # an upper end not precise to the microsecond is the last moment it names
+        ("2023-2025", UTC(2023, 1, 1), UTC(2025, 12, 31, 23, 59, 59, 999999)),
+        ("20240105-20240106", UTC(2024, 1, 5), UTC(2024, 1, 6, 23, 59, 59, 999999)),
+        ("2024-202402", UTC(2024, 1, 1), UTC(2024, 2, 29, 23, 59, 59, 999999)),
+        ("-9999-1200", None, UTC.max),  # past the last datetime in UTC: the last one
         ("20240105120000+0000-", UTC(2024, 1, 5, 12), None),
-        ("-20240105120000-0500", None, UTC(2024, 1, 5, 17)),
+        ("-20240105120000-0500", None, UTC(2024, 1, 5, 17, 0, 0, 999999)),
         ("20240105120000-0500-", UTC(2024, 1, 5, 17), None),
-        ("20240105060000+0000-20240105080000+0000", UTC(2024, 1, 5, 6), UTC(2024, 1, 5, 8)),
-        ("20240105120000+0500-20240105120000-0500", UTC(2024, 1, 5, 7), UTC(2024, 1, 5, 17)),
-        ("20240105120000+1400-20240105120000-1200", UTC(2024, 1, 4, 22), UTC(2024, 1, 6, 0)),
+        ("20240105060000+0000-20240105080000.000000+0000", UTC(2024, 1, 5, 6), UTC(2024, 1, 5, 8)),
+        ("20240105120000+0500-20240105120000.000000-0500", UTC(2024, 1, 5, 7), UTC(2024, 1, 5, 17)),
+        ("20240105120000+1400-20240105120000.000000-1200", UTC(2024, 1, 4, 22), UTC(2024, 1, 6, 0)),
         # a range in order wins over a single value with an offset (2023 at UTC-10:00)
-        ("1000-2023", UTC(1000, 1, 1), UTC(2023, 1, 1)),
+        ("1000-2023", UTC(1000, 1, 1), UTC(2023, 12, 31, 23, 59, 59, 999999)),
         # both ends parse but in reverse and no single value reads it: matches nothing
-        ("20240106-20240105", UTC(2024, 1, 6), UTC(2024, 1, 5)),
+        ("20240106-20240105", UTC(2024, 1, 6), UTC(2024, 1, 5, 23, 59, 59, 999999)),
     ],
 )
 def test_dt_ranges(value: str, lower: dt.datetime | None, upper: dt.datetime | None) -> None:
@@ -382,7 +390,7 @@ def test_dt_negative_offset_beyond_the_standard_is_a_range() -> None:
     in reverse that matches nothing, never as 12:00 at UTC-12:01."""
     (m,) = q(Level.INSTANCE, AcquisitionDateTime="20240105120000-1201").matches
     assert isinstance(m, RangeMatch)
-    assert (m.lower, m.upper) == (UTC(2024, 1, 5, 12), UTC(1201, 1, 1))
+    assert (m.lower, m.upper) == (UTC(2024, 1, 5, 12), UTC(1201, 12, 31, 23, 59, 59, 999999))
 
 
 def test_pn_with_component_groups_matches_group_by_group() -> None:
