@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import anyio
+from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -21,7 +22,12 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    register_uid,
+    uid_to_service_class,
+)
 from pynetdicom.transport import AssociationServer, AssociationSocket
 
 from dicomweb_server.auditlog import AuditLog
@@ -270,6 +276,59 @@ class DimseServer:
     server: AssociationServer  # the listener: its bind() reaches every association it accepts
 
 
+# Storage SOP classes of patient objects pynetdicom's AllStoragePresentationContexts leaves
+# out (pynetdicom 3.0), accepted too: retired ones older modalities still send (PS3.6 Table
+# A-1 marks them retired), and newer ones (DICOS, DICONDE). Found by comparing with STOW-RS,
+# which stores any SOP class: an Ultrasound Image Storage (retired) instance was refused over
+# DIMSE (no presentation context). Registered with pynetdicom's Storage service (it aborts
+# an association whose C-STORE names a SOP class it has no service for). Not the non-patient
+# objects (Hanging Protocol, Color Palette, implant templates, protocols, inventories: no
+# Study Instance UID to file them under, PS3.4 GG), DICOMDIR (Media Storage Directory, a
+# file format) nor Storage Commitment (N-ACTION, not C-STORE).
+EXTRA_STORAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.1.27",  # Stored Print Storage (retired)
+    "1.2.840.10008.5.1.1.29",  # Hardcopy Grayscale Image Storage (retired)
+    "1.2.840.10008.5.1.1.30",  # Hardcopy Color Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.5",  # Nuclear Medicine Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.8",  # Standalone Overlay Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.9",  # Standalone Curve Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.9.1",  # Waveform Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.10",  # Standalone Modality LUT Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.11",  # Standalone VOI LUT Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.12.3",  # X-Ray Angiographic Bi-Plane Image Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.77.1",  # VL Image Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.77.2",  # VL Multi-frame Image Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.1",  # Text SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.2",  # Audio SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.3",  # Detail SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.88.4",  # Comprehensive SR Storage - Trial (retired)
+    "1.2.840.10008.5.1.4.1.1.129",  # Standalone PET Curve Storage (retired)
+    "1.2.840.10008.5.1.4.1.1.501.1",  # DICOS CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.501.2.1",  # DICOS Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.501.2.2",  # DICOS Digital X-Ray Image Storage - For Processing
+    "1.2.840.10008.5.1.4.1.1.501.3",  # DICOS Threat Detection Report Storage
+    "1.2.840.10008.5.1.4.1.1.501.4",  # DICOS 2D AIT Storage
+    "1.2.840.10008.5.1.4.1.1.501.5",  # DICOS 3D AIT Storage
+    "1.2.840.10008.5.1.4.1.1.501.6",  # DICOS Quadrupole Resonance (QR) Storage
+    "1.2.840.10008.5.1.4.1.1.601.1",  # Eddy Current Image Storage
+    "1.2.840.10008.5.1.4.1.1.601.2",  # Eddy Current Multi-frame Image Storage
+    "1.2.840.10008.5.1.4.34.1",  # RT Beams Delivery Instruction Storage - Trial (retired)
+)
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class the archive accepts C-STOREs of, in both roles; the extra
+    ones registered with pynetdicom's Storage service (idempotent)."""
+    listed = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    extra = [uid for uid in EXTRA_STORAGE_SOP_CLASSES if uid not in listed]
+    for uid in extra:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, UID(uid).keyword, StorageServiceClass)
+    return listed + extra
+
+
 def build_ae(settings: Settings) -> AE:
     # Received data sets are spooled to a file as they arrive, never decoded (set once per
     # process, like pydicom's config): C-STORE stores the bytes as received, and a large
@@ -284,12 +343,11 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = DIMSE_DIMSE_TIMEOUT_S
     ae.acse_timeout = DIMSE_ACSE_TIMEOUT_S
     ae.add_supported_context(Verification)
-    for cx in AllStoragePresentationContexts:
+    for uid in storage_sop_classes():
         # Both roles: a C-GET requestor proposes the SCP role for the storage contexts it
         # receives on (PS3.4 C.4.3; PS3.7 D.3.3.4 role selection).
-        assert cx.abstract_syntax is not None
         ae.add_supported_context(
-            cx.abstract_syntax, list(ACCEPTED_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
+            uid, list(ACCEPTED_TRANSFER_SYNTAXES), scu_role=True, scp_role=True
         )
     for uid in QUERY_RETRIEVE_SOP_CLASSES:
         ae.add_supported_context(uid)
