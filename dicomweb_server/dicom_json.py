@@ -146,10 +146,23 @@ def _element_json(
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
     if elem.VR == "PN":
         return _person_name_element(elem)
-    entry = _json_values(elem.to_json_dict(_uri_for(bulk_uri, path), threshold))
+    entry = _json_values(_pydicom_json(elem, bulk_uri, path, threshold))
     if ds.original_encoding[1] is False and "InlineBinary" in entry:
         entry["InlineBinary"] = _little_endian_base64(elem)
     return entry
+
+
+def _pydicom_json(
+    elem: DataElement, bulk_uri: Callable[[str], str], path: str, threshold: int
+) -> JsonDict:
+    """pydicom's JSON of an element, a binary value longer than `threshold` bytes a
+    BulkDataURI, as on the raw path (a value pydicom deferred, read with that defer_size).
+    pydicom's own threshold counts the base64 text: given 1024 it made every value over 768
+    bytes bulk data, so it gets the handler only for a value past ours (PS3.18 F.2.6 leaves
+    the threshold to the server; BULK_DATA_THRESHOLD_BYTES is ours)."""
+    value = elem.value
+    large = isinstance(value, bytes | bytearray) and len(value) > threshold
+    return elem.to_json_dict(_uri_for(bulk_uri, path) if large else None, 0)
 
 
 def _json_values(entry: JsonDict) -> JsonDict:

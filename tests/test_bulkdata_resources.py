@@ -44,10 +44,10 @@ def _with_bulk_values(**kw: Any) -> Dataset:
     ds.add_new(0x60000010, "US", 32)
     ds.add_new(0x60000011, "US", 32)
     icon = Dataset()
-    icon.Rows = icon.Columns = 32
+    icon.Rows = icon.Columns = 64
     icon.SamplesPerPixel, icon.BitsAllocated, icon.BitsStored, icon.HighBit = 1, 8, 8, 7
     icon.PhotometricInterpretation, icon.PixelRepresentation = "MONOCHROME2", 0
-    icon.add_new(0x7FE00010, "OB", bytes(range(256)) * 4)
+    icon.add_new(0x7FE00010, "OB", bytes(range(256)) * 16)  # 4 KiB: over the threshold
     ds.IconImageSequence = Sequence([icon])
     return ds
 

@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicomweb_server.dicom_json import (
+    BULK_DATA_THRESHOLD_BYTES,
     InstanceOutcome,
     absolutize_bulk_uris,
     dataset_to_json,
@@ -220,6 +221,33 @@ def _keys(doc: Any) -> list[str]:
     return found + [
         k for v in doc.values() for k in _keys(v.get("Value") if isinstance(v, dict) else None)
     ]
+
+
+def test_binary_values_up_to_the_threshold_are_inline() -> None:
+    """BULK_DATA_THRESHOLD_BYTES: a binary value of at most that many bytes is InlineBinary
+    and a longer one a BulkDataURI (PS3.18 F.2.6, F.2.7), whichever path renders it, at any
+    depth and in either byte order. Values over the threshold are deferred; the others went
+    through pydicom's to_json_dict, whose threshold counts the base64 text, so values of
+    769 to 1024 bytes became bulk data."""
+    import base64
+
+    def blobs(ds: Dataset) -> Dataset:
+        ds.add_new(0x00090010, "LO", "SIZES")
+        ds.add_new(0x00091011, "OB", bytes(range(256)) * 3 + b"\x01\x02")  # 770 bytes
+        ds.add_new(0x00091012, "OB", bytes(range(256)) * 4)  # 1024 bytes
+        ds.add_new(0x00091013, "OB", bytes(BULK_DATA_THRESHOLD_BYTES + 2))
+        return ds
+
+    for little_endian in (True, False):
+        made = blobs(Dataset())
+        made.add_new(0x00081140, "SQ", Sequence([blobs(Dataset())]))
+        made.add_new(0x60003000, "OW", b"\x07" * BULK_DATA_THRESHOLD_BYTES)  # words read alike
+        doc = _both_walks(_read_back(made, little_endian=little_endian))
+        for prefix, data in (("", doc), ("00081140/0/", doc["00081140"]["Value"][0])):
+            assert base64.b64decode(data["00091011"]["InlineBinary"]) == made[0x00091011].value
+            assert base64.b64decode(data["00091012"]["InlineBinary"]) == made[0x00091012].value
+            assert data["00091013"] == {"vr": "OB", "BulkDataURI": f"/bulk/{prefix}00091013"}
+        assert base64.b64decode(doc["60003000"]["InlineBinary"]) == b"\x07" * 1024
 
 
 def test_group_lengths_are_left_out(samples: object) -> None:

@@ -313,8 +313,10 @@ async def test_empty_big_endian_pixel_data_is_an_empty_value(
     """Empty Pixel Data of a big endian file (its bulk data found by parsing the file, not by
     a recorded range): pydicom reads an empty OW value as None, taken for "no bulk data
     here", so the BulkDataURI the metadata gives was a 404, and /bulkdata, which sent the
-    palette's tables first, broke off at it. An empty value is b"", as a recorded one is."""
-    url = await _stored(app_client, _mutant(samples, _BIG_ENDIAN_PALETTE, PixelData=b""))
+    values before it first, broke off at it. An empty value is b"", as a recorded one is."""
+    ds = _mutant(samples, _BIG_ENDIAN_PALETTE, PixelData=b"")
+    ds[0x200D1109].value = bytes(range(256)) * 8  # a private value over the bulk threshold
+    url = await _stored(app_client, ds)
     (meta,) = (await _get(app_client, url + "/metadata")).json()
     assert "BulkDataURI" in meta["7FE00010"]
     r = await _get(app_client, url + "/bulk/7FE00010")
