@@ -210,6 +210,8 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
         return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
     if attr.vr == "PN" and "=" in value:
         return _groups_match(attr, value)
+    if attr.vr == "PN" and ("*" in value or "?" in value):
+        return _pn_wildcard(attr, value)
     if "*" in value or "?" in value:
         return WildcardMatch(attr, value)
     return SingleValueMatch(attr, value)
@@ -284,6 +286,14 @@ def _groups_match(attr: Attribute, value: str) -> Match:
     if all(g in ("", "*") for g in groups):
         return UniversalMatch(attr)
     return ComponentGroupMatch(attr, groups)
+
+
+def _pn_wildcard(attr: Attribute, value: str) -> Match:
+    """A PN wildcard without `=`, its trailing `^` (and padding) ignored like those of a
+    single value and of each group of a value with `=` (_groups_match): `C?rter^John^`
+    found nothing stored as `Carter^John^`, which `Carter^John^` and `C?rter^John^=` find."""
+    pattern = value.rstrip("^ ")
+    return UniversalMatch(attr) if pattern == "*" else WildcardMatch(attr, pattern)
 
 
 def _range_or_single(attr: Attribute, value: str) -> Match:

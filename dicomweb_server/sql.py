@@ -148,7 +148,9 @@ def _pn_group_like(group: str, dicom_pattern: str, args: _Args) -> str:
         return plain
     delimiters = f"length({group}) - length(replace({group}, '^', ''))"
     padded = f"{group} || repeat('^', {_PN_COMPONENTS - 1} - ({delimiters}))"
-    return f"({plain} OR {padded} LIKE {p} ESCAPE '\\')"
+    # An empty group is no name (`Yamada^Tarou==やまだ^たろう` has no ideographic one), not
+    # five empty components: written out as `^^^^` it matched `^*` and `=^*`.
+    return f"({plain} OR ({group} <> '' AND {padded} LIKE {p} ESCAPE '\\'))"
 
 
 def _condition(m: Match, args: _Args) -> str | None:

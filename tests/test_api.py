@@ -143,11 +143,11 @@ _ODD_NAMES = {
 }
 
 
-async def _patients_found_by(client: httpx.AsyncClient) -> Any:
-    """Stores one study per name of _ODD_NAMES; returns a search giving the names' keys."""
+async def _patients_found_by(client: httpx.AsyncClient, names: dict[str, str] = _ODD_NAMES) -> Any:
+    """Stores one study per name of `names`; returns a search giving the names' keys."""
     made = {
         k: make_instance(patient_name=v, patient_id=k, SpecificCharacterSet="ISO_IR 192")
-        for k, v in _ODD_NAMES.items()
+        for k, v in names.items()
     }
     r = await stow(client, *(to_bytes(ds) for ds in made.values()))
     assert r.status_code == 200, r.text
@@ -173,6 +173,42 @@ async def test_qido_pn_wildcard_over_trailing_delimiters(app_client: httpx.Async
     assert await found(PatientName="C?rter^John^T^Dr.^") == ["carter"]
     assert await found(PatientName="Smith^John*") == ["johnny", "smith"]
     assert await found(PatientName="Yamada^Tarou^^^*=山田*") == ["yamada"]
+
+
+_EMPTY_GROUP_NAMES = {
+    "carter": "Carter^John^",
+    "no_family": "^John",
+    "no_ideographic": "Yamada^Tarou==やまだ^たろう",
+    "only_ideographic": "=山田^太郎",
+    "six": "A^B^C^D^E^F",
+}
+
+
+async def test_qido_pn_wildcard_trailing_delimiters_ignored(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by review: a wildcard's trailing `^` are ignored as a single value's and a
+    group's are; `C?rter^John^` found nothing while `Carter^John^` and `C?rter^John^=` found
+    the name (only five components were written out, so only `^^^^` could end a match)."""
+    found = await _patients_found_by(app_client, _EMPTY_GROUP_NAMES)
+    assert await found(PatientName="Carter^John^") == ["carter"]
+    assert await found(PatientName="C?rter^John^=") == ["carter"]
+    assert await found(PatientName="C?rter^John^") == ["carter"]
+    assert await found(PatientName="Carter*^ ") == ["carter"]
+    assert await found(PatientName="*^^") == sorted(_EMPTY_GROUP_NAMES)  # `*`: universal
+
+
+async def test_qido_pn_wildcard_empty_group_is_no_name(app_client: httpx.AsyncClient) -> None:
+    """Found by review: an empty component group is no name, not five empty components;
+    written out as `^^^^` it matched `^*` (family name empty), so `^*` found every name
+    without an ideographic group (`Yamada^Tarou==やまだ^たろう`) or an alphabetic one."""
+    found = await _patients_found_by(app_client, _EMPTY_GROUP_NAMES)
+    assert await found(PatientName="^*") == ["no_family"]
+    assert await found(PatientName="^*=") == ["no_family"]
+    assert await found(PatientName="=^*") == []
+    assert await found(PatientName="?^*") == ["six"]
+    assert await found(PatientName="*^*=*^*=*^*") == []
+    assert await found(PatientName="*^Tarou^^^*") == ["no_ideographic"]
 
 
 async def test_qido_fuzzy_words_split_as_stored_names(app_client: httpx.AsyncClient) -> None:

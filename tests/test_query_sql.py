@@ -57,6 +57,13 @@ def test_matching_types() -> None:
     assert isinstance(m, SingleValueMatch) and m.value == "ABC"
     (m,) = q(PatientName="DOE*").matches
     assert isinstance(m, WildcardMatch)
+    # A PN wildcard's trailing `^` and padding are ignored, as a single value's are.
+    (m,) = q(PatientName="C?rter^John^ ").matches
+    assert isinstance(m, WildcardMatch) and m.pattern == "C?rter^John"
+    (m,) = q(PatientName="*^^").matches
+    assert isinstance(m, UniversalMatch)
+    (m,) = q(AccessionNumber="A?^").matches  # not a PN: kept whole
+    assert isinstance(m, WildcardMatch) and m.pattern == "A?^"
     (m,) = q(PatientName="").matches
     assert isinstance(m, UniversalMatch)
     (m,) = parse(Level.STUDY, [("StudyInstanceUID", ""), ("StudyInstanceUID", "")], {}).matches
