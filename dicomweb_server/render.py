@@ -79,43 +79,99 @@ def _ratio(x: np.ndarray, origin: float, scale: float) -> np.ndarray:
 def _voi_lut(x: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """The first item of the VOI LUT Sequence applied (PS3.3 C.11.2.1.1), output 0..1: the
     LUT's entries over 2^n - 1, n its Descriptor's third value (the range of its output), not
-    the frame's own minimum and maximum. Values below the first mapped one take the first
-    entry, above the last the last. Entries of 8 bits come two to a word of OW data, or one
-    to a word (US, or OW words as many as entries: written so often that dcmtk reads it so).
-    None when the item cannot be read. pydicom's apply_voi_lut is not used: it indexes an
-    8-bit LUT of more than 256 entries with 8-bit integers, which wrap."""
-    item = _first_item(ds, "VOILUTSequence")
+    the frame's own minimum and maximum. None when the item cannot be read. pydicom's
+    apply_voi_lut is not used: it indexes an 8-bit LUT of more than 256 entries with 8-bit
+    integers, which wrap."""
+    lut = _lut(_first_item(ds, "VOILUTSequence"), ds, _voi_input_signed(ds))
+    if lut is None:
+        return None
+    table, first, bits = lut
+    out: np.ndarray = np.clip(_looked_up(x, table, first) / float(2**bits - 1), 0.0, 1.0)
+    return out
+
+
+def _voi_input_signed(ds: Dataset) -> bool:
+    """Whether the VOI LUT's input may be negative, which makes its Descriptor's second value
+    SS (PS3.3 C.11.2.1.1): as Pixel Representation says when no Modality LUT applies; SS when
+    the Rescale Slope and Intercept may give negative values (a CT of unsigned stored values
+    and intercept -1024: its LUT from -1024 on was read from 64512, a black image); US after
+    a Modality LUT Sequence, whose entries are unsigned."""
+    if _first_item(ds, "ModalityLUTSequence") is not None:
+        return False
+    signed = bool(ds.get("PixelRepresentation") == 1)
+    slope, intercept = first_number(ds, "RescaleSlope"), first_number(ds, "RescaleIntercept")
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:  # as apply_modality_lut
+        return signed
+    bits = ds.get("BitsStored")
+    bits = bits if isinstance(bits, int) and 1 <= bits <= 64 else 16
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope = 1.0 if slope is None else slope
+    return bool(min(lo * slope, hi * slope) + (intercept or 0.0) < 0)
+
+
+def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The Modality LUT (PS3.3 C.11.1): the Modality LUT Sequence's first item, its first
+    value mapped signed when Pixel Representation is 1 (C.11.1.1: whatever the VR it was
+    read with), else Rescale Slope and Intercept (pydicom's apply_modality_lut). ValueError
+    when the item cannot be read. pydicom's LUT path is not used: it took a first value of
+    -512 read as US 65024 as 65024 and subtracted it from the pixels' own integer type
+    (OverflowError, so the image was shown unscaled and its window skipped), and refused a
+    Descriptor of 12 bits."""
+    item = _first_item(ds, "ModalityLUTSequence")
+    if item is None:
+        return apply_modality_lut(arr, ds)
+    lut = _lut(item, ds, bool(ds.get("PixelRepresentation") == 1))
+    if lut is None:
+        raise ValueError("the Modality LUT Sequence cannot be read")
+    table, first, _ = lut
+    return _looked_up(arr, table, first).astype(np.float64)
+
+
+def _looked_up(x: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:
+    """table[x - first]: values below the first mapped one take the first entry, above the
+    last the last (PS3.3 C.11.1.1, C.11.2.1.1)."""
+    index = np.clip(np.round(np.clip(x, -1e18, 1e18)) - first, 0, table.size - 1)
+    out: np.ndarray = table[index.astype(np.intp)]
+    return out
+
+
+def _lut(item: Dataset | None, ds: Dataset, signed: bool) -> tuple[np.ndarray, int, int] | None:
+    """(entries, first value mapped, bits per entry) of a LUT item; None when it cannot be
+    read. The Descriptor's first and third values are unsigned whatever its VR (read as SS,
+    an entry count of 40000 comes as -25536), the second is signed when `signed` (its
+    caller's rule). Entries of 8 bits come two to a word of OW data, or one to a word (US, or
+    OW words as many as entries: written so often that dcmtk reads it so)."""
     descriptor = None if item is None else item.get("LUTDescriptor")
     # A list, or pydicom's MultiValue (Implicit VR: the US or SS resolved after reading).
     if item is None or "LUTData" not in item or not isinstance(descriptor, abc.Sequence):
         return None
     if len(descriptor) != 3 or not all(isinstance(v, int) for v in descriptor):
         return None
-    # Read as SS (signed data), an entry count of 40000 comes as -25536: the first and third
-    # values are unsigned whatever the VR, the second signed for signed data (C.11.2.1.1).
     entries, bits = (int(descriptor[0]) & 0xFFFF) or 65536, int(descriptor[2]) & 0xFFFF
     first = int(descriptor[1]) & 0xFFFF
     if not 1 <= bits <= 16:
         return None
-    if first >= 32768 and ds.get("PixelRepresentation") == 1:
+    if first >= 32768 and signed:
         first -= 65536
-    value = item["LUTData"].value
+    data = _lut_data(item["LUTData"].value, ds, entries, bits)
+    if data is None or data.size < entries or data.dtype.kind not in "ui":
+        return None
+    return data[:entries], first, bits
+
+
+def _lut_data(value: object, ds: Dataset, entries: int, bits: int) -> np.ndarray | None:
+    """LUT Data as read by pydicom (OW bytes, US values or one value) as an array."""
     if isinstance(value, bytes | bytearray):
         if ds.original_encoding[1] is False:  # OW of a big endian data set
             value = swapped_words(bytes(value), "OW")
         if bits <= 8 and len(value) < 2 * entries:
-            data = np.frombuffer(value, np.uint8)
-        else:
-            data = np.frombuffer(value[: len(value) - len(value) % 2], "<u2")
-    elif isinstance(value, int):
-        data = np.asarray([value])
-    else:
-        data = np.asarray(list(value))
-    if data.size < entries or data.dtype.kind not in "ui":
-        return None
-    index = np.clip(np.round(np.clip(x, -1e18, 1e18)) - first, 0, entries - 1).astype(np.intp)
-    out: np.ndarray = np.clip(data[:entries][index] / float(2**bits - 1), 0.0, 1.0)
-    return out
+            return np.frombuffer(value, np.uint8)
+        return np.frombuffer(value[: len(value) - len(value) % 2], "<u2")
+    if isinstance(value, int):
+        return np.asarray([value])
+    if isinstance(value, abc.Iterable):
+        return np.asarray(list(value))
+    return None
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -200,7 +256,7 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
     window or min-max applies: the instance's window is in rescaled units."""
     try:
         with np.errstate(over="ignore"):
-            x = apply_modality_lut(arr, ds).astype(np.float64)
+            x = _modality_lut(arr, ds).astype(np.float64)
         # A Rescale Slope as large as DS allows (1e308) overflows float64: such values
         # saturate at the largest float, so the VOI below only sees finite ones.
         x = np.clip(x, -_FLOAT64_MAX, _FLOAT64_MAX)

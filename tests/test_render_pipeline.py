@@ -197,3 +197,58 @@ async def test_voi_lut_of_signed_data_in_either_vr_encoding(
     px = await _png(app_client, buf.getvalue())
     want = np.round(lut[np.clip(values.astype(int) + 100, 0, 39999)] / 4095 * 255)
     assert np.abs(px[0].astype(int) - want.astype(int)).max() <= 1
+
+
+def _saved(ds: Dataset, implicit: bool) -> bytes:
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=implicit)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("vr", "implicit"), [("SS", False), ("US", False), ("SS", True)])
+async def test_voi_lut_of_rescaled_values_from_a_negative_one(
+    app_client: httpx.AsyncClient, vr: str, implicit: bool
+) -> None:
+    """A CT of unsigned stored values, Rescale Intercept -1024, and a VOI LUT from -1024 HU
+    on: its first value mapped is SS because the rescaled values may be negative (PS3.3
+    C.11.2.1.1), however it was written. It was read as 64512 (Pixel Representation is 0):
+    every value fell below it and the image was black (dcmtk shows the LUT)."""
+    lut = np.linspace(0, 65535, 4096).astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, vr, [4096, -1024 if vr == "SS" else 64512, 16])
+    item.add_new(0x00283006, "US", [int(v) for v in lut])
+    ds = _ramp(RescaleIntercept=-1024, RescaleSlope=1, VOILUTSequence=Sequence([item]))
+    px = await _png(app_client, _saved(ds, implicit))
+    want = np.round(lut.astype(float) / 65535 * 255).astype(int)  # stored v is -1024 + v HU
+    assert np.abs(px[0].astype(int) - want).max() <= 1
+    assert px[0, 0] == 0 and px[0, -1] == 255
+
+
+@pytest.mark.parametrize(
+    ("vr", "first", "bits"), [("SS", -512, 16), ("US", 65024, 16), ("SS", -512, 12)]
+)
+async def test_modality_lut_of_signed_data(
+    app_client: httpx.AsyncClient, vr: str, first: int, bits: int
+) -> None:
+    """Signed pixels -512..511 and a Modality LUT from -512 on, windowed: the first value
+    mapped is signed as Pixel Representation says (PS3.3 C.11.1.1), also when written as US
+    65024, and a Descriptor of 12 bits is read. Both were refused (pydicom subtracted 65024
+    from int16 pixels; it has no uint12), so the image was shown unscaled, its window
+    skipped, as a min-max ramp (dcmtk applies the LUT)."""
+    values = np.arange(-512, 512, dtype=np.int16)
+    lut = np.linspace(0, 4000, 1024).astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, vr, [1024, first, bits])
+    item.add_new(0x00283006, "US", [int(v) for v in lut])
+    item.ModalityLUTType = "US"
+    ds = make_instance(rows=1, cols=values.size, ModalityLUTSequence=Sequence([item]))
+    ds.WindowCenter, ds.WindowWidth = 3000, 1000
+    ds.PixelRepresentation = 1
+    ds.PixelData = values.tobytes()
+    px = await _png(app_client, to_bytes(ds))
+    x = lut[values.astype(int) + 512].astype(float)
+    want = np.round(np.clip((x - 2999.5) / 999 + 0.5, 0, 1) * 255).astype(int)
+    assert np.abs(px[0].astype(int) - want).max() <= 1
+    assert px[0, :600].max() == 0 and px[0, -1] == 255
