@@ -328,12 +328,16 @@ def _dt(value: str, *, latest: bool = False) -> dt.datetime | None:
     """A DT query value as the naive UTC datetime the index holds (vr.dt_as_utc); with
     `latest`, the last moment a value not precise to the microsecond names, as the upper end
     of a range (`2025` is all of 2025, as in _upper), where a conversion past the last
-    datetime is that datetime."""
+    datetime is that datetime. Only past it: an upper end before the first datetime (year 1
+    at a positive offset, `-000101010000+1400`) is no datetime, as a lower end or a single
+    value converted out of range is; made the last one, it matched every stored value."""
     parsed = parse_dt(value, latest=latest)
     if parsed is None:
         return None
     utc = dt_as_utc(parsed)
-    return dt.datetime.max if utc is None and latest else utc
+    # UTC is the local time less the offset: only a negative offset moves a value later.
+    later = (parsed.utcoffset() or dt.timedelta()) < dt.timedelta()
+    return dt.datetime.max if utc is None and latest and later else utc
 
 
 def _dt_match(attr: Attribute, value: str) -> Match:

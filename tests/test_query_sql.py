@@ -392,6 +392,15 @@ def test_dt_offsets_beyond_the_standard_are_refused(value: str) -> None:
         q(Level.INSTANCE, AcquisitionDateTime=value)
 
 
+@pytest.mark.parametrize("value", ["-000101010000+1400", "00010101-0001010100+0100"])
+def test_dt_upper_end_before_the_first_datetime_is_refused(value: str) -> None:
+    """An upper end that is before 0001-01-01 00:00 once in UTC is no datetime, as a lower
+    end or a single value converted out of range is (400): only one past the last datetime
+    is that datetime (found by review: it was made datetime.max, matching every value)."""
+    with pytest.raises(BadRequestError, match="not a valid DT"):
+        q(Level.INSTANCE, AcquisitionDateTime=value)
+
+
 def test_dt_negative_offset_beyond_the_standard_is_a_range() -> None:
     """-1201 is no offset (PS3.5 6.2): the value reads as the years 2024.. to 1201, a range
     in reverse that matches nothing, never as 12:00 at UTC-12:01."""
