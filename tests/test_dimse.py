@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
+from dicomweb_server.dimse import server
 from dicomweb_server.dimse.server import DIMSE_MAX_PDU_BYTES
 from dicomweb_server.media.mediatypes import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
 from dicomweb_server.media.mediatypes import NOT_FOR_WEB
@@ -88,6 +89,21 @@ async def test_echoscu(archive: Archive) -> None:
 
 
 # -- Storage --------------------------------------------------------------------------------
+
+
+def test_extra_storage_classes_registered_without_a_pydicom_keyword(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A storage class pydicom has no keyword for is registered with pynetdicom under one made
+    of its UID (an empty keyword would make register_uid fail, and the archive not start)."""
+    registered: list[tuple[str, str]] = []
+    monkeypatch.setattr(server, "UID", lambda uid: type("NoKeyword", (), {"keyword": ""})())
+    monkeypatch.setattr(server, "uid_to_service_class", lambda uid: object)
+    monkeypatch.setattr(server, "register_uid", lambda uid, kw, _cls: registered.append((uid, kw)))
+    found = server.storage_sop_classes()
+    assert [uid for uid, _ in registered] == list(server.EXTRA_STORAGE_SOP_CLASSES)
+    assert all(kw.isidentifier() and uid.replace(".", "_") in kw for uid, kw in registered)
+    assert found[-len(registered) :] == list(server.EXTRA_STORAGE_SOP_CLASSES)
 
 
 async def test_storescu_then_qido_and_wado_byte_identical(archive: Archive, samples: Path) -> None:

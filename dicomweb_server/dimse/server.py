@@ -325,7 +325,9 @@ def storage_sop_classes() -> list[str]:
     extra = [uid for uid in EXTRA_STORAGE_SOP_CLASSES if uid not in listed]
     for uid in extra:
         if uid_to_service_class(uid) is not StorageServiceClass:
-            register_uid(uid, UID(uid).keyword, StorageServiceClass)
+            # A pydicom that does not know the UID gives no keyword: one made of the UID.
+            keyword = UID(uid).keyword or "Storage_" + uid.replace(".", "_")
+            register_uid(uid, keyword, StorageServiceClass)
     return listed + extra
 
 
