@@ -131,10 +131,13 @@ def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _rescaled(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Rescale Slope and Intercept applied (pydicom's apply_modality_lut, any Modality LUT
-    Sequence left out)."""
+    Sequence left out). ValueError for a slope of 0, which maps every value to the intercept
+    (a blank image): taken as invalid, as dcmtk does."""
     if "ModalityLUTSequence" in ds:
         ds = _copy(ds)
         del ds.ModalityLUTSequence
+    if "RescaleIntercept" in ds and first_number(ds, "RescaleSlope") == 0:
+        raise ValueError("a Rescale Slope of 0")
     return apply_modality_lut(arr, ds)
 
 

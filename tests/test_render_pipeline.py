@@ -274,3 +274,16 @@ async def test_float_pixel_data_has_no_modality_lut(app_client: httpx.AsyncClien
         px = await _png(app_client, to_bytes(ds))
     assert np.array_equal(px, plain)
     assert px[0, 3] == 0 and px[0, 0] == 0 and px[0, -1] == 255
+
+
+async def test_rescale_slope_of_zero_leaves_the_values_unscaled(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """A Rescale Slope of 0 maps every stored value to the intercept: taken as invalid
+    (dcmtk ignores the Modality LUT then, with a warning), the values are shown unscaled and
+    min-max, the instance's window (in rescaled units) skipped, as for a slope that is not a
+    number. It was a blank image: every pixel -1024, below the window (found by review)."""
+    ds = _ramp(RescaleSlope=0, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    px = await _png(app_client, to_bytes(ds))
+    want = np.round(np.arange(4096) / 4095 * 255).astype(int)
+    assert np.abs(px[0].astype(int) - want).max() <= 1
