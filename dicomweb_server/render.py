@@ -117,14 +117,28 @@ def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     -512 read as US 65024 as 65024 and subtracted it from the pixels' own integer type
     (OverflowError, so the image was shown unscaled and its window skipped), and refused a
     Descriptor of 12 bits."""
-    item = _first_item(ds, "ModalityLUTSequence")
+    # A LUT maps integer stored values; float pixel data has none (its NaN indexed the
+    # table at -2^63: a 406).
+    item = None if arr.dtype.kind == "f" else _first_item(ds, "ModalityLUTSequence")
     if item is None:
-        return apply_modality_lut(arr, ds)
+        return _rescaled(arr, ds)
     lut = _lut(item, ds, bool(ds.get("PixelRepresentation") == 1))
     if lut is None:
         raise ValueError("the Modality LUT Sequence cannot be read")
     table, first, _ = lut
     return _looked_up(arr, table, first).astype(np.float64)
+
+
+def _rescaled(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Rescale Slope and Intercept applied (pydicom's apply_modality_lut, any Modality LUT
+    Sequence left out). ValueError for a slope of 0, which maps every value to the intercept
+    (a blank image): taken as invalid, as dcmtk does."""
+    if "ModalityLUTSequence" in ds:
+        ds = _copy(ds)
+        del ds.ModalityLUTSequence
+    if "RescaleIntercept" in ds and first_number(ds, "RescaleSlope") == 0:
+        raise ValueError("a Rescale Slope of 0")
+    return apply_modality_lut(arr, ds)
 
 
 def _looked_up(x: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:

@@ -252,3 +252,38 @@ async def test_modality_lut_of_signed_data(
     want = np.round(np.clip((x - 2999.5) / 999 + 0.5, 0, 1) * 255).astype(int)
     assert np.abs(px[0].astype(int) - want).max() <= 1
     assert px[0, :600].max() == 0 and px[0, -1] == 255
+
+
+async def test_float_pixel_data_has_no_modality_lut(app_client: httpx.AsyncClient) -> None:
+    """A Modality LUT maps integer stored values (PS3.3 C.11.1.1); float pixel data has
+    none, so a Modality LUT Sequence on it is left out, as when absent: its NaN is black and
+    the values are shown min-max. The LUT was indexed by the floats: a NaN made an index of
+    -2^63 and the image a 406 (with a RuntimeWarning on the cast); without one the floats
+    were rounded into the table (found by review)."""
+    values = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(1, 64)
+    values[0, 3] = np.nan
+    item = Dataset()
+    item.LUTDescriptor = [128, 0, 16]
+    item.add_new(0x00283006, "US", [4000 - 10 * v for v in range(128)])
+    item.ModalityLUTType = "US"
+    plain = await _png(app_client, to_bytes(_float_instance(values)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = _float_instance(values)
+        ds.ModalityLUTSequence = Sequence([item])
+        px = await _png(app_client, to_bytes(ds))
+    assert np.array_equal(px, plain)
+    assert px[0, 3] == 0 and px[0, 0] == 0 and px[0, -1] == 255
+
+
+async def test_rescale_slope_of_zero_leaves_the_values_unscaled(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """A Rescale Slope of 0 maps every stored value to the intercept: taken as invalid
+    (dcmtk ignores the Modality LUT then, with a warning), the values are shown unscaled and
+    min-max, the instance's window (in rescaled units) skipped, as for a slope that is not a
+    number. It was a blank image: every pixel -1024, below the window (found by review)."""
+    ds = _ramp(RescaleSlope=0, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    px = await _png(app_client, to_bytes(ds))
+    want = np.round(np.arange(4096) / 4095 * 255).astype(int)
+    assert np.abs(px[0].astype(int) - want).max() <= 1
