@@ -132,19 +132,27 @@ MATCHING_PATHS: tuple[tuple[Attribute, ...], ...] = tuple(
 )
 
 # Attributes copied into study.attrs / series.attrs at ingest (from the first instance stored
-# in that study or series): what QIDO returns at those levels, `includefield=all` included.
+# in that study or series): what QIDO returns at those levels, `includefield=all` included,
+# and what a C-FIND at those levels returns. At least every key PS3.4 Tables C.6-1, C.6-2 and
+# C.6-5 name for the Patient and Study levels (the aggregates are computed): a C-FIND
+# answered ReferencedStudySequence, PatientBirthTime... empty where Orthanc returned them.
 LEVEL_TAGS: dict[Level, frozenset[int]] = {
     # Patient-level results are the Patient module attributes of the patient's first study.
     Level.PATIENT: frozenset(
         {
             0x00080005,  # SpecificCharacterSet
+            0x00081120,  # ReferencedPatientSequence
             0x00100010,  # PatientName
             0x00100020,  # PatientID
             0x00100021,  # IssuerOfPatientID
+            0x00100024,  # IssuerOfPatientIDQualifiersSequence
             0x00100030,  # PatientBirthDate
+            0x00100032,  # PatientBirthTime
             0x00100040,  # PatientSex
             0x00101000,  # OtherPatientIDs
+            0x00101001,  # OtherPatientNames
             0x00101002,  # OtherPatientIDsSequence
+            0x00102160,  # EthnicGroup
             0x00104000,  # PatientComments
         }
     ),
@@ -162,16 +170,24 @@ LEVEL_TAGS: dict[Level, frozenset[int]] = {
             0x00081032,  # ProcedureCodeSequence
             0x00081060,  # NameOfPhysiciansReadingStudy
             0x00081080,  # AdmittingDiagnosesDescription
+            0x00081110,  # ReferencedStudySequence
+            0x00081120,  # ReferencedPatientSequence
             0x00100010,  # PatientName
             0x00100020,  # PatientID
             0x00100021,  # IssuerOfPatientID
+            0x00100024,  # IssuerOfPatientIDQualifiersSequence
             0x00100030,  # PatientBirthDate
+            0x00100032,  # PatientBirthTime
             0x00100040,  # PatientSex
             0x00101000,  # OtherPatientIDs
+            0x00101001,  # OtherPatientNames
             0x00101002,  # OtherPatientIDsSequence
             0x00101010,  # PatientAge
             0x00101020,  # PatientSize
             0x00101030,  # PatientWeight
+            0x00102160,  # EthnicGroup
+            0x00102180,  # Occupation
+            0x001021B0,  # AdditionalPatientHistory
             0x00104000,  # PatientComments
             0x0020000D,  # StudyInstanceUID
             0x00200010,  # StudyID

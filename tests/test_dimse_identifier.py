@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
 
 from dicomweb_server import cli
@@ -218,6 +219,27 @@ def test_find_response_has_exactly_the_keys_asked() -> None:
     assert rsp.SpecificCharacterSet == "ISO_IR 192"
     assert rsp.StudyDescription in ("", None)  # asked, no value: empty
     assert "PatientID" not in rsp
+
+
+def test_find_response_in_utf8_when_its_character_set_cannot_encode_a_value() -> None:
+    """A series result carries the study's PatientName (stored as ISO_IR 126, Greek) with the
+    series' Specific Character Set (ISO_IR 100): sent in UTF-8, not as `?????????`. Found
+    by differential testing against Orthanc."""
+    req = parse_find(ident("SERIES", SeriesInstanceUID="", PatientName=""), Model.STUDY_ROOT)
+    greek = {"vr": "PN", "Value": [{"Alphabetic": "Διονυσιος"}]}
+    latin1 = {"vr": "CS", "Value": ["ISO_IR 100"]}
+    rsp = find_response(req, {"00080005": latin1, "00100010": greek}, "DICOMWEB")
+    assert rsp.SpecificCharacterSet == "ISO_IR 192"
+    raw = encode(rsp, True, True)  # as pynetdicom sends it: Implicit VR Little Endian
+    assert raw is not None and "Διονυσιος".encode() in raw
+    # A value the stored character set encodes keeps it; ASCII alone needs none.
+    french = {"vr": "PN", "Value": [{"Alphabetic": "Buc^Jérôme"}]}
+    rsp = find_response(req, {"00080005": latin1, "00100010": french}, "DICOMWEB")
+    assert rsp.SpecificCharacterSet == "ISO_IR 100"
+    rsp = find_response(req, {"00100010": french}, "DICOMWEB")
+    assert rsp.SpecificCharacterSet == "ISO_IR 192"
+    ascii_only = {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}]}
+    assert "SpecificCharacterSet" not in find_response(req, {"00100010": ascii_only}, "D")
 
 
 def test_peers() -> None:

@@ -149,6 +149,42 @@ async def test_find_series_by_request_attributes(archive: Archive) -> None:
     assert got[0][1] is not None and got[0][1].SeriesInstanceUID == ds.SeriesInstanceUID
 
 
+async def test_find_returns_the_patient_and_study_keys_of_ps3_4_table_c6(
+    archive: Archive,
+) -> None:
+    """Keys PS3.4 Tables C.6-1, C.6-2 and C.6-5 name at the Patient and Study levels come
+    back with the stored values. Found by differential testing against Orthanc: they came
+    back empty (study.attrs did not keep them)."""
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    ref.ReferencedSOPInstanceUID = "1.2.3.4"
+    ds = make_instance(
+        patient_id="FIND-C6", PatientBirthTime="101010", EthnicGroup="GROUP",
+        OtherPatientNames="Other^Name", Occupation="Baker", AdditionalPatientHistory="None",
+        ReferencedStudySequence=[ref],
+    )  # fmt: skip
+    await stow(archive, ds)
+    study_keys = identifier(
+        "STUDY", PatientID="FIND-C6", StudyInstanceUID="", PatientBirthTime="",
+        EthnicGroup="", OtherPatientNames="", Occupation="", AdditionalPatientHistory="",
+        ReferencedStudySequence=[],
+    )  # fmt: skip
+    got = await in_thread(_find, archive, StudyRootQueryRetrieveInformationModelFind, study_keys)
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
+    match = got[0][1]
+    assert match is not None
+    assert (match.PatientBirthTime, match.EthnicGroup) == ("101010", "GROUP")
+    assert (match.OtherPatientNames, match.Occupation) == ("Other^Name", "Baker")
+    assert match.AdditionalPatientHistory == "None"
+    assert match.ReferencedStudySequence[0].ReferencedSOPInstanceUID == "1.2.3.4"
+    got = await in_thread(
+        _find, archive, PatientRootQueryRetrieveInformationModelFind,
+        identifier("PATIENT", PatientID="FIND-C6", PatientBirthTime="", EthnicGroup=""),
+    )  # fmt: skip
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
+    assert got[0][1] is not None and got[0][1].PatientBirthTime == "101010"
+
+
 async def test_findscu_study_root(archive: Archive, tmp_path: Path) -> None:
     ds = make_instance(patient_id="DCMTK-1", study_date="20230301")
     await stow(archive, ds, make_instance(patient_id="DCMTK-2", study_date="20220101"))

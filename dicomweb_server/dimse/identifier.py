@@ -7,11 +7,12 @@ Pure: datasets in, a Query or a response dataset out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -55,6 +56,8 @@ _ELLIPSIS = "..."
 _QUERY_RETRIEVE_LEVEL = 0x00080052
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _RETRIEVE_AE_TITLE = 0x00080054
+# What a response whose values its stored Specific Character Set cannot encode is sent in.
+_UTF8 = {"vr": "CS", "Value": ["ISO_IR 192"]}
 _LEVELS = {
     "PATIENT": Level.PATIENT,
     "STUDY": Level.STUDY,
@@ -288,7 +291,42 @@ def find_response(req: FindRequest, result: Mapping[str, Any], ae_title: str) ->
         else:
             doc[key] = {"vr": found["vr"] if found else vr}
     charset = result.get(tag_hex(_SPECIFIC_CHARACTER_SET))
+    if not _encodable(doc, charset):
+        charset = _UTF8
     if charset is not None:
         doc[tag_hex(_SPECIFIC_CHARACTER_SET)] = charset
     doc[tag_hex(_QUERY_RETRIEVE_LEVEL)] = {"vr": "CS", "Value": [req.level_name]}
     return dataset_from_json(doc)  # a DS or IS kept as a string is sent as its text
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def _encodable(doc: Mapping[str, Any], charset: Mapping[str, Any] | None) -> bool:
+    """Whether every value of a response can be encoded in the Specific Character Set of its
+    result (PS3.5 6.1.2.5: it must cover the whole data set). It need not: a series result
+    carries the study's PatientName, stored under the character set of the study's first
+    instance, with the Specific Character Set of the series' first instance (found by
+    differential testing against Orthanc: a Greek name in a series stored as ISO_IR 100 was
+    sent as `?????????`). Then the response is sent in UTF-8, which encodes anything."""
+    names = [str(v or "") for v in (charset or {}).get("Value", [])]
+    if not any(names):  # the default repertoire (PS3.5 6.1.2.1)
+        return all(value.isascii() for value in _strings(doc))
+    codecs = convert_encodings(names)
+    return all(any(_encodes(value, c) for c in codecs) for value in _strings(doc))
+
+
+def _encodes(value: str, codec: str) -> bool:
+    try:
+        value.encode(codec)
+    except (UnicodeError, LookupError):
+        return False
+    return True
