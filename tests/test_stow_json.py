@@ -452,3 +452,27 @@ async def test_inline_binary_may_be_wrapped(app_client: httpx.AsyncClient) -> No
     assert r.status_code == 200, r.text
     (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
     assert meta["00091001"]["Value"][0]["00091010"]["InlineBinary"] == "QUJDRA=="
+
+
+def test_a_bad_value_deep_in_sequences_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    """Found by fuzzing (tests/test_fuzz_stow_metadata.py): pydicom's writer wraps a failure
+    in each enclosing sequence with the message and traceback so far, doubling it per level;
+    a US value out of range 12 items deep took 4 GB, 13 killed the server. Now refused
+    (0xC000) naming the element, in a few MB."""
+    import tracemalloc
+
+    node: dict[str, Any] = {"vr": "SQ", "Value": [{"00280010": {"vr": "US", "Value": [70000]}}]}
+    for _ in range(10):
+        node = {"vr": "SQ", "Value": [{"00081140": node}]}
+    doc = make_instance().to_json_dict()
+    doc["00081140"] = node
+    tracemalloc.start()
+    try:
+        with pytest.raises(stow_json.InvalidInstanceError) as caught:
+            stow_json._assemble(doc, {}, stow_json._Budget({}), tmp_path / "out.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, peak
+    assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
+    assert "(0028,0010)" in caught.value.message and len(caught.value.message) < 400
