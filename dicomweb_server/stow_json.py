@@ -57,6 +57,7 @@ __all__ = [
     "MAX_JSON_BULK_VALUE_BYTES",
     "MAX_JSON_DATASETS",
     "MAX_JSON_METADATA_BYTES",
+    "MAX_JSON_SEQUENCE_DEPTH",
     "store_json_parts",
 ]
 
@@ -73,6 +74,9 @@ MAX_JSON_BULK_REUSE_BYTES = 64 * 1024 * 1024
 _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
 MAX_JSON_DATASETS = 10_000
+# Sequences nested in a data set, at most (as MAX_XML_DEPTH, 128 elements, allows about 63):
+# deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000).
+MAX_JSON_SEQUENCE_DEPTH = 64
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"
@@ -336,28 +340,40 @@ def _check_encodable(ds: Dataset) -> None:
     the data set is written whole. pydicom's writer re-raises a failure in each enclosing
     sequence with the message and traceback so far, so the message doubles with each level:
     a US value of 70000 twelve items deep took 4 GB and eight seconds, thirteen killed the
-    server (found by fuzzing). Here the failure is one element's, named by its tag."""
-    stack: list[tuple[Dataset, Any]] = [(ds, None)]
+    server, and so did its RecursionError under 250 levels of valid items (found by
+    fuzzing). Here the failure is one element's, named by its tag, and sequences nest at
+    most MAX_JSON_SEQUENCE_DEPTH levels."""
+    stack: list[tuple[Dataset, Any, int]] = [(ds, None, 0)]
     while stack:
-        item, encodings = stack.pop()
+        item, encodings, depth = stack.pop()
         encodings = item.get("SpecificCharacterSet", encodings)
         for tag in item.keys():
             elem = item.get_item(tag)  # as it is: a kept DS or IS text stays raw
-            if elem.VR == "SQ":
-                stack.extend((child, encodings) for child in elem.value)
-                continue
-            if " or " in elem.VR or (elem.VR in _BYTES_VRS and isinstance(elem.value, bytes)):
-                continue  # resolved by dcmwrite (`OB or OW`), or written as they are
-            scratch = DicomBytesIO()
-            scratch.is_little_endian, scratch.is_implicit_VR = True, False
-            try:
-                write_data_element(scratch, elem, encodings)
-            except Exception as exc:  # the client's value: one failure, with its tag
+            if elem.VR == "SQ" and depth == MAX_JSON_SEQUENCE_DEPTH:
                 raise _refused(
                     FailureReason.CANNOT_UNDERSTAND,
-                    f"cannot encode {tag} (VR {elem.VR}): {_first_line(exc)}",
+                    f"sequences nested deeper than {MAX_JSON_SEQUENCE_DEPTH} levels",
                     ds,
-                ) from None
+                )
+            if elem.VR == "SQ":
+                stack.extend((child, encodings, depth + 1) for child in elem.value)
+            elif " or " not in elem.VR and not (
+                elem.VR in _BYTES_VRS and isinstance(elem.value, bytes)
+            ):  # not resolved by dcmwrite (`OB or OW`), nor written as it is
+                _encode_alone(elem, encodings, ds)
+
+
+def _encode_alone(elem: Any, encodings: Any, ds: Dataset) -> None:
+    scratch = DicomBytesIO()
+    scratch.is_little_endian, scratch.is_implicit_VR = True, False
+    try:
+        write_data_element(scratch, elem, encodings)
+    except Exception as exc:  # the client's value: one failure, with its tag
+        raise _refused(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"cannot encode {elem.tag} (VR {elem.VR}): {_first_line(exc)}",
+            ds,
+        ) from None
 
 
 def _file_meta(ts: str, ds: Dataset) -> FileMetaDataset:

@@ -476,3 +476,34 @@ def test_a_bad_value_deep_in_sequences_is_refused_in_bounded_memory(tmp_path: Pa
     assert peak < 20 * 1024 * 1024, peak
     assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
     assert "(0028,0010)" in caught.value.message and len(caught.value.message) < 400
+
+
+def _nested(levels: int, leaf: dict[str, Any]) -> dict[str, Any]:
+    """A Referenced Image Sequence `levels` sequences deep, `leaf` the innermost item."""
+    node: dict[str, Any] = {"vr": "SQ", "Value": [leaf]}
+    for _ in range(levels - 1):
+        node = {"vr": "SQ", "Value": [{"00081140": node}]}
+    return node
+
+
+async def test_sequences_nest_at_most_max_json_sequence_depth(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by fuzzing: 250 levels of valid items overflowed pydicom's recursive writer, and
+    its RecursionError, re-raised with the traceback so far at each level, took all memory.
+    MAX_JSON_SEQUENCE_DEPTH levels are stored; one more fails that instance (0xC000)."""
+    docs, instances = [], [make_instance() for _ in range(3)]
+    depth = stow_json.MAX_JSON_SEQUENCE_DEPTH
+    for ds, levels in zip(instances, [depth, depth + 1, 250], strict=True):
+        doc = _metadata(ds, f"u:{ds.SOPInstanceUID}")
+        doc["00081140"] = _nested(levels, {"00081150": {"vr": "UI", "Value": ["1.2.3"]}})
+        docs.append(doc)
+    parts = [(f"u:{ds.SOPInstanceUID}", "application/octet-stream", ds.PixelData)
+             for ds in instances]  # fmt: skip
+    r = await _post(app_client, _body(docs, *parts))
+    assert r.status_code == 202, r.text
+    (ok,) = _seq(r.json(), "00081199")
+    assert values(ok, "00081155") == [instances[0].SOPInstanceUID]
+    failed = _seq(r.json(), "00081198")
+    assert [values(f, "00081197") for f in failed] == [[0xC000], [0xC000]]
+    assert (await app_client.get(inst_url(instances[1]) + "/metadata")).status_code == 404
