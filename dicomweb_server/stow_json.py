@@ -29,7 +29,7 @@ import anyio
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.uid import UID
 
 from dicomweb_server.blobstore.files import BlobWriter, scratch_file
@@ -57,6 +57,7 @@ __all__ = [
     "MAX_JSON_BULK_VALUE_BYTES",
     "MAX_JSON_DATASETS",
     "MAX_JSON_METADATA_BYTES",
+    "MAX_JSON_SEQUENCE_DEPTH",
     "store_json_parts",
 ]
 
@@ -73,6 +74,9 @@ MAX_JSON_BULK_REUSE_BYTES = 64 * 1024 * 1024
 _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
 MAX_JSON_DATASETS = 10_000
+# Sequences nested in a data set, at most (as MAX_XML_DEPTH, 128 elements, allows about 63):
+# deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000).
+MAX_JSON_SEQUENCE_DEPTH = 64
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"
@@ -302,6 +306,7 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out:
         budget.take(sum(p.size for p in parts), ds)
         if pixel is not None and not parts:  # inline, or no value: pydicom encodes it
             ds[0x7FE00010] = dataset_from_json({_PIXEL_DATA: pixel})[0x7FE00010]
+        _check_encodable(ds)
         ts = _syntax_of(parts, ds) if parts else EXPLICIT_VR_LITTLE_ENDIAN
         head = Dataset({t: e for t, e in ds.items() if not parts or t < 0x7FE00010})
         tail = Dataset({t: e for t, e in ds.items() if parts and t > 0x7FE00010})
@@ -324,6 +329,51 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out:
             fh.write(pixel_header)
             _write_pixel_values(fh, parts, ts)
         fh.write(after.getvalue())
+
+
+# VRs whose value pydicom writes as the bytes it holds: not encoded twice by _check_encodable.
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+
+
+def _check_encodable(ds: Dataset) -> None:
+    """Encode every element on its own, items' elements too (a loop, not recursion), before
+    the data set is written whole. pydicom's writer re-raises a failure in each enclosing
+    sequence with the message and traceback so far, so the message doubles with each level:
+    a US value of 70000 twelve items deep took 4 GB and eight seconds, thirteen killed the
+    server, and so did its RecursionError under 250 levels of valid items (found by
+    fuzzing). Here the failure is one element's, named by its tag, and sequences nest at
+    most MAX_JSON_SEQUENCE_DEPTH levels."""
+    stack: list[tuple[Dataset, Any, int]] = [(ds, None, 0)]
+    while stack:
+        item, encodings, depth = stack.pop()
+        encodings = item.get("SpecificCharacterSet", encodings)
+        for tag in item.keys():
+            elem = item.get_item(tag)  # as it is: a kept DS or IS text stays raw
+            if elem.VR == "SQ" and depth == MAX_JSON_SEQUENCE_DEPTH:
+                raise _refused(
+                    FailureReason.CANNOT_UNDERSTAND,
+                    f"sequences nested deeper than {MAX_JSON_SEQUENCE_DEPTH} levels",
+                    ds,
+                )
+            if elem.VR == "SQ":
+                stack.extend((child, encodings, depth + 1) for child in elem.value)
+            elif " or " not in elem.VR and not (
+                elem.VR in _BYTES_VRS and isinstance(elem.value, bytes)
+            ):  # not resolved by dcmwrite (`OB or OW`), nor written as it is
+                _encode_alone(elem, encodings, ds)
+
+
+def _encode_alone(elem: Any, encodings: Any, ds: Dataset) -> None:
+    scratch = DicomBytesIO()
+    scratch.is_little_endian, scratch.is_implicit_VR = True, False
+    try:
+        write_data_element(scratch, elem, encodings)
+    except Exception as exc:  # the client's value: one failure, with its tag
+        raise _refused(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"cannot encode {elem.tag} (VR {elem.VR}): {_first_line(exc)}",
+            ds,
+        ) from None
 
 
 def _file_meta(ts: str, ds: Dataset) -> FileMetaDataset:

@@ -452,3 +452,58 @@ async def test_inline_binary_may_be_wrapped(app_client: httpx.AsyncClient) -> No
     assert r.status_code == 200, r.text
     (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
     assert meta["00091001"]["Value"][0]["00091010"]["InlineBinary"] == "QUJDRA=="
+
+
+def test_a_bad_value_deep_in_sequences_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    """Found by fuzzing (tests/test_fuzz_stow_metadata.py): pydicom's writer wraps a failure
+    in each enclosing sequence with the message and traceback so far, doubling it per level;
+    a US value out of range 12 items deep took 4 GB, 13 killed the server. Now refused
+    (0xC000) naming the element, in a few MB."""
+    import tracemalloc
+
+    node: dict[str, Any] = {"vr": "SQ", "Value": [{"00280010": {"vr": "US", "Value": [70000]}}]}
+    for _ in range(10):
+        node = {"vr": "SQ", "Value": [{"00081140": node}]}
+    doc = make_instance().to_json_dict()
+    doc["00081140"] = node
+    tracemalloc.start()
+    try:
+        with pytest.raises(stow_json.InvalidInstanceError) as caught:
+            stow_json._assemble(doc, {}, stow_json._Budget({}), tmp_path / "out.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, peak
+    assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
+    assert "(0028,0010)" in caught.value.message and len(caught.value.message) < 400
+
+
+def _nested(levels: int, leaf: dict[str, Any]) -> dict[str, Any]:
+    """A Referenced Image Sequence `levels` sequences deep, `leaf` the innermost item."""
+    node: dict[str, Any] = {"vr": "SQ", "Value": [leaf]}
+    for _ in range(levels - 1):
+        node = {"vr": "SQ", "Value": [{"00081140": node}]}
+    return node
+
+
+async def test_sequences_nest_at_most_max_json_sequence_depth(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by fuzzing: 250 levels of valid items overflowed pydicom's recursive writer, and
+    its RecursionError, re-raised with the traceback so far at each level, took all memory.
+    MAX_JSON_SEQUENCE_DEPTH levels are stored; one more fails that instance (0xC000)."""
+    docs, instances = [], [make_instance() for _ in range(3)]
+    depth = stow_json.MAX_JSON_SEQUENCE_DEPTH
+    for ds, levels in zip(instances, [depth, depth + 1, 250], strict=True):
+        doc = _metadata(ds, f"u:{ds.SOPInstanceUID}")
+        doc["00081140"] = _nested(levels, {"00081150": {"vr": "UI", "Value": ["1.2.3"]}})
+        docs.append(doc)
+    parts = [(f"u:{ds.SOPInstanceUID}", "application/octet-stream", ds.PixelData)
+             for ds in instances]  # fmt: skip
+    r = await _post(app_client, _body(docs, *parts))
+    assert r.status_code == 202, r.text
+    (ok,) = _seq(r.json(), "00081199")
+    assert values(ok, "00081155") == [instances[0].SOPInstanceUID]
+    failed = _seq(r.json(), "00081198")
+    assert [values(f, "00081197") for f in failed] == [[0xC000], [0xC000]]
+    assert (await app_client.get(inst_url(instances[1]) + "/metadata")).status_code == 404
