@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 
 from dicomweb_server import stow_json
 from dicomweb_server.audit import ARCHIVE_FAULT
+from dicomweb_server.dicomfile import InvalidInstanceError
 from dicomweb_server.errors import FailureReason
 from tests.helpers import ROOT, inst_url, make_instance, split_multipart, values
 
@@ -468,7 +469,7 @@ def test_a_bad_value_deep_in_sequences_is_refused_in_bounded_memory(tmp_path: Pa
     doc["00081140"] = node
     tracemalloc.start()
     try:
-        with pytest.raises(stow_json.InvalidInstanceError) as caught:
+        with pytest.raises(InvalidInstanceError) as caught:
             stow_json._assemble(doc, {}, stow_json._Budget({}), tmp_path / "out.dcm")
         peak = tracemalloc.get_traced_memory()[1]
     finally:
