@@ -97,7 +97,6 @@ def test_find_multiple_values_stay_any_value() -> None:
         (Model.PATIENT_ROOT, ident("PATIENT", StudyDate="20240101"), 0xA900),
         (Model.STUDY_ROOT, ident("SERIES", SOPInstanceUID="1.2"), 0xA900),
         (Model.STUDY_ROOT, ident("STUDY", StudyDate="yesterday"), 0xC000),
-        (Model.STUDY_ROOT, ident("STUDY", InstitutionName="X"), 0xC000),
         (Model.STUDY_ROOT, ident("STUDY", StudyInstanceUID="1.2.x"), 0xC000),
     ],
 )
@@ -105,6 +104,21 @@ def test_find_refusals(model: Model, identifier: Dataset, status: int) -> None:
     with pytest.raises(IdentifierError) as info:
         parse_find(identifier, model)
     assert info.value.status == status
+
+
+def test_keys_not_supported_for_matching_are_ignored_and_named() -> None:
+    """A value on an attribute the archive cannot match on is an Optional Key not supported
+    for matching (PS3.4 C.4.1.1.4, Pending 0xFF01): left out of the query and named, not
+    refused with 0xC000 (found by differential testing against Orthanc, which ignores it)."""
+    ds = ident("STUDY", InstitutionName="X", PatientWeight="70", PatientID="P1")
+    code = Dataset()
+    code.CodeValue = "X1"
+    ds.ProcedureCodeSequence = [code]
+    req = parse_find(ds, Model.STUDY_ROOT)
+    assert [m.attr.keyword for m in req.query.matches] == ["PatientID"]
+    assert sorted(req.unsupported) == ["InstitutionName", "PatientWeight", "ProcedureCodeSequence"]
+    assert {tag for tag, _ in req.keys} >= {0x00080080, 0x00101030, 0x00081032}  # returned
+    assert parse_find(ident("STUDY", PatientID="P1"), Model.STUDY_ROOT).unsupported == ()
 
 
 def _read(*elements: tuple[int, str]) -> Dataset:
@@ -162,23 +176,25 @@ def test_request_attributes_sequence_keys_match() -> None:
         (ident("SERIES", RequestAttributesSequence=[item, item]), 0xC000),  # two items
         (ident("STUDY", RequestAttributesSequence=[item]), 0xA900),  # below the level
     ]
-    other = Dataset()
-    other.AccessionNumber = "A1"  # not a matching key inside this sequence
-    refusals.append((ident("SERIES", RequestAttributesSequence=[other]), 0xC000))
     for identifier, status in refusals:
         with pytest.raises(IdentifierError) as info:
             parse_find(identifier, Model.STUDY_ROOT)
         assert info.value.status == status, identifier
+    other = Dataset()
+    other.AccessionNumber = "A1"  # not a matching key inside this sequence: ignored, named
+    req = parse_find(ident("SERIES", RequestAttributesSequence=[other]), Model.STUDY_ROOT)
+    assert req.unsupported == ("RequestAttributesSequence.AccessionNumber",)
+    assert not [m for m in req.query.matches if isinstance(m, SequenceMatch)]
 
 
-def test_sequence_return_key_accepted_matching_refused() -> None:
+def test_sequence_return_key_accepted_matching_unsupported() -> None:
     seq_item = Dataset()
     seq_item.CodeValue = ""
-    parse_find(ident("STUDY", ProcedureCodeSequence=[seq_item]), Model.STUDY_ROOT)
+    req = parse_find(ident("STUDY", ProcedureCodeSequence=[seq_item]), Model.STUDY_ROOT)
+    assert req.unsupported == ()
     seq_item.CodeValue = "X1"
-    with pytest.raises(IdentifierError) as info:
-        parse_find(ident("STUDY", ProcedureCodeSequence=[seq_item]), Model.STUDY_ROOT)
-    assert info.value.status == 0xC000
+    req = parse_find(ident("STUDY", ProcedureCodeSequence=[seq_item]), Model.STUDY_ROOT)
+    assert req.unsupported == ("ProcedureCodeSequence",) and req.query.matches == ()
 
 
 def test_patient_level_compiles_to_one_row_per_patient() -> None:
@@ -373,6 +389,7 @@ def test_private_return_key_with_its_creator() -> None:
     ds.add_new(0x00091001, "LO", "")
     req = parse_find(ds, Model.STUDY_ROOT)
     assert req.query.matches == ()
-    ds.add_new(0x00091002, "LO", "a value")  # matching on a private key is still refused
-    with pytest.raises(IdentifierError):
-        parse_find(ds, Model.STUDY_ROOT)
+    assert req.unsupported == ()
+    ds.add_new(0x00091002, "LO", "a value")  # a private key cannot be matched: unsupported
+    req = parse_find(ds, Model.STUDY_ROOT)
+    assert req.query.matches == () and req.unsupported == ("(0009,1002)",)

@@ -211,10 +211,25 @@ async def test_find_refusals(archive: Archive) -> None:
     assert [s for s, _ in got] == [0xC000]
     got = await in_thread(_find, archive, study_root, identifier("STUDY", SOPInstanceUID="1.2.3"))
     assert [s for s, _ in got] == [0xA900]
-    got = await in_thread(
-        _find, archive, study_root, identifier("STUDY", InstitutionName="Somewhere")
-    )
-    assert [s for s, _ in got] == [0xC000]
+
+
+async def test_find_with_a_key_unsupported_for_matching_warns_and_matches(
+    archive: Archive,
+) -> None:
+    """PS3.4 C.4.1.1.4: an Optional Key the SCP does not support for matching is ignored and
+    every pending response is 0xFF01; it was refused with 0xC000 (no match at all)."""
+    ds = make_instance(patient_id="FIND-FF01")
+    ds.InstitutionName = "Here"
+    await stow(archive, ds)
+    study_root = StudyRootQueryRetrieveInformationModelFind
+    ident = identifier("STUDY", PatientID="FIND-FF01", InstitutionName="Elsewhere")
+    got = await in_thread(_find, archive, study_root, ident)
+    assert [s for s, _ in got] == [0xFF01, 0x0000]
+    match = got[0][1]
+    assert match is not None and match.StudyInstanceUID == ds.StudyInstanceUID
+    assert "InstitutionName" in match  # still a return key (empty: not kept at the study)
+    got = await in_thread(_find, archive, study_root, identifier("STUDY", PatientID="FIND-FF01"))
+    assert [s for s, _ in got] == [0xFF00, 0x0000]
 
 
 # -- Retrieve -------------------------------------------------------------------------------

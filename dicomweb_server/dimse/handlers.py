@@ -57,6 +57,7 @@ from dicomweb_server.dimse.statuses import (
     DESTINATION_UNKNOWN,
     OUT_OF_RESOURCES,
     PENDING,
+    PENDING_KEYS_UNSUPPORTED,
     PROCESSING_FAILURE,
     UNFINISHED,
     status,
@@ -260,7 +261,8 @@ class Handlers:
 
     def _find(self, event: Event) -> Iterator[FindResult]:
         """C-FIND: pages through the QIDO search of the identifier; one pending response per
-        match (0xFF00), 0xFE00 after a C-CANCEL, then pynetdicom's final Success."""
+        match (0xFF00; 0xFF01 when a key was ignored as unsupported for matching), 0xFE00
+        after a C-CANCEL, then pynetdicom's final Success."""
         try:
             req = parse_find(event.identifier, _MODELS[event.request.AffectedSOPClassUID])
         except IdentifierError as exc:
@@ -286,7 +288,8 @@ class Handlers:
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, find_response(req, result, self.ae_title)
+                pending = PENDING_KEYS_UNSUPPORTED if req.unsupported else PENDING
+                yield pending, find_response(req, result, self.ae_title)
             if not more:
                 return
             offset += len(page)

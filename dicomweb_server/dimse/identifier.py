@@ -44,9 +44,8 @@ FIND_PAGE_ROWS = _QIDO_MAX_LIMIT
 # match SOP Class: a Query/Retrieve Level the model lacks, a key outside the level, a missing
 # unique key.
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-# Same tables: Failure, Unable to process: a value we cannot match on (malformed date,
-# sequence matching beyond the keys attributes.py lists, an attribute that is not a matching
-# key).
+# Same tables: Failure, Unable to process: a value we cannot match on (malformed date, two
+# items in a query sequence).
 UNABLE_TO_PROCESS = 0xC000
 # Error Comment (0000,0902) is LO (PS3.7 Annex C; PS3.5 Table 6.2-1): 64 characters at most.
 ERROR_COMMENT_MAX_CHARS = 64
@@ -97,6 +96,9 @@ class FindRequest:
     # Every key of the identifier (matching and return keys) with its VR, in tag order: what
     # each response carries (PS3.4 C.4.1.1.3.2), plus the unique key of the level.
     keys: tuple[tuple[int, str], ...]
+    # Keys given a value the archive cannot match on, ignored for matching (and returned as
+    # return keys): the pending responses say so, 0xFF01 (PS3.4 C.4.1.1.4, Table C.4-1).
+    unsupported: tuple[str, ...] = ()
 
 
 def _level(ds: Dataset, model: Model) -> tuple[Level, str]:
@@ -168,7 +170,13 @@ def _has_values(seq: Iterable[Dataset]) -> bool:
     return any(e.value not in (None, "", b"") for item in seq for e in item)
 
 
-def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
+def _matching_params(ds: Dataset, level: Level, unsupported: list[str]) -> list[tuple[str, str]]:
+    """The QIDO parameters of the identifier's matching keys. A value on an attribute the
+    archive cannot match on (not a matching key, a sequence without keys to match) is an
+    Optional Key not supported for matching: left out of the matching, named in
+    `unsupported` (PS3.4 C.4.1.1.4: Pending 0xFF01), as Orthanc and dcm4chee ignore them. It
+    was refused with 0xC000, so any SCU sending one (PatientWeight, InstitutionName) found
+    nothing."""
     params = []
     for elem in ds:
         tag = int(elem.tag)
@@ -178,14 +186,15 @@ def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
             continue
         if elem.VR == "SQ":
             if _has_values(elem.value):  # PS3.4 C.2.2.2.6 sequence matching
-                params += _sequence_params(tag, elem.value, level)
+                params += _sequence_params(tag, elem.value, level, unsupported)
             continue
         value = _text(elem)
         if value in ("", "*"):  # a return key (universal matching, PS3.4 C.2.2.2.3)
             continue
         attr = BY_TAG.get(tag)
         if attr is None or attr.column is None:
-            raise IdentifierError(UNABLE_TO_PROCESS, f"{_name(tag)} is not a matching key")
+            unsupported.append(_name(tag))
+            continue
         if not _allowed(tag, level):
             raise IdentifierError(
                 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
@@ -197,14 +206,17 @@ def _matching_params(ds: Dataset, level: Level) -> list[tuple[str, str]]:
     return params
 
 
-def _sequence_params(tag: int, items: Sequence[Dataset], level: Level) -> list[tuple[str, str]]:
+def _sequence_params(
+    tag: int, items: Sequence[Dataset], level: Level, unsupported: list[str]
+) -> list[tuple[str, str]]:
     """The keys of a sequence's one item as QIDO attribute paths `Sequence.Key` (query.py
-    matches them as keys of one item). Only the sequences and keys attributes.py lists."""
+    matches them as keys of one item). Only the sequences and keys attributes.py lists; a
+    value in another sequence, or on another key in the item, is an unsupported Optional Key
+    (_matching_params)."""
     seq = BY_TAG.get(tag)
     if seq is None or not seq.items:
-        raise IdentifierError(
-            UNABLE_TO_PROCESS, f"sequence matching on {_name(tag)} is not supported"
-        )
+        unsupported.append(_name(tag))
+        return []
     if len(items) != 1:  # PS3.4 C.2.2.2.6: a query sequence holds a single item
         raise IdentifierError(
             UNABLE_TO_PROCESS, f"{seq.keyword} must hold one item to match on, not {len(items)}"
@@ -220,10 +232,9 @@ def _sequence_params(tag: int, items: Sequence[Dataset], level: Level) -> list[t
         if value in ("", "*"):  # a return key inside the item
             continue
         key = ITEM_KEYS.get((tag, int(elem.tag)))
-        if key is None:
-            raise IdentifierError(
-                UNABLE_TO_PROCESS, f"{_name(int(elem.tag))} is not a matching key in {seq.keyword}"
-            )
+        if key is None:  # not a key to match on in this sequence: unsupported, as above
+            unsupported.append(f"{seq.keyword}.{_name(int(elem.tag))}")
+            continue
         params.append((f"{seq.keyword}.{key.keyword}", value))
     return params
 
@@ -240,7 +251,8 @@ def parse_find(ds: Dataset, model: Model) -> FindRequest:
     IdentifierError. Keys above the level may be matched too (relational-style); keys below
     it may only be return keys (they come back empty)."""
     level, name = _level(ds, model)
-    params = _matching_params(ds, level)
+    unsupported: list[str] = []
+    params = _matching_params(ds, level, unsupported)
     keys = {
         int(e.tag): str(e.VR)
         for e in ds
@@ -249,7 +261,7 @@ def parse_find(ds: Dataset, model: Model) -> FindRequest:
     keys.setdefault(_UNIQUE_KEY[level], "LO" if level is Level.PATIENT else "UI")
     include = ",".join(tag_hex(t) for t in sorted(keys))
     query = _parse(level, [*params, ("includefield", include)])
-    return FindRequest(query, name, tuple(sorted(keys.items())))
+    return FindRequest(query, name, tuple(sorted(keys.items())), tuple(unsupported))
 
 
 def parse_retrieve(ds: Dataset, model: Model) -> Query:

@@ -17,6 +17,7 @@ __all__ = [
     "DESTINATION_UNKNOWN",
     "OUT_OF_RESOURCES",
     "PENDING",
+    "PENDING_KEYS_UNSUPPORTED",
     "PROCESSING_FAILURE",
     "SOME_FAILED",
     "UNFINISHED",
@@ -25,6 +26,9 @@ __all__ = [
 
 # PS3.4 Table C.4-1..3: the C-FIND/C-MOVE/C-GET statuses the handlers answer with.
 PENDING = 0xFF00
+# PS3.4 Table C.4-1: Pending, Warning that one or more Optional Keys were not supported for
+# existence and/or matching for this Identifier.
+PENDING_KEYS_UNSUPPORTED = 0xFF01
 CANCEL = 0xFE00
 DESTINATION_UNKNOWN = 0xA801  # PS3.4 C.4.2.1.5: Refused: Move Destination unknown
 # PS3.4 C.4.1.1.4 / C.4.2.1.5: Refused: Out of Resources (the index did not answer in time).
