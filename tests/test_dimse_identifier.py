@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 from pynetdicom.presentation import build_context
@@ -256,6 +257,60 @@ def test_find_response_in_utf8_when_its_character_set_cannot_encode_a_value() ->
     assert rsp.SpecificCharacterSet == "ISO_IR 192"
     ascii_only = {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}]}
     assert "SpecificCharacterSet" not in find_response(req, {"00100010": ascii_only}, "D")
+
+
+@pytest.mark.parametrize(
+    ("names", "value"),
+    [
+        # pydicom encodes ISO_IR 13 (JIS X 0201) itself: no kanji, although shift_jis has them.
+        (["ISO_IR 13"], {"Alphabetic": "Yamada^Taro", "Ideographic": "山田^太郎"}),
+        # pydicom's name for the default repertoire is an alias of Latin-1: ISO_IR 6 is ASCII.
+        (["ISO_IR 6"], {"Alphabetic": "Müller^Jürgen"}),
+        (["", "ISO 2022 IR 87"], {"Alphabetic": "Müller^Jürgen"}),
+        # pydicom writes GB2312 bytes without the escape sequence of ISO 2022 IR 58.
+        (["", "ISO 2022 IR 58"], {"Alphabetic": "Zhang^XiaoDong", "Ideographic": "张^小东"}),
+    ],
+)
+def test_find_response_in_utf8_when_pydicom_would_not_write_the_value_in_its_charset(
+    names: list[str], value: dict[str, str]
+) -> None:
+    """Found by review: the check asked Python's codec, not what pydicom writes, so these
+    went out as `??^??` or as bytes the declared character set does not have."""
+    req = parse_find(ident("SERIES", SeriesInstanceUID="", PatientName=""), Model.STUDY_ROOT)
+    charset = {"vr": "CS", "Value": names}
+    result = {"00080005": charset, "00100010": {"vr": "PN", "Value": [value]}}
+    rsp = find_response(req, result, "DICOMWEB")
+    assert rsp.SpecificCharacterSet == "ISO_IR 192"
+    raw = encode(rsp, True, True)
+    assert raw is not None and list(value.values())[-1].encode() in raw
+
+
+@pytest.mark.parametrize(
+    ("names", "value"),
+    [
+        (["", "ISO 2022 IR 87"], {"Alphabetic": "Yamada^Taro", "Ideographic": "山田^太郎"}),
+        (["ISO 2022 IR 100", "ISO 2022 IR 126"], {"Alphabetic": "Γιάννης Müller"}),
+        (["", "ISO 2022 IR 149"], {"Alphabetic": "Hong^Gildong", "Ideographic": "洪^吉洞"}),
+        (["GB18030"], {"Alphabetic": "Wang^XiaoDong", "Ideographic": "王^小東"}),
+        (["ISO_IR 13"], {"Alphabetic": "ﾔﾏﾀﾞ^ﾀﾛｳ"}),
+        (["ISO_IR 6"], {"Alphabetic": "Doe^John"}),
+    ],
+)
+def test_find_response_keeps_a_charset_pydicom_writes_the_value_in(
+    names: list[str], value: dict[str, str]
+) -> None:
+    req = parse_find(ident("SERIES", SeriesInstanceUID="", PatientName=""), Model.STUDY_ROOT)
+    charset = {"vr": "CS", "Value": names}
+    result = {"00080005": charset, "00100010": {"vr": "PN", "Value": [value]}}
+    rsp = find_response(req, result, "DICOMWEB")
+    declared = rsp.SpecificCharacterSet
+    assert (declared if isinstance(declared, MultiValue) else [declared]) == names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns when it replaces a character
+        raw = encode(rsp, True, True)
+    assert raw is not None
+    back = read_dataset(io.BytesIO(raw), True, True)
+    assert str(back.PatientName) == "=".join(value.values())
 
 
 def test_peers() -> None:

@@ -227,7 +227,9 @@ async def test_find_with_a_key_unsupported_for_matching_warns_and_matches(
     assert [s for s, _ in got] == [0xFF01, 0x0000]
     match = got[0][1]
     assert match is not None and match.StudyInstanceUID == ds.StudyInstanceUID
-    assert "InstitutionName" in match  # still a return key (empty: not kept at the study)
+    # Still a return key, with the stored value (InstitutionName is kept at the study level),
+    # not the value the SCU asked to match.
+    assert match.InstitutionName == "Here"
     got = await in_thread(_find, archive, study_root, identifier("STUDY", PatientID="FIND-FF01"))
     assert [s for s, _ in got] == [0xFF00, 0x0000]
 

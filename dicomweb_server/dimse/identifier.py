@@ -7,12 +7,19 @@ Pure: datasets in, a Query or a response dataset out.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pydicom.charset import convert_encodings
+from pydicom.charset import (  # the private ones replay encode_string's choice (_encodes)
+    _encode_string_impl,
+    _encode_string_parts,
+    convert_encodings,
+    default_encoding,
+    encode_string,
+)
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -57,6 +64,12 @@ _SPECIFIC_CHARACTER_SET = 0x00080005
 _RETRIEVE_AE_TITLE = 0x00080054
 # What a response whose values its stored Specific Character Set cannot encode is sent in.
 _UTF8 = {"vr": "CS", "Value": ["ISO_IR 192"]}
+# pydicom's Python name for the default repertoire (ISO_IR 6, ISO 2022 IR 6): Latin-1's alias.
+_DEFAULT_CODEC = default_encoding
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+# ISO 2022 escape sequences designating G1 (PS3.3 Tables C.12-3, C.12-4): ESC - F (96-set),
+# ESC ) F (94-set, ISO_IR 13), ESC $ ) F (multi-byte).
+_G1_ESCAPE = re.compile(rb"\x1b(?:-|\)|\$\))")
 _LEVELS = {
     "PATIENT": Level.PATIENT,
     "STUDY": Level.STUDY,
@@ -333,12 +346,38 @@ def _encodable(doc: Mapping[str, Any], charset: Mapping[str, Any] | None) -> boo
     if not any(names):  # the default repertoire (PS3.5 6.1.2.1)
         return all(value.isascii() for value in _strings(doc))
     codecs = convert_encodings(names)
-    return all(any(_encodes(value, c) for c in codecs) for value in _strings(doc))
+    return all(value.isascii() or _encodes(value, codecs) for value in _strings(doc))
 
 
-def _encodes(value: str, codec: str) -> bool:
+def _encodes(value: str, codecs: list[str]) -> bool:
+    """Whether pydicom writes a non-ASCII `value` under `codecs` (its Python names for the
+    Specific Character Set) as DICOM reads it back. Not merely whether a codec encodes it
+    (found by review): pydicom encodes ISO_IR 13 (JIS X 0201) with its own encoder, which
+    has no kanji although Python's shift_jis has (`??^??` was sent), and its name for
+    ISO_IR 6 / ISO 2022 IR 6 is an alias of Latin-1, so `Müller` went out as Latin-1 bytes
+    under a character set that is ASCII. pydicom's choice is replayed: one codec for the
+    whole value, else its parts in several (pydicom.charset.encode_string)."""
+    if not any(_encodes_whole(value, c) for c in codecs):
+        try:
+            _encode_string_parts(value, codecs)
+        except (ValueError, UnicodeError):
+            return False
+    # encode_string now succeeds without replacement characters.
+    return codecs[0] != _DEFAULT_CODEC or _g1_designated(encode_string(value, codecs))
+
+
+def _encodes_whole(value: str, codec: str) -> bool:
     try:
-        value.encode(codec)
+        _encode_string_impl(value, codec)
     except (UnicodeError, LookupError):
         return False
     return True
+
+
+def _g1_designated(encoded: bytes) -> bool:
+    """Whether every byte from 0x80 up follows an escape sequence designating G1 (ESC - F,
+    ESC ) I, ESC $ ) C...): under ISO 2022 IR 6 first (or ISO_IR 6) G1 starts undesignated
+    and G0 is ASCII (PS3.5 6.1.2.5.3), so pydicom's Latin-1 bytes there, or its GB2312 bytes
+    of ISO 2022 IR 58 written without their escape sequence, are not DICOM."""
+    high = _HIGH_BYTE.search(encoded)
+    return high is None or _G1_ESCAPE.search(encoded, 0, high.start()) is not None
