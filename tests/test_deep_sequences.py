@@ -19,10 +19,28 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelGet,
+)
+from starlette.applications import Starlette
 
 from dicomweb_server import stow_json
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError, parse_file
 from dicomweb_server.errors import FailureReason
+from dicomweb_server.transcode.codecs import TranscodeError
+from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
+from tests.dimse_support import (
+    Archive,
+    associate,
+    blobs,
+    identifier,
+    in_thread,
+    received_data_set,
+    requestor_store,
+    scu,
+)
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers
 
 _SEQUENCE = 0x00081140  # Referenced Image Sequence, nested in its own items
@@ -153,3 +171,126 @@ async def test_stow_stores_the_deepest_and_refuses_deeper(app_client: httpx.Asyn
     xml = await app_client.get(f"{url}/metadata", headers={"Accept": "multipart/related; "
                                'type="application/dicom+xml"'})  # fmt: skip
     assert xml.status_code == 200 and xml.content.count(b'tag="00081140"') == MAX_SEQUENCE_DEPTH
+
+
+# A value pydicom cannot convert (4 bytes of an FD) in the place of a UI of the same length.
+# STOW refuses such an instance (its DICOM JSON converts every value); the tests below put it
+# into a stored file, as one stored before would be.
+_GOOD_LEAF = element(0x00081150, b"UI", b"1.2\0", True)
+_BAD_LEAF = element(0x00189087, b"FD", b"1.2\0", True)
+# Levels of the spoiled value: without check_writable, pydicom's writer took 525 MB here
+# (doubling per level: 2 GB at 12, more than the machine at 13).
+_SPOILED_LEVELS = 10
+
+
+def _spoil(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.count(_GOOD_LEAF) == 1
+    path.write_bytes(data.replace(_GOOD_LEAF, _BAD_LEAF))
+
+
+def _peak_of(call: Any) -> tuple[Any, int]:
+    """(what `call()` returned or raised, the peak of memory traced meanwhile)."""
+    tracemalloc.start()
+    try:
+        try:
+            out = call()
+        except Exception as exc:
+            out = exc
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("target", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"])
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_value_that_cannot_be_written_deep_fails_conversion_in_bounded_memory(
+    tmp_path: Path, target: str, whole: bool
+) -> None:
+    """to_transfer_syntax (WADO-RS, streamed) and converted_dataset (DIMSE, Deflated and
+    1-bit data): a TranscodeError naming the element, in a few MB."""
+    src = tmp_path / "x.dcm"
+    src.write_bytes(deep_part10(make_instance(), _SPOILED_LEVELS, True, True, _GOOD_LEAF))
+    _spoil(src)
+    if whole:
+        caught, peak = _peak_of(lambda: converted_dataset(src, target))
+    else:
+        caught, peak = _peak_of(lambda: to_transfer_syntax(src, tmp_path / "out.dcm", target))
+    assert peak < 20 * 1024 * 1024, peak
+    assert isinstance(caught, TranscodeError), caught
+    assert "(0018,9087) cannot be written" in str(caught) and len(str(caught)) < 600
+
+
+@pytest.mark.db
+async def test_wado_conversion_of_a_stored_unwritable_value_is_a_406(
+    app_client: httpx.AsyncClient, app: Starlette
+) -> None:
+    """An implicit VR instance is sent as Explicit VR Little Endian by default (PS3.18
+    8.7.3.5.2): its conversion failing is a 406 with the reason, in bounded memory, where it
+    was a 500 after 525 MB. Its metadata, frames and rendering need no writing."""
+    ds = make_instance()
+    data = deep_part10(ds, _SPOILED_LEVELS, True, True, _GOOD_LEAF)
+    r = await app_client.post(f"{ROOT}/studies", content=multipart_body([data]),
+                              headers=stow_headers())  # fmt: skip
+    assert r.status_code == 200, r.text
+    (inst,) = await app.state.services.index.locate(str(ds.StudyInstanceUID), None, None)
+    _spoil(app.state.services.blobs.local_path(inst.blob_key))
+    tracemalloc.start()
+    try:
+        answer = await app_client.get(
+            inst_url(ds), headers={"Accept": 'multipart/related; type="application/dicom"'}
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, peak
+    assert answer.status_code == 406 and "(0018,9087) cannot be written" in answer.text
+    for resource in ("/metadata", "/frames/1", "/rendered"):
+        assert (await app_client.get(inst_url(ds) + resource)).status_code == 200, resource
+
+
+@pytest.mark.db
+async def test_c_get_of_a_stored_unwritable_value_fails_the_sub_operation_in_bounded_memory(
+    archive: Archive,
+) -> None:
+    """A requestor taking Explicit VR Little Endian only, the instance stored implicit VR:
+    pynetdicom re-encodes it, and pydicom's writer failed in 525 MB (pynetdicom logs the
+    failure and fails the sub-operation). Now the element is found first: the sub-operation
+    fails (0xA702, PS3.4 C.4.3.1.3.2) in a few MB."""
+    ds = make_instance()
+    data = deep_part10(ds, _SPOILED_LEVELS, True, True, _GOOD_LEAF)
+    r = await archive.http.post(f"{ROOT}/studies", content=multipart_body([data]),
+                                headers=stow_headers())  # fmt: skip
+    assert r.status_code == 200, r.text
+    (path,) = blobs(archive)
+    _spoil(path)
+    received: list[bytes] = []
+
+    def on_store(event: Event) -> int:
+        received.append(received_data_set(event))
+        return 0x0000
+
+    tracemalloc.start()
+    try:
+        statuses = await in_thread(
+            _get_study, archive, ds.StudyInstanceUID, ds.SOPClassUID, on_store
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 1024 * 1024, peak
+    assert statuses[-1].Status == 0xA702 and not received
+
+
+def _get_study(archive: Archive, study: str, sop_class: str, on_store: Any) -> list[Dataset]:
+    """C-GET of a study by a requestor taking `sop_class` in Explicit VR Little Endian only."""
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae = scu(model)
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    role = build_role(sop_class, scp_role=True)
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
+    try:
+        ident = identifier("STUDY", StudyInstanceUID=study)
+        return [st for st, _ in assoc.send_c_get(ident, model)]
+    finally:
+        assoc.release()
