@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -40,8 +45,16 @@ from tests.dimse_support import (
     received_data_set,
     requestor_store,
     scu,
+    store_one_file,
 )
-from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers
+from tests.helpers import (
+    CT_IMAGE_STORAGE,
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    stow_headers,
+)
 
 _SEQUENCE = 0x00081140  # Referenced Image Sequence, nested in its own items
 _LONG_LENGTH = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UN", b"UR", b"UT"}
@@ -76,14 +89,31 @@ def nested(levels: int, leaf: bytes, implicit: bool, undefined: bool) -> bytes:
 
 
 def deep_part10(
-    ds: Dataset, levels: int, implicit: bool = False, undefined: bool = False, leaf: bytes = b""
+    ds: Dataset,
+    levels: int,
+    implicit: bool = False,
+    undefined: bool = False,
+    leaf: bytes = b"",
+    *,
+    deflated: bool = False,
 ) -> bytes:
     """`ds` as a Part-10 file with `levels` nested sequences at (0008,1140)."""
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    body = _data_set(ds, levels, implicit, undefined, leaf)
+    if deflated:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        body = deflater.compress(body) + deflater.flush()
+    return meta.getvalue() + body
+
+
+def _data_set(ds: Dataset, levels: int, implicit: bool, undefined: bool, leaf: bytes) -> bytes:
     out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
     for part in (
         Dataset({t: e for t, e in ds.items() if t < _SEQUENCE}),
         nested(
@@ -98,7 +128,7 @@ def deep_part10(
         buf.is_little_endian, buf.is_implicit_VR = True, implicit
         write_dataset(buf, part)
         out.write(buf.getvalue())
-    return out.getvalue()
+    return bytes(out.getvalue())
 
 
 def test_json_metadata_takes_the_same_limit() -> None:
@@ -120,6 +150,19 @@ def test_max_sequence_depth_at_its_edge(tmp_path: Path, implicit: bool, undefine
     with pytest.raises(InvalidInstanceError) as caught:
         parse_file(path)
     assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
+    assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
+
+
+@pytest.mark.parametrize(("levels", "stored"), [(MAX_SEQUENCE_DEPTH, True), (300, False)])
+def test_deflated_data_sets_take_the_limit_too(tmp_path: Path, levels: int, stored: bool) -> None:
+    """A Deflated data set is parsed whole, not by range (dicomfile._parse_whole)."""
+    path = tmp_path / "x.dcm"
+    path.write_bytes(deep_part10(make_instance(), levels, undefined=True, deflated=True))
+    if stored:
+        assert parse_file(path).transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+        return
+    with pytest.raises(InvalidInstanceError) as caught:
+        parse_file(path)
     assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
 
 
@@ -171,6 +214,19 @@ async def test_stow_stores_the_deepest_and_refuses_deeper(app_client: httpx.Asyn
     xml = await app_client.get(f"{url}/metadata", headers={"Accept": "multipart/related; "
                                'type="application/dicom+xml"'})  # fmt: skip
     assert xml.status_code == 200 and xml.content.count(b'tag="00081140"') == MAX_SEQUENCE_DEPTH
+
+
+@pytest.mark.db
+async def test_c_store_takes_the_limit_too(archive: Archive, tmp_path: Path) -> None:
+    """DIMSE C-STORE is the STOW ingest: one level too many is refused with 0xC000 and the
+    limit as its Error Comment, nothing stored."""
+    path = tmp_path / "deep.dcm"
+    for levels, answer in [(MAX_SEQUENCE_DEPTH, 0x0000), (MAX_SEQUENCE_DEPTH + 1, 0xC000)]:
+        path.write_bytes(deep_part10(make_instance(), levels, True, True))
+        rsp = await store_one_file(archive, path, CT_IMAGE_STORAGE, ImplicitVRLittleEndian)
+        assert rsp.Status == answer, rsp
+    assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in rsp.ErrorComment
+    assert len(blobs(archive)) == 1
 
 
 # A value pydicom cannot convert (4 bytes of an FD) in the place of a UI of the same length.
