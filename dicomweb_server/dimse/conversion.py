@@ -99,7 +99,7 @@ def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str
     a value is a ValueError naming it first (convert.check_writable), in bounded memory."""
     ds = dcmread(path, defer_size=_DEFER_BYTES)
     if (inst.sop_class_uid, inst.transfer_syntax_uid) not in accepted:
-        check_writable(ds)
+        check_writable(ds, implicit_vr=inst.transfer_syntax_uid == ExplicitVRLittleEndian)
     return ds
 
 

@@ -350,25 +350,28 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     return ds
 
 
-def check_writable(ds: Dataset) -> None:
+def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
     """ValueError naming the first element of `ds`, at any depth in its sequences, that
-    pydicom cannot write in Explicit VR Little Endian, found before pydicom writes the data
-    set (or pynetdicom encodes it for a peer). pydicom's writer re-raises a failure in each
-    enclosing sequence with the message and traceback so far, so that they double per level:
-    a 4-byte FD ten items deep took 525 MB and answered a 500, twelve 2 GB, thirteen more than
-    the machine had (found by deep-item fuzzing; STOW refuses such an instance, but one
-    stored before is converted here). Walked with a stack, each element encoded on its own;
-    a value left deferred (top level only) is written from the file, outside any item."""
+    pydicom cannot write in Explicit (or Implicit) VR Little Endian, found before pydicom
+    writes the data set (or pynetdicom encodes it for a peer). pydicom's writer re-raises a
+    failure in each enclosing sequence with the message and traceback so far, so that they
+    double per level: a 4-byte FD ten items deep took 525 MB and answered a 500, twelve 2 GB,
+    thirteen more than the machine had (found by deep-item fuzzing; STOW refuses such an
+    instance, but one stored before is converted here). Walked with a stack, each element
+    encoded on its own, as the writer would: a raw element of a data set read in the target
+    encoding is copied as it is (not checked), and a value left deferred (top level only) is
+    read from the file outside any item."""
     stack: list[tuple[Dataset, list[Dataset], Any]] = [(ds, [], None)]
     while stack:
         item, ancestors, encodings = stack.pop()
         encodings = item.get("SpecificCharacterSet", encodings)
+        copied = item.original_encoding == (implicit_vr, True)
         for tag in item.keys():
             raw = item.get_item(tag, keep_deferred=True)
-            if isinstance(raw, RawDataElement) and raw.value is None:
+            if isinstance(raw, RawDataElement) and (copied or raw.value is None):
                 continue
             try:
-                elem = _encoded_alone(item, tag, ancestors, encodings)
+                elem = _encoded_alone(item, tag, ancestors, encodings, implicit_vr)
             except Exception as exc:  # the stored value: one failure, with its tag
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
                 name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
@@ -379,7 +382,9 @@ def check_writable(ds: Dataset) -> None:
                 stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
 
 
-def _encoded_alone(item: Dataset, tag: int, ancestors: list[Dataset], encodings: Any) -> Any:
+def _encoded_alone(
+    item: Dataset, tag: int, ancestors: list[Dataset], encodings: Any, implicit_vr: bool
+) -> Any:
     """The element at `tag` of `item`, its ambiguous VR resolved as the writer resolves it
     (from the item and its ancestors, PS3.5 Annex A), encoded into a scratch buffer."""
     elem = item[tag]
@@ -388,7 +393,7 @@ def _encoded_alone(item: Dataset, tag: int, ancestors: list[Dataset], encodings:
     if " or " in elem.VR:
         correct_ambiguous_vr_element(elem, item, True, ancestors)  # in place
     scratch = DicomBytesIO()
-    scratch.is_little_endian, scratch.is_implicit_VR = True, False
+    scratch.is_little_endian, scratch.is_implicit_VR = True, implicit_vr
     write_data_element(scratch, elem, encodings)
     return elem
 
