@@ -72,9 +72,10 @@ MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
 # Sequences nested in a data set, at most (STOW-RS Part-10, DIMSE C-STORE, reindex; STOW-RS
 # JSON metadata takes the same, stow_json.MAX_JSON_SEQUENCE_DEPTH). pydicom reads and writes
-# sequences recursively: about 200 levels overflowed its reader at ingest, and a stored
-# instance nested deeper than its writer can go fails every conversion (found by
-# differential fuzzing of deep items). Deeper: that instance fails (0xC000).
+# sequences recursively: instances nested 200 levels and more (items of undefined length)
+# overflowed its reader at ingest, shallower ones were stored, each a few hundred levels
+# from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
+# (0xC000), the reason naming the limit.
 MAX_SEQUENCE_DEPTH = 64
 _INFLATE_READ_BYTES = 64 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
