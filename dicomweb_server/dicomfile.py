@@ -46,6 +46,7 @@ from dicomweb_server.vr import frame_count, swapped_words
 
 __all__ = [
     "MAX_INFLATED_BYTES",
+    "MAX_SEQUENCE_DEPTH",
     "PIXEL_DATA_TAGS",
     "InvalidInstanceError",
     "ParsedFile",
@@ -69,6 +70,13 @@ _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # copies of it, about three times as much) in memory for STOW.
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
+# Sequences nested in a data set, at most (STOW-RS Part-10, DIMSE C-STORE, reindex; STOW-RS
+# JSON metadata takes the same, stow_json.MAX_JSON_SEQUENCE_DEPTH). pydicom reads and writes
+# sequences recursively: instances nested 200 levels and more (items of undefined length)
+# overflowed its reader at ingest, shallower ones were stored, each a few hundred levels
+# from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
+# (0xC000), the reason naming the limit.
+MAX_SEQUENCE_DEPTH = 64
 _INFLATE_READ_BYTES = 64 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
 _SOP_UIDS_INFLATED_BYTES = 1024 * 1024
@@ -130,6 +138,8 @@ def parse_file(path: Path) -> ParsedFile:
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}"
         ) from None
+    except RecursionError:  # pydicom reads undefined-length sequences recursively
+        raise _too_deep() from None
     except Exception as exc:  # untrusted input: any parser failure is the client's data
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
@@ -192,6 +202,7 @@ def _parse(path: Path) -> ParsedFile:
             padding = _merge_tail(fp, ds, ts, end, size, pixel_entry[0] if pixel_entry else None)
         data_set_end = _padding_at(padding, ts, size)
     bulk_ranges = _deferred_ranges(ds, size) if ts != EXPLICIT_VR_BIG_ENDIAN else {}
+    _check_depth(ds)
     meta = dataset_to_json(ds, lambda p: prefix + p)
     if pixel_entry is not None:
         pixel_tag, vr, entry = pixel_entry
@@ -270,6 +281,37 @@ def _check_whole(data: Dataset, pos: int, size: int) -> None:
         )
 
 
+def _too_deep() -> InvalidInstanceError:
+    return InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels, the most this archive takes",
+    )
+
+
+def _check_depth(ds: Dataset) -> None:
+    """Refuse (0xC000) a data set whose sequences nest deeper than MAX_SEQUENCE_DEPTH: walked
+    with a stack, not recursion, before the (recursive) DICOM JSON walk. A sequence of defined
+    length is still raw here (or deferred, past the bulk data threshold); converting it, as
+    the JSON walk would, parses its items. Other elements are left raw and unread."""
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        item, depth = stack.pop()
+        for tag in item.keys():
+            raw = item.get_item(tag, keep_deferred=True)
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.length != 0xFFFFFFFF
+                and raw_vr(tag, raw) != "SQ"
+            ):
+                continue  # left as it is: no sequence, deferred or not
+            elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
+            if elem.VR != "SQ":
+                continue
+            if depth == MAX_SEQUENCE_DEPTH:
+                raise _too_deep()
+            stack.extend((child, depth + 1) for child in elem.value)
+
+
 def _file_meta(fp: BinaryIO) -> tuple[str, int]:
     """The Transfer Syntax UID of the File Meta Information and where the data set begins,
     as pydicom reads them (it inflates nothing here): a Deflated data set is measured from
@@ -342,6 +384,7 @@ def _parse_whole(path: Path, ts: str, data_set_at: int) -> ParsedFile:
     entries = {t: ds[t].VR for t in pixel}
     for t in pixel:
         del ds[t]
+    _check_depth(ds)
     meta = dataset_to_json(ds, lambda p: prefix + p)
     for t, vr in entries.items():
         meta[f"{t:08X}"] = {"vr": vr, "BulkDataURI": f"{prefix}{t:08X}"}

@@ -40,7 +40,7 @@ from dicomweb_server.dicom_json import (
     first_number,
 )
 from dicomweb_server.dicom_xml import dataset_from_xml
-from dicomweb_server.dicomfile import InvalidInstanceError
+from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError
 from dicomweb_server.errors import BadRequestError, FailureReason, PayloadTooLargeError
 from dicomweb_server.ingest import Services, refusal, storage_failure, store_path
 from dicomweb_server.media.mediatypes import (
@@ -75,8 +75,9 @@ _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
 MAX_JSON_DATASETS = 10_000
 # Sequences nested in a data set, at most (as MAX_XML_DEPTH, 128 elements, allows about 63):
-# deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000).
-MAX_JSON_SEQUENCE_DEPTH = 64
+# deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000). The
+# same as for a Part-10 instance (dicomfile.MAX_SEQUENCE_DEPTH).
+MAX_JSON_SEQUENCE_DEPTH = MAX_SEQUENCE_DEPTH
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"

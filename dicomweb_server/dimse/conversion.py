@@ -9,16 +9,23 @@ import threading
 from pathlib import Path
 from typing import cast
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
-from dicomweb_server.transcode.convert import converted_dataset
+from dicomweb_server.transcode.convert import check_writable, converted_dataset
 from dicomweb_server.transcode.frames import decoded_bytes
 
-__all__ = ["DIMSE_DECODE_MAX_BYTES", "contexts", "decoded_for_peer", "target_syntax"]
+__all__ = [
+    "DIMSE_DECODE_MAX_BYTES",
+    "as_stored_for_peer",
+    "contexts",
+    "decoded_for_peer",
+    "target_syntax",
+]
 
 # Pixel bytes, decoded, of the largest instance decoded for a C-MOVE/C-GET peer that takes
 # its SOP Class only uncompressed; a larger one is a failed sub-operation. One decode runs at a
@@ -28,6 +35,8 @@ _DECODING = threading.Lock()
 # Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
 _MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Values longer than this are read from the blob only when the data set is encoded to send.
+_DEFER_BYTES = 1024
 
 
 def contexts(found: list[StoredInstance]) -> list[PresentationContext]:
@@ -80,6 +89,18 @@ def decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
         )
     with _DECODING:
         return converted_dataset(path, target)
+
+
+def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str, str]]) -> Dataset:
+    """The stored instance for a peer that takes it uncompressed (target_syntax None). When
+    the peer took another syntax than the stored one (implicit for explicit VR, or the other
+    way), pynetdicom re-encodes it, and pydicom's writer re-raises a value it cannot write
+    in each enclosing sequence, doubling the message per level (1 GB twelve items deep): such
+    a value is a ValueError naming it first (convert.check_writable), in bounded memory."""
+    ds = dcmread(path, defer_size=_DEFER_BYTES)
+    if (inst.sop_class_uid, inst.transfer_syntax_uid) not in accepted:
+        check_writable(ds, implicit_vr=inst.transfer_syntax_uid == ExplicitVRLittleEndian)
+    return ds
 
 
 def target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import StoragePresentationContexts, evt
@@ -88,8 +87,6 @@ DIMSE_STORE_TIMEOUT_S = 600
 DIMSE_QUERY_TIMEOUT_S = 120
 # Instances one C-MOVE/C-GET may send: the sub-operation counts are US (PS3.7 Table 9.1-4).
 MAX_RETRIEVE_INSTANCES = 65535
-# Values longer than this are read from the blob only when the data set is encoded to send.
-_DEFER_BYTES = 1024
 
 _MODELS = {
     PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
@@ -383,12 +380,14 @@ class Handlers:
         target = conversion.target_syntax(inst, accepted)
         try:
             if target is None:
-                return dcmread(path, defer_size=_DEFER_BYTES)
+                return conversion.as_stored_for_peer(inst, path, accepted)
             return conversion.decoded_for_peer(inst, path, target)
         except (OSError, InvalidDicomError) as exc:
             log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
         except TranscodeError as exc:
             log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)
+        except ValueError as exc:  # conversion.as_stored_for_peer: not re-encodable
+            log.error("cannot send %s: %s", inst.sop_instance_uid, exc)
         except Exception:  # data no codec foresaw: this sub-operation fails, not the rest
             log.exception("cannot send %s", inst.sop_instance_uid)
         retrieval.unsent += 1

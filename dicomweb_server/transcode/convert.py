@@ -19,8 +19,8 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_dataset
+from pydicom.filebase import DicomBytesIO, DicomFileLike
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element, write_dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID
@@ -34,6 +34,7 @@ from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
 __all__ = [
     "CONVERT_COPY_BYTES",
+    "check_writable",
     "converted_dataset",
     "one_bit_pixel_data",
     "to_transfer_syntax",
@@ -112,6 +113,7 @@ class _Streamed:
         if not ts.is_implicit_VR:
             self.options["pixel_vr"] = self.vr
         _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
+        check_writable(ds)
         self.kept: bytes | None = pixels.value  # None: left in the file, at value_tell
         self.offset = 0 if self.kept is not None else int(cast(RawDataElement, pixels).value_tell)
         # As the file states it: pydicom reads a value cut short by the end of the file as
@@ -336,12 +338,64 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax_uid)
     if "PixelData" in ds and transfer_syntax_uid != ts:
         _drop_extended_offsets(ds)
+    try:
+        check_writable(ds)
+    except ValueError as exc:
+        raise cannot(src, f"write {UID(transfer_syntax_uid).name}", exc) from None
     if not ts.is_little_endian:
         # Every element is decoded now and its binary values swapped: the data set is little
         # endian. Otherwise pydicom refuses to save it little endian without forcing, and
         # pynetdicom sends a data set read as big endian only as big endian.
         ds.set_original_encoding(False, True, ds.original_character_set)
     return ds
+
+
+def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
+    """ValueError naming the first element of `ds`, at any depth in its sequences, that
+    pydicom cannot write in Explicit (or Implicit) VR Little Endian, found before pydicom
+    writes the data set (or pynetdicom encodes it for a peer). pydicom's writer re-raises a
+    failure in each enclosing sequence with the message and traceback so far, so that they
+    double per level: a 4-byte FD ten items deep took 525 MB and answered a 500, twelve 2 GB,
+    thirteen more than the machine had (found by deep-item fuzzing; STOW refuses such an
+    instance, but one stored before is converted here). Walked with a stack, each element
+    encoded on its own, as the writer would: a raw element of a data set read in the target
+    encoding is copied as it is (not checked), and a value left deferred (top level only) is
+    read from the file outside any item."""
+    stack: list[tuple[Dataset, list[Dataset], Any]] = [(ds, [], None)]
+    while stack:
+        item, ancestors, encodings = stack.pop()
+        encodings = item.get("SpecificCharacterSet", encodings)
+        copied = item.original_encoding == (implicit_vr, True)
+        for tag in item.keys():
+            raw = item.get_item(tag, keep_deferred=True)
+            if isinstance(raw, RawDataElement) and (copied or raw.value is None):
+                continue
+            try:
+                elem = _encoded_alone(item, tag, ancestors, encodings, implicit_vr)
+            except Exception as exc:  # the stored value: one failure, with its tag
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+                raise ValueError(
+                    f"{name} cannot be written: {type(exc).__name__} {first}"
+                ) from None
+            if elem.VR == "SQ":
+                stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
+
+
+def _encoded_alone(
+    item: Dataset, tag: int, ancestors: list[Dataset], encodings: Any, implicit_vr: bool
+) -> Any:
+    """The element at `tag` of `item`, its ambiguous VR resolved as the writer resolves it
+    (from the item and its ancestors, PS3.5 Annex A), encoded into a scratch buffer."""
+    elem = item[tag]
+    if elem.VR == "SQ":
+        return elem
+    if " or " in elem.VR:
+        correct_ambiguous_vr_element(elem, item, True, ancestors)  # in place
+    scratch = DicomBytesIO()
+    scratch.is_little_endian, scratch.is_implicit_VR = True, implicit_vr
+    write_data_element(scratch, elem, encodings)
+    return elem
 
 
 # Extended Offset Table and its Lengths (PS3.3 C.7.6.3.1.8): offsets of the stored fragments.
