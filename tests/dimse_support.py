@@ -28,7 +28,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.events import Event
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.presentation import build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+)
 
 from dicomweb_server.app import create_app
 from dicomweb_server.auditlog import AuditLog
@@ -318,3 +322,22 @@ class Closes:
         for _ in range(count):
             closed = await in_thread(self._closed.acquire, timeout=CLIENT_TIMEOUT_S)
             assert closed, "the archive never closed the connection"
+
+
+def get_study(
+    archive: Archive, study: str, sop_class: str, on_store: Callable[[Event], int]
+) -> list[Dataset]:
+    """C-GET of a study by a requestor taking `sop_class` in Explicit VR Little Endian only;
+    the statuses answered."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae = scu(model)
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    role = build_role(sop_class, scp_role=True)
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
+    try:
+        ident = identifier("STUDY", StudyInstanceUID=study)
+        return [st for st, _ in assoc.send_c_get(ident, model)]
+    finally:
+        assoc.release()

@@ -25,10 +25,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom.events import Event
-from pynetdicom.presentation import build_role
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelGet,
-)
 from starlette.applications import Starlette
 
 from dicomweb_server import stow_json
@@ -38,13 +34,10 @@ from dicomweb_server.transcode.codecs import TranscodeError
 from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
 from tests.dimse_support import (
     Archive,
-    associate,
     blobs,
-    identifier,
+    get_study,
     in_thread,
     received_data_set,
-    requestor_store,
-    scu,
     store_one_file,
 )
 from tests.helpers import (
@@ -329,24 +322,10 @@ async def test_c_get_of_a_stored_unwritable_value_fails_the_sub_operation_in_bou
     tracemalloc.start()
     try:
         statuses = await in_thread(
-            _get_study, archive, ds.StudyInstanceUID, ds.SOPClassUID, on_store
+            get_study, archive, ds.StudyInstanceUID, ds.SOPClassUID, on_store
         )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 40 * 1024 * 1024, peak
     assert statuses[-1].Status == 0xA702 and not received
-
-
-def _get_study(archive: Archive, study: str, sop_class: str, on_store: Any) -> list[Dataset]:
-    """C-GET of a study by a requestor taking `sop_class` in Explicit VR Little Endian only."""
-    model = StudyRootQueryRetrieveInformationModelGet
-    ae = scu(model)
-    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    role = build_role(sop_class, scp_role=True)
-    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
-    try:
-        ident = identifier("STUDY", StudyInstanceUID=study)
-        return [st for st, _ in assoc.send_c_get(ident, model)]
-    finally:
-        assoc.release()

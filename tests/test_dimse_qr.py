@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,6 +43,7 @@ from tests.dimse_support import (
     audit_seq,
     dataset_bytes,
     dcmtk,
+    get_study,
     identifier,
     in_thread,
     received_data_set,
@@ -390,23 +391,6 @@ async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
     assert list(only_native.received) == [metas[1].SOPInstanceUID]
 
 
-def _get_study(
-    archive: Archive, study: str, sop_class: str, on_store: Callable[[Event], int]
-) -> list[Dataset]:
-    """C-GET of a study by a requestor taking `sop_class` in Explicit VR Little Endian only."""
-    model = StudyRootQueryRetrieveInformationModelGet
-    ae = scu(model)
-    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    role = build_role(sop_class, scp_role=True)
-    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
-    try:
-        return [
-            st for st, _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study), model)
-        ]
-    finally:
-        assoc.release()
-
-
 async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
     archive: Archive, samples: Path
 ) -> None:
@@ -421,7 +405,7 @@ async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
         received.append((received_data_set(event), str(event.context.transfer_syntax)))
         return 0x0000
 
-    statuses = await in_thread(_get_study, archive, ds.StudyInstanceUID, ds.SOPClassUID, on_store)
+    statuses = await in_thread(get_study, archive, ds.StudyInstanceUID, ds.SOPClassUID, on_store)
     assert statuses[-1].Status == 0x0000 and statuses[-1].NumberOfCompletedSuboperations == 1
     ((data_set, syntax),) = received
     assert syntax == ExplicitVRLittleEndian
@@ -546,7 +530,7 @@ async def test_pynetdicom_get(archive: Archive) -> None:
         received.append(received_data_set(event))
         return 0x0000
 
-    statuses = await in_thread(_get_study, archive, ds.StudyInstanceUID, CTImageStorage, on_store)
+    statuses = await in_thread(get_study, archive, ds.StudyInstanceUID, CTImageStorage, on_store)
     assert statuses[-1].Status == 0x0000
     assert statuses[-1].NumberOfCompletedSuboperations == 1
     sent = await wado_instance(
