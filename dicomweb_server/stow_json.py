@@ -352,6 +352,8 @@ def _check_encodable(ds: Dataset) -> None:
         item, encodings, depth, ancestors = stack.pop()
         encodings = item.get("SpecificCharacterSet", encodings)
         for tag in item.keys():
+            if tag.element == 0 and tag.group > 6:
+                continue  # a retired Group Length: dcmwrite leaves it out (PS3.5 7.2)
             elem = item.get_item(tag)  # as it is: a kept DS or IS text stays raw
             if elem.VR == "SQ" and depth == MAX_JSON_SEQUENCE_DEPTH:
                 raise _refused(

@@ -569,3 +569,20 @@ def test_the_reason_names_a_vr_of_any_length_briefly(tmp_path: Path) -> None:
         stow_json._assemble(doc, {}, stow_json._Budget({}), tmp_path / "out.dcm")
     assert "(0009,1010) (VR XXXXXXXXXXXXXX...)" in caught.value.message
     assert len(caught.value.message) < 400, len(caught.value.message)
+
+
+async def test_group_lengths_are_not_checked_as_they_are_not_written(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Review of the per-element check: it also encoded the retired Group Lengths (gggg,0000)
+    of groups above 6, which pydicom's writer leaves out (PS3.5 7.2), and so refused data sets
+    stored before for a value that is never written."""
+    ds = make_instance()
+    doc = _metadata(ds, f"u:{ds.SOPInstanceUID}")
+    doc["00100000"] = {"vr": "UL", "Value": [-1]}
+    doc["00081140"] = _nested(2, {"00080000": {"vr": "XX", "Value": [1]}})
+    parts = (f"u:{ds.SOPInstanceUID}", "application/octet-stream", ds.PixelData)
+    r = await _post(app_client, _body([doc], parts))
+    assert r.status_code == 200, r.text
+    (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
+    assert "00100000" not in meta and "00080000" not in meta["00081140"]["Value"][0]
