@@ -29,8 +29,9 @@ import anyio
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_dataset
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element, write_dataset
 from pydicom.uid import UID
+from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicomweb_server.blobstore.files import BlobWriter, scratch_file
 from dicomweb_server.dicom_json import (
@@ -343,12 +344,17 @@ def _check_encodable(ds: Dataset) -> None:
     a US value of 70000 twelve items deep took 4 GB and eight seconds, thirteen killed the
     server, and so did its RecursionError under 250 levels of valid items (found by
     fuzzing). Here the failure is one element's, named by its tag, and sequences nest at
-    most MAX_JSON_SEQUENCE_DEPTH levels."""
-    stack: list[tuple[Dataset, Any, int]] = [(ds, None, 0)]
+    most MAX_JSON_SEQUENCE_DEPTH levels. An ambiguous VR (`US or SS`) is resolved first, as
+    dcmwrite would, so that its value is checked too: skipped, one the writer then could
+    not resolve or encode deep in sequences took the doubling path."""
+    # (item, its Specific Character Set or its parent's, depth, the item and its ancestors)
+    stack: list[tuple[Dataset, Any, int, list[Dataset]]] = [(ds, None, 0, [ds])]
     while stack:
-        item, encodings, depth = stack.pop()
+        item, encodings, depth, ancestors = stack.pop()
         encodings = item.get("SpecificCharacterSet", encodings)
         for tag in item.keys():
+            if tag.element == 0 and tag.group > 6:
+                continue  # a retired Group Length: dcmwrite leaves it out (PS3.5 7.2)
             elem = item.get_item(tag)  # as it is: a kept DS or IS text stays raw
             if elem.VR == "SQ" and depth == MAX_JSON_SEQUENCE_DEPTH:
                 raise _refused(
@@ -357,11 +363,25 @@ def _check_encodable(ds: Dataset) -> None:
                     ds,
                 )
             if elem.VR == "SQ":
-                stack.extend((child, encodings, depth + 1) for child in elem.value)
-            elif " or " not in elem.VR and not (
-                elem.VR in _BYTES_VRS and isinstance(elem.value, bytes)
-            ):  # not resolved by dcmwrite (`OB or OW`), nor written as it is
-                _encode_alone(elem, encodings, ds)
+                stack.extend((c, encodings, depth + 1, [c, *ancestors]) for c in elem.value)
+                continue
+            if elem.VR in AMBIGUOUS_VR:
+                _resolve_vr(elem, ancestors, ds)
+            if not (elem.VR in _BYTES_VRS and isinstance(elem.value, bytes)):
+                _encode_alone(elem, encodings, ds)  # bytes are written as they are
+
+
+def _resolve_vr(elem: Any, ancestors: list[Dataset], ds: Dataset) -> None:
+    """Resolve an ambiguous VR in place as dcmwrite does (from Pixel Representation, LUT
+    Descriptor... of the item or its ancestors, PS3.5 Annex A): dcmwrite then leaves it."""
+    try:
+        correct_ambiguous_vr_element(elem, ancestors[0], True, ancestors)
+    except Exception as exc:  # the client's data set: one failure, with its tag
+        raise _refused(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"cannot resolve the VR {_vr_text(elem)} of {elem.tag}: {_first_line(exc)}",
+            ds,
+        ) from None
 
 
 def _encode_alone(elem: Any, encodings: Any, ds: Dataset) -> None:
@@ -372,9 +392,16 @@ def _encode_alone(elem: Any, encodings: Any, ds: Dataset) -> None:
     except Exception as exc:  # the client's value: one failure, with its tag
         raise _refused(
             FailureReason.CANNOT_UNDERSTAND,
-            f"cannot encode {elem.tag} (VR {elem.VR}): {_first_line(exc)}",
+            f"cannot encode {elem.tag} (VR {_vr_text(elem)}): {_first_line(exc)}",
             ds,
         ) from None
+
+
+def _vr_text(elem: Any) -> str:
+    """An element's VR for a failure reason: as the client sent it, which may be any string
+    (a 100 KB one made a 100 KB reason), cut to the longest VR pydicom knows."""
+    vr = str(elem.VR)
+    return vr if len(vr) <= len("US or SS or OW") else f"{vr[: len('US or SS or OW')]}..."
 
 
 def _file_meta(ts: str, ds: Dataset) -> FileMetaDataset:

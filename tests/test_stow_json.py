@@ -508,3 +508,81 @@ async def test_sequences_nest_at_most_max_json_sequence_depth(
     failed = _seq(r.json(), "00081198")
     assert [values(f, "00081197") for f in failed] == [[0xC000], [0xC000]]
     assert (await app_client.get(inst_url(instances[1]) + "/metadata")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("tag", "element"),
+    [
+        ("00091010", {"vr": "US or SS", "Value": [1]}),  # no rule resolves a private tag's
+        ("00091010", {"vr": "OB or OW", "InlineBinary": "AAAA"}),
+        ("00280106", {"vr": "US or SS", "Value": [70000]}),  # resolved to US, then too large
+        ("00283006", {"vr": "US or OW", "Value": [1, 2]}),  # no LUT Descriptor to resolve it
+    ],
+)
+def test_an_ambiguous_vr_deep_in_sequences_is_refused_in_bounded_memory(
+    tmp_path: Path, tag: str, element: dict[str, Any]
+) -> None:
+    """Review of the check above: it skipped elements of an ambiguous VR (`US or SS`),
+    leaving them to dcmwrite, whose failure deep in sequences took the doubling path again
+    (150 MB at 10 levels, 4 GB at 13). Each is now resolved as dcmwrite would, then checked."""
+    import tracemalloc
+
+    doc = make_instance().to_json_dict()
+    doc["00081140"] = _nested(10, {tag: element})
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInstanceError) as caught:
+            stow_json._assemble(doc, {}, stow_json._Budget({}), tmp_path / "out.dcm")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 1024 * 1024, peak
+    assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
+    assert f"({tag[:4]},{tag[4:]})" in caught.value.message, caught.value.message
+
+
+async def test_an_ambiguous_vr_deep_in_sequences_is_resolved_from_its_ancestors(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """`US or SS` is still accepted where dcmwrite resolves it: from the Pixel Representation
+    of the item or of an ancestor (PS3.5 Annex A), here the top level's (signed)."""
+    ds = make_instance()
+    ds.PixelRepresentation = 1
+    doc = _metadata(ds, f"u:{ds.SOPInstanceUID}")
+    doc["00081140"] = _nested(5, {"00280106": {"vr": "US or SS", "Value": [-5]}})
+    parts = (f"u:{ds.SOPInstanceUID}", "application/octet-stream", ds.PixelData)
+    r = await _post(app_client, _body([doc], parts))
+    assert r.status_code == 200, r.text
+    (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
+    item = meta["00081140"]["Value"][0]
+    for _ in range(4):
+        item = item["00081140"]["Value"][0]
+    assert item["00280106"] == {"vr": "SS", "Value": [-5]}
+
+
+def test_the_reason_names_a_vr_of_any_length_briefly(tmp_path: Path) -> None:
+    """A DICOM JSON `vr` can be any string: the failure reason quotes at most 14 characters
+    of it (a 100 KB `vr` made a 100 KB reason)."""
+    doc = make_instance().to_json_dict()
+    doc["00091010"] = {"vr": "X" * 100_000, "Value": [1]}
+    with pytest.raises(InvalidInstanceError) as caught:
+        stow_json._assemble(doc, {}, stow_json._Budget({}), tmp_path / "out.dcm")
+    assert "(0009,1010) (VR XXXXXXXXXXXXXX...)" in caught.value.message
+    assert len(caught.value.message) < 400, len(caught.value.message)
+
+
+async def test_group_lengths_are_not_checked_as_they_are_not_written(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Review of the per-element check: it also encoded the retired Group Lengths (gggg,0000)
+    of groups above 6, which pydicom's writer leaves out (PS3.5 7.2), and so refused data sets
+    stored before for a value that is never written."""
+    ds = make_instance()
+    doc = _metadata(ds, f"u:{ds.SOPInstanceUID}")
+    doc["00100000"] = {"vr": "UL", "Value": [-1]}
+    doc["00081140"] = _nested(2, {"00080000": {"vr": "XX", "Value": [1]}})
+    parts = (f"u:{ds.SOPInstanceUID}", "application/octet-stream", ds.PixelData)
+    r = await _post(app_client, _body([doc], parts))
+    assert r.status_code == 200, r.text
+    (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
+    assert "00100000" not in meta and "00080000" not in meta["00081140"]["Value"][0]
