@@ -146,6 +146,60 @@ def test_max_sequence_depth_at_its_edge(tmp_path: Path, implicit: bool, undefine
     assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
 
 
+_PRIVATE_SQ = 0x00711018  # (0071,xx18) of 'AGFA-AG_HPState': SQ in pydicom's private dictionary
+
+
+def _read_as_sequence_part10(levels: int, private: bool) -> bytes:
+    """`levels` nested sequences whose outermost a sequence only as pydicom reads it: an
+    explicit VR UN of (0008,1140), whose value pydicom parses as an implicit VR sequence
+    (config.replace_un_with_known_vr), or an implicit VR private element its private
+    dictionary names SQ. The levels inside are implicit VR, of defined length."""
+    leaf = element(0x00081150, b"UI", b"1.2.3\0", True)
+    inner = nested(levels - 1, leaf, True, False)
+    value = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+    ds = make_instance()
+    ds["PixelData"].VR = "OW"
+    at = _PRIVATE_SQ if private else _SEQUENCE
+    if private:
+        ds.add_new(0x00710010, "LO", "AGFA-AG_HPState")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if private else ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    for part in (
+        Dataset({t: e for t, e in ds.items() if t < at}),
+        Dataset({t: e for t, e in ds.items() if t > at}),
+    ):
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, private
+        write_dataset(buf, part)
+        out.write(buf.getvalue())
+        if part.get(0x00080016) is not None:  # the first part: the sequence follows it
+            out.write(element(at, b"SQ" if private else b"UN", value, private))
+    return bytes(out.getvalue())
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_sequences_pydicom_reads_from_other_vrs_take_the_limit(
+    tmp_path: Path, private: bool
+) -> None:
+    """The depth is counted as pydicom reads the data set later, for every conversion: an
+    explicit UN of a sequence's tag and an implicit VR private sequence are sequences there.
+    They were left unread (not SQ by the data dictionary alone) and any depth was stored; 300
+    levels then took 55 s and 3.7 GB of memory in a conversion to Explicit VR Little Endian
+    (pydicom's writer re-raising its RecursionError in each enclosing sequence)."""
+    path = tmp_path / "x.dcm"
+    path.write_bytes(_read_as_sequence_part10(MAX_SEQUENCE_DEPTH, private))
+    parse_file(path)
+    to_transfer_syntax(path, tmp_path / "y.dcm", ExplicitVRLittleEndian)
+    for levels in (MAX_SEQUENCE_DEPTH + 1, 300):
+        path.write_bytes(_read_as_sequence_part10(levels, private))
+        with pytest.raises(InvalidInstanceError) as caught:
+            parse_file(path)
+        assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
+
+
 @pytest.mark.parametrize(("levels", "stored"), [(MAX_SEQUENCE_DEPTH, True), (300, False)])
 def test_deflated_data_sets_take_the_limit_too(tmp_path: Path, levels: int, stored: bool) -> None:
     """A Deflated data set is parsed whole, not by range (dicomfile._parse_whole)."""
