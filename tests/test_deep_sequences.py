@@ -31,7 +31,11 @@ from dicomweb_server import stow_json
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError, parse_file
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.transcode.codecs import TranscodeError
-from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
+from dicomweb_server.transcode.convert import (
+    check_writable,
+    converted_dataset,
+    to_transfer_syntax,
+)
 from tests.dimse_support import (
     Archive,
     blobs,
@@ -383,3 +387,22 @@ async def test_c_get_of_a_stored_unwritable_value_fails_the_sub_operation_in_bou
         tracemalloc.stop()
     assert peak < 40 * 1024 * 1024, peak
     assert statuses[-1].Status == 0xA702 and not received
+
+
+def test_check_writable_resolves_ambiguous_vrs_from_the_nearest_data_set() -> None:
+    """An element whose VR is still ambiguous (one made, not read) is resolved as pydicom's
+    writer resolves it, its own data set first (PS3.5 Annex A): at the top level it was
+    refused (IndexError, no ancestors), in an item it took the parent's Pixel Representation."""
+    top = Dataset()
+    top.PixelRepresentation = 1
+    top.add_new(0x00280106, "US or SS", b"\xfb\xff")
+    check_writable(top)
+    assert top[0x00280106].VR == "SS"
+    item = Dataset()
+    item.PixelRepresentation = 1
+    item.add_new(0x00280106, "US or SS", b"\xfb\xff")
+    root = Dataset()
+    root.PixelRepresentation = 0
+    root.ReferencedImageSequence = [item]
+    check_writable(root)
+    assert item[0x00280106].VR == "SS"

@@ -391,7 +391,8 @@ def _encoded_alone(
     if elem.VR == "SQ":
         return elem
     if " or " in elem.VR:
-        correct_ambiguous_vr_element(elem, item, True, ancestors)  # in place
+        # pydicom's ancestors begin with the element's own data set (nearest first)
+        correct_ambiguous_vr_element(elem, item, True, [item, *ancestors])  # in place
     scratch = DicomBytesIO()
     scratch.is_little_endian, scratch.is_implicit_VR = True, implicit_vr
     write_data_element(scratch, elem, encodings)
