@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -406,3 +407,21 @@ def test_check_writable_resolves_ambiguous_vrs_from_the_nearest_data_set() -> No
     root.ReferencedImageSequence = [item]
     check_writable(root)
     assert item[0x00280106].VR == "SS"
+
+
+def test_a_retired_group_length_the_writer_leaves_out_is_not_checked(tmp_path: Path) -> None:
+    """pydicom's writer leaves out retired Group Lengths (PS3.5 7.2), whatever their value: an
+    implicit VR instance with a (0008,0000) of 2 bytes (stored: ingest leaves it raw) converts
+    to Explicit VR Little Endian, the default of WADO-RS. check_writable refused it (a 406)."""
+    ds = make_instance()
+    ds["PixelData"].VR = "OW"
+    path = tmp_path / "x.dcm"
+    path.write_bytes(deep_part10(ds, 1, True, leaf=element(0x00081150, b"UI", b"1.2\0", True)))
+    data = bytearray(path.read_bytes())
+    first = min(t for t in ds.keys() if t.group == 0x0008)
+    at = data.index(struct.pack("<HH", 0x0008, first.element), 132)  # after the preamble
+    data[at:at] = element(0x00080000, b"UL", b"\1\0", True)
+    path.write_bytes(bytes(data))
+    parse_file(path)
+    to_transfer_syntax(path, tmp_path / "y.dcm", ExplicitVRLittleEndian)
+    assert 0x00080000 not in pydicom.dcmread(tmp_path / "y.dcm")

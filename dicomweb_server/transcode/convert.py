@@ -367,6 +367,8 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
         encodings = item.get("SpecificCharacterSet", encodings)
         copied = item.original_encoding == (implicit_vr, True)
         for tag in item.keys():
+            if tag.element == 0 and tag.group > 6:
+                continue  # a retired Group Length: the writer leaves it out (PS3.5 7.2)
             raw = item.get_item(tag, keep_deferred=True)
             if isinstance(raw, RawDataElement) and (copied or raw.value is None):
                 continue
