@@ -425,3 +425,23 @@ def test_a_retired_group_length_the_writer_leaves_out_is_not_checked(tmp_path: P
     parse_file(path)
     to_transfer_syntax(path, tmp_path / "y.dcm", ExplicitVRLittleEndian)
     assert 0x00080000 not in pydicom.dcmread(tmp_path / "y.dcm")
+
+
+def test_check_writable_copies_no_binary_value() -> None:
+    """A binary value (the Pixel Data of an in-memory conversion, up to 128 MiB decoded for
+    a DIMSE peer) is written as it is: encoding it alone to check it took twice its size more
+    (converted_dataset of 32 MiB of native Pixel Data peaked at 96 MiB, 32 before)."""
+    ds = Dataset()
+    ds.BitsAllocated = 16
+    ds.add_new(0x7FE00010, "OB or OW", bytes(16 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        check_writable(ds)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ds["PixelData"].VR == "OW"
+    assert peak < 1024 * 1024
+    ds["PixelData"].is_undefined_length = True  # not encapsulated: the writer refuses it
+    with pytest.raises(ValueError, match=r"\(7FE0,0010\) cannot be written"):
+        check_writable(ds)

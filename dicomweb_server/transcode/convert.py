@@ -384,6 +384,11 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                 stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
 
 
+# Binary VRs whose bytes the writer writes as they are (an odd length padded): nothing to check.
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # an encapsulated value begins with an item (PS3.5 A.4)
+
+
 def _encoded_alone(
     item: Dataset, tag: int, ancestors: list[Dataset], encodings: Any, implicit_vr: bool
 ) -> Any:
@@ -395,6 +400,13 @@ def _encoded_alone(
     if " or " in elem.VR:
         # pydicom's ancestors begin with the element's own data set (nearest first)
         correct_ambiguous_vr_element(elem, item, True, [item, *ancestors])  # in place
+    value = elem.value
+    if (
+        elem.VR in _BYTES_VRS
+        and isinstance(value, bytes)
+        and (not elem.is_undefined_length or value.startswith(_ITEM_TAG))
+    ):
+        return elem  # written as it is: a copy (of the Pixel Data) would cost its size
     scratch = DicomBytesIO()
     scratch.is_little_endian, scratch.is_implicit_VR = True, implicit_vr
     write_data_element(scratch, elem, encodings)
