@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.multival import MultiValue
 
 from dicomweb_server.dicom_json import (
@@ -292,17 +293,16 @@ def _check_depth(ds: Dataset) -> None:
     """Refuse (0xC000) a data set whose sequences nest deeper than MAX_SEQUENCE_DEPTH: walked
     with a stack, not recursion, before the (recursive) DICOM JSON walk. A sequence of defined
     length is still raw here (or deferred, past the bulk data threshold); converting it, as
-    the JSON walk would, parses its items. Other elements are left raw and unread."""
+    the JSON walk would, parses its items. Other elements are left raw and unread. Whether a
+    raw element is a sequence is asked of pydicom's own VR hook, as every later reader (a
+    conversion) resolves it: an explicit UN of a sequence's tag, or an implicit VR private
+    element of a private dictionary sequence, is parsed as a sequence there."""
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         item, depth = stack.pop()
         for tag in item.keys():
             raw = item.get_item(tag, keep_deferred=True)
-            if (
-                isinstance(raw, RawDataElement)
-                and raw.length != 0xFFFFFFFF
-                and raw_vr(tag, raw) != "SQ"
-            ):
+            if isinstance(raw, RawDataElement) and _read_vr(item, raw) != "SQ":
                 continue  # left as it is: no sequence, deferred or not
             elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
             if elem.VR != "SQ":
@@ -310,6 +310,14 @@ def _check_depth(ds: Dataset) -> None:
             if depth == MAX_SEQUENCE_DEPTH:
                 raise _too_deep()
             stack.extend((child, depth + 1) for child in elem.value)
+
+
+def _read_vr(item: Dataset, raw: RawDataElement) -> str:
+    """The VR pydicom gives `raw` when it is read (its value left unread): an UN replaced
+    with the VR of a known tag, a private VR looked up by its Private Creator (PS3.5 6.2.2)."""
+    data: dict[str, Any] = {}
+    pydicom_hooks.raw_element_vr(raw, data, encoding=None, ds=item)
+    return str(data["VR"])
 
 
 def _file_meta(fp: BinaryIO) -> tuple[str, int]:

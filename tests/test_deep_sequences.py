@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -31,7 +32,11 @@ from dicomweb_server import stow_json
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError, parse_file
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.transcode.codecs import TranscodeError
-from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
+from dicomweb_server.transcode.convert import (
+    check_writable,
+    converted_dataset,
+    to_transfer_syntax,
+)
 from tests.dimse_support import (
     Archive,
     blobs,
@@ -144,6 +149,60 @@ def test_max_sequence_depth_at_its_edge(tmp_path: Path, implicit: bool, undefine
         parse_file(path)
     assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
     assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
+
+
+_PRIVATE_SQ = 0x00711018  # (0071,xx18) of 'AGFA-AG_HPState': SQ in pydicom's private dictionary
+
+
+def _read_as_sequence_part10(levels: int, private: bool) -> bytes:
+    """`levels` nested sequences whose outermost a sequence only as pydicom reads it: an
+    explicit VR UN of (0008,1140), whose value pydicom parses as an implicit VR sequence
+    (config.replace_un_with_known_vr), or an implicit VR private element its private
+    dictionary names SQ. The levels inside are implicit VR, of defined length."""
+    leaf = element(0x00081150, b"UI", b"1.2.3\0", True)
+    inner = nested(levels - 1, leaf, True, False)
+    value = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+    ds = make_instance()
+    ds["PixelData"].VR = "OW"
+    at = _PRIVATE_SQ if private else _SEQUENCE
+    if private:
+        ds.add_new(0x00710010, "LO", "AGFA-AG_HPState")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if private else ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    for part in (
+        Dataset({t: e for t, e in ds.items() if t < at}),
+        Dataset({t: e for t, e in ds.items() if t > at}),
+    ):
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, private
+        write_dataset(buf, part)
+        out.write(buf.getvalue())
+        if part.get(0x00080016) is not None:  # the first part: the sequence follows it
+            out.write(element(at, b"SQ" if private else b"UN", value, private))
+    return bytes(out.getvalue())
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_sequences_pydicom_reads_from_other_vrs_take_the_limit(
+    tmp_path: Path, private: bool
+) -> None:
+    """The depth is counted as pydicom reads the data set later, for every conversion: an
+    explicit UN of a sequence's tag and an implicit VR private sequence are sequences there.
+    They were left unread (not SQ by the data dictionary alone) and any depth was stored; 300
+    levels then took 55 s and 3.7 GB of memory in a conversion to Explicit VR Little Endian
+    (pydicom's writer re-raising its RecursionError in each enclosing sequence)."""
+    path = tmp_path / "x.dcm"
+    path.write_bytes(_read_as_sequence_part10(MAX_SEQUENCE_DEPTH, private))
+    parse_file(path)
+    to_transfer_syntax(path, tmp_path / "y.dcm", ExplicitVRLittleEndian)
+    for levels in (MAX_SEQUENCE_DEPTH + 1, 300):
+        path.write_bytes(_read_as_sequence_part10(levels, private))
+        with pytest.raises(InvalidInstanceError) as caught:
+            parse_file(path)
+        assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
 
 
 @pytest.mark.parametrize(("levels", "stored"), [(MAX_SEQUENCE_DEPTH, True), (300, False)])
@@ -329,3 +388,60 @@ async def test_c_get_of_a_stored_unwritable_value_fails_the_sub_operation_in_bou
         tracemalloc.stop()
     assert peak < 40 * 1024 * 1024, peak
     assert statuses[-1].Status == 0xA702 and not received
+
+
+def test_check_writable_resolves_ambiguous_vrs_from_the_nearest_data_set() -> None:
+    """An element whose VR is still ambiguous (one made, not read) is resolved as pydicom's
+    writer resolves it, its own data set first (PS3.5 Annex A): at the top level it was
+    refused (IndexError, no ancestors), in an item it took the parent's Pixel Representation."""
+    top = Dataset()
+    top.PixelRepresentation = 1
+    top.add_new(0x00280106, "US or SS", b"\xfb\xff")
+    check_writable(top)
+    assert top[0x00280106].VR == "SS"
+    item = Dataset()
+    item.PixelRepresentation = 1
+    item.add_new(0x00280106, "US or SS", b"\xfb\xff")
+    root = Dataset()
+    root.PixelRepresentation = 0
+    root.ReferencedImageSequence = [item]
+    check_writable(root)
+    assert item[0x00280106].VR == "SS"
+
+
+def test_a_retired_group_length_the_writer_leaves_out_is_not_checked(tmp_path: Path) -> None:
+    """pydicom's writer leaves out retired Group Lengths (PS3.5 7.2), whatever their value: an
+    implicit VR instance with a (0008,0000) of 2 bytes (stored: ingest leaves it raw) converts
+    to Explicit VR Little Endian, the default of WADO-RS. check_writable refused it (a 406)."""
+    ds = make_instance()
+    ds["PixelData"].VR = "OW"
+    path = tmp_path / "x.dcm"
+    path.write_bytes(deep_part10(ds, 1, True, leaf=element(0x00081150, b"UI", b"1.2\0", True)))
+    data = bytearray(path.read_bytes())
+    first = min(t for t in ds.keys() if t.group == 0x0008)
+    at = data.index(struct.pack("<HH", 0x0008, first.element), 132)  # after the preamble
+    data[at:at] = element(0x00080000, b"UL", b"\1\0", True)
+    path.write_bytes(bytes(data))
+    parse_file(path)
+    to_transfer_syntax(path, tmp_path / "y.dcm", ExplicitVRLittleEndian)
+    assert 0x00080000 not in pydicom.dcmread(tmp_path / "y.dcm")
+
+
+def test_check_writable_copies_no_binary_value() -> None:
+    """A binary value (the Pixel Data of an in-memory conversion, up to 128 MiB decoded for
+    a DIMSE peer) is written as it is: encoding it alone to check it took twice its size more
+    (converted_dataset of 32 MiB of native Pixel Data peaked at 96 MiB, 32 before)."""
+    ds = Dataset()
+    ds.BitsAllocated = 16
+    ds.add_new(0x7FE00010, "OB or OW", bytes(16 * 1024 * 1024))
+    tracemalloc.start()
+    try:
+        check_writable(ds)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ds["PixelData"].VR == "OW"
+    assert peak < 1024 * 1024
+    ds["PixelData"].is_undefined_length = True  # not encapsulated: the writer refuses it
+    with pytest.raises(ValueError, match=r"\(7FE0,0010\) cannot be written"):
+        check_writable(ds)

@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 
 from dicomweb_server.blobstore.hashing import DATA_SET_HASH_VERSION
 from dicomweb_server.config import Settings
+from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH
 from dicomweb_server.reindex import REINDEX_PAGE_ROWS, reindex
 from tests.helpers import (
     ROOT,
@@ -31,6 +32,7 @@ from tests.helpers import (
     stow_headers,
     to_bytes,
 )
+from tests.test_deep_sequences import deep_part10
 
 pytestmark = pytest.mark.db
 
@@ -357,3 +359,25 @@ async def test_reindexed_frames_and_thumbnails_are_not_served_from_a_cache(
         fresh = await thumbnail(other)
         assert fresh != icon
         assert await thumbnail(serving) == fresh
+
+
+async def test_reindex_reports_an_instance_nested_deeper_than_the_limit_now(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    """A stored file whose sequences nest deeper than dicomfile.MAX_SEQUENCE_DEPTH (one stored
+    before the limit): reported, its rows left as they were."""
+    ds = make_instance(study=STUDY_A, series=SERIES_A, sop=f"{SERIES_A}.1")
+    await _store(app_client, [ds])
+    conn = await asyncpg.connect(clean_db)
+    try:
+        key = await conn.fetchval("SELECT blob_key FROM instance")
+        _blob(app, key).write_bytes(deep_part10(ds, MAX_SEQUENCE_DEPTH + 1, undefined=True))
+        before = await _snapshot(conn)
+        report = await reindex(app.state.services)
+        assert report.updated == 0 and report.unchanged == 0
+        (failed,) = report.failed
+        assert f"refused now (sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels" in failed
+        assert "rows left as they were" in failed
+        assert await _snapshot(conn) == before
+    finally:
+        await conn.close()

@@ -367,6 +367,8 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
         encodings = item.get("SpecificCharacterSet", encodings)
         copied = item.original_encoding == (implicit_vr, True)
         for tag in item.keys():
+            if tag.element == 0 and tag.group > 6:
+                continue  # a retired Group Length: the writer leaves it out (PS3.5 7.2)
             raw = item.get_item(tag, keep_deferred=True)
             if isinstance(raw, RawDataElement) and (copied or raw.value is None):
                 continue
@@ -382,6 +384,11 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                 stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
 
 
+# Binary VRs whose bytes the writer writes as they are (an odd length padded): nothing to check.
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # an encapsulated value begins with an item (PS3.5 A.4)
+
+
 def _encoded_alone(
     item: Dataset, tag: int, ancestors: list[Dataset], encodings: Any, implicit_vr: bool
 ) -> Any:
@@ -391,7 +398,15 @@ def _encoded_alone(
     if elem.VR == "SQ":
         return elem
     if " or " in elem.VR:
-        correct_ambiguous_vr_element(elem, item, True, ancestors)  # in place
+        # pydicom's ancestors begin with the element's own data set (nearest first)
+        correct_ambiguous_vr_element(elem, item, True, [item, *ancestors])  # in place
+    value = elem.value
+    if (
+        elem.VR in _BYTES_VRS
+        and isinstance(value, bytes)
+        and (not elem.is_undefined_length or value.startswith(_ITEM_TAG))
+    ):
+        return elem  # written as it is: a copy (of the Pixel Data) would cost its size
     scratch = DicomBytesIO()
     scratch.is_little_endian, scratch.is_implicit_VR = True, implicit_vr
     write_data_element(scratch, elem, encodings)
