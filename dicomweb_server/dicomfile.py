@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom import config as pydicom_config
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -43,7 +43,7 @@ from dicomweb_server.media.mediatypes import (
 )
 from dicomweb_server.media.part10 import LONG_LENGTH_VRS
 from dicomweb_server.record import FrameLayout
-from dicomweb_server.vr import frame_count, swapped_words
+from dicomweb_server.vr import frame_count
 
 __all__ = [
     "MAX_INFLATED_BYTES",
@@ -51,12 +51,9 @@ __all__ = [
     "PIXEL_DATA_TAGS",
     "InvalidInstanceError",
     "ParsedFile",
-    "bulk_element",
     "bulk_prefix",
     "configure_pydicom",
-    "element_value",
     "parse_file",
-    "read_bulk_value",
     "sop_uids",
 ]
 
@@ -590,50 +587,3 @@ def _merge_tail(
             ds[tag] = tail[tag]
     padding = tail.get_item(_DATASET_TRAILING_PADDING, keep_deferred=True)
     return padding if isinstance(padding, RawDataElement) else None
-
-
-def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:
-    """A bulk data value by full parse (nested, big endian or deflated files). Runs in a thread.
-
-    `tag_path` is a tag, then `/item/tag` for each sequence entered (items from 0, as in the
-    BulkDataURIs of dicom_json). None unless it names a binary value: a malformed path, a step
-    into an element that is not a sequence or an item it does not have, a missing element, a
-    sequence or a value that is not bytes. Values come back little endian, as PS3.18 8.7.3.4
-    (application/octet-stream) expects.
-    """
-    found = bulk_element(path, tag_path)
-    return None if found is None else element_value(found[0], found[1][found[2]])
-
-
-def bulk_element(path: Path, tag_path: str) -> tuple[Dataset, Dataset, int] | None:
-    """(the file's data set, the data set holding the element, its tag) of a tag path as
-    read_bulk_value takes it; None when the path is malformed or leads nowhere."""
-    parts = tag_path.split("/")
-    patterns = itertools.cycle((r"[0-9A-Fa-f]{8}", r"\d{1,9}"))
-    if len(parts) % 2 == 0 or not all(map(re.fullmatch, patterns, parts)):
-        return None
-    # Values above the threshold stay unread until the one asked for is reached: a nested
-    # value of a large multi-frame file reads that value, not the file's Pixel Data too.
-    ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD_BYTES)
-    node: Dataset = ds
-    for tag, item in zip(parts[:-1:2], parts[1::2], strict=True):
-        element = node.get(int(tag, 16))
-        if element is None or element.VR != "SQ" or int(item) >= len(element.value):
-            return None
-        node = element.value[int(item)]
-    last = int(parts[-1], 16)
-    return (ds, node, last) if last in node else None
-
-
-def element_value(ds: Dataset, element: DataElement) -> tuple[bytes, str] | None:
-    """An element's binary value, little endian (a big endian file's swapped, vr.swapped_words),
-    and its VR; None when the value is not bytes. An empty binary value, which pydicom reads
-    as None, is b"": the metadata gives empty Pixel Data a BulkDataURI too, and that of a big
-    endian or Deflated file (read by parsing) was a 404, or a bulk data response cut off."""
-    value = element.value
-    if value is None and str(element.VR) in BULK_VRS:
-        value = b""
-    if not isinstance(value, bytes | bytearray):
-        return None
-    data, vr = bytes(value), str(element.VR)
-    return (data if ds.is_little_endian else swapped_words(data, vr)), vr

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicomweb_server.dicomfile import read_bulk_value
+from dicomweb_server.bulkvalue import read_bulk_value
 from dicomweb_server.media.negotiate import wants_bulkdata
 from tests.helpers import (
     ROOT,

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID
 
-from dicomweb_server.dicomfile import read_bulk_value
+from dicomweb_server.bulkvalue import read_bulk_value
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.render import MAX_ANIMATION_FRAMES
 from dicomweb_server.rendered import (

@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 from pydicom.uid import UID
 
-from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_element, element_value
+from dicomweb_server.bulkvalue import bulk_element, element_value
+from dicomweb_server.dicomfile import PIXEL_DATA_TAGS
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
