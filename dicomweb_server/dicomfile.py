@@ -311,7 +311,11 @@ def _check_depth(ds: Dataset) -> None:
 
 def _read_vr(item: Dataset, raw: RawDataElement) -> str:
     """The VR pydicom gives `raw` when it is read (its value left unread): an UN replaced
-    with the VR of a known tag, a private VR looked up by its Private Creator (PS3.5 6.2.2)."""
+    with the VR of a known tag, a private VR looked up by its Private Creator (PS3.5 6.2.2).
+    An explicit VR other than UN is kept as it is, without asking (most elements: the hook
+    took a twentieth of a small instance's parse)."""
+    if raw.VR is not None and raw.VR != "UN":
+        return str(raw.VR)
     data: dict[str, Any] = {}
     pydicom_hooks.raw_element_vr(raw, data, encoding=None, ds=item)
     return str(data["VR"])

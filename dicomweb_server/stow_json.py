@@ -75,7 +75,7 @@ MAX_JSON_BULK_REUSE_BYTES = 64 * 1024 * 1024
 _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
 MAX_JSON_DATASETS = 10_000
-# Sequences nested in a data set, at most (as MAX_XML_DEPTH, 128 elements, allows about 63):
+# Sequences nested in a data set, at most (MAX_XML_DEPTH, 128 elements, allows 62 levels):
 # deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000). The
 # same as for a Part-10 instance (dicomfile.MAX_SEQUENCE_DEPTH).
 MAX_JSON_SEQUENCE_DEPTH = MAX_SEQUENCE_DEPTH
