@@ -35,6 +35,7 @@ from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicomweb_server.blobstore.files import BlobWriter, scratch_file
 from dicomweb_server.dicom_json import (
+    BULK_VRS,
     InstanceOutcome,
     JsonDict,
     dataset_from_json,
@@ -333,10 +334,6 @@ def _assemble(doc: JsonDict, bulk: dict[str, list[_Bulk]], budget: _Budget, out:
         fh.write(after.getvalue())
 
 
-# VRs whose value pydicom writes as the bytes it holds: not encoded twice by _check_encodable.
-_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-
-
 def _check_encodable(ds: Dataset) -> None:
     """Encode every element on its own, items' elements too (a loop, not recursion), before
     the data set is written whole. pydicom's writer re-raises a failure in each enclosing
@@ -367,7 +364,7 @@ def _check_encodable(ds: Dataset) -> None:
                 continue
             if elem.VR in AMBIGUOUS_VR:
                 _resolve_vr(elem, ancestors, ds)
-            if not (elem.VR in _BYTES_VRS and isinstance(elem.value, bytes)):
+            if not (elem.VR in BULK_VRS and isinstance(elem.value, bytes)):
                 _encode_alone(elem, encodings, ds)  # bytes are written as they are
 
 

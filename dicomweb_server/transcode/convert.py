@@ -25,6 +25,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID
 
+from dicomweb_server.dicom_json import BULK_VRS
 from dicomweb_server.media.mediatypes import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo
 from dicomweb_server.transcode.frames import cannot, check_dataset_size, frame_bytes, pixels
@@ -384,8 +385,6 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                 stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
 
 
-# Binary VRs whose bytes the writer writes as they are (an odd length padded): nothing to check.
-_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # an encapsulated value begins with an item (PS3.5 A.4)
 
 
@@ -402,7 +401,7 @@ def _encoded_alone(
         correct_ambiguous_vr_element(elem, item, True, [item, *ancestors])  # in place
     value = elem.value
     if (
-        elem.VR in _BYTES_VRS
+        elem.VR in BULK_VRS  # bytes the writer writes as they are (an odd length padded)
         and isinstance(value, bytes)
         and (not elem.is_undefined_length or value.startswith(_ITEM_TAG))
     ):
