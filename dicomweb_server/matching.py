@@ -56,8 +56,12 @@ _PARSERS: dict[str, Callable[[str], dt.date | dt.time | None]] = {
 # Where a person name splits into words for fuzzy matching, in the value and in the stored
 # name alike (sql._fuzzy_condition splits the stored components at the same characters): a
 # value word keeping a `.` or `-` ("Dr.", "CQ500-CT-310") could never be the start of a
-# stored word, and fuzzymatching=true lost the names literal matching finds.
-FUZZY_WORD_SEPARATORS = r"\s^=,.-"
+# stored word, and fuzzymatching=true lost the names literal matching finds. A regex
+# bracket expression's body, read alike by Python's re and PostgreSQL's AREs: the characters
+# named one by one, never `\s`, which Python takes as any Unicode white space (U+00A0 NO-BREAK
+# SPACE, U+3000) and PostgreSQL as its locale's [[:space:]], so a value split where the stored
+# name was not lost the name (tests/test_matching_sql.py checks both split alike).
+FUZZY_WORD_SEPARATORS = r" \t\n\r\f^=,.-"
 
 
 @dataclass(frozen=True)
