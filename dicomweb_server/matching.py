@@ -211,7 +211,11 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
     if attr.vr == "PN" and fuzzy:
         split = f"[{FUZZY_WORD_SEPARATORS}]+"
         words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
-        return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
+        if words:
+            return FuzzyMatch(attr, words)
+        # No word (`.`, `-`, `, `): fuzzy matching, implementation-defined (PS3.4
+        # C.2.2.2.1), has nothing to match on, and the value is matched as without it, as a
+        # name given whole is; taken as universal matching, `-` found every name.
     if attr.vr == "PN" and "=" in value:
         return _groups_match(attr, value)
     if attr.vr == "PN" and ("*" in value or "?" in value):

@@ -97,3 +97,18 @@ async def test_fuzzy_name_given_whole_is_found(app_client: httpx.AsyncClient) ->
     assert await found(PatientName="lee", fuzzymatching="true") == ["space"]
     assert await found(PatientName="ann", fuzzymatching="true") == ["nbsp", "space"]
     assert await found(PatientName="太郎", fuzzymatching="true") == []
+
+
+_SEPARATOR_NAMES = {"doe": "Doe^John", "dash": "-", "dots": "A.^B."}
+
+
+@pytest.mark.parametrize("value", ["-", ".", ", ", "-.", "*-*", "^-"])
+async def test_fuzzy_value_without_words_matches_as_without_fuzzy(
+    app_client: httpx.AsyncClient, value: str
+) -> None:
+    """Found by review: a fuzzy value made only of separators has no word, and was taken as
+    universal matching (`-` found every name). It is matched as without fuzzymatching."""
+    found = await _found_by(app_client, _SEPARATOR_NAMES)
+    literal = await found(PatientName=value)
+    assert await found(PatientName=value, fuzzymatching="true") == literal
+    assert literal != sorted(_SEPARATOR_NAMES)
