@@ -225,17 +225,39 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
     return SingleValueMatch(attr, value)
 
 
+def _list_items(attr: Attribute, value: str, separators: str) -> tuple[str, ...]:
+    """The items of a list value, each stripped. PS3.18 8.3.4.1 makes a UID list "a
+    comma-separated list of UIDs" and PS3.4 C.2.2.2.2 a list of single values: an empty item
+    (`1.2,`, `CT\\`, the key given again empty) or one with a wild card (`CT,*`) is no such
+    value, and a 400 with the reason. Dropped or taken literally, it changed the question
+    (`ModalitiesInStudy=CT&ModalitiesInStudy=` asked for CT alone, `CT,*` for CT or `*`)."""
+    items = tuple(v.strip() for v in re.split(f"[{separators}]", value))
+    if len(items) == 1:
+        return items
+    if not all(items):
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} has an empty item in its list of values (the key"
+            " given again empty, or a `,` or `\\` with nothing after it); give each value once"
+        )
+    if any("*" in v or "?" in v for v in items):
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} lists several values, one with a wild card: a list"
+            " holds single values (PS3.4 C.2.2.2.2); give the wild card alone"
+        )
+    return items
+
+
 def _list_match(attr: Attribute, value: str) -> Match:
     """A key whose value is a list (a UID, Modalities in Study): values separated by `,` or `\\`."""
-    values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
-    if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
+    values = _list_items(attr, value, ",\\\\")
+    if not values[0]:  # only white space: as empty, universal matching
         return UniversalMatch(attr)
     _check_list(attr, values)
     if attr.vr == "UI":
         bad = [v for v in values if not _UID.match(v) or len(v) > 64]
         if bad:
             raise BadRequestError(f"{attr.keyword}: {bad[0]!r} is not a valid UID")
-    elif any("*" in v or "?" in v for v in values) and len(values) == 1:
+    elif any("*" in v or "?" in v for v in values):  # one value: _list_items
         return WildcardMatch(attr, values[0])
     return UidListMatch(attr, values) if len(values) > 1 else SingleValueMatch(attr, values[0])
 
@@ -267,18 +289,15 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     if "," in value:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} mixes values separated by `\\` (all must match, as"
-            " multiplevaluematching=true asks) with `,` or the key given again (any may"
-            " match); use one of the two"
+            " multiplevaluematching=true asks) with `,` (any may match); use one of the two"
         )
-    values = tuple(dict.fromkeys(v.strip() for v in value.split("\\") if v.strip()))
-    if not values:  # only separators: nothing to match on
-        return UniversalMatch(attr)
-    _check_list(attr, values)
-    if any("*" in v or "?" in v for v in values):
+    if "*" in value or "?" in value:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} has a wildcard; with multiplevaluematching=true the"
             " values shall not include wild cards (PS3.4 C.2.2.2.8)"
         )
+    values = tuple(dict.fromkeys(_list_items(attr, value, "\\\\")))
+    _check_list(attr, values)
     if len(values) == 1:
         return SingleValueMatch(attr, values[0])
     return MultipleValueMatch(attr, values)

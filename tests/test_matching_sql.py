@@ -12,7 +12,13 @@ import httpx
 import pytest
 
 from dicomweb_server.attributes import Level
-from dicomweb_server.matching import FUZZY_WORD_SEPARATORS, FuzzyMatch
+from dicomweb_server.errors import BadRequestError
+from dicomweb_server.matching import (
+    FUZZY_WORD_SEPARATORS,
+    FuzzyMatch,
+    MultipleValueMatch,
+    UidListMatch,
+)
 from dicomweb_server.query import parse
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes, values
 
@@ -112,3 +118,72 @@ async def test_fuzzy_value_without_words_matches_as_without_fuzzy(
     literal = await found(PatientName=value)
     assert await found(PatientName=value, fuzzymatching="true") == literal
     assert literal != sorted(_SEPARATOR_NAMES)
+
+
+MULTIPLE = ("multiplevaluematching", "true")
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ([("ModalitiesInStudy", "CT"), ("ModalitiesInStudy", "")], "empty item"),
+        ([("ModalitiesInStudy", "CT"), ("ModalitiesInStudy", ""), MULTIPLE], "empty item"),
+        ([("ModalitiesInStudy", "CT,")], "empty item"),
+        ([("StudyInstanceUID", "1.2\\")], "empty item"),
+        ([("StudyInstanceUID", "1.2"), ("StudyInstanceUID", " ")], "empty item"),
+        ([("ModalitiesInStudy", "CT"), ("ModalitiesInStudy", "*")], "wild card"),
+        ([("ModalitiesInStudy", "CT\\M?")], "wild card"),
+        ([("StudyInstanceUID", "1.2"), ("StudyInstanceUID", "*")], "wild card"),
+        ([("PatientID", "A"), ("PatientID", "B")], "given 2 times"),
+        ([("PatientID", "A"), ("PatientID", "B"), MULTIPLE], "given 2 times"),
+    ],
+)
+def test_list_items_are_single_values(params: list[tuple[str, str]], reason: str) -> None:
+    """Found by review: in a list (the key repeated, or `,`/`\\` in one value) an empty item
+    was dropped and a `*` taken literally, so `ModalitiesInStudy=CT&ModalitiesInStudy=` asked
+    for CT alone. PS3.18 8.3.4.1 and PS3.4 C.2.2.2.2: a list of single values; a 400."""
+    with pytest.raises(BadRequestError, match=reason) as exc:
+        parse(Level.STUDY, params, {})
+    assert exc.value.status == 400
+
+
+def test_a_repeated_key_with_multiple_value_matching_is_all_values() -> None:
+    """Found by review: the key repeated was an any-value list even with
+    multiplevaluematching=true, which `CT\\PT` in one value answered with all-values."""
+    repeated = [("ModalitiesInStudy", "CT"), ("ModalitiesInStudy", "PT")]
+    (m,) = parse(Level.STUDY, [*repeated, MULTIPLE], {}).matches
+    assert isinstance(m, MultipleValueMatch) and m.values == ("CT", "PT")
+    (m,) = parse(Level.STUDY, repeated, {}).matches
+    assert isinstance(m, UidListMatch) and m.values == ("CT", "PT")
+    # UIDs: List of UID Matching, any of them, whatever the flag (C.2.2.2.8 is not for UI)
+    uids = [("StudyInstanceUID", "1.2"), ("StudyInstanceUID", "1.3"), MULTIPLE]
+    (m,) = parse(Level.STUDY, uids, {}).matches
+    assert isinstance(m, UidListMatch) and m.values == ("1.2", "1.3")
+
+
+async def test_repeated_modalities_found_as_asked(app_client: httpx.AsyncClient) -> None:
+    study_ct, study_both = "1.2.826.0.1.3680043.9.7.1", "1.2.826.0.1.3680043.9.7.2"
+    made = [
+        make_instance(study=study_ct, modality="CT"),
+        make_instance(study=study_both, modality="CT"),
+        make_instance(study=study_both, modality="PT"),
+    ]
+    r = await app_client.post(
+        f"{ROOT}/studies",
+        content=multipart_body([to_bytes(ds) for ds in made]),
+        headers=stow_headers(),
+    )
+    assert r.status_code == 200, r.text
+
+    async def studies(params: list[tuple[str, str]]) -> list[str]:
+        r = await app_client.get(f"{ROOT}/studies", params=params)
+        assert r.status_code in (200, 204), r.text
+        return sorted(str(values(s, "0020000D")[0]) for s in (r.json() if r.content else []))
+
+    both = [("ModalitiesInStudy", "CT"), ("ModalitiesInStudy", "PT")]
+    assert await studies([*both, MULTIPLE]) == [study_both]
+    assert await studies(both) == [study_ct, study_both]
+    r = await app_client.get(
+        f"{ROOT}/studies", params=[("ModalitiesInStudy", "PT"), ("ModalitiesInStudy", "")]
+    )
+    assert r.status_code == 400 and "empty item" in r.text
