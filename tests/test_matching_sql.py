@@ -18,6 +18,7 @@ from dicomweb_server.matching import (
     FuzzyMatch,
     MultipleValueMatch,
     UidListMatch,
+    UniversalMatch,
 )
 from dicomweb_server.query import parse
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes, values
@@ -187,3 +188,23 @@ async def test_repeated_modalities_found_as_asked(app_client: httpx.AsyncClient)
         f"{ROOT}/studies", params=[("ModalitiesInStudy", "PT"), ("ModalitiesInStudy", "")]
     )
     assert r.status_code == 400 and "empty item" in r.text
+
+
+_DELIMITER_NAMES = {"delimiters": "^^^^", "doe": "Doe^John", "ideographic": "=山田^太郎"}
+
+
+@pytest.mark.parametrize("value", ["^^^^", "^", " ^ ^", "^^^^=^^^^", "^=^=^"])
+@pytest.mark.parametrize("fuzzy", ["false", "true"])
+async def test_a_name_of_delimiters_is_the_empty_value(
+    app_client: httpx.AsyncClient, value: str, fuzzy: str
+) -> None:
+    """Found by review: `PatientName=^^^^` did not find a name stored as `^^^^` (indexed as
+    no name), and found `=山田^太郎` (an empty alphabetic group). Only delimiters is every
+    component null, the zero-length value (PS3.5 6.2.1): universal matching (PS3.4
+    C.2.2.2.3), as an empty PatientName is."""
+    found = await _found_by(app_client, _DELIMITER_NAMES)
+    everything = sorted(_DELIMITER_NAMES)
+    assert await found(PatientName="") == everything
+    assert await found(PatientName=value, fuzzymatching=fuzzy) == everything
+    (m,) = parse(Level.STUDY, [("PatientName", value), ("fuzzymatching", fuzzy)], {}).matches
+    assert isinstance(m, UniversalMatch)
