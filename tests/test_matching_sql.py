@@ -5,6 +5,7 @@ checked on the real database, and names found through the API as the two sides r
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -176,8 +177,8 @@ async def test_repeated_modalities_found_as_asked(app_client: httpx.AsyncClient)
     )
     assert r.status_code == 200, r.text
 
-    async def studies(params: list[tuple[str, str]]) -> list[str]:
-        r = await app_client.get(f"{ROOT}/studies", params=params)
+    async def studies(params: Sequence[tuple[str, str]]) -> list[str]:
+        r = await app_client.get(f"{ROOT}/studies", params=[(k, v) for k, v in params])
         assert r.status_code in (200, 204), r.text
         return sorted(str(values(s, "0020000D")[0]) for s in (r.json() if r.content else []))
 
