@@ -208,14 +208,22 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
         return _range_or_single(attr, value)
     if attr.vr == "IS":
         return SingleValueMatch(attr, int_param(attr.keyword, value, -(2**31), 2**31 - 1))
-    if attr.vr == "PN" and not value.strip("^= "):
+    if attr.vr == "PN":
+        return _pn_match(attr, value, fuzzy)
+    if "*" in value or "?" in value:
+        return WildcardMatch(attr, value)
+    return SingleValueMatch(attr, value)
+
+
+def _pn_match(attr: Attribute, value: str, fuzzy: bool) -> Match:
+    if not value.strip("^= "):
         # Only delimiters (`^^^^`, `^=^`): every component null. PS3.5 6.2.1 lets trailing
         # null components and their delimiters go, so this is the zero-length value, and
         # universal matching (PS3.4 C.2.2.2.3), as `*^^` and an empty value with `=` are.
         # As a single value it asked for an empty component group and found only names
         # like `=山田^太郎`, never one stored as `^^^^` (indexed as no name).
         return UniversalMatch(attr)
-    if attr.vr == "PN" and fuzzy:
+    if fuzzy:
         split = f"[{FUZZY_WORD_SEPARATORS}]+"
         words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
         if words:
@@ -223,12 +231,10 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
         # No word (`.`, `-`, `, `): fuzzy matching, implementation-defined (PS3.4
         # C.2.2.2.1), has nothing to match on, and the value is matched as without it, as a
         # name given whole is; taken as universal matching, `-` found every name.
-    if attr.vr == "PN" and "=" in value:
+    if "=" in value:
         return _groups_match(attr, value)
-    if attr.vr == "PN" and ("*" in value or "?" in value):
-        return _pn_wildcard(attr, value)
     if "*" in value or "?" in value:
-        return WildcardMatch(attr, value)
+        return _pn_wildcard(attr, value)
     return SingleValueMatch(attr, value)
 
 
