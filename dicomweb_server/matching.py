@@ -56,8 +56,12 @@ _PARSERS: dict[str, Callable[[str], dt.date | dt.time | None]] = {
 # Where a person name splits into words for fuzzy matching, in the value and in the stored
 # name alike (sql._fuzzy_condition splits the stored components at the same characters): a
 # value word keeping a `.` or `-` ("Dr.", "CQ500-CT-310") could never be the start of a
-# stored word, and fuzzymatching=true lost the names literal matching finds.
-FUZZY_WORD_SEPARATORS = r"\s^=,.-"
+# stored word, and fuzzymatching=true lost the names literal matching finds. A regex
+# bracket expression's body, read alike by Python's re and PostgreSQL's AREs: the characters
+# named one by one, never `\s`, which Python takes as any Unicode white space (U+00A0 NO-BREAK
+# SPACE, U+3000) and PostgreSQL as its locale's [[:space:]], so a value split where the stored
+# name was not lost the name (tests/test_matching_sql.py checks both split alike).
+FUZZY_WORD_SEPARATORS = r" \t\n\r\f^=,.-"
 
 
 @dataclass(frozen=True)
@@ -204,30 +208,69 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
         return _range_or_single(attr, value)
     if attr.vr == "IS":
         return SingleValueMatch(attr, int_param(attr.keyword, value, -(2**31), 2**31 - 1))
-    if attr.vr == "PN" and fuzzy:
-        split = f"[{FUZZY_WORD_SEPARATORS}]+"
-        words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
-        return FuzzyMatch(attr, words) if words else UniversalMatch(attr)
-    if attr.vr == "PN" and "=" in value:
-        return _groups_match(attr, value)
-    if attr.vr == "PN" and ("*" in value or "?" in value):
-        return _pn_wildcard(attr, value)
+    if attr.vr == "PN":
+        return _pn_match(attr, value, fuzzy)
     if "*" in value or "?" in value:
         return WildcardMatch(attr, value)
     return SingleValueMatch(attr, value)
 
 
+def _pn_match(attr: Attribute, value: str, fuzzy: bool) -> Match:
+    if not value.strip("^= "):
+        # Only delimiters (`^^^^`, `^=^`): every component null. PS3.5 6.2.1 lets trailing
+        # null components and their delimiters go, so this is the zero-length value, and
+        # universal matching (PS3.4 C.2.2.2.3), as `*^^` and an empty value with `=` are.
+        # As a single value it asked for an empty component group and found only names
+        # like `=山田^太郎`, never one stored as `^^^^` (indexed as no name).
+        return UniversalMatch(attr)
+    if fuzzy:
+        split = f"[{FUZZY_WORD_SEPARATORS}]+"
+        words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
+        if words:
+            return FuzzyMatch(attr, words)
+        # No word (`.`, `-`, `, `): fuzzy matching, implementation-defined (PS3.4
+        # C.2.2.2.1), has nothing to match on, and the value is matched as without it, as a
+        # name given whole is; taken as universal matching, `-` found every name.
+    if "=" in value:
+        return _groups_match(attr, value)
+    if "*" in value or "?" in value:
+        return _pn_wildcard(attr, value)
+    return SingleValueMatch(attr, value)
+
+
+def _list_items(attr: Attribute, value: str, separators: str) -> tuple[str, ...]:
+    """The items of a list value, each stripped. PS3.18 8.3.4.1 makes a UID list "a
+    comma-separated list of UIDs" and PS3.4 C.2.2.2.2 a list of single values: an empty item
+    (`1.2,`, `CT\\`, the key given again empty) or one with a wild card (`CT,*`) is no such
+    value, and a 400 with the reason. Dropped or taken literally, it changed the question
+    (`ModalitiesInStudy=CT&ModalitiesInStudy=` asked for CT alone, `CT,*` for CT or `*`)."""
+    items = tuple(v.strip() for v in re.split(f"[{separators}]", value))
+    if len(items) == 1:
+        return items
+    if not all(items):
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} has an empty item in its list of values (the key"
+            " given again empty, or a `,` or `\\` with nothing after it); give each value once"
+        )
+    if any("*" in v or "?" in v for v in items):
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} lists several values, one with a wild card: a list"
+            " holds single values (PS3.4 C.2.2.2.2); give the wild card alone"
+        )
+    return items
+
+
 def _list_match(attr: Attribute, value: str) -> Match:
     """A key whose value is a list (a UID, Modalities in Study): values separated by `,` or `\\`."""
-    values = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
-    if not values:  # e.g. "," or a repeated empty parameter: nothing to match on
+    values = _list_items(attr, value, ",\\\\")
+    if not values[0]:  # only white space: as empty, universal matching
         return UniversalMatch(attr)
     _check_list(attr, values)
     if attr.vr == "UI":
         bad = [v for v in values if not _UID.match(v) or len(v) > 64]
         if bad:
             raise BadRequestError(f"{attr.keyword}: {bad[0]!r} is not a valid UID")
-    elif any("*" in v or "?" in v for v in values) and len(values) == 1:
+    elif any("*" in v or "?" in v for v in values):  # one value: _list_items
         return WildcardMatch(attr, values[0])
     return UidListMatch(attr, values) if len(values) > 1 else SingleValueMatch(attr, values[0])
 
@@ -259,18 +302,15 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     if "," in value:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} mixes values separated by `\\` (all must match, as"
-            " multiplevaluematching=true asks) with `,` or the key given again (any may"
-            " match); use one of the two"
+            " multiplevaluematching=true asks) with `,` (any may match); use one of the two"
         )
-    values = tuple(dict.fromkeys(v.strip() for v in value.split("\\") if v.strip()))
-    if not values:  # only separators: nothing to match on
-        return UniversalMatch(attr)
-    _check_list(attr, values)
-    if any("*" in v or "?" in v for v in values):
+    if "*" in value or "?" in value:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} has a wildcard; with multiplevaluematching=true the"
             " values shall not include wild cards (PS3.4 C.2.2.2.8)"
         )
+    values = tuple(dict.fromkeys(_list_items(attr, value, "\\\\")))
+    _check_list(attr, values)
     if len(values) == 1:
         return SingleValueMatch(attr, values[0])
     return MultipleValueMatch(attr, values)

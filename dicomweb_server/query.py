@@ -25,6 +25,7 @@ from dicomweb_server.matching import (
     int_param,
     is_listed,
     item_match,
+    multi_valued,
     value_match,
 )
 
@@ -212,17 +213,27 @@ def _matches(
         if len(values) > 1 or attr in keys:  # again, or by keyword and by tag
             raise BadRequestError(f"{seq.keyword}.{attr.keyword} is given twice; give it once")
         keys[attr] = item_match(attr, values[0])
-    for attr, values in tops.items():
-        # A list key given again adds to its list: dicomweb-client sends a Python list in
-        # search_filters as the key repeated (`ModalitiesInStudy=CT&ModalitiesInStudy=MR`).
-        # Any other key given twice would drop one of its values silently.
-        if len(values) > 1 and not is_listed(attr):
-            raise BadRequestError(f"{attr.keyword} is given {len(values)} times; give it once")
     matches: list[Match] = [
-        value_match(attr, ",".join(values), fuzzy, multiple) for attr, values in tops.items()
+        value_match(attr, _joined(attr, values, multiple), fuzzy, multiple)
+        for attr, values in tops.items()
     ]
     matches += [SequenceMatch(seq, tuple(keys.values())) for seq, keys in items.items()]
     return tuple(matches)
+
+
+def _joined(attr: Attribute, values: list[str], multiple: bool) -> str:
+    """A key's values as one value. PS3.18 8.3.4.1: "Each attribute in the Query Parameter
+    shall not be repeated" (a UID list is one comma-separated value). A list key given again
+    adds to its list all the same: dicomweb-client sends a Python list in search_filters as
+    the key repeated (`ModalitiesInStudy=CT&ModalitiesInStudy=MR`). The values are then any
+    of them (`,`), or with multiplevaluematching=true, on a key it applies to, all of them
+    (`\\`, PS3.4 C.2.2.2.8), as the same list written in one value is. Any other key given
+    twice is a 400: taking one value would drop the other silently."""
+    if len(values) == 1:
+        return values[0]
+    if not is_listed(attr):
+        raise BadRequestError(f"{attr.keyword} is given {len(values)} times; give it once")
+    return ("\\" if multiple and multi_valued(attr) else ",").join(values)
 
 
 # Search parameters of PS3.18 Table 8.3.4-1 this server does not implement: "true" searches

@@ -24,10 +24,21 @@ __all__ = [
 # width of the words; OB and UN are bytes, and pydicom reads US, FL, AT... as numbers.
 WORD_WIDTHS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
-_DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
-_TM = re.compile(r"^(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d{1,6}))?)?)?$")
-_DT = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?$")
-_OFFSET = re.compile(r"^([+-])(\d{2})(\d{2})$")
+# ASCII digits only ([0-9], not \d, which takes any script's digits: U+0663 is 3 to int()),
+# each pattern matched whole (fullmatch).
+_DA = re.compile(r"([0-9]{4})\.?([0-9]{2})\.?([0-9]{2})")
+_TM = re.compile(r"([0-9]{2})(?::?([0-9]{2})(?::?([0-9]{2})(?:\.([0-9]{1,6}))?)?)?")
+# PS3.5 Table 6.2-1: a DT is YYYYMMDDHHMMSS.FFFFFF&ZZXX with trailing components left out;
+# the fraction follows the seconds only (`2024.5` and `202401011230.5` are no DT).
+_DT = re.compile(
+    r"([0-9]{4})(?:([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})(?:([0-9]{2})"
+    r"(?:([0-9]{2})(?:\.([0-9]{1,6}))?)?)?)?)?)?([+-][0-9]{4})?"
+)
+_OFFSET = re.compile(r"([+-])([0-9]{2})([0-9]{2})")
+# PS3.5 Table 6.2-1 (TM, DT): seconds run 00-60, 60 for a leap second. datetime has no
+# leap second: 60 is read as 59 (its last microsecond with `latest`); 61 and above are no
+# time at all.
+_MAX_SECOND = 60
 # PS3.5 6.2 (DT): a UTC offset lies within -1200..+1400; here in minutes.
 _MIN_OFFSET_MINUTES = -12 * 60
 _MAX_OFFSET_MINUTES = 14 * 60
@@ -35,7 +46,7 @@ _MAX_OFFSET_MINUTES = 14 * 60
 
 def parse_da(value: str) -> dt.date | None:
     """DA (PS3.5 6.2) to a date; None when the value is not a valid date."""
-    m = _DA.match(value.strip())
+    m = _DA.fullmatch(value.strip())
     if not m:
         return None
     try:
@@ -48,15 +59,17 @@ def parse_tm(value: str, *, latest: bool = False) -> dt.time | None:
     """TM to a time (HH, HHMM, HHMMSS, HHMMSS.FFFFFF; colons tolerated). A value not precise
     to the microsecond names a span of time (PS3.5 6.2: trailing null components are a lack
     of precision): its first moment, or with `latest` its last (`07` 07:59:59.999999)."""
-    m = _TM.match(value.strip())
+    m = _TM.fullmatch(value.strip())
     if not m:
         return None
     unset, fill = ("59", "9") if latest else ("0", "0")
+    second = int(m[3] or unset)
+    if second > _MAX_SECOND:
+        return None
     try:
         return dt.time(
-            int(m[1]), int(m[2] or unset), min(int(m[3] or unset), 59),
-            int((m[4] or "").ljust(6, fill)),
-        )  # fmt: skip
+            int(m[1]), int(m[2] or unset), min(second, 59), int((m[4] or "").ljust(6, fill))
+        )
     except ValueError:
         return None
 
@@ -64,7 +77,7 @@ def parse_tm(value: str, *, latest: bool = False) -> dt.time | None:
 def parse_utc_offset(value: str) -> dt.timezone | None:
     """A UTC offset `&ZZXX` (the DT suffix, or Timezone Offset From UTC (0008,0201)) to a
     timezone; None unless it is within -1200..+1400 with minutes below 60 (PS3.5 6.2)."""
-    m = _OFFSET.match(value.strip())
+    m = _OFFSET.fullmatch(value.strip())
     if not m or int(m[3]) >= 60:
         return None
     minutes = (int(m[2]) * 60 + int(m[3])) * (-1 if m[1] == "-" else 1)
@@ -78,19 +91,22 @@ def parse_dt(value: str, *, latest: bool = False) -> dt.datetime | None:
     when the value is not a valid DT (an offset outside -1200..+1400 included). A value not
     precise to the microsecond is its first moment, or with `latest` its last (`2025`
     2025-12-31 23:59:59.999999), as parse_tm."""
-    m = _DT.match(value.strip())
+    m = _DT.fullmatch(value.strip())
     if not m:
         return None
     tz = parse_utc_offset(m[8]) if m[8] else None
     if m[8] and tz is None:
         return None
     unset, fill = ("59", "9") if latest else ("0", "0")
+    second = int(m[6] or unset)
+    if second > _MAX_SECOND:
+        return None
     try:
         year, month = int(m[1]), int(m[2] or (12 if latest else 1))
         day = int(m[3] or (calendar.monthrange(year, month)[1] if latest else 1))
         return dt.datetime(
             year, month, day, int(m[4] or (23 if latest else 0)), int(m[5] or unset),
-            min(int(m[6] or unset), 59), int((m[7] or "").ljust(6, fill)), tzinfo=tz,
+            min(second, 59), int((m[7] or "").ljust(6, fill)), tzinfo=tz,
         )  # fmt: skip
     except ValueError:  # calendar.IllegalMonthError is one
         return None

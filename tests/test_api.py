@@ -123,7 +123,9 @@ async def test_qido_matching(app_client: httpx.AsyncClient) -> None:
     assert await uids(ModalitiesInStudy="MR") == [b]
     assert await uids(ModalitiesInStudy="CT,MR") == sorted([a, b])
     assert await uids(ModalitiesInStudy=["CT", "MR"]) == sorted([a, b])  # the key repeated
-    assert await uids(ModalitiesInStudy=["MR", ""]) == [b]
+    # an empty item in the list is no single value (PS3.4 C.2.2.2.2): a 400, never dropped
+    r = await app_client.get(f"{ROOT}/studies", params={"ModalitiesInStudy": ["MR", ""]})
+    assert r.status_code == 400 and "empty item" in r.text
     assert await uids(StudyInstanceUID=f"{a},{b}") == sorted([a, b])
     assert await uids(**{"00100020": "MRN2"}) == [b]
     assert await uids(StudyTime="1000-1100") == sorted([a, b])
