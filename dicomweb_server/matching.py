@@ -32,6 +32,7 @@ __all__ = [
     "WildcardMatch",
     "int_param",
     "is_listed",
+    "is_universal",
     "item_match",
     "multi_valued",
     "value_match",
@@ -190,6 +191,15 @@ def is_listed(attr: Attribute) -> bool:
     return attr.vr == "UI" or attr.keyword == "ModalitiesInStudy"
 
 
+def is_universal(value: str) -> bool:
+    """Whether a value matches every entity: empty or a lone `*` (universal matching, PS3.4
+    C.2.2.2.3), or only `*`s, which as a wildcard match "any sequence of characters
+    (including a zero length value)" (C.2.2.2.4), so an entity without a value too (found
+    by differential testing against dcmtk's dcmqrscp: `**` left out every study without an
+    Accession Number, which `*` returns)."""
+    return value.strip("*") == ""
+
+
 def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Match:
     listed = is_listed(attr)
     if len(value) > MAX_MATCH_VALUE_CHARS and not listed:
@@ -198,7 +208,7 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
         # PS3.5 6.1.2: no control characters but ESC, LF, FF, CR and TAB in any value
         # (PostgreSQL would also refuse a NUL in text).
         raise BadRequestError(f"value of {attr.keyword} has a control character: {value!r}")
-    if value in ("", "*"):
+    if is_universal(value):
         return UniversalMatch(attr)
     if multiple and "\\" in value and multi_valued(attr):
         return _multiple_value_match(attr, value)
@@ -323,7 +333,7 @@ def _groups_match(attr: Attribute, value: str) -> Match:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
         )
-    if all(g in ("", "*") for g in groups):
+    if all(is_universal(g) for g in groups):
         return UniversalMatch(attr)
     return ComponentGroupMatch(attr, groups)
 
@@ -333,7 +343,7 @@ def _pn_wildcard(attr: Attribute, value: str) -> Match:
     single value and of each group of a value with `=` (_groups_match): `C?rter^John^`
     found nothing stored as `Carter^John^`, which `Carter^John^` and `C?rter^John^=` find."""
     pattern = value.rstrip("^ ")
-    return UniversalMatch(attr) if pattern == "*" else WildcardMatch(attr, pattern)
+    return UniversalMatch(attr) if is_universal(pattern) else WildcardMatch(attr, pattern)
 
 
 def _range_or_single(attr: Attribute, value: str) -> Match:

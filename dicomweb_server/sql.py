@@ -26,6 +26,7 @@ from dicomweb_server.matching import (
     UidListMatch,
     UniversalMatch,
     WildcardMatch,
+    is_universal,
 )
 from dicomweb_server.query import Query
 
@@ -122,7 +123,7 @@ def _groups_condition(m: ComponentGroupMatch, args: _Args) -> str:
     exact = [g for g in m.groups if g and "*" not in g and "?" not in g]
     parts = [f"{col} @> {args.add(exact)}::text[]"] if exact else []
     for i, group in enumerate(m.groups, start=1):
-        if group in ("", "*"):
+        if is_universal(group):
             continue
         if group in exact:
             parts.append(f"{col}[{i}] = {args.add(group)}")

@@ -235,6 +235,30 @@ async def test_find_with_a_key_unsupported_for_matching_warns_and_matches(
     assert [s for s, _ in got] == [0xFF00, 0x0000]
 
 
+async def test_find_with_only_asterisks_matches_entities_without_a_value(
+    archive: Archive,
+) -> None:
+    """PS3.4 C.2.2.2.4: `*` matches any sequence of characters "including a zero length
+    value", so `**` matches what `*` (universal matching, C.2.2.2.3) matches, an entity
+    without a value too, as dcmtk's dcmqrscp answers; `**` left such studies out. An
+    all-asterisk Optional Key not supported for matching is a return key, as `*` is."""
+    named = make_instance(patient_id="FIND-STARS", patient_name="Star^Ann")
+    blank = make_instance(patient_id="FIND-STARS", patient_name="", AccessionNumber="")
+    await stow(archive, named, blank)
+    study_root = StudyRootQueryRetrieveInformationModelFind
+    both = {named.StudyInstanceUID, blank.StudyInstanceUID}
+    for keys in ({"AccessionNumber": "**"}, {"PatientName": "***"}, {"PatientName": "**=**"},
+                 {"PatientName": "**^"}, {"InstitutionName": "**"}):  # fmt: skip
+        ident = identifier("STUDY", PatientID="FIND-STARS", StudyInstanceUID="", **keys)
+        got = await in_thread(_find, archive, study_root, ident)
+        assert [s for s, _ in got] == [0xFF00, 0xFF00, 0x0000], keys
+        assert {m.StudyInstanceUID for _, m in got if m is not None} == both, keys
+    # Not every pattern matches an empty value: one asking for a character does not.
+    ident = identifier("STUDY", PatientID="FIND-STARS", StudyInstanceUID="", PatientName="*?*")
+    got = await in_thread(_find, archive, study_root, ident)
+    assert [m.StudyInstanceUID for _, m in got if m is not None] == [named.StudyInstanceUID]
+
+
 # -- Retrieve -------------------------------------------------------------------------------
 
 

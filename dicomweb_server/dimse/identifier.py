@@ -28,6 +28,7 @@ from pydicom.multival import MultiValue
 from dicomweb_server.attributes import BY_TAG, ITEM_KEYS, PATIENT_MATCHING_TAGS, Level, tag_hex
 from dicomweb_server.dicom_json import dataset_from_json
 from dicomweb_server.errors import BadRequestError
+from dicomweb_server.matching import is_universal
 from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
 from dicomweb_server.query import Query, parse
 
@@ -202,7 +203,7 @@ def _matching_params(ds: Dataset, level: Level, unsupported: list[str]) -> list[
                 params += _sequence_params(tag, elem.value, level, unsupported)
             continue
         value = _text(elem)
-        if value in ("", "*"):  # a return key (universal matching, PS3.4 C.2.2.2.3)
+        if is_universal(value):  # a return key (universal matching, PS3.4 C.2.2.2.3)
             continue
         attr = BY_TAG.get(tag)
         if attr is None or attr.column is None:
@@ -242,7 +243,7 @@ def _sequence_params(
     params = []
     for elem in items[0]:
         value = _text(elem)
-        if value in ("", "*"):  # a return key inside the item
+        if is_universal(value):  # a return key inside the item
             continue
         key = ITEM_KEYS.get((tag, int(elem.tag)))
         if key is None:  # not a key to match on in this sequence: unsupported, as above
