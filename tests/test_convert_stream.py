@@ -384,3 +384,21 @@ def test_a_data_set_read_as_implicit_vr_under_an_explicit_syntax_converts(
             assert np.array_equal(got.pixel_array, expected)
             assert got.DerivationCodeSequence[0]["CodeMeaning"].VR == "LO"
             assert got["TextValue"].VR == "UT" and got.TextValue == ds.TextValue
+
+
+def test_a_failure_reason_sent_leaves_out_pydicoms_traceback() -> None:
+    """pydicom's writer re-raises a failing element with its tag and the formatted traceback
+    (tag_in_exception); the 406 of such a conversion carried that traceback, the server's
+    file paths with it, in its body (seen converting SC_rgb_jpeg.dcm before the fix above)."""
+    from pydicom.tag import Tag, tag_in_exception
+
+    from dicomweb_server.transcode.frames import cannot
+
+    with pytest.raises(TypeError) as raised, tag_in_exception(Tag(0x00080008)):
+        raise TypeError("encoding without a string argument")
+    assert "Traceback" in str(raised.value)  # pydicom's form, as the writer raises it
+    message = cannot(None, "convert JPEG Baseline", raised.value).message
+    assert message == (
+        "cannot convert JPEG Baseline: With tag (0008,0008) got exception: encoding without a"
+        " string argument; ask for transfer-syntax=* for the stored bytes"
+    )
