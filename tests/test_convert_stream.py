@@ -334,3 +334,71 @@ def test_native_pixel_data_of_undefined_length_is_refused_with_its_reason(
     )
     with pytest.raises(TranscodeError, match="undefined length"):
         to_transfer_syntax(src, tmp_path / "out.dcm", ExplicitVRLittleEndian)
+
+
+def _implicit_body(ds: Dataset, transfer_syntax_uid: str, path: Path) -> None:
+    """`ds` written in Implicit VR Little Endian under File Meta Information naming
+    `transfer_syntax_uid` (an explicit VR syntax): pydicom reads such a file as it finds it,
+    its elements without VRs, while saying the data set is explicit VR."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(transfer_syntax_uid)
+    with path.open("wb") as f:
+        fp = DicomFileLike(f)
+        fp.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fp, ds.file_meta)
+        fp.is_little_endian, fp.is_implicit_VR = True, True
+        write_dataset(fp, ds)
+
+
+@pytest.mark.parametrize("target", [ExplicitVRLittleEndian, JPEGLSLossless])
+def test_a_data_set_read_as_implicit_vr_under_an_explicit_syntax_converts(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    """pydicom's SC_rgb_jpeg.dcm says JPEG Baseline (explicit VR) and holds an implicit VR
+    data set; its frames decoded, its conversions were a 406 ("With tag (0008,0008) got
+    exception: encoding without a string argument" and pydicom's traceback): the writer
+    copied its elements as read, with no VR to write. Found by differential testing against
+    dcmtk. Here too a nested sequence and values long enough to be left deferred."""
+    from tests.helpers import make_instance
+
+    ds = make_instance(rows=16, cols=16)
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    item = Dataset()
+    item.CodeValue, item.CodeMeaning = "121322", "Source image"
+    ds.DerivationCodeSequence = [item]
+    ds.TextValue = "c" * (100 * 1024)  # UT, longer than the conversion's defer size
+    ds.compress(RLELossless)
+    expected = ds.pixel_array
+    src = tmp_path / "implicit_body.dcm"
+    _implicit_body(ds, RLELossless, src)
+    for path in (src, samples / "real/pydicom/SC_rgb_jpeg.dcm"):
+        _in_memory(path, tmp_path / "whole.dcm", target)
+        _streamed(path, tmp_path / "streamed.dcm", target, monkeypatch)
+        assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+        got = pydicom.dcmread(tmp_path / "streamed.dcm")
+        assert got["ImageType"].VR == "CS" and got.ImageType[0] == "DERIVED", path
+        assert np.array_equal(got.pixel_array, pydicom.dcmread(path).pixel_array), path
+        if path == src:
+            assert np.array_equal(got.pixel_array, expected)
+            assert got.DerivationCodeSequence[0]["CodeMeaning"].VR == "LO"
+            assert got["TextValue"].VR == "UT" and got.TextValue == ds.TextValue
+
+
+def test_a_failure_reason_sent_leaves_out_pydicoms_traceback() -> None:
+    """pydicom's writer re-raises a failing element with its tag and the formatted traceback
+    (tag_in_exception); the 406 of such a conversion carried that traceback, the server's
+    file paths with it, in its body (seen converting SC_rgb_jpeg.dcm before the fix above)."""
+    from pydicom.tag import Tag, tag_in_exception
+
+    from dicomweb_server.transcode.frames import cannot
+
+    with pytest.raises(TypeError) as raised, tag_in_exception(Tag(0x00080008)):
+        raise TypeError("encoding without a string argument")
+    assert "Traceback" in str(raised.value)  # pydicom's form, as the writer raises it
+    message = cannot(None, "convert JPEG Baseline", raised.value).message
+    assert message == (
+        "cannot convert JPEG Baseline: With tag (0008,0008) got exception: encoding without a"
+        " string argument; ask for transfer-syntax=* for the stored bytes"
+    )

@@ -194,3 +194,26 @@ async def test_refused_multipart_and_refused_types_are_not_sent(
         f"{inst_url(jpeg)}/frames/1", headers={"Accept": "image/jpeg;q=0, image/*"}
     )
     assert not r.headers.get("content-type", "").startswith("image/jpeg")
+
+
+async def test_a_single_part_that_cannot_be_made_says_why(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A 12-bit JPEG Extended instance no installed decoder takes, asked for as one part in a
+    syntax it would be converted to: the 406 listed that syntax among those that could be
+    sent ("converted: ... 1.2.840.10008.1.2.4.80 ...") and did not say the decode failed, as
+    the same request for a multipart response does (found by differential testing of frame
+    and instance retrieval against dcmtk)."""
+    ds = await _store(app_client, (samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes())
+    jpeg_ls = "1.2.840.10008.1.2.4.80"
+    for url, accept in (
+        (inst_url(ds), f"application/dicom; transfer-syntax={jpeg_ls}"),
+        (f"{inst_url(ds)}/frames/1", "application/octet-stream"),
+        (f"{inst_url(ds)}/frames/1", f"image/jls; transfer-syntax={jpeg_ls}"),
+    ):
+        r = await app_client.get(url, headers={"Accept": accept})
+        assert r.status_code == 406, (accept, r.text)
+        message = r.json()["message"]
+        assert message.startswith("cannot "), (accept, message)
+        assert "Unable to decode" in message and "transfer-syntax=*" in message, accept
+        assert "Accept" in r.headers["vary"]

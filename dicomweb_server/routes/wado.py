@@ -85,14 +85,31 @@ async def _retrieve(request: Request) -> Response:
     svc = services(request)
     uids = _uids(request)
     found = await locate(svc, *uids)
+    failed: list[NotAcceptableError] = []
     for _, _, single in single_parts(accept, _is_dicom) if uids[2] is not None else []:
         # `application/dicom`: the Part-10 file as the body
         try:
             return await single_part_response(*await instance_parts(svc, found, single))
-        except NotAcceptableError:
+        except NotAcceptableError as exc:
+            failed.append(exc)
             continue  # the next range (PS3.18 8.7.8.1)
-    parts, lengths = await instance_parts(svc, found, accept)
+    try:
+        parts, lengths = await instance_parts(svc, found, accept)
+    except NotAcceptableError as exc:
+        raise _after_single_parts(failed, exc) from None
     return await multipart_response(parts, APPLICATION_DICOM, lengths)
+
+
+def _after_single_parts(
+    failed: list[NotAcceptableError], exc: NotAcceptableError
+) -> NotAcceptableError:
+    """The 406 of a request whose single part ranges failed before the multipart negotiation
+    did too: why the most preferred range could not be met (a conversion that failed) leads.
+    The negotiation's own reason listed what could be sent, the target that had just failed
+    among it, and the failure was not said."""
+    if not failed:
+        return exc
+    return NotAcceptableError(f"{failed[0].message}; {exc.message}", headers=exc.headers)
 
 
 def _is_dicom(essence: str) -> bool:
@@ -191,16 +208,21 @@ async def _frames(request: Request, frame_list: str) -> Response:
         # frames one at a time).
         whole = "range" not in request.headers
         accept = accept_of(request)
+        failed: list[NotAcceptableError] = []
         for essence, _, single in single_parts(accept, frame_part_type):
             try:
                 _, value = await frame_value(svc, inst, frames[0], single, whole)
-            except NotAcceptableError:
+            except NotAcceptableError as exc:
+                failed.append(exc)
                 continue  # the next range (PS3.18 8.7.8.1)
             # The frame's own type must be the one accepted (as stored, a JPEG-LS frame
             # asked for as octet-stream is image/jls): else the next range.
             if value.headers["Content-Type"].partition(";")[0] == essence:
                 return await ranged_response(request, value, None)
-        part_type, value = await frame_value(svc, inst, frames[0], accept, whole)
+        try:
+            part_type, value = await frame_value(svc, inst, frames[0], accept, whole)
+        except NotAcceptableError as exc:
+            raise _after_single_parts(failed, exc) from None
         return await ranged_response(request, value, part_type)
     part_type, parts = await frame_parts(svc, inst, frames, accept_of(request))
     return await multipart_response(parts, part_type)

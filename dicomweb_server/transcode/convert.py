@@ -371,7 +371,12 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
             if tag.element == 0 and tag.group > 6:
                 continue  # a retired Group Length: the writer leaves it out (PS3.5 7.2)
             raw = item.get_item(tag, keep_deferred=True)
-            if isinstance(raw, RawDataElement) and (copied or raw.value is None):
+            # A raw element without a VR was read as implicit VR from a file whose transfer
+            # syntax says explicit (pydicom reads such a data set as it finds it): the writer
+            # would copy it with no VR to write (a TypeError), so it is converted here.
+            if isinstance(raw, RawDataElement) and (
+                (copied and raw.VR is not None) or raw.value is None
+            ):
                 continue
             try:
                 elem = _encoded_alone(item, tag, ancestors, encodings, implicit_vr)

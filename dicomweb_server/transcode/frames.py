@@ -255,8 +255,18 @@ def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
     return frame
 
 
+# pydicom's reader and writer re-raise a failure with the element's tag, its message and the
+# formatted traceback (pydicom.tag.tag_in_exception): the traceback is not a reason to send.
+_TRACEBACK = "\nTraceback (most recent call last):"
+
+
 def cannot(path: Path | None, what: str, exc: Exception) -> TranscodeError:
-    return TranscodeError(f"cannot {what}: {exc}; ask for transfer-syntax=* for the stored bytes")
+    """The 406 of a conversion or decode that failed, with the codec's reason (its first
+    lines, without a traceback: it named the server's files in a response body)."""
+    reason = str(exc).split(_TRACEBACK, 1)[0].rstrip()
+    return TranscodeError(
+        f"cannot {what}: {reason}; ask for transfer-syntax=* for the stored bytes"
+    )
 
 
 def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
