@@ -82,6 +82,10 @@ class MediaRange:
     # Types a more specific range of the same Accept gives q=0: not acceptable through this
     # wildcard (RFC 9110 12.5.1: `text/html;q=0, */*` accepts anything but text/html).
     excludes: tuple[str, ...] = ()
+    # Ranges with parameters the same Accept gives q=0 that this wildcard covers
+    # (`multipart/related; type="application/dicom"; q=0, */*`): which representations they
+    # refuse depends on the parameters' meaning, which the negotiation knows (negotiate.py).
+    refused: tuple[MediaRange, ...] = ()
 
     @property
     def essence(self) -> str:
@@ -242,21 +246,24 @@ def _parse_accept(value: str | None) -> tuple[MediaRange, ...]:
     for block in value.split(ACCEPT_FALLBACK):
         ranges = [r for part in _split_outside_quotes(block, ",") if (r := _parse_valid(part))]
         ordered = sorted(enumerate(ranges), key=lambda ir: (-ir[1].q, ir[0]))
-        refused = [r for r in ranges if r.q == 0 and not r.params]
+        refused = [r for r in ranges if r.q == 0]
         out += [_without(r, refused) for _, r in ordered if r.q > 0]
     return tuple(out)
 
 
 def _without(rng: MediaRange, refused: list[MediaRange]) -> MediaRange:
     """`rng` with the q=0 ranges more specific than it as exclusions (RFC 9110 12.5.1: the
-    most specific range gives a type its quality)."""
+    most specific range gives a type its quality): those without parameters exclude their
+    types, those with parameters are kept for the negotiation to read."""
     if "*" not in (rng.type, rng.subtype):
         return rng
-    narrower = tuple(
-        r.essence for r in refused
+    narrower = [
+        r for r in refused
         if _covers(rng.essence, r.essence) and _specificity(r) > _specificity(rng)
-    )  # fmt: skip
-    return replace(rng, excludes=narrower) if narrower else rng
+    ]  # fmt: skip
+    excludes = tuple(r.essence for r in narrower if not r.params)
+    with_params = tuple(r for r in narrower if r.params)
+    return replace(rng, excludes=excludes, refused=with_params) if narrower else rng
 
 
 def _specificity(rng: MediaRange) -> int:
