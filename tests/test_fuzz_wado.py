@@ -80,6 +80,7 @@ _ACCEPT = st.one_of(
     st.none(),
     st.lists(_RANGE, min_size=1, max_size=4).map(", ".join),
     st.lists(_RANGE, min_size=30, max_size=60).map(",".join),  # many alternatives
+    st.sampled_from([",".join(["*/*;q=.5", "a/b;q=0"] * 128), ",".join(["*/*"] * 257)]),
     st.sampled_from([",", ";", ";;", "*/*;q=", 'multipart/related; type="', "\x7f", "é/é",
                      "multipart/related;type=application/dicom;transfer-syntax=*,*/*;q=0.1"]),
 )  # fmt: skip
