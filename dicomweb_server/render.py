@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut
+from pydicom.pixels.processing import apply_color_lut
 from pydicom.sequence import Sequence
 
 from dicomweb_server.dicom_json import first_number
@@ -76,13 +76,13 @@ def _ratio(x: np.ndarray, origin: float, scale: float) -> np.ndarray:
         return out
 
 
-def _voi_lut(x: np.ndarray, ds: Dataset) -> np.ndarray | None:
+def _voi_lut(x: np.ndarray, ds: Dataset, float_pixels: bool) -> np.ndarray | None:
     """The first item of the VOI LUT Sequence applied (PS3.3 C.11.2.1.1), output 0..1: the
     LUT's entries over 2^n - 1, n its Descriptor's third value (the range of its output), not
     the frame's own minimum and maximum. None when the item cannot be read. pydicom's
     apply_voi_lut is not used: it indexes an 8-bit LUT of more than 256 entries with 8-bit
     integers, which wrap."""
-    lut = _lut(_first_item(ds, "VOILUTSequence"), ds, _voi_input_signed(ds))
+    lut = _lut(_first_item(ds, "VOILUTSequence"), ds, _voi_input_signed(ds, float_pixels))
     if lut is None:
         return None
     table, first, bits = lut
@@ -90,12 +90,16 @@ def _voi_lut(x: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return out
 
 
-def _voi_input_signed(ds: Dataset) -> bool:
+def _voi_input_signed(ds: Dataset, float_pixels: bool) -> bool:
     """Whether the VOI LUT's input may be negative, which makes its Descriptor's second value
     SS (PS3.3 C.11.2.1.1): as Pixel Representation says when no Modality LUT applies; SS when
     the Rescale Slope and Intercept may give negative values (a CT of unsigned stored values
     and intercept -1024: its LUT from -1024 on was read from 64512, a black image); US after
-    a Modality LUT Sequence, whose entries are unsigned."""
+    a Modality LUT Sequence, whose entries are unsigned. Float pixel data is signed (IEEE 754;
+    it has no Pixel Representation, PS3.3 C.7.6.3.1) and no Modality LUT Sequence applies to
+    it (_modality_lut): one present made its VOI LUT from -1024 start at 64512."""
+    if float_pixels:
+        return True
     if _first_item(ds, "ModalityLUTSequence") is not None:
         return False
     signed = bool(ds.get("PixelRepresentation") == 1)
@@ -112,7 +116,7 @@ def _voi_input_signed(ds: Dataset) -> bool:
 def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """The Modality LUT (PS3.3 C.11.1): the Modality LUT Sequence's first item, its first
     value mapped signed when Pixel Representation is 1 (C.11.1.1: whatever the VR it was
-    read with), else Rescale Slope and Intercept (pydicom's apply_modality_lut). ValueError
+    read with), else Rescale Slope and Intercept (_rescaled). ValueError
     when the item cannot be read. pydicom's LUT path is not used: it took a first value of
     -512 read as US 65024 as 65024 and subtracted it from the pixels' own integer type
     (OverflowError, so the image was shown unscaled and its window skipped), and refused a
@@ -130,15 +134,22 @@ def _modality_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 
 def _rescaled(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Rescale Slope and Intercept applied (pydicom's apply_modality_lut, any Modality LUT
-    Sequence left out). ValueError for a slope of 0, which maps every value to the intercept
+    """Rescale Slope and Intercept applied, when both are given (as pydicom's
+    apply_modality_lut). Each is VM 1 (PS3.3 C.11.1); of several values the first is taken,
+    as dcmtk does and as _voi_input_signed reads them: pydicom multiplied by the whole list,
+    which numpy broadcast along the rows (`1\\2` on a 2-column image scaled the second column
+    by 2) or refused (then the image was shown unscaled). ValueError for a slope or intercept
+    that is no finite number, and for a slope of 0, which maps every value to the intercept
     (a blank image): taken as invalid, as dcmtk does."""
-    if "ModalityLUTSequence" in ds:
-        ds = _copy(ds)
-        del ds.ModalityLUTSequence
-    if "RescaleIntercept" in ds and first_number(ds, "RescaleSlope") == 0:
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        return arr
+    slope, intercept = first_number(ds, "RescaleSlope"), first_number(ds, "RescaleIntercept")
+    if slope is None or intercept is None:
+        raise ValueError("a Rescale Slope or Intercept that is not a number")
+    if slope == 0:
         raise ValueError("a Rescale Slope of 0")
-    return apply_modality_lut(arr, ds)
+    out: np.ndarray = arr.astype(np.float64) * slope + intercept
+    return out
 
 
 def _looked_up(x: np.ndarray, table: np.ndarray, first: int) -> np.ndarray:
@@ -293,7 +304,7 @@ def _grey(arr: np.ndarray, ds: Dataset, window: tuple[float, float, str] | None)
             function = "LINEAR_EXACT"
         y = _window(x, center, width, function)
     elif scaled and "VOILUTSequence" in ds:
-        y = _voi_lut(x, ds)
+        y = _voi_lut(x, ds, arr.dtype.kind == "f")
     if y is None:
         y = _normalise(x)
     # PS3.3 C.7.6.3.1.2: MONOCHROME1's minimum is white; C.11.6.1.2: a Presentation LUT

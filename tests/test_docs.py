@@ -26,7 +26,7 @@ from dicomweb_server.blobstore import hashing
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
-from dicomweb_server.media import negotiate
+from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
 from dicomweb_server.routes import admin, common, stow
 from dicomweb_server.transcode import codecs, convert, frames
@@ -70,7 +70,8 @@ def test_frame_media_types() -> None:
 def test_limits() -> None:
     modules = (config, multipart, query, matching, retrieve_frames, dicom_json, rendered,
                render, admin, auditlog, handlers, identifier, dimse_server, common, stow_json,
-               dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli, httpd)  # fmt: skip
+               dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli, httpd,
+               mediatypes)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -287,3 +287,48 @@ async def test_rescale_slope_of_zero_leaves_the_values_unscaled(
     px = await _png(app_client, to_bytes(ds))
     want = np.round(np.arange(4096) / 4095 * 255).astype(int)
     assert np.abs(px[0].astype(int) - want).max() <= 1
+
+
+@pytest.mark.parametrize("columns", [2, 4096])
+async def test_multi_valued_rescale_slope_takes_its_first_value(
+    app_client: httpx.AsyncClient, columns: int
+) -> None:
+    """Rescale Slope and Intercept are VM 1 (PS3.3 C.11.1); of `1\\2` and `-1024\\0` the first
+    values are taken, as dcmtk does, and the instance's window (in rescaled units) applies.
+    pydicom multiplied the pixels by the whole list: numpy broadcast it along a row of 2
+    columns (the second column scaled by 2, the intercept 0 added to it) and refused any
+    other width (the image shown unscaled, min-max, its window skipped)."""
+    ds = make_instance(rows=1, cols=columns)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.RescaleSlope, ds.RescaleIntercept = [1, 2], [-1024, 0]
+    ds.WindowCenter, ds.WindowWidth = 0, 2048  # -1024 .. 1023 HU: stored 0 .. 2047
+    values = np.full(columns, 1000, dtype=np.uint16) if columns == 2 else np.arange(4096)
+    ds.PixelData = values.astype(np.uint16).tobytes()
+    px = await _png(app_client, to_bytes(ds))
+    hu = values.astype(float) - 1024
+    want = np.round(np.clip((hu + 0.5) / 2047 + 0.5, 0, 1) * 255).astype(int)
+    assert np.abs(px[0].astype(int) - want).max() <= 1
+
+
+async def test_voi_lut_of_float_pixels_with_a_modality_lut_sequence(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Float pixel data -1024 .. -961 with a Modality LUT Sequence (not applied: it maps
+    integer stored values) and a VOI LUT from -1024 on, written as US 64512: float values are
+    signed (no Pixel Representation, PS3.3 C.7.6.3.1), so the LUT's first value is -1024.
+    The Modality LUT Sequence made it read as 64512 (entries after a Modality LUT are
+    unsigned): every value fell below it and the image was black."""
+    values = np.arange(-1024, -960, dtype=np.float32).reshape(1, 64)
+    modality = Dataset()
+    modality.LUTDescriptor = [128, 0, 16]
+    modality.add_new(0x00283006, "US", list(range(128)))
+    modality.ModalityLUTType = "US"
+    voi = Dataset()
+    voi.add_new(0x00283002, "US", [64, 64512, 8])
+    voi.add_new(0x00283006, "US", [4 * v for v in range(64)])
+    ds = _float_instance(values)
+    ds.ModalityLUTSequence, ds.VOILUTSequence = Sequence([modality]), Sequence([voi])
+    px = await _png(app_client, to_bytes(ds))
+    want = np.round(np.arange(64) * 4 / 255 * 255).astype(int)
+    assert np.abs(px[0].astype(int) - want).max() <= 1
+    assert px[0, -1] > 200

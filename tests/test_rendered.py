@@ -215,6 +215,24 @@ async def test_frame_numbers_are_ascii_digits(app_client: httpx.AsyncClient, fra
             parse_frame_list(text)
 
 
+@pytest.mark.parametrize("frames", ["1,1", "2,1,2", ",".join(["1"] * 10_000)])
+async def test_a_frame_list_names_each_frame_once(
+    app_client: httpx.AsyncClient, frames: str
+) -> None:
+    """PS3.18 (2017b 6.5.4) has a frame list of "non duplicate frame numbers": a frame listed
+    twice is a 400 with the reason. It was sent as often as listed, so that one request of
+    `1,1,...` (10,000 allowed) sent a frame 10,000 times (a 2 GB body from the 230 kB
+    frames of a small ultrasound run)."""
+    ds = make_instance(frames=2)
+    await stow(app_client, to_bytes(ds))
+    for resource in ("", "/rendered", "/thumbnail"):
+        r = await app_client.get(f"{inst_url(ds)}/frames/{frames}{resource}")
+        assert r.status_code == 400 and "listed twice" in r.json()["message"], (resource, r.text)
+    r = await app_client.get(f"{inst_url(ds)}/bulk/7FE00010/frames/{frames}")
+    assert r.status_code == 400 and "listed twice" in r.json()["message"], r.text
+    assert parse_frame_list("2,1") == [2, 1]  # any order, as before
+
+
 def functional_groups(
     rescale: tuple[float, float] | None = None, window: tuple[float, float] | None = None
 ) -> Dataset:

@@ -168,9 +168,12 @@ def negotiate_instances(
         if part not in _INSTANCE_PARTS:
             continue
         if "transfer-syntax" not in rng.params and _names_no_type(rng, part, APPLICATION_DICOM):
-            if stored_ts != EXPLICIT_VR_LITTLE_ENDIAN and EXPLICIT_VR_LITTLE_ENDIAN in targets:
-                return EXPLICIT_VR_LITTLE_ENDIAN
-            return STORED
+            explicit = EXPLICIT_VR_LITTLE_ENDIAN
+            options = [explicit] if stored_ts != explicit and explicit in targets else []
+            choice = _open_choice(rng, [*options, STORED], stored_ts, lambda _: APPLICATION_DICOM)
+            if choice is not None:
+                return choice
+            continue
         requested = rng.params.get("transfer-syntax", EXPLICIT_VR_LITTLE_ENDIAN)
         if requested in NOT_FOR_WEB:
             continue  # "shall not be used with Web Services" (PS3.18 8.7.3)
@@ -204,7 +207,11 @@ def negotiate_frames(
             continue
         ts = rng.params.get("transfer-syntax")
         if ts is None and _names_no_type(rng, part, APPLICATION_OCTET_STREAM):
-            return EXPLICIT_VR_LITTLE_ENDIAN if EXPLICIT_VR_LITTLE_ENDIAN in targets else STORED
+            options = [EXPLICIT_VR_LITTLE_ENDIAN] if EXPLICIT_VR_LITTLE_ENDIAN in targets else []
+            choice = _open_choice(rng, [*options, STORED], stored_ts, frame_media_type)
+            if choice is not None:
+                return choice
+            continue
         if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
             choice = _uncompressed_frames(ts, stored_ts, targets)
         else:
@@ -215,6 +222,38 @@ def negotiate_frames(
         f'acceptable: multipart/related; type="application/octet-stream" (uncompressed) or an '
         f"image type, {_options(stored_ts, targets)}{'; ' + why if why else ''}"
     )
+
+
+def _open_choice(
+    rng: MediaRange, options: list[str], stored_ts: str, part_type: Callable[[str], str]
+) -> str | None:
+    """The first of `options` (transfer syntaxes, or STORED) that a range naming no part type
+    (`*/*`) takes: one that no q=0 multipart/related range of the same Accept refuses
+    (`multipart/related; type="application/octet-stream"; q=0, */*` takes no uncompressed
+    frame: RFC 9110 12.5.1, the most specific range gives a representation its quality).
+    `part_type(ts)`: the part media type of the resource in that transfer syntax."""
+    for choice in options:
+        concrete = stored_ts if choice == STORED else choice
+        if not any(_refuses(r, part_type(concrete), concrete, stored_ts) for r in rng.refused):
+            return choice
+    return None
+
+
+def _refuses(refused: MediaRange, part: str, ts: str, stored_ts: str) -> bool:
+    """Whether a q=0 multipart/related range refuses parts of media type `part` in transfer
+    syntax `ts`: its type covers `part`, and its transfer syntax (`*`: as stored) is `ts`.
+    With none, application/dicom and octet-stream mean Explicit VR Little Endian (PS3.18
+    8.7.3.5.2, 8.7.3.3.2); an image or video type is refused in any syntax (a lossy JPEG
+    frame is sent as stored for image/jpeg with none, _image_frames)."""
+    if refused.essence != MULTIPART_RELATED:
+        return False
+    named = refused.params.get("type", part).lower()
+    if not _type_matches(named, part):
+        return False
+    wanted = refused.params.get("transfer-syntax")
+    if wanted is None:
+        return part.startswith(("image/", "video/")) or ts == EXPLICIT_VR_LITTLE_ENDIAN
+    return (stored_ts if wanted == STORED else wanted) == ts
 
 
 def _uncompressed_frames(ts: str | None, stored_ts: str, targets: Collection[str]) -> str | None:

@@ -68,6 +68,13 @@ def parse_frame_list(text: str) -> list[int]:
         raise BadRequestError(f"at most {MAX_FRAMES_PER_REQUEST} frames per request")
     if any(n < 1 for n in frames):
         raise BadRequestError("frame numbers start at 1")
+    seen: set[int] = set()
+    for n in frames:
+        # "one or more non duplicate frame numbers" (PS3.18 2017b 6.5.4): `1,1,1,...` made one
+        # request send a frame 10,000 times over (a 5 GB body from a 512 x 512 frame).
+        if n in seen:
+            raise BadRequestError(f"frame {n} is listed twice: a frame list names each frame once")
+        seen.add(n)
     return frames
 
 
