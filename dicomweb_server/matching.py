@@ -24,6 +24,7 @@ __all__ = [
     "ItemMatch",
     "Match",
     "MultipleValueMatch",
+    "PnLiteralMatch",
     "RangeMatch",
     "SequenceMatch",
     "SingleValueMatch",
@@ -108,10 +109,14 @@ class RangeMatch:
 @dataclass(frozen=True)
 class FuzzyMatch:
     """PN with `fuzzymatching=true` (PS3.18 8.3.4.2): every word of the value must match the
-    beginning of some component of the name, in any component group, case-insensitively."""
+    beginning of some word of the name, in any component group, case-insensitively; or the
+    value matches as without fuzzy matching (`literal`). Fuzzy matching finds more names,
+    never fewer: `*oe*`, which OHIF sends for "oe" with fuzzymatching=true, has the word
+    `oe` and found no `Doe^John`, which the same value without the flag finds."""
 
     attr: Attribute
     words: tuple[str, ...]
+    literal: PnLiteralMatch
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,8 @@ class MultipleValueMatch:
     values: tuple[str, ...]
 
 
+# A PN value matched as without fuzzy matching (_pn_literal).
+PnLiteralMatch = SingleValueMatch | WildcardMatch | ComponentGroupMatch | UniversalMatch
 # What a key inside a sequence item can be: the keys there are SH (attributes.py).
 ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch
 
@@ -233,14 +240,20 @@ def _pn_match(attr: Attribute, value: str, fuzzy: bool) -> Match:
         # As a single value it asked for an empty component group and found only names
         # like `=山田^太郎`, never one stored as `^^^^` (indexed as no name).
         return UniversalMatch(attr)
+    literal = _pn_literal(attr, value)
     if fuzzy:
         split = f"[{FUZZY_WORD_SEPARATORS}]+"
         words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
         if words:
-            return FuzzyMatch(attr, words)
+            return FuzzyMatch(attr, words, literal)
         # No word (`.`, `-`, `, `): fuzzy matching, implementation-defined (PS3.4
         # C.2.2.2.1), has nothing to match on, and the value is matched as without it, as a
         # name given whole is; taken as universal matching, `-` found every name.
+    return literal
+
+
+def _pn_literal(attr: Attribute, value: str) -> PnLiteralMatch:
+    """A PN value without fuzzy matching: by component group, wildcard or single value."""
     if "=" in value:
         return _groups_match(attr, value)
     if "*" in value or "?" in value:
@@ -326,7 +339,7 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     return MultipleValueMatch(attr, values)
 
 
-def _groups_match(attr: Attribute, value: str) -> Match:
+def _groups_match(attr: Attribute, value: str) -> ComponentGroupMatch | UniversalMatch:
     """A PN value with component groups (`=`), each matched at its position."""
     groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))
     if len(groups) > _PN_GROUPS:
@@ -338,7 +351,7 @@ def _groups_match(attr: Attribute, value: str) -> Match:
     return ComponentGroupMatch(attr, groups)
 
 
-def _pn_wildcard(attr: Attribute, value: str) -> Match:
+def _pn_wildcard(attr: Attribute, value: str) -> WildcardMatch | UniversalMatch:
     """A PN wildcard without `=`, its trailing `^` (and padding) ignored like those of a
     single value and of each group of a value with `=` (_groups_match): `C?rter^John^`
     found nothing stored as `Carter^John^`, which `Carter^John^` and `C?rter^John^=` find."""
