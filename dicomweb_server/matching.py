@@ -233,6 +233,10 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
 
 
 def _pn_match(attr: Attribute, value: str, fuzzy: bool) -> Match:
+    if value.count("=") >= _PN_GROUPS:  # PS3.5 6.2.1: at most three component groups
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
+        )
     if not value.strip("^= "):
         # Only delimiters (`^^^^`, `^=^`): every component null. PS3.5 6.2.1 lets trailing
         # null components and their delimiters go, so this is the zero-length value, and
@@ -341,11 +345,7 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
 
 def _groups_match(attr: Attribute, value: str) -> ComponentGroupMatch | UniversalMatch:
     """A PN value with component groups (`=`), each matched at its position."""
-    groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))
-    if len(groups) > _PN_GROUPS:
-        raise BadRequestError(
-            f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
-        )
+    groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))  # 3 at most: _pn_match
     if all(is_universal(g) for g in groups):
         return UniversalMatch(attr)
     return ComponentGroupMatch(attr, groups)

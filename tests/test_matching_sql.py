@@ -237,3 +237,12 @@ def test_fuzzy_matching_refuses_what_literal_matching_refuses() -> None:
     for fuzzy in ("false", "true"):
         with pytest.raises(BadRequestError, match="more than 3 component groups"):
             parse(Level.STUDY, [("PatientName", "x=y=*=?"), ("fuzzymatching", fuzzy)], {})
+
+
+@pytest.mark.parametrize("value", ["====", "^=^=^=^", "*=*=*=*"])
+def test_more_than_three_groups_of_delimiters_is_refused(value: str) -> None:
+    """Found by review: only delimiters was universal matching before the count of component
+    groups was checked, so `====` found every name where `*=*=*=*` was a 400 (PS3.5 6.2.1:
+    three component groups at most; conformance/STATEMENT.md: more is a 400)."""
+    with pytest.raises(BadRequestError, match="more than 3 component groups"):
+        parse(Level.STUDY, [("PatientName", value)], {})
