@@ -328,8 +328,9 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     be told apart from an all-values one in the same key)."""
     if "," in value:
         raise BadRequestError(
-            f"{attr.keyword}: {value!r} mixes values separated by `\\` (all must match, as"
-            " multiplevaluematching=true asks) with `,` (any may match); use one of the two"
+            f"{attr.keyword}: {value!r} mixes values separated by `\\` or the key given again"
+            " (all must match, as multiplevaluematching=true asks) with `,` (any may match);"
+            " use one of the two"
         )
     if "*" in value or "?" in value:
         raise BadRequestError(

@@ -150,6 +150,14 @@ def test_list_items_are_single_values(params: list[tuple[str, str]], reason: str
     assert exc.value.status == 400
 
 
+def test_a_repeated_key_mixed_with_a_comma_list_names_the_repeated_key() -> None:
+    """Found by review: the 400 named only `\\`, which the client never sent: the key
+    given again is joined with it (query._joined), and the reason now says so."""
+    params = [("ModalitiesInStudy", "CT,MR"), ("ModalitiesInStudy", "PT"), MULTIPLE]
+    with pytest.raises(BadRequestError, match=r"or the key given again .* with `,`"):
+        parse(Level.STUDY, params, {})
+
+
 def test_a_repeated_key_with_multiple_value_matching_is_all_values() -> None:
     """Found by review: the key repeated was an any-value list even with
     multiplevaluematching=true, which `CT\\PT` in one value answered with all-values."""
