@@ -32,6 +32,7 @@ __all__ = [
     "UniversalMatch",
     "WildcardMatch",
     "int_param",
+    "is_empty_name",
     "is_listed",
     "is_universal",
     "item_match",
@@ -207,6 +208,14 @@ def is_universal(value: str) -> bool:
     return value.strip("*") == ""
 
 
+def is_empty_name(value: str) -> bool:
+    """Whether a PN value is only delimiters (`^^^^`, `^=^`): every component null. PS3.5
+    6.2.1 lets trailing null components and their delimiters go, so it is the zero-length
+    value, universal matching (PS3.4 C.2.2.2.3). Not with more than three component groups,
+    which is no name (a 400, _pn_match)."""
+    return not value.strip("^= ") and value.count("=") < _PN_GROUPS
+
+
 def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Match:
     listed = is_listed(attr)
     if len(value) > MAX_MATCH_VALUE_CHARS and not listed:
@@ -237,12 +246,10 @@ def _pn_match(attr: Attribute, value: str, fuzzy: bool) -> Match:
         raise BadRequestError(
             f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
         )
-    if not value.strip("^= "):
-        # Only delimiters (`^^^^`, `^=^`): every component null. PS3.5 6.2.1 lets trailing
-        # null components and their delimiters go, so this is the zero-length value, and
-        # universal matching (PS3.4 C.2.2.2.3), as `*^^` and an empty value with `=` are.
-        # As a single value it asked for an empty component group and found only names
-        # like `=山田^太郎`, never one stored as `^^^^` (indexed as no name).
+    if is_empty_name(value):
+        # As `*^^` and an empty value with `=` are. As a single value it asked for an empty
+        # component group and found only names like `=山田^太郎`, never one stored as `^^^^`
+        # (indexed as no name).
         return UniversalMatch(attr)
     literal = _pn_literal(attr, value)
     if fuzzy:
