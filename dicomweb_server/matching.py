@@ -24,6 +24,7 @@ __all__ = [
     "ItemMatch",
     "Match",
     "MultipleValueMatch",
+    "PnLiteralMatch",
     "RangeMatch",
     "SequenceMatch",
     "SingleValueMatch",
@@ -31,6 +32,7 @@ __all__ = [
     "UniversalMatch",
     "WildcardMatch",
     "int_param",
+    "is_empty_name",
     "is_listed",
     "is_universal",
     "item_match",
@@ -108,10 +110,14 @@ class RangeMatch:
 @dataclass(frozen=True)
 class FuzzyMatch:
     """PN with `fuzzymatching=true` (PS3.18 8.3.4.2): every word of the value must match the
-    beginning of some component of the name, in any component group, case-insensitively."""
+    beginning of some word of the name, in any component group, case-insensitively; or the
+    value matches as without fuzzy matching (`literal`). Fuzzy matching finds more names,
+    never fewer: `*oe*`, which OHIF sends for "oe" with fuzzymatching=true, has the word
+    `oe` and found no `Doe^John`, which the same value without the flag finds."""
 
     attr: Attribute
     words: tuple[str, ...]
+    literal: PnLiteralMatch
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,8 @@ class MultipleValueMatch:
     values: tuple[str, ...]
 
 
+# A PN value matched as without fuzzy matching (_pn_literal).
+PnLiteralMatch = SingleValueMatch | WildcardMatch | ComponentGroupMatch | UniversalMatch
 # What a key inside a sequence item can be: the keys there are SH (attributes.py).
 ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch
 
@@ -200,6 +208,14 @@ def is_universal(value: str) -> bool:
     return value.strip("*") == ""
 
 
+def is_empty_name(value: str) -> bool:
+    """Whether a PN value is only delimiters (`^^^^`, `^=^`): every component null. PS3.5
+    6.2.1 lets trailing null components and their delimiters go, so it is the zero-length
+    value, universal matching (PS3.4 C.2.2.2.3). Not with more than three component groups,
+    which is no name (a 400, _pn_match)."""
+    return not value.strip("^= ") and value.count("=") < _PN_GROUPS
+
+
 def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Match:
     listed = is_listed(attr)
     if len(value) > MAX_MATCH_VALUE_CHARS and not listed:
@@ -226,21 +242,29 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
 
 
 def _pn_match(attr: Attribute, value: str, fuzzy: bool) -> Match:
-    if not value.strip("^= "):
-        # Only delimiters (`^^^^`, `^=^`): every component null. PS3.5 6.2.1 lets trailing
-        # null components and their delimiters go, so this is the zero-length value, and
-        # universal matching (PS3.4 C.2.2.2.3), as `*^^` and an empty value with `=` are.
-        # As a single value it asked for an empty component group and found only names
-        # like `=山田^太郎`, never one stored as `^^^^` (indexed as no name).
+    if value.count("=") >= _PN_GROUPS:  # PS3.5 6.2.1: at most three component groups
+        raise BadRequestError(
+            f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
+        )
+    if is_empty_name(value):
+        # As `*^^` and an empty value with `=` are. As a single value it asked for an empty
+        # component group and found only names like `=山田^太郎`, never one stored as `^^^^`
+        # (indexed as no name).
         return UniversalMatch(attr)
+    literal = _pn_literal(attr, value)
     if fuzzy:
         split = f"[{FUZZY_WORD_SEPARATORS}]+"
         words = tuple(w for w in re.split(split, value.replace("*", "")) if w)
         if words:
-            return FuzzyMatch(attr, words)
+            return FuzzyMatch(attr, words, literal)
         # No word (`.`, `-`, `, `): fuzzy matching, implementation-defined (PS3.4
         # C.2.2.2.1), has nothing to match on, and the value is matched as without it, as a
         # name given whole is; taken as universal matching, `-` found every name.
+    return literal
+
+
+def _pn_literal(attr: Attribute, value: str) -> PnLiteralMatch:
+    """A PN value without fuzzy matching: by component group, wildcard or single value."""
     if "=" in value:
         return _groups_match(attr, value)
     if "*" in value or "?" in value:
@@ -311,8 +335,9 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     be told apart from an all-values one in the same key)."""
     if "," in value:
         raise BadRequestError(
-            f"{attr.keyword}: {value!r} mixes values separated by `\\` (all must match, as"
-            " multiplevaluematching=true asks) with `,` (any may match); use one of the two"
+            f"{attr.keyword}: {value!r} mixes values separated by `\\` or the key given again"
+            " (all must match, as multiplevaluematching=true asks) with `,` (any may match);"
+            " use one of the two"
         )
     if "*" in value or "?" in value:
         raise BadRequestError(
@@ -326,19 +351,15 @@ def _multiple_value_match(attr: Attribute, value: str) -> Match:
     return MultipleValueMatch(attr, values)
 
 
-def _groups_match(attr: Attribute, value: str) -> Match:
+def _groups_match(attr: Attribute, value: str) -> ComponentGroupMatch | UniversalMatch:
     """A PN value with component groups (`=`), each matched at its position."""
-    groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))
-    if len(groups) > _PN_GROUPS:
-        raise BadRequestError(
-            f"{attr.keyword}: {value!r} has more than {_PN_GROUPS} component groups"
-        )
+    groups = tuple(g.rstrip("^ ").lower() for g in value.split("="))  # 3 at most: _pn_match
     if all(is_universal(g) for g in groups):
         return UniversalMatch(attr)
     return ComponentGroupMatch(attr, groups)
 
 
-def _pn_wildcard(attr: Attribute, value: str) -> Match:
+def _pn_wildcard(attr: Attribute, value: str) -> WildcardMatch | UniversalMatch:
     """A PN wildcard without `=`, its trailing `^` (and padding) ignored like those of a
     single value and of each group of a value with `=` (_groups_match): `C?rter^John^`
     found nothing stored as `Carter^John^`, which `Carter^John^` and `C?rter^John^=` find."""

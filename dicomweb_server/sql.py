@@ -222,8 +222,12 @@ def _range_condition(m: RangeMatch, col: str, args: _Args) -> str:
     return " AND ".join(parts)
 
 
-def _fuzzy_condition(m: FuzzyMatch, col: str, args: _Args) -> str:
-    """Each word as the start of some word of some component group (PN fuzzy matching)."""
+def _fuzzy_condition(m: FuzzyMatch, col: str, args: _Args) -> str | None:
+    """Each word as the start of some word of some component group (PN fuzzy matching), or
+    the value as matched without fuzzy matching: fuzzy matching adds names, never drops one."""
+    literal = _condition(m.literal, args)
+    if literal is None:  # universal matching: every name
+        return None
     parts = []
     for word in m.words:
         p = args.add(like_pattern(word.lower()) + "%")
@@ -232,7 +236,7 @@ def _fuzzy_condition(m: FuzzyMatch, col: str, args: _Args) -> str:
             f" regexp_split_to_table(g, '[{FUZZY_WORD_SEPARATORS}]+') AS w"
             f" WHERE w LIKE {p} ESCAPE '\\')"
         )
-    return " AND ".join(parts)
+    return f"(({literal}) OR ({' AND '.join(parts)}))"
 
 
 def returned_levels(q: Query) -> tuple[Level, ...]:

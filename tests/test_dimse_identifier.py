@@ -122,6 +122,21 @@ def test_keys_not_supported_for_matching_are_ignored_and_named() -> None:
     assert parse_find(ident("STUDY", PatientID="P1"), Model.STUDY_ROOT).unsupported == ()
 
 
+@pytest.mark.parametrize("value", ["^^^^", "^", "^=^", "**"])
+def test_an_empty_name_is_a_return_key_not_an_unsupported_one(value: str) -> None:
+    """Found by review: a PN of delimiters only is the zero-length name, universal matching
+    (query: PatientName=^^^^), yet on a key the archive cannot match on it was named an
+    Optional Key not supported for matching (Pending 0xFF01), where `` and `*` are return
+    keys."""
+    ds = ident("STUDY", PatientID="P1", OtherPatientNames=value, PerformingPhysicianName=value)
+    req = parse_find(ds, Model.STUDY_ROOT)
+    assert req.unsupported == ()
+    assert {tag for tag, _ in req.keys} >= {0x00101001, 0x00081050}  # returned
+    # a name that is not only delimiters is still one the archive cannot match on
+    req = parse_find(ident("STUDY", PatientID="P1", OtherPatientNames="^A"), Model.STUDY_ROOT)
+    assert req.unsupported == ("OtherPatientNames",)
+
+
 def _read(*elements: tuple[int, str]) -> Dataset:
     """An identifier as pynetdicom reads one off the wire (Implicit VR Little Endian), values
     as sent, however long."""

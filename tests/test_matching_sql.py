@@ -47,7 +47,8 @@ async def test_fuzzy_words_are_split_alike_in_python_and_postgresql(pg_dsn: str)
         for c in _CANDIDATES:
             if c in "*\\":  # a wild card, and the VM delimiter: no name characters here
                 continue
-            name = f"ann{c}lee{c}{c}mary"
+            # at most three component groups (PS3.5 6.2.1), with fuzzy matching too
+            name = "ann=lee=mary" if c == "=" else f"ann{c}lee{c}{c}mary"
             stored = await conn.fetchval(
                 "SELECT array(SELECT w FROM regexp_split_to_table($1,"
                 f" '[{FUZZY_WORD_SEPARATORS}]+') AS w WHERE w <> '')",
@@ -149,6 +150,14 @@ def test_list_items_are_single_values(params: list[tuple[str, str]], reason: str
     assert exc.value.status == 400
 
 
+def test_a_repeated_key_mixed_with_a_comma_list_names_the_repeated_key() -> None:
+    """Found by review: the 400 named only `\\`, which the client never sent: the key
+    given again is joined with it (query._joined), and the reason now says so."""
+    params = [("ModalitiesInStudy", "CT,MR"), ("ModalitiesInStudy", "PT"), MULTIPLE]
+    with pytest.raises(BadRequestError, match=r"or the key given again .* with `,`"):
+        parse(Level.STUDY, params, {})
+
+
 def test_a_repeated_key_with_multiple_value_matching_is_all_values() -> None:
     """Found by review: the key repeated was an any-value list even with
     multiplevaluematching=true, which `CT\\PT` in one value answered with all-values."""
@@ -209,3 +218,39 @@ async def test_a_name_of_delimiters_is_the_empty_value(
     assert await found(PatientName=value, fuzzymatching=fuzzy) == everything
     (m,) = parse(Level.STUDY, [("PatientName", value), ("fuzzymatching", fuzzy)], {}).matches
     assert isinstance(m, UniversalMatch)
+
+
+_SUBSTRING_NAMES = {"doe": "Doe^John", "mcdoe": "McDoe^Ann", "oeste": "Oeste^Ana", "dash": "-"}
+
+
+@pytest.mark.parametrize("value", ["*oe*", "*Doe*", "Do*hn", "*e^J*", "?", "*st*=", "mcdoe^ann"])
+async def test_fuzzy_matching_finds_every_name_literal_matching_finds(
+    app_client: httpx.AsyncClient, value: str
+) -> None:
+    """Found by review: the value's `*` were dropped and each word had to start a word of the
+    name, so `*oe*`, which OHIF sends for "oe" with fuzzymatching=true (supportsWildcard and
+    supportsFuzzyMatching), found only `Oeste^Ana` and lost `Doe^John` and `McDoe^Ann`,
+    which the same value finds without fuzzy matching. Fuzzy matching adds names."""
+    found = await _found_by(app_client, _SUBSTRING_NAMES)
+    literal = await found(PatientName=value)
+    fuzzy = await found(PatientName=value, fuzzymatching="true")
+    assert literal and set(literal) <= set(fuzzy), (literal, fuzzy)
+    if value == "*oe*":
+        assert fuzzy == ["doe", "mcdoe", "oeste"]
+
+
+def test_fuzzy_matching_refuses_what_literal_matching_refuses() -> None:
+    """More than three component groups is a 400 with fuzzymatching=true too: the value is
+    read as without it first (it was matched as the words `x`, `y`)."""
+    for fuzzy in ("false", "true"):
+        with pytest.raises(BadRequestError, match="more than 3 component groups"):
+            parse(Level.STUDY, [("PatientName", "x=y=*=?"), ("fuzzymatching", fuzzy)], {})
+
+
+@pytest.mark.parametrize("value", ["====", "^=^=^=^", "*=*=*=*"])
+def test_more_than_three_groups_of_delimiters_is_refused(value: str) -> None:
+    """Found by review: only delimiters was universal matching before the count of component
+    groups was checked, so `====` found every name where `*=*=*=*` was a 400 (PS3.5 6.2.1:
+    three component groups at most; conformance/STATEMENT.md: more is a 400)."""
+    with pytest.raises(BadRequestError, match="more than 3 component groups"):
+        parse(Level.STUDY, [("PatientName", value)], {})

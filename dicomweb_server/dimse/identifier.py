@@ -28,7 +28,7 @@ from pydicom.multival import MultiValue
 from dicomweb_server.attributes import BY_TAG, ITEM_KEYS, PATIENT_MATCHING_TAGS, Level, tag_hex
 from dicomweb_server.dicom_json import dataset_from_json
 from dicomweb_server.errors import BadRequestError
-from dicomweb_server.matching import is_universal
+from dicomweb_server.matching import is_empty_name, is_universal
 from dicomweb_server.query import QIDO_MAX_LIMIT as _QIDO_MAX_LIMIT
 from dicomweb_server.query import Query, parse
 
@@ -203,7 +203,7 @@ def _matching_params(ds: Dataset, level: Level, unsupported: list[str]) -> list[
                 params += _sequence_params(tag, elem.value, level, unsupported)
             continue
         value = _text(elem)
-        if is_universal(value):  # a return key (universal matching, PS3.4 C.2.2.2.3)
+        if _is_return_key(elem.VR, value):
             continue
         attr = BY_TAG.get(tag)
         if attr is None or attr.column is None:
@@ -218,6 +218,13 @@ def _matching_params(ds: Dataset, level: Level, unsupported: list[str]) -> list[
             _check_integer(level, attr.keyword, value)
         params.append((attr.keyword, value))
     return params
+
+
+def _is_return_key(vr: str, value: str) -> bool:
+    """A value that is universal matching (PS3.4 C.2.2.2.3): empty or only `*`s, or a PN of
+    delimiters only (`^^^^`, the zero-length name): a return key, not an Optional Key not
+    supported for matching, and never a 0xFF01 warning (`OtherPatientNames=^^^^` was)."""
+    return is_universal(value) or (vr == "PN" and is_empty_name(value))
 
 
 def _sequence_params(
@@ -243,7 +250,7 @@ def _sequence_params(
     params = []
     for elem in items[0]:
         value = _text(elem)
-        if is_universal(value):  # a return key inside the item
+        if _is_return_key(elem.VR, value):  # inside the item
             continue
         key = ITEM_KEYS.get((tag, int(elem.tag)))
         if key is None:  # not a key to match on in this sequence: unsupported, as above
