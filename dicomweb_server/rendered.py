@@ -20,6 +20,7 @@ __all__ = [
     "RenderParams",
     "check_animation",
     "check_region",
+    "ignored_render_params",
     "negotiate_rendered",
     "output_size",
     "parse_render_params",
@@ -171,6 +172,28 @@ def parse_render_params(params: Mapping[str, str]) -> RenderParams:
             raise BadRequestError(f"quality must be an integer from 1 to 100, got {q!r}")
         quality = int(q)
     return RenderParams(window, viewport, region, quality)
+
+
+# Query parameters of the rendered and thumbnail resources this server applies (PS3.18
+# 8.3.5.1: window, viewport, quality; 8.3.3.1-2: accept, charset).
+_APPLIED = frozenset({"window", "viewport", "quality", "accept", "charset"})
+
+
+def ignored_render_params(params: Mapping[str, str]) -> list[str]:
+    """A Warning text per query parameter accepted but not applied (STYLE rule 5: never
+    dropped silently). PS3.18 8.3.1: "The origin server shall ignore any unsupported Query
+    Parameters"; `annotation` and `iccprofile` (8.3.5.1.1, 8.3.5.1.5) are supported by the
+    standard but not by this server, which burns in no annotation and embeds no ICC profile
+    (`iccprofile=no` asks for none: nothing ignored)."""
+    texts: list[str] = []
+    for name in dict.fromkeys(params):
+        if name in _APPLIED or (name == "iccprofile" and params[name] == "no"):
+            continue
+        if name in ("annotation", "iccprofile"):
+            texts.append(f"{name} is not applied: the image is sent without it")
+        else:
+            texts.append(f"{name[:64]} is not a parameter of this resource; ignored")
+    return texts
 
 
 def negotiate_rendered(accept: str | None) -> str:

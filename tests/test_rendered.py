@@ -458,3 +458,29 @@ async def test_identical_renderings_at_once_are_made_once(
     assert r.status_code == 200 and image(r).size == (32, 32)
     assert len(made) == 3  # the cancelled one's, then the second's own
     assert rendering._MAKING == {}
+
+
+async def test_parameters_not_applied_are_named_in_a_warning(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """PS3.18 8.3.1: unsupported query parameters are ignored; STYLE rule 5: never silently.
+    `annotation` and `iccprofile` (8.3.5.1) are not applied, an unknown name is not one of
+    the resource's: each gets a Warning; those applied and `iccprofile=no` get none."""
+    ds = make_instance(rows=8, cols=8)
+    await stow(app_client, to_bytes(ds))
+    url = inst_url(ds)
+    quiet = await app_client.get(
+        f"{url}/rendered", params={"window": "100,20", "quality": "80", "iccprofile": "no"}
+    )
+    image(quiet)
+    assert "warning" not in quiet.headers
+    for resource in ("rendered", "thumbnail"):
+        r = await app_client.get(
+            f"{url}/{resource}",
+            params={"annotation": "patient", "iccprofile": "srgb", "foo": "1", "viewport": "4,4"},
+        )
+        assert image(r).size == (4, 4)
+        warning = r.headers["warning"]
+        assert warning.count("299 ") == 3, warning
+        assert "annotation is not applied" in warning and "iccprofile is not applied" in warning
+        assert "foo is not a parameter of this resource" in warning

@@ -11,7 +11,11 @@ from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import MediaRange, parse_accept
-from dicomweb_server.rendered import negotiate_rendered, parse_render_params
+from dicomweb_server.rendered import (
+    ignored_render_params,
+    negotiate_rendered,
+    parse_render_params,
+)
 from dicomweb_server.rendering import (
     REPORT_CLASS_PREFIX,
     rendered_image,
@@ -22,12 +26,24 @@ from dicomweb_server.report import REPORT_MEDIA_TYPES
 from dicomweb_server.retrieve.frames import parse_frame_list
 from dicomweb_server.retrieve.instances import locate
 from dicomweb_server.retrieve.pixeldata import stored_bulk_value
-from dicomweb_server.routes.common import StreamedResponse, accept_of, services, uid_param
+from dicomweb_server.routes.common import (
+    StreamedResponse,
+    accept_of,
+    services,
+    uid_param,
+    warning_header,
+)
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]
 
 
 async def _image(request: Request, thumbnail: bool) -> Response:
+    response = await _rendered(request, thumbnail)
+    response.headers.update(warning_header(ignored_render_params(request.query_params)))
+    return response
+
+
+async def _rendered(request: Request, thumbnail: bool) -> Response:
     accept = accept_of(request)
     params = parse_render_params(request.query_params)
     p = request.path_params
