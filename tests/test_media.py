@@ -407,3 +407,87 @@ def test_an_accept_of_more_than_max_ranges_is_a_400() -> None:
     with pytest.raises(BadRequestError):  # the `accept` parameter's ranges count too
         parse_accept(",".join(half) + mediatypes.ACCEPT_FALLBACK + "*/*")
     assert len(parse_accept(", , ,".join(half))) == limit // 2  # empty elements do not count
+
+
+IMPLICIT = "1.2.840.10008.1.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_OHIF_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+_DWC_INSTANCE = ", ".join(
+    f'multipart/related; type="application/dicom"; transfer-syntax={ts}'
+    for ts in (JLS, J2K, EXPLICIT_VR_LITTLE_ENDIAN)
+)
+_DWC_FRAMES_Q = (
+    f'multipart/related; type="image/jls"; transfer-syntax={JLS}; q=0.9, '
+    f'multipart/related; type="image/jp2"; transfer-syntax={J2K}; q=0.5, '
+    "multipart/related; type=application/octet-stream; q=0.1"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "stored", "targets", "instances", "frames"),
+    [
+        # OHIF and Cornerstone's frame requests: the frames as stored, quoted or not
+        # (a frame type for instances, application/dicom for frames: 406)
+        (_OHIF_FRAMES, JPEG, ALL, None, STORED),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*", IMPLICIT, ALL,
+         None, STORED),
+        ("multipart/related; type=application/octet-stream", J2K, ALL, None,
+         EXPLICIT_VR_LITTLE_ENDIAN),
+        ('multipart/related; type="image/jls"', JLS, (), None, STORED),
+        ('multipart/related; type="image/jp2"', J2K, ALL, None, STORED),
+        ('multipart/related; type="image/jls"', EXPLICIT_VR_LITTLE_ENDIAN, ALL, None, JLS),
+        # dicomweb-client: retrieve_instance with several syntaxes (the first that can be
+        # made, or as stored); retrieve_instance_frames with q-values
+        (_DWC_INSTANCE, J2K, ALL, JLS, None),
+        (_DWC_INSTANCE, JLS, (), STORED, None),
+        (_DWC_INSTANCE, JPEG, ONLY_LE, EXPLICIT_VR_LITTLE_ENDIAN, None),
+        (_DWC_FRAMES_Q, J2K, ALL, None, JLS),
+        (_DWC_FRAMES_Q, J2K, (), None, STORED),
+        (_DWC_FRAMES_Q, JPEG, ONLY_LE, None, EXPLICIT_VR_LITTLE_ENDIAN),
+        # no Accept, */*: Explicit VR Little Endian when it can be made, else as stored
+        (None, JPEG, (), STORED, STORED),
+        ("*/*", IMPLICIT, ALL, EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN),
+        # q=0 ranges with parameters (RFC 9110 12.5.1): native frames as stored are sent
+        # uncompressed, which `type="application/octet-stream"; q=0` refuses
+        ('multipart/related; type="application/octet-stream"; q=0, */*', IMPLICIT, ALL,
+         EXPLICIT_VR_LITTLE_ENDIAN, None),
+        ('multipart/related; type="application/octet-stream"; q=0, */*', DEFLATED, (),
+         STORED, None),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*; q=0, */*",
+         IMPLICIT, ALL, EXPLICIT_VR_LITTLE_ENDIAN, None),
+        ('multipart/related; type="application/octet-stream"; q=0, */*', JPEG, ALL,
+         EXPLICIT_VR_LITTLE_ENDIAN, STORED),
+        # ... and to a wildcard part type of multipart/related, as to */*
+        ('multipart/related; type="application/octet-stream"; q=0, '
+         'multipart/related; type="*/*"', JPEG, ALL, EXPLICIT_VR_LITTLE_ENDIAN, STORED),
+        ('multipart/related; type="application/octet-stream"; q=0, '
+         'multipart/related; type="application/*"', EXPLICIT_VR_LITTLE_ENDIAN, ALL, STORED,
+         None),
+        ('multipart/related; type="application/dicom"; q=0, multipart/related; type="*/*"',
+         JPEG, ALL, STORED, EXPLICIT_VR_LITTLE_ENDIAN),
+        ('multipart/related; type="image/jls"; q=0, multipart/related; type="image/*"',
+         EXPLICIT_VR_LITTLE_ENDIAN, ALL, None, HTJ2K),
+        ('multipart/related; type="image/jls"; q=0, multipart/related; type="image/*"', JLS,
+         (), None, None),
+    ],
+)  # fmt: skip
+def test_negotiation_table(
+    accept: str | None,
+    stored: str,
+    targets: tuple[str, ...],
+    instances: str | None,
+    frames: str | None,
+) -> None:
+    """What real clients send (OHIF, Cornerstone, dicomweb-client) and q=0 refusals, each
+    with the transfer syntax the instances and the frames get (None: 406). PS3.18 8.7.3:
+    octet-stream with no syntax is uncompressed, `*` as stored, an image type its default
+    syntax; RFC 9110 12.5.1: a q=0 range refuses what it names to the wildcards of its
+    header. Native frames as stored go as Explicit VR Little Endian octet-stream, so
+    `type="application/octet-stream"; q=0, */*` on an Implicit VR instance was sent exactly
+    that; `type="*/*"` and `type="image/*"` ignored the q=0 ranges of narrower part types."""
+    for negotiate, want in ((negotiate_instances, instances), (negotiate_frames, frames)):
+        if want is None:
+            with pytest.raises(NotAcceptableError):
+                negotiate(accept, stored, targets)
+        else:
+            assert negotiate(accept, stored, targets) == want, negotiate.__name__

@@ -284,6 +284,8 @@ class _Refused:
         self._done: dict[str, tuple[frozenset[str], tuple[MediaRange, ...]]] = {}
 
     def apply(self, rng: MediaRange) -> MediaRange:
+        if rng.essence == MULTIPART_RELATED and "*" in rng.params.get("type", ""):
+            return self._within_part_type(rng)
         if "*" not in (rng.type, rng.subtype):
             return rng
         if rng.essence not in self._done:
@@ -298,6 +300,24 @@ class _Refused:
         if not excludes and not with_params:
             return rng
         return replace(rng, excludes=excludes, refused=with_params)
+
+    def _within_part_type(self, rng: MediaRange) -> MediaRange:
+        """A multipart/related range whose part type is a wildcard (`type="*/*"`,
+        `type="image/*"`), with the q=0 multipart/related ranges of narrower part types as
+        refused: `...type="application/octet-stream"; q=0, ...type="*/*"` takes no
+        uncompressed frame, as `*/*` does not (RFC 9110 12.5.1)."""
+        wild = rng.params["type"].lower()
+        key = f"{MULTIPART_RELATED}; type={wild}"
+        if key not in self._done:
+            narrower = tuple(
+                r for r in self._by_type.get("multipart", [])
+                if r.essence == MULTIPART_RELATED
+                and (part := r.params.get("type", "").lower()) not in ("", wild)
+                and _covers(wild, part)
+            )  # fmt: skip
+            self._done[key] = (frozenset(), narrower)
+        refused = self._done[key][1]
+        return replace(rng, refused=refused) if refused else rng
 
 
 def _specificity(rng: MediaRange) -> int:

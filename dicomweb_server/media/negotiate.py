@@ -200,7 +200,10 @@ def negotiate_frames(
     `*/*` (or no Accept at all) names no part type: uncompressed when that can be made, else
     the frames as stored (as negotiate_instances).
     """
-    stored_type = frame_media_type(stored_ts)
+    # Native frames as stored are sent uncompressed, octet-stream in Explicit VR Little
+    # Endian (retrieve/frames.py): that is what a q=0 range refusing them refuses.
+    sent_as = EXPLICIT_VR_LITTLE_ENDIAN if stored_ts in _NATIVE else stored_ts
+    allowed: dict[int, list[str]] = {}
     for rng in parse_accept(accept):
         part = _related_type(rng, APPLICATION_OCTET_STREAM)
         if part is None:
@@ -208,15 +211,18 @@ def negotiate_frames(
         ts = rng.params.get("transfer-syntax")
         if ts is None and _names_no_type(rng, part, APPLICATION_OCTET_STREAM):
             options = [EXPLICIT_VR_LITTLE_ENDIAN] if EXPLICIT_VR_LITTLE_ENDIAN in targets else []
-            choice = _open_choice(rng, [*options, STORED], stored_ts, frame_media_type)
+            choice = _open_choice(rng, [*options, STORED], sent_as, frame_media_type)
             if choice is not None:
                 return choice
             continue
-        if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
-            choice = _uncompressed_frames(ts, stored_ts, targets)
-        else:
-            choice = _image_frames(part, ts, stored_ts, stored_type, targets)
-        if choice is not None:
+        # What no q=0 range with parameters refuses to this one (`type="image/*"`); ranges
+        # of one part type share their refused ranges: worked out once (MAX_ACCEPT_RANGES).
+        if id(rng.refused) not in allowed:
+            allowed[id(rng.refused)] = [
+                t for t in targets if _open_choice(rng, [t], sent_as, frame_media_type)
+            ]
+        choice = _named_frames(part, ts, stored_ts, allowed[id(rng.refused)])
+        if choice is not None and _open_choice(rng, [choice], sent_as, frame_media_type):
             return choice
     raise NotAcceptableError(
         f'acceptable: multipart/related; type="application/octet-stream" (uncompressed) or an '
@@ -254,6 +260,14 @@ def _refuses(refused: MediaRange, part: str, ts: str, stored_ts: str) -> bool:
     if wanted is None:
         return part.startswith(("image/", "video/")) or ts == EXPLICIT_VR_LITTLE_ENDIAN
     return (stored_ts if wanted == STORED else wanted) == ts
+
+
+def _named_frames(part: str, ts: str | None, stored_ts: str, targets: list[str]) -> str | None:
+    """What a range naming part type `part` (octet-stream, an image or video type, or a
+    wildcard with a transfer syntax) with transfer syntax `ts` takes, or None."""
+    if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
+        return _uncompressed_frames(ts, stored_ts, targets)
+    return _image_frames(part, ts, stored_ts, frame_media_type(stored_ts), targets)
 
 
 def _uncompressed_frames(ts: str | None, stored_ts: str, targets: Collection[str]) -> str | None:
