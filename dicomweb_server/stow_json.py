@@ -40,6 +40,7 @@ from dicomweb_server.dicom_json import (
     JsonDict,
     dataset_from_json,
     first_number,
+    tag_name,
 )
 from dicomweb_server.dicom_xml import dataset_from_xml
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError
@@ -356,7 +357,8 @@ def _check_encodable(ds: Dataset) -> None:
             if elem.VR == "SQ" and depth == MAX_JSON_SEQUENCE_DEPTH:
                 raise _refused(
                     FailureReason.CANNOT_UNDERSTAND,
-                    f"sequences nested deeper than {MAX_JSON_SEQUENCE_DEPTH} levels",
+                    f"sequences nested deeper than {MAX_JSON_SEQUENCE_DEPTH} levels"
+                    f" in {tag_name(_top_sequence(ds, ancestors[-2]))}",
                     ds,
                 )
             if elem.VR == "SQ":
@@ -366,6 +368,13 @@ def _check_encodable(ds: Dataset) -> None:
                 _resolve_vr(elem, ancestors, ds)
             if not (elem.VR in BULK_VRS and isinstance(elem.value, bytes)):
                 _encode_alone(elem, encodings, ds)  # bytes are written as they are
+
+
+def _top_sequence(ds: Dataset, item: Dataset) -> int:
+    """The tag of the top-level sequence of `ds` holding `item` (an item of the first level)."""
+    return next(
+        elem.tag for elem in ds if elem.VR == "SQ" and any(child is item for child in elem.value)
+    )
 
 
 def _resolve_vr(elem: Any, ancestors: list[Dataset], ds: Dataset) -> None:
