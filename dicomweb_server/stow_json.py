@@ -77,9 +77,9 @@ MAX_JSON_BULK_REUSE_BYTES = 64 * 1024 * 1024
 _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
 MAX_JSON_DATASETS = 10_000
-# Sequences nested in a data set, at most (MAX_XML_DEPTH, 128 elements, allows 62 levels):
-# deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000). The
-# same as for a Part-10 instance (dicomfile.MAX_SEQUENCE_DEPTH).
+# Sequences nested in a data set, at most, JSON or XML (dicom_xml.MAX_XML_DEPTH lets 125 levels
+# through): deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000).
+# The same as for a Part-10 instance (dicomfile.MAX_SEQUENCE_DEPTH).
 MAX_JSON_SEQUENCE_DEPTH = MAX_SEQUENCE_DEPTH
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
