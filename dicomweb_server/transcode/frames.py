@@ -2,7 +2,8 @@
 decode_frames, encode_frames), from a frame's codestream alone (decode_codestream,
 convert_codestream) or from an item's nested Pixel Data (decode_item_pixels); the bound on what
 one decode makes (DECODE_MAX_BYTES); the last file decoded whole, kept for its next frame; the
-frames of encapsulated Pixel Data as stored (stored_frames)."""
+frames of encapsulated Pixel Data as stored (stored_frames); a stored file read by pydicom, its
+sequences too deep a TranscodeError (read_stored, MAX_CONVERTED_SEQUENCE_DEPTH)."""
 
 from __future__ import annotations
 
