@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
+from pydicom.hooks import raw_element_vr as pydicom_raw_element_vr
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
@@ -39,11 +40,13 @@ __all__ = [
     "dataset_from_json",
     "dataset_to_json",
     "first_number",
+    "lut_data_vr",
     "number_string_element",
     "number_string_json",
     "raw_vr",
     "simple_json",
     "stow_response",
+    "tag_name",
 ]
 
 # Binary values longer than this are replaced by a BulkDataURI (PS3.18 F.2.6).
@@ -64,6 +67,38 @@ def raw_vr(tag: int, raw: RawDataElement) -> str:
     if " or " in vr:  # e.g. "OB or OW": binary values are OW unless 8-bit (PS3.5 A.1)
         return "OW" if "OW" in vr else vr.split(" or ")[0]
     return vr
+
+
+def tag_name(tag: int) -> str:
+    """`(gggg,eeee) Keyword` for a reason given to a client; the keyword left out when the data
+    dictionary has none (a private tag)."""
+    keyword = keyword_for_tag(tag)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})" + (f" {keyword}" if keyword else "")
+
+
+# LUT Data and the LUT Descriptor of its item, which says whether it is US or OW.
+_LUT_DATA, _LUT_DESCRIPTOR = 0x00283006, 0x00283002
+
+
+def lut_data_vr(raw: RawDataElement, data: dict[str, Any], **kwargs: Any) -> None:
+    """pydicom's "raw_element_vr" hook (installed by dicomfile.configure_pydicom): pydicom's
+    own, and a VR for LUT Data (0028,3006) read with implicit VR whatever its item holds. Its
+    dictionary VR is "US or OW": US when the first value of the item's LUT Descriptor is 1
+    (one entry, PS3.3 C.11.1.1.1), else OW, as pydicom resolves it. pydicom raised when the
+    item has no LUT Descriptor (AttributeError, "Failed to resolve ambiguous VR") or one of a
+    single value, and the instance was refused; invalid values are stored as sent, and such
+    LUT Data is OW, as implicit VR gives the other binary values whose VR depends on the data
+    set (PS3.5 A.1: Pixel Data, Overlay Data, Waveform Data)."""
+    pydicom_raw_element_vr(raw, data, **kwargs)
+    if raw.tag != _LUT_DATA or data.get("VR") != "US or OW":
+        return
+    ds = kwargs.get("ds")
+    try:
+        value = ds[_LUT_DESCRIPTOR].value if ds is not None and _LUT_DESCRIPTOR in ds else None
+        first = value[0] if isinstance(value, list | MultiValue) and len(value) else value
+    except Exception:  # a descriptor pydicom cannot read: nothing to decide by
+        first = None
+    data["VR"] = "US" if first == 1 else "OW"
 
 
 def _is_deferred_bulk(tag: int, item: Any) -> bool:
@@ -146,10 +181,26 @@ def _element_json(
         return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
     if elem.VR == "PN":
         return _person_name_element(elem)
+    if elem.VR == "AT":
+        return _tags_element(elem)
     entry = _json_values(_pydicom_json(elem, bulk_uri, path, threshold))
     if ds.original_encoding[1] is False and "InlineBinary" in entry:
         entry["InlineBinary"] = _little_endian_base64(elem)
     return entry
+
+
+def _tags_element(elem: DataElement) -> JsonDict:
+    """An AT element's JSON: each tag 8 hex digits (PS3.18 F.2.3). pydicom reads a value whose
+    length is not a multiple of 4 (PS3.5 6.2) as the whole tags it holds; one of 6 bytes, a
+    single tag, came as a list within its value, which pydicom's JSON could not format
+    ("unsupported format string passed to MultiValue.__format__") and the instance was
+    refused. Invalid values are stored as sent: the metadata gives the whole tags, as for a
+    value of 10 bytes (two) or 2 (none)."""
+    value = elem.value
+    tags = list(value) if isinstance(value, list | MultiValue) else [value]
+    flat = [t for v in tags for t in (v if isinstance(v, list | MultiValue) else [v])]
+    values = [f"{int(t):08X}" for t in flat if t is not None and t != ""]
+    return {"vr": "AT", "Value": values} if values else {"vr": "AT"}
 
 
 def _pydicom_json(

@@ -42,9 +42,14 @@ __all__ = [
 JsonDict = dict[str, Any]
 
 NATIVE_DICOM_NS = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
-# Deepest element nesting read from an XML metadata part: a sequence level is two elements
-# (DicomAttribute, Item), so 128 allows sequences nested about 60 deep. Deeper: 400.
-MAX_XML_DEPTH = 128
+# Deepest element nesting read from an XML metadata part, the parser's hard limit (checked as
+# each element starts, before the document is built): deeper, the request is a 400. A
+# sequence level is two elements (DicomAttribute, Item), under NativeDicomModel and above at
+# most four of the innermost value (DicomAttribute, PersonName, Alphabetic, FamilyName): 256
+# takes sequences nested 125 deep. STOW-RS takes at most stow_json.MAX_JSON_SEQUENCE_DEPTH
+# (64) levels, as for JSON, and fails only the instance nested deeper than that (0xC000);
+# 128 elements, the limit before, allowed 62 levels and refused the whole request past them.
+MAX_XML_DEPTH = 256
 
 _HEAD = (
     f'<?xml version="1.0" encoding="UTF-8"?>\n<NativeDicomModel xmlns="{NATIVE_DICOM_NS}"'

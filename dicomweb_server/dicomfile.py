@@ -31,8 +31,10 @@ from dicomweb_server.dicom_json import (
     BULK_VRS,
     JsonDict,
     dataset_to_json,
+    lut_data_vr,
     raw_vr,
     simple_json,
+    tag_name,
 )
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import (
@@ -124,6 +126,7 @@ def configure_pydicom() -> None:
     """
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    pydicom_hooks.register_callback("raw_element_vr", lut_data_vr)  # LUT Data with no descriptor
 
 
 def parse_file(path: Path) -> ParsedFile:
@@ -279,10 +282,14 @@ def _check_whole(data: Dataset, pos: int, size: int) -> None:
         )
 
 
-def _too_deep() -> InvalidInstanceError:
+def _too_deep(top: int | None = None) -> InvalidInstanceError:
+    """The refusal, naming the top-level sequence the levels are under when it is known (not
+    when pydicom's recursive reader gave out first)."""
+    under = f" in {tag_name(top)}" if top is not None else ""
     return InvalidInstanceError(
         FailureReason.CANNOT_UNDERSTAND,
-        f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels, the most this archive takes",
+        f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels{under},"
+        " the most this archive takes",
     )
 
 
@@ -294,9 +301,9 @@ def _check_depth(ds: Dataset) -> None:
     raw element is a sequence is asked of pydicom's own VR hook, as every later reader (a
     conversion) resolves it: an explicit UN of a sequence's tag, or an implicit VR private
     element of a private dictionary sequence, is parsed as a sequence there."""
-    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    stack: list[tuple[Dataset, int, int | None]] = [(ds, 0, None)]  # item, depth, top level
     while stack:
-        item, depth = stack.pop()
+        item, depth, top = stack.pop()
         for tag in item.keys():
             raw = item.get_item(tag, keep_deferred=True)
             if isinstance(raw, RawDataElement) and _read_vr(item, raw) != "SQ":
@@ -305,8 +312,8 @@ def _check_depth(ds: Dataset) -> None:
             if elem.VR != "SQ":
                 continue
             if depth == MAX_SEQUENCE_DEPTH:
-                raise _too_deep()
-            stack.extend((child, depth + 1) for child in elem.value)
+                raise _too_deep(top)
+            stack.extend((child, depth + 1, tag if top is None else top) for child in elem.value)
 
 
 def _read_vr(item: Dataset, raw: RawDataElement) -> str:

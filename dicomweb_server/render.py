@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut
@@ -27,7 +26,7 @@ from dicomweb_server.rendered import (
     output_size,
 )
 from dicomweb_server.transcode.codecs import TranscodeError
-from dicomweb_server.transcode.frames import frame_array
+from dicomweb_server.transcode.frames import frame_array, read_stored
 from dicomweb_server.transcode.plugins import DECODE_ERRORS
 from dicomweb_server.vr import swapped_words
 
@@ -459,7 +458,7 @@ def render_frame(
     path: Path, frame: int, params: RenderParams, media: str, thumbnail: bool
 ) -> bytes:
     """Frame `frame` (1-based) as a consumer image: LUTs applied, fitted, encoded."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = read_stored(path, stop_before_pixels=True)
     img = _image(_frame_pixels(path, ds, frame, params.window), params)
     return _encode(_fit(img, params, thumbnail), media, params.quality)
 
@@ -469,7 +468,7 @@ def render_animation(path: Path, params: RenderParams) -> bytes:
     carry several frames), at the instance's Frame Time or 10 frames per second. 400 when
     frames x output pixels exceed MAX_ANIMATION_PIXELS, found from the first frame (all
     frames share its size), before any other is decoded."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = read_stored(path, stop_before_pixels=True)
     nframes = min(int(ds.get("NumberOfFrames") or 1), MAX_ANIMATION_FRAMES)
     images = []
     for n in range(1, nframes + 1):

@@ -12,6 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicomweb_server.dicom_json import BULK_DATA_THRESHOLD_BYTES
+from dicomweb_server.transcode.frames import read_stored
 
 __all__ = ["MAX_REPORT_DEPTH", "MAX_REPORT_ITEMS", "REPORT_MEDIA_TYPES", "render_report"]
 
@@ -123,7 +124,7 @@ def _header(ds: Dataset) -> list[tuple[str, str]]:
 def render_report(path: Path, media: str) -> bytes:
     """A Structured Report as text/html or text/plain, UTF-8. Large values (none are expected
     in a report) are left unread."""
-    ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD_BYTES)
+    ds = read_stored(path, defer_size=BULK_DATA_THRESHOLD_BYTES)
     title = _meaning(getattr(ds, "ConceptNameCodeSequence", None)) or "Structured Report"
     budget = [MAX_REPORT_ITEMS]
     lines = list(_lines(getattr(ds, "ContentSequence", None), 0, budget))

@@ -40,6 +40,7 @@ from dicomweb_server.dicom_json import (
     JsonDict,
     dataset_from_json,
     first_number,
+    tag_name,
 )
 from dicomweb_server.dicom_xml import dataset_from_xml
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError
@@ -76,9 +77,9 @@ MAX_JSON_BULK_REUSE_BYTES = 64 * 1024 * 1024
 _MAX_LENGTH = 0xFFFFFFFE
 # Data sets in one metadata part, at most (as multipart.MAX_PARTS for Part-10 parts). Above: 413.
 MAX_JSON_DATASETS = 10_000
-# Sequences nested in a data set, at most (MAX_XML_DEPTH, 128 elements, allows 62 levels):
-# deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000). The
-# same as for a Part-10 instance (dicomfile.MAX_SEQUENCE_DEPTH).
+# Sequences nested in a data set, at most, JSON or XML (dicom_xml.MAX_XML_DEPTH lets 125 levels
+# through): deeper, pydicom's recursive writer overflows. Above: that data set fails (0xC000).
+# The same as for a Part-10 instance (dicomfile.MAX_SEQUENCE_DEPTH).
 MAX_JSON_SEQUENCE_DEPTH = MAX_SEQUENCE_DEPTH
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
@@ -356,7 +357,8 @@ def _check_encodable(ds: Dataset) -> None:
             if elem.VR == "SQ" and depth == MAX_JSON_SEQUENCE_DEPTH:
                 raise _refused(
                     FailureReason.CANNOT_UNDERSTAND,
-                    f"sequences nested deeper than {MAX_JSON_SEQUENCE_DEPTH} levels",
+                    f"sequences nested deeper than {MAX_JSON_SEQUENCE_DEPTH} levels"
+                    f" in {tag_name(_top_sequence(ds, ancestors[-2]))}",
                     ds,
                 )
             if elem.VR == "SQ":
@@ -366,6 +368,13 @@ def _check_encodable(ds: Dataset) -> None:
                 _resolve_vr(elem, ancestors, ds)
             if not (elem.VR in BULK_VRS and isinstance(elem.value, bytes)):
                 _encode_alone(elem, encodings, ds)  # bytes are written as they are
+
+
+def _top_sequence(ds: Dataset, item: Dataset) -> int:
+    """The tag of the top-level sequence of `ds` holding `item` (an item of the first level)."""
+    return next(
+        elem.tag for elem in ds if elem.VR == "SQ" and any(child is item for child in elem.value)
+    )
 
 
 def _resolve_vr(elem: Any, ancestors: list[Dataset], ds: Dataset) -> None:

@@ -148,9 +148,11 @@ def test_max_sequence_depth_at_its_edge(tmp_path: Path, implicit: bool, undefine
     with pytest.raises(InvalidInstanceError) as caught:
         parse_file(path)
     assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND
-    assert f"deeper than {MAX_SEQUENCE_DEPTH} levels" in caught.value.message
+    # The top-level sequence they are under, named (the reason said only the limit).
+    assert f"deeper than {MAX_SEQUENCE_DEPTH} levels in {_NAMED}," in caught.value.message
 
 
+_NAMED = "(0008,1140) ReferencedImageSequence"
 _PRIVATE_SQ = 0x00711018  # (0071,xx18) of 'AGFA-AG_HPState': SQ in pydicom's private dictionary
 
 

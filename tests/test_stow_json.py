@@ -513,6 +513,8 @@ async def test_sequences_nest_at_most_max_json_sequence_depth(
     assert values(ok, "00081155") == [instances[0].SOPInstanceUID]
     failed = _seq(r.json(), "00081198")
     assert [values(f, "00081197") for f in failed] == [[0xC000], [0xC000]]
+    named = f"deeper than {depth} levels in (0008,1140) ReferencedImageSequence"
+    assert r.headers["Warning"].count(named) == 2  # the sequence named (was the limit alone)
     assert (await app_client.get(inst_url(instances[1]) + "/metadata")).status_code == 404
 
 

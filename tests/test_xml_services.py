@@ -14,9 +14,9 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from dicomweb_server.dicom_xml import NATIVE_DICOM_NS, dataset_from_xml, dataset_xml
+from dicomweb_server.dicom_xml import MAX_XML_DEPTH, NATIVE_DICOM_NS, dataset_from_xml, dataset_xml
 from dicomweb_server.routes.common import XML_INLINE_DOCS
-from dicomweb_server.stow_json import MAX_JSON_METADATA_BYTES
+from dicomweb_server.stow_json import MAX_JSON_METADATA_BYTES, MAX_JSON_SEQUENCE_DEPTH
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -278,3 +278,57 @@ async def test_qido_xml_of_more_matches_than_made_inline(app_client: httpx.Async
     docs = _xml_parts(await app_client.get(url, headers={"Accept": XML_PARTS}))
     assert len(docs) == len(as_json) == XML_INLINE_DOCS + 1
     assert [d["00080018"]["Value"] for d in docs] == [j["00080018"]["Value"] for j in as_json]
+
+
+def _deep_xml(ds: pydicom.Dataset, levels: int) -> bytes:
+    """`ds` with a Referenced Image Sequence `levels` deep, a person name innermost (the
+    deepest leaf XML has: PersonName, Alphabetic, FamilyName)."""
+    doc = ds.to_json_dict(bulk_data_threshold=1 << 30)
+    doc["7FE00010"] = {"vr": "OW", "BulkDataURI": f"urn:{ds.SOPInstanceUID}"}
+    node: dict[str, Any] = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^J"}]}}
+    for _ in range(levels):
+        node = {"00081140": {"vr": "SQ", "Value": [node]}}
+    doc.update(node)
+    return dataset_xml(doc)
+
+
+async def test_xml_stow_takes_the_sequence_depth_of_json(app_client: httpx.AsyncClient) -> None:
+    """MAX_JSON_SEQUENCE_DEPTH levels are stored, as from JSON; deeper, up to what
+    MAX_XML_DEPTH elements hold, fails only that instance (0xC000). XML stopped at 62 levels
+    (MAX_XML_DEPTH was 128) and refused the whole request past them (400)."""
+    depth = MAX_JSON_SEQUENCE_DEPTH
+    deepest = (MAX_XML_DEPTH - 5) // 2  # NativeDicomModel, 2 a level, 4 of the leaf
+    assert deepest > depth
+    instances = [make_instance() for _ in range(3)]
+    levels = [depth, depth + 1, deepest]
+    xmls = [_deep_xml(ds, n) for ds, n in zip(instances, levels, strict=True)]
+    assert ET.fromstring(xmls[2]) is not None
+    r = await _post_xml(
+        app_client,
+        _xml_stow_body(
+            *[("application/dicom+xml", None, xml) for xml in xmls],
+            *[("application/octet-stream", f"urn:{ds.SOPInstanceUID}", ds.PixelData)
+              for ds in instances],
+        ),
+    )  # fmt: skip
+    assert r.status_code == 202, r.text
+    (ok,) = r.json()["00081199"]["Value"]
+    assert ok["00081155"]["Value"] == [instances[0].SOPInstanceUID]
+    failed = r.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"] for f in failed] == [[0xC000], [0xC000]]
+    assert r.headers["Warning"].count(f"deeper than {depth} levels") == 2
+    meta = (await app_client.get(f"{inst_url(instances[0])}/metadata")).json()[0]
+    node = meta
+    for _ in range(depth):
+        (node,) = node["00081140"]["Value"]
+    assert node["00100010"]["Value"] == [{"Alphabetic": "Doe^J"}]
+    # one element more than MAX_XML_DEPTH: the parser's limit, the whole request a 400
+    too_deep = make_instance()
+    r = await _post_xml(
+        app_client,
+        _xml_stow_body(
+            ("application/dicom+xml", None, _deep_xml(too_deep, deepest + 1)),
+            ("application/octet-stream", f"urn:{too_deep.SOPInstanceUID}", too_deep.PixelData),
+        ),
+    )
+    assert r.status_code == 400 and f"deeper than {MAX_XML_DEPTH} elements" in r.text

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
@@ -17,7 +16,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
 from dicomweb_server.transcode.convert import check_writable, converted_dataset
-from dicomweb_server.transcode.frames import decoded_bytes
+from dicomweb_server.transcode.frames import decoded_bytes, read_stored
 
 __all__ = [
     "DIMSE_DECODE_MAX_BYTES",
@@ -96,8 +95,10 @@ def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str
     the peer took another syntax than the stored one (implicit for explicit VR, or the other
     way), pynetdicom re-encodes it, and pydicom's writer re-raises a value it cannot write
     in each enclosing sequence, doubling the message per level (1 GB twelve items deep): such
-    a value is a ValueError naming it first (convert.check_writable), in bounded memory."""
-    ds = dcmread(path, defer_size=_DEFER_BYTES)
+    a value is a ValueError naming it first (convert.check_writable), in bounded memory; so
+    are sequences nested too deep to re-encode. A file pydicom cannot read for the depth of
+    its sequences is a TranscodeError (frames.read_stored)."""
+    ds = read_stored(path, defer_size=_DEFER_BYTES)
     if (inst.sop_class_uid, inst.transfer_syntax_uid) not in accepted:
         check_writable(ds, implicit_vr=inst.transfer_syntax_uid == ExplicitVRLittleEndian)
     return ds

@@ -96,15 +96,25 @@ _NATIVE = {
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
 }
+# Encapsulated transfer syntaxes of one fragment per frame with no media type of their own
+# (PS3.18 Table 8.7.3-5 names none; 8.7.3.3: an origin server may support others): their
+# frames are sent as stored as application/octet-stream with the transfer-syntax parameter
+# (frame_media_type), and a STOW-RS bulk data part so named is taken back as one frame
+# (frame_syntax). Deflated Image Frame Compression (PS3.5 A.4.13, each frame deflated on its
+# own) and Encapsulated Uncompressed Explicit VR Little Endian (A.4.11).
+_OCTET_STREAM_FRAMES = frozenset({"1.2.840.10008.1.2.8.1", "1.2.840.10008.1.2.1.98"})
 
 
 def frame_syntax(media_type: str) -> str | None:
     """The transfer syntax a frame of this media type is in, as a STOW-RS bulk data part
     says it (`image/jls; transfer-syntax=...`), or by the media type's default (PS3.18 Table
-    8.7.3-2); octet-stream is native little endian; None for anything else."""
+    8.7.3-2); octet-stream is native little endian, or a frame of a syntax the archive sends
+    as octet-stream (_OCTET_STREAM_FRAMES) when it names one; None for anything else."""
     rng = parse_content_type(media_type)
     named = rng.params.get("transfer-syntax")
     if rng.essence == APPLICATION_OCTET_STREAM:  # native: little endian (PS3.18 10.5.1.4)
+        if named in _OCTET_STREAM_FRAMES:
+            return named
         return EXPLICIT_VR_LITTLE_ENDIAN if named in (None, EXPLICIT_VR_LITTLE_ENDIAN) else None
     if named and frame_media_type(named) == rng.essence:
         return named

@@ -10,7 +10,8 @@ behind the app's CapacityLimiter (STYLE.md rule 8).
                 may raise (DECODE_ERRORS), a Rust codec's panic included (CodecPanicError)
     frames.py   frames decoded or re-encoded one at a time (frame_array, decode_frames,
                 encode_frames, decode_codestream, convert_codestream), the decode size bound
-                (DECODE_MAX_BYTES), the whole-file frame cache; stored_frames
+                (DECODE_MAX_BYTES), the whole-file frame cache; stored_frames; read_stored,
+                pydicom's reading of a stored file (MAX_CONVERTED_SEQUENCE_DEPTH)
     lossy.py    Lossy Image Compression: read from a stored codestream (lossy_method), written
                 on a converted copy (mark_lossy)
     convert.py  whole instances converted: to_transfer_syntax (streamed to a file),

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import numpy as np
-import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element, write_dataset
+from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID
@@ -28,7 +28,15 @@ from pydicom.uid import UID
 from dicomweb_server.dicom_json import BULK_VRS
 from dicomweb_server.media.mediatypes import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo
-from dicomweb_server.transcode.frames import cannot, check_dataset_size, frame_bytes, pixels
+from dicomweb_server.transcode.frames import (
+    MAX_CONVERTED_SEQUENCE_DEPTH,
+    cannot,
+    check_dataset_size,
+    frame_bytes,
+    pixels,
+    read_stored,
+    too_deep,
+)
 from dicomweb_server.transcode.lossy import Sizes, lossy_method, mark_lossy
 from dicomweb_server.transcode.plugins import DECODE_ERRORS, decoded
 from dicomweb_server.vr import WORD_WIDTHS, swapped_words
@@ -52,7 +60,7 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     without Pixel Data are converted in memory (converted_dataset), the same bytes."""
     what = f"write {UID(transfer_syntax_uid).name}"
     try:
-        head = pydicom.dcmread(src, stop_before_pixels=True)
+        head = read_stored(src, stop_before_pixels=True)
         ts = UID(str(head.file_meta.TransferSyntaxUID))
         what = f"convert {ts.name} to {UID(transfer_syntax_uid).name}"
         whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or head.get("BitsAllocated") == 1
@@ -79,7 +87,7 @@ def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
     it, byte for byte (test_convert_stream checks so on the corpus), with one frame in memory at
     a time; False when `src` has no top-level Pixel Data (nothing written). Decoding uses
     `plugin` (see decoded)."""
-    ds = pydicom.dcmread(src, defer_size=_CONVERT_DEFER_BYTES)
+    ds = read_stored(src, defer_size=_CONVERT_DEFER_BYTES)
     if _PIXEL_DATA not in ds:
         return False
     conversion = _Streamed(ds, target, plugin)  # checked and split before `dst` is opened
@@ -312,7 +320,7 @@ def one_bit_pixel_data(src: Path) -> bytes:
     (_convert_pixels): every frame decoded, then bit-packed as one run (PS3.5 8.1.1: the
     frames follow each other with no padding, so a frame need not start on a byte), padded
     to an even length (PS3.5 7.1.1). Runs in a worker thread."""
-    ds = pydicom.dcmread(src)
+    ds = read_stored(src)
     try:
         data = frame_bytes(pixels(ds), 1)
     except DECODE_ERRORS as exc:
@@ -324,7 +332,7 @@ def converted_dataset(src: Path, transfer_syntax_uid: str) -> Dataset:
     """`src` read and converted to `transfer_syntax_uid` (a key of ENCODERS), in memory: the
     data set of a WADO conversion, or of a DIMSE C-STORE sub-operation to a peer that did not
     accept the stored syntax. The SOP Instance UID is kept."""
-    ds = pydicom.dcmread(src)
+    ds = read_stored(src)
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     try:
         if not ts.is_little_endian:  # every target is little endian
@@ -361,7 +369,9 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
     instance, but one stored before is converted here). Walked with a stack, each element
     encoded on its own, as the writer would: a raw element of a data set read in the target
     encoding is copied as it is (not checked), and a value left deferred (top level only) is
-    read from the file outside any item."""
+    read from the file outside any item. Sequences nested deeper than
+    MAX_CONVERTED_SEQUENCE_DEPTH are refused before any is written: pydicom's writer recurses
+    (see that limit)."""
     stack: list[tuple[Dataset, list[Dataset], Any]] = [(ds, [], None)]
     while stack:
         item, ancestors, encodings = stack.pop()
@@ -374,8 +384,10 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
             # A raw element without a VR was read as implicit VR from a file whose transfer
             # syntax says explicit (pydicom reads such a data set as it finds it): the writer
             # would copy it with no VR to write (a TypeError), so it is converted here.
-            if isinstance(raw, RawDataElement) and (
-                (copied and raw.VR is not None) or raw.value is None
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.VR is not None
+                and (copied or _deferred_value(item, raw))
             ):
                 continue
             try:
@@ -387,7 +399,21 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                     f"{name} cannot be written: {type(exc).__name__} {first}"
                 ) from None
             if elem.VR == "SQ":
+                if len(ancestors) == MAX_CONVERTED_SEQUENCE_DEPTH:  # a sequence one level more
+                    raise ValueError(too_deep())
                 stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
+
+
+def _deferred_value(item: Dataset, raw: RawDataElement) -> bool:
+    """A value left in the file (deferred: a long one at the top level) that pydicom reads as
+    no sequence, its VR asked of pydicom's own hook as it will read it. A deferred sequence
+    is read and walked: a C-GET reads with a defer size of 1 KiB, and the sequences of one
+    longer went unchecked (their depth, their values) into pynetdicom's re-encoding."""
+    if raw.value is not None:
+        return False
+    found: dict[str, Any] = {}
+    pydicom_hooks.raw_element_vr(raw, found, encoding=None, ds=item)
+    return bool(found["VR"] != "SQ")
 
 
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # an encapsulated value begins with an item (PS3.5 A.4)

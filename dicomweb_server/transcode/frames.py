@@ -2,7 +2,8 @@
 decode_frames, encode_frames), from a frame's codestream alone (decode_codestream,
 convert_codestream) or from an item's nested Pixel Data (decode_item_pixels); the bound on what
 one decode makes (DECODE_MAX_BYTES); the last file decoded whole, kept for its next frame; the
-frames of encapsulated Pixel Data as stored (stored_frames)."""
+frames of encapsulated Pixel Data as stored (stored_frames); a stored file read by pydicom, its
+sequences too deep a TranscodeError (read_stored, MAX_CONVERTED_SEQUENCE_DEPTH)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
@@ -39,6 +40,7 @@ from dicomweb_server.vr import frame_count
 
 __all__ = [
     "DECODE_MAX_BYTES",
+    "MAX_CONVERTED_SEQUENCE_DEPTH",
     "WHOLE_FILE_KEEP_MAX_BYTES",
     "cannot",
     "check_dataset_size",
@@ -51,8 +53,38 @@ __all__ = [
     "frame_array",
     "frame_bytes",
     "pixels",
+    "read_stored",
     "stored_frames",
+    "too_deep",
 ]
+
+# Sequences nested in a stored data set that is converted (re-encoded, rendered, sent to a
+# DIMSE peer in another syntax), at most: the most STOW-RS and C-STORE take
+# (dicomfile.MAX_SEQUENCE_DEPTH, which transcode does not import; tests/test_deep_stored.py
+# checks they are equal). pydicom reads sequences of undefined length and writes every
+# sequence recursively: an instance stored before that limit, nested 200 levels and more,
+# raised a bare RecursionError (a 500 for a rendering, a traceback for a C-GET), and its
+# writer overflowed the C stack (the process killed by SIGSEGV) near 300 levels of defined
+# length re-encoded from implicit to explicit VR.
+MAX_CONVERTED_SEQUENCE_DEPTH = 64
+
+
+def too_deep() -> str:
+    """The reason a data set nested deeper than MAX_CONVERTED_SEQUENCE_DEPTH is not converted."""
+    return (
+        f"its sequences nest deeper than {MAX_CONVERTED_SEQUENCE_DEPTH} levels,"
+        " the most this archive converts"
+    )
+
+
+def read_stored(path: Path | BinaryIO, **kwargs: Any) -> Dataset:
+    """pydicom.dcmread(path, **kwargs) of a stored file (or the open file); a TranscodeError
+    (a 406, an icon, a failed sub-operation) when pydicom's recursive reader runs out of
+    stack on its sequences (see MAX_CONVERTED_SEQUENCE_DEPTH)."""
+    try:
+        return pydicom.dcmread(path, **kwargs)
+    except RecursionError:
+        raise TranscodeError(f"cannot read the stored instance: {too_deep()}") from None
 
 
 def frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:
@@ -199,7 +231,7 @@ def _native_value_bytes(path: Path) -> int | None:
 @functools.lru_cache(maxsize=1024)
 def _value_bytes_of(name: str, size: int, _mtime_ns: int) -> int | None:
     with open(name, "rb") as fp:
-        head = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        head = read_stored(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
         start = fp.tell()
         header = fp.read(12)
     ts = UID(str(head.file_meta.TransferSyntaxUID))
@@ -241,7 +273,7 @@ def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
     with _WHOLE_LOCK:
         cached = _whole[1] if _whole is not None and _whole[0] == key else None
     if cached is None:
-        full = pydicom.dcmread(path)
+        full = read_stored(path)
         arr = pixels(full, as_rgb)
         # Frames by the array's shape, not by Number of Frames: pydicom counts the frames a
         # value holds when the attribute is absent (a Deflated file whose Columns was halved
@@ -275,7 +307,7 @@ def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
     Colour that a decoder delivers as YCbCr is converted to RGB (pydicom's default), except
     YBR_FULL, which stays so (keeps_ybr).
     """
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = read_stored(path, stop_before_pixels=True)
     info = PixelInfo.of(ds)
     planar = info.samples_per_pixel > 1 and ds.get("PlanarConfiguration") == 1
     out = []
@@ -294,7 +326,7 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
     """Frames decoded, then encoded in `transfer_syntax_uid` (one codestream per frame)."""
     codec = ENCODERS[transfer_syntax_uid]
     assert codec.encode is not None
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = read_stored(path, stop_before_pixels=True)
     info = PixelInfo.of(ds)
     out = []
     for n in frames:
@@ -381,7 +413,7 @@ def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
     found: dict[int, bytes] = {}
     count = 0
     with path.open("rb") as fp:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        ds = read_stored(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
         nframes = frame_count(ds.get("NumberOfFrames"))
         # The element's header: tag, VR, 2 reserved bytes, the length (PS3.5 7.1.2); or tag
         # and length when written implicitly in an explicit file (pydicom reads that too).

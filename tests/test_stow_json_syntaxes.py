@@ -1,0 +1,67 @@
+"""STOW-RS of metadata and bulk data takes back what the archive serves: the metadata of an
+instance and its bulk data, as the archive sends them, stored again under another SOP
+Instance UID (tests/test_stow_json.py holds the rest of STOW-RS of metadata)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from pydicom.encaps import generate_frames
+from pydicom.uid import generate_uid
+
+from dicomweb_server.media.negotiate import frame_syntax
+from tests.helpers import ROOT, inst_url, multipart_body, split_multipart, stow_headers
+from tests.test_stow_json import STORED, _body, _post
+
+DEFLATED_IMAGE_FRAME = "1.2.840.10008.1.2.8.1"  # PS3.5 A.4.13
+
+
+def test_octet_stream_names_a_syntax_of_octet_stream_frames_only() -> None:
+    octets = "application/octet-stream; transfer-syntax="
+    assert frame_syntax(octets + DEFLATED_IMAGE_FRAME) == DEFLATED_IMAGE_FRAME
+    assert frame_syntax(octets + "1.2.840.10008.1.2.1.98") == "1.2.840.10008.1.2.1.98"
+    assert frame_syntax("application/octet-stream") == "1.2.840.10008.1.2.1"
+    for other in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2", "1.2.3.4"):
+        assert frame_syntax(octets + other) is None, other
+
+
+@pytest.mark.db
+async def test_deflated_image_frames_round_trip(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A SEG in Deflated Image Frame Compression: its bulk data is served as stored, one
+    `application/octet-stream; transfer-syntax=1.2.840.10008.1.2.8.1` part per frame (no
+    decoder here, and PS3.18 Table 8.7.3-5 gives that syntax no media type of its own).
+    STOW-RS refused those parts back (0xC000: octet-stream was native only); now each is a
+    frame, stored encapsulated in that syntax."""
+    path = samples / "real/pydicom-data/liver_deflate.dcm"
+    src = pydicom.dcmread(path)
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([path.read_bytes()]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    meta = (await app_client.get(f"{inst_url(src)}/metadata")).json()[0]
+    uri = meta["7FE00010"]["BulkDataURI"]
+    r = await app_client.get(uri, headers={"Accept": "*/*"})
+    assert r.status_code == 200, r.text
+    parts = [(uri, h["content-type"], body)
+             for h, body in split_multipart(r.content, r.headers["content-type"])]  # fmt: skip
+    assert {ctype for _, ctype, _ in parts} == {
+        f"application/octet-stream; transfer-syntax={DEFLATED_IMAGE_FRAME}"
+    }
+    copy = generate_uid()
+    meta["00080018"]["Value"] = [copy]
+    r = await _post(app_client, _body([meta], *parts))
+    assert r.status_code == 200, r.headers.get("Warning")
+    src.SOPInstanceUID = copy
+    r = await app_client.get(inst_url(src), headers={"Accept": STORED})
+    ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
+    assert headers["content-type"].endswith(f"transfer-syntax={DEFLATED_IMAGE_FRAME}")
+    stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    nframes = int(src.NumberOfFrames)
+    assert list(generate_frames(stored.PixelData, number_of_frames=nframes)) == list(
+        generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=nframes)
+    )
