@@ -384,10 +384,8 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
             # A raw element without a VR was read as implicit VR from a file whose transfer
             # syntax says explicit (pydicom reads such a data set as it finds it): the writer
             # would copy it with no VR to write (a TypeError), so it is converted here.
-            if (
-                isinstance(raw, RawDataElement)
-                and raw.VR is not None
-                and (copied or _deferred_value(item, raw))
+            if isinstance(raw, RawDataElement) and (
+                (copied and raw.VR is not None) or _deferred_value(item, raw)
             ):
                 continue
             try:
