@@ -261,3 +261,29 @@ async def test_move_to_a_peer_taking_only_uncompressed_keeps_ybr_full(
     assert got.PhotometricInterpretation == "YBR_FULL"
     assert np.array_equal(pixel_array(got, as_rgb=False), pixel_array(stored, as_rgb=False))
     assert pydicom.uid.UID(sent_as) in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+
+async def test_rgb_instance_in_htj2k_says_ybr_rct(app_client: httpx.AsyncClient) -> None:
+    """OpenJPH applies the reversible colour transform to RGB: a JPEG 2000 codestream with
+    one means Photometric Interpretation YBR_RCT (PS3.5 8.2.4, 8.2.14), which decoders give
+    back as the stored RGB. JPEG 2000 Lossless (pydicom's encoder: no transform) stays RGB."""
+    ds = make_instance(rows=40, cols=48, modality="OT")
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    rgb = np.random.default_rng(3).integers(0, 256, (40, 48, 3), np.uint8)
+    ds.PixelData = rgb.tobytes()
+    stored = await _stored(app_client, to_bytes(ds))
+    for target, label, mct in (
+        (HTJ2K_LOSSLESS, "YBR_RCT", 1),
+        (HTJ2K_LOSSLESS_RPCL, "YBR_RCT", 1),
+        (HTJ2K_ANY, "YBR_RCT", 1),
+        (JPEG_2000_LOSSLESS, "RGB", 0),
+    ):
+        sent = dcmread(io.BytesIO((await _converted(app_client, stored, target)).content))
+        frame = next(pydicom.encaps.generate_frames(sent.PixelData, number_of_frames=1))
+        assert (sent.PhotometricInterpretation, _multi_component_transform(frame)) == (
+            label,
+            mct,
+        ), target
+        assert np.array_equal(pixel_array(sent), rgb), target

@@ -53,6 +53,7 @@ __all__ = [
     "available_targets",
     "decodable",
     "keeps_ybr",
+    "made_photometric",
     "missing_codec",
     "segments",
 ]
@@ -148,15 +149,19 @@ def _imagecodecs_available(codec: str) -> Callable[[], bool]:
     return check
 
 
-def _decoded_photometric(info: PixelInfo, target: str) -> str:
-    """The colour space of the samples handed to the encoder of `target`: YCbCr kept as
-    YBR_FULL (keeps_ybr: YBR_FULL_422 arrives upsampled), else RGB, which pydicom's decoders
-    make of YCbCr. pydicom checks it against PS3.5 8.2 and uses it: a JPEG 2000 encoder
-    applies no multi-component transform to YBR_FULL (PS3.5 8.2.4: the components are then
-    those the Photometric Interpretation names)."""
+def made_photometric(info: PixelInfo, target: str) -> str:
+    """The Photometric Interpretation of colour decoded and made into `target`: YCbCr kept
+    as YBR_FULL (keeps_ybr: YBR_FULL_422 arrives upsampled), else RGB, which pydicom's
+    decoders make of YCbCr; YBR_RCT for RGB made into HTJ2K, whose encoder (OpenJPH) applies
+    the reversible colour transform to it (PS3.5 8.2.4, 8.2.14: the attribute then says
+    YBR_RCT). pydicom's encoders check it against PS3.5 8.2 and use it: JPEG 2000 gets no
+    multi-component transform (pydicom's choice for RGB; for YBR_FULL the components must
+    be those it names)."""
     if info.samples_per_pixel != 3:
         return info.photometric
-    return "YBR_FULL" if keeps_ybr(info, target) else "RGB"
+    if keeps_ybr(info, target):
+        return "YBR_FULL"
+    return "YBR_RCT" if target in (HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K_ANY) else "RGB"
 
 
 def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
@@ -178,7 +183,7 @@ def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
             "bits_allocated": info.bits_allocated,
             "bits_stored": info.bits_stored,
             "pixel_representation": info.pixel_representation,
-            "photometric_interpretation": _decoded_photometric(info, uid),
+            "photometric_interpretation": made_photometric(info, uid),
             "number_of_frames": 1,
             "planar_configuration": planar,
         }

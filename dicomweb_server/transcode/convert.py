@@ -30,7 +30,7 @@ from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
 )
-from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr
+from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr, made_photometric
 from dicomweb_server.transcode.frames import cannot, check_dataset_size, frame_bytes, pixels
 from dicomweb_server.transcode.lossy import Sizes, lossy_method, mark_lossy
 from dicomweb_server.transcode.plugins import DECODE_ERRORS, decoded
@@ -504,14 +504,15 @@ def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
 
 
 def _made_colour(info: PixelInfo, target: str) -> PixelInfo:
-    """What colour frames decoded for `target` are in: YCbCr samples kept as YBR_FULL where
-    `target` may hold them (keeps_ybr: a lossless syntax, or uncompressed from YBR_FULL;
-    PS3.5 8.2.1-8.2.4 list YBR_FULL for JPEG Lossless, RLE, JPEG-LS and JPEG 2000), for
-    converted to RGB they would change (PS3.3 C.7.6.3.1.2: the conversion rounds) under a
-    syntax that claims to be lossless; else RGB. Pixel-interleaved either way."""
+    """What colour frames decoded for `target` are in (made_photometric): YCbCr samples
+    kept as YBR_FULL where `target` may hold them (keeps_ybr: a lossless syntax, or
+    uncompressed from YBR_FULL; PS3.5 8.2.1-8.2.4 list YBR_FULL for JPEG Lossless, RLE,
+    JPEG-LS and JPEG 2000), for converted to RGB they would change (PS3.3 C.7.6.3.1.2: the
+    conversion rounds) under a syntax that claims to be lossless; else RGB (YBR_RCT in
+    HTJ2K, colour transformed). Pixel-interleaved either way."""
     if info.samples_per_pixel != 3:
         return info
-    photometric = "YBR_FULL" if keeps_ybr(info, target) else "RGB"
+    photometric = made_photometric(info, target)
     return replace(info, photometric=photometric, planar_configuration=0)
 
 
