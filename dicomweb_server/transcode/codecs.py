@@ -53,6 +53,7 @@ __all__ = [
     "available_targets",
     "decodable",
     "keeps_ybr",
+    "made_photometric",
     "missing_codec",
     "segments",
 ]
@@ -148,9 +149,19 @@ def _imagecodecs_available(codec: str) -> Callable[[], bool]:
     return check
 
 
-def _decoded_photometric(info: PixelInfo) -> str:
-    """Colour comes out of pydicom's decoders as RGB (YCbCr converted)."""
-    return "RGB" if info.samples_per_pixel == 3 else info.photometric
+def made_photometric(info: PixelInfo, target: str) -> str:
+    """The Photometric Interpretation of colour decoded and made into `target`: YCbCr kept
+    as YBR_FULL (keeps_ybr: YBR_FULL_422 arrives upsampled), else RGB, which pydicom's
+    decoders make of YCbCr; YBR_RCT for RGB made into HTJ2K, whose encoder (OpenJPH) applies
+    the reversible colour transform to it (PS3.5 8.2.4, 8.2.14: the attribute then says
+    YBR_RCT). pydicom's encoders check it against PS3.5 8.2 and use it: JPEG 2000 gets no
+    multi-component transform (pydicom's choice for RGB; for YBR_FULL the components must
+    be those it names)."""
+    if info.samples_per_pixel != 3:
+        return info.photometric
+    if keeps_ybr(info, target):
+        return "YBR_FULL"
+    return "YBR_RCT" if target in (HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K_ANY) else "RGB"
 
 
 def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
@@ -172,7 +183,7 @@ def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
             "bits_allocated": info.bits_allocated,
             "bits_stored": info.bits_stored,
             "pixel_representation": info.pixel_representation,
-            "photometric_interpretation": _decoded_photometric(info),
+            "photometric_interpretation": made_photometric(info, uid),
             "number_of_frames": 1,
             "planar_configuration": planar,
         }
@@ -182,10 +193,18 @@ def _pydicom_encode(uid: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
     return encode
 
 
+def _htj2k_colour(info: PixelInfo) -> dict[str, Any]:
+    """OpenJPH applies the reversible colour transform (RCT) to three components unless told
+    they are not RGB; YCbCr samples are coded without it, for a codestream with a
+    multi-component transform must be labelled YBR_RCT (PS3.5 8.2.4, 8.2.14), which decoders
+    take as RGB once the transform is undone."""
+    return {"rgb": False} if keeps_ybr(info, HTJ2K_LOSSLESS) else {}
+
+
 def _htj2k_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
     import imagecodecs
 
-    return bytes(imagecodecs.htj2k_encode(_native_order(arr), level=0))
+    return bytes(imagecodecs.htj2k_encode(_native_order(arr), level=0, **_htj2k_colour(info)))
 
 
 def _htj2k_rpcl_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
@@ -201,7 +220,7 @@ def _htj2k_rpcl_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
     )
     codestream = imagecodecs.htj2k_encode(
         _native_order(arr), level=0, tlm=True, tilepart=True,
-        resolutions=max(HTJ2K_DECOMPOSITIONS, needed),
+        resolutions=max(HTJ2K_DECOMPOSITIONS, needed), **_htj2k_colour(info),
     )  # fmt: skip
     return bytes(codestream)
 
@@ -268,9 +287,24 @@ def _integer(min_bits: int, max_bits: int, min_side: int = 1) -> Callable[[Pixel
     return accepts
 
 
+def _ybr_fits(info: PixelInfo, target: str) -> bool:
+    """Whether the colour space `target` is made in may hold these samples: YBR_FULL, which
+    YCbCr kept (keeps_ybr) is labelled, only with 8 bits allocated and at most 8 stored in
+    RLE Lossless and JPEG-LS (PS3.5 Tables 8.2.2-1 and 8.2.3-1); RGB made of it would not
+    hold the samples stored (pydicom converts 8-bit YCbCr only, with rounding)."""
+    return not keeps_ybr(info, target) or (info.bits_allocated == 8 and info.bits_stored <= 8)
+
+
 def _rle_accepts(info: PixelInfo) -> bool:
     # PS3.5 G.2 allows 32-bit samples, but pydicom's RLE encoders take 8 and 16 bits only.
-    return _integer(1, 16)(info) and info.bits_allocated in (8, 16)
+    return (
+        _integer(1, 16)(info) and info.bits_allocated in (8, 16) and _ybr_fits(info, RLE_LOSSLESS)
+    )
+
+
+def _jpeg_ls_accepts(info: PixelInfo) -> bool:
+    # pyjpegls overflows its output buffer on images of a few pixels.
+    return _integer(2, 16, min_side=8)(info) and _ybr_fits(info, JPEG_LS_LOSSLESS)
 
 
 def _jpeg_lossless_accepts(info: PixelInfo) -> bool:
@@ -292,8 +326,7 @@ ENCODERS: dict[str, Codec] = {
         _pydicom_encode(RLE_LOSSLESS), _pydicom_encoder_available(RLE_LOSSLESS),
     ),
     JPEG_LS_LOSSLESS: Codec(
-        # pyjpegls overflows its output buffer on images of a few pixels.
-        JPEG_LS_LOSSLESS, False, "pyjpegls", _integer(2, 16, min_side=8),
+        JPEG_LS_LOSSLESS, False, "pyjpegls", _jpeg_ls_accepts,
         _pydicom_encode(JPEG_LS_LOSSLESS), _pydicom_encoder_available(JPEG_LS_LOSSLESS),
     ),
     JPEG_2000_LOSSLESS: Codec(
@@ -362,7 +395,9 @@ def keeps_ybr(info: PixelInfo, target: str) -> bool:
     """Whether frames served on their own (frames, Pixel Data bulk data) in `target` are
     decoded without converting colour, so that their samples are in the colour space the
     instance's metadata, the only description a client has of a frame, gives: converted to
-    RGB under YBR metadata, Cornerstone and pydicom converted them a second time.
+    RGB under YBR metadata, Cornerstone and pydicom converted them a second time. Whole
+    instances converted to `target` keep the same samples and say YBR_FULL (convert.py):
+    converted to RGB, they changed (the conversion rounds) under a lossless syntax.
 
     - YBR_FULL stays YBR_FULL, uncompressed or re-encoded (PS3.5 8.2.2 note 4 permits leaving
       it so).

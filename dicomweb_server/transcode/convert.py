@@ -26,8 +26,11 @@ from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID
 
 from dicomweb_server.dicom_json import BULK_VRS
-from dicomweb_server.media.mediatypes import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo
+from dicomweb_server.media.mediatypes import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+)
+from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr, made_photometric
 from dicomweb_server.transcode.frames import (
     MAX_CONVERTED_SEQUENCE_DEPTH,
     cannot,
@@ -109,6 +112,7 @@ class _Streamed:
         self.ts = ts = UID(str(ds.file_meta.TransferSyntaxUID))
         self.info = PixelInfo.of(ds)
         self.codec = ENCODERS[target]
+        self.as_rgb = not keeps_ybr(self.info, target)  # YCbCr kept as YBR_FULL, or RGB
         if not self.codec.accepts(self.info):  # e.g. float data to a codec (available_targets)
             raise ValueError(f"{UID(target).name} does not take these pixels")
         if ts.is_compressed or self.codec.encode is not None:  # decoded a frame at a time
@@ -158,7 +162,7 @@ class _Streamed:
 
         def frames() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
             yield from decoder.iter_array(
-                value, decoding_plugin=self.plugin, as_rgb=True, **self.options
+                value, decoding_plugin=self.plugin, as_rgb=self.as_rgb, **self.options
             )
 
         if self.codec.encode is not None:
@@ -184,9 +188,7 @@ class _Streamed:
         scratch: Path,
     ) -> None:
         """Encapsulated in the target syntax: each frame decoded, then encoded."""
-        info = self.info
-        if info.samples_per_pixel == 3:  # decoded as RGB, pixel-interleaved
-            info = replace(info, photometric="RGB", planar_configuration=0)
+        info = _made_colour(self.info, self.target)
         _decoded_colour(self.ds, info)
         if not self.codec.lossy:
             mark_lossy(self.ds, method)
@@ -206,7 +208,8 @@ class _Streamed:
             shutil.copyfileobj(encoded, out, CONVERT_COPY_BYTES)
 
     def _write_decoded(self, out: BinaryIO, frames: _Frames, method: str | None) -> None:
-        """Compressed to native: the frames decoded; the header says what they decoded to."""
+        """Compressed to native: the frames decoded; the header says what they decoded to
+        (YBR_FULL kept, else RGB; pixel-interleaved, Planar Configuration 0)."""
         ds, info, nframes = self.ds, self.info, self.nframes
         decoded = frames()
         first, props = next(decoded)
@@ -481,9 +484,8 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
     if codec.encode is None:  # to Explicit VR Little Endian
         _to_explicit_little(ds, ts, info)
         return None
-    arr = pixels(ds)  # colour converted to RGB, as _decoded_colour then says
-    if info.samples_per_pixel == 3:  # and pixel-interleaved, Planar Configuration 0
-        info = replace(info, photometric="RGB", planar_configuration=0)
+    arr = pixels(ds, as_rgb=not keeps_ybr(info, target))  # as _made_colour says
+    info = _made_colour(info, target)
     frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
     sizes = Sizes()
     ds.PixelData = encapsulate(list(sizes.of(codec.encode, info, frames)), has_bot=True)
@@ -503,10 +505,14 @@ def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = False
     elif ts.is_compressed:
-        # pydicom converts YCbCr to RGB and sets Photometric Interpretation accordingly.
+        # pydicom sets Photometric Interpretation (and Planar Configuration 0) to what it
+        # decoded: YBR_FULL kept (keeps_ybr), other YCbCr converted to RGB.
+        as_rgb = not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN)
         decoded(
             ts,
-            lambda plugin: ds.decompress(generate_instance_uid=False, decoding_plugin=plugin),
+            lambda plugin: ds.decompress(
+                as_rgb=as_rgb, generate_instance_uid=False, decoding_plugin=plugin
+            ),
         )
     elif not ts.is_little_endian and info.bits_allocated > 1:
         # Big endian: the words swapped, as they are streamed (_write_streamed), bytes
@@ -521,7 +527,21 @@ def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
     # Implicit VR and deflated: the pixel bytes are already little endian, unchanged.
 
 
+def _made_colour(info: PixelInfo, target: str) -> PixelInfo:
+    """What colour frames decoded for `target` are in (made_photometric): YCbCr samples
+    kept as YBR_FULL where `target` may hold them (keeps_ybr: a lossless syntax, or
+    uncompressed from YBR_FULL; PS3.5 8.2.1-8.2.4 list YBR_FULL for JPEG Lossless, RLE,
+    JPEG-LS and JPEG 2000), for converted to RGB they would change (PS3.3 C.7.6.3.1.2: the
+    conversion rounds) under a syntax that claims to be lossless; else RGB (YBR_RCT in
+    HTJ2K, colour transformed). Pixel-interleaved either way."""
+    if info.samples_per_pixel != 3:
+        return info
+    photometric = made_photometric(info, target)
+    return replace(info, photometric=photometric, planar_configuration=0)
+
+
 def _decoded_colour(ds: Dataset, info: PixelInfo) -> None:
+    """The header of frames made as _made_colour says."""
     if info.samples_per_pixel == 3:
-        ds.PhotometricInterpretation = "RGB"
+        ds.PhotometricInterpretation = info.photometric
         ds.PlanarConfiguration = 0
