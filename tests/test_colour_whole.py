@@ -170,7 +170,7 @@ async def test_ybr_full_422_and_jpeg_baseline_targets(
     """As frames are: YBR_FULL_422 from (lossy) JPEG decoded to Explicit VR Little Endian is
     RGB (PS3.5 8.2.1 note: already lossy; the subsampled layout is not remade); re-encoded
     losslessly it holds its YCbCr samples, upsampled, labelled YBR_FULL. JPEG Baseline is
-    made from RGB and says so."""
+    made from RGB and says YBR_FULL_422, as its codestream holds."""
     ybr422 = await _stored(
         app_client, (samples / REAL / "pydicom" / "SC_rgb_dcmtk_+eb+cy+np.dcm").read_bytes()
     )
@@ -187,7 +187,37 @@ async def test_ybr_full_422_and_jpeg_baseline_targets(
         assert sent.LossyImageCompression == "01"  # the JPEG original was lossy
     ybr = await _stored(app_client, (samples / NATIVE_YBR).read_bytes())
     sent = dcmread(io.BytesIO((await _converted(app_client, ybr, JPEG_BASELINE)).content))
-    assert sent.PhotometricInterpretation == "RGB" and sent.LossyImageCompression == "01"
+    assert sent.LossyImageCompression == "01"
+    _check_baseline_ybr_422(sent, pixel_array(ybr))
+
+
+def _check_baseline_ybr_422(sent: Dataset, rgb: np.ndarray) -> None:
+    """JPEG Baseline made by the archive says what its codestream holds (PS3.5 8.2.1): YCbCr
+    with the chrominance halved horizontally, YBR_FULL_422 (it said RGB); and decodes, as
+    that label says, to about the original colours."""
+    assert sent.PhotometricInterpretation == "YBR_FULL_422"
+    frame = next(pydicom.encaps.generate_frames(sent.PixelData, number_of_frames=1))
+    sof = next(pos for marker, pos in segments(frame, 2) if marker in (0xC0, 0xC1))
+    # SOF0 (ITU T.81 B.2.2): Nf, then per component its id, Hi<<4|Vi and Tq
+    assert frame[sof + 9] == 3
+    sampling = [frame[sof + 10 + 3 * i + 1] for i in range(3)]
+    assert sampling == [0x21, 0x11, 0x11], [hex(s) for s in sampling]
+    decoded = pixel_array(sent).astype(int)
+    assert np.abs(decoded - rgb.astype(int)).mean() < 8
+
+
+async def test_rgb_instance_in_jpeg_baseline_says_ybr_full_422(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """RGB converted whole to JPEG Baseline: YBR_FULL_422, 4:2:2 in the codestream."""
+    ds = make_instance(rows=32, cols=48, SamplesPerPixel=3, PhotometricInterpretation="RGB")
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PlanarConfiguration = 7, 0
+    y, x = np.mgrid[0:32, 0:48]
+    ds.PixelData = np.stack([x * 5, y * 7, 255 - x * 5], axis=-1).astype(np.uint8).tobytes()
+    stored = await _stored(app_client, to_bytes(ds))
+    sent = dcmread(io.BytesIO((await _converted(app_client, stored, JPEG_BASELINE)).content))
+    _check_baseline_ybr_422(sent, pixel_array(stored))
 
 
 async def test_16_bit_ybr_full_converted_where_ybr_full_is_allowed(

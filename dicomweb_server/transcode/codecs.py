@@ -159,6 +159,11 @@ def made_photometric(info: PixelInfo, target: str) -> str:
     be those it names)."""
     if info.samples_per_pixel != 3:
         return info.photometric
+    if target == JPEG_BASELINE:
+        # _jpeg_encode's codestream holds YCbCr, chrominance halved horizontally; the
+        # attributes describe the compressed data stream (PS3.5 8.2.1, CP 156): labelled
+        # RGB, a decoder that trusts the label (pydicom warns) could skip the conversion.
+        return "YBR_FULL_422"
     if keeps_ybr(info, target):
         return "YBR_FULL"
     return "YBR_RCT" if target in (HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K_ANY) else "RGB"
@@ -226,9 +231,17 @@ def _htj2k_rpcl_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
 
 
 def _jpeg_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+    """JPEG Baseline of RGB (made_photometric): libjpeg converts it to YCbCr and halves the
+    chrominance horizontally (4:2:2), what YBR_FULL_422 names (PS3.3 C.7.6.3.1.2; its default,
+    4:2:0, halves it vertically too, which that label does not say)."""
     import imagecodecs
 
-    return bytes(imagecodecs.jpeg8_encode(_native_order(arr), level=JPEG_BASELINE_QUALITY))
+    subsampling = "422" if info.samples_per_pixel == 3 else None
+    return bytes(
+        imagecodecs.jpeg8_encode(
+            _native_order(arr), level=JPEG_BASELINE_QUALITY, subsampling=subsampling
+        )
+    )
 
 
 def _jpeg_lossless_encode(arr: np.ndarray, info: PixelInfo) -> bytes:
