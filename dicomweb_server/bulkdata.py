@@ -21,7 +21,7 @@ from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, bulk_prefix
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
-from dicomweb_server.media.negotiate import BULKDATA_ACCEPTABLE, accepts_bulkdata
+from dicomweb_server.media.negotiate import bulkdata_unacceptable
 from dicomweb_server.metadata import not_found
 from dicomweb_server.multipart import Prefixed, close_all
 from dicomweb_server.retrieve.frames import frame_media, frame_parts
@@ -90,7 +90,7 @@ async def bulk_payload(
     listing = await svc.index.bulk_listing(study, series, sop)
     if not listing:
         raise not_found(series, sop)
-    plain_ok = accepts_bulkdata(accept)
+    plain_why = bulkdata_unacceptable(accept)
     values: list[_Value] = []
     payload = BulkPayload(None)
     for inst, paths, ranges in listing:
@@ -98,7 +98,7 @@ async def bulk_payload(
             if pixel_only and path not in PIXEL_DATA_PATHS:
                 continue
             try:
-                plans = _plans(inst, path, accept, plain_ok)
+                plans = _plans(inst, path, accept, plain_why)
             except NotAcceptableError as exc:  # TranscodeError included
                 payload.leave_out(exc.message)
                 continue
@@ -110,16 +110,19 @@ async def bulk_payload(
     return payload
 
 
-def _plans(inst: StoredInstance, path: str, accept: str | None, plain_ok: bool) -> list[str] | None:
+def _plans(
+    inst: StoredInstance, path: str, accept: str | None, plain_why: str | None
+) -> list[str] | None:
     """How the value at `path` can be sent as a type the client accepts (bulk_payload): the
-    Pixel Data's plans, None for the value as stored; NotAcceptableError when it cannot be."""
+    Pixel Data's plans, None for the value as stored; NotAcceptableError when it cannot be.
+    `plain_why`: why octet-stream bulk data is not acceptable, None when it is."""
     if path == _PIXEL_DATA and encapsulated_pixels(inst):
         return pixel_data_plan(inst, accept)
-    if path == _PIXEL_DATA and inst.number_of_frames > 0 and not plain_ok:
+    if path == _PIXEL_DATA and inst.number_of_frames > 0 and plain_why is not None:
         frame_media(inst, accept)  # 406 unless the frames go in a type accepted
         return [AS_FRAMES]
-    if not plain_ok:
-        raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+    if plain_why is not None:
+        raise NotAcceptableError(plain_why)
     return None
 
 

@@ -465,3 +465,39 @@ async def test_uncompressed_value_of_odd_length_is_padded(app_client: httpx.Asyn
     assert r.status_code == 206 and r.content == b"\x09\0"
     r = await app_client.get(uri, headers=octets | {"Range": "bytes=0-8"})
     assert r.content == pixels.tobytes()
+
+
+@pytest.mark.db
+async def test_bulk_data_refused_with_q0_is_not_sent(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """`type="application/octet-stream"; q=0, */*` (RFC 9110 12.5.1: the most specific range
+    gives a representation its quality) took uncompressed frames and instances from the
+    frames and instance resources, but the bulk data and Pixel Data resources still sent
+    octet-stream: encapsulated Pixel Data now goes as its frames as stored (the next
+    acceptable), a value with no other representation is a 406 that says why."""
+    path = samples / "generated" / "coverage" / "nm_10frames_rle.dcm"
+    rle = pydicom.dcmread(path)
+    native = _with_bulk_values(study=rle.StudyInstanceUID)
+    await _store(app_client, path.read_bytes(), to_bytes(native))
+    refused = 'multipart/related; type="application/octet-stream"; q=0, */*'
+    for url in (f"{inst_url(rle)}/pixeldata", f"{inst_url(rle)}/bulk/7FE00010"):
+        parts = await _parts(app_client, url, refused)
+        assert len(parts) == int(rle.NumberOfFrames), url
+        assert {h["content-type"] for h, _ in parts} == {
+            "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5"
+        }
+    no_rle = f'multipart/related; type="image/*"; q=0, {refused}'
+    r = await app_client.get(f"{inst_url(rle)}/pixeldata", headers={"Accept": no_rle})
+    assert r.status_code == 406
+    assert "refuses (q=0) the Pixel Data uncompressed and its frames as stored" in r.text
+    for url in (f"{inst_url(native)}/bulk/60003000", f"{inst_url(native)}/bulkdata"):
+        r = await app_client.get(url, headers={"Accept": refused})
+        assert r.status_code == 406, url
+        assert "the Accept refuses it (q=0)" in r.text, url
+    # the study's bulk data: the RLE frames, the native instance's values left out
+    r = await app_client.get(f"{ROOT}/studies/{rle.StudyInstanceUID}/bulkdata",
+                             headers={"Accept": refused})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith('multipart/related; type="image/dicom-rle"')
+    assert "3 bulk data value(s) not sent" in r.headers["warning"]

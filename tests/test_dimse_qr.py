@@ -5,6 +5,7 @@ movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -796,3 +798,56 @@ async def test_find_cancel_unknown_destination_and_get_without_role_are_audited(
     (row,) = await audit_rows(archive, "dimse_get", start)
     assert (row["outcome"], row["uids"]) == (0xA702, [])
     assert "matched=300 completed=0 warning=0 failed=300" in row["detail"]
+
+
+def _retrieve_responses(archive: Archive, ident: Dataset, get: bool) -> list[Dataset]:
+    """The command sets of the responses to a Study Root C-GET or C-MOVE (to PEER), as
+    received."""
+    model = (
+        StudyRootQueryRetrieveInformationModelGet if get
+        else StudyRootQueryRetrieveInformationModelMove
+    )  # fmt: skip
+    ae = scu(model)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    role = [build_role(CTImageStorage, scp_role=True)] if get else []
+    received: list[Dataset] = []
+
+    def on_recv(event: Event) -> None:
+        received.append(event.message.command_set)
+
+    assoc = associate(ae, archive, ext_neg=role, evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
+    try:
+        sent = assoc.send_c_get(ident, model) if get else assoc.send_c_move(ident, PEER, model)
+        assert len(list(sent)) == len(received)
+        return received
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("get", [True, False], ids=["c-get", "c-move"])
+async def test_a_refused_identifier_counts_no_failed_sub_operation(
+    settings: Settings, tmp_path: Path, get: bool
+) -> None:
+    """An identifier refused as a whole (an unknown level, a missing unique key) has no
+    sub-operations, and the counts are of sub-operations (PS3.7 9.1.3, 9.1.4): the final
+    response said 1 failed (pynetdicom answers a failure only after a count of 1), with an
+    Identifier of an empty Failed SOP Instance UID List that getscu never read (its A-RELEASE
+    then failed: "DUL P-Data PDU arrived"). Now all counts are 0 and there is no Identifier,
+    as dcmqrscp answers; a C-MOVE no longer associates with its destination first (one that
+    cannot be reached made it 0xA801 instead of the identifier's failure)."""
+    with socket.socket() as unused:  # a destination nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        nobody = Peer(int(unused.getsockname()[1]))
+    async with archive_with_peer(settings, nobody, tmp_path) as archive:
+        for ident, code in (
+            (identifier("FOO", StudyInstanceUID="1.2.3"), 0xA900),
+            (identifier("SERIES", StudyInstanceUID="1.2.3"), 0xA900),  # no Series UID
+            (identifier("STUDY", StudyInstanceUID="1.2.x"), 0xC000),
+        ):
+            (final,) = await in_thread(_retrieve_responses, archive, ident, get)
+            assert final.Status == code, (ident.QueryRetrieveLevel, hex(final.Status))
+            assert final.ErrorComment
+            counts = ("Completed", "Failed", "Warning")
+            assert [final.get(f"NumberOf{c}Suboperations") for c in counts] == [0, 0, 0]
+            assert "NumberOfRemainingSuboperations" not in final
+            assert final.CommandDataSetType == 0x0101  # no Identifier (PS3.7 E.1-1)

@@ -16,6 +16,8 @@ from dicomweb_server.media.mediatypes import (
     stow_boundary,
 )
 from dicomweb_server.media.negotiate import (
+    BULKDATA_ACCEPTABLE,
+    bulkdata_unacceptable,
     frame_media_type,
     negotiate_dicom_model,
     negotiate_frames,
@@ -491,3 +493,36 @@ def test_negotiation_table(
                 negotiate(accept, stored, targets)
         else:
             assert negotiate(accept, stored, targets) == want, negotiate.__name__
+
+
+_NO_OCTETS = 'multipart/related; type="application/octet-stream"; q=0'
+
+
+@pytest.mark.parametrize(
+    ("accept", "acceptable"),
+    [
+        (None, True),
+        ("*/*", True),
+        ('multipart/related; type="application/octet-stream"', True),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*", True),
+        (f"{_NO_OCTETS}, */*", False),
+        (f"{_NO_OCTETS}, multipart/*", False),
+        (f'{_NO_OCTETS}, multipart/related; type="*/*"', False),
+        (f'{_NO_OCTETS}, multipart/related; type="application/*"', False),
+        ("multipart/related; type=application/octet-stream; transfer-syntax=*; q=0, */*", False),
+        (f"multipart/related; type=application/octet-stream; transfer-syntax={JLS}; q=0, */*",
+         True),
+        ('multipart/related; type="image/jls"; q=0, */*', True),
+        ('multipart/related; type="application/dicom"; q=0, */*', True),
+        (f'{_NO_OCTETS}, */*;q=0.5, multipart/related; type="application/octet-stream"; q=0.1',
+         True),
+    ],
+)  # fmt: skip
+def test_bulk_data_refused_with_q0_is_not_acceptable(accept: str | None, acceptable: bool) -> None:
+    """RFC 9110 12.5.1, as for frames: bulk data goes as octet-stream, uncompressed (Explicit
+    VR Little Endian, which `transfer-syntax=*` means for it too), so `type="application/
+    octet-stream"; q=0, */*` refuses it; the bulk data resources sent it all the same."""
+    why = bulkdata_unacceptable(accept)
+    assert (why is None) == acceptable
+    if why is not None:
+        assert why == f"{BULKDATA_ACCEPTABLE}; the Accept refuses it (q=0)"

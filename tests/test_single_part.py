@@ -217,3 +217,25 @@ async def test_a_single_part_that_cannot_be_made_says_why(
         assert message.startswith("cannot "), (accept, message)
         assert "Unable to decode" in message and "transfer-syntax=*" in message, accept
         assert "Accept" in r.headers["vary"]
+
+
+async def test_a_single_part_refused_on_negotiation_says_each_thing_once(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A single part range that fails on negotiation (no codec tried: JPEG Baseline is never
+    made from lossless pixels) already says what the multipart negotiation says: prefixed to
+    it, the "acceptable: ..." list came twice in one reason. A decode failure the multipart
+    negotiation meets too was said twice as well."""
+    native = await _store(app_client, to_bytes(make_instance()))
+    baseline = "1.2.840.10008.1.2.4.50"
+    lossy = await _store(app_client, (samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes())
+    for url, accept, once in (
+        (inst_url(native), f"application/dicom; transfer-syntax={baseline}", "acceptable:"),
+        (f"{inst_url(native)}/frames/1", f"image/jpeg; transfer-syntax={baseline}",
+         "acceptable:"),
+        (f"{inst_url(lossy)}/frames/1", 'image/jls, multipart/related; type="image/jls"',
+         "Unable to decode"),
+    ):  # fmt: skip
+        r = await app_client.get(url, headers={"Accept": accept})
+        assert r.status_code == 406, (accept, r.text)
+        assert r.json()["message"].count(once) == 1, (accept, r.json()["message"])

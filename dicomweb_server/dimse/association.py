@@ -1,6 +1,6 @@
-"""Association events that are no DIMSE service: TCP_NODELAY on its socket (no_delay), and
-the spool files of C-STOREs it ended before they were served deleted
-(discard_unserved_stores)."""
+"""Association events that are no DIMSE service: TCP_NODELAY on its socket (no_delay), the
+spool files of C-STOREs it ended before they were served deleted (discard_unserved_stores),
+and a C-GET or C-MOVE refused before any sub-operation answered as such (final_failure)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import os
 import socket
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.events import Event
 
-__all__ = ["discard_unserved_stores", "no_delay"]
+__all__ = ["discard_unserved_stores", "final_failure", "no_delay"]
 
 
 def no_delay(event: Event) -> None:
@@ -59,3 +61,35 @@ def _discard(spool: Any, close: bool) -> None:
         if close:
             spool.close()
         os.unlink(spool.name)
+
+
+def final_failure(event: Event, answer: Dataset) -> None:
+    """Make the final response to this C-GET or C-MOVE `answer` (a status data set: Status,
+    Error Comment), with no sub-operation counted; the handler then yields 0 sub-operations.
+
+    A request refused as a whole (an identifier at an unknown level, or without its unique
+    key) has no sub-operations, and its counts are of sub-operations (PS3.7 9.1.3, 9.1.4;
+    PS3.4 C.4.2.1.3, C.4.3.1.3): all 0, as dcmqrscp answers. With no failed sub-operation
+    there is no Failed SOP Instance UID List and so no Identifier (C.4.2.1.4.2, C.4.3.1.4.2).
+    pynetdicom answers a failure only after a count of at least 1, which it then reports
+    failed, with an Identifier of an empty list (which getscu never reads: its A-RELEASE met
+    that P-DATA and failed); for a count of 0 it answers Success, with counts of 0 and no
+    Identifier, at once: a C-MOVE before it associates with the destination. That response
+    is made this one: the association's DIMSE provider sends it through send_msg, wrapped
+    here for this one response (by its Message ID Being Responded To) and then unwrapped.
+    The association serves one request at a time, so no other response passes meanwhile."""
+    dimse = event.assoc.dimse
+    message_id = event.request.MessageID
+    send = dimse.send_msg
+
+    def send_final(primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_GET | C_MOVE) and (
+            primitive.MessageIDBeingRespondedTo == message_id
+        ):
+            delattr(dimse, "send_msg")  # the provider's own method again
+            for element in answer:
+                setattr(primitive, element.keyword, element.value)
+            primitive.Identifier = None
+        send(primitive, context_id)
+
+    setattr(dimse, "send_msg", send_final)  # noqa: B010 (mypy: a method is not assigned to)

@@ -36,7 +36,7 @@ from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dicomfile import sop_uids
 from dicomweb_server.dimse import conversion
-from dicomweb_server.dimse.association import discard_unserved_stores, no_delay
+from dicomweb_server.dimse.association import discard_unserved_stores, final_failure, no_delay
 from dicomweb_server.dimse.connections import Connections
 from dicomweb_server.dimse.identifier import (
     UNABLE_TO_PROCESS,
@@ -301,8 +301,9 @@ class Handlers:
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         found = self._matching_instances(event)
-        # pynetdicom associates with the destination before it lets us report a failure or
-        # zero matches: then propose the common storage contexts, which any SCP accepts.
+        # A failure or zero matches is answered before pynetdicom would associate with the
+        # destination (a count of 0 sub-operations; final_failure). The common storage
+        # contexts are proposed when the instances name none.
         contexts = conversion.contexts(found) if isinstance(found, list) else []
         retrieval = Retrieval()
 
@@ -332,10 +333,10 @@ class Handlers:
         """The sub-operations, audited with the status answered (retrieval.py), the counts
         and the instances the peer stored (found by review: every C-MOVE/C-GET was recorded
         as a success with every matched instance, whatever was answered)."""
-        if isinstance(found, Dataset):  # a failure: pynetdicom needs a count before a status
+        if isinstance(found, Dataset):  # refused as a whole: no sub-operation (final_failure)
             self._audit(event, action, int(found.Status), detail=_with_comment(detail, found))
-            yield 1
-            yield found, None
+            final_failure(event, found)
+            yield 0
             return
         try:
             yield from self._sub_operations(event, found, retrieval)

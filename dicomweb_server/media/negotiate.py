@@ -30,7 +30,7 @@ from dicomweb_server.media.mediatypes import (
 
 __all__ = [
     "BULKDATA_ACCEPTABLE",
-    "accepts_bulkdata",
+    "bulkdata_unacceptable",
     "frame_media_type",
     "frame_part_type",
     "frame_syntax",
@@ -39,6 +39,7 @@ __all__ = [
     "negotiate_dicom_model",
     "negotiate_frames",
     "negotiate_instances",
+    "refused_to",
     "single_parts",
     "wants_bulkdata",
 ]
@@ -250,9 +251,16 @@ def _open_choice(
     `part_type(ts)`: the part media type of the resource in that transfer syntax."""
     for choice in options:
         concrete = stored_ts if choice == STORED else choice
-        if not any(_refuses(r, part_type(concrete), concrete, stored_ts) for r in rng.refused):
+        if not refused_to(rng, part_type(concrete), concrete, stored_ts):
             return choice
     return None
+
+
+def refused_to(rng: MediaRange, part: str, ts: str, stored_ts: str) -> bool:
+    """Whether a q=0 multipart/related range of the Accept refuses to the range `rng` (a
+    wildcard: `*/*`, `type="*/*"`) parts of media type `part` in transfer syntax `ts`, the
+    resource being stored in `stored_ts` (_refuses; RFC 9110 12.5.1)."""
+    return any(_refuses(r, part, ts, stored_ts) for r in rng.refused)
 
 
 def _refuses(refused: MediaRange, part: str, ts: str, stored_ts: str) -> bool:
@@ -323,22 +331,31 @@ def _type_matches(requested: str, media: str) -> bool:
 BULKDATA_ACCEPTABLE = 'acceptable: multipart/related; type="application/octet-stream"'
 
 
-def accepts_bulkdata(accept: str | None) -> bool:
-    """Whether bulk data, sent as multipart/related; type="application/octet-stream" (PS3.18
-    8.7.3.4), is acceptable."""
+def bulkdata_unacceptable(accept: str | None) -> str | None:
+    """Why bulk data, sent as multipart/related; type="application/octet-stream" uncompressed
+    (PS3.18 8.7.3.4; 8.7.3.3.2: octet-stream with no transfer syntax, or `*`, is Explicit VR
+    Little Endian), is not acceptable, or None when it is. A wildcard range takes it unless a
+    q=0 range of the same Accept refuses it (`type="application/octet-stream"; q=0, */*`:
+    RFC 9110 12.5.1)."""
+    refused = False
     for rng in parse_accept(accept):
         part = _related_type(rng, APPLICATION_OCTET_STREAM)
         if part in ("*/*", APPLICATION_OCTET_STREAM, "application/*") and rng.params.get(
             "transfer-syntax"
         ) in (None, STORED, EXPLICIT_VR_LITTLE_ENDIAN):
-            return True
-    return False
+            # as stored is the value as it is sent: little endian (retrieve.pixeldata)
+            explicit = EXPLICIT_VR_LITTLE_ENDIAN
+            if not refused_to(rng, APPLICATION_OCTET_STREAM, explicit, explicit):
+                return None
+            refused = True
+    return BULKDATA_ACCEPTABLE + ("; the Accept refuses it (q=0)" if refused else "")
 
 
 def negotiate_bulkdata(accept: str | None) -> None:
-    """406 unless bulk data is acceptable (accepts_bulkdata)."""
-    if not accepts_bulkdata(accept):
-        raise NotAcceptableError(BULKDATA_ACCEPTABLE)
+    """406 unless bulk data is acceptable (bulkdata_unacceptable)."""
+    why = bulkdata_unacceptable(accept)
+    if why is not None:
+        raise NotAcceptableError(why)
 
 
 def single_parts(

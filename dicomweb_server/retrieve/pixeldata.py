@@ -6,7 +6,7 @@ one bulk data element, by the byte range recorded at ingest or by parsing the fi
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from dicomweb_server.media.mediatypes import (
     STORED,
     parse_accept,
 )
+from dicomweb_server.media.negotiate import frame_media_type, refused_to
 from dicomweb_server.metadata import pixel_info
 from dicomweb_server.retrieve.frames import Sized, frame_value, sized_bytes, sized_range
 from dicomweb_server.retrieve.instances import locate
@@ -71,11 +72,15 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
     frame), or a 406. Octet-stream without a transfer syntax, or naming Explicit VR Little
     Endian, is its uncompressed value (PS3.18 8.7.3.3); `transfer-syntax=*` its frames as
     stored; an image type its frames in that type. A range naming no type (`*/*`) takes the
-    uncompressed value when it can be made, else the frames as stored (field notes 3)."""
+    uncompressed value when it can be made, else the frames as stored (field notes 3), what
+    a q=0 range of the same Accept refuses left out (RFC 9110 12.5.1, refused_to)."""
     info = pixel_info(inst)
-    can_decode = decodable(inst.transfer_syntax_uid) and _uncompressed_form(info) is None
+    stored = inst.transfer_syntax_uid
+    info_why = _uncompressed_form(info)
+    can_decode = decodable(stored) and info_why is None
     plans: list[str] = []
     why = ""
+    refused: dict[str, None] = {}  # the plans a q=0 range refused, each once
     for rng in parse_accept(accept):
         if rng.essence not in ("*/*", "multipart/*", MULTIPART_RELATED):
             continue
@@ -85,33 +90,44 @@ def pixel_data_plan(inst: StoredInstance, accept: str | None) -> list[str]:
         ts = rng.params.get("transfer-syntax")
         if part in ("*/*", "application/*", APPLICATION_OCTET_STREAM):
             open_type = rng.essence == "*/*" or part != APPLICATION_OCTET_STREAM
-            if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN) and can_decode:
-                plans.append(DECODED)
-            elif ts in (STORED, inst.transfer_syntax_uid) or (ts is None and open_type):
-                plans.append(STORED_FRAMES)
-            elif ts in (None, EXPLICIT_VR_LITTLE_ENDIAN):
-                why = (
-                    missing_codec(inst.transfer_syntax_uid)
-                    if not decodable(inst.transfer_syntax_uid)
-                    else str(_uncompressed_form(info))
-                )
-            if open_type and ts is None:
-                plans.append(STORED_FRAMES)
+            wants_decoded = ts in (None, EXPLICIT_VR_LITTLE_ENDIAN)
+            wants_stored = ts in (STORED, stored) or (ts is None and open_type)
+            if wants_decoded and not can_decode and not wants_stored:
+                why = missing_codec(stored) if not decodable(stored) else f"{info_why}"
+            offered = [DECODED] * (wants_decoded and can_decode) + [STORED_FRAMES] * wants_stored
+            for plan in offered:
+                if refused_to(rng, *_sent_as(plan, stored), stored):
+                    refused[plan] = None
+                else:
+                    plans.append(plan)
         elif rng.essence == MULTIPART_RELATED:
             plans.append(AS_FRAMES)  # an image type: the frames resource's negotiation
     plans = list(dict.fromkeys(plans))
     if not plans:
-        raise _no_plan(why)
+        raise _no_plan(why, refused)
     return plans
 
 
-def _no_plan(why: str) -> TranscodeError:
-    """The 406 of pixel_data_plan: what is acceptable, and why the Pixel Data could not be
-    decoded when that left out its uncompressed value."""
+def _sent_as(plan: str, stored_ts: str) -> tuple[str, str]:
+    """The part media type and transfer syntax of Pixel Data sent by `plan` (DECODED or
+    STORED_FRAMES): octet-stream uncompressed, or its frames as stored in their media type
+    (PS3.18 Table 8.7.3-2)."""
+    if plan == DECODED:
+        return APPLICATION_OCTET_STREAM, EXPLICIT_VR_LITTLE_ENDIAN
+    return frame_media_type(stored_ts), stored_ts
+
+
+def _no_plan(why: str, refused: Iterable[str]) -> TranscodeError:
+    """The 406 of pixel_data_plan: what is acceptable, why the Pixel Data could not be
+    decoded when that left out its uncompressed value, and what a wildcard range would have
+    taken that a q=0 range refused (`refused`: plans)."""
+    names = {DECODED: "the Pixel Data uncompressed", STORED_FRAMES: "its frames as stored"}
+    refusal = " and ".join(names[plan] for plan in refused)
     return TranscodeError(
         'acceptable: multipart/related; type="application/octet-stream" (the Pixel Data '
         "uncompressed), with transfer-syntax=* (its frames as stored), or an image type"
         + (f"; the Pixel Data cannot be decoded: {why}" if why else "")
+        + (f"; the Accept refuses (q=0) {refusal}" if refusal else "")
     )
 
 

@@ -104,12 +104,15 @@ def _after_single_parts(
     failed: list[NotAcceptableError], exc: NotAcceptableError
 ) -> NotAcceptableError:
     """The 406 of a request whose single part ranges failed before the multipart negotiation
-    did too: why the most preferred range could not be met (a conversion that failed) leads.
+    did too: why the most preferred range a conversion failed on could not be met leads.
     The negotiation's own reason listed what could be sent, the target that had just failed
-    among it, and the failure was not said."""
-    if not failed:
+    among it, and the failure was not said. A range that failed on negotiation alone says
+    what the multipart negotiation says (what can be sent, why nothing can be decoded), so
+    only that is said, once: prefixed, the list came twice in one reason."""
+    lead = next((e for e in failed if isinstance(e, TranscodeError)), None)
+    if lead is None or lead.message in exc.message:
         return exc
-    return NotAcceptableError(f"{failed[0].message}; {exc.message}", headers=exc.headers)
+    return NotAcceptableError(f"{lead.message}; {exc.message}", headers=exc.headers)
 
 
 def _is_dicom(essence: str) -> bool:
