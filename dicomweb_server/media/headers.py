@@ -12,8 +12,8 @@ from dicomweb_server.errors import RangeNotSatisfiableError, UnsupportedMediaTyp
 
 __all__ = [
     "accepts_gzip",
-    "check_body_coding",
     "byte_range",
+    "check_body_coding",
     "none_match",
 ]
 
