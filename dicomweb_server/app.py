@@ -34,7 +34,14 @@ from dicomweb_server.proxy import ProxyHeaders, parse_networks
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
 from dicomweb_server.routes.common import error_response
 
-__all__ = ["SCHEMA_PATH", "app_from_env", "create_app", "open_services", "recover"]
+__all__ = [
+    "DEFAULT_RESPONSE_HEADERS",
+    "SCHEMA_PATH",
+    "app_from_env",
+    "create_app",
+    "open_services",
+    "recover",
+]
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +268,39 @@ class _RequestBody:
         await self.app(scope, body.receive, answer)
 
 
+# Headers every response carries unless it names its own (found by review: only rendered
+# documents had them). nosniff: a browser never takes a body for another type than the one
+# stated (a Part-10 preamble, a bulk data value or an error message that looks like HTML).
+# private: responses hold patient data, and a shared cache (a CDN, a proxy that ignores
+# the Authorization rule of RFC 9111 3.5, one in front of `--auth none`) must not keep them
+# for others; the client's own cache still may, and revalidates with the ETag (RFC 9111
+# 5.2.2.7).
+DEFAULT_RESPONSE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"private"))
+
+
+class _ResponseHeaders:
+    """DEFAULT_RESPONSE_HEADERS on every HTTP response, errors and CORS preflights included,
+    each unless the response sets that header itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                named = {name.lower() for name, _ in headers}
+                headers += [h for h in DEFAULT_RESPONSE_HEADERS if h[0] not in named]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
 def _client_error(exc: Exception) -> DicomWebError | None:
     """The DicomWebError an exception group holds, when it holds nothing else: a task group
     wraps what its tasks raise (an idle body's 408 raised where a task reads the body), and
@@ -353,7 +393,9 @@ def _middleware(settings: Settings) -> list[Middleware]:
     """The app's middleware, outermost first."""
     origins = settings.cors_origins
     return [
-        # Outermost: an idle request body ends in 408, and no request stays unfinished
+        # Outermost: nosniff and Cache-Control on every answer, whoever makes it.
+        Middleware(_ResponseHeaders),
+        # Then: an idle request body ends in 408, and no request stays unfinished
         # for a body it was answered without.
         Middleware(_RequestBody, idle_s=settings.body_idle_timeout_s),
         # Then: everything after sees the client, scheme and host a trusted reverse

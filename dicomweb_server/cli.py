@@ -254,6 +254,16 @@ def unsafe_serving(settings: Settings) -> str | None:
             " authentication: the proxy would open the archive to whoever reaches it. Use"
             " --auth apikey or --auth oidc, or pass --insecure if the proxy authenticates."
         )
+    if settings.auth == "none" and "*" in (settings.cors_origins or ()):
+        # Found by review: the Host check (DNS rebinding) passes a page's request to
+        # 127.0.0.1, and `Access-Control-Allow-Origin: *` then let any web site the user
+        # visits read every study, store, and mint admin API keys that outlive `--auth none`.
+        return (
+            "refusing to serve without authentication to any web origin"
+            " (DICOMWEB_CORS_ORIGINS=*): every web site opened on this machine could read and"
+            " write patient images through the browser. Name the viewer's origin instead, use"
+            " --auth apikey or --auth oidc, or pass --insecure."
+        )
     if is_loopback(settings.host):
         return None
     if settings.auth == "none":

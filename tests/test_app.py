@@ -13,7 +13,15 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from dicomweb_server.config import Settings
-from tests.helpers import ROOT, TEST_HOSTS
+from tests.helpers import (
+    ROOT,
+    TEST_HOSTS,
+    inst_url,
+    make_instance,
+    multipart_body,
+    stow_headers,
+    to_bytes,
+)
 
 pytestmark = pytest.mark.db
 
@@ -93,6 +101,44 @@ async def test_unexpected_error_is_500_with_cors(
     r = await app_client.get("/", headers={"Origin": VIEWER})
     assert r.status_code == 500 and r.json()["message"] == "internal error"
     assert r.headers["access-control-allow-origin"] == VIEWER
+
+
+async def test_every_response_is_nosniff_and_private(app_client: httpx.AsyncClient) -> None:
+    """Found by review: only rendered documents said `X-Content-Type-Options: nosniff`, and
+    no metadata, search or retrieve response said `Cache-Control`, so a shared cache that
+    does not see an Authorization header (one in front of `--auth none`, one configured to
+    ignore it) could keep patient data for others. Every answer now carries both, errors and
+    preflights included; a response's own Cache-Control (rendered images) stays."""
+    ds = make_instance()
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+    )
+    assert r.status_code == 200
+    preflight = {"Origin": VIEWER, "Access-Control-Request-Method": "GET"}
+    answers = [
+        r,
+        await app_client.get(f"{ROOT}/studies?PatientID=PAT-1"),
+        await app_client.get(f"{inst_url(ds)}/metadata"),
+        await app_client.get(f"{inst_url(ds)}/metadata", headers={"Accept-Encoding": "gzip"}),
+        await app_client.get(inst_url(ds), headers={"Accept": "multipart/related; type=*/*"}),
+        await app_client.get(f"{inst_url(ds)}/frames/1"),
+        await app_client.get(f"{ROOT}/studies?limit=x"),
+        await app_client.get("/no/such/path"),
+        await app_client.get("/"),
+        await app_client.get("/health"),
+        await app_client.options(f"{ROOT}/studies", headers=preflight),
+    ]
+    etag = answers[2].headers["etag"]
+    answers.append(
+        await app_client.get(f"{inst_url(ds)}/metadata", headers={"If-None-Match": etag})
+    )
+    assert [a.status_code for a in answers] == [200] * 6 + [400, 404, 200, 200, 200, 304]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["cache-control"] == "private", answer.url
+    rendered = await app_client.get(f"{inst_url(ds)}/rendered")
+    assert rendered.headers["cache-control"] == "private, max-age=3600"
+    assert rendered.headers.get_list("x-content-type-options") == ["nosniff"]
 
 
 def _paced(*steps: bytes | float) -> AsyncIterator[bytes]:

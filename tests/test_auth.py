@@ -520,6 +520,20 @@ def test_no_auth_only_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:
     assert "DICOMWEB_OIDC_ISSUER" in capsys.readouterr().err
 
 
+def test_no_auth_refuses_cors_for_every_origin() -> None:
+    """Found by review: `--auth none` with DICOMWEB_CORS_ORIGINS=* let any web site the user
+    opens read the archive through the browser (the page's request names 127.0.0.1, so the
+    DNS rebinding check passes it, and `Access-Control-Allow-Origin: *` lets it read the
+    answer), store, and mint admin keys that outlive `--auth none`."""
+    everyone = Settings(cors_origins=("*",))
+    refusal = unsafe_serving(everyone)
+    assert refusal and "DICOMWEB_CORS_ORIGINS" in refusal and "--insecure" in refusal
+    assert unsafe_serving(dataclasses.replace(everyone, insecure=True)) is None
+    assert unsafe_serving(dataclasses.replace(everyone, auth="apikey")) is None
+    assert unsafe_serving(Settings(cors_origins=("https://viewer.example.org",))) is None
+    assert unsafe_serving(Settings(cors_origins=("http://localhost:3000", "*"))) is not None
+
+
 # Found by review: none of these may be a 500, and none may echo the caller's text in headers.
 
 

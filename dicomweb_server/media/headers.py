@@ -1,17 +1,19 @@
 """The request fields, other than Accept, that choose a response.
 
-Range (RFC 9110 14.2), If-None-Match (13.1.2) and Accept-Encoding (12.5.3).
+Range (RFC 9110 14.2), If-None-Match (13.1.2) and Accept-Encoding (12.5.3); and the
+Content-Encoding of a request body (8.4), which must be none.
 """
 
 from __future__ import annotations
 
 import re
 
-from dicomweb_server.errors import RangeNotSatisfiableError
+from dicomweb_server.errors import RangeNotSatisfiableError, UnsupportedMediaTypeError
 
 __all__ = [
     "accepts_gzip",
     "byte_range",
+    "check_body_coding",
     "none_match",
 ]
 
@@ -132,3 +134,17 @@ def _coding_weights(header: str) -> dict[str, float]:
         if q is not None:
             weights.setdefault(_CODING_ALIASES.get(coding, coding), q)
     return weights
+
+
+def check_body_coding(content_encoding: str | None) -> None:
+    """415 with `Accept-Encoding: identity` unless a request body has no content coding (RFC
+    9110 15.5.16, 12.5.3). Request bodies are not decoded here (no decompression bomb can be
+    sent), so a body said to be gzip or deflate was taken as its coded bytes: a part of
+    another length, or a "malformed multipart" 400 that did not say why (found by review)."""
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    named = [c for c in codings if c and c != "identity"]
+    if named:
+        raise UnsupportedMediaTypeError(
+            f"request bodies are accepted without a content coding, not {named[0][:40]!r}",
+            headers={"Accept-Encoding": "identity"},
+        )

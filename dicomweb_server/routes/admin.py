@@ -14,6 +14,7 @@ from dicomweb_server.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from dicomweb_server.media.headers import check_body_coding
 from dicomweb_server.media.mediatypes import APPLICATION_JSON, parse_content_type
 from dicomweb_server.routes.common import services
 
@@ -38,6 +39,7 @@ async def list_keys(request: Request) -> Response:
 async def create_key(request: Request) -> Response:
     """POST {"role": "read|write|admin", "name": "..."}: 201 with the token, shown only here."""
     _require_json(request.headers.get("content-type"))
+    check_body_coding(request.headers.get("content-encoding"))
     body = b""
     async for chunk in request.stream():
         body += chunk

@@ -8,6 +8,7 @@ from starlette.responses import Response
 from dicomweb_server.audit import ARCHIVE_FAULT
 from dicomweb_server.dicom_json import InstanceOutcome, stow_response
 from dicomweb_server.ingest import StoreInterruptedError, store_parts, stow_status
+from dicomweb_server.media.headers import check_body_coding
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, stow_boundary
 from dicomweb_server.media.negotiate import negotiate_dicom_model
 from dicomweb_server.multipart import iter_parts
@@ -32,6 +33,7 @@ async def store_instances(request: Request) -> Response:
     # document, or one part when XML is asked as multipart/related (as Example B.23 shows)
     media = negotiate_dicom_model(accept_of(request), multipart=True, single=True)
     boundary, part_type = stow_boundary(request.headers.get("content-type"))
+    check_body_coding(request.headers.get("content-encoding"))
     study = uid_param(request, "study") if "study" in request.path_params else None
     base_url(request)  # a Host that is no host is a 400 before anything is stored (review)
     settings = request.app.state.settings
