@@ -23,7 +23,7 @@ from dicomweb_server.transcode.codecs import TranscodeError
 from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
 from tests.dimse_support import Archive, blobs, get_study, in_thread
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers
-from tests.test_deep_sequences import deep_part10
+from tests.test_deep_sequences import deep_part10, element
 
 # Deeper than pydicom's reader takes items of undefined length (about 190 levels).
 _UNREADABLE_LEVELS = 300
@@ -129,3 +129,26 @@ async def test_c_get_of_a_stored_instance_too_deep_fails_the_sub_operation(
     assert statuses[-1].Status == 0xA702 and not received
     (record,) = [r for r in caplog.records if r.name == "dicomweb_server.dimse.handlers"]
     assert _REASON in record.getMessage() and record.exc_info is None
+
+
+@pytest.mark.db
+async def test_bulk_data_of_a_stored_instance_too_deep_to_read(
+    app_client: httpx.AsyncClient, app: Starlette
+) -> None:
+    """A bulk data value in an item is found by parsing the file (bulkvalue.bulk_element):
+    pydicom's RecursionError on items of undefined length past its stack was a 500 (STYLE:
+    never a 5xx for stored data); now a 406 with the reason, as for a conversion."""
+    ds = make_instance()
+    leaf = element(0x00420011, b"OB", bytes(4096), True)  # Encapsulated Document, bulk data
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([deep_part10(ds, 3, True, True, leaf)]),
+        headers=stow_headers(),
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    uri = inst_url(ds) + "/bulk/" + "00081140/0/" * 3 + "00420011"
+    assert (await app_client.get(uri, headers={"Accept": "*/*"})).status_code == 200
+    (inst,) = await app.state.services.index.locate(str(ds.StudyInstanceUID), None, None)
+    path = app.state.services.blobs.local_path(inst.blob_key)
+    path.write_bytes(deep_part10(ds, _UNREADABLE_LEVELS, True, True, leaf))
+    answer = await app_client.get(uri, headers={"Accept": "*/*"})
+    assert answer.status_code == 406 and _REASON in answer.text, answer.text
