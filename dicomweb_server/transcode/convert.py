@@ -382,10 +382,12 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                 continue  # a retired Group Length: the writer leaves it out (PS3.5 7.2)
             raw = item.get_item(tag, keep_deferred=True)
             # A raw element without a VR was read as implicit VR from a file whose transfer
-            # syntax says explicit (pydicom reads such a data set as it finds it): the writer
-            # would copy it with no VR to write (a TypeError), so it is converted here.
+            # syntax says explicit (pydicom reads such a data set as it finds it; its Pixel
+            # Data has the VR "OB or OW"): the writer would copy it with no VR to write (a
+            # TypeError, a ValueError for the ambiguous one), so it is converted here.
             if isinstance(raw, RawDataElement) and (
-                (copied and raw.VR is not None) or _deferred_value(item, raw)
+                (copied and raw.VR is not None and " or " not in raw.VR)
+                or _deferred_value(item, raw)
             ):
                 continue
             try:
