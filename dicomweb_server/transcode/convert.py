@@ -384,6 +384,8 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                 continue
             try:
                 elem = _encoded_alone(item, tag, ancestors, encodings, implicit_vr)
+            except RecursionError:  # a sequence read only now, of items of undefined length
+                raise ValueError(too_deep()) from None
             except Exception as exc:  # the stored value: one failure, with its tag
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
                 name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
