@@ -12,7 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicomweb_server.dicom_json import BULK_DATA_THRESHOLD_BYTES
-from dicomweb_server.transcode.frames import read_stored
+from dicomweb_server.transcode.frames import read_stored, too_deep_to_read
 
 __all__ = ["MAX_REPORT_DEPTH", "MAX_REPORT_ITEMS", "REPORT_MEDIA_TYPES", "render_report"]
 
@@ -123,11 +123,16 @@ def _header(ds: Dataset) -> list[tuple[str, str]]:
 
 def render_report(path: Path, media: str) -> bytes:
     """A Structured Report as text/html or text/plain, UTF-8. Large values (none are expected
-    in a report) are left unread."""
+    in a report) are left unread. A sequence pydicom runs out of stack reading when it is
+    used (one of defined length holding items of undefined length nested too deep, stored
+    before the ingest limited their depth) is a TranscodeError, a 406: it was a 500."""
     ds = read_stored(path, defer_size=BULK_DATA_THRESHOLD_BYTES)
-    title = _meaning(getattr(ds, "ConceptNameCodeSequence", None)) or "Structured Report"
     budget = [MAX_REPORT_ITEMS]
-    lines = list(_lines(getattr(ds, "ContentSequence", None), 0, budget))
+    try:
+        title = _meaning(getattr(ds, "ConceptNameCodeSequence", None)) or "Structured Report"
+        lines = list(_lines(getattr(ds, "ContentSequence", None), 0, budget))
+    except RecursionError:
+        raise too_deep_to_read() from None
     if budget[0] <= 0:
         lines.append((0, "", "(more content items, not shown)"))
     if media == "text/plain":

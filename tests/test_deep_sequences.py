@@ -447,3 +447,35 @@ def test_check_writable_copies_no_binary_value() -> None:
     ds["PixelData"].is_undefined_length = True  # not encapsulated: the writer refuses it
     with pytest.raises(ValueError, match=r"\(7FE0,0010\) cannot be written"):
         check_writable(ds)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_check_writable_leaves_a_deferred_value_unread(tmp_path: Path, implicit: bool) -> None:
+    """A C-GET to a peer taking the other little endian syntax reads the stored file with a
+    defer size of 1 KiB (dimse.conversion.as_stored_for_peer): check_writable reads a deferred
+    sequence to walk it, but no other deferred value. Merging the branch that walks deferred
+    sequences with the one that converts elements read without a VR converted every element
+    of an implicit VR file, its deferred Pixel Data too (16 MiB read here, once more than
+    pynetdicom's own encoding). The elements read without a VR are converted all the same."""
+    ds = make_instance(rows=1024, cols=1024, frames=8)
+    ds.NumberOfFrames, ds.BitsAllocated = 8, 16
+    ds.PixelData = bytes(1024 * 1024 * 2 * 8)
+    item = Dataset()
+    item.CodeValue, item.CodeMeaning = "121322", "m" * 2000  # a sequence left deferred
+    ds.DerivationCodeSequence = [item]
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    read = pydicom.dcmread(path, defer_size=1024)
+    deferred = read.get_item(0x00089215, keep_deferred=True)
+    assert deferred.value is None  # read as the C-GET reads it: the sequence is deferred
+    tracemalloc.start()
+    try:
+        check_writable(read, implicit_vr=not implicit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, peak
+    assert read.get_item(0x7FE00010, keep_deferred=True).value is None  # still unread
+    assert read.DerivationCodeSequence[0].CodeMeaning == item.CodeMeaning
+    assert read.get_item(0x00100010, keep_deferred=True).VR == "PN"  # converted

@@ -9,21 +9,24 @@ reason (a 406, an icon, a failed sub-operation); the stored bytes are served as 
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1
 from pynetdicom.events import Event
 from starlette.applications import Starlette
 
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH
+from dicomweb_server.report import render_report
 from dicomweb_server.transcode import frames
 from dicomweb_server.transcode.codecs import TranscodeError
-from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
+from dicomweb_server.transcode.convert import check_writable, converted_dataset, to_transfer_syntax
 from tests.dimse_support import Archive, blobs, get_study, in_thread
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers
-from tests.test_deep_sequences import deep_part10
+from tests.test_deep_sequences import deep_part10, element, nested
 
 # Deeper than pydicom's reader takes items of undefined length (about 190 levels).
 _UNREADABLE_LEVELS = 300
@@ -129,3 +132,56 @@ async def test_c_get_of_a_stored_instance_too_deep_fails_the_sub_operation(
     assert statuses[-1].Status == 0xA702 and not received
     (record,) = [r for r in caplog.records if r.name == "dicomweb_server.dimse.handlers"]
     assert _REASON in record.getMessage() and record.exc_info is None
+
+
+@pytest.mark.db
+async def test_bulk_data_of_a_stored_instance_too_deep_to_read(
+    app_client: httpx.AsyncClient, app: Starlette
+) -> None:
+    """A bulk data value in an item is found by parsing the file (bulkvalue.bulk_element):
+    pydicom's RecursionError on items of undefined length past its stack was a 500 (STYLE:
+    never a 5xx for stored data); now a 406 with the reason, as for a conversion."""
+    ds = make_instance()
+    leaf = element(0x00420011, b"OB", bytes(4096), True)  # Encapsulated Document, bulk data
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([deep_part10(ds, 3, True, True, leaf)]),
+        headers=stow_headers(),
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    uri = inst_url(ds) + "/bulk/" + "00081140/0/" * 3 + "00420011"
+    assert (await app_client.get(uri, headers={"Accept": "*/*"})).status_code == 200
+    (inst,) = await app.state.services.index.locate(str(ds.StudyInstanceUID), None, None)
+    path = app.state.services.blobs.local_path(inst.blob_key)
+    path.write_bytes(deep_part10(ds, _UNREADABLE_LEVELS, True, True, leaf))
+    answer = await app_client.get(uri, headers={"Accept": "*/*"})
+    assert answer.status_code == 406 and _REASON in answer.text, answer.text
+
+
+def _deep_within(path: Path, tag: int) -> None:
+    """An implicit VR instance whose sequence `tag`, of defined length, holds items of undefined
+    length nested past pydicom's recursion limit: pydicom reads a sequence of defined length
+    only when it is first used, so the file reads (read_stored) and the failure comes later."""
+    ds = make_instance()
+    whole = deep_part10(ds, 0, True)
+    inner = nested(_UNREADABLE_LEVELS, b"", True, True)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+    at = whole.index(struct.pack("<HH", 0x7FE0, 0x0010))  # in tag order: before Pixel Data
+    path.write_bytes(whole[:at] + element(tag, b"SQ", item, True) + whole[at:])
+
+
+def test_a_sequence_too_deep_to_read_when_used_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The conversions (WADO-RS, and a C-GET reading values over 1 KiB deferred) said
+    "cannot be written: RecursionError maximum recursion depth exceeded", and a Structured
+    Report's rendering was a 500 (a RecursionError); now both give the depth (a 406)."""
+    src = tmp_path / "x.dcm"
+    _deep_within(src, 0x0040A730)  # Content Sequence
+    pydicom.dcmread(src)  # readable: the sequence is left unparsed
+    with pytest.raises(TranscodeError, match=_REASON):
+        converted_dataset(src, ExplicitVRLittleEndian)
+    with pytest.raises(TranscodeError, match=_REASON):
+        to_transfer_syntax(src, tmp_path / "y.dcm", ExplicitVRLittleEndian)
+    with pytest.raises(ValueError, match=_REASON):  # as dimse.conversion reads it
+        check_writable(pydicom.dcmread(src, defer_size=1024))
+    for media in ("text/html", "text/plain"):
+        with pytest.raises(TranscodeError, match=_REASON):
+            render_report(src, media)

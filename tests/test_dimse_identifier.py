@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -463,3 +464,32 @@ def test_private_return_key_with_its_creator() -> None:
     ds.add_new(0x00091002, "LO", "a value")  # a private key cannot be matched: unsupported
     req = parse_find(ds, Model.STUDY_ROOT)
     assert req.query.matches == () and req.unsupported == ("(0009,1002)",)
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_a_data_set_read_without_vrs_is_sent_as_stored(
+    samples: Path, tmp_path: Path, small: bool
+) -> None:
+    """pydicom's SC_rgb_jpeg.dcm says JPEG Baseline (explicit VR) and holds an implicit VR
+    data set: read so, its elements have no VR (Pixel Data "OB or OW"). Sent as stored to a
+    peer that took its syntax, pynetdicom's encoding failed ("encoding without a string
+    argument", an ambiguous VR for Pixel Data short enough to be read) and the C-GET/C-MOVE
+    sub-operation with it; its elements are converted first now, as for the other syntax."""
+    from tests.helpers import make_instance
+    from tests.test_convert_stream import _implicit_body
+
+    path = samples / "real/pydicom/SC_rgb_jpeg.dcm"
+    if small:  # Pixel Data under the C-GET's defer size: read, its VR ambiguous
+        made = make_instance(rows=8, cols=8)
+        made.compress("1.2.840.10008.1.2.5")
+        path = tmp_path / "small.dcm"
+        _implicit_body(made, "1.2.840.10008.1.2.5", path)
+    src = pydicom.dcmread(path)
+    ts = str(src.file_meta.TransferSyntaxUID)
+    inst = _stored(str(src.SOPClassUID), ts)
+    ds = conversion.as_stored_for_peer(inst, path, {(inst.sop_class_uid, ts)})
+    raw = encode(ds, False, True)  # as pynetdicom sends it in the stored syntax
+    assert raw is not None
+    sent = read_dataset(io.BytesIO(raw), False, True)
+    assert sent["PatientName"].VR == "PN" and sent.PatientName == src.PatientName
+    assert sent["PixelData"].VR == "OB" and sent.PixelData == src.PixelData

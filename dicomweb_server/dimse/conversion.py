@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import cast
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
@@ -101,7 +102,19 @@ def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str
     ds = read_stored(path, defer_size=_DEFER_BYTES)
     if (inst.sop_class_uid, inst.transfer_syntax_uid) not in accepted:
         check_writable(ds, implicit_vr=inst.transfer_syntax_uid == ExplicitVRLittleEndian)
+    elif _read_without_vrs(ds):  # sent in its explicit syntax: its elements given VRs
+        check_writable(ds)
     return ds
+
+
+def _read_without_vrs(ds: Dataset) -> bool:
+    """Whether pydicom read a data set its transfer syntax says is explicit VR as implicit VR,
+    as it does when it finds one (pydicom's SC_rgb_jpeg.dcm): its elements have no VR, and
+    pynetdicom's encoding in that syntax failed ("encoding without a string argument")."""
+    return ds.original_encoding == (False, True) and any(
+        isinstance(raw, RawDataElement) and raw.VR is None
+        for raw in (ds.get_item(tag, keep_deferred=True) for tag in ds.keys())
+    )
 
 
 def target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:

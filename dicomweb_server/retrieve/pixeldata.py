@@ -37,7 +37,7 @@ from dicomweb_server.transcode.codecs import (
     missing_codec,
 )
 from dicomweb_server.transcode.convert import one_bit_pixel_data
-from dicomweb_server.transcode.frames import decode_item_pixels
+from dicomweb_server.transcode.frames import decode_item_pixels, too_deep_to_read
 
 __all__ = [
     "AS_FRAMES",
@@ -246,8 +246,13 @@ async def stored_bulk_value(
 def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:
     """A value found by parsing the file (dicomfile.read_bulk_value), little endian; nested
     encapsulated Pixel Data (a compressed icon) decoded, as octet-stream bulk data is sent
-    uncompressed (PS3.18 8.7.3.3). Runs in a worker thread."""
-    found = bulk_element(path, tag_path)
+    uncompressed (PS3.18 8.7.3.3). A file too deep for pydicom to read (stored before the
+    ingest limited the depth of sequences) is a TranscodeError: it was a 500. Runs in a
+    worker thread."""
+    try:
+        found = bulk_element(path, tag_path)
+    except RecursionError:  # pydicom reads items of undefined length recursively
+        raise too_deep_to_read() from None
     if found is None:
         return None
     ds, node, tag = found

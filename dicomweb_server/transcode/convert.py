@@ -383,16 +383,12 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
         for tag in item.keys():
             if tag.element == 0 and tag.group > 6:
                 continue  # a retired Group Length: the writer leaves it out (PS3.5 7.2)
-            raw = item.get_item(tag, keep_deferred=True)
-            # A raw element without a VR was read as implicit VR from a file whose transfer
-            # syntax says explicit (pydicom reads such a data set as it finds it): the writer
-            # would copy it with no VR to write (a TypeError), so it is converted here.
-            if isinstance(raw, RawDataElement) and (
-                (copied and raw.VR is not None) or _deferred_value(item, raw)
-            ):
+            if _left_as_is(item, item.get_item(tag, keep_deferred=True), copied):
                 continue
             try:
                 elem = _encoded_alone(item, tag, ancestors, encodings, implicit_vr)
+            except RecursionError:  # a sequence read only now, of items of undefined length
+                raise ValueError(too_deep()) from None
             except Exception as exc:  # the stored value: one failure, with its tag
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
                 name = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
@@ -403,6 +399,20 @@ def check_writable(ds: Dataset, implicit_vr: bool = False) -> None:
                 if len(ancestors) == MAX_CONVERTED_SEQUENCE_DEPTH:  # a sequence one level more
                     raise ValueError(too_deep())
                 stack.extend((child, [item, *ancestors], encodings) for child in elem.value)
+
+
+def _left_as_is(item: Dataset, raw: Any, copied: bool) -> bool:
+    """Whether check_writable leaves a raw element to the writer: one of a data set read in
+    the target encoding (`copied`), which the writer copies as it is, or a value left deferred
+    that is no sequence. One without a VR was read as implicit VR from a file whose transfer
+    syntax says explicit (pydicom reads such a data set as it finds it, its Pixel Data "OB or
+    OW"): copied, it had no VR to write (a TypeError; a ValueError for the ambiguous one), so
+    it is converted, as the writer converts a deferred one when it reads it."""
+    if not isinstance(raw, RawDataElement):
+        return False
+    if copied and raw.VR is not None and " or " not in raw.VR:
+        return True
+    return _deferred_value(item, raw)
 
 
 def _deferred_value(item: Dataset, raw: RawDataElement) -> bool:

@@ -56,6 +56,7 @@ __all__ = [
     "read_stored",
     "stored_frames",
     "too_deep",
+    "too_deep_to_read",
 ]
 
 # Sequences nested in a stored data set that is converted (re-encoded, rendered, sent to a
@@ -77,14 +78,20 @@ def too_deep() -> str:
     )
 
 
+def too_deep_to_read() -> TranscodeError:
+    """The failure (a 406, an icon, a failed sub-operation) of reading a stored file whose
+    sequences pydicom's recursive reader runs out of stack on (a RecursionError)."""
+    return TranscodeError(f"cannot read the stored instance: {too_deep()}")
+
+
 def read_stored(path: Path | BinaryIO, **kwargs: Any) -> Dataset:
-    """pydicom.dcmread(path, **kwargs) of a stored file (or the open file); a TranscodeError
-    (a 406, an icon, a failed sub-operation) when pydicom's recursive reader runs out of
-    stack on its sequences (see MAX_CONVERTED_SEQUENCE_DEPTH)."""
+    """pydicom.dcmread(path, **kwargs) of a stored file (or the open file); too_deep_to_read
+    when pydicom's recursive reader runs out of stack on its sequences (see
+    MAX_CONVERTED_SEQUENCE_DEPTH)."""
     try:
         return pydicom.dcmread(path, **kwargs)
     except RecursionError:
-        raise TranscodeError(f"cannot read the stored instance: {too_deep()}") from None
+        raise too_deep_to_read() from None
 
 
 def frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:
