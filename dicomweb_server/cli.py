@@ -243,6 +243,11 @@ def _root(settings: Settings) -> str:
     return f"{settings.scheme}://{host}:{settings.port}{DICOMWEB_ROOT}"
 
 
+# DICOMWEB_CORS_ORIGINS values that let every web site read the answers: `*`, and `null`,
+# the origin of any site's sandboxed iframe (and of file:// pages).
+ANY_ORIGIN = ("*", "null")
+
+
 def unsafe_serving(settings: Settings) -> str | None:
     """Why serving these settings is refused, or None: without authentication, only this
     machine may connect unless --insecure says otherwise (patient data must not leak)."""
@@ -254,15 +259,17 @@ def unsafe_serving(settings: Settings) -> str | None:
             " authentication: the proxy would open the archive to whoever reaches it. Use"
             " --auth apikey or --auth oidc, or pass --insecure if the proxy authenticates."
         )
-    if settings.auth == "none" and "*" in (settings.cors_origins or ()):
+    if settings.auth == "none" and set(ANY_ORIGIN) & set(settings.cors_origins or ()):
         # Found by review: the Host check (DNS rebinding) passes a page's request to
         # 127.0.0.1, and `Access-Control-Allow-Origin: *` then let any web site the user
         # visits read every study, store, and mint admin API keys that outlive `--auth none`.
+        # `null` is any site too: a sandboxed iframe's requests say `Origin: null` (RFC 6454
+        # 7.3), which the CORS middleware then allows (found by review).
         return (
             "refusing to serve without authentication to any web origin"
-            " (DICOMWEB_CORS_ORIGINS=*): every web site opened on this machine could read and"
-            " write patient images through the browser. Name the viewer's origin instead, use"
-            " --auth apikey or --auth oidc, or pass --insecure."
+            " (DICOMWEB_CORS_ORIGINS=* or null): every web site opened on this machine could"
+            " read and write patient images through the browser. Name the viewer's origin"
+            " instead, use --auth apikey or --auth oidc, or pass --insecure."
         )
     if is_loopback(settings.host):
         return None

@@ -712,6 +712,14 @@ async def test_request_bodies_with_a_content_coding_are_415(
         assert r.status_code == 415, (coding, r.text)
         assert r.headers["accept-encoding"] == "identity"
         assert "content coding" in r.json()["message"]
+    # two field lines make one list (RFC 9110 5.3): the first alone let gzip through
+    lines = [
+        *stow_headers().items(),
+        ("Content-Encoding", "identity"),
+        ("Content-Encoding", "gzip"),
+    ]
+    r = await app_client.post(f"{ROOT}/studies", content=body, headers=lines)
+    assert r.status_code == 415, r.text
     headers = {"Content-Type": "application/json", "Content-Encoding": "deflate"}
     r = await app_client.post("/admin/apikeys", content=b'{"role": "read"}', headers=headers)
     assert r.status_code == 415 and r.headers["accept-encoding"] == "identity"

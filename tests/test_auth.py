@@ -532,6 +532,9 @@ def test_no_auth_refuses_cors_for_every_origin() -> None:
     assert unsafe_serving(dataclasses.replace(everyone, auth="apikey")) is None
     assert unsafe_serving(Settings(cors_origins=("https://viewer.example.org",))) is None
     assert unsafe_serving(Settings(cors_origins=("http://localhost:3000", "*"))) is not None
+    # `null`: any site, from a sandboxed iframe (found by review)
+    assert unsafe_serving(Settings(cors_origins=("http://localhost:3000", "null"))) is not None
+    assert unsafe_serving(Settings(cors_origins=("null",), insecure=True)) is None
 
 
 # Found by review: none of these may be a 500, and none may echo the caller's text in headers.

@@ -1,7 +1,8 @@
 """Colour of frames served on their own (frames, Pixel Data bulk data): in the colour space
 the metadata gives, the only description of a frame a client has. YBR_FULL stays YBR_FULL
 (PS3.5 8.2.2 note 4); Cornerstone and pydicom convert it to RGB themselves, so an RGB frame
-under YBR_FULL metadata was converted twice. YBR_FULL_422 and YBR_ICT come as RGB."""
+under YBR_FULL metadata was converted twice. YBR_FULL_422 and YBR_ICT come as RGB, uncompressed
+or re-encoded (Cornerstone takes a YBR_FULL_422 frame of 3 samples a pixel as RGB)."""
 
 from __future__ import annotations
 
@@ -108,19 +109,53 @@ def _decode_as_metadata_says(ds: pydicom.Dataset, ts: str, frame: bytes) -> np.n
     return pixel_array(one)
 
 
+def _decoded_as_rgb(ts: str, frame: bytes, ds: pydicom.Dataset) -> np.ndarray:
+    """A one-frame codestream decoded as Cornerstone (OHIF's loader) shows a frame of 3
+    samples a pixel under YBR_FULL_422: its codec's output, not converted (it converts only
+    a frame of the subsampled length, isColorConversionRequired), as Orthanc and dcm4chee
+    send it."""
+    one = copy.deepcopy(ds)
+    one.PhotometricInterpretation = "RGB"
+    return _decode_as_metadata_says(one, ts, frame)
+
+
+# The lossless syntaxes frames are re-encoded in, and their part media types.
+LOSSLESS_PARTS = {
+    JPEG_LS_LOSSLESS: "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.201": "image/jphc",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "image/jphc",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.5": "image/dicom-rle",  # RLE Lossless
+    "1.2.840.10008.1.2.4.70": "image/jpeg",  # JPEG Lossless SV1
+}
+
+
 @pytest.mark.db
-async def test_ybr_frames_re_encoded_decode_to_the_same_colours(
-    app_client: httpx.AsyncClient, samples: Path
+@pytest.mark.parametrize("ts", list(LOSSLESS_PARTS))
+async def test_ybr_full_422_frames_re_encoded_are_rgb(
+    app_client: httpx.AsyncClient, samples: Path, ts: str
 ) -> None:
-    """Re-encoded frames under YBR metadata: JPEG-LS of YBR_FULL_422 holds YCbCr samples (as
-    RGB, pydicom converted them twice: errors up to 255); JPEG Baseline is made from RGB (its
-    encoder converts to YCbCr itself), so its error is the loss of quality 90 only."""
+    """Found by review: frames of a YBR_FULL_422 instance (JPEG Baseline, as ultrasound and
+    endoscopy send) re-encoded for OHIF (`image/jphc`, `image/jp2`, `image/jls`) held its
+    YCbCr samples, upsampled; Cornerstone takes a frame of 3 samples a pixel under
+    YBR_FULL_422 as RGB, and showed them so (errors up to 255). They are RGB now, as its
+    uncompressed frames are."""
     ybr422 = await _store(
         app_client, (samples / "real" / "pydicom" / "SC_rgb_dcmtk_+eb+cy+np.dcm").read_bytes()
     )
-    jls = await _frame(app_client, ybr422, JLS)
-    got = _decode_as_metadata_says(ybr422, "1.2.840.10008.1.2.4.80", jls)
-    assert np.array_equal(got, pixel_array(ybr422))
+    assert ybr422.PhotometricInterpretation == "YBR_FULL_422"
+    frame = await _frame(
+        app_client, ybr422, f'multipart/related; type="{LOSSLESS_PARTS[ts]}"; transfer-syntax={ts}'
+    )
+    assert np.array_equal(_decoded_as_rgb(ts, frame, ybr422), pixel_array(ybr422))
+
+
+@pytest.mark.db
+async def test_ybr_full_frames_in_jpeg_baseline_decode_to_the_same_colours(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """JPEG Baseline frames under YBR_FULL metadata are made from RGB (its encoder converts
+    to YCbCr itself), so the error is the loss of quality 90 only."""
     ybr = await _store(app_client, _rle_ybr_full(samples))
     baseline = 'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50'
     jpeg = await _frame(app_client, ybr, baseline)

@@ -7,6 +7,7 @@ Content-Encoding of a request body (8.4), which must be none.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from dicomweb_server.errors import RangeNotSatisfiableError, UnsupportedMediaTypeError
 
@@ -136,12 +137,14 @@ def _coding_weights(header: str) -> dict[str, float]:
     return weights
 
 
-def check_body_coding(content_encoding: str | None) -> None:
+def check_body_coding(field_lines: Iterable[str]) -> None:
     """415 with `Accept-Encoding: identity` unless a request body has no content coding (RFC
     9110 15.5.16, 12.5.3). Request bodies are not decoded here (no decompression bomb can be
     sent), so a body said to be gzip or deflate was taken as its coded bytes: a part of
-    another length, or a "malformed multipart" 400 that did not say why (found by review)."""
-    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    another length, or a "malformed multipart" 400 that did not say why (found by review).
+    `field_lines`: every Content-Encoding line of the request, which make one list (RFC 9110
+    5.3: the first alone let `identity` then `gzip` through, found by review)."""
+    codings = [c.strip().lower() for line in field_lines for c in line.split(",")]
     named = [c for c in codings if c and c != "identity"]
     if named:
         raise UnsupportedMediaTypeError(

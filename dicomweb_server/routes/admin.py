@@ -39,7 +39,7 @@ async def list_keys(request: Request) -> Response:
 async def create_key(request: Request) -> Response:
     """POST {"role": "read|write|admin", "name": "..."}: 201 with the token, shown only here."""
     _require_json(request.headers.get("content-type"))
-    check_body_coding(request.headers.get("content-encoding"))
+    check_body_coding(request.headers.getlist("content-encoding"))
     body = b""
     async for chunk in request.stream():
         body += chunk

@@ -33,7 +33,7 @@ async def store_instances(request: Request) -> Response:
     # document, or one part when XML is asked as multipart/related (as Example B.23 shows)
     media = negotiate_dicom_model(accept_of(request), multipart=True, single=True)
     boundary, part_type = stow_boundary(request.headers.get("content-type"))
-    check_body_coding(request.headers.get("content-encoding"))
+    check_body_coding(request.headers.getlist("content-encoding"))
     study = uid_param(request, "study") if "study" in request.path_params else None
     base_url(request)  # a Host that is no host is a 400 before anything is stored (review)
     settings = request.app.state.settings

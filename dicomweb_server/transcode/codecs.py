@@ -51,6 +51,7 @@ __all__ = [
     "PixelInfo",
     "TranscodeError",
     "available_targets",
+    "converted_keeps_ybr",
     "decodable",
     "keeps_ybr",
     "made_photometric",
@@ -151,12 +152,12 @@ def _imagecodecs_available(codec: str) -> Callable[[], bool]:
 
 def made_photometric(info: PixelInfo, target: str) -> str:
     """The Photometric Interpretation of colour decoded and made into `target`: YCbCr kept
-    as YBR_FULL (keeps_ybr: YBR_FULL_422 arrives upsampled), else RGB, which pydicom's
-    decoders make of YCbCr; YBR_RCT for RGB made into HTJ2K, whose encoder (OpenJPH) applies
-    the reversible colour transform to it (PS3.5 8.2.4, 8.2.14: the attribute then says
-    YBR_RCT). pydicom's encoders check it against PS3.5 8.2 and use it: JPEG 2000 gets no
-    multi-component transform (pydicom's choice for RGB; for YBR_FULL the components must
-    be those it names)."""
+    as YBR_FULL (converted_keeps_ybr: YBR_FULL_422 arrives upsampled), else RGB, which
+    pydicom's decoders make of YCbCr; YBR_RCT for RGB made into HTJ2K, whose encoder
+    (OpenJPH) applies the reversible colour transform to it (PS3.5 8.2.4, 8.2.14: the
+    attribute then says YBR_RCT). pydicom's encoders check it against PS3.5 8.2 and use it:
+    JPEG 2000 gets no multi-component transform (pydicom's choice for RGB; for YBR_FULL the
+    components must be those it names)."""
     if info.samples_per_pixel != 3:
         return info.photometric
     if target == JPEG_BASELINE:
@@ -164,7 +165,7 @@ def made_photometric(info: PixelInfo, target: str) -> str:
         # attributes describe the compressed data stream (PS3.5 8.2.1, CP 156): labelled
         # RGB, a decoder that trusts the label (pydicom warns) could skip the conversion.
         return "YBR_FULL_422"
-    if keeps_ybr(info, target):
+    if converted_keeps_ybr(info, target):
         return "YBR_FULL"
     return "YBR_RCT" if target in (HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K_ANY) else "RGB"
 
@@ -302,10 +303,11 @@ def _integer(min_bits: int, max_bits: int, min_side: int = 1) -> Callable[[Pixel
 
 def _ybr_fits(info: PixelInfo, target: str) -> bool:
     """Whether the colour space `target` is made in may hold these samples: YBR_FULL, which
-    YCbCr kept (keeps_ybr) is labelled, only with 8 bits allocated and at most 8 stored in
+    YCbCr kept (converted_keeps_ybr) is labelled, only with 8 bits allocated and at most 8 stored in
     RLE Lossless and JPEG-LS (PS3.5 Tables 8.2.2-1 and 8.2.3-1); RGB made of it would not
     hold the samples stored (pydicom converts 8-bit YCbCr only, with rounding)."""
-    return not keeps_ybr(info, target) or (info.bits_allocated == 8 and info.bits_stored <= 8)
+    kept = converted_keeps_ybr(info, target)
+    return not kept or (info.bits_allocated == 8 and info.bits_stored <= 8)
 
 
 def _rle_accepts(info: PixelInfo) -> bool:
@@ -408,22 +410,37 @@ def keeps_ybr(info: PixelInfo, target: str) -> bool:
     """Whether frames served on their own (frames, Pixel Data bulk data) in `target` are
     decoded without converting colour, so that their samples are in the colour space the
     instance's metadata, the only description a client has of a frame, gives: converted to
-    RGB under YBR metadata, Cornerstone and pydicom converted them a second time. Whole
-    instances converted to `target` keep the same samples and say YBR_FULL (convert.py):
-    converted to RGB, they changed (the conversion rounds) under a lossless syntax.
+    RGB under YBR metadata, Cornerstone and pydicom converted them a second time.
 
     - YBR_FULL stays YBR_FULL, uncompressed or re-encoded (PS3.5 8.2.2 note 4 permits leaving
       it so).
-    - YBR_FULL_422 re-encoded (JPEG-LS, JPEG 2000, HTJ2K, RLE, JPEG Lossless) holds its YCbCr
-      samples, upsampled; uncompressed it is sent as RGB (its subsampled layout is not
-      remade; Cornerstone recognises RGB by the frame's length, as from Orthanc and dcm4chee).
+    - YBR_FULL_422 is sent as RGB, uncompressed or re-encoded: its subsampled layout is not
+      remade, and Cornerstone (OHIF's loader) takes a frame of 3 samples a pixel under
+      YBR_FULL_422 as RGB whatever its syntax, converting only one of the subsampled length
+      (isColorConversionRequired), as Orthanc and dcm4chee send it (found by review: its
+      YCbCr samples re-encoded as HTJ2K, JPEG 2000 or JPEG-LS were shown as RGB).
     - JPEG Baseline is made from RGB: its encoder converts to YCbCr itself and decoders back.
     - YBR_ICT and YBR_RCT come out of the JPEG 2000 decoder as RGB, which clients take them as.
     """
     if info.samples_per_pixel != 3 or target == JPEG_BASELINE:
         return False
+    return info.photometric.strip() == "YBR_FULL"
+
+
+def converted_keeps_ybr(info: PixelInfo, target: str) -> bool:
+    """Whether a whole instance converted to `target` keeps its YCbCr samples, labelled
+    YBR_FULL in its own header (convert.py): converted to RGB, they changed (the conversion
+    rounds) under a lossless syntax. As keeps_ybr, and YBR_FULL_422 re-encoded (its samples
+    upsampled); decoded to Explicit VR Little Endian it is RGB (the subsampled layout is not
+    remade)."""
+    if keeps_ybr(info, target):
+        return True
     space = info.photometric.strip()
-    return space == "YBR_FULL" or (space == "YBR_FULL_422" and target != EXPLICIT_VR_LITTLE_ENDIAN)
+    return (
+        info.samples_per_pixel == 3
+        and space == "YBR_FULL_422"
+        and target not in (JPEG_BASELINE, EXPLICIT_VR_LITTLE_ENDIAN)
+    )
 
 
 def segments(codestream: bytes, pos: int) -> Iterator[tuple[int, int]]:

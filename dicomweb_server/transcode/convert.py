@@ -30,7 +30,12 @@ from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
 )
-from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr, made_photometric
+from dicomweb_server.transcode.codecs import (
+    ENCODERS,
+    PixelInfo,
+    converted_keeps_ybr,
+    made_photometric,
+)
 from dicomweb_server.transcode.frames import (
     MAX_CONVERTED_SEQUENCE_DEPTH,
     cannot,
@@ -112,7 +117,7 @@ class _Streamed:
         self.ts = ts = UID(str(ds.file_meta.TransferSyntaxUID))
         self.info = PixelInfo.of(ds)
         self.codec = ENCODERS[target]
-        self.as_rgb = not keeps_ybr(self.info, target)  # YCbCr kept as YBR_FULL, or RGB
+        self.as_rgb = not converted_keeps_ybr(self.info, target)  # YCbCr kept as YBR_FULL, or RGB
         if not self.codec.accepts(self.info):  # e.g. float data to a codec (available_targets)
             raise ValueError(f"{UID(target).name} does not take these pixels")
         if ts.is_compressed or self.codec.encode is not None:  # decoded a frame at a time
@@ -494,7 +499,7 @@ def _convert_pixels(ds: Dataset, ts: UID, target: str) -> float | None:
     if codec.encode is None:  # to Explicit VR Little Endian
         _to_explicit_little(ds, ts, info)
         return None
-    arr = pixels(ds, as_rgb=not keeps_ybr(info, target))  # as _made_colour says
+    arr = pixels(ds, as_rgb=not converted_keeps_ybr(info, target))  # as _made_colour says
     info = _made_colour(info, target)
     frames = arr if int(ds.get("NumberOfFrames") or 1) > 1 else arr[np.newaxis]
     sizes = Sizes()
@@ -516,8 +521,8 @@ def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
         ds["PixelData"].is_undefined_length = False
     elif ts.is_compressed:
         # pydicom sets Photometric Interpretation (and Planar Configuration 0) to what it
-        # decoded: YBR_FULL kept (keeps_ybr), other YCbCr converted to RGB.
-        as_rgb = not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN)
+        # decoded: YBR_FULL kept (converted_keeps_ybr), other YCbCr converted to RGB.
+        as_rgb = not converted_keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN)
         decoded(
             ts,
             lambda plugin: ds.decompress(
@@ -539,7 +544,7 @@ def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
 
 def _made_colour(info: PixelInfo, target: str) -> PixelInfo:
     """What colour frames decoded for `target` are in (made_photometric): YCbCr samples
-    kept as YBR_FULL where `target` may hold them (keeps_ybr: a lossless syntax, or
+    kept as YBR_FULL where `target` may hold them (converted_keeps_ybr: a lossless syntax, or
     uncompressed from YBR_FULL; PS3.5 8.2.1-8.2.4 list YBR_FULL for JPEG Lossless, RLE,
     JPEG-LS and JPEG 2000), for converted to RGB they would change (PS3.3 C.7.6.3.1.2: the
     conversion rounds) under a syntax that claims to be lossless; else RGB (YBR_RCT in

@@ -11,6 +11,7 @@ import functools
 import struct
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -336,15 +337,27 @@ def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> li
     ds = read_stored(path, stop_before_pixels=True)
     info = PixelInfo.of(ds)
     out = []
+    as_rgb, decoded_info = _decoded_as(info, transfer_syntax_uid)
     for n in frames:
         try:
-            arr = frame_array(path, ds, n, not keeps_ybr(info, transfer_syntax_uid))
-            out.append(codec.encode(arr, info))
+            arr = frame_array(path, ds, n, as_rgb)
+            out.append(codec.encode(arr, decoded_info))
         except DECODE_ERRORS as exc:
             raise cannot(
                 path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
             ) from None
     return out
+
+
+def _decoded_as(info: PixelInfo, target: str) -> tuple[bool, PixelInfo]:
+    """How a frame is decoded for `target` (as_rgb) and the pixel description its encoder is
+    given: YBR_FULL kept (keeps_ybr), other colour decoded to RGB and described so, for the
+    encoder codes what it is given (HTJ2K RGB with its reversible colour transform, JPEG
+    Lossless RGB with the Adobe marker that says so; YBR_FULL_422 was coded as YCbCr)."""
+    keep = keeps_ybr(info, target)
+    if info.samples_per_pixel == 3 and not keep:
+        info = replace(info, photometric="RGB")
+    return not keep, info
 
 
 def decode_codestream(
@@ -383,13 +396,14 @@ def decode_codestream(
 def convert_codestream(codestream: bytes, stored_ts: str, info: PixelInfo, target: str) -> bytes:
     """A stored compressed frame decoded, then sent uncompressed or re-encoded as `target`;
     in the colour space the metadata gives (keeps_ybr), for it is all a client knows."""
-    arr = decode_codestream(codestream, stored_ts, info, not keeps_ybr(info, target))
+    as_rgb, decoded_info = _decoded_as(info, target)
+    arr = decode_codestream(codestream, stored_ts, info, as_rgb)
     codec = ENCODERS[target]
     try:
         if codec.encode is None:  # same layout as decode_frames gives
             planar = info.samples_per_pixel > 1 and info.planar_configuration == 1
             return frame_bytes(arr, info.bits_allocated, planar)
-        return codec.encode(arr, info)
+        return codec.encode(arr, decoded_info)
     except DECODE_ERRORS as exc:
         raise cannot(None, f"encode a frame as {UID(target).name}", exc) from None
 
