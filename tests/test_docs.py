@@ -23,6 +23,7 @@ from dicomweb_server import (
 )
 from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.blobstore import hashing
+from dicomweb_server.dimse import connections as dimse_connections
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
@@ -69,9 +70,9 @@ def test_frame_media_types() -> None:
 
 def test_limits() -> None:
     modules = (config, multipart, query, matching, retrieve_frames, dicom_json, rendered,
-               render, admin, auditlog, handlers, identifier, dimse_server, common, stow_json,
-               dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli, httpd,
-               mediatypes)  # fmt: skip
+               render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
+               common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
+               httpd, mediatypes)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

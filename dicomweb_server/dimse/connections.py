@@ -64,9 +64,24 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from dicomweb_server.audit import OVER_LIMIT, AuditEvent
 from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES, UNFINISHED
 
-__all__ = ["LOST", "Connections", "Link"]
+__all__ = [
+    "DIMSE_MAX_COMMAND_BYTES",
+    "DIMSE_MAX_IDENTIFIER_BYTES",
+    "LOST",
+    "Connections",
+    "Link",
+]
 
 log = logging.getLogger(__name__)
+
+# Bytes of one message's command set, and of a data set pynetdicom keeps in memory (a C-FIND,
+# C-GET or C-MOVE identifier: only a C-STORE's data set is spooled to a file), past which the
+# association is aborted. Found by fuzzing: command fragments were not counted at all and
+# identifiers only against DICOMWEB_MAX_PART_BYTES (4 GiB); a peer streaming 300 MB of either
+# grew the server by 300 MB, the association still up. A command set is a few hundred bytes
+# (PS3.7 E.1); an identifier listing 1000 UIDs (identifier.py's list limit) about 66 KB.
+DIMSE_MAX_COMMAND_BYTES = 64 * 1024
+DIMSE_MAX_IDENTIFIER_BYTES = 4 * 1024 * 1024
 
 # PS3.8 Table 9-21: A-ASSOCIATE-RJ Result, Source and Reason/Diag.
 _RESULTS = {1: "permanent", 2: "transient"}
@@ -101,6 +116,15 @@ _CONTEXT_RESULTS = {
 LOST = 0x07 << 24 | 2 << 8
 
 
+def _over(count: int, limit: int, what: str) -> str | None:
+    """Why `count` bytes of `what` pass `limit` (the held text of Link), else None; "" for a
+    spooled data set (over max_data_set_bytes)."""
+    if count <= limit:
+        return None
+    constant = "DIMSE_MAX_COMMAND_BYTES" if "command" in what else "DIMSE_MAX_IDENTIFIER_BYTES"
+    return f"{what} of more than {limit} bytes ({constant})" if what else ""
+
+
 def _rejected(result: int, source: int, reason: int) -> int:
     return 0x03 << 24 | result << 16 | source << 8 | reason
 
@@ -122,6 +146,8 @@ class Link:
     end: tuple[int, str] | None = None  # the first A-ABORT received or sent: outcome, how
     why: str = ""  # why the archive aborts it, said before its A-ABORT is sent
     receiving: int = 0  # bytes of the data set being received
+    commanding: int = 0  # bytes of the command set being received
+    held: str = ""  # the in-memory limit (command set, identifier) passed, if one was
     # The data set being received passed max_data_set_bytes: the association is aborted for
     # it, and it never completes (what the peer sends on is dropped, limit_data_set).
     too_large: bool = False
@@ -214,32 +240,44 @@ class Connections:
     def _count_data_set(
         self, event: Event, link: Link, items: list[PresentationDataValueItem]
     ) -> None:
-        """limit_data_set's count of the data set bytes of one P-DATA-TF's values; the values
-        from the one that passes the limit on are dropped, and the association aborted."""
-        size = link.receiving
+        """limit_data_set's count of the bytes of one P-DATA-TF's values; the values from the
+        one that passes a limit on are dropped, and the association aborted. A data set is
+        held to max_data_set_bytes when spooled (a C-STORE's: its command decoded, or ending
+        in this PDU, whose decoding comes after), else to DIMSE_MAX_IDENTIFIER_BYTES."""
+        size, command = link.receiving, link.commanding
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        spooled = getattr(message, "_data_set_file", None) is not None
         for n, pdv in enumerate(items):
             value = pdv.presentation_data_value or b"\x00"
             if value[0] & 1:  # a command: a message begins (or goes on)
-                size = 0
-                continue
-            size += len(value) - 1
-            if size > self.max_data_set_bytes:
-                link.receiving = size
+                size, command = 0, command + len(value) - 1
+                spooled = spooled or bool(value[0] & 2)  # its data set comes after
+                over = _over(command, DIMSE_MAX_COMMAND_BYTES, "a command set")
+                command = 0 if value[0] & 2 else command
+            else:
+                size += len(value) - 1
+                over = (
+                    _over(size, self.max_data_set_bytes, "")
+                    if spooled
+                    else _over(size, DIMSE_MAX_IDENTIFIER_BYTES, "an identifier")
+                )
+                size = 0 if value[0] & 2 else size
+            if over is not None:
+                link.receiving, link.commanding, link.held = size, command, over
                 del items[n:]
                 self._abort_too_large(event, link)
                 return
-            if value[0] & 2:
-                size = 0
-        link.receiving = size
+        link.receiving, link.commanding = size, command
 
     def _abort_too_large(self, event: Event, link: Link) -> None:
-        """Audited (0xA700) when the connection closes, the message's command decoded."""
+        """Audited (0xA700) when the connection closes, the message's command decoded; one
+        over an in-memory limit (link.held) is audited with the association only."""
         limit = self.max_data_set_bytes
-        log.warning("DIMSE: a data set of more than %d bytes: association aborted", limit)
         with link.lock:
             link.ending = True
             link.too_large = True
-        link.why = f"a data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES)"
+        link.why = link.held or f"a data set of more than {limit} bytes (DICOMWEB_MAX_PART_BYTES)"
+        log.warning("DIMSE: %s: association aborted", link.why)
         # Inside a notification handler, assoc.abort is pynetdicom's non-blocking abort
         # (events.trigger sets it to _abort_nonblocking while the handlers run; pynetdicom
         # 3.0): it queues the A-ABORT for this DUL thread to send, triggers EVT_ABORTED and
@@ -317,7 +355,7 @@ class Connections:
         message = getattr(getattr(event.assoc, "dimse", None), "message", None)
         command = getattr(message, "command_set", None)
         sop = str(getattr(command, "AffectedSOPInstanceUID", ""))
-        if link.too_large:  # the data set being received, as it never completes
+        if link.too_large and not link.held:  # the data set being received, never complete
             # OVER_LIMIT first: the export makes it a refused request, not the archive failing.
             limit = f"more than {self.max_data_set_bytes} bytes (DICOMWEB_MAX_PART_BYTES)"
             self._event(link, "dimse_store", OUT_OF_RESOURCES, link.receiving,

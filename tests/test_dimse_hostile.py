@@ -1,0 +1,158 @@
+"""Hostile peers on the DIMSE front door, found by fuzzing it: what pynetdicom holds in
+memory (a message's command set, a C-FIND/C-GET/C-MOVE identifier) is bounded
+(dimse/connections.py DIMSE_MAX_COMMAND_BYTES, DIMSE_MAX_IDENTIFIER_BYTES), at its edge."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import queue
+import struct
+import time
+from typing import Any, cast
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from dicomweb_server.dimse.connections import (
+    DIMSE_MAX_COMMAND_BYTES,
+    DIMSE_MAX_IDENTIFIER_BYTES,
+)
+from tests.dimse_support import (
+    CLIENT_TIMEOUT_S,
+    Archive,
+    Closes,
+    associate,
+    audit_rows,
+    audit_seq,
+    in_thread,
+    scu,
+)
+
+pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
+
+FIND = StudyRootQueryRetrieveInformationModelFind
+# Bytes of one command fragment sent (below the archive's Maximum Length, PS3.8 D.1).
+FRAGMENT = 16000
+
+
+def _padded_echo_command(size: int) -> bytes:
+    """A C-ECHO-RQ command set of exactly `size` bytes: its elements, then one more of
+    group 0000 (implicit VR, 8 bytes of header) padding it out."""
+    req = C_ECHO()
+    req.MessageID, req.AffectedSOPClassUID = 1, Verification
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(req)
+    command = cast(bytes, encode(msg.command_set, True, True))
+    pad = size - len(command) - 8
+    return command + struct.pack("<HHI", 0x0000, 0x5FF0, pad) + b"\x00" * pad
+
+
+def _command_pdus(cx: int, command: bytes) -> bytes:
+    """P-DATA-TFs of one PDV each carrying `command` in FRAGMENT-byte command fragments,
+    the last one marked last (PS3.8 E.2: message control header bits 0 and 1)."""
+    out = b""
+    for at in range(0, len(command), FRAGMENT):
+        last = at + FRAGMENT >= len(command)
+        value = bytes([0x03 if last else 0x01]) + command[at : at + FRAGMENT]
+        item = struct.pack(">IB", len(value) + 1, cx) + value
+        out += struct.pack(">BBI", 0x04, 0, len(item)) + item
+    return out
+
+
+def _answer(assoc: Any) -> Any:
+    """The next message the archive answers on `assoc`, or None once it is no longer
+    established (pynetdicom's reactor paused, so that the answer is not taken by it)."""
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while time.monotonic() < deadline and assoc.is_established:
+            with contextlib.suppress(queue.Empty):
+                return assoc.dimse.msg_queue.get(timeout=0.05)[1]
+        return None
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def _echo_with_command_of(archive: Archive, size: int) -> Any:
+    """A C-ECHO whose command set is `size` bytes: its C-ECHO-RSP, or None if aborted."""
+    assoc = associate(scu(Verification), archive)
+    try:
+        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert sock is not None
+        cx = cast(int, assoc.accepted_contexts[0].context_id)
+        sock.sendall(_command_pdus(cx, _padded_echo_command(size)))
+        return _answer(assoc)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        assoc.kill()
+
+
+def _find_with_identifier_of(archive: Archive, size: int) -> Any:
+    """A C-FIND whose identifier is `size` bytes (a study query padded with a private
+    element): its first C-FIND-RSP, or None if aborted."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.PatientID = "STUDY", "NOBODY"
+    encoded = cast(bytes, encode(ds, True, True))
+    pad = size - len(encoded) - 8
+    identifier = encoded + struct.pack("<HHI", 0x0009, 0x1000, pad) + b"\x00" * pad
+    req = C_FIND()
+    req.MessageID, req.Priority, req.AffectedSOPClassUID = 1, 2, FIND
+    req.Identifier = io.BytesIO(identifier)
+    ae = scu()
+    ae.add_requested_context(FIND, "1.2.840.10008.1.2")
+    assoc = associate(ae, archive)
+    try:
+        assoc.dimse.send_msg(req, cast(int, assoc.accepted_contexts[0].context_id))
+        return _answer(assoc)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        assoc.kill()
+
+
+async def test_command_set_at_the_limit_is_served_past_it_aborted(archive: Archive) -> None:
+    """Found by fuzzing: command fragments were not counted, and a peer streaming 300 MB of
+    them grew the server by 300 MB. A command set of DIMSE_MAX_COMMAND_BYTES is served;
+    one byte more aborts the association (PS3.8 7.3.1: A-ABORT), audited with why."""
+    rsp = await in_thread(_echo_with_command_of, archive, DIMSE_MAX_COMMAND_BYTES)
+    assert rsp is not None and rsp.Status == 0x0000
+    start = await audit_seq(archive)
+    with Closes(archive) as closes:
+        assert await in_thread(_echo_with_command_of, archive, DIMSE_MAX_COMMAND_BYTES + 1) is None
+        await closes.wait()
+    (row,) = await audit_rows(archive, ("dimse_abort", "dimse_store"), start)
+    assert row["action"] == "dimse_abort"
+    assert row["detail"] == (
+        f"aborted by the archive: a command set of more than {DIMSE_MAX_COMMAND_BYTES}"
+        " bytes (DIMSE_MAX_COMMAND_BYTES)"
+    )
+
+
+async def test_identifier_at_the_limit_is_served_past_it_aborted(archive: Archive) -> None:
+    """Found by fuzzing: a C-FIND identifier, which pynetdicom holds in memory, was bounded
+    only by DICOMWEB_MAX_PART_BYTES (4 GiB): 200 MB of one grew the server by 200 MB. One of
+    DIMSE_MAX_IDENTIFIER_BYTES is answered; one byte more aborts the association."""
+    rsp = await in_thread(_find_with_identifier_of, archive, DIMSE_MAX_IDENTIFIER_BYTES)
+    assert rsp is not None and rsp.Status is not None
+    start = await audit_seq(archive)
+    with Closes(archive) as closes:
+        over = DIMSE_MAX_IDENTIFIER_BYTES + 1
+        assert await in_thread(_find_with_identifier_of, archive, over) is None
+        await closes.wait()
+    rows = await audit_rows(archive, ("dimse_abort", "dimse_store", "dimse_find"), start)
+    assert [(r["action"], r["detail"]) for r in rows] == [(
+        "dimse_abort",
+        f"aborted by the archive: an identifier of more than {DIMSE_MAX_IDENTIFIER_BYTES}"
+        " bytes (DIMSE_MAX_IDENTIFIER_BYTES)",
+    )]  # fmt: skip
