@@ -199,7 +199,9 @@ def _queued_find(size: int) -> C_FIND:
 def _received(connections: Connections, assoc: _Assoc, *values: bytes) -> bool:
     """Whether the archive aborts the association on receiving a P-DATA-TF of `values`."""
     connections.limit_data_set(cast(Any, SimpleNamespace(pdu=_pdu(*values), assoc=assoc)))
-    return assoc.aborted.wait(1)
+    if not connections.link(assoc).too_large:
+        return False
+    return assoc.aborted.wait(CLIENT_TIMEOUT_S)  # the A-ABORT is sent from a thread of its own
 
 
 @pytest.mark.parametrize("over", [0, 1])
@@ -227,3 +229,18 @@ def test_identifiers_queued_unserved_count_against_the_limit(over: int, one_pdu:
             "identifiers held (one arriving, others queued) of more than"
             f" {DIMSE_MAX_IDENTIFIER_BYTES} bytes (DIMSE_MAX_IDENTIFIER_BYTES)"
         )
+
+
+def test_identifier_count_starts_again_with_each_message() -> None:
+    """Identifiers served one after another on a long association are each held to the
+    limit, not their sum: the count starts again with each message (its last fragment)."""
+    assoc = _Assoc([])
+    connections = Connections(record=lambda _event: None, max_data_set_bytes=2**32)
+    command = b"\x03" + b"\x00" * 80
+    half = b"\x00" + b"\x00" * (DIMSE_MAX_IDENTIFIER_BYTES // 2)
+    for _ in range(3):
+        assert not _received(connections, assoc, command)
+        assoc.dimse.message = SimpleNamespace(_data_set_file=None)  # a C-FIND-RQ, decoded
+        assert not _received(connections, assoc, half)
+        assert not _received(connections, assoc, b"\x02" + half[1:])  # the limit, exactly
+        assoc.dimse.message = None  # served
