@@ -244,3 +244,13 @@ def test_identifier_count_starts_again_with_each_message() -> None:
         assert not _received(connections, assoc, half)
         assert not _received(connections, assoc, b"\x02" + half[1:])  # the limit, exactly
         assoc.dimse.message = None  # served
+
+
+def test_data_set_over_the_limit_in_its_last_fragment_counts_its_bytes() -> None:
+    """The bytes of a C-STORE data set audited (0xA700) when its last fragment passes
+    max_data_set_bytes were 0: the count started again before the limit was checked."""
+    assoc = _Assoc([])
+    assoc.dimse.message = SimpleNamespace(_data_set_file=io.BytesIO())  # a C-STORE's, spooled
+    connections = Connections(record=lambda _event: None, max_data_set_bytes=100)
+    assert _received(connections, assoc, b"\x02" + b"\x00" * 101)
+    assert connections.link(assoc).receiving == 101

@@ -276,13 +276,13 @@ class Connections:
             else:
                 size += len(value) - 1
                 over = self._data_set_over(size, queued, spooled, unknown)
-                if value[0] & 2:  # a message whole, decoded after this PDU: queued then
-                    size, queued = 0, queued + (0 if spooled else size)
-            if over is not None:
+            if over is not None:  # link.receiving: the bytes audited of a C-STORE's
                 link.receiving, link.commanding, link.held = size, command, over
                 del items[n:]
                 self._abort_too_large(event, link)
                 return
+            if value[0] & 3 == 2:  # a message whole, decoded after this PDU: queued then
+                size, queued = 0, queued + (0 if spooled else size)
         link.receiving, link.commanding = size, command
 
     def _data_set_over(self, size: int, queued: int, spooled: bool, unknown: bool) -> str | None:
