@@ -8,7 +8,9 @@ import contextlib
 import io
 import queue
 import struct
+import threading
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -16,6 +18,8 @@ from pydicom.dataset import Dataset
 from pynetdicom.dimse_messages import C_ECHO_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
@@ -24,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomweb_server.dimse.connections import (
     DIMSE_MAX_COMMAND_BYTES,
     DIMSE_MAX_IDENTIFIER_BYTES,
+    Connections,
 )
 from tests.dimse_support import (
     CLIENT_TIMEOUT_S,
@@ -156,3 +161,96 @@ async def test_identifier_at_the_limit_is_served_past_it_aborted(archive: Archiv
         f"aborted by the archive: an identifier of more than {DIMSE_MAX_IDENTIFIER_BYTES}"
         " bytes (DIMSE_MAX_IDENTIFIER_BYTES)",
     )]  # fmt: skip
+
+
+class _Assoc:
+    """What Connections.limit_data_set reads of an association: its requestor, pynetdicom's
+    DIMSE provider (the message being decoded, the requests received whole and queued for
+    the association's thread), and abort."""
+
+    def __init__(self, queued: list[Any]) -> None:
+        self.requestor = SimpleNamespace(address="127.0.0.1")
+        self.dimse = SimpleNamespace(message=None, msg_queue=queue.Queue())
+        for primitive in queued:
+            self.dimse.msg_queue.put((1, primitive))
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+def _pdu(*values: bytes) -> P_DATA_TF:
+    """A P-DATA-TF of one PDV per value (its message control header first)."""
+    pdu = P_DATA_TF()
+    for value in values:
+        item = PresentationDataValueItem()
+        item.presentation_context_id, item.presentation_data_value = 1, value
+        pdu.presentation_data_value_items.append(item)
+    return pdu
+
+
+def _queued_find(size: int) -> C_FIND:
+    req = C_FIND()
+    req.MessageID, req.Priority, req.AffectedSOPClassUID = 1, 2, FIND
+    req.Identifier = io.BytesIO(b"\x00" * size)
+    return req
+
+
+def _received(connections: Connections, assoc: _Assoc, *values: bytes) -> bool:
+    """Whether the archive aborts the association on receiving a P-DATA-TF of `values`."""
+    connections.limit_data_set(cast(Any, SimpleNamespace(pdu=_pdu(*values), assoc=assoc)))
+    if not connections.link(assoc).too_large:
+        return False
+    return assoc.aborted.wait(CLIENT_TIMEOUT_S)  # the A-ABORT is sent from a thread of its own
+
+
+@pytest.mark.parametrize("over", [0, 1])
+@pytest.mark.parametrize("one_pdu", [False, True])
+def test_identifiers_queued_unserved_count_against_the_limit(over: int, one_pdu: bool) -> None:
+    """Found by review: DIMSE_MAX_IDENTIFIER_BYTES bounded one identifier, and a peer that
+    sends requests without waiting for their responses (PS3.7 D.3.3.3: one outstanding
+    without an asynchronous operations window) had pynetdicom queue each, identifier
+    decoded, for the association's thread, busy serving the first: 100 C-FINDs of 4 MiB
+    held 400 MiB. The identifier being received counts with those queued unserved; one
+    sent in the PDU that ends its command was not counted against the limit at all."""
+    queued = DIMSE_MAX_IDENTIFIER_BYTES // 2
+    assoc = _Assoc([_queued_find(queued)])
+    connections = Connections(record=lambda _event: None, max_data_set_bytes=2**32)
+    command = b"\x03" + b"\x00" * 80  # its last fragment
+    identifier = b"\x02" + b"\x00" * (DIMSE_MAX_IDENTIFIER_BYTES - queued + over)
+    if one_pdu:
+        assert _received(connections, assoc, command, identifier) is bool(over)
+    else:
+        assert not _received(connections, assoc, command)
+        assoc.dimse.message = SimpleNamespace(_data_set_file=None)  # a C-FIND-RQ, decoded
+        assert _received(connections, assoc, identifier) is bool(over)
+    if over:
+        assert connections.link(assoc).why == (
+            "identifiers held (one arriving, others queued) of more than"
+            f" {DIMSE_MAX_IDENTIFIER_BYTES} bytes (DIMSE_MAX_IDENTIFIER_BYTES)"
+        )
+
+
+def test_identifier_count_starts_again_with_each_message() -> None:
+    """Identifiers served one after another on a long association are each held to the
+    limit, not their sum: the count starts again with each message (its last fragment)."""
+    assoc = _Assoc([])
+    connections = Connections(record=lambda _event: None, max_data_set_bytes=2**32)
+    command = b"\x03" + b"\x00" * 80
+    half = b"\x00" + b"\x00" * (DIMSE_MAX_IDENTIFIER_BYTES // 2)
+    for _ in range(3):
+        assert not _received(connections, assoc, command)
+        assoc.dimse.message = SimpleNamespace(_data_set_file=None)  # a C-FIND-RQ, decoded
+        assert not _received(connections, assoc, half)
+        assert not _received(connections, assoc, b"\x02" + half[1:])  # the limit, exactly
+        assoc.dimse.message = None  # served
+
+
+def test_data_set_over_the_limit_in_its_last_fragment_counts_its_bytes() -> None:
+    """The bytes of a C-STORE data set audited (0xA700) when its last fragment passes
+    max_data_set_bytes were 0: the count started again before the limit was checked."""
+    assoc = _Assoc([])
+    assoc.dimse.message = SimpleNamespace(_data_set_file=io.BytesIO())  # a C-STORE's, spooled
+    connections = Connections(record=lambda _event: None, max_data_set_bytes=100)
+    assert _received(connections, assoc, b"\x02" + b"\x00" * 101)
+    assert connections.link(assoc).receiving == 101

@@ -39,6 +39,7 @@ provider, reason not specified. Never 0, so never a success.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import threading
 from collections.abc import Callable
@@ -123,6 +124,22 @@ def _over(count: int, limit: int, what: str) -> str | None:
         return None
     constant = "DIMSE_MAX_COMMAND_BYTES" if "command" in what else "DIMSE_MAX_IDENTIFIER_BYTES"
     return f"{what} of more than {limit} bytes ({constant})" if what else ""
+
+
+def _queued_bytes(assoc: Any) -> int:
+    """Bytes of the identifiers of the requests pynetdicom received whole and queued for the
+    association's thread, which serves one at a time (DIMSEServiceProvider.msg_queue,
+    pynetdicom 3.0): a peer that does not wait for each response (PS3.7 D.3.3.3: one
+    operation outstanding without an asynchronous operations window) had them pile up in
+    memory, each within DIMSE_MAX_IDENTIFIER_BYTES (found by review). A C-STORE's data set
+    is in its spool file."""
+    msg_queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    if msg_queue is None:
+        return 0
+    with msg_queue.mutex:
+        queued = list(msg_queue.queue)
+    held = [getattr(primitive, "Identifier", None) for _cx, primitive in queued]
+    return sum(len(value.getbuffer()) for value in held if isinstance(value, io.BytesIO))
 
 
 def _rejected(result: int, source: int, reason: int) -> int:
@@ -242,32 +259,41 @@ class Connections:
     ) -> None:
         """limit_data_set's count of the bytes of one P-DATA-TF's values; the values from the
         one that passes a limit on are dropped, and the association aborted. A data set is
-        held to max_data_set_bytes when spooled (a C-STORE's: its command decoded, or ending
-        in this PDU, whose decoding comes after), else to DIMSE_MAX_IDENTIFIER_BYTES."""
+        held to max_data_set_bytes when spooled (a C-STORE's, its command decoded), else to
+        DIMSE_MAX_IDENTIFIER_BYTES with the identifiers queued unserved (_queued_bytes); one
+        whose command ends in this PDU (decoded after it: its kind unknown) to both."""
         size, command = link.receiving, link.commanding
         message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        spooled = getattr(message, "_data_set_file", None) is not None
+        spooled, unknown = getattr(message, "_data_set_file", None) is not None, False
+        queued = _queued_bytes(event.assoc)
         for n, pdv in enumerate(items):
             value = pdv.presentation_data_value or b"\x00"
             if value[0] & 1:  # a command: a message begins (or goes on)
                 size, command = 0, command + len(value) - 1
-                spooled = spooled or bool(value[0] & 2)  # its data set comes after
                 over = _over(command, DIMSE_MAX_COMMAND_BYTES, "a command set")
-                command = 0 if value[0] & 2 else command
+                if value[0] & 2:  # its data set, if any, comes after
+                    command, spooled, unknown = 0, False, True
             else:
                 size += len(value) - 1
-                over = (
-                    _over(size, self.max_data_set_bytes, "")
-                    if spooled
-                    else _over(size, DIMSE_MAX_IDENTIFIER_BYTES, "an identifier")
-                )
-                size = 0 if value[0] & 2 else size
-            if over is not None:
+                over = self._data_set_over(size, queued, spooled, unknown)
+            if over is not None:  # link.receiving: the bytes audited of a C-STORE's
                 link.receiving, link.commanding, link.held = size, command, over
                 del items[n:]
                 self._abort_too_large(event, link)
                 return
+            if value[0] & 3 == 2:  # a message whole, decoded after this PDU: queued then
+                size, queued = 0, queued + (0 if spooled else size)
         link.receiving, link.commanding = size, command
+
+    def _data_set_over(self, size: int, queued: int, spooled: bool, unknown: bool) -> str | None:
+        """_over for `size` bytes of a data set being received (see _count_data_set)."""
+        if spooled:
+            return _over(size, self.max_data_set_bytes, "")
+        what = "identifiers held (one arriving, others queued)" if queued else "an identifier"
+        over = _over(size + queued, DIMSE_MAX_IDENTIFIER_BYTES, what)
+        if over is None and unknown:
+            return _over(size, self.max_data_set_bytes, "")
+        return over
 
     def _abort_too_large(self, event: Event, link: Link) -> None:
         """Audited (0xA700) when the connection closes, the message's command decoded; one
