@@ -22,7 +22,9 @@ from typing import Any, TypeVar, cast
 import anyio
 import httpx
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -341,3 +343,12 @@ def get_study(
         return [st for st, _ in assoc.send_c_get(ident, model)]
     finally:
         assoc.release()
+
+
+def as_part10(data_set: bytes, transfer_syntax: str) -> Dataset:
+    """A data set received over DIMSE, decoded in the transfer syntax it was sent in."""
+    ts = UID(transfer_syntax)
+    ds = read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds

@@ -190,3 +190,25 @@ async def app_process(settings: Settings) -> AsyncIterator[tuple[Starlette, http
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
             yield app, c
+
+
+async def studies_named(client: httpx.AsyncClient, names: dict[str, str]) -> Any:
+    """Stores one study per name of `names` (key: its Patient ID); returns a QIDO-RS study
+    search, `found(**params)`, giving the keys of the names found, sorted."""
+    made = {
+        k: make_instance(patient_name=v, patient_id=k, SpecificCharacterSet="ISO_IR 192")
+        for k, v in names.items()
+    }
+    body = multipart_body([to_bytes(ds) for ds in made.values()])
+    r = await client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    by_uid = {ds.StudyInstanceUID: k for k, ds in made.items()}
+
+    async def found(**params: str) -> list[str]:
+        r = await client.get(f"{ROOT}/studies", params=params)
+        assert r.status_code in (200, 204), r.text
+        return sorted(
+            by_uid[str(values(s, "0020000D")[0])] for s in (r.json() if r.content else [])
+        )
+
+    return found

@@ -30,6 +30,7 @@ from tests.helpers import (
     pending_reservations,
     split_multipart,
     stow_headers,
+    studies_named,
     to_bytes,
     values,
 )
@@ -147,22 +148,7 @@ _ODD_NAMES = {
 
 async def _patients_found_by(client: httpx.AsyncClient, names: dict[str, str] = _ODD_NAMES) -> Any:
     """Stores one study per name of `names`; returns a search giving the names' keys."""
-    made = {
-        k: make_instance(patient_name=v, patient_id=k, SpecificCharacterSet="ISO_IR 192")
-        for k, v in names.items()
-    }
-    r = await stow(client, *(to_bytes(ds) for ds in made.values()))
-    assert r.status_code == 200, r.text
-    by_uid = {ds.StudyInstanceUID: k for k, ds in made.items()}
-
-    async def found(**params: str) -> list[str]:
-        r = await client.get(f"{ROOT}/studies", params=params)
-        assert r.status_code in (200, 204), r.text
-        return sorted(
-            by_uid[str(values(s, "0020000D")[0])] for s in (r.json() if r.content else [])
-        )
-
-    return found
+    return await studies_named(client, names)
 
 
 async def test_qido_pn_wildcard_over_trailing_delimiters(app_client: httpx.AsyncClient) -> None:

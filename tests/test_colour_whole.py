@@ -16,8 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_dataset
+from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
@@ -48,6 +47,7 @@ from tests.dimse_support import (
     PEER,
     Archive,
     archive_with_peer,
+    as_part10,
     associate,
     identifier,
     in_thread,
@@ -249,14 +249,6 @@ def test_rle_and_jpeg_ls_take_ybr_full_of_8_bits_at_most(bits: int) -> None:
     assert ENCODERS[HTJ2K_LOSSLESS].accepts(ybr)
 
 
-def _as_part10(data_set: bytes, transfer_syntax: str) -> Dataset:
-    ts = UID(transfer_syntax)
-    ds = read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    return ds
-
-
 def _move(archive: Archive, ident: Dataset) -> list[Dataset]:
     model = StudyRootQueryRetrieveInformationModelMove
     assoc = associate(scu(model), archive)
@@ -287,7 +279,7 @@ async def test_move_to_a_peer_taking_only_uncompressed_keeps_ybr_full(
             statuses = await in_thread(_move, archive, ident)
     assert statuses[-1].Status == 0x0000, statuses[-1]
     sent_as = only_native.syntaxes[stored.SOPInstanceUID]
-    got = _as_part10(only_native.received[stored.SOPInstanceUID], sent_as)
+    got = as_part10(only_native.received[stored.SOPInstanceUID], sent_as)
     assert got.PhotometricInterpretation == "YBR_FULL"
     assert np.array_equal(pixel_array(got, as_rgb=False), pixel_array(stored, as_rgb=False))
     assert pydicom.uid.UID(sent_as) in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)

@@ -4,7 +4,6 @@ movescu and getscu and by pynetdicom SCUs, over instances stored with STOW-RS.
 
 from __future__ import annotations
 
-import io
 import socket
 import threading
 import time
@@ -15,9 +14,8 @@ from typing import Any, cast
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -40,6 +38,7 @@ from tests.dimse_support import (
     Archive,
     Peer,
     archive_with_peer,
+    as_part10,
     associate,
     audit_rows,
     audit_seq,
@@ -329,15 +328,6 @@ async def test_move_compressed_multiframe_as_stored(
     assert peer.received[ds.SOPInstanceUID] == dataset_bytes(path)
 
 
-def _as_part10(data_set: bytes, transfer_syntax: str) -> Dataset:
-    """A data set received over DIMSE, decoded in the transfer syntax it was sent in."""
-    ts = UID(transfer_syntax)
-    ds = read_dataset(io.BytesIO(data_set), ts.is_implicit_VR, ts.is_little_endian)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ts
-    return ds
-
-
 @pytest.mark.parametrize(
     "name",
     ["generated/coverage/ect_15frames_jpegls_lossless.dcm",
@@ -366,7 +356,7 @@ async def test_move_decodes_for_a_peer_taking_only_uncompressed(
     assert statuses[-1].NumberOfCompletedSuboperations == 1
     sent_as = only_native.syntaxes[ds.SOPInstanceUID]
     assert sent_as in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
-    got = _as_part10(only_native.received[ds.SOPInstanceUID], sent_as)
+    got = as_part10(only_native.received[ds.SOPInstanceUID], sent_as)
     assert got.SOPInstanceUID == ds.SOPInstanceUID
     assert np.array_equal(got.pixel_array, ds.pixel_array)
     if not ds.file_meta.TransferSyntaxUID.is_little_endian:  # every value re-encoded
@@ -435,7 +425,7 @@ async def test_get_decodes_for_a_requestor_taking_only_uncompressed(
     assert statuses[-1].Status == 0x0000 and statuses[-1].NumberOfCompletedSuboperations == 1
     ((data_set, syntax),) = received
     assert syntax == ExplicitVRLittleEndian
-    assert np.array_equal(_as_part10(data_set, syntax).pixel_array, ds.pixel_array)
+    assert np.array_equal(as_part10(data_set, syntax).pixel_array, ds.pixel_array)
 
 
 def _cancelled_after(

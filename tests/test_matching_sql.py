@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 import httpx
@@ -22,7 +21,15 @@ from dicomweb_server.matching import (
     UniversalMatch,
 )
 from dicomweb_server.query import parse
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes, values
+from tests.helpers import (
+    ROOT,
+    make_instance,
+    multipart_body,
+    stow_headers,
+    studies_named,
+    to_bytes,
+    values,
+)
 
 pytestmark = pytest.mark.db
 
@@ -65,30 +72,6 @@ def test_fuzzy_word_separators_are_named_one_by_one() -> None:
     assert re.split(f"[{FUZZY_WORD_SEPARATORS}]+", "a\xa0b\u3000c d") == ["a\xa0b\u3000c", "d"]
 
 
-async def _found_by(client: httpx.AsyncClient, names: dict[str, str]) -> Any:
-    """Stores one study per name; returns a search giving the names' keys."""
-    made = {
-        k: make_instance(patient_name=v, patient_id=k, SpecificCharacterSet="ISO_IR 192")
-        for k, v in names.items()
-    }
-    r = await client.post(
-        f"{ROOT}/studies",
-        content=multipart_body([to_bytes(ds) for ds in made.values()]),
-        headers=stow_headers(),
-    )
-    assert r.status_code == 200, r.text
-    by_uid = {ds.StudyInstanceUID: k for k, ds in made.items()}
-
-    async def found(**params: str) -> list[str]:
-        r = await client.get(f"{ROOT}/studies", params=params)
-        assert r.status_code in (200, 204), r.text
-        return sorted(
-            by_uid[str(values(s, "0020000D")[0])] for s in (r.json() if r.content else [])
-        )
-
-    return found
-
-
 _NAMES = {
     "nbsp": "Ann\xa0Lee^Mary",
     "space": "Ann Lee^Mary",
@@ -98,7 +81,7 @@ _NAMES = {
 
 async def test_fuzzy_name_given_whole_is_found(app_client: httpx.AsyncClient) -> None:
     """A name given whole is found with fuzzy matching as without it, whatever its spaces."""
-    found = await _found_by(app_client, _NAMES)
+    found = await studies_named(app_client, _NAMES)
     for key, name in _NAMES.items():
         assert await found(PatientName=name) == [key]
         assert await found(PatientName=name, fuzzymatching="true") == [key], key
@@ -117,7 +100,7 @@ async def test_fuzzy_value_without_words_matches_as_without_fuzzy(
 ) -> None:
     """Found by review: a fuzzy value made only of separators has no word, and was taken as
     universal matching (`-` found every name). It is matched as without fuzzymatching."""
-    found = await _found_by(app_client, _SEPARATOR_NAMES)
+    found = await studies_named(app_client, _SEPARATOR_NAMES)
     literal = await found(PatientName=value)
     assert await found(PatientName=value, fuzzymatching="true") == literal
     assert literal != sorted(_SEPARATOR_NAMES)
@@ -212,7 +195,7 @@ async def test_a_name_of_delimiters_is_the_empty_value(
     no name), and found `=山田^太郎` (an empty alphabetic group). Only delimiters is every
     component null, the zero-length value (PS3.5 6.2.1): universal matching (PS3.4
     C.2.2.2.3), as an empty PatientName is."""
-    found = await _found_by(app_client, _DELIMITER_NAMES)
+    found = await studies_named(app_client, _DELIMITER_NAMES)
     everything = sorted(_DELIMITER_NAMES)
     assert await found(PatientName="") == everything
     assert await found(PatientName=value, fuzzymatching=fuzzy) == everything
@@ -231,7 +214,7 @@ async def test_fuzzy_matching_finds_every_name_literal_matching_finds(
     name, so `*oe*`, which OHIF sends for "oe" with fuzzymatching=true (supportsWildcard and
     supportsFuzzyMatching), found only `Oeste^Ana` and lost `Doe^John` and `McDoe^Ann`,
     which the same value finds without fuzzy matching. Fuzzy matching adds names."""
-    found = await _found_by(app_client, _SUBSTRING_NAMES)
+    found = await studies_named(app_client, _SUBSTRING_NAMES)
     literal = await found(PatientName=value)
     fuzzy = await found(PatientName=value, fuzzymatching="true")
     assert literal and set(literal) <= set(fuzzy), (literal, fuzzy)
