@@ -294,11 +294,17 @@ class Handlers:
 
     def move(self, event: Event) -> Iterator[Any]:
         """C-MOVE to a configured peer over a sub-association proposing the stored
-        (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5)."""
-        detail = f"destination={(event.move_destination or '').strip()}"
-        peer = self.peers.get((event.move_destination or "").strip())
+        (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5),
+        with an Error Comment naming it (found by review: pynetdicom's own 0xA801 had none)."""
+        title = (event.move_destination or "").strip()
+        detail = f"destination={title}"
+        peer = self.peers.get(title)
         if peer is None:
-            self._audit(event, "dimse_move", DESTINATION_UNKNOWN, detail=detail)
+            unknown = status(DESTINATION_UNKNOWN, f"Move Destination {title!r} is not a known AE")
+            self._audit(
+                event, "dimse_move", DESTINATION_UNKNOWN, detail=_with_comment(detail, unknown)
+            )
+            final_failure(event, unknown)  # the response pynetdicom sends now is this one
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         found = self._matching_instances(event)
