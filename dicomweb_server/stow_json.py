@@ -52,7 +52,7 @@ from dicomweb_server.media.mediatypes import (
     VIDEO_TRANSFER_SYNTAXES,
     parse_content_type,
 )
-from dicomweb_server.media.negotiate import frame_syntax
+from dicomweb_server.media.negotiate import frame_syntax, jpeg_process
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 
 __all__ = [
@@ -512,48 +512,7 @@ def _part_syntax(part: _Bulk) -> str | None:
     if rng.essence != "image/jpeg" or "transfer-syntax" in rng.params:
         return frame_syntax(part.content_type)
     with part.path.open("rb") as fh:
-        return _jpeg_process(fh)
-
-
-# Start Of Frame markers of the JPEG processes DICOM has transfer syntaxes for (PS3.5 A.4.1).
-_SOF_SYNTAX = {0xC0: "1.2.840.10008.1.2.4.50", 0xC1: "1.2.840.10008.1.2.4.51"}
-_SOF_LOSSLESS = 0xC3
-# Markers without a length (ISO 10918-1 B.1.1.3): TEM, RSTn, SOI, EOI.
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})
-# Segments walked before giving up on finding the frame header.
-_JPEG_MAX_SEGMENTS = 64
-
-
-def _jpeg_process(fh: BinaryIO) -> str | None:
-    """Baseline (.4.50), Extended (.4.51), Lossless (.4.57) or Lossless SV1 (.4.70: the scan's
-    predictor selection value is 1) from a JPEG codestream's markers; None when it is none
-    of these (progressive, arithmetic, hierarchical or not JPEG)."""
-    if fh.read(2) != b"\xff\xd8":
-        return None
-    lossless = False
-    for _ in range(_JPEG_MAX_SEGMENTS):
-        marker = fh.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        if marker[1] in _STANDALONE or marker[1] == 0xFF:
-            continue
-        head = fh.read(2)
-        if len(head) < 2:
-            return None
-        length = struct.unpack(">H", head)[0]
-        body = fh.read(max(length - 2, 0))
-        if marker[1] in _SOF_SYNTAX:
-            return _SOF_SYNTAX[marker[1]]
-        if marker[1] == _SOF_LOSSLESS:
-            lossless = True
-        elif 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
-            return None  # another process: progressive, hierarchical, arithmetic
-        elif marker[1] == 0xDA:  # start of scan: Ss, the predictor, follows the components
-            if not lossless or len(body) < 1 + 2 * body[0] + 1:
-                return None
-            selection = body[1 + 2 * body[0]]
-            return "1.2.840.10008.1.2.4.70" if selection == 1 else "1.2.840.10008.1.2.4.57"
-    return None
+        return jpeg_process(fh)
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
