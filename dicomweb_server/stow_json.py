@@ -84,6 +84,8 @@ MAX_JSON_SEQUENCE_DEPTH = MAX_SEQUENCE_DEPTH
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"
+# Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11): one native frame per part.
+_ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 _ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
 
 
@@ -488,19 +490,42 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
     if "Rows" not in ds:
         raise _refused(
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            "compressed Pixel Data needs the Image Pixel attributes (Rows, Columns, ...) in the "
-            "metadata: this server does not read them from the codestream",
+            "encapsulated Pixel Data needs the Image Pixel attributes (Rows, Columns, ...) in "
+            "the metadata: this server does not read them from the frames",
             ds,
         )
     frames = _integer(ds, "NumberOfFrames") or 1
     if len(parts) != frames and ts not in VIDEO_TRANSFER_SYNTAXES:
-        raise _refused(
+        raise _refused(  # found by review: it said "compressed" of uncompressed frames too
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            f"{len(parts)} compressed frame parts for Number of Frames {frames}: one part "
-            "per frame",
+            f"{len(parts)} frame parts for Number of Frames {frames}: one part per frame",
             ds,
         )
+    if ts == _ENCAPSULATED_UNCOMPRESSED:
+        _check_native_frames(parts, ds)
     return ts
+
+
+def _check_native_frames(parts: list[_Bulk], ds: Dataset) -> None:
+    """Refuse (0xC000) a frame part of Encapsulated Uncompressed Explicit VR Little Endian
+    that is not one frame's native bytes: PS3.5 A.4.11, one fragment per frame holding the
+    frame as Explicit VR Little Endian would (Rows x Columns x Samples per Pixel x Bits
+    Allocated / 8 bytes, a byte more when that is odd: the fragment's padding). Found by
+    review: a part of any size was stored, and its frames could not be decoded."""
+    keys = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
+    dims = [_integer(ds, k) or 0 for k in keys]
+    if min(dims) <= 0:
+        raise _refused(FailureReason.CANNOT_UNDERSTAND, f"{', '.join(keys)} are required", ds)
+    rows, columns, samples, bits = dims
+    size = (rows * columns * samples * bits + 7) // 8
+    for number, part in enumerate(parts, 1):
+        if part.size not in (size, size + size % 2):
+            raise _refused(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"frame {number} is {part.size} bytes, not the {size} of one uncompressed"
+                " frame (Rows x Columns x SamplesPerPixel x BitsAllocated / 8, PS3.5 A.4.11)",
+                ds,
+            )
 
 
 def _part_syntax(part: _Bulk) -> str | None:
