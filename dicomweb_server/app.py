@@ -32,7 +32,7 @@ from dicomweb_server.index.database import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.proxy import ProxyHeaders, parse_networks
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
-from dicomweb_server.routes.common import error_response
+from dicomweb_server.routes.common import error_response, not_found
 
 __all__ = [
     "DEFAULT_RESPONSE_HEADERS",
@@ -384,7 +384,8 @@ def create_app(settings: Settings) -> Starlette:
         middleware=_middleware(settings),
     )
     # The Guard matches every request's route already; the router takes its match.
-    app.router = MatchedRouter(ROUTES, lifespan=lifespan)
+    # A path matching no route: a JSON 404, never a redirect (routes/common.not_found).
+    app.router = MatchedRouter(ROUTES, lifespan=lifespan, redirect_slashes=False, default=not_found)
     app.state.settings = settings
     return app
 

@@ -54,6 +54,7 @@ __all__ = [
     "InvalidInstanceError",
     "ParsedFile",
     "bulk_prefix",
+    "check_whole",
     "configure_pydicom",
     "parse_file",
     "sop_uids",
@@ -222,7 +223,7 @@ def _header(fp: BinaryIO, size: int) -> tuple[Dataset, str]:
     when the data set is cut short or no transfer syntax is given."""
     fp.seek(0)
     ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
-    _check_whole(ds, fp.tell(), size)
+    check_whole(ds, fp.tell(), size)
     file_meta = getattr(ds, "file_meta", None)
     meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
     if not meta_ts:
@@ -256,7 +257,7 @@ def _deferred_ranges(ds: Dataset, size: int) -> dict[str, list[Any]]:
     return bulk_ranges
 
 
-def _check_whole(data: Dataset, pos: int, size: int) -> None:
+def check_whole(data: Dataset, pos: int, size: int) -> None:
     """Refuse (0xC000) a data set that ends inside an element (PS3.5 7.1: a data set is a
     sequence of whole data elements). pydicom reads a value the file ends inside of as the
     bytes there are, and stops silently at an element header cut short; `pos` is where it
@@ -585,7 +586,7 @@ def _merge_tail(
     would replace a value already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
-    _check_whole(tail, fp.tell(), size)
+    check_whole(tail, fp.tell(), size)
     after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
     for tag in tail.keys():
         if tag <= after or tag in ds:

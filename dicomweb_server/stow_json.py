@@ -52,7 +52,7 @@ from dicomweb_server.media.mediatypes import (
     VIDEO_TRANSFER_SYNTAXES,
     parse_content_type,
 )
-from dicomweb_server.media.negotiate import frame_syntax
+from dicomweb_server.media.negotiate import frame_syntax, jpeg_process
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 
 __all__ = [
@@ -84,6 +84,8 @@ MAX_JSON_SEQUENCE_DEPTH = MAX_SEQUENCE_DEPTH
 # Bytes per read when bulk data is copied into the assembled file.
 _COPY_BYTES = 1024 * 1024
 _PIXEL_DATA = "7FE00010"
+# Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11): one native frame per part.
+_ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 _ITEM, _SEQUENCE_END = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
 
 
@@ -488,19 +490,42 @@ def _syntax_of(parts: list[_Bulk], ds: Dataset) -> str:
     if "Rows" not in ds:
         raise _refused(
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            "compressed Pixel Data needs the Image Pixel attributes (Rows, Columns, ...) in the "
-            "metadata: this server does not read them from the codestream",
+            "encapsulated Pixel Data needs the Image Pixel attributes (Rows, Columns, ...) in "
+            "the metadata: this server does not read them from the frames",
             ds,
         )
     frames = _integer(ds, "NumberOfFrames") or 1
     if len(parts) != frames and ts not in VIDEO_TRANSFER_SYNTAXES:
-        raise _refused(
+        raise _refused(  # found by review: it said "compressed" of uncompressed frames too
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
-            f"{len(parts)} compressed frame parts for Number of Frames {frames}: one part "
-            "per frame",
+            f"{len(parts)} frame parts for Number of Frames {frames}: one part per frame",
             ds,
         )
+    if ts == _ENCAPSULATED_UNCOMPRESSED:
+        _check_native_frames(parts, ds)
     return ts
+
+
+def _check_native_frames(parts: list[_Bulk], ds: Dataset) -> None:
+    """Refuse (0xC000) a frame part of Encapsulated Uncompressed Explicit VR Little Endian
+    that is not one frame's native bytes: PS3.5 A.4.11, one fragment per frame holding the
+    frame as Explicit VR Little Endian would (Rows x Columns x Samples per Pixel x Bits
+    Allocated / 8 bytes, a byte more when that is odd: the fragment's padding). Found by
+    review: a part of any size was stored, and its frames could not be decoded."""
+    keys = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
+    dims = [_integer(ds, k) or 0 for k in keys]
+    if min(dims) <= 0:
+        raise _refused(FailureReason.CANNOT_UNDERSTAND, f"{', '.join(keys)} are required", ds)
+    rows, columns, samples, bits = dims
+    size = (rows * columns * samples * bits + 7) // 8
+    for number, part in enumerate(parts, 1):
+        if part.size not in (size, size + size % 2):
+            raise _refused(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"frame {number} is {part.size} bytes, not the {size} of one uncompressed"
+                " frame (Rows x Columns x SamplesPerPixel x BitsAllocated / 8, PS3.5 A.4.11)",
+                ds,
+            )
 
 
 def _part_syntax(part: _Bulk) -> str | None:
@@ -512,48 +537,7 @@ def _part_syntax(part: _Bulk) -> str | None:
     if rng.essence != "image/jpeg" or "transfer-syntax" in rng.params:
         return frame_syntax(part.content_type)
     with part.path.open("rb") as fh:
-        return _jpeg_process(fh)
-
-
-# Start Of Frame markers of the JPEG processes DICOM has transfer syntaxes for (PS3.5 A.4.1).
-_SOF_SYNTAX = {0xC0: "1.2.840.10008.1.2.4.50", 0xC1: "1.2.840.10008.1.2.4.51"}
-_SOF_LOSSLESS = 0xC3
-# Markers without a length (ISO 10918-1 B.1.1.3): TEM, RSTn, SOI, EOI.
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})
-# Segments walked before giving up on finding the frame header.
-_JPEG_MAX_SEGMENTS = 64
-
-
-def _jpeg_process(fh: BinaryIO) -> str | None:
-    """Baseline (.4.50), Extended (.4.51), Lossless (.4.57) or Lossless SV1 (.4.70: the scan's
-    predictor selection value is 1) from a JPEG codestream's markers; None when it is none
-    of these (progressive, arithmetic, hierarchical or not JPEG)."""
-    if fh.read(2) != b"\xff\xd8":
-        return None
-    lossless = False
-    for _ in range(_JPEG_MAX_SEGMENTS):
-        marker = fh.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        if marker[1] in _STANDALONE or marker[1] == 0xFF:
-            continue
-        head = fh.read(2)
-        if len(head) < 2:
-            return None
-        length = struct.unpack(">H", head)[0]
-        body = fh.read(max(length - 2, 0))
-        if marker[1] in _SOF_SYNTAX:
-            return _SOF_SYNTAX[marker[1]]
-        if marker[1] == _SOF_LOSSLESS:
-            lossless = True
-        elif 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
-            return None  # another process: progressive, hierarchical, arithmetic
-        elif marker[1] == 0xDA:  # start of scan: Ss, the predictor, follows the components
-            if not lossless or len(body) < 1 + 2 * body[0] + 1:
-                return None
-            selection = body[1 + 2 * body[0]]
-            return "1.2.840.10008.1.2.4.70" if selection == 1 else "1.2.840.10008.1.2.4.57"
-    return None
+        return jpeg_process(fh)
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:

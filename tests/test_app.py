@@ -217,3 +217,28 @@ async def test_idle_body_read_inside_a_task_group_is_a_408() -> None:
     assert r.status_code == 408
     assert r.headers["connection"] == "close"
     assert r.json()["message"] == "the request body stopped: nothing came for 0.3 seconds"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/nowhere",
+        f"{ROOT}/nowhere",
+        f"{ROOT}/studies/",
+        f"{ROOT}/studies/1.2/series/",
+        f"{ROOT}/studies/1.2/series/1.3/instances/1.4/frames/",
+        "/health/",
+    ],
+)
+async def test_unknown_path_is_a_json_404_never_a_redirect(
+    app_client: httpx.AsyncClient, path: str
+) -> None:
+    """Found by review: a path matching no route had Starlette's plain-text 404, or, for a
+    route's path with a trailing slash, a 307 to it whose Location used the client's Host,
+    where every other error is the JSON of routes/common.error_response. DICOMweb clients
+    (OHIF, dicomweb-client) never add the slash: it is a 404 naming the path."""
+    r = await app_client.get(path)
+    assert r.status_code == 404, r.headers
+    assert "location" not in r.headers
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"status": 404, "message": f"no resource at {path}"}

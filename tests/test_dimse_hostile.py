@@ -16,12 +16,13 @@ from typing import Any, cast
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_messages import C_ECHO_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 
@@ -111,11 +112,16 @@ def _find_with_identifier_of(archive: Archive, size: int) -> Any:
     encoded = cast(bytes, encode(ds, True, True))
     pad = size - len(encoded) - 8
     identifier = encoded + struct.pack("<HHI", 0x0009, 0x1000, pad) + b"\x00" * pad
-    req = C_FIND()
-    req.MessageID, req.Priority, req.AffectedSOPClassUID = 1, 2, FIND
+    return _request_with_identifier(archive, C_FIND(), FIND, identifier)
+
+
+def _request_with_identifier(archive: Archive, req: Any, sop_class: str, identifier: bytes) -> Any:
+    """`req` (a C-FIND, C-GET or C-MOVE primitive) of `sop_class` carrying `identifier` as
+    sent, in Implicit VR Little Endian: its first response, or None if aborted."""
+    req.MessageID, req.Priority, req.AffectedSOPClassUID = 1, 2, sop_class
     req.Identifier = io.BytesIO(identifier)
     ae = scu()
-    ae.add_requested_context(FIND, "1.2.840.10008.1.2")
+    ae.add_requested_context(sop_class, "1.2.840.10008.1.2")
     assoc = associate(ae, archive)
     try:
         assoc.dimse.send_msg(req, cast(int, assoc.accepted_contexts[0].context_id))
@@ -254,3 +260,44 @@ def test_data_set_over_the_limit_in_its_last_fragment_counts_its_bytes() -> None
     connections = Connections(record=lambda _event: None, max_data_set_bytes=100)
     assert _received(connections, assoc, b"\x02" + b"\x00" * 101)
     assert connections.link(assoc).receiving == 101
+
+
+def _truncated_study_query(cut: int) -> bytes:
+    """A study identifier matching PatientID ABCD, its last `cut` bytes not sent: 2 cuts
+    into the value (declared 4 bytes), 6 into the element's header."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.PatientID = "STUDY", "ABCD"
+    return cast(bytes, encode(ds, True, True))[:-cut]
+
+
+@pytest.mark.parametrize(
+    ("cut", "comment"),
+    [
+        (2, "truncated data set: value of (0010,0020) lacks 2 bytes"),
+        (6, "truncated data set: 6 bytes after (0008,0052), no whole element"),
+    ],
+)
+async def test_truncated_find_identifier_is_unable_to_process(
+    archive: Archive, cut: int, comment: str
+) -> None:
+    """Found by review: pydicom decodes an identifier cut short leniently (the value as the
+    bytes there are, a header cut short dropped) and the C-FIND answered Success as if it
+    were whole. It is refused, 0xC000, as a C-STORE's data set is (PS3.5 7.1)."""
+    identifier = _truncated_study_query(cut)
+    rsp = await in_thread(_request_with_identifier, archive, C_FIND(), FIND, identifier)
+    assert rsp is not None
+    assert (rsp.Status, rsp.ErrorComment) == (0xC000, comment)
+
+
+async def test_truncated_get_identifier_is_unable_to_process(archive: Archive) -> None:
+    """The same for a C-GET: its final response 0xC000 with the Error Comment, no
+    sub-operation (found by review: it was taken as a query for StudyInstanceUID `1.`)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyInstanceUID = "STUDY", "1.2.3.4"
+    identifier = cast(bytes, encode(ds, True, True))[:-6]
+    get = StudyRootQueryRetrieveInformationModelGet
+    rsp = await in_thread(_request_with_identifier, archive, C_GET(), get, identifier)
+    assert rsp is not None
+    comment = "truncated data set: value of (0020,000D) lacks 6 bytes"
+    assert (rsp.Status, rsp.ErrorComment) == (0xC000, comment)
+    assert rsp.NumberOfCompletedSuboperations in (None, 0)

@@ -6,8 +6,10 @@ import asyncio
 import io
 import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pydicom
@@ -28,6 +30,7 @@ from dicomweb_server.dimse.identifier import (
     ERROR_COMMENT_MAX_CHARS,
     IdentifierError,
     Model,
+    decode,
     find_response,
     parse_find,
     parse_retrieve,
@@ -370,6 +373,23 @@ def test_cli_refuses_dimse_with_several_workers(capsys: pytest.CaptureFixture[st
     assert cli.main(["serve", "--ae-title", "THIS-IS-TOO-LONG-A-TITLE"]) == 2
 
 
+def test_deflated_identifier_inflates_up_to_the_limit() -> None:
+    """identifier.decode inflates a Deflated identifier (PS3.5 A.5) no further than the
+    bound it is given (DIMSE_MAX_IDENTIFIER_BYTES): one of exactly that size decodes, one
+    byte more is 0xC000 (pynetdicom inflated any, a small one to gigabytes)."""
+    ds = ident("STUDY", PatientID="X")
+    plain = cast(bytes, encode(ds, False, True)) + struct.pack("<HH2sH", 0x0009, 0x1000, b"OB", 0)
+    pad = 1000
+    plain += struct.pack("<I", pad) + b"\x00" * pad  # (0009,1000) OB, explicit: 12-byte header
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(plain) + packer.flush()
+    assert decode(deflated, False, True, True, len(plain)).PatientID == "X"
+    with pytest.raises(IdentifierError) as refused:
+        decode(deflated, False, True, True, len(plain) - 1)
+    assert refused.value.status == 0xC000
+    assert refused.value.message == f"identifier inflates past {len(plain) - 1} bytes"
+
+
 class _CancelledEvent:
     """What Handlers.find reads of a pynetdicom Event, with a C-CANCEL already received."""
 
@@ -381,8 +401,12 @@ class _CancelledEvent:
         )
 
         self.identifier = ident("STUDY", StudyInstanceUID="")
-        self.request = Dataset()
-        self.request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+        # Handlers decode the identifier as received (identifier.decode), on its context.
+        self.request = SimpleNamespace(
+            AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
+            Identifier=io.BytesIO(cast(bytes, encode(self.identifier, True, True))),
+        )
+        self.context = SimpleNamespace(transfer_syntax=ImplicitVRLittleEndian)
 
 
 def test_find_honours_c_cancel() -> None:

@@ -303,6 +303,9 @@ async def test_pynetdicom_move_counts_and_unknown_destination(archive: Archive, 
 
     statuses = await in_thread(_move, archive, "NOBODY", ident)
     assert [int(s.Status) for s in statuses] == [0xA801]
+    # Found by review: pynetdicom's 0xA801 said nothing of which title was unknown.
+    assert statuses[0].ErrorComment == "Move Destination 'NOBODY' is not a known AE"
+    assert "NumberOfFailedSuboperations" not in statuses[0]
 
     missing_key = identifier("SERIES", StudyInstanceUID=a.StudyInstanceUID)
     statuses = await in_thread(_move, archive, PEER, missing_key)
@@ -771,7 +774,8 @@ async def test_find_cancel_unknown_destination_and_get_without_role_are_audited(
     ident = identifier("STUDY", StudyInstanceUID=study)
     assert [int(s.Status) for s in await in_thread(_move, archive, "NOBODY", ident)] == [0xA801]
     (row,) = await audit_rows(archive, "dimse_move", start)
-    assert row["outcome"] == 0xA801 and "destination=NOBODY" in row["detail"]
+    assert row["outcome"] == 0xA801
+    assert row["detail"] == "destination=NOBODY; Move Destination 'NOBODY' is not a known AE"
 
     def get_without_role() -> list[Dataset]:
         model = StudyRootQueryRetrieveInformationModelGet

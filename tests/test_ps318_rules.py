@@ -379,3 +379,24 @@ async def test_a_plus_written_into_the_url_is_a_plus(app_client: httpx.AsyncClie
         r = await app_client.get(f"{ROOT}/instances?AcquisitionDateTime={value}")
         assert r.status_code == 200, (value, r.text)
         assert r.json()[0]["00080018"]["Value"] == [ds.SOPInstanceUID]
+
+
+@pytest.mark.parametrize("key", ["00081190", "RetrieveURL", "00201206", "00080056"])
+@pytest.mark.parametrize(
+    "level", ["studies", "series", "instances", "{st}/series", "{st}/instances", "{se}/instances"]
+)
+async def test_return_only_attributes_are_no_matching_keys(
+    app_client: httpx.AsyncClient, key: str, level: str
+) -> None:
+    """`00081190=x` (RetrieveURL) and the other attributes a search computes and returns
+    only are no matching keys, by tag or by keyword, at every level and under a path's
+    UIDs: ignored with a Warning that names them (PS3.18 8.3.1), as any other. (Reported as
+    matching silently; not reproduced, kept as a guard.)"""
+    ds = make_instance(patient_id="RETURN-ONLY-1")
+    await _store(app_client, to_bytes(ds))
+    st = f"studies/{ds.StudyInstanceUID}"
+    path = level.format(st=st, se=f"{st}/series/{ds.SeriesInstanceUID}")
+    r = await app_client.get(f"{ROOT}/{path}", params={key: "x"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 1
+    assert f"'{key}'" in r.headers.get("warning", ""), r.headers

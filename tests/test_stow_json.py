@@ -305,7 +305,7 @@ async def test_one_part_per_frame(app_client: httpx.AsyncClient, samples: Path) 
     parts = [("/f", f"image/jls; transfer-syntax={ts}", f) for f in frames[:14]]
     r = await _post(app_client, _body([_metadata(src, "/f")], *parts))
     assert r.status_code == 409
-    assert "14 compressed frame parts for Number of Frames 15" in r.headers["warning"]
+    assert "14 frame parts for Number of Frames 15: one part per frame" in r.headers["warning"]
 
 
 async def test_fewer_fragments_than_frames_is_refused(

@@ -13,8 +13,15 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import generate_uid
 
 from dicomweb_server.media.negotiate import frame_syntax
-from tests.helpers import ROOT, inst_url, multipart_body, split_multipart, stow_headers
-from tests.test_stow_json import STORED, _body, _post
+from tests.helpers import (
+    ROOT,
+    inst_url,
+    make_instance,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+)
+from tests.test_stow_json import STORED, _body, _metadata, _post
 
 DEFLATED_IMAGE_FRAME = "1.2.840.10008.1.2.8.1"  # PS3.5 A.4.13
 
@@ -65,3 +72,36 @@ async def test_deflated_image_frames_round_trip(
     assert list(generate_frames(stored.PixelData, number_of_frames=nframes)) == list(
         generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=nframes)
     )
+
+
+ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"  # PS3.5 A.4.11
+
+
+@pytest.mark.db
+async def test_encapsulated_uncompressed_frames_are_one_native_frame_each(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by review: a part in Encapsulated Uncompressed Explicit VR Little Endian of any
+    size was stored (its frames then undecodable), and a part count other than Number of
+    Frames was refused as "compressed frame parts". PS3.5 A.4.11: one fragment per frame,
+    holding the frame's native bytes (Rows x Columns x SamplesPerPixel x BitsAllocated / 8).
+    A part of another size is 0xC000 with the reason; the right size is stored."""
+    ds = make_instance(rows=8, cols=6, frames=2)  # 16-bit, one sample: 96 bytes a frame
+    frame = bytes(ds.PixelData[:96])
+    ctype = f"application/octet-stream; transfer-syntax={ENCAPSULATED_UNCOMPRESSED}"
+    for sizes, status, said in (
+        ((96, 95), 0xC000, "frame 2 is 95 bytes, not the 96 of one uncompressed frame"),
+        ((97, 96), 0xC000, "frame 1 is 97 bytes, not the 96 of one uncompressed frame"),
+        ((96,), 0xA900, "1 frame parts for Number of Frames 2: one part per frame"),
+    ):
+        doc = _metadata(ds, "/f")
+        doc["00080018"]["Value"] = [generate_uid()]
+        parts = [("/f", ctype, (frame * 2)[:n]) for n in sizes]
+        r = await _post(app_client, _body([doc], *parts))
+        assert r.status_code == 409, sizes
+        failed = r.json()["00081198"]["Value"][0]
+        assert failed["00081197"]["Value"] == [status], sizes
+        assert said in r.headers["warning"], (sizes, r.headers["warning"])
+    doc = _metadata(ds, "/f")
+    r = await _post(app_client, _body([doc], ("/f", ctype, frame), ("/f", ctype, frame)))
+    assert r.status_code == 200, r.headers.get("warning")

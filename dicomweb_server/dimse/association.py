@@ -77,7 +77,9 @@ def final_failure(event: Event, answer: Dataset) -> None:
     Identifier, at once: a C-MOVE before it associates with the destination. That response
     is made this one: the association's DIMSE provider sends it through send_msg, wrapped
     here for this one response (by its Message ID Being Responded To) and then unwrapped.
-    The association serves one request at a time, so no other response passes meanwhile."""
+    The association serves one request at a time, so no other response passes meanwhile.
+    A C-MOVE to an unknown destination, which pynetdicom answers 0xA801 when the handler
+    yields no address, has its response made `answer` the same way (its Error Comment)."""
     dimse = event.assoc.dimse
     message_id = event.request.MessageID
     send = dimse.send_msg

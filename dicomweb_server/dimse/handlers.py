@@ -37,11 +37,12 @@ from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dicomfile import sop_uids
 from dicomweb_server.dimse import conversion
 from dicomweb_server.dimse.association import discard_unserved_stores, final_failure, no_delay
-from dicomweb_server.dimse.connections import Connections
+from dicomweb_server.dimse.connections import DIMSE_MAX_IDENTIFIER_BYTES, Connections
 from dicomweb_server.dimse.identifier import (
     UNABLE_TO_PROCESS,
     IdentifierError,
     Model,
+    decode,
     find_response,
     parse_find,
     parse_retrieve,
@@ -261,7 +262,7 @@ class Handlers:
         match (0xFF00; 0xFF01 when a key was ignored as unsupported for matching), 0xFE00
         after a C-CANCEL, then pynetdicom's final Success."""
         try:
-            req = parse_find(event.identifier, _MODELS[event.request.AffectedSOPClassUID])
+            req = parse_find(_identifier(event), _MODELS[event.request.AffectedSOPClassUID])
         except IdentifierError as exc:
             yield status(exc.status, exc.message), None
             return
@@ -293,11 +294,17 @@ class Handlers:
 
     def move(self, event: Event) -> Iterator[Any]:
         """C-MOVE to a configured peer over a sub-association proposing the stored
-        (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5)."""
-        detail = f"destination={(event.move_destination or '').strip()}"
-        peer = self.peers.get((event.move_destination or "").strip())
+        (SOP Class, transfer syntax) pairs; unknown destination: 0xA801 (PS3.4 C.4.2.1.5),
+        with an Error Comment naming it (found by review: pynetdicom's own 0xA801 had none)."""
+        title = (event.move_destination or "").strip()
+        detail = f"destination={title}"
+        peer = self.peers.get(title)
         if peer is None:
-            self._audit(event, "dimse_move", DESTINATION_UNKNOWN, detail=detail)
+            unknown = status(DESTINATION_UNKNOWN, f"Move Destination {title!r} is not a known AE")
+            self._audit(
+                event, "dimse_move", DESTINATION_UNKNOWN, detail=_with_comment(detail, unknown)
+            )
+            final_failure(event, unknown)  # the response pynetdicom sends now is this one
             yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
             return
         found = self._matching_instances(event)
@@ -397,7 +404,7 @@ class Handlers:
     def _matching_instances(self, event: Event) -> list[StoredInstance] | Dataset:
         """The instances a C-MOVE/C-GET identifier names, or the failure status to answer."""
         try:
-            q = parse_retrieve(event.identifier, _MODELS[event.request.AffectedSOPClassUID])
+            q = parse_retrieve(_identifier(event), _MODELS[event.request.AffectedSOPClassUID])
         except IdentifierError as exc:
             return status(exc.status, exc.message)
         except Exception as exc:
@@ -435,10 +442,24 @@ def _with_comment(detail: str, answer: int | Dataset) -> str:
     return f"{detail}; {comment}" if detail and comment else detail or comment
 
 
+def _identifier(event: Event) -> Dataset:
+    """The request's identifier decoded whole, or IdentifierError (identifier.decode), in
+    place of pynetdicom's lenient event.identifier."""
+    raw = getattr(event.request, "Identifier", None)
+    syntax = event.context.transfer_syntax
+    return decode(
+        raw.getvalue() if raw is not None else b"",
+        syntax.is_implicit_VR,
+        syntax.is_little_endian,
+        syntax.is_deflated,
+        DIMSE_MAX_IDENTIFIER_BYTES,
+    )
+
+
 def _identifier_text(event: Event) -> str:
     """The identifier's non-empty keys, for the audit trail."""
     try:
-        ds = event.identifier
+        ds = _identifier(event)
         return " ".join(f"{e.keyword}={e.value}" for e in ds if e.VR != "SQ" and e.value)[:1000]
     except Exception:  # an identifier that does not decode: its failure is audited anyway
         return ""

@@ -2,12 +2,14 @@
 
 Follows PS3.18 8.7 (acceptable media types and transfer syntaxes): instances, frames, bulk
 data and the DICOM data model (JSON or XML), and the media types of single frames (PS3.18
-Table 8.7.3-2).
+Table 8.7.3-2); the transfer syntax of a JPEG frame, from its markers (jpeg_process).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Collection
+from typing import BinaryIO
 
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.media.mediatypes import (
@@ -34,6 +36,7 @@ __all__ = [
     "frame_media_type",
     "frame_part_type",
     "frame_syntax",
+    "jpeg_process",
     "names_instances",
     "negotiate_bulkdata",
     "negotiate_dicom_model",
@@ -435,3 +438,44 @@ def negotiate_dicom_model(accept: str | None, *, multipart: bool, single: bool) 
     raise NotAcceptableError(
         "acceptable: " + ", ".join([APPLICATION_DICOM_JSON, APPLICATION_JSON, *xml])
     )
+
+
+# Start Of Frame markers of the JPEG processes DICOM has transfer syntaxes for (PS3.5 A.4.1).
+_SOF_SYNTAX = {0xC0: "1.2.840.10008.1.2.4.50", 0xC1: "1.2.840.10008.1.2.4.51"}
+_SOF_LOSSLESS = 0xC3
+# Markers without a length (ISO 10918-1 B.1.1.3): TEM, RSTn, SOI, EOI.
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})
+# Segments walked before giving up on finding the frame header.
+_JPEG_MAX_SEGMENTS = 64
+
+
+def jpeg_process(fh: BinaryIO) -> str | None:
+    """Baseline (.4.50), Extended (.4.51), Lossless (.4.57) or Lossless SV1 (.4.70: the scan's
+    predictor selection value is 1) from a JPEG codestream's markers; None when it is none
+    of these (progressive, arithmetic, hierarchical or not JPEG)."""
+    if fh.read(2) != b"\xff\xd8":
+        return None
+    lossless = False
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        marker = fh.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        if marker[1] in _STANDALONE or marker[1] == 0xFF:
+            continue
+        head = fh.read(2)
+        if len(head) < 2:
+            return None
+        length = struct.unpack(">H", head)[0]
+        body = fh.read(max(length - 2, 0))
+        if marker[1] in _SOF_SYNTAX:
+            return _SOF_SYNTAX[marker[1]]
+        if marker[1] == _SOF_LOSSLESS:
+            lossless = True
+        elif 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+            return None  # another process: progressive, hierarchical, arithmetic
+        elif marker[1] == 0xDA:  # start of scan: Ss, the predictor, follows the components
+            if not lossless or len(body) < 1 + 2 * body[0] + 1:
+                return None
+            selection = body[1 + 2 * body[0]]
+            return "1.2.840.10008.1.2.4.70" if selection == 1 else "1.2.840.10008.1.2.4.57"
+    return None

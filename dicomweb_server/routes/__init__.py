@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, Router
 
 from dicomweb_server.config import DICOMWEB_ROOT
 from dicomweb_server.routes.admin import create_key, list_keys, revoke_key
+from dicomweb_server.routes.common import not_found
 from dicomweb_server.routes.info import (
     capabilities,
     health,
@@ -51,9 +52,8 @@ ROUTES: list[BaseRoute] = [
     # its trailing slash.
     Route(DICOMWEB_ROOT, capabilities, methods=["OPTIONS"], name="retrieve_capabilities"),
     Route(DICOMWEB_ROOT + "/", capabilities, methods=["OPTIONS"], name="retrieve_capabilities"),
-    Mount(
-        DICOMWEB_ROOT,
-        routes=[
+    # A path under the root matching none of these: a JSON 404, never a redirect (common.not_found).
+    Mount(DICOMWEB_ROOT, app=Router(redirect_slashes=False, default=not_found, routes=[
             # STOW-RS (PS3.18 10.5)
             Route("/studies", store_instances, methods=["POST"], name="store_instances"),
             Route(_ST, store_instances, methods=["POST"], name="store_study_instances"),
@@ -112,6 +112,5 @@ ROUTES: list[BaseRoute] = [
                   name="retrieve_instance_thumbnail"),
             Route(_IN + "/frames/{frames}/thumbnail", retrieve_thumbnail, methods=["GET"],
                   name="retrieve_frame_thumbnail"),
-        ],
-    ),
+    ])),
 ]  # fmt: skip

@@ -13,12 +13,13 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
 from dicomweb_server.config import DICOMWEB_ROOT, FORWARDED_PREFIX_SCOPE_KEY
 from dicomweb_server.dicom_json import dumps
 from dicomweb_server.dicom_xml import dataset_xml
-from dicomweb_server.errors import BadRequestError, DicomWebError
+from dicomweb_server.errors import BadRequestError, DicomWebError, NotFoundError
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.headers import accepts_gzip, byte_range, none_match
 from dicomweb_server.media.mediatypes import (
@@ -50,6 +51,7 @@ __all__ = [
     "json_response",
     "model_response",
     "multipart_response",
+    "not_found",
     "ranged_response",
     "services",
     "single_part_response",
@@ -133,6 +135,18 @@ def error_response(exc: DicomWebError) -> Response:
     """A DicomWebError as JSON with its status and headers."""
     body = {"status": exc.status, "message": exc.message}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """The default of the app's routers (app.py, routes/__init__.py): a path matching no
+    route is a 404 in JSON like every other error, raised for the app's exception handler.
+    Found by review: it was Starlette's plain-text "Not Found". With their redirect_slashes
+    off, a route's path with a trailing slash is one too, not a 307 to the path without it
+    (whose Location was built from the client's Host): DICOMweb clients never add one."""
+    if scope["type"] != "http":  # no websocket route; a lifespan never comes here
+        await Router().not_found(scope, receive, send)
+        return
+    raise NotFoundError(f"no resource at {scope['path']}")
 
 
 def accept_of(request: Request) -> str | None:
