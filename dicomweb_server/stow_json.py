@@ -510,13 +510,16 @@ def _check_native_frames(parts: list[_Bulk], ds: Dataset) -> None:
     """Refuse (0xC000) a frame part of Encapsulated Uncompressed Explicit VR Little Endian
     that is not one frame's native bytes: PS3.5 A.4.11, one fragment per frame holding the
     frame as Explicit VR Little Endian would (Rows x Columns x Samples per Pixel x Bits
-    Allocated / 8 bytes, a byte more when that is odd: the fragment's padding). Found by
-    review: a part of any size was stored, and its frames could not be decoded."""
+    Allocated / 8 bytes, a byte more when that is odd: the fragment's padding; YBR_FULL_422
+    has 2 samples a pixel). Found by review: a part of any size was stored, and its frames
+    could not be decoded."""
     keys = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")
     dims = [_integer(ds, k) or 0 for k in keys]
     if min(dims) <= 0:
         raise _refused(FailureReason.CANNOT_UNDERSTAND, f"{', '.join(keys)} are required", ds)
     rows, columns, samples, bits = dims
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # Y Y CB CR for each pair of pixels (PS3.3 C.7.6.3.1.2), as pydicom reads it
     size = (rows * columns * samples * bits + 7) // 8
     for number, part in enumerate(parts, 1):
         if part.size not in (size, size + size % 2):

@@ -10,6 +10,7 @@ import queue
 import struct
 import threading
 import time
+import zlib
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -45,6 +46,7 @@ from tests.dimse_support import (
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 FIND = StudyRootQueryRetrieveInformationModelFind
+IMPLICIT, DEFLATED = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"
 # Bytes of one command fragment sent (below the archive's Maximum Length, PS3.8 D.1).
 FRAGMENT = 16000
 
@@ -115,13 +117,15 @@ def _find_with_identifier_of(archive: Archive, size: int) -> Any:
     return _request_with_identifier(archive, C_FIND(), FIND, identifier)
 
 
-def _request_with_identifier(archive: Archive, req: Any, sop_class: str, identifier: bytes) -> Any:
+def _request_with_identifier(
+    archive: Archive, req: Any, sop_class: str, identifier: bytes, syntax: str = IMPLICIT
+) -> Any:
     """`req` (a C-FIND, C-GET or C-MOVE primitive) of `sop_class` carrying `identifier` as
-    sent, in Implicit VR Little Endian: its first response, or None if aborted."""
+    sent, in `syntax` (Implicit VR Little Endian): its first response, or None if aborted."""
     req.MessageID, req.Priority, req.AffectedSOPClassUID = 1, 2, sop_class
     req.Identifier = io.BytesIO(identifier)
     ae = scu()
-    ae.add_requested_context(sop_class, "1.2.840.10008.1.2")
+    ae.add_requested_context(sop_class, syntax)
     assoc = associate(ae, archive)
     try:
         assoc.dimse.send_msg(req, cast(int, assoc.accepted_contexts[0].context_id))
@@ -301,3 +305,33 @@ async def test_truncated_get_identifier_is_unable_to_process(archive: Archive) -
     comment = "truncated data set: value of (0020,000D) lacks 6 bytes"
     assert (rsp.Status, rsp.ErrorComment) == (0xC000, comment)
     assert rsp.NumberOfCompletedSuboperations in (None, 0)
+
+
+async def test_deflated_identifier_is_never_inflated_past_the_limit(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: pynetdicom decoded every request identifier itself before the
+    handler, to log it (its LOG_REQUEST_IDENTIFIERS), inflating a Deflated one whole: 389 KB
+    sent grew the server by 800 MB before identifier.decode answered 0xC000 (4 MiB sent,
+    by some 4 GB). Nothing inflates more than DIMSE_MAX_IDENTIFIER_BYTES + 1 of it."""
+    inflated: list[int] = []
+    decompress = zlib.decompress
+
+    def spy(data: bytes, *args: Any) -> bytes:
+        out = decompress(data, *args)
+        inflated.append(len(out))
+        return out
+
+    monkeypatch.setattr(zlib, "decompress", spy)
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.PatientID = "STUDY", "NOBODY"
+    pad = DIMSE_MAX_IDENTIFIER_BYTES  # the whole identifier is past the limit
+    plain = cast(bytes, encode(ds, False, True))
+    plain += struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, pad) + b"\x00" * pad
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    identifier = packer.compress(plain) + packer.flush()
+    rsp = await in_thread(_request_with_identifier, archive, C_FIND(), FIND, identifier, DEFLATED)
+    assert rsp is not None
+    limit = DIMSE_MAX_IDENTIFIER_BYTES
+    assert (rsp.Status, rsp.ErrorComment) == (0xC000, f"identifier inflates past {limit} bytes")
+    assert not [n for n in inflated if n > limit], inflated

@@ -105,3 +105,24 @@ async def test_encapsulated_uncompressed_frames_are_one_native_frame_each(
     doc = _metadata(ds, "/f")
     r = await _post(app_client, _body([doc], ("/f", ctype, frame), ("/f", ctype, frame)))
     assert r.status_code == 200, r.headers.get("warning")
+
+
+@pytest.mark.db
+async def test_encapsulated_uncompressed_ybr_full_422_frame_is_two_samples_a_pixel(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """Found by review: the .98 frame size check counted 3 samples a pixel for YBR_FULL_422,
+    whose native frame holds 2 (PS3.3 C.7.6.3.1.2: Y Y CB CR for each pair of pixels), and
+    refused a whole frame. Rows x Columns x 2 bytes is stored; the 3-sample size is 0xC000."""
+    ds = make_instance(rows=8, cols=6)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ctype = f"application/octet-stream; transfer-syntax={ENCAPSULATED_UNCOMPRESSED}"
+    doc = _metadata(ds, "/f")
+    doc["00080018"]["Value"] = [generate_uid()]
+    r = await _post(app_client, _body([doc], ("/f", ctype, b"\x80" * (8 * 6 * 3))))
+    assert r.status_code == 409
+    assert "frame 1 is 144 bytes, not the 96 of one uncompressed frame" in r.headers["warning"]
+    doc = _metadata(ds, "/f")
+    r = await _post(app_client, _body([doc], ("/f", ctype, b"\x80" * (8 * 6 * 2))))
+    assert r.status_code == 200, r.headers.get("warning")

@@ -336,6 +336,11 @@ def build_ae(settings: Settings) -> AE:
     # process, like pydicom's config): C-STORE stores the bytes as received, and a large
     # instance never sits in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # A request's identifier is decoded by the handlers only (identifier.decode: whole
+    # elements, a Deflated one inflated no further than DIMSE_MAX_IDENTIFIER_BYTES). pynetdicom
+    # would decode it first to log it, inflating a Deflated one whole, unbounded (found by
+    # review: 389 KB sent inflated to 400 MB before the handler answered 0xC000).
+    _config.LOG_REQUEST_IDENTIFIERS = False
     ae = _ArchiveAE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.dimse_max_associations
     ae.require_calling_aet = list(settings.dimse_allowed_aes or ())
