@@ -442,18 +442,30 @@ def _with_comment(detail: str, answer: int | Dataset) -> str:
     return f"{detail}; {comment}" if detail and comment else detail or comment
 
 
+# Where an event keeps its request's identifier as decoded (pynetdicom's own
+# event.identifier kept its decoding too, in the event): a C-FIND's is read for its search
+# and again for its audit detail, and one of up to DIMSE_MAX_IDENTIFIER_BYTES was decoded
+# (inflated, when Deflated) twice.
+_DECODED = "_dicomweb_identifier"
+
+
 def _identifier(event: Event) -> Dataset:
     """The request's identifier decoded whole, or IdentifierError (identifier.decode), in
-    place of pynetdicom's lenient event.identifier."""
-    raw = getattr(event.request, "Identifier", None)
-    syntax = event.context.transfer_syntax
-    return decode(
-        raw.getvalue() if raw is not None else b"",
-        syntax.is_implicit_VR,
-        syntax.is_little_endian,
-        syntax.is_deflated,
-        DIMSE_MAX_IDENTIFIER_BYTES,
-    )
+    place of pynetdicom's lenient event.identifier; decoded once per event."""
+    kept = vars(event)
+    ds = kept.get(_DECODED)
+    if not isinstance(ds, Dataset):
+        raw = getattr(event.request, "Identifier", None)
+        syntax = event.context.transfer_syntax
+        ds = decode(
+            raw.getvalue() if raw is not None else b"",
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            syntax.is_deflated,
+            DIMSE_MAX_IDENTIFIER_BYTES,
+        )
+        kept[_DECODED] = ds
+    return ds
 
 
 def _identifier_text(event: Event) -> str:
