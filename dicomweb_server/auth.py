@@ -70,6 +70,8 @@ JWKS_RETRY_S = 5
 # Seconds after its last successful fetch that a JWKS is still used while the endpoint cannot
 # be reached (an issuer outage must not lock out tokens already issued); past it, 503.
 JWKS_STALE_MAX_S = 3600
+# Claims that are NumericDates when present (RFC 7519 4.1.4-4.1.6).
+_NUMERIC_DATES = ("exp", "nbf", "iat")
 _REALM = 'Bearer realm="dicomweb"'
 
 
@@ -293,8 +295,11 @@ class OidcAuth:
             try:
                 return await anyio.to_thread.run_sync(self._client.get_signing_key_from_jwt, token)
             except jwt.PyJWKClientConnectionError as exc:
+                # The reason names the issuer's endpoint and what failed inside the network:
+                # logged here, not told to whoever sent the token.
+                log.warning("the issuer's JWKS is unreachable: %s", exc)
                 raise ServiceUnavailableError(
-                    f"the issuer's JWKS is unreachable: {exc}",
+                    "the issuer's JWKS is unreachable; try again later",
                     headers={"Retry-After": str(JWKS_RETRY_S)},
                 ) from None
             except (jwt.PyJWTError, TypeError, ValueError) as exc:
@@ -318,6 +323,12 @@ class OidcAuth:
             )  # fmt: skip
         except (jwt.PyJWTError, TypeError, ValueError) as exc:
             raise _challenge("invalid token", str(exc)) from None
+        for name in _NUMERIC_DATES:
+            # RFC 7519 4.1.4-4.1.6: a NumericDate is a JSON number; PyJWT takes int() of a
+            # string, so `"exp": "99999999999"` would pass as a date far in the future.
+            value = claims.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _challenge("invalid token", f"the {name} claim is not a NumericDate")
         subject = str(claims.get("sub") or claims.get("client_id") or claims.get("azp") or "?")
         return Principal(f"oidc:{subject}", _roles(claims, self._claim, self._prefix))
 

@@ -303,6 +303,8 @@ async def test_oidc_tokens(oidc_app: tuple[Starlette, httpx.AsyncClient], issuer
         "expired": issuer.token(exp=now - 3600),
         "not yet valid": issuer.token(nbf=now + 3600),
         "no expiry": issuer.token(exp=None),
+        "expiry as a string": issuer.token(exp=str(now + 3600)),  # RFC 7519 4.1.4: a number
+        "not-before as a string": issuer.token(nbf=str(now - 60)),
         "other audience": issuer.token(aud="another-service"),
         "other issuer": issuer.token(iss="https://evil.example"),
         "wrong signature": issuer.token(key=_new_issuer().key),  # same kid, another key
@@ -440,6 +442,7 @@ async def test_oidc_unknown_key_while_the_issuer_fails_is_503(
             new = {"Authorization": f"Bearer {rotated.token()}"}
             r = await client.get(f"{ROOT}/studies", headers=new)
             assert r.status_code == 503 and "Retry-After" in r.headers
+            assert url not in r.text and "Expecting value" not in r.text  # logged, not told
     finally:
         server.shutdown()
         server.server_close()
@@ -481,6 +484,7 @@ async def test_oidc_jwks_not_a_key_set_at_first_is_503(settings: Settings, issue
             r = await client.get(f"{ROOT}/studies",
                                  headers={"Authorization": f"Bearer {issuer.token()}"})  # fmt: skip
             assert r.status_code == 503 and "Retry-After" in r.headers  # the token may be fine
+            assert url not in r.text and "Expecting value" not in r.text
     finally:
         server.shutdown()
         server.server_close()
