@@ -105,6 +105,8 @@ async def test_database_away_then_back(tmp_path: Path) -> None:
                     r = await client.get(url)
                     assert r.status_code == 503, (url, r.text)
                     assert r.headers["retry-after"]
+                    # What failed (a socket path, an address) is logged, not told.
+                    assert r.json()["message"] == "database unavailable; try again later"
                 r = await client.post(
                     f"{ROOT}/studies",
                     content=multipart_body([to_bytes(make_instance())]),

@@ -5,6 +5,7 @@ modules tell apart, and the 503 a lost or overloaded database becomes."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import asyncpg
@@ -64,6 +65,8 @@ class Pooled:
             raise unavailable(exc) from exc
 
 
+log = logging.getLogger(__name__)
+
 # What a lost or overloaded database raises (the pool replaces broken connections by itself).
 UNAVAILABLE = (
     OSError,
@@ -75,9 +78,11 @@ UNAVAILABLE = (
 
 
 def unavailable(exc: BaseException) -> ServiceUnavailableError:
-    """503 with Retry-After (RFC 9110 10.2.3): the request may succeed when repeated."""
+    """503 with Retry-After (RFC 9110 10.2.3): the request may succeed when repeated. What
+    failed (the database's address, the network's error) is logged, not told to the client."""
+    log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
     return ServiceUnavailableError(
-        f"database unavailable: {exc}", headers={"Retry-After": str(RETRY_AFTER_S)}
+        "database unavailable; try again later", headers={"Retry-After": str(RETRY_AFTER_S)}
     )
 
 
