@@ -16,10 +16,12 @@ from dicomweb_server.errors import BadRequestError
 from dicomweb_server.vr import dt_as_utc, parse_da, parse_dt, parse_tm
 
 __all__ = [
+    "EMPTY_VALUE",
     "FUZZY_WORD_SEPARATORS",
     "MAX_MATCH_LIST_ITEMS",
     "MAX_MATCH_VALUE_CHARS",
     "ComponentGroupMatch",
+    "EmptyValueMatch",
     "FuzzyMatch",
     "ItemMatch",
     "Match",
@@ -91,6 +93,16 @@ class UniversalMatch:
 
 
 @dataclass(frozen=True)
+class EmptyValueMatch:
+    """PS3.4 C.2.2.2.7, asked for by `emptyvaluematching=true` (PS3.18 8.3.4.5): the value
+    `""` (two QUOTATION MARKs, one of the matching characters of C.2.2.2) matches the
+    entities whose attribute has no value: zero length, or absent, which the index cannot
+    tell apart (both are stored as no value, sql._empty_condition)."""
+
+    attr: Attribute
+
+
+@dataclass(frozen=True)
 class WildcardMatch:
     """PS3.4 C.2.2.2.4: `*` any run of characters, `?` one character."""
 
@@ -145,7 +157,7 @@ class MultipleValueMatch:
 # A PN value matched as without fuzzy matching (_pn_literal).
 PnLiteralMatch = SingleValueMatch | WildcardMatch | ComponentGroupMatch | UniversalMatch
 # What a key inside a sequence item can be: the keys there are SH (attributes.py).
-ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch
+ItemMatch = SingleValueMatch | WildcardMatch | UniversalMatch | EmptyValueMatch
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,11 @@ Match = (
     | ComponentGroupMatch
     | SequenceMatch
     | MultipleValueMatch
+    | EmptyValueMatch
 )
+
+# The value that asks for Empty Value Matching (PS3.4 C.2.2.2.7): two QUOTATION MARKs.
+EMPTY_VALUE = '""'
 
 
 def int_param(name: str, value: str, lo: int, hi: int | None) -> int:
@@ -186,9 +202,9 @@ def int_param(name: str, value: str, lo: int, hi: int | None) -> int:
     return n
 
 
-def item_match(attr: Attribute, value: str) -> ItemMatch:
-    m = value_match(attr, value, fuzzy=False, multiple=False)
-    if not isinstance(m, SingleValueMatch | WildcardMatch | UniversalMatch):
+def item_match(attr: Attribute, value: str, empty: bool = False) -> ItemMatch:
+    m = value_match(attr, value, fuzzy=False, multiple=False, empty=empty)
+    if not isinstance(m, SingleValueMatch | WildcardMatch | UniversalMatch | EmptyValueMatch):
         raise AssertionError(f"{attr.keyword}: no item matching for {type(m).__name__}")
     return m
 
@@ -216,7 +232,15 @@ def is_empty_name(value: str) -> bool:
     return not value.strip("^= ") and value.count("=") < _PN_GROUPS
 
 
-def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Match:
+def value_match(
+    attr: Attribute, value: str, fuzzy: bool, multiple: bool, empty: bool = False
+) -> Match:
+    """The Match of one key's value. With `empty` (emptyvaluematching=true), the value `""`
+    is Empty Value Matching (PS3.4 C.2.2.2.7), whatever the key's VR and the other flags;
+    without it, `""` is the two characters, as before (a 400 where they are no valid value:
+    a UID, a date, a time, a number)."""
+    if empty and value.strip(" ") == EMPTY_VALUE:
+        return EmptyValueMatch(attr)
     listed = is_listed(attr)
     if len(value) > MAX_MATCH_VALUE_CHARS and not listed:
         raise BadRequestError(f"value of {attr.keyword} is longer than {MAX_MATCH_VALUE_CHARS}")
@@ -226,6 +250,8 @@ def value_match(attr: Attribute, value: str, fuzzy: bool, multiple: bool) -> Mat
         raise BadRequestError(f"value of {attr.keyword} has a control character: {value!r}")
     if is_universal(value):
         return UniversalMatch(attr)
+    if empty and listed:
+        _no_empty_item(attr, value)
     if multiple and "\\" in value and multi_valued(attr):
         return _multiple_value_match(attr, value)
     if listed:
@@ -292,6 +318,18 @@ def _list_items(attr: Attribute, value: str, separators: str) -> tuple[str, ...]
             " holds single values (PS3.4 C.2.2.2.2); give the wild card alone"
         )
     return items
+
+
+def _no_empty_item(attr: Attribute, value: str) -> None:
+    """With emptyvaluematching=true, `""` is a matching type of its own (PS3.4 C.2.2.2.7),
+    not one of the single values a list holds (C.2.2.2.2, C.2.2.2.8): `CT,""` (or the key
+    given again as `""`) is a 400 with the reason rather than a literal `""` that no entity
+    holds, or an "any of" or "all of" the standard does not define for it."""
+    if any(v.strip(" ") == EMPTY_VALUE for v in re.split("[,\\\\]", value)):
+        raise BadRequestError(
+            f'{attr.keyword}: {value!r} lists `""` (Empty Value Matching) with other values;'
+            ' give `""` alone'
+        )
 
 
 def _list_match(attr: Attribute, value: str) -> Match:

@@ -63,8 +63,10 @@ def _query_params(name: str) -> list[dict[str, Any]]:
             param("limit", {"type": "integer", "minimum": 0}),
             param("offset", {"type": "integer", "minimum": 0, "maximum": QIDO_MAX_OFFSET}),
             param("fuzzymatching", {"type": "string", "enum": ["true", "false"]}),
-            # PS3.18 8.3.4.6: supported, so listed in the Retrieve Capabilities response too
-            # (emptyvaluematching, 8.3.4.5, is accepted but not performed: not listed).
+            # PS3.18 8.3.4.5 and 8.3.4.6: supported, so listed in the Retrieve Capabilities
+            # response too. With emptyvaluematching=true a key's value `""` matches the
+            # resources without a value of it (PS3.4 C.2.2.2.7).
+            param("emptyvaluematching", {"type": "string", "enum": ["true", "false"]}),
             param("multiplevaluematching", {"type": "string", "enum": ["true", "false"]}),
             param("includefield", {"type": "string"}),
         ]

@@ -195,8 +195,18 @@ def _not_returned(key: str, tag: int, level: Level, path_uids: Mapping[Level, st
     return f"includefield {name} is not returned by {level.value} searches{scope}; ignored"
 
 
+@dataclass(frozen=True)
+class _Flags:
+    """The matching flags of PS3.18 Table 8.3.4-1: fuzzymatching (8.3.4.2), multiplevaluematching
+    (8.3.4.6) and emptyvaluematching (8.3.4.5), all performed."""
+
+    fuzzy: bool = False
+    multiple: bool = False
+    empty: bool = False
+
+
 def _matches(
-    raw: Mapping[str, list[str]], level: Level, fuzzy: bool, multiple: bool, warnings: list[str]
+    raw: Mapping[str, list[str]], level: Level, flags: _Flags, warnings: list[str]
 ) -> tuple[Match, ...]:
     tops: dict[Attribute, list[str]] = {}  # values by key, named by keyword or by tag
     items: dict[Attribute, dict[Attribute, ItemMatch]] = {}  # by sequence, then key
@@ -212,9 +222,11 @@ def _matches(
         keys = items.setdefault(seq, {})
         if len(values) > 1 or attr in keys:  # again, or by keyword and by tag
             raise BadRequestError(f"{seq.keyword}.{attr.keyword} is given twice; give it once")
-        keys[attr] = item_match(attr, values[0])
+        keys[attr] = item_match(attr, values[0], flags.empty)
     matches: list[Match] = [
-        value_match(attr, _joined(attr, values, multiple), fuzzy, multiple)
+        value_match(
+            attr, _joined(attr, values, flags.multiple), flags.fuzzy, flags.multiple, flags.empty
+        )
         for attr, values in tops.items()
     ]
     matches += [SequenceMatch(seq, tuple(keys.values())) for seq, keys in items.items()]
@@ -236,16 +248,8 @@ def _joined(attr: Attribute, values: list[str], multiple: bool) -> str:
     return ("\\" if multiple and multi_valued(attr) else ",").join(values)
 
 
-# Search parameters of PS3.18 Table 8.3.4-1 this server does not implement: "true" searches
-# as if they were absent, with the Warning text 8.3.4.5 prescribes. (multiplevaluematching,
-# 8.3.4.6, is performed: PS3.4 C.2.2.2.8, MultipleValueMatch.)
-_OPTIONAL_MATCHING = {
-    "emptyvaluematching": "The emptyvaluematching parameter is not supported. Empty Value "
-    "Matching has not been performed.",
-}
-
-
-# The boolean search parameters of PS3.18 Table 8.3.4-1 (8.3.4.2, 8.3.4.5, 8.3.4.6).
+# The boolean search parameters of PS3.18 Table 8.3.4-1 (8.3.4.2, 8.3.4.5, 8.3.4.6), each
+# performed (_Flags), so none gets the "not supported" Warning of 8.3.4.5 and 8.3.4.6.
 _FLAGS = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
 
 
@@ -297,16 +301,17 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
     given: dict[str, int] = {}  # paging and flags, each taken once
     include_values, raw_matches = _sorted(params, given)
     warnings: list[str] = []
-    if given.get("emptyvaluematching"):
-        warnings.append(_OPTIONAL_MATCHING["emptyvaluematching"])
     limit = given.get("limit", QIDO_DEFAULT_LIMIT)
     if limit == 0 or limit > QIDO_MAX_LIMIT:
         # PS3.18 8.3.4.4: the server may return fewer results than asked; say so.
         warnings.append(f"limit lowered to the maximum of {QIDO_MAX_LIMIT}")
         limit = QIDO_MAX_LIMIT
-    fuzzy = bool(given.get("fuzzymatching"))
-    multiple = bool(given.get("multiplevaluematching"))  # PS3.18 8.3.4.6
-    matches = _matches(raw_matches, level, fuzzy, multiple, warnings)
+    flags = _Flags(
+        fuzzy=bool(given.get("fuzzymatching")),
+        multiple=bool(given.get("multiplevaluematching")),
+        empty=bool(given.get("emptyvaluematching")),
+    )
+    matches = _matches(raw_matches, level, flags, warnings)
     include, include_warnings = _includes(include_values, level, path_uids, matches)
     return Query(
         level=level,
@@ -315,6 +320,6 @@ def parse(level: Level, params: Sequence[tuple[str, str]], path_uids: Mapping[Le
         include=include,
         limit=limit,
         offset=given.get("offset", 0),
-        fuzzy=fuzzy,
+        fuzzy=flags.fuzzy,
         warnings=(*warnings, *include_warnings),
     )

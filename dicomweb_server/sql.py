@@ -17,6 +17,7 @@ from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.matching import (
     FUZZY_WORD_SEPARATORS,
     ComponentGroupMatch,
+    EmptyValueMatch,
     FuzzyMatch,
     Match,
     MultipleValueMatch,
@@ -45,6 +46,9 @@ _FROM = {
         "FROM instance i JOIN series se ON se.pk = i.series_fk JOIN study st ON st.pk = se.study_fk"
     ),
 }
+# The DICOM JSON each level's row keeps of its attributes (study and series: the
+# attributes.LEVEL_TAGS of their first instance; instance: all of it).
+_DOC = {Level.STUDY: "st.attrs", Level.SERIES: "se.attrs", Level.INSTANCE: "i.metadata"}
 _VISIBLE = {
     Level.STUDY: "st.num_instances > 0",
     Level.SERIES: "se.num_instances > 0",
@@ -85,20 +89,22 @@ def _sequence_condition(m: SequenceMatch, args: _Args) -> str | None:
     """PS3.4 C.2.2.2.6: some item of the sequence matches every key. Single values are one
     containment test on the sequence (`{"Value": [{key: {"Value": [v]}, ...}]}`: an item with
     all of them), which the GIN index answers; wildcards add a LIKE on the values of that
-    same item. Tags come from attributes.py (8 hex digits), values are parameters."""
+    same item, and Empty Value Matching (C.2.2.2.7) a test that the item holds no value of
+    the key. Tags come from attributes.py (8 hex digits), values are parameters."""
     singles = {
         tag_hex(i.attr.tag): {"Value": [i.value]}
         for i in m.items
         if isinstance(i, SingleValueMatch)
     }
     wildcards = [i for i in m.items if isinstance(i, WildcardMatch)]
-    if not singles and not wildcards:
+    empties = [i for i in m.items if isinstance(i, EmptyValueMatch)]
+    if not singles and not wildcards and not empties:
         return None  # universal matching: no key restricts the items
     seq = f"{_column(m.attr)} -> '{tag_hex(m.attr.tag)}'"
     parts = []
     if singles:
         parts.append(f"{seq} @> {args.add(json.dumps({'Value': [singles]}))}::jsonb")
-    if not wildcards:
+    if not wildcards and not empties:
         return parts[0]
     conds = [f"item @> {args.add(json.dumps(singles))}::jsonb"] if singles else []
     for w in wildcards:
@@ -107,6 +113,7 @@ def _sequence_condition(m: SequenceMatch, args: _Args) -> str | None:
             f"EXISTS (SELECT 1 FROM jsonb_path_query(item, '$.\"{tag_hex(w.attr.tag)}\".Value[*]')"
             f" AS v WHERE v #>> '{{}}' LIKE {p} ESCAPE '\\')"
         )
+    conds += [f"NOT {_has_value('item', e.attr)}" for e in empties]
     # Lax jsonpath: a missing or malformed sequence yields no items rather than an error.
     parts.append(
         f"EXISTS (SELECT 1 FROM jsonb_path_query({seq}, '$.Value[*]') AS item"
@@ -154,9 +161,40 @@ def _pn_group_like(group: str, dicom_pattern: str, args: _Args) -> str:
     return f"({plain} OR ({group} <> '' AND {padded} LIKE {p} ESCAPE '\\'))"
 
 
+def _has_value(doc: str, attr: Attribute) -> str:
+    """Whether the DICOM JSON `doc` holds a value of `attr`: a "Value" item that is neither
+    null nor "" (PS3.18 F.2.5: an attribute of zero length has no "Value"). Lax jsonpath: a
+    document without the attribute holds none. The tag comes from attributes.py."""
+    valued = '@.type() != "null" && (@.type() != "string" || @ != "")'
+    return f"jsonb_path_exists({doc}, '$.\"{tag_hex(attr.tag)}\".Value[*] ? ({valued})')"
+
+
+def _empty_condition(m: EmptyValueMatch) -> str:
+    """PS3.4 C.2.2.2.7: the attribute has no value, zero length or absent (the index stores
+    both alike). The column says so first, indexably: NULL for a date, time or number, NULL
+    or '' for a string (PatientID is '' when absent), no component group for a PN (a name
+    of delimiters only, `^^^^`, is indexed as none: every component null, PS3.5 6.2.1), no
+    modality for ModalitiesInStudy. A value the column cannot hold (a date that is not
+    valid, a number out of its range, a string whose first value is empty) is indexed as
+    NULL too, but it is a value: the level's DICOM JSON tells it apart (_has_value)."""
+    col = _column(m.attr)
+    if m.attr.keyword == "ModalitiesInStudy":  # computed from the series: no document
+        return f"cardinality({col}) = 0"
+    if m.attr.vr == "PN":
+        return f"coalesce(cardinality({col}), 0) = 0"
+    blank = (
+        f"{col} IS NULL"
+        if m.attr.vr in ("DA", "TM", "DT", "IS")
+        else f"{col} IS NULL OR {col} = ''"
+    )
+    return f"(({blank}) AND NOT {_has_value(_DOC[m.attr.level], m.attr)})"
+
+
 def _condition(m: Match, args: _Args) -> str | None:
     if isinstance(m, UniversalMatch):
         return None
+    if isinstance(m, EmptyValueMatch):
+        return _empty_condition(m)
     if isinstance(m, SequenceMatch):
         return _sequence_condition(m, args)
     if isinstance(m, ComponentGroupMatch):

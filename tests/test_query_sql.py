@@ -239,16 +239,13 @@ def test_multiple_value_matching_items_are_capped() -> None:
         parse(Level.STUDY, [("ModalitiesInStudy", many), MULTIPLE], {})
 
 
-def test_matching_parameters_must_be_booleans_and_empty_value_matching_still_warns() -> None:
-    """PS3.18 8.3.4.5: emptyvaluematching=true is not performed (PS3.4 C.2.2.2.7 not
-    implemented), so it keeps its Warning; multiplevaluematching gives none."""
+def test_matching_parameters_must_be_booleans_and_are_performed_without_warning() -> None:
+    """PS3.18 8.3.4.5 and 8.3.4.6: emptyvaluematching and multiplevaluematching are both
+    performed (PS3.4 C.2.2.2.7 and C.2.2.2.8), so neither gets the "not supported" Warning."""
     for key in ("multiplevaluematching", "emptyvaluematching"):
         with pytest.raises(BadRequestError, match=f"{key} must be true or false"):
             parse(Level.STUDY, [(key, "yes")], {})
-    assert parse(Level.STUDY, [("emptyvaluematching", "true")], {}).warnings == (
-        "The emptyvaluematching parameter is not supported. Empty Value Matching has not been"
-        " performed.",
-    )
+    assert parse(Level.STUDY, [("emptyvaluematching", "true")], {}).warnings == ()
     assert parse(Level.STUDY, [MULTIPLE], {}).warnings == ()
 
 
@@ -257,14 +254,14 @@ def test_a_matching_flag_given_both_true_and_false_is_refused(key: str) -> None:
     """`multiplevaluematching=true&multiplevaluematching=false`: whichever one is read, the
     other is dropped silently (STYLE rule 5), and reading the last one ran an any-value search
     for a client that asked for all values, with no Warning. 400; the same value twice is
-    fine (and warns once)."""
+    fine."""
     for values in (("true", "false"), ("false", "true")):
         with pytest.raises(BadRequestError, match=f"{key} is given both true and false"):
             parse(Level.STUDY, [("ModalitiesInStudy", "CT\\PT"), *((key, v) for v in values)], {})
     query = parse(Level.STUDY, [("ModalitiesInStudy", "CT\\PT"), (key, "true"), (key, "true")], {})
     (m,) = query.matches
     assert isinstance(m, MultipleValueMatch if key == "multiplevaluematching" else UidListMatch)
-    assert len(query.warnings) == (key == "emptyvaluematching")
+    assert query.warnings == ()
 
 
 @pytest.mark.parametrize("key", ["limit", "offset"])
