@@ -485,14 +485,13 @@ def _dimse_arguments(sp: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dimse-max-associations-per-peer",
         type=int,
-        help="simultaneous associations from one IP address"
-        f" ({DIMSE_MAX_ASSOCIATIONS_PER_PEER})",
+        help=f"simultaneous associations from one IP address ({DIMSE_MAX_ASSOCIATIONS_PER_PEER})",
     )
     g.add_argument(
         "--dimse-pdu-deadline",
         type=float,
         metavar="SECONDS",
-        help=f"seconds for a PDU to arrive whole once begun, else A-ABORT ({DIMSE_PDU_DEADLINE_S:g})",
+        help=f"seconds for a PDU to arrive whole once begun ({DIMSE_PDU_DEADLINE_S:g})",
     )
 
 

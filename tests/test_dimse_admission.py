@@ -43,7 +43,8 @@ def _association_request(calling: str = "SLOWSCU") -> bytes:
     def item(kind: int, value: bytes) -> bytes:
         return struct.pack(">BBH", kind, 0, len(value)) + value
 
-    context = b"\x01\x00\x00\x00" + item(0x30, Verification.encode()) + item(0x40, b"1.2.840.10008.1.2")
+    syntaxes = item(0x30, Verification.encode()) + item(0x40, b"1.2.840.10008.1.2")
+    context = b"\x01\x00\x00\x00" + syntaxes
     user = item(0x51, struct.pack(">I", 16382))
     body = (struct.pack(">HH", 1, 0) + b"DICOMWEB".ljust(16) + calling.encode().ljust(16)
             + bytes(32) + item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, context)
@@ -87,8 +88,9 @@ def _dribble(port: int, associate_first: bool) -> tuple[bytes, float]:
 @pytest.mark.parametrize(
     ("associate_first", "action", "detail"),
     [
-        pytest.param(False, "dimse_associate", "not answered: aborted by the archive: ",
-                     id="association-request"),  # fmt: skip
+        pytest.param(
+            False, "dimse_associate", "not answered: aborted by the archive: ", id="request"
+        ),
         pytest.param(True, "dimse_abort", "aborted by the archive: ", id="p-data"),
     ],
 )

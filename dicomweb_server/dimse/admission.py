@@ -97,7 +97,8 @@ class Admission:
         left to pynetdicom, which rejects it permanently (and it is not counted)."""
         assoc = event.assoc
         allowed = [title.strip() for title in assoc.ae.require_calling_aet]
-        if allowed and assoc.requestor.primitive.calling_ae_title not in allowed:
+        request = assoc.requestor.primitive
+        if allowed and (request is None or request.calling_ae_title not in allowed):
             return
         address = assoc.requestor.address
         with self._lock:
@@ -128,7 +129,7 @@ class Admission:
         AA-5), after an A-ABORT, sent here, in the DUL thread, the only one writing to the
         socket (PS3.8 7.3.1: the service provider may abort)."""
         dul = event.assoc.dul
-        sock = dul.socket
+        sock: Any = dul.socket  # a server.BoundedSocket
         read = dul._read_pdu_data
         deadline_s = sock.pdu_deadline_s = self.pdu_deadline_s
 

@@ -354,8 +354,9 @@ class Connections:
     def _why(self, event: Event, link: Link) -> str:
         if link.why:
             return link.why
-        if getattr(event.assoc.dul.socket, "late", False):  # a PDU past its deadline
-            return str(event.assoc.dul.socket.refused)  # which server.BoundedSocket says
+        sock: Any = event.assoc.dul.socket  # a server.BoundedSocket, saying why it is late
+        if getattr(sock, "late", False):  # a PDU past its deadline (admission.py)
+            return str(sock.refused)
         if self.stopping:
             return "the archive is shutting down"
         if event.assoc.dul.idle_timer_expired():
