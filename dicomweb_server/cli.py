@@ -40,6 +40,8 @@ from dicomweb_server.config import (
     DEFAULT_AE_TITLE,
     DICOMWEB_ROOT,
     DIMSE_MAX_ASSOCIATIONS,
+    DIMSE_MAX_ASSOCIATIONS_PER_PEER,
+    DIMSE_PDU_DEADLINE_S,
     ConfigError,
     Settings,
     StartupError,
@@ -89,6 +91,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "dimse_peers": getattr(args, "dimse_peers", None),
         "dimse_allowed_aes": getattr(args, "dimse_allowed_aes", None),
         "dimse_max_associations": getattr(args, "dimse_max_associations", None),
+        "dimse_max_associations_per_peer": getattr(args, "dimse_max_associations_per_peer", None),
+        "dimse_pdu_deadline_s": getattr(args, "dimse_pdu_deadline", None),
     }
     s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
     return s.checked()
@@ -477,6 +481,17 @@ def _dimse_arguments(sp: argparse.ArgumentParser) -> None:
         "--dimse-max-associations",
         type=int,
         help=f"simultaneous associations ({DIMSE_MAX_ASSOCIATIONS})",
+    )
+    g.add_argument(
+        "--dimse-max-associations-per-peer",
+        type=int,
+        help=f"simultaneous associations from one IP address ({DIMSE_MAX_ASSOCIATIONS_PER_PEER})",
+    )
+    g.add_argument(
+        "--dimse-pdu-deadline",
+        type=float,
+        metavar="SECONDS",
+        help=f"seconds for a PDU to arrive whole once begun ({DIMSE_PDU_DEADLINE_S:g})",
     )
 
 

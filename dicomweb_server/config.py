@@ -21,6 +21,8 @@ __all__ = [
     "DEFAULT_PORT",
     "DICOMWEB_ROOT",
     "DIMSE_MAX_ASSOCIATIONS",
+    "DIMSE_MAX_ASSOCIATIONS_PER_PEER",
+    "DIMSE_PDU_DEADLINE_S",
     "FORWARDED_PREFIX_SCOPE_KEY",
     "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
@@ -87,8 +89,22 @@ DEFAULT_QUERY_TIMEOUT_S = 30.0
 # of the default character repertoire, no backslash, not all spaces).
 DEFAULT_AE_TITLE = "DICOMWEB"
 # Simultaneous DIMSE associations accepted; one more is rejected (A-ASSOCIATE-RJ, transient,
-# local limit exceeded; PS3.8 Table 9-21).
+# local limit exceeded; PS3.8 Table 9-21). An association counts once its A-ASSOCIATE-RQ has
+# arrived whole and been let in, not while its connection is still sending it (dimse/admission.py).
 DIMSE_MAX_ASSOCIATIONS = 10
+# Of those, held at once by the peers of one IP address; one more from it is rejected the same
+# way. A modality holds one to three (images, MPPS, a query), a PACS or router sending in
+# parallel a few (Orthanc runs 2 jobs at once by default): 4 serves them, and leaves most of the
+# default 10 to the others when one peer misbehaves. Raise it for a router, or for modalities
+# behind one NAT address, which share it.
+DIMSE_MAX_ASSOCIATIONS_PER_PEER = 4
+# Seconds within which a PDU must arrive whole once its first byte has: a later one aborts the
+# association (A-ABORT). pynetdicom's 60 s network timeout bounds each read, so a peer sending a
+# byte every 20 s held its association, and its slot, for as long as it liked. 60 s passes a
+# PDU of the archive's Maximum Length (16382 bytes, PS3.8 D.1) at 273 bytes a second (STOW-RS
+# asks 512, app.BODY_MIN_BYTES_PER_S), and one of DIMSE_MAX_PDU_BYTES (4 MiB, from a peer that
+# ignores that length) at 70 KB a second.
+DIMSE_PDU_DEADLINE_S = 60.0
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
@@ -194,6 +210,8 @@ class Settings:
     # Calling AE titles accepted; None = any.
     dimse_allowed_aes: tuple[str, ...] | None = None
     dimse_max_associations: int = DIMSE_MAX_ASSOCIATIONS
+    dimse_max_associations_per_peer: int = DIMSE_MAX_ASSOCIATIONS_PER_PEER
+    dimse_pdu_deadline_s: float = DIMSE_PDU_DEADLINE_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -239,6 +257,11 @@ class Settings:
         if "DICOMWEB_DIMSE_MAX_ASSOCIATIONS" in env:
             n = _int(env, "DICOMWEB_DIMSE_MAX_ASSOCIATIONS")
             s = replace(s, dimse_max_associations=n)
+        if "DICOMWEB_DIMSE_MAX_ASSOCIATIONS_PER_PEER" in env:
+            n = _int(env, "DICOMWEB_DIMSE_MAX_ASSOCIATIONS_PER_PEER")
+            s = replace(s, dimse_max_associations_per_peer=n)
+        if "DICOMWEB_DIMSE_PDU_DEADLINE_S" in env:
+            s = replace(s, dimse_pdu_deadline_s=_seconds(env, "DICOMWEB_DIMSE_PDU_DEADLINE_S"))
         return s.checked()
 
     def checked(self) -> Settings:
@@ -254,6 +277,13 @@ class Settings:
             raise ConfigError(f"the DIMSE port must be 0 to {MAX_PORT}, got {self.dimse_port}")
         if self.dimse_max_associations < 1:
             raise ConfigError("the DIMSE association limit must be at least 1")
+        if self.dimse_max_associations_per_peer < 1:
+            raise ConfigError("the DIMSE association limit per peer must be at least 1")
+        if not 0 < self.dimse_pdu_deadline_s < math.inf:
+            raise ConfigError(
+                f"the DIMSE PDU deadline must be a positive number of seconds,"
+                f" got {self.dimse_pdu_deadline_s}"
+            )
         return self
 
     def export(self) -> None:

@@ -11,14 +11,15 @@ but still queued are counted when the association's own thread has stopped servi
 (EVT_ABORTED, EVT_RELEASED), as discard_unserved_stores deletes their files:
 
 - `dimse_associate`: an association request the archive did not turn into a usable
-  association. Rejected (A-ASSOCIATE-RJ: a calling AE title not allowed, the association
-  limit), accepted with every presentation context refused (pynetdicom never rejects an
-  association for its contexts, PS3.8 9.3.3.2; the requestor then aborts or drops it), or
-  never answered (its first PDU longer than DIMSE_MAX_PDU_BYTES, or not an A-ASSOCIATE-RQ).
+  association. Rejected (A-ASSOCIATE-RJ: a calling AE title not allowed, an association
+  limit, admission.py), accepted with every presentation context refused (pynetdicom never
+  rejects an association for its contexts, PS3.8 9.3.3.2; the requestor then aborts or drops
+  it), or never answered (its first PDU longer than DIMSE_MAX_PDU_BYTES, or not whole within
+  DIMSE_PDU_DEADLINE_S, or not an A-ASSOCIATE-RQ).
 - `dimse_abort`: an established association that ended without A-RELEASE: an A-ABORT from
-  the peer or from the archive (a data set over MAX_PART_BYTES, the network timeout, a
-  protocol error, shutdown), or a connection closed without either (a cut, or a PDU over
-  DIMSE_MAX_PDU_BYTES).
+  the peer or from the archive (a data set over MAX_PART_BYTES, the network timeout, a PDU
+  not whole within DIMSE_PDU_DEADLINE_S, a protocol error, shutdown), or a connection closed
+  without either (a cut, or a PDU over DIMSE_MAX_PDU_BYTES).
 - `dimse_store` with UNFINISHED (0xFF00) for each C-STORE the association ended before it was
   served: its data set still arriving (EVT_CONN_CLOSE), or received whole and not yet handed
   to the handler (EVT_ABORTED, EVT_RELEASED). When the peer ends the association, pynetdicom
@@ -165,6 +166,7 @@ class Link:
     receiving: int = 0  # bytes of the data set being received
     commanding: int = 0  # bytes of the command set being received
     held: str = ""  # the in-memory limit (command set, identifier) passed, if one was
+    limit: str = ""  # the association limit its request passed (admission.py), if it did
     # The data set being received passed max_data_set_bytes: the association is aborted for
     # it, and it never completes (what the peer sends on is dropped, limit_data_set).
     too_large: bool = False
@@ -339,7 +341,7 @@ class Connections:
             return
         link = self.link(event.assoc)
         if isinstance(pdu, A_ASSOCIATE_RJ):
-            link.answer = _rejection(event, pdu)
+            link.answer = _rejection(pdu, link.limit)
         elif isinstance(pdu, A_ASSOCIATE_AC):
             if event.assoc.accepted_contexts:
                 link.accepted = True
@@ -352,6 +354,9 @@ class Connections:
     def _why(self, event: Event, link: Link) -> str:
         if link.why:
             return link.why
+        sock: Any = event.assoc.dul.socket  # a server.BoundedSocket, saying why it is late
+        if getattr(sock, "late", False):  # a PDU past its deadline (admission.py)
+            return str(sock.refused)
         if self.stopping:
             return "the archive is shutting down"
         if event.assoc.dul.idle_timer_expired():
@@ -465,13 +470,13 @@ def _abort_text(source: int, reason: int) -> str:
     return "A-ABORT, service user" if source == 0 else f"A-ABORT, source {source}"
 
 
-def _rejection(event: Event, pdu: A_ASSOCIATE_RJ) -> tuple[int, str]:
+def _rejection(pdu: A_ASSOCIATE_RJ, limit: str) -> tuple[int, str]:
     result, source, reason = pdu.result or 0, pdu.source or 0, pdu.reason_diagnostic or 0
     text = _REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
     if (source, reason) == (1, 3):
         text = f"{text}: not one of the allowed calling AE titles"
-    elif (source, reason) == (3, 2):
-        text = f"{text}: at most {event.assoc.ae.maximum_associations} at a time"
+    elif (source, reason) == (3, 2) and limit:
+        text = f"{text}: {limit}"
     kind = _RESULTS.get(result, f"result {result}")
     return _rejected(result, source, reason), f"rejected (A-ASSOCIATE-RJ, {kind}): {text}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from pynetdicom.transport import AssociationServer, AssociationSocket
 
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
+from dicomweb_server.dimse.admission import Admission, PduLate, recv_before
 from dicomweb_server.dimse.handlers import QUERY_RETRIEVE_SOP_CLASSES, Handlers
 from dicomweb_server.dimse.peers import load_peers
 from dicomweb_server.ingest import Services
@@ -128,9 +130,15 @@ class BoundedSocket(AssociationSocket):
     announces, into one buffer. Found by review: a peer announcing an A-ASSOCIATE-RQ of 2 GiB
     and sending 300 MiB grew the server by 310 MB, before the calling AE title was even read.
     The error makes the DUL treat the connection as closed (PS3.8 Evt17); `refused` says why,
-    for the audit trail (connections.py)."""
+    for the audit trail (connections.py).
+
+    While `pdu_deadline` is set (the PDU being read, admission.Admission.pdu_deadline), a
+    read still waiting at that time (time.monotonic()) fails the same way, `late` set."""
 
     refused: str | None = None
+    pdu_deadline: float | None = None
+    pdu_deadline_s: float = 0.0  # the seconds the deadline gives a PDU (for `refused`)
+    late: bool = False
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > DIMSE_MAX_PDU_BYTES:
@@ -141,7 +149,18 @@ class BoundedSocket(AssociationSocket):
             )
             _QUIET.refusing()
             raise PduRefused(self.refused)
-        return super().recv(nr_bytes)
+        if self.pdu_deadline is None or self.socket is None:
+            return super().recv(nr_bytes)
+        try:
+            return recv_before(self.socket, nr_bytes, self.pdu_deadline)
+        except PduLate:
+            self.late = True
+            self.refused = (
+                f"a PDU not received whole within {self.pdu_deadline_s:g} s of its first byte"
+                " (DIMSE_PDU_DEADLINE_S)"
+            )
+            _QUIET.refusing()
+            raise PduRefused(self.refused) from None
 
 
 def bound_pdu_length(event: Event) -> None:
@@ -342,7 +361,11 @@ def build_ae(settings: Settings) -> AE:
     # review: 389 KB sent inflated to 400 MB before the handler answered 0xC000).
     _config.LOG_REQUEST_IDENTIFIERS = False
     ae = _ArchiveAE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.dimse_max_associations
+    # The association limits are the archive's (admission.Admission, settings
+    # dimse_max_associations and dimse_max_associations_per_peer), which count associations
+    # let in; pynetdicom's counts every connection accepted, the ones still sending their
+    # request too (a slow-loris filled it), and is set where it never rejects.
+    ae.maximum_associations = sys.maxsize
     ae.require_calling_aet = list(settings.dimse_allowed_aes or ())
     # Called AE title not checked: SCUs often send a default (dcmtk "ANY-SCP").
     ae.require_called_aet = False
@@ -380,9 +403,14 @@ async def serve_dimse(
     dul_log = logging.getLogger("pynetdicom.dul")
     if _QUIET not in dul_log.filters:
         dul_log.addFilter(_QUIET)
+    admission = Admission(
+        handlers.connections, settings.dimse_max_associations,
+        settings.dimse_max_associations_per_peer, settings.dimse_pdu_deadline_s,
+    )  # fmt: skip
     bindings = [
         *handlers.bindings(),
         (evt.EVT_CONN_OPEN, bound_pdu_length),
+        *admission.bindings(),  # after bound_pdu_length: the deadline is BoundedSocket's
         (evt.EVT_CONN_OPEN, abort_undecodable),
         (evt.EVT_CONN_OPEN, end_with_the_connection),
     ]
