@@ -161,11 +161,22 @@ def _pn_group_like(group: str, dicom_pattern: str, args: _Args) -> str:
     return f"({plain} OR ({group} <> '' AND {padded} LIKE {p} ESCAPE '\\'))"
 
 
+# A "Value" item that is a value: neither null nor "" (PS3.18 F.2.5).
+_VALUED = '@.type() != "null" && (@.type() != "string" || @ != "")'
+# A PN "Value" item that is a name (PS3.18 F.2.2): some component group holding more than
+# delimiters and padding, as record.pn_groups indexes it (`^^^^` is no name, is_empty_name).
+_PN_VALUED = " || ".join(
+    [f'@.{group} like_regex "[^ ^]"' for group in ("Alphabetic", "Ideographic", "Phonetic")]
+    + ['(@.type() == "string" && @ like_regex "[^ ^=]")']
+)
+
+
 def _has_value(doc: str, attr: Attribute) -> str:
     """Whether the DICOM JSON `doc` holds a value of `attr`: a "Value" item that is neither
-    null nor "" (PS3.18 F.2.5: an attribute of zero length has no "Value"). Lax jsonpath: a
-    document without the attribute holds none. The tag comes from attributes.py."""
-    valued = '@.type() != "null" && (@.type() != "string" || @ != "")'
+    null nor "" (PS3.18 F.2.5: an attribute of zero length has no "Value"), for a PN a name
+    of more than delimiters. Lax jsonpath: a document without the attribute holds none. The
+    tag comes from attributes.py."""
+    valued = _PN_VALUED if attr.vr == "PN" else _VALUED
     return f"jsonb_path_exists({doc}, '$.\"{tag_hex(attr.tag)}\".Value[*] ? ({valued})')"
 
 
@@ -175,18 +186,18 @@ def _empty_condition(m: EmptyValueMatch) -> str:
     or '' for a string (PatientID is '' when absent), no component group for a PN (a name
     of delimiters only, `^^^^`, is indexed as none: every component null, PS3.5 6.2.1), no
     modality for ModalitiesInStudy. A value the column cannot hold (a date that is not
-    valid, a number out of its range, a string whose first value is empty) is indexed as
-    NULL too, but it is a value: the level's DICOM JSON tells it apart (_has_value)."""
+    valid, a number out of its range, a string or a name whose first value is empty) is
+    indexed as none too, but it is a value: the level's DICOM JSON tells it apart (_has_value)."""
     col = _column(m.attr)
     if m.attr.keyword == "ModalitiesInStudy":  # computed from the series: no document
         return f"cardinality({col}) = 0"
     if m.attr.vr == "PN":
-        return f"coalesce(cardinality({col}), 0) = 0"
-    blank = (
-        f"{col} IS NULL"
-        if m.attr.vr in ("DA", "TM", "DT", "IS")
-        else f"{col} IS NULL OR {col} = ''"
-    )
+        # The column holds the first name's groups: `\\Doe^Jane` is indexed as none.
+        blank = f"coalesce(cardinality({col}), 0) = 0"
+    elif m.attr.vr in ("DA", "TM", "DT", "IS"):
+        blank = f"{col} IS NULL"
+    else:
+        blank = f"{col} IS NULL OR {col} = ''"
     return f"(({blank}) AND NOT {_has_value(_DOC[m.attr.level], m.attr)})"
 
 

@@ -248,3 +248,29 @@ def test_every_matching_key_is_in_its_levels_document() -> None:
         attr = path[0]
         if attr.level in (Level.STUDY, Level.SERIES) and attr.keyword != "ModalitiesInStudy":
             assert attr.tag in LEVEL_TAGS[attr.level], attr.keyword
+
+
+@pytest.mark.db
+async def test_empty_value_matching_of_a_name_the_column_does_not_hold(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """A PN column holds the component groups of the first name only: a Patient Name of two
+    values whose first is empty or only delimiters (`\\Doe^Jane`, `^^^^\\Doe^Jane`) is indexed
+    as no name, but it is a value, returned in the results, and does not match `""`, as a
+    string whose first value is empty does not. `^^^^` alone is still no name."""
+    made = {
+        "empty": make_instance(patient_name=""),
+        "delimiters": make_instance(patient_name="^^^^"),
+        "first empty": make_instance(),
+        "first delimiters": make_instance(),
+        "value": make_instance(),
+    }
+    made["first empty"].PatientName = ["", "Doe^Jane"]
+    made["first delimiters"].PatientName = ["^^^^", "Doe^Jane"]
+    await _store(app_client, list(made.values()))
+    found = _finder(app_client, made, Level.STUDY)
+    assert await found(("PatientName", '""'), EMPTY) == ["delimiters", "empty"]
+    assert await found(("PatientName", '""'), ("fuzzymatching", "true"), EMPTY) == [
+        "delimiters",
+        "empty",
+    ]
