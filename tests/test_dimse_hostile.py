@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomweb_server.dimse.connections import (
     DIMSE_MAX_COMMAND_BYTES,
     DIMSE_MAX_IDENTIFIER_BYTES,
+    DIMSE_MAX_QUEUED_REQUESTS,
     Connections,
 )
 from tests.dimse_support import (
@@ -239,6 +240,77 @@ def test_identifiers_queued_unserved_count_against_the_limit(over: int, one_pdu:
             "identifiers held (one arriving, others queued) of more than"
             f" {DIMSE_MAX_IDENTIFIER_BYTES} bytes (DIMSE_MAX_IDENTIFIER_BYTES)"
         )
+
+
+def _queued_echo() -> C_ECHO:
+    req = C_ECHO()
+    req.MessageID, req.AffectedSOPClassUID = 1, Verification
+    return req
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_requests_queued_unanswered_are_bounded(over: int) -> None:
+    """Found by review: the byte limits count identifiers only, and a peer sending C-ECHO-RQs
+    without reading the answers (PS3.7 D.3.3.3: one outstanding) had pynetdicom queue each
+    for as long as it went on. DIMSE_MAX_QUEUED_REQUESTS queued are let be; one more, and the
+    next P-DATA-TF aborts the association, its values dropped."""
+    assoc = _Assoc([_queued_echo() for _ in range(DIMSE_MAX_QUEUED_REQUESTS + over)])
+    connections = Connections(record=lambda _event: None, max_data_set_bytes=2**32)
+    values = [b"\x03" + b"\x00" * 80]
+    pdu = _pdu(*values)
+    connections.limit_data_set(cast(Any, SimpleNamespace(pdu=pdu, assoc=assoc)))
+    assert connections.link(assoc).too_large is bool(over)
+    assert len(pdu.presentation_data_value_items) == (0 if over else 1)
+    if over:
+        assert assoc.aborted.wait(CLIENT_TIMEOUT_S)
+        assert connections.link(assoc).why == (
+            f"more than {DIMSE_MAX_QUEUED_REQUESTS} requests queued unanswered"
+            " (DIMSE_MAX_QUEUED_REQUESTS)"
+        )
+
+
+def _echo_flood(archive: Archive, count: int) -> bool:
+    """`count` C-ECHO-RQs sent, 100 to a P-DATA-TF, none of the answers read: whether the
+    archive closed the connection (within CLIENT_TIMEOUT_S of the last one sent)."""
+    assoc = associate(scu(Verification), archive)
+    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+    assert sock is not None
+    assoc._reactor_checkpoint.clear()  # pynetdicom's reactor paused: nothing reads the answers
+    cx = cast(int, assoc.accepted_contexts[0].context_id)
+    command = _padded_echo_command(100)
+    item = struct.pack(">IB", len(command) + 2, cx) + b"\x03" + command
+    pdu = struct.pack(">BBI", 0x04, 0, len(item) * 100) + item * 100
+    closed = False
+    try:
+        for _ in range(count // 100):
+            sock.sendall(pdu)
+    except OSError:
+        closed = True
+    try:
+        sock.settimeout(CLIENT_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):
+            while not closed:  # the answers (unread until now), then the A-ABORT and the end
+                closed = sock.recv(65536) in (b"", None)
+    except OSError:
+        closed = True
+    finally:
+        assoc._reactor_checkpoint.set()
+        assoc.kill()
+    return closed
+
+
+async def test_echo_flood_is_aborted(archive: Archive) -> None:
+    """A live peer sending C-ECHO-RQs without reading the answers: the association is
+    aborted once more than DIMSE_MAX_QUEUED_REQUESTS wait, audited with why."""
+    start = await audit_seq(archive)
+    with Closes(archive) as closes:
+        assert await in_thread(_echo_flood, archive, 20_000)
+        await closes.wait()
+    rows = await audit_rows(archive, "dimse_abort", start)
+    assert [r["detail"] for r in rows] == [
+        f"aborted by the archive: more than {DIMSE_MAX_QUEUED_REQUESTS} requests queued"
+        " unanswered (DIMSE_MAX_QUEUED_REQUESTS)"
+    ]
 
 
 def test_identifier_count_starts_again_with_each_message() -> None:

@@ -69,6 +69,7 @@ from dicomweb_server.dimse.statuses import OUT_OF_RESOURCES, UNFINISHED
 __all__ = [
     "DIMSE_MAX_COMMAND_BYTES",
     "DIMSE_MAX_IDENTIFIER_BYTES",
+    "DIMSE_MAX_QUEUED_REQUESTS",
     "LOST",
     "Connections",
     "Link",
@@ -84,6 +85,13 @@ log = logging.getLogger(__name__)
 # (PS3.7 E.1); an identifier listing 1000 UIDs (identifier.py's list limit) about 66 KB.
 DIMSE_MAX_COMMAND_BYTES = 64 * 1024
 DIMSE_MAX_IDENTIFIER_BYTES = 4 * 1024 * 1024
+# Requests received whole and queued unanswered for the association's thread, past which a
+# P-DATA-TF aborts the association. Without an asynchronous operations window (the archive
+# negotiates none) a peer may have one operation outstanding (PS3.7 D.3.3.3); one sending
+# C-ECHO-RQs without reading the answers had pynetdicom queue each, its memory growing for as
+# long as it went on (the byte limits count identifiers only). At most one P-DATA-TF's
+# messages more are queued (a PDU is at most DIMSE_MAX_PDU_BYTES).
+DIMSE_MAX_QUEUED_REQUESTS = 16
 
 # PS3.8 Table 9-21: A-ASSOCIATE-RJ Result, Source and Reason/Diag.
 _RESULTS = {1: "permanent", 2: "transient"}
@@ -125,6 +133,13 @@ def _over(count: int, limit: int, what: str) -> str | None:
         return None
     constant = "DIMSE_MAX_COMMAND_BYTES" if "command" in what else "DIMSE_MAX_IDENTIFIER_BYTES"
     return f"{what} of more than {limit} bytes ({constant})" if what else ""
+
+
+def _queued_requests(assoc: Any) -> int:
+    """How many requests pynetdicom received whole and queued for the association's thread
+    (DIMSEServiceProvider.msg_queue, pynetdicom 3.0); see DIMSE_MAX_QUEUED_REQUESTS."""
+    msg_queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
+    return 0 if msg_queue is None else int(msg_queue.qsize())
 
 
 def _queued_bytes(assoc: Any) -> int:
@@ -265,6 +280,13 @@ class Connections:
         DIMSE_MAX_IDENTIFIER_BYTES with the identifiers queued unserved (_queued_bytes); one
         whose command ends in this PDU (decoded after it: its kind unknown) to both."""
         size, command = link.receiving, link.commanding
+        waiting = _queued_requests(event.assoc)
+        if waiting > DIMSE_MAX_QUEUED_REQUESTS:
+            link.held = (f"more than {DIMSE_MAX_QUEUED_REQUESTS} requests queued unanswered"
+                         " (DIMSE_MAX_QUEUED_REQUESTS)")  # fmt: skip
+            del items[:]
+            self._abort_too_large(event, link)
+            return
         message = getattr(getattr(event.assoc, "dimse", None), "message", None)
         spooled, unknown = getattr(message, "_data_set_file", None) is not None, False
         queued = _queued_bytes(event.assoc)
