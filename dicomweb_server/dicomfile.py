@@ -307,14 +307,33 @@ def _check_depth(ds: Dataset) -> None:
         item, depth, top = stack.pop()
         for tag in item.keys():
             raw = item.get_item(tag, keep_deferred=True)
-            if isinstance(raw, RawDataElement) and _read_vr(item, raw) != "SQ":
-                continue  # left as it is: no sequence, deferred or not
+            if isinstance(raw, RawDataElement):
+                if top is not None:
+                    _check_item_value(raw, top)
+                if _read_vr(item, raw) != "SQ":
+                    continue  # left as it is: no sequence, deferred or not
             elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
             if elem.VR != "SQ":
                 continue
             if depth == MAX_SEQUENCE_DEPTH:
                 raise _too_deep(top)
             stack.extend((child, depth + 1, tag if top is None else top) for child in elem.value)
+
+
+def _check_item_value(raw: RawDataElement, top: int) -> None:
+    """Refuse (0xC000) a value inside a sequence item that declares more bytes than its
+    sequence holds (PS3.5 7.5: an item's elements lie within it). pydicom reads a sequence of
+    defined length from its value's bytes and gives such a value as the bytes there are, so
+    it was stored and shown cut short (pydicom's rtplan_truncated.dcm; dcmtk refuses it:
+    "premature end of stream"). The top level is checked against the file (check_whole)."""
+    if raw.length == 0xFFFFFFFF or raw.value is None or len(raw.value) >= raw.length:
+        return
+    tag = int(raw.tag)
+    raise InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"truncated data set: value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) in"
+        f" {tag_name(top)} lacks {raw.length - len(raw.value)} bytes",
+    )
 
 
 def _read_vr(item: Dataset, raw: RawDataElement) -> str:
@@ -586,6 +605,11 @@ def _merge_tail(
     would replace a value already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    if not tail and fp.tell() > end:  # 1 to 7 bytes: pydicom stops there silently
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {fp.tell() - end} bytes after the Pixel Data, no whole element",
+        )
     check_whole(tail, fp.tell(), size)
     after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
     for tag in tail.keys():
