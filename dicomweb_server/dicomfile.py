@@ -27,6 +27,7 @@ from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.multival import MultiValue
 
 from dicomweb_server.dicom_json import (
+    BINARY_FORMATS,
     BULK_DATA_THRESHOLD_BYTES,
     BULK_VRS,
     JsonDict,
@@ -78,6 +79,8 @@ _INFLATE_LOCK = threading.Lock()
 # from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
 # (0xC000), the reason naming the limit.
 MAX_SEQUENCE_DEPTH = 64
+# Group 0028: the pixel description (Image Pixel module, LUTs), read to decode and render.
+_PIXEL_DESCRIPTION_GROUP = 0x0028
 _INFLATE_READ_BYTES = 64 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
 _SOP_UIDS_INFLATED_BYTES = 1024 * 1024
@@ -127,6 +130,10 @@ def configure_pydicom() -> None:
     """
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    # A binary number value of the wrong length (PS3.5 6.2: a US of 3 bytes) is read as UN,
+    # its bytes kept, not refused: a conversion writes it so, as the metadata shows it
+    # (dicom_json._cut_numbers_json); group 0028 is refused at ingest (_check_pixel_description).
+    pydicom_config.convert_wrong_length_to_UN = True
     pydicom_hooks.register_callback("raw_element_vr", lut_data_vr)  # LUT Data with no descriptor
 
 
@@ -310,6 +317,8 @@ def _check_depth(ds: Dataset) -> None:
             if isinstance(raw, RawDataElement):
                 if top is not None:
                     _check_item_value(raw, top)
+                if tag >> 16 == _PIXEL_DESCRIPTION_GROUP:
+                    _check_pixel_description(tag, raw)
                 if _read_vr(item, raw) != "SQ":
                     continue  # left as it is: no sequence, deferred or not
             elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
@@ -333,6 +342,25 @@ def _check_item_value(raw: RawDataElement, top: int) -> None:
         FailureReason.CANNOT_UNDERSTAND,
         f"truncated data set: value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) in"
         f" {tag_name(top)} lacks {raw.length - len(raw.value)} bytes",
+    )
+
+
+def _check_pixel_description(tag: int, raw: RawDataElement) -> None:
+    """Refuse (0xC000) a binary number value of group 0028 (Image Pixel, LUTs, pixel padding:
+    what decoding and rendering read, PS3.3 C.7.6.3) whose length is no multiple of its VR's
+    size (PS3.5 6.2: a Bits Stored of 3 bytes). Elsewhere such a value is stored as sent and
+    shown as UN (dicom_json._cut_numbers_json); these were stored too, then every rendering
+    and conversion of the instance failed with a 500 (pydicom's BytesLengthException)."""
+    vr = raw_vr(tag, raw)
+    fmt = BINARY_FORMATS.get(vr)
+    if fmt is not None and raw.value is not None and len(raw.value) % struct.calcsize(fmt):
+        raise _cut_numbers(tag, vr, len(raw.value))
+
+
+def _cut_numbers(tag: int, vr: str, length: int) -> InvalidInstanceError:
+    return InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"{tag_name(tag)} has {length} bytes, no whole {vr} values (PS3.5 6.2)",
     )
 
 
@@ -441,7 +469,11 @@ def _value(ds: Dataset, tag: int) -> Any:
         if simple is not None:
             values = simple.get("Value") or [""]
             return values[0] if len(values) == 1 else values
-    return ds[tag].value
+    elem = ds[tag]
+    if elem.VR in BINARY_FORMATS and isinstance(elem.value, bytes):  # see configure_pydicom
+        vr = raw_vr(tag, item) if isinstance(item, RawDataElement) else str(elem.VR)
+        raise _cut_numbers(tag, vr, len(elem.value))
+    return elem.value
 
 
 def _number_of_frames(ds: Dataset) -> int:
