@@ -636,6 +636,13 @@ def _merge_tail(
     Data's (PS3.5 7.1: data elements in increasing tag order, each once): one that does not
     would replace a value already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
+    if fp.read(8) == bytes(8):  # read as (0000,0000), "out of tag order": say what it is
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"{size - end} bytes after the Pixel Data begin with zeros, no element"
+            " (Data Set Trailing Padding is (FFFC,FFFC), PS3.10 7.2)",
+        )
+    fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
     if not tail and fp.tell() > end:  # 1 to 7 bytes: pydicom stops there silently
         raise InvalidInstanceError(

@@ -197,3 +197,12 @@ def test_rows_of_a_wrong_length_gives_its_reason(tmp_path: Path) -> None:
     exc = _refused(_write(tmp_path, data))
     assert exc.reason == FailureReason.CANNOT_UNDERSTAND
     assert exc.message == "(0028,0010) Rows has 2 bytes, no whole UL values (PS3.5 6.2)"
+
+
+def test_zeros_after_pixel_data_are_refused_for_what_they_are(tmp_path: Path) -> None:
+    """Zero bytes after Pixel Data (a tail padded with NULs: Orthanc stores such a file) stay
+    refused, as PS3.10 7.2 pads with (FFFC,FFFC); the reason said "(0000,0000) after the Pixel
+    Data is out of tag order or repeated"."""
+    exc = _refused(_write(tmp_path, to_bytes(make_instance()) + bytes(64)))
+    assert exc.reason == FailureReason.CANNOT_UNDERSTAND
+    assert exc.message.startswith("64 bytes after the Pixel Data begin with zeros")
