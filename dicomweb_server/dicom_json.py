@@ -27,6 +27,7 @@ from dicomweb_server.errors import FailureReason, WarningReason
 from dicomweb_server.vr import swapped_words
 
 __all__ = [
+    "BINARY_FORMATS",
     "BULK_DATA_THRESHOLD_BYTES",
     "BULK_VRS",
     "IMPLICIT_VR_CACHE_SIZE",
@@ -170,7 +171,13 @@ def _element_json(
                 ds.fileobj_type, ds.filename or ds.buffer, ds.timestamp, item
             )
         return number_string_json(raw_vr(tag, item), item.value or b"")
+    if isinstance(item, RawDataElement) and (
+        cut := _cut_numbers_json(raw_vr(tag, item), item.value)
+    ):
+        return cut
     elem = ds[tag]
+    if cut := _cut_numbers_json(elem.VR, elem.value):  # one converted before, read as bytes
+        return cut
     if elem.VR in NUMBER_STRING_VRS:
         return _number_string_element(elem)
     if elem.VR == "SQ":
@@ -187,6 +194,19 @@ def _element_json(
     if ds.original_encoding[1] is False and "InlineBinary" in entry:
         entry["InlineBinary"] = _little_endian_base64(elem)
     return entry
+
+
+def _cut_numbers_json(vr: str, value: object) -> JsonDict | None:
+    """A binary number value whose length is no multiple of its VR's size (PS3.5 6.2: a US of
+    3 bytes, a private UL of 2), as UN with its bytes (PS3.18 F.2.7), or None for any other.
+    pydicom refuses to convert one ("Expected total bytes to be an even multiple of bytes per
+    value"), and the instance was refused for it, a private element's too (dcmtk reads it,
+    Orthanc stores it). Invalid values are stored as sent; the metadata says what the bytes
+    are rather than guess whole numbers from them."""
+    fmt = BINARY_FORMATS.get(vr)
+    if fmt is None or not isinstance(value, bytes) or len(value) % struct.calcsize(fmt) == 0:
+        return None
+    return {"vr": "UN", "InlineBinary": base64.b64encode(value).decode("ascii")}
 
 
 def _tags_element(elem: DataElement) -> JsonDict:
@@ -268,7 +288,7 @@ def _little_endian_base64(elem: DataElement) -> str:
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UI"})
 # String VRs that may hold several values (PS3.5 6.4): an empty one among them is null.
 _MULTI_TEXT_VRS = _TEXT_VRS | {"UC"}
-_BINARY_FORMATS = {
+BINARY_FORMATS = {
     "US": "H",
     "SS": "h",
     "UL": "I",
@@ -284,7 +304,7 @@ NUMBER_STRING_VRS = frozenset({"DS", "IS"})
 IS_MIN, IS_MAX = -(2**31), 2**31 - 1
 # Integers that a JSON reader holding numbers as IEEE 754 doubles keeps exactly (SV, UV).
 JSON_EXACT_INTEGER = 2**53
-_SIMPLE_VRS = _TEXT_VRS | NUMBER_STRING_VRS | {"PN"} | _BINARY_FORMATS.keys()
+_SIMPLE_VRS = _TEXT_VRS | NUMBER_STRING_VRS | {"PN"} | BINARY_FORMATS.keys()
 # Tags whose implicit VR `_implicit_vr` remembers: a file may carry any number of distinct tags.
 IMPLICIT_VR_CACHE_SIZE = 4096
 
@@ -321,7 +341,7 @@ def simple_json(raw: RawDataElement, little: bool) -> JsonDict | None:
         return None
     if vr in NUMBER_STRING_VRS:
         return number_string_json(vr, value)
-    fmt = _BINARY_FORMATS.get(vr)
+    fmt = BINARY_FORMATS.get(vr)
     if fmt is not None:
         size = struct.calcsize(fmt)
         if not little or len(value) % size:

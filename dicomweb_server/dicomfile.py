@@ -27,6 +27,7 @@ from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.multival import MultiValue
 
 from dicomweb_server.dicom_json import (
+    BINARY_FORMATS,
     BULK_DATA_THRESHOLD_BYTES,
     BULK_VRS,
     JsonDict,
@@ -78,6 +79,8 @@ _INFLATE_LOCK = threading.Lock()
 # from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
 # (0xC000), the reason naming the limit.
 MAX_SEQUENCE_DEPTH = 64
+# Group 0028: the pixel description (Image Pixel module, LUTs), read to decode and render.
+_PIXEL_DESCRIPTION_GROUP = 0x0028
 _INFLATE_READ_BYTES = 64 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
 _SOP_UIDS_INFLATED_BYTES = 1024 * 1024
@@ -127,6 +130,10 @@ def configure_pydicom() -> None:
     """
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    # A binary number value of the wrong length (PS3.5 6.2: a US of 3 bytes) is read as UN,
+    # its bytes kept, not refused: a conversion writes it so, as the metadata shows it
+    # (dicom_json._cut_numbers_json); group 0028 is refused at ingest (_check_pixel_description).
+    pydicom_config.convert_wrong_length_to_UN = True
     pydicom_hooks.register_callback("raw_element_vr", lut_data_vr)  # LUT Data with no descriptor
 
 
@@ -307,14 +314,54 @@ def _check_depth(ds: Dataset) -> None:
         item, depth, top = stack.pop()
         for tag in item.keys():
             raw = item.get_item(tag, keep_deferred=True)
-            if isinstance(raw, RawDataElement) and _read_vr(item, raw) != "SQ":
-                continue  # left as it is: no sequence, deferred or not
+            if isinstance(raw, RawDataElement):
+                if top is not None:
+                    _check_item_value(raw, top)
+                if tag >> 16 == _PIXEL_DESCRIPTION_GROUP:
+                    _check_pixel_description(tag, raw)
+                if _read_vr(item, raw) != "SQ":
+                    continue  # left as it is: no sequence, deferred or not
             elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
             if elem.VR != "SQ":
                 continue
             if depth == MAX_SEQUENCE_DEPTH:
                 raise _too_deep(top)
             stack.extend((child, depth + 1, tag if top is None else top) for child in elem.value)
+
+
+def _check_item_value(raw: RawDataElement, top: int) -> None:
+    """Refuse (0xC000) a value inside a sequence item that declares more bytes than its
+    sequence holds (PS3.5 7.5: an item's elements lie within it). pydicom reads a sequence of
+    defined length from its value's bytes and gives such a value as the bytes there are, so
+    it was stored and shown cut short (pydicom's rtplan_truncated.dcm; dcmtk refuses it:
+    "premature end of stream"). The top level is checked against the file (check_whole)."""
+    if raw.length == 0xFFFFFFFF or raw.value is None or len(raw.value) >= raw.length:
+        return
+    tag = int(raw.tag)
+    raise InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"truncated data set: value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) in"
+        f" {tag_name(top)} lacks {raw.length - len(raw.value)} bytes",
+    )
+
+
+def _check_pixel_description(tag: int, raw: RawDataElement) -> None:
+    """Refuse (0xC000) a binary number value of group 0028 (Image Pixel, LUTs, pixel padding:
+    what decoding and rendering read, PS3.3 C.7.6.3) whose length is no multiple of its VR's
+    size (PS3.5 6.2: a Bits Stored of 3 bytes). Elsewhere such a value is stored as sent and
+    shown as UN (dicom_json._cut_numbers_json); these were stored too, then every rendering
+    and conversion of the instance failed with a 500 (pydicom's BytesLengthException)."""
+    vr = raw_vr(tag, raw)
+    fmt = BINARY_FORMATS.get(vr)
+    if fmt is not None and raw.value is not None and len(raw.value) % struct.calcsize(fmt):
+        raise _cut_numbers(tag, vr, len(raw.value))
+
+
+def _cut_numbers(tag: int, vr: str, length: int) -> InvalidInstanceError:
+    return InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"{tag_name(tag)} has {length} bytes, no whole {vr} values (PS3.5 6.2)",
+    )
 
 
 def _read_vr(item: Dataset, raw: RawDataElement) -> str:
@@ -422,7 +469,11 @@ def _value(ds: Dataset, tag: int) -> Any:
         if simple is not None:
             values = simple.get("Value") or [""]
             return values[0] if len(values) == 1 else values
-    return ds[tag].value
+    elem = ds[tag]
+    if elem.VR in BINARY_FORMATS and isinstance(elem.value, bytes):  # see configure_pydicom
+        vr = raw_vr(tag, item) if isinstance(item, RawDataElement) else str(elem.VR)
+        raise _cut_numbers(tag, vr, len(elem.value))
+    return elem.value
 
 
 def _number_of_frames(ds: Dataset) -> int:
@@ -585,7 +636,19 @@ def _merge_tail(
     Data's (PS3.5 7.1: data elements in increasing tag order, each once): one that does not
     would replace a value already checked (a UID, the number of frames) and is refused."""
     fp.seek(end)
+    if fp.read(8) == bytes(8):  # read as (0000,0000), "out of tag order": say what it is
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"{size - end} bytes after the Pixel Data begin with zeros, no element"
+            " (Data Set Trailing Padding is (FFFC,FFFC), PS3.10 7.2)",
+        )
+    fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    if not tail and fp.tell() > end:  # 1 to 7 bytes: pydicom stops there silently
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {fp.tell() - end} bytes after the Pixel Data, no whole element",
+        )
     check_whole(tail, fp.tell(), size)
     after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
     for tag in tail.keys():

@@ -283,11 +283,12 @@ async def test_c_store_takes_the_limit_too(archive: Archive, tmp_path: Path) -> 
     assert len(blobs(archive)) == 1
 
 
-# A value pydicom cannot convert (4 bytes of an FD) in the place of a UI of the same length.
-# STOW refuses such an instance (its DICOM JSON converts every value); the tests below put it
-# into a stored file, as one stored before would be.
+# A value pydicom cannot convert (a Source Image Sequence of 4 bytes that are no item) in the
+# place of a UI of the same length. STOW refuses such an instance (its DICOM JSON converts
+# every value); the tests below put it into a stored file, as one stored before would be.
+# (4 bytes of an FD were the example until such a value came to be read, and written, as UN.)
 _GOOD_LEAF = element(0x00081150, b"UI", b"1.2\0", True)
-_BAD_LEAF = element(0x00189087, b"FD", b"1.2\0", True)
+_BAD_LEAF = element(0x00082112, b"SQ", b"1.2\0", True)
 # Levels of the spoiled value: without check_writable, pydicom's writer took 525 MB here
 # (doubling per level: 2 GB at 12, more than the machine at 13).
 _SPOILED_LEVELS = 10
@@ -328,7 +329,7 @@ def test_a_value_that_cannot_be_written_deep_fails_conversion_in_bounded_memory(
         caught, peak = _peak_of(lambda: to_transfer_syntax(src, tmp_path / "out.dcm", target))
     assert peak < 20 * 1024 * 1024, peak
     assert isinstance(caught, TranscodeError), caught
-    assert "(0018,9087) cannot be written" in str(caught) and len(str(caught)) < 600
+    assert "(0008,2112) cannot be written" in str(caught) and len(str(caught)) < 600
 
 
 @pytest.mark.db
@@ -354,7 +355,7 @@ async def test_wado_conversion_of_a_stored_unwritable_value_is_a_406(
     finally:
         tracemalloc.stop()
     assert peak < 20 * 1024 * 1024, peak
-    assert answer.status_code == 406 and "(0018,9087) cannot be written" in answer.text
+    assert answer.status_code == 406 and "(0008,2112) cannot be written" in answer.text
     for resource in ("/metadata", "/frames/1", "/rendered"):
         assert (await app_client.get(inst_url(ds) + resource)).status_code == 200, resource
 

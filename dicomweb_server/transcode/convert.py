@@ -25,7 +25,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID
 
-from dicomweb_server.dicom_json import BULK_VRS
+from dicomweb_server.dicom_json import BINARY_FORMATS, BULK_VRS
 from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -443,6 +443,11 @@ def _encoded_alone(
     elem = item[tag]
     if elem.VR == "SQ":
         return elem
+    if elem.VR in BINARY_FORMATS and isinstance(elem.value, bytes):
+        # A binary number value of the wrong length (PS3.5 6.2), left as its bytes when read
+        # (dicomfile.configure_pydicom); pydicom gives a known tag its dictionary VR back,
+        # which it then cannot write. Written as UN, its bytes kept, as the metadata shows it.
+        elem.VR = "UN"
     if " or " in elem.VR:
         # pydicom's ancestors begin with the element's own data set (nearest first)
         correct_ambiguous_vr_element(elem, item, True, [item, *ancestors])  # in place
