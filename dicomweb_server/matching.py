@@ -197,8 +197,8 @@ def int_param(name: str, value: str, lo: int, hi: int | None) -> int:
     digits = s.lstrip("+-").lstrip("0") or "0"
     n = int(s) if len(digits) <= _MAX_INT_DIGITS else int(s[0] + "1" + "0" * _MAX_INT_DIGITS)
     if n < lo or (hi is not None and n > hi):
-        upper = "" if hi is None else f" and {hi}"
-        raise BadRequestError(f"{name} must be between {lo}{upper}, got {s}")
+        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise BadRequestError(f"{name} must be {bounds}, got {s}")
     return n
 
 

@@ -103,6 +103,17 @@ def test_limits_at_the_edge() -> None:
         q(limit="-1")
 
 
+def test_a_negative_limit_names_its_bound() -> None:
+    """A limit has no upper bound to name (it is lowered to the maximum): the 400 read
+    "limit must be between 0, got -1" (found by differential testing against Orthanc)."""
+    with pytest.raises(BadRequestError) as info:
+        q(limit="-1")
+    assert info.value.message == "limit must be at least 0, got -1"
+    with pytest.raises(BadRequestError) as info:
+        q(offset="-1")
+    assert info.value.message == f"offset must be between 0 and {QIDO_MAX_OFFSET}, got -1"
+
+
 @pytest.mark.parametrize("limit", ["2147483648", "9999999999", "9" * 40, "+0001000000000000"])
 def test_a_huge_limit_is_lowered(limit: str) -> None:
     """PS3.18 8.3.4.4 and the statement: a limit above the maximum is lowered to it with a
