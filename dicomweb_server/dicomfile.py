@@ -628,6 +628,18 @@ def _padding_at(element: object, ts: str, size: int) -> int | None:
     return element.value_tell - (8 if ts == IMPLICIT_VR_LITTLE_ENDIAN else 12)
 
 
+def _after_item_delimiter(fp: BinaryIO, stop: int, end: int, ts: str) -> bool:
+    """Whether the 8 bytes before `stop` (where read_dataset stopped, past `end`) are an Item
+    Delimitation Item, (FFFE,E00D) of length 0, at which pydicom ends a data set silently."""
+    if stop - end < 8:
+        return False
+    fp.seek(stop - 8)
+    order = ">" if ts == EXPLICIT_VR_BIG_ENDIAN else "<"
+    found = fp.read(8) == struct.pack(f"{order}HHI", 0xFFFE, 0xE00D, 0)
+    fp.seek(stop)
+    return found
+
+
 def _merge_tail(
     fp: BinaryIO, ds: Dataset, ts: str, end: int, size: int, pixel_tag: int | None
 ) -> RawDataElement | None:
@@ -644,12 +656,23 @@ def _merge_tail(
         )
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
-    if not tail and fp.tell() > end:  # 1 to 7 bytes: pydicom stops there silently
+    stop = fp.tell()
+    if _after_item_delimiter(fp, stop, end, ts):
+        # An Item Delimitation Item (PS3.5 7.5.2) where pydicom stopped: dcmtk ends the data
+        # set there too, and it was stored (found by review). Whatever follows it is refused.
+        if stop < size:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
+                " (FFFE,E00D) that ends the data set after the Pixel Data",
+            )
+        stop -= 8
+    if not tail and stop > end:  # 1 to 7 bytes: pydicom stops there silently
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND,
-            f"truncated data set: {fp.tell() - end} bytes after the Pixel Data, no whole element",
+            f"truncated data set: {stop - end} bytes after the Pixel Data, no whole element",
         )
-    check_whole(tail, fp.tell(), size)
+    check_whole(tail, stop, size)
     after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
     for tag in tail.keys():
         if tag <= after or tag in ds:

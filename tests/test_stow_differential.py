@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
-from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
+from dicomweb_server.dicomfile import InvalidInstanceError, configure_pydicom, parse_file
 from dicomweb_server.errors import FailureReason
 from tests.helpers import (
     ROOT,
@@ -26,6 +26,13 @@ from tests.helpers import (
     stow_headers,
     to_bytes,
 )
+
+
+@pytest.fixture(autouse=True)
+def _pydicom_configured() -> None:
+    """parse_file as the server runs it (app.open_services): without it, a test run alone
+    (`-k rows`) read a value of a wrong length with pydicom's defaults and failed."""
+    configure_pydicom()
 
 
 def _write(tmp_path: Path, data: bytes) -> Path:
@@ -206,3 +213,31 @@ def test_zeros_after_pixel_data_are_refused_for_what_they_are(tmp_path: Path) ->
     exc = _refused(_write(tmp_path, to_bytes(make_instance()) + bytes(64)))
     assert exc.reason == FailureReason.CANNOT_UNDERSTAND
     assert exc.message.startswith("64 bytes after the Pixel Data begin with zeros")
+
+
+_ITEM_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)  # PS3.5 7.5.2, explicit VR LE
+
+
+@pytest.mark.parametrize(
+    "tail", [_ITEM_DELIMITER, element_bytes(0xFFFCFFFC, b"OB", bytes(4)) + _ITEM_DELIMITER]
+)
+def test_item_delimiter_ending_the_file_after_pixel_data_is_accepted(
+    tmp_path: Path, tail: bytes
+) -> None:
+    """An Item Delimitation Item ending the file after Pixel Data: dcmtk (dcmdump, so
+    Orthanc) and pydicom end the data set there, and it was stored; the check of 1 to 7 stray
+    bytes refused it, "8 bytes after the Pixel Data, no whole element" (found by review)."""
+    ds = make_instance()
+    parsed = parse_file(_write(tmp_path, to_bytes(ds) + tail))
+    assert parsed.uids[1] == ds.SOPInstanceUID
+    assert "FFFEE00D" not in parsed.meta
+
+
+def test_bytes_after_an_item_delimiter_after_pixel_data_are_refused(tmp_path: Path) -> None:
+    """pydicom stops at the delimiter and ignored what followed it (stored before)."""
+    exc = _refused(_write(tmp_path, to_bytes(make_instance()) + _ITEM_DELIMITER + b"junk"))
+    assert exc.reason == FailureReason.CANNOT_UNDERSTAND
+    assert exc.message == (
+        "truncated data set: 4 bytes after the Item Delimitation Item (FFFE,E00D) that ends"
+        " the data set after the Pixel Data"
+    )
