@@ -35,7 +35,6 @@ from dicomweb_server.dicom_json import (
     lut_data_vr,
     raw_vr,
     simple_json,
-    tag_name,
 )
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import (
@@ -47,6 +46,17 @@ from dicomweb_server.media.mediatypes import (
 from dicomweb_server.media.part10 import LONG_LENGTH_VRS
 from dicomweb_server.record import FrameLayout
 from dicomweb_server.vr import frame_count
+from dicomweb_server.wellformed import (
+    DATASET_TRAILING_PADDING,
+    MAX_SEQUENCE_DEPTH,
+    InvalidInstanceError,
+    check_depth,
+    check_whole,
+    cut_numbers,
+    merge_tail,
+    padding_at,
+    too_deep,
+)
 
 __all__ = [
     "MAX_INFLATED_BYTES",
@@ -64,7 +74,6 @@ __all__ = [
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 _ITEM = (0xFFFE, 0xE000)
 _SEQ_DELIM = (0xFFFE, 0xE0DD)
-_DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # A Deflated Explicit VR Little Endian data set (PS3.5 A.5) cannot be range-read: pydicom
 # inflates the whole of it in memory. Above this many bytes inflated it is refused (0xA700)
 # before pydicom sees it, so that a small upload cannot inflate to gigabytes (a zip bomb), and
@@ -72,40 +81,10 @@ _DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # copies of it, about three times as much) in memory for STOW.
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
-# Sequences nested in a data set, at most (STOW-RS Part-10, DIMSE C-STORE, reindex; STOW-RS
-# JSON metadata takes the same, stow_json.MAX_JSON_SEQUENCE_DEPTH). pydicom reads and writes
-# sequences recursively: instances nested 200 levels and more (items of undefined length)
-# overflowed its reader at ingest, shallower ones were stored, each a few hundred levels
-# from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
-# (0xC000), the reason naming the limit.
-MAX_SEQUENCE_DEPTH = 64
-# Group 0028: the pixel description (Image Pixel module, LUTs), read to decode and render.
-_PIXEL_DESCRIPTION_GROUP = 0x0028
 _INFLATE_READ_BYTES = 64 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
 _SOP_UIDS_INFLATED_BYTES = 1024 * 1024
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
-
-
-class InvalidInstanceError(Exception):
-    """The part is not a DICOM instance we can store; carries the STOW failure reason."""
-
-    def __init__(
-        self,
-        reason: FailureReason,
-        message: str,
-        *,
-        sop_class: str | None = None,
-        sop: str | None = None,
-        over_limit: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.sop_class, self.sop = sop_class, sop  # when known, for the FailedSOPSequence
-        # Refused (0xA700) for a limit of the archive the sender passed: the sender's doing,
-        # not the archive out of resources (InstanceOutcome.over_limit).
-        self.over_limit = over_limit
 
 
 @dataclass(frozen=True)
@@ -132,7 +111,8 @@ def configure_pydicom() -> None:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     # A binary number value of the wrong length (PS3.5 6.2: a US of 3 bytes) is read as UN,
     # its bytes kept, not refused: a conversion writes it so, as the metadata shows it
-    # (dicom_json._cut_numbers_json); group 0028 is refused at ingest (_check_pixel_description).
+    # (dicom_json._cut_numbers_json); group 0028 is refused at ingest
+    # (wellformed._check_pixel_description).
     pydicom_config.convert_wrong_length_to_UN = True
     pydicom_hooks.register_callback("raw_element_vr", lut_data_vr)  # LUT Data with no descriptor
 
@@ -148,7 +128,7 @@ def parse_file(path: Path) -> ParsedFile:
             FailureReason.CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}"
         ) from None
     except RecursionError:  # pydicom reads undefined-length sequences recursively
-        raise _too_deep() from None
+        raise too_deep() from None
     except Exception as exc:  # untrusted input: any parser failure is the client's data
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND, f"cannot parse the data set: {exc}"
@@ -206,12 +186,12 @@ def _parse(path: Path) -> ParsedFile:
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
         layout, pixel_entry, end = _pixel_data(fp, ds, ts, size)
-        padding: object = ds.get_item(_DATASET_TRAILING_PADDING, keep_deferred=True)
+        padding: object = ds.get_item(DATASET_TRAILING_PADDING, keep_deferred=True)
         if end is not None and end < size:
-            padding = _merge_tail(fp, ds, ts, end, size, pixel_entry[0] if pixel_entry else None)
-        data_set_end = _padding_at(padding, ts, size)
+            padding = merge_tail(fp, ds, ts, end, size, pixel_entry[0] if pixel_entry else None)
+        data_set_end = padding_at(padding, ts, size)
     bulk_ranges = _deferred_ranges(ds, size) if ts != EXPLICIT_VR_BIG_ENDIAN else {}
-    _check_depth(ds)
+    check_depth(ds)
     meta = dataset_to_json(ds, lambda p: prefix + p)
     if pixel_entry is not None:
         pixel_tag, vr, entry = pixel_entry
@@ -262,118 +242,6 @@ def _deferred_ranges(ds: Dataset, size: int) -> dict[str, list[Any]]:
                 )
             bulk_ranges[f"{tag:08X}"] = [item.value_tell, item.length, vr, False]
     return bulk_ranges
-
-
-def check_whole(data: Dataset, pos: int, size: int) -> None:
-    """Refuse (0xC000) a data set that ends inside an element (PS3.5 7.1: a data set is a
-    sequence of whole data elements). pydicom reads a value the file ends inside of as the
-    bytes there are, and stops silently at an element header cut short; `pos` is where it
-    stopped reading, `data` what it read (the last element read is the last inserted). A last
-    element of undefined length is a sequence whose delimiter pydicom found, or it raised."""
-    tags = list(data.keys())
-    if not tags:
-        return
-    last = data.get_item(tags[-1], keep_deferred=True)
-    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
-        return
-    name = f"({tags[-1] >> 16:04X},{tags[-1] & 0xFFFF:04X})"
-    end = last.value_tell + last.length
-    if end > size:
-        raise InvalidInstanceError(
-            FailureReason.CANNOT_UNDERSTAND,
-            f"truncated data set: value of {name} lacks {end - size} bytes",
-        )
-    if pos > end:
-        raise InvalidInstanceError(
-            FailureReason.CANNOT_UNDERSTAND,
-            f"truncated data set: {pos - end} bytes after {name}, no whole element",
-        )
-
-
-def _too_deep(top: int | None = None) -> InvalidInstanceError:
-    """The refusal, naming the top-level sequence the levels are under when it is known (not
-    when pydicom's recursive reader gave out first)."""
-    under = f" in {tag_name(top)}" if top is not None else ""
-    return InvalidInstanceError(
-        FailureReason.CANNOT_UNDERSTAND,
-        f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels{under},"
-        " the most this archive takes",
-    )
-
-
-def _check_depth(ds: Dataset) -> None:
-    """Refuse (0xC000) a data set whose sequences nest deeper than MAX_SEQUENCE_DEPTH: walked
-    with a stack, not recursion, before the (recursive) DICOM JSON walk. A sequence of defined
-    length is still raw here (or deferred, past the bulk data threshold); converting it, as
-    the JSON walk would, parses its items. Other elements are left raw and unread. Whether a
-    raw element is a sequence is asked of pydicom's own VR hook, as every later reader (a
-    conversion) resolves it: an explicit UN of a sequence's tag, or an implicit VR private
-    element of a private dictionary sequence, is parsed as a sequence there."""
-    stack: list[tuple[Dataset, int, int | None]] = [(ds, 0, None)]  # item, depth, top level
-    while stack:
-        item, depth, top = stack.pop()
-        for tag in item.keys():
-            raw = item.get_item(tag, keep_deferred=True)
-            if isinstance(raw, RawDataElement):
-                if top is not None:
-                    _check_item_value(raw, top)
-                if tag >> 16 == _PIXEL_DESCRIPTION_GROUP:
-                    _check_pixel_description(tag, raw)
-                if _read_vr(item, raw) != "SQ":
-                    continue  # left as it is: no sequence, deferred or not
-            elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
-            if elem.VR != "SQ":
-                continue
-            if depth == MAX_SEQUENCE_DEPTH:
-                raise _too_deep(top)
-            stack.extend((child, depth + 1, tag if top is None else top) for child in elem.value)
-
-
-def _check_item_value(raw: RawDataElement, top: int) -> None:
-    """Refuse (0xC000) a value inside a sequence item that declares more bytes than its
-    sequence holds (PS3.5 7.5: an item's elements lie within it). pydicom reads a sequence of
-    defined length from its value's bytes and gives such a value as the bytes there are, so
-    it was stored and shown cut short (pydicom's rtplan_truncated.dcm; dcmtk refuses it:
-    "premature end of stream"). The top level is checked against the file (check_whole)."""
-    if raw.length == 0xFFFFFFFF or raw.value is None or len(raw.value) >= raw.length:
-        return
-    tag = int(raw.tag)
-    raise InvalidInstanceError(
-        FailureReason.CANNOT_UNDERSTAND,
-        f"truncated data set: value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) in"
-        f" {tag_name(top)} lacks {raw.length - len(raw.value)} bytes",
-    )
-
-
-def _check_pixel_description(tag: int, raw: RawDataElement) -> None:
-    """Refuse (0xC000) a binary number value of group 0028 (Image Pixel, LUTs, pixel padding:
-    what decoding and rendering read, PS3.3 C.7.6.3) whose length is no multiple of its VR's
-    size (PS3.5 6.2: a Bits Stored of 3 bytes). Elsewhere such a value is stored as sent and
-    shown as UN (dicom_json._cut_numbers_json); these were stored too, then every rendering
-    and conversion of the instance failed with a 500 (pydicom's BytesLengthException)."""
-    vr = raw_vr(tag, raw)
-    fmt = BINARY_FORMATS.get(vr)
-    if fmt is not None and raw.value is not None and len(raw.value) % struct.calcsize(fmt):
-        raise _cut_numbers(tag, vr, len(raw.value))
-
-
-def _cut_numbers(tag: int, vr: str, length: int) -> InvalidInstanceError:
-    return InvalidInstanceError(
-        FailureReason.CANNOT_UNDERSTAND,
-        f"{tag_name(tag)} has {length} bytes, no whole {vr} values (PS3.5 6.2)",
-    )
-
-
-def _read_vr(item: Dataset, raw: RawDataElement) -> str:
-    """The VR pydicom gives `raw` when it is read (its value left unread): an UN replaced
-    with the VR of a known tag, a private VR looked up by its Private Creator (PS3.5 6.2.2).
-    An explicit VR other than UN is kept as it is, without asking (most elements: the hook
-    took a twentieth of a small instance's parse)."""
-    if raw.VR is not None and raw.VR != "UN":
-        return str(raw.VR)
-    data: dict[str, Any] = {}
-    pydicom_hooks.raw_element_vr(raw, data, encoding=None, ds=item)
-    return str(data["VR"])
 
 
 def _file_meta(fp: BinaryIO) -> tuple[str, int]:
@@ -448,7 +316,7 @@ def _parse_whole(path: Path, ts: str, data_set_at: int) -> ParsedFile:
     entries = {t: ds[t].VR for t in pixel}
     for t in pixel:
         del ds[t]
-    _check_depth(ds)
+    check_depth(ds)
     meta = dataset_to_json(ds, lambda p: prefix + p)
     for t, vr in entries.items():
         meta[f"{t:08X}"] = {"vr": vr, "BulkDataURI": f"{prefix}{t:08X}"}
@@ -472,7 +340,7 @@ def _value(ds: Dataset, tag: int) -> Any:
     elem = ds[tag]
     if elem.VR in BINARY_FORMATS and isinstance(elem.value, bytes):  # see configure_pydicom
         vr = raw_vr(tag, item) if isinstance(item, RawDataElement) else str(elem.VR)
-        raise _cut_numbers(tag, vr, len(elem.value))
+        raise cut_numbers(tag, vr, len(elem.value))
     return elem.value
 
 
@@ -617,71 +485,3 @@ def _native_layout(ds: Dataset, value_at: int, length: int) -> FrameLayout | Non
         return None
     offsets = [value_at + i * frame_len for i in range(nframes)]
     return FrameLayout(offsets, [frame_len] * nframes, False)
-
-
-def _padding_at(element: object, ts: str, size: int) -> int | None:
-    """Where a Data Set Trailing Padding element read raw begins, when it ends the file."""
-    if not isinstance(element, RawDataElement) or not element.value_tell:
-        return None
-    if element.value_tell + element.length != size:
-        return None
-    return element.value_tell - (8 if ts == IMPLICIT_VR_LITTLE_ENDIAN else 12)
-
-
-def _after_item_delimiter(fp: BinaryIO, stop: int, end: int, ts: str) -> bool:
-    """Whether the 8 bytes before `stop` (where read_dataset stopped, past `end`) are an Item
-    Delimitation Item, (FFFE,E00D) of length 0, at which pydicom ends a data set silently."""
-    if stop - end < 8:
-        return False
-    fp.seek(stop - 8)
-    order = ">" if ts == EXPLICIT_VR_BIG_ENDIAN else "<"
-    found = fp.read(8) == struct.pack(f"{order}HHI", 0xFFFE, 0xE00D, 0)
-    fp.seek(stop)
-    return found
-
-
-def _merge_tail(
-    fp: BinaryIO, ds: Dataset, ts: str, end: int, size: int, pixel_tag: int | None
-) -> RawDataElement | None:
-    """Elements after Pixel Data (rare: a Digital Signatures Sequence) join the header, Data
-    Set Trailing Padding excepted (returned, read raw). Their tags must follow the Pixel
-    Data's (PS3.5 7.1: data elements in increasing tag order, each once): one that does not
-    would replace a value already checked (a UID, the number of frames) and is refused."""
-    fp.seek(end)
-    if fp.read(8) == bytes(8):  # read as (0000,0000), "out of tag order": say what it is
-        raise InvalidInstanceError(
-            FailureReason.CANNOT_UNDERSTAND,
-            f"{size - end} bytes after the Pixel Data begin with zeros, no element"
-            " (Data Set Trailing Padding is (FFFC,FFFC), PS3.10 7.2)",
-        )
-    fp.seek(end)
-    tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
-    stop = fp.tell()
-    if _after_item_delimiter(fp, stop, end, ts):
-        # An Item Delimitation Item (PS3.5 7.5.2) where pydicom stopped: dcmtk ends the data
-        # set there too, and it was stored (found by review). Whatever follows it is refused.
-        if stop < size:
-            raise InvalidInstanceError(
-                FailureReason.CANNOT_UNDERSTAND,
-                f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
-                " (FFFE,E00D) that ends the data set after the Pixel Data",
-            )
-        stop -= 8
-    if not tail and stop > end:  # 1 to 7 bytes: pydicom stops there silently
-        raise InvalidInstanceError(
-            FailureReason.CANNOT_UNDERSTAND,
-            f"truncated data set: {stop - end} bytes after the Pixel Data, no whole element",
-        )
-    check_whole(tail, stop, size)
-    after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
-    for tag in tail.keys():
-        if tag <= after or tag in ds:
-            raise InvalidInstanceError(
-                FailureReason.CANNOT_UNDERSTAND,
-                f"({tag >> 16:04X},{tag & 0xFFFF:04X}) after the Pixel Data is out of tag order"
-                " or repeated (PS3.5 7.1)",
-            )
-        if tag != _DATASET_TRAILING_PADDING:
-            ds[tag] = tail[tag]
-    padding = tail.get_item(_DATASET_TRAILING_PADDING, keep_deferred=True)
-    return padding if isinstance(padding, RawDataElement) else None

@@ -138,7 +138,7 @@ def test_partial_element_header_at_the_end_is_refused(tmp_path: Path, stray: byt
 
 
 def test_element_after_pixel_data_cut_short_is_refused(tmp_path: Path) -> None:
-    """The same for an element after Pixel Data, read separately (dicomfile._merge_tail)."""
+    """The same for an element after Pixel Data, read separately (wellformed.merge_tail)."""
     data = to_bytes(make_instance()) + element_bytes(0x7FE10010, b"LO", b"ACME CORPORATION")
     exc = _refused(_write(tmp_path, data[:-5]))
     assert exc.reason == FailureReason.CANNOT_UNDERSTAND and "(7FE1,0010)" in exc.message

@@ -1,0 +1,244 @@
+"""Whether a Part-10 data set pydicom read is whole and well formed, checked at ingest before
+it is indexed (STOW-RS, DIMSE C-STORE, reindex; dicomfile reads the file): every element
+whole (PS3.5 7.1), values within their items (7.5), sequences no deeper than the archive
+takes, binary numbers of the pixel description in whole values (6.2), and what follows the
+Pixel Data (a Digital Signatures Sequence, Data Set Trailing Padding, PS3.10 7.2). A data set
+that is not is refused with InvalidInstanceError (0xC000) and the reason."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, BinaryIO
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.hooks import hooks as pydicom_hooks
+
+from dicomweb_server.dicom_json import BINARY_FORMATS, raw_vr, tag_name
+from dicomweb_server.errors import FailureReason
+from dicomweb_server.media.mediatypes import EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
+
+__all__ = [
+    "DATASET_TRAILING_PADDING",
+    "MAX_SEQUENCE_DEPTH",
+    "InvalidInstanceError",
+    "check_depth",
+    "check_whole",
+    "cut_numbers",
+    "merge_tail",
+    "padding_at",
+    "too_deep",
+]
+
+DATASET_TRAILING_PADDING = 0xFFFCFFFC
+# Sequences nested in a data set, at most (STOW-RS Part-10, DIMSE C-STORE, reindex; STOW-RS
+# JSON metadata takes the same, stow_json.MAX_JSON_SEQUENCE_DEPTH). pydicom reads and writes
+# sequences recursively: instances nested 200 levels and more (items of undefined length)
+# overflowed its reader at ingest, shallower ones were stored, each a few hundred levels
+# from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
+# (0xC000), the reason naming the limit.
+MAX_SEQUENCE_DEPTH = 64
+# Group 0028: the pixel description (Image Pixel module, LUTs), read to decode and render.
+_PIXEL_DESCRIPTION_GROUP = 0x0028
+
+
+class InvalidInstanceError(Exception):
+    """The part is not a DICOM instance we can store; carries the STOW failure reason."""
+
+    def __init__(
+        self,
+        reason: FailureReason,
+        message: str,
+        *,
+        sop_class: str | None = None,
+        sop: str | None = None,
+        over_limit: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.sop_class, self.sop = sop_class, sop  # when known, for the FailedSOPSequence
+        # Refused (0xA700) for a limit of the archive the sender passed: the sender's doing,
+        # not the archive out of resources (InstanceOutcome.over_limit).
+        self.over_limit = over_limit
+
+
+def check_whole(data: Dataset, pos: int, size: int) -> None:
+    """Refuse (0xC000) a data set that ends inside an element (PS3.5 7.1: a data set is a
+    sequence of whole data elements). pydicom reads a value the file ends inside of as the
+    bytes there are, and stops silently at an element header cut short; `pos` is where it
+    stopped reading, `data` what it read (the last element read is the last inserted). A last
+    element of undefined length is a sequence whose delimiter pydicom found, or it raised."""
+    tags = list(data.keys())
+    if not tags:
+        return
+    last = data.get_item(tags[-1], keep_deferred=True)
+    if not isinstance(last, RawDataElement) or last.length == 0xFFFFFFFF:
+        return
+    name = f"({tags[-1] >> 16:04X},{tags[-1] & 0xFFFF:04X})"
+    end = last.value_tell + last.length
+    if end > size:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: value of {name} lacks {end - size} bytes",
+        )
+    if pos > end:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {pos - end} bytes after {name}, no whole element",
+        )
+
+
+def too_deep(top: int | None = None) -> InvalidInstanceError:
+    """The refusal, naming the top-level sequence the levels are under when it is known (not
+    when pydicom's recursive reader gave out first)."""
+    under = f" in {tag_name(top)}" if top is not None else ""
+    return InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels{under},"
+        " the most this archive takes",
+    )
+
+
+def check_depth(ds: Dataset) -> None:
+    """Refuse (0xC000) a data set whose sequences nest deeper than MAX_SEQUENCE_DEPTH: walked
+    with a stack, not recursion, before the (recursive) DICOM JSON walk. A sequence of defined
+    length is still raw here (or deferred, past the bulk data threshold); converting it, as
+    the JSON walk would, parses its items. Other elements are left raw and unread. Whether a
+    raw element is a sequence is asked of pydicom's own VR hook, as every later reader (a
+    conversion) resolves it: an explicit UN of a sequence's tag, or an implicit VR private
+    element of a private dictionary sequence, is parsed as a sequence there."""
+    stack: list[tuple[Dataset, int, int | None]] = [(ds, 0, None)]  # item, depth, top level
+    while stack:
+        item, depth, top = stack.pop()
+        for tag in item.keys():
+            raw = item.get_item(tag, keep_deferred=True)
+            if isinstance(raw, RawDataElement):
+                if top is not None:
+                    _check_item_value(raw, top)
+                if tag >> 16 == _PIXEL_DESCRIPTION_GROUP:
+                    _check_pixel_description(tag, raw)
+                if _read_vr(item, raw) != "SQ":
+                    continue  # left as it is: no sequence, deferred or not
+            elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
+            if elem.VR != "SQ":
+                continue
+            if depth == MAX_SEQUENCE_DEPTH:
+                raise too_deep(top)
+            stack.extend((child, depth + 1, tag if top is None else top) for child in elem.value)
+
+
+def _check_item_value(raw: RawDataElement, top: int) -> None:
+    """Refuse (0xC000) a value inside a sequence item that declares more bytes than its
+    sequence holds (PS3.5 7.5: an item's elements lie within it). pydicom reads a sequence of
+    defined length from its value's bytes and gives such a value as the bytes there are, so
+    it was stored and shown cut short (pydicom's rtplan_truncated.dcm; dcmtk refuses it:
+    "premature end of stream"). The top level is checked against the file (check_whole)."""
+    if raw.length == 0xFFFFFFFF or raw.value is None or len(raw.value) >= raw.length:
+        return
+    tag = int(raw.tag)
+    raise InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"truncated data set: value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) in"
+        f" {tag_name(top)} lacks {raw.length - len(raw.value)} bytes",
+    )
+
+
+def _check_pixel_description(tag: int, raw: RawDataElement) -> None:
+    """Refuse (0xC000) a binary number value of group 0028 (Image Pixel, LUTs, pixel padding:
+    what decoding and rendering read, PS3.3 C.7.6.3) whose length is no multiple of its VR's
+    size (PS3.5 6.2: a Bits Stored of 3 bytes). Elsewhere such a value is stored as sent and
+    shown as UN (dicom_json._cut_numbers_json); these were stored too, then every rendering
+    and conversion of the instance failed with a 500 (pydicom's BytesLengthException)."""
+    vr = raw_vr(tag, raw)
+    fmt = BINARY_FORMATS.get(vr)
+    if fmt is not None and raw.value is not None and len(raw.value) % struct.calcsize(fmt):
+        raise cut_numbers(tag, vr, len(raw.value))
+
+
+def cut_numbers(tag: int, vr: str, length: int) -> InvalidInstanceError:
+    return InvalidInstanceError(
+        FailureReason.CANNOT_UNDERSTAND,
+        f"{tag_name(tag)} has {length} bytes, no whole {vr} values (PS3.5 6.2)",
+    )
+
+
+def _read_vr(item: Dataset, raw: RawDataElement) -> str:
+    """The VR pydicom gives `raw` when it is read (its value left unread): an UN replaced
+    with the VR of a known tag, a private VR looked up by its Private Creator (PS3.5 6.2.2).
+    An explicit VR other than UN is kept as it is, without asking (most elements: the hook
+    took a twentieth of a small instance's parse)."""
+    if raw.VR is not None and raw.VR != "UN":
+        return str(raw.VR)
+    data: dict[str, Any] = {}
+    pydicom_hooks.raw_element_vr(raw, data, encoding=None, ds=item)
+    return str(data["VR"])
+
+
+def padding_at(element: object, ts: str, size: int) -> int | None:
+    """Where a Data Set Trailing Padding element read raw begins, when it ends the file."""
+    if not isinstance(element, RawDataElement) or not element.value_tell:
+        return None
+    if element.value_tell + element.length != size:
+        return None
+    return element.value_tell - (8 if ts == IMPLICIT_VR_LITTLE_ENDIAN else 12)
+
+
+def _after_item_delimiter(fp: BinaryIO, stop: int, end: int, ts: str) -> bool:
+    """Whether the 8 bytes before `stop` (where read_dataset stopped, past `end`) are an Item
+    Delimitation Item, (FFFE,E00D) of length 0, at which pydicom ends a data set silently."""
+    if stop - end < 8:
+        return False
+    fp.seek(stop - 8)
+    order = ">" if ts == EXPLICIT_VR_BIG_ENDIAN else "<"
+    found = fp.read(8) == struct.pack(f"{order}HHI", 0xFFFE, 0xE00D, 0)
+    fp.seek(stop)
+    return found
+
+
+def merge_tail(
+    fp: BinaryIO, ds: Dataset, ts: str, end: int, size: int, pixel_tag: int | None
+) -> RawDataElement | None:
+    """Elements after Pixel Data (rare: a Digital Signatures Sequence) join the header, Data
+    Set Trailing Padding excepted (returned, read raw). Their tags must follow the Pixel
+    Data's (PS3.5 7.1: data elements in increasing tag order, each once): one that does not
+    would replace a value already checked (a UID, the number of frames) and is refused."""
+    fp.seek(end)
+    if fp.read(8) == bytes(8):  # read as (0000,0000), "out of tag order": say what it is
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"{size - end} bytes after the Pixel Data begin with zeros, no element"
+            " (Data Set Trailing Padding is (FFFC,FFFC), PS3.10 7.2)",
+        )
+    fp.seek(end)
+    tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    stop = fp.tell()
+    if _after_item_delimiter(fp, stop, end, ts):
+        # An Item Delimitation Item (PS3.5 7.5.2) where pydicom stopped: dcmtk ends the data
+        # set there too, and it was stored (found by review). Whatever follows it is refused.
+        if stop < size:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
+                " (FFFE,E00D) that ends the data set after the Pixel Data",
+            )
+        stop -= 8
+    if not tail and stop > end:  # 1 to 7 bytes: pydicom stops there silently
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {stop - end} bytes after the Pixel Data, no whole element",
+        )
+    check_whole(tail, stop, size)
+    after = pixel_tag if pixel_tag is not None else max(ds.keys(), default=0)
+    for tag in tail.keys():
+        if tag <= after or tag in ds:
+            raise InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"({tag >> 16:04X},{tag & 0xFFFF:04X}) after the Pixel Data is out of tag order"
+                " or repeated (PS3.5 7.1)",
+            )
+        if tag != DATASET_TRAILING_PADDING:
+            ds[tag] = tail[tag]
+    padding = tail.get_item(DATASET_TRAILING_PADDING, keep_deferred=True)
+    return padding if isinstance(padding, RawDataElement) else None
