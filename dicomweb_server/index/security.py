@@ -60,8 +60,9 @@ class Security(Pooled):
         """Append events to the chain in one round trip: schema.sql's dicomweb_append_audit
         links them under a transaction-scoped advisory lock, so that processes sharing the
         database take turns and each row links to the true last one. (It was a transaction
-        of five round trips: lock, last hash, insert, and its BEGIN and COMMIT; an audited
-        single-instance STOW paid about two of them.)"""
+        of five round trips: lock, last hash, insert, and its BEGIN and COMMIT; with one
+        client a batch holds a few requests, each of which paid one or two of them.)
+        The rows are audit_log's row type, in its column order, without seq and hashes."""
         rows = [
             (None, e.time, e.caller, e.client, e.action, list(e.uids), e.outcome, e.nbytes,
              e.detail, None, None)
