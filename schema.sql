@@ -414,3 +414,32 @@ CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit
     FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
 CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();
+
+-- Appends rows to the audit chain in one round trip (index/security.py): under the advisory
+-- lock that makes appenders (processes sharing the database) take turns, each row links to
+-- the true last one. A row's hash is SHA-256 of the previous row's hash (p_genesis before
+-- the first row) followed by its canonical bytes (p_canonical, audit.AuditEvent.canonical):
+-- what audit.chain computes and `audit verify` checks. p_rows carry no seq or hashes.
+CREATE OR REPLACE FUNCTION dicomweb_append_audit(
+    p_lock_class integer, p_lock_key integer, p_genesis bytea, p_rows audit_log[],
+    p_canonical bytea[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_prev bytea;
+    v_hash bytea;
+    r record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock_class, p_lock_key);
+    SELECT hash INTO v_prev FROM audit_log ORDER BY seq DESC LIMIT 1;
+    v_prev := coalesce(v_prev, p_genesis);
+    FOR r IN SELECT * FROM unnest(p_rows) WITH ORDINALITY AS u(seq, at, caller, client, action,
+             uids, outcome, bytes, detail, prev_hash, hash, n) ORDER BY n LOOP
+        v_hash := sha256(v_prev || p_canonical[r.n]);
+        INSERT INTO audit_log (at, caller, client, action, uids, outcome, bytes, detail,
+                               prev_hash, hash)
+        VALUES (r.at, r.caller, r.client, r.action, r.uids, r.outcome, r.bytes, r.detail,
+                v_prev, v_hash);
+        v_prev := v_hash;
+    END LOOP;
+END
+$$;

@@ -9,12 +9,15 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import h11
 import hypercorn.protocol as hypercorn_protocol
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.events import RawData
 from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.typing import ResponseSummary, WWWScope
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.typing import H11SendableEvent, ResponseSummary, WWWScope
 
 from dicomweb_server.config import SEND_STALL_TIMEOUT_S, Settings
 
@@ -154,12 +157,47 @@ class _H2Protocol(H2Protocol):
         self.streams = _Streams()
 
 
+# Bytes of a response's first body message sent in one write with its head (_H11Protocol);
+# a larger first chunk (a retrieve's) goes in a write of its own, uncopied.
+HEAD_WITH_BODY_MAX_BYTES = 64 * 1024
+
+
+class _H11Protocol(H11Protocol):
+    """hypercorn's (0.18) HTTP/1.1 protocol, which wrote a response's head as soon as the app
+    started the response and its body in a second write: two send calls and two TCP segments
+    (the client woken twice) for every small answer, a STOW response or a QIDO's. The head
+    is held here until the first body bytes (or the end of the response) and goes out with
+    them when they are small. Nothing is held past the next message of the app: an
+    interim 100 Continue is not a Response event and is still sent at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head = b""
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if isinstance(event, h11.Response):
+            self._head += data or b""
+            return
+        head, self._head = self._head, b""
+        if head and data and len(data) > HEAD_WITH_BODY_MAX_BYTES:
+            await self.send(RawData(data=head))
+            head = b""
+        await self.send(RawData(data=head + (data or b"")))
+
+
 def prepare_process() -> None:
     """What every process serving HTTP needs before its first connection (the `serve`
     process and each of its workers): dropped connections logged as one line, and frames for
     closed HTTP/2 streams dropped (_H2Protocol, in place of the protocol hypercorn makes)."""
     quiet_dropped_connections()
     hypercorn_protocol.H2Protocol = _H2Protocol  # type: ignore[attr-defined]  # its module global
+    hypercorn_protocol.H11Protocol = _H11Protocol  # type: ignore[attr-defined]
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:

@@ -186,6 +186,30 @@ async def test_concurrent_writers_keep_one_chain(empty_audit: str) -> None:
             await ix.close()
 
 
+async def test_an_append_is_one_round_trip(empty_audit: str) -> None:
+    """A batch of events is appended in one statement (schema.sql's dicomweb_append_audit),
+    not a transaction of five round trips, and its rows link as audit.chain links them."""
+    index = await Index.open(empty_audit, max_size=1, timeout_s=30)
+    try:
+        queries: list[str] = []
+        async with index._pool.acquire() as conn:  # the pool's only connection
+            conn.add_query_logger(lambda record: queries.append(record.query))
+        at = datetime(2026, 1, 2, 3, 4, 5, 6, UTC)
+        events = [AuditEvent(at, "c", "h", "a", ("1.2", "3"), 200, n, "d") for n in range(4)]
+        await index.append_audit(events[:1])  # the first: asyncpg learns the row type
+        await asyncio.sleep(0.01)  # query loggers are called soon, not at once
+        queries.clear()
+        await index.append_audit(events[1:])
+        await asyncio.sleep(0.01)
+        assert len(queries) == 1
+        rows = await _rows(empty_audit)
+        assert [(bytes(r["prev_hash"]), bytes(r["hash"])) for r in rows] == chain(bytes(32), events)
+        assert [r["uids"] for r in rows] == [["1.2", "3"]] * 4
+        assert await _verify(index) is None
+    finally:
+        await index.close()
+
+
 def test_canonical_encoding_is_stable() -> None:
     event = AuditEvent(datetime(2026, 1, 2, 3, 4, 5, 6, UTC), "c", "h", "a", ("1.2",), 200, 5,
                        "PatientName=Ä*")  # fmt: skip

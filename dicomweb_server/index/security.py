@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, chain
+from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow
 from dicomweb_server.index.pool import (
-    ACQUIRE_TIMEOUT_S,
     DATABASE_ERROR,
     REFUSED_VALUE,
-    UNAVAILABLE,
     Pooled,
     unavailable,
 )
@@ -22,6 +20,7 @@ __all__ = ["Security"]
 # Second key of the advisory lock that serialises appends to the audit chain (owners are > 0
 # and the schema lock is 0).
 AUDIT_LOCK_KEY = -1
+_APPEND_AUDIT = "SELECT dicomweb_append_audit($1, $2, $3, $4, $5)"
 # Audit rows fetched per round trip while walking the chain.
 AUDIT_FETCH_ROWS = 1000
 
@@ -58,26 +57,25 @@ class Security(Pooled):
     # The audit trail
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
-        """Append events to the chain: under a transaction-scoped advisory lock, so that
-        processes sharing the database take turns and each row links to the true last one."""
+        """Append events to the chain in one round trip: schema.sql's dicomweb_append_audit
+        links them under a transaction-scoped advisory lock, so that processes sharing the
+        database take turns and each row links to the true last one. (It was a transaction
+        of five round trips: lock, last hash, insert, and its BEGIN and COMMIT; with one
+        client a batch holds a few requests, each of which paid one or two of them.)
+        The rows are audit_log's row type, in its column order, without seq and hashes."""
+        rows = [
+            (None, e.time, e.caller, e.client, e.action, list(e.uids), e.outcome, e.nbytes,
+             e.detail, None, None)
+            for e in events
+        ]  # fmt: skip
+        canonical = [e.canonical() for e in events]
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock($1, $2)", ADVISORY_LOCK_CLASS, AUDIT_LOCK_KEY
-                )
-                last = await conn.fetchval("SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-                links = chain(GENESIS if last is None else bytes(last), events)
-                await conn.executemany(
-                    "INSERT INTO audit_log (at, caller, client, action, uids, outcome, bytes,"
-                    " detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                    [(e.time, e.caller, e.client, e.action, list(e.uids), e.outcome, e.nbytes,
-                      e.detail, prev, digest)
-                     for e, (prev, digest) in zip(events, links, strict=True)],
-                    timeout=self._timeout,
-                )  # fmt: skip
+            await self._execute(
+                _APPEND_AUDIT, ADVISORY_LOCK_CLASS, AUDIT_LOCK_KEY, GENESIS, rows, canonical
+            )
         except REFUSED_VALUE as exc:
             raise ValueError(f"the audit trail refused a value: {exc}") from exc
-        except (*UNAVAILABLE, DATABASE_ERROR) as exc:  # away, restarting, full, ...
+        except DATABASE_ERROR as exc:  # full, read-only, ...
             raise unavailable(exc) from exc
 
     async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:
