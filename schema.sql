@@ -384,9 +384,12 @@ BEGIN
             SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
             FROM series WHERE study_fk = v_study AND num_instances > 0
                               AND modality IS NOT NULL),
+        -- In the order commits append them (first stored first), as in a fresh archive.
         sop_classes_in_study = (
-            SELECT coalesce(array_agg(DISTINCT i.sop_class_uid ORDER BY i.sop_class_uid), '{}')
-            FROM instance i JOIN series se ON se.pk = i.series_fk WHERE se.study_fk = v_study),
+            SELECT coalesce(array_agg(c.uid ORDER BY c.first), '{}')
+            FROM (SELECT i.sop_class_uid AS uid, min(i.pk) AS first
+                  FROM instance i JOIN series se ON se.pk = i.series_fk
+                  WHERE se.study_fk = v_study GROUP BY i.sop_class_uid) c),
         updated_at = now()
     WHERE pk = v_study;
     outcome := 'updated';
