@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
+from pydicom.uid import UID
 from starlette.applications import Starlette
 
 from dicomweb_server.blobstore.hashing import DATA_SET_HASH_VERSION
@@ -171,14 +172,14 @@ async def test_reindex_keeps_the_sop_classes_of_a_study_in_stored_order(
     reindex sorted them instead, and a reindexed study differed from a fresh archive's
     (found by comparing an upgraded archive with a fresh one)."""
     mr = make_instance(study=STUDY_A, series=SERIES_A, sop=f"{SERIES_A}.1", modality="MR")
-    mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
     ct = make_instance(study=STUDY_A, series=f"{STUDY_A}.2", sop=f"{STUDY_A}.2.1")
     await _store(app_client, [mr, ct])  # MR Image Storage first: after CT's in sort order
     conn = await asyncpg.connect(clean_db)
     try:
         fresh = await _snapshot(conn)
         await conn.execute(
-            "UPDATE instance SET metadata = metadata || '{\"00080000\": {\"vr\": \"UL\"}}'"
+            'UPDATE instance SET metadata = metadata || \'{"00080000": {"vr": "UL"}}\''
         )
         report = await reindex(app.state.services)
         assert (report.updated, report.failed) == (2, [])
