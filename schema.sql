@@ -70,6 +70,23 @@ BEGIN
     END IF;
 END
 $$;
+-- Rows stored before those two columns existed have them NULL, and PN wildcard matching
+-- (sql.py: a LIKE on the joined groups, then the groups) found none of those studies until
+-- `reindex` (found by an upgrade from the first release). They are the arrays joined with
+-- '=', as record.py writes them: filled once, marked done by schema_version 2 (so that a
+-- start does not scan the study table again).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM schema_version WHERE version = 2) THEN
+        UPDATE study
+        SET patient_name_text = coalesce(patient_name_text, array_to_string(patient_name, '=')),
+            referring_physician_name_text = coalesce(referring_physician_name_text,
+                array_to_string(referring_physician_name, '='))
+        WHERE patient_name_text IS NULL OR referring_physician_name_text IS NULL;
+        INSERT INTO schema_version VALUES (2) ON CONFLICT DO NOTHING;
+    END IF;
+END
+$$;
 CREATE INDEX IF NOT EXISTS study_patient_id ON study (patient_id);
 CREATE INDEX IF NOT EXISTS study_accession ON study (accession_number);
 CREATE INDEX IF NOT EXISTS study_date_idx ON study (study_date);
@@ -367,9 +384,12 @@ BEGIN
             SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
             FROM series WHERE study_fk = v_study AND num_instances > 0
                               AND modality IS NOT NULL),
+        -- In the order commits append them (first stored first), as in a fresh archive.
         sop_classes_in_study = (
-            SELECT coalesce(array_agg(DISTINCT i.sop_class_uid ORDER BY i.sop_class_uid), '{}')
-            FROM instance i JOIN series se ON se.pk = i.series_fk WHERE se.study_fk = v_study),
+            SELECT coalesce(array_agg(c.uid ORDER BY c.first), '{}')
+            FROM (SELECT i.sop_class_uid AS uid, min(i.pk) AS first
+                  FROM instance i JOIN series se ON se.pk = i.series_fk
+                  WHERE se.study_fk = v_study GROUP BY i.sop_class_uid) c),
         updated_at = now()
     WHERE pk = v_study;
     outcome := 'updated';

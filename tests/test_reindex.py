@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
+from pydicom.uid import UID
 from starlette.applications import Starlette
 
 from dicomweb_server.blobstore.hashing import DATA_SET_HASH_VERSION
@@ -162,6 +163,31 @@ async def test_reindex_rewrites_what_an_older_release_derived(
         assert [r[0] for r in revisions] == [2, 1]  # one per instance rewritten
     finally:
         await conn.close()
+
+
+async def test_reindex_keeps_the_sop_classes_of_a_study_in_stored_order(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    """SOPClassesInStudy lists the classes as commits appended them (first stored first):
+    reindex sorted them instead, and a reindexed study differed from a fresh archive's
+    (found by comparing an upgraded archive with a fresh one)."""
+    mr = make_instance(study=STUDY_A, series=SERIES_A, sop=f"{SERIES_A}.1", modality="MR")
+    mr.SOPClassUID = mr.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
+    ct = make_instance(study=STUDY_A, series=f"{STUDY_A}.2", sop=f"{STUDY_A}.2.1")
+    await _store(app_client, [mr, ct])  # MR Image Storage first: after CT's in sort order
+    conn = await asyncpg.connect(clean_db)
+    try:
+        fresh = await _snapshot(conn)
+        await conn.execute(
+            'UPDATE instance SET metadata = metadata || \'{"00080000": {"vr": "UL"}}\''
+        )
+        report = await reindex(app.state.services)
+        assert (report.updated, report.failed) == (2, [])
+        assert await _snapshot(conn) == fresh
+    finally:
+        await conn.close()
+    r = await app_client.get(f"{ROOT}/studies", params={"includefield": "00080062"})
+    assert r.json()[0]["00080062"]["Value"] == [mr.SOPClassUID, ct.SOPClassUID]
 
 
 async def test_reindexed_metadata_is_served_by_a_process_that_cached_it(

@@ -111,3 +111,44 @@ async def test_applying_the_schema_again_waits_for_no_reader(pg_dsn: str) -> Non
         finally:
             await reader.close()
             await again.close()
+
+
+async def test_names_stored_before_their_text_columns_existed_are_found_by_wildcards(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The first schema had no *_name_text columns (the target of the trigram prefilter of PN
+    wildcard matching): the studies it stored were found by no PatientName=upg* nor
+    ReferringPhysicianName=*smi* search after an upgrade, until `reindex` (found by upgrading
+    a 2026-11-25 archive in place). Rows as that release wrote them: lower-cased groups."""
+    async for dsn in _database(pg_dsn, "dicomweb_schema_names"):
+        await _apply(dsn, EARLIER[[p.stem for p in EARLIER].index("2026-11-25-first")])
+        conn = await asyncpg.connect(dsn)
+        try:
+            patient = await conn.fetchval(
+                "INSERT INTO patient (patient_id, patient_name) VALUES ('OLD-1', 'Upgrade^Ann')"
+                " RETURNING pk"
+            )
+            await conn.execute(
+                "INSERT INTO study (patient_fk, study_instance_uid, patient_name,"
+                " referring_physician_name, patient_id, num_series, num_instances, attrs)"
+                " VALUES ($1, '1.2.3.4', '{upgrade^ann,アップ^アン}', '{smith^jo}', 'OLD-1',"
+                " 1, 1, $2)",
+                patient,
+                '{"0020000D": {"vr": "UI", "Value": ["1.2.3.4"]}}',
+            )
+        finally:
+            await conn.close()
+        settings = Settings(data_dir=tmp_path / "d", database_url=dsn, allowed_hosts=TEST_HOSTS)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for key, value in (
+                    ("PatientName", "upg*"),
+                    ("PatientName", "*ann"),
+                    ("PatientName", "*=アップ*"),
+                    ("ReferringPhysicianName", "*smi*"),
+                ):
+                    r = await client.get(f"{ROOT}/studies", params={key: value})
+                    assert r.status_code == 200, (key, value, r.status_code)
+                    assert [s["0020000D"]["Value"] for s in r.json()] == [["1.2.3.4"]]
