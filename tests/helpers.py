@@ -88,6 +88,20 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
+# The scan header of JPEG-lossy.dcm's one frame (a 12-bit JPEG Extended file of pydicom's):
+# SOS, length 8, one component, its selector 1 (ITU-T T.81 B.2.3), Ss 0, Se 0, Ah Al 0.
+_LOSSY_SCAN = bytes.fromhex("ffda0008010100")
+
+
+def undecodable_jpeg(lossy: bytes) -> bytes:
+    """JPEG-lossy.dcm (the bytes given) with its scan naming component 9, which its frame has
+    not: a file of a transfer syntax that has decoders, every installed one refusing its
+    frame (pylibjpeg, Pillow and the fallback's libjpeg-turbo). The file itself is decoded
+    by the fallback now."""
+    assert lossy.count(_LOSSY_SCAN) == 1
+    return lossy.replace(_LOSSY_SCAN, _LOSSY_SCAN[:5] + b"\x09" + _LOSSY_SCAN[6:])
+
+
 def ending_in_a_sequence() -> bytes:
     """A data set with no Pixel Data whose last element is a sequence of defined length (as
     pydicom writes it): an SR or a presentation state ends like this."""

@@ -25,6 +25,7 @@ from tests.helpers import (
     split_multipart,
     stow_headers,
     to_bytes,
+    undecodable_jpeg,
 )
 
 OCTETS = 'multipart/related; type="application/octet-stream"'
@@ -283,11 +284,12 @@ async def test_a_value_that_cannot_be_decoded_is_left_out(
 ) -> None:
     """A decoder failing on a value's first frame leaves that value out, named in the
     Warning when that is known before the response starts; the others are sent, the body
-    whole (it used to be a 406 for the study, or a body cut short)."""
-    path = samples / "real" / "pydicom" / "JPEG-lossy.dcm"  # no decoder here
-    bad = pydicom.dcmread(path, stop_before_pixels=True)
+    whole (it used to be a 406 for the study, or a body cut short). The instance: a JPEG
+    Extended one whose damaged scan header every installed decoder refuses."""
+    raw = undecodable_jpeg((samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes())
+    bad = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
     good = make_instance(study=bad.StudyInstanceUID, SeriesNumber=5 if undecodable_first else -5)
-    await _store(app_client, path.read_bytes(), to_bytes(good))
+    await _store(app_client, raw, to_bytes(good))
     r = await app_client.get(
         f"{ROOT}/studies/{bad.StudyInstanceUID}/pixeldata", headers={"Accept": OCTETS}
     )

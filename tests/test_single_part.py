@@ -22,6 +22,7 @@ from tests.helpers import (
     split_multipart,
     stow_headers,
     to_bytes,
+    undecodable_jpeg,
 )
 
 ELE = "1.2.840.10008.1.2.1"
@@ -199,12 +200,14 @@ async def test_refused_multipart_and_refused_types_are_not_sent(
 async def test_a_single_part_that_cannot_be_made_says_why(
     app_client: httpx.AsyncClient, samples: Path
 ) -> None:
-    """A 12-bit JPEG Extended instance no installed decoder takes, asked for as one part in a
+    """A 12-bit JPEG Extended instance no installed decoder takes (a damaged scan header),
+    asked for as one part in a
     syntax it would be converted to: the 406 listed that syntax among those that could be
     sent ("converted: ... 1.2.840.10008.1.2.4.80 ...") and did not say the decode failed, as
     the same request for a multipart response does (found by differential testing of frame
     and instance retrieval against dcmtk)."""
-    ds = await _store(app_client, (samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes())
+    lossy = (samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes()
+    ds = await _store(app_client, undecodable_jpeg(lossy))
     jpeg_ls = "1.2.840.10008.1.2.4.80"
     for url, accept in (
         (inst_url(ds), f"application/dicom; transfer-syntax={jpeg_ls}"),
@@ -228,7 +231,8 @@ async def test_a_single_part_refused_on_negotiation_says_each_thing_once(
     negotiation meets too was said twice as well."""
     native = await _store(app_client, to_bytes(make_instance()))
     baseline = "1.2.840.10008.1.2.4.50"
-    lossy = await _store(app_client, (samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes())
+    raw = undecodable_jpeg((samples / "real" / "pydicom" / "JPEG-lossy.dcm").read_bytes())
+    lossy = await _store(app_client, raw)
     for url, accept, once in (
         (inst_url(native), f"application/dicom; transfer-syntax={baseline}", "acceptable:"),
         (f"{inst_url(native)}/frames/1", f"image/jpeg; transfer-syntax={baseline}",

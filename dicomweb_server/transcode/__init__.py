@@ -8,6 +8,8 @@ behind the app's CapacityLimiter (STYLE.md rule 8).
                 (decodable, available_targets, missing_codec), keeps_ybr; TranscodeError
     plugins.py  pydicom's decoders called: the preferred plugin, then any (decoded); what a codec
                 may raise (DECODE_ERRORS), a Rust codec's panic included (CodecPanicError)
+    fallback.py libjpeg-turbo (imagecodecs) as pydicom's last JPEG decoding plugin, for the
+                frames the others refuse (register_fallback, called by plugins.py)
     frames.py   frames decoded or re-encoded one at a time (frame_array, decode_frames,
                 encode_frames, decode_codestream, convert_codestream), the decode size bound
                 (DECODE_MAX_BYTES), the whole-file frame cache; stored_frames; read_stored,

@@ -1,6 +1,7 @@
 """pydicom's decoders called: with the plugin preferred for a transfer syntax, then with
-pydicom's own choice (decoded); what decoding, converting or encoding may raise on a malformed
-file (DECODE_ERRORS), a Rust codec's panic included (CodecPanicError, unpanicked)."""
+pydicom's own choice (decoded), libjpeg-turbo last for JPEG (fallback, registered here);
+what decoding, converting or encoding may raise on a malformed file (DECODE_ERRORS), a Rust
+codec's panic included (CodecPanicError, unpanicked)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import TypeVar
 
 from pydicom.pixels.decoders.base import get_decoder
 
+from dicomweb_server.transcode.fallback import register_fallback
+
 __all__ = [
     "DECODE_ERRORS",
     "PREFERRED_DECODERS",
@@ -19,6 +22,10 @@ __all__ = [
     "decoding_plugin",
     "unpanicked",
 ]
+
+# libjpeg-turbo after pydicom's own JPEG decoders, tried when they all fail on a frame: every
+# module of the pixel layer that decodes imports this one first.
+register_fallback()
 
 
 # Decoder plugins preferred where pydicom offers several: for JPEG-LS, pyjpegls (CharLS)
@@ -86,8 +93,9 @@ def unpanicked(call: Callable[[], _T]) -> _T:
 
 def decoded(transfer_syntax_uid: str, decode: Callable[[str], _T]) -> _T:
     """`decode(plugin)` with the preferred plugin; if that one fails, again with pydicom's own
-    choice among all installed (naming a plugin makes pydicom try that one only). A codec's
-    panic is a CodecPanicError (unpanicked)."""
+    choice among all installed (naming a plugin makes pydicom try that one only), which for
+    JPEG ends with the fallback's libjpeg-turbo. A codec's panic is a CodecPanicError
+    (unpanicked)."""
     plugin = decoding_plugin(transfer_syntax_uid)
     if plugin:
         try:
