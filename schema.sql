@@ -244,9 +244,13 @@ BEGIN
                 SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
                 FROM series WHERE study_fk = v_study AND num_instances > 0
                                   AND modality IS NOT NULL),
+            -- In UID order, as reindex recomputes it: not in order of arrival, which
+            -- concurrent stores make differ from one archive to another.
             sop_classes_in_study = CASE WHEN i_class = ANY (sop_classes_in_study)
                                         THEN sop_classes_in_study
-                                        ELSE array_append(sop_classes_in_study, i_class) END,
+                                        ELSE (SELECT array_agg(c ORDER BY c) FROM unnest(
+                                            array_append(sop_classes_in_study, i_class)) c)
+                                        END,
             updated_at = now()
         WHERE pk = v_study;
         -- Our reservation must still be there: if another process took us for dead and rolled
