@@ -93,7 +93,11 @@ async def test_sop_classes_in_study_do_not_depend_on_the_order_of_arrival(
     it was in order of first arrival, so two archives given the same instances (one of them
     loaded concurrently), or one archive before and after a reindex, answered differently."""
     study = generate_uid()
-    classes = ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2"]
+    classes = [
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.2",
+    ]
     for sop_class in classes:  # one at a time: arrival order is this order
         ds = make_instance(study=study)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -106,6 +110,7 @@ async def test_sop_classes_in_study_do_not_depend_on_the_order_of_arrival(
     )
     (doc,) = r.json()
     assert values(doc, "00080062") == sorted(classes)
+
 
 def _blobs(settings: Settings) -> list[Path]:
     """The blob files of the store (spool and scratch files left out)."""
