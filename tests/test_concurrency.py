@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import UID, RLELossless, generate_uid
 from starlette.applications import Starlette
 
 from dicomweb_server.app import open_services, recover
@@ -100,7 +100,7 @@ async def test_sop_classes_in_study_do_not_depend_on_the_order_of_arrival(
     ]
     for sop_class in classes:  # one at a time: arrival order is this order
         ds = make_instance(study=study)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
         r = await app_client.post(
             f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
         )
