@@ -14,6 +14,19 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
                 THEN (doc -> tag -> 'Value' ->> 0)::numeric::integer END
 $$;
 
+-- An index created only when missing: CREATE INDEX IF NOT EXISTS takes a SHARE lock on its
+-- table before it looks, held to the end of the schema's transaction, so each start of a command
+-- or worker made every STOW wait, and deadlocked with a `reindex` that had rewritten a series
+-- row and went on to its study row (found by a load run). to_regclass looks without a lock.
+CREATE OR REPLACE FUNCTION _create_index_if_missing(name text, definition text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF to_regclass(format('%I.%I', current_schema(), name)) IS NULL THEN
+        EXECUTE format('CREATE INDEX IF NOT EXISTS %I %s', name, definition);
+    END IF;
+END
+$$;
+
 CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY);
 INSERT INTO schema_version VALUES (1) ON CONFLICT DO NOTHING;
 
@@ -87,18 +100,18 @@ BEGIN
     END IF;
 END
 $$;
-CREATE INDEX IF NOT EXISTS study_patient_id ON study (patient_id);
-CREATE INDEX IF NOT EXISTS study_accession ON study (accession_number);
-CREATE INDEX IF NOT EXISTS study_date_idx ON study (study_date);
-CREATE INDEX IF NOT EXISTS study_patient_fk ON study (patient_fk);
-CREATE INDEX IF NOT EXISTS study_modalities ON study USING gin (modalities_in_study);
-CREATE INDEX IF NOT EXISTS study_patient_name ON study USING gin (patient_name);
-CREATE INDEX IF NOT EXISTS study_patient_name_trgm
-    ON study USING gin (patient_name_text gin_trgm_ops);
-CREATE INDEX IF NOT EXISTS study_referring_trgm
-    ON study USING gin (referring_physician_name_text gin_trgm_ops);
-CREATE INDEX IF NOT EXISTS study_description_trgm
-    ON study USING gin (study_description gin_trgm_ops);
+SELECT _create_index_if_missing('study_patient_id', $$ON study (patient_id)$$);
+SELECT _create_index_if_missing('study_accession', $$ON study (accession_number)$$);
+SELECT _create_index_if_missing('study_date_idx', $$ON study (study_date)$$);
+SELECT _create_index_if_missing('study_patient_fk', $$ON study (patient_fk)$$);
+SELECT _create_index_if_missing('study_modalities', $$ON study USING gin (modalities_in_study)$$);
+SELECT _create_index_if_missing('study_patient_name', $$ON study USING gin (patient_name)$$);
+SELECT _create_index_if_missing('study_patient_name_trgm',
+    $$ON study USING gin (patient_name_text gin_trgm_ops)$$);
+SELECT _create_index_if_missing('study_referring_trgm',
+    $$ON study USING gin (referring_physician_name_text gin_trgm_ops)$$);
+SELECT _create_index_if_missing('study_description_trgm',
+    $$ON study USING gin (study_description gin_trgm_ops)$$);
 
 CREATE TABLE IF NOT EXISTS series (
     pk                     bigserial PRIMARY KEY,
@@ -126,14 +139,14 @@ BEGIN
     END IF;
 END
 $$;
-CREATE INDEX IF NOT EXISTS series_study_fk ON series (study_fk);
-CREATE INDEX IF NOT EXISTS series_modality ON series (modality);
+SELECT _create_index_if_missing('series_study_fk', $$ON series (study_fk)$$);
+SELECT _create_index_if_missing('series_modality', $$ON series (modality)$$);
 -- QIDO matching inside RequestAttributesSequence (ScheduledProcedureStepID,
 -- RequestedProcedureID; PS3.18 Table 10.6.1-5): single values are a containment test on the
 -- sequence's DICOM JSON (sql.py), which this index answers. Only the sequence is indexed, not
 -- the whole attrs document. Wildcards are matched per item and are not index-assisted.
-CREATE INDEX IF NOT EXISTS series_request_attributes
-    ON series USING gin ((attrs -> '00400275') jsonb_path_ops);
+SELECT _create_index_if_missing('series_request_attributes',
+    $$ON series USING gin ((attrs -> '00400275') jsonb_path_ops)$$);
 
 CREATE TABLE IF NOT EXISTS instance (
     pk                   bigserial PRIMARY KEY,
@@ -160,8 +173,8 @@ CREATE TABLE IF NOT EXISTS instance (
     bulk_ranges          jsonb NOT NULL DEFAULT '{}',
     created_at           timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS instance_series_fk ON instance (series_fk);
-CREATE INDEX IF NOT EXISTS instance_sop_class ON instance (sop_class_uid);
+SELECT _create_index_if_missing('instance_series_fk', $$ON instance (series_fk)$$);
+SELECT _create_index_if_missing('instance_sop_class', $$ON instance (sop_class_uid)$$);
 
 -- A blob written (or being written) whose index row is not committed yet. Rows whose owner
 -- process is gone (its advisory lock released) are rolled back at start: blob deleted, row
@@ -248,9 +261,13 @@ BEGIN
                 SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
                 FROM series WHERE study_fk = v_study AND num_instances > 0
                                   AND modality IS NOT NULL),
+            -- In UID order, as reindex recomputes it: not in order of arrival, which
+            -- concurrent stores make differ from one archive to another.
             sop_classes_in_study = CASE WHEN i_class = ANY (sop_classes_in_study)
                                         THEN sop_classes_in_study
-                                        ELSE array_append(sop_classes_in_study, i_class) END,
+                                        ELSE (SELECT array_agg(c ORDER BY c) FROM unnest(
+                                            array_append(sop_classes_in_study, i_class)) c)
+                                        END,
             updated_at = now()
         WHERE pk = v_study;
         -- Our reservation must still be there: if another process took us for dead and rolled
@@ -384,12 +401,10 @@ BEGIN
             SELECT coalesce(array_agg(DISTINCT modality ORDER BY modality), '{}')
             FROM series WHERE study_fk = v_study AND num_instances > 0
                               AND modality IS NOT NULL),
-        -- In the order commits append them (first stored first), as in a fresh archive.
+        -- Sorted, as a commit keeps them: the same whatever order instances arrived in.
         sop_classes_in_study = (
-            SELECT coalesce(array_agg(c.uid ORDER BY c.first), '{}')
-            FROM (SELECT i.sop_class_uid AS uid, min(i.pk) AS first
-                  FROM instance i JOIN series se ON se.pk = i.series_fk
-                  WHERE se.study_fk = v_study GROUP BY i.sop_class_uid) c),
+            SELECT coalesce(array_agg(DISTINCT i.sop_class_uid ORDER BY i.sop_class_uid), '{}')
+            FROM instance i JOIN series se ON se.pk = i.series_fk WHERE se.study_fk = v_study),
         updated_at = now()
     WHERE pk = v_study;
     outcome := 'updated';
@@ -430,10 +445,22 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
-    FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
-CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();
+-- Created only when missing, as the indexes are: CREATE OR REPLACE TRIGGER takes a SHARE ROW
+-- EXCLUSIVE lock, which waits for every audit append in progress and stops the next ones.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'audit_log'::regclass
+                   AND tgname = 'audit_log_append_only') THEN
+        CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+            FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'audit_log'::regclass
+                   AND tgname = 'audit_log_no_truncate') THEN
+        CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+            FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();
+    END IF;
+END
+$$;
 
 -- Appends rows to the audit chain in one round trip (index/security.py): under the advisory
 -- lock that makes appenders (processes sharing the database) take turns, each row links to

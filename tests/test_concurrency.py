@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import UID, RLELossless, generate_uid
 from starlette.applications import Starlette
 
 from dicomweb_server.app import open_services, recover
@@ -84,6 +84,32 @@ async def test_aggregates_under_concurrent_stow_to_one_study(app_client: httpx.A
     assert values(doc, "00080061") == sorted(modalities)
     r = await app_client.get(f"{ROOT}/studies/{study}/series")
     assert sorted(values(s, "00201209")[0] for s in r.json()) == [10, 10, 10, 10]  # type: ignore[type-var]
+
+
+async def test_sop_classes_in_study_do_not_depend_on_the_order_of_arrival(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """SOPClassesInStudy in UID order, as ModalitiesInStudy is and as `reindex` recomputes it:
+    it was in order of first arrival, so two archives given the same instances (one of them
+    loaded concurrently), or one archive before and after a reindex, answered differently."""
+    study = generate_uid()
+    classes = [
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.4",
+        "1.2.840.10008.5.1.4.1.1.2",
+    ]
+    for sop_class in classes:  # one at a time: arrival order is this order
+        ds = make_instance(study=study)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+        r = await app_client.post(
+            f"{ROOT}/studies", content=multipart_body([to_bytes(ds)]), headers=stow_headers()
+        )
+        assert r.status_code == 200
+    r = await app_client.get(
+        f"{ROOT}/studies", params={"StudyInstanceUID": study, "includefield": "SOPClassesInStudy"}
+    )
+    (doc,) = r.json()
+    assert values(doc, "00080062") == sorted(classes)
 
 
 def _blobs(settings: Settings) -> list[Path]:

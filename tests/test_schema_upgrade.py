@@ -152,3 +152,26 @@ async def test_names_stored_before_their_text_columns_existed_are_found_by_wildc
                     r = await client.get(f"{ROOT}/studies", params={key: value})
                     assert r.status_code == 200, (key, value, r.status_code)
                     assert [s["0020000D"]["Value"] for s in r.json()] == [["1.2.3.4"]]
+
+
+async def test_applying_the_schema_again_waits_for_no_writer(pg_dsn: str) -> None:
+    """Nor a SHARE (ROW EXCLUSIVE) lock behind a write in progress: CREATE INDEX IF NOT EXISTS
+    (CREATE OR REPLACE TRIGGER) takes it before it looks, and held to the end of the schema's
+    transaction it stopped every STOW meanwhile, and deadlocked with a `reindex` that had
+    rewritten a series row and went on to its study row (found by a load run: a process
+    started beside `reindex` and the two met, one of them ended by `deadlock detected`)."""
+    tables = ("patient", "study", "series", "instance", "blob_reservation", "audit_log", "api_key")
+    async for dsn in _database(pg_dsn, "dicomweb_schema_writer"):
+        await _apply(dsn, SCHEMA)
+        writer = await asyncpg.connect(dsn)
+        again = await asyncpg.connect(dsn)
+        try:
+            async with writer.transaction():
+                # The locks a commit or a reindex of an instance holds while it runs.
+                await writer.execute(f"LOCK TABLE {', '.join(tables)} IN ROW EXCLUSIVE MODE")
+                await again.execute("SET lock_timeout = '2s'")
+                async with again.transaction():  # as Index.apply_schema applies it
+                    await again.execute(SCHEMA.read_text())  # would time out waiting
+        finally:
+            await writer.close()
+            await again.close()
