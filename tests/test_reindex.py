@@ -408,3 +408,46 @@ async def test_reindex_reports_an_instance_nested_deeper_than_the_limit_now(
         assert await _snapshot(conn) == before
     finally:
         await conn.close()
+
+
+async def test_reindex_tries_a_deadlock_again_and_goes_on_past_a_failing_instance(
+    app: Starlette, app_client: httpx.AsyncClient, clean_db: str
+) -> None:
+    """One instance's database error ended the whole run with a traceback (found by a load
+    run: a deadlock with a process starting beside it). An instance rolled back (SQLSTATE
+    40P01, raised here by a trigger twice) is tried again; one PostgreSQL fails on
+    otherwise is reported, and the others are rewritten."""
+    await _store(app_client, _instances())
+    rolled, broken = f"{SERIES_A}.1", f"{SERIES_A}.2"
+    conn = await asyncpg.connect(clean_db)
+    try:
+        await conn.execute(
+            'UPDATE instance SET metadata = metadata || \'{"00080000": {"vr": "UL"}}\''
+        )
+        await conn.execute(f"""
+            CREATE SEQUENCE test_rollbacks;
+            CREATE FUNCTION test_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.sop_instance_uid = '{rolled}' AND nextval('test_rollbacks') <= 2 THEN
+                    RAISE EXCEPTION 'deadlock detected (a test)' USING ERRCODE = '40P01';
+                END IF;
+                IF NEW.sop_instance_uid = '{broken}' THEN
+                    RAISE EXCEPTION 'no room (a test)' USING ERRCODE = '53100';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_fault BEFORE UPDATE ON instance
+                FOR EACH ROW EXECUTE FUNCTION test_fault();
+        """)  # fmt: skip
+        report = await reindex(app.state.services)
+        assert report.updated == 4
+        assert report.failed == [
+            f"{broken}: the database failed on it: DiskFullError: no room (a test)"
+        ]
+        assert await conn.fetchval("SELECT last_value FROM test_rollbacks") == 3
+    finally:
+        await conn.execute(
+            "DROP TRIGGER IF EXISTS test_fault ON instance;"
+            " DROP FUNCTION IF EXISTS test_fault(); DROP SEQUENCE IF EXISTS test_rollbacks"
+        )
+        await conn.close()

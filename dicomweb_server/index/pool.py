@@ -16,6 +16,7 @@ from dicomweb_server.errors import ServiceUnavailableError
 __all__ = [
     "DATABASE_ERROR",
     "REFUSED_VALUE",
+    "ROLLED_BACK",
     "UNAVAILABLE",
     "Connection",
     "Pool",
@@ -32,6 +33,9 @@ DATABASE_ERROR = asyncpg.PostgresError
 # A value PostgreSQL refuses (a NUL in text, NaN in JSON, an out-of-range number): a failure
 # of the value, not worth a retry.
 REFUSED_VALUE = asyncpg.DataError
+# A transaction PostgreSQL rolled back for another's sake (a deadlock, a serialization failure:
+# SQLSTATE class 40): the same statement may succeed when run again.
+ROLLED_BACK = asyncpg.TransactionRollbackError
 
 # Seconds to wait for a pooled connection before answering 503.
 ACQUIRE_TIMEOUT_S = 10.0

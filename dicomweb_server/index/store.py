@@ -25,6 +25,7 @@ from dicomweb_server.index.pool import (
     ACQUIRE_TIMEOUT_S,
     DATABASE_ERROR,
     REFUSED_VALUE,
+    ROLLED_BACK,
     UNAVAILABLE,
     Connection,
     Pool,
@@ -341,15 +342,28 @@ class Store(Pooled):
     async def reindex_instance(self, rec: InstanceRecord) -> str:
         """Rewrite an instance's rows from its file parsed again (schema.sql's
         dicomweb_reindex_instance): 'updated', 'unchanged', 'missing', or why the index
-        refused a value."""
-        try:
-            row = await self._fetchrow(_REINDEX, *_record_args(rec))
-        except REFUSED_VALUE as exc:  # as in commit_instance
-            return f"the index refused a value: {exc}"
+        refused a value or failed. A deadlock (with a process starting, a commit, another
+        reindex) is tried again, up to REINDEX_ATTEMPTS times; any other error of the
+        database is this instance's failure, not the end of the run (found by a load run: one
+        deadlock ended a `reindex` with a traceback). A database gone is UNAVAILABLE (503)."""
+        for attempt in range(1, REINDEX_ATTEMPTS + 1):
+            try:
+                row = await self._fetchrow(_REINDEX, *_record_args(rec))
+                break
+            except REFUSED_VALUE as exc:  # as in commit_instance
+                return f"the index refused a value: {exc}"
+            except ROLLED_BACK as exc:
+                if attempt == REINDEX_ATTEMPTS:
+                    return f"the database rolled it back {attempt} times: {exc}"
+            except DATABASE_ERROR as exc:
+                return f"the database failed on it: {type(exc).__name__}: {exc}"
         assert row is not None
         outcome: str = row[0]
         return outcome
 
+
+# Times an instance's rewrite is run when PostgreSQL rolls it back (ROLLED_BACK).
+REINDEX_ATTEMPTS = 3
 
 _COMMIT = "SELECT * FROM dicomweb_commit_instance(" + ", ".join(f"${n}" for n in range(1, 40)) + ")"
 _REINDEX = "SELECT dicomweb_reindex_instance(" + ", ".join(f"${n}" for n in range(1, 39)) + ")"
