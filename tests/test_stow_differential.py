@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
-from dicomweb_server.dicomfile import InvalidInstanceError, configure_pydicom, parse_file
+from dicomweb_server.dicomfile import configure_pydicom, parse_file
 from dicomweb_server.errors import FailureReason
 from tests.helpers import (
     ROOT,
@@ -26,6 +26,7 @@ from tests.helpers import (
     stow_headers,
     to_bytes,
 )
+from tests.test_malformed import _refused, _write
 
 
 @pytest.fixture(autouse=True)
@@ -33,18 +34,6 @@ def _pydicom_configured() -> None:
     """parse_file as the server runs it (app.open_services): without it, a test run alone
     (`-k rows`) read a value of a wrong length with pydicom's defaults and failed."""
     configure_pydicom()
-
-
-def _write(tmp_path: Path, data: bytes) -> Path:
-    path = tmp_path / "x.dcm"
-    path.write_bytes(data)
-    return path
-
-
-def _refused(path: Path) -> InvalidInstanceError:
-    with pytest.raises(InvalidInstanceError) as info:
-        parse_file(path)
-    return info.value
 
 
 def _item_value_cut(declared: int, present: int) -> bytes:
