@@ -49,10 +49,13 @@ class AuditEvent:
     # The objects touched, each as "study[/series[/instance]]" UIDs: the path of a WADO or
     # STOW request, and each instance a STOW stored.
     uids: tuple[str, ...] = ()
-    # The HTTP status answered; a DIMSE status for `dimse_*` actions, and for dimse_associate
+    # The HTTP status answered (499 or 500 for a response that broke off mid-body: guard.py);
+    # a DIMSE status for `dimse_*` actions, and for dimse_associate
     # and dimse_abort the PDU that refused or ended the association (dimse/connections.py).
     outcome: int = 200
-    nbytes: int = 0  # body bytes received (STOW) or sent (everything else)
+    # Body bytes received (STOW) or sent (everything else; a HEAD: 0); of a DIMSE operation,
+    # the data set bytes received (C-STORE) or sent (C-FIND, C-MOVE, C-GET).
+    nbytes: int = 0
     detail: str = ""  # the query string of a search, the role of a new key, …
 
     def __post_init__(self) -> None:

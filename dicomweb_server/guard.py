@@ -32,7 +32,15 @@ from dicomweb_server.errors import (
 )
 from dicomweb_server.routes.common import error_response
 
-__all__ = ["ROUTE_DEPTH_CACHE", "Guard", "MatchedRouter", "RouteMatch", "RouteTable"]
+__all__ = [
+    "CUT_BY_CLIENT",
+    "CUT_BY_SERVER",
+    "ROUTE_DEPTH_CACHE",
+    "Guard",
+    "MatchedRouter",
+    "RouteMatch",
+    "RouteTable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +203,12 @@ class Guard:
             await self.app(scope, receive, send)
             return
         state = scope["app"].state
-        tally = _Tally(receive, send)
-        event = _Event(datetime.now(UTC), scope, name, found.params)
+        tally = _Tally(receive, send, head=scope["method"] == "HEAD")
+        # A path some route takes by another method (a DELETE of a study) is audited as
+        # sent, as a path no route takes: not as that route's transaction (found by audit
+        # review: a DELETE refused 403 was recorded as a store_study_instances).
+        action = name if found.route is not None else None
+        event = _Event(datetime.now(UTC), scope, action, found.params)
         try:
             try:
                 principal = await _authenticate(state, scope)
@@ -208,6 +220,9 @@ class Guard:
                 return
             scope.setdefault("state", {})["principal"] = principal
             await self.app(scope, tally.receive, tally.send)
+        except Exception:
+            tally.failed = True  # raised past a started response (_CatchAllMiddleware)
+            raise
         finally:  # allowed or refused, completed or not: one audit event
             await _record(state, event, tally)
 
@@ -249,13 +264,26 @@ def _foreign_host(settings: Settings, host: str | None) -> str | None:
     )
 
 
-class _Tally:
-    """Counts the body bytes a request brings and its response carries, and the status."""
+# The outcome audited of a response that broke off after its status was sent: the client
+# went away (as _CatchAllMiddleware counts a request whose client left, nginx's 499), or the
+# archive failed mid-body (a blob that could not be read, a conversion that failed). Found by
+# audit review: both were recorded as the 200 their status line said, a complete transfer.
+CUT_BY_CLIENT = 499
+CUT_BY_SERVER = 500
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+
+class _Tally:
+    """Counts the body bytes a request brings and its response carries (those handed on
+    without error; none for a HEAD, whose body never goes on the wire, RFC 9110 9.3.2),
+    and the status; whether the response was sent to its end."""
+
+    def __init__(self, receive: Receive, send: Send, head: bool = False) -> None:
         self._receive, self._send = receive, send
+        self._head = head
         self.status = 500  # until a response starts
         self.received = self.sent = 0
+        self.started = self.finished = False
+        self.failed = False  # the app raised (past _CatchAllMiddleware: after the start)
 
     async def receive(self) -> Message:
         message = await self._receive()
@@ -265,10 +293,19 @@ class _Tally:
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            self.status = message["status"]
-        elif message["type"] == "http.response.body":
-            self.sent += len(message.get("body", b""))
+            self.status, self.started = message["status"], True
         await self._send(message)
+        if message["type"] == "http.response.body":
+            if not self._head:
+                self.sent += len(message.get("body", b""))
+            self.finished = not message.get("more_body", False)
+
+    @property
+    def outcome(self) -> int:
+        """The status answered, or how a response that never reached its end broke off."""
+        if self.started and not self.finished:
+            return CUT_BY_SERVER if self.failed else CUT_BY_CLIENT
+        return self.status
 
 
 class _Event:
@@ -290,7 +327,7 @@ class _Event:
             client=client[0] if client else "-",
             action=self.action,
             uids=tuple(([path] if path else []) + extra),
-            outcome=tally.status,
+            outcome=tally.outcome,
             nbytes=tally.received if received else tally.sent,
             detail=scope.get("state", {}).get("audit_detail")
             or scope.get("query_string", b"").decode("latin-1"),

@@ -87,7 +87,10 @@ def instance_path(study: str, series: str, sop: str) -> str:
 
 
 async def store_parts(
-    events: AsyncIterator[Event], ctx: Services, expected_study: str | None
+    events: AsyncIterator[Event],
+    ctx: Services,
+    expected_study: str | None,
+    known: list[InstanceOutcome] | None = None,
 ) -> list[InstanceOutcome]:
     """Store every part of a STOW-RS body; outcomes come back in the order of the parts.
 
@@ -97,10 +100,14 @@ async def store_parts(
     complete in itself (store_file), so a failure of one never fails another; parts with the
     same SOP Instance UID commit in request order (_CommitOrder). A stream error (400/413)
     discards the open part, lets the parts already received finish, and is raised.
+
+    Each outcome is also appended to `known` as it is known (in any order): what a request
+    that then fails in another way (its client gone, the database away) stored all the
+    same, for the audit trail to name.
     """
     stream_error: Exception | None = None
     async with anyio.create_task_group() as tg:
-        parts = _PartsInFlight(tg, ctx, expected_study)
+        parts = _PartsInFlight(tg, ctx, expected_study, [] if known is None else known)
         try:
             count = await _spool_parts(events, ctx, parts.failed, parts.start)
         except Exception as exc:  # raised once the parts in flight are done
@@ -120,8 +127,15 @@ class _PartsInFlight:
     of PARTS_IN_FLIGHT slots is free, committing in _CommitOrder. Holds their outcomes, and
     the errors some met instead, by part number."""
 
-    def __init__(self, tg: TaskGroup, ctx: Services, expected_study: str | None) -> None:
+    def __init__(
+        self,
+        tg: TaskGroup,
+        ctx: Services,
+        expected_study: str | None,
+        known: list[InstanceOutcome],
+    ) -> None:
         self.outcomes: dict[int, InstanceOutcome] = {}
+        self.known = known  # every outcome too, as it is known (store_parts)
         self.errors: dict[int, Exception] = {}
         self._slots = anyio.Semaphore(PARTS_IN_FLIGHT)
         self._order = _CommitOrder()
@@ -140,6 +154,7 @@ class _PartsInFlight:
     def failed(self, n: int, outcome: InstanceOutcome) -> None:
         """Part `n` could not be spooled: `outcome` says why."""
         self.outcomes[n] = outcome
+        self.known.append(outcome)
         self._order.over(n)
 
     async def _finish(self, n: int, writer: BlobWriter, part_type: str | None) -> None:
@@ -148,6 +163,7 @@ class _PartsInFlight:
             self.outcomes[n] = await _finish_part(
                 writer, part_type, self._ctx, self._expected_study, turn
             )
+            self.known.append(self.outcomes[n])
         except Exception as exc:  # e.g. 503: raised for the request after the others finish
             self.errors[n] = exc
         finally:

@@ -161,12 +161,15 @@ async def store_json_parts(
     ctx: Services,
     expected_study: str | None,
     metadata_type: str = APPLICATION_DICOM_JSON,
+    known: list[InstanceOutcome] | None = None,
 ) -> list[InstanceOutcome]:
     """Store the data sets of a metadata-and-bulk-data STOW body, outcomes in the order of
     the metadata: one `application/dicom+json` part holding an array of data sets, or
     (`metadata_type` APPLICATION_DICOM_XML) one `application/dicom+xml` part per data set,
     each a NativeDicomModel (PS3.18 10.5.1.4, PS3.19 A.1). MAX_JSON_METADATA_BYTES bounds
-    the metadata parts together."""
+    the metadata parts together. Each outcome is also appended to `known` as it is known
+    (as ingest.store_parts does: what a request that then fails stored)."""
+    known = [] if known is None else known
     metadata: list[bytearray] = []
     bulk: dict[str, list[_Bulk]] = {}
     writers: list[BlobWriter] = []
@@ -179,7 +182,11 @@ async def store_json_parts(
         else:
             docs = await anyio.to_thread.run_sync(_xml_documents, metadata, limiter=ctx.limiter)
         budget = _Budget(bulk)
-        return [await _store_one(doc, bulk, budget, ctx, expected_study) for doc in docs]
+        outcomes: list[InstanceOutcome] = []
+        for doc in docs:
+            outcomes.append(await _store_one(doc, bulk, budget, ctx, expected_study))
+            known.append(outcomes[-1])
+        return outcomes
     finally:
         with anyio.CancelScope(shield=True):
             for writer in writers:

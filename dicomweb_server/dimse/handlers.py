@@ -48,7 +48,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer
-from dicomweb_server.dimse.retrieval import Retrieval
+from dicomweb_server.dimse.retrieval import BytesSent, Retrieval
 from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
@@ -232,6 +232,8 @@ class Handlers:
         detail is the query and the match count, then, as a refused C-STORE's, the Error
         Comment of a failure (found by review: a failed C-FIND said only what was asked)."""
         matches, last = 0, cast(int | Dataset, UNFINISHED)
+        sent = BytesSent()
+        event.assoc.bind(evt.EVT_DIMSE_SENT, sent.on_sent)
         try:
             for answer, identifier in self._find_or_fail(event):
                 if identifier is not None:
@@ -242,9 +244,10 @@ class Handlers:
             if isinstance(last, int) and last == UNFINISHED:
                 last = 0x0000
         finally:
+            event.assoc.unbind(evt.EVT_DIMSE_SENT, sent.on_sent)
             final = last if isinstance(last, int) else int(last.Status)
             detail = _with_comment(f"{_identifier_text(event)} matches={matches}", last)
-            self._audit(event, "dimse_find", final, detail=detail)
+            self._audit(event, "dimse_find", final, nbytes=sent.total, detail=detail)
 
     def _find_or_fail(self, event: Event) -> Iterator[FindResult]:
         """_find, or 0x0110 Processing Failure (PS3.7 C.4.2) once it fails unexpectedly, as
@@ -319,7 +322,8 @@ class Handlers:
             retrieval.reached = bool(sub.assoc.accepted_contexts)  # else pynetdicom aborts
 
         handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted),
-                    (evt.EVT_DIMSE_RECV, retrieval.on_response)]  # fmt: skip
+                    (evt.EVT_DIMSE_RECV, retrieval.on_response),
+                    (evt.EVT_DIMSE_SENT, retrieval.nbytes.on_sent)]  # fmt: skip
         kwargs = {"contexts": contexts or StoragePresentationContexts, "evt_handlers": handlers}
         yield peer.host, peer.port, kwargs
         yield from self._send(event, found, "dimse_move", detail, retrieval)
@@ -329,11 +333,13 @@ class Handlers:
         the requestor proposed with the SCP role (PS3.4 C.4.3); their responses arrive on it."""
         retrieval = Retrieval(_pairs(event.assoc.accepted_contexts), reached=True)
         event.assoc.bind(evt.EVT_DIMSE_RECV, retrieval.on_response)
+        event.assoc.bind(evt.EVT_DIMSE_SENT, retrieval.nbytes.on_sent)
         try:
             yield from self._send(event, self._matching_instances(event), "dimse_get", "",
                                   retrieval)  # fmt: skip
         finally:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, retrieval.on_response)
+            event.assoc.unbind(evt.EVT_DIMSE_SENT, retrieval.nbytes.on_sent)
 
     def _send(self, event: Event, found: list[StoredInstance] | Dataset, action: str,
               detail: str, retrieval: Retrieval) -> Iterator[Any]:  # fmt: skip
@@ -352,7 +358,7 @@ class Handlers:
             detail = f"{detail} {summary}".strip()
             if retrieval.unsent:  # first, where no text of the peer's can put it
                 detail = f"{ARCHIVE_FAULT}{retrieval.unsent} not read or converted; {detail}"
-            self._audit(event, action, outcome, retrieval.sent, detail=detail)
+            self._audit(event, action, outcome, retrieval.sent, retrieval.nbytes.total, detail)
 
     def _sub_operations(
         self, event: Event, found: list[StoredInstance], retrieval: Retrieval

@@ -43,33 +43,44 @@ async def store_instances(request: Request) -> Response:
         max_part_bytes=settings.max_part_bytes,
         max_request_bytes=settings.max_request_bytes,
     )
+    known: list[InstanceOutcome] = []  # each outcome as it is known
     try:
         if part_type != APPLICATION_DICOM:  # metadata and bulk data (PS3.18 10.5.1.4)
-            outcomes = await store_json_parts(events, services(request), study, part_type)
+            outcomes = await store_json_parts(events, services(request), study, part_type, known)
         else:
-            outcomes = await store_parts(events, services(request), study)
+            outcomes = await store_parts(events, services(request), study, known)
     except StoreInterruptedError as exc:
         # The body broke off after instances were stored: its status (400, 408, 413), and the
         # Store Instances Response of what was stored, the reason first in the Warning.
         response = await _response(request, media, exc.outcomes, exc.status, [exc.message])
         response.headers.update(exc.headers)  # e.g. a 408's Connection: close
         return response
+    except BaseException:
+        # The request failed in another way (its client gone: 499; the database away: 503)
+        # after some of its instances were stored, which stay: the audit trail names them
+        # (found by audit review: its row named none).
+        _audited(request, known)
+        raise
     return await _response(request, media, outcomes, stow_status(outcomes), [])
 
 
 async def _response(
     request: Request, media: str, outcomes: list[InstanceOutcome], status: int, notes: list[str]
 ) -> Response:
-    # The audit trail names each stored instance as study/series/instance.
-    request.state.audit_uids = [
-        "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
-    ]
-    request.state.audit_detail = _audit_detail(outcomes)
+    _audited(request, outcomes)
     studies = {o.retrieve_path.split("/")[2] for o in outcomes if o.retrieve_path}
     study_path = f"/studies/{studies.pop()}" if len(studies) == 1 else None
     doc = stow_response(outcomes, base_url(request), study_path)
     reasons = notes + [o.reason for o in outcomes if o.reason][:_MAX_WARNINGS]
     return await model_response(doc, media, status, warning_header(reasons))
+
+
+def _audited(request: Request, outcomes: list[InstanceOutcome]) -> None:
+    """The audit trail names each stored instance as study/series/instance."""
+    request.state.audit_uids = [
+        "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
+    ]
+    request.state.audit_detail = _audit_detail(outcomes)
 
 
 def _audit_detail(outcomes: list[InstanceOutcome]) -> str:
