@@ -490,8 +490,9 @@ async def test_a_query_on_a_connection_whose_backend_ended_is_unavailable(clean_
     other = await asyncpg.connect(clean_db)
     try:
         for delay in _AFTER_BACKEND_ENDED_S * 6:
-            (pid,) = await index._fetchrow("SELECT pg_backend_pid()") or ()
-            assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+            row = await index._fetchrow("SELECT pg_backend_pid()")
+            assert row is not None
+            assert await other.fetchval("SELECT pg_terminate_backend($1)", row[0])
             await anyio.sleep(delay)
             with contextlib.suppress(ServiceUnavailableError):
                 await index._fetch("SELECT 1")
