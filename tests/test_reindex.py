@@ -33,6 +33,7 @@ from tests.helpers import (
     stow_headers,
     to_bytes,
 )
+from tests.test_audit import empty_audit  # noqa: F401  (a fixture)
 from tests.test_deep_sequences import deep_part10
 
 pytestmark = pytest.mark.db
@@ -454,15 +455,17 @@ async def test_reindex_tries_a_deadlock_again_and_goes_on_past_a_failing_instanc
 
 
 async def test_a_reindex_the_database_left_says_so_in_a_line(
-    tmp_path: Path, clean_db: str, samples: Path
+    tmp_path: Path,
+    empty_audit: str,  # noqa: F811  (the fixture imported above; its rows go after)
+    samples: Path,
 ) -> None:
     """The database gone mid-run (its backends ended, here by a trigger on the rewrite) stops
     the run at once, not instance after instance: the command said so with the traceback of
     an ExceptionGroup, and audited "stopped: unhandled errors in a TaskGroup (1
     sub-exception)" (found by review). Now one line, exit status 1, and the reason audited."""
-    common = ["--data-dir", str(tmp_path / "data"), "--database-url", clean_db]
+    common = ["--data-dir", str(tmp_path / "data"), "--database-url", empty_audit]
     assert run_cli("load", *common, str(samples / "generated/coverage")).returncode == 0
-    conn = await asyncpg.connect(clean_db)
+    conn = await asyncpg.connect(empty_audit)
     try:
         await conn.execute(
             'UPDATE instance SET metadata = metadata || \'{"00080000": {"vr": "UL"}}\''
