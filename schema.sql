@@ -445,17 +445,28 @@ BEGIN
 END
 $$;
 
--- Created only when missing, as the indexes are: CREATE OR REPLACE TRIGGER takes a SHARE ROW
--- EXCLUSIVE lock, which waits for every audit append in progress and stops the next ones.
+-- Created only when missing or not as defined here, as the indexes are: CREATE OR REPLACE
+-- TRIGGER takes a SHARE ROW EXCLUSIVE lock, which waits for every audit append in progress
+-- and stops the next ones. "As defined" includes enabled ('O', or 'A' which fires in replica
+-- sessions too): CREATE OR REPLACE re-enables a trigger `ALTER TABLE ... DISABLE TRIGGER`
+-- turned off, as every start did before triggers were created only when missing (found by
+-- review: a disabled trigger then stayed off for good). tgtype: ROW|BEFORE|UPDATE|DELETE =
+-- 1+2+16+8 = 27, BEFORE|TRUNCATE (a statement trigger) = 2+32 = 34 (catalog/pg_trigger.h).
+CREATE OR REPLACE FUNCTION _audit_trigger_as_defined(name text, tg_type integer) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'audit_log'::regclass AND tgname = name
+                     AND tgenabled IN ('O', 'A') AND tgtype = tg_type
+                     AND tgfoid = 'dicomweb_audit_append_only()'::regprocedure
+                     AND tgqual IS NULL AND tgnargs = 0 AND tgattr::text = '')
+$$;
 DO $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'audit_log'::regclass
-                   AND tgname = 'audit_log_append_only') THEN
+    IF NOT _audit_trigger_as_defined('audit_log_append_only', 27) THEN
         CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
             FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'audit_log'::regclass
-                   AND tgname = 'audit_log_no_truncate') THEN
+    IF NOT _audit_trigger_as_defined('audit_log_no_truncate', 34) THEN
         CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
             FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();
     END IF;

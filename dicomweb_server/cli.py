@@ -48,6 +48,7 @@ from dicomweb_server.config import (
     ae_title_list,
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
+from dicomweb_server.errors import DicomWebError
 from dicomweb_server.httpd import hypercorn_config, prepare_process
 from dicomweb_server.index.database import Index
 from dicomweb_server.index.pool import not_up_yet
@@ -346,7 +347,12 @@ async def _reindex(settings: Settings, studies: Sequence[str] | None) -> int:
         except Exception as exc:  # e.g. the database went away: the run is audited still
             with contextlib.suppress(Exception):
                 await svc.index.append_audit([_cli_event("reindex", 500, f"stopped: {exc}")])
-            raise
+            if not isinstance(exc, DicomWebError):
+                raise
+            # The database gone (503): said in a line, not a traceback. What was rewritten
+            # stays (one transaction per instance), and a run again finds it unchanged.
+            print(f"dicomweb-server: reindex stopped: {exc.message}", file=sys.stderr)
+            return 1
         failed = len(report.failed)
         detail = f"updated={report.updated} unchanged={report.unchanged} failed={failed}"
         if studies is not None:

@@ -30,6 +30,7 @@ import anyio
 
 from dicomweb_server.blobstore.hashing import hash_file
 from dicomweb_server.dicomfile import InvalidInstanceError, parse_file
+from dicomweb_server.errors import DicomWebError
 from dicomweb_server.index.rows import StoredBlob
 from dicomweb_server.ingest import Services, hashed_as_parsed, record_of
 from dicomweb_server.record import InstanceRecord
@@ -73,12 +74,29 @@ async def reindex(
     after = 0
     while rows := await svc.index.stored_instances(after, REINDEX_PAGE_ROWS, studies):
         after = rows[-1].pk
-        async with anyio.create_task_group() as tg:
-            for row in rows:
-                tg.start_soon(one, row)
+        try:
+            async with anyio.create_task_group() as tg:
+                for row in rows:
+                    tg.start_soon(one, row)
+        except BaseExceptionGroup as group:
+            # The error that stopped the run (the database gone: a 503), not the task
+            # group's wrapping of it (found by review: the CLI printed an ExceptionGroup
+            # traceback, and audited "stopped: unhandled errors in a TaskGroup").
+            raise _first(group) from None
         if progress is not None:
             progress(len(rows))
     return report
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error a task group's tasks raised, a DicomWebError (the database gone) before
+    any other: the others in flight then meet what follows from it (asyncpg's
+    InternalClientError on a connection the shutdown left half-used)."""
+    unavailable, _rest = group.split(DicomWebError)
+    leaf: BaseException = unavailable or group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
 async def _reindex_one(svc: Services, row: StoredBlob) -> str:

@@ -468,3 +468,36 @@ async def test_a_lock_connection_gone_silent_is_replaced_within_seconds(clean_db
             os.kill(pid, signal.SIGCONT)
         await other.close()
         await index.close()
+
+
+# Seconds between a pooled connection's backend ending and the next query on it: asyncpg
+# refused that query with InternalClientError when it had read the backend's FATAL message
+# but not yet the end of the connection, at about 1-5 ms here (timing-dependent: each is tried).
+_AFTER_BACKEND_ENDED_S = (0.0, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005)
+
+
+async def test_a_query_on_a_connection_whose_backend_ended_is_unavailable(clean_db: str) -> None:
+    """A database restart, an idle-session timeout or an administrator ends the backend of an
+    idle pooled connection: the next query on it is a 503 (UNAVAILABLE), never an error of
+    asyncpg's own (InternalClientError "cannot switch to state 12; another operation (2) is
+    in progress"), which was a 500 and ended a `reindex` with a traceback (found by review,
+    stopping PostgreSQL under a reindex). Then the pool connects again."""
+    import anyio
+
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    index = await Index.open(clean_db, max_size=1, timeout_s=10)
+    other = await asyncpg.connect(clean_db)
+    try:
+        for delay in _AFTER_BACKEND_ENDED_S * 6:
+            row = await index._fetchrow("SELECT pg_backend_pid()")
+            assert row is not None
+            assert await other.fetchval("SELECT pg_terminate_backend($1)", row[0])
+            await anyio.sleep(delay)
+            with contextlib.suppress(ServiceUnavailableError):
+                await index._fetch("SELECT 1")
+        await anyio.sleep(0.1)
+        assert await index._fetch("SELECT 1") == [(1,)]
+    finally:
+        await other.close()
+        await index.close()

@@ -33,6 +33,7 @@ from tests.helpers import (
     stow_headers,
     to_bytes,
 )
+from tests.test_audit import empty_audit  # noqa: F401  (a fixture)
 from tests.test_deep_sequences import deep_part10
 
 pytestmark = pytest.mark.db
@@ -449,5 +450,50 @@ async def test_reindex_tries_a_deadlock_again_and_goes_on_past_a_failing_instanc
         await conn.execute(
             "DROP TRIGGER IF EXISTS test_fault ON instance;"
             " DROP FUNCTION IF EXISTS test_fault(); DROP SEQUENCE IF EXISTS test_rollbacks"
+        )
+        await conn.close()
+
+
+async def test_a_reindex_the_database_left_says_so_in_a_line(
+    tmp_path: Path,
+    empty_audit: str,  # noqa: F811  (the fixture imported above; its rows go after)
+    samples: Path,
+) -> None:
+    """The database gone mid-run (its backends ended, here by a trigger on the rewrite) stops
+    the run at once, not instance after instance: the command said so with the traceback of
+    an ExceptionGroup, and audited "stopped: unhandled errors in a TaskGroup (1
+    sub-exception)" (found by review). Now one line, exit status 1, and the reason audited."""
+    common = ["--data-dir", str(tmp_path / "data"), "--database-url", empty_audit]
+    assert run_cli("load", *common, str(samples / "generated/coverage")).returncode == 0
+    conn = await asyncpg.connect(empty_audit)
+    try:
+        await conn.execute(
+            'UPDATE instance SET metadata = metadata || \'{"00080000": {"vr": "UL"}}\''
+        )
+        await conn.execute("""
+            CREATE FUNCTION test_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_terminate_backend(pg_backend_pid());
+                PERFORM pg_sleep(5);
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_gone BEFORE UPDATE ON instance
+                FOR EACH ROW EXECUTE FUNCTION test_gone();
+        """)  # fmt: skip
+        r = run_cli("reindex", *common)
+        assert r.returncode == 1
+        assert "dicomweb-server: reindex stopped: database unavailable" in r.stderr
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        row = await conn.fetchrow(
+            "SELECT outcome, detail FROM audit_log WHERE action = 'reindex' ORDER BY seq DESC"
+        )
+        assert row is not None
+        assert (row["outcome"], row["detail"]) == (
+            500,
+            "stopped: database unavailable; try again later",
+        )
+    finally:
+        await conn.execute(
+            "DROP TRIGGER IF EXISTS test_gone ON instance; DROP FUNCTION IF EXISTS test_gone()"
         )
         await conn.close()

@@ -175,3 +175,38 @@ async def test_applying_the_schema_again_waits_for_no_writer(pg_dsn: str) -> Non
         finally:
             await writer.close()
             await again.close()
+
+
+async def test_applying_the_schema_again_rearms_the_audit_triggers(pg_dsn: str) -> None:
+    """A start re-arms the audit trail's append-only triggers when they are not as defined:
+    CREATE OR REPLACE TRIGGER at every start re-enabled one an owner had disabled, and once
+    triggers were created only when missing (by name), a disabled one stayed off for good
+    (found by review), as did one redefined to refuse less."""
+    async for dsn in _database(pg_dsn, "dicomweb_schema_triggers"):
+        await _apply(dsn, SCHEMA)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(  # a row for the row trigger to refuse the deletion of
+                "INSERT INTO audit_log (at, caller, client, action, uids, outcome, bytes,"
+                " detail, prev_hash, hash) VALUES (now(), '-', '-', 'x', '{}', 200, 0, '',"
+                " '', '')"
+            )
+            await conn.execute("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only")
+            await conn.execute(
+                "CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE INSERT ON audit_log"
+                " FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only()"
+            )
+            await _apply(dsn, SCHEMA)
+            for statement in ("DELETE FROM audit_log", "TRUNCATE audit_log"):
+                with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                    await conn.execute(statement)
+            armed = await conn.fetch(
+                "SELECT tgname, tgenabled::text FROM pg_trigger"
+                " WHERE tgrelid = 'audit_log'::regclass ORDER BY tgname"
+            )
+            assert [tuple(r) for r in armed] == [
+                ("audit_log_append_only", "O"),
+                ("audit_log_no_truncate", "O"),
+            ]
+        finally:
+            await conn.close()

@@ -78,6 +78,12 @@ UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    # A pooled connection whose backend ended while it was idle (a database restart, an idle
+    # session timeout, an administrator), when asyncpg read the backend's FATAL message
+    # before the end of the connection: the next query on it is refused with "cannot switch
+    # to state 12; another operation (2) is in progress" (found by review: a 500, and a
+    # `reindex` stopped by PostgreSQL shutting down ended in its traceback).
+    asyncpg.InternalClientError,
 )
 
 
