@@ -401,6 +401,8 @@ class _CancelledEvent:
         )
 
         self.identifier = ident("STUDY", StudyInstanceUID="")
+        # The association the bytes sent are counted on (dimse/retrieval.BytesSent).
+        self.assoc = SimpleNamespace(bind=lambda *_: None, unbind=lambda *_: None)
         # Handlers decode the identifier as received (identifier.decode), on its context.
         self.request = SimpleNamespace(
             AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
