@@ -70,14 +70,15 @@ def _get(archive: Archive, study: str, slow_s: float) -> tuple[list[int], str]:
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     role = build_role(CTImageStorage, scp_role=True)
     assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
-    if slow_s:  # the requestor's DUL reads each PDU (header, then body) later
-        recv: Callable[[int], bytearray] = assoc.dul.socket.recv
+    sock = assoc.dul.socket
+    if slow_s and sock is not None:  # the requestor's DUL reads each PDU (header, body) later
+        recv: Callable[[int], bytearray] = sock.recv
 
         def slow_recv(nr_bytes: int) -> bytearray:
             time.sleep(slow_s)
             return recv(nr_bytes)
 
-        assoc.dul.socket.recv = slow_recv
+        sock.recv = slow_recv  # type: ignore[method-assign]
     try:
         statuses = [st for st, _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study),
                                                       model)]  # fmt: skip

@@ -592,19 +592,17 @@ async def test_bulk_data_parts_keep_no_bytes_in_memory(app_client: httpx.AsyncCl
     each kept the hash of its spool file too, with up to 128 KiB of its last bytes (an
     instance's DataSetHash): a request of 10,000 frame parts (MAX_PARTS) held 830 MB. Now a
     part keeps its file's name and size."""
-    from pydicom.pixels import get_encoder
+    from pydicom.pixels.encoders.base import get_encoder
 
     count, side = 100, 256
     rng = np.random.default_rng(5)
     noise = [rng.integers(0, 4096, (side, side), dtype=np.uint16) for _ in range(4)]
     jls = pydicom.uid.JPEGLSLossless
     encoder = get_encoder(jls)
-    frames = [
-        encoder.encode(a, rows=side, columns=side, samples_per_pixel=1, bits_allocated=16,
-                       bits_stored=12, pixel_representation=0, number_of_frames=1,
-                       photometric_interpretation="MONOCHROME2")  # fmt: skip
-        for a in noise
-    ]
+    pixel: dict[str, Any] = {"rows": side, "columns": side, "samples_per_pixel": 1,
+             "bits_allocated": 16, "bits_stored": 12, "pixel_representation": 0,
+             "number_of_frames": 1, "photometric_interpretation": "MONOCHROME2"}  # fmt: skip
+    frames = [encoder.encode(a, **pixel) for a in noise]
     ds = make_instance(rows=side, cols=side, frames=count, BitsStored=12, HighBit=11)
     doc = _metadata(ds, "/frames-of/1")
     parts = [("/frames-of/1", f"image/jls; transfer-syntax={jls}", frames[n % 4])

@@ -1,6 +1,7 @@
-"""The bulk data values of a big endian instance (its Pixel Data by BulkDataURI, /pixeldata,
-/bulkdata) are read by range and their words swapped a chunk at a time: memory holds a few
-chunks, not the value (bulkvalue.element_range)."""
+"""Bulk data values sent in bounded memory: those of a big endian instance (its Pixel Data by
+BulkDataURI, /pixeldata, /bulkdata) read by range, their words swapped a chunk at a time
+(bulkvalue.element_range); those found by parsing the file (a Deflated instance's) held in a
+scratch file while they are sent, not in memory (pixeldata.HELD_VALUE_MAX_BYTES)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,44 @@ async def test_words_split_between_chunks_are_swapped_whole(vr: str) -> None:
 
     got = b"".join([c async for c in _swap_words(chunks(), vr)])  # type: ignore[arg-type]
     assert got == swapped_words(data, vr)
+
+
+@pytest.mark.db
+async def test_a_parsed_value_is_held_on_disk_while_it_is_sent(
+    app: Starlette, app_client: httpx.AsyncClient
+) -> None:
+    """The Pixel Data of a Deflated instance is found by inflating and parsing the file; the
+    value was held in memory by each response until its client had read it (eight slow
+    clients of a 60 MB value: 1.2 GB). It is written to a scratch file instead, removed once
+    the response is done with it."""
+    ds = make_instance(rows=1024, cols=1024, frames=2)  # 4 MiB
+    pixels = np.random.default_rng(9).integers(0, 4096, 1024 * 1024 * 2, dtype="<u2")
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([buf.getvalue()]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    svc = app.state.services
+    (inst,) = await locate(svc, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    tracemalloc.start()
+    try:
+        values = [await stored_bulk_value(svc, inst, "7FE00010", None) for _ in range(4)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < len(ds.PixelData) // 4, held  # four values of 4 MiB were held: 32 MiB
+    streams = [v.read(0, v.length) for v in values]
+    firsts = [await anext(s) for s in streams]
+    del values  # the streams being read keep their files
+    for first, stream in zip(firsts, streams, strict=True):
+        assert first + b"".join([c async for c in stream]) == ds.PixelData
+    del streams, stream
+    assert not [p for p in svc.scratch_dir.iterdir() if p.suffix == ".bulk"]
+    (meta,) = (await app_client.get(f"{inst_url(ds)}/metadata")).json()
+    r = await app_client.get(meta["7FE00010"]["BulkDataURI"])
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == ds.PixelData
+    assert not [p for p in svc.scratch_dir.iterdir() if p.suffix == ".bulk"]
