@@ -214,7 +214,7 @@ async def _receive(
                     raise BadRequestError("more than one application/dicom+json part")
                 metadata.append(bytearray())
             else:
-                writers.append(await ctx.blobs.open_writer())
+                writers.append(await ctx.blobs.open_writer(hashed=False))
         elif isinstance(event, PartData):
             if current is not None:
                 await writers[-1].write(event.data)

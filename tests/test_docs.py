@@ -25,10 +25,12 @@ from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.blobstore import hashing
 from dicomweb_server.dimse import connections as dimse_connections
 from dicomweb_server.dimse import handlers, identifier
+from dicomweb_server.dimse import sending as dimse_sending
 from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
+from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.routes import admin, common, stow
 from dicomweb_server.transcode import codecs, convert, frames
 
@@ -72,7 +74,7 @@ def test_limits() -> None:
     modules = (config, multipart, query, matching, retrieve_frames, dicom_json, rendered,
                render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
-               httpd, mediatypes)  # fmt: skip
+               httpd, mediatypes, dimse_sending, pixeldata)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -64,7 +64,11 @@ class BlobWriter(Protocol):
 
 class BlobStore(Protocol):
     def new_key(self) -> str: ...
-    async def open_writer(self) -> BlobWriter: ...
+    async def open_writer(self, hashed: bool = True) -> BlobWriter:
+        """A new spool file; `hashed`: its DataSetHash kept as it grows (an instance's),
+        else none (a STOW-RS bulk data part, which keeps no bytes of its own in memory)."""
+        ...
+
     async def commit(self, writer: BlobWriter, key: str) -> None: ...
     def place_blocking(self, writer: BlobWriter, key: str) -> None:
         """`commit` from a worker thread (the writer closed there too): durable on return."""
@@ -88,12 +92,15 @@ class _FileWriter:
     """A spool file written in worker threads: bytes are buffered up to SPOOL_BUFFER_BYTES, so a
     small part costs one thread hop (create, write and close at `close`), not one per call."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, hashed: bool = True) -> None:
         self._path = path
         self._fh: BinaryIO | None = None
         self._buf = bytearray()
         self._size = 0
-        self._hash = DataSetHash()
+        # None: not hashed. A DataSetHash holds up to 2 * PADDING_HASH_WINDOW_BYTES of the
+        # file's last bytes until its digest is taken: a STOW-RS of 10,000 bulk data parts,
+        # all open until the request's end, held 83 KB of each (830 MB).
+        self._hash = DataSetHash() if hashed else None
         self.closed = False
 
     @property
@@ -105,14 +112,17 @@ class _FileWriter:
         return self._size
 
     def sha256(self, ends_at: int | None = None) -> bytes:
+        if self._hash is None:
+            raise ValueError("a spool file opened without its hash")
         return self._hash.digest(ends_at)
 
     @property
     def data_set_at(self) -> int:
-        return self._hash.data_set_at
+        return 0 if self._hash is None else self._hash.data_set_at
 
     async def write(self, data: bytes) -> None:
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self._size += len(data)
         self._buf += data
         if len(self._buf) >= SPOOL_BUFFER_BYTES:
@@ -185,8 +195,9 @@ class FileSystemBlobStore:
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key[:2] / key[2:4] / key
 
-    async def open_writer(self) -> BlobWriter:
-        return _FileWriter(self.tmp_dir / uuid.uuid4().hex)  # the file is created by a write
+    async def open_writer(self, hashed: bool = True) -> BlobWriter:
+        # the file is created by a write
+        return _FileWriter(self.tmp_dir / uuid.uuid4().hex, hashed)
 
     async def commit(self, writer: BlobWriter, key: str) -> None:
         # Shielded: a cancelled request must not return while the rename may still happen in

@@ -10,6 +10,8 @@ Submodules (import from the one that defines a name; nothing is re-exported here
     statuses.py     the C-STORE/C-FIND/C-MOVE/C-GET statuses answered or audited, status()
                     data sets
     conversion.py   C-MOVE/C-GET sub-operations: contexts proposed, syntax sent in, decode
+    sending.py      C-MOVE/C-GET sub-operations in bounded memory: stored files sent a PDU at
+                    a time, the PDUs queued for the peer bounded
     association.py  TCP_NODELAY, and spool files of C-STOREs an association left unserved
     connections.py  each connection: the data set size limit, and the audit events of an
                     association refused or ended without release, and of its unserved C-STOREs

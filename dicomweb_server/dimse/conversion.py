@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext, build_context
 
+from dicomweb_server.dimse.sending import StoredFile
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
 from dicomweb_server.transcode.convert import check_writable, converted_dataset
@@ -104,7 +105,21 @@ def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str
         check_writable(ds, implicit_vr=inst.transfer_syntax_uid == ExplicitVRLittleEndian)
     elif _read_without_vrs(ds):  # sent in its explicit syntax: its elements given VRs
         check_writable(ds)
+    elif _describes(getattr(ds, "file_meta", Dataset()), inst):
+        return StoredFile(path, inst.sop_class_uid, inst.sop_instance_uid)
     return ds
+
+
+def _describes(file_meta: Dataset, inst: StoredInstance) -> bool:
+    """Whether a stored file's File Meta Information names the instance as the index does:
+    pynetdicom takes the SOP Class, SOP Instance and transfer syntax of a data set sent from
+    its file from there (the context is chosen by them)."""
+    named = (
+        file_meta.get("MediaStorageSOPClassUID"),
+        file_meta.get("MediaStorageSOPInstanceUID"),
+        file_meta.get("TransferSyntaxUID"),
+    )
+    return named == (inst.sop_class_uid, inst.sop_instance_uid, inst.transfer_syntax_uid)
 
 
 def _read_without_vrs(ds: Dataset) -> bool:

@@ -49,6 +49,7 @@ from dicomweb_server.dimse.identifier import (
 )
 from dicomweb_server.dimse.peers import Peer
 from dicomweb_server.dimse.retrieval import BytesSent, Retrieval
+from dicomweb_server.dimse.sending import send_stored_files
 from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
@@ -332,6 +333,7 @@ class Handlers:
         """C-GET: C-STORE sub-operations on the same association, over the storage contexts
         the requestor proposed with the SCP role (PS3.4 C.4.3); their responses arrive on it."""
         retrieval = Retrieval(_pairs(event.assoc.accepted_contexts), reached=True)
+        send_stored_files(event.assoc)
         event.assoc.bind(evt.EVT_DIMSE_RECV, retrieval.on_response)
         event.assoc.bind(evt.EVT_DIMSE_SENT, retrieval.nbytes.on_sent)
         try:

@@ -36,6 +36,7 @@ from dicomweb_server.config import DICOMWEB_ROOT, Settings
 from dicomweb_server.dimse.admission import Admission, PduLate, recv_before
 from dicomweb_server.dimse.handlers import QUERY_RETRIEVE_SOP_CLASSES, Handlers
 from dicomweb_server.dimse.peers import load_peers
+from dicomweb_server.dimse.sending import send_stored_files
 from dicomweb_server.ingest import Services
 
 __all__ = [
@@ -247,7 +248,10 @@ class _ArchiveAE(AE):
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
         assoc = super().associate(*args, **kwargs)
-        return assoc if assoc.is_established else UnreachableDestination(assoc)
+        if not assoc.is_established:
+            return UnreachableDestination(assoc)
+        send_stored_files(assoc)
+        return assoc
 
 
 class UnreachableDestination:
@@ -355,6 +359,9 @@ def build_ae(settings: Settings) -> AE:
     # process, like pydicom's config): C-STORE stores the bytes as received, and a large
     # instance never sits in memory.
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # And an instance sent as stored (C-GET, C-MOVE) goes from its file, a PDU at a time
+    # (sending.StoredFile), not encoded whole in memory first.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     # A request's identifier is decoded by the handlers only (identifier.decode: whole
     # elements, a Deflated one inflated no further than DIMSE_MAX_IDENTIFIER_BYTES). pynetdicom
     # would decode it first to log it, inflating a Deflated one whole, unbounded (found by

@@ -5,7 +5,9 @@ one bulk data element, by the byte range recorded at ingest or by parsing the fi
 
 from __future__ import annotations
 
+import contextlib
 import re
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from typing import Any
 import anyio
 from pydicom.uid import UID
 
-from dicomweb_server.bulkvalue import bulk_element, element_value
+from dicomweb_server.blobstore.files import scratch_file
+from dicomweb_server.blobstore.reading import stream_path
+from dicomweb_server.bulkvalue import bulk_element, element_range, element_value
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index.rows import StoredInstance
@@ -27,7 +31,14 @@ from dicomweb_server.media.mediatypes import (
 )
 from dicomweb_server.media.negotiate import frame_media_type, refused_to
 from dicomweb_server.metadata import pixel_info
-from dicomweb_server.retrieve.frames import Sized, frame_value, sized_bytes, sized_range
+from dicomweb_server.multipart import close_all
+from dicomweb_server.retrieve.frames import (
+    Sized,
+    frame_value,
+    sized_bytes,
+    sized_range,
+    slice_stream,
+)
 from dicomweb_server.retrieve.instances import locate
 from dicomweb_server.transcode.codecs import (
     NATIVE,
@@ -38,10 +49,12 @@ from dicomweb_server.transcode.codecs import (
 )
 from dicomweb_server.transcode.convert import one_bit_pixel_data
 from dicomweb_server.transcode.frames import decode_item_pixels, too_deep_to_read
+from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
 __all__ = [
     "AS_FRAMES",
     "DECODED",
+    "HELD_VALUE_MAX_BYTES",
     "STORED_FRAMES",
     "bulk_value",
     "decoded_pixel_data",
@@ -51,6 +64,12 @@ __all__ = [
 ]
 
 _UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
+# A bulk data value read by parsing the file (a Deflated file's, a nested value, an icon's
+# Pixel Data decoded) of more bytes than this is written to a scratch file in the worker
+# thread that read it, and sent from there: the response held it in memory (twice) until its
+# client had read it, and eight clients reading the 60 MB Pixel Data of a Deflated instance
+# slowly took the server from 236 MB to 1.2 GB.
+HELD_VALUE_MAX_BYTES = 1024 * 1024
 # What the Pixel Data of an encapsulated instance may be sent as, by pixel_data_plan.
 DECODED = "decoded"  # its uncompressed value (decoded_pixel_data)
 STORED_FRAMES = f"{_UNCOMPRESSED}; transfer-syntax=*"  # its frames as stored, one part each
@@ -237,16 +256,100 @@ async def stored_bulk_value(
         offset, length, _vr, encapsulated = entry
         return await sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
     file = svc.blobs.local_path(inst.blob_key)
-    value = await anyio.to_thread.run_sync(_parsed_bulk_value, file, path, limiter=svc.limiter)
+    value = await anyio.to_thread.run_sync(
+        _parsed_bulk_value, file, path, svc.scratch_dir, limiter=svc.limiter
+    )
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
+    if isinstance(value, tuple):
+        offset, length, swap = value
+        if swap is None:
+            return await sized_range(svc, inst.blob_key, offset, length, False, headers)
+        return _swapped_range(svc, inst.blob_key, offset, length, swap, headers)
+    if isinstance(value, _Spooled):
+        return Sized(headers, value.size, value.read, inst.blob_key)
     return sized_bytes(headers, value, inst.blob_key)
 
 
-def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:
+class _Spooled:
+    """A value found by parsing the file, written to a scratch file (HELD_VALUE_MAX_BYTES),
+    which is removed once nothing holds this object: the Sized value sent, or a stream of it
+    still being read."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        weakref.finalize(self, _remove, path)
+
+    async def read(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes [start, stop) of the value (the generator holds the file while it runs)."""
+        async for chunk in stream_path(self.path, start, max(0, stop - start)):
+            yield chunk
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _held(data: bytes, scratch_dir: Path) -> bytes | _Spooled:
+    """`data`, or a scratch file of it when it is over HELD_VALUE_MAX_BYTES (a worker
+    thread)."""
+    if len(data) <= HELD_VALUE_MAX_BYTES:
+        return data
+    spool = scratch_file(scratch_dir, ".bulk")
+    try:
+        spool.write_bytes(data)
+    except BaseException:
+        _remove(spool)
+        raise
+    return _Spooled(spool, len(data))
+
+
+def _swapped_range(
+    svc: Services, key: str, offset: int, length: int, vr: str, headers: dict[str, str]
+) -> Sized:
+    """The value of a big endian file at [offset, offset + length), little endian: read by
+    range, the words of its VR swapped a chunk at a time (bulkvalue.element_range). A
+    range of it starts and ends reading on word boundaries; an odd tail is sent as it is
+    (vr.swapped_words)."""
+
+    width = WORD_WIDTHS[vr]
+
+    def read(start: int, stop: int) -> AsyncIterator[bytes]:
+        begin = start - start % width
+        end = min(length, stop + -stop % width)
+        chunks = svc.blobs.open_range(key, offset + begin, end - begin)
+        return slice_stream(_swap_words(chunks, vr), start - begin, stop - begin)
+
+    return Sized(headers, length, read, key)
+
+
+async def _swap_words(chunks: AsyncIterator[bytes], vr: str) -> AsyncIterator[bytes]:
+    """Chunks with the words of `vr` swapped (vr.swapped_words), a word split between two
+    chunks carried to the next; what remains at the end (less than a word) is sent as it is."""
+    width = WORD_WIDTHS[vr]
+    carry = b""
+    try:
+        async for chunk in chunks:
+            data = carry + chunk if carry else chunk
+            whole = len(data) - len(data) % width
+            carry = data[whole:]
+            if whole:
+                yield swapped_words(data[:whole], vr)
+        if carry:
+            yield carry
+    finally:
+        await close_all(chunks)
+
+
+def _parsed_bulk_value(
+    path: Path, tag_path: str, scratch_dir: Path
+) -> bytes | _Spooled | tuple[int, int, str | None] | None:
     """A value found by parsing the file (dicomfile.read_bulk_value), little endian; nested
     encapsulated Pixel Data (a compressed icon) decoded, as octet-stream bulk data is sent
-    uncompressed (PS3.18 8.7.3.3). A file too deep for pydicom to read (stored before the
+    uncompressed (PS3.18 8.7.3.3). A value pydicom left unread in the file is not read here:
+    its (offset, length, VR to swap the words of) is returned, for a read by range
+    (bulkvalue.element_range). A file too deep for pydicom to read (stored before the
     ingest limited the depth of sequences) is a TranscodeError: it was a 500. Runs in a
     worker thread."""
     try:
@@ -256,9 +359,12 @@ def _parsed_bulk_value(path: Path, tag_path: str) -> bytes | None:
     if found is None:
         return None
     ds, node, tag = found
+    located = element_range(ds, node, tag, path.stat().st_size)
+    if located is not None:
+        return located
     element = node[tag]
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     if tag in PIXEL_DATA_TAGS and element.is_undefined_length and ts.is_compressed:
-        return decode_item_pixels(node, ts)
+        return _held(decode_item_pixels(node, ts), scratch_dir)
     value = element_value(ds, element)
-    return None if value is None else value[0]
+    return None if value is None else _held(value[0], scratch_dir)

@@ -1,0 +1,112 @@
+"""C-GET and C-MOVE sub-operations in bounded memory (dimse/sending.py): an instance sent as
+stored is read from its file a PDU at a time, not encoded whole; and the PDUs queued for a
+peer that reads slowly stay within DIMSE_SEND_QUEUE_BYTES."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_role
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+from dicomweb_server.dimse import sending
+from tests.dimse_support import (
+    Archive,
+    associate,
+    dataset_bytes,
+    identifier,
+    in_thread,
+    requestor_store,
+    scu,
+)
+from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+
+pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
+
+# 8 MiB of pixels; the send queue scaled down to 128 KiB: memory holds the queue, a few PDUs
+# and pynetdicom's and pydicom's own (2.4 MB in all), not the instance.
+_ROWS = _COLS = 2048
+_QUEUE = 128 * 1024
+
+
+async def _stored(archive: Archive) -> tuple[str, bytes]:
+    """(Study Instance UID, the data set as stored) of an 8 MiB instance."""
+    ds = make_instance(rows=_ROWS, cols=_COLS)
+    ds.PixelData = np.random.default_rng(3).integers(0, 4096, _ROWS * _COLS, "<u2").tobytes()
+    raw = to_bytes(ds)
+    body = multipart_body([raw])
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    return str(ds.StudyInstanceUID), dataset_bytes(raw)
+
+
+def _get(archive: Archive, study: str, slow_s: float) -> tuple[list[int], str]:
+    """C-GET of the study by a requestor taking CT in Explicit VR Little Endian, waiting
+    `slow_s` before each read of its socket (a slow reader); (the final status and
+    completed count, the SHA-256 of the data set received, read from its spool file in
+    chunks)."""
+    digests: list[str] = []
+
+    def on_store(event: Event) -> int:
+        sha = hashlib.sha256()
+        with open(event.dataset_path, "rb") as fh:
+            fh.seek(sending_offset(event.dataset_path))
+            while chunk := fh.read(64 * 1024):
+                sha.update(chunk)
+        digests.append(sha.hexdigest())
+        return 0x0000
+
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae = scu(model)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    role = build_role(CTImageStorage, scp_role=True)
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
+    sock = assoc.dul.socket
+    if slow_s and sock is not None:  # the requestor's DUL reads each PDU (header, body) later
+        recv: Callable[[int], bytearray] = sock.recv
+
+        def slow_recv(nr_bytes: int) -> bytearray:
+            time.sleep(slow_s)
+            return recv(nr_bytes)
+
+        sock.recv = slow_recv  # type: ignore[method-assign]
+    try:
+        statuses = [st for st, _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study),
+                                                      model)]  # fmt: skip
+    finally:
+        assoc.release()
+    final = statuses[-1]
+    return [int(final.Status), int(final.NumberOfCompletedSuboperations)], "".join(digests)
+
+
+def sending_offset(path: Any) -> int:
+    """Where the data set of a spooled Part-10 file begins."""
+    return int(split_dataset(path)[1])
+
+
+@pytest.mark.parametrize("slow_s", [0.0, 0.0005], ids=["fast", "slow"])
+async def test_get_sends_a_stored_instance_a_pdu_at_a_time(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch, slow_s: float
+) -> None:
+    monkeypatch.setattr(sending, "DIMSE_SEND_QUEUE_BYTES", _QUEUE)
+    study, data_set = await _stored(archive)
+    tracemalloc.start()
+    try:
+        outcome, digest = await in_thread(_get, archive, study, slow_s)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome == [0x0000, 1]
+    assert digest == hashlib.sha256(data_set).hexdigest()
+    # Encoded whole (pynetdicom's send_c_store of a Dataset): 3 times the data set; then
+    # queued whole for a slow reader.
+    assert peak < len(data_set) // 2, peak
