@@ -10,6 +10,8 @@ SCP does (PS3.4 C.4.2.1.5, C.4.3.1.4).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from io import BytesIO
 
@@ -38,6 +40,12 @@ class BytesSent:
         data = getattr(event.message, "data_set", None)
         if isinstance(data, BytesIO):
             self.total += data.getbuffer().nbytes
+        # An instance sent as stored, from its file (sending.StoredFile): pynetdicom 3.0 keeps
+        # (path, where the data set begins) and reads it a PDU at a time.
+        stored = getattr(event.message, "_data_set_path", None)
+        if isinstance(stored, tuple) and len(stored) == 2:
+            with contextlib.suppress(OSError):
+                self.total += os.stat(stored[0]).st_size - int(stored[1])
 
 
 @dataclass
