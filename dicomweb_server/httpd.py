@@ -317,6 +317,8 @@ class _H2Protocol(H2Protocol):
       times is closed (GOAWAY ENHANCE_YOUR_CALM).
     - It closed a connection after `keep_alive_max_requests` requests, failing the last
       (keep_alive_requests).
+    - PRIORITY frames for streams not open yet filled its priority tree
+      (_priority_updated).
     - A connection whose streams the client had reset, or that was refused, was never
       timed out idle: hypercorn restarts its idle timer only when a response ends. It is
       restarted whenever the connection has no stream left open (KEEP_ALIVE_TIMEOUT_S).
@@ -361,6 +363,13 @@ class _H2Protocol(H2Protocol):
         with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client
             self.connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self._maybe_idle = True
+
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        """PRIORITY frames and priorities in HEADERS are ignored (RFC 9113 5.3.2 deprecates
+        the scheme of RFC 7540, and its receiver may ignore them): hypercorn entered every
+        stream one names into its priority tree, opened or not, and the 1001st such stream
+        ended the connection with TooManyStreamsError and a traceback in the error log."""
+        return None
 
     async def _close_stream(self, stream_id: int) -> None:
         await super()._close_stream(stream_id)

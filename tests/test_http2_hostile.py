@@ -6,6 +6,7 @@ reset streams (httpd._H2Protocol)."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -209,4 +210,26 @@ def test_http2_connection_left_with_reset_streams_is_closed_idle(
             events = client.events(KEEP_ALIVE_TIMEOUT_S + 5)
             assert events[-1:] == [None], "the connection is still open"
             assert time.monotonic() - began < KEEP_ALIVE_TIMEOUT_S + 1.5
+        clean_log(server)
+
+
+def test_http2_priority_frames_are_ignored(tmp_path: Path, clean_db: str) -> None:
+    """PRIORITY frames naming 1100 streams not opened (RFC 9113 deprecates that priority
+    scheme; they are ignored): the connection serves on and nothing is logged. hypercorn
+    entered each into its priority tree, and the 1001st ended the connection with a
+    TooManyStreamsError traceback in the error log."""
+    with serving(tmp_path, clean_db) as server:
+        client = Client(port_of(server))
+        with client.sock:
+            priority = b"".join(
+                struct.pack(">I", 5)[1:] + bytes([2, 0]) + struct.pack(">IIB", stream, 0, 15)
+                for stream in range(101, 101 + 2 * 1100, 2)
+            )
+            client.sock.sendall(priority)
+            stream = client.request("/dicom-web/studies")
+            client.flush()
+            events = client.events(3)
+            assert None not in events, "the server closed the connection"
+            (response,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+            assert response.stream_id == stream and (b":status", b"204") in response.headers
         clean_log(server)
