@@ -96,8 +96,9 @@ def test_http2_downloads_with_no_window_hold_a_chunk_and_are_reset(
     """A client that grants no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE 0) and asks
     for a 12.6 MB instance on 30 streams: the server holds at most a chunk for each and the
     read-ahead they share (hypercorn let the app go on while nothing was sent: it read all
-    378 MB into memory), and resets each stream (CANCEL) once its bytes waited SEND_STALL_TIMEOUT_S (1 s), their
-    requests ended and their blobs closed, while the connection serves on. The downloads
+    378 MB into memory), and resets each stream (CANCEL) once its bytes waited
+    SEND_STALL_TIMEOUT_S (1 s), their requests ended and their blobs closed, while the
+    connection serves on. The downloads
     were held for as long as the connection lived (the kernel's TCP_USER_TIMEOUT saw a
     client acknowledging every byte)."""
     streams, raw = 30, to_bytes(make_instance(rows=2048, cols=3072))
