@@ -3,25 +3,47 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
 import h11
 import hypercorn.protocol as hypercorn_protocol
+import hypercorn.protocol.h2 as hypercorn_h2
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.events import RawData
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.events import Event as ConnectionEvent
 from hypercorn.logging import Logger as HypercornLogger
-from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.typing import H11SendableEvent, ResponseSummary, WWWScope
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    H11SendableEvent,
+    ResponseSummary,
+    Scope,
+    WWWScope,
+)
 
 from dicomweb_server.config import SEND_STALL_TIMEOUT_S, Settings
 
 __all__ = [
+    "H2_MAX_CONCURRENT_STREAMS",
+    "H2_MAX_HANDLERS",
+    "H2_MAX_REFUSED_STREAMS",
     "KEEP_ALIVE_TIMEOUT_S",
     "AccessLog",
     "DroppedConnections",
@@ -37,6 +59,17 @@ __all__ = [
 # that sends nothing). hypercorn's default, stated because the server relies on it. A request
 # body is timed by config.BODY_IDLE_TIMEOUT_S, a response by config.SEND_STALL_TIMEOUT_S.
 KEEP_ALIVE_TIMEOUT_S = 5.0
+
+# Streams an HTTP/2 client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; hypercorn's
+# default, stated because the server relies on it), and requests one connection may have in
+# the server's hands at once, those of streams it has reset included (_H2Protocol): past
+# that a new stream is refused. Twice the first, so that a client keeping its streams full
+# is not refused for the moment a finished request's handler takes to return.
+H2_MAX_CONCURRENT_STREAMS = 100
+H2_MAX_HANDLERS = 2 * H2_MAX_CONCURRENT_STREAMS
+# Streams refused on one HTTP/2 connection (H2_MAX_HANDLERS) before it is closed: a client
+# that keeps opening streams the server has no room for.
+H2_MAX_REFUSED_STREAMS = 100
 
 
 class AccessLog(HypercornLogger):
@@ -146,15 +179,232 @@ class _Streams(dict[int, Any]):
 _CLOSED_STREAM = _ClosedStream()
 
 
+class _SendStalled(Exception):
+    """A stream's response bytes waited `send_stall_timeout_s` for flow-control window."""
+
+
+class _StreamBuffer(StreamBuffer):
+    """hypercorn's (0.18) buffer of one HTTP/2 stream's response bytes, which let the app go
+    on as soon as the sending task took fewer than BUFFER_LOW_WATER bytes out of it: also when
+    it took none, the stream's flow-control window being shut. A client that opened no window
+    (SETTINGS_INITIAL_WINDOW_SIZE 0) made the server read whole instances into memory, every
+    stream of the connection at once: 12 GB for 100 streams on one connection, grown as fast
+    as the disk gave it; a slow reader likewise. Here the app waits until the buffer itself
+    is below the low-water mark, and gives up (_SendStalled) once no byte of it went out for
+    `stall_s` (asyncio.timeout: the server runs on asyncio or uvloop). The buffer holds the
+    app's messages themselves, not a copy of them (which doubled the memory of each
+    download: a READ_CHUNK_MAX_BYTES chunk held twice)."""
+
+    def __init__(self, event_class: Any, stall_s: float) -> None:
+        super().__init__(event_class)
+        self.stall_s = stall_s
+        self.sent_at = time.monotonic()
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self._size = 0
+
+    @property
+    def complete(self) -> bool:
+        return self._complete and self._size == 0
+
+    async def _wait(self, event: Any) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.stall_s):
+                    await event.wait()
+                return
+            except TimeoutError:
+                if time.monotonic() - self.sent_at >= self.stall_s:
+                    raise _SendStalled from None
+
+    async def drain(self) -> None:
+        await self._wait(self._is_empty)
+
+    async def close(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+        await super().close()
+
+    async def push(self, data: bytes) -> None:
+        if self._complete:
+            raise hypercorn_h2.BufferCompleteError()
+        self._chunks.append(memoryview(data))
+        self._size += len(data)
+        await self._is_empty.clear()
+        while self._size >= BUFFER_HIGH_WATER and not self._complete:
+            await self._paused.clear()
+            await self._wait(self._paused)
+
+    async def pop(self, max_length: int) -> bytes:
+        data = b""
+        if self._chunks and max_length > 0:
+            first = self._chunks[0]
+            data = bytes(first[:max_length])
+            if len(data) == len(first):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = first[len(data) :]
+            self._size -= len(data)
+            self.sent_at = time.monotonic()
+        if self._size < BUFFER_LOW_WATER:
+            await self._paused.set()
+        if self._size == 0:
+            await self._is_empty.set()
+        return data
+
+
+class _StreamBuffers(dict[int, StreamBuffer]):
+    """The stream buffers of an _H2Protocol: hypercorn stores a StreamBuffer for each stream
+    it opens, fresh and empty; a _StreamBuffer takes its place."""
+
+    def __init__(self, event_class: Any, stall_s: float) -> None:
+        super().__init__()
+        self.event_class, self.stall_s = event_class, stall_s
+
+    def __setitem__(self, stream_id: int, buffer: StreamBuffer) -> None:
+        if not isinstance(buffer, _StreamBuffer):
+            buffer = _StreamBuffer(self.event_class, self.stall_s)
+        super().__setitem__(stream_id, buffer)
+
+
+_BODY_EVENTS = (Body, Data, EndBody, EndData, Trailers)
+
+
+class _CountedApp:
+    """The app as one HTTP/2 connection runs it, counting the requests it is still handling:
+    those whose streams the client has reset too (RFC 9113 5.1.2: they are closed for the
+    protocol, not for the server, whose handler may still be at work)."""
+
+    def __init__(self, app: AppWrapper) -> None:
+        self.app = app
+        self.running = 0
+
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: ASGIReceiveCallable,
+        send: ASGISendCallable,
+        sync_spawn: Callable[..., Any],
+        call_soon: Callable[..., Any],
+    ) -> None:
+        try:
+            await self.app(scope, receive, send, sync_spawn, call_soon)
+        finally:
+            self.running -= 1
+
+
 class _H2Protocol(H2Protocol):
-    """hypercorn's (0.18) HTTP/2 protocol, which raised KeyError at a DATA frame for a stream
-    it had closed: a request answered before its body was read (a 401, 413, 415 or 408 to an
-    upload still coming) ended the whole connection, the other requests on it included, and
-    its client never saw the answer (hypercorn#329, unfixed upstream)."""
+    """hypercorn's (0.18) HTTP/2 protocol, with these repairs.
+
+    - It raised KeyError at a DATA frame for a stream it had closed: a request answered
+      before its body was read (a 401, 413, 415 or 408 to an upload still coming) ended the
+      whole connection, the other requests on it included, and its client never saw the
+      answer (hypercorn#329, unfixed upstream).
+    - Its response buffers did not hold the app back (_StreamBuffer).
+    - A stream whose client grants it no window while the connection lives (the kernel's
+      TCP_USER_TIMEOUT sees nothing wrong: the client acknowledges every byte) held its
+      request, its blob and a chunk of buffers forever; and a connection that closed left
+      every app blocked on a full buffer waiting forever (nothing wakes it once the sending
+      task has ended), with that memory. A stream whose response bytes wait
+      `send_stall_timeout_s` is reset (RST_STREAM CANCEL) and its request ends as a client
+      disconnect; the buffers of a closed connection are closed, which releases their apps.
+    - Streams the client opened and reset at once were each given a handler, without bound
+      (the rapid reset of CVE-2023-44487: SETTINGS_MAX_CONCURRENT_STREAMS counts open
+      streams only): a thousand requests in one 64 KiB read, all handled at once, and at
+      the 1001st the priority tree's TooManyStreamsError ended the connection with a
+      traceback. A request arriving while the connection's handlers still at work, reset
+      or not, number H2_MAX_HANDLERS is refused (RST_STREAM REFUSED_STREAM, which a client
+      may retry, RFC 9113 8.7); a connection refused more than H2_MAX_REFUSED_STREAMS
+      times is closed (GOAWAY ENHANCE_YOUR_CALM).
+    - It closed a connection after `keep_alive_max_requests` requests, failing the last
+      (keep_alive_requests).
+    - PRIORITY frames for streams not open yet filled its priority tree
+      (_priority_updated).
+    - A connection whose streams the client had reset, or that was refused, was never
+      timed out idle: hypercorn restarts its idle timer only when a response ends. It is
+      restarted whenever the connection has no stream left open (KEEP_ALIVE_TIMEOUT_S).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.streams = _Streams()
+        stall_s = getattr(self.config, "send_stall_timeout_s", SEND_STALL_TIMEOUT_S)
+        self.stream_buffers = _StreamBuffers(self.context.event_class, stall_s)
+        self.app = self.handlers = _CountedApp(self.app)
+        self._maybe_idle = False
+        self.refused = 0  # streams refused (H2_MAX_HANDLERS)
+
+    @property
+    def keep_alive_requests(self) -> int:
+        """hypercorn's count of the connection's requests, which it closes the connection at
+        (`keep_alive_max_requests`): always 0, an HTTP/2 connection has no such limit. The
+        GOAWAY hypercorn sent named the request that reached it as processed and left it
+        unanswered: the 1001st request of every client (a viewer fetching a study's frames
+        one by one) failed. Sent when a response ends, it meets the client's next request
+        on the way, which clients fail too (curl 7.88; httpx while a stream is open)."""
+        return 0
+
+    @keep_alive_requests.setter
+    def keep_alive_requests(self, value: int) -> None:
+        pass
+
+    async def _create_stream(self, request: h2.events.RequestReceived) -> None:
+        if self.connection.state_machine.state == h2.connection.ConnectionState.CLOSED:
+            return  # after our GOAWAY: the rest of the client's read is dropped
+        if self.handlers.running < H2_MAX_HANDLERS:
+            self.handlers.running += 1
+            await super()._create_stream(request)
+            return
+        self.refused += 1
+        if self.refused > H2_MAX_REFUSED_STREAMS:  # it goes on as if told nothing
+            self.connection.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            await self._flush()
+            await self.send(Closed())
+            return
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client
+            self.connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self._maybe_idle = True
+
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        """PRIORITY frames and priorities in HEADERS are ignored (RFC 9113 5.3.2 deprecates
+        the scheme of RFC 7540, and its receiver may ignore them): hypercorn entered every
+        stream one names into its priority tree, opened or not, and the 1001st such stream
+        ended the connection with TooManyStreamsError and a traceback in the error log."""
+        return None
+
+    async def _close_stream(self, stream_id: int) -> None:
+        await super()._close_stream(stream_id)
+        self._maybe_idle = True
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        await super()._handle_events(events)
+        if self._maybe_idle and not self.closed:
+            self._maybe_idle = False
+            if self.idle:
+                await self.send(Updated(idle=True))
+
+    async def handle(self, event: ConnectionEvent) -> None:
+        await super().handle(event)
+        if isinstance(event, Closed):
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        try:
+            await super().stream_send(event)
+            if isinstance(event, StreamClosed):
+                self._maybe_idle = False  # hypercorn has said whether it is idle
+        except _SendStalled:
+            assert isinstance(event, _BODY_EVENTS)
+            await self._reset_stalled(event.stream_id)
+
+    async def _reset_stalled(self, stream_id: int) -> None:
+        """As when the client resets the stream: the app is told of a disconnect, and the
+        sending task, finding the stream closed, drops its buffer."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # closed meanwhile
+            self.connection.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+        await self._flush()
+        await self._close_stream(stream_id)
+        await self._window_updated(stream_id)
 
 
 # Bytes of a response's first body message sent in one write with its head (_H11Protocol);
@@ -205,6 +455,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = _ServerConfig()
     config.send_stall_timeout_s = settings.send_stall_timeout_s
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
+    config.h2_max_concurrent_streams = H2_MAX_CONCURRENT_STREAMS
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = "-"
     config.logger_class = AccessLog

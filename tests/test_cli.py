@@ -93,6 +93,7 @@ def test_listening_sockets_carry_the_send_stall_timeout(seconds: float, millis: 
     settings = Settings(port=free_port(), send_stall_timeout_s=seconds)
     config = httpd.hypercorn_config(settings)
     assert config.keep_alive_timeout == httpd.KEEP_ALIVE_TIMEOUT_S == 5.0
+    assert config.h2_max_concurrent_streams == httpd.H2_MAX_CONCURRENT_STREAMS == 100
     (listener,) = config.create_sockets().insecure_sockets
     with listener:
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == millis
