@@ -135,8 +135,8 @@ def _get_aborted(archive: Archive, study: str, after_pdus: int) -> None:
             aborting.set()
             threading.Thread(target=event.assoc.abort).start()
 
-    assoc = associate(ae, archive, ext_neg=[role],
-                      evt_handlers=[requestor_store(lambda _: 0x0000), (evt.EVT_PDU_RECV, on_pdu)])  # fmt: skip
+    handlers = [requestor_store(lambda _: 0x0000), (evt.EVT_PDU_RECV, on_pdu)]
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=handlers)
     sock = assoc.dul.socket
     assert sock is not None
     recv: Callable[[int], bytearray] = sock.recv
@@ -153,6 +153,10 @@ def _get_aborted(archive: Archive, study: str, after_pdus: int) -> None:
     deadline = time.monotonic() + 10
     while assoc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
+    # The requestor's pynetdicom keeps open the file it was receiving the data set into.
+    spool = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
+    if spool is not None:
+        spool.close()
 
 
 async def test_get_aborted_by_the_requestor_queues_no_more(
@@ -173,7 +177,7 @@ async def test_get_aborted_by_the_requestor_queues_no_more(
     study, data_set = await _stored(archive)
     spooled = set(Path(tempfile.gettempdir()).glob("tmp*.dcm"))
     await in_thread(_get_aborted, archive, study, 16)
-    # The requestor's pynetdicom leaves the data set it was receiving when it aborted.
+    # ... and leaves it behind (_get_aborted).
     for left in set(Path(tempfile.gettempdir()).glob("tmp*.dcm")) - spooled:
         left.unlink()
     assert len(duls) == 1
