@@ -4,17 +4,24 @@ peer that reads slowly stay within DIMSE_SEND_QUEUE_BYTES."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import tempfile
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
@@ -110,3 +117,70 @@ async def test_get_sends_a_stored_instance_a_pdu_at_a_time(
     # Encoded whole (pynetdicom's send_c_store of a Dataset): 3 times the data set; then
     # queued whole for a slow reader.
     assert peak < len(data_set) // 2, peak
+
+
+def _get_aborted(archive: Archive, study: str, after_pdus: int) -> None:
+    """C-GET of the study by a slow requestor that aborts the association once it has read
+    `after_pdus` P-DATA-TF PDUs, in the middle of the instance."""
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae = scu(model)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    role = build_role(CTImageStorage, scp_role=True)
+    read = [0]
+    aborting = threading.Event()
+
+    def on_pdu(event: Event) -> None:  # in the requestor's DUL thread: abort from another
+        read[0] += isinstance(event.pdu, P_DATA_TF)
+        if read[0] >= after_pdus and not aborting.is_set():
+            aborting.set()
+            threading.Thread(target=event.assoc.abort).start()
+
+    handlers = [requestor_store(lambda _: 0x0000), (evt.EVT_PDU_RECV, on_pdu)]
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=handlers)
+    sock = assoc.dul.socket
+    assert sock is not None
+    recv: Callable[[int], bytearray] = sock.recv
+
+    def slow_recv(nr_bytes: int) -> bytearray:
+        time.sleep(0.0005)
+        return recv(nr_bytes)
+
+    sock.recv = slow_recv  # type: ignore[method-assign]
+    with contextlib.suppress(Exception):
+        for _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study), model):
+            pass
+    assert aborting.wait(10)
+    deadline = time.monotonic() + 10
+    while assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The requestor's pynetdicom keeps open the file it was receiving the data set into.
+    spool = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
+    if spool is not None:
+        spool.close()
+
+
+async def test_get_aborted_by_the_requestor_queues_no_more(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by review: once the requestor aborted (the DUL thread ended), the rest of the
+    instance was read from its file into the DUL's queue, where nothing sends it: the memory
+    the bound saves, held after all (27 MB of a 32 MB instance)."""
+    monkeypatch.setattr(sending, "DIMSE_SEND_QUEUE_BYTES", _QUEUE)
+    duls: list[Any] = []
+    bound = sending.bound_send_queue
+
+    def bound_and_kept(dul: Any) -> None:
+        duls.append(dul)
+        bound(dul)
+
+    monkeypatch.setattr(sending, "bound_send_queue", bound_and_kept)
+    study, data_set = await _stored(archive)
+    spooled = set(Path(tempfile.gettempdir()).glob("tmp*.dcm"))
+    await in_thread(_get_aborted, archive, study, 16)
+    # ... and leaves it behind (_get_aborted).
+    for left in set(Path(tempfile.gettempdir()).glob("tmp*.dcm")) - spooled:
+        left.unlink()
+    assert len(duls) == 1
+    queued = [p for p in list(duls[0].to_provider_queue.queue) if isinstance(p, P_DATA)]
+    held = sum(len(v) for p in queued for _, v in p.presentation_data_value_list)
+    assert held <= _QUEUE, (held, len(data_set))

@@ -64,7 +64,9 @@ def bound_send_queue(dul: Any) -> None:
     already queued for the peer hold DIMSE_SEND_QUEUE_BYTES (counted as that many PDUs of its
     size); the DUL thread takes them as the peer's connection accepts them (queue.Queue's
     get wakes the waiters). Once the DUL thread has ended (the association aborted, the
-    connection gone) nothing waits: what is queued then is never sent."""
+    connection gone) nothing waits, and a P-DATA is dropped, not queued: it would never be
+    sent (found by review: the rest of an instance the requestor aborted was read from its
+    file into the queue, 27 MB of 32 MB, held until the association was freed)."""
     send_pdu = dul.send_pdu
     pending = dul.to_provider_queue
 
@@ -75,6 +77,8 @@ def bound_send_queue(dul: Any) -> None:
             with pending.not_full:
                 while pending._qsize() >= room and _taking(dul):
                     pending.not_full.wait(_QUEUE_POLL_S)
+            if not _taking(dul):
+                return
         send_pdu(primitive)
 
     dul.send_pdu = bounded
