@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import shutil
 import subprocess
 import warnings
@@ -69,6 +70,18 @@ def test_the_fallback_comes_after_the_other_decoders() -> None:
 
     for uid in FALLBACK_SYNTAXES:
         assert list(get_decoder(uid)._available)[-1] == FALLBACK_PLUGIN, uid.name
+
+
+def test_plugins_failing_before_the_fallback_log_no_error(
+    samples: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom logs each plugin that fails on a frame at ERROR with its traceback, then tries
+    the next: a frame the fallback decodes left two tracebacks in the server's log (found
+    live). A failure of every plugin is raised with each one's message, and answered."""
+    with caplog.at_level(logging.DEBUG, logger="pydicom"):
+        (frame,) = decode_frames(samples / LOSSY, [1])
+    assert _sha(frame) == LOSSY_SHA256
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_jpeg_lossy_decodes_as_dcmdjpeg_does(samples: Path, tmp_path: Path) -> None:

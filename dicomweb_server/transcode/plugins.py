@@ -6,6 +6,7 @@ codec's panic included (CodecPanicError, unpanicked)."""
 from __future__ import annotations
 
 import functools
+import logging
 import struct
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,6 +27,19 @@ __all__ = [
 # libjpeg-turbo after pydicom's own JPEG decoders, tried when they all fail on a frame: every
 # module of the pixel layer that decodes imports this one first.
 register_fallback()
+
+
+class _PluginFailures(logging.Filter):
+    """pydicom logs each decoding plugin that fails on a frame at ERROR, traceback and all,
+    before it tries the next (pydicom 3.0 DecodeRunner): a frame the fallback decodes left
+    two tracebacks in the server's log (found live). Those records are dropped: when every
+    plugin fails, pydicom raises with each one's message, and that is answered or logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailures())
 
 
 # Decoder plugins preferred where pydicom offers several: for JPEG-LS, pyjpegls (CharLS)
