@@ -352,7 +352,14 @@ class _H2Protocol(H2Protocol):
             return  # after our GOAWAY: the rest of the client's read is dropped
         if self.handlers.running < H2_MAX_HANDLERS:
             self.handlers.running += 1
-            await super()._create_stream(request)
+            try:
+                await super()._create_stream(request)
+            except BaseException:
+                await self._answered_without_handler(request.stream_id)
+                raise
+            stream = self.streams.get(request.stream_id)  # None: its handler already ended
+            if stream is not None and getattr(stream, "app_put", None) is None:
+                await self._answered_without_handler(request.stream_id)
             return
         self.refused += 1
         if self.refused > H2_MAX_REFUSED_STREAMS:  # it goes on as if told nothing
@@ -363,6 +370,14 @@ class _H2Protocol(H2Protocol):
         with contextlib.suppress(h2.exceptions.StreamClosedError):  # reset by the client
             self.connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
         self._maybe_idle = True
+
+    async def _answered_without_handler(self, stream_id: int) -> None:
+        """A request hypercorn answered itself, no handler started (a CONNECT without a
+        WebSocket handshake: 400): it is not counted as running, which made 200 of them
+        refuse every later stream of the connection; and its stream, which hypercorn never
+        closed, no longer keeps the connection from being timed out idle."""
+        self.handlers.running -= 1
+        await self._close_stream(stream_id)
 
     async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
         """PRIORITY frames and priorities in HEADERS are ignored (RFC 9113 5.3.2 deprecates
@@ -405,6 +420,8 @@ class _H2Protocol(H2Protocol):
         await self._flush()
         await self._close_stream(stream_id)
         await self._window_updated(stream_id)
+        if self.idle and not self.closed:  # no frame may come to restart the idle timer
+            await self.send(Updated(idle=True))
 
 
 # Bytes of a response's first body message sent in one write with its head (_H11Protocol);
