@@ -135,27 +135,21 @@ def _over(count: int, limit: int, what: str) -> str | None:
     return f"{what} of more than {limit} bytes ({constant})" if what else ""
 
 
-def _queued_requests(assoc: Any) -> int:
-    """How many requests pynetdicom received whole and queued for the association's thread
-    (DIMSEServiceProvider.msg_queue, pynetdicom 3.0); see DIMSE_MAX_QUEUED_REQUESTS."""
-    msg_queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
-    return 0 if msg_queue is None else int(msg_queue.qsize())
-
-
-def _queued_bytes(assoc: Any) -> int:
-    """Bytes of the identifiers of the requests pynetdicom received whole and queued for the
-    association's thread, which serves one at a time (DIMSEServiceProvider.msg_queue,
-    pynetdicom 3.0): a peer that does not wait for each response (PS3.7 D.3.3.3: one
-    operation outstanding without an asynchronous operations window) had them pile up in
-    memory, each within DIMSE_MAX_IDENTIFIER_BYTES (found by review). A C-STORE's data set
-    is in its spool file."""
+def _queued_requests(assoc: Any) -> tuple[int, int]:
+    """The requests pynetdicom received whole and queued for the association's thread, which
+    serves one at a time (DIMSEServiceProvider.msg_queue, pynetdicom 3.0): how many (see
+    DIMSE_MAX_QUEUED_REQUESTS), and the bytes of their identifiers. A peer that does not wait
+    for each response (PS3.7 D.3.3.3: one operation outstanding without an asynchronous
+    operations window) had them pile up in memory, each identifier within
+    DIMSE_MAX_IDENTIFIER_BYTES (found by review). A C-STORE's data set is in its spool file."""
     msg_queue = getattr(getattr(assoc, "dimse", None), "msg_queue", None)
     if msg_queue is None:
-        return 0
+        return 0, 0
     with msg_queue.mutex:
         queued = list(msg_queue.queue)
     held = [getattr(primitive, "Identifier", None) for _cx, primitive in queued]
-    return sum(len(value.getbuffer()) for value in held if isinstance(value, io.BytesIO))
+    nbytes = sum(len(value.getbuffer()) for value in held if isinstance(value, io.BytesIO))
+    return len(queued), nbytes
 
 
 def _rejected(result: int, source: int, reason: int) -> int:
@@ -277,10 +271,10 @@ class Connections:
         """limit_data_set's count of the bytes of one P-DATA-TF's values; the values from the
         one that passes a limit on are dropped, and the association aborted. A data set is
         held to max_data_set_bytes when spooled (a C-STORE's, its command decoded), else to
-        DIMSE_MAX_IDENTIFIER_BYTES with the identifiers queued unserved (_queued_bytes); one
+        DIMSE_MAX_IDENTIFIER_BYTES with the identifiers queued unserved (_queued_requests); one
         whose command ends in this PDU (decoded after it: its kind unknown) to both."""
         size, command = link.receiving, link.commanding
-        waiting = _queued_requests(event.assoc)
+        waiting, queued = _queued_requests(event.assoc)
         if waiting > DIMSE_MAX_QUEUED_REQUESTS:
             link.held = (f"more than {DIMSE_MAX_QUEUED_REQUESTS} requests queued unanswered"
                          " (DIMSE_MAX_QUEUED_REQUESTS)")  # fmt: skip
@@ -289,7 +283,6 @@ class Connections:
             return
         message = getattr(getattr(event.assoc, "dimse", None), "message", None)
         spooled, unknown = getattr(message, "_data_set_file", None) is not None, False
-        queued = _queued_bytes(event.assoc)
         for n, pdv in enumerate(items):
             value = pdv.presentation_data_value or b"\x00"
             if value[0] & 1:  # a command: a message begins (or goes on)
