@@ -36,8 +36,8 @@ _STATUS = {
     "503": "Service Unavailable (database away; Retry-After)",
 }  # fmt: skip
 _RENDER_PARAMS: dict[str, dict[str, Any]] = {
-    "window": {"type": "string", "description": "center,width[,LINEAR|LINEAR_EXACT|SIGMOID]"},
-    "viewport": {"type": "string", "description": "vw,vh[,sx,sy,sw,sh]"},
+    "window": {"type": "string", "description": "center,width,linear|linear-exact|sigmoid"},
+    "viewport": {"type": "string", "description": "vw,vh[,[sx],[sy],[sw],[sh]]"},
     "quality": {"type": "integer", "minimum": 1, "maximum": 100},
     "accept": {"type": "string"},
 }

@@ -22,8 +22,8 @@ from dicomweb_server.rendered import (
     THUMBNAIL_SIZE,
     RenderParams,
     check_animation,
-    check_region,
     output_size,
+    region_box,
 )
 from dicomweb_server.transcode.codecs import TranscodeError
 from dicomweb_server.transcode.frames import frame_array, read_stored
@@ -407,14 +407,12 @@ def _region(pixels: np.ndarray, params: RenderParams) -> np.ndarray:
     large regions of images already decoded."""
     if params.region is None:
         return pixels
-    sx, sy, sw, sh = params.region
-    check_region(params.region, pixels.shape[1], pixels.shape[0])
-    x0, x1 = sorted((sx, sx + sw))
-    y0, y1 = sorted((sy, sy + sh))
+    x0, y0, x1, y1 = region_box(params.region, pixels.shape[1], pixels.shape[0])
     out = pixels[y0:y1, x0:x1]
-    if sw < 0:  # PS3.18 8.3.5.1.3: a negative source extent flips the image
+    _, _, sw, sh = params.region
+    if sw is not None and sw < 0:  # PS3.18 8.3.5.1.3: a negative sw flips horizontally
         out = out[:, ::-1]
-    if sh < 0:
+    if sh is not None and sh < 0:
         out = out[::-1]
     return np.ascontiguousarray(out)
 
@@ -497,6 +495,6 @@ def render_icon(label: str, params: RenderParams, media: str) -> bytes:
     draw.text(
         ((side - (right - left)) / 2, (side - (bottom - top)) / 2), text, fill=(248, 249, 250)
     )
-    # The icon is not the image: a source region does not apply to it (_fit fits the whole
-    # tile inside the viewport).
+    # Icons are thumbnails, whose viewport names no source region (PS3.18 8.3.5.1.3): _fit
+    # fits the whole tile inside the viewport.
     return _encode(_fit(img, params, thumbnail=True), media, params.quality)

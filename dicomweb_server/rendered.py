@@ -19,11 +19,12 @@ __all__ = [
     "THUMBNAIL_SIZE",
     "RenderParams",
     "check_animation",
-    "check_region",
+    "check_iccprofile",
     "ignored_render_params",
     "negotiate_rendered",
     "output_size",
     "parse_render_params",
+    "region_box",
 ]
 
 # PS3.18 Table 8.7.4-1: rendered media types we produce; the first is the default.
@@ -34,11 +35,12 @@ DEFAULT_QUALITY = 90
 # output of one rendered frame is at most this square (64 Mi pixels, 192 MiB as RGB), more than
 # any display shows.
 MAX_VIEWPORT_PIXELS = 8192
-# Farthest edge of a viewport's source region (sx + sw, sy + sh), pixels. PS3.18 8.3.5.1.3
-# gives the region in the pixel coordinates of the image, and Rows and Columns are US (PS3.3
-# C.7.6.3.1, PS3.5 Table 6.2-1): no image reaches past 65535, so a region that does is refused
-# as malformed before any pixel is read. The region must also lie inside the image it is cut
-# from (check_region): it selects pixels that exist, never more memory than the decoded frame.
+# Farthest edge of a viewport's source region (|sx| + |sw|, |sy| + |sh|), pixels. PS3.18
+# 8.3.5.1.3 gives the region in the pixel coordinates of the image, and Rows and Columns are US
+# (PS3.3 C.7.6.3.1, PS3.5 Table 6.2-1): no image reaches past 65535, so a region that does is
+# refused as malformed before any pixel is read. The region must also lie inside the image it
+# is cut from (region_box): it selects pixels that exist, never more memory than the decoded
+# frame.
 MAX_REGION_EDGE = 65535
 # Pixels of an animated GIF, summed over its frames (frames x output width x height): 64 Mi,
 # e.g. 256 frames of 512 x 512 (an XA run), 400 beyond. Pillow's GIF encoder holds every frame
@@ -49,6 +51,19 @@ MAX_ANIMATION_PIXELS = 64 * 1024 * 1024
 # Longest edge of a thumbnail when the request gives no viewport, pixels.
 THUMBNAIL_SIZE = 128
 _FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+# PS3.18 8.3.5.1.4 names the functions "linear", "linear-exact" and "sigmoid"; the VOI LUT
+# Function spellings (PS3.3 C.11.2.1.2: LINEAR_EXACT) are taken too, in any case.
+_FUNCTION_NAMES = {"LINEAR": "LINEAR", "LINEAR-EXACT": "LINEAR_EXACT",
+                   "LINEAR_EXACT": "LINEAR_EXACT", "SIGMOID": "SIGMOID"}  # fmt: skip
+# The source region's sx, sy, sw, sh are "decimal numbers" (PS3.18 8.3.5.1.3): ASCII digits,
+# a sign and a fraction, no exponent (no region needs one).
+_DECIMAL = r"[+-]?([0-9]{1,6}(\.[0-9]{0,6})?|\.[0-9]{1,6})"
+# Values of `iccprofile` (PS3.18 8.3.5.1.5, case-sensitive %s strings), and the rendered media
+# types that cannot embed an ICC profile, for which any value but "no" is a 400.
+_ICC_VALUES = ("no", "yes", "srgb", "adobergb", "rommrgb")
+_NO_ICC_MEDIA = frozenset({"image/gif"})
+# An `annotation` value (PS3.18 8.3.5.1.1): a keyword. This server burns in none.
+_KEYWORD = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 # Numbers are ASCII digits: Python's `\d`, int() and float() also take the digits of other
 # scripts (U+0661, Arabic-Indic one; U+FF11, fullwidth one) and surrounding whitespace.
 _NUMBER = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
@@ -60,8 +75,10 @@ class RenderParams:
     window: tuple[float, float, str] | None = None
     # (width, height) of the output; None: the image size (thumbnails: THUMBNAIL_SIZE).
     viewport: tuple[int, int] | None = None
-    # (sx, sy, sw, sh) source region of `viewport`, in image pixels; None: the whole image.
-    region: tuple[int, int, int, int] | None = None
+    # (sx, sy, sw, sh) source region of `viewport`, in image pixels (PS3.18 8.3.5.1.3): sx
+    # and sy its top-left corner (>= 0), |sw| and |sh| its size, a negative one flipping it;
+    # None for sw (sh): to the image's right (bottom) edge. None: the whole image.
+    region: tuple[float, float, float | None, float | None] | None = None
     quality: int = DEFAULT_QUALITY
 
 
@@ -79,66 +96,84 @@ def _window(value: str) -> tuple[float, float, str]:
     center, width = float(items[0]), float(items[1])
     if not (math.isfinite(center) and math.isfinite(width)):  # `1e309` is inf to float()
         raise BadRequestError(f"window center and width must be finite numbers: {value!r}")
-    function = items[2].upper() if len(items) == 3 else "LINEAR"
     # str.upper() maps some letters of other scripts into ASCII (U+0131, dotless i, is I).
-    if function not in _FUNCTIONS or not items[-1].isascii():
-        raise BadRequestError(f"window function must be one of {', '.join(_FUNCTIONS)}")
+    name = items[2].upper() if len(items) == 3 and items[2].isascii() else "?"
+    function = _FUNCTION_NAMES.get(name, "") if len(items) == 3 else "LINEAR"
+    if not function:
+        raise BadRequestError(
+            "window function must be one of linear, linear-exact, sigmoid (PS3.18 8.3.5.1.4)"
+        )
     if (width < 1 and function != "LINEAR_EXACT") or width <= 0:
         raise BadRequestError("window width must be at least 1 (PS3.3 C.11.2.1.2)")
     return center, width, function
 
 
-def _viewport(value: str) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
-    items = _numbers("viewport", value, (2, 6))
-    # sw and sh may be negative: the region is then flipped (PS3.18 8.3.5.1.3).
-    signed = (False, False, False, False, True, True)
-    if not all(
-        re.fullmatch(r"-?[0-9]{1,6}" if neg else r"[0-9]{1,6}", v)
-        for v, neg in zip(items, signed, strict=False)
-    ):
+def _viewport(
+    value: str, thumbnail: bool
+) -> tuple[tuple[int, int], tuple[float, float, float | None, float | None] | None]:
+    """`vw,vh[,[sx],[sy],[sw],[sh]]` (PS3.18 8.3.5.1.3): values may be elided (`512,512,,,256,
+    256`), trailing ones with their commas (`512,512,10`); sx and sy default to 0, sw and sh
+    to the image's right and bottom edges. A thumbnail takes vw,vh only (8.3.5.2)."""
+    items = value.split(",")
+    if not 2 <= len(items) <= 6:
+        raise BadRequestError(f"viewport is vw,vh[,sx,sy,sw,sh], got {value!r}")
+    if thumbnail and len(items) > 2:
         raise BadRequestError(
-            f"viewport values must be integers, non-negative but for sw and sh: {value!r}"
+            "a thumbnail's viewport is vw,vh only: no source region (PS3.18 8.3.5.1.3)"
         )
+    if not all(re.fullmatch(r"[0-9]{1,6}", v) for v in items[:2]):
+        raise BadRequestError(f"viewport width and height must be integers: {value!r}")
     vw, vh = int(items[0]), int(items[1])
     if not (1 <= vw <= MAX_VIEWPORT_PIXELS and 1 <= vh <= MAX_VIEWPORT_PIXELS):
         raise BadRequestError(f"viewport width and height must be 1 to {MAX_VIEWPORT_PIXELS}")
     if len(items) == 2:
         return (vw, vh), None
-    sx, sy, sw, sh = (int(v) for v in items[2:])
+    rest = items[2:] + [""] * (6 - len(items))
+    if not all(v == "" or re.fullmatch(_DECIMAL, v) for v in rest):
+        raise BadRequestError(f"viewport sx, sy, sw and sh must be decimal numbers: {value!r}")
+    sx, sy, sw, sh = (None if v == "" else float(v) for v in rest)
+    # "decimal numbers whose absolute values specify ... the top-left corner"
+    sx, sy = abs(sx or 0.0), abs(sy or 0.0)
     if sw == 0 or sh == 0:
         raise BadRequestError("viewport source width and height must not be 0")
-    if max(sx, sx + sw) > MAX_REGION_EDGE or max(sy, sy + sh) > MAX_REGION_EDGE:
+    if sx + abs(sw or 0.0) > MAX_REGION_EDGE or sy + abs(sh or 0.0) > MAX_REGION_EDGE:
         raise BadRequestError(
-            f"viewport source region {sx},{sy},{sw},{sh} reaches past {MAX_REGION_EDGE}, the "
-            "largest image edge (Rows and Columns are US, PS3.3 C.7.6.3.1)"
+            f"viewport source region {value!r} reaches past {MAX_REGION_EDGE}, the largest "
+            "image edge (Rows and Columns are US, PS3.3 C.7.6.3.1)"
         )
     return (vw, vh), (sx, sy, sw, sh)
 
 
-def check_region(region: tuple[int, int, int, int], width: int, height: int) -> None:
-    """400 unless the source region (sx, sy, sw, sh) lies inside the width x height image.
+def region_box(
+    region: tuple[float, float, float | None, float | None], width: int, height: int
+) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), the pixels of a width x height image the source region covers (a
+    fractional edge takes the pixel it cuts); 400 unless the region lies inside the image.
 
     PS3.18 8.3.5.1.3 selects the region from the image, in its pixel coordinates; pixels past
     its edges do not exist, and painting them would cost memory in proportion to the request
     rather than to the image (a 20000 x 20000 region of a 512 x 512 image was 400 Mi pixels).
     Refused rather than clipped (STYLE.md rule 5): a clipped region would silently change the
-    output's shape. A negative extent (a flip) spans the sw pixels before sx.
+    output's shape. A negative sw or sh flips the region; it does not move it.
     """
     sx, sy, sw, sh = region
-    left, right = sorted((sx, sx + sw))
-    top, bottom = sorted((sy, sy + sh))
-    if left < 0 or top < 0 or right > width or bottom > height:
+    right = width if sw is None else sx + abs(sw)
+    bottom = height if sh is None else sy + abs(sh)
+    if not (sx < right <= width and sy < bottom <= height):
+        shown = ",".join("" if v is None else f"{v:g}" for v in region)
         raise BadRequestError(
-            f"viewport source region {sx},{sy},{sw},{sh} is not inside the image, which is "
+            f"viewport source region {shown} is not inside the image, which is "
             f"{width} x {height} pixels (PS3.18 8.3.5.1.3)"
         )
+    return math.floor(sx), math.floor(sy), math.ceil(right), math.ceil(bottom)
 
 
 def output_size(width: int, height: int, params: RenderParams, thumbnail: bool) -> tuple[int, int]:
     """(width, height) of the rendering of a width x height image: its source region fitted
     inside the viewport (a thumbnail's: THUMBNAIL_SIZE square), aspect kept."""
     if params.region is not None:
-        width, height = abs(params.region[2]), abs(params.region[3])
+        x0, y0, x1, y1 = region_box(params.region, width, height)
+        width, height = x1 - x0, y1 - y0
     if params.viewport is not None:
         box = params.viewport
     elif thumbnail:
@@ -161,17 +196,57 @@ def check_animation(frames: int, size: tuple[int, int]) -> None:
         )
 
 
-def parse_render_params(params: Mapping[str, str]) -> RenderParams:
-    """`window`, `viewport`, `quality` (PS3.18 8.3.5.1); 400 when malformed."""
+def parse_render_params(params: Mapping[str, str], thumbnail: bool = False) -> RenderParams:
+    """`window`, `viewport`, `quality` (PS3.18 8.3.5.1); 400 when malformed, or when a
+    thumbnail's viewport names a source region. `annotation` and `iccprofile` are checked
+    too (ignored_render_params says what is not applied of them)."""
     window = _window(params["window"]) if params.get("window") else None
-    viewport, region = _viewport(params["viewport"]) if params.get("viewport") else (None, None)
+    viewport, region = (
+        _viewport(params["viewport"], thumbnail) if params.get("viewport") else (None, None)
+    )
     quality = DEFAULT_QUALITY
     if params.get("quality"):
         q = params["quality"]
         if not re.fullmatch(r"[0-9]{1,3}", q) or not 1 <= int(q) <= 100:
             raise BadRequestError(f"quality must be an integer from 1 to 100, got {q!r}")
         quality = int(q)
+    if "annotation" in params:
+        _annotation(params["annotation"])
+    if "iccprofile" in params:
+        _iccprofile(params["iccprofile"])
     return RenderParams(window, viewport, region, quality)
+
+
+def _annotation(value: str) -> list[str]:
+    """The keywords of `annotation` (PS3.18 8.3.5.1.1): "If any of the parameter values are
+    not keywords, or there are no parameter values", 400."""
+    items = value.split(",")
+    if not all(re.fullmatch(_KEYWORD, v) for v in items):
+        raise BadRequestError(
+            f"annotation is a list of keywords (patient, technique), got {value[:64]!r}"
+        )
+    return items
+
+
+def _iccprofile(value: str) -> list[str]:
+    """The values of `iccprofile` (PS3.18 8.3.5.1.5): 1#("no" / "yes" / "srgb" / "adobergb"
+    / "rommrgb"); anything else, or nothing, is a 400."""
+    items = value.split(",")
+    if not all(v in _ICC_VALUES for v in items):
+        raise BadRequestError(
+            f"iccprofile is one or more of {', '.join(_ICC_VALUES)}, got {value[:64]!r}"
+        )
+    return items
+
+
+def check_iccprofile(params: Mapping[str, str], media: str) -> None:
+    """PS3.18 8.3.5.1.5: "If the Media Type does not support embedded ICC Profiles: a 400 Bad
+    Request error shall be returned if the parameter value is other than 'no'" (GIF here)."""
+    value = params.get("iccprofile")
+    if value is not None and media in _NO_ICC_MEDIA and _iccprofile(value) != ["no"]:
+        raise BadRequestError(
+            f"{media} cannot embed an ICC profile: iccprofile may only be no for it"
+        )
 
 
 # Query parameters of the rendered and thumbnail resources this server applies (PS3.18
@@ -184,13 +259,17 @@ def ignored_render_params(params: Mapping[str, str]) -> list[str]:
     dropped silently). PS3.18 8.3.1: "The origin server shall ignore any unsupported Query
     Parameters"; `annotation` and `iccprofile` (8.3.5.1.1, 8.3.5.1.5) are supported by the
     standard but not by this server, which burns in no annotation and embeds no ICC profile
-    (`iccprofile=no` asks for none: nothing ignored)."""
+    (`iccprofile=no` asks for none: nothing ignored). Unsupported annotation values get the
+    Warning text 8.3.5.1.1 gives. Their values were checked by parse_render_params."""
     texts: list[str] = []
     for name in dict.fromkeys(params):
         if name in _APPLIED or (name == "iccprofile" and params[name] == "no"):
             continue
-        if name in ("annotation", "iccprofile"):
-            texts.append(f"{name} is not applied: the image is sent without it")
+        if name == "annotation":
+            values = ",".join(dict.fromkeys(_annotation(params[name])))
+            texts.append(f"The following annotation values are not supported: {values}")
+        elif name == "iccprofile":
+            texts.append("iccprofile is not applied: the image is sent without an ICC profile")
         else:
             texts.append(f"{name[:64]} is not a parameter of this resource; ignored")
     return texts

@@ -24,9 +24,9 @@ from dicomweb_server.rendered import (
     THUMBNAIL_SIZE,
     RenderParams,
     check_animation,
-    check_region,
     output_size,
     parse_render_params,
+    region_box,
 )
 from tests.helpers import (
     ROOT,
@@ -136,17 +136,31 @@ def test_viewport_and_region_limits_at_the_edge() -> None:
     ok = parse_render_params({"viewport": f"8,8,0,0,{m},{m}"})
     assert ok.region == (0, 0, m, m)
     assert parse_render_params({"viewport": f"8,8,{m - 1},{m - 1},1,1"}).region
-    for over in (f"8,8,0,0,{m + 1},1", f"8,8,1,0,{m},1", f"8,8,0,{m},1,1"):
+    assert parse_render_params({"viewport": f"8,8,{m - 1},{m - 1},-1,-1"}).region
+    for over in (f"8,8,0,0,{m + 1},1", f"8,8,1,0,{m},1", f"8,8,0,{m},1,1", f"8,8,1,0,-{m},1"):
         with pytest.raises(BadRequestError, match=str(m)):
             parse_render_params({"viewport": over})
 
 
-def test_check_region_inside_the_image() -> None:
-    check_region((0, 0, 48, 32), 48, 32)  # the whole image
-    check_region((47, 31, 1, 1), 48, 32)  # its last pixel
-    for region in [(0, 0, 49, 32), (0, 0, 48, 33), (48, 0, 1, 1), (0, 32, 1, 1), (1, 0, 48, 1)]:
+def test_region_box_inside_the_image() -> None:
+    assert region_box((0, 0, 48, 32), 48, 32) == (0, 0, 48, 32)  # the whole image
+    assert region_box((47, 31, 1, 1), 48, 32) == (47, 31, 48, 32)  # its last pixel
+    assert region_box((0, 0, -48, -32), 48, 32) == (0, 0, 48, 32)  # flipped, not moved
+    assert region_box((10, 4, None, None), 48, 32) == (10, 4, 48, 32)  # to the edges
+    assert region_box((0.5, 0, 2.25, 1), 48, 32) == (0, 0, 3, 1)  # the pixels it touches
+    for region in [
+        (0, 0, 49, 32),
+        (0, 0, 48, 33),
+        (48, 0, 1, 1),
+        (0, 32, 1, 1),
+        (1, 0, 48, 1),
+        (1, 0, -48, 1),
+        (48, 0, None, 1),
+        (0, 32, 1, None),
+        (47.5, 0, 1, 1),
+    ]:
         with pytest.raises(BadRequestError, match="48 x 32"):
-            check_region(region, 48, 32)
+            region_box(region, 48, 32)
 
 
 async def test_rendered_source_region(app_client: httpx.AsyncClient) -> None:
@@ -158,10 +172,10 @@ async def test_rendered_source_region(app_client: httpx.AsyncClient) -> None:
     whole = np.asarray(image(await app_client.get(f"{url}?{fixed}", headers=png), "image/png"))
     right = await app_client.get(f"{url}?{fixed}&viewport=24,32,24,0,24,32", headers=png)
     assert np.array_equal(np.asarray(image(right, "image/png")), whole[:, 24:])
-    # A negative extent flips: the sw (sh) pixels before sx (sy), mirrored (PS3.18 8.3.5.1.3).
-    flipped = await app_client.get(f"{url}?{fixed}&viewport=24,32,48,32,-24,-32", headers=png)
+    # A negative extent flips the region whose top-left corner is sx,sy (PS3.18 8.3.5.1.3).
+    flipped = await app_client.get(f"{url}?{fixed}&viewport=24,32,24,0,-24,-32", headers=png)
     assert np.array_equal(np.asarray(image(flipped, "image/png")), whole[::-1, 24:][:, ::-1])
-    for region in ("0,0,-1,32", "48,0,-49,32"):  # before the image's first column
+    for region in ("48,0,-1,32", "1,0,-48,32"):  # past the image's last column
         refused(await app_client.get(url, params={"viewport": f"8,8,{region}"}), 400, "48 x 32")
     at_edge = await app_client.get(f"{url}?viewport=96,64,0,0,48,32", headers=png)
     assert image(at_edge, "image/png").size == (96, 64)
@@ -328,11 +342,14 @@ async def test_undecodable_pixel_data_thumbnail_is_an_icon(app_client: httpx.Asy
         refused(await app_client.get(f"{inst_url(ds)}/frames/1/rendered"), 406, "decode")
 
 
-async def test_icon_ignores_the_source_region(app_client: httpx.AsyncClient) -> None:
-    """A thumbnail icon is not the image: a viewport's source region does not apply to it."""
+async def test_thumbnail_viewport_has_no_source_region(app_client: httpx.AsyncClient) -> None:
+    """PS3.18 8.3.5.1.3: the viewport of a thumbnail is vw,vh; "anything other than vw and vh"
+    is a 400, for an icon too (it was applied to the image, ignored for an icon)."""
     video = video_instance(VIDEO_PHOTOGRAPHIC)
-    await stow(app_client, to_bytes(video))
-    r = await app_client.get(
-        f"{inst_url(video)}/thumbnail", params={"viewport": "64,64,0,0,640,480"}
-    )
-    assert image(r).size == (64, 64)
+    ds = make_instance(rows=32, cols=48)
+    await stow(app_client, to_bytes(video), to_bytes(ds))
+    for url in (inst_url(video), inst_url(ds), f"{inst_url(ds)}/frames/1"):
+        assert image(await app_client.get(f"{url}/thumbnail?viewport=64,64")).size[0] == 64
+        for region in ("64,64,0,0,640,480", "64,64,0", "64,64,,,,"):
+            r = await app_client.get(f"{url}/thumbnail", params={"viewport": region})
+            refused(r, 400, "vw,vh only")

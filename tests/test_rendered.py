@@ -482,5 +482,7 @@ async def test_parameters_not_applied_are_named_in_a_warning(
         assert image(r).size == (4, 4)
         warning = r.headers["warning"]
         assert warning.count("299 ") == 3, warning
-        assert "annotation is not applied" in warning and "iccprofile is not applied" in warning
+        # PS3.18 8.3.5.1.1 gives the annotation Warning's text
+        assert "The following annotation values are not supported: patient" in warning
+        assert "iccprofile is not applied" in warning
         assert "foo is not a parameter of this resource" in warning

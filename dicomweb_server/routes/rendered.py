@@ -12,6 +12,7 @@ from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import MediaRange, parse_accept
 from dicomweb_server.rendered import (
+    check_iccprofile,
     ignored_render_params,
     negotiate_rendered,
     parse_render_params,
@@ -45,7 +46,7 @@ async def _image(request: Request, thumbnail: bool) -> Response:
 
 async def _rendered(request: Request, thumbnail: bool) -> Response:
     accept = accept_of(request)
-    params = parse_render_params(request.query_params)
+    params = parse_render_params(request.query_params, thumbnail)
     p = request.path_params
     svc = services(request)
     found = await locate(
@@ -66,6 +67,7 @@ async def _rendered(request: Request, thumbnail: bool) -> Response:
         if document is not None:
             return document
     media = negotiate_rendered(accept)
+    check_iccprofile(request.query_params, media)
     animate = "instance" in p and "frames" not in p
     data = await rendered_image(svc, inst, frame, params, media, thumbnail, animate)
     return Response(data, media_type=media, headers=_PRIVATE if "instance" in p else _CHANGING)

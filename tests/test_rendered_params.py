@@ -1,0 +1,130 @@
+"""Rendered query parameters as PS3.18 (2024) 8.3.5.1 writes them: the viewport's elided and
+decimal source region values and its flips, the window function keywords, `annotation` and
+`iccprofile` values; on a real CT of the sample corpus."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.helpers import ROOT, inst_url, multipart_body, stow_headers
+
+pytestmark = pytest.mark.db
+
+CT = "real/pydicom/CT_small.dcm"  # 128 x 128, signed 16-bit, Rescale Intercept -1024
+PNG = {"Accept": "image/png"}
+# One window for every request compared (the instance's own one would apply otherwise too).
+FIXED = "window=40,400,linear"
+
+
+@pytest.fixture
+async def ct_url(app_client: httpx.AsyncClient, samples: Path) -> str:
+    data = (samples / CT).read_bytes()
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    return f"{inst_url(pydicom.dcmread(io.BytesIO(data)))}/rendered"
+
+
+def pixels(r: httpx.Response) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(r.content)))
+
+
+def refused(r: httpx.Response, *words: str) -> None:
+    assert r.status_code == 400, (r.status_code, r.text)
+    for word in words:
+        assert word in r.json()["message"]
+
+
+async def test_viewport_values_elided_as_the_standard_writes_them(
+    app_client: httpx.AsyncClient, ct_url: str
+) -> None:
+    """`viewport=512,512,,,512,512`: sx and sy elided (0); `viewport=vw,vh,sx`: trailing
+    values elided with their commas, sw and sh to the right and bottom edges. Both were 400."""
+    whole = pixels(await app_client.get(f"{ct_url}?{FIXED}", headers=PNG))
+    assert whole.shape == (128, 128)
+    elided = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,,,64,64", headers=PNG)
+    assert np.array_equal(pixels(elided), whole[:64, :64])
+    trailing = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,64", headers=PNG)
+    assert pixels(trailing).shape == (64, 32)  # 64 x 128 of the image fitted in 64 x 64
+    named = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,64,0,64,128", headers=PNG)
+    assert np.array_equal(pixels(trailing), pixels(named))
+    corner = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,64,64", headers=PNG)
+    assert np.array_equal(pixels(corner), whole[64:, 64:])
+    same = await app_client.get(f"{ct_url}?{FIXED}&viewport=128,128,,,,", headers=PNG)
+    assert np.array_equal(pixels(same), whole)
+
+
+async def test_negative_extent_flips_the_region_at_sx_sy(
+    app_client: httpx.AsyncClient, ct_url: str
+) -> None:
+    """sx,sy is the region's top-left corner, |sw| x |sh| its size; a negative sw (sh) flips it
+    horizontally (vertically). `viewport=64,64,0,0,-64,64` was a 400 (taken as the 64 columns
+    before column 0), and `64,0,-64,64` cut columns 0-63 rather than 64-127."""
+    whole = pixels(await app_client.get(f"{ct_url}?{FIXED}", headers=PNG))
+    left = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,0,0,-64,64", headers=PNG)
+    assert np.array_equal(pixels(left), whole[:64, :64][:, ::-1])
+    right = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,64,0,-64,64", headers=PNG)
+    assert np.array_equal(pixels(right), whole[:64, 64:][:, ::-1])
+    both = await app_client.get(f"{ct_url}?{FIXED}&viewport=128,128,0,0,-128,-128", headers=PNG)
+    assert np.array_equal(pixels(both), whole[::-1, ::-1])
+    flip = await app_client.get(f"{ct_url}?{FIXED}&viewport=128,128,,,,-128", headers=PNG)
+    assert np.array_equal(pixels(flip), whole[::-1])
+    refused(await app_client.get(f"{ct_url}?viewport=8,8,65,0,-64,64"), "128 x 128")
+
+
+async def test_viewport_region_in_decimal_numbers(
+    app_client: httpx.AsyncClient, ct_url: str
+) -> None:
+    """sx, sy, sw, sh are decimal numbers: a fractional edge takes the pixel it cuts; sx and
+    sy are their absolute values."""
+    whole = pixels(await app_client.get(f"{ct_url}?{FIXED}", headers=PNG))
+    r = await app_client.get(f"{ct_url}?{FIXED}&viewport=33,33,0.5,0.5,32.25,32", headers=PNG)
+    assert np.array_equal(pixels(r), whole[:33, :33])
+    r = await app_client.get(f"{ct_url}?{FIXED}&viewport=64,64,-64,0,64,64", headers=PNG)
+    assert np.array_equal(pixels(r), whole[:64, 64:])
+    for bad in ("8,8,1e2,0,1,1", "8,8,0x1,0,1,1", "8,8,1,,,,,", "8,8.5", "8,8,0,0,0.0,1"):
+        refused(await app_client.get(ct_url, params={"viewport": bad}), "viewport")
+
+
+async def test_window_function_keywords(app_client: httpx.AsyncClient, ct_url: str) -> None:
+    """PS3.18 8.3.5.1.4 names "linear", "linear-exact" and "sigmoid"; `linear-exact` was a
+    400. The VOI LUT Function spellings are taken too."""
+    exact = pixels(await app_client.get(f"{ct_url}?window=40,400,linear-exact", headers=PNG))
+    same = pixels(await app_client.get(f"{ct_url}?window=40,400,LINEAR_EXACT", headers=PNG))
+    assert np.array_equal(exact, same)
+    sigmoid = pixels(await app_client.get(f"{ct_url}?window=40,400,Sigmoid", headers=PNG))
+    assert not np.array_equal(exact, sigmoid)
+    for bad in ("40,400,linear_exact_", "40,400,linear exact", "40,400,", "40,400,linear,1"):
+        refused(await app_client.get(ct_url, params={"window": bad}), "window")
+
+
+async def test_annotation_and_iccprofile_values(app_client: httpx.AsyncClient, ct_url: str) -> None:
+    """`annotation` with no value or a value not a keyword is a 400 (8.3.5.1.1), unsupported
+    keywords get the Warning 8.3.5.1.1 words; `iccprofile` takes its five values only, and
+    with image/gif, which embeds no ICC profile, only "no" (8.3.5.1.5)."""
+    r = await app_client.get(ct_url, params={"annotation": "patient,technique"})
+    assert r.status_code == 200
+    assert (
+        "The following annotation values are not supported: patient,technique"
+        in r.headers["warning"]
+    )
+    for bad in ("", "patient,", "pat ient", "patient,,technique"):
+        refused(await app_client.get(ct_url, params={"annotation": bad}), "annotation")
+    for bad in ("", "x", "YES", "srgb,"):
+        refused(await app_client.get(ct_url, params={"iccprofile": bad}), "iccprofile")
+    assert (await app_client.get(ct_url, params={"iccprofile": "srgb,no"})).status_code == 200
+    gif = {"Accept": "image/gif"}
+    assert (await app_client.get(ct_url, params={"iccprofile": "no"}, headers=gif)).is_success
+    for value in ("yes", "srgb", "no,yes"):
+        r = await app_client.get(ct_url, params={"iccprofile": value}, headers=gif)
+        refused(r, "image/gif", "ICC")
