@@ -33,6 +33,7 @@ from dicomweb_server.config import ConfigError, Settings
 from dicomweb_server.dicom_json import absolutize_bulk_uris, absolutize_bulk_uris_bytes
 from dicomweb_server.errors import UnauthorizedError
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
+from dicomweb_server.routes.admin import MAX_ADMIN_BODY_BYTES, MAX_KEY_NAME_CHARS
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 JSON = {"Content-Type": "application/json"}
@@ -210,7 +211,14 @@ async def test_admin_creates_keys_over_http(
     for not_object in not_objects:
         r = await client.post("/admin/apikeys", json=not_object, headers=admin)
         assert r.status_code == 400 and "not a JSON object" in r.text, not_object
-    r = await client.post("/admin/apikeys", content=b"{" + b" " * 5000, headers={**admin, **JSON})
+    longest = {"role": "read", "name": "n" * MAX_KEY_NAME_CHARS}
+    r = await client.post("/admin/apikeys", json=longest, headers=admin)
+    assert r.status_code == 201, r.text
+    largest = json.dumps({"role": "read", "name": "big"}).encode()
+    largest += b" " * (MAX_ADMIN_BODY_BYTES - len(largest))
+    r = await client.post("/admin/apikeys", content=largest, headers={**admin, **JSON})
+    assert r.status_code == 201, r.text
+    r = await client.post("/admin/apikeys", content=largest + b" ", headers={**admin, **JSON})
     assert r.status_code == 413
 
 

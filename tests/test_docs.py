@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 from dicomweb_server import (
     app,
@@ -112,3 +115,84 @@ def test_style_lists_every_module() -> None:
     actual = {str(p.relative_to(root)) for p in root.rglob("*.py")}
     packages_described_by_their_init = {p for p in actual if p.endswith("/__init__.py")}
     assert listed == actual - packages_described_by_their_init | {"routes/__init__.py"}
+
+
+# README's Settings table, row by row: the environment variable -> (Settings field, its default
+# as the README writes it, that default in the code, a value to set, the value read from it).
+README_SETTINGS: dict[str, tuple[str, str, object, str, object]] = {
+    "DICOMWEB_HOST": ("host", "`127.0.0.1`", "127.0.0.1", "0.0.0.0", "0.0.0.0"),
+    "DICOMWEB_PORT": ("port", "`8080`", 8080, "9000", 9000),
+    "DICOMWEB_DATA_DIR": ("data_dir", "`./data`", Path("data"), "/srv/d", Path("/srv/d")),
+    "DICOMWEB_WORKERS": ("workers", "`1`", 1, "2", 2),
+    "DATABASE_URL": ("database_url", "none: embedded PostgreSQL", None, "postgresql://h/d",
+                     "postgresql://h/d"),
+    "DICOMWEB_PUBLIC_URL": ("public_url", "from the request", None, "https://p/dw", "https://p/dw"),
+    "DICOMWEB_CORS_ORIGINS": ("cors_origins", "any port of localhost / 127.0.0.1", None,
+                              "https://a, https://b", ("https://a", "https://b")),
+    "DICOMWEB_VIEWER_URL": ("viewer_url", "`http://127.0.0.1:3000`", "http://127.0.0.1:3000",
+                            "http://v", "http://v"),
+    "DICOMWEB_MAX_PART_BYTES": ("max_part_bytes", "4 GiB", 4 << 30, "5000", 5000),
+    "DICOMWEB_MAX_REQUEST_BYTES": ("max_request_bytes", "64 GiB", 64 << 30, "9000", 9000),
+    "DICOMWEB_BODY_IDLE_TIMEOUT_S": ("body_idle_timeout_s", "`60`", 60.0, "7.5", 7.5),
+    "DICOMWEB_SEND_STALL_TIMEOUT_S": ("send_stall_timeout_s", "`60`", 60.0, "8", 8.0),
+    "DICOMWEB_AUTH": ("auth", "`none`", "none", "apikey", "apikey"),
+    "DICOMWEB_INSECURE": ("insecure", "off", False, "1", True),
+    "DICOMWEB_OIDC_ISSUER": ("oidc_issuer", "", None, "https://i", "https://i"),
+    "DICOMWEB_OIDC_AUDIENCE": ("oidc_audience", "", None, "dw", "dw"),
+    "DICOMWEB_OIDC_JWKS": ("oidc_jwks", "", None, "jwks.json", "jwks.json"),
+    "DICOMWEB_CERTFILE": ("certfile", "none: plain HTTP", None, "c.pem", Path("c.pem")),
+    "DICOMWEB_KEYFILE": ("keyfile", "none: plain HTTP", None, "k.pem", Path("k.pem")),
+    "DICOMWEB_AUDIT": ("audit", "`1`", True, "0", False),
+    "DICOMWEB_TRUSTED_PROXIES": ("trusted_proxies", "none", (), "10.0.0.1,10.1.0.0/16",
+                                 ("10.0.0.1", "10.1.0.0/16")),
+    "DICOMWEB_PROXY_HEADERS": ("proxy_headers", "`x-forwarded`", "x-forwarded", "forwarded",
+                               "forwarded"),
+    "DICOMWEB_ALLOWED_HOSTS": ("allowed_hosts", "none", (), "pacs.example", ("pacs.example",)),
+    "DICOMWEB_DIMSE_PORT": ("dimse_port", "none: DIMSE off", None, "11112", 11112),
+    "DICOMWEB_AE_TITLE": ("ae_title", "`DICOMWEB`", "DICOMWEB", "ARCHIVE", "ARCHIVE"),
+    "DICOMWEB_DIMSE_PEERS": ("dimse_peers", "none", None, "peers.json", Path("peers.json")),
+    "DICOMWEB_DIMSE_ALLOWED_AES": ("dimse_allowed_aes", "any", None, "CT1, MR2", ("CT1", "MR2")),
+    "DICOMWEB_DIMSE_MAX_ASSOCIATIONS": ("dimse_max_associations", "`10`", 10, "3", 3),
+    "DICOMWEB_DIMSE_MAX_ASSOCIATIONS_PER_PEER": ("dimse_max_associations_per_peer", "`4`", 4,
+                                                 "2", 2),
+    "DICOMWEB_DIMSE_PDU_DEADLINE_S": ("dimse_pdu_deadline_s", "`60`", 60.0, "5", 5.0),
+}  # fmt: skip
+# Variables read together: one alone is refused (TLS needs both files).
+COMPANIONS = {"DICOMWEB_CERTFILE": {"DICOMWEB_KEYFILE": "k.pem"},
+              "DICOMWEB_KEYFILE": {"DICOMWEB_CERTFILE": "c.pem"}}  # fmt: skip
+FLAG_COMPANIONS = {"--certfile": ["--keyfile", "k.pem"], "--keyfile": ["--certfile", "c.pem"]}
+
+
+def readme_settings() -> list[tuple[list[str], list[str], str]]:
+    """README's Settings table: (flags, environment variables, default) per row, the
+    `DICOMWEB_OIDC_ISSUER`, `_AUDIENCE` shorthand written out."""
+    text = (STATEMENT.parents[1] / "README.md").read_text()
+    rows = []
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    for line in [line for line in section.splitlines() if line.startswith("|")][2:]:
+        flags, envs, default, _meaning = (c.strip() for c in line.strip("|").split("|", 3))
+        names: list[str] = []
+        for name in re.findall(r"`([A-Z_]+)`", envs):
+            names.append(names[0].rsplit("_", 1)[0] + name if name.startswith("_") else name)
+        rows.append((re.findall(r"`(--[a-z-]+)`", flags), names, default))
+    return rows
+
+
+def test_readme_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every variable of README's Settings table is read by that name, with the default the
+    README gives, and each flag of a row sets what that row's variable sets."""
+    rows = readme_settings()
+    assert {n for _, names, _ in rows for n in names} == set(README_SETTINGS)
+    defaults = config.Settings()
+    monkeypatch.setattr(os, "environ", {})
+    for flags, names, default in rows:
+        assert not flags or len(flags) == len(names), flags
+        for i, name in enumerate(names):
+            field, documented, code_default, value, read = README_SETTINGS[name]
+            assert (default, getattr(defaults, field)) == (documented, code_default), name
+            env = {name: value, **COMPANIONS.get(name, {})}
+            assert getattr(config.Settings.from_env(env), field) == read, name
+            if flags:
+                given = [value] if flags[i] != "--insecure" else []
+                argv = ["serve", flags[i], *given, *FLAG_COMPANIONS.get(flags[i], [])]
+                assert getattr(cli._settings(cli._parser().parse_args(argv)), field) == read, flags

@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence
 
 from dicomweb_server.errors import BadRequestError
 from dicomweb_server.rendered import THUMBNAIL_SIZE
-from dicomweb_server.retrieve.frames import parse_frame_list
+from dicomweb_server.retrieve.frames import MAX_FRAMES_PER_REQUEST, parse_frame_list
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
 pytestmark = pytest.mark.db
@@ -213,6 +213,14 @@ async def test_frame_numbers_are_ascii_digits(app_client: httpx.AsyncClient, fra
     for text in ("\u0661", "\uff11", " 1", "1 ", "1, 2", "1\n"):
         with pytest.raises(BadRequestError):
             parse_frame_list(text)
+
+
+def test_frames_per_request_limit() -> None:
+    """MAX_FRAMES_PER_REQUEST frames may be asked for in one request; one more is a 400."""
+    most = range(1, MAX_FRAMES_PER_REQUEST + 1)
+    assert parse_frame_list(",".join(map(str, most))) == list(most)
+    with pytest.raises(BadRequestError, match=f"at most {MAX_FRAMES_PER_REQUEST} frames"):
+        parse_frame_list(",".join(map(str, range(1, MAX_FRAMES_PER_REQUEST + 2))))
 
 
 @pytest.mark.parametrize("frames", ["1,1", "2,1,2", ",".join(["1"] * 10_000)])
