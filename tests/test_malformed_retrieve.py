@@ -19,6 +19,8 @@ from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.uid import generate_uid
 
 from dicomweb_server.render import JPEG_MAX_EDGE
+from dicomweb_server.retrieve import frames as retrieve_frames
+from dicomweb_server.transcode import frames as transcode_frames
 from dicomweb_server.transcode.codecs import TranscodeError
 from dicomweb_server.transcode.frames import DECODE_MAX_BYTES, decode_frames, frame_array
 from tests.helpers import (
@@ -305,6 +307,47 @@ async def test_unmapped_frames_are_read_one_by_one(
     assert [body for _, body in parts] == [frames[-1], frames[2]]
     r = await _get(app_client, f"{url}/frames/{len(frames)}", stored)
     assert r.status_code == 200
+
+
+async def test_unmapped_frames_are_found_once_per_file(
+    app_client: httpx.AsyncClient, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames of two fragments each and no offset table: their places are found once, from
+    the items' headers and last bytes (frame_map), and each frame is then read and decoded by
+    range. pydicom counted every fragment and read the ones before frame k for each frame k,
+    once per frame converted (the 1,000 frames of such a file took 25 s in one request)."""
+    ds = _mutant(samples, _JPEG_LS_15)
+    expected = ds.pixel_array
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15))
+    ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=False)
+    url = await _stored(app_client, ds)
+    whole_file_reads = 0
+
+    def counted(real: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            nonlocal whole_file_reads
+            whole_file_reads += 1
+            return real(*args)
+
+        return wrapper
+
+    for name in ("decode_frames", "encode_frames", "stored_frames"):
+        monkeypatch.setattr(retrieve_frames, name, counted(getattr(retrieve_frames, name)))
+    transcode_frames._frame_map_of.cache_clear()
+    every = ",".join(str(n) for n in range(1, 16))
+    decoded = f'{_MULTIPART}"application/octet-stream"'
+    r = await _get(app_client, f"{url}/frames/{every}", decoded)
+    assert r.status_code == 200, r.text
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert [body for _, body in parts] == [f.tobytes() for f in expected]
+    stored = f'{_MULTIPART}"image/jls"; transfer-syntax=*'
+    r = await _get(app_client, f"{url}/frames/15,3", stored)
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert [body for _, body in parts] == [frames[14], frames[2]]
+    r = await _get(app_client, f"{url}/frames/7", decoded)
+    assert split_multipart(r.content, r.headers["content-type"])[0][1] == expected[6].tobytes()
+    assert whole_file_reads == 0
+    assert transcode_frames._frame_map_of.cache_info().misses == 1
 
 
 async def test_empty_big_endian_pixel_data_is_an_empty_value(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -745,6 +746,45 @@ async def test_image_wildcard_gets_a_lossless_image_type(app_client: httpx.Async
     ((headers, data),) = split_multipart(r.content, r.headers["content-type"])
     assert headers["content-type"] == "image/jls; transfer-syntax=1.2.840.10008.1.2.4.80"
     assert np.array_equal(decode(data, ds, "1.2.840.10008.1.2.4.80"), ds.pixel_array)
+
+
+def test_frames_of_a_deflated_file_inflate_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every frame of a Deflated file converted one at a time (a frame list, the frames of
+    one request each) inflates the file once, for the frames (decoded whole and kept): the
+    header each conversion reads inflates only the data set before the Pixel Data. dcmread
+    inflated the whole file for it: a 120-frame instance was inflated 121 times (51 s)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = make_instance(frames=16, rows=64, cols=64)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    monkeypatch.setattr(transcode_frames, "_whole", None)
+    inflated = 0  # bytes made by pydicom's inflate of the whole data set
+    real = zlib.decompress
+
+    def counting(*args: Any, **kwargs: Any) -> bytes:
+        nonlocal inflated
+        out = real(*args, **kwargs)
+        inflated += len(out)
+        return out
+
+    monkeypatch.setattr(zlib, "decompress", counting)
+    expected = ds.pixel_array
+    for n in range(1, 17):
+        (frame,) = transcode_frames.decode_frames(path, [n])
+        assert frame == expected[n - 1].tobytes()
+    assert len(ds.PixelData) < inflated < 2 * len(ds.PixelData)
+    # The header alone inflates nothing whole, and is the header dcmread reads.
+    inflated = 0
+    head = transcode_frames.read_stored(path, stop_before_pixels=True)
+    assert inflated == 0
+    whole = pydicom.dcmread(path, stop_before_pixels=True)
+    assert head == whole and head.file_meta == whole.file_meta
+    assert head.original_encoding == whole.original_encoding == (False, True)
+    assert head.preamble == whole.preamble and "PixelData" not in head
 
 
 def test_frames_of_a_deflated_file_decode_it_once(

@@ -11,7 +11,7 @@ import itertools
 import re
 import struct
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -24,17 +24,19 @@ from dicomweb_server.media.mediatypes import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     STORED,
+    VIDEO_TRANSFER_SYNTAXES,
 )
 from dicomweb_server.media.negotiate import frame_media_type, negotiate_frames
 from dicomweb_server.metadata import pixel_info, targets_of
 from dicomweb_server.multipart import close_all
 from dicomweb_server.retrieve import instances
 from dicomweb_server.retrieve.instances import Part, once
-from dicomweb_server.transcode.codecs import TranscodeError, decodable, missing_codec
+from dicomweb_server.transcode.codecs import NATIVE, TranscodeError, decodable, missing_codec
 from dicomweb_server.transcode.frames import (
     convert_codestream,
     decode_frames,
     encode_frames,
+    frame_map,
     stored_frames,
 )
 
@@ -137,6 +139,7 @@ async def frame_parts(
     frame of the instance: a list of them all would hold one int per frame, and Number of
     Frames may say 2^31 - 1); 404/406 raised before anything is sent."""
     _check_frames(inst, frames)
+    inst = await _placed(svc, inst)
     # Frames whose places ingest recorded are all in the file; others may not be (_first_frame).
     last = _farthest(frames) if inst.frame_offsets is None else None
     media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept, last)
@@ -185,6 +188,30 @@ async def _first_frame(
             error, failed = exc, failed | {target}
 
 
+async def _placed(svc: Services, inst: StoredInstance) -> StoredInstance:
+    """The instance with the places of its frames, when ingest could not record them (an
+    encapsulated file without an offset table, in more fragments than frames) and they can
+    be found from its items (frame_map): its frames are then read and decoded by range as
+    those of other instances are, not found again by pydicom from the first fragment for
+    each one (quadratic in the frames of a request)."""
+    ts = inst.transfer_syntax_uid
+    if (
+        inst.frame_offsets is not None
+        or inst.number_of_frames < 2
+        or ts in NATIVE
+        or ts in VIDEO_TRANSFER_SYNTAXES
+    ):
+        return inst
+    path = svc.blobs.local_path(inst.blob_key)
+    found = await anyio.to_thread.run_sync(frame_map, path, limiter=svc.limiter)
+    if found is None or len(found[0]) != inst.number_of_frames:
+        return inst
+    offsets, lengths = found
+    return replace(
+        inst, frame_offsets=list(offsets), frame_lengths=list(lengths), encapsulated=True
+    )
+
+
 @dataclass(frozen=True)
 class Sized:
     """One frame or bulk data value whose length is known before it is sent, readable by byte
@@ -208,6 +235,7 @@ async def frame_value(
     than mapped item by item first (a thread call more). The limit is read from `instances` at
     call time, its one binding, so that patching it there changes it here too."""
     _check_frames(inst, [n])
+    inst = await _placed(svc, inst)
     media, ctype, _, converted = await _first_frame(svc, inst, n, accept)
     headers = {"Content-Type": ctype}
     key = inst.blob_key

@@ -10,15 +10,18 @@ from __future__ import annotations
 import functools
 import struct
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.decoders.rle import _rle_decode_segment
 from pydicom.pixels.utils import pack_bits, pixel_array, unpack_bits
@@ -41,6 +44,7 @@ from dicomweb_server.vr import frame_count
 
 __all__ = [
     "DECODE_MAX_BYTES",
+    "FRAME_MAP_FILES",
     "MAX_CONVERTED_SEQUENCE_DEPTH",
     "WHOLE_FILE_KEEP_MAX_BYTES",
     "cannot",
@@ -53,6 +57,7 @@ __all__ = [
     "encode_frames",
     "frame_array",
     "frame_bytes",
+    "frame_map",
     "pixels",
     "read_stored",
     "stored_frames",
@@ -88,11 +93,81 @@ def too_deep_to_read() -> TranscodeError:
 def read_stored(path: Path | BinaryIO, **kwargs: Any) -> Dataset:
     """pydicom.dcmread(path, **kwargs) of a stored file (or the open file); too_deep_to_read
     when pydicom's recursive reader runs out of stack on its sequences (see
-    MAX_CONVERTED_SEQUENCE_DEPTH)."""
+    MAX_CONVERTED_SEQUENCE_DEPTH). The header of a stored Deflated file (a path and
+    stop_before_pixels alone) is inflated only as far as its Pixel Data (_deflated_header)."""
     try:
+        if isinstance(path, Path) and kwargs == {"stop_before_pixels": True}:
+            head = _deflated_header(path)
+            if head is not None:
+                return head
         return pydicom.dcmread(path, **kwargs)
     except RecursionError:
         raise too_deep_to_read() from None
+
+
+# Compressed bytes read, and most bytes inflated, at a time by _Inflating.
+_INFLATE_STEP_BYTES = 64 * 1024
+
+
+class _Inflating:
+    """The inflated data set of a Deflated file (PS3.5 A.5) as a file pydicom reads, inflated
+    only as far as it has been read; what was inflated is kept (pydicom seeks back a few
+    bytes, and the header's values are held by the data set read from it anyway)."""
+
+    def __init__(self, fp: BinaryIO, name: str) -> None:
+        self.name = name
+        self._fp = fp
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._tail = b""  # compressed bytes read but not yet inflated
+        self._data = bytearray()
+        self._pos = 0
+
+    def _fill(self, upto: int | None) -> None:
+        """Inflates until `upto` bytes are held (None: all of it) or the stream ends."""
+        while (upto is None or len(self._data) < upto) and not self._inflater.eof:
+            if not self._tail:
+                self._tail = self._fp.read(_INFLATE_STEP_BYTES)
+                if not self._tail:
+                    return
+            self._data += self._inflater.decompress(self._tail, _INFLATE_STEP_BYTES)
+            self._tail = self._inflater.unconsumed_tail
+
+    def read(self, size: int = -1) -> bytes:
+        self._fill(None if size < 0 else self._pos + size)
+        end = len(self._data) if size < 0 else min(len(self._data), self._pos + size)
+        out = bytes(self._data[self._pos : end])
+        self._pos = max(self._pos, end)
+        return out
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self._fill(None)
+        base = (0, self._pos, len(self._data))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+
+def _deflated_header(path: Path) -> Dataset | None:
+    """The data set of a Deflated file up to its Pixel Data, as dcmread(stop_before_pixels=True)
+    reads it but inflated no further (dcmread inflates the whole file first: every frame of a
+    120-frame instance converted one by one inflated it 120 times over, 51 s); None when the
+    file is not Deflated (or has no preamble: dcmread says why)."""
+    with path.open("rb") as fp:
+        try:
+            preamble = read_preamble(fp, False)
+        except InvalidDicomError:
+            return None
+        meta = _read_file_meta_info(fp)  # pydicom's own, which dcmread calls
+        if meta.get("TransferSyntaxUID") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            return None
+        stream = cast(BinaryIO, _Inflating(fp, str(path)))
+        data = read_dataset(stream, False, True, stop_when=_at_pixel_data)
+    ds = FileDataset(str(path), data, preamble, meta, False, True)
+    ds.set_original_encoding(False, True, data._character_set)
+    return ds
 
 
 def frame_bytes(arr: np.ndarray, bits_allocated: int, planar: bool = False) -> bytes:
@@ -422,6 +497,77 @@ def decode_item_pixels(item: Dataset, transfer_syntax_uid: str) -> bytes:
         return frame_bytes(arr, info.bits_allocated, planar)
     except DECODE_ERRORS as exc:
         raise cannot(None, "decode the nested Pixel Data", exc) from None
+
+
+# Files whose frames frame_map found are kept, at most this many (a map is two integers a
+# frame: a 10,000-frame file's is under 1 MB).
+FRAME_MAP_FILES = 16
+# Bytes at the end of a fragment searched for a JPEG EOI / JPEG 2000 EOC marker, as pydicom
+# does (pydicom.encaps.generate_fragmented_frames): a frame ends with the fragment holding one.
+_EOI_SEARCH_BYTES = 10
+_ITEM_TAG = 0xE000FFFE
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_SEQUENCE_DELIMITER_TAG = 0xE0DDFFFE
+
+
+def frame_map(path: Path) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(offset, length) of each frame's run of items in an encapsulated file whose frames
+    ingest could not place (no offset table, more fragments than frames), found as pydicom
+    finds them (a frame ends with the fragment whose last bytes hold an EOI marker), from
+    the items' headers and last bytes alone; None unless that finds Number of Frames frames.
+    Kept per file (FRAME_MAP_FILES): pydicom counts every fragment, then reads the frames
+    before frame k, for each frame decoded (the 1,000 frames of a JPEG file without an offset
+    table took 25 s in one request); blobs never change under their key, and the file's size
+    and time are part of the key all the same."""
+    st = path.stat()
+    return _frame_map_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=FRAME_MAP_FILES)
+def _frame_map_of(
+    name: str, size: int, _mtime_ns: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    with open(name, "rb") as fp:
+        ds = read_stored(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        nframes = frame_count(ds.get("NumberOfFrames"))
+        if nframes < 2 or "ExtendedOffsetTable" in ds:
+            return None
+        at = fp.tell()
+        header = fp.read(12)
+        # An explicit VR header (tag, VR, 2 reserved bytes, length) or an implicit one (tag,
+        # length) when written so in an explicit file (PS3.5 7.1.2, as stored_frames reads).
+        explicit = header[4:6].isalpha()
+        length = header[8:12] if explicit else header[4:8]
+        if header[:4] != _PIXEL_DATA_TAG or length != b"\xff\xff\xff\xff":
+            return None
+        pos = at + (12 if explicit else 8)
+        fp.seek(pos)
+        tag, bot = struct.unpack("<II", fp.read(8).ljust(8, b"\0"))
+        if tag != _ITEM_TAG or bot:  # an offset table ingest did not use: pydicom's way
+            return None
+        pos += 8
+        offsets: list[int] = []
+        lengths: list[int] = []
+        start = None  # where the frame being found starts
+        while True:
+            fp.seek(pos)
+            tag, n = struct.unpack("<II", fp.read(8).ljust(8, b"\0"))
+            if tag == _SEQUENCE_DELIMITER_TAG:
+                break
+            if tag != _ITEM_TAG or pos + 8 + n > size:
+                return None
+            start = pos if start is None else start
+            fp.seek(pos + 8 + max(0, n - _EOI_SEARCH_BYTES))
+            pos += 8 + n
+            if b"\xff\xd9" in fp.read(min(n, _EOI_SEARCH_BYTES)):
+                offsets.append(start)
+                lengths.append(pos - start)
+                start = None
+                if len(offsets) > nframes:
+                    return None
+    if start is not None or len(offsets) != nframes:
+        return None
+    return tuple(offsets), tuple(lengths)
 
 
 def stored_frames(path: Path, frames: Sequence[int]) -> list[bytes]:
