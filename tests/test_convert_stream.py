@@ -95,6 +95,25 @@ def test_streamed_conversion_is_the_in_memory_one(
     assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
 
 
+@pytest.mark.parametrize("name", [n for n, ts in SAMPLES.items() if ts != ImplicitVRLittleEndian])
+def test_streamed_to_implicit_vr_is_the_in_memory_one(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Implicit VR Little Endian, for a DIMSE peer that accepted only that for an instance
+    converted for it (dimse.conversion.target_syntax): the Explicit VR Little Endian
+    conversion written without VRs, streamed as well."""
+    src = samples / name
+    ds = converted_dataset(src, ExplicitVRLittleEndian)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(tmp_path / "whole.dcm", implicit_vr=True, little_endian=True,
+               enforce_file_format=True)  # fmt: skip
+    _streamed(src, tmp_path / "streamed.dcm", ImplicitVRLittleEndian, monkeypatch)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+    got = pydicom.dcmread(tmp_path / "streamed.dcm")
+    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(src).pixel_array)
+
+
 @pytest.mark.parametrize("target", [HTJ2K_LOSSLESS, JPEG_BASELINE])
 def test_streamed_to_htj2k_and_jpeg_baseline(
     samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str

@@ -24,7 +24,7 @@ from pynetdicom.presentation import build_context
 from dicomweb_server import cli
 from dicomweb_server.attributes import Level
 from dicomweb_server.config import ConfigError, Settings
-from dicomweb_server.dimse import conversion, statuses
+from dicomweb_server.dimse import conversion, sending, statuses
 from dicomweb_server.dimse.handlers import Handlers, _pairs
 from dicomweb_server.dimse.identifier import (
     ERROR_COMMENT_MAX_CHARS,
@@ -465,16 +465,50 @@ def test_pairs_are_the_contexts_we_may_send_on() -> None:
     assert _pairs([ours, theirs]) == {(ct, ExplicitVRLittleEndian)}
 
 
-def test_decode_for_a_peer_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_for_a_peer_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, samples: Path
+) -> None:
+    """DIMSE_DECODE_MAX_BYTES bounds what is decoded at once: a frame of a multi-frame
+    instance converted into a scratch file (the 15 frames of 128 x 128 16-bit pixels here)."""
     jls = "1.2.840.10008.1.2.4.80"
-    big = _stored("1.2.840.10008.5.1.4.1.1.2", jls, rows=512, columns=512, samples_per_pixel=1,
-                  bits_allocated=16)  # fmt: skip
-    monkeypatch.setattr(conversion, "DIMSE_DECODE_MAX_BYTES", 512 * 512 * 2 - 1)
-    with pytest.raises(TranscodeError, match="at most 524287"):
-        conversion.decoded_for_peer(big, tmp_path / "unread", ExplicitVRLittleEndian)
+    src = samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm"
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    frame = 128 * 128 * 2
+    inst = StoredInstance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                          ds.SOPClassUID, "0" * 32, jls, src.stat().st_size, 15, None, None,
+                          True, rows=128, columns=128, samples_per_pixel=1,
+                          bits_allocated=16)  # fmt: skip
+    scratch = tmp_path / "scratch"
+    monkeypatch.setattr(conversion, "DIMSE_DECODE_MAX_BYTES", frame - 1)
+    with pytest.raises(TranscodeError, match=f"at most {frame - 1} are decoded"):
+        conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+    monkeypatch.setattr(conversion, "DIMSE_DECODE_MAX_BYTES", frame)  # 1/15 of the instance
+    sent = conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+    assert pydicom.dcmread(sent.stored_path).NumberOfFrames == 15
+    sending.remove_scratch(sent)
     unknown = _stored("1.2.840.10008.5.1.4.1.1.2", jls)  # no Image Pixel values indexed
     with pytest.raises(TranscodeError, match="unknown size"):
-        conversion.decoded_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian)
+        conversion.converted_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian,
+                                      scratch)  # fmt: skip
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_failed_conversion_for_a_peer_leaves_no_scratch_file(tmp_path: Path) -> None:
+    """A conversion that fails (a codec refusing the stored frames) removes its scratch file;
+    the sub-operation fails (handlers._to_send)."""
+    from tests.helpers import make_instance
+
+    src = tmp_path / "broken.dcm"
+    made = make_instance(rows=8, cols=8)
+    made.compress("1.2.840.10008.1.2.5")
+    made.PixelData = made.PixelData[:40]  # the RLE segments cut short
+    made.save_as(src, enforce_file_format=True)
+    inst = _stored(str(made.SOPClassUID), "1.2.840.10008.1.2.5", rows=8, columns=8,
+                   samples_per_pixel=1, bits_allocated=16)  # fmt: skip
+    scratch = tmp_path / "scratch"
+    with pytest.raises(TranscodeError):
+        conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+    assert list(scratch.iterdir()) == []
 
 
 def test_private_return_key_with_its_creator() -> None:

@@ -1,7 +1,8 @@
 """The transfer syntaxes of C-MOVE/C-GET sub-operations: the presentation contexts a C-MOVE
-sub-association proposes, the syntax each instance is sent in, and the instance decoded to
-Explicit VR Little Endian for a peer that takes its SOP Class only uncompressed (one decode
-at a time, bounded)."""
+sub-association proposes, the syntax each instance is sent in, and the instance converted to
+little endian for a peer that takes its SOP Class only uncompressed (into a
+scratch file a frame at a time, one conversion at a time, then sent from it as a stored
+instance is)."""
 
 from __future__ import annotations
 
@@ -11,26 +12,37 @@ from typing import cast
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom.presentation import PresentationContext, build_context
 
+from dicomweb_server.blobstore.files import scratch_file
 from dicomweb_server.dimse.sending import StoredFile
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
-from dicomweb_server.transcode.convert import check_writable, converted_dataset
+from dicomweb_server.transcode.convert import check_writable, to_transfer_syntax
 from dicomweb_server.transcode.frames import decoded_bytes, read_stored
 
 __all__ = [
     "DIMSE_DECODE_MAX_BYTES",
     "as_stored_for_peer",
     "contexts",
-    "decoded_for_peer",
+    "converted_for_peer",
+    "decoded_at_once",
     "target_syntax",
 ]
 
-# Pixel bytes, decoded, of the largest instance decoded for a C-MOVE/C-GET peer that takes
-# its SOP Class only uncompressed; a larger one is a failed sub-operation. One decode runs at a
-# time in a process (_DECODING): memory stays near three times this.
+# Bytes decoded at once for a C-MOVE/C-GET peer that takes the instance's SOP Class only
+# uncompressed: a frame, the instance being converted a frame at a time into a scratch file
+# (converted_for_peer); the whole instance where it is converted in memory (Deflated, 1-bit
+# pixels; decoded_at_once). More is a failed sub-operation. One conversion runs at a time in
+# a process (_DECODING): memory holds a few times this (about 6 decoded frames at the
+# conversion's peak), however large the instance. It bounded the instance's decoded size,
+# held about 3.5 times over: a C-GET of a 125 MiB instance took the server from 103 to 571 MB.
 DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
 _DECODING = threading.Lock()
 # Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
@@ -64,32 +76,55 @@ def _convertible(transfer_syntax_uid: str) -> bool:
     return decodable(transfer_syntax_uid)
 
 
-def _decoded_size(inst: StoredInstance) -> int | None:
-    """Bytes of the instance's pixels decoded, from the Image Pixel attributes; None when
-    they are not all known."""
+def _decoded_size(inst: StoredInstance, frames: int | None = None) -> int | None:
+    """Bytes of the instance's pixels decoded (of `frames` frames, else all), from the Image
+    Pixel attributes; None when they are not all known."""
     dims = (inst.rows, inst.columns, inst.samples_per_pixel, inst.bits_allocated)
     if any(d is None for d in dims):
         return None
     rows, columns, samples, bits = cast(tuple[int, int, int, int], dims)
-    return decoded_bytes(rows, columns, samples, bits, inst.number_of_frames)
+    return decoded_bytes(rows, columns, samples, bits, frames or inst.number_of_frames)
 
 
-def decoded_for_peer(inst: StoredInstance, path: Path, target: str) -> Dataset:
-    """The instance decoded to `target` for a peer, one decode at a time in the process and
-    only up to DIMSE_DECODE_MAX_BYTES of pixels, or of the file for big endian (it is held
-    whole in memory, about three times over while pynetdicom encodes it)."""
-    size: int | None
-    if inst.transfer_syntax_uid == ExplicitVRBigEndian:
-        size = inst.size_bytes  # uncompressed, swapped whole; it may hold no pixels at all
-    else:
-        size = _decoded_size(inst)
+def decoded_at_once(inst: StoredInstance) -> int | None:
+    """Bytes the conversion of `inst` to Explicit VR Little Endian holds at once, as
+    to_transfer_syntax converts it: a decoded frame; all of its pixels when it converts the
+    instance in memory (Deflated, 1-bit); for big endian, whose pixels are swapped in
+    chunks, the rest of the file (read whole to be swapped), or the file when no pixels are
+    described. None: not known (Image Pixel attributes missing)."""
+    ts = inst.transfer_syntax_uid
+    whole = _decoded_size(inst)
+    if ts == ExplicitVRBigEndian:
+        if whole is None or inst.bits_allocated == 1:
+            return inst.size_bytes
+        return max(inst.size_bytes - whole, cast(int, _decoded_size(inst, 1)))
+    if ts == DeflatedExplicitVRLittleEndian or inst.bits_allocated == 1:
+        return whole
+    return _decoded_size(inst, 1)
+
+
+def converted_for_peer(
+    inst: StoredInstance, path: Path, target: str, scratch_dir: Path
+) -> StoredFile:
+    """The instance converted to `target` for a peer, into a scratch file in `scratch_dir`
+    written a frame at a time (to_transfer_syntax, as WADO-RS converts an instance), to be
+    sent from it a PDU at a time as a stored instance is and removed once sent
+    (sending.send_stored_files). One conversion at a time in the process, and only when
+    at most DIMSE_DECODE_MAX_BYTES are decoded at once (decoded_at_once)."""
+    size = decoded_at_once(inst)
     if size is None or size > DIMSE_DECODE_MAX_BYTES:
         raise TranscodeError(
-            f"it would be {size if size is not None else 'of unknown size'} bytes decoded;"
-            f" at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
+            f"it would be {size if size is not None else 'of unknown size'} bytes decoded"
+            f" at once; at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
         )
-    with _DECODING:
-        return converted_dataset(path, target)
+    made = scratch_file(scratch_dir, ".dcm")
+    try:
+        with _DECODING:
+            to_transfer_syntax(path, made, target)
+    except BaseException:
+        made.unlink(missing_ok=True)
+        raise
+    return StoredFile(made, inst.sop_class_uid, inst.sop_instance_uid, scratch=True)
 
 
 def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str, str]]) -> Dataset:
@@ -135,11 +170,19 @@ def _read_without_vrs(ds: Dataset) -> bool:
 def target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:
     """None: send the instance as stored (its syntax accepted, or uncompressed with a little
     endian syntax accepted, or nothing of its SOP Class accepted: that sub-operation fails).
-    Explicit VR Little Endian: the peer takes its SOP Class only uncompressed, and the stored
-    syntax can be decoded here."""
+    Explicit VR Little Endian, or Implicit VR Little Endian when only that was accepted: the
+    peer takes its SOP Class only uncompressed, and the stored syntax can be decoded here.
+    The converted file is sent as it is, so in a syntax the peer accepted (pynetdicom
+    re-encoded a data set in memory into the other little endian syntax)."""
     syntaxes = {ts for sop_class, ts in accepted if sop_class == inst.sop_class_uid}
     stored = inst.transfer_syntax_uid
     little_endian = syntaxes.intersection(_UNCOMPRESSED)
     if stored in syntaxes or not little_endian or stored in _UNCOMPRESSED:
         return None
-    return ExplicitVRLittleEndian if _convertible(stored) else None
+    if not _convertible(stored):
+        return None
+    return (
+        ExplicitVRLittleEndian
+        if ExplicitVRLittleEndian in little_endian
+        else ImplicitVRLittleEndian
+    )

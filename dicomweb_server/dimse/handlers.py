@@ -49,7 +49,7 @@ from dicomweb_server.dimse.identifier import (
 )
 from dicomweb_server.dimse.peers import Peer
 from dicomweb_server.dimse.retrieval import BytesSent, Retrieval
-from dicomweb_server.dimse.sending import send_stored_files
+from dicomweb_server.dimse.sending import remove_scratch, send_stored_files
 from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
@@ -366,11 +366,13 @@ class Handlers:
         self, event: Event, found: list[StoredInstance], retrieval: Retrieval
     ) -> Iterator[Any]:
         """One C-STORE per instance, as stored when the peer accepted its transfer syntax (or,
-        uncompressed, any little endian one: pynetdicom converts those); decoded to Explicit VR
-        Little Endian when the peer takes its SOP Class only uncompressed (PS3.4 C.4.2.3.1:
-        the SCP may convert to a syntax the destination accepted). The accepted contexts are
-        read when each instance is sent: a C-MOVE has them once its sub-association is up.
-        pynetdicom resumes this after each sub-operation, its C-STORE-RSP received."""
+        uncompressed, any little endian one: pynetdicom converts those); decoded to (Explicit,
+        else Implicit) VR Little Endian into a scratch file when the peer takes its SOP Class
+        only uncompressed (PS3.4 C.4.2.3.1: the SCP may convert to a syntax the destination
+        accepted), which goes once pynetdicom resumes this or closes it. The accepted
+        contexts are read when each instance is sent: a C-MOVE has them once its
+        sub-association is up. pynetdicom resumes this after each sub-operation, its
+        C-STORE-RSP received."""
         retrieval.finished = not found  # pynetdicom answers no match without resuming this
         yield len(found)
         for inst in found:
@@ -379,7 +381,11 @@ class Handlers:
                 yield CANCEL, None
                 return
             before = len(retrieval.responses)
-            yield PENDING, self._to_send(inst, retrieval)
+            to_send = self._to_send(inst, retrieval)
+            try:
+                yield PENDING, to_send
+            finally:  # sent (send_stored_files removed it), or given up: closed here
+                remove_scratch(to_send)
             path = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_instance_uid}"
             retrieval.count(path, retrieval.responses[before:])
         retrieval.finished = True
@@ -397,7 +403,7 @@ class Handlers:
         try:
             if target is None:
                 return conversion.as_stored_for_peer(inst, path, accepted)
-            return conversion.decoded_for_peer(inst, path, target)
+            return conversion.converted_for_peer(inst, path, target, self.services.scratch_dir)
         except (OSError, InvalidDicomError) as exc:
             log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
         except TranscodeError as exc:

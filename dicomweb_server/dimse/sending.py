@@ -1,7 +1,7 @@
 """Sending C-STORE sub-operations (C-GET, C-MOVE) in bounded memory: an instance that goes
-as stored is read from its file a PDU at a time (StoredFile, send_stored_files), and the
-PDUs waiting for the peer to take them are held to DIMSE_SEND_QUEUE_BYTES
-(bound_send_queue)."""
+as stored, or converted for the peer into a scratch file, is read from its file a PDU at a
+time (StoredFile, send_stored_files), and the PDUs waiting for the peer to take them are
+held to DIMSE_SEND_QUEUE_BYTES (bound_send_queue)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pynetdicom.pdu_primitives import P_DATA
 
-__all__ = ["DIMSE_SEND_QUEUE_BYTES", "StoredFile", "bound_send_queue", "send_stored_files"]
+__all__ = [
+    "DIMSE_SEND_QUEUE_BYTES",
+    "StoredFile",
+    "bound_send_queue",
+    "remove_scratch",
+    "send_stored_files",
+]
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +33,29 @@ _QUEUE_POLL_S = 0.1
 
 
 class StoredFile(Dataset):
-    """A stored instance that goes to a peer in its stored syntax, as its bytes: pynetdicom
-    reads the data set from the file a PDU at a time (STORE_SEND_CHUNKED_DATASET) when
-    send_c_store is given the file's path (send_stored_files), where it encoded a data set
-    whole in memory first, three times over: a C-GET of a 500 MB instance took 1.7 GB. Its
-    SOP Class and Instance UIDs are pynetdicom's, for its failed-instance list."""
+    """An instance that goes to a peer as the bytes of a Part-10 file, in that file's syntax
+    (the stored file, or a `scratch` file it was converted into, removed once sent or once
+    its sub-operation is given up: remove_scratch): pynetdicom reads the data set from the
+    file a PDU at a time (STORE_SEND_CHUNKED_DATASET) when send_c_store is given the file's
+    path (send_stored_files), where it encoded a data set whole in memory first, three times
+    over: a C-GET of a 500 MB instance took 1.7 GB. Its SOP Class and Instance UIDs are
+    pynetdicom's, for its failed-instance list."""
 
-    def __init__(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> None:
+    def __init__(
+        self, path: Path, sop_class_uid: str, sop_instance_uid: str, scratch: bool = False
+    ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_instance_uid
         self.stored_path = path
+        self.scratch = scratch
+
+
+def remove_scratch(dataset: object) -> None:
+    """The scratch file of a StoredFile made for one sub-operation removed (sent, or never
+    to be); anything else left alone."""
+    if isinstance(dataset, StoredFile) and dataset.scratch:
+        dataset.stored_path.unlink(missing_ok=True)
 
 
 def send_stored_files(assoc: Any) -> None:
@@ -51,9 +69,12 @@ def send_stored_files(assoc: Any) -> None:
     bound_send_queue(assoc.dul)
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-        if isinstance(dataset, StoredFile):
-            dataset = dataset.stored_path
-        return cast(Dataset, send_c_store(dataset, *args, **kwargs))
+        if not isinstance(dataset, StoredFile):
+            return cast(Dataset, send_c_store(dataset, *args, **kwargs))
+        try:
+            return cast(Dataset, send_c_store(dataset.stored_path, *args, **kwargs))
+        finally:
+            remove_scratch(dataset)
 
     send.sends_stored_files = True  # type: ignore[attr-defined]
     assoc.send_c_store = send

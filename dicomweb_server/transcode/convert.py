@@ -29,6 +29,7 @@ from dicomweb_server.dicom_json import BINARY_FORMATS, BULK_VRS
 from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from dicomweb_server.transcode.codecs import (
     ENCODERS,
@@ -59,25 +60,32 @@ __all__ = [
 
 
 def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
-    """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS). The SOP Instance UID
-    is kept; lossy output is marked with Lossy Image Compression (PS3.3 C.7.6.1.1.5).
+    """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS, or Implicit VR Little
+    Endian: the Explicit VR Little Endian conversion written without VRs, for a DIMSE peer
+    that takes only that). The SOP Instance UID is kept; lossy output is marked with Lossy
+    Image Compression (PS3.3 C.7.6.1.1.5).
 
     Written as it is made (_write_streamed): the header, then the Pixel Data frame by frame,
     so that memory holds a frame, not the instance. Deflated files (inflated whole, at most
     dicomfile.MAX_INFLATED_BYTES), 1-bit Pixel Data (its frames share bytes) and instances
     without Pixel Data are converted in memory (converted_dataset), the same bytes."""
     what = f"write {UID(transfer_syntax_uid).name}"
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
+    target = EXPLICIT_VR_LITTLE_ENDIAN if implicit else transfer_syntax_uid
     try:
         head = read_stored(src, stop_before_pixels=True)
         ts = UID(str(head.file_meta.TransferSyntaxUID))
         what = f"convert {ts.name} to {UID(transfer_syntax_uid).name}"
         whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or head.get("BitsAllocated") == 1
         if not whole and decoded(
-            ts, lambda plugin: _write_streamed(src, dst, transfer_syntax_uid, plugin)
+            ts, lambda plugin: _write_streamed(src, dst, target, plugin, implicit)
         ):
             return
-        ds = converted_dataset(src, transfer_syntax_uid)
-        ds.save_as(dst, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        ds = converted_dataset(src, target)
+        if implicit:
+            check_writable(ds, implicit_vr=True)
+            ds.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
+        ds.save_as(dst, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
     except DECODE_ERRORS as exc:
         raise cannot(src, what, exc) from None
 
@@ -90,15 +98,16 @@ _CONVERT_DEFER_BYTES = 64 * 1024
 CONVERT_COPY_BYTES = 1024 * 1024
 
 
-def _write_streamed(src: Path, dst: Path, target: str, plugin: str) -> bool:
+def _write_streamed(src: Path, dst: Path, target: str, plugin: str, implicit: bool = False) -> bool:
     """`src` converted to `target` into `dst` as converted_dataset and dcmwrite would write
     it, byte for byte (test_convert_stream checks so on the corpus), with one frame in memory at
     a time; False when `src` has no top-level Pixel Data (nothing written). Decoding uses
-    `plugin` (see decoded)."""
+    `plugin` (see decoded). `implicit`: Explicit VR Little Endian written as Implicit VR
+    Little Endian."""
     ds = read_stored(src, defer_size=_CONVERT_DEFER_BYTES)
     if _PIXEL_DATA not in ds:
         return False
-    conversion = _Streamed(ds, target, plugin)  # checked and split before `dst` is opened
+    conversion = _Streamed(ds, target, plugin, implicit)  # checked, split before `dst` opens
     with open(src, "rb") as f, open(dst, "wb") as out:
         conversion.write(f, out, dst.parent)
     return True
@@ -112,8 +121,8 @@ class _Streamed:
     """One instance's streamed conversion (_write_streamed): its header (the data set before
     the Pixel Data), where its Pixel Data is, the elements after it, and how to decode it."""
 
-    def __init__(self, ds: Dataset, target: str, plugin: str) -> None:
-        self.ds, self.target, self.plugin = ds, target, plugin
+    def __init__(self, ds: Dataset, target: str, plugin: str, implicit: bool = False) -> None:
+        self.ds, self.target, self.plugin, self.implicit = ds, target, plugin, implicit
         self.ts = ts = UID(str(ds.file_meta.TransferSyntaxUID))
         self.info = PixelInfo.of(ds)
         self.codec = ENCODERS[target]
@@ -131,7 +140,7 @@ class _Streamed:
         if not ts.is_implicit_VR:
             self.options["pixel_vr"] = self.vr
         _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
-        check_writable(ds)
+        check_writable(ds, implicit_vr=implicit)
         self.kept: bytes | None = pixels.value  # None: left in the file, at value_tell
         self.offset = 0 if self.kept is not None else int(cast(RawDataElement, pixels).value_tell)
         # As the file states it: pydicom reads a value cut short by the end of the file as
@@ -162,7 +171,8 @@ class _Streamed:
         value.seek(self.offset)
         method = lossy_method(self.ts, value) if self.ts.is_compressed else None
         value.seek(self.offset)
-        self.ds.file_meta.TransferSyntaxUID = UID(self.target)
+        written = IMPLICIT_VR_LITTLE_ENDIAN if self.implicit else self.target
+        self.ds.file_meta.TransferSyntaxUID = UID(written)
         decoder = get_decoder(self.ts)
 
         def frames() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
@@ -178,11 +188,13 @@ class _Streamed:
             self._write_copied(out, value)
         if len(self.tail):
             fp = DicomFileLike(out)
-            fp.is_little_endian, fp.is_implicit_VR = True, False
+            fp.is_little_endian, fp.is_implicit_VR = True, self.implicit
             write_dataset(fp, self.tail)
 
     def _header(self, out: BinaryIO) -> None:
-        self.ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+        self.ds.save_as(
+            out, implicit_vr=self.implicit, little_endian=True, enforce_file_format=True
+        )
 
     def _write_encoded(
         self,
@@ -225,8 +237,10 @@ class _Streamed:
             ds.NumberOfFrames = nframes
         mark_lossy(ds, method)
         self._header(out)
-        data = (arr.tobytes() for arr in itertools.chain([first], (a for a, _ in decoded)))
-        _write_native(out, "OB" if info.bits_allocated <= 8 else "OW", data, nframes)
+        arrays = itertools.chain([first], (a for a, _ in decoded))
+        del first  # held by `arrays` until written, not for the whole conversion
+        vr = None if self.implicit else "OB" if info.bits_allocated <= 8 else "OW"
+        _write_native(out, vr, _as_bytes(arrays), nframes)
 
     def _write_copied(self, out: BinaryIO, value: BinaryIO) -> None:
         """Native to native: the bytes as they are, swapped from big endian."""
@@ -240,7 +254,16 @@ class _Streamed:
         chunks = _copied(value, self.length, width)
         # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
         wide = self.ts.is_implicit_VR or self.info.bits_allocated > 8
-        _write_native(out, "OW" if wide else "OB", chunks, None, self.length)
+        vr = None if self.implicit else "OW" if wide else "OB"
+        _write_native(out, vr, chunks, None, self.length)
+
+
+def _as_bytes(arrays: Iterator[np.ndarray]) -> Iterator[bytes | memoryview]:
+    """Each array's bytes in C order (as tobytes() gives them), without a copy when it is
+    contiguous: a decoded frame is held a few times over while it is written (the decoder's
+    output, pydicom's processing of it), one copy fewer this way."""
+    for arr in arrays:
+        yield arr.data.cast("B") if arr.flags.c_contiguous else arr.tobytes()
 
 
 def _word_width(info: PixelInfo, vr: str) -> int:
@@ -265,12 +288,20 @@ def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytes]:
 
 
 def _write_native(
-    out: BinaryIO, vr: str, chunks: Iterator[bytes], frames: int | None, length: int = 0
+    out: BinaryIO,
+    vr: str | None,
+    chunks: Iterator[bytes] | Iterator[bytes | memoryview],
+    frames: int | None,
+    length: int = 0,
 ) -> None:
     """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
-    given, or `frames` frames of the first one's length; its length is written once known."""
+    given, or `frames` frames of the first one's length; its length is written once known.
+    `vr` None: implicit VR (PS3.5 7.1.3)."""
     start = out.tell()
-    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
+    if vr is None:
+        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, 0))
+    else:
+        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
     written, count, size = 0, 0, None
     for chunk in chunks:
         if frames is not None:
@@ -289,7 +320,7 @@ def _write_native(
     if written % 2:
         out.write(b"\0")
     end = out.tell()
-    out.seek(start + 8)
+    out.seek(start + (4 if vr is None else 8))
     out.write(struct.pack("<I", written + written % 2))
     out.seek(end)
 
