@@ -35,8 +35,10 @@ __all__ = [
     "PartEnd",
     "Prefixed",
     "close_all",
+    "close_delimiter",
     "encode_body",
     "encode_parts",
+    "encode_run",
     "encoded_length",
     "iter_parts",
     "new_boundary",
@@ -367,9 +369,18 @@ async def close_all(*sources: object) -> None:
 
 def encode_body(parts: Iterable[tuple[dict[str, str], bytes]], boundary: str) -> bytes:
     """What `encode_parts` sends for parts already in memory, as one body."""
+    return encode_run(parts, boundary) + close_delimiter(boundary)
+
+
+def encode_run(parts: Iterable[tuple[dict[str, str], bytes]], boundary: str) -> bytes:
+    """Parts in memory as `encode_parts` sends them, without the close delimiter: a body
+    sent a run of parts at a time, then close_delimiter."""
     delimiter = f"--{boundary}\r\n".encode("ascii")
-    pieces = [delimiter + _header_block(headers) + body + b"\r\n" for headers, body in parts]
-    return b"".join(pieces) + f"--{boundary}--\r\n".encode("ascii")
+    return b"".join(delimiter + _header_block(h) + body + b"\r\n" for h, body in parts)
+
+
+def close_delimiter(boundary: str) -> bytes:
+    return f"--{boundary}--\r\n".encode("ascii")
 
 
 def stable_boundary(*keys: str) -> str:

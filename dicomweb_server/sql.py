@@ -9,7 +9,7 @@ Keys inside a sequence are matched in the level's `attrs` jsonb: single values b
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
@@ -31,7 +31,15 @@ from dicomweb_server.matching import (
 )
 from dicomweb_server.query import Query
 
-__all__ = ["compile_search", "like_pattern", "render_rows", "returned_levels"]
+__all__ = [
+    "compile_search",
+    "compile_search_keys",
+    "compile_search_rows",
+    "iter_rendered",
+    "like_pattern",
+    "render_rows",
+    "returned_levels",
+]
 
 _ALIAS = {Level.PATIENT: "st", Level.STUDY: "st", Level.SERIES: "se", Level.INSTANCE: "i"}
 _UID_COLUMN = {
@@ -342,6 +350,47 @@ def compile_search(q: Query) -> tuple[str, list[Any]]:
     if q.level is Level.PATIENT:
         return _compile_patients(q)
     args = _Args()
+    select = _select(q, args)
+    where = _where(q, args)
+    order = f"{_ALIAS[q.level]}.pk"
+    sql_text = (
+        f"SELECT {select} {_FROM[q.level]} WHERE {where}"
+        f" ORDER BY {order} LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
+    )
+    return sql_text, args.values
+
+
+def compile_search_keys(q: Query, after: int, count: int) -> tuple[str, list[Any]]:
+    """The primary keys of the next `count` matches of a search (not of the patient level)
+    past the one whose key is `after`, in the order of compile_search: the rest of a page
+    that compile_search began, to be fetched by compile_search_rows. Keys, not rows: their
+    number tells whether more results exist before a byte of the rows is read."""
+    args = _Args()
+    alias = _ALIAS[q.level]
+    where = _where(q, args)
+    sql_text = (
+        f"SELECT {alias}.pk {_FROM[q.level]} WHERE ({where}) AND {alias}.pk > {args.add(after)}"
+        f" ORDER BY {alias}.pk LIMIT {args.add(count)}"
+    )
+    return sql_text, args.values
+
+
+def compile_search_rows(q: Query, keys: list[int]) -> tuple[str, list[Any]]:
+    """The rows compile_search gives, of the matches whose primary keys are `keys` (from
+    compile_search_keys), in the same order."""
+    args = _Args()
+    alias = _ALIAS[q.level]
+    select = _select(q, args)
+    sql_text = (
+        f"SELECT {select} {_FROM[q.level]} WHERE {alias}.pk = ANY({args.add(keys)}::bigint[])"
+        f" ORDER BY {alias}.pk"
+    )
+    return sql_text, args.values
+
+
+def _select(q: Query, args: _Args) -> str:
+    """The columns of a QIDO search's rows: UIDs, stored attributes and counts of the levels
+    returned, then the searched level's primary key (`pk`)."""
     select = [
         "st.study_instance_uid",
         "st.attrs::text AS study_attrs",
@@ -366,13 +415,8 @@ def compile_search(q: Query) -> tuple[str, list[Any]]:
                 "(SELECT jsonb_object_agg(key, value) FROM jsonb_each(i.metadata)"
                 f" WHERE key = ANY ({keys}::text[]))::text AS instance_attrs"
             )
-    where = _where(q, args)
-    order = f"{_ALIAS[q.level]}.pk"
-    sql_text = (
-        f"SELECT {', '.join(select)} {_FROM[q.level]} WHERE {where}"
-        f" ORDER BY {order} LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
-    )
-    return sql_text, args.values
+    select.append(f"{_ALIAS[q.level]}.pk")
+    return ", ".join(select)
 
 
 def _wanted(q: Query, level: Level) -> set[str] | None:
@@ -452,11 +496,18 @@ def _computed(row: Mapping[str, Any], level: Level, base_url: str) -> dict[str, 
 
 
 def render_rows(q: Query, rows: Iterable[Mapping[str, Any]], base_url: str) -> list[dict[str, Any]]:
-    """QIDO results: per row, the stored attributes of the returned levels plus computed ones.
-    What depends only on the query (the tags wanted per level) is worked out once; the
-    searched level is always among the returned ones, so its RetrieveURL is at hand."""
+    """QIDO results of `rows`, as iter_rendered makes them."""
+    return list(iter_rendered(q, rows, base_url))
+
+
+def iter_rendered(
+    q: Query, rows: Iterable[Mapping[str, Any]], base_url: str
+) -> Iterator[dict[str, Any]]:
+    """QIDO results, one per row as it is asked for: the stored attributes of the returned
+    levels plus computed ones. What depends only on the query (the tags wanted per level) is
+    worked out once; the searched level is always among the returned ones, so its
+    RetrieveURL is at hand."""
     levels = _parents_matched(q) + [(level, _wanted(q, level)) for level in returned_levels(q)]
-    out = []
     for row in rows:
         result: dict[str, Any] = {}
         retrieve_url = None
@@ -475,8 +526,7 @@ def render_rows(q: Query, rows: Iterable[Mapping[str, Any]], base_url: str) -> l
         if retrieve_url is not None:
             # RetrieveURL is meaningful only for the level searched: always that level's.
             result["00081190"] = retrieve_url
-        out.append(dict(sorted(result.items())))
-    return out
+        yield dict(sorted(result.items()))
 
 
 _PATIENT_KEYS = frozenset(tag_hex(t) for t in LEVEL_TAGS[Level.PATIENT])

@@ -22,6 +22,7 @@ from dicomweb_server import (
     query,
     render,
     rendered,
+    search,
     stow_json,
 )
 from dicomweb_server.attributes import MATCHING_PATHS
@@ -77,7 +78,7 @@ def test_limits() -> None:
     modules = (config, multipart, query, matching, retrieve_frames, dicom_json, rendered,
                render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
-               httpd, mediatypes, dimse_sending, pixeldata)  # fmt: skip
+               httpd, mediatypes, dimse_sending, pixeldata, search)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

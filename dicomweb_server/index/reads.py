@@ -150,6 +150,10 @@ class Reads(Pooled):
     async def search(self, sql_text: str, args: Sequence[Any]) -> list[Record]:
         return await self._fetch(sql_text, *args)
 
+    async def search_keys(self, sql_text: str, args: Sequence[Any]) -> list[int]:
+        """The first column of each row, primary keys (sql.compile_search_keys)."""
+        return [row[0] for row in await self._fetch(sql_text, *args)]
+
     async def counts(self) -> dict[str, int]:
         row = await self._fetchrow(
             "SELECT (SELECT count(DISTINCT patient_fk) FROM study WHERE num_instances > 0)"

@@ -7,7 +7,8 @@ import gzip
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+import zlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import anyio
@@ -31,8 +32,10 @@ from dicomweb_server.media.mediatypes import (
 from dicomweb_server.multipart import (
     Prefixed,
     close_all,
+    close_delimiter,
     encode_body,
     encode_parts,
+    encode_run,
     encoded_length,
     new_boundary,
     one_part_frame,
@@ -55,6 +58,7 @@ __all__ = [
     "ranged_response",
     "services",
     "single_part_response",
+    "streamed_model_response",
     "uid_param",
     "warning_header",
 ]
@@ -257,6 +261,88 @@ async def gzipped(request: Request, response: Response) -> Response:
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     headers["Content-Encoding"] = "gzip"
     return Response(packed, status_code=response.status_code, headers=headers)
+
+
+async def streamed_model_response(
+    request: Request,
+    batches: AsyncIterator[Iterable[Any]],
+    media: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """DICOM JSON data sets coming in batches (a long QIDO-RS page, search.search_matches)
+    as model_response and gzipped make them, the same body, sent a batch at a time: JSON
+    array framing written here, or one multipart/related `application/dicom+xml` part per
+    data set. Memory is that of a batch, not of the page. The first batch is encoded before
+    the response starts. Compressed, when the client accepts gzip, as a stream (the body
+    is over GZIP_MIN_BYTES: it is more than one batch)."""
+    if media == MULTIPART_RELATED:
+        boundary = new_boundary()
+        chunks = _xml_runs(batches, boundary)
+        media = f'multipart/related; type="{APPLICATION_DICOM_XML}"; boundary={boundary}'
+    else:
+        assert media != APPLICATION_DICOM_XML  # one data set: not a batch
+        chunks = _json_array(batches)
+    headers = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
+    chunks = await _started(chunks)
+    if accepts_gzip(_field(request, "accept-encoding")):
+        chunks = _gzip_stream(chunks)
+        headers["Content-Encoding"] = "gzip"
+    return StreamedResponse(chunks, media_type=media, headers=headers)
+
+
+async def _json_array(batches: AsyncIterator[Iterable[Any]]) -> AsyncIterator[bytes]:
+    """The body json_response gives for the data sets of `batches`, a batch at a time."""
+    opening = b"["
+    try:
+        async for batch in batches:
+            run = b",".join(dumps(doc) for doc in batch)
+            if run:
+                yield opening + run
+                opening = b","
+    finally:
+        await close_all(batches)
+    yield b"[]" if opening == b"[" else b"]"
+
+
+async def _xml_runs(batches: AsyncIterator[Iterable[Any]], boundary: str) -> AsyncIterator[bytes]:
+    """The multipart body _xml_body gives for the data sets of `batches`, a batch at a time
+    (made in a worker thread past XML_INLINE_DOCS data sets)."""
+    try:
+        async for batch in batches:
+            docs = list(batch)
+            if len(docs) > XML_INLINE_DOCS:
+                yield await anyio.to_thread.run_sync(_xml_run, docs, boundary)
+            elif docs:
+                yield _xml_run(docs, boundary)
+    finally:
+        await close_all(batches)
+    yield close_delimiter(boundary)
+
+
+def _xml_run(docs: list[Any], boundary: str) -> bytes:
+    parts = [dataset_xml(doc) for doc in docs]
+    if any(boundary.encode("ascii") in part for part in parts):
+        # 128 random bits (new_boundary), drawn after the data was stored: cannot happen
+        # by chance, nor on purpose. A body under way cannot take another boundary.
+        raise RuntimeError("a multipart boundary found in a part")
+    return encode_run((({"Content-Type": APPLICATION_DICOM_XML}, p) for p in parts), boundary)
+
+
+async def _gzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`chunks` as one gzip member (RFC 1952) at GZIP_SEARCH_LEVEL; chunks past
+    GZIP_INLINE_MAX_BYTES compressed in a worker thread."""
+    packer = zlib.compressobj(GZIP_SEARCH_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    try:
+        async for chunk in chunks:
+            if len(chunk) > GZIP_INLINE_MAX_BYTES:
+                packed = await anyio.to_thread.run_sync(packer.compress, chunk)
+            else:
+                packed = packer.compress(chunk)
+            if packed:
+                yield packed
+    finally:
+        await close_all(chunks)
+    yield packer.flush()
 
 
 async def cached_json_response(request: Request, body: bytes, media_type: str) -> Response:

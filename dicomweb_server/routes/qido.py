@@ -7,6 +7,7 @@ from starlette.responses import Response
 
 from dicomweb_server.attributes import Level
 from dicomweb_server.media.negotiate import negotiate_dicom_model
+from dicomweb_server.multipart import Prefixed
 from dicomweb_server.query import parse
 from dicomweb_server.routes.common import (
     accept_of,
@@ -14,10 +15,11 @@ from dicomweb_server.routes.common import (
     gzipped,
     model_response,
     services,
+    streamed_model_response,
     uid_param,
     warning_header,
 )
-from dicomweb_server.search import search
+from dicomweb_server.search import search_matches
 
 __all__ = ["search_for_instances", "search_for_series", "search_for_studies"]
 
@@ -33,10 +35,14 @@ async def _search(request: Request, level: Level) -> Response:
         if name in request.path_params
     }
     q = parse(level, request.query_params.multi_items(), path_uids)
-    results, more = await search(services(request).index, q, base_url(request))
+    matches = await search_matches(services(request).index, q, base_url(request))
     # The paging warning first: the Warning header is capped (WARNING_HEADER_MAX_BYTES), and
     # a client must learn that results were cut even when it asked for 1000 unknown fields.
-    warnings = [*([_MORE] if more else []), *q.warnings]
+    warnings = [*([_MORE] if matches.more else []), *q.warnings]
+    if matches.rest is not None:  # a page longer than a batch (search.QIDO_FETCH_ROWS)
+        batches = Prefixed([matches.first], matches.rest)
+        return await streamed_model_response(request, batches, media, warning_header(warnings))
+    results = list(matches.first)
     if not results:  # PS3.18 8.3.4.4.1: no results is 204 (No Content), an empty payload
         return Response(status_code=204, headers=warning_header(warnings))
     response = await model_response(results, media, headers=warning_header(warnings))
