@@ -103,8 +103,13 @@ def _window(value: str) -> tuple[float, float, str]:
         raise BadRequestError(
             "window function must be one of linear, linear-exact, sigmoid (PS3.18 8.3.5.1.4)"
         )
-    if (width < 1 and function != "LINEAR_EXACT") or width <= 0:
-        raise BadRequestError("window width must be at least 1 (PS3.3 C.11.2.1.2)")
+    # PS3.3 C.11.2.1.2.1: LINEAR's "Window Width (0028,1051) shall always be greater than or
+    # equal to 1"; LINEAR_EXACT's and SIGMOID's (C.11.2.1.3.2, C.11.2.1.3.1) "greater than 0".
+    if width <= 0 or (width < 1 and function == "LINEAR"):
+        raise BadRequestError(
+            "window width must be at least 1 for linear (PS3.3 C.11.2.1.2.1), more than 0 for "
+            "linear-exact and sigmoid (C.11.2.1.3)"
+        )
     return center, width, function
 
 
