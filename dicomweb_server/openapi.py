@@ -75,7 +75,11 @@ def _query_params(name: str) -> list[dict[str, Any]]:
                 params.append(param(".".join(a.keyword for a in path), {"type": "string"}))
         return params
     if "rendered" in name or "thumbnail" in name:
-        return [param(k, v) for k, v in _RENDER_PARAMS.items()]
+        # A thumbnail's viewport is vw,vh only: no source region (PS3.18 8.3.5.1.3).
+        thumb = (
+            {"viewport": {"type": "string", "description": "vw,vh"}} if "thumbnail" in name else {}
+        )
+        return [param(k, v) for k, v in {**_RENDER_PARAMS, **thumb}.items()]
     if name.startswith("retrieve_"):
         return [param("accept", {"type": "string"})]
     return []

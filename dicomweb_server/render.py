@@ -67,11 +67,13 @@ def _window(x: np.ndarray, center: float, width: float, function: str) -> np.nda
 def _ratio(x: np.ndarray, origin: float, scale: float) -> np.ndarray:
     """(x - origin) / scale, the difference taken of halves (halving is exact): the
     difference of two finite float64 values may not be one (1e308 - -1e308), and an overflow
-    there would saturate a value that lies inside the window. Only a quotient past float64
-    overflows, to +-inf, which the caller's clip or tanh saturates as the function does in
-    the limit; no NaN comes of finite values and a scale > 0."""
+    there would saturate a value that lies inside the window. The half difference is divided
+    by the scale itself, then doubled: a subnormal scale (a width of 5e-324) halves to 0, and
+    x = origin then made 0 / 0, NaN (a value at the center shown black, not mid grey). Only a
+    quotient past float64 overflows, to +-inf, which the caller's clip or tanh saturates as
+    the function does in the limit; no NaN comes of finite values and a scale > 0."""
     with np.errstate(over="ignore"):
-        out: np.ndarray = (x * 0.5 - origin * 0.5) / (scale * 0.5)
+        out: np.ndarray = (x * 0.5 - origin * 0.5) / scale * 2.0
         return out
 
 

@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.media.mediatypes import parse_accept
@@ -14,9 +15,11 @@ __all__ = [
     "DEFAULT_QUALITY",
     "MAX_ANIMATION_PIXELS",
     "MAX_REGION_EDGE",
+    "MAX_REGION_VALUE_CHARS",
     "MAX_VIEWPORT_PIXELS",
     "RENDERED_MEDIA_TYPES",
     "THUMBNAIL_SIZE",
+    "Region",
     "RenderParams",
     "check_animation",
     "check_iccprofile",
@@ -56,8 +59,17 @@ _FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 _FUNCTION_NAMES = {"LINEAR": "LINEAR", "LINEAR-EXACT": "LINEAR_EXACT",
                    "LINEAR_EXACT": "LINEAR_EXACT", "SIGMOID": "SIGMOID"}  # fmt: skip
 # The source region's sx, sy, sw, sh are "decimal numbers" (PS3.18 8.3.5.1.3): ASCII digits,
-# a sign and a fraction, no exponent (no region needs one).
-_DECIMAL = r"[+-]?([0-9]{1,6}(\.[0-9]{0,6})?|\.[0-9]{1,6})"
+# a sign and a fraction, no exponent (no region needs one), each at most
+# MAX_REGION_VALUE_CHARS long: a client's computed coordinate has as many digits as its
+# float printed (`170.66666666666666`, 18 characters; 6 fraction digits were the limit, and
+# such a value a 400). Taken exactly (Fraction), not as float, so that the pixels a region
+# covers are those its decimal numbers say (`47.99999999999999999` is 48.0 as a float).
+_DECIMAL = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
+# Characters of one source region value, at most: a float printed in full (17 significant
+# digits, a sign, a point and leading zeros, up to 24 characters, as JavaScript and Python
+# print them) with room to spare. Longer is a 400; Python refuses to parse integers of more
+# than 4300 digits (a ValueError, a 500).
+MAX_REGION_VALUE_CHARS = 32
 # Values of `iccprofile` (PS3.18 8.3.5.1.5, case-sensitive %s strings), and the rendered media
 # types that cannot embed an ICC profile, for which any value but "no" is a 400.
 _ICC_VALUES = ("no", "yes", "srgb", "adobergb", "rommrgb")
@@ -69,16 +81,20 @@ _KEYWORD = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 _NUMBER = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
 
 
+# (sx, sy, sw, sh) of a viewport's source region, exact (PS3.18 8.3.5.1.3).
+Region = tuple[Fraction, Fraction, Fraction | None, Fraction | None]
+
+
 @dataclass(frozen=True)
 class RenderParams:
     # (center, width, function) from `window`; None: the instance's own VOI, else min-max.
     window: tuple[float, float, str] | None = None
     # (width, height) of the output; None: the image size (thumbnails: THUMBNAIL_SIZE).
     viewport: tuple[int, int] | None = None
-    # (sx, sy, sw, sh) source region of `viewport`, in image pixels (PS3.18 8.3.5.1.3): sx
+    # (sx, sy, sw, sh) source region of `viewport`, in image pixels, exact (PS3.18 8.3.5.1.3): sx
     # and sy its top-left corner (>= 0), |sw| and |sh| its size, a negative one flipping it;
     # None for sw (sh): to the image's right (bottom) edge. None: the whole image.
-    region: tuple[float, float, float | None, float | None] | None = None
+    region: Region | None = None
     quality: int = DEFAULT_QUALITY
 
 
@@ -103,14 +119,17 @@ def _window(value: str) -> tuple[float, float, str]:
         raise BadRequestError(
             "window function must be one of linear, linear-exact, sigmoid (PS3.18 8.3.5.1.4)"
         )
-    if (width < 1 and function != "LINEAR_EXACT") or width <= 0:
-        raise BadRequestError("window width must be at least 1 (PS3.3 C.11.2.1.2)")
+    # PS3.3 C.11.2.1.2.1: LINEAR's "Window Width (0028,1051) shall always be greater than or
+    # equal to 1"; LINEAR_EXACT's and SIGMOID's (C.11.2.1.3.2, C.11.2.1.3.1) "greater than 0".
+    if width <= 0 or (width < 1 and function == "LINEAR"):
+        raise BadRequestError(
+            "window width must be at least 1 for linear (PS3.3 C.11.2.1.2.1), more than 0 for "
+            "linear-exact and sigmoid (C.11.2.1.3)"
+        )
     return center, width, function
 
 
-def _viewport(
-    value: str, thumbnail: bool
-) -> tuple[tuple[int, int], tuple[float, float, float | None, float | None] | None]:
+def _viewport(value: str, thumbnail: bool) -> tuple[tuple[int, int], Region | None]:
     """`vw,vh[,[sx],[sy],[sw],[sh]]` (PS3.18 8.3.5.1.3): values may be elided (`512,512,,,256,
     256`), trailing ones with their commas (`512,512,10`); sx and sy default to 0, sw and sh
     to the image's right and bottom edges. A thumbnail takes vw,vh only (8.3.5.2)."""
@@ -129,14 +148,23 @@ def _viewport(
     if len(items) == 2:
         return (vw, vh), None
     rest = items[2:] + [""] * (6 - len(items))
-    if not all(v == "" or re.fullmatch(_DECIMAL, v) for v in rest):
-        raise BadRequestError(f"viewport sx, sy, sw and sh must be decimal numbers: {value!r}")
-    sx, sy, sw, sh = (None if v == "" else float(v) for v in rest)
+    if not all(
+        v == "" or (len(v) <= MAX_REGION_VALUE_CHARS and re.fullmatch(_DECIMAL, v)) for v in rest
+    ):
+        raise BadRequestError(
+            f"viewport sx, sy, sw and sh must be decimal numbers of at most "
+            f"{MAX_REGION_VALUE_CHARS} characters: {value[:160]!r}"
+        )
+    values = [None if v == "" else Fraction(v) for v in rest]
     # "decimal numbers whose absolute values specify ... the top-left corner"
-    sx, sy = abs(sx or 0.0), abs(sy or 0.0)
+    sx, sy = (abs(v or Fraction(0)) for v in values[:2])
+    sw, sh = values[2:]
     if sw == 0 or sh == 0:
         raise BadRequestError("viewport source width and height must not be 0")
-    if sx + abs(sw or 0.0) > MAX_REGION_EDGE or sy + abs(sh or 0.0) > MAX_REGION_EDGE:
+    if (
+        sx + abs(sw or Fraction(0)) > MAX_REGION_EDGE
+        or sy + abs(sh or Fraction(0)) > MAX_REGION_EDGE
+    ):
         raise BadRequestError(
             f"viewport source region {value!r} reaches past {MAX_REGION_EDGE}, the largest "
             "image edge (Rows and Columns are US, PS3.3 C.7.6.3.1)"
@@ -144,9 +172,7 @@ def _viewport(
     return (vw, vh), (sx, sy, sw, sh)
 
 
-def region_box(
-    region: tuple[float, float, float | None, float | None], width: int, height: int
-) -> tuple[int, int, int, int]:
+def region_box(region: Region, width: int, height: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1), the pixels of a width x height image the source region covers (a
     fractional edge takes the pixel it cuts); 400 unless the region lies inside the image.
 
@@ -160,7 +186,7 @@ def region_box(
     right = width if sw is None else sx + abs(sw)
     bottom = height if sh is None else sy + abs(sh)
     if not (sx < right <= width and sy < bottom <= height):
-        shown = ",".join("" if v is None else f"{v:g}" for v in region)
+        shown = ",".join("" if v is None else f"{float(v):g}" for v in region)
         raise BadRequestError(
             f"viewport source region {shown} is not inside the image, which is "
             f"{width} x {height} pixels (PS3.18 8.3.5.1.3)"

@@ -126,3 +126,22 @@ def test_openapi_operation_ids_are_unique() -> None:
     assert len(ids) == len(set(ids))
     assert doc["paths"][ROOT]["get"]["operationId"] == "service_root"
     assert doc["paths"][ROOT + "/"]["get"]["operationId"] == "service_root_2"
+
+
+def test_openapi_thumbnail_viewport_has_no_source_region() -> None:
+    """PS3.18 8.3.5.1.3: a thumbnail's viewport is vw,vh (a source region is a 400); the
+    rendered resources' takes the source region."""
+    from dicomweb_server.routes import ROUTES
+    from dicomweb_server.routes.info import route_rows
+
+    doc = openapi_document(route_rows(ROUTES))
+    seen = set()
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            for p in op["parameters"]:
+                if p["name"] == "viewport":
+                    kind = "thumbnail" if "thumbnail" in op["operationId"] else "rendered"
+                    want = "vw,vh" if kind == "thumbnail" else "vw,vh[,[sx],[sy],[sw],[sh]]"
+                    assert p["schema"]["description"] == want, op["operationId"]
+                    seen.add(kind)
+    assert seen == {"thumbnail", "rendered"}

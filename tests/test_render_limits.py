@@ -4,6 +4,7 @@ is a 4xx with a reason, memory stays bounded, and a thumbnail is never an error.
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from dicomweb_server.render import MAX_ANIMATION_FRAMES
 from dicomweb_server.rendered import (
     MAX_ANIMATION_PIXELS,
     MAX_REGION_EDGE,
+    MAX_REGION_VALUE_CHARS,
     MAX_VIEWPORT_PIXELS,
     THUMBNAIL_SIZE,
     RenderParams,
@@ -134,7 +136,7 @@ def test_viewport_and_region_limits_at_the_edge() -> None:
             parse_render_params({"viewport": over})
     m = MAX_REGION_EDGE
     ok = parse_render_params({"viewport": f"8,8,0,0,{m},{m}"})
-    assert ok.region == (0, 0, m, m)
+    assert ok.region == (Fraction(0), Fraction(0), Fraction(m), Fraction(m))
     assert parse_render_params({"viewport": f"8,8,{m - 1},{m - 1},1,1"}).region
     assert parse_render_params({"viewport": f"8,8,{m - 1},{m - 1},-1,-1"}).region
     for over in (f"8,8,0,0,{m + 1},1", f"8,8,1,0,{m},1", f"8,8,0,{m},1,1", f"8,8,1,0,-{m},1"):
@@ -142,25 +144,56 @@ def test_viewport_and_region_limits_at_the_edge() -> None:
             parse_render_params({"viewport": over})
 
 
+def box(region: str, width: int = 48, height: int = 32) -> tuple[int, int, int, int]:
+    """region_box of `viewport=8,8,<region>` on a width x height image."""
+    parsed = parse_render_params({"viewport": f"8,8,{region}"}).region
+    assert parsed is not None
+    return region_box(parsed, width, height)
+
+
 def test_region_box_inside_the_image() -> None:
-    assert region_box((0, 0, 48, 32), 48, 32) == (0, 0, 48, 32)  # the whole image
-    assert region_box((47, 31, 1, 1), 48, 32) == (47, 31, 48, 32)  # its last pixel
-    assert region_box((0, 0, -48, -32), 48, 32) == (0, 0, 48, 32)  # flipped, not moved
-    assert region_box((10, 4, None, None), 48, 32) == (10, 4, 48, 32)  # to the edges
-    assert region_box((0.5, 0, 2.25, 1), 48, 32) == (0, 0, 3, 1)  # the pixels it touches
+    assert box("0,0,48,32") == (0, 0, 48, 32)  # the whole image
+    assert box("47,31,1,1") == (47, 31, 48, 32)  # its last pixel
+    assert box("0,0,-48,-32") == (0, 0, 48, 32)  # flipped, not moved
+    assert box("10,4") == (10, 4, 48, 32)  # to the edges
+    assert box("0.5,0,2.25,1") == (0, 0, 3, 1)  # the pixels it touches
     for region in [
-        (0, 0, 49, 32),
-        (0, 0, 48, 33),
-        (48, 0, 1, 1),
-        (0, 32, 1, 1),
-        (1, 0, 48, 1),
-        (1, 0, -48, 1),
-        (48, 0, None, 1),
-        (0, 32, 1, None),
-        (47.5, 0, 1, 1),
+        "0,0,49,32",
+        "0,0,48,33",
+        "48,0,1,1",
+        "0,32,1,1",
+        "1,0,48,1",
+        "1,0,-48,1",
+        "48,0,,1",
+        "0,32,1",
+        "47.5,0,1,1",
     ]:
         with pytest.raises(BadRequestError, match="48 x 32"):
-            region_box(region, 48, 32)
+            box(region)
+
+
+def test_region_values_exact() -> None:
+    """sx, sy, sw, sh are taken exactly as the decimal numbers they are written as: a value
+    with a float's digits (`170.66666666666666`, a coordinate a viewer computed) is taken
+    (6 fraction digits were the limit: a 400), and one just inside the edge stays inside it
+    (47.99999999999999999 is 48.0 as a float: past the last column)."""
+    assert box("170.66666666666666,0,170.66666666666669,1", 512, 1) == (170, 0, 342, 1)
+    assert box("0.3333333333333333,0,47.6666666666666667,1") == (0, 0, 48, 1)
+    assert box("47.99999999999999999,0,0.00000000000000001,1") == (47, 0, 48, 1)
+    assert box("0.00000000000000000000000000001,0,47,1") == (0, 0, 48, 1)
+    with pytest.raises(BadRequestError, match="48 x 32"):
+        box("0.0000000000000000000000000001,0,48,1")
+
+
+def test_region_value_length_limit() -> None:
+    """A source region value is at most MAX_REGION_VALUE_CHARS characters (int() refuses to
+    parse more than 4300 digits: a ValueError, a 500)."""
+    edge = "0." + "0" * (MAX_REGION_VALUE_CHARS - 3) + "1"
+    assert len(edge) == MAX_REGION_VALUE_CHARS
+    assert box(f"{edge},0,1,1") == (0, 0, 2, 1)  # just past column 0: columns 0 and 1
+    for over in ("0" + edge, "1" * 5000, "." + "1" * 5000):
+        with pytest.raises(BadRequestError, match=f"at most {MAX_REGION_VALUE_CHARS} characters"):
+            box(f"{over},0,1,1")
 
 
 async def test_rendered_source_region(app_client: httpx.AsyncClient) -> None:
@@ -217,7 +250,8 @@ def test_output_size() -> None:
     assert output_size(48, 32, p(), thumbnail=False) == (48, 32)
     assert output_size(48, 32, p(), thumbnail=True) == (THUMBNAIL_SIZE, THUMBNAIL_SIZE * 2 // 3)
     assert output_size(48, 32, p(viewport=(24, 24)), thumbnail=False) == (24, 16)
-    assert output_size(48, 32, p(viewport=(8, 8), region=(0, 0, 4, 8)), False) == (4, 8)
+    region = parse_render_params({"viewport": "8,8,0,0,4,8"}).region
+    assert output_size(48, 32, p(viewport=(8, 8), region=region), False) == (4, 8)
 
 
 def test_check_animation_at_the_edge() -> None:

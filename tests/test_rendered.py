@@ -379,6 +379,10 @@ EXTREME_WINDOWS = [
     (("-1.7e308", "2", "LINEAR"), [255] * 16),
     (("1.7e308", "1.7e308", "LINEAR"), [0] * 16),
     (("-1.7e308", "1.7e308", "LINEAR_EXACT"), [255] * 16),
+    # the least width there is (subnormal): the value at the center is mid grey, the rest
+    # saturate (its half was 0, and the center's 0 / 0 NaN, black)
+    (("0", "5e-324", "LINEAR_EXACT"), [128] + [255] * 15),
+    (("5", "5e-324", "SIGMOID"), [0] * 5 + [128] + [255] * 10),
 ]
 
 

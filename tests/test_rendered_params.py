@@ -108,6 +108,16 @@ async def test_window_function_keywords(app_client: httpx.AsyncClient, ct_url: s
         refused(await app_client.get(ct_url, params={"window": bad}), "window")
 
 
+async def test_window_width_below_1(app_client: httpx.AsyncClient, ct_url: str) -> None:
+    """PS3.3 C.11.2.1.2.1: a LINEAR width is at least 1; C.11.2.1.3.1 and C.11.2.1.3.2: a
+    SIGMOID or LINEAR_EXACT one "shall always be greater than 0". `40,0.5,sigmoid` was a 400."""
+    for ok in ("40,0.5,sigmoid", "40,0.5,linear-exact", "40,1,linear"):
+        r = await app_client.get(ct_url, params={"window": ok}, headers=PNG)
+        assert pixels(r).shape == (128, 128), ok
+    for bad in ("40,0.5,linear", "40,0.5", "40,0,sigmoid", "40,-1,linear-exact", "40,-0,sigmoid"):
+        refused(await app_client.get(ct_url, params={"window": bad}), "window width")
+
+
 async def test_annotation_and_iccprofile_values(app_client: httpx.AsyncClient, ct_url: str) -> None:
     """`annotation` with no value or a value not a keyword is a 400 (8.3.5.1.1), unsupported
     keywords get the Warning 8.3.5.1.1 words; `iccprofile` takes its five values only, and
