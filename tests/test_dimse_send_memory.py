@@ -258,6 +258,17 @@ def test_decoded_at_once_is_a_frame_where_the_conversion_streams() -> None:
     big = "1.2.840.10008.1.2.2"
     assert conversion.decoded_at_once(inst(big, **pixels)) == 10_000_000 - 10 * frame
     assert conversion.decoded_at_once(inst(big)) == 10_000_000
+    # A single frame larger than the bound, copied (swapped) in chunks: the rest of the file.
+    one = StoredInstance("1.2", "1.2.3", "1.2.3.4", CTImageStorage, "0" * 32, big,
+                         8_400_000, 1, None, None, False, rows=2048, columns=2048,
+                         samples_per_pixel=1, bits_allocated=16)  # fmt: skip
+    assert conversion.decoded_at_once(one) == 8_400_000 - 2048 * 2048 * 2
+    # Little endian, for the other little endian syntax: copied the same way, 1-bit too.
+    for native in (ExplicitVRLittleEndian, "1.2.840.10008.1.2"):
+        assert conversion.decoded_at_once(inst(native, **pixels)) == 10_000_000 - 10 * frame
+        assert conversion.decoded_at_once(inst(native, **one_bit)) == 10_000_000 - 327_680
+        assert conversion.decoded_at_once(inst(native)) == 10_000_000
+    assert conversion.decoded_at_once(inst(big, **one_bit)) == 10_000_000  # unpacked whole
 
 
 async def test_get_converts_for_a_requestor_into_a_scratch_file(

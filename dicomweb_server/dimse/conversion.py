@@ -1,8 +1,8 @@
 """The transfer syntaxes of C-MOVE/C-GET sub-operations: the presentation contexts a C-MOVE
 sub-association proposes, the syntax each instance is sent in, and the instance converted to
-little endian for a peer that takes its SOP Class only uncompressed (into a
-scratch file a frame at a time, one conversion at a time, then sent from it as a stored
-instance is)."""
+a little endian syntax the peer took when it did not take the stored one (decoded, or
+uncompressed written in the other little endian syntax: into a scratch file a frame, or a
+chunk, at a time, one conversion at a time, then sent from it as a stored instance is)."""
 
 from __future__ import annotations
 
@@ -36,18 +36,24 @@ __all__ = [
     "target_syntax",
 ]
 
-# Bytes decoded at once for a C-MOVE/C-GET peer that takes the instance's SOP Class only
-# uncompressed: a frame, the instance being converted a frame at a time into a scratch file
-# (converted_for_peer); the whole instance where it is converted in memory (Deflated, 1-bit
-# pixels; decoded_at_once). More is a failed sub-operation. One conversion runs at a time in
-# a process (_DECODING): memory holds a few times this (about 6 decoded frames at the
-# conversion's peak), however large the instance. It bounded the instance's decoded size,
-# held about 3.5 times over: a C-GET of a 125 MiB instance took the server from 103 to 571 MB.
+# Bytes a conversion for a C-MOVE/C-GET peer that did not take the stored syntax holds at
+# once (decoded_at_once): a decoded frame, the instance being converted a frame at a time
+# into a scratch file (converted_for_peer); the whole instance where it is converted in
+# memory (Deflated, compressed 1-bit pixels, no Pixel Data); for uncompressed pixels copied
+# into the other little endian syntax (or swapped from big endian) in chunks of
+# convert.CONVERT_COPY_BYTES, the rest of the file. More is a failed sub-operation. One
+# conversion runs at a time in a process (_DECODING): memory holds a few times this (about
+# 6 decoded frames at the conversion's peak), however large the instance. It bounded the
+# instance's decoded size, held about 3.5 times over: a C-GET of a 125 MiB instance took
+# the server from 103 to 571 MB; and a 240 MB Explicit VR Little Endian instance for a peer
+# taking only Implicit VR, re-encoded whole by pynetdicom, from 103 to 847 MB.
 DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
 _DECODING = threading.Lock()
 # Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
 _MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# Uncompressed syntaxes whose pixels a conversion copies (swaps) in chunks, undecoded.
+_COPIED = (*_UNCOMPRESSED, ExplicitVRBigEndian)
 # Values longer than this are read from the blob only when the data set is encoded to send.
 _DEFER_BYTES = 1024
 
@@ -56,8 +62,8 @@ def contexts(found: list[StoredInstance]) -> list[PresentationContext]:
     """One context per stored (SOP Class, transfer syntax), so that each instance can go as
     stored whatever the destination prefers (pynetdicom picks an exact match first); after
     those, one fallback per SOP Class and kind: for uncompressed data the other little endian
-    syntax (pynetdicom converts), for data we can decode both little endian syntaxes (we
-    decode, see target_syntax). Data we cannot decode goes only as stored."""
+    syntax, for data we can decode both little endian syntaxes (we convert either, see
+    target_syntax). Data we cannot decode goes only as stored."""
     pairs = dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in found)
     as_stored = [(sop_class, (ts,)) for sop_class, ts in pairs]
     fallbacks: list[tuple[str, tuple[str, ...]]] = []
@@ -87,17 +93,19 @@ def _decoded_size(inst: StoredInstance, frames: int | None = None) -> int | None
 
 
 def decoded_at_once(inst: StoredInstance) -> int | None:
-    """Bytes the conversion of `inst` to Explicit VR Little Endian holds at once, as
+    """Bytes the conversion of `inst` to the other little endian syntax holds at once, as
     to_transfer_syntax converts it: a decoded frame; all of its pixels when it converts the
-    instance in memory (Deflated, 1-bit); for big endian, whose pixels are swapped in
-    chunks, the rest of the file (read whole to be swapped), or the file when no pixels are
-    described. None: not known (Image Pixel attributes missing)."""
+    instance in memory (Deflated, compressed 1-bit); for uncompressed pixels, copied (or
+    swapped from big endian) in chunks, the rest of the file (its header, read whole), or
+    the file when no pixels are described (then converted in memory if it has none; 1-bit
+    big endian always). None: not known (Image Pixel attributes missing)."""
     ts = inst.transfer_syntax_uid
     whole = _decoded_size(inst)
-    if ts == ExplicitVRBigEndian:
-        if whole is None or inst.bits_allocated == 1:
+    if ts in _COPIED:
+        if whole is None or (ts == ExplicitVRBigEndian and inst.bits_allocated == 1):
             return inst.size_bytes
-        return max(inst.size_bytes - whole, cast(int, _decoded_size(inst, 1)))
+        stored = -(-whole // 8) if inst.bits_allocated == 1 else whole  # 1-bit: packed
+        return max(inst.size_bytes - stored, 0)
     if ts == DeflatedExplicitVRLittleEndian or inst.bits_allocated == 1:
         return whole
     return _decoded_size(inst, 1)
@@ -107,10 +115,11 @@ def converted_for_peer(
     inst: StoredInstance, path: Path, target: str, scratch_dir: Path
 ) -> StoredFile:
     """The instance converted to `target` for a peer, into a scratch file in `scratch_dir`
-    written a frame at a time (to_transfer_syntax, as WADO-RS converts an instance), to be
-    sent from it a PDU at a time as a stored instance is and removed once sent
-    (sending.send_stored_files). One conversion at a time in the process, and only when
-    at most DIMSE_DECODE_MAX_BYTES are decoded at once (decoded_at_once)."""
+    written a frame (or a chunk of uncompressed pixels) at a time (to_transfer_syntax, as
+    WADO-RS converts an instance), to be sent from it a PDU at a time as a stored instance
+    is and removed once sent (sending.send_stored_files). One conversion at a time in the
+    process, and only when it holds at most DIMSE_DECODE_MAX_BYTES at once
+    (decoded_at_once)."""
     size = decoded_at_once(inst)
     if size is None or size > DIMSE_DECODE_MAX_BYTES:
         raise TranscodeError(
@@ -128,17 +137,21 @@ def converted_for_peer(
 
 
 def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str, str]]) -> Dataset:
-    """The stored instance for a peer that takes it uncompressed (target_syntax None). When
-    the peer took another syntax than the stored one (implicit for explicit VR, or the other
-    way), pynetdicom re-encodes it, and pydicom's writer re-raises a value it cannot write
-    in each enclosing sequence, doubling the message per level (1 GB twelve items deep): such
-    a value is a ValueError naming it first (convert.check_writable), in bounded memory; so
-    are sequences nested too deep to re-encode. A file pydicom cannot read for the depth of
-    its sequences is a TranscodeError (frames.read_stored)."""
+    """The stored instance for a peer that took its syntax (target_syntax None), sent from
+    its file (a StoredFile); read, when pydicom read a data set its syntax says is explicit
+    VR as implicit VR, its elements given VRs before pynetdicom encodes it: pydicom's writer
+    re-raises a value it cannot write in each enclosing sequence, doubling the message per
+    level (1 GB twelve items deep), so such a value is a ValueError naming it first
+    (convert.check_writable), in bounded memory; so are sequences nested too deep to
+    re-encode. A file pydicom cannot read for the depth of its sequences is a
+    TranscodeError (frames.read_stored). When the peer took no little endian syntax for the
+    SOP Class (target_syntax), pynetdicom sends uncompressed data only in Deflated Explicit
+    VR Little Endian, re-encoded in memory (else it finds no context and the sub-operation
+    fails): checked as Explicit VR."""
     ds = read_stored(path, defer_size=_DEFER_BYTES)
-    if (inst.sop_class_uid, inst.transfer_syntax_uid) not in accepted:
-        check_writable(ds, implicit_vr=inst.transfer_syntax_uid == ExplicitVRLittleEndian)
-    elif _read_without_vrs(ds):  # sent in its explicit syntax: its elements given VRs
+    taken = (inst.sop_class_uid, inst.transfer_syntax_uid) in accepted
+    # Not taken: deflated by pynetdicom. Taken and read without VRs: given VRs to be sent.
+    if not taken or _read_without_vrs(ds):
         check_writable(ds)
     elif _describes(getattr(ds, "file_meta", Dataset()), inst):
         return StoredFile(path, inst.sop_class_uid, inst.sop_instance_uid)
@@ -168,18 +181,17 @@ def _read_without_vrs(ds: Dataset) -> bool:
 
 
 def target_syntax(inst: StoredInstance, accepted: set[tuple[str, str]]) -> str | None:
-    """None: send the instance as stored (its syntax accepted, or uncompressed with a little
-    endian syntax accepted, or nothing of its SOP Class accepted: that sub-operation fails).
-    Explicit VR Little Endian, or Implicit VR Little Endian when only that was accepted: the
-    peer takes its SOP Class only uncompressed, and the stored syntax can be decoded here.
-    The converted file is sent as it is, so in a syntax the peer accepted (pynetdicom
-    re-encoded a data set in memory into the other little endian syntax)."""
+    """None: send the instance as stored (its syntax accepted, or nothing of its SOP Class
+    accepted in little endian: that sub-operation fails unless its own syntax was). Explicit
+    VR Little Endian, or Implicit VR Little Endian when only that was accepted: the peer
+    did not take the stored syntax, and it can be decoded here or is uncompressed (the
+    other little endian syntax, big endian). The converted file is sent as it is, in a
+    syntax the peer accepted: pynetdicom re-encoded a data set read whole into the other
+    little endian syntax in memory, several times its size."""
     syntaxes = {ts for sop_class, ts in accepted if sop_class == inst.sop_class_uid}
     stored = inst.transfer_syntax_uid
     little_endian = syntaxes.intersection(_UNCOMPRESSED)
-    if stored in syntaxes or not little_endian or stored in _UNCOMPRESSED:
-        return None
-    if not _convertible(stored):
+    if stored in syntaxes or not little_endian or not _convertible(stored):
         return None
     return (
         ExplicitVRLittleEndian

@@ -65,10 +65,11 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     that takes only that). The SOP Instance UID is kept; lossy output is marked with Lossy
     Image Compression (PS3.3 C.7.6.1.1.5).
 
-    Written as it is made (_write_streamed): the header, then the Pixel Data frame by frame,
-    so that memory holds a frame, not the instance. Deflated files (inflated whole, at most
-    dicomfile.MAX_INFLATED_BYTES), 1-bit Pixel Data (its frames share bytes) and instances
-    without Pixel Data are converted in memory (converted_dataset), the same bytes."""
+    Written as it is made (_write_streamed): the header, then the Pixel Data frame by frame
+    (uncompressed, in chunks of CONVERT_COPY_BYTES), so that memory holds a frame, not the
+    instance. Deflated files (inflated whole, at most dicomfile.MAX_INFLATED_BYTES), 1-bit
+    Pixel Data compressed or big endian (its frames share bytes) and instances without Pixel
+    Data are converted in memory (converted_dataset), the same bytes."""
     what = f"write {UID(transfer_syntax_uid).name}"
     implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
     target = EXPLICIT_VR_LITTLE_ENDIAN if implicit else transfer_syntax_uid
@@ -76,7 +77,10 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
         head = read_stored(src, stop_before_pixels=True)
         ts = UID(str(head.file_meta.TransferSyntaxUID))
         what = f"convert {ts.name} to {UID(transfer_syntax_uid).name}"
-        whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or head.get("BitsAllocated") == 1
+        # 1-bit pixels decoded (compressed) or unpacked (big endian) whole: frames share
+        # bytes; little endian ones are copied as they are.
+        one_bit = head.get("BitsAllocated") == 1 and ts not in _LITTLE_ENDIAN_NATIVE
+        whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or one_bit
         if not whole and decoded(
             ts, lambda plugin: _write_streamed(src, dst, target, plugin, implicit)
         ):
@@ -91,6 +95,7 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
 
 
 _PIXEL_DATA = 0x7FE00010
+_LITTLE_ENDIAN_NATIVE = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 # Values longer than this are left in the file when a header is read for a conversion (the
 # Pixel Data above all); each is read when it is written.
 _CONVERT_DEFER_BYTES = 64 * 1024
@@ -273,24 +278,27 @@ def _word_width(info: PixelInfo, vr: str) -> int:
     return 2 if width <= 1 and vr == "OW" else max(1, width)
 
 
-def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytes]:
+def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytearray]:
     """`length` bytes of `f` in chunks of CONVERT_COPY_BYTES, each `width`-byte word
-    byte-swapped when `width` is over 1 (big endian to little)."""
+    byte-swapped in place when `width` is over 1 (big endian to little): one chunk held, not
+    three (read, swapped, its bytes)."""
     left = length
     while left > 0:
-        chunk = f.read(min(CONVERT_COPY_BYTES, left))
-        if not chunk:
+        chunk = bytearray(min(CONVERT_COPY_BYTES, left))
+        got = cast(io.BufferedReader, f).readinto(chunk)  # a file, or a BytesIO
+        if not got:
             raise EOFError(f"the Pixel Data ends {left} bytes early")
-        left -= len(chunk)
+        del chunk[got:]
+        left -= got
         if width > 1:
-            chunk = np.frombuffer(chunk, f">u{width}").astype(f"<u{width}").tobytes()
+            np.frombuffer(chunk, f"<u{width}").byteswap(inplace=True)
         yield chunk
 
 
 def _write_native(
     out: BinaryIO,
     vr: str | None,
-    chunks: Iterator[bytes] | Iterator[bytes | memoryview],
+    chunks: Iterator[bytearray] | Iterator[bytes | memoryview],
     frames: int | None,
     length: int = 0,
 ) -> None:
