@@ -6,18 +6,50 @@ Also what an instance can be converted to (pixel_info, targets_of), shared with 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import anyio
+
+from dicomweb_server.config import VERSION
 from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
-from dicomweb_server.errors import NotFoundError
-from dicomweb_server.index.rows import MetadataRow, StoredInstance
+from dicomweb_server.errors import NotFoundError, ServiceUnavailableError
+from dicomweb_server.index.rows import MetadataRow, SeriesState, StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import NOT_FOR_WEB
-from dicomweb_server.transcode.codecs import PixelInfo, available_targets
+from dicomweb_server.transcode.codecs import PixelInfo, available_targets, codec_fingerprint
 
-__all__ = ["metadata_json", "not_found", "pixel_info", "targets_of"]
+__all__ = [
+    "METADATA_FETCH_ROWS",
+    "METADATA_FORMAT",
+    "METADATA_PART_CACHE_MAX_BYTES",
+    "MetadataChangedError",
+    "metadata_digest",
+    "metadata_json",
+    "metadata_runs",
+    "not_found",
+    "pixel_info",
+    "series_states",
+    "targets_of",
+]
+
+# Instances of a study's or series' metadata read from the database at a time, and so held in
+# memory at a time (2.7 KB of JSON each for a small CT): a study of 5,000 instances was read
+# in one statement and built whole, 55 MB for a 13 MB body.
+METADATA_FETCH_ROWS = 200
+# A series' metadata up to this size is kept in the metadata cache (config.
+# METADATA_CACHE_BYTES), by version; a larger one is read again when asked for. 4 MiB: about
+# 1,500 instances, OHIF's usual series and more.
+METADATA_PART_CACHE_MAX_BYTES = 4 * 1024 * 1024
+# Rows rendered on the event loop; more, in a worker thread.
+METADATA_INLINE_ROWS = 20
+# The version of what this module writes into a metadata body beyond the stored rows: raise
+# it whenever the same rows would make other bytes (Available Transfer Syntax UID, the order
+# of instances), so that entity tags made before change with it (metadata_digest).
+METADATA_FORMAT = 1
 
 
 def not_found(series: str | None, sop: str | None) -> NotFoundError:
@@ -25,76 +57,164 @@ def not_found(series: str | None, sop: str | None) -> NotFoundError:
     return NotFoundError(f"no such {what} in the archive")
 
 
-async def metadata_json(
-    svc: Services, base_url: str, study: str, series: str | None = None, sop: str | None = None
-) -> bytes:
-    """The stored DICOM JSON of the instances, as one JSON array (no blob is read).
-
-    Study and series metadata are assembled per series, and a series' part is kept in
-    `svc.metadata` with the series' version (its instance count plus its revision, which
-    `reindex` bumps; both only grow), so the version read in the same request tells a current
-    part from a stale one, in every process. Series metadata is one statement whether the
-    part is cached or not; study metadata is two (its series and their versions, then every
-    uncached series at once), one when all its series are cached.
-    """
-    if sop is not None:
-        found = await svc.index.metadata_texts(study, series, sop)
-        if not found:
-            raise not_found(series, sop)
-        doc = ",".join(_with_available_ts(t, inst) for inst, t in found)
-        return _json_array([doc.encode("utf-8")], base_url)
-    if series is not None:
-        part = await _series_part(svc, study, series)
-        if part is None:
-            raise not_found(series, None)
-        return _json_array([part], base_url)
-    versions = await svc.index.series_versions(study)
-    if not versions:
-        raise not_found(None, None)
-    parts: dict[str, bytes] = {}
-    for uid, version in versions:
-        cached = _cached_part(svc, uid)
-        if cached is not None and cached[0] == version:
-            parts[uid] = cached[1]
-    stale = [uid for uid, _ in versions if uid not in parts]
-    if stale:
-        for uid, (version, rows) in (await svc.index.series_metadata_many(study, stale)).items():
-            parts[uid] = _cache_part(svc, uid, version, rows)
-    return _json_array([parts.get(uid, b"") for uid, _ in versions], base_url)
+async def metadata_json(svc: Services, base_url: str, study: str, series: str, sop: str) -> bytes:
+    """The stored DICOM JSON of an instance, as a one-element JSON array (no blob is read)."""
+    found = await svc.index.metadata_texts(study, series, sop)
+    if not found:
+        raise not_found(series, sop)
+    doc = ",".join(_with_available_ts(t, inst) for inst, t in found)
+    return absolutize_bulk_uris_bytes(b"[" + doc.encode("utf-8") + b"]", base_url)
 
 
-async def _series_part(svc: Services, study: str, series: str) -> bytes | None:
-    """A series' instances' DICOM JSON objects, comma-separated, BulkDataURIs root-relative;
-    None when the study has no such series."""
-    cached = _cached_part(svc, series)
-    known = -1 if cached is None else cached[0]
-    found = await svc.index.series_metadata(study, series, known)
-    if found is None:
+async def series_states(svc: Services, study: str, series: str | None) -> list[SeriesState]:
+    """The series a study's (or a series') metadata is made of, with their versions: one
+    statement, all an unchanged body costs (a 304 reads nothing else)."""
+    states = await svc.index.series_states(study, series)
+    if not states:
+        raise not_found(series, None)
+    return states
+
+
+def metadata_digest(states: list[SeriesState], base_url: str, media: str) -> str:
+    """32 hex digits of what the bytes of a study's or series' metadata body depend on, known
+    before a byte of it is read: the series and their versions, in order (the instances and
+    their order are those of a version), the base URL of the BulkDataURIs, the media type,
+    and what writes the body (this server's version, METADATA_FORMAT, and the codecs that
+    make its Available Transfer Syntax UIDs). The same digest is the same body: a strong
+    entity tag (RFC 9110 8.8.3)."""
+    digest = hashlib.sha256()
+    for text in (str(METADATA_FORMAT), VERSION, _codecs(), media, base_url):
+        digest.update(text.encode("utf-8", "surrogateescape") + b"\x00")
+    for state in states:
+        digest.update(f"{state.uid}/{state.version}\x00".encode("ascii", "replace"))
+    return digest.hexdigest()[:32]
+
+
+@functools.cache
+def _codecs() -> str:
+    return codec_fingerprint()
+
+
+class MetadataChangedError(ServiceUnavailableError):
+    """A series changed while its metadata was read (an instance stored, a reindex): what was
+    read no longer makes the body the entity tag names."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the metadata changed while it was read; ask again", headers={"Retry-After": "1"}
+        )
+
+
+async def metadata_runs(
+    svc: Services, states: list[SeriesState], base_url: str
+) -> AsyncIterator[bytes]:
+    """The instances of `states`' series as DICOM JSON objects, comma-separated, a run at a
+    time: a cached series whole, the others METADATA_FETCH_ROWS instances at a time at most
+    (the runs of a batch split by series). The runs joined by commas within `[` `]` are the
+    body metadata_digest names; MetadataChangedError when a series read is no longer of the
+    version in `states`.
+
+    A series' run is kept in `svc.metadata` with its version (up to
+    METADATA_PART_CACHE_MAX_BYTES), so that the version read in a later request tells a
+    current part from a stale one, in every process. Series not cached are read together
+    (_stale_batches): one statement for METADATA_FETCH_ROWS instances or fewer, however many
+    series hold them."""
+    cached = {s.pk: part for s in states if (part := _cached_part(svc, s)) is not None}
+    rows = _Rows(_stale_batches(svc, [s for s in states if s.pk not in cached]))
+    try:
+        for state in states:
+            if state.pk in cached:
+                part = cached.pop(state.pk)[8:]  # copied one series at a time
+                yield absolutize_bulk_uris_bytes(part, base_url)
+                continue
+            kept: list[bytes] | None = []
+            size = 0
+            while (run_rows := await rows.of(state)) is not None:
+                run = await _rendered(svc, run_rows)
+                size += len(run) + 1
+                if size > METADATA_PART_CACHE_MAX_BYTES:
+                    kept = None  # too large to keep: not held either
+                elif kept is not None:
+                    kept.append(run)
+                yield absolutize_bulk_uris_bytes(run, base_url)
+            if kept:
+                _cache_part(svc, state, b",".join(kept))
+    finally:
+        await rows.batches.aclose()
+
+
+class _Rows:
+    """The rows of _stale_batches handed out a series at a time."""
+
+    def __init__(self, batches: AsyncGenerator[list[MetadataRow], None]) -> None:
+        self.batches = batches
+        self._pending: list[MetadataRow] = []
+
+    async def of(self, state: SeriesState) -> list[MetadataRow] | None:
+        """The next rows of the series (those of one batch), None when it has no more.
+        MetadataChangedError when one is not of the version `state` names."""
+        if not self._pending:
+            self._pending = await anext(self.batches, [])
+        count = 0
+        for row in self._pending:
+            if row.series_pk != state.pk:
+                break
+            if row.version != state.version:
+                raise MetadataChangedError
+            count += 1
+        if count == 0:
+            return None
+        rows, self._pending = self._pending[:count], self._pending[count:]
+        return rows
+
+
+async def _stale_batches(
+    svc: Services, stale: list[SeriesState]
+) -> AsyncGenerator[list[MetadataRow], None]:
+    """The instances of the series `stale`, in metadata order, METADATA_FETCH_ROWS at a time:
+    the first batch as rows (one more asked for: is there more?); past it, the keys of every
+    instance with the series' versions (checked: the keys are those of the rows read
+    first), then rows by key. No connection is held between batches."""
+    if not stale:
+        return
+    pks = [s.pk for s in stale]
+    first = await svc.index.metadata_first(pks, METADATA_FETCH_ROWS + 1)
+    if len(first) <= METADATA_FETCH_ROWS:
+        yield first
+        return
+    yield first[:METADATA_FETCH_ROWS]
+    keys, versions = await svc.index.metadata_keys(pks)
+    if versions != [s.version for s in stale]:
+        raise MetadataChangedError
+    for at in range(METADATA_FETCH_ROWS, len(keys), METADATA_FETCH_ROWS):
+        yield await svc.index.metadata_rows(keys[at : at + METADATA_FETCH_ROWS])
+
+
+async def _rendered(svc: Services, rows: list[MetadataRow]) -> bytes:
+    """The rows' DICOM JSON objects, comma-separated, BulkDataURIs root-relative; rendered in a
+    worker thread past METADATA_INLINE_ROWS rows (an image's JSON is parsed for its pixel
+    layout: about 50 microseconds)."""
+    if len(rows) <= METADATA_INLINE_ROWS:
+        return _render(rows)
+    return await anyio.to_thread.run_sync(_render, rows, limiter=svc.limiter)
+
+
+def _render(rows: list[MetadataRow]) -> bytes:
+    return ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
+
+
+def _cached_part(svc: Services, state: SeriesState) -> bytes | None:
+    """What _cache_part kept of a series, the part after 8 bytes, if it is of the series'
+    current version."""
+    entry = svc.metadata.get(("series", state.uid))
+    if entry is None or int.from_bytes(entry[:8], "little") != state.version:
         return None
-    version, rows = found
-    if cached is not None and version == known:
-        return cached[1]
-    return _cache_part(svc, series, version, rows)
+    return entry
 
 
-def _cached_part(svc: Services, series: str) -> tuple[int, bytes] | None:
-    """(version, part) of a series as _cache_part kept it, or None."""
-    entry = svc.metadata.get(("series", series))
-    if entry is None:
-        return None
-    return int.from_bytes(entry[:8], "little"), entry[8:]
-
-
-def _cache_part(svc: Services, series: str, version: int, rows: list[MetadataRow]) -> bytes:
-    """The part of a series at `version` from its rows, kept in svc.metadata (the version as
-    8 bytes before it; _cached_part reads it back)."""
-    part = ",".join(_row_with_available_ts(r) for r in rows).encode("utf-8")
-    svc.metadata.put(("series", series), version.to_bytes(8, "little") + part)
-    return part
-
-
-def _json_array(parts: list[bytes], base_url: str) -> bytes:
-    return absolutize_bulk_uris_bytes(b"[" + b",".join(p for p in parts if p) + b"]", base_url)
+def _cache_part(svc: Services, state: SeriesState, part: bytes) -> None:
+    """Keep the part of a series at its version (as 8 bytes before it)."""
+    svc.metadata.put(("series", state.uid), state.version.to_bytes(8, "little") + part)
 
 
 def _row_with_available_ts(row: MetadataRow) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dicomweb_server.index.pool import Pooled, Record
-from dicomweb_server.index.rows import MetadataRow, StoredInstance
+from dicomweb_server.index.rows import MetadataRow, SeriesState, StoredInstance
 
 __all__ = ["Reads"]
 
@@ -45,38 +45,56 @@ def _tag_path_order(path: str) -> tuple[int, ...]:
     return tuple(int(p, 16) if i % 2 == 0 else int(p) for i, p in enumerate(path.split("/")))
 
 
-# A series' version: its instance count plus its revision (bumped by `reindex`). Both only
-# grow, so a version names one state of a series' metadata.
-_SERIES_VERSIONS = """
-SELECT se.series_instance_uid, se.num_instances + se.revision
+# A study's series that hold instances (or the one named), in the order metadata lists them,
+# each with its version (rows.SeriesState): what study and series metadata are made of.
+_SERIES_STATES = """
+SELECT se.series_instance_uid, se.pk, se.num_instances + se.revision
 FROM series se
 JOIN study st ON st.pk = se.study_fk
-WHERE st.study_instance_uid = $1 AND se.num_instances > 0
+WHERE st.study_instance_uid = $1 AND ($2::text IS NULL OR se.series_instance_uid = $2)
+  AND se.num_instances > 0
 ORDER BY se.series_number NULLS LAST, se.pk
 """
 
-# Reads only plain columns and the metadata text: every `->` on a compressed jsonb value
-# decompresses it, and the nine lookups of _LOCATE cost more than the rest of this statement.
-_SERIES_METADATA = """
-SELECT se.num_instances + se.revision, i.transfer_syntax_uid, i.number_of_frames,
+# The instances of the series $1 (primary keys, in metadata order), in metadata order: series
+# in the order given, instances by Instance Number. Reads only plain columns and the metadata
+# text: every `->` on a compressed jsonb value decompresses it, and the nine lookups of
+# _LOCATE cost more than the rest of this statement. The series' version comes with each row,
+# read in the same snapshot.
+_ORDERED_INSTANCES = """
+FROM unnest($1::bigint[]) WITH ORDINALITY AS s(pk, n)
+JOIN instance i ON i.series_fk = s.pk
+ORDER BY s.n, i.instance_number NULLS LAST, i.pk
+"""
+_METADATA_COLUMNS = """
+SELECT se.pk, se.num_instances + se.revision, i.transfer_syntax_uid, i.number_of_frames,
        i.metadata::text
-FROM series se
-JOIN study st ON st.pk = se.study_fk
-LEFT JOIN instance i ON i.series_fk = se.pk AND se.num_instances + se.revision <> $3
-WHERE st.study_instance_uid = $1 AND se.series_instance_uid = $2 AND se.num_instances > 0
-ORDER BY i.instance_number NULLS LAST, i.pk
 """
-
-# Study metadata: the instances of the study's series that are not cached, in one statement.
-_SERIES_METADATA_MANY = """
-SELECT se.series_instance_uid, se.num_instances + se.revision, i.transfer_syntax_uid,
-       i.number_of_frames, i.metadata::text
-FROM series se
-JOIN study st ON st.pk = se.study_fk
-JOIN instance i ON i.series_fk = se.pk
-WHERE st.study_instance_uid = $1 AND se.series_instance_uid = ANY($2::text[])
-ORDER BY se.pk, i.instance_number NULLS LAST, i.pk
+# The first $2 instances: their order found on keys alone (a sort of the rows with their
+# metadata text would turn every instance's jsonb into text), then their rows.
+_METADATA_FIRST = f"""
+WITH k AS (SELECT i.pk, s.n, i.instance_number {_ORDERED_INSTANCES} LIMIT $2)
+{_METADATA_COLUMNS}
+FROM k JOIN instance i ON i.pk = k.pk JOIN series se ON se.pk = i.series_fk
+ORDER BY k.n, k.instance_number NULLS LAST, k.pk
 """
+# The keys of every instance of the series, and the series' versions, of one snapshot.
+_METADATA_KEYS = f"""
+SELECT ARRAY(SELECT i.pk {_ORDERED_INSTANCES}),
+       ARRAY(SELECT se.num_instances + se.revision
+             FROM unnest($1::bigint[]) WITH ORDINALITY AS s(pk, n)
+             JOIN series se ON se.pk = s.pk ORDER BY s.n)
+"""
+# The rows of instances by key, in the order of the keys.
+_METADATA_ROWS = f"""
+{_METADATA_COLUMNS}
+FROM unnest($1::bigint[]) WITH ORDINALITY AS k(pk, n)
+JOIN instance i ON i.pk = k.pk JOIN series se ON se.pk = i.series_fk
+ORDER BY k.n
+"""
+# What only the server knows of a series: its first instance's blob key, drawn at random when
+# it was stored (the secret of a metadata body's multipart boundary).
+_SERIES_SECRET = "SELECT blob_key FROM instance WHERE series_fk = $1 ORDER BY pk LIMIT 1"
 
 
 class Reads(Pooled):
@@ -94,37 +112,34 @@ class Reads(Pooled):
         rows = await self._fetch(_LOCATE.format(extra=", i.metadata::text"), study, series, sop)
         return [(StoredInstance(*row[:-1]), row[-1]) for row in rows]
 
-    async def series_versions(self, study: str) -> list[tuple[str, int]]:
-        """(Series Instance UID, version) of a study's series that hold instances, in the order
-        metadata lists them. A version (_SERIES_VERSIONS) names one state of a series."""
-        rows = await self._fetch(_SERIES_VERSIONS, study)
-        return [(row[0], row[1]) for row in rows]
+    async def series_states(self, study: str, series: str | None = None) -> list[SeriesState]:
+        """The series of a study that hold instances (only `series`, when given), in the order
+        metadata lists them, with their versions."""
+        rows = await self._fetch(_SERIES_STATES, study, series)
+        return [SeriesState(*row) for row in rows]
 
-    async def series_metadata(
-        self, study: str, series: str, known_version: int
-    ) -> tuple[int, list[MetadataRow]] | None:
-        """(the series' version, and, unless that is `known_version`, each instance's transfer
-        syntax, number of frames and DICOM JSON text in metadata order), from one statement,
-        so the version and the rows are of one snapshot; None: no such series."""
-        rows = await self._fetch(_SERIES_METADATA, study, series, known_version)
-        if not rows:
-            return None
-        version = rows[0][0]
-        if version == known_version:
-            return version, []
-        return version, [MetadataRow(row[1], row[2], row[3]) for row in rows]
+    async def metadata_first(self, series_pks: Sequence[int], count: int) -> list[MetadataRow]:
+        """The first `count` instances of the series, in metadata order."""
+        rows = await self._fetch(_METADATA_FIRST, list(series_pks), count)
+        return [MetadataRow(*row) for row in rows]
 
-    async def series_metadata_many(
-        self, study: str, series: Sequence[str]
-    ) -> dict[str, tuple[int, list[MetadataRow]]]:
-        """series_metadata of several series of a study in one statement (a study of many
-        series costs two statements on first access, not one per series): per Series
-        Instance UID found, its version and rows, read in one snapshot."""
-        rows = await self._fetch(_SERIES_METADATA_MANY, study, list(series))
-        out: dict[str, tuple[int, list[MetadataRow]]] = {}
-        for row in rows:
-            out.setdefault(row[0], (row[1], []))[1].append(MetadataRow(row[2], row[3], row[4]))
-        return out
+    async def metadata_keys(self, series_pks: Sequence[int]) -> tuple[list[int], list[int]]:
+        """(the primary keys of every instance of the series in metadata order, the series'
+        versions in the order given), of one snapshot."""
+        row = await self._fetchrow(_METADATA_KEYS, list(series_pks))
+        assert row is not None
+        return list(row[0]), list(row[1])
+
+    async def metadata_rows(self, keys: Sequence[int]) -> list[MetadataRow]:
+        """The instances of these keys (metadata_keys), in the order of the keys."""
+        rows = await self._fetch(_METADATA_ROWS, list(keys))
+        return [MetadataRow(*row) for row in rows]
+
+    async def series_secret(self, series_pk: int) -> str:
+        """The blob key of the series' first instance ('' if it has none): a value only the
+        server knows, drawn at random when the instance was stored."""
+        row = await self._fetchrow(_SERIES_SECRET, series_pk)
+        return "" if row is None else str(row[0])
 
     async def bulk_range(self, study: str, series: str, sop: str, path: str) -> list[Any] | None:
         rows = await self._fetch(_LOCATE.format(extra=", i.bulk_ranges -> $4"), study, series, sop,

@@ -6,7 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["ApiKey", "CommitResult", "MetadataRow", "StoredBlob", "StoredInstance"]
+__all__ = [
+    "ApiKey",
+    "CommitResult",
+    "MetadataRow",
+    "SeriesState",
+    "StoredBlob",
+    "StoredInstance",
+]
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,25 @@ class StoredBlob:
 
 
 @dataclass(frozen=True)
-class MetadataRow:
-    """What series metadata needs of an instance."""
+class SeriesState:
+    """A series as study and series metadata are made of it: its version, the instance count
+    plus the revision `reindex` bumps, both only growing, so that a version names one state
+    of the series' metadata (every change to its instance rows changes it in the same
+    transaction)."""
 
+    uid: str
+    pk: int
+    version: int
+
+
+@dataclass(frozen=True)
+class MetadataRow:
+    """What series metadata needs of an instance, with its series' primary key and version
+    read in the same statement (the version tells whether the series is still the state a
+    response began with)."""
+
+    series_pk: int
+    version: int
     transfer_syntax_uid: str
     number_of_frames: int
     metadata: str  # DICOM JSON text, BulkDataURIs root-relative

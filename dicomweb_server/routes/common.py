@@ -56,11 +56,13 @@ __all__ = [
     "multipart_response",
     "not_found",
     "ranged_response",
+    "request_field",
     "services",
     "single_part_response",
     "streamed_model_response",
     "uid_param",
     "warning_header",
+    "xml_runs",
 ]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -251,7 +253,7 @@ async def gzipped(request: Request, response: Response) -> Response:
     representation: Accept (JSON or XML) and Accept-Encoding."""
     response.headers["Vary"] = "Accept, Accept-Encoding"
     body = bytes(response.body)
-    if len(body) < GZIP_MIN_BYTES or not accepts_gzip(_field(request, "accept-encoding")):
+    if len(body) < GZIP_MIN_BYTES or not accepts_gzip(request_field(request, "accept-encoding")):
         return response
     pack = functools.partial(gzip.compress, body, GZIP_SEARCH_LEVEL)
     if len(body) > GZIP_INLINE_MAX_BYTES:
@@ -277,14 +279,14 @@ async def streamed_model_response(
     is over GZIP_MIN_BYTES: it is more than one batch)."""
     if media == MULTIPART_RELATED:
         boundary = new_boundary()
-        chunks = _xml_runs(batches, boundary)
+        chunks = xml_runs(batches, boundary)
         media = f'multipart/related; type="{APPLICATION_DICOM_XML}"; boundary={boundary}'
     else:
         assert media != APPLICATION_DICOM_XML  # one data set: not a batch
         chunks = _json_array(batches)
     headers = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
     chunks = await _started(chunks)
-    if accepts_gzip(_field(request, "accept-encoding")):
+    if accepts_gzip(request_field(request, "accept-encoding")):
         chunks = _gzip_stream(chunks)
         headers["Content-Encoding"] = "gzip"
     return StreamedResponse(chunks, media_type=media, headers=headers)
@@ -304,7 +306,7 @@ async def _json_array(batches: AsyncIterator[Iterable[Any]]) -> AsyncIterator[by
     yield b"[]" if opening == b"[" else b"]"
 
 
-async def _xml_runs(batches: AsyncIterator[Iterable[Any]], boundary: str) -> AsyncIterator[bytes]:
+async def xml_runs(batches: AsyncIterator[Iterable[Any]], boundary: str) -> AsyncIterator[bytes]:
     """The multipart body _xml_body gives for the data sets of `batches`, a batch at a time
     (made in a worker thread past XML_INLINE_DOCS data sets)."""
     try:
@@ -361,11 +363,12 @@ async def cached_json_response(request: Request, body: bytes, media_type: str) -
     if media_type in (MULTIPART_RELATED, APPLICATION_DICOM_XML):
         body, media_type = await _cached_xml(request, body, media_type)
     digest = hashlib.sha256(body).hexdigest()[:32]
-    gzipped = len(body) >= GZIP_MIN_BYTES and accepts_gzip(_field(request, "accept-encoding"))
+    accepted = accepts_gzip(request_field(request, "accept-encoding"))
+    gzipped = len(body) >= GZIP_MIN_BYTES and accepted
     etag = f'"{digest}-gzip"' if gzipped else f'"{digest}"'
     # The same URL answers JSON or XML (Accept) and identity or gzip (Accept-Encoding).
     headers = {"ETag": etag, "Vary": "Accept, Accept-Encoding"}
-    if none_match(_field(request, "if-none-match"), etag):
+    if none_match(request_field(request, "if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     if gzipped:
         # The same body compresses to the same bytes: kept by its ETag.
@@ -374,7 +377,7 @@ async def cached_json_response(request: Request, body: bytes, media_type: str) -
         if packed is None:
             # Off the event loop: a large study's metadata takes tens of milliseconds.
             packed = await anyio.to_thread.run_sync(
-                functools.partial(gzip.compress, body, GZIP_LEVEL)
+                functools.partial(gzip.compress, body, GZIP_LEVEL, mtime=0)
             )
             cache.put(("gzip", etag), packed)
         body = packed
@@ -395,7 +398,7 @@ async def _cached_xml(request: Request, body: bytes, media: str) -> tuple[bytes,
     return xml, media_type
 
 
-def _field(request: Request, name: str) -> str | None:
+def request_field(request: Request, name: str) -> str | None:
     """A list-valued request field, its lines joined (RFC 9110 5.3); None when absent."""
     lines = request.headers.getlist(name)
     return ", ".join(lines) if lines else None

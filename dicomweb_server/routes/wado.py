@@ -45,6 +45,7 @@ from dicomweb_server.routes.common import (
     uid_param,
     warning_header,
 )
+from dicomweb_server.routes.metadata_body import metadata_response
 from dicomweb_server.transcode.codecs import TranscodeError
 
 __all__ = [
@@ -166,9 +167,12 @@ async def retrieve_pixeldata(request: Request) -> Response:
 
 
 async def _metadata(request: Request) -> Response:
-    uids = _uids(request)
-    media = negotiate_dicom_model(accept_of(request), multipart=True, single=uids[2] is not None)
-    body = await metadata_json(services(request), base_url(request), *uids)
+    study, series, sop = _uids(request)
+    media = negotiate_dicom_model(accept_of(request), multipart=True, single=sop is not None)
+    if sop is None:  # a study's or series': may be large (metadata_body)
+        return await metadata_response(request, media, study, series)
+    assert series is not None
+    body = await metadata_json(services(request), base_url(request), study, series, sop)
     return await cached_json_response(request, body, media)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
-from pydicom.uid import UID
+from pydicom.uid import UID, AllTransferSyntaxes
 
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.media.mediatypes import (
@@ -51,6 +51,7 @@ __all__ = [
     "PixelInfo",
     "TranscodeError",
     "available_targets",
+    "codec_fingerprint",
     "converted_keeps_ybr",
     "decodable",
     "keeps_ybr",
@@ -394,6 +395,16 @@ def available_targets(stored_ts: str, info: PixelInfo | None) -> tuple[str, ...]
     return tuple(
         uid for uid, codec in ENCODERS.items() if codec.accepts(info) and codec.available()
     )
+
+
+def codec_fingerprint() -> str:
+    """What this process can decode and encode, as text: available_targets depends on it, and
+    so does every Available Transfer Syntax UID that metadata lists. A codec plugin installed
+    or removed without a new server version changes the bytes of a metadata body, and so must
+    change its entity tag."""
+    encoders = [uid for uid, codec in ENCODERS.items() if codec.available()]
+    decoders = [str(uid) for uid in AllTransferSyntaxes if decodable(uid)]
+    return "encode " + ",".join(encoders) + "; decode " + ",".join(decoders)
 
 
 def missing_codec(stored_ts: str) -> str:
