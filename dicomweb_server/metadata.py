@@ -146,20 +146,29 @@ async def metadata_runs(
 class _Rows:
     """The rows of _stale_batches handed out a series at a time."""
 
-    def __init__(self, batches: AsyncGenerator[list[MetadataRow], None]) -> None:
+    def __init__(self, batches: AsyncGenerator[tuple[list[MetadataRow], bool], None]) -> None:
         self.batches = batches
         self._pending: list[MetadataRow] = []
+        self._keyed = False
 
     async def of(self, state: SeriesState) -> list[MetadataRow] | None:
         """The next rows of the series (those of one batch), None when it has no more.
-        MetadataChangedError when one is not of the version `state` names."""
+        MetadataChangedError when one is not of the state `state` names: for rows read by
+        key (_stale_batches), only when the series' revision changed, `reindex` rewriting
+        rows; an instance stored since in the series (its version grown) changes none of the
+        rows whose keys were read with `state`'s version, and is not among them."""
         if not self._pending:
-            self._pending = await anext(self.batches, [])
+            try:  # not anext(..., default): a tuple default is a SystemError in Python 3.11
+                self._pending, self._keyed = await anext(self.batches)
+            except StopAsyncIteration:
+                self._pending = []
         count = 0
         for row in self._pending:
             if row.series_pk != state.pk:
                 break
-            if row.version != state.version:
+            if row.revision != state.revision or (
+                not self._keyed and row.version != state.version
+            ):
                 raise MetadataChangedError
             count += 1
         if count == 0:
@@ -170,24 +179,25 @@ class _Rows:
 
 async def _stale_batches(
     svc: Services, stale: list[SeriesState]
-) -> AsyncGenerator[list[MetadataRow], None]:
+) -> AsyncGenerator[tuple[list[MetadataRow], bool], None]:
     """The instances of the series `stale`, in metadata order, METADATA_FETCH_ROWS at a time:
     the first batch as rows (one more asked for: is there more?); past it, the keys of every
     instance with the series' versions (checked: the keys are those of the rows read
-    first), then rows by key. No connection is held between batches."""
+    first), then rows by key (flagged True: their series may have grown since, _Rows.of).
+    No connection is held between batches."""
     if not stale:
         return
     pks = [s.pk for s in stale]
     first = await svc.index.metadata_first(pks, METADATA_FETCH_ROWS + 1)
     if len(first) <= METADATA_FETCH_ROWS:
-        yield first
+        yield first, False
         return
-    yield first[:METADATA_FETCH_ROWS]
+    yield first[:METADATA_FETCH_ROWS], False
     keys, versions = await svc.index.metadata_keys(pks)
     if versions != [s.version for s in stale]:
         raise MetadataChangedError
     for at in range(METADATA_FETCH_ROWS, len(keys), METADATA_FETCH_ROWS):
-        yield await svc.index.metadata_rows(keys[at : at + METADATA_FETCH_ROWS])
+        yield await svc.index.metadata_rows(keys[at : at + METADATA_FETCH_ROWS]), True
 
 
 async def _rendered(svc: Services, rows: list[MetadataRow]) -> bytes:

@@ -48,7 +48,7 @@ def _tag_path_order(path: str) -> tuple[int, ...]:
 # A study's series that hold instances (or the one named), in the order metadata lists them,
 # each with its version (rows.SeriesState): what study and series metadata are made of.
 _SERIES_STATES = """
-SELECT se.series_instance_uid, se.pk, se.num_instances + se.revision
+SELECT se.series_instance_uid, se.pk, se.num_instances + se.revision, se.revision
 FROM series se
 JOIN study st ON st.pk = se.study_fk
 WHERE st.study_instance_uid = $1 AND ($2::text IS NULL OR se.series_instance_uid = $2)
@@ -59,16 +59,16 @@ ORDER BY se.series_number NULLS LAST, se.pk
 # The instances of the series $1 (primary keys, in metadata order), in metadata order: series
 # in the order given, instances by Instance Number. Reads only plain columns and the metadata
 # text: every `->` on a compressed jsonb value decompresses it, and the nine lookups of
-# _LOCATE cost more than the rest of this statement. The series' version comes with each row,
-# read in the same snapshot.
+# _LOCATE cost more than the rest of this statement. The series' version and revision come
+# with each row, read in the same snapshot.
 _ORDERED_INSTANCES = """
 FROM unnest($1::bigint[]) WITH ORDINALITY AS s(pk, n)
 JOIN instance i ON i.series_fk = s.pk
 ORDER BY s.n, i.instance_number NULLS LAST, i.pk
 """
 _METADATA_COLUMNS = """
-SELECT se.pk, se.num_instances + se.revision, i.transfer_syntax_uid, i.number_of_frames,
-       i.metadata::text
+SELECT se.pk, se.num_instances + se.revision, se.revision, i.transfer_syntax_uid,
+       i.number_of_frames, i.metadata::text
 """
 # The first $2 instances: their order found on keys alone (a sort of the rows with their
 # metadata text would turn every instance's jsonb into text), then their rows.

@@ -90,16 +90,18 @@ class SeriesState:
     uid: str
     pk: int
     version: int
+    revision: int  # the part of `version` that changes rows already stored
 
 
 @dataclass(frozen=True)
 class MetadataRow:
-    """What series metadata needs of an instance, with its series' primary key and version
-    read in the same statement (the version tells whether the series is still the state a
-    response began with)."""
+    """What series metadata needs of an instance, with its series' primary key, version and
+    revision read in the same statement (they tell whether the series is still the state a
+    response began with, and whether this row still is)."""
 
     series_pk: int
     version: int
+    revision: int
     transfer_syntax_uid: str
     number_of_frames: int
     metadata: str  # DICOM JSON text, BulkDataURIs root-relative
