@@ -166,9 +166,7 @@ class _Rows:
         for row in self._pending:
             if row.series_pk != state.pk:
                 break
-            if row.revision != state.revision or (
-                not self._keyed and row.version != state.version
-            ):
+            if row.revision != state.revision or (not self._keyed and row.version != state.version):
                 raise MetadataChangedError
             count += 1
         if count == 0:
