@@ -36,7 +36,7 @@ from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
 from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.routes import admin, common, stow
-from dicomweb_server.transcode import codecs, convert, frames
+from dicomweb_server.transcode import codecs, convert, frames, inflated
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
 
@@ -78,7 +78,7 @@ def test_limits() -> None:
     modules = (config, multipart, query, matching, retrieve_frames, dicom_json, rendered,
                render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
-               httpd, mediatypes, dimse_sending, pixeldata, search)  # fmt: skip
+               httpd, mediatypes, dimse_sending, pixeldata, search, inflated)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's
