@@ -19,7 +19,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicomweb_server.render import RenderParams, render_animation
+from dicomweb_server.render import render_animation
+from dicomweb_server.rendered import RenderParams
 from dicomweb_server.transcode import frames as transcode_frames
 from dicomweb_server.transcode import inflated
 from dicomweb_server.transcode.codecs import TranscodeError
