@@ -27,6 +27,7 @@ from dicomweb_server.rendered import (
 )
 from dicomweb_server.transcode.codecs import TranscodeError
 from dicomweb_server.transcode.frames import frame_array, read_stored
+from dicomweb_server.transcode.inflated import hold
 from dicomweb_server.transcode.plugins import DECODE_ERRORS
 from dicomweb_server.vr import swapped_words
 
@@ -435,11 +436,16 @@ def _fit(img: Image.Image, params: RenderParams, thumbnail: bool) -> Image.Image
 
 
 def _frame_pixels(
-    path: Path, ds: Dataset, n: int, window: tuple[float, float, str] | None
+    path: Path,
+    ds: Dataset,
+    n: int,
+    window: tuple[float, float, str] | None,
+    scratch: Path | None = None,
 ) -> np.ndarray:
-    """Frame n decoded, LUTs applied: 8-bit greyscale (H, W) or RGB (H, W, 3)."""
+    """Frame n decoded, LUTs applied: 8-bit greyscale (H, W) or RGB (H, W, 3). `scratch`:
+    where a Deflated file is inflated (frame_array)."""
     try:
-        arr = frame_array(path, ds, n)
+        arr = frame_array(path, ds, n, scratch=scratch)
         if int(ds.get("SamplesPerPixel") or 1) == 1 and arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if int(ds.get("SamplesPerPixel") or 1) == 1:  # YCbCr converted: not samples any more
@@ -455,27 +461,35 @@ def _frame_pixels(
 
 
 def render_frame(
-    path: Path, frame: int, params: RenderParams, media: str, thumbnail: bool
+    path: Path,
+    frame: int,
+    params: RenderParams,
+    media: str,
+    thumbnail: bool,
+    scratch: Path | None = None,
 ) -> bytes:
-    """Frame `frame` (1-based) as a consumer image: LUTs applied, fitted, encoded."""
+    """Frame `frame` (1-based) as a consumer image: LUTs applied, fitted, encoded. `scratch`:
+    where a Deflated file is inflated."""
     ds = read_stored(path, stop_before_pixels=True)
-    img = _image(_frame_pixels(path, ds, frame, params.window), params)
+    img = _image(_frame_pixels(path, ds, frame, params.window, scratch), params)
     return _encode(_fit(img, params, thumbnail), media, params.quality)
 
 
-def render_animation(path: Path, params: RenderParams) -> bytes:
+def render_animation(path: Path, params: RenderParams, scratch: Path | None = None) -> bytes:
     """Every frame of a multi-frame instance as an animated GIF (PS3.18 8.7.4: image/gif may
     carry several frames), at the instance's Frame Time or 10 frames per second. 400 when
     frames x output pixels exceed MAX_ANIMATION_PIXELS, found from the first frame (all
-    frames share its size), before any other is decoded."""
+    frames share its size), before any other is decoded. A Deflated file is inflated once,
+    into `scratch`, for all its frames."""
     ds = read_stored(path, stop_before_pixels=True)
     nframes = min(int(ds.get("NumberOfFrames") or 1), MAX_ANIMATION_FRAMES)
     images = []
-    for n in range(1, nframes + 1):
-        img = _image(_frame_pixels(path, ds, n, params.window), params)
-        if n == 1:
-            check_animation(nframes, _fit_size(img, params, thumbnail=False))
-        images.append(_fit(img, params, False).convert("P", palette=Image.Palette.ADAPTIVE))
+    with hold(path):
+        for n in range(1, nframes + 1):
+            img = _image(_frame_pixels(path, ds, n, params.window, scratch), params)
+            if n == 1:
+                check_animation(nframes, _fit_size(img, params, thumbnail=False))
+            images.append(_fit(img, params, False).convert("P", palette=Image.Palette.ADAPTIVE))
     frame_time = first_number(ds, "FrameTime")  # None when absent or invalid (`33,3`)
     frame_ms = int(frame_time) if frame_time is not None and 1 <= frame_time < 60_000 else 100
     buf = io.BytesIO()

@@ -165,11 +165,12 @@ async def _render(svc: Services, job: _Job) -> bytes:
         and not job.thumbnail
     ):
         return await anyio.to_thread.run_sync(
-            render_animation, path, job.params, limiter=svc.limiter
+            render_animation, path, job.params, svc.scratch_dir, limiter=svc.limiter
         )
     return await anyio.to_thread.run_sync(
-        render_frame, path, job.frame, job.params, job.media, job.thumbnail, limiter=svc.limiter
-    )
+        render_frame, path, job.frame, job.params, job.media, job.thumbnail, svc.scratch_dir,
+        limiter=svc.limiter,
+    )  # fmt: skip
 
 
 async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:

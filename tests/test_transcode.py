@@ -21,6 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.transcode import frames as transcode_frames
+from dicomweb_server.transcode import inflated
 from dicomweb_server.transcode import plugins as transcode_plugins
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr
 from dicomweb_server.transcode.convert import (
@@ -752,52 +753,51 @@ def test_frames_of_a_deflated_file_inflate_it_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every frame of a Deflated file converted one at a time (a frame list, the frames of
-    one request each) inflates the file once, for the frames (decoded whole and kept): the
-    header each conversion reads inflates only the data set before the Pixel Data. dcmread
-    inflated the whole file for it: a 120-frame instance was inflated 121 times (51 s)."""
+    one request each) inflates the file once, into its copy (transcode.inflated), never
+    whole by pydicom: the header each conversion reads inflates only the data set before
+    the Pixel Data. dcmread inflated the whole file for it: a 120-frame instance was
+    inflated 121 times (51 s)."""
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     ds = make_instance(frames=16, rows=64, cols=64)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     path = tmp_path / "deflated.dcm"
     ds.save_as(path, enforce_file_format=True)
-    monkeypatch.setattr(transcode_frames, "_whole", None)
-    inflated = 0  # bytes made by pydicom's inflate of the whole data set
+    monkeypatch.setattr(inflated, "_copies", type(inflated._copies)())
+    inflated_whole = 0  # bytes made by pydicom's inflate of the whole data set
     real = zlib.decompress
 
     def counting(*args: Any, **kwargs: Any) -> bytes:
-        nonlocal inflated
+        nonlocal inflated_whole
         out = real(*args, **kwargs)
-        inflated += len(out)
+        inflated_whole += len(out)
         return out
 
     monkeypatch.setattr(zlib, "decompress", counting)
     expected = ds.pixel_array
     for n in range(1, 17):
-        (frame,) = transcode_frames.decode_frames(path, [n])
+        (frame,) = transcode_frames.decode_frames(path, [n], tmp_path)
         assert frame == expected[n - 1].tobytes()
-    assert len(ds.PixelData) < inflated < 2 * len(ds.PixelData)
+    assert inflated_whole == 0
+    (copy,) = inflated._copies.values()
+    assert copy.path.parent == tmp_path
     # The header alone inflates nothing whole, and is the header dcmread reads.
-    inflated = 0
     head = transcode_frames.read_stored(path, stop_before_pixels=True)
-    assert inflated == 0
+    assert inflated_whole == 0
     whole = pydicom.dcmread(path, stop_before_pixels=True)
     assert head == whole and head.file_meta == whole.file_meta
     assert head.original_encoding == whole.original_encoding == (False, True)
     assert head.preamble == whole.preamble and "PixelData" not in head
 
 
-def test_frames_of_a_deflated_file_decode_it_once(
+def test_files_decoded_whole_are_kept_up_to_the_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Deflated file cannot be read by frame: its frames, one after another (a frame list,
-    an animation), decode the file once, not once per frame (256 frames took 33 s)."""
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    ds = make_instance(frames=16, rows=8, cols=8)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    path = tmp_path / "deflated.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    """Files decoded whole for their frames (1-bit RLE, files pydicom reads only whole) are
+    kept, least recently used dropped, WHOLE_FILE_KEEP_MAX_BYTES in all: one file was kept,
+    so the frames of two such files read in turn (two clients) decoded each file again for
+    every frame. At the edge: two files of 2048 decoded bytes are both kept at 4096, and at
+    a byte less each frame decodes its file again."""
     reads = 0
     real = pydicom.dcmread
 
@@ -806,21 +806,22 @@ def test_frames_of_a_deflated_file_decode_it_once(
         reads += 1
         return real(*args, **kwargs)
 
+    files = []
+    for k, name in enumerate(("a.dcm", "b.dcm")):
+        ds = make_instance(frames=16, rows=8, cols=8)
+        rng = np.random.default_rng(k)
+        ds.PixelData = rng.integers(0, 4096, (16, 8, 8), dtype=np.uint16).tobytes()
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        files.append((tmp_path / name, ds.pixel_array))
     monkeypatch.setattr(pydicom, "dcmread", counting)
-    header = real(path, stop_before_pixels=True)
-    expected = ds.pixel_array
-    for n in range(1, 17):
-        frame = frame_array(path, header, n)
-        assert np.array_equal(frame, expected[n - 1])
-        frame[...] = 0  # a copy: the decoded file is not changed for the next caller
-    assert reads == 1
-    assert np.array_equal(frame_array(path, header, 3), expected[2])
-    # WHOLE_FILE_KEEP_MAX_BYTES at its edge: the 2048 decoded bytes are kept at 2048, not
-    # at a byte less (each frame then decodes the file again).
-    for limit, decodes in ((expected.nbytes, 1), (expected.nbytes - 1, 16)):
-        monkeypatch.setattr(transcode_frames, "_whole", None)
+    both = sum(expected.nbytes for _, expected in files)
+    for limit, decodes in ((both, 2), (both - 1, 32)):
+        monkeypatch.setattr(transcode_frames, "_whole", type(transcode_frames._whole)())
         monkeypatch.setattr(transcode_frames, "WHOLE_FILE_KEEP_MAX_BYTES", limit)
         reads = 0
         for n in range(1, 17):
-            frame_array(path, header, n)
+            for path, expected in files:
+                frame = transcode_frames._whole_file_frame(path, n, True)
+                assert np.array_equal(frame, expected[n - 1])
+                frame[...] = 0  # a copy: the decoded file is not changed for the next caller
         assert reads == decodes, limit

@@ -21,6 +21,7 @@ from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import (
     APPLICATION_OCTET_STREAM,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     STORED,
@@ -39,6 +40,7 @@ from dicomweb_server.transcode.frames import (
     frame_map,
     stored_frames,
 )
+from dicomweb_server.transcode.inflated import Hold, hold
 
 __all__ = [
     "MAX_FRAMES_PER_REQUEST",
@@ -142,10 +144,25 @@ async def frame_parts(
     inst = await _placed(svc, inst)
     # Frames whose places ingest recorded are all in the file; others may not be (_first_frame).
     last = _farthest(frames) if inst.frame_offsets is None else None
-    media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept, last)
+    # A Deflated file's inflated copy is held from its first frame to its last: inflated once
+    # for the request, whatever other requests inflate meanwhile (transcode.inflated).
+    kept = hold(svc.blobs.local_path(inst.blob_key)) if _inflated(inst) else None
+    try:
+        media, ctype, target, first = await _first_frame(svc, inst, frames[0], accept, last)
+    except BaseException:
+        if kept is not None:
+            kept.release()
+        raise
     if first is None:
+        if kept is not None:
+            kept.release()
         return media, _stored_frames(svc, inst, frames, ctype)
-    return media, _converted_rest(svc, inst, first, frames[1:], target, ctype)
+    return media, _converted_rest(svc, inst, first, frames[1:], target, ctype, kept)
+
+
+def _inflated(inst: StoredInstance) -> bool:
+    """Whether the instance's frames are read from an inflated copy of its file."""
+    return inst.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 
 
 async def _first_frame(
@@ -353,10 +370,12 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
             limiter=svc.limiter,
         )  # fmt: skip
     elif target == EXPLICIT_VR_LITTLE_ENDIAN:
-        (data,) = await anyio.to_thread.run_sync(decode_frames, path, [n], limiter=svc.limiter)
+        (data,) = await anyio.to_thread.run_sync(
+            decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
+        )
     else:
         (data,) = await anyio.to_thread.run_sync(
-            encode_frames, path, [n], target, limiter=svc.limiter
+            encode_frames, path, [n], target, svc.scratch_dir, limiter=svc.limiter
         )
     svc.frames.put(key, data)
     return data
@@ -378,11 +397,18 @@ async def _converted_rest(
     frames: Sequence[int],
     target: str,
     ctype: str,
+    kept: Hold | None,
 ) -> AsyncIterator[Part]:
-    yield {"Content-Type": ctype}, once(first)
-    for n in frames:
-        # One frame at a time: memory stays at one converted frame per request.
-        yield {"Content-Type": ctype}, once(await _convert_frame(svc, inst, n, target))
+    """The converted frames after the first; `kept` (a Deflated file's copy held over the
+    request) released at the end, or when a body never read is dropped (Hold)."""
+    try:
+        yield {"Content-Type": ctype}, once(first)
+        for n in frames:
+            # One frame at a time: memory stays at one converted frame per request.
+            yield {"Content-Type": ctype}, once(await _convert_frame(svc, inst, n, target))
+    finally:
+        if kept is not None:
+            kept.release()
 
 
 async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:

@@ -12,8 +12,11 @@ behind the app's CapacityLimiter (STYLE.md rule 8).
                 frames the others refuse (register_fallback, called by plugins.py)
     frames.py   frames decoded or re-encoded one at a time (frame_array, decode_frames,
                 encode_frames, decode_codestream, convert_codestream), the decode size bound
-                (DECODE_MAX_BYTES), the whole-file frame cache; stored_frames; read_stored,
-                pydicom's reading of a stored file (MAX_CONVERTED_SEQUENCE_DEPTH)
+                (DECODE_MAX_BYTES), files decoded whole kept (WHOLE_FILE_KEEP_MAX_BYTES);
+                stored_frames; read_stored, pydicom's reading of a stored file
+                (MAX_CONVERTED_SEQUENCE_DEPTH)
+    inflated.py Deflated files inflated once into a scratch copy whose frames are read by
+                offset, kept across requests (INFLATED_KEEP_BYTES) and held over one (hold)
     lossy.py    Lossy Image Compression: read from a stored codestream (lossy_method), written
                 on a converted copy (mark_lossy)
     convert.py  whole instances converted: to_transfer_syntax (streamed to a file),

@@ -1,7 +1,7 @@
 """Frames decoded, or decoded and re-encoded, one at a time: from a stored file (frame_array,
 decode_frames, encode_frames), from a frame's codestream alone (decode_codestream,
 convert_codestream) or from an item's nested Pixel Data (decode_item_pixels); the bound on what
-one decode makes (DECODE_MAX_BYTES); the last file decoded whole, kept for its next frame; the
+one decode makes (DECODE_MAX_BYTES); files decoded whole, kept for their next frames; the
 frames of encapsulated Pixel Data as stored (stored_frames); a stored file read by pydicom, its
 sequences too deep a TranscodeError (read_stored, MAX_CONVERTED_SEQUENCE_DEPTH)."""
 
@@ -11,6 +11,7 @@ import functools
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from dicomweb_server.transcode.codecs import (
     TranscodeError,
     keeps_ybr,
 )
+from dicomweb_server.transcode.inflated import hold, inflated
 from dicomweb_server.transcode.plugins import DECODE_ERRORS, decoded
 from dicomweb_server.vr import frame_count
 
@@ -250,21 +252,31 @@ def check_dataset_size(ds: Dataset, frames: int) -> None:
     )
 
 
-def frame_array(path: Path, ds: Dataset, n: int, as_rgb: bool = True) -> np.ndarray:
+def frame_array(
+    path: Path, ds: Dataset, n: int, as_rgb: bool = True, scratch: Path | None = None
+) -> np.ndarray:
     """Frame n (1-based), decoded; reads only that frame when the file allows it. `as_rgb`:
-    YCbCr converted to RGB (pydicom's default), else left as it is (keeps_ybr)."""
+    YCbCr converted to RGB (pydicom's default), else left as it is (keeps_ybr). A Deflated
+    file's frame is read from its inflated copy (inflated.inflated, made in `scratch`)."""
     check_dataset_size(ds, 1)
-    ts = ds.file_meta.TransferSyntaxUID
-    if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or (
-        ts == RLE_LOSSLESS and ds.get("BitsAllocated") == 1
-    ):
-        # no random access into deflate; 1-bit RLE is decoded by pixels, not by pydicom
-        return _whole_file_frame(path, n, as_rgb)
-    if not UID(str(ts)).is_compressed:
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        # No random access into deflate: the copy is Explicit VR Little Endian.
+        with inflated(path, scratch) as copy:
+            return _frame_of(copy, ds, n, as_rgb, UID(EXPLICIT_VR_LITTLE_ENDIAN))
+    return _frame_of(path, ds, n, as_rgb, ts)
+
+
+def _frame_of(path: Path, ds: Dataset, n: int, as_rgb: bool, ts: UID) -> np.ndarray:
+    """frame_array of a file in transfer syntax `ts` (`ds` its header, or the header of the
+    Deflated file it was inflated from)."""
+    if ts == RLE_LOSSLESS and ds.get("BitsAllocated") == 1:
+        return _whole_file_frame(path, n, as_rgb)  # decoded by pixels, not by pydicom
+    if not ts.is_compressed:
         _check_native_frame(path, ds, n)
     try:
         frame: np.ndarray = decoded(
-            str(ds.file_meta.TransferSyntaxUID),
+            str(ts),
             lambda plugin: pixel_array(
                 str(path), index=n - 1, decoding_plugin=plugin, as_rgb=as_rgb
             ),
@@ -335,26 +347,25 @@ def _value_bytes_of(name: str, size: int, _mtime_ns: int) -> int | None:
     return max(0, min(int(length), size - at))
 
 
-# The frames of the last file decoded whole (Deflated, 1-bit RLE, files pydicom reads only
-# whole), kept for its next frame: every frame of a 256-frame Deflated instance, asked one by
-# one or drawn as an animation, decoded the whole file 256 times (33 s, against 0.7 s for the
-# same frames uncompressed). One file per process, so memory stays at one decoded instance
-# (a Deflated one inflates to at most dicomfile.MAX_INFLATED_BYTES). Blobs never change
-# under their key; the file's size and time are part of the key all the same.
+# The frames of files decoded whole (1-bit RLE, files pydicom reads only whole), kept for
+# their next frames, least recently used dropped first, WHOLE_FILE_KEEP_MAX_BYTES in all
+# (a file decoded into more is not kept). One file was kept, so two clients reading two
+# such files took the place from each other and each frame decoded its file again. Deflated
+# files are read from an inflated copy instead (inflated.py), frame by frame. Blobs never
+# change under their key; the file's size and time are part of the key all the same.
 _WHOLE_LOCK = threading.Lock()
-# A file decoded whole into more than this is not kept (1-bit RLE and the files pydicom reads
-# only whole have no inflated-size bound).
 WHOLE_FILE_KEEP_MAX_BYTES = 64 * 1024 * 1024
-_whole: tuple[tuple[str, int, int, bool], np.ndarray] | None = None
+_whole: OrderedDict[tuple[str, int, int, bool], np.ndarray] = OrderedDict()
 
 
 def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
     """Frame n (1-based) of a file decoded whole, a copy (the decoded file is shared)."""
-    global _whole
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size, as_rgb)
     with _WHOLE_LOCK:
-        cached = _whole[1] if _whole is not None and _whole[0] == key else None
+        cached = _whole.get(key)
+        if cached is not None:
+            _whole.move_to_end(key)
     if cached is None:
         full = read_stored(path)
         arr = pixels(full, as_rgb)
@@ -365,7 +376,10 @@ def _whole_file_frame(path: Path, n: int, as_rgb: bool) -> np.ndarray:
         cached = arr if arr.ndim > one else arr[np.newaxis]
         if cached.nbytes <= WHOLE_FILE_KEEP_MAX_BYTES:
             with _WHOLE_LOCK:
-                _whole = (key, cached)
+                _whole[key] = cached
+                total = sum(a.nbytes for a in _whole.values())
+                while total > WHOLE_FILE_KEEP_MAX_BYTES:
+                    total -= _whole.popitem(last=False)[1].nbytes
     frame: np.ndarray = cached[n - 1].copy()
     return frame
 
@@ -384,43 +398,50 @@ def cannot(path: Path | None, what: str, exc: Exception) -> TranscodeError:
     )
 
 
-def decode_frames(path: Path, frames: list[int]) -> list[bytes]:
+def decode_frames(path: Path, frames: list[int], scratch: Path | None = None) -> list[bytes]:
     """Frames (1-based) decoded to native little-endian bytes (Explicit VR Little Endian).
 
     Colour that a decoder delivers as YCbCr is converted to RGB (pydicom's default), except
-    YBR_FULL, which stays so (keeps_ybr).
+    YBR_FULL, which stays so (keeps_ybr). `scratch`: where a Deflated file is inflated.
     """
     ds = read_stored(path, stop_before_pixels=True)
     info = PixelInfo.of(ds)
     planar = info.samples_per_pixel > 1 and ds.get("PlanarConfiguration") == 1
     out = []
-    for n in frames:
-        try:
-            arr = frame_array(path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN))
-            # Bit-packing refuses samples other than 0 and 1 (a JPEG frame's, under a Bits
-            # Allocated of 1) with a ValueError: inside the `except`, not a 500.
-            out.append(frame_bytes(arr, info.bits_allocated, planar))
-        except DECODE_ERRORS as exc:
-            raise cannot(path, f"decode frame {n}", exc) from None
+    with hold(path):  # a Deflated file inflated once for all its frames
+        for n in frames:
+            try:
+                arr = frame_array(
+                    path, ds, n, not keeps_ybr(info, EXPLICIT_VR_LITTLE_ENDIAN), scratch
+                )
+                # Bit-packing refuses samples other than 0 and 1 (a JPEG frame's, under a Bits
+                # Allocated of 1) with a ValueError: inside the `except`, not a 500.
+                out.append(frame_bytes(arr, info.bits_allocated, planar))
+            except DECODE_ERRORS as exc:
+                raise cannot(path, f"decode frame {n}", exc) from None
     return out
 
 
-def encode_frames(path: Path, frames: list[int], transfer_syntax_uid: str) -> list[bytes]:
-    """Frames decoded, then encoded in `transfer_syntax_uid` (one codestream per frame)."""
+def encode_frames(
+    path: Path, frames: list[int], transfer_syntax_uid: str, scratch: Path | None = None
+) -> list[bytes]:
+    """Frames decoded, then encoded in `transfer_syntax_uid` (one codestream per frame).
+    `scratch`: where a Deflated file is inflated."""
     codec = ENCODERS[transfer_syntax_uid]
     assert codec.encode is not None
     ds = read_stored(path, stop_before_pixels=True)
     info = PixelInfo.of(ds)
     out = []
     as_rgb, decoded_info = _decoded_as(info, transfer_syntax_uid)
-    for n in frames:
-        try:
-            arr = frame_array(path, ds, n, as_rgb)
-            out.append(codec.encode(arr, decoded_info))
-        except DECODE_ERRORS as exc:
-            raise cannot(
-                path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
-            ) from None
+    with hold(path):  # a Deflated file inflated once for all its frames
+        for n in frames:
+            try:
+                arr = frame_array(path, ds, n, as_rgb, scratch)
+                out.append(codec.encode(arr, decoded_info))
+            except DECODE_ERRORS as exc:
+                raise cannot(
+                    path, f"encode frame {n} as {UID(transfer_syntax_uid).name}", exc
+                ) from None
     return out
 
 

@@ -1,0 +1,269 @@
+"""Frames of Deflated instances read from an inflated copy (transcode.inflated): each file
+inflated once per request, whatever other requests read, and kept across requests within
+INFLATED_KEEP_BYTES. Inflations are counted (deflate streams inflated to their end), not
+timed."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dicomweb_server.render import render_animation
+from dicomweb_server.rendered import RenderParams
+from dicomweb_server.transcode import frames as transcode_frames
+from dicomweb_server.transcode import inflated
+from dicomweb_server.transcode.codecs import TranscodeError
+from dicomweb_server.transcode.frames import decode_frames, frame_array
+from tests.helpers import inst_url, make_instance, multipart_body, split_multipart, stow_headers
+
+ROOT = "/dicom-web"
+_FRAMES = 16
+_OCTETS = 'multipart/related; type="application/octet-stream"'
+
+
+class _Counted:
+    """A zlib decompressor counted once when it reaches the end of its stream."""
+
+    def __init__(self, real: Any, counter: list[int]) -> None:
+        self._real, self._counter, self._ended = real, counter, False
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        out: bytes = self._real.decompress(data, max_length)
+        if self._real.eof and not self._ended:
+            self._ended = True
+            self._counter[0] += 1
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def inflations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """[Deflated data sets inflated whole so far], whoever inflates: pydicom's dcmread with
+    zlib.decompress, a copy with a decompressobj run to the end of the stream (a header read
+    stops at the Pixel Data, short of it). Copies kept by other tests are forgotten first."""
+    counter = [0]
+    real_decompress, real_obj = zlib.decompress, zlib.decompressobj
+
+    def decompress(data: bytes, wbits: int = zlib.MAX_WBITS, *args: Any) -> bytes:
+        counter[0] += wbits < 0  # a raw deflate stream (PS3.5 A.5), not a module's zlib data
+        return real_decompress(data, wbits, *args)
+
+    monkeypatch.setattr(zlib, "decompress", decompress)
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a: _Counted(real_obj(*a), counter))
+    monkeypatch.setattr(inflated, "_copies", type(inflated._copies)())
+    monkeypatch.setattr(transcode_frames, "_whole", type(transcode_frames._whole)())
+    yield counter
+
+
+def _deflated(frames: int = _FRAMES, seed: int = 0, **extra: Any) -> Dataset:
+    ds = make_instance(frames=frames, rows=64, cols=64, **extra)
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 4096, (frames, 64, 64), dtype=np.uint16).tobytes()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return ds
+
+
+def _saved(tmp_path: Path, ds: Dataset, name: str) -> Path:
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_two_files_read_frame_by_frame_at_once_inflate_once_each(
+    tmp_path: Path, inflations: list[int]
+) -> None:
+    """OHIF's way: each frame asked alone, two instances at once. One file decoded whole was
+    kept per process, so each frame took the place of the other file's and every frame
+    decoded its whole file again (2 instances x 120 frames, 6 requests at a time: 144 s)."""
+    a, b = _deflated(seed=1), _deflated(seed=2)
+    pa, pb = _saved(tmp_path, a, "a.dcm"), _saved(tmp_path, b, "b.dcm")
+    scratch = tmp_path / "scratch"
+    for n in range(1, _FRAMES + 1):
+        assert decode_frames(pa, [n], scratch) == [a.pixel_array[n - 1].tobytes()]
+        assert decode_frames(pb, [n], scratch) == [b.pixel_array[n - 1].tobytes()]
+    assert inflations == [2]
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(
+        c.path.name for c in inflated._copies.values()
+    )
+
+
+def test_a_file_decoding_past_the_memory_kept_is_inflated_once(
+    tmp_path: Path, inflations: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file whose pixels decode to more than WHOLE_FILE_KEEP_MAX_BYTES was not kept, and
+    decoded whole again for each of its frames (a 1-bit Deflated SEG unpacks 8 times over):
+    its frames are read from the inflated copy, which holds them packed, on disk."""
+    ds = _deflated()
+    path = _saved(tmp_path, ds, "big.dcm")
+    monkeypatch.setattr(transcode_frames, "WHOLE_FILE_KEEP_MAX_BYTES", 0)
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    inflations[0] = 0  # dcmread inflated it whole for that header
+    for n in range(1, _FRAMES + 1):
+        frame = frame_array(path, header, n, scratch=tmp_path)
+        assert np.array_equal(frame, ds.pixel_array[n - 1])
+    assert inflations == [1]
+
+
+def test_copies_kept_up_to_inflated_keep_bytes(
+    tmp_path: Path, inflations: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFLATED_KEEP_BYTES at its edge: two copies that take exactly it are both kept; a
+    byte less and the least recently used goes (removed from disk), so frames of the two
+    read in turn inflate their file each time; a file held (a request over its frames)
+    keeps its copy through it all."""
+    a, b = _deflated(seed=1), _deflated(seed=2)
+    pa, pb = _saved(tmp_path, a, "a.dcm"), _saved(tmp_path, b, "b.dcm")
+    scratch = tmp_path / "scratch"
+    decode_frames(pa, [1], scratch)
+    decode_frames(pb, [1], scratch)
+    both = sum(c.size for c in inflated._copies.values())
+    assert both == sum(p.stat().st_size for p in scratch.iterdir())
+    # A byte less: a's first frame finds its copy, and b's is dropped then (least recently
+    # used); from there on each frame inflates its file.
+    for keep, count in ((both, 0), (both - 1, 2 * _FRAMES - 1)):
+        monkeypatch.setattr(inflated, "INFLATED_KEEP_BYTES", keep)
+        inflations[0] = 0
+        for n in range(1, _FRAMES + 1):
+            decode_frames(pa, [n], scratch)
+            decode_frames(pb, [n], scratch)
+        assert inflations == [count], keep
+        assert sum(p.stat().st_size for p in scratch.iterdir()) <= keep
+    inflations[0] = 0
+    with inflated.hold(pa):
+        for n in range(1, _FRAMES + 1):
+            assert decode_frames(pa, [n], scratch) == [a.pixel_array[n - 1].tobytes()]
+            decode_frames(pb, [n], scratch)
+    # a once (the loop before left b's copy kept, not a's); b each frame.
+    assert inflations == [1 + _FRAMES]
+    assert len(inflated._copies) == 1  # a released, then removed: over the budget
+
+
+def test_a_copy_removed_from_disk_is_made_again(tmp_path: Path, inflations: list[int]) -> None:
+    """The scratch directory is cleared when a process is taken for dead (app.recover): a
+    kept copy gone from disk is inflated again, not a 500."""
+    ds = _deflated()
+    path = _saved(tmp_path, ds, "a.dcm")
+    assert decode_frames(path, [2], tmp_path / "s") == [ds.pixel_array[1].tobytes()]
+    for copy in (tmp_path / "s").iterdir():
+        copy.unlink()
+    assert decode_frames(path, [3], tmp_path / "s") == [ds.pixel_array[2].tobytes()]
+    assert len(list((tmp_path / "s").iterdir())) == 1
+
+
+def test_an_animation_inflates_once_whatever_is_kept(
+    tmp_path: Path, inflations: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GIF of every frame holds the copy over its frames: nothing kept between requests
+    (INFLATED_KEEP_BYTES 0), it is still inflated once, and removed after."""
+    monkeypatch.setattr(inflated, "INFLATED_KEEP_BYTES", 0)
+    ds = _deflated()
+    path = _saved(tmp_path, ds, "a.dcm")
+    gif = render_animation(path, RenderParams(), tmp_path / "s")
+    assert gif.startswith(b"GIF")
+    assert inflations == [1]
+    assert not inflated._copies and not list((tmp_path / "s").iterdir())
+
+
+def test_a_damaged_deflate_stream_is_a_406(tmp_path: Path, inflations: list[int]) -> None:
+    """Bytes that do not inflate, or a stream cut short: the frame is refused with the
+    reason, and no copy is left."""
+    ds = _deflated()
+    path = _saved(tmp_path, ds, "a.dcm")
+    data = path.read_bytes()
+    meta = _meta_bytes(path)
+    raw = zlib.decompress(data[meta:], -zlib.MAX_WBITS)
+    # Half the data set, then a block of the reserved type 11 (PS3.5 A.5 is RFC 1951).
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    half = deflater.compress(raw[: len(raw) // 2]) + deflater.flush(zlib.Z_FULL_FLUSH)
+    for damaged, reason in (
+        (data[: meta + (len(data) - meta) // 2], "cut short"),
+        (data[:meta] + half + b"\x06" + bytes(64), "not a deflate stream: .*invalid block type"),
+    ):
+        path.write_bytes(damaged)
+        with pytest.raises(TranscodeError, match=reason):
+            decode_frames(path, [1], tmp_path / "s")
+        assert not list((tmp_path / "s").iterdir()) and not inflated._copies
+
+
+def test_inflated_max_bytes_edge(
+    tmp_path: Path, inflations: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFLATED_MAX_BYTES at its edge: a data set inflating to exactly it is read, a byte
+    more is refused with the reason."""
+    ds = _deflated(frames=2)
+    path = _saved(tmp_path, ds, "a.dcm")
+    decode_frames(path, [1], tmp_path / "s")
+    (copy,) = inflated._copies.values()
+    data_set = copy.size - _meta_bytes(copy.path)
+    for limit, ok in ((data_set, True), (data_set - 1, False)):
+        monkeypatch.setattr(inflated, "_copies", type(inflated._copies)())
+        monkeypatch.setattr(inflated, "INFLATED_MAX_BYTES", limit)
+        if ok:
+            assert decode_frames(path, [2], tmp_path / "s") == [ds.pixel_array[1].tobytes()]
+        else:
+            with pytest.raises(TranscodeError, match=f"more than {limit} bytes"):
+                decode_frames(path, [2], tmp_path / "s")
+
+
+def _meta_bytes(path: Path) -> int:
+    """Bytes of the preamble and File Meta Information of a Part 10 file."""
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        return fp.tell()
+
+
+async def _stored(client: httpx.AsyncClient, ds: Dataset) -> str:
+    r = await client.post(
+        f"{ROOT}/studies", content=multipart_body([_bytes(ds)]), headers=stow_headers()
+    )
+    assert r.status_code == 200 and "00081198" not in r.json(), r.text
+    return inst_url(ds)
+
+
+def _bytes(ds: Dataset) -> bytes:
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+async def test_frame_requests_of_two_deflated_instances_inflate_each_once(
+    app_client: httpx.AsyncClient, inflations: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the server: a frame a request, two instances in turn (OHIF), each file
+    inflated once; a frame list held over its request inflates once with nothing kept
+    between requests (INFLATED_KEEP_BYTES 0) and leaves no copy behind."""
+    a, b = _deflated(seed=1), _deflated(seed=2)
+    ua, ub = await _stored(app_client, a), await _stored(app_client, b)
+    inflations[0] = 0
+    for n in range(1, _FRAMES + 1):
+        for url, ds in ((ua, a), (ub, b)):
+            r = await app_client.get(f"{url}/frames/{n}", headers={"Accept": _OCTETS})
+            assert r.status_code == 200, r.text
+            (part,) = split_multipart(r.content, r.headers["content-type"])
+            assert part[1] == ds.pixel_array[n - 1].tobytes()
+    assert inflations == [2]
+    monkeypatch.setattr(inflated, "INFLATED_KEEP_BYTES", 0)
+    c = _deflated(seed=3)  # frames not in the server's frame cache
+    uc = await _stored(app_client, c)
+    inflations[0] = 0
+    every = ",".join(str(n) for n in range(1, _FRAMES + 1))
+    r = await app_client.get(f"{uc}/frames/{every}", headers={"Accept": _OCTETS})
+    assert r.status_code == 200, r.text
+    parts = split_multipart(r.content, r.headers["content-type"])
+    assert [body for _, body in parts] == [f.tobytes() for f in c.pixel_array]
+    assert inflations == [1]
+    assert not inflated._copies and not inflated._pins
