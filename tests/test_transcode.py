@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
@@ -785,6 +786,33 @@ def test_frames_of_a_deflated_file_inflate_it_once(
     assert head == whole and head.file_meta == whole.file_meta
     assert head.original_encoding == whole.original_encoding == (False, True)
     assert head.preamble == whole.preamble and "PixelData" not in head
+
+
+def test_deflated_header_keeps_the_end_of_the_stream(tmp_path: Path) -> None:
+    """A Deflated data set without Pixel Data ending in zeros: the header read inflated step
+    by step (_Inflating) holds all of it, as dcmread does. Once the file was all read, the
+    inflater's last output was left in it when a step's output was full: the private value
+    below came back 65,464 bytes of 65,516, silently (found by review). A stream cut short
+    is an error, as it is for dcmread."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = "1.2.3"
+    ds.StudyDescription = ""
+    ds.add_new(0x00091011, "OB", bytes(65516))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    head = transcode_frames.read_stored(path, stop_before_pixels=True)
+    assert head == pydicom.dcmread(path, stop_before_pixels=True)
+    assert len(head[0x00091011].value) == 65516
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(zlib.error):
+        pydicom.dcmread(path, stop_before_pixels=True)
+    with pytest.raises(zlib.error):
+        transcode_frames.read_stored(path, stop_before_pixels=True)
 
 
 def test_frames_of_a_deflated_file_decode_it_once(
