@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import unpack_bits
@@ -852,3 +852,38 @@ def test_frames_of_a_deflated_file_decode_it_once(
         for n in range(1, 17):
             frame_array(path, header, n)
         assert reads == decodes, limit
+
+
+def test_frame_maps_are_kept_for_frame_map_files_files(tmp_path: Path, samples: Path) -> None:
+    """frame_map keeps the places it found for FRAME_MAP_FILES files, the least recently
+    used dropped for one more (the limit at its edge); a place is an item run whose values
+    are the frame (15 frames of two fragments each, no offset table)."""
+    ds = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15))
+    ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=False)
+    paths = [tmp_path / f"{n}.dcm" for n in range(transcode_frames.FRAME_MAP_FILES + 1)]
+    for path in paths:
+        ds.save_as(path, enforce_file_format=True)
+    cached = transcode_frames._frame_map_of
+    cached.cache_clear()
+    found = transcode_frames.frame_map(paths[0])
+    assert found is not None
+    data = paths[0].read_bytes()
+    for frame, offset, length in zip(frames, *found, strict=True):
+        run = data[offset : offset + length] + b"\xfe\xff\xdd\xe0"  # its items, delimited
+        assert b"".join(generate_fragments(run)) == frame
+    for path in paths[1:-1]:
+        assert transcode_frames.frame_map(path) == found
+    for path in paths[:-1]:
+        transcode_frames.frame_map(path)
+    info = cached.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (
+        len(paths) - 1,
+        len(paths) - 1,
+        len(paths) - 1,
+    )
+    transcode_frames.frame_map(paths[-1])  # one more: paths[0], used least recently, dropped
+    transcode_frames.frame_map(paths[1])
+    assert cached.cache_info().hits == len(paths)
+    transcode_frames.frame_map(paths[0])
+    assert cached.cache_info().misses == len(paths) + 1
