@@ -7,20 +7,30 @@ stay within DIMSE_SEND_QUEUE_BYTES."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
+import os
 import shutil
 import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+)
 from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import Event
@@ -312,3 +322,128 @@ async def test_get_converts_for_a_requestor_into_a_scratch_file(
     # (measured 21 MB).
     assert peak < decoded // 2, (peak, decoded)  # 2.6 MB: pynetdicom, pydicom, 6 frames
     assert list(archive.services.scratch_dir.iterdir()) == []
+
+
+# How long a requestor of the test below waits for the other one.
+CLIENT_WAIT_S = 60
+
+
+def _get_converted(
+    archive: Archive, study: str, syntax: str, on_store: Callable[[Event], int]
+) -> list[Dataset]:
+    """C-GET of a study by a requestor taking CT Image Storage in `syntax` only."""
+    model = StudyRootQueryRetrieveInformationModelGet
+    ae = scu(model)
+    ae.add_requested_context(CTImageStorage, syntax)
+    role = build_role(CTImageStorage, scp_role=True)
+    assoc = associate(ae, archive, ext_neg=[role], evt_handlers=[requestor_store(on_store)])
+    try:
+        return [
+            st for st, _ in assoc.send_c_get(identifier("STUDY", StudyInstanceUID=study), model)
+        ]
+    finally:
+        assoc.release()
+
+
+async def test_implicit_only_requestor_gets_it_converted_while_another_one_waits(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """A requestor that takes CT only in Implicit VR Little Endian gets a JPEG-LS instance
+    converted into it (target_syntax), with its nested sequences, odd-length values and
+    private elements; and a peer slow to answer its C-STORE holds only its own scratch file,
+    not the one-conversion-at-a-time lock: another requestor's conversion goes through
+    meanwhile (checked by review: the lock is held for the conversion, not the send)."""
+    from pydicom.dataset import Dataset as Item
+    from pydicom.sequence import Sequence
+
+    first = make_instance(frames=3, rows=32, cols=32)
+    code = Item()
+    code.CodeValue, code.CodeMeaning = "X1", "odd"
+    content = Item()
+    content.ConceptNameCodeSequence = Sequence([code])
+    first.ContentSequence = Sequence([content, content])
+    first.add_new(0x00111000, "LO", "ACME")
+    first.add_new(0x00111001, "US", [1, 2, 3])
+    first.PixelData = np.random.default_rng(7).integers(0, 4096, 3 * 32 * 32, "<u2").tobytes()
+    first.compress(JPEGLSLossless, generate_instance_uid=False)
+    second = tmp_path / "jls.dcm"
+    _jpeg_ls(second)
+    other = dcmread(second, stop_before_pixels=True)
+    for raw in (to_bytes(first), second.read_bytes()):
+        r = await archive.http.post(
+            f"{ROOT}/studies", content=multipart_body([raw]), headers=stow_headers()
+        )
+        assert r.status_code == 200, r.text
+    held, answered = threading.Event(), threading.Event()
+    received: list[tuple[bytes, str]] = []
+
+    def slow(event: Event) -> int:  # answers once the other requestor got its instance
+        with open(event.dataset_path, "rb") as fh:
+            fh.seek(sending_offset(event.dataset_path))
+            received.append((fh.read(), str(event.context.transfer_syntax)))
+        held.set()
+        assert answered.wait(CLIENT_WAIT_S)
+        return 0x0000
+
+    async def other_requestor() -> list[Dataset]:
+        await in_thread(held.wait, CLIENT_WAIT_S)
+        assert len(list(archive.services.scratch_dir.iterdir())) == 1  # the slow one's
+        try:
+            return await in_thread(_get_converted, archive, other.StudyInstanceUID,
+                                   ExplicitVRLittleEndian, lambda _: 0x0000)  # fmt: skip
+        finally:
+            answered.set()
+
+    async with anyio.create_task_group() as tg:
+        results: dict[str, list[Dataset]] = {}
+
+        async def run(name: str, call: Callable[[], Awaitable[list[Dataset]]]) -> None:
+            results[name] = await call()
+
+        tg.start_soon(run, "slow", functools.partial(
+            in_thread, _get_converted, archive, first.StudyInstanceUID, ImplicitVRLittleEndian,
+            slow))  # fmt: skip
+        tg.start_soon(run, "other", other_requestor)
+    for name in ("slow", "other"):
+        assert results[name][-1].Status == 0x0000, name
+        assert results[name][-1].NumberOfCompletedSuboperations == 1
+    ((data, syntax),) = received
+    assert syntax == ImplicitVRLittleEndian
+    got = as_part10(data, syntax)
+    assert "TransferSyntaxUID" not in got  # no File Meta Information in the data set sent
+    assert np.array_equal(got.pixel_array, first.pixel_array)
+    assert got.ContentSequence[1].ConceptNameCodeSequence[0].CodeMeaning == "odd"
+    assert got[0x00111001].value == b"\x01\x00\x02\x00\x03\x00"  # private: UN, as implicit VR says
+    assert got.PatientName == first.PatientName
+    assert list(archive.services.scratch_dir.iterdir()) == []
+
+
+async def test_a_full_scratch_disk_fails_the_sub_operation_and_says_so(
+    archive: Archive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The scratch file of a conversion for a peer cannot be written (the disk full): that
+    sub-operation fails, out of resources (0xA702 when it was the only one), its partial
+    scratch file is removed, and the log names the scratch directory as well as the blob; it
+    said only "cannot read blob", of a blob that read well (found by review)."""
+    src = tmp_path / "jls.dcm"
+    _jpeg_ls(src)
+    r = await archive.http.post(
+        f"{ROOT}/studies", content=multipart_body([src.read_bytes()]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+
+    def disk_full(_src: Path, made: Path, _target: str) -> None:
+        made.write_bytes(bytes(1000))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(conversion, "to_transfer_syntax", disk_full)
+    study = dcmread(src, stop_before_pixels=True).StudyInstanceUID
+    statuses = await in_thread(_get_converted, archive, study, ExplicitVRLittleEndian,
+                               lambda _: 0x0000)  # fmt: skip
+    assert statuses[-1].Status == 0xA702 and statuses[-1].NumberOfFailedSuboperations == 1
+    assert list(archive.services.scratch_dir.iterdir()) == []
+    (logged,) = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
+    assert f"write it converted in {archive.services.scratch_dir}" in logged, logged

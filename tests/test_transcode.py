@@ -13,7 +13,8 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_fragments, generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import unpack_bits
@@ -790,7 +791,38 @@ def test_frames_of_a_deflated_file_inflate_it_once(
     assert head.preamble == whole.preamble and "PixelData" not in head
 
 
+<<<<<<< HEAD
 def test_files_decoded_whole_are_kept_up_to_the_budget(
+=======
+def test_deflated_header_keeps_the_end_of_the_stream(tmp_path: Path) -> None:
+    """A Deflated data set without Pixel Data ending in zeros: the header read inflated step
+    by step (_Inflating) holds all of it, as dcmread does. Once the file was all read, the
+    inflater's last output was left in it when a step's output was full: the private value
+    below came back 65,464 bytes of 65,516, silently (found by review). A stream cut short
+    is an error, as it is for dcmread."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.SOPInstanceUID = "1.2.3"
+    ds.StudyDescription = ""
+    ds.add_new(0x00091011, "OB", bytes(65516))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    head = transcode_frames.read_stored(path, stop_before_pixels=True)
+    assert head == pydicom.dcmread(path, stop_before_pixels=True)
+    assert len(head[0x00091011].value) == 65516
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(zlib.error):
+        pydicom.dcmread(path, stop_before_pixels=True)
+    with pytest.raises(zlib.error):
+        transcode_frames.read_stored(path, stop_before_pixels=True)
+
+
+def test_frames_of_a_deflated_file_decode_it_once(
+>>>>>>> rev2
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Files decoded whole for their frames (1-bit RLE, files pydicom reads only whole) are
@@ -825,3 +857,38 @@ def test_files_decoded_whole_are_kept_up_to_the_budget(
                 assert np.array_equal(frame, expected[n - 1])
                 frame[...] = 0  # a copy: the decoded file is not changed for the next caller
         assert reads == decodes, limit
+
+
+def test_frame_maps_are_kept_for_frame_map_files_files(tmp_path: Path, samples: Path) -> None:
+    """frame_map keeps the places it found for FRAME_MAP_FILES files, the least recently
+    used dropped for one more (the limit at its edge); a place is an item run whose values
+    are the frame (15 frames of two fragments each, no offset table)."""
+    ds = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
+    frames = list(generate_frames(ds.PixelData, number_of_frames=15))
+    ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=False)
+    paths = [tmp_path / f"{n}.dcm" for n in range(transcode_frames.FRAME_MAP_FILES + 1)]
+    for path in paths:
+        ds.save_as(path, enforce_file_format=True)
+    cached = transcode_frames._frame_map_of
+    cached.cache_clear()
+    found = transcode_frames.frame_map(paths[0])
+    assert found is not None
+    data = paths[0].read_bytes()
+    for frame, offset, length in zip(frames, *found, strict=True):
+        run = data[offset : offset + length] + b"\xfe\xff\xdd\xe0"  # its items, delimited
+        assert b"".join(generate_fragments(run)) == frame
+    for path in paths[1:-1]:
+        assert transcode_frames.frame_map(path) == found
+    for path in paths[:-1]:
+        transcode_frames.frame_map(path)
+    info = cached.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (
+        len(paths) - 1,
+        len(paths) - 1,
+        len(paths) - 1,
+    )
+    transcode_frames.frame_map(paths[-1])  # one more: paths[0], used least recently, dropped
+    transcode_frames.frame_map(paths[1])
+    assert cached.cache_info().hits == len(paths)
+    transcode_frames.frame_map(paths[0])
+    assert cached.cache_info().misses == len(paths) + 1

@@ -404,7 +404,15 @@ class Handlers:
             if target is None:
                 return conversion.as_stored_for_peer(inst, path, accepted)
             return conversion.converted_for_peer(inst, path, target, self.services.scratch_dir)
-        except (OSError, InvalidDicomError) as exc:
+        except OSError as exc:  # converted: the blob read, or the scratch file written (disk full)
+            log.error(
+                "cannot read blob %s of %s%s: %s",
+                path,
+                inst.sop_instance_uid,
+                "" if target is None else f", or write it converted in {self.services.scratch_dir}",
+                exc,
+            )
+        except InvalidDicomError as exc:
             log.error("cannot read blob %s of %s: %s", path, inst.sop_instance_uid, exc)
         except TranscodeError as exc:
             log.error("cannot send %s uncompressed: %s", inst.sop_instance_uid, exc)

@@ -125,11 +125,18 @@ class _Inflating:
         self._pos = 0
 
     def _fill(self, upto: int | None) -> None:
-        """Inflates until `upto` bytes are held (None: all of it) or the stream ends."""
+        """Inflates until `upto` bytes are held (None: all of it) or the stream ends. Once
+        the file is all read, the inflater may still hold output of its last bytes (decoded
+        no further when a step's output was full: up to a few hundred bytes, lost at the
+        end of the data set until found by review); a stream cut short raises zlib.error,
+        as dcmread's zlib.decompress does."""
         while (upto is None or len(self._data) < upto) and not self._inflater.eof:
             if not self._tail:
                 self._tail = self._fp.read(_INFLATE_STEP_BYTES)
                 if not self._tail:
+                    self._data += self._inflater.flush()
+                    if not self._inflater.eof:
+                        raise zlib.error("incomplete or truncated Deflated data set")
                     return
             self._data += self._inflater.decompress(self._tail, _INFLATE_STEP_BYTES)
             self._tail = self._inflater.unconsumed_tail
