@@ -791,9 +791,6 @@ def test_frames_of_a_deflated_file_inflate_it_once(
     assert head.preamble == whole.preamble and "PixelData" not in head
 
 
-<<<<<<< HEAD
-def test_files_decoded_whole_are_kept_up_to_the_budget(
-=======
 def test_deflated_header_keeps_the_end_of_the_stream(tmp_path: Path) -> None:
     """A Deflated data set without Pixel Data ending in zeros: the header read inflated step
     by step (_Inflating) holds all of it, as dcmread does. Once the file was all read, the
@@ -821,8 +818,7 @@ def test_deflated_header_keeps_the_end_of_the_stream(tmp_path: Path) -> None:
         transcode_frames.read_stored(path, stop_before_pixels=True)
 
 
-def test_frames_of_a_deflated_file_decode_it_once(
->>>>>>> rev2
+def test_files_decoded_whole_are_kept_up_to_the_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Files decoded whole for their frames (1-bit RLE, files pydicom reads only whole) are
