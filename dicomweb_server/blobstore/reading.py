@@ -74,7 +74,10 @@ async def stream_path(
     the range fails there, before the first chunk: a damaged blob is an error before the
     response starts, not a body that breaks off. After that the reads run ahead of the sender
     (see _ReadAhead), so the disk and the socket work at the same time; memory stays bounded
-    by READ_AHEAD_BYTES plus the chunk being sent.
+    by READ_AHEAD_BYTES plus one chunk: the one being sent, or the one read when the sender
+    asks for it. A chunk is dropped once yielded, before the next is asked for; each layer
+    that passes chunks on does the same (multipart.encode_parts, StreamedResponse), so that a
+    sent chunk and its successor are never held together.
     """
     n = READ_CHUNK_BYTES if length is None else min(READ_CHUNK_BYTES, length)
     if n == 0:
@@ -93,8 +96,10 @@ async def stream_path(
             raise
         try:
             yield chunk
+            del chunk  # not held for the rest of the stream (1 MiB a download did)
             while (more := await reader.next()) is not None:
                 yield more
+                del more  # sent: not held while the next one is read
         finally:
             reader.close()
         remaining = reader.remaining
