@@ -450,12 +450,11 @@ class _H11Protocol(H11Protocol):
       goes in writes of its own and the chunk is written as the app gave it (h11's
       `send_with_data_passthrough`).
     - A write returned (the app went on to make its next chunk) while the transport still
-      held the chunk written: with the default low-water mark (16 KiB) as long as its tail
-      was queued, and on uvloop until the loop's next iteration when libuv wrote it at
-      once (the write's context is released in libuv's pending phase). A download held two
-      chunks, not one. The transport's low-water mark is 0 here, and a write of a chunk
-      returns after one turn of the loop, which runs that phase before the app's task.
-      The kernel's socket buffer keeps the connection busy meanwhile."""
+      held the chunk written, as long as its tail was under the low-water mark (16 KiB by
+      default): a download held two chunks, not one. The transport's low-water mark is 0
+      here (the kernel's socket buffer keeps the connection busy meanwhile). uvloop may
+      still hold a chunk's tail for a moment after it resumed the writer (seen once with a
+      client window of 64 KiB): a download then holds two chunks for that moment."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -480,11 +479,8 @@ class _H11Protocol(H11Protocol):
             self._head += b"".join(pieces)
             return
         head, self._head = self._head, b""
-        writes = _writes([head, *pieces])
-        for data in writes:
+        for data in _writes([head, *pieces]):
             await self.send(RawData(data=data))
-        if any(len(data) > HEAD_WITH_BODY_MAX_BYTES for data in writes):
-            await asyncio.sleep(0)  # a chunk: the transport lets go of it (class docstring)
 
 
 def _writes(pieces: list[bytes]) -> list[bytes]:
