@@ -425,37 +425,81 @@ class _H2Protocol(H2Protocol):
 
 
 # Bytes of a response's first body message sent in one write with its head (_H11Protocol);
-# a larger first chunk (a retrieve's) goes in a write of its own, uncopied.
+# a larger first chunk (a retrieve's) goes in a write of its own, uncopied. The same bound
+# for the framing of a chunked body: a larger chunk goes alone, its size line and CRLF in
+# writes of their own.
 HEAD_WITH_BODY_MAX_BYTES = 64 * 1024
+# The high-water mark of a connection's transport (asyncio's and uvloop's default); its
+# low-water mark is 0 (_H11Protocol).
+TRANSPORT_HIGH_WATER_BYTES = 64 * 1024
 
 
 class _H11Protocol(H11Protocol):
-    """hypercorn's (0.18) HTTP/1.1 protocol, which wrote a response's head as soon as the app
-    started the response and its body in a second write: two send calls and two TCP segments
-    (the client woken twice) for every small answer, a STOW response or a QIDO's. The head
-    is held here until the first body bytes (or the end of the response) and goes out with
-    them when they are small. Nothing is held past the next message of the app: an
-    interim 100 Continue is not a Response event and is still sent at once."""
+    """hypercorn's (0.18) HTTP/1.1 protocol, with these changes.
+
+    - It wrote a response's head as soon as the app started the response and its body in a
+      second write: two send calls and two TCP segments (the client woken twice) for every
+      small answer, a STOW response or a QIDO's. The head is held here until the first body
+      bytes (or the end of the response) and goes out with them when they are small.
+      Nothing is held past the next message of the app: an interim 100 Continue is not a
+      Response event and is still sent at once.
+    - A body sent with chunked transfer coding (no Content-Length: a converted retrieve, a
+      metadata response) was copied chunk by chunk to frame it (h11's `send` joins the
+      size line, the chunk and its CRLF into one bytes): a download held each chunk twice
+      while it was written, two READ_CHUNK_MAX_BYTES chunks instead of one. The framing
+      goes in writes of its own and the chunk is written as the app gave it (h11's
+      `send_with_data_passthrough`).
+    - A write returned (the app went on to make its next chunk) while the transport still
+      held the chunk written, as long as its tail was under the low-water mark (16 KiB by
+      default): a download held two chunks, not one. The transport's low-water mark is 0
+      here (the kernel's socket buffer keeps the connection busy meanwhile). uvloop may
+      still hold a chunk's tail for a moment after it resumed the writer (seen once with a
+      client window of 64 KiB): a download then holds two chunks for that moment."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head = b""
+        # hypercorn's TCPServer (the `send` given) writes to an asyncio or uvloop transport.
+        writer = getattr(getattr(self.send, "__self__", None), "writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is not None:
+            transport.set_write_buffer_limits(TRANSPORT_HIGH_WATER_BYTES, 0)
 
     async def _send_h11_event(self, event: H11SendableEvent) -> None:
         try:
-            data = self.connection.send(event)
+            if isinstance(self.connection, h11.Connection):
+                pieces = self.connection.send_with_data_passthrough(event) or []
+            else:  # hypercorn's H11WSConnection: a WebSocket upgrade's
+                pieces = [self.connection.send(event) or b""]
         except h11.LocalProtocolError:
             if self.connection.their_state != h11.ERROR:
                 raise
             return
         if isinstance(event, h11.Response):
-            self._head += data or b""
+            self._head += b"".join(pieces)
             return
         head, self._head = self._head, b""
-        if head and data and len(data) > HEAD_WITH_BODY_MAX_BYTES:
-            await self.send(RawData(data=head))
-            head = b""
-        await self.send(RawData(data=head + (data or b"")))
+        for data in _writes([head, *pieces]):
+            await self.send(RawData(data=data))
+
+
+def _writes(pieces: list[bytes]) -> list[bytes]:
+    """`pieces` as socket writes: small neighbours joined into one, a piece over
+    HEAD_WITH_BODY_MAX_BYTES alone and uncopied. At least one write (hypercorn's own sent
+    one for every event, empty or not)."""
+    writes: list[bytes] = []
+    small: list[bytes] = []
+    for piece in pieces:
+        if len(piece) > HEAD_WITH_BODY_MAX_BYTES:
+            if small:
+                writes.append(b"".join(small))
+                small = []
+            writes.append(piece)
+        elif piece:
+            small.append(piece)
+    if small or not writes:
+        writes.append(b"".join(small))
+    return writes
 
 
 def prepare_process() -> None:

@@ -315,6 +315,7 @@ async def encode_parts(
                         yield b"".join(pending)
                         pending, size = [], 0
                     yield chunk
+                    del chunk  # sent: not held while the next one is read
                 elif chunk:
                     pending.append(chunk)
                     size += len(chunk)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import h11
+from hypercorn.config import Config
 from hypercorn.events import RawData
 
-from dicomweb_server.httpd import HEAD_WITH_BODY_MAX_BYTES, _H11Protocol
+from dicomweb_server.httpd import (
+    HEAD_WITH_BODY_MAX_BYTES,
+    TRANSPORT_HIGH_WATER_BYTES,
+    _H11Protocol,
+)
 
 
 class _Protocol(_H11Protocol):
@@ -67,3 +74,47 @@ async def test_an_interim_response_is_not_held() -> None:
     protocol.connection.next_event()
     await protocol._send_h11_event(h11.InformationalResponse(status_code=100, headers=[]))
     assert protocol.writes and protocol.writes[0].startswith(b"HTTP/1.1 100 ")
+
+
+async def test_a_chunked_body_is_framed_without_copying_its_chunks() -> None:
+    """A body without Content-Length (a converted retrieve) is sent in chunked coding: each
+    chunk is written as the app gave it, its size line and CRLF in writes of their own.
+    h11's `send` joined the three into a copy: a download held its chunk twice."""
+    protocol = _Protocol()
+    chunked = [(b"transfer-encoding", b"chunked")]
+    await protocol._send_h11_event(h11.Response(status_code=200, headers=chunked))
+    chunk = b"x" * (HEAD_WITH_BODY_MAX_BYTES + 1)
+    await protocol._send_h11_event(h11.Data(data=chunk))
+    assert any(write is chunk for write in protocol.writes)
+    assert len(protocol.writes) == 3  # the head with the size line, the chunk, its CRLF
+    assert b"".join(protocol.writes).endswith(b"\r\n\r\n%x\r\n" % len(chunk) + chunk + b"\r\n")
+    await protocol._send_h11_event(h11.Data(data=b"small"))  # one write, as before
+    assert protocol.writes[-1] == b"5\r\nsmall\r\n"
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.limits: tuple[int, int] | None = None
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        self.limits = (high, low)
+
+
+class _TCPServer:
+    """What hypercorn's TCPServer offers the protocol: its `protocol_send`, and its writer."""
+
+    def __init__(self) -> None:
+        self.writer = SimpleNamespace(transport=_Transport())
+
+    async def protocol_send(self, event: Any) -> None:
+        pass
+
+
+def test_the_transport_takes_the_next_write_only_once_empty() -> None:
+    """A write returned while the tail of a chunk (under the 16 KiB default low-water mark)
+    was still queued, which kept the whole chunk held while the app read the next."""
+    server = _TCPServer()
+    context = SimpleNamespace(event_class=asyncio.Event)
+    args = (None, Config(), context, None, None, False, None, None, server.protocol_send)
+    _H11Protocol(*args)
+    assert server.writer.transport.limits == (TRANSPORT_HIGH_WATER_BYTES, 0)

@@ -74,7 +74,10 @@ async def stream_path(
     the range fails there, before the first chunk: a damaged blob is an error before the
     response starts, not a body that breaks off. After that the reads run ahead of the sender
     (see _ReadAhead), so the disk and the socket work at the same time; memory stays bounded
-    by READ_AHEAD_BYTES plus the chunk being sent.
+    by READ_AHEAD_BYTES plus one chunk: the one being sent, or the one read when the sender
+    asks for it. A chunk is dropped once yielded, before the next is asked for; each layer
+    that passes chunks on does the same (multipart.encode_parts, StreamedResponse), so that a
+    sent chunk and its successor are never held together.
     """
     n = READ_CHUNK_BYTES if length is None else min(READ_CHUNK_BYTES, length)
     if n == 0:
@@ -93,8 +96,10 @@ async def stream_path(
             raise
         try:
             yield chunk
+            del chunk  # not held for the rest of the stream (1 MiB a download did)
             while (more := await reader.next()) is not None:
                 yield more
+                del more  # sent: not held while the next one is read
         finally:
             reader.close()
         remaining = reader.remaining
@@ -162,7 +167,7 @@ class _ReadAhead:
         _READ_AHEAD.used += n
         task.add_done_callback(functools.partial(self._read_done, n))
 
-    def _read_done(self, n: int, task: asyncio.Future[bytes]) -> None:
+    def _read_done(self, n: int, task: asyncio.Future[list[bytes]]) -> None:
         self._reading = False
         _READ_AHEAD.used -= n
         error = OSError("read cancelled") if task.cancelled() else task.exception()
@@ -172,7 +177,7 @@ class _ReadAhead:
         if error is not None:
             self._error, self._ended = error, True
         else:
-            chunk = task.result()
+            chunk = task.result().pop()  # the future no longer holds it (_read_started)
             if chunk:
                 self._chunks.append(chunk)
                 self._buffered += len(chunk)
@@ -261,7 +266,7 @@ class _Readers:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.busy = 0  # reads handed over whose completion the loop has not yet seen
 
-    def start(self, fh: BinaryIO, n: int) -> asyncio.Future[bytes]:
+    def start(self, fh: BinaryIO, n: int) -> asyncio.Future[list[bytes]]:
         """Hand the read of `n` bytes to a thread; return once the thread is in it (at most
         READ_START_WAIT_S later), or at once when every thread is busy."""
         if self._pool is None:
@@ -276,16 +281,20 @@ class _Readers:
             _wait_started(started)
         return task
 
-    def _done(self, _task: asyncio.Future[bytes]) -> None:
+    def _done(self, _task: asyncio.Future[list[bytes]]) -> None:
         self.busy -= 1
 
 
 _READERS = _Readers()
 
 
-def _read_started(fh: BinaryIO, n: int, started: threading.Event) -> bytes:
+def _read_started(fh: BinaryIO, n: int, started: threading.Event) -> list[bytes]:
+    """The chunk read, in a list the event loop empties (_ReadAhead._read_done): the
+    executor's future and its worker thread keep their result until the thread next gets
+    the GIL, and a chunk returned as is stayed held by them after it was sent, while the
+    next was read (two chunks per download, not one)."""
     started.set()
-    return _read(fh, n)
+    return [_read(fh, n)]
 
 
 def _wait_started(started: threading.Event) -> None:

@@ -284,6 +284,7 @@ class _Spooled:
         """Bytes [start, stop) of the value (the generator holds the file while it runs)."""
         async for chunk in stream_path(self.path, start, max(0, stop - start)):
             yield chunk
+            del chunk  # sent: not held while the next one is read
 
 
 def _remove(path: Path) -> None:

@@ -450,6 +450,7 @@ async def _then_close(
     try:
         async for chunk in body:
             yield chunk
+            del chunk  # sent: not held while the next one is read
     finally:
         await close_all(body, parts)
 
@@ -463,7 +464,21 @@ class StreamedResponse(StreamingResponse):
     iterating (the client went away, or was dropped after SEND_STALL_TIMEOUT_S) to the
     garbage collector: until it ran, the blob file stayed open and the chunks read ahead
     for it held their part of the process's READ_AHEAD_TOTAL_BYTES (found with clients that
-    stopped reading: of 25 downloads dropped or given up, 20 held their blob minutes later)."""
+    stopped reading: of 25 downloads dropped or given up, 20 held their blob minutes later).
+
+    A chunk it has sent is dropped before it asks for the next: Starlette's loop held it
+    while the next was read, so a download whose next chunk was not read ahead (the
+    process's READ_AHEAD_TOTAL_BYTES spent) held two chunks (READ_CHUNK_MAX_BYTES each)."""
+
+    async def stream_response(self, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            body = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
+            del chunk
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            del body  # sent: not held while the next one is read
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -554,6 +569,7 @@ async def _body_slice(
             yield made
             async for chunk in chunks:
                 yield chunk
+                del chunk  # sent: not held while the next one is read
     finally:
         await close_all(chunks)  # a response cut short leaves no read open
     after = len(head) + value.length
