@@ -120,8 +120,13 @@ async def metadata_runs(
     (_stale_batches): one statement for METADATA_FETCH_ROWS instances or fewer, however many
     series hold them."""
     cached = {s.pk: part for s in states if (part := _cached_part(svc, s)) is not None}
-    rows = _Rows(_stale_batches(svc, [s for s in states if s.pk not in cached]))
+    stale = [s for s in states if s.pk not in cached]
+    rows = _Rows(_stale_batches(svc, stale))
     try:
+        # Every version checked before the first run is given: the response has not started,
+        # so a series grown since `states` is a body begun again, not one cut short (a cached
+        # series or a first batch past METADATA_INLINE_BYTES started it before the rest).
+        await rows.start(stale)
         for state in states:
             if state.pk in cached:
                 part = cached.pop(state.pk)[8:]  # copied one series at a time
@@ -150,6 +155,21 @@ class _Rows:
         self.batches = batches
         self._pending: list[MetadataRow] = []
         self._keyed = False
+
+    async def start(self, stale: list[SeriesState]) -> None:
+        """Reads the first batch (and, past it, the keys of every instance) and checks each
+        row of it against its series' state: MetadataChangedError before anything is given."""
+        if not stale:
+            return
+        try:
+            self._pending, self._keyed = await anext(self.batches)
+        except StopAsyncIteration:
+            return
+        by_pk = {s.pk: s for s in stale}
+        for row in self._pending:
+            state = by_pk[row.series_pk]
+            if row.revision != state.revision or row.version != state.version:
+                raise MetadataChangedError
 
     async def of(self, state: SeriesState) -> list[MetadataRow] | None:
         """The next rows of the series (those of one batch), None when it has no more.
@@ -182,7 +202,8 @@ async def _stale_batches(
     the first batch as rows (one more asked for: is there more?); past it, the keys of every
     instance with the series' versions (checked: the keys are those of the rows read
     first), then rows by key (flagged True: their series may have grown since, _Rows.of).
-    No connection is held between batches."""
+    The keys are read before the first batch is given (_Rows.start: every version check
+    comes before the response starts). No connection is held between batches."""
     if not stale:
         return
     pks = [s.pk for s in stale]
@@ -190,10 +211,11 @@ async def _stale_batches(
     if len(first) <= METADATA_FETCH_ROWS:
         yield first, False
         return
-    yield first[:METADATA_FETCH_ROWS], False
     keys, versions = await svc.index.metadata_keys(pks)
     if versions != [s.version for s in stale]:
         raise MetadataChangedError
+    yield first[:METADATA_FETCH_ROWS], False
+    del first
     for at in range(METADATA_FETCH_ROWS, len(keys), METADATA_FETCH_ROWS):
         yield await svc.index.metadata_rows(keys[at : at + METADATA_FETCH_ROWS]), True
 

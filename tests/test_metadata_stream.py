@@ -353,3 +353,41 @@ async def test_rows_rewritten_while_streaming_end_the_body_unfinished(
     monkeypatch.setattr(index, "metadata_rows", rows)
     status, length, ended = await _asgi_get(app, url)
     assert status == 200 and ended and length > _N * len(_COMMENT)
+
+
+@pytest.mark.parametrize("read", ["metadata_first", "metadata_keys"])
+async def test_an_instance_stored_after_the_response_started_leaves_it_whole(
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    study: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    read: str,
+) -> None:
+    """An instance stored in a series whose rows are read after the response started: the
+    first series' cached part (metadata_first) or the first batch (metadata_keys) is past
+    METADATA_INLINE_BYTES. Every version is checked before the first byte, so the body is
+    begun again from the new state, whole; it was cut (a viewer reading a study still
+    arriving: 40 of 60 study metadata reads cut short while a series was stored)."""
+    uid, series = study
+    url = f"{ROOT}/studies/{uid}/metadata"
+    monkeypatch.setattr(metadata, "METADATA_FETCH_ROWS", 7)
+    monkeypatch.setattr(metadata_body, "METADATA_INLINE_BYTES", 10_000)
+    monkeypatch.setattr(metadata_body, "METADATA_GZIP_CACHE_MAX_BYTES", 0)
+    if read == "metadata_first":  # the first series listed (Series Number 1) cached
+        await _both(app_client, f"{ROOT}/studies/{uid}/series/{series[2]}/metadata", {})
+    else:
+        monkeypatch.setattr(metadata, "METADATA_PART_CACHE_MAX_BYTES", 0)
+    index = app.state.services.index
+    original = getattr(index, read)
+    later = make_instance(study=uid, series=series[0], SeriesNumber=3, ImageComments=_COMMENT)
+
+    async def storing(*args: Any) -> Any:
+        monkeypatch.setattr(index, read, original)
+        await _stow(app_client, to_bytes(later))
+        return await original(*args)
+
+    monkeypatch.setattr(index, read, storing)
+    status, length, ended = await _asgi_get(app, url)
+    assert status == 200 and ended and length > (_N + 1) * len(_COMMENT)
+    r = await _both(app_client, url, {})
+    assert len(r.json()) == _N + 1
