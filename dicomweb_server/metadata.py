@@ -151,10 +151,9 @@ async def metadata_runs(
 class _Rows:
     """The rows of _stale_batches handed out a series at a time."""
 
-    def __init__(self, batches: AsyncGenerator[tuple[list[MetadataRow], bool], None]) -> None:
+    def __init__(self, batches: AsyncGenerator[list[MetadataRow], None]) -> None:
         self.batches = batches
         self._pending: list[MetadataRow] = []
-        self._keyed = False
 
     async def start(self, stale: list[SeriesState]) -> None:
         """Reads the first batch (and, past it, the keys of every instance) and checks each
@@ -162,31 +161,29 @@ class _Rows:
         if not stale:
             return
         try:
-            self._pending, self._keyed = await anext(self.batches)
+            self._pending = await anext(self.batches)
         except StopAsyncIteration:
             return
         by_pk = {s.pk: s for s in stale}
         for row in self._pending:
-            state = by_pk[row.series_pk]
-            if row.revision != state.revision or row.version != state.version:
+            if row.revision != by_pk[row.series_pk].revision:
                 raise MetadataChangedError
 
     async def of(self, state: SeriesState) -> list[MetadataRow] | None:
         """The next rows of the series (those of one batch), None when it has no more.
-        MetadataChangedError when one is not of the state `state` names: for rows read by
-        key (_stale_batches), only when the series' revision changed, `reindex` rewriting
-        rows; an instance stored since in the series (its version grown) changes none of the
-        rows whose keys were read with `state`'s version, and is not among them."""
+        MetadataChangedError when the series' revision is no longer `state`'s (`reindex`
+        rewrote rows). An instance stored since (the version grown) changes no row of those
+        the state names, and is not among them (index.reads._ORDERED_INSTANCES)."""
         if not self._pending:
             try:  # not anext(..., default): a tuple default is a SystemError in Python 3.11
-                self._pending, self._keyed = await anext(self.batches)
+                self._pending = await anext(self.batches)
             except StopAsyncIteration:
                 self._pending = []
         count = 0
         for row in self._pending:
             if row.series_pk != state.pk:
                 break
-            if row.revision != state.revision or (not self._keyed and row.version != state.version):
+            if row.revision != state.revision:
                 raise MetadataChangedError
             count += 1
         if count == 0:
@@ -197,27 +194,27 @@ class _Rows:
 
 async def _stale_batches(
     svc: Services, stale: list[SeriesState]
-) -> AsyncGenerator[tuple[list[MetadataRow], bool], None]:
-    """The instances of the series `stale`, in metadata order, METADATA_FETCH_ROWS at a time:
-    the first batch as rows (one more asked for: is there more?); past it, the keys of every
-    instance with the series' versions (checked: the keys are those of the rows read
-    first), then rows by key (flagged True: their series may have grown since, _Rows.of).
-    The keys are read before the first batch is given (_Rows.start: every version check
-    comes before the response starts). No connection is held between batches."""
+) -> AsyncGenerator[list[MetadataRow], None]:
+    """The instances of the series `stale` as their states name them (the first of each
+    series by primary key: index.reads._ORDERED_INSTANCES), in metadata order,
+    METADATA_FETCH_ROWS at a time: the first batch as rows (one more asked for: is there
+    more?); past it, the keys of the others with the series' revisions, then rows by key.
+    The keys are read before the first batch is given (_Rows.start: every check that can
+    begin the body again comes before the response starts). No connection is held between
+    batches."""
     if not stale:
         return
-    pks = [s.pk for s in stale]
-    first = await svc.index.metadata_first(pks, METADATA_FETCH_ROWS + 1)
+    first = await svc.index.metadata_first(stale, METADATA_FETCH_ROWS + 1)
     if len(first) <= METADATA_FETCH_ROWS:
-        yield first, False
+        yield first
         return
-    keys, versions = await svc.index.metadata_keys(pks)
-    if versions != [s.version for s in stale]:
+    keys, revisions = await svc.index.metadata_keys(stale)
+    if revisions != [s.revision for s in stale]:
         raise MetadataChangedError
-    yield first[:METADATA_FETCH_ROWS], False
+    yield first[:METADATA_FETCH_ROWS]
     del first
     for at in range(METADATA_FETCH_ROWS, len(keys), METADATA_FETCH_ROWS):
-        yield await svc.index.metadata_rows(keys[at : at + METADATA_FETCH_ROWS]), True
+        yield await svc.index.metadata_rows(keys[at : at + METADATA_FETCH_ROWS])
 
 
 async def _rendered(svc: Services, rows: list[MetadataRow]) -> bytes:

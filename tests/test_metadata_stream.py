@@ -256,29 +256,83 @@ async def test_a_large_body_takes_the_memory_of_a_batch(
     assert peak < bound < 2 * body, (peak, length)
 
 
-async def test_a_change_before_the_response_starts_is_read_again(
+async def test_an_instance_stored_before_the_rows_are_read_is_not_in_the_body(
     app: Starlette,
     app_client: httpx.AsyncClient,
     study: tuple[str, list[str]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An instance stored between the versions read and the rows read: the body is begun
-    again from the new state (nothing was sent), and its entity tag is the new state's."""
+    """An instance stored between the versions read and the rows read: the body is the state
+    its entity tag names, without it (the rows are the series' first instances by key, as
+    many as the state counts), not begun again: under a steady STOW into the study, reading
+    it again and again (METADATA_ATTEMPTS) ended in a 503 for 1 read in 5 (found by review).
+    The next request has the instance, under another entity tag."""
     uid, series = study
     url = f"{ROOT}/studies/{uid}/metadata"
     index = app.state.services.index
     first = index.metadata_first
     later = make_instance(study=uid, series=series[0], SeriesNumber=3)
+    states = index.series_states
+
+    async def counted_states(*args: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await states(*args)
 
     async def storing_first(*args: Any) -> Any:
         monkeypatch.setattr(index, "metadata_first", first)
         await _stow(app_client, to_bytes(later))
         return await first(*args)
 
+    reads = 0
+    monkeypatch.setattr(index, "series_states", counted_states)
     monkeypatch.setattr(index, "metadata_first", storing_first)
-    r = await _both(app_client, url, {})
-    assert len(r.json()) == _N + 1
-    assert r.headers["etag"] == (await _both(app_client, url, {})).headers["etag"]
+    r = await app_client.get(url)
+    assert r.status_code == 200 and reads == 1  # not begun again
+    got = [values(doc, "00080018")[0] for doc in r.json()]
+    assert len(got) == _N and later.SOPInstanceUID not in got
+    again = await app_client.get(url)
+    assert len(again.json()) == _N + 1 and again.headers["etag"] != r.headers["etag"]
+    assert again.headers["etag"] == (await app_client.get(url)).headers["etag"]
+
+
+async def test_rows_rewritten_before_the_response_starts_are_read_again(
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    study: tuple[str, list[str]],
+    clean_db: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`reindex` rewriting a series' rows (its revision bumped) between the versions read and
+    the rows read: the body is begun again from the new state (nothing was sent), and its
+    entity tag is the new state's."""
+    uid, _ = study
+    url = f"{ROOT}/studies/{uid}/metadata"
+    index = app.state.services.index
+    first = index.metadata_first
+
+    async def rewriting_first(*args: Any) -> Any:
+        monkeypatch.setattr(index, "metadata_first", first)
+        await _bump_revisions(clean_db, uid)
+        return await first(*args)
+
+    monkeypatch.setattr(index, "metadata_first", rewriting_first)
+    r = await app_client.get(url)
+    assert r.status_code == 200 and len(r.json()) == _N
+    assert r.headers["etag"] == (await app_client.get(url)).headers["etag"]
+
+
+async def _bump_revisions(dsn: str, study: str) -> None:
+    """What `reindex` does to the series of a study whose rows it rewrites."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "UPDATE series SET revision = revision + 1 WHERE study_fk ="
+            " (SELECT pk FROM study WHERE study_instance_uid = $1)",
+            study,
+        )
+    finally:
+        await conn.close()
 
 
 async def test_an_instance_stored_while_streaming_leaves_the_body_whole(
@@ -333,15 +387,7 @@ async def test_rows_rewritten_while_streaming_end_the_body_unfinished(
         nonlocal calls
         calls += 1
         if calls == (_N - 7 + 6) // 7:  # the last batch: the response is under way
-            conn = await asyncpg.connect(clean_db)
-            try:
-                await conn.execute(
-                    "UPDATE series SET revision = revision + 1 WHERE study_fk ="
-                    " (SELECT pk FROM study WHERE study_instance_uid = $1)",
-                    uid,
-                )
-            finally:
-                await conn.close()
+            await _bump_revisions(clean_db, uid)
         return await rows(*args)
 
     monkeypatch.setattr(index, "metadata_rows", rewriting_rows)

@@ -56,32 +56,37 @@ WHERE st.study_instance_uid = $1 AND ($2::text IS NULL OR se.series_instance_uid
 ORDER BY se.series_number NULLS LAST, se.pk
 """
 
-# The instances of the series $1 (primary keys, in metadata order), in metadata order: series
-# in the order given, instances by Instance Number. Reads only plain columns and the metadata
-# text: every `->` on a compressed jsonb value decompresses it, and the nine lookups of
-# _LOCATE cost more than the rest of this statement. The series' version and revision come
-# with each row, read in the same snapshot.
+# The instances of the series $1 (primary keys, in metadata order) as a state of each names
+# them (rows.SeriesState): the first `count` of series $1[k] by primary key, $2[k] its count
+# (within a study, primary keys follow commit order: dicomweb_commit_instance locks the study
+# row before it inserts, so the instances a snapshot with that count holds are those first
+# ones, and an instance stored since is not among them). In metadata order: series in the
+# order given, instances by Instance Number. Reads only plain columns and the metadata text:
+# every `->` on a compressed jsonb value decompresses it, and the nine lookups of _LOCATE
+# cost more than the rest of this statement. The series' version and revision come with
+# each row, read in the same snapshot.
 _ORDERED_INSTANCES = """
-FROM unnest($1::bigint[]) WITH ORDINALITY AS s(pk, n)
-JOIN instance i ON i.series_fk = s.pk
+FROM unnest($1::bigint[], $2::int[]) WITH ORDINALITY AS s(pk, c, n)
+CROSS JOIN LATERAL (SELECT i.pk, i.instance_number FROM instance i
+                    WHERE i.series_fk = s.pk ORDER BY i.pk LIMIT s.c) i
 ORDER BY s.n, i.instance_number NULLS LAST, i.pk
 """
 _METADATA_COLUMNS = """
 SELECT se.pk, se.num_instances + se.revision, se.revision, i.transfer_syntax_uid,
        i.number_of_frames, i.metadata::text
 """
-# The first $2 instances: their order found on keys alone (a sort of the rows with their
+# The first $3 instances: their order found on keys alone (a sort of the rows with their
 # metadata text would turn every instance's jsonb into text), then their rows.
 _METADATA_FIRST = f"""
-WITH k AS (SELECT i.pk, s.n, i.instance_number {_ORDERED_INSTANCES} LIMIT $2)
+WITH k AS (SELECT i.pk, s.n, i.instance_number {_ORDERED_INSTANCES} LIMIT $3)
 {_METADATA_COLUMNS}
 FROM k JOIN instance i ON i.pk = k.pk JOIN series se ON se.pk = i.series_fk
 ORDER BY k.n, k.instance_number NULLS LAST, k.pk
 """
-# The keys of every instance of the series, and the series' versions, of one snapshot.
+# The keys of the instances of the series, and the series' revisions, of one snapshot.
 _METADATA_KEYS = f"""
 SELECT ARRAY(SELECT i.pk {_ORDERED_INSTANCES}),
-       ARRAY(SELECT se.num_instances + se.revision
+       ARRAY(SELECT se.revision
              FROM unnest($1::bigint[]) WITH ORDINALITY AS s(pk, n)
              JOIN series se ON se.pk = s.pk ORDER BY s.n)
 """
@@ -95,6 +100,10 @@ ORDER BY k.n
 # What only the server knows of a series: its first instance's blob key, drawn at random when
 # it was stored (the secret of a metadata body's multipart boundary).
 _SERIES_SECRET = "SELECT blob_key FROM instance WHERE series_fk = $1 ORDER BY pk LIMIT 1"
+
+
+def _pks_and_counts(states: Sequence[SeriesState]) -> tuple[list[int], list[int]]:
+    return [s.pk for s in states], [s.version - s.revision for s in states]
 
 
 class Reads(Pooled):
@@ -118,15 +127,16 @@ class Reads(Pooled):
         rows = await self._fetch(_SERIES_STATES, study, series)
         return [SeriesState(*row) for row in rows]
 
-    async def metadata_first(self, series_pks: Sequence[int], count: int) -> list[MetadataRow]:
-        """The first `count` instances of the series, in metadata order."""
-        rows = await self._fetch(_METADATA_FIRST, list(series_pks), count)
+    async def metadata_first(self, states: Sequence[SeriesState], count: int) -> list[MetadataRow]:
+        """The first `count` instances of the series as `states` name them, in metadata
+        order."""
+        rows = await self._fetch(_METADATA_FIRST, *_pks_and_counts(states), count)
         return [MetadataRow(*row) for row in rows]
 
-    async def metadata_keys(self, series_pks: Sequence[int]) -> tuple[list[int], list[int]]:
-        """(the primary keys of every instance of the series in metadata order, the series'
-        versions in the order given), of one snapshot."""
-        row = await self._fetchrow(_METADATA_KEYS, list(series_pks))
+    async def metadata_keys(self, states: Sequence[SeriesState]) -> tuple[list[int], list[int]]:
+        """(the primary keys of the instances of the series as `states` name them, in
+        metadata order; the series' revisions now, in the order given), of one snapshot."""
+        row = await self._fetchrow(_METADATA_KEYS, *_pks_and_counts(states))
         assert row is not None
         return list(row[0]), list(row[1])
 

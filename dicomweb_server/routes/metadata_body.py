@@ -57,8 +57,8 @@ METADATA_INLINE_BYTES = 1024 * 1024
 # dropped): the next request for it compresses nothing. DICOM JSON compresses about 10 times,
 # so this holds the compressed metadata of about 15,000 instances.
 METADATA_GZIP_CACHE_MAX_BYTES = 4 * 1024 * 1024
-# Times a metadata body is begun before a 503: a series that changes while the body is being
-# read before the response starts (an instance stored) begins it again from the new state.
+# Times a metadata body is begun before a 503: a series whose rows `reindex` rewrites while
+# they are read before the response starts begins it again from the new state.
 METADATA_ATTEMPTS = 3
 
 
