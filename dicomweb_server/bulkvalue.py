@@ -19,7 +19,13 @@ from dicomweb_server.media.mediatypes import (
 )
 from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
-__all__ = ["bulk_element", "element_range", "element_value", "read_bulk_value"]
+__all__ = [
+    "bulk_element",
+    "element_range",
+    "element_value",
+    "placed_element",
+    "read_bulk_value",
+]
 
 
 def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:
@@ -38,6 +44,16 @@ def read_bulk_value(path: Path, tag_path: str) -> tuple[bytes, str] | None:
 def bulk_element(path: Path, tag_path: str) -> tuple[Dataset, Dataset, int] | None:
     """(the file's data set, the data set holding the element, its tag) of a tag path as
     read_bulk_value takes it; None when the path is malformed or leads nowhere."""
+    found = placed_element(path, tag_path)
+    return None if found is None else found[:3]
+
+
+def placed_element(path: Path, tag_path: str) -> tuple[Dataset, Dataset, int, int] | None:
+    """bulk_element, and where in the file the element's value_tell counts from (its
+    base, for element_range): 0 at the top level. pydicom reads a sequence of defined
+    length from the bytes of its value, and counts the places of the elements of its items
+    from the start of those; one of undefined length it reads where it is, counting as the
+    data set holding it does."""
     parts = tag_path.split("/")
     patterns = itertools.cycle((r"[0-9A-Fa-f]{8}", r"\d{1,9}"))
     if len(parts) % 2 == 0 or not all(map(re.fullmatch, patterns, parts)):
@@ -46,13 +62,17 @@ def bulk_element(path: Path, tag_path: str) -> tuple[Dataset, Dataset, int] | No
     # value of a large multi-frame file reads that value, not the file's Pixel Data too.
     ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD_BYTES)
     node: Dataset = ds
+    base = 0
     for tag, item in zip(parts[:-1:2], parts[1::2], strict=True):
+        raw = node.get_item(int(tag, 16), keep_deferred=True)
         element = node.get(int(tag, 16))
         if element is None or element.VR != "SQ" or int(item) >= len(element.value):
             return None
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and raw.value_tell:
+            base += raw.value_tell  # its items read from its value's bytes
         node = element.value[int(item)]
     last = int(parts[-1], 16)
-    return (ds, node, last) if last in node else None
+    return (ds, node, last, base) if last in node else None
 
 
 def element_value(ds: Dataset, element: DataElement) -> tuple[bytes, str] | None:
@@ -70,7 +90,7 @@ def element_value(ds: Dataset, element: DataElement) -> tuple[bytes, str] | None
 
 
 def element_range(
-    ds: Dataset, node: Dataset, tag: int, size: int
+    ds: Dataset, node: Dataset, tag: int, size: int, base: int | None = None
 ) -> tuple[int, int, str | None] | None:
     """(offset, length, the VR whose words are to be swapped, None for none) of an element's
     value in the file `ds` was read from, when pydicom left it unread there (bulk_element
@@ -79,15 +99,20 @@ def element_range(
     inside the file (`size` bytes). None otherwise: the value is then read by element_value.
     A big endian value's words are swapped as it is sent, a chunk at a time, rather than the
     value read whole, copied and swapped in memory: the Pixel Data of a 500 MB big endian
-    instance took 1.7 GB of memory to send."""
+    instance took 1.7 GB of memory to send.
+
+    `base` (placed_element): a value pydicom has read (one in a sequence: pydicom defers
+    top-level values only) is located too, at `base` + its value_tell, while it is still
+    the RawDataElement the file gave; for a file whose values are read again by range (the
+    inflated copy of a Deflated file). Its place is to be checked against the value read."""
     raw = node.get_item(tag, keep_deferred=True)
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if (
         not isinstance(raw, RawDataElement)
-        or raw.value is not None
+        or (raw.value is not None and base is None)
         or not raw.value_tell
         or raw.length in (0, 0xFFFFFFFF)
-        or raw.value_tell + raw.length > size
+        or (base or 0) + raw.value_tell + raw.length > size
         or ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
     ):
         return None
@@ -95,4 +120,4 @@ def element_range(
     if vr not in BULK_VRS:
         return None
     swap = vr if ts == EXPLICIT_VR_BIG_ENDIAN and vr in WORD_WIDTHS else None
-    return raw.value_tell, raw.length, swap
+    return (base or 0) + raw.value_tell, raw.length, swap

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from starlette.applications import Starlette
 
 from dicomweb_server.render import render_animation
 from dicomweb_server.rendered import RenderParams
@@ -267,3 +268,175 @@ async def test_frame_requests_of_two_deflated_instances_inflate_each_once(
     assert [body for _, body in parts] == [f.tobytes() for f in c.pixel_array]
     assert inflations == [1]
     assert not inflated._copies and not inflated._pins
+
+
+# Bulk data of Deflated instances (retrieve.pixeldata._inflated_bulk_value): read by byte
+# range from the inflated copy, not from the file parsed whole for every request.
+
+_ICON = "00880200/0/7FE00010"  # Icon Image Sequence, item 0, its (native) Pixel Data
+_DOCUMENT = "00420011"  # Encapsulated Document, OB
+_DEEP = "0040A730/0/0040A730/1/00420011"  # one in Content Sequence in Content Sequence
+
+
+def _with_bulk_values(ds: Dataset, seed: int = 0) -> Dataset:
+    """`ds` with a large value nested in a sequence (an icon's Pixel Data) and another at
+    the top level beside its Pixel Data, both over the bulk data threshold."""
+    rng = np.random.default_rng(seed)
+    icon = Dataset()
+    icon.Rows, icon.Columns, icon.SamplesPerPixel = 64, 64, 1
+    icon.PhotometricInterpretation = "MONOCHROME2"
+    icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 8, 8, 7, 0
+    icon.PixelData = rng.integers(0, 256, 64 * 64, dtype=np.uint8).tobytes()
+    ds.IconImageSequence = [icon]
+    ds.EncapsulatedDocument = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    inner = Dataset()  # two sequences down, each item of its own (undefined) length
+    inner.EncapsulatedDocument = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    outer = Dataset()
+    outer.ContentSequence = [Dataset(), inner]
+    ds.ContentSequence = [outer]
+    ds["ContentSequence"].is_undefined_length = True
+    return ds
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """[files parsed for a bulk data value so far] (bulkvalue.bulk_element or
+    placed_element, as pixeldata calls them); places of values in inflated copies found
+    before are forgotten."""
+    from dicomweb_server.retrieve import pixeldata
+
+    counter = [0]
+
+    def counted(real: Any) -> Any:
+        def parse(path: Path, tag_path: str) -> Any:
+            counter[0] += 1
+            return real(path, tag_path)
+
+        return parse
+
+    for name in ("bulk_element", "placed_element"):
+        if hasattr(pixeldata, name):
+            monkeypatch.setattr(pixeldata, name, counted(getattr(pixeldata, name)))
+    if hasattr(pixeldata, "_places"):
+        monkeypatch.setattr(pixeldata, "_places", type(pixeldata._places)())
+    yield counter
+
+
+async def _bulk(
+    client: httpx.AsyncClient, url: str, path: str, span: tuple[int, int] | None = None
+) -> bytes:
+    headers = {"Accept": "application/octet-stream"}
+    if span is not None:
+        headers["Range"] = f"bytes={span[0]}-{span[1] - 1}"
+    r = await client.get(f"{url}/bulk/{path}", headers=headers)
+    assert r.status_code == (200 if span is None else 206), r.text
+    return r.content
+
+
+async def test_bulk_values_of_a_deflated_instance_are_read_from_its_inflated_copy(
+    app_client: httpx.AsyncClient, inflations: list[int], parses: list[int]
+) -> None:
+    """The Pixel Data of a multi-frame Deflated instance, a value nested in a sequence and
+    one beside it, whole and by Range, asked again and again (OHIF): each byte as pydicom
+    reads it, the file inflated once and each value's place found once. Each request parsed
+    the file, inflating it whole in memory: 16 requests, 16 inflations (and 16 parses)."""
+    ds = _with_bulk_values(_deflated())
+    url = await _stored(app_client, ds)
+    values = {
+        "7FE00010": ds.PixelData,
+        _ICON: ds.IconImageSequence[0].PixelData,
+        _DOCUMENT: ds.EncapsulatedDocument,
+        _DEEP: ds.ContentSequence[0].ContentSequence[1].EncapsulatedDocument,
+    }
+    inflations[0] = 0
+    for path, value in values.items():
+        assert await _bulk(app_client, url, path) == value
+        for span in ((0, 1), (100, 1001), (len(value) - 7, len(value))):
+            assert await _bulk(app_client, url, path, span) == value[span[0] : span[1]]
+    assert inflations == [1]
+    assert parses == [len(values)]
+    assert not inflated._pins  # every request let its hold go
+    # The Pixel Data resource (multipart, the same value) parses nothing more.
+    r = await app_client.get(f"{url}/pixeldata", headers={"Accept": _OCTETS})
+    assert r.status_code == 200, r.text
+    ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    assert body == ds.PixelData
+    assert inflations == [1] and parses == [len(values)] and not inflated._pins
+
+
+async def test_bulk_data_of_deflated_samples_is_pydicoms_value(
+    app_client: httpx.AsyncClient, samples: Path, inflations: list[int]
+) -> None:
+    """The Deflated samples of the corpus (MANIFEST.tsv): their Pixel Data by its
+    BulkDataURI, whole and a range of it, byte for byte as pydicom reads it."""
+    rows = (line.split("\t") for line in (samples / "MANIFEST.tsv").read_text().splitlines())
+    paths = [r[0] for r in rows if len(r) > 6 and r[6] == DeflatedExplicitVRLittleEndian]
+    assert paths
+    for name in paths:
+        ds = pydicom.dcmread(samples / name)
+        url = await _stored(app_client, ds)
+        value = ds.PixelData
+        assert await _bulk(app_client, url, "7FE00010") == value
+        span = (len(value) // 3, len(value) // 2)
+        assert await _bulk(app_client, url, "7FE00010", span) == value[span[0] : span[1]]
+    assert not inflated._pins
+
+
+async def test_a_deflated_bulk_value_lets_its_hold_go_on_every_path(
+    app: Starlette, app_client: httpx.AsyncClient, inflations: list[int], parses: list[int]
+) -> None:
+    """A HEAD (the value never read), a path naming no value, a value read whole and a
+    damaged deflate stream (a 406 with the reason, as its frames are): the copy is held by
+    none of them after, so INFLATED_KEEP_BYTES can remove it. (Asked as a single part, the
+    406 is the multipart answer's, tried next: routes.wado.retrieve_bulkdata.)"""
+    ds = _with_bulk_values(_deflated(frames=2))
+    url = await _stored(app_client, ds)
+    inflations[0] = 0
+    r = await app_client.head(
+        f"{url}/bulk/7FE00010", headers={"Accept": "application/octet-stream"}
+    )
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(ds.PixelData)
+    assert not inflated._pins
+    r = await app_client.get(f"{url}/bulk/00100010", headers={"Accept": "application/octet-stream"})
+    assert r.status_code == 404, r.text
+    assert not inflated._pins
+    assert await _bulk(app_client, url, _ICON) == ds.IconImageSequence[0].PixelData
+    assert not inflated._pins
+    assert inflations == [1]
+    (copy,) = inflated._copies.values()
+    copy.path.unlink()  # the scratch directory cleared (app.recover): made again
+    assert await _bulk(app_client, url, _ICON) == ds.IconImageSequence[0].PixelData
+    assert inflations == [2] and parses == [3] and not inflated._pins  # HEAD, 404, icon
+    (inst,) = await app.state.services.index.locate(ds.StudyInstanceUID)
+    blob = app.state.services.blobs.local_path(inst.blob_key)
+    data = blob.read_bytes()
+    blob.write_bytes(data[: len(data) // 2])
+    r = await app_client.get(f"{url}/bulk/7FE00010", headers={"Accept": _OCTETS})
+    assert r.status_code == 406 and "cut short" in r.text, r.text
+    assert not inflated._pins
+
+
+async def test_inflated_places_kept_edge(
+    app_client: httpx.AsyncClient,
+    inflations: list[int],
+    parses: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """INFLATED_PLACES_KEPT at its edge: two values asked in turn, each place found once
+    when two are kept; with one kept, each request finds its value again (the file is
+    still inflated once: the copy is kept)."""
+    from dicomweb_server.retrieve import pixeldata
+
+    ds = _with_bulk_values(_deflated(frames=2))
+    url = await _stored(app_client, ds)
+    inflations[0] = 0
+    for kept, count in ((2, 2), (1, 6)):
+        monkeypatch.setattr(pixeldata, "INFLATED_PLACES_KEPT", kept)
+        monkeypatch.setattr(pixeldata, "_places", type(pixeldata._places)())
+        parses[0] = 0
+        for _ in range(3):
+            assert await _bulk(app_client, url, "7FE00010") == ds.PixelData
+            assert await _bulk(app_client, url, _DOCUMENT) == ds.EncapsulatedDocument
+        assert parses == [count], kept
+        assert len(pixeldata._places) == kept
+    assert inflations == [1]

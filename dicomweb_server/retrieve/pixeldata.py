@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
 import anyio
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicomweb_server.blobstore.files import scratch_file
 from dicomweb_server.blobstore.reading import stream_path
-from dicomweb_server.bulkvalue import bulk_element, element_range, element_value
+from dicomweb_server.bulkvalue import bulk_element, element_range, element_value, placed_element
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import (
     APPLICATION_OCTET_STREAM,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     MULTIPART_RELATED,
     STORED,
@@ -49,12 +53,14 @@ from dicomweb_server.transcode.codecs import (
 )
 from dicomweb_server.transcode.convert import one_bit_pixel_data
 from dicomweb_server.transcode.frames import decode_item_pixels, too_deep_to_read
+from dicomweb_server.transcode.inflated import Hold, hold, inflated
 from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
 __all__ = [
     "AS_FRAMES",
     "DECODED",
     "HELD_VALUE_MAX_BYTES",
+    "INFLATED_PLACES_KEPT",
     "STORED_FRAMES",
     "bulk_value",
     "decoded_pixel_data",
@@ -64,12 +70,18 @@ __all__ = [
 ]
 
 _UNCOMPRESSED = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"'
-# A bulk data value read by parsing the file (a Deflated file's, a nested value, an icon's
-# Pixel Data decoded) of more bytes than this is written to a scratch file in the worker
-# thread that read it, and sent from there: the response held it in memory (twice) until its
-# client had read it, and eight clients reading the 60 MB Pixel Data of a Deflated instance
-# slowly took the server from 236 MB to 1.2 GB.
+# A bulk data value read by parsing the file (a nested value, an icon's Pixel Data decoded;
+# a Deflated file's, before they were read from its inflated copy) of more bytes than this
+# is written to a scratch file in the worker thread that read it, and sent from there: the
+# response held it in memory (twice) until its client had read it, and eight clients
+# reading the 60 MB Pixel Data of a Deflated instance slowly took the server from 236 MB to
+# 1.2 GB.
 HELD_VALUE_MAX_BYTES = 1024 * 1024
+# Places of bulk data values in the inflated copies of Deflated files (transcode.inflated)
+# kept per process, least recently used forgotten first: a Range request, or the next
+# request, for a value reads it from the copy without parsing the copy again. An entry is a
+# few hundred bytes.
+INFLATED_PLACES_KEPT = 4096
 # What the Pixel Data of an encapsulated instance may be sent as, by pixel_data_plan.
 DECODED = "decoded"  # its uncompressed value (decoded_pixel_data)
 STORED_FRAMES = f"{_UNCOMPRESSED}; transfer-syntax=*"  # its frames as stored, one part each
@@ -256,6 +268,8 @@ async def stored_bulk_value(
         offset, length, _vr, encapsulated = entry
         return await sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
     file = svc.blobs.local_path(inst.blob_key)
+    if inst.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return await _inflated_bulk_value(svc, inst, file, path, headers)
     value = await anyio.to_thread.run_sync(
         _parsed_bulk_value, file, path, svc.scratch_dir, limiter=svc.limiter
     )
@@ -269,6 +283,108 @@ async def stored_bulk_value(
     if isinstance(value, _Spooled):
         return Sized(headers, value.size, value.read, inst.blob_key)
     return sized_bytes(headers, value, inst.blob_key)
+
+
+async def _inflated_bulk_value(
+    svc: Services, inst: StoredInstance, file: Path, path: str, headers: dict[str, str]
+) -> Sized:
+    """The value at `path` of a Deflated file, read by byte range from its inflated copy
+    (transcode.inflated), which is held until the value has been read (or the value is
+    dropped unread). Parsing the stored file inflated it whole in memory for every request,
+    a Range request too (OHIF's), and a value over HELD_VALUE_MAX_BYTES was then written to
+    a scratch file of its own: now the file is inflated once, into the copy frames are read
+    from too, and the value's place in the copy is kept (INFLATED_PLACES_KEPT). A data set
+    that does not inflate is a 406 with the reason, as its frames are."""
+    kept = hold(file)
+    try:
+        value = await anyio.to_thread.run_sync(
+            _inflated_place, file, path, svc.scratch_dir, limiter=svc.limiter
+        )
+    except BaseException:
+        kept.release()
+        raise
+    if not isinstance(value, tuple):
+        kept.release()  # a value held in memory or spooled: the copy is no longer needed
+        if value is None:
+            raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
+        if isinstance(value, _Spooled):
+            return Sized(headers, value.size, value.read, inst.blob_key)
+        return sized_bytes(headers, value, inst.blob_key)
+    copy, offset, length = value
+    placed = _InflatedRange(kept, file, copy, offset, svc)
+    return Sized(headers, length, placed.read, inst.blob_key)
+
+
+class _InflatedRange:
+    """A value at `offset` of the inflated copy `copy` of the Deflated file `file`, whose
+    Hold `kept` is released when the first read of it ends (sent, failed or closed), or when
+    this is garbage unread (a HEAD; transcode.inflated.Hold). A read after that holds the
+    copy again for itself (made again if it was removed meanwhile)."""
+
+    def __init__(self, kept: Hold, file: Path, copy: Path, offset: int, svc: Services) -> None:
+        self._kept: Hold | None = kept
+        self._file, self._copy, self._offset, self._svc = file, copy, offset, svc
+
+    async def read(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes [start, stop) of the value, a chunk at a time."""
+        kept, self._kept = self._kept, None
+        again = kept is None
+        if kept is None:
+            kept = hold(self._file)
+        try:
+            copy = self._copy
+            if again:  # a read after the first: the copy found again (or made again)
+                copy = await anyio.to_thread.run_sync(
+                    _inflated_copy, self._file, self._svc.scratch_dir, limiter=self._svc.limiter
+                )
+            async for chunk in stream_path(copy, self._offset + start, max(0, stop - start)):
+                yield chunk
+                del chunk  # sent: not held while the next one is read
+        finally:
+            kept.release()
+
+
+# (stored file, its st_mtime_ns and st_size, tag path) -> (offset, length) of the value in
+# the file's inflated copy; the same in any copy of the same file (made the same way).
+_places: OrderedDict[tuple[str, int, int, str], tuple[int, int]] = OrderedDict()
+_places_lock = threading.Lock()
+
+
+def _inflated_copy(file: Path, scratch_dir: Path) -> Path:
+    """The inflated copy of `file` (made unless kept; the caller holds it): its path. A data
+    set that does not inflate, or inflates past INFLATED_MAX_BYTES, is a TranscodeError."""
+    try:
+        with inflated(file, scratch_dir) as copy:
+            return copy
+    except ValueError as exc:
+        raise TranscodeError(f"cannot read the Deflated data set: {exc}") from None
+
+
+def _inflated_place(
+    file: Path, tag_path: str, scratch_dir: Path
+) -> bytes | _Spooled | tuple[Path, int, int] | None:
+    """The value at `tag_path` of a Deflated file, from its inflated copy (made unless kept;
+    the caller holds it): (the copy, offset, length) of a value that can be read by range
+    there, else the value as _parsed_bulk_value reads it from the copy; None for none. A
+    place found is kept (INFLATED_PLACES_KEPT): the next request parses nothing. Runs in a
+    worker thread."""
+    st = file.stat()
+    key = (str(file), st.st_mtime_ns, st.st_size, tag_path)
+    copy = _inflated_copy(file, scratch_dir)
+    with _places_lock:
+        place = _places.get(key)
+        if place is not None:
+            _places.move_to_end(key)
+            return copy, *place
+    value = _copy_value(copy, tag_path, scratch_dir)
+    if not isinstance(value, tuple):
+        return value
+    offset, length = value
+    with _places_lock:
+        _places[key] = (offset, length)
+        while len(_places) > INFLATED_PLACES_KEPT:
+            _places.popitem(last=False)
+    return copy, offset, length
 
 
 class _Spooled:
@@ -363,9 +479,43 @@ def _parsed_bulk_value(
     located = element_range(ds, node, tag, path.stat().st_size)
     if located is not None:
         return located
+    return _value_read(ds, node, tag, scratch_dir)
+
+
+def _value_read(ds: Dataset, node: Dataset, tag: int, scratch_dir: Path) -> bytes | _Spooled | None:
+    """The value of element `tag` of `node` as _parsed_bulk_value reads it."""
     element = node[tag]
     ts = UID(str(ds.file_meta.TransferSyntaxUID))
     if tag in PIXEL_DATA_TAGS and element.is_undefined_length and ts.is_compressed:
         return _held(decode_item_pixels(node, ts), scratch_dir)
     value = element_value(ds, element)
     return None if value is None else _held(value[0], scratch_dir)
+
+
+def _copy_value(
+    copy: Path, tag_path: str, scratch_dir: Path
+) -> bytes | _Spooled | tuple[int, int] | None:
+    """The value at `tag_path` of an inflated copy (Explicit VR Little Endian): its
+    (offset, length) when it can be read by range, a value pydicom read (in a sequence)
+    included once the bytes at its place are found to be it (bulkvalue.placed_element);
+    else as _parsed_bulk_value reads it. Runs in a worker thread."""
+    try:
+        found = placed_element(copy, tag_path)
+    except RecursionError:  # pydicom reads items of undefined length recursively
+        raise too_deep_to_read() from None
+    if found is None:
+        return None
+    ds, node, tag, base = found
+    located = element_range(ds, node, tag, copy.stat().st_size, base)
+    if located is not None:
+        offset, length, _ = located  # the copy is little endian: nothing to swap
+        read = node.get_item(tag, keep_deferred=True).value
+        if read is None or _bytes_at(copy, offset, length) == read:
+            return offset, length
+    return _value_read(ds, node, tag, scratch_dir)
+
+
+def _bytes_at(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)
