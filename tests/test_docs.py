@@ -37,7 +37,7 @@ from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
 from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.routes import admin, common, metadata_body, stow
-from dicomweb_server.transcode import codecs, convert, frames, inflated
+from dicomweb_server.transcode import codecs, convert, fragments, frames, inflated
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
 
@@ -80,7 +80,7 @@ def test_limits() -> None:
                render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
-               metadata_body, inflated)  # fmt: skip
+               metadata_body, inflated, fragments)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 
 from dicomweb_server.render import JPEG_MAX_EDGE
 from dicomweb_server.retrieve import frames as retrieve_frames
-from dicomweb_server.transcode import frames as transcode_frames
+from dicomweb_server.transcode import fragments
 from dicomweb_server.transcode.codecs import TranscodeError
 from dicomweb_server.transcode.frames import DECODE_MAX_BYTES, decode_frames, frame_array
 from tests.helpers import (
@@ -333,7 +333,7 @@ async def test_unmapped_frames_are_found_once_per_file(
 
     for name in ("decode_frames", "encode_frames", "stored_frames"):
         monkeypatch.setattr(retrieve_frames, name, counted(getattr(retrieve_frames, name)))
-    transcode_frames._frame_map_of.cache_clear()
+    fragments._frame_map_of.cache_clear()
     every = ",".join(str(n) for n in range(1, 16))
     decoded = f'{_MULTIPART}"application/octet-stream"'
     r = await _get(app_client, f"{url}/frames/{every}", decoded)
@@ -347,7 +347,7 @@ async def test_unmapped_frames_are_found_once_per_file(
     r = await _get(app_client, f"{url}/frames/7", decoded)
     assert split_multipart(r.content, r.headers["content-type"])[0][1] == expected[6].tobytes()
     assert whole_file_reads == 0
-    assert transcode_frames._frame_map_of.cache_info().misses == 1
+    assert fragments._frame_map_of.cache_info().misses == 1
 
 
 async def test_empty_big_endian_pixel_data_is_an_empty_value(

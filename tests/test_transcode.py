@@ -21,8 +21,8 @@ from pydicom.pixels.utils import unpack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomweb_server.retrieve import pixeldata
+from dicomweb_server.transcode import fragments, inflated
 from dicomweb_server.transcode import frames as transcode_frames
-from dicomweb_server.transcode import inflated
 from dicomweb_server.transcode import plugins as transcode_plugins
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, keeps_ybr
 from dicomweb_server.transcode.convert import (
@@ -862,29 +862,29 @@ def test_frame_maps_are_kept_for_frame_map_files_files(tmp_path: Path, samples: 
     ds = pydicom.dcmread(samples / "generated/coverage/ect_15frames_jpegls_lossless.dcm")
     frames = list(generate_frames(ds.PixelData, number_of_frames=15))
     ds.PixelData = encapsulate(frames, fragments_per_frame=2, has_bot=False)
-    paths = [tmp_path / f"{n}.dcm" for n in range(transcode_frames.FRAME_MAP_FILES + 1)]
+    paths = [tmp_path / f"{n}.dcm" for n in range(fragments.FRAME_MAP_FILES + 1)]
     for path in paths:
         ds.save_as(path, enforce_file_format=True)
-    cached = transcode_frames._frame_map_of
+    cached = fragments._frame_map_of
     cached.cache_clear()
-    found = transcode_frames.frame_map(paths[0])
+    found = fragments.frame_map(paths[0])
     assert found is not None
     data = paths[0].read_bytes()
     for frame, offset, length in zip(frames, *found, strict=True):
         run = data[offset : offset + length] + b"\xfe\xff\xdd\xe0"  # its items, delimited
         assert b"".join(generate_fragments(run)) == frame
     for path in paths[1:-1]:
-        assert transcode_frames.frame_map(path) == found
+        assert fragments.frame_map(path) == found
     for path in paths[:-1]:
-        transcode_frames.frame_map(path)
+        fragments.frame_map(path)
     info = cached.cache_info()
     assert (info.misses, info.hits, info.currsize) == (
         len(paths) - 1,
         len(paths) - 1,
         len(paths) - 1,
     )
-    transcode_frames.frame_map(paths[-1])  # one more: paths[0], used least recently, dropped
-    transcode_frames.frame_map(paths[1])
+    fragments.frame_map(paths[-1])  # one more: paths[0], used least recently, dropped
+    fragments.frame_map(paths[1])
     assert cached.cache_info().hits == len(paths)
-    transcode_frames.frame_map(paths[0])
+    fragments.frame_map(paths[0])
     assert cached.cache_info().misses == len(paths) + 1

@@ -33,13 +33,8 @@ from dicomweb_server.multipart import close_all
 from dicomweb_server.retrieve import instances
 from dicomweb_server.retrieve.instances import Part, once
 from dicomweb_server.transcode.codecs import NATIVE, TranscodeError, decodable, missing_codec
-from dicomweb_server.transcode.frames import (
-    convert_codestream,
-    decode_frames,
-    encode_frames,
-    frame_map,
-    stored_frames,
-)
+from dicomweb_server.transcode.fragments import frame_map, stored_frames
+from dicomweb_server.transcode.frames import convert_codestream, decode_frames, encode_frames
 from dicomweb_server.transcode.inflated import Hold, hold
 
 __all__ = [
