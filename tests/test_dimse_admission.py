@@ -46,7 +46,7 @@ def _dribble(port: int, associate_first: bool) -> tuple[bytes, float]:
     """A connection that sends part of a PDU and no more: its A-ASSOCIATE-RQ, or once
     associated (the request sent in pieces, PAUSE_S apart, whole within the deadline) a
     P-DATA-TF. What the archive sent then, and the seconds from the PDU's first byte."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S + 5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S + 10) as sock:
         request = association_request("SLOWSCU")
         if associate_first:
             for piece in (request[:10], request[10:40], request[40:]):  # 2 * PAUSE_S in all
@@ -88,7 +88,9 @@ async def test_pdu_not_whole_by_the_deadline_is_aborted(
             await closes.wait()
         rows = await audit_rows(archive, ASSOCIATION, start)
     assert answer == A_ABORT
-    assert DEADLINE_S - 0.1 <= took < DEADLINE_S + 2
+    # At the deadline, not before it; after it, by as much as a loaded machine may take, and
+    # far short of the next bound (the ACSE timeout, 30 s; the audit row says which it was).
+    assert DEADLINE_S - 0.1 <= took < DEADLINE_S + 4
     late = f"a PDU not received whole within {DEADLINE_S:g} s of its first byte"
     assert [(r["action"], r["outcome"], r["detail"]) for r in rows] == [
         (action, 0x07000200, f"{detail}{late} (DIMSE_PDU_DEADLINE_S)")
