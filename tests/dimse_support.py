@@ -10,6 +10,8 @@ import functools
 import io
 import json
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -34,6 +36,7 @@ from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelGet,
+    Verification,
 )
 
 from dicomweb_server.app import create_app
@@ -206,6 +209,34 @@ def associate(ae: AE, archive: Archive, **kwargs: Any) -> Association:
     assoc = ae.associate("127.0.0.1", archive.port, ae_title="DICOMWEB", **kwargs)
     assert assoc.is_established, "association refused"
     return assoc
+
+
+def association_request(calling: str = SCU) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing Verification in Implicit VR Little Endian, as
+    presentation context 1 (PS3.8 9.3.2: application context, one presentation context, a
+    Maximum Length): for a peer on a plain socket, which nothing but the test reads."""
+
+    def item(kind: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(value)) + value
+
+    syntaxes = item(0x30, Verification.encode()) + item(0x40, b"1.2.840.10008.1.2")
+    context = b"\x01\x00\x00\x00" + syntaxes
+    user = item(0x51, struct.pack(">I", 16382))
+    body = (struct.pack(">HH", 1, 0) + b"DICOMWEB".ljust(16) + calling.encode().ljust(16)
+            + bytes(32) + item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, context)
+            + item(0x50, user))  # fmt: skip
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    """The next PDU the archive sends, whole (b"" once it closed)."""
+    data = b""
+    while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    return data
 
 
 async def store_one(archive: Archive, data: Dataset | Path) -> Dataset:

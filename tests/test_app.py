@@ -213,7 +213,7 @@ async def test_idle_body_read_inside_a_task_group_is_a_408() -> None:
         assert (await client.post("/", content=_paced(b"x" * 200, 0.1, b"y"))).text == "read"
         started = time.monotonic()
         r = await client.post("/", content=_paced(b"x" * 200, 3.0, b"y"))
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 2.5  # not the 3 s pause (idle_s 0.3; a loaded box)
     assert r.status_code == 408
     assert r.headers["connection"] == "close"
     assert r.json()["message"] == "the request body stopped: nothing came for 0.3 seconds"

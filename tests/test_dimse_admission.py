@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
 import pytest
+from pynetdicom import evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomweb_server.config import ConfigError, Settings
 from tests.dimse_support import (
+    CLIENT_TIMEOUT_S,
     SCU,
     Closes,
+    association_request,
     audit_rows,
     audit_seq,
     dcmtk,
     in_thread,
+    read_pdu,
     running_archive,
     scu,
 )
@@ -36,50 +42,23 @@ DEADLINE_S = 1.5
 PAUSE_S = 0.3
 
 
-def _association_request(calling: str = "SLOWSCU") -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing Verification in Implicit VR Little Endian (PS3.8
-    9.3.2: application context, one presentation context, a Maximum Length)."""
-
-    def item(kind: int, value: bytes) -> bytes:
-        return struct.pack(">BBH", kind, 0, len(value)) + value
-
-    syntaxes = item(0x30, Verification.encode()) + item(0x40, b"1.2.840.10008.1.2")
-    context = b"\x01\x00\x00\x00" + syntaxes
-    user = item(0x51, struct.pack(">I", 16382))
-    body = (struct.pack(">HH", 1, 0) + b"DICOMWEB".ljust(16) + calling.encode().ljust(16)
-            + bytes(32) + item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x20, context)
-            + item(0x50, user))  # fmt: skip
-    return struct.pack(">BBI", 0x01, 0, len(body)) + body
-
-
-def _read_pdu(sock: socket.socket) -> bytes:
-    """The next PDU the archive sends, whole (b"" once it closed)."""
-    data = b""
-    while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    return data
-
-
 def _dribble(port: int, associate_first: bool) -> tuple[bytes, float]:
     """A connection that sends part of a PDU and no more: its A-ASSOCIATE-RQ, or once
     associated (the request sent in pieces, PAUSE_S apart, whole within the deadline) a
     P-DATA-TF. What the archive sent then, and the seconds from the PDU's first byte."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S + 5) as sock:
-        request = _association_request()
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S + 10) as sock:
+        request = association_request("SLOWSCU")
         if associate_first:
             for piece in (request[:10], request[10:40], request[40:]):  # 2 * PAUSE_S in all
                 sock.sendall(piece)
                 time.sleep(PAUSE_S)
-            assert _read_pdu(sock)[0] == 0x02, "not accepted"  # A-ASSOCIATE-AC
+            assert read_pdu(sock)[0] == 0x02, "not accepted"  # A-ASSOCIATE-AC
             partial = struct.pack(">BBI", 0x04, 0, 100) + b"\x00\x00"
         else:
             partial = request[:10]
         sock.sendall(partial)
         start = time.monotonic()
-        answer = _read_pdu(sock)
+        answer = read_pdu(sock)
         took = time.monotonic() - start
         assert sock.recv(1) == b"", "not closed"
     return answer, took
@@ -109,7 +88,9 @@ async def test_pdu_not_whole_by_the_deadline_is_aborted(
             await closes.wait()
         rows = await audit_rows(archive, ASSOCIATION, start)
     assert answer == A_ABORT
-    assert DEADLINE_S - 0.1 <= took < DEADLINE_S + 2
+    # At the deadline, not before it; after it, by as much as a loaded machine may take, and
+    # far short of the next bound (the ACSE timeout, 30 s; the audit row says which it was).
+    assert DEADLINE_S - 0.1 <= took < DEADLINE_S + 4
     late = f"a PDU not received whole within {DEADLINE_S:g} s of its first byte"
     assert [(r["action"], r["outcome"], r["detail"]) for r in rows] == [
         (action, 0x07000200, f"{detail}{late} (DIMSE_PDU_DEADLINE_S)")
@@ -123,7 +104,7 @@ async def test_a_request_still_arriving_holds_no_association_slot(settings: Sett
     async with running_archive(settings, dimse_max_associations=1) as archive:
         with Closes(archive) as closes:
             with socket.create_connection(("127.0.0.1", archive.port), timeout=10) as slow:
-                slow.sendall(_association_request()[:10])
+                slow.sendall(association_request("SLOWSCU")[:10])
                 port = str(archive.port)
                 echo = await dcmtk("echoscu", "-aet", SCU, "-aec", "DICOMWEB", "127.0.0.1", port)
             await closes.wait(2)
@@ -187,6 +168,51 @@ async def test_associations_per_peer_address(settings: Settings) -> None:
         ("dimse_associate", "127.0.0.2", 0x03020302,
          f"{rejected} 3 at a time (DIMSE_MAX_ASSOCIATIONS)"),
     ]  # fmt: skip
+
+
+def _release_then_associate(port: int, released: threading.Event) -> list[bool]:
+    """An association released, then at once another from the same address, while the
+    archive's thread of the first still lingers (`released` set once both are tried):
+    whether each was established."""
+    ae = scu(Verification)
+    established = []
+    try:
+        for _ in range(2):
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOMWEB")
+            established.append(assoc.is_established)
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        released.set()
+    return established
+
+
+@pytest.mark.parametrize(("limit", "per_peer"), [(1, 4), (4, 1)], ids=["in-all", "per-peer"])
+async def test_an_association_released_frees_its_place_at_once(
+    settings: Settings, limit: int, per_peer: int
+) -> None:
+    """Found chasing a flaky test: an association released (its A-RELEASE-RP sent, nothing
+    more served) still counted against DIMSE_MAX_ASSOCIATIONS and
+    DIMSE_MAX_ASSOCIATIONS_PER_PEER until its thread had ended, which is once the peer has
+    closed the connection and the EVT_RELEASED handlers have run (the audit's among them,
+    which waits while the audit queue is full). A peer at the limit releasing one and
+    opening the next at once was rejected now and then on a loaded machine. Here the
+    released one's thread is held in EVT_RELEASED until the next is tried."""
+    async with running_archive(
+        settings, dimse_max_associations=limit, dimse_max_associations_per_peer=per_peer
+    ) as archive:
+        assert archive.dimse is not None
+        released = threading.Event()
+
+        def linger(_event: Event) -> None:
+            released.wait(CLIENT_TIMEOUT_S)
+
+        archive.dimse.server.bind(evt.EVT_RELEASED, linger)
+        try:
+            established = await in_thread(_release_then_associate, archive.port, released)
+        finally:
+            archive.dimse.server.unbind(evt.EVT_RELEASED, linger)
+    assert established == [True, True]
 
 
 def test_settings() -> None:

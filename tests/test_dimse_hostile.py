@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import queue
+import socket
 import struct
 import threading
 import time
@@ -16,10 +17,12 @@ from typing import Any, cast
 
 import pytest
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_ECHO_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -38,9 +41,11 @@ from tests.dimse_support import (
     Archive,
     Closes,
     associate,
+    association_request,
     audit_rows,
     audit_seq,
     in_thread,
+    read_pdu,
     scu,
 )
 
@@ -269,34 +274,54 @@ def test_requests_queued_unanswered_are_bounded(over: int) -> None:
         )
 
 
+def _echo_pdu(count: int) -> bytes:
+    """A P-DATA-TF of `count` C-ECHO-RQs (one PDV each, presentation context 1)."""
+    command = _padded_echo_command(100)
+    item = struct.pack(">IB", len(command) + 2, 1) + b"\x03" + command
+    return struct.pack(">BBI", 0x04, 0, len(item) * count) + item * count
+
+
+def _until_aborted(sock: socket.socket) -> bool:
+    """Read what the archive sends, the answers unread until now among it, up to its A-ABORT
+    or the end of the connection: whether either came (within the socket's timeout)."""
+    data = b""
+    try:
+        while True:
+            while len(data) >= 6 and len(data) >= 6 + struct.unpack(">I", data[2:6])[0]:
+                if data[0] == 0x07:  # A-ABORT: the peer closes the connection (PS3.8 AA-3)
+                    return True
+                data = data[6 + struct.unpack(">I", data[2:6])[0] :]
+            chunk = sock.recv(65536)
+            if not chunk:
+                return True
+            data += chunk
+    except TimeoutError:
+        return False
+    except OSError:  # reset: the archive closed the connection with what was sent unread
+        return True
+
+
 def _echo_flood(archive: Archive, count: int) -> bool:
     """`count` C-ECHO-RQs sent, 100 to a P-DATA-TF, none of the answers read: whether the
-    archive closed the connection (within CLIENT_TIMEOUT_S of the last one sent)."""
-    assoc = associate(scu(Verification), archive)
-    sock = assoc.dul.socket.socket  # type: ignore[union-attr]
-    assert sock is not None
-    assoc._reactor_checkpoint.clear()  # pynetdicom's reactor paused: nothing reads the answers
-    cx = cast(int, assoc.accepted_contexts[0].context_id)
-    command = _padded_echo_command(100)
-    item = struct.pack(">IB", len(command) + 2, cx) + b"\x03" + command
-    pdu = struct.pack(">BBI", 0x04, 0, len(item) * 100) + item * 100
-    closed = False
-    try:
-        for _ in range(count // 100):
-            sock.sendall(pdu)
-    except OSError:
-        closed = True
-    try:
-        sock.settimeout(CLIENT_TIMEOUT_S)
-        with contextlib.suppress(TimeoutError):
-            while not closed:  # the answers (unread until now), then the A-ABORT and the end
-                closed = sock.recv(65536) in (b"", None)
-    except OSError:
-        closed = True
-    finally:
-        assoc._reactor_checkpoint.set()
-        assoc.kill()
-    return closed
+    archive aborted the association or closed the connection (within CLIENT_TIMEOUT_S of the
+    last one sent). The peer is a plain socket, which only this reads: a pynetdicom
+    association's DUL thread reads its socket whatever its reactor does, and read the
+    answers alongside this, each taking pieces of the other's PDUs (the DUL then aborted the
+    association itself, before the archive did, and left its socket, reset by the archive,
+    unclosed: pynetdicom 3.0 closes one only if its shutdown succeeds)."""
+    address = ("127.0.0.1", archive.port)
+    with socket.create_connection(address, timeout=CLIENT_TIMEOUT_S) as sock:
+        sock.sendall(association_request())
+        assert read_pdu(sock)[0] == 0x02, "not accepted"  # A-ASSOCIATE-AC
+        pdu = _echo_pdu(100)
+        try:
+            for _ in range(count // 100):
+                sock.sendall(pdu)
+        except TimeoutError:
+            return False
+        except OSError:  # reset: the archive closed the connection with the flood unread
+            return True
+        return _until_aborted(sock)
 
 
 async def test_echo_flood_is_aborted(archive: Archive) -> None:
@@ -306,6 +331,67 @@ async def test_echo_flood_is_aborted(archive: Archive) -> None:
     with Closes(archive) as closes:
         assert await in_thread(_echo_flood, archive, 20_000)
         await closes.wait()
+    rows = await audit_rows(archive, "dimse_abort", start)
+    assert [r["detail"] for r in rows] == [
+        f"aborted by the archive: more than {DIMSE_MAX_QUEUED_REQUESTS} requests queued"
+        " unanswered (DIMSE_MAX_QUEUED_REQUESTS)"
+    ]
+
+
+def _flood_while_answering(archive: Archive, answering: threading.Event) -> bool:
+    """One C-ECHO-RQ, then, once the archive is `answering` it, DIMSE_MAX_QUEUED_REQUESTS + 1
+    more (queued) and one after them (which the archive aborts the association on): whether
+    the archive aborted it or closed the connection."""
+    address = ("127.0.0.1", archive.port)
+    with socket.create_connection(address, timeout=CLIENT_TIMEOUT_S) as sock:
+        sock.sendall(association_request())
+        assert read_pdu(sock)[0] == 0x02, "not accepted"  # A-ASSOCIATE-AC
+        sock.sendall(_echo_pdu(1))
+        assert answering.wait(CLIENT_TIMEOUT_S), "the C-ECHO was never answered"
+        # A P-DATA-TF each: pynetdicom 3.0 decodes one message of a PDU, the first.
+        sock.sendall(_echo_pdu(1) * (DIMSE_MAX_QUEUED_REQUESTS + 2))
+        return _until_aborted(sock)
+
+
+async def test_answer_after_the_archive_aborted_is_dropped(archive: Archive) -> None:
+    """Found chasing a flaky test: the archive aborts an association for a limit from a thread
+    of its own, and the association's thread may be answering a request meanwhile. Its answer
+    came to pynetdicom's DUL after the A-ABORT was sent (PS3.8 Sta13, where the state table
+    has no P-DATA request, Evt9), which raised InvalidEventError out of the DUL thread: it
+    ended, the connection was never closed by the archive nor audited (no EVT_CONN_CLOSE).
+    The answer is dropped; the association ends as any other the archive aborts. Here the
+    first C-ECHO-RSP is held (EVT_DIMSE_SENT, before it is queued) until the A-ABORT is
+    sent, and the DUL thread then (EVT_PDU_SENT, before it goes to Sta13) until the answer
+    is queued for it: pynetdicom closes the connection as soon as it finds nothing more to
+    read in Sta13, and the answer came between the two when the peer was still sending."""
+    assert archive.dimse is not None
+    answering, aborted = threading.Event(), threading.Event()
+
+    def hold(_event: Event) -> None:
+        if not answering.is_set():
+            answering.set()
+            aborted.wait(CLIENT_TIMEOUT_S)
+
+    def sent(event: Event) -> None:
+        if isinstance(event.pdu, A_ABORT_RQ):
+            aborted.set()
+            queued = event.assoc.dul.to_provider_queue
+            deadline = time.monotonic() + CLIENT_TIMEOUT_S
+            while queued.empty() and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    handlers = [(evt.EVT_DIMSE_SENT, hold), (evt.EVT_PDU_SENT, sent)]
+    start = await audit_seq(archive)
+    for kind, handler in handlers:
+        archive.dimse.server.bind(kind, handler)
+    try:
+        with Closes(archive) as closes:
+            assert await in_thread(_flood_while_answering, archive, answering)
+            await closes.wait()
+    finally:
+        for kind, handler in handlers:
+            archive.dimse.server.unbind(kind, handler)
+    assert aborted.is_set()
     rows = await audit_rows(archive, "dimse_abort", start)
     assert [r["detail"] for r in rows] == [
         f"aborted by the archive: more than {DIMSE_MAX_QUEUED_REQUESTS} requests queued"

@@ -394,7 +394,9 @@ def test_trickled_request_heads_and_idle_connections_are_closed(
         time.sleep(1)
         started = time.monotonic()
         assert httpx.get(f"{server.url}/studies", timeout=5).status_code == 204
-        assert time.monotonic() - started < 1
+        # At once: well within KEEP_ALIVE_TIMEOUT_S, which a server the clients held up
+        # would take (1 s of it gone already), with room for a loaded machine.
+        assert time.monotonic() - started < KEEP_ALIVE_TIMEOUT_S / 2
         for t in threads:
             t.join(timeout=60)
         clean_log(server)

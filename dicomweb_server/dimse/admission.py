@@ -11,11 +11,12 @@ thread, stuck in its read). So did three associations dribbling a P-DATA-TF: pas
 timeout too, for the same reason. Now:
 
 - An association counts once its request has arrived whole and been let in (`requested`, on
-  EVT_REQUESTED): a connection still sending it, or silent, holds no slot (it is bounded by
-  the ACSE timeout and the PDU deadline). Over either limit the request is rejected as
-  pynetdicom would have, A-ASSOCIATE-RJ rejected-transient, service provider (presentation
-  related), local-limit-exceeded (PS3.8 9.3.4, Table 9-21), and audited with the limit
-  passed (connections.py). pynetdicom's own count is set out of the way (server.build_ae).
+  EVT_REQUESTED), until it is released or its thread ends: a connection still sending it,
+  or silent, holds no slot (it is bounded by the ACSE timeout and the PDU deadline). Over
+  either limit the request is rejected as pynetdicom would have, A-ASSOCIATE-RJ
+  rejected-transient, service provider (presentation related), local-limit-exceeded (PS3.8
+  9.3.4, Table 9-21), and audited with the limit passed (connections.py). pynetdicom's own
+  count is set out of the way (server.build_ae).
 - A PDU not read whole within the deadline (`pdu_deadline`, on EVT_CONN_OPEN): the archive
   sends an A-ABORT (service provider, reason not specified, PS3.8 Table 9-26) and closes
   the connection, audited as its other aborts.
@@ -94,7 +95,12 @@ class Admission:
         """EVT_REQUESTED, in the association's thread, the A-ASSOCIATE-RQ whole and not yet
         answered: let it in, or reject it if the archive holds DIMSE_MAX_ASSOCIATIONS, or
         DIMSE_MAX_ASSOCIATIONS_PER_PEER from its address. A calling AE title not allowed is
-        left to pynetdicom, which rejects it permanently (and it is not counted)."""
+        left to pynetdicom, which rejects it permanently (and it is not counted). One
+        released counts no more: pynetdicom marks it so once its A-RELEASE-RP is sent, when
+        it serves nothing more, but its thread lives on until the peer has closed the
+        connection and the EVT_RELEASED handlers have run (connections.ended, which waits
+        while the audit queue is full). Found chasing a flaky test: a peer at the limit that
+        released one association and opened the next at once was rejected now and then."""
         assoc = event.assoc
         allowed = [title.strip() for title in assoc.ae.require_calling_aet]
         request = assoc.requestor.primitive
@@ -102,8 +108,8 @@ class Admission:
             return
         address = assoc.requestor.address
         with self._lock:
-            held = [a for a in assoc.ae.active_associations
-                    if a.is_acceptor and a in self._admitted and not a.is_rejected]  # fmt: skip
+            held = [a for a in assoc.ae.active_associations if a.is_acceptor
+                    and a in self._admitted and not (a.is_rejected or a.is_released)]  # fmt: skip
             if len(held) >= self.max_associations:
                 limit = f"at most {self.max_associations} at a time (DIMSE_MAX_ASSOCIATIONS)"
             elif sum(a.requestor.address == address for a in held) >= self.max_per_peer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from pynetdicom import (
 )
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
@@ -49,6 +51,7 @@ __all__ = [
     "UnreachableDestination",
     "abort_undecodable",
     "bound_pdu_length",
+    "drop_data_after_the_end",
     "end_with_the_connection",
     "serve_dimse",
 ]
@@ -198,6 +201,37 @@ def abort_undecodable(event: Event) -> None:
                         exc_info=True)  # fmt: skip
             dul._kill_thread = False  # do_action stopped the reactor before re-raising
             act("Evt19")
+
+    machine.do_action = do_action  # type: ignore[method-assign,assignment]
+
+
+def drop_data_after_the_end(event: Event) -> None:
+    """EVT_CONN_OPEN of an accepted connection: a P-DATA request (PS3.8 Evt9, a message the
+    association's thread sends) that comes to the DUL once the association no longer exists
+    (Sta13, the archive's A-ABORT sent; Sta1, the connection closed) is dropped, as nothing
+    can carry it.
+
+    The archive aborts an association for a limit from a thread of its own
+    (connections.Connections._abort_too_large), and the association's thread may be serving
+    a request meanwhile: its answer came to the DUL after the A-ABORT, in Sta13, which the
+    state table has no P-DATA request for, and pynetdicom (3.0) raised InvalidEventError out
+    of the DUL thread, which ended there: no EVT_CONN_CLOSE (the abort never audited, the
+    connection never closed by the archive). Found chasing a flaky test: a peer flooding
+    C-ECHO-RQs, still sending when the archive aborted it (pynetdicom reads on in Sta13
+    while there is something to read, and closes the connection after)."""
+    dul = event.assoc.dul
+    machine = dul.state_machine
+    act = machine.do_action
+
+    def do_action(fsm_event: str) -> None:
+        if fsm_event == "Evt9" and (fsm_event, machine.current_state) not in TRANSITION_TABLE:
+            # What the action for it would have taken: the primitive at the queue's head
+            # (DULServiceProvider._process_recv_primitive reads it there).
+            with contextlib.suppress(queue.Empty):
+                dul.to_provider_queue.get(block=False)
+            log.info("DIMSE: a message to send after the association ended: dropped")
+            return
+        act(fsm_event)
 
     machine.do_action = do_action  # type: ignore[method-assign,assignment]
 
@@ -419,6 +453,7 @@ async def serve_dimse(
         (evt.EVT_CONN_OPEN, bound_pdu_length),
         *admission.bindings(),  # after bound_pdu_length: the deadline is BoundedSocket's
         (evt.EVT_CONN_OPEN, abort_undecodable),
+        (evt.EVT_CONN_OPEN, drop_data_after_the_end),
         (evt.EVT_CONN_OPEN, end_with_the_connection),
     ]
     server = ae.start_server((settings.host, settings.dimse_port), block=False,
