@@ -435,7 +435,7 @@ async def test_a_full_scratch_disk_fails_the_sub_operation_and_says_so(
     )
     assert r.status_code == 200, r.text
 
-    def disk_full(_src: Path, made: Path, _target: str) -> None:
+    def disk_full(_src: Path, made: Path, _target: str, *_: object, **__: object) -> None:
         made.write_bytes(bytes(1000))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

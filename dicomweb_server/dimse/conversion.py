@@ -2,11 +2,15 @@
 sub-association proposes, the syntax each instance is sent in, and the instance converted to
 a little endian syntax the peer took when it did not take the stored one (decoded, or
 uncompressed written in the other little endian syntax: into a scratch file a frame, or a
-chunk, at a time, one conversion at a time, then sent from it as a stored instance is)."""
+chunk, at a time, conversions taking turns a frame at a time, then sent from it as a stored
+instance is)."""
 
 from __future__ import annotations
 
+import collections
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +25,7 @@ from pydicom.uid import (
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicomweb_server.blobstore.files import scratch_file
+from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse.sending import StoredFile
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
@@ -28,6 +33,8 @@ from dicomweb_server.transcode.convert import check_writable, to_transfer_syntax
 from dicomweb_server.transcode.frames import decoded_bytes, read_stored
 
 __all__ = [
+    "DIMSE_CONVERTED_MAX_BYTES",
+    "DIMSE_CONVERTING_MAX_BYTES",
     "DIMSE_DECODE_MAX_BYTES",
     "as_stored_for_peer",
     "contexts",
@@ -41,14 +48,98 @@ __all__ = [
 # into a scratch file (converted_for_peer); the whole instance where it is converted in
 # memory (Deflated, compressed 1-bit pixels, no Pixel Data); for uncompressed pixels copied
 # into the other little endian syntax (or swapped from big endian) in chunks of
-# convert.CONVERT_COPY_BYTES, the rest of the file. More is a failed sub-operation. One
-# conversion runs at a time in a process (_DECODING): memory holds a few times this (about
-# 6 decoded frames at the conversion's peak), however large the instance. It bounded the
-# instance's decoded size, held about 3.5 times over: a C-GET of a 125 MiB instance took
-# the server from 103 to 571 MB; and a 240 MB Explicit VR Little Endian instance for a peer
-# taking only Implicit VR, re-encoded whole by pynetdicom, from 103 to 847 MB.
+# convert.CONVERT_COPY_BYTES, the rest of the file. More is a failed sub-operation. It
+# bounded the instance's decoded size, held about 3.5 times over: a C-GET of a 125 MiB
+# instance took the server from 103 to 571 MB; and a 240 MB Explicit VR Little Endian
+# instance for a peer taking only Implicit VR, re-encoded whole by pynetdicom, from 103 to
+# 847 MB.
 DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
-_DECODING = threading.Lock()
+# Conversions take turns a frame (a chunk) at a time in a process (_DECODING, first come
+# first served), not an instance at a time: a 1 GiB JPEG 2000 instance decodes at about
+# 2.6 MiB/s here, and held the process's one conversion for 6 minutes, while another
+# association's C-GET waited past the 30 s DIMSE timeout of a typical SCU. One frame is
+# decoded at a time (about 6 times its size at its peak); a conversion waiting for its turn
+# holds about 4 decoded frames (pydicom's decoder keeps the frame it gave, and its bytes;
+# the frame being written). Measured with frames of 32 MiB: one conversion took the process
+# 198 MB over idle, four at once 596 MB. Up to DIMSE_MAX_ASSOCIATIONS (10 by default)
+# associations convert at once: of 128 MiB frames, about 5 GB. So conversions under way
+# hold at most this many bytes at once between them (decoded_at_once each, reserved first
+# come first served; _RESERVED): one of the largest frames runs alone, as all did before,
+# and conversions of frames of usual sizes (CT's 0.5 MiB) all run, interleaved; at most
+# about 6 times this is held (768 MB), as one conversion of such frames held before.
+DIMSE_CONVERTING_MAX_BYTES = DIMSE_DECODE_MAX_BYTES
+# The scratch file of one conversion grows to at most this many bytes (convert's
+# max_bytes), else the sub-operation fails as soon as a write would pass it: the largest
+# instance STOW takes in a part; a highly compressible instance of 10,000 frames of 8 MB
+# decoded would have written 80 GB. WADO-RS converts to the same bound in effect: the
+# 32-bit length of uncompressed Pixel Data (PS3.5 7.1.2), checked as each frame is written.
+DIMSE_CONVERTED_MAX_BYTES = MAX_PART_BYTES
+
+
+class _Turns:
+    """A lock taken first come, first served: a thread that releases it and asks again at
+    once goes behind those already waiting (a threading.Lock may be taken again by the
+    thread that released it, frame after frame, while another waits)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self._held = False
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                self._cond.wait_for(lambda: not self._held and self._queue[0] is me)
+            finally:  # an exception while waiting leaves no place that blocks the rest
+                self._queue.remove(me)
+                self._cond.notify_all()
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+
+class _Reserved:
+    """Bytes reserved by conversions under way, at most `limit` between them: a reservation
+    waits, first come first served, until it fits (one larger than `limit` runs alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+        self.held = 0
+
+    @contextmanager
+    def reserve(self, size: int) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            try:
+                self._cond.wait_for(
+                    lambda: (
+                        self._queue[0] is me and (self.held == 0 or self.held + size <= self.limit)
+                    )
+                )
+            finally:  # an exception while waiting leaves no place that blocks the rest
+                self._queue.remove(me)
+                self._cond.notify_all()  # the next in the queue may fit too
+            self.held += size
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= size
+                self._cond.notify_all()
+
+
+_DECODING = _Turns()
+_RESERVED = _Reserved(DIMSE_CONVERTING_MAX_BYTES)
 # Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
 _MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -117,9 +208,10 @@ def converted_for_peer(
     """The instance converted to `target` for a peer, into a scratch file in `scratch_dir`
     written a frame (or a chunk of uncompressed pixels) at a time (to_transfer_syntax, as
     WADO-RS converts an instance), to be sent from it a PDU at a time as a stored instance
-    is and removed once sent (sending.send_stored_files). One conversion at a time in the
-    process, and only when it holds at most DIMSE_DECODE_MAX_BYTES at once
-    (decoded_at_once)."""
+    is and removed once sent (sending.send_stored_files). Only when it holds at most
+    DIMSE_DECODE_MAX_BYTES at once (decoded_at_once); conversions take turns a frame at a
+    time (_DECODING), those under way holding at most DIMSE_CONVERTING_MAX_BYTES between
+    them (_RESERVED); the scratch file is at most DIMSE_CONVERTED_MAX_BYTES."""
     size = decoded_at_once(inst)
     if size is None or size > DIMSE_DECODE_MAX_BYTES:
         raise TranscodeError(
@@ -128,8 +220,10 @@ def converted_for_peer(
         )
     made = scratch_file(scratch_dir, ".dcm")
     try:
-        with _DECODING:
-            to_transfer_syntax(path, made, target)
+        with _RESERVED.reserve(size):
+            to_transfer_syntax(
+                path, made, target, _DECODING.turn, max_bytes=DIMSE_CONVERTED_MAX_BYTES
+            )
     except BaseException:
         made.unlink(missing_ok=True)
         raise

@@ -4,12 +4,14 @@ Pixel Data of a 1-bit instance stored compressed (one_bit_pixel_data)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -52,6 +54,8 @@ from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
 __all__ = [
     "CONVERT_COPY_BYTES",
+    "NATIVE_PIXEL_MAX_BYTES",
+    "Step",
     "check_writable",
     "converted_dataset",
     "one_bit_pixel_data",
@@ -59,7 +63,19 @@ __all__ = [
 ]
 
 
-def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
+# What a conversion holds while it decodes a frame, or copies a chunk, of the Pixel Data,
+# and while it converts an instance in memory (to_transfer_syntax's `step`): nothing by
+# default; a DIMSE conversion takes its turn in the process (conversion._DECODING).
+Step = Callable[[], AbstractContextManager[object]]
+
+
+def to_transfer_syntax(
+    src: Path,
+    dst: Path,
+    transfer_syntax_uid: str,
+    step: Step = contextlib.nullcontext,
+    max_bytes: int | None = None,
+) -> None:
     """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS, or Implicit VR Little
     Endian: the Explicit VR Little Endian conversion written without VRs, for a DIMSE peer
     that takes only that). The SOP Instance UID is kept; lossy output is marked with Lossy
@@ -69,7 +85,12 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
     (uncompressed, in chunks of CONVERT_COPY_BYTES), so that memory holds a frame, not the
     instance. Deflated files (inflated whole, at most dicomfile.MAX_INFLATED_BYTES), 1-bit
     Pixel Data compressed or big endian (its frames share bytes) and instances without Pixel
-    Data are converted in memory (converted_dataset), the same bytes."""
+    Data are converted in memory (converted_dataset), the same bytes.
+
+    `step` is held while each frame is decoded (each chunk copied), and while an instance is
+    converted in memory, not between them: conversions sharing one step interleave a frame
+    at a time. `max_bytes`: `dst` grows to at most this many bytes, else a ValueError
+    (TranscodeError) as soon as a write would pass it, not once the instance is written."""
     what = f"write {UID(transfer_syntax_uid).name}"
     implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
     target = EXPLICIT_VR_LITTLE_ENDIAN if implicit else transfer_syntax_uid
@@ -82,14 +103,17 @@ def to_transfer_syntax(src: Path, dst: Path, transfer_syntax_uid: str) -> None:
         one_bit = head.get("BitsAllocated") == 1 and ts not in _LITTLE_ENDIAN_NATIVE
         whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or one_bit
         if not whole and decoded(
-            ts, lambda plugin: _write_streamed(src, dst, target, plugin, implicit)
+            ts,
+            lambda plugin: _write_streamed(src, dst, target, plugin, implicit, step, max_bytes),
         ):
             return
-        ds = converted_dataset(src, target)
-        if implicit:
-            check_writable(ds, implicit_vr=True)
-            ds.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
-        ds.save_as(dst, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+        with step():
+            ds = converted_dataset(src, target)
+            if implicit:
+                check_writable(ds, implicit_vr=True)
+                ds.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
+            with _bounded(dst, max_bytes) as out:
+                ds.save_as(out, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
     except DECODE_ERRORS as exc:
         raise cannot(src, what, exc) from None
 
@@ -101,21 +125,75 @@ _LITTLE_ENDIAN_NATIVE = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 _CONVERT_DEFER_BYTES = 64 * 1024
 # Native Pixel Data is copied (or swapped, from big endian) in reads of this size.
 CONVERT_COPY_BYTES = 1024 * 1024
+# The longest uncompressed Pixel Data written: the largest even 32-bit defined length
+# (PS3.5 7.1.1, 7.1.2). A conversion that would write more fails before the frame (chunk)
+# that would pass it is written: the check came once all were written, and 10,000 frames of
+# 8 MB would have gone on to 80 GB of scratch file first.
+NATIVE_PIXEL_MAX_BYTES = 2**32 - 2
 
 
-def _write_streamed(src: Path, dst: Path, target: str, plugin: str, implicit: bool = False) -> bool:
+def _write_streamed(
+    src: Path,
+    dst: Path,
+    target: str,
+    plugin: str,
+    implicit: bool = False,
+    step: Step = contextlib.nullcontext,
+    max_bytes: int | None = None,
+) -> bool:
     """`src` converted to `target` into `dst` as converted_dataset and dcmwrite would write
     it, byte for byte (test_convert_stream checks so on the corpus), with one frame in memory at
     a time; False when `src` has no top-level Pixel Data (nothing written). Decoding uses
     `plugin` (see decoded). `implicit`: Explicit VR Little Endian written as Implicit VR
-    Little Endian."""
-    ds = read_stored(src, defer_size=_CONVERT_DEFER_BYTES)
-    if _PIXEL_DATA not in ds:
-        return False
-    conversion = _Streamed(ds, target, plugin, implicit)  # checked, split before `dst` opens
-    with open(src, "rb") as f, open(dst, "wb") as out:
+    Little Endian. `step`, `max_bytes`: see to_transfer_syntax."""
+    with step():
+        ds = read_stored(src, defer_size=_CONVERT_DEFER_BYTES)
+        if _PIXEL_DATA not in ds:
+            return False
+        conversion = _Streamed(ds, target, plugin, implicit)  # checked, split before `dst` opens
+    conversion.step = step
+    with open(src, "rb") as f, _bounded(dst, max_bytes) as out:
         conversion.write(f, out, dst.parent)
     return True
+
+
+class _BoundedFile(io.FileIO):
+    """A file written to at most `limit` bytes: a write that would pass it is a ValueError,
+    before anything of it is written."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        super().__init__(path, "wb")
+        self.limit = limit
+
+    def write(self, b: Any) -> int:
+        size = memoryview(b).nbytes
+        if self.tell() + size > self.limit:
+            raise ValueError(
+                f"converted, it would be more than {self.limit} bytes, the most written for it"
+            )
+        return cast(int, super().write(b))
+
+
+def _bounded(dst: Path, max_bytes: int | None) -> BinaryIO:
+    """`dst` opened to be written (buffered), to at most `max_bytes` bytes when given."""
+    if max_bytes is None:
+        return open(dst, "wb")
+    return cast(BinaryIO, io.BufferedWriter(_BoundedFile(dst, max_bytes)))
+
+
+_END = object()
+
+
+def _stepped(items: Iterable[Any], step: Step) -> Iterator[Any]:
+    """The items of `items`, each made (a frame decoded, a chunk read) while `step` is held;
+    it is released before the item is given on (written)."""
+    it = iter(items)
+    while True:
+        with step():
+            item = next(it, _END)
+        if item is _END:
+            return
+        yield item
 
 
 # The decoded frames of a conversion, each an array and what it was decoded to, on demand.
@@ -128,6 +206,7 @@ class _Streamed:
 
     def __init__(self, ds: Dataset, target: str, plugin: str, implicit: bool = False) -> None:
         self.ds, self.target, self.plugin, self.implicit = ds, target, plugin, implicit
+        self.step: Step = contextlib.nullcontext  # see to_transfer_syntax
         self.ts = ts = UID(str(ds.file_meta.TransferSyntaxUID))
         self.info = PixelInfo.of(ds)
         self.codec = ENCODERS[target]
@@ -181,9 +260,10 @@ class _Streamed:
         decoder = get_decoder(self.ts)
 
         def frames() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-            yield from decoder.iter_array(
+            decoding = decoder.iter_array(
                 value, decoding_plugin=self.plugin, as_rgb=self.as_rgb, **self.options
             )
+            yield from _stepped(decoding, self.step)
 
         if self.codec.encode is not None:
             self._write_encoded(out, frames, method, self.codec.encode, scratch)
@@ -256,7 +336,7 @@ class _Streamed:
             )
         self._header(out)
         width = 1 if self.ts.is_little_endian else _word_width(self.info, self.vr)
-        chunks = _copied(value, self.length, width)
+        chunks = _stepped(_copied(value, self.length, width), self.step)
         # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
         wide = self.ts.is_implicit_VR or self.info.bits_allocated > 8
         vr = None if self.implicit else "OW" if wide else "OB"
@@ -317,14 +397,17 @@ def _write_native(
             if len(chunk) != size:
                 raise ValueError(f"frame {count + 1} decoded to {len(chunk)} bytes, not {size}")
             count += 1
+        if written + len(chunk) > NATIVE_PIXEL_MAX_BYTES:
+            raise ValueError(
+                f"the uncompressed Pixel Data would be more than {NATIVE_PIXEL_MAX_BYTES}"
+                " bytes, the most a 32-bit length holds (PS3.5 7.1.2)"
+            )
         out.write(chunk)
         written += len(chunk)
     if frames is not None and count != frames:
         raise ValueError(f"{count} frames decoded, not the {frames} of Number of Frames")
     if frames is None and written != length:
         raise EOFError(f"the Pixel Data ends {length - written} bytes early")
-    if written >= 2**32 - 1:  # PS3.5 8.1.1: a 32-bit length
-        raise ValueError(f"the uncompressed Pixel Data would be {written} bytes")
     if written % 2:
         out.write(b"\0")
     end = out.tell()
