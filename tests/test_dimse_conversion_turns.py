@@ -16,7 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLE
 
 from dicomweb_server.dimse import conversion, sending
 from dicomweb_server.index.rows import StoredInstance
-from dicomweb_server.transcode import convert
+from dicomweb_server.transcode import convert, pixelwrite
 from dicomweb_server.transcode.codecs import TranscodeError
 from tests.helpers import make_instance
 
@@ -172,12 +172,12 @@ def test_uncompressed_pixel_data_past_its_length_fails_before_it_is_written(
     src = tmp_path / "src.dcm"
     _instance(src, RLELossless, 4, rows=64)
     frame = 64 * 64 * 2
-    monkeypatch.setattr(convert, "NATIVE_PIXEL_MAX_BYTES", 4 * frame)
+    monkeypatch.setattr(pixelwrite, "NATIVE_PIXEL_MAX_BYTES", 4 * frame)
     convert.to_transfer_syntax(src, tmp_path / "ok.dcm", ExplicitVRLittleEndian)
     assert len(pydicom.dcmread(tmp_path / "ok.dcm").PixelData) == 4 * frame
-    monkeypatch.setattr(convert, "NATIVE_PIXEL_MAX_BYTES", 4 * frame - 1)
+    monkeypatch.setattr(pixelwrite, "NATIVE_PIXEL_MAX_BYTES", 4 * frame - 1)
     written: list[int] = []
-    real = convert._write_native
+    real = pixelwrite.write_native
 
     def watched(out: Any, *args: Any, **kwargs: Any) -> None:
         try:
@@ -185,7 +185,7 @@ def test_uncompressed_pixel_data_past_its_length_fails_before_it_is_written(
         finally:
             written.append(out.tell())
 
-    monkeypatch.setattr(convert, "_write_native", watched)
+    monkeypatch.setattr(convert, "write_native", watched)
     with pytest.raises(TranscodeError, match=f"more than {4 * frame - 1} bytes"):
         convert.to_transfer_syntax(src, tmp_path / "over.dcm", ExplicitVRLittleEndian)
     header = (tmp_path / "ok.dcm").stat().st_size - 4 * frame

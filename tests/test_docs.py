@@ -29,6 +29,7 @@ from dicomweb_server import (
 from dicomweb_server.attributes import MATCHING_PATHS
 from dicomweb_server.blobstore import hashing
 from dicomweb_server.dimse import connections as dimse_connections
+from dicomweb_server.dimse import conversion as dimse_conversion
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import sending as dimse_sending
 from dicomweb_server.dimse import server as dimse_server
@@ -37,7 +38,7 @@ from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
 from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.routes import admin, common, metadata_body, stow
-from dicomweb_server.transcode import codecs, convert, fragments, frames, inflated
+from dicomweb_server.transcode import codecs, convert, fragments, frames, inflated, pixelwrite
 
 STATEMENT = Path(__file__).resolve().parents[1] / "conformance" / "STATEMENT.md"
 
@@ -80,7 +81,7 @@ def test_limits() -> None:
                render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
-               metadata_body, inflated, fragments)  # fmt: skip
+               metadata_body, inflated, fragments, pixelwrite, dimse_conversion)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -8,7 +8,6 @@ import contextlib
 import io
 import itertools
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -49,6 +48,15 @@ from dicomweb_server.transcode.frames import (
     too_deep,
 )
 from dicomweb_server.transcode.lossy import Sizes, lossy_method, mark_lossy
+from dicomweb_server.transcode.pixelwrite import (
+    CONVERT_COPY_BYTES,
+    NATIVE_PIXEL_MAX_BYTES,
+    as_bytes,
+    copied,
+    word_width,
+    write_encapsulated,
+    write_native,
+)
 from dicomweb_server.transcode.plugins import DECODE_ERRORS, decoded
 from dicomweb_server.vr import WORD_WIDTHS, swapped_words
 
@@ -123,13 +131,6 @@ _LITTLE_ENDIAN_NATIVE = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
 # Values longer than this are left in the file when a header is read for a conversion (the
 # Pixel Data above all); each is read when it is written.
 _CONVERT_DEFER_BYTES = 64 * 1024
-# Native Pixel Data is copied (or swapped, from big endian) in reads of this size.
-CONVERT_COPY_BYTES = 1024 * 1024
-# The longest uncompressed Pixel Data written: the largest even 32-bit defined length
-# (PS3.5 7.1.1, 7.1.2). A conversion that would write more fails before the frame (chunk)
-# that would pass it is written: the check came once all were written, and 10,000 frames of
-# 8 MB would have gone on to 80 GB of scratch file first.
-NATIVE_PIXEL_MAX_BYTES = 2**32 - 2
 
 
 def _write_streamed(
@@ -296,14 +297,14 @@ class _Streamed:
             mark_lossy(self.ds, method)
             self._header(out)
             codestreams = (encode(arr, info) for arr, _ in frames())
-            _write_encapsulated(out, codestreams, self.nframes)
+            write_encapsulated(out, codestreams, self.nframes)
             return
         # The ratio goes in the header, before the Pixel Data, and is known once every frame
         # is encoded: the fragments wait in a scratch file (lossy, so small).
         sizes = Sizes()
         with tempfile.TemporaryFile(dir=scratch) as encoded:
             arrays = (a for a, _ in frames())
-            _write_encapsulated(encoded, sizes.of(encode, info, arrays), self.nframes)
+            write_encapsulated(encoded, sizes.of(encode, info, arrays), self.nframes)
             mark_lossy(self.ds, method, sizes.ratio())
             self._header(out)
             encoded.seek(0)
@@ -325,7 +326,7 @@ class _Streamed:
         arrays = itertools.chain([first], (a for a, _ in decoded))
         del first  # held by `arrays` until written, not for the whole conversion
         vr = None if self.implicit else "OB" if info.bits_allocated <= 8 else "OW"
-        _write_native(out, vr, _as_bytes(arrays), nframes)
+        write_native(out, vr, as_bytes(arrays), nframes)
 
     def _write_copied(self, out: BinaryIO, value: BinaryIO) -> None:
         """Native to native: the bytes as they are, swapped from big endian."""
@@ -335,113 +336,12 @@ class _Streamed:
                 " (PS3.5 A.4: only encapsulated Pixel Data has one)"
             )
         self._header(out)
-        width = 1 if self.ts.is_little_endian else _word_width(self.info, self.vr)
-        chunks = _stepped(_copied(value, self.length, width), self.step)
+        width = 1 if self.ts.is_little_endian else word_width(self.info, self.vr)
+        chunks = _stepped(copied(value, self.length, width), self.step)
         # As pydicom writes it: Implicit VR Pixel Data is OW (PS3.5 A.1).
         wide = self.ts.is_implicit_VR or self.info.bits_allocated > 8
         vr = None if self.implicit else "OW" if wide else "OB"
-        _write_native(out, vr, chunks, None, self.length)
-
-
-def _as_bytes(arrays: Iterator[np.ndarray]) -> Iterator[bytes | memoryview]:
-    """Each array's bytes in C order (as tobytes() gives them), without a copy when it is
-    contiguous: a decoded frame is held a few times over while it is written (the decoder's
-    output, pydicom's processing of it), one copy fewer this way."""
-    for arr in arrays:
-        yield arr.data.cast("B") if arr.flags.c_contiguous else arr.tobytes()
-
-
-def _word_width(info: PixelInfo, vr: str) -> int:
-    """The width of the words by which big endian Pixel Data is swapped (PS3.5 A.3): Bits
-    Allocated, and 16 bits for OW, 8-bit pixels too."""
-    width = info.bits_allocated // 8
-    return 2 if width <= 1 and vr == "OW" else max(1, width)
-
-
-def _copied(f: BinaryIO, length: int, width: int) -> Iterator[bytearray]:
-    """`length` bytes of `f` in chunks of CONVERT_COPY_BYTES, each `width`-byte word
-    byte-swapped in place when `width` is over 1 (big endian to little): one chunk held, not
-    three (read, swapped, its bytes)."""
-    left = length
-    while left > 0:
-        chunk = bytearray(min(CONVERT_COPY_BYTES, left))
-        got = cast(io.BufferedReader, f).readinto(chunk)  # a file, or a BytesIO
-        if not got:
-            raise EOFError(f"the Pixel Data ends {left} bytes early")
-        del chunk[got:]
-        left -= got
-        if width > 1:
-            np.frombuffer(chunk, f"<u{width}").byteswap(inplace=True)
-        yield chunk
-
-
-def _write_native(
-    out: BinaryIO,
-    vr: str | None,
-    chunks: Iterator[bytearray] | Iterator[bytes | memoryview],
-    frames: int | None,
-    length: int = 0,
-) -> None:
-    """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
-    given, or `frames` frames of the first one's length; its length is written once known.
-    `vr` None: implicit VR (PS3.5 7.1.3)."""
-    start = out.tell()
-    if vr is None:
-        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, 0))
-    else:
-        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
-    written, count, size = 0, 0, None
-    for chunk in chunks:
-        if frames is not None:
-            size = len(chunk) if size is None else size
-            if len(chunk) != size:
-                raise ValueError(f"frame {count + 1} decoded to {len(chunk)} bytes, not {size}")
-            count += 1
-        if written + len(chunk) > NATIVE_PIXEL_MAX_BYTES:
-            raise ValueError(
-                f"the uncompressed Pixel Data would be more than {NATIVE_PIXEL_MAX_BYTES}"
-                " bytes, the most a 32-bit length holds (PS3.5 7.1.2)"
-            )
-        out.write(chunk)
-        written += len(chunk)
-    if frames is not None and count != frames:
-        raise ValueError(f"{count} frames decoded, not the {frames} of Number of Frames")
-    if frames is None and written != length:
-        raise EOFError(f"the Pixel Data ends {length - written} bytes early")
-    if written % 2:
-        out.write(b"\0")
-    end = out.tell()
-    out.seek(start + (4 if vr is None else 8))
-    out.write(struct.pack("<I", written + written % 2))
-    out.seek(end)
-
-
-def _write_encapsulated(out: BinaryIO, codestreams: Iterator[bytes], frames: int) -> None:
-    """Encapsulated Pixel Data (PS3.5 A.4): one fragment per frame, padded to even, and a
-    Basic Offset Table, filled in once the fragments are written (as pydicom's encapsulate
-    with has_bot=True makes it)."""
-    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
-    table = out.tell() + 8
-    out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 4 * frames) + b"\0" * (4 * frames))
-    offsets: list[int] = []
-    position = 0
-    for data in codestreams:
-        if len(offsets) == frames:
-            raise ValueError(f"more frames than the {frames} of Number of Frames")
-        data = data + b"\0" if len(data) % 2 else data
-        offsets.append(position)
-        out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
-        out.write(data)
-        position += 8 + len(data)
-        if position > 0xFFFFFFFF:
-            raise ValueError("the frames are too long for a Basic Offset Table")
-    if len(offsets) != frames:
-        raise ValueError(f"{len(offsets)} frames decoded, not the {frames} of Number of Frames")
-    out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
-    end = out.tell()
-    out.seek(table)
-    out.write(struct.pack(f"<{frames}I", *offsets))
-    out.seek(end)
+        write_native(out, vr, chunks, None, self.length)
 
 
 def one_bit_pixel_data(src: Path) -> bytes:
@@ -660,8 +560,8 @@ def _to_explicit_little(ds: Dataset, ts: UID, info: PixelInfo) -> None:
         # Big endian: the words swapped, as they are streamed (_write_streamed), bytes
         # past the pixels included; colour untouched.
         value = bytes(ds.PixelData)
-        width = _word_width(info, str(ds["PixelData"].VR))
-        ds.PixelData = b"".join(_copied(io.BytesIO(value), len(value), width))
+        width = word_width(info, str(ds["PixelData"].VR))
+        ds.PixelData = b"".join(copied(io.BytesIO(value), len(value), width))
         ds["PixelData"].VR = "OW" if info.bits_allocated > 8 else "OB"
     elif not ts.is_little_endian:  # 1-bit big endian: bits in 16-bit words, unpacked
         ds.PixelData = frame_bytes(pixels(ds, as_rgb=False), 1)

@@ -1,0 +1,133 @@
+"""Pixel Data written into a converted file a frame or a chunk at a time (transcode.convert):
+native values of defined length, copied or byte-swapped in chunks, and encapsulated frames with
+their Basic Offset Table."""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO, cast
+
+import numpy as np
+
+from dicomweb_server.transcode.codecs import PixelInfo
+
+__all__ = [
+    "CONVERT_COPY_BYTES",
+    "NATIVE_PIXEL_MAX_BYTES",
+    "as_bytes",
+    "copied",
+    "word_width",
+    "write_encapsulated",
+    "write_native",
+]
+
+# Native Pixel Data is copied (or swapped, from big endian) in reads of this size.
+CONVERT_COPY_BYTES = 1024 * 1024
+# The longest uncompressed Pixel Data written: the largest even 32-bit defined length
+# (PS3.5 7.1.1, 7.1.2). A conversion that would write more fails before the frame (chunk)
+# that would pass it is written: the check came once all were written, and 10,000 frames of
+# 8 MB would have gone on to 80 GB of scratch file first.
+NATIVE_PIXEL_MAX_BYTES = 2**32 - 2
+
+
+def as_bytes(arrays: Iterator[np.ndarray]) -> Iterator[bytes | memoryview]:
+    """Each array's bytes in C order (as tobytes() gives them), without a copy when it is
+    contiguous: a decoded frame is held a few times over while it is written (the decoder's
+    output, pydicom's processing of it), one copy fewer this way."""
+    for arr in arrays:
+        yield arr.data.cast("B") if arr.flags.c_contiguous else arr.tobytes()
+
+
+def word_width(info: PixelInfo, vr: str) -> int:
+    """The width of the words by which big endian Pixel Data is swapped (PS3.5 A.3): Bits
+    Allocated, and 16 bits for OW, 8-bit pixels too."""
+    width = info.bits_allocated // 8
+    return 2 if width <= 1 and vr == "OW" else max(1, width)
+
+
+def copied(f: BinaryIO, length: int, width: int) -> Iterator[bytearray]:
+    """`length` bytes of `f` in chunks of CONVERT_COPY_BYTES, each `width`-byte word
+    byte-swapped in place when `width` is over 1 (big endian to little): one chunk held, not
+    three (read, swapped, its bytes)."""
+    left = length
+    while left > 0:
+        chunk = bytearray(min(CONVERT_COPY_BYTES, left))
+        got = cast(io.BufferedReader, f).readinto(chunk)  # a file, or a BytesIO
+        if not got:
+            raise EOFError(f"the Pixel Data ends {left} bytes early")
+        del chunk[got:]
+        left -= got
+        if width > 1:
+            np.frombuffer(chunk, f"<u{width}").byteswap(inplace=True)
+        yield chunk
+
+
+def write_native(
+    out: BinaryIO,
+    vr: str | None,
+    chunks: Iterator[bytearray] | Iterator[bytes | memoryview],
+    frames: int | None,
+    length: int = 0,
+) -> None:
+    """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
+    given, or `frames` frames of the first one's length; its length is written once known.
+    `vr` None: implicit VR (PS3.5 7.1.3)."""
+    start = out.tell()
+    if vr is None:
+        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, 0))
+    else:
+        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
+    written, count, size = 0, 0, None
+    for chunk in chunks:
+        if frames is not None:
+            size = len(chunk) if size is None else size
+            if len(chunk) != size:
+                raise ValueError(f"frame {count + 1} decoded to {len(chunk)} bytes, not {size}")
+            count += 1
+        if written + len(chunk) > NATIVE_PIXEL_MAX_BYTES:
+            raise ValueError(
+                f"the uncompressed Pixel Data would be more than {NATIVE_PIXEL_MAX_BYTES}"
+                " bytes, the most a 32-bit length holds (PS3.5 7.1.2)"
+            )
+        out.write(chunk)
+        written += len(chunk)
+    if frames is not None and count != frames:
+        raise ValueError(f"{count} frames decoded, not the {frames} of Number of Frames")
+    if frames is None and written != length:
+        raise EOFError(f"the Pixel Data ends {length - written} bytes early")
+    if written % 2:
+        out.write(b"\0")
+    end = out.tell()
+    out.seek(start + (4 if vr is None else 8))
+    out.write(struct.pack("<I", written + written % 2))
+    out.seek(end)
+
+
+def write_encapsulated(out: BinaryIO, codestreams: Iterator[bytes], frames: int) -> None:
+    """Encapsulated Pixel Data (PS3.5 A.4): one fragment per frame, padded to even, and a
+    Basic Offset Table, filled in once the fragments are written (as pydicom's encapsulate
+    with has_bot=True makes it)."""
+    out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+    table = out.tell() + 8
+    out.write(struct.pack("<HHI", 0xFFFE, 0xE000, 4 * frames) + b"\0" * (4 * frames))
+    offsets: list[int] = []
+    position = 0
+    for data in codestreams:
+        if len(offsets) == frames:
+            raise ValueError(f"more frames than the {frames} of Number of Frames")
+        data = data + b"\0" if len(data) % 2 else data
+        offsets.append(position)
+        out.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(data)))
+        out.write(data)
+        position += 8 + len(data)
+        if position > 0xFFFFFFFF:
+            raise ValueError("the frames are too long for a Basic Offset Table")
+    if len(offsets) != frames:
+        raise ValueError(f"{len(offsets)} frames decoded, not the {frames} of Number of Frames")
+    out.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    end = out.tell()
+    out.seek(table)
+    out.write(struct.pack(f"<{frames}I", *offsets))
+    out.seek(end)
