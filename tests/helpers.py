@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
+import anyio
 import httpx
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -226,3 +227,30 @@ async def studies_named(client: httpx.AsyncClient, names: dict[str, str]) -> Any
         )
 
     return found
+
+
+async def asgi_get(
+    app: Any, path: str, headers: list[tuple[bytes, bytes]] | None = None, query: str = ""
+) -> tuple[int, int, bool]:
+    """(status, body length, whether the body was finished) of a GET through the app, its
+    body dropped as it is sent (a client's buffer is not the server's memory)."""
+    got = {"status": 0, "length": 0, "ended": False}
+
+    async def receive() -> dict[str, Any]:  # the client waits: asked for, it never leaves
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            got["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            got["length"] += len(message.get("body", b""))
+            got["ended"] = not message.get("more_body", False)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": query.encode(),
+             "headers": [(b"host", b"testserver"), *(headers or [])],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}  # fmt: skip
+    await app(scope, receive, send)
+    return int(got["status"]), int(got["length"]), bool(got["ended"])

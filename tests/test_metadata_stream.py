@@ -10,7 +10,6 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import asyncpg
 import httpx
 import pytest
@@ -20,7 +19,15 @@ from starlette.applications import Starlette
 from dicomweb_server import metadata
 from dicomweb_server.reindex import reindex
 from dicomweb_server.routes import metadata_body
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes, values
+from tests.helpers import (
+    ROOT,
+    asgi_get,
+    make_instance,
+    multipart_body,
+    stow_headers,
+    to_bytes,
+    values,
+)
 
 pytestmark = pytest.mark.db
 
@@ -199,32 +206,6 @@ async def test_not_modified_reads_no_instance(
             assert "FROM series" in sql and " instance " not in sql
 
 
-async def _asgi_get(
-    app: Starlette, path: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> tuple[int, int, bool]:
-    """(status, body length, whether the body was finished) of a GET through the app, its
-    body dropped as it is sent (a client's buffer is not the server's memory)."""
-    got = {"status": 0, "length": 0, "ended": False}
-
-    async def receive() -> dict[str, Any]:  # the client waits: asked for, it never leaves
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            got["status"] = message["status"]
-        elif message["type"] == "http.response.body":
-            got["length"] += len(message.get("body", b""))
-            got["ended"] = not message.get("more_body", False)
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": [(b"host", b"testserver"), *(headers or [])],
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}  # fmt: skip
-    await app(scope, receive, send)  # type: ignore[arg-type]
-    return int(got["status"]), int(got["length"]), bool(got["ended"])
-
-
 @pytest.mark.parametrize("coding", [b"identity", b"gzip"])
 async def test_a_large_body_takes_the_memory_of_a_batch(
     app: Starlette,
@@ -239,10 +220,10 @@ async def test_a_large_body_takes_the_memory_of_a_batch(
     url = f"{ROOT}/studies/{uid}/metadata"
     _small_batches(monkeypatch, rows=5)
     headers = [(b"accept-encoding", coding)]
-    await _asgi_get(app, url, headers)  # code paths warm
+    await asgi_get(app, url, headers)  # code paths warm
     tracemalloc.start()
     try:
-        status, length, ended = await _asgi_get(app, url, headers)
+        status, length, ended = await asgi_get(app, url, headers)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -393,11 +374,11 @@ async def test_rows_rewritten_while_streaming_end_the_body_unfinished(
     monkeypatch.setattr(index, "metadata_rows", rewriting_rows)
     got: tuple[int, int, bool] | None = None
     with pytest.raises(Exception) as caught:
-        got = await _asgi_get(app, url)
+        got = await asgi_get(app, url)
     assert got is None  # raised: the server ends the connection, the body unfinished
     assert isinstance(caught.value.__cause__, metadata.MetadataChangedError)
     monkeypatch.setattr(index, "metadata_rows", rows)
-    status, length, ended = await _asgi_get(app, url)
+    status, length, ended = await asgi_get(app, url)
     assert status == 200 and ended and length > _N * len(_COMMENT)
 
 
@@ -433,7 +414,7 @@ async def test_an_instance_stored_after_the_response_started_leaves_it_whole(
         return await original(*args)
 
     monkeypatch.setattr(index, read, storing)
-    status, length, ended = await _asgi_get(app, url)
+    status, length, ended = await asgi_get(app, url)
     assert status == 200 and ended and length > (_N + 1) * len(_COMMENT)
     r = await _both(app_client, url, {})
     assert len(r.json()) == _N + 1

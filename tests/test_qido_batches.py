@@ -9,7 +9,6 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 from pydicom.uid import generate_uid
@@ -17,7 +16,7 @@ from starlette.applications import Starlette
 
 from dicomweb_server import search
 from dicomweb_server.dicom_json import dumps
-from tests.helpers import make_instance, multipart_body, stow_headers, to_bytes
+from tests.helpers import asgi_get, make_instance, multipart_body, stow_headers, to_bytes
 
 _N = 120  # instances stored: two series of one study, and one of another
 _COMMENT = "x" * 6000  # ImageComments (LT): each instance's metadata about 7 KB
@@ -114,39 +113,18 @@ def _xml_parts(r: httpx.Response) -> list[bytes]:
     return body.split(b"--" + boundary)[1:-1]
 
 
-async def _asgi_get(app: Starlette, path: str, query: str) -> tuple[int, int]:
-    """(status, body length) of a GET through the app, its body dropped as it is sent (a
-    client's buffer is not the server's memory)."""
-    got = {"status": 0, "length": 0}
-
-    async def receive() -> dict[str, Any]:  # the client waits: asked for, it never leaves
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            got["status"] = message["status"]
-        elif message["type"] == "http.response.body":
-            got["length"] += len(message.get("body", b""))
-
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": query.encode(), "headers": [(b"host", b"testserver")],
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}  # fmt: skip
-    await app(scope, receive, send)  # type: ignore[arg-type]
-    return got["status"], got["length"]
-
-
 async def test_a_long_page_takes_the_memory_of_a_batch(
     stored: httpx.AsyncClient, app: Starlette, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The peak of a page is a few batches' worth, not the page's: the rows of a batch, their
     JSON, the data set being rendered. Read whole, the page took about 5 times its JSON."""
     monkeypatch.setattr(search, "QIDO_FETCH_ROWS", 10)
-    await _asgi_get(app, "/dicom-web/instances", "includefield=all&limit=5")  # code paths warm
+    await asgi_get(app, "/dicom-web/instances", query="includefield=all&limit=5")  # code paths warm
     tracemalloc.start()
     try:
-        status, length = await _asgi_get(app, "/dicom-web/instances", "includefield=all&limit=1000")
+        status, length, _ = await asgi_get(
+            app, "/dicom-web/instances", query="includefield=all&limit=1000"
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

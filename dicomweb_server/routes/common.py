@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -50,6 +50,7 @@ __all__ = [
     "base_url",
     "cached_json_response",
     "error_response",
+    "gzip_stream",
     "gzipped",
     "json_response",
     "model_response",
@@ -287,7 +288,7 @@ async def streamed_model_response(
     headers = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
     chunks = await _started(chunks)
     if accepts_gzip(request_field(request, "accept-encoding")):
-        chunks = _gzip_stream(chunks)
+        chunks = gzip_stream(chunks)
         headers["Content-Encoding"] = "gzip"
     return StreamedResponse(chunks, media_type=media, headers=headers)
 
@@ -330,21 +331,38 @@ def _xml_run(docs: list[Any], boundary: str) -> bytes:
     return encode_run((({"Content-Type": APPLICATION_DICOM_XML}, p) for p in parts), boundary)
 
 
-async def _gzip_stream(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """`chunks` as one gzip member (RFC 1952) at GZIP_SEARCH_LEVEL; chunks past
-    GZIP_INLINE_MAX_BYTES compressed in a worker thread."""
-    packer = zlib.compressobj(GZIP_SEARCH_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+async def gzip_stream(
+    chunks: AsyncIterator[bytes],
+    packer: zlib._Compress | None = None,
+    keep: tuple[int, Callable[[list[bytes]], None]] | None = None,
+) -> AsyncIterator[bytes]:
+    """`chunks` as one gzip member (RFC 1952) made by `packer` (default: GZIP_SEARCH_LEVEL);
+    chunks past GZIP_INLINE_MAX_BYTES compressed in a worker thread. `keep` (most bytes,
+    callback): the compressed body given to the callback once whole, when it is at most that
+    many bytes (held meanwhile up to them, then dropped)."""
+    if packer is None:
+        packer = zlib.compressobj(GZIP_SEARCH_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    kept: list[bytes] | None = [] if keep is not None else None
+    size = 0
     try:
         async for chunk in chunks:
             if len(chunk) > GZIP_INLINE_MAX_BYTES:
                 packed = await anyio.to_thread.run_sync(packer.compress, chunk)
             else:
                 packed = packer.compress(chunk)
+            size += len(packed)
+            if kept is not None and keep is not None and size > keep[0]:
+                kept = None
+            elif kept is not None:
+                kept.append(packed)
             if packed:
                 yield packed
     finally:
         await close_all(chunks)
-    yield packer.flush()
+    tail = packer.flush()
+    if kept is not None and keep is not None:
+        keep[1]([*kept, tail])
+    yield tail
 
 
 async def cached_json_response(request: Request, body: bytes, media_type: str) -> Response:

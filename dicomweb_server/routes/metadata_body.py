@@ -35,6 +35,7 @@ from dicomweb_server.routes.common import (
     GZIP_LEVEL,
     StreamedResponse,
     base_url,
+    gzip_stream,
     request_field,
     services,
     xml_runs,
@@ -131,7 +132,12 @@ async def _made(
         raise
     body: AsyncIterator[bytes] = Prefixed(head, chunks)
     if "Content-Encoding" in headers:
-        body = _gzip_stream(body, svc, headers["ETag"], media_type)
+        etag = headers["ETag"]
+        body = gzip_stream(
+            body,
+            _packer(),
+            (METADATA_GZIP_CACHE_MAX_BYTES, lambda packed: _keep(svc, etag, media_type, packed)),
+        )
     return StreamedResponse(body, media_type=media_type, headers=headers)
 
 
@@ -155,35 +161,6 @@ def _packer() -> zlib._Compress:
 def _keep(svc: Services, etag: str, media_type: str, packed: list[bytes]) -> None:
     if sum(len(p) for p in packed) <= METADATA_GZIP_CACHE_MAX_BYTES:
         svc.metadata.put(("gzip", etag), media_type.encode("ascii") + b"\n" + b"".join(packed))
-
-
-async def _gzip_stream(
-    chunks: AsyncIterator[bytes], svc: Services, etag: str, media_type: str
-) -> AsyncIterator[bytes]:
-    """`chunks` compressed as _whole compresses a body (the same bytes), and, when the whole of
-    it is at most METADATA_GZIP_CACHE_MAX_BYTES, kept as _whole keeps it."""
-    packer = _packer()
-    kept: list[bytes] | None = []
-    size = 0
-    try:
-        async for chunk in chunks:
-            if len(chunk) > GZIP_INLINE_MAX_BYTES:
-                packed = await anyio.to_thread.run_sync(packer.compress, chunk)
-            else:
-                packed = packer.compress(chunk)
-            size += len(packed)
-            if size > METADATA_GZIP_CACHE_MAX_BYTES:
-                kept = None
-            elif kept is not None:
-                kept.append(packed)
-            if packed:
-                yield packed
-    finally:
-        await close_all(chunks)
-    tail = packer.flush()
-    if kept is not None:
-        _keep(svc, etag, media_type, [*kept, tail])
-    yield tail
 
 
 async def _json_array(runs: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
