@@ -31,6 +31,7 @@ from dicomweb_server.guard import Guard, MatchedRouter
 from dicomweb_server.index.database import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.proxy import ProxyHeaders, parse_networks
+from dicomweb_server.retrieve.instances import WADO_CONVERSIONS_AT_ONCE
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
 from dicomweb_server.routes.common import error_response, not_found
 
@@ -115,7 +116,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             frames = ByteLRU(settings.frame_cache_bytes)
             metadata = ByteLRU(settings.metadata_cache_bytes)
             try:
-                yield Services(index, blobs, limiter, blobs.tmp_dir, images, frames, metadata)
+                converting = anyio.CapacityLimiter(WADO_CONVERSIONS_AT_ONCE)
+                yield Services(
+                    index, blobs, limiter, blobs.tmp_dir, images, frames, metadata, converting
+                )
             finally:
                 # Our spool directory goes while our lock is held: left behind, it made every
                 # later start take us for an owner that looks dead and wait RECOVERY_GRACE_S

@@ -80,6 +80,9 @@ class Services:
     # Series metadata keyed ("series", Series Instance UID), its version in the first
     # 8 bytes of the value, and gzip-compressed metadata responses keyed ("gzip", ETag).
     metadata: ByteLRU
+    # Worker threads of whole-instance conversions (retrieve.instances), each taking `limiter`
+    # a frame at a time (WADO_CONVERSIONS_AT_ONCE).
+    converting: anyio.CapacityLimiter
 
 
 def instance_path(study: str, series: str, sop: str) -> str:

@@ -36,6 +36,7 @@ from dicomweb_server.dimse import server as dimse_server
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
+from dicomweb_server.retrieve import instances as retrieve_instances
 from dicomweb_server.retrieve import pixeldata
 from dicomweb_server.routes import admin, common, metadata_body, stow
 from dicomweb_server.transcode import codecs, convert, fragments, frames, inflated, pixelwrite
@@ -81,7 +82,8 @@ def test_limits() -> None:
                render, admin, auditlog, handlers, identifier, dimse_server, dimse_connections,
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
-               metadata_body, inflated, fragments, pixelwrite, dimse_conversion)  # fmt: skip
+               metadata_body, inflated, fragments, pixelwrite, dimse_conversion,
+               retrieve_instances)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's
