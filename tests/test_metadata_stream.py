@@ -273,6 +273,7 @@ async def test_an_instance_stored_before_the_rows_are_read_is_not_in_the_body(
     first = index.metadata_first
     later = make_instance(study=uid, series=series[0], SeriesNumber=3)
     states = index.series_states
+    reads = 0
 
     async def counted_states(*args: Any) -> Any:
         nonlocal reads
@@ -284,7 +285,6 @@ async def test_an_instance_stored_before_the_rows_are_read_is_not_in_the_body(
         await _stow(app_client, to_bytes(later))
         return await first(*args)
 
-    reads = 0
     monkeypatch.setattr(index, "series_states", counted_states)
     monkeypatch.setattr(index, "metadata_first", storing_first)
     r = await app_client.get(url)
