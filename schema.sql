@@ -174,6 +174,11 @@ CREATE TABLE IF NOT EXISTS instance (
     created_at           timestamptz NOT NULL DEFAULT now()
 );
 SELECT _create_index_if_missing('instance_series_fk', $$ON instance (series_fk)$$);
+-- A series' instances in primary key order (metadata reads the first of them by key:
+-- index.reads._ORDERED_INSTANCES). Without it, `ORDER BY pk LIMIT n` of one series may walk
+-- the primary key of the whole table, filtering on series_fk: a series stored after 150,000
+-- instances of another took 13-26 ms a statement instead of 1-2 ms, growing with the table.
+SELECT _create_index_if_missing('instance_series_pk', $$ON instance (series_fk, pk)$$);
 SELECT _create_index_if_missing('instance_sop_class', $$ON instance (sop_class_uid)$$);
 
 -- A blob written (or being written) whose index row is not committed yet. Rows whose owner

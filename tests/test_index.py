@@ -12,10 +12,12 @@ import asyncpg
 import httpx
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicomweb_server.attributes import Level
 from dicomweb_server.blobstore.files import FileSystemBlobStore
 from dicomweb_server.index.database import Index
+from dicomweb_server.index.reads import _METADATA_FIRST, _METADATA_KEYS
 from dicomweb_server.query import parse
 from dicomweb_server.sql import compile_search
 from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
@@ -501,3 +503,33 @@ async def test_a_query_on_a_connection_whose_backend_ended_is_unavailable(clean_
     finally:
         await other.close()
         await index.close()
+
+
+async def test_the_first_instances_of_a_series_by_key_are_read_from_an_index(
+    app_client: httpx.AsyncClient, pg_dsn: str
+) -> None:
+    """Metadata reads a series' first instances by primary key (_ORDERED_INSTANCES). An index
+    on (series_fk, pk) gives them in that order; without one, `ORDER BY i.pk LIMIT` walked the
+    primary key of every instance of the archive, filtering on series_fk (a series stored
+    after 150,000 instances of another: 13-26 ms a statement instead of 1-2 ms). Tiny tables
+    make any plan cheap: forbid sorts and sequential scans and see what is left."""
+    series = generate_uid()
+    parts = [to_bytes(make_instance(series=series)) for _ in range(3)]
+    await app_client.post(f"{ROOT}/studies", content=multipart_body(parts), headers=stow_headers())
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        pk, count = await conn.fetchrow(
+            "SELECT pk, num_instances FROM series WHERE series_instance_uid = $1", series
+        )
+        await conn.execute("SET enable_seqscan = off")
+        await conn.execute("SET enable_sort = off")
+        for text, args in (
+            (_METADATA_FIRST, ([pk], [count], 201)),
+            (_METADATA_KEYS, ([pk], [count])),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {text}", *args))
+            assert "Filter: (series_fk = s.pk)" not in plan, plan
+            assert "instance_series_pk" in plan, plan
+            assert len(await conn.fetch(text, *args)) >= 1
+    finally:
+        await conn.close()

@@ -59,8 +59,9 @@ ORDER BY se.series_number NULLS LAST, se.pk
 # The instances of the series $1 (primary keys, in metadata order) as a state of each names
 # them (rows.SeriesState): the first `count` of series $1[k] by primary key, $2[k] its count
 # (within a study, primary keys follow commit order: dicomweb_commit_instance locks the study
-# row before it inserts, so the instances a snapshot with that count holds are those first
-# ones, and an instance stored since is not among them). In metadata order: series in the
+# row before it inserts, and the instance sequence hands out one value at a time, CACHE 1,
+# its default: so the instances a snapshot with that count holds are those first ones, and
+# an instance stored since is not among them). In metadata order: series in the
 # order given, instances by Instance Number. Reads only plain columns and the metadata text:
 # every `->` on a compressed jsonb value decompresses it, and the nine lookups of _LOCATE
 # cost more than the rest of this statement. The series' version and revision come with
