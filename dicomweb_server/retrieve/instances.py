@@ -210,13 +210,22 @@ async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -
 @contextlib.contextmanager
 def _shared_turn(limiter: anyio.CapacityLimiter) -> Iterator[None]:
     """One of the shared worker threads held by a conversion's thread while it decodes a frame
-    (called from that thread)."""
+    (called from that thread). A cancelled request (its client gone while a later instance of
+    a study converts) stops its conversion here, before the next frame; the token is awaited
+    shielded: anyio's from_thread.run in the cancelled scope of the awaiting task never
+    returned, the thread waiting for ever with its turns held and the event loop spinning."""
+    anyio.from_thread.check_cancelled()
     token = object()
-    anyio.from_thread.run(limiter.acquire_on_behalf_of, token)
+    anyio.from_thread.run(_acquired, limiter, token)
     try:
         yield
     finally:
         anyio.from_thread.run_sync(limiter.release_on_behalf_of, token)
+
+
+async def _acquired(limiter: anyio.CapacityLimiter, token: object) -> None:
+    with anyio.CancelScope(shield=True):
+        await limiter.acquire_on_behalf_of(token)
 
 
 class _StreamAndRemove:

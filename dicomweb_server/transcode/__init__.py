@@ -13,12 +13,14 @@ behind the app's CapacityLimiter (STYLE.md rule 8).
     frames.py   frames decoded or re-encoded one at a time (frame_array, decode_frames,
                 encode_frames, decode_codestream, convert_codestream), the decode size bound
                 (DECODE_MAX_BYTES), files decoded whole kept (WHOLE_FILE_KEEP_MAX_BYTES);
-                stored_frames; read_stored, pydicom's reading of a stored file
-                (MAX_CONVERTED_SEQUENCE_DEPTH)
+                read_stored, pydicom's reading of a stored file (MAX_CONVERTED_SEQUENCE_DEPTH)
+    fragments.py frames of encapsulated files ingest could not place (frame_map,
+                stored_frames)
     inflated.py Deflated files inflated once into a scratch copy whose frames are read by
                 offset, kept across requests (INFLATED_KEEP_BYTES) and held over one (hold)
     lossy.py    Lossy Image Compression: read from a stored codestream (lossy_method), written
                 on a converted copy (mark_lossy)
     convert.py  whole instances converted: to_transfer_syntax (streamed to a file),
                 converted_dataset (in memory), one_bit_pixel_data
+    pixelwrite.py Pixel Data written a frame or a chunk at a time into a converted file
 """

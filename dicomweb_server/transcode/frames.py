@@ -1,9 +1,10 @@
 """Frames decoded, or decoded and re-encoded, one at a time: from a stored file (frame_array,
 decode_frames, encode_frames), from a frame's codestream alone (decode_codestream,
 convert_codestream) or from an item's nested Pixel Data (decode_item_pixels); the bound on what
-one decode makes (DECODE_MAX_BYTES); files decoded whole, kept for their next frames; the
-frames of encapsulated Pixel Data as stored (stored_frames); a stored file read by pydicom, its
-sequences too deep a TranscodeError (read_stored, MAX_CONVERTED_SEQUENCE_DEPTH)."""
+one decode makes (DECODE_MAX_BYTES); files decoded whole, kept for their next frames; a stored
+file read by pydicom, its sequences too deep a TranscodeError (read_stored,
+MAX_CONVERTED_SEQUENCE_DEPTH). Frames as stored whose places ingest could not record:
+fragments.py."""
 
 from __future__ import annotations
 
