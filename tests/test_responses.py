@@ -153,9 +153,9 @@ async def test_head_of_a_study_converts_and_reads_nothing_more(
     calls: list[str] = []
     real = instances.to_transfer_syntax  # type: ignore[attr-defined]
 
-    def counted(*args: Any) -> None:
+    def counted(*args: Any, **kwargs: Any) -> None:
         calls.append(str(args[2]))
-        real(*args)
+        real(*args, **kwargs)
 
     monkeypatch.setattr(instances, "to_transfer_syntax", counted)
     url = f"{ROOT}/studies/{study}"
