@@ -140,7 +140,7 @@ def _logged_once(caplog: pytest.LogCaptureFixture, scratch: Scratch) -> None:
     assert errors[0].exc_info is None
 
 
-@pytest.mark.parametrize("resource", ["frames", "rendered", "bulkdata"])
+@pytest.mark.parametrize("resource", ["frames", "rendered", "thumbnail", "bulkdata"])
 async def test_a_deflated_instance_read_while_the_scratch_space_is_full(
     app: Starlette,
     scratch: Scratch,
@@ -148,7 +148,7 @@ async def test_a_deflated_instance_read_while_the_scratch_space_is_full(
     resource: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Its frame (decoded), its rendering and its Pixel Data (bulk data) are read from a copy
+    """Its frame (decoded), its renderings and its Pixel Data (bulk data) are read from a copy
     inflated into the scratch directory: full, that is a 503, no partial copy is kept, and
     the same request once space is back gets the pixels."""
     data = (samples / DEFLATED).read_bytes()
@@ -158,6 +158,7 @@ async def test_a_deflated_instance_read_while_the_scratch_space_is_full(
     url, accept = {
         "frames": (f"{_url(ds)}/frames/1", 'multipart/related; type="application/octet-stream"'),
         "rendered": (f"{_url(ds)}/rendered", "image/png"),
+        "thumbnail": (f"{_url(ds)}/thumbnail", "image/png"),  # not its icon, then cached
         "bulkdata": (f"{_url(ds)}/bulk/7FE00010", "application/octet-stream"),
     }[resource]
     scratch.fill()
