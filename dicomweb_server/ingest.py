@@ -10,7 +10,6 @@ concurrently (a few at a time), their outcomes reported in request order.
 from __future__ import annotations
 
 import bisect
-import errno
 import functools
 import hashlib
 import logging
@@ -21,7 +20,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from dicomweb_server.blobstore.files import BlobStore, BlobWriter
+from dicomweb_server.blobstore.files import BlobStore, BlobWriter, out_of_space
 from dicomweb_server.blobstore.hashing import data_set_sha256
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.dicom_json import InstanceOutcome
@@ -216,7 +215,7 @@ async def _spool_parts(
 
 
 def _out_of_resources(exc: OSError) -> FailureReason:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if out_of_space(exc):
         return FailureReason.OUT_OF_RESOURCES
     return FailureReason.PROCESSING_FAILURE
 

@@ -33,7 +33,7 @@ _STATUS = {
     "400": "Bad Request (the message says why)", "401": "Unauthorized", "403": "Forbidden",
     "404": "Not Found", "406": "Not Acceptable", "409": "Conflict (no instance stored)",
     "413": "Content Too Large", "415": "Unsupported Media Type",
-    "503": "Service Unavailable (database away; Retry-After)",
+    "503": "Service Unavailable (database away, scratch space full; Retry-After)",
 }  # fmt: skip
 _RENDER_PARAMS: dict[str, dict[str, Any]] = {
     "window": {"type": "string", "description": "center,width,linear|linear-exact|sigmoid"},

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from dicomweb_server.blobstore.files import scratch_space
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
@@ -164,13 +165,15 @@ async def _render(svc: Services, job: _Job) -> bytes:
         and job.inst.number_of_frames > 1
         and not job.thumbnail
     ):
+        with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
+            return await anyio.to_thread.run_sync(
+                render_animation, path, job.params, svc.scratch_dir, limiter=svc.limiter
+            )
+    with scratch_space(svc.scratch_dir):
         return await anyio.to_thread.run_sync(
-            render_animation, path, job.params, svc.scratch_dir, limiter=svc.limiter
-        )
-    return await anyio.to_thread.run_sync(
-        render_frame, path, job.frame, job.params, job.media, job.thumbnail, svc.scratch_dir,
-        limiter=svc.limiter,
-    )  # fmt: skip
+            render_frame, path, job.frame, job.params, job.media, job.thumbnail,
+            svc.scratch_dir, limiter=svc.limiter,
+        )  # fmt: skip
 
 
 async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:

@@ -9,11 +9,13 @@ either absent or complete after a crash.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -23,13 +25,20 @@ import anyio
 
 from dicomweb_server.blobstore.hashing import DataSetHash
 from dicomweb_server.blobstore.reading import stream_path
+from dicomweb_server.errors import ServiceUnavailableError
 
 __all__ = [
+    "SCRATCH_FULL_MESSAGE",
+    "SCRATCH_FULL_RETRY_S",
     "BlobStore",
     "BlobWriter",
     "FileSystemBlobStore",
+    "out_of_space",
     "scratch_file",
+    "scratch_space",
 ]
+
+log = logging.getLogger(__name__)
 
 # Bytes a spool file buffers in memory before a worker thread writes them out.
 SPOOL_BUFFER_BYTES = 256 * 1024
@@ -37,6 +46,14 @@ SPOOL_BUFFER_BYTES = 256 * 1024
 # creating a directory (a mkdir and two directory fsyncs) is paid once per run of keys, not once
 # per blob while the store is young. Each run's directory is random, so blobs stay spread.
 KEYS_PER_DIRECTORY_RUN = 32
+# Retry-After of the 503 answered when a scratch file cannot be written for want of space
+# (scratch_space), seconds: other requests' scratch files go as their responses end, and
+# kept inflated copies are removed past INFLATED_KEEP_BYTES, but a filesystem filled by
+# the blobs themselves needs an operator. Longer than the database's (index.pool): a full
+# disk rarely comes back within seconds, and each retry may convert again before it fails.
+SCRATCH_FULL_RETRY_S = 30
+# The reason a client is told: that the server's scratch space is full, not where it is.
+SCRATCH_FULL_MESSAGE = "the server's scratch space is full; try again later"
 
 
 class BlobWriter(Protocol):
@@ -254,6 +271,32 @@ def scratch_file(directory: Path, suffix: str) -> Path:
     fd, name = tempfile.mkstemp(dir=directory, suffix=suffix)
     os.close(fd)
     return Path(name)
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` is a write refused for want of space: the filesystem full (ENOSPC) or
+    the owner's quota spent (EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def scratch_space(directory: Path) -> Iterator[None]:
+    """Scratch files written to `directory` for an HTTP request (a conversion, an inflated
+    copy, a value spooled): a write refused for want of space (out_of_space) is a 503 with
+    Retry-After (RFC 9110 15.6.4, 10.2.3), the request's to repeat once space is back,
+    not a 500. The writer has removed its partial file already; nothing stored is written
+    here. The operator's log names the directory, once per request (an error, not a
+    traceback); the client is told only that the scratch space is full (SCRATCH_FULL_MESSAGE).
+    Any other error passes through as it is."""
+    try:
+        yield
+    except OSError as exc:
+        if not out_of_space(exc):
+            raise
+        log.error("cannot write a scratch file in %s: %s", directory, exc.strerror)
+        raise ServiceUnavailableError(
+            SCRATCH_FULL_MESSAGE, headers={"Retry-After": str(SCRATCH_FULL_RETRY_S)}
+        ) from exc
 
 
 def _read_files(paths: Sequence[tuple[Path, int]]) -> list[bytes]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 
+from dicomweb_server.blobstore.files import scratch_space
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
@@ -365,13 +366,15 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
             limiter=svc.limiter,
         )  # fmt: skip
     elif target == EXPLICIT_VR_LITTLE_ENDIAN:
-        (data,) = await anyio.to_thread.run_sync(
-            decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
-        )
+        with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
+            (data,) = await anyio.to_thread.run_sync(
+                decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
+            )
     else:
-        (data,) = await anyio.to_thread.run_sync(
-            encode_frames, path, [n], target, svc.scratch_dir, limiter=svc.limiter
-        )
+        with scratch_space(svc.scratch_dir):
+            (data,) = await anyio.to_thread.run_sync(
+                encode_frames, path, [n], target, svc.scratch_dir, limiter=svc.limiter
+            )
     svc.frames.put(key, data)
     return data
 

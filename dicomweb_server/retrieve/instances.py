@@ -12,7 +12,7 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore.files import scratch_file
+from dicomweb_server.blobstore.files import scratch_file, scratch_space
 from dicomweb_server.blobstore.reading import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.index.rows import StoredInstance
@@ -191,19 +191,22 @@ async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -
     a thread of `svc.converting` that takes one of the shared worker threads (`svc.limiter`)
     a frame at a time (to_transfer_syntax's `step`): a conversion of minutes (a gigabyte of
     JPEG 2000 decodes at about 2.6 MiB/s here) held a shared thread throughout, and two of
-    them held all of them, STOW parsing and frame decoding waiting behind."""
-    tmp = scratch_file(svc.scratch_dir, ".dcm")
-    try:
-        src = svc.blobs.local_path(inst.blob_key)
-        step = functools.partial(_shared_turn, svc.limiter)
-        await anyio.to_thread.run_sync(
-            functools.partial(to_transfer_syntax, src, tmp, target, step=step),
-            limiter=svc.converting,
-        )
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    them held all of them, STOW parsing and frame decoding waiting behind. The scratch
+    filesystem full is a 503 (scratch_space), before the response starts or, for a later
+    instance of a study, cutting its body short as any later failure does."""
+    with scratch_space(svc.scratch_dir):
+        tmp = scratch_file(svc.scratch_dir, ".dcm")
+        try:
+            src = svc.blobs.local_path(inst.blob_key)
+            step = functools.partial(_shared_turn, svc.limiter)
+            await anyio.to_thread.run_sync(
+                functools.partial(to_transfer_syntax, src, tmp, target, step=step),
+                limiter=svc.converting,
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
     return tmp
 
 

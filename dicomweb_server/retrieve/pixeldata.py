@@ -18,7 +18,7 @@ import anyio
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicomweb_server.blobstore.files import scratch_file
+from dicomweb_server.blobstore.files import scratch_file, scratch_space
 from dicomweb_server.blobstore.reading import stream_path
 from dicomweb_server.bulkvalue import bulk_element, element_range, element_value, placed_element
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS
@@ -270,9 +270,10 @@ async def stored_bulk_value(
     file = svc.blobs.local_path(inst.blob_key)
     if inst.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return await _inflated_bulk_value(svc, inst, file, path, headers)
-    value = await anyio.to_thread.run_sync(
-        _parsed_bulk_value, file, path, svc.scratch_dir, limiter=svc.limiter
-    )
+    with scratch_space(svc.scratch_dir):  # a value over HELD_VALUE_MAX_BYTES spooled there
+        value = await anyio.to_thread.run_sync(
+            _parsed_bulk_value, file, path, svc.scratch_dir, limiter=svc.limiter
+        )
     if value is None:
         raise NotFoundError(f"no bulk data at {path!r}: the path names no bulk data value")
     if isinstance(value, tuple):
@@ -297,9 +298,10 @@ async def _inflated_bulk_value(
     that does not inflate is a 406 with the reason, as its frames are."""
     kept = hold(file)
     try:
-        value = await anyio.to_thread.run_sync(
-            _inflated_place, file, path, svc.scratch_dir, limiter=svc.limiter
-        )
+        with scratch_space(svc.scratch_dir):
+            value = await anyio.to_thread.run_sync(
+                _inflated_place, file, path, svc.scratch_dir, limiter=svc.limiter
+            )
     except BaseException:
         kept.release()
         raise
@@ -334,9 +336,11 @@ class _InflatedRange:
         try:
             copy = self._copy
             if again:  # a read after the first: the copy found again (or made again)
-                copy = await anyio.to_thread.run_sync(
-                    _inflated_copy, self._file, self._svc.scratch_dir, limiter=self._svc.limiter
-                )
+                scratch = self._svc.scratch_dir
+                with scratch_space(scratch):
+                    copy = await anyio.to_thread.run_sync(
+                        _inflated_copy, self._file, scratch, limiter=self._svc.limiter
+                    )
             async for chunk in stream_path(copy, self._offset + start, max(0, stop - start)):
                 yield chunk
                 del chunk  # sent: not held while the next one is read
