@@ -24,13 +24,13 @@ from anyio.abc import TaskGroup
 from dicomweb_server.blobstore.files import BlobStore, BlobWriter
 from dicomweb_server.blobstore.hashing import data_set_sha256
 from dicomweb_server.cache import ByteLRU
-from dicomweb_server.dicom_json import InstanceOutcome
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.errors import DicomWebError, FailureReason
 from dicomweb_server.index.database import Index
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import InstanceRecord, build_record
+from dicomweb_server.response_json import InstanceOutcome
 
 __all__ = [
     "COPY_CHUNK_BYTES",

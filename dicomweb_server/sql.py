@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
-from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.matching import (
     FUZZY_WORD_SEPARATORS,
     ComponentGroupMatch,
@@ -30,6 +29,7 @@ from dicomweb_server.matching import (
     is_universal,
 )
 from dicomweb_server.query import Query
+from dicomweb_server.response_json import absolutize_bulk_uris
 
 __all__ = [
     "compile_search",

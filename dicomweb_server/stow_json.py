@@ -36,7 +36,6 @@ from pydicom.valuerep import AMBIGUOUS_VR
 from dicomweb_server.blobstore.files import BlobWriter, scratch_file
 from dicomweb_server.dicom_json import (
     BULK_VRS,
-    InstanceOutcome,
     JsonDict,
     dataset_from_json,
     first_number,
@@ -54,6 +53,7 @@ from dicomweb_server.media.mediatypes import (
 )
 from dicomweb_server.media.negotiate import frame_syntax, jpeg_process
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
+from dicomweb_server.response_json import InstanceOutcome
 
 __all__ = [
     "MAX_JSON_BULK_REUSE_BYTES",
