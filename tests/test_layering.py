@@ -56,6 +56,7 @@ SPLIT_OFF = {
     "dicomweb_server.httpd": ("dicomweb_server.cli", frozenset({"hypercorn"})),
     "dicomweb_server.response_json": ("dicomweb_server.dicom_json", frozenset[str]()),
     "dicomweb_server.stow_pixels": ("dicomweb_server.stow_json", frozenset[str]()),
+    "dicomweb_server.commands": ("dicomweb_server.cli", frozenset[str]()),
 }
 
 
