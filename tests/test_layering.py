@@ -57,6 +57,7 @@ SPLIT_OFF = {
     "dicomweb_server.response_json": ("dicomweb_server.dicom_json", frozenset[str]()),
     "dicomweb_server.stow_pixels": ("dicomweb_server.stow_json", frozenset[str]()),
     "dicomweb_server.commands": ("dicomweb_server.cli", frozenset[str]()),
+    "dicomweb_server.commit_order": ("dicomweb_server.ingest", frozenset[str]()),
 }
 
 
