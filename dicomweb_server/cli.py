@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import errno
-import getpass
-import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -21,20 +18,17 @@ import tempfile
 import threading
 import time
 import types
-from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.run import run as hypercorn_run
-from tqdm import tqdm
 
-from dicomweb_server.app import app_from_env, create_app, open_services
-from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
-from dicomweb_server.auth import ROLES, create_api_key, is_loopback
+from dicomweb_server.app import app_from_env, create_app
+from dicomweb_server.auth import ROLES, is_loopback
 from dicomweb_server.blobstore.reading import tune_allocator
+from dicomweb_server.commands import run_apikey, run_audit, run_initdb, run_load, run_reindex
 from dicomweb_server.config import (
     AUTH_MODES,
     DEFAULT_AE_TITLE,
@@ -48,12 +42,9 @@ from dicomweb_server.config import (
     ae_title_list,
 )
 from dicomweb_server.embedded_db import EmbeddedPostgres
-from dicomweb_server.errors import DicomWebError
 from dicomweb_server.httpd import hypercorn_config, prepare_process
 from dicomweb_server.index.database import Index
 from dicomweb_server.index.pool import not_up_yet
-from dicomweb_server.ingest import Services, store_path
-from dicomweb_server.reindex import reindex
 
 uvloop: types.ModuleType | None
 try:
@@ -306,122 +297,6 @@ async def _serve(settings: Settings) -> None:
     await hypercorn_serve(create_app(settings), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
-async def _initdb(settings: Settings) -> None:
-    async with open_services(settings):
-        print("schema applied")
-
-
-async def _load_one(svc: Services, path: Path) -> tuple[str, str]:
-    outcome = await store_path(svc, path)
-    if outcome.failure is not None:
-        return "failed", f"{path}: {outcome.reason} (0x{int(outcome.failure):04X})"
-    return ("already present" if outcome.duplicate else "stored"), ""
-
-
-async def _load(settings: Settings, dirs: Sequence[str]) -> int:
-    files = sorted(p for d in dirs for p in Path(d).rglob("*") if p.is_file())
-    counts: Counter[str] = Counter()
-    failures: list[str] = []
-    async with open_services(settings) as svc:
-        for path in tqdm(files, unit="file", desc="load"):
-            kind, why = await _load_one(svc, path)
-            counts[kind] += 1
-            if why:
-                failures.append(why)
-    print(
-        f"stored {counts['stored']}, already present {counts['already present']},"
-        f" failed {counts['failed']} (of {len(files)} files)"
-    )
-    for line in failures:
-        print(f"  failed: {line}")
-    return 1 if counts["failed"] and not (counts["stored"] or counts["already present"]) else 0
-
-
-async def _reindex(settings: Settings, studies: Sequence[str] | None) -> int:
-    """`reindex [--study UID ...]`: audited; exit status 1 when an instance could not be."""
-    async with open_services(settings) as svc:
-        total = (await svc.index.counts())["instances"] if studies is None else None
-        try:
-            with tqdm(total=total, unit="instance", desc="reindex") as bar:
-                report = await reindex(svc, studies, bar.update)
-        except Exception as exc:  # e.g. the database went away: the run is audited still
-            with contextlib.suppress(Exception):
-                await svc.index.append_audit([_cli_event("reindex", 500, f"stopped: {exc}")])
-            if not isinstance(exc, DicomWebError):
-                raise
-            # The database gone (503): said in a line, not a traceback. What was rewritten
-            # stays (one transaction per instance), and a run again finds it unchanged.
-            print(f"dicomweb-server: reindex stopped: {exc.message}", file=sys.stderr)
-            return 1
-        failed = len(report.failed)
-        detail = f"updated={report.updated} unchanged={report.unchanged} failed={failed}"
-        if studies is not None:
-            detail += " studies=" + ",".join(studies)
-        await svc.index.append_audit([_cli_event("reindex", 202 if failed else 200, detail)])
-    print(f"updated {report.updated}, unchanged {report.unchanged}, failed {failed}")
-    for line in report.failed:
-        print(f"  failed: {line}")
-    return 1 if failed else 0
-
-
-def _cli_event(action: str, outcome: int, detail: str) -> AuditEvent:
-    caller = f"cli:{getpass.getuser()}"
-    return AuditEvent(datetime.now(UTC), caller, "local", action, (), outcome, 0, detail)
-
-
-async def _apikey(settings: Settings, args: argparse.Namespace) -> int:
-    """`apikey create|revoke|list`; creation and revocation are audited."""
-    async with open_services(settings) as svc:
-        if args.action == "create":
-            key_id, token = await create_api_key(svc.index, args.role, args.name)
-            await svc.index.append_audit(
-                [_cli_event("apikey_create", 201, f"role={args.role} key={key_id}")]
-            )
-            print(f"key {key_id} ({args.role}); the token is shown once, keep it safe:")
-            print(token)
-            return 0
-        if args.action == "revoke":
-            done = await svc.index.revoke_api_key(args.key_id)
-            outcome = 204 if done else 404
-            await svc.index.append_audit(
-                [_cli_event("apikey_revoke", outcome, f"key={args.key_id}")]
-            )
-            print(f"revoked {args.key_id}" if done else f"no active key {args.key_id}")
-            return 0 if done else 1
-        for k in await svc.index.api_keys():
-            state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
-            print(f"{k.key_id}  {k.role:5}  {state:24}  {k.name}")
-        return 0
-
-
-async def _audit(settings: Settings, args: argparse.Namespace) -> int:
-    """`audit verify [--anchor SEQ:HEX]`, `audit head`, `audit export [--after SEQ]`."""
-    async with open_services(settings) as svc:
-        if args.action == "export":
-            with contextlib.ExitStack() as stack:
-                out = (stack.enter_context(open(args.output, "w", encoding="utf-8"))
-                       if args.output else sys.stdout)  # fmt: skip
-                source = f"dicomweb-server@{settings.host}:{settings.port}"
-                async for row in svc.index.audit_rows(args.after):
-                    out.write(json.dumps(dicom_audit_message(row, source), ensure_ascii=False))
-                    out.write("\n")
-            return 0
-        anchors = dict(parse_anchor(a) for a in getattr(args, "anchor", None) or [])
-        verifier = ChainVerifier(anchors)
-        async for row in svc.index.audit_rows():
-            if not verifier.feed(row):
-                break
-        problem = verifier.finish()
-        seq, digest = verifier.head
-        if args.action == "head":
-            print(f"{seq}:{digest.hex()}")
-        elif problem is None:
-            print(f"audit trail intact: {verifier.count} rows, head {seq}:{digest.hex()}")
-        else:
-            print(f"audit trail TAMPERED: {problem} ({verifier.count} rows verified before it)")
-        return 0 if problem is None else 1
-
-
 def _admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--data-dir", type=Path, help="blobs and embedded PostgreSQL (./data)")
@@ -564,15 +439,15 @@ def _main(argv: Sequence[str] | None) -> int:
     if settings.database_url is not None:
         asyncio.run(_check_database(settings.database_url, embedded=False))
     if args.command == "initdb":
-        asyncio.run(_initdb(settings))
+        asyncio.run(run_initdb(settings))
         return 0
     if args.command == "apikey":
-        return asyncio.run(_apikey(settings, args))
+        return asyncio.run(run_apikey(settings, args))
     if args.command == "audit":
-        return asyncio.run(_audit(settings, args))
+        return asyncio.run(run_audit(settings, args))
     if args.command == "reindex":
-        return asyncio.run(_reindex(settings, args.study))
-    return asyncio.run(_load(settings, args.dirs))
+        return asyncio.run(run_reindex(settings, args.study))
+    return asyncio.run(run_load(settings, args.dirs))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ concurrently (a few at a time), their outcomes reported in request order.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import hashlib
 import logging
@@ -23,13 +22,14 @@ from anyio.abc import TaskGroup
 from dicomweb_server.blobstore.files import BlobStore, BlobWriter, out_of_space
 from dicomweb_server.blobstore.hashing import data_set_sha256
 from dicomweb_server.cache import ByteLRU
-from dicomweb_server.dicom_json import InstanceOutcome
+from dicomweb_server.commit_order import CommitOrder
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.errors import DicomWebError, FailureReason
 from dicomweb_server.index.database import Index
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import InstanceRecord, build_record
+from dicomweb_server.response_json import InstanceOutcome
 
 __all__ = [
     "COPY_CHUNK_BYTES",
@@ -100,7 +100,7 @@ async def store_parts(
     spooled: up to PARTS_IN_FLIGHT parts at once, so that one part's parse (a worker thread),
     fsync and index round trips overlap with the others'. Each part's store is independent and
     complete in itself (store_file), so a failure of one never fails another; parts with the
-    same SOP Instance UID commit in request order (_CommitOrder). A stream error (400/413)
+    same SOP Instance UID commit in request order (CommitOrder). A stream error (400/413)
     discards the open part, lets the parts already received finish, and is raised.
 
     Each outcome is also appended to `known` as it is known (in any order): what a request
@@ -126,7 +126,7 @@ async def store_parts(
 
 class _PartsInFlight:
     """The parts of one STOW request being stored: each in a task of `tg` of its own once one
-    of PARTS_IN_FLIGHT slots is free, committing in _CommitOrder. Holds their outcomes, and
+    of PARTS_IN_FLIGHT slots is free, committing in CommitOrder. Holds their outcomes, and
     the errors some met instead, by part number."""
 
     def __init__(
@@ -140,7 +140,7 @@ class _PartsInFlight:
         self.known = known  # every outcome too, as it is known (store_parts)
         self.errors: dict[int, Exception] = {}
         self._slots = anyio.Semaphore(PARTS_IN_FLIGHT)
-        self._order = _CommitOrder()
+        self._order = CommitOrder()
         self._tg, self._ctx, self._expected_study = tg, ctx, expected_study
 
     async def start(self, n: int, writer: BlobWriter, part_type: str | None) -> None:
@@ -260,58 +260,6 @@ async def _finish_part(
     return await store_file(writer, ctx, expected_study, turn)
 
 
-class _CommitOrder:
-    """Parts of one request that carry the same SOP Instance UID commit in request order: the
-    first is stored and a later one is its duplicate (the same bytes: a success, one copy;
-    other bytes: 0x0111), as when they come in requests one after another, and as Orthanc and
-    dcm4chee, which store a request's parts one by one, answer. A part commits once every
-    earlier part's UID is known (parsed, or the part is over) and the earlier parts with its
-    UID are over; parts with other UIDs still commit concurrently. Every part must reach
-    `over`, whatever becomes of it, or the later ones would wait for it."""
-
-    def __init__(self) -> None:
-        self._learned: set[int] = set()  # parts whose UID is known, or that are over
-        self._parts_of: dict[str, list[int]] = {}  # UID -> its parts, in request order
-        self._over: set[int] = set()
-        # Events are made only for a part that waits (rarely): a request of one part makes none.
-        self._waits: dict[int, anyio.Event] = {}  # part -> set when it is over
-        self._changed: anyio.Event | None = None  # set when a part's UID becomes known
-        self._known = 0  # parts 0 .. _known - 1 are all learned
-
-    def _learn(self, n: int, sop: str | None) -> None:
-        if n in self._learned:
-            return
-        self._learned.add(n)
-        if sop is not None:
-            bisect.insort(self._parts_of.setdefault(sop, []), n)
-        while self._known in self._learned:
-            self._known += 1
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    async def turn(self, n: int, sop: str) -> None:
-        """Wait until part `n` (parsed: its UID is `sop`) may commit."""
-        self._learn(n, sop)
-        while self._known < n:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
-        # The latest earlier part with this UID (all are known by now): it commits only once
-        # the one before it is over, and so on, so waiting for it is waiting for them all.
-        parts = self._parts_of[sop]
-        i = bisect.bisect_left(parts, n)
-        if i and (m := parts[i - 1]) not in self._over:
-            await self._waits.setdefault(m, anyio.Event()).wait()
-
-    def over(self, n: int) -> None:
-        """Part `n` is stored, failed or gone."""
-        self._learn(n, None)
-        self._over.add(n)
-        if (event := self._waits.pop(n, None)) is not None:
-            event.set()
-
-
 async def store_file(
     writer: BlobWriter,
     ctx: Services,
@@ -324,7 +272,7 @@ async def store_file(
     one worker-thread call closes, parses, checks and places the file (_parse_and_place): one
     thread hop per instance, not one to parse and another to place. A file refused before
     it was placed releases its reservation. `turn`, given the SOP Instance UID, returns when
-    the instance may commit (a STOW request's _CommitOrder).
+    the instance may commit (a STOW request's CommitOrder).
     """
     key: str | None = None
     placed = False

@@ -15,11 +15,11 @@ from typing import Any
 import anyio
 
 from dicomweb_server.config import VERSION
-from dicomweb_server.dicom_json import absolutize_bulk_uris_bytes
 from dicomweb_server.errors import NotFoundError, ServiceUnavailableError
 from dicomweb_server.index.rows import MetadataRow, SeriesState, StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import NOT_FOR_WEB
+from dicomweb_server.response_json import absolutize_bulk_uris_bytes
 from dicomweb_server.transcode.codecs import PixelInfo, available_targets, codec_fingerprint
 
 __all__ = [

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from dicomweb_server.attributes import DEFAULT_RETURN, LEVEL_TAGS, Attribute, Level, tag_hex
-from dicomweb_server.dicom_json import absolutize_bulk_uris
 from dicomweb_server.matching import (
     FUZZY_WORD_SEPARATORS,
     ComponentGroupMatch,
@@ -30,6 +29,7 @@ from dicomweb_server.matching import (
     is_universal,
 )
 from dicomweb_server.query import Query
+from dicomweb_server.response_json import absolutize_bulk_uris
 
 __all__ = [
     "compile_search",
@@ -352,12 +352,8 @@ def compile_search(q: Query) -> tuple[str, list[Any]]:
     args = _Args()
     select = _select(q, args)
     where = _where(q, args)
-    order = f"{_ALIAS[q.level]}.pk"
-    sql_text = (
-        f"SELECT {select} {_FROM[q.level]} WHERE {where}"
-        f" ORDER BY {order} LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
-    )
-    return sql_text, args.values
+    limit = f" LIMIT {args.add(q.limit + 1)} OFFSET {args.add(q.offset)}"
+    return _in_key_order(q, select, where, limit), args.values
 
 
 def compile_search_keys(q: Query, after: int, count: int) -> tuple[str, list[Any]]:
@@ -366,26 +362,25 @@ def compile_search_keys(q: Query, after: int, count: int) -> tuple[str, list[Any
     that compile_search began, to be fetched by compile_search_rows. Keys, not rows: their
     number tells whether more results exist before a byte of the rows is read."""
     args = _Args()
-    alias = _ALIAS[q.level]
-    where = _where(q, args)
-    sql_text = (
-        f"SELECT {alias}.pk {_FROM[q.level]} WHERE ({where}) AND {alias}.pk > {args.add(after)}"
-        f" ORDER BY {alias}.pk LIMIT {args.add(count)}"
-    )
-    return sql_text, args.values
+    key = f"{_ALIAS[q.level]}.pk"
+    where = f"({_where(q, args)}) AND {key} > {args.add(after)}"
+    return _in_key_order(q, key, where, f" LIMIT {args.add(count)}"), args.values
 
 
 def compile_search_rows(q: Query, keys: list[int]) -> tuple[str, list[Any]]:
     """The rows compile_search gives, of the matches whose primary keys are `keys` (from
     compile_search_keys), in the same order."""
     args = _Args()
-    alias = _ALIAS[q.level]
     select = _select(q, args)
-    sql_text = (
-        f"SELECT {select} {_FROM[q.level]} WHERE {alias}.pk = ANY({args.add(keys)}::bigint[])"
-        f" ORDER BY {alias}.pk"
-    )
-    return sql_text, args.values
+    where = f"{_ALIAS[q.level]}.pk = ANY({args.add(keys)}::bigint[])"
+    return _in_key_order(q, select, where), args.values
+
+
+def _in_key_order(q: Query, select: str, where: str, limit: str = "") -> str:
+    """The SELECT of the three compile_search* above (not of the patient level): `select`
+    from the searched level's tables, WHERE `where`, in the order of the searched level's
+    primary key, then `limit`. Its placeholders are numbered as the caller added them."""
+    return f"SELECT {select} {_FROM[q.level]} WHERE {where} ORDER BY {_ALIAS[q.level]}.pk{limit}"
 
 
 def _select(q: Query, args: _Args) -> str:

@@ -30,8 +30,8 @@ from dicomweb_server.app import create_app
 from dicomweb_server.auth import _roles, create_api_key, is_loopback
 from dicomweb_server.cli import main, unsafe_serving
 from dicomweb_server.config import ConfigError, Settings
-from dicomweb_server.dicom_json import absolutize_bulk_uris, absolutize_bulk_uris_bytes
 from dicomweb_server.errors import UnauthorizedError
+from dicomweb_server.response_json import absolutize_bulk_uris, absolutize_bulk_uris_bytes
 from dicomweb_server.routes import ROUTE_ROLES, ROUTES
 from dicomweb_server.routes.admin import MAX_ADMIN_BODY_BYTES, MAX_KEY_NAME_CHARS
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers, to_bytes

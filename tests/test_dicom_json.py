@@ -9,14 +9,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicomweb_server.dicom_json import (
-    BULK_DATA_THRESHOLD_BYTES,
-    InstanceOutcome,
-    absolutize_bulk_uris,
-    dataset_to_json,
-    stow_response,
-)
+from dicomweb_server.dicom_json import BULK_DATA_THRESHOLD_BYTES, dataset_to_json
 from dicomweb_server.errors import FailureReason
+from dicomweb_server.response_json import InstanceOutcome, absolutize_bulk_uris, stow_response
 
 
 def test_walker_matches_pydicom_and_names_nested_bulk_paths() -> None:

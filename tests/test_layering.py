@@ -54,6 +54,10 @@ SPLIT_OFF = {
     "dicomweb_server.wellformed": ("dicomweb_server.dicomfile", frozenset[str]()),
     "dicomweb_server.bulkvalue": ("dicomweb_server.dicomfile", frozenset[str]()),
     "dicomweb_server.httpd": ("dicomweb_server.cli", frozenset({"hypercorn"})),
+    "dicomweb_server.response_json": ("dicomweb_server.dicom_json", frozenset[str]()),
+    "dicomweb_server.stow_pixels": ("dicomweb_server.stow_json", frozenset[str]()),
+    "dicomweb_server.commands": ("dicomweb_server.cli", frozenset[str]()),
+    "dicomweb_server.commit_order": ("dicomweb_server.ingest", frozenset[str]()),
 }
 
 

@@ -20,7 +20,7 @@ from pydicom.uid import UID
 
 from dicomweb_server.blobstore.files import scratch_file, scratch_space
 from dicomweb_server.blobstore.reading import stream_path
-from dicomweb_server.bulkvalue import bulk_element, element_range, element_value, placed_element
+from dicomweb_server.bulkvalue import element_range, element_value, placed_element
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index.rows import StoredInstance
@@ -380,10 +380,10 @@ def _inflated_place(
         if place is not None:
             _places.move_to_end(key)
             return copy, *place
-    value = _copy_value(copy, tag_path, scratch_dir)
+    value = _parsed_bulk_value(copy, tag_path, scratch_dir, copy=True)
     if not isinstance(value, tuple):
         return value
-    offset, length = value
+    offset, length, _ = value  # the copy is little endian: nothing to swap
     with _places_lock:
         _places[key] = (offset, length)
         while len(_places) > INFLATED_PLACES_KEPT:
@@ -464,7 +464,7 @@ async def _swap_words(chunks: AsyncIterator[bytes], vr: str) -> AsyncIterator[by
 
 
 def _parsed_bulk_value(
-    path: Path, tag_path: str, scratch_dir: Path
+    path: Path, tag_path: str, scratch_dir: Path, *, copy: bool = False
 ) -> bytes | _Spooled | tuple[int, int, str | None] | None:
     """A value found by parsing the file (dicomfile.read_bulk_value), little endian; nested
     encapsulated Pixel Data (a compressed icon) decoded, as octet-stream bulk data is sent
@@ -472,18 +472,33 @@ def _parsed_bulk_value(
     its (offset, length, VR to swap the words of) is returned, for a read by range
     (bulkvalue.element_range). A file too deep for pydicom to read (stored before the
     ingest limited the depth of sequences) is a TranscodeError: it was a 500. Runs in a
-    worker thread."""
+    worker thread.
+
+    `copy`: `path` is the inflated copy of a Deflated file (Explicit VR Little Endian, so
+    nothing to swap): a value pydicom read (in a sequence) is located too, from its base
+    (bulkvalue.placed_element), and returned by range once the bytes at its place are found
+    to be it."""
     try:
-        found = bulk_element(path, tag_path)
+        found = placed_element(path, tag_path)
     except RecursionError:  # pydicom reads items of undefined length recursively
         raise too_deep_to_read() from None
     if found is None:
         return None
-    ds, node, tag = found
-    located = element_range(ds, node, tag, path.stat().st_size)
-    if located is not None:
+    ds, node, tag, base = found
+    located = element_range(ds, node, tag, path.stat().st_size, base if copy else None)
+    if located is not None and (not copy or _is_read_value(path, node, tag, located)):
         return located
     return _value_read(ds, node, tag, scratch_dir)
+
+
+def _is_read_value(
+    path: Path, node: Dataset, tag: int, located: tuple[int, int, str | None]
+) -> bool:
+    """Whether the bytes at `located` in `path` are the value pydicom read of element `tag`
+    of `node` (true when it read none)."""
+    offset, length, _ = located
+    read = node.get_item(tag, keep_deferred=True).value
+    return read is None or _bytes_at(path, offset, length) == read
 
 
 def _value_read(ds: Dataset, node: Dataset, tag: int, scratch_dir: Path) -> bytes | _Spooled | None:
@@ -494,29 +509,6 @@ def _value_read(ds: Dataset, node: Dataset, tag: int, scratch_dir: Path) -> byte
         return _held(decode_item_pixels(node, ts), scratch_dir)
     value = element_value(ds, element)
     return None if value is None else _held(value[0], scratch_dir)
-
-
-def _copy_value(
-    copy: Path, tag_path: str, scratch_dir: Path
-) -> bytes | _Spooled | tuple[int, int] | None:
-    """The value at `tag_path` of an inflated copy (Explicit VR Little Endian): its
-    (offset, length) when it can be read by range, a value pydicom read (in a sequence)
-    included once the bytes at its place are found to be it (bulkvalue.placed_element);
-    else as _parsed_bulk_value reads it. Runs in a worker thread."""
-    try:
-        found = placed_element(copy, tag_path)
-    except RecursionError:  # pydicom reads items of undefined length recursively
-        raise too_deep_to_read() from None
-    if found is None:
-        return None
-    ds, node, tag, base = found
-    located = element_range(ds, node, tag, copy.stat().st_size, base)
-    if located is not None:
-        offset, length, _ = located  # the copy is little endian: nothing to swap
-        read = node.get_item(tag, keep_deferred=True).value
-        if read is None or _bytes_at(copy, offset, length) == read:
-            return offset, length
-    return _value_read(ds, node, tag, scratch_dir)
 
 
 def _bytes_at(path: Path, offset: int, length: int) -> bytes:

@@ -6,12 +6,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from dicomweb_server.audit import ARCHIVE_FAULT
-from dicomweb_server.dicom_json import InstanceOutcome, stow_response
 from dicomweb_server.ingest import StoreInterruptedError, store_parts, stow_status
 from dicomweb_server.media.headers import check_body_coding
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, stow_boundary
 from dicomweb_server.media.negotiate import negotiate_dicom_model
 from dicomweb_server.multipart import iter_parts
+from dicomweb_server.response_json import InstanceOutcome, stow_response
 from dicomweb_server.routes.common import (
     accept_of,
     base_url,
