@@ -5,6 +5,8 @@ decimal source region values and its flips, the window function keywords, `annot
 from __future__ import annotations
 
 import io
+import json
+import re
 from pathlib import Path
 
 import httpx
@@ -138,3 +140,33 @@ async def test_annotation_and_iccprofile_values(app_client: httpx.AsyncClient, c
     for value in ("yes", "srgb", "no,yes"):
         r = await app_client.get(ct_url, params={"iccprofile": value}, headers=gif)
         refused(r, "image/gif", "ICC")
+
+
+async def test_openapi_window_is_what_the_server_takes(
+    app_client: httpx.AsyncClient, ct_url: str
+) -> None:
+    """The OpenAPI description's `window` (GET /openapi.json) matches every form the server
+    takes, the two-value one (read as linear) among them, and none it refuses as
+    malformed: its pattern was center,width,function only, in words."""
+    doc = (await app_client.get("/openapi.json")).json()
+    (schema,) = {
+        json.dumps(p["schema"], sort_keys=True)
+        for path, ops in doc["paths"].items()
+        if path.endswith("/rendered")
+        for op in ops.values()
+        for p in op["parameters"]
+        if p["name"] == "window"
+    }
+    pattern = json.loads(schema)["pattern"]
+    assert "center,width[,function]" in json.loads(schema)["description"]
+    taken = ("40,400", "40,400,linear", "-1.5,2e2,SIGMOID", "40,400,Linear-Exact",
+             "40,400,linear_exact", ".5,1.,sigmoid", "+1,1E+3")  # fmt: skip
+    refused_ = ("40", "40,400,", "40,400,cubic", "a,400", "40,400,linear,1", "40,,linear",
+                "1e,400", "40;400")  # fmt: skip
+    for value in taken:
+        assert re.fullmatch(pattern, value), value
+        r = await app_client.get(ct_url, params={"window": value}, headers=PNG)
+        assert r.status_code == 200, (value, r.text)
+    for value in refused_:
+        assert not re.fullmatch(pattern, value), value
+        refused(await app_client.get(ct_url, params={"window": value}), "window")
