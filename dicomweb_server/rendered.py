@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -28,6 +28,7 @@ __all__ = [
     "output_size",
     "parse_render_params",
     "region_box",
+    "render_query",
 ]
 
 # PS3.18 Table 8.7.4-1: rendered media types we produce; the first is the default.
@@ -225,6 +226,28 @@ def check_animation(frames: int, size: tuple[int, int]) -> None:
             f"{total} pixels, more than {MAX_ANIMATION_PIXELS}: ask for a smaller viewport, "
             "or for single frames (.../frames/{n}/rendered)"
         )
+
+
+# The rendering parameters (PS3.18 8.3.5.1), each one value or one list (`%s"window=" ...`):
+# given again with another value they contradict each other, and taking either drops the
+# other silently (STYLE rule 5), as QIDO's limit and flags (query._once).
+_SINGLE = frozenset({"window", "viewport", "quality", "iccprofile", "annotation"})
+
+
+def render_query(items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The query parameters of a rendered or thumbnail request by name: 400 when one of
+    _SINGLE is given twice with different values (`window=40,400&window=50,350`: which one
+    the image shows was the last's, silently); given twice alike, it is that value. Other
+    names: the last value (they are ignored, ignored_render_params warns of each)."""
+    out: dict[str, str] = {}
+    for name, value in items:
+        if name in _SINGLE and out.get(name, value) != value:
+            raise BadRequestError(
+                f"{name} is given twice with different values ({out[name][:64]!r} and "
+                f"{value[:64]!r}); give it once"
+            )
+        out[name] = value
+    return out
 
 
 def parse_render_params(params: Mapping[str, str], thumbnail: bool = False) -> RenderParams:

@@ -159,9 +159,21 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 def accept_of(request: Request) -> str | None:
     """What a request accepts: the media types of the `accept` query parameter (PS3.18
     8.3.3.1), then, when none of those is supported, the Accept header's (8.7.8.1). The
-    `charset` query parameter is checked on the way (8.3.3.2: 400 unless UTF-8 is allowed)."""
-    check_charset(request.query_params.get("charset"))
-    return accept_then(request.query_params.get("accept"), request.headers.get("accept"))
+    `charset` query parameter is checked on the way (8.3.3.2: 400 unless UTF-8 is allowed).
+
+    Each is a list (1#) with "the same syntax as the Accept header field" (8.3.3.1); given
+    more than once, its values are one list in order, as RFC 9110 5.3 combines a list-based
+    header field sent on several lines. Read as the last, `accept=image/png&accept=image/gif`
+    dropped the first, and `charset=utf-8&charset=latin1` was a 400 though it allows UTF-8."""
+    check_charset(_joined(request.query_params.getlist("charset")))
+    return accept_then(
+        _joined(request.query_params.getlist("accept")), request.headers.get("accept")
+    )
+
+
+def _joined(values: list[str]) -> str | None:
+    """A list-valued query parameter given `values` times, as one value; None when absent."""
+    return ",".join(values) if values else None
 
 
 def uid_param(request: Request, name: str) -> str:
