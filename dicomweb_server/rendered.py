@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
-from dicomweb_server.media.mediatypes import parse_accept
+from dicomweb_server.media.mediatypes import malformed_ranges, parse_accept
 
 __all__ = [
     "DEFAULT_QUALITY",
@@ -353,4 +353,14 @@ def negotiate_rendered(accept: str | None) -> str:
         for media in RENDERED_MEDIA_TYPES:
             if rng.matches(media):
                 return media
-    raise NotAcceptableError(f"rendered images are available as {', '.join(RENDERED_MEDIA_TYPES)}")
+    reason = f"rendered images are available as {', '.join(RENDERED_MEDIA_TYPES)}"
+    malformed = malformed_ranges(accept)
+    if malformed:
+        # PS3.18 8.7.7: ignored, and then nothing acceptable is left. `image/` is not read as
+        # image/*: RFC 9110 12.5.1 gives it no meaning, and a wildcard must be asked for.
+        shown = ", ".join(repr(m[:64]) for m in malformed[:4])
+        reason += (
+            f"; not media ranges, ignored: {shown} (RFC 9110 12.5.1: type/subtype; "
+            "image/* accepts any image type)"
+        )
+    raise NotAcceptableError(reason)

@@ -196,3 +196,19 @@ async def test_repeated_parameters(app_client: httpx.AsyncClient, ct_url: str) -
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     r = await app_client.get(f"{ct_url}?charset=utf-8&charset=latin1", headers=PNG)
     assert r.status_code == 200, r.text
+
+
+async def test_accept_image_slash(app_client: httpx.AsyncClient, ct_url: str) -> None:
+    """`Accept: image/` (dicomweb-client sends what it is given, `image/` among the types it
+    lets through) is no media range (RFC 9110 12.5.1: type "/" subtype): ignored (PS3.18
+    8.7.7), and with nothing else acceptable, a 406 that names it and the wildcard meant; it
+    said only which types there are. Beside a valid range it is ignored."""
+    for url in (ct_url, ct_url.replace("/rendered", "/thumbnail")):
+        r = await app_client.get(url, headers={"Accept": "image/"})
+        assert r.status_code == 406, r.text
+        message = r.json()["message"]
+        assert "'image/'" in message and "image/*" in message and "image/png" in message
+        r = await app_client.get(url, headers={"Accept": "image/, image/png"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    r = await app_client.get(ct_url, headers={"Accept": "image/*"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
