@@ -42,6 +42,7 @@ _STATUS = {
 _NUMBER = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
 _FUNCTION = r"([lL][iI][nN][eE][aA][rR]([-_][eE][xX][aA][cC][tT])?|[sS][iI][gG][mM][oO][iI][dD])"
 _WINDOW_PATTERN = f"^{_NUMBER},{_NUMBER}(,{_FUNCTION})?$"
+_ICC_VALUE = "(no|yes|srgb|adobergb|rommrgb)"
 _RENDER_PARAMS: dict[str, dict[str, Any]] = {
     "window": {
         "type": "string",
@@ -52,6 +53,14 @@ _RENDER_PARAMS: dict[str, dict[str, Any]] = {
     },
     "viewport": {"type": "string", "description": "vw,vh[,[sx],[sy],[sw],[sh]]"},
     "quality": {"type": "integer", "minimum": 1, "maximum": 100},
+    # PS3.18 8.3.5.1.5: a list; the first value applied here (no, yes, srgb) is applied.
+    "iccprofile": {
+        "type": "string",
+        "pattern": f"^{_ICC_VALUE}(,{_ICC_VALUE})*$",
+        "description": "no (the default), yes (the instance's ICC profile), srgb (converted "
+        "to sRGB); adobergb and rommrgb are not supported (400 unless listed after one that "
+        "is); not with image/gif",
+    },
     "accept": {"type": "string"},
 }
 

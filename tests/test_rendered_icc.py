@@ -6,6 +6,7 @@ this server has no profile of, are a 400 unless the request lists a value it app
 from __future__ import annotations
 
 import io
+import re
 import struct
 from pathlib import Path
 
@@ -173,3 +174,22 @@ async def test_adobe_and_romm_rgb(app_client: httpx.AsyncClient, samples: Path) 
     assert is_srgb(decoded(r).info["icc_profile"])
     r = await app_client.get(url, params={"iccprofile": "adobergb,no,srgb"}, headers=PNG)
     assert "icc_profile" not in decoded(r).info
+
+
+async def test_openapi_iccprofile(app_client: httpx.AsyncClient) -> None:
+    """The OpenAPI description lists `iccprofile`, now applied, with the values it takes."""
+    doc = (await app_client.get("/openapi.json")).json()
+    schemas = [
+        p["schema"]
+        for path, ops in doc["paths"].items()
+        if path.endswith(("/rendered", "/thumbnail"))
+        for op in ops.values()
+        for p in op["parameters"]
+        if p["name"] == "iccprofile"
+    ]
+    assert schemas
+    for schema in schemas:
+        for value in ("no", "yes", "srgb", "adobergb,srgb", "rommrgb"):
+            assert re.fullmatch(schema["pattern"], value), value
+        for value in ("", "YES", "srgb,", "x"):
+            assert not re.fullmatch(schema["pattern"], value), value
