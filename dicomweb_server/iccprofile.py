@@ -47,8 +47,8 @@ def colour_managed(
     RGB profile and a JPEG or PNG carries a profile of its own colour space only. The
     instance's profile of a MONOCHROME image describes its preferred Palette Color rendering
     (PS3.3 C.8.12.5.1.4), which this server does not apply: it is not used. A profile
-    LittleCMS cannot read, or not an RGB one, is taken as absent (PS3.3 C.11.15.1.1 allows
-    only RGB input profiles)."""
+    LittleCMS cannot read or link to sRGB, or not an RGB one, is taken as absent (PS3.3
+    C.11.15.1.1 allows only RGB input profiles)."""
     if choice == "no":
         return img, None
     source = _source_profile(ds, frame) if img.mode == "RGB" else None
@@ -56,13 +56,29 @@ def colour_managed(
         return img, source
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     if choice == "srgb" and source is not None:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(source))
-        dst = ImageCms.ImageCmsProfile(io.BytesIO(srgb_profile()))
-        transform = ImageCms.buildTransform(src, dst, "RGB", "RGB", ImageCms.Intent.PERCEPTUAL)
-        converted = ImageCms.applyTransform(rgb, transform)
+        converted = ImageCms.applyTransform(rgb, _to_srgb(source))
         assert converted is not None  # applyTransform returns None only with inPlace=True
         rgb = converted
     return rgb, srgb_profile()
+
+
+def _to_srgb(profile: bytes) -> ImageCms.ImageCmsTransform:
+    """A transform of RGB pixels from `profile` to sRGB, perceptual intent. Built for each
+    image, not kept: a LittleCMS transform keeps a one-pixel cache and is not to be shared by
+    threads. PyCMSError when LittleCMS cannot read the profile or link it to sRGB."""
+    src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    dst = ImageCms.ImageCmsProfile(io.BytesIO(srgb_profile()))
+    return ImageCms.buildTransform(src, dst, "RGB", "RGB", ImageCms.Intent.PERCEPTUAL)
+
+
+@functools.lru_cache(maxsize=16)
+def _usable(profile: bytes) -> bool:
+    """Whether LittleCMS reads `profile` and links it to sRGB (_to_srgb); kept by profile."""
+    try:
+        _to_srgb(profile)
+    except (OSError, ImageCms.PyCMSError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _source_profile(ds: Dataset, frame: int) -> bytes | None:
@@ -70,7 +86,7 @@ def _source_profile(ds: Dataset, frame: int) -> bytes | None:
     set's own, else (a whole slide image, PS3.3 C.8.12.5) that of the Optical Path Sequence
     item the frame's Optical Path Identification names (per-frame functional group first,
     then the shared one), else that of the only item. None when there is none, or it is not
-    an RGB profile LittleCMS can read."""
+    an RGB profile LittleCMS can read and link to sRGB."""
     if str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME"):
         return None
     value = ds.get("ICCProfile")
@@ -85,11 +101,7 @@ def _source_profile(ds: Dataset, frame: int) -> bytes | None:
         value = items[0].get("ICCProfile")
     if not isinstance(value, bytes | bytearray) or bytes(value[16:20]) != _RGB_SIGNATURE:
         return None
-    try:
-        ImageCms.ImageCmsProfile(io.BytesIO(bytes(value)))
-    except (OSError, ImageCms.PyCMSError, ValueError, TypeError):
-        return None
-    return bytes(value)
+    return bytes(value) if _usable(bytes(value)) else None
 
 
 def _optical_path_of(ds: Dataset, frame: int) -> str | None:

@@ -193,3 +193,40 @@ async def test_openapi_iccprofile(app_client: httpx.AsyncClient) -> None:
             assert re.fullmatch(schema["pattern"], value), value
         for value in ("", "YES", "srgb,", "x"):
             assert not re.fullmatch(schema["pattern"], value), value
+
+
+def unlinkable_profile() -> bytes:
+    """sRGB's profile without its colorant and curve tags (renamed): LittleCMS opens it, but
+    cannot link it to another."""
+    data = bytearray(srgb())
+    (count,) = struct.unpack_from(">I", data, 128)
+    for i in range(count):
+        at = 132 + 12 * i
+        if data[at + 1 : at + 4] in (b"XYZ", b"TRC") and data[at] in b"rgb":
+            data[at : at + 4] = b"zz%02d" % i
+    return bytes(data)
+
+
+async def test_unreadable_instance_profile(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """An ICC Profile LittleCMS cannot read (an RGB signature, garbage otherwise), or link to
+    sRGB (opened, but "cannot build transform": a 500 for srgb), or one not of RGB, is taken
+    as absent: sRGB, never a 5xx."""
+    garbage = bytes(16) + b"RGB " + bytes(108)
+    grey = b"\x00" * 16 + b"GRAY" + srgb()[20:]
+    for profile in (garbage, unlinkable_profile(), grey):
+        url = await store(app_client, variant(samples, ICCProfile=profile))
+        for value in ("yes", "srgb"):
+            for headers in (PNG, JPEG):
+                r = await app_client.get(url, params={"iccprofile": value}, headers=headers)
+                assert is_srgb(decoded(r, headers["Accept"]).info["icc_profile"])
+
+
+async def test_large_instance_profile_in_jpeg(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """A profile larger than one JPEG APP2 segment (65519 bytes of profile, ISO 15076-1 B.4)
+    is sent in several, read back whole."""
+    profile = bytearray(swapped_profile())
+    profile += bytes(200_000)
+    profile[0:4] = struct.pack(">I", len(profile))
+    url = await store(app_client, variant(samples, ICCProfile=bytes(profile)))
+    r = await app_client.get(url, params={"iccprofile": "yes"}, headers=JPEG)
+    assert decoded(r, "image/jpeg").info["icc_profile"] == bytes(profile)
