@@ -202,7 +202,7 @@ def unlinkable_profile() -> bytes:
     (count,) = struct.unpack_from(">I", data, 128)
     for i in range(count):
         at = 132 + 12 * i
-        if data[at + 1 : at + 4] in (b"XYZ", b"TRC") and data[at] in b"rgb":
+        if bytes(data[at + 1 : at + 4]) in (b"XYZ", b"TRC") and data[at] in b"rgb":
             data[at : at + 4] = b"zz%02d" % i
     return bytes(data)
 
