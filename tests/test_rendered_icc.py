@@ -230,3 +230,15 @@ async def test_large_instance_profile_in_jpeg(app_client: httpx.AsyncClient, sam
     url = await store(app_client, variant(samples, ICCProfile=bytes(profile)))
     r = await app_client.get(url, params={"iccprofile": "yes"}, headers=JPEG)
     assert decoded(r, "image/jpeg").info["icc_profile"] == bytes(profile)
+
+
+async def test_icon_thumbnail(app_client: httpx.AsyncClient, samples: Path) -> None:
+    """The icon that stands for an instance without pixel data (a report) is sRGB: asked for
+    with `yes` or `srgb`, it carries the sRGB profile; with `no`, none."""
+    ds = pydicom.dcmread(samples / "real/pydicom/reportsi.dcm")
+    url = (await store(app_client, ds)).replace("/rendered", "/thumbnail")
+    for value in ("yes", "srgb"):
+        r = await app_client.get(url, params={"iccprofile": value}, headers=PNG)
+        assert is_srgb(decoded(r).info["icc_profile"])
+    r = await app_client.get(url, params={"iccprofile": "no"}, headers=PNG)
+    assert "icc_profile" not in decoded(r).info
