@@ -160,20 +160,12 @@ def accept_of(request: Request) -> str | None:
     """What a request accepts: the media types of the `accept` query parameter (PS3.18
     8.3.3.1), then, when none of those is supported, the Accept header's (8.7.8.1). The
     `charset` query parameter is checked on the way (8.3.3.2: 400 unless UTF-8 is allowed).
-
-    Each is a list (1#) with "the same syntax as the Accept header field" (8.3.3.1); given
-    more than once, its values are one list in order, as RFC 9110 5.3 combines a list-based
-    header field sent on several lines. Read as the last, `accept=image/png&accept=image/gif`
-    dropped the first, and `charset=utf-8&charset=latin1` was a 400 though it allows UTF-8."""
-    check_charset(_joined(request.query_params.getlist("charset")))
-    return accept_then(
-        _joined(request.query_params.getlist("accept")), request.headers.get("accept")
-    )
-
-
-def _joined(values: list[str]) -> str | None:
-    """A list-valued query parameter given `values` times, as one value; None when absent."""
-    return ",".join(values) if values else None
+    Each is a list (1#): given more than once, one list in order, as RFC 9110 5.3 combines a
+    list header field's lines (read as the last, `accept=a/b&accept=c/d` dropped a/b)."""
+    q = request.query_params
+    charset, accept = (",".join(q.getlist(k)) if k in q else None for k in ("charset", "accept"))
+    check_charset(charset)
+    return accept_then(accept, request.headers.get("accept"))
 
 
 def uid_param(request: Request, name: str) -> str:
