@@ -35,10 +35,32 @@ _STATUS = {
     "413": "Content Too Large", "415": "Unsupported Media Type",
     "503": "Service Unavailable (database away, scratch space full; Retry-After)",
 }  # fmt: skip
+# `window` as the server takes it (rendered.py): PS3.18 8.3.5.1.4's center,width,function,
+# the function in any case and also as VOI LUT Function spells it (linear_exact), or
+# center,width alone, read as linear. Numbers: ASCII decimals, an exponent allowed. In the
+# syntax both ECMA-262 (OpenAPI's pattern) and Python read alike: no inline flags.
+_NUMBER = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?"
+_FUNCTION = r"([lL][iI][nN][eE][aA][rR]([-_][eE][xX][aA][cC][tT])?|[sS][iI][gG][mM][oO][iI][dD])"
+_WINDOW_PATTERN = f"^{_NUMBER},{_NUMBER}(,{_FUNCTION})?$"
+_ICC_VALUE = "(no|yes|srgb|adobergb|rommrgb)"
 _RENDER_PARAMS: dict[str, dict[str, Any]] = {
-    "window": {"type": "string", "description": "center,width,linear|linear-exact|sigmoid"},
+    "window": {
+        "type": "string",
+        "pattern": _WINDOW_PATTERN,
+        "description": "center,width[,function]: function linear (the default when omitted), "
+        "linear-exact or sigmoid, in any case; width at least 1 for linear, more than 0 "
+        "otherwise",
+    },
     "viewport": {"type": "string", "description": "vw,vh[,[sx],[sy],[sw],[sh]]"},
     "quality": {"type": "integer", "minimum": 1, "maximum": 100},
+    # PS3.18 8.3.5.1.5: a list; the first value applied here (no, yes, srgb) is applied.
+    "iccprofile": {
+        "type": "string",
+        "pattern": f"^{_ICC_VALUE}(,{_ICC_VALUE})*$",
+        "description": "no (the default), yes (the instance's ICC profile), srgb (converted "
+        "to sRGB); adobergb and rommrgb are not supported (400 unless listed after one that "
+        "is); not with image/gif",
+    },
     "accept": {"type": "string"},
 }
 

@@ -18,6 +18,7 @@ from pydicom.pixels.processing import apply_color_lut
 from pydicom.sequence import Sequence
 
 from dicomweb_server.dicom_json import first_number
+from dicomweb_server.iccprofile import colour_managed
 from dicomweb_server.rendered import (
     THUMBNAIL_SIZE,
     RenderParams,
@@ -384,7 +385,10 @@ def _colour_top(arr: np.ndarray, ds: Dataset, photometric: str) -> float:
     return float(2 ** min(max(bits, 1), 8 * arr.dtype.itemsize) - 1)
 
 
-def _encode(img: Image.Image, media: str, quality: int) -> bytes:
+def _encode(img: Image.Image, media: str, quality: int, icc: bytes | None = None) -> bytes:
+    """img as `media`, with the ICC profile `icc` embedded when given (PS3.18 8.3.5.1.5 notes
+    4 and 6: a JPEG's APP2 ICC_PROFILE segments, a PNG's iCCP chunk); GIF carries none
+    (check_iccprofile refuses to ask for one)."""
     if media == "image/jpeg" and max(img.size) > JPEG_MAX_EDGE:
         # Pillow's JPEG writer failed with an OSError mid-save (a 500); Rows and Columns
         # reach 65535 (US), a viewport asks for less.
@@ -393,12 +397,14 @@ def _encode(img: Image.Image, media: str, quality: int) -> bytes:
             f"{img.width} x {img.height}: ask for image/png, or for a smaller viewport"
         )
     buf = io.BytesIO()
+    profile = {} if icc is None else {"icc_profile": icc}
     if media == "image/png":
-        img.save(buf, format="PNG")
+        img.save(buf, format="PNG", **profile)
     elif media == "image/gif":
         img.convert("P", palette=Image.Palette.ADAPTIVE).save(buf, format="GIF")
     else:
-        img.convert("L" if img.mode == "L" else "RGB").save(buf, format="JPEG", quality=quality)
+        img = img.convert("L" if img.mode == "L" else "RGB")
+        img.save(buf, format="JPEG", quality=quality, **profile)
     return buf.getvalue()
 
 
@@ -472,7 +478,8 @@ def render_frame(
     where a Deflated file is inflated."""
     ds = read_stored(path, stop_before_pixels=True)
     img = _image(_frame_pixels(path, ds, frame, params.window, scratch), params)
-    return _encode(_fit(img, params, thumbnail), media, params.quality)
+    img, icc = colour_managed(_fit(img, params, thumbnail), ds, frame, params.icc)
+    return _encode(img, media, params.quality, icc)
 
 
 def render_animation(path: Path, params: RenderParams, scratch: Path | None = None) -> bytes:
@@ -512,5 +519,6 @@ def render_icon(label: str, params: RenderParams, media: str) -> bytes:
         ((side - (right - left)) / 2, (side - (bottom - top)) / 2), text, fill=(248, 249, 250)
     )
     # Icons are thumbnails, whose viewport names no source region (PS3.18 8.3.5.1.3): _fit
-    # fits the whole tile inside the viewport.
-    return _encode(_fit(img, params, thumbnail=True), media, params.quality)
+    # fits the whole tile inside the viewport. Their colours are sRGB (no instance profile).
+    img, icc = colour_managed(_fit(img, params, thumbnail=True), Dataset(), 1, params.icc)
+    return _encode(img, media, params.quality, icc)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
-from dicomweb_server.media.mediatypes import parse_accept
+from dicomweb_server.media.mediatypes import malformed_ranges, parse_accept
 
 __all__ = [
     "DEFAULT_QUALITY",
@@ -28,6 +28,7 @@ __all__ = [
     "output_size",
     "parse_render_params",
     "region_box",
+    "render_query",
 ]
 
 # PS3.18 Table 8.7.4-1: rendered media types we produce; the first is the default.
@@ -74,6 +75,9 @@ MAX_REGION_VALUE_CHARS = 32
 # types that cannot embed an ICC profile, for which any value but "no" is a 400.
 _ICC_VALUES = ("no", "yes", "srgb", "adobergb", "rommrgb")
 _NO_ICC_MEDIA = frozenset({"image/gif"})
+# The `iccprofile` values this server applies (iccprofile.py): Pillow's LittleCMS has a
+# built-in sRGB profile and none of Adobe RGB or ROMM RGB.
+_ICC_APPLIED = ("no", "yes", "srgb")
 # An `annotation` value (PS3.18 8.3.5.1.1): a keyword. This server burns in none.
 _KEYWORD = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 # Numbers are ASCII digits: Python's `\d`, int() and float() also take the digits of other
@@ -96,6 +100,8 @@ class RenderParams:
     # None for sw (sh): to the image's right (bottom) edge. None: the whole image.
     region: Region | None = None
     quality: int = DEFAULT_QUALITY
+    # The `iccprofile` value applied (PS3.18 8.3.5.1.5): "no", "yes" or "srgb".
+    icc: str = "no"
 
 
 def _numbers(name: str, value: str, count: tuple[int, ...]) -> list[str]:
@@ -222,10 +228,33 @@ def check_animation(frames: int, size: tuple[int, int]) -> None:
         )
 
 
+# The rendering parameters (PS3.18 8.3.5.1), each one value or one list (`%s"window=" ...`):
+# given again with another value they contradict each other, and taking either drops the
+# other silently (STYLE rule 5), as QIDO's limit and flags (query._once).
+_SINGLE = frozenset({"window", "viewport", "quality", "iccprofile", "annotation"})
+
+
+def render_query(items: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The query parameters of a rendered or thumbnail request by name: 400 when one of
+    _SINGLE is given twice with different values (`window=40,400&window=50,350`: which one
+    the image shows was the last's, silently); given twice alike, it is that value. Other
+    names: the last value (they are ignored, ignored_render_params warns of each)."""
+    out: dict[str, str] = {}
+    for name, value in items:
+        if name in _SINGLE and out.get(name, value) != value:
+            raise BadRequestError(
+                f"{name} is given twice with different values ({out[name][:64]!r} and "
+                f"{value[:64]!r}); give it once"
+            )
+        out[name] = value
+    return out
+
+
 def parse_render_params(params: Mapping[str, str], thumbnail: bool = False) -> RenderParams:
-    """`window`, `viewport`, `quality` (PS3.18 8.3.5.1); 400 when malformed, or when a
-    thumbnail's viewport names a source region. `annotation` and `iccprofile` are checked
-    too (ignored_render_params says what is not applied of them)."""
+    """`window`, `viewport`, `quality`, `iccprofile` (PS3.18 8.3.5.1); 400 when malformed,
+    when a thumbnail's viewport names a source region, or when no `iccprofile` value is one
+    this server applies. `annotation` is checked too (ignored_render_params warns that it is
+    not applied)."""
     window = _window(params["window"]) if params.get("window") else None
     viewport, region = (
         _viewport(params["viewport"], thumbnail) if params.get("viewport") else (None, None)
@@ -238,9 +267,8 @@ def parse_render_params(params: Mapping[str, str], thumbnail: bool = False) -> R
         quality = int(q)
     if "annotation" in params:
         _annotation(params["annotation"])
-    if "iccprofile" in params:
-        _iccprofile(params["iccprofile"])
-    return RenderParams(window, viewport, region, quality)
+    icc = _icc_choice(params["iccprofile"]) if "iccprofile" in params else "no"
+    return RenderParams(window, viewport, region, quality, icc)
 
 
 def _annotation(value: str) -> list[str]:
@@ -265,6 +293,27 @@ def _iccprofile(value: str) -> list[str]:
     return items
 
 
+def _icc_choice(value: str) -> str:
+    """The `iccprofile` value applied: the first of the request's values this server applies.
+    PS3.18 8.3.5.1.5 lets the parameter hold a list (1#) without saying what several values
+    mean; read as the client's choices in order of preference (`adobergb,srgb`: Adobe RGB,
+    else sRGB). 400 when none is applied here (`adobergb`, `rommrgb`): the image cannot be
+    in the colour space asked for, and one sent in another space, or with no profile, would
+    be shown in wrong colours by a colour-managed client that relied on it; the standard's
+    rule for a supported parameter whose value cannot be honoured is a 400 (8.3: "an
+    invalid value"; 8.3.5.1.3: dimensions "not supported")."""
+    items = _iccprofile(value)
+    for item in items:
+        if item in _ICC_APPLIED:
+            return item
+    raise BadRequestError(
+        f"iccprofile {','.join(dict.fromkeys(items))} is not supported: this server embeds the "
+        f"instance's ICC profile (yes) or converts to sRGB (srgb), and has no Adobe RGB or ROMM "
+        f"RGB profile; ask for one of {', '.join(_ICC_APPLIED)} (several values are taken in "
+        "order of preference)"
+    )
+
+
 def check_iccprofile(params: Mapping[str, str], media: str) -> None:
     """PS3.18 8.3.5.1.5: "If the Media Type does not support embedded ICC Profiles: a 400 Bad
     Request error shall be returned if the parameter value is other than 'no'" (GIF here)."""
@@ -277,25 +326,22 @@ def check_iccprofile(params: Mapping[str, str], media: str) -> None:
 
 # Query parameters of the rendered and thumbnail resources this server applies (PS3.18
 # 8.3.5.1: window, viewport, quality; 8.3.3.1-2: accept, charset).
-_APPLIED = frozenset({"window", "viewport", "quality", "accept", "charset"})
+_APPLIED = frozenset({"window", "viewport", "quality", "iccprofile", "accept", "charset"})
 
 
 def ignored_render_params(params: Mapping[str, str]) -> list[str]:
     """A Warning text per query parameter accepted but not applied (STYLE rule 5: never
     dropped silently). PS3.18 8.3.1: "The origin server shall ignore any unsupported Query
-    Parameters"; `annotation` and `iccprofile` (8.3.5.1.1, 8.3.5.1.5) are supported by the
-    standard but not by this server, which burns in no annotation and embeds no ICC profile
-    (`iccprofile=no` asks for none: nothing ignored). Unsupported annotation values get the
-    Warning text 8.3.5.1.1 gives. Their values were checked by parse_render_params."""
+    Parameters"; `annotation` (8.3.5.1.1) is supported by the standard but not by this
+    server, which burns in no annotation: its values get the Warning text 8.3.5.1.1 gives.
+    Its values were checked by parse_render_params."""
     texts: list[str] = []
     for name in dict.fromkeys(params):
-        if name in _APPLIED or (name == "iccprofile" and params[name] == "no"):
+        if name in _APPLIED:
             continue
         if name == "annotation":
             values = ",".join(dict.fromkeys(_annotation(params[name])))
             texts.append(f"The following annotation values are not supported: {values}")
-        elif name == "iccprofile":
-            texts.append("iccprofile is not applied: the image is sent without an ICC profile")
         else:
             texts.append(f"{name[:64]} is not a parameter of this resource; ignored")
     return texts
@@ -307,4 +353,14 @@ def negotiate_rendered(accept: str | None) -> str:
         for media in RENDERED_MEDIA_TYPES:
             if rng.matches(media):
                 return media
-    raise NotAcceptableError(f"rendered images are available as {', '.join(RENDERED_MEDIA_TYPES)}")
+    reason = f"rendered images are available as {', '.join(RENDERED_MEDIA_TYPES)}"
+    malformed = malformed_ranges(accept)
+    if malformed:
+        # PS3.18 8.7.7: ignored, and then nothing acceptable is left. `image/` is not read as
+        # image/*: RFC 9110 12.5.1 gives it no meaning, and a wildcard must be asked for.
+        shown = ", ".join(repr(m[:64]) for m in malformed[:4])
+        reason += (
+            f"; not media ranges, ignored: {shown} (RFC 9110 12.5.1: type/subtype; "
+            "image/* accepts any image type)"
+        )
+    raise NotAcceptableError(reason)

@@ -5,6 +5,8 @@ decimal source region values and its flips, the window function keywords, `annot
 from __future__ import annotations
 
 import io
+import json
+import re
 from pathlib import Path
 
 import httpx
@@ -138,3 +140,75 @@ async def test_annotation_and_iccprofile_values(app_client: httpx.AsyncClient, c
     for value in ("yes", "srgb", "no,yes"):
         r = await app_client.get(ct_url, params={"iccprofile": value}, headers=gif)
         refused(r, "image/gif", "ICC")
+
+
+async def test_openapi_window_is_what_the_server_takes(
+    app_client: httpx.AsyncClient, ct_url: str
+) -> None:
+    """The OpenAPI description's `window` (GET /openapi.json) matches every form the server
+    takes, the two-value one (read as linear) among them, and none it refuses as
+    malformed: its pattern was center,width,function only, in words."""
+    doc = (await app_client.get("/openapi.json")).json()
+    (schema,) = {
+        json.dumps(p["schema"], sort_keys=True)
+        for path, ops in doc["paths"].items()
+        if path.endswith("/rendered")
+        for op in ops.values()
+        for p in op["parameters"]
+        if p["name"] == "window"
+    }
+    pattern = json.loads(schema)["pattern"]
+    assert "center,width[,function]" in json.loads(schema)["description"]
+    taken = ("40,400", "40,400,linear", "-1.5,2e2,SIGMOID", "40,400,Linear-Exact",
+             "40,400,linear_exact", ".5,1.,sigmoid", "+1,1E+3")  # fmt: skip
+    refused_ = ("40", "40,400,", "40,400,cubic", "a,400", "40,400,linear,1", "40,,linear",
+                "1e,400", "40;400")  # fmt: skip
+    for value in taken:
+        assert re.fullmatch(pattern, value), value
+        r = await app_client.get(ct_url, params={"window": value}, headers=PNG)
+        assert r.status_code == 200, (value, r.text)
+    for value in refused_:
+        assert not re.fullmatch(pattern, value), value
+        refused(await app_client.get(ct_url, params={"window": value}), "window")
+
+
+async def test_repeated_parameters(app_client: httpx.AsyncClient, ct_url: str) -> None:
+    """A rendering parameter given twice with different values is a 400 naming it (the last
+    was taken silently: `quality=1&quality=90` was quality 90); twice alike, it is that
+    value. `accept` given twice is one list, in order (RFC 9110 5.3, as the header field
+    it mirrors, PS3.18 8.3.3.1): the first was dropped."""
+    thumb = ct_url.replace("/rendered", "/thumbnail")
+    for name, a, b in (
+        ("window", "40,400", "50,350"),
+        ("quality", "1", "90"),
+        ("viewport", "64,64", "32,32"),
+        ("iccprofile", "no", "srgb"),
+        ("annotation", "patient", "technique"),
+    ):
+        for url in (ct_url, thumb):
+            r = await app_client.get(f"{url}?{name}={a}&{name}={b}")
+            refused(r, name, "twice", "give it once")
+            r = await app_client.get(f"{url}?{name}={a}&{name}={a}", headers=PNG)
+            assert r.status_code == 200, (name, r.text)
+    r = await app_client.get(f"{ct_url}?viewport=32,32&viewport=32,32", headers=PNG)
+    assert pixels(r).shape == (32, 32)
+    r = await app_client.get(f"{ct_url}?accept=image/png&accept=image/gif")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    r = await app_client.get(f"{ct_url}?charset=utf-8&charset=latin1", headers=PNG)
+    assert r.status_code == 200, r.text
+
+
+async def test_accept_image_slash(app_client: httpx.AsyncClient, ct_url: str) -> None:
+    """`Accept: image/` (dicomweb-client sends what it is given, `image/` among the types it
+    lets through) is no media range (RFC 9110 12.5.1: type "/" subtype): ignored (PS3.18
+    8.7.7), and with nothing else acceptable, a 406 that names it and the wildcard meant; it
+    said only which types there are. Beside a valid range it is ignored."""
+    for url in (ct_url, ct_url.replace("/rendered", "/thumbnail")):
+        r = await app_client.get(url, headers={"Accept": "image/"})
+        assert r.status_code == 406, r.text
+        message = r.json()["message"]
+        assert "'image/'" in message and "image/*" in message and "image/png" in message
+        r = await app_client.get(url, headers={"Accept": "image/, image/png"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    r = await app_client.get(ct_url, headers={"Accept": "image/*"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"

@@ -35,6 +35,7 @@ __all__ = [
     "MediaRange",
     "accept_then",
     "check_charset",
+    "malformed_ranges",
     "parse_accept",
     "parse_content_type",
     "stow_boundary",
@@ -322,6 +323,17 @@ class _Refused:
 
 def _specificity(rng: MediaRange) -> int:
     return (rng.type != "*") + (rng.subtype != "*")
+
+
+def malformed_ranges(value: str | None) -> list[str]:
+    """The media ranges of an Accept value that parse_accept ignores as malformed (PS3.18
+    8.7.7), as written, for a 406 to name: `image/` (dicomweb-client passes it on when given
+    it) is no media range, RFC 9110 12.5.1: type "/" subtype, the subtype a token of at
+    least one character. At most MAX_ACCEPT_RANGES looked at."""
+    if value is None:
+        return []
+    parts = [p for block in value.split(ACCEPT_FALLBACK) for p in _split_outside_quotes(block, ",")]
+    return [p.strip() for p in parts[:MAX_ACCEPT_RANGES] if p.strip() and _parse_valid(p) is None]
 
 
 def _parse_valid(text: str) -> MediaRange | None:

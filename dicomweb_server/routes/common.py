@@ -159,9 +159,13 @@ async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
 def accept_of(request: Request) -> str | None:
     """What a request accepts: the media types of the `accept` query parameter (PS3.18
     8.3.3.1), then, when none of those is supported, the Accept header's (8.7.8.1). The
-    `charset` query parameter is checked on the way (8.3.3.2: 400 unless UTF-8 is allowed)."""
-    check_charset(request.query_params.get("charset"))
-    return accept_then(request.query_params.get("accept"), request.headers.get("accept"))
+    `charset` query parameter is checked on the way (8.3.3.2: 400 unless UTF-8 is allowed).
+    Each is a list (1#): given more than once, one list in order, as RFC 9110 5.3 combines a
+    list header field's lines (read as the last, `accept=a/b&accept=c/d` dropped a/b)."""
+    q = request.query_params
+    charset, accept = (",".join(q.getlist(k)) if k in q else None for k in ("charset", "accept"))
+    check_charset(charset)
+    return accept_then(accept, request.headers.get("accept"))
 
 
 def uid_param(request: Request, name: str) -> str:

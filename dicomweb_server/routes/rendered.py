@@ -16,6 +16,7 @@ from dicomweb_server.rendered import (
     ignored_render_params,
     negotiate_rendered,
     parse_render_params,
+    render_query,
 )
 from dicomweb_server.rendering import (
     REPORT_CLASS_PREFIX,
@@ -39,14 +40,15 @@ __all__ = ["retrieve_rendered", "retrieve_thumbnail"]
 
 
 async def _image(request: Request, thumbnail: bool) -> Response:
-    response = await _rendered(request, thumbnail)
-    response.headers.update(warning_header(ignored_render_params(request.query_params)))
+    query = render_query(request.query_params.multi_items())
+    response = await _rendered(request, query, thumbnail)
+    response.headers.update(warning_header(ignored_render_params(query)))
     return response
 
 
-async def _rendered(request: Request, thumbnail: bool) -> Response:
+async def _rendered(request: Request, query: dict[str, str], thumbnail: bool) -> Response:
     accept = accept_of(request)
-    params = parse_render_params(request.query_params, thumbnail)
+    params = parse_render_params(query, thumbnail)
     p = request.path_params
     svc = services(request)
     found = await locate(
@@ -67,7 +69,7 @@ async def _rendered(request: Request, thumbnail: bool) -> Response:
         if document is not None:
             return document
     media = negotiate_rendered(accept)
-    check_iccprofile(request.query_params, media)
+    check_iccprofile(query, media)
     animate = "instance" in p and "frames" not in p
     data = await rendered_image(svc, inst, frame, params, media, thumbnail, animate)
     return Response(data, media_type=media, headers=_PRIVATE if "instance" in p else _CHANGING)

@@ -1,0 +1,122 @@
+"""ICC profiles of rendered images (PS3.18 8.3.5.1.5, the `iccprofile` query parameter): the
+instance's own profile embedded, or the image converted to sRGB and an sRGB profile embedded.
+
+With render.py, the pixel layer: Pillow's ImageCms (LittleCMS) does the conversion.
+Synchronous; called in worker threads behind the app's limiter.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+from PIL import Image, ImageCms
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+__all__ = ["colour_managed", "srgb_profile"]
+
+# The ICC header's Color Space Signature (bytes 16 to 19): an RGB profile, the only kind PS3.3
+# C.11.15.1.1 allows in ICC Profile (0028,2000) and the only kind an RGB JPEG or PNG may carry.
+_RGB_SIGNATURE = b"RGB "
+
+
+@functools.cache
+def srgb_profile() -> bytes:
+    """LittleCMS's built-in sRGB profile (IEC 61966-2.1), serialised."""
+    return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+
+
+def colour_managed(
+    img: Image.Image, ds: Dataset, frame: int, choice: str
+) -> tuple[Image.Image, bytes | None]:
+    """The rendering `img` of frame `frame` (1-based) of `ds`, and the ICC profile to embed in
+    it, as `choice` asks (PS3.18 8.3.5.1.5; rendered.py chose among the request's values):
+
+    - "no": no profile;
+    - "yes": the profile that describes the image, the instance's ICC Profile (0028,2000) for
+      the frame (_source_profile), sent with the pixels unchanged; when the instance has none,
+      the one 8.3.5.1.5 leaves to the server, "a well-known color space ... appropriate to
+      the type and source of the image": sRGB, the space a browser assumes of an image
+      without a profile, so the pixels are those sent without one;
+    - "srgb": the pixels converted from the instance's profile to sRGB (LittleCMS, perceptual
+      intent, which PS3.3 C.11.15.1.1 recommends the instance's profile carry), and the sRGB
+      profile; an instance without a profile is taken to be in sRGB already (as above).
+
+    A greyscale rendering with a profile is sent as RGB (R = G = B): the sRGB profile is an
+    RGB profile and a JPEG or PNG carries a profile of its own colour space only. The
+    instance's profile of a MONOCHROME image describes its preferred Palette Color rendering
+    (PS3.3 C.8.12.5.1.4), which this server does not apply: it is not used. A profile
+    LittleCMS cannot read or link to sRGB, or not an RGB one, is taken as absent (PS3.3
+    C.11.15.1.1 allows only RGB input profiles)."""
+    if choice == "no":
+        return img, None
+    source = _source_profile(ds, frame) if img.mode == "RGB" else None
+    if choice == "yes" and source is not None:
+        return img, source
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    if choice == "srgb" and source is not None:
+        converted = ImageCms.applyTransform(rgb, _to_srgb(source))
+        assert converted is not None  # applyTransform returns None only with inPlace=True
+        rgb = converted
+    return rgb, srgb_profile()
+
+
+def _to_srgb(profile: bytes) -> ImageCms.ImageCmsTransform:
+    """A transform of RGB pixels from `profile` to sRGB, perceptual intent. Built for each
+    image, not kept: a LittleCMS transform keeps a one-pixel cache and is not to be shared by
+    threads. PyCMSError when LittleCMS cannot read the profile or link it to sRGB."""
+    src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    dst = ImageCms.ImageCmsProfile(io.BytesIO(srgb_profile()))
+    return ImageCms.buildTransform(src, dst, "RGB", "RGB", ImageCms.Intent.PERCEPTUAL)
+
+
+@functools.lru_cache(maxsize=16)
+def _usable(profile: bytes) -> bool:
+    """Whether LittleCMS reads `profile` and links it to sRGB (_to_srgb); kept by profile."""
+    try:
+        _to_srgb(profile)
+    except (OSError, ImageCms.PyCMSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _source_profile(ds: Dataset, frame: int) -> bytes | None:
+    """The ICC Profile (0028,2000) that applies to frame `frame` of a colour image: the data
+    set's own, else (a whole slide image, PS3.3 C.8.12.5) that of the Optical Path Sequence
+    item the frame's Optical Path Identification names (per-frame functional group first,
+    then the shared one), else that of the only item. None when there is none, or it is not
+    an RGB profile LittleCMS can read and link to sRGB."""
+    if str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME"):
+        return None
+    value = ds.get("ICCProfile")
+    if value is None:
+        paths = ds.get("OpticalPathSequence")
+        if not isinstance(paths, Sequence) or not len(paths):
+            return None
+        wanted = _optical_path_of(ds, frame)
+        items = [p for p in paths if wanted is None or p.get("OpticalPathIdentifier") == wanted]
+        if len(items) != 1:
+            return None
+        value = items[0].get("ICCProfile")
+    if not isinstance(value, bytes | bytearray) or bytes(value[16:20]) != _RGB_SIGNATURE:
+        return None
+    return bytes(value) if _usable(bytes(value)) else None
+
+
+def _optical_path_of(ds: Dataset, frame: int) -> str | None:
+    """The Optical Path Identifier (0048,0106) of frame `frame`, from its Optical Path
+    Identification Sequence (PS3.3 C.8.12.6.1): the frame's functional group, else the shared
+    one; None when neither names one."""
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if isinstance(per_frame, Sequence) and len(per_frame) >= frame >= 1:
+        groups.append(per_frame[frame - 1])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if isinstance(shared, Sequence) and len(shared):
+        groups.append(shared[0])
+    for group in groups:
+        ident = group.get("OpticalPathIdentificationSequence")
+        if isinstance(ident, Sequence) and len(ident) and "OpticalPathIdentifier" in ident[0]:
+            return str(ident[0].OpticalPathIdentifier)
+    return None
