@@ -40,6 +40,9 @@ J2K = "generated/coverage/ct_j2k_lossless_signed.dcm"
 J2K_LARGE = "real/pydicom-data/MR2_J2KR.dcm"
 EXPLICIT = "1.2.840.10008.1.2.1"
 LOGGER = "dicomweb_server"
+# Bytes left free in the pydicom-writer test: more than a file's buffer (8 KiB), less than
+# the value pydicom writes (the Deflated instance's 160 KiB of pixels, 128 KiB of overlay).
+PYDICOM_ROOM_BYTES = 64 * 1024
 
 
 class Scratch:
@@ -278,3 +281,84 @@ def test_what_counts_as_the_scratch_space_full(
         assert raised.value.headers == {"Retry-After": str(SCRATCH_FULL_RETRY_S)}
         (record,) = caplog.records
         assert str(tmp_path) in record.getMessage() and record.levelno == logging.ERROR
+
+
+def _with_overlay(samples: Path) -> bytes:
+    """The JPEG 2000 instance with Overlay Data of 128 KiB, before its Pixel Data: a value
+    pydicom's writer writes into the header of the converted file."""
+    ds = pydicom.dcmread(samples / J2K)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.add_new(0x60000010, "US", 1024)  # Overlay Rows
+    ds.add_new(0x60000011, "US", 1024)  # Overlay Columns
+    ds.add_new(0x60000040, "CS", "G")  # Overlay Type
+    ds.add_new(0x60000050, "SS", [1, 1])  # Overlay Origin
+    ds.add_new(0x60000100, "US", 1)  # Overlay Bits Allocated
+    ds.add_new(0x60000102, "US", 0)  # Overlay Bit Position
+    ds.add_new(0x60003000, "OW", b"\x55" * (1024 * 1024 // 8))  # Overlay Data
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["deflated", "header"])
+async def test_a_value_written_by_pydicom_while_the_scratch_space_is_full(
+    app: Starlette,
+    scratch: Scratch,
+    samples: Path,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where pydicom's writer writes into the scratch file (a Deflated instance converted
+    whole, the header of a streamed conversion), it re-raises the write's OSError as a new
+    OSError of its message alone, without its errno (pydicom.tag.tag_in_exception): the
+    scratch space full was a 500 whenever the file's buffer was written out before (some
+    room left, not none: with none, closing the file failed again, with the errno). It is
+    the same 503 as elsewhere."""
+    data = (samples / DEFLATED).read_bytes() if kind == "deflated" else _with_overlay(samples)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    await _store(app, data)
+    stored = _stored(app)
+    accept = f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT}'
+    scratch.fill(PYDICOM_ROOM_BYTES)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    async with _client(app, raise_app_exceptions=False) as client:
+        r = await client.get(_url(ds), headers={"Accept": accept})
+        _check_unavailable(r, scratch)
+        _logged_once(caplog, scratch)
+        (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert error.endswith(os.strerror(errno.ENOSPC))  # the system's reason, not None
+        assert scratch.others() == []
+        scratch.free()
+        r = await client.get(_url(ds), headers={"Accept": accept})
+        assert r.status_code == 200, r.text
+        ((_, body),) = split_multipart(r.content, r.headers["content-type"])
+    converted = pydicom.dcmread(io.BytesIO(body))
+    assert converted.file_meta.TransferSyntaxUID == EXPLICIT
+    assert converted.PixelData == pydicom.dcmread(io.BytesIO(data)).pixel_array.tobytes()
+    assert _stored(app) == stored
+
+
+def test_a_full_scratch_space_under_pydicoms_wrapping(tmp_path: Path) -> None:
+    """An OSError re-raised by pydicom's writer (a new OSError without an errno, raised from
+    the write's; once more per enclosing sequence) is still the scratch space full; an
+    OSError raised from anything else is not."""
+    from dicomweb_server.blobstore.files import scratch_space
+    from dicomweb_server.errors import ServiceUnavailableError
+
+    def wrapped(cause: BaseException, times: int) -> OSError:
+        exc = cause
+        for _ in range(times):
+            try:
+                raise OSError(f"With tag (0008,1115) got exception: {exc}") from exc
+            except OSError as again:
+                exc = again
+        assert isinstance(exc, OSError)
+        return exc
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(ServiceUnavailableError), scratch_space(tmp_path):
+        raise wrapped(full, 3)
+    other = wrapped(ValueError("not a disk"), 1)
+    with pytest.raises(OSError) as raised, scratch_space(tmp_path):
+        raise other
+    assert raised.value is other

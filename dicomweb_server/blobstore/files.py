@@ -276,7 +276,20 @@ def scratch_file(directory: Path, suffix: str) -> Path:
 def out_of_space(exc: BaseException) -> bool:
     """Whether `exc` is a write refused for want of space: the filesystem full (ENOSPC) or
     the owner's quota spent (EDQUOT)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return _space_error(exc) is not None
+
+
+def _space_error(exc: BaseException | None) -> OSError | None:
+    """The OSError of out_of_space: `exc`, or the OSError it was raised from. pydicom's
+    writer re-raises a failure to write an element as a new exception of the same type, of
+    its message alone, raised from it (pydicom.tag.tag_in_exception, once per enclosing
+    sequence): an OSError without an errno. The scratch space full while pydicom wrote a
+    converted instance (a Deflated one, a header with a large value) was a 500."""
+    while isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__
+    return None
 
 
 @contextlib.contextmanager
@@ -291,9 +304,10 @@ def scratch_space(directory: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if not out_of_space(exc):
+        refused = _space_error(exc)
+        if refused is None:
             raise
-        log.error("cannot write a scratch file in %s: %s", directory, exc.strerror)
+        log.error("cannot write a scratch file in %s: %s", directory, refused.strerror)
         raise ServiceUnavailableError(
             SCRATCH_FULL_MESSAGE, headers={"Retry-After": str(SCRATCH_FULL_RETRY_S)}
         ) from exc
