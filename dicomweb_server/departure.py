@@ -28,7 +28,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -93,16 +93,18 @@ class Departure:
                 scope.cancel()
         return message
 
-    def watch(self, scope: anyio.CancelScope) -> None:
-        """Cancel `scope` when the client goes; the channel watched from now on, unless it
-        is being read already (that read sees the disconnect) or the handler must first
-        take a body message the watcher read."""
+    def watch(self, scope: anyio.CancelScope) -> bool:
+        """Cancel `scope` when the client goes. Whether the channel is watched from now on
+        by a watcher started here (one per request): not when it is being read already
+        (that read sees the disconnect), nor while the handler has a body message the
+        watcher read to take first."""
         self._scopes.add(scope)
         if self._reading or (self._watcher is not None and not self._watcher.done()):
-            return
+            return False
         if self._held and self._held[-1].get("more_body", False):
-            return
+            return False
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return True
 
     def unwatch(self, scope: anyio.CancelScope) -> None:
         self._scopes.discard(scope)
@@ -137,8 +139,8 @@ def watched(departure: Departure) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
-@contextlib.contextmanager
-def stopped_if_gone() -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def stopped_if_gone() -> AsyncIterator[None]:
     """Long work for the current request: ClientGone raised at once if its client went away
     already, else the work cancelled (ClientGone raised when the cancellation ends it) if the
     client goes while it runs. A no-op outside a watched request (DIMSE, a direct call)."""
@@ -148,8 +150,16 @@ def stopped_if_gone() -> Iterator[None]:
         return
     if departure.gone:
         raise ClientGone("the client went away")
-    with anyio.CancelScope() as scope:
-        departure.watch(scope)
+    scope = anyio.CancelScope()
+    if departure.watch(scope):
+        # The watcher just started reads what the channel holds before the work begins: a
+        # disconnect queued already (the client left while the request waited for the
+        # database, or behind other work) stops it here, before it takes a worker thread.
+        await asyncio.sleep(0)
+        if departure.gone:
+            departure.unwatch(scope)
+            raise ClientGone("the client went away")
+    with scope:
         try:
             yield
         finally:

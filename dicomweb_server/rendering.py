@@ -154,7 +154,7 @@ async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> by
     if cached is not None:
         return cached
     path = svc.blobs.local_path(inst.blob_key)
-    with stopped_if_gone():
+    async with stopped_if_gone():
         data = await anyio.to_thread.run_sync(render_report, path, media, limiter=svc.limiter)
     svc.images.put(key, data)
     return data
@@ -164,7 +164,7 @@ async def _render(svc: Services, job: _Job) -> bytes:
     """The image rendered in a worker thread: not begun for a client that went away while
     it waited for one (departure.py); one under way ends with its image, which is cached."""
     path = svc.blobs.local_path(job.inst.blob_key)
-    with stopped_if_gone():
+    async with stopped_if_gone():
         if (
             job.animate
             and job.media == "image/gif"

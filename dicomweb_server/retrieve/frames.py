@@ -363,18 +363,18 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
         codestream = await _stored_codestream(svc, inst, n)
         # Not begun for a client that went away while it waited for a worker thread
         # (departure.py); one decoding ends with its frame, kept in the cache.
-        with stopped_if_gone():
+        async with stopped_if_gone():
             data = await anyio.to_thread.run_sync(
                 convert_codestream, codestream, inst.transfer_syntax_uid, info, target,
                 limiter=svc.limiter,
             )  # fmt: skip
     elif target == EXPLICIT_VR_LITTLE_ENDIAN:
-        with stopped_if_gone():
+        async with stopped_if_gone():
             (data,) = await anyio.to_thread.run_sync(
                 decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
             )
     else:
-        with stopped_if_gone():
+        async with stopped_if_gone():
             (data,) = await anyio.to_thread.run_sync(
                 encode_frames, path, [n], target, svc.scratch_dir, limiter=svc.limiter
             )

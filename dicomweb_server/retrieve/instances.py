@@ -203,7 +203,7 @@ async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -
     try:
         src = svc.blobs.local_path(inst.blob_key)
         step = functools.partial(_shared_turn, svc.limiter)
-        with stopped_if_gone():
+        async with stopped_if_gone():
             await anyio.to_thread.run_sync(
                 functools.partial(to_transfer_syntax, src, tmp, target, step=step),
                 limiter=svc.converting,

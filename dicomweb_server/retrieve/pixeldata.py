@@ -233,7 +233,7 @@ async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelIn
     async def read(start: int, stop: int) -> AsyncIterator[bytes]:
         if stop <= start:
             return
-        with stopped_if_gone():  # the whole value at once: not begun for a client gone
+        async with stopped_if_gone():  # the whole value at once: not begun for a client gone
             data = await anyio.to_thread.run_sync(one_bit_pixel_data, path, limiter=svc.limiter)
         if len(data) != total:
             raise TranscodeError(f"1-bit Pixel Data decoded to {len(data)} bytes, not {total}")
