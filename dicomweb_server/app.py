@@ -330,7 +330,8 @@ class _Departures:
             with watched(departure):
                 await self.app(scope, departure.receive, send)
         finally:
-            await departure.close()
+            if departure.watching:
+                await departure.close()
 
 
 def _client_error(exc: Exception) -> DicomWebError | None:

@@ -28,7 +28,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
@@ -121,6 +121,11 @@ class Departure:
                 if message.get("more_body", False):
                     return  # more body to come: the handler reads it, not us
 
+    @property
+    def watching(self) -> bool:
+        """Whether a watcher was started (close has one to stop)."""
+        return self._watcher is not None
+
     async def close(self) -> None:
         """The request is over: its watcher, if any, is stopped (and waited for)."""
         watcher, self._watcher = self._watcher, None
@@ -129,14 +134,22 @@ class Departure:
             await asyncio.wait([watcher])  # its cancellation is not ours to raise
 
 
-@contextlib.contextmanager
-def watched(departure: Departure) -> Iterator[None]:
-    """`departure` is the current request's inside the block (stopped_if_gone finds it)."""
-    token = _CURRENT.set(departure)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+class watched:
+    """`departure` is the current request's inside the block (stopped_if_gone finds it). A
+    class, not a generator: every GET and HEAD enters one."""
+
+    __slots__ = ("_departure", "_token")
+
+    def __init__(self, departure: Departure) -> None:
+        self._departure = departure
+        self._token: contextvars.Token[Departure | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _CURRENT.set(self._departure)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _CURRENT.reset(self._token)
 
 
 @contextlib.asynccontextmanager
@@ -151,18 +164,17 @@ async def stopped_if_gone() -> AsyncIterator[None]:
     if departure.gone:
         raise ClientGone("the client went away")
     scope = anyio.CancelScope()
-    if departure.watch(scope):
-        # The watcher just started reads what the channel holds before the work begins: a
-        # disconnect queued already (the client left while the request waited for the
-        # database, or behind other work) stops it here, before it takes a worker thread.
-        await asyncio.sleep(0)
-        if departure.gone:
-            departure.unwatch(scope)
-            raise ClientGone("the client went away")
-    with scope:
-        try:
+    try:
+        if departure.watch(scope):
+            # The watcher just started reads what the channel holds before the work begins:
+            # a disconnect queued already (the client left while the request waited for the
+            # database, or behind other work) stops it here, before it takes a worker thread.
+            await asyncio.sleep(0)
+            if departure.gone:
+                raise ClientGone("the client went away")
+        with scope:
             yield
-        finally:
-            departure.unwatch(scope)
+    finally:
+        departure.unwatch(scope)
     if scope.cancelled_caught:
         raise ClientGone("the client went away")
