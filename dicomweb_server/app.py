@@ -23,6 +23,7 @@ from dicomweb_server.blobstore.files import FileSystemBlobStore
 from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
+from dicomweb_server.departure import ClientGone, Departure, watched
 from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.dimse.server import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
@@ -305,6 +306,34 @@ class _ResponseHeaders:
         await self.app(scope, receive, stamped)
 
 
+# Requests whose handlers are stopped when their client goes (_Departures): the safe methods
+# (RFC 9110 9.2.1), whose work left unfinished leaves nothing half done. A STOW is not: its
+# body is its parser's to read, and a client leaving it part-way is a ClientDisconnect.
+_WATCHED_METHODS = frozenset({"GET", "HEAD"})
+
+
+class _Departures:
+    """GET and HEAD requests served with their `receive` channel relayed by a Departure
+    (departure.py): long work for a client that went away stops, or never begins, and the
+    request ends as ClientGone (a 499 for the audit trail, _CatchAllMiddleware). Inside
+    _CatchAllMiddleware, which answers that."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _WATCHED_METHODS:
+            await self.app(scope, receive, send)
+            return
+        departure = Departure(receive)
+        try:
+            with watched(departure):
+                await self.app(scope, departure.receive, send)
+        finally:
+            if departure.watching:
+                await departure.close()
+
+
 def _client_error(exc: Exception) -> DicomWebError | None:
     """The DicomWebError an exception group holds, when it holds nothing else: a task group
     wraps what its tasks raise (an idle body's 408 raised where a task reads the body), and
@@ -344,9 +373,10 @@ class _CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, watch)
-        except ClientDisconnect:
-            # The client went away mid-request (a STOW body cut off): nobody to answer, and not
-            # a server error. 499 as nginx counts it, for the audit trail and the access log.
+        except (ClientDisconnect, ClientGone):
+            # The client went away mid-request (a STOW body cut off, a conversion stopped for
+            # it: departure.py): nobody to answer, and not a server error. 499 as nginx counts
+            # it, for the audit trail and the access log.
             log.info("client disconnected during %s", scope.get("path"))
             if not started:
                 await JSONResponse({"status": 499, "message": "client disconnected"}, 499)(
@@ -433,6 +463,9 @@ def _middleware(settings: Settings) -> list[Middleware]:
         Middleware(Guard, routes=ROUTES, roles=ROUTE_ROLES),
         # Inside CORS, so that even an unexpected error answers with CORS headers.
         Middleware(_CatchAllMiddleware),
+        # Innermost: long work of a GET or HEAD stops when its client goes (the 499 of
+        # ClientGone is _CatchAllMiddleware's).
+        Middleware(_Departures),
     ]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import anyio
 
 from dicomweb_server.blobstore.files import scratch_space
+from dicomweb_server.departure import ClientGone, stopped_if_gone
 from dicomweb_server.errors import NotAcceptableError, NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
@@ -77,7 +78,9 @@ async def _made_here(svc: Services, job: _Job, key: tuple[object, ...]) -> bytes
     try:
         data = await _rendered(svc, job)
     except BaseException as exc:
-        fault = _Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
+        # Its client gone (cancelled, or stopped before the rendering began: departure.py),
+        # the requests waiting for it are not: they make it themselves.
+        fault = _Abandoned() if isinstance(exc, asyncio.CancelledError | ClientGone) else exc
         making.set_exception(fault)
         making.exception()  # retrieved: no "never retrieved" warning when nobody waited
         raise
@@ -152,28 +155,31 @@ async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> by
     if cached is not None:
         return cached
     path = svc.blobs.local_path(inst.blob_key)
-    data = await anyio.to_thread.run_sync(render_report, path, media, limiter=svc.limiter)
+    async with stopped_if_gone():
+        data = await anyio.to_thread.run_sync(render_report, path, media, limiter=svc.limiter)
     svc.images.put(key, data)
     return data
 
 
 async def _render(svc: Services, job: _Job) -> bytes:
+    """The image rendered in a worker thread: not begun for a client that went away while
+    it waited for one (departure.py); one under way ends with its image, which is cached."""
     path = svc.blobs.local_path(job.inst.blob_key)
-    if (
-        job.animate
-        and job.media == "image/gif"
-        and job.inst.number_of_frames > 1
-        and not job.thumbnail
-    ):
+    async with stopped_if_gone():
         with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
+            if (
+                job.animate
+                and job.media == "image/gif"
+                and job.inst.number_of_frames > 1
+                and not job.thumbnail
+            ):
+                return await anyio.to_thread.run_sync(
+                    render_animation, path, job.params, svc.scratch_dir, limiter=svc.limiter
+                )
             return await anyio.to_thread.run_sync(
-                render_animation, path, job.params, svc.scratch_dir, limiter=svc.limiter
-            )
-    with scratch_space(svc.scratch_dir):
-        return await anyio.to_thread.run_sync(
-            render_frame, path, job.frame, job.params, job.media, job.thumbnail,
-            svc.scratch_dir, limiter=svc.limiter,
-        )  # fmt: skip
+                render_frame, path, job.frame, job.params, job.media, job.thumbnail,
+                svc.scratch_dir, limiter=svc.limiter,
+            )  # fmt: skip
 
 
 async def _icon(inst: StoredInstance, params: RenderParams, media: str) -> bytes:

@@ -20,9 +20,24 @@ START_TIMEOUT_S = 60.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1: one the system picks, or, when DICOMWEB_TEST_PORTS names a
+    range (`18200-18249`: a machine shared by several test runs), the next free one of it."""
+    lo, _, hi = os.environ.get("DICOMWEB_TEST_PORTS", "").partition("-")
+    candidates = [0] if not lo else [*range(int(lo), int(hi or lo) + 1)]
+    global _next_in_range
+    for k in range(len(candidates)):
+        port = candidates[(_next_in_range + k) % len(candidates)]
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            if port:
+                _next_in_range = (_next_in_range + k + 1) % len(candidates)
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port in DICOMWEB_TEST_PORTS={lo}-{hi}")
+
+
+# Where free_port looks first in DICOMWEB_TEST_PORTS: not a port it gave out a moment ago
+# (a server given it may not be listening yet).
+_next_in_range = 0
 
 
 @dataclass

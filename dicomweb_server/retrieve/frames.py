@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 
 from dicomweb_server.blobstore.files import scratch_space
+from dicomweb_server.departure import stopped_if_gone
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
@@ -361,20 +362,25 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
     if inst.encapsulated and inst.frame_offsets and inst.frame_lengths and info and info.rows:
         # Read just this frame's fragments by the offsets recorded at ingest; decode them.
         codestream = await _stored_codestream(svc, inst, n)
-        data = await anyio.to_thread.run_sync(
-            convert_codestream, codestream, inst.transfer_syntax_uid, info, target,
-            limiter=svc.limiter,
-        )  # fmt: skip
+        # Not begun for a client that went away while it waited for a worker thread
+        # (departure.py); one decoding ends with its frame, kept in the cache.
+        async with stopped_if_gone():
+            data = await anyio.to_thread.run_sync(
+                convert_codestream, codestream, inst.transfer_syntax_uid, info, target,
+                limiter=svc.limiter,
+            )  # fmt: skip
     elif target == EXPLICIT_VR_LITTLE_ENDIAN:
-        with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
-            (data,) = await anyio.to_thread.run_sync(
-                decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
-            )
+        async with stopped_if_gone():
+            with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
+                (data,) = await anyio.to_thread.run_sync(
+                    decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
+                )
     else:
-        with scratch_space(svc.scratch_dir):
-            (data,) = await anyio.to_thread.run_sync(
-                encode_frames, path, [n], target, svc.scratch_dir, limiter=svc.limiter
-            )
+        async with stopped_if_gone():
+            with scratch_space(svc.scratch_dir):
+                (data,) = await anyio.to_thread.run_sync(
+                    encode_frames, path, [n], target, svc.scratch_dir, limiter=svc.limiter
+                )
     svc.frames.put(key, data)
     return data
 

@@ -14,6 +14,7 @@ import anyio
 
 from dicomweb_server.blobstore.files import scratch_file, scratch_space
 from dicomweb_server.blobstore.reading import READ_CHUNK_BYTES, stream_path
+from dicomweb_server.departure import stopped_if_gone
 from dicomweb_server.errors import NotAcceptableError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
@@ -193,16 +194,23 @@ async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -
     JPEG 2000 decodes at about 2.6 MiB/s here) held a shared thread throughout, and two of
     them held all of them, STOW parsing and frame decoding waiting behind. The scratch
     filesystem full is a 503 (scratch_space), before the response starts or, for a later
-    instance of a study, cutting its body short as any later failure does."""
+    instance of a study, cutting its body short as any later failure does.
+
+    For a client that went away it never begins, waiting for its turn or not, and one under
+    way stops at its next frame (departure.stopped_if_gone: ClientGone). hypercorn does not
+    cancel a handler whose client left before the response started: a conversion of minutes
+    ran to its end, its turn held, and the one queued behind it for a client gone too began
+    after it."""
     with scratch_space(svc.scratch_dir):
         tmp = scratch_file(svc.scratch_dir, ".dcm")
         try:
             src = svc.blobs.local_path(inst.blob_key)
             step = functools.partial(_shared_turn, svc.limiter)
-            await anyio.to_thread.run_sync(
-                functools.partial(to_transfer_syntax, src, tmp, target, step=step),
-                limiter=svc.converting,
-            )
+            async with stopped_if_gone():
+                await anyio.to_thread.run_sync(
+                    functools.partial(to_transfer_syntax, src, tmp, target, step=step),
+                    limiter=svc.converting,
+                )
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -216,11 +224,14 @@ def _shared_turn(limiter: anyio.CapacityLimiter) -> Iterator[None]:
     (called from that thread). A cancelled request (its client gone while a later instance of
     a study converts) stops its conversion here, before the next frame; the token is awaited
     shielded: anyio's from_thread.run in the cancelled scope of the awaiting task never
-    returned, the thread waiting for ever with its turns held and the event loop spinning."""
+    returned, the thread waiting for ever with its turns held and the event loop spinning.
+    Cancelled while it waited for the token (every shared thread busy), it stops once it has
+    it, without decoding the frame."""
     anyio.from_thread.check_cancelled()
     token = object()
     anyio.from_thread.run(_acquired, limiter, token)
     try:
+        anyio.from_thread.check_cancelled()
         yield
     finally:
         anyio.from_thread.run_sync(limiter.release_on_behalf_of, token)

@@ -21,6 +21,7 @@ from pydicom.uid import UID
 from dicomweb_server.blobstore.files import scratch_file, scratch_space
 from dicomweb_server.blobstore.reading import stream_path
 from dicomweb_server.bulkvalue import element_range, element_value, placed_element
+from dicomweb_server.departure import stopped_if_gone
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS
 from dicomweb_server.errors import NotFoundError
 from dicomweb_server.index.rows import StoredInstance
@@ -232,7 +233,8 @@ async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelIn
     async def read(start: int, stop: int) -> AsyncIterator[bytes]:
         if stop <= start:
             return
-        data = await anyio.to_thread.run_sync(one_bit_pixel_data, path, limiter=svc.limiter)
+        async with stopped_if_gone():  # the whole value at once: not begun for a client gone
+            data = await anyio.to_thread.run_sync(one_bit_pixel_data, path, limiter=svc.limiter)
         if len(data) != total:
             raise TranscodeError(f"1-bit Pixel Data decoded to {len(data)} bytes, not {total}")
         yield data[start:stop]
