@@ -131,9 +131,10 @@ def _source_profile(ds: Dataset, frame: int) -> bytes | None:
     # reading too: what follows is no part of it, an OB value's padding byte (PS3.5 7.1.1: an
     # odd-sized profile stored with one) or more.
     size = int.from_bytes(value[:4], "big")
-    profile = bytes(value[:size] if 0 < size < len(value) else value)
-    if len(profile) > MAX_ICC_PROFILE_BYTES or profile[16:20] != _RGB_SIGNATURE:
-        return None
+    end = size if 0 < size < len(value) else len(value)
+    if end > MAX_ICC_PROFILE_BYTES or bytes(value[16:20]) != _RGB_SIGNATURE:
+        return None  # not copied: a stored value may be of any length
+    profile = bytes(value[:end])
     return profile if _usable(profile) else None
 
 
