@@ -92,6 +92,8 @@ def _usable(profile: bytes) -> bool:
     key = hashlib.sha256(profile).digest()
     with _usable_lock:
         known = _usable_kept.get(key)
+        if known is not None:
+            _usable_kept.move_to_end(key)
     if known is not None:
         return known
     try:
