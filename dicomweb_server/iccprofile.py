@@ -8,17 +8,32 @@ Synchronous; called in worker threads behind the app's limiter.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
+import threading
+from collections import OrderedDict
 
 from PIL import Image, ImageCms
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-__all__ = ["colour_managed", "srgb_profile"]
+__all__ = ["MAX_ICC_PROFILE_BYTES", "colour_managed", "srgb_profile"]
 
 # The ICC header's Color Space Signature (bytes 16 to 19): an RGB profile, the only kind PS3.3
 # C.11.15.1.1 allows in ICC Profile (0028,2000) and the only kind an RGB JPEG or PNG may carry.
 _RGB_SIGNATURE = b"RGB "
+# The largest instance ICC Profile used: the most a JPEG carries, 255 APP2 ICC_PROFILE
+# segments of 65519 profile bytes (ICC.1 B.4: segment number and count are one byte each).
+# Pillow's JPEG writer wraps the count of more (a 20 MB stored value, a profile LittleCMS
+# reads followed by padding: 306 segments, count 50, and a reader found no profile); the
+# value is held while rendering, and profiles are kilobytes to a few megabytes. A larger one
+# is taken as absent, as one LittleCMS cannot read.
+MAX_ICC_PROFILE_BYTES = 255 * 65519
+# Profiles _usable has judged, by SHA-256: by digest, not by the bytes, so that what is kept
+# is small whatever the profiles (an lru_cache by profile kept up to 16 values of any size).
+_USABLE_KEPT = 16
+_usable_kept: OrderedDict[bytes, bool] = OrderedDict()
+_usable_lock = threading.Lock()  # renderings run in worker threads
 
 
 @functools.cache
@@ -47,8 +62,9 @@ def colour_managed(
     RGB profile and a JPEG or PNG carries a profile of its own colour space only. The
     instance's profile of a MONOCHROME image describes its preferred Palette Color rendering
     (PS3.3 C.8.12.5.1.4), which this server does not apply: it is not used. A profile
-    LittleCMS cannot read or link to sRGB, or not an RGB one, is taken as absent (PS3.3
-    C.11.15.1.1 allows only RGB input profiles)."""
+    LittleCMS cannot read or link to sRGB, or not an RGB one (PS3.3 C.11.15.1.1 allows only
+    RGB input profiles), or larger than a JPEG carries (MAX_ICC_PROFILE_BYTES), is taken as
+    absent."""
     if choice == "no":
         return img, None
     source = _source_profile(ds, frame) if img.mode == "RGB" else None
@@ -71,14 +87,25 @@ def _to_srgb(profile: bytes) -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(src, dst, "RGB", "RGB", ImageCms.Intent.PERCEPTUAL)
 
 
-@functools.lru_cache(maxsize=16)
 def _usable(profile: bytes) -> bool:
-    """Whether LittleCMS reads `profile` and links it to sRGB (_to_srgb); kept by profile."""
+    """Whether LittleCMS reads `profile` and links it to sRGB (_to_srgb); kept by digest."""
+    key = hashlib.sha256(profile).digest()
+    with _usable_lock:
+        known = _usable_kept.get(key)
+        if known is not None:
+            _usable_kept.move_to_end(key)
+    if known is not None:
+        return known
     try:
         _to_srgb(profile)
+        usable = True
     except (OSError, ImageCms.PyCMSError, ValueError, TypeError):
-        return False
-    return True
+        usable = False
+    with _usable_lock:
+        _usable_kept[key] = usable
+        while len(_usable_kept) > _USABLE_KEPT:
+            _usable_kept.popitem(last=False)
+    return usable
 
 
 def _source_profile(ds: Dataset, frame: int) -> bytes | None:
@@ -86,7 +113,8 @@ def _source_profile(ds: Dataset, frame: int) -> bytes | None:
     set's own, else (a whole slide image, PS3.3 C.8.12.5) that of the Optical Path Sequence
     item the frame's Optical Path Identification names (per-frame functional group first,
     then the shared one), else that of the only item. None when there is none, or it is not
-    an RGB profile LittleCMS can read and link to sRGB."""
+    an RGB profile LittleCMS can read and link to sRGB, or is larger than
+    MAX_ICC_PROFILE_BYTES."""
     if str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME"):
         return None
     value = ds.get("ICCProfile")
@@ -99,9 +127,17 @@ def _source_profile(ds: Dataset, frame: int) -> bytes | None:
         if len(items) != 1:
             return None
         value = items[0].get("ICCProfile")
-    if not isinstance(value, bytes | bytearray) or bytes(value[16:20]) != _RGB_SIGNATURE:
+    if not isinstance(value, bytes | bytearray):
         return None
-    return bytes(value) if _usable(bytes(value)) else None
+    # The profile is as long as its header's Profile Size says (ICC.1 7.2.2), LittleCMS's
+    # reading too: what follows is no part of it, an OB value's padding byte (PS3.5 7.1.1: an
+    # odd-sized profile stored with one) or more.
+    size = int.from_bytes(value[:4], "big")
+    end = size if 0 < size < len(value) else len(value)
+    if end > MAX_ICC_PROFILE_BYTES or bytes(value[16:20]) != _RGB_SIGNATURE:
+        return None  # not copied: a stored value may be of any length
+    profile = bytes(value[:end])
+    return profile if _usable(profile) else None
 
 
 def _optical_path_of(ds: Dataset, frame: int) -> str | None:

@@ -17,6 +17,7 @@ from dicomweb_server import (
     dicom_xml,
     dicomfile,
     httpd,
+    iccprofile,
     matching,
     metadata,
     multipart,
@@ -84,7 +85,7 @@ def test_limits() -> None:
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
                metadata_body, inflated, fragments, pixelwrite, dimse_conversion,
-               retrieve_instances, blob_files)  # fmt: skip
+               retrieve_instances, blob_files, iccprofile)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -5,9 +5,11 @@ this server has no profile of, are a 400 unless the request lists a value it app
 
 from __future__ import annotations
 
+import gc
 import io
 import re
 import struct
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from dicomweb_server.iccprofile import MAX_ICC_PROFILE_BYTES, colour_managed
 from tests.helpers import ROOT, inst_url, multipart_body, stow_headers
 
 pytestmark = pytest.mark.db
@@ -242,3 +245,54 @@ async def test_icon_thumbnail(app_client: httpx.AsyncClient, samples: Path) -> N
         assert is_srgb(decoded(r).info["icc_profile"])
     r = await app_client.get(url, params={"iccprofile": "no"}, headers=PNG)
     assert "icc_profile" not in decoded(r).info
+
+
+def padded_profile(size: int) -> bytes:
+    """The swapped profile padded with zeros to `size` bytes, its header's Profile Size
+    saying so: LittleCMS reads it (it reads the tags the tag table names)."""
+    profile = bytearray(swapped_profile())
+    profile += bytes(size - len(profile))
+    profile[0:4] = struct.pack(">I", size)
+    return bytes(profile)
+
+
+async def test_instance_profile_at_most_what_a_jpeg_carries(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """A JPEG carries 255 APP2 segments of profile (ISO 15076-1 B.4: a one-byte count): a
+    profile of MAX_ICC_PROFILE_BYTES is sent whole; one byte more is taken as absent (sRGB),
+    in PNG too. It was embedded in 256 segments, their count written as 0, and a reader found
+    no profile in the JPEG."""
+    edge = padded_profile(MAX_ICC_PROFILE_BYTES)
+    url = await store(app_client, variant(samples, ICCProfile=edge))
+    r = await app_client.get(url, params={"iccprofile": "yes"}, headers=JPEG)
+    assert decoded(r, "image/jpeg").info["icc_profile"] == edge
+    over = padded_profile(MAX_ICC_PROFILE_BYTES + 1)
+    url = await store(app_client, variant(samples, ICCProfile=over))
+    plain = np.asarray(decoded(await app_client.get(url, headers=PNG)))
+    for headers in (JPEG, PNG):
+        r = await app_client.get(url, params={"iccprofile": "yes"}, headers=headers)
+        assert is_srgb(decoded(r, headers["Accept"]).info["icc_profile"])
+    r = await app_client.get(url, params={"iccprofile": "srgb"}, headers=PNG)
+    img = decoded(r)
+    assert is_srgb(img.info["icc_profile"]) and np.array_equal(np.asarray(img), plain)
+
+
+def test_judged_profiles_not_kept(samples: Path) -> None:
+    """The profiles judged usable are remembered by digest, not kept: sixteen renderings of
+    instances of 4 MB profiles left 64 MB held after their data sets were gone."""
+    img = Image.new("RGB", (8, 8), (200, 40, 10))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(16):
+            ds = variant(samples, ICCProfile=padded_profile(4_000_000 + 4 * n))
+            out, profile = colour_managed(img, ds, 1, "yes")
+            assert profile is not None and len(profile) == 4_000_000 + 4 * n
+            del ds, out, profile
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4_000_000, held
