@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomweb_server.config import Settings
-from dicomweb_server.dimse import conversion, streaming
+from dicomweb_server.dimse import conversion, sending, streaming
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode import convert
 from dicomweb_server.transcode.codecs import TranscodeError
@@ -104,7 +104,9 @@ class _Requestor:
         self.decoder = decoder
         self.stored: list[bytes] = []
         self.first_data: tuple[float, int] | None = None
+        self.data_fragments: list[int] = []  # data set bytes of each P-DATA fragment
         self.aborted = False
+        self.max_pdu: int | None = None  # else pynetdicom's default
 
     def on_store(self, event: Event) -> int:
         self.stored.append(dataset_bytes(Path(event.dataset_path)))
@@ -112,7 +114,8 @@ class _Requestor:
 
     def on_pdu(self, event: Event) -> None:
         items = getattr(event.pdu, "presentation_data_value_items", [])
-        data = any(i.message_control_header_byte[-1] == "0" for i in items)
+        data = [i for i in items if i.message_control_header_byte[-1] == "0"]
+        self.data_fragments += [len(i.presentation_data_value) - 1 for i in data]
         if data and self.first_data is None:
             self.first_data = (time.monotonic(), self.decoder.count)
 
@@ -122,7 +125,8 @@ class _Requestor:
         ae.add_requested_context(_CT, ExplicitVRLittleEndian)
         role = build_role(_CT, scp_role=True)
         handlers = [requestor_store(self.on_store), (evt.EVT_PDU_RECV, self.on_pdu)]
-        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=handlers)
+        limit = {} if self.max_pdu is None else {"max_pdu": self.max_pdu}
+        assoc = associate(ae, archive, ext_neg=[role], evt_handlers=handlers, **limit)
         try:
             ident = identifier("STUDY", StudyInstanceUID=study)
             return [st for st, _ in assoc.send_c_get(ident, model)]
@@ -332,3 +336,20 @@ async def test_move_sends_while_converting_and_aborts_only_its_sub_association(
                 assert stored == [] and aborted == [True]
                 assert decoded.count == fail_at
             assert list(archive.services.scratch_dir.iterdir()) == []
+
+
+async def test_a_peer_without_a_pdu_limit_gets_fragments_of_the_bound(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requestor that sets no maximum PDU length (0): each data set fragment but the last
+    holds DIMSE_UNLIMITED_PDV_BYTES exactly (not the rest of the file, read whole)."""
+    bound = 100_000
+    monkeypatch.setattr(sending, "DIMSE_UNLIMITED_PDV_BYTES", bound)
+    ds = await _stored(archive)
+    requestor = _Requestor(_slow(monkeypatch))
+    requestor.max_pdu = 0
+    statuses = await in_thread(requestor.get, archive, str(ds.StudyInstanceUID))
+    assert statuses[-1].Status == 0x0000
+    *full, last = requestor.data_fragments
+    assert full and set(full) == {bound} and 0 < last <= bound
+    assert sum(requestor.data_fragments) == len(requestor.stored[0])
