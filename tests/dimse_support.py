@@ -383,3 +383,18 @@ def as_part10(data_set: bytes, transfer_syntax: str) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ts
     return ds
+
+
+def converted_whole(inst: Any, path: Path, target: str, scratch_dir: Path) -> Any:
+    """conversion.converted_for_peer, once its conversion is over (it returns once the
+    converted file's header is written, the rest written as it is sent): the StoredFile."""
+    from dicomweb_server.dimse import conversion
+
+    sent = conversion.converted_for_peer(inst, path, target, scratch_dir)
+    assert sent.growing is not None
+    try:
+        assert sent.growing.wait_done(CLIENT_TIMEOUT_S), "the conversion never ended"
+    except BaseException:
+        sent.growing.cancel()
+        raise
+    return sent

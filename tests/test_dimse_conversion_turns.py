@@ -18,6 +18,7 @@ from dicomweb_server.dimse import conversion, sending
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode import convert, pixelwrite
 from dicomweb_server.transcode.codecs import TranscodeError
+from tests.dimse_support import converted_whole
 from tests.helpers import make_instance
 
 _CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -46,7 +47,8 @@ class _SlowDecoder:
     def iter_array(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
         for item in self.real.iter_array(*args, **kwargs):
             time.sleep(self.delay)
-            self.decoded.append(threading.current_thread().name)
+            # Converted in a thread of its own, named after the one that asked.
+            self.decoded.append(threading.current_thread().name.split("/")[0])
             yield item
 
 
@@ -67,9 +69,7 @@ def test_a_short_conversion_finishes_while_a_long_one_goes_on(
     made: dict[str, sending.StoredFile] = {}
 
     def convert_long() -> None:
-        made["long"] = conversion.converted_for_peer(
-            long, tmp_path / "long.dcm", ExplicitVRLittleEndian, scratch
-        )
+        made["long"] = converted_whole(long, tmp_path / "long.dcm", ExplicitVRLittleEndian, scratch)
 
     first = threading.Thread(target=convert_long, name="long")
     first.start()
@@ -78,9 +78,7 @@ def test_a_short_conversion_finishes_while_a_long_one_goes_on(
         while "long" not in decoded and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "long" in decoded
-        sent = conversion.converted_for_peer(
-            short, tmp_path / "short.dcm", ExplicitVRLittleEndian, scratch
-        )
+        sent = converted_whole(short, tmp_path / "short.dcm", ExplicitVRLittleEndian, scratch)
         assert first.is_alive(), "the short conversion waited for the whole long one"
         assert decoded.count("long") < 40
         assert (
@@ -149,17 +147,17 @@ def test_the_scratch_file_of_a_conversion_is_bounded(
     src = tmp_path / "src.dcm"
     inst = _instance(src, stored, 4, rows=64)
     scratch = tmp_path / "scratch"
-    sent = conversion.converted_for_peer(inst, src, target, scratch)
+    sent = converted_whole(inst, src, target, scratch)
     size = sent.stored_path.stat().st_size
     whole = sent.stored_path.read_bytes()
     sending.remove_scratch(sent)
     monkeypatch.setattr(conversion, "DIMSE_CONVERTED_MAX_BYTES", size)
-    sent = conversion.converted_for_peer(inst, src, target, scratch)
+    sent = converted_whole(inst, src, target, scratch)
     assert sent.stored_path.read_bytes() == whole
     sending.remove_scratch(sent)
     monkeypatch.setattr(conversion, "DIMSE_CONVERTED_MAX_BYTES", size - 1)
     with pytest.raises(TranscodeError, match=f"more than {size - 1} bytes"):
-        conversion.converted_for_peer(inst, src, target, scratch)
+        converted_whole(inst, src, target, scratch)
     assert list(scratch.iterdir()) == []
 
 

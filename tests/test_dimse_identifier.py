@@ -47,6 +47,7 @@ from dicomweb_server.matching import (
 )
 from dicomweb_server.sql import compile_search
 from dicomweb_server.transcode.codecs import TranscodeError
+from tests.dimse_support import converted_whole
 
 
 def ident(level: str, **keys: Any) -> Dataset:
@@ -481,14 +482,14 @@ def test_decode_for_a_peer_is_bounded(
     scratch = tmp_path / "scratch"
     monkeypatch.setattr(conversion, "DIMSE_DECODE_MAX_BYTES", frame - 1)
     with pytest.raises(TranscodeError, match=f"at most {frame - 1} are decoded"):
-        conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+        converted_whole(inst, src, ExplicitVRLittleEndian, scratch)
     monkeypatch.setattr(conversion, "DIMSE_DECODE_MAX_BYTES", frame)  # 1/15 of the instance
-    sent = conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+    sent = converted_whole(inst, src, ExplicitVRLittleEndian, scratch)
     assert pydicom.dcmread(sent.stored_path).NumberOfFrames == 15
     sending.remove_scratch(sent)
     unknown = _stored("1.2.840.10008.5.1.4.1.1.2", jls)  # no Image Pixel values indexed
     with pytest.raises(TranscodeError, match="unknown size"):
-        conversion.converted_for_peer(unknown, tmp_path / "unread", ExplicitVRLittleEndian,
+        converted_whole(unknown, tmp_path / "unread", ExplicitVRLittleEndian,
                                       scratch)  # fmt: skip
     assert list(scratch.iterdir()) == []
 
@@ -507,7 +508,7 @@ def test_a_failed_conversion_for_a_peer_leaves_no_scratch_file(tmp_path: Path) -
                    samples_per_pixel=1, bits_allocated=16)  # fmt: skip
     scratch = tmp_path / "scratch"
     with pytest.raises(TranscodeError):
-        conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+        converted_whole(inst, src, ExplicitVRLittleEndian, scratch)
     assert list(scratch.iterdir()) == []
 
 

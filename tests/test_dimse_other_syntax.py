@@ -40,6 +40,7 @@ from tests.dimse_support import (
     as_part10,
     associate,
     blobs,
+    converted_whole,
     dataset_bytes,
     identifier,
     in_thread,
@@ -224,8 +225,10 @@ async def test_get_in_the_other_syntax_goes_through_a_scratch_file(
     finally:
         tracemalloc.stop()
     size = path.stat().st_size
-    # Re-encoded whole by pynetdicom: 3 to 4 times the instance.
-    assert peak < size // 4, (peak, size)
+    # Re-encoded whole by pynetdicom: 3 to 4 times the instance. Converted while it is sent
+    # (streaming.py), the conversion's chunk and the PDUs are held at once: 4.4 MB, 4.1 MB
+    # converted first.
+    assert peak < size // 3, (peak, size)
     _check_received(archive, statuses, received, target, path)
 
 
@@ -283,7 +286,7 @@ def test_the_samples_convert_for_a_peer_as_pynetdicom_re_encoded_them(
             inst = _inst(path, row)
             accepted = {(inst.sop_class_uid, target)}
             assert conversion.target_syntax(inst, accepted) == target
-            sent = conversion.converted_for_peer(inst, path, target, scratch)
+            sent = converted_whole(inst, path, target, scratch)
             assert isinstance(sent, sending.StoredFile)
             data_set = dataset_bytes(sent.stored_path)
             assert data_set == _as_pynetdicom_sent(path, target), (row["path"], target)
@@ -310,7 +313,7 @@ def test_conversion_copies_uncompressed_pixels_a_chunk_at_a_time(tmp_path: Path)
                               bits_allocated=16)  # fmt: skip
         tracemalloc.start()
         try:
-            sent = conversion.converted_for_peer(inst, path, _OTHER[stored_ts], tmp_path)
+            sent = converted_whole(inst, path, _OTHER[stored_ts], tmp_path)
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

@@ -384,9 +384,11 @@ async def test_a_failed_decode_fails_one_sub_operation_not_the_move(
     from dicomweb_server.transcode.convert import to_transfer_syntax as convert
 
     def flaky(path: Path, made: Path, target: str, *args: Any, **kwargs: Any) -> None:
-        convert(path, made, target, *args, **kwargs)
-        if dcmread(made, stop_before_pixels=True).SOPInstanceUID == metas[0].SOPInstanceUID:
+        # Before anything is written: once the C-STORE has begun (the instance is sent as
+        # it is converted), a failure aborts the sub-association (test_dimse_streaming).
+        if dcmread(path, stop_before_pixels=True).SOPInstanceUID == metas[0].SOPInstanceUID:
             raise TypeError("a value no codec expected")
+        convert(path, made, target, *args, **kwargs)
 
     monkeypatch.setattr(conversion, "to_transfer_syntax", flaky)
     with running_peer([ImplicitVRLittleEndian, ExplicitVRLittleEndian]) as only_native:

@@ -45,6 +45,7 @@ from tests.dimse_support import (
     Archive,
     as_part10,
     associate,
+    converted_whole,
     dataset_bytes,
     get_study,
     identifier,
@@ -233,7 +234,7 @@ def test_conversion_for_a_peer_holds_a_frame_not_the_instance(tmp_path: Path) ->
     scratch = tmp_path / "scratch"
     tracemalloc.start()
     try:
-        sent = conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+        sent = converted_whole(inst, src, ExplicitVRLittleEndian, scratch)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

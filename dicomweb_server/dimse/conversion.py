@@ -2,8 +2,8 @@
 sub-association proposes, the syntax each instance is sent in, and the instance converted to
 a little endian syntax the peer took when it did not take the stored one (decoded, or
 uncompressed written in the other little endian syntax: into a scratch file a frame, or a
-chunk, at a time, conversions taking turns a frame at a time, then sent from it as a stored
-instance is)."""
+chunk, at a time, conversions taking turns a frame at a time, sent from it as it is written,
+streaming.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from dicomweb_server.blobstore.files import scratch_file
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse.sending import StoredFile
+from dicomweb_server.dimse.streaming import Growing
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
 from dicomweb_server.transcode.convert import check_writable, to_transfer_syntax
@@ -69,7 +70,9 @@ DIMSE_DECODE_MAX_BYTES = 128 * 1024 * 1024
 # about 6 times this is held (768 MB), as one conversion of such frames held before.
 DIMSE_CONVERTING_MAX_BYTES = DIMSE_DECODE_MAX_BYTES
 # The scratch file of one conversion grows to at most this many bytes (convert's
-# max_bytes), else the sub-operation fails as soon as a write would pass it: the largest
+# max_bytes): the sub-operation fails before it begins when the decoded pixels alone would
+# pass it, else, sent as it is written (streaming.py), its association is aborted as soon as
+# a write would pass it (a header or trailing elements that large): the largest
 # instance STOW takes in a part; a highly compressible instance of 10,000 frames of 8 MB
 # decoded would have written 80 GB. WADO-RS converts to the same bound in effect: the
 # 32-bit length of uncompressed Pixel Data (PS3.5 7.1.2), checked as each frame is written.
@@ -207,27 +210,54 @@ def converted_for_peer(
 ) -> StoredFile:
     """The instance converted to `target` for a peer, into a scratch file in `scratch_dir`
     written a frame (or a chunk of uncompressed pixels) at a time (to_transfer_syntax, as
-    WADO-RS converts an instance), to be sent from it a PDU at a time as a stored instance
-    is and removed once sent (sending.send_stored_files). Only when it holds at most
+    WADO-RS converts an instance) in a thread of its own, sent from it a PDU at a time as it
+    is written (streaming.py: returned once its header is, the first frame decoded) and
+    removed once sent (sending.send_stored_files). Only when it holds at most
     DIMSE_DECODE_MAX_BYTES at once (decoded_at_once); conversions take turns a frame at a
     time (_DECODING), those under way holding at most DIMSE_CONVERTING_MAX_BYTES between
-    them (_RESERVED); the scratch file is at most DIMSE_CONVERTED_MAX_BYTES."""
+    them (_RESERVED); the scratch file is at most DIMSE_CONVERTED_MAX_BYTES, its pixels
+    checked before it begins. A failure before the header is written is raised here."""
     size = decoded_at_once(inst)
     if size is None or size > DIMSE_DECODE_MAX_BYTES:
         raise TranscodeError(
             f"it would be {size if size is not None else 'of unknown size'} bytes decoded"
             f" at once; at most {DIMSE_DECODE_MAX_BYTES} are decoded for a DIMSE peer"
         )
+    pixels = _decoded_size(inst) or 0
+    if pixels > DIMSE_CONVERTED_MAX_BYTES:  # else it fails mid-way, the association aborted
+        raise TranscodeError(
+            f"converted, it would be more than {DIMSE_CONVERTED_MAX_BYTES} bytes, the most"
+            " written for it"
+        )
     made = scratch_file(scratch_dir, ".dcm")
+    growing = Growing(made)
+
+    def convert() -> None:
+        try:
+            with _RESERVED.reserve(size):
+                to_transfer_syntax(
+                    path,
+                    made,
+                    target,
+                    growing.stepping(_DECODING.turn),
+                    max_bytes=DIMSE_CONVERTED_MAX_BYTES,
+                    watch=growing,
+                )
+        except BaseException as exc:  # the file goes, then the sender is told
+            made.unlink(missing_ok=True)
+            growing.finish(exc)
+        else:
+            growing.finish()
+
+    name = f"{threading.current_thread().name}/convert"  # the association's, for its logs
+    threading.Thread(target=convert, name=name, daemon=True).start()
     try:
-        with _RESERVED.reserve(size):
-            to_transfer_syntax(
-                path, made, target, _DECODING.turn, max_bytes=DIMSE_CONVERTED_MAX_BYTES
-            )
+        growing.wait_header()
     except BaseException:
+        growing.cancel()
         made.unlink(missing_ok=True)
         raise
-    return StoredFile(made, inst.sop_class_uid, inst.sop_instance_uid, scratch=True)
+    return StoredFile(made, inst.sop_class_uid, inst.sop_instance_uid, growing=growing)
 
 
 def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str, str]]) -> Dataset:

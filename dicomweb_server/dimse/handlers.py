@@ -49,7 +49,7 @@ from dicomweb_server.dimse.identifier import (
 )
 from dicomweb_server.dimse.peers import Peer
 from dicomweb_server.dimse.retrieval import BytesSent, Retrieval
-from dicomweb_server.dimse.sending import remove_scratch, send_stored_files
+from dicomweb_server.dimse.sending import conversion_failed, remove_scratch, send_stored_files
 from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
@@ -386,6 +386,8 @@ class Handlers:
                 yield PENDING, to_send
             finally:  # sent (send_stored_files removed it), or given up: closed here
                 remove_scratch(to_send)
+            if conversion_failed(to_send):  # while it was sent: the association aborted
+                retrieval.unsent += 1
             path = f"{inst.study_uid}/{inst.series_uid}/{inst.sop_instance_uid}"
             retrieval.count(path, retrieval.responses[before:])
         retrieval.finished = True

@@ -1,7 +1,8 @@
 """Sending C-STORE sub-operations (C-GET, C-MOVE) in bounded memory: an instance that goes
 as stored, or converted for the peer into a scratch file, is read from its file a PDU at a
-time (StoredFile, send_stored_files), and the PDUs waiting for the peer to take them are
-held to DIMSE_SEND_QUEUE_BYTES (bound_send_queue)."""
+time (StoredFile, send_stored_files), the converted one while it is written (streaming.py,
+send_growing), and the PDUs waiting for the peer to take them are held to
+DIMSE_SEND_QUEUE_BYTES (bound_send_queue)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+
+from dicomweb_server.dimse.streaming import Cancelled, Growing, StreamFailed
 
 __all__ = [
     "DIMSE_SEND_QUEUE_BYTES",
+    "DIMSE_UNLIMITED_PDV_BYTES",
     "StoredFile",
     "bound_send_queue",
+    "conversion_failed",
     "remove_scratch",
+    "send_growing",
     "send_stored_files",
 ]
 
@@ -30,6 +39,10 @@ log = logging.getLogger(__name__)
 DIMSE_SEND_QUEUE_BYTES = 4 * 1024 * 1024
 # Seconds between two looks at whether the DUL thread still takes PDUs, while waiting.
 _QUEUE_POLL_S = 0.1
+# Data set bytes in each P-DATA fragment of a converted instance sent as it is written to a
+# peer that set no maximum PDU length (0, PS3.8 D.3.3.2.2): pynetdicom sends the rest of a
+# file in one fragment, the file's whole size, read into memory at once.
+DIMSE_UNLIMITED_PDV_BYTES = 1024 * 1024
 
 
 class StoredFile(Dataset):
@@ -39,23 +52,41 @@ class StoredFile(Dataset):
     file a PDU at a time (STORE_SEND_CHUNKED_DATASET) when send_c_store is given the file's
     path (send_stored_files), where it encoded a data set whole in memory first, three times
     over: a C-GET of a 500 MB instance took 1.7 GB. Its SOP Class and Instance UIDs are
-    pynetdicom's, for its failed-instance list."""
+    pynetdicom's, for its failed-instance list. `growing`: the scratch file is still being
+    written by its conversion, sent as it is (send_growing)."""
 
     def __init__(
-        self, path: Path, sop_class_uid: str, sop_instance_uid: str, scratch: bool = False
+        self,
+        path: Path,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        scratch: bool = False,
+        growing: Growing | None = None,
     ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class_uid
         self.SOPInstanceUID = sop_instance_uid
         self.stored_path = path
-        self.scratch = scratch
+        self.scratch = scratch or growing is not None
+        self.growing = growing
 
 
 def remove_scratch(dataset: object) -> None:
     """The scratch file of a StoredFile made for one sub-operation removed (sent, or never
-    to be); anything else left alone."""
+    to be), its conversion stopped before its next frame if still under way (it removes
+    the file again as it ends); anything else left alone."""
     if isinstance(dataset, StoredFile) and dataset.scratch:
+        if dataset.growing is not None:
+            dataset.growing.cancel()
         dataset.stored_path.unlink(missing_ok=True)
+
+
+def conversion_failed(dataset: object) -> bool:
+    """Whether the conversion of a StoredFile sent as it was written failed (the archive's
+    fault; not cancelled for a peer gone)."""
+    growing = dataset.growing if isinstance(dataset, StoredFile) else None
+    error = growing.failure() if growing is not None else None
+    return error is not None and not isinstance(error, Cancelled)
 
 
 def send_stored_files(assoc: Any) -> None:
@@ -67,17 +98,73 @@ def send_stored_files(assoc: Any) -> None:
     if getattr(send_c_store, "sends_stored_files", False):
         return
     bound_send_queue(assoc.dul)
+    growing: dict[Path, Growing] = {}  # the one being sent, by its path
+    send_growing(assoc, growing)
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if not isinstance(dataset, StoredFile):
             return cast(Dataset, send_c_store(dataset, *args, **kwargs))
         try:
+            if dataset.growing is not None:
+                if not _taking(assoc.dul):  # aborted (a stream failed): sent to no one
+                    raise StreamFailed("the association is no longer up")
+                growing[dataset.stored_path] = dataset.growing
             return cast(Dataset, send_c_store(dataset.stored_path, *args, **kwargs))
         finally:
+            growing.clear()
             remove_scratch(dataset)
 
     send.sends_stored_files = True  # type: ignore[attr-defined]
     assoc.send_c_store = send
+
+
+def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
+    """Make the association's DIMSE provider send the C-STORE request of a file in `growing`
+    as the file is written (streaming.py): pynetdicom would take the file's size when it
+    begins and send it cut short. The command set goes as pynetdicom encodes it, then the
+    data set from the file, fragment by fragment as written, the last flagged last (PS3.8
+    E.2). A conversion failed before the command goes fails the sub-operation, nothing sent;
+    once it has gone, the association is aborted (the peer must not take the data set cut
+    short for a whole one; PS3.7 has no other way) and the sub-operation fails.
+    EVT_DIMSE_SENT (the audit's byte count, retrieval.BytesSent) is told once the data set
+    has gone, the file then whole."""
+    dimse = assoc.dimse
+    send_msg = dimse.send_msg
+
+    def send(primitive: Any, context_id: int) -> None:
+        where = getattr(primitive, "_dataset_path", None)  # (path, offset) to send a file
+        stream = growing.get(where[0]) if isinstance(where, tuple) else None
+        if stream is None or not isinstance(primitive, C_STORE) or where is None:
+            send_msg(primitive, context_id)
+            return
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(primitive)
+        msg.context_id = context_id
+        failed = stream.failure()
+        if failed is not None:  # nothing sent: the sub-operation fails, the association goes on
+            raise StreamFailed(str(failed))
+        msg._data_set_path = None  # the command set alone, the data set below
+        for pdata in msg.encode_msg(context_id, dimse.maximum_pdu_size):
+            dimse.dul.send_pdu(pdata)
+        most = dimse.maximum_pdu_size
+        size = most - 6 if most else DIMSE_UNLIMITED_PDV_BYTES  # less a PDV's header (PS3.8 9.3.5)
+        try:
+            for data, last in stream.fragments(where[1], size, lambda: _taking(assoc.dul)):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append(
+                    (context_id, (b"\x02" if last else b"\x00") + data)
+                )
+                dimse.dul.send_pdu(pdata)
+        except (StreamFailed, OSError) as exc:
+            log.error("aborting the association: %s failed while it was sent: %s",
+                      primitive.AffectedSOPInstanceUID, exc)  # fmt: skip
+            assoc.abort()
+            raise StreamFailed(str(exc)) from None
+        finally:
+            msg._data_set_path = where
+            evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+
+    dimse.send_msg = send
 
 
 def bound_send_queue(dul: Any) -> None:

@@ -51,7 +51,9 @@ from dicomweb_server.transcode.lossy import Sizes, lossy_method, mark_lossy
 from dicomweb_server.transcode.pixelwrite import (
     CONVERT_COPY_BYTES,
     NATIVE_PIXEL_MAX_BYTES,
+    Watch,
     as_bytes,
+    bounded_writer,
     copied,
     word_width,
     write_encapsulated,
@@ -83,6 +85,7 @@ def to_transfer_syntax(
     transfer_syntax_uid: str,
     step: Step = contextlib.nullcontext,
     max_bytes: int | None = None,
+    watch: Watch | None = None,
 ) -> None:
     """Write `src` to `dst` in `transfer_syntax_uid` (a key of ENCODERS, or Implicit VR Little
     Endian: the Explicit VR Little Endian conversion written without VRs, for a DIMSE peer
@@ -98,7 +101,8 @@ def to_transfer_syntax(
     `step` is held while each frame is decoded (each chunk copied), and while an instance is
     converted in memory, not between them: conversions sharing one step interleave a frame
     at a time. `max_bytes`: `dst` grows to at most this many bytes, else a ValueError
-    (TranscodeError) as soon as a write would pass it, not once the instance is written."""
+    (TranscodeError) as soon as a write would pass it, not once the instance is written.
+    `watch`: told of each write as it reaches `dst` (Watch)."""
     what = f"write {UID(transfer_syntax_uid).name}"
     implicit = transfer_syntax_uid == IMPLICIT_VR_LITTLE_ENDIAN
     target = EXPLICIT_VR_LITTLE_ENDIAN if implicit else transfer_syntax_uid
@@ -112,7 +116,9 @@ def to_transfer_syntax(
         whole = ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN or one_bit
         if not whole and decoded(
             ts,
-            lambda plugin: _write_streamed(src, dst, target, plugin, implicit, step, max_bytes),
+            lambda plugin: _write_streamed(
+                src, dst, target, plugin, implicit, step, max_bytes, watch
+            ),
         ):
             return
         with step():
@@ -120,7 +126,7 @@ def to_transfer_syntax(
             if implicit:
                 check_writable(ds, implicit_vr=True)
                 ds.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
-            with _bounded(dst, max_bytes) as out:
+            with bounded_writer(dst, max_bytes, watch) as out:
                 ds.save_as(out, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
     except DECODE_ERRORS as exc:
         raise cannot(src, what, exc) from None
@@ -141,45 +147,22 @@ def _write_streamed(
     implicit: bool = False,
     step: Step = contextlib.nullcontext,
     max_bytes: int | None = None,
+    watch: Watch | None = None,
 ) -> bool:
     """`src` converted to `target` into `dst` as converted_dataset and dcmwrite would write
     it, byte for byte (test_convert_stream checks so on the corpus), with one frame in memory at
     a time; False when `src` has no top-level Pixel Data (nothing written). Decoding uses
     `plugin` (see decoded). `implicit`: Explicit VR Little Endian written as Implicit VR
-    Little Endian. `step`, `max_bytes`: see to_transfer_syntax."""
+    Little Endian. `step`, `max_bytes`, `watch`: see to_transfer_syntax."""
     with step():
         ds = read_stored(src, defer_size=_CONVERT_DEFER_BYTES)
         if _PIXEL_DATA not in ds:
             return False
         conversion = _Streamed(ds, target, plugin, implicit)  # checked, split before `dst` opens
     conversion.step = step
-    with open(src, "rb") as f, _bounded(dst, max_bytes) as out:
+    with open(src, "rb") as f, bounded_writer(dst, max_bytes, watch) as out:
         conversion.write(f, out, dst.parent)
     return True
-
-
-class _BoundedFile(io.FileIO):
-    """A file written to at most `limit` bytes: a write that would pass it is a ValueError,
-    before anything of it is written."""
-
-    def __init__(self, path: Path, limit: int) -> None:
-        super().__init__(path, "wb")
-        self.limit = limit
-
-    def write(self, b: Any) -> int:
-        size = memoryview(b).nbytes
-        if self.tell() + size > self.limit:
-            raise ValueError(
-                f"converted, it would be more than {self.limit} bytes, the most written for it"
-            )
-        return cast(int, super().write(b))
-
-
-def _bounded(dst: Path, max_bytes: int | None) -> BinaryIO:
-    """`dst` opened to be written (buffered), to at most `max_bytes` bytes when given."""
-    if max_bytes is None:
-        return open(dst, "wb")
-    return cast(BinaryIO, io.BufferedWriter(_BoundedFile(dst, max_bytes)))
 
 
 _END = object()

@@ -1,13 +1,14 @@
 """Pixel Data written into a converted file a frame or a chunk at a time (transcode.convert):
 native values of defined length, copied or byte-swapped in chunks, and encapsulated frames with
-their Basic Offset Table."""
+their Basic Offset Table; the converted file opened to be written, bounded and watched."""
 
 from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator
-from typing import BinaryIO, cast
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -16,7 +17,9 @@ from dicomweb_server.transcode.codecs import PixelInfo
 __all__ = [
     "CONVERT_COPY_BYTES",
     "NATIVE_PIXEL_MAX_BYTES",
+    "Watch",
     "as_bytes",
+    "bounded_writer",
     "copied",
     "word_width",
     "write_encapsulated",
@@ -64,6 +67,17 @@ def copied(f: BinaryIO, length: int, width: int) -> Iterator[bytearray]:
         yield chunk
 
 
+_T = TypeVar("_T")
+
+
+def _prepended(first: list[_T], rest: Iterator[_T]) -> Iterator[_T]:
+    """The item in `first`, then those of `rest`; `first` let go of once given (an
+    itertools.chain keeps its arguments, and so a frame, to its end)."""
+    while first:
+        yield first.pop()
+    yield from rest
+
+
 def write_native(
     out: BinaryIO,
     vr: str | None,
@@ -73,14 +87,22 @@ def write_native(
 ) -> None:
     """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
     given, or `frames` frames of the first one's length; its length is written once known.
-    `vr` None: implicit VR (PS3.5 7.1.3)."""
+    `vr` None: implicit VR (PS3.5 7.1.3). The length the value will have is written first
+    (`length`, or the first frame's times `frames`), then again once known, the same when it
+    is written whole: a DIMSE peer is sent the file while it is written (dimse/streaming.py),
+    its first bytes before the last frame is decoded."""
     start = out.tell()
+    first = next(chunks, None)
+    head = [] if first is None else [first]
+    expected = length if frames is None else len(first or b"") * frames
+    del first  # given once, not held to the end
+    expected = min(expected + expected % 2, 0xFFFFFFFE)  # wrong only where it fails below
     if vr is None:
-        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, 0))
+        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, expected))
     else:
-        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, 0))
+        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, expected))
     written, count, size = 0, 0, None
-    for chunk in chunks:
+    for chunk in _prepended(head, chunks):
         if frames is not None:
             size = len(chunk) if size is None else size
             if len(chunk) != size:
@@ -131,3 +153,45 @@ def write_encapsulated(out: BinaryIO, codestreams: Iterator[bytes], frames: int)
     out.seek(table)
     out.write(struct.pack(f"<{frames}I", *offsets))
     out.seek(end)
+
+
+class Watch(Protocol):
+    """Told of each write into a conversion's `dst` as it reaches the file (to_transfer_syntax
+    `watch`): the DIMSE sender reads the file while it is written (dimse/streaming.py). Each
+    may raise to stop the conversion."""
+
+    def opening(self) -> None:
+        """`dst` is about to be opened, emptied: first, or again when a decoder is retried."""
+
+    def write(self, position: int, data: memoryview, write: Callable[[memoryview], int]) -> int:
+        """`data` written at `position` by `write` (before the end: a value filled in)."""
+
+
+class _BoundedFile(io.FileIO):
+    """A file written to at most `limit` bytes (None: any): a write that would pass it is a
+    ValueError, before anything of it is written; each write told to `watch`."""
+
+    def __init__(self, path: Path, limit: int | None, watch: Watch | None = None) -> None:
+        if watch is not None:
+            watch.opening()
+        super().__init__(path, "wb")
+        self.limit, self.watch = limit, watch
+
+    def write(self, b: Any) -> int:
+        size = memoryview(b).nbytes
+        position = self.tell()
+        if self.limit is not None and position + size > self.limit:
+            raise ValueError(
+                f"converted, it would be more than {self.limit} bytes, the most written for it"
+            )
+        if self.watch is None:
+            return cast(int, super().write(b))
+        return self.watch.write(position, memoryview(b).cast("B"), super().write)
+
+
+def bounded_writer(dst: Path, max_bytes: int | None, watch: Watch | None = None) -> BinaryIO:
+    """`dst` opened to be written (buffered), to at most `max_bytes` bytes when given, each
+    write as it reaches the file told to `watch` when given."""
+    if max_bytes is None and watch is None:
+        return open(dst, "wb")
+    return cast(BinaryIO, io.BufferedWriter(_BoundedFile(dst, max_bytes, watch)))
