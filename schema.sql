@@ -440,13 +440,24 @@ CREATE TABLE IF NOT EXISTS audit_log (
     prev_hash  bytea NOT NULL,
     hash       bytea NOT NULL
 );
+-- The patients a row names (audit.AuditEvent.patients): {patient id, issuer of patient id,
+-- patient's name}, one row of a two-dimensional array each; rows naming none have no row
+-- here. Not a column of audit_log: its row type is dicomweb_append_audit's parameter, and a
+-- column added to it made every append of a process of the previous release fail ("wrong
+-- number of columns") while it shared the database with one of this release, its events
+-- queued until its shutdown dropped them. Covered by the row's hash as the rest of it is:
+-- patients added, altered or removed here no longer match it (`audit verify`).
+CREATE TABLE IF NOT EXISTS audit_patients (
+    seq       bigint PRIMARY KEY,
+    patients  text[] NOT NULL
+);
 
 -- Updates, deletes and truncation are refused. An owner of the database can still disable
 -- this trigger: the hash chain is what makes such tampering visible (`audit verify`).
 CREATE OR REPLACE FUNCTION dicomweb_audit_append_only() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'audit_log is append-only (% refused)', TG_OP;
+    RAISE EXCEPTION '% is append-only (% refused)', TG_TABLE_NAME, TG_OP;
 END
 $$;
 
@@ -457,22 +468,31 @@ $$;
 -- turned off, as every start did before triggers were created only when missing (found by
 -- review: a disabled trigger then stayed off for good). tgtype: ROW|BEFORE|UPDATE|DELETE =
 -- 1+2+16+8 = 27, BEFORE|TRUNCATE (a statement trigger) = 2+32 = 34 (catalog/pg_trigger.h).
-CREATE OR REPLACE FUNCTION _audit_trigger_as_defined(name text, tg_type integer) RETURNS boolean
+CREATE OR REPLACE FUNCTION _audit_trigger_as_defined(tbl regclass, name text, tg_type integer)
+RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM pg_trigger
-                   WHERE tgrelid = 'audit_log'::regclass AND tgname = name
+                   WHERE tgrelid = tbl AND tgname = name
                      AND tgenabled IN ('O', 'A') AND tgtype = tg_type
                      AND tgfoid = 'dicomweb_audit_append_only()'::regprocedure
                      AND tgqual IS NULL AND tgnargs = 0 AND tgattr::text = '')
 $$;
 DO $$
 BEGIN
-    IF NOT _audit_trigger_as_defined('audit_log_append_only', 27) THEN
+    IF NOT _audit_trigger_as_defined('audit_log', 'audit_log_append_only', 27) THEN
         CREATE OR REPLACE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
             FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
     END IF;
-    IF NOT _audit_trigger_as_defined('audit_log_no_truncate', 34) THEN
+    IF NOT _audit_trigger_as_defined('audit_log', 'audit_log_no_truncate', 34) THEN
         CREATE OR REPLACE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+            FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();
+    END IF;
+    IF NOT _audit_trigger_as_defined('audit_patients', 'audit_patients_append_only', 27) THEN
+        CREATE OR REPLACE TRIGGER audit_patients_append_only BEFORE UPDATE OR DELETE
+            ON audit_patients FOR EACH ROW EXECUTE FUNCTION dicomweb_audit_append_only();
+    END IF;
+    IF NOT _audit_trigger_as_defined('audit_patients', 'audit_patients_no_truncate', 34) THEN
+        CREATE OR REPLACE TRIGGER audit_patients_no_truncate BEFORE TRUNCATE ON audit_patients
             FOR EACH STATEMENT EXECUTE FUNCTION dicomweb_audit_append_only();
     END IF;
 END
@@ -482,14 +502,18 @@ $$;
 -- lock that makes appenders (processes sharing the database) take turns, each row links to
 -- the true last one. A row's hash is SHA-256 of the previous row's hash (p_genesis before
 -- the first row) followed by its canonical bytes (p_canonical, audit.AuditEvent.canonical):
--- what audit.chain computes and `audit verify` checks. p_rows carry no seq or hashes.
+-- what audit.chain computes and `audit verify` checks. p_rows carry no seq or hashes;
+-- p_patients, the patients of each row as JSON ([[id, issuer, name], ...]), NULL for none.
+-- The five-argument form is the previous release's, which its processes still call while
+-- they share the database with this one.
 CREATE OR REPLACE FUNCTION dicomweb_append_audit(
     p_lock_class integer, p_lock_key integer, p_genesis bytea, p_rows audit_log[],
-    p_canonical bytea[]) RETURNS void
+    p_canonical bytea[], p_patients text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_prev bytea;
     v_hash bytea;
+    v_seq bigint;
     r record;
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock_class, p_lock_key);
@@ -501,8 +525,21 @@ BEGIN
         INSERT INTO audit_log (at, caller, client, action, uids, outcome, bytes, detail,
                                prev_hash, hash)
         VALUES (r.at, r.caller, r.client, r.action, r.uids, r.outcome, r.bytes, r.detail,
-                v_prev, v_hash);
+                v_prev, v_hash)
+        RETURNING seq INTO v_seq;
+        IF p_patients[r.n] IS NOT NULL THEN
+            INSERT INTO audit_patients (seq, patients)
+            SELECT v_seq, array_agg(ARRAY[e ->> 0, e ->> 1, e ->> 2] ORDER BY i)
+            FROM jsonb_array_elements(p_patients[r.n]::jsonb) WITH ORDINALITY AS x(e, i);
+        END IF;
         v_prev := v_hash;
     END LOOP;
 END
+$$;
+CREATE OR REPLACE FUNCTION dicomweb_append_audit(
+    p_lock_class integer, p_lock_key integer, p_genesis bytea, p_rows audit_log[],
+    p_canonical bytea[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT dicomweb_append_audit(p_lock_class, p_lock_key, p_genesis, p_rows, p_canonical,
+                                 NULL::text[])
 $$;

@@ -24,15 +24,28 @@ __all__ = [
     "AuditEvent",
     "AuditRow",
     "ChainVerifier",
+    "Patient",
     "chain",
     "dicom_audit_message",
     "parse_anchor",
+    "patient_studies",
 ]
 
 # The "previous hash" of the first row.
 GENESIS = bytes(32)
-# Version of the canonical encoding, hashed with each row.
+# Version of the canonical encoding, hashed with each row. A row that names no patient is
+# encoded as version 1 was (every row written before patients were recorded is such a row,
+# and verifies as it did); one that names patients, as version 2: version 1's items, then
+# the patients. Which version a row is follows from its content, not from a stored field
+# that could be altered apart from it: patients removed from a version 2 row, or added to a
+# version 1 row, no longer match its hash.
 _CANONICAL_VERSION = "dicomweb-audit-1"
+_CANONICAL_VERSION_PATIENTS = "dicomweb-audit-2"
+
+# A patient whose data an event touched, as the stored data set named it: (Patient ID,
+# Issuer of Patient ID, Patient's Name), "" where absent; the name as PS3.5 PN text
+# (its component groups joined by "=").
+Patient = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,12 @@ class AuditEvent:
     # the data set bytes received (C-STORE) or sent (C-FIND, C-MOVE, C-GET).
     nbytes: int = 0
     detail: str = ""  # the query string of a search, the role of a new key, …
+    # The patients of the instances touched (PS3.15 A.5.3.6, A.5.3.7: the Patient
+    # participant object), each once, recorded with the event: they stay in the trail when
+    # the data goes. Of a STOW or C-STORE, from the data sets stored; of a retrieve, from the
+    # index when the event is appended (auditlog.py). Empty for events that touch no stored
+    # data (a query, a refused request) and for rows written before patients were recorded.
+    patients: tuple[Patient, ...] = ()
 
     def __post_init__(self) -> None:
         # Text that PostgreSQL and UTF-8 can hold, whoever made the event (a token's `sub`
@@ -64,11 +83,16 @@ class AuditEvent:
         for name in ("caller", "client", "action", "detail"):
             object.__setattr__(self, name, _storable(getattr(self, name)))
         object.__setattr__(self, "uids", tuple(_storable(u) for u in self.uids))
+        patients = (
+            (_storable(pid), _storable(issuer), _storable(name))
+            for pid, issuer, name in self.patients
+        )
+        object.__setattr__(self, "patients", tuple(dict.fromkeys(patients)))
 
     def canonical(self) -> bytes:
         """The bytes that are hashed: a JSON array in a fixed order, UTF-8, no whitespace."""
         items: list[Any] = [
-            _CANONICAL_VERSION,
+            _CANONICAL_VERSION_PATIENTS if self.patients else _CANONICAL_VERSION,
             self.time.astimezone(UTC).isoformat(timespec="microseconds"),
             self.caller,
             self.client,
@@ -78,6 +102,8 @@ class AuditEvent:
             self.nbytes,
             self.detail,
         ]
+        if self.patients:
+            items.append([list(p) for p in self.patients])
         return json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -165,6 +191,17 @@ _RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
 _SOURCE_ROLE = ("110153", "Source Role ID")
 _DESTINATION_ROLE = ("110152", "Destination Role ID")
 _STUDY_UID = ("110180", "Study Instance UID")
+# The Patient participant object's ID type (PS3.15 A.5.3.6, A.5.3.7; PS3.15 A.5.2.5, the
+# RFC 3881 code set): "Patient Number".
+_PATIENT_NUMBER = {"csd-code": "2", "codeSystemName": "RFC-3881", "originalText": "Patient Number"}
+# ParticipantObjectID of a patient whose data set has no (or an empty) Patient ID: the
+# field is mandatory. What dcm4chee-arc writes (its audit documentation, "Patient ID or
+# <none> if unknown").
+_NO_PATIENT_ID = "<none>"
+# The events whose message has a Patient participant object: DICOM Instances Accessed
+# (A.5.3.6) and DICOM Instances Transferred (A.5.3.7), each "Patient (1)". Not a Query
+# (A.5.3.10: the query only, "the message does not record the response to the query").
+_WITH_PATIENT = (_ACCESSED, _TRANSFERRED)
 # The SOP Class UID that PS3.15 A.5.3.10 puts in ParticipantObjectID of a query: for QIDO-RS,
 # Study Root Query/Retrieve Information Model - FIND (the model QIDO-RS answers from).
 _STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -267,6 +304,14 @@ def _event_of(event: AuditEvent) -> tuple[tuple[str, str], str, list[tuple[str, 
     return _TRANSFERRED, "R", []
 
 
+def patient_studies(event: AuditEvent) -> list[str]:
+    """The studies whose patients an event should name and does not yet: those it touched,
+    when its message is one with a Patient participant (auditlog.py looks them up)."""
+    if event.patients or not event.uids or _event_of(event)[0] not in _WITH_PATIENT:
+        return []
+    return list(_studies(event.uids))
+
+
 def _studies(paths: Sequence[str]) -> dict[str, tuple[set[str], list[str]]]:
     """study UID -> (series UIDs, SOP instance UIDs) of "study[/series[/instance]]" paths."""
     out: dict[str, tuple[set[str], list[str]]] = {}
@@ -354,4 +399,26 @@ def _objects(ev: AuditEvent, event_id: tuple[str, str]) -> list[dict[str, Any]]:
                 "Instance": [{"UID": uid} for uid in instances],
             }  # fmt: skip
         objects.append(obj)
+    # One per patient. PS3.15 says these messages "may only include information about a
+    # single patient"; a request is one row and one message here, so the rare one that
+    # touched several (a STOW of two patients' instances, a C-MOVE of a patient-spanning
+    # query) names each (conformance/STATEMENT.md).
+    if event_id in _WITH_PATIENT:
+        objects.extend(_patient(p) for p in ev.patients)
     return objects
+
+
+def _patient(patient: Patient) -> dict[str, Any]:
+    """The Patient participant object (PS3.15 A.5.3.6, A.5.3.7). Its ID with the Issuer of
+    Patient ID as the HL7 CX assigning authority (`ID^^^ISSUER`), as IHE ITI's ATNA and
+    dcm4chee-arc write it: a Patient ID is unique only within its issuer."""
+    pid, issuer, name = patient
+    obj: dict[str, Any] = {
+        "ParticipantObjectID": (pid or _NO_PATIENT_ID) + (f"^^^{issuer}" if issuer else ""),
+        "ParticipantObjectTypeCode": 1,  # person
+        "ParticipantObjectTypeCodeRole": 1,  # patient
+        "ParticipantObjectIDTypeCode": _PATIENT_NUMBER,
+    }
+    if name:
+        obj["ParticipantObjectName"] = name
+    return obj

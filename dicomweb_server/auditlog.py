@@ -4,16 +4,23 @@ A request hands its event to a bounded queue and goes on; one task per process a
 has queued up, in batches, to the hash chain (`Index.append_audit`). While the database is
 away, events wait in the queue (and a full queue makes requests wait: nothing is dropped).
 Events still queued when a process is killed are lost; those of a clean shutdown are written.
+
+The writer also names the patients of a retrieve's event (PS3.15 A.5.3.7: the Patient
+participant object), from the index, for the whole batch in one query: the routes that
+serve a retrieve do not all read the study's patient (metadata and frames come from caches),
+and a query per request would cost each its own round trip. They are recorded with the
+event, in its hashed content, so a later deletion of the study takes nothing from the trail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
-from dicomweb_server.audit import AuditEvent
+from dicomweb_server.audit import AuditEvent, patient_studies
 from dicomweb_server.index.database import Index
 
 __all__ = ["AUDIT_BATCH_MAX", "AUDIT_QUEUE_MAX", "AuditLog", "running_audit_log"]
@@ -72,6 +79,7 @@ class AuditLog:
     async def _append(self, batch: list[AuditEvent]) -> None:
         while True:
             try:
+                batch = await self._with_patients(batch)
                 await self._index.append_audit(batch)
                 self.written += len(batch)
                 return
@@ -85,6 +93,21 @@ class AuditLog:
             except Exception as exc:  # the database is away or failing: keep them, retry
                 log.warning("audit trail: %d events wait for the database (%s)", len(batch), exc)
                 await asyncio.sleep(AUDIT_RETRY_S)
+
+    async def _with_patients(self, batch: list[AuditEvent]) -> list[AuditEvent]:
+        """The events, those that touched stored studies and name no patient yet with the
+        patients of those studies (one query for the batch; none when no event needs it).
+        A study not stored (a retrieve answered 404) names none."""
+        wanted = [patient_studies(event) for event in batch]
+        studies = sorted({study for some in wanted for study in some})
+        if not studies:
+            return batch
+        found = await self._index.audit_patients(studies)
+        return [
+            dataclasses.replace(event, patients=tuple(found[s] for s in some if s in found))
+            if some else event
+            for event, some in zip(batch, wanted, strict=True)
+        ]  # fmt: skip
 
 
 @contextlib.asynccontextmanager

@@ -318,7 +318,8 @@ class _Event:
         scope = self.scope
         path = "/".join(str(self.params[k]) for k in ("study", "series", "instance")
                         if k in self.params)  # fmt: skip
-        extra: list[str] = list(scope.get("state", {}).get("audit_uids", ()))
+        state = scope.get("state", {})
+        extra: list[str] = list(state.get("audit_uids", ()))
         client = scope.get("client")
         received = scope["method"] == "POST"
         return AuditEvent(
@@ -329,8 +330,10 @@ class _Event:
             uids=tuple(([path] if path else []) + extra),
             outcome=tally.outcome,
             nbytes=tally.received if received else tally.sent,
-            detail=scope.get("state", {}).get("audit_detail")
-            or scope.get("query_string", b"").decode("latin-1"),
+            detail=state.get("audit_detail") or scope.get("query_string", b"").decode("latin-1"),
+            # Set by a STOW (its data sets name them); of a retrieve, the audit writer looks
+            # them up (auditlog.py).
+            patients=tuple(state.get("audit_patients", ())),
         )
 
 

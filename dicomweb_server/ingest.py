@@ -450,8 +450,10 @@ async def _commit(
     sop_class, sop, study, series = parsed.uids
     record = record_of(parsed, key, writer.size, writer.sha256(parsed.data_set_end))
     result = await ctx.index.commit_instance(record)
+    patient = _patient_of(record)
     if result.stored:
-        return InstanceOutcome(sop_class, sop, retrieve_path=instance_path(study, series, sop))
+        path = instance_path(study, series, sop)
+        return InstanceOutcome(sop_class, sop, retrieve_path=path, patient=patient)
     # Not committed: the blob is ours to delete, and its reservation, if still there, goes
     # when it is deleted (as in _undo).
     async with ctx.index.releasing(key) as ours:
@@ -475,11 +477,18 @@ async def _commit(
         # server). Its File Meta Information may differ (blobstore.hashing.DataSetHash).
         assert result.existing_study_uid and result.existing_series_uid
         path = instance_path(result.existing_study_uid, result.existing_series_uid, sop)
-        return InstanceOutcome(sop_class, sop, retrieve_path=path, duplicate=True)
+        return InstanceOutcome(sop_class, sop, retrieve_path=path, duplicate=True, patient=patient)
     return InstanceOutcome(
         sop_class, sop, FailureReason.DUPLICATE_SOP_INSTANCE,
         reason=f"SOPInstanceUID {sop} is already stored with different content",
     )  # fmt: skip
+
+
+def _patient_of(record: InstanceRecord) -> tuple[str, str, str]:
+    """(Patient ID, Issuer of Patient ID, Patient's Name) of an instance's patient row, for
+    the audit trail: the patient a STOW or C-STORE stored data of."""
+    row = record.patient
+    return (row["patient_id"], row["issuer_of_patient_id"], row["patient_name"] or "")
 
 
 async def _same_data_set(

@@ -60,6 +60,9 @@ class InstanceOutcome:
     # set inflating past MAX_INFLATED_BYTES, JSON bulk data over its bounds): a refused
     # request in the audit trail, not the archive out of resources (its disk, its quota).
     over_limit: bool = False
+    # The patient of a stored instance, as its data set names it: (Patient ID, Issuer of
+    # Patient ID, Patient's Name), for the audit trail (audit.AuditEvent.patients).
+    patient: tuple[str, str, str] | None = None
 
     @property
     def archive_failed(self) -> bool:

@@ -34,8 +34,8 @@ async def empty_audit(clean_db: str) -> AsyncIterator[str]:
     async def truncate() -> None:
         conn = await asyncpg.connect(clean_db)
         try:
-            if await conn.fetchval("SELECT to_regclass('audit_log') IS NOT NULL"):
-                await _as_owner(conn, "TRUNCATE audit_log RESTART IDENTITY")
+            if await conn.fetchval("SELECT to_regclass('audit_patients') IS NOT NULL"):
+                await _as_owner(conn, "TRUNCATE audit_log, audit_patients RESTART IDENTITY")
         finally:
             await conn.close()
 

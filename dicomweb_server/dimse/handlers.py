@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent
+from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent, Patient
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dicomfile import sop_uids
@@ -120,14 +120,17 @@ class Handlers:
         self.connections = Connections(self._record, self.max_data_set_bytes)
 
     def _audit(self, event: Event, action: str, code: int, uids: Sequence[str] = (),
-               nbytes: int = 0, detail: str = "") -> None:  # fmt: skip
-        """Append an event for a DIMSE operation: the caller is the requestor's AE title."""
+               nbytes: int = 0, detail: str = "",
+               patients: Sequence[Patient] = ()) -> None:  # fmt: skip
+        """Append an event for a DIMSE operation: the caller is the requestor's AE title.
+        The patients of a C-STORE are its data set's; those of a C-GET or C-MOVE, the audit
+        writer looks up (auditlog.py)."""
         if self.audit is None:
             return
         requestor = event.assoc.requestor
         self._record(AuditEvent(
             datetime.now(UTC), f"ae:{requestor.ae_title.strip()}", str(requestor.address),
-            action, tuple(uids), code, nbytes, detail,
+            action, tuple(uids), code, nbytes, detail, tuple(patients),
         ))  # fmt: skip
 
     def _record(self, record: AuditEvent) -> None:
@@ -187,7 +190,7 @@ class Handlers:
             # Its association has ended, or is being aborted: not stored, and audited as
             # such (connections.py).
             return status(OUT_OF_RESOURCES, unserved)
-        answer, touched, over_limit = self._store(event)
+        answer, touched, over_limit, patient = self._store(event)
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:
             size = event.dataset_path.stat().st_size
@@ -197,34 +200,37 @@ class Handlers:
         detail = _with_comment(f"sop={sop}", answer)
         if over_limit:  # first, where no text of the peer's can put it (audit.OVER_LIMIT)
             detail = f"{OVER_LIMIT}{detail}"
-        self._audit(event, "dimse_store", code, [touched] if touched else [], size, detail)
+        self._audit(event, "dimse_store", code, [touched] if touched else [], size, detail,
+                    [patient] if patient else [])  # fmt: skip
         return answer
 
-    def _store(self, event: Event) -> tuple[int | Dataset, str | None, bool]:
+    def _store(self, event: Event) -> tuple[int | Dataset, str | None, bool, Patient | None]:
         """(status, study/series/instance stored or None, whether refused for a limit the
         data set passed: a Deflated one inflating past MAX_INFLATED_BYTES, 0xA700 as STOW
-        answers it, the peer's doing and not the archive out of resources)."""
+        answers it, the peer's doing and not the archive out of resources; the patient the
+        stored data set names, for the audit trail)."""
         mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
         if mismatch:
-            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None, False
+            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None, False, None
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
             )
         except DicomWebError as exc:  # the database is unreachable: B.2-1 Out of Resources
-            return status(OUT_OF_RESOURCES, exc.message), None, False
+            return status(OUT_OF_RESOURCES, exc.message), None, False, None
         except TimeoutError:
-            return status(OUT_OF_RESOURCES, "the archive did not store it in time"), None, False
+            late = status(OUT_OF_RESOURCES, "the archive did not store it in time")
+            return late, None, False, None
         except Exception:
             log.exception("C-STORE failed")
-            return status(PROCESSING_FAILURE, "processing failure"), None, False
+            return status(PROCESSING_FAILURE, "processing failure"), None, False, None
         if outcome.failure is not None:
             sop = outcome.sop_instance_uid or cast(C_STORE, event.request).AffectedSOPInstanceUID
             log.info("C-STORE of %s refused: %s", sop, outcome.reason)
-            return status(int(outcome.failure), outcome.reason), None, outcome.over_limit
+            return status(int(outcome.failure), outcome.reason), None, outcome.over_limit, None
         # A duplicate of the same bytes is a success too (as with STOW).
         path = outcome.retrieve_path
-        return 0x0000, "/".join(path.split("/")[2::2]) if path else None, False
+        return 0x0000, "/".join(path.split("/")[2::2]) if path else None, False, outcome.patient
 
     def find(self, event: Event) -> Iterator[FindResult]:
         """_find, audited with the status answered: pynetdicom's Success when the matches

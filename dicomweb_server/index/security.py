@@ -3,9 +3,10 @@ advisory lock and walked a page at a time."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 
-from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow
+from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, Patient
 from dicomweb_server.index.pool import (
     DATABASE_ERROR,
     REFUSED_VALUE,
@@ -20,7 +21,7 @@ __all__ = ["Security"]
 # Second key of the advisory lock that serialises appends to the audit chain (owners are > 0
 # and the schema lock is 0).
 AUDIT_LOCK_KEY = -1
-_APPEND_AUDIT = "SELECT dicomweb_append_audit($1, $2, $3, $4, $5)"
+_APPEND_AUDIT = "SELECT dicomweb_append_audit($1, $2, $3, $4, $5, $6)"
 # Audit rows fetched per round trip while walking the chain.
 AUDIT_FETCH_ROWS = 1000
 
@@ -62,33 +63,54 @@ class Security(Pooled):
         database take turns and each row links to the true last one. (It was a transaction
         of five round trips: lock, last hash, insert, and its BEGIN and COMMIT; with one
         client a batch holds a few requests, each of which paid one or two of them.)
-        The rows are audit_log's row type, in its column order, without seq and hashes."""
+        The rows are audit_log's row type, in its column order, without seq and hashes;
+        their patients go to audit_patients (schema.sql), as JSON."""
         rows = [
             (None, e.time, e.caller, e.client, e.action, list(e.uids), e.outcome, e.nbytes,
              e.detail, None, None)
             for e in events
         ]  # fmt: skip
         canonical = [e.canonical() for e in events]
+        patients = [json.dumps(e.patients, ensure_ascii=False) if e.patients else None
+                    for e in events]  # fmt: skip
         try:
             await self._execute(
-                _APPEND_AUDIT, ADVISORY_LOCK_CLASS, AUDIT_LOCK_KEY, GENESIS, rows, canonical
-            )
+                _APPEND_AUDIT, ADVISORY_LOCK_CLASS, AUDIT_LOCK_KEY, GENESIS, rows, canonical,
+                patients,
+            )  # fmt: skip
         except REFUSED_VALUE as exc:
             raise ValueError(f"the audit trail refused a value: {exc}") from exc
         except DATABASE_ERROR as exc:  # full, read-only, ...
             raise unavailable(exc) from exc
 
+    async def audit_patients(self, study_uids: Sequence[str]) -> dict[str, Patient]:
+        """The patient of each of these studies that is stored (auditlog.py: one query for a
+        batch of events, not one per request)."""
+        rows = await self._fetch(
+            "SELECT s.study_instance_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name"
+            " FROM study s JOIN patient p ON p.pk = s.patient_fk"
+            " WHERE s.study_instance_uid = ANY($1::text[])",
+            list(study_uids),
+        )
+        return {
+            r["study_instance_uid"]: (r["patient_id"], r["issuer_of_patient_id"],
+                                      r["patient_name"] or "")
+            for r in rows
+        }  # fmt: skip
+
     async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:
         """Every audit row after `after_seq`, in chain order, a page at a time."""
         while True:
             rows = await self._fetch(
-                "SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                "SELECT a.*, p.patients FROM audit_log a LEFT JOIN audit_patients p USING (seq)"
+                " WHERE a.seq > $1 ORDER BY a.seq LIMIT $2",
                 after_seq, AUDIT_FETCH_ROWS,
             )  # fmt: skip
             for r in rows:
                 event = AuditEvent(
                     r["at"], r["caller"], r["client"], r["action"], tuple(r["uids"]),
                     r["outcome"], r["bytes"], r["detail"],
+                    tuple((p[0], p[1], p[2]) for p in r["patients"] or ()),
                 )  # fmt: skip
                 yield AuditRow(r["seq"], event, bytes(r["prev_hash"]), bytes(r["hash"]))
             if len(rows) < AUDIT_FETCH_ROWS:

@@ -76,10 +76,12 @@ async def _response(
 
 
 def _audited(request: Request, outcomes: list[InstanceOutcome]) -> None:
-    """The audit trail names each stored instance as study/series/instance."""
+    """The audit trail names each stored instance as study/series/instance, and the patients
+    the stored data sets name (PS3.15 A.5.3.7's Patient participant: known here, no query)."""
     request.state.audit_uids = [
         "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
     ]
+    request.state.audit_patients = [o.patient for o in outcomes if o.patient is not None]
     request.state.audit_detail = _audit_detail(outcomes)
 
 
