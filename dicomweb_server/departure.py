@@ -14,8 +14,9 @@ when the disconnect comes (a conversion at its next frame: retrieve.instances). 
 the channel watched, by one task for the rest of the request, so a request doing no such
 work (a cached frame, a search, an instance sent as stored) costs no task. The watcher never
 swallows what the handler may read: a request body message it reads is held for the
-handler, and past one that is not the last it stops watching (a GET has no body; a STOW is
-not watched).
+handler (an empty one that is not the last holds nothing, and is passed over), and past one
+with bytes that is not the last it stops watching (a GET has no body; a STOW is not
+watched).
 
 The request's Departure is found through a context variable, which its handler's task and
 the tasks it starts (a streamed body's) inherit: the code doing the work need not be handed
@@ -115,6 +116,13 @@ class Departure:
                 message = await self._read()
                 if message["type"] != "http.request":
                     continue  # the disconnect (the loop ends); nothing else is sent
+                if not message.get("body") and message.get("more_body", False):
+                    # No body, and more to come: an HTTP/2 GET whose END_STREAM comes on an
+                    # empty DATA frame after its HEADERS (RFC 9113 8.1), which hypercorn
+                    # relays as an empty message. Nothing in it for the handler, nothing to
+                    # read ahead: watching goes on (it stopped here, the client's leaving
+                    # never seen). Not held: a stream of empty frames holds no memory.
+                    continue
                 if self._held is None:
                     self._held = collections.deque()
                 self._held.append(message)

@@ -92,6 +92,28 @@ async def test_a_body_still_coming_is_left_to_the_handler() -> None:
     await departure.close()
 
 
+async def test_an_empty_body_message_before_the_last_does_not_stop_the_watching() -> None:
+    """An HTTP/2 GET ended by an empty DATA frame (END_STREAM not on its HEADERS): hypercorn
+    relays it as an empty body message with more to come. Nothing is read ahead by going
+    on, and the client leaving after it is seen; the watcher stopped there (found by review:
+    a conversion for such a client ran to its end)."""
+    channel: asyncio.Queue[Message] = asyncio.Queue()
+    for message in ({"type": "http.request", "body": b"", "more_body": True}, _FINAL):
+        channel.put_nowait(message)
+    departure = Departure(channel.get)
+    began: list[bool] = []
+    with watched(departure):
+        work = asyncio.create_task(_long_work(began))
+        await asyncio.sleep(0.05)
+        assert began == [True] and channel.empty()
+        channel.put_nowait(_GONE)
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(work, 5)
+    assert await departure.receive() == _FINAL  # the body as it was: empty, and its end
+    assert await departure.receive() == _GONE
+    await departure.close()
+
+
 async def test_one_watcher_per_request_and_none_left_after_it() -> None:
     channel: asyncio.Queue[Message] = asyncio.Queue()
     channel.put_nowait(_FINAL)
