@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -172,7 +173,13 @@ class _Body:
     slowly overall, is never cut: each quota it brings starts the clock again. Found by
     review: a client that stopped part-way, that sent `Expect: 100-continue` and then
     nothing, or that trickled a byte every few seconds held the request, its spool file and
-    its connection forever (a STOW after 60 s of silence was the only one answered)."""
+    its connection forever (a STOW after 60 s of silence was the only one answered).
+
+    A read already waiting when the response starts loses its clock then (answer): Starlette's
+    streamed responses read `receive` for the disconnect from before their first byte, and a
+    GET announcing a body it never sent (`Content-Length: 10`) whose client read its answer
+    slowly had that read time out mid-answer: the body cut, a traceback, audited 500 (found by
+    review)."""
 
     def __init__(self, receive: Receive, idle_s: float) -> None:
         self._receive = receive
@@ -183,16 +190,29 @@ class _Body:
         self._waited = 0.0  # seconds waited since the body last brought its quota
         self._brought = 0  # bytes it brought meanwhile
         self._timeout: RequestTimeoutError | None = None
+        self._clocks: set[anyio.CancelScope] = set()  # the reads waiting with the clock
+
+    def answer(self) -> None:
+        """The response has started: no read times out any more, waiting or later."""
+        self.answered = True
+        for clock in self._clocks:
+            clock.deadline = math.inf
 
     async def receive(self) -> Message:
         if self.read or self.answered:
             return await self.next()
         if self._timeout is None and self._waited < self._idle_s:
             started = anyio.current_time()
-            with anyio.move_on_after(self._idle_s - self._waited):
-                message = await self.next()
+            with anyio.move_on_after(self._idle_s - self._waited) as clock:
+                self._clocks.add(clock)
+                try:
+                    message = await self.next()
+                finally:
+                    self._clocks.discard(clock)
                 self._count(message, anyio.current_time() - started)
                 return message
+            if self.answered:  # the clock ran out as the response started
+                return await self.next()
         if self._timeout is None:
             self._timeout = RequestTimeoutError(self._why(), headers={"Connection": "close"})
             log.info("request body idle: %s", self._timeout.message)
@@ -252,7 +272,7 @@ class _RequestBody:
 
         async def answer(message: Message) -> None:
             if message["type"] == "http.response.start":
-                body.answered = True
+                body.answer()
                 if not body.read:
                     headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
                     message = {**message, "headers": [*headers, (b"connection", b"close")]}

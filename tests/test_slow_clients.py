@@ -423,3 +423,37 @@ def test_http2_answer_before_the_body_keeps_the_connection(tmp_path: Path, clean
         r = client.get(f"{server.url}/studies")
         assert (r.http_version, r.status_code) == ("HTTP/2", 204), r.text
         clean_log(server)
+
+
+def test_get_announcing_a_body_it_never_sends_is_answered_whole_to_a_slow_reader(
+    tmp_path: Path, clean_db: str
+) -> None:
+    """A GET with `Content-Length: 10` and no body, of a 12.6 MB instance whose client
+    reads nothing for three times BODY_IDLE_TIMEOUT_S (1 s) and then all of it: the whole
+    answer, no traceback. Starlette's streamed response waits on `receive` for the
+    disconnect from before its first byte, and that wait kept the idle-body clock after the
+    response started: it ran out mid-answer, the body was cut with a traceback and the
+    request audited 500 (found by review)."""
+    raw = to_bytes(make_instance(rows=2048, cols=3072))
+    with serving(tmp_path, clean_db, DICOMWEB_BODY_IDLE_TIMEOUT_S="1") as server:
+        port = port_of(server)
+        r = httpx.post(
+            f"{server.url}/studies", content=multipart_body([raw]), headers=stow_headers(),
+            timeout=60,
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        path = r.json()["00081199"]["Value"][0]["00081190"]["Value"][0].split(f":{port}", 1)[1]
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n"
+                'Accept: multipart/related; type="application/dicom"; transfer-syntax=*\r\n'
+                "Connection: close\r\n\r\n".encode()
+            )
+            time.sleep(3)
+            data, _ = read_until_closed(sock, within_s=30)
+        status, _, body = parse(data)
+        assert status.startswith("HTTP/1.1 200"), data[:300]
+        assert raw in body and body.rstrip().endswith(b"--"), len(body)
+        clean_log(server)
