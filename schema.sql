@@ -468,6 +468,10 @@ $$;
 -- turned off, as every start did before triggers were created only when missing (found by
 -- review: a disabled trigger then stayed off for good). tgtype: ROW|BEFORE|UPDATE|DELETE =
 -- 1+2+16+8 = 27, BEFORE|TRUNCATE (a statement trigger) = 2+32 = 34 (catalog/pg_trigger.h).
+-- Its form before it took the table (two arguments) is dropped: CREATE OR REPLACE of another
+-- argument list adds a function, and an index upgraded kept that one beside this (found by
+-- review). A process of that release, started again, makes it again before it calls it.
+DROP FUNCTION IF EXISTS _audit_trigger_as_defined(text, integer);
 CREATE OR REPLACE FUNCTION _audit_trigger_as_defined(tbl regclass, name text, tg_type integer)
 RETURNS boolean
 LANGUAGE sql STABLE AS $$
