@@ -445,13 +445,25 @@ def _objects(
     return objects
 
 
+# HL7 v2 escape sequences (HL7 v2.5 2.7.4) of the delimiters a CX value may not hold as
+# text: a Patient ID (LO) or Issuer of Patient ID may hold "^" or "&", which unescaped read
+# as other components of the CX (found by review: Patient ID "12^34" was exported as ID
+# "12" with check digit "34"; an issuer "A&B", as namespace "A", universal ID "B").
+_HL7_ESCAPED = str.maketrans({"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\",
+                              "~": "\\R\\"})  # fmt: skip
+
+
 def _patient(patient: Patient) -> dict[str, Any]:
     """The Patient participant object (PS3.15 A.5.3.6, A.5.3.7). Its ID with the Issuer of
     Patient ID as the HL7 CX assigning authority (`ID^^^ISSUER`), as IHE ITI's ATNA and
-    dcm4chee-arc write it: a Patient ID is unique only within its issuer."""
+    dcm4chee-arc write it: a Patient ID is unique only within its issuer. Each escaped as
+    HL7 escapes text (_HL7_ESCAPED)."""
     pid, issuer, name = patient
+    cx = (pid or _NO_PATIENT_ID).translate(_HL7_ESCAPED)
+    if issuer:
+        cx += "^^^" + issuer.translate(_HL7_ESCAPED)
     obj: dict[str, Any] = {
-        "ParticipantObjectID": (pid or _NO_PATIENT_ID) + (f"^^^{issuer}" if issuer else ""),
+        "ParticipantObjectID": cx,
         "ParticipantObjectTypeCode": 1,  # person
         "ParticipantObjectTypeCodeRole": 1,  # patient
         "ParticipantObjectIDTypeCode": _PATIENT_NUMBER,

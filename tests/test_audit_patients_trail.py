@@ -180,6 +180,24 @@ async def test_patients_texts_of_every_kind_verify(
     assert await _cli("audit", "verify", "--database-url", empty_audit) == 0
     messages = await _export(empty_audit, capsys)
     assert [_objects(m, 1)[0] for m in messages[:3]] == [
-        f"{texts[0]}^^^I0", f"{texts[1]}^^^I1", "x\\0y^^^I2"
+        "Ñoño\\S\\José=山田\\S\\太郎=やまだ\\S\\たろう^^^I0", f"{texts[1]}^^^I1", "x\\E\\0y^^^I2"
     ]  # fmt: skip
+    names = [m["AuditMessage"]["ParticipantObjectIdentification"][-1] for m in messages[:3]]
+    assert [n["ParticipantObjectName"] for n in names] == [texts[0], texts[1], "x\\0y"]
     assert len(messages) == 2 * len(texts)
+
+
+def test_the_patient_id_is_escaped_as_hl7_cx_text() -> None:
+    """ParticipantObjectID is an HL7 CX (`ID^^^ISSUER`): a "^" or "&" of the Patient ID or of
+    its issuer is escaped (HL7 v2.5 2.7.4), else read as another component ("12^34": ID 12,
+    check digit 34). The name, PN text and no CX, as it is."""
+    from dicomweb_server.audit import AuditRow, dicom_audit_messages
+
+    patients = (("12^34", "A&B", "Doe^J", "1.2"), ("5~6|7\\8", "", "", "1.3"))
+    event = AuditEvent(AT, "c", "h", "retrieve_study", ("1.2", "1.3"), 200, 1, "", patients)
+    messages = dicom_audit_messages(AuditRow(1, event, bytes(32), bytes(32)), "SRC")
+    assert [_objects(m, 1) for m in messages] == [
+        ["12\\S\\34^^^A\\T\\B"], ["5\\R\\6\\F\\7\\E\\8"]
+    ]  # fmt: skip
+    patient = messages[0]["AuditMessage"]["ParticipantObjectIdentification"][-1]
+    assert patient["ParticipantObjectName"] == "Doe^J"
