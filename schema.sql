@@ -441,7 +441,8 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash       bytea NOT NULL
 );
 -- The patients a row names (audit.AuditEvent.patients): {patient id, issuer of patient id,
--- patient's name}, one row of a two-dimensional array each; rows naming none have no row
+-- patient's name, study instance uid}, one row of a two-dimensional array each (three
+-- texts, without the study, in rows written before it was recorded); rows naming none have no row
 -- here. Not a column of audit_log: its row type is dicomweb_append_audit's parameter, and a
 -- column added to it made every append of a process of the previous release fail ("wrong
 -- number of columns") while it shared the database with one of this release, its events
@@ -468,6 +469,10 @@ $$;
 -- turned off, as every start did before triggers were created only when missing (found by
 -- review: a disabled trigger then stayed off for good). tgtype: ROW|BEFORE|UPDATE|DELETE =
 -- 1+2+16+8 = 27, BEFORE|TRUNCATE (a statement trigger) = 2+32 = 34 (catalog/pg_trigger.h).
+-- Its form before it took the table (two arguments) is dropped: CREATE OR REPLACE of another
+-- argument list adds a function, and an index upgraded kept that one beside this (found by
+-- review). A process of that release, started again, makes it again before it calls it.
+DROP FUNCTION IF EXISTS _audit_trigger_as_defined(text, integer);
 CREATE OR REPLACE FUNCTION _audit_trigger_as_defined(tbl regclass, name text, tg_type integer)
 RETURNS boolean
 LANGUAGE sql STABLE AS $$
@@ -503,7 +508,8 @@ $$;
 -- the true last one. A row's hash is SHA-256 of the previous row's hash (p_genesis before
 -- the first row) followed by its canonical bytes (p_canonical, audit.AuditEvent.canonical):
 -- what audit.chain computes and `audit verify` checks. p_rows carry no seq or hashes;
--- p_patients, the patients of each row as JSON ([[id, issuer, name], ...]), NULL for none.
+-- p_patients, the patients of each row as JSON ([[id, issuer, name, study], ...]), NULL for
+-- none.
 -- The five-argument form is the previous release's, which its processes still call while
 -- they share the database with this one.
 CREATE OR REPLACE FUNCTION dicomweb_append_audit(
@@ -529,7 +535,8 @@ BEGIN
         RETURNING seq INTO v_seq;
         IF p_patients[r.n] IS NOT NULL THEN
             INSERT INTO audit_patients (seq, patients)
-            SELECT v_seq, array_agg(ARRAY[e ->> 0, e ->> 1, e ->> 2] ORDER BY i)
+            SELECT v_seq, array_agg(ARRAY(SELECT t FROM jsonb_array_elements_text(e)
+                                          WITH ORDINALITY AS y(t, j) ORDER BY j) ORDER BY i)
             FROM jsonb_array_elements(p_patients[r.n]::jsonb) WITH ORDINALITY AS x(e, i);
         END IF;
         v_prev := v_hash;

@@ -26,7 +26,7 @@ __all__ = [
     "ChainVerifier",
     "Patient",
     "chain",
-    "dicom_audit_message",
+    "dicom_audit_messages",
     "parse_anchor",
     "patient_studies",
 ]
@@ -46,6 +46,12 @@ _CANONICAL_VERSION_PATIENTS = "dicomweb-audit-2"
 # Issuer of Patient ID, Patient's Name), "" where absent; the name as PS3.5 PN text
 # (its component groups joined by "=").
 Patient = tuple[str, str, str]
+# A patient with the Study Instance UID of the study it was named for: what an event records
+# (AuditEvent.patients), so that its export can give each patient a message of its own with
+# its own studies (PS3.15 A.5.3.6, A.5.3.7: "information about a single patient"). Typed
+# loosely: a row written before the study was recorded with the patient holds the three
+# texts of a Patient only, and is hashed, so read, as it is.
+PatientOfStudy = tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -71,11 +77,12 @@ class AuditEvent:
     nbytes: int = 0
     detail: str = ""  # the query string of a search, the role of a new key, …
     # The patients of the instances touched (PS3.15 A.5.3.6, A.5.3.7: the Patient
-    # participant object), each once, recorded with the event: they stay in the trail when
-    # the data goes. Of a STOW or C-STORE, from the data sets stored; of a retrieve, from the
-    # index when the event is appended (auditlog.py). Empty for events that touch no stored
-    # data (a query, a refused request) and for rows written before patients were recorded.
-    patients: tuple[Patient, ...] = ()
+    # participant object), each with the study it was named for (PatientOfStudy), each pair
+    # once, recorded with the event: they stay in the trail when the data goes. Of a STOW or
+    # C-STORE, from the data sets stored; of a retrieve, from the index when the event is
+    # appended (auditlog.py). Empty for events that touch no stored data (a query, a refused
+    # request) and for rows written before patients were recorded.
+    patients: tuple[PatientOfStudy, ...] = ()
 
     def __post_init__(self) -> None:
         # Text that PostgreSQL and UTF-8 can hold, whoever made the event (a token's `sub`
@@ -83,10 +90,7 @@ class AuditEvent:
         for name in ("caller", "client", "action", "detail"):
             object.__setattr__(self, name, _storable(getattr(self, name)))
         object.__setattr__(self, "uids", tuple(_storable(u) for u in self.uids))
-        patients = (
-            (_storable(pid), _storable(issuer), _storable(name))
-            for pid, issuer, name in self.patients
-        )
+        patients = (tuple(_storable(text) for text in p) for p in self.patients)
         object.__setattr__(self, "patients", tuple(dict.fromkeys(patients)))
 
     def canonical(self) -> bytes:
@@ -325,9 +329,39 @@ def _studies(paths: Sequence[str]) -> dict[str, tuple[set[str], list[str]]]:
     return out
 
 
-def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
-    """The row as a DICOM audit message (PS3.15 A.5.1), in JSON: the XML schema's elements
-    become keys and its attributes nested keys; `seq` and `hash` tie it back to the chain."""
+def dicom_audit_messages(row: AuditRow, source_id: str) -> list[dict[str, Any]]:
+    """The row as DICOM audit messages (PS3.15 A.5.1), in JSON: the XML schema's elements
+    become keys and its attributes nested keys; `seq` and `hash` tie each back to the chain.
+
+    One message, but for a DICOM Instances Accessed or Transferred event that touched the
+    data of several patients: A.5.3.6 says its message "shall only include information about
+    a single patient" and A.5.3.7 that it "may only" (found by review: one message named
+    every patient of a STOW or C-MOVE that spanned patients, with all their studies). It is
+    one message per patient then, each with that patient's studies (those the event
+    recorded it for), and the studies no patient was recorded for (not stored when a
+    retrieve's patients were looked up) in one more, without a patient."""
+    event_id = _event_of(row.event)[0]
+    if event_id not in _WITH_PATIENT or not row.event.patients:
+        return [_message(row, source_id, None, None)]
+    studies = list(_studies(row.event.uids))
+    mine: dict[Patient, list[str]] = {}
+    for entry in row.event.patients:
+        patient: Patient = (entry[0], entry[1], entry[2])
+        # A patient recorded without its study (written before they were recorded with it):
+        # every study of the event.
+        mine.setdefault(patient, []).extend(entry[3:] or studies)
+    messages = [_message(row, source_id, patient, set(of)) for patient, of in mine.items()]
+    claimed = {study for of in mine.values() for study in of}
+    if any(study not in claimed for study in studies):
+        messages.append(_message(row, source_id, None, set(studies) - claimed))
+    return messages
+
+
+def _message(
+    row: AuditRow, source_id: str, patient: Patient | None, studies: set[str] | None
+) -> dict[str, Any]:
+    """The message of a row, naming this patient (None: none), with these of its studies
+    (None: all)."""
     ev = row.event
     event_id, action_code, type_codes = _event_of(ev)
     receiving = action_code == "C"
@@ -351,7 +385,7 @@ def dicom_audit_message(row: AuditRow, source_id: str) -> dict[str, Any]:
         "EventIdentification": ident,
         "ActiveParticipant": _participants(ev, source_id, caller_is_source),
         "AuditSourceIdentification": {"AuditSourceID": source_id, "AuditSourceTypeCode": 4},
-        "ParticipantObjectIdentification": _objects(ev, event_id),
+        "ParticipantObjectIdentification": _objects(ev, event_id, patient, studies),
     }
     return {"seq": row.seq, "hash": row.hash.hex(), "action": ev.action, "bytes": ev.nbytes,
             "status": ev.outcome, "AuditMessage": message}  # fmt: skip
@@ -374,8 +408,11 @@ def _participants(ev: AuditEvent, source_id: str, caller_is_source: bool) -> lis
     return [caller, server]
 
 
-def _objects(ev: AuditEvent, event_id: tuple[str, str]) -> list[dict[str, Any]]:
-    """ParticipantObjectIdentification: the query of a Query event, then each study touched."""
+def _objects(
+    ev: AuditEvent, event_id: tuple[str, str], patient: Patient | None, only: set[str] | None
+) -> list[dict[str, Any]]:
+    """ParticipantObjectIdentification: the query of a Query event, then each study touched
+    (of those `only` names, when it names some), then the patient."""
     objects: list[dict[str, Any]] = []
     if event_id == _QUERY:
         objects.append({
@@ -387,6 +424,8 @@ def _objects(ev: AuditEvent, event_id: tuple[str, str]) -> list[dict[str, Any]]:
             "ParticipantObjectQuery": base64.b64encode(ev.detail.encode("utf-8")).decode("ascii"),
         })  # fmt: skip
     for study, (series, instances) in _studies(ev.uids).items():
+        if only is not None and study not in only:
+            continue
         obj: dict[str, Any] = {
             "ParticipantObjectID": study,
             "ParticipantObjectTypeCode": 2,
@@ -399,22 +438,32 @@ def _objects(ev: AuditEvent, event_id: tuple[str, str]) -> list[dict[str, Any]]:
                 "Instance": [{"UID": uid} for uid in instances],
             }  # fmt: skip
         objects.append(obj)
-    # One per patient. PS3.15 says these messages "may only include information about a
-    # single patient"; a request is one row and one message here, so the rare one that
-    # touched several (a STOW of two patients' instances, a C-MOVE of a patient-spanning
-    # query) names each (conformance/STATEMENT.md).
-    if event_id in _WITH_PATIENT:
-        objects.extend(_patient(p) for p in ev.patients)
+    # One at most (PS3.15 A.5.3.6, A.5.3.7: "Patient (1)"): a row that touched several
+    # patients is one message each (dicom_audit_messages).
+    if patient is not None and event_id in _WITH_PATIENT:
+        objects.append(_patient(patient))
     return objects
+
+
+# HL7 v2 escape sequences (HL7 v2.5 2.7.4) of the delimiters a CX value may not hold as
+# text: a Patient ID (LO) or Issuer of Patient ID may hold "^" or "&", which unescaped read
+# as other components of the CX (found by review: Patient ID "12^34" was exported as ID
+# "12" with check digit "34"; an issuer "A&B", as namespace "A", universal ID "B").
+_HL7_ESCAPED = str.maketrans({"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\",
+                              "~": "\\R\\"})  # fmt: skip
 
 
 def _patient(patient: Patient) -> dict[str, Any]:
     """The Patient participant object (PS3.15 A.5.3.6, A.5.3.7). Its ID with the Issuer of
     Patient ID as the HL7 CX assigning authority (`ID^^^ISSUER`), as IHE ITI's ATNA and
-    dcm4chee-arc write it: a Patient ID is unique only within its issuer."""
+    dcm4chee-arc write it: a Patient ID is unique only within its issuer. Each escaped as
+    HL7 escapes text (_HL7_ESCAPED)."""
     pid, issuer, name = patient
+    cx = (pid or _NO_PATIENT_ID).translate(_HL7_ESCAPED)
+    if issuer:
+        cx += "^^^" + issuer.translate(_HL7_ESCAPED)
     obj: dict[str, Any] = {
-        "ParticipantObjectID": (pid or _NO_PATIENT_ID) + (f"^^^{issuer}" if issuer else ""),
+        "ParticipantObjectID": cx,
         "ParticipantObjectTypeCode": 1,  # person
         "ParticipantObjectTypeCodeRole": 1,  # patient
         "ParticipantObjectIDTypeCode": _PATIENT_NUMBER,

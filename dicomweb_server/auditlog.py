@@ -104,7 +104,7 @@ class AuditLog:
             return batch
         found = await self._index.audit_patients(studies)
         return [
-            dataclasses.replace(event, patients=tuple(found[s] for s in some if s in found))
+            dataclasses.replace(event, patients=tuple((*found[s], s) for s in some if s in found))
             if some else event
             for event, some in zip(batch, wanted, strict=True)
         ]  # fmt: skip

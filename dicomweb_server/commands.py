@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dicomweb_server.app import open_services
-from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_message, parse_anchor
+from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_messages, parse_anchor
 from dicomweb_server.auth import create_api_key
 from dicomweb_server.config import Settings
 from dicomweb_server.errors import DicomWebError
@@ -129,8 +129,9 @@ async def run_audit(settings: Settings, args: argparse.Namespace) -> int:
                        if args.output else sys.stdout)  # fmt: skip
                 source = f"dicomweb-server@{settings.host}:{settings.port}"
                 async for row in svc.index.audit_rows(args.after):
-                    out.write(json.dumps(dicom_audit_message(row, source), ensure_ascii=False))
-                    out.write("\n")
+                    for message in dicom_audit_messages(row, source):  # one per patient
+                        out.write(json.dumps(message, ensure_ascii=False))
+                        out.write("\n")
             return 0
         anchors = dict(parse_anchor(a) for a in getattr(args, "anchor", None) or [])
         verifier = ChainVerifier(anchors)

@@ -16,7 +16,7 @@ import pytest
 from starlette.applications import Starlette
 
 from dicomweb_server.app import create_app
-from dicomweb_server.audit import AuditEvent, ChainVerifier, chain, dicom_audit_message
+from dicomweb_server.audit import AuditEvent, ChainVerifier, chain, dicom_audit_messages
 from dicomweb_server.auth import create_api_key
 from dicomweb_server.cli import main
 from dicomweb_server.config import Settings
@@ -268,7 +268,7 @@ def test_dicom_audit_messages() -> None:
     qido = AuditEvent(at, "oidc:bob", "10.0.0.9", "search_for_studies", (), 200, 9, "PatientID=7")
     from dicomweb_server.audit import AuditRow
 
-    msg = dicom_audit_message(AuditRow(1, stow, bytes(32), bytes(32)), "src")["AuditMessage"]
+    msg = dicom_audit_messages(AuditRow(1, stow, bytes(32), bytes(32)), "src")[0]["AuditMessage"]
     assert msg["EventIdentification"]["EventID"]["csd-code"] == "110104"
     assert msg["EventIdentification"]["EventActionCode"] == "C"
     (study,) = msg["ParticipantObjectIdentification"]
@@ -278,7 +278,7 @@ def test_dicom_audit_messages() -> None:
     caller, server = msg["ActiveParticipant"]
     assert caller["RoleIDCode"]["csd-code"] == "110153" and caller["UserIsRequestor"]
     assert server["RoleIDCode"]["csd-code"] == "110152"
-    msg = dicom_audit_message(AuditRow(2, qido, bytes(32), bytes(32)), "src")["AuditMessage"]
+    msg = dicom_audit_messages(AuditRow(2, qido, bytes(32), bytes(32)), "src")[0]["AuditMessage"]
     assert msg["EventIdentification"]["EventID"]["csd-code"] == "110112"
     (query,) = msg["ParticipantObjectIdentification"]
     assert query["ParticipantObjectQuery"] == "UGF0aWVudElEPTc="  # base64 of the query
@@ -300,7 +300,7 @@ def test_dicom_audit_messages() -> None:
         ("dimse_get", 0xA702, "110104", "R", 4),
     ):
         event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code)
-        ident = dicom_audit_message(AuditRow(3, event, bytes(32), bytes(32)), "src")[
+        ident = dicom_audit_messages(AuditRow(3, event, bytes(32), bytes(32)), "src")[0][
             "AuditMessage"
         ]["EventIdentification"]
         assert (ident["EventID"]["csd-code"], ident["EventActionCode"]) == (event_id, action_code)
@@ -353,7 +353,7 @@ def _identification(event: AuditEvent) -> dict[str, Any]:
     """The EventIdentification of the PS3.15 message `event` exports as."""
     from dicomweb_server.audit import AuditRow
 
-    message = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")
+    message = dicom_audit_messages(AuditRow(1, event, bytes(32), bytes(32)), "src")[0]
     ident: dict[str, Any] = message["AuditMessage"]["EventIdentification"]
     return ident
 
@@ -407,7 +407,7 @@ def test_why_a_failure_failed_is_exported() -> None:
         ("dimse_abort", 0x07000200, "", None),
     ):  # fmt: skip
         event = AuditEvent(at, "ae:CT1", "10.0.0.3", action, (), code, 0, detail)
-        ident = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "src")[
+        ident = dicom_audit_messages(AuditRow(1, event, bytes(32), bytes(32)), "src")[0][
             "AuditMessage"
         ]["EventIdentification"]
         assert ident.get("EventOutcomeDescription") == description, (action, hex(code))

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from starlette.applications import Starlette
 
 from dicomweb_server.app import create_app
-from dicomweb_server.audit import AuditEvent, ChainVerifier, chain, dicom_audit_message
+from dicomweb_server.audit import AuditEvent, ChainVerifier, chain, dicom_audit_messages
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.cli import main
 from dicomweb_server.config import Settings
@@ -52,6 +52,12 @@ async def served(
 def _patients(message: dict[str, Any]) -> list[dict[str, Any]]:
     objects = message["AuditMessage"]["ParticipantObjectIdentification"]
     return [o for o in objects if o["ParticipantObjectTypeCodeRole"] == 1]
+
+
+def _studies(message: dict[str, Any]) -> list[str]:
+    objects = message["AuditMessage"]["ParticipantObjectIdentification"]
+    return [o["ParticipantObjectID"] for o in objects if o["ParticipantObjectIDTypeCode"].get(
+        "csd-code") == "110180"]  # fmt: skip
 
 
 def _patient(pid: str, name: str) -> dict[str, Any]:
@@ -103,7 +109,12 @@ async def test_stow_retrieve_and_metadata_name_the_patient(
     messages = await _export(empty_audit, capsys)
     by_action = {m["action"]: m for m in reversed(messages)}  # the first of each
     jane, ed = _patient("PID-7^^^HOSP", "Roe^Jane"), _patient("PID-8", "Poe^Ed")
-    assert _patients(by_action["store_instances"]) == [jane, ed]
+    # A.5.3.7: "information about a single patient": the STOW of two patients' instances is
+    # a message for each, with that patient's study only, both of the same row.
+    stored = [m for m in messages if m["action"] == "store_instances"]
+    assert [_patients(m) for m in stored] == [[jane], [ed]]
+    assert [_studies(m) for m in stored] == [[ds.StudyInstanceUID], [other.StudyInstanceUID]]
+    assert stored[0]["seq"] == stored[1]["seq"] and stored[0]["hash"] == stored[1]["hash"]
     for action in ("retrieve_instance", "retrieve_study_metadata", "retrieve_instance_frames"):
         assert by_action[action]["status"] == 200
         assert _patients(by_action[action]) == [jane], action
@@ -247,7 +258,9 @@ async def test_a_batch_of_retrieves_costs_one_patient_query(
         assert len(lookups) == 1 and len(appends) == 1  # (and asyncpg's type introspection)
         rows = [row async for row in index.audit_rows()]
         kim = ("P-2", "ISS", "Lee^Kim")
-        assert [r.event.patients for r in rows] == [(kim,), (kim,), (kim,), (), ()]
+        assert [r.event.patients for r in rows] == [
+            ((*kim, "1.2.40"),), ((*kim, "1.2.41"),), ((*kim, "1.2.40"),), (), ()
+        ]  # fmt: skip
         written = [r.event for r in rows]
         assert [(r.prev_hash, r.hash) for r in rows] == chain(bytes(32), written)
         queries.clear()
@@ -264,12 +277,13 @@ def test_export_of_patients() -> None:
     from dicomweb_server.audit import AuditRow
 
     at = datetime(2026, 1, 2, tzinfo=UTC)
-    patients = (("", "", ""), ("A", "", "X^Y"))
+    patients = (("", "", "", "1.2"), ("A", "", "X^Y", "1.2"))
     event = AuditEvent(at, "c", "h", "retrieve_study", ("1.2",), 200, 1, "", patients)
-    message = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "SRC")
+    messages = dicom_audit_messages(AuditRow(1, event, bytes(32), bytes(32)), "SRC")
     unnamed = _patient("<none>", "")
     del unnamed["ParticipantObjectName"]
-    assert _patients(message) == [unnamed, _patient("A", "X^Y")]
+    assert [_patients(m) for m in messages] == [[unnamed], [_patient("A", "X^Y")]]
     denied = dataclasses.replace(event, outcome=403)  # a Security Alert: no patient
-    assert _patients(dicom_audit_message(AuditRow(1, denied, bytes(32), bytes(32)), "S")) == []
+    (alert,) = dicom_audit_messages(AuditRow(1, denied, bytes(32), bytes(32)), "S")
+    assert _patients(alert) == []
     assert dataclasses.replace(event, patients=patients * 2).patients == patients

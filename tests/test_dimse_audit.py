@@ -32,7 +32,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from dicomweb_server.audit import ARCHIVE_FAULT, AuditEvent, AuditRow, dicom_audit_message
+from dicomweb_server.audit import ARCHIVE_FAULT, AuditEvent, AuditRow, dicom_audit_messages
 from dicomweb_server.config import Settings
 from dicomweb_server.dimse import connections as dimse_connections
 from dicomweb_server.dimse import handlers as dimse_handlers
@@ -78,7 +78,7 @@ def _export(row: dict[str, Any]) -> dict[str, Any]:
 
     event = AuditEvent(datetime.now(UTC), row["caller"], row["client"], row["action"],
                        tuple(row["uids"]), row["outcome"], row["bytes"], row["detail"])  # fmt: skip
-    message = dicom_audit_message(AuditRow(1, event, bytes(32), bytes(32)), "archive")
+    message = dicom_audit_messages(AuditRow(1, event, bytes(32), bytes(32)), "archive")[0]
     return dict(message["AuditMessage"]["EventIdentification"])
 
 

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent, Patient
+from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent, Patient, PatientOfStudy
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dicomfile import sop_uids
@@ -121,7 +121,7 @@ class Handlers:
 
     def _audit(self, event: Event, action: str, code: int, uids: Sequence[str] = (),
                nbytes: int = 0, detail: str = "",
-               patients: Sequence[Patient] = ()) -> None:  # fmt: skip
+               patients: Sequence[PatientOfStudy] = ()) -> None:  # fmt: skip
         """Append an event for a DIMSE operation: the caller is the requestor's AE title.
         The patients of a C-STORE are its data set's; those of a C-GET or C-MOVE, the audit
         writer looks up (auditlog.py)."""
@@ -201,7 +201,7 @@ class Handlers:
         if over_limit:  # first, where no text of the peer's can put it (audit.OVER_LIMIT)
             detail = f"{OVER_LIMIT}{detail}"
         self._audit(event, "dimse_store", code, [touched] if touched else [], size, detail,
-                    [patient] if patient else [])  # fmt: skip
+                    [(*patient, touched.split("/")[0])] if patient and touched else [])  # fmt: skip
         return answer
 
     def _store(self, event: Event) -> tuple[int | Dataset, str | None, bool, Patient | None]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, Patient
+from dicomweb_server.audit import GENESIS, AuditEvent, AuditRow, Patient, PatientOfStudy
 from dicomweb_server.index.pool import (
     DATABASE_ERROR,
     REFUSED_VALUE,
@@ -24,6 +25,16 @@ AUDIT_LOCK_KEY = -1
 _APPEND_AUDIT = "SELECT dicomweb_append_audit($1, $2, $3, $4, $5, $6)"
 # Audit rows fetched per round trip while walking the chain.
 AUDIT_FETCH_ROWS = 1000
+# A page of the chain with each row's patients: looked up row by row (the primary key), not
+# joined. `LEFT JOIN audit_patients USING (seq)` read audit_patients from its first row for
+# every page (a merge join on the whole primary key, or a hash join on a scan of the whole
+# table: the page's lower bound is not carried to the nullable side of an outer join), a
+# walk of the chain quadratic in its length (found by review: a page past 250,000 rows read
+# 84,000 patient rows, 11 ms instead of 0.4).
+_AUDIT_PAGE = (
+    "SELECT a.*, (SELECT p.patients FROM audit_patients p WHERE p.seq = a.seq) AS patients"
+    " FROM audit_log a WHERE a.seq > $1 ORDER BY a.seq LIMIT $2"
+)
 
 
 class Security(Pooled):
@@ -101,18 +112,35 @@ class Security(Pooled):
     async def audit_rows(self, after_seq: int = 0) -> AsyncIterator[AuditRow]:
         """Every audit row after `after_seq`, in chain order, a page at a time."""
         while True:
-            rows = await self._fetch(
-                "SELECT a.*, p.patients FROM audit_log a LEFT JOIN audit_patients p USING (seq)"
-                " WHERE a.seq > $1 ORDER BY a.seq LIMIT $2",
-                after_seq, AUDIT_FETCH_ROWS,
-            )  # fmt: skip
+            rows = await self._fetch(_AUDIT_PAGE, after_seq, AUDIT_FETCH_ROWS)
             for r in rows:
                 event = AuditEvent(
                     r["at"], r["caller"], r["client"], r["action"], tuple(r["uids"]),
-                    r["outcome"], r["bytes"], r["detail"],
-                    tuple((p[0], p[1], p[2]) for p in r["patients"] or ()),
+                    r["outcome"], r["bytes"], r["detail"], _patients_of(r["patients"]),
                 )  # fmt: skip
                 yield AuditRow(r["seq"], event, bytes(r["prev_hash"]), bytes(r["hash"]))
             if len(rows) < AUDIT_FETCH_ROWS:
                 return
             after_seq = rows[-1]["seq"]
+
+
+# What audit_patients may hold of a row: rows of four texts (audit.PatientOfStudy), or of
+# three (written before the study was recorded with the patient).
+_PATIENT_WIDTHS = (3, 4)
+
+
+def _patients_of(value: Any) -> tuple[PatientOfStudy, ...]:
+    """A row's patients as audit_patients holds them, None when it holds none. A value the
+    writer cannot have written (no patient, a one-dimensional array, a NULL in it: SQL
+    access can insert one, the table refuses updates only) is read as one patient whose ID
+    shows it: the row then names a patient, so its hash no longer matches and `audit
+    verify` says so. It raised instead, or (an empty array) was read as no patient at all
+    and the row verified; and `audit export` ended at it (found by review)."""
+    if value is None:
+        return ()
+    if value and all(
+        isinstance(p, list) and len(p) in _PATIENT_WIDTHS and all(isinstance(t, str) for t in p)
+        for p in value
+    ):
+        return tuple(tuple(p) for p in value)
+    return ((f"<not as written: {json.dumps(value, ensure_ascii=False)}>", "", ""),)

@@ -81,7 +81,12 @@ def _audited(request: Request, outcomes: list[InstanceOutcome]) -> None:
     request.state.audit_uids = [
         "/".join(o.retrieve_path.split("/")[2::2]) for o in outcomes if o.retrieve_path
     ]
-    request.state.audit_patients = [o.patient for o in outcomes if o.patient is not None]
+    # Each with the study it was stored in: the export gives each patient its own message,
+    # with its own studies (audit.dicom_audit_messages).
+    request.state.audit_patients = [
+        (*o.patient, o.retrieve_path.split("/")[2])
+        for o in outcomes if o.patient is not None and o.retrieve_path
+    ]  # fmt: skip
     request.state.audit_detail = _audit_detail(outcomes)
 
 
