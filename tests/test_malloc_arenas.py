@@ -1,5 +1,5 @@
 """The malloc arena limit (config.MALLOC_ARENA_MAX) in effect in a real server process: the
-arenas glibc made there are counted from outside, in /proc/PID/maps and /proc/PID/mem, after
+arenas glibc made there are counted from outside (liveserver.malloc_arenas), after
 parallel downloads have put many threads to work (each thread that allocates gets an arena of
 its own while the limit allows)."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import struct
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pytest
 
 from dicomweb_server.config import MALLOC_ARENA_MAX
 from tests.helpers import multipart_body, stow_headers
-from tests.liveserver import ServerProcess, start
+from tests.liveserver import ServerProcess, malloc_arenas, start
 
 pytestmark = [
     pytest.mark.db,
@@ -30,30 +29,7 @@ pytestmark = [
     ),
 ]
 
-# glibc's HEAP_MAX_SIZE on 64-bit machines: each arena but the main one lives in heaps of this
-# size, mapped at addresses aligned to it. A heap starts with its heap_info, whose first field
-# points to its arena; the arena's first heap holds the arena just past that header.
-HEAP_BYTES = 64 * 1024 * 1024
-HEAP_HEADER_BYTES = 4096
 DOWNLOADS = 24
-
-
-def arenas(pid: int) -> int:
-    """Arenas of process `pid` besides the main one (which grows with brk, not in heaps)."""
-    regions = []
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        fields = line.split()
-        start, end = (int(x, 16) for x in fields[0].split("-"))
-        regions.append((start, end, fields[1], len(fields) > 5))  # len > 5: a named mapping
-    count = 0
-    with open(f"/proc/{pid}/mem", "rb") as mem:
-        for start, _end, perms, named in regions:
-            if named or start % HEAP_BYTES or not perms.startswith("rw"):
-                continue
-            mem.seek(start)
-            (arena,) = struct.unpack("<Q", mem.read(8))
-            count += start < arena < start + HEAP_HEADER_BYTES  # an arena's first heap
-    return count
 
 
 @contextlib.contextmanager
@@ -102,4 +78,4 @@ def test_server_keeps_to_the_malloc_arena_limit(
         serving_pids = [server.proc.pid] if workers == 1 else children(server.proc.pid)
         assert len(serving_pids) >= workers
         for pid in serving_pids:
-            assert arenas(pid) <= MALLOC_ARENA_MAX - 1
+            assert malloc_arenas(pid) <= MALLOC_ARENA_MAX - 1
