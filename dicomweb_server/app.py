@@ -492,5 +492,6 @@ def _middleware(settings: Settings) -> list[Middleware]:
 def app_from_env() -> Starlette:
     """The app of a worker process of `serve --workers N` (settings come through the
     environment, see Settings.export)."""
-    tune_allocator()
-    return create_app(Settings.from_env())
+    settings = Settings.from_env()
+    tune_allocator(settings.malloc_arena_max)
+    return create_app(settings)

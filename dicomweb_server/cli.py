@@ -165,6 +165,9 @@ async def _check_database(dsn: str, embedded: bool) -> None:
 
 def _serve_command(settings: Settings) -> int:
     """`serve`: checks first (port, data directory, database), each failure one line."""
+    # Before any thread of this process allocates (the embedded database's watch, the
+    # event loop's executor): see tune_allocator.
+    tune_allocator(settings.malloc_arena_max)
     _check_listen(settings.host, settings.port, "the HTTP", "--port or DICOMWEB_PORT")
     if settings.dimse_port:
         where = "--dimse-port or DICOMWEB_DIMSE_PORT"
@@ -183,7 +186,6 @@ def _serve_command(settings: Settings) -> int:
         asyncio.run(_check_database(settings.database_url, embedded is not None))
         if settings.workers > 1:
             return _serve_workers(settings)
-        tune_allocator()
         _run_loop(_serve(settings))
         return 0
     finally:

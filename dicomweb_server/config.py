@@ -26,6 +26,7 @@ __all__ = [
     "FORWARDED_PREFIX_SCOPE_KEY",
     "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
+    "MALLOC_ARENA_MAX",
     "MAX_PART_BYTES",
     "MAX_PORT",
     "MAX_REQUEST_BYTES",
@@ -77,6 +78,17 @@ FRAME_CACHE_BYTES = 64 * 1024**2
 METADATA_CACHE_BYTES = 32 * 1024**2
 # asyncpg pool size.
 DEFAULT_POOL_SIZE = 10
+# glibc malloc arenas a serving process may use (mallopt M_ARENA_MAX, set at startup by
+# blobstore.reading.tune_allocator, before the server's threads start). Unlimited, glibc gives
+# each new thread that allocates an arena of its own, up to 8 per core, and the reader and
+# worker threads did: the freed chunks of one arena are no use to the others, so peak memory
+# grew with the number of arenas (9-15 after 100 parallel downloads) and varied from run to
+# run. With 2, 100 parallel downloads of a 42 MB instance peaked at 292 MB against 324 MB
+# (medians of 10 interleaved runs each, every limited run below every unlimited one), at the
+# same download, STOW and frame-decode speed and CPU time (docs/benchmarks.md, "Malloc arenas",
+# 2026-12-05). MALLOC_ARENA_MAX in the environment (glibc's own variable) overrides it; 0
+# leaves glibc's default.
+MALLOC_ARENA_MAX = 2
 # The viewer `make viewer` starts.
 DEFAULT_VIEWER_URL = "http://127.0.0.1:3000"
 # Seconds browsers may cache a CORS preflight answer (Access-Control-Max-Age).
@@ -144,6 +156,8 @@ class Settings:
     # Where the landing page sends people for a viewer (`make viewer` serves OHIF there).
     viewer_url: str = DEFAULT_VIEWER_URL
     pool_size: int = DEFAULT_POOL_SIZE
+    # glibc malloc arenas per serving process (0: glibc's default, up to 8 per core).
+    malloc_arena_max: int = MALLOC_ARENA_MAX
     # Server processes sharing the database and the blob store (`serve --workers N`).
     workers: int = 1
     image_cache_bytes: int = IMAGE_CACHE_BYTES
@@ -234,6 +248,8 @@ class Settings:
             s = replace(s, public_url=env["DICOMWEB_PUBLIC_URL"])
         if "DICOMWEB_WORKERS" in env:
             s = replace(s, workers=_int(env, "DICOMWEB_WORKERS"))
+        if env.get("MALLOC_ARENA_MAX"):
+            s = replace(s, malloc_arena_max=_int(env, "MALLOC_ARENA_MAX"))
         if "DICOMWEB_MAX_PART_BYTES" in env:
             s = replace(s, max_part_bytes=_int(env, "DICOMWEB_MAX_PART_BYTES"))
         if "DICOMWEB_MAX_REQUEST_BYTES" in env:
@@ -271,6 +287,8 @@ class Settings:
             raise ConfigError(f"the port must be 1 to {MAX_PORT}, got {self.port}")
         if self.workers < 1:
             raise ConfigError(f"the number of workers must be at least 1, got {self.workers}")
+        if self.malloc_arena_max < 0:
+            raise ConfigError(f"MALLOC_ARENA_MAX must be 0 or more, got {self.malloc_arena_max}")
         for title in self.dimse_allowed_aes or ():
             check_ae_title(title)
         if self.dimse_port is not None and not 0 <= self.dimse_port <= MAX_PORT:
@@ -314,6 +332,8 @@ class Settings:
             "DICOMWEB_TRUSTED_PROXIES": ",".join(self.trusted_proxies),
             "DICOMWEB_PROXY_HEADERS": self.proxy_headers,
             "DICOMWEB_ALLOWED_HOSTS": ",".join(self.allowed_hosts),
+            # glibc reads it as a worker starts, before any of its threads.
+            "MALLOC_ARENA_MAX": str(self.malloc_arena_max),
         }
         os.environ.update(values)
 

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +18,11 @@ import httpx
 
 # Seconds to wait for a started server to answer.
 START_TIMEOUT_S = 60.0
+# glibc's HEAP_MAX_SIZE on 64-bit machines: each arena but the main one lives in heaps of this
+# size, mapped at addresses aligned to it. A heap starts with its heap_info, whose first field
+# points to its arena; the arena's first heap holds the arena just past that header.
+HEAP_BYTES = 64 * 1024 * 1024
+HEAP_HEADER_BYTES = 4096
 
 
 def free_port() -> int:
@@ -108,3 +114,23 @@ def running(data_dir: Path, database_url: str | None) -> Iterator[ServerProcess]
                 server.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def malloc_arenas(pid: int) -> int:
+    """glibc malloc arenas of process `pid` besides the main one (which grows with brk, not in
+    heaps), counted in /proc/PID/maps and /proc/PID/mem (a child of this process, or ptrace
+    allowed)."""
+    regions = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        regions.append((start, end, fields[1], len(fields) > 5))  # len > 5: a named mapping
+    count = 0
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for start, _end, perms, named in regions:
+            if named or start % HEAP_BYTES or not perms.startswith("rw"):
+                continue
+            mem.seek(start)
+            (arena,) = struct.unpack("<Q", mem.read(8))
+            count += start < arena < start + HEAP_HEADER_BYTES  # an arena's first heap
+    return count

@@ -1,4 +1,4 @@
-"""Settings from the environment: the timeouts of slow clients."""
+"""Settings from the environment: the timeouts of slow clients, the malloc arena limit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from dicomweb_server.config import (
     BODY_IDLE_TIMEOUT_S,
+    MALLOC_ARENA_MAX,
     SEND_STALL_TIMEOUT_S,
     ConfigError,
     Settings,
@@ -32,3 +33,17 @@ def test_timeouts_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     s.export()
     assert Settings.from_env().body_idle_timeout_s == 2.5
     assert Settings.from_env().send_stall_timeout_s == 90.0
+
+
+def test_malloc_arena_max_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MALLOC_ARENA_MAX (glibc's own variable) overrides the limit, 0 leaves glibc's default;
+    `export` hands it to the worker processes, where glibc reads it as they start."""
+    assert Settings.from_env({}).malloc_arena_max == MALLOC_ARENA_MAX == 2
+    assert Settings.from_env({"MALLOC_ARENA_MAX": "0"}).malloc_arena_max == 0
+    for bad in ("-1", "two"):
+        with pytest.raises(ConfigError, match="MALLOC_ARENA_MAX"):
+            Settings.from_env({"MALLOC_ARENA_MAX": bad})
+    monkeypatch.setattr(os, "environ", {})
+    Settings.from_env({"MALLOC_ARENA_MAX": "8"}).export()
+    assert os.environ["MALLOC_ARENA_MAX"] == "8"
+    assert Settings.from_env().malloc_arena_max == 8

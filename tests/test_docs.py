@@ -151,6 +151,7 @@ README_SETTINGS: dict[str, tuple[str, str, object, str, object]] = {
     "DICOMWEB_CERTFILE": ("certfile", "none: plain HTTP", None, "c.pem", Path("c.pem")),
     "DICOMWEB_KEYFILE": ("keyfile", "none: plain HTTP", None, "k.pem", Path("k.pem")),
     "DICOMWEB_AUDIT": ("audit", "`1`", True, "0", False),
+    "MALLOC_ARENA_MAX": ("malloc_arena_max", "`2`", 2, "8", 8),
     "DICOMWEB_TRUSTED_PROXIES": ("trusted_proxies", "none", (), "10.0.0.1,10.1.0.0/16",
                                  ("10.0.0.1", "10.1.0.0/16")),
     "DICOMWEB_PROXY_HEADERS": ("proxy_headers", "`x-forwarded`", "x-forwarded", "forwarded",

@@ -303,18 +303,22 @@ def _wait_started(started: threading.Event) -> None:
     started.wait(READ_START_WAIT_S)
 
 
-def tune_allocator() -> bool:
-    """Set MALLOC_MMAP_THRESHOLD_BYTES and MALLOC_TRIM_THRESHOLD_BYTES in this process (a
-    serving process calls it once). False where the C library is not glibc: nothing is set."""
+def tune_allocator(arena_max: int = 0) -> bool:
+    """Set MALLOC_MMAP_THRESHOLD_BYTES and MALLOC_TRIM_THRESHOLD_BYTES in this process, and
+    at most `arena_max` malloc arenas (0: glibc's default; config.MALLOC_ARENA_MAX says why).
+    A serving process calls it once, first thing: glibc fixes its arena limit once more than
+    8 arenas exist, and an arena a thread already has stays in use. False where the C library
+    is not glibc: nothing is set."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's malloc.h
     return bool(
         mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD_BYTES)
         and mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD_BYTES)
+        and (arena_max == 0 or mallopt(m_arena_max, arena_max))
     )
 
 
