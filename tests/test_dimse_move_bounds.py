@@ -55,7 +55,9 @@ pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 MOVE = StudyRootQueryRetrieveInformationModelMove
 # The archive's bounds in these tests (seconds).
-NETWORK_S, ACSE_S, DIMSE_S, CONNECT_S = 2, 2, 2, 2
+# The network timeout is also the sub-association's idle time (what it receives) before its
+# first C-STORE: 3 s leaves a busy machine room to start sending.
+NETWORK_S, ACSE_S, DIMSE_S, CONNECT_S = 3, 2, 2, 2
 # Seconds the C-MOVE's final response may take past its bound: the archive's threads,
 # the sub-operations failed after it, a busy machine.
 SLACK_S = 10
@@ -150,7 +152,13 @@ def stuck_destination(stop_reading: bool) -> Iterator[tuple[int, list[str]]]:
         if isinstance(event.pdu, P_DATA_TF):
             release.wait(CLIENT_TIMEOUT_S)
 
-    handlers: list[Any] = [(evt.EVT_C_STORE, on_store), *SPOOL_CLEANUP]
+    accepted: list[socket.socket] = []
+
+    def on_open(event: Event) -> None:
+        accepted.append(cast(socket.socket, cast(AssociationSocket, event.assoc.dul.socket).socket))
+
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open),
+                           *SPOOL_CLEANUP]  # fmt: skip
     if stop_reading:
         handlers.append((evt.EVT_PDU_RECV, on_pdu))
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
@@ -162,6 +170,8 @@ def stuck_destination(stop_reading: bool) -> Iterator[tuple[int, list[str]]]:
     finally:
         release.set()
         ae.shutdown()
+        for sock in accepted:  # pynetdicom leaves it open when the archive closed first
+            sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -193,7 +203,10 @@ async def move_within(
                 # network timeout, small here, counts only what it receives), and a
                 # pynetdicom requestor whose A-RELEASE-RQ crosses the A-ABORT waits for
                 # its reply for the whole ACSE timeout.
+                sock = getattr(assoc.dul.socket, "socket", None)
                 assoc.abort()
+                if sock is not None:
+                    sock.close()  # pynetdicom leaves it open when the archive closed first
         finally:
             done.set()
 
