@@ -1,6 +1,7 @@
-"""Association events that are no DIMSE service: TCP_NODELAY on its socket (no_delay), the
-spool files of C-STOREs it ended before they were served deleted (discard_unserved_stores),
-and a C-GET or C-MOVE refused before any sub-operation answered as such (final_failure)."""
+"""Association events that are no DIMSE service: TCP_NODELAY on its socket (no_delay), every
+wait on its socket bounded (bound_socket_waits), the spool files of C-STOREs it ended before
+they were served deleted (discard_unserved_stores), and a C-GET or C-MOVE refused before any
+sub-operation answered as such (final_failure)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.events import Event
 
-__all__ = ["discard_unserved_stores", "final_failure", "no_delay"]
+__all__ = ["bound_socket_waits", "discard_unserved_stores", "final_failure", "no_delay"]
 
 
 def no_delay(event: Event) -> None:
@@ -26,6 +27,28 @@ def no_delay(event: Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):  # not TCP (a test's socket pair), or gone
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def bound_socket_waits(event: Event) -> None:
+    """EVT_CONN_OPEN, in both roles: the association's socket given its network timeout
+    (DIMSE_NETWORK_TIMEOUT_S), so that a send the peer stops taking (its TCP window full)
+    and a PDU it stops sending halfway fail after that many seconds without progress, as a
+    closed connection (PS3.8 Evt17: the association is aborted, the operation's
+    sub-operation fails).
+
+    pynetdicom (3.0) gives no socket a timeout once connected: it clears the requestor's
+    after connecting (AssociationSocket.connect), and an accepted socket has none. Its
+    network timeout is only the association's idle check, made by a thread that is not the
+    one stuck: the DUL thread's socket.send to a peer that stopped reading blocked for ever,
+    and with it the association's thread (waiting for room in the send queue, or in
+    Association.kill for the DUL to stop). Found by review: a C-MOVE destination that
+    accepted the association and stopped reading held the C-MOVE, its sub-association and
+    their threads for good; a C-GET requestor that stopped reading, the same. A peer that
+    takes some bytes within each timeout is slow, not stopped, and goes on."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(event.assoc.network_timeout)
 
 
 def discard_unserved_stores(event: Event) -> None:

@@ -327,6 +327,7 @@ class Handlers:
         def on_accepted(sub: Event) -> None:  # the sub-association, in this thread
             retrieval.accepted.update(_pairs(sub.assoc.accepted_contexts))
             retrieval.reached = bool(sub.assoc.accepted_contexts)  # else pynetdicom aborts
+            retrieval.association = sub.assoc
 
         handlers = [(evt.EVT_CONN_OPEN, no_delay), (evt.EVT_ACCEPTED, on_accepted),
                     (evt.EVT_DIMSE_RECV, retrieval.on_response),
@@ -338,7 +339,8 @@ class Handlers:
     def get(self, event: Event) -> Iterator[Any]:
         """C-GET: C-STORE sub-operations on the same association, over the storage contexts
         the requestor proposed with the SCP role (PS3.4 C.4.3); their responses arrive on it."""
-        retrieval = Retrieval(_pairs(event.assoc.accepted_contexts), reached=True)
+        retrieval = Retrieval(_pairs(event.assoc.accepted_contexts), reached=True,
+                              association=event.assoc)  # fmt: skip
         send_stored_files(event.assoc)
         event.assoc.bind(evt.EVT_DIMSE_RECV, retrieval.on_response)
         event.assoc.bind(evt.EVT_DIMSE_SENT, retrieval.nbytes.on_sent)
@@ -387,7 +389,7 @@ class Handlers:
                 yield CANCEL, None
                 return
             before = len(retrieval.responses)
-            to_send = self._to_send(inst, retrieval)
+            to_send = _failed(inst) if retrieval.lost() else self._to_send(inst, retrieval)
             try:
                 yield PENDING, to_send
             finally:  # sent (send_stored_files removed it), or given up: closed here

@@ -14,6 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Any
 
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
@@ -62,6 +63,23 @@ class Retrieval:
     unsent: int = 0
     final: int | None = None  # a final status the handler answered itself (failure, cancel)
     finished: bool = False  # every sub-operation done
+    # The association the C-STOREs go over (the C-MOVE sub-association once established, the
+    # C-GET association), for `lost`.
+    association: Any = None
+
+    def lost(self) -> bool:
+        """Whether the association the C-STOREs go over can carry no more: aborted (a DIMSE
+        timeout), or its connection gone (a send the peer stopped taking, or a cut: PS3.8
+        Sta1, which pynetdicom's association thread may not have seen yet). Each remaining
+        sub-operation then fails at once, its instance not read (PS3.4 C.4.2.3, C.4.3.2:
+        counted failed, listed in the Failed SOP Instance UID List). Found by review: the
+        next C-STORE, queued before the association's thread saw the loss, waited the whole
+        DIMSE timeout for a response that could not come."""
+        assoc = self.association
+        if assoc is None:
+            return False
+        state = getattr(getattr(assoc.dul, "state_machine", None), "current_state", "Sta6")
+        return not assoc.is_established or state != "Sta6"
 
     def on_response(self, event: Event) -> None:
         """EVT_DIMSE_RECV (in the thread that receives; each C-STORE-RSP before pynetdicom's

@@ -36,6 +36,7 @@ from pynetdicom.transport import AssociationServer, AssociationSocket
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
 from dicomweb_server.dimse.admission import Admission, PduLate, recv_before
+from dicomweb_server.dimse.association import bound_socket_waits
 from dicomweb_server.dimse.handlers import QUERY_RETRIEVE_SOP_CLASSES, Handlers
 from dicomweb_server.dimse.peers import load_peers
 from dicomweb_server.dimse.sending import send_stored_files
@@ -43,6 +44,7 @@ from dicomweb_server.ingest import Services
 
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
+    "DIMSE_CONNECTION_TIMEOUT_S",
     "DIMSE_DIMSE_TIMEOUT_S",
     "DIMSE_MAX_PDU_BYTES",
     "DIMSE_NETWORK_TIMEOUT_S",
@@ -58,12 +60,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Seconds without any traffic after which an association is aborted (ARTIM / idle peer).
+# Seconds without any traffic after which an association is aborted (ARTIM / idle peer); and
+# the longest a socket send or a PDU's read may make no progress (bound_socket_waits): a
+# peer that stops reading, a C-MOVE destination or a C-GET requestor, or stops sending
+# halfway through a PDU.
 DIMSE_NETWORK_TIMEOUT_S = 60
 # Seconds to wait for a DIMSE message (e.g. the C-STORE-RSP of a move destination).
 DIMSE_DIMSE_TIMEOUT_S = 120
 # Seconds to wait for an A-ASSOCIATE/A-RELEASE answer.
 DIMSE_ACSE_TIMEOUT_S = 30
+# Seconds a C-MOVE sub-association's TCP connection may take to be set up: pynetdicom's
+# default is none, and a destination host that drops the SYNs (down, firewalled, its
+# listen queue full) held the C-MOVE for the system's SYN retries (127 s on Linux).
+DIMSE_CONNECTION_TIMEOUT_S = 10
 # Bytes of the longest PDU read: a longer one closes the connection before its body is read.
 # pynetdicom reads a PDU whole into memory, whatever length its header announces; ours is
 # far above what peers send (the archive announces a Maximum Length of 16382 bytes, PS3.8
@@ -278,9 +287,18 @@ def end_with_the_connection(event: Event) -> None:
 
 class _ArchiveAE(AE):
     """The archive's Application Entity. Its only outgoing associations are C-MOVE
-    sub-associations, which pynetdicom's Move SCP opens with this method."""
+    sub-associations, which pynetdicom's Move SCP opens with this method: their socket's
+    waits bounded as an accepted one's (bound_socket_waits), and a message to send once the
+    connection is gone dropped (drop_data_after_the_end: the destination's connection lost
+    while a C-STORE was being queued, pynetdicom's DUL raised InvalidEventError on the rest
+    of it and its thread ended with a traceback)."""
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["evt_handlers"] = [
+            *kwargs.get("evt_handlers", ()),
+            (evt.EVT_CONN_OPEN, bound_socket_waits),
+            (evt.EVT_CONN_OPEN, drop_data_after_the_end),
+        ]
         assoc = super().associate(*args, **kwargs)
         if not assoc.is_established:
             return UnreachableDestination(assoc)
@@ -413,6 +431,10 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = DIMSE_NETWORK_TIMEOUT_S
     ae.dimse_timeout = DIMSE_DIMSE_TIMEOUT_S
     ae.acse_timeout = DIMSE_ACSE_TIMEOUT_S
+    # These four bound every wait on a C-MOVE destination (PS3.4 C.4.2.3: its sub-operations
+    # then fail, and the rest with them): connecting, its A-ASSOCIATE answer, each
+    # C-STORE-RSP, and each send it stops taking or PDU it stops sending (bound_socket_waits).
+    ae.connection_timeout = DIMSE_CONNECTION_TIMEOUT_S
     ae.add_supported_context(Verification)
     for uid in storage_sop_classes():
         # Both roles: a C-GET requestor proposes the SCP role for the storage contexts it
@@ -450,6 +472,7 @@ async def serve_dimse(
     )  # fmt: skip
     bindings = [
         *handlers.bindings(),
+        (evt.EVT_CONN_OPEN, bound_socket_waits),
         (evt.EVT_CONN_OPEN, bound_pdu_length),
         *admission.bindings(),  # after bound_pdu_length: the deadline is BoundedSocket's
         (evt.EVT_CONN_OPEN, abort_undecodable),
