@@ -127,7 +127,9 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
     once it has gone, the association is aborted (the peer must not take the data set cut
     short for a whole one; PS3.7 has no other way) and the sub-operation fails.
     EVT_DIMSE_SENT (the audit's byte count, retrieval.BytesSent) is told once the data set
-    has gone, the file then whole."""
+    has gone, with the data set bytes handed on (`streamed_bytes`): not the file's size
+    then, which a failed conversion has removed (found by review: half an instance sent
+    before its conversion failed was audited as 0 bytes) and a peer gone has not taken."""
     dimse = assoc.dimse
     send_msg = dimse.send_msg
 
@@ -148,6 +150,7 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
             dimse.dul.send_pdu(pdata)
         most = dimse.maximum_pdu_size
         size = most - 6 if most else DIMSE_UNLIMITED_PDV_BYTES  # less a PDV's header (PS3.8 9.3.5)
+        streamed = 0
         try:
             for data, last in stream.fragments(where[1], size, lambda: _taking(assoc.dul)):
                 pdata = P_DATA()
@@ -155,6 +158,7 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
                     (context_id, (b"\x02" if last else b"\x00") + data)
                 )
                 dimse.dul.send_pdu(pdata)
+                streamed += len(data)
         except (StreamFailed, OSError) as exc:
             log.error("aborting the association: %s failed while it was sent: %s",
                       primitive.AffectedSOPInstanceUID, exc)  # fmt: skip
@@ -162,6 +166,7 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
             raise StreamFailed(str(exc)) from None
         finally:
             msg._data_set_path = where
+            msg.streamed_bytes = streamed  # type: ignore[attr-defined]
             evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
 
     dimse.send_msg = send
