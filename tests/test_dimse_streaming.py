@@ -427,3 +427,23 @@ async def test_a_peer_without_a_pdu_limit_gets_fragments_of_the_bound(
     *full, last = requestor.data_fragments
     assert full and set(full) == {bound} and 0 < last <= bound
     assert sum(requestor.data_fragments) == len(requestor.stored[0])
+
+
+async def test_a_peer_with_a_huge_pdu_limit_gets_fragments_of_the_bound(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requestor whose maximum PDU length is the largest there is (0xFFFFFFFF): as one
+    that set none, fragments of DIMSE_UNLIMITED_PDV_BYTES, sent as converted (found by
+    review: the rest of the file in one fragment, read whole once the conversion was over)."""
+    bound = 100_000
+    monkeypatch.setattr(sending, "DIMSE_UNLIMITED_PDV_BYTES", bound)
+    ds = await _stored(archive)
+    decoder = _slow(monkeypatch)
+    requestor = _Requestor(decoder)
+    requestor.max_pdu = 0xFFFFFFFF
+    statuses = await in_thread(requestor.get, archive, str(ds.StudyInstanceUID))
+    assert statuses[-1].Status == 0x0000
+    *full, last = requestor.data_fragments
+    assert full and set(full) == {bound} and 0 < last <= bound
+    assert requestor.first_data is not None and requestor.first_data[1] < _FRAMES
+    assert sum(requestor.data_fragments) == len(requestor.stored[0])

@@ -40,8 +40,9 @@ DIMSE_SEND_QUEUE_BYTES = 4 * 1024 * 1024
 # Seconds between two looks at whether the DUL thread still takes PDUs, while waiting.
 _QUEUE_POLL_S = 0.1
 # Data set bytes in each P-DATA fragment of a converted instance sent as it is written to a
-# peer that set no maximum PDU length (0, PS3.8 D.3.3.2.2): pynetdicom sends the rest of a
-# file in one fragment, the file's whole size, read into memory at once.
+# peer that set no maximum PDU length (0, PS3.8 D.3.3.2.2), or a larger one (up to
+# 0xFFFFFFFF): pynetdicom sends the rest of a file in one fragment, the file's whole size,
+# read into memory at once.
 DIMSE_UNLIMITED_PDV_BYTES = 1024 * 1024
 
 
@@ -149,7 +150,10 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
         for pdata in msg.encode_msg(context_id, dimse.maximum_pdu_size):
             dimse.dul.send_pdu(pdata)
         most = dimse.maximum_pdu_size
-        size = most - 6 if most else DIMSE_UNLIMITED_PDV_BYTES  # less a PDV's header (PS3.8 9.3.5)
+        # Less a PDV's header (PS3.8 9.3.5); no more than the bound for a peer that set a
+        # maximum as large as none (0xFFFFFFFF): a fragment is read whole, and sent once that
+        # many bytes are written.
+        size = min(most - 6, DIMSE_UNLIMITED_PDV_BYTES) if most else DIMSE_UNLIMITED_PDV_BYTES
         streamed = 0
         try:
             for data, last in stream.fragments(where[1], size, lambda: _taking(assoc.dul)):
