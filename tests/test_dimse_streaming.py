@@ -447,3 +447,38 @@ async def test_a_peer_with_a_huge_pdu_limit_gets_fragments_of_the_bound(
     assert full and set(full) == {bound} and 0 < last <= bound
     assert requestor.first_data is not None and requestor.first_data[1] < _FRAMES
     assert sum(requestor.data_fragments) == len(requestor.stored[0])
+
+
+@pytest.mark.parametrize("max_pdu", [0, 0xFFFFFFFF])
+async def test_an_instance_sent_as_stored_goes_in_fragments_of_the_bound(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch, max_pdu: int
+) -> None:
+    """An instance sent as stored (the requestor took its syntax) to a requestor that set no
+    maximum PDU length, or the largest: fragments of DIMSE_UNLIMITED_PDV_BYTES, as a
+    converted one (found by review: pynetdicom read the whole file into one fragment); the
+    audit counts its data set bytes."""
+    bound = 100_000
+    monkeypatch.setattr(sending, "DIMSE_UNLIMITED_PDV_BYTES", bound)
+    ds = make_instance(rows=_SIDE, cols=_SIDE, frames=_FRAMES)  # Explicit VR Little Endian
+    noise = np.random.default_rng(8).integers(0, 4096, (_FRAMES, _SIDE, _SIDE), "<u2")
+    ds.PixelData = noise.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    body = multipart_body([out.getvalue()])
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    start = await audit_seq(archive)
+    requestor = _Requestor(_Decoded())
+    requestor.max_pdu = max_pdu
+    statuses = await in_thread(requestor.get, archive, str(ds.StudyInstanceUID))
+    assert statuses[-1].Status == 0x0000
+    *full, last = requestor.data_fragments
+    assert full and set(full) == {bound} and 0 < last <= bound
+    (received,) = requestor.stored
+    assert sum(requestor.data_fragments) == len(received)
+    assert np.array_equal(as_part10(received, ExplicitVRLittleEndian).pixel_array, ds.pixel_array)
+    deadline = time.monotonic() + 10
+    while not (rows := await audit_rows(archive, "dimse_get", start)):
+        assert time.monotonic() < deadline, "the C-GET was not audited"
+        await anyio.sleep(0.05)
+    assert rows[0]["bytes"] == len(received)
