@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
@@ -36,6 +38,8 @@ from tests.dimse_support import (
     Archive,
     as_part10,
     associate,
+    audit_rows,
+    audit_seq,
     dataset_bytes,
     identifier,
     in_thread,
@@ -202,6 +206,76 @@ async def test_a_conversion_failing_at_its_first_frame_fails_the_sub_operation_o
     assert list(archive.services.scratch_dir.iterdir()) == []
 
 
+async def test_a_conversion_failing_mid_way_is_audited_with_the_bytes_it_sent(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit's byte count of a C-GET whose converted instance failed once half sent:
+    the data set bytes handed on, at least what the requestor received, not the whole
+    instance (found by review: 0, the size of the scratch file the failure had removed)."""
+    ds = await _stored(archive)
+    start = await audit_seq(archive)
+    requestor = _Requestor(_slow(monkeypatch, fail_at=_FRAMES // 2))
+    await in_thread(requestor.get, archive, str(ds.StudyInstanceUID))
+    assert requestor.aborted
+    deadline = time.monotonic() + 10  # audited as its handler ends, after the abort
+    while not (rows := await audit_rows(archive, "dimse_get", start)):
+        assert time.monotonic() < deadline, "the C-GET was not audited"
+        await anyio.sleep(0.05)
+    (row,) = rows
+    received = sum(requestor.data_fragments)
+    assert 0 < received <= row["bytes"] < _FRAMES * _SIDE * _SIDE * 2, (received, row)
+
+
+def test_a_conversion_whose_file_cannot_be_removed_still_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion failing whose scratch file then cannot be removed (EACCES, EIO): the
+    sender is told all the same (found by review: it waited for the header forever)."""
+    src = tmp_path / "src.dcm"
+    inst = _rle(src)
+    real = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path.parent.name == "scratch" and threading.current_thread().name.endswith("/convert"):
+            raise PermissionError(13, "cannot remove (test)", str(path))
+        real(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    _slow(monkeypatch, fail_at=0)  # fails at its first frame, before its header is written
+    done: list[bool] = []
+
+    def convert() -> None:
+        with contextlib.suppress(TranscodeError):
+            conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, tmp_path / "scratch")
+        done.append(True)
+
+    waiting = threading.Thread(target=convert, daemon=True)
+    waiting.start()
+    waiting.join(10)
+    assert done, "converted_for_peer never returned"
+
+
+def test_a_conversion_thread_that_cannot_start_leaves_no_scratch_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No thread for the conversion (RuntimeError: can't start new thread): the error is
+    raised (the sub-operation fails), no scratch file is left (found by review: it was)."""
+    src = tmp_path / "src.dcm"
+    inst = _rle(src)
+    real = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.endswith("/convert"):
+            raise RuntimeError("can't start new thread (test)")
+        real(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    scratch = tmp_path / "scratch"
+    with pytest.raises(RuntimeError, match="can't start"):
+        conversion.converted_for_peer(inst, src, ExplicitVRLittleEndian, scratch)
+    assert list(scratch.iterdir()) == []
+
+
 def _rle(path: Path) -> StoredInstance:
     ds = make_instance(rows=_SIDE, cols=_SIDE, frames=4)
     ds.compress(RLELossless, generate_instance_uid=False)
@@ -353,3 +427,58 @@ async def test_a_peer_without_a_pdu_limit_gets_fragments_of_the_bound(
     *full, last = requestor.data_fragments
     assert full and set(full) == {bound} and 0 < last <= bound
     assert sum(requestor.data_fragments) == len(requestor.stored[0])
+
+
+async def test_a_peer_with_a_huge_pdu_limit_gets_fragments_of_the_bound(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requestor whose maximum PDU length is the largest there is (0xFFFFFFFF): as one
+    that set none, fragments of DIMSE_UNLIMITED_PDV_BYTES, sent as converted (found by
+    review: the rest of the file in one fragment, read whole once the conversion was over)."""
+    bound = 100_000
+    monkeypatch.setattr(sending, "DIMSE_UNLIMITED_PDV_BYTES", bound)
+    ds = await _stored(archive)
+    decoder = _slow(monkeypatch)
+    requestor = _Requestor(decoder)
+    requestor.max_pdu = 0xFFFFFFFF
+    statuses = await in_thread(requestor.get, archive, str(ds.StudyInstanceUID))
+    assert statuses[-1].Status == 0x0000
+    *full, last = requestor.data_fragments
+    assert full and set(full) == {bound} and 0 < last <= bound
+    assert requestor.first_data is not None and requestor.first_data[1] < _FRAMES
+    assert sum(requestor.data_fragments) == len(requestor.stored[0])
+
+
+@pytest.mark.parametrize("max_pdu", [0, 0xFFFFFFFF])
+async def test_an_instance_sent_as_stored_goes_in_fragments_of_the_bound(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch, max_pdu: int
+) -> None:
+    """An instance sent as stored (the requestor took its syntax) to a requestor that set no
+    maximum PDU length, or the largest: fragments of DIMSE_UNLIMITED_PDV_BYTES, as a
+    converted one (found by review: pynetdicom read the whole file into one fragment); the
+    audit counts its data set bytes."""
+    bound = 100_000
+    monkeypatch.setattr(sending, "DIMSE_UNLIMITED_PDV_BYTES", bound)
+    ds = make_instance(rows=_SIDE, cols=_SIDE, frames=_FRAMES)  # Explicit VR Little Endian
+    noise = np.random.default_rng(8).integers(0, 4096, (_FRAMES, _SIDE, _SIDE), "<u2")
+    ds.PixelData = noise.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    body = multipart_body([out.getvalue()])
+    r = await archive.http.post(f"{ROOT}/studies", content=body, headers=stow_headers())
+    assert r.status_code == 200, r.text
+    start = await audit_seq(archive)
+    requestor = _Requestor(_Decoded())
+    requestor.max_pdu = max_pdu
+    statuses = await in_thread(requestor.get, archive, str(ds.StudyInstanceUID))
+    assert statuses[-1].Status == 0x0000
+    *full, last = requestor.data_fragments
+    assert full and set(full) == {bound} and 0 < last <= bound
+    (received,) = requestor.stored
+    assert sum(requestor.data_fragments) == len(received)
+    assert np.array_equal(as_part10(received, ExplicitVRLittleEndian).pixel_array, ds.pixel_array)
+    deadline = time.monotonic() + 10
+    while not (rows := await audit_rows(archive, "dimse_get", start)):
+        assert time.monotonic() < deadline, "the C-GET was not audited"
+        await anyio.sleep(0.05)
+    assert rows[0]["bytes"] == len(received)

@@ -8,6 +8,7 @@ streaming.py)."""
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ __all__ = [
     "decoded_at_once",
     "target_syntax",
 ]
+
+log = logging.getLogger(__name__)
 
 # Bytes a conversion for a C-MOVE/C-GET peer that did not take the stored syntax holds at
 # once (decoded_at_once): a decoded frame, the instance being converted a frame at a time
@@ -244,14 +247,18 @@ def converted_for_peer(
                     watch=growing,
                 )
         except BaseException as exc:  # the file goes, then the sender is told
-            made.unlink(missing_ok=True)
+            try:
+                made.unlink(missing_ok=True)
+            except OSError as gone:  # the sender is told all the same, else it waits forever
+                log.error("cannot remove the scratch file %s: %s", made, gone)
             growing.finish(exc)
         else:
             growing.finish()
 
     name = f"{threading.current_thread().name}/convert"  # the association's, for its logs
-    threading.Thread(target=convert, name=name, daemon=True).start()
     try:
+        # In the try: a thread that cannot start (RuntimeError) leaves no scratch file.
+        threading.Thread(target=convert, name=name, daemon=True).start()
         growing.wait_header()
     except BaseException:
         growing.cancel()

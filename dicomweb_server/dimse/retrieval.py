@@ -38,6 +38,10 @@ class BytesSent:
     total: int = 0
 
     def on_sent(self, event: Event) -> None:
+        streamed = getattr(event.message, "streamed_bytes", None)  # sending.send_growing
+        if isinstance(streamed, int):
+            self.total += streamed
+            return
         data = getattr(event.message, "data_set", None)
         if isinstance(data, BytesIO):
             self.total += data.getbuffer().nbytes

@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 DIMSE_SEND_QUEUE_BYTES = 4 * 1024 * 1024
 # Seconds between two looks at whether the DUL thread still takes PDUs, while waiting.
 _QUEUE_POLL_S = 0.1
-# Data set bytes in each P-DATA fragment of a converted instance sent as it is written to a
-# peer that set no maximum PDU length (0, PS3.8 D.3.3.2.2): pynetdicom sends the rest of a
-# file in one fragment, the file's whole size, read into memory at once.
+# Data set bytes in each P-DATA fragment of an instance sent from its file (as stored, or
+# converted as it is written) to a peer that set no maximum PDU length (0, PS3.8
+# D.3.3.2.2), or a larger one (up to 0xFFFFFFFF): pynetdicom sends the rest of a file in
+# one fragment, the file's whole size, read into memory at once.
 DIMSE_UNLIMITED_PDV_BYTES = 1024 * 1024
 
 
@@ -109,6 +110,8 @@ def send_stored_files(assoc: Any) -> None:
                 if not _taking(assoc.dul):  # aborted (a stream failed): sent to no one
                     raise StreamFailed("the association is no longer up")
                 growing[dataset.stored_path] = dataset.growing
+            else:  # sent as the growing ones are: pynetdicom would read a fragment of any size
+                growing[dataset.stored_path] = Growing.whole(dataset.stored_path)
             return cast(Dataset, send_c_store(dataset.stored_path, *args, **kwargs))
         finally:
             growing.clear()
@@ -121,13 +124,19 @@ def send_stored_files(assoc: Any) -> None:
 def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
     """Make the association's DIMSE provider send the C-STORE request of a file in `growing`
     as the file is written (streaming.py): pynetdicom would take the file's size when it
-    begins and send it cut short. The command set goes as pynetdicom encodes it, then the
-    data set from the file, fragment by fragment as written, the last flagged last (PS3.8
-    E.2). A conversion failed before the command goes fails the sub-operation, nothing sent;
-    once it has gone, the association is aborted (the peer must not take the data set cut
-    short for a whole one; PS3.7 has no other way) and the sub-operation fails.
+    begins and send it cut short; and of a file already whole (Growing.whole) the same way,
+    in fragments of DIMSE_UNLIMITED_PDV_BYTES at most: pynetdicom reads each fragment whole,
+    the whole file for a peer that set no maximum PDU length (found by review: a stored
+    instance went to such a peer in one fragment, the file read whole into memory). The
+    command set goes as pynetdicom encodes it, then the data set from the file, fragment by
+    fragment as written, the last flagged last (PS3.8 E.2). A conversion failed before the
+    command goes fails the sub-operation, nothing sent; once it has gone, the association
+    is aborted (the peer must not take the data set cut short for a whole one; PS3.7 has
+    no other way) and the sub-operation fails.
     EVT_DIMSE_SENT (the audit's byte count, retrieval.BytesSent) is told once the data set
-    has gone, the file then whole."""
+    has gone, with the data set bytes handed on (`streamed_bytes`): not the file's size
+    then, which a failed conversion has removed (found by review: half an instance sent
+    before its conversion failed was audited as 0 bytes) and a peer gone has not taken."""
     dimse = assoc.dimse
     send_msg = dimse.send_msg
 
@@ -147,7 +156,11 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
         for pdata in msg.encode_msg(context_id, dimse.maximum_pdu_size):
             dimse.dul.send_pdu(pdata)
         most = dimse.maximum_pdu_size
-        size = most - 6 if most else DIMSE_UNLIMITED_PDV_BYTES  # less a PDV's header (PS3.8 9.3.5)
+        # Less a PDV's header (PS3.8 9.3.5); no more than the bound for a peer that set a
+        # maximum as large as none (0xFFFFFFFF): a fragment is read whole, and sent once that
+        # many bytes are written.
+        size = min(most - 6, DIMSE_UNLIMITED_PDV_BYTES) if most else DIMSE_UNLIMITED_PDV_BYTES
+        streamed = 0
         try:
             for data, last in stream.fragments(where[1], size, lambda: _taking(assoc.dul)):
                 pdata = P_DATA()
@@ -155,6 +168,7 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
                     (context_id, (b"\x02" if last else b"\x00") + data)
                 )
                 dimse.dul.send_pdu(pdata)
+                streamed += len(data)
         except (StreamFailed, OSError) as exc:
             log.error("aborting the association: %s failed while it was sent: %s",
                       primitive.AffectedSOPInstanceUID, exc)  # fmt: skip
@@ -162,6 +176,7 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
             raise StreamFailed(str(exc)) from None
         finally:
             msg._data_set_path = where
+            msg.streamed_bytes = streamed  # type: ignore[attr-defined]
             evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
 
     dimse.send_msg = send

@@ -62,6 +62,15 @@ class Growing:
         self.started = False  # handed to the sender: the conversion may not begin again
         self.cancelled = False
 
+    @classmethod
+    def whole(cls, path: Path) -> Growing:
+        """A file already whole (an instance sent as stored), to be sent as a growing one is:
+        in fragments of a bounded size, whatever the peer's maximum PDU length."""
+        made = cls(path)
+        made.end = path.stat().st_size
+        made.done = made.started = True
+        return made
+
     # The conversion's side (pixelwrite.Watch), in its thread.
 
     def opening(self) -> None:
