@@ -2,9 +2,9 @@
 it is indexed (STOW-RS, DIMSE C-STORE, reindex; dicomfile reads the file): every element
 whole (PS3.5 7.1), values within their items and items within their sequences (7.5),
 sequences no deeper than the archive takes, binary numbers of the pixel description in whole
-values (6.2), and what follows the Pixel Data (a Digital Signatures Sequence, Data Set
-Trailing Padding, PS3.10 7.2). A data set that is not is refused with InvalidInstanceError
-(0xC000) and the reason."""
+values (6.2), what follows the Pixel Data (a Digital Signatures Sequence, Data Set Trailing
+Padding, PS3.10 7.2), nothing after an Item Delimitation Item that ends the data set. A data
+set that is not is refused with InvalidInstanceError (0xC000) and the reason."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ __all__ = [
     "check_depth",
     "check_whole",
     "cut_numbers",
+    "end_before_item_delimiter",
     "merge_tail",
     "padding_at",
     "too_deep",
@@ -250,6 +251,30 @@ def _after_item_delimiter(fp: BinaryIO, stop: int, end: int, ts: str) -> bool:
     return found
 
 
+def end_before_item_delimiter(
+    fp: BinaryIO, data: Dataset, start: int, stop: int, size: int, ts: str, where: str = ""
+) -> int:
+    """Where the data set pydicom read up to `stop` ends: before an Item Delimitation Item
+    (PS3.5 7.5.2) that ends the file after its last element, at which pydicom and dcmtk both
+    end a data set silently (dcmdump lists the elements before it and no error). It belongs
+    in no item there, yet it is read alike: stored, after Pixel Data or any last element.
+    Bytes after it are refused: pydicom never read them. `where` names the last element's
+    place in the reason; `start` is where pydicom began reading."""
+    end = max(start, stop - 8)  # a last element of undefined length ends in its delimiter
+    last = data.get_item(list(data.keys())[-1], keep_deferred=True) if data else None
+    if isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH:
+        end = last.value_tell + last.length
+    if not _after_item_delimiter(fp, stop, end, ts):
+        return stop
+    if stop < size:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
+            f" (FFFE,E00D) that ends the data set{where}",
+        )
+    return stop - 8
+
+
 def merge_tail(
     fp: BinaryIO, ds: Dataset, ts: str, end: int, size: int, pixel_tag: int | None
 ) -> RawDataElement | None:
@@ -266,17 +291,7 @@ def merge_tail(
         )
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
-    stop = fp.tell()
-    if _after_item_delimiter(fp, stop, end, ts):
-        # An Item Delimitation Item (PS3.5 7.5.2) where pydicom stopped: dcmtk ends the data
-        # set there too, and it was stored (found by review). Whatever follows it is refused.
-        if stop < size:
-            raise InvalidInstanceError(
-                FailureReason.CANNOT_UNDERSTAND,
-                f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
-                " (FFFE,E00D) that ends the data set after the Pixel Data",
-            )
-        stop -= 8
+    stop = end_before_item_delimiter(fp, tail, end, fp.tell(), size, ts, " after the Pixel Data")
     if not tail and stop > end:  # 1 to 7 bytes: pydicom stops there silently
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND,

@@ -1,13 +1,17 @@
-"""Items where PS3.5 7.5 does not put them, read leniently by pydicom: an item that declares
-more bytes than its sequence of defined length has left (refused)."""
+"""Items and delimiters where PS3.5 7.5 does not put them, read leniently by pydicom: an item
+that declares more bytes than its sequence of defined length has left (refused), and an Item
+Delimitation Item ending a data set with no Pixel Data (read as the end of the data set, as
+after Pixel Data: test_stow_differential)."""
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from dicomweb_server.dicomfile import configure_pydicom, parse_file
@@ -15,6 +19,7 @@ from dicomweb_server.errors import FailureReason
 from tests.helpers import (
     ROOT,
     element_bytes,
+    inst_url,
     make_instance,
     multipart_body,
     stow_headers,
@@ -143,3 +148,81 @@ def test_item_overrunning_a_deferred_sequence_is_refused(tmp_path: Path) -> None
     whole = parse_file(_write(tmp_path, _instance([_item(_code(False, b"m" * 2000))])))
     (item,) = whole.meta["00400260"]["Value"]
     assert item["00080104"]["Value"] == ["m" * 2000]
+
+
+# ------------------------------------------------ an Item Delimitation Item ending the data set
+
+
+def _no_pixels(implicit: bool = False, ds: Dataset | None = None) -> bytes:
+    ds = ds or make_instance(sop=_SOP)
+    del ds.PixelData
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return to_bytes(ds)
+
+
+async def test_item_delimiter_ending_a_data_set_without_pixel_data_is_stored(
+    app_client: httpx.AsyncClient,
+) -> None:
+    """PS3.5 7.5.2 puts an Item Delimitation Item only at the end of an item of undefined
+    length; at the end of the file pydicom and dcmtk (dcmdump: no error) both end the data set
+    there, as after Pixel Data, where it was stored. Here it was refused as "truncated data
+    set: 8 bytes after (0028,0103), no whole element", naming no delimiter."""
+    ds = make_instance()
+    data = _no_pixels(ds=ds) + _ITEM_DELIMITER
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.headers.get("Warning")
+    got = await app_client.get(
+        f"{inst_url(ds)}/metadata", headers={"Accept": "application/dicom+json"}
+    )
+    assert got.status_code == 200
+    (meta,) = got.json()
+    assert "FFFEE00D" not in meta and meta["00280103"]["Value"] == [0]
+    served = await app_client.get(inst_url(ds), headers={"Accept": _AS_STORED})
+    assert served.status_code == 200 and data in served.content  # the delimiter with it
+
+
+def _ending_in_a_sequence() -> bytes:
+    return _instance([_item(_code(False))])
+
+
+def _ending_in_an_undefined_sequence() -> bytes:
+    """The last element a sequence of undefined length, its one item of undefined length."""
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + _code(False) + _ITEM_DELIMITER
+    end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return _no_pixels() + _header(0x00400260, b"SQ", 0xFFFFFFFF, False) + item + end
+
+
+def _implicit() -> bytes:
+    return _no_pixels(implicit=True)
+
+
+@pytest.mark.parametrize(
+    "ending", [_ending_in_a_sequence, _ending_in_an_undefined_sequence, _implicit]
+)
+def test_item_delimiter_after_any_last_element_is_stored(
+    tmp_path: Path, ending: Callable[[], bytes]
+) -> None:
+    parsed = parse_file(_write(tmp_path, ending() + _ITEM_DELIMITER))
+    assert "FFFEE00D" not in parsed.meta
+    assert parsed.uids[1] == _SOP
+    if ending is not _implicit:
+        (item,) = parsed.meta["00400260"]["Value"]
+        assert item["00080104"]["Value"] == ["meaning"]
+
+
+@pytest.mark.parametrize("junk", [b"ab", b"junk", _ITEM_DELIMITER, _AFTER])
+@pytest.mark.parametrize("ending", [_no_pixels, _ending_in_an_undefined_sequence])
+def test_bytes_after_an_item_delimiter_ending_the_data_set_are_refused(
+    tmp_path: Path, junk: bytes, ending: Callable[[], bytes]
+) -> None:
+    """pydicom stops at the delimiter and never reads what follows (after a sequence of
+    undefined length, stored before: the check of the last element stopped at it)."""
+    exc = _refused(_write(tmp_path, ending() + _ITEM_DELIMITER + junk))
+    assert exc.reason == FailureReason.CANNOT_UNDERSTAND
+    assert exc.message == (
+        f"truncated data set: {len(junk)} bytes after the Item Delimitation Item (FFFE,E00D)"
+        " that ends the data set"
+    )
