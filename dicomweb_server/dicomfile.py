@@ -53,6 +53,7 @@ from dicomweb_server.wellformed import (
     check_depth,
     check_whole,
     cut_numbers,
+    end_before_item_delimiter,
     merge_tail,
     padding_at,
     too_deep,
@@ -210,9 +211,12 @@ def _header(fp: BinaryIO, size: int) -> tuple[Dataset, str]:
     when the data set is cut short or no transfer syntax is given."""
     fp.seek(0)
     ds = pydicom.dcmread(fp, stop_before_pixels=True, defer_size=BULK_DATA_THRESHOLD_BYTES)
-    check_whole(ds, fp.tell(), size)
+    stop = fp.tell()
     file_meta = getattr(ds, "file_meta", None)
     meta_ts = file_meta.get("TransferSyntaxUID") if file_meta else None
+    if meta_ts:  # a data set with no Pixel Data may end in an Item Delimitation Item too
+        stop = end_before_item_delimiter(fp, ds, 0, stop, size, str(meta_ts))
+    check_whole(ds, stop, size)
     if not meta_ts:
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND,

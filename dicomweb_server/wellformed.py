@@ -1,9 +1,10 @@
 """Whether a Part-10 data set pydicom read is whole and well formed, checked at ingest before
 it is indexed (STOW-RS, DIMSE C-STORE, reindex; dicomfile reads the file): every element
-whole (PS3.5 7.1), values within their items (7.5), sequences no deeper than the archive
-takes, binary numbers of the pixel description in whole values (6.2), and what follows the
-Pixel Data (a Digital Signatures Sequence, Data Set Trailing Padding, PS3.10 7.2). A data set
-that is not is refused with InvalidInstanceError (0xC000) and the reason."""
+whole (PS3.5 7.1), values within their items and items within their sequences (7.5),
+sequences no deeper than the archive takes, binary numbers of the pixel description in whole
+values (6.2), what follows the Pixel Data (a Digital Signatures Sequence, Data Set Trailing
+Padding, PS3.10 7.2), nothing after an Item Delimitation Item that ends the data set. A data
+set that is not is refused with InvalidInstanceError (0xC000) and the reason."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, BinaryIO
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_deferred_data_element
 from pydicom.hooks import hooks as pydicom_hooks
 
 from dicomweb_server.dicom_json import BINARY_FORMATS, raw_vr, tag_name
@@ -26,6 +27,7 @@ __all__ = [
     "check_depth",
     "check_whole",
     "cut_numbers",
+    "end_before_item_delimiter",
     "merge_tail",
     "padding_at",
     "too_deep",
@@ -39,6 +41,7 @@ DATASET_TRAILING_PADDING = 0xFFFCFFFC
 # from its writer's limit too (found by fuzzing deep items). Deeper: that instance fails
 # (0xC000), the reason naming the limit.
 MAX_SEQUENCE_DEPTH = 64
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 # Group 0028: the pixel description (Image Pixel module, LUTs), read to decode and render.
 _PIXEL_DESCRIPTION_GROUP = 0x0028
 
@@ -110,10 +113,15 @@ def check_depth(ds: Dataset) -> None:
     conversion) resolves it: an explicit UN of a sequence's tag, or an implicit VR private
     element of a private dictionary sequence, is parsed as a sequence there."""
     stack: list[tuple[Dataset, int, int | None]] = [(ds, 0, None)]  # item, depth, top level
+    # An item overrunning its sequence is refused after the walk: a value cut inside an item
+    # is named first (its sequence's item then overruns it too: pydicom's
+    # rtplan_truncated.dcm).
+    overrun: InvalidInstanceError | None = None
     while stack:
         item, depth, top = stack.pop()
         for tag in item.keys():
             raw = item.get_item(tag, keep_deferred=True)
+            value: bytes | None = None  # a sequence of defined length, as it was read
             if isinstance(raw, RawDataElement):
                 if top is not None:
                     _check_item_value(raw, top)
@@ -121,12 +129,58 @@ def check_depth(ds: Dataset) -> None:
                     _check_pixel_description(tag, raw)
                 if _read_vr(item, raw) != "SQ":
                     continue  # left as it is: no sequence, deferred or not
+                if raw.length != _UNDEFINED_LENGTH:
+                    value = _sequence_value(item, raw)
             elem = item[tag]  # a deferred sequence is read, as the JSON walk reads it
             if elem.VR != "SQ":
                 continue
+            if value is not None and overrun is None and isinstance(raw, RawDataElement):
+                overrun = _item_overrun(raw, value, elem.value, top)
             if depth == MAX_SEQUENCE_DEPTH:
                 raise too_deep(top)
             stack.extend((child, depth + 1, tag if top is None else top) for child in elem.value)
+    if overrun is not None:
+        raise overrun
+
+
+def _sequence_value(item: Dataset, raw: RawDataElement) -> bytes:
+    """The bytes of a sequence of defined length. One past the bulk data threshold (at the
+    top level only: items are read from their sequence's bytes) is read here as
+    Dataset.__getitem__ reads it, and kept raw in `item` for the conversion that follows."""
+    if raw.value is not None:
+        return bytes(raw.value)
+    src = item.filename or item.buffer
+    if item.filename and item.buffer and not getattr(item.buffer, "closed", False):
+        src = item.buffer
+    loaded = read_deferred_data_element(item.fileobj_type, src, item.timestamp, raw)
+    item[raw.tag] = loaded
+    return bytes(loaded.value or b"")
+
+
+def _item_overrun(
+    raw: RawDataElement, value: bytes, items: list[Dataset], top: int | None
+) -> InvalidInstanceError | None:
+    """The refusal (0xC000) of an item of a sequence of defined length that declares more
+    bytes than its sequence has left after the item's header (PS3.5 7.5: a sequence of
+    defined length holds its items whole). pydicom reads the items from the sequence's bytes
+    and ends such an item where they end, silently (an item whose elements end there was
+    stored); dcmtk reads the item on, past its sequence, taking the elements that follow
+    into it: the metadata served disagreed with the file as other readers read it. An item
+    of undefined length ends at its delimiter, read by pydicom."""
+    order = "<" if raw.is_little_endian else ">"
+    tag = int(raw.tag)
+    where = f" in {tag_name(top)}" if top is not None else ""
+    for number, child in enumerate(items, 1):
+        at = child.seq_item_tell - raw.value_tell  # from the start of the sequence's value
+        (length,) = struct.unpack_from(f"{order}I", value, at + 4)
+        left = len(value) - at - 8
+        if length != _UNDEFINED_LENGTH and length > left:
+            return InvalidInstanceError(
+                FailureReason.CANNOT_UNDERSTAND,
+                f"item {number} of {tag_name(tag)}{where} declares {length} bytes, its"
+                f" sequence of defined length has {left} left (PS3.5 7.5)",
+            )
+    return None
 
 
 def _check_item_value(raw: RawDataElement, top: int) -> None:
@@ -197,6 +251,30 @@ def _after_item_delimiter(fp: BinaryIO, stop: int, end: int, ts: str) -> bool:
     return found
 
 
+def end_before_item_delimiter(
+    fp: BinaryIO, data: Dataset, start: int, stop: int, size: int, ts: str, where: str = ""
+) -> int:
+    """Where the data set pydicom read up to `stop` ends: before an Item Delimitation Item
+    (PS3.5 7.5.2) that ends the file after its last element, at which pydicom and dcmtk both
+    end a data set silently (dcmdump lists the elements before it and no error). It belongs
+    in no item there, yet it is read alike: stored, after Pixel Data or any last element.
+    Bytes after it are refused: pydicom never read them. `where` names the last element's
+    place in the reason; `start` is where pydicom began reading."""
+    end = max(start, stop - 8)  # a last element of undefined length ends in its delimiter
+    last = data.get_item(list(data.keys())[-1], keep_deferred=True) if data else None
+    if isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH:
+        end = last.value_tell + last.length
+    if not _after_item_delimiter(fp, stop, end, ts):
+        return stop
+    if stop < size:
+        raise InvalidInstanceError(
+            FailureReason.CANNOT_UNDERSTAND,
+            f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
+            f" (FFFE,E00D) that ends the data set{where}",
+        )
+    return stop - 8
+
+
 def merge_tail(
     fp: BinaryIO, ds: Dataset, ts: str, end: int, size: int, pixel_tag: int | None
 ) -> RawDataElement | None:
@@ -213,17 +291,7 @@ def merge_tail(
         )
     fp.seek(end)
     tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
-    stop = fp.tell()
-    if _after_item_delimiter(fp, stop, end, ts):
-        # An Item Delimitation Item (PS3.5 7.5.2) where pydicom stopped: dcmtk ends the data
-        # set there too, and it was stored (found by review). Whatever follows it is refused.
-        if stop < size:
-            raise InvalidInstanceError(
-                FailureReason.CANNOT_UNDERSTAND,
-                f"truncated data set: {size - stop} bytes after the Item Delimitation Item"
-                " (FFFE,E00D) that ends the data set after the Pixel Data",
-            )
-        stop -= 8
+    stop = end_before_item_delimiter(fp, tail, end, fp.tell(), size, ts, " after the Pixel Data")
     if not tail and stop > end:  # 1 to 7 bytes: pydicom stops there silently
         raise InvalidInstanceError(
             FailureReason.CANNOT_UNDERSTAND,
