@@ -388,7 +388,7 @@ async def test_a_deflated_bulk_value_lets_its_hold_go_on_every_path(
     """A HEAD (the value never read), a path naming no value, a value read whole and a
     damaged deflate stream (a 406 with the reason, as its frames are): the copy is held by
     none of them after, so INFLATED_KEEP_BYTES can remove it. (Asked as a single part, the
-    406 is the multipart answer's, tried next: routes.wado.retrieve_bulkdata.)"""
+    reason leads the multipart answer's 406, tried next: routes.wado.retrieve_bulkdata.)"""
     ds = _with_bulk_values(_deflated(frames=2))
     url = await _stored(app_client, ds)
     inflations[0] = 0
@@ -412,6 +412,10 @@ async def test_a_deflated_bulk_value_lets_its_hold_go_on_every_path(
     data = blob.read_bytes()
     blob.write_bytes(data[: len(data) // 2])
     r = await app_client.get(f"{url}/bulk/7FE00010", headers={"Accept": _OCTETS})
+    assert r.status_code == 406 and "cut short" in r.text, r.text
+    assert not inflated._pins
+    single = {"Accept": "application/octet-stream"}
+    r = await app_client.get(f"{url}/bulk/7FE00010", headers=single)
     assert r.status_code == 406 and "cut short" in r.text, r.text
     assert not inflated._pins
 
