@@ -321,6 +321,6 @@ async def _bulk_value(
         if encapsulated_pixels(inst):
             return await _pixel_data(request, svc, inst, accept, location, single)
     negotiate_bulkdata(accept)
-    value = await bulk_value(svc, study, series, sop, path)
+    value = await bulk_value(svc, study, series, sop, path, head=request.method == "HEAD")
     value.headers["Content-Location"] = location
     return await ranged_response(request, value, None if single else APPLICATION_OCTET_STREAM)
