@@ -447,11 +447,14 @@ async def test_inflated_places_kept_edge(
 
 
 async def test_a_head_of_deflated_pixel_data_inflates_nothing(
-    app_client: httpx.AsyncClient, samples: Path, inflations: list[int]
+    app: Starlette, app_client: httpx.AsyncClient, samples: Path, inflations: list[int]
 ) -> None:
     """A HEAD of the Pixel Data of a Deflated instance by its BulkDataURI, as one part or
     as multipart, whole or a range of it, gets the GET's Content-Length from the length
-    recorded at ingest: no inflated copy is made to answer it."""
+    recorded at ingest: no inflated copy is made to answer it. The value made for a HEAD,
+    were it read, is the value."""
+    from dicomweb_server.retrieve import pixeldata
+
     ds = pydicom.dcmread(samples / "generated" / "coverage" / "dx_deflated.dcm")
     url = await _stored(app_client, ds)
     inflations[0] = 0
@@ -472,3 +475,12 @@ async def test_a_head_of_deflated_pixel_data_inflates_nothing(
             for name in list(inflated._copies):  # the next HEAD finds no copy kept
                 inflated._drop(name)
             inflations[0] = 0
+    svc = app.state.services
+    uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    (inst,) = await svc.index.locate(*uids)
+    entry = await svc.index.bulk_range(*uids, "7FE00010")
+    assert entry == [None, len(ds.PixelData), "OW", False]
+    value = await pixeldata.stored_bulk_value(svc, inst, "7FE00010", entry, head=True)
+    assert inflations == [0]
+    assert b"".join([c async for c in value.read(0, value.length)]) == ds.PixelData
+    assert inflations == [1] and not inflated._pins
