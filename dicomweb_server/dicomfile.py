@@ -95,7 +95,9 @@ class ParsedFile:
     transfer_syntax_uid: str
     number_of_frames: int
     frames: FrameLayout | None  # None: frames need a full decode (not range-readable)
-    # tag path -> [offset, length, vr, encapsulated] for range reads of bulk data
+    # tag path -> [offset, length, vr, encapsulated] for range reads of bulk data; offset
+    # None: a Deflated file's Pixel Data, not read by range from the file, whose length is
+    # known (a HEAD answered without inflating it: retrieve.pixeldata.stored_bulk_value)
     bulk_ranges: dict[str, list[Any]]
     data_set_at: int  # where the data set begins, after the File Meta Information
     # where its Data Set Trailing Padding (FFFC,FFFC) begins, when it ends the file
@@ -318,6 +320,13 @@ def _parse_whole(path: Path, ts: str, data_set_at: int) -> ParsedFile:
     prefix = bulk_prefix(uids[2], uids[3], uids[1])
     pixel = [t for t in PIXEL_DATA_TAGS if t in ds]
     entries = {t: ds[t].VR for t in pixel}
+    # The length of each (native) Pixel Data value, known here only: a HEAD of it then
+    # inflates nothing (the value is read from an inflated copy, by the place found there).
+    lengths: dict[str, list[Any]] = {
+        f"{t:08X}": [None, len(ds[t].value), ds[t].VR, False]
+        for t in pixel
+        if not ds[t].is_undefined_length and isinstance(ds[t].value, bytes)
+    }
     for t in pixel:
         del ds[t]
     check_depth(ds)
@@ -325,7 +334,7 @@ def _parse_whole(path: Path, ts: str, data_set_at: int) -> ParsedFile:
     for t, vr in entries.items():
         meta[f"{t:08X}"] = {"vr": vr, "BulkDataURI": f"{prefix}{t:08X}"}
     nframes = _number_of_frames(ds) if pixel else 0
-    return ParsedFile(uids, meta, ts, nframes, None, {}, data_set_at)
+    return ParsedFile(uids, meta, ts, nframes, None, lengths, data_set_at)
 
 
 def _value(ds: Dataset, tag: int) -> Any:

@@ -224,7 +224,22 @@ def storage_failure(exc: OSError, doing: str = "could not spool a STOW part") ->
     """The outcome of a part whose bytes could not be written: 0xA700 (out of resources) for
     a full disk or quota, 0x0110 (processing failure) for any other I/O error."""
     log.error("%s: %s", doing, exc)
-    return InstanceOutcome(None, None, _out_of_resources(exc), reason=f"storage: {exc.strerror}")
+    return InstanceOutcome(None, None, _out_of_resources(exc), reason=f"storage: {_why(exc)}")
+
+
+def _why(exc: OSError) -> str:
+    """What an I/O error was, for a failure reason: its strerror, or that of the OSError it
+    was raised from. pydicom re-raises an error met writing an element as a new OSError of
+    its message alone, without errno or strerror, raised from the first (blobstore.files
+    _space_error); the reason read "None". Else the message's first line (pydicom's carries
+    its traceback)."""
+    cause: BaseException | None = exc
+    while isinstance(cause, OSError):
+        if cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 async def _discard_quietly(ctx: Services, writer: BlobWriter) -> None:
@@ -315,7 +330,7 @@ async def _storage_error(
     log.exception("storing %s failed", uids[1] or writer.path.name)
     await _undo(ctx, writer, key, placed)
     reason = _out_of_resources(exc)
-    return InstanceOutcome(*uids, reason, reason=f"storage error: {exc.strerror}")
+    return InstanceOutcome(*uids, reason, reason=f"storage error: {_why(exc)}")
 
 
 async def _refused_outcome(

@@ -335,10 +335,13 @@ async def encode_parts(
 class Prefixed(Generic[_T]):
     """`rest` with `made` (items already taken from it) before it; closing this closes
     `rest`. A response's first piece is made before the response starts, so that its
-    failure is an error status; the rest follows as it comes."""
+    failure is an error status; the rest follows as it comes.
+    `owned`: what `rest` reads from, closed with it: an async generator closed before it
+    starts runs none of its code, its `finally` neither, and so closes nothing it was given
+    (a HEAD closes its body unread: routes.common.StreamedResponse)."""
 
-    def __init__(self, made: list[_T], rest: AsyncIterator[_T]) -> None:
-        self._made, self._rest = made, rest
+    def __init__(self, made: list[_T], rest: AsyncIterator[_T], *owned: object) -> None:
+        self._made, self._rest, self._owned = made, rest, owned
 
     def __aiter__(self) -> Prefixed[_T]:
         return self
@@ -349,7 +352,7 @@ class Prefixed(Generic[_T]):
         return await anext(self._rest)
 
     async def aclose(self) -> None:
-        await close_all(self._rest)
+        await close_all(self._rest, *self._owned)
 
 
 async def close_all(*sources: object) -> None:

@@ -5,6 +5,8 @@ of the memory. And no decode makes more than DECODE_MAX_BYTES, whatever the file
 from __future__ import annotations
 
 import tracemalloc
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicomweb_server.transcode import convert
+from dicomweb_server.transcode import convert, pixelwrite
 from dicomweb_server.transcode.codecs import ENCODERS, PixelInfo, TranscodeError
 from dicomweb_server.transcode.convert import (
     CONVERT_COPY_BYTES,
@@ -219,6 +221,35 @@ def test_memory_holds_a_frame_not_the_instance(
     finally:
         tracemalloc.stop()
     assert whole_peak > 32 * frame
+
+
+def test_the_first_decoded_frame_is_let_go_of_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compressed to native, each decoded frame is released once written, the first too: an
+    itertools.chain of it before the rest held it to the end of the conversion (a frame
+    more of memory for every conversion, up to the decode bound)."""
+    src = tmp_path / "jls.dcm"
+    _multiframe(src, JPEGLSLossless, 5, 64, 64)
+    refs: list[weakref.ref[np.ndarray]] = []
+    first_alive: list[bool] = []  # as each frame after the second comes to be written
+    real = pixelwrite.as_bytes
+
+    def watched(arrays: Iterator[np.ndarray]) -> Iterator[bytes | memoryview]:
+        def each() -> Iterator[np.ndarray]:
+            for arr in arrays:
+                if len(refs) >= 2:  # the one before may still be being written
+                    first_alive.append(refs[0]() is not None)
+                refs.append(weakref.ref(arr))
+                yield arr
+
+        return real(each())
+
+    monkeypatch.setattr(convert, "as_bytes", watched)
+    _streamed(src, tmp_path / "out.dcm", ExplicitVRLittleEndian, monkeypatch)
+    assert len(refs) == 5 and first_alive == [False] * 3
+    got = pydicom.dcmread(tmp_path / "out.dcm")
+    assert np.array_equal(got.pixel_array, pydicom.dcmread(src).pixel_array)
 
 
 def test_a_short_pixel_data_is_refused_not_padded(tmp_path: Path) -> None:

@@ -388,7 +388,7 @@ async def test_a_deflated_bulk_value_lets_its_hold_go_on_every_path(
     """A HEAD (the value never read), a path naming no value, a value read whole and a
     damaged deflate stream (a 406 with the reason, as its frames are): the copy is held by
     none of them after, so INFLATED_KEEP_BYTES can remove it. (Asked as a single part, the
-    406 is the multipart answer's, tried next: routes.wado.retrieve_bulkdata.)"""
+    reason leads the multipart answer's 406, tried next: routes.wado.retrieve_bulkdata.)"""
     ds = _with_bulk_values(_deflated(frames=2))
     url = await _stored(app_client, ds)
     inflations[0] = 0
@@ -406,12 +406,16 @@ async def test_a_deflated_bulk_value_lets_its_hold_go_on_every_path(
     (copy,) = inflated._copies.values()
     copy.path.unlink()  # the scratch directory cleared (app.recover): made again
     assert await _bulk(app_client, url, _ICON) == ds.IconImageSequence[0].PixelData
-    assert inflations == [2] and parses == [3] and not inflated._pins  # HEAD, 404, icon
+    assert inflations == [2] and parses == [2] and not inflated._pins  # 404, icon
     (inst,) = await app.state.services.index.locate(ds.StudyInstanceUID)
     blob = app.state.services.blobs.local_path(inst.blob_key)
     data = blob.read_bytes()
     blob.write_bytes(data[: len(data) // 2])
     r = await app_client.get(f"{url}/bulk/7FE00010", headers={"Accept": _OCTETS})
+    assert r.status_code == 406 and "cut short" in r.text, r.text
+    assert not inflated._pins
+    single = {"Accept": "application/octet-stream"}
+    r = await app_client.get(f"{url}/bulk/7FE00010", headers=single)
     assert r.status_code == 406 and "cut short" in r.text, r.text
     assert not inflated._pins
 
@@ -440,3 +444,43 @@ async def test_inflated_places_kept_edge(
         assert parses == [count], kept
         assert len(pixeldata._places) == kept
     assert inflations == [1]
+
+
+async def test_a_head_of_deflated_pixel_data_inflates_nothing(
+    app: Starlette, app_client: httpx.AsyncClient, samples: Path, inflations: list[int]
+) -> None:
+    """A HEAD of the Pixel Data of a Deflated instance by its BulkDataURI, as one part or
+    as multipart, whole or a range of it, gets the GET's Content-Length from the length
+    recorded at ingest: no inflated copy is made to answer it. The value made for a HEAD,
+    were it read, is the value."""
+    from dicomweb_server.retrieve import pixeldata
+
+    ds = pydicom.dcmread(samples / "generated" / "coverage" / "dx_deflated.dcm")
+    url = await _stored(app_client, ds)
+    inflations[0] = 0
+    uri = f"{url}/bulk/7FE00010"
+    for accept in ("application/octet-stream", _OCTETS):
+        for span in (None, "bytes=10-99"):
+            headers = {"Accept": accept} | ({"Range": span} if span else {})
+            head = await app_client.head(uri, headers=headers)
+            assert head.status_code == (206 if span else 200), head.text
+            assert inflations == [0] and not inflated._copies, (accept, span)
+            get = await app_client.get(uri, headers=headers)
+            assert get.status_code == head.status_code
+            assert int(head.headers["content-length"]) == len(get.content)
+            assert head.headers.get("content-range") == get.headers.get("content-range")
+            if span is None and accept != _OCTETS:
+                assert get.content == ds.PixelData
+            assert inflations == [1]
+            for name in list(inflated._copies):  # the next HEAD finds no copy kept
+                inflated._drop(name)
+            inflations[0] = 0
+    svc = app.state.services
+    uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    (inst,) = await svc.index.locate(*uids)
+    entry = await svc.index.bulk_range(*uids, "7FE00010")
+    assert entry == [None, len(ds.PixelData), "OW", False]
+    value = await pixeldata.stored_bulk_value(svc, inst, "7FE00010", entry, head=True)
+    assert inflations == [0]
+    assert b"".join([c async for c in value.read(0, value.length)]) == ds.PixelData
+    assert inflations == [1] and not inflated._pins

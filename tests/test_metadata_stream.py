@@ -418,3 +418,32 @@ async def test_an_instance_stored_after_the_response_started_leaves_it_whole(
     assert status == 200 and ended and length > (_N + 1) * len(_COMMENT)
     r = await _both(app_client, url, {})
     assert len(r.json()) == _N + 1
+
+
+@pytest.mark.parametrize("coding", ["gzip", "identity"])
+async def test_a_head_of_a_streamed_body_closes_its_read(
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    study: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    coding: str,
+) -> None:
+    """A HEAD of metadata streamed past METADATA_INLINE_BYTES closes its read of the rows
+    before it ends, gzip or not: gzipped, the body was a gzip stream never started, whose
+    closing closed nothing beneath it (the read was left to the garbage collector). The
+    reads are held here, so only the response can have closed them."""
+    _small_batches(monkeypatch)
+    monkeypatch.setattr(app.state.services.metadata, "get", lambda key: None)
+    made: list[Any] = []
+    real = metadata.metadata_runs
+
+    def watched(*args: Any) -> Any:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(metadata_body, "metadata_runs", watched)
+    headers = {"Accept-Encoding": coding}
+    r = await app_client.head(f"{ROOT}/studies/{study[0]}/metadata", headers=headers)
+    assert r.status_code == 200 and "content-length" not in r.headers
+    assert (r.headers.get("content-encoding") == "gzip") == (coding == "gzip")
+    assert len(made) == 1 and made[0].ag_frame is None  # closed

@@ -315,6 +315,25 @@ async def test_undecodable_pixel_data_bulk_value_is_406_unless_asked_as_stored(
 
 
 @pytest.mark.db
+async def test_undecodable_pixel_data_as_a_single_part_406_says_why(
+    app_client: httpx.AsyncClient, samples: Path
+) -> None:
+    """Asked for as one octet-stream part, Pixel Data that cannot be decoded is a 406 that
+    says why: the single part's reason, not the generic one of the multipart negotiation
+    tried after it (which had no range to meet and swallowed the first)."""
+    path = samples / "real" / "pydicom-data" / "liver_deflate.dcm"  # no decoder installed
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    await _store(app_client, path.read_bytes())
+    uri = f"{inst_url(ds)}/bulk/7FE00010"
+    for accept in ("application/octet-stream", f"application/octet-stream, {OCTETS}"):
+        r = await app_client.get(uri, headers={"Accept": accept})
+        assert r.status_code == 406, accept
+        message = r.json()["message"]
+        assert "cannot be decoded" in message and "1.2.840.10008.1.2.8.1" in message, message
+        assert message.count("acceptable:") == 1, message
+
+
+@pytest.mark.db
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [

@@ -21,6 +21,7 @@ from tests.helpers import asgi_get, make_instance, multipart_body, stow_headers,
 _N = 120  # instances stored: two series of one study, and one of another
 _COMMENT = "x" * 6000  # ImageComments (LT): each instance's metadata about 7 KB
 _MORE = "There are additional results"
+_XML = 'multipart/related; type="application/dicom+xml"'
 
 
 @pytest.fixture
@@ -131,3 +132,42 @@ async def test_a_long_page_takes_the_memory_of_a_batch(
     assert status == 200 and length > _N * len(_COMMENT)
     row_bytes = length // _N
     assert peak < 8 * search.QIDO_FETCH_ROWS * row_bytes + 300_000, (peak, length)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])
+@pytest.mark.parametrize("accept", ["application/dicom+json", _XML])
+async def test_a_head_of_a_long_page_closes_its_batches(
+    app: Starlette,
+    stored: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    encoding: str,
+    accept: str,
+) -> None:
+    """A HEAD of a page longer than a batch closes the page's batches before it ends, gzip
+    or not: gzipped, the body was a gzip stream never started, whose closing closed nothing
+    beneath it, and the page's generators were left to the garbage collector. (They are
+    held here, so only the response can have closed them.) No batch statement runs."""
+    made: list[Any] = []
+    real = search._batches
+
+    def watched(*args: Any) -> Any:
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(search, "_batches", watched)
+    monkeypatch.setattr(search, "QIDO_FETCH_ROWS", 7)
+    statements = [0]
+    index = app.state.services.index
+    real_search = index.search
+
+    async def counted(*args: Any) -> Any:
+        statements[0] += 1
+        return await real_search(*args)
+
+    monkeypatch.setattr(index, "search", counted)
+    headers = {"Accept": accept, "Accept-Encoding": encoding}
+    r = await stored.head("/dicom-web/instances?limit=1000", headers=headers)
+    assert r.status_code == 200 and not r.content
+    assert (r.headers.get("content-encoding") == "gzip") == (encoding == "gzip")
+    assert len(made) == 1 and made[0].ag_frame is None  # closed
+    assert statements == [1]  # the first batch's: none of the rest

@@ -3,6 +3,7 @@ BulkDataURIs name, each instance stored as if it had come as a Part-10 file."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import generate_frames
+from pydicom.tag import Tag, tag_in_exception
 from starlette.applications import Starlette
 
 from dicomweb_server import stow_json
@@ -332,6 +334,7 @@ async def test_fewer_fragments_than_frames_is_refused(
     assert "14 fragments" in r.headers["Warning"]
 
 
+@pytest.mark.parametrize("in_pydicom", [False, True])
 @pytest.mark.parametrize(("error", "reason"), [(errno.ENOSPC, 0xA700), (errno.EIO, 0x0110)])
 async def test_assembly_io_errors_follow_the_part10_rule(
     app: Starlette,
@@ -339,13 +342,18 @@ async def test_assembly_io_errors_follow_the_part10_rule(
     monkeypatch: pytest.MonkeyPatch,
     error: int,
     reason: int,
+    in_pydicom: bool,
 ) -> None:
     """Writing the assembled file fails as a Part-10 part's spooling does: a full disk is
     0xA700 (out of resources), any other I/O error 0x0110 (processing failure); both the
-    archive's failure in the audit trail (ARCHIVE_FAULT: exported 8, as over DIMSE)."""
+    archive's failure in the audit trail (ARCHIVE_FAULT: exported 8, as over DIMSE). Met
+    while pydicom writes an element (`in_pydicom`), the error is re-raised as an OSError of
+    its message alone, with no errno nor strerror, raised from the first: the reason still
+    names the error (it read "storage: None"), and not pydicom's traceback."""
 
     def failing(*_: object) -> None:
-        raise OSError(error, os.strerror(error))
+        with tag_in_exception(Tag(0x7FE00010)) if in_pydicom else contextlib.nullcontext():
+            raise OSError(error, os.strerror(error))
 
     monkeypatch.setattr(stow_json, "_assemble", failing)
     ds = make_instance()
@@ -354,6 +362,7 @@ async def test_assembly_io_errors_follow_the_part10_rule(
     assert r.status_code == 409
     assert values(_seq(r.json(), "00081198")[0], "00081197") == [reason]
     assert os.strerror(error) in r.headers["warning"]
+    assert "None" not in r.headers["warning"] and "Traceback" not in r.headers["warning"]
     await app.state.audit.flush()
     rows = await app.state.services.index._fetch(
         "SELECT detail FROM audit_log WHERE action = 'store_instances' ORDER BY seq DESC LIMIT 1"

@@ -243,10 +243,13 @@ async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelIn
     return Sized({"Content-Type": ctype}, total, read, inst.blob_key)
 
 
-async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str) -> Sized:
+async def bulk_value(
+    svc: Services, study: str, series: str, sop: str, path: str, *, head: bool = False
+) -> Sized:
     """The value of one bulk data element (PS3.18 8.4.1.3); 404 when there is none: a path
     that is malformed, walks into an element that is not a sequence or an item that does not
-    exist, or ends at an element whose value is not bulk data (read_bulk_value)."""
+    exist, or ends at an element whose value is not bulk data (read_bulk_value). `head`: for
+    a HEAD (stored_bulk_value)."""
     if not re.fullmatch(r"[0-9A-Fa-f]{8}(/\d{1,6}/[0-9A-Fa-f]{8})*", path):
         raise NotFoundError(
             f"no bulk data at {path!r}: a bulk data path is a tag (8 hex digits), then "
@@ -256,21 +259,32 @@ async def bulk_value(svc: Services, study: str, series: str, sop: str, path: str
     if entry is None:
         raise NotFoundError("no such instance in the archive")
     (inst,) = await locate(svc, study, series, sop)
-    return await stored_bulk_value(svc, inst, path.upper(), entry)
+    return await stored_bulk_value(svc, inst, path.upper(), entry, head=head)
 
 
 async def stored_bulk_value(
-    svc: Services, inst: StoredInstance, path: str, entry: list[Any] | None
+    svc: Services,
+    inst: StoredInstance,
+    path: str,
+    entry: list[Any] | None,
+    *,
+    head: bool = False,
 ) -> Sized:
     """The value at tag path `path` (upper case) of an instance: by the byte range recorded at
     ingest (`entry`: offset, length, VR, encapsulated), else by parsing the file (values in
-    sequences, big endian and deflated files); 404 when the path names no bulk data value."""
+    sequences, big endian and deflated files); 404 when the path names no bulk data value.
+    `head`: for a HEAD, which reads nothing: a Deflated file's Pixel Data whose length ingest
+    recorded (offset None) is not inflated to find its place (the HEAD of a 60 MB instance
+    made the whole inflated copy), its value read only if it is read."""
     headers = {"Content-Type": APPLICATION_OCTET_STREAM}
-    if entry:
+    if entry and entry[0] is not None:
         offset, length, _vr, encapsulated = entry
         return await sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
     file = svc.blobs.local_path(inst.blob_key)
     if inst.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        if head and entry:
+            unread = _UnreadInflated(file, path, entry[1], svc)
+            return Sized(headers, entry[1], unread.read, inst.blob_key)
         return await _inflated_bulk_value(svc, inst, file, path, headers)
     with scratch_space(svc.scratch_dir):  # a value over HELD_VALUE_MAX_BYTES spooled there
         value = await anyio.to_thread.run_sync(
@@ -344,6 +358,33 @@ class _InflatedRange:
                         _inflated_copy, self._file, scratch, limiter=self._svc.limiter
                     )
             async for chunk in stream_path(copy, self._offset + start, max(0, stop - start)):
+                yield chunk
+                del chunk  # sent: not held while the next one is read
+        finally:
+            kept.release()
+
+
+class _UnreadInflated:
+    """A value of a Deflated file whose length ingest recorded, not looked for until it is
+    read (stored_bulk_value for a HEAD): a read finds it in the inflated copy (made unless
+    kept) as _inflated_bulk_value does, holding the copy while it runs."""
+
+    def __init__(self, file: Path, path: str, length: int, svc: Services) -> None:
+        self._file, self._path, self._length, self._svc = file, path, length, svc
+
+    async def read(self, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes [start, stop) of the value, a chunk at a time."""
+        kept = hold(self._file)
+        try:
+            scratch = self._svc.scratch_dir
+            with scratch_space(scratch):
+                value = await anyio.to_thread.run_sync(
+                    _inflated_place, self._file, self._path, scratch, limiter=self._svc.limiter
+                )
+            if not isinstance(value, tuple) or value[2] != self._length:
+                raise TranscodeError(f"the value at {self._path} is not as ingest recorded it")
+            copy, offset, _ = value
+            async for chunk in stream_path(copy, offset + start, max(0, stop - start)):
                 yield chunk
                 del chunk  # sent: not held while the next one is read
         finally:

@@ -292,7 +292,7 @@ async def streamed_model_response(
     headers = {**(headers or {}), "Vary": "Accept, Accept-Encoding"}
     chunks = await _started(chunks)
     if accepts_gzip(request_field(request, "accept-encoding")):
-        chunks = gzip_stream(chunks)
+        chunks = Prefixed([], gzip_stream(chunks), chunks)  # a HEAD's closes the batches
         headers["Content-Encoding"] = "gzip"
     return StreamedResponse(chunks, media_type=media, headers=headers)
 
@@ -343,7 +343,8 @@ async def gzip_stream(
     """`chunks` as one gzip member (RFC 1952) made by `packer` (default: GZIP_SEARCH_LEVEL);
     chunks past GZIP_INLINE_MAX_BYTES compressed in a worker thread. `keep` (most bytes,
     callback): the compressed body given to the callback once whole, when it is at most that
-    many bytes (held meanwhile up to them, then dropped)."""
+    many bytes (held meanwhile up to them, then dropped). Closed unstarted, it closes not
+    `chunks`: close both (multipart.Prefixed's `owned`)."""
     if packer is None:
         packer = zlib.compressobj(GZIP_SEARCH_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     kept: list[bytes] | None = [] if keep is not None else None

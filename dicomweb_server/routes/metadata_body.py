@@ -133,11 +133,9 @@ async def _made(
     body: AsyncIterator[bytes] = Prefixed(head, chunks)
     if "Content-Encoding" in headers:
         etag = headers["ETag"]
-        body = gzip_stream(
-            body,
-            _packer(),
-            (METADATA_GZIP_CACHE_MAX_BYTES, lambda packed: _keep(svc, etag, media_type, packed)),
-        )
+        keep = (METADATA_GZIP_CACHE_MAX_BYTES, lambda b: _keep(svc, etag, media_type, b))
+        # closed unstarted (a HEAD's), the metadata read is closed too
+        body = Prefixed([], gzip_stream(body, _packer(), keep), body)
     return StreamedResponse(body, media_type=media_type, headers=headers)
 
 

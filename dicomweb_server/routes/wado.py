@@ -109,10 +109,14 @@ def _after_single_parts(
     The negotiation's own reason listed what could be sent, the target that had just failed
     among it, and the failure was not said. A range that failed on negotiation alone says
     what the multipart negotiation says (what can be sent, why nothing can be decoded), so
-    only that is said, once: prefixed, the list came twice in one reason."""
+    only that is said, once: prefixed, the list came twice in one reason. A failure that
+    says all the negotiation's reason does and more (the list, then why the value cannot be
+    decoded) is said alone."""
     lead = next((e for e in failed if isinstance(e, TranscodeError)), None)
     if lead is None or lead.message in exc.message:
         return exc
+    if exc.message in lead.message:
+        return NotAcceptableError(lead.message, headers=exc.headers)
     return NotAcceptableError(f"{lead.message}; {exc.message}", headers=exc.headers)
 
 
@@ -286,14 +290,21 @@ async def retrieve_bulkdata(request: Request) -> Response:
         ts for _, ts, _ in single_parts(accept, _is_octet_stream)
         if ts in (None, EXPLICIT_VR_LITTLE_ENDIAN)
     ]  # fmt: skip
+    failed: list[NotAcceptableError] = []
     if singles:
         uncompressed = f'multipart/related; type="{APPLICATION_OCTET_STREAM}"; transfer-syntax='
         try:
             return await _bulk_value(request, location, uncompressed + EXPLICIT_VR_LITTLE_ENDIAN,
                                      single=True)  # fmt: skip
-        except NotAcceptableError:
-            pass
-    return await _bulk_value(request, location, accept, single=False)
+        except NotAcceptableError as exc:
+            failed.append(exc)
+    try:
+        return await _bulk_value(request, location, accept, single=False)
+    except NotAcceptableError as exc:
+        # The single part's reason (Pixel Data that cannot be decoded, and why) leads: an
+        # Accept of octet-stream alone leaves the multipart negotiation no range to meet,
+        # and its generic 406 had swallowed the reason.
+        raise _after_single_parts(failed, exc) from None
 
 
 async def _bulk_value(
@@ -310,6 +321,6 @@ async def _bulk_value(
         if encapsulated_pixels(inst):
             return await _pixel_data(request, svc, inst, accept, location, single)
     negotiate_bulkdata(accept)
-    value = await bulk_value(svc, study, series, sop, path)
+    value = await bulk_value(svc, study, series, sop, path, head=request.method == "HEAD")
     value.headers["Content-Location"] = location
     return await ranged_response(request, value, None if single else APPLICATION_OCTET_STREAM)

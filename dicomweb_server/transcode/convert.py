@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +54,7 @@ from dicomweb_server.transcode.pixelwrite import (
     as_bytes,
     bounded_writer,
     copied,
+    prepended,
     word_width,
     write_encapsulated,
     write_native,
@@ -306,7 +306,9 @@ class _Streamed:
             ds.NumberOfFrames = nframes
         mark_lossy(ds, method)
         self._header(out)
-        arrays = itertools.chain([first], (a for a, _ in decoded))
+        # Not an itertools.chain: it keeps its arguments, the list holding the first frame
+        # too, to its end, so the first frame was held for the whole conversion.
+        arrays = prepended([first], (a for a, _ in decoded))
         del first  # held by `arrays` until written, not for the whole conversion
         vr = None if self.implicit else "OB" if info.bits_allocated <= 8 else "OW"
         write_native(out, vr, as_bytes(arrays), nframes)

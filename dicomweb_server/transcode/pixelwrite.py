@@ -21,6 +21,7 @@ __all__ = [
     "as_bytes",
     "bounded_writer",
     "copied",
+    "prepended",
     "word_width",
     "write_encapsulated",
     "write_native",
@@ -70,7 +71,7 @@ def copied(f: BinaryIO, length: int, width: int) -> Iterator[bytearray]:
 _T = TypeVar("_T")
 
 
-def _prepended(first: list[_T], rest: Iterator[_T]) -> Iterator[_T]:
+def prepended(first: list[_T], rest: Iterator[_T]) -> Iterator[_T]:
     """The item in `first`, then those of `rest`; `first` let go of once given (an
     itertools.chain keeps its arguments, and so a frame, to its end)."""
     while first:
@@ -102,7 +103,7 @@ def write_native(
     else:
         out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, expected))
     written, count, size = 0, 0, None
-    for chunk in _prepended(head, chunks):
+    for chunk in prepended(head, chunks):
         if frames is not None:
             size = len(chunk) if size is None else size
             if len(chunk) != size:
