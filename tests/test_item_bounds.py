@@ -150,6 +150,27 @@ def test_item_overrunning_a_deferred_sequence_is_refused(tmp_path: Path) -> None
     assert item["00080104"]["Value"] == ["m" * 2000]
 
 
+@pytest.mark.parametrize(("implicit", "vr"), [(True, b"SQ"), (False, b"UN")])
+async def test_empty_sequence_in_an_item_is_stored(
+    app_client: httpx.AsyncClient, implicit: bool, vr: bytes
+) -> None:
+    """An empty sequence of defined length (0) in an item, in implicit VR (the VR looked up)
+    or as an explicit UN: pydicom reads its value as None, not b"", as for a value left
+    unread past the bulk data threshold. It was read again from the file as such a value,
+    which an item cannot be (the item is no file data set), and refused: "cannot parse the
+    data set: 'Dataset' object has no attribute 'filename'"."""
+    empty = _header(0x00400008, vr, 0, implicit)
+    data = _instance([_item(empty + _code(implicit))], implicit=implicit)
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.headers.get("Warning")
+    got = await app_client.get(
+        f"{ROOT}/instances", params={"SOPInstanceUID": _SOP, "includefield": "00400260"}
+    )
+    assert got.status_code == 200
+
+
 # ------------------------------------------------ an Item Delimitation Item ending the data set
 
 
