@@ -316,6 +316,14 @@ def _check_inflated_size(fp: BinaryIO, at: int) -> None:
 def _parse_whole(path: Path, ts: str, data_set_at: int) -> ParsedFile:
     """Deflated files cannot be range-read: parse in memory, frames decoded on demand."""
     ds = pydicom.dcmread(path)
+    # pydicom read the data set from its inflated bytes, kept in `buffer` where it stopped,
+    # as silently as from a file (at an Item Delimitation Item, inside a value or a header
+    # cut short): checked as a file's data set is (_header). It was stored unchecked.
+    inflated = cast(BinaryIO, ds.buffer)
+    stop = inflated.tell()
+    size = inflated.seek(0, 2)
+    stop = end_before_item_delimiter(inflated, ds, 0, stop, size, ts)
+    check_whole(ds, stop, size)
     uids = _uids(ds)
     prefix = bulk_prefix(uids[2], uids[3], uids[1])
     pixel = [t for t in PIXEL_DATA_TAGS if t in ds]

@@ -146,7 +146,11 @@ def check_depth(ds: Dataset) -> None:
 def _sequence_value(item: Dataset, raw: RawDataElement) -> bytes:
     """The bytes of a sequence of defined length. One past the bulk data threshold (at the
     top level only: items are read from their sequence's bytes) is read here as
-    Dataset.__getitem__ reads it, and kept raw in `item` for the conversion that follows."""
+    Dataset.__getitem__ reads it, and kept raw in `item` for the conversion that follows.
+    An empty one whose VR the file does not give (implicit VR, an explicit UN) pydicom reads
+    as None, as a value left unread: nothing to read (an item is no file to read it from)."""
+    if raw.length == 0:
+        return b""
     if raw.value is not None:
         return bytes(raw.value)
     src = item.filename or item.buffer

@@ -6,13 +6,14 @@ after Pixel Data: test_stow_differential)."""
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomweb_server.dicomfile import configure_pydicom, parse_file
 from dicomweb_server.errors import FailureReason
@@ -150,6 +151,27 @@ def test_item_overrunning_a_deferred_sequence_is_refused(tmp_path: Path) -> None
     assert item["00080104"]["Value"] == ["m" * 2000]
 
 
+@pytest.mark.parametrize(("implicit", "vr"), [(True, b"SQ"), (False, b"UN")])
+async def test_empty_sequence_in_an_item_is_stored(
+    app_client: httpx.AsyncClient, implicit: bool, vr: bytes
+) -> None:
+    """An empty sequence of defined length (0) in an item, in implicit VR (the VR looked up)
+    or as an explicit UN: pydicom reads its value as None, not b"", as for a value left
+    unread past the bulk data threshold. It was read again from the file as such a value,
+    which an item cannot be (the item is no file data set), and refused: "cannot parse the
+    data set: 'Dataset' object has no attribute 'filename'"."""
+    empty = _header(0x00400008, vr, 0, implicit)
+    data = _instance([_item(empty + _code(implicit))], implicit=implicit)
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.headers.get("Warning")
+    got = await app_client.get(
+        f"{ROOT}/instances", params={"SOPInstanceUID": _SOP, "includefield": "00400260"}
+    )
+    assert got.status_code == 200
+
+
 # ------------------------------------------------ an Item Delimitation Item ending the data set
 
 
@@ -226,3 +248,52 @@ def test_bytes_after_an_item_delimiter_ending_the_data_set_are_refused(
         f"truncated data set: {len(junk)} bytes after the Item Delimitation Item (FFFE,E00D)"
         " that ends the data set"
     )
+
+
+def _deflated(tail: bytes) -> bytes:
+    """_no_pixels() in Deflated Explicit VR Little Endian, `tail` inflated after its last
+    element."""
+    ds = make_instance(sop=_SOP)
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = to_bytes(ds)
+    # The File Meta Information: 128-byte preamble, DICM, its group length element, the group
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    body = zlib.decompress(data[meta_end:], -zlib.MAX_WBITS) + tail
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return data[:meta_end] + packer.compress(body) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        (_ITEM_DELIMITER + _AFTER, "8 bytes after the Item Delimitation Item (FFFE,E00D)"),
+        (element_bytes(0x00400280, b"ST", b"comments")[:-3], "value of (0040,0280) lacks 3"),
+        (b"\x40\x00", "2 bytes after (0028,0103), no whole element"),
+    ],
+)
+async def test_deflated_data_set_is_whole_as_any(
+    app_client: httpx.AsyncClient, tail: bytes, reason: str
+) -> None:
+    """A Deflated data set is read from its inflated bytes, where pydicom stops as silently
+    as in a file: at an Item Delimitation Item (what follows never read), inside a value cut
+    short (the bytes there are), at an element header cut short. The same data set not
+    Deflated was refused; Deflated, it was stored, and its metadata said what only pydicom
+    reads."""
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([_deflated(tail)]), headers=stow_headers()
+    )
+    assert r.status_code == 409, r.text
+    assert reason in r.headers["Warning"]
+    assert (await app_client.get(f"{ROOT}/instances")).status_code == 204
+
+
+async def test_deflated_data_set_ending_in_an_item_delimiter_is_stored(
+    app_client: httpx.AsyncClient,
+) -> None:
+    r = await app_client.post(
+        f"{ROOT}/studies",
+        content=multipart_body([_deflated(_ITEM_DELIMITER)]),
+        headers=stow_headers(),
+    )
+    assert r.status_code == 200, r.headers.get("Warning")
