@@ -73,6 +73,28 @@ def make_instance(
     return ds
 
 
+PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
+
+
+def float_map(ts: str, frames: int, rows: int, cols: int, double: bool = False) -> Dataset:
+    """A Parametric Map in `ts` whose pixels are Float (Double Float) Pixel Data, no Pixel
+    Data, varied values (a wrong swap shows), private elements after them."""
+    ds = make_instance(rows=rows, cols=cols, modality="OT")
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.file_meta.TransferSyntaxUID = UID(ts)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(PARAMETRIC_MAP_STORAGE)
+    ds.BitsAllocated = 64 if double else 32
+    ds.NumberOfFrames = frames
+    values = (np.arange(frames * rows * cols) % 100003) * 1.37 - 5000.25
+    if double:
+        ds.DoubleFloatPixelData = values.astype("<f8").tobytes()
+    else:
+        ds.FloatPixelData = values.astype("<f4").tobytes()
+    ds.add_new(0x7FE10010, "LO", "ACME")  # private elements after them
+    ds.add_new(0x7FE11001, "OB", b"\x01\x02\x03")
+    return ds
+
+
 def element_bytes(tag: int, vr: bytes, value: bytes, reserved: int = 0) -> bytes:
     """One data element in explicit VR little endian, written by hand (for malformed files):
     an odd value padded, a long-length VR's 2 reserved bytes holding `reserved`."""

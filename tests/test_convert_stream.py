@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -30,6 +31,7 @@ from dicomweb_server.transcode.convert import (
     to_transfer_syntax,
 )
 from dicomweb_server.transcode.frames import DECODE_MAX_BYTES, _check_decoded_size, decode_frames
+from tests.helpers import float_map
 
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -452,3 +454,61 @@ def test_a_failure_reason_sent_leaves_out_pydicoms_traceback() -> None:
         "cannot convert JPEG Baseline: With tag (0008,0008) got exception: encoding without a"
         " string argument; ask for transfer-syntax=* for the stored bytes"
     )
+
+
+def _whole(src: Path, dst: Path, target: str) -> None:
+    """to_transfer_syntax's conversion in memory (converted_dataset), to `target` or to
+    Implicit VR Little Endian."""
+    implicit = target == ImplicitVRLittleEndian
+    ds = converted_dataset(src, ExplicitVRLittleEndian if implicit else target)
+    ds.file_meta.TransferSyntaxUID = UID(target)
+    ds.save_as(dst, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+
+
+_FLOAT_CASES = [
+    (stored, target, double)
+    for stored in (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    for double in (False, True)
+    if target != stored
+]
+
+
+@pytest.mark.parametrize(("stored", "target", "double"), _FLOAT_CASES)
+def test_float_pixel_data_is_copied_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str, target: str, double: bool
+) -> None:
+    """Float (Double Float) Pixel Data of 16 MiB, no Pixel Data: copied (swapped by 4 or 8
+    bytes from big endian) a chunk at a time, the bytes of the conversion in memory, which
+    held the value two or three times over."""
+    src = tmp_path / "float.dcm"
+    ds = float_map(stored, 16, 512, 256 if double else 512, double)
+    ds.save_as(src, implicit_vr=stored == ImplicitVRLittleEndian,
+               little_endian=stored != ExplicitVRBigEndian, enforce_file_format=True)  # fmt: skip
+    tracemalloc.start()
+    try:
+        _streamed(src, tmp_path / "streamed.dcm", target, monkeypatch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * CONVERT_COPY_BYTES, f"peak {peak} bytes"
+    _whole(src, tmp_path / "whole.dcm", target)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+    got = pydicom.dcmread(tmp_path / "streamed.dcm")
+    keyword = "DoubleFloatPixelData" if double else "FloatPixelData"
+    words = np.frombuffer(pydicom.dcmread(src)[keyword].value, ">u8" if double else ">u4")
+    if stored != ExplicitVRBigEndian:
+        words = words.view(words.dtype.newbyteorder("<"))
+    assert got[keyword].value == words.astype(words.dtype.newbyteorder("<")).tobytes()
+
+
+@pytest.mark.parametrize("name", ["parametric_map_float.dcm", "parametric_map_double_float.dcm"])
+def test_float_samples_convert_as_in_memory(
+    samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """pydicom-data's Parametric Maps (Explicit VR Little Endian) to Implicit VR: streamed,
+    the bytes of the conversion in memory."""
+    src = samples / "real/pydicom-data" / name
+    _streamed(src, tmp_path / "streamed.dcm", ImplicitVRLittleEndian, monkeypatch)
+    _whole(src, tmp_path / "whole.dcm", ImplicitVRLittleEndian)
+    assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()

@@ -47,7 +47,7 @@ from tests.dimse_support import (
     requestor_store,
     scu,
 )
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers
+from tests.helpers import ROOT, float_map, make_instance, multipart_body, stow_headers
 
 # The other little endian syntax a requestor takes, for each stored uncompressed one.
 _OTHER: dict[str, str] = {
@@ -116,9 +116,9 @@ def _same(got: Dataset, want: Dataset, where: str = "") -> None:
     """`got` (received) holds the elements of `want` (stored), in order, at every depth, with
     their values: an odd-length binary value padded to even (PS3.5 7.1.1); one received in
     Implicit VR read with the VR `want` gives it (a private one is UN, or as pydicom's
-    private dictionary says, not as stored); a big
-    endian binary value swapped. Group Lengths are left out, as pydicom's writer leaves
-    them out (retired, PS3.5 7.2)."""
+    private dictionary says, not as stored); a big endian binary value swapped (OW, OF and OD
+    words). Group Lengths are left out, as pydicom's writer leaves them out (retired, PS3.5
+    7.2)."""
     kept = [tag for tag in want.keys() if tag.element != 0]
     assert list(got.keys()) == kept, where
     for elem in (want[tag] for tag in kept):
@@ -139,8 +139,9 @@ def _same(got: Dataset, want: Dataset, where: str = "") -> None:
         value, stored = _value_bytes(mine.value), _value_bytes(elem.value)
         if len(stored) % 2:  # padded
             assert value == stored + b"\0", at
-        elif want.original_encoding[1] is False and elem.VR in ("OW", "OB or OW"):
-            assert value == np.frombuffer(stored, ">u2").astype("<u2").tobytes(), at
+        elif want.original_encoding[1] is False and elem.VR in ("OW", "OF", "OD", "OB or OW"):
+            width = {"OF": 4, "OD": 8}.get(elem.VR, 2)
+            assert value == np.frombuffer(stored, f">u{width}").astype(f"<u{width}").tobytes(), at
         else:
             pytest.fail(f"{at}: {mine!r} != {elem!r}")
 
@@ -247,6 +248,34 @@ async def test_get_in_the_other_syntax_keeps_every_element(
     statuses, received = await in_thread(_get, archive, ds.StudyInstanceUID, ds.SOPClassUID,
                                          target, tmp_path)  # fmt: skip
     _check_received(archive, statuses, received, target, path)
+
+
+@pytest.mark.db
+@pytest.mark.parametrize("stored_ts", [ExplicitVRLittleEndian, ExplicitVRBigEndian],
+                         ids=["explicit", "big"])  # fmt: skip
+async def test_get_of_float_pixel_data_copies_it_a_chunk_at_a_time(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored_ts: str
+) -> None:
+    """A Parametric Map of 16 MiB of Float Pixel Data (no Pixel Data) for a requestor
+    taking only Implicit VR: its pixels copied (swapped by 4 bytes from big endian) a chunk
+    at a time, as decoded_at_once counts them; they were read whole, and swapped whole,
+    into pydicom's conversion in memory (a 100 MB value took 308 MB)."""
+    import tracemalloc
+
+    monkeypatch.setattr(sending, "DIMSE_SEND_QUEUE_BYTES", 128 * 1024)
+    ds = float_map(stored_ts, 16, 512, 512)
+    path = _saved(ds, tmp_path / "stored.dcm")
+    await _stow(archive, path)
+    tracemalloc.start()
+    try:
+        statuses, received = await in_thread(_get, archive, ds.StudyInstanceUID, ds.SOPClassUID,
+                                             ImplicitVRLittleEndian, tmp_path)  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size
+    assert peak < size // 3, (peak, size)
+    _check_received(archive, statuses, received, ImplicitVRLittleEndian, path)
 
 
 def _manifest(samples: Path, syntaxes: tuple[str, ...]) -> list[dict[str, str]]:

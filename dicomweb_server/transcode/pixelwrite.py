@@ -85,13 +85,15 @@ def write_native(
     chunks: Iterator[bytearray] | Iterator[bytes | memoryview],
     frames: int | None,
     length: int = 0,
+    tag: int = 0x7FE00010,
 ) -> None:
-    """Pixel Data of defined length (PS3.5 7.1.2), padded to even (7.1.1): `length` bytes
-    given, or `frames` frames of the first one's length; its length is written once known.
-    `vr` None: implicit VR (PS3.5 7.1.3). The length the value will have is written first
-    (`length`, or the first frame's times `frames`), then again once known, the same when it
-    is written whole: a DIMSE peer is sent the file while it is written (dimse/streaming.py),
-    its first bytes before the last frame is decoded."""
+    """Pixel Data (`tag`: or Float, Double Float Pixel Data) of defined length (PS3.5 7.1.2),
+    padded to even (7.1.1): `length` bytes given, or `frames` frames of the first one's
+    length; its length is written once known. `vr` None: implicit VR (PS3.5 7.1.3). The
+    length the value will have is written first (`length`, or the first frame's times
+    `frames`), then again once known, the same when it is written whole: a DIMSE peer is
+    sent the file while it is written (dimse/streaming.py), its first bytes before the last
+    frame is decoded."""
     start = out.tell()
     first = next(chunks, None)
     head = [] if first is None else [first]
@@ -99,9 +101,9 @@ def write_native(
     del first  # given once, not held to the end
     expected = min(expected + expected % 2, 0xFFFFFFFE)  # wrong only where it fails below
     if vr is None:
-        out.write(struct.pack("<HHI", 0x7FE0, 0x0010, expected))
+        out.write(struct.pack("<HHI", tag >> 16, tag & 0xFFFF, expected))
     else:
-        out.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, vr.encode(), 0, expected))
+        out.write(struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr.encode(), 0, expected))
     written, count, size = 0, 0, None
     for chunk in prepended(head, chunks):
         if frames is not None:
