@@ -338,7 +338,7 @@ class Prefixed(Generic[_T]):
     failure is an error status; the rest follows as it comes.
     `owned`: what `rest` reads from, closed with it: an async generator closed before it
     starts runs none of its code, its `finally` neither, and so closes nothing it was given
-    (a HEAD closes its body unread: routes.common.StreamedResponse)."""
+    (a HEAD closes its body unread: routes.responses.StreamedResponse)."""
 
     def __init__(self, made: list[_T], rest: AsyncIterator[_T], *owned: object) -> None:
         self._made, self._rest, self._owned = made, rest, owned

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.db
 CUT_BY_CLIENT, CUT_BY_SERVER = 499, 500
 
 # Rows and columns of an instance whose retrieval is streamed in several body messages
-# (2 MiB of 16-bit pixels: past routes.common.INLINE_RESPONSE_BYTES and READ_CHUNK_BYTES).
+# (2 MiB of 16-bit pixels: past routes.responses.INLINE_RESPONSE_BYTES and READ_CHUNK_BYTES).
 _LARGE = 1024
 _AS_STORED = b'multipart/related; type="application/dicom"; transfer-syntax=*'
 

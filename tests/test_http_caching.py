@@ -242,7 +242,7 @@ async def test_search_results_gzipped_when_accepted(app_client: httpx.AsyncClien
     """QIDO-RS results of GZIP_MIN_BYTES or more are gzip-compressed under the same rules as
     metadata (found by interop review: 1000 matches, 546 KB, went uncompressed); JSON and XML
     alike, Vary: Accept, Accept-Encoding on every answer; small results go as they are."""
-    from dicomweb_server.routes.common import GZIP_MIN_BYTES
+    from dicomweb_server.routes.responses import GZIP_MIN_BYTES
 
     url = f"{ROOT}/studies/{(await _metadata_url(app_client)).split('/')[-2]}/instances"
     xml = 'multipart/related; type="application/dicom+xml"'

@@ -319,7 +319,7 @@ async def test_suffix_range_of_many_fragments_reads_from_the_last(
 async def test_pieces_of_a_large_frame_join_into_its_body(app_client: httpx.AsyncClient) -> None:
     """Cornerstone's way with a frame larger than INLINE_RESPONSE_BYTES (streamed): the first
     64 KiB, then the rest, appended raw, make the body a plain GET gets, and it parses."""
-    from dicomweb_server.routes.common import INLINE_RESPONSE_BYTES
+    from dicomweb_server.routes.responses import INLINE_RESPONSE_BYTES
 
     ds = make_instance(frames=1, rows=1024, cols=1024)  # 2 MiB
     await _store(app_client, to_bytes(ds))

@@ -14,8 +14,8 @@ from starlette.responses import Response, StreamingResponse
 
 from dicomweb_server.multipart import encode_parts, encoded_length
 from dicomweb_server.retrieve.instances import Part
-from dicomweb_server.routes import common
-from dicomweb_server.routes.common import INLINE_RESPONSE_BYTES, multipart_response
+from dicomweb_server.routes import responses
+from dicomweb_server.routes.responses import INLINE_RESPONSE_BYTES, multipart_response
 from tests.helpers import (
     ROOT,
     inst_url,
@@ -49,7 +49,7 @@ async def _streamed(response: StreamingResponse) -> bytes:
 async def test_inline_up_to_the_limit_streamed_past_it(
     monkeypatch: pytest.MonkeyPatch, over: int
 ) -> None:
-    monkeypatch.setattr(common, "new_boundary", lambda: BOUNDARY)
+    monkeypatch.setattr(responses, "new_boundary", lambda: BOUNDARY)
     framing = encoded_length([(HEADERS, 0), (HEADERS, 0)], BOUNDARY)
     n = INLINE_RESPONSE_BYTES - framing + over  # two bodies of n // 2 and n - n // 2
     bodies = [b"\x01" * (n // 2), b"\x02" * (n - n // 2)]

@@ -15,7 +15,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from dicomweb_server.dicom_xml import MAX_XML_DEPTH, NATIVE_DICOM_NS, dataset_from_xml, dataset_xml
-from dicomweb_server.routes.common import XML_INLINE_DOCS
+from dicomweb_server.routes.responses import XML_INLINE_DOCS
 from dicomweb_server.stow_json import MAX_JSON_METADATA_BYTES, MAX_JSON_SEQUENCE_DEPTH
 from tests.helpers import (
     ROOT,

@@ -30,14 +30,12 @@ from dicomweb_server.metadata import (
     series_states,
 )
 from dicomweb_server.multipart import Prefixed, close_all, stable_boundary
-from dicomweb_server.routes.common import (
+from dicomweb_server.routes.common import base_url, request_field, services
+from dicomweb_server.routes.responses import (
     GZIP_INLINE_MAX_BYTES,
     GZIP_LEVEL,
     StreamedResponse,
-    base_url,
     gzip_stream,
-    request_field,
-    services,
     xml_runs,
 )
 

@@ -9,16 +9,8 @@ from dicomweb_server.attributes import Level
 from dicomweb_server.media.negotiate import negotiate_dicom_model
 from dicomweb_server.multipart import Prefixed
 from dicomweb_server.query import parse
-from dicomweb_server.routes.common import (
-    accept_of,
-    base_url,
-    gzipped,
-    model_response,
-    services,
-    streamed_model_response,
-    uid_param,
-    warning_header,
-)
+from dicomweb_server.routes.common import accept_of, base_url, services, uid_param, warning_header
+from dicomweb_server.routes.responses import gzipped, model_response, streamed_model_response
 from dicomweb_server.search import search_matches
 
 __all__ = ["search_for_instances", "search_for_series", "search_for_studies"]

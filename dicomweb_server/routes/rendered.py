@@ -28,13 +28,8 @@ from dicomweb_server.report import REPORT_MEDIA_TYPES
 from dicomweb_server.retrieve.frames import parse_frame_list
 from dicomweb_server.retrieve.instances import locate
 from dicomweb_server.retrieve.pixeldata import stored_bulk_value
-from dicomweb_server.routes.common import (
-    StreamedResponse,
-    accept_of,
-    services,
-    uid_param,
-    warning_header,
-)
+from dicomweb_server.routes.common import accept_of, services, uid_param, warning_header
+from dicomweb_server.routes.responses import StreamedResponse
 
 __all__ = ["retrieve_rendered", "retrieve_thumbnail"]
 

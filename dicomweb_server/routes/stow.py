@@ -12,14 +12,8 @@ from dicomweb_server.media.mediatypes import APPLICATION_DICOM, stow_boundary
 from dicomweb_server.media.negotiate import negotiate_dicom_model
 from dicomweb_server.multipart import iter_parts
 from dicomweb_server.response_json import InstanceOutcome, stow_response
-from dicomweb_server.routes.common import (
-    accept_of,
-    base_url,
-    model_response,
-    services,
-    uid_param,
-    warning_header,
-)
+from dicomweb_server.routes.common import accept_of, base_url, services, uid_param, warning_header
+from dicomweb_server.routes.responses import model_response
 from dicomweb_server.stow_json import store_json_parts
 
 __all__ = ["store_instances"]

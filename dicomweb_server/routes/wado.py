@@ -34,18 +34,14 @@ from dicomweb_server.retrieve.pixeldata import (
     encapsulated_pixels,
     pixel_data_plan,
 )
-from dicomweb_server.routes.common import (
-    accept_of,
-    base_url,
+from dicomweb_server.routes.common import accept_of, base_url, services, uid_param, warning_header
+from dicomweb_server.routes.metadata_body import metadata_response
+from dicomweb_server.routes.responses import (
     cached_json_response,
     multipart_response,
     ranged_response,
-    services,
     single_part_response,
-    uid_param,
-    warning_header,
 )
-from dicomweb_server.routes.metadata_body import metadata_response
 from dicomweb_server.transcode.codecs import TranscodeError
 
 __all__ = [
