@@ -27,6 +27,7 @@ __all__ = [
     "FRAME_CACHE_BYTES",
     "IMAGE_CACHE_BYTES",
     "MALLOC_ARENA_MAX",
+    "MALLOC_ARENA_MAX_MOST",
     "MAX_PART_BYTES",
     "MAX_PORT",
     "MAX_REQUEST_BYTES",
@@ -89,6 +90,10 @@ DEFAULT_POOL_SIZE = 10
 # 2026-12-05). MALLOC_ARENA_MAX in the environment (glibc's own variable) overrides it; 0
 # leaves glibc's default.
 MALLOC_ARENA_MAX = 2
+# The largest MALLOC_ARENA_MAX taken: mallopt's value is a C int, and ctypes passes only the
+# low 32 bits of a larger Python int. Found by review: MALLOC_ARENA_MAX=4294967298, which glibc
+# itself reads as a limit beyond any thread count, reached mallopt as 2.
+MALLOC_ARENA_MAX_MOST = 2**31 - 1
 # The viewer `make viewer` starts.
 DEFAULT_VIEWER_URL = "http://127.0.0.1:3000"
 # Seconds browsers may cache a CORS preflight answer (Access-Control-Max-Age).
@@ -287,8 +292,9 @@ class Settings:
             raise ConfigError(f"the port must be 1 to {MAX_PORT}, got {self.port}")
         if self.workers < 1:
             raise ConfigError(f"the number of workers must be at least 1, got {self.workers}")
-        if self.malloc_arena_max < 0:
-            raise ConfigError(f"MALLOC_ARENA_MAX must be 0 or more, got {self.malloc_arena_max}")
+        if not 0 <= self.malloc_arena_max <= MALLOC_ARENA_MAX_MOST:
+            most, got = MALLOC_ARENA_MAX_MOST, self.malloc_arena_max
+            raise ConfigError(f"MALLOC_ARENA_MAX must be 0 to {most}, got {got}")
         for title in self.dimse_allowed_aes or ():
             check_ae_title(title)
         if self.dimse_port is not None and not 0 <= self.dimse_port <= MAX_PORT:

@@ -9,6 +9,7 @@ import pytest
 from dicomweb_server.config import (
     BODY_IDLE_TIMEOUT_S,
     MALLOC_ARENA_MAX,
+    MALLOC_ARENA_MAX_MOST,
     SEND_STALL_TIMEOUT_S,
     ConfigError,
     Settings,
@@ -47,3 +48,14 @@ def test_malloc_arena_max_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     Settings.from_env({"MALLOC_ARENA_MAX": "8"}).export()
     assert os.environ["MALLOC_ARENA_MAX"] == "8"
     assert Settings.from_env().malloc_arena_max == 8
+
+
+def test_malloc_arena_max_fits_mallopt() -> None:
+    """mallopt takes a C int: a larger MALLOC_ARENA_MAX is refused, not truncated. Before,
+    4294967298 (2**32 + 2, which glibc itself takes as no practical limit) reached mallopt
+    through ctypes as its low 32 bits: the server ran with 2 arenas."""
+    most = str(MALLOC_ARENA_MAX_MOST)
+    assert Settings.from_env({"MALLOC_ARENA_MAX": most}).malloc_arena_max == 2**31 - 1
+    for bad in (str(MALLOC_ARENA_MAX_MOST + 1), str(2**32 + 2)):
+        with pytest.raises(ConfigError, match=f"MALLOC_ARENA_MAX must be 0 to {most}"):
+            Settings.from_env({"MALLOC_ARENA_MAX": bad})
