@@ -26,6 +26,7 @@ from dicomweb_server.commit_order import CommitOrder
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.errors import DicomWebError, FailureReason
 from dicomweb_server.index.database import Index
+from dicomweb_server.index.rows import CommitResult
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import InstanceRecord, build_record
@@ -469,25 +470,34 @@ async def _commit(
     if result.stored:
         path = instance_path(study, series, sop)
         return InstanceOutcome(sop_class, sop, retrieve_path=path, patient=patient)
+    same = result.existing_sha256 is not None and (
+        result.existing_sha256 == record.instance["sha256"]
+        or await _same_data_set(ctx, parsed, writer, result.existing_sha256)
+    )
+    repair = await _repair(ctx, record, result) if same else None
+    if repair == "replaced":
+        assert result.existing_study_uid and result.existing_series_uid
+        path = instance_path(result.existing_study_uid, result.existing_series_uid, sop)
+        return InstanceOutcome(sop_class, sop, retrieve_path=path, patient=patient)
     # Not committed: the blob is ours to delete, and its reservation, if still there, goes
     # when it is deleted (as in _undo).
+    lost = result.reservation_lost or repair == "reservation-lost"
     async with ctx.index.releasing(key) as ours:
-        if ours or result.reservation_lost:
+        if ours or lost:
             await ctx.blobs.delete(key)
-    if result.failed:
+    if result.failed or lost:
         reason = (
             FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
             if result.invalid
             else FailureReason.PROCESSING_FAILURE
         )
-        return InstanceOutcome(sop_class, sop, reason, reason=result.failed)
+        why = result.failed or "the blob reservation was rolled back by another process"
+        return InstanceOutcome(sop_class, sop, reason, reason=why)
     if result.conflict:
         return InstanceOutcome(
             sop_class, sop, FailureReason.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason=result.conflict
         )
-    if result.existing_sha256 == writer.sha256(parsed.data_set_end) or await _same_data_set(
-        ctx, parsed, writer, result.existing_sha256
-    ):
+    if same:
         # The same data set again: success, one copy (PS3.18 10.5.3 leaves duplicates to the
         # server). Its File Meta Information may differ (blobstore.hashing.DataSetHash).
         assert result.existing_study_uid and result.existing_series_uid
@@ -497,6 +507,41 @@ async def _commit(
         sop_class, sop, FailureReason.DUPLICATE_SOP_INSTANCE,
         reason=f"SOPInstanceUID {sop} is already stored with different content",
     )  # fmt: skip
+
+
+async def _repair(ctx: Services, record: InstanceRecord, result: CommitResult) -> str | None:
+    """A duplicate of a stored instance whose blob is gone, or not of the size the index
+    recorded (a data directory cleaned or replaced under a kept database, a file lost or cut
+    short): the copy just received becomes its blob (Index.replace_blob), else the archive
+    would acknowledge an instance it cannot serve, and a re-send, the natural repair, would
+    do nothing. One stat per duplicate. 'replaced', 'reservation-lost', or None (the stored
+    blob is whole, or another store repaired it first: ours is deleted as a duplicate's)."""
+    assert result.existing_study_uid and result.existing_series_uid
+    sop = record.instance["sop_instance_uid"]
+    stored = await ctx.index.locate(result.existing_study_uid, result.existing_series_uid, sop)
+    if len(stored) != 1:
+        return None
+    old = stored[0]
+    size = await ctx.blobs.size_of(old.blob_key)
+    if size == old.size_bytes:
+        return None
+    outcome = await ctx.index.replace_blob(old.blob_key, record)
+    if outcome != "replaced":
+        return None if outcome == "moved" else outcome
+    log.warning(
+        "SOP Instance %s: its blob %s was %s; the copy received again replaces it (as %s)",
+        sop, old.blob_key, "missing" if size is None else f"{size} bytes, not {old.size_bytes}",
+        record.instance["blob_key"],
+    )  # fmt: skip
+    # What is left under the old key (a damaged file) goes while its reservation, taken in
+    # the same transaction, is dropped: a crash in between leaves it to `recover`.
+    try:
+        async with ctx.index.releasing(old.blob_key) as ours:
+            if ours:
+                await ctx.blobs.delete(old.blob_key)
+    except Exception:  # the instance is whole again: what is left is `recover`'s (as in _undo)
+        log.exception("could not delete the replaced blob %s", old.blob_key)
+    return outcome
 
 
 def _patient_of(record: InstanceRecord) -> tuple[str, str, str]:

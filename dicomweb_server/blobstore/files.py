@@ -102,6 +102,10 @@ class BlobStore(Protocol):
 
     def local_path(self, key: str) -> Path: ...
     async def exists(self, key: str) -> bool: ...
+    async def size_of(self, key: str) -> int | None:
+        """The size of a blob, None when there is none under the key (one stat)."""
+        ...
+
     async def delete(self, key: str) -> None: ...
 
 
@@ -246,6 +250,12 @@ class FileSystemBlobStore:
 
     async def exists(self, key: str) -> bool:
         return await aiofiles.os.path.exists(self.local_path(key))
+
+    async def size_of(self, key: str) -> int | None:
+        try:
+            return (await aiofiles.os.stat(self.local_path(key))).st_size
+        except FileNotFoundError:
+            return None
 
     async def delete(self, key: str) -> None:
         await aiofiles.os.wrap(_unlink)(self.local_path(key))

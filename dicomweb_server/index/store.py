@@ -331,6 +331,23 @@ class Store(Pooled):
         except UNAVAILABLE as exc:
             raise unavailable(exc) from exc
 
+    async def replace_blob(self, old_key: str, rec: InstanceRecord) -> str:
+        """Make `rec`'s blob (placed and reserved, as for commit_instance) the blob of the
+        stored instance whose blob is `old_key`, lost or damaged: the instance row takes the
+        new key and the new file's layout (size, hash, frame and bulk data offsets: its File
+        Meta Information may differ), the new key's reservation is dropped and `old_key` is
+        reserved in its place, all in one transaction, so that a crash before the caller
+        deletes what is left under `old_key` leaves it to `recover`. The study row is locked
+        first, as a commit does. 'replaced'; 'moved' when the row no longer holds `old_key`
+        (another store repaired it first: the new blob is the caller's to delete);
+        'reservation-lost' as in commit_instance."""
+        sop = rec.instance["sop_instance_uid"]
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
+                return await _replace(conn, old_key, rec, self.owner, sop)
+        except UNAVAILABLE as exc:
+            raise unavailable(exc) from exc
+
     async def stored_instances(
         self, after_pk: int, limit: int, studies: Sequence[str] | None = None
     ) -> list[StoredBlob]:
@@ -409,3 +426,42 @@ async def _commit(conn: Connection, rec: InstanceRecord, owner: int) -> CommitRe
         existing_series_uid=row["existing_series"],
         existing_study_uid=row["existing_study"],
     )
+
+
+async def _replace(
+    conn: Connection, old_key: str, rec: InstanceRecord, owner: int, sop: str
+) -> str:
+    study = await conn.fetchval(
+        "SELECT se.study_fk FROM instance i JOIN series se ON se.pk = i.series_fk"
+        " WHERE i.sop_instance_uid = $1",
+        sop,
+    )
+    if study is None:
+        return "moved"
+    await conn.execute("SELECT 1 FROM study WHERE pk = $1 FOR UPDATE", study)
+    held = await conn.fetchval(
+        "SELECT blob_key FROM instance WHERE sop_instance_uid = $1 FOR UPDATE", sop
+    )
+    if held != old_key:
+        return "moved"
+    i = rec.instance
+    if not await conn.fetchval(
+        "DELETE FROM blob_reservation WHERE blob_key = $1 AND owner = $2 RETURNING true",
+        i["blob_key"],
+        owner,
+    ):
+        return "reservation-lost"
+    await conn.execute(
+        "UPDATE instance SET blob_key = $2, transfer_syntax_uid = $3, size_bytes = $4,"
+        " sha256 = $5, frame_offsets = $6, frame_lengths = $7, encapsulated = $8,"
+        " bulk_ranges = $9 WHERE sop_instance_uid = $1",
+        sop, i["blob_key"], i["transfer_syntax_uid"], i["size_bytes"], i["sha256"],
+        i["frame_offsets"], i["frame_lengths"], i["encapsulated"], i["bulk_ranges"],
+    )  # fmt: skip
+    await conn.execute(
+        "INSERT INTO blob_reservation (blob_key, owner) VALUES ($1, $2)"
+        " ON CONFLICT (blob_key) DO NOTHING",
+        old_key,
+        owner,
+    )
+    return "replaced"
