@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -27,6 +28,7 @@ from tests.dimse_support import (
     associate,
     identifier,
     in_thread,
+    running_archive,
     running_peer,
     scu,
     stow,
@@ -35,6 +37,7 @@ from tests.helpers import make_instance
 
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
+FIND = StudyRootQueryRetrieveInformationModelFind
 MOVE = StudyRootQueryRetrieveInformationModelMove
 NETWORK_S = 2
 
@@ -130,3 +133,38 @@ async def test_a_sub_association_waits_while_the_next_instance_is_prepared(
     assert int(final.Status) == 0x0000
     assert int(final.NumberOfCompletedSuboperations) == 2
     assert len(peer.received) == 2
+
+
+@pytest.mark.usefixtures("small_network_timeout")
+async def test_a_find_longer_than_the_network_timeout_keeps_its_association(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-FIND whose 3 matches come 1 s apart (made slow here), the network timeout 2 s:
+    the requestor, silent meanwhile, gets every match, then releases the association. Before,
+    it was aborted right after the final response."""
+    find_or_fail = dimse_handlers.Handlers._find_or_fail
+
+    def slow(self: Any, event: Any) -> Any:
+        for answer in find_or_fail(self, event):
+            time.sleep(1.0)
+            yield answer
+
+    monkeypatch.setattr(dimse_handlers.Handlers, "_find_or_fail", slow)
+    studies = [f"1.2.826.0.1.3680043.8.498.773{n}" for n in range(3)]
+    async with running_archive(settings) as archive:
+        await stow(archive, *(make_instance(study=study) for study in studies))
+
+        def find() -> tuple[list[int], bool]:
+            assoc = associate(scu(FIND), archive)
+            try:
+                statuses = [int(status.Status) for status, _ in assoc.send_c_find(
+                    identifier("STUDY", StudyInstanceUID=""), FIND)]  # fmt: skip
+                assoc.release()
+                return statuses, assoc.is_released
+            finally:
+                if not assoc.is_released:
+                    assoc.abort()
+
+        statuses, released = await in_thread(find)
+    assert statuses == [0xFF00, 0xFF00, 0xFF00, 0x0000]
+    assert released
