@@ -258,7 +258,9 @@ async def test_idle_association_aborted_by_the_archive_is_audited(
     assert aborted == [True]
     assert (row["action"], row["caller"], row["outcome"]) == ("dimse_abort", f"ae:{SCU}",
                                                               A_ABORT_BY_USER)  # fmt: skip
-    assert row["detail"] == "aborted by the archive: nothing received for 1 s (network timeout)"
+    assert row["detail"] == (
+        "aborted by the archive: nothing sent or received for 1 s (network timeout)"
+    )
 
 
 async def test_associations_aborted_at_shutdown_are_audited(settings: Settings) -> None:

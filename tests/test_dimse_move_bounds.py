@@ -54,9 +54,8 @@ from tests.helpers import make_instance
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 MOVE = StudyRootQueryRetrieveInformationModelMove
-# The archive's bounds in these tests (seconds).
-# The network timeout is also the sub-association's idle time (what it receives) before its
-# first C-STORE: 3 s leaves a busy machine room to start sending.
+# The archive's bounds in these tests (seconds): 3 s of network timeout leaves a busy machine
+# room for a send that makes progress.
 NETWORK_S, ACSE_S, DIMSE_S, CONNECT_S = 3, 2, 2, 2
 # Seconds the C-MOVE's final response may take past its bound: the archive's threads,
 # the sub-operations failed after it, a busy machine.
@@ -199,8 +198,7 @@ async def move_within(
                 got.extend(assoc.send_c_move(ident, "STUCK", MOVE))
             finally:
                 done.set()
-                # Not a release: the archive may be aborting the association meanwhile (its
-                # network timeout, small here, counts only what it receives), and a
+                # Not a release: should the archive abort the association meanwhile, a
                 # pynetdicom requestor whose A-RELEASE-RQ crosses the A-ABORT waits for
                 # its reply for the whole ACSE timeout.
                 sock = getattr(assoc.dul.socket, "socket", None)

@@ -1,7 +1,8 @@
 """Association events that are no DIMSE service: TCP_NODELAY on its socket (no_delay), every
-wait on its socket bounded (bound_socket_waits), the spool files of C-STOREs it ended before
-they were served deleted (discard_unserved_stores), and a C-GET or C-MOVE refused before any
-sub-operation answered as such (final_failure)."""
+wait on its socket bounded (bound_socket_waits), its network timeout counting what it sends
+as well as what it receives (idle_both_ways, never_idle), the spool files of C-STOREs it
+ended before they were served deleted (discard_unserved_stores), and a C-GET or C-MOVE
+refused before any sub-operation answered as such (final_failure)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.events import Event
 
-__all__ = ["bound_socket_waits", "discard_unserved_stores", "final_failure", "no_delay"]
+__all__ = [
+    "bound_socket_waits",
+    "discard_unserved_stores",
+    "final_failure",
+    "idle_both_ways",
+    "never_idle",
+    "no_delay",
+]
 
 
 def no_delay(event: Event) -> None:
@@ -49,6 +57,38 @@ def bound_socket_waits(event: Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.settimeout(event.assoc.network_timeout)
+
+
+def idle_both_ways(event: Event) -> None:
+    """EVT_PDU_SENT of an accepted association: a PDU sent restarts its idle timer, as one
+    received does, so that its network timeout (DIMSE_NETWORK_TIMEOUT_S) measures silence in
+    both directions.
+
+    pynetdicom (3.0) restarts it only when a PDU is received (DULServiceProvider.run_reactor),
+    and the association's thread looks at it after each request it served: a C-MOVE, C-FIND
+    or C-GET that took longer than the network timeout, its requestor sending nothing
+    meanwhile as it should (PS3.7 9.1.3: pending responses are the SCP's), had its
+    association aborted right after the final response, the requestor unable to release it
+    or to send a next request on it (found by review: a C-MOVE of 5 instances to a
+    destination answering each C-STORE in 1 s, network timeout 2 s). A peer that neither
+    reads nor sends is still bounded: a send it does not take fails after the same timeout
+    (bound_socket_waits), and with nothing to send the association is idle. Bound to the
+    DUL thread's send (pynetdicom's EVT_PDU_SENT, after the PDU is written to the socket),
+    the thread that restarts it on receipt."""
+    event.assoc.dul._idle_timer.restart()
+
+
+def never_idle(assoc: Any) -> None:
+    """A C-MOVE sub-association (the archive the requestor) is never aborted for its network
+    timeout: it exists only while its C-MOVE is served, its destination speaks only to
+    answer, and each wait on it is bounded otherwise (connecting, the A-ASSOCIATE and
+    A-RELEASE answers, each C-STORE-RSP, each socket send or PDU read: _ArchiveAE, server.py).
+    pynetdicom's requestor looks at the idle timer whenever no message is being sent on the
+    association (Association._run_reactor, paused only inside send_c_store): the archive
+    reading or converting the next instance for longer than the network timeout, or before
+    the first, had the sub-association aborted under its C-MOVE, every sub-operation left
+    failed. The socket's timeout, set when it connected (bound_socket_waits), stays."""
+    assoc.dul._idle_timer.timeout = None
 
 
 def discard_unserved_stores(event: Event) -> None:

@@ -375,7 +375,7 @@ class Connections:
         if self.stopping:
             return "the archive is shutting down"
         if event.assoc.dul.idle_timer_expired():
-            return f"nothing received for {event.assoc.network_timeout} s (network timeout)"
+            return f"nothing sent or received for {event.assoc.network_timeout} s (network timeout)"
         # Our handlers abort only for a data set too large (link.why): this is pynetdicom's
         # state machine refusing a PDU (PS3.8 9.2, AA-1), or on an association its DIMSE
         # provider refusing a message, or a DIMSE timeout.

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicomweb_server.dimse.streaming import Cancelled, Growing, StreamFailed
@@ -112,8 +113,15 @@ def send_stored_files(assoc: Any) -> None:
                 growing[dataset.stored_path] = dataset.growing
             else:  # sent as the growing ones are: pynetdicom would read a fragment of any size
                 growing[dataset.stored_path] = Growing.whole(dataset.stored_path)
+            assoc.dul.sending_file = True  # bound_send_queue: the rest of it not read
             return cast(Dataset, send_c_store(dataset.stored_path, *args, **kwargs))
+        except StreamFailed:
+            # pynetdicom's send_c_store paused the association's thread until the response,
+            # which will not come: resumed, it sees the association ended, and ends.
+            assoc._reactor_checkpoint.set()
+            raise
         finally:
+            assoc.dul.sending_file = False
             growing.clear()
             remove_scratch(dataset)
 
@@ -189,7 +197,10 @@ def bound_send_queue(dul: Any) -> None:
     get wakes the waiters). Once the DUL thread has ended (the association aborted, the
     connection gone) nothing waits, and a P-DATA is dropped, not queued: it would never be
     sent (found by review: the rest of an instance the requestor aborted was read from its
-    file into the queue, 27 MB of 32 MB, held until the association was freed)."""
+    file into the queue, 27 MB of 32 MB, held until the association was freed). One of a
+    file being sent (send_stored_files) fails the send instead (StreamFailed), so that the
+    rest of the file is not read: pynetdicom reads it fragment by fragment as they are
+    handed here, and read it to the end to drop it (found by review)."""
     send_pdu = dul.send_pdu
     pending = dul.to_provider_queue
 
@@ -201,6 +212,8 @@ def bound_send_queue(dul: Any) -> None:
                 while pending._qsize() >= room and _taking(dul):
                     pending.not_full.wait(_QUEUE_POLL_S)
             if not _taking(dul):
+                if getattr(dul, "sending_file", False):
+                    raise StreamFailed("the association is no longer up")
                 return
         send_pdu(primitive)
 
@@ -208,5 +221,14 @@ def bound_send_queue(dul: Any) -> None:
 
 
 def _taking(dul: Any) -> bool:
-    """Whether the DUL thread is running and will take what is queued."""
-    return bool(dul.is_alive()) and not dul._kill_thread
+    """Whether the DUL thread is running and will send what is queued: the association still
+    up (PS3.8: a P-DATA request, Evt9, has an action in its state, Sta6 or Sta8). The DUL
+    thread outlives an A-ABORT received or the connection lost (Sta1) until the association's
+    thread, busy serving the request, sees it (found by review: the rest of an instance was
+    read and queued for a connection already gone, drop_data_after_the_end dropping it)."""
+    machine = dul.state_machine
+    return (
+        bool(dul.is_alive())
+        and not dul._kill_thread
+        and ("Evt9", machine.current_state) in TRANSITION_TABLE
+    )

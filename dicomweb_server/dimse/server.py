@@ -36,7 +36,7 @@ from pynetdicom.transport import AssociationServer, AssociationSocket
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import DICOMWEB_ROOT, Settings
 from dicomweb_server.dimse.admission import Admission, PduLate, recv_before
-from dicomweb_server.dimse.association import bound_socket_waits
+from dicomweb_server.dimse.association import bound_socket_waits, idle_both_ways, never_idle
 from dicomweb_server.dimse.handlers import QUERY_RETRIEVE_SOP_CLASSES, Handlers
 from dicomweb_server.dimse.peers import load_peers
 from dicomweb_server.dimse.sending import send_stored_files
@@ -60,7 +60,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Seconds without any traffic after which an association is aborted (ARTIM / idle peer); and
+# Seconds without any traffic, sent or received, after which an association is aborted
+# (idle_both_ways; never a C-MOVE sub-association's: never_idle); and
 # the longest a socket send or a PDU's read may make no progress (bound_socket_waits): a
 # peer that stops reading, a C-MOVE destination or a C-GET requestor, or stops sending
 # halfway through a PDU.
@@ -302,6 +303,7 @@ class _ArchiveAE(AE):
         assoc = super().associate(*args, **kwargs)
         if not assoc.is_established:
             return UnreachableDestination(assoc)
+        never_idle(assoc)
         send_stored_files(assoc)
         return assoc
 
@@ -473,6 +475,7 @@ async def serve_dimse(
     bindings = [
         *handlers.bindings(),
         (evt.EVT_CONN_OPEN, bound_socket_waits),
+        (evt.EVT_PDU_SENT, idle_both_ways),
         (evt.EVT_CONN_OPEN, bound_pdu_length),
         *admission.bindings(),  # after bound_pdu_length: the deadline is BoundedSocket's
         (evt.EVT_CONN_OPEN, abort_undecodable),
