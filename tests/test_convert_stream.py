@@ -8,7 +8,9 @@ import tracemalloc
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -31,7 +33,14 @@ from dicomweb_server.transcode.convert import (
     to_transfer_syntax,
 )
 from dicomweb_server.transcode.frames import DECODE_MAX_BYTES, _check_decoded_size, decode_frames
-from tests.helpers import float_map
+from tests.helpers import (
+    ROOT,
+    float_map,
+    inst_url,
+    multipart_body,
+    split_multipart,
+    stow_headers,
+)
 
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
@@ -512,3 +521,31 @@ def test_float_samples_convert_as_in_memory(
     _streamed(src, tmp_path / "streamed.dcm", ImplicitVRLittleEndian, monkeypatch)
     _whole(src, tmp_path / "whole.dcm", ImplicitVRLittleEndian)
     assert (tmp_path / "streamed.dcm").read_bytes() == (tmp_path / "whole.dcm").read_bytes()
+
+
+@pytest.mark.db
+async def test_float_pixels_under_an_unreadable_number_of_frames_convert(
+    app: Any, app_client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Float Pixel Data whose Number of Frames pydicom cannot read ("ab": stored, counted as
+    one frame, vr.frame_count) is copied, through WADO-RS, as in memory: the streamed copy
+    read the Image Pixel values for a decoder it does not use, and failed (a 406), where the
+    conversion in memory it replaced had converted it."""
+    ds = float_map(ImplicitVRLittleEndian, 1, 64, 64)
+    ds.NumberOfFrames = 7  # "7 ": two bytes, replaced below
+    src = tmp_path / "stored.dcm"
+    ds.save_as(src, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    data = src.read_bytes()
+    at = data.index(b"\x28\x00\x08\x00\x02\x00\x00\x007 ")  # (0028,0008), length 2, "7 "
+    data = data[: at + 8] + b"ab" + data[at + 10 :]
+    r = await app_client.post(
+        f"{ROOT}/studies", content=multipart_body([data]), headers=stow_headers()
+    )
+    assert r.status_code == 200, r.text
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+    r = await app_client.get(inst_url(ds), headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    ((_headers, part),) = split_multipart(r.content, r.headers["content-type"])
+    src.write_bytes(data)
+    _whole(src, tmp_path / "whole.dcm", ExplicitVRLittleEndian)
+    assert part == (tmp_path / "whole.dcm").read_bytes()

@@ -216,17 +216,21 @@ class _Streamed:
         self.as_rgb = not converted_keeps_ybr(self.info, target)  # YCbCr kept as YBR_FULL, or RGB
         if not self.codec.accepts(self.info):  # e.g. float data to a codec (available_targets)
             raise ValueError(f"{UID(target).name} does not take these pixels")
-        if ts.is_compressed or self.codec.encode is not None:  # decoded a frame at a time
+        if decodes := ts.is_compressed or self.codec.encode is not None:  # frame by frame
             check_dataset_size(ds, 1)
         pixels = ds.get_item(tag, keep_deferred=True)
         # Float pixels read as implicit VR have none: written with their own, as pydicom does.
         self.vr = str(pixels.VR or _FLOAT_PIXEL_DATA.get(tag))
-        # What pydicom's own reading of a file for its frames gives the decoder (iter_pixels).
-        self.options = as_pixel_options(ds)
-        self.options["transfer_syntax_uid"] = ts
-        self.options["pixel_keyword"] = "PixelData"
-        if not ts.is_implicit_VR:
-            self.options["pixel_vr"] = self.vr
+        # What pydicom's own reading of a file for its frames gives the decoder (iter_pixels),
+        # and Number of Frames, read to decode only: a copy uses neither, and failed on a value
+        # pydicom cannot read ("ab": stored as 1 frame, vr.frame_count; found by review).
+        self.options: dict[str, Any] = {}
+        if decodes:
+            self.options = as_pixel_options(ds)
+            self.options["transfer_syntax_uid"] = ts
+            self.options["pixel_keyword"] = "PixelData"
+            if not ts.is_implicit_VR:
+                self.options["pixel_vr"] = self.vr
         _drop_extended_offsets(ds)  # read into `options` above; the stored fragments' offsets
         check_writable(ds, implicit_vr=implicit)
         self.kept: bytes | None = pixels.value  # None: left in the file, at value_tell
@@ -236,7 +240,7 @@ class _Streamed:
         length = int(pixels.length) if isinstance(pixels, RawDataElement) else len(self.kept or b"")
         self.length = length
         self.tail = self._split_tail()
-        self.nframes = int(ds.get("NumberOfFrames") or 1)
+        self.nframes = int(ds.get("NumberOfFrames") or 1) if decodes else 1
 
     def _split_tail(self) -> Dataset:
         """The elements after the Pixel Data, read now (before the header is cut short at the
