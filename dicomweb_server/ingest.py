@@ -23,7 +23,7 @@ from dicomweb_server.cache import ByteLRU
 from dicomweb_server.commit_order import CommitOrder
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
 from dicomweb_server.duplicates import repair_lost_blob, same_data_set
-from dicomweb_server.errors import DicomWebError, FailureReason
+from dicomweb_server.errors import DicomWebError, FailureReason, original_os_error
 from dicomweb_server.index.database import Index
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
@@ -228,15 +228,12 @@ def storage_failure(exc: OSError, doing: str = "could not spool a STOW part") ->
 
 def _why(exc: OSError) -> str:
     """What an I/O error was, for a failure reason: its strerror, or that of the OSError it
-    was raised from. pydicom re-raises an error met writing an element as a new OSError of
-    its message alone, without errno or strerror, raised from the first (blobstore.files
-    _space_error); the reason read "None". Else the message's first line (pydicom's carries
-    its traceback)."""
-    cause: BaseException | None = exc
-    while isinstance(cause, OSError):
-        if cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__
+    was raised from (errors.original_os_error: pydicom re-raises one without errno or
+    strerror; the reason read "None"). Else the message's first line (pydicom's carries its
+    traceback)."""
+    original = original_os_error(exc)
+    if original is not None and original.strerror:
+        return original.strerror
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
 
