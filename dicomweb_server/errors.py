@@ -23,6 +23,7 @@ __all__ = [
     "UnauthorizedError",
     "UnsupportedMediaTypeError",
     "WarningReason",
+    "original_os_error",
 ]
 
 
@@ -146,3 +147,19 @@ class WarningReason(IntEnum):
     ELEMENTS_DISCARDED = 0xB006
     # Data Set does not match SOP Class (stored anyway).
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+
+
+def original_os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError that `exc` stands for: `exc` itself, or one it was raised from
+    (`raise ... from`, through OSErrors only): the first with an errno. pydicom's writer
+    re-raises a failure to write an element as a new exception of the same type, of its
+    message alone, raised from it (pydicom.tag.tag_in_exception, once per enclosing
+    sequence): an OSError with no errno nor strerror. None when there is no such OSError.
+    An exception raised while another was handled (__context__ alone) is its own error, not
+    the other's: that chain is not followed. Used for a full disk (blobstore.files
+    out_of_space) and for a failure reason's strerror (ingest.storage_failure)."""
+    while isinstance(exc, OSError):
+        if exc.errno is not None:
+            return exc
+        exc = exc.__cause__
+    return None

@@ -10,7 +10,6 @@ concurrently (a few at a time), their outcomes reported in request order.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,13 +19,12 @@ import anyio
 from anyio.abc import TaskGroup
 
 from dicomweb_server.blobstore.files import BlobStore, BlobWriter, out_of_space
-from dicomweb_server.blobstore.hashing import data_set_sha256
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.commit_order import CommitOrder
 from dicomweb_server.dicomfile import InvalidInstanceError, ParsedFile, parse_file
-from dicomweb_server.errors import DicomWebError, FailureReason
+from dicomweb_server.duplicates import repair_lost_blob, same_data_set
+from dicomweb_server.errors import DicomWebError, FailureReason, original_os_error
 from dicomweb_server.index.database import Index
-from dicomweb_server.index.rows import CommitResult
 from dicomweb_server.media.mediatypes import APPLICATION_DICOM, parse_content_type
 from dicomweb_server.multipart import Event, PartBegin, PartData, PartEnd
 from dicomweb_server.record import InstanceRecord, build_record
@@ -230,15 +228,12 @@ def storage_failure(exc: OSError, doing: str = "could not spool a STOW part") ->
 
 def _why(exc: OSError) -> str:
     """What an I/O error was, for a failure reason: its strerror, or that of the OSError it
-    was raised from. pydicom re-raises an error met writing an element as a new OSError of
-    its message alone, without errno or strerror, raised from the first (blobstore.files
-    _space_error); the reason read "None". Else the message's first line (pydicom's carries
-    its traceback)."""
-    cause: BaseException | None = exc
-    while isinstance(cause, OSError):
-        if cause.strerror:
-            return cause.strerror
-        cause = cause.__cause__
+    was raised from (errors.original_os_error: pydicom re-raises one without errno or
+    strerror; the reason read "None"). Else the message's first line (pydicom's carries its
+    traceback)."""
+    original = original_os_error(exc)
+    if original is not None and original.strerror:
+        return original.strerror
     lines = str(exc).strip().splitlines()
     return lines[0][:200] if lines else type(exc).__name__
 
@@ -472,9 +467,11 @@ async def _commit(
         return InstanceOutcome(sop_class, sop, retrieve_path=path, patient=patient)
     same = result.existing_sha256 is not None and (
         result.existing_sha256 == record.instance["sha256"]
-        or await _same_data_set(ctx, parsed, writer, result.existing_sha256)
+        or await same_data_set(
+            ctx.index, ctx.blobs, ctx.limiter, parsed, writer, result.existing_sha256
+        )
     )
-    repair = await _repair(ctx, record, result) if same else None
+    repair = await repair_lost_blob(ctx.index, ctx.blobs, record, result) if same else None
     if repair == "replaced":
         assert result.existing_study_uid and result.existing_series_uid
         path = instance_path(result.existing_study_uid, result.existing_series_uid, sop)
@@ -509,72 +506,11 @@ async def _commit(
     )  # fmt: skip
 
 
-async def _repair(ctx: Services, record: InstanceRecord, result: CommitResult) -> str | None:
-    """A duplicate of a stored instance whose blob is gone, or not of the size the index
-    recorded (a data directory cleaned or replaced under a kept database, a file lost or cut
-    short): the copy just received becomes its blob (Index.replace_blob), else the archive
-    would acknowledge an instance it cannot serve, and a re-send, the natural repair, would
-    do nothing. One stat per duplicate. 'replaced', 'reservation-lost', or None (the stored
-    blob is whole, or another store repaired it first: ours is deleted as a duplicate's)."""
-    assert result.existing_study_uid and result.existing_series_uid
-    sop = record.instance["sop_instance_uid"]
-    stored = await ctx.index.locate(result.existing_study_uid, result.existing_series_uid, sop)
-    if len(stored) != 1:
-        return None
-    old = stored[0]
-    size = await ctx.blobs.size_of(old.blob_key)
-    if size == old.size_bytes:
-        return None
-    outcome = await ctx.index.replace_blob(old.blob_key, record)
-    if outcome != "replaced":
-        return None if outcome == "moved" else outcome
-    log.warning(
-        "SOP Instance %s: its blob %s was %s; the copy received again replaces it (as %s)",
-        sop, old.blob_key, "missing" if size is None else f"{size} bytes, not {old.size_bytes}",
-        record.instance["blob_key"],
-    )  # fmt: skip
-    # What is left under the old key (a damaged file) goes while its reservation, taken in
-    # the same transaction, is dropped: a crash in between leaves it to `recover`.
-    try:
-        async with ctx.index.releasing(old.blob_key) as ours:
-            if ours:
-                await ctx.blobs.delete(old.blob_key)
-    except Exception:  # the instance is whole again: what is left is `recover`'s (as in _undo)
-        log.exception("could not delete the replaced blob %s", old.blob_key)
-    return outcome
-
-
 def _patient_of(record: InstanceRecord) -> tuple[str, str, str]:
     """(Patient ID, Issuer of Patient ID, Patient's Name) of an instance's patient row, for
     the audit trail: the patient a STOW or C-STORE stored data of."""
     row = record.patient
     return (row["patient_id"], row["issuer_of_patient_id"], row["patient_name"] or "")
-
-
-async def _same_data_set(
-    ctx: Services, parsed: ParsedFile, writer: BlobWriter, existing: bytes | None
-) -> bool:
-    """Whether the stored copy of a SOP Instance UID whose recorded hash differs holds the
-    same data set after all: instances stored before the hash left the File Meta
-    Information out have a plain SHA-256 of their whole file (32 bytes, no
-    DATA_SET_HASH_VERSION), and only theirs are read to tell."""
-    if existing is None or len(existing) != hashlib.sha256().digest_size:
-        return False
-    _sop_class, sop, study, series = parsed.uids
-    stored = await ctx.index.locate(study, series, sop)
-    if len(stored) != 1:
-        return False
-    path = ctx.blobs.local_path(stored[0].blob_key)
-    try:
-        digest = await anyio.to_thread.run_sync(_stored_digest, path, limiter=ctx.limiter)
-    except (OSError, InvalidInstanceError):
-        return False
-    return digest == writer.sha256(parsed.data_set_end)
-
-
-def _stored_digest(path: Path) -> bytes:
-    """DataSetHash of a stored file, its trailing padding left out as at STOW."""
-    return data_set_sha256(path, parse_file(path).data_set_end)
 
 
 def stow_status(outcomes: list[InstanceOutcome]) -> int:

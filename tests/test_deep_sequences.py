@@ -32,11 +32,8 @@ from dicomweb_server import stow_json
 from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH, InvalidInstanceError, parse_file
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.transcode.codecs import TranscodeError
-from dicomweb_server.transcode.convert import (
-    check_writable,
-    converted_dataset,
-    to_transfer_syntax,
-)
+from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
+from dicomweb_server.transcode.writable import check_writable
 from tests.dimse_support import (
     Archive,
     blobs,

@@ -23,7 +23,8 @@ from dicomweb_server.dicomfile import MAX_SEQUENCE_DEPTH
 from dicomweb_server.report import render_report
 from dicomweb_server.transcode import frames
 from dicomweb_server.transcode.codecs import TranscodeError
-from dicomweb_server.transcode.convert import check_writable, converted_dataset, to_transfer_syntax
+from dicomweb_server.transcode.convert import converted_dataset, to_transfer_syntax
+from dicomweb_server.transcode.writable import check_writable
 from tests.dimse_support import Archive, blobs, get_study, in_thread
 from tests.helpers import ROOT, inst_url, make_instance, multipart_body, stow_headers
 from tests.test_deep_sequences import deep_part10, element, nested

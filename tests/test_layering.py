@@ -58,6 +58,7 @@ SPLIT_OFF = {
     "dicomweb_server.stow_pixels": ("dicomweb_server.stow_json", frozenset[str]()),
     "dicomweb_server.commands": ("dicomweb_server.cli", frozenset[str]()),
     "dicomweb_server.commit_order": ("dicomweb_server.ingest", frozenset[str]()),
+    "dicomweb_server.duplicates": ("dicomweb_server.ingest", frozenset[str]()),
 }
 
 

@@ -1,6 +1,6 @@
 """A stored instance whose blob is gone (or cut short) is repaired by a re-send of the same data
-set, over STOW-RS or C-STORE (ingest._repair): the index once acknowledged it and could not
-serve it, and the re-send did nothing."""
+set, over STOW-RS or C-STORE (duplicates.repair_lost_blob): the index once acknowledged it and
+could not serve it, and the re-send did nothing."""
 
 from __future__ import annotations
 

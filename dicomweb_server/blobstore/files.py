@@ -25,7 +25,7 @@ import anyio
 
 from dicomweb_server.blobstore.hashing import DataSetHash
 from dicomweb_server.blobstore.reading import stream_path
-from dicomweb_server.errors import ServiceUnavailableError
+from dicomweb_server.errors import ServiceUnavailableError, original_os_error
 
 __all__ = [
     "SCRATCH_FULL_MESSAGE",
@@ -290,16 +290,14 @@ def out_of_space(exc: BaseException) -> bool:
 
 
 def _space_error(exc: BaseException | None) -> OSError | None:
-    """The OSError of out_of_space: `exc`, or the OSError it was raised from. pydicom's
-    writer re-raises a failure to write an element as a new exception of the same type, of
-    its message alone, raised from it (pydicom.tag.tag_in_exception, once per enclosing
-    sequence): an OSError without an errno. The scratch space full while pydicom wrote a
-    converted instance (a Deflated one, a header with a large value) was a 500."""
-    while isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        exc = exc.__cause__
-    return None
+    """The OSError of out_of_space: `exc`, or the OSError it was raised from
+    (errors.original_os_error: pydicom's writer re-raises one without an errno). The scratch
+    space full while pydicom wrote a converted instance (a Deflated one, a header with a
+    large value) was a 500."""
+    refused = original_os_error(exc)
+    if refused is None or refused.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return refused
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ __all__ = [
 # file's when its meta information could not be walked. Separate, so that no file hashed whole
 # can pass for a data set whose bytes are that file's (found by review). Instances stored
 # before hold a plain SHA-256 of their whole file (32 bytes, no first byte), compared by
-# reading their file (ingest._same_data_set).
+# reading their file (duplicates.same_data_set).
 DATA_SET_HASH_VERSION = b"\x01"
 WHOLE_FILE_HASH_VERSION = b"\x02"
 # The last bytes of a file whose hashing waits for the parse: trailing padding that starts

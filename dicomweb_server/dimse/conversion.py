@@ -31,8 +31,9 @@ from dicomweb_server.dimse.sending import StoredFile
 from dicomweb_server.dimse.streaming import Growing
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
-from dicomweb_server.transcode.convert import check_writable, to_transfer_syntax
+from dicomweb_server.transcode.convert import to_transfer_syntax
 from dicomweb_server.transcode.frames import decoded_bytes, read_stored
+from dicomweb_server.transcode.writable import check_writable
 
 __all__ = [
     "DIMSE_CONVERTED_MAX_BYTES",
@@ -273,7 +274,7 @@ def as_stored_for_peer(inst: StoredInstance, path: Path, accepted: set[tuple[str
     VR as implicit VR, its elements given VRs before pynetdicom encodes it: pydicom's writer
     re-raises a value it cannot write in each enclosing sequence, doubling the message per
     level (1 GB twelve items deep), so such a value is a ValueError naming it first
-    (convert.check_writable), in bounded memory; so are sequences nested too deep to
+    (writable.check_writable), in bounded memory; so are sequences nested too deep to
     re-encode. A file pydicom cannot read for the depth of its sequences is a
     TranscodeError (frames.read_stored). When the peer took no little endian syntax for the
     SOP Class (target_syntax), pynetdicom sends uncompressed data only in Deflated Explicit

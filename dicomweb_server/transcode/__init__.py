@@ -22,5 +22,7 @@ behind the app's CapacityLimiter (STYLE.md rule 8).
                 on a converted copy (mark_lossy)
     convert.py  whole instances converted: to_transfer_syntax (streamed to a file),
                 converted_dataset (in memory), one_bit_pixel_data
+    writable.py whether pydicom can write a data set little endian, checked before it does
+                (check_writable)
     pixelwrite.py Pixel Data written a frame or a chunk at a time into a converted file
 """
