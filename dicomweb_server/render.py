@@ -388,7 +388,7 @@ def _colour_top(arr: np.ndarray, ds: Dataset, photometric: str) -> float:
 def _encode(img: Image.Image, media: str, quality: int, icc: bytes | None = None) -> bytes:
     """img as `media`, with the ICC profile `icc` embedded when given (PS3.18 8.3.5.1.5 notes
     4 and 6: a JPEG's APP2 ICC_PROFILE segments, a PNG's iCCP chunk); GIF carries none
-    (check_iccprofile refuses to ask for one)."""
+    (negotiate_rendered never chooses it for a request that asks for one)."""
     if media == "image/jpeg" and max(img.size) > JPEG_MAX_EDGE:
         # Pillow's JPEG writer failed with an OSError mid-save (a 500); Rows and Columns
         # reach 65535 (US), a viewport asks for less.
