@@ -478,7 +478,7 @@ def render_frame(
     where a Deflated file is inflated."""
     ds = read_stored(path, stop_before_pixels=True)
     img = _image(_frame_pixels(path, ds, frame, params.window, scratch), params)
-    img, icc = colour_managed(_fit(img, params, thumbnail), ds, frame, params.icc)
+    img, icc = colour_managed(_fit(img, params, thumbnail), ds, frame, params.icc, media)
     return _encode(img, media, params.quality, icc)
 
 
@@ -520,5 +520,5 @@ def render_icon(label: str, params: RenderParams, media: str) -> bytes:
     )
     # Icons are thumbnails, whose viewport names no source region (PS3.18 8.3.5.1.3): _fit
     # fits the whole tile inside the viewport. Their colours are sRGB (no instance profile).
-    img, icc = colour_managed(_fit(img, params, thumbnail=True), Dataset(), 1, params.icc)
+    img, icc = colour_managed(_fit(img, params, thumbnail=True), Dataset(), 1, params.icc, media)
     return _encode(img, media, params.quality, icc)
