@@ -1,21 +1,26 @@
 """`iccprofile` (PS3.18 8.3.5.1.5) meeting the media type and the profile: the media type
-chosen to carry a profile, the largest profile a PNG carries and the profile
-classes used. Through the app, on real samples."""
+chosen to carry a profile, the largest profile a PNG carries, the profile classes used, and
+a rendering that needs no profile reading none. Through the app, on real samples."""
 
 from __future__ import annotations
 
+import gc
+import io
 import struct
+import tracemalloc
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.iccprofile import MAX_PNG_ICC_PROFILE_BYTES
 from dicomweb_server.media.mediatypes import accept_then
-from dicomweb_server.rendered import negotiate_rendered
+from dicomweb_server.render import render_frame
+from dicomweb_server.rendered import RenderParams, negotiate_rendered
 from tests.test_rendered_icc import (
     JPEG,
     PNG,
@@ -140,3 +145,45 @@ async def test_profile_classes(app_client: httpx.AsyncClient, samples: Path) -> 
                 assert is_srgb(img.info["icc_profile"]), (profile[12:16], value)
                 if headers is PNG:
                     assert np.array_equal(np.asarray(img), plain)
+
+
+def test_profile_not_read_without_iccprofile(tmp_path: Path, samples: Path) -> None:
+    """A rendering that embeds no profile does not read the instance's: each one read and held
+    the whole ICC Profile value (32 MB here, a stored value may be of any length)."""
+    size = 32 * 1024 * 1024
+    path = tmp_path / "big.dcm"
+    variant(samples, ICCProfile=padded_profile(size)).save_as(path, enforce_file_format=True)
+    render_frame(path, 1, RenderParams(icc="no"), "image/png", False)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        render_frame(path, 1, RenderParams(icc="no"), "image/png", False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+
+
+def test_deflated_header_inflated_to_its_pixel_data(tmp_path: Path, samples: Path) -> None:
+    """The header of a Deflated file rendered is read as before, inflated only as far as its
+    Pixel Data (read_stored), every value read (pydicom reads a deferred value at its offset
+    in the file, which an inflated value has not): its profile is embedded. Asked for with
+    values deferred, dcmread inflated the whole file first (40 MB held here, 3.4 MB now)."""
+    profile = padded_profile(MAX_PNG_ICC_PROFILE_BYTES)
+    ds = variant(samples, ICCProfile=profile, Rows=512, Columns=512, NumberOfFrames=16)
+    ds.PixelData = np.random.default_rng(0).bytes(16 * 512 * 512 * 3)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    del ds
+    params = RenderParams(icc="yes")
+    data = render_frame(path, 2, params, "image/png", False, scratch=tmp_path)
+    assert Image.open(io.BytesIO(data)).info["icc_profile"] == profile
+    gc.collect()
+    tracemalloc.start()
+    try:
+        render_frame(path, 2, RenderParams(icc="no"), "image/png", False, scratch=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, peak
