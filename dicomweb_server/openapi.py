@@ -59,7 +59,8 @@ _RENDER_PARAMS: dict[str, dict[str, Any]] = {
         "pattern": f"^{_ICC_VALUE}(,{_ICC_VALUE})*$",
         "description": "no (the default), yes (the instance's ICC profile), srgb (converted "
         "to sRGB); adobergb and rommrgb are not supported (400 unless listed after one that "
-        "is); not with image/gif",
+        "is); any value but no passes over image/gif for an accepted type that embeds a "
+        "profile (400 when image/gif is the only one)",
     },
     "accept": {"type": "string"},
 }

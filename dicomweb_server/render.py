@@ -45,6 +45,13 @@ MAX_ANIMATION_FRAMES = 512
 # Longest edge of a JPEG image, pixels: libjpeg's JPEG_MAX_DIMENSION (ITU-T T.81 allows 65535).
 JPEG_MAX_EDGE = 65500
 _FLOAT64_MAX = float(np.finfo(np.float64).max)
+# Values of a rendered file's header longer than this are not read with it (pydicom's
+# defer_size) but from the file when used: an ICC Profile (0028,2000) of megabytes (up to
+# MAX_ICC_PROFILE_BYTES is used, a stored one may be longer) is read only for iccprofile=yes
+# or srgb, Overlay Data and private values not at all; each rendering of an instance read
+# and held its whole profile, iccprofile=no or not. Above the longest LUT Data rendering
+# reads (65536 entries of 16 bits, 128 KiB: PS3.3 C.11.1.1), which comes with the header.
+_HEADER_DEFER_BYTES = 256 * 1024
 
 
 def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -388,7 +395,7 @@ def _colour_top(arr: np.ndarray, ds: Dataset, photometric: str) -> float:
 def _encode(img: Image.Image, media: str, quality: int, icc: bytes | None = None) -> bytes:
     """img as `media`, with the ICC profile `icc` embedded when given (PS3.18 8.3.5.1.5 notes
     4 and 6: a JPEG's APP2 ICC_PROFILE segments, a PNG's iCCP chunk); GIF carries none
-    (check_iccprofile refuses to ask for one)."""
+    (negotiate_rendered never chooses it for a request that asks for one)."""
     if media == "image/jpeg" and max(img.size) > JPEG_MAX_EDGE:
         # Pillow's JPEG writer failed with an OSError mid-save (a 500); Rows and Columns
         # reach 65535 (US), a viewport asks for less.
@@ -466,6 +473,12 @@ def _frame_pixels(
     return out
 
 
+def _header(path: Path) -> Dataset:
+    """The data set of a stored file up to its Pixel Data, its values longer than
+    _HEADER_DEFER_BYTES read when used (not for a Deflated file: read_stored)."""
+    return read_stored(path, stop_before_pixels=True, defer_size=_HEADER_DEFER_BYTES)
+
+
 def render_frame(
     path: Path,
     frame: int,
@@ -476,9 +489,9 @@ def render_frame(
 ) -> bytes:
     """Frame `frame` (1-based) as a consumer image: LUTs applied, fitted, encoded. `scratch`:
     where a Deflated file is inflated."""
-    ds = read_stored(path, stop_before_pixels=True)
+    ds = _header(path)
     img = _image(_frame_pixels(path, ds, frame, params.window, scratch), params)
-    img, icc = colour_managed(_fit(img, params, thumbnail), ds, frame, params.icc)
+    img, icc = colour_managed(_fit(img, params, thumbnail), ds, frame, params.icc, media)
     return _encode(img, media, params.quality, icc)
 
 
@@ -488,7 +501,7 @@ def render_animation(path: Path, params: RenderParams, scratch: Path | None = No
     frames x output pixels exceed MAX_ANIMATION_PIXELS, found from the first frame (all
     frames share its size), before any other is decoded. A Deflated file is inflated once,
     into `scratch`, for all its frames."""
-    ds = read_stored(path, stop_before_pixels=True)
+    ds = _header(path)
     nframes = min(int(ds.get("NumberOfFrames") or 1), MAX_ANIMATION_FRAMES)
     images = []
     with hold(path):
@@ -520,5 +533,5 @@ def render_icon(label: str, params: RenderParams, media: str) -> bytes:
     )
     # Icons are thumbnails, whose viewport names no source region (PS3.18 8.3.5.1.3): _fit
     # fits the whole tile inside the viewport. Their colours are sRGB (no instance profile).
-    img, icc = colour_managed(_fit(img, params, thumbnail=True), Dataset(), 1, params.icc)
+    img, icc = colour_managed(_fit(img, params, thumbnail=True), Dataset(), 1, params.icc, media)
     return _encode(img, media, params.quality, icc)

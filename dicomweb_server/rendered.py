@@ -22,7 +22,6 @@ __all__ = [
     "Region",
     "RenderParams",
     "check_animation",
-    "check_iccprofile",
     "ignored_render_params",
     "negotiate_rendered",
     "output_size",
@@ -72,7 +71,8 @@ _DECIMAL = r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)"
 # than 4300 digits (a ValueError, a 500).
 MAX_REGION_VALUE_CHARS = 32
 # Values of `iccprofile` (PS3.18 8.3.5.1.5, case-sensitive %s strings), and the rendered media
-# types that cannot embed an ICC profile, for which any value but "no" is a 400.
+# types that cannot embed an ICC profile: with any value but "no", negotiate_rendered passes
+# over them, and a request that accepts nothing else is a 400.
 _ICC_VALUES = ("no", "yes", "srgb", "adobergb", "rommrgb")
 _NO_ICC_MEDIA = frozenset({"image/gif"})
 # The `iccprofile` values this server applies (iccprofile.py): Pillow's LittleCMS has a
@@ -314,16 +314,6 @@ def _icc_choice(value: str) -> str:
     )
 
 
-def check_iccprofile(params: Mapping[str, str], media: str) -> None:
-    """PS3.18 8.3.5.1.5: "If the Media Type does not support embedded ICC Profiles: a 400 Bad
-    Request error shall be returned if the parameter value is other than 'no'" (GIF here)."""
-    value = params.get("iccprofile")
-    if value is not None and media in _NO_ICC_MEDIA and _iccprofile(value) != ["no"]:
-        raise BadRequestError(
-            f"{media} cannot embed an ICC profile: iccprofile may only be no for it"
-        )
-
-
 # Query parameters of the rendered and thumbnail resources this server applies (PS3.18
 # 8.3.5.1: window, viewport, quality; 8.3.3.1-2: accept, charset).
 _APPLIED = frozenset({"window", "viewport", "quality", "iccprofile", "accept", "charset"})
@@ -347,12 +337,41 @@ def ignored_render_params(params: Mapping[str, str]) -> list[str]:
     return texts
 
 
-def negotiate_rendered(accept: str | None) -> str:
-    """image/jpeg by default; image/png or image/gif when asked (PS3.18 8.7.4)."""
+def _wants_profile(iccprofile: str | None) -> bool:
+    """Whether an `iccprofile` value rules out the media types that cannot embed an ICC
+    profile: PS3.18 8.3.5.1.5, "a 400 Bad Request error shall be returned if the parameter
+    value is other than 'no'" (`no,yes` too: the value is other than "no")."""
+    return iccprofile is not None and set(_iccprofile(iccprofile)) != {"no"}
+
+
+def negotiate_rendered(accept: str | None, iccprofile: str | None = None) -> str:
+    """The rendered media type (PS3.18 8.7.4): the first the request accepts, in its order of
+    preference (image/jpeg for `*/*` or no Accept). An `iccprofile` value other than "no"
+    passes over the types that cannot embed an ICC profile (image/gif) for the first
+    acceptable one that can: `Accept: image/gif, image/png` is a PNG (it was a GIF, and so a
+    400). 8.3.5.1.5's 400 ("If the Media Type does not support embedded ICC Profiles")
+    concerns the type of the response, which the server chooses among the Acceptable Media
+    Types (8.3.3.1, 8.7.5), the `accept` query parameter's first, then the header's
+    (8.7.8.1). A 400 (8.3.5.1.5) when every acceptable type is one that cannot: GIF is
+    supported here, so 8.3.3.1's answer in the default type, for a request none of whose
+    types is supported, does not apply. 406 when the request accepts no rendered type."""
+    profile = _wants_profile(iccprofile)
+    refused: list[str] = []
     for rng in parse_accept(accept):
         for media in RENDERED_MEDIA_TYPES:
-            if rng.matches(media):
-                return media
+            if not rng.matches(media):
+                continue
+            if profile and media in _NO_ICC_MEDIA:
+                refused.append(media)
+                continue
+            return media
+    if refused:
+        carriers = [m for m in RENDERED_MEDIA_TYPES if m not in _NO_ICC_MEDIA]
+        raise BadRequestError(
+            f"{' and '.join(dict.fromkeys(refused))} cannot embed an ICC profile: iccprofile may"
+            f" only be no for it (PS3.18 8.3.5.1.5); {' and '.join(carriers)} can, and the"
+            " request accepts neither"
+        )
     reason = f"rendered images are available as {', '.join(RENDERED_MEDIA_TYPES)}"
     malformed = malformed_ranges(accept)
     if malformed:

@@ -288,7 +288,7 @@ def test_judged_profiles_not_kept(samples: Path) -> None:
         before = tracemalloc.get_traced_memory()[0]
         for n in range(16):
             ds = variant(samples, ICCProfile=padded_profile(4_000_000 + 4 * n))
-            out, profile = colour_managed(img, ds, 1, "yes")
+            out, profile = colour_managed(img, ds, 1, "yes", "image/jpeg")
             assert profile is not None and len(profile) == 4_000_000 + 4 * n
             del ds, out, profile
         gc.collect()

@@ -12,7 +12,6 @@ from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import MediaRange, parse_accept
 from dicomweb_server.rendered import (
-    check_iccprofile,
     ignored_render_params,
     negotiate_rendered,
     parse_render_params,
@@ -63,8 +62,8 @@ async def _rendered(request: Request, query: dict[str, str], thumbnail: bool) ->
         document = await _document(svc, inst, accept)
         if document is not None:
             return document
-    media = negotiate_rendered(accept)
-    check_iccprofile(query, media)
+    # An `iccprofile` value other than "no" passes over image/gif (PS3.18 8.3.5.1.5).
+    media = negotiate_rendered(accept, query.get("iccprofile"))
     animate = "instance" in p and "frames" not in p
     data = await rendered_image(svc, inst, frame, params, media, thumbnail, animate)
     return Response(data, media_type=media, headers=_PRIVATE if "instance" in p else _CHANGING)

@@ -91,9 +91,15 @@ def read_stored(path: Path | BinaryIO, **kwargs: Any) -> Dataset:
     """pydicom.dcmread(path, **kwargs) of a stored file (or the open file); too_deep_to_read
     when pydicom's recursive reader runs out of stack on its sequences (see
     MAX_CONVERTED_SEQUENCE_DEPTH). The header of a stored Deflated file (a path and
-    stop_before_pixels alone) is inflated only as far as its Pixel Data (_deflated_header)."""
+    stop_before_pixels, with or without defer_size) is inflated only as far as its Pixel Data
+    (_deflated_header), every value read: pydicom reads a deferred value again at its offset
+    in the file, which an inflated data set's values have not."""
     try:
-        if isinstance(path, Path) and kwargs == {"stop_before_pixels": True}:
+        if (
+            isinstance(path, Path)
+            and kwargs.get("stop_before_pixels") is True
+            and kwargs.keys() <= {"stop_before_pixels", "defer_size"}
+        ):
             head = _deflated_header(path)
             if head is not None:
                 return head
