@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dicomweb_server.auditlog import running_audit_log
 from dicomweb_server.auth import authenticator_for, describe
 from dicomweb_server.blobstore.files import FileSystemBlobStore
+from dicomweb_server.blobstore.lost import LostBlobError
 from dicomweb_server.blobstore.reading import tune_allocator
 from dicomweb_server.cache import ByteLRU
 from dicomweb_server.config import CORS_MAX_AGE_S, LOCAL_ORIGINS_REGEX, Settings
@@ -29,7 +30,7 @@ from dicomweb_server.dicomfile import configure_pydicom
 from dicomweb_server.dimse.server import serve_dimse
 from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError, RequestTimeoutError
-from dicomweb_server.guard import Guard, MatchedRouter
+from dicomweb_server.guard import Guard, MatchedRouter, cut_by_server
 from dicomweb_server.index.database import Index
 from dicomweb_server.ingest import Services
 from dicomweb_server.proxy import ProxyHeaders, parse_networks
@@ -135,6 +136,16 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
 
 async def _dicomweb_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DicomWebError)
+    return _answered(exc)
+
+
+def _answered(exc: DicomWebError) -> Response:
+    """The response to a DicomWebError raised before the response started. A stored file
+    lost or cut short (LostBlobError, a 500 telling the client to re-send the instance) is
+    the operator's to know of too: one error line naming the instance and its file, no
+    traceback (the state of the data directory, not a bug)."""
+    if isinstance(exc, LostBlobError):
+        log.error("%s", exc.log_message)
     return error_response(exc)
 
 
@@ -405,9 +416,18 @@ class _CatchAllMiddleware:
         except Exception as exc:
             error = _client_error(exc)
             if error is not None and not started:
-                await error_response(error)(scope, receive, send)
+                await _answered(error)(scope, receive, send)
                 return
             cut = error or exc.__cause__
+            if started and isinstance(cut, LostBlobError):
+                # A later file of a study or series found lost once the body was under way:
+                # the body can only be cut. Not raised on: hypercorn would log a traceback
+                # for the state of the data directory, and it ends an unfinished response
+                # the same way either way (the connection closed, an HTTP/2 stream reset).
+                # The audit trail still records the archive's failure (CUT_BY_SERVER).
+                log.error("%s cut short: %s", scope.get("path"), cut.log_message)
+                cut_by_server(scope)
+                return
             if started and isinstance(cut, DicomWebError):
                 # An error a streamed body met after it started (a metadata body whose series
                 # changed, routes.metadata_body): the body is left unfinished, not a bug.

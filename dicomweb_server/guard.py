@@ -40,6 +40,7 @@ __all__ = [
     "MatchedRouter",
     "RouteMatch",
     "RouteTable",
+    "cut_by_server",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ _MAX_ACTION_CHARS = 200
 
 # Scope key under which the Guard hands its full match to MatchedRouter.
 _MATCH_KEY = "dicomweb.route_match"
+# Scope key (of scope["state"]) that marks a response the archive broke off without raising
+# past the Guard (cut_by_server).
+_CUT_KEY = "dicomweb.cut_by_server"
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ class Guard:
                 return
             scope.setdefault("state", {})["principal"] = principal
             await self.app(scope, tally.receive, tally.send)
+            tally.failed = bool(scope["state"].get(_CUT_KEY))
         except Exception:
             tally.failed = True  # raised past a started response (_CatchAllMiddleware)
             raise
@@ -270,6 +275,13 @@ def _foreign_host(settings: Settings, host: str | None) -> str | None:
 # audit review: both were recorded as the 200 their status line said, a complete transfer.
 CUT_BY_CLIENT = 499
 CUT_BY_SERVER = 500
+
+
+def cut_by_server(scope: Scope) -> None:
+    """Mark a response the archive broke off (its status sent, its body left unfinished) as
+    its failure for the audit trail (CUT_BY_SERVER), when the error that cut it is not
+    raised on to the server (app._CatchAllMiddleware: a stored file found lost)."""
+    scope.setdefault("state", {})[_CUT_KEY] = True
 
 
 class _Tally:

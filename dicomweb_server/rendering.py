@@ -154,7 +154,7 @@ async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> by
     cached = svc.images.get(key)
     if cached is not None:
         return cached
-    path = svc.blobs.local_path(inst.blob_key)
+    path = await svc.blobs.checked_path(inst)
     async with stopped_if_gone():
         data = await anyio.to_thread.run_sync(render_report, path, media, limiter=svc.limiter)
     svc.images.put(key, data)
@@ -164,7 +164,9 @@ async def rendered_report(svc: Services, inst: StoredInstance, media: str) -> by
 async def _render(svc: Services, job: _Job) -> bytes:
     """The image rendered in a worker thread: not begun for a client that went away while
     it waited for one (departure.py); one under way ends with its image, which is cached."""
-    path = svc.blobs.local_path(job.inst.blob_key)
+    # LostBlobError for a file missing or cut short: not a decoder's failure (a 406), nor
+    # the icon a thumbnail gets for pixel data that cannot be decoded.
+    path = await svc.blobs.checked_path(job.inst)
     async with stopped_if_gone():
         with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
             if (

@@ -155,15 +155,17 @@ async def test_a_download_the_archive_broke_off_is_its_failure(
     keyed: tuple[Starlette, dict[str, str]],
 ) -> None:
     """The second instance's file is damaged (shorter than recorded): the response, started
-    200 with the first, breaks off there. The row said 200; now 500 (the archive failed)."""
+    200 with the first, breaks off there. The row said 200; now 500 (the archive failed).
+    The lost file is not raised on to the server (app._CatchAllMiddleware logs it, no
+    traceback): the response is left unfinished, and the server ends it so."""
     app, creds = keyed
     study, _ = await _large_study(app, creds["write"], 2)
     svc = app.state.services
     last = (await svc.index.locate(study))[-1]  # the second sent
     os.truncate(svc.blobs.local_path(last.blob_key), last.size_bytes // 2)
     scope = _scope("GET", f"{ROOT}/studies/{study}", creds["read"], (b"accept", _AS_STORED))
-    with pytest.raises(OSError, match="shorter"):
-        await _call(app, scope)
+    sent = await _call(app, scope)
+    assert sent[0]["status"] == 200 and sent[-1]["more_body"]  # never finished
     (row,) = await _rows(app, "retrieve_study")
     assert row["outcome"] == CUT_BY_SERVER and row["bytes"] > 0
 

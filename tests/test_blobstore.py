@@ -1,4 +1,5 @@
-"""Reading blobs back: ranged, read-ahead streaming (blobstore.reading.stream_path)."""
+"""Reading blobs back: ranged, read-ahead streaming (blobstore.reading.stream_path); a blob
+found missing or cut short (blobstore.lost.LostBlobError)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -17,6 +19,7 @@ import pytest
 
 from dicomweb_server.blobstore import reading
 from dicomweb_server.blobstore.files import FileSystemBlobStore
+from dicomweb_server.blobstore.lost import REPAIR_HINT, LostBlobError
 from dicomweb_server.blobstore.reading import (
     READ_CHUNK_BYTES,
     READ_CHUNK_MAX_BYTES,
@@ -290,16 +293,96 @@ async def test_idle_stream_of_a_range_rewinds_within_it(
     assert _open_fds(path) == 0
 
 
-async def test_read_whole_reads_each_blob_and_refuses_a_short_one(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class _Row:
+    """What the index records of a blob (blobstore.lost.RecordedBlob)."""
+
+    blob_key: str
+    size_bytes: int
+    sop_instance_uid: str = "1.2.826.0.1.3680043.8.498.1"
+
+
+def _placed(store: FileSystemBlobStore, data: bytes) -> _Row:
+    key = store.new_key()
+    store.local_path(key).parent.mkdir(parents=True, exist_ok=True)
+    store.local_path(key).write_bytes(data)
+    return _Row(key, len(data))
+
+
+def _check_lost(
+    error: LostBlobError, row: _Row, store: FileSystemBlobStore, found: int | None
+) -> None:
+    """The client's message names the instance and the repair, not the server's path; the
+    operator's names the blob's key and path too."""
+    path = str(store.local_path(row.blob_key))
+    state = (
+        "is missing" if found is None else f"is {found} bytes, not the {row.size_bytes} recorded"
+    )
+    assert error.status == 500 and error.found == found
+    assert (
+        error.message
+        == f"the stored file of instance {row.sop_instance_uid} {state}; {REPAIR_HINT}"
+    )
+    assert path not in error.message
+    assert row.blob_key in error.log_message and path in error.log_message
+    assert row.sop_instance_uid in error.log_message and state in error.log_message
+
+
+async def test_read_whole_reads_each_blob_and_refuses_a_lost_one(tmp_path: Path) -> None:
     store = FileSystemBlobStore(tmp_path / "blobs", owner=1)
-    keys = [store.new_key() for _ in range(3)]
-    for n, key in enumerate(keys):
-        store.local_path(key).parent.mkdir(parents=True, exist_ok=True)
-        store.local_path(key).write_bytes(bytes([n]) * (100 + n))
-    got = await store.read_whole([(k, 100 + n) for n, k in enumerate(keys)])
+    rows = [_placed(store, bytes([n]) * (100 + n)) for n in range(3)]
+    got = await store.read_whole(rows)
     assert got == [bytes([n]) * (100 + n) for n in range(3)]
-    with pytest.raises(OSError, match="shorter than the recorded range"):
-        await store.read_whole([(keys[0], 100), (keys[1], 102)])
+    longer = _Row(rows[1].blob_key, 102)
+    with pytest.raises(LostBlobError) as caught:
+        await store.read_whole([rows[0], longer])
+    _check_lost(caught.value, longer, store, 101)
+    store.local_path(rows[2].blob_key).unlink()
+    with pytest.raises(LostBlobError) as caught:
+        await store.read_whole(rows)
+    _check_lost(caught.value, rows[2], store, None)
+
+
+@pytest.mark.parametrize("damage", ["missing", "short"])
+async def test_open_range_and_checked_path_refuse_a_lost_blob(tmp_path: Path, damage: str) -> None:
+    """A blob missing, or shorter than recorded, is a LostBlobError when opened, even for a
+    range within what is left of it: the file is not the one the index describes."""
+    store = FileSystemBlobStore(tmp_path / "blobs", owner=1)
+    data = os.urandom(2 * READ_CHUNK_BYTES)
+    row = _placed(store, data)
+    assert b"".join([c async for c in store.open_range(row, 5, 10)]) == data[5:15]
+    assert b"".join([c async for c in store.open_range(row, 7)]) == data[7:]
+    assert await store.checked_path(row) == store.local_path(row.blob_key)
+    path = store.local_path(row.blob_key)
+    if damage == "missing":
+        path.unlink()
+    else:
+        os.truncate(path, len(data) - 1)
+    found = None if damage == "missing" else len(data) - 1
+    with pytest.raises(LostBlobError) as caught:
+        _ = [c async for c in store.open_range(row, 0, 10)]
+    _check_lost(caught.value, row, store, found)
+    with pytest.raises(LostBlobError) as caught:
+        await store.checked_path(row)
+    _check_lost(caught.value, row, store, found)
+    with pytest.raises(LostBlobError) as caught:
+        store.checked_path_blocking(row)
+    _check_lost(caught.value, row, store, found)
+
+
+async def test_a_blob_cut_short_while_it_is_streamed_is_lost_where_it_ends(tmp_path: Path) -> None:
+    """Cut past what was read ahead of the sender: the stream fails where the file now ends."""
+    store = FileSystemBlobStore(tmp_path / "blobs", owner=1)
+    data = os.urandom(24 * READ_CHUNK_BYTES)
+    row = _placed(store, data)
+    cut = 16 * READ_CHUNK_BYTES  # past the first chunk and READ_AHEAD_BYTES after it
+    stream = cast(AsyncGenerator[bytes, None], store.open_range(row))
+    got = [await anext(stream)]
+    os.truncate(store.local_path(row.blob_key), cut)
+    with pytest.raises(LostBlobError) as caught:
+        got += [c async for c in stream]
+    _check_lost(caught.value, row, store, cut)
+    assert b"".join(got) == data[: len(b"".join(got))]
 
 
 async def test_idle_stream_keeps_its_read_ahead_while_the_budget_is_not_short(

@@ -297,9 +297,9 @@ async def test_suffix_range_of_many_fragments_reads_from_the_last(
     opened: list[tuple[int, int | None]] = []
     open_range = blobs.open_range
 
-    def recording(key: str, offset: int = 0, length: int | None = None) -> Any:
+    def recording(blob: Any, offset: int = 0, length: int | None = None) -> Any:
         opened.append((offset, length))
-        return open_range(key, offset, length)
+        return open_range(blob, offset, length)
 
     monkeypatch.setattr(blobs, "open_range", recording)
     url = f"{inst_url(ds)}/frames/1"

@@ -24,6 +24,7 @@ import aiofiles.os
 import anyio
 
 from dicomweb_server.blobstore.hashing import DataSetHash
+from dicomweb_server.blobstore.lost import LostBlobError, RecordedBlob
 from dicomweb_server.blobstore.reading import stream_path
 from dicomweb_server.errors import ServiceUnavailableError, original_os_error
 
@@ -93,11 +94,26 @@ class BlobStore(Protocol):
 
     async def discard(self, writer: BlobWriter) -> None: ...
     def open_range(
-        self, key: str, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]: ...
-    async def read_whole(self, blobs: Sequence[tuple[str, int]]) -> list[bytes]:
-        """Each (key, recorded size) blob read whole, all in one worker-thread call; OSError
-        when one is shorter than its size."""
+        self, blob: RecordedBlob, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Bytes of an instance's blob from `offset` (`length` of them, None: to its recorded
+        end), in chunks. LostBlobError at the first chunk when the file is missing or
+        shorter than its recorded size (lost.py)."""
+        ...
+
+    async def read_whole(self, blobs: Sequence[RecordedBlob]) -> list[bytes]:
+        """Each blob read whole (its recorded size), all in one worker-thread call;
+        LostBlobError for the first one missing or shorter than its size."""
+        ...
+
+    async def checked_path(self, blob: RecordedBlob) -> Path:
+        """The local path of an instance's blob, for a reader that parses the file itself
+        (a conversion, a rendering): one stat, LostBlobError when it is missing or shorter
+        than its recorded size."""
+        ...
+
+    def checked_path_blocking(self, blob: RecordedBlob) -> Path:
+        """`checked_path` for a caller in a worker thread (a DIMSE sub-operation)."""
         ...
 
     def local_path(self, key: str) -> Path: ...
@@ -240,13 +256,28 @@ class FileSystemBlobStore:
             await aiofiles.os.wrap(_unlink)(writer.path)
 
     def open_range(
-        self, key: str, offset: int = 0, length: int | None = None
+        self, blob: RecordedBlob, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
-        return stream_path(self.local_path(key), offset, length)
+        if length is None:
+            length = max(0, blob.size_bytes - offset)
+        return stream_path(self.local_path(blob.blob_key), offset, length, blob=blob)
 
-    async def read_whole(self, blobs: Sequence[tuple[str, int]]) -> list[bytes]:
-        paths = [(self.local_path(key), size) for key, size in blobs]
+    async def read_whole(self, blobs: Sequence[RecordedBlob]) -> list[bytes]:
+        paths = [(self.local_path(blob.blob_key), blob) for blob in blobs]
         return await anyio.to_thread.run_sync(_read_files, paths)
+
+    async def checked_path(self, blob: RecordedBlob) -> Path:
+        return await anyio.to_thread.run_sync(self.checked_path_blocking, blob)
+
+    def checked_path_blocking(self, blob: RecordedBlob) -> Path:
+        path = self.local_path(blob.blob_key)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise LostBlobError(blob, path, None) from None
+        if size < blob.size_bytes:
+            raise LostBlobError(blob, path, size)
+        return path
 
     async def exists(self, key: str) -> bool:
         return await aiofiles.os.path.exists(self.local_path(key))
@@ -321,13 +352,16 @@ def scratch_space(directory: Path) -> Iterator[None]:
         ) from exc
 
 
-def _read_files(paths: Sequence[tuple[Path, int]]) -> list[bytes]:
+def _read_files(paths: Sequence[tuple[Path, RecordedBlob]]) -> list[bytes]:
     out = []
-    for path, size in paths:
-        with path.open("rb") as fh:
-            data = fh.read(size)
-        if len(data) < size:
-            raise OSError(f"{path.name} is shorter than the recorded range")
+    for path, blob in paths:
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(blob.size_bytes)
+        except FileNotFoundError:
+            raise LostBlobError(blob, path, None) from None
+        if len(data) < blob.size_bytes:
+            raise LostBlobError(blob, path, len(data))
         out.append(data)
     return out
 

@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import anyio
 
+from dicomweb_server.blobstore.lost import LostBlobError, RecordedBlob
+
 __all__ = [
     "READ_AHEAD_IDLE_S",
     "READ_CHUNK_BYTES",
@@ -65,9 +67,12 @@ MALLOC_TRIM_THRESHOLD_BYTES = 16 * 1024 * 1024
 
 
 async def stream_path(
-    path: Path, offset: int = 0, length: int | None = None
+    path: Path, offset: int = 0, length: int | None = None, *, blob: RecordedBlob | None = None
 ) -> AsyncIterator[bytes]:
     """Read `length` bytes of a file from `offset` (to the end when None) in chunks.
+    `blob`: the file is that instance's blob, which must hold the size the index recorded:
+    a file missing or shorter is a LostBlobError (at its first chunk, or where a file cut
+    short meanwhile ends), not an OSError.
 
     The file is opened and its first chunk read in one worker-thread call (closed there too
     when that chunk is all of it: a small instance costs one thread hop). A file shorter than
@@ -83,7 +88,7 @@ async def stream_path(
     if n == 0:
         return
     end = None if length is None else offset + length
-    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, end)
+    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, end, blob)
     remaining = None if length is None else length - len(chunk)
     if fh is None:
         if chunk:
@@ -104,6 +109,8 @@ async def stream_path(
             reader.close()
         remaining = reader.remaining
     if remaining:
+        if blob is not None and end is not None:  # cut short while it was read: it ends here
+            raise LostBlobError(blob, path, end - remaining)
         raise OSError(f"{path.name} is shorter than the recorded range")
 
 
@@ -323,14 +330,23 @@ def tune_allocator(arena_max: int = 0) -> bool:
 
 
 def _open_and_read(
-    path: Path, offset: int, n: int, end: int | None
+    path: Path, offset: int, n: int, end: int | None, blob: RecordedBlob | None = None
 ) -> tuple[BinaryIO | None, bytes]:
     """The file opened at `offset` and its first `n` bytes; the file is closed (None) when
     those are the last bytes wanted (up to `end`, None: the file's end) or the file ended.
-    A file shorter than `end` raises OSError."""
-    fh = path.open("rb")
+    A file shorter than `end` raises OSError; an instance's blob (`blob`) missing or
+    shorter than its recorded size, LostBlobError."""
     try:
-        if end is not None and os.fstat(fh.fileno()).st_size < end:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        if blob is None:
+            raise
+        raise LostBlobError(blob, path, None) from None
+    try:
+        size = os.fstat(fh.fileno()).st_size if end is not None or blob is not None else 0
+        if blob is not None and size < blob.size_bytes:
+            raise LostBlobError(blob, path, size)
+        if end is not None and size < end:
             raise OSError(f"{path.name} is shorter than the recorded range")
         fh.seek(offset)
         chunk = fh.read(n)

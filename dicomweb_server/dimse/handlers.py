@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent, Patient, PatientOfStudy
 from dicomweb_server.auditlog import AuditLog
+from dicomweb_server.blobstore.lost import LostBlobError
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dicomfile import sop_uids
 from dicomweb_server.dimse import conversion
@@ -408,12 +409,18 @@ class Handlers:
         if not any(sop_class == inst.sop_class_uid for sop_class, _ in accepted):
             log.info("no context for %s of %s", inst.sop_class_uid, inst.sop_instance_uid)
             return _failed(inst)  # pynetdicom would find no context either; nothing read
-        path = self.services.blobs.local_path(inst.blob_key)
+        blobs = self.services.blobs
+        path = blobs.local_path(inst.blob_key)
         target = conversion.target_syntax(inst, accepted)
         try:
+            # Checked first: a file cut short was read leniently, sent as it was and counted
+            # completed; one missing failed with an OSError of its own words.
+            path = blobs.checked_path_blocking(inst)
             if target is None:
                 return conversion.as_stored_for_peer(inst, path, accepted)
             return conversion.converted_for_peer(inst, path, target, self.services.scratch_dir)
+        except LostBlobError as exc:  # missing or cut short: the line the HTTP answer logs
+            log.error("%s", exc.log_message)
         except OSError as exc:  # converted: the blob read, or the scratch file written (disk full)
             log.error(
                 "cannot read blob %s of %s%s: %s",

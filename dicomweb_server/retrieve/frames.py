@@ -216,7 +216,7 @@ async def _placed(svc: Services, inst: StoredInstance) -> StoredInstance:
         or ts in VIDEO_TRANSFER_SYNTAXES
     ):
         return inst
-    path = svc.blobs.local_path(inst.blob_key)
+    path = await svc.blobs.checked_path(inst)
     found = await anyio.to_thread.run_sync(frame_map, path, limiter=svc.limiter)
     if found is None or len(found[0]) != inst.number_of_frames:
         return inst
@@ -256,13 +256,13 @@ async def frame_value(
     if converted is not None:
         return media, sized_bytes(headers, converted, key)
     if inst.frame_offsets is None or inst.frame_lengths is None:
-        path = svc.blobs.local_path(key)
+        path = await svc.blobs.checked_path(inst)
         (data,) = await anyio.to_thread.run_sync(stored_frames, path, [n], limiter=svc.limiter)
         return media, sized_bytes(headers, data, key)
     offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
     if whole and inst.encapsulated and length <= instances.SMALL_RUN_BYTES:
         return media, sized_bytes(headers, await _stored_codestream(svc, inst, n), key)
-    return media, await sized_range(svc, inst.blob_key, offset, length, inst.encapsulated, headers)
+    return media, await sized_range(svc, inst, offset, length, inst.encapsulated, headers)
 
 
 def sized_bytes(headers: dict[str, str], data: bytes, key: str) -> Sized:
@@ -271,20 +271,26 @@ def sized_bytes(headers: dict[str, str], data: bytes, key: str) -> Sized:
 
 
 async def sized_range(
-    svc: Services, key: str, offset: int, length: int, encapsulated: bool, headers: dict[str, str]
+    svc: Services,
+    inst: StoredInstance,
+    offset: int,
+    length: int,
+    encapsulated: bool,
+    headers: dict[str, str],
 ) -> Sized:
-    """The value stored at [offset, offset + length) of a blob; of encapsulated items, the
-    concatenated item values (their lengths read from the item headers, values unread). A
-    range of those starts reading at the item that holds its first byte, so a suffix range
-    of a large multi-fragment value does not read the value from its start."""
+    """The value stored at [offset, offset + length) of an instance's blob; of encapsulated
+    items, the concatenated item values (their lengths read from the item headers, values
+    unread). A range of those starts reading at the item that holds its first byte, so a
+    suffix range of a large multi-fragment value does not read the value from its start."""
+    key = inst.blob_key
     if not encapsulated:
         return Sized(
             headers,
             length,
-            lambda start, stop: svc.blobs.open_range(key, offset + start, stop - start),
+            lambda start, stop: svc.blobs.open_range(inst, offset + start, stop - start),
             key,
         )
-    path = svc.blobs.local_path(key)
+    path = await svc.blobs.checked_path(inst)
     items = await anyio.to_thread.run_sync(_item_map, path, offset, length, limiter=svc.limiter)
     ends = list(itertools.accumulate(n for _, n in items))  # value bytes up to each item's end
     end = offset + length
@@ -293,7 +299,7 @@ async def sized_range(
         i = bisect.bisect_right(ends, start)  # the item holding value byte `start`
         before = ends[i - 1] if i else 0
         pos = items[i][0] if i < len(items) else end
-        chunks = strip_items(svc.blobs.open_range(key, pos, end - pos))
+        chunks = strip_items(svc.blobs.open_range(inst, pos, end - pos))
         return slice_stream(chunks, start - before, stop - before)
 
     return Sized(headers, ends[-1] if ends else 0, read, key)
@@ -338,15 +344,13 @@ async def _stored_frames(
     svc: Services, inst: StoredInstance, frames: Sequence[int], ctype: str
 ) -> AsyncIterator[Part]:
     if inst.frame_offsets is None or inst.frame_lengths is None:
-        path = svc.blobs.local_path(inst.blob_key)
+        path = await svc.blobs.checked_path(inst)
         data = await anyio.to_thread.run_sync(stored_frames, path, frames, limiter=svc.limiter)
         for blob in data:
             yield {"Content-Type": ctype}, once(blob)
         return
     for n in frames:
-        chunks = svc.blobs.open_range(
-            inst.blob_key, inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
-        )
+        chunks = svc.blobs.open_range(inst, inst.frame_offsets[n - 1], inst.frame_lengths[n - 1])
         yield {"Content-Type": ctype}, strip_items(chunks) if inst.encapsulated else chunks
 
 
@@ -357,7 +361,6 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
     cached = svc.frames.get(key)
     if cached is not None:
         return cached
-    path = svc.blobs.local_path(inst.blob_key)
     info = pixel_info(inst)
     if inst.encapsulated and inst.frame_offsets and inst.frame_lengths and info and info.rows:
         # Read just this frame's fragments by the offsets recorded at ingest; decode them.
@@ -370,12 +373,14 @@ async def _convert_frame(svc: Services, inst: StoredInstance, n: int, target: st
                 limiter=svc.limiter,
             )  # fmt: skip
     elif target == EXPLICIT_VR_LITTLE_ENDIAN:
+        path = await svc.blobs.checked_path(inst)  # LostBlobError, not a decoder's failure
         async with stopped_if_gone():
             with scratch_space(svc.scratch_dir):  # a Deflated file inflated there
                 (data,) = await anyio.to_thread.run_sync(
                     decode_frames, path, [n], svc.scratch_dir, limiter=svc.limiter
                 )
     else:
+        path = await svc.blobs.checked_path(inst)
         async with stopped_if_gone():
             with scratch_space(svc.scratch_dir):
                 (data,) = await anyio.to_thread.run_sync(
@@ -390,7 +395,7 @@ async def _stored_codestream(svc: Services, inst: StoredInstance, n: int) -> byt
     recorded at ingest, their values joined (item headers stripped)."""
     assert inst.frame_offsets is not None and inst.frame_lengths is not None
     offset, length = inst.frame_offsets[n - 1], inst.frame_lengths[n - 1]
-    chunks = svc.blobs.open_range(inst.blob_key, offset, length)
+    chunks = svc.blobs.open_range(inst, offset, length)
     return b"".join([c async for c in strip_items(chunks)])
 
 

@@ -126,7 +126,7 @@ async def _instance_parts(
                 continue
             run = _small_run(instances, targets, i)
             if len(run) > 1:
-                datas = await svc.blobs.read_whole([(r.blob_key, r.size_bytes) for r in run])
+                datas = await svc.blobs.read_whole(run)
                 for k, r in enumerate(run):
                     data, datas[k] = datas[k], b""  # what was sent is not kept
                     yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, once(data)
@@ -148,8 +148,9 @@ async def _instance_parts(
 
 def _as_stored(svc: Services, inst: StoredInstance) -> Part:
     """The instance as stored. Bounded by the recorded size, which the Content-Length
-    promised: a blob that is shorter fails with a clear error rather than a short body."""
-    body = svc.blobs.open_range(inst.blob_key, 0, inst.size_bytes)
+    promised: a blob that is missing or shorter fails with a clear error (LostBlobError)
+    rather than a short body."""
+    body = svc.blobs.open_range(inst, 0, inst.size_bytes)
     return {"Content-Type": _dicom_type(inst.transfer_syntax_uid)}, body
 
 
@@ -204,7 +205,7 @@ async def _transcode_to_file(svc: Services, inst: StoredInstance, target: str) -
     with scratch_space(svc.scratch_dir):
         tmp = scratch_file(svc.scratch_dir, ".dcm")
         try:
-            src = svc.blobs.local_path(inst.blob_key)
+            src = await svc.blobs.checked_path(inst)  # LostBlobError, not a codec's failure
             step = functools.partial(_shared_turn, svc.limiter)
             async with stopped_if_gone():
                 await anyio.to_thread.run_sync(

@@ -228,11 +228,11 @@ async def _one_bit_pixel_data(svc: Services, inst: StoredInstance, info: PixelIn
     per sample, padded to an even length (PS3.5 7.1.1)."""
     bits = info.rows * info.columns * info.samples_per_pixel * inst.number_of_frames
     total = (bits + 15) // 16 * 2
-    path = svc.blobs.local_path(inst.blob_key)
 
     async def read(start: int, stop: int) -> AsyncIterator[bytes]:
         if stop <= start:
             return
+        path = await svc.blobs.checked_path(inst)  # LostBlobError, not a decoder's failure
         async with stopped_if_gone():  # the whole value at once: not begun for a client gone
             data = await anyio.to_thread.run_sync(one_bit_pixel_data, path, limiter=svc.limiter)
         if len(data) != total:
@@ -279,12 +279,15 @@ async def stored_bulk_value(
     headers = {"Content-Type": APPLICATION_OCTET_STREAM}
     if entry and entry[0] is not None:
         offset, length, _vr, encapsulated = entry
-        return await sized_range(svc, inst.blob_key, offset, length, encapsulated, headers)
-    file = svc.blobs.local_path(inst.blob_key)
-    if inst.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        if head and entry:
-            unread = _UnreadInflated(file, path, entry[1], svc)
-            return Sized(headers, entry[1], unread.read, inst.blob_key)
+        return await sized_range(svc, inst, offset, length, encapsulated, headers)
+    deflated = inst.transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    if deflated and head and entry:
+        unread = _UnreadInflated(svc.blobs.local_path(inst.blob_key), path, entry[1], svc)
+        return Sized(headers, entry[1], unread.read, inst.blob_key)
+    # Parsed here: a file missing or cut short is said so (LostBlobError), not taken for a
+    # data set that does not inflate or parse (a 406).
+    file = await svc.blobs.checked_path(inst)
+    if deflated:
         return await _inflated_bulk_value(svc, inst, file, path, headers)
     with scratch_space(svc.scratch_dir):  # a value over HELD_VALUE_MAX_BYTES spooled there
         value = await anyio.to_thread.run_sync(
@@ -295,8 +298,8 @@ async def stored_bulk_value(
     if isinstance(value, tuple):
         offset, length, swap = value
         if swap is None:
-            return await sized_range(svc, inst.blob_key, offset, length, False, headers)
-        return _swapped_range(svc, inst.blob_key, offset, length, swap, headers)
+            return await sized_range(svc, inst, offset, length, False, headers)
+        return _swapped_range(svc, inst, offset, length, swap, headers)
     if isinstance(value, _Spooled):
         return Sized(headers, value.size, value.read, inst.blob_key)
     return sized_bytes(headers, value, inst.blob_key)
@@ -470,7 +473,7 @@ def _held(data: bytes, scratch_dir: Path) -> bytes | _Spooled:
 
 
 def _swapped_range(
-    svc: Services, key: str, offset: int, length: int, vr: str, headers: dict[str, str]
+    svc: Services, inst: StoredInstance, offset: int, length: int, vr: str, headers: dict[str, str]
 ) -> Sized:
     """The value of a big endian file at [offset, offset + length), little endian: read by
     range, the words of its VR swapped a chunk at a time (bulkvalue.element_range). A
@@ -482,10 +485,10 @@ def _swapped_range(
     def read(start: int, stop: int) -> AsyncIterator[bytes]:
         begin = start - start % width
         end = min(length, stop + -stop % width)
-        chunks = svc.blobs.open_range(key, offset + begin, end - begin)
+        chunks = svc.blobs.open_range(inst, offset + begin, end - begin)
         return slice_stream(_swap_words(chunks, vr), start - begin, stop - begin)
 
-    return Sized(headers, length, read, key)
+    return Sized(headers, length, read, inst.blob_key)
 
 
 async def _swap_words(chunks: AsyncIterator[bytes], vr: str) -> AsyncIterator[bytes]:

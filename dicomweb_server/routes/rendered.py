@@ -11,6 +11,7 @@ from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.media.mediatypes import MediaRange, parse_accept
+from dicomweb_server.multipart import Prefixed
 from dicomweb_server.rendered import (
     ignored_render_params,
     negotiate_rendered,
@@ -111,7 +112,11 @@ async def _document(svc: Services, inst: StoredInstance, accept: str | None) -> 
     length = stated if isinstance(stated, int) and 0 <= stated <= value.length else value.length
     # The document's own Content-Type, no charset added: a CDA declares its encoding itself.
     headers = {**_DOCUMENT_HEADERS, "Content-Length": str(length), "Content-Type": media}
-    return StreamedResponse(value.read(0, length), headers=headers)
+    # Its first chunk read before the response starts: a stored file missing or cut short
+    # is a 500 that says so (blobstore.lost.LostBlobError), not a 200 whose body breaks off.
+    chunks = value.read(0, length)
+    first = await anext(chunks, b"")
+    return StreamedResponse(Prefixed([first] if first else [], chunks), headers=headers)
 
 
 # A document from the archive is shown, never run: one that holds script (a CDA in XHTML, a
