@@ -33,7 +33,10 @@ __all__ = [
     "BlobStore",
     "BlobWriter",
     "FileSystemBlobStore",
+    "blob_path",
+    "is_blob_key",
     "out_of_space",
+    "placed_files",
     "scratch_file",
     "scratch_space",
 ]
@@ -209,12 +212,10 @@ class FileSystemBlobStore:
     @staticmethod
     def is_key(key: str) -> bool:
         """Whether `key` is one new_key could have made (32 lower-case hex digits)."""
-        return len(key) == 32 and all(c in "0123456789abcdef" for c in key)
+        return is_blob_key(key)
 
     def local_path(self, key: str) -> Path:
-        if not self.is_key(key):
-            raise ValueError(f"not a blob key: {key!r}")
-        return self.root / key[:2] / key[2:4] / key
+        return blob_path(self.root, key)
 
     async def open_writer(self, hashed: bool = True) -> BlobWriter:
         # the file is created by a write
@@ -270,6 +271,59 @@ class FileSystemBlobStore:
 
     def remove_tmp_of(self, owner: int) -> None:
         shutil.rmtree(self.tmp_root / str(owner), ignore_errors=True)
+
+
+def is_blob_key(key: str) -> bool:
+    """Whether `key` is one FileSystemBlobStore.new_key could have made (32 lower-case hex
+    digits)."""
+    return len(key) == 32 and all(c in _HEX for c in key)
+
+
+def blob_path(root: Path, key: str) -> Path:
+    """Where the blob of `key` lies under the blob root `root`: `root/ab/cd/<key>`."""
+    if not is_blob_key(key):
+        raise ValueError(f"not a blob key: {key!r}")
+    return root / key[:2] / key[2:4] / key
+
+
+def placed_files(root: Path) -> Iterator[tuple[Path, str | None]]:
+    """Every file in the `ab/cd/` directories of blob_path under the blob root `root` (and
+    any file directly in them or in `root`), with its blob key, or None when it does not lie
+    where blob_path puts a key (a stray file, a file moved by hand). Other directories are
+    not entered: the spool directory `tmp/` (FileSystemBlobStore), a filesystem's
+    `lost+found`. Read with os.scandir, one directory listing at a time and no stat (the
+    entry's type comes with the listing on Linux); a directory gone meanwhile is passed
+    over."""
+    for first in _entries(root):
+        if first.is_file():
+            yield Path(first.path), None
+        elif _is_shard(first.name) and first.is_dir():
+            for second in _entries(Path(first.path)):
+                if second.is_file():
+                    yield Path(second.path), None
+                elif _is_shard(second.name) and second.is_dir():
+                    shard = first.name + second.name
+                    for leaf in _entries(Path(second.path)):
+                        if leaf.is_file():
+                            ok = is_blob_key(leaf.name) and leaf.name.startswith(shard)
+                            yield Path(leaf.path), leaf.name if ok else None
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_shard(name: str) -> bool:
+    """Whether `name` is a directory level of blob_path (two lower-case hex digits)."""
+    return len(name) == 2 and name[0] in _HEX and name[1] in _HEX
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of `directory`, none when it is gone (or not a directory)."""
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def scratch_file(directory: Path, suffix: str) -> Path:
