@@ -28,17 +28,20 @@ import contextlib
 import itertools
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 
-from dicomweb_server.blobstore.files import blob_path, placed_files
+from dicomweb_server.blobstore.files import blob_file, placed_files
 from dicomweb_server.index.database import Index
-from dicomweb_server.index.rows import StoredBlob
 
 __all__ = ["CHECK_LOOKUP_FILES", "CHECK_PAGE_ROWS", "CheckReport", "check_archive"]
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 # Instance rows read per round trip of the first walk (their blobs stat'ed in one worker
 # thread call).
@@ -83,69 +86,100 @@ async def check_archive(
     under `blob_root`, and, with no studies named, the blob store against the index. Each
     problem is told to `say` as one line as it is found."""
     report = CheckReport()
-    await _check_instances(index, blob_root, studies, say, report)
+    root = os.fspath(blob_root)
+    await _check_instances(index, root, studies, say, report)
     if studies is None:
         report.files = 0
-        await _check_files(index, blob_root, say, report)
+        await _check_files(index, root, say, report)
     return report
 
 
 async def _check_instances(
     index: Index,
-    blob_root: Path,
+    root: str,
     studies: Sequence[str] | None,
     say: Callable[[str], object],
     report: CheckReport,
 ) -> None:
-    after = 0
-    while rows := await index.stored_instances(after, CHECK_PAGE_ROWS, studies):
-        after = rows[-1].pk
-        report.instances += len(rows)
-        damaged = await anyio.to_thread.run_sync(_damaged, blob_root, rows)
-        if damaged:
-            # As they are now: a re-sent copy may have become the blob of one meanwhile.
-            now = await index.instances_by_key([row.pk for row, _kind, _why in damaged])
-            damaged = await anyio.to_thread.run_sync(_damaged, blob_root, list(now.values()))
-        for row, kind, why in sorted(damaged, key=lambda d: d[0].pk):
+    """A page of (row key, blob key, size) stat'ed in a worker thread while the next page is
+    read; the rows of the few found damaged read whole (their UIDs) and stat'ed again."""
+    page = await index.blob_sizes(0, CHECK_PAGE_ROWS, studies)
+    while page:
+        ahead = await _meanwhile(
+            anyio.to_thread.run_sync(_damaged, root, page),
+            index.blob_sizes(page[-1][0], CHECK_PAGE_ROWS, studies)
+            if len(page) == CHECK_PAGE_ROWS  # else the last page
+            else None,
+        )
+        damaged, page, count = ahead[0], ahead[1] or [], len(page)
+        report.instances += count
+        if not damaged:
+            continue
+        # As they are now: a re-sent copy may have become the blob of one meanwhile.
+        rows = await index.instances_by_key([pk for pk, _key, _size in damaged])
+        sizes = [(row.pk, row.blob_key, row.size_bytes) for row in rows.values()]
+        for (pk, key, _size), kind, why in await anyio.to_thread.run_sync(_why, root, sizes):
+            row = rows[pk]
             report.damaged[kind] += 1
             say(
                 f"study {row.study_uid} series {row.series_uid} instance"
-                f" {row.sop_instance_uid} blob {row.blob_key}: {why}"
+                f" {row.sop_instance_uid} blob {key}: {why}"
             )
-        if len(rows) < CHECK_PAGE_ROWS:
-            break
 
 
-def _damaged(blob_root: Path, rows: Sequence[StoredBlob]) -> list[tuple[StoredBlob, str, str]]:
-    """Of `rows`, those whose blob is not whole: (row, kind, what is wrong). One stat each."""
+def _damaged(root: str, page: Sequence[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+    """Of (row key, blob key, recorded size), those whose blob is not whole. One stat each."""
     out = []
-    for row in rows:
+    for entry in page:
         try:
-            size = os.stat(blob_path(blob_root, row.blob_key)).st_size
+            if os.stat(blob_file(root, entry[1])).st_size == entry[2]:
+                continue
+        except (ValueError, OSError):  # not a blob key; missing, unreadable
+            pass
+        out.append(entry)
+    return out
+
+
+def _why(
+    root: str, entries: Sequence[tuple[int, str, int]]
+) -> list[tuple[tuple[int, str, int], str, str]]:
+    """Of (row key, blob key, recorded size), in row-key order, those whose blob is not whole,
+    with the kind of damage and what is wrong."""
+    out = []
+    for entry in sorted(entries):
+        _pk, key, recorded = entry
+        try:
+            size = os.stat(blob_file(root, key)).st_size
         except ValueError:
-            out.append((row, "unreadable", "not a blob key"))
-            continue
+            out.append((entry, "unreadable", "not a blob key"))
         except FileNotFoundError:
-            out.append((row, "missing", "missing"))
-            continue
+            out.append((entry, "missing", "missing"))
         except OSError as exc:  # a directory unreadable, a file in place of one
-            out.append((row, "unreadable", f"cannot be read ({exc.strerror})"))
-            continue
-        if size != row.size_bytes:
-            out.append((row, "size", f"{size} bytes, not {row.size_bytes}"))
+            out.append((entry, "unreadable", f"cannot be read ({exc.strerror})"))
+        else:
+            if size != recorded:
+                out.append((entry, "size", f"{size} bytes, not {recorded}"))
     return out
 
 
 async def _check_files(
-    index: Index, blob_root: Path, say: Callable[[str], object], report: CheckReport
+    index: Index, root: str, say: Callable[[str], object], report: CheckReport
 ) -> None:
+    """A batch of files looked up in the index while the next batch is listed."""
     assert report.files is not None
-    listing = placed_files(blob_root)
-    while batch := await anyio.to_thread.run_sync(_next_files, listing):
-        report.files += len(batch)
+    listing = placed_files(root)
+    batch = await anyio.to_thread.run_sync(_next_files, listing)
+    while batch:
         keys = [key for _path, key in batch if key is not None]
-        held = await index.referenced_keys(keys) if keys else set()
+        held, ahead = await _meanwhile(
+            index.referenced_keys(keys),
+            anyio.to_thread.run_sync(_next_files, listing)
+            if len(batch) == CHECK_LOOKUP_FILES  # else the last batch
+            else None,
+        )
+        report.files += len(batch)
         loose = [(path, key) for path, key in batch if key not in held]  # stray: key None
+        batch = ahead or []
         if not loose:
             continue
         # Stat'ed after the lookup: a failed store's blob is deleted before its reservation
@@ -159,16 +193,28 @@ async def _check_files(
             say(f"orphan {path}: {size} bytes, {why}")
 
 
-def _next_files(listing: Iterator[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
+async def _meanwhile(first: Awaitable[T], second: Awaitable[U] | None) -> tuple[T, U | None]:
+    """`first` and `second` awaited at once (the database and the filesystem both busy)."""
+    out: list[Any] = [None, None]
+
+    async def run(i: int, step: Awaitable[Any]) -> None:
+        out[i] = await step
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, 0, first)
+        if second is not None:
+            tg.start_soon(run, 1, second)
+    return out[0], out[1]
+
+
+def _next_files(listing: Iterator[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
     return list(itertools.islice(listing, CHECK_LOOKUP_FILES))
 
 
-def _still_there(
-    files: Sequence[tuple[Path, str | None]],
-) -> list[tuple[Path, str | None, int]]:
+def _still_there(files: Sequence[tuple[str, str | None]]) -> list[tuple[str, str | None, int]]:
     """Those of `files` still there, with their size."""
     out = []
     for path, key in files:
         with contextlib.suppress(FileNotFoundError):  # gone meanwhile
-            out.append((path, key, path.stat().st_size))
+            out.append((path, key, os.stat(path).st_size))
     return out

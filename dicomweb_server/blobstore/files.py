@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -33,6 +34,7 @@ __all__ = [
     "BlobStore",
     "BlobWriter",
     "FileSystemBlobStore",
+    "blob_file",
     "blob_path",
     "is_blob_key",
     "out_of_space",
@@ -276,48 +278,52 @@ class FileSystemBlobStore:
 def is_blob_key(key: str) -> bool:
     """Whether `key` is one FileSystemBlobStore.new_key could have made (32 lower-case hex
     digits)."""
-    return len(key) == 32 and all(c in _HEX for c in key)
+    return _KEY.fullmatch(key) is not None
 
 
 def blob_path(root: Path, key: str) -> Path:
     """Where the blob of `key` lies under the blob root `root`: `root/ab/cd/<key>`."""
+    return Path(blob_file(os.fspath(root), key))
+
+
+def blob_file(root: str, key: str) -> str:
+    """blob_path as a string: `check` asks a million times, and a pathlib.Path (or
+    os.path.join) made each time cost more than the stat of the file."""
     if not is_blob_key(key):
         raise ValueError(f"not a blob key: {key!r}")
-    return root / key[:2] / key[2:4] / key
+    return f"{root}{os.sep}{key[:2]}{os.sep}{key[2:4]}{os.sep}{key}"
 
 
-def placed_files(root: Path) -> Iterator[tuple[Path, str | None]]:
+def placed_files(root: str) -> Iterator[tuple[str, str | None]]:
     """Every file in the `ab/cd/` directories of blob_path under the blob root `root` (and
-    any file directly in them or in `root`), with its blob key, or None when it does not lie
-    where blob_path puts a key (a stray file, a file moved by hand). Other directories are
-    not entered: the spool directory `tmp/` (FileSystemBlobStore), a filesystem's
-    `lost+found`. Read with os.scandir, one directory listing at a time and no stat (the
-    entry's type comes with the listing on Linux); a directory gone meanwhile is passed
-    over."""
+    any file directly in them or in `root`): its path, and its blob key, or None when it does
+    not lie where blob_path puts a key (a stray file, a file moved by hand). Other
+    directories are not entered: the spool directory `tmp/` (FileSystemBlobStore), a
+    filesystem's `lost+found`. Read with os.scandir, one directory listing at a time and no
+    stat (the entry's type comes with the listing on Linux); a directory gone meanwhile is
+    passed over. Paths are strings: a pathlib.Path per file tripled the time of a walk of a
+    million."""
     for first in _entries(root):
         if first.is_file():
-            yield Path(first.path), None
-        elif _is_shard(first.name) and first.is_dir():
-            for second in _entries(Path(first.path)):
+            yield first.path, None
+        elif _SHARD.fullmatch(first.name) and first.is_dir():
+            for second in _entries(first.path):
                 if second.is_file():
-                    yield Path(second.path), None
-                elif _is_shard(second.name) and second.is_dir():
+                    yield second.path, None
+                elif _SHARD.fullmatch(second.name) and second.is_dir():
                     shard = first.name + second.name
-                    for leaf in _entries(Path(second.path)):
+                    for leaf in _entries(second.path):
                         if leaf.is_file():
-                            ok = is_blob_key(leaf.name) and leaf.name.startswith(shard)
-                            yield Path(leaf.path), leaf.name if ok else None
+                            name = leaf.name
+                            ok = name.startswith(shard) and _KEY.fullmatch(name) is not None
+                            yield leaf.path, name if ok else None
 
 
-_HEX = frozenset("0123456789abcdef")
+_KEY = re.compile(r"[0-9a-f]{32}")
+_SHARD = re.compile(r"[0-9a-f]{2}")  # a directory level of blob_path
 
 
-def _is_shard(name: str) -> bool:
-    """Whether `name` is a directory level of blob_path (two lower-case hex digits)."""
-    return len(name) == 2 and name[0] in _HEX and name[1] in _HEX
-
-
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
+def _entries(directory: str) -> list[os.DirEntry[str]]:
     """The entries of `directory`, none when it is gone (or not a directory)."""
     try:
         with os.scandir(directory) as it:

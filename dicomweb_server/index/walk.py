@@ -25,6 +25,21 @@ _STORED_INSTANCES = (
     + "WHERE i.pk > $1 AND ($3::text[] IS NULL OR st.study_instance_uid = ANY($3::text[]))"
     + " ORDER BY i.pk LIMIT $2"
 )
+# Each stored instance's blob key and recorded size, in row-key order, from a key on: the
+# table alone (its primary key walked), no join: `check` reads a million in seconds. The
+# UIDs of the few whose blob is not whole are read after (instances_by_key).
+_BLOB_SIZES = "SELECT pk, blob_key, size_bytes FROM instance WHERE pk > $1 ORDER BY pk LIMIT $2"
+# The same of some studies only. A statement of its own, not `$3 IS NULL OR ...`: a prepared
+# statement's generic plan cannot tell the two cases apart.
+_BLOB_SIZES_OF_STUDIES = """
+SELECT i.pk, i.blob_key, i.size_bytes
+FROM instance i
+JOIN series se ON se.pk = i.series_fk
+JOIN study st ON st.pk = se.study_fk
+WHERE i.pk > $1 AND st.study_instance_uid = ANY($3::text[])
+ORDER BY i.pk
+LIMIT $2
+"""
 # Which of some blob keys an instance row or a reservation holds. One statement, so one
 # snapshot (READ COMMITTED takes one per statement): a commit moves a key from
 # blob_reservation to instance in one transaction, and a blob repair (Store.replace_blob)
@@ -47,6 +62,18 @@ class Walk(Pooled):
         the given studies only when `studies` is not None."""
         rows = await self._fetch(_STORED_INSTANCES, after_pk, limit, studies)
         return [StoredBlob(*row) for row in rows]
+
+    async def blob_sizes(
+        self, after_pk: int, limit: int, studies: Sequence[str] | None = None
+    ) -> list[tuple[int, str, int]]:
+        """Up to `limit` (row key, blob key, recorded size) of the stored instances with a
+        row key above `after_pk`, in key order, of the given studies only when `studies` is
+        not None."""
+        if studies is None:
+            rows = await self._fetch(_BLOB_SIZES, after_pk, limit)
+        else:
+            rows = await self._fetch(_BLOB_SIZES_OF_STUDIES, after_pk, limit, list(studies))
+        return [(row[0], row[1], row[2]) for row in rows]
 
     async def instances_by_key(self, pks: Sequence[int]) -> dict[int, StoredBlob]:
         """The instance rows of these row keys as they are now (those still there)."""
