@@ -1,4 +1,5 @@
-"""Command line: `serve`, `initdb`, `load DIR...`, `reindex`, `apikey ...`, `audit ...`."""
+"""Command line: `serve`, `initdb`, `load DIR...`, `reindex`, `check`, `apikey ...`,
+`audit ...`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,14 @@ from hypercorn.run import run as hypercorn_run
 from dicomweb_server.app import app_from_env, create_app
 from dicomweb_server.auth import ROLES, is_loopback
 from dicomweb_server.blobstore.reading import tune_allocator
-from dicomweb_server.commands import run_apikey, run_audit, run_initdb, run_load, run_reindex
+from dicomweb_server.commands import (
+    run_apikey,
+    run_audit,
+    run_check,
+    run_initdb,
+    run_load,
+    run_reindex,
+)
 from dicomweb_server.config import (
     AUTH_MODES,
     DEFAULT_AE_TITLE,
@@ -378,6 +386,17 @@ def _dimse_arguments(sp: argparse.ArgumentParser) -> None:
     )
 
 
+_DESCRIPTIONS = {
+    "check": "Check the archive's index against its blob store without parsing a file (one"
+    " stat per instance, one directory listing per blob directory): every stored instance"
+    " whose file is missing or not of the size recorded, and, unless --study is given, every"
+    " file under the data directory's blobs/ that no instance and no store in progress holds"
+    " (an orphan), one line each, then a summary. Exit status 0 when nothing is wrong, 1"
+    " otherwise. It never changes or deletes anything (its database sessions are read-only),"
+    " and can run while a server serves the same database and data directory.",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomweb-server", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -386,8 +405,9 @@ def _parser() -> argparse.ArgumentParser:
         ("initdb", "create or update the index schema"),
         ("load", "import DICOM Part-10 files through the STOW ingest path"),
         ("reindex", "parse every stored file again and rewrite its index rows"),
+        ("check", "check the index against the stored files (changes nothing)"),
     ):
-        sp = sub.add_parser(name, help=help_)
+        sp = sub.add_parser(name, help=help_, description=_DESCRIPTIONS.get(name))
         sp.add_argument("--data-dir", type=Path, help="blobs and embedded PostgreSQL (./data)")
         sp.add_argument("--database-url", help="PostgreSQL URL; none: embedded PostgreSQL")
         if name == "serve":
@@ -395,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
             _dimse_arguments(sp)
         if name == "load":
             sp.add_argument("dirs", nargs="+", help="directories (recursive) or files")
-        if name == "reindex":
+        if name in ("reindex", "check"):
             sp.add_argument(
                 "--study", action="append", metavar="UID", help="only this study (repeatable)"
             )
@@ -449,6 +469,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return asyncio.run(run_audit(settings, args))
     if args.command == "reindex":
         return asyncio.run(run_reindex(settings, args.study))
+    if args.command == "check":
+        return asyncio.run(run_check(settings, args.study))
     return asyncio.run(run_load(settings, args.dirs))
 
 

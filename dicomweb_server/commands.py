@@ -1,7 +1,9 @@
 """The commands of the command line (cli) that work on the archive rather than serve it:
-`initdb`, `load DIR...`, `reindex`, `apikey ...` and `audit ...`. Each opens the services
-(app.open_services), does its work, prints what it did, and returns the exit status;
-`reindex` and the creation and revocation of API keys are audited as the CLI's own events."""
+`initdb`, `load DIR...`, `reindex`, `check`, `apikey ...` and `audit ...`. Each opens the
+services (app.open_services), does its work, prints what it did, and returns the exit
+status; `reindex` and the creation and revocation of API keys are audited as the CLI's own
+events. `check` opens the index alone, read-only (_reading_index): it changes nothing, not
+even what a start does (the schema, the recovery of crashed stores)."""
 
 from __future__ import annotations
 
@@ -11,21 +13,28 @@ import getpass
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 from tqdm import tqdm
 
 from dicomweb_server.app import open_services
 from dicomweb_server.audit import AuditEvent, ChainVerifier, dicom_audit_messages, parse_anchor
 from dicomweb_server.auth import create_api_key
-from dicomweb_server.config import Settings
+from dicomweb_server.check import check_archive
+from dicomweb_server.config import Settings, StartupError
+from dicomweb_server.embedded_db import EmbeddedPostgres
 from dicomweb_server.errors import DicomWebError
+from dicomweb_server.index.database import Index
 from dicomweb_server.ingest import Services, store_path
 from dicomweb_server.reindex import reindex
 
-__all__ = ["run_apikey", "run_audit", "run_initdb", "run_load", "run_reindex"]
+__all__ = ["run_apikey", "run_audit", "run_check", "run_initdb", "run_load", "run_reindex"]
+
+# Connections `check` opens to the database (it runs one statement at a time).
+CHECK_POOL_SIZE = 2
 
 
 async def run_initdb(settings: Settings) -> None:
@@ -88,6 +97,59 @@ async def run_reindex(settings: Settings, studies: Sequence[str] | None) -> int:
     for line in report.failed:
         print(f"  failed: {line}")
     return 1 if failed else 0
+
+
+async def run_check(settings: Settings, studies: Sequence[str] | None) -> int:
+    """`check [--study UID ...]`: exit status 1 when an instance's file is missing or of
+    another size than recorded, or an orphan file was found (check.py); nothing is written."""
+    if not settings.blob_dir.is_dir():
+        raise StartupError(
+            f"no blob directory at {settings.blob_dir.absolute()}: not an archive's data"
+            " directory (check --data-dir or DICOMWEB_DATA_DIR)"
+        )
+    async with _reading_index(settings) as index:
+        try:
+            if not await index.has_schema():
+                raise StartupError("the database holds no archive index (nothing to check)")
+            report = await check_archive(index, settings.blob_dir, studies, print)
+        except DicomWebError as exc:  # the database gone (503)
+            print(f"dicomweb-server: check stopped: {exc.message}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # a directory of the blob store unreadable
+            why = f"{exc.filename}: {exc.strerror}"
+            print(f"dicomweb-server: check stopped: {why}", file=sys.stderr)
+            return 1
+    print(report.summary())
+    return 0 if report.clean else 1
+
+
+@contextlib.asynccontextmanager
+async def _reading_index(settings: Settings) -> AsyncIterator[Index]:
+    """The index alone, its sessions read-only: no schema applied, no process lock taken, no
+    recovery run (app.open_services does all three), so that a server using the same database
+    and data directory is not disturbed. The embedded PostgreSQL is joined (or started) as
+    `reindex` does, only if the data directory has one: none is created here."""
+    embedded = None
+    dsn = settings.database_url
+    if dsn is None:
+        if not (settings.pg_dir / "PG_VERSION").is_file():
+            raise StartupError(
+                f"no embedded PostgreSQL in {settings.pg_dir.absolute()}: not an archive's data"
+                " directory (check --data-dir, or give --database-url)"
+            )
+        embedded = await anyio.to_thread.run_sync(EmbeddedPostgres, settings.pg_dir)
+        dsn = embedded.dsn
+    try:
+        index = await Index.open(
+            dsn, max_size=CHECK_POOL_SIZE, timeout_s=settings.query_timeout_s, read_only=True
+        )
+        try:
+            yield index
+        finally:
+            await index.close()
+    finally:
+        if embedded is not None:
+            await anyio.to_thread.run_sync(embedded.stop)
 
 
 def _cli_event(action: str, outcome: int, detail: str) -> AuditEvent:

@@ -4,7 +4,8 @@ aiofiles.
     files.py    BlobStore and BlobWriter Protocols and their filesystem implementation
                 (FileSystemBlobStore): server-generated keys, spool files written in worker
                 threads, fsync + rename into place; scratch_file, and scratch_space (a
-                full scratch filesystem as a 503 with Retry-After)
+                full scratch filesystem as a 503 with Retry-After); placed_files, the
+                listing of the blobs placed (`check`)
     lost.py     LostBlobError: an instance's file missing or shorter than the index
                 recorded (a 500 saying so); RecordedBlob, what a read is told of the file
     hashing.py  DataSetHash: the duplicate check's digest of a data set (meta information and

@@ -10,14 +10,19 @@ from dicomweb_server.index.pool import create_pool
 from dicomweb_server.index.reads import Reads
 from dicomweb_server.index.security import Security
 from dicomweb_server.index.store import ADVISORY_LOCK_CLASS, Store
+from dicomweb_server.index.walk import Walk
 
 __all__ = ["Index"]
 
 
-class Index(Reads, Store, Security):
+class Index(Reads, Store, Security, Walk):
     @classmethod
-    async def open(cls, dsn: str, *, max_size: int, timeout_s: float) -> Index:
-        pool = await create_pool(dsn, max_size=max_size)
+    async def open(
+        cls, dsn: str, *, max_size: int, timeout_s: float, read_only: bool = False
+    ) -> Index:
+        """`read_only`: every transaction of the pool's sessions is read-only (PostgreSQL
+        refuses any write): for a command that must change nothing (`check`)."""
+        pool = await create_pool(dsn, max_size=max_size, read_only=read_only)
         return cls(pool, timeout_s)
 
     async def close(self) -> None:

@@ -96,8 +96,13 @@ def unavailable(exc: BaseException) -> ServiceUnavailableError:
     )
 
 
-async def create_pool(dsn: str, *, max_size: int) -> Pool:
-    return await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, reset=_keep_session)
+async def create_pool(dsn: str, *, max_size: int, read_only: bool = False) -> Pool:
+    # default_transaction_read_only: a session setting given at connect, so it holds for
+    # every connection the pool opens, the ones that replace broken ones too.
+    settings = {"default_transaction_read_only": "on"} if read_only else None
+    return await asyncpg.create_pool(
+        dsn, min_size=1, max_size=max_size, reset=_keep_session, server_settings=settings
+    )
 
 
 async def _keep_session(conn: Connection) -> None:

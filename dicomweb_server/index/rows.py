@@ -70,7 +70,7 @@ class StoredInstance:
 
 @dataclass(frozen=True)
 class StoredBlob:
-    """An instance row as `reindex` walks them."""
+    """An instance row as `reindex` and `check` walk them."""
 
     pk: int
     study_uid: str
@@ -78,6 +78,7 @@ class StoredBlob:
     sop_instance_uid: str
     blob_key: str
     sha256: bytes
+    size_bytes: int  # of its blob, as recorded when it was stored (or reindexed)
 
 
 @dataclass(frozen=True)

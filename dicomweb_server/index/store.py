@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -33,7 +33,7 @@ from dicomweb_server.index.pool import (
     connect,
     unavailable,
 )
-from dicomweb_server.index.rows import CommitResult, StoredBlob
+from dicomweb_server.index.rows import CommitResult
 from dicomweb_server.record import InstanceRecord
 
 __all__ = [
@@ -63,19 +63,6 @@ RECOVERY_GRACE_S = 3 * OWNER_PROBE_INTERVAL_S
 # Blob keys reserved in one statement (one round trip, one WAL flush) by `reserve_key`; the
 # unused ones are released at close, or rolled back with the process's other reservations.
 RESERVE_BATCH = 32
-
-# Stored instances in row-key order, from a key on (keyset pagination), optionally of some
-# studies only.
-_STORED_INSTANCES = """
-SELECT i.pk, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.blob_key,
-       i.sha256
-FROM instance i
-JOIN series se ON se.pk = i.series_fk
-JOIN study st ON st.pk = se.study_fk
-WHERE i.pk > $1 AND ($3::text[] IS NULL OR st.study_instance_uid = ANY($3::text[]))
-ORDER BY i.pk
-LIMIT $2
-"""
 
 
 class Store(Pooled):
@@ -347,14 +334,6 @@ class Store(Pooled):
                 return await _replace(conn, old_key, rec, self.owner, sop)
         except UNAVAILABLE as exc:
             raise unavailable(exc) from exc
-
-    async def stored_instances(
-        self, after_pk: int, limit: int, studies: Sequence[str] | None = None
-    ) -> list[StoredBlob]:
-        """Up to `limit` stored instances with a row key above `after_pk`, in key order (the
-        walk of `reindex`), of the given studies only when `studies` is not None."""
-        rows = await self._fetch(_STORED_INSTANCES, after_pk, limit, studies)
-        return [StoredBlob(*row) for row in rows]
 
     async def reindex_instance(self, rec: InstanceRecord) -> str:
         """Rewrite an instance's rows from its file parsed again (schema.sql's
