@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.sequence import Sequence
@@ -52,6 +53,8 @@ _FLOAT64_MAX = float(np.finfo(np.float64).max)
 # and held its whole profile, iccprofile=no or not. Above the longest LUT Data rendering
 # reads (65536 entries of 16 bits, 128 KiB: PS3.3 C.11.1.1), which comes with the header.
 _HEADER_DEFER_BYTES = 256 * 1024
+# ICC Profile (0028,2000): of the Image Pixel group (0028), but no LUT (_copy).
+_ICC_PROFILE = 0x00282000
 
 
 def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -244,14 +247,22 @@ def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
 
 def _copy(ds: Dataset) -> Dataset:
     """A new data set of ds's elements (shared, not copied), read as ds was: its encoding and
-    its File Meta Information, by which pydicom reads OW LUT and segmented palette data."""
+    its File Meta Information, by which pydicom reads OW LUT and segmented palette data. A
+    value left unread (_HEADER_DEFER_BYTES) is read, into ds, only when it is of the image's
+    LUTs and palettes (group 0028, _display's and _grey's), and not the ICC Profile: the
+    copy is for them; iterating ds read every one (a profile, Overlay Data, private values
+    of any size) for each rendering of an enhanced or big endian palette image."""
     out = Dataset()
     implicit, little = ds.original_encoding
     out.set_original_encoding(implicit, little, ds.original_character_set)
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
-    for elem in ds:
-        out.add(elem)
+    for tag in sorted(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        unread = isinstance(raw, RawDataElement) and raw.value is None and raw.length
+        if unread and (tag >> 16 != 0x0028 or tag == _ICC_PROFILE):
+            continue
+        out.add(ds[tag])
     return out
 
 

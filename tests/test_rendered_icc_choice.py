@@ -12,15 +12,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image, PngImagePlugin
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from dicomweb_server.errors import BadRequestError, NotAcceptableError
 from dicomweb_server.iccprofile import MAX_PNG_ICC_PROFILE_BYTES
 from dicomweb_server.media.mediatypes import accept_then
-from dicomweb_server.render import render_frame
+from dicomweb_server.render import _encode, _frame_pixels, _image, render_frame
 from dicomweb_server.rendered import RenderParams, negotiate_rendered
+from dicomweb_server.transcode.frames import read_stored
 from tests.test_rendered_icc import (
     JPEG,
     PNG,
@@ -187,3 +192,67 @@ def test_deflated_header_inflated_to_its_pixel_data(tmp_path: Path, samples: Pat
     finally:
         tracemalloc.stop()
     assert peak < 8 * 1024 * 1024, peak
+
+
+def test_profile_not_read_by_a_first_rendering(tmp_path: Path, samples: Path) -> None:
+    """The first rendering of a native file did read its ICC Profile (32 MB here): the place
+    of its Pixel Data (_native_value_bytes, kept per file) was found by reading the header
+    again, every value read. test_profile_not_read_without_iccprofile measures a second
+    rendering; the rendered image is cached (rendering.py), so a first is the usual one."""
+    profile = padded_profile(32 * 1024 * 1024)
+    for name in ("warm.dcm", "big.dcm"):  # the same data set in two files
+        variant(samples, ICCProfile=profile).save_as(tmp_path / name, enforce_file_format=True)
+    del profile
+    # imports, LittleCMS, Pillow's plugins: not the file measured, whose rendering is its first
+    render_frame(tmp_path / "warm.dcm", 1, RenderParams(icc="no"), "image/png", False)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        render_frame(tmp_path / "big.dcm", 1, RenderParams(icc="no"), "image/png", False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+
+
+def _frame_voi_lut(ds: Dataset) -> Dataset:
+    """`ds` with its window in a shared functional group (PS3.3 C.7.6.16.2.10), as an
+    enhanced multi-frame image has it."""
+    voi = Dataset()
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    group = Dataset()
+    group.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([group])
+    return ds
+
+
+def test_profile_not_read_for_frame_luts_or_palettes(tmp_path: Path, samples: Path) -> None:
+    """A rendering that copies the header to give it a frame's LUTs (an enhanced image's
+    functional groups) or a palette in little endian order read every value deferred
+    (_copy iterated the data set): the 32 MB ICC Profile here, for iccprofile=no. Its LUTs
+    and palette are read all the same (the images are those of the header read whole)."""
+    ct = _frame_voi_lut(pydicom.dcmread(samples / "real/pydicom/CT_small.dcm"))
+    palette = pydicom.dcmread(samples / "real/pydicom/examples_palette.dcm")
+    palette.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    params = RenderParams(icc="no")
+    for name, ds in (("ct", ct), ("palette", palette)):
+        peaks: list[int] = []
+        for profile in (None, padded_profile(32 * 1024 * 1024)):
+            if profile is not None:
+                ds.ICCProfile = profile
+            path = tmp_path / f"{name}{len(peaks)}.dcm"
+            dcmwrite(path, ds, enforce_file_format=True)
+            whole = read_stored(path, stop_before_pixels=True)
+            pixels = _frame_pixels(path, whole, 1, None)
+            expected = _encode(_image(pixels, params), "image/png", params.quality)
+            del whole, pixels
+            assert render_frame(path, 1, params, "image/png", False) == expected
+            gc.collect()
+            tracemalloc.start()
+            try:
+                render_frame(path, 1, params, "image/png", False)
+                peaks.append(tracemalloc.get_traced_memory()[1])
+            finally:
+                tracemalloc.stop()
+        del ds["ICCProfile"]
+        assert peaks[1] < peaks[0] + 4 * 1024 * 1024, (name, peaks)

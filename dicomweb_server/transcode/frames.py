@@ -331,10 +331,18 @@ def _native_value_bytes(path: Path) -> int | None:
     return _value_bytes_of(str(path), st.st_size, st.st_mtime_ns)
 
 
+# Values of a header longer than this are passed over, not read, by _value_bytes_of, which
+# wants only where its Pixel Data starts: the first rendering of a file read its whole ICC
+# Profile (16 MB and more) and its private values here, the rendering's own header read
+# leaving them unread (render._HEADER_DEFER_BYTES).
+_PASSED_OVER_BYTES = 1024
+
+
 @functools.lru_cache(maxsize=1024)
 def _value_bytes_of(name: str, size: int, _mtime_ns: int) -> int | None:
     with open(name, "rb") as fp:
-        head = read_stored(fp, stop_before_pixels=True)  # leaves fp at the pixel tag
+        # leaves fp at the pixel tag
+        head = read_stored(fp, stop_before_pixels=True, defer_size=_PASSED_OVER_BYTES)
         start = fp.tell()
         header = fp.read(12)
     ts = UID(str(head.file_meta.TransferSyntaxUID))
