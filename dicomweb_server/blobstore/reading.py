@@ -147,14 +147,14 @@ class _ReadAhead:
     budget plus one chunk per stream, plus the chunk each sender is sending. Every chunk is
     sized and counted by the process's download budget too (budget.DownloadBudget: smaller
     as more downloads are in flight, read ahead only within it), from its read until the
-    sender asks for the next one or the stream closes. A stream whose
-    sender takes nothing for READ_AHEAD_IDLE_S (a client that stopped reading) while the
-    budget is short drops what it read ahead and rewinds its file, and reads again only when
-    asked, so stalled clients do not hold the budget from the others (a slow client with the
-    budget to spare keeps its read-ahead). Read sequentially, so the kernel's read-ahead
-    sees one stream; the thread is held for a read only, never while the client is slow.
-    Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
-    and socket writes for large files, a small first read for small ones)."""
+    sender asks for the next one or the stream closes. A stream whose sender takes nothing
+    for READ_AHEAD_IDLE_S (a client that stopped reading) while a budget is short drops
+    what it read ahead and rewinds its file, and reads again only when asked, so stalled
+    clients do not hold the budget from the others (a slow client with the budget to spare
+    keeps its read-ahead). Read sequentially, so the kernel's read-ahead sees one stream;
+    the thread is held for a read only, never while the client is slow. Chunk sizes double
+    from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops and socket writes
+    for large files, a small first read for small ones)."""
 
     def __init__(
         self, fh: BinaryIO, remaining: int | None, more: bool, downloads: DownloadBudget
@@ -267,10 +267,9 @@ class _ReadAhead:
     def _on_idle(self) -> None:
         """The sender took nothing for READ_AHEAD_IDLE_S: if a budget is short (another
         stream could not read a largest chunk ahead: the read-ahead's, or the downloads'),
-        give the chunks waiting for it back and
-        rewind the file to the first of them. Not while a read runs (the file is in the
-        worker thread's hands): then, and while the budget is not short, look again after
-        another READ_AHEAD_IDLE_S."""
+        give the chunks waiting for it back and rewind the file to the first of them. Not
+        while a read runs (the file is in the worker thread's hands): then, and while the
+        budgets are not short, look again after another READ_AHEAD_IDLE_S."""
         self._idle = None
         if self._closed or self._error is not None or not self._chunks:
             return
