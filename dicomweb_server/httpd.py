@@ -242,7 +242,14 @@ class _StreamBuffer(StreamBuffer):
             if len(data) == len(first):
                 self._chunks.popleft()
             else:
-                self._chunks[0] = first[len(data) :]
+                rest = first[len(data) :]
+                if len(rest) < BUFFER_HIGH_WATER < len(rest.obj):  # type: ignore[arg-type]
+                    # The app's chunk is let go of for its tail: push returns below the
+                    # low-water mark and the app reads its next chunk meanwhile, which a
+                    # stream whose bytes stop there held beside it (two chunks, one of them
+                    # past the download budget, blobstore.budget).
+                    rest = memoryview(bytes(rest))
+                self._chunks[0] = rest
             self._size -= len(data)
             self.sent_at = time.monotonic()
         if self._size < BUFFER_LOW_WATER:

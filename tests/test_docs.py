@@ -28,6 +28,7 @@ from dicomweb_server import (
     stow_json,
 )
 from dicomweb_server.attributes import MATCHING_PATHS
+from dicomweb_server.blobstore import budget as blob_budget
 from dicomweb_server.blobstore import files as blob_files
 from dicomweb_server.blobstore import hashing
 from dicomweb_server.dimse import connections as dimse_connections
@@ -85,7 +86,7 @@ def test_limits() -> None:
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
                metadata_body, inflated, fragments, pixelwrite, dimse_conversion,
-               retrieve_instances, blob_files, iccprofile)  # fmt: skip
+               retrieve_instances, blob_files, blob_budget, iccprofile)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

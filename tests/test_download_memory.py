@@ -9,6 +9,7 @@ test_httpd.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tracemalloc
 from collections.abc import MutableMapping
 from typing import Any
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from dicomweb_server.blobstore import reading
+from dicomweb_server.blobstore import budget, reading
 from dicomweb_server.blobstore.reading import READ_CHUNK_MAX_BYTES
 from tests.helpers import inst_url, make_instance, multipart_body, stow_headers, to_bytes
 
@@ -90,3 +91,189 @@ async def test_a_download_holds_one_chunk(
     assert status == 200
     assert received > 48 * 512 * 512 * 2
     assert peak < READ_CHUNK_MAX_BYTES + SLACK_BYTES, f"{peak / 2**20:.1f} MiB held"
+
+
+# The download budget of test_stalled_downloads_through_the_app_hold_at_most_the_budget:
+# small, so that its bound is far below what the downloads held without it.
+LIMIT = 4 * 1024 * 1024
+STALLED = 24
+# What each download holds besides its chunks (its request, response, generators, tasks).
+PER_DOWNLOAD_SLACK_BYTES = 96 * 1024
+
+
+def _scope(path: str, accept: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"accept", accept.encode())],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+
+
+async def stalled_download(app: Starlette, path: str, accept: str, taken: int) -> None:
+    """GET `path` from the app by a client that takes `taken` body messages and then no
+    more (its server's `send` never returns again, as hypercorn's does not while the
+    client's window is shut); runs until cancelled."""
+    requested = False
+    stalled = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal taken
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200, message
+            return
+        if taken == 0:
+            await stalled.wait()  # for ever: the body message stays in the server's hands
+        taken -= 1
+
+    await app(_scope(path, accept), receive, send)
+
+
+async def test_stalled_downloads_through_the_app_hold_at_most_the_budget(
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 downloads whose clients stop after a message or two, half of them instances (a
+    multipart retrieve of a 16 MiB instance), half frames (a 2 MiB frame of it, one part):
+    what they hold, counted by tracemalloc, stays within the download budget
+    (budget.DOWNLOADS, made small here) plus its least chunk each, the chunks and their
+    read-ahead included. Each held a chunk of 1 to 4 MiB, whatever their number: 24 MiB
+    and more here. The budget is all given back when they end."""
+    ds = make_instance(frames=8, rows=1024, cols=1024)
+    body = multipart_body([to_bytes(ds)])
+    stow = await app_client.post("/dicom-web/studies", content=body, headers=stow_headers())
+    assert stow.status_code == 200, stow.text
+    downloads = budget.DownloadBudget(limit=LIMIT)
+    monkeypatch.setattr(budget, "DOWNLOADS", downloads)
+    monkeypatch.setattr(reading, "_READ_AHEAD", reading._Budget())
+    instance = ('multipart/related; type="application/dicom"', inst_url(ds))
+    frame = ('multipart/related; type="application/octet-stream"', inst_url(ds) + "/frames/3")
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        async with asyncio.TaskGroup() as tasks:
+            running = [
+                tasks.create_task(stalled_download(app, path, accept, 1 + k % 2))
+                for k, (accept, path) in enumerate([instance, frame] * (STALLED // 2))
+            ]
+            for _ in range(500):  # until every one has stalled and its reads have ended
+                await asyncio.sleep(0.02)
+                if downloads.active == STALLED and reading._READERS.busy == 0:
+                    break
+            await asyncio.sleep(0.2)
+            held = tracemalloc.get_traced_memory()[0] - base
+            for task in running:
+                task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        tracemalloc.stop()
+    bound = LIMIT + STALLED * (budget.DOWNLOAD_CHUNK_MIN_BYTES + PER_DOWNLOAD_SLACK_BYTES)
+    assert held < bound, f"{held / 2**20:.1f} MiB held"
+    assert downloads.held == 0 and downloads.active == 0
+
+
+async def first_message_held(
+    app: Starlette, path: str, accept: str, downloads: budget.DownloadBudget
+) -> tuple[int, int]:
+    """GET `path` from the app by a client that takes nothing: (the bytes of the response's
+    first body message, the bytes the download budget holds while that message waits)."""
+    got: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not got.done():
+            got.set_result((len(message["body"]), downloads.held))
+            await asyncio.Event().wait()  # the client takes nothing
+
+    task = asyncio.create_task(app(_scope(path, accept), receive, send))
+    try:
+        return await asyncio.wait_for(got, 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def whole_body(app: Starlette, path: str, accept: str) -> list[bytes]:
+    """The body messages of a GET of `path`, taken as they come."""
+    messages: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            messages.append(message["body"])
+
+    await app(_scope(path, accept), receive, send)
+    return messages
+
+
+async def test_bodies_built_whole_are_held_within_the_budget(
+    app: Starlette, app_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series of small instances (read in one call, sent as one body) and a frame (one
+    body): their bytes count in the download budget while the client has not taken them,
+    and not after. Without room in the budget each is streamed instead, the same bytes, in
+    chunks the budget sizes. They held their body (up to INLINE_RESPONSE_BYTES) outside it,
+    however many clients stopped reading."""
+    first = make_instance(rows=64, cols=64)
+    study, series_uid = first.StudyInstanceUID, first.SeriesInstanceUID
+    series = [
+        first,
+        *(make_instance(study=study, series=series_uid, rows=64, cols=64) for _ in range(2)),
+    ]
+    body = multipart_body([to_bytes(ds) for ds in series])
+    stow = await app_client.post("/dicom-web/studies", content=body, headers=stow_headers())
+    assert stow.status_code == 200, stow.text
+    paths = {
+        "series": (
+            f"/dicom-web/studies/{study}/series/{series_uid}",
+            'multipart/related; type="application/dicom"',
+        ),
+        "frame": (
+            inst_url(series[0]) + "/frames/1",
+            'multipart/related; type="application/octet-stream"',
+        ),
+    }
+    downloads = budget.DownloadBudget()
+    monkeypatch.setattr(budget, "DOWNLOADS", downloads)
+    whole = {}
+    for name, (path, accept) in paths.items():
+        length, held = await first_message_held(app, path, accept, downloads)
+        assert length > 0 and held >= length, name
+        assert downloads.held == 0 and downloads.active == 0, name
+        whole[name] = await whole_body(app, path, accept)
+        assert len(whole[name]) == 1, name
+    spent = budget.DownloadBudget(limit=0)
+    monkeypatch.setattr(budget, "DOWNLOADS", spent)
+    for name, (path, accept) in paths.items():
+        streamed = await whole_body(app, path, accept)
+        assert len(streamed) > 1 and max(map(len, streamed)) <= 4 * spent.least, name
+        assert _unbound(b"".join(streamed)) == _unbound(b"".join(whole[name])), name
+        assert spent.held == 0 and spent.active == 0, name
+
+
+def _unbound(body: bytes) -> bytes:
+    """A multipart body with its boundary (drawn anew for each response) replaced."""
+    boundary = body.split(b"\r\n", 1)[0]
+    return body.replace(boundary, b"--BOUNDARY")

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import SimpleNamespace
 from typing import Any
 
 import h11
+from hypercorn.asyncio.worker_context import EventWrapper
 from hypercorn.config import Config
 from hypercorn.events import RawData
+from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BUFFER_LOW_WATER
 
 from dicomweb_server.httpd import (
     HEAD_WITH_BODY_MAX_BYTES,
     TRANSPORT_HIGH_WATER_BYTES,
     _H11Protocol,
+    _StreamBuffer,
 )
 
 
@@ -118,3 +122,24 @@ def test_the_transport_takes_the_next_write_only_once_empty() -> None:
     args = (None, Config(), context, None, None, False, None, None, server.protocol_send)
     _H11Protocol(*args)
     assert server.writer.transport.limits == (TRANSPORT_HIGH_WATER_BYTES, 0)
+
+
+async def test_an_http2_stream_lets_go_of_a_chunk_for_its_tail() -> None:
+    """The app's chunk is handed on once its stream's buffer is below the low-water mark,
+    the app then reading its next one: the unsent tail is a copy, so that a stream whose
+    client takes nothing more holds the next chunk only, not the one before too (which is
+    no longer counted in the download budget, blobstore.budget)."""
+    buffer = _StreamBuffer(EventWrapper, 60.0)
+    chunk = bytes(range(256)) * (4 * 4096) + bytes(1000)  # 4 MiB and a tail
+    unheld = sys.getrefcount(chunk)
+    pushed = asyncio.create_task(buffer.push(chunk))
+    await asyncio.sleep(0)
+    assert not pushed.done()  # over the high-water mark: the app waits
+    sent = []
+    while buffer._size >= BUFFER_LOW_WATER:
+        sent.append(await buffer.pop(16384))
+    await asyncio.wait_for(pushed, 1)  # the app goes on to its next chunk
+    assert 0 < buffer._size < BUFFER_HIGH_WATER
+    assert sys.getrefcount(chunk) == unheld, "the buffer still holds the chunk"
+    sent.append(await buffer.pop(BUFFER_HIGH_WATER))
+    assert b"".join(sent) == chunk

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import StreamingResponse
 
 from dicomweb_server.multipart import encode_parts, encoded_length
 from dicomweb_server.retrieve.instances import Part
@@ -61,7 +61,7 @@ async def test_inline_up_to_the_limit_streamed_past_it(
         assert isinstance(response, StreamingResponse)
         assert await _streamed(response) == expected
     else:
-        assert type(response) is Response and response.body == expected
+        assert not isinstance(response, StreamingResponse) and response.body == expected
     assert response.headers["content-length"] == str(len(expected))
     assert (
         response.media_type == f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'

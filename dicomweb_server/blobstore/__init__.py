@@ -1,6 +1,8 @@
 """Blob storage: the instances' files, written, hashed and read back. The only importer of
 aiofiles.
 
+    budget.py   DownloadBudget: the bytes download chunks hold in a process
+                (DOWNLOAD_BUFFER_BUDGET_BYTES), and the size of each next chunk
     files.py    BlobStore and BlobWriter Protocols and their filesystem implementation
                 (FileSystemBlobStore): server-generated keys, spool files written in worker
                 threads, fsync + rename into place; scratch_file, and scratch_space (a

@@ -1,7 +1,7 @@
 """Reading blobs back: a file streamed in chunks from a range (stream_path), the reads after
 the first running ahead of the sender within a per-stream and a per-process budget
-(_ReadAhead, in the threads of _Readers), and glibc's allocator tuned for those chunks
-(tune_allocator)."""
+(_ReadAhead, in the threads of _Readers), every chunk sized within the process's download
+budget (budget.DOWNLOADS), and glibc's allocator tuned for those chunks (tune_allocator)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import anyio
 
+from dicomweb_server.blobstore import budget
+from dicomweb_server.blobstore.budget import DownloadBudget
 from dicomweb_server.blobstore.lost import LostBlobError, RecordedBlob
 
 __all__ = [
@@ -83,35 +85,53 @@ async def stream_path(
     asks for it. A chunk is dropped once yielded, before the next is asked for; each layer
     that passes chunks on does the same (multipart.encode_parts, StreamedResponse), so that a
     sent chunk and its successor are never held together.
+
+    The stream counts as a download in flight of budget.DOWNLOADS from its first read to its
+    end, and each of its chunks, the first included, is sized by it and counted in it from
+    its read until the sender asks for the next one: however many downloads are in flight
+    (stalled clients hold theirs until SEND_STALL_TIMEOUT_S), their chunks hold at most
+    DOWNLOAD_BUFFER_BUDGET_BYTES plus DOWNLOAD_CHUNK_MIN_BYTES each.
     """
-    n = READ_CHUNK_BYTES if length is None else min(READ_CHUNK_BYTES, length)
-    if n == 0:
+    want = READ_CHUNK_BYTES if length is None else min(READ_CHUNK_BYTES, length)
+    if want == 0:
         return
     end = None if length is None else offset + length
-    fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, end, blob)
-    remaining = None if length is None else length - len(chunk)
-    if fh is None:
-        if chunk:
-            yield chunk
-    else:
-        try:
-            reader = _ReadAhead(fh, remaining, len(chunk) == n)
-        except BaseException:
-            fh.close()
-            raise
-        try:
-            yield chunk
-            del chunk  # not held for the rest of the stream (1 MiB a download did)
-            while (more := await reader.next()) is not None:
-                yield more
-                del more  # sent: not held while the next one is read
-        finally:
-            reader.close()
-        remaining = reader.remaining
-    if remaining:
-        if blob is not None and end is not None:  # cut short while it was read: it ends here
-            raise LostBlobError(blob, path, end - remaining)
-        raise OSError(f"{path.name} is shorter than the recorded range")
+    downloads = budget.DOWNLOADS
+    downloads.active += 1
+    out = n = downloads.asked(want)  # bytes counted for the chunk read, then being sent
+    downloads.held += n
+    try:
+        fh, chunk = await anyio.to_thread.run_sync(_open_and_read, path, offset, n, end, blob)
+        downloads.held -= n - len(chunk)
+        out = len(chunk)
+        remaining = None if length is None else length - len(chunk)
+        if fh is None:
+            if chunk:
+                yield chunk
+        else:
+            try:
+                reader = _ReadAhead(fh, remaining, len(chunk) == n, downloads)
+            except BaseException:
+                fh.close()
+                raise
+            try:
+                yield chunk
+                del chunk  # not held for the rest of the stream (1 MiB a download did)
+                downloads.held -= out  # sent: its sender asks for the next
+                out = 0
+                while (more := await reader.next()) is not None:
+                    yield more
+                    del more  # sent: not held while the next one is read
+            finally:
+                reader.close()
+            remaining = reader.remaining
+        if remaining:
+            if blob is not None and end is not None:  # cut short while it was read: it ends here
+                raise LostBlobError(blob, path, end - remaining)
+            raise OSError(f"{path.name} is shorter than the recorded range")
+    finally:
+        downloads.held -= out
+        downloads.active -= 1
 
 
 @dataclass
@@ -130,17 +150,24 @@ class _ReadAhead:
     stream's waiting chunks stay within READ_AHEAD_BYTES and the process's read-ahead within
     READ_AHEAD_TOTAL_BYTES. Past either, a read starts only when the sender asks for a chunk
     (one chunk, whatever the budget: a stream never stalls), so memory is at most the
-    budget plus one chunk per stream, plus the chunk each sender is sending. A stream whose
-    sender takes nothing for READ_AHEAD_IDLE_S (a client that stopped reading) while the
-    budget is short drops what it read ahead and rewinds its file, and reads again only when
-    asked, so stalled clients do not hold the budget from the others (a slow client with the
-    budget to spare keeps its read-ahead). Read sequentially, so the kernel's read-ahead
-    sees one stream; the thread is held for a read only, never while the client is slow.
-    Chunk sizes double from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops
-    and socket writes for large files, a small first read for small ones)."""
+    budget plus one chunk per stream, plus the chunk each sender is sending. Every chunk is
+    sized and counted by the process's download budget too (budget.DownloadBudget: smaller
+    as more downloads are in flight, read ahead only within it), from its read until the
+    sender asks for the next one or the stream closes. A stream whose sender takes nothing
+    for READ_AHEAD_IDLE_S (a client that stopped reading) while a budget is short drops
+    what it read ahead and rewinds its file, and reads again only when asked, so stalled
+    clients do not hold the budget from the others (a slow client with the budget to spare
+    keeps its read-ahead). Read sequentially, so the kernel's read-ahead sees one stream;
+    the thread is held for a read only, never while the client is slow. Chunk sizes double
+    from READ_CHUNK_BYTES up to READ_CHUNK_MAX_BYTES (fewer thread hops and socket writes
+    for large files, a small first read for small ones)."""
 
-    def __init__(self, fh: BinaryIO, remaining: int | None, more: bool) -> None:
+    def __init__(
+        self, fh: BinaryIO, remaining: int | None, more: bool, downloads: DownloadBudget
+    ) -> None:
         self._fh = fh
+        self._downloads = downloads
+        self._out = 0  # bytes of the chunk the sender has, counted until it asks again
         self.remaining = remaining  # bytes still to read, None: to the end of the file
         self._size = READ_CHUNK_BYTES
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -158,9 +185,12 @@ class _ReadAhead:
         if self._reading or self._ended or self._closed or (self._parked and not asked):
             return
         size = min(2 * self._size, READ_CHUNK_MAX_BYTES)
-        n = size if self.remaining is None else min(size, self.remaining)
+        want = size if self.remaining is None else min(size, self.remaining)
+        n = self._downloads.asked(want) if asked else self._downloads.ahead(want)
         over = (
-            self._buffered + n > READ_AHEAD_BYTES or _READ_AHEAD.used + n > READ_AHEAD_TOTAL_BYTES
+            n == 0
+            or self._buffered + n > READ_AHEAD_BYTES
+            or _READ_AHEAD.used + n > READ_AHEAD_TOTAL_BYTES
         )
         if over and not asked:
             return
@@ -172,11 +202,13 @@ class _ReadAhead:
         self._size = size
         self._reading = True
         _READ_AHEAD.used += n
+        self._downloads.held += n
         task.add_done_callback(functools.partial(self._read_done, n))
 
     def _read_done(self, n: int, task: asyncio.Future[list[bytes]]) -> None:
         self._reading = False
         _READ_AHEAD.used -= n
+        self._downloads.held -= n
         error = OSError("read cancelled") if task.cancelled() else task.exception()
         if self._closed:  # the sender stopped during this read: close the file after it
             self._fh.close()
@@ -189,6 +221,7 @@ class _ReadAhead:
                 self._chunks.append(chunk)
                 self._buffered += len(chunk)
                 _READ_AHEAD.used += len(chunk)
+                self._downloads.held += len(chunk)
                 self._watch_idle()
             if self.remaining is not None:
                 self.remaining -= len(chunk)
@@ -198,7 +231,9 @@ class _ReadAhead:
             self._wakeup.set_result(None)
 
     async def next(self) -> bytes | None:
-        """The next chunk, None at the end."""
+        """The next chunk, None at the end. The one before it has been sent."""
+        self._downloads.held -= self._out
+        self._out = 0
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -211,6 +246,7 @@ class _ReadAhead:
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         _READ_AHEAD.used -= len(chunk)
+        self._out = len(chunk)  # still counted in the download budget while it is sent
         self._parked = False
         self._unwatch_idle()
         self._watch_idle()
@@ -218,9 +254,10 @@ class _ReadAhead:
         return chunk
 
     def _drop_chunks(self) -> None:
-        """The chunks waiting to be sent go, and their bytes back to the process budget."""
+        """The chunks waiting to be sent go, and their bytes back to the process budgets."""
         self._chunks.clear()
         _READ_AHEAD.used -= self._buffered
+        self._downloads.held -= self._buffered
         self._buffered = 0
 
     def _unwatch_idle(self) -> None:
@@ -234,15 +271,19 @@ class _ReadAhead:
             self._idle = loop.call_later(READ_AHEAD_IDLE_S, self._on_idle)
 
     def _on_idle(self) -> None:
-        """The sender took nothing for READ_AHEAD_IDLE_S: if the budget is short (another
-        stream could not read a largest chunk ahead), give the chunks waiting for it back and
-        rewind the file to the first of them. Not while a read runs (the file is in the
-        worker thread's hands): then, and while the budget is not short, look again after
-        another READ_AHEAD_IDLE_S."""
+        """The sender took nothing for READ_AHEAD_IDLE_S: if a budget is short (another
+        stream could not read a largest chunk ahead: the read-ahead's, or the downloads'),
+        give the chunks waiting for it back and rewind the file to the first of them. Not
+        while a read runs (the file is in the worker thread's hands): then, and while the
+        budgets are not short, look again after another READ_AHEAD_IDLE_S."""
         self._idle = None
         if self._closed or self._error is not None or not self._chunks:
             return
-        short = _READ_AHEAD.used + READ_CHUNK_MAX_BYTES > READ_AHEAD_TOTAL_BYTES
+        downloads = self._downloads
+        short = (
+            _READ_AHEAD.used + READ_CHUNK_MAX_BYTES > READ_AHEAD_TOTAL_BYTES
+            or downloads.held + min(READ_CHUNK_MAX_BYTES, downloads.share()) > downloads.limit
+        )
         if self._reading or not short:
             self._watch_idle()
             return
@@ -262,6 +303,8 @@ class _ReadAhead:
         self._unwatch_idle()
         self._closed = True
         self._drop_chunks()
+        self._downloads.held -= self._out
+        self._out = 0
         if not self._reading:
             self._fh.close()
 

@@ -331,8 +331,13 @@ async def slice_stream(chunks: AsyncIterable[bytes], start: int, stop: int) -> A
     try:
         async for chunk in chunks:
             end = pos + len(chunk)
-            if end > start:
-                yield chunk[max(0, start - pos) : min(len(chunk), stop - pos)]
+            piece = (
+                chunk[max(0, start - pos) : min(len(chunk), stop - pos)] if end > start else None
+            )
+            del chunk  # not held while the next one is read (the piece may be all of it)
+            if piece is not None:
+                yield piece
+                del piece
             pos = end
             if pos >= stop:
                 break
@@ -430,9 +435,13 @@ async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
             while pos < len(chunk):
                 if remaining:
                     take = min(remaining, len(chunk) - pos)
-                    yield chunk[pos : pos + take]
+                    piece = chunk[pos : pos + take]
                     pos += take
                     remaining -= take
+                    if pos == len(chunk):  # the rest of it: the chunk is not held beside it
+                        chunk, pos = b"", 0
+                    yield piece
+                    del piece
                     continue
                 need = 8 - len(header)
                 header += chunk[pos : pos + need]
@@ -440,5 +449,6 @@ async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
                 if len(header) == 8:
                     (remaining,) = struct.unpack("<I", header[4:])
                     header = b""
+            del chunk  # not held while the next one is read
     finally:
         await close_all(chunks)

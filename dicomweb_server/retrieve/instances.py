@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 
+from dicomweb_server.blobstore import budget
 from dicomweb_server.blobstore.files import scratch_file, scratch_space
 from dicomweb_server.blobstore.reading import READ_CHUNK_BYTES, stream_path
 from dicomweb_server.departure import stopped_if_gone
@@ -41,7 +42,9 @@ PartLength = tuple[dict[str, str], int]
 # Consecutive instances sent as stored whose blobs hold at most this many bytes between them
 # are read in one worker-thread call, not one call each (see _small_run). As large as the
 # first chunk of a stream (READ_CHUNK_BYTES), which is outside the read-ahead budget too: a
-# response holds no more memory unaccounted than one streaming a single instance.
+# response holds no more memory than one streaming a single instance. Held within the
+# process's download budget until its last instance is sent (budget.DOWNLOADS); without room
+# there, each instance is streamed instead.
 SMALL_RUN_BYTES = READ_CHUNK_BYTES
 # Whole-instance conversions under way at once in a process (retrieve of an instance, series
 # or study in a transfer syntax it is not stored in): each holds a few decoded frames, and
@@ -125,11 +128,16 @@ async def _instance_parts(
                 sent_ahead -= 1
                 continue
             run = _small_run(instances, targets, i)
-            if len(run) > 1:
-                datas = await svc.blobs.read_whole(run)
-                for k, r in enumerate(run):
-                    data, datas[k] = datas[k], b""  # what was sent is not kept
-                    yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, once(data)
+            downloads, held = budget.DOWNLOADS, sum(r.size_bytes for r in run)
+            if len(run) > 1 and downloads.hold(held):
+                try:
+                    datas = await svc.blobs.read_whole(run)
+                    for k, r in enumerate(run):
+                        data, datas[k] = datas[k], b""  # what was sent is not kept
+                        yield {"Content-Type": _dicom_type(r.transfer_syntax_uid)}, once(data)
+                        del data
+                finally:
+                    downloads.release(held)  # all sent (the next part is asked for), or failed
                 sent_ahead = len(run) - 1
                 continue
             if target in (STORED, inst.transfer_syntax_uid):

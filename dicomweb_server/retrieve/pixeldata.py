@@ -499,10 +499,14 @@ async def _swap_words(chunks: AsyncIterator[bytes], vr: str) -> AsyncIterator[by
     try:
         async for chunk in chunks:
             data = carry + chunk if carry else chunk
+            del chunk
             whole = len(data) - len(data) % width
             carry = data[whole:]
-            if whole:
-                yield swapped_words(data[:whole], vr)
+            swapped = swapped_words(data[:whole], vr) if whole else None
+            del data  # only the swapped copy is held while it is sent
+            if swapped is not None:
+                yield swapped
+                del swapped
         if carry:
             yield carry
     finally:

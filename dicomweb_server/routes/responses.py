@@ -10,6 +10,7 @@ import functools
 import gzip
 import hashlib
 import json
+import weakref
 import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from dicomweb_server.blobstore import budget
 from dicomweb_server.dicom_json import dumps
 from dicomweb_server.dicom_xml import dataset_xml
 from dicomweb_server.media.headers import accepts_gzip, byte_range, none_match
@@ -66,7 +68,10 @@ GZIP_INLINE_MAX_BYTES = 256 * 1024
 # A multipart response whose length is known up front and at most this many bytes is built
 # whole, then sent as one plain response: streaming costs a task group and a disconnect
 # listener per response, a quarter of a small retrieve's instructions. Memory per response
-# stays within the small-instance read (retrieve.instances.SMALL_RUN_BYTES) and its joined copy.
+# stays within the small-instance read (retrieve.instances.SMALL_RUN_BYTES) and its joined copy,
+# and is held within the process's download budget until it is sent (budget.DOWNLOADS: a
+# client that stops reading keeps it until SEND_STALL_TIMEOUT_S); without room there the
+# response is streamed instead, in chunks the budget sizes.
 INLINE_RESPONSE_BYTES = 1024 * 1024
 
 
@@ -297,9 +302,10 @@ async def multipart_response(
     headers = None
     if lengths is not None:
         length = encoded_length(lengths, boundary)
-        if length <= INLINE_RESPONSE_BYTES:
-            body = b"".join([chunk async for chunk in encode_parts(parts, boundary)])
-            return Response(body, media_type=media_type)
+        downloads = budget.DOWNLOADS
+        if length <= INLINE_RESPONSE_BYTES and downloads.hold(length):
+            body = await _joined(encode_parts(parts, boundary), downloads, length)
+            return HeldResponse(body, downloads, length, media_type=media_type)
         headers = {"Content-Length": str(length)}
     body_iterator = await _started(encode_parts(parts, boundary))
     return StreamedResponse(body_iterator, media_type=media_type, headers=headers)
@@ -371,6 +377,35 @@ class StreamedResponse(StreamingResponse):
                 await close_all(self.body_iterator)
 
 
+class HeldResponse(Response):
+    """A response built whole, `held` of its bytes counted in the download budget
+    (budget.DownloadBudget.hold) until it has been sent or has failed; a response never
+    sent gives them back when it is garbage."""
+
+    def __init__(
+        self, content: bytes, downloads: budget.DownloadBudget, held: int, **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._release = weakref.finalize(self, downloads.release, held)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()  # once: the finalizer is then dead
+
+
+async def _joined(
+    chunks: AsyncIterable[bytes], downloads: budget.DownloadBudget, held: int
+) -> bytes:
+    """The body of chunks, made whole; the `held` bytes given back if that fails."""
+    try:
+        return b"".join([chunk async for chunk in chunks])
+    except BaseException:
+        downloads.release(held)
+        raise
+
+
 async def _started(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`chunks` with its first item already made (raising here if it cannot be)."""
     first = await anext(chunks, None)
@@ -404,9 +439,12 @@ async def ranged_response(request: Request, value: Sized, part_type: str | None)
     if request.method == "HEAD":  # the headers a GET would have, nothing read or decoded
         return Response(media_type=media_type, headers=headers, status_code=status)
     chunks = _body_slice(head, value, tail, start, stop)
-    if stop - start <= INLINE_RESPONSE_BYTES:
-        body = b"".join([chunk async for chunk in chunks])
-        return Response(body, status_code=status, media_type=media_type, headers=headers)
+    downloads, n = budget.DOWNLOADS, stop - start
+    if n <= INLINE_RESPONSE_BYTES and downloads.hold(n):
+        body = await _joined(chunks, downloads, n)
+        return HeldResponse(
+            body, downloads, n, status_code=status, media_type=media_type, headers=headers
+        )
     return StreamedResponse(
         await _started(chunks), status_code=status, media_type=media_type, headers=headers
     )
@@ -445,6 +483,7 @@ async def _body_slice(
             yield head[start : min(stop, len(head))]
         if made is not None and chunks is not None:
             yield made
+            del made  # sent: not held for the rest of the value (its first chunk was)
             async for chunk in chunks:
                 yield chunk
                 del chunk  # sent: not held while the next one is read
