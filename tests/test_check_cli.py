@@ -11,12 +11,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from starlette.applications import Starlette
 
 from dicomweb_server import check
 from dicomweb_server.commands import run_check
 from dicomweb_server.config import Settings
+from dicomweb_server.index.database import Index
 from dicomweb_server.index.walk import Walk
-from tests.helpers import ROOT, make_instance, multipart_body, stow_headers, to_bytes
+from tests.helpers import ROOT, make_instance, multipart_body, run_cli, stow_headers, to_bytes
+from tests.test_audit import empty_audit  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.db
 
@@ -25,6 +28,49 @@ async def _stow(client: httpx.AsyncClient, datasets: list[Any]) -> None:
     body = multipart_body([to_bytes(ds) for ds in datasets])
     r = await client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
     assert r.status_code == 200, r.text
+
+
+async def test_a_study_not_in_the_index_is_named(
+    settings: Settings,
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    empty_audit: str,  # noqa: F811  (the fixture imported above: the reindex rows go after)
+) -> None:
+    """`check --study` and `reindex --study` with a UID the index holds no instance of (a
+    typo): a line naming it, exit status 1, the studies that are there checked (reindexed)
+    all the same. Until now: "checked 0 instances", exit 0, a typo passed for a healthy
+    study."""
+    kept = make_instance(study="1.2.3.4")
+    await _stow(app_client, [kept, make_instance(study="1.2.3.4")])
+    common = ["--data-dir", str(settings.data_dir), "--database-url", str(settings.database_url)]
+    r = run_cli("check", *common, "--study", "1.2.3.4")
+    assert (r.returncode, r.stdout.splitlines()[-1].split(":")[0]) == (0, "checked 2 instances")
+    r = run_cli("check", *common, "--study", "1.2.3.5", "--study", "1.2.3.4")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "dicomweb-server: no study 1.2.3.5 in the index (--study)" in r.stderr.splitlines()
+    assert "1.2.3.4" not in r.stderr
+    assert r.stdout.splitlines() == [
+        "checked 2 instances: 0 missing, 0 of another size than recorded, 0 unreadable;"
+        " orphan files not looked for (--study)"
+    ]
+    r = run_cli("reindex", *common, "--study", "1.2.3.4", "--study", "1.2.3.5")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "dicomweb-server: no study 1.2.3.5 in the index (--study)" in r.stderr.splitlines()
+    assert r.stdout.splitlines() == ["updated 0, unchanged 2, failed 0"]
+    r = run_cli("reindex", *common, "--study", "1.2.3.4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    conn = await asyncpg.connect(empty_audit)
+    try:
+        details = await conn.fetch("SELECT detail FROM audit_log WHERE action = 'reindex'")
+    finally:
+        await conn.close()
+    assert [row["detail"].split(" studies=")[1] for row in details] == [
+        "1.2.3.4,1.2.3.5 not_in_index=1.2.3.5",
+        "1.2.3.4",
+    ]
+    index: Index = app.state.services.index
+    named = ["1.2.3.9", "1.2.3.4", "1.2.3.8", "1.2.3.9"]
+    assert await index.unknown_studies(named) == ["1.2.3.9", "1.2.3.8"]  # once, in order
 
 
 @pytest.fixture
