@@ -121,6 +121,8 @@ async def run_check(settings: Settings, studies: Sequence[str] | None) -> int:
         except DicomWebError as exc:  # the database gone (503)
             print(f"dicomweb-server: check stopped: {exc.message}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # stdout closed (`check | head`): cli.main, not a directory
+            raise
         except OSError as exc:  # a directory of the blob store unreadable
             why = f"{exc.filename}: {exc.strerror}"
             print(f"dicomweb-server: check stopped: {why}", file=sys.stderr)

@@ -5,7 +5,12 @@ stopped midway by the database or the blob store."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,6 +19,8 @@ import pytest
 from starlette.applications import Starlette
 
 from dicomweb_server import check
+from dicomweb_server.blobstore.files import blob_path
+from dicomweb_server.cli import EXIT_BROKEN_PIPE
 from dicomweb_server.commands import run_check
 from dicomweb_server.config import Settings
 from dicomweb_server.index.database import Index
@@ -28,6 +35,13 @@ async def _stow(client: httpx.AsyncClient, datasets: list[Any]) -> None:
     body = multipart_body([to_bytes(ds) for ds in datasets])
     r = await client.post(f"{ROOT}/studies", content=body, headers=stow_headers())
     assert r.status_code == 200, r.text
+
+
+def _orphans(blobs: Path, n: int) -> None:
+    for _ in range(n):
+        path = blob_path(blobs, uuid.uuid4().hex)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
 
 
 async def test_a_study_not_in_the_index_is_named(
@@ -71,6 +85,64 @@ async def test_a_study_not_in_the_index_is_named(
     index: Index = app.state.services.index
     named = ["1.2.3.9", "1.2.3.4", "1.2.3.8", "1.2.3.9"]
     assert await index.unknown_studies(named) == ["1.2.3.9", "1.2.3.8"]  # once, in order
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+@pytest.mark.parametrize("orphans", [0, 400])
+def test_output_into_a_closed_pipe(
+    tmp_path: Path, clean_db: str, samples: Path, unbuffered: bool, orphans: int
+) -> None:
+    """`check | head`: the reader gone (before the summary, or while orphans are listed,
+    stdout block-buffered or not) is an exit with status 141 (128 + SIGPIPE), nothing on
+    stderr. Until now: a BrokenPipeError traceback, or "check stopped: None: Broken pipe"
+    (taken for a blob directory unreadable) and exit status 1."""
+    data = tmp_path / "data"
+    common = ["--data-dir", str(data), "--database-url", clean_db]
+    assert run_cli("load", *common, str(samples / "generated/coverage")).returncode == 0
+    _orphans(data / "blobs", orphans)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)  # the reader gone before the first line
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "dicomweb_server", "check", *common],
+            stdout=write, stderr=subprocess.PIPE, text=True, env=env, timeout=300, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert r.returncode == EXIT_BROKEN_PIPE == 141, r.stderr
+    assert "Broken pipe" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr
+
+
+def test_a_closed_pipe_stops_the_embedded_cluster(tmp_path: Path, samples: Path) -> None:
+    """`check` with no --database-url on a data directory whose embedded PostgreSQL is not
+    running starts it, and stops it when done: also when the output's reader went away
+    (exit status 141). No process is left listed as its user."""
+    data = tmp_path / "data"
+    sample = next((samples / "generated/coverage").rglob("*.dcm"))
+    assert run_cli("load", "--data-dir", str(data), str(sample)).returncode == 0
+    pg = data / "postgres"
+    assert not (pg / "postmaster.pid").exists()
+    _orphans(data / "blobs", 400)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "dicomweb_server", "check", "--data-dir", str(data)],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert r.returncode == EXIT_BROKEN_PIPE, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not (pg / "postmaster.pid").exists()  # stopped
+    assert (pg / ".handle_pids.json").read_text() == "[]"
+    r = run_cli("check", "--data-dir", str(data))
+    assert r.returncode == 1 and r.stdout.splitlines()[-1].endswith("400 orphans (400 bytes)")
+    assert not (pg / "postmaster.pid").exists()
 
 
 @pytest.fixture
