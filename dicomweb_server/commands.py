@@ -77,8 +77,8 @@ async def run_reindex(settings: Settings, studies: Sequence[str] | None) -> int:
     a study named is not in the index."""
     async with open_services(settings) as svc:
         total = (await svc.index.counts())["instances"] if studies is None else None
-        unknown = await _unknown_studies(svc.index, studies)
         try:
+            unknown = await _unknown_studies(svc.index, studies)
             with tqdm(total=total, unit="instance", desc="reindex") as bar:
                 report = await reindex(svc, studies, bar.update)
         except Exception as exc:  # e.g. the database went away: the run is audited still
