@@ -194,16 +194,25 @@ async def _check_files(
 
 
 async def _meanwhile(first: Awaitable[T], second: Awaitable[U] | None) -> tuple[T, U | None]:
-    """`first` and `second` awaited at once (the database and the filesystem both busy)."""
+    """`first` and `second` awaited at once (the database and the filesystem both busy). An
+    error of either is raised as itself, not in the task group's ExceptionGroup: run_check
+    says a database gone (DicomWebError) or a directory unreadable (OSError) in a line (found
+    by review: after the first page, either ended the check in a traceback)."""
     out: list[Any] = [None, None]
 
     async def run(i: int, step: Awaitable[Any]) -> None:
         out[i] = await step
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run, 0, first)
-        if second is not None:
-            tg.start_soon(run, 1, second)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 0, first)
+            if second is not None:
+                tg.start_soon(run, 1, second)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
     return out[0], out[1]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -68,6 +69,10 @@ DB_CONNECT_TIMEOUT_S = 10.0
 DB_RETRY_S = 0.5
 # Seconds between checks that the embedded PostgreSQL `serve` started is still running.
 EMBEDDED_WATCH_S = 2.0
+# Exit status when the output's reader went away (`check | head`): 128 + SIGPIPE (13), what
+# a shell reports for a program SIGPIPE ended (`yes | head`), told apart from 1 (`check`
+# found something, or a command failed) under `set -o pipefail`.
+EXIT_BROKEN_PIPE = 141
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -425,10 +430,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _main(argv)
+        status = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then met below
+        return status
     except StartupError as exc:
         print(f"dicomweb-server: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of our output went away (`check | head`): an exit without a traceback,
+        # the command's services closed on the way here (an embedded PostgreSQL started for
+        # it stopped; SIGPIPE's default action would have skipped that). What is still
+        # buffered goes to /dev/null, or the flush at exit fails again ("Exception ignored").
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null (the idiom of the Python docs on SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError):  # no descriptor (stdout replaced)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -73,10 +73,12 @@ async def run_load(settings: Settings, dirs: Sequence[str]) -> int:
 
 
 async def run_reindex(settings: Settings, studies: Sequence[str] | None) -> int:
-    """`reindex [--study UID ...]`: audited; exit status 1 when an instance could not be."""
+    """`reindex [--study UID ...]`: audited; exit status 1 when an instance could not be, or
+    a study named is not in the index."""
     async with open_services(settings) as svc:
         total = (await svc.index.counts())["instances"] if studies is None else None
         try:
+            unknown = await _unknown_studies(svc.index, studies)
             with tqdm(total=total, unit="instance", desc="reindex") as bar:
                 report = await reindex(svc, studies, bar.update)
         except Exception as exc:  # e.g. the database went away: the run is audited still
@@ -92,16 +94,19 @@ async def run_reindex(settings: Settings, studies: Sequence[str] | None) -> int:
         detail = f"updated={report.updated} unchanged={report.unchanged} failed={failed}"
         if studies is not None:
             detail += " studies=" + ",".join(studies)
+        if unknown:
+            detail += " not_in_index=" + ",".join(unknown)
         await svc.index.append_audit([_cli_event("reindex", 202 if failed else 200, detail)])
     print(f"updated {report.updated}, unchanged {report.unchanged}, failed {failed}")
     for line in report.failed:
         print(f"  failed: {line}")
-    return 1 if failed else 0
+    return 1 if failed or unknown else 0
 
 
 async def run_check(settings: Settings, studies: Sequence[str] | None) -> int:
     """`check [--study UID ...]`: exit status 1 when an instance's file is missing or of
-    another size than recorded, or an orphan file was found (check.py); nothing is written."""
+    another size than recorded, an orphan file was found (check.py), or a study named is not
+    in the index; nothing is written."""
     if not settings.blob_dir.is_dir():
         raise StartupError(
             f"no blob directory at {settings.blob_dir.absolute()}: not an archive's data"
@@ -111,16 +116,29 @@ async def run_check(settings: Settings, studies: Sequence[str] | None) -> int:
         try:
             if not await index.has_schema():
                 raise StartupError("the database holds no archive index (nothing to check)")
+            unknown = await _unknown_studies(index, studies)
             report = await check_archive(index, settings.blob_dir, studies, print)
         except DicomWebError as exc:  # the database gone (503)
             print(f"dicomweb-server: check stopped: {exc.message}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # stdout closed (`check | head`): cli.main, not a directory
+            raise
         except OSError as exc:  # a directory of the blob store unreadable
             why = f"{exc.filename}: {exc.strerror}"
             print(f"dicomweb-server: check stopped: {why}", file=sys.stderr)
             return 1
     print(report.summary())
-    return 0 if report.clean else 1
+    return 0 if report.clean and not unknown else 1
+
+
+async def _unknown_studies(index: Index, studies: Sequence[str] | None) -> list[str]:
+    """Those of the studies named (`--study` of `check` and `reindex`) that the index holds no
+    instance of, each said on a line (stderr), so that the exit status is 1: a UID mistyped
+    checked (or reindexed) nothing, and passed for a healthy study."""
+    unknown = [] if studies is None else await index.unknown_studies(studies)
+    for uid in unknown:
+        print(f"dicomweb-server: no study {uid} in the index (--study)", file=sys.stderr)
+    return unknown
 
 
 @contextlib.asynccontextmanager

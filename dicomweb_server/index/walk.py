@@ -12,6 +12,18 @@ from dicomweb_server.index.rows import StoredBlob
 
 __all__ = ["Walk"]
 
+# Which of some Study Instance UIDs the index holds no stored instance of, in the order given
+# (the `--study` of `reindex` and `check`: a UID mistyped walked nothing, and passed).
+_UNKNOWN_STUDIES = """
+SELECT named.uid FROM unnest($1::text[]) WITH ORDINALITY AS named (uid, n)
+WHERE NOT EXISTS (
+    SELECT 1 FROM study st
+    JOIN series se ON se.study_fk = st.pk
+    JOIN instance i ON i.series_fk = se.pk
+    WHERE st.study_instance_uid = named.uid
+)
+ORDER BY named.n
+"""
 _STORED_COLUMNS = """
 SELECT i.pk, st.study_instance_uid, se.series_instance_uid, i.sop_instance_uid, i.blob_key,
        i.sha256, i.size_bytes
@@ -85,6 +97,13 @@ class Walk(Pooled):
         one a crash left for the next start's recovery) holds."""
         rows = await self._fetch(_REFERENCED, list(keys))
         return {row["blob_key"] for row in rows}
+
+    async def unknown_studies(self, studies: Sequence[str]) -> list[str]:
+        """Those of `studies` (Study Instance UIDs, each once) that the index holds no stored
+        instance of, in the order given."""
+        named = list(dict.fromkeys(studies))
+        rows = await self._fetch(_UNKNOWN_STUDIES, named)
+        return [row["uid"] for row in rows]
 
     async def has_schema(self) -> bool:
         """Whether the index schema is there (`initdb`, or a server's start, applied it)."""
