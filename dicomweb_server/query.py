@@ -49,8 +49,9 @@ _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _LEVEL_ORDER = {Level.PATIENT: -1, Level.STUDY: 0, Level.SERIES: 1, Level.INSTANCE: 2}
 # What a result carries besides the attributes stored for its level (attributes.LEVEL_TAGS):
 # the values sql.render_rows computes from the index, per level (sql._computed). Instance
-# results carry any attribute of the instance's own DICOM JSON. tests/test_query_sql.py
-# checks the includefield warnings against what render_rows returns.
+# results carry any attribute of the instance's own DICOM JSON.
+# tests/test_query_sql_attributes.py checks the includefield warnings against what
+# render_rows returns.
 _COMPUTED_TAGS: dict[Level, frozenset[int]] = {
     Level.PATIENT: frozenset({0x00201200, 0x00201202, 0x00201204}),
     Level.STUDY: frozenset(

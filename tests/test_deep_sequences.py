@@ -3,7 +3,7 @@ items of defined and undefined length): refused past dicomfile.MAX_SEQUENCE_DEPT
 reason, in bounded memory and time, and served whole below it. pydicom reads and writes
 sequences recursively, and its writer re-raises a failure in each enclosing sequence with the
 message and traceback so far, doubling it per level (as for STOW-RS JSON metadata,
-tests/test_stow_json.py)."""
+tests/test_stow_json_sequences.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """STOW-RS of metadata and bulk data takes back what the archive serves: the metadata of an
 instance and its bulk data, as the archive sends them, stored again under another SOP
-Instance UID (tests/test_stow_json.py holds the rest of STOW-RS of metadata)."""
+Instance UID (tests/test_stow_json*.py hold the rest of STOW-RS of metadata)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.helpers import (
     split_multipart,
     stow_headers,
 )
-from tests.test_stow_json import STORED, _body, _metadata, _post
+from tests.stow_json_support import STORED, _body, _metadata, _post
 
 DEFLATED_IMAGE_FRAME = "1.2.840.10008.1.2.8.1"  # PS3.5 A.4.13
 
