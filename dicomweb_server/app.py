@@ -423,7 +423,8 @@ class _CatchAllMiddleware:
                 # A later file of a study or series found lost once the body was under way:
                 # the body can only be cut. Not raised on: hypercorn would log a traceback
                 # for the state of the data directory, and it ends an unfinished response
-                # the same way either way (the connection closed, an HTTP/2 stream reset).
+                # the same way either way (the connection closed; an HTTP/2 stream reset,
+                # httpd._H2Protocol).
                 # The audit trail still records the archive's failure (CUT_BY_SERVER).
                 log.error("%s cut short: %s", scope.get("path"), cut.log_message)
                 cut_by_server(scope)

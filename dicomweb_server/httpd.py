@@ -24,7 +24,15 @@ from hypercorn.config import Sockets
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.events import Event as ConnectionEvent
 from hypercorn.logging import Logger as HypercornLogger
-from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
+from hypercorn.protocol.events import (
+    Body,
+    Data,
+    EndBody,
+    EndData,
+    Response,
+    StreamClosed,
+    Trailers,
+)
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
@@ -329,6 +337,11 @@ class _H2Protocol(H2Protocol):
     - A connection whose streams the client had reset, or that was refused, was never
       timed out idle: hypercorn restarts its idle timer only when a response ends. It is
       restarted whenever the connection has no stream left open (KEEP_ALIVE_TIMEOUT_S).
+    - A response the app left unfinished (its status sent, its body cut by an error met on
+      the way: a later file of a study found lost, app._CatchAllMiddleware) was neither
+      ended nor reset: its client waited for the rest as long as the connection lived, for
+      ever while it kept the connection busy. Its stream is reset (RST_STREAM
+      INTERNAL_ERROR, RFC 9113 5.4.2), as HTTP/1.1 closes the connection (_unfinished).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -339,6 +352,7 @@ class _H2Protocol(H2Protocol):
         self.app = self.handlers = _CountedApp(self.app)
         self._maybe_idle = False
         self.refused = 0  # streams refused (H2_MAX_HANDLERS)
+        self._unfinished: set[int] = set()  # streams whose response started and has not ended
 
     @property
     def keep_alive_requests(self) -> int:
@@ -394,6 +408,7 @@ class _H2Protocol(H2Protocol):
         return None
 
     async def _close_stream(self, stream_id: int) -> None:
+        self._unfinished.discard(stream_id)  # closed: the client reset it, or it ended
         await super()._close_stream(stream_id)
         self._maybe_idle = True
 
@@ -411,6 +426,13 @@ class _H2Protocol(H2Protocol):
                 await buffer.close()
 
     async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Response) and event.status_code >= 200:
+            self._unfinished.add(event.stream_id)
+        elif isinstance(event, EndBody | EndData | Trailers):
+            self._unfinished.discard(event.stream_id)
+        elif isinstance(event, StreamClosed) and event.stream_id in self._unfinished:
+            await self._cut(event)  # the app ended with its response unfinished
+            return
         try:
             await super().stream_send(event)
             if isinstance(event, StreamClosed):
@@ -429,6 +451,19 @@ class _H2Protocol(H2Protocol):
         await self._window_updated(stream_id)
         if self.idle and not self.closed:  # no frame may come to restart the idle timer
             await self.send(Updated(idle=True))
+
+    async def _cut(self, event: StreamClosed) -> None:
+        """The end of a response whose app ended before its body did: RST_STREAM
+        INTERNAL_ERROR (RFC 9113 5.4.2; a client takes the response for failed, as one whose
+        HTTP/1.1 connection closed mid-body), then the stream closed as hypercorn closes
+        it; the sending task, finding it reset, drops what its buffer still holds."""
+        stream_id = event.stream_id
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # closed meanwhile
+            self.connection.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+        await self._flush()
+        await super().stream_send(event)
+        self._maybe_idle = False  # hypercorn has said whether it is idle
+        await self._window_updated(stream_id)
 
 
 # Bytes of a response's first body message sent in one write with its head (_H11Protocol);

@@ -1,5 +1,6 @@
 """Review of the HTTP/2 repairs (httpd._H2Protocol): the count of a connection's running
-handlers on paths that start none, and the idle timer after a stalled stream is reset."""
+handlers on paths that start none, the idle timer after a stalled stream is reset, and a
+response the server cut short reset."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import h2.errors
 import h2.events
 import h2.settings
+import pydicom
 import pytest
 
 from dicomweb_server.httpd import H2_MAX_HANDLERS, KEEP_ALIVE_TIMEOUT_S
@@ -68,3 +70,50 @@ def test_http2_connection_whose_last_stream_stalled_is_closed_idle(
             assert events[-1:] == [None], "the connection is still open"
             assert time.monotonic() - began < KEEP_ALIVE_TIMEOUT_S + 1.5
         clean_log(server)
+
+
+def test_http2_response_cut_by_a_lost_file_is_reset(tmp_path: Path, clean_db: str) -> None:
+    """A study response whose second file is found lost once its body started can only be
+    cut (blobstore.lost.LostBlobError, app._CatchAllMiddleware). Over HTTP/1.1 the server
+    closes the connection; over HTTP/2 its stream is reset (RST_STREAM INTERNAL_ERROR, RFC
+    9113 5.4.2), the connection kept for the client's other requests. Found by review: the
+    stream was neither ended nor reset, and its client waited for the rest for as long as
+    it kept the connection busy (a viewer loading other frames on it: for ever)."""
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    first, second = (make_instance(study=study, series=series, rows=1024, cols=1024,
+                                   InstanceNumber=n) for n in (1, 2))  # fmt: skip
+    with serving(tmp_path, clean_db) as server:
+        _store(server, to_bytes(first))
+        before = _blob_files(tmp_path / "data" / "blobs")
+        _store(server, to_bytes(second))
+        (lost,) = _blob_files(tmp_path / "data" / "blobs") - before
+        lost.unlink()
+        client = Client(port_of(server), {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        with client.sock:
+            client.conn.increment_flow_control_window(2**30)
+            stream = client.request(f"/dicom-web/studies/{study}", _STUDY)
+            client.flush()
+            events: list[h2.events.Event | None] = []
+            for _ in range(4):  # the client keeps the connection busy meanwhile
+                events += client.events(1.5)
+                client.request("/health", "*/*")
+                client.flush()
+            assert None not in events, "the server closed the connection"
+            ours = [e for e in events if getattr(e, "stream_id", None) == stream]
+            assert any(isinstance(e, h2.events.ResponseReceived) for e in ours)
+            assert not any(isinstance(e, h2.events.StreamEnded) for e in ours)
+            (reset,) = [e for e in ours if isinstance(e, h2.events.StreamReset)]
+            assert reset.error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+            # The connection still serves: each /health answered.
+            ended = [e for e in events if isinstance(e, h2.events.StreamEnded)]
+            assert len(ended) >= 3
+        assert "Traceback" not in server.log.read_text()
+
+
+# A study retrieved as stored.
+_STUDY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _blob_files(root: Path) -> set[Path]:
+    """Placed blobs (spool files under tmp/ aside)."""
+    return {p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] != "tmp"}

@@ -352,6 +352,29 @@ async def test_a_lost_blob_is_a_500_that_says_so(
 
 
 @pytest.mark.parametrize("damage", ["deleted", "cut short"])
+async def test_a_range_of_a_lost_encapsulated_frame_is_a_500_that_says_so(
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    samples: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """A Range of an encapsulated frame as stored, whose items are mapped before it is read
+    (retrieve.frames.sized_range): the same 500 and log line, its size checked in the
+    worker-thread call that maps them."""
+    data = _instance("rle", samples)
+    assert (await _stow(app_client, data)).status_code == 200
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    lost = await _blob_path(app, ds)
+    found = _damage(lost, damage)
+    caplog.clear()
+    headers = {"Accept": _OCTETS_AS_STORED, "Range": "bytes=0-99"}
+    r = await app_client.get(inst_url(ds) + "/frames/1", headers=headers)
+    assert r.status_code == 500 and REPAIR_HINT in r.json()["message"], r.text
+    _said_once(caplog, ds.SOPInstanceUID, lost, found)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut short"])
 async def test_a_later_lost_blob_cuts_a_study_with_one_line(
     app: Starlette,
     app_client: httpx.AsyncClient,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from dicomweb_server.blobstore.files import scratch_space
+from dicomweb_server.blobstore.files import BlobStore, scratch_space
 from dicomweb_server.departure import stopped_if_gone
 from dicomweb_server.errors import BadRequestError, NotAcceptableError, NotFoundError
 from dicomweb_server.index.rows import StoredInstance
@@ -290,8 +290,12 @@ async def sized_range(
             lambda start, stop: svc.blobs.open_range(inst, offset + start, stop - start),
             key,
         )
-    path = await svc.blobs.checked_path(inst)
-    items = await anyio.to_thread.run_sync(_item_map, path, offset, length, limiter=svc.limiter)
+    # The file's size checked (LostBlobError) in the call that maps its items: a Range of an
+    # encapsulated frame (Cornerstone's progressive loading, one per frame) took a worker
+    # thread call more for the check alone.
+    items = await anyio.to_thread.run_sync(
+        _checked_item_map, svc.blobs, inst, offset, length, limiter=svc.limiter
+    )
     ends = list(itertools.accumulate(n for _, n in items))  # value bytes up to each item's end
     end = offset + length
 
@@ -303,6 +307,14 @@ async def sized_range(
         return slice_stream(chunks, start - before, stop - before)
 
     return Sized(headers, ends[-1] if ends else 0, read, key)
+
+
+def _checked_item_map(
+    blobs: BlobStore, inst: StoredInstance, offset: int, length: int
+) -> list[tuple[int, int]]:
+    """_item_map of an instance's blob, its size checked first (BlobStore.checked_path_blocking:
+    LostBlobError when it is missing or shorter than recorded), in one worker-thread call."""
+    return _item_map(blobs.checked_path_blocking(inst), offset, length)
 
 
 def _item_map(path: Path, offset: int, length: int) -> list[tuple[int, int]]:
