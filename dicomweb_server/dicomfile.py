@@ -193,12 +193,25 @@ def _parse(path: Path) -> ParsedFile:
                 header = _inflated_header(fp, data_set_at)
         else:
             header = headersize.measure(fp, data_set_at, syntax)
-    headersize.check(header)
+    try:
+        headersize.check(header)
+    except InvalidInstanceError as exc:  # its UIDs for the response (FailedSOPSequence)
+        exc.sop_class, exc.sop = _known_uids(path)
+        raise
     with headersize.parsing(header):
         if deflated:
             with _INFLATE_LOCK:
                 return _parse_whole(path, syntax, data_set_at)
         return _parse_by_range(path, data_set_at)
+
+
+def _known_uids(path: Path) -> tuple[str | None, str | None]:
+    """(SOP Class UID, SOP Instance UID) of a file refused unparsed, None when not read."""
+    try:
+        sop_class, sop = sop_uids(path)
+    except Exception:  # untrusted input: the refusal stands without them
+        return None, None
+    return sop_class or None, sop or None
 
 
 def _parse_by_range(path: Path, data_set_at: int) -> ParsedFile:

@@ -107,21 +107,22 @@ class HeaderSize:
 
 def check(size: HeaderSize) -> None:
     """Refuse (0xA700, a limit the sender passed) a header past MAX_HEADER_BYTES or
-    MAX_HEADER_MEMORY_BYTES, before it is parsed."""
+    MAX_HEADER_MEMORY_BYTES, before it is parsed. The reason begins with what a DIMSE Error
+    Comment keeps (64 characters)."""
     if size.held_bytes > MAX_HEADER_BYTES:
-        what = f"is {size.held_bytes} bytes, more than the {MAX_HEADER_BYTES} bytes"
+        message = (
+            f"header of {size.held_bytes} bytes past MAX_HEADER_BYTES ({MAX_HEADER_BYTES}):"
+            " the data set but Pixel Data and bulk data, more than this archive parses"
+        )
     elif size.estimate > MAX_HEADER_MEMORY_BYTES:
-        what = (
-            f"holds {size.elements} elements and items and {size.values} values: parsed,"
-            f" more than the {MAX_HEADER_MEMORY_BYTES} bytes of memory"
+        message = (
+            f"header of {size.elements} elements and items, {size.values} values past"
+            f" MAX_HEADER_MEMORY_BYTES ({MAX_HEADER_MEMORY_BYTES}): parsed, they would take"
+            f" about {size.estimate} bytes of memory, more than this archive spends on one"
         )
     else:
         return
-    raise InvalidInstanceError(
-        FailureReason.OUT_OF_RESOURCES,
-        f"the data set outside Pixel Data and bulk data {what} this archive parses",
-        over_limit=True,
-    )
+    raise InvalidInstanceError(FailureReason.OUT_OF_RESOURCES, message, over_limit=True)
 
 
 class _Budget:
