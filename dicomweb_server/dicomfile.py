@@ -192,7 +192,7 @@ def _parse(path: Path) -> ParsedFile:
             with _INFLATE_LOCK:
                 header = _inflated_header(fp, data_set_at)
         else:
-            header = headersize.measure(fp, data_set_at, syntax)
+            header = headersize.measured(fp, data_set_at, syntax)
     try:
         headersize.check(header)
     except InvalidInstanceError as exc:  # its UIDs for the response (FailedSOPSequence)
@@ -336,7 +336,7 @@ def _inflated_header(fp: BinaryIO, at: int) -> headersize.HeaderSize:
     with tempfile.SpooledTemporaryFile(_INFLATED_IN_MEMORY_BYTES) as inflated:
         _inflate_into(fp, zlib.decompressobj(-zlib.MAX_WBITS), inflated)
         total = inflated.tell()
-        header = headersize.measure(cast(BinaryIO, inflated), 0, EXPLICIT_VR_LITTLE_ENDIAN)
+        header = headersize.measured(cast(BinaryIO, inflated), 0, EXPLICIT_VR_LITTLE_ENDIAN)
     return replace(header, held_bytes=total)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "HeaderSize",
     "check",
     "measure",
+    "measured",
     "parsing",
 ]
 
@@ -86,6 +87,7 @@ _MULTI_TEXT_VRS = frozenset(
 # the file is counted as held, as small elements, and the walk stops.
 _MAX_OPEN = 2 * (MAX_SEQUENCE_DEPTH + 8)
 _SMALLEST_ELEMENT_BYTES = 8
+_UNWALKED_MAX_BYTES = 64 * 1024
 _WINDOW_BYTES = 64 * 1024
 
 
@@ -96,6 +98,9 @@ class HeaderSize:
     held_bytes: int
     elements: int
     values: int = 0
+    # False: the walk stopped once past a limit (measure), these are its counts so far: a
+    # 4 GB part of small items would have been walked for a quarter of an hour.
+    whole: bool = True
 
     @property
     def estimate(self) -> int:
@@ -109,14 +114,16 @@ def check(size: HeaderSize) -> None:
     """Refuse (0xA700, a limit the sender passed) a header past MAX_HEADER_BYTES or
     MAX_HEADER_MEMORY_BYTES, before it is parsed. The reason begins with what a DIMSE Error
     Comment keeps (64 characters)."""
+    least = "" if size.whole else "at least "
     if size.held_bytes > MAX_HEADER_BYTES:
         message = (
-            f"header of {size.held_bytes} bytes past MAX_HEADER_BYTES ({MAX_HEADER_BYTES}):"
-            " the data set but Pixel Data and bulk data, more than this archive parses"
+            f"header of {least}{size.held_bytes} bytes past MAX_HEADER_BYTES"
+            f" ({MAX_HEADER_BYTES}): the data set but Pixel Data and bulk data, more than this"
+            " archive parses"
         )
     elif size.estimate > MAX_HEADER_MEMORY_BYTES:
         message = (
-            f"header of {size.elements} elements and items, {size.values} values past"
+            f"header of {least}{size.elements} elements and items, {size.values} values past"
             f" MAX_HEADER_MEMORY_BYTES ({MAX_HEADER_MEMORY_BYTES}): parsed, they would take"
             f" about {size.estimate} bytes of memory, more than this archive spends on one"
         )
@@ -173,12 +180,23 @@ def parsing(size: HeaderSize) -> Iterator[None]:
         yield
 
 
+def measured(fp: BinaryIO, start: int, transfer_syntax_uid: str) -> HeaderSize:
+    """measure, but for a data set of at most _UNWALKED_MAX_BYTES: taken at its worst (an
+    element every 8 bytes, a value every 2: some 10 MB to parse), not walked. Most instances
+    are larger (their Pixel Data), but a walk costs a tenth of a usual header's parse."""
+    size = fp.seek(0, 2) - start
+    if size <= _UNWALKED_MAX_BYTES:
+        return HeaderSize(size, size // _SMALLEST_ELEMENT_BYTES, size // 2)
+    return measure(fp, start, transfer_syntax_uid)
+
+
 def measure(fp: BinaryIO, start: int, transfer_syntax_uid: str) -> HeaderSize:
     """The header of the data set at `start` of `fp` (a Part-10 file, or an inflated data set):
     its elements walked as pydicom reads them (explicit or implicit VR, a sequence's items in
     implicit VR within an explicit one, an UN of a sequence, items and sequences of defined
     or undefined length, elements after Pixel Data), values skipped by seeking but those of
-    multi-valued strings (their backslashes counted)."""
+    multi-valued strings (their backslashes counted). The walk stops as soon as its counts
+    pass a limit (check refuses them then)."""
     return _Walk(fp, transfer_syntax_uid).run(start)
 
 
@@ -193,51 +211,63 @@ class _Open:
 
 
 class _Walk:
+    """One walk: counts, the containers open, and a window of the file read ahead."""
+
     def __init__(self, fp: BinaryIO, ts: str) -> None:
+        order = ">" if ts == EXPLICIT_VR_BIG_ENDIAN else "<"
         self.fp = fp
-        self.order = ">" if ts == EXPLICIT_VR_BIG_ENDIAN else "<"
+        self._head = struct.Struct(f"{order}HHI").unpack_from
+        self._u16 = struct.Struct(f"{order}H").unpack_from
+        self._u32 = struct.Struct(f"{order}I").unpack_from
+        self._item = struct.pack(f"{order}HH", *_ITEM)
+        self._delimiter = struct.pack(f"{order}HH", *_SEQUENCE_END)
         self.held = self.elements = self.values = 0
         self.open: list[_Open] = []
-        self._at, self._window = 0, b""
+        self._start, self.window = 0, b""
 
-    def _read(self, pos: int, n: int) -> bytes:
-        """`n` bytes at `pos` (fewer at the end of the file), read a window at a time."""
-        at = pos - self._at
-        if at < 0 or at + n > len(self._window):
+    def _at(self, pos: int, n: int) -> int:
+        """Where the `n` bytes at `pos` are in `window` (read a window at a time), or -1 when
+        the file ends before them."""
+        at = pos - self._start
+        if at < 0 or at + n > len(self.window):
             self.fp.seek(pos)
-            self._at, self._window, at = pos, self.fp.read(max(n, _WINDOW_BYTES)), 0
-        return self._window[at : at + n]
+            self._start, self.window, at = pos, self.fp.read(max(n, _WINDOW_BYTES)), 0
+            if len(self.window) < n:
+                return -1
+        return at
 
     def _looks_implicit(self, pos: int) -> bool:
         """pydicom's test of a data set's first element (filereader._is_implicit_vr): no two
         capital letters where an explicit VR would be."""
-        vr = self._read(pos + 4, 2)
-        return len(vr) == 2 and not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)
+        if (at := self._at(pos + 4, 2)) < 0:
+            return False
+        return not (0x40 < self.window[at] < 0x5B and 0x40 < self.window[at + 1] < 0x5B)
 
     def run(self, pos: int) -> HeaderSize:
         top = self._looks_implicit(pos)  # pydicom trusts the data set over its meta
-        while True:
+        while pos >= 0:
             pos = self._close(pos)
-            head = self._read(pos, 8)
-            if len(head) < 8:
+            if (at := self._at(pos, 8)) < 0:
                 break
             if len(self.open) > _MAX_OPEN:
                 self._count_rest(pos)
                 break
-            group, elem, length = struct.unpack(f"{self.order}HHI", head)
-            tag = group << 16 | elem
+            group, elem, length = self._head(self.window, at)
             inner = self.open[-1] if self.open else None
             if inner is not None and inner.kind != "elements":
                 pos = self._in_sequence(inner, (group, elem), length, pos)
-            elif tag == _ITEM_END:  # ends an item; at the top level, the data set (pydicom)
+            elif (group, elem) == (0xFFFE, 0xE00D):  # ends an item; at the top, the data set
                 if inner is None:
                     break
                 self.open.pop()
                 self.held, pos = self.held + 8, pos + 8
             else:
-                pos = self._element(pos, head, tag, top if inner is None else inner)
-            if pos < 0:
-                break
+                pos = self._element(pos, at, group << 16 | elem, length, inner or top)
+            if self.held > MAX_HEADER_BYTES or (
+                _BYTE_COST * self.held + _ELEMENT_COST * self.elements + _VALUE_COST * self.values
+                > MAX_HEADER_MEMORY_BYTES
+            ):
+                return HeaderSize(self.held, self.elements, self.values, whole=False)
         return HeaderSize(self.held, self.elements, self.values)
 
     def _close(self, pos: int) -> int:
@@ -271,13 +301,25 @@ class _Walk:
         self.open.append(_Open("elements", end, implicit))
         return pos + 8
 
-    def _element(self, pos: int, head: bytes, tag: int, where: bool | _Open) -> int:
-        """Walk the element at `pos`, in an item (`where`) or at the top level (`where`: its
-        VR encoding): a sequence is opened, any other value skipped, counted as held unless
-        it is Pixel Data or top-level bulk data."""
-        top = not isinstance(where, _Open)
+    def _element(self, pos: int, at: int, tag: int, length: int, where: bool | _Open) -> int:
+        """Walk the element at `pos` (its header at `at` in the window, its length read as
+        implicit VR), in an item (`where`) or at the top level (`where`: its VR encoding): a
+        sequence is opened, any other value skipped, held unless it is Pixel Data or top-level
+        bulk data; -1 to stop. Its VR and length as pydicom's data_element_generator reads
+        them: an explicit VR that is no two capital letters is read as implicit
+        (config.assume_implicit_vr_switch), other letters have a 2-byte length."""
+        top = isinstance(where, bool)
         implicit = where if isinstance(where, bool) else where.implicit
-        vr, length, header = self._vr_and_length(pos, head, implicit)
+        vr = None if implicit else self.window[at + 4 : at + 6]
+        header = 8
+        if vr in LONG_LENGTH_VRS:
+            if (at := self._at(pos, 12)) < 0:
+                return -1
+            (length,), header = self._u32(self.window, at + 8), 12
+        elif vr is not None and b"AA" <= vr <= b"ZZ":
+            (length,) = self._u16(self.window, at + 6)
+        else:
+            vr = None
         value_at = pos + header
         if top and tag in _PIXEL_DATA_TAGS:
             if length != _UNDEFINED:
@@ -286,34 +328,32 @@ class _Walk:
             return value_at
         self.elements += 1
         self.held += header
-        if self._is_sequence(tag, vr, value_at, length):
-            end = None if length == _UNDEFINED else value_at + length
-            self.open.append(_Open("items", end, implicit))
-            return value_at
-        if length == _UNDEFINED:  # no sequence: read to its delimiter, held
-            end = self._undefined_value_end(value_at)
-            self.held += end - value_at
+        if (vr is None or vr in (b"SQ", b"UN") or length == _UNDEFINED) and (
+            end := self._sequence_or_value(tag, vr, value_at, length, where)
+        ) is not None:
             return end
-        kind = _vr_of(tag, vr)
-        if not (top and length > BULK_DATA_THRESHOLD_BYTES and kind in BULK_VRS):
+        name = _vr_of(tag, vr)
+        if not (top and length > BULK_DATA_THRESHOLD_BYTES and name in BULK_VRS):
             self.held += length
-            self.values += self._count_values(kind, value_at, length)
+            self.values += self._count_values(name, value_at, length)
         return value_at + length
 
-    def _vr_and_length(
-        self, pos: int, head: bytes, implicit: bool
-    ) -> tuple[bytes | None, int, int]:
-        """(explicit VR or None, value length, header bytes) as pydicom's
-        data_element_generator reads them: an explicit VR that is no two capital letters is
-        read as implicit (config.assume_implicit_vr_switch); unknown letters have a 2-byte
-        length."""
-        vr = head[4:6]
-        if not implicit and vr in LONG_LENGTH_VRS:
-            (length,) = struct.unpack(f"{self.order}I", self._read(pos + 8, 4).ljust(4, b"\0"))
-            return vr, length, 12
-        if not implicit and b"AA" <= vr <= b"ZZ":
-            return vr, struct.unpack(f"{self.order}H", head[6:8])[0], 8
-        return None, struct.unpack(f"{self.order}I", head[4:8])[0], 8
+    def _sequence_or_value(
+        self, tag: int, vr: bytes | None, value_at: int, length: int, where: bool | _Open
+    ) -> int | None:
+        """Where to go on from an element that may hold a sequence, now open (its value), or
+        from a value of undefined length that is none (its end, held); None for a value of
+        defined length that is none."""
+        if self._is_sequence(tag, vr, value_at, length):
+            end = None if length == _UNDEFINED else value_at + length
+            implicit = where if isinstance(where, bool) else where.implicit
+            self.open.append(_Open("items", end, implicit))
+            return value_at
+        if length != _UNDEFINED:
+            return None
+        end = self._undefined_value_end(value_at)
+        self.held += end - value_at
+        return end
 
     def _is_sequence(self, tag: int, vr: bytes | None, value_at: int, length: int) -> bool:
         """Whether pydicom reads the value as a sequence, now or when it is converted: an
@@ -328,42 +368,39 @@ class _Walk:
             return True
         if length != _UNDEFINED and length < 8:
             return False
-        first = self._read(value_at, 4)
-        return len(first) == 4 and struct.unpack(f"{self.order}HH", first) == _ITEM
+        at = self._at(value_at, 4)
+        return at >= 0 and self.window[at : at + 4] == self._item
 
-    def _count_values(self, vr: str, at: int, length: int) -> int:
+    def _count_values(self, vr: str, pos: int, length: int) -> int:
         """Values of a number or multi-valued string element (each a list entry once
         converted); 0 for any other (its bytes are what it holds)."""
         if size := _NUMBER_SIZES.get(vr):
             return length // size
         if vr not in _MULTI_TEXT_VRS:
             return 0
-        count, end = 1, at + length
-        while at < end and (chunk := self._read(at, min(end - at, _WINDOW_BYTES))):
-            count += chunk.count(b"\\")
-            at += len(chunk)
+        count, end = 1, pos + length
+        while pos < end and (at := self._at(pos, n := min(end - pos, _WINDOW_BYTES))) >= 0:
+            count += self.window.count(b"\\", at, at + n)
+            pos += n
         return count
 
-    def _undefined_value_end(self, at: int) -> int:
+    def _undefined_value_end(self, value_at: int) -> int:
         """Where a value of undefined length that is no sequence ends, as pydicom finds it
         (fileutil.read_undefined_length_value): after its items' Sequence Delimitation Item,
         else after the first delimiter's bytes, else at the end of the file."""
-        pos = at
-        while len(head := self._read(pos, 8)) == 8:
-            group, elem, length = struct.unpack(f"{self.order}HHI", head)
+        pos = value_at
+        while (at := self._at(pos, 8)) >= 0:
+            group, elem, length = self._head(self.window, at)
             if (group, elem) == _SEQUENCE_END:
                 return pos + 8
             if (group, elem) != _ITEM or length == _UNDEFINED:
                 break
             pos += 8 + length
-        delimiter = struct.pack(f"{self.order}HH", 0xFFFE, 0xE0DD)
-        pos = at
-        while chunk := self._read(pos, _WINDOW_BYTES):
-            if (found := chunk.find(delimiter)) >= 0:
-                return pos + found + 8
-            if len(chunk) < _WINDOW_BYTES:
-                break
-            pos += _WINDOW_BYTES - 3
+        pos = value_at
+        while (at := self._at(pos, 4)) >= 0:
+            if (found := self.window.find(self._delimiter, at)) >= 0:
+                return self._start + found + 8
+            pos = self._start + len(self.window) - 3
         return self.fp.seek(0, 2)
 
 
