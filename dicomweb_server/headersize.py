@@ -55,8 +55,9 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 # The memory one parse is estimated to take (HeaderSize.estimate), at most: a header of small
 # elements passes it long before MAX_HEADER_BYTES (64 MiB of them would take some 8 GB). About
 # a million elements and items: a whole-slide level of 50,000 tiles with Per-frame Functional
-# Groups (TILED_SPARSE) has some 750,000, an enhanced CT of 5,000 frames some 200,000, an RT
-# Structure Set of 50 MB of Contour Data (DS) some 7 million values (450 MB). More: 0xA700.
+# Groups (TILED_SPARSE) has some 750,000, an enhanced CT of 5,000 frames some 200,000; an RT
+# Structure Set of 50 MB of Contour Data (DS), some 7 million values, is estimated at 650 MB.
+# More: 0xA700.
 MAX_HEADER_MEMORY_BYTES = 1024 * 1024 * 1024
 # The memory the ingest parses under way in a process may take between them, estimated: a
 # parse waits, first come first served, until its estimate fits; one estimated larger runs
@@ -74,7 +75,7 @@ _VALUE_COST = 64
 _BYTE_COST = 4
 
 _UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), 0xFFFEE00D, (0xFFFE, 0xE0DD)
+_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 _PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 # Bytes per value of the VRs whose values are binary numbers (converted to a list of them).
 _NUMBER_SIZES = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}
@@ -256,7 +257,7 @@ class _Walk:
             inner = self.open[-1] if self.open else None
             if inner is not None and inner.kind != "elements":
                 pos = self._in_sequence(inner, (group, elem), length, pos)
-            elif (group, elem) == (0xFFFE, 0xE00D):  # ends an item; at the top, the data set
+            elif (group, elem) == _ITEM_END:  # ends an item; at the top level, the data set
                 if inner is None:
                     break
                 self.open.pop()
