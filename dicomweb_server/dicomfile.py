@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import re
 import struct
+import tempfile
 import threading
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -22,10 +23,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
 from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.multival import MultiValue
 
+from dicomweb_server import headersize
 from dicomweb_server.dicom_json import (
     BINARY_FORMATS,
     BULK_DATA_THRESHOLD_BYTES,
@@ -40,6 +42,7 @@ from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
     VIDEO_TRANSFER_SYNTAXES,
 )
@@ -83,6 +86,8 @@ _SEQ_DELIM = (0xFFFE, 0xE0DD)
 MAX_INFLATED_BYTES = 64 * 1024 * 1024
 _INFLATE_LOCK = threading.Lock()
 _INFLATE_READ_BYTES = 64 * 1024
+# An inflated data set is measured (headersize) from a scratch file, in memory up to this.
+_INFLATED_IN_MEMORY_BYTES = 1024 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
 _SOP_UIDS_INFLATED_BYTES = 1024 * 1024
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
@@ -178,13 +183,40 @@ def bulk_prefix(study: str, series: str, sop: str) -> str:
 
 
 def _parse(path: Path) -> ParsedFile:
-    size = path.stat().st_size
+    """Measure the header (headersize: refused past its limits before pydicom reads it), then
+    parse it while the memory it takes is held (headersize.parsing)."""
     with path.open("rb") as fp:
         syntax, data_set_at = _file_meta(fp)
-        if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        deflated = syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+        if deflated:
             with _INFLATE_LOCK:
-                _check_inflated_size(fp, data_set_at)
+                header = _inflated_header(fp, data_set_at)
+        else:
+            header = headersize.measured(fp, data_set_at, syntax)
+    try:
+        headersize.check(header)
+    except InvalidInstanceError as exc:  # its UIDs for the response (FailedSOPSequence)
+        exc.sop_class, exc.sop = _known_uids(path)
+        raise
+    with headersize.parsing(header):
+        if deflated:
+            with _INFLATE_LOCK:
                 return _parse_whole(path, syntax, data_set_at)
+        return _parse_by_range(path, data_set_at)
+
+
+def _known_uids(path: Path) -> tuple[str | None, str | None]:
+    """(SOP Class UID, SOP Instance UID) of a file refused unparsed, None when not read."""
+    try:
+        sop_class, sop = sop_uids(path)
+    except Exception:  # untrusted input: the refusal stands without them
+        return None, None
+    return sop_class or None, sop or None
+
+
+def _parse_by_range(path: Path, data_set_at: int) -> ParsedFile:
+    size = path.stat().st_size
+    with path.open("rb") as fp:
         ds, ts = _header(fp, size)
         uids = _uids(ds)
         prefix = bulk_prefix(uids[2], uids[3], uids[1])
@@ -273,8 +305,16 @@ def sop_uids(path: Path) -> tuple[str, str]:
     with path.open("rb") as fp:
         syntax, at = _file_meta(fp)
         if syntax != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-            tags = [_SOP_CLASS, _SOP_INSTANCE]
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+            # Read no further than (0008,0018), nor into a value of undefined length before
+            # it: pydicom parses a sequence of undefined length whole even to skip it
+            # (specific_tags), which was the whole data set up to the Pixel Data, before the
+            # ingest (headersize) could refuse a header of gigabytes of small items.
+            fp.seek(0)
+            ds = read_partial(
+                fp,
+                stop_when=lambda tag, _vr, length: tag > _SOP_INSTANCE or length == 0xFFFFFFFF,
+                specific_tags=[_SOP_CLASS, _SOP_INSTANCE],
+            )
         else:
             fp.seek(at)
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -288,17 +328,27 @@ def sop_uids(path: Path) -> tuple[str, str]:
     return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
 
 
-def _check_inflated_size(fp: BinaryIO, at: int) -> None:
-    """Inflate the data set from `at` without keeping it: refused (0xA700) once it passes
-    MAX_INFLATED_BYTES, or (0xC000) when it is not a deflate stream."""
+def _inflated_header(fp: BinaryIO, at: int) -> headersize.HeaderSize:
+    """Inflate the data set from `at` into a scratch file, not memory: refused (0xA700) once it
+    passes MAX_INFLATED_BYTES, or (0xC000) when it is not a deflate stream; else its header
+    measured there. pydicom holds all of it, Pixel Data included: its bytes are held."""
     fp.seek(at)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    with tempfile.SpooledTemporaryFile(_INFLATED_IN_MEMORY_BYTES) as inflated:
+        _inflate_into(fp, zlib.decompressobj(-zlib.MAX_WBITS), inflated)
+        total = inflated.tell()
+        header = headersize.measured(cast(BinaryIO, inflated), 0, EXPLICIT_VR_LITTLE_ENDIAN)
+    return replace(header, held_bytes=total)
+
+
+def _inflate_into(fp: BinaryIO, inflater: Any, out: Any) -> None:
     total = 0
     try:
         # Bytes after the end of the stream (padding) may stay in unconsumed_tail: stop at eof.
         while not inflater.eof and (chunk := fp.read(_INFLATE_READ_BYTES)):
             while chunk and not inflater.eof:
-                total += len(inflater.decompress(chunk, _INFLATE_READ_BYTES))
+                piece = inflater.decompress(chunk, _INFLATE_READ_BYTES)
+                total += len(piece)
+                out.write(piece)
                 chunk = inflater.unconsumed_tail
                 if total > MAX_INFLATED_BYTES:
                     raise InvalidInstanceError(

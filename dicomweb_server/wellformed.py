@@ -16,7 +16,12 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_deferred_data_element
 from pydicom.hooks import hooks as pydicom_hooks
 
-from dicomweb_server.dicom_json import BINARY_FORMATS, raw_vr, tag_name
+from dicomweb_server.dicom_json import (
+    BINARY_FORMATS,
+    BULK_DATA_THRESHOLD_BYTES,
+    raw_vr,
+    tag_name,
+)
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
@@ -294,7 +299,14 @@ def merge_tail(
             " (Data Set Trailing Padding is (FFFC,FFFC), PS3.10 7.2)",
         )
     fp.seek(end)
-    tail = read_dataset(fp, ts == IMPLICIT_VR_LITTLE_ENDIAN, ts != EXPLICIT_VR_BIG_ENDIAN)
+    # Values past the bulk data threshold left unread, as before Pixel Data (dicomfile._header):
+    # a large private value or padding after it was read into memory (headersize).
+    tail = read_dataset(
+        fp,
+        ts == IMPLICIT_VR_LITTLE_ENDIAN,
+        ts != EXPLICIT_VR_BIG_ENDIAN,
+        defer_size=BULK_DATA_THRESHOLD_BYTES,
+    )
     stop = end_before_item_delimiter(fp, tail, end, fp.tell(), size, ts, " after the Pixel Data")
     if not tail and stop > end:  # 1 to 7 bytes: pydicom stops there silently
         raise InvalidInstanceError(
@@ -311,6 +323,8 @@ def merge_tail(
                 " or repeated (PS3.5 7.1)",
             )
         if tag != DATASET_TRAILING_PADDING:
-            ds[tag] = tail[tag]
+            # Raw, as dcmread leaves the elements before Pixel Data: Dataset.__setitem__
+            # converts a private element, and a value left unread would become None.
+            ds._dict[tag] = tail.get_item(tag, keep_deferred=True)
     padding = tail.get_item(DATASET_TRAILING_PADDING, keep_deferred=True)
     return padding if isinstance(padding, RawDataElement) else None

@@ -16,6 +16,7 @@ from dicomweb_server import (
     dicom_json,
     dicom_xml,
     dicomfile,
+    headersize,
     httpd,
     iccprofile,
     matching,
@@ -86,7 +87,7 @@ def test_limits() -> None:
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
                metadata_body, inflated, fragments, pixelwrite, dimse_conversion,
-               retrieve_instances, blob_files, blob_budget, iccprofile)  # fmt: skip
+               retrieve_instances, blob_files, blob_budget, iccprofile, headersize)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's
