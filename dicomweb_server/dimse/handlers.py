@@ -36,7 +36,12 @@ from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dicomfile import sop_uids
 from dicomweb_server.dimse import conversion
-from dicomweb_server.dimse.association import discard_unserved_stores, final_failure, no_delay
+from dicomweb_server.dimse.association import (
+    discard_unserved_stores,
+    final_failure,
+    no_delay,
+    no_remaining_in_final,
+)
 from dicomweb_server.dimse.connections import DIMSE_MAX_IDENTIFIER_BYTES, Connections
 from dicomweb_server.dimse.identifier import (
     UNABLE_TO_PROCESS,
@@ -157,6 +162,7 @@ class Handlers:
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
+            (evt.EVT_CONN_OPEN, no_remaining_in_final),
             # Before discard_unserved_stores: EVT_ABORTED's handler marks the association
             # ending (no C-STORE taken up later is served) before the spool files go.
             *self.connections.bindings(),
