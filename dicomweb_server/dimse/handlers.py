@@ -13,7 +13,6 @@ import logging
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pydicom.dataset import Dataset
@@ -34,7 +33,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent, Patient, PatientOfStudy
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.config import MAX_PART_BYTES
-from dicomweb_server.dicomfile import sop_uids
 from dicomweb_server.dimse import conversion
 from dicomweb_server.dimse.association import (
     discard_unserved_stores,
@@ -59,7 +57,6 @@ from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
     CANNOT_PERFORM,
-    DATA_SET_DOES_NOT_MATCH,
     DESTINATION_UNKNOWN,
     OUT_OF_RESOURCES,
     PENDING,
@@ -68,6 +65,7 @@ from dicomweb_server.dimse.statuses import (
     UNFINISHED,
     status,
 )
+from dicomweb_server.dimse.stores import DataSetWaits, refusal, serve_every_store
 from dicomweb_server.errors import DicomWebError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services, store_path
@@ -120,6 +118,8 @@ class Handlers:
     max_data_set_bytes: int = MAX_PART_BYTES
     # Each connection: its data set size limit, how it ended, the C-STOREs it left unserved.
     connections: Connections = field(init=False, repr=False)
+    # Each association's C-STORE awaiting its data set (one that never comes is refused).
+    waits: DataSetWaits = field(default_factory=DataSetWaits, repr=False)
 
     def __post_init__(self) -> None:
         self.connections = Connections(self._record, self.max_data_set_bytes)
@@ -163,6 +163,8 @@ class Handlers:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_CONN_OPEN, no_remaining_in_final),
+            (evt.EVT_CONN_OPEN, serve_every_store),
+            *self.waits.bindings(),  # before the connections' data set count
             # Before discard_unserved_stores: EVT_ABORTED's handler marks the association
             # ending (no C-STORE taken up later is served) before the spool files go.
             *self.connections.bindings(),
@@ -200,7 +202,7 @@ class Handlers:
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:
             size = event.dataset_path.stat().st_size
-        except OSError:
+        except (OSError, AttributeError):  # no data set (stores.refusal)
             size = 0
         sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         detail = _with_comment(f"sop={sop}", answer)
@@ -215,9 +217,9 @@ class Handlers:
         data set passed: a Deflated one inflating past MAX_INFLATED_BYTES, 0xA700 as STOW
         answers it, the peer's doing and not the archive out of resources; the patient the
         stored data set names, for the audit trail)."""
-        mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
-        if mismatch:
-            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None, False, None
+        refused = refusal(event, self.waits.never_came(event))
+        if refused is not None:
+            return refused, None, False, None
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
@@ -513,22 +515,6 @@ def _identifier_text(event: Event) -> str:
         return " ".join(f"{e.keyword}={e.value}" for e in ds if e.VR != "SQ" and e.value)[:1000]
     except Exception:  # an identifier that does not decode: its failure is audited anyway
         return ""
-
-
-def _command_mismatch(path: Path, request: C_STORE) -> str | None:
-    """Why the data set's SOP Class/Instance UIDs differ from the C-STORE request's Affected
-    ones (PS3.7 9.1.1.1), or None. The stored file's meta header is built from the request,
-    so a mismatch would make an inconsistent Part-10 file. Unreadable headers are left to the
-    ingest, which reports them."""
-    try:
-        sent = sop_uids(path)  # a Deflated data set not inflated whole (found by review)
-    except Exception:
-        return None
-    expected = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
-    for name, got, want in zip(("SOPClassUID", "SOPInstanceUID"), sent, expected, strict=True):
-        if got and got != want:
-            return f"{name} {got} is not the Affected {name} of the request ({want})"
-    return None
 
 
 async def _locate(svc: Services, q: Query) -> list[StoredInstance]:
