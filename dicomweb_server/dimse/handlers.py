@@ -51,6 +51,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer
+from dicomweb_server.dimse.release import Releases, release_requested
 from dicomweb_server.dimse.retrieval import BytesSent, Retrieval
 from dicomweb_server.dimse.sending import conversion_failed, remove_scratch, send_stored_files
 from dicomweb_server.dimse.statuses import (
@@ -164,6 +165,7 @@ class Handlers:
             (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_CONN_OPEN, no_remaining_in_final),
             (evt.EVT_CONN_OPEN, serve_every_store),
+            (evt.EVT_CONN_OPEN, Releases.opened),
             *self.waits.bindings(),  # before the connections' data set count
             # Before discard_unserved_stores: EVT_ABORTED's handler marks the association
             # ending (no C-STORE taken up later is served) before the spool files go.
@@ -369,9 +371,12 @@ class Handlers:
             final_failure(event, found)
             yield 0
             return
+        releases = Releases.install(event.assoc)
+        releases.serving += 1  # pynetdicom not told of an A-RELEASE-RQ meanwhile (release.py)
         try:
             yield from self._sub_operations(event, found, retrieval)
         finally:
+            releases.serving -= 1
             outcome, summary = retrieval.outcome(len(found)), retrieval.summary(len(found))
             detail = f"{detail} {summary}".strip()
             if retrieval.unsent:  # first, where no text of the peer's can put it
@@ -397,7 +402,10 @@ class Handlers:
                 yield CANCEL, None
                 return
             before = len(retrieval.responses)
-            to_send = _failed(inst) if retrieval.lost() else self._to_send(inst, retrieval)
+            # The C-STOREs' association lost, or the requestor asking to release this one
+            # (release.py): failed, not sent.
+            ended = retrieval.lost() or release_requested(event.assoc)
+            to_send = _failed(inst) if ended else self._to_send(inst, retrieval)
             try:
                 yield PENDING, to_send
             finally:  # sent (send_stored_files removed it), or given up: closed here
