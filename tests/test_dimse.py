@@ -282,7 +282,7 @@ def test_the_request_check_does_not_inflate_a_deflate_bomb(tmp_path: Path) -> No
     import tracemalloc
     from types import SimpleNamespace
 
-    from dicomweb_server.dimse.handlers import _command_mismatch
+    from dicomweb_server.dimse.stores import command_mismatch as _command_mismatch
 
     ds = make_instance()
     path = _deflated(tmp_path / "bomb.dcm", ds, zeros=128 * 2**20)

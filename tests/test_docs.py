@@ -37,6 +37,7 @@ from dicomweb_server.dimse import conversion as dimse_conversion
 from dicomweb_server.dimse import handlers, identifier
 from dicomweb_server.dimse import sending as dimse_sending
 from dicomweb_server.dimse import server as dimse_server
+from dicomweb_server.dimse import stores as dimse_stores
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media import mediatypes, negotiate
 from dicomweb_server.retrieve import frames as retrieve_frames
@@ -87,7 +88,8 @@ def test_limits() -> None:
                common, stow_json, dicom_xml, dicomfile, stow, frames, convert, hashing, app, cli,
                httpd, mediatypes, dimse_sending, pixeldata, search, metadata,
                metadata_body, inflated, fragments, pixelwrite, dimse_conversion,
-               retrieve_instances, blob_files, blob_budget, iccprofile, headersize)  # fmt: skip
+               retrieve_instances, blob_files, blob_budget, iccprofile, headersize,
+               dimse_stores)  # fmt: skip
     for name, value, _ in table("## Limits"):
         actual = [getattr(m, name) for m in modules if hasattr(m, name)]
         assert actual and set(actual) == {int(value)}, name  # a module may import another's

@@ -12,7 +12,11 @@ Submodules (import from the one that defines a name; nothing is re-exported here
     conversion.py   C-MOVE/C-GET sub-operations: contexts proposed, syntax sent in, decode
     sending.py      C-MOVE/C-GET sub-operations in bounded memory: stored files sent a PDU at
                     a time, the PDUs queued for the peer bounded
-    association.py  TCP_NODELAY, and spool files of C-STOREs an association left unserved
+    association.py  TCP_NODELAY, spool files of C-STOREs an association left unserved, the
+                    final C-GET/C-MOVE responses
+    stores.py       C-STOREs refused before the ingest (another SOP Class than their
+                    context's, no data set, one that never comes)
+    release.py      an A-RELEASE-RQ while C-GET/C-MOVE sub-operations are under way
     connections.py  each connection: the data set size limit, and the audit events of an
                     association refused or ended without release, and of its unserved C-STOREs
     retrieval.py    one C-MOVE/C-GET's sub-operation outcomes and final status (audit)

@@ -1,8 +1,9 @@
 """Association events that are no DIMSE service: TCP_NODELAY on its socket (no_delay), every
 wait on its socket bounded (bound_socket_waits), its network timeout counting what it sends
 as well as what it receives (idle_both_ways, never_idle), the spool files of C-STOREs it
-ended before they were served deleted (discard_unserved_stores), and a C-GET or C-MOVE
-refused before any sub-operation answered as such (final_failure)."""
+ended before they were served deleted (discard_unserved_stores), and the final responses of
+a C-GET or C-MOVE: without a count of remaining sub-operations (no_remaining_in_final), and
+when refused before any sub-operation, answered as such (final_failure)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.events import Event
+from pynetdicom.status import STATUS_CANCEL, STATUS_PENDING, code_to_category
 
 __all__ = [
     "bound_socket_waits",
@@ -23,6 +25,7 @@ __all__ = [
     "idle_both_ways",
     "never_idle",
     "no_delay",
+    "no_remaining_in_final",
 ]
 
 
@@ -130,6 +133,30 @@ def _discard(spool: Any, close: bool) -> None:
         os.unlink(spool.name)
 
 
+def no_remaining_in_final(event: Event) -> None:
+    """EVT_CONN_OPEN of an accepted association: a C-GET or C-MOVE response that is final
+    (Success, Warning, Failure) carries no Number of Remaining Sub-operations.
+
+    PS3.4 C.4.2.1.6 (C-MOVE) and C.4.3.1.5 (C-GET): a response with a status of Pending
+    shall contain it, Canceled may (the sub-operations not initiated because of the
+    C-CANCEL), and Warning, Failure or Success shall not; PS3.4 Tables C.4-2 and C.4-3 list
+    (0000,1020) among the related fields of Pending and Cancel only. pynetdicom's Move and
+    Get SCPs (3.0) build every response of an operation on one primitive, and the final
+    one kept the Remaining count of the last pending one: 0 (found by review; dcmtk's
+    movescu and getscu read it only when present). Wraps the DIMSE provider's send_msg
+    before anything else does (send_growing, final_failure), so it sees every response."""
+    dimse = event.assoc.dimse
+    send = dimse.send_msg
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        code = getattr(primitive, "Status", None) if isinstance(primitive, C_GET | C_MOVE) else None
+        if code is not None and code_to_category(code) not in (STATUS_PENDING, STATUS_CANCEL):
+            primitive.NumberOfRemainingSuboperations = None  # left out of the command set
+        send(primitive, context_id)
+
+    dimse.send_msg = send_msg  # type: ignore[method-assign]
+
+
 def final_failure(event: Event, answer: Dataset) -> None:
     """Make the final response to this C-GET or C-MOVE `answer` (a status data set: Status,
     Error Comment), with no sub-operation counted; the handler then yields 0 sub-operations.
@@ -146,16 +173,23 @@ def final_failure(event: Event, answer: Dataset) -> None:
     here for this one response (by its Message ID Being Responded To) and then unwrapped.
     The association serves one request at a time, so no other response passes meanwhile.
     A C-MOVE to an unknown destination, which pynetdicom answers 0xA801 when the handler
-    yields no address, has its response made `answer` the same way (its Error Comment)."""
+    yields no address, has its response made `answer` the same way (its Error Comment).
+    The send_msg it wraps is put back as it was: the provider's own method, or the wrapper
+    set on it before (no_remaining_in_final, sending.send_growing), which a delattr lost
+    for the rest of the association (found by review)."""
     dimse = event.assoc.dimse
     message_id = event.request.MessageID
     send = dimse.send_msg
+    own = vars(dimse).get("send_msg")  # a wrapper set on this provider, if any
 
     def send_final(primitive: Any, context_id: int) -> None:
         if isinstance(primitive, C_GET | C_MOVE) and (
             primitive.MessageIDBeingRespondedTo == message_id
         ):
-            delattr(dimse, "send_msg")  # the provider's own method again
+            if own is None:
+                delattr(dimse, "send_msg")  # the provider's own method again
+            else:
+                setattr(dimse, "send_msg", own)  # noqa: B010 (as below)
             for element in answer:
                 setattr(primitive, element.keyword, element.value)
             primitive.Identifier = None

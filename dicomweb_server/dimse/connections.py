@@ -431,8 +431,8 @@ class Connections:
         pynetdicom 3.0), each once."""
         dimse = getattr(event.assoc, "dimse", None)
         for _context_id, request in list(dimse.msg_queue.queue) if dimse else []:
-            if not isinstance(request, C_STORE):
-                continue
+            if not isinstance(request, C_STORE) or request.MessageIDBeingRespondedTo is not None:
+                continue  # (a response: release.Releases ends a wait with one)
             with link.lock:
                 if any(request is done for done in link.unserved):
                     continue

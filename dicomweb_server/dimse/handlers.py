@@ -13,7 +13,6 @@ import logging
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from pydicom.dataset import Dataset
@@ -35,9 +34,13 @@ from dicomweb_server.audit import ARCHIVE_FAULT, OVER_LIMIT, AuditEvent, Patient
 from dicomweb_server.auditlog import AuditLog
 from dicomweb_server.blobstore.lost import LostBlobError
 from dicomweb_server.config import MAX_PART_BYTES
-from dicomweb_server.dicomfile import sop_uids
 from dicomweb_server.dimse import conversion
-from dicomweb_server.dimse.association import discard_unserved_stores, final_failure, no_delay
+from dicomweb_server.dimse.association import (
+    discard_unserved_stores,
+    final_failure,
+    no_delay,
+    no_remaining_in_final,
+)
 from dicomweb_server.dimse.connections import DIMSE_MAX_IDENTIFIER_BYTES, Connections
 from dicomweb_server.dimse.identifier import (
     UNABLE_TO_PROCESS,
@@ -49,13 +52,13 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer
+from dicomweb_server.dimse.release import Releases, release_requested
 from dicomweb_server.dimse.retrieval import BytesSent, Retrieval
 from dicomweb_server.dimse.sending import conversion_failed, remove_scratch, send_stored_files
 from dicomweb_server.dimse.statuses import (
     CANCEL,
     CANNOT_COUNT,
     CANNOT_PERFORM,
-    DATA_SET_DOES_NOT_MATCH,
     DESTINATION_UNKNOWN,
     OUT_OF_RESOURCES,
     PENDING,
@@ -64,6 +67,7 @@ from dicomweb_server.dimse.statuses import (
     UNFINISHED,
     status,
 )
+from dicomweb_server.dimse.stores import DataSetWaits, refusal, serve_every_store
 from dicomweb_server.errors import DicomWebError
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services, store_path
@@ -116,6 +120,8 @@ class Handlers:
     max_data_set_bytes: int = MAX_PART_BYTES
     # Each connection: its data set size limit, how it ended, the C-STOREs it left unserved.
     connections: Connections = field(init=False, repr=False)
+    # Each association's C-STORE awaiting its data set (one that never comes is refused).
+    waits: DataSetWaits = field(default_factory=DataSetWaits, repr=False)
 
     def __post_init__(self) -> None:
         self.connections = Connections(self._record, self.max_data_set_bytes)
@@ -158,6 +164,10 @@ class Handlers:
     def bindings(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, no_delay),
+            (evt.EVT_CONN_OPEN, no_remaining_in_final),
+            (evt.EVT_CONN_OPEN, serve_every_store),
+            (evt.EVT_CONN_OPEN, Releases.opened),
+            *self.waits.bindings(),  # before the connections' data set count
             # Before discard_unserved_stores: EVT_ABORTED's handler marks the association
             # ending (no C-STORE taken up later is served) before the spool files go.
             *self.connections.bindings(),
@@ -195,7 +205,7 @@ class Handlers:
         code = answer if isinstance(answer, int) else int(answer.Status)
         try:
             size = event.dataset_path.stat().st_size
-        except OSError:
+        except (OSError, AttributeError):  # no data set (stores.refusal)
             size = 0
         sop = str(cast(C_STORE, event.request).AffectedSOPInstanceUID)
         detail = _with_comment(f"sop={sop}", answer)
@@ -210,9 +220,9 @@ class Handlers:
         data set passed: a Deflated one inflating past MAX_INFLATED_BYTES, 0xA700 as STOW
         answers it, the peer's doing and not the archive out of resources; the patient the
         stored data set names, for the audit trail)."""
-        mismatch = _command_mismatch(event.dataset_path, cast(C_STORE, event.request))
-        if mismatch:
-            return status(DATA_SET_DOES_NOT_MATCH, mismatch), None, False, None
+        refused = refusal(event, self.waits.never_came(event))
+        if refused is not None:
+            return refused, None, False, None
         try:
             outcome = self._run(
                 store_path(self.services, event.dataset_path), DIMSE_STORE_TIMEOUT_S
@@ -362,9 +372,12 @@ class Handlers:
             final_failure(event, found)
             yield 0
             return
+        releases = Releases.install(event.assoc)
+        releases.serving += 1  # pynetdicom not told of an A-RELEASE-RQ meanwhile (release.py)
         try:
             yield from self._sub_operations(event, found, retrieval)
         finally:
+            releases.serving -= 1
             outcome, summary = retrieval.outcome(len(found)), retrieval.summary(len(found))
             detail = f"{detail} {summary}".strip()
             if retrieval.unsent:  # first, where no text of the peer's can put it
@@ -390,7 +403,10 @@ class Handlers:
                 yield CANCEL, None
                 return
             before = len(retrieval.responses)
-            to_send = _failed(inst) if retrieval.lost() else self._to_send(inst, retrieval)
+            # The C-STOREs' association lost, or the requestor asking to release this one
+            # (release.py): failed, not sent.
+            ended = retrieval.lost() or release_requested(event.assoc)
+            to_send = _failed(inst) if ended else self._to_send(inst, retrieval)
             try:
                 yield PENDING, to_send
             finally:  # sent (send_stored_files removed it), or given up: closed here
@@ -514,22 +530,6 @@ def _identifier_text(event: Event) -> str:
         return " ".join(f"{e.keyword}={e.value}" for e in ds if e.VR != "SQ" and e.value)[:1000]
     except Exception:  # an identifier that does not decode: its failure is audited anyway
         return ""
-
-
-def _command_mismatch(path: Path, request: C_STORE) -> str | None:
-    """Why the data set's SOP Class/Instance UIDs differ from the C-STORE request's Affected
-    ones (PS3.7 9.1.1.1), or None. The stored file's meta header is built from the request,
-    so a mismatch would make an inconsistent Part-10 file. Unreadable headers are left to the
-    ingest, which reports them."""
-    try:
-        sent = sop_uids(path)  # a Deflated data set not inflated whole (found by review)
-    except Exception:
-        return None
-    expected = (str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
-    for name, got, want in zip(("SOPClassUID", "SOPInstanceUID"), sent, expected, strict=True):
-        if got and got != want:
-            return f"{name} {got} is not the Affected {name} of the request ({want})"
-    return None
 
 
 async def _locate(svc: Services, q: Query) -> list[StoredInstance]:

@@ -20,6 +20,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS
 
+from dicomweb_server.dimse.release import release_requested
 from dicomweb_server.dimse.statuses import CANCEL, CANNOT_PERFORM, SOME_FAILED, UNFINISHED
 
 __all__ = ["BytesSent", "Retrieval"]
@@ -78,12 +79,13 @@ class Retrieval:
         sub-operation then fails at once, its instance not read (PS3.4 C.4.2.3, C.4.3.2:
         counted failed, listed in the Failed SOP Instance UID List). Found by review: the
         next C-STORE, queued before the association's thread saw the loss, waited the whole
-        DIMSE timeout for a response that could not come."""
+        DIMSE timeout for a response that could not come. So once the peer has asked to
+        release it (release.py): no C-STORE-RSP can come any more (PS3.8 7.2.2)."""
         assoc = self.association
         if assoc is None:
             return False
         state = getattr(getattr(assoc.dul, "state_machine", None), "current_state", "Sta6")
-        return not assoc.is_established or state != "Sta6"
+        return not assoc.is_established or state != "Sta6" or release_requested(assoc)
 
     def on_response(self, event: Event) -> None:
         """EVT_DIMSE_RECV (in the thread that receives; each C-STORE-RSP before pynetdicom's

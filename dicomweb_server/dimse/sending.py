@@ -2,7 +2,8 @@
 as stored, or converted for the peer into a scratch file, is read from its file a PDU at a
 time (StoredFile, send_stored_files), the converted one while it is written (streaming.py,
 send_growing), and the PDUs waiting for the peer to take them are held to
-DIMSE_SEND_QUEUE_BYTES (bound_send_queue)."""
+DIMSE_SEND_QUEUE_BYTES (bound_send_queue). None is sent once the peer has asked to release
+the association (release.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicomweb_server.dimse.release import Releases, release_requested
 from dicomweb_server.dimse.streaming import Cancelled, Growing, StreamFailed
 
 __all__ = [
@@ -100,6 +102,7 @@ def send_stored_files(assoc: Any) -> None:
     if getattr(send_c_store, "sends_stored_files", False):
         return
     bound_send_queue(assoc.dul)
+    releases = Releases.install(assoc)
     growing: dict[Path, Growing] = {}  # the one being sent, by its path
     send_growing(assoc, growing)
 
@@ -107,6 +110,8 @@ def send_stored_files(assoc: Any) -> None:
         if not isinstance(dataset, StoredFile):
             return cast(Dataset, send_c_store(dataset, *args, **kwargs))
         try:
+            if release_requested(assoc):  # nothing sent: no response could come
+                raise StreamFailed("the peer asked to release the association")
             if dataset.growing is not None:
                 if not _taking(assoc.dul):  # aborted (a stream failed): sent to no one
                     raise StreamFailed("the association is no longer up")
@@ -122,6 +127,7 @@ def send_stored_files(assoc: Any) -> None:
             raise
         finally:
             assoc.dul.sending_file = False
+            releases.done()
             growing.clear()
             remove_scratch(dataset)
 
@@ -140,7 +146,8 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
     fragment as written, the last flagged last (PS3.8 E.2). A conversion failed before the
     command goes fails the sub-operation, nothing sent; once it has gone, the association
     is aborted (the peer must not take the data set cut short for a whole one; PS3.7 has
-    no other way) and the sub-operation fails.
+    no other way) and the sub-operation fails; so it is when the peer asks to release the
+    association meanwhile (release.py).
     EVT_DIMSE_SENT (the audit's byte count, retrieval.BytesSent) is told once the data set
     has gone, with the data set bytes handed on (`streamed_bytes`): not the file's size
     then, which a failed conversion has removed (found by review: half an instance sent
@@ -168,15 +175,23 @@ def send_growing(assoc: Any, growing: dict[Path, Growing]) -> None:
         # maximum as large as none (0xFFFFFFFF): a fragment is read whole, and sent once that
         # many bytes are written.
         size = min(most - 6, DIMSE_UNLIMITED_PDV_BYTES) if most else DIMSE_UNLIMITED_PDV_BYTES
-        streamed = 0
+        streamed, whole = 0, False
+
+        def sending() -> bool:  # the peer takes PDUs, and can answer this C-STORE
+            return _taking(assoc.dul) and not release_requested(assoc)
+
         try:
-            for data, last in stream.fragments(where[1], size, lambda: _taking(assoc.dul)):
+            for data, whole in stream.fragments(where[1], size, sending):
+                if whole:  # before it goes: its response may come at once
+                    assoc.dul.releases.sent_whole(primitive.MessageID, context_id)
                 pdata = P_DATA()
                 pdata.presentation_data_value_list.append(
-                    (context_id, (b"\x02" if last else b"\x00") + data)
+                    (context_id, (b"\x02" if whole else b"\x00") + data)
                 )
                 dimse.dul.send_pdu(pdata)
                 streamed += len(data)
+            if not whole and release_requested(assoc):
+                raise StreamFailed("the peer asked to release the association (PS3.8 7.2.2)")
         except (StreamFailed, OSError) as exc:
             log.error("aborting the association: %s failed while it was sent: %s",
                       primitive.AffectedSOPInstanceUID, exc)  # fmt: skip

@@ -20,6 +20,7 @@ __all__ = [
     "PENDING_KEYS_UNSUPPORTED",
     "PROCESSING_FAILURE",
     "SOME_FAILED",
+    "SOP_CLASS_NOT_SUPPORTED",
     "UNFINISHED",
     "status",
 ]
@@ -48,6 +49,9 @@ UNFINISHED = PENDING
 PROCESSING_FAILURE = 0x0110
 # PS3.4 Table B.2-1: Error: Data Set does not match SOP Class.
 DATA_SET_DOES_NOT_MATCH = 0xA900
+# PS3.7 9.1.1.1.9 and Annex C: Refused: SOP Class not supported (a C-STORE of a SOP Class
+# other than its presentation context's, stores.refusal).
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 def status(code: int, comment: str = "") -> Dataset:
