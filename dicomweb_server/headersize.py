@@ -209,6 +209,9 @@ class _Open:
     kind: str  # "items", "elements" or "fragments"
     end: int | None  # None: undefined length, ended by a delimiter
     implicit: bool  # implicit VR: of the elements (an item), of the items (a sequence)
+    # Where its values must end: the end of the file, or of the innermost sequence of defined
+    # length it is in (pydicom reads such a sequence from its value's bytes).
+    bound: int
 
 
 class _Walk:
@@ -225,6 +228,7 @@ class _Walk:
         self.held = self.elements = self.values = 0
         self.open: list[_Open] = []
         self._start, self.window = 0, b""
+        self.size = fp.seek(0, 2)
 
     def _at(self, pos: int, n: int) -> int:
         """Where the `n` bytes at `pos` are in `window` (read a window at a time), or -1 when
@@ -271,6 +275,12 @@ class _Walk:
                 return HeaderSize(self.held, self.elements, self.values, whole=False)
         return HeaderSize(self.held, self.elements, self.values)
 
+    def _push(self, kind: str, end: int | None, implicit: bool) -> None:
+        bound = self.open[-1].bound if self.open else self.size
+        if kind == "items" and end is not None:
+            bound = min(bound, end)
+        self.open.append(_Open(kind, end, implicit, bound))
+
     def _close(self, pos: int) -> int:
         """Leave the containers of defined length `pos` has reached. pydicom reads a sequence
         of defined length from its value's bytes and goes on after them; an item's elements
@@ -299,7 +309,7 @@ class _Walk:
         self.held += 8
         end = None if length == _UNDEFINED else pos + 8 + length
         implicit = seq.implicit or self._looks_implicit(pos + 8)
-        self.open.append(_Open("elements", end, implicit))
+        self._push("elements", end, implicit)
         return pos + 8
 
     def _element(self, pos: int, at: int, tag: int, length: int, where: bool | _Open) -> int:
@@ -322,10 +332,18 @@ class _Walk:
         else:
             vr = None
         value_at = pos + header
+        if length != _UNDEFINED and value_at + length > (
+            self.open[-1].bound if self.open else self.size
+        ):
+            # Cut short: a value past the end of the file, or of the sequence of defined
+            # length it is in. No header that large: the parse refuses it as it reads it
+            # (0xC000, wellformed: truncated, or a value past its item's sequence, PS3.5 7.5),
+            # which 0xA700 (a limit passed; a DIMSE sender may send it again later) hid.
+            return -1
         if top and tag in _PIXEL_DATA_TAGS:
             if length != _UNDEFINED:
                 return value_at + length
-            self.open.append(_Open("fragments", None, implicit))
+            self._push("fragments", None, implicit)
             return value_at
         self.elements += 1
         self.held += header
@@ -348,7 +366,7 @@ class _Walk:
         if self._is_sequence(tag, vr, value_at, length):
             end = None if length == _UNDEFINED else value_at + length
             implicit = where if isinstance(where, bool) else where.implicit
-            self.open.append(_Open("items", end, implicit))
+            self._push("items", end, implicit)
             return value_at
         if length != _UNDEFINED:
             return None
@@ -365,8 +383,13 @@ class _Walk:
             return True
         if vr is not None and vr != b"UN":
             return False
-        if _vr_of(tag, None) == "SQ":
-            return True
+        if (known := _dictionary_vr(tag)) is not None:
+            # The dictionary decides for a tag it knows, as pydicom's does (data_element_
+            # generator, the raw_element_vr hook): an implicit VR Pixel Data of undefined
+            # length in an icon image's item is a value whose fragments are items, no
+            # sequence (walked as one, a JPEG fragment's bytes were read as element headers
+            # of gigabytes: 0xA700 for an instance pydicom reads).
+            return known == "SQ"
         if length != _UNDEFINED and length < 8:
             return False
         at = self._at(value_at, 4)
@@ -405,14 +428,20 @@ class _Walk:
         return self.fp.seek(0, 2)
 
 
+def _dictionary_vr(tag: int) -> str | None:
+    """The VR pydicom's data dictionary gives a tag, None when it has none (a private tag)."""
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
+
+
 def _vr_of(tag: int, vr: bytes | None) -> str:
     """An element's VR: explicit, else its dictionary's as dicom_json.raw_vr reads it (an
     "OB or OW" is OW), UN when the tag is unknown (a private one)."""
     if vr is not None:
         return vr.decode("ascii", "replace")
-    try:
-        found = str(dictionary_VR(tag))
-    except KeyError:
+    if (found := _dictionary_vr(tag)) is None:
         return "UN"
     if " or " in found:
         return "OW" if "OW" in found else found.split(" or ")[0]

@@ -1,0 +1,111 @@
+"""The header walk (headersize.measure) read as pydicom reads the data set, found by review:
+valid instances are not refused for a header they do not have, and a malformed one is refused
+for what it is (0xC000), not as too large (0xA700)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import generate_frames
+
+from dicomweb_server import headersize
+from dicomweb_server.dicomfile import parse_file
+from dicomweb_server.errors import FailureReason
+from dicomweb_server.wellformed import InvalidInstanceError
+from tests.helpers import make_instance
+from tests.test_headersize import _element, _measured, _pydicom_elements, part10
+
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _implicit(tag: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _delimiter(element: int) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, element, 0)
+
+
+def test_an_icon_images_pixel_data_in_an_implicit_vr_item_is_no_sequence(
+    tmp_path: Path,
+) -> None:
+    """A private sequence sent as UN of undefined length (its items Implicit VR Little
+    Endian, PS3.5 6.2.2) holding an icon image whose Pixel Data is encapsulated (PS3.5 A.4):
+    pydicom reads that Pixel Data, a tag its dictionary knows as no sequence, as a value up to
+    its Sequence Delimitation Item. The walk took it for a sequence because its first bytes
+    are an item, and read the JPEG fragment's bytes (FF D8 FF E0 ...) as element headers of
+    gigabytes: the instance, stored before, was refused with 0xA700."""
+    jpeg_file = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    assert jpeg_file is not None
+    source = pydicom.dcmread(jpeg_file)
+    jpeg = next(generate_frames(source.PixelData, number_of_frames=1))
+    assert jpeg[:4] == b"\xff\xd8\xff\xe0"  # a JFIF APP0: its length and "JF", read as 4
+    pixels = struct.pack("<HHI", 0x7FE0, 0x0010, _UNDEFINED)
+    pixels += struct.pack("<HHI", 0xFFFE, 0xE000, 0)  # an empty Basic Offset Table
+    pixels += struct.pack("<HHI", 0xFFFE, 0xE000, len(jpeg)) + jpeg + _delimiter(0xE0DD)
+    icon = _implicit(0x00280002, struct.pack("<H", 3)) + _implicit(0x00280010, b"\x40\x00")
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED) + icon + pixels + _delimiter(0xE00D)
+    sequence = struct.pack("<HH2sHI", 0x0009, 0x1010, b"UN", 0, _UNDEFINED)
+    sequence += item + _delimiter(0xE0DD)
+    ds = make_instance(rows=256, cols=256)  # past _UNWALKED_MAX_BYTES: walked
+    raw = part10(ds, {
+        0x00090010: _element(0x00090010, b"LO", b"ACME", False),
+        0x00091010: sequence,
+    })  # fmt: skip
+    size, at = _measured(raw)
+    assert len(raw) - at > headersize._UNWALKED_MAX_BYTES
+    # All of it but the top-level Pixel Data, as pydicom reads it (the icon's Pixel Data too).
+    assert size.held_bytes == len(raw) - at - (12 + 256 * 256 * 2), size
+    assert size.elements == _pydicom_elements(raw) + 1, size
+    path = tmp_path / "x.dcm"
+    path.write_bytes(raw)
+    parsed = parse_file(path)
+    assert parsed.uids[1] == ds.SOPInstanceUID
+    (icon_item,) = parsed.meta["00091010"]["Value"]
+    assert "7FE00010" in icon_item
+
+
+def _text_cut_short(ds: pydicom.Dataset) -> bytes:
+    """`ds` and a private UT declared 100,000,000 bytes long, the file ending 70,000 into it."""
+    head = struct.pack("<HH2sHI", 0x0029, 0x1010, b"UT", 0, 100_000_000)
+    raw = part10(ds, {
+        0x00290010: _element(0x00290010, b"LO", b"ACME", False),
+        0x00291010: head + b"t" * 70_000,
+    })  # fmt: skip
+    return raw[: raw.index(head) + len(head) + 70_000]
+
+
+def _value_past_its_sequence(ds: pydicom.Dataset) -> bytes:
+    """`ds` and a sequence of defined length whose item holds a value declared 1,500,000
+    bytes long, 8 of them in the sequence (the file goes on: the Pixel Data)."""
+    leaf = _element(0x00081150, b"UI", b"1.2.3\0", False)
+    cut = struct.pack("<HH2sHI", 0x0029, 0x1010, b"UT", 0, 1_500_000) + b"x" * 8
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(leaf + cut)) + leaf + cut
+    return part10(ds, {0x00081140: _element(0x00081140, b"SQ", item, False)})
+
+
+@pytest.mark.parametrize("shape", ["truncated file", "value past its sequence"])
+def test_a_value_cut_short_is_refused_as_such_not_as_too_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
+) -> None:
+    """A value declared longer than the file, or than the sequence of defined length it is in:
+    the walk counted its declared length as held and refused the instance with 0xA700 ("header
+    of at least 100000196 bytes past MAX_HEADER_BYTES"), a limit of the archive the sender
+    passed (a DIMSE sender may send it again later), where the parse refuses it as cut short
+    (0xC000, as before the walk). The walk stops there and leaves it to the parse."""
+    monkeypatch.setattr(headersize, "MAX_HEADER_BYTES", 1024 * 1024)
+    ds = make_instance(rows=1024, cols=1024)
+    raw = _text_cut_short(ds) if shape == "truncated file" else _value_past_its_sequence(ds)
+    size, _ = _measured(raw)
+    assert size.held_bytes < 64 * 1024, size
+    path = tmp_path / "x.dcm"
+    path.write_bytes(raw)
+    with pytest.raises(InvalidInstanceError) as caught:
+        parse_file(path)
+    assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND, caught.value
+    assert "truncated data set: value of (0029,1010)" in caught.value.message
+    assert not caught.value.over_limit
