@@ -304,13 +304,32 @@ class _Walk:
             self.held += 8 if seq.kind == "items" else 0
             return pos + 8
         if seq.kind == "fragments":
-            return -1 if tag != _ITEM or length == _UNDEFINED else pos + 8 + length
+            return -1 if tag != _ITEM or length == _UNDEFINED else self._past_fragments(pos)
         self.elements += 1
         self.held += 8
         end = None if length == _UNDEFINED else pos + 8 + length
         implicit = seq.implicit or self._looks_implicit(pos + 8)
         self._push("elements", end, implicit)
         return pos + 8
+
+    def _past_fragments(self, pos: int) -> int:
+        """Where the fragments from `pos` (an item of defined length) end: at the first bytes
+        that are no such item (the Sequence Delimitation Item, else the walk ends there), -1
+        at the end of the file. Skipped in a loop of their own, nothing counted: one turn of
+        the walk each took 1.8 s for a million fragments, twice the parse's own walk of them
+        (dicomfile._pixel_data), and 4 GB of empty fragments some 15 minutes."""
+        item, u32 = self._item, self._u32
+        while (at := self._at(pos, 8)) >= 0:
+            window, last = self.window, len(self.window) - 8
+            while at <= last:  # the items in the window read
+                if window[at : at + 4] != item:
+                    return self._start + at
+                (length,) = u32(window, at + 4)
+                if length == _UNDEFINED:
+                    return -1
+                at += 8 + length
+            pos = self._start + at
+        return -1
 
     def _element(self, pos: int, at: int, tag: int, length: int, where: bool | _Open) -> int:
         """Walk the element at `pos` (its header at `at` in the window, its length read as
