@@ -11,7 +11,8 @@ multi-valued element. 30 MB of small sequence items took 880 MB and 19 s to pars
 have taken some 9 GB, within MAX_PART_BYTES. So the header is walked first from its element
 headers, values skipped by seeking, nothing kept (measure), and refused past MAX_HEADER_BYTES
 or an estimated MAX_HEADER_MEMORY_BYTES (check); the parses under way in a process then hold
-at most HEADER_PARSES_MEMORY_BYTES between them, estimated alike (parsing).
+at most HEADER_PARSES_MEMORY_BYTES between them, estimated alike, those of usual headers
+(HEADER_PARSE_UNCOUNTED_BYTES) left out (parsing).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dicomweb_server.wellformed import MAX_SEQUENCE_DEPTH, InvalidInstanceError
 
 __all__ = [
     "HEADER_PARSES_MEMORY_BYTES",
+    "HEADER_PARSE_UNCOUNTED_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_HEADER_MEMORY_BYTES",
     "HeaderSize",
@@ -64,6 +66,14 @@ MAX_HEADER_MEMORY_BYTES = 1024 * 1024 * 1024
 # alone. Usual headers (kilobytes to a few MB) never wait for each other; large ones take
 # turns, so that STOW requests and C-STOREs of them at once cannot sum to gigabytes.
 HEADER_PARSES_MEMORY_BYTES = 256 * 1024 * 1024
+# A parse estimated at most this neither waits nor counts against HEADER_PARSES_MEMORY_BYTES:
+# usual headers, and every data set too small to be walked (_UNWALKED_MAX_BYTES: 11 MB at its
+# worst). They waited behind a large parse under way (one estimated larger than the budget runs
+# alone), each in the worker thread it parses in (Services.limiter: a CPU's worth of them,
+# shared with transcodes and renders): a 512 x 512 CT took 2.2 s, not 0.02, and a render
+# waited as long for a thread. At most one a worker thread: the ingest parses within that
+# limiter, so these add that many times this at most.
+HEADER_PARSE_UNCOUNTED_BYTES = 16 * 1024 * 1024
 # The estimate, from measurements of parse_file's peak (tracemalloc) on headers of one shape
 # each; it errs high. Bytes held per element or item (pydicom's Dataset, RawDataElement and
 # converted element, then the JSON object: 800 to 900 measured) ...
@@ -176,7 +186,10 @@ _BUDGET = _Budget(HEADER_PARSES_MEMORY_BYTES)
 @contextmanager
 def parsing(size: HeaderSize) -> Iterator[None]:
     """Hold the memory a parse of a header of `size` is estimated to take while it parses,
-    waiting for it in the calling (worker) thread."""
+    waiting for it in the calling (worker) thread; nothing for a usual one."""
+    if size.estimate <= HEADER_PARSE_UNCOUNTED_BYTES:
+        yield
+        return
     with _BUDGET.reserve(min(size.estimate, _BUDGET.limit)):
         yield
 
