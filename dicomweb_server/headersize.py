@@ -40,6 +40,7 @@ __all__ = [
     "MAX_HEADER_MEMORY_BYTES",
     "HeaderSize",
     "check",
+    "element_end",
     "measure",
     "measured",
     "parsing",
@@ -214,6 +215,14 @@ def measure(fp: BinaryIO, start: int, transfer_syntax_uid: str) -> HeaderSize:
     return _Walk(fp, transfer_syntax_uid).run(start)
 
 
+def element_end(fp: BinaryIO, pos: int, transfer_syntax_uid: str, implicit: bool) -> int | None:
+    """Where the top-level element at `pos` of `fp` ends (`implicit`: its VR encoding, as
+    pydicom found the data set's), walked as measure walks, nothing kept: a sequence of
+    undefined length without parsing its items (pydicom does, even to skip it). None when the
+    data set ends first or the walk passes a limit of measure's."""
+    return _Walk(fp, transfer_syntax_uid).end_of(pos, implicit)
+
+
 @dataclass
 class _Open:
     """A container being walked: a sequence's items, an item's elements, or the fragments
@@ -264,29 +273,46 @@ class _Walk:
     def run(self, pos: int) -> HeaderSize:
         top = self._looks_implicit(pos)  # pydicom trusts the data set over its meta
         while pos >= 0:
-            pos = self._close(pos)
-            if (at := self._at(pos, 8)) < 0:
-                break
-            if len(self.open) > _MAX_OPEN:
-                self._count_rest(pos)
-                break
-            group, elem, length = self._head(self.window, at)
-            inner = self.open[-1] if self.open else None
-            if inner is not None and inner.kind != "elements":
-                pos = self._in_sequence(inner, (group, elem), length, pos)
-            elif (group, elem) == _ITEM_END:  # ends an item; at the top level, the data set
-                if inner is None:
-                    break
-                self.open.pop()
-                self.held, pos = self.held + 8, pos + 8
-            else:
-                pos = self._element(pos, at, group << 16 | elem, length, inner or top)
-            if self.held > MAX_HEADER_BYTES or (
-                _BYTE_COST * self.held + _ELEMENT_COST * self.elements + _VALUE_COST * self.values
-                > MAX_HEADER_MEMORY_BYTES
-            ):
+            pos = self._step(self._close(pos), top)
+            if self._past_limit():
                 return HeaderSize(self.held, self.elements, self.values, whole=False)
         return HeaderSize(self.held, self.elements, self.values)
+
+    def end_of(self, pos: int, implicit: bool) -> int | None:
+        """Where the top-level element at `pos` ends; None when the walk ends first."""
+        pos = self._step(pos, implicit)
+        while pos >= 0 and not self._past_limit():
+            pos = self._close(pos)
+            if not self.open:
+                return pos
+            pos = self._step(pos, implicit)
+        return None
+
+    def _past_limit(self) -> bool:
+        return self.held > MAX_HEADER_BYTES or (
+            _BYTE_COST * self.held + _ELEMENT_COST * self.elements + _VALUE_COST * self.values
+            > MAX_HEADER_MEMORY_BYTES
+        )
+
+    def _step(self, pos: int, top: bool) -> int:
+        """Walk the element header or item at `pos` (containers ended there left): where the
+        walk goes on, -1 where it ends (the data set's end, or a stop)."""
+        if (at := self._at(pos, 8)) < 0:
+            return -1
+        if len(self.open) > _MAX_OPEN:
+            self._count_rest(pos)
+            return -1
+        group, elem, length = self._head(self.window, at)
+        inner = self.open[-1] if self.open else None
+        if inner is not None and inner.kind != "elements":
+            return self._in_sequence(inner, (group, elem), length, pos)
+        if (group, elem) == _ITEM_END:  # ends an item; at the top level, the data set
+            if inner is None:
+                return -1
+            self.open.pop()
+            self.held += 8
+            return pos + 8
+        return self._element(pos, at, group << 16 | elem, length, inner or top)
 
     def _push(self, kind: str, end: int | None, implicit: bool) -> None:
         bound = self.open[-1].bound if self.open else self.size

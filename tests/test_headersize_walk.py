@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from dicomweb_server import headersize
-from dicomweb_server.dicomfile import parse_file
+from dicomweb_server import dicomfile, headersize
+from dicomweb_server.dicomfile import parse_file, sop_uids
+from dicomweb_server.dimse.stores import command_mismatch
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.wellformed import InvalidInstanceError
 from tests.helpers import make_instance
@@ -141,3 +144,49 @@ def test_fragments_are_skipped_a_window_at_a_time(monkeypatch: pytest.MonkeyPatc
     assert turns < 1000, turns  # about one a window read (64 KiB), not 100,000
     assert size.held_bytes == len(raw) - at - len(pixels), size
     assert size.elements == len(ds) + 1, size  # (Pixel Data deleted from ds) the LO after it
+
+
+def _language_codes(count: int, implicit: bool) -> bytes:
+    """`count` Language Code Sequences (0008,0006) of undefined length, an item of undefined
+    length each (as dcmtk writes sequences), holding a Code Value."""
+    code = _element(0x00080100, b"SH", b"eng ", implicit)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED) + code + _delimiter(0xE00D)
+    head = struct.pack("<HH", 0x0008, 0x0006) + (b"" if implicit else b"SQ\0\0")
+    return (head + struct.pack("<I", _UNDEFINED) + item + _delimiter(0xE0DD)) * count
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_c_store_naming_another_instance_is_refused_after_a_sequence(
+    tmp_path: Path, syntax: str
+) -> None:
+    """A data set with a sequence of undefined length before (0008,0018) (a Language Code
+    Sequence): sop_uids stopped there, its UIDs unknown, and the C-STORE check that the data
+    set is the request's instance (PS3.7 9.1.1.1) was skipped: one naming another SOP
+    Instance was stored under a File Meta Information built from the request. The sequence
+    is walked past now, not parsed."""
+    ds = make_instance()
+    path = tmp_path / "x.dcm"
+    path.write_bytes(
+        part10(ds, {0x00080006: _language_codes(1, syntax != ExplicitVRLittleEndian)}, syntax)
+    )
+    assert pydicom.dcmread(path).LanguageCodeSequence[0].CodeValue == "eng"
+    assert sop_uids(path) == (ds.SOPClassUID, ds.SOPInstanceUID)
+    same = SimpleNamespace(
+        AffectedSOPClassUID=ds.SOPClassUID, AffectedSOPInstanceUID=ds.SOPInstanceUID
+    )
+    other = SimpleNamespace(AffectedSOPClassUID=ds.SOPClassUID, AffectedSOPInstanceUID="1.2.3")
+    assert command_mismatch(path, cast(Any, same)) is None
+    assert f"SOPInstanceUID {ds.SOPInstanceUID} is not the Affected" in str(
+        command_mismatch(path, cast(Any, other))
+    )
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_values_of_undefined_length_walked_past_at_most(tmp_path: Path, over: int) -> None:
+    """As many as _SOP_UIDS_SKIPS before (0008,0018) are walked past; one more, the UIDs are
+    not known (the C-STORE check is left to the ingest's parse, as for an unreadable one)."""
+    ds = make_instance()
+    count = dicomfile._SOP_UIDS_SKIPS + over
+    path = tmp_path / "x.dcm"
+    path.write_bytes(part10(ds, {0x00080006: _language_codes(count, False)}))
+    assert sop_uids(path) == (("", "") if over else (ds.SOPClassUID, ds.SOPInstanceUID))
