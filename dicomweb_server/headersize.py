@@ -31,7 +31,7 @@ from dicomweb_server.dicom_json import BULK_DATA_THRESHOLD_BYTES, BULK_VRS
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import EXPLICIT_VR_BIG_ENDIAN
 from dicomweb_server.media.part10 import LONG_LENGTH_VRS
-from dicomweb_server.wellformed import MAX_SEQUENCE_DEPTH, InvalidInstanceError
+from dicomweb_server.wellformed import MAX_SEQUENCE_DEPTH, InvalidInstanceError, too_deep
 
 __all__ = [
     "HEADER_PARSES_MEMORY_BYTES",
@@ -95,8 +95,10 @@ _MULTI_TEXT_VRS = frozenset(
     ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"]
 )
 # Containers open at once, at most: a sequence and its item per level. Deeper, the parse
-# refuses the data set anyway (wellformed.check_depth, or pydicom's recursion): the rest of
-# the file is counted as held, as small elements, and the walk stops.
+# refuses the data set anyway (wellformed.check_depth, or pydicom's recursion), and so does
+# the walk (0xC000), before pydicom holds what is nested there. It counted the rest of the
+# file as held, as small elements, Pixel Data included: 0xA700 (a limit passed) for 32 MB
+# of it, not too deep.
 _MAX_OPEN = 2 * (MAX_SEQUENCE_DEPTH + 8)
 _SMALLEST_ELEMENT_BYTES = 8
 _UNWALKED_MAX_BYTES = 64 * 1024
@@ -211,7 +213,8 @@ def measure(fp: BinaryIO, start: int, transfer_syntax_uid: str) -> HeaderSize:
     implicit VR within an explicit one, an UN of a sequence, items and sequences of defined
     or undefined length, elements after Pixel Data), values skipped by seeking but those of
     multi-valued strings (their backslashes counted). The walk stops as soon as its counts
-    pass a limit (check refuses them then)."""
+    pass a limit (check refuses them then); sequences nested deeper than the parse takes are
+    refused here (0xC000, wellformed.too_deep)."""
     return _Walk(fp, transfer_syntax_uid).run(start)
 
 
@@ -250,6 +253,8 @@ class _Walk:
         self.held = self.elements = self.values = 0
         self.open: list[_Open] = []
         self._start, self.window = 0, b""
+        self._top_tag: int | None = None  # the top-level element being walked
+        self.too_deep = False  # past _MAX_OPEN: the walk ended there
         self.size = fp.seek(0, 2)
 
     def _at(self, pos: int, n: int) -> int:
@@ -276,6 +281,8 @@ class _Walk:
             pos = self._step(self._close(pos), top)
             if self._past_limit():
                 return HeaderSize(self.held, self.elements, self.values, whole=False)
+        if self.too_deep:
+            raise too_deep(self._top_tag)
         return HeaderSize(self.held, self.elements, self.values)
 
     def end_of(self, pos: int, implicit: bool) -> int | None:
@@ -300,7 +307,7 @@ class _Walk:
         if (at := self._at(pos, 8)) < 0:
             return -1
         if len(self.open) > _MAX_OPEN:
-            self._count_rest(pos)
+            self.too_deep = True
             return -1
         group, elem, length = self._head(self.window, at)
         inner = self.open[-1] if self.open else None
@@ -328,11 +335,6 @@ class _Walk:
             if self.open.pop().kind == "items":
                 pos = max(pos, end)
         return pos
-
-    def _count_rest(self, pos: int) -> None:
-        rest = max(0, self.fp.seek(0, 2) - pos)
-        self.held += rest
-        self.elements += rest // _SMALLEST_ELEMENT_BYTES
 
     def _in_sequence(self, seq: _Open, tag: tuple[int, int], length: int, pos: int) -> int:
         """An item (or the end) of a sequence or of encapsulated Pixel Data; -1 to stop. pydicom
@@ -379,6 +381,8 @@ class _Walk:
         (config.assume_implicit_vr_switch), other letters have a 2-byte length."""
         top = isinstance(where, bool)
         implicit = where if isinstance(where, bool) else where.implicit
+        if top:
+            self._top_tag = tag
         vr = None if implicit else self.window[at + 4 : at + 6]
         header = 8
         if vr in LONG_LENGTH_VRS:

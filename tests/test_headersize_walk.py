@@ -21,6 +21,7 @@ from dicomweb_server.dimse.stores import command_mismatch
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.wellformed import InvalidInstanceError
 from tests.helpers import make_instance
+from tests.test_deep_sequences import deep_part10
 from tests.test_headersize import _element, _measured, _pydicom_elements, part10
 
 _UNDEFINED = 0xFFFFFFFF
@@ -190,3 +191,24 @@ def test_values_of_undefined_length_walked_past_at_most(tmp_path: Path, over: in
     path = tmp_path / "x.dcm"
     path.write_bytes(part10(ds, {0x00080006: _language_codes(count, False)}))
     assert sop_uids(path) == (("", "") if over else (ds.SOPClassUID, ds.SOPInstanceUID))
+
+
+def test_too_deep_is_refused_as_such_whatever_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequences nested 100 levels, then 2 MB of Pixel Data: the walk, past the depth the
+    parse refuses, counted the rest of the file as held, as small elements, the Pixel Data
+    too, and refused the instance with 0xA700 as too large (`header of 4194747 elements and
+    items` for 32 MB of it) where the parse refuses it as too deep (0xC000, as before the
+    walk). The walk refuses it so now, before pydicom holds what is nested there."""
+    monkeypatch.setattr(headersize, "MAX_HEADER_BYTES", 1024 * 1024)
+    raw = deep_part10(make_instance(rows=1024, cols=1024), 100, True, True)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(raw)
+    with pytest.raises(InvalidInstanceError) as caught:
+        parse_file(path)
+    assert caught.value.reason == FailureReason.CANNOT_UNDERSTAND, caught.value
+    assert caught.value.message == (
+        "sequences nested deeper than 64 levels in (0008,1140) ReferencedImageSequence,"
+        " the most this archive takes"
+    )
