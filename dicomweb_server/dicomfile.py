@@ -23,7 +23,13 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_partial, read_preamble
+from pydicom.filereader import (
+    _read_file_meta_info,
+    data_element_generator,
+    read_dataset,
+    read_partial,
+    read_preamble,
+)
 from pydicom.hooks import hooks as pydicom_hooks
 from pydicom.multival import MultiValue
 
@@ -90,6 +96,9 @@ _INFLATE_READ_BYTES = 64 * 1024
 _INFLATED_IN_MEMORY_BYTES = 1024 * 1024
 # What sop_uids inflates of a Deflated data set, at most: the elements before (0008,0018).
 _SOP_UIDS_INFLATED_BYTES = 1024 * 1024
+# Values of undefined length before (0008,0018) sop_uids walks past (headersize.element_end),
+# at most: a Language Code Sequence (0008,0006), say. More: the UIDs are not known.
+_SOP_UIDS_SKIPS = 8
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 
 
@@ -301,31 +310,54 @@ def sop_uids(path: Path) -> tuple[str, str]:
     of it in memory: a C-STORE data set of 400 KB took 800 MB before the ingest (parse_file) could
     refuse it as over MAX_INFLATED_BYTES (found by review). Malformed: InvalidDicomError, or
     what pydicom raises."""
-    ds: Dataset
     with path.open("rb") as fp:
         syntax, at = _file_meta(fp)
         if syntax != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-            # Read no further than (0008,0018), nor into a value of undefined length before
-            # it: pydicom parses a sequence of undefined length whole even to skip it
-            # (specific_tags), which was the whole data set up to the Pixel Data, before the
-            # ingest (headersize) could refuse a header of gigabytes of small items.
-            fp.seek(0)
-            ds = read_partial(
-                fp,
-                stop_when=lambda tag, _vr, length: tag > _SOP_INSTANCE or length == 0xFFFFFFFF,
-                specific_tags=[_SOP_CLASS, _SOP_INSTANCE],
-            )
-        else:
-            fp.seek(at)
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            head = inflater.decompress(fp.read(_SOP_UIDS_INFLATED_BYTES), _SOP_UIDS_INFLATED_BYTES)
-            ds = read_dataset(
-                cast(BinaryIO, DicomBytesIO(head)),
-                False,
-                True,
-                stop_when=lambda tag, *_: tag > _SOP_INSTANCE,
-            )
+            return _sop_uids_in_place(fp, syntax)
+        fp.seek(at)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        head = inflater.decompress(fp.read(_SOP_UIDS_INFLATED_BYTES), _SOP_UIDS_INFLATED_BYTES)
+        ds = read_dataset(
+            cast(BinaryIO, DicomBytesIO(head)),
+            False,
+            True,
+            stop_when=lambda tag, *_: tag > _SOP_INSTANCE,
+        )
     return str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
+
+
+def _sop_uids_in_place(fp: BinaryIO, syntax: str) -> tuple[str, str]:
+    """sop_uids of a data set not inflated: read no further than (0008,0018), nor into a
+    value of undefined length before it: pydicom parses a sequence of undefined length whole
+    even to skip it (specific_tags), which was the whole data set up to the Pixel Data before
+    the ingest (headersize) could refuse a header of gigabytes of small items. Such a value
+    is walked past (headersize.element_end), as many as _SOP_UIDS_SKIPS: the C-STORE check of
+    the Affected SOP UIDs (dimse.stores.command_mismatch) was skipped for a data set with one
+    (a Language Code Sequence) and one naming another SOP Instance than its request stored."""
+    tags, undefined = [_SOP_CLASS, _SOP_INSTANCE], [False]
+
+    def stop(tag: int, _vr: str | None, length: int) -> bool:
+        undefined[0] = tag <= _SOP_INSTANCE and length == 0xFFFFFFFF
+        return tag > _SOP_INSTANCE or undefined[0]
+
+    fp.seek(0)
+    ds = read_partial(fp, stop_when=stop, specific_tags=cast(Any, tags))
+    found = {tag: str(ds[tag].value) for tag in tags if tag in ds}
+    implicit, little = (bool(flag) for flag in ds.original_encoding)
+    for _ in range(_SOP_UIDS_SKIPS):
+        if (
+            not undefined[0]
+            or (end := headersize.element_end(fp, fp.tell(), syntax, implicit)) is None
+        ):
+            break
+        fp.seek(end)
+        undefined[0] = False
+        for raw in data_element_generator(
+            fp, implicit, little, stop, specific_tags=cast(Any, tags)
+        ):
+            if raw.tag in tags and isinstance(raw.value, bytes):
+                found[raw.tag] = raw.value.decode("ascii", "replace").rstrip("\0 ")
+    return found.get(_SOP_CLASS, ""), found.get(_SOP_INSTANCE, "")
 
 
 def _inflated_header(fp: BinaryIO, at: int) -> headersize.HeaderSize:

@@ -11,7 +11,8 @@ multi-valued element. 30 MB of small sequence items took 880 MB and 19 s to pars
 have taken some 9 GB, within MAX_PART_BYTES. So the header is walked first from its element
 headers, values skipped by seeking, nothing kept (measure), and refused past MAX_HEADER_BYTES
 or an estimated MAX_HEADER_MEMORY_BYTES (check); the parses under way in a process then hold
-at most HEADER_PARSES_MEMORY_BYTES between them, estimated alike (parsing).
+at most HEADER_PARSES_MEMORY_BYTES between them, estimated alike, those of usual headers
+(HEADER_PARSE_UNCOUNTED_BYTES) left out (parsing).
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from dicomweb_server.dicom_json import BULK_DATA_THRESHOLD_BYTES, BULK_VRS
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import EXPLICIT_VR_BIG_ENDIAN
 from dicomweb_server.media.part10 import LONG_LENGTH_VRS
-from dicomweb_server.wellformed import MAX_SEQUENCE_DEPTH, InvalidInstanceError
+from dicomweb_server.wellformed import MAX_SEQUENCE_DEPTH, InvalidInstanceError, too_deep
 
 __all__ = [
     "HEADER_PARSES_MEMORY_BYTES",
+    "HEADER_PARSE_UNCOUNTED_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_HEADER_MEMORY_BYTES",
     "HeaderSize",
     "check",
+    "element_end",
     "measure",
     "measured",
     "parsing",
@@ -64,6 +67,14 @@ MAX_HEADER_MEMORY_BYTES = 1024 * 1024 * 1024
 # alone. Usual headers (kilobytes to a few MB) never wait for each other; large ones take
 # turns, so that STOW requests and C-STOREs of them at once cannot sum to gigabytes.
 HEADER_PARSES_MEMORY_BYTES = 256 * 1024 * 1024
+# A parse estimated at most this neither waits nor counts against HEADER_PARSES_MEMORY_BYTES:
+# usual headers, and every data set too small to be walked (_UNWALKED_MAX_BYTES: 11 MB at its
+# worst). They waited behind a large parse under way (one estimated larger than the budget runs
+# alone), each in the worker thread it parses in (Services.limiter: a CPU's worth of them,
+# shared with transcodes and renders): a 512 x 512 CT took 2.2 s, not 0.02, and a render
+# waited as long for a thread. At most one a worker thread: the ingest parses within that
+# limiter, so these add that many times this at most.
+HEADER_PARSE_UNCOUNTED_BYTES = 16 * 1024 * 1024
 # The estimate, from measurements of parse_file's peak (tracemalloc) on headers of one shape
 # each; it errs high. Bytes held per element or item (pydicom's Dataset, RawDataElement and
 # converted element, then the JSON object: 800 to 900 measured) ...
@@ -84,8 +95,10 @@ _MULTI_TEXT_VRS = frozenset(
     ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UC", "UI"]
 )
 # Containers open at once, at most: a sequence and its item per level. Deeper, the parse
-# refuses the data set anyway (wellformed.check_depth, or pydicom's recursion): the rest of
-# the file is counted as held, as small elements, and the walk stops.
+# refuses the data set anyway (wellformed.check_depth, or pydicom's recursion), and so does
+# the walk (0xC000), before pydicom holds what is nested there. It counted the rest of the
+# file as held, as small elements, Pixel Data included: 0xA700 (a limit passed) for 32 MB
+# of it, not too deep.
 _MAX_OPEN = 2 * (MAX_SEQUENCE_DEPTH + 8)
 _SMALLEST_ELEMENT_BYTES = 8
 _UNWALKED_MAX_BYTES = 64 * 1024
@@ -176,7 +189,10 @@ _BUDGET = _Budget(HEADER_PARSES_MEMORY_BYTES)
 @contextmanager
 def parsing(size: HeaderSize) -> Iterator[None]:
     """Hold the memory a parse of a header of `size` is estimated to take while it parses,
-    waiting for it in the calling (worker) thread."""
+    waiting for it in the calling (worker) thread; nothing for a usual one."""
+    if size.estimate <= HEADER_PARSE_UNCOUNTED_BYTES:
+        yield
+        return
     with _BUDGET.reserve(min(size.estimate, _BUDGET.limit)):
         yield
 
@@ -197,8 +213,17 @@ def measure(fp: BinaryIO, start: int, transfer_syntax_uid: str) -> HeaderSize:
     implicit VR within an explicit one, an UN of a sequence, items and sequences of defined
     or undefined length, elements after Pixel Data), values skipped by seeking but those of
     multi-valued strings (their backslashes counted). The walk stops as soon as its counts
-    pass a limit (check refuses them then)."""
+    pass a limit (check refuses them then); sequences nested deeper than the parse takes are
+    refused here (0xC000, wellformed.too_deep)."""
     return _Walk(fp, transfer_syntax_uid).run(start)
+
+
+def element_end(fp: BinaryIO, pos: int, transfer_syntax_uid: str, implicit: bool) -> int | None:
+    """Where the top-level element at `pos` of `fp` ends (`implicit`: its VR encoding, as
+    pydicom found the data set's), walked as measure walks, nothing kept: a sequence of
+    undefined length without parsing its items (pydicom does, even to skip it). None when the
+    data set ends first or the walk passes a limit of measure's."""
+    return _Walk(fp, transfer_syntax_uid).end_of(pos, implicit)
 
 
 @dataclass
@@ -209,6 +234,9 @@ class _Open:
     kind: str  # "items", "elements" or "fragments"
     end: int | None  # None: undefined length, ended by a delimiter
     implicit: bool  # implicit VR: of the elements (an item), of the items (a sequence)
+    # Where its values must end: the end of the file, or of the innermost sequence of defined
+    # length it is in (pydicom reads such a sequence from its value's bytes).
+    bound: int
 
 
 class _Walk:
@@ -225,6 +253,9 @@ class _Walk:
         self.held = self.elements = self.values = 0
         self.open: list[_Open] = []
         self._start, self.window = 0, b""
+        self._top_tag: int | None = None  # the top-level element being walked
+        self.too_deep = False  # past _MAX_OPEN: the walk ended there
+        self.size = fp.seek(0, 2)
 
     def _at(self, pos: int, n: int) -> int:
         """Where the `n` bytes at `pos` are in `window` (read a window at a time), or -1 when
@@ -247,29 +278,54 @@ class _Walk:
     def run(self, pos: int) -> HeaderSize:
         top = self._looks_implicit(pos)  # pydicom trusts the data set over its meta
         while pos >= 0:
-            pos = self._close(pos)
-            if (at := self._at(pos, 8)) < 0:
-                break
-            if len(self.open) > _MAX_OPEN:
-                self._count_rest(pos)
-                break
-            group, elem, length = self._head(self.window, at)
-            inner = self.open[-1] if self.open else None
-            if inner is not None and inner.kind != "elements":
-                pos = self._in_sequence(inner, (group, elem), length, pos)
-            elif (group, elem) == _ITEM_END:  # ends an item; at the top level, the data set
-                if inner is None:
-                    break
-                self.open.pop()
-                self.held, pos = self.held + 8, pos + 8
-            else:
-                pos = self._element(pos, at, group << 16 | elem, length, inner or top)
-            if self.held > MAX_HEADER_BYTES or (
-                _BYTE_COST * self.held + _ELEMENT_COST * self.elements + _VALUE_COST * self.values
-                > MAX_HEADER_MEMORY_BYTES
-            ):
+            pos = self._step(self._close(pos), top)
+            if self._past_limit():
                 return HeaderSize(self.held, self.elements, self.values, whole=False)
+        if self.too_deep:
+            raise too_deep(self._top_tag)
         return HeaderSize(self.held, self.elements, self.values)
+
+    def end_of(self, pos: int, implicit: bool) -> int | None:
+        """Where the top-level element at `pos` ends; None when the walk ends first."""
+        pos = self._step(pos, implicit)
+        while pos >= 0 and not self._past_limit():
+            pos = self._close(pos)
+            if not self.open:
+                return pos
+            pos = self._step(pos, implicit)
+        return None
+
+    def _past_limit(self) -> bool:
+        return self.held > MAX_HEADER_BYTES or (
+            _BYTE_COST * self.held + _ELEMENT_COST * self.elements + _VALUE_COST * self.values
+            > MAX_HEADER_MEMORY_BYTES
+        )
+
+    def _step(self, pos: int, top: bool) -> int:
+        """Walk the element header or item at `pos` (containers ended there left): where the
+        walk goes on, -1 where it ends (the data set's end, or a stop)."""
+        if (at := self._at(pos, 8)) < 0:
+            return -1
+        if len(self.open) > _MAX_OPEN:
+            self.too_deep = True
+            return -1
+        group, elem, length = self._head(self.window, at)
+        inner = self.open[-1] if self.open else None
+        if inner is not None and inner.kind != "elements":
+            return self._in_sequence(inner, (group, elem), length, pos)
+        if (group, elem) == _ITEM_END:  # ends an item; at the top level, the data set
+            if inner is None:
+                return -1
+            self.open.pop()
+            self.held += 8
+            return pos + 8
+        return self._element(pos, at, group << 16 | elem, length, inner or top)
+
+    def _push(self, kind: str, end: int | None, implicit: bool) -> None:
+        bound = self.open[-1].bound if self.open else self.size
+        if kind == "items" and end is not None:
+            bound = min(bound, end)
+        self.open.append(_Open(kind, end, implicit, bound))
 
     def _close(self, pos: int) -> int:
         """Leave the containers of defined length `pos` has reached. pydicom reads a sequence
@@ -280,11 +336,6 @@ class _Walk:
                 pos = max(pos, end)
         return pos
 
-    def _count_rest(self, pos: int) -> None:
-        rest = max(0, self.fp.seek(0, 2) - pos)
-        self.held += rest
-        self.elements += rest // _SMALLEST_ELEMENT_BYTES
-
     def _in_sequence(self, seq: _Open, tag: tuple[int, int], length: int, pos: int) -> int:
         """An item (or the end) of a sequence or of encapsulated Pixel Data; -1 to stop. pydicom
         reads any tag but the Sequence Delimitation Item as an item there; a fragment that is
@@ -294,13 +345,32 @@ class _Walk:
             self.held += 8 if seq.kind == "items" else 0
             return pos + 8
         if seq.kind == "fragments":
-            return -1 if tag != _ITEM or length == _UNDEFINED else pos + 8 + length
+            return -1 if tag != _ITEM or length == _UNDEFINED else self._past_fragments(pos)
         self.elements += 1
         self.held += 8
         end = None if length == _UNDEFINED else pos + 8 + length
         implicit = seq.implicit or self._looks_implicit(pos + 8)
-        self.open.append(_Open("elements", end, implicit))
+        self._push("elements", end, implicit)
         return pos + 8
+
+    def _past_fragments(self, pos: int) -> int:
+        """Where the fragments from `pos` (an item of defined length) end: at the first bytes
+        that are no such item (the Sequence Delimitation Item, else the walk ends there), -1
+        at the end of the file. Skipped in a loop of their own, nothing counted: one turn of
+        the walk each took 1.8 s for a million fragments, twice the parse's own walk of them
+        (dicomfile._pixel_data), and 4 GB of empty fragments some 15 minutes."""
+        item, u32 = self._item, self._u32
+        while (at := self._at(pos, 8)) >= 0:
+            window, last = self.window, len(self.window) - 8
+            while at <= last:  # the items in the window read
+                if window[at : at + 4] != item:
+                    return self._start + at
+                (length,) = u32(window, at + 4)
+                if length == _UNDEFINED:
+                    return -1
+                at += 8 + length
+            pos = self._start + at
+        return -1
 
     def _element(self, pos: int, at: int, tag: int, length: int, where: bool | _Open) -> int:
         """Walk the element at `pos` (its header at `at` in the window, its length read as
@@ -311,6 +381,8 @@ class _Walk:
         (config.assume_implicit_vr_switch), other letters have a 2-byte length."""
         top = isinstance(where, bool)
         implicit = where if isinstance(where, bool) else where.implicit
+        if top:
+            self._top_tag = tag
         vr = None if implicit else self.window[at + 4 : at + 6]
         header = 8
         if vr in LONG_LENGTH_VRS:
@@ -322,10 +394,18 @@ class _Walk:
         else:
             vr = None
         value_at = pos + header
+        if length != _UNDEFINED and value_at + length > (
+            self.open[-1].bound if self.open else self.size
+        ):
+            # Cut short: a value past the end of the file, or of the sequence of defined
+            # length it is in. No header that large: the parse refuses it as it reads it
+            # (0xC000, wellformed: truncated, or a value past its item's sequence, PS3.5 7.5),
+            # which 0xA700 (a limit passed; a DIMSE sender may send it again later) hid.
+            return -1
         if top and tag in _PIXEL_DATA_TAGS:
             if length != _UNDEFINED:
                 return value_at + length
-            self.open.append(_Open("fragments", None, implicit))
+            self._push("fragments", None, implicit)
             return value_at
         self.elements += 1
         self.held += header
@@ -348,7 +428,7 @@ class _Walk:
         if self._is_sequence(tag, vr, value_at, length):
             end = None if length == _UNDEFINED else value_at + length
             implicit = where if isinstance(where, bool) else where.implicit
-            self.open.append(_Open("items", end, implicit))
+            self._push("items", end, implicit)
             return value_at
         if length != _UNDEFINED:
             return None
@@ -365,8 +445,13 @@ class _Walk:
             return True
         if vr is not None and vr != b"UN":
             return False
-        if _vr_of(tag, None) == "SQ":
-            return True
+        if (known := _dictionary_vr(tag)) is not None:
+            # The dictionary decides for a tag it knows, as pydicom's does (data_element_
+            # generator, the raw_element_vr hook): an implicit VR Pixel Data of undefined
+            # length in an icon image's item is a value whose fragments are items, no
+            # sequence (walked as one, a JPEG fragment's bytes were read as element headers
+            # of gigabytes: 0xA700 for an instance pydicom reads).
+            return known == "SQ"
         if length != _UNDEFINED and length < 8:
             return False
         at = self._at(value_at, 4)
@@ -405,14 +490,20 @@ class _Walk:
         return self.fp.seek(0, 2)
 
 
+def _dictionary_vr(tag: int) -> str | None:
+    """The VR pydicom's data dictionary gives a tag, None when it has none (a private tag)."""
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return None
+
+
 def _vr_of(tag: int, vr: bytes | None) -> str:
     """An element's VR: explicit, else its dictionary's as dicom_json.raw_vr reads it (an
     "OB or OW" is OW), UN when the tag is unknown (a private one)."""
     if vr is not None:
         return vr.decode("ascii", "replace")
-    try:
-        found = str(dictionary_VR(tag))
-    except KeyError:
+    if (found := _dictionary_vr(tag)) is None:
         return "UN"
     if " or " in found:
         return "OW" if "OW" in found else found.split(" or ")[0]

@@ -233,12 +233,12 @@ def test_a_small_data_set_is_taken_at_its_worst_unwalked(monkeypatch: pytest.Mon
 
 
 def test_far_deeper_than_the_limit_stops_the_walk(tmp_path: Path) -> None:
-    """Past the depth the parse refuses, the walk counts the rest as held, as small elements,
-    and stops: an open container a level would take 100 MB for 8 MB of nested items. The
-    parse refuses such a data set as too deep (0xC000), as before, not as too large."""
+    """Past the depth the parse refuses, the walk stops and refuses it (an open container a
+    level would take 100 MB for 8 MB of nested items): as too deep (0xC000), as before, not
+    as too large."""
     raw = deep_part10(make_instance(), 3000, True, True)
-    size, at = _measured(raw)
-    assert size.held_bytes <= len(raw) - at
+    with pytest.raises(InvalidInstanceError, match="deeper than"):
+        _measured(raw)
     path = tmp_path / "x.dcm"
     path.write_bytes(raw)
     exc = _refused(path)
@@ -332,14 +332,13 @@ def test_sop_uids_reads_no_further_than_the_sop_instance_uid(tmp_path: Path) -> 
     uids, peak = _peak_of(lambda: sop_uids(path))
     assert uids == (ds.SOPClassUID, ds.SOPInstanceUID)
     assert peak < 1024 * 1024, peak
-    # One before (0008,0018) is not read either: the UIDs are not known then (the ingest
-    # reads them).
+    # One before (0008,0018) is walked past, not parsed (headersize.element_end).
     before = small_items(50_000, undefined=True).replace(
         b"\x08\x00\x40\x11", b"\x08\x00\x06\x00", 1
     )
     path.write_bytes(part10(ds, {0x00080006: before}))
     uids, peak = _peak_of(lambda: sop_uids(path))
-    assert uids == ("", "") and peak < 1024 * 1024, peak
+    assert uids == (ds.SOPClassUID, ds.SOPInstanceUID) and peak < 1024 * 1024, peak
 
 
 def _with_text(ds: Dataset, chars: int) -> bytes:
@@ -453,6 +452,7 @@ def test_parses_past_the_budget_take_turns(tmp_path: Path, monkeypatch: pytest.M
         return real(*args)
 
     monkeypatch.setattr(dicomfile, "_parse_by_range", parse)
+    monkeypatch.setattr(headersize, "HEADER_PARSE_UNCOUNTED_BYTES", 0)  # counted, as large ones
     for budget, together, patience in [(estimate * 2 - 1, 1, 0.5), (estimate * 2, 2, 30.0)]:
         monkeypatch.setattr(headersize, "_BUDGET", headersize._Budget(budget))
         most[0], wait[0] = 0, patience
