@@ -17,9 +17,7 @@ at most HEADER_PARSES_MEMORY_BYTES between them, estimated alike, those of usual
 
 from __future__ import annotations
 
-import collections
 import struct
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from dicomweb_server.dicom_json import BULK_DATA_THRESHOLD_BYTES, BULK_VRS
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.media.mediatypes import EXPLICIT_VR_BIG_ENDIAN
 from dicomweb_server.media.part10 import LONG_LENGTH_VRS
+from dicomweb_server.reservations import Reservations
 from dicomweb_server.wellformed import MAX_SEQUENCE_DEPTH, InvalidInstanceError, too_deep
 
 __all__ = [
@@ -146,44 +145,10 @@ def check(size: HeaderSize) -> None:
     raise InvalidInstanceError(FailureReason.OUT_OF_RESOURCES, message, over_limit=True)
 
 
-class _Budget:
-    """Bytes reserved by the parses under way, at most `limit` between them: a reservation
-    waits, first come first served, until it fits (one larger than `limit` runs alone), as
-    dimse.conversion's conversions do. Taken in the parse's worker thread and held only while
-    it parses, never across an await: a STOW part waits for the earlier parts' parses before it
-    commits (commit_order.CommitOrder), so a part holding it there could wait on one waiting
-    for it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._cond = threading.Condition()
-        self._queue: collections.deque[object] = collections.deque()
-        self.held = 0
-
-    @contextmanager
-    def reserve(self, size: int) -> Iterator[None]:
-        me = object()
-        with self._cond:
-            self._queue.append(me)
-            try:
-                self._cond.wait_for(
-                    lambda: (
-                        self._queue[0] is me and (not self.held or self.held + size <= self.limit)
-                    )
-                )
-            finally:  # an exception while waiting leaves no place that blocks the rest
-                self._queue.remove(me)
-                self._cond.notify_all()  # the next in the queue may fit too
-            self.held += size
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.held -= size
-                self._cond.notify_all()
-
-
-_BUDGET = _Budget(HEADER_PARSES_MEMORY_BYTES)
+# Held only while a parse runs (in its worker thread), never across an await: a STOW part
+# waits for the earlier parts' parses before it commits (commit_order.CommitOrder), so a part
+# holding it there could wait on one waiting for it.
+_BUDGET = Reservations(HEADER_PARSES_MEMORY_BYTES)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLE
 
 from dicomweb_server.dimse import conversion, sending
 from dicomweb_server.index.rows import StoredInstance
+from dicomweb_server.reservations import Reservations
 from dicomweb_server.transcode import convert, pixelwrite
 from dicomweb_server.transcode.codecs import TranscodeError
 from tests.dimse_support import converted_whole
@@ -115,7 +116,7 @@ def test_conversions_under_way_hold_at_most_the_bytes_reserved() -> None:
     between them, at its edge; one byte more waits until another ends; one alone larger than
     it waits only for those before it (it ran before, alone)."""
     assert conversion.DIMSE_CONVERTING_MAX_BYTES >= conversion.DIMSE_DECODE_MAX_BYTES
-    reserved = conversion._Reserved(100)
+    reserved = Reservations(100)
     a = _Holder(reserved, 60)
     assert a.got.wait(10)
     b = _Holder(reserved, 40)  # 100: at the edge

@@ -40,6 +40,7 @@ from dicomweb_server.config import Settings
 from dicomweb_server.dicomfile import PIXEL_DATA_TAGS, InvalidInstanceError, parse_file, sop_uids
 from dicomweb_server.errors import FailureReason
 from dicomweb_server.headersize import HeaderSize, measure
+from dicomweb_server.reservations import Reservations
 from tests.dimse_support import Archive, blobs, store_one_file
 from tests.helpers import (
     CT_IMAGE_STORAGE,
@@ -454,7 +455,7 @@ def test_parses_past_the_budget_take_turns(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(dicomfile, "_parse_by_range", parse)
     monkeypatch.setattr(headersize, "HEADER_PARSE_UNCOUNTED_BYTES", 0)  # counted, as large ones
     for budget, together, patience in [(estimate * 2 - 1, 1, 0.5), (estimate * 2, 2, 30.0)]:
-        monkeypatch.setattr(headersize, "_BUDGET", headersize._Budget(budget))
+        monkeypatch.setattr(headersize, "_BUDGET", Reservations(budget))
         most[0], wait[0] = 0, patience
         both.clear()
         threads = [threading.Thread(target=parse_file, args=(path,)) for _ in range(2)]
@@ -467,7 +468,7 @@ def test_parses_past_the_budget_take_turns(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_one_past_the_whole_budget_runs_alone() -> None:
-    budget = headersize._Budget(100)
+    budget = Reservations(100)
     order: list[str] = []
     with budget.reserve(10):
         started = threading.Event()

@@ -11,6 +11,7 @@ import pytest
 from dicomweb_server import headersize
 from dicomweb_server.dicomfile import parse_file
 from dicomweb_server.headersize import HeaderSize
+from dicomweb_server.reservations import Reservations
 from tests.helpers import make_instance, to_bytes
 
 # Long enough for a parse that does not wait, however loaded the machine.
@@ -54,7 +55,7 @@ def test_uncounted_at_its_edge(monkeypatch: pytest.MonkeyPatch, over: int) -> No
     it waits its turn as before, and holds its estimate while it parses."""
     size = HeaderSize(1000, 100, 10)
     monkeypatch.setattr(headersize, "HEADER_PARSE_UNCOUNTED_BYTES", size.estimate - over)
-    budget = headersize._Budget(2 * size.estimate)
+    budget = Reservations(2 * size.estimate)
     monkeypatch.setattr(headersize, "_BUDGET", budget)
     entered, leave = threading.Event(), threading.Event()
     held: list[int] = []

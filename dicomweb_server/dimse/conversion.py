@@ -30,6 +30,7 @@ from dicomweb_server.config import MAX_PART_BYTES
 from dicomweb_server.dimse.sending import StoredFile
 from dicomweb_server.dimse.streaming import Growing
 from dicomweb_server.index.rows import StoredInstance
+from dicomweb_server.reservations import Reservations
 from dicomweb_server.transcode.codecs import TranscodeError, decodable
 from dicomweb_server.transcode.convert import to_transfer_syntax
 from dicomweb_server.transcode.frames import decoded_bytes, read_stored
@@ -112,41 +113,8 @@ class _Turns:
                 self._cond.notify_all()
 
 
-class _Reserved:
-    """Bytes reserved by conversions under way, at most `limit` between them: a reservation
-    waits, first come first served, until it fits (one larger than `limit` runs alone)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._cond = threading.Condition()
-        self._queue: collections.deque[object] = collections.deque()
-        self.held = 0
-
-    @contextmanager
-    def reserve(self, size: int) -> Iterator[None]:
-        me = object()
-        with self._cond:
-            self._queue.append(me)
-            try:
-                self._cond.wait_for(
-                    lambda: (
-                        self._queue[0] is me and (self.held == 0 or self.held + size <= self.limit)
-                    )
-                )
-            finally:  # an exception while waiting leaves no place that blocks the rest
-                self._queue.remove(me)
-                self._cond.notify_all()  # the next in the queue may fit too
-            self.held += size
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.held -= size
-                self._cond.notify_all()
-
-
 _DECODING = _Turns()
-_RESERVED = _Reserved(DIMSE_CONVERTING_MAX_BYTES)
+_RESERVED = Reservations(DIMSE_CONVERTING_MAX_BYTES)
 # Presentation contexts of a C-MOVE sub-association (PS3.8 9.3.2.2: odd IDs 1 to 255).
 _MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
