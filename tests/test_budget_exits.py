@@ -379,3 +379,35 @@ async def test_downloads_over_a_real_server_give_the_budget_back(
     finally:
         shutdown.set()
         await asyncio.wait_for(server, 30)
+
+
+async def test_a_body_held_whole_and_never_sent_gives_its_bytes_back() -> None:
+    """A response built whole within the budget (routes.responses.HeldResponse) that is never
+    sent (the handler failed after making it: a header it then added could not be encoded)
+    gives its bytes back once it is garbage, in a reference cycle too; one sent gives them
+    back once, when it is sent."""
+    from dicomweb_server.routes.responses import HeldResponse
+
+    downloads = budget.DownloadBudget()
+    assert downloads.hold(1000)
+    response = HeldResponse(bytes(1000), downloads, 1000)
+    response.cycle = response  # type: ignore[attr-defined]
+    del response
+    gc.collect()
+    assert downloads.held == 0
+    assert downloads.hold(1000)
+    sent = HeldResponse(bytes(1000), downloads, 1000)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        return None
+
+    await sent(_scope("GET", "/", []), _never, send)
+    assert downloads.held == 0
+    del sent
+    gc.collect()
+    assert downloads.held == 0  # not given back twice
+
+
+async def _never() -> dict[str, Any]:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
