@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import tracemalloc
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -201,3 +202,25 @@ async def test_a_download_among_stalled_ones_goes_on_and_then_gets_the_largest_c
     got = [c async for c in stream_path(tmp_path / "fast")]
     assert b"".join(got) == data
     assert [len(c) for c in got] == [READ_CHUNK_BYTES, 2 * MIB]
+
+
+async def test_a_chunk_sent_is_held_by_its_sender_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream holds no chunk it has yielded: a layer above may send a copy made from it
+    (a value cut out of its items, a range of it, its words swapped from big endian) and let
+    it go. The stream held each until the next was asked for, so a stalled download held
+    the chunk and the copy, one of them outside the budget."""
+    _fresh(monkeypatch, DownloadBudget())
+    for size, chunks in ((6 * MIB, 3), (1000, 1)):  # read ahead; and one read, file closed
+        path = tmp_path / f"f{size}"
+        _file(path, size)
+        stream = cast(AsyncGenerator[bytes, None], stream_path(path))
+        try:
+            for _ in range(chunks):
+                chunk = await anext(stream)
+                await asyncio.sleep(0.05)  # the worker thread that read it lets go of it
+                assert sys.getrefcount(chunk) == 2, "held by the stream"  # `chunk`, the argument
+                del chunk
+        finally:
+            await stream.aclose()

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import tracemalloc
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, ExplicitVRBigEndian
 from starlette.applications import Starlette
 
 from dicomweb_server.blobstore import budget, reading
@@ -26,6 +30,8 @@ pytestmark = pytest.mark.db
 
 # What a download may hold besides its chunk: messages, bookkeeping.
 SLACK_BYTES = 512 * 1024
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+OCTET_STREAM = 'multipart/related; type="application/octet-stream"'
 
 
 async def download(app: Starlette, path: str, accept: str) -> tuple[int, int, int]:
@@ -277,3 +283,77 @@ def _unbound(body: bytes) -> bytes:
     """A multipart body with its boundary (drawn anew for each response) replaced."""
     boundary = body.split(b"\r\n", 1)[0]
     return body.replace(boundary, b"--BOUNDARY")
+
+
+def _fragmented_frame() -> tuple[bytes, str, str]:
+    """(an instance whose one frame of 12 MiB is four fragments of 3 MiB (PS3.5 A.4,
+    JPEG-LS, not decoded here), the URL of its frame, the Accept for it as stored)."""
+    ds = make_instance(frames=1, rows=4, cols=4)
+    ds.file_meta.TransferSyntaxUID = UID(JPEG_LS_LOSSLESS)
+    frame = bytes(range(256)) * (3 * 16 * 1024 - 1) + b"\x00\x00\xff\xd9"
+    ds.PixelData = encapsulate([frame], fragments_per_frame=4, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    accept = 'multipart/related; type="image/jls"; transfer-syntax=*'
+    return to_bytes(ds), inst_url(ds) + "/frames/1", accept
+
+
+def _big_endian_pixels() -> tuple[bytes, str, str]:
+    """(a big endian instance of 12 MiB of pixels, the BulkDataURI of its Pixel Data, whose
+    words are swapped as they are sent, the Accept for it)."""
+    ds = make_instance(rows=2048, cols=3072)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.PixelData = np.arange(2048 * 3072, dtype=">u2").tobytes()
+    ds["PixelData"].VR = "OW"
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    return buf.getvalue(), inst_url(ds) + "/bulk/7FE00010", OCTET_STREAM
+
+
+@pytest.mark.parametrize("make", [_fragmented_frame, _big_endian_pixels])
+async def test_stalled_downloads_of_values_sent_as_copies_hold_at_most_the_budget(
+    app: Starlette,
+    app_client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[], tuple[bytes, str, str]],
+) -> None:
+    """Downloads of values sent as copies made from the chunks read, whose clients stop
+    after four messages: a frame of several fragments (values cut out of a chunk between
+    item headers: the fifth message is the second fragment, cut from the middle of the
+    third chunk) and big endian Pixel Data (each chunk's words swapped). What they hold is
+    what the budget counts, so within the budget plus its least chunk each, as any
+    download's. Each held the chunk read beside the copy it was sending of it (stream_path
+    kept every chunk it had yielded until the next was asked for, strip_items the chunk it
+    was cutting until its last value was sent): up to a chunk more each, outside the budget
+    (44 to 64 MiB here for a bound of 33.3)."""
+    raw, path, accept = make()
+    body = multipart_body([raw])
+    stow = await app_client.post("/dicom-web/studies", content=body, headers=stow_headers())
+    assert stow.status_code == 200, stow.text
+    limit, stalled = 32 * 1024 * 1024, 8  # chunks of the largest size, READ_CHUNK_MAX_BYTES
+    downloads = budget.DownloadBudget(limit=limit)
+    monkeypatch.setattr(budget, "DOWNLOADS", downloads)
+    monkeypatch.setattr(reading, "_READ_AHEAD", reading._Budget())
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        async with asyncio.TaskGroup() as tasks:
+            running = [
+                tasks.create_task(stalled_download(app, path, accept, 4)) for k in range(stalled)
+            ]
+            for _ in range(500):  # until every one has stalled and its reads have ended
+                await asyncio.sleep(0.02)
+                if downloads.active == stalled and reading._READERS.busy == 0:
+                    break
+            await asyncio.sleep(0.2)
+            held = tracemalloc.get_traced_memory()[0] - base
+            counted = downloads.held
+            for task in running:
+                task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        tracemalloc.stop()
+    bound = limit + stalled * (budget.DOWNLOAD_CHUNK_MIN_BYTES + PER_DOWNLOAD_SLACK_BYTES)
+    assert held < bound, f"{held / 2**20:.1f} MiB held"
+    assert held < counted + stalled * PER_DOWNLOAD_SLACK_BYTES, (held, counted)
+    assert downloads.held == 0 and downloads.active == 0

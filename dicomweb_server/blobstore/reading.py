@@ -105,23 +105,30 @@ async def stream_path(
         downloads.held -= n - len(chunk)
         out = len(chunk)
         remaining = None if length is None else length - len(chunk)
+        # Each chunk is yielded out of `box`, not from a variable: this frame holds none while
+        # its sender has it. A layer above may send a copy made from it (a value cut out of
+        # its items, a range of it, its words swapped) and let it go, which this frame held
+        # beside the copy until the next one was asked for: two chunks a stalled download
+        # held, one of them outside the budget.
+        box = [chunk]
+        del chunk
         if fh is None:
-            if chunk:
-                yield chunk
+            if box[0]:
+                yield box.pop()
         else:
             try:
-                reader = _ReadAhead(fh, remaining, len(chunk) == n, downloads)
+                reader = _ReadAhead(fh, remaining, out == n, downloads)
             except BaseException:
                 fh.close()
                 raise
             try:
-                yield chunk
-                del chunk  # not held for the rest of the stream (1 MiB a download did)
+                yield box.pop()
                 downloads.held -= out  # sent: its sender asks for the next
                 out = 0
                 while (more := await reader.next()) is not None:
-                    yield more
-                    del more  # sent: not held while the next one is read
+                    box.append(more)
+                    del more
+                    yield box.pop()
             finally:
                 reader.close()
             remaining = reader.remaining

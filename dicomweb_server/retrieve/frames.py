@@ -7,6 +7,7 @@ stored ranges (encapsulated items' headers stripped).
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import re
 import struct
@@ -438,29 +439,44 @@ async def _converted_rest(
 
 
 async def strip_items(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """Item values of a run of encapsulated items (PS3.5 A.4), item headers removed."""
+    """Item values of a run of encapsulated items (PS3.5 A.4), item headers removed. A chunk
+    is cut into the values it holds before the first of them is sent, and let go of then:
+    a value sent from the middle of a chunk is a copy, and the chunk held beside it (until
+    its last value was sent) was up to a chunk more than the download budget counts
+    (blobstore.budget: a stalled download of a frame of several fragments held both)."""
     header = b""
     remaining = 0
     try:
         async for chunk in chunks:
-            pos = 0
-            while pos < len(chunk):
-                if remaining:
-                    take = min(remaining, len(chunk) - pos)
-                    piece = chunk[pos : pos + take]
-                    pos += take
-                    remaining -= take
-                    if pos == len(chunk):  # the rest of it: the chunk is not held beside it
-                        chunk, pos = b"", 0
-                    yield piece
-                    del piece
-                    continue
-                need = 8 - len(header)
-                header += chunk[pos : pos + need]
-                pos += need
-                if len(header) == 8:
-                    (remaining,) = struct.unpack("<I", header[4:])
-                    header = b""
-            del chunk  # not held while the next one is read
+            pieces, header, remaining = _item_values(chunk, header, remaining)
+            del chunk  # its values are the pieces now (the last may be all of it)
+            while pieces:
+                piece = pieces.popleft()
+                yield piece
+                del piece  # sent: not held while the next one is read
     finally:
         await close_all(chunks)
+
+
+def _item_values(
+    chunk: bytes, header: bytes, remaining: int
+) -> tuple[collections.deque[bytes], bytes, int]:
+    """The item values in `chunk`, given the part of an item header before it (`header`) and
+    the bytes of a value still to come (`remaining`): (the values, the part of a header and
+    the bytes of a value still to come after it)."""
+    pieces: collections.deque[bytes] = collections.deque()
+    pos = 0
+    while pos < len(chunk):
+        if remaining:
+            take = min(remaining, len(chunk) - pos)
+            pieces.append(chunk[pos : pos + take])  # all of it: the chunk itself, uncopied
+            pos += take
+            remaining -= take
+            continue
+        need = 8 - len(header)
+        header += chunk[pos : pos + need]
+        pos += need
+        if len(header) == 8:
+            (remaining,) = struct.unpack("<I", header[4:])
+            header = b""
+    return pieces, header, remaining
