@@ -391,6 +391,40 @@ async def test_release_awaiting_a_c_store_response_is_answered_at_once(
     assert "matched=2 completed=0 warning=0 failed=2" in row["detail"]
 
 
+async def test_release_read_as_the_last_fragment_is_about_to_go_fails_it_at_once(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request to release is read after the sender last looked for it and before it
+    hands on the last fragment of a data set (a stored file: while it reads the fragment; a
+    conversion: while it waits up to 0.1 s for the last bytes to be written). The fragment
+    went, and the archive waited the DIMSE timeout for its response: the requestor aborted
+    after its ACSE timeout. Now that sub-operation fails at once, as one sent before."""
+    from dicomweb_server.dimse import streaming
+
+    fragments = streaming.Growing.fragments
+    server = cast(Any, archive.dimse).server
+
+    def release_read_first(self: Any, *args: Any) -> Iterator[tuple[bytes, bool]]:
+        for data, last in fragments(self, *args):
+            deadline = time.monotonic() + CLIENT_TIMEOUT_S
+            while last and not any(a.dul.releases.requested for a in server.active_associations):
+                assert time.monotonic() < deadline, "no A-RELEASE-RQ read"
+                time.sleep(0.01)
+            yield data, last
+
+    monkeypatch.setattr(streaming.Growing, "fragments", release_read_first)
+    study = make_instance().StudyInstanceUID
+    await stow(archive, *(make_instance(study=study) for _ in range(2)))
+    start = await audit_seq(archive)
+    done = await in_thread(_get_then_release, archive, study, CTImageStorage, "command")
+    assert done.took < PROMPT_S, done
+    assert done.released, done
+    assert done.statuses[-1] == 0xA702, done
+    (row,) = await audit_rows(archive, ("dimse_get", "dimse_abort"), start)
+    assert (row["action"], row["outcome"]) == ("dimse_get", 0xA702)
+    assert "matched=2 completed=0 warning=0 failed=2" in row["detail"]
+
+
 async def test_release_while_a_data_set_is_sent_aborts_at_once(
     archive: Archive, samples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -96,9 +96,17 @@ class Releases:
         return releases
 
     def sent_whole(self, message_id: int, context_id: int) -> None:
-        """The last fragment of a C-STORE-RQ's data set handed to the DUL."""
+        """The last fragment of a C-STORE-RQ's data set about to be handed to the DUL. The
+        peer may have asked to release since the sender last looked (sending.send_growing
+        looks before each fragment, then may wait for it to be written): then no response
+        can come, and the C-STORE fails at once here, as on_pdu fails it (found by review:
+        the last fragment went, and the archive waited DIMSE_DIMSE_TIMEOUT_S for its
+        response while the requestor, its release unanswered, aborted)."""
         with self.lock:
-            self.message_id, self.context_id = message_id, context_id
+            if not self.requested:
+                self.message_id, self.context_id = message_id, context_id
+                return
+        self._fail(message_id, context_id)
 
     def done(self) -> None:
         """The C-STORE is over (answered, failed or given up)."""
@@ -120,12 +128,15 @@ class Releases:
             return
         with self.lock:
             self.requested = True
-            waiting, self.message_id = self.message_id, None
-        if waiting is None:
-            return
+            waiting, context_id, self.message_id = self.message_id, self.context_id, None
+        if waiting is not None:
+            self._fail(waiting, context_id)
+
+    def _fail(self, message_id: int, context_id: int) -> None:
+        """End pynetdicom's wait for the response to C-STORE `message_id` (see the module)."""
         log.warning("DIMSE: the peer asked to release while C-STORE %d awaited its response:"
-                    " it fails, and the remaining sub-operations", waiting)  # fmt: skip
+                    " it fails, and the remaining sub-operations", message_id)  # fmt: skip
         rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = waiting
+        rsp.MessageIDBeingRespondedTo = message_id
         rsp.Status = PROCESSING_FAILURE  # pynetdicom counts it failed; never sent
-        self.assoc.dimse.msg_queue.put((self.context_id, rsp))
+        self.assoc.dimse.msg_queue.put((context_id, rsp))
