@@ -23,7 +23,10 @@ not sent (Warning, or Success, where all failed): the release was never answered
 - while a C-GET or C-MOVE is served (`serving`) pynetdicom is not told of the request, so
   that the handler fails its remaining sub-operations itself (a C-MOVE's too: the requestor
   ends the association) and the final status counts them; after it, the request stays
-  seen (`consumed`) until the reactor has answered it.
+  seen (`consumed`) until the reactor has answered it;
+- so while a C-FIND is served: its handler stops and answers 0xFE00, the matches not sent
+  left out (handlers.Handlers._find), where pynetdicom's Find SCP answered Success after
+  the matches sent so far.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class Releases:
     requested: bool = False
     message_id: int | None = None  # a C-STORE-RQ sent whole, its response not received
     context_id: int = 0
-    serving: int = 0  # C-GETs and C-MOVEs being served (the association's thread)
+    serving: int = 0  # C-FINDs, C-GETs, C-MOVEs being served (the association's thread)
     consumed: bool = False  # the A-RELEASE indication taken off its queue, not answered yet
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
