@@ -30,6 +30,7 @@ from pynetdicom.presentation import build_role
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
@@ -58,7 +59,7 @@ from tests.helpers import make_instance, to_bytes
 pytestmark = [pytest.mark.db, pytest.mark.usefixtures("no_spool_left_behind")]
 
 GET, MOVE = StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove
-C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
+C_GET_RSP, C_MOVE_RSP, C_FIND_RSP = 0x8010, 0x8021, 0x8020
 LARGE_MULTIFRAME = "generated/large/ect_24frames_512_explicit_le.dcm"  # 12.5 MB, 24 frames
 
 
@@ -391,6 +392,40 @@ async def test_release_awaiting_a_c_store_response_is_answered_at_once(
     assert "matched=2 completed=0 warning=0 failed=2" in row["detail"]
 
 
+async def test_release_read_as_the_last_fragment_is_about_to_go_fails_it_at_once(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request to release is read after the sender last looked for it and before it
+    hands on the last fragment of a data set (a stored file: while it reads the fragment; a
+    conversion: while it waits up to 0.1 s for the last bytes to be written). The fragment
+    went, and the archive waited the DIMSE timeout for its response: the requestor aborted
+    after its ACSE timeout. Now that sub-operation fails at once, as one sent before."""
+    from dicomweb_server.dimse import streaming
+
+    fragments = streaming.Growing.fragments
+    server = cast(Any, archive.dimse).server
+
+    def release_read_first(self: Any, *args: Any) -> Iterator[tuple[bytes, bool]]:
+        for data, last in fragments(self, *args):
+            deadline = time.monotonic() + CLIENT_TIMEOUT_S
+            while last and not any(a.dul.releases.requested for a in server.active_associations):
+                assert time.monotonic() < deadline, "no A-RELEASE-RQ read"
+                time.sleep(0.01)
+            yield data, last
+
+    monkeypatch.setattr(streaming.Growing, "fragments", release_read_first)
+    study = make_instance().StudyInstanceUID
+    await stow(archive, *(make_instance(study=study) for _ in range(2)))
+    start = await audit_seq(archive)
+    done = await in_thread(_get_then_release, archive, study, CTImageStorage, "command")
+    assert done.took < PROMPT_S, done
+    assert done.released, done
+    assert done.statuses[-1] == 0xA702, done
+    (row,) = await audit_rows(archive, ("dimse_get", "dimse_abort"), start)
+    assert (row["action"], row["outcome"]) == ("dimse_get", 0xA702)
+    assert "matched=2 completed=0 warning=0 failed=2" in row["detail"]
+
+
 async def test_release_while_a_data_set_is_sent_aborts_at_once(
     archive: Archive, samples: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -486,4 +521,71 @@ def _move_then_release(archive: Archive, study: str) -> _Released:
         return _Released(time.monotonic() - began, assoc.is_released, statuses)
     finally:
         moving.join(CLIENT_TIMEOUT_S)
+        assoc.kill()
+
+
+async def test_release_during_a_c_find_ends_it_with_cancel(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requestor asks to release after the first pending C-FIND response: pynetdicom's
+    Find SCP took the request off the queue between two matches, stopped, and answered
+    Success after the matches sent so far (audited as unfinished, one more counted than
+    sent). Now the matches not sent are left out and the final response says so, 0xFE00
+    (the requestor can send no C-CANCEL once it asked to release, PS3.8 7.2.2), the audit
+    trail records that and the matches sent, and the release is answered at once."""
+    from dicomweb_server.dimse import handlers
+
+    study = make_instance().StudyInstanceUID
+    await stow(archive, *(make_instance(study=study) for _ in range(FIND_MATCHES)))
+    made = handlers.find_response  # type: ignore[attr-defined]
+
+    def slower(*args: Any) -> Dataset:  # the release comes before the last match
+        time.sleep(FIND_MATCH_S)
+        return made(*args)
+
+    monkeypatch.setattr(handlers, "find_response", slower)
+    start = await audit_seq(archive)
+    done = await in_thread(_find_then_release, archive, study)
+    assert done.took < PROMPT_S, done
+    assert done.released, done
+    *pending, final = done.statuses
+    assert final == 0xFE00, done
+    assert 1 <= len(pending) < FIND_MATCHES and set(pending) == {0xFF00}, done
+    (row,) = await audit_rows(archive, "dimse_find", start)
+    assert row["outcome"] == 0xFE00
+    assert row["detail"].endswith(f" matches={len(pending)}"), row
+
+
+FIND = StudyRootQueryRetrieveInformationModelFind
+# Instances a C-FIND matches, and the seconds each match takes to answer, in the test of a
+# release during a C-FIND (the whole C-FIND would take 2 s).
+FIND_MATCHES = 20
+FIND_MATCH_S = 0.1
+
+
+def _find_then_release(archive: Archive, study: str) -> _Released:
+    """A C-FIND of `study`'s instances, the association released at its first pending
+    response."""
+    ae = scu(FIND)
+    ae.acse_timeout, ae.dimse_timeout = REQUESTOR_ACSE_TIMEOUT_S, REQUESTOR_DIMSE_TIMEOUT_S
+    pending, statuses = threading.Event(), []
+
+    def on_recv(event: Event) -> None:
+        command = event.message.command_set
+        if command.CommandField == C_FIND_RSP:
+            statuses.append(int(command.Status))
+            pending.set()
+
+    assoc = associate(ae, archive, evt_handlers=[(evt.EVT_DIMSE_RECV, on_recv)])
+    ident = identifier("IMAGE", StudyInstanceUID=study, SOPInstanceUID="")
+    finding = threading.Thread(target=lambda: list(assoc.send_c_find(ident, FIND)), daemon=True)
+    finding.start()
+    try:
+        assert pending.wait(CLIENT_TIMEOUT_S), "no pending C-FIND response came"
+        began = time.monotonic()
+        assoc.release()
+        took = time.monotonic() - began
+        finding.join(CLIENT_TIMEOUT_S)  # the responses received after the release's answer
+        return _Released(took, assoc.is_released, statuses)
+    finally:
         assoc.kill()

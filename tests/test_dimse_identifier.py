@@ -36,6 +36,7 @@ from dicomweb_server.dimse.identifier import (
     parse_retrieve,
 )
 from dicomweb_server.dimse.peers import Peer, parse_peers
+from dicomweb_server.dimse.release import Releases
 from dicomweb_server.index.rows import StoredInstance
 from dicomweb_server.ingest import Services
 from dicomweb_server.matching import (
@@ -404,6 +405,8 @@ class _CancelledEvent:
         self.identifier = ident("STUDY", StudyInstanceUID="")
         # The association the bytes sent are counted on (dimse/retrieval.BytesSent).
         self.assoc = SimpleNamespace(bind=lambda *_: None, unbind=lambda *_: None)
+        # Whether the requestor asked to release it (dimse/release.py): it did not.
+        self.assoc.dul = SimpleNamespace(releases=Releases(self.assoc))
         # Handlers decode the identifier as received (identifier.decode), on its context.
         self.request = SimpleNamespace(
             AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,

@@ -23,7 +23,10 @@ not sent (Warning, or Success, where all failed): the release was never answered
 - while a C-GET or C-MOVE is served (`serving`) pynetdicom is not told of the request, so
   that the handler fails its remaining sub-operations itself (a C-MOVE's too: the requestor
   ends the association) and the final status counts them; after it, the request stays
-  seen (`consumed`) until the reactor has answered it.
+  seen (`consumed`) until the reactor has answered it;
+- so while a C-FIND is served: its handler stops and answers 0xFE00, the matches not sent
+  left out (handlers.Handlers._find), where pynetdicom's Find SCP answered Success after
+  the matches sent so far.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class Releases:
     requested: bool = False
     message_id: int | None = None  # a C-STORE-RQ sent whole, its response not received
     context_id: int = 0
-    serving: int = 0  # C-GETs and C-MOVEs being served (the association's thread)
+    serving: int = 0  # C-FINDs, C-GETs, C-MOVEs being served (the association's thread)
     consumed: bool = False  # the A-RELEASE indication taken off its queue, not answered yet
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -96,9 +99,17 @@ class Releases:
         return releases
 
     def sent_whole(self, message_id: int, context_id: int) -> None:
-        """The last fragment of a C-STORE-RQ's data set handed to the DUL."""
+        """The last fragment of a C-STORE-RQ's data set about to be handed to the DUL. The
+        peer may have asked to release since the sender last looked (sending.send_growing
+        looks before each fragment, then may wait for it to be written): then no response
+        can come, and the C-STORE fails at once here, as on_pdu fails it (found by review:
+        the last fragment went, and the archive waited DIMSE_DIMSE_TIMEOUT_S for its
+        response while the requestor, its release unanswered, aborted)."""
         with self.lock:
-            self.message_id, self.context_id = message_id, context_id
+            if not self.requested:
+                self.message_id, self.context_id = message_id, context_id
+                return
+        self._fail(message_id, context_id)
 
     def done(self) -> None:
         """The C-STORE is over (answered, failed or given up)."""
@@ -120,12 +131,15 @@ class Releases:
             return
         with self.lock:
             self.requested = True
-            waiting, self.message_id = self.message_id, None
-        if waiting is None:
-            return
+            waiting, context_id, self.message_id = self.message_id, self.context_id, None
+        if waiting is not None:
+            self._fail(waiting, context_id)
+
+    def _fail(self, message_id: int, context_id: int) -> None:
+        """End pynetdicom's wait for the response to C-STORE `message_id` (see the module)."""
         log.warning("DIMSE: the peer asked to release while C-STORE %d awaited its response:"
-                    " it fails, and the remaining sub-operations", waiting)  # fmt: skip
+                    " it fails, and the remaining sub-operations", message_id)  # fmt: skip
         rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = waiting
+        rsp.MessageIDBeingRespondedTo = message_id
         rsp.Status = PROCESSING_FAILURE  # pynetdicom counts it failed; never sent
-        self.assoc.dimse.msg_queue.put((self.context_id, rsp))
+        self.assoc.dimse.msg_queue.put((context_id, rsp))
