@@ -333,6 +333,7 @@ def _get_then_release(archive: Archive, study: str, sop_class: str, when: str) -
     ae.maximum_pdu_size = 16382  # a large data set in many PDUs
     ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     asking, ended, statuses = threading.Event(), threading.Event(), []
+    received: list[Path] = []  # the files C-STORE data sets were received into
 
     def on_store(event: Event) -> int:
         asking.set()
@@ -343,6 +344,9 @@ def _get_then_release(archive: Archive, study: str, sop_class: str, when: str) -
         command = event.message.command_set
         if command.CommandField == C_GET_RSP:
             statuses.append(int(command.Status))
+        spooled = getattr(event.message, "_data_set_path", None)
+        if isinstance(spooled, Path):
+            received.append(spooled)
 
     def on_pdu(event: Event) -> None:  # the first P-DATA-TF: a C-STORE-RQ's command
         if isinstance(event.pdu, P_DATA_TF) and when == "command":
@@ -364,12 +368,15 @@ def _get_then_release(archive: Archive, study: str, sop_class: str, when: str) -
         ended.set()
         getting.join(CLIENT_TIMEOUT_S)
         assoc.kill()
-        # The file pynetdicom received a data set cut short into (an A-ABORT came first): a
-        # requestor deletes only those it served (dimse_support.requestor_store).
+        # The files pynetdicom received a data set into and did not serve (a requestor
+        # deletes only those it served, dimse_support.requestor_store): one cut short (an
+        # A-ABORT came first), one whole that came as the association was released.
         spool = getattr(getattr(assoc.dimse, "message", None), "_data_set_file", None)
         if spool is not None:
             spool.close()
             Path(spool.name).unlink(missing_ok=True)
+        for path in received:
+            path.unlink(missing_ok=True)
 
 
 async def test_release_awaiting_a_c_store_response_is_answered_at_once(
