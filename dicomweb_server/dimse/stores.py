@@ -43,8 +43,12 @@ log = logging.getLogger(__name__)
 # before it is answered as one with an empty data set (0xA900). Found by review: a peer
 # that sent the command and no data set (pynetdicom's send_msg with an empty one does)
 # waited for the archive's network timeout, 60 s, and lost the association. A data set
-# fragment that comes later is dropped, up to its last one: the association goes on.
-DIMSE_DATA_SET_WAIT_S = 5
+# fragment that comes later is dropped, up to its last one: the association goes on. 20 s,
+# not less (review): a network stall that long on a valid sender must not fail its instance
+# with a status most senders take as permanent (dcmtk's storescp sets no limit, Orthanc
+# aborts after 30 s), and it stays under pynetdicom's default 30 s DIMSE timeout, so such a
+# requestor still gets the answer.
+DIMSE_DATA_SET_WAIT_S = 20
 
 
 def serve_every_store(event: Event) -> None:
