@@ -173,7 +173,13 @@ def _apply(doc: dict[str, Any], edit: tuple[str, Any, Any]) -> None:
     elif what == "deep":
         doc["00081140"] = _deep(where, value)
     elif what == "item":
-        doc["00081140"]["Value"] = [{where: value}, value]
+        # An earlier edit may have deleted the sequence or set it to any value (CI drew
+        # `del 00081140` then `item`: a KeyError in the test itself): the items go in a
+        # sequence element made anew then.
+        seq = doc.get("00081140")
+        if not isinstance(seq, dict):
+            seq = doc["00081140"] = {"vr": "SQ"}
+        seq["Value"] = [{where: value}, value]
     elif what == "pixel" and where in doc:
         doc[where] = {"vr": doc[where]["vr"], "Value": [value]}
     elif what == "pixel":
