@@ -131,9 +131,10 @@ def _series(rows: list[tuple[Any, ...]], sop: str, dsn: str) -> str:
     return anyio.run(fetch)
 
 
-def test_check_creates_nothing(tmp_path: Path) -> None:
+def test_check_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A data directory with no archive in it: said in a line, exit 1, and no embedded
     PostgreSQL created there (nor a blob directory)."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)  # the embedded path, in every CI run
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run_cli("check", "--data-dir", str(empty))

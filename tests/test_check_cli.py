@@ -117,10 +117,13 @@ def test_output_into_a_closed_pipe(
     assert "Exception ignored" not in r.stderr, r.stderr
 
 
-def test_a_closed_pipe_stops_the_embedded_cluster(tmp_path: Path, samples: Path) -> None:
+def test_a_closed_pipe_stops_the_embedded_cluster(
+    tmp_path: Path, samples: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`check` with no --database-url on a data directory whose embedded PostgreSQL is not
     running starts it, and stops it when done: also when the output's reader went away
     (exit status 141). No process is left listed as its user."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)  # the embedded path, in every CI run
     data = tmp_path / "data"
     sample = next((samples / "generated/coverage").rglob("*.dcm"))
     assert run_cli("load", "--data-dir", str(data), str(sample)).returncode == 0
